@@ -1,0 +1,106 @@
+"""Typed, validated, versioned configs. YAML recipes only fill these dataclasses.
+
+A config subclass declares its fields and checks them in `validate()`; `__post_init__` calls it,
+so an invalid config never exists. `to_dict`/`from_dict` round-trip, with the class's `version`
+recorded so that a saved config from an older layout is recognised.
+
+>>> from dataclasses import dataclass
+>>> @dataclass
+... class Demo(Config):
+...     ratio: float = 0.5
+...     def validate(self):
+...         check_range("ratio", self.ratio, 0.0, 1.0, lo_open=False, hi_open=True)
+>>> Demo.from_dict({"ratio": 0.25}).to_dict()
+{'ratio': 0.25, 'version': 1}
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, ClassVar, TypeVar
+
+from .errors import ConfigError
+
+C = TypeVar("C", bound="Config")
+
+
+@dataclasses.dataclass
+class Config:
+    version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:  # overridden by subclasses
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if isinstance(v, Config) else _plain(v)
+        out["version"] = self.version
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__} needs a mapping, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop("version", cls.version)
+        if version != cls.version:
+            raise ConfigError(
+                f"{cls.__name__} version {version} is not supported (this prunekit reads version {cls.version})"
+            )
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}"
+            )
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in data.items():
+            sub = _config_type(hints.get(key))
+            kwargs[key] = sub.from_dict(value) if sub is not None and isinstance(value, dict) else value
+        try:
+            return cls(**kwargs)
+        except TypeError as err:
+            raise ConfigError(f"{cls.__name__}: {err}") from None
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)
+
+
+def _config_type(hint: Any) -> type[Config] | None:
+    candidates = typing.get_args(hint) or (hint,)
+    for c in candidates:
+        if isinstance(c, type) and issubclass(c, Config):
+            return c
+    return None
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def check_range(name: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+    """Raise ConfigError unless lo <= value <= hi (open ends excluded)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    bad = value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi)
+    if bad:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ConfigError(f"{name}={value!r} is out of range; use a value in {left}{lo}, {hi}{right}")
+
+
+def check_choice(name: str, value: Any, choices: typing.Iterable[str]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
