@@ -1,0 +1,186 @@
+"""From a traced model to `Group`s: the sets of channels that must be pruned together.
+
+After tracing, every parameter slice carries a channel id and the union-find says which ids are
+the same channel. A *group* is a connected set of producer spaces (a conv's filters, a residual
+stream fed by many convs, a layer-scale vector...) and its channels are the union-find classes
+inside it. Pruning channel i of a group deletes, from every member, the positions whose class
+is that channel — conv filters, BN entries, the next conv's input slices, the H*W columns of a
+Linear after flatten, and so on.
+
+>>> import torch.nn as nn
+>>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+>>> g = build_graph(m, torch.randn(1, 3, 8, 8)).group("0")
+>>> g.size, [(mb.qualname, mb.dim, int((mb.channel == 0).sum())) for mb in g.members]
+(8, [('0.weight', 0, 1), ('0.bias', 0, 1), ('3.weight', 1, 36)])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from ..core.errors import ConfigError
+from .ids import UnionFind
+from .rules import rule_table
+from .trace import Member, Node, Tracer
+
+
+@dataclass
+class GroupMember:
+    """A member restricted to one group: `channel[j]` is the group channel at position j, or -1."""
+
+    module: str
+    name: str
+    dim: int
+    channel: torch.Tensor
+    role: str
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}" if self.module else self.name
+
+
+@dataclass
+class Group:
+    name: str
+    classes: torch.Tensor  # (size,) union-find root of each channel
+    prunable: torch.Tensor  # (size,) bool: False where the channel reaches an input/output/fixed op
+    members: list[GroupMember] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return self.classes.numel()
+
+    def tensor_members(self) -> list[GroupMember]:
+        """Members that slice a real tensor (not counted attributes)."""
+        return [m for m in self.members if not m.name.startswith("#")]
+
+    def __repr__(self) -> str:
+        return f"Group({self.name!r}, size={self.size}, prunable={int(self.prunable.sum())}, members={len(self.members)})"
+
+
+@dataclass
+class Graph:
+    """The traced model: its groups, raw members (ids = class roots) and ops."""
+
+    groups: list[Group]
+    members: list[Member]
+    nodes: list[Node]
+    batch: int
+    input_shapes: list[list[int]]
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise ConfigError(f"no group named {name!r}; groups: {', '.join(g.name for g in self.groups)}")
+
+    def prunable_groups(self) -> list[Group]:
+        return [g for g in self.groups if bool(g.prunable.any())]
+
+
+def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = ()) -> Graph:
+    """Trace `model` on `example_inputs` (a tensor, a tuple of tensors, or a dict of kwargs)."""
+    ignore = list(ignore)
+    names = dict(model.named_modules())
+    missing = [n for n in ignore if n not in names]
+    if missing:
+        raise ConfigError(f"ignore names modules that do not exist: {missing}; "
+                          f"use names from model.named_modules(), e.g. {list(names)[1:4]}")
+    args, kwargs = _split_inputs(example_inputs)
+    tracer = Tracer(model, rule_table(), ignore)
+    handles, was_training = [], model.training
+    for name, mod in model.named_modules():
+        handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: tracer.push(n)))
+        handles.append(mod.register_forward_hook(lambda m, a, o: tracer.pop(), always_call=True))
+    model.eval()
+    try:
+        with torch.no_grad(), tracer:
+            tracer.busy = True
+            inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            for t in inputs:  # model inputs: every element fixed
+                tracer.set_ids(t, tracer.uf.allocate(t.numel(), fixed=True).reshape(t.shape))
+            tracer.busy = False
+            out = model(*args, **kwargs)
+            tracer.busy = True
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    tracer.uf.mark_fixed(tracer.ids(t))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    batch = inputs[0].shape[0] if inputs and inputs[0].dim() else 1
+    return _finish(tracer, batch, [list(t.shape) for t in inputs])
+
+
+def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise ConfigError("example_inputs must be a tensor, a tuple of tensors or a dict of keyword tensors, "
+                      f"got {type(example_inputs).__name__}")
+
+
+def _finish(tr: Tracer, batch: int, input_shapes: list[list[int]]) -> Graph:
+    uf = tr.uf
+    _join_shared(tr)
+    members = [Member(m.module, m.name, m.dim, uf.find(m.ids), m.role) for m in tr.members]
+    # groups: connected components of producer spaces that share a class
+    comp = UnionFind()
+    comp.allocate(len(uf))
+    space_roots = [uf.find(ids) for _, ids in tr.spaces]
+    for roots in space_roots:
+        comp.union_all(roots)
+    order: dict[int, list[int]] = {}  # component -> its classes in order of first appearance
+    owner: dict[int, str] = {}
+    seen: set[int] = set()
+    for (name, _), roots in zip(tr.spaces, space_roots):
+        for r in roots.tolist():
+            if r in seen:
+                continue
+            seen.add(r)
+            c = int(comp.find(torch.tensor([r]))[0])
+            order.setdefault(c, []).append(r)
+            owner.setdefault(c, name)
+    groups = [_make_group(owner[c], classes, uf, members) for c, classes in order.items()]
+    _unique_names(groups)
+    return Graph(groups, members, tr.nodes, batch, input_shapes)
+
+
+def _join_shared(tr: Tracer) -> None:
+    """A tensor used twice (shared weights) has one set of positions: join its ids pairwise."""
+    first: dict[tuple[str, str, int], torch.Tensor] = {}
+    for m in tr.members:
+        key = (m.module, m.name, m.dim)
+        if key in first and first[key].numel() == m.ids.numel():
+            tr.uf.union_pairs(first[key], m.ids)
+        first.setdefault(key, m.ids)
+
+
+def _make_group(name: str, classes: list[int], uf: UnionFind, members: list[Member]) -> Group:
+    cls = torch.tensor(classes, dtype=torch.long)
+    lookup = np.full(len(uf), -1, dtype=np.int64)
+    lookup[cls.numpy()] = np.arange(len(classes))
+    group = Group(name.removesuffix(".weight"), cls, ~uf.is_fixed(cls))
+    for m in members:
+        roots = m.ids.numpy()
+        chan = np.where(roots >= 0, lookup[np.maximum(roots, 0)], -1)
+        if (chan >= 0).any():
+            group.members.append(GroupMember(m.module, m.name, m.dim, torch.from_numpy(chan), m.role))
+    return group
+
+
+def _unique_names(groups: list[Group]) -> None:
+    count: dict[str, int] = {}
+    for g in groups:
+        count[g.name] = count.get(g.name, 0) + 1
+        if count[g.name] > 1:
+            g.name = f"{g.name}#{count[g.name]}"

@@ -1,0 +1,127 @@
+"""Channel-id tensors and the union-find that couples them.
+
+Every tensor seen while tracing gets an *id tensor*: an int64 tensor with the same number of
+dimensions, holding for each element the id of the channel it belongs to (-1: no channel, e.g. a
+scalar constant). Id tensors are stored *compressed*: a dim along which the ids do not vary has
+size 1, so a conv output (N, C, H, W) costs only C integers, shape (1, C, 1, 1).
+
+Ids are allocated in *spaces* (one per producer: a conv's output filters, a parameter's channel
+dim, a model input). Two ids that must be pruned together are joined in the union-find; a class
+of the union-find is one prunable channel.
+
+>>> uf = UnionFind(); a = uf.allocate(3); b = uf.allocate(3)
+>>> uf.union_pairs(a, b); bool((uf.find(a) == uf.find(b)).all())
+True
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+NO_ID = -1
+
+
+class UnionFind:
+    """Union-find over int ids; ids are handed out in contiguous ranges by `allocate`.
+
+    Kept in numpy: tracing makes many scalar look-ups, which numpy serves ~20x faster than torch.
+    """
+
+    def __init__(self) -> None:
+        self.parent = np.empty(0, dtype=np.int64)
+        self.fixed = np.empty(0, dtype=bool)  # true: the class must never be pruned
+
+    def __len__(self) -> int:
+        return self.parent.size
+
+    def allocate(self, n: int, fixed: bool = False) -> torch.Tensor:
+        start = len(self)
+        ids = np.arange(start, start + n, dtype=np.int64)
+        self.parent = np.concatenate([self.parent, ids])
+        self.fixed = np.concatenate([self.fixed, np.full(n, fixed)])
+        return torch.from_numpy(ids.copy())
+
+    def find(self, ids: torch.Tensor) -> torch.Tensor:
+        """Representative of each id (ids < 0 stay as they are)."""
+        out = ids.numpy().copy()
+        valid = out >= 0
+        cur = out[valid]
+        while True:
+            nxt = self.parent[cur]
+            if np.array_equal(nxt, cur):
+                break
+            cur = nxt
+        out[valid] = cur
+        return torch.from_numpy(out)
+
+    def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Join a[i] with b[i] for every i where both are valid ids."""
+        a, b = a.reshape(-1).numpy(), b.reshape(-1).numpy()
+        keep = (a >= 0) & (b >= 0) & (a != b)
+        if not keep.any():
+            return
+        pairs = np.unique(np.stack([a[keep], b[keep]], 1), axis=0)
+        for x, y in pairs.tolist():
+            rx, ry = self._root(x), self._root(y)
+            if rx != ry:
+                lo, hi = min(rx, ry), max(rx, ry)  # the older id stays the root: stable names
+                self.parent[hi] = lo
+                self.fixed[lo] |= self.fixed[hi]
+
+    def union_all(self, ids: torch.Tensor) -> None:
+        """Join every valid id of `ids` into one class."""
+        flat = torch.unique(ids[ids >= 0])
+        if flat.numel() > 1:
+            self.union_pairs(flat[:1].expand(flat.numel() - 1), flat[1:])
+
+    def mark_fixed(self, ids: torch.Tensor) -> None:
+        ids = ids[ids >= 0]
+        if ids.numel():
+            self.fixed[np.unique(self.find(ids).numpy())] = True
+
+    def is_fixed(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.fixed[self.find(ids).numpy()])
+
+    def _root(self, x: int) -> int:
+        parent = self.parent
+        root = x
+        while parent[root] != root:
+            root = int(parent[root])
+        while parent[x] != root:  # path compression
+            parent[x], x = root, int(parent[x])
+        return root
+
+
+def compress(ids: torch.Tensor) -> torch.Tensor:
+    """Shrink every dim along which `ids` does not vary to size 1."""
+    for d in range(ids.dim()):
+        if ids.shape[d] > 1:
+            first = ids.narrow(d, 0, 1)
+            if bool((ids == first).all()):
+                ids = first
+    return ids.contiguous()
+
+
+def varying_dims(ids: torch.Tensor) -> list[int]:
+    return [d for d in range(ids.dim()) if ids.shape[d] > 1]
+
+
+def has_ids(ids: torch.Tensor | None) -> bool:
+    return ids is not None and bool((ids >= 0).any())
+
+
+def along(ids: torch.Tensor, dim: int, size: int, uf: UnionFind) -> torch.Tensor:
+    """One id per position along `dim` (length `size`), as a consumer's weight slice sees them.
+
+    Elements that share a position along `dim` but differ elsewhere (a class token concatenated
+    to patch tokens, say) are joined: the consumer's slice `dim=j` applies to all of them, so
+    pruning position j removes all of them together.
+    """
+    dim = dim % ids.dim()
+    full = ids.expand(*ids.shape[:dim], size, *ids.shape[dim + 1:]) if ids.shape[dim] == 1 else ids
+    rows = full.movedim(dim, 0).reshape(size, -1)
+    if rows.shape[1] == 1:
+        return rows[:, 0].clone()
+    rep = rows.max(dim=1).values  # a valid id of each row, or -1 where the row has none
+    uf.union_pairs(rep.unsqueeze(1).expand_as(rows), rows)
+    return rep.clone()

@@ -1,0 +1,33 @@
+"""The table of channel rules, keyed by op name (e.g. "conv2d", "add", "view").
+
+A rule is a function `rule(tracer, call)`: it reads the ids of `call`'s tensor arguments
+(`tracer.ids(t)`), joins ids that must be pruned together (`tracer.uf`), records parameter
+slices (`tracer.add_member`) and sets the ids of the outputs (`tracer.set_ids`). Unknown ops
+that touch channels raise an error naming the op and the module; `register_rule` teaches
+prunekit a new one.
+
+>>> from prunekit.graph.rules import register_rule, passthrough, RULES
+>>> _ = register_rule("my_activation", passthrough)
+>>> "my_activation" in RULES
+True
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..core.registry import Registry
+
+RULES: Registry[Callable] = Registry("graph rule")
+
+
+def register_rule(name: str, rule: Callable) -> Callable:
+    """Register `rule` for op `name` (the function's __name__, e.g. "conv2d" or "__add__")."""
+    return RULES.register(name, rule)
+
+
+def rule_table() -> dict[str, Callable]:
+    return {name: RULES.get(name) for name in RULES.list()}
+
+
+from .rules_tensor import passthrough  # noqa: E402  (registers tensor rules)
+from . import rules_layers  # noqa: E402,F401  (registers layer rules)

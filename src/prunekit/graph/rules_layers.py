@@ -1,0 +1,184 @@
+"""Channel rules for ops that own parameters: conv, linear, norms, PReLU, embedding, attention.
+
+Rules are keyed on the *functional* op (F.conv2d, F.batch_norm, ...), which every nn layer calls,
+so a layer subclass with its own forward (timm's LayerNorm2d permutes around F.layer_norm) is
+handled by what it really computes, not by its class name. Parameters are recognised by
+identity, so the members name the module that owns the tensor.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .ids import along
+from .rules import register_rule
+from .rules_tensor import _fix_all, _tensor_outs
+
+
+def _named(tr, t):
+    """(module, name) of a parameter/buffer argument, or None for computed tensors."""
+    return tr.tensor_name(t)
+
+
+def _out_ids(ids: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[dim] = ids.numel()
+    return ids.reshape(shape)
+
+
+def conv(tr, call):
+    x, w, b = call.args[0], call.arg(1, "weight"), call.arg(2, "bias")
+    groups = int(call.arg(6, "groups", 1))
+    if _named(tr, w) is None or x.dim() != w.dim():
+        return _fix_all(tr, call)  # computed weights (weight standardisation) or unbatched input
+    out = _tensor_outs(call)[0]
+    c_out, c_in = w.shape[0], x.shape[1]
+    in_ids = along(tr.ids(x), 1, c_in, tr.uf)
+    mod, wname = _named(tr, w)
+    p = tr.new_space(f"{mod}.{wname}", c_out)
+    tr.add_member(mod, wname, 0, p, "out")
+    if groups == 1:
+        tr.add_member(mod, wname, 1, in_ids, "in")
+    else:  # one class per conv group: prune whole groups, so `groups` stays valid
+        og, ig = c_out // groups, c_in // groups
+        for g in range(groups):
+            tr.uf.union_all(torch.cat([p[g * og:(g + 1) * og], in_ids[g * ig:(g + 1) * ig]]))
+    if b is not None and _named(tr, b) is not None:
+        tr.add_member(*_named(tr, b), 0, p, "out")
+    tr.set_ids(out, _out_ids(p, out.dim(), 1))
+    kernel = math.prod(w.shape[2:])
+    tr.add_node(call, macs=out.numel() * w.shape[1] * kernel, params=[f"{mod}.{wname}"])
+
+
+def conv_transpose(tr, call):
+    x, w, b = call.args[0], call.arg(1, "weight"), call.arg(2, "bias")
+    groups = int(call.arg(6, "groups", 1))
+    if _named(tr, w) is None or x.dim() != w.dim():
+        return _fix_all(tr, call)
+    out = _tensor_outs(call)[0]
+    c_in, c_out = w.shape[0], w.shape[1] * groups
+    in_ids = along(tr.ids(x), 1, c_in, tr.uf)
+    mod, wname = _named(tr, w)
+    p = tr.new_space(f"{mod}.{wname}", c_out)
+    tr.add_member(mod, wname, 0, in_ids, "in")
+    if groups == 1:
+        tr.add_member(mod, wname, 1, p, "out")
+    else:
+        og, ig = c_out // groups, c_in // groups
+        for g in range(groups):
+            tr.uf.union_all(torch.cat([p[g * og:(g + 1) * og], in_ids[g * ig:(g + 1) * ig]]))
+    if b is not None and _named(tr, b) is not None:
+        tr.add_member(*_named(tr, b), 0, p, "out")
+    tr.set_ids(out, _out_ids(p, out.dim(), 1))
+    tr.add_node(call, macs=x.numel() * w.shape[1] * math.prod(w.shape[2:]), params=[f"{mod}.{wname}"])
+
+
+def linear_like(tr, call, x, w, b, transposed: bool = False):
+    """y = x @ W.T + b (F.linear) or y = x @ W (matmul with a raw 2-D parameter)."""
+    if _named(tr, w) is None:
+        return _fix_all(tr, call)
+    out = _tensor_outs(call)[0]
+    in_dim, out_dim = (0, 1) if transposed else (1, 0)
+    mod, wname = _named(tr, w)
+    in_ids = along(tr.ids(x), -1, x.shape[-1], tr.uf)
+    p = tr.new_space(f"{mod}.{wname}", w.shape[out_dim])
+    tr.add_member(mod, wname, out_dim, p, "out")
+    tr.add_member(mod, wname, in_dim, in_ids, "in")
+    if b is not None and _named(tr, b) is not None:
+        tr.add_member(*_named(tr, b), 0, p, "out")
+    tr.set_ids(out, _out_ids(p, out.dim(), out.dim() - 1))
+    tr.add_node(call, macs=out.numel() * x.shape[-1], params=[f"{mod}.{wname}"])
+
+
+def linear(tr, call):
+    linear_like(tr, call, call.args[0], call.arg(1, "weight"), call.arg(2, "bias"))
+
+
+def _per_channel(tr, call, dim: int, tensors, join: int = 1):
+    """Norm-style op: per-channel parameters/buffers along `dim` follow the input's channels.
+
+    `join` > 1 joins consecutive channels into one class (GroupNorm: a whole group at a time,
+    so that the statistics of the groups that stay are unchanged).
+    """
+    x = call.args[0]
+    c = along(tr.ids(x), dim, x.shape[dim], tr.uf)
+    if join > 1:
+        for g in range(0, c.numel(), join):
+            tr.uf.union_all(c[g:g + join])
+    for t in tensors:
+        if t is not None and _named(tr, t) is not None:
+            tr.add_member(*_named(tr, t), 0, c, "through")
+    if call.module:
+        tr.add_member(call.module, "#channels", 0, c, "through")
+    for o in _tensor_outs(call):
+        tr.set_ids(o, tr.ids(x))
+    tr.add_node(call)
+
+
+def batch_norm(tr, call):
+    _per_channel(tr, call, 1, [call.arg(i, k) for i, k in
+                               ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))])
+
+
+def group_norm(tr, call):
+    x, groups = call.args[0], int(call.arg(1, "num_groups"))
+    _per_channel(tr, call, 1, [call.arg(2, "weight"), call.arg(3, "bias")], join=x.shape[1] // groups)
+
+
+def layer_norm(tr, call):
+    shape = call.arg(1, "normalized_shape")
+    if len(shape) != 1:
+        return _fix_all(tr, call)
+    _per_channel(tr, call, call.args[0].dim() - 1, [call.arg(2, "weight"), call.arg(3, "bias")])
+
+
+def rms_norm(tr, call):
+    shape = call.arg(1, "normalized_shape")
+    if len(shape) != 1:
+        return _fix_all(tr, call)
+    _per_channel(tr, call, call.args[0].dim() - 1, [call.arg(2, "weight")])
+
+
+def prelu(tr, call):
+    w = call.arg(1, "weight")
+    _per_channel(tr, call, 1, [w] if w.numel() > 1 else [])
+
+
+def embedding(tr, call):
+    idx, w = call.args[0], call.arg(1, "weight")
+    if _named(tr, w) is None:
+        return _fix_all(tr, call)
+    out = _tensor_outs(call)[0]
+    mod, wname = _named(tr, w)
+    p = tr.new_space(f"{mod}.{wname}", w.shape[1])
+    tr.add_member(mod, wname, 1, p, "out")
+    tr.set_ids(out, _out_ids(p, out.dim(), out.dim() - 1))
+    tr.add_node(call)
+
+
+def multi_head_attention(tr, call):
+    """nn.MultiheadAttention ties its inner width to embed_dim, so its channels are kept.
+
+    Counted for MACs: q/k/v and output projections plus the two attention products.
+    """
+    q, k = call.args[0], call.args[1]
+    _fix_all(tr, call)
+    L, B, E = q.shape if q.dim() == 3 else (q.shape[0], 1, q.shape[-1])
+    S = k.shape[0]
+    tr.add_node(call, macs=B * (2 * L * E * E + 2 * S * E * E + 2 * L * S * E))
+
+
+for _n in ("conv1d", "conv2d", "conv3d"):
+    register_rule(_n, conv)
+for _n in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
+    register_rule(_n, conv_transpose)
+register_rule("linear", linear)
+register_rule("batch_norm", batch_norm)
+register_rule("instance_norm", batch_norm)
+register_rule("group_norm", group_norm)
+register_rule("layer_norm", layer_norm)
+register_rule("rms_norm", rms_norm)
+register_rule("prelu", prelu)
+register_rule("embedding", embedding)
+register_rule("multi_head_attention_forward", multi_head_attention)

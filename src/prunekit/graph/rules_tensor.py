@@ -1,0 +1,331 @@
+"""Channel rules for parameter-free tensor ops: elementwise, shape, slicing, reduction, matmul.
+
+Conventions (see ids.py): ids are compressed; a dim "carries channels" when its ids vary.
+Whenever code hard-codes positions along a channel dim (x[:, :16], split([8, 8])), those
+channels are marked fixed: pruning would shift what the constant points at.
+"""
+from __future__ import annotations
+
+import torch
+
+from .ids import NO_ID, along, compress, varying_dims
+from .rules import register_rule
+
+PASSTHROUGH = """relu relu_ relu6 gelu silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_
+hardsigmoid hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ selu celu mish softplus softsign
+logsigmoid dropout dropout_ dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout abs
+neg __neg__ __pos__ exp log sqrt rsqrt square clamp clamp_ clip clamp_min clamp_max sign erf sin
+cos reciprocal floor ceil round contiguous clone detach to float half double bfloat16 type
+type_as requires_grad_ cpu cuda nan_to_num threshold threshold_ masked_fill property.data
+zero_ fill_ __invert__ logical_not""".split()
+BINARY = """add add_ __add__ __radd__ __iadd__ sub sub_ __sub__ __rsub__ __isub__ rsub mul mul_
+__mul__ __rmul__ __imul__ div div_ __truediv__ __rtruediv__ __itruediv__ true_divide maximum
+minimum fmax fmin eq ne lt le gt ge __eq__ __ne__ __lt__ __le__ __gt__ __ge__ __and__ __or__
+logical_and logical_or where lerp addcmul""".split()
+SPATIAL = """max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices
+max_pool3d_with_indices _max_pool1d _max_pool2d _max_pool3d avg_pool1d avg_pool2d avg_pool3d
+adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d
+adaptive_max_pool3d adaptive_max_pool1d_with_indices adaptive_max_pool2d_with_indices
+_adaptive_max_pool2d interpolate upsample upsample_nearest upsample_bilinear lp_pool2d""".split()
+SHAPE = """view reshape flatten unflatten permute transpose swapaxes swapdims t property.T property.mT
+movedim moveaxis squeeze unsqueeze expand expand_as broadcast_to cat concat concatenate stack flip
+roll repeat tile view_as reshape_as unsqueeze_ squeeze_ transpose_ t_""".split()
+SUM_LIKE = {"sum", "nansum"}  # reductions that stay exact when a channel is zeroed
+REDUCE = "mean sum nansum nanmean amax amin max min std var norm logsumexp prod argmax argmin".split()
+
+
+def passthrough(tr, call):
+    """Output ids = ids of the first tensor argument (unary elementwise, dtype casts)."""
+    src = next(a for a in (call.args + tuple(call.kwargs.values())) if isinstance(a, torch.Tensor))
+    for out in _tensor_outs(call):
+        tr.set_ids(out, _fit(tr, tr.ids(src), out))
+
+
+def elementwise(tr, call):
+    """Broadcasting ops: channels that meet at the same element are joined."""
+    tensors = [a for a in call.args + tuple(call.kwargs.values()) if isinstance(a, torch.Tensor)]
+    out = _tensor_outs(call)[0]
+    if call.name == "where":
+        tensors = tensors[1:]  # the condition only selects
+    ids = [_fit(tr, tr.ids(t), out) for t in tensors]
+    ids = list(torch.broadcast_tensors(*ids)) if ids else []
+    for i in range(len(ids)):
+        for j in range(i + 1, len(ids)):
+            if set(varying_dims(ids[i])) & set(varying_dims(ids[j])):
+                tr.uf.union_pairs(ids[i], ids[j])
+    result = torch.full_like(ids[0], NO_ID) if ids else torch.full([1] * out.dim(), NO_ID)
+    for t in ids:
+        result = torch.where(result >= 0, result, t)
+    for o in _tensor_outs(call):
+        tr.set_ids(o, _fit(tr, result, o))
+
+
+def max_or_min(tr, call):
+    """`max`/`min` are elementwise with a tensor second argument, reductions otherwise."""
+    second = call.arg(1, "other")
+    (elementwise if isinstance(second, torch.Tensor) else reduction)(tr, call)
+
+
+def power(tr, call):
+    tensors = [a for a in call.args if isinstance(a, torch.Tensor)]
+    (elementwise if len(tensors) > 1 else passthrough)(tr, call)
+
+
+def spatial(tr, call):
+    """Pooling/resizing: channel dims keep their size, other dims may change."""
+    x = call.args[0]
+    ids = tr.ids(x)
+    out = _tensor_outs(call)[0]
+    if all(out.shape[d] == x.shape[d] for d in varying_dims(ids)) and out.dim() == x.dim():
+        for o in _tensor_outs(call):
+            tr.set_ids(o, ids)
+    else:
+        _fix_all(tr, call)
+
+
+def replay(tr, call):
+    """Shape ops: run the same op on the id tensors themselves."""
+    args, kwargs = _swap_data(tr, call)
+    res = call.func(*args, **kwargs)
+    outs, idouts = _tensor_outs(call), _tensor_outs(type(call)(call.name, call.func, (), {}, res, ""))
+    for o, i in zip(outs, idouts):
+        if call.name in ("view", "reshape", "unflatten", "view_as", "reshape_as"):
+            _join_split(tr, _full(tr.ids(call.args[0]), call.args[0].shape), i)
+        tr.set_ids(o, i)
+
+
+def getitem(tr, call):
+    x, index = call.args[0], call.args[1]
+    ids = tr.ids(x)
+    index = index if isinstance(index, tuple) else (index,)
+    dim = 0
+    for pos, item in enumerate(index):
+        if item is None:
+            continue
+        if item is Ellipsis:
+            dim = x.dim() - sum(1 for it in index[pos + 1:] if it is not None)
+            continue
+        full = isinstance(item, slice) and item == slice(None)
+        if not full and dim < ids.dim() and ids.shape[dim] > 1:
+            tr.uf.mark_fixed(ids)  # a hard-coded position along a channel dim
+        dim += 0 if isinstance(item, bool) else 1
+    replay(tr, call)
+
+
+def cut_along(tr, call):
+    """narrow/select/split/unbind/tensor_split: hard-coded pieces of a channel dim are fixed."""
+    x = call.args[0]
+    dim = call.arg(2 if call.name in ("narrow", "select") else 1, "dim", 0)
+    if call.name == "unbind":
+        dim = call.arg(1, "dim", 0)
+    ids = tr.ids(x)
+    if ids.shape[dim % x.dim()] > 1:
+        tr.uf.mark_fixed(ids)
+    replay(tr, call)
+
+
+def chunk(tr, call):
+    """chunk(n) splits by the *current* size, so each chunk must lose the same positions."""
+    x, n = call.args[0], call.arg(1, "chunks")
+    dim = call.arg(2, "dim", 0) % x.dim()
+    ids = tr.ids(x)
+    if ids.shape[dim] > 1:
+        if x.shape[dim] % n:
+            tr.uf.mark_fixed(ids)
+        else:
+            parts = _full(ids, x.shape).movedim(dim, 0).reshape(n, x.shape[dim] // n, -1)
+            for k in range(1, n):
+                tr.uf.union_pairs(parts[0], parts[k])
+    replay(tr, call)
+
+
+def pad(tr, call):
+    """Constant padding: padded channels have a count fixed in code."""
+    x, pads = call.args[0], list(call.arg(1, "pad"))
+    ids = tr.ids(x)
+    for k in range(len(pads) // 2):
+        d = x.dim() - 1 - k
+        before, after = pads[2 * k], pads[2 * k + 1]
+        if ids.shape[d] == 1 or (before == 0 and after == 0):
+            continue
+        if before < 0 or after < 0:
+            tr.uf.mark_fixed(ids)
+            ids = ids.narrow(d, max(-before, 0), ids.shape[d] - max(-before, 0) - max(-after, 0))
+            before, after = max(before, 0), max(after, 0)
+        parts = [_fresh_fixed(tr, ids, d, before), ids, _fresh_fixed(tr, ids, d, after)]
+        ids = torch.cat([p for p in parts if p.shape[d]], d)
+    tr.set_ids(_tensor_outs(call)[0], ids)
+
+
+def reduction(tr, call):
+    x = call.args[0]
+    ids = tr.ids(x)
+    dims = call.arg(1, "dim", None)
+    keep = bool(call.arg(2, "keepdim", False))
+    if call.name == "norm":
+        dims, keep = call.arg(2, "dim", None), bool(call.arg(3, "keepdim", False))
+    if dims is None or isinstance(dims, str):
+        dims = list(range(x.dim()))
+    dims = [d % x.dim() for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    if any(ids.shape[d] > 1 for d in dims) and call.name not in SUM_LIKE:
+        tr.uf.mark_fixed(ids)  # mean/max over channels changes when a channel goes
+    out = ids
+    for d in sorted(dims, reverse=True):
+        out = out.narrow(d, 0, 1)
+        if not keep:
+            out = out.squeeze(d)
+    for o in _tensor_outs(call):
+        tr.set_ids(o, _fit(tr, out, o))
+
+
+def softmax(tr, call):
+    x = call.args[0]
+    ids = tr.ids(x)
+    dim = call.arg(1, "dim")
+    if dim is not None and ids.shape[dim % x.dim()] > 1:
+        tr.uf.mark_fixed(ids)
+    passthrough(tr, call)
+
+
+def matmul(tr, call):
+    a, b = call.args[0], call.args[1]
+    if tr.tensor_name(b) is not None and b.dim() == 2:
+        from .rules_layers import linear_like
+        return linear_like(tr, call, a, b, None, transposed=True)
+    out = _tensor_outs(call)[0]
+    if a.dim() < 2 or b.dim() < 2:
+        return _fix_all(tr, call)
+    ia, ib = tr.ids(a), tr.ids(b)
+    k = a.shape[-1]
+    tr.uf.union_pairs(along(ia, -1, k, tr.uf), along(ib, -2, k, tr.uf))
+    rows = ia.narrow(-1, 0, 1)  # ids of a that survive: all dims but the contracted one
+    cols = ib.narrow(-2, 0, 1)
+    if (rows >= 0).any() and (cols >= 0).any() and varying_dims(cols) and varying_dims(rows):
+        return _fix_all(tr, call)
+    src = rows if (rows >= 0).any() else cols
+    tr.set_ids(out, _fit(tr, src, out))
+    tr.add_node(call, macs=out.numel() * k)
+
+
+def sdpa(tr, call):
+    """q.k contracts the head dim: q and k positions are joined. With the default scale
+    1/sqrt(head_dim), pruning head dims would change the scale, so q/k are then kept whole."""
+    q, k, v = call.args[:3]
+    qk = along(tr.ids(q), -1, q.shape[-1], tr.uf), along(tr.ids(k), -1, k.shape[-1], tr.uf)
+    tr.uf.union_pairs(*qk)
+    if call.kwargs.get("scale") is None and (len(call.args) < 7 or call.args[6] is None):
+        tr.uf.mark_fixed(qk[0])
+    out = _tensor_outs(call)[0]
+    iv = tr.ids(v)
+    if iv.shape[-2] > 1:
+        return _fix_all(tr, call)
+    tr.set_ids(out, _fit(tr, iv, out))
+    L, S = q.shape[-2], k.shape[-2]
+    tr.add_node(call, macs=q.numel() // q.shape[-1] * S * (q.shape[-1] + v.shape[-1]) if L else 0)
+
+
+def setitem(tr, call):
+    target, index, value = call.args[:3]
+    it, iv = tr.ids(target), tr.ids(value) if isinstance(value, torch.Tensor) else None
+    for ids in (it, iv):
+        if ids is not None and (ids >= 0).any():
+            tr.uf.mark_fixed(ids)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _tensor_outs(call):
+    out = call.out
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [o for o in out if isinstance(o, torch.Tensor)]
+    return []
+
+
+def _fit(tr, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Left-pad (broadcasting rules) or left-trim size-1 dims so that ids has out's rank.
+
+    If that is impossible the output is made opaque (fixed): never silently lose channels.
+    """
+    while ids.dim() < out.dim():
+        ids = ids.unsqueeze(0)
+    while ids.dim() > out.dim() and ids.shape[0] == 1:
+        ids = ids.squeeze(0)
+    if ids.dim() != out.dim() or any(s not in (1, o) for s, o in zip(ids.shape, out.shape)):
+        tr.uf.mark_fixed(ids)
+        return tr.uf.allocate(out.numel(), fixed=True).reshape(out.shape)
+    return ids
+
+
+def _full(ids: torch.Tensor, shape) -> torch.Tensor:
+    return ids.expand(*shape).contiguous()
+
+
+def _fresh_fixed(tr, like: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    """Fixed ids shaped like `like` but with n positions along `dim` (padding channels)."""
+    shape = list(like.shape)
+    shape[dim] = n
+    numel = 1
+    for s in shape:
+        numel *= s
+    return tr.uf.allocate(numel, fixed=True).reshape(shape)
+
+
+def _swap_data(tr, call):
+    """Replace every data tensor in the call by its (full-size) id tensor."""
+    def swap(a):
+        if isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex() or id(a) in tr._ids):
+            return _full(tr.ids(a), a.shape)
+        if isinstance(a, (list, tuple)):
+            return type(a)(swap(x) for x in a)
+        return a
+    return swap(call.args), {k: swap(v) for k, v in call.kwargs.items()}
+
+
+def _join_split(tr, before: torch.Tensor, after: torch.Tensor) -> None:
+    """A view that splits a channel dim into several (channel shuffle, heads) couples positions.
+
+    (B, g*c, H, W) -> (B, g, c, H, W): after pruning, the code still views with the *current*
+    size, so each of the g slices must lose the same positions; join position j of all slices.
+    """
+    vb, va = varying_dims(compress(before)), varying_dims(compress(after))
+    if len(va) <= len(vb):
+        return
+    last = va[-1]
+    rows = after.movedim(last, 0).reshape(after.shape[last], -1)
+    rep = rows.max(dim=1).values
+    tr.uf.union_pairs(rep.unsqueeze(1).expand_as(rows), rows)
+
+
+def _fix_all(tr, call):
+    """Keep every channel this op touches, and make its outputs opaque."""
+    for a in call.args + tuple(call.kwargs.values()):
+        if isinstance(a, torch.Tensor) and (tr.tensor_name(a) is None or id(a) in tr._raw):
+            tr.uf.mark_fixed(tr.ids(a))
+    for o in _tensor_outs(call):
+        tr.set_ids(o, tr.uf.allocate(o.numel(), fixed=True).reshape(o.shape))
+
+
+for _n in PASSTHROUGH:
+    register_rule(_n, passthrough)
+for _n in BINARY:
+    register_rule(_n, elementwise)
+for _n in SPATIAL:
+    register_rule(_n, spatial)
+for _n in SHAPE:
+    register_rule(_n, replay)
+for _n in REDUCE:
+    register_rule(_n, max_or_min if _n in ("max", "min") else reduction)
+for _n in ("pow", "__pow__", "__rpow__", "float_power"):
+    register_rule(_n, power)
+for _n in ("narrow", "select", "split", "split_with_sizes", "unbind", "tensor_split"):
+    register_rule(_n, cut_along)
+for _n in ("softmax", "log_softmax", "softmin", "cumsum", "cumprod"):
+    register_rule(_n, softmax)
+for _n in ("matmul", "__matmul__", "bmm", "mm"):
+    register_rule(_n, matmul)
+register_rule("__getitem__", getitem)
+register_rule("chunk", chunk)
+register_rule("pad", pad)
+register_rule("scaled_dot_product_attention", sdpa)
+register_rule("__setitem__", setitem)

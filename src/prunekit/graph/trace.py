@@ -1,0 +1,218 @@
+"""Trace a model into a `Graph`: which parameter slices belong to which channels.
+
+Technique: the model runs *eagerly* on example inputs under a `TorchFunctionMode`, which sees
+every torch function call (F.conv2d, torch.cat, Tensor.view, ...) with its real arguments.
+Because the model really runs, Python control flow in `forward` (loops, ifs on shapes or
+flags, early exits) just works: we record the path taken for these inputs. Each tensor gets a
+channel-id tensor (see `ids.py`); a per-op rule (see `rules.py`) says how ids flow from inputs to
+outputs and which parameter slices they touch. docs/tracing.md explains why this beats
+torch.fx (fails on data-dependent control flow) and the autograd walk (loses op arguments).
+
+>>> import torch.nn as nn
+>>> from prunekit.graph import build_graph
+>>> g = build_graph(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)),
+...                 torch.randn(1, 3, 8, 8))
+>>> [(grp.name, grp.size) for grp in g.groups]
+[('0', 8), ('2', 4)]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from ..core.errors import UnsupportedOpError
+from .ids import NO_ID, UnionFind, compress, has_ids
+
+
+@dataclass
+class Member:
+    """A slice of a parameter/buffer (or a counted module attribute) that follows channels.
+
+    `ids[j]` is the channel id of position j along `dim` of `module.<name>`; role is "out"
+    (producer filters), "in" (a consumer's input slices) or "through" (norm/scale parameters).
+    A member whose name starts with "#" is an attribute with no tensor (e.g. an affine-free
+    GroupNorm's num_channels): nothing is sliced, the count is kept in step.
+    """
+
+    module: str
+    name: str
+    dim: int
+    ids: torch.Tensor
+    role: str
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}" if self.module else self.name
+
+
+@dataclass
+class Node:
+    """One traced operation, kept for cost counting and debugging."""
+
+    op: str
+    module: str
+    in_shapes: list[tuple[int, ...]]
+    out_shapes: list[tuple[int, ...]]
+    macs: int = 0
+    params: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Call:
+    """What a rule sees: the op name, its arguments, result and the calling module."""
+
+    name: str
+    func: Callable
+    args: tuple
+    kwargs: dict
+    out: Any
+    module: str
+
+    def arg(self, i: int, key: str, default: Any = None) -> Any:
+        if len(self.args) > i:
+            return self.args[i]
+        return self.kwargs.get(key, default)
+
+
+class Tracer(TorchFunctionMode):
+    """Runs the model and applies channel rules; see `build_graph` for the public entry."""
+
+    def __init__(self, model: nn.Module, rules: dict[str, Callable], ignore: Iterable[str] = ()):
+        super().__init__()
+        self.model = model
+        self.rules = rules
+        self.uf = UnionFind()
+        self.members: list[Member] = []
+        self.nodes: list[Node] = []
+        self.spaces: list[tuple[str, torch.Tensor]] = []  # (owner name, ids) in allocation order
+        self.ignore = tuple(ignore)
+        self._ids: dict[int, torch.Tensor] = {}
+        self._alive: list[torch.Tensor] = []  # keeps traced tensors alive so id() is not reused
+        self._stack: list[str] = [""]
+        self._types = {name: type(m).__name__ for name, m in model.named_modules()}
+        self._tensor_names: dict[int, tuple[str, str]] = {}
+        for mod_name, mod in model.named_modules():
+            for pname, p in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+                self._tensor_names.setdefault(id(p), (mod_name, pname))
+        self._raw: dict[int, torch.Tensor] = {}
+        self.busy = False  # true while our own bookkeeping runs torch ops: do not trace those
+
+    # ---- ids of tensors -------------------------------------------------------------------
+    def ids(self, t: Any) -> torch.Tensor | None:
+        """Id tensor of `t` (compressed), or None for non-tensors."""
+        if not isinstance(t, torch.Tensor):
+            return None
+        got = self._ids.get(id(t))
+        if got is not None:
+            return got
+        if id(t) in self._tensor_names:
+            return self._raw_param_ids(t)
+        if t.numel() <= 1:  # a scalar broadcasts everywhere: it couples nothing
+            return torch.full([1] * t.dim(), NO_ID, dtype=torch.long)
+        # a tensor made inside forward with a shape fixed in code: its channels cannot move
+        opaque = self.uf.allocate(t.numel(), fixed=True).reshape(t.shape)
+        self.set_ids(t, opaque)
+        return self._ids[id(t)]
+
+    def set_ids(self, t: torch.Tensor, ids: torch.Tensor) -> None:
+        if ids.dim() != t.dim():
+            raise AssertionError(f"id tensor rank {ids.dim()} != tensor rank {t.dim()}")
+        self._ids[id(t)] = compress(ids)
+        self._alive.append(t)
+
+    def new_space(self, owner: str, n: int, fixed: bool = False) -> torch.Tensor:
+        ids = self.uf.allocate(n, fixed=fixed)
+        self.spaces.append((owner, ids))
+        return ids
+
+    def tensor_name(self, t: Any) -> tuple[str, str] | None:
+        return self._tensor_names.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def _raw_param_ids(self, p: torch.Tensor) -> torch.Tensor:
+        """A parameter used directly in forward (layer scale, position embedding, class token).
+
+        Its channel dim is its only dim of size > 1, or its last dim; it becomes a "through"
+        member whose ids join whatever it is combined with elementwise.
+        """
+        if id(p) not in self._raw:
+            mod, name = self._tensor_names[id(p)]
+            big = [d for d in range(p.dim()) if p.shape[d] > 1]
+            if not big:
+                return torch.full([1] * p.dim(), NO_ID, dtype=torch.long)
+            dim = big[0] if len(big) == 1 else p.dim() - 1
+            vec = self.new_space(f"{mod}.{name}" if mod else name, p.shape[dim])
+            self.add_member(mod, name, dim, vec, "through")
+            shape = [1] * p.dim()
+            shape[dim] = p.shape[dim]
+            self._raw[id(p)] = vec.reshape(shape)
+        return self._raw[id(p)]
+
+    def add_member(self, module: str, name: str, dim: int, ids: torch.Tensor, role: str) -> None:
+        self.members.append(Member(module, name, dim, ids.reshape(-1).clone(), role))
+
+    def add_node(self, call: Call, macs: int = 0, params: Iterable[str] = ()) -> None:
+        shapes = lambda xs: [tuple(x.shape) for x in tree_flatten(xs)[0] if isinstance(x, torch.Tensor)]
+        self.nodes.append(Node(call.name, call.module, shapes((call.args, call.kwargs)),
+                               shapes(call.out), int(macs), list(params)))
+
+    # ---- the mode ----------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.busy:
+            return out
+        name = op_name(func)
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if name == "__setitem__":
+            outs = [args[0]]
+        if outs:
+            self.busy = True
+            try:
+                self._apply_rule(Call(name, func, args, kwargs, out, self._stack[-1]), outs)
+            finally:
+                self.busy = False
+        return out
+
+    def _apply_rule(self, call: Call, outs: list[torch.Tensor]) -> None:
+        inputs = [t for t in tree_flatten((call.args, call.kwargs))[0] if isinstance(t, torch.Tensor)]
+        if any(_is_under(m, self.ignore) for m in self._stack):
+            for t in inputs:
+                self.uf.mark_fixed(self.ids(t))
+            for t in outs:  # opaque, fixed: nothing downstream may reshape what it returns
+                self.set_ids(t, self.uf.allocate(t.numel(), fixed=True).reshape(t.shape))
+            return
+        rule = self.rules.get(call.name)
+        if rule is not None:
+            rule(self, call)
+            return
+        if any(has_ids(self.ids(t)) for t in inputs):
+            kind = self._types.get(call.module, "model")
+            raise UnsupportedOpError(
+                f"prunekit has no channel rule for `{call.name}`, called in module "
+                f"'{call.module or '(top level)'}' ({kind}). Either keep that module unpruned with "
+                f"ignore=['{call.module}'], or teach prunekit the op with "
+                f"prunekit.graph.register_rule('{call.name}', rule)."
+            )
+
+    def push(self, name: str) -> None:
+        self._stack.append(name)
+
+    def pop(self) -> None:
+        self._stack.pop()
+
+
+def op_name(func: Callable) -> str:
+    name = getattr(func, "__name__", None)
+    if name == "__get__":  # a tensor property such as .T or .mT
+        owner = getattr(func, "__self__", None)
+        name = "property." + getattr(owner, "__name__", "?")
+    return name or repr(func)
+
+
+def _is_under(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)

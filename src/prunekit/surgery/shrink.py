@@ -1,0 +1,188 @@
+"""Physical removal: slice every parameter, buffer and layer attribute that a channel touches.
+
+`remove_channels_` takes, per group, the channel indices to delete, computes *all* new tensors
+first, checks them, and only then writes them into the model: a bad request leaves the model
+exactly as it was.
+
+>>> import torch, torch.nn as nn
+>>> from prunekit.graph import build_graph
+>>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
+>>> remove_channels_(m, build_graph(m, torch.randn(1, 3, 8, 8)), {"0": [1, 5]})
+>>> m[0].out_channels, m[1].num_features, m[2].in_channels
+(6, 6, 6)
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..core.errors import PruningError
+from ..graph import Graph
+
+AttrFix = Callable[[nn.Module, dict[str, int]], None]
+ATTRIBUTE_FIXES: dict[type, AttrFix] = {}
+
+
+def removed_roots(graph: Graph, remove: Mapping[str, Sequence[int]]) -> set[int]:
+    """Union-find roots of the channels to delete; validates names, indices and prunability."""
+    roots: set[int] = set()
+    for name, idx in remove.items():
+        group = graph.group(name)
+        idx = sorted({int(i) for i in idx})
+        if not idx:
+            continue
+        if idx[0] < 0 or idx[-1] >= group.size:
+            raise PruningError(f"group {name!r} has {group.size} channels; indices {idx[0]}..{idx[-1]} are out of range")
+        fixed = [i for i in idx if not bool(group.prunable[i])]
+        if fixed:
+            raise PruningError(f"group {name!r}: channels {fixed[:8]} are fixed (they reach a model input/output "
+                               "or an op whose channel positions are hard-coded) and cannot be removed")
+        if len(idx) >= group.size:
+            raise PruningError(f"removing all {group.size} channels of group {name!r} would empty it; keep at least one")
+        roots.update(group.classes[idx].tolist())
+    return roots
+
+
+def remove_channels_(model: nn.Module, graph: Graph, remove: Mapping[str, Sequence[int]]) -> None:
+    """Delete channels in place. `remove` maps group name -> channel indices of that group."""
+    roots = removed_roots(graph, remove)
+    if not roots:
+        return
+    dead = torch.tensor(sorted(roots), dtype=torch.long)
+    keep: dict[tuple[str, str, int], torch.Tensor] = {}
+    for m in graph.members:
+        key = (m.module, m.name, m.dim)
+        k = ~torch.isin(m.ids, dead)
+        keep[key] = keep[key] & k if key in keep and keep[key].numel() == k.numel() else k
+    new_tensors, counts = _sliced(model, keep)
+    _check(model, new_tensors, counts)
+    for (mod_name, tname), value in new_tensors.items():
+        mod = model.get_submodule(mod_name)
+        if tname in mod._parameters:
+            old = mod._parameters[tname]
+            setattr(mod, tname, nn.Parameter(value, requires_grad=old.requires_grad))
+        else:
+            setattr(mod, tname, value)
+    for mod_name, sizes in counts.items():
+        mod = model.get_submodule(mod_name)
+        fix = ATTRIBUTE_FIXES.get(type(mod)) or _fix_by_base(mod)
+        if fix is not None:
+            fix(mod, sizes)
+
+
+def _sliced(model: nn.Module, keep: dict) -> tuple[dict, dict]:
+    """New tensors for every touched (module, tensor), and per-module kept sizes by role key."""
+    per_tensor: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    for (mod_name, tname, dim), k in keep.items():
+        if tname.startswith("#"):
+            counts[mod_name][tname] = int(k.sum())
+            continue
+        per_tensor[(mod_name, tname)].append((dim, k))
+    out = {}
+    for (mod_name, tname), slices in per_tensor.items():
+        t = _get_tensor(model, mod_name, tname)
+        value = t.detach()
+        for dim, k in slices:
+            if value.shape[dim] != k.numel():
+                raise PruningError(f"{mod_name}.{tname}: dim {dim} has {value.shape[dim]} entries but the graph "
+                                   f"recorded {k.numel()}; rebuild the graph on this model before pruning")
+            if not bool(k.all()):
+                value = value.index_select(dim, k.nonzero().flatten())
+        if value.shape != t.shape:
+            out[(mod_name, tname)] = value.clone()
+            counts[mod_name][tname] = value.shape[slices[0][0]]
+    return out, counts
+
+
+def _get_tensor(model: nn.Module, mod_name: str, tname: str) -> torch.Tensor:
+    mod = model.get_submodule(mod_name)
+    t = getattr(mod, tname, None)
+    if not isinstance(t, torch.Tensor):
+        raise PruningError(f"{mod_name}.{tname} is not a tensor of this model; rebuild the graph on it")
+    return t
+
+
+def _check(model: nn.Module, new: dict, counts: dict) -> None:
+    for (mod_name, tname), value in new.items():
+        if 0 in value.shape:
+            raise PruningError(f"{mod_name}.{tname} would have no entries left; remove fewer channels")
+    for mod_name in counts:
+        mod = model.get_submodule(mod_name)
+        if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1:
+            w = new.get((mod_name, "weight"), mod.weight)
+            per_group = mod.out_channels // mod.groups
+            n_out = w.shape[1] * mod.groups if isinstance(mod, nn.modules.conv._ConvTransposeNd) else w.shape[0]
+            if isinstance(mod, nn.modules.conv._ConvTransposeNd):
+                per_group = mod.in_channels // mod.groups
+                n_out = w.shape[0]
+            if n_out % per_group:
+                raise PruningError(f"{mod_name}: grouped conv would lose part of a group; this is a bug in a rule")
+
+
+def _fix_by_base(mod: nn.Module) -> AttrFix | None:
+    for base, fix in ATTRIBUTE_FIXES.items():
+        if isinstance(mod, base):
+            return fix
+    return None
+
+
+def register_attribute_fix(cls: type, fix: AttrFix) -> None:
+    """Teach surgery how to update a layer's attributes (e.g. in_channels) after slicing."""
+    ATTRIBUTE_FIXES[cls] = fix
+
+
+def _fix_conv(m: nn.Module, sizes: dict[str, int]) -> None:
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    in_per_group, out_per_group = m.in_channels // m.groups, m.out_channels // m.groups
+    w = m.weight
+    if transposed:  # weight (in, out/groups, k...)
+        m.groups = w.shape[0] // in_per_group if m.groups > 1 else 1
+        m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
+    else:  # weight (out, in/groups, k...)
+        m.groups = w.shape[0] // out_per_group if m.groups > 1 else 1
+        m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+
+
+def _fix_linear(m: nn.Linear, sizes: dict[str, int]) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _norm_count(m: nn.Module, sizes: dict[str, int]) -> int:
+    for key in ("weight", "running_mean", "bias", "running_var", "#channels"):
+        if key in sizes:
+            return sizes[key]
+    raise PruningError(f"cannot tell the new width of {type(m).__name__}")
+
+
+def _fix_batchnorm(m: nn.Module, sizes: dict[str, int]) -> None:
+    m.num_features = _norm_count(m, sizes)
+
+
+def _fix_groupnorm(m: nn.GroupNorm, sizes: dict[str, int]) -> None:
+    per_group = m.num_channels // m.num_groups
+    m.num_channels = _norm_count(m, sizes)
+    m.num_groups = m.num_channels // per_group
+
+
+def _fix_layernorm(m: nn.Module, sizes: dict[str, int]) -> None:
+    m.normalized_shape = (_norm_count(m, sizes),)
+
+
+def _fix_prelu(m: nn.PReLU, sizes: dict[str, int]) -> None:
+    m.num_parameters = m.weight.numel()
+
+
+def _fix_embedding(m: nn.Embedding, sizes: dict[str, int]) -> None:
+    m.embedding_dim = m.weight.shape[1]
+
+
+for _cls, _fix in [(nn.modules.conv._ConvNd, _fix_conv), (nn.Linear, _fix_linear),
+                   (nn.modules.batchnorm._NormBase, _fix_batchnorm), (nn.GroupNorm, _fix_groupnorm),
+                   (nn.LayerNorm, _fix_layernorm), (nn.PReLU, _fix_prelu), (nn.Embedding, _fix_embedding)]:
+    register_attribute_fix(_cls, _fix)
+if hasattr(nn, "RMSNorm"):
+    register_attribute_fix(nn.RMSNorm, _fix_layernorm)

@@ -1,0 +1,87 @@
+"""Reusable oracle checks: removing channels must equal zeroing their contributions.
+
+Zeroing a channel's *input slices in every consumer* (the "in" members: the next conv's input
+channels, a Linear's H*W columns after flatten, ...) is what removal means mathematically; the
+two models must then give the same outputs. Groups whose channels feed statistics over the
+channel dim (LayerNorm over features) change those statistics when a channel goes, so for them
+only shapes and finiteness are compared.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..graph import Graph, Group, build_graph
+from ..surgery.shrink import remove_channels_
+
+
+def zero_contributions_(model: nn.Module, group: Group, channels: Sequence[int]) -> None:
+    """Zero every consumer input slice of `channels` (in place, shapes unchanged)."""
+    dead = torch.tensor(sorted(channels), dtype=torch.long)
+    with torch.no_grad():
+        for m in group.tensor_members():
+            if m.role != "in":
+                continue
+            t = getattr(model.get_submodule(m.module), m.name)
+            pos = torch.isin(m.channel, dead).nonzero().flatten()
+            t.index_fill_(m.dim, pos, 0.0)
+
+
+def group_is_exact(group: Group, model: nn.Module) -> bool:
+    """False when the group's channels meet a LayerNorm-style statistic over channels."""
+    for m in group.members:
+        mod = model.get_submodule(m.module)
+        if isinstance(mod, (nn.LayerNorm,)) or type(mod).__name__ in ("RMSNorm", "LayerNorm2d"):
+            return False
+    return True
+
+
+def _run(model: nn.Module, inputs: Any) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+
+
+def check_removal_matches_zeroing(model: nn.Module, inputs: Any, graph: Graph,
+                                  removal: dict[str, Sequence[int]], atol: float = 1e-5) -> float:
+    """Remove `removal` channels from a copy, zero them in another copy; return max |diff|.
+
+    Raises AssertionError when they differ (beyond atol) for exact groups.
+    """
+    zeroed, shrunk = copy.deepcopy(model), copy.deepcopy(model)
+    exact = True
+    for name, chans in removal.items():
+        group = graph.group(name)
+        zero_contributions_(zeroed, group, chans)
+        exact &= group_is_exact(group, model)
+    remove_channels_(shrunk, graph, removal)
+    ref, out = _run(zeroed, inputs), _run(shrunk, inputs)
+    assert ref.shape == out.shape, f"output shape changed: {tuple(ref.shape)} -> {tuple(out.shape)}"
+    assert torch.isfinite(out).all(), "pruned model produced non-finite outputs"
+    diff = float((ref - out).abs().max())
+    if exact:
+        assert diff <= atol * max(1.0, float(ref.abs().max())), f"removal != zeroing: max diff {diff:.3g}"
+    return diff
+
+
+def random_removal(graph: Graph, fraction: float, generator: torch.Generator) -> dict[str, list[int]]:
+    """Pick up to `fraction` of the prunable channels of every group (at least one channel kept)."""
+    removal = {}
+    for g in graph.prunable_groups():
+        cand = g.prunable.nonzero().flatten()
+        n = min(int(round(fraction * g.size)), cand.numel() - 1)
+        if n > 0:
+            pick = cand[torch.randperm(cand.numel(), generator=generator)[:n]]
+            removal[g.name] = sorted(pick.tolist())
+    return removal
+
+
+def build_and_check(model: nn.Module, inputs: Any, fraction: float = 0.5, seed: int = 0) -> float:
+    graph = build_graph(model, inputs)
+    removal = random_removal(graph, fraction, torch.Generator().manual_seed(seed))
+    return check_removal_matches_zeroing(model, inputs, graph, removal)
