@@ -50,6 +50,7 @@ class Group:
     classes: torch.Tensor  # (size,) union-find root of each channel
     prunable: torch.Tensor  # (size,) bool: False where the channel reaches an input/output/fixed op
     members: list[GroupMember] = field(default_factory=list)
+    note: str = ""  # why the group is not prunable, when a probe found out
 
     @property
     def size(self) -> int:
@@ -102,8 +103,8 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
         with torch.no_grad(), tracer:
             tracer.busy = True
             inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-            for t in inputs:  # model inputs: every element fixed
-                tracer.set_ids(t, tracer.uf.allocate(t.numel(), fixed=True).reshape(t.shape))
+            for t in inputs:  # model inputs: their channels are fixed
+                tracer.set_opaque(t)
             tracer.busy = False
             out = model(*args, **kwargs)
             tracer.busy = True

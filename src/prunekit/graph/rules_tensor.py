@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .ids import NO_ID, along, compress, varying_dims
+from .ids import NO_ID, OPAQUE, along, compress, varying_dims
 from .rules import register_rule
 
 PASSTHROUGH = """relu relu_ relu6 gelu silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_
@@ -51,13 +51,23 @@ def elementwise(tr, call):
     ids = list(torch.broadcast_tensors(*ids)) if ids else []
     for i in range(len(ids)):
         for j in range(i + 1, len(ids)):
-            if set(varying_dims(ids[i])) & set(varying_dims(ids[j])):
+            if set(_dims(tr, tensors[i], ids[i], out)) & set(_dims(tr, tensors[j], ids[j], out)):
                 tr.uf.union_pairs(ids[i], ids[j])
     result = torch.full_like(ids[0], NO_ID) if ids else torch.full([1] * out.dim(), NO_ID)
     for t in ids:
         result = torch.where(result >= 0, result, t)
     for o in _tensor_outs(call):
         tr.set_ids(o, _fit(tr, result, o))
+
+
+def _dims(tr, t, ids, out) -> list[int]:
+    """Dims (of `out`) along which operand `t` varies: its id dims, or for an OPAQUE operand
+    every dim where the tensor itself is bigger than 1 (its values are fixed there)."""
+    shape = tr.opaque_shape(t)
+    if shape is None:
+        return varying_dims(ids)
+    offset = out.dim() - len(shape)
+    return [d + offset for d, s in enumerate(shape) if s > 1]
 
 
 def max_or_min(tr, call):
@@ -253,7 +263,7 @@ def _fit(tr, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         ids = ids.squeeze(0)
     if ids.dim() != out.dim() or any(s not in (1, o) for s, o in zip(ids.shape, out.shape)):
         tr.uf.mark_fixed(ids)
-        return tr.uf.allocate(out.numel(), fixed=True).reshape(out.shape)
+        return torch.full([1] * out.dim(), OPAQUE, dtype=torch.long)
     return ids
 
 
@@ -265,10 +275,7 @@ def _fresh_fixed(tr, like: torch.Tensor, dim: int, n: int) -> torch.Tensor:
     """Fixed ids shaped like `like` but with n positions along `dim` (padding channels)."""
     shape = list(like.shape)
     shape[dim] = n
-    numel = 1
-    for s in shape:
-        numel *= s
-    return tr.uf.allocate(numel, fixed=True).reshape(shape)
+    return torch.full(shape, OPAQUE, dtype=torch.long)
 
 
 def _swap_data(tr, call):
@@ -303,7 +310,7 @@ def _fix_all(tr, call):
         if isinstance(a, torch.Tensor) and (tr.tensor_name(a) is None or id(a) in tr._raw):
             tr.uf.mark_fixed(tr.ids(a))
     for o in _tensor_outs(call):
-        tr.set_ids(o, tr.uf.allocate(o.numel(), fixed=True).reshape(o.shape))
+        tr.set_opaque(o)
 
 
 for _n in PASSTHROUGH:
@@ -329,3 +336,66 @@ register_rule("chunk", chunk)
 register_rule("pad", pad)
 register_rule("scaled_dot_product_attention", sdpa)
 register_rule("__setitem__", setitem)
+
+
+def fresh(tr, call):
+    """Tensors created with an explicit shape (x.new_zeros(...)): left opaque, decided on use."""
+
+
+def like(tr, call):
+    """zeros_like(x) & co: the shape follows x at run time, so the ids do too."""
+    passthrough(tr, call)
+
+
+def normalize_rule(tr, call):
+    x = call.args[0]
+    dim = call.arg(2, "dim", 1)
+    if tr.ids(x).shape[dim % x.dim()] > 1:
+        tr.uf.mark_fixed(tr.ids(x))  # an L2 norm over channels changes when one goes
+    passthrough(tr, call)
+
+
+def einsum(tr, call):
+    """Join ids of letters shared by operands; the output takes the ids of the one operand
+    that carries channels (several such operands make everything fixed)."""
+    eq = call.args[0].replace(" ", "")
+    ops = list(call.args[1]) if len(call.args) == 2 and isinstance(call.args[1], (list, tuple)) else list(call.args[1:])
+    if "..." in eq or "->" not in eq:
+        return _fix_all(tr, call)
+    lhs, rhs = eq.split("->")
+    subs = lhs.split(",")
+    where: dict[str, list[tuple[int, int]]] = {}
+    for k, s in enumerate(subs):
+        for d, letter in enumerate(s):
+            where.setdefault(letter, []).append((k, d))
+    ids = [tr.ids(t) for t in ops]
+    for letter, places in where.items():
+        vecs = [along(ids[k], d, ops[k].shape[d], tr.uf) for k, d in places]
+        for v in vecs[1:]:
+            tr.uf.union_pairs(vecs[0], v)
+    carriers = [k for k, s in enumerate(subs) if any(ids[k].shape[d] > 1 and letter in rhs for d, letter in enumerate(s))]
+    out = _tensor_outs(call)[0]
+    if len(carriers) > 1:
+        return _fix_all(tr, call)
+    if not carriers:
+        return tr.set_ids(out, torch.full([1] * out.dim(), NO_ID, dtype=torch.long))
+    k = carriers[0]
+    src = ids[k]
+    for d, letter in reversed(list(enumerate(subs[k]))):
+        if letter not in rhs:
+            src = src.narrow(d, 0, 1).squeeze(d)
+    kept = [l for l in subs[k] if l in rhs]  # letters of src, in operand order
+    order = [l for l in rhs if l in kept]
+    src = src.permute([kept.index(l) for l in order]) if order else src
+    shape = [src.shape[order.index(l)] if l in order else 1 for l in rhs]
+    tr.set_ids(out, src.reshape(shape))
+    tr.add_node(call)
+
+
+for _n in ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "arange", "zeros", "ones", "full", "empty",
+           "rand", "randn", "randint", "tensor", "linspace", "meshgrid"):
+    register_rule(_n, fresh)
+for _n in ("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like"):
+    register_rule(_n, like)
+register_rule("normalize", normalize_rule)
+register_rule("einsum", einsum)

@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..core.errors import UnsupportedOpError
-from .ids import NO_ID, UnionFind, compress, has_ids
+from .ids import NO_ID, OPAQUE, UnionFind, compress, has_ids
 
 
 @dataclass
@@ -100,6 +100,7 @@ class Tracer(TorchFunctionMode):
             for pname, p in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
                 self._tensor_names.setdefault(id(p), (mod_name, pname))
         self._raw: dict[int, torch.Tensor] = {}
+        self._opaque_shapes: dict[int, tuple[int, ...]] = {}
         self.busy = False  # true while our own bookkeeping runs torch ops: do not trace those
 
     # ---- ids of tensors -------------------------------------------------------------------
@@ -115,14 +116,26 @@ class Tracer(TorchFunctionMode):
         if t.numel() <= 1:  # a scalar broadcasts everywhere: it couples nothing
             return torch.full([1] * t.dim(), NO_ID, dtype=torch.long)
         # a tensor made inside forward with a shape fixed in code: its channels cannot move
-        opaque = self.uf.allocate(t.numel(), fixed=True).reshape(t.shape)
-        self.set_ids(t, opaque)
+        self.set_opaque(t)
         return self._ids[id(t)]
+
+    def set_opaque(self, t: torch.Tensor) -> None:
+        self._ids[id(t)] = torch.full([1] * t.dim(), OPAQUE, dtype=torch.long)
+        self._opaque_shapes[id(t)] = tuple(t.shape)
+        self._alive.append(t)
+
+    def opaque_shape(self, t: torch.Tensor) -> tuple[int, ...] | None:
+        """Shape of `t` if its ids are OPAQUE (fixed, compressed to one value), else None."""
+        return self._opaque_shapes.get(id(t)) if isinstance(t, torch.Tensor) else None
 
     def set_ids(self, t: torch.Tensor, ids: torch.Tensor) -> None:
         if ids.dim() != t.dim():
             raise AssertionError(f"id tensor rank {ids.dim()} != tensor rank {t.dim()}")
-        self._ids[id(t)] = compress(ids)
+        ids = compress(ids)
+        if ids.numel() == 1 and int(ids.reshape(-1)[0]) == OPAQUE:
+            return self.set_opaque(t)
+        self._opaque_shapes.pop(id(t), None)
+        self._ids[id(t)] = ids
         self._alive.append(t)
 
     def new_space(self, owner: str, n: int, fixed: bool = False) -> torch.Tensor:
@@ -184,7 +197,7 @@ class Tracer(TorchFunctionMode):
             for t in inputs:
                 self.uf.mark_fixed(self.ids(t))
             for t in outs:  # opaque, fixed: nothing downstream may reshape what it returns
-                self.set_ids(t, self.uf.allocate(t.numel(), fixed=True).reshape(t.shape))
+                self.set_opaque(t)
             return
         rule = self.rules.get(call.name)
         if rule is not None:

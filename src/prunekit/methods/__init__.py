@@ -1,0 +1,44 @@
+"""Pruning methods: one config class and one handler each, dispatched on the config's type.
+
+>>> import torch, torch.nn as nn
+>>> from prunekit.methods.magnitude import MagnitudeConfig
+>>> m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 1))
+>>> result = prune_(m, MagnitudeConfig(channel_ratio=0.5), torch.randn(1, 3, 8, 8))
+>>> m[0].out_channels, result.cost_after.params < result.cost_before.params
+(8, True)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from ..core.config import Config
+from ..core.errors import ConfigError
+from ..core.registry import Registry
+from .result import PruneResult
+
+METHODS: Registry[tuple[type[Config], Callable]] = Registry("method")
+_HANDLERS: dict[type, Callable] = {}
+
+
+def register_method(name: str, config_cls: type[Config], handler: Callable) -> None:
+    METHODS.register(name, (config_cls, handler))
+    _HANDLERS[config_cls] = handler
+
+
+def get_config_class(name: str) -> type[Config]:
+    return METHODS.get(name)[0]
+
+
+def prune_(model: nn.Module, config: Config, example_inputs: Any, **kwargs: Any) -> PruneResult:
+    """Prune `model` in place with the method `config` belongs to; returns plan + costs."""
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        raise ConfigError(f"{type(config).__name__} is not a registered method config; "
+                          f"methods: {', '.join(METHODS.list())}")
+    return handler(model, config, example_inputs, **kwargs)
+
+
+from . import magnitude  # noqa: E402,F401  (registers the reference method)
+from . import slr  # noqa: E402,F401  (registers "slr"; ADMM is SLRConfig(optimization="admm"))

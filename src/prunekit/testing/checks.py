@@ -16,35 +16,7 @@ from torch import nn
 
 from ..graph import Graph, Group, build_graph
 from ..surgery.shrink import remove_channels_
-
-
-def zero_contributions_(model: nn.Module, group: Group, channels: Sequence[int]) -> None:
-    """Zero every consumer input slice of `channels` (in place, shapes unchanged)."""
-    dead = torch.tensor(sorted(channels), dtype=torch.long)
-    with torch.no_grad():
-        for m in group.tensor_members():
-            if m.role != "in":
-                continue
-            t = getattr(model.get_submodule(m.module), m.name)
-            pos = torch.isin(m.channel, dead).nonzero().flatten()
-            t.index_fill_(m.dim, pos, 0.0)
-
-
-def group_is_exact(group: Group, model: nn.Module) -> bool:
-    """False when the group's channels meet a LayerNorm-style statistic over channels."""
-    for m in group.members:
-        mod = model.get_submodule(m.module)
-        if isinstance(mod, (nn.LayerNorm,)) or type(mod).__name__ in ("RMSNorm", "LayerNorm2d"):
-            return False
-    return True
-
-
-def _run(model: nn.Module, inputs: Any) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        if isinstance(inputs, dict):
-            return model(**inputs)
-        return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+from ..surgery.verify import group_is_exact, run_model as _run, zero_contributions_
 
 
 def check_removal_matches_zeroing(model: nn.Module, inputs: Any, graph: Graph,

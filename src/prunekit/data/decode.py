@@ -1,0 +1,40 @@
+"""Decode one image file to a uint8 (C, H, W) array with Pillow.
+
+>>> import io; from PIL import Image
+>>> buf = io.BytesIO(); Image.new("RGB", (5, 3), (255, 0, 0)).save(buf, "PNG")
+>>> decode_image(buf.getvalue(), "RGB", None).shape
+(3, 3, 5)
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# Pillow modes that hold one grey channel; everything else is decoded as RGB.
+_GREY_MODES = ("1", "L", "I", "I;16", "F")
+
+
+def is_image_name(name: str) -> bool:
+    """True for an image file name (by extension), false for hidden files like macOS '._x.jpg'."""
+    base = name.rsplit("/", 1)[-1]
+    return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def probe_image(data: bytes) -> tuple[str, tuple[int, int]]:
+    """(mode "L" or "RGB", (height, width)) from the header only, without decoding pixels."""
+    with Image.open(io.BytesIO(data)) as img:
+        mode = "L" if img.mode in _GREY_MODES else "RGB"
+        return mode, (img.height, img.width)
+
+
+def decode_image(data: bytes, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+    """Decode to uint8 (C, H, W) in `mode` ("L" or "RGB"), resized (bilinear) to `size` if given."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert(mode)
+        if size is not None and (img.height, img.width) != tuple(size):
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+        array = np.asarray(img, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)

@@ -1,0 +1,173 @@
+"""The "imagefolder" dataset: <split>/<class>/<image> in a folder or a .tar/.tar.gz archive.
+
+Splits: train/ is required; test/ is the test split (val/ is taken instead when there is no
+test/, as in ImageNet's layout); with neither, 20 % of every class is carved out as test with
+a fixed seed. Class labels are the sorted class-folder names of train/. A common top folder
+(e.g. "cifar10/train/...") is fine. Images are decoded with Pillow to grey or RGB (from the
+first image's mode) and, with `image_size`, resized to a square.
+
+Small sets are decoded once into uint8 arrays and cached (see cache.py); a set whose decoded
+size would pass MAX_IN_MEMORY_BYTES is streamed from the folder by a DataLoader instead.
+
+>>> arrays = load_imagefolder(DataConfig(name="imagefolder", root="../shared/data/cifar10-jpg.tar.gz"))  # doctest: +SKIP
+>>> arrays.train_x.shape, arrays.class_names[:2]  # doctest: +SKIP
+((50000, 3, 32, 32), ['airplane', 'automobile'])
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+import warnings
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import ConfigError
+from .cache import cache_key, load_cached, save_cached, source_state
+from .config import DataConfig
+from .decode import decode_image, is_image_name, probe_image
+from .errors import DataError
+from .registry import DATASETS, DatasetSpec
+from .sources import TEST_SPLIT_SEED, ImageArrays, ImageFiles, stratified_carve
+
+MAX_IN_MEMORY_BYTES = 2 * 1024**3
+CARVED_TEST_FRACTION = 0.2
+LAYOUT_HELP = "expected <root>/train/<class>/<image> (and optionally test/<class>/<image>)"
+
+# entries[split][class] = list of (name, payload); payload is bytes (archive) or a file path.
+Entries = dict[str, dict[str, list[tuple[str, object]]]]
+
+
+def load_imagefolder(cfg: DataConfig) -> ImageArrays | ImageFiles:
+    """Read the image folder or archive at cfg.root; decoded arrays come from the cache when fresh."""
+    if cfg.root is None:
+        raise ConfigError(f"dataset 'imagefolder' needs root= a folder or .tar/.tar.gz archive; {LAYOUT_HELP}")
+    path = Path(cfg.root).expanduser()
+    if not path.exists():
+        raise DataError(f"image folder {str(path)!r} does not exist; {LAYOUT_HELP}")
+    if path.is_file() and not tarfile.is_tarfile(path):
+        raise DataError(f"{str(path)!r} is not a .tar/.tar.gz archive; pass a folder or an archive; {LAYOUT_HELP}")
+    key = cache_key(path, source_state(path), {"image_size": cfg.image_size})
+    cached = load_cached(key)
+    if cached is not None:
+        return cached
+    entries = _read_archive(path) if path.is_file() else _list_folder(path)
+    class_names, train, test = _organise(entries, path)
+    mode, size = _probe(train[0][1])
+    shape = (1 if mode == "L" else 3, *((cfg.image_size,) * 2 if cfg.image_size else size))
+    total_bytes = (len(train) + len(test or [])) * int(np.prod(shape))
+    if total_bytes > MAX_IN_MEMORY_BYTES:
+        if path.is_file():
+            raise DataError(
+                f"{str(path)!r} decodes to {total_bytes / 1e9:.1f} GB, more than fits in memory here; "
+                "extract it and pass the folder as root so that images are streamed from disk"
+            )
+        return _as_files(class_names, train, test, shape, resize=cfg.image_size is not None)
+    arrays = _decode_all(class_names, train, test, mode, shape, resize=cfg.image_size is not None)
+    try:
+        save_cached(key, arrays)
+    except OSError as err:  # a read-only or full disk costs speed next time, not this load
+        warnings.warn(f"could not write the decoded-image cache ({err}); set PRUNEKIT_CACHE to a writable folder")
+    return arrays
+
+
+def _read_archive(path: Path) -> Entries:
+    # One sequential pass: a .tar.gz cannot seek cheaply, so bytes are read as members stream by.
+    entries: Entries = defaultdict(lambda: defaultdict(list))
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) >= 3 and is_image_name(member.name):
+                data = tar.extractfile(member).read()
+                entries[parts[-3]][parts[-2]].append((member.name, data))
+    return entries
+
+
+def _list_folder(path: Path) -> Entries:
+    entries: Entries = defaultdict(lambda: defaultdict(list))
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            parts = Path(os.path.relpath(full, path)).parts
+            if len(parts) >= 3 and is_image_name(name):
+                entries[parts[-3]][parts[-2]].append((full, full))
+    return entries
+
+
+def _organise(entries: Entries, path: Path) -> tuple[list[str], list, list | None]:
+    """(class names, train [(label, payload)], test [(label, payload)] or None), sorted by name."""
+    if "train" not in entries:
+        found = ", ".join(sorted(entries)) or "no images"
+        raise DataError(f"{str(path)!r} has no train/ split (found: {found}); {LAYOUT_HELP}")
+    class_names = sorted(entries["train"])
+    test_split = "test" if "test" in entries else "val" if "val" in entries else None
+    if test_split is not None:
+        unknown = sorted(set(entries[test_split]) - set(class_names))
+        if unknown:
+            raise DataError(f"{test_split}/ of {str(path)!r} has classes missing from train/: {', '.join(unknown)}")
+
+    def labelled(split: str) -> list[tuple[int, object]]:
+        items = []
+        for label, name in enumerate(class_names):
+            items += [(label, payload) for _, payload in sorted(entries[split].get(name, []), key=lambda e: e[0])]
+        return items
+
+    return class_names, labelled("train"), labelled(test_split) if test_split else None
+
+
+def _probe(payload: object) -> tuple[str, tuple[int, int]]:
+    try:
+        return probe_image(_payload_bytes(payload))
+    except OSError as err:
+        raise DataError(f"cannot read the first train image with Pillow: {err}") from None
+
+
+def _payload_bytes(payload: object) -> bytes:
+    return payload if isinstance(payload, bytes) else Path(payload).read_bytes()
+
+
+def _decode_all(class_names: list[str], train: list, test: list | None, mode: str,
+                shape: tuple[int, int, int], resize: bool) -> ImageArrays:
+    size = shape[1:] if resize else None
+
+    def decode(item: tuple[int, object]) -> np.ndarray:
+        array = decode_image(_payload_bytes(item[1]), mode, size)
+        if array.shape != shape:
+            name = item[1] if isinstance(item[1], str) else "an image"
+            raise DataError(f"{name} decodes to {array.shape}, the first image to {shape}; set image_size to resize all")
+        return array
+
+    def stack(items: list) -> tuple[np.ndarray, np.ndarray]:
+        x = np.empty((len(items), *shape), dtype=np.uint8)
+        # Pillow releases the GIL while decoding, so threads share the work without pickling.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for i, array in enumerate(pool.map(decode, items)):
+                x[i] = array
+        return x, np.array([label for label, _ in items], dtype=np.int64)
+
+    train_x, train_y = stack(train)
+    if test is not None:
+        test_x, test_y = stack(test)
+        return ImageArrays(train_x, train_y, test_x, test_y, class_names)
+    kept, held = stratified_carve(train_y, CARVED_TEST_FRACTION, TEST_SPLIT_SEED)
+    return ImageArrays(train_x[kept], train_y[kept], train_x[held], train_y[held], class_names)
+
+
+def _as_files(class_names: list[str], train: list, test: list | None, shape: tuple[int, int, int],
+              resize: bool) -> ImageFiles:
+    files = [str(p) for _, p in train]
+    labels = np.array([label for label, _ in train], dtype=np.int64)
+    if test is not None:
+        test_files, test_y = [str(p) for _, p in test], np.array([label for label, _ in test], dtype=np.int64)
+    else:
+        kept, held = stratified_carve(labels, CARVED_TEST_FRACTION, TEST_SPLIT_SEED)
+        test_files, test_y = [files[i] for i in held], labels[held]
+        files, labels = [files[i] for i in kept], labels[kept]
+    return ImageFiles(files, labels, test_files, test_y, class_names, shape, resize)
+
+
+DATASETS.register(
+    "imagefolder", DatasetSpec(load_imagefolder, "<split>/<class>/<image> folder or .tar/.tar.gz", crop=True, flip=True)
+)

@@ -1,0 +1,236 @@
+"""Training checkpoints that resume exactly, and seeds that make CPU runs reproducible.
+
+A checkpoint is one file, `<ckpt_dir>/last.pt`, written at the end of every epoch. It is made
+with `torch.save` but holds only plain content (tensors, dicts, lists, strings, numbers), so it
+loads with `torch.load(..., weights_only=True)`, which never runs pickled code:
+
+    format, format_version      "prunekit.train_checkpoint", 1
+    epoch                       the last completed epoch (0-based)
+    steps_per_epoch             len(train_loader) when it was written
+    model, optimizer, scheduler their state_dicts
+    hooks                       {str(index): hook.state_dict()} for hooks that define it
+    rng                         torch CPU (+ CUDA) generator states, numpy's, python's
+    meta_json                   JSON text: {"cfg": TrainConfig.to_dict(), "history": [...]}
+
+Hook state: a hook that has both `state_dict()` and `load_state_dict(state)` is saved under its
+index in the `hooks` list and restored on resume, so pass the hooks in the same order. Its state
+must be plain content too (tensors, numbers, strings, lists, dicts); anything else is refused at
+save time with a CheckpointError.
+
+Writes are atomic: the file is written to a temporary name in the same directory and moved over
+`last.pt` with `os.replace`, so a crash leaves either the old or the new checkpoint, never half.
+
+>>> seed_everything(0); a = torch.rand(2)
+>>> seed_everything(0); b = torch.rand(2)
+>>> torch.equal(a, b)
+True
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.errors import CheckpointError
+
+FORMAT = "prunekit.train_checkpoint"
+FORMAT_VERSION = 1
+CHECKPOINT_NAME = "last.pt"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python `random`, numpy and torch (CPU and every CUDA device) with `seed`."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The state of every global random generator, as plain tensors and numbers."""
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached": float(np_cached)},
+        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
+                   "gauss": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Put back generator states from `capture_rng_state` (CUDA only when the device count matches)."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def checkpoint_path(ckpt_dir: str | os.PathLike[str]) -> Path:
+    """Where `train` keeps the latest checkpoint of a run."""
+    return Path(ckpt_dir) / CHECKPOINT_NAME
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        # Same directory, hence same filesystem: os.replace is an atomic rename.
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike[str], *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, epoch: int, steps_per_epoch: int, hooks: Sequence[Any],
+                    cfg: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """Write the full training state after `epoch` atomically to `path`."""
+    hook_states = {}
+    for i, hook in enumerate(hooks):
+        if _has_state(hook):
+            state = hook.state_dict()
+            _check_plain(state, f"hooks[{i}] ({type(hook).__name__}).state_dict()")
+            hook_states[str(i)] = state
+    payload = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "epoch": int(epoch), "steps_per_epoch": int(steps_per_epoch),
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "hooks": hook_states, "rng": capture_rng_state(),
+        "meta_json": json.dumps({"cfg": cfg, "history": history}),
+    }
+    atomic_torch_save(payload, path)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint with weights_only=True; CheckpointError if missing, corrupt or foreign.
+
+    The returned dict has the layout described in the module docstring, with `meta_json`
+    decoded into `cfg` and `history`. Nothing is applied to any model here.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; train without resume=True to start one")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 (zip, pickle and OS errors all mean "unreadable")
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not loadable with weights_only=True "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "delete it to restart the run, or point ckpt_dir at an intact one") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a prunekit training checkpoint; "
+                              "point ckpt_dir at a directory written by prunekit.engine.train")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {ckpt.get('format_version')!r}; "
+                              f"this prunekit reads version {FORMAT_VERSION}; restart the run")
+    missing = [k for k in ("epoch", "steps_per_epoch", "model", "optimizer", "scheduler",
+                           "hooks", "rng", "meta_json") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is damaged, delete it to restart")
+    try:
+        meta = json.loads(ckpt.pop("meta_json"))
+        ckpt["cfg"], ckpt["history"] = meta["cfg"], meta["history"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path} has an unreadable metadata block; delete it to restart") from None
+    return ckpt
+
+
+def check_compatible(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     hooks: Sequence[Any], cfg: dict[str, Any], steps_per_epoch: int,
+                     ignore_cfg: Sequence[str] = ()) -> None:
+    """Raise CheckpointError unless `ckpt` fits this model, optimizer, hooks, config and loader.
+
+    Runs before anything is loaded, so a refused checkpoint leaves the model untouched.
+    `ignore_cfg` names config fields that may differ (they do not change the computation).
+    """
+    diff = sorted(k for k in set(cfg) | set(ckpt["cfg"])
+                  if k not in ignore_cfg and cfg.get(k) != ckpt["cfg"].get(k))
+    if diff:
+        pairs = ", ".join(f"{k}: saved {ckpt['cfg'].get(k)!r} vs now {cfg.get(k)!r}" for k in diff)
+        raise CheckpointError(f"checkpoint was written with a different TrainConfig ({pairs}); "
+                              "resume with the same config or use a new ckpt_dir")
+    if ckpt["steps_per_epoch"] != steps_per_epoch:
+        raise CheckpointError(f"checkpoint has {ckpt['steps_per_epoch']} steps per epoch but the "
+                              f"train loader has {steps_per_epoch}; resume with the same data and batch size")
+    _check_model_state(ckpt["model"], model.state_dict())
+    saved_groups = ckpt["optimizer"].get("param_groups", [])
+    sizes_now = [len(g["params"]) for g in optimizer.param_groups]
+    if [len(g["params"]) for g in saved_groups] != sizes_now:
+        raise CheckpointError("checkpoint optimizer has different parameter groups than this model's; "
+                              "resume with the same model and optimizer settings")
+    stateful = {str(i) for i, h in enumerate(hooks) if _has_state(h)}
+    if set(ckpt["hooks"]) != stateful:
+        raise CheckpointError(f"checkpoint holds state for hooks {sorted(ckpt['hooks'])} but the hooks "
+                              f"with state_dict now are {sorted(stateful)}; pass the same hooks in the same order")
+
+
+def restore_checkpoint(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       scheduler: Any, hooks: Sequence[Any]) -> None:
+    """Load model, optimizer, scheduler, hook and RNG states (call `check_compatible` first)."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    for key, state in ckpt["hooks"].items():
+        hooks[int(key)].load_state_dict(state)
+    restore_rng_state(ckpt["rng"])
+
+
+def _check_model_state(saved: dict[str, torch.Tensor], now: dict[str, torch.Tensor]) -> None:
+    missing, extra = sorted(set(now) - set(saved)), sorted(set(saved) - set(now))
+    if missing or extra:
+        raise CheckpointError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected "
+                              f"{extra[:5]}; resume with the model architecture the run started with")
+    bad = [f"{k}: saved {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
+           for k, v in now.items() if tuple(saved[k].shape) != tuple(v.shape)]
+    if bad:
+        raise CheckpointError(f"checkpoint shapes do not fit the model ({'; '.join(bad[:5])}); "
+                              "resume with the model architecture the run started with")
+
+
+def _has_state(hook: Any) -> bool:
+    return callable(getattr(hook, "state_dict", None)) and callable(getattr(hook, "load_state_dict", None))
+
+
+_PLAIN_SCALARS = (bool, int, float, str, type(None))
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    # weights_only loading accepts only these types; catching others here names the culprit at
+    # save time instead of producing a checkpoint that can never be loaded.
+    if isinstance(obj, (torch.Tensor,) + _PLAIN_SCALARS):
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise CheckpointError(f"{where}: key {k!r} is a {type(k).__name__}; use str or int keys")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise CheckpointError(f"{where} is a {type(obj).__name__}, which a weights_only checkpoint cannot "
+                          "hold; return tensors, numbers, strings, None and lists/dicts of them")

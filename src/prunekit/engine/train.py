@@ -1,0 +1,391 @@
+"""The training loop: plain on purpose, with methods plugging in through `Hook`s.
+
+One optimizer step, in this order:
+    forward -> loss = CE(label smoothing) + sum of hook.extra_loss(model, step) that are not None
+    -> backward -> hook.after_backward -> grad clipping (optional) -> optimizer.step
+    -> scheduler.step -> hook.on_step_end
+At the end of each epoch: evaluate on the validation loader, call hook.on_epoch_end(model, epoch,
+metrics) (hooks may add keys), append the metrics to the history, write a JSONL "epoch" record,
+save the checkpoint `<ckpt_dir>/last.pt` (see `prunekit.engine.checkpoint`).
+
+Hooks always receive the user's model (never the DDP or torch.compile wrapper). The step index
+passed to hooks is global: `epoch * len(train_loader) + batch_index`.
+
+Loaders are iterables of (x, y) batches with `len()`; batches may already sit on the device.
+A loader with `set_epoch(epoch)` is told the epoch before it is iterated (to reshuffle). Under
+torchrun every rank iterates the same loader of global batches and keeps its shard of each
+(see `prunekit.engine.distributed`).
+
+>>> from torch import nn
+>>> data = [(torch.randn(16, 4), torch.randint(0, 2, (16,)))]
+>>> result = train(nn.Linear(4, 2), data, data, TrainConfig(epochs=2, lr=0.1), progress=False)
+>>> len(result.history), sorted(result.final_metrics)[:3]
+(2, ['epoch', 'epoch_time_s', 'images_per_s'])
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.config import Config, check_choice, check_range
+from ..core.errors import ConfigError
+from .checkpoint import (check_compatible, checkpoint_path, load_checkpoint, restore_checkpoint,
+                         save_checkpoint, seed_everything)
+from .distributed import (DistContext, all_reduce_sums, broadcast_buffers, env_ranks, init_distributed,
+                          resolve_device, shard_batch, shutdown, wrap_model)
+from .evaluate import autocast_context, evaluate, to_device
+from .logging import MetricsLog, is_finite_number, to_plain
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle", "constant")
+# Metric keys that measure time: they differ between otherwise identical runs.
+TIMING_KEYS = ("train_time_s", "epoch_time_s", "images_per_s")
+# Config fields that may change between a run and its resume: they do not alter the numbers.
+RESUMABLE_CHANGES = ("log_every", "compile")
+# OneCycle as in Smith & Topin (2018): start at lr/25, peak at lr, end at lr/(25 * 1e4).
+_ONECYCLE_DIV, _ONECYCLE_FINAL_DIV, _ONECYCLE_DEFAULT_PCT = 25.0, 1e4, 0.3
+_HOOK_METHODS = ("extra_loss", "after_backward", "on_step_end", "on_epoch_end")
+
+
+@dataclass
+class TrainConfig(Config):
+    """How to train. `momentum`/`nesterov` apply to SGD only; `weight_decay` to all parameters.
+
+    `schedule` is per step: "cosine" (to 0), "onecycle" (lr/25 -> lr -> lr/2.5e5, cosine both
+    ways; its rise lasts `warmup_epochs`, or 30% of training when that is 0; momentum is not
+    cycled) or "constant". `warmup_epochs` (may be fractional) is a linear ramp for "cosine" and
+    "constant". `bf16` autocasts on CUDA and is ignored with a note on CPU. `log_every` writes a
+    JSONL "step" record every that many steps (0: never) with the loss of this process's batch
+    (rank 0's shard under torchrun).
+
+    >>> TrainConfig(epochs=3, schedule="onecycle", label_smoothing=0.1).schedule
+    'onecycle'
+    """
+
+    epochs: int = 10
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    grad_clip: float | None = None
+    log_every: int = 50
+
+    def validate(self) -> None:
+        _check_int("epochs", self.epochs, 1)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_range("lr", self.lr, 0.0, math.inf, lo_open=True)
+        check_range("momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        check_range("weight_decay", self.weight_decay, 0.0, math.inf)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_range("warmup_epochs", self.warmup_epochs, 0.0, self.epochs)
+        if self.schedule != "constant" and self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"warmup_epochs={self.warmup_epochs} leaves no epoch for the "
+                              f"{self.schedule} decay; use warmup_epochs < epochs={self.epochs}")
+        check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
+        for name in ("nesterov", "bf16", "channels_last", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+        _check_int("seed", self.seed, 0)
+        if self.grad_clip is not None:
+            check_range("grad_clip", self.grad_clip, 0.0, math.inf, lo_open=True)
+        _check_int("log_every", self.log_every, 0)
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ConfigError("nesterov=true needs optimizer='sgd' with momentum > 0; "
+                              "set nesterov=false or give SGD a momentum")
+
+
+def _check_int(name: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(f"{name}={value!r} is invalid; use an integer >= {lo}")
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns. `history[i]` is epoch i's metrics (as in the JSONL "epoch" record);
+    `best_val_acc`/`best_epoch` are None without a validation loader; `start_epoch` > 0 means
+    the run resumed from a checkpoint; `notes` lists remarks such as an ignored bf16 flag."""
+
+    history: list[dict[str, Any]]
+    best_val_acc: float | None
+    best_epoch: int | None
+    final_metrics: dict[str, Any]
+    start_epoch: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW over the model's trainable parameters, as `cfg` says."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters; unfreeze some before training")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of `cfg.lr` for optimizer step `step` (0-based) under `cfg.schedule`.
+
+    >>> cfg = TrainConfig(epochs=2, schedule="cosine")
+    >>> [round(lr_factor(cfg, s, 2), 3) for s in range(4)]
+    [1.0, 0.854, 0.5, 0.146]
+    """
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        pct = cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs > 0 else _ONECYCLE_DEFAULT_PCT
+        rise = min(max(round(pct * total), 1), total - 1) if total > 1 else 0
+        low, end = 1.0 / _ONECYCLE_DIV, 1.0 / (_ONECYCLE_DIV * _ONECYCLE_FINAL_DIV)
+        if step < rise:
+            return _cos_interp(low, 1.0, step / rise)
+        return _cos_interp(1.0, end, min((step - rise) / max(total - rise, 1), 1.0))
+    warm = round(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        warm = min(warm, total - 1)
+    if step < warm:
+        return (step + 1) / warm  # linear ramp reaching the full lr on the last warm-up step
+    if cfg.schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min((step - warm) / (total - warm), 1.0)))
+
+
+def _cos_interp(start: float, stop: float, t: float) -> float:
+    return stop + (start - stop) * (1.0 + math.cos(math.pi * t)) / 2.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step LambdaLR following `lr_factor`; its state_dict holds only plain numbers."""
+    def factor(step: int) -> float:
+        return lr_factor(cfg, step, steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class _Run:
+    """The state of one `train` call: model, wrapped net, optimizer, scheduler, hooks, log."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, hooks: list[Any], device: torch.device,
+                 ctx: DistContext, steps_per_epoch: int, log: MetricsLog, progress: bool):
+        self.model, self.cfg, self.hooks, self.device, self.ctx = model, cfg, hooks, device, ctx
+        self.steps_per_epoch, self.log = steps_per_epoch, log
+        self.show_progress = progress and ctx.is_main and sys.stderr.isatty()
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.net: nn.Module = model
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+
+    def wrap(self) -> None:
+        """DDP, then torch.compile (the order PyTorch recommends); after any resume."""
+        self.net = wrap_model(self.model, self.ctx, self.device)
+        if self.cfg.compile:
+            self.net = torch.compile(self.net)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimizer step on a global batch; returns (CE sum, #correct, #samples) of this shard."""
+        cfg, model = self.cfg, self.model
+        global_n = y.shape[0]
+        x = shard_batch(to_device(x, self.device, cfg.channels_last), self.ctx)
+        y = shard_batch(to_device(y, self.device), self.ctx)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast_context(self.device, cfg.bf16):
+            logits = self.net(x)
+        ce_sum = F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=cfg.label_smoothing)
+        # DDP averages gradients over ranks, so scaling the shard's sum by world/global_n makes
+        # the update that of the mean loss over the whole global batch.
+        loss = ce_sum * (self.ctx.world_size / global_n)
+        for hook in self.hooks:
+            extra = hook.extra_loss(model, step)
+            if extra is not None:
+                loss = loss + extra
+        loss.backward()
+        for hook in self.hooks:
+            hook.after_backward(model, step)
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        for hook in self.hooks:
+            hook.on_step_end(model, step)
+        return ce_sum.detach(), (logits.detach().argmax(dim=1) == y).sum(), y.numel()
+
+    def train_epoch(self, loader: Iterable[Any], epoch: int) -> dict[str, Any]:
+        """All steps of one epoch; returns train loss/accuracy summed over ranks and timings."""
+        if callable(getattr(loader, "set_epoch", None)):
+            loader.set_epoch(epoch)
+        self.net.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        n, t0 = 0, time.perf_counter()
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+                   disable=not self.show_progress, leave=False)
+        with bar:
+            for i, (x, y) in enumerate(loader):
+                step = epoch * self.steps_per_epoch + i
+                ce, hits, k = self.step(x, y, step)
+                loss_sum += ce.double()
+                correct += hits
+                n += k
+                bar.update(1)
+                if self.cfg.log_every and (step + 1) % self.cfg.log_every == 0:
+                    # .item() synchronises the device: done only every log_every steps.
+                    batch_loss = ce.item() / max(k, 1)
+                    self.log.write("step", epoch=epoch, step=step, loss=batch_loss, lr=self.last_lr)
+                    bar.set_postfix(loss=f"{batch_loss:.4f}")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        train_time = time.perf_counter() - t0
+        loss_total, correct_total, n_total = all_reduce_sums([loss_sum, correct, n], self.ctx, self.device)
+        return {"train_loss": loss_total / max(n_total, 1), "train_acc": correct_total / max(n_total, 1),
+                "train_n": int(n_total), "train_time_s": train_time,
+                "images_per_s": n_total / train_time if train_time > 0 else None}
+
+    def run_epoch(self, train_loader: Iterable[Any], val_loader: Iterable[Any] | None,
+                  epoch: int) -> dict[str, Any]:
+        """Train one epoch, evaluate, let hooks add metrics; returns the epoch's record."""
+        t0 = time.perf_counter()
+        metrics: dict[str, Any] = {"epoch": epoch}
+        metrics.update(self.train_epoch(train_loader, epoch))
+        metrics["lr"] = self.last_lr
+        if val_loader is not None:
+            broadcast_buffers(self.model, self.ctx)
+            val = evaluate(self.model, val_loader, self.device, bf16=self.cfg.bf16,
+                           channels_last=self.cfg.channels_last, distributed=self.ctx.enabled)
+            metrics.update(val_loss=val["loss"], val_acc=val["acc"], val_n=val["n"])
+        for hook in self.hooks:
+            hook.on_epoch_end(self.model, epoch, metrics)
+        metrics["epoch_time_s"] = time.perf_counter() - t0
+        return to_plain(metrics)
+
+    def resume(self, ckpt_dir: str | os.PathLike[str], notes: list[str]) -> tuple[int, list[dict[str, Any]]]:
+        """Restore the last checkpoint in `ckpt_dir`; returns (first epoch to run, history)."""
+        path = checkpoint_path(ckpt_dir)
+        if not path.exists():
+            notes.append(f"resume=True but {path} does not exist; starting from epoch 0")
+            return 0, []
+        ckpt = load_checkpoint(path)
+        check_compatible(ckpt, model=self.model, optimizer=self.optimizer, hooks=self.hooks,
+                         cfg=self.cfg.to_dict(), steps_per_epoch=self.steps_per_epoch,
+                         ignore_cfg=RESUMABLE_CHANGES)
+        restore_checkpoint(ckpt, model=self.model, optimizer=self.optimizer,
+                           scheduler=self.scheduler, hooks=self.hooks)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        return int(ckpt["epoch"]) + 1, list(ckpt["history"])
+
+
+def train(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[Any] | None,
+          cfg: TrainConfig, hooks: Sequence[Any] = (), ckpt_dir: str | os.PathLike[str] | None = None,
+          log_path: str | os.PathLike[str] | None = None, device: str | torch.device | None = None,
+          progress: bool = True, resume: bool = False) -> TrainResult:
+    """Train `model` in place for `cfg.epochs` epochs and return its per-epoch history.
+
+    `hooks` are `Hook` objects (see `prunekit.engine.hooks`); `ckpt_dir` receives `last.pt`
+    after every epoch; `log_path` receives JSONL records; `device` defaults to CUDA (the local
+    rank's GPU under torchrun) when available. With `resume=True` training continues after the
+    last completed epoch saved in `ckpt_dir` (a missing checkpoint starts from epoch 0, noted);
+    on CPU the outcome equals that of an uninterrupted run. A hook with `state_dict()` and
+    `load_state_dict()` is checkpointed under its index in `hooks`: resume with the same hooks
+    in the same order. The model, optimizer, scheduler, config and loader length must match the
+    checkpoint, else CheckpointError (the model is left untouched).
+
+    >>> data = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
+    >>> train(nn.Linear(3, 2), data, None, TrainConfig(epochs=1), progress=False).best_val_acc is None
+    True
+    """
+    hooks = _check_inputs(cfg, train_loader, hooks, ckpt_dir, resume)
+    _, _, local_rank = env_ranks()
+    device = resolve_device(device, local_rank)
+    ctx = init_distributed(device)
+    try:
+        return _train(model, train_loader, val_loader, cfg, hooks, ckpt_dir, log_path, device, ctx,
+                      progress, resume)
+    finally:
+        shutdown(ctx)
+
+
+def _train(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig, hooks: list[Any],
+           ckpt_dir: Any, log_path: Any, device: torch.device, ctx: DistContext, progress: bool,
+           resume: bool) -> TrainResult:
+    seed_everything(cfg.seed)
+    notes = []
+    if cfg.bf16 and device.type != "cuda":
+        notes.append(f"bf16=True ignored on {device.type}: autocast is used on CUDA only")
+        warnings.warn(notes[-1], stacklevel=3)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    with MetricsLog(log_path, enabled=ctx.is_main) as log:
+        run = _Run(model, cfg, hooks, device, ctx, len(train_loader), log, progress)
+        start, history = run.resume(ckpt_dir, notes) if resume else (0, [])
+        run.wrap()
+        for note in notes:
+            log.write("note", message=note)
+        if start > 0:
+            log.write("resume", from_epoch=start)
+        for epoch in range(start, cfg.epochs):
+            metrics = run.run_epoch(train_loader, val_loader, epoch)
+            history.append(metrics)
+            log.write("epoch", **metrics)
+            if run.show_progress:
+                tqdm.write(_summary_line(metrics, cfg.epochs))
+            if ckpt_dir is not None and ctx.is_main:
+                save_checkpoint(checkpoint_path(ckpt_dir), model=model, optimizer=run.optimizer,
+                                scheduler=run.scheduler, epoch=epoch, steps_per_epoch=run.steps_per_epoch,
+                                hooks=hooks, cfg=cfg.to_dict(), history=history)
+    return _result(history, notes, start)
+
+
+def _summary_line(m: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {m['epoch'] + 1}/{epochs}", f"train_loss {m['train_loss']:.4f}",
+             f"train_acc {m['train_acc']:.4f}"]
+    if "val_acc" in m:
+        parts += [f"val_loss {m['val_loss']:.4f}", f"val_acc {m['val_acc']:.4f}"]
+    return "  ".join(parts + [f"lr {m['lr']:.3g}", f"{m['epoch_time_s']:.1f} s"])
+
+
+def _result(history: list[dict[str, Any]], notes: list[str], start: int) -> TrainResult:
+    scored = [(h["val_acc"], h["epoch"]) for h in history if is_finite_number(h.get("val_acc"))]
+    # Earliest epoch wins a tie: max() over (acc, -epoch).
+    best = max(scored, key=lambda t: (t[0], -t[1])) if scored else (None, None)
+    return TrainResult(history=history, best_val_acc=best[0], best_epoch=best[1],
+                       final_metrics=dict(history[-1]) if history else {}, start_epoch=start, notes=notes)
+
+
+def _check_inputs(cfg: Any, train_loader: Any, hooks: Sequence[Any], ckpt_dir: Any, resume: bool) -> list[Any]:
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"cfg must be a TrainConfig, got {type(cfg).__name__}; build one with TrainConfig(...)")
+    try:
+        n = len(train_loader)
+    except TypeError:
+        raise ConfigError(f"train_loader ({type(train_loader).__name__}) has no len(); "
+                          "pass a sized iterable of (x, y) batches") from None
+    if n == 0:
+        raise ConfigError("train_loader has no batches; give it at least one (x, y) batch")
+    hooks = list(hooks)
+    for i, hook in enumerate(hooks):
+        missing = [m for m in _HOOK_METHODS if not callable(getattr(hook, m, None))]
+        if missing:
+            raise ConfigError(f"hooks[{i}] ({type(hook).__name__}) lacks {', '.join(missing)}; "
+                              "subclass prunekit.engine.hooks.Hook")
+    if resume and ckpt_dir is None:
+        raise ConfigError("resume=True needs ckpt_dir (the directory holding last.pt)")
+    return hooks

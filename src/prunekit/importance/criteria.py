@@ -1,0 +1,163 @@
+"""Channel importance: a criterion maps a Group to one score per channel (higher = keep).
+
+A criterion is a callable `criterion(group, ctx) -> Tensor (group.size,)`. Most criteria score
+each member tensor separately (the conv's filters, the BN's gammas, the next layer's input
+slices) and then combine members with one shared reduction (`reduce_members`): that is the
+"group-level" importance of DepGraph, written once for all criteria.
+
+Data-dependent criteria read `ctx`: gradients (`ctx.gradients()`, accumulated over
+`ctx.batches`) or activation statistics streamed over the loader (`ctx.activation_stats(group)`,
+per channel and per class), which later, evolved criteria build on.
+
+>>> import torch, torch.nn as nn
+>>> from prunekit.graph import build_graph
+>>> m = nn.Sequential(nn.Conv2d(1, 3, 1, bias=False), nn.Conv2d(3, 1, 1, bias=False))
+>>> m[0].weight.data = torch.tensor([1., 3., 2.]).view(3, 1, 1, 1); _ = m[1].weight.data.fill_(1.0)
+>>> g = build_graph(m, torch.randn(1, 1, 2, 2)).group("0")
+>>> CRITERIA.get("l1")(g, ScoreContext(m)).tolist()
+[1.0, 2.0, 1.5]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..core.errors import ConfigError
+from ..core.registry import Registry
+from ..graph import Group
+
+Criterion = Callable[[Group, "ScoreContext"], torch.Tensor]
+CRITERIA: Registry[Criterion] = Registry("criterion")
+REDUCTIONS = ("mean", "sum", "max")
+
+
+@dataclass
+class ScoreContext:
+    """What a criterion may look at: the model, optional data, and settings."""
+
+    model: nn.Module
+    batches: Iterable | None = None  # iterable of (x, y); needed by data-dependent criteria
+    reduction: str = "mean"
+    seed: int = 0
+    loss_fn: Callable = nn.functional.cross_entropy
+    _grads: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def tensor(self, module: str, name: str) -> torch.Tensor:
+        return getattr(self.model.get_submodule(module), name).detach()
+
+    def require_batches(self, who: str) -> Iterable:
+        if self.batches is None:
+            raise ConfigError(f"criterion {who!r} needs data: pass batches (an iterable of (inputs, targets))")
+        return self.batches
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """Sum of loss gradients of every parameter over `batches` (computed once, cached)."""
+        if self._grads is None:
+            params = dict(self.model.named_parameters())
+            grads = {n: torch.zeros_like(p) for n, p in params.items()}
+            was = self.model.training
+            self.model.eval()
+            for x, y in self.require_batches("taylor"):
+                self.model.zero_grad(set_to_none=True)
+                self.loss_fn(self.model(x), y).backward()
+                for n, p in params.items():
+                    if p.grad is not None:
+                        grads[n] += p.grad.detach()
+            self.model.zero_grad(set_to_none=True)
+            self.model.train(was)
+            self._grads = grads
+        return self._grads
+
+
+def per_channel(values: torch.Tensor, member, size: int, reduce: str = "sum") -> torch.Tensor:
+    """Collapse a member tensor to one number per group channel.
+
+    `values` has the member tensor's shape; positions along `member.dim` map to channels via
+    `member.channel` (several positions may share a channel: the H*W columns of a Linear after a
+    flatten). Other dims are summed (or max-ed).
+    """
+    flat = values.movedim(member.dim, 0).reshape(values.shape[member.dim], -1)
+    row = flat.sum(1) if reduce == "sum" else flat.amax(1)
+    sel = member.channel >= 0
+    out = torch.zeros(size, dtype=row.dtype)
+    return out.scatter_reduce_(0, member.channel[sel], row[sel], "sum" if reduce == "sum" else "amax")
+
+
+def reduce_members(scores: list[torch.Tensor], how: str) -> torch.Tensor:
+    """Combine per-member channel scores into group scores (mean, sum or max)."""
+    if not scores:
+        raise ConfigError("this group has no parameter to score; ignore it or use another criterion")
+    stack = torch.stack(scores)
+    if how == "mean":
+        return stack.mean(0)
+    if how == "sum":
+        return stack.sum(0)
+    if how == "max":
+        return stack.amax(0)
+    raise ConfigError(f"reduction={how!r} is not allowed; choose one of: {', '.join(REDUCTIONS)}")
+
+
+def _param_members(group: Group, ctx: ScoreContext, roles=("out", "in", "through")):
+    params = dict(ctx.model.named_parameters())
+    for m in group.tensor_members():
+        if m.role in roles and m.qualname in params:
+            yield m, params[m.qualname].detach()
+
+
+def _norm_criterion(p: float) -> Criterion:
+    def score(group: Group, ctx: ScoreContext) -> torch.Tensor:
+        parts = [per_channel(w.abs().pow(p), m, group.size) for m, w in _param_members(group, ctx)]
+        return reduce_members(parts, ctx.reduction).pow(1.0 / p)
+    return score
+
+
+def bn_scale(group: Group, ctx: ScoreContext) -> torch.Tensor:
+    """|gamma| of the group's normalisation layers (network slimming); L2 where a group has none."""
+    parts = [per_channel(w.abs(), m, group.size) for m, w in _param_members(group, ctx, ("through",))
+             if m.name == "weight" and isinstance(ctx.model.get_submodule(m.module), _NORMS)]
+    return reduce_members(parts, ctx.reduction) if parts else _norm_criterion(2.0)(group, ctx)
+
+
+def taylor(group: Group, ctx: ScoreContext) -> torch.Tensor:
+    """First-order Taylor: |sum over a channel's weights of w * dL/dw| (Molchanov et al.)."""
+    grads = ctx.gradients()
+    parts = [per_channel(w * grads[m.qualname], m, group.size).abs() for m, w in _param_members(group, ctx)]
+    return reduce_members(parts, ctx.reduction)
+
+
+def fpgm(group: Group, ctx: ScoreContext) -> torch.Tensor:
+    """Filter pruning via geometric median: channels far from all others are kept.
+
+    Each channel's producer filters are concatenated into one vector; score = sum of distances
+    to every other channel's vector (the geometric-median channel is the most redundant).
+    """
+    vecs = []
+    for m, w in _param_members(group, ctx, ("out",)):
+        if w.dim() < 2:
+            continue
+        rows = torch.zeros(group.size, w.numel() // w.shape[m.dim])
+        flat = w.movedim(m.dim, 0).reshape(w.shape[m.dim], -1)
+        sel = m.channel >= 0
+        rows.index_add_(0, m.channel[sel], flat[sel])
+        vecs.append(rows)
+    if not vecs:
+        return _norm_criterion(2.0)(group, ctx)
+    v = torch.cat(vecs, 1)
+    return torch.cdist(v, v).sum(1)
+
+
+def random_scores(group: Group, ctx: ScoreContext) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(ctx.seed + sum(map(ord, group.name)))
+    return torch.rand(group.size, generator=gen)
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+CRITERIA.register("l1", _norm_criterion(1.0))
+CRITERIA.register("l2", _norm_criterion(2.0))
+CRITERIA.register("bn_scale", bn_scale)
+CRITERIA.register("taylor", taylor)
+CRITERIA.register("fpgm", fpgm)
+CRITERIA.register("random", random_scores)

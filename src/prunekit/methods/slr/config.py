@@ -1,0 +1,201 @@
+"""SLR / ADMM config, and which weights it prunes (layer selection) with what projection.
+
+>>> cfg = SLRConfig(sparsity=0.7, epochs=2)
+>>> cfg.optimization, cfg.rho, cfg.initial_s, cfg.M, cfg.r
+('slr', 0.1, 0.01, 300, 0.1)
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Union
+
+from torch import Tensor, nn
+
+from ...core.config import Config, check_choice, check_range
+from ...core.errors import ConfigError, PruningError
+from ...surgery.projections import PROJECTIONS, global_irregular_masks, projection_mask
+
+__all__ = ["SLRConfig", "ProjectionSpec", "resolve_targets"]
+
+# Kinds whose sparsity is fixed by the kind itself (nm: 1 - n/m; pattern: 4/9).
+FIXED_SPARSITY_KINDS = ("nm", "pattern")
+
+
+@dataclass
+class SLRConfig(Config):
+    """SLR (surrogate Lagrangian relaxation) or its ADMM baseline; defaults from the reference code.
+
+    optimization:   "slr" (adaptive step s and accept/reject checks) or "admm" (U += W - Z).
+    sparsity_type:  a projection kind (surgery.projections.PROJECTIONS).
+    sparsity:       float in [0, 1) for every selected layer, or {module name: float}; must be
+                    None for "nm" (1 - n/m) and "pattern" (4/9).
+    layers:         module names or fnmatch patterns whose `weight` is pruned; None = every
+                    Conv1d/2d/3d except the first one in definition order (the reference pruned
+                    all convs but the stem; it also left out 1x1 shortcut convs, which only
+                    exist in some ResNets); for "pattern" only the 3x3 ones. Must be None
+                    when `sparsity` is a dict.
+    scope:          "layer" (each tensor projected alone) or "global" (irregular only: one
+                    magnitude threshold across all selected tensors).
+    n, m:           N:M group for sparsity_type "nm".
+    rho, initial_s, M, r: penalty weight, initial SLR step, and the alpha^k schedule
+                    alpha = 1 - 1/(M k^(1 - 1/k^r)).
+    epochs:         training epochs with the penalty; admm_every: epochs between Z/U updates.
+    clone_previous: True keeps consistent SLR bookkeeping: W_prev is a clone and the loss f
+                    compared in the checks belongs to the stored iterate. False reproduces the
+                    reference code: W_prev aliases the live weights (so ||W_prev - Z_prev|| =
+                    ||W - Z_prev|| and check 1 reduces to a loss comparison), and f_prev is the
+                    previous update's loss.
+    recalibrate_bn, recalibrate_batches: recompute BN statistics after hard pruning.
+    retrain_epochs: masked retraining epochs after hard pruning (fresh optimizer).
+    """
+
+    optimization: str = "slr"
+    sparsity_type: str = "irregular"
+    sparsity: Union[float, dict, None] = None
+    layers: Union[list, None] = None
+    scope: str = "layer"
+    n: int = 2
+    m: int = 4
+    rho: float = 0.1
+    initial_s: float = 0.01
+    M: float = 300
+    r: float = 0.1
+    epochs: int = 100
+    admm_every: int = 1
+    clone_previous: bool = True
+    recalibrate_bn: bool = False
+    recalibrate_batches: int = 50
+    retrain_epochs: int = 0
+
+    def validate(self) -> None:
+        check_choice("optimization", self.optimization, ("slr", "admm"))
+        check_choice("sparsity_type", self.sparsity_type, PROJECTIONS.list())
+        check_choice("scope", self.scope, ("layer", "global"))
+        self._validate_sparsity()
+        if self.layers is not None:
+            if isinstance(self.sparsity, dict):
+                raise ConfigError("give either layers with a float sparsity, or a {module: sparsity} dict, not both")
+            if not isinstance(self.layers, (list, tuple)) or not self.layers or not all(
+                isinstance(x, str) for x in self.layers
+            ):
+                raise ConfigError(f"layers={self.layers!r} must be a non-empty list of module names or patterns")
+        if self.scope == "global" and (self.sparsity_type != "irregular" or isinstance(self.sparsity, dict)):
+            raise ConfigError("scope='global' needs sparsity_type='irregular' and one float sparsity")
+        for name in ("n", "m", "epochs", "admm_every", "recalibrate_batches", "retrain_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"{name}={v!r} must be an integer")
+        if not 1 <= self.n < self.m:
+            raise ConfigError(f"n={self.n}, m={self.m}: N:M needs 1 <= n < m (e.g. 2 and 4)")
+        check_range("rho", self.rho, 0.0, float("inf"), lo_open=True)
+        check_range("initial_s", self.initial_s, 0.0, float("inf"), lo_open=True)
+        check_range("M", self.M, 1.0, float("inf"))
+        check_range("r", self.r, 0.0, float("inf"), lo_open=True)
+        check_range("epochs", self.epochs, 0, float("inf"))
+        check_range("admm_every", self.admm_every, 1, float("inf"))
+        check_range("recalibrate_batches", self.recalibrate_batches, 1, float("inf"))
+        check_range("retrain_epochs", self.retrain_epochs, 0, float("inf"))
+        for name in ("clone_previous", "recalibrate_bn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false")
+
+    def _validate_sparsity(self) -> None:
+        s = self.sparsity
+        if self.sparsity_type in FIXED_SPARSITY_KINDS:
+            if s is not None:
+                fixed = "1 - n/m" if self.sparsity_type == "nm" else "4/9"
+                raise ConfigError(
+                    f"sparsity_type {self.sparsity_type!r} fixes the sparsity at {fixed}; set sparsity to null"
+                )
+            return
+        if s is None:
+            raise ConfigError(
+                f"sparsity_type {self.sparsity_type!r} needs sparsity: a float in [0, 1) or {{module: float}}"
+            )
+        values = s.values() if isinstance(s, dict) else [s]
+        if isinstance(s, dict) and (not s or not all(isinstance(k, str) for k in s)):
+            raise ConfigError("a sparsity dict must map module names (strings) to floats and not be empty")
+        for v in values:
+            check_range("sparsity", v, 0.0, 1.0, hi_open=True)
+
+
+@dataclass
+class ProjectionSpec:
+    """What to project: {param name: sparsity or None}, the kind, scope and kind options.
+
+    `masks(tensors)` maps {param name: tensor} to {param name: bool mask}; `project` to W * mask.
+    """
+
+    kind: str
+    sparsities: dict = field(default_factory=dict)
+    scope: str = "layer"
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: SLRConfig, targets: dict) -> "ProjectionSpec":
+        options = {"n": config.n, "m": config.m} if config.sparsity_type == "nm" else {}
+        return cls(config.sparsity_type, dict(targets), config.scope, options)
+
+    def masks(self, tensors: dict) -> dict:
+        missing = sorted(set(self.sparsities) - set(tensors))
+        if missing:
+            raise PruningError(f"no tensor given for {', '.join(missing)}")
+        names = list(self.sparsities)
+        if self.scope == "global":
+            sparsity = next(iter(self.sparsities.values()))
+            return dict(zip(names, global_irregular_masks([tensors[n] for n in names], sparsity)))
+        return {n: projection_mask(tensors[n], self.kind, self.sparsities[n], **self.options) for n in names}
+
+    def project(self, tensors: dict) -> dict:
+        masks = self.masks(tensors)
+        return {n: tensors[n] * masks[n] for n in masks}
+
+
+def _default_layers(model: nn.Module, kind: str) -> list[str]:
+    convs = [(n, mod) for n, mod in model.named_modules() if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if len(convs) < 2:
+        raise ConfigError(
+            f"the model has {len(convs)} conv layer(s) and the default skips the first; name the layers to prune"
+        )
+    chosen = [n for n, mod in convs[1:] if kind != "pattern" or tuple(mod.kernel_size) == (3, 3)]
+    if not chosen:
+        raise ConfigError("no conv but the first has a 3x3 kernel for 'pattern'; name the layers to prune")
+    return chosen
+
+
+def _match_layers(model: nn.Module, patterns: list) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n]
+    chosen: list[str] = []
+    for pat in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            raise ConfigError(f"layer {pat!r} matches no module; module names look like {names[:5]}")
+        chosen += [n for n in hits if n not in chosen]
+    return chosen
+
+
+def resolve_targets(model: nn.Module, config: SLRConfig) -> dict:
+    """{"<module>.weight": sparsity} for the layers the config selects, checked against the model."""
+    if isinstance(config.sparsity, dict):
+        layers = _match_layers(model, list(config.sparsity))
+        ratio = {}
+        for pat, v in config.sparsity.items():  # a later, more specific entry overrides
+            for n in _match_layers(model, [pat]):
+                ratio[n] = v
+    else:
+        layers = _default_layers(model, config.sparsity_type) if config.layers is None else _match_layers(model, config.layers)
+        ratio = {n: config.sparsity for n in layers}
+    targets = {}
+    for name in layers:
+        w = getattr(model.get_submodule(name), "weight", None)
+        if not isinstance(w, Tensor) or not w.is_floating_point():
+            raise ConfigError(f"layer {name!r} has no floating-point weight to prune; leave it out of layers")
+        targets[f"{name}.weight"] = ratio[name]
+    spec = ProjectionSpec.from_config(config, targets)
+    weights = {f"{n}.weight": model.get_submodule(n).weight.detach() for n in layers}
+    try:  # fail now, with the layer named, rather than at the first Z-update
+        spec.masks(weights)
+    except PruningError as err:
+        raise ConfigError(f"sparsity_type {config.sparsity_type!r} cannot be applied: {err}") from None
+    return targets

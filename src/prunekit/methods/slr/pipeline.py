@@ -1,0 +1,105 @@
+"""The SLR/ADMM handler: penalised training, hard prune, optional BN recalibration and masked
+retraining, baked masks, and (filter sparsity) physical channel removal.
+
+Registered as method "slr" (ADMM is `SLRConfig(optimization="admm")`), so
+`prunekit.methods.prune_(model, SLRConfig(...), example_inputs, train_loader=..., ...)` runs it.
+
+>>> import torch
+>>> from torch import Tensor, nn
+>>> from prunekit.engine.train import TrainConfig
+>>> from prunekit.methods.slr import SLRConfig
+>>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(64, 2))
+>>> data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 2, (8,)))]
+>>> r = slr_prune_(net, SLRConfig(sparsity=0.5, epochs=2), data[0][0], train_loader=data,
+...                train_config=TrainConfig(epochs=1, lr=0.01))
+>>> r.metrics["sparsity"]["2.weight"]["masked"], len(r.metrics["slr_history"])
+(72, 2)
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from torch import Tensor, nn
+
+from ...core.errors import ConfigError
+from ...surgery.masks import remove_masks, sparsity_report
+from ...surgery.plan import Plan
+from ..result import PruneResult
+from .config import SLRConfig
+from .hook import SLRHook
+from .prune import hard_prune_, recalibrate_bn, shrink_
+
+__all__ = ["slr_prune_"]
+
+
+def slr_prune_(
+    model: nn.Module,
+    config: SLRConfig,
+    example_inputs: Any,
+    *,
+    train_loader: Iterable,
+    val_loader: Iterable | None = None,
+    train_config: Any = None,
+    check_batches: Iterable | None = None,
+    progress: bool = False,
+) -> PruneResult:
+    """Run SLR or ADMM on `model` in place; returns plan, costs and per-phase metrics.
+
+    `train_config` is the engine's TrainConfig for both phases (its `epochs` is replaced by
+    config.epochs, then config.retrain_epochs; each phase builds a fresh optimizer). Metrics:
+    slr_history (per-epoch records with the "slr/..." entries), hard_pruned, hard_pruned_bn,
+    retrained (val loss/acc, when val_loader is given), sparsity (per masked tensor).
+    """
+    from ...cost.macs import count_cost
+    from ...engine.evaluate import evaluate
+    from ...engine.train import TrainConfig, train
+
+    if not isinstance(config, SLRConfig):
+        raise ConfigError(f"slr_prune_ needs an SLRConfig, got {type(config).__name__}")
+    train_config = train_config if train_config is not None else TrainConfig()
+    before = count_cost(model, example_inputs)
+    hook = SLRHook(model, config, check_batches=check_batches)
+    metrics: dict[str, Any] = {"slr_history": []}
+    if config.epochs:
+        run = train(model, train_loader, val_loader, train_config.replace(epochs=config.epochs),
+                    hooks=[hook], progress=progress)
+        metrics["slr_history"] = run.history
+    example_inputs = _to_model_device(model, example_inputs)  # train() may have moved the model
+    closing = example_inputs if config.sparsity_type == "filter" else None
+    hard_prune_(model, hook, example_inputs=closing)
+    if val_loader is not None:
+        metrics["hard_pruned"] = evaluate(model, val_loader)
+    if config.recalibrate_bn:
+        recalibrate_bn(model, train_loader, config.recalibrate_batches)
+        if val_loader is not None:
+            metrics["hard_pruned_bn"] = evaluate(model, val_loader)
+    if config.retrain_epochs:
+        run = train(model, train_loader, val_loader, train_config.replace(epochs=config.retrain_epochs),
+                    progress=progress)
+        metrics["retrain_history"] = run.history
+        if val_loader is not None:
+            metrics["retrained"] = evaluate(model, val_loader)
+    metrics["sparsity"] = sparsity_report(model)
+    if config.sparsity_type == "filter":
+        plan = shrink_(model, example_inputs)
+    else:
+        remove_masks(model, bake=True)
+        plan = Plan()
+    plan.meta.update({"method": "slr", "config": config.to_dict()})
+    return PruneResult(plan, before, count_cost(model, example_inputs), config.to_dict(), metrics)
+
+
+def _to_model_device(model: nn.Module, example: Any) -> Any:
+    device = next(model.parameters()).device
+    if isinstance(example, (tuple, list)):
+        return type(example)(t.to(device) if isinstance(t, Tensor) else t for t in example)
+    return example.to(device) if isinstance(example, Tensor) else example
+
+
+def _register() -> None:
+    from .. import register_method
+
+    register_method("slr", SLRConfig, slr_prune_)
+
+
+_register()

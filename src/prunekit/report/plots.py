@@ -1,0 +1,101 @@
+"""PNG plots for run reports: accuracy vs MACs, and per-layer widths before/after.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so writing a report never
+changes the user's matplotlib backend nor leaves figures open. Each function returns the written
+path, or None when there is nothing to draw (e.g. no accuracy was recorded).
+
+>>> import tempfile, pathlib
+>>> out = pathlib.Path(tempfile.mkdtemp()) / "w.png"
+>>> plot_layer_widths(out, ["conv1", "conv2"], [64, 128], [32, 64]) == out
+True
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from .tables import as_fraction, fmt_count
+
+Point = tuple[float, float]  # (MACs, accuracy as fraction or percent)
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _valid(point: Point | None) -> bool:
+    return point is not None and point[0] is not None and as_fraction(point[1]) is not None
+
+
+def plot_accuracy_vs_macs(path: str | Path, before: Point | None = None, after: Point | None = None,
+                          no_finetune: Point | None = None, history: Sequence[Point] = (),
+                          title: str | None = None) -> Path | None:
+    """Scatter of accuracy (%) against MACs: before, after, pruned-without-fine-tuning and the
+    intermediate steps of `history` joined by a line in order. None if no point is complete.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.png"
+    >>> plot_accuracy_vs_macs(p, before=(4e8, 0.93), after=(1e8, 0.92)) == p
+    True
+    >>> plot_accuracy_vs_macs(p, before=(4e8, None)) is None
+    True
+    """
+    steps = [pt for pt in history if _valid(pt)]
+    marked = [(before, "before", "o", "tab:blue"), (no_finetune, "pruned, no fine-tune", "x", "tab:red"),
+              (after, "after", "s", "tab:green")]
+    marked = [m for m in marked if _valid(m[0])]
+    if not steps and not marked:
+        return None
+    fig = _new_figure(6.4, 4.2)
+    ax = fig.add_subplot()
+    if steps:
+        ax.plot([p[0] for p in steps], [100 * as_fraction(p[1]) for p in steps], "-.", color="gray",
+                marker=".", label="steps")
+    for (macs, acc), label, marker, color in marked:
+        ax.scatter([macs], [100 * as_fraction(acc)], marker=marker, color=color, s=60, label=label, zorder=3)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt_count(v)))
+    ax.set_xlabel("MACs")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best")
+    if title:
+        ax.set_title(title)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_layer_widths(path: str | Path, names: Sequence[str], before: Sequence[float | None],
+                      after: Sequence[float | None], title: str | None = None) -> Path | None:
+    """Horizontal bars of each layer's channel count before and after pruning (first layer on
+    top). Layers with a missing count draw no bar; None if no layer has any count.
+    """
+    rows = [(n, b, a) for n, b, a in zip(names, before, after) if b is not None or a is not None]
+    if not rows:
+        return None
+    n = len(rows)
+    # ~0.28 inch per layer keeps labels legible; the cap keeps huge nets under ~5000 px tall.
+    fig = _new_figure(7.5, min(max(2.5, 0.28 * n + 1.2), 50.0))
+    ax = fig.add_subplot()
+    ys = list(range(n))
+    bar = 0.4
+    ax.barh([y - bar / 2 for y in ys], [b or 0 for _, b, _ in rows], height=bar, label="before", color="tab:blue")
+    ax.barh([y + bar / 2 for y in ys], [a or 0 for _, _, a in rows], height=bar, label="after", color="tab:orange")
+    ax.set_yticks(ys)
+    # A "$" in a layer name would switch matplotlib to math text; show it literally.
+    ax.set_yticklabels([name.replace("$", r"\$") for name, _, _ in rows], fontsize=8 if n <= 40 else 6)
+    ax.invert_yaxis()
+    ax.set_xlabel("channels")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(loc="best")
+    if title:
+        ax.set_title(title)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path

@@ -1,0 +1,318 @@
+"""Write a run's report (report.md, report.html and PNG plots) from its result dict.
+
+A run directory holds config.json/.yaml, plan.json, metrics.jsonl, result.json and this report.
+`write_report` builds one document (sections of paragraphs, tables, images and code) from a
+`ReportInput` and renders it twice, so the Markdown and the HTML say the same thing. Only what is
+present is shown: every key except "layers" rows' "name" is optional, and a missing value prints
+as "n/a" instead of failing.
+
+Accuracy values are fractions in [0, 1] (a value above 1 is read as a percentage). Params and MACs
+are plain counts; "counting_convention" says how MACs were counted (e.g. "1 MAC = 1 multiply-add;
+conv and linear only") and is printed under the totals because numbers without it are ambiguous.
+
+>>> import tempfile
+>>> paths = write_report(tempfile.mkdtemp(), {"method": "l1", "cost_before": {"macs": 4e8},
+...                                            "cost_after": {"macs": 1e8}})
+>>> "4.00x fewer" in paths.markdown.read_text()
+True
+"""
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+from pathlib import Path
+from typing import Any, Optional, TypedDict, Union
+
+from ..core.errors import ConfigError
+from . import plots
+from .tables import (NA, fmt_accuracy, fmt_count, fmt_delta_pp, fmt_int, fmt_ms, fmt_pct, fmt_reduction,
+                     html_table, markdown_table, md_escape)
+
+
+class CostSummary(TypedDict, total=False):
+    """Whole-model cost: parameter count, MAC count, and a LatencyResult.to_dict() or None."""
+    params: float
+    macs: float
+    latency: Optional[dict]
+
+
+class LayerRow(TypedDict, total=False):
+    """One prunable layer; latency columns appear only if some row has them."""
+    name: str
+    channels_before: int
+    channels_after: int
+    params_before: float
+    params_after: float
+    macs_before: float
+    macs_after: float
+    latency_ms_before: float
+    latency_ms_after: float
+
+
+class ReportInput(TypedDict, total=False):
+    """What `write_report` reads (result.json has this layout). History entries are dicts with
+    any of "step", "macs", "params", "accuracy", "latency_ms"; those with macs and accuracy are plotted."""
+    title: str
+    method: str
+    config: dict
+    environment: dict
+    cost_before: CostSummary
+    cost_after: CostSummary
+    accuracy_before: float
+    accuracy_after: float
+    accuracy_pruned_no_finetune: float
+    layers: list[LayerRow]
+    counting_convention: str
+    history: list[dict]
+
+
+@dataclasses.dataclass
+class ReportPaths:
+    """Files written by `write_report`; plots lists only the PNGs that had data to draw."""
+    markdown: Path
+    html: Path
+    plots: list[Path]
+
+
+@dataclasses.dataclass
+class _Table:
+    headers: list[str]
+    rows: list[list[Any]]
+    align: str | None = None
+
+
+@dataclasses.dataclass
+class _Image:
+    file: str
+    alt: str
+
+
+@dataclasses.dataclass
+class _Code:
+    text: str
+
+
+Block = Union[str, _Table, _Image, _Code]  # a str block is a paragraph
+
+
+def write_report(run_dir: str | Path, result: ReportInput | None = None) -> ReportPaths:
+    """Write report.md, report.html and the plots into `run_dir` (created if missing).
+
+    Without `result`, run_dir/result.json is read.
+    """
+    run_dir = Path(run_dir)
+    if result is None:
+        result = _load_result(run_dir / "result.json")
+    if not isinstance(result, dict):
+        raise ConfigError(f"the report needs a result dict, got {type(result).__name__}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    images = _draw_plots(run_dir, result)
+    title = result.get("title") or f"Pruning report: {result.get('method') or 'unknown method'}"
+    sections = _sections(result, images)
+    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    md_path.write_text(_render_markdown(title, sections), encoding="utf-8")
+    html_path.write_text(_render_html(title, sections), encoding="utf-8")
+    return ReportPaths(markdown=md_path, html=html_path, plots=[run_dir / name for name, _ in images])
+
+
+def _load_result(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist; pass the result dict or write result.json first") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}); rewrite it from the run's result") from None
+
+
+def _cost(result: dict, side: str, key: str) -> tuple[float | None, bool]:
+    """(value, summed_from_layers) for key in cost_<side>, else the sum over layers if all have it."""
+    value = (result.get(f"cost_{side}") or {}).get(key)
+    if value is not None:
+        return float(value), False
+    layers = result.get("layers") or []
+    values = [row.get(f"{key}_{side}") for row in layers]
+    if layers and all(v is not None for v in values):
+        return float(sum(values)), True
+    return None, False
+
+
+def _latency_ms(result: dict, side: str) -> float | None:
+    latency = (result.get(f"cost_{side}") or {}).get("latency") or {}
+    return latency.get("median_ms")
+
+
+def _draw_plots(run_dir: Path, result: dict) -> list[tuple[str, str]]:
+    """Draw the plots that have data; returns (file name, alt text) pairs."""
+    (mb, _), (ma, _) = _cost(result, "before", "macs"), _cost(result, "after", "macs")
+    history = [(h.get("macs"), h.get("accuracy")) for h in result.get("history") or [] if isinstance(h, dict)]
+    drawn = []
+    acc = plots.plot_accuracy_vs_macs(run_dir / "accuracy_vs_macs.png", before=(mb, result.get("accuracy_before")),
+                                      after=(ma, result.get("accuracy_after")),
+                                      no_finetune=(ma, result.get("accuracy_pruned_no_finetune")), history=history)
+    if acc is not None:
+        drawn.append((acc.name, "accuracy vs MACs"))
+    layers = result.get("layers") or []
+    widths = plots.plot_layer_widths(run_dir / "layer_widths.png", [str(r.get("name", "?")) for r in layers],
+                                     [r.get("channels_before") for r in layers],
+                                     [r.get("channels_after") for r in layers])
+    if widths is not None:
+        drawn.append((widths.name, "channels per layer before and after pruning"))
+    return drawn
+
+
+def _sections(result: dict, images: list[tuple[str, str]]) -> list[tuple[str, list[Block]]]:
+    summary: list[Block] = [f"Method: {result.get('method') or NA}"]
+    summary.append(_Table(["accuracy", "value"], _accuracy_rows(result), "lr"))
+    summary.append(_Table(["total", "before", "after", "after / before", "reduction"], _total_rows(result), "lrrrr"))
+    if any(_cost(result, side, k)[1] for side in ("before", "after") for k in ("params", "macs")):
+        summary.append("Totals marked * are sums over the listed layers (no whole-model count was given).")
+    summary.append(f"Counting convention: {result.get('counting_convention') or 'not recorded'}")
+    sections: list[tuple[str, list[Block]]] = [("Summary", summary)]
+    if images:
+        sections.append(("Plots", [_Image(name, alt) for name, alt in images]))
+    if result.get("layers"):
+        sections.append(("Per-layer", [_layer_table(result["layers"])]))
+    if result.get("history"):
+        sections.append(("History", [_history_table(result["history"])]))
+    latency = _latency_table(result)
+    if latency is not None:
+        sections.append(("Latency measurement", [latency]))
+    env = result.get("environment")
+    sections.append(("Environment", [_Table(["key", "value"], _flatten(env), "ll")] if env else ["not recorded"]))
+    config = result.get("config")
+    sections.append(("Config", [_Code(json.dumps(config, indent=2, sort_keys=True, default=str))]
+                     if config else ["not recorded"]))
+    return sections
+
+
+def _accuracy_rows(result: dict) -> list[list[str]]:
+    before, after = result.get("accuracy_before"), result.get("accuracy_after")
+    rows = [["before", fmt_accuracy(before)]]
+    if result.get("accuracy_pruned_no_finetune") is not None:
+        rows.append(["pruned, no fine-tune", fmt_accuracy(result["accuracy_pruned_no_finetune"])])
+    rows += [["after", fmt_accuracy(after)], ["delta (after - before)", fmt_delta_pp(before, after)]]
+    return rows
+
+
+def _total_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for key, label in (("params", "params"), ("macs", "MACs")):
+        (b, b_sum), (a, a_sum) = _cost(result, "before", key), _cost(result, "after", key)
+        ratio = fmt_pct(a / b) if a is not None and b else NA
+        rows.append([label, _total_text(b, b_sum), _total_text(a, a_sum), ratio,
+                     fmt_reduction(b, a, f"fewer {label}", f"more {label}")])
+    b, a = _latency_ms(result, "before"), _latency_ms(result, "after")
+    if b is not None or a is not None:
+        ratio = fmt_pct(a / b) if a is not None and b else NA
+        rows.append(["latency, median (ms)", fmt_ms(b), fmt_ms(a), ratio, fmt_reduction(b, a, "faster", "slower")])
+    return rows
+
+
+def _total_text(value: float | None, summed: bool) -> str:
+    if value is None:
+        return NA
+    return f"{fmt_count(value)} ({fmt_int(value)}){' *' if summed else ''}"
+
+
+def _layer_table(layers: list[dict]) -> _Table:
+    with_latency = any(r.get("latency_ms_before") is not None or r.get("latency_ms_after") is not None
+                       for r in layers)
+    headers = ["layer", "channels before", "channels after", "kept", "params before", "params after",
+               "MACs before", "MACs after"]
+    if with_latency:
+        headers += ["latency before (ms)", "latency after (ms)"]
+    rows = []
+    for r in layers:
+        cb, ca = r.get("channels_before"), r.get("channels_after")
+        row = [str(r.get("name", "?")), _int_or_na(cb), _int_or_na(ca),
+               fmt_pct(ca / cb) if cb and ca is not None else NA,
+               fmt_count(r.get("params_before")), fmt_count(r.get("params_after")),
+               fmt_count(r.get("macs_before")), fmt_count(r.get("macs_after"))]
+        if with_latency:
+            row += [fmt_ms(r.get("latency_ms_before")), fmt_ms(r.get("latency_ms_after"))]
+        rows.append(row)
+    return _Table(headers, rows, "l" + "r" * (len(headers) - 1))
+
+
+def _int_or_na(x: Any) -> str:
+    return NA if x is None else str(int(x))
+
+
+def _history_table(history: list[Any]) -> _Table:
+    entries = [h for h in history if isinstance(h, dict)]
+    keys: list[str] = []
+    for h in entries:
+        keys += [k for k in h if k not in keys]
+    fmt = {"macs": fmt_count, "params": fmt_count, "accuracy": fmt_accuracy, "latency_ms": fmt_ms}
+    rows = [[fmt.get(k, lambda v: NA if v is None else v)(h.get(k)) for k in keys] for h in entries]
+    return _Table(keys, rows)
+
+
+def _latency_table(result: dict) -> _Table | None:
+    lat = {side: (result.get(f"cost_{side}") or {}).get("latency") for side in ("before", "after")}
+    if not any(lat.values()):
+        return None
+    fields = [("median (ms)", "median_ms", fmt_ms), ("p10 (ms)", "p10_ms", fmt_ms), ("p90 (ms)", "p90_ms", fmt_ms),
+              ("mean (ms)", "mean_ms", fmt_ms), ("std (ms)", "std_ms", fmt_ms), ("repeats", "n", str),
+              ("device", "device_name", str), ("dtype", "dtype", str), ("batch", "batch", str),
+              ("torch", "torch_version", str)]
+    rows = []
+    for label, key, fmt in fields:
+        cells = [(lat[s] or {}).get(key) for s in ("before", "after")]
+        rows.append([label] + [NA if c is None else fmt(c) for c in cells])
+    return _Table(["", "before", "after"], rows, "lrr")
+
+
+def _flatten(data: Any, prefix: str = "") -> list[list[str]]:
+    """Nested dicts as dotted key / value rows: {"cuda": {"name": x}} -> ["cuda.name", x]."""
+    if not isinstance(data, dict):
+        return [[prefix or "value", NA if data is None else str(data)]]
+    rows = []
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        rows += _flatten(value, name) if isinstance(value, dict) and value else [[name, NA if value is None else str(value)]]
+    return rows
+
+
+def _render_markdown(title: str, sections: list[tuple[str, list[Block]]]) -> str:
+    out = [f"# {md_escape(title)}", ""]
+    for name, blocks in sections:
+        out += [f"## {name}", ""]
+        for b in blocks:
+            if isinstance(b, _Table):
+                out.append(markdown_table(b.headers, b.rows, b.align))
+            elif isinstance(b, _Image):
+                out.append(f"![{b.alt}]({b.file})")
+            elif isinstance(b, _Code):
+                fence = "````" if "```" in b.text else "```"
+                out += [fence + "json", b.text, fence]
+            else:
+                out.append(md_escape(b))
+            out.append("")
+    return "\n".join(out)
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em auto;max-width:70em;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0 1em}th,td{border:1px solid #ccc;padding:0.25em 0.6em}"
+        "th{background:#f2f2f2}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}"
+        "pre{background:#f7f7f7;padding:0.8em;overflow-x:auto}img{max-width:100%}")
+
+
+def _render_html(title: str, sections: list[tuple[str, list[Block]]]) -> str:
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
+           f"<h1>{html.escape(title)}</h1>"]
+    for name, blocks in sections:
+        out.append(f"<h2>{html.escape(name)}</h2>")
+        for b in blocks:
+            if isinstance(b, _Table):
+                out.append(html_table(b.headers, b.rows, b.align))
+            elif isinstance(b, _Image):
+                out.append(f'<p><img src="{html.escape(b.file)}" alt="{html.escape(b.alt)}"></p>')
+            elif isinstance(b, _Code):
+                out.append(f"<pre><code>{html.escape(b.text)}</code></pre>")
+            else:
+                out.append(f"<p>{html.escape(b)}</p>")
+    out += ["</body>", "</html>", ""]
+    return "\n".join(out)

@@ -1,0 +1,70 @@
+"""Save and load pruned models as safetensors weights with the plan in the file's metadata.
+
+Loading rebuilds the architecture from the user's own constructor, replays the plan, then loads
+the weights: no pickle is involved, so an untrusted file cannot execute code. A file that is
+missing, corrupt, or made for another architecture raises CheckpointError and leaves the model
+the caller passed in unchanged.
+
+>>> import torch, torch.nn as nn, tempfile, os
+>>> from prunekit.surgery.plan import prune_channels_
+>>> make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+>>> m = make(); x = torch.randn(1, 3, 8, 8); plan = prune_channels_(m, x, {"0": [3]})
+>>> path = os.path.join(tempfile.mkdtemp(), "pruned.safetensors"); _ = save_pruned(m, plan, path)
+>>> again = load_pruned(make(), path); bool(torch.equal(again(x), m(x)))
+True
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from ..core.errors import CheckpointError, PrunekitError
+from .plan import Plan, apply_plan_
+
+PLAN_KEY = "prunekit.plan"
+
+
+def save_pruned(model: nn.Module, plan: Plan, path: str | Path) -> Path:
+    """Write weights + plan atomically (temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_model(model, str(tmp), metadata={PLAN_KEY: plan.to_json()})
+    tmp.replace(path)
+    return path
+
+
+def read_plan(path: str | Path) -> Plan:
+    """The plan stored in a pruned-model file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (OSError, SafetensorError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}; pass a file written by prunekit save_pruned") from None
+    if PLAN_KEY not in meta:
+        raise CheckpointError(f"{path} holds no prunekit plan; it was not written by save_pruned")
+    try:
+        return Plan.from_dict(json.loads(meta[PLAN_KEY]))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"the plan in {path} is corrupt ({err})") from None
+
+
+def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
+    """Return a pruned copy of the freshly built `model` carrying the stored weights.
+
+    `model` itself is never modified, so a failed load leaves nothing half-changed.
+    """
+    plan = read_plan(path)
+    work = copy.deepcopy(model)
+    try:
+        apply_plan_(work, plan)
+        load_model(work, str(path), strict=True)
+    except PrunekitError:
+        raise
+    except (RuntimeError, OSError, SafetensorError, ValueError) as err:
+        raise CheckpointError(f"weights in {path} do not fit this model after replaying its plan: {err}") from None
+    return work

@@ -1,0 +1,118 @@
+"""Prove a graph's groups safe on the real model, before any method relies on them.
+
+Some models hard-code channel counts in Python (`reshape(B, N, 3, heads, C // heads)` with C
+read from another tensor); no op-level rule can see that. So every prunable group is *probed*:
+remove one channel from a copy and check that the forward still runs, keeps its output shape,
+and (for exact groups) equals the model with that channel's contributions zeroed. Groups are
+tested together first and split in halves only on failure, so a clean model costs a handful
+of forwards. Failing groups are marked unprunable with the reason.
+
+>>> import torch, torch.nn as nn
+>>> from prunekit.graph import build_graph
+>>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)); x = torch.randn(1, 3, 6, 6)
+>>> probe_groups(m, x, build_graph(m, x))
+{}
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..graph import Graph, Group, build_graph
+from .shrink import remove_channels_
+
+
+def run_model(model: nn.Module, inputs: Any) -> Any:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(inputs, dict):
+                return model(**inputs)
+            return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+    finally:
+        model.train(was)
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    return next(first_tensor(o) for o in out if isinstance(o, (torch.Tensor, tuple, list, dict)))
+
+
+def zero_contributions_(model: nn.Module, group: Group, channels: Sequence[int]) -> None:
+    """Zero every consumer input slice of `channels` (in place, shapes unchanged)."""
+    dead = torch.tensor(sorted(channels), dtype=torch.long)
+    with torch.no_grad():
+        for m in group.tensor_members():
+            if m.role == "in":
+                t = getattr(model.get_submodule(m.module), m.name)
+                t.index_fill_(m.dim, torch.isin(m.channel, dead).nonzero().flatten(), 0.0)
+
+
+def group_is_exact(group: Group, model: nn.Module) -> bool:
+    """False when the group's channels meet a LayerNorm-style statistic over channels."""
+    return not any(isinstance(model.get_submodule(m.module), nn.LayerNorm)
+                   or type(model.get_submodule(m.module)).__name__ in ("RMSNorm", "LayerNorm2d")
+                   for m in group.members)
+
+
+def _trial(model: nn.Module, inputs: Any, graph: Graph, groups: list[Group], atol: float) -> str:
+    """'' if removing one channel of each group behaves, else the reason it does not."""
+    removal = {g.name: [int(g.prunable.nonzero()[0])] for g in groups}
+    shrunk, zeroed = copy.deepcopy(model), copy.deepcopy(model)
+    try:
+        remove_channels_(shrunk, graph, removal)
+        out = first_tensor(run_model(shrunk, inputs))
+    except Exception as err:  # the model's own code rejected the new widths
+        return f"forward fails after removal ({type(err).__name__}: {str(err)[:120]})"
+    for g in groups:
+        zero_contributions_(zeroed, g, removal[g.name])
+    ref = first_tensor(run_model(zeroed, inputs))
+    if ref.shape != out.shape:
+        return f"output shape changes ({tuple(ref.shape)} -> {tuple(out.shape)})"
+    if all(group_is_exact(g, model) for g in groups):
+        diff = float((ref - out).abs().max())
+        if diff > atol * max(1.0, float(ref.abs().max())):
+            return f"removal differs from zeroing by {diff:.3g} (channel positions are hard-coded somewhere)"
+    return ""
+
+
+def probe_groups(model: nn.Module, inputs: Any, graph: Graph, atol: float = 1e-4) -> dict[str, str]:
+    """Name -> reason for every prunable group whose removal breaks the model."""
+    bad: dict[str, str] = {}
+
+    def search(groups: list[Group]) -> None:
+        reason = _trial(model, inputs, graph, groups, atol)
+        if not reason:
+            return
+        if len(groups) == 1:
+            bad[groups[0].name] = reason
+            return
+        half = len(groups) // 2
+        before = len(bad)
+        search(groups[:half])
+        search(groups[half:])
+        if len(bad) == before:  # each half alone is fine, together they are not
+            bad.update({g.name: "breaks the model together with other groups: " + reason for g in groups})
+
+    candidates = [g for g in graph.prunable_groups() if int(g.prunable.sum()) >= 2 or g.size >= 2]
+    if candidates:
+        search(candidates)
+    return bad
+
+
+def build_safe_graph(model: nn.Module, example_inputs: Any, ignore: Sequence[str] = (), probe: bool = True) -> Graph:
+    """build_graph + probe: groups that would break the model are made unprunable (with a note)."""
+    graph = build_graph(model, example_inputs, ignore)
+    if probe:
+        for name, reason in probe_groups(model, example_inputs, graph).items():
+            g = graph.group(name)
+            g.prunable = torch.zeros_like(g.prunable)
+            g.note = reason
+    return graph

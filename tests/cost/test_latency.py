@@ -1,0 +1,219 @@
+"""Latency measurement: statistics, model left untouched, interleaved comparison, timer sanity."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from prunekit.core.environment import cpu_model
+from prunekit.core.errors import ConfigError, PrunekitError
+from prunekit.cost.latency import LatencyConfig, LatencyResult, compare_latency, measure_latency
+
+FAST = LatencyConfig(warmup=1, repeats=5, threads=1)  # one thread: see test_wider_mlp_measures_slower
+
+
+def _mlp(width: int, features: int = 512) -> nn.Module:
+    return nn.Sequential(nn.Linear(features, width), nn.ReLU(), nn.Linear(width, features))
+
+
+def _convnet() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    net.train()
+    net[3].eval()  # a frozen block inside a model in train mode: flags differ per module
+    # Non-trivial running stats so an accidental train-mode forward would visibly change them.
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    return net
+
+
+def _snapshot(model: nn.Module):
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    return state, flags
+
+
+def _assert_same(model: nn.Module, snapshot) -> None:
+    state, flags = snapshot
+    now = model.state_dict()
+    assert set(now) == set(state)
+    for key, value in state.items():
+        assert now[key].dtype == value.dtype, key
+        assert torch.equal(now[key], value), key
+    assert [m.training for m in model.modules()] == flags
+    assert model[0].weight.is_contiguous()  # memory format not switched to channels_last
+
+
+def test_from_times_statistics_match_hand_values():
+    r = LatencyResult.from_times([5.0, 1.0, 4.0, 2.0, 3.0], device="cpu", device_name="x", dtype="float32",
+                                 batch=1, torch_version="t", settings={})
+    assert (r.median_ms, r.mean_ms, r.min_ms, r.max_ms, r.n) == (3.0, 3.0, 1.0, 5.0, 5)
+    assert r.std_ms == pytest.approx(math.sqrt(2.5))  # sample std of 1..5
+    # Linear-interpolated percentiles of 1..5: rank 0.4 -> 1.4, rank 3.6 -> 4.6.
+    assert r.p10_ms == pytest.approx(1.4) and r.p90_ms == pytest.approx(4.6)
+    assert r.times_ms == [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert LatencyResult.from_dict(r.to_dict()) == r
+
+
+def test_result_fields_are_consistent():
+    cfg = LatencyConfig(warmup=2, repeats=7, batch_size=3)
+    r = measure_latency(_mlp(64, 32), (32,), cfg)
+    assert r.n == 7 and len(r.times_ms) == 7
+    assert r.min_ms <= r.p10_ms <= r.median_ms <= r.p90_ms <= r.max_ms
+    assert r.min_ms <= r.mean_ms <= r.max_ms and r.min_ms > 0 and r.std_ms >= 0
+    assert r.median_ms == pytest.approx(float(np.median(r.times_ms)))
+    assert (r.batch, r.dtype, r.device, r.torch_version) == (3, "float32", "cpu", torch.__version__)
+    assert r.device_name == cpu_model()
+    assert r.settings["repeats"] == 7 and r.settings["input_shapes"] == [[3, 32]]
+    assert r.settings["input"] == "shape" and r.settings["device_resolved"] == "cpu"
+
+
+@pytest.mark.parametrize("cfg, copied", [
+    (LatencyConfig(warmup=1, repeats=3, threads=1), False),
+    (LatencyConfig(warmup=1, repeats=3, threads=1, dtype="bfloat16", channels_last=True), True),
+])
+def test_model_left_unchanged(cfg, copied):
+    net = _convnet()
+    before = _snapshot(net)
+    r = measure_latency(net, (3, 8, 8), cfg)
+    _assert_same(net, before)
+    assert r.settings["timed_copy"] is copied and r.dtype == cfg.dtype
+
+
+def test_model_restored_when_forward_fails():
+    net = _convnet()
+    before = _snapshot(net)
+    with pytest.raises(PrunekitError, match="failed on inputs of shape"):
+        measure_latency(net, (5, 8, 8), FAST)  # 5 channels, the first conv wants 3
+    _assert_same(net, before)
+
+
+def test_example_tensor_and_multiple_inputs():
+    class Add(nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+    x = torch.randn(4, 6)
+    x_before = x.clone()
+    r = measure_latency(nn.Sequential(nn.ReLU(inplace=True), nn.Linear(6, 2)), x, FAST)
+    assert r.batch == 4 and r.settings["input"] == "example"
+    assert torch.equal(x, x_before)  # the in-place ReLU worked on a copy of the example
+    r2 = measure_latency(Add(), (torch.randn(2, 3), torch.randn(2, 3)), FAST)
+    assert r2.batch == 2 and r2.settings["input_shapes"] == [[2, 3], [2, 3]]
+
+
+def test_integer_inputs_keep_their_dtype_under_bfloat16():
+    emb = nn.Embedding(10, 4)
+    ids = torch.tensor([[1, 2, 3]])
+    r = measure_latency(emb, ids, LatencyConfig(warmup=1, repeats=2, threads=1, dtype="bfloat16"))
+    assert r.n == 2 and emb.weight.dtype == torch.float32
+
+
+def test_threads_setting_is_used_and_restored():
+    previous = torch.get_num_threads()
+    r = measure_latency(nn.Linear(8, 8), (8,), LatencyConfig(warmup=1, repeats=2, threads=1))
+    assert r.settings["threads_used"] == 1
+    assert torch.get_num_threads() == previous
+
+
+def test_compare_latency_ratios_relative_to_first():
+    models = {"a": nn.Linear(16, 16), "b": nn.Linear(16, 4), "c": nn.Identity()}
+    cmp = compare_latency(models, (16,), FAST)
+    assert cmp.reference == "a" and list(cmp.results) == ["a", "b", "c"]
+    assert cmp.ratios["a"] == 1.0
+    for name in "bc":
+        expected = cmp.results[name].median_ms / cmp.results["a"].median_ms
+        assert cmp.ratios[name] == pytest.approx(expected)
+        assert cmp.speedups[name] == pytest.approx(1.0 / expected)
+        assert cmp.results[name].n == 5
+    assert cmp.results["b"].settings["interleaved_with"] == ["a", "c"]
+    assert cmp.to_dict()["ratios"] == cmp.ratios
+
+
+def test_same_module_twice_is_restored():
+    net = _convnet()
+    before = _snapshot(net)
+    compare_latency({"x": net, "y": net}, (3, 8, 8), LatencyConfig(warmup=1, repeats=2, threads=1))
+    _assert_same(net, before)
+
+
+def test_wider_mlp_measures_slower():
+    # 8x the hidden width is 8x the multiply-adds (~134M vs ~17M per call at batch 32); the
+    # assertion only asks for 2x, so it checks the timer rather than a performance claim.
+    # One thread keeps a busy neighbour process from stalling multi-threaded regions.
+    torch.manual_seed(0)
+    cfg = LatencyConfig(warmup=2, repeats=9, batch_size=32, threads=1)
+    cmp = compare_latency({"small": _mlp(512), "wide": _mlp(4096)}, (512,), cfg)
+    assert cmp.ratios["wide"] > 2.0
+    single_small = measure_latency(_mlp(512), (512,), cfg)
+    single_wide = measure_latency(_mlp(4096), (512,), cfg)
+    assert single_wide.median_ms > single_small.median_ms
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"device": "tpu"}, "device"),
+    ({"dtype": "int8"}, "dtype"),
+    ({"repeats": 0}, "repeats"),
+    ({"warmup": -1}, "warmup"),
+    ({"batch_size": 1.5}, "batch_size"),
+    ({"threads": 0}, "threads"),
+    ({"channels_last": "yes"}, "channels_last"),
+    ({"cuda_graph": True}, "cuda_graph"),
+    ({"device": "cuda", "cuda_graph": True, "compile": True}, "only one"),
+    ({"device": "cuda", "cuda_graph": True, "warmup": 0}, "warmup"),
+])
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        LatencyConfig(**kwargs)
+
+
+def test_config_round_trip():
+    cfg = LatencyConfig(device="auto", dtype="float16", batch_size=8, warmup=3, repeats=11, threads=2)
+    assert LatencyConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("bad", [(), (3, 0, 4), ("3", 4), [torch.randn(2), 3], 7])
+def test_bad_inputs_raise(bad):
+    with pytest.raises(ConfigError, match="inputs="):
+        measure_latency(nn.Identity(), bad, FAST)
+
+
+def test_bad_models_raise():
+    with pytest.raises(ConfigError, match="non-empty"):
+        compare_latency({}, (3,), FAST)
+    with pytest.raises(ConfigError, match="not a torch.nn.Module"):
+        compare_latency({"f": lambda x: x}, (3,), FAST)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on a machine without CUDA")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(ConfigError, match="cuda"):
+        measure_latency(nn.Linear(2, 2), (2,), LatencyConfig(device="cuda", warmup=1, repeats=1))
+    r = measure_latency(nn.Linear(2, 2), (2,), LatencyConfig(device="auto", warmup=1, repeats=1))
+    assert r.device == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("extra", [{}, {"cuda_graph": True}, {"dtype": "bfloat16", "channels_last": True}])
+def test_cuda_paths(extra):
+    net = _convnet()
+    before = _snapshot(net)
+    r = measure_latency(net, (3, 16, 16), LatencyConfig(device="cuda", warmup=3, repeats=5, **extra))
+    assert r.device == "cuda" and r.n == 5 and r.min_ms <= r.median_ms <= r.max_ms
+    assert r.device_name == torch.cuda.get_device_name()
+    _assert_same(net, before)
+
+
+@pytest.mark.slow
+def test_compile_path_on_cpu():
+    net = _mlp(32, 16)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    r = measure_latency(net, (16,), LatencyConfig(warmup=2, repeats=3, compile=True))
+    assert r.n == 3 and r.settings["compile"] is True
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

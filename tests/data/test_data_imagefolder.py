@@ -1,0 +1,178 @@
+"""The imagefolder dataset: folders and archives of small PNGs written in tmp_path."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prunekit.core.errors import ConfigError
+from prunekit.data import DataConfig, DataError, load_data
+from prunekit.data import imagefolder
+from prunekit.data.device_loader import DeviceLoader
+from prunekit.data.imagefolder import load_imagefolder
+from prunekit.data.sources import ImageFiles
+from prunekit.data.stream_loader import StreamLoader
+
+
+def cfg_for(root, **kw) -> DataConfig:
+    return DataConfig(name="imagefolder", root=str(root), **kw)
+
+
+def expect(arrays, fake):
+    assert arrays.class_names == fake.class_names == ["ant", "cat", "dog"]
+    for split in ("train", "test"):
+        x, y = fake.expected[split]
+        assert np.array_equal(getattr(arrays, f"{split}_x"), x), split
+        assert np.array_equal(getattr(arrays, f"{split}_y"), y), split
+
+
+def test_folder_loads_with_sorted_class_labels(tmp_path, fakes, private_cache):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    expect(load_imagefolder(cfg_for(fake.root)), fake)
+
+
+@pytest.mark.parametrize("suffix,top", [(".tar.gz", None), (".tar.gz", "mydata"), (".tar", None)])
+def test_archive_loads_with_correct_labels(tmp_path, fakes, private_cache, suffix, top):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    archive = tmp_path / f"imgs{suffix}"
+    if suffix == ".tar":
+        import tarfile
+
+        with tarfile.open(archive, "w") as tar:
+            for child in sorted(fake.root.iterdir()):
+                tar.add(child, arcname=child.name)
+    else:
+        fakes.tar_folder(fake.root, archive, top=top)
+    expect(load_imagefolder(cfg_for(archive)), fake)
+
+
+def test_load_data_batches_carry_the_right_labels(tmp_path, fakes, private_cache):
+    fake = fakes.write_image_folder(tmp_path / "imgs", train_per_class=6)
+    bundle = load_data(cfg_for(fake.root, val_fraction=0.0, batch_size=5, eval_batch_size=4))
+    assert bundle.input_shape == (3, 6, 5) and bundle.class_names == ["ant", "cat", "dog"]
+    x_test, y_test = fake.expected["test"]
+    got = [(fakes.unnormalize(x, bundle.mean, bundle.std), y.numpy()) for x, y in bundle.test]
+    assert np.array_equal(np.concatenate([g[0] for g in got]), x_test)
+    assert np.array_equal(np.concatenate([g[1] for g in got]), y_test)
+
+
+def test_cache_is_reused_and_refreshed_when_the_archive_changes(tmp_path, fakes, private_cache, monkeypatch):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    archive = fakes.tar_folder(fake.root, tmp_path / "imgs.tar.gz")
+    calls = []
+    real_decode = imagefolder.decode_image
+    monkeypatch.setattr(imagefolder, "decode_image", lambda *a: calls.append(1) or real_decode(*a))
+    expect(load_imagefolder(cfg_for(archive)), fake)
+    assert len(calls) == 18 and len(list(private_cache.glob("imagefolder-*.npz"))) == 1
+    calls.clear()
+    expect(load_imagefolder(cfg_for(archive)), fake)
+    assert calls == []  # served from the cache, nothing decoded
+
+    # New contents (and a new mtime): decoded afresh, and the stale entry is replaced.
+    fake2 = fakes.write_image_folder(tmp_path / "imgs2", seed=1)
+    fakes.tar_folder(fake2.root, archive)
+    os.utime(archive, ns=(1_000_000_000, 1_000_000_000))
+    expect(load_imagefolder(cfg_for(archive)), fake2)
+    assert len(calls) == 18 and len(list(private_cache.glob("imagefolder-*.npz"))) == 1
+
+
+def test_folder_cache_notices_a_changed_file(tmp_path, fakes, private_cache):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    first = load_imagefolder(cfg_for(fake.root))
+    target = fake.root / "train" / "ant" / "000.png"
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(target)
+    second = load_imagefolder(cfg_for(fake.root))
+    assert first.train_x[0].any() and not second.train_x[0].any()
+
+
+def test_missing_test_split_is_carved_per_class(tmp_path, fakes, private_cache):
+    fake = fakes.write_image_folder(tmp_path / "imgs", train_per_class=5, test_per_class=0)
+    arrays = load_imagefolder(cfg_for(fake.root))
+    assert np.bincount(arrays.test_y).tolist() == [1, 1, 1] and np.bincount(arrays.train_y).tolist() == [4, 4, 4]
+    x, y = fake.expected["train"]
+    pairs = lambda xs, ys: sorted(a.tobytes() + bytes([int(b)]) for a, b in zip(xs, ys))
+    assert pairs(np.concatenate([arrays.train_x, arrays.test_x]), np.concatenate([arrays.train_y, arrays.test_y])) == pairs(x, y)
+
+
+def test_grey_images_give_one_channel(tmp_path, fakes, private_cache):
+    fake = fakes.write_image_folder(tmp_path / "imgs", mode="L")
+    arrays = load_imagefolder(cfg_for(fake.root))
+    assert arrays.train_x.shape == (12, 1, 6, 5)
+    assert np.array_equal(arrays.train_x, fake.expected["train"][0])
+
+
+def test_mixed_sizes_need_image_size(tmp_path, fakes, private_cache):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(fake.root / "train" / "dog" / "999.png")
+    with pytest.raises(DataError, match="set image_size"):
+        load_imagefolder(cfg_for(fake.root))
+    arrays = load_imagefolder(cfg_for(fake.root, image_size=4))
+    assert arrays.train_x.shape == (13, 3, 4, 4)
+    solid = Image.fromarray(np.full((6, 5, 3), 77, np.uint8)).resize((4, 4), Image.BILINEAR)
+    Image.fromarray(np.full((6, 5, 3), 77, np.uint8)).save(fake.root / "test" / "ant" / "000.png")
+    resized = load_imagefolder(cfg_for(fake.root, image_size=4))
+    assert np.array_equal(resized.test_x[0], np.asarray(solid).transpose(2, 0, 1))
+
+
+def test_bad_roots_are_reported(tmp_path, fakes, private_cache):
+    with pytest.raises(ConfigError, match="needs root="):
+        load_data(DataConfig(name="imagefolder"))
+    with pytest.raises(DataError, match="does not exist"):
+        load_imagefolder(cfg_for(tmp_path / "nope"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="not a .tar/.tar.gz archive"):
+        load_imagefolder(cfg_for(tmp_path / "notes.txt"))
+    (tmp_path / "flat" / "x").mkdir(parents=True)
+    with pytest.raises(DataError, match="no train/ split"):
+        load_imagefolder(cfg_for(tmp_path / "flat"))
+
+
+def test_large_folders_stream_and_match_the_in_memory_batches(tmp_path, fakes, private_cache, monkeypatch):
+    fake = fakes.write_image_folder(tmp_path / "imgs", size=(8, 8), train_per_class=7)
+    cfg = cfg_for(fake.root, batch_size=4, eval_batch_size=5, val_fraction=0.2, seed=3)
+    with monkeypatch.context() as patch:
+        patch.setattr(imagefolder, "MAX_IN_MEMORY_BYTES", 0)
+        assert isinstance(load_imagefolder(cfg), ImageFiles)
+        streamed = load_data(cfg)
+    assert not list(private_cache.glob("*.npz"))  # streamed sets are not cached
+    in_memory = load_data(cfg)
+    assert isinstance(in_memory.train, DeviceLoader) and isinstance(streamed.train, StreamLoader)
+    # 2,000-image stats sample covers all 17 train images here, so the stats agree exactly.
+    assert np.allclose(in_memory.mean, streamed.mean) and np.allclose(in_memory.std, streamed.std)
+    for name in ("train", "val", "test"):
+        a, b = getattr(in_memory, name), getattr(streamed, name)
+        a.set_epoch(2)
+        b.set_epoch(2)
+        batches_a, batches_b = list(a), list(b)
+        assert len(batches_a) == len(a) == len(batches_b) == len(b) > 0
+        for (xa, ya), (xb, yb) in zip(batches_a, batches_b):
+            assert torch.equal(ya, yb) and torch.allclose(xa, xb), name
+
+
+def test_large_archives_ask_to_be_extracted(tmp_path, fakes, private_cache, monkeypatch):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    archive = fakes.tar_folder(fake.root, tmp_path / "imgs.tar.gz")
+    monkeypatch.setattr(imagefolder, "MAX_IN_MEMORY_BYTES", 0)
+    with pytest.raises(DataError, match="extract it and pass the folder"):
+        load_imagefolder(cfg_for(archive))
+
+
+def test_streaming_with_worker_processes_keeps_the_order(tmp_path, fakes, private_cache, monkeypatch):
+    fake = fakes.write_image_folder(tmp_path / "imgs", size=(8, 8), test_per_class=5)
+    monkeypatch.setattr(imagefolder, "MAX_IN_MEMORY_BYTES", 0)
+    bundle = load_data(cfg_for(fake.root, eval_batch_size=4, num_workers=2))
+    x = np.concatenate([fakes.unnormalize(xb, bundle.mean, bundle.std) for xb, _ in bundle.test])
+    y = np.concatenate([yb.numpy() for _, yb in bundle.test])
+    assert np.array_equal(x, fake.expected["test"][0]) and np.array_equal(y, fake.expected["test"][1])
+
+
+def test_unwritable_cache_warns_but_loads(tmp_path, fakes, monkeypatch):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(blocker))
+    with pytest.warns(UserWarning, match="set PRUNEKIT_CACHE to a writable folder"):
+        expect(load_imagefolder(cfg_for(fake.root)), fake)

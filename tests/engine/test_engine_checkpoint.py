@@ -1,0 +1,189 @@
+"""Checkpoints: exact resume after a crash, atomic plain-content files, clear errors."""
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from prunekit.core.errors import CheckpointError
+from prunekit.engine import (CHECKPOINT_NAME, Hook, TrainConfig, capture_rng_state, epoch_records,
+                             load_checkpoint, read_jsonl, restore_rng_state, train)
+
+from engine_testkit import CountingHook, TinyLoader, blobs, mlp, without_timings
+
+EPOCHS, STEPS = 3, 4  # 48 samples in batches of 12
+
+
+def _data():
+    x, y = blobs(48)
+    xv, yv = blobs(24, seed=5)
+    # shuffle="global" draws from torch's global RNG: resume must restore it exactly.
+    return TinyLoader(x, y, 12, shuffle="global"), TinyLoader(xv, yv, 12)
+
+
+def _cfg(**kw):
+    return TrainConfig(**{"epochs": EPOCHS, "lr": 0.05, "warmup_epochs": 0.5, "log_every": 3, **kw})
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, optimizer):
+    cfg = _cfg(optimizer=optimizer, nesterov=optimizer == "sgd")
+    train_loader, val_loader = _data()
+    # Dropout draws from the global RNG too.
+    ref_model, ref_hook = mlp(dropout=0.3), CountingHook()
+    ref = train(ref_model, train_loader, val_loader, cfg, hooks=[ref_hook], progress=False)
+
+    ckpt, log = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+    crash_step = STEPS + 2  # in the middle of the second epoch
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(mlp(dropout=0.3), train_loader, val_loader, cfg, hooks=[CountingHook(crash_at=crash_step)],
+              ckpt_dir=ckpt, log_path=log, progress=False)
+    assert load_checkpoint(ckpt / CHECKPOINT_NAME)["epoch"] == 0  # only epoch 1 is lost
+
+    # A fresh process would build a differently initialised model: resume must overwrite it.
+    model, hook = mlp(dropout=0.3, seed=123), CountingHook()
+    res = train(model, train_loader, val_loader, cfg, hooks=[hook], ckpt_dir=ckpt, log_path=log,
+                progress=False, resume=True)
+
+    assert res.start_epoch == 1
+    for (name, a), b in zip(model.state_dict().items(), ref_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert without_timings(res.history) == without_timings(ref.history)
+    assert res.best_val_acc == ref.best_val_acc and res.best_epoch == ref.best_epoch
+    assert hook.steps == ref_hook.steps == EPOCHS * STEPS and torch.equal(hook.scale, ref_hook.scale)
+    assert without_timings(epoch_records(log)) == without_timings(
+        [{"event": "epoch", **h} for h in ref.history])
+    assert any(r["event"] == "resume" and r["from_epoch"] == 1 for r in read_jsonl(log))
+
+
+def test_checkpoint_file_is_plain_and_atomic(tmp_path):
+    train_loader, val_loader = _data()
+    model = mlp()
+    train(model, train_loader, val_loader, _cfg(), hooks=[CountingHook()], ckpt_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]  # no temp file left
+    raw = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert raw["epoch"] == EPOCHS - 1 and raw["steps_per_epoch"] == STEPS
+    for k, v in model.state_dict().items():
+        assert torch.equal(raw["model"][k], v)
+    assert raw["hooks"]["0"]["steps"] == EPOCHS * STEPS
+    ckpt = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert ckpt["cfg"] == _cfg().to_dict() and len(ckpt["history"]) == EPOCHS
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path):
+    train_loader, val_loader = _data()
+    first = mlp()
+    ref = train(first, train_loader, val_loader, _cfg(), ckpt_dir=tmp_path, progress=False)
+    model = mlp(seed=9)
+    res = train(model, train_loader, val_loader, _cfg(), ckpt_dir=tmp_path, progress=False, resume=True)
+    assert res.start_epoch == EPOCHS and res.history == ref.history
+    for a, b in zip(model.parameters(), first.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path):
+    train_loader, val_loader = _data()
+    a, b = mlp(), mlp()
+    ra = train(a, train_loader, val_loader, _cfg(), progress=False)
+    rb = train(b, train_loader, val_loader, _cfg(), ckpt_dir=tmp_path / "new", progress=False, resume=True)
+    assert rb.start_epoch == 0 and any("does not exist" in n for n in rb.notes)
+    assert without_timings(ra.history) == without_timings(rb.history)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "foreign"])
+def test_corrupt_checkpoint_raises_and_leaves_model_alone(tmp_path, damage):
+    train_loader, val_loader = _data()
+    train(mlp(), train_loader, val_loader, _cfg(epochs=1), ckpt_dir=tmp_path, progress=False)
+    path = tmp_path / CHECKPOINT_NAME
+    data = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(b"not a checkpoint at all" * 10)
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save({"weights": torch.zeros(2)}, path)
+    model = mlp(seed=4)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CheckpointError, match="delete it|not a prunekit"):
+        train(model, train_loader, val_loader, _cfg(epochs=1), ckpt_dir=tmp_path, progress=False, resume=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+class Evil:
+    """An arbitrary class: unpickling it would run code, so weights_only loading must refuse it."""
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / CHECKPOINT_NAME
+    torch.save({"format": "prunekit.train_checkpoint", "obj": Evil()}, path)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ("model", "does not fit the model|shapes do not fit"),
+    ("cfg", "different TrainConfig"),
+    ("hooks", "hooks"),
+    ("loader", "steps per epoch"),
+])
+def test_mismatched_resume_raises(tmp_path, change, fragment):
+    train_loader, val_loader = _data()
+    train(mlp(), train_loader, val_loader, _cfg(epochs=2), hooks=[CountingHook()], ckpt_dir=tmp_path,
+          progress=False)
+    model, cfg, hooks, loader = mlp(), _cfg(epochs=2), [CountingHook()], train_loader
+    if change == "model":
+        model = mlp(hidden=8)
+    elif change == "cfg":
+        cfg = cfg.replace(lr=0.5)
+    elif change == "hooks":
+        hooks = [Hook()]
+    else:
+        loader = TinyLoader(train_loader.x, train_loader.y, 16)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CheckpointError, match=fragment):
+        train(model, loader, val_loader, cfg, hooks=hooks, ckpt_dir=tmp_path, progress=False, resume=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_log_every_may_change_on_resume(tmp_path):
+    train_loader, val_loader = _data()
+    train(mlp(), train_loader, val_loader, _cfg(epochs=2), ckpt_dir=tmp_path, progress=False)
+    res = train(mlp(), train_loader, val_loader, _cfg(epochs=2).replace(log_every=0), ckpt_dir=tmp_path,
+                progress=False, resume=True)
+    assert res.start_epoch == 2
+
+
+class OpaqueStateHook(Hook):
+    def state_dict(self):
+        return {"fn": lambda: 1}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_non_plain_hook_state_is_refused_at_save(tmp_path):
+    train_loader, val_loader = _data()
+    with pytest.raises(CheckpointError, match=r"hooks\[1\].*function"):
+        train(mlp(), train_loader, val_loader, _cfg(epochs=1), hooks=[Hook(), OpaqueStateHook()],
+              ckpt_dir=tmp_path, progress=False)
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rng_state_round_trip():
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    np.random.normal()  # leaves a cached gaussian in numpy's state
+    state = capture_rng_state()
+    first = (torch.rand(3), np.random.rand(3), np.random.normal(), random.random(), random.gauss(0, 1))
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    restore_rng_state(state)
+    again = (torch.rand(3), np.random.rand(3), np.random.normal(), random.random(), random.gauss(0, 1))
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    assert first[2:] == again[2:]

@@ -1,0 +1,259 @@
+"""The training loop against reference PyTorch computations: hooks, losses, logging, evaluation."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.engine import Hook, TrainConfig, epoch_records, evaluate, train
+from prunekit.engine.logging import read_jsonl
+
+from engine_testkit import GradRecorder, L2Penalty, TinyLoader, blobs, mlp
+
+PLAIN_SGD = dict(optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="constant")
+
+
+def _one_batch(n=12, seed=0):
+    x, y = blobs(n, seed=seed)
+    return TinyLoader(x, y, batch_size=n)
+
+
+def test_step_matches_reference_sgd_update():
+    loader = _one_batch()
+    model = mlp()
+    ref = copy.deepcopy(model)
+    train(model, loader, None, TrainConfig(epochs=1, lr=0.3, **PLAIN_SGD), progress=False)
+    # Reference: one SGD step on the mean cross-entropy of the batch.
+    x, y = loader.x, loader.y
+    F.cross_entropy(ref(x), y).backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 0.3 * p.grad
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_label_smoothing_and_grad_clip_match_reference():
+    loader = _one_batch()
+    model = mlp()
+    ref = copy.deepcopy(model)
+    cfg = TrainConfig(epochs=1, lr=0.5, label_smoothing=0.2, grad_clip=0.05, **PLAIN_SGD)
+    train(model, loader, None, cfg, progress=False)
+    F.cross_entropy(ref(loader.x), loader.y, label_smoothing=0.2).backward()
+    grads = [p.grad for p in ref.parameters()]
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    assert norm > 0.05  # the clip is active, so the test checks it
+    with torch.no_grad():
+        for p, g in zip(ref.parameters(), grads):
+            p -= 0.5 * g * (0.05 / norm)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_extra_loss_adds_its_analytic_gradient():
+    loader = _one_batch()
+    base = mlp()
+    plain, penalised = copy.deepcopy(base), copy.deepcopy(base)
+    rec_plain, rec_pen = GradRecorder(), GradRecorder()
+    cfg = TrainConfig(epochs=1, lr=0.1, **PLAIN_SGD)
+    train(plain, loader, None, cfg, hooks=[rec_plain], progress=False)
+    lam = 0.7
+    train(penalised, loader, None, cfg, hooks=[L2Penalty(penalised[0], lam), rec_pen], progress=False)
+    # d/dW (lam/2 ||W||^2) = lam * W, evaluated at the initial weights; other grads unchanged.
+    diff = rec_pen.grads[0]["0.weight"] - rec_plain.grads[0]["0.weight"]
+    torch.testing.assert_close(diff, lam * base[0].weight.detach(), rtol=0, atol=1e-6)
+    for name in ("0.bias", "2.weight", "2.bias"):
+        torch.testing.assert_close(rec_pen.grads[0][name], rec_plain.grads[0][name], rtol=0, atol=0)
+
+
+def test_none_extra_loss_changes_nothing():
+    loader = _one_batch()
+    a, b = mlp(), mlp()
+    cfg = TrainConfig(epochs=2, lr=0.1)
+    train(a, loader, None, cfg, progress=False)
+    train(b, loader, None, cfg, hooks=[Hook()], progress=False)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+class OrderHook(Hook):
+    def __init__(self, model):
+        self.model, self.calls = model, []
+        self.seen_grad_in_extra = []
+
+    def extra_loss(self, model, step):
+        assert model is self.model
+        self.seen_grad_in_extra.append(any(p.grad is not None for p in model.parameters()))
+        self.calls.append(("extra_loss", step))
+        return None
+
+    def after_backward(self, model, step):
+        assert all(p.grad is not None for p in model.parameters())
+        self.calls.append(("after_backward", step))
+
+    def on_step_end(self, model, step):
+        self.calls.append(("on_step_end", step))
+
+    def on_epoch_end(self, model, epoch, metrics):
+        assert {"train_loss", "val_acc", "lr"} <= set(metrics)
+        self.calls.append(("on_epoch_end", epoch))
+
+
+def test_hook_call_order_and_step_numbers():
+    x, y = blobs(20)
+    loader = TinyLoader(x, y, batch_size=10, shuffle="epoch")
+    model = mlp()
+    hook = OrderHook(model)
+    train(model, loader, loader, TrainConfig(epochs=2), hooks=[hook], progress=False)
+    want = []
+    for epoch in range(2):
+        for step in (2 * epoch, 2 * epoch + 1):
+            want += [("extra_loss", step), ("after_backward", step), ("on_step_end", step)]
+        want.append(("on_epoch_end", epoch))
+    assert hook.calls == want
+    assert hook.seen_grad_in_extra == [False] * 4  # gradients are cleared before each forward
+    assert loader.epochs_seen == [0, 1]
+
+
+class FreezeFirstLayer(Hook):
+    def after_backward(self, model, step):
+        for p in model[0].parameters():
+            p.grad.zero_()
+
+
+def test_after_backward_zeroing_grads_freezes_weights():
+    x, y = blobs(30)
+    model = mlp()
+    before = copy.deepcopy(model)
+    cfg = TrainConfig(epochs=2, lr=0.2, momentum=0.9, weight_decay=0.0)
+    train(model, TinyLoader(x, y, 10), None, cfg, hooks=[FreezeFirstLayer()], progress=False)
+    assert torch.equal(model[0].weight, before[0].weight) and torch.equal(model[0].bias, before[0].bias)
+    assert not torch.equal(model[2].weight, before[2].weight)
+
+
+class AddMetric(Hook):
+    def on_epoch_end(self, model, epoch, metrics):
+        metrics["sparsity"] = 0.25 * epoch
+        metrics["w_norm"] = model[0].weight.norm()  # a tensor: logged as a number
+
+
+def test_on_epoch_end_metrics_land_in_jsonl_and_history(tmp_path):
+    x, y = blobs(60)
+    xv, yv = blobs(30, seed=1)
+    model = mlp()
+    log = tmp_path / "run" / "metrics.jsonl"
+    cfg = TrainConfig(epochs=3, lr=0.1, log_every=2)
+    result = train(model, TinyLoader(x, y, 20), TinyLoader(xv, yv, 16), cfg, hooks=[AddMetric()],
+                   log_path=log, progress=False)
+    records = epoch_records(log)
+    assert [r["sparsity"] for r in records] == [0.0, 0.25, 0.5]
+    assert records[-1]["w_norm"] == pytest.approx(model[0].weight.norm().item())
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    for rec, hist in zip(records, result.history):
+        assert {k: v for k, v in rec.items() if k != "event"} == hist
+    # 3 steps per epoch, a step record every 2 steps: steps 1, 3, 5, 7.
+    assert [r["step"] for r in read_jsonl(log) if r["event"] == "step"] == [1, 3, 5, 7]
+    # The logged validation numbers are those of an independent evaluation of the final model.
+    oracle = evaluate(model, TinyLoader(xv, yv, 16))
+    assert records[-1]["val_acc"] == pytest.approx(oracle["acc"])
+    assert records[-1]["val_loss"] == pytest.approx(oracle["loss"])
+    assert records[-1]["val_n"] == 30 and records[-1]["train_n"] == 60
+
+
+def test_evaluate_matches_manual_computation():
+    x, y = blobs(25)
+    model = mlp().train()
+    out = evaluate(model, TinyLoader(x, y, 7))
+    with torch.no_grad():
+        logits = model(x)
+    assert out["n"] == 25
+    assert out["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert out["acc"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    assert model.training  # mode restored
+
+
+def test_evaluate_uses_eval_mode():
+    x, y = blobs(16)
+    model = mlp(dropout=0.9)
+    a, b = evaluate(model, [(x, y)]), evaluate(model, [(x, y)])
+    assert a == b  # dropout off: deterministic
+
+
+def test_learns_sklearn_digits():
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    tr, va = perm[:1400], perm[1400:]
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    cfg = TrainConfig(epochs=6, lr=0.1, momentum=0.9, weight_decay=1e-4, warmup_epochs=1)
+    result = train(model, TinyLoader(x[tr], y[tr], 50, shuffle="epoch"), TinyLoader(x[va], y[va], 200),
+                   cfg, progress=False)
+    assert result.best_val_acc > 0.9
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    accs = [h["val_acc"] for h in result.history]
+    assert result.best_val_acc == max(accs) and accs[result.best_epoch] == max(accs)
+
+
+def test_bf16_on_cpu_is_ignored_with_a_note(tmp_path):
+    x, y = blobs(20)
+    a, b = mlp(), mlp()
+    log = tmp_path / "m.jsonl"
+    with pytest.warns(UserWarning, match="bf16"):
+        res = train(a, TinyLoader(x, y, 10), None, TrainConfig(epochs=1, bf16=True), log_path=log,
+                    device="cpu", progress=False)
+    train(b, TinyLoader(x, y, 10), None, TrainConfig(epochs=1), device="cpu", progress=False)
+    assert any("bf16" in n for n in res.notes)
+    assert any(r["event"] == "note" and "bf16" in r["message"] for r in read_jsonl(log))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_channels_last_cnn_matches_default_layout():
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    y = torch.randint(0, 4, (16,))
+
+    def cnn():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    a, b = cnn(), cnn()
+    cfg = TrainConfig(epochs=2, lr=0.1)
+    ra = train(a, TinyLoader(x, y, 8), TinyLoader(x, y, 8), cfg, progress=False)
+    rb = train(b, TinyLoader(x, y, 8), TinyLoader(x, y, 8), cfg.replace(channels_last=True), progress=False)
+    assert a[0].weight.is_contiguous(memory_format=torch.channels_last) is False
+    assert b[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert ra.final_metrics["val_loss"] == pytest.approx(rb.final_metrics["val_loss"], rel=1e-4)
+
+
+class BadMetric(Hook):
+    def on_epoch_end(self, model, epoch, metrics):
+        metrics["model"] = model  # not a number: it could not be logged
+
+
+def test_unloggable_metric_raises_config_error():
+    from prunekit.core.errors import ConfigError
+    x, y = blobs(10)
+    with pytest.raises(ConfigError, match="cannot be logged"):
+        train(mlp(), TinyLoader(x, y, 5), None, TrainConfig(epochs=1), hooks=[BadMetric()], progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile
+def test_compile_matches_eager():
+    x, y = blobs(40)
+    a, b = mlp(), mlp()
+    cfg = TrainConfig(epochs=2, lr=0.1)
+    ra = train(a, TinyLoader(x, y, 10), TinyLoader(x, y, 20), cfg, progress=False)
+    rb = train(b, TinyLoader(x, y, 10), TinyLoader(x, y, 20), cfg.replace(compile=True), progress=False)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert ra.final_metrics["val_loss"] == pytest.approx(rb.final_metrics["val_loss"], rel=1e-5)

@@ -1,0 +1,119 @@
+"""Run reports: files, table rows and totals against hand numbers, escaping, plots, tolerance."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from prunekit.core.errors import ConfigError
+from prunekit.report import write_report
+
+
+def _latency(median: float) -> dict:
+    return {"median_ms": median, "mean_ms": median, "std_ms": 0.1, "p10_ms": median - 0.1,
+            "p90_ms": median + 0.1, "min_ms": median - 0.2, "max_ms": median + 0.3, "n": 20,
+            "device": "cpu", "device_name": "Test CPU", "dtype": "float32", "batch": 1,
+            "torch_version": "9.9", "settings": {}, "times_ms": []}
+
+
+def _full() -> dict:
+    return {
+        "title": "ResNet <tiny> & friends",
+        "method": "l1",
+        "config": {"ratio": 0.5, "note": "</pre><b>x</b>"},
+        "environment": {"torch": "9.9", "cuda": {"device_name": "None GPU"}},
+        "cost_before": {"params": 1_234_567, "macs": 557_900_000, "latency": _latency(2.0)},
+        "cost_after": {"params": 411_522, "macs": 123_400_000, "latency": _latency(0.8)},
+        "accuracy_before": 0.9312,
+        "accuracy_after": 0.9205,
+        "accuracy_pruned_no_finetune": 0.61,
+        "layers": [
+            {"name": "conv1", "channels_before": 64, "channels_after": 32, "params_before": 1728,
+             "params_after": 864, "macs_before": 1_769_472, "macs_after": 884_736},
+            {"name": "<script>alert(1)</script>", "channels_before": 128, "channels_after": 48,
+             "params_before": 73_728, "params_after": 13_824, "macs_before": 75_000_000, "macs_after": 14_000_000,
+             "latency_ms_before": 0.5, "latency_ms_after": 0.25},
+        ],
+        "counting_convention": "1 MAC = one multiply-add; conv and linear only",
+        "history": [{"step": 1, "macs": 300_000_000, "accuracy": 0.925}, {"step": 2, "macs": 200_000_000, "accuracy": 0.91}],
+    }
+
+
+def test_full_report_rows_and_totals(tmp_path):
+    paths = write_report(tmp_path / "run", _full())
+    md = paths.markdown.read_text()
+    assert paths.markdown == tmp_path / "run" / "report.md" and paths.html.exists()
+    # 411,522 / 1,234,567 = 0.3333 -> 33.3%, 3.00x; 123.4M / 557.9M = 0.2212 -> 22.1%, 4.52x.
+    assert "| params | 1.23M (1,234,567) | 412K (411,522) | 33.3% | 3.00x fewer params |" in md
+    assert "| MACs | 558M (557,900,000) | 123M (123,400,000) | 22.1% | 4.52x fewer MACs |" in md
+    # Latency 2.0 -> 0.8 ms: 40.0% of the time, 2.50x faster.
+    assert "| latency, median (ms) | 2.00 | 0.800 | 40.0% | 2.50x faster |" in md
+    assert "| before | 93.12% |" in md and "| after | 92.05% |" in md
+    assert "| pruned, no fine-tune | 61.00% |" in md and "| delta (after - before) | -1.07 pp |" in md
+    assert "| conv1 | 64 | 32 | 50.0% | 1.73K | 864 | 1.77M | 885K | n/a | n/a |" in md
+    assert "| 37.5% | 73.7K | 13.8K | 75M | 14M | 0.500 | 0.250 |" in md
+    assert "Counting convention: 1 MAC = one multiply-add; conv and linear only" in md
+    assert "| 1 | 300M | 92.50% |" in md
+    assert "| cuda.device_name | None GPU |" in md and "| device | Test CPU | Test CPU |" in md
+    assert '"ratio": 0.5' in md
+
+
+def test_html_escapes_user_text(tmp_path):
+    page = write_report(tmp_path, _full()).html.read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<title>ResNet &lt;tiny&gt; &amp; friends</title>" in page
+    assert "&lt;/pre&gt;&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page
+    assert '<td class="num">4.52x fewer MACs</td>' in page
+    assert page.count("<table>") == 6  # accuracy, totals, layers, history, latency, environment
+    md = (tmp_path / "report.md").read_text()
+    assert "\\<script\\>alert(1)\\</script\\>" in md  # Markdown escapes it too
+
+
+def test_plots_are_valid_pngs_and_linked(tmp_path):
+    paths = write_report(tmp_path, _full())
+    assert [p.name for p in paths.plots] == ["accuracy_vs_macs.png", "layer_widths.png"]
+    page = paths.html.read_text()
+    md = paths.markdown.read_text()
+    for p in paths.plots:
+        with Image.open(p) as img:
+            img.verify()
+            assert img.format == "PNG" and img.size[0] > 100 and img.size[1] > 100
+        assert f'<img src="{p.name}"' in page and f"]({p.name})" in md
+
+
+def test_empty_result_does_not_crash(tmp_path):
+    paths = write_report(tmp_path, {})
+    md = paths.markdown.read_text()
+    assert paths.plots == []
+    assert "| params | n/a | n/a | n/a | n/a |" in md and "| before | n/a |" in md
+    assert "Counting convention: not recorded" in md and "latency" not in md
+    assert "Pruning report: unknown method" in md and paths.html.exists()
+
+
+def test_partial_layers_and_totals_from_layer_sums(tmp_path):
+    result = {"method": "x", "accuracy_after": 91.0,  # given as a percentage
+              "layers": [{"name": "a", "channels_before": 10, "params_before": 300, "params_after": 100},
+                         {"name": "b", "params_before": 700, "params_after": 400}]}
+    paths = write_report(tmp_path, result)
+    md = paths.markdown.read_text()
+    # No whole-model count: totals are layer sums, 1000 -> 500, marked with * (escaped in Markdown).
+    assert "| params | 1K (1,000) \\* | 500 (500) \\* | 50.0% | 2.00x fewer params |" in md
+    assert "<td class=\"num\">1K (1,000) *</td>" in paths.html.read_text()
+    assert "sums over the listed layers" in md
+    assert "| a | 10 | n/a | n/a |" in md and "| after | 91.00% |" in md
+    assert [p.name for p in paths.plots] == ["layer_widths.png"]  # no MACs: no accuracy plot
+
+
+def test_reads_result_json_and_reports_missing_file(tmp_path):
+    (tmp_path / "result.json").write_text(json.dumps(_full()))
+    paths = write_report(tmp_path)
+    assert "4.52x fewer MACs" in paths.markdown.read_text()
+    with pytest.raises(ConfigError, match="result.json does not exist"):
+        write_report(tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "result.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        write_report(tmp_path / "bad")
+    with pytest.raises(ConfigError, match="result dict"):
+        write_report(tmp_path, [1, 2])

@@ -1,0 +1,155 @@
+"""Compact sparse checkpoints: exact round trip, size, corruption handling; 2:4 kernel guard."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from prunekit.core.errors import CheckpointError, PruningError
+from prunekit.surgery.masks import apply_mask, get_mask, nm_mask, remove_masks, unstructured_mask
+from prunekit.surgery.sparse_io import load_sparse, save_sparse, to_semi_structured_
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 64), nn.Linear(64, 10)
+    )
+
+
+def _sparse_net(seed=0):
+    net = _net(seed)
+    net[1].running_mean.uniform_()  # a buffer with no zeros
+    apply_mask(net[0], "weight", unstructured_mask(net[0].weight, 0.9))
+    apply_mask(net[4], "weight", unstructured_mask(net[4].weight, 0.9))
+    apply_mask(net[5], "weight", nm_mask(net[5].weight, 2, 4))
+    return net
+
+
+def _flat_state(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def test_round_trip_is_exact_and_restores_masks(tmp_path):
+    src = _sparse_net()
+    path = tmp_path / "net.safetensors"
+    infos = save_sparse(src, path)
+    assert infos["0.weight"]["encoding"] == "bitmask" and infos["0.weight"]["masked"]
+    assert infos["5.weight"]["kind"] == "nm" and (infos["5.weight"]["n"], infos["5.weight"]["m"]) == (2, 4)
+    assert infos["1.num_batches_tracked"]["encoding"] == "dense"
+    dst = _net(seed=1)
+    load_sparse(dst, path, restore_masks=True)
+    for name in ("0", "4", "5"):
+        assert torch.equal(getattr(dst, name).weight, getattr(src, name).weight)
+        assert torch.equal(get_mask(getattr(dst, name), "weight"), get_mask(getattr(src, name), "weight"))
+    x = torch.randn(2, 3, 8, 8)
+    src.eval(), dst.eval()
+    assert torch.equal(dst(x), src(x))
+    remove_masks(src)
+    remove_masks(dst)
+    assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.state_dict().items())
+
+
+def test_plain_model_with_zeros_round_trips_without_masks(tmp_path):
+    src = _net()
+    with torch.no_grad():
+        src[4].weight.mul_(unstructured_mask(src[4].weight, 0.8))
+    path = tmp_path / "plain.safetensors"
+    assert save_sparse(src, path)["4.weight"]["masked"] is False
+    dst = _net(seed=2)
+    load_sparse(dst, path)
+    assert get_mask(dst[4], "weight") is None
+    assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.state_dict().items())
+
+
+def test_ninety_percent_sparse_file_is_under_a_quarter_of_dense(tmp_path):
+    net = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
+    for layer in net:
+        apply_mask(layer, "weight", unstructured_mask(layer.weight, 0.9))
+        apply_mask(layer, "bias", unstructured_mask(layer.bias, 0.9))
+    sparse_path, dense_path = tmp_path / "s.safetensors", tmp_path / "d.safetensors"
+    save_sparse(net, sparse_path)
+    remove_masks(net)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, dense_path)
+    assert os.path.getsize(sparse_path) < 0.25 * os.path.getsize(dense_path)
+
+
+def _assert_corrupt(path, net, match):
+    before = _flat_state(net)
+    with pytest.raises(CheckpointError, match=match):
+        load_sparse(net, path)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())  # model untouched
+
+
+def test_corrupt_files_raise_checkpoint_error(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_sparse(_sparse_net(), good)
+    raw = good.read_bytes()
+    target = _net(seed=3)
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    _assert_corrupt(truncated, target, "not a readable")
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    _assert_corrupt(garbage, target, "not a readable")
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, plain)
+    _assert_corrupt(plain, target, "no prunekit sparse metadata")
+
+    tensors = load_file(good)
+    with safe_open(str(good), "pt") as f:
+        meta = json.loads(f.metadata()["prunekit_sparse"])
+    tampered = dict(tensors)
+    tampered["4.weight::values"] = tensors["4.weight::values"][:-1]
+    bad_values = tmp_path / "values.safetensors"
+    save_file(tampered, bad_values, metadata={"prunekit_sparse": json.dumps(meta)})
+    _assert_corrupt(bad_values, target, "values for")
+
+    meta_shape = json.loads(json.dumps(meta))
+    meta_shape["tensors"]["4.weight"]["shape"] = [64, 500]
+    bad_shape = tmp_path / "shape.safetensors"
+    save_file(tensors, bad_shape, metadata={"prunekit_sparse": json.dumps(meta_shape)})
+    _assert_corrupt(bad_shape, target, "bit bytes")
+
+    meta_nm = json.loads(json.dumps(meta))
+    meta_nm["tensors"]["4.weight"].update(kind="nm", n=2, m=4)
+    bad_nm = tmp_path / "nm.safetensors"
+    save_file(tensors, bad_nm, metadata={"prunekit_sparse": json.dumps(meta_nm)})
+    _assert_corrupt(bad_nm, target, "N:M")
+
+
+def test_wrong_architecture_or_masked_target_is_refused(tmp_path):
+    path = tmp_path / "net.safetensors"
+    save_sparse(_sparse_net(), path)
+    other = nn.Sequential(nn.Linear(4, 4))
+    _assert_corrupt(path, other, "does not fit")
+    masked = _net()
+    apply_mask(masked[4], "weight", torch.ones_like(masked[4].weight, dtype=torch.bool))
+    with pytest.raises(CheckpointError, match="without masks"):
+        load_sparse(masked, path)
+
+
+def test_save_failure_leaves_no_file(tmp_path):
+    net = nn.Module()
+    net.register_buffer("a::b", torch.zeros(2))
+    path = tmp_path / "x.safetensors"
+    with pytest.raises(CheckpointError, match="reserves"):
+        save_sparse(net, path)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0), reason="an Ampere+ GPU is present"
+)
+def test_semi_structured_needs_an_ampere_gpu():
+    net = nn.Sequential(nn.Linear(64, 64))
+    apply_mask(net[0], "weight", nm_mask(net[0].weight))
+    with pytest.raises(PruningError, match="Ampere"):
+        to_semi_structured_(net)
+    assert get_mask(net[0], "weight") is not None  # untouched
