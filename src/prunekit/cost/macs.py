@@ -68,9 +68,9 @@ def estimate_cost(model: nn.Module, graph: Graph, removal: dict[str, list[int]])
     """(params, MACs) the model would have after `removal`, without touching it.
 
     Each parameter shrinks by the kept fraction of every dim a channel touches; each conv/linear
-    node's MACs shrink by the kept fractions of its weight's two channel dims. This is exact
-    for conv/linear; parameter-free products (attention) are counted unchanged, so the estimate
-    never promises more than the real count, which is measured after removal anyway.
+    node's MACs shrink by the kept fractions of its weight's two channel dims; parameter-free
+    products (matmul, attention) shrink by the kept fractions of their contracted and output
+    positions. Exact for these ops (tests compare it with a recount after removal).
     """
     import torch
 
@@ -94,10 +94,20 @@ def estimate_cost(model: nn.Module, graph: Graph, removal: dict[str, list[int]])
         for f in kept_of(q):
             scale *= f
         params += int(round(p.numel() * scale))
+    kept_part = lambda ids: 1.0 - float(torch.isin(ids, dead_t).float().mean()) if ids.numel() else 1.0
     macs = 0
+    batch = max(graph.batch, 1)
     for node in graph.nodes:
+        if node.terms and not node.params:
+            total = 0.0
+            for part, idss in node.terms:
+                for ids in idss:
+                    part *= kept_part(ids)
+                total += part
+            macs += int(round(total)) // batch
+            continue
         scale = 1.0
         for f in (kept_of(node.params[0]) if node.params else []):
             scale *= f
-        macs += int(round(node.macs // max(graph.batch, 1) * scale))
+        macs += int(round(node.macs // batch * scale))
     return params, macs

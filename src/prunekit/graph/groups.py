@@ -134,6 +134,8 @@ def _finish(tr: Tracer, batch: int, input_shapes: list[list[int]]) -> Graph:
     uf = tr.uf
     _join_shared(tr)
     members = [Member(m.module, m.name, m.dim, uf.find(m.ids), m.role) for m in tr.members]
+    for node in tr.nodes:
+        node.terms = [(macs, [uf.find(ids) for ids in idss]) for macs, idss in node.terms]
     # groups: connected components of producer spaces that share a class
     comp = UnionFind()
     comp.allocate(len(uf))

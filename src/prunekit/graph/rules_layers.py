@@ -27,6 +27,17 @@ def _out_ids(ids: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
     return ids.reshape(shape)
 
 
+def _join_conv_groups(tr, p, in_ids, groups: int) -> None:
+    """One class per conv group (whole groups go, so `groups` stays valid). A group whose
+    input channels have no channel identity (the model input, a fresh tensor) is fixed."""
+    og, ig = p.numel() // groups, in_ids.numel() // groups
+    for g in range(groups):
+        ins = in_ids[g * ig:(g + 1) * ig]
+        tr.uf.union_all(torch.cat([p[g * og:(g + 1) * og], ins]))
+        if bool((ins < 0).any()):
+            tr.uf.mark_fixed(p[g * og:(g + 1) * og])
+
+
 def conv(tr, call):
     x, w, b = call.args[0], call.arg(1, "weight"), call.arg(2, "bias")
     groups = int(call.arg(6, "groups", 1))
@@ -40,10 +51,8 @@ def conv(tr, call):
     tr.add_member(mod, wname, 0, p, "out")
     if groups == 1:
         tr.add_member(mod, wname, 1, in_ids, "in")
-    else:  # one class per conv group: prune whole groups, so `groups` stays valid
-        og, ig = c_out // groups, c_in // groups
-        for g in range(groups):
-            tr.uf.union_all(torch.cat([p[g * og:(g + 1) * og], in_ids[g * ig:(g + 1) * ig]]))
+    else:
+        _join_conv_groups(tr, p, in_ids, groups)
     if b is not None and _named(tr, b) is not None:
         tr.add_member(*_named(tr, b), 0, p, "out")
     tr.set_ids(out, _out_ids(p, out.dim(), 1))
@@ -65,9 +74,7 @@ def conv_transpose(tr, call):
     if groups == 1:
         tr.add_member(mod, wname, 1, p, "out")
     else:
-        og, ig = c_out // groups, c_in // groups
-        for g in range(groups):
-            tr.uf.union_all(torch.cat([p[g * og:(g + 1) * og], in_ids[g * ig:(g + 1) * ig]]))
+        _join_conv_groups(tr, p, in_ids, groups)
     if b is not None and _named(tr, b) is not None:
         tr.add_member(*_named(tr, b), 0, p, "out")
     tr.set_ids(out, _out_ids(p, out.dim(), 1))

@@ -198,6 +198,9 @@ def softmax(tr, call):
 
 
 def matmul(tr, call):
+    """a @ b contracts a's last dim with b's second-to-last. Channel positions there must match
+    on both sides (joined) or stay fixed when only one side carries them; an output position
+    only keeps the ids of an operand whose ids do not vary along the contracted dim."""
     a, b = call.args[0], call.args[1]
     if tr.tensor_name(b) is not None and b.dim() == 2:
         from .rules_layers import linear_like
@@ -207,14 +210,29 @@ def matmul(tr, call):
         return _fix_all(tr, call)
     ia, ib = tr.ids(a), tr.ids(b)
     k = a.shape[-1]
-    tr.uf.union_pairs(along(ia, -1, k, tr.uf), along(ib, -2, k, tr.uf))
-    rows = ia.narrow(-1, 0, 1)  # ids of a that survive: all dims but the contracted one
-    cols = ib.narrow(-2, 0, 1)
+    if k == 1 and ((ia >= 0).any() or (ib >= 0).any()):
+        return _fix_all(tr, call)  # an outer product: cannot tell a lone channel from broadcasting
+    ka, kb = _varies(ia, -1), _varies(ib, -2)
+    ca = along(ia, -1, k, tr.uf) if ka else None
+    cb = along(ib, -2, k, tr.uf) if kb else None
+    if ka and kb:
+        tr.uf.union_pairs(ca, cb)
+    elif ka or kb:  # the other operand cannot lose those positions
+        tr.uf.mark_fixed(ca if ka else cb)
+    rows = torch.full_like(ia.narrow(-1, 0, 1), NO_ID) if ka else ia.narrow(-1, 0, 1)
+    cols = torch.full_like(ib.narrow(-2, 0, 1), NO_ID) if kb else ib.narrow(-2, 0, 1)
     if (rows >= 0).any() and (cols >= 0).any() and varying_dims(cols) and varying_dims(rows):
         return _fix_all(tr, call)
     src = rows if (rows >= 0).any() else cols
     tr.set_ids(out, _fit(tr, src, out))
-    tr.add_node(call, macs=out.numel() * k)
+    macs = out.numel() * k
+    contracted = [ca if ka else cb] if (ka or kb) else []
+    tr.add_node(call, macs=macs, terms=[(macs, contracted + [tr.ids(out)])])
+
+
+def _varies(ids: torch.Tensor, dim: int) -> bool:
+    d = dim % ids.dim()
+    return ids.shape[d] > 1 and not bool((ids == ids.narrow(d, 0, 1)).all())
 
 
 def sdpa(tr, call):
@@ -231,7 +249,9 @@ def sdpa(tr, call):
         return _fix_all(tr, call)
     tr.set_ids(out, _fit(tr, iv, out))
     L, S = q.shape[-2], k.shape[-2]
-    tr.add_node(call, macs=q.numel() // q.shape[-1] * S * (q.shape[-1] + v.shape[-1]) if L else 0)
+    rows = q.numel() // q.shape[-1] * S if L else 0
+    tr.add_node(call, macs=rows * (q.shape[-1] + v.shape[-1]),
+                terms=[(rows * q.shape[-1], [qk[0]]), (rows * v.shape[-1], [tr.ids(out)])])
 
 
 def setitem(tr, call):

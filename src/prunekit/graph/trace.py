@@ -60,6 +60,9 @@ class Node:
     out_shapes: list[tuple[int, ...]]
     macs: int = 0
     params: list[str] = field(default_factory=list)
+    # parameter-free products: (macs, [id tensors]); each term scales by the kept fraction of
+    # every id tensor in it (used by cost.macs.estimate_cost, ids are class roots after tracing)
+    terms: list[tuple[int, list[torch.Tensor]]] = field(default_factory=list)
 
 
 @dataclass
@@ -168,10 +171,12 @@ class Tracer(TorchFunctionMode):
     def add_member(self, module: str, name: str, dim: int, ids: torch.Tensor, role: str) -> None:
         self.members.append(Member(module, name, dim, ids.reshape(-1).clone(), role))
 
-    def add_node(self, call: Call, macs: int = 0, params: Iterable[str] = ()) -> None:
+    def add_node(self, call: Call, macs: int = 0, params: Iterable[str] = (),
+                 terms: Iterable[tuple[int, list[torch.Tensor]]] = ()) -> None:
         shapes = lambda xs: [tuple(x.shape) for x in tree_flatten(xs)[0] if isinstance(x, torch.Tensor)]
         self.nodes.append(Node(call.name, call.module, shapes((call.args, call.kwargs)),
-                               shapes(call.out), int(macs), list(params)))
+                               shapes(call.out), int(macs), list(params),
+                               [(int(m), [t.clone() for t in ids]) for m, ids in terms]))
 
     # ---- the mode ----------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -62,9 +62,32 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     work = copy.deepcopy(model)
     try:
         apply_plan_(work, plan)
+        _check_fit(work, path)
         load_model(work, str(path), strict=True)
     except PrunekitError:
         raise
     except (RuntimeError, OSError, SafetensorError, ValueError) as err:
         raise CheckpointError(f"weights in {path} do not fit this model after replaying its plan: {err}") from None
     return work
+
+
+def _check_fit(model: nn.Module, path: str | Path) -> None:
+    """Compare tensor names and shapes first, for a short message instead of a key dump."""
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    state = model.state_dict()
+    ours = {k: tuple(v.shape) for k, v in state.items()}
+    aliases: dict[tuple, set[str]] = {}  # tied tensors are stored once, under one of their names
+    for k, v in state.items():
+        aliases.setdefault((v.data_ptr(), tuple(v.shape)), set()).add(k)
+    missing = sorted(k for k, v in state.items()
+                     if not aliases[(v.data_ptr(), tuple(v.shape))] & set(stored))
+    extra = sorted(set(stored) - set(ours))
+    wrong = sorted(k for k in set(ours) & set(stored) if ours[k] != stored[k])
+    if missing or extra or wrong:
+        parts = [f"{len(v)} {what} (first: {v[0]})" for what, v in
+                 (("tensors missing from the file", missing), ("unexpected tensors", extra),
+                  ("shape mismatches", wrong)) if v]
+        raise CheckpointError(f"weights in {path} do not fit this model after replaying its plan: "
+                              f"{'; '.join(parts)}. Build the same architecture (name, num_classes, "
+                              "options) that the file was pruned from")

@@ -46,13 +46,21 @@ def first_tensor(out: Any) -> torch.Tensor:
 
 
 def zero_contributions_(model: nn.Module, group: Group, channels: Sequence[int]) -> None:
-    """Zero every consumer input slice of `channels` (in place, shapes unchanged)."""
+    """What removing `channels` means, with shapes unchanged (in place).
+
+    Zero every consumer input slice ("in" members: the next conv's input channels, a Linear's
+    columns...) and every producer parameter slice ("out"/"through": filters, biases, norm
+    affine parameters), so the channel is zero wherever it is still used, also in
+    parameter-free products such as q @ k^T.
+    """
     dead = torch.tensor(sorted(channels), dtype=torch.long)
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for m in group.tensor_members():
-            if m.role == "in":
-                t = getattr(model.get_submodule(m.module), m.name)
-                t.index_fill_(m.dim, torch.isin(m.channel, dead).nonzero().flatten(), 0.0)
+            if m.role != "in" and m.qualname not in params:
+                continue  # buffers (BN running stats) stay: with zero affine they change nothing
+            t = getattr(model.get_submodule(m.module), m.name)
+            t.index_fill_(m.dim, torch.isin(m.channel, dead).nonzero().flatten(), 0.0)
 
 
 def group_is_exact(group: Group, model: nn.Module) -> bool:

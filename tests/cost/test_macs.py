@@ -1,0 +1,117 @@
+"""MACs and parameters from the traced graph against hand counts."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.cost.macs import count_cost, estimate_cost
+from prunekit.graph import build_graph
+from prunekit.models import create_model
+from prunekit.testing.checks import random_removal
+from prunekit.testing.toy_models import TOY_MODELS
+
+
+def conv_macs(cin, cout, k, hw, groups=1):
+    return cout * (cin // groups) * k * k * hw * hw
+
+
+def resnet_cifar_macs(depth, shortcut):
+    """Hand count: stem, 3 stages of (depth-2)/6 basic blocks, downsampling shortcuts, fc."""
+    n = (depth - 2) // 6
+    total = conv_macs(3, 16, 3, 32)
+    cin = 16
+    for width, hw in ((16, 32), (32, 16), (64, 8)):
+        for b in range(n):
+            total += conv_macs(cin, width, 3, hw) + conv_macs(width, width, 3, hw)
+            if cin != width and shortcut == "projection":
+                total += conv_macs(cin, width, 1, hw)
+            cin = width
+    return total + 64 * 10
+
+
+@pytest.mark.parametrize("shortcut", ["projection", "zeropad"])
+def test_resnet56_cifar_hand_count(shortcut):
+    model = create_model("resnet56", num_classes=10, shortcut=shortcut)
+    cost = count_cost(model, torch.randn(1, 3, 32, 32))
+    assert cost.macs == resnet_cifar_macs(56, shortcut)
+    assert cost.params == sum(p.numel() for p in model.parameters())
+    if shortcut == "zeropad":  # the figure the literature quotes for ResNet-56 (option A)
+        assert round(cost.macs / 1e6, 2) == 125.49
+
+
+def test_macs_are_per_sample():
+    model = create_model("resnet20", num_classes=10)
+    one = count_cost(model, torch.randn(1, 3, 32, 32)).macs
+    assert count_cost(model, torch.randn(4, 3, 32, 32)).macs == one
+
+
+def test_grouped_transposed_linear_attention_hand_count():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.gc = nn.Conv2d(8, 16, 1, groups=4)
+            self.up = nn.ConvTranspose2d(16, 4, 2, stride=2)
+            self.q, self.k, self.v = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(4, 6)
+
+        def forward(self, x):
+            x = self.up(self.gc(self.dw(x)))  # (B, 4, 8, 8)
+            t = x.flatten(2).transpose(1, 2)  # (B, 64 tokens, 4)
+            a = torch.softmax(self.q(t) @ self.k(t).transpose(1, 2), -1)  # (B, 64, 64)
+            return a @ self.v(t)
+
+    cost = count_cost(Net(), torch.randn(2, 8, 4, 4))
+    hand = (8 * 1 * 9 * 16          # depthwise 3x3 at 4x4
+            + 16 * 2 * 1 * 16       # grouped 1x1: each output sees 8/4 inputs
+            + 16 * 4 * 2 * 2 * 16   # transposed conv: every input pixel meets cout*k*k weights
+            + 3 * 64 * 4 * 6        # q, k, v projections over 64 tokens
+            + 64 * 64 * 6           # QK^T
+            + 64 * 64 * 6)          # AV
+    assert cost.macs == hand
+
+
+@pytest.mark.parametrize("name", sorted(TOY_MODELS))
+def test_estimate_matches_count_after_removal(name):
+    build, make_input = TOY_MODELS[name]
+    model, x = build().eval(), make_input()
+    graph = build_graph(model, x)
+    removal = random_removal(graph, 0.4, torch.Generator().manual_seed(0))
+    params, macs = estimate_cost(model, graph, removal)
+    from prunekit.surgery.shrink import remove_channels_
+    remove_channels_(model, graph, removal)
+    after = count_cost(model, x)
+    assert params == after.params
+    assert macs == after.macs
+
+
+def _torchvision():
+    tools = Path(__file__).resolve().parents[2].parent / "shared" / "tools"
+    if tools.exists() and str(tools) not in sys.path:
+        sys.path.insert(0, str(tools))
+    try:
+        import torchvision_cpu  # noqa: F401
+    except ImportError:
+        pass
+    return pytest.importorskip("torchvision.models", reason="torchvision is not installed")
+
+
+def test_torchvision_resnet50_hand_count():
+    tvm = _torchvision()
+    model = tvm.resnet50(weights=None)
+    cost = count_cost(model, torch.randn(1, 3, 224, 224))
+    hand = conv_macs(3, 64, 7, 112)
+    cin, hw = 64, 56
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for b in range(blocks):
+            out_hw = hw // stride if b == 0 else hw
+            hand += conv_macs(cin, width, 1, hw)             # 1x1 reduce (at input resolution)
+            hand += conv_macs(width, width, 3, out_hw)       # 3x3 (stride here, torchvision v1.5)
+            hand += conv_macs(width, width * 4, 1, out_hw)   # 1x1 expand
+            if b == 0:
+                hand += conv_macs(cin, width * 4, 1, out_hw)  # downsample projection
+            cin, hw = width * 4, out_hw
+    hand += 2048 * 1000
+    assert cost.macs == hand == 4_089_184_256
+    assert cost.params == 25_557_032

@@ -1,0 +1,69 @@
+"""Plans are plain JSON and replay exactly; pruned models round-trip through safetensors."""
+import json
+
+import pytest
+import torch
+
+from prunekit.core.errors import CheckpointError
+from prunekit.methods import prune_
+from prunekit.methods.magnitude import MagnitudeConfig
+from prunekit.models import create_model
+from prunekit.surgery.persist import load_pruned, read_plan, save_pruned
+from prunekit.surgery.plan import Plan, apply_plan_, load_plan, save_plan
+
+X = torch.randn(2, 3, 32, 32)
+
+
+def _pruned(steps=1, seed=0):
+    torch.manual_seed(seed)
+    model = create_model("resnet20", num_classes=10).eval()
+    result = prune_(model, MagnitudeConfig(channel_ratio=0.4, steps=steps, probe=False), X)
+    return model, result.plan
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_replayed_plan_equals_original(steps, tmp_path):
+    model, plan = _pruned(steps)
+    save_plan(plan, tmp_path / "plan.json")
+    data = json.loads((tmp_path / "plan.json").read_text())  # human-readable JSON
+    assert data["format"] == "prunekit.plan" and all("keep" in g for g in data["groups"].values())
+    fresh = create_model("resnet20", num_classes=10).eval()
+    apply_plan_(fresh, load_plan(tmp_path / "plan.json"))
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X), model(X))
+
+
+def test_composed_iterative_plan_keeps_original_numbering():
+    _, plan = _pruned(steps=3)
+    for name, keep in plan.groups.items():
+        assert keep == sorted(set(keep)) and keep[-1] < plan.sizes[name]
+
+
+def test_save_and_load_pruned_round_trip(tmp_path):
+    model, plan = _pruned()
+    path = save_pruned(model, plan, tmp_path / "m.safetensors")
+    assert read_plan(path).groups == plan.groups
+    again = load_pruned(create_model("resnet20", num_classes=10), path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(X), model(X))
+
+
+def test_corrupt_or_foreign_files_raise_and_leave_model_alone(tmp_path):
+    model, plan = _pruned()
+    good = save_pruned(model, plan, tmp_path / "m.safetensors")
+    fresh = create_model("resnet20", num_classes=10)
+    shapes = {k: v.shape for k, v in fresh.state_dict().items()}
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_pruned(fresh, bad)
+    with pytest.raises(CheckpointError, match="same architecture|does not have"):
+        load_pruned(create_model("resnet32", num_classes=10), good)
+    other = create_model("resnet20", num_classes=100)
+    with pytest.raises(CheckpointError):
+        load_pruned(other, good)
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == shapes
+    with pytest.raises(CheckpointError, match="not a prunekit plan"):
+        Plan.from_dict({"groups": {}})
