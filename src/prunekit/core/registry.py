@@ -40,6 +40,10 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self._items)) or '(none)'}"
             ) from None
 
+    def unregister(self, name: str) -> None:
+        """Remove `name` (no error when absent)."""
+        self._items.pop(name, None)
+
     def list(self) -> list[str]:
         return sorted(self._items)
 

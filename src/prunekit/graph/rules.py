@@ -4,7 +4,8 @@ A rule is a function `rule(tracer, call)`: it reads the ids of `call`'s tensor a
 (`tracer.ids(t)`), joins ids that must be pruned together (`tracer.uf`), records parameter
 slices (`tracer.add_member`) and sets the ids of the outputs (`tracer.set_ids`). Unknown ops
 that touch channels raise an error naming the op and the module; `register_rule` teaches
-prunekit a new one.
+prunekit a new one: `passthrough` for ops that keep channel positions (activations),
+`opaque` for ops that mix channels in ways prunekit cannot follow (their channels are kept).
 
 >>> from prunekit.graph.rules import register_rule, passthrough, RULES
 >>> _ = register_rule("my_activation", passthrough)
@@ -30,4 +31,5 @@ def rule_table() -> dict[str, Callable]:
 
 
 from .rules_tensor import passthrough  # noqa: E402  (registers tensor rules)
+from .rules_tensor import _fix_all as opaque  # noqa: E402  (rule: keep every channel the op touches)
 from . import rules_layers  # noqa: E402,F401  (registers layer rules)

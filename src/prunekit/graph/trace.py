@@ -210,12 +210,24 @@ class Tracer(TorchFunctionMode):
             return
         if any(has_ids(self.ids(t)) for t in inputs):
             kind = self._types.get(call.module, "model")
+            where = call.module or "(top level)"
+            way = (f"keep that module unpruned with ignore=['{call.module}']" if call.module else
+                   f"keep the layers that feed it unpruned with ignore={self._feeders(inputs)}")
             raise UnsupportedOpError(
-                f"prunekit has no channel rule for `{call.name}`, called in module "
-                f"'{call.module or '(top level)'}' ({kind}). Either keep that module unpruned with "
-                f"ignore=['{call.module}'], or teach prunekit the op with "
+                f"prunekit has no channel rule for `{call.name}`, called in module '{where}' ({kind}). "
+                f"Either {way}, or teach prunekit the op with "
                 f"prunekit.graph.register_rule('{call.name}', rule)."
             )
+
+    def _feeders(self, inputs) -> list[str]:
+        """Modules whose output channels reach `inputs` (for error messages)."""
+        roots = set()
+        for t in inputs:
+            ids = self.ids(t)
+            roots.update(self.uf.find(ids[ids >= 0].unique()).tolist())
+        names = [name.rsplit(".", 1)[0] for name, ids in self.spaces
+                 if roots & set(self.uf.find(ids).tolist())]
+        return sorted(set(names))
 
     def push(self, name: str) -> None:
         self._stack.append(name)

@@ -6,8 +6,9 @@ slices) and then combine members with one shared reduction (`reduce_members`): t
 "group-level" importance of DepGraph, written once for all criteria.
 
 Data-dependent criteria read `ctx`: gradients (`ctx.gradients()`, accumulated over
-`ctx.batches`) or activation statistics streamed over the loader (`ctx.activation_stats(group)`,
-per channel and per class), which later, evolved criteria build on.
+`ctx.batches`) or output statistics of every layer (`ctx.output_stats()`, one pass over the
+batches). Per-class activation statistics, which evolved criteria build on, come from
+`importance.activations.activation_stats`.
 
 >>> import torch, torch.nn as nn
 >>> from prunekit.graph import build_graph
@@ -44,6 +45,7 @@ class ScoreContext:
     seed: int = 0
     loss_fn: Callable = nn.functional.cross_entropy
     _grads: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _outs: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def tensor(self, module: str, name: str) -> torch.Tensor:
         return getattr(self.model.get_submodule(module), name).detach()
@@ -70,6 +72,37 @@ class ScoreContext:
             self.model.train(was)
             self._grads = grads
         return self._grads
+
+
+    def output_stats(self) -> dict[str, torch.Tensor]:
+        """Mean |output| per output channel of every conv/Linear over `batches` (one pass, cached)."""
+        if self._outs is None:
+            sums: dict[str, torch.Tensor] = {}
+            count = [0]
+
+            def hook(name, conv):
+                def record(_m, _inp, out):
+                    ch = 1 if conv else out.dim() - 1
+                    v = out.detach().abs().movedim(ch, -1).reshape(-1, out.shape[ch]).mean(0)
+                    sums[name] = sums.get(name, 0) + v
+                return record
+
+            handles = [m.register_forward_hook(hook(n, isinstance(m, nn.modules.conv._ConvNd)))
+                       for n, m in self.model.named_modules()
+                       if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+            was = self.model.training
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    for x, _ in self.require_batches("activation"):
+                        self.model(x)
+                        count[0] += 1
+            finally:
+                for h in handles:
+                    h.remove()
+                self.model.train(was)
+            self._outs = {n: v / max(count[0], 1) for n, v in sums.items()}
+        return self._outs
 
 
 def per_channel(values: torch.Tensor, member, size: int, reduce: str = "sum") -> torch.Tensor:
@@ -149,6 +182,19 @@ def fpgm(group: Group, ctx: ScoreContext) -> torch.Tensor:
     return torch.cdist(v, v).sum(1)
 
 
+def activation(group: Group, ctx: ScoreContext) -> torch.Tensor:
+    """Mean |output| of the group's producing conv/Linear layers over the data (data-dependent)."""
+    stats = ctx.output_stats()
+    parts = []
+    for m in group.tensor_members():
+        if m.role == "out" and m.name == "weight" and m.module in stats:
+            v = stats[m.module]
+            if v.numel() == m.channel.numel():
+                sel = m.channel >= 0
+                parts.append(torch.zeros(group.size).index_add_(0, m.channel[sel], v[sel]))
+    return reduce_members(parts, ctx.reduction) if parts else _norm_criterion(2.0)(group, ctx)
+
+
 def random_scores(group: Group, ctx: ScoreContext) -> torch.Tensor:
     gen = torch.Generator().manual_seed(ctx.seed + sum(map(ord, group.name)))
     return torch.rand(group.size, generator=gen)
@@ -161,3 +207,4 @@ CRITERIA.register("bn_scale", bn_scale)
 CRITERIA.register("taylor", taylor)
 CRITERIA.register("fpgm", fpgm)
 CRITERIA.register("random", random_scores)
+CRITERIA.register("activation", activation)

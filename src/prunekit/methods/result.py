@@ -25,7 +25,17 @@ class PruneResult:
     def params_ratio(self) -> float:
         return self.cost_before.params / max(self.cost_after.params, 1)
 
+    @property
+    def macs_fraction(self) -> float:
+        """after / before: the share of MACs that remains."""
+        return self.cost_after.macs / max(self.cost_before.macs, 1)
+
+    @property
+    def params_fraction(self) -> float:
+        return self.cost_after.params / max(self.cost_before.params, 1)
+
     def to_dict(self) -> dict[str, Any]:
         return {"plan": self.plan.to_dict(), "cost_before": self.cost_before.to_dict(),
                 "cost_after": self.cost_after.to_dict(), "config": self.config, "metrics": self.metrics,
-                "macs_ratio": self.macs_ratio, "params_ratio": self.params_ratio}
+                "macs_ratio": self.macs_ratio, "params_ratio": self.params_ratio,
+                "macs_fraction": self.macs_fraction, "params_fraction": self.params_fraction}

@@ -1,0 +1,104 @@
+"""The reference magnitude pruner: criteria, targets, schedules, channel rounding."""
+import pytest
+import torch
+from torch import nn
+
+from prunekit.core.errors import ConfigError
+from prunekit.graph import build_graph
+from prunekit.importance.activations import activation_stats
+from prunekit.importance.criteria import CRITERIA, ScoreContext
+from prunekit.methods import prune_
+from prunekit.methods.magnitude import MagnitudeConfig
+from prunekit.models import create_model
+
+X = torch.randn(2, 3, 32, 32)
+
+
+def _batches(n=2, classes=10):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, classes, (4,), generator=g)) for _ in range(n)]
+
+
+def _resnet(seed=0):
+    torch.manual_seed(seed)
+    return create_model("resnet20", num_classes=10).eval()
+
+
+@pytest.mark.parametrize("criterion", sorted(CRITERIA.list()))
+def test_every_criterion_prunes_and_keeps_outputs_shaped(criterion):
+    model = _resnet()
+    result = prune_(model, MagnitudeConfig(criterion=criterion, channel_ratio=0.3, probe=False), X,
+                    batches=_batches())
+    assert model(X).shape == (2, 10)
+    assert 0.3 < result.params_fraction < 0.9
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "activation"])
+def test_data_dependent_criteria_ask_for_data(criterion):
+    with pytest.raises(ConfigError, match="needs data"):
+        prune_(_resnet(), MagnitudeConfig(criterion=criterion, channel_ratio=0.3, probe=False), X)
+
+
+def test_l1_removes_the_smallest_filters():
+    m = nn.Sequential(nn.Conv2d(1, 4, 1, bias=False), nn.ReLU(), nn.Conv2d(4, 1, 1, bias=False))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([3.0, 0.1, 2.0, 0.2]).view(4, 1, 1, 1))
+        m[2].weight.fill_(1.0)
+    result = prune_(m, MagnitudeConfig(criterion="l1", channel_ratio=0.5), torch.randn(1, 1, 2, 2))
+    assert result.plan.groups["0"] == [0, 2]
+
+
+def test_activation_criterion_drops_dead_channels():
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        m[0].weight[1].zero_()
+        m[0].bias[1] = 0.0
+    batches = [(torch.randn(8, 3, 4, 4), torch.zeros(8, dtype=torch.long))]
+    g = build_graph(m, batches[0][0]).group("0")
+    scores = CRITERIA.get("activation")(g, ScoreContext(m, batches=batches))
+    assert int(scores.argmin()) == 1 and float(scores[1]) == 0.0
+
+
+def test_per_class_activation_statistics():
+    m = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.Flatten(), nn.Linear(8, 2))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+    x = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), 3.0)])
+    stats = activation_stats(m, build_graph(m, x).group("0"), [(x, torch.tensor([0, 1]))], num_classes=2)
+    torch.testing.assert_close(stats["class_mean"], torch.tensor([[1.0, -1.0], [3.0, -3.0]]))
+    torch.testing.assert_close(stats["mean_abs"], torch.tensor([2.0, 2.0]))
+
+
+@pytest.mark.parametrize("which", ["macs_fraction", "params_fraction"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_cost_targets_are_met(which, steps):
+    model = _resnet()
+    result = prune_(model, MagnitudeConfig(**{which: 0.5}, steps=steps, probe=False), X)
+    ratio = result.macs_fraction if which == "macs_fraction" else result.params_fraction
+    assert 0.44 <= ratio <= 0.5, ratio
+
+
+def test_round_to_keeps_multiples():
+    model = _resnet()
+    result = prune_(model, MagnitudeConfig(channel_ratio=0.4, round_to=8, probe=False), X)
+    for name, keep in result.plan.groups.items():
+        assert len(keep) % 8 == 0, (name, len(keep))
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths), widths
+
+
+def test_global_scope_respects_max_ratio():
+    model = _resnet()
+    result = prune_(model, MagnitudeConfig(channel_ratio=0.5, scope="global", max_ratio=0.6, probe=False), X)
+    for name, keep in result.plan.groups.items():
+        assert len(keep) >= result.plan.sizes[name] * 0.4 - 1e-9
+
+
+def test_iterative_schedule_calls_back_between_steps():
+    seen = []
+    model = _resnet()
+    from prunekit.methods.magnitude import magnitude_prune_
+    magnitude_prune_(model, MagnitudeConfig(channel_ratio=0.5, steps=3, probe=False), X,
+                     between_steps=lambda m, step: seen.append((step, sum(p.numel() for p in m.parameters()))))
+    assert [s for s, _ in seen] == [1, 2, 3]
+    assert seen[0][1] > seen[1][1] > seen[2][1]
