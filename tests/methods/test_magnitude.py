@@ -102,3 +102,24 @@ def test_iterative_schedule_calls_back_between_steps():
                      between_steps=lambda m, step: seen.append((step, sum(p.numel() for p in m.parameters()))))
     assert [s for s, _ in seen] == [1, 2, 3]
     assert seen[0][1] > seen[1][1] > seen[2][1]
+
+
+class _Concat(nn.Module):
+    """A narrow conv concatenated with a wide one: its channels score lowest, but one must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.narrow, self.wide, self.head = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(8, 4, 1)
+        with torch.no_grad():
+            self.narrow.weight.mul_(1e-3)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.narrow(x), self.wide(x)], 1))
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_no_producer_of_a_concat_is_emptied(scope):
+    model, x = _Concat(), torch.randn(1, 3, 4, 4)
+    prune_(model, MagnitudeConfig(channel_ratio=0.5, scope=scope, max_ratio=0.9, probe=False), x)
+    assert model.narrow.out_channels == 1 and model.head.in_channels == 4
+    assert model(x).shape == (1, 4, 4, 4)

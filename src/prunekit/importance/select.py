@@ -35,10 +35,25 @@ def normalize(scores: torch.Tensor, how: str) -> torch.Tensor:
     return scores / denom if float(denom) > 0 else scores
 
 
-def _cap(group: Group, max_ratio: float) -> int:
-    """Most channels this group may lose: within max_ratio and keeping one removable channel."""
+def must_keep(group: Group, scores: torch.Tensor) -> torch.Tensor:
+    """Channels that stay so that no tensor is emptied: the best-scoring channel of every member
+    lying wholly in this group (a conv whose outputs are one part of a concat, say), when that
+    member has no unprunable channel already. Bool mask of shape (group.size,)."""
+    keep = torch.zeros(group.size, dtype=torch.bool)
+    for m in group.members:
+        ch = m.channel
+        if ch.numel() == 0 or bool((ch < 0).any()) or not bool(group.prunable[ch].all()):
+            continue
+        keep[ch[torch.argmax(scores[ch].float())]] = True
+    return keep
+
+
+def _cap(group: Group, max_ratio: float, keep: torch.Tensor | None = None) -> int:
+    """Most channels this group may lose: within max_ratio and keeping one removable channel
+    (and every channel in `keep`)."""
     removable = int(group.prunable.sum())
-    return max(0, min(removable - 1, int(math.floor(max_ratio * group.size))))
+    limit = removable - 1 if keep is None else int((group.prunable & ~keep).sum())
+    return max(0, min(removable - 1, limit, int(math.floor(max_ratio * group.size))))
 
 
 def _round_kept(group: Group, n_remove: int, round_to: int | None, cap: int) -> int:
@@ -59,32 +74,33 @@ def select_removal(graph: Graph, scores: Mapping[str, torch.Tensor], ratio: floa
     for name, s in scores.items():
         if s.shape != (groups[name].size,):
             raise ConfigError(f"scores for group {name!r} have shape {tuple(s.shape)}, expected ({groups[name].size},)")
+    keep = {n: must_keep(g, scores[n]) for n, g in groups.items()}
     if scope == "local":
-        counts = {n: min(_cap(g, max_ratio), int(math.floor(ratio * g.size))) for n, g in groups.items()}
+        counts = {n: min(_cap(g, max_ratio, keep[n]), int(math.floor(ratio * g.size))) for n, g in groups.items()}
     else:
-        counts = _global_counts(groups, scores, ratio, max_ratio, normalizer)
+        counts = _global_counts(groups, scores, ratio, max_ratio, normalizer, keep)
     removal = {}
     for name, n in counts.items():
         g = groups[name]
-        n = _round_kept(g, n, round_to, _cap(g, max_ratio))
+        n = _round_kept(g, n, round_to, _cap(g, max_ratio, keep[name]))
         if n <= 0:
             continue
         s = scores[name].clone().float()
-        s[~g.prunable] = float("inf")
+        s[~g.prunable | keep[name]] = float("inf")
         removal[name] = sorted(torch.argsort(s, stable=True)[:n].tolist())
     return removal
 
 
-def _global_counts(groups, scores, ratio, max_ratio, normalizer) -> dict[str, int]:
+def _global_counts(groups, scores, ratio, max_ratio, normalizer, keep) -> dict[str, int]:
     entries = []
     for name, g in groups.items():
         s = normalize(scores[name].float(), normalizer)
-        entries += [(float(s[i]), name) for i in g.prunable.nonzero().flatten().tolist()]
+        entries += [(float(s[i]), name) for i in (g.prunable & ~keep[name]).nonzero().flatten().tolist()]
     total = sum(g.size for g in groups.values())
     budget = int(math.floor(ratio * total))
     entries.sort(key=lambda e: e[0])
     counts = {n: 0 for n in groups}
-    caps = {n: _cap(g, max_ratio) for n, g in groups.items()}
+    caps = {n: _cap(g, max_ratio, keep[n]) for n, g in groups.items()}
     for _, name in entries:
         if budget <= 0:
             break

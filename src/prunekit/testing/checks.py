@@ -17,6 +17,7 @@ from torch import nn
 from ..graph import Graph, Group, build_graph
 from ..surgery.shrink import remove_channels_
 from ..surgery.verify import group_is_exact, run_model as _run, zero_contributions_
+from ..importance.select import must_keep
 
 
 def check_removal_matches_zeroing(model: nn.Module, inputs: Any, graph: Graph,
@@ -42,11 +43,13 @@ def check_removal_matches_zeroing(model: nn.Module, inputs: Any, graph: Graph,
 
 
 def random_removal(graph: Graph, fraction: float, generator: torch.Generator) -> dict[str, list[int]]:
-    """Pick up to `fraction` of the prunable channels of every group (at least one channel kept)."""
+    """Pick up to `fraction` of the prunable channels of every group (at least one channel kept,
+    and one of every tensor lying wholly in the group, as the pruners do)."""
     removal = {}
     for g in graph.prunable_groups():
-        cand = g.prunable.nonzero().flatten()
-        n = min(int(round(fraction * g.size)), cand.numel() - 1)
+        keep = must_keep(g, torch.rand(g.size, generator=generator))
+        cand = (g.prunable & ~keep).nonzero().flatten()
+        n = min(int(round(fraction * g.size)), cand.numel() - (0 if bool(keep.any()) else 1))
         if n > 0:
             pick = cand[torch.randperm(cand.numel(), generator=generator)[:n]]
             removal[g.name] = sorted(pick.tolist())

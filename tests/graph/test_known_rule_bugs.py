@@ -1,0 +1,109 @@
+"""Minimal reproductions of channel-rule bugs, kept as strict xfails until the rules are fixed.
+
+Each test states the correct behaviour: for every channel the graph calls prunable, removing
+it equals zeroing its contributions (and the forward still runs). A fix turns the xfail into
+an unexpected pass, which fails the suite (strict) so the marker gets removed.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.graph import build_graph
+from prunekit.testing.checks import check_removal_matches_zeroing
+
+
+def _every_single_channel_removal_matches_zeroing(model: nn.Module, x: torch.Tensor) -> None:
+    graph = build_graph(model, x)
+    for group in graph.prunable_groups():
+        for ch in group.prunable.nonzero().flatten().tolist():
+            if group.size > 1:
+                check_removal_matches_zeroing(model, x, graph, {group.name: [ch]})
+
+
+class CutThenConv(nn.Module):
+    """conv (8 channels) -> a hard-coded piece of the channels -> conv."""
+
+    def __init__(self, cut, width: int = 4):
+        super().__init__()
+        self.a, self.b, self.cut = nn.Conv2d(3, 8, 1), nn.Conv2d(width, 2, 1), cut
+
+    def forward(self, x):
+        return self.b(self.cut(self.a(x)))
+
+
+CUTS = {
+    # rules_tensor.cut_along reads argument 1 as the dim of split/tensor_split (it is the sizes)
+    # and argument 2 as the dim of narrow/select (it is the start/index)
+    "split_sizes_list": (lambda t: torch.split(t, [4, 4], dim=1)[0], 4),  # TypeError while tracing
+    "split_size_int": (lambda t: t.split(4, dim=1)[0], 4),  # dim read as 4 % 4 = 0: not fixed
+    "narrow": (lambda t: t.narrow(1, 2, 4), 4),  # dim read as start=2: not fixed
+    "tensor_split": (lambda t: torch.tensor_split(t, 2, dim=1)[0], 4),  # dim read as 2
+    "select": (lambda t: t.select(1, 3).unsqueeze(1), 1),  # dim read as index=3: silently wrong
+}
+
+
+@pytest.mark.xfail(strict=True, reason="cut_along takes the wrong argument as the dim of split/tensor_split "
+                                       "(the sizes) and narrow/select (the start/index)")
+@pytest.mark.parametrize("name", sorted(CUTS))
+def test_hard_coded_channel_cuts_are_fixed(name):
+    cut, width = CUTS[name]
+    torch.manual_seed(0)
+    _every_single_channel_removal_matches_zeroing(CutThenConv(cut, width), torch.randn(2, 3, 4, 4))
+
+
+def test_hard_coded_channel_cuts_by_indexing_are_fixed():
+    """The same cuts written as x[:, a:b] are handled (the contrast to the xfails above)."""
+    torch.manual_seed(0)
+    model = CutThenConv(lambda t: t[:, 2:6])
+    graph = build_graph(model, torch.randn(2, 3, 4, 4))
+    assert not graph.group("a").prunable.any()
+
+
+class ShuffleOnePerGroup(nn.Module):
+    """Channel shuffle with two groups of one channel each: (B, 2, H, W) -> (B, 2, 1, H, W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 2, 1), nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        b, c, h, w = y.shape
+        return self.b(y.view(b, 2, -1, h, w).transpose(1, 2).reshape(b, -1, h, w))
+
+
+class HeadsOfWidthOne(nn.Module):
+    """Attention-style head split of a 2-wide projection into 2 heads of width 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.v, self.o = nn.Linear(4, 2), nn.Linear(2, 4)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        heads = self.v(x).view(b, n, 2, -1).transpose(1, 2)  # (B, heads, N, 1)
+        return self.o((heads * 2.0).transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.xfail(strict=True, reason="rules_tensor._join_split does not couple a view that splits a channel "
+                                       "dim into (groups, 1): the per-group width 1 is not a varying dim, so each "
+                                       "group's channel stays independently prunable and view(b, g, -1, ...) fails")
+@pytest.mark.parametrize("make, shape", [(ShuffleOnePerGroup, (2, 3, 4, 4)), (HeadsOfWidthOne, (2, 3, 4))],
+                         ids=["channel_shuffle", "attention_heads"])
+def test_split_into_groups_of_width_one_is_coupled(make, shape):
+    torch.manual_seed(0)
+    _every_single_channel_removal_matches_zeroing(make(), torch.randn(*shape))
+
+
+def test_split_into_groups_of_width_two_is_coupled():
+    """With two channels per group the same view is coupled correctly (the contrast)."""
+
+    class Shuffle(ShuffleOnePerGroup):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+    torch.manual_seed(0)
+    _every_single_channel_removal_matches_zeroing(Shuffle(), torch.randn(2, 3, 4, 4))
