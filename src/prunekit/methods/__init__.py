@@ -42,3 +42,4 @@ def prune_(model: nn.Module, config: Config, example_inputs: Any, **kwargs: Any)
 
 from . import magnitude  # noqa: E402,F401  (registers the reference method)
 from . import slr  # noqa: E402,F401  (registers "slr"; ADMM is SLRConfig(optimization="admm"))
+from . import gator  # noqa: E402,F401  (registers "gator")

@@ -1,0 +1,237 @@
+"""Gator on CIFAR-10: accuracy at 50% MACs against the magnitude pruner, and latency vs MACs objective.
+
+For every seed, a dense ResNet-56 (or --model) is trained (or loaded from --baseline); every arm
+starts from a copy of it:
+
+- gator_macs:   Gator, MACs cost, target 50% of the MACs; --gator-epochs of gated training
+                (lr --lr, SGD momentum 0.9, wd 1e-4, cosine), conversion, --finetune-epochs.
+- magnitude:    the core magnitude pruner (L2, local, MagnitudeConfig(macs_fraction=0.5)), then
+                --gator-epochs + --finetune-epochs of fine-tuning: the same epoch budget.
+- gator_macs_r8 / gator_latency_r8: Gator with channel counts rounded to multiples of 8,
+                once with the MACs cost and once with the latency cost (per-layer latency tables
+                timed on this device at batch --lut-batch), both at 50% of the MACs.
+
+Then every model is timed interleaved (prunekit.cost.latency.compare_latency) at batch 1 and
+256, float32 (and bfloat16 on CUDA), and MACs/params are counted. Results go to
+benchmarks/results/gator_cifar10_*.json with device, dtype, batch, epochs, seeds and the
+spread over seeds (mean, std, n); timings carry median, p10, p90 and n.
+
+Reduced CPU setting (what docs/gator.md reports; under 10 minutes on 2 idle cores; ResNet-20,
+1,024 training images, 3 + 3 epochs, accuracies on every 8th val/test image; far from converged):
+    python benchmarks/gator_cifar10.py --quick
+Full setting (GPU; not run here):
+    python benchmarks/gator_cifar10.py --baseline benchmarks/results/resnet56_dense_{seed}.safetensors \\
+        --pretrain-epochs 160 --gator-epochs 30 --finetune-epochs 60 --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
+
+from prunekit.core.environment import environment  # noqa: E402
+from prunekit.cost.latency import LatencyConfig, compare_latency  # noqa: E402
+from prunekit.cost.macs import count_cost  # noqa: E402
+from prunekit.data import DataConfig, load_data  # noqa: E402
+from prunekit.engine.evaluate import evaluate  # noqa: E402
+from prunekit.engine.train import TrainConfig, train  # noqa: E402
+from prunekit.methods.gator import GatorConfig, gator_prune_  # noqa: E402
+from prunekit.methods.magnitude import MagnitudeConfig, magnitude_prune_  # noqa: E402
+from prunekit.models import create_model  # noqa: E402
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+QUICK = {"model": "resnet20", "device": "cpu", "limit_train": 1024, "batch_size": 64, "pretrain_epochs": 3,
+         "pretrain_lr": 0.05, "gator_epochs": 2, "finetune_epochs": 1, "eval_every": 8, "lut_batch": 8,
+         "latency_repeats": 5}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="reduced CPU setting: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 image folder or tarball")
+    p.add_argument("--model", default="resnet56")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N train images")
+    p.add_argument("--baseline", default=None, help="dense weights ({seed} is replaced): loaded if present, else written")
+    p.add_argument("--pretrain-epochs", type=int, default=160)
+    p.add_argument("--pretrain-lr", type=float, default=0.1)
+    p.add_argument("--gator-epochs", type=int, default=30)
+    p.add_argument("--finetune-epochs", type=int, default=60)
+    p.add_argument("--lr", type=float, default=0.01, help="gated phase and fine-tuning lr (cosine)")
+    p.add_argument("--target", type=float, default=0.5, help="fraction of the MACs kept")
+    p.add_argument("--round-to", type=int, default=8, help="channel rounding of the latency comparison arms")
+    p.add_argument("--lut-batch", type=int, default=64, help="batch size the latency tables are timed at")
+    p.add_argument("--latency-batches", nargs="+", type=int, default=[1, 256])
+    p.add_argument("--latency-repeats", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=1, help="score every k-th val/test image (k > 1: quick runs)")
+    p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/<auto>.json)")
+    if p.parse_known_args(argv)[0].quick:  # quick values are defaults: explicit flags still win
+        p.set_defaults(**QUICK)
+    return p.parse_args(argv)
+
+
+class EveryKth:
+    """Every k-th image of each batch: a cheap, class-balanced score on class-ordered splits."""
+
+    def __init__(self, loader: Any, k: int):
+        self.loader, self.k = loader, k
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x[:: self.k], y[:: self.k]
+
+
+def scores(model, bundle) -> dict[str, float]:
+    return {"val_acc": evaluate(model, bundle.val)["acc"], "test_acc": evaluate(model, bundle.test)["acc"]}
+
+
+def dense_baseline(args, bundle, seed: int, device: str) -> torch.nn.Module:
+    model = create_model(args.model, num_classes=bundle.num_classes).to(device)
+    path = Path(args.baseline.replace("{seed}", str(seed))) if args.baseline else None
+    if path is not None and path.exists():
+        model.load_state_dict(load_file(str(path), device=str(device)))
+        return model
+    cfg = TrainConfig(epochs=args.pretrain_epochs, lr=args.pretrain_lr, momentum=0.9, nesterov=True,
+                      weight_decay=5e-4, seed=seed, log_every=0)
+    train(model, bundle.train, bundle.val, cfg, device=device, progress=False)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model
+
+
+def run_gator(args, bundle, dense, example, phase, device, **fields) -> tuple[torch.nn.Module, dict[str, Any]]:
+    model = copy.deepcopy(dense)
+    cfg = GatorConfig(target=args.target, epochs=args.gator_epochs, finetune_epochs=args.finetune_epochs,
+                      seed=phase.seed, **fields)
+    t0 = time.perf_counter()
+    r = gator_prune_(model, cfg, example, train_loader=bundle.train, val_loader=bundle.val, train_config=phase,
+                     device=device)
+    m = r.metrics
+    history = m.get("gated_history", [])
+    out = {"config": cfg.to_dict(), "wall_s": time.perf_counter() - t0, **scores(model, bundle),
+           "macs_fraction": m["macs_fraction"], "params_fraction": m["params_fraction"], "target": m["target"],
+           "final": m["final"], "gated_val_acc": m.get("gated", {}).get("acc"),
+           "converted_val_acc": m.get("converted", {}).get("acc"),
+           "settled_at_step": history[-1].get("gator/settled_at") if history else None,
+           "branches_cut": [b["group"] for b in m["conversion"]["branches"]],
+           "conversion_max_abs_diff": m["conversion"]["max_abs_diff"],
+           "widths": {n: len(k) for n, k in r.plan.groups.items()}}
+    return model, out
+
+
+def run_magnitude(args, bundle, dense, example, phase, device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    model = copy.deepcopy(dense).cpu()
+    t0 = time.perf_counter()
+    r = magnitude_prune_(model, MagnitudeConfig(macs_fraction=args.target), example.cpu())
+    pruned_acc = scores(model.to(device), bundle)
+    train(model, bundle.train, bundle.val, phase.replace(epochs=args.gator_epochs + args.finetune_epochs),
+          device=device, progress=False)
+    return model, {"wall_s": time.perf_counter() - t0, "after_prune": pruned_acc, **scores(model, bundle),
+                   "macs_fraction": r.cost_after.macs / r.cost_before.macs,
+                   "params_fraction": r.cost_after.params / r.cost_before.params}
+
+
+def time_models(models: dict[str, torch.nn.Module], args, device: str) -> dict[str, Any]:
+    dtypes = ["float32"] + (["bfloat16"] if device.startswith("cuda") else [])
+    out = {}
+    for dtype in dtypes:
+        for batch in args.latency_batches:
+            cfg = LatencyConfig(device="cuda" if device.startswith("cuda") else "cpu", dtype=dtype, batch_size=batch,
+                                warmup=max(2, args.latency_repeats // 5), repeats=args.latency_repeats)
+            cmp = compare_latency(models, (3, 32, 32), cfg)
+            out[f"{dtype}/b{batch}"] = {name: {"median_ms": r.median_ms, "p10_ms": r.p10_ms, "p90_ms": r.p90_ms,
+                                               "n": r.n, "speedup": cmp.speedups[name]}
+                                        for name, r in cmp.results.items()}
+    return out
+
+
+def stats(values: list[float]) -> dict[str, Any]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for arm in runs[0]["arms"]:
+        rows = [r["arms"][arm] for r in runs]
+        summary[arm] = {k: stats([row.get(k) for row in rows])
+                        for k in ("val_acc", "test_acc", "macs_fraction", "params_fraction")}
+    summary["dense"] = {k: stats([r["dense"][k] for r in runs]) for k in ("val_acc", "test_acc")}
+    summary["latency"] = {key: {name: stats([r["latency"][key][name]["median_ms"] for r in runs])
+                                for name in runs[0]["latency"][key]} for key in runs[0]["latency"]}
+    return summary
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runs, t_start = [], time.perf_counter()
+    for seed in args.seeds:
+        data_cfg = DataConfig(name="imagefolder", root=args.data, batch_size=args.batch_size, seed=seed,
+                              val_fraction=0.1, limit_train=args.limit_train, device=device, eval_batch_size=256)
+        bundle = load_data(data_cfg)
+        if args.eval_every > 1:
+            bundle.val, bundle.test = EveryKth(bundle.val, args.eval_every), EveryKth(bundle.test, args.eval_every)
+        torch.manual_seed(seed)
+        print(f"seed {seed}: dense", flush=True)
+        dense = dense_baseline(args, bundle, seed, device)
+        example = next(iter(bundle.val))[0][:2]
+        phase = TrainConfig(epochs=1, lr=args.lr, momentum=0.9, weight_decay=1e-4, seed=seed, log_every=0)
+        lut = LatencyConfig(device="cuda" if device.startswith("cuda") else "cpu", batch_size=args.lut_batch,
+                            warmup=3, repeats=max(5, args.latency_repeats // 5))
+        arms, models = {}, {"dense": dense}
+        for name, fields in (("gator_macs", {}),
+                             ("gator_macs_r8", {"round_to": args.round_to}),
+                             ("gator_latency_r8", {"round_to": args.round_to, "cost": "latency",
+                                                   "target_metric": "macs", "latency": lut})):
+            print(f"seed {seed}: {name} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+            models[name], arms[name] = run_gator(args, bundle, dense, example, phase, device, **fields)
+        print(f"seed {seed}: magnitude ({time.perf_counter() - t_start:.0f} s)", flush=True)
+        models["magnitude"], arms["magnitude"] = run_magnitude(args, bundle, dense, example, phase, device)
+        print(f"seed {seed}: latency ({time.perf_counter() - t_start:.0f} s)", flush=True)
+        costs = {n: {"macs": c.macs, "params": c.params} for n, c in
+                 ((n, count_cost(m.cpu(), example.cpu())) for n, m in models.items())}
+        latency = time_models({n: m.to(device).eval() for n, m in models.items()}, args, device)
+        runs.append({"seed": seed, "dense": scores(dense, bundle), "arms": arms, "costs": costs, "latency": latency})
+    record = {
+        "benchmark": "gator_cifar10", "setting": "quick (reduced CPU)" if args.quick else "full",
+        "model": args.model, "device": device, "dtype_train": "float32", "batch_size": args.batch_size,
+        "limit_train": args.limit_train, "eval_every": args.eval_every, "seeds": args.seeds,
+        "pretrain_epochs": args.pretrain_epochs, "gator_epochs": args.gator_epochs,
+        "finetune_epochs": args.finetune_epochs, "magnitude_epochs": args.gator_epochs + args.finetune_epochs,
+        "lr": args.lr, "target_macs_fraction": args.target, "round_to": args.round_to, "lut_batch": args.lut_batch,
+        "latency_batches": args.latency_batches, "latency_repeats": args.latency_repeats,
+        "summary": summarise(runs), "runs": runs, "wall_s": time.perf_counter() - t_start,
+        "environment": environment(REPO),
+    }
+    out = Path(args.out) if args.out else (REPO / "benchmarks" / "results" /
+                                           f"gator_cifar10_{args.model}_{device.split(':')[0]}_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(json.dumps(record["summary"], indent=2))
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Hard gates -> a physically smaller model that computes exactly what the gated model computes.
+
+`convert_` reads the frozen gates (`GateSet.freeze`), then on a copy of the model:
+
+1. groups with some channels closed: those channels are removed (`remove_channels_`);
+2. groups with every channel closed: their branch is cut out (blocks.py); where the group has
+   no clean branch shape, one channel stays, with its consumer input slices zeroed, so it
+   contributes nothing (exactly like its closed gate);
+3. the copy's output is compared with the gated model's (eval mode) on the example inputs.
+   If cutting branches broke the equality (an op the branch test did not foresee), the
+   conversion is redone keeping one silent channel per closed group; if it still differs,
+   PruningError. Only then does the caller's model change.
+
+The returned Plan keeps channels per group (replayable with `apply_plan_`) and lists the cut
+branches in plan.meta["gator"]; `apply_gator_plan_` / `load_gator_pruned` replay both.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ...core.errors import CheckpointError, PruningError
+from ...graph import Graph
+from ...surgery.plan import Plan, apply_plan_, make_plan
+from ...surgery.shrink import remove_channels_
+from ...surgery.verify import first_tensor, run_model, zero_contributions_
+from .blocks import Branch, cut_branches_, find_branch
+from .gates import GateSet
+
+
+@dataclass
+class Conversion:
+    plan: Plan
+    branches: list[Branch] = field(default_factory=list)
+    silent: list[str] = field(default_factory=list)  # closed groups kept at one zero-contribution channel
+    max_abs_diff: float = 0.0
+    removed: dict[str, int] = field(default_factory=dict)  # group -> channels removed
+
+    def summary(self) -> dict[str, Any]:
+        return {"branches": [b.to_dict() for b in self.branches], "silent": self.silent,
+                "max_abs_diff": self.max_abs_diff, "removed": self.removed}
+
+
+def convert_(model: nn.Module, gates: GateSet, graph: Graph, example_inputs: Any, ignore: Sequence[str] = (),
+             atol: float = 1e-5) -> Conversion:
+    """Remove every channel whose frozen gate is closed from `model` (in place); see module doc."""
+    if gates.frozen is None:
+        gates.freeze(gates.hard_open())
+    gates.attach(model)
+    try:
+        reference = first_tensor(run_model(model, example_inputs))
+    finally:
+        gates.detach()
+    scale = max(1.0, float(reference.abs().max()))
+    for allow_branches in (True, False):
+        work = copy.deepcopy(model)
+        result = _convert(work, gates, graph, example_inputs, ignore, allow_branches)
+        out = first_tensor(run_model(work, example_inputs))
+        diff = float((out - reference).abs().max()) if out.shape == reference.shape else float("inf")
+        result.max_abs_diff = diff
+        if diff <= atol * scale:
+            _adopt(model, work)
+            return result
+        if not result.branches:
+            break
+    raise PruningError(f"the converted model differs from the gated one by {diff:.3g} on the example inputs; "
+                       "keep the offending modules out with ignore=[...]")
+
+
+def _convert(work: nn.Module, gates: GateSet, graph: Graph, example_inputs: Any, ignore: Sequence[str],
+             allow_branches: bool) -> Conversion:
+    opens = [f.cpu() for f in gates.frozen]
+    by_name = {g.name: g for g in graph.groups}
+    removal: dict[str, list[int]] = {}
+    branches, silent = [], []
+    for i, name in enumerate(gates.names):
+        group = by_name[name]
+        closed = (~opens[i]).nonzero().flatten().tolist()
+        if not closed:
+            continue
+        if len(closed) < group.size:
+            removal[name] = closed
+            continue
+        branch = find_branch(work, graph, group) if allow_branches else None
+        if branch is not None:
+            branches.append(branch)
+            continue
+        keep = int(gates.logits[i].detach().cpu().argmax())
+        zero_contributions_(work, group, [keep])
+        removal[name] = [c for c in closed if c != keep]
+        silent.append(name)
+    plan = make_plan(graph, removal, example_inputs, ignore)
+    remove_channels_(work, graph, removal)
+    cut_branches_(work, branches)
+    plan.meta["gator"] = {"branches": [b.to_dict() for b in branches], "silent": silent}
+    removed = {n: len(v) for n, v in removal.items()}
+    removed.update({b.group: by_name[b.group].size for b in branches})
+    return Conversion(plan, branches, silent, removed=removed)
+
+
+def _adopt(model: nn.Module, work: nn.Module) -> None:
+    """Give `model` (same object, for the caller) the converted modules and tensors of `work`."""
+    keep = {k: v for k, v in model.__dict__.items() if "hooks" in k}
+    model.__dict__.update({k: v for k, v in work.__dict__.items() if "hooks" not in k})
+    model.__dict__.update(keep)
+
+
+def apply_gator_plan_(model: nn.Module, plan: Plan) -> nn.Module:
+    """Replay a Gator plan on a freshly built model: channel removal, then the cut branches."""
+    apply_plan_(model, plan)
+    branches = [Branch(**b) for b in plan.meta.get("gator", {}).get("branches", [])]
+    try:
+        cut_branches_(model, branches)
+    except (AttributeError, KeyError) as err:
+        raise CheckpointError(f"plan cuts branches this model does not have ({err}); build the same "
+                              "architecture the plan was made on") from None
+    return model
+
+
+def load_gator_pruned(model: nn.Module, path: str | Path) -> nn.Module:
+    """Like `surgery.persist.load_pruned`, for files whose plan cut branches: returns a pruned copy."""
+    from safetensors.torch import load_model
+
+    from ...surgery.persist import read_plan
+
+    plan = read_plan(path)
+    work = apply_gator_plan_(copy.deepcopy(model), plan)
+    try:
+        load_model(work, str(path), strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"weights in {path} do not fit this model after replaying its plan: {err}") from None
+    return work
+
+
+def closed_fraction(opens: list[torch.Tensor]) -> float:
+    """Share of gated channels closed (for reports)."""
+    total = sum(o.numel() for o in opens)
+    return sum(int((~o).sum()) for o in opens) / max(total, 1)

@@ -1,0 +1,164 @@
+"""The Gator handler: gated training, final gates, exact conversion, optional fine-tuning.
+
+Registered as method "gator", so `prunekit.methods.prune_(model, GatorConfig(...), example_inputs,
+train_loader=..., val_loader=..., train_config=...)` runs it. `train_config` (the engine's
+TrainConfig) drives both phases; its `epochs` is replaced by config.epochs, then by
+config.finetune_epochs, and the logits follow its learning-rate schedule.
+
+>>> import torch
+>>> from torch import nn
+>>> from prunekit.engine.train import TrainConfig
+>>> net = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.Flatten(),
+...                     nn.Linear(512, 2))
+>>> data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 2, (8,)))] * 4
+>>> r = gator_prune_(net, GatorConfig(target=0.5, epochs=2), data[0][0], train_loader=data,
+...                  train_config=TrainConfig(epochs=1, lr=0.05), device="cpu")
+>>> r.metrics["target"]["within_tolerance"], r.metrics["conversion"]["max_abs_diff"] <= 1e-5
+(True, True)
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ...core.errors import ConfigError, PruningError
+from ..result import PruneResult
+from .config import GatorConfig
+from .controller import final_masks
+from .convert import convert_
+from .costs import CostModel, build_cost
+from .gates import GateSet, gateable
+from .hook import GatorHook
+
+__all__ = ["gator_prune_"]
+
+
+def gator_prune_(
+    model: nn.Module,
+    config: GatorConfig,
+    example_inputs: Any,
+    *,
+    train_loader: Iterable,
+    val_loader: Iterable | None = None,
+    train_config: Any = None,
+    progress: bool = False,
+    device: str | torch.device | None = None,
+) -> PruneResult:
+    """Prune `model` in place with Gator; returns plan, costs and metrics.
+
+    Metrics: gated_history (per-epoch records with "gator/..." entries), final (threshold search:
+    fraction, channels closed), controller ([step, fraction, planned, lambda] samples), target
+    (measure, target, achieved, within_tolerance), macs_fraction, params_fraction, conversion
+    (cut branches, silent groups, max |gated - converted| on the example inputs),
+    skipped_groups, and with a val_loader gated / converted / finetuned accuracy.
+    """
+    from ...cost.macs import cost_from_graph, count_cost
+    from ...engine.distributed import env_ranks, resolve_device
+    from ...engine.evaluate import evaluate
+    from ...engine.train import TrainConfig, train
+    from ...surgery.verify import build_safe_graph
+
+    if not isinstance(config, GatorConfig):
+        raise ConfigError(f"gator_prune_ needs a GatorConfig, got {type(config).__name__}")
+    train_config = train_config if train_config is not None else TrainConfig()
+    graph = build_safe_graph(model, example_inputs, config.ignore, probe=config.probe)
+    before = cost_from_graph(model, graph)
+    groups, skipped = gateable(model, graph)
+    if not groups:
+        raise PruningError(f"no channel group can be gated in this model ({skipped or 'no prunable groups'})")
+    gates = GateSet(groups, model, config.initial_logit, config.init_noise, config.temperature, config.seed)
+    cost = build_cost(config.cost, model, graph, gates, config.latency, config.latency_grid)
+    measure = cost if config.target_measure == config.cost else build_cost(
+        config.target_measure, model, graph, gates, config.latency, config.latency_grid)
+    dev = resolve_device(device, env_ranks()[2])
+    metrics: dict[str, Any] = {"skipped_groups": skipped, "gated_groups": list(gates.names)}
+
+    masks = _gated_phase(model, gates, cost, measure, config, train_config, train_loader, val_loader, dev,
+                         progress, metrics)
+    model.cpu()  # surgery indexes with CPU tensors
+    gates.cpu()
+    example = _to(example_inputs, torch.device("cpu"))
+    conversion = convert_(model, gates, graph, example, config.ignore)
+    after = count_cost(model, example)
+    model.to(dev)
+    metrics["conversion"] = conversion.summary()
+    _report_fractions(metrics, before, after, measure, masks, config, cost)
+    if val_loader is not None:
+        metrics["converted"] = evaluate(model, val_loader, dev)
+    if config.finetune_epochs:
+        run = train(model, train_loader, val_loader, train_config.replace(epochs=config.finetune_epochs),
+                    device=dev, progress=progress)
+        metrics["finetune_history"] = run.history
+        if val_loader is not None:
+            metrics["finetuned"] = evaluate(model, val_loader, dev)
+    plan = conversion.plan
+    plan.meta.update({"method": "gator", "config": config.to_dict()})
+    return PruneResult(plan, before, after, config.to_dict(), metrics)
+
+
+def _gated_phase(model: nn.Module, gates: GateSet, cost: CostModel, measure: CostModel, config: GatorConfig,
+                 train_config: Any, train_loader: Iterable, val_loader: Iterable | None, dev: torch.device,
+                 progress: bool, metrics: dict[str, Any]) -> list[Tensor]:
+    """Train with gates, choose the final open channels and freeze the gates on them."""
+    from ...engine.evaluate import evaluate
+    from ...engine.train import lr_factor, train
+
+    steps = len(train_loader)
+    phase = train_config.replace(epochs=max(config.epochs, 1))
+    model.to(dev)
+    gates.to(dev)
+    hook = GatorHook(gates, cost, measure, config, steps * config.epochs,
+                     lambda step: phase.lr * lr_factor(phase, step, steps))
+    gates.attach(model)
+    try:
+        if config.epochs:
+            run = train(model, train_loader, val_loader, phase, hooks=[hook], device=dev, progress=progress)
+            metrics["gated_history"] = run.history
+        n = len(gates.logits)
+        masks, info = final_masks([t.detach().cpu() for t in gates.logits], [gates.active(i).cpu() for i in range(n)],
+                                  [gates.prunable(i).cpu() for i in range(n)], measure.fraction, config.target,
+                                  config.round_to)
+        gates.freeze(masks)
+        metrics["final"] = {**info, "lambda": hook.lam}
+        if hook.controller is not None:
+            history = hook.controller.history
+            metrics["controller"] = [list(h) for h in history[:: max(len(history) // 50, 1)]]
+        if val_loader is not None:
+            metrics["gated"] = evaluate(model, val_loader, dev)
+    finally:
+        gates.detach()
+    return masks
+
+
+def _report_fractions(metrics: dict[str, Any], before: Any, after: Any, measure: CostModel, masks: list[Tensor],
+                      config: GatorConfig, cost: CostModel) -> None:
+    """Achieved fractions: counted after removal for params/MACs, table-estimated for latency."""
+    metrics["macs_fraction"] = after.macs / max(before.macs, 1)
+    metrics["params_fraction"] = after.params / max(before.params, 1)
+    estimated = measure.fraction([m.cpu() for m in masks])
+    achieved = {"macs": metrics["macs_fraction"], "params": metrics["params_fraction"]}.get(
+        config.target_measure, estimated)
+    within = None if config.target is None else abs(achieved - config.target) <= config.tolerance
+    metrics["target"] = {"measure": config.target_measure, "target": config.target, "achieved": achieved,
+                         "estimated": estimated, "within_tolerance": within}
+    tables = next((c.latency_tables for c in (cost, measure) if c.kind == "latency"), None)
+    if tables is not None:
+        metrics["latency_tables"] = [{"spec": t.spec, "device": t.device, "device_name": t.device_name,
+                                      "batch": t.batch, "dtype": t.dtype} for t in tables]
+
+
+def _to(example: Any, device: torch.device) -> Any:
+    if isinstance(example, (tuple, list)):
+        return type(example)(t.to(device) if isinstance(t, Tensor) else t for t in example)
+    return example.to(device) if isinstance(example, Tensor) else example
+
+
+def _register() -> None:
+    from .. import register_method
+
+    register_method("gator", GatorConfig, gator_prune_)
+
+
+_register()

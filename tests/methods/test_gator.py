@@ -1,0 +1,294 @@
+"""Gator: costs against hand counts, gated == converted, branch removal, controller, latency tables."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.core.errors import ConfigError
+from prunekit.cost.latency import LatencyConfig
+from prunekit.cost.macs import count_cost
+from prunekit.engine.train import TrainConfig
+from prunekit.graph import build_graph
+from prunekit.methods import METHODS, prune_
+from prunekit.methods.gator import (
+    ConstantOutput,
+    EmptyOutput,
+    GateSet,
+    GatorConfig,
+    apply_gator_plan_,
+    build_cost,
+    convert_,
+    final_masks,
+    load_gator_pruned,
+    mask_within_budget,
+    round_masks,
+)
+from prunekit.models import create_model
+from prunekit.surgery.persist import save_pruned
+from prunekit.surgery.verify import run_model
+from prunekit.testing.toy_models import ConcatNet
+
+
+def _random_bn_(model, seed=0):
+    """BN with non-trivial statistics, so a closed channel's constant (beta - mean...) is not 0."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=gen) - 0.5)
+    return model
+
+
+def _masks(gates, seed=0, keep=0.7, closed=(), only=None):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for name, size in zip(gates.names, gates.sizes):
+        m = torch.rand(size, generator=gen) < keep
+        m[0] = True  # never empty a group by chance
+        if only is not None and name not in only:
+            m[:] = True
+        if name in closed:
+            m[:] = False
+        out.append(m)
+    return out
+
+
+def _gated_output(model, gates, x):
+    gates.attach(model)
+    try:
+        return run_model(model, x)
+    finally:
+        gates.detach()
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+def test_config_validation_errors():
+    with pytest.raises(ConfigError, match="cost"):
+        GatorConfig(cost="flops", target=0.5)
+    for bad in (0.0, 1.0, 1.5, -0.2):
+        with pytest.raises(ConfigError, match="target"):
+            GatorConfig(target=bad)
+    with pytest.raises(ConfigError, match="both"):
+        GatorConfig(lam=1.0, target=0.5)
+    with pytest.raises(ConfigError, match="neither"):
+        GatorConfig()
+    with pytest.raises(ConfigError, match="gate_init_prob"):
+        GatorConfig(lam=1.0, gate_init_prob=0.4)
+    cfg = GatorConfig.from_dict({"target": 0.5, "cost": "latency", "target_metric": "macs",
+                                 "latency": {"device": "cpu", "repeats": 3}})
+    assert cfg.latency.repeats == 3 and cfg.target_measure == "macs"
+    assert GatorConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ------------------------------------------------------------------------------------- costs
+
+
+def test_per_channel_macs_and_params_equal_hand_counts():
+    a, b, c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(6, 2, 3)
+    model, x = nn.Sequential(a, nn.ReLU(), b, nn.ReLU(), c), torch.randn(1, 3, 8, 8)
+    graph = build_graph(model, x)
+    gates = GateSet.from_graph(model, graph)
+    assert gates.names == ["0", "2"]
+    macs = build_cost("macs", model, graph, gates)
+    assert macs.full == count_cost(model, x).macs == 8 * 64 * 27 + 6 * 64 * 72 + 2 * 36 * 54
+    full = macs.per_channel(None, at_full=True)
+    # a channel of a: its filter (3*9 MACs at 64 positions) + its slice of b (6 filters * 9 at 64)
+    assert full[0].tolist() == [3 * 9 * 64 + 6 * 9 * 64] * 8
+    # a channel of b: 8*9 at 64 positions + its slice of c (2 * 9 at 36 positions)
+    assert full[1].tolist() == [8 * 9 * 64 + 2 * 9 * 36] * 6
+    # adaptive: with 4 of a's channels and 3 of b's open, prices follow the open widths
+    opens = [torch.tensor([1.0] * 4 + [0.0] * 4, dtype=torch.float64), torch.tensor([1.0] * 3 + [0.0] * 3, dtype=torch.float64)]
+    cost = macs.per_channel(opens)
+    assert cost[0].tolist() == [3 * 9 * 64 + 3 * 9 * 64] * 8
+    assert cost[1].tolist() == [4 * 9 * 64 + 2 * 9 * 36] * 6
+    params = build_cost("params", model, graph, gates)
+    assert params.per_channel(opens)[0].tolist() == [27 + 1 + 3 * 9] * 8  # filter, bias, b's slices
+    # the estimate is exact: equal to counting the physically pruned copy
+    pruned = copy.deepcopy(model)
+    from prunekit.surgery.shrink import remove_channels_
+    remove_channels_(pruned, graph, {"0": [4, 5, 6, 7], "2": [3, 4, 5]})
+    bool_opens = [o.bool() for o in opens]
+    assert macs.total(bool_opens).item() == count_cost(pruned, x).macs
+    assert params.total(bool_opens).item() == count_cost(pruned, x).params
+
+
+# ----------------------------------------------------------------------- gates and conversion
+
+
+def test_gates_sample_binary_with_straight_through_gradients():
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Conv2d(6, 2, 3))
+    x = torch.randn(4000, 1, 5, 5)
+    gates = GateSet.from_graph(model, build_graph(model, x[:2]), initial_logit=0.0)
+    with torch.no_grad():
+        gates.logits[0].copy_(torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]))
+    gates.attach(model)
+    model.train()
+    model(x).sum().backward()
+    g = gates.samples[0]
+    assert set(g.detach().unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(g.detach().mean(0), torch.sigmoid(gates.logits[0].detach()), atol=0.03)
+    assert gates.logits[0].grad is not None and bool((gates.logits[0].grad != 0).all())
+    gates.active(0)[5] = False  # switched off: never open, even with the largest logit
+    model(x[:64])
+    assert float(gates.samples[0].detach()[:, 5].abs().sum()) == 0.0
+    model.eval()
+    assert gates.hard_open()[0].tolist() == [False, False, True, True, True, False]
+    gates.detach()
+
+
+def _check_conversion(model, x, gates, graph, masks):
+    gates.freeze(masks)
+    reference = _gated_output(model, gates, x)
+    macs = build_cost("macs", model, graph, gates)
+    conv = convert_(model, gates, graph, x)
+    out = run_model(model, x)
+    assert out.shape == reference.shape
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    if not conv.silent:  # silent channels keep a little cost the estimate does not count
+        assert macs.total(masks).item() == count_cost(model, x).macs
+    return conv
+
+
+def test_gated_equals_converted_resnet20_with_a_closed_block():
+    torch.manual_seed(0)
+    model = _random_bn_(create_model("resnet20", num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = build_graph(model, x)
+    gates = GateSet.from_graph(model, graph)
+    assert len(gates.names) == 12  # 3 highway groups (stem + stage streams) + 9 inner groups
+    masks = _masks(gates, seed=1, closed=("layer2.1.conv1",))
+    conv = _check_conversion(model, x, gates, graph, masks)
+    assert [b.group for b in conv.branches] == ["layer2.1.conv1"] and not conv.silent
+    assert conv.max_abs_diff <= 1e-5
+    build_graph(model, x)  # the converted model still traces
+
+
+def test_gated_equals_converted_concat_model_and_silent_fallback():
+    torch.manual_seed(0)
+    model, x = _random_bn_(ConcatNet()).eval(), torch.randn(2, 3, 4, 4)
+    graph = build_graph(model, x)
+    gates = GateSet.from_graph(model, graph)
+    masks = _masks(gates, seed=2, keep=0.6)
+    _check_conversion(copy.deepcopy(model), x, gates, graph, masks)
+    # group "a" read through concats by c and d: no branch to cut, one silent channel stays
+    gates = GateSet.from_graph(model, graph)
+    conv = _check_conversion(model, x, gates, graph, _masks(gates, seed=3, keep=0.6, closed=("a.0",)))
+    assert conv.silent == ["a.0"] and model.a[0].out_channels == 1
+
+
+def test_highway_gates_remove_the_same_channels_from_every_member():
+    model = _random_bn_(create_model("resnet20", num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = build_graph(model, x)
+    gates = GateSet.from_graph(model, graph)
+    stream = graph.group("layer2.0.conv2")  # stage-2 stream: 3 block outputs, shortcut, 3 readers
+    assert {m.module for m in stream.members if m.role == "out"} == {
+        "layer2.0.conv2", "layer2.0.shortcut.0", "layer2.1.conv2", "layer2.2.conv2"}
+    masks = _masks(gates, seed=4, keep=0.5, only=("layer2.0.conv2",))
+    before = {m.qualname: getattr(model.get_submodule(m.module), m.name).detach().clone() for m in stream.tensor_members()}
+    _check_conversion(model, x, gates, graph, masks)
+    closed = (~masks[gates.names.index("layer2.0.conv2")]).nonzero().flatten()
+    assert 0 < closed.numel() < 32
+    for m in stream.tensor_members():
+        keep = (~torch.isin(m.channel, closed)).nonzero().flatten()
+        now = getattr(model.get_submodule(m.module), m.name)
+        torch.testing.assert_close(now, before[m.qualname].index_select(m.dim, keep), atol=0, rtol=0)
+
+
+def test_closing_an_inner_group_cuts_the_branch(tmp_path):
+    torch.manual_seed(0)
+    model = _random_bn_(create_model("resnet20", num_classes=10)).eval()
+    fresh = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    graph = build_graph(model, x)
+    gates = GateSet.from_graph(model, graph)
+    macs_before = count_cost(model, x).macs
+    conv = _check_conversion(model, x, gates, graph, _masks(gates, closed=("layer1.1.conv1",), only=()))
+    block = model.layer1[1]
+    assert isinstance(block.conv1, EmptyOutput) and isinstance(block.bn1, nn.Identity)
+    assert isinstance(block.conv2, ConstantOutput)
+    assert macs_before - count_cost(model, x).macs == 2 * 16 * 16 * 9 * 32 * 32  # both 3x3 convs gone
+    assert run_model(model, torch.randn(3, 3, 32, 32)).shape == (3, 10)
+    model.train()
+    model(torch.randn(4, 3, 32, 32)).sum().backward()  # trainable after conversion
+    model.eval()
+    # the plan replays on a freshly built model, with the cut branch
+    path = save_pruned(model, conv.plan, tmp_path / "gator.safetensors")
+    again = load_gator_pruned(fresh, path)
+    torch.testing.assert_close(run_model(again, x), run_model(model, x), atol=0, rtol=0)
+    assert isinstance(apply_gator_plan_(copy.deepcopy(fresh), conv.plan).layer1[1].conv2, ConstantOutput)
+
+
+# ------------------------------------------------------------------------------- controller
+
+
+def test_mask_budget_final_search_and_rounding():
+    logits = [torch.tensor([-3.0, -1.0, 2.0, 4.0]), torch.tensor([-2.0, 1.0])]
+    prunable = [torch.ones(4, dtype=torch.bool), torch.ones(2, dtype=torch.bool)]
+    share = lambda masks: float(torch.cat(masks).float().mean())  # fraction = share of open channels
+    active = [torch.ones(4, dtype=torch.bool), torch.ones(2, dtype=torch.bool)]
+    # target 0.6: closing -3 and -2 leaves 4/6 >= 0.6; closing -1 too would leave 0.5 < 0.6
+    assert mask_within_budget(logits, active, prunable, share, 0.6) == 2
+    assert active[0].tolist() == [False, True, True, True] and active[1].tolist() == [False, True]
+    masks, info = final_masks(logits, active, prunable, share, target=0.5)
+    assert info["closed_by_threshold"] == 1 and masks[0].tolist() == [False, False, True, True]
+    masks, _ = final_masks(logits, active, prunable, share, target=None)  # fixed lambda: logit < 0 closes
+    assert masks[0].tolist() == [False, False, True, True] and masks[1].tolist() == [False, True]
+    wide = [torch.tensor([True] * 5 + [False] * 3)]
+    ranked = [torch.arange(8.0)]
+    # 5 open -> 4: the open channel with the lowest logit (channel 0) closes
+    assert round_masks(wide, ranked, [torch.ones(8, dtype=torch.bool)], 4)[0].tolist() == [False] + [True] * 4 + [False] * 3
+    assert round_masks([torch.tensor([True] * 7 + [False])], ranked, [torch.ones(8, dtype=torch.bool)], 4)[0].all()
+
+
+def test_controller_reaches_the_target_on_digits():
+    from prunekit.data import DataConfig, load_data
+
+    bundle = load_data(DataConfig(name="digits", batch_size=64, seed=0))
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10)
+    x = next(iter(bundle.val))[0][:2]
+    result = prune_(model, GatorConfig(target=0.5, epochs=3, probe=False), x, train_loader=bundle.train,
+                    val_loader=bundle.val, train_config=TrainConfig(epochs=1, lr=0.05, momentum=0.9), device="cpu")
+    m = result.metrics
+    assert m["target"]["within_tolerance"] and abs(result.cost_after.macs / result.cost_before.macs - 0.5) <= 0.03
+    lambdas = [h[3] for h in m["controller"]]
+    assert max(lambdas) > lambdas[0]  # the controller had to raise lambda before the logits moved
+    assert m["gated_history"][-1]["gator/settled_at"] is not None  # target reached during training
+    assert m["gated"]["acc"] == m["converted"]["acc"] > 0.5  # exact conversion of a working net
+    assert m["conversion"]["max_abs_diff"] <= 1e-5
+    assert "gator" in METHODS.list()
+
+
+# ------------------------------------------------------------------------------------ latency
+
+
+def test_latency_tables_are_built_and_used_on_cpu():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    x = torch.randn(2, 3, 8, 8)
+    graph = build_graph(model, x)
+    gates = GateSet.from_graph(model, graph)
+    cfg = LatencyConfig(device="cpu", warmup=1, repeats=3)
+    cost = build_cost("latency", model, graph, gates, cfg, grid=2)
+    assert len(cost.latency_tables) == 3 and all(t.device == "cpu" for t in cost.latency_tables)
+    (t0, *_), (t1, *_), (t2, *_) = cost.tables
+    assert t0.in_counts == [2, 3] and t1.in_counts == [4, 8] and t1.out_counts == [4, 8]
+    assert cost.full == pytest.approx(t0.lookup(3, 8) + t1.lookup(8, 8) + t2.lookup(8, 2))
+    opens = [torch.tensor([True] * 6 + [False] * 2), torch.tensor([True] * 4 + [False] * 4)]
+    want = t0.lookup(3, 6) + t1.lookup(6, 4) + t2.lookup(4, 2)
+    assert cost.total(opens).item() == pytest.approx(want)
+    assert all(bool(torch.isfinite(c).all()) for c in cost.per_channel(gates.open_probs()))
+    # end to end: latency objective at a MACs target
+    data = [(torch.randn(16, 3, 8, 8), torch.randint(0, 2, (16,))) for _ in range(6)]
+    result = prune_(model, GatorConfig(cost="latency", target=0.6, target_metric="macs", epochs=2, latency=cfg,
+                                       latency_grid=2, probe=False), x, train_loader=data,
+                    train_config=TrainConfig(epochs=1, lr=0.05), device="cpu")
+    assert len(result.metrics["latency_tables"]) == 3
+    assert result.metrics["target"]["measure"] == "macs" and result.cost_after.macs < result.cost_before.macs
