@@ -1,0 +1,87 @@
+"""The `prunekit` command: train, prune, fine-tune, evaluate and benchmark from YAML recipes.
+
+Every error prunekit raises on purpose (a bad recipe key, an unknown model, missing data, an
+impossible pruning target) is printed as one line on stderr and exits with status 2; `--debug`
+shows the traceback instead. Nothing is written before the recipe, the data, the model and (for
+one-shot methods) a dry run of the pruning have all been checked.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from ..core.errors import PrunekitError
+
+EXIT_USER_ERROR = 2
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _silence_stdout() -> None:
+    # Python would report the broken pipe again when it flushes stdout at exit.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+class PrunekitGroup(click.Group):
+    """A click group that turns prunekit's own errors into one line and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PrunekitError as err:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {_one_line(err)}", err=True)
+            ctx.exit(EXIT_USER_ERROR)
+        except BrokenPipeError:  # the reader went away (`prunekit info | head`): stop quietly
+            _silence_stdout()
+            ctx.exit(1)
+        except OSError as err:
+            if ctx.params.get("debug"):
+                raise
+            where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+            click.echo(f"error: {err.strerror or _one_line(err)}{where}", err=True)
+            ctx.exit(EXIT_USER_ERROR)
+
+
+@click.group(cls=PrunekitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.version_option(package_name="prunekit", prog_name="prunekit")
+def cli(debug: bool) -> None:
+    """Structural pruning for PyTorch.
+
+    \b
+    prunekit run                        train, prune, fine-tune and report (embedded digits recipe)
+    prunekit run RECIPE.yaml k=v ...    the same from a recipe, with dotted overrides
+    prunekit info                       models, datasets, methods and criteria
+    """
+
+
+def _register() -> None:
+    from . import commands, inspect_cmds
+
+    for command in (commands.run, commands.train_cmd, commands.prune_cmd, commands.finetune_cmd,
+                    inspect_cmds.eval_cmd, inspect_cmds.bench, inspect_cmds.report, inspect_cmds.info):
+        cli.add_command(command)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (`prunekit`)."""
+    cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="prunekit")
+
+
+if __name__ == "__main__":
+    main()

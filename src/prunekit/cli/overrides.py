@@ -1,0 +1,104 @@
+"""YAML reading and `key=value` overrides for recipes.
+
+Values are read as YAML, so `train.epochs=3` is an int, `train=null` removes a section,
+`method.ignore=[fc]` is a list and `data.root=/data/x` a string. Unlike PyYAML's default
+loader, numbers written as `1e-3` are floats (YAML 1.2), not strings.
+
+>>> raw = {"train": {"epochs": 8}}
+>>> apply_overrides(raw, ["train.epochs=3", "train.lr=1e-3", "finetune.epochs=2"])
+{'train': {'epochs': 3, 'lr': 0.001}, 'finetune': {'epochs': 2}}
+>>> parse_override("train.epochs")
+Traceback (most recent call last):
+...
+prunekit.core.errors.ConfigError: override 'train.epochs' is not key=value; write it like train.epochs=3
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from ..core.errors import ConfigError
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_FLOAT = re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                        |[0-9][0-9_]*[eE][-+]?[0-9]+
+                        |\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-3 / 5E4 as floats."""
+
+
+_Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that keeps the key order of the dict it is given."""
+
+
+def load_yaml_text(text: str, where: str) -> Any:
+    """Parse YAML text; a syntax error becomes a one-line ConfigError naming `where`."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from None
+
+
+def load_yaml_file(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read recipe {path}: {err.strerror or err}") from None
+    return load_yaml_text(text, str(path))
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=value' -> (['a', 'b'], value read as YAML)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError(f"override {text!r} is not key=value; write it like train.epochs=3")
+    parts = key.strip().split(".")
+    bad = [p for p in parts if not _KEY.fullmatch(p)]
+    if bad:
+        raise ConfigError(f"override {text!r} has an invalid key {key.strip()!r}; keys are dotted names "
+                          "such as train.lr or method.macs_fraction")
+    parsed = load_yaml_text(value, f"override {text!r}") if value.strip() else None
+    return parts, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str],
+                    allowed_top: Iterable[str] | None = None) -> dict[str, Any]:
+    """Return a copy of `raw` with every override applied in order (later ones win)."""
+    out = copy.deepcopy(raw)
+    allowed = sorted(allowed_top) if allowed_top is not None else None
+    for text in overrides:
+        parts, value = parse_override(text)
+        if allowed is not None and parts[0] not in allowed:
+            raise ConfigError(f"override {text!r}: unknown recipe key {parts[0]!r}; allowed: {', '.join(allowed)}")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"override {text!r}: {where} is {child!r}, not a section, so it has no "
+                                  f"key {parts[i + 1]!r}; set {where}=... instead")
+            node = child
+        node[parts[-1]] = value
+    return out

@@ -1,0 +1,301 @@
+"""The work behind the CLI's commands: build the model and data, then train, prune, fine-tune.
+
+`prepare` does everything that can fail on a bad recipe (data, model, weights, a dry run of a
+one-shot method) before anything is written; the stages then run in order on one `Job`, each
+ending with an evaluation that is recorded for the result and the report.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..core.errors import CheckpointError, ConfigError, PrunekitError
+from ..cost.macs import Cost, count_cost
+from ..data import DataBundle, load_data
+from ..engine import MetricsLog, TrainConfig, evaluate, seed_everything, train
+from ..models import create_model
+from ..surgery.plan import Plan
+from .recipe import Recipe
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class Job:
+    """One model going through the stages of a recipe, with what each stage measured."""
+
+    recipe: Recipe
+    bundle: DataBundle
+    model: nn.Module
+    example: torch.Tensor
+    plan: Plan | None = None
+    weights: str | None = None
+    progress: bool = True
+    echo: Echo = print
+    run_dir: Path | None = None
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    before_prune: nn.Module | None = None  # a copy of the model just before pruning
+    prune_metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.run_dir / "metrics.jsonl" if self.run_dir is not None else None
+
+    def log(self, event: str, **fields: Any) -> None:
+        with MetricsLog(self.log_path) as log:
+            log.write(event, **fields)
+
+    def example_on_model(self) -> torch.Tensor:
+        device = next(iter(self.model.parameters())).device
+        return self.example.to(device)
+
+    def cost(self) -> Cost:
+        return count_cost(self.model, self.example_on_model())
+
+    def loader(self, split: str):
+        return self.bundle.test if split == "test" else self.bundle.val
+
+    @property
+    def val_loader(self):
+        return self.bundle.val if self.bundle.val.num_samples > 0 else None
+
+    def evaluate(self, stage: str) -> dict[str, Any]:
+        """Accuracy on the reported split (and on val when it exists) plus params/MACs."""
+        cost = self.cost()
+        split = self.recipe.eval.split
+        result = evaluate(self.model, self.loader(split))
+        entry = {"step": stage, "params": cost.params, "macs": cost.macs, "accuracy": result["acc"],
+                 "loss": result["loss"], "split": split}
+        if split != "val" and self.val_loader is not None:
+            entry["val_accuracy"] = evaluate(self.model, self.val_loader)["acc"]
+        self.evaluations.append(entry)
+        self.log("evaluation", **entry)
+        return entry
+
+    def timed(self, stage: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def prepare(recipe: Recipe, weights: str | None = None, progress: bool = True, echo: Echo = print,
+            check_method: bool = False) -> Job:
+    """Load the data, build the model, load weights; with check_method, dry-run one-shot pruning."""
+    if recipe.threads is not None:
+        torch.set_num_threads(recipe.threads)
+    bundle = load_data(recipe.data)
+    num_classes = recipe.model.num_classes
+    if num_classes is not None and num_classes != bundle.num_classes:
+        raise ConfigError(f"model.num_classes={num_classes} but dataset {recipe.data.name!r} has "
+                          f"{bundle.num_classes} classes; set model.num_classes=null")
+    recipe.model.num_classes = bundle.num_classes
+    seed_everything(recipe.seed)
+    model = create_model(recipe.model.name, bundle.num_classes, **recipe.model.kwargs)
+    example = _example_input(bundle)
+    weights = weights or recipe.init
+    plan = None
+    if weights is not None:
+        model, plan = load_weights(model, weights)
+    job = Job(recipe, bundle, model, example, plan, weights, progress, echo)
+    _check_forward(job)
+    if check_method and recipe.method is not None and not _trains(recipe.method.handler):
+        trial = copy.deepcopy(model)
+        run_method(job, trial)
+    return job
+
+
+def _example_input(bundle: DataBundle) -> torch.Tensor:
+    loader = bundle.val if bundle.val.num_samples > 0 else bundle.test
+    x, _ = next(iter(loader))
+    return x[:1].detach().to("cpu").clone()
+
+
+def _check_forward(job: Job) -> None:
+    try:
+        with torch.no_grad():
+            was = job.model.training
+            job.model.eval()
+            out = job.model(job.example_on_model())
+            job.model.train(was)
+    except (RuntimeError, ValueError, TypeError) as err:
+        shape = "x".join(map(str, job.bundle.input_shape))
+        raise ConfigError(f"model {job.recipe.model.name!r} cannot take {job.recipe.data.name} images "
+                          f"({shape}): {_first_line(err)}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != job.bundle.num_classes:
+        raise ConfigError(f"model {job.recipe.model.name!r} must return (batch, {job.bundle.num_classes}) logits; "
+                          f"got {getattr(out, 'shape', type(out).__name__)}")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | None]:
+    """Load dense or pruned weights into a freshly built `model`; returns (model, plan or None).
+
+    A .safetensors file with a prunekit plan inside is replayed with `load_pruned` (Gator plans
+    that cut branches with `load_gator_pruned`); one without is
+    a dense state dict; a .pt file must be a prunekit training checkpoint (read weights-only).
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_model
+
+    from ..engine.checkpoint import load_checkpoint
+    from ..surgery.persist import PLAN_KEY, load_pruned, read_plan
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                has_plan = PLAN_KEY in (f.metadata() or {})
+        except (OSError, SafetensorError, ValueError) as err:
+            raise CheckpointError(f"cannot read {path}: {_first_line(err)}") from None
+        if has_plan:
+            plan = read_plan(path)
+            if plan.meta.get("gator", {}).get("branches"):  # Gator also cut whole branches out
+                from ..methods.gator import load_gator_pruned
+
+                return load_gator_pruned(model, path), plan
+            return load_pruned(model, path), plan
+        try:
+            load_model(model, str(path), strict=True)
+        except (RuntimeError, SafetensorError, ValueError) as err:
+            raise CheckpointError(f"weights in {path} do not fit this model: {_first_line(err)}") from None
+        return model, None
+    state = load_checkpoint(path)["model"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"weights in {path} do not fit this model: {_first_line(err)}") from None
+    return model, None
+
+
+def save_weights(job: Job, path: Path) -> Path:
+    """Write the model: with its plan (pruned) via save_pruned, else as a dense state dict."""
+    from safetensors.torch import save_model
+
+    from ..surgery.persist import save_pruned
+
+    model = job.model
+    if job.plan is not None:
+        return save_pruned(model, job.plan, path)
+    save_model(model, str(path))
+    return path
+
+
+def train_stage(job: Job, stage: str, cfg: TrainConfig) -> None:
+    """Train the model in place for cfg.epochs; epochs are logged to metrics.jsonl."""
+    job.log("stage", name=stage, epochs=cfg.epochs)
+    result = job.timed(stage, lambda: train(job.model, job.bundle.train, job.val_loader, cfg,
+                                            log_path=job.log_path, progress=job.progress))
+    last = result.final_metrics
+    val = f", val acc {last['val_acc']:.4f}" if "val_acc" in last else ""
+    job.echo(f"{stage}: {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, train loss {last.get('train_loss', float('nan')):.4f}{val} "
+             f"({job.seconds[stage]:.1f} s)")
+
+
+def _trains(handler: Callable) -> bool:
+    return "train_loader" in inspect.signature(handler).parameters
+
+
+def run_method(job: Job, model: nn.Module) -> Any:
+    """Call the recipe's method on `model` with the keyword arguments its handler accepts."""
+    method, recipe = job.recipe.method, job.recipe
+    params = inspect.signature(method.handler).parameters
+    available = {"train_loader": job.bundle.train, "val_loader": job.val_loader,
+                 "train_config": recipe.trainer_for_method, "progress": job.progress}
+    if "batches" in params and recipe.calibration_batches > 0:
+        job.bundle.train.set_epoch(0)
+        available["batches"] = list(itertools.islice(iter(job.bundle.train), recipe.calibration_batches))
+    kwargs = {k: v for k, v in available.items() if k in params}
+    device = next(iter(model.parameters())).device
+    return method.handler(model, method.config, job.example.to(device), **kwargs)
+
+
+def prune_stage(job: Job) -> None:
+    """Prune with the recipe's method; the plan is composed with a plan the model already had."""
+    from ..engine.logging import to_plain
+
+    method = job.recipe.method
+    job.before_prune = copy.deepcopy(job.model)
+    job.log("stage", name="prune", method=method.label)
+    before = job.cost()
+    result = job.timed("prune", lambda: run_method(job, job.model))
+    plan = result.plan
+    if not plan.input_shapes:  # a plan without inputs (e.g. masks only) still needs them to replay
+        plan.input_shapes = [list(job.example.shape)]
+        plan.input_dtypes = [str(job.example.dtype).removeprefix("torch.")]
+    job.plan = plan if job.plan is None else job.plan.compose(plan)
+    try:
+        job.prune_metrics = to_plain(result.metrics)
+    except PrunekitError:
+        job.prune_metrics = {"note": "method metrics could not be serialised"}
+    after = job.cost()
+    job.echo(f"prune: {method.label}, MACs {_count(before.macs)} -> {_count(after.macs)} "
+             f"({before.macs / max(after.macs, 1):.2f}x fewer), params {_count(before.params)} -> "
+             f"{_count(after.params)} ({job.seconds['prune']:.1f} s)")
+
+
+def _count(n: float) -> str:
+    from ..report.tables import fmt_count
+
+    return fmt_count(n)
+
+
+def measure(job: Job) -> dict[str, Any]:
+    """Whole-model latency (before pruning vs now, interleaved) and per-layer latency."""
+    from ..cost.latency import compare_latency
+
+    cfg, out = job.recipe.bench, {}
+    if not job.recipe.eval.latency:
+        return out
+    shape = tuple(job.bundle.input_shape)
+    models = {"after": job.model}
+    if job.before_prune is not None:
+        models = {"before": job.before_prune, "after": job.model}
+    t0 = time.perf_counter()
+    cmp = compare_latency(models, shape, cfg)
+    out = {k: r.to_dict() for k, r in cmp.results.items()}
+    if job.recipe.eval.layer_latency:
+        out["layers"] = {k: layer_latency(m, job.example, cfg) for k, m in models.items()}
+    job.seconds["latency"] = time.perf_counter() - t0
+    return out
+
+
+def layer_latency(model: nn.Module, example: torch.Tensor, cfg: Any) -> dict[str, float]:
+    """Median latency (ms) of every conv/linear layer alone, on its real input shape."""
+    from ..cost.latency import measure_latency
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            def grab(m, args, n=name):
+                if args and isinstance(args[0], torch.Tensor):
+                    shapes.setdefault(n, tuple(args[0].shape[1:]))
+            handles.append(mod.register_forward_pre_hook(grab))
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example.to(next(iter(model.parameters())).device))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    modules = dict(model.named_modules())
+    return {name: measure_latency(modules[name], shape, cfg).median_ms for name, shape in shapes.items()}

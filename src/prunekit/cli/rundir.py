@@ -1,0 +1,143 @@
+"""Run directories: where a command's artefacts go, and the result/report written at the end.
+
+A run directory holds:
+    recipe.yaml          the resolved recipe (every default filled in); `prunekit run <dir>` reruns it
+    dense.safetensors    the dense model after training, or the final model when nothing was
+                         pruned (a state dict, no pickle)
+    pruned.safetensors   the final pruned model with its plan inside (load with load_pruned)
+    plan.json            the same plan as plain JSON
+    metrics.jsonl        per-epoch training records, stage markers and evaluations
+    result.json          costs, accuracies, per-layer rows and latency (the report's input)
+    report.md, report.html, *.png
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import ConfigError
+from .pipeline import Job, measure, save_weights
+
+
+def choose_run_dir(name: str, parent: str | Path, out: str | Path | None) -> Path:
+    """The directory a run will write to; checked now, created only by `create_run_dir`."""
+    if out is not None:
+        path = Path(out)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ConfigError(f"--out {path} already exists and is not an empty directory; "
+                              "choose a new path (prunekit never overwrites a run)")
+        return path
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(parent) / f"{name}-{stamp}"
+    path, n = base, 2
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return path
+
+
+def create_run_dir(job: Job, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    job.run_dir = path
+    recipe = job.recipe
+    if job.weights is not None:
+        recipe.init = str(Path(job.weights).resolve())
+    (path / "recipe.yaml").write_text(f"# Resolved recipe of this run ({recipe.source}).\n" + recipe.to_yaml(),
+                                      encoding="utf-8")
+
+
+def finish(job: Job, title: str) -> dict[str, Any]:
+    """Save the final model, plan, result.json and the report; returns the result dict."""
+    from ..report import write_report
+    from ..surgery.plan import save_plan
+
+    run_dir = job.run_dir
+    files = ["recipe.yaml", "metrics.jsonl"]
+    if job.plan is not None:
+        save_weights(job, run_dir / "pruned.safetensors")
+        save_plan(job.plan, run_dir / "plan.json")
+        files += ["pruned.safetensors", "plan.json"]
+    else:  # the final dense model (after any fine-tuning)
+        save_weights(job, run_dir / "dense.safetensors")
+    if (run_dir / "dense.safetensors").exists():
+        files.append("dense.safetensors")
+    latency = measure(job)
+    if latency:
+        job.echo(_latency_line(latency))
+    result = build_result(job, title, latency)
+    result["files"] = files + ["result.json", "report.md", "report.html"]
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    paths = write_report(run_dir, result)
+    result["files"] += [p.name for p in paths.plots]
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    return result
+
+
+def _latency_line(latency: dict[str, Any]) -> str:
+    after = latency["after"]
+    head = f"latency ({after['device']}, {after['dtype']}, batch {after['batch']}): "
+    if "before" in latency:
+        b = latency["before"]["median_ms"]
+        return head + f"{b:.3f} ms -> {after['median_ms']:.3f} ms median ({b / after['median_ms']:.2f}x)"
+    return head + f"{after['median_ms']:.3f} ms median"
+
+
+def build_result(job: Job, title: str, latency: dict[str, Any]) -> dict[str, Any]:
+    """The report's input (prunekit.report.writer.ReportInput) plus the run's extra records."""
+    from ..core.environment import environment
+    from ..cost.macs import CONVENTION, count_cost
+
+    evals = job.evaluations
+    pruned = [i for i, e in enumerate(evals) if e["step"] == "pruned"]
+    if pruned:
+        first, no_ft = evals[pruned[0] - 1], evals[pruned[0]]
+    else:
+        first, no_ft = evals[0], None
+    last = evals[-1]
+    after_cost = count_cost(job.model, job.example_on_model())
+    if job.before_prune is not None:
+        before_model = job.before_prune
+        before_cost = count_cost(before_model, job.example.to(next(iter(before_model.parameters())).device))
+    else:
+        before_cost = after_cost
+    layer_lat = latency.get("layers", {})
+    result: dict[str, Any] = {
+        "title": title,
+        "method": job.recipe.method.label if (job.recipe.method and pruned) else "none",
+        "config": job.recipe.to_dict(),
+        "environment": environment(),
+        "cost_before": {"params": before_cost.params, "macs": before_cost.macs,
+                        "latency": latency.get("before")},
+        "cost_after": {"params": after_cost.params, "macs": after_cost.macs, "latency": latency.get("after")},
+        "accuracy_before": first["accuracy"],
+        "accuracy_after": last["accuracy"],
+        "layers": layer_rows(before_cost, after_cost, layer_lat.get("before", {}), layer_lat.get("after", {})),
+        "counting_convention": CONVENTION,
+        "history": [{k: e.get(k) for k in ("step", "params", "macs", "accuracy", "val_accuracy")} for e in evals],
+        "split": job.recipe.eval.split,
+        "stage_seconds": job.seconds,
+        "prune_metrics": job.prune_metrics,
+    }
+    if no_ft is not None and no_ft is not last:
+        result["accuracy_pruned_no_finetune"] = no_ft["accuracy"]
+    if job.plan is not None:
+        result["plan_groups"] = {n: {"size": job.plan.sizes[n], "kept": len(k)} for n, k in job.plan.groups.items()}
+    return result
+
+
+def layer_rows(before, after, lat_before: dict[str, float], lat_after: dict[str, float]) -> list[dict[str, Any]]:
+    """One row per layer with weights and MACs (conv, linear): channels, params and MACs before/after, optional latency."""
+    rows = []
+    for name, b in before.per_module.items():
+        if not b.get("out") or not b.get("macs"):
+            continue  # norms (no MACs) and parameter-free products (no channels of their own)
+        a = after.per_module.get(name, {})
+        row = {"name": name, "channels_before": b["out"], "channels_after": a.get("out"),
+               "params_before": b["params"], "params_after": a.get("params"),
+               "macs_before": b["macs"], "macs_after": a.get("macs")}
+        if name in lat_before or name in lat_after:
+            row["latency_ms_before"] = lat_before.get(name)
+            row["latency_ms_after"] = lat_after.get(name)
+        rows.append(row)
+    return rows

@@ -1,0 +1,122 @@
+"""A bad recipe or flag: exit status 2, one line naming the problem, no traceback, no file touched."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prunekit.cli.main import cli
+from prunekit.core.errors import ConfigError
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A user's folder holding a recipe; commands run inside it (runs/ would appear here)."""
+    (tmp_path / "mine.yaml").write_text("model: {name: small_cnn}\ndata: {name: digits}\n"
+                                        "method: {name: magnitude, channel_ratio: 0.5}\n")
+    (tmp_path / "notes.txt").write_text("keep me\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _assert_one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+BAD_ARGUMENTS = [
+    (["bogus=1"], ["unknown recipe key 'bogus'", "allowed:", "train"]),
+    (["train.lrr=0.1"], ["train", "unknown key(s) lrr", "allowed:", "lr"]),
+    (["model.name=resnet57"], ["unknown model 'resnet57'", "resnet56"]),
+    (["method.name=nope"], ["unknown method 'nope'", "magnitude", "admm"]),
+    (["--method", "nope"], ["unknown method 'nope'"]),
+    (["train.epochs"], ["'train.epochs' is not key=value", "train.epochs=3"]),
+    (["train..epochs=3"], ["invalid key"]),
+    (["train.epochs=[1"], ["invalid YAML"]),
+    (["train.lr=-1"], ["train", "lr=-1"]),
+    (["method.criterion=l7"], ["criterion='l7'", "l1"]),
+    (["method.macs_fraction=1.5"], ["macs_fraction=1.5", "out of range"]),
+    (["method.macs_fraction=0.001"], ["impossible target", "max_ratio"]),
+    (["method.channel_ratio=0.5"], ["exactly one target"]),
+    (["model.num_classes=3"], ["num_classes=3", "10 classes"]),
+    (["model.name=resnet20"], ["cannot take digits images"]),
+    (["data.name=mnist"], ["unknown dataset 'mnist'", "digits"]),
+    (["missing.yaml"], ["'missing.yaml' does not exist"]),
+    (["mine.yaml", "other.yaml"], ["unexpected argument 'other.yaml'"]),
+    (["eval.split=train"], ["split='train'", "test"]),
+]
+
+
+@pytest.mark.parametrize("args, needles", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_recipe_arguments_fail_cleanly_and_write_nothing(runner, workdir, args, needles):
+    before = _snapshot(workdir)
+    result = runner.invoke(cli, ["run", *args])
+    _assert_one_line_error(result, *needles)
+    assert _snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("text, needles", [
+    ("model: {name: small_cnn}\ndata: {name: digits}\nfinetuning: {epochs: 2}\n",
+     ["mine.yaml", "unknown recipe key(s) finetuning", "finetune"]),
+    ("model: {name: small_cnn}\ndata: [digits\n", ["mine.yaml", "invalid YAML", "line"]),
+    ("- just\n- a list\n", ["mine.yaml", "mapping"]),
+    ("model: {name: small_cnn}\n", ["needs a 'data' section"]),
+    ("model: {name: small_cnn}\ndata: {name: digits}\nmethod: {name: admm, optimization: slr}\n",
+     ["means slr with optimization='admm'"]),
+])
+def test_bad_recipe_files_fail_cleanly(runner, workdir, text, needles):
+    (workdir / "mine.yaml").write_text(text)
+    before = _snapshot(workdir)
+    _assert_one_line_error(runner.invoke(cli, ["run", "mine.yaml"]), *needles)
+    assert _snapshot(workdir) == before
+
+
+def test_an_existing_output_directory_is_never_overwritten(runner, workdir):
+    before = _snapshot(workdir)
+    result = runner.invoke(cli, ["run", "mine.yaml", "--out", str(workdir)])
+    _assert_one_line_error(result, "already exists and is not an empty directory")
+    assert _snapshot(workdir) == before
+
+
+def test_prune_without_weights_says_where_to_get_them(runner, workdir):
+    _assert_one_line_error(runner.invoke(cli, ["prune", "mine.yaml"]), "needs weights", "--weights")
+
+
+def test_missing_weights_file(runner, workdir):
+    _assert_one_line_error(runner.invoke(cli, ["eval", "mine.yaml", "--weights", "nope.safetensors"]),
+                           "nope.safetensors does not exist")
+
+
+def test_debug_flag_lets_the_exception_through(runner, workdir):
+    result = runner.invoke(cli, ["--debug", "run", "model.name=resnet57"])
+    assert isinstance(result.exception, ConfigError)
+
+
+def test_dry_run_validates_and_writes_nothing(runner, workdir):
+    before = _snapshot(workdir)
+    result = runner.invoke(cli, ["run", "mine.yaml", "--method", "admm", "method.sparsity=0.5", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "name: slr" in result.stdout and "optimization: admm" in result.stdout
+    assert _snapshot(workdir) == before
+
+
+def test_console_entry_point_exits_2_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "prunekit.cli.main", "run", "model.name=resnet57"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: ") and "unknown model 'resnet57'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())

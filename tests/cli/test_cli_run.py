@@ -1,0 +1,136 @@
+"""`prunekit run` end to end with the embedded default recipe, then the commands that reuse its files."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_model
+
+from prunekit.cli.main import cli
+from prunekit.cli.recipe import load_recipe
+from prunekit.cost.macs import count_cost
+from prunekit.data import load_data
+from prunekit.engine import evaluate
+from prunekit.models import create_model
+from prunekit.surgery.persist import load_pruned
+
+ACCURACY_FLOOR = 0.90  # digits test accuracy after fine-tuning; the default run reaches ~0.99
+
+
+def test_default_run_writes_every_artefact(default_run):
+    out, result = default_run
+    for name in ("recipe.yaml", "dense.safetensors", "pruned.safetensors", "plan.json", "metrics.jsonl",
+                 "result.json", "report.md", "report.html", "accuracy_vs_macs.png", "layer_widths.png"):
+        assert (out / name).is_file(), name
+    assert "report:" in result.output
+    report = (out / "report.md").read_text()
+    assert "Method: magnitude" in report and "Per-layer" in report
+
+
+def test_default_run_prunes_macs_and_clears_the_accuracy_floor(default_run):
+    out, _ = default_run
+    res = json.loads((out / "result.json").read_text())
+    assert res["cost_after"]["macs"] <= 0.5 * res["cost_before"]["macs"]  # method.macs_fraction: 0.5
+    assert res["cost_after"]["params"] < res["cost_before"]["params"]
+    assert res["accuracy_before"] > ACCURACY_FLOOR
+    assert res["accuracy_after"] > ACCURACY_FLOOR
+    assert res["split"] == "test"
+    assert [h["step"] for h in res["history"]] == ["dense", "pruned", "fine-tuned"]
+    assert res["cost_before"]["latency"]["median_ms"] > 0 and res["cost_after"]["latency"]["median_ms"] > 0
+    assert any(row["channels_after"] < row["channels_before"] for row in res["layers"])
+
+
+def test_saved_pruned_model_reloads_with_the_saved_accuracy(default_run):
+    out, _ = default_run
+    res = json.loads((out / "result.json").read_text())
+    recipe, _ = load_recipe(str(out))
+    bundle = load_data(recipe.data)
+    fresh = create_model(recipe.model.name, recipe.model.num_classes, **recipe.model.kwargs)
+    pruned = load_pruned(fresh, out / "pruned.safetensors")
+    assert evaluate(pruned, bundle.test)["acc"] == res["accuracy_after"]
+    assert count_cost(pruned, torch.zeros(1, *bundle.input_shape)).macs == res["cost_after"]["macs"]
+    dense = create_model(recipe.model.name, recipe.model.num_classes, **recipe.model.kwargs)
+    load_model(dense, str(out / "dense.safetensors"))
+    assert evaluate(dense, bundle.test)["acc"] == res["accuracy_before"]
+
+
+def test_resolved_recipe_reloads_to_the_same_recipe(default_run, runner):
+    out, _ = default_run
+    result = runner.invoke(cli, ["run", str(out), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    saved = (out / "recipe.yaml").read_text().split("\n", 1)[1]  # first line is a comment
+    assert result.stdout == saved
+
+
+def test_prune_from_a_saved_dense_checkpoint(default_run, runner, tmp_path):
+    out, _ = default_run
+    target = tmp_path / "pruned"
+    result = runner.invoke(cli, ["prune", "--weights", str(out / "dense.safetensors"), "--out", str(target),
+                                 "method.macs_fraction=0.7", "eval.layer_latency=false", "bench.repeats=3"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    res = json.loads((target / "result.json").read_text())
+    assert res["cost_after"]["macs"] <= 0.7 * res["cost_before"]["macs"]
+    dense_res = json.loads((out / "result.json").read_text())
+    assert res["accuracy_before"] == dense_res["accuracy_before"]  # the same dense weights
+    assert (target / "pruned.safetensors").is_file() and not (target / "dense.safetensors").exists()
+
+    tuned = tmp_path / "tuned"
+    result = runner.invoke(cli, ["finetune", str(target), "--out", str(tuned), "finetune.epochs=1",
+                                 "eval.latency=false"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    res_tuned = json.loads((tuned / "result.json").read_text())
+    assert res_tuned["cost_after"]["macs"] == res["cost_after"]["macs"]
+    assert res_tuned["accuracy_after"] > res["accuracy_after"]
+
+    result = runner.invoke(cli, ["eval", str(tuned), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] == res_tuned["accuracy_after"]
+
+
+def test_bench_prints_params_and_macs_of_a_named_model(runner):
+    result = runner.invoke(cli, ["bench", "--model", "resnet20", "--no-latency"])
+    assert result.exit_code == 0, result.output
+    cost = count_cost(create_model("resnet20"), torch.zeros(1, 3, 32, 32))
+    assert f"({cost.params:,})" in result.stdout and f"({cost.macs:,})" in result.stdout
+
+
+def test_bench_of_a_saved_pruned_model(default_run, runner):
+    out, _ = default_run
+    res = json.loads((out / "result.json").read_text())
+    result = runner.invoke(cli, ["bench", str(out), "bench.repeats=3", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["macs"] == res["cost_after"]["macs"] and data["params"] == res["cost_after"]["params"]
+    assert data["latency"]["n"] == 3 and data["latency"]["median_ms"] > 0
+
+
+def test_report_rerenders_a_run_directory(default_run, runner, tmp_path):
+    out, _ = default_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "report.md").unlink()
+    result = runner.invoke(cli, ["report", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert (copy / "report.md").read_text() == (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("topic, names", [
+    ("models", ["small_cnn", "resnet56", "vgg16_bn", "tv:<name>"]),
+    ("methods", ["magnitude", "slr", "admm"]),
+    ("criteria", ["l1", "l2", "taylor", "fpgm", "bn_scale"]),
+    ("datasets", ["digits", "cifar10", "imagefolder"]),
+])
+def test_info_lists_what_is_registered(runner, topic, names):
+    result = runner.invoke(cli, ["info", topic])
+    assert result.exit_code == 0, result.output
+    listed = {line.split()[0] for line in result.stdout.splitlines()[1:]}
+    assert set(names) <= listed
+
+
+def test_info_without_topic_lists_every_section(runner):
+    result = runner.invoke(cli, ["info"])
+    assert result.exit_code == 0
+    for head in ("models:", "datasets:", "methods:", "criteria:"):
+        assert head in result.stdout.splitlines()

@@ -1,0 +1,79 @@
+"""Recipe loading and overrides, without running anything."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prunekit.cli.overrides import apply_overrides, load_yaml_text, parse_override
+from prunekit.cli.recipe import Recipe, load_recipe, split_arguments
+from prunekit.core.errors import ConfigError
+from prunekit.engine import TrainConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_override_values_are_typed_as_yaml():
+    assert parse_override("train.epochs=3") == (["train", "epochs"], 3)
+    assert parse_override("train.lr=1e-3") == (["train", "lr"], 0.001)
+    assert parse_override("method.ignore=[fc, conv1]") == (["method", "ignore"], ["fc", "conv1"])
+    assert parse_override("train=null") == (["train"], None)
+    assert parse_override("data.root=/data/x=y") == (["data", "root"], "/data/x=y")
+    assert parse_override("name=v1.0") == (["name"], "v1.0")
+
+
+def test_yaml_reads_exponent_floats_and_keeps_strings():
+    assert load_yaml_text("a: 5e-4\nb: 1E3\nc: 1.5\nd: 3\ne: abc\nf: .inf", "t") == {
+        "a": 0.0005, "b": 1000.0, "c": 1.5, "d": 3, "e": "abc", "f": float("inf")}
+
+
+def test_overrides_create_sections_and_reject_scalars():
+    raw = {"train": None, "seed": 1}
+    assert apply_overrides(raw, ["train.epochs=2"]) == {"train": {"epochs": 2}, "seed": 1}
+    assert raw == {"train": None, "seed": 1}  # the input is not modified
+    with pytest.raises(ConfigError, match="seed is 1, not a section"):
+        apply_overrides(raw, ["seed.value=2"])
+
+
+def test_split_arguments():
+    assert split_arguments(["r.yaml", "a=1", "b.c=2"]) == ("r.yaml", ["a=1", "b.c=2"])
+    assert split_arguments(["a=1"]) == (None, ["a=1"])
+
+
+def test_embedded_default_recipe_is_complete():
+    recipe, run_dir = load_recipe()
+    assert run_dir is None
+    assert (recipe.model.name, recipe.data.name, recipe.method.name) == ("small_cnn", "digits", "magnitude")
+    assert recipe.train is not None and recipe.finetune is not None and recipe.eval.split == "test"
+
+
+@pytest.mark.parametrize("name, optimization", [("resnet56_cifar10_slr", "slr"), ("resnet56_cifar10_admm", "admm")])
+def test_shipped_recipes_load(name, optimization):
+    recipe, _ = load_recipe(str(REPO / "recipes" / f"{name}.yaml"))
+    assert recipe.name == name
+    assert recipe.method.name == "slr" and recipe.method.config.optimization == optimization
+    assert recipe.method.label == optimization
+    assert recipe.trainer_for_method.lr == 0.01 and recipe.train.lr == 0.1
+
+
+def test_method_train_falls_back_to_train_then_defaults():
+    base = {"model": {"name": "small_cnn"}, "data": {"name": "digits"}}
+    assert Recipe.from_dict({**base, "train": {"epochs": 3}}).trainer_for_method.epochs == 3
+    assert Recipe.from_dict(base).trainer_for_method == TrainConfig()
+
+
+def test_resolved_recipe_round_trips():
+    recipe, _ = load_recipe(None, ["method.macs_fraction=0.4", "train.epochs=2"])
+    again = Recipe.from_dict(recipe.to_dict())
+    assert again.to_dict() == recipe.to_dict()
+    assert again.method.config.macs_fraction == 0.4
+
+
+def test_method_fields_may_sit_under_config():
+    base = {"model": {"name": "small_cnn"}, "data": {"name": "digits"}}
+    flat = Recipe.from_dict({**base, "method": {"name": "magnitude", "channel_ratio": 0.3}})
+    nested = Recipe.from_dict({**base, "method": {"name": "magnitude", "config": {"channel_ratio": 0.3}}})
+    assert nested.method.to_dict() == flat.method.to_dict()
+    with pytest.raises(ConfigError, match="channel_ratio given both"):
+        Recipe.from_dict({**base, "method": {"name": "magnitude", "channel_ratio": 0.3,
+                                             "config": {"channel_ratio": 0.4}}})
