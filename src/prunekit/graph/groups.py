@@ -146,14 +146,13 @@ def _finish(tr: Tracer, batch: int, input_shapes: list[list[int]]) -> Graph:
     owner: dict[int, str] = {}
     seen: set[int] = set()
     for (name, _), roots in zip(tr.spaces, space_roots):
-        for r in roots.tolist():
+        for r, c in zip(roots.tolist(), comp.find(roots).tolist()):
             if r in seen:
                 continue
             seen.add(r)
-            c = int(comp.find(torch.tensor([r]))[0])
             order.setdefault(c, []).append(r)
             owner.setdefault(c, name)
-    groups = [_make_group(owner[c], classes, uf, members) for c, classes in order.items()]
+    groups = _make_groups([(owner[c], classes) for c, classes in order.items()], uf, members)
     _unique_names(groups)
     return Graph(groups, members, tr.nodes, batch, input_shapes)
 
@@ -168,17 +167,24 @@ def _join_shared(tr: Tracer) -> None:
         first.setdefault(key, m.ids)
 
 
-def _make_group(name: str, classes: list[int], uf: UnionFind, members: list[Member]) -> Group:
-    cls = torch.tensor(classes, dtype=torch.long)
-    lookup = np.full(len(uf), -1, dtype=np.int64)
-    lookup[cls.numpy()] = np.arange(len(classes))
-    group = Group(name.removesuffix(".weight"), cls, ~uf.is_fixed(cls))
+def _make_groups(specs: list[tuple[str, list[int]]], uf: UnionFind, members: list[Member]) -> list[Group]:
+    """One Group per (owner name, classes); each member is split among the groups its ids reach."""
+    group_of = np.full(len(uf), -1, dtype=np.int64)  # class -> group index
+    position = np.full(len(uf), -1, dtype=np.int64)  # class -> channel index within its group
+    groups = []
+    for gi, (name, classes) in enumerate(specs):
+        cls = torch.tensor(classes, dtype=torch.long)
+        group_of[cls.numpy()], position[cls.numpy()] = gi, np.arange(len(classes))
+        groups.append(Group(name.removesuffix(".weight"), cls, ~uf.is_fixed(cls)))
     for m in members:
         roots = m.ids.numpy()
-        chan = np.where(roots >= 0, lookup[np.maximum(roots, 0)], -1)
-        if (chan >= 0).any():
-            group.members.append(GroupMember(m.module, m.name, m.dim, torch.from_numpy(chan), m.role))
-    return group
+        valid = roots >= 0
+        gis = np.where(valid, group_of[np.maximum(roots, 0)], -1)
+        pos = np.where(valid, position[np.maximum(roots, 0)], -1)
+        for gi in np.unique(gis[gis >= 0]).tolist():
+            chan = np.where(gis == gi, pos, -1)
+            groups[gi].members.append(GroupMember(m.module, m.name, m.dim, torch.from_numpy(chan), m.role))
+    return groups
 
 
 def _unique_names(groups: list[Group]) -> None:

@@ -30,12 +30,10 @@ def _out_ids(ids: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
 def _join_conv_groups(tr, p, in_ids, groups: int) -> None:
     """One class per conv group (whole groups go, so `groups` stays valid). A group whose
     input channels have no channel identity (the model input, a fresh tensor) is fixed."""
-    og, ig = p.numel() // groups, in_ids.numel() // groups
-    for g in range(groups):
-        ins = in_ids[g * ig:(g + 1) * ig]
-        tr.uf.union_all(torch.cat([p[g * og:(g + 1) * og], ins]))
-        if bool((ins < 0).any()):
-            tr.uf.mark_fixed(p[g * og:(g + 1) * og])
+    outs, ins = p.reshape(groups, -1), in_ids.reshape(groups, -1)
+    rows = torch.cat([outs, ins], 1)  # one row per conv group; column 0 is a fresh (valid) id
+    tr.uf.union_pairs(rows[:, :1].expand(-1, rows.shape[1] - 1), rows[:, 1:])
+    tr.uf.mark_fixed(outs[(ins < 0).any(1)].reshape(-1))
 
 
 def conv(tr, call):
