@@ -16,16 +16,15 @@ from prunekit.methods.gator import (
     EmptyOutput,
     GateSet,
     GatorConfig,
-    apply_gator_plan_,
     build_cost,
     convert_,
     final_masks,
-    load_gator_pruned,
     mask_within_budget,
     round_masks,
 )
 from prunekit.models import create_model
-from prunekit.surgery.persist import save_pruned
+from prunekit.surgery.persist import load_pruned, save_pruned
+from prunekit.surgery.plan import apply_plan_
 from prunekit.surgery.verify import run_model
 from prunekit.testing.toy_models import ConcatNet
 
@@ -220,9 +219,9 @@ def test_closing_an_inner_group_cuts_the_branch(tmp_path):
     model.eval()
     # the plan replays on a freshly built model, with the cut branch
     path = save_pruned(model, conv.plan, tmp_path / "gator.safetensors")
-    again = load_gator_pruned(fresh, path)
+    again = load_pruned(fresh, path)
     torch.testing.assert_close(run_model(again, x), run_model(model, x), atol=0, rtol=0)
-    assert isinstance(apply_gator_plan_(copy.deepcopy(fresh), conv.plan).layer1[1].conv2, ConstantOutput)
+    assert isinstance(apply_plan_(copy.deepcopy(fresh), conv.plan).layer1[1].conv2, ConstantOutput)
 
 
 # ------------------------------------------------------------------------------- controller

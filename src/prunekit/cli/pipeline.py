@@ -145,9 +145,8 @@ def _first_line(err: BaseException) -> str:
 def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | None]:
     """Load dense or pruned weights into a freshly built `model`; returns (model, plan or None).
 
-    A .safetensors file with a prunekit plan inside is replayed with `load_pruned` (Gator plans
-    that cut branches with `load_gator_pruned`); one without is
-    a dense state dict; a .pt file must be a prunekit training checkpoint (read weights-only).
+    A .safetensors file with a prunekit plan inside is replayed with `load_pruned`; one without
+    is a dense state dict; a .pt file must be a prunekit training checkpoint (read weights-only).
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model
@@ -165,12 +164,7 @@ def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | 
         except (OSError, SafetensorError, ValueError) as err:
             raise CheckpointError(f"cannot read {path}: {_first_line(err)}") from None
         if has_plan:
-            plan = read_plan(path)
-            if plan.meta.get("gator", {}).get("branches"):  # Gator also cut whole branches out
-                from ..methods.gator import load_gator_pruned
-
-                return load_gator_pruned(model, path), plan
-            return load_pruned(model, path), plan
+            return load_pruned(model, path), read_plan(path)
         try:
             load_model(model, str(path), strict=True)
         except (RuntimeError, SafetensorError, ValueError) as err:
@@ -236,9 +230,6 @@ def prune_stage(job: Job) -> None:
     before = job.cost()
     result = job.timed("prune", lambda: run_method(job, job.model))
     plan = result.plan
-    if not plan.input_shapes:  # a plan without inputs (e.g. masks only) still needs them to replay
-        plan.input_shapes = [list(job.example.shape)]
-        plan.input_dtypes = [str(job.example.dtype).removeprefix("torch.")]
     job.plan = plan if job.plan is None else job.plan.compose(plan)
     try:
         job.prune_metrics = to_plain(result.metrics)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +28,19 @@ from ..graph import Graph, build_graph
 from .shrink import remove_channels_
 
 PLAN_FORMAT = "prunekit.plan"
+
+# Steps a method adds after channel removal (Gator cutting out whole branches, say), keyed by the
+# plan.meta entry that describes them: `apply_plan_` runs the step whenever that key is present,
+# so `load_pruned` replays every method's plans with no method-specific loader.
+REPLAY_STEPS: dict[str, Callable[[nn.Module, Any], None]] = {}
+
+
+def register_replay_step(meta_key: str, step: Callable[[nn.Module, Any], None]) -> None:
+    """Run `step(model, plan.meta[meta_key])` after the channel removal of every replayed plan
+    carrying that key."""
+    REPLAY_STEPS[meta_key] = step
+
+
 PLAN_VERSION = 1
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16,
                                                      torch.float64, torch.int64, torch.int32, torch.uint8)}
@@ -92,10 +105,15 @@ def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     raise PruningError("plans record positional tensor inputs only; pass example_inputs as a tensor or tuple of tensors")
 
 
-def make_plan(graph: Graph, remove: Mapping[str, Sequence[int]], example_inputs: Any, ignore: Sequence[str] = ()) -> Plan:
+def empty_plan(example_inputs: Any, ignore: Sequence[str] = ()) -> Plan:
+    """A plan that removes nothing yet, recording the inputs a replay traces with."""
     inputs = _as_tuple(example_inputs)
-    plan = Plan(input_shapes=[list(t.shape) for t in inputs],
+    return Plan(input_shapes=[list(t.shape) for t in inputs],
                 input_dtypes=[str(t.dtype).removeprefix("torch.") for t in inputs], ignore=list(ignore))
+
+
+def make_plan(graph: Graph, remove: Mapping[str, Sequence[int]], example_inputs: Any, ignore: Sequence[str] = ()) -> Plan:
+    plan = empty_plan(example_inputs, ignore)
     for name, idx in remove.items():
         size = graph.group(name).size
         dead = {int(i) for i in idx}
@@ -130,6 +148,11 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
         kept = set(keep)
         remove[name] = [i for i in range(group.size) if i not in kept]
     remove_channels_(model, graph, remove)
+    from .. import methods  # noqa: F401  (importing the methods registers their replay steps)
+
+    for key, step in REPLAY_STEPS.items():
+        if key in plan.meta:
+            step(model, plan.meta[key])
     return model
 
 

@@ -15,7 +15,7 @@ pipeline.py   the registered handler gator_prune_ (method name "gator")
 from .blocks import Branch, ConstantOutput, EmptyOutput, cut_branches_, find_branch
 from .config import GatorConfig
 from .controller import LambdaController, final_masks, initial_lambda, mask_within_budget, round_masks
-from .convert import Conversion, apply_gator_plan_, convert_, load_gator_pruned
+from .convert import Conversion, convert_
 from .costs import CostModel, build_cost
 from .gates import GateSet, gateable
 from .hook import GatorHook
@@ -39,8 +39,6 @@ __all__ = [
     "cut_branches_",
     "Conversion",
     "convert_",
-    "apply_gator_plan_",
-    "load_gator_pruned",
     "GatorHook",
     "gator_prune_",
 ]

@@ -12,13 +12,13 @@
    PruningError. Only then does the caller's model change.
 
 The returned Plan keeps channels per group (replayable with `apply_plan_`) and lists the cut
-branches in plan.meta["gator"]; `apply_gator_plan_` / `load_gator_pruned` replay both.
+branches in plan.meta["gator"]; `apply_plan_` / `load_pruned` replay both (the branch cuts are a
+registered replay step).
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 
 from ...core.errors import CheckpointError, PruningError
 from ...graph import Graph
-from ...surgery.plan import Plan, apply_plan_, make_plan
+from ...surgery.plan import Plan, make_plan, register_replay_step
 from ...surgery.shrink import remove_channels_
 from ...surgery.verify import first_tensor, run_model, zero_contributions_
 from .blocks import Branch, cut_branches_, find_branch
@@ -110,31 +110,17 @@ def _adopt(model: nn.Module, work: nn.Module) -> None:
     model.__dict__.update(keep)
 
 
-def apply_gator_plan_(model: nn.Module, plan: Plan) -> nn.Module:
-    """Replay a Gator plan on a freshly built model: channel removal, then the cut branches."""
-    apply_plan_(model, plan)
-    branches = [Branch(**b) for b in plan.meta.get("gator", {}).get("branches", [])]
+def _replay_cuts(model: nn.Module, meta: dict) -> None:
+    """Replay step for plan.meta["gator"]: cut the branches the plan lists (after channel removal)."""
+    branches = [Branch(**b) for b in meta.get("branches", [])]
     try:
         cut_branches_(model, branches)
-    except (AttributeError, KeyError) as err:
+    except (AttributeError, KeyError, TypeError) as err:
         raise CheckpointError(f"plan cuts branches this model does not have ({err}); build the same "
                               "architecture the plan was made on") from None
-    return model
 
 
-def load_gator_pruned(model: nn.Module, path: str | Path) -> nn.Module:
-    """Like `surgery.persist.load_pruned`, for files whose plan cut branches: returns a pruned copy."""
-    from safetensors.torch import load_model
-
-    from ...surgery.persist import read_plan
-
-    plan = read_plan(path)
-    work = apply_gator_plan_(copy.deepcopy(model), plan)
-    try:
-        load_model(work, str(path), strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"weights in {path} do not fit this model after replaying its plan: {err}") from None
-    return work
+register_replay_step("gator", _replay_cuts)
 
 
 def closed_fraction(opens: list[torch.Tensor]) -> float:

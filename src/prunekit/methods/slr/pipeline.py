@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ...core.errors import ConfigError
 from ...surgery.masks import remove_masks, sparsity_report
-from ...surgery.plan import Plan
+from ...surgery.plan import empty_plan
 from ..result import PruneResult
 from .config import SLRConfig
 from .hook import SLRHook
@@ -84,7 +84,7 @@ def slr_prune_(
         plan = shrink_(model, example_inputs)
     else:
         remove_masks(model, bake=True)
-        plan = Plan()
+        plan = empty_plan(example_inputs)  # weights zeroed in place: no channel leaves the model
     plan.meta.update({"method": "slr", "config": config.to_dict()})
     return PruneResult(plan, before, count_cost(model, example_inputs), config.to_dict(), metrics)
 
