@@ -210,12 +210,29 @@ def summarise(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return summary
 
 
+def _record(args, device, arms, dense_runs, per_seed, t_start, complete: bool) -> dict[str, Any]:
+    done = {name: runs for name, runs in per_seed.items() if runs}
+    return {
+        "benchmark": "slr_cifar10", "complete": complete, "model": args.model, "device": device,
+        "dtype": "float32", "batch_size": args.batch_size, "limit_train": args.limit_train, "seeds": args.seeds,
+        "pretrain_epochs": args.pretrain_epochs, "epochs": args.epochs, "retrain_epochs": args.retrain,
+        "lr": args.lr, "momentum": args.momentum, "rho": args.rho, "recal_batches": args.recal_batches,
+        "eval_batches": args.eval_batches,
+        "arms": {name: cfg.to_dict() for name, cfg in arms}, "dense": dense_runs,
+        "summary": summarise(done), "runs": done, "wall_s": time.perf_counter() - t_start,
+        "environment": environment(REPO),
+    }
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     arms = [parse_arm(a) for a in args.arms]
     per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in arms}
     dense_runs, t_start = [], time.perf_counter()
+    out = Path(args.out) if args.out else (
+        REPO / "benchmarks" / "results" / f"slr_cifar10_{args.model}_{device.split(':')[0]}_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         data_cfg = DataConfig(name="imagefolder", root=args.data, batch_size=args.batch_size, seed=seed,
                               val_fraction=0.1, limit_train=args.limit_train, device=device)
@@ -229,19 +246,9 @@ def main(argv: list[str] | None = None) -> Path:
         for name, config in arms:
             print(f"seed {seed} arm {name}", flush=True)
             per_seed[name].append({"seed": seed, **run_arm(args, bundle, dense, config, seed, device)})
-    record = {
-        "benchmark": "slr_cifar10", "model": args.model, "device": device, "dtype": "float32",
-        "batch_size": args.batch_size, "limit_train": args.limit_train, "seeds": args.seeds,
-        "pretrain_epochs": args.pretrain_epochs, "epochs": args.epochs, "retrain_epochs": args.retrain,
-        "lr": args.lr, "momentum": args.momentum, "rho": args.rho, "recal_batches": args.recal_batches,
-        "eval_batches": args.eval_batches,
-        "arms": {name: cfg.to_dict() for name, cfg in arms}, "dense": dense_runs,
-        "summary": summarise(per_seed), "runs": per_seed, "wall_s": time.perf_counter() - t_start,
-        "environment": environment(REPO),
-    }
-    out = Path(args.out) if args.out else (
-        REPO / "benchmarks" / "results" / f"slr_cifar10_{args.model}_{device.split(':')[0]}_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+            record = _record(args, device, arms, dense_runs, per_seed, t_start, complete=False)
+            out.write_text(json.dumps(record, indent=2, default=str) + "\n")  # an interrupted run keeps its arms
+    record = _record(args, device, arms, dense_runs, per_seed, t_start, complete=True)
     out.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(json.dumps(record["summary"], indent=2))
     print(f"wrote {out}")

@@ -6,12 +6,15 @@ Writes benchmarks/results/zoo_coverage.json and docs/zoo_coverage.md.
 
     python benchmarks/zoo_coverage.py            # all models
     python benchmarks/zoo_coverage.py resnet50   # some models
+    python benchmarks/zoo_coverage.py --resume   # all models, keeping the rows of an interrupted run
 On machines whose torchvision wheel does not match torch, put ../shared/tools on the path first
 (this script does it when that folder exists).
 """
 from __future__ import annotations
 
 import json
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -29,6 +32,11 @@ import torchvision.models as tvm  # noqa: E402
 from prunekit.core.environment import environment  # noqa: E402
 from prunekit.methods import prune_  # noqa: E402
 from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402
+
+# The largest models (regnet_y_128gf, vit_h_14) need several copies of ~2.5 GB of weights while
+# probing; a cap on the address space turns running out of memory into a caught allocation
+# error for that one model instead of the kernel killing the whole run.
+MEMORY_CAP_GB = 18
 
 
 def input_size(name: str) -> int:
@@ -50,28 +58,67 @@ def try_model(name: str) -> dict:
         out = model(x)
     out = out if isinstance(out, torch.Tensor) else out[0]
     p1 = sum(p.numel() for p in model.parameters())
-    ok = out.shape == ref.shape and p1 < p0
-    return {"model": name, "ok": bool(ok), "params_before": p0, "params_after": p1,
+    ok = out.shape == ref.shape and p1 < p0 and bool(torch.isfinite(out).all())
+    return {"model": name, "ok": bool(ok), "input": list(x.shape), "params_before": p0, "params_after": p1,
             "macs_before": result.cost_before.macs, "macs_after": result.cost_after.macs,
             "prune_seconds": round(t2 - t1, 2), "total_seconds": round(time.perf_counter() - t0, 2)}
 
 
-def main(names: list[str]) -> None:
+def _cap_memory(gb: float) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = int(gb * 2**30)
+    if hard == resource.RLIM_INFINITY or hard > limit:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def main(names: list[str], flags: set[str]) -> None:
+    _cap_memory(MEMORY_CAP_GB)
+    env = environment(ROOT)  # before the run: the code that runs is the code checked out now
+    load_before = os.getloadavg()
     torch.manual_seed(0)
     rows = []
+    started = time.perf_counter()
+    results = ROOT / "benchmarks" / "results" / "zoo_coverage.json"
+    done = {}
+    if "--resume" in flags and results.exists():  # keep the rows of an interrupted run
+        done = {r["model"]: r for r in json.loads(results.read_text())["rows"]}
     for name in names:
+        if name in done:
+            rows.append(done[name])
+            continue
+        t0 = time.perf_counter()
         try:
             row = try_model(name)
         except Exception as err:  # report every failure, keep going
-            row = {"model": name, "ok": False, "error": f"{type(err).__name__}: {str(err)[:200]}"}
+            row = {"model": name, "ok": False, "error": f"{type(err).__name__}: {str(err)[:200]}",
+                   "total_seconds": round(time.perf_counter() - t0, 2)}
         rows.append(row)
-        print(("OK  " if row["ok"] else "FAIL") + f" {name} {row.get('error', '')}", flush=True)
-    out = {"environment": environment(), "config": MagnitudeConfig(channel_ratio=0.5).to_dict(), "rows": rows,
-           "passed": sum(r["ok"] for r in rows), "total": len(rows)}
-    (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "benchmarks" / "results" / "zoo_coverage.json").write_text(json.dumps(out, indent=1))
+        print(("OK  " if row["ok"] else "FAIL") + f" {name} {row['total_seconds']}s {row.get('error', '')}", flush=True)
+        _write(results, env, rows, started, load_before)  # after every model: an interrupted run keeps its rows
+    out = _write(results, env, rows, started, load_before)
     if len(names) == len(tvm.list_models(module=tvm)):
         write_markdown(out)
+
+
+def _write(results: Path, env: dict, rows: list, started: float, load_before) -> dict:
+    out = {"environment": env, "torchvision": sys.modules["torchvision"].__version__,
+           "config": MagnitudeConfig(channel_ratio=0.5).to_dict(),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "wall_seconds": round(time.perf_counter() - started, 1),
+           "load_average_1_5_15min": {"start": [round(v, 2) for v in load_before],
+                                      "end": [round(v, 2) for v in os.getloadavg()]},
+           "memory_cap_gb": MEMORY_CAP_GB, "rows": rows, "passed": sum(r["ok"] for r in rows), "total": len(rows)}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def _load_note(out: dict) -> str:
+    load = out.get("load_average_1_5_15min")
+    if not load:
+        return ""
+    fmt = lambda v: "/".join(f"{x:.1f}" for x in v)
+    return (f" (load average 1/5/15 min {fmt(load['start'])} at the start, {fmt(load['end'])} at the end, on a shared "
+            "machine: the seconds are upper bounds)")
 
 
 def write_markdown(out: dict) -> None:
@@ -79,18 +126,30 @@ def write_markdown(out: dict) -> None:
     lines = ["# torchvision model-zoo coverage", "",
              f"{out['passed']}/{out['total']} classification models pruned at 50% channels (magnitude L2, local, "
              "classifier kept): forward runs, output shape unchanged, parameters drop.",
-             f"Produced by `python benchmarks/zoo_coverage.py` on {env.get('cpu_model')}, torch {env.get('torch')}, "
-             "batch 1, float32, one run per model.", "",
-             "| model | ok | params before | params after | MACs before | MACs after | prune s | note |",
-             "|---|---|---|---|---|---|---|---|"]
+             "",
+             f"Produced by `python benchmarks/zoo_coverage.py` on {out.get('date', '?')}: CPU {env.get('cpu_model')} "
+             f"({env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads), GPU "
+             f"{(env.get('cuda') or {}).get('device_name', 'none')}, torch {env.get('torch')}, torchvision "
+             f"{out.get('torchvision', '?')}, python {env.get('python')}, "
+             f"prunekit {env.get('prunekit')} (commit {str(env.get('git_commit'))[:10]}"
+             f"{', uncommitted changes' if env.get('git_dirty') else ''}). Input 1x3x224x224 (299 for inception), "
+             f"float32, one run per model, {out.get('wall_seconds', '?')} s in all{_load_note(out)}. MACs are per sample "
+             "(conv/linear/matmul/attention products). *prune s* is `prune_` alone (tracing, probing, scoring, "
+             "removal, cost recount); *total s* adds model construction and the two forwards.", "",
+             "| model | ok | params before | params after | MACs before | MACs after | prune s | total s | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
-        if r["ok"]:
-            lines.append(f"| {r['model']} | yes | {r['params_before']/1e6:.2f}M | {r['params_after']/1e6:.2f}M | "
-                         f"{r['macs_before']/1e9:.2f}G | {r['macs_after']/1e9:.2f}G | {r['prune_seconds']} | |")
+        if "params_before" in r:
+            note = "" if r["ok"] else "output shape changed, non-finite output or no parameter dropped"
+            lines.append(f"| {r['model']} | {'yes' if r['ok'] else 'no'} | {r['params_before']/1e6:.2f}M | "
+                         f"{r['params_after']/1e6:.2f}M | {r['macs_before']/1e9:.3f}G | {r['macs_after']/1e9:.3f}G | "
+                         f"{r['prune_seconds']} | {r['total_seconds']} | {note} |")
         else:
-            lines.append(f"| {r['model']} | no | | | | | | {r.get('error', 'check failed')} |")
+            error = r.get("error", "check failed").replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {r['model']} | no | | | | | | {r.get('total_seconds', '')} | {error} |")
     (ROOT / "docs" / "zoo_coverage.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or tvm.list_models(module=tvm))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(args or tvm.list_models(module=tvm), {a for a in sys.argv[1:] if a.startswith("--")})
