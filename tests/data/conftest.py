@@ -1,4 +1,4 @@
-"""Fixtures for the data tests: one torch thread, a private cache folder, and builders of
+"""Fixtures for the data tests: a private cache folder, and builders of
 small fake datasets in the official CIFAR format and the image-folder layout."""
 from __future__ import annotations
 
@@ -18,16 +18,6 @@ CIFAR_LAYOUT = {  # name: (folder, train files, test files, meta file, label key
                 "batches.meta", b"labels", b"label_names", 10),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", b"fine_labels", b"fine_label_names", 100),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny tensors gain nothing from more threads; on a busy machine OpenMP threads waiting
-    # on each other made these tests several times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

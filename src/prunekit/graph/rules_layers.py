@@ -36,47 +36,40 @@ def _join_conv_groups(tr, p, in_ids, groups: int) -> None:
     tr.uf.mark_fixed(outs[(ins < 0).any(1)].reshape(-1))
 
 
-def conv(tr, call):
+def _conv(tr, call, transposed: bool):
+    """Conv weights are (out, in/groups, k...); transposed ones (in, out/groups, k...)."""
     x, w, b = call.args[0], call.arg(1, "weight"), call.arg(2, "bias")
     groups = int(call.arg(6, "groups", 1))
     if _named(tr, w) is None or x.dim() != w.dim():
         return _fix_all(tr, call)  # computed weights (weight standardisation) or unbatched input
     out = _tensor_outs(call)[0]
-    c_out, c_in = w.shape[0], x.shape[1]
+    c_in = x.shape[1]
+    c_out = w.shape[1] * groups if transposed else w.shape[0]
     in_ids = along(tr.ids(x), 1, c_in, tr.uf)
     mod, wname = _named(tr, w)
     p = tr.new_space(f"{mod}.{wname}", c_out)
-    tr.add_member(mod, wname, 0, p, "out")
+    # dim 0 holds whole channels; dim 1 holds channels per conv group (whole channels if groups == 1)
+    dim0, dim1 = ((in_ids, "in"), (p, "out")) if transposed else ((p, "out"), (in_ids, "in"))
+    tr.add_member(mod, wname, 0, *dim0)
     if groups == 1:
-        tr.add_member(mod, wname, 1, in_ids, "in")
+        tr.add_member(mod, wname, 1, *dim1)
     else:
         _join_conv_groups(tr, p, in_ids, groups)
     if b is not None and _named(tr, b) is not None:
         tr.add_member(*_named(tr, b), 0, p, "out")
     tr.set_ids(out, _out_ids(p, out.dim(), 1))
-    kernel = math.prod(w.shape[2:])
-    tr.add_node(call, macs=out.numel() * w.shape[1] * kernel, params=[f"{mod}.{wname}"])
+    # every output element reads in/groups channels x kernel (conv); every input element writes
+    # out/groups channels x kernel (transposed)
+    per = w.shape[1] * math.prod(w.shape[2:])
+    tr.add_node(call, macs=(x.numel() if transposed else out.numel()) * per, params=[f"{mod}.{wname}"])
+
+
+def conv(tr, call):
+    _conv(tr, call, transposed=False)
 
 
 def conv_transpose(tr, call):
-    x, w, b = call.args[0], call.arg(1, "weight"), call.arg(2, "bias")
-    groups = int(call.arg(6, "groups", 1))
-    if _named(tr, w) is None or x.dim() != w.dim():
-        return _fix_all(tr, call)
-    out = _tensor_outs(call)[0]
-    c_in, c_out = w.shape[0], w.shape[1] * groups
-    in_ids = along(tr.ids(x), 1, c_in, tr.uf)
-    mod, wname = _named(tr, w)
-    p = tr.new_space(f"{mod}.{wname}", c_out)
-    tr.add_member(mod, wname, 0, in_ids, "in")
-    if groups == 1:
-        tr.add_member(mod, wname, 1, p, "out")
-    else:
-        _join_conv_groups(tr, p, in_ids, groups)
-    if b is not None and _named(tr, b) is not None:
-        tr.add_member(*_named(tr, b), 0, p, "out")
-    tr.set_ids(out, _out_ids(p, out.dim(), 1))
-    tr.add_node(call, macs=x.numel() * w.shape[1] * math.prod(w.shape[2:]), params=[f"{mod}.{wname}"])
+    _conv(tr, call, transposed=True)
 
 
 def linear_like(tr, call, x, w, b, transposed: bool = False):
