@@ -21,12 +21,11 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from ..core.errors import ConfigError
 from .ids import UnionFind
 from .rules import rule_table
-from .trace import Member, Node, Tracer
+from .trace import Member, Node, Tracer, tensors_in
 
 
 @dataclass
@@ -102,13 +101,13 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
     try:
         with torch.no_grad(), tracer:
             tracer.busy = True
-            inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            inputs = list(tensors_in((args, kwargs)))
             for t in inputs:  # model inputs: their channels are fixed
                 tracer.set_opaque(t)
             tracer.busy = False
             out = model(*args, **kwargs)
             tracer.busy = True
-            for t in tree_flatten(out)[0]:
+            for t in tensors_in(out):
                 if isinstance(t, torch.Tensor):
                     tracer.uf.mark_fixed(tracer.ids(t))
     finally:

@@ -46,6 +46,13 @@ class ScoreContext:
     loss_fn: Callable = nn.functional.cross_entropy
     _grads: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _outs: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _params: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """name -> parameter of the model (looked up once per context)."""
+        if self._params is None:
+            self._params = dict(self.model.named_parameters())
+        return self._params
 
     def tensor(self, module: str, name: str) -> torch.Tensor:
         return getattr(self.model.get_submodule(module), name).detach()
@@ -134,7 +141,7 @@ def reduce_members(scores: list[torch.Tensor], how: str) -> torch.Tensor:
 
 
 def _param_members(group: Group, ctx: ScoreContext, roles=("out", "in", "through")):
-    params = dict(ctx.model.named_parameters())
+    params = ctx.parameters()
     for m in group.tensor_members():
         if m.role in roles and m.qualname in params:
             yield m, params[m.qualname].detach()
@@ -142,7 +149,8 @@ def _param_members(group: Group, ctx: ScoreContext, roles=("out", "in", "through
 
 def _norm_criterion(p: float) -> Criterion:
     def score(group: Group, ctx: ScoreContext) -> torch.Tensor:
-        parts = [per_channel(w.abs().pow(p), m, group.size) for m, w in _param_members(group, ctx)]
+        power = (lambda w: w.abs()) if p == 1 else (lambda w: w.square()) if p == 2 else (lambda w: w.abs().pow(p))
+        parts = [per_channel(power(w), m, group.size) for m, w in _param_members(group, ctx)]
         return reduce_members(parts, ctx.reduction).pow(1.0 / p)
     return score
 

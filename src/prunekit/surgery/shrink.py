@@ -51,11 +51,13 @@ def remove_channels_(model: nn.Module, graph: Graph, remove: Mapping[str, Sequen
     roots = removed_roots(graph, remove)
     if not roots:
         return
-    dead = torch.tensor(sorted(roots), dtype=torch.long)
+    top = max(max(roots), max((int(m.ids.max()) for m in graph.members if m.ids.numel()), default=0))
+    dead = torch.zeros(top + 1, dtype=torch.bool)  # lookup table: class id -> removed
+    dead[torch.tensor(sorted(roots), dtype=torch.long)] = True
     keep: dict[tuple[str, str, int], torch.Tensor] = {}
     for m in graph.members:
         key = (m.module, m.name, m.dim)
-        k = ~torch.isin(m.ids, dead)
+        k = ~(dead[m.ids.clamp(min=0)] & (m.ids >= 0))
         keep[key] = keep[key] & k if key in keep and keep[key].numel() == k.numel() else k
     new_tensors, counts = _sliced(model, keep)
     _check(model, new_tensors, counts)
