@@ -1,4 +1,5 @@
-"""Minimal reproductions of channel-rule bugs, kept as strict xfails until the rules are fixed.
+"""Channel rules at their edges: hard-coded cuts of a channel dim, and views that split channels
+into groups (the remaining gap is kept as a strict xfail until the rule is fixed).
 
 Each test states the correct behaviour: for every channel the graph calls prunable, removing
 it equals zeroing its contributions (and the forward still runs). A fix turns the xfail into
@@ -33,24 +34,31 @@ class CutThenConv(nn.Module):
         return self.b(self.cut(self.a(x)))
 
 
-CUTS = {
-    # rules_tensor.cut_along reads argument 1 as the dim of split/tensor_split (it is the sizes)
-    # and argument 2 as the dim of narrow/select (it is the start/index)
-    "split_sizes_list": (lambda t: torch.split(t, [4, 4], dim=1)[0], 4),  # TypeError while tracing
-    "split_size_int": (lambda t: t.split(4, dim=1)[0], 4),  # dim read as 4 % 4 = 0: not fixed
-    "narrow": (lambda t: t.narrow(1, 2, 4), 4),  # dim read as start=2: not fixed
-    "tensor_split": (lambda t: torch.tensor_split(t, 2, dim=1)[0], 4),  # dim read as 2
-    "select": (lambda t: t.select(1, 3).unsqueeze(1), 1),  # dim read as index=3: silently wrong
+CUTS = {  # hard-coded pieces of the channels: every call form reads its own dim argument
+    "split_sizes_list": (lambda t: torch.split(t, [4, 4], dim=1)[0], 4),
+    "split_size_int": (lambda t: t.split(4, dim=1)[0], 4),
+    "split_positional_dim": (lambda t: torch.split(t, 4, 1)[1], 4),
+    "narrow": (lambda t: t.narrow(1, 2, 4), 4),
+    "tensor_split": (lambda t: torch.tensor_split(t, 2, dim=1)[0], 4),
+    "select": (lambda t: t.select(1, 3).unsqueeze(1), 1),
+    "unbind": (lambda t: t.unbind(1)[5].unsqueeze(1), 1),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="cut_along takes the wrong argument as the dim of split/tensor_split "
-                                       "(the sizes) and narrow/select (the start/index)")
 @pytest.mark.parametrize("name", sorted(CUTS))
 def test_hard_coded_channel_cuts_are_fixed(name):
     cut, width = CUTS[name]
     torch.manual_seed(0)
-    _every_single_channel_removal_matches_zeroing(CutThenConv(cut, width), torch.randn(2, 3, 4, 4))
+    model, x = CutThenConv(cut, width), torch.randn(2, 3, 4, 4)
+    _every_single_channel_removal_matches_zeroing(model, x)
+    assert not build_graph(model, x).group("a").prunable.any()
+
+
+def test_cuts_along_other_dims_leave_channels_prunable():
+    torch.manual_seed(0)
+    model, x = CutThenConv(lambda t: t.narrow(2, 1, 2).split(1, dim=3)[0], 8), torch.randn(2, 3, 4, 4)
+    assert build_graph(model, x).group("a").prunable.all()
+    _every_single_channel_removal_matches_zeroing(model, x)
 
 
 def test_hard_coded_channel_cuts_by_indexing_are_fixed():
@@ -107,3 +115,21 @@ def test_split_into_groups_of_width_two_is_coupled():
 
     torch.manual_seed(0)
     _every_single_channel_removal_matches_zeroing(Shuffle(), torch.randn(2, 3, 4, 4))
+
+
+@pytest.mark.parametrize("make, shape", [(ShuffleOnePerGroup, (2, 3, 4, 4)), (HeadsOfWidthOne, (2, 3, 4))],
+                         ids=["channel_shuffle", "attention_heads"])
+def test_probing_makes_groups_of_width_one_safe(make, shape):
+    """What the trace misses, the probe (on by default in the pruners) catches: every group it
+    leaves prunable can lose any single channel and still equal zeroing."""
+    from prunekit.surgery.verify import build_safe_graph
+
+    torch.manual_seed(0)
+    model, x = make(), torch.randn(*shape)
+    graph = build_safe_graph(model, x)
+    first = graph.groups[0]
+    assert not first.prunable.any() and "forward fails after removal" in first.note
+    for group in graph.prunable_groups():
+        for ch in group.prunable.nonzero().flatten().tolist():
+            if group.size > 1:
+                check_removal_matches_zeroing(model, x, graph, {group.name: [ch]})

@@ -125,9 +125,9 @@ def getitem(tr, call):
 def cut_along(tr, call):
     """narrow/select/split/unbind/tensor_split: hard-coded pieces of a channel dim are fixed."""
     x = call.args[0]
-    dim = call.arg(2 if call.name in ("narrow", "select") else 1, "dim", 0)
-    if call.name == "unbind":
-        dim = call.arg(1, "dim", 0)
+    # narrow(x, dim, start, length), select(x, dim, index), unbind(x, dim=0);
+    # split(x, sizes, dim=0), split_with_sizes(x, sizes, dim=0), tensor_split(x, sections, dim=0)
+    dim = call.arg(1 if call.name in ("narrow", "select", "unbind") else 2, "dim", 0)
     ids = tr.ids(x)
     if ids.shape[dim % x.dim()] > 1:
         tr.uf.mark_fixed(ids)
