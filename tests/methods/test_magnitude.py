@@ -123,3 +123,28 @@ def test_no_producer_of_a_concat_is_emptied(scope):
     prune_(model, MagnitudeConfig(channel_ratio=0.5, scope=scope, max_ratio=0.9, probe=False), x)
     assert model.narrow.out_channels == 1 and model.head.in_channels == 4
     assert model(x).shape == (1, 4, 4, 4)
+
+
+class _HardCodedHeads(nn.Module):
+    """view(b, 2, -1, h, w) on a 2-channel conv: removing one channel breaks the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 2, 1), nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        b, c, h, w = y.shape
+        return self.b(y.view(b, 2, -1, h, w).transpose(1, 2).reshape(b, -1, h, w))
+
+
+def test_unprobed_pruning_that_breaks_the_forward_leaves_the_model_unchanged():
+    from prunekit.core.errors import PruningError
+
+    model, x = _HardCodedHeads(), torch.randn(1, 3, 4, 4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match="no longer runs.*probe=True"):
+        prune_(model, MagnitudeConfig(channel_ratio=0.5, probe=False), x)
+    assert model.a.out_channels == 2 and all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    prune_(model, MagnitudeConfig(channel_ratio=0.5), x)  # probing keeps the hard-coded group whole
+    assert model.a.out_channels == 2 and model(x).shape == (1, 2, 4, 4)

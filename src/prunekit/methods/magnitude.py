@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..core.config import Config, check_choice, check_range
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, PrunekitError, PruningError
 from ..cost.macs import cost_from_graph, estimate_cost
 from ..graph import Graph, build_graph
 from ..importance.criteria import CRITERIA, REDUCTIONS, ScoreContext
@@ -121,8 +121,16 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
         plan = step_plan if plan is None else plan.compose(step_plan)
         if between_steps is not None:
             between_steps(work, step)
+    try:  # recount on the copy: a pruned model that no longer runs never reaches the caller
+        after = cost_from_graph(work, build_graph(work, example_inputs, cfg.ignore))
+    except PrunekitError:
+        raise
+    except Exception as err:
+        raise PruningError(
+            f"the pruned model no longer runs ({type(err).__name__}: {str(err)[:200]}); its forward hard-codes "
+            "a channel count the trace cannot see. Prune with probe=True (the default), which tests every group "
+            "first, or ignore the layers involved; the model was left unchanged") from None
     _adopt(model, work)
-    after = cost_from_graph(model, build_graph(model, example_inputs, cfg.ignore))
     plan.meta.update({"method": "magnitude", "config": cfg.to_dict()})
     return PruneResult(plan, before, after, cfg.to_dict())
 
