@@ -132,20 +132,25 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 def _finish(tr: Tracer, batch: int, input_shapes: list[list[int]]) -> Graph:
     uf = tr.uf
     _join_shared(tr)
-    members = [Member(m.module, m.name, m.dim, uf.find(m.ids), m.role) for m in tr.members]
+    # every id tensor -> its class roots, in one union-find pass
+    term_ids = [ids for node in tr.nodes for _, idss in node.terms for ids in idss]
+    found = iter(uf.find_many([m.ids for m in tr.members] + term_ids + [ids for _, ids in tr.spaces]))
+    members = [Member(m.module, m.name, m.dim, next(found), m.role) for m in tr.members]
     for node in tr.nodes:
-        node.terms = [(macs, [uf.find(ids) for ids in idss]) for macs, idss in node.terms]
+        node.terms = [(macs, [next(found) for _ in idss]) for macs, idss in node.terms]
+    space_roots = [next(found) for _ in tr.spaces]
     # groups: connected components of producer spaces that share a class
     comp = UnionFind()
     comp.allocate(len(uf))
-    space_roots = [uf.find(ids) for _, ids in tr.spaces]
-    for roots in space_roots:
-        comp.union_all(roots)
+    nonempty = [r.reshape(-1) for r in space_roots if r.numel()]
+    if nonempty:
+        comp.union_pairs(torch.cat([r[:1].expand(r.numel()) for r in nonempty]), torch.cat(nonempty))
+    comp_roots = comp.find_many(space_roots)
     order: dict[int, list[int]] = {}  # component -> its classes in order of first appearance
     owner: dict[int, str] = {}
     seen: set[int] = set()
-    for (name, _), roots in zip(tr.spaces, space_roots):
-        for r, c in zip(roots.tolist(), comp.find(roots).tolist()):
+    for (name, _), roots, comps in zip(tr.spaces, space_roots, comp_roots):
+        for r, c in zip(roots.tolist(), comps.tolist()):
             if r in seen:
                 continue
             seen.add(r)

@@ -68,6 +68,13 @@ class UnionFind:
         out[valid] = self._find_np(out[valid])
         return torch.from_numpy(out)
 
+    def find_many(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`find` of several id tensors in one pass (shapes kept)."""
+        if not tensors:
+            return []
+        flat = self.find(torch.cat([t.reshape(-1) for t in tensors]))
+        return [part.reshape(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
     def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Join a[i] with b[i] for every i where both are valid ids."""
         a, b = a.reshape(-1).numpy(), b.reshape(-1).numpy()
