@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="resnet56")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--arms", nargs="+", default=["gator_macs", "gator_macs_r8", "gator_latency_r8"],
+                   choices=["gator_macs", "gator_macs_r8", "gator_latency_r8"],
+                   help="Gator arms to run (the magnitude arm always runs)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N train images")
     p.add_argument("--baseline", default=None, help="dense weights ({seed} is replaced): loaded if present, else written")
@@ -200,10 +203,11 @@ def main(argv: list[str] | None = None) -> Path:
         lut = LatencyConfig(device="cuda" if device.startswith("cuda") else "cpu", batch_size=args.lut_batch,
                             warmup=3, repeats=max(5, args.latency_repeats // 5))
         arms, models = {}, {"dense": dense}
-        for name, fields in (("gator_macs", {}),
-                             ("gator_macs_r8", {"round_to": args.round_to}),
-                             ("gator_latency_r8", {"round_to": args.round_to, "cost": "latency",
-                                                   "target_metric": "macs", "latency": lut})):
+        gator_arms = {"gator_macs": {}, "gator_macs_r8": {"round_to": args.round_to},
+                      "gator_latency_r8": {"round_to": args.round_to, "cost": "latency", "target_metric": "macs",
+                                           "latency": lut}}
+        for name in args.arms:
+            fields = gator_arms[name]
             print(f"seed {seed}: {name} ({time.perf_counter() - t_start:.0f} s)", flush=True)
             models[name], arms[name] = run_gator(args, bundle, dense, example, phase, device, **fields)
         print(f"seed {seed}: magnitude ({time.perf_counter() - t_start:.0f} s)", flush=True)

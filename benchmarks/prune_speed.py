@@ -182,8 +182,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: steadier on a shared CPU)")
     ap.add_argument("--side", type=int, default=224)
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite docs/prune_speed.md from the saved JSON")
     ap.add_argument("--memory-gb", type=float, default=16, help="address-space cap for this process")
     args = ap.parse_args(argv)
+    if args.markdown_only:
+        out = json.loads((ROOT / "benchmarks" / "results" / "prune_speed.json").read_text())
+        (ROOT / "docs" / "prune_speed.md").write_text(markdown(out))
+        return out
     torch.set_num_threads(args.threads)
     _cap_memory(args.memory_gb)
     load_before = os.getloadavg()  # other processes on the machine move the timings; say how busy it was
@@ -319,7 +324,16 @@ def markdown(out: dict) -> str:
     ok_tp = sum(_coverage(r["steps"].get("tp_prune", {})) == "yes" for r in out["rows"])
     lines += ["", f"prunekit (probe on): {ok_pk}/{len(out['rows'])} models; Torch-Pruning with the call above: "
               f"{ok_tp}/{len(out['rows'])}. The call is the same for every model, for both tools; Torch-Pruning "
-              "also takes per-model hints for attention (`num_heads=`, `unwrapped_parameters=`), not given here.", ""]
+              "also takes per-model hints for attention (`num_heads=`, `unwrapped_parameters=`), not given here.", "",
+              "## Where prunekit spends the time", "",
+              "- Tracing runs one real forward of the model (eager, under `TorchFunctionMode`) and applies a rule "
+              "per op; the forward alone is a large part of *graph* on the bigger models.",
+              "- `prune_` works on a copy of the model (`copy.deepcopy`), so that a failure leaves the caller's model "
+              "as it was, and traces the pruned copy once more to count its parameters and MACs (and to check "
+              "that it still runs) before handing it over. Torch-Pruning edits the model in place and counts "
+              "nothing.",
+              "- Probing adds a few forwards per model (groups are tested together and bisected only on failure).",
+              ""]
     return "\n".join(lines)
 
 
