@@ -139,7 +139,11 @@ def markdown(out: dict) -> str:
              f"{(env.get('cuda') or {}).get('device_name', 'none')}, torch {env.get('torch')}, prunekit commit "
              f"{str(env.get('git_commit'))[:10]}. float32, random weights (sizes and times do not depend on "
              f"the values), hard-pruned with SLR's projection. Latency: median over {out['repeats']} interleaved "
-             f"runs after {out['warmup']} warm-up runs; min-max in brackets; speed-up = dense / pruned.", "",
+             f"runs after {out['warmup']} warm-up runs; min-max in brackets; speed-up = dense / pruned. *MACs kept* "
+             "counts what the kernels compute: the zeros of irregular and N:M tensors are still multiplied by "
+             "dense kernels, so only filter sparsity, shrunk to a smaller dense network, removes arithmetic. "
+             "*compact file*: `save_sparse` (kept values + 1-bit mask); *shrunk file*: `save_pruned` of the "
+             "physically smaller network.", "",
              "| model | setting | sparsity of pruned weights | dense file | compact file | shrunk file | MACs kept | "
              + " | ".join(f"batch {b}: dense ms / pruned ms (speed-up)" for b in out["batches"]) + " |",
              "|---" * (7 + len(out["batches"])) + "|"]
