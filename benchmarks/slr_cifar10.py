@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=None,
                    help="score only the first N val/test batches (smoke runs only: the test split is "
                    "in class order, so its prefix is one class; the JSON records the setting)")
+    p.add_argument("--markdown", default=None, metavar="RESULT_JSON",
+                   help="print the docs table of a saved result (summary recomputed from its runs) and exit")
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/<auto>.json)")
     return p.parse_args(argv)
 
@@ -200,7 +202,8 @@ def summarise(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     for arm, runs in per_seed.items():
         row = {"hard_val": stats([r["hard"]["val_acc"] for r in runs]),
                "hard_bn_val": stats([r["hard_bn"]["val_acc"] for r in runs]),
-               "hard_test": stats([r["hard"]["test_acc"] for r in runs])}
+               "hard_test": stats([r["hard"]["test_acc"] for r in runs]),
+               "hard_bn_test": stats([r["hard_bn"]["test_acc"] for r in runs])}
         for budget in runs[0]["retrain"]:
             row[f"retrain{budget}_val"] = stats([r["retrain"][budget]["val_acc"] for r in runs])
             row[f"retrain{budget}_test"] = stats([r["retrain"][budget]["test_acc"] for r in runs])
@@ -208,6 +211,41 @@ def summarise(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                                  for i in range(len(runs[0]["curve"]))]
         summary[arm] = row
     return summary
+
+
+def _pm(stat: dict[str, Any]) -> str:
+    """mean ± sample std (n) as percentages."""
+    if stat.get("mean") is None:
+        return "-"
+    spread = f" ± {100 * stat['std']:.1f}" if stat.get("std") is not None else ""
+    return f"{100 * stat['mean']:.1f}{spread} (n={stat['n']})"
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The result table of one run, for docs/."""
+    env, summ = record["environment"], record["summary"]
+    dense = [d["test_acc"] for d in record["dense"]]
+    dense_stat = {"mean": statistics.fmean(dense), "std": statistics.stdev(dense) if len(dense) > 1 else None,
+                  "n": len(dense)}
+    budgets = record["retrain_epochs"]
+    lines = [f"Run of `benchmarks/slr_cifar10.py` ({'complete' if record.get('complete') else 'interrupted: arms done so far'}): "
+             f"{record['model']} on CIFAR-10, device {record['device']} ({env.get('cpu_model')}, GPU "
+             f"{(env.get('cuda') or {}).get('device_name', 'none')}), {record['dtype']}, batch {record['batch_size']}, "
+             f"first {record['limit_train'] or 'all'} training images, seeds {record['seeds']}, dense training "
+             f"{record['pretrain_epochs']} epochs, SLR/ADMM {record['epochs']} epochs (lr {record['lr']}, momentum "
+             f"{record['momentum']}, rho {record['rho']}), BN recalibration on {record['recal_batches']} batches, "
+             f"evaluation on {'the first ' + str(record['eval_batches']) + ' batches of' if record['eval_batches'] else 'all of'} "
+             f"val/test; prunekit commit {str(env.get('git_commit'))[:10]}; {record['wall_s'] / 60:.0f} min. "
+             "Accuracies in %, mean ± sample standard deviation over seeds (n).", "",
+             f"Dense test accuracy: {_pm(dense_stat)}.", "",
+             "| arm | hard-pruned test (no retraining) | + BN recalibration | "
+             + " | ".join(f"after {b} retraining epoch(s)" for b in budgets) + " | hard-pruned val per epoch |",
+             "|---" * (4 + len(budgets)) + "|"]
+    for arm, row in summ.items():
+        curve = ", ".join(f"{100 * v:.1f}" for v in row["curve_hard_val"])
+        lines.append(f"| {arm} | {_pm(row['hard_test'])} | {_pm(row.get('hard_bn_test', {}))} | "
+                     + " | ".join(_pm(row[f'retrain{b}_test']) for b in budgets) + f" | {curve} |")
+    return "\n".join(lines) + "\n"
 
 
 def _record(args, device, arms, dense_runs, per_seed, t_start, complete: bool) -> dict[str, Any]:
@@ -226,6 +264,11 @@ def _record(args, device, arms, dense_runs, per_seed, t_start, complete: bool) -
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    if args.markdown:
+        record = json.loads(Path(args.markdown).read_text())
+        record["summary"] = summarise(record["runs"])
+        print(markdown(record))
+        return Path(args.markdown)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     arms = [parse_arm(a) for a in args.arms]
     per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in arms}
