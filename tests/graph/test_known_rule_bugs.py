@@ -13,6 +13,7 @@ from torch import nn
 
 from prunekit.graph import build_graph
 from prunekit.testing.checks import check_removal_matches_zeroing
+from prunekit.testing.toy_models import ShuffleOfWidthOne
 
 
 def _every_single_channel_removal_matches_zeroing(model: nn.Module, x: torch.Tensor) -> None:
@@ -69,19 +70,6 @@ def test_hard_coded_channel_cuts_by_indexing_are_fixed():
     assert not graph.group("a").prunable.any()
 
 
-class ShuffleOnePerGroup(nn.Module):
-    """Channel shuffle with two groups of one channel each: (B, 2, H, W) -> (B, 2, 1, H, W)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Conv2d(3, 2, 1), nn.Conv2d(2, 2, 1)
-
-    def forward(self, x):
-        y = self.a(x)
-        b, c, h, w = y.shape
-        return self.b(y.view(b, 2, -1, h, w).transpose(1, 2).reshape(b, -1, h, w))
-
-
 class HeadsOfWidthOne(nn.Module):
     """Attention-style head split of a 2-wide projection into 2 heads of width 1."""
 
@@ -98,7 +86,7 @@ class HeadsOfWidthOne(nn.Module):
 @pytest.mark.xfail(strict=True, reason="rules_tensor._join_split does not couple a view that splits a channel "
                                        "dim into (groups, 1): the per-group width 1 is not a varying dim, so each "
                                        "group's channel stays independently prunable and view(b, g, -1, ...) fails")
-@pytest.mark.parametrize("make, shape", [(ShuffleOnePerGroup, (2, 3, 4, 4)), (HeadsOfWidthOne, (2, 3, 4))],
+@pytest.mark.parametrize("make, shape", [(ShuffleOfWidthOne, (2, 3, 4, 4)), (HeadsOfWidthOne, (2, 3, 4))],
                          ids=["channel_shuffle", "attention_heads"])
 def test_split_into_groups_of_width_one_is_coupled(make, shape):
     torch.manual_seed(0)
@@ -108,7 +96,7 @@ def test_split_into_groups_of_width_one_is_coupled(make, shape):
 def test_split_into_groups_of_width_two_is_coupled():
     """With two channels per group the same view is coupled correctly (the contrast)."""
 
-    class Shuffle(ShuffleOnePerGroup):
+    class Shuffle(ShuffleOfWidthOne):
         def __init__(self):
             super().__init__()
             self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
@@ -117,7 +105,7 @@ def test_split_into_groups_of_width_two_is_coupled():
     _every_single_channel_removal_matches_zeroing(Shuffle(), torch.randn(2, 3, 4, 4))
 
 
-@pytest.mark.parametrize("make, shape", [(ShuffleOnePerGroup, (2, 3, 4, 4)), (HeadsOfWidthOne, (2, 3, 4))],
+@pytest.mark.parametrize("make, shape", [(ShuffleOfWidthOne, (2, 3, 4, 4)), (HeadsOfWidthOne, (2, 3, 4))],
                          ids=["channel_shuffle", "attention_heads"])
 def test_probing_makes_groups_of_width_one_safe(make, shape):
     """What the trace misses, the probe (on by default in the pruners) catches: every group it

@@ -125,23 +125,12 @@ def test_no_producer_of_a_concat_is_emptied(scope):
     assert model(x).shape == (1, 4, 4, 4)
 
 
-class _HardCodedHeads(nn.Module):
-    """view(b, 2, -1, h, w) on a 2-channel conv: removing one channel breaks the forward."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Conv2d(3, 2, 1), nn.Conv2d(2, 2, 1)
-
-    def forward(self, x):
-        y = self.a(x)
-        b, c, h, w = y.shape
-        return self.b(y.view(b, 2, -1, h, w).transpose(1, 2).reshape(b, -1, h, w))
-
-
 def test_unprobed_pruning_that_breaks_the_forward_leaves_the_model_unchanged():
     from prunekit.core.errors import PruningError
 
-    model, x = _HardCodedHeads(), torch.randn(1, 3, 4, 4)
+    from prunekit.testing.toy_models import ShuffleOfWidthOne
+
+    model, x = ShuffleOfWidthOne(), torch.randn(1, 3, 4, 4)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PruningError, match="no longer runs.*probe=True"):
         prune_(model, MagnitudeConfig(channel_ratio=0.5, probe=False), x)

@@ -205,6 +205,21 @@ class ControlFlowNet(nn.Module):
         return self.fc(x.amax(dim=(2, 3)))
 
 
+class ShuffleOfWidthOne(nn.Module):
+    """Channel shuffle whose two groups are one channel each: view(b, 2, -1, h, w) with the 2
+    written in the code. Removing either channel breaks the view; only probing can tell (so it
+    is not in TOY_MODELS, whose groups all prune exactly)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 2, 1), nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        b, c, h, w = y.shape
+        return self.b(y.view(b, 2, -1, h, w).transpose(1, 2).reshape(b, -1, h, w))
+
+
 TOY_MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], object]]] = {
     "residual_projection": (ResidualNet, lambda: torch.randn(2, 3, 8, 8)),
     "residual_zeropad": (lambda: ResidualNet(zero_pad=True), lambda: torch.randn(2, 3, 8, 8)),
