@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-batches", nargs="+", type=int, default=[1, 256])
     p.add_argument("--latency-repeats", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=1, help="score every k-th val/test image (k > 1: quick runs)")
+    p.add_argument("--markdown", nargs="+", default=None, metavar="RESULT_JSON",
+                   help="print the docs tables of saved results (their runs pooled) and exit")
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/<auto>.json)")
     if p.parse_known_args(argv)[0].quick:  # quick values are defaults: explicit flags still win
         p.set_defaults(**QUICK)
@@ -173,20 +175,78 @@ def stats(values: list[float]) -> dict[str, Any]:
             "n": len(values)}
 
 
+def _union(keys_per_run) -> list[str]:
+    out: list[str] = []
+    for keys in keys_per_run:
+        out += [k for k in keys if k not in out]
+    return out
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, sample std and n over seeds; arms missing from some seeds count only where they ran.
+    Latency: the median of each model, and its speed-up over dense measured interleaved in the
+    same run (the ratio is what compares across runs on a shared machine)."""
     summary: dict[str, Any] = {}
-    for arm in runs[0]["arms"]:
-        rows = [r["arms"][arm] for r in runs]
+    for arm in _union(r["arms"] for r in runs):
+        rows = [r["arms"][arm] for r in runs if arm in r["arms"]]
         summary[arm] = {k: stats([row.get(k) for row in rows])
                         for k in ("val_acc", "test_acc", "macs_fraction", "params_fraction")}
     summary["dense"] = {k: stats([r["dense"][k] for r in runs]) for k in ("val_acc", "test_acc")}
-    summary["latency"] = {key: {name: stats([r["latency"][key][name]["median_ms"] for r in runs])
-                                for name in runs[0]["latency"][key]} for key in runs[0]["latency"]}
+    summary["latency"] = {}
+    for key in _union(r["latency"] for r in runs):
+        cells = [r["latency"][key] for r in runs if key in r["latency"]]
+        summary["latency"][key] = {
+            name: {"median_ms": stats([c[name]["median_ms"] for c in cells if name in c]),
+                   "speedup": stats([c[name].get("speedup") for c in cells if name in c])}
+            for name in _union(cells)}
     return summary
+
+
+def _pm(stat: dict[str, Any], scale: float = 100.0, digits: int = 1, unit: str = "") -> str:
+    if stat.get("mean") is None:
+        return "-"
+    spread = f" ± {scale * stat['std']:.{digits}f}" if stat.get("std") is not None else ""
+    return f"{scale * stat['mean']:.{digits}f}{spread}{unit} (n={stat['n']})"
+
+
+def markdown(records: list[dict[str, Any]]) -> str:
+    """Docs tables for one or more result files of the same setting (e.g. one per seed)."""
+    runs = [run for rec in records for run in rec["runs"]]
+    summ, rec, env = summarise(runs), records[0], records[0]["environment"]
+    lines = [f"`benchmarks/gator_cifar10.py`: {rec['model']} on CIFAR-10, device {rec['device']} "
+             f"({env.get('cpu_model')}, GPU {(env.get('cuda') or {}).get('device_name', 'none')}), "
+             f"{rec['dtype_train']}, batch {rec['batch_size']}, first {rec['limit_train'] or 'all'} training images, "
+             f"seeds {[r['seed'] for r in runs]}, dense {rec['pretrain_epochs']} epochs, Gator {rec['gator_epochs']} "
+             f"gated + {rec['finetune_epochs']} fine-tuning epochs, magnitude {rec['magnitude_epochs']} fine-tuning "
+             f"epochs (lr {rec['lr']}), target {rec['target_macs_fraction']} of the MACs, accuracies on every "
+             f"k-th val/test image (k = {rec['eval_every']}); prunekit commits "
+             f"{sorted({str(r['environment'].get('git_commit'))[:10] for r in records})}. "
+             "Accuracy in %, mean ± sample std over seeds (n).", "",
+             "| arm | MACs kept % | params kept % | val acc | test acc |", "|---|---|---|---|---|",
+             f"| dense | 100 | 100 | {_pm(summ['dense']['val_acc'])} | {_pm(summ['dense']['test_acc'])} |"]
+    for arm, row in summ.items():
+        if arm in ("dense", "latency"):
+            continue
+        lines.append(f"| {arm} | {_pm(row['macs_fraction'])} | {_pm(row['params_fraction'])} | "
+                     f"{_pm(row['val_acc'])} | {_pm(row['test_acc'])} |")
+    lines += ["", f"Forward latency, {rec['device']}, interleaved, {rec['latency_repeats']} repeats per model: "
+              "median ms (mean over seeds) and speed-up over dense in the same run (mean ± std over seeds).", "",
+              "| model | " + " | ".join(summ["latency"]) + " |", "|---" * (1 + len(summ["latency"])) + "|"]
+    for name in _union(summ["latency"][k] for k in summ["latency"]):
+        cells = []
+        for key in summ["latency"]:
+            c = summ["latency"][key].get(name)
+            cells.append("-" if c is None else
+                         f"{c['median_ms']['mean']:.2f} ms, {_pm(c['speedup'], 1.0, 2, 'x')}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    if args.markdown:
+        print(markdown([json.loads(Path(f).read_text()) for f in args.markdown]))
+        return Path(args.markdown[0])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     runs, t_start = [], time.perf_counter()
     for seed in args.seeds:
