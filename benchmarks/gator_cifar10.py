@@ -211,7 +211,18 @@ def _pm(stat: dict[str, Any], scale: float = 100.0, digits: int = 1, unit: str =
 
 def markdown(records: list[dict[str, Any]]) -> str:
     """Docs tables for one or more result files of the same setting (e.g. one per seed)."""
-    runs = [run for rec in records for run in rec["runs"]]
+    runs: list[dict[str, Any]] = []
+    for run in (run for rec in records for run in rec["runs"]):
+        same = next((r for r in runs if r["seed"] == run["seed"]), None)
+        if same is None:
+            runs.append(copy.deepcopy(run))
+            continue
+        # a later file with more arms of the same seed: add its arms (and their timings), keep the first of each
+        for arm, row in run["arms"].items():
+            same["arms"].setdefault(arm, row)
+            for key, cells in run["latency"].items():
+                if arm in cells:
+                    same["latency"].setdefault(key, {}).setdefault(arm, cells[arm])
     summ, rec, env = summarise(runs), records[0], records[0]["environment"]
     lines = [f"`benchmarks/gator_cifar10.py`: {rec['model']} on CIFAR-10, device {rec['device']} "
              f"({env.get('cpu_model')}, GPU {(env.get('cuda') or {}).get('device_name', 'none')}), "
