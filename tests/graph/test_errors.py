@@ -101,3 +101,22 @@ def test_failed_prune_of_unsupported_model_leaves_it_intact():
         prune_(model, MagnitudeConfig(channel_ratio=0.5), X)
     assert _same(model, before)
     copy.deepcopy(model)(X)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_tracing_restores_each_modules_own_training_mode(fail):
+    """A training model with a frozen (eval) BN keeps exactly those modes, error or not."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), Spectral() if fail else nn.ReLU())
+    if fail:
+        model[0] = nn.Conv2d(3, 3, 3)
+        model[1] = nn.BatchNorm2d(3)
+    model.train()
+    model[1].eval()
+    before = {n: m.training for n, m in model.named_modules()}
+    if fail:
+        with pytest.raises(UnsupportedOpError):
+            build_graph(model, X)
+    else:
+        build_graph(model, X)
+    assert {n: m.training for n, m in model.named_modules()} == before
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -93,11 +93,12 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
                           f"use names from model.named_modules(), e.g. {list(names)[1:4]}")
     args, kwargs = _split_inputs(example_inputs)
     tracer = Tracer(model, rule_table(), ignore)
-    handles, was_training = [], model.training
-    for name, mod in model.named_modules():
+    handles, training = [], [mod for mod in names.values() if mod.training]
+    for name, mod in names.items():
         handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: tracer.push(n)))
         handles.append(mod.register_forward_hook(lambda m, a, o: tracer.pop(), always_call=True))
-    model.eval()
+    for mod in training:  # eval mode while tracing; each module's own mode is restored after
+        mod.training = False
     try:
         with torch.no_grad(), tracer:
             tracer.busy = True
@@ -113,7 +114,8 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for mod in training:
+            mod.training = True
     batch = inputs[0].shape[0] if inputs and inputs[0].dim() else 1
     return _finish(tracer, batch, [list(t.shape) for t in inputs])
 
@@ -146,17 +148,23 @@ def _finish(tr: Tracer, batch: int, input_shapes: list[list[int]]) -> Graph:
     if nonempty:
         comp.union_pairs(torch.cat([r[:1].expand(r.numel()) for r in nonempty]), torch.cat(nonempty))
     comp_roots = comp.find_many(space_roots)
-    order: dict[int, list[int]] = {}  # component -> its classes in order of first appearance
-    owner: dict[int, str] = {}
-    seen: set[int] = set()
-    for (name, _), roots, comps in zip(tr.spaces, space_roots, comp_roots):
-        for r, c in zip(roots.tolist(), comps.tolist()):
-            if r in seen:
-                continue
-            seen.add(r)
-            order.setdefault(c, []).append(r)
-            owner.setdefault(c, name)
-    groups = _make_groups([(owner[c], classes) for c, classes in order.items()], uf, members)
+    # component -> its classes in order of first appearance, named after its first space
+    specs = []
+    if space_roots:
+        roots = torch.cat([r.reshape(-1) for r in space_roots]).numpy()
+        comps = torch.cat([c.reshape(-1) for c in comp_roots]).numpy()
+        space_of = np.repeat(np.arange(len(space_roots)), [r.numel() for r in space_roots])
+        _, first = np.unique(roots, return_index=True)
+        first.sort()  # classes in order of first appearance
+        cls_comp = comps[first]
+        comp_ids, comp_first, comp_of = np.unique(cls_comp, return_index=True, return_inverse=True)
+        rank = np.empty(comp_ids.size, dtype=np.int64)
+        rank[np.argsort(comp_first)] = np.arange(comp_ids.size)  # components in order of appearance
+        order = np.argsort(rank[comp_of], kind="stable")
+        bounds = np.cumsum(np.bincount(rank[comp_of], minlength=comp_ids.size))[:-1]
+        for classes in np.split(first[order], bounds):
+            specs.append((tr.spaces[space_of[classes[0]]][0], roots[classes]))
+    groups = _make_groups(specs, uf, members)
     _unique_names(groups)
     return Graph(groups, members, tr.nodes, batch, input_shapes)
 
@@ -171,23 +179,44 @@ def _join_shared(tr: Tracer) -> None:
         first.setdefault(key, m.ids)
 
 
-def _make_groups(specs: list[tuple[str, list[int]]], uf: UnionFind, members: list[Member]) -> list[Group]:
+def _make_groups(specs: list[tuple[str, np.ndarray]], uf: UnionFind, members: list[Member]) -> list[Group]:
     """One Group per (owner name, classes); each member is split among the groups its ids reach."""
     group_of = np.full(len(uf), -1, dtype=np.int64)  # class -> group index
     position = np.full(len(uf), -1, dtype=np.int64)  # class -> channel index within its group
     groups = []
     for gi, (name, classes) in enumerate(specs):
-        cls = torch.tensor(classes, dtype=torch.long)
-        group_of[cls.numpy()], position[cls.numpy()] = gi, np.arange(len(classes))
-        groups.append(Group(name.removesuffix(".weight"), cls, ~uf.is_fixed(cls)))
-    for m in members:
-        roots = m.ids.numpy()
-        valid = roots >= 0
-        gis = np.where(valid, group_of[np.maximum(roots, 0)], -1)
-        pos = np.where(valid, position[np.maximum(roots, 0)], -1)
-        for gi in np.unique(gis[gis >= 0]).tolist():
-            chan = np.where(gis == gi, pos, -1)
-            groups[gi].members.append(GroupMember(m.module, m.name, m.dim, torch.from_numpy(chan), m.role))
+        group_of[classes], position[classes] = gi, np.arange(len(classes))
+    all_classes = torch.from_numpy(np.concatenate([c for _, c in specs])) if specs else torch.zeros(0, dtype=torch.long)
+    prunable = ~uf.is_fixed(all_classes)
+    at = 0
+    for name, classes in specs:
+        n = len(classes)
+        groups.append(Group(name.removesuffix(".weight"), all_classes[at:at + n], prunable[at:at + n]))
+        at += n
+    if not members:
+        return groups
+    # look every member's ids up in one pass, then cut the result back into members
+    roots = torch.cat([m.ids.reshape(-1) for m in members]).numpy()
+    safe = np.maximum(roots, 0)
+    gis = np.where(roots >= 0, group_of[safe], -1)
+    pos = np.where(roots >= 0, position[safe], -1)
+    sizes = [m.ids.numel() for m in members]
+    starts = np.cumsum([0] + sizes[:-1])
+    nonempty = np.array(sizes) > 0
+    lo, hi = np.full(len(members), -1), np.full(len(members), -1)
+    if nonempty.any():  # per-member min/max group index, in one pass
+        lo[nonempty] = np.minimum.reduceat(gis, starts[nonempty])
+        hi[nonempty] = np.maximum.reduceat(gis, starts[nonempty])
+    chans = torch.from_numpy(pos).split(sizes)
+    for m, g_lo, g_hi, start, size, chan in zip(members, lo.tolist(), hi.tolist(), starts.tolist(), sizes, chans):
+        if g_hi < 0:
+            continue  # reaches no group
+        if g_lo == g_hi:  # the common case: one group, no gaps
+            groups[g_lo].members.append(GroupMember(m.module, m.name, m.dim, chan, m.role))
+            continue
+        g, p = gis[start:start + size], pos[start:start + size]
+        for gi in np.unique(g[g >= 0]).tolist():
+            groups[gi].members.append(GroupMember(m.module, m.name, m.dim, torch.from_numpy(np.where(g == gi, p, -1)), m.role))
     return groups
 
 

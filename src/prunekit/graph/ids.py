@@ -36,20 +36,25 @@ class UnionFind:
     """
 
     def __init__(self) -> None:
-        self.parent = np.empty(0, dtype=np.int64)
+        self._size = 0
+        self.parent = np.empty(0, dtype=np.int64)  # capacity grows by doubling; ids < len(self) are live
         self.fixed = np.empty(0, dtype=bool)  # per id; a class is fixed if any member is
         self._class_fixed: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return self.parent.size
+        return self._size
 
     def allocate(self, n: int, fixed: bool = False) -> torch.Tensor:
-        start = len(self)
-        ids = np.arange(start, start + n, dtype=np.int64)
-        self.parent = np.concatenate([self.parent, ids])
-        self.fixed = np.concatenate([self.fixed, np.full(n, fixed)])
+        start, end = self._size, self._size + n
+        if end > self.parent.size:
+            cap = max(end, 2 * self.parent.size, 1024)
+            self.parent = np.concatenate([self.parent[:start], np.empty(cap - start, dtype=np.int64)])
+            self.fixed = np.concatenate([self.fixed[:start], np.zeros(cap - start, dtype=bool)])
+        self.parent[start:end] = np.arange(start, end)
+        self.fixed[start:end] = fixed
+        self._size = end
         self._class_fixed = None
-        return torch.from_numpy(ids.copy())
+        return torch.arange(start, end)
 
     def _find_np(self, ids: np.ndarray) -> np.ndarray:
         cur = ids
@@ -72,8 +77,12 @@ class UnionFind:
         """`find` of several id tensors in one pass (shapes kept)."""
         if not tensors:
             return []
-        flat = self.find(torch.cat([t.reshape(-1) for t in tensors]))
-        return [part.reshape(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+        arrays = [t.numpy() for t in tensors]
+        flat = np.concatenate([a.reshape(-1) for a in arrays])
+        valid = flat >= 0
+        flat[valid] = self._find_np(flat[valid])
+        parts = np.split(flat, np.cumsum([a.size for a in arrays])[:-1])
+        return [torch.from_numpy(part.reshape(a.shape)) for part, a in zip(parts, arrays)]
 
     def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Join a[i] with b[i] for every i where both are valid ids."""
@@ -111,19 +120,20 @@ class UnionFind:
         if self._class_fixed is None:
             roots = self._find_np(np.arange(len(self)))
             flags = np.zeros(len(self), dtype=bool)
-            np.logical_or.at(flags, roots, self.fixed)
+            np.logical_or.at(flags, roots, self.fixed[:len(self)])
             self._class_fixed = flags
         return torch.from_numpy(self._class_fixed[self.find(ids).numpy()])
 
 
 def compress(ids: torch.Tensor) -> torch.Tensor:
     """Shrink every dim along which `ids` does not vary to size 1."""
-    for d in range(ids.dim()):
-        if ids.shape[d] > 1:
-            first = ids.narrow(d, 0, 1)
-            if bool((ids == first).all()):
-                ids = first
-    return ids.contiguous()
+    a = ids.numpy()
+    for d in range(a.ndim):
+        if a.shape[d] > 1:
+            first = a[(slice(None),) * d + (slice(0, 1),)]
+            if (a == first).all():
+                a = first
+    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def varying_dims(ids: torch.Tensor) -> list[int]:

@@ -18,7 +18,7 @@ torch.fx (fails on data-dependent control flow) and the autograd walk (loses op 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -28,17 +28,25 @@ from ..core.errors import UnsupportedOpError
 from .ids import NO_ID, OPAQUE, UnionFind, compress, has_ids
 
 
-def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
+def tensors_in(obj: Any) -> list[torch.Tensor]:
     """The tensors inside nested tuples (named ones too), lists and dicts, in order. Called on
     every op's arguments while tracing, where torch's general pytree walk is several times slower."""
+    found: list[torch.Tensor] = []
+    _collect(obj, found)
+    return found
+
+
+def _collect(obj: Any, found: list[torch.Tensor]) -> None:
     if isinstance(obj, torch.Tensor):
-        yield obj
+        found.append(obj)
     elif isinstance(obj, (tuple, list)):
         for item in obj:
-            yield from tensors_in(item)
+            if isinstance(item, torch.Tensor):
+                found.append(item)
+            elif isinstance(item, (tuple, list, dict)):
+                _collect(item, found)
     elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from tensors_in(item)
+        _collect(tuple(obj.values()), found)
 
 
 @dataclass
@@ -87,6 +95,7 @@ class Call:
     kwargs: dict
     out: Any
     module: str
+    inputs: list[torch.Tensor] = field(default_factory=list)  # tensors among args and kwargs
 
     def arg(self, i: int, key: str, default: Any = None) -> Any:
         if len(self.args) > i:
@@ -109,11 +118,14 @@ class Tracer(TorchFunctionMode):
         self._ids: dict[int, torch.Tensor] = {}
         self._alive: list[torch.Tensor] = []  # keeps traced tensors alive so id() is not reused
         self._stack: list[str] = [""]
-        self._types = {name: type(m).__name__ for name, m in model.named_modules()}
+        self._ignored_depth = 0  # how many modules on the stack are ignored
+        self._types: dict[str, str] = {}
         self._tensor_names: dict[int, tuple[str, str]] = {}
         for mod_name, mod in model.named_modules():
-            for pname, p in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-                self._tensor_names.setdefault(id(p), (mod_name, pname))
+            self._types[mod_name] = type(mod).__name__
+            for pname, p in [*mod._parameters.items(), *mod._buffers.items()]:
+                if p is not None:
+                    self._tensor_names.setdefault(id(p), (mod_name, pname))
         self._raw: dict[int, torch.Tensor] = {}
         self._opaque_shapes: dict[int, tuple[int, ...]] = {}
         self.busy = False  # true while our own bookkeeping runs torch ops: do not trace those
@@ -185,9 +197,8 @@ class Tracer(TorchFunctionMode):
 
     def add_node(self, call: Call, macs: int = 0, params: Iterable[str] = (),
                  terms: Iterable[tuple[int, list[torch.Tensor]]] = ()) -> None:
-        shapes = lambda xs: [tuple(x.shape) for x in tensors_in(xs)]
-        self.nodes.append(Node(call.name, call.module, shapes((call.args, call.kwargs)),
-                               shapes(call.out), int(macs), list(params),
+        self.nodes.append(Node(call.name, call.module, [tuple(x.shape) for x in call.inputs],
+                               [tuple(x.shape) for x in tensors_in(call.out)], int(macs), list(params),
                                [(int(m), [t.clone() for t in ids]) for m, ids in terms]))
 
     # ---- the mode ----------------------------------------------------------------------------
@@ -197,20 +208,19 @@ class Tracer(TorchFunctionMode):
         if self.busy:
             return out
         name = op_name(func)
-        outs = list(tensors_in(out))
-        if name == "__setitem__":
-            outs = [args[0]]
+        outs = [args[0]] if name == "__setitem__" else tensors_in(out)
         if outs:
             self.busy = True
             try:
-                self._apply_rule(Call(name, func, args, kwargs, out, self._stack[-1]), outs)
+                call = Call(name, func, args, kwargs, out, self._stack[-1], tensors_in((args, kwargs)))
+                self._apply_rule(call, outs)
             finally:
                 self.busy = False
         return out
 
     def _apply_rule(self, call: Call, outs: list[torch.Tensor]) -> None:
-        inputs = list(tensors_in((call.args, call.kwargs)))
-        if any(_is_under(m, self.ignore) for m in self._stack):
+        inputs = call.inputs
+        if self._ignored_depth:
             for t in inputs:
                 self.uf.mark_fixed(self.ids(t))
             for t in outs:  # opaque, fixed: nothing downstream may reshape what it returns
@@ -243,9 +253,10 @@ class Tracer(TorchFunctionMode):
 
     def push(self, name: str) -> None:
         self._stack.append(name)
+        self._ignored_depth += _is_under(name, self.ignore)
 
     def pop(self) -> None:
-        self._stack.pop()
+        self._ignored_depth -= _is_under(self._stack.pop(), self.ignore)
 
 
 def op_name(func: Callable) -> str:
