@@ -81,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retrain", nargs="+", type=int, default=[5, 10], help="masked retraining budgets")
     p.add_argument("--recal-batches", type=int, default=20)
     p.add_argument("--eval-batches", type=int, default=None,
-                   help="score only the first N val/test batches (smoke runs only: the test split is "
-                   "in class order, so its prefix is one class; the JSON records the setting)")
+                   help="score only the first N val/test batches of 512 images (test has 20, val 10 at "
+                   "the default hold-out; a smaller N scores a class-ordered prefix of test: smoke runs only)")
     p.add_argument("--markdown", default=None, metavar="RESULT_JSON",
                    help="print the docs table of a saved result (summary recomputed from its runs) and exit")
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/<auto>.json)")
