@@ -1,4 +1,5 @@
-"""Channel rules for ops that own parameters: conv, linear, norms, PReLU, embedding, attention.
+"""Channel rules for ops that own parameters: conv, linear, norms, PReLU, embedding
+(nn.MultiheadAttention: rules_mha.py).
 
 Rules are keyed on the *functional* op (F.conv2d, F.batch_norm, ...), which every nn layer calls,
 so a layer subclass with its own forward (timm's LayerNorm2d permutes around F.layer_norm) is
@@ -155,18 +156,6 @@ def embedding(tr, call):
     tr.add_node(call)
 
 
-def multi_head_attention(tr, call):
-    """nn.MultiheadAttention ties its inner width to embed_dim, so its channels are kept.
-
-    Counted for MACs: q/k/v and output projections plus the two attention products.
-    """
-    q, k = call.args[0], call.args[1]
-    _fix_all(tr, call)
-    L, B, E = q.shape if q.dim() == 3 else (q.shape[0], 1, q.shape[-1])
-    S = k.shape[0]
-    tr.add_node(call, macs=B * (2 * L * E * E + 2 * S * E * E + 2 * L * S * E))
-
-
 for _n in ("conv1d", "conv2d", "conv3d"):
     register_rule(_n, conv)
 for _n in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
@@ -179,4 +168,3 @@ register_rule("layer_norm", layer_norm)
 register_rule("rms_norm", rms_norm)
 register_rule("prelu", prelu)
 register_rule("embedding", embedding)
-register_rule("multi_head_attention_forward", multi_head_attention)

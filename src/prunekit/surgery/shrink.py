@@ -182,9 +182,20 @@ def _fix_embedding(m: nn.Embedding, sizes: dict[str, int]) -> None:
     m.embedding_dim = m.weight.shape[1]
 
 
+def _fix_multihead_attention(m: nn.MultiheadAttention, sizes: dict[str, int]) -> None:
+    """Attributes after whole heads were removed (head_dim unchanged)."""
+    if m._qkv_same_embed_dim:
+        m.embed_dim = m.kdim = m.vdim = m.in_proj_weight.shape[0] // 3
+    else:
+        m.embed_dim = m.q_proj_weight.shape[0]
+        m.kdim, m.vdim = m.k_proj_weight.shape[1], m.v_proj_weight.shape[1]
+    m.num_heads = m.embed_dim // m.head_dim
+
+
 for _cls, _fix in [(nn.modules.conv._ConvNd, _fix_conv), (nn.Linear, _fix_linear),
                    (nn.modules.batchnorm._NormBase, _fix_batchnorm), (nn.GroupNorm, _fix_groupnorm),
-                   (nn.LayerNorm, _fix_layernorm), (nn.PReLU, _fix_prelu), (nn.Embedding, _fix_embedding)]:
+                   (nn.LayerNorm, _fix_layernorm), (nn.PReLU, _fix_prelu), (nn.Embedding, _fix_embedding),
+                   (nn.MultiheadAttention, _fix_multihead_attention)]:
     register_attribute_fix(_cls, _fix)
 if hasattr(nn, "RMSNorm"):
     register_attribute_fix(nn.RMSNorm, _fix_layernorm)

@@ -142,7 +142,7 @@ class NormsNet(nn.Module):
 
 
 class TransformerMHA(nn.Module):
-    """Pre-norm block with nn.MultiheadAttention (its width is kept) and a prunable MLP."""
+    """Pre-norm block with nn.MultiheadAttention (heads pruned with the stream) and an MLP."""
 
     def __init__(self, dim: int = 16, tokens: int = 6):
         super().__init__()
@@ -159,6 +159,26 @@ class TransformerMHA(nn.Module):
         x = x + self.attn(h, h, h, need_weights=False)[0]
         x = x + self.mlp(self.norm2(x))
         return self.head(x[:, 0])
+
+
+class AttentionHeads(nn.Module):
+    """nn.MultiheadAttention on a norm-free residual stream (so removal is exact), self-attention
+    with a packed projection and biases on k/v, then cross-attention with kdim/vdim != embed_dim
+    in sequence-first layout."""
+
+    def __init__(self, dim: int = 12, heads: int = 3, memory: int = 7):
+        super().__init__()
+        self.embed, self.mem = nn.Linear(5, dim), nn.Linear(5, memory)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True, add_bias_kv=True)
+        self.cross = nn.MultiheadAttention(dim, heads, kdim=memory, vdim=memory)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h, m = self.embed(x), self.mem(x)
+        h = h + self.attn(h, h, h)[0]
+        t, mt = h.transpose(0, 1), m.transpose(0, 1)
+        h = h + self.cross(t, mt, mt, need_weights=False)[0].transpose(0, 1)
+        return self.head(h.mean(1))
 
 
 class LinearAttention(nn.Module):
@@ -230,5 +250,6 @@ TOY_MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], object]]] = {
     "norms": (NormsNet, lambda: torch.randn(2, 3, 8, 8)),
     "transformer_mha": (TransformerMHA, lambda: torch.randn(2, 6, 5)),
     "linear_attention": (LinearAttention, lambda: torch.randint(0, 20, (2, 5))),
+    "attention_heads": (AttentionHeads, lambda: torch.randn(2, 6, 5)),
     "control_flow": (ControlFlowNet, lambda: torch.randn(2, 3, 16, 16)),
 }
