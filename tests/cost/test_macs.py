@@ -115,3 +115,31 @@ def test_torchvision_resnet50_hand_count():
     hand += 2048 * 1000
     assert cost.macs == hand == 4_089_184_256
     assert cost.params == 25_557_032
+
+
+@pytest.mark.parametrize("name", sorted(TOY_MODELS))
+@pytest.mark.parametrize("steps", [1, 2])
+def test_reported_cost_after_pruning_equals_a_recount(name, steps):
+    """prune_ reports the pruned cost from the graph it already has (no second trace): it must
+    equal tracing and counting the pruned model, totals and per-module table alike."""
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+
+    build, make_input = TOY_MODELS[name]
+    torch.manual_seed(0)
+    model, x = build(), make_input()
+    result = prune_(model, MagnitudeConfig(channel_ratio=0.5, steps=steps), x)
+    recount = count_cost(model, x)
+    assert (result.cost_after.params, result.cost_after.macs) == (recount.params, recount.macs)
+    assert result.cost_after.per_module == recount.per_module
+
+
+def test_ignored_modules_are_still_counted():
+    """Ignoring a layer keeps its channels; its MACs still count (same totals as without ignore)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    x = torch.randn(2, 3, 8, 8)
+    plain, ignored = build_graph(model, x), build_graph(model, x, ignore=["3"])
+    from prunekit.cost.macs import cost_from_graph
+    assert cost_from_graph(model, ignored).macs == cost_from_graph(model, plain).macs == 8 * 36 * 27 + 288 * 4
+    assert not ignored.prunable_groups()  # the conv feeds the ignored Linear: fixed

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..graph import Graph, build_graph
@@ -41,12 +43,14 @@ def count_params(model: nn.Module) -> int:
 
 
 def cost_from_graph(model: nn.Module, graph: Graph) -> Cost:
-    per: dict[str, dict[str, int]] = defaultdict(lambda: {"params": 0, "macs": 0, "out": 0})
-    total = 0
     batch = max(graph.batch, 1)
-    for node in graph.nodes:
-        macs = node.macs // batch
-        total += macs
+    return _cost(model, graph, [node.macs // batch for node in graph.nodes])
+
+
+def _cost(model: nn.Module, graph: Graph, node_macs: list[int]) -> Cost:
+    """Totals plus the per-module table: MACs per node as given, params and widths read from `model`."""
+    per: dict[str, dict[str, int]] = defaultdict(lambda: {"params": 0, "macs": 0, "out": 0})
+    for node, macs in zip(graph.nodes, node_macs):
         owner = node.params[0].rsplit(".", 1)[0] if node.params else node.module
         per[owner]["macs"] += macs
     for name, mod in model.named_modules():
@@ -56,7 +60,7 @@ def cost_from_graph(model: nn.Module, graph: Graph) -> Cost:
             if w is not None and w.dim() >= 1:
                 transposed = isinstance(mod, nn.modules.conv._ConvTransposeNd)
                 per[name]["out"] = int(mod.out_channels if transposed else w.shape[0])
-    return Cost(count_params(model), total, dict(per))
+    return Cost(count_params(model), sum(node_macs), dict(per))
 
 
 def count_cost(model: nn.Module, example_inputs: Any) -> Cost:
@@ -64,50 +68,57 @@ def count_cost(model: nn.Module, example_inputs: Any) -> Cost:
     return cost_from_graph(model, build_graph(model, example_inputs))
 
 
+class _Kept:
+    """Kept fractions after `removal`: of each (parameter, dim) and of any id tensor of the graph."""
+
+    def __init__(self, graph: Graph, removal: dict[str, list[int]]):
+        dead: set[int] = set()
+        for name, idx in removal.items():
+            dead.update(graph.group(name).classes[list(idx)].tolist())
+        self.dead = torch.tensor(sorted(dead), dtype=torch.long)
+        frac: dict[tuple[str, int], float] = {}
+        for m in graph.members:
+            if not m.name.startswith("#"):
+                frac[(m.qualname, m.dim)] = min(frac.get((m.qualname, m.dim), 1.0), self.part(m.ids))
+        self.of_param: dict[str, list[float]] = defaultdict(list)
+        for (name, _), f in frac.items():
+            self.of_param[name].append(f)
+
+    def part(self, ids: torch.Tensor) -> float:
+        return 1.0 - float(torch.isin(ids, self.dead).float().mean()) if ids.numel() else 1.0
+
+    def param_scale(self, qualname: str) -> float:
+        return math.prod(self.of_param.get(qualname, []))
+
+
+def _node_macs_after(graph: Graph, kept: _Kept) -> list[int]:
+    """Per-sample MACs of every node after the removal: conv/linear nodes shrink by the kept
+    fractions of their weight's channel dims, parameter-free products (matmul, attention) by
+    those of the positions in each of their terms."""
+    batch = max(graph.batch, 1)
+    out = []
+    for node in graph.nodes:
+        if node.terms and not node.params:
+            out.append(int(round(sum(part * math.prod(kept.part(ids) for ids in idss)
+                                     for part, idss in node.terms))) // batch)
+        else:
+            scale = kept.param_scale(node.params[0]) if node.params else 1.0
+            out.append(int(round(node.macs // batch * scale)))
+    return out
+
+
 def estimate_cost(model: nn.Module, graph: Graph, removal: dict[str, list[int]]) -> tuple[int, int]:
     """(params, MACs) the model would have after `removal`, without touching it.
 
-    Each parameter shrinks by the kept fraction of every dim a channel touches; each conv/linear
-    node's MACs shrink by the kept fractions of its weight's two channel dims; parameter-free
-    products (matmul, attention) shrink by the kept fractions of their contracted and output
-    positions. Exact for these ops (tests compare it with a recount after removal).
+    Each parameter shrinks by the kept fraction of every dim a channel touches; MACs as in
+    `_node_macs_after`. Exact for these ops (tests compare it with a recount after removal).
     """
-    import torch
+    kept = _Kept(graph, removal)
+    params = sum(int(round(p.numel() * kept.param_scale(q))) for q, p in model.named_parameters())
+    return params, sum(_node_macs_after(graph, kept))
 
-    dead = set()
-    for name, idx in removal.items():
-        dead.update(graph.group(name).classes[list(idx)].tolist())
-    dead_t = torch.tensor(sorted(dead), dtype=torch.long)
-    frac: dict[tuple[str, int], float] = {}
-    for m in graph.members:
-        if m.name.startswith("#"):
-            continue
-        gone = torch.isin(m.ids, dead_t)
-        frac[(m.qualname, m.dim)] = min(frac.get((m.qualname, m.dim), 1.0), 1.0 - float(gone.float().mean()))
-    by_name: dict[str, list[float]] = defaultdict(list)
-    for (name, _), f in frac.items():
-        by_name[name].append(f)
-    kept_of = lambda q: by_name.get(q, [])
-    params = 0
-    for q, p in model.named_parameters():
-        scale = 1.0
-        for f in kept_of(q):
-            scale *= f
-        params += int(round(p.numel() * scale))
-    kept_part = lambda ids: 1.0 - float(torch.isin(ids, dead_t).float().mean()) if ids.numel() else 1.0
-    macs = 0
-    batch = max(graph.batch, 1)
-    for node in graph.nodes:
-        if node.terms and not node.params:
-            total = 0.0
-            for part, idss in node.terms:
-                for ids in idss:
-                    part *= kept_part(ids)
-                total += part
-            macs += int(round(total)) // batch
-            continue
-        scale = 1.0
-        for f in (kept_of(node.params[0]) if node.params else []):
-            scale *= f
-        macs += int(round(node.macs // batch * scale))
-    return params, macs
+
+def cost_after(pruned: nn.Module, graph: Graph, removal: dict[str, list[int]]) -> Cost:
+    """Cost of `pruned` (the graph's model with `removal` applied) without tracing it again:
+    params and widths read from the pruned modules, MACs from the graph as in `estimate_cost`."""
+    return _cost(pruned, graph, _node_macs_after(graph, _Kept(graph, removal)))

@@ -221,11 +221,7 @@ class Tracer(TorchFunctionMode):
     def _apply_rule(self, call: Call, outs: list[torch.Tensor]) -> None:
         inputs = call.inputs
         if self._ignored_depth:
-            for t in inputs:
-                self.uf.mark_fixed(self.ids(t))
-            for t in outs:  # opaque, fixed: nothing downstream may reshape what it returns
-                self.set_opaque(t)
-            return
+            return self._apply_ignored(call, inputs, outs)
         rule = self.rules.get(call.name)
         if rule is not None:
             rule(self, call)
@@ -240,6 +236,26 @@ class Tracer(TorchFunctionMode):
                 f"Either {way}, or teach prunekit the op with "
                 f"prunekit.graph.register_rule('{call.name}', rule)."
             )
+
+    def _apply_ignored(self, call: Call, inputs: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+        """An op inside an ignored module: its rule still runs, so that its MACs are counted,
+        then every channel it touched is fixed and its outputs are opaque. An op without a rule
+        (or whose rule fails) is only fixed: ignoring a module is the way around missing rules."""
+        n_members, n_spaces, n_nodes = len(self.members), len(self.spaces), len(self.nodes)
+        rule = self.rules.get(call.name)
+        if rule is not None:
+            try:
+                rule(self, call)
+            except Exception:  # noqa: BLE001 - counting is best effort here; the channels are fixed below
+                del self.members[n_members:], self.nodes[n_nodes:]
+        for m in self.members[n_members:]:
+            self.uf.mark_fixed(m.ids)
+        for _, ids in self.spaces[n_spaces:]:
+            self.uf.mark_fixed(ids)
+        for t in inputs:
+            self.uf.mark_fixed(self.ids(t))
+        for t in outs:  # opaque, fixed: nothing downstream may reshape what it returns
+            self.set_opaque(t)
 
     def _feeders(self, inputs) -> list[str]:
         """Modules whose output channels reach `inputs` (for error messages)."""

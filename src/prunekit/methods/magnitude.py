@@ -24,13 +24,13 @@ from torch import nn
 
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PrunekitError, PruningError
-from ..cost.macs import cost_from_graph, estimate_cost
-from ..graph import Graph, build_graph
+from ..cost.macs import cost_after, cost_from_graph, estimate_cost
+from ..graph import Graph
 from ..importance.criteria import CRITERIA, REDUCTIONS, ScoreContext
 from ..importance.select import NORMALIZERS, select_removal
 from ..surgery.plan import Plan, make_plan
 from ..surgery.shrink import remove_channels_
-from ..surgery.verify import build_safe_graph
+from ..surgery.verify import build_safe_graph, run_model
 from .result import PruneResult
 
 
@@ -121,8 +121,8 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
         plan = step_plan if plan is None else plan.compose(step_plan)
         if between_steps is not None:
             between_steps(work, step)
-    try:  # recount on the copy: a pruned model that no longer runs never reaches the caller
-        after = cost_from_graph(work, build_graph(work, example_inputs, cfg.ignore))
+    try:  # a pruned model that no longer runs never reaches the caller
+        run_model(work, example_inputs)
     except PrunekitError:
         raise
     except Exception as err:
@@ -130,6 +130,7 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
             f"the pruned model no longer runs ({type(err).__name__}: {str(err)[:200]}); its forward hard-codes "
             "a channel count the trace cannot see. Prune with probe=True (the default), which tests every group "
             "first, or ignore the layers involved; the model was left unchanged") from None
+    after = cost_after(work, graph, removal)  # exact: tests compare it with a recount
     _adopt(model, work)
     plan.meta.update({"method": "magnitude", "config": cfg.to_dict()})
     return PruneResult(plan, before, after, cfg.to_dict())
