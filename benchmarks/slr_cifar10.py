@@ -83,8 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=None,
                    help="score only the first N val/test batches of 512 images (test has 20, val 10 at "
                    "the default hold-out; a smaller N scores a class-ordered prefix of test: smoke runs only)")
-    p.add_argument("--markdown", default=None, metavar="RESULT_JSON",
-                   help="print the docs table of a saved result (summary recomputed from its runs) and exit")
+    p.add_argument("--markdown", nargs="+", default=None, metavar="RESULT_JSON",
+                   help="print the docs table of saved results of one setting (e.g. one file per seed or "
+                   "per arm; summary recomputed from their runs) and exit")
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/<auto>.json)")
     return p.parse_args(argv)
 
@@ -221,6 +222,32 @@ def _pm(stat: dict[str, Any]) -> str:
     return f"{100 * stat['mean']:.1f}{spread} (n={stat['n']})"
 
 
+SETTING = ("model", "device", "dtype", "batch_size", "limit_train", "pretrain_epochs", "epochs", "retrain_epochs",
+           "lr", "momentum", "rho", "recal_batches", "eval_batches")
+
+
+def merge_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record from runs of the same setting: arms' runs pooled, the dense model once per seed."""
+    first = dict(records[0])
+    for rec in records[1:]:
+        differ = [k for k in SETTING if rec.get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(f"result files differ in {differ}: they are not one setting")
+    runs: dict[str, list[dict[str, Any]]] = {}
+    dense: dict[int, dict[str, Any]] = {}
+    for rec in records:
+        for arm, arm_runs in rec["runs"].items():
+            runs.setdefault(arm, []).extend(arm_runs)
+        for d in rec["dense"]:
+            dense.setdefault(d["seed"], d)
+    first.update(runs=runs, dense=list(dense.values()), summary=summarise(runs),
+                 seeds=sorted({r["seed"] for arm_runs in runs.values() for r in arm_runs}),
+                 complete=all(r.get("complete") for r in records),
+                 wall_s=sum(r["wall_s"] for r in records),
+                 commits=sorted({str(r["environment"].get("git_commit"))[:10] for r in records}))
+    return first
+
+
 def markdown(record: dict[str, Any]) -> str:
     """The result table of one run, for docs/."""
     env, summ = record["environment"], record["summary"]
@@ -234,8 +261,9 @@ def markdown(record: dict[str, Any]) -> str:
              f"first {record['limit_train'] or 'all'} training images, seeds {record['seeds']}, dense training "
              f"{record['pretrain_epochs']} epochs, SLR/ADMM {record['epochs']} epochs (lr {record['lr']}, momentum "
              f"{record['momentum']}, rho {record['rho']}), BN recalibration on {record['recal_batches']} batches, "
-             f"evaluation on {'the first ' + str(record['eval_batches']) + ' batches of' if record['eval_batches'] else 'all of'} "
-             f"val/test; prunekit commit {str(env.get('git_commit'))[:10]}; {record['wall_s'] / 60:.0f} min. "
+             f"evaluation on {'the first ' + str(record['eval_batches']) + ' batches of 512 images of' if record['eval_batches'] else 'all of'} "
+             f"val/test; prunekit commit(s) {', '.join(record.get('commits') or [str(env.get('git_commit'))[:10]])}; "
+             f"{record['wall_s'] / 60:.0f} min of runs. "
              "Accuracies in %, mean ± sample standard deviation over seeds (n).", "",
              f"Dense test accuracy: {_pm(dense_stat)}.", "",
              "| arm | hard-pruned test (no retraining) | + BN recalibration | "
@@ -245,6 +273,13 @@ def markdown(record: dict[str, Any]) -> str:
         curve = ", ".join(f"{100 * v:.1f}" for v in row["curve_hard_val"])
         lines.append(f"| {arm} | {_pm(row['hard_test'])} | {_pm(row.get('hard_bn_test', {}))} | "
                      + " | ".join(_pm(row[f'retrain{b}_test']) for b in budgets) + f" | {curve} |")
+    shrunk = [(f"{arm} seed {r['seed']}", r["shrink"]) for arm, runs in record["runs"].items() for r in runs
+              if "shrink" in r]
+    if shrunk:
+        lines += ["", "Filter arms, retrained model shrunk to a smaller dense network (per run): "
+                  + "; ".join(f"{arm}: {s['macs_ratio']:.2f}x fewer MACs, params {s['params_before']:,} -> "
+                              f"{s['params_after']:,}, val acc masked {100 * s['val_acc_masked']:.2f} / shrunk "
+                              f"{100 * s['val_acc_shrunk']:.2f}" for arm, s in shrunk) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -265,10 +300,8 @@ def _record(args, device, arms, dense_runs, per_seed, t_start, complete: bool) -
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     if args.markdown:
-        record = json.loads(Path(args.markdown).read_text())
-        record["summary"] = summarise(record["runs"])
-        print(markdown(record))
-        return Path(args.markdown)
+        print(markdown(merge_records([json.loads(Path(f).read_text()) for f in args.markdown])))
+        return Path(args.markdown[0])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     arms = [parse_arm(a) for a in args.arms]
     per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in arms}
