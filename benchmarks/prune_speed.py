@@ -12,7 +12,7 @@ initialised model (the copy is made outside the timed region) and is repeated N 
                     pruning_ratio=0.5, ignored_layers=[classifier]).step()
 
 Both pruners use L2 magnitude, local (per-group) ratios, 50% of the channels, classifier kept.
-`prune_` also counts parameters/MACs before and after (one extra trace) and records a replayable
+`prune_` also counts parameters/MACs before and after (from its graph) and records a replayable
 plan; Torch-Pruning's step does neither. After each pruning the model must run and give the
 original output shape; that, with the parameter count left, is reported per tool (coverage).
 Medians with min/max over the repeats; ratios are prunekit/Torch-Pruning medians (< 1: prunekit
@@ -282,7 +282,7 @@ def markdown(out: dict) -> str:
         "probe=False), x)` and `tp.pruner.MagnitudePruner(model, x, importance=MagnitudeImportance(p=2), "
         "pruning_ratio=0.5, ignored_layers=[classifier]).step()`. *probe* is prunekit's default `probe=True`, which "
         "first removes one channel of every group on a copy and checks the forward (catching channel counts "
-        "hard-coded in Python). prunekit's `prune_` also traces the pruned model once more to report its "
+        "hard-coded in Python). prunekit's `prune_` also runs the pruned model once and reports its "
         "parameters and MACs; Torch-Pruning's `step()` does not. Ratio = prunekit median / Torch-Pruning median "
         "(below 1: prunekit faster).", "",
         "| model | params | pk graph s | TP graph s | ratio | pk prune s | pk prune+probe s | TP prune s | "
@@ -329,10 +329,13 @@ def markdown(out: dict) -> str:
               "- Tracing runs one real forward of the model (eager, under `TorchFunctionMode`) and applies a rule "
               "per op; the forward alone is a large part of *graph* on the bigger models.",
               "- `prune_` works on a copy of the model (`copy.deepcopy`), so that a failure leaves the caller's model "
-              "as it was, and traces the pruned copy once more to count its parameters and MACs (and to check "
-              "that it still runs) before handing it over. Torch-Pruning edits the model in place and counts "
-              "nothing.",
-              "- Probing adds a few forwards per model (groups are tested together and bisected only on failure).",
+              "as it was, runs the pruned copy once to check that it still works, and reports its parameters and "
+              "MACs from the graph it already has (equal to a recount, by test). Torch-Pruning edits the model "
+              "in place and counts nothing.",
+              "- Probing adds a few forwards per model (groups are tested together and bisected only on failure). "
+              "A failing group costs a bisection, each step deep-copying the model: vit_b_16, whose stream "
+              "prunekit couples to its attention heads while torchvision's code hard-codes `hidden_dim` in a "
+              "reshape, is the slow case (without probing both tools break it: the *fails* and *broken* entries).",
               ""]
     return "\n".join(lines)
 
