@@ -135,7 +135,7 @@ def write_markdown(out: dict) -> None:
              f"{', uncommitted changes' if env.get('git_dirty') else ''}). Input 1x3x224x224 (299 for inception), "
              f"float32, one run per model, {out.get('wall_seconds', '?')} s in all{_load_note(out)}. MACs are per sample "
              "(conv/linear/matmul/attention products). *prune s* is `prune_` alone (tracing, probing, scoring, "
-             "removal, cost recount); *total s* adds model construction and the two forwards.", "",
+             "removal, costs); *total s* adds model construction and the two forwards.", "",
              "| model | ok | params before | params after | MACs before | MACs after | prune s | total s | note |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
