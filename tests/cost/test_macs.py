@@ -143,3 +143,22 @@ def test_ignored_modules_are_still_counted():
     from prunekit.cost.macs import cost_from_graph
     assert cost_from_graph(model, ignored).macs == cost_from_graph(model, plain).macs == 8 * 36 * 27 + 288 * 4
     assert not ignored.prunable_groups()  # the conv feeds the ignored Linear: fixed
+
+
+def test_convs_and_linears_with_computed_weights_are_counted():
+    """Weight standardisation computes the conv weight in forward: channels stay fixed, MACs count."""
+    import torch.nn.functional as F
+
+    class StdConv(nn.Conv2d):
+        def forward(self, x):
+            w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return F.linear(x, self.weight * 0.5, self.bias)
+
+    model = nn.Sequential(StdConv(3, 8, 3), nn.Flatten(), ScaledLinear(8 * 6 * 6, 4))
+    graph = build_graph(model, torch.randn(2, 3, 8, 8))
+    assert not graph.prunable_groups()
+    assert count_cost(model, torch.randn(2, 3, 8, 8)).macs == 8 * 36 * 27 + 288 * 4

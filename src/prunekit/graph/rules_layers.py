@@ -41,9 +41,13 @@ def _conv(tr, call, transposed: bool):
     """Conv weights are (out, in/groups, k...); transposed ones (in, out/groups, k...)."""
     x, w, b = call.args[0], call.arg(1, "weight"), call.arg(2, "bias")
     groups = int(call.arg(6, "groups", 1))
-    if _named(tr, w) is None or x.dim() != w.dim():
-        return _fix_all(tr, call)  # computed weights (weight standardisation) or unbatched input
     out = _tensor_outs(call)[0]
+    if _named(tr, w) is None or x.dim() != w.dim():
+        _fix_all(tr, call)  # computed weights (weight standardisation) or unbatched input: counted only
+        if x.dim() == w.dim():
+            per = w.shape[1] * math.prod(w.shape[2:])
+            tr.add_node(call, macs=(x.numel() if transposed else out.numel()) * per)
+        return
     c_in = x.shape[1]
     c_out = w.shape[1] * groups if transposed else w.shape[0]
     in_ids = along(tr.ids(x), 1, c_in, tr.uf)
@@ -75,9 +79,11 @@ def conv_transpose(tr, call):
 
 def linear_like(tr, call, x, w, b, transposed: bool = False):
     """y = x @ W.T + b (F.linear) or y = x @ W (matmul with a raw 2-D parameter)."""
-    if _named(tr, w) is None:
-        return _fix_all(tr, call)
     out = _tensor_outs(call)[0]
+    if _named(tr, w) is None:
+        _fix_all(tr, call)  # a computed weight: its channels are kept, its MACs counted
+        tr.add_node(call, macs=out.numel() * x.shape[-1])
+        return
     in_dim, out_dim = (0, 1) if transposed else (1, 0)
     mod, wname = _named(tr, w)
     in_ids = along(tr.ids(x), -1, x.shape[-1], tr.uf)
