@@ -59,7 +59,6 @@ TIMM_MODELS = [
 KNOWN = {
     "nf_resnet26": "its convs standardise their weights in forward (ScaledStdConv2d): the weights reaching "
                    "F.conv2d are computed, so prunekit keeps every channel they touch (counted, not pruned)",
-    "sequencer2d_s": "nn.LSTM has no channel rule yet; the error names the module and the way out",
 }
 
 

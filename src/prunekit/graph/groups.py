@@ -181,8 +181,8 @@ def _join_shared(tr: Tracer) -> None:
 
 def _make_groups(specs: list[tuple[str, np.ndarray]], uf: UnionFind, members: list[Member]) -> list[Group]:
     """One Group per (owner name, classes); each member is split among the groups its ids reach."""
-    group_of = np.full(len(uf), -1, dtype=np.int64)  # class -> group index
-    position = np.full(len(uf), -1, dtype=np.int64)  # class -> channel index within its group
+    group_of = np.full(max(len(uf), 1), -1, dtype=np.int64)  # class -> group index (never empty:
+    position = np.full(max(len(uf), 1), -1, dtype=np.int64)  # members may hold only -1/-2 ids)
     groups = []
     for gi, (name, classes) in enumerate(specs):
         group_of[classes], position[classes] = gi, np.arange(len(classes))

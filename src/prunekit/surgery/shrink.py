@@ -192,10 +192,14 @@ def _fix_multihead_attention(m: nn.MultiheadAttention, sizes: dict[str, int]) ->
     m.num_heads = m.embed_dim // m.head_dim
 
 
+def _fix_rnn(m: nn.RNNBase, sizes: dict[str, int]) -> None:
+    m.input_size = m.weight_ih_l0.shape[1]
+
+
 for _cls, _fix in [(nn.modules.conv._ConvNd, _fix_conv), (nn.Linear, _fix_linear),
                    (nn.modules.batchnorm._NormBase, _fix_batchnorm), (nn.GroupNorm, _fix_groupnorm),
                    (nn.LayerNorm, _fix_layernorm), (nn.PReLU, _fix_prelu), (nn.Embedding, _fix_embedding),
-                   (nn.MultiheadAttention, _fix_multihead_attention)]:
+                   (nn.MultiheadAttention, _fix_multihead_attention), (nn.RNNBase, _fix_rnn)]:
     register_attribute_fix(_cls, _fix)
 if hasattr(nn, "RMSNorm"):
     register_attribute_fix(nn.RMSNorm, _fix_layernorm)

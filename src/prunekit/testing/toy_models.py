@@ -4,7 +4,7 @@ Each entry of `TOY_MODELS` maps a name to (builder, example input builder). They
 purpose (a forward takes milliseconds) and cover: conv/BN chains, residual adds with projection
 and zero-pad shortcuts, concat, split/chunk with channel shuffle, flatten into Linear, permute +
 channels-last LayerNorm with layer scale, depthwise and grouped convs, squeeze-excitation,
-GroupNorm/InstanceNorm/PReLU, transposed conv, nn.MultiheadAttention, Linear-qkv attention with
+GroupNorm/InstanceNorm/PReLU, transposed conv, nn.MultiheadAttention, LSTM/GRU, Linear-qkv attention with
 scaled_dot_product_attention, embeddings, and Python control flow in forward.
 """
 from __future__ import annotations
@@ -181,6 +181,23 @@ class AttentionHeads(nn.Module):
         return self.head(h.mean(1))
 
 
+class Recurrent(nn.Module):
+    """A bidirectional two-layer LSTM and a GRU reading features of a Linear (inputs pruned)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(5, 12)
+        self.lstm = nn.LSTM(12, 6, num_layers=2, batch_first=True, bidirectional=True)
+        self.mix = nn.Linear(12, 10)
+        self.gru = nn.GRU(10, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.lstm(torch.relu(self.embed(x)))[0]
+        h = self.gru(torch.relu(self.mix(h)).transpose(0, 1))[0]
+        return self.head(h[-1])
+
+
 class LinearAttention(nn.Module):
     """Attention built from Linear layers and scaled_dot_product_attention, plus a class token."""
 
@@ -251,5 +268,6 @@ TOY_MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], object]]] = {
     "transformer_mha": (TransformerMHA, lambda: torch.randn(2, 6, 5)),
     "linear_attention": (LinearAttention, lambda: torch.randint(0, 20, (2, 5))),
     "attention_heads": (AttentionHeads, lambda: torch.randn(2, 6, 5)),
+    "recurrent": (Recurrent, lambda: torch.randn(2, 6, 5)),
     "control_flow": (ControlFlowNet, lambda: torch.randn(2, 3, 16, 16)),
 }
