@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -75,7 +76,9 @@ class _Kept:
         dead: set[int] = set()
         for name, idx in removal.items():
             dead.update(graph.group(name).classes[list(idx)].tolist())
-        self.dead = torch.tensor(sorted(dead), dtype=torch.long)
+        self.top = max(dead, default=-1)  # ids above it are never removed
+        self.table = np.zeros(self.top + 2, dtype=bool)  # class id -> removed
+        self.table[sorted(dead)] = True
         frac: dict[tuple[str, int], float] = {}
         for m in graph.members:
             if not m.name.startswith("#"):
@@ -85,7 +88,10 @@ class _Kept:
             self.of_param[name].append(f)
 
     def part(self, ids: torch.Tensor) -> float:
-        return 1.0 - float(torch.isin(ids, self.dead).float().mean()) if ids.numel() else 1.0
+        a = ids.numpy()
+        if a.size == 0:
+            return 1.0
+        return 1.0 - float(np.count_nonzero(self.table[np.clip(a, -1, self.top + 1)] & (a >= 0))) / a.size
 
     def param_scale(self, qualname: str) -> float:
         return math.prod(self.of_param.get(qualname, []))

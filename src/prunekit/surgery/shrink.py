@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,7 +37,7 @@ def removed_roots(graph: Graph, remove: Mapping[str, Sequence[int]]) -> set[int]
             continue
         if idx[0] < 0 or idx[-1] >= group.size:
             raise PruningError(f"group {name!r} has {group.size} channels; indices {idx[0]}..{idx[-1]} are out of range")
-        fixed = [i for i in idx if not bool(group.prunable[i])]
+        fixed = [i for i, ok in zip(idx, group.prunable[idx].tolist()) if not ok]
         if fixed:
             raise PruningError(f"group {name!r}: channels {fixed[:8]} are fixed (they reach a model input/output "
                                "or an op whose channel positions are hard-coded) and cannot be removed")
@@ -51,42 +52,46 @@ def remove_channels_(model: nn.Module, graph: Graph, remove: Mapping[str, Sequen
     roots = removed_roots(graph, remove)
     if not roots:
         return
-    top = max(max(roots), max((int(m.ids.max()) for m in graph.members if m.ids.numel()), default=0))
-    dead = torch.zeros(top + 1, dtype=torch.bool)  # lookup table: class id -> removed
-    dead[torch.tensor(sorted(roots), dtype=torch.long)] = True
+    top = max(roots)  # ids above it are never removed
+    dead = np.zeros(top + 2, dtype=bool)  # lookup table: class id -> removed (the last entry stays False)
+    dead[sorted(roots)] = True
     keep: dict[tuple[str, str, int], torch.Tensor] = {}
     for m in graph.members:
         key = (m.module, m.name, m.dim)
-        k = ~(dead[m.ids.clamp(min=0)] & (m.ids >= 0))
+        a = m.ids.numpy()
+        k = torch.from_numpy(~(dead[np.clip(a, -1, top + 1)] & (a >= 0)))
         keep[key] = keep[key] & k if key in keep and keep[key].numel() == k.numel() else k
-    new_tensors, counts = _sliced(model, keep)
-    _check(model, new_tensors, counts)
+    mods = dict(model.named_modules())
+    new_tensors, counts = _sliced(mods, keep)
+    _check(mods, new_tensors, counts)
     for (mod_name, tname), value in new_tensors.items():
-        mod = model.get_submodule(mod_name)
+        mod = mods[mod_name]
         if tname in mod._parameters:
             old = mod._parameters[tname]
             setattr(mod, tname, nn.Parameter(value, requires_grad=old.requires_grad))
         else:
             setattr(mod, tname, value)
     for mod_name, sizes in counts.items():
-        mod = model.get_submodule(mod_name)
+        mod = mods[mod_name]
         fix = ATTRIBUTE_FIXES.get(type(mod)) or _fix_by_base(mod)
         if fix is not None:
             fix(mod, sizes)
 
 
-def _sliced(model: nn.Module, keep: dict) -> tuple[dict, dict]:
+def _sliced(mods: dict[str, nn.Module], keep: dict) -> tuple[dict, dict]:
     """New tensors for every touched (module, tensor), and per-module kept sizes by role key."""
     per_tensor: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = defaultdict(list)
     counts: dict[str, dict[str, int]] = defaultdict(dict)
     for (mod_name, tname, dim), k in keep.items():
+        if mod_name not in mods:
+            raise PruningError(f"module {mod_name!r} of the graph is not in this model; rebuild the graph on it")
         if tname.startswith("#"):
             counts[mod_name][tname] = int(k.sum())
             continue
         per_tensor[(mod_name, tname)].append((dim, k))
     out = {}
     for (mod_name, tname), slices in per_tensor.items():
-        t = _get_tensor(model, mod_name, tname)
+        t = _get_tensor(mods, mod_name, tname)
         value = t.detach()
         for dim, k in slices:
             if value.shape[dim] != k.numel():
@@ -100,20 +105,20 @@ def _sliced(model: nn.Module, keep: dict) -> tuple[dict, dict]:
     return out, counts
 
 
-def _get_tensor(model: nn.Module, mod_name: str, tname: str) -> torch.Tensor:
-    mod = model.get_submodule(mod_name)
+def _get_tensor(mods: dict[str, nn.Module], mod_name: str, tname: str) -> torch.Tensor:
+    mod = mods.get(mod_name)
     t = getattr(mod, tname, None)
     if not isinstance(t, torch.Tensor):
         raise PruningError(f"{mod_name}.{tname} is not a tensor of this model; rebuild the graph on it")
     return t
 
 
-def _check(model: nn.Module, new: dict, counts: dict) -> None:
+def _check(mods: dict[str, nn.Module], new: dict, counts: dict) -> None:
     for (mod_name, tname), value in new.items():
         if 0 in value.shape:
             raise PruningError(f"{mod_name}.{tname} would have no entries left; remove fewer channels")
     for mod_name in counts:
-        mod = model.get_submodule(mod_name)
+        mod = mods[mod_name]
         if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1:
             w = new.get((mod_name, "weight"), mod.weight)
             per_group = mod.out_channels // mod.groups
