@@ -128,6 +128,10 @@ class UnionFind:
 def compress(ids: torch.Tensor) -> torch.Tensor:
     """Shrink every dim along which `ids` does not vary to size 1."""
     a = ids.numpy()
+    big = [n for n in a.shape if n > 1]
+    if len(big) <= 1 and ids.is_contiguous():  # the common case: one varying dim, or none
+        if not big or a.flat[0] != a.flat[-1]:
+            return ids
     for d in range(a.ndim):
         if a.shape[d] > 1:
             first = a[(slice(None),) * d + (slice(0, 1),)]
