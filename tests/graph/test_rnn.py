@@ -65,3 +65,20 @@ def test_packed_sequences_are_traced_too(kind):
     graph = build_graph(model, X)
     assert "rnn.weight_ih_l0" in {m.qualname for m in graph.group("embed").members}
     check_removal_matches_zeroing(model, X, graph, {"embed": [0, 2, 7]})
+
+
+def test_initial_state_from_a_layer_keeps_that_layer():
+    """h0 made by a Linear has the hidden size, which the rule keeps: that Linear is not pruned."""
+
+    class InitState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.init, self.rnn = nn.Linear(5, 8), nn.Linear(5, 4), nn.GRU(8, 4, batch_first=True)
+
+        def forward(self, x):
+            h0 = torch.tanh(self.init(x.mean(1))).unsqueeze(0)
+            return self.rnn(self.embed(x), h0)[0]
+
+    graph = build_graph(InitState(), X)
+    assert not bool(graph.group("init").prunable.any())
+    assert bool(graph.group("embed").prunable.all())

@@ -38,9 +38,12 @@ def recurrent(tr, call):
         else:
             terms.append((steps * w_ih.numel(), []))
         terms += [(steps * p.numel(), []) for p in rest]
+    skip = {id(x)} | {id(p) for p in params}
+    for t in call.inputs:  # an initial state has the hidden size, which stays: fix whatever made it
+        if id(t) not in skip:
+            tr.uf.mark_fixed(tr.ids(t))
     for t in tensors_in(call.out):
-        if isinstance(t, torch.Tensor):
-            tr.set_opaque(t)
+        tr.set_opaque(t)
     tr.add_node(call, macs=sum(m for m, _ in terms), terms=terms)
 
 
