@@ -115,3 +115,29 @@ def test_head_pruned_model_saves_and_reloads_on_a_fresh_module(tmp_path):
     assert (again.attn.num_heads, again.cross.kdim) == (model.attn.num_heads, model.cross.kdim)
     with torch.no_grad():
         assert torch.equal(again(X), model(X))
+
+
+def test_probing_a_single_head_layer_does_not_empty_it():
+    """With one head, a layer feeding only that head is wholly one channel of the group: probing
+    must try another channel instead of reporting the group as broken."""
+    from prunekit.surgery.verify import probe_groups
+
+    class OneHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 7, 1), nn.Conv2d(7, 10, 1)
+            self.attn = nn.MultiheadAttention(7, 1, batch_first=True)
+            self.out, self.head = nn.Conv2d(17, 17, 1, groups=17), nn.Linear(17, 5)
+
+        def forward(self, x):
+            h = self.a(x)
+            t = h.flatten(2).transpose(1, 2)
+            t = t + self.attn(t, t, t)[0]
+            y = torch.cat([t.transpose(1, 2).reshape_as(h), self.b(h)], 1)
+            return self.head(self.out(y).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = OneHead().eval(), torch.randn(2, 3, 4, 4)
+    graph = build_graph(model, x)
+    assert bool(graph.group("a").prunable.all())
+    assert probe_groups(model, x, graph) == {}

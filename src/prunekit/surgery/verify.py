@@ -72,7 +72,7 @@ def group_is_exact(group: Group, model: nn.Module) -> bool:
 
 def _trial(model: nn.Module, inputs: Any, graph: Graph, groups: list[Group], atol: float) -> str:
     """'' if removing one channel of each group behaves, else the reason it does not."""
-    removal = {g.name: [int(g.prunable.nonzero()[0])] for g in groups}
+    removal = {g.name: [_trial_channel(g)] for g in groups}
     # one copy serves both sides: removal deletes exactly the slices that zeroing cleared, so
     # shrinking the zeroed copy gives the same model as shrinking the original
     work = copy.deepcopy(model)
@@ -93,6 +93,14 @@ def _trial(model: nn.Module, inputs: Any, graph: Graph, groups: list[Group], ato
     return ""
 
 
+def _trial_channel(group: Group) -> int | None:
+    """A prunable channel whose removal empties no tensor (a member all of whose positions are
+    that one channel, e.g. a layer feeding a single attention head, would be emptied)."""
+    whole = {int(m.channel[0]) for m in group.tensor_members()
+             if m.channel.numel() and bool((m.channel == m.channel[0]).all()) and int(m.channel[0]) >= 0}
+    return next((c for c in group.prunable.nonzero().flatten().tolist() if c not in whole), None)
+
+
 def probe_groups(model: nn.Module, inputs: Any, graph: Graph, atol: float = 1e-4) -> dict[str, str]:
     """Name -> reason for every prunable group whose removal breaks the model."""
     bad: dict[str, str] = {}
@@ -111,7 +119,8 @@ def probe_groups(model: nn.Module, inputs: Any, graph: Graph, atol: float = 1e-4
         if len(bad) == before:  # each half alone is fine, together they are not
             bad.update({g.name: "breaks the model together with other groups: " + reason for g in groups})
 
-    candidates = [g for g in graph.prunable_groups() if int(g.prunable.sum()) >= 2 or g.size >= 2]
+    candidates = [g for g in graph.prunable_groups()
+                  if (int(g.prunable.sum()) >= 2 or g.size >= 2) and _trial_channel(g) is not None]
     if candidates:
         search(candidates)
     return bad
