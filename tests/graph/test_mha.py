@@ -141,3 +141,28 @@ def test_probing_a_single_head_layer_does_not_empty_it():
     graph = build_graph(model, x)
     assert bool(graph.group("a").prunable.all())
     assert probe_groups(model, x, graph) == {}
+
+
+def test_pruned_transformer_encoder_agrees_with_its_fused_kernel():
+    """nn.TransformerEncoderLayer runs a fused kernel in eval + no_grad that reads embed_dim and
+    num_heads; after head pruning it must agree with the Python path."""
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Linear(5, 16), nn.Linear(16, 3)
+            layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, dropout=0.0)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+        def forward(self, x):
+            return self.head(self.enc(self.embed(x)).mean(1))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    prune_(model, MagnitudeConfig(channel_ratio=0.5), X)
+    assert model.enc.layers[0].self_attn.num_heads == 2
+    with torch.no_grad():
+        fused = model(X)
+    assert torch.allclose(fused, model(X).detach(), atol=1e-5)
