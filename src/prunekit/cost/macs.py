@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..graph import Graph, build_graph
+from ..graph.ids import IdSet
 
 CONVENTION = ("MACs = multiply-accumulates per sample of conv/linear/matmul/attention products; "
               "norms, activations, pooling and elementwise ops excluded. Params = unique parameters.")
@@ -76,9 +77,7 @@ class _Kept:
         dead: set[int] = set()
         for name, idx in removal.items():
             dead.update(graph.group(name).classes[list(idx)].tolist())
-        self.top = max(dead, default=-1)  # ids above it are never removed
-        self.table = np.zeros(self.top + 2, dtype=bool)  # class id -> removed
-        self.table[sorted(dead)] = True
+        self.dead = IdSet(dead)
         frac: dict[tuple[str, int], float] = {}
         for m in graph.members:
             if not m.name.startswith("#"):
@@ -88,10 +87,9 @@ class _Kept:
             self.of_param[name].append(f)
 
     def part(self, ids: torch.Tensor) -> float:
-        a = ids.numpy()
-        if a.size == 0:
+        if ids.numel() == 0:
             return 1.0
-        return 1.0 - float(np.count_nonzero(self.table[np.clip(a, -1, self.top + 1)] & (a >= 0))) / a.size
+        return 1.0 - float(np.count_nonzero(self.dead.contains(ids))) / ids.numel()
 
     def param_scale(self, qualname: str) -> float:
         return math.prod(self.of_param.get(qualname, []))

@@ -20,6 +20,8 @@ True
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 import torch
 
@@ -123,6 +125,22 @@ class UnionFind:
             np.logical_or.at(flags, roots, self.fixed[:len(self)])
             self._class_fixed = flags
         return torch.from_numpy(self._class_fixed[self.find(ids).numpy()])
+
+
+class IdSet:
+    """A fixed set of class ids, tested against whole id tensors at once through a lookup table
+    (negative ids, NO_ID and OPAQUE, are never members)."""
+
+    def __init__(self, ids: Iterable[int]):
+        ids = sorted(ids)
+        self.top = ids[-1] if ids else -1
+        self.table = np.zeros(self.top + 2, dtype=bool)  # the last entry stays False
+        self.table[ids] = True
+
+    def contains(self, ids: torch.Tensor) -> np.ndarray:
+        """Bool array of `ids`' shape: which entries are in the set."""
+        a = ids.numpy()
+        return self.table[np.clip(a, -1, self.top + 1)] & (a >= 0)
 
 
 def compress(ids: torch.Tensor) -> torch.Tensor:

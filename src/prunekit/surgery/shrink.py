@@ -16,12 +16,12 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..core.errors import PruningError
 from ..graph import Graph
+from ..graph.ids import IdSet
 
 AttrFix = Callable[[nn.Module, dict[str, int]], None]
 ATTRIBUTE_FIXES: dict[type, AttrFix] = {}
@@ -52,14 +52,11 @@ def remove_channels_(model: nn.Module, graph: Graph, remove: Mapping[str, Sequen
     roots = removed_roots(graph, remove)
     if not roots:
         return
-    top = max(roots)  # ids above it are never removed
-    dead = np.zeros(top + 2, dtype=bool)  # lookup table: class id -> removed (the last entry stays False)
-    dead[sorted(roots)] = True
+    dead = IdSet(roots)
     keep: dict[tuple[str, str, int], torch.Tensor] = {}
     for m in graph.members:
         key = (m.module, m.name, m.dim)
-        a = m.ids.numpy()
-        k = torch.from_numpy(~(dead[np.clip(a, -1, top + 1)] & (a >= 0)))
+        k = torch.from_numpy(~dead.contains(m.ids))
         keep[key] = keep[key] & k if key in keep and keep[key].numel() == k.numel() else k
     mods = dict(model.named_modules())
     new_tensors, counts = _sliced(mods, keep)
