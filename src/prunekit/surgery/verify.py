@@ -70,9 +70,10 @@ def group_is_exact(group: Group, model: nn.Module) -> bool:
                    for m in group.members)
 
 
-def _trial(model: nn.Module, inputs: Any, graph: Graph, groups: list[Group], atol: float) -> str:
-    """'' if removing one channel of each group behaves, else the reason it does not."""
-    removal = {g.name: [_trial_channel(g)] for g in groups}
+def _trial(model: nn.Module, inputs: Any, graph: Graph, groups: list[Group], channel: dict[str, int],
+           atol: float) -> str:
+    """'' if removing channel[g.name] of each group behaves, else the reason it does not."""
+    removal = {g.name: [channel[g.name]] for g in groups}
     # one copy serves both sides: removal deletes exactly the slices that zeroing cleared, so
     # shrinking the zeroed copy gives the same model as shrinking the original
     work = copy.deepcopy(model)
@@ -106,7 +107,7 @@ def probe_groups(model: nn.Module, inputs: Any, graph: Graph, atol: float = 1e-4
     bad: dict[str, str] = {}
 
     def search(groups: list[Group]) -> None:
-        reason = _trial(model, inputs, graph, groups, atol)
+        reason = _trial(model, inputs, graph, groups, channel, atol)
         if not reason:
             return
         if len(groups) == 1:
@@ -119,8 +120,8 @@ def probe_groups(model: nn.Module, inputs: Any, graph: Graph, atol: float = 1e-4
         if len(bad) == before:  # each half alone is fine, together they are not
             bad.update({g.name: "breaks the model together with other groups: " + reason for g in groups})
 
-    candidates = [g for g in graph.prunable_groups()
-                  if (int(g.prunable.sum()) >= 2 or g.size >= 2) and _trial_channel(g) is not None]
+    channel = {g.name: _trial_channel(g) for g in graph.prunable_groups() if int(g.prunable.sum()) >= 2 or g.size >= 2}
+    candidates = [g for g in graph.prunable_groups() if channel.get(g.name) is not None]
     if candidates:
         search(candidates)
     return bad
