@@ -102,15 +102,14 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
     try:
         with torch.no_grad(), tracer:
             tracer.busy = True
-            inputs = list(tensors_in((args, kwargs)))
+            inputs = tensors_in((args, kwargs))
             for t in inputs:  # model inputs: their channels are fixed
                 tracer.set_opaque(t)
             tracer.busy = False
             out = model(*args, **kwargs)
             tracer.busy = True
             for t in tensors_in(out):
-                if isinstance(t, torch.Tensor):
-                    tracer.uf.mark_fixed(tracer.ids(t))
+                tracer.uf.mark_fixed(tracer.ids(t))
     finally:
         for h in handles:
             h.remove()

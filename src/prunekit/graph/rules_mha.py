@@ -23,21 +23,17 @@ from .rules import register_rule
 from .rules_tensor import _fix_all
 
 
-def _arg(call, i: int, key: str, default=None):
-    return call.arg(i, key, default)
-
-
 def multi_head_attention(tr, call):
     query, key, value = call.args[0], call.args[1], call.args[2]
-    E, H = int(_arg(call, 3, "embed_dim_to_check")), int(_arg(call, 4, "num_heads"))
-    in_w, in_b = _arg(call, 5, "in_proj_weight"), _arg(call, 6, "in_proj_bias")
-    bias_k, bias_v = _arg(call, 7, "bias_k"), _arg(call, 8, "bias_v")
-    out_w, out_b = _arg(call, 11, "out_proj_weight"), _arg(call, 12, "out_proj_bias")
-    attn_mask = _arg(call, 16, "attn_mask")
-    separate = bool(_arg(call, 17, "use_separate_proj_weight", False))
-    q_w, k_w, v_w = _arg(call, 18, "q_proj_weight"), _arg(call, 19, "k_proj_weight"), _arg(call, 20, "v_proj_weight")
-    need_weights, average = bool(_arg(call, 15, "need_weights", True)), bool(_arg(call, 23, "average_attn_weights", True))
-    static = _arg(call, 21, "static_k") is not None or _arg(call, 22, "static_v") is not None
+    E, H = int(call.arg(3, "embed_dim_to_check")), int(call.arg(4, "num_heads"))
+    in_w, in_b = call.arg(5, "in_proj_weight"), call.arg(6, "in_proj_bias")
+    bias_k, bias_v = call.arg(7, "bias_k"), call.arg(8, "bias_v")
+    out_w, out_b = call.arg(11, "out_proj_weight"), call.arg(12, "out_proj_bias")
+    attn_mask = call.arg(16, "attn_mask")
+    separate = bool(call.arg(17, "use_separate_proj_weight", False))
+    q_w, k_w, v_w = call.arg(18, "q_proj_weight"), call.arg(19, "k_proj_weight"), call.arg(20, "v_proj_weight")
+    need_weights, average = bool(call.arg(15, "need_weights", True)), bool(call.arg(23, "average_attn_weights", True))
+    static = call.arg(21, "static_k") is not None or call.arg(22, "static_v") is not None
     weights = [q_w, k_w, v_w] if separate else [in_w]
     named = [tr.tensor_name(t) for t in weights + [out_w]]
     if any(n is None for n in named) or static or E % H:

@@ -221,7 +221,7 @@ class Tracer(TorchFunctionMode):
     def _apply_rule(self, call: Call, outs: list[torch.Tensor]) -> None:
         inputs = call.inputs
         if self._ignored_depth:
-            return self._apply_ignored(call, inputs, outs)
+            return self._apply_ignored(call, outs)
         rule = self.rules.get(call.name)
         if rule is not None:
             rule(self, call)
@@ -237,7 +237,7 @@ class Tracer(TorchFunctionMode):
                 f"prunekit.graph.register_rule('{call.name}', rule)."
             )
 
-    def _apply_ignored(self, call: Call, inputs: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+    def _apply_ignored(self, call: Call, outs: list[torch.Tensor]) -> None:
         """An op inside an ignored module: its rule still runs, so that its MACs are counted,
         then every channel it touched is fixed and its outputs are opaque. An op without a rule
         (or whose rule fails) is only fixed: ignoring a module is the way around missing rules."""
@@ -252,7 +252,7 @@ class Tracer(TorchFunctionMode):
             self.uf.mark_fixed(m.ids)
         for _, ids in self.spaces[n_spaces:]:
             self.uf.mark_fixed(ids)
-        for t in inputs:
+        for t in call.inputs:
             self.uf.mark_fixed(self.ids(t))
         for t in outs:  # opaque, fixed: nothing downstream may reshape what it returns
             self.set_opaque(t)
