@@ -15,12 +15,14 @@ Linear after flatten, and so on.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from ..core.errors import ConfigError
 from .ids import UnionFind
@@ -92,11 +94,9 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
         raise ConfigError(f"ignore names modules that do not exist: {missing}; "
                           f"use names from model.named_modules(), e.g. {list(names)[1:4]}")
     args, kwargs = _split_inputs(example_inputs)
-    tracer = Tracer(model, rule_table(), ignore)
-    handles, training = [], [mod for mod in names.values() if mod.training]
-    for name, mod in names.items():
-        handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: tracer.push(n)))
-        handles.append(mod.register_forward_hook(lambda m, a, o: tracer.pop(), always_call=True))
+    tracer = Tracer(model, rule_table(), ignore, names)
+    training = [mod for mod in names.values() if mod.training]
+    handles = _name_scopes(tracer, {id(mod): name for name, mod in names.items()})
     for mod in training:  # eval mode while tracing; each module's own mode is restored after
         mod.training = False
     try:
@@ -119,6 +119,22 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
     return _finish(tracer, batch, [list(t.shape) for t in inputs])
 
 
+def _name_scopes(tracer: Tracer, name_of: dict[int, str]) -> list:
+    """Keep `tracer`'s module stack in step with the forward: two process-wide hooks (cheaper than
+    two per module) that act only on this thread. A module outside the model (built in forward)
+    takes the name of the module that calls it."""
+    thread = threading.get_ident()
+
+    def enter(mod, args):
+        if threading.get_ident() == thread:
+            tracer.push(name_of.get(id(mod), tracer.current))
+
+    def leave(mod, args, out):
+        if threading.get_ident() == thread:
+            tracer.pop()
+    return [register_module_forward_pre_hook(enter), register_module_forward_hook(leave, always_call=True)]
+
+
 def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
@@ -133,28 +149,28 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 def _finish(tr: Tracer, batch: int, input_shapes: list[list[int]]) -> Graph:
     uf = tr.uf
     _join_shared(tr)
-    # every id tensor -> its class roots, in one union-find pass
-    term_ids = [ids for node in tr.nodes for _, idss in node.terms for ids in idss]
-    found = iter(uf.find_many([m.ids for m in tr.members] + term_ids + [ids for _, ids in tr.spaces]))
-    members = [Member(m.module, m.name, m.dim, next(found), m.role) for m in tr.members]
+    table = uf.roots() if len(uf) else np.zeros(1, np.int64)  # id -> class root; ids < 0 stay as they are
+    root = lambda a: np.where(a >= 0, table[np.maximum(a, 0)], a)
+    sizes = [m.ids.numel() for m in tr.members]
+    flat = root(np.concatenate([m.ids.numpy() for m in tr.members])) if tr.members else np.zeros(0, np.int64)
+    for m, part in zip(tr.members, torch.from_numpy(flat).split(sizes)):
+        m.ids = part  # member ids are flat (Tracer.add_member)
     for node in tr.nodes:
-        node.terms = [(macs, [next(found) for _ in idss]) for macs, idss in node.terms]
-    space_roots = [next(found) for _ in tr.spaces]
-    # groups: connected components of producer spaces that share a class
-    comp = UnionFind()
-    comp.allocate(len(uf))
-    nonempty = [r.reshape(-1) for r in space_roots if r.numel()]
-    if nonempty:
-        comp.union_pairs(torch.cat([r[:1].expand(r.numel()) for r in nonempty]), torch.cat(nonempty))
-    comp_roots = comp.find_many(space_roots)
-    # component -> its classes in order of first appearance, named after its first space
+        node.terms = [(macs, [torch.from_numpy(root(ids.numpy())) for ids in idss]) for macs, idss in node.terms]
+    # groups: connected components of producer spaces that share a class (space ids are all valid)
+    space_roots = [table[ids.numpy()] for _, ids in tr.spaces]
     specs = []
-    if space_roots:
-        roots = torch.cat([r.reshape(-1) for r in space_roots]).numpy()
-        comps = torch.cat([c.reshape(-1) for c in comp_roots]).numpy()
-        space_of = np.repeat(np.arange(len(space_roots)), [r.numel() for r in space_roots])
+    nonempty = [r for r in space_roots if r.size]
+    if nonempty:
+        comp = UnionFind()
+        comp.allocate(len(uf))
+        roots = np.concatenate(space_roots)
+        comp.union_pairs(np.repeat([r[0] for r in nonempty], [r.size for r in nonempty]), roots)
+        comps = comp.roots()[roots]
+        space_of = np.repeat(np.arange(len(space_roots)), [r.size for r in space_roots])
+        # component -> its classes in order of first appearance, named after its first space
         _, first = np.unique(roots, return_index=True)
-        first.sort()  # classes in order of first appearance
+        first.sort()
         cls_comp = comps[first]
         comp_ids, comp_first, comp_of = np.unique(cls_comp, return_index=True, return_inverse=True)
         rank = np.empty(comp_ids.size, dtype=np.int64)
@@ -163,9 +179,9 @@ def _finish(tr: Tracer, batch: int, input_shapes: list[list[int]]) -> Graph:
         bounds = np.cumsum(np.bincount(rank[comp_of], minlength=comp_ids.size))[:-1]
         for classes in np.split(first[order], bounds):
             specs.append((tr.spaces[space_of[classes[0]]][0], roots[classes]))
-    groups = _make_groups(specs, uf, members)
+    groups = _make_groups(specs, uf, tr.members, flat, sizes)
     _unique_names(groups)
-    return Graph(groups, members, tr.nodes, batch, input_shapes)
+    return Graph(groups, tr.members, tr.nodes, batch, input_shapes)
 
 
 def _join_shared(tr: Tracer) -> None:
@@ -178,8 +194,10 @@ def _join_shared(tr: Tracer) -> None:
         first.setdefault(key, m.ids)
 
 
-def _make_groups(specs: list[tuple[str, np.ndarray]], uf: UnionFind, members: list[Member]) -> list[Group]:
-    """One Group per (owner name, classes); each member is split among the groups its ids reach."""
+def _make_groups(specs: list[tuple[str, np.ndarray]], uf: UnionFind, members: list[Member],
+                 roots: np.ndarray, sizes: list[int]) -> list[Group]:
+    """One Group per (owner name, classes); each member is split among the groups its ids reach.
+    `roots` holds every member's class roots end to end (`sizes[i]` of them for member i)."""
     group_of = np.full(max(len(uf), 1), -1, dtype=np.int64)  # class -> group index (never empty:
     position = np.full(max(len(uf), 1), -1, dtype=np.int64)  # members may hold only -1/-2 ids)
     groups = []
@@ -195,11 +213,9 @@ def _make_groups(specs: list[tuple[str, np.ndarray]], uf: UnionFind, members: li
     if not members:
         return groups
     # look every member's ids up in one pass, then cut the result back into members
-    roots = torch.cat([m.ids.reshape(-1) for m in members]).numpy()
     safe = np.maximum(roots, 0)
     gis = np.where(roots >= 0, group_of[safe], -1)
     pos = np.where(roots >= 0, position[safe], -1)
-    sizes = [m.ids.numel() for m in members]
     starts = np.cumsum([0] + sizes[:-1])
     nonempty = np.array(sizes) > 0
     lo, hi = np.full(len(members), -1), np.full(len(members), -1)

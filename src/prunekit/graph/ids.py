@@ -62,11 +62,15 @@ class UnionFind:
         cur = ids
         while True:
             nxt = self.parent[cur]
-            if np.array_equal(nxt, cur):
+            if not (nxt != cur).any():
                 break
             cur = nxt
         self.parent[ids] = cur  # path compression
         return cur
+
+    def roots(self) -> np.ndarray:
+        """The root of every id, as one array indexed by id."""
+        return self._find_np(np.arange(self._size))
 
     def find(self, ids: torch.Tensor) -> torch.Tensor:
         """Representative of each id (ids < 0 stay as they are)."""
@@ -75,25 +79,19 @@ class UnionFind:
         out[valid] = self._find_np(out[valid])
         return torch.from_numpy(out)
 
-    def find_many(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """`find` of several id tensors in one pass (shapes kept)."""
-        if not tensors:
-            return []
-        arrays = [t.numpy() for t in tensors]
-        flat = np.concatenate([a.reshape(-1) for a in arrays])
-        valid = flat >= 0
-        flat[valid] = self._find_np(flat[valid])
-        parts = np.split(flat, np.cumsum([a.size for a in arrays])[:-1])
-        return [torch.from_numpy(part.reshape(a.shape)) for part, a in zip(parts, arrays)]
-
-    def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Join a[i] with b[i] for every i where both are valid ids."""
-        a, b = a.reshape(-1).numpy(), b.reshape(-1).numpy()
-        hit = np.concatenate([a[(a >= 0) & (b == OPAQUE)], b[(b >= 0) & (a == OPAQUE)]])
-        if hit.size:
-            self.fixed[hit] = True
-            self._class_fixed = None
-        keep = (a >= 0) & (b >= 0) & (a != b)
+    def union_pairs(self, a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> None:
+        """Join a[i] with b[i] for every i where both are valid ids (arrays of equal size)."""
+        a, b = _flat(a), _flat(b)
+        if not a.size:
+            return
+        if min(a.min(), b.min()) < 0:  # NO_ID couples nothing; OPAQUE fixes what it meets
+            hit = np.concatenate([a[(a >= 0) & (b == OPAQUE)], b[(b >= 0) & (a == OPAQUE)]])
+            if hit.size:
+                self.fixed[hit] = True
+                self._class_fixed = None
+            keep = (a >= 0) & (b >= 0) & (a != b)
+        else:
+            keep = a != b
         a, b = a[keep], b[keep]
         while a.size:
             ra, rb = self._find_np(a), self._find_np(b)
@@ -108,23 +106,30 @@ class UnionFind:
 
     def union_all(self, ids: torch.Tensor) -> None:
         """Join every valid id of `ids` into one class."""
-        flat = torch.unique(ids[ids >= 0])
-        if flat.numel() > 1:
-            self.union_pairs(flat[:1].expand(flat.numel() - 1), flat[1:])
+        flat = _flat(ids)
+        flat = np.unique(flat[flat >= 0])
+        if flat.size > 1:
+            self.union_pairs(np.broadcast_to(flat[:1], (flat.size - 1,)), flat[1:])
 
-    def mark_fixed(self, ids: torch.Tensor) -> None:
-        ids = ids[ids >= 0].numpy()
-        if ids.size:
-            self.fixed[ids] = True
+    def mark_fixed(self, ids: torch.Tensor | np.ndarray) -> None:
+        flat = _flat(ids)
+        flat = flat[flat >= 0]
+        if flat.size:
+            self.fixed[flat] = True
             self._class_fixed = None
 
     def is_fixed(self, ids: torch.Tensor) -> torch.Tensor:
         if self._class_fixed is None:
-            roots = self._find_np(np.arange(len(self)))
+            roots = self.roots()
             flags = np.zeros(len(self), dtype=bool)
             np.logical_or.at(flags, roots, self.fixed[:len(self)])
             self._class_fixed = flags
         return torch.from_numpy(self._class_fixed[self.find(ids).numpy()])
+
+
+def _flat(ids: torch.Tensor | np.ndarray) -> np.ndarray:
+    """`ids` as a flat numpy array (shares memory when it can)."""
+    return (ids if isinstance(ids, np.ndarray) else ids.numpy()).reshape(-1)
 
 
 class IdSet:
@@ -173,11 +178,13 @@ def along(ids: torch.Tensor, dim: int, size: int, uf: UnionFind) -> torch.Tensor
     to patch tokens, say) are joined: the consumer's slice `dim=j` applies to all of them, so
     pruning position j removes all of them together.
     """
-    dim = dim % ids.dim()
-    full = ids.expand(*ids.shape[:dim], size, *ids.shape[dim + 1:]) if ids.shape[dim] == 1 else ids
-    rows = full.movedim(dim, 0).reshape(size, -1)
+    a = ids.numpy()
+    dim = dim % a.ndim
+    if a.shape[dim] == 1:
+        a = np.broadcast_to(a, a.shape[:dim] + (size,) + a.shape[dim + 1:])
+    rows = np.moveaxis(a, dim, 0).reshape(size, -1)
     if rows.shape[1] == 1:
-        return rows[:, 0].clone()
-    rep = rows.max(dim=1).values  # a valid id of each row, or negative where the row has none
-    uf.union_pairs(rep.unsqueeze(1).expand_as(rows), rows)
-    return rep.clone()
+        return torch.from_numpy(rows[:, 0].copy())
+    rep = rows.max(axis=1)  # a valid id of each row, or negative where the row has none
+    uf.union_pairs(np.broadcast_to(rep[:, None], rows.shape), rows)
+    return torch.from_numpy(rep)

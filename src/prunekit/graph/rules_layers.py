@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .ids import along
@@ -31,10 +32,10 @@ def _out_ids(ids: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
 def _join_conv_groups(tr, p, in_ids, groups: int) -> None:
     """One class per conv group (whole groups go, so `groups` stays valid). A group whose
     input channels have no channel identity (the model input, a fresh tensor) is fixed."""
-    outs, ins = p.reshape(groups, -1), in_ids.reshape(groups, -1)
-    rows = torch.cat([outs, ins], 1)  # one row per conv group; column 0 is a fresh (valid) id
-    tr.uf.union_pairs(rows[:, :1].expand(-1, rows.shape[1] - 1), rows[:, 1:])
-    tr.uf.mark_fixed(outs[(ins < 0).any(1)].reshape(-1))
+    outs, ins = p.numpy().reshape(groups, -1), in_ids.numpy().reshape(groups, -1)
+    rows = np.concatenate([outs, ins], 1)  # one row per conv group; column 0 is a fresh (valid) id
+    tr.uf.union_pairs(np.broadcast_to(rows[:, :1], (groups, rows.shape[1] - 1)), rows[:, 1:])
+    tr.uf.mark_fixed(outs[(ins < 0).any(1)])
 
 
 def _conv(tr, call, transposed: bool):
@@ -151,7 +152,7 @@ def prelu(tr, call):
 
 
 def embedding(tr, call):
-    idx, w = call.args[0], call.arg(1, "weight")
+    w = call.arg(1, "weight")
     if _named(tr, w) is None:
         return _fix_all(tr, call)
     out = _tensor_outs(call)[0]

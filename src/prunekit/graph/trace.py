@@ -106,7 +106,8 @@ class Call:
 class Tracer(TorchFunctionMode):
     """Runs the model and applies channel rules; see `build_graph` for the public entry."""
 
-    def __init__(self, model: nn.Module, rules: dict[str, Callable], ignore: Iterable[str] = ()):
+    def __init__(self, model: nn.Module, rules: dict[str, Callable], ignore: Iterable[str] = (),
+                 modules: dict[str, nn.Module] | None = None):
         super().__init__()
         self.model = model
         self.rules = rules
@@ -121,7 +122,7 @@ class Tracer(TorchFunctionMode):
         self._ignored_depth = 0  # how many modules on the stack are ignored
         self._types: dict[str, str] = {}
         self._tensor_names: dict[int, tuple[str, str]] = {}
-        for mod_name, mod in model.named_modules():
+        for mod_name, mod in (modules if modules is not None else dict(model.named_modules())).items():
             self._types[mod_name] = type(mod).__name__
             for pname, p in [*mod._parameters.items(), *mod._buffers.items()]:
                 if p is not None:
@@ -193,7 +194,7 @@ class Tracer(TorchFunctionMode):
         return self._raw[id(p)]
 
     def add_member(self, module: str, name: str, dim: int, ids: torch.Tensor, role: str) -> None:
-        self.members.append(Member(module, name, dim, ids.reshape(-1).clone(), role))
+        self.members.append(Member(module, name, dim, ids.reshape(-1), role))  # id tensors are never written to
 
     def add_node(self, call: Call, macs: int = 0, params: Iterable[str] = (),
                  terms: Iterable[tuple[int, list[torch.Tensor]]] = ()) -> None:
@@ -266,6 +267,11 @@ class Tracer(TorchFunctionMode):
         names = [name.rsplit(".", 1)[0] for name, ids in self.spaces
                  if roots & set(self.uf.find(ids).tolist())]
         return sorted(set(names))
+
+    @property
+    def current(self) -> str:
+        """Name of the module whose forward is running."""
+        return self._stack[-1]
 
     def push(self, name: str) -> None:
         self._stack.append(name)
