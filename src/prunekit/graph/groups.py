@@ -229,9 +229,14 @@ def _make_groups(specs: list[tuple[str, np.ndarray]], uf: UnionFind, members: li
         if g_lo == g_hi:  # the common case: one group, no gaps
             groups[g_lo].members.append(GroupMember(m.module, m.name, m.dim, chan, m.role))
             continue
+        # a member spanning several groups (a conv reading a concatenation): one row per group
         g, p = gis[start:start + size], pos[start:start + size]
-        for gi in np.unique(g[g >= 0]).tolist():
-            groups[gi].members.append(GroupMember(m.module, m.name, m.dim, torch.from_numpy(np.where(g == gi, p, -1)), m.role))
+        at = np.flatnonzero(g >= 0)
+        gi_of, row_of = np.unique(g[at], return_inverse=True)
+        rows = np.full((gi_of.size, size), -1, dtype=np.int64)
+        rows[row_of, at] = p[at]
+        for gi, row in zip(gi_of.tolist(), torch.from_numpy(rows).unbind(0)):
+            groups[gi].members.append(GroupMember(m.module, m.name, m.dim, row, m.role))
     return groups
 
 

@@ -93,15 +93,46 @@ def spatial(tr, call):
         _fix_all(tr, call)
 
 
+# ops that only reorder or insert dims: they give the same answer on compressed ids (a dim of
+# size 1 stands for any size), so they skip the expansion to the full shape
+REORDER = {"permute", "transpose", "swapaxes", "swapdims", "t", "property.T", "property.mT", "movedim",
+           "moveaxis", "flip", "unsqueeze"}
+
+
 def replay(tr, call):
     """Shape ops: run the same op on the id tensors themselves."""
-    args, kwargs = _swap_data(tr, call)
+    if call.name in REORDER:
+        args, kwargs = (tr.ids(call.args[0]), *call.args[1:]), call.kwargs
+    elif call.name in ("cat", "concat", "concatenate") and _compact_cat(tr, call):
+        return
+    else:
+        args, kwargs = _swap_data(tr, call)
     res = call.func(*args, **kwargs)
     outs, idouts = _tensor_outs(call), _tensor_outs(type(call)(call.name, call.func, (), {}, res, ""))
     for o, i in zip(outs, idouts):
         if call.name in ("view", "reshape", "unflatten", "view_as", "reshape_as"):
             _join_split(tr, _full(tr.ids(call.args[0]), call.args[0].shape), i)
         tr.set_ids(o, i)
+
+
+def _compact_cat(tr, call) -> bool:
+    """cat on compressed ids: each operand is expanded along the cat dim only (and where another
+    operand varies). False, with nothing done, for the forms this does not cover."""
+    parts, dim = call.args[0], call.arg(1, "dim", 0)
+    if set(call.kwargs) - {"dim"} or not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
+        return False
+    ranks = {t.dim() for t in parts if isinstance(t, torch.Tensor)}
+    if len(parts) == 0 or ranks != {parts[0].dim()} or not all(isinstance(t, torch.Tensor) for t in parts):
+        return False
+    ids = [tr.ids(t) for t in parts]
+    d = dim % parts[0].dim()
+    shape = [max(i.shape[k] for i in ids) for k in range(parts[0].dim())]
+    grown = []
+    for t, i in zip(parts, ids):
+        shape[d] = t.shape[d]
+        grown.append(i.expand(shape))
+    tr.set_ids(_tensor_outs(call)[0], torch.cat(grown, d))
+    return True
 
 
 def getitem(tr, call):
