@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from ..core.config import check_choice, check_range
@@ -39,13 +40,14 @@ def must_keep(group: Group, scores: torch.Tensor) -> torch.Tensor:
     """Channels that stay so that no tensor is emptied: the best-scoring channel of every member
     lying wholly in this group (a conv whose outputs are one part of a concat, say), when that
     member has no unprunable channel already. Bool mask of shape (group.size,)."""
-    keep = torch.zeros(group.size, dtype=torch.bool)
+    keep = np.zeros(group.size, dtype=bool)
+    prunable, s = group.prunable.numpy(), scores.detach().float().cpu().numpy()
     for m in group.members:
-        ch = m.channel
-        if ch.numel() == 0 or bool((ch < 0).any()) or not bool(group.prunable[ch].all()):
+        ch = m.channel.numpy()
+        if ch.size == 0 or ch.min() < 0 or not prunable[ch].all():
             continue
-        keep[ch[torch.argmax(scores[ch].float())]] = True
-    return keep
+        keep[ch[np.argmax(s[ch])]] = True
+    return torch.from_numpy(keep)
 
 
 def _cap(group: Group, max_ratio: float, keep: torch.Tensor | None = None) -> int:

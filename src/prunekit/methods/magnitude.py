@@ -28,6 +28,7 @@ from ..cost.macs import cost_after, cost_from_graph, estimate_cost
 from ..graph import Graph
 from ..importance.criteria import CRITERIA, REDUCTIONS, ScoreContext
 from ..importance.select import NORMALIZERS, select_removal
+from ..surgery.copying import adopt_, share_copy
 from ..surgery.plan import Plan, make_plan
 from ..surgery.shrink import remove_channels_
 from ..surgery.verify import build_safe_graph, run_model
@@ -101,7 +102,9 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
                      between_steps: Callable[[nn.Module, int], None] | None = None) -> PruneResult:
     graph = build_safe_graph(model, example_inputs, cfg.ignore, probe=cfg.probe)
     before = cost_from_graph(model, graph)
-    work = copy.deepcopy(model)  # the user's model changes only once everything succeeded
+    # the user's model changes only once everything succeeded; scoring on batches (gradients) or
+    # fine-tuning between steps writes into tensors, so those need a copy of every weight
+    work = share_copy(model) if batches is None and between_steps is None else copy.deepcopy(model)
     plan: Plan | None = None
     for step in range(1, cfg.steps + 1):
         if step > 1:
@@ -131,18 +134,9 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
             "a channel count the trace cannot see. Prune with probe=True (the default), which tests every group "
             "first, or ignore the layers involved; the model was left unchanged") from None
     after = cost_after(work, graph, removal)  # exact: tests compare it with a recount
-    _adopt(model, work)
+    adopt_(model, work)
     plan.meta.update({"method": "magnitude", "config": cfg.to_dict()})
     return PruneResult(plan, before, after, cfg.to_dict())
-
-
-def _adopt(model: nn.Module, work: nn.Module) -> None:
-    """Make `model` the pruned `work` in place (same module objects, new tensors/attributes)."""
-    src = dict(work.named_modules())
-    for name, mod in model.named_modules():
-        other = src[name]
-        mod.__dict__.update({k: v for k, v in other.__dict__.items()
-                             if k not in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")})
 
 
 from . import register_method  # noqa: E402

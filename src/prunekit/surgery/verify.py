@@ -15,13 +15,13 @@ of forwards. Failing groups are marked unprunable with the reason.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from ..graph import Graph, Group, build_graph
+from .copying import share_copy
 from .shrink import remove_channels_
 
 
@@ -46,7 +46,7 @@ def first_tensor(out: Any) -> torch.Tensor:
 
 
 def zero_contributions_(model: nn.Module, group: Group, channels: Sequence[int]) -> None:
-    """What removing `channels` means, with shapes unchanged (in place).
+    """What removing `channels` means, with shapes unchanged (new tensors assigned to `model`).
 
     Zero every consumer input slice ("in" members: the next conv's input channels, a Linear's
     columns...) and every producer parameter slice ("out"/"through": filters, biases, norm
@@ -55,12 +55,14 @@ def zero_contributions_(model: nn.Module, group: Group, channels: Sequence[int])
     """
     dead = torch.tensor(sorted(channels), dtype=torch.long)
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for m in group.tensor_members():
-            if m.role != "in" and m.qualname not in params:
-                continue  # buffers (BN running stats) stay: with zero affine they change nothing
-            t = getattr(model.get_submodule(m.module), m.name)
-            t.index_fill_(m.dim, torch.isin(m.channel, dead).nonzero().flatten(), 0.0)
+    for m in group.tensor_members():
+        if m.role != "in" and m.qualname not in params:
+            continue  # buffers (BN running stats) stay: with zero affine they change nothing
+        mod = model.get_submodule(m.module)
+        t = getattr(mod, m.name)  # read again for every member: an earlier one may have replaced it
+        zeroed = t.detach().index_fill(m.dim, torch.isin(m.channel, dead).nonzero().flatten(), 0.0)
+        # a new tensor, never a write into the old one: copies made by share_copy share tensors
+        setattr(mod, m.name, nn.Parameter(zeroed, t.requires_grad) if m.name in mod._parameters else zeroed)
 
 
 def group_is_exact(group: Group, model: nn.Module) -> bool:
@@ -76,7 +78,7 @@ def _trial(model: nn.Module, inputs: Any, graph: Graph, groups: list[Group], cha
     removal = {g.name: [channel[g.name]] for g in groups}
     # one copy serves both sides: removal deletes exactly the slices that zeroing cleared, so
     # shrinking the zeroed copy gives the same model as shrinking the original
-    work = copy.deepcopy(model)
+    work = share_copy(model)
     for g in groups:
         zero_contributions_(work, g, removal[g.name])
     ref = first_tensor(run_model(work, inputs))

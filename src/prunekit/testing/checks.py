@@ -8,13 +8,13 @@ only shapes and finiteness are compared.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from ..graph import Graph, Group, build_graph
+from ..graph import Graph, build_graph
+from ..surgery.copying import share_copy
 from ..surgery.shrink import remove_channels_
 from ..surgery.verify import group_is_exact, run_model as _run, zero_contributions_
 from ..importance.select import must_keep
@@ -26,7 +26,7 @@ def check_removal_matches_zeroing(model: nn.Module, inputs: Any, graph: Graph,
 
     Raises AssertionError when they differ (beyond atol) for exact groups.
     """
-    zeroed, shrunk = copy.deepcopy(model), copy.deepcopy(model)
+    zeroed, shrunk = share_copy(model), share_copy(model)
     exact = True
     for name, chans in removal.items():
         group = graph.group(name)

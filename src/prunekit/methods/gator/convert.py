@@ -17,7 +17,6 @@ registered replay step).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -26,6 +25,7 @@ from torch import nn
 
 from ...core.errors import CheckpointError, PruningError
 from ...graph import Graph
+from ...surgery.copying import adopt_, share_copy
 from ...surgery.plan import Plan, make_plan, register_replay_step
 from ...surgery.shrink import remove_channels_
 from ...surgery.verify import first_tensor, run_model, zero_contributions_
@@ -58,13 +58,13 @@ def convert_(model: nn.Module, gates: GateSet, graph: Graph, example_inputs: Any
         gates.detach()
     scale = max(1.0, float(reference.abs().max()))
     for allow_branches in (True, False):
-        work = copy.deepcopy(model)
+        work = share_copy(model)  # conversion only assigns new tensors: sharing the rest is safe
         result = _convert(work, gates, graph, example_inputs, ignore, allow_branches)
         out = first_tensor(run_model(work, example_inputs))
         diff = float((out - reference).abs().max()) if out.shape == reference.shape else float("inf")
         result.max_abs_diff = diff
         if diff <= atol * scale:
-            _adopt(model, work)
+            adopt_(model, work)
             return result
         if not result.branches:
             break
@@ -101,13 +101,6 @@ def _convert(work: nn.Module, gates: GateSet, graph: Graph, example_inputs: Any,
     removed = {n: len(v) for n, v in removal.items()}
     removed.update({b.group: by_name[b.group].size for b in branches})
     return Conversion(plan, branches, silent, removed=removed)
-
-
-def _adopt(model: nn.Module, work: nn.Module) -> None:
-    """Give `model` (same object, for the caller) the converted modules and tensors of `work`."""
-    keep = {k: v for k, v in model.__dict__.items() if "hooks" in k}
-    model.__dict__.update({k: v for k, v in work.__dict__.items() if "hooks" not in k})
-    model.__dict__.update(keep)
 
 
 def _replay_cuts(model: nn.Module, meta: dict) -> None:

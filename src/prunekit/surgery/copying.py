@@ -1,0 +1,69 @@
+"""Working copies for surgery, and handing a finished result back to the caller's model.
+
+Surgery never writes into a tensor: `remove_channels_` assigns new, smaller tensors and
+`zero_contributions_` assigns zeroed copies. A working copy therefore needs its own module
+objects and attribute containers, but can share every parameter and buffer with the original:
+`share_copy` costs microseconds per module where `copy.deepcopy` copies every weight (60 ms for a
+ResNet-50 on one CPU thread). Code that writes into tensors (training, backward passes that fill
+`.grad`) must work on `copy.deepcopy` instead.
+
+`adopt_` makes the caller's model the finished copy *in place*: every module of the original
+takes the state of its counterpart, so references the caller holds (to the model, to a
+submodule, to parameters that were not pruned) stay valid and see the result.
+
+>>> import torch.nn as nn
+>>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+>>> work = share_copy(m)
+>>> work[0] is m[0], work[0].weight is m[0].weight
+(False, True)
+>>> work[0].out_channels = 4; m[0].out_channels
+8
+>>> first = m[0]; adopt_(m, work); first.out_channels, m[0] is first
+(4, True)
+"""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+
+def share_copy(model: nn.Module) -> nn.Module:
+    """New module objects with their own attribute containers, sharing every tensor."""
+    return _copy(model, {})
+
+
+def _copy(mod: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
+    if id(mod) in memo:  # a module used twice stays one module
+        return memo[id(mod)]
+    cls = type(mod)
+    try:
+        new = cls.__new__(cls)  # no __init__: the state is copied below
+    except TypeError:  # a class whose __new__ wants arguments
+        new = copy.copy(mod)
+    memo[id(mod)] = new
+    new.__dict__.update({key: value.copy() if isinstance(value, (dict, list, set)) else value
+                         for key, value in mod.__dict__.items()})
+    for key, child in mod._modules.items():
+        new._modules[key] = None if child is None else _copy(child, memo)
+    return new
+
+
+def adopt_(model: nn.Module, work: nn.Module) -> None:
+    """Make `model` the modified copy `work`, in place.
+
+    Modules are paired by name and class; each original takes its counterpart's attributes
+    (tensors, sizes, children) but keeps its own hooks, and children point back to the original
+    objects. Modules `work` added or replaced (a removed branch) are taken as they are.
+    """
+    originals, modified = dict(model.named_modules()), list(work.named_modules())
+    pairs = [(originals[name], new) for name, new in modified
+             if name in originals and type(originals[name]) is type(new)]
+    back = {id(new): old for old, new in pairs}
+    for _, new in modified:
+        for key, child in new._modules.items():
+            if child is not None and id(child) in back:
+                new._modules[key] = back[id(child)]
+    for old, new in pairs:
+        if old is not new:
+            old.__dict__.update({k: v for k, v in new.__dict__.items() if "hooks" not in k})
