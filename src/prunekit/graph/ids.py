@@ -180,6 +180,8 @@ def along(ids: torch.Tensor, dim: int, size: int, uf: UnionFind) -> torch.Tensor
     """
     a = ids.numpy()
     dim = dim % a.ndim
+    if a.size == size and a.shape[dim] == size:  # the common case: ids vary along `dim` only
+        return torch.from_numpy(a.reshape(size).copy())
     if a.shape[dim] == 1:
         a = np.broadcast_to(a, a.shape[:dim] + (size,) + a.shape[dim + 1:])
     rows = np.moveaxis(a, dim, 0).reshape(size, -1)
