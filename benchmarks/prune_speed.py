@@ -8,6 +8,8 @@ initialised model (the copy is made outside the timed region) and is repeated N 
     pk_prune        prunekit.methods.prune_(model, MagnitudeConfig(channel_ratio=0.5, probe=False), x)
     pk_prune_probe  the same with probe=True (every group is first checked on the real model)
     tp_graph        torch_pruning.DependencyGraph().build_dependency(model, example_inputs=x)
+    tp_groups       the same, then list(graph.get_all_groups()): the channel groups, which prunekit's
+                    graph holds already (Torch-Pruning finds them when a pruner steps)
     tp_prune        torch_pruning.pruner.MagnitudePruner(model, x, importance=MagnitudeImportance(p=2),
                     pruning_ratio=0.5, ignored_layers=[classifier]).step()
 
@@ -60,7 +62,7 @@ from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402
 DEFAULT_MODELS = ["resnet50", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
                   "shufflenet_v2_x1_0", "squeezenet1_1", "densenet121", "regnet_y_400mf", "resnext50_32x4d",
                   "googlenet", "convnext_tiny", "vit_b_16", "swin_t"]
-STEPS = ("pk_graph", "pk_prune", "pk_prune_probe", "tp_graph", "tp_prune")
+STEPS = ("pk_graph", "pk_prune", "pk_prune_probe", "tp_graph", "tp_groups", "tp_prune")
 PRUNING_STEPS = ("pk_prune", "pk_prune_probe", "tp_prune")
 
 
@@ -85,6 +87,10 @@ def _tp_graph(model, x):
     tp.DependencyGraph().build_dependency(model, example_inputs=x)
 
 
+def _tp_groups(model, x):
+    list(tp.DependencyGraph().build_dependency(model, example_inputs=x).get_all_groups())
+
+
 def _tp_prune(model, x):
     pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
                                        pruning_ratio=0.5, ignored_layers=[classifier_of(model)])
@@ -93,7 +99,7 @@ def _tp_prune(model, x):
 
 RUNNERS: dict[str, Callable[[nn.Module, torch.Tensor], None]] = {
     "pk_graph": _pk_graph, "pk_prune": _pk_prune, "pk_prune_probe": _pk_prune_probe,
-    "tp_graph": _tp_graph, "tp_prune": _tp_prune}
+    "tp_graph": _tp_graph, "tp_groups": _tp_groups, "tp_prune": _tp_prune}
 
 
 def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +144,8 @@ def measure(name: str, steps: tuple[str, ...], repeats: int, side: int) -> dict[
         print(f"  {name:22s} {step:15s} {status}" + ("" if info.get("ok", False) or not times
                                                      else "  (pruned model broken: " + info.get("error", "") + ")"),
               flush=True)
-    for pk, tpk in (("pk_graph", "tp_graph"), ("pk_prune", "tp_prune"), ("pk_prune_probe", "tp_prune")):
+    for pk, tpk in (("pk_graph", "tp_graph"), ("pk_graph", "tp_groups"), ("pk_prune", "tp_prune"),
+                    ("pk_prune_probe", "tp_prune")):
         a, b = row["steps"].get(pk, {}), row["steps"].get(tpk, {})
         if "median" in a and "median" in b:
             row[f"ratio_{pk}_vs_{tpk}"] = a["median"] / b["median"]
@@ -277,7 +284,9 @@ def markdown(out: dict) -> str:
         f"{_load(out, 'start')} at the start, {_load(out, 'end')} at the end: the CPU is shared, and a load above "
         f"the core count slows both tools alike, which leaves the ratios more telling than the seconds.", "",
         "Steps: *graph* builds the dependency graph only (`prunekit.graph.build_graph`, "
-        "`tp.DependencyGraph().build_dependency`). *prune* is graph + L2 magnitude scores + removal of 50% of the "
+        "`tp.DependencyGraph().build_dependency`). prunekit's graph holds the channel groups; Torch-Pruning finds "
+        "its groups later, when a pruner steps, so *TP graph+groups* adds `list(graph.get_all_groups())` to "
+        "its build: that is the same information. *prune* is graph + L2 magnitude scores + removal of 50% of the "
         "channels of every group (local), classifier kept: `prune_(model, MagnitudeConfig(channel_ratio=0.5, "
         "probe=False), x)` and `tp.pruner.MagnitudePruner(model, x, importance=MagnitudeImportance(p=2), "
         "pruning_ratio=0.5, ignored_layers=[classifier]).step()`. *probe* is prunekit's default `probe=True`, which "
@@ -285,24 +294,26 @@ def markdown(out: dict) -> str:
         "hard-coded in Python). prunekit's `prune_` also runs the pruned model once and reports its "
         "parameters and MACs; Torch-Pruning's `step()` does not. Ratio = prunekit median / Torch-Pruning median "
         "(below 1: prunekit faster).", "",
-        "| model | params | pk graph s | TP graph s | ratio | pk prune s | pk prune+probe s | TP prune s | "
-        "ratio (prune) | ratio (probe) |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
+        "| model | params | pk graph s | TP graph s | ratio | TP graph+groups s | ratio | pk prune s | "
+        "pk prune+probe s | TP prune s | ratio (prune) | ratio (probe) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         s = r["steps"]
         if not s:
-            lines.append(f"| {r['model']} | | | | | | | | | {r.get('error', '')} |")
+            lines.append(f"| {r['model']} | | | | | | | | | | | {r.get('error', '')} |")
             continue
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {_cell(s.get('pk_graph', {}))} | "
                      f"{_cell(s.get('tp_graph', {}))} | {_ratio(r, 'ratio_pk_graph_vs_tp_graph')} | "
+                     f"{_cell(s.get('tp_groups', {}))} | {_ratio(r, 'ratio_pk_graph_vs_tp_groups')} | "
                      f"{_cell(s.get('pk_prune', {}))} | {_cell(s.get('pk_prune_probe', {}))} | "
                      f"{_cell(s.get('tp_prune', {}))} | {_ratio(r, 'ratio_pk_prune_vs_tp_prune')} | "
                      f"{_ratio(r, 'ratio_pk_prune_probe_vs_tp_prune')} |")
     ratios = {k: [r[k] for r in out["rows"] if k in r] for k in
-              ("ratio_pk_graph_vs_tp_graph", "ratio_pk_prune_vs_tp_prune", "ratio_pk_prune_probe_vs_tp_prune")}
+              ("ratio_pk_graph_vs_tp_graph", "ratio_pk_graph_vs_tp_groups", "ratio_pk_prune_vs_tp_prune",
+               "ratio_pk_prune_probe_vs_tp_prune")}
     lines += ["", "Median ratio over the models both tools handle: " + ", ".join(
         f"{label} {statistics.median(v):.2f} ({len(v)} models)" for label, v in
-        zip(("graph", "prune", "prune+probe"), ratios.values()) if v) + ".", ""]
+        zip(("graph", "graph vs TP graph+groups", "prune", "prune+probe"), ratios.values()) if v) + ".", ""]
     lines += ["## Coverage", "",
               "Does the pruned model run with the original output shape, finite outputs and fewer parameters? "
               "Parameters and MACs (prunekit's count: conv/linear/matmul/attention multiply-accumulates per "
@@ -328,12 +339,13 @@ def markdown(out: dict) -> str:
               "## Where prunekit spends the time", "",
               "- Tracing runs one real forward of the model (eager, under `TorchFunctionMode`) and applies a rule "
               "per op; the forward alone is a large part of *graph* on the bigger models.",
-              "- `prune_` works on a copy of the model (`copy.deepcopy`), so that a failure leaves the caller's model "
-              "as it was, runs the pruned copy once to check that it still works, and reports its parameters and "
+              "- `prune_` works on a copy of the model that shares its tensors (`surgery.copying.share_copy`: surgery "
+              "assigns new tensors and never writes into old ones), so that a failure leaves the caller's model "
+              "as it was, hands the result back into the caller's own module objects, runs the pruned copy once to check that it still works, and reports its parameters and "
               "MACs from the graph it already has (equal to a recount, by test). Torch-Pruning edits the model "
               "in place and counts nothing.",
               "- Probing adds a few forwards per model (groups are tested together and bisected only on failure). "
-              "A failing group costs a bisection, each step deep-copying the model: vit_b_16, whose stream "
+              "A failing group costs a bisection, each step two forwards: vit_b_16, whose stream "
               "prunekit couples to its attention heads while torchvision's code hard-codes `hidden_dim` in a "
               "reshape, is the slow case (without probing both tools break it: the *fails* and *broken* entries).",
               ""]
