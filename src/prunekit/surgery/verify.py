@@ -76,17 +76,20 @@ def _trial(model: nn.Module, inputs: Any, graph: Graph, groups: list[Group], cha
            atol: float) -> str:
     """'' if removing channel[g.name] of each group behaves, else the reason it does not."""
     removal = {g.name: [channel[g.name]] for g in groups}
-    # one copy serves both sides: removal deletes exactly the slices that zeroing cleared, so
-    # shrinking the zeroed copy gives the same model as shrinking the original
-    work = share_copy(model)
-    for g in groups:
-        zero_contributions_(work, g, removal[g.name])
-    ref = first_tensor(run_model(work, inputs))
+    # removal first: a model whose code rejects the new widths usually fails early in the
+    # forward, and then the zeroed reference is never needed
+    shrunk = share_copy(model)
     try:
-        remove_channels_(work, graph, removal)
-        out = first_tensor(run_model(work, inputs))
+        remove_channels_(shrunk, graph, removal)
+        out = first_tensor(run_model(shrunk, inputs))
     except Exception as err:  # the model's own code rejected the new widths
         return f"forward fails after removal ({type(err).__name__}: {str(err)[:120]})"
+    # removal deletes exactly the slices that zeroing clears, so the shrunk model is also the
+    # shrunk version of the zeroed one, and the two must agree
+    zeroed = share_copy(model)
+    for g in groups:
+        zero_contributions_(zeroed, g, removal[g.name])
+    ref = first_tensor(run_model(zeroed, inputs))
     if ref.shape != out.shape:
         return f"output shape changes ({tuple(ref.shape)} -> {tuple(out.shape)})"
     if all(group_is_exact(g, model) for g in groups):
