@@ -1,0 +1,61 @@
+"""How probing finds the groups that break a model: few trials, every culprit, nothing else."""
+import torch
+from torch import nn
+
+from prunekit.graph import build_graph
+from prunekit.graph.groups import Group
+from prunekit.surgery.verify import _culprits, probe_groups
+
+
+def _groups(n: int) -> list[Group]:
+    return [Group(f"g{i}", torch.arange(4), torch.ones(4, dtype=torch.bool)) for i in range(n)]
+
+
+def _fake_trial(bad: set[str], pairs: list[set[str]], log: list[int]):
+    """Fails when a bad group is in the set, or both groups of an interacting pair are."""
+    def trial(groups):
+        log.append(len(groups))
+        names = {g.name for g in groups}
+        if names & bad:
+            return "bad: " + ",".join(sorted(names & bad))
+        if any(p <= names for p in pairs):
+            return "pair"
+        return ""
+    return trial
+
+
+def test_one_bad_group_is_found_by_halving():
+    groups, log = _groups(16), []
+    found = _culprits(groups, "x", _fake_trial({"g11"}, [], log))
+    assert list(found) == ["g11"]
+    assert len(log) <= 2 * 4  # at most two trials per halving step
+
+
+def test_groups_that_fail_only_together_are_all_blamed():
+    groups, log = _groups(2), []
+    found = _culprits(groups, "pair", _fake_trial(set(), [{"g0", "g1"}], log))
+    assert set(found) == {"g0", "g1"} and all("together" in r for r in found.values())
+
+
+class _TwoHardCoded(nn.Module):
+    """Two convs whose outputs are reshaped with channel counts written in the code, and one
+    clean conv: probing must blame exactly the two."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(3, 5, 1)
+        self.head = nn.Linear(8 * 4 + 6 * 4 + 5, 2)
+
+    def forward(self, x):
+        a = self.a(x).reshape(x.shape[0], 8, 4)  # 8 and 6 are constants, not read from a tensor
+        b = self.b(x).reshape(x.shape[0], 6, 4)
+        c = self.c(x).mean((2, 3))
+        return self.head(torch.cat([a.flatten(1), b.flatten(1), c], 1))
+
+
+def test_probe_blames_every_hard_coded_group_and_only_those():
+    model, x = _TwoHardCoded().eval(), torch.randn(2, 3, 2, 2)
+    graph = build_graph(model, x)
+    bad = probe_groups(model, x, graph)
+    assert set(bad) == {"a", "b"}, bad
+    assert all("forward fails" in r for r in bad.values())
