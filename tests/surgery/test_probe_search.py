@@ -4,7 +4,7 @@ from torch import nn
 
 from prunekit.graph import build_graph
 from prunekit.graph.groups import Group
-from prunekit.surgery.verify import _culprits, probe_groups
+from prunekit.surgery.verify import _descend, find_bad, probe_groups
 
 
 def _groups(n: int) -> list[Group]:
@@ -25,15 +25,36 @@ def _fake_trial(bad: set[str], pairs: list[set[str]], log: list[int]):
 
 
 def test_one_bad_group_is_found_by_halving():
-    groups, log = _groups(16), []
-    found = _culprits(groups, "x", _fake_trial({"g11"}, [], log))
+    groups, log, found, aside = _groups(16), [], {}, []
+    _descend(groups, "x", _fake_trial({"g11"}, [], log), found, aside)
     assert list(found) == ["g11"]
     assert len(log) <= 2 * 4  # at most two trials per halving step
+    assert [g.name for part in aside for g in part] == ["g12", "g13", "g14", "g15"]
+
+
+def test_one_bad_group_costs_one_passing_trial():
+    log = []
+    found = find_bad(_groups(13), _fake_trial({"g2"}, [], log))
+    assert list(found) == ["g2"]
+    # 13 fail, 6 fail (7 set aside), 3 fail (3 set aside), 1 pass, 2 fail, 1 pass, 1 fail: g2;
+    # then the 10 set aside pass together in one trial
+    assert log == [13, 6, 3, 1, 2, 1, 1, 10]
+
+
+def test_every_bad_group_is_found_when_most_are_bad():
+    bad = {f"g{i}" for i in range(48) if i % 4}
+    found = find_bad(_groups(48), _fake_trial(bad, [], []))
+    assert set(found) == bad
+
+
+def test_a_clean_model_costs_one_trial():
+    log = []
+    assert find_bad(_groups(20), _fake_trial(set(), [], log)) == {} and log == [20]
 
 
 def test_groups_that_fail_only_together_are_all_blamed():
-    groups, log = _groups(2), []
-    found = _culprits(groups, "pair", _fake_trial(set(), [{"g0", "g1"}], log))
+    groups, log, found = _groups(2), [], {}
+    _descend(groups, "pair", _fake_trial(set(), [{"g0", "g1"}], log), found, [])
     assert set(found) == {"g0", "g1"} and all("together" in r for r in found.values())
 
 

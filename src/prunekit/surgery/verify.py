@@ -110,37 +110,47 @@ def _trial_channel(group: Group) -> int | None:
 def probe_groups(model: nn.Module, inputs: Any, graph: Graph, atol: float = 1e-4) -> dict[str, str]:
     """Name -> reason for every prunable group whose removal breaks the model.
 
-    All groups are tried together; on failure one culprit is found by halving (following a
-    failing half), marked, and the rest are tried together again. A clean model costs one trial,
-    each bad group about log2(groups) trials, most of which fail early in the forward."""
+    All groups are tried together. A failing set is halved, following a failing half down to a
+    culprit; the halves passed by on the way are set aside and tried later all together, and
+    one by one only if that fails. A clean model costs one trial; a model with one bad group
+    about log2(groups) trials that fail early in the forward, and one that passes."""
     channel = {g.name: _trial_channel(g) for g in graph.prunable_groups() if int(g.prunable.sum()) >= 2 or g.size >= 2}
-    rest = [g for g in graph.prunable_groups() if channel.get(g.name) is not None]
-    trial = lambda groups: _trial(model, inputs, graph, groups, channel, atol)
+    todo = [g for g in graph.prunable_groups() if channel.get(g.name) is not None]
+    return find_bad(todo, lambda groups: _trial(model, inputs, graph, groups, channel, atol))
+
+
+def find_bad(todo: list[Group], trial) -> dict[str, str]:
+    """The search behind `probe_groups`; `trial(groups)` gives '' or why removing from all of them fails."""
     bad: dict[str, str] = {}
-    reason = trial(rest) if rest else ""
-    while reason:
-        found = _culprits(rest, reason, trial)
-        bad.update(found)
-        rest = [g for g in rest if g.name not in found]
-        reason = trial(rest) if rest else ""
+    pending = [todo] if todo else []
+    while pending:
+        if len(pending) > 1 and not trial([g for part in pending for g in part]):
+            break  # everything set aside is fine together
+        aside: list[list[Group]] = []
+        for part in pending:
+            reason = trial(part)
+            if reason:
+                _descend(part, reason, trial, bad, aside)
+        pending = aside
     return bad
 
 
-def _culprits(groups: list[Group], reason: str, trial) -> dict[str, str]:
-    """Groups to blame, given that removing from all of `groups` failed with `reason`."""
+def _descend(groups: list[Group], reason: str, trial, bad: dict[str, str], aside: list[list[Group]]) -> None:
+    """Find a culprit in `groups` (whose removal failed with `reason`); untested halves go to `aside`."""
     while len(groups) > 1:
         half = len(groups) // 2
         first = trial(groups[:half])
         if first:
+            aside.append(groups[half:])
             groups, reason = groups[:half], first
             continue
         second = trial(groups[half:])
         if second:
             groups, reason = groups[half:], second
             continue
-        # each half alone is fine, together they are not
-        return {g.name: "breaks the model together with other groups: " + reason for g in groups}
-    return {groups[0].name: reason}
+        bad.update({g.name: "breaks the model together with other groups: " + reason for g in groups})
+        return  # each half alone is fine, together they are not
+    bad[groups[0].name] = reason
 
 
 def build_safe_graph(model: nn.Module, example_inputs: Any, ignore: Sequence[str] = (), probe: bool = True) -> Graph:
