@@ -79,9 +79,11 @@ class _Kept:
             dead.update(graph.group(name).classes[list(idx)].tolist())
         self.dead = IdSet(dead)
         frac: dict[tuple[str, int], float] = {}
-        for m in graph.members:
+        flat, sizes = graph.member_ids()
+        for m, n, n_dead in zip(graph.members, sizes, _counts(self.dead.contains(flat), sizes)):
             if not m.name.startswith("#"):
-                frac[(m.qualname, m.dim)] = min(frac.get((m.qualname, m.dim), 1.0), self.part(m.ids))
+                part = 1.0 - n_dead / n if n else 1.0
+                frac[(m.qualname, m.dim)] = min(frac.get((m.qualname, m.dim), 1.0), part)
         self.of_param: dict[str, list[float]] = defaultdict(list)
         for (name, _), f in frac.items():
             self.of_param[name].append(f)
@@ -93,6 +95,13 @@ class _Kept:
 
     def param_scale(self, qualname: str) -> float:
         return math.prod(self.of_param.get(qualname, []))
+
+
+def _counts(flags: np.ndarray, sizes: list[int]) -> list[int]:
+    """How many of `flags` are set in each consecutive run of `sizes` entries."""
+    running = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+    ends = np.cumsum(np.asarray(sizes, dtype=np.int64))
+    return (running[ends] - running[ends - np.asarray(sizes, dtype=np.int64)]).tolist()
 
 
 def _node_macs_after(graph: Graph, kept: _Kept) -> list[int]:

@@ -84,6 +84,13 @@ class Graph:
     def prunable_groups(self) -> list[Group]:
         return [g for g in self.groups if bool(g.prunable.any())]
 
+    def member_ids(self) -> tuple[np.ndarray, list[int]]:
+        """Every member's ids end to end, and how many each member has (for one-pass lookups)."""
+        sizes = [m.ids.numel() for m in self.members]
+        if not sizes:
+            return np.zeros(0, dtype=np.int64), sizes
+        return np.concatenate([m.ids.numpy().reshape(-1) for m in self.members]), sizes
+
 
 def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = ()) -> Graph:
     """Trace `model` on `example_inputs` (a tensor, a tuple of tensors, or a dict of kwargs)."""

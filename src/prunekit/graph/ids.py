@@ -142,9 +142,9 @@ class IdSet:
         self.table = np.zeros(self.top + 2, dtype=bool)  # the last entry stays False
         self.table[ids] = True
 
-    def contains(self, ids: torch.Tensor) -> np.ndarray:
+    def contains(self, ids: torch.Tensor | np.ndarray) -> np.ndarray:
         """Bool array of `ids`' shape: which entries are in the set."""
-        a = ids.numpy()
+        a = ids if isinstance(ids, np.ndarray) else ids.numpy()
         return self.table[np.clip(a, -1, self.top + 1)] & (a >= 0)
 
 

@@ -54,9 +54,10 @@ def remove_channels_(model: nn.Module, graph: Graph, remove: Mapping[str, Sequen
         return
     dead = IdSet(roots)
     keep: dict[tuple[str, str, int], torch.Tensor] = {}
-    for m in graph.members:
+    flat, sizes = graph.member_ids()
+    alive = torch.from_numpy(~dead.contains(flat)).split(sizes)  # one lookup for all members
+    for m, k in zip(graph.members, alive):
         key = (m.module, m.name, m.dim)
-        k = torch.from_numpy(~dead.contains(m.ids))
         keep[key] = keep[key] & k if key in keep and keep[key].numel() == k.numel() else k
     mods = dict(model.named_modules())
     new_tensors, counts = _sliced(mods, keep)
