@@ -6,7 +6,7 @@ from prunekit.graph import build_graph
 from prunekit.methods import prune_
 from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.surgery.copying import adopt_, share_copy
-from prunekit.surgery.verify import probe_groups, zero_contributions_
+from prunekit.surgery.verify import probe_groups, zero_channels_, zero_contributions_
 from prunekit.testing.toy_models import TOY_MODELS
 
 
@@ -78,3 +78,18 @@ def test_tensors_that_were_not_sliced_stay_the_same_objects():
     bias = model[2].bias
     prune_(model, MagnitudeConfig(channel_ratio=0.5), torch.randn(1, 3, 6, 6))
     assert model[2].weight.shape == (4, 4, 1, 1) and model[2].bias is bias
+
+
+def test_zeroing_several_groups_at_once_equals_zeroing_them_one_by_one():
+    build, inputs = TOY_MODELS["concat"]
+    model, x = build().eval(), inputs()
+    graph = build_graph(model, x)
+    removal = [(g, [0, g.size - 1]) for g in graph.prunable_groups() if int(g.prunable.sum()) > 2]
+    assert len(removal) >= 2
+    together, one_by_one = share_copy(model), share_copy(model)
+    zero_channels_(together, removal)
+    for g, chans in removal:
+        zero_contributions_(one_by_one, g, chans)
+    a, b = together.state_dict(), one_by_one.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not _same(together, _snapshot(model))

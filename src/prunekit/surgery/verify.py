@@ -15,8 +15,10 @@ forwards. Failing groups are marked unprunable with the reason.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -53,22 +55,37 @@ def zero_contributions_(model: nn.Module, group: Group, channels: Sequence[int])
     affine parameters), so the channel is zero wherever it is still used, also in
     parameter-free products such as q @ k^T.
     """
-    dead = torch.tensor(sorted(channels), dtype=torch.long)
-    params = dict(model.named_parameters())
-    for m in group.tensor_members():
-        if m.role != "in" and m.qualname not in params:
-            continue  # buffers (BN running stats) stay: with zero affine they change nothing
-        mod = model.get_submodule(m.module)
-        t = getattr(mod, m.name)  # read again for every member: an earlier one may have replaced it
-        zeroed = t.detach().index_fill(m.dim, torch.isin(m.channel, dead).nonzero().flatten(), 0.0)
-        # a new tensor, never a write into the old one: copies made by share_copy share tensors
-        setattr(mod, m.name, nn.Parameter(zeroed, t.requires_grad) if m.name in mod._parameters else zeroed)
+    zero_channels_(model, [(group, channels)])
 
 
-def group_is_exact(group: Group, model: nn.Module) -> bool:
+def zero_channels_(model: nn.Module, removal: Sequence[tuple[Group, Sequence[int]]]) -> None:
+    """`zero_contributions_` for several groups at once: one new tensor per touched tensor."""
+    params = {name for name, _ in model.named_parameters()}
+    modules = dict(model.named_modules())
+    dead_at: dict[tuple[str, str], dict[int, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))
+    for group, channels in removal:
+        dead = np.zeros(group.size + 1, dtype=bool)  # the extra last entry answers for channel -1
+        dead[list(channels)] = True
+        for m in group.tensor_members():
+            if m.role != "in" and m.qualname not in params:
+                continue  # buffers (BN running stats) stay: with zero affine they change nothing
+            at = np.flatnonzero(dead[m.channel.numpy()])
+            if at.size:
+                dead_at[(m.module, m.name)][m.dim].append(at)
+    for (mod_name, name), dims in dead_at.items():
+        mod = modules[mod_name]
+        t = getattr(mod, name)
+        zeroed = t.detach().clone()  # never a write into `t`: copies made by share_copy share tensors
+        for dim, parts in dims.items():
+            zeroed.index_fill_(dim, torch.from_numpy(np.concatenate(parts)), 0.0)
+        setattr(mod, name, nn.Parameter(zeroed, t.requires_grad) if name in mod._parameters else zeroed)
+
+
+def group_is_exact(group: Group, model: nn.Module, modules: dict[str, nn.Module] | None = None) -> bool:
     """False when the group's channels meet a LayerNorm-style statistic over channels."""
-    return not any(isinstance(model.get_submodule(m.module), nn.LayerNorm)
-                   or type(model.get_submodule(m.module)).__name__ in ("RMSNorm", "LayerNorm2d")
+    modules = dict(model.named_modules()) if modules is None else modules
+    return not any(isinstance(modules[m.module], nn.LayerNorm)
+                   or type(modules[m.module]).__name__ in ("RMSNorm", "LayerNorm2d")
                    for m in group.members)
 
 
@@ -87,12 +104,12 @@ def _trial(model: nn.Module, inputs: Any, graph: Graph, groups: list[Group], cha
     # removal deletes exactly the slices that zeroing clears, so the shrunk model is also the
     # shrunk version of the zeroed one, and the two must agree
     zeroed = share_copy(model)
-    for g in groups:
-        zero_contributions_(zeroed, g, removal[g.name])
+    zero_channels_(zeroed, [(g, removal[g.name]) for g in groups])
     ref = first_tensor(run_model(zeroed, inputs))
     if ref.shape != out.shape:
         return f"output shape changes ({tuple(ref.shape)} -> {tuple(out.shape)})"
-    if all(group_is_exact(g, model) for g in groups):
+    modules = dict(model.named_modules())
+    if all(group_is_exact(g, model, modules) for g in groups):
         diff = float((ref - out).abs().max())
         if diff > atol * max(1.0, float(ref.abs().max())):
             return f"removal differs from zeroing by {diff:.3g} (channel positions are hard-coded somewhere)"
