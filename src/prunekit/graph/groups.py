@@ -75,10 +75,15 @@ class Graph:
     batch: int
     input_shapes: list[list[int]]
 
+    _by_name: dict[str, Group] = field(default_factory=dict, repr=False, compare=False)
+
     def group(self, name: str) -> Group:
-        for g in self.groups:
-            if g.name == name:
-                return g
+        g = self._by_name.get(name)
+        if g is None or g.name != name:  # first call, or names changed since: index again
+            self._by_name = {g.name: g for g in reversed(self.groups)}  # the first of a name wins
+            g = self._by_name.get(name)
+        if g is not None:
+            return g
         raise ConfigError(f"no group named {name!r}; groups: {', '.join(g.name for g in self.groups)}")
 
     def prunable_groups(self) -> list[Group]:

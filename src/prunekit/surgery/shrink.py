@@ -37,13 +37,13 @@ def removed_roots(graph: Graph, remove: Mapping[str, Sequence[int]]) -> set[int]
             continue
         if idx[0] < 0 or idx[-1] >= group.size:
             raise PruningError(f"group {name!r} has {group.size} channels; indices {idx[0]}..{idx[-1]} are out of range")
-        fixed = [i for i, ok in zip(idx, group.prunable[idx].tolist()) if not ok]
+        fixed = [i for i, ok in zip(idx, group.prunable.numpy()[idx].tolist()) if not ok]
         if fixed:
             raise PruningError(f"group {name!r}: channels {fixed[:8]} are fixed (they reach a model input/output "
                                "or an op whose channel positions are hard-coded) and cannot be removed")
         if len(idx) >= group.size:
             raise PruningError(f"removing all {group.size} channels of group {name!r} would empty it; keep at least one")
-        roots.update(group.classes[idx].tolist())
+        roots.update(group.classes.numpy()[idx].tolist())
     return roots
 
 
@@ -97,8 +97,8 @@ def _sliced(mods: dict[str, nn.Module], keep: dict) -> tuple[dict, dict]:
                                    f"recorded {k.numel()}; rebuild the graph on this model before pruning")
             if not bool(k.all()):
                 value = value.index_select(dim, k.nonzero().flatten())
-        if value.shape != t.shape:
-            out[(mod_name, tname)] = value.clone()
+        if value.shape != t.shape:  # index_select made a new tensor: nothing shared with `t`
+            out[(mod_name, tname)] = value
             counts[mod_name][tname] = value.shape[slices[0][0]]
     return out, counts
 
