@@ -120,8 +120,9 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
             tracer.busy = False
             out = model(*args, **kwargs)
             tracer.busy = True
-            for t in tensors_in(out):
-                tracer.uf.mark_fixed(tracer.ids(t))
+        tracer.flush()  # outside the mode: the rules' own torch calls are not intercepted
+        for t in tensors_in(out):
+            tracer.uf.mark_fixed(tracer.ids(t))
     finally:
         for h in handles:
             h.remove()

@@ -29,7 +29,7 @@ adaptive_max_pool3d adaptive_max_pool1d_with_indices adaptive_max_pool2d_with_in
 _adaptive_max_pool2d interpolate upsample upsample_nearest upsample_bilinear lp_pool2d""".split()
 SHAPE = """view reshape flatten unflatten permute transpose swapaxes swapdims t property.T property.mT
 movedim moveaxis squeeze unsqueeze expand expand_as broadcast_to cat concat concatenate stack flip
-roll repeat tile view_as reshape_as unsqueeze_ squeeze_ transpose_ t_""".split()
+roll repeat tile view_as reshape_as""".split()  # in-place reshapes (unsqueeze_, ...): trace.py
 SUM_LIKE = {"sum", "nansum"}  # reductions that stay exact when a channel is zeroed
 REDUCE = "mean sum nansum nanmean amax amin max min std var norm logsumexp prod argmax argmin".split()
 

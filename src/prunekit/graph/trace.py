@@ -130,6 +130,7 @@ class Tracer(TorchFunctionMode):
         self._raw: dict[int, torch.Tensor] = {}
         self._opaque_shapes: dict[int, tuple[int, ...]] = {}
         self.busy = False  # true while our own bookkeeping runs torch ops: do not trace those
+        self.queue: list[tuple[Call, list[torch.Tensor], int]] = []  # calls whose rules have not run
 
     # ---- ids of tensors -------------------------------------------------------------------
     def ids(self, t: Any) -> torch.Tensor | None:
@@ -205,23 +206,53 @@ class Tracer(TorchFunctionMode):
     # ---- the mode ----------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         if self.busy:
-            return out
+            return func(*args, **kwargs)
         name = op_name(func)
+        if name in RESHAPE_IN_PLACE:
+            self.flush()  # the queued calls must see their tensors' shapes before this op changes them
+            return self._reshape_in_place(func, name, args, kwargs)
+        out = func(*args, **kwargs)
         outs = [args[0]] if name == "__setitem__" else tensors_in(out)
         if outs:
-            self.busy = True
-            try:
-                call = Call(name, func, args, kwargs, out, self._stack[-1], tensors_in((args, kwargs)))
-                self._apply_rule(call, outs)
-            finally:
-                self.busy = False
+            args, kwargs = _frozen(args), _frozen(kwargs)  # lists the model appends to later (DenseNet)
+            self.queue.append((Call(name, func, args, kwargs, out, self._stack[-1], tensors_in((args, kwargs))),
+                               outs, self._ignored_depth))
         return out
 
-    def _apply_rule(self, call: Call, outs: list[torch.Tensor]) -> None:
+    def _reshape_in_place(self, func, name: str, args: tuple, kwargs: dict) -> Any:
+        """x.unsqueeze_(0) & co: the ids follow by the same op on a full-size copy, made before
+        the tensor changes shape; resize_/set_/as_strided_ make it opaque and fix its channels."""
+        x = args[0]
+        ids = self.ids(x) if isinstance(x, torch.Tensor) else None
+        if ids is not None and name in REPLAYED_IN_PLACE:
+            ids = ids.expand(x.shape).clone()  # own memory: the op rewrites it
+            func(ids, *args[1:], **kwargs)
+        out = func(*args, **kwargs)
+        if ids is None:
+            return out
+        if name in REPLAYED_IN_PLACE and not self._ignored_depth:
+            self.set_ids(x, ids)
+        else:
+            self.uf.mark_fixed(self.ids(x))
+            self.set_opaque(x)
+        return out
+
+    def flush(self) -> None:
+        """Apply the rules of the queued calls, in order. Rules run after the forward (or before an
+        op that reshapes a tensor in place): away from the model's own kernels, the bookkeeping
+        runs several times faster."""
+        busy, self.busy = self.busy, True
+        try:
+            for call, outs, ignored in self.queue:
+                self._apply_rule(call, outs, ignored)
+        finally:
+            self.queue.clear()
+            self.busy = busy
+
+    def _apply_rule(self, call: Call, outs: list[torch.Tensor], ignored: int = 0) -> None:
         inputs = call.inputs
-        if self._ignored_depth:
+        if ignored:
             return self._apply_ignored(call, outs)
         rule = self.rules.get(call.name)
         if rule is not None:
@@ -279,6 +310,21 @@ class Tracer(TorchFunctionMode):
 
     def pop(self) -> None:
         self._ignored_depth -= _is_under(self._stack.pop(), self.ignore)
+
+
+REPLAYED_IN_PLACE = {"unsqueeze_", "squeeze_", "transpose_", "t_", "swapdims_", "swapaxes_"}
+RESHAPE_IN_PLACE = REPLAYED_IN_PLACE | {"resize_", "resize_as_", "as_strided_", "set_"}
+
+
+def _frozen(obj: Any) -> Any:
+    """`obj` with its lists (and the lists inside) copied, as they are at this call."""
+    if isinstance(obj, list):
+        return [_frozen(o) for o in obj]
+    if isinstance(obj, tuple) and any(isinstance(o, (list, tuple, dict)) for o in obj):
+        return type(obj)(*[_frozen(o) for o in obj]) if hasattr(obj, "_fields") else tuple(_frozen(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _frozen(v) for k, v in obj.items()}
+    return obj
 
 
 def op_name(func: Callable) -> str:
