@@ -241,7 +241,7 @@ class Tracer(TorchFunctionMode):
     def flush(self) -> None:
         """Apply the rules of the queued calls, in order. Rules run after the forward (or before an
         op that reshapes a tensor in place): away from the model's own kernels, the bookkeeping
-        runs several times faster."""
+        runs about twice as fast."""
         busy, self.busy = self.busy, True
         try:
             for call, outs, ignored in self.queue:
