@@ -337,15 +337,17 @@ def markdown(out: dict) -> str:
               f"{ok_tp}/{len(out['rows'])}. The call is the same for every model, for both tools; Torch-Pruning "
               "also takes per-model hints for attention (`num_heads=`, `unwrapped_parameters=`), not given here.", "",
               "## Where prunekit spends the time", "",
-              "- Tracing runs one real forward of the model (eager, under `TorchFunctionMode`) and applies a rule "
-              "per op; the forward alone is a large part of *graph* on the bigger models.",
+              "- Tracing runs one real forward of the model (eager, under `TorchFunctionMode`), queues every op "
+              "and applies a rule per op after the forward; the forward alone is a large part of *graph* on the "
+              "bigger models, the per-op rules (Python) on the small ones.",
               "- `prune_` works on a copy of the model that shares its tensors (`surgery.copying.share_copy`: surgery "
               "assigns new tensors and never writes into old ones), so that a failure leaves the caller's model "
               "as it was, hands the result back into the caller's own module objects, runs the pruned copy once to check that it still works, and reports its parameters and "
               "MACs from the graph it already has (equal to a recount, by test). Torch-Pruning edits the model "
               "in place and counts nothing.",
-              "- Probing adds a few forwards per model (groups are tested together and bisected only on failure). "
-              "A failing group costs a bisection, each step two forwards: vit_b_16, whose stream "
+              "- Probing adds a removal and two forwards when every group passes together. A bad group is found "
+              "by halving, about log2(groups) trials that usually fail early in the forward, and the halves passed "
+              "by are then tried together once: vit_b_16, whose stream "
               "prunekit couples to its attention heads while torchvision's code hard-codes `hidden_dim` in a "
               "reshape, is the slow case (without probing both tools break it: the *fails* and *broken* entries).",
               ""]
