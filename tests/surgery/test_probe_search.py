@@ -47,6 +47,13 @@ def test_every_bad_group_is_found_when_most_are_bad():
     assert set(found) == bad
 
 
+def test_a_pair_split_between_parts_set_aside_is_still_blamed():
+    # g2 is found first; g5 and g12 end up in different halves set aside, each fine alone
+    found = find_bad(_groups(16), _fake_trial({"g2"}, [{"g5", "g12"}], []))
+    assert "g2" in found and {"g5", "g12"} <= set(found)
+    assert "together" in found["g5"]
+
+
 def test_a_clean_model_costs_one_trial():
     log = []
     assert find_bad(_groups(20), _fake_trial(set(), [], log)) == {} and log == [20]

@@ -141,13 +141,19 @@ def find_bad(todo: list[Group], trial) -> dict[str, str]:
     bad: dict[str, str] = {}
     pending = [todo] if todo else []
     while pending:
-        if len(pending) > 1 and not trial([g for part in pending for g in part]):
+        union = [g for part in pending for g in part]
+        together = trial(union) if len(pending) > 1 else ""
+        if len(pending) > 1 and not together:
             break  # everything set aside is fine together
         aside: list[list[Group]] = []
+        failed = False
         for part in pending:
             reason = trial(part)
             if reason:
+                failed = True
                 _descend(part, reason, trial, bad, aside)
+        if together and not failed:  # the parts pass alone but not together: search across them
+            _descend(union, together, trial, bad, aside)
         pending = aside
     return bad
 
