@@ -83,7 +83,7 @@ class HeadsOfWidthOne(nn.Module):
         return self.o((heads * 2.0).transpose(1, 2).reshape(b, n, -1))
 
 
-@pytest.mark.xfail(strict=True, reason="rules_tensor._join_split does not couple a view that splits a channel "
+@pytest.mark.xfail(strict=True, reason="rules_shape._join_split does not couple a view that splits a channel "
                                        "dim into (groups, 1): the per-group width 1 is not a varying dim, so each "
                                        "group's channel stays independently prunable and view(b, g, -1, ...) fails")
 @pytest.mark.parametrize("make, shape", [(ShuffleOfWidthOne, (2, 3, 4, 4)), (HeadsOfWidthOne, (2, 3, 4))],

@@ -32,6 +32,7 @@ def rule_table() -> dict[str, Callable]:
 
 from .rules_tensor import passthrough  # noqa: E402  (registers tensor rules)
 from .rules_tensor import _fix_all as opaque  # noqa: E402  (rule: keep every channel the op touches)
+from . import rules_shape  # noqa: E402,F401  (registers shape and slicing rules)
 from . import rules_layers  # noqa: E402,F401  (registers layer rules)
 from . import rules_mha  # noqa: E402,F401  (registers the nn.MultiheadAttention rule)
 from . import rules_rnn  # noqa: E402,F401  (registers the LSTM/GRU/RNN rule)
