@@ -91,10 +91,14 @@ class Graph:
 
     def member_ids(self) -> tuple[np.ndarray, list[int]]:
         """Every member's ids end to end, and how many each member has (for one-pass lookups)."""
-        sizes = [m.ids.numel() for m in self.members]
-        if not sizes:
-            return np.zeros(0, dtype=np.int64), sizes
-        return np.concatenate([m.ids.numpy().reshape(-1) for m in self.members]), sizes
+        return _end_to_end(self.members)
+
+
+def _end_to_end(members: list[Member]) -> tuple[np.ndarray, list[int]]:
+    sizes = [m.ids.numel() for m in members]
+    if not sizes:
+        return np.zeros(0, dtype=np.int64), sizes
+    return np.concatenate([m.ids.numpy().reshape(-1) for m in members]), sizes
 
 
 def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = ()) -> Graph:
@@ -164,8 +168,8 @@ def _finish(tr: Tracer, batch: int, input_shapes: list[list[int]]) -> Graph:
     _join_shared(tr)
     table = uf.roots() if len(uf) else np.zeros(1, np.int64)  # id -> class root; ids < 0 stay as they are
     root = lambda a: np.where(a >= 0, table[np.maximum(a, 0)], a)
-    sizes = [m.ids.numel() for m in tr.members]
-    flat = root(np.concatenate([m.ids.numpy() for m in tr.members])) if tr.members else np.zeros(0, np.int64)
+    ids, sizes = _end_to_end(tr.members)
+    flat = root(ids)
     for m, part in zip(tr.members, torch.from_numpy(flat).split(sizes)):
         m.ids = part  # member ids are flat (Tracer.add_member)
     for node in tr.nodes:
