@@ -127,9 +127,13 @@ class UnionFind:
         return torch.from_numpy(self._class_fixed[self.find(ids).numpy()])
 
 
+def _array(ids: torch.Tensor | np.ndarray) -> np.ndarray:
+    """`ids` as a numpy array (sharing memory with a tensor)."""
+    return ids if isinstance(ids, np.ndarray) else ids.numpy()
+
+
 def _flat(ids: torch.Tensor | np.ndarray) -> np.ndarray:
-    """`ids` as a flat numpy array (shares memory when it can)."""
-    return (ids if isinstance(ids, np.ndarray) else ids.numpy()).reshape(-1)
+    return _array(ids).reshape(-1)
 
 
 class IdSet:
@@ -144,7 +148,7 @@ class IdSet:
 
     def contains(self, ids: torch.Tensor | np.ndarray) -> np.ndarray:
         """Bool array of `ids`' shape: which entries are in the set."""
-        a = ids if isinstance(ids, np.ndarray) else ids.numpy()
+        a = _array(ids)
         return self.table[np.clip(a, -1, self.top + 1)] & (a >= 0)
 
 
