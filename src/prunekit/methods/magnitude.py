@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -137,7 +138,17 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
     after = cost_after(work, graph, removal)  # exact: tests compare it with a recount
     adopt_(model, work)
     plan.meta.update({"method": "magnitude", "config": cfg.to_dict()})
-    return PruneResult(plan, before, after, cfg.to_dict())
+    return PruneResult(plan, before, after, cfg.to_dict(), metrics=_capped_note(cfg))
+
+
+def _capped_note(cfg: MagnitudeConfig) -> dict[str, Any]:
+    """{"notes": [...]} when channel_ratio asks for more than max_ratio lets any group lose."""
+    if cfg.channel_ratio is None or cfg.channel_ratio <= cfg.max_ratio:
+        return {}
+    note = (f"channel_ratio={cfg.channel_ratio} was capped at max_ratio={cfg.max_ratio}: no group loses more "
+            "than that share of its channels; raise max_ratio to remove more")
+    warnings.warn(note, stacklevel=3)
+    return {"notes": [note]}
 
 
 from . import register_method  # noqa: E402
