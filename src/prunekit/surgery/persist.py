@@ -25,12 +25,20 @@ from torch import nn
 
 from ..core.errors import CheckpointError, PrunekitError
 from .plan import Plan, apply_plan_
+from .plan_check import check_fingerprint
 
 PLAN_KEY = "prunekit.plan"
 
 
 def save_pruned(model: nn.Module, plan: Plan, path: str | Path) -> Path:
-    """Write weights + plan atomically (temp file, then rename)."""
+    """Write weights + plan atomically (temp file, then rename).
+
+    A plan that records the pruned architecture's fingerprint must match `model`: otherwise the
+    file could never be loaded, so CheckpointError and nothing is written.
+    """
+    if not isinstance(plan, Plan):
+        raise CheckpointError(f"save_pruned needs a Plan, got {type(plan).__name__}")
+    check_fingerprint(model, plan.fingerprint.get("pruned"), "pruned")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_model(model, str(tmp), metadata={PLAN_KEY: plan.to_json()})
