@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from prunekit.core.errors import CheckpointError
 from prunekit.methods import prune_
@@ -13,6 +12,7 @@ from prunekit.models import create_model
 from prunekit.surgery.persist import PLAN_KEY, load_pruned, read_plan, save_pruned
 from prunekit.surgery.plan import Plan, apply_plan_, prune_channels_
 from prunekit.surgery.plan_check import architecture_fingerprint
+from prunekit.surgery.tensor_file import save_state_file
 
 X = torch.randn(2, 3, 32, 32)
 
@@ -107,8 +107,8 @@ def test_prune_channels_plans_carry_fingerprints(tmp_path):
 def test_malformed_plan_files_give_one_clear_error(tmp_path, edit, fragment):
     model, plan = _pruned()
     path = tmp_path / "m.safetensors"
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={PLAN_KEY: json.dumps(_edited(plan, edit))})
+    # A crafted file carries a valid checksum: the checksum covers the tensors, not the plan's sense.
+    save_state_file(model, path, {PLAN_KEY: json.dumps(_edited(plan, edit))})
     fresh = create_model("resnet20", num_classes=10)
     shapes = _shapes(fresh)
     with pytest.raises(CheckpointError, match=fragment):
@@ -119,9 +119,8 @@ def test_malformed_plan_files_give_one_clear_error(tmp_path, edit, fragment):
 def test_a_crafted_gator_entry_cannot_swap_modules_in_load_pruned(tmp_path):
     model, plan = _pruned()
     path = tmp_path / "m.safetensors"
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("layer3")}
     bad = _edited(plan, lambda d: d["meta"].update(gator={"branches": [
         {"group": "layer1.0.conv1", "empty": [], "identity": ["layer3"], "constant": []}]}))
-    save_file(tensors, str(path), metadata={PLAN_KEY: json.dumps(bad)})
+    save_state_file(model, path, {PLAN_KEY: json.dumps(bad)})
     with pytest.raises(CheckpointError, match="branch"):
         load_pruned(create_model("resnet20", num_classes=10), path)
