@@ -28,6 +28,7 @@ from ..core.errors import ConfigError, PrunekitError, PruningError
 from ..cost.macs import cost_after, cost_from_graph, estimate_cost
 from ..graph import Graph
 from ..importance.criteria import CRITERIA, REDUCTIONS, ScoreContext
+from ..importance.rounding import round_to_target
 from ..importance.select import NORMALIZERS, select_removal
 from ..surgery.copying import adopt_, share_copy
 from ..surgery.plan import Plan, make_plan
@@ -85,9 +86,18 @@ def _removal_at(graph, scores, cfg, ratio):
 
 
 def _search_ratio(model, graph, scores, cfg, which: str, target: float) -> dict[str, list[int]]:
-    """Smallest ratio whose estimated cost ({which}) is <= target (absolute count)."""
+    """Smallest ratio whose estimated cost ({which}) is <= target (absolute count).
+
+    With round_to, the ratio is searched unrounded and the widths are then rounded jointly
+    with the target (importance/rounding.py), so rounding never overshoots it."""
     pick = 0 if which == "params" else 1
-    cost = lambda r: estimate_cost(model, graph, _removal_at(graph, scores, cfg, r))[pick]
+    exact = lambda removal: estimate_cost(model, graph, removal)[pick]
+    if cfg.round_to and cfg.round_to > 1:
+        unrounded = dataclasses.replace(cfg, round_to=None)
+        start = _search_ratio(model, graph, scores, unrounded, which, target)
+        return round_to_target(graph, scores, start, cfg.round_to, exact, target, cfg.max_ratio,
+                               cfg.normalizer).removal
+    cost = lambda r: exact(_removal_at(graph, scores, cfg, r))
     hi = cfg.max_ratio if cfg.max_ratio < 1 else 0.999
     if cost(hi) > target:
         raise ConfigError(f"impossible target: removing up to max_ratio={cfg.max_ratio} of every group still "

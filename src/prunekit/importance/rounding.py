@@ -1,0 +1,129 @@
+"""Round kept widths to a multiple without overshooting a cost target.
+
+Rounding every group's kept count up to a multiple of `round_to` after the target search makes
+all widths jump together: a bisection on the ratio then finds that e.g. 16 channels can only be
+8 or 16, and resnet56 at `macs_fraction=0.5, round_to=8` lands at 0.25 of the MACs. Here the
+rounding is done jointly with the target instead:
+
+1. start from the unrounded removal that meets the target;
+2. round each group's kept count *up* to a multiple (the cost is now above the target);
+3. while the cost is above the target, take one more multiple from the group whose next step
+   loses the least normalised importance per unit of cost saved, re-estimating the cost exactly
+   after each pick.
+
+Tolerance (what the tests check): the result meets the target (cost <= target) and is below it
+by at most the largest saving of one step of one group (one multiple of its channels), since the
+last pick started above the target. Step savings shrink as neighbours shrink, so the savings
+measured at the start bound the gap (`RoundingResult.max_step`).
+
+>>> import torch
+>>> from prunekit.graph import build_graph
+>>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1), torch.nn.Conv2d(16, 2, 1))
+>>> g = build_graph(m, torch.randn(1, 3, 2, 2))
+>>> cost = lambda rem: 16 - len(rem.get("0", []))  # kept channels stand in for the cost
+>>> r = round_to_target(g, {"0": torch.arange(16.)}, {"0": list(range(5))}, 8, cost, target=11)
+>>> len(r.removal["0"]), r.cost
+(8, 8)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Mapping
+
+import torch
+
+from ..core.errors import ConfigError
+from ..graph import Graph
+from .select import _cap, must_keep, normalize
+
+
+@dataclasses.dataclass
+class RoundingResult:
+    removal: dict[str, list[int]]
+    cost: float  # cost of `removal` (the last exact estimate)
+    max_step: float  # largest cost saving of one step of one group at the rounded start
+    picks: int  # steps taken after rounding up
+
+
+def _next_kept(size: int, kept: int, multiple: int) -> int:
+    """Largest multiple of `multiple` below `kept` (a full group of odd size steps to its floor)."""
+    return (kept - 1) // multiple * multiple
+
+
+class _Group:
+    """One group's removal order (least important first) and its normalised scores."""
+
+    def __init__(self, graph: Graph, name: str, scores: torch.Tensor, keep: torch.Tensor, max_ratio: float,
+                 normalizer: str):
+        g = graph.group(name)
+        self.size = g.size
+        s = normalize(scores.detach().float(), normalizer)
+        masked = s.clone()
+        masked[~g.prunable | keep] = float("inf")
+        self.order = torch.argsort(masked, stable=True).tolist()
+        self.norm = s.tolist()
+        self.cap = _cap(g, max_ratio, keep)
+
+    def channels(self, n: int) -> list[int]:
+        return sorted(self.order[:n])
+
+    def loss(self, n_from: int, n_to: int) -> float:
+        return float(sum(self.norm[i] for i in self.order[n_from:n_to]))
+
+
+def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: Mapping[str, list[int]],
+                    round_to: int, cost: Callable[[dict[str, list[int]]], float], target: float,
+                    max_ratio: float = 0.9, normalizer: str = "mean",
+                    keep: Mapping[str, torch.Tensor] | None = None) -> RoundingResult:
+    """Kept counts rounded to multiples of `round_to` with cost(removal) <= target.
+
+    `removal` is an unrounded removal (channels per group, ideally meeting the target); the
+    groups to round are those in `scores`. `cost` maps a removal to the targeted quantity
+    (MACs, params or estimated latency) and must not increase when channels are removed.
+    """
+    if round_to < 1:
+        raise ConfigError(f"round_to={round_to} must be >= 1")
+    keep = keep or {n: must_keep(graph.group(n), s) for n, s in scores.items()}
+    groups = {n: _Group(graph, n, s, keep[n], max_ratio, normalizer) for n, s in scores.items()}
+    counts = {}
+    for n, g in groups.items():
+        kept = g.size - len(removal.get(n, []))
+        kept = min(g.size, math.ceil(kept / round_to) * round_to)
+        counts[n] = max(0, min(g.cap, g.size - kept))
+    current = _materialise(groups, counts)
+    cur = cost(current)
+
+    def step_of(n: str) -> tuple[float, int, float] | None:
+        """(importance lost per cost saved, new count, saving) of `n`'s next multiple; None when capped."""
+        g = groups[n]
+        new = g.size - _next_kept(g.size, g.size - counts[n], round_to)
+        if new > g.cap or new <= counts[n]:
+            return None
+        trial = dict(current)
+        trial[n] = g.channels(new)
+        saved = cur - cost(trial)
+        if saved <= 0:
+            return None
+        return g.loss(counts[n], new) / saved, new, saved
+
+    steps = {n: step_of(n) for n in groups}
+    max_step = max((s[2] for s in steps.values() if s is not None), default=0.0)
+    picks = 0
+    while cur > target:
+        live = [(s[0], n) for n, s in steps.items() if s is not None]
+        if not live:
+            raise ConfigError(f"impossible target with round_to={round_to}: every group is at max_ratio={max_ratio} "
+                              f"and the cost is still {cur:,.0f} (> {target:,.0f}); lower round_to, raise max_ratio "
+                              "or ask for a larger fraction")
+        _, name = min(live)
+        counts[name] = steps[name][1]
+        current[name] = groups[name].channels(counts[name])
+        cur = cost(current)  # exact after each pick; other groups' savings are re-used (they only shrink)
+        steps[name] = step_of(name)
+        picks += 1
+    return RoundingResult({n: r for n, r in current.items() if r}, cur, max_step, picks)
+
+
+def _materialise(groups: dict[str, _Group], counts: dict[str, int]) -> dict[str, list[int]]:
+    return {n: groups[n].channels(c) for n, c in counts.items() if c > 0}

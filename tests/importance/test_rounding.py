@@ -1,0 +1,86 @@
+"""Rounding kept widths jointly with a cost target: never overshoots, lands within one step."""
+import pytest
+import torch
+from torch import nn
+
+from prunekit.cost.macs import count_cost, estimate_cost
+from prunekit.graph import build_graph
+from prunekit.importance.rounding import round_to_target
+from prunekit.importance.select import select_removal
+from prunekit.methods import prune_
+from prunekit.methods.magnitude import MagnitudeConfig
+from prunekit.models.resnet_cifar import create_resnet_cifar
+
+
+def _kept_widths_aligned(graph, removal, multiple):
+    for g in graph.prunable_groups():
+        kept = g.size - len(removal.get(g.name, []))
+        assert kept == g.size or kept % multiple == 0, (g.name, g.size, kept)
+
+
+def test_resnet56_macs_half_round8_lands_within_tolerance():
+    torch.manual_seed(0)
+    model, x = create_resnet_cifar(56), torch.randn(1, 3, 32, 32)
+    graph = build_graph(model, x)
+    scores = {g.name: torch.rand(g.size) for g in graph.prunable_groups()}
+    before = count_cost(model, x).macs
+    macs = lambda rem: estimate_cost(model, graph, rem)[1]
+    # the old behaviour: every width rounded up after a ratio search overshoots to ~0.25
+    lo, hi = 0.0, 0.9
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        over = macs(select_removal(graph, scores, mid, round_to=8)) > 0.5 * before
+        lo, hi = (mid, hi) if over else (lo, mid)
+    assert macs(select_removal(graph, scores, hi, round_to=8)) / before < 0.3
+    start = select_removal(graph, scores, 0.3)
+    res = round_to_target(graph, scores, start, 8, macs, 0.5 * before)
+    frac = res.cost / before
+    tolerance = max(0.05 * 0.5, res.max_step / before)
+    assert 0.5 - tolerance <= frac <= 0.5, (frac, tolerance)
+    assert res.cost == macs(res.removal)
+    _kept_widths_aligned(graph, res.removal, 8)
+
+
+def test_prune_macs_fraction_round_to_respects_target():
+    torch.manual_seed(1)
+    model, x = create_resnet_cifar(20), torch.randn(1, 3, 32, 32)
+    r = prune_(model, MagnitudeConfig(macs_fraction=0.5, round_to=8, probe=False), x)
+    frac = r.cost_after.macs / r.cost_before.macs
+    assert 0.45 <= frac <= 0.5, frac
+    assert r.cost_after.macs == count_cost(model, x).macs
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.out_channels not in (10,):
+            assert m.out_channels % 8 == 0, m
+
+
+def test_greedy_takes_the_cheapest_importance_per_cost():
+    # two parallel branches of equal cost per channel; branch "a" is far less important, so
+    # every extra multiple comes from it
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 32, 1), nn.Conv2d(3, 32, 1)
+            self.ha, self.hb = nn.Conv2d(32, 2, 1), nn.Conv2d(32, 2, 1)
+
+        def forward(self, x):
+            return self.ha(self.a(x)) + self.hb(self.b(x))
+
+    model, x = Two(), torch.randn(1, 3, 4, 4)
+    graph = build_graph(model, x)
+    names = {g.members[0].module: g.name for g in graph.prunable_groups()}
+    scores = {names["a"]: torch.full((32,), 0.01) + torch.arange(32.) * 1e-4,
+              names["b"]: torch.full((32,), 1.0) + torch.arange(32.) * 1e-4}
+    # normaliser "none" keeps the scales apart (mean-normalised, both would look alike)
+    kept = lambda rem: sum(32 - len(rem.get(n, [])) for n in names.values())
+    res = round_to_target(graph, scores, {}, 8, kept, target=40, normalizer="none")
+    assert len(res.removal.get(names["a"], [])) == 24 and names["b"] not in res.removal
+    assert res.cost == 40 and res.picks == 3
+
+
+def test_impossible_target_is_a_config_error():
+    from prunekit.core.errors import ConfigError
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 2, 1))
+    graph = build_graph(model, torch.randn(1, 3, 2, 2))
+    name = graph.prunable_groups()[0].name
+    with pytest.raises(ConfigError, match="impossible target"):
+        round_to_target(graph, {name: torch.rand(16)}, {}, 8, lambda rem: 16 - len(rem.get(name, [])), 1)
