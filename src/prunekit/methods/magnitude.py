@@ -75,10 +75,29 @@ class MagnitudeConfig(Config):
 
 
 def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: Iterable | None,
-                 example_inputs: Any = None) -> dict[str, torch.Tensor]:
+                 example_inputs: Any = None, skipped: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """One score tensor per prunable group that holds a parameter. A group whose members are all
+    buffers or attributes (timm BEiT's relative_position_index: a buffer indexed by token
+    position) has nothing to score and nothing to save; it is left whole and named in `skipped`."""
     ctx = ScoreContext(model, batches=batches, reduction=cfg.reduction, seed=cfg.seed, example_inputs=example_inputs)
     criterion = CRITERIA.get(cfg.criterion)
-    return {g.name: criterion(g, ctx) for g in graph.prunable_groups()}
+    params = {name for name, _ in model.named_parameters()}
+    scores = {}
+    for g in graph.prunable_groups():
+        if not any(m.qualname in params for m in g.tensor_members()):
+            if skipped is not None:
+                skipped.append(g.name)
+            continue
+        scores[g.name] = criterion(g, ctx)
+    return scores
+
+
+def _skipped_note(skipped: list[str]) -> dict[str, Any]:
+    if not skipped:
+        return {}
+    shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+    return {"notes": [f"{len(skipped)} group(s) hold no parameter to score and were left whole: {shown}"],
+            "skipped_groups": list(skipped)}
 
 
 def _removal_at(graph, scores, cfg, ratio):
@@ -118,10 +137,11 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
     # fine-tuning between steps writes into tensors, so those need a copy of every weight
     work = share_copy(model) if batches is None and between_steps is None else copy.deepcopy(model)
     plan: Plan | None = None
+    skipped: list[str] = []
     for step in range(1, cfg.steps + 1):
         if step > 1:
             graph = build_safe_graph(work, example_inputs, cfg.ignore, probe=cfg.probe)
-        scores = score_groups(work, graph, cfg, batches, example_inputs)
+        scores = score_groups(work, graph, cfg, batches, example_inputs, skipped)
         frac = step / cfg.steps
         if cfg.channel_ratio is not None:
             done = cfg.channel_ratio * (step - 1) / cfg.steps
@@ -148,7 +168,10 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
     after = cost_after(work, graph, removal)  # exact: tests compare it with a recount
     adopt_(model, work)
     plan.meta.update({"method": "magnitude", "config": cfg.to_dict()})
-    return PruneResult(plan, before, after, cfg.to_dict(), metrics=_capped_note(cfg))
+    metrics = _capped_note(cfg)
+    for key, value in _skipped_note(sorted(set(skipped))).items():
+        metrics[key] = metrics.get(key, []) + value
+    return PruneResult(plan, before, after, cfg.to_dict(), metrics=metrics)
 
 
 def _capped_note(cfg: MagnitudeConfig) -> dict[str, Any]:
