@@ -38,3 +38,30 @@ def test_parameterless_group_is_skipped_with_a_note():
         if not probe:
             assert r.metrics["skipped_groups"] == bare
             assert any("no parameter to score" in n for n in r.metrics["notes"])
+
+
+class ComputedBias(nn.Module):
+    """F.linear with a bias built by cat(q_bias, zero buffer, v_bias), as timm's BEiT attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 12, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+        self.register_buffer("k_bias", torch.zeros(4), persistent=False)
+        self.proj = nn.Linear(12, 3)
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        return self.proj(nn.functional.linear(x, self.qkv.weight, bias))
+
+
+def test_computed_linear_bias_follows_the_outputs():
+    torch.manual_seed(0)
+    model, x = ComputedBias(), torch.randn(2, 8)
+    graph = build_graph(model, x)
+    names = {m.qualname for g in graph.prunable_groups() for m in g.tensor_members()}
+    group_of = {m.qualname: g.name for g in graph.groups for m in g.tensor_members() if m.dim == 0}
+    assert group_of["q_bias"] == group_of["qkv.weight"] == group_of["v_bias"], group_of
+    assert "qkv.weight" in names
+    r = prune_(model, MagnitudeConfig(channel_ratio=0.25, probe=False), x)
+    assert model(x).shape == (2, 3) and r.cost_after.params < r.cost_before.params

@@ -63,6 +63,10 @@ def _conv(tr, call, transposed: bool):
         _join_conv_groups(tr, p, in_ids, groups)
     if b is not None and _named(tr, b) is not None:
         tr.add_member(*_named(tr, b), 0, p, "out")
+    elif isinstance(b, torch.Tensor) and tr.ids(b) is not None:
+        # a computed bias (BEiT: cat(q_bias, zero buffer, v_bias)) is added along the outputs:
+        # its channels and the output channels are one
+        tr.uf.union_pairs(p, along(tr.ids(b), -1, w.shape[out_dim], tr.uf))
     tr.set_ids(out, _out_ids(p, out.dim(), 1))
     # every output element reads in/groups channels x kernel (conv); every input element writes
     # out/groups channels x kernel (transposed)
@@ -93,6 +97,10 @@ def linear_like(tr, call, x, w, b, transposed: bool = False):
     tr.add_member(mod, wname, in_dim, in_ids, "in")
     if b is not None and _named(tr, b) is not None:
         tr.add_member(*_named(tr, b), 0, p, "out")
+    elif isinstance(b, torch.Tensor) and tr.ids(b) is not None:
+        # a computed bias (BEiT: cat(q_bias, zero buffer, v_bias)) is added along the outputs:
+        # its channels and the output channels are one
+        tr.uf.union_pairs(p, along(tr.ids(b), -1, w.shape[out_dim], tr.uf))
     tr.set_ids(out, _out_ids(p, out.dim(), out.dim() - 1))
     tr.add_node(call, macs=out.numel() * x.shape[-1], params=[f"{mod}.{wname}"])
 
