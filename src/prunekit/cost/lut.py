@@ -7,9 +7,10 @@ answers any width by bilinear interpolation between grid points (`lookup` for nu
 `lookup_tensor` for tensors, differentiable in the channel counts). Tables are plain JSON, carry
 the device/dtype/batch they were measured with, and load back identically.
 
-Supported layers: `linear` and `conv2d` with groups=1, and depthwise `conv2d`
-(groups == in_channels, out_channels a multiple of it), whose table is one-dimensional because
-pruning a depthwise conv changes its input and output channels together.
+Supported layers: `linear` and `conv2d` with groups=1, depthwise `conv2d` (groups ==
+in_channels, out_channels a multiple of it), and the norms `batchnorm2d` (eval mode, [batch, C,
+H, W]) and `layernorm` (over the last dim, [batch, tokens, C]). Depthwise convs and norms have
+one-dimensional tables: pruning changes their input and output channels together.
 
 >>> spec = LayerSpec(kind="conv2d", in_channels=8, out_channels=8, kernel=3, padding=1, height=8, width=8)
 >>> table = build_conv_lut(spec, [4, 8], LatencyConfig(warmup=1, repeats=3))
@@ -31,6 +32,8 @@ from ..core.errors import CheckpointError, ConfigError
 from .latency import LatencyConfig, compare_latency, measure_latency
 
 _FORMAT = "prunekit-latency-table"
+NORM_KINDS = ("batchnorm2d", "layernorm")
+KINDS = ("conv2d", "linear") + NORM_KINDS
 
 
 def _pair_ok(value: Any, minimum: int) -> bool:
@@ -63,7 +66,7 @@ class LayerSpec(Config):
     bias: bool = True
 
     def validate(self) -> None:
-        check_choice("kind", self.kind, ("conv2d", "linear"))
+        check_choice("kind", self.kind, KINDS)
         for name in ("in_channels", "out_channels", "groups", "height", "width"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -76,13 +79,20 @@ class LayerSpec(Config):
         if self.groups != 1 and not self.depthwise:
             raise ConfigError(f"groups={self.groups} is not supported; latency tables cover groups=1 and "
                               "depthwise convs (groups == in_channels, out_channels a multiple of it)")
-        if self.kind == "linear" and self.groups != 1:
-            raise ConfigError("a linear layer has no groups; use groups=1")
+        if self.kind != "conv2d" and self.groups != 1:
+            raise ConfigError(f"a {self.kind} layer has no groups; use groups=1")
+        if self.kind in NORM_KINDS and self.in_channels != self.out_channels:
+            raise ConfigError(f"a {self.kind} keeps its channels; give in_channels == out_channels")
 
     @property
     def depthwise(self) -> bool:
         return (self.kind == "conv2d" and self.groups > 1 and self.groups == self.in_channels
                 and self.out_channels % self.in_channels == 0)
+
+    @property
+    def one_axis(self) -> bool:
+        """True when the table has one axis: input and output channels are pruned together."""
+        return self.depthwise or self.kind in NORM_KINDS
 
     @classmethod
     def from_module(cls, module: nn.Module, input_hw: Sequence[int] = (1, 1)) -> "LayerSpec":
@@ -98,19 +108,31 @@ class LayerSpec(Config):
         if isinstance(module, nn.Linear):
             return cls(kind="linear", in_channels=module.in_features, out_channels=module.out_features,
                        height=h, width=w, bias=module.bias is not None)
-        raise ConfigError(f"{type(module).__name__} is not supported; give an nn.Conv2d or nn.Linear")
+        if isinstance(module, nn.BatchNorm2d):
+            return cls(kind="batchnorm2d", in_channels=module.num_features, out_channels=module.num_features,
+                       height=h, width=w, bias=module.affine)
+        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+            c = int(module.normalized_shape[0])
+            return cls(kind="layernorm", in_channels=c, out_channels=c, height=h, width=w,
+                       bias=module.elementwise_affine)
+        raise ConfigError(f"{type(module).__name__} is not supported; give an nn.Conv2d, nn.Linear, "
+                          "nn.BatchNorm2d or a one-dimensional nn.LayerNorm")
 
     def make_layer(self, in_c: int, out_c: int) -> nn.Module:
         """The layer with `in_c` inputs and `out_c` outputs (depthwise: groups follow in_c)."""
         if self.kind == "linear":
             return nn.Linear(in_c, out_c, bias=self.bias)
+        if self.kind == "batchnorm2d":
+            return nn.BatchNorm2d(in_c, affine=self.bias).eval()
+        if self.kind == "layernorm":
+            return nn.LayerNorm(in_c, elementwise_affine=self.bias)
         groups = in_c if self.depthwise else 1
         return nn.Conv2d(in_c, out_c, _tup(self.kernel), stride=_tup(self.stride), padding=_tup(self.padding),
                          dilation=_tup(self.dilation), groups=groups, bias=self.bias)
 
     def input_shape(self, in_c: int) -> tuple[int, ...]:
         """Per-sample input shape for `in_c` channels (the batch comes from LatencyConfig)."""
-        if self.kind == "conv2d":
+        if self.kind in ("conv2d", "batchnorm2d"):
             return (in_c, self.height, self.width)
         tokens = self.height * self.width
         return (tokens, in_c) if tokens > 1 else (in_c,)
@@ -272,13 +294,14 @@ def build_conv_lut(spec: LayerSpec, channel_counts: Any = None, cfg: LatencyConf
         in_counts, out_counts = channel_grid(spec.in_channels), channel_grid(spec.out_channels)
     elif isinstance(channel_counts, (list, tuple)) and len(channel_counts) == 2 and all(
             isinstance(c, (list, tuple)) for c in channel_counts):
-        if spec.depthwise:
-            raise ConfigError("a depthwise conv's table has one axis (its channels); give one list of counts")
+        if spec.one_axis:
+            raise ConfigError(f"a {spec.kind} table with groups={spec.groups} has one axis (its channels); "
+                              "give one list of counts")
         in_counts, out_counts = _counts(channel_counts[0], "in"), _counts(channel_counts[1], "out")
     else:
         in_counts = out_counts = _counts(channel_counts, "the")
     values, meta = [], {}
-    if spec.depthwise:
+    if spec.one_axis:
         mult = spec.out_channels // spec.in_channels
         out_counts = []
         for c in in_counts:

@@ -73,39 +73,44 @@ class _Group:
 
 
 def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: Mapping[str, list[int]],
-                    round_to: int, cost: Callable[[dict[str, list[int]]], float], target: float,
-                    max_ratio: float = 0.9, normalizer: str = "mean",
-                    keep: Mapping[str, torch.Tensor] | None = None) -> RoundingResult:
+                    round_to: int | Mapping[str, int], cost: Callable[[dict[str, list[int]]], float],
+                    target: float, max_ratio: float = 0.9, normalizer: str = "mean",
+                    keep: Mapping[str, torch.Tensor] | None = None, refresh_every: int | None = None) -> RoundingResult:
     """Kept counts rounded to multiples of `round_to` with cost(removal) <= target.
 
     `removal` is an unrounded removal (channels per group, ideally meeting the target); the
     groups to round are those in `scores`. `cost` maps a removal to the targeted quantity
     (MACs, params or estimated latency) and must not increase when channels are removed.
+    `round_to` may differ per group ({group: multiple}); starting from an empty removal with
+    multiples of a few percent of each group's width, this is a greedy allocation of the whole
+    target. `refresh_every`: re-measure every group's next saving after that many picks (savings
+    shrink as neighbours shrink; a long greedy run should not rank groups on stale savings).
     """
-    if round_to < 1:
+    multiples = dict(round_to) if isinstance(round_to, Mapping) else {n: round_to for n in scores}
+    if min(multiples.values(), default=1) < 1:
         raise ConfigError(f"round_to={round_to} must be >= 1")
     keep = keep or {n: must_keep(graph.group(n), s) for n, s in scores.items()}
     groups = {n: _Group(graph, n, s, keep[n], max_ratio, normalizer) for n, s in scores.items()}
     counts = {}
     for n, g in groups.items():
         kept = g.size - len(removal.get(n, []))
-        kept = min(g.size, math.ceil(kept / round_to) * round_to)
+        kept = min(g.size, math.ceil(kept / multiples[n]) * multiples[n])
         counts[n] = max(0, min(g.cap, g.size - kept))
     current = _materialise(groups, counts)
     cur = cost(current)
 
-    def step_of(n: str) -> tuple[float, int, float] | None:
+    def step_of(n: str) -> tuple[tuple[int, float], int, float] | None:
         """(importance lost per cost saved, new count, saving) of `n`'s next multiple; None when capped."""
         g = groups[n]
-        new = g.size - _next_kept(g.size, g.size - counts[n], round_to)
+        new = g.size - _next_kept(g.size, g.size - counts[n], multiples[n])
         if new > g.cap or new <= counts[n]:
             return None
         trial = dict(current)
         trial[n] = g.channels(new)
-        saved = cur - cost(trial)
-        if saved <= 0:
-            return None
-        return g.loss(counts[n], new) / saved, new, saved
+        saved, loss = cur - cost(trial), g.loss(counts[n], new)
+        # a step that saves nothing (a flat stretch of a latency table) stays available, ranked
+        # after every step that saves something, least importance first
+        return ((0, loss / saved) if saved > 0 else (1, loss)), new, max(saved, 0.0)
 
     steps = {n: step_of(n) for n in groups}
     max_step = max((s[2] for s in steps.values() if s is not None), default=0.0)
@@ -120,8 +125,9 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
         counts[name] = steps[name][1]
         current[name] = groups[name].channels(counts[name])
         cur = cost(current)  # exact after each pick; other groups' savings are re-used (they only shrink)
-        steps[name] = step_of(name)
         picks += 1
+        refresh = refresh_every and picks % refresh_every == 0
+        steps.update({n: step_of(n) for n in (groups if refresh else [name])})
     return RoundingResult({n: r for n, r in current.items() if r}, cur, max_step, picks)
 
 

@@ -25,7 +25,10 @@ from torch import nn
 
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PrunekitError, PruningError
+from ..cost.latency import LatencyConfig
 from ..cost.macs import cost_after, cost_from_graph, estimate_cost
+from ..cost.memory_format import MEMORY_FORMATS, apply_memory_format_
+from ..importance.latency_target import latency_removal
 from ..graph import Graph
 from ..importance.criteria import CRITERIA, REDUCTIONS, ScoreContext
 from ..importance.rounding import round_to_target
@@ -52,19 +55,24 @@ class MagnitudeConfig(Config):
     ignore: list[str] = dataclasses.field(default_factory=list)
     seed: int = 0
     probe: bool = True  # check every group on the real model first (see surgery/verify.py)
+    latency_fraction: float | None = None
+    latency_tolerance: float = 0.05  # |measured fraction - latency_fraction| accepted
+    latency: dict = dataclasses.field(default_factory=dict)  # LatencyConfig fields (device, batch_size, ...)
+    memory_format: str = "contiguous"
 
     def validate(self) -> None:
         check_choice("criterion", self.criterion, CRITERIA.list())
         check_choice("reduction", self.reduction, REDUCTIONS)
         check_choice("normalizer", self.normalizer, NORMALIZERS)
         check_choice("scope", self.scope, ("local", "global"))
-        given = [k for k in ("channel_ratio", "params_fraction", "macs_fraction") if getattr(self, k) is not None]
+        given = [k for k in TARGETS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ConfigError("give exactly one target: channel_ratio (fraction of channels removed), "
-                              f"params_fraction or macs_fraction (fraction that remains); got {given or 'none'}")
+                              "params_fraction, macs_fraction or latency_fraction (fraction that remains); "
+                              f"got {given or 'none'}")
         if self.channel_ratio is not None:
             check_range("channel_ratio", self.channel_ratio, 0.0, 1.0, hi_open=True)
-        for k in ("params_fraction", "macs_fraction"):
+        for k in ("params_fraction", "macs_fraction", "latency_fraction"):
             if getattr(self, k) is not None:
                 check_range(k, getattr(self, k), 0.0, 1.0, lo_open=True)
         check_range("max_ratio", self.max_ratio, 0.0, 1.0, hi_open=True)
@@ -72,6 +80,30 @@ class MagnitudeConfig(Config):
             raise ConfigError(f"round_to={self.round_to!r} must be a positive integer (e.g. 8) or null")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"steps={self.steps!r} must be an integer >= 1")
+        check_range("latency_tolerance", self.latency_tolerance, 0.0, 1.0, lo_open=True)
+        check_choice("memory_format", self.memory_format, MEMORY_FORMATS)
+        latency_config(self)
+        if self.latency_fraction is not None and self.steps != 1:
+            raise ConfigError("latency_fraction prunes in one step (it measures the pruned model); use steps=1")
+
+
+TARGETS = ("channel_ratio", "params_fraction", "macs_fraction", "latency_fraction")
+
+
+def latency_config(cfg: MagnitudeConfig) -> LatencyConfig:
+    """How latency is measured for latency_fraction and memory_format='auto': the `latency`
+    fields over defaults of 1 thread, 3 warm-up calls and 20 repeats on the CPU in float32."""
+    if not isinstance(cfg.latency, dict):
+        raise ConfigError(f"latency={cfg.latency!r} must be a mapping of LatencyConfig fields, e.g. "
+                          "{'device': 'cpu', 'batch_size': 16}")
+    fields = {f.name for f in dataclasses.fields(LatencyConfig)}
+    unknown = sorted(set(cfg.latency) - fields)
+    if unknown:
+        raise ConfigError(f"latency has unknown field(s) {unknown}; use {sorted(fields)}")
+    settings = {"threads": 1, "warmup": 3, "repeats": 20, **cfg.latency}
+    if cfg.memory_format == "channels_last":
+        settings["channels_last"] = True
+    return LatencyConfig(**settings)
 
 
 def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: Iterable | None,
@@ -138,12 +170,17 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
     work = share_copy(model) if batches is None and between_steps is None else copy.deepcopy(model)
     plan: Plan | None = None
     skipped: list[str] = []
+    latency_report: dict[str, Any] = {}
     for step in range(1, cfg.steps + 1):
         if step > 1:
             graph = build_safe_graph(work, example_inputs, cfg.ignore, probe=cfg.probe)
         scores = score_groups(work, graph, cfg, batches, example_inputs, skipped)
         frac = step / cfg.steps
-        if cfg.channel_ratio is not None:
+        if cfg.latency_fraction is not None:
+            removal, latency_report = latency_removal(
+                work, graph, scores, cfg.latency_fraction, latency_config(cfg), example_inputs, cfg.latency_tolerance,
+                cfg.round_to, cfg.max_ratio, cfg.normalizer)
+        elif cfg.channel_ratio is not None:
             done = cfg.channel_ratio * (step - 1) / cfg.steps
             removal = _removal_at(graph, scores, cfg, (cfg.channel_ratio * frac - done) / (1 - done))
         else:
@@ -167,10 +204,16 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
             "first, or ignore the layers involved; the model was left unchanged") from None
     after = cost_after(work, graph, removal)  # exact: tests compare it with a recount
     adopt_(model, work)
+    fmt = apply_memory_format_(model, example_inputs, cfg.memory_format, latency_config(cfg))
     plan.meta.update({"method": "magnitude", "config": cfg.to_dict()})
     metrics = _capped_note(cfg)
     for key, value in _skipped_note(sorted(set(skipped))).items():
         metrics[key] = metrics.get(key, []) + value
+    metrics["memory_format"] = fmt
+    if latency_report:
+        metrics["latency"] = latency_report
+        if latency_report.get("note"):
+            metrics["notes"] = metrics.get("notes", []) + [latency_report["note"]]
     return PruneResult(plan, before, after, cfg.to_dict(), metrics=metrics)
 
 

@@ -1,0 +1,81 @@
+"""Channels chosen to meet a measured-latency target, allocated by importance per ms saved.
+
+1. A `LatencyModel` (cost/latency_model.py) estimates the model's latency after any removal
+   from per-layer tables timed on the target device, batch, dtype and memory format.
+2. Greedy allocation (importance/rounding.py, started from the whole model): each group steps
+   by `round_to` channels, or by 1/16 of its width when round_to is not set; the next step is
+   always taken from the group that loses the least normalised importance per ms saved, until
+   the estimate meets the goal. Groups are not thinned uniformly: a layer that is slow for its
+   importance gives up more channels.
+3. The pruned model is *measured* against the original, interleaved. When the measured
+   fraction misses the target by more than `tolerance` (the tables do not see everything), the
+   goal handed to step 2 is scaled by target / measured and the allocation is repeated, at most
+   `attempts` times; the attempt closest to the target is kept and every attempt is reported.
+
+>>> import torch, torch.nn as nn
+>>> from prunekit.graph import build_graph
+>>> from prunekit.cost.latency import LatencyConfig
+>>> m = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Conv2d(64, 4, 1))
+>>> x = torch.randn(1, 3, 24, 24)
+>>> g = build_graph(m, x)
+>>> scores = {grp.name: torch.rand(grp.size) for grp in g.prunable_groups()}
+>>> removal, report = latency_removal(m, g, scores, 0.5, LatencyConfig(warmup=1, repeats=5, threads=1), x, tolerance=1.0)
+>>> sorted(report)[:3]
+['attempts', 'estimate', 'measured_fraction']
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..core.errors import ConfigError
+from ..cost.latency import LatencyConfig, compare_latency
+from ..cost.latency_model import LatencyModel, per_sample_inputs
+from ..graph import Graph
+from ..surgery.copying import share_copy
+from ..surgery.shrink import remove_channels_
+from .rounding import round_to_target
+
+
+def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.Tensor], fraction: float,
+                    lcfg: LatencyConfig, example_inputs: Any, tolerance: float = 0.05, round_to: int | None = None,
+                    max_ratio: float = 0.9, normalizer: str = "mean", attempts: int = 3,
+                    estimate: LatencyModel | None = None) -> tuple[dict[str, list[int]], dict[str, Any]]:
+    """Removal whose measured latency is `fraction` of the model's, and a report of how it was found."""
+    est = estimate or LatencyModel(model, graph, example_inputs, lcfg)
+    steps = {n: round_to or max(1, graph.group(n).size // 16) for n in scores}
+    goal, tried = fraction, []
+    for _ in range(attempts):
+        try:
+            res = round_to_target(graph, scores, {}, steps, est, goal * est.measured_ms, max_ratio, normalizer,
+                                  refresh_every=max(1, len(scores)))
+        except ConfigError:
+            if not tried:
+                raise
+            break  # a corrected goal beyond max_ratio: keep what was measured
+        measured = _measured_fraction(model, graph, res.removal, lcfg, example_inputs)
+        tried.append({"goal": goal, "estimated_fraction": res.cost / est.measured_ms,
+                      "measured_fraction": measured, "removal": res.removal})
+        if abs(measured - fraction) <= tolerance:
+            break
+        goal = min(0.999, goal * fraction / measured)
+    best = min(tried, key=lambda t: abs(t["measured_fraction"] - fraction))
+    report = {"target": fraction, "tolerance": tolerance, "measured_fraction": best["measured_fraction"],
+              "estimate": est.describe(), "settings": lcfg.to_dict(),
+              "attempts": [{k: v for k, v in t.items() if k != "removal"} for t in tried]}
+    if abs(best["measured_fraction"] - fraction) > tolerance:
+        report["note"] = (f"latency target {fraction} missed: measured {best['measured_fraction']:.3f} after "
+                          f"{len(tried)} attempt(s) (tolerance {tolerance}); timing on a loaded machine is noisy, "
+                          "raise latency.repeats or latency_tolerance")
+    return best["removal"], report
+
+
+def _measured_fraction(model: nn.Module, graph: Graph, removal: dict[str, list[int]], lcfg: LatencyConfig,
+                       example_inputs: Any) -> float:
+    """Median latency of `model` with `removal` applied over the original's, timed interleaved."""
+    trial = share_copy(model)  # new module objects sharing tensors: removal leaves `model` intact
+    remove_channels_(trial, graph, removal)
+    cmp = compare_latency({"full": model, "pruned": trial}, per_sample_inputs(example_inputs), lcfg)
+    return cmp.ratios["pruned"]

@@ -1,0 +1,60 @@
+"""Latency estimates from per-layer tables: widths match the pruned model; tables cover norms."""
+import torch
+from torch import nn
+
+from prunekit.cost.latency import LatencyConfig
+from prunekit.cost.latency_model import LatencyModel
+from prunekit.cost.lut import LayerSpec, build_conv_lut
+from prunekit.graph import build_graph
+from prunekit.surgery.copying import share_copy
+from prunekit.surgery.shrink import remove_channels_
+
+FAST = LatencyConfig(warmup=1, repeats=3, threads=1)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.c2, self.b2 = nn.Conv2d(16, 24, 1), nn.BatchNorm2d(24)
+        self.ln, self.fc = nn.LayerNorm(24), nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = self.c2(self.dw(self.b1(self.c1(x)).relu()))
+        x = self.b2(x).relu().mean((2, 3))
+        return self.fc(self.ln(x))
+
+
+def test_widths_equal_the_pruned_model():
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(1, 3, 8, 8)
+    graph = build_graph(model, x)
+    est = LatencyModel(model, graph, x, FAST, grid_steps=2)
+    assert {spec.kind for _, spec, _ in est.layers} == {"conv2d", "batchnorm2d", "layernorm", "linear"}
+    groups = {g.members[0].module: g for g in graph.prunable_groups()}
+    removal = {groups["c1"].name: [0, 3, 5], groups["c2"].name: list(range(0, 24, 3))}
+    pruned = share_copy(model)
+    remove_channels_(pruned, graph, removal)
+    mods = dict(pruned.named_modules())
+    for (name, spec, _), (c_in, c_out) in zip(est.layers, est.widths(removal)):
+        m = mods[name]
+        if isinstance(m, nn.Conv2d):
+            assert (m.in_channels if m.groups == 1 else m.out_channels, m.out_channels) == (c_in, c_out), name
+        elif isinstance(m, nn.Linear):
+            assert (m.in_features, m.out_features) == (c_in, c_out), name
+        else:
+            width = m.num_features if isinstance(m, nn.BatchNorm2d) else m.normalized_shape[0]
+            assert width == c_out == c_in, name
+    assert est({}) == est.measured_ms
+    assert 0 < est(removal) <= est.measured_ms
+
+
+def test_norm_tables_are_one_axis_and_round_trip(tmp_path):
+    for mod, hw in ((nn.BatchNorm2d(8), (4, 4)), (nn.LayerNorm(8), (5, 1))):
+        spec = LayerSpec.from_module(mod, hw)
+        table = build_conv_lut(spec, [4, 8], FAST)
+        assert table.depthwise and len(table.values_ms) == 2
+        assert table.lookup(8) == table.values_ms[1][0]
+        path = table.save(tmp_path / f"{spec.kind}.json")
+        assert type(table).load(path) == table

@@ -1,0 +1,55 @@
+"""latency_fraction: the measured latency of the pruned model lands near the target."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.core.errors import ConfigError
+from prunekit.cost.latency import LatencyConfig, compare_latency
+from prunekit.methods import prune_
+from prunekit.methods.magnitude import MagnitudeConfig
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.Conv2d(64, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU(),
+                         nn.Conv2d(96, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+
+
+def test_latency_target_met_on_cpu():
+    # loose tolerance: the machine running the tests is shared and loaded
+    torch.manual_seed(0)
+    model, x = _net(), torch.randn(1, 3, 24, 24)
+    original = copy.deepcopy(model)
+    cfg = MagnitudeConfig(latency_fraction=0.5, latency_tolerance=0.1, latency={"repeats": 15}, probe=False)
+    r = prune_(model, cfg, x)
+    rep = r.metrics["latency"]
+    assert rep["target"] == 0.5 and 1 <= len(rep["attempts"]) <= 3
+    assert rep["settings"]["threads"] == 1 and rep["estimate"]["batch"] == 1
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert widths != [64, 96, 64]
+    check = compare_latency({"full": original, "pruned": model}, (3, 24, 24),
+                            LatencyConfig(threads=1, warmup=3, repeats=30))
+    assert abs(check.ratios["pruned"] - 0.5) <= 0.2, (check.ratios, rep["attempts"])
+    assert r.metrics["memory_format"]["choice"] == "contiguous"
+
+
+def test_latency_config_is_validated():
+    with pytest.raises(ConfigError, match="unknown field"):
+        MagnitudeConfig(latency_fraction=0.5, latency={"batch": 4})
+    with pytest.raises(ConfigError, match="steps=1"):
+        MagnitudeConfig(latency_fraction=0.5, steps=2)
+    with pytest.raises(ConfigError, match="exactly one target"):
+        MagnitudeConfig(latency_fraction=0.5, macs_fraction=0.5)
+
+
+def test_memory_format_auto_records_both_timings():
+    model, x = _net(), torch.randn(1, 3, 16, 16)
+    r = prune_(model, MagnitudeConfig(channel_ratio=0.25, memory_format="auto", latency={"repeats": 5}), x)
+    fmt = r.metrics["memory_format"]
+    assert fmt["choice"] in ("contiguous", "channels_last") and fmt["contiguous_ms"] > 0 and fmt["channels_last_ms"] > 0
+    cl = model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert cl == (fmt["choice"] == "channels_last")
+    assert model(x).shape == (1, 10)
