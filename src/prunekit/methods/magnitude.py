@@ -25,6 +25,7 @@ from torch import nn
 
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PrunekitError, PruningError
+from ..cost.alignment import pick_round_to
 from ..cost.latency import LatencyConfig
 from ..cost.macs import cost_after, cost_from_graph, estimate_cost
 from ..cost.memory_format import MEMORY_FORMATS, apply_memory_format_
@@ -50,7 +51,7 @@ class MagnitudeConfig(Config):
     params_fraction: float | None = None
     macs_fraction: float | None = None
     max_ratio: float = 0.9
-    round_to: int | None = None
+    round_to: int | str | None = None  # a multiple, "auto" (measured: cost/alignment.py) or None
     steps: int = 1
     ignore: list[str] = dataclasses.field(default_factory=list)
     seed: int = 0
@@ -76,8 +77,9 @@ class MagnitudeConfig(Config):
             if getattr(self, k) is not None:
                 check_range(k, getattr(self, k), 0.0, 1.0, lo_open=True)
         check_range("max_ratio", self.max_ratio, 0.0, 1.0, hi_open=True)
-        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
-            raise ConfigError(f"round_to={self.round_to!r} must be a positive integer (e.g. 8) or null")
+        if self.round_to is not None and self.round_to != "auto" and (
+                not isinstance(self.round_to, int) or isinstance(self.round_to, bool) or self.round_to < 1):
+            raise ConfigError(f"round_to={self.round_to!r} must be a positive integer (e.g. 8), 'auto' or null")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"steps={self.steps!r} must be an integer >= 1")
         check_range("latency_tolerance", self.latency_tolerance, 0.0, 1.0, lo_open=True)
@@ -169,6 +171,10 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
     # fine-tuning between steps writes into tensors, so those need a copy of every weight
     work = share_copy(model) if batches is None and between_steps is None else copy.deepcopy(model)
     plan: Plan | None = None
+    metrics: dict[str, Any] = {}
+    if cfg.round_to == "auto":  # the multiple this device rewards, timed once on the costliest layer
+        metrics["round_to"] = pick_round_to(work, example_inputs, latency_config(cfg))
+        cfg = dataclasses.replace(cfg, round_to=metrics["round_to"]["multiple"])
     skipped: list[str] = []
     latency_report: dict[str, Any] = {}
     for step in range(1, cfg.steps + 1):
@@ -206,7 +212,7 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
     adopt_(model, work)
     fmt = apply_memory_format_(model, example_inputs, cfg.memory_format, latency_config(cfg))
     plan.meta.update({"method": "magnitude", "config": cfg.to_dict()})
-    metrics = _capped_note(cfg)
+    metrics.update(_capped_note(cfg))
     for key, value in _skipped_note(sorted(set(skipped))).items():
         metrics[key] = metrics.get(key, []) + value
     metrics["memory_format"] = fmt

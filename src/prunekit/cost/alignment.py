@@ -1,0 +1,81 @@
+"""Which channel multiple the device rewards: measured, for `round_to="auto"`.
+
+A layer's time is not proportional to its width everywhere. On this project's CPU (oneDNN,
+1 thread, batch 1) a 3x3 conv at 28x28 takes 1.5 ms at 120, 123, 125, 127 or 128 channels but
+9.8 ms at 124 and 5.9 ms at 126 (docs/latency.md); GPUs slow down off multiples of 8 in bf16.
+So the model's most expensive conv (or Linear, for a transformer) is timed at every width in
+[w - span, w] around a multiple of 16 near half its width (where pruned widths land), and the
+smallest multiple m whose widths all stay within `slack` of the best time per channel wins.
+
+>>> import torch.nn as nn
+>>> from prunekit.cost.latency import LatencyConfig
+>>> from prunekit.cost.lut import LayerSpec
+>>> rec = measure_alignment(LayerSpec.from_module(nn.Conv2d(32, 32, 3, padding=1), (8, 8)),
+...                         LatencyConfig(warmup=1, repeats=3, threads=1), span=8)
+>>> rec["multiple"] in (1, 2, 4, 8, 16) and len(rec["widths"]) == 9
+True
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .latency import LatencyConfig, compare_latency
+from .lut import LayerSpec
+
+MULTIPLES = (1, 2, 4, 8, 16)
+
+
+def measure_alignment(spec: LayerSpec, cfg: LatencyConfig, span: int = 16, slack: float = 0.1) -> dict[str, Any]:
+    """Time `spec`'s layer with both widths = w for w in [top - span, top] and pick the multiple.
+
+    top = a multiple of 16 near half the layer's width (at least 16). Returns {"multiple",
+    "widths", "ms", "per_channel_ratio" (time per channel over the best), "spec", "settings"}.
+    """
+    top = max(16, (max(spec.in_channels, spec.out_channels) // 2 + 8) // 16 * 16)
+    widths = list(range(max(1, top - span), top + 1))
+    ms = {}
+    # one interleaved run per width (inputs differ in channels); two rounds, keep the faster
+    for _ in range(2):
+        for w in widths:
+            layer = spec.make_layer(w, w)
+            t = compare_latency({str(w): layer}, spec.input_shape(w), cfg).results[str(w)].median_ms
+            ms[w] = min(ms.get(w, float("inf")), t)
+    per = {w: ms[w] / w for w in widths}
+    best = min(per.values())
+    ratio = {w: per[w] / best for w in widths}
+    multiple = next((m for m in MULTIPLES if all(ratio[w] <= 1 + slack for w in widths if w % m == 0)), 16)
+    return {"multiple": multiple, "widths": widths, "ms": [ms[w] for w in widths],
+            "per_channel_ratio": [ratio[w] for w in widths], "spec": spec.to_dict(), "slack": slack,
+            "settings": cfg.to_dict()}
+
+
+def costliest_layer(model: nn.Module, example_inputs: Any) -> LayerSpec | None:
+    """Spec of the Conv2d (groups=1) or Linear with the most MACs on `example_inputs`."""
+    from .latency_model import _input_grids  # input sizes per module, from one forward
+    grids = _input_grids(model, example_inputs)
+    best, best_macs = None, -1
+    for name, mod in model.named_modules():
+        if name not in grids or not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            continue
+        if isinstance(mod, nn.Conv2d) and mod.groups != 1:
+            continue
+        h, w = grids[name]
+        macs = mod.weight.numel() * h * w  # per output position for convs (stride ignored: a ranking)
+        if macs > best_macs:
+            try:
+                best, best_macs = LayerSpec.from_module(mod, (h, w)), macs
+            except Exception:  # string padding and the like: not tabled
+                continue
+    return best
+
+
+def pick_round_to(model: nn.Module, example_inputs: Any, cfg: LatencyConfig) -> dict[str, Any]:
+    """The measured multiple for `model` on `cfg`'s device ({"multiple": 1} without a tabled layer)."""
+    spec = costliest_layer(model, example_inputs)
+    if spec is None:
+        return {"multiple": 1, "reason": "no Conv2d/Linear to time"}
+    with torch.no_grad():
+        return measure_alignment(spec, cfg)

@@ -1,0 +1,43 @@
+"""round_to='auto': the multiple is picked from measured times per channel."""
+import types
+
+import torch
+from torch import nn
+
+import prunekit.cost.alignment as alignment
+from prunekit.cost.latency import LatencyConfig
+from prunekit.cost.lut import LayerSpec
+from prunekit.methods import prune_
+from prunekit.methods.magnitude import MagnitudeConfig
+
+
+def _fake_times(slow):
+    def compare(models, inputs, cfg):
+        (name,) = models
+        w = int(name)
+        ms = w * (3.0 if slow(w) else 1.0)
+        return types.SimpleNamespace(results={name: types.SimpleNamespace(median_ms=ms)})
+    return compare
+
+
+def test_picks_the_smallest_multiple_that_avoids_slow_widths(monkeypatch):
+    spec = LayerSpec.from_module(nn.Conv2d(64, 64, 3, padding=1), (8, 8))
+    cfg = LatencyConfig(warmup=1, repeats=1, threads=1)
+    cases = {(lambda w: False): 1, (lambda w: w % 2 == 1): 2, (lambda w: w % 8 != 0): 8,
+             (lambda w: w in (18, 30)): 4, (lambda w: w % 16 != 0): 16}
+    for slow, expected in cases.items():
+        monkeypatch.setattr(alignment, "compare_latency", _fake_times(slow))
+        rec = alignment.measure_alignment(spec, cfg)
+        assert rec["widths"] == list(range(16, 33)) and rec["multiple"] == expected
+
+
+def test_prune_with_round_to_auto_records_the_measurement():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), nn.ReLU(), nn.Conv2d(48, 48, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10))
+    x = torch.randn(1, 3, 16, 16)
+    r = prune_(model, MagnitudeConfig(macs_fraction=0.6, round_to="auto", latency={"repeats": 3}), x)
+    m = r.metrics["round_to"]["multiple"]
+    assert m in alignment.MULTIPLES and r.config["round_to"] == m
+    assert all(c.out_channels % m == 0 for c in (model[0], model[2]))
+    assert r.cost_after.macs <= 0.6 * r.cost_before.macs
