@@ -75,7 +75,8 @@ class _Group:
 def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: Mapping[str, list[int]],
                     round_to: int | Mapping[str, int], cost: Callable[[dict[str, list[int]]], float],
                     target: float, max_ratio: float = 0.9, normalizer: str = "mean",
-                    keep: Mapping[str, torch.Tensor] | None = None, refresh_every: int | None = None) -> RoundingResult:
+                    keep: Mapping[str, torch.Tensor] | None = None, refresh_every: int | None = None,
+                    best_effort: bool = False) -> RoundingResult:
     """Kept counts rounded to multiples of `round_to` with cost(removal) <= target.
 
     `removal` is an unrounded removal (channels per group, ideally meeting the target); the
@@ -85,6 +86,8 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
     multiples of a few percent of each group's width, this is a greedy allocation of the whole
     target. `refresh_every`: re-measure every group's next saving after that many picks (savings
     shrink as neighbours shrink; a long greedy run should not rank groups on stale savings).
+    `best_effort`: when every group is at its cap before the target holds, return that removal
+    (its cost says how far it got) instead of raising.
     """
     multiples = dict(round_to) if isinstance(round_to, Mapping) else {n: round_to for n in scores}
     if min(multiples.values(), default=1) < 1:
@@ -118,10 +121,14 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
     while cur > target:
         live = [(s[0], n) for n, s in steps.items() if s is not None]
         if not live:
+            if best_effort:
+                break
             raise ConfigError(f"impossible target with round_to={round_to}: every group is at max_ratio={max_ratio} "
                               f"and the cost is still {cur:,.0f} (> {target:,.0f}); lower round_to, raise max_ratio "
                               "or ask for a larger fraction")
-        _, name = min(live)
+        (kind, _), name = min(live)
+        if kind == 1 and best_effort:
+            break  # only steps that save nothing are left: removing more buys no cost
         counts[name] = steps[name][1]
         current[name] = groups[name].channels(counts[name])
         cur = cost(current)  # exact after each pick; other groups' savings are re-used (they only shrink)
