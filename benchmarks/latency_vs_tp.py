@@ -9,8 +9,11 @@ resnet56 at 32x32; random weights, seed 0), float32, 1 thread:
     pk_default  prune_(model, MagnitudeConfig(macs_fraction=f)), f = the MACs fraction tp reached
                 (prunekit's count), every other setting at its default (probe on, no rounding)
     pk_auto     the same with round_to="auto" (the multiple this CPU rewards, measured)
-    pk_latency  prune_(model, MagnitudeConfig(latency_fraction=f, round_to="auto", latency={batch})):
-                allocation by importance per ms saved, checked by a real measurement
+    pk_latency  prune_(model, MagnitudeConfig(latency_fraction=t, round_to="auto", latency={batch})):
+                allocation by importance per ms saved, checked by a real measurement; t = the latency
+                fraction tp reached at that batch (a short interleaved measurement first), so this arm
+                is compared with Torch-Pruning at equal latency: its MACs reduction should not exceed
+                its speed-up by much (speed-up / MACs reduction)
 
 The four pruned models and the original are timed interleaved (`compare_latency`, round-robin,
 rotating order) at each batch; the speed-up is original median / pruned median, with the
@@ -128,9 +131,10 @@ def latency_arm(template: nn.Module, x: torch.Tensor, frac: float, batch: int, a
                    "estimate": rep["estimate"], "macs": count_cost(model, x).macs}
 
 
-def time_arms(models: dict[str, nn.Module], x: torch.Tensor, batch: int, args) -> dict[str, Any]:
+def time_arms(models: dict[str, nn.Module], x: torch.Tensor, batch: int, args, quick: bool = False) -> dict[str, Any]:
+    repeats = args.repeats if batch == 1 else args.repeats_big
     cfg = LatencyConfig(device=args.device, dtype=args.dtype, batch_size=batch, threads=args.threads,
-                        warmup=3, repeats=args.repeats if batch == 1 else args.repeats_big,
+                        warmup=3, repeats=max(3, repeats // 3) if quick else repeats,
                         cuda_graph=args.device == "cuda")
     cmp = compare_latency(models, tuple(x.shape[1:]), cfg)
     out = {}
@@ -156,7 +160,10 @@ def run_model(name: str, args, done: dict) -> dict[str, Any]:
         if str(batch) in row["batches"]:
             continue
         arms = dict(models)
-        arms["pk_latency"], lat_info = latency_arm(models["original"], x, frac, batch, args)
+        tp_frac = time_arms({"original": models["original"], "tp": models["tp"]}, x, batch, args, quick=True)
+        tp_frac = 1.0 / tp_frac["arms"]["tp"]["speedup"]
+        arms["pk_latency"], lat_info = latency_arm(models["original"], x, tp_frac, batch, args)
+        lat_info["target"] = tp_frac
         entry = time_arms(arms, x, batch, args)
         entry["pk_latency"] = lat_info
         entry["pk_latency"]["macs_fraction"] = lat_info["macs"] / macs0

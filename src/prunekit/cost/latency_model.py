@@ -14,8 +14,8 @@ them; resnet56 at batch 1 on this CPU: tables sum to 5 ms of 14 ms), and those s
 channels too. The estimate is calibrated to the whole model's measured latency; callers check a
 result with a real measurement and correct (importance/latency_target.py).
 
-Tables are made non-decreasing in each width (a running maximum over the grid), so timing noise
-never makes removing a channel look slower.
+Tables are made non-decreasing in each width (`_monotone`), so timing noise never makes removing
+a channel look slower.
 
 >>> import torch, torch.nn as nn
 >>> from prunekit.graph import build_graph
@@ -87,8 +87,12 @@ def _grid(full: int, steps: int) -> list[int]:
 
 
 def _monotone(table: LatencyTable) -> np.ndarray:
+    """Non-decreasing in each width: every value is lowered to the least value at any larger
+    width. Timing noise on a loaded machine is upward (a descheduled repeat), so lowering the
+    outlier keeps the table's slope; raising later values to it would flatten the table."""
     v = np.asarray(table.values_ms, dtype=np.float64)
-    return np.maximum.accumulate(np.maximum.accumulate(v, axis=0), axis=1)
+    low = lambda a, axis: np.flip(np.minimum.accumulate(np.flip(a, axis), axis=axis), axis)
+    return low(low(v, 0), 1)
 
 
 class LatencyModel:

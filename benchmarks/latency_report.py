@@ -1,0 +1,110 @@
+"""docs/latency.md from benchmarks/results/latency_vs_tp.json (written by latency_vs_tp.py).
+
+    python benchmarks/latency_vs_tp.py --markdown-only
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+ARMS = ("pk_default", "pk_auto", "pk_latency", "tp")
+
+
+def _speed(entry: dict, arm: str) -> str:
+    a = entry["arms"].get(arm)
+    if not a:
+        return "-"
+    return f"{a['speedup']:.2f}x ({a['p10_ms']:.1f}-{a['p90_ms']:.1f} ms, n={a['n']})"
+
+
+def _rows(data: dict) -> tuple[list[str], dict[str, list[float]]]:
+    lines, goals = [], {"default_vs_tp": [], "latency_ratio": [], "prune_time": [], "auto_vs_tp": []}
+    for name, row in data.get("rows", {}).items():
+        if name == "misalignment":
+            continue
+        if "error" in row and not row.get("batches"):
+            lines.append(f"| {name} | | | | | | | | failed: {row['error'][:80]} |")
+            continue
+        mf = row.get("macs_fraction", {})
+        prune = row["prune"]["prune_seconds"]
+        t_pk, t_tp = statistics.median(prune["pk_default"]), statistics.median(prune["tp_step"])
+        goals["prune_time"].append(t_pk / t_tp)
+        for batch, e in row["batches"].items():
+            arms = e["arms"]
+            lat = e["pk_latency"]
+            lat_ratio = arms["pk_latency"]["speedup"] * lat["macs_fraction"]  # speed-up / MACs reduction
+            d_vs_tp = arms["pk_default"]["speedup"] / arms["tp"]["speedup"]
+            a_vs_tp = arms["pk_auto"]["speedup"] / arms["tp"]["speedup"]
+            goals["default_vs_tp"].append(d_vs_tp)
+            goals["auto_vs_tp"].append(a_vs_tp)
+            goals["latency_ratio"].append(lat_ratio)
+            lines.append(
+                f"| {name} | {batch} | {mf.get('tp', 0):.3f} / {mf.get('pk_default', 0):.3f} / "
+                f"{mf.get('pk_auto', 0):.3f} / {lat['macs_fraction']:.3f} | {_speed(e, 'pk_default')} | "
+                f"{_speed(e, 'pk_auto')} (x{row['prune']['arms']['pk_auto'].get('round_to')}) | "
+                f"{_speed(e, 'pk_latency')}; /MACs red. {lat_ratio:.2f}; {len(lat['attempts'])} try | "
+                f"{_speed(e, 'tp')} | {d_vs_tp:.2f} / {a_vs_tp:.2f} | {t_pk:.2f} s / {t_tp:.2f} s |")
+    return lines, goals
+
+
+def _formats(data: dict) -> list[str]:
+    out = []
+    for name, row in data.get("rows", {}).items():
+        for batch, e in (row.get("batches") or {}).items():
+            for arm, rec in (e.get("memory_format") or {}).items():
+                out.append(f"| {name} | {batch} | {arm} | {rec['contiguous_ms']:.2f} | {rec['channels_last_ms']:.2f} "
+                           f"| {rec['choice']} |")
+    return out
+
+
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} over {len(values)}" if values else "no data"
+
+
+def markdown(data: dict) -> str:
+    env = data.get("environment", {})
+    loads = [e.get("load_average") for r in data.get("rows", {}).values() for e in (r.get("batches") or {}).values()]
+    body, goals = _rows(data)
+    lines = [
+        "# Latency of pruned models: prunekit and Torch-Pruning at equal MACs", "",
+        f"Measured by `benchmarks/latency_vs_tp.py` (one model per process, pinned to one core, 1 torch "
+        f"thread, float32, random weights, seed 0) on {data.get('date')}: CPU {env.get('cpu_model')}, torch "
+        f"{data.get('torch')}, torch-pruning {data.get('torch_pruning')}, prunekit commit "
+        f"{str(env.get('git_commit'))[:10]}. The machine is shared: 1-minute load average at each row "
+        f"{', '.join(f'{l[0]:.1f}' for l in loads if l)} on 2 cores, so every absolute time is inflated "
+        "and noisy; the arms of a row are timed interleaved (round-robin, rotating order) so that the load hits "
+        "them alike, and the spread (p10-p90) is given.", "",
+        "Settings. **Torch-Pruning** 1.6.0 at its best: `MetaPruner(importance=MagnitudeImportance(p=2), "
+        f"pruning_ratio={data.get('tp_ratio')}, round_to=8, ignored_layers=[classifier])`, for vit_b_16 its own "
+        "recipe (`num_heads` of every attention, class token and position embedding unwrapped, `hidden_dim` "
+        "updated). **prunekit default**: `prune_(model, MagnitudeConfig(macs_fraction=f), x)` with f = the "
+        "MACs fraction Torch-Pruning reached (prunekit's count), everything else default (probe on, no "
+        "rounding). **auto**: the same with `round_to=\"auto\"`. **latency**: `MagnitudeConfig("
+        "latency_fraction=t, round_to=\"auto\", latency={batch_size: b, repeats: 5})` with t = the latency "
+        "fraction Torch-Pruning reached at that batch (a short interleaved measurement first): equal latency, "
+        "so speed-up / MACs reduction says how little of the MACs it needed to remove. Speed-up = original median / pruned median at that batch.", "",
+        "| model | batch | MACs fraction TP / default / auto / latency | prunekit default | prunekit auto | "
+        "prunekit latency target | Torch-Pruning | default / TP, auto / TP | prune_ / TP step wall time |",
+        "|---|---|---|---|---|---|---|---|---|", *body, "",
+        "## Goals", "",
+        f"- prunekit default speed-up / Torch-Pruning's at equal MACs, median over model x batch: "
+        f"{_median(goals['default_vs_tp'])} (goal >= 1.15); with round_to=\"auto\": {_median(goals['auto_vs_tp'])}.",
+        f"- latency-target call, speed-up / MACs reduction: {_median(goals['latency_ratio'])} (goal >= 0.8).",
+        f"- default `prune_` wall time / Torch-Pruning step: {_median(goals['prune_time'])} (goal <= 1.0).", "",
+        "## Memory format", "",
+        "Both formats timed on the same model (two interleaved rounds, median), 1 thread; `choice` is what "
+        "`memory_format=\"auto\"` would keep.", "",
+        "| model | batch | model | contiguous ms | channels-last ms | choice |", "|---|---|---|---|---|---|",
+        *_formats(data), ""]
+    return "\n".join(lines)
+
+
+def write_markdown(root: Path) -> None:
+    data = json.loads((root / "benchmarks" / "results" / "latency_vs_tp.json").read_text())
+    head = (root / "docs" / "latency_notes.md")
+    text = markdown(data)
+    if head.exists():
+        text += "\n" + head.read_text()
+    (root / "docs" / "latency.md").write_text(text)
