@@ -65,3 +65,30 @@ def test_computed_linear_bias_follows_the_outputs():
     assert "qkv.weight" in names
     r = prune_(model, MagnitudeConfig(channel_ratio=0.25, probe=False), x)
     assert model(x).shape == (2, 3) and r.cost_after.params < r.cost_before.params
+
+
+class MaskedAttention(nn.Module):
+    """SDPA with an additive per-head mask gathered from a table, as timm's BEiT relative bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+        self.table = nn.Parameter(torch.randn(9, 2))  # (positions, heads)
+        self.register_buffer("index", torch.randint(0, 9, (5 * 5,)))
+
+    def forward(self, x):  # (B, 5, 8), 2 heads of 4
+        b = x.shape[0]
+        q, k, v = self.qkv(x).reshape(b, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index].view(5, 5, -1).permute(2, 0, 1).unsqueeze(0)  # (1, heads, 5, 5)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(y.transpose(1, 2).reshape(b, 5, 8))
+
+
+def test_sdpa_mask_channels_are_kept():
+    torch.manual_seed(0)
+    model, x = MaskedAttention(), torch.randn(2, 5, 8)
+    graph = build_graph(model, x)
+    for g in graph.prunable_groups():
+        assert all(m.qualname != "table" for m in g.tensor_members()), g
+    prune_(model, MagnitudeConfig(channel_ratio=0.5, probe=False), x)
+    assert model(x).shape == (2, 5, 8) and model.table.shape == (9, 2)

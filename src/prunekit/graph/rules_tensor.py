@@ -167,6 +167,11 @@ def sdpa(tr, call):
     tr.uf.union_pairs(*qk)
     if call.kwargs.get("scale") is None and (len(call.args) < 7 or call.args[6] is None):
         tr.uf.mark_fixed(qk[0])
+    mask = call.arg(3, "attn_mask")
+    if isinstance(mask, torch.Tensor) and tr.ids(mask) is not None:
+        # an additive mask (BEiT's relative position bias, (1, heads, L, S)) is added per head and
+        # position; nothing here removes heads or positions, so the mask keeps all of its own
+        tr.uf.mark_fixed(tr.ids(mask))
     out = _tensor_outs(call)[0]
     iv = tr.ids(v)
     if iv.shape[-2] > 1:
