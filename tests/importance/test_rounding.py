@@ -84,3 +84,12 @@ def test_impossible_target_is_a_config_error():
     name = graph.prunable_groups()[0].name
     with pytest.raises(ConfigError, match="impossible target"):
         round_to_target(graph, {name: torch.rand(16)}, {}, 8, lambda rem: 16 - len(rem.get(name, [])), 1)
+
+
+def test_narrow_group_steps_by_half_its_width():
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 2, 1))
+    graph = build_graph(model, torch.randn(1, 3, 2, 2))
+    name = graph.prunable_groups()[0].name
+    kept = lambda rem: 16 - len(rem.get(name, []))
+    res = round_to_target(graph, {name: torch.rand(16)}, {}, 16, kept, target=12)
+    assert res.cost == 8  # 16 -> 8: a multiple of 16 would only allow 16

@@ -92,6 +92,9 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
     multiples = dict(round_to) if isinstance(round_to, Mapping) else {n: round_to for n in scores}
     if min(multiples.values(), default=1) < 1:
         raise ConfigError(f"round_to={round_to} must be >= 1")
+    # a group narrower than twice the multiple could only stay whole: it steps by half its width
+    # (16 channels with round_to=16 step by 8)
+    multiples = {n: max(1, min(m, graph.group(n).size // 2)) for n, m in multiples.items()}
     keep = keep or {n: must_keep(graph.group(n), s) for n, s in scores.items()}
     groups = {n: _Group(graph, n, s, keep[n], max_ratio, normalizer) for n, s in scores.items()}
     counts = {}
