@@ -33,13 +33,14 @@ def _rows(data: dict) -> tuple[list[str], dict[str, list[float]]]:
         goals["prune_time"].append(t_pk / t_tp)
         for batch, e in row["batches"].items():
             arms = e["arms"]
-            lat = e["pk_latency"]
-            lat_ratio = arms["pk_latency"]["speedup"] * lat["macs_fraction"]  # speed-up / MACs reduction
+            lat = e.get("pk_latency") or {"macs_fraction": float("nan"), "attempts": []}
+            lat_ratio = arms.get("pk_latency", {}).get("speedup", float("nan")) * lat["macs_fraction"]
             d_vs_tp = arms["pk_default"]["speedup"] / arms["tp"]["speedup"]
             a_vs_tp = arms["pk_auto"]["speedup"] / arms["tp"]["speedup"]
             goals["default_vs_tp"].append(d_vs_tp)
             goals["auto_vs_tp"].append(a_vs_tp)
-            goals["latency_ratio"].append(lat_ratio)
+            if lat_ratio == lat_ratio:  # not NaN
+                goals["latency_ratio"].append(lat_ratio)
             lines.append(
                 f"| {name} | {batch} | {mf.get('tp', 0):.3f} / {mf.get('pk_default', 0):.3f} / "
                 f"{mf.get('pk_auto', 0):.3f} / {lat['macs_fraction']:.3f} | {_speed(e, 'pk_default')} | "
@@ -101,10 +102,17 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+BEGIN, END = "<!-- measured: written by benchmarks/latency_vs_tp.py -->", "<!-- end of measured part -->"
+
+
 def write_markdown(root: Path) -> None:
+    """Replace the measured block of docs/latency.md (the hand-written sections around it stay)."""
     data = json.loads((root / "benchmarks" / "results" / "latency_vs_tp.json").read_text())
-    head = (root / "docs" / "latency_notes.md")
-    text = markdown(data)
-    if head.exists():
-        text += "\n" + head.read_text()
-    (root / "docs" / "latency.md").write_text(text)
+    block = f"{BEGIN}\n{markdown(data)}\n{END}"
+    path = root / "docs" / "latency.md"
+    text = path.read_text() if path.exists() else f"{BEGIN}\n{END}\n"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = block + "\n" + text
+    path.write_text(text)

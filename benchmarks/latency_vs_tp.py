@@ -111,7 +111,8 @@ def prune_arms(name: str, args) -> tuple[dict[str, nn.Module], dict[str, Any], t
     models["tp"], models["pk_default"] = tp_model, pk_model
     info["prune_seconds"] = {"tp_step": tp_times, "pk_default": pk_times}
     info["macs_fraction_target"] = frac
-    arms = {"pk_auto": MagnitudeConfig(macs_fraction=frac, round_to="auto", latency={"device": args.device})}
+    arms = {"pk_auto": MagnitudeConfig(macs_fraction=frac, round_to="auto",
+                                       latency={"device": args.device, "dtype": args.dtype})}
     for arm, cfg in arms.items():
         models[arm], secs, res = _timed(lambda m: prune_(m, cfg, x), template)
         info["arms"][arm] = {"prune_seconds": secs, "round_to": res.metrics.get("round_to", {}).get("multiple")}
@@ -160,6 +161,13 @@ def run_model(name: str, args, done: dict) -> dict[str, Any]:
         if str(batch) in row["batches"]:
             continue
         arms = dict(models)
+        if args.no_latency_arm:
+            entry = time_arms(arms, x, batch, args)
+            entry["load_average"] = list(os.getloadavg())
+            row["batches"][str(batch)] = entry
+            done[name] = row
+            _write(args, done)
+            continue
         tp_frac = time_arms({"original": models["original"], "tp": models["tp"]}, x, batch, args, quick=True)
         tp_frac = 1.0 / tp_frac["arms"]["tp"]["speedup"]
         arms["pk_latency"], lat_info = latency_arm(models["original"], x, tp_frac, batch, args)
@@ -222,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lut-repeats", type=int, default=5, help="repeats per latency-table point")
     ap.add_argument("--prune-repeats", type=int, default=1)
     ap.add_argument("--tp-ratio", type=float, default=0.3, help="Torch-Pruning's channel ratio (~half the MACs)")
+    ap.add_argument("--no-latency-arm", action="store_true", help="skip the latency-target call (its tables "
+                    "take the longest to build)")
     ap.add_argument("--markdown-only", action="store_true")
     args = ap.parse_args(argv)
     args.dtype = "bfloat16" if args.device == "cuda" else "float32"

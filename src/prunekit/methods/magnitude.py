@@ -3,8 +3,16 @@
 Targets: exactly one of `channel_ratio` (fraction of each group's channels removed, or of all
 channels with scope="global"), `params_fraction` or `macs_fraction` (fraction of the original
 parameters/MACs that remains; the removal ratio is found by bisection on an exact cost estimate).
-`steps` > 1 prunes iteratively along a linear schedule, calling `between_steps(model, step)`
-(e.g. a short fine-tune) after each step.
+`latency_fraction` is the fraction of the measured latency that remains, on the device, batch,
+dtype and memory format that `latency` (LatencyConfig fields; default CPU, float32, batch 1,
+1 thread) states: channels go where they buy the most milliseconds for the least importance, and
+the pruned model is measured (importance/latency_target.py; met within `latency_tolerance` or
+the result says by how much it missed). `round_to` rounds kept widths to a multiple jointly with
+a params/MACs/latency target (never overshooting it: importance/rounding.py); "auto" measures
+the multiple the device rewards (cost/alignment.py). `memory_format` "channels_last" converts the
+pruned model, "auto" keeps whichever format is faster on the `latency` settings (result
+metrics["memory_format"]). `steps` > 1 prunes iteratively along a linear schedule, calling
+`between_steps(model, step)` (e.g. a short fine-tune) after each step.
 
 >>> import torch, torch.nn as nn
 >>> from prunekit.methods import prune_
