@@ -42,8 +42,16 @@ def per_channel(values: torch.Tensor, member, size: int, reduce: str = "sum") ->
     `member.channel` (several positions may share a channel: the H*W columns of a Linear after a
     flatten). Other dims are summed (or max-ed).
     """
-    flat = values.movedim(member.dim, 0).reshape(values.shape[member.dim], -1)
-    row = flat.sum(1) if reduce == "sum" else flat.amax(1)
+    others = [d for d in range(values.dim()) if d != member.dim]
+    if not others:  # a 1-D tensor (bias, norm scale): already one number per position
+        row = values
+    else:  # reduce in place of a movedim + reshape, which copies a weight sliced along dim 1
+        row = values.sum(others) if reduce == "sum" else values.amax(others)
+    return _to_channels(row, member, size, reduce)
+
+
+def _to_channels(row: torch.Tensor, member, size: int, reduce: str = "sum") -> torch.Tensor:
+    """Scatter one number per position (along member.dim) onto the group's channels."""
     if reduce == "sum" and _is_identity(member, size):
         return row + 0.0  # position j is channel j: the scatter below would give this (a new tensor)
     sel = member.channel >= 0
@@ -84,10 +92,14 @@ def _param_members(group: Group, ctx: ScoreContext, roles=("out", "in", "through
 
 def _norm_criterion(p: float) -> Criterion:
     def score(group: Group, ctx: ScoreContext) -> torch.Tensor:
-        power = (lambda w: w.abs()) if p == 1 else (lambda w: w.square()) if p == 2 else (lambda w: w.abs().pow(p))
-        parts = [per_channel(power(w), m, group.size) for m, w in _param_members(group, ctx)]
+        parts = [_channel_power_sum(w, m, group.size, p) for m, w in _param_members(group, ctx)]
         return reduce_members(parts, ctx.reduction).pow(1.0 / p)
     return score
+
+
+def _channel_power_sum(w: torch.Tensor, member, size: int, p: float) -> torch.Tensor:
+    """per_channel(|w| ** p)."""
+    return per_channel(w.abs() if p == 1 else w.square() if p == 2 else w.abs().pow(p), member, size)
 
 
 def bn_scale(group: Group, ctx: ScoreContext) -> torch.Tensor:
