@@ -5,10 +5,15 @@ each member tensor separately (the conv's filters, the BN's gammas, the next lay
 slices) and then combine members with one shared reduction (`reduce_members`): that is the
 "group-level" importance of DepGraph, written once for all criteria.
 
-Data-dependent criteria read `ctx`: gradients (`ctx.gradients()`, accumulated over
-`ctx.batches`) or output statistics of every layer (`ctx.output_stats()`, one pass over the
-batches). Per-class activation statistics, which evolved criteria build on, come from
-`importance.activations.activation_stats`.
+Data-dependent criteria read `ctx` (importance/context.py): gradients (`ctx.gradients()`,
+accumulated over `ctx.batches`), Hessian-vector products or output statistics of every layer
+(`ctx.output_stats()`, one pass over the batches). Per-class activation statistics, which
+evolved criteria build on, come from `importance.activations.activation_stats`. A criterion
+that falls back to another one records it (`ctx.note_fallback`) and warns. The channel criteria
+snip, grasp and synflow reduce per-weight scores (importance/elements.py) to channels.
+
+`resolve_criterion(spec)` turns a registered name, "<prefix>:<text>" (a factory registered with
+`register_criterion_factory`) or a callable into a criterion.
 
 >>> import torch, torch.nn as nn
 >>> from prunekit.graph import build_graph
