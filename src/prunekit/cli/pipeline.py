@@ -10,6 +10,7 @@ import copy
 import inspect
 import itertools
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -111,7 +112,9 @@ def prepare(recipe: Recipe, weights: str | None = None, progress: bool = True, e
     _check_forward(job)
     if check_method and recipe.method is not None and not _trains(recipe.method.handler):
         trial = copy.deepcopy(model)
-        run_method(job, trial)
+        with warnings.catch_warnings():  # the real prune stage repeats them as notes
+            warnings.simplefilter("ignore")
+            run_method(job, trial)
     return job
 
 
@@ -243,6 +246,8 @@ def prune_stage(job: Job) -> None:
     except PrunekitError:
         job.prune_metrics = {"note": "method metrics could not be serialised"}
     after = job.cost()
+    for note in job.prune_metrics.get("notes", []):
+        job.echo(f"note: {note}")
     job.echo(f"prune: {method.label}, MACs {_count(before.macs)} -> {_count(after.macs)} "
              f"({before.macs / max(after.macs, 1):.2f}x fewer), params {_count(before.params)} -> "
              f"{_count(after.params)} ({job.seconds['prune']:.1f} s)")
