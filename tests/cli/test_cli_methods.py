@@ -117,3 +117,15 @@ def test_finetune_command_keeps_the_masks_of_a_pruned_run(method_runs, tmp_path)
     assert changed  # fine-tuning did train the model
     assert weight_sparsity(after)["masked"] == weight_sparsity(before)["masked"]
     assert json.loads((tuned / "result.json").read_text())["sparsity"] == weight_sparsity(after)
+
+
+def test_eval_and_bench_of_a_masked_run(method_runs):
+    out = method_runs("slr")
+    res = json.loads((out / "result.json").read_text())
+    runner = make_runner()
+    result = runner.invoke(cli, ["eval", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] == res["accuracy_after"]  # masks came back with the weights
+    result = runner.invoke(cli, ["bench", str(out), "bench.repeats=3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["macs"] == res["cost_after"]["macs"]
