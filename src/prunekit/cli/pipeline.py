@@ -118,6 +118,13 @@ def prepare(recipe: Recipe, weights: str | None = None, progress: bool = True, e
     return job
 
 
+def fresh_model(recipe: Recipe, weights: str | None) -> nn.Module:
+    """The recipe's model as `prepare` builds it (same seed), with `weights` loaded if given."""
+    seed_everything(recipe.seed)
+    model = create_model(recipe.model.name, recipe.model.num_classes, **recipe.model.kwargs)
+    return load_weights(model, weights)[0] if weights is not None else model
+
+
 def _example_input(bundle: DataBundle) -> torch.Tensor:
     loader = bundle.val if bundle.val.num_samples > 0 else bundle.test
     x, _ = next(iter(loader))
@@ -194,11 +201,17 @@ def save_weights(job: Job, path: Path) -> Path:
     return path
 
 
-def train_stage(job: Job, stage: str, cfg: TrainConfig) -> None:
-    """Train the model in place for cfg.epochs; epochs are logged to metrics.jsonl."""
-    job.log("stage", name=stage, epochs=cfg.epochs)
-    result = job.timed(stage, lambda: train(job.model, job.bundle.train, job.val_loader, cfg,
-                                            log_path=job.log_path, progress=job.progress))
+def train_stage(job: Job, stage: str, cfg: TrainConfig, ckpt_dir: Path | None = None, resume: bool = False) -> None:
+    """Train the model in place for cfg.epochs; epochs are logged to metrics.jsonl.
+
+    With `ckpt_dir` the training state is checkpointed there after every epoch; with `resume`
+    training continues after the last checkpointed epoch (see prunekit.engine.train).
+    """
+    job.log("stage", name=stage, epochs=cfg.epochs, resume=resume)
+    result = job.timed(stage, lambda: train(job.model, job.bundle.train, job.val_loader, cfg, ckpt_dir=ckpt_dir,
+                                            log_path=job.log_path, progress=job.progress, resume=resume))
+    if result.start_epoch:
+        job.echo(f"{stage}: resumed after epoch {result.start_epoch} of {cfg.epochs}")
     last = result.final_metrics
     val = f", val acc {last['val_acc']:.4f}" if "val_acc" in last else ""
     job.echo(f"{stage}: {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, train loss {last.get('train_loss', float('nan')):.4f}{val} "
