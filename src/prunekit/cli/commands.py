@@ -117,7 +117,7 @@ def run_stages(job, state: dict, resume: bool = False) -> None:
             _report_eval(job, "dense" if job.plan is None else "trained")
         elif stage == "prune":
             state["before_prune"] = state["weights"]
-            prune_stage(job)
+            prune_stage(job, ckpt_dir=ckpt, resume=resume)
             _report_eval(job, "pruned")
         else:
             train_stage(job, "finetune", recipe.finetune, ckpt_dir=ckpt, resume=resume)

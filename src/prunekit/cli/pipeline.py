@@ -222,12 +222,17 @@ def _trains(handler: Callable) -> bool:
     return "train_loader" in inspect.signature(handler).parameters
 
 
-def run_method(job: Job, model: nn.Module) -> Any:
-    """Call the recipe's method on `model` with the keyword arguments its handler accepts."""
+def run_method(job: Job, model: nn.Module, ckpt_dir: Path | None = None, resume: bool = False) -> Any:
+    """Call the recipe's method on `model` with the keyword arguments its handler accepts.
+
+    A method that trains and accepts `ckpt_dir`/`resume` checkpoints its training there.
+    """
     method, recipe = job.recipe.method, job.recipe
     params = inspect.signature(method.handler).parameters
     available = {"train_loader": job.bundle.train, "val_loader": job.val_loader,
                  "train_config": recipe.trainer_for_method, "progress": job.progress}
+    if ckpt_dir is not None:
+        available.update(ckpt_dir=ckpt_dir, resume=resume)
     if "batches" in params and recipe.calibration_batches > 0:
         job.bundle.train.set_epoch(0)
         available["batches"] = list(itertools.islice(iter(job.bundle.train), recipe.calibration_batches))
@@ -236,15 +241,19 @@ def run_method(job: Job, model: nn.Module) -> Any:
     return method.handler(model, method.config, job.example.to(device), **kwargs)
 
 
-def prune_stage(job: Job) -> None:
-    """Prune with the recipe's method; the plan is composed with a plan the model already had."""
+def prune_stage(job: Job, ckpt_dir: Path | None = None, resume: bool = False) -> None:
+    """Prune with the recipe's method; the plan is composed with a plan the model already had.
+
+    A training method (SLR, ADMM, Gator) checkpoints its training in `ckpt_dir` every epoch and,
+    with `resume`, continues from there.
+    """
     from ..engine.logging import to_plain
 
     method = job.recipe.method
     job.before_prune = copy.deepcopy(job.model)
     job.log("stage", name="prune", method=method.label)
     before = job.cost()
-    result = job.timed("prune", lambda: run_method(job, job.model))
+    result = job.timed("prune", lambda: run_method(job, job.model, ckpt_dir, resume))
     plan = result.plan
     job.plan = plan if job.plan is None else job.plan.compose(plan)
     try:
