@@ -119,6 +119,7 @@ def build_result(job: Job, title: str, latency: dict[str, Any]) -> dict[str, Any
     """The report's input (prunekit.report.writer.ReportInput) plus the run's extra records."""
     from ..core.environment import environment
     from ..cost.macs import CONVENTION, count_cost
+    from ..surgery.mask_io import weight_sparsity
 
     evals = job.evaluations
     pruned = [i for i, e in enumerate(evals) if e["step"] == "pruned"]
@@ -150,6 +151,7 @@ def build_result(job: Job, title: str, latency: dict[str, Any]) -> dict[str, Any
         "split": job.recipe.eval.split,
         "stage_seconds": job.seconds,
         "prune_metrics": job.prune_metrics,
+        "sparsity": weight_sparsity(job.model),  # zeros counted in the final weights
     }
     if no_ft is not None and no_ft is not last:
         result["accuracy_pruned_no_finetune"] = no_ft["accuracy"]

@@ -73,8 +73,9 @@ class MagnitudeConfig(Config):
             raise ConfigError(f"steps={self.steps!r} must be an integer >= 1")
 
 
-def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: Iterable | None) -> dict[str, torch.Tensor]:
-    ctx = ScoreContext(model, batches=batches, reduction=cfg.reduction, seed=cfg.seed)
+def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: Iterable | None,
+                 example_inputs: Any = None) -> dict[str, torch.Tensor]:
+    ctx = ScoreContext(model, batches=batches, reduction=cfg.reduction, seed=cfg.seed, example_inputs=example_inputs)
     criterion = CRITERIA.get(cfg.criterion)
     return {g.name: criterion(g, ctx) for g in graph.prunable_groups()}
 
@@ -110,7 +111,7 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
     for step in range(1, cfg.steps + 1):
         if step > 1:
             graph = build_safe_graph(work, example_inputs, cfg.ignore, probe=cfg.probe)
-        scores = score_groups(work, graph, cfg, batches)
+        scores = score_groups(work, graph, cfg, batches, example_inputs)
         frac = step / cfg.steps
         if cfg.channel_ratio is not None:
             done = cfg.channel_ratio * (step - 1) / cfg.steps
