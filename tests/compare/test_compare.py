@@ -59,7 +59,7 @@ def test_compare_writes_table_plot_and_json(dense_path, tmp_path):
     for arm in ("dense", "l2", "fpgm"):
         assert f"| {arm}" in report
     data = json.loads((tmp_path / "c" / "compare.json").read_text())
-    assert sorted(result.ran) == [("dense", 0), ("fpgm", 0), ("fpgm", 1), ("l2", 0), ("l2", 1)]
+    assert sorted(result.ran) == [("dense", 0), ("dense", 1), ("fpgm", 0), ("fpgm", 1), ("l2", 0), ("l2", 1)]
     for arm in ("l2", "fpgm"):
         recs = data["records"][arm]
         assert [r["seed"] for r in recs] == [0, 1]
@@ -85,19 +85,19 @@ def test_compare_writes_table_plot_and_json(dense_path, tmp_path):
 def test_killed_compare_resumes_without_redoing_finished_arms(dense_path, tmp_path, monkeypatch):
     real, calls = arms_module.run_arm, []
 
-    def dies_on_third(*args, **kw):
+    def dies_on_fourth(*args, **kw):
         calls.append((args[1].name, args[2]))
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # the process is killed in the middle of the third arm x seed
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # killed in the middle of the fourth arm x seed (l2, seed 1)
         return real(*args, **kw)
 
     import prunekit.compare.run as run_module
-    monkeypatch.setattr(run_module, "run_arm", dies_on_third)
+    monkeypatch.setattr(run_module, "run_arm", dies_on_fourth)
     recipe = CompareRecipe.from_dict(_raw(dense_path))
     with pytest.raises(KeyboardInterrupt):
         run_compare(recipe, tmp_path / "c", echo=lambda s: None)
     finished = {p: p.read_text() for p in (tmp_path / "c" / "arms").rglob("*.json")}
-    assert len(finished) == 2 and not list((tmp_path / "c").rglob("*.tmp"))
+    assert len(finished) == 3 and not list((tmp_path / "c").rglob("*.tmp"))
     monkeypatch.setattr(run_module, "run_arm", real)
     result = run_compare(recipe, tmp_path / "c", echo=lambda s: None)
     assert sorted(result.ran) == sorted([("l2", 1), ("fpgm", 0), ("fpgm", 1)])
@@ -105,6 +105,9 @@ def test_killed_compare_resumes_without_redoing_finished_arms(dense_path, tmp_pa
         assert path.read_text() == text  # finished records were neither rerun nor rewritten
     again = run_compare(recipe, tmp_path / "c", echo=lambda s: None)
     assert again.ran == [] and again.summary["fpgm"]["acc"]["n"] == 2
+    report_only = run_compare(CompareRecipe.from_dict(_raw(dense_path, seeds=[0, 1, 2])), tmp_path / "c", only=[],
+                              echo=lambda s: None)
+    assert report_only.ran == [] and any("not every seed" in n for n in report_only.notes)
 
 
 def test_a_record_from_another_spec_is_refused(dense_path, tmp_path):

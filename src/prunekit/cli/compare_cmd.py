@@ -14,9 +14,11 @@ import click
                    "resumes: finished arm x seed records are not run again.")
 @click.option("--arms", "only", default=None, help="Comma-separated arms to run now (the report still "
                                                    "includes every finished arm).")
+@click.option("--report-only", is_flag=True, help="Run nothing; write the table and report from the "
+                                                "records already in the output folder.")
 @click.option("--dry-run", is_flag=True, help="Check the recipe, print it resolved and stop.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
-def compare_cmd(args, out, only, dry_run, quiet) -> None:
+def compare_cmd(args, out, only, report_only, dry_run, quiet) -> None:
     """Prune one dense model with several methods to one target and compare them.
 
     Every arm is fine-tuned on the same epoch budget for every seed; the table (accuracy mean
@@ -45,6 +47,8 @@ def compare_cmd(args, out, only, dry_run, quiet) -> None:
         return
     echo = (lambda s: None) if quiet else click.echo
     arms = [a.strip() for a in only.split(",") if a.strip()] if only else None
+    if report_only:
+        arms = []
     result = run_compare(recipe, out, only=arms, echo=echo)
     for note in result.notes:
         echo(f"note: {note}")

@@ -2,6 +2,9 @@
 
 A compare recipe is YAML with these keys (each section fills one typed config):
 
+    protocol        a named protocol (prunekit.protocol.PROTOCOLS, e.g. "cifar10_resnet20") whose
+                    seeds, device, model, data, dense, finetune and method_train sections are the
+                    defaults; keys given in the recipe are merged over them
     name            the comparison's name; results go to <out>/<name>/ (fixed, so a rerun resumes)
     out             parent folder (default "runs")
     seeds           list of seeds; each arm runs once per seed
@@ -17,7 +20,8 @@ A compare recipe is YAML with these keys (each section fills one typed config):
     finetune        TrainConfig of the shared budget: its `epochs` is the number of training
                     epochs every arm gets after the dense model, method training included
     calibration_batches  training batches handed to one-shot methods with data-dependent criteria
-    eval            {split: test | val, latency: true | false}
+    eval            {split: test | val, latency: true | false, max_batches: null or k (score only
+                    the first k batches of val and test: smoke runs; the report says so)}
     bench           prunekit.cost.latency.LatencyConfig of the latency measurement
     arms            mapping arm name -> {method: {name, <config fields>} or null (the dense model),
                      finetune: true | false, keep_zeros: true | false}
@@ -46,7 +50,7 @@ from ..cost.latency import LatencyConfig
 from ..data.config import DataConfig
 from ..engine.train import TrainConfig
 
-TOP_KEYS = ("name", "out", "seeds", "device", "threads", "model", "data", "dense", "target", "method_train",
+TOP_KEYS = ("protocol", "name", "out", "seeds", "device", "threads", "model", "data", "dense", "target", "method_train",
             "finetune", "calibration_batches", "eval", "bench", "arms")
 # Config fields that count epochs a method trains itself (summed; the shared budget pays for them).
 TRAINED_EPOCH_FIELDS = ("epochs", "finetune_epochs", "retrain_epochs")
@@ -130,6 +134,7 @@ class CompareRecipe:
     calibration_batches: int = 4
     eval_split: str = "test"
     latency: bool = True
+    eval_max_batches: int | None = None
     bench: LatencyConfig = field(default_factory=LatencyConfig)
     source: str = "<dict>"
 
@@ -142,6 +147,7 @@ class CompareRecipe:
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(TOP_KEYS)}")
         try:
+            raw = with_protocol(raw)
             return _build(cls, raw, source)
         except ConfigError as err:
             msg = str(err)
@@ -153,7 +159,8 @@ class CompareRecipe:
         return {"arm": spec.to_dict(), "model": {"name": self.model_name, "kwargs": self.model_kwargs},
                 "data": self.data.to_dict(), "method_train": self.method_train.to_dict(),
                 "finetune": self.finetune.to_dict(), "finetune_epochs": spec.budget_left(self.finetune.epochs),
-                "eval_split": self.eval_split, "calibration_batches": self.calibration_batches}
+                "eval_split": self.eval_split, "eval_max_batches": self.eval_max_batches,
+                "calibration_batches": self.calibration_batches}
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "out": self.out, "seeds": list(self.seeds), "device": self.device,
@@ -163,8 +170,27 @@ class CompareRecipe:
                 "target": self.target.to_dict() if self.target else None,
                 "method_train": self.method_train.to_dict(), "finetune": self.finetune.to_dict(),
                 "calibration_batches": self.calibration_batches,
-                "eval": {"split": self.eval_split, "latency": self.latency}, "bench": self.bench.to_dict(),
+                "eval": {"split": self.eval_split, "latency": self.latency, "max_batches": self.eval_max_batches}, "bench": self.bench.to_dict(),
                 "arms": {n: a.to_dict() for n, a in self.arms.items()}}
+
+
+def with_protocol(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` merged over the sections of its named protocol (a recipe without one is unchanged)."""
+    from ..protocol import PROTOCOLS
+
+    name = raw.get("protocol")
+    if name is None:
+        return raw
+    if name not in PROTOCOLS:
+        raise ConfigError(f"protocol={name!r} is unknown; available: {', '.join(sorted(PROTOCOLS))}")
+    return _merge(PROTOCOLS[name].compare_sections(), {k: v for k, v in raw.items() if k != "protocol"})
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
@@ -233,8 +259,13 @@ def _scalars(out: CompareRecipe, raw: dict[str, Any]) -> None:
         raise ConfigError(f"calibration_batches={cal!r} must be an integer >= 0")
     out.calibration_batches = cal
     ev = raw.get("eval") or {}
-    if not isinstance(ev, dict) or set(ev) - {"split", "latency"}:
-        raise ConfigError("eval must be a mapping with 'split' (test or val) and 'latency' (true or false)")
+    if not isinstance(ev, dict) or set(ev) - {"split", "latency", "max_batches"}:
+        raise ConfigError("eval must be a mapping with 'split' (test or val), 'latency' (true or false) and "
+                          "'max_batches' (null or an integer >= 1)")
+    k = ev.get("max_batches")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ConfigError(f"eval.max_batches={k!r} must be null or an integer >= 1")
+    out.eval_max_batches = k
     out.eval_split = ev.get("split", "test")
     check_choice("eval.split", out.eval_split, ("test", "val"))
     out.latency = ev.get("latency", True)
