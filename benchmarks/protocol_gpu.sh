@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The CIFAR-10 protocol on one GPU: train the dense ResNet-20 (benchmarks/protocol_dense.py), then
+# run the Gator and SLR compare recipes for seeds 0, 1, 2 until the time budget runs out, saving
+# every finished arm x seed at once under OUT_DIR. Rerunning with the same OUT_DIR resumes (the
+# dense model is reused, finished arms are not rerun).
+#
+#   bash benchmarks/protocol_gpu.sh OUT_DIR [BUDGET_SECONDS=480] [PARALLEL_THREADS=2]
+#
+# Layout: OUT_DIR/protocol_dense_resnet20.{safetensors,json,jsonl}, OUT_DIR/compare_gator_resnet20/,
+# OUT_DIR/compare_slr_resnet20/ (arms/<arm>/seed<k>.json, compare.md, compare.json, the plot),
+# OUT_DIR/logs/. Six compare processes (2 recipes x 3 seeds) share the GPU at once: a ResNet-20 step
+# is launch-bound, so one process leaves most of the GPU idle. Their latency columns are therefore
+# measured beside the other processes (speed-ups are same-run ratios against the dense model);
+# rerun `prunekit compare <recipe> --out <dir> --arms <arm>` alone for clean timings.
+set -u
+OUT=${1:?usage: protocol_gpu.sh OUT_DIR [BUDGET_SECONDS] [THREADS_PER_PROCESS]}
+BUDGET=${2:-480}
+THREADS=${3:-2}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT/logs"
+START=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+echo "== dense model ($(date -u +%T))"
+python benchmarks/protocol_dense.py --device cuda --threads 4 --out "$OUT/protocol_dense_resnet20" \
+    2>&1 | tee "$OUT/logs/dense.log"
+DENSE="$OUT/protocol_dense_resnet20.safetensors"
+[ -f "$DENSE" ] || { echo "no dense model; stopping"; exit 1; }
+
+if [ "$(left)" -gt 30 ]; then
+  echo "== compare runs, $(left) s left ($(date -u +%T))"
+  pids=()
+  for recipe in gator slr; do
+    for seed in 0 1 2; do
+      timeout --signal=TERM "$(left)" python -m prunekit compare "recipes/compare_${recipe}_resnet20.yaml" \
+          "seeds=[$seed]" device=cuda threads="$THREADS" dense.weights="$DENSE" bench.device=cuda \
+          --out "$OUT/compare_${recipe}_resnet20" > "$OUT/logs/${recipe}_seed${seed}.log" 2>&1 &
+      pids+=($!)
+    done
+  done
+  wait "${pids[@]}"
+fi
+
+echo "== reports from the finished records ($(date -u +%T))"
+for recipe in gator slr; do
+  python -m prunekit compare "recipes/compare_${recipe}_resnet20.yaml" device=cuda dense.weights="$DENSE" \
+      bench.device=cuda --out "$OUT/compare_${recipe}_resnet20" --report-only 2>&1 | tail -n 20
+done
+echo "== done in $(( $(date +%s) - START )) s"
