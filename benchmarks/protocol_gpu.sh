@@ -12,6 +12,8 @@
 # is launch-bound, so one process leaves most of the GPU idle. Their latency columns are therefore
 # measured beside the other processes (speed-ups are same-run ratios against the dense model);
 # rerun `prunekit compare <recipe> --out <dir> --arms <arm>` alone for clean timings.
+# Environment knobs (for a CPU rehearsal of the flow): DEVICE (cuda), SEEDS ("0 1 2"),
+# RECIPES ("gator slr"), DENSE_ARGS (extra protocol_dense.py flags), OVERRIDES (extra compare overrides).
 set -u
 OUT=${1:?usage: protocol_gpu.sh OUT_DIR [BUDGET_SECONDS] [THREADS_PER_PROCESS]}
 BUDGET=${2:-480}
@@ -22,21 +24,26 @@ export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT/logs"
 START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+DEVICE=${DEVICE:-cuda}
+SEEDS=${SEEDS:-0 1 2}
+RECIPES=${RECIPES:-gator slr}
+DENSE_ARGS=${DENSE_ARGS:-}
+OVERRIDES=${OVERRIDES:-}
 
 echo "== dense model ($(date -u +%T))"
-python benchmarks/protocol_dense.py --device cuda --threads 4 --out "$OUT/protocol_dense_resnet20" \
-    2>&1 | tee "$OUT/logs/dense.log"
+python benchmarks/protocol_dense.py --device "$DEVICE" --threads 4 --out "$OUT/protocol_dense_resnet20" \
+    $DENSE_ARGS 2>&1 | tee "$OUT/logs/dense.log"
 DENSE="$OUT/protocol_dense_resnet20.safetensors"
 [ -f "$DENSE" ] || { echo "no dense model; stopping"; exit 1; }
 
 if [ "$(left)" -gt 30 ]; then
   echo "== compare runs, $(left) s left ($(date -u +%T))"
   pids=()
-  for recipe in gator slr; do
-    for seed in 0 1 2; do
+  for recipe in $RECIPES; do
+    for seed in $SEEDS; do
       timeout --signal=TERM "$(left)" python -m prunekit compare "recipes/compare_${recipe}_resnet20.yaml" \
-          "seeds=[$seed]" device=cuda threads="$THREADS" dense.weights="$DENSE" bench.device=cuda \
-          --out "$OUT/compare_${recipe}_resnet20" > "$OUT/logs/${recipe}_seed${seed}.log" 2>&1 &
+          "seeds=[$seed]" device="$DEVICE" threads="$THREADS" dense.weights="$DENSE" bench.device="$DEVICE" \
+          $OVERRIDES --out "$OUT/compare_${recipe}_resnet20" > "$OUT/logs/${recipe}_seed${seed}.log" 2>&1 &
       pids+=($!)
     done
   done
@@ -44,8 +51,9 @@ if [ "$(left)" -gt 30 ]; then
 fi
 
 echo "== reports from the finished records ($(date -u +%T))"
-for recipe in gator slr; do
-  python -m prunekit compare "recipes/compare_${recipe}_resnet20.yaml" device=cuda dense.weights="$DENSE" \
-      bench.device=cuda --out "$OUT/compare_${recipe}_resnet20" --report-only 2>&1 | tail -n 20
+SEED_LIST="[$(echo $SEEDS | tr ' ' ',')]"
+for recipe in $RECIPES; do
+  python -m prunekit compare "recipes/compare_${recipe}_resnet20.yaml" "seeds=$SEED_LIST" device="$DEVICE" \
+      dense.weights="$DENSE" bench.device="$DEVICE" $OVERRIDES --out "$OUT/compare_${recipe}_resnet20" --report-only 2>&1 | tail -n 20
 done
 echo "== done in $(( $(date +%s) - START )) s"
