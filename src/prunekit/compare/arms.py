@@ -113,8 +113,10 @@ def run_arm(recipe: CompareRecipe, arm: ArmSpec, seed: int, dense: nn.Module, bu
             val = bundle.val if bundle.val.num_samples > 0 else None
             train(model, bundle.train, val, recipe.finetune.replace(epochs=epochs, seed=seed), device=device,
                   progress=False)
-            remove_masks(model, bake=True)
         final = score(model, bundle, recipe.eval_split) if epochs > 0 else after_prune
+        # Masks (ours or a method's, e.g. SLR's) become plain zeros: parameters() would otherwise
+        # list the unmasked originals, and the timed forward would include the mask products.
+        remove_masks(model, bake=True)
     finally:
         bundle.train.seed = loader_seed
     cost = count_cost(model.cpu(), example.cpu())
