@@ -12,6 +12,12 @@
 # is launch-bound, so one process leaves most of the GPU idle. Their latency columns are therefore
 # measured beside the other processes (speed-ups are same-run ratios against the dense model);
 # rerun `prunekit compare <recipe> --out <dir> --arms <arm>` alone for clean timings.
+# Expected on one H200 (estimates from the H100 figures in the design notes, not measured: a
+# ResNet-56 epoch at batch 256 took 5.8 s there, launch-bound): dense model 2-3 minutes (30 epochs
+# of about 2 s plus data decoding); one arm x seed about 40-60 s alone, 2-3x that with six
+# processes sharing the GPU. A 480 s budget therefore covers the dense model and about the first
+# 3-4 arms of each recipe (recipe order: the most informative first) for all three seeds;
+# 15-20 minutes cover every arm. Rerun with the same OUT_DIR to continue.
 # Environment knobs (for a CPU rehearsal of the flow): DEVICE (cuda), SEEDS ("0 1 2"),
 # RECIPES ("gator slr"), DENSE_ARGS (extra protocol_dense.py flags), OVERRIDES (extra compare overrides).
 set -u
@@ -31,7 +37,7 @@ DENSE_ARGS=${DENSE_ARGS:-}
 OVERRIDES=${OVERRIDES:-}
 
 echo "== dense model ($(date -u +%T))"
-python benchmarks/protocol_dense.py --device "$DEVICE" --threads 4 --out "$OUT/protocol_dense_resnet20" \
+python benchmarks/protocol_dense.py --device "$DEVICE" --threads "$THREADS" --out "$OUT/protocol_dense_resnet20" \
     $DENSE_ARGS 2>&1 | tee "$OUT/logs/dense.log"
 DENSE="$OUT/protocol_dense_resnet20.safetensors"
 [ -f "$DENSE" ] || { echo "no dense model; stopping"; exit 1; }
