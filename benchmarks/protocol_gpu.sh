@@ -19,7 +19,7 @@
 # 3-4 arms of each recipe (recipe order: the most informative first) for all three seeds;
 # 15-20 minutes cover every arm. Rerun with the same OUT_DIR to continue.
 # Environment knobs (for a CPU rehearsal of the flow): DEVICE (cuda), SEEDS ("0 1 2"),
-# RECIPES ("gator slr"), DENSE_ARGS (extra protocol_dense.py flags), OVERRIDES (extra compare overrides).
+# RECIPES ("gator slr"), DATA (the tarball; found beside the repository by default), DENSE_ARGS (extra protocol_dense.py flags), OVERRIDES (extra compare overrides).
 set -u
 OUT=${1:?usage: protocol_gpu.sh OUT_DIR [BUDGET_SECONDS] [THREADS_PER_PROCESS]}
 BUDGET=${2:-480}
@@ -35,10 +35,18 @@ SEEDS=${SEEDS:-0 1 2}
 RECIPES=${RECIPES:-gator slr}
 DENSE_ARGS=${DENSE_ARGS:-}
 OVERRIDES=${OVERRIDES:-}
+# The JPEG CIFAR-10: DATA, else ../shared/data or shared/data beside the repository root.
+if [ -z "${DATA:-}" ]; then
+  for d in ../shared/data/cifar10-jpg.tar.gz shared/data/cifar10-jpg.tar.gz; do
+    [ -f "$d" ] && DATA=$(cd "$(dirname "$d")" && pwd)/$(basename "$d") && break
+  done
+fi
+[ -f "${DATA:-}" ] || { echo "CIFAR-10 tarball not found; set DATA=/path/to/cifar10-jpg.tar.gz"; exit 1; }
+OVERRIDES="data.root=$DATA $OVERRIDES"
 
 echo "== dense model ($(date -u +%T))"
 python benchmarks/protocol_dense.py --device "$DEVICE" --threads "$THREADS" --out "$OUT/protocol_dense_resnet20" \
-    $DENSE_ARGS 2>&1 | tee "$OUT/logs/dense.log"
+    --data "$DATA" $DENSE_ARGS 2>&1 | tee "$OUT/logs/dense.log"
 DENSE="$OUT/protocol_dense_resnet20.safetensors"
 [ -f "$DENSE" ] || { echo "no dense model; stopping"; exit 1; }
 

@@ -156,8 +156,11 @@ class CompareRecipe:
     def spec_of(self, arm: str) -> dict[str, Any]:
         """Everything that decides an arm's numbers (its config, the budget, the data, the device)."""
         spec = self.arms[arm]
+        # Where the data lives and how it is loaded do not change the numbers; the dense sha256
+        # (added by the runner) pins the model.
+        data = {k: v for k, v in self.data.to_dict().items() if k not in ("root", "device", "num_workers")}
         return {"arm": spec.to_dict(), "model": {"name": self.model_name, "kwargs": self.model_kwargs},
-                "data": self.data.to_dict(), "method_train": self.method_train.to_dict(),
+                "data": data, "method_train": self.method_train.to_dict(),
                 "finetune": self.finetune.to_dict(), "finetune_epochs": spec.budget_left(self.finetune.epochs),
                 "eval_split": self.eval_split, "eval_max_batches": self.eval_max_batches,
                 "calibration_batches": self.calibration_batches}
