@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -193,13 +194,25 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         adopt_(model, work)
     config = cfg.to_dict()
     plan.meta.update({"method": "magnitude", "config": config})
-    return PruneResult(plan, before, after, config, {"criterion_fallbacks": fallbacks} if fallbacks else {})
+    metrics = {"criterion_fallbacks": fallbacks} if fallbacks else {}
+    metrics.update(_capped_note(cfg))
+    return PruneResult(plan, before, after, config, metrics)
 
 
 def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any, batches: Iterable | None = None,
                      between_steps: Callable[[nn.Module, int], None] | None = None) -> PruneResult:
     prepared = prepare_pruning(model, example_inputs, cfg.ignore, probe=cfg.probe)
     return prune_prepared_(prepared, model, cfg, batches, between_steps)
+
+
+def _capped_note(cfg: MagnitudeConfig) -> dict[str, Any]:
+    """{"notes": [...]} when channel_ratio asks for more than max_ratio lets any group lose."""
+    if cfg.channel_ratio is None or cfg.channel_ratio <= cfg.max_ratio:
+        return {}
+    note = (f"channel_ratio={cfg.channel_ratio} was capped at max_ratio={cfg.max_ratio}: no group loses more "
+            "than that share of its channels; raise max_ratio to remove more")
+    warnings.warn(note, stacklevel=3)
+    return {"notes": [note]}
 
 
 from . import register_method  # noqa: E402
