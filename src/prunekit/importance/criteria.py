@@ -28,7 +28,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.registry import Registry
-from ..graph import Group
+from ..graph import Graph, Group
 
 Criterion = Callable[[Group, "ScoreContext"], torch.Tensor]
 CRITERIA: Registry[Criterion] = Registry("criterion")
@@ -44,6 +44,8 @@ class ScoreContext:
     reduction: str = "mean"
     seed: int = 0
     loss_fn: Callable = nn.functional.cross_entropy
+    graph: Graph | None = None  # when set, data passes may serve all its prunable groups at once
+    cache: dict = field(default_factory=dict, repr=False)  # criteria keep per-context results here
     _grads: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _outs: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _params: dict[str, torch.Tensor] | None = field(default=None, repr=False)
@@ -216,3 +218,6 @@ CRITERIA.register("taylor", taylor)
 CRITERIA.register("fpgm", fpgm)
 CRITERIA.register("random", random_scores)
 CRITERIA.register("activation", activation)
+
+# the evolved functions and their seed metrics register themselves (they import this module)
+from .evolved import shipped as _shipped  # noqa: E402,F401

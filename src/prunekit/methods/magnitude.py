@@ -73,7 +73,7 @@ class MagnitudeConfig(Config):
 
 
 def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: Iterable | None) -> dict[str, torch.Tensor]:
-    ctx = ScoreContext(model, batches=batches, reduction=cfg.reduction, seed=cfg.seed)
+    ctx = ScoreContext(model, batches=batches, reduction=cfg.reduction, seed=cfg.seed, graph=graph)
     criterion = CRITERIA.get(cfg.criterion)
     return {g.name: criterion(g, ctx) for g in graph.prunable_groups()}
 

@@ -1,0 +1,78 @@
+"""The evolved functions and the seed metrics as criteria of the core pruner.
+
+Registered names: ga_func1..ga_func4 (ga_func2 = the paper's Eq. 3), abs_snr, fdr, sym_div,
+t_stat (class statistics of the scored activation, see `stats.py`; they need calibration
+batches of (inputs, labels)) and seed_l1, seed_l2, seed_geo_median (the seeds' weight metrics
+on each channel's incoming filters; data-free). The seed weight metrics differ from the core's
+`l1`/`l2` on purpose: they read only the producing filters (the authors' WI), not the whole
+group, and drop the constant factor C (number of classes) the authors' class loop multiplies in.
+
+>>> import torch
+>>> from prunekit.methods import prune_
+>>> from prunekit.methods.magnitude import MagnitudeConfig
+>>> m = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 3))
+>>> data = [(torch.randn(12, 1, 8, 8), torch.arange(12) % 3)]
+>>> r = prune_(m, MagnitudeConfig(criterion="ga_func2", channel_ratio=0.5), torch.zeros(1, 1, 8, 8), batches=data)
+>>> m[0].out_channels
+4
+"""
+from __future__ import annotations
+
+import torch
+
+from ...core.errors import ConfigError
+from ...graph import Group
+from ..criteria import CRITERIA, ScoreContext
+from .closed_forms import FILTER_FUNCTIONS, STAT_FUNCTIONS
+from .stats import ClassStats, collect_class_stats
+
+
+def class_stats(group: Group, ctx: ScoreContext) -> ClassStats:
+    """The group's streamed class statistics, computed once per context (one pass for every
+    prunable group of `ctx.graph` when it is set)."""
+    cache = ctx.cache.setdefault("class_stats", {})
+    if group.name not in cache:
+        batches = ctx.require_batches("class-statistics criteria")
+        groups = ctx.graph.prunable_groups() if ctx.graph is not None else [group]
+        if group.name not in {g.name for g in groups}:
+            groups = [group]
+        cache.update(collect_class_stats(ctx.model, groups, batches))
+    return cache[group.name]
+
+
+def incoming_filters(group: Group, ctx: ScoreContext) -> torch.Tensor:
+    """(K, F): each channel's producing weights (all "out" weight members, flattened and joined);
+    a group with no producer uses its consumers' input slices instead."""
+    params = ctx.parameters()
+    for roles in (("out",), ("in",)):
+        rows = []
+        for m in group.tensor_members():
+            if m.role in roles and m.name == "weight" and m.qualname in params:
+                w = params[m.qualname].detach().double()
+                flat = w.movedim(m.dim, 0).reshape(w.shape[m.dim], -1)
+                per = [flat[(m.channel == k).nonzero().flatten()].reshape(-1) for k in range(group.size)]
+                if len({p.numel() for p in per}) == 1 and per[0].numel() > 0:
+                    rows.append(torch.stack(per))
+        if rows:
+            return torch.cat(rows, 1)
+    raise ConfigError(f"group {group.name!r} has no weight to score; use a data criterion such as ga_func2")
+
+
+def _stat_criterion(fn):
+    def criterion(group: Group, ctx: ScoreContext) -> torch.Tensor:
+        return fn(class_stats(group, ctx).moments()).float()
+    criterion.__doc__ = fn.__doc__
+    return criterion
+
+
+def _filter_criterion(fn):
+    def criterion(group: Group, ctx: ScoreContext) -> torch.Tensor:
+        return fn(incoming_filters(group, ctx)).float()
+    criterion.__doc__ = fn.__doc__
+    return criterion
+
+
+for _name, _fn in STAT_FUNCTIONS.items():
+    CRITERIA.register(_name, _stat_criterion(_fn))
+for _name, _fn in FILTER_FUNCTIONS.items():
+    CRITERIA.register(_name, _filter_criterion(_fn))
