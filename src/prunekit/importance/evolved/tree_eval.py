@@ -74,10 +74,12 @@ def channel_scores(tree: gp.PrimitiveTree, maps: np.ndarray, labels: np.ndarray,
 class EvolvedCriterion:
     """A criterion from an expression text; the text is parsed (not evaluated) on construction."""
 
-    def __init__(self, text: str, max_samples: int = 256):
+    def __init__(self, text: str, max_samples: int = 256, time_limit_s: float | None = None):
         self.tree = parse_expression(text)
         self.text = expression_text(self.tree)
         self.max_samples = max_samples
+        self.time_limit_s = time_limit_s  # for all groups together, counted from the first call
+        self._deadline: float | None = None
         self.__doc__ = f"evolved function {self.text}"
 
     def __repr__(self) -> str:
@@ -91,8 +93,10 @@ class EvolvedCriterion:
             filters = incoming_filters(group, ctx).numpy()
         except ConfigError:
             filters = np.zeros((group.size, 1))
+        if self.time_limit_s is not None and self._deadline is None:
+            self._deadline = time.monotonic() + self.time_limit_s
         try:
-            scores = channel_scores(self.tree, maps, labels, filters)
+            scores = channel_scores(self.tree, maps, labels, filters, self._deadline)
         except EvalError as err:
             raise ConfigError(f"evolved function {self.text!r} has no finite score on group {group.name!r} ({err}); "
                               "use another function or criterion") from None
