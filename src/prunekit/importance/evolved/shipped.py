@@ -22,9 +22,10 @@ import torch
 
 from ...core.errors import ConfigError
 from ...graph import Group
-from ..criteria import CRITERIA, ScoreContext
+from ..criteria import CRITERIA, ScoreContext, register_criterion_factory
 from .closed_forms import FILTER_FUNCTIONS, STAT_FUNCTIONS
 from .stats import ClassStats, collect_class_stats
+from .tree_eval import create_evolved_criterion
 
 
 def class_stats(group: Group, ctx: ScoreContext) -> ClassStats:
@@ -76,3 +77,4 @@ for _name, _fn in STAT_FUNCTIONS.items():
     CRITERIA.register(_name, _stat_criterion(_fn))
 for _name, _fn in FILTER_FUNCTIONS.items():
     CRITERIA.register(_name, _filter_criterion(_fn))
+register_criterion_factory("evolved", create_evolved_criterion)

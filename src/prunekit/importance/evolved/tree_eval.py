@@ -103,7 +103,7 @@ class EvolvedCriterion:
         return torch.from_numpy(scores).float()
 
     def _maps(self, group: Group, ctx: ScoreContext) -> tuple[np.ndarray, np.ndarray]:
-        cache = ctx.cache.setdefault(("feature_maps", self.max_samples), {})
+        cache = ctx.cache.setdefault(f"evolved_feature_maps:{self.max_samples}", {})
         if group.name not in cache:
             batches = ctx.require_batches("evolved")
             groups = ctx.graph.prunable_groups() if ctx.graph is not None else [group]
