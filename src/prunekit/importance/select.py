@@ -67,8 +67,11 @@ def _round_kept(group: Group, n_remove: int, round_to: int | None, cap: int) -> 
 
 
 def select_removal(graph: Graph, scores: Mapping[str, torch.Tensor], ratio: float, scope: str = "local",
-                   max_ratio: float = 0.9, round_to: int | None = None, normalizer: str = "mean") -> dict[str, list[int]]:
-    """Channels to remove per group, lowest scores first. `scores` covers the groups to prune."""
+                   max_ratio: float = 0.9, round_to: int | None = None, normalizer: str = "mean",
+                   keep: Mapping[str, torch.Tensor] | None = None) -> dict[str, list[int]]:
+    """Channels to remove per group, lowest scores first. `scores` covers the groups to prune.
+
+    `keep`: `must_keep` of every scored group, when the caller selects at many ratios."""
     check_range("ratio", ratio, 0.0, 1.0, hi_open=True)
     check_range("max_ratio", max_ratio, 0.0, 1.0)
     check_choice("scope", scope, ("local", "global"))
@@ -76,7 +79,7 @@ def select_removal(graph: Graph, scores: Mapping[str, torch.Tensor], ratio: floa
     for name, s in scores.items():
         if s.shape != (groups[name].size,):
             raise ConfigError(f"scores for group {name!r} have shape {tuple(s.shape)}, expected ({groups[name].size},)")
-    keep = {n: must_keep(g, scores[n]) for n, g in groups.items()}
+    keep = keep if keep is not None else {n: must_keep(g, scores[n]) for n, g in groups.items()}
     if scope == "local":
         counts = {n: min(_cap(g, max_ratio, keep[n]), int(math.floor(ratio * g.size))) for n, g in groups.items()}
     else:
