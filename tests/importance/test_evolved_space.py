@@ -83,3 +83,31 @@ def test_malformed_or_hostile_text_raises_and_runs_nothing(text, tmp_path):
     with pytest.raises(ConfigError, match="evolved expression"):
         EvolvedCriterion(text.format(flag=flag))
     assert not flag.exists()
+
+
+def test_evolved_text_prunes_like_the_shipped_closed_form():
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+    from prunekit.models import create_model
+
+    torch.manual_seed(0)
+    data = [(torch.randn(16, 3, 32, 32), torch.arange(16) % 4) for _ in range(2)]
+    plans = []
+    for crit in ("ga_func2", "evolved:" + EVOLVED["ga_func2"], "t_stat", "evolved:" + SEEDS["t_stat"]):
+        torch.manual_seed(1)
+        model = create_model("resnet20", num_classes=10).eval()
+        for m in model.modules():  # BN statistics that differ per channel
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+        r = prune_(model, MagnitudeConfig(criterion=crit, channel_ratio=0.4, probe=False), data[0][0][:1], batches=data)
+        plans.append(r.plan.groups)
+    assert plans[0] == plans[1] and plans[2] == plans[3] and plans[0] != plans[2]
+
+
+def test_hostile_criterion_in_a_config_raises(tmp_path):
+    from prunekit.methods.magnitude import MagnitudeConfig
+
+    flag = tmp_path / "flag"
+    with pytest.raises(ConfigError, match="evolved"):
+        MagnitudeConfig(criterion=f"evolved:__import__('os').system('touch {flag}')", channel_ratio=0.5)
+    assert not flag.exists()

@@ -27,13 +27,11 @@ from safetensors.torch import load_model, save_model
 from ..core.errors import PrunekitError
 from ..data import DataConfig, load_data
 from ..engine import evaluate, train
-from ..importance.criteria import ScoreContext
 from ..importance.evolved.space import EvalError
 from ..importance.evolved.tree_eval import EvolvedCriterion
-from ..importance.select import select_removal
 from ..models import create_model
-from ..surgery.shrink import remove_channels_
-from ..surgery.verify import build_safe_graph
+from ..methods.magnitude import MagnitudeConfig
+from ..surgery.prepared import PreparedPruning, prepare_pruning
 from .config import TaskConfig
 
 
@@ -88,8 +86,7 @@ class TaskState:
     bundle: object
     dense: torch.nn.Module
     calib: list
-    graph: object
-    example: torch.Tensor
+    prepared: PreparedPruning
 
 
 _STATES: dict[tuple[str, str, str], TaskState] = {}  # per worker process
@@ -110,18 +107,16 @@ def task_state(task_json: str, dense_path: str, device: str) -> TaskState:
             n += len(y)
             if n >= task.calib_samples:
                 break
-        example = calib[0][0][:1]
-        graph = build_safe_graph(dense, example, task.ignore)
-        _STATES[key] = TaskState(task, bundle, dense, calib, graph, example)
+        prepared = prepare_pruning(dense, calib[0][0][:1], task.ignore)  # traced and probed once
+        _STATES[key] = TaskState(task, bundle, dense, calib, prepared)
     return _STATES[key]
 
 
 def prune_copy(state: TaskState, criterion, ratio: float) -> torch.nn.Module:
-    """A pruned fresh copy of the dense model (the traced graph is reused, not traced again)."""
+    """A pruned fresh copy of the dense model (the prepared graph is reused, not traced again)."""
     model = copy.deepcopy(state.dense)
-    ctx = ScoreContext(model, batches=state.calib, graph=state.graph)
-    scores = {g.name: criterion(g, ctx) for g in state.graph.prunable_groups()}
-    remove_channels_(model, state.graph, select_removal(state.graph, scores, ratio))
+    cfg = MagnitudeConfig(criterion=criterion, channel_ratio=ratio, ignore=list(state.task.ignore))
+    state.prepared.prune_(model, cfg, batches=state.calib)
     return model
 
 

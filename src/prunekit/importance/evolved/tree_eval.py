@@ -22,7 +22,7 @@ from deap import gp
 
 from ...core.errors import ConfigError
 from ...graph import Group
-from ..criteria import ScoreContext
+from ..context import ScoreContext
 from .space import OPS, EvalError
 from .stats import collect_feature_maps
 from .text import expression_text, parse_expression
