@@ -64,14 +64,16 @@ def cli(debug: bool) -> None:
     prunekit run                        train, prune, fine-tune and report (embedded digits recipe)
     prunekit run RECIPE.yaml k=v ...    the same from a recipe, with dotted overrides
     prunekit info                       models, datasets, methods and criteria
+    prunekit evolve RECIPE.yaml         evolve pruning functions (genetic programming)
     """
 
 
 def _register() -> None:
-    from . import commands, inspect_cmds
+    from . import commands, evolve_cmd, inspect_cmds
 
     for command in (commands.run, commands.train_cmd, commands.prune_cmd, commands.finetune_cmd,
-                    inspect_cmds.eval_cmd, inspect_cmds.bench, inspect_cmds.report, inspect_cmds.info):
+                    inspect_cmds.eval_cmd, inspect_cmds.bench, inspect_cmds.report, inspect_cmds.info,
+                    evolve_cmd.evolve_cmd):
         cli.add_command(command)
 
 

@@ -84,6 +84,39 @@ def cifar_task(**changes) -> TaskConfig:
     return dataclasses.replace(base, **changes)
 
 
+DEFAULT_TASKS = {"digits": digits_task, "cifar10_subset": cifar_task}
+
+
+def task_from(entry) -> TaskConfig:
+    """A TaskConfig from a recipe entry: a default task's name ("digits", "cifar10_subset"), a
+    mapping with `base: <default task>` plus the keys it changes, or a full task mapping."""
+    if isinstance(entry, TaskConfig):
+        return entry
+    if isinstance(entry, str):
+        entry = {"base": entry}
+    if not isinstance(entry, dict):
+        raise ConfigError(f"a task is a name ({', '.join(DEFAULT_TASKS)}) or a mapping; got {entry!r}")
+    entry = dict(entry)
+    base = entry.pop("base", None)
+    if base is None:
+        try:
+            return TaskConfig(**entry)
+        except TypeError as err:
+            raise ConfigError(f"task: {err}") from None
+    if base not in DEFAULT_TASKS:
+        raise ConfigError(f"task base {base!r} is unknown; choose one of: {', '.join(DEFAULT_TASKS)}")
+    known = {f.name for f in dataclasses.fields(TaskConfig)}
+    if set(entry) - known:
+        raise ConfigError(f"task keys {sorted(set(entry) - known)} are unknown; allowed: {', '.join(sorted(known))}")
+    default = DEFAULT_TASKS[base]()
+    if isinstance(entry.get("data"), dict):  # changes merge into the base's data and training settings
+        entry["data"] = {**default.data, **entry["data"]}
+    for key in ("dense_train", "finetune"):
+        if isinstance(entry.get(key), dict):
+            entry[key] = {**getattr(default, key).to_dict(), **entry[key]}
+    return DEFAULT_TASKS[base](**entry)
+
+
 @dataclasses.dataclass
 class EvolveConfig(Config):
     """The GP loop. `reeval_top` elites are re-evaluated with `reeval_seeds` more fine-tune seeds
@@ -116,7 +149,7 @@ class EvolveConfig(Config):
     threads_per_job: int = 1
 
     def validate(self) -> None:
-        self.tasks = [TaskConfig(**t) if isinstance(t, dict) else t for t in self.tasks]
+        self.tasks = [task_from(t) for t in self.tasks]
         if not self.tasks or not all(isinstance(t, TaskConfig) for t in self.tasks):
             raise ConfigError("tasks must be a non-empty list of task mappings (name, model, data, ...)")
         if len({t.name for t in self.tasks}) != len(self.tasks):

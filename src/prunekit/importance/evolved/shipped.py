@@ -59,22 +59,37 @@ def incoming_filters(group: Group, ctx: ScoreContext) -> torch.Tensor:
     raise ConfigError(f"group {group.name!r} has no weight to score; use a data criterion such as ga_func2")
 
 
-def _stat_criterion(fn):
+DESCRIPTIONS = {  # one line each, for `prunekit info criteria`
+    "ga_func1": "evolved GA_Func1 (Liu et al.) on per-class activation statistics (needs labelled data)",
+    "ga_func2": "evolved GA_Func2 = the paper's Eq. 3, factor D kept (needs labelled data)",
+    "ga_func3": "evolved GA_Func3 (Liu et al.) on per-class activation statistics (needs labelled data)",
+    "ga_func4": "evolved GA_Func4 (Liu et al.) on per-class activation statistics (needs labelled data)",
+    "abs_snr": "seed metric: one-vs-rest |mu_P - mu_Q| / (std_P + std_Q), summed over classes (needs labelled data)",
+    "fdr": "seed metric: Fisher discriminant ratio, one-vs-rest, summed over classes (needs labelled data)",
+    "sym_div": "seed metric: symmetric divergence, one-vs-rest, summed over classes (needs labelled data)",
+    "t_stat": "seed metric: two-sample t statistic, one-vs-rest, summed over classes (needs labelled data)",
+    "seed_l1": "seed metric: L1 norm of each channel's producing filters only (not the whole group)",
+    "seed_l2": "seed metric: L2 norm of each channel's producing filters only (not the whole group)",
+    "seed_geo_median": "seed metric: distance of each channel's filters to the layer's medoid filter (FPGM-like)",
+}
+
+
+def _stat_criterion(name, fn):
     def criterion(group: Group, ctx: ScoreContext) -> torch.Tensor:
         return fn(class_stats(group, ctx).moments()).float()
-    criterion.__doc__ = fn.__doc__
+    criterion.__doc__ = f"{DESCRIPTIONS[name]}.\n\n{fn.__doc__}"
     return criterion
 
 
-def _filter_criterion(fn):
+def _filter_criterion(name, fn):
     def criterion(group: Group, ctx: ScoreContext) -> torch.Tensor:
         return fn(incoming_filters(group, ctx)).float()
-    criterion.__doc__ = fn.__doc__
+    criterion.__doc__ = f"{DESCRIPTIONS[name]}.\n\n{fn.__doc__}"
     return criterion
 
 
 for _name, _fn in STAT_FUNCTIONS.items():
-    CRITERIA.register(_name, _stat_criterion(_fn))
+    CRITERIA.register(_name, _stat_criterion(_name, _fn))
 for _name, _fn in FILTER_FUNCTIONS.items():
-    CRITERIA.register(_name, _filter_criterion(_fn))
+    CRITERIA.register(_name, _filter_criterion(_name, _fn))
 register_criterion_factory("evolved", create_evolved_criterion)
