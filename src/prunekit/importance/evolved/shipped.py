@@ -25,7 +25,6 @@ from ...graph import Group
 from ..criteria import CRITERIA, ScoreContext, register_criterion_factory
 from .closed_forms import FILTER_FUNCTIONS, STAT_FUNCTIONS
 from .stats import ClassStats, collect_class_stats
-from .tree_eval import create_evolved_criterion
 
 
 def class_stats(group: Group, ctx: ScoreContext) -> ClassStats:
@@ -92,4 +91,12 @@ for _name, _fn in STAT_FUNCTIONS.items():
     CRITERIA.register(_name, _stat_criterion(_name, _fn))
 for _name, _fn in FILTER_FUNCTIONS.items():
     CRITERIA.register(_name, _filter_criterion(_name, _fn))
-register_criterion_factory("evolved", create_evolved_criterion)
+
+
+def _evolved_factory(text: str):
+    from .tree_eval import create_evolved_criterion  # imports DEAP only when an expression is used
+
+    return create_evolved_criterion(text)
+
+
+register_criterion_factory("evolved", _evolved_factory)
