@@ -83,7 +83,7 @@ def test_collected_stats_read_the_consumer_input_after_bn_and_relu():
     g = build_graph(m, x[:1]).group("0")
     assert scoring_point(m, g).module == "3" and scoring_point(m, g).where == "input"
     batches = [(x[:7], y[:7]), (x[7:], y[7:])]
-    s = collect_class_stats(m, [g], batches, num_classes=3)["0"]
+    s = collect_class_stats(m, [g], batches)["0"]
     a = m[2](m[1](m[0](x))).detach().double().reshape(20, 3, 16)
     ref = ClassStats.empty(3, 3, 16)
     ref.add(a, y)
@@ -117,3 +117,21 @@ def test_filter_seeds_equal_numpy(name):
     want = {"seed_l1": [np.sum(np.abs(w)) for w in W], "seed_l2": [np.sqrt(np.sum(w ** 2)) for w in W],
             "seed_geo_median": [np.sqrt(np.sum((w - gm) ** 2)) for w in W]}[name]
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("prunekit.testing.toy_models", fromlist=["TOY_MODELS"]).TOY_MODELS))
+def test_every_group_kind_of_the_toy_models_is_scored(name):
+    from prunekit.importance.criteria import resolve_criterion
+    from prunekit.testing.toy_models import TOY_MODELS
+
+    build, make_input = TOY_MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    graph = build_graph(model, make_input())
+    xs = torch.cat([make_input() for _ in range(4)])
+    batches = [(xs, torch.arange(len(xs)) % 3)]
+    for crit in ("ga_func2", "t_stat", "evolved:div(var(P), rho5(var(Q)))", "seed_l2"):
+        ctx = ScoreContext(model, batches=batches, graph=graph)
+        for g in graph.prunable_groups():
+            s = resolve_criterion(crit)(g, ctx)
+            assert s.shape == (g.size,) and bool(torch.isfinite(s).all()), (crit, g.name)

@@ -11,6 +11,10 @@ the norm and the activation, what the next layer sees):
    model's output, or a consumer that is not a plain conv/Linear);
 3. else the output of a normalisation layer in the group (a group with no conv/Linear at all).
 
+Each rule gives at most one candidate; hooks sit on all of them and the first one whose module
+ran is used (a Linear inside nn.MultiheadAttention is applied functionally, never by its own
+forward). The number of classes grows with the labels seen.
+
 A channel's feature map is X_k in R^{N x D} (D = H*W for a conv input, the columns of one
 channel for a Linear, 1 for a plain FC unit). Statistics kept per group, independent of N:
 counts n (C,), column sums (C, K, D) and sums of squares (C, K), all float64 (sums of squares
@@ -20,7 +24,7 @@ of 50k images lose digits in float32).
 >>> from prunekit.graph import build_graph
 >>> m = nn.Sequential(nn.Conv2d(1, 3, 1), nn.ReLU(), nn.Conv2d(3, 2, 1))
 >>> g = build_graph(m, torch.randn(1, 1, 2, 2)).group("0")
->>> s = collect_class_stats(m, [g], [(torch.randn(4, 1, 2, 2), torch.tensor([0, 1, 1, 0]))], 2)["0"]
+>>> s = collect_class_stats(m, [g], [(torch.randn(4, 1, 2, 2), torch.tensor([0, 1, 1, 0]))])["0"]
 >>> s.colsum.shape, s.counts.tolist()
 (torch.Size([2, 3, 4]), [2.0, 2.0])
 """
@@ -63,30 +67,41 @@ def _positions(channel: torch.Tensor, size: int) -> list[torch.Tensor] | None:
     return pos if all(p.numel() > 0 for p in pos) else None
 
 
-def scoring_point(model: nn.Module, group: Group) -> ScoringPoint:
-    """The activation scored for `group` (see the module docstring for the order of preference)."""
+def scoring_points(model: nn.Module, group: Group) -> list[ScoringPoint]:
+    """Where `group` may be read, best first (at most one per rule of the module docstring); the
+    first whose module actually runs is used (a Linear inside nn.MultiheadAttention never runs
+    its own forward, so its hook never fires)."""
     mods = dict(model.named_modules())
-    for m in group.tensor_members():  # 1. consumer input
-        mod = mods.get(m.module)
-        plain_conv = isinstance(mod, nn.modules.conv._ConvNd) and mod.groups == 1 and not mod.transposed
-        if m.role == "in" and m.name == "weight" and m.dim == 1 and (plain_conv or isinstance(mod, nn.Linear)):
-            pos = _positions(m.channel, group.size)
-            if pos is not None:
-                return ScoringPoint(m.module, "input", 1 if plain_conv else -1, pos)
-    for m in group.tensor_members():  # 2. producer output
-        mod = mods.get(m.module)
-        if m.role == "out" and m.name == "weight" and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
-            pos = _positions(m.channel, group.size)
-            if pos is not None:
-                return ScoringPoint(m.module, "output", 1 if isinstance(mod, nn.modules.conv._ConvNd) else -1, pos)
-    for m in group.tensor_members():  # 3. a norm's output
-        mod = mods.get(m.module)
-        if m.role == "through" and isinstance(mod, _NORMS):
-            pos = _positions(m.channel, group.size)
-            if pos is not None:
-                return ScoringPoint(m.module, "output", -1 if isinstance(mod, nn.LayerNorm) else 1, pos)
-    raise ConfigError(f"group {group.name!r} has no conv, Linear or norm layer whose activations can be read; "
-                      "score it with a weight criterion (l1, l2, fpgm) or ignore it")
+    found: list[ScoringPoint] = []
+
+    def first(match, where, axis_of):
+        for m in group.tensor_members():
+            mod = mods.get(m.module)
+            if match(m, mod) and (pos := _positions(m.channel, group.size)) is not None:
+                return ScoringPoint(m.module, where, axis_of(mod), pos)
+        return None
+
+    conv = lambda mod: isinstance(mod, nn.modules.conv._ConvNd)
+    plain = lambda mod: conv(mod) and mod.groups == 1 and not mod.transposed
+    for point in (
+        first(lambda m, mod: m.role == "in" and m.name == "weight" and m.dim == 1
+              and (plain(mod) or isinstance(mod, nn.Linear)), "input", lambda mod: 1 if conv(mod) else -1),
+        first(lambda m, mod: m.role == "out" and m.name == "weight" and (conv(mod) or isinstance(mod, nn.Linear)),
+              "output", lambda mod: 1 if conv(mod) else -1),
+        first(lambda m, mod: m.role == "through" and isinstance(mod, _NORMS),
+              "output", lambda mod: -1 if isinstance(mod, nn.LayerNorm) else 1),
+    ):
+        if point is not None:
+            found.append(point)
+    if not found:
+        raise ConfigError(f"group {group.name!r} has no conv, Linear or norm layer whose activations can be read; "
+                          "score it with a weight criterion (l1, l2, fpgm) or ignore it")
+    return found
+
+
+def scoring_point(model: nn.Module, group: Group) -> ScoringPoint:
+    """The preferred activation for `group` (see the module docstring)."""
+    return scoring_points(model, group)[0]
 
 
 @dataclass
@@ -103,7 +118,13 @@ class ClassStats:
         return cls(z(classes), z(classes, channels, d), z(classes, channels))
 
     def add(self, maps: torch.Tensor, labels: torch.Tensor) -> None:
-        """Accumulate a batch: maps (B, K, D) float64, labels (B,) int in [0, C)."""
+        """Accumulate a batch: maps (B, K, D) float64, labels (B,) int >= 0 (C grows to fit)."""
+        need = int(labels.max()) + 1 if labels.numel() else 0
+        if need > self.counts.shape[0]:
+            pad = need - self.counts.shape[0]
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(pad)])
+            self.colsum = torch.cat([self.colsum, self.colsum.new_zeros(pad, *self.colsum.shape[1:])])
+            self.sumsq = torch.cat([self.sumsq, self.sumsq.new_zeros(pad, self.sumsq.shape[1])])
         self.counts.index_add_(0, labels, torch.ones(labels.shape[0], dtype=torch.float64))
         self.colsum.index_add_(0, labels, maps)
         self.sumsq.index_add_(0, labels, maps.square().sum(2))
@@ -154,34 +175,39 @@ def _hook(model: nn.Module, point: ScoringPoint, sink):
     return mod.register_forward_hook(lambda _m, _a, out: sink(point.channel_maps(out)))
 
 
-def collect_class_stats(model: nn.Module, groups: list[Group], batches: Iterable, num_classes: int | None = None
-                        ) -> dict[str, ClassStats]:
-    """One pass over `batches` ((x, y) pairs) for all `groups`: name -> ClassStats.
+def _collect(model: nn.Module, groups: list[Group], batches: Iterable, make_sink) -> dict:
+    """One pass with hooks at every candidate point of every group; name -> what the best
+    candidate that ran collected. `make_sink(store)` returns a hook sink writing into `store`."""
+    stores = {g.name: [(p, {}) for p in scoring_points(model, g)] for g in groups}
+    labels: list[torch.Tensor] = []
+    hooks = [_hook(model, p, make_sink(store, labels)) for cands in stores.values() for p, store in cands]
+    _forward_all(model, hooks, batches, labels.append)
+    out, missing = {}, []
+    for name, cands in stores.items():
+        got = next((store for _, store in cands if store), None)
+        if got is None:
+            missing.append(name)
+        else:
+            out[name] = got
+    if missing:
+        raise ConfigError(f"no calibration batch reached the layers of group(s) {missing}; "
+                          "pass batches of (inputs, labels)")
+    return out
 
-    `num_classes` defaults to the model's last Linear out_features (or max label + 1 when the
-    model has none); labels outside [0, num_classes) raise ConfigError.
-    """
-    points = {g.name: scoring_point(model, g) for g in groups}
-    stats: dict[str, ClassStats] = {}
-    current: list[torch.Tensor] = []
-    classes = num_classes or _guess_classes(model)
 
-    def sink_for(name):
+def collect_class_stats(model: nn.Module, groups: list[Group], batches: Iterable) -> dict[str, ClassStats]:
+    """One pass over `batches` ((x, y) pairs, integer labels >= 0) for all `groups`: name -> ClassStats."""
+    def make_sink(store, labels):
         def sink(maps):
-            y = current[-1]
-            if classes is not None and (int(y.min()) < 0 or int(y.max()) >= classes):
-                raise ConfigError(f"labels must lie in [0, {classes}); got {int(y.min())}..{int(y.max())}")
-            if name not in stats:
-                stats[name] = ClassStats.empty(classes or int(y.max()) + 1, maps.shape[1], maps.shape[2])
-            stats[name].add(maps, y.long().cpu())
+            y = labels[-1].long().cpu()
+            if int(y.min()) < 0:
+                raise ConfigError("class labels must be integers >= 0")
+            if "stats" not in store:
+                store["stats"] = ClassStats.empty(int(y.max()) + 1, maps.shape[1], maps.shape[2])
+            store["stats"].add(maps.cpu(), y)
         return sink
 
-    hooks = [_hook(model, p, sink_for(n)) for n, p in points.items()]
-    _forward_all(model, hooks, batches, current.append)  # the hooks read the batch's labels from `current`
-    missing = [n for n in points if n not in stats]
-    if missing:
-        raise ConfigError(f"no calibration batch reached the layers of group(s) {missing}; pass batches of (inputs, labels)")
-    return stats
+    return {n: store["stats"] for n, store in _collect(model, groups, batches, make_sink).items()}
 
 
 def collect_feature_maps(model: nn.Module, groups: list[Group], batches: Iterable, max_samples: int = 256
@@ -191,22 +217,17 @@ def collect_feature_maps(model: nn.Module, groups: list[Group], batches: Iterabl
     For functions that need raw feature maps (an evolved expression may multiply matrices), so
     memory grows with N: `max_samples` bounds it.
     """
-    points = {g.name: scoring_point(model, g) for g in groups}
-    maps: dict[str, list[torch.Tensor]] = {n: [] for n in points}
-    labels: list[torch.Tensor] = []
-
-    def sink_for(name):
+    def make_sink(store, labels):
         def sink(m):
-            room = max_samples - sum(v.shape[0] for v in maps[name])
+            maps = store.setdefault("maps", [])
+            room = max_samples - sum(v.shape[0] for v in maps)
             if room > 0:
-                maps[name].append(m[:room])
+                maps.append(m[:room].cpu())
+                store["labels"] = store.get("labels", []) + [labels[-1][:room].long().cpu()]
         return sink
 
-    hooks = [_hook(model, p, sink_for(n)) for n, p in points.items()]
-    limited = _take(batches, max_samples)
-    _forward_all(model, hooks, limited, labels.append)
-    y = torch.cat(labels)[:max_samples].long()
-    return {n: (torch.cat(v)[:max_samples], y) for n, v in maps.items() if v}
+    got = _collect(model, groups, _take(batches, max_samples), make_sink)
+    return {n: (torch.cat(s["maps"]), torch.cat(s["labels"])) for n, s in got.items()}
 
 
 def _take(batches: Iterable, n: int):
@@ -216,8 +237,3 @@ def _take(batches: Iterable, n: int):
             return
         yield x, y
         got += len(y)
-
-
-def _guess_classes(model: nn.Module) -> int | None:
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return last[-1].out_features if last else None
