@@ -7,8 +7,8 @@ slices) and then combine members with one shared reduction (`reduce_members`): t
 
 Data-dependent criteria read `ctx`: gradients (`ctx.gradients()`, accumulated over
 `ctx.batches`) or output statistics of every layer (`ctx.output_stats()`, one pass over the
-batches). Per-class activation statistics, which evolved criteria build on, come from
-`importance.activations.activation_stats`.
+batches). Per-class activation statistics, streamed batch by batch, which the evolved criteria
+score, come from `importance.evolved.stats`.
 
 >>> import torch, torch.nn as nn
 >>> from prunekit.graph import build_graph
