@@ -35,6 +35,7 @@ _EXPORTS = {
     "Plan": "prunekit.surgery.plan",
     "save_pruned": "prunekit.surgery.persist",
     "load_pruned": "prunekit.surgery.persist",
+    "bake_masks_": "prunekit.surgery.masks",
     "count_cost": "prunekit.cost.macs",
     "measure_latency": "prunekit.cost.latency",
     "LatencyConfig": "prunekit.cost.latency",

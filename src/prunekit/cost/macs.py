@@ -81,6 +81,7 @@ class CostEstimator:
 
     def __init__(self, model: nn.Module, graph: Graph):
         self.graph = graph
+        self._group_index: dict[str, np.ndarray] = {}
         classes = [g.classes.numpy() for g in graph.groups]
         self._roots = np.unique(np.concatenate(classes)) if classes else np.zeros(0, dtype=np.int64)
         flat, self._sizes = graph.member_ids()
@@ -111,7 +112,7 @@ class CostEstimator:
                        for i, n in enumerate(graph.nodes) if n.terms and not n.params}
 
     def _index(self, ids: np.ndarray) -> np.ndarray:
-        at = np.searchsorted(self._roots, ids).clip(max=max(len(self._roots) - 1, 0))
+        at = np.minimum(np.searchsorted(self._roots, ids), max(len(self._roots) - 1, 0))
         hit = self._roots[at] == ids if len(self._roots) else np.zeros(ids.shape, dtype=bool)
         return np.where(hit, at, len(self._roots))
 
@@ -119,7 +120,10 @@ class CostEstimator:
         dead = np.zeros(len(self._roots) + 1, dtype=bool)  # the last entry answers for "no class"
         for name, idx in removal.items():
             if len(idx):
-                dead[self._index(self.graph.group(name).classes.numpy()[list(idx)])] = True
+                at = self._group_index.get(name)
+                if at is None:  # each group's channels -> class indices, once
+                    at = self._group_index[name] = self._index(self.graph.group(name).classes.numpy())
+                dead[at[np.asarray(idx, dtype=np.int64)]] = True
         return dead
 
     def _param_scale(self, dead: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ from ..core.errors import ConfigError, PrunekitError, PruningError
 from ..cost.macs import Cost, CostEstimator, cost_after
 from ..graph import Graph
 from ..importance.criteria import REDUCTIONS, Criterion, ScoreContext, resolve_criterion
-from ..importance.select import NORMALIZERS, must_keep, select_removal
+from ..importance.select import NORMALIZERS, RemovalSelector, select_removal
 from ..surgery.copying import adopt_, share_copy
 from ..surgery.plan import Plan, make_plan
 from ..surgery.prepared import PreparedPruning, prepare_pruning, register_prepared_handler
@@ -117,11 +117,10 @@ def _search_ratio(graph: Graph, scores, cfg: MagnitudeConfig, which: str, target
                   estimator: CostEstimator) -> dict[str, list[int]]:
     """Smallest ratio whose estimated cost ({which}) is <= target (absolute count).
 
-    The estimate table (`estimator`) and every group's must-keep channels are built once for
-    all bisection steps."""
+    The estimate table (`estimator`) and the ranking of channels (`RemovalSelector`) are built
+    once for all bisection steps."""
     pick = 0 if which == "params" else 1
-    keep = {n: must_keep(graph.group(n), s) for n, s in scores.items()}
-    removal_at = lambda r: select_removal(graph, scores, r, cfg.scope, cfg.max_ratio, cfg.round_to, cfg.normalizer, keep)
+    removal_at = RemovalSelector(graph, scores, cfg.scope, cfg.max_ratio, cfg.round_to, cfg.normalizer).at
     cost = lambda r: estimator(removal_at(r))[pick]
     hi = cfg.max_ratio if cfg.max_ratio < 1 else 0.999
     at_hi = cost(hi)
@@ -196,9 +195,8 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         adopt_(model, work)
     config = cfg.to_dict()
     plan.meta.update({"method": "magnitude", "config": config})
-    metrics = _capped_note(cfg)
-    if fallbacks:
-        metrics["criterion_fallbacks"] = fallbacks
+    metrics = {"criterion_fallbacks": fallbacks} if fallbacks else {}
+    metrics.update(_capped_note(cfg))
     return PruneResult(plan, before, after, config, metrics)
 
 
