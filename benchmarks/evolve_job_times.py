@@ -19,7 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from prunekit.core.environment import environment  # noqa: E402
-from prunekit.engine.train import TrainConfig  # noqa: E402
 from prunekit.evolve.config import cifar_task, digits_task  # noqa: E402
 from prunekit.evolve.fitness import Job, run_job, train_dense  # noqa: E402
 from prunekit.importance.evolved.space import EVOLVED, SEEDS  # noqa: E402
