@@ -48,7 +48,7 @@ def incoming_filters(group: Group, ctx: ScoreContext) -> torch.Tensor:
         rows = []
         for m in group.tensor_members():
             if m.role in roles and m.name == "weight" and m.qualname in params:
-                w = params[m.qualname].detach().double()
+                w = params[m.qualname].detach().double().cpu()  # scored on the CPU in float64
                 flat = w.movedim(m.dim, 0).reshape(w.shape[m.dim], -1)
                 per = [flat[(m.channel == k).nonzero().flatten()].reshape(-1) for k in range(group.size)]
                 if len({p.numel() for p in per}) == 1 and per[0].numel() > 0:
