@@ -17,6 +17,8 @@ benchmarks/protocol_dense.py).
     python benchmarks/evolve_transfer.py --device cuda
     # CPU smoke (one core, minutes): a 1-epoch dense model on 512 images, 1 fine-tune epoch
     python benchmarks/evolve_transfer.py --smoke --out benchmarks/results/evolve_transfer_smoke.json
+    # table (mean +- std over seeds) and the paper's claim checked, from one or more result files
+    python benchmarks/evolve_transfer.py --report benchmarks/results/evolve_transfer*.json
 """
 from __future__ import annotations
 
@@ -81,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="tiny everything; trains its own 1-epoch dense model")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/evolve_transfer.json"))
+    p.add_argument("--report", nargs="+", default=None, help="print the table of these result files and stop")
     args = p.parse_args(argv)
     args.proto = proto
     if args.smoke:
@@ -126,8 +129,36 @@ def run_arm(args, crit_name, seed, dense, prepared, calib, bundle) -> dict:
             "seconds": round(time.perf_counter() - t0, 1), "loadavg": os.getloadavg()[0]}
 
 
+def report(paths: list[str]) -> None:
+    """Markdown table per arm (val/test mean +- std over seeds) and the paper's claim: Eq. 3 at
+    least as good as the best seed metric within 1 std, and above random by more than 2 std."""
+    import statistics
+
+    recs = [r for p in paths for r in json.loads(Path(p).read_text())["records"]]
+    arms: dict[str, dict[str, list[float]]] = {}
+    for r in recs:
+        arms.setdefault(r["arm"], {"val": [], "test": []})
+        arms[r["arm"]]["val"].append(r["val_acc"])
+        arms[r["arm"]]["test"].append(r["test_acc"])
+    stat = {a: {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in d.items()}
+            for a, d in arms.items()}
+    print("| criterion | n | val acc (%) | test acc (%) |\n|---|---|---|---|")
+    for a in sorted(stat, key=lambda a: -stat[a]["test"][0]):
+        (vm, vs), (tm, ts) = stat[a]["val"], stat[a]["test"]
+        print(f"| {a} | {len(arms[a]['test'])} | {100 * vm:.2f} ± {100 * vs:.2f} | {100 * tm:.2f} ± {100 * ts:.2f} |")
+    seeds = [a for a in ("abs_snr", "fdr", "sym_div", "t_stat", "seed_l1", "seed_l2", "seed_geo_median") if a in stat]
+    if "ga_func2" in stat and seeds and "random" in stat:
+        eq3, best = stat["ga_func2"]["test"], max((stat[a]["test"] for a in seeds), key=lambda v: v[0])
+        rnd = stat["random"]["test"]
+        print(f"\nEq. 3 >= best seed within 1 std: {eq3[0] + eq3[1] >= best[0] - best[1]}; "
+              f"Eq. 3 > random by > 2 std: {eq3[0] - rnd[0] > 2 * max(eq3[1], rnd[1])} (test accuracy)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        report(args.report)
+        return 0
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
