@@ -92,3 +92,22 @@ def test_config_errors_say_what_to_do():
         EvolveConfig(tasks=[digits_task()], population=4, parents=4)
     with pytest.raises(ConfigError, match="val_fraction"):
         digits_task(data={"name": "digits", "val_fraction": 0.0})
+
+
+def test_a_function_without_finite_scores_gets_accuracy_zero(dense):
+    from prunekit.evolve.fitness import Job, run_job
+
+    task = json.dumps(_cfg(dense).tasks[0].to_dict(), sort_keys=True)
+    bad = run_job(Job("div(var(P), sub(var(P), var(P)))", task, 0, dense))  # x / 0 for every channel
+    good = run_job(Job(SEEDS["t_stat"], task, 0, dense))
+    assert bad["acc"] == 0.0 and "finite" in bad["error"]
+    assert good["error"] is None and good["acc"] > 0.5
+
+
+def test_elites_are_reevaluated_with_extra_seeds(dense, tmp_path):
+    state = run_search(_cfg(dense, generations=0, reeval_top=2, reeval_seeds=2), tmp_path, progress=False)
+    seeds_of = {}
+    for key in state.evaluations:
+        _, seed, text = key.split("|", 2)
+        seeds_of.setdefault(text, set()).add(int(seed))
+    assert sorted(len(s) for s in seeds_of.values()) == [1, 1, 3, 3]  # population 4: the best 2 have 3 seeds
