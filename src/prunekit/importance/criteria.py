@@ -7,8 +7,8 @@ slices) and then combine members with one shared reduction (`reduce_members`): t
 
 Data-dependent criteria read `ctx` (importance/context.py): gradients (`ctx.gradients()`,
 accumulated over `ctx.batches`), Hessian-vector products or output statistics of every layer
-(`ctx.output_stats()`, one pass over the batches). Per-class activation statistics, which
-evolved criteria build on, come from `importance.activations.activation_stats`. A criterion
+(`ctx.output_stats()`, one pass over the batches). Per-class activation statistics, streamed
+batch by batch, which the evolved criteria score, come from `importance.evolved.stats`. A criterion
 that falls back to another one records it (`ctx.note_fallback`) and warns. The channel criteria
 snip, grasp and synflow reduce per-weight scores (importance/elements.py) to channels.
 
@@ -231,3 +231,7 @@ def resolve_criterion(spec: str | Criterion) -> Criterion:
 
 
 from . import elements  # noqa: E402,F401  (registers the channel-level snip, grasp and synflow)
+
+
+# the evolved functions and their seed metrics register themselves (they import this module)
+from .evolved import shipped as _shipped  # noqa: E402,F401
