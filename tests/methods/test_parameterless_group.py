@@ -1,43 +1,32 @@
-"""A group with no parameter (a buffer indexed by position) is left whole, with a note."""
+"""Groups with nothing to score are left whole with a note; computed biases and attention masks
+follow the channels they meet (timm BEiT)."""
 import torch
 from torch import nn
 
 from prunekit.graph import build_graph
 from prunekit.methods import prune_
-from prunekit.methods.magnitude import MagnitudeConfig
+from prunekit.methods.magnitude import MagnitudeConfig, _skipped_note, score_groups
 
 
-class BufferIndexed(nn.Module):
-    """Attention-like: a relative-position buffer indexed by a buffer of token ids, as in BEiT."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-        self.register_buffer("pos", torch.randn(5, 8))
-        self.register_buffer("idx", torch.arange(5).repeat(5).view(5, 5))
-
-    def forward(self, x):  # x (B, 5 tokens, 8)
-        y = self.fc(x)
-        att = y @ y.transpose(1, 2) + self.pos[:, :5][self.idx[:, :]].sum(-1)  # (B, 5, 5)
-        return att.softmax(-1) @ y
+def _as_buffers(module: nn.Module) -> None:
+    for name in ("weight", "bias"):
+        t = module._parameters.pop(name)
+        module.register_buffer(name, t.detach())
 
 
 def test_parameterless_group_is_skipped_with_a_note():
+    # the graph is traced on a model with parameters; scoring then sees the first two convs'
+    # weights and biases as buffers: group "0" holds nothing to score
     torch.manual_seed(0)
-    model, x = BufferIndexed(), torch.randn(2, 5, 8)
-    groups = build_graph(model, x).prunable_groups()
-    params = {n for n, _ in model.named_parameters()}
-    bare = [g.name for g in groups if not any(m.qualname in params for m in g.tensor_members())]
-    assert bare, "the toy model must have a group without parameters"
-    for probe in (False, True):
-        m = BufferIndexed()
-        m.load_state_dict(model.state_dict())
-        r = prune_(m, MagnitudeConfig(channel_ratio=0.5, probe=probe), x)
-        assert m.fc.out_features == 4 and m.idx.shape == (5, 5)
-        assert m(x).shape == (2, 5, 4)
-        if not probe:
-            assert r.metrics["skipped_groups"] == bare
-            assert any("no parameter to score" in n for n in r.metrics["notes"])
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(4, 2, 1)), torch.randn(1, 3, 4, 4)
+    graph = build_graph(model, x)
+    _as_buffers(model[0])
+    _as_buffers(model[1])
+    skipped: list[str] = []
+    scores = score_groups(model, graph, MagnitudeConfig(channel_ratio=0.5), None, x, skipped=skipped)
+    assert skipped == ["0"] and sorted(scores) == ["1"]
+    note = _skipped_note(skipped)
+    assert note["skipped_groups"] == ["0"] and "no parameter to score" in note["notes"][0]
 
 
 class ComputedBias(nn.Module):

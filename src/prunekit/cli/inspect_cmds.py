@@ -15,6 +15,9 @@ _NOTES = {"l1": "L1 norm of every weight slice of a channel, over the whole grou
           "random": "seeded random scores (a baseline)",
           "magnitude": "score channel groups with a criterion, remove the lowest physically (one-shot or iterative)"}
 
+_PREFIX_NOTES = {"evolved": "an evolved function written as text, e.g. evolved:div(var(P), rho5(var(Q))) "
+                            "(prunekit evolve writes them; needs labelled data)"}
+
 
 @click.command("eval")
 @click.argument("args", nargs=-1, metavar="[RECIPE] [KEY=VALUE]...")
@@ -90,6 +93,7 @@ def bench(args, model_name, weights, input_shape, latency, as_json) -> None:
     from ..cost.macs import CONVENTION, count_cost
     from ..models import create_model, get_model_spec
     from ..report.tables import fmt_count, fmt_int
+    from ..surgery.masks import bake_masks_
     from .commands import resolve
     from .pipeline import load_weights
 
@@ -107,8 +111,8 @@ def bench(args, model_name, weights, input_shape, latency, as_json) -> None:
     cost = count_cost(model, example)
     out = {"model": recipe.model.name, "weights": weights, "input_shape": list(shape), "params": cost.params,
            "macs": cost.macs, "convention": CONVENTION}
-    if latency:
-        out["latency"] = measure_latency(model, shape, recipe.bench).to_dict()
+    if latency:  # time the exported model: masks baked, no per-forward mask multiply
+        out["latency"] = measure_latency(bake_masks_(model), shape, recipe.bench).to_dict()
         out["latency"].pop("times_ms", None)
     if as_json:
         click.echo(json.dumps(out))
@@ -179,9 +183,11 @@ def _topic_lines(topic: str) -> list[str]:
             if target in METHODS:
                 lines.append(f"{alias:<24}= {target} with " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
         return lines
-    from ..importance.criteria import CRITERIA
+    from ..importance.criteria import CRITERIA, CRITERION_FACTORIES
 
-    return [f"{n:<24}{_NOTES.get(n) or _first_doc_line(CRITERIA.get(n))}" for n in CRITERIA.list()]
+    lines = [f"{n:<24}{_NOTES.get(n) or _first_doc_line(CRITERIA.get(n))}" for n in CRITERIA.list()]
+    return lines + [f"{p + ':<text>':<24}{_PREFIX_NOTES.get(p, 'built from the text by a registered factory')}"
+                    for p in CRITERION_FACTORIES.list()]
 
 
 def _first_doc_line(obj) -> str:
