@@ -1,5 +1,10 @@
 """Groups with nothing to score are left whole with a note; computed biases and attention masks
 follow the channels they meet (timm BEiT)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
@@ -81,3 +86,19 @@ def test_sdpa_mask_channels_are_kept():
         assert all(m.qualname != "table" for m in g.tensor_members()), g
     prune_(model, MagnitudeConfig(channel_ratio=0.5, probe=False), x)
     assert model(x).shape == (2, 5, 8) and model.table.shape == (9, 2)
+
+
+@pytest.mark.slow
+def test_beit_base_prunes_without_probing():
+    """timm beit_base_patch16_224 with probe=False failed twice: 'no parameter to score', then a
+    broken model (q/k/v biases and the relative position bias pruned on their own)."""
+    tools = Path(__file__).resolve().parents[3] / "shared" / "tools"
+    if not tools.is_dir() or importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed (see ../shared/tools/torchvision_cpu.py)")
+    sys.path.insert(0, str(tools))
+    import torchvision_cpu  # noqa: F401
+    import timm
+    torch.manual_seed(0)
+    model, x = timm.create_model("beit_base_patch16_224").eval(), torch.randn(1, 3, 224, 224)
+    r = prune_(model, MagnitudeConfig(channel_ratio=0.5, probe=False), x)
+    assert model(x).shape == (1, 1000) and r.cost_after.macs < 0.75 * r.cost_before.macs
