@@ -65,9 +65,20 @@ def test_table_values():
 def test_indivisible_layers_stay_dense_and_are_reported():
     m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1),
                       nn.Conv2d(16, 12, 3, padding=1), nn.Conv2d(12, 16, 3, padding=1), nn.Conv2d(16, 16, 1))
-    r = prune_(m, SSCConfig(groups=1, spatial_period=8), torch.randn(1, 3, 8, 8))
+    r = prune_(m, SSCConfig(groups=1, spatial_period=8, fallback=False), torch.randn(1, 3, 8, 8))
     assert set(r.metrics["left_dense"]) == {"2", "3"} and r.metrics["converted"] == ["1"]
     assert [type(c).__name__ for c in m] == ["Conv2d", "SSCConv2d", "Conv2d", "Conv2d", "Conv2d"]
+
+
+def test_fallback_fits_the_nearest_preset():
+    # 16x "het" is G=4, P_s=8 (18x): ResNet-20's 16-channel stage cannot take it; G=2, P_s=8 (9x) or
+    # G=8, P_s=2 (14.4x) fit; the nearest to 18x on a log scale is 14.4x
+    model = _resnet20()
+    r = prune_(model, SSCConfig(reduction=16), X)
+    assert r.metrics["refitted"]["layer1.0.conv1"] == {"groups": 8, "spatial_period": 2, "point_period": 1,
+                                                       "pattern": "full", "version": 1}
+    assert "layer3.0.conv2" not in r.metrics["refitted"] and not r.metrics["left_dense"]
+    assert r.params_ratio > 13  # 13.4x: the stem, BN and classifier stay dense
 
 
 def test_config_errors_and_untouched_model():

@@ -11,7 +11,9 @@ converted layers' weights (default 4); `PRESETS` maps 2, 4, 8, 16 to a preset pe
 ("het": HetConv-style, a larger spatial period first, groups only beyond 4x; "grouped": groups of
 HetConv P=2 layers; "block": 1x1 taps on half the group), other targets take the nearest preset
 (`preset_for`). The table with whole-model counts is in docs/ssc.md.
-A layer the preset does not divide stays dense and is listed in the result's metrics.
+A layer the preset does not divide (16 channels and groups x spatial_period = 32, say) takes the
+preset with the same point_period and pattern whose layer reduction is nearest (`fit_preset`), or
+stays dense with fallback=False; the result's metrics list both kinds.
 
 The plan records every converted layer with its preset (plan.meta["ssc"]); `load_pruned`
 replays it on a freshly built model through a registered replay step, then loads the weights.
@@ -62,6 +64,7 @@ class SSCConfig(Config):
     point_period: int = 1
     pattern: str = "full"
     keep_first: bool = True
+    fallback: bool = True               # a layer the preset does not divide takes the nearest preset that fits
     ignore: list[str] = dataclasses.field(default_factory=list)
     init: str = "kaiming"
     execution: str = "structured"
@@ -110,6 +113,24 @@ def preset_for(reduction: float, family: str = "het", pattern: str = "full") -> 
                 key = (round(abs(math.log(layer_reduction(spec) / reduction)), 9), g, ps, pp)
                 best = min(best, (key, spec), key=lambda t: t[0]) if best else (key, spec)
     return best[1]
+
+
+def fit_preset(spec: SSCSpec, in_channels: int, out_channels: int) -> SSCSpec | None:
+    """`spec` if it fits the layer, else the fitting preset (same point_period and pattern, a
+    spatial period > 1 if spec's is) whose 3x3 reduction is nearest, fewer groups first on ties;
+    None if nothing fits."""
+    if spec.spatial_period is None or spec.fits(in_channels, out_channels) is None:
+        return spec
+    goal, best = layer_reduction(spec), None
+    for g in (1, 2, 4, 8, 16):
+        for ps in (1, 2, 4, 8, 16):
+            if ps % spec.point_period or (ps == 1) != (spec.spatial_period == 1):
+                continue  # keep the kind of layer: HetConv-type stays HetConv-type
+            cand = SSCSpec(g, ps, spec.point_period, spec.pattern)
+            if cand.fits(in_channels, out_channels) is None and (g, ps) != (1, 1):
+                key = (round(abs(math.log(layer_reduction(cand) / goal)), 9), g, ps)
+                best = (key, cand) if best is None or key < best[0] else best
+    return best[1] if best else None
 
 
 def _eligible(conv: nn.Module, spec: SSCSpec) -> str | None:
@@ -162,13 +183,19 @@ def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneRe
     if cfg.keep_first and names:
         names = names[1:]
     modules = dict(model.named_modules())
-    chosen, dense = {}, {}
+    chosen, dense, refit = {}, {}, {}
     for name in names:
         conv = modules[name]
         if any(name == i or name.startswith(i + ".") for i in cfg.ignore) or getattr(conv, "kernel_size", None) == (1, 1):
             continue
         why = _eligible(conv, spec)
-        (dense.__setitem__(name, why) if why else chosen.__setitem__(name, spec))
+        alt = fit_preset(spec, conv.in_channels, conv.out_channels) if why and cfg.fallback else None
+        if alt is not None and _eligible(conv, alt) is None:
+            chosen[name], refit[name] = alt, alt.to_dict()
+        elif why:
+            dense[name] = why
+        else:
+            chosen[name] = spec
     if not chosen:
         raise PruningError(f"no conv of this model can take the SSC preset {spec.to_dict()}: {dense or 'no convs'}")
     before = count_cost(model, example_inputs)
@@ -181,7 +208,7 @@ def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneRe
     plan.meta["ssc"] = {"layers": {n: s.to_dict() for n, s in chosen.items()}, "execution": cfg.execution}
     plan.meta.update({"method": "ssc", "config": cfg.to_dict()})
     metrics = {"preset": spec.to_dict(), "layer_reduction": layer_reduction(spec), "converted": sorted(chosen),
-               "left_dense": dense}
+               "refitted": refit, "left_dense": dense}
     return PruneResult(plan, before, after, cfg.to_dict(), metrics)
 
 
