@@ -89,7 +89,7 @@ def test_config_errors_and_untouched_model():
     model = _resnet20()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PruningError, match="no conv"):
-        prune_(model, SSCConfig(groups=1, spatial_period=128), X)
+        prune_(model, SSCConfig(groups=1, spatial_period=128, fallback=False), X)
     with pytest.raises(ConfigError, match="no.such"):
         prune_(model, SSCConfig(ignore=["no.such"]), X)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
