@@ -76,7 +76,7 @@ def execute(command: str, args: tuple[str, ...], out: str | None, weights: str |
     if dry_run:
         click.echo(recipe.to_yaml(), nl=False)
         return
-    create_run_dir(job, run_path)
+    run_path = create_run_dir(job, run_path, explicit=out is not None)
     echo(f"run directory: {run_path}")
     echo(f"data: {recipe.data.name}, {job.bundle.train.num_samples} train / {job.bundle.val.num_samples} val / "
          f"{job.bundle.test.num_samples} test images; model: {recipe.model.name}")

@@ -26,7 +26,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 
 from ..core.errors import ConfigError
 from .ids import UnionFind
-from .rules import rule_table
+from .rules import builtin_rule_names, rule_table
 from .trace import Member, Node, Tracer, tensors_in
 
 
@@ -52,6 +52,9 @@ class Group:
     prunable: torch.Tensor  # (size,) bool: False where the channel reaches an input/output/fixed op
     members: list[GroupMember] = field(default_factory=list)
     note: str = ""  # why the group is not prunable, when a probe found out
+    # True when every op its channels meet has an exact rule of prunekit's own: removing them then
+    # provably equals zeroing them, and probing may skip the group (see surgery.verify)
+    proven: bool = True
 
     @property
     def size(self) -> int:
@@ -111,6 +114,7 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
                           f"use names from model.named_modules(), e.g. {list(names)[1:4]}")
     args, kwargs = _split_inputs(example_inputs)
     tracer = Tracer(model, rule_table(), ignore, names)
+    tracer.builtin_rules = builtin_rule_names()
     training = [mod for mod in names.values() if mod.training]
     handles = _name_scopes(tracer, {id(mod): name for name, mod in names.items()})
     for mod in training:  # eval mode while tracing; each module's own mode is restored after
@@ -197,6 +201,11 @@ def _finish(tr: Tracer, batch: int, input_shapes: list[list[int]]) -> Graph:
         for classes in np.split(first[order], bounds):
             specs.append((tr.spaces[space_of[classes[0]]][0], roots[classes]))
     groups = _make_groups(specs, uf, tr.members, flat, sizes)
+    if tr.unproven_ids:  # classes that met an op the rules cannot vouch for
+        seen = np.concatenate([ids.numpy().reshape(-1) for ids in tr.unproven_ids])
+        unproven = np.unique(root(seen[seen >= 0]))
+        for g in groups:
+            g.proven = not bool(np.isin(g.classes.numpy(), unproven).any())
     _unique_names(groups)
     return Graph(groups, tr.members, tr.nodes, batch, input_shapes)
 

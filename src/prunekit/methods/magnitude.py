@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -72,8 +73,9 @@ class MagnitudeConfig(Config):
             raise ConfigError(f"steps={self.steps!r} must be an integer >= 1")
 
 
-def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: Iterable | None) -> dict[str, torch.Tensor]:
-    ctx = ScoreContext(model, batches=batches, reduction=cfg.reduction, seed=cfg.seed)
+def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: Iterable | None,
+                 example_inputs: Any = None) -> dict[str, torch.Tensor]:
+    ctx = ScoreContext(model, batches=batches, reduction=cfg.reduction, seed=cfg.seed, example_inputs=example_inputs)
     criterion = CRITERIA.get(cfg.criterion)
     return {g.name: criterion(g, ctx) for g in graph.prunable_groups()}
 
@@ -109,7 +111,7 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
     for step in range(1, cfg.steps + 1):
         if step > 1:
             graph = build_safe_graph(work, example_inputs, cfg.ignore, probe=cfg.probe)
-        scores = score_groups(work, graph, cfg, batches)
+        scores = score_groups(work, graph, cfg, batches, example_inputs)
         frac = step / cfg.steps
         if cfg.channel_ratio is not None:
             done = cfg.channel_ratio * (step - 1) / cfg.steps
@@ -136,7 +138,17 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
     after = cost_after(work, graph, removal)  # exact: tests compare it with a recount
     adopt_(model, work)
     plan.meta.update({"method": "magnitude", "config": cfg.to_dict()})
-    return PruneResult(plan, before, after, cfg.to_dict())
+    return PruneResult(plan, before, after, cfg.to_dict(), metrics=_capped_note(cfg))
+
+
+def _capped_note(cfg: MagnitudeConfig) -> dict[str, Any]:
+    """{"notes": [...]} when channel_ratio asks for more than max_ratio lets any group lose."""
+    if cfg.channel_ratio is None or cfg.channel_ratio <= cfg.max_ratio:
+        return {}
+    note = (f"channel_ratio={cfg.channel_ratio} was capped at max_ratio={cfg.max_ratio}: no group loses more "
+            "than that share of its channels; raise max_ratio to remove more")
+    warnings.warn(note, stacklevel=3)
+    return {"notes": [note]}
 
 
 from . import register_method  # noqa: E402

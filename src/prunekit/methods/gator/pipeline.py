@@ -24,12 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from ...core.errors import ConfigError, PruningError
+from ...cost.differentiable import CostModel, build_cost
+from ...layers.gates import GateSet, gateable
 from ..result import PruneResult
 from .config import GatorConfig
 from .controller import final_masks
 from .convert import convert_
-from .costs import CostModel, build_cost
-from .gates import GateSet, gateable
 from .hook import GatorHook
 
 __all__ = ["gator_prune_"]

@@ -1,5 +1,7 @@
 """The SLR/ADMM handler: penalised training, hard prune, optional BN recalibration and masked
-retraining, baked masks, and (filter sparsity) physical channel removal.
+retraining, then either (filter sparsity) physical channel removal or (every other kind) the
+model handed back with its `Mask` parametrizations, which keep the zeros through later training
+and are saved by `save_pruned`.
 
 Registered as method "slr" (ADMM is `SLRConfig(optimization="admm")`), so
 `prunekit.methods.prune_(model, SLRConfig(...), example_inputs, train_loader=..., ...)` runs it.
@@ -22,7 +24,7 @@ from typing import Any, Iterable
 from torch import Tensor, nn
 
 from ...core.errors import ConfigError
-from ...surgery.masks import remove_masks, sparsity_report
+from ...surgery.masks import sparsity_report
 from ...surgery.plan import empty_plan
 from ..result import PruneResult
 from .config import SLRConfig
@@ -82,9 +84,8 @@ def slr_prune_(
     metrics["sparsity"] = sparsity_report(model)
     if config.sparsity_type == "filter":
         plan = shrink_(model, example_inputs)
-    else:
-        remove_masks(model, bake=True)
-        plan = empty_plan(example_inputs)  # weights zeroed in place: no channel leaves the model
+    else:  # the masks stay on the model, so fine-tuning keeps the zeros and save_pruned stores them
+        plan = empty_plan(example_inputs)
     plan.meta.update({"method": "slr", "config": config.to_dict()})
     return PruneResult(plan, before, count_cost(model, example_inputs), config.to_dict(), metrics)
 
