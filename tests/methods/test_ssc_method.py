@@ -28,7 +28,7 @@ def test_resnet20_converts_every_3x3_but_the_stem_and_reloads(tmp_path):
     r = prune_(model, SSCConfig(reduction=4), X)
     ssc = {n: m for n, m in model.named_modules() if isinstance(m, SSCConv2d)}
     convs = {n: m for n, m in model.named_modules() if type(m) is nn.Conv2d}
-    assert len(ssc) == 18 and sorted(ssc) == sorted(r.plan.meta["ssc"]["layers"])
+    assert len(ssc) == 18 and sorted(ssc) == sorted(r.plan.meta["replay"]["ssc"]["layers"])
     assert [n for n, m in convs.items() if m.kernel_size == (3, 3)] == ["conv1"]  # the stem stays dense
     assert (r.cost_before.params, r.cost_after.params) == (dense.params, count_cost(model, X).params)
     # hand count: dense params minus what the converted layers drop
@@ -39,7 +39,7 @@ def test_resnet20_converts_every_3x3_but_the_stem_and_reloads(tmp_path):
     path = save_pruned(model, r.plan, tmp_path / "ssc.safetensors")
     again = load_pruned(_resnet20(), path).eval()
     torch.testing.assert_close(again(X), model(X), atol=0, rtol=0)
-    assert read_plan(path).meta["ssc"]["layers"]["layer1.0.conv1"] == preset_for(4).to_dict()
+    assert read_plan(path).meta["replay"]["ssc"]["layers"]["layer1.0.conv1"] == preset_for(4).to_dict()
 
 
 @pytest.mark.parametrize("name", ["vgg11_bn", "resnet20"])
@@ -108,6 +108,6 @@ def test_replay_rejects_malformed_meta(bad):
     model = _resnet20()
     r = prune_(model, SSCConfig(reduction=2), X)
     data = json.loads(r.plan.to_json())
-    data["meta"]["ssc"] = bad
+    data["meta"]["replay"]["ssc"] = bad
     with pytest.raises(CheckpointError):
         apply_plan_(_resnet20(), Plan.from_dict(data))

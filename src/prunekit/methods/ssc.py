@@ -15,14 +15,14 @@ A layer the preset does not divide (16 channels and groups x spatial_period = 32
 preset with the same point_period and pattern whose layer reduction is nearest (`fit_preset`), or
 stays dense with fallback=False; the result's metrics list both kinds.
 
-The plan records every converted layer with its preset (plan.meta["ssc"]); `load_pruned`
+The plan records every converted layer with its preset (plan.meta["replay"]["ssc"]); `load_pruned`
 replays it on a freshly built model through a registered replay step, then loads the weights.
 
 >>> import torch, torch.nn as nn
 >>> from prunekit.methods import prune_
 >>> m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
 >>> r = prune_(m, SSCConfig(groups=1, spatial_period=4), torch.randn(1, 3, 8, 8))
->>> type(m[2]).__name__, sorted(r.plan.meta["ssc"]["layers"])
+>>> type(m[2]).__name__, sorted(r.plan.meta["replay"]["ssc"]["layers"])
 ('SSCConv2d', ['2'])
 """
 from __future__ import annotations
@@ -203,10 +203,11 @@ def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneRe
     convert_(work, chosen, cfg.init, cfg.execution)
     run_model(work, example_inputs)
     after = count_cost(work, example_inputs)
-    adopt_(model, work)
     plan = empty_plan(example_inputs, cfg.ignore)
-    plan.meta["ssc"] = {"layers": {n: s.to_dict() for n, s in chosen.items()}, "execution": cfg.execution}
+    plan.meta["replay"] = {"ssc": {"layers": {n: s.to_dict() for n, s in chosen.items()}, "execution": cfg.execution}}
     plan.meta.update({"method": "ssc", "config": cfg.to_dict()})
+    plan.stamp(dense=model, pruned=work)
+    adopt_(model, work)
     metrics = {"preset": spec.to_dict(), "layer_reduction": layer_reduction(spec), "converted": sorted(chosen),
                "refitted": refit, "left_dense": dense}
     return PruneResult(plan, before, after, cfg.to_dict(), metrics)
@@ -228,22 +229,31 @@ def _spec_from_meta(name: Any, raw: Any) -> SSCSpec:
         raise CheckpointError(f"plan's SSC entry {name!r} is invalid: {err}") from None
 
 
-def _replay(model: nn.Module, meta: Any) -> None:
-    """Replay step for plan.meta["ssc"]: convert the listed convs (weights are loaded afterwards)."""
-    if not isinstance(meta, dict) or not isinstance(meta.get("layers"), dict) or set(meta) - {"layers", "execution"}:
+def _check_entry(model: nn.Module, graph: Any, plan: Any, entry: Any) -> tuple[dict[str, SSCSpec], str]:
+    """Replay check for plan.meta["replay"]["ssc"]: only what `ssc_prune_` writes, naming convs of
+    this model that can take their presets; returns (layers, execution) for `_apply_entry`."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("layers"), dict) or set(entry) - {"layers", "execution"}:
         raise CheckpointError("plan's 'ssc' entry must be {'layers': {name: preset}, 'execution': ...}; "
                               "re-export the model with prunekit")
-    execution = meta.get("execution", "structured")
+    execution = entry.get("execution", "structured")
     if execution not in EXECUTIONS:
         raise CheckpointError(f"plan's SSC execution {execution!r} is not one of {', '.join(EXECUTIONS)}")
-    layers = {n: _spec_from_meta(n, raw) for n, raw in meta["layers"].items()}
-    try:
-        convert_(model, layers, "kaiming", execution)
-    except (PruningError, ConfigError) as err:
-        raise CheckpointError(f"{err}; build the same architecture the plan was made on") from None
+    layers = {n: _spec_from_meta(n, raw) for n, raw in entry["layers"].items()}
+    modules = dict(model.named_modules())
+    for name, spec in layers.items():
+        why = "no such module" if name not in modules else _eligible(modules[name], spec)
+        if why is not None:
+            raise CheckpointError(f"plan converts layer {name!r} to SSC, but here: {why}; build the same "
+                                  "architecture the plan was made on")
+    return layers, execution
 
 
-register_replay_step("ssc", _replay)
+def _apply_entry(model: nn.Module, parsed: tuple[dict[str, SSCSpec], str]) -> None:
+    """Replay step: convert the checked convs (fresh weights: the file's are loaded afterwards)."""
+    convert_(model, parsed[0], "kaiming", parsed[1])
+
+
+register_replay_step("ssc", _apply_entry, _check_entry)
 
 from . import register_method  # noqa: E402
 
