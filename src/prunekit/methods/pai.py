@@ -53,6 +53,8 @@ from .result import PruneResult
 
 @dataclasses.dataclass
 class PaIConfig(Config):
+    """Shared fields of the pruning-at-initialisation methods (see the module doc)."""
+
     criterion: ClassVar[str] = ""
     needs_data: ClassVar[bool] = False
     sparsity: float = 0.9          # element: share of weights removed; channel: share of channels removed
@@ -73,12 +75,16 @@ class PaIConfig(Config):
 
 @dataclasses.dataclass
 class SNIPConfig(PaIConfig):
+    """SNIP at initialisation: |w * dL/dw| on calibration batches, global exact-sparsity masks (or channels)."""
+
     criterion: ClassVar[str] = "snip"
     needs_data: ClassVar[bool] = True
 
 
 @dataclasses.dataclass
 class GraSPConfig(PaIConfig):
+    """GraSP at initialisation: keep the highest w * (H g), gradient flow preserved (or channels)."""
+
     criterion: ClassVar[str] = "grasp"
     needs_data: ClassVar[bool] = True
     temperature: float = 200.0     # the reference code's default
@@ -90,6 +96,8 @@ class GraSPConfig(PaIConfig):
 
 @dataclasses.dataclass
 class SynFlowConfig(PaIConfig):
+    """SynFlow: data-free synaptic-flow scores, pruned over 100 rounds on an exponential schedule."""
+
     criterion: ClassVar[str] = "synflow"
     iterations: int = 100          # pruning rounds on the exponential schedule (element level)
 
@@ -101,6 +109,8 @@ class SynFlowConfig(PaIConfig):
 
 @dataclasses.dataclass
 class RandomInitConfig(PaIConfig):
+    """Random masks at initialisation (seeded), the same density in every layer by default."""
+
     criterion: ClassVar[str] = "random"
     scope: str = "layer"           # the same density in every layer
 

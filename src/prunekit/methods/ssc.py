@@ -57,6 +57,8 @@ FAMILIES = {"het": (1,), "grouped": (1,), "block": (2,)}
 
 @dataclasses.dataclass
 class SSCConfig(Config):
+    """Structured sparse convolutions: every eligible k x k conv becomes an SSCConv2d with a preset."""
+
     reduction: float | None = None      # target weight reduction of the converted layers (default 4)
     family: str = "het"
     groups: int | None = None           # an explicit preset instead of `reduction`
