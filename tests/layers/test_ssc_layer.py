@@ -171,3 +171,17 @@ def test_from_conv_project_and_errors():
         SSCSpec(spatial_period=4, point_period=3)
     with pytest.raises(ConfigError, match="ungrouped"):
         from_conv(nn.Conv2d(8, 8, 3, groups=2), SSCSpec())
+
+
+def test_inference_weight_cache_follows_parameter_updates():
+    torch.manual_seed(0)
+    layer = SSCConv2d(8, 8, 3, SSCSpec(spatial_period=4, point_period=1), padding=1)
+    x = torch.randn(1, 8, 5, 5)
+    with torch.inference_mode():
+        before = layer(x)
+    with torch.no_grad():
+        layer.weight_1x1.add_(1.0)
+    with torch.inference_mode():
+        after = layer(x)
+    torch.testing.assert_close(after, layer.with_execution("masked")(x).detach())
+    assert not torch.allclose(before, after)

@@ -91,7 +91,19 @@ class SSCConv2d(nn.Module):
                 self.bias.uniform_(-bound, bound)
 
     def _weights(self) -> tuple[Tensor | None, Tensor | None]:
-        """Real weights with structural zeros enforced (so they get zero gradient)."""
+        """Real weights with structural zeros enforced (so they get zero gradient). Without
+        autograd (inference) the masked weights are cached until a parameter changes."""
+        if torch.is_grad_enabled():
+            return self._masked_weights()
+        key = tuple((id(p), p._version, p.device, p.dtype) for p in (self.weight_kxk, self.weight_1x1) if p is not None)
+        cached = self.__dict__.get("_weight_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self._masked_weights())
+            self.__dict__["_weight_cache"] = cached
+        return cached[1]
+
+    def _masked_weights(self) -> tuple[Tensor | None, Tensor | None]:
         ws = self.weight_kxk
         if ws is not None and self._patterned:
             ws = ws * self.tap_mask
