@@ -1,5 +1,7 @@
 """SSCConv2d against oracles: PyTorch's grouped/depthwise/pointwise convs, an independent NumPy
 build of the support from its stated rule, hand counts of parameters and MACs."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -185,3 +187,12 @@ def test_inference_weight_cache_follows_parameter_updates():
         after = layer(x)
     torch.testing.assert_close(after, layer.with_execution("masked")(x).detach())
     assert not torch.allclose(before, after)
+
+
+def test_layer_copied_under_inference_mode_runs():
+    layer = SSCConv2d(8, 8, 3, SSCSpec(spatial_period=4), padding=1)
+    x = torch.randn(1, 8, 5, 5)
+    want = layer(x).detach()
+    with torch.inference_mode():
+        twin = copy.deepcopy(layer).to(memory_format=torch.channels_last)  # inference-tensor parameters
+        torch.testing.assert_close(twin(x.contiguous(memory_format=torch.channels_last)), want, atol=1e-6, rtol=1e-5)

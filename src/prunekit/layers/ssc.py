@@ -95,7 +95,10 @@ class SSCConv2d(nn.Module):
         autograd (inference) the masked weights are cached until a parameter changes."""
         if torch.is_grad_enabled():
             return self._masked_weights()
-        key = tuple((id(p), p._version, p.device, p.dtype) for p in (self.weight_kxk, self.weight_1x1) if p is not None)
+        # inference tensors (copies made under inference_mode) have no version counter and cannot
+        # change outside inference mode: their identity is enough
+        key = tuple((id(p), p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype)
+                    for p in (self.weight_kxk, self.weight_1x1) if p is not None)
         cached = self.__dict__.get("_weight_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():
