@@ -93,18 +93,21 @@ class SSCConv2d(nn.Module):
     def _weights(self) -> tuple[Tensor | None, Tensor | None]:
         """Real weights with structural zeros enforced (so they get zero gradient). Without
         autograd (inference) the masked weights are cached until a parameter changes."""
+        return self._cached("weights", self._masked_weights)
+
+    def _cached(self, what: str, build):
+        """build() under autograd; without it, the result cached until a parameter changes."""
         if torch.is_grad_enabled():
-            return self._masked_weights()
+            return build()
         # inference tensors (copies made under inference_mode) have no version counter and cannot
         # change outside inference mode: their identity is enough
         key = tuple((id(p), p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype)
                     for p in (self.weight_kxk, self.weight_1x1) if p is not None)
-        cached = self.__dict__.get("_weight_cache")
-        if cached is None or cached[0] != key:
+        cache = self.__dict__.setdefault("_inference_cache", {})
+        if what not in cache or cache[what][0] != key:
             with torch.no_grad():
-                cached = (key, self._masked_weights())
-            self.__dict__["_weight_cache"] = cached
-        return cached[1]
+                cache[what] = (key, build())
+        return cache[what][1]
 
     def _masked_weights(self) -> tuple[Tensor | None, Tensor | None]:
         ws = self.weight_kxk
@@ -187,7 +190,7 @@ class SSCConv2d(nn.Module):
 
     # ---- the two executions ------------------------------------------------------------------------
     def _masked(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation,
+        return F.conv2d(x, self._cached("dense", self.dense_weight), self.bias, self.stride, self.padding, self.dilation,
                         self.spec.groups)
 
     def _structured(self, x: Tensor) -> Tensor:
