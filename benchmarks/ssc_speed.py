@@ -94,6 +94,23 @@ def summarise(entry: dict) -> dict:
             "speedup_over_mac_reduction": speedup / mac_red, "goal_met": speedup >= 0.6 * mac_red}
 
 
+def markdown(path: Path) -> str:
+    """A table of the cases in a results file: median ms (p10-p90) per execution and the ratios."""
+    data = json.loads(path.read_text())
+    lines = ["| case | batch | MAC reduction | dense ms | structured ms | masked ms | speed-up (median) | "
+             "speed-up (min) | / MAC reduction |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, c in data["cases"].items():
+        t = c["times"]
+        cell = lambda n: f"{t[n]['median_ms']:.3g} ({t[n]['p10_ms']:.3g}-{t[n]['p90_ms']:.3g})"
+        name = key.rsplit(":b", 1)[0]
+        lines.append(f"| {name} | {c['batch']} | {c['mac_reduction']:.2f}x | {cell('dense')} | {cell('structured')} | "
+                     f"{cell('masked')} | {c['speedup_vs_dense']:.2f}x | {c['speedup_vs_dense_min']:.2f}x | "
+                     f"{c['speedup_over_mac_reduction']:.2f} |")
+    met = sum(c["goal_met"] for c in data["cases"].values())
+    lines.append(f"\nGoal (median speed-up >= 0.6 x MAC reduction) met in {met} of {len(data['cases'])} cases.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -104,8 +121,12 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true", help="time NHWC copies of every model")
     ap.add_argument("--only", choices=["layers", "models"], default=None)
     ap.add_argument("--out", default="benchmarks/results/ssc_speed_cpu.json")
+    ap.add_argument("--markdown", action="store_true", help="print the table of --out and stop")
     args = ap.parse_args()
     path = Path(args.out)
+    if args.markdown:
+        print(markdown(path))
+        return
     data = json.loads(path.read_text()) if path.exists() else {"cases": {}}
     data["setup"] = {"device": args.device, "dtype": "float32", "threads": args.threads, "repeats": args.repeats,
                      "channels_last": args.channels_last,
