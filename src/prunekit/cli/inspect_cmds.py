@@ -15,6 +15,9 @@ _NOTES = {"l1": "L1 norm of every weight slice of a channel, over the whole grou
           "random": "seeded random scores (a baseline)",
           "magnitude": "score channel groups with a criterion, remove the lowest physically (one-shot or iterative)"}
 
+_PREFIX_NOTES = {"evolved": "an evolved function written as text, e.g. evolved:div(var(P), rho5(var(Q))) "
+                            "(prunekit evolve writes them; needs labelled data)"}
+
 
 @click.command("eval")
 @click.argument("args", nargs=-1, metavar="[RECIPE] [KEY=VALUE]...")
@@ -183,9 +186,11 @@ def _topic_lines(topic: str) -> list[str]:
         return lines
     if topic == "recipes":
         return _recipe_lines(Path("recipes"))
-    from ..importance.criteria import CRITERIA
+    from ..importance.criteria import CRITERIA, CRITERION_FACTORIES
 
-    return [f"{n:<24}{_NOTES.get(n) or _first_doc_line(CRITERIA.get(n))}" for n in CRITERIA.list()]
+    lines = [f"{n:<24}{_NOTES.get(n) or _first_doc_line(CRITERIA.get(n))}" for n in CRITERIA.list()]
+    return lines + [f"{p + ':<text>':<24}{_PREFIX_NOTES.get(p, 'built from the text by a registered factory')}"
+                    for p in CRITERION_FACTORIES.list()]
 
 
 def _recipe_lines(folder: Path) -> list[str]:

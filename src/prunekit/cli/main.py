@@ -65,15 +65,16 @@ def cli(debug: bool) -> None:
     prunekit run RECIPE.yaml k=v ...    the same from a recipe, with dotted overrides
     prunekit compare RECIPE.yaml        several methods on one dense model: table, plot, report
     prunekit info                       models, datasets, methods and criteria
+    prunekit evolve RECIPE.yaml         evolve pruning functions (genetic programming)
     """
 
 
 def _register() -> None:
-    from . import commands, compare_cmd, inspect_cmds
+    from . import commands, compare_cmd, evolve_cmd, inspect_cmds
 
     for command in (commands.run, commands.resume_cmd, commands.train_cmd, commands.prune_cmd, commands.finetune_cmd,
                     inspect_cmds.eval_cmd, inspect_cmds.bench, inspect_cmds.report, inspect_cmds.info,
-                    compare_cmd.compare_cmd):
+                    compare_cmd.compare_cmd, evolve_cmd.evolve_cmd):
         cli.add_command(command)
 
 
