@@ -30,3 +30,17 @@ def test_info_lists_recipes(runner, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(cli, ["info", "recipes"])
     assert result.exit_code == 0 and "recipes/ssc_x.yaml" in result.stdout and "SSC on something" in result.stdout
+
+
+def test_layer_latency_times_ssc_layers():
+    import torch
+
+    from prunekit.cli.pipeline import layer_latency
+    from prunekit.cost.latency import LatencyConfig
+    from prunekit.methods import prune_
+    from prunekit.methods.ssc import SSCConfig
+    from prunekit.models import create_model
+
+    model, x = create_model("small_cnn", num_classes=10), torch.zeros(1, 1, 8, 8)
+    prune_(model, SSCConfig(), x)
+    assert set(layer_latency(model, x, LatencyConfig(warmup=1, repeats=2))) == {"conv1", "conv2", "conv3", "fc"}
