@@ -20,6 +20,8 @@ from prunekit.methods.gator import GatorConfig
 from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.methods.result import PruneResult
 from prunekit.methods.slr import SLRConfig
+from prunekit.methods.pai import GraSPConfig, RandomInitConfig, SNIPConfig, SynFlowConfig
+from prunekit.methods.ssc import SSCConfig
 from prunekit.models import create_model
 from prunekit.surgery.persist import load_pruned, save_pruned
 from prunekit.surgery.verify import run_model
@@ -35,11 +37,21 @@ EXAMPLES = {  # method -> (a config that prunes channels, the keyword arguments 
     "magnitude": (MagnitudeConfig(channel_ratio=0.5), {}),
     "gator": (GatorConfig(target=0.6, epochs=2, probe=False), {**TRAIN, "device": "cpu"}),
     "slr": (SLRConfig(sparsity_type="filter", sparsity=0.5, epochs=1), TRAIN),
+    "ssc": (SSCConfig(groups=2, spatial_period=4), {}),
+    "snip": (SNIPConfig(sparsity=0.5, level="channel"), {"batches": _data(2)}),
+    "grasp": (GraSPConfig(sparsity=0.5, level="channel", scope="layer"), {"batches": _data(2)}),
+    "synflow": (SynFlowConfig(sparsity=0.5, level="channel"), {}),
+    "random_init": (RandomInitConfig(sparsity=0.5, level="channel"), {}),
 }
 BAD = {  # method -> a config whose layer list names nothing in the model
     "magnitude": MagnitudeConfig(channel_ratio=0.5, ignore=["no.such.layer"]),
     "gator": GatorConfig(target=0.6, epochs=1, ignore=["no.such.layer"]),
     "slr": SLRConfig(sparsity=0.5, epochs=1, layers=["no.such.layer"]),
+    "ssc": SSCConfig(ignore=["no.such.layer"]),
+    "snip": SNIPConfig(ignore=["no.such.layer"]),
+    "grasp": GraSPConfig(ignore=["no.such.layer"]),
+    "synflow": SynFlowConfig(ignore=["no.such.layer"]),
+    "random_init": RandomInitConfig(ignore=["no.such.layer"]),
 }
 
 
