@@ -40,7 +40,7 @@ def _unrolled_objective(net, opt, weights, train, val):
     return value
 
 
-def _finite_difference(net, opt, weights, train, val, eps=1e-5):
+def _finite_difference(net, opt, weights, train, val, eps=1e-7):
     grads = []
     for a in net.alphas():
         grad = torch.zeros_like(a)
