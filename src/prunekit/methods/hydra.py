@@ -30,9 +30,9 @@ from torch import nn
 
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PruningError
-from ..layers.sparse import SCORE_INITS, count_nonzeros, harden_, sparsify_
+from ..layers.sparse import SCORE_INITS, count_nonzeros, harden_, restore_masks_, sparsify_
 from ..surgery.copying import adopt_
-from ..surgery.masks import apply_mask, masked_modules, sparsity_report
+from ..surgery.masks import masked_modules, sparsity_report
 from ..surgery.plan import empty_plan, register_replay_step
 from .result import PruneResult
 
@@ -117,16 +117,6 @@ def hydra_prune_(model: nn.Module, config: HydraConfig, example_inputs: Any, *,
 def _on_device(model: nn.Module, example: Any) -> Any:
     device = next(model.parameters()).device
     return example.to(device) if isinstance(example, torch.Tensor) else example
-
-
-def restore_masks_(model: nn.Module, names: Any) -> None:
-    """Replay step: put an all-ones `Mask` on each listed tensor, so the saved masks load into it."""
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise PruningError("plan meta 'weight_masks' must be a list of tensor names")
-    for full in names:
-        mname, _, pname = full.rpartition(".")
-        mod = model.get_submodule(mname) if mname else model
-        apply_mask(mod, pname, torch.ones_like(getattr(mod, pname), dtype=torch.bool))
 
 
 def _register() -> None:
