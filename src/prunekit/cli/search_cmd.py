@@ -26,7 +26,7 @@ def search_cmd(recipe: str, overrides: tuple[str, ...], out: str | None) -> None
     raw = load_yaml_file(recipe)
     if not isinstance(raw, dict):
         raise ConfigError(f"{recipe}: a search recipe is a mapping with data, search, evaluate sections")
-    raw = apply_overrides(raw, overrides, allowed_top=("data", "search", "evaluate", "device", "threads"))
+    raw = apply_overrides(raw, overrides, allowed_top=("data", "search", "evaluate", "device", "threads", "limit_eval_batches"))
     parsed = SearchRecipe.from_dict(raw)
     run_dir = choose_run_dir("search", Path("runs"), out)
     result = run_search(parsed, run_dir)

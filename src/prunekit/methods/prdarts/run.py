@@ -70,10 +70,35 @@ class SearchRecipe(Config):
     evaluate: EvalRecipe = dataclasses.field(default_factory=EvalRecipe)
     device: str = "cpu"
     threads: int | None = None
+    limit_eval_batches: int | None = None  # cap on the val (alpha) and test batches used per pass
 
     def validate(self) -> None:
+        if self.limit_eval_batches is not None and (isinstance(self.limit_eval_batches, bool) or
+                                                    not isinstance(self.limit_eval_batches, int) or
+                                                    self.limit_eval_batches < 1):
+            raise ConfigError(f"limit_eval_batches={self.limit_eval_batches!r} must be an integer >= 1 or null")
         if self.data.val_fraction <= 0:
             raise ConfigError("data.val_fraction must be > 0: the validation split trains alpha (DARTS uses 0.5)")
+
+
+class FirstBatches:
+    """The first `n` batches of a loader per pass (a fixed subset of a large val or test split)."""
+
+    def __init__(self, loader: Any, n: int | None):
+        self.loader, self.n = loader, n
+
+    def __len__(self) -> int:
+        return len(self.loader) if self.n is None else min(self.n, len(self.loader))
+
+    def set_epoch(self, epoch: int) -> None:
+        if callable(getattr(self.loader, "set_epoch", None)):
+            self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if self.n is not None and i >= self.n:
+                break
+            yield batch
 
 
 def _alpha_plot(run_dir: Path) -> Path | None:
@@ -122,9 +147,12 @@ def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     bundle = load_data(recipe.data)
+    alpha_split = bundle.val  # the architect cycles all of it; evaluations see the first batches
+    bundle.val = FirstBatches(bundle.val, recipe.limit_eval_batches)
+    bundle.test = FirstBatches(bundle.test, recipe.limit_eval_batches)
     t0 = time.perf_counter()
-    found = search(recipe.search, bundle.train, bundle.val, bundle.num_classes, bundle.input_shape[0],
-                   device=recipe.device, out_dir=run_dir, progress=progress)
+    found = search(recipe.search, bundle.train, alpha_split, bundle.num_classes, bundle.input_shape[0],
+                   device=recipe.device, out_dir=run_dir, progress=progress, eval_loader=bundle.val)
     result: dict[str, Any] = {"genotype": found.genotype.to_dict(), "search_time_s": time.perf_counter() - t0,
                               "search_history": found.history, "supernet_nonzeros": found.nonzeros,
                               "alpha_entropy_final": {"normal": alpha_entropy(found.supernet.alpha_normal),

@@ -77,10 +77,11 @@ def _phase_train_config(cfg: PRDartsConfig, phase: str, epochs: int):
 
 def search(cfg: PRDartsConfig, train_loader: Iterable, val_loader: Iterable, num_classes: int,
            in_channels: int = 3, device: str | torch.device | None = None, out_dir: str | Path | None = None,
-           progress: bool = False) -> SearchResult:
+           progress: bool = False, eval_loader: Iterable | None = None) -> SearchResult:
     """Run the three phases; returns the final genotype and the per-epoch history. With
     `out_dir`, each epoch's genotype (genotypes/<phase>_<epoch>.json), the alphas (alphas.jsonl)
-    and the engine's JSONL log (search_log.jsonl) are written there."""
+    and the engine's JSONL log (search_log.jsonl) are written there. `eval_loader` (default:
+    `val_loader`) is what the engine evaluates after each epoch; the architect cycles `val_loader`."""
     from ...engine.train import train
 
     torch.manual_seed(cfg.seed)
@@ -95,7 +96,7 @@ def search(cfg: PRDartsConfig, train_loader: Iterable, val_loader: Iterable, num
         prepare_phase_(net, phase, cfg)
         step_alpha = phase != "scores" or cfg.arch_during_scores
         hook = ArchitectHook(net, architect, val_loader, cfg, phase, step_alpha, recorder, out_dir)
-        run = train(net, recorder, val_loader, _phase_train_config(cfg, phase, epochs), hooks=[hook],
+        run = train(net, recorder, eval_loader if eval_loader is not None else val_loader, _phase_train_config(cfg, phase, epochs), hooks=[hook],
                     device=device, progress=progress, log_path=log_path)
         history.extend(run.history)
     for a in net.alphas():
