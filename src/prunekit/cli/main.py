@@ -63,16 +63,18 @@ def cli(debug: bool) -> None:
     \b
     prunekit run                        train, prune, fine-tune and report (embedded digits recipe)
     prunekit run RECIPE.yaml k=v ...    the same from a recipe, with dotted overrides
+    prunekit compare RECIPE.yaml        several methods on one dense model: table, plot, report
     prunekit info                       models, datasets, methods and criteria
     prunekit search RECIPE.yaml k=v ... PR-DARTS: search a sparse cell and evaluate it
     """
 
 
 def _register() -> None:
-    from . import commands, inspect_cmds, search_cmd
+    from . import commands, compare_cmd, inspect_cmds, search_cmd
 
-    for command in (commands.run, commands.train_cmd, commands.prune_cmd, commands.finetune_cmd,
-                    inspect_cmds.eval_cmd, inspect_cmds.bench, inspect_cmds.report, inspect_cmds.info, search_cmd.search_cmd):
+    for command in (commands.run, commands.resume_cmd, commands.train_cmd, commands.prune_cmd, commands.finetune_cmd,
+                    inspect_cmds.eval_cmd, inspect_cmds.bench, inspect_cmds.report, inspect_cmds.info,
+                    compare_cmd.compare_cmd, search_cmd.search_cmd):
         cli.add_command(command)
 
 

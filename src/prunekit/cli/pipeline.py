@@ -10,6 +10,7 @@ import copy
 import inspect
 import itertools
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -111,8 +112,17 @@ def prepare(recipe: Recipe, weights: str | None = None, progress: bool = True, e
     _check_forward(job)
     if check_method and recipe.method is not None and not _trains(recipe.method.handler):
         trial = copy.deepcopy(model)
-        run_method(job, trial)
+        with warnings.catch_warnings():  # the real prune stage repeats them as notes
+            warnings.simplefilter("ignore")
+            run_method(job, trial)
     return job
+
+
+def fresh_model(recipe: Recipe, weights: str | None) -> nn.Module:
+    """The recipe's model as `prepare` builds it (same seed), with `weights` loaded if given."""
+    seed_everything(recipe.seed)
+    model = create_model(recipe.model.name, recipe.model.num_classes, **recipe.model.kwargs)
+    return load_weights(model, weights)[0] if weights is not None else model
 
 
 def _example_input(bundle: DataBundle) -> torch.Tensor:
@@ -145,14 +155,17 @@ def _first_line(err: BaseException) -> str:
 def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | None]:
     """Load dense or pruned weights into a freshly built `model`; returns (model, plan or None).
 
-    A .safetensors file with a prunekit plan inside is replayed with `load_pruned`; one without
-    is a dense state dict; a .pt file must be a prunekit training checkpoint (read weights-only).
+    A .safetensors file with a prunekit plan inside is replayed with `load_pruned` (masks
+    included); one without is a dense state dict (its checksum verified when it has one); a .pt
+    file must be a prunekit training checkpoint (read weights-only; its masks are restored).
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model
 
     from ..engine.checkpoint import load_checkpoint
+    from ..surgery.mask_io import restore_masks_from_state
     from ..surgery.persist import PLAN_KEY, load_pruned, read_plan
+    from ..surgery.tensor_file import SHA_KEY, load_state_, read_tensor_file
 
     path = Path(path)
     if not path.is_file():
@@ -160,17 +173,22 @@ def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | 
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
-                has_plan = PLAN_KEY in (f.metadata() or {})
+                meta = f.metadata() or {}
         except (OSError, SafetensorError, ValueError) as err:
             raise CheckpointError(f"cannot read {path}: {_first_line(err)}") from None
-        if has_plan:
+        if PLAN_KEY in meta:
             return load_pruned(model, path), read_plan(path)
+        if SHA_KEY in meta:  # written by prunekit: checksummed, module versions kept
+            meta, tensors = read_tensor_file(path)
+            load_state_(model, tensors, meta, path)
+            return model, None
         try:
             load_model(model, str(path), strict=True)
         except (RuntimeError, SafetensorError, ValueError) as err:
             raise CheckpointError(f"weights in {path} do not fit this model: {_first_line(err)}") from None
         return model, None
     state = load_checkpoint(path)["model"]
+    restore_masks_from_state(model, state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -179,23 +197,28 @@ def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | 
 
 
 def save_weights(job: Job, path: Path) -> Path:
-    """Write the model: with its plan (pruned) via save_pruned, else as a dense state dict."""
-    from safetensors.torch import save_model
-
+    """Write the model: with its plan and masks (pruned) via save_pruned, else as a dense state dict."""
     from ..surgery.persist import save_pruned
+    from ..surgery.tensor_file import save_state_file
 
     model = job.model
     if job.plan is not None:
         return save_pruned(model, job.plan, path)
-    save_model(model, str(path))
+    save_state_file(model, path)
     return path
 
 
-def train_stage(job: Job, stage: str, cfg: TrainConfig) -> None:
-    """Train the model in place for cfg.epochs; epochs are logged to metrics.jsonl."""
-    job.log("stage", name=stage, epochs=cfg.epochs)
-    result = job.timed(stage, lambda: train(job.model, job.bundle.train, job.val_loader, cfg,
-                                            log_path=job.log_path, progress=job.progress))
+def train_stage(job: Job, stage: str, cfg: TrainConfig, ckpt_dir: Path | None = None, resume: bool = False) -> None:
+    """Train the model in place for cfg.epochs; epochs are logged to metrics.jsonl.
+
+    With `ckpt_dir` the training state is checkpointed there after every epoch; with `resume`
+    training continues after the last checkpointed epoch (see prunekit.engine.train).
+    """
+    job.log("stage", name=stage, epochs=cfg.epochs, resume=resume)
+    result = job.timed(stage, lambda: train(job.model, job.bundle.train, job.val_loader, cfg, ckpt_dir=ckpt_dir,
+                                            log_path=job.log_path, progress=job.progress, resume=resume))
+    if result.start_epoch:
+        job.echo(f"{stage}: resumed after epoch {result.start_epoch} of {cfg.epochs}")
     last = result.final_metrics
     val = f", val acc {last['val_acc']:.4f}" if "val_acc" in last else ""
     job.echo(f"{stage}: {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, train loss {last.get('train_loss', float('nan')):.4f}{val} "
@@ -206,12 +229,17 @@ def _trains(handler: Callable) -> bool:
     return "train_loader" in inspect.signature(handler).parameters
 
 
-def run_method(job: Job, model: nn.Module) -> Any:
-    """Call the recipe's method on `model` with the keyword arguments its handler accepts."""
+def run_method(job: Job, model: nn.Module, ckpt_dir: Path | None = None, resume: bool = False) -> Any:
+    """Call the recipe's method on `model` with the keyword arguments its handler accepts.
+
+    A method that trains and accepts `ckpt_dir`/`resume` checkpoints its training there.
+    """
     method, recipe = job.recipe.method, job.recipe
     params = inspect.signature(method.handler).parameters
     available = {"train_loader": job.bundle.train, "val_loader": job.val_loader,
                  "train_config": recipe.trainer_for_method, "progress": job.progress}
+    if ckpt_dir is not None:
+        available.update(ckpt_dir=ckpt_dir, resume=resume)
     if "batches" in params and recipe.calibration_batches > 0:
         job.bundle.train.set_epoch(0)
         available["batches"] = list(itertools.islice(iter(job.bundle.train), recipe.calibration_batches))
@@ -220,15 +248,19 @@ def run_method(job: Job, model: nn.Module) -> Any:
     return method.handler(model, method.config, job.example.to(device), **kwargs)
 
 
-def prune_stage(job: Job) -> None:
-    """Prune with the recipe's method; the plan is composed with a plan the model already had."""
+def prune_stage(job: Job, ckpt_dir: Path | None = None, resume: bool = False) -> None:
+    """Prune with the recipe's method; the plan is composed with a plan the model already had.
+
+    A training method (SLR, ADMM, Gator) checkpoints its training in `ckpt_dir` every epoch and,
+    with `resume`, continues from there.
+    """
     from ..engine.logging import to_plain
 
     method = job.recipe.method
     job.before_prune = copy.deepcopy(job.model)
     job.log("stage", name="prune", method=method.label)
     before = job.cost()
-    result = job.timed("prune", lambda: run_method(job, job.model))
+    result = job.timed("prune", lambda: run_method(job, job.model, ckpt_dir, resume))
     plan = result.plan
     job.plan = plan if job.plan is None else job.plan.compose(plan)
     try:
@@ -236,6 +268,8 @@ def prune_stage(job: Job) -> None:
     except PrunekitError:
         job.prune_metrics = {"note": "method metrics could not be serialised"}
     after = job.cost()
+    for note in job.prune_metrics.get("notes", []):
+        job.echo(f"note: {note}")
     job.echo(f"prune: {method.label}, MACs {_count(before.macs)} -> {_count(after.macs)} "
              f"({before.macs / max(after.macs, 1):.2f}x fewer), params {_count(before.params)} -> "
              f"{_count(after.params)} ({job.seconds['prune']:.1f} s)")
@@ -258,6 +292,7 @@ def measure(job: Job) -> dict[str, Any]:
     models = {"after": job.model}
     if job.before_prune is not None:
         models = {"before": job.before_prune, "after": job.model}
+    models = {k: _baked(m) for k, m in models.items()}  # time the exported model, not the mask multiply
     t0 = time.perf_counter()
     cmp = compare_latency(models, shape, cfg)
     out = {k: r.to_dict() for k, r in cmp.results.items()}
@@ -265,6 +300,13 @@ def measure(job: Job) -> dict[str, Any]:
         out["layers"] = {k: layer_latency(m, job.example, cfg) for k, m in models.items()}
     job.seconds["latency"] = time.perf_counter() - t0
     return out
+
+
+def _baked(model: nn.Module) -> nn.Module:
+    """`model` itself when it has no masks, else a copy with its masks baked in."""
+    from ..surgery.masks import bake_masks_, masked_modules
+
+    return bake_masks_(copy.deepcopy(model)) if masked_modules(model) else model
 
 
 def layer_latency(model: nn.Module, example: torch.Tensor, cfg: Any) -> dict[str, float]:

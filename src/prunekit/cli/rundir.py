@@ -4,7 +4,7 @@ A run directory holds:
     recipe.yaml          the resolved recipe (every default filled in); `prunekit run <dir>` reruns it
     dense.safetensors    the dense model after training, or the final model when nothing was
                          pruned (a state dict, no pickle)
-    pruned.safetensors   the final pruned model with its plan inside (load with load_pruned)
+    pruned.safetensors   the final pruned model with its plan and weight masks inside (load with load_pruned)
     plan.json            the same plan as plain JSON
     metrics.jsonl        per-epoch training records, stage markers and evaluations
     result.json          costs, accuracies, per-layer rows and latency (the report's input)
@@ -13,6 +13,7 @@ A run directory holds:
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,11 @@ from .pipeline import Job, measure, save_weights
 
 
 def choose_run_dir(name: str, parent: str | Path, out: str | Path | None) -> Path:
-    """The directory a run will write to; checked now, created only by `create_run_dir`."""
+    """The directory a run will write to; checked now, claimed only by `create_run_dir`.
+
+    Without --out this is `<parent>/<name>-<timestamp>`; a name taken when the run directory is
+    created gets a suffix there (`-2`, `-3`, ...).
+    """
     if out is not None:
         path = Path(out)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -30,21 +35,48 @@ def choose_run_dir(name: str, parent: str | Path, out: str | Path | None) -> Pat
                               "choose a new path (prunekit never overwrites a run)")
         return path
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(parent) / f"{name}-{stamp}"
-    path, n = base, 2
-    while path.exists():
-        path, n = base.with_name(f"{base.name}-{n}"), n + 1
-    return path
+    return Path(parent) / f"{name}-{stamp}"
 
 
-def create_run_dir(job: Job, path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    job.run_dir = path
+def create_run_dir(job: Job, path: Path, explicit: bool = False) -> Path:
+    """Claim `path` for this run alone and write recipe.yaml into it; returns the directory used.
+
+    Two runs never share a directory, even when started in the same second: the directory is
+    made with an exclusive `os.mkdir` (a timestamped name that is taken moves on to `-2`, `-3`,
+    ...), and recipe.yaml is created exclusively, so of two runs given the same `--out`
+    (`explicit`) exactly one gets it and the other stops with a ConfigError before writing
+    anything; a suffix there would put the run where the caller does not look for it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if explicit:
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            pass  # an empty directory made beforehand is allowed; the exclusive recipe.yaml decides
+    else:
+        path = _make_new_dir(path)
     recipe = job.recipe
     if job.weights is not None:
         recipe.init = str(Path(job.weights).resolve())
-    (path / "recipe.yaml").write_text(f"# Resolved recipe of this run ({recipe.source}).\n" + recipe.to_yaml(),
-                                      encoding="utf-8")
+    text = f"# Resolved recipe of this run ({recipe.source}).\n" + recipe.to_yaml()
+    try:
+        with open(path / "recipe.yaml", "x", encoding="utf-8") as f:
+            f.write(text)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"--out {path} was taken by another run started at the same time; "
+                          "choose a new path (prunekit never shares a run directory)") from None
+    job.run_dir = path
+    return path
+
+
+def _make_new_dir(base: Path) -> Path:
+    path, n = base, 2
+    while True:
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:  # another run took this name first (or an older run has it)
+            path, n = base.with_name(f"{base.name}-{n}"), n + 1
 
 
 def finish(job: Job, title: str) -> dict[str, Any]:
@@ -87,6 +119,7 @@ def build_result(job: Job, title: str, latency: dict[str, Any]) -> dict[str, Any
     """The report's input (prunekit.report.writer.ReportInput) plus the run's extra records."""
     from ..core.environment import environment
     from ..cost.macs import CONVENTION, count_cost
+    from ..surgery.mask_io import weight_sparsity
 
     evals = job.evaluations
     pruned = [i for i, e in enumerate(evals) if e["step"] == "pruned"]
@@ -118,6 +151,7 @@ def build_result(job: Job, title: str, latency: dict[str, Any]) -> dict[str, Any
         "split": job.recipe.eval.split,
         "stage_seconds": job.seconds,
         "prune_metrics": job.prune_metrics,
+        "sparsity": weight_sparsity(job.model),  # zeros counted in the final weights
     }
     if no_ft is not None and no_ft is not last:
         result["accuracy_pruned_no_finetune"] = no_ft["accuracy"]

@@ -1,7 +1,9 @@
 """Typed, validated, versioned configs. YAML recipes only fill these dataclasses.
 
 A config subclass declares its fields and checks them in `validate()`; `__post_init__` calls it,
-so an invalid config never exists. `to_dict`/`from_dict` round-trip, with the class's `version`
+so an invalid config never exists. Before `validate()` runs, every float held by a field (also
+inside lists, tuples and dicts) must be finite: NaN compares false with everything, so it would
+slip through every range check, and no prunekit setting means anything at infinity. `to_dict`/`from_dict` round-trip, with the class's `version`
 recorded so that a saved config from an older layout is recognised.
 
 >>> from dataclasses import dataclass
@@ -16,6 +18,7 @@ recorded so that a saved config from an older layout is recognised.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, ClassVar, TypeVar
 
@@ -29,6 +32,8 @@ class Config:
     version: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check_finite(f.name, getattr(self, f.name))
         self.validate()
 
     def validate(self) -> None:  # overridden by subclasses
@@ -90,11 +95,33 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def check_finite(name: str, value: Any) -> None:
+    """Raise ConfigError if `value` is, or holds (lists, tuples, dict values), a NaN or infinite float.
+
+    Nested configs are skipped: they checked their own fields when they were built.
+
+    >>> check_finite("lr", [0.1, 0.2])
+    >>> check_finite("lr", float("nan"))
+    Traceback (most recent call last):
+    prunekit.core.errors.ConfigError: lr=nan is not a finite number; give a finite value
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is not a finite number; give a finite value")
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_finite(f"{name}[{i}]", v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(f"{name}.{k}", v)
+
+
 def check_range(name: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
-    """Raise ConfigError unless lo <= value <= hi (open ends excluded)."""
+    """Raise ConfigError unless lo <= value <= hi (open ends excluded); NaN and infinities never pass."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name} must be a number, got {value!r}")
-    bad = value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi)
+    check_finite(name, value)
+    # written as "not inside" so that any comparison that fails (as NaN's all do) means out of range
+    bad = not (lo <= value <= hi) or (lo_open and value == lo) or (hi_open and value == hi)
     if bad:
         left, right = "(" if lo_open else "[", ")" if hi_open else "]"
         raise ConfigError(f"{name}={value!r} is out of range; use a value in {left}{lo}, {hi}{right}")

@@ -11,14 +11,14 @@ from .checkpoint import (CHECKPOINT_NAME, capture_rng_state, checkpoint_path, lo
                          restore_rng_state, save_checkpoint, seed_everything)
 from .distributed import DistContext, launch_local, shard_batch
 from .evaluate import evaluate
-from .hooks import Hook
+from .hooks import Hook, TrainState, split_parameters
 from .logging import MetricsLog, epoch_records, read_jsonl
 from .train import (TIMING_KEYS, TrainConfig, TrainResult, build_optimizer, build_scheduler,
                     lr_factor, train)
 
 __all__ = [
     "CHECKPOINT_NAME", "DistContext", "Hook", "MetricsLog", "TIMING_KEYS", "TrainConfig",
-    "TrainResult", "build_optimizer", "build_scheduler", "capture_rng_state", "checkpoint_path",
+    "TrainResult", "TrainState", "build_optimizer", "build_scheduler", "capture_rng_state", "checkpoint_path",
     "epoch_records", "evaluate", "launch_local", "load_checkpoint", "lr_factor", "read_jsonl",
-    "restore_rng_state", "save_checkpoint", "seed_everything", "shard_batch", "train",
+    "restore_rng_state", "save_checkpoint", "seed_everything", "shard_batch", "split_parameters", "train",
 ]

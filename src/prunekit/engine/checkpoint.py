@@ -11,6 +11,10 @@ loads with `torch.load(..., weights_only=True)`, which never runs pickled code:
     hooks                       {str(index): hook.state_dict()} for hooks that define it
     rng                         torch CPU (+ CUDA) generator states, numpy's, python's
     meta_json                   JSON text: {"cfg": TrainConfig.to_dict(), "history": [...]}
+    checksum                    `payload_sha256` of everything above, verified on load
+
+A model with weight masks (`prunekit.surgery.masks.Mask`) saves them in its state; resuming into
+a freshly built model puts them back before the weights are loaded.
 
 Hook state: a hook that has both `state_dict()` and `load_state_dict(state)` is saved under its
 index in the `hooks` list and restored on resume, so pass the hooks in the same order. Its state
@@ -27,10 +31,10 @@ True
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,6 +43,8 @@ import torch
 from torch import nn
 
 from ..core.errors import CheckpointError
+from ..core.integrity import atomic_write, tensors_sha256
+from ..surgery.mask_io import plain_state_names, restore_masks_from_state
 
 FORMAT = "prunekit.train_checkpoint"
 FORMAT_VERSION = 1
@@ -87,21 +93,36 @@ def checkpoint_path(ckpt_dir: str | os.PathLike[str]) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # Same directory, hence same filesystem: os.replace is an atomic rename.
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save to a temporary file in the same directory, fsync, then os.replace.
+
+    Disk-full and permission errors become one CheckpointError line; no temporary file stays.
+    """
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def payload_sha256(payload: dict[str, Any]) -> str:
+    """sha256 over every leaf of a checkpoint payload except "checksum": tensors by their bytes
+    (`tensors_sha256`, keyed by their path such as "model/conv.weight"), other leaves as JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    others: dict[str, str] = {}
+
+    def walk(obj: Any, where: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            tensors[where] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{where}/{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{where}/{i}")
+        else:
+            others[where] = repr(obj)
+
+    for key in sorted(k for k in payload if k != "checksum"):
+        walk(payload[key], key)
+    digest = hashlib.sha256(tensors_sha256(tensors).encode())
+    digest.update(json.dumps(others, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def save_checkpoint(path: str | os.PathLike[str], *, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -121,6 +142,7 @@ def save_checkpoint(path: str | os.PathLike[str], *, model: nn.Module, optimizer
         "scheduler": scheduler.state_dict(), "hooks": hook_states, "rng": capture_rng_state(),
         "meta_json": json.dumps({"cfg": cfg, "history": history}),
     }
+    payload["checksum"] = payload_sha256(payload)
     atomic_torch_save(payload, path)
 
 
@@ -147,9 +169,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{path} has checkpoint format version {ckpt.get('format_version')!r}; "
                               f"this prunekit reads version {FORMAT_VERSION}; restart the run")
     missing = [k for k in ("epoch", "steps_per_epoch", "model", "optimizer", "scheduler",
-                           "hooks", "rng", "meta_json") if k not in ckpt]
+                           "hooks", "rng", "meta_json", "checksum") if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is damaged, delete it to restart")
+    if payload_sha256(ckpt) != ckpt["checksum"]:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match the checksum "
+                              "stored with them; delete it to restart the run, or restore a good copy")
     try:
         meta = json.loads(ckpt.pop("meta_json"))
         ckpt["cfg"], ckpt["history"] = meta["cfg"], meta["history"]
@@ -190,6 +215,12 @@ def check_compatible(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch
 def restore_checkpoint(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer,
                        scheduler: Any, hooks: Sequence[Any]) -> None:
     """Load model, optimizer, scheduler, hook and RNG states (call `check_compatible` first)."""
+    if restore_masks_from_state(model, ckpt["model"]):  # a fresh model gets the masks the run had
+        # Masking moves each weight under `parametrizations`, after its module's own parameters in
+        # model.parameters(); the run's optimizer was built in that order, so ours must follow it.
+        order = {id(p): i for i, p in enumerate(model.parameters())}
+        for group in optimizer.param_groups:
+            group["params"].sort(key=lambda p: order.get(id(p), len(order)))
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -199,6 +230,11 @@ def restore_checkpoint(ckpt: dict[str, Any], *, model: nn.Module, optimizer: tor
 
 
 def _check_model_state(saved: dict[str, torch.Tensor], now: dict[str, torch.Tensor]) -> None:
+    if any(k not in saved for k in now if ".parametrizations." in f".{k}"):
+        raise CheckpointError("the model carries weight masks (parametrizations) the checkpoint does not have; "
+                              "resume with a model built as the run's was, or a fresh one")
+    # compare as unmasked models: masks saved with the run are put back on a fresh model on restore
+    saved, now = plain_state_names(saved), plain_state_names(now)
     missing, extra = sorted(set(now) - set(saved)), sorted(set(saved) - set(now))
     if missing or extra:
         raise CheckpointError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected "

@@ -139,10 +139,15 @@ def broadcast_buffers(module: nn.Module, ctx: DistContext) -> None:
             dist.broadcast(buf.data, src=0)
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
-    """DistributedDataParallel around `model` when distributed, else `model` itself."""
+def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, ignore: Sequence[str] = ()) -> nn.Module:
+    """DistributedDataParallel around `model` when distributed, else `model` itself.
+
+    `ignore` names parameters DDP must neither broadcast nor average (a hook steps them itself).
+    """
     if not ctx.enabled:
         return model
+    if ignore:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 

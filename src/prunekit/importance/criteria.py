@@ -20,8 +20,7 @@ batches). Per-class activation statistics, which evolved criteria build on, come
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -29,87 +28,11 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..core.registry import Registry
 from ..graph import Group
+from .context import ScoreContext
 
 Criterion = Callable[[Group, "ScoreContext"], torch.Tensor]
 CRITERIA: Registry[Criterion] = Registry("criterion")
 REDUCTIONS = ("mean", "sum", "max")
-
-
-@dataclass
-class ScoreContext:
-    """What a criterion may look at: the model, optional data, and settings."""
-
-    model: nn.Module
-    batches: Iterable | None = None  # iterable of (x, y); needed by data-dependent criteria
-    reduction: str = "mean"
-    seed: int = 0
-    loss_fn: Callable = nn.functional.cross_entropy
-    _grads: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    _outs: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    _params: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-
-    def parameters(self) -> dict[str, torch.Tensor]:
-        """name -> parameter of the model (looked up once per context)."""
-        if self._params is None:
-            self._params = dict(self.model.named_parameters())
-        return self._params
-
-    def tensor(self, module: str, name: str) -> torch.Tensor:
-        return getattr(self.model.get_submodule(module), name).detach()
-
-    def require_batches(self, who: str) -> Iterable:
-        if self.batches is None:
-            raise ConfigError(f"criterion {who!r} needs data: pass batches (an iterable of (inputs, targets))")
-        return self.batches
-
-    def gradients(self) -> dict[str, torch.Tensor]:
-        """Sum of loss gradients of every parameter over `batches` (computed once, cached)."""
-        if self._grads is None:
-            params = dict(self.model.named_parameters())
-            grads = {n: torch.zeros_like(p) for n, p in params.items()}
-            was = self.model.training
-            self.model.eval()
-            for x, y in self.require_batches("taylor"):
-                self.model.zero_grad(set_to_none=True)
-                self.loss_fn(self.model(x), y).backward()
-                for n, p in params.items():
-                    if p.grad is not None:
-                        grads[n] += p.grad.detach()
-            self.model.zero_grad(set_to_none=True)
-            self.model.train(was)
-            self._grads = grads
-        return self._grads
-
-
-    def output_stats(self) -> dict[str, torch.Tensor]:
-        """Mean |output| per output channel of every conv/Linear over `batches` (one pass, cached)."""
-        if self._outs is None:
-            sums: dict[str, torch.Tensor] = {}
-            count = [0]
-
-            def hook(name, conv):
-                def record(_m, _inp, out):
-                    ch = 1 if conv else out.dim() - 1
-                    v = out.detach().abs().movedim(ch, -1).reshape(-1, out.shape[ch]).mean(0)
-                    sums[name] = sums.get(name, 0) + v
-                return record
-
-            handles = [m.register_forward_hook(hook(n, isinstance(m, nn.modules.conv._ConvNd)))
-                       for n, m in self.model.named_modules()
-                       if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-            was = self.model.training
-            self.model.eval()
-            try:
-                with torch.no_grad():
-                    for x, _ in self.require_batches("activation"):
-                        self.model(x)
-                        count[0] += 1
-            finally:
-                for h in handles:
-                    h.remove()
-                self.model.train(was)
-            self._outs = {n: v / max(count[0], 1) for n, v in sums.items()}
-        return self._outs
 
 
 def per_channel(values: torch.Tensor, member, size: int, reduce: str = "sum") -> torch.Tensor:
@@ -121,9 +44,21 @@ def per_channel(values: torch.Tensor, member, size: int, reduce: str = "sum") ->
     """
     flat = values.movedim(member.dim, 0).reshape(values.shape[member.dim], -1)
     row = flat.sum(1) if reduce == "sum" else flat.amax(1)
+    if reduce == "sum" and _is_identity(member, size):
+        return row + 0.0  # position j is channel j: the scatter below would give this (a new tensor)
     sel = member.channel >= 0
     out = torch.zeros(size, dtype=row.dtype)
     return out.scatter_reduce_(0, member.channel[sel], row[sel], "sum" if reduce == "sum" else "amax")
+
+
+def _is_identity(member, size: int) -> bool:
+    """Whether member.channel is 0..size-1 (cached on the member: graphs are reused across prunings)."""
+    known = getattr(member, "_identity", None)
+    if known is None:
+        ch = member.channel
+        known = bool(ch.numel() == size and torch.equal(ch, torch.arange(size, dtype=ch.dtype)))
+        member._identity = known
+    return known
 
 
 def reduce_members(scores: list[torch.Tensor], how: str) -> torch.Tensor:
@@ -159,7 +94,10 @@ def bn_scale(group: Group, ctx: ScoreContext) -> torch.Tensor:
     """|gamma| of the group's normalisation layers (network slimming); L2 where a group has none."""
     parts = [per_channel(w.abs(), m, group.size) for m, w in _param_members(group, ctx, ("through",))
              if m.name == "weight" and isinstance(ctx.model.get_submodule(m.module), _NORMS)]
-    return reduce_members(parts, ctx.reduction) if parts else _norm_criterion(2.0)(group, ctx)
+    if parts:
+        return reduce_members(parts, ctx.reduction)
+    ctx.note_fallback(group.name, "bn_scale", "l2", "no normalisation layer in the group")
+    return l2_scores(group, ctx)
 
 
 def taylor(group: Group, ctx: ScoreContext) -> torch.Tensor:
@@ -185,7 +123,8 @@ def fpgm(group: Group, ctx: ScoreContext) -> torch.Tensor:
         rows.index_add_(0, m.channel[sel], flat[sel])
         vecs.append(rows)
     if not vecs:
-        return _norm_criterion(2.0)(group, ctx)
+        ctx.note_fallback(group.name, "fpgm", "l2", "no producing filter of two or more dims in the group")
+        return l2_scores(group, ctx)
     v = torch.cat(vecs, 1)
     return torch.cdist(v, v).sum(1)
 
@@ -200,7 +139,10 @@ def activation(group: Group, ctx: ScoreContext) -> torch.Tensor:
             if v.numel() == m.channel.numel():
                 sel = m.channel >= 0
                 parts.append(torch.zeros(group.size).index_add_(0, m.channel[sel], v[sel]))
-    return reduce_members(parts, ctx.reduction) if parts else _norm_criterion(2.0)(group, ctx)
+    if parts:
+        return reduce_members(parts, ctx.reduction)
+    ctx.note_fallback(group.name, "activation", "l2", "no producing conv/Linear output in the group")
+    return l2_scores(group, ctx)
 
 
 def random_scores(group: Group, ctx: ScoreContext) -> torch.Tensor:
@@ -209,10 +151,66 @@ def random_scores(group: Group, ctx: ScoreContext) -> torch.Tensor:
 
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+l2_scores = _norm_criterion(2.0)
 CRITERIA.register("l1", _norm_criterion(1.0))
-CRITERIA.register("l2", _norm_criterion(2.0))
+CRITERIA.register("l2", l2_scores)
 CRITERIA.register("bn_scale", bn_scale)
 CRITERIA.register("taylor", taylor)
 CRITERIA.register("fpgm", fpgm)
 CRITERIA.register("random", random_scores)
 CRITERIA.register("activation", activation)
+
+
+# A factory turns the text after "<prefix>:" into a criterion (e.g. "evolved:<expression>").
+CRITERION_FACTORIES: Registry[Callable[[str], Criterion]] = Registry("criterion prefix")
+
+
+def register_criterion_factory(prefix: str, factory: Callable[[str], Criterion]) -> None:
+    """Let `resolve_criterion("<prefix>:<text>")` build criteria with `factory(text)`.
+
+    >>> register_criterion_factory("scaled_l1", lambda text: lambda g, ctx: float(text) * CRITERIA.get("l1")(g, ctx))
+    >>> callable(resolve_criterion("scaled_l1:2.5"))
+    True
+    >>> CRITERION_FACTORIES.unregister("scaled_l1")
+    """
+    if not isinstance(prefix, str) or not prefix.isidentifier():
+        raise ConfigError(f"criterion prefix {prefix!r} must be a plain name such as 'evolved' (no ':')")
+    CRITERION_FACTORIES.register(prefix, factory)
+
+
+def resolve_criterion(spec: str | Criterion) -> Criterion:
+    """The criterion `spec` names: a callable `(group, ctx) -> Tensor (group.size,)` as it is,
+    a registered name (`CRITERIA`), or "<prefix>:<text>" built by the factory registered for
+    the prefix. Anything else raises one ConfigError saying what is accepted.
+
+    >>> resolve_criterion("l2") is CRITERIA.get("l2")
+    True
+    """
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        raise ConfigError(f"criterion={spec!r} must be a registered name ({', '.join(CRITERIA.list())}), "
+                          "'<prefix>:<text>' or a callable (group, ctx) -> scores")
+    prefix, sep, text = spec.partition(":")
+    if not sep:
+        if spec not in CRITERIA:
+            raise ConfigError(f"criterion={spec!r} is not allowed; choose one of: {', '.join(CRITERIA.list())}"
+                              + (f", or '<prefix>:<text>' with a prefix in {CRITERION_FACTORIES.list()}"
+                                 if CRITERION_FACTORIES.list() else ""))
+        return CRITERIA.get(spec)
+    if prefix not in CRITERION_FACTORIES:
+        raise ConfigError(f"criterion={spec!r}: no criterion factory is registered for prefix {prefix!r}; "
+                          f"registered prefixes: {', '.join(CRITERION_FACTORIES.list()) or '(none)'}")
+    try:
+        built = CRITERION_FACTORIES.get(prefix)(text)
+    except ConfigError as err:
+        raise ConfigError(f"criterion={spec!r}: {err}") from None
+    except Exception as err:  # the factory's own parser rejected the text
+        raise ConfigError(f"criterion={spec!r} could not be built by the {prefix!r} factory "
+                          f"({type(err).__name__}: {str(err)[:200]}); fix the text after '{prefix}:'") from None
+    if not callable(built):
+        raise ConfigError(f"criterion={spec!r}: the {prefix!r} factory returned {type(built).__name__}, not a callable")
+    return built
+
+
+from . import elements  # noqa: E402,F401  (registers the channel-level snip, grasp and synflow)

@@ -20,7 +20,7 @@ torch.Size([2, 4])
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from ..surgery.masks import apply_mask
 
 __all__ = ["TopKStraightThrough", "keep_count", "topk_mask", "SparseMixin", "SparseConv2d",
            "SparseLinear", "scaled_scores", "sparsify_", "harden_", "sparse_layers", "set_density_",
-           "count_nonzeros", "restore_masks_", "SCORE_INITS"]
+           "count_nonzeros", "SCORE_INITS"]
 
 SCORE_INITS = ("kaiming", "scaled")
 
@@ -238,19 +238,6 @@ def count_nonzeros(model: nn.Module) -> dict[str, int]:
             nonzero += int((w != 0).sum())
             total += w.numel()
     return {"nonzero": nonzero, "total": total}
-
-
-def restore_masks_(model: nn.Module, names: Any) -> None:
-    """Put an all-ones `Mask` on each listed tensor ("module.tensor" names), so that saved masks
-    (their `parametrizations.<t>.0.mask` buffers) load into a freshly built model."""
-    from ..core.errors import PruningError
-
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise PruningError("the masked tensors must be given as a list of 'module.tensor' names")
-    for full in names:
-        mname, _, pname = full.rpartition(".")
-        mod = model.get_submodule(mname) if mname else model
-        apply_mask(mod, pname, torch.ones_like(getattr(mod, pname), dtype=torch.bool))
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -37,7 +37,14 @@ def prune_(model: nn.Module, config: Config, example_inputs: Any, **kwargs: Any)
     if handler is None:
         raise ConfigError(f"{type(config).__name__} is not a registered method config; "
                           f"methods: {', '.join(METHODS.list())}")
-    return handler(model, config, example_inputs, **kwargs)
+    from ..surgery.plan_check import architecture_fingerprint
+
+    dense = architecture_fingerprint(model)
+    result = handler(model, config, example_inputs, **kwargs)
+    # The plan names the architecture it starts from and the one it produces: replaying it on
+    # another model, or saving it with another model, is then refused with a clear message.
+    result.plan.fingerprint.update(dense=dense, pruned=architecture_fingerprint(model))
+    return result
 
 
 from . import magnitude  # noqa: E402,F401  (registers the reference method)

@@ -5,7 +5,7 @@ weights, with scores initialised from |w| (scaled as HYDRA does, so the first ma
 magnitude mask) and the per-layer top-k at `density`. The scores are trained with the weights
 (and, unless `train_bn`, every other parameter) frozen; then each layer returns to its plain
 class carrying the learned mask as a persistent `Mask` parametrization. The model saves as
-masks + weights (`save_pruned`; the plan lists the masked tensors so `load_pruned` rebuilds them),
+masks + weights (`save_pruned` stores the masks, `load_pruned` puts them back),
 and nonzeros are counted from the effective weights. No channel is removed: the MACs of dense
 kernels do not change (see `metrics["nonzero"]`).
 
@@ -30,13 +30,11 @@ from torch import nn
 
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PruningError
-from ..layers.sparse import SCORE_INITS, count_nonzeros, harden_, restore_masks_, sparsify_
+from ..layers.sparse import SCORE_INITS, count_nonzeros, harden_, sparsify_
 from ..surgery.copying import adopt_
-from ..surgery.masks import masked_modules, sparsity_report
-from ..surgery.plan import empty_plan, register_replay_step
+from ..surgery.masks import sparsity_report
+from ..surgery.plan import empty_plan
 from .result import PruneResult
-
-MASKS_META = "weight_masks"  # plan.meta key: the masked tensors, rebuilt on replay
 
 
 @dataclasses.dataclass
@@ -109,8 +107,8 @@ def hydra_prune_(model: nn.Module, config: HydraConfig, example_inputs: Any, *,
     metrics.update(count_nonzeros(model), sparsity=sparsity_report(model))
     example_inputs = _on_device(model, example_inputs)
     plan = empty_plan(example_inputs)
-    plan.meta.update({"method": "hydra", "config": config.to_dict(),
-                      MASKS_META: [f"{m}.{p}" if m else p for m, _, p in masked_modules(model)]})
+    plan.meta.update({"method": "hydra", "config": config.to_dict()})
+    plan.stamp(dense=model, pruned=model)  # masks change no architecture
     return PruneResult(plan, before, count_cost(model, example_inputs), config.to_dict(), metrics)
 
 
@@ -123,7 +121,6 @@ def _register() -> None:
     from . import register_method
 
     register_method("hydra", HydraConfig, hydra_prune_)
-    register_replay_step(MASKS_META, restore_masks_)
 
 
 _register()

@@ -163,6 +163,10 @@ def _draw_plots(run_dir: Path, result: dict) -> list[tuple[str, str]]:
 
 def _sections(result: dict, images: list[tuple[str, str]]) -> list[tuple[str, list[Block]]]:
     summary: list[Block] = [f"Method: {result.get('method') or NA}"]
+    masked = (result.get("sparsity") or {}).get("masked") or {}
+    if masked.get("numel"):
+        summary.append(f"Weight masks: {fmt_pct(masked['sparsity'])} of {fmt_int(masked['numel'])} masked weights "
+                       "are zero (counted in the final weights)")
     summary.append(_Table(["accuracy", "value"], _accuracy_rows(result), "lr"))
     summary.append(_Table(["total", "before", "after", "after / before", "reduction"], _total_rows(result), "lrrrr"))
     if any(_cost(result, side, k)[1] for side in ("before", "after") for k in ("params", "macs")):

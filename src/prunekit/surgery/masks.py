@@ -33,6 +33,7 @@ __all__ = [
     "get_mask",
     "masked_modules",
     "remove_masks",
+    "bake_masks_",
     "sparsity_report",
     "prune_count",
     "unstructured_mask",
@@ -162,6 +163,21 @@ def remove_masks(model: nn.Module, bake: bool = True) -> int:
                 plist.original.mul_(plist[idx].mask)
         del plist[idx]
     return len(entries)
+
+
+def bake_masks_(model: nn.Module) -> nn.Module:
+    """Multiply every Mask into its weight for good and drop the parametrizations; returns model.
+
+    The export step of the mask lifecycle: afterwards the model is plain PyTorch (no
+    parametrize), its state_dict has the usual names, and the masked entries are exact zeros.
+
+    >>> lin = nn.Linear(4, 2)
+    >>> _ = apply_mask(lin, "weight", unstructured_mask(lin.weight, 0.5))
+    >>> sorted(bake_masks_(lin).state_dict()), int((lin.weight == 0).sum())
+    (['bias', 'weight'], 4)
+    """
+    remove_masks(model, bake=True)
+    return model
 
 
 def sparsity_report(model: nn.Module) -> dict[str, dict[str, float | int]]:

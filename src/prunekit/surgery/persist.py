@@ -1,50 +1,63 @@
-"""Save and load pruned models as safetensors weights with the plan in the file's metadata.
+"""Save and load pruned models: safetensors weights, masks and the plan in one file.
 
-Loading rebuilds the architecture from the user's own constructor, replays the plan, then loads
-the weights: no pickle is involved, so an untrusted file cannot execute code. A file that is
-missing, corrupt, or made for another architecture raises CheckpointError and leaves the model
-the caller passed in unchanged.
+Loading rebuilds the architecture from the user's own constructor, replays the plan, loads the
+weights, then puts back the weight masks: no pickle is involved, so an untrusted file cannot
+execute code. The file holds the *effective* weights (masked entries are exact zeros), each
+mask packed 8 entries per byte under "<name>::mask", the plan under "prunekit.plan" with the
+masks described in `plan.meta["masks"]` (`mask_io.describe_masks`), and a sha256 of every
+tensor (see `tensor_file`). A file that is missing, corrupt, or made for another architecture
+raises CheckpointError and leaves the model the caller passed in unchanged.
 
 >>> import torch, torch.nn as nn, tempfile, os
 >>> from prunekit.surgery.plan import prune_channels_
+>>> from prunekit.surgery.masks import apply_mask, unstructured_mask
 >>> make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
 >>> m = make(); x = torch.randn(1, 3, 8, 8); plan = prune_channels_(m, x, {"0": [3]})
+>>> _ = apply_mask(m[2], "weight", unstructured_mask(m[2].weight, 0.5))
 >>> path = os.path.join(tempfile.mkdtemp(), "pruned.safetensors"); _ = save_pruned(m, plan, path)
 >>> again = load_pruned(make(), path); bool(torch.equal(again(x), m(x)))
 True
+>>> read_plan(path).meta["masks"]["tensors"]["2.weight"]["masked"], type(again[2].parametrizations.weight[0]).__name__
+(14, 'Mask')
 """
 from __future__ import annotations
 
 import copy
 import json
 from pathlib import Path
+from typing import Any, Mapping
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
-from torch import nn
+from torch import Tensor, nn
 
 from ..core.errors import CheckpointError, PrunekitError
+from .mask_io import describe_masks, restore_masks_, unpack_mask
+from .masks import masked_modules
 from .plan import Plan, apply_plan_
+from .plan_check import check_fingerprint
+from .tensor_file import MASK_SUFFIX, load_state_, read_tensor_file, save_state_file
 
 PLAN_KEY = "prunekit.plan"
+MASKS_META = "masks"  # plan.meta entry describing the masks the file holds
 
 
 def save_pruned(model: nn.Module, plan: Plan, path: str | Path) -> Path:
-    """Write weights + plan atomically (temp file, then rename)."""
+    """Write effective weights, packed masks and plan atomically; returns `path`.
+
+    The plan's meta["masks"] is set to the model's current masks (`describe_masks`), so a
+    plan.json written from the same Plan afterwards describes them too. A plan that records the
+    pruned architecture's fingerprint must match `model`: otherwise the file could never be
+    loaded, so CheckpointError and nothing is written.
+    """
+    if not isinstance(plan, Plan):
+        raise CheckpointError(f"save_pruned needs a Plan, got {type(plan).__name__}")
+    check_fingerprint(model, plan.fingerprint.get("pruned"), "pruned")
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_model(model, str(tmp), metadata={PLAN_KEY: plan.to_json()})
-    tmp.replace(path)
+    plan.meta[MASKS_META] = describe_masks(model)
+    save_state_file(model, path, {PLAN_KEY: plan.to_json()})
     return path
 
 
-def read_plan(path: str | Path) -> Plan:
-    """The plan stored in a pruned-model file."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (OSError, SafetensorError, ValueError) as err:
-        raise CheckpointError(f"cannot read {path}: {err}; pass a file written by prunekit save_pruned") from None
+def _plan_of(meta: Mapping[str, str], path: Any) -> Plan:
     if PLAN_KEY not in meta:
         raise CheckpointError(f"{path} holds no prunekit plan; it was not written by save_pruned")
     try:
@@ -53,41 +66,53 @@ def read_plan(path: str | Path) -> Plan:
         raise CheckpointError(f"the plan in {path} is corrupt ({err})") from None
 
 
+def read_plan(path: str | Path) -> Plan:
+    """The plan stored in a pruned-model file (its checksum verified)."""
+    meta, _ = read_tensor_file(path)
+    return _plan_of(meta, path)
+
+
 def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
-    """Return a pruned copy of the freshly built `model` carrying the stored weights.
+    """Return a pruned copy of the freshly built `model` carrying the stored weights and masks.
 
     `model` itself is never modified, so a failed load leaves nothing half-changed.
     """
-    plan = read_plan(path)
+    meta, tensors = read_tensor_file(path)
+    plan = _plan_of(meta, path)
+    if masked_modules(model):
+        raise CheckpointError(f"load_pruned({path}) needs a freshly built model without masks; "
+                              "build a new one with its constructor")
+    masks = _masks_of(plan, tensors, path)
     work = copy.deepcopy(model)
     try:
         apply_plan_(work, plan)
-        _check_fit(work, path)
-        load_model(work, str(path), strict=True)
     except PrunekitError:
         raise
-    except (RuntimeError, OSError, SafetensorError, ValueError) as err:
-        raise CheckpointError(f"weights in {path} do not fit this model after replaying its plan: {err}") from None
-    return work
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"the plan in {path} does not replay on this model: {err}") from None
+    load_state_(work, tensors, meta, path)
+    return restore_masks_(work, masks)
 
 
-def _check_fit(model: nn.Module, path: str | Path) -> None:
-    """Compare tensor names and shapes first, for a short message instead of a key dump."""
-    with safe_open(str(path), framework="pt") as f:
-        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    state = model.state_dict()
-    ours = {k: tuple(v.shape) for k, v in state.items()}
-    aliases: dict[tuple, set[str]] = {}  # tied tensors are stored once, under one of their names
-    for k, v in state.items():
-        aliases.setdefault((v.data_ptr(), tuple(v.shape)), set()).add(k)
-    missing = sorted(k for k, v in state.items()
-                     if not aliases[(v.data_ptr(), tuple(v.shape))] & set(stored))
-    extra = sorted(set(stored) - set(ours))
-    wrong = sorted(k for k in set(ours) & set(stored) if ours[k] != stored[k])
-    if missing or extra or wrong:
-        parts = [f"{len(v)} {what} (first: {v[0]})" for what, v in
-                 (("tensors missing from the file", missing), ("unexpected tensors", extra),
-                  ("shape mismatches", wrong)) if v]
-        raise CheckpointError(f"weights in {path} do not fit this model after replaying its plan: "
-                              f"{'; '.join(parts)}. Build the same architecture (name, num_classes, "
-                              "options) that the file was pruned from")
+def _masks_of(plan: Plan, tensors: Mapping[str, Tensor], path: Any) -> dict[str, Tensor]:
+    """Unpack every "<name>::mask" entry, checked against the description in the plan."""
+    desc = plan.meta.get(MASKS_META, {"tensors": {}})
+    described = desc.get("tensors") if isinstance(desc, dict) else None
+    if not isinstance(described, dict):
+        raise CheckpointError(f"{path}: plan meta '{MASKS_META}' is malformed; write the file again")
+    stored = {k[: -len(MASK_SUFFIX)] for k in tensors if k.endswith(MASK_SUFFIX)}
+    if stored != set(described):
+        raise CheckpointError(f"{path}: the masks stored ({sorted(stored)[:3]}) differ from those the plan "
+                              f"describes ({sorted(described)[:3]}); the file is damaged")
+    masks = {}
+    for name, info in described.items():
+        try:
+            mask = unpack_mask(tensors[name + MASK_SUFFIX], info["shape"])
+            masked = int(info["masked"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: the description of the mask on {name} is malformed") from None
+        if int((~mask).sum()) != masked:
+            raise CheckpointError(f"{path}: the mask on {name} removes {int((~mask).sum())} entries, "
+                                  f"the plan says {masked}; the file is damaged")
+        masks[name] = mask
+    return masks

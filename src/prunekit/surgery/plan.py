@@ -3,7 +3,9 @@
 A plan is replayable: tracing a freshly built model of the same architecture gives the same
 groups (names come from the producing modules), so `apply_plan_` repeats the pruning exactly.
 Pruned models are saved as plan + safetensors weights (`save_pruned` / `load_pruned`): no pickle,
-so loading an untrusted file cannot run code.
+so loading an untrusted file cannot run code. A plan is checked against the model it is applied
+to (architecture fingerprint, group names and sizes, kept indices, every replay entry) before
+the model changes; any mismatch is one CheckpointError (see plan_check.py).
 
 >>> import torch, torch.nn as nn
 >>> make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
@@ -25,20 +27,38 @@ from torch import nn
 
 from ..core.errors import CheckpointError, PruningError
 from ..graph import Graph, build_graph
+from .copying import adopt_, share_copy
+from .plan_check import architecture_fingerprint, check_fingerprint, parse_plan_dict, removal_from_plan
 from .shrink import remove_channels_
 
 PLAN_FORMAT = "prunekit.plan"
 
-# Steps a method adds after channel removal (Gator cutting out whole branches, say), keyed by the
-# plan.meta entry that describes them: `apply_plan_` runs the step whenever that key is present,
-# so `load_pruned` replays every method's plans with no method-specific loader.
-REPLAY_STEPS: dict[str, Callable[[nn.Module, Any], None]] = {}
+
+@dataclass(frozen=True)
+class ReplayStep:
+    """A step after channel removal (cutting whole branches, say), described by one plan entry.
+
+    `check(model, graph, plan, entry)` runs on the unpruned model and its graph before anything
+    changes: it accepts only entries the step itself could have written (else CheckpointError)
+    and returns what `apply(model, parsed)` needs after the channels are removed.
+    """
+
+    check: Callable[[nn.Module, Graph, "Plan", Any], Any]
+    apply: Callable[[nn.Module, Any], None]
 
 
-def register_replay_step(meta_key: str, step: Callable[[nn.Module, Any], None]) -> None:
-    """Run `step(model, plan.meta[meta_key])` after the channel removal of every replayed plan
-    carrying that key."""
-    REPLAY_STEPS[meta_key] = step
+# Keyed by the entry's name in plan.meta["replay"]. A step registers in the module defining it;
+# the core's steps are imported by prunekit.surgery, a method's by the method package.
+REPLAY_STEPS: dict[str, ReplayStep] = {}
+# Plans written before meta["replay"] existed kept their entry at the top of meta.
+LEGACY_REPLAY_KEYS = ("gator",)
+
+
+def register_replay_step(key: str, apply: Callable[[nn.Module, Any], None],
+                         check: Callable[[nn.Module, Graph, "Plan", Any], Any]) -> None:
+    """Run `apply(model, check(model, graph, plan, entry))` for every replayed plan whose
+    meta["replay"] holds `key` (see `ReplayStep`)."""
+    REPLAY_STEPS[key] = ReplayStep(check, apply)
 
 
 PLAN_VERSION = 1
@@ -56,11 +76,23 @@ class Plan:
     input_dtypes: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    # architecture_fingerprint of the model the plan was made on ("dense") and of the result ("pruned")
+    fingerprint: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "input_shapes": self.input_shapes,
-                "input_dtypes": self.input_dtypes, "ignore": self.ignore, "meta": self.meta,
-                "groups": {n: {"size": self.sizes[n], "keep": k} for n, k in self.groups.items()}}
+        out = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "input_shapes": self.input_shapes,
+               "input_dtypes": self.input_dtypes, "ignore": self.ignore, "meta": self.meta,
+               "groups": {n: {"size": self.sizes[n], "keep": k} for n, k in self.groups.items()}}
+        if self.fingerprint:
+            out["fingerprint"] = self.fingerprint
+        return out
+
+    def stamp(self, dense: nn.Module | None = None, pruned: nn.Module | None = None) -> "Plan":
+        """Record the fingerprints of the model the plan starts from and of the one it produces."""
+        for key, model in (("dense", dense), ("pruned", pruned)):
+            if model is not None:
+                self.fingerprint[key] = architecture_fingerprint(model)
+        return self
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
@@ -69,21 +101,17 @@ class Plan:
                                   "pass a file written by prunekit's save_plan/save_pruned")
         if data.get("version") != PLAN_VERSION:
             raise CheckpointError(f"plan version {data.get('version')} is not supported (this prunekit reads {PLAN_VERSION})")
-        try:
-            groups = {n: [int(i) for i in g["keep"]] for n, g in data["groups"].items()}
-            sizes = {n: int(g["size"]) for n, g in data["groups"].items()}
-            return cls(groups, sizes, [list(map(int, s)) for s in data["input_shapes"]],
-                       list(data.get("input_dtypes", [])), list(data.get("ignore", [])), dict(data.get("meta", {})))
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"plan is malformed ({err!r}); re-export it with prunekit") from None
+        return cls(**parse_plan_dict(data))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
     def compose(self, later: "Plan") -> "Plan":
         """This plan followed by `later` (whose indices count channels left by this one)."""
+        fingerprint = {k: v for k, v in (("dense", self.fingerprint.get("dense")),
+                                         ("pruned", later.fingerprint.get("pruned"))) if v}
         out = Plan(dict(self.groups), dict(self.sizes), self.input_shapes, self.input_dtypes, self.ignore,
-                   {**self.meta, **later.meta})
+                   {**self.meta, **later.meta}, fingerprint)
         for name, keep in later.groups.items():
             base = self.groups.get(name)
             if base is None:
@@ -127,33 +155,51 @@ def prune_channels_(model: nn.Module, example_inputs: Any, remove: Mapping[str, 
                     ignore: Sequence[str] = (), graph: Graph | None = None) -> Plan:
     """Trace (unless `graph` is given), remove channels in place and return the plan."""
     graph = graph if graph is not None else build_graph(model, example_inputs, ignore)
-    plan = make_plan(graph, remove, example_inputs, ignore)
+    plan = make_plan(graph, remove, example_inputs, ignore).stamp(dense=model)
     remove_channels_(model, graph, remove)
-    return plan
+    return plan.stamp(pruned=model)
 
 
 def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
-    """Replay `plan` on a freshly built, unpruned model of the same architecture."""
-    graph = build_graph(model, plan.example_inputs(), plan.ignore)
-    remove = {}
-    for name, keep in plan.groups.items():
-        try:
-            group = graph.group(name)
-        except Exception:
-            raise CheckpointError(f"plan names group {name!r}, which this model does not have; "
-                                  "build the same architecture the plan was made on") from None
-        if group.size != plan.sizes[name]:
-            raise CheckpointError(f"group {name!r} has {group.size} channels here but {plan.sizes[name]} in the plan; "
-                                  "the plan was made on a different architecture or an already pruned model")
-        kept = set(keep)
-        remove[name] = [i for i in range(group.size) if i not in kept]
-    remove_channels_(model, graph, remove)
-    from .. import methods  # noqa: F401  (importing the methods registers their replay steps)
+    """Replay `plan` on a freshly built, unpruned model of the same architecture.
 
-    for key, step in REPLAY_STEPS.items():
-        if key in plan.meta:
-            step(model, plan.meta[key])
+    Everything is checked before the model changes (fingerprints, groups, indices, replay
+    entries); the replay runs on a working copy that `model` becomes only when it matches the
+    plan's pruned fingerprint. Any mismatch: CheckpointError, `model` untouched.
+    """
+    check_fingerprint(model, plan.fingerprint.get("dense"), "dense")
+    try:
+        graph = build_graph(model, plan.example_inputs(), plan.ignore)
+    except Exception as err:  # noqa: BLE001 (any tracing failure means the plan's inputs do not fit)
+        raise CheckpointError(f"cannot trace this model with the plan's recorded inputs {plan.input_shapes} "
+                              f"({type(err).__name__}: {err}); build the architecture the plan was made on") from None
+    remove = removal_from_plan(graph, plan.groups, plan.sizes)
+    steps = [(REPLAY_STEPS[key], REPLAY_STEPS[key].check(model, graph, plan, entry))
+             for key, entry in replay_entries(plan).items()]
+    work = share_copy(model)  # surgery assigns new tensors: sharing the rest is safe
+    remove_channels_(work, graph, remove)
+    for step, parsed in steps:
+        step.apply(work, parsed)
+    check_fingerprint(work, plan.fingerprint.get("pruned"), "pruned")
+    adopt_(model, work)
     return model
+
+
+def replay_entries(plan: Plan) -> dict[str, Any]:
+    """meta["replay"] (or a legacy top-level entry), each key checked to be a registered step."""
+    from . import branches  # noqa: F401  (registers the core's replay steps)
+
+    replay = plan.meta.get("replay")
+    if replay is None:
+        replay = {k: plan.meta[k] for k in LEGACY_REPLAY_KEYS if k in plan.meta}
+    if not isinstance(replay, Mapping):
+        raise CheckpointError(f"plan meta 'replay' must be a mapping of step -> entry, got {type(replay).__name__}; "
+                              "re-export the plan with prunekit")
+    unknown = sorted(k for k in replay if k not in REPLAY_STEPS)
+    if unknown:
+        raise CheckpointError(f"plan needs replay steps {unknown}, which are not registered (known: "
+                              f"{sorted(REPLAY_STEPS)}); import the package that defines them first")
+    return dict(replay)
 
 
 def save_plan(plan: Plan, path: str | Path) -> None:

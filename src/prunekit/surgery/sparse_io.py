@@ -28,10 +28,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -39,7 +37,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..core.errors import CheckpointError, PruningError
-from .masks import Mask, apply_mask, get_mask
+from ..core.integrity import atomic_write
+from .mask_io import effective_state, is_nm, mask_kind, pack_mask, unpack_mask
+from .masks import apply_mask, get_mask
 
 __all__ = ["save_sparse", "load_sparse", "to_semi_structured_", "FORMAT_VERSION"]
 
@@ -51,42 +51,6 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
 )}
 
 
-def _effective_state(model: nn.Module) -> dict[str, tuple[Tensor, Tensor | None]]:
-    """{plain name: (effective tensor, our bool mask or None)} with parametrizations resolved."""
-    skip_prefixes, out = [], {}
-    for mname, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        prefix = f"{mname}." if mname else ""
-        skip_prefixes.append(f"{prefix}parametrizations.")
-        for pname, plist in module.parametrizations.items():
-            if len(plist) != 1 or not isinstance(plist[0], Mask):
-                raise PruningError(
-                    f"{prefix}{pname} has parametrizations other than a prunekit Mask; "
-                    "sparse checkpoints store only masked or plain tensors"
-                )
-            with torch.no_grad():
-                w = getattr(module, pname).detach()
-            out[prefix + pname] = (w, get_mask(module, pname).expand(w.shape))
-    for key, t in model.state_dict().items():
-        if not any(key.startswith(p) for p in skip_prefixes):
-            out[key] = (t.detach(), None)
-    return out
-
-
-def _nm_kind(mask: Tensor) -> dict[str, Any]:
-    """{"kind": "nm", n, m} when every m-run along dim 1 keeps the same n < m entries."""
-    if mask.dim() >= 2:
-        for m in (2, 4, 8, 16):
-            if mask.shape[1] % m:
-                continue
-            runs = mask.movedim(1, -1).reshape(-1, m).sum(dim=1)  # kept per run of m inputs
-            n = int(runs[0])
-            if n < m and bool((runs == n).all()):
-                return {"kind": "nm", "n": n, "m": m}
-    return {"kind": "irregular"}
-
-
 def _encode(name: str, t: Tensor, mask: Tensor | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     t = t.cpu()
     info: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "masked": mask is not None}
@@ -96,9 +60,8 @@ def _encode(name: str, t: Tensor, mask: Tensor | None) -> tuple[dict[str, Tensor
     n_keep = int(keep.sum())
     sparse_bytes = n_keep * t.element_size() + math.ceil(t.numel() / 8)
     if t.is_floating_point() and t.numel() > 0 and (mask is not None or sparse_bytes < t.numel() * t.element_size()):
-        bits = np.packbits(keep.flatten().numpy())
-        info.update(encoding="bitmask", **_nm_kind(keep))
-        return {f"{name}::values": t[keep].contiguous(), f"{name}::bits": torch.from_numpy(bits)}, info
+        info.update(encoding="bitmask", **mask_kind(keep))
+        return {f"{name}::values": t[keep].contiguous(), f"{name}::bits": pack_mask(keep)}, info
     info.update(encoding="dense", kind="dense")
     return {name: t.contiguous().clone()}, info
 
@@ -110,21 +73,13 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> dict[str, dict[str
     """
     tensors: dict[str, Tensor] = {}
     infos: dict[str, dict[str, Any]] = {}
-    for name, (t, mask) in _effective_state(model).items():
+    for name, (t, mask) in effective_state(model).items():
         if "::" in name:
             raise CheckpointError(f"tensor name {name!r} contains '::', which the sparse format reserves")
         stored, infos[name] = _encode(name, t, mask)
         tensors.update(stored)
     meta = {_META_KEY: json.dumps({"format_version": FORMAT_VERSION, "tensors": infos})}
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return infos
 
 
@@ -169,10 +124,10 @@ def _decode(path: Any, name: str, info: Any, stored: dict[str, Tensor]) -> tuple
         raise bad("values or bits missing")
     if bits.numel() != math.ceil(numel / 8):
         raise bad(f"{bits.numel()} bit bytes for {numel} entries")
-    keep = torch.from_numpy(np.unpackbits(bits.numpy(), count=numel).astype(bool)).view(shape)
+    keep = unpack_mask(bits, shape)
     if values.dtype != dtype or values.dim() != 1 or values.numel() != int(keep.sum()):
         raise bad(f"{values.numel()} values for {int(keep.sum())} kept entries")
-    if info.get("kind") == "nm" and _nm_kind(keep) != {"kind": "nm", "n": info.get("n"), "m": info.get("m")}:
+    if info.get("kind") == "nm" and mask_kind(keep) != {"kind": "nm", "n": info.get("n"), "m": info.get("m")}:
         raise bad("its bit mask is not the recorded N:M pattern")
     dense = torch.zeros(shape, dtype=dtype)
     dense[keep] = values
@@ -187,7 +142,7 @@ def load_sparse(model: nn.Module, path: str | os.PathLike, restore_masks: bool =
     raises CheckpointError.
     """
     infos, stored = _read(path)
-    target = _effective_state(model)
+    target = effective_state(model)
     masked_now = [n for n, (_, mask) in target.items() if mask is not None]
     if masked_now:
         raise CheckpointError(
@@ -229,7 +184,7 @@ def to_semi_structured_(model: nn.Module) -> list[str]:
     chosen = []
     for name, mod in model.named_modules():
         mask = get_mask(mod, "weight") if isinstance(mod, nn.Linear) else None
-        if mask is None or _nm_kind(mask.expand(mod.weight.shape)) != {"kind": "nm", "n": 2, "m": 4}:
+        if mask is None or not is_nm(mask.expand(mod.weight.shape), 2, 4):
             continue
         if len(mod.parametrizations.weight) != 1 or not mod.weight.is_cuda:
             raise PruningError(f"{name}: needs only a prunekit Mask and the model on the GPU")

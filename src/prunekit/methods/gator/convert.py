@@ -3,7 +3,7 @@
 `convert_` reads the frozen gates (`GateSet.freeze`), then on a copy of the model:
 
 1. groups with some channels closed: those channels are removed (`remove_channels_`);
-2. groups with every channel closed: their branch is cut out (blocks.py); where the group has
+2. groups with every channel closed: their branch is cut out (surgery/branches.py); where the group has
    no clean branch shape, one channel stays, with its consumer input slices zeroed, so it
    contributes nothing (exactly like its closed gate);
 3. the copy's output is compared with the gated model's (eval mode) on the example inputs.
@@ -12,8 +12,9 @@
    PruningError. Only then does the caller's model change.
 
 The returned Plan keeps channels per group (replayable with `apply_plan_`) and lists the cut
-branches in plan.meta["gator"]; `apply_plan_` / `load_pruned` replay both (the branch cuts are a
-registered replay step).
+branches in plan.meta["replay"]["cut_branches"]; `apply_plan_` / `load_pruned` replay both (the
+branch cuts are the core's replay step, surgery/branches.py). plan.meta["gator"]["silent"] names
+the groups kept at one silent channel.
 """
 from __future__ import annotations
 
@@ -23,14 +24,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ...core.errors import CheckpointError, PruningError
+from ...core.errors import PruningError
 from ...graph import Graph
+from ...layers.gates import GateSet
+from ...surgery.branches import Branch, cut_branches_, find_branch
 from ...surgery.copying import adopt_, share_copy
-from ...surgery.plan import Plan, make_plan, register_replay_step
+from ...surgery.plan import Plan, make_plan
 from ...surgery.shrink import remove_channels_
 from ...surgery.verify import first_tensor, run_model, zero_contributions_
-from .blocks import Branch, cut_branches_, find_branch
-from .gates import GateSet
 
 
 @dataclass
@@ -64,6 +65,7 @@ def convert_(model: nn.Module, gates: GateSet, graph: Graph, example_inputs: Any
         diff = float((out - reference).abs().max()) if out.shape == reference.shape else float("inf")
         result.max_abs_diff = diff
         if diff <= atol * scale:
+            result.plan.stamp(dense=model, pruned=work)
             adopt_(model, work)
             return result
         if not result.branches:
@@ -97,23 +99,11 @@ def _convert(work: nn.Module, gates: GateSet, graph: Graph, example_inputs: Any,
     plan = make_plan(graph, removal, example_inputs, ignore)
     remove_channels_(work, graph, removal)
     cut_branches_(work, branches)
-    plan.meta["gator"] = {"branches": [b.to_dict() for b in branches], "silent": silent}
+    plan.meta["replay"] = {"cut_branches": {"branches": [b.to_dict() for b in branches]}}
+    plan.meta["gator"] = {"silent": silent}
     removed = {n: len(v) for n, v in removal.items()}
     removed.update({b.group: by_name[b.group].size for b in branches})
     return Conversion(plan, branches, silent, removed=removed)
-
-
-def _replay_cuts(model: nn.Module, meta: dict) -> None:
-    """Replay step for plan.meta["gator"]: cut the branches the plan lists (after channel removal)."""
-    branches = [Branch(**b) for b in meta.get("branches", [])]
-    try:
-        cut_branches_(model, branches)
-    except (AttributeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"plan cuts branches this model does not have ({err}); build the same "
-                              "architecture the plan was made on") from None
-
-
-register_replay_step("gator", _replay_cuts)
 
 
 def closed_fraction(opens: list[torch.Tensor]) -> float:

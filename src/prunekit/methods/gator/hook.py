@@ -22,8 +22,8 @@ the model (the network's optimizer never sees them); `state_dict` makes them res
 >>> import torch, torch.nn as nn
 >>> from prunekit.graph import build_graph
 >>> from .config import GatorConfig
->>> from .gates import GateSet
->>> from .costs import build_cost
+>>> from prunekit.layers.gates import GateSet
+>>> from prunekit.cost.differentiable import build_cost
 >>> m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)); x = torch.randn(2, 1, 6, 6)
 >>> graph = build_graph(m, x); gates = GateSet.from_graph(m, graph); gates.attach(m)
 >>> cfg = GatorConfig(lam=1.0)
@@ -44,8 +44,8 @@ from ...core.errors import CheckpointError
 from ...engine.hooks import Hook
 from .config import GatorConfig
 from .controller import LambdaController, initial_lambda, mask_within_budget
-from .costs import CostModel
-from .gates import GateSet
+from ...cost.differentiable import CostModel
+from ...layers.gates import GateSet
 
 
 class GatorHook(Hook):

@@ -23,13 +23,11 @@ import torch
 from torch import nn
 
 from ...core.errors import CheckpointError
-from ...layers.sparse import count_nonzeros, harden_, restore_masks_, set_density_, sparse_layers
+from ...layers.sparse import count_nonzeros, harden_, set_density_, sparse_layers
 from ...surgery.masks import apply_mask, get_mask, masked_modules
 from ...surgery.plan import empty_plan
 from .evalnet import GENOTYPE_META, EvalNetwork, build_from_meta
 from .hooks import BatchRecorder, EvalTrainingHook
-
-MASKS_META = "weight_masks"
 
 
 @dataclass
@@ -92,28 +90,20 @@ def save_network(net: EvalNetwork, path: str | Path, example_inputs: torch.Tenso
     from ...surgery.persist import save_pruned
 
     plan = empty_plan(example_inputs)
-    plan.meta.update({"method": "prdarts", GENOTYPE_META: net.spec,
-                      MASKS_META: [f"{m}.{p}" for m, _, p in masked_modules(net)]})
+    plan.meta.update({"method": "prdarts", GENOTYPE_META: net.spec})
     return save_pruned(net, plan, path)
 
 
 def load_network(path: str | Path) -> EvalNetwork:
     """Rebuild the network a `save_network` file describes and load its weights and masks."""
-    from safetensors.torch import load_model
-
-    from ...surgery.persist import read_plan
+    from ...surgery.persist import load_pruned, read_plan
 
     plan = read_plan(path)
     if GENOTYPE_META not in plan.meta:
         raise CheckpointError(f"{path} holds no PR-DARTS network description; save it with save_network")
     net = build_from_meta(plan.meta[GENOTYPE_META])
-    harden_(net)
-    restore_masks_(net, plan.meta.get(MASKS_META, []))
-    try:
-        load_model(net, str(path), strict=True)
-    except (RuntimeError, ValueError) as err:
-        raise CheckpointError(f"weights in {path} do not fit the network its genotype describes: {err}") from None
-    return net
+    harden_(net)  # plain layers, no masks yet: load_pruned puts the stored masks back
+    return load_pruned(net, path)
 
 
 def sparse_macs(net: nn.Module, example: torch.Tensor) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Per-channel costs of gated groups: parameters, MACs or latency, as functions of open widths.
+"""Differentiable costs of gated groups (any gate-based method): per-channel: parameters, MACs or latency, as functions of open widths.
 
 Every cost here is a function C(u) of the open state u of all gated channels (u in [0, 1]: 1 =
 open; channels of ungated groups count as open). The cost of a channel is the derivative
@@ -17,7 +17,7 @@ A channel of a costs 3*9*64 = 1728 MACs in a and 4*9*36 = 1296 in b: 3024 in all
 
 >>> import torch.nn as nn
 >>> from prunekit.graph import build_graph
->>> from .gates import GateSet
+>>> from prunekit.layers.gates import GateSet
 >>> m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3)); x = torch.randn(1, 3, 8, 8)
 >>> graph = build_graph(m, x); gates = GateSet.from_graph(m, graph)
 >>> cost = build_cost("macs", m, graph, gates)
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...core.errors import ConfigError
-from ...cost.latency import LatencyConfig
-from ...cost.lut import LatencyTable, LayerSpec, build_conv_lut, channel_grid
-from ...graph import Graph
-from .gates import GateSet
+from ..core.errors import ConfigError
+from .latency import LatencyConfig
+from .lut import LatencyTable, LayerSpec, build_conv_lut, channel_grid
+from ..graph import Graph
+from ..layers.gates import GateSet
 
 
 class CostModel:

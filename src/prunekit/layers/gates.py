@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...graph import Graph, Group
-from ...surgery.verify import group_is_exact
+from ..graph import Graph, Group
+from ..surgery.verify import group_is_exact
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Removing a whole branch when every channel of a group closed (Gator's block removal).
+"""Removing a whole branch when every channel of a group closed (block removal, used by gate methods).
 
 `remove_channels_` never empties a group (a conv with 0 filters is not a valid layer). When all
 channels of a group G close, e.g. the inner group (conv1 -> conv2) of a ResNet block, its
@@ -14,7 +14,10 @@ replaced, module by module, so that no FLOP of it remains and the forward keeps 
 In a CIFAR ResNet block this leaves out = relu(shortcut(x) + bn2(0)), exactly what the gated
 model computes (bn2 of an all-zero input is a per-channel constant in eval mode). Groups that do
 not have this shape (a consumer that also reads other groups through a concat) keep one
-channel whose consumer slices are zeroed instead (see convert.py).
+channel whose consumer slices are zeroed instead (what Gator's convert.py does).
+
+A plan records the cuts in meta["replay"]["cut_branches"]; replaying it (`apply_plan_`) checks
+every listed branch against the one `find_branch` derives on the fresh model, then cuts.
 
 >>> conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
 >>> EmptyOutput(conv)(torch.randn(2, 4, 8, 8)).shape
@@ -25,11 +28,13 @@ torch.Size([2, 0, 4, 4])
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from ...graph import Graph, Group
+from ..core.errors import CheckpointError
+from ..graph import Graph, Group
 
 CHANNELWISE = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.PReLU)
 
@@ -148,3 +153,59 @@ def cut_branches_(model: nn.Module, branches: list[Branch]) -> None:
     for name, kind in decision.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, made[kind](model.get_submodule(name)))
+
+
+# ---- replay: plan.meta["replay"]["cut_branches"] = {"branches": [Branch.to_dict(), ...]} ----------
+_BRANCH_KEYS = ("group", "empty", "identity", "constant")
+
+
+def check_branch_entry(model: nn.Module, graph: Graph, plan: Any, entry: Any,
+                       allowed: tuple[str, ...] = ("branches",)) -> list[Branch]:
+    """The branches an entry lists, each equal to the one `find_branch` derives on this model.
+
+    A plan can thus only cut modules that the graph places in the branch of a group that can
+    close entirely; anything else (a foreign module name, a wrong type) is a CheckpointError.
+    """
+    def fail(what: str) -> CheckpointError:
+        return CheckpointError(f"plan's branch cuts are invalid: {what}; re-export the plan with prunekit")
+
+    if not isinstance(entry, dict) or not set(entry) <= set(allowed):
+        raise fail(f"the entry must be a mapping with keys among {list(allowed)}")
+    raw = entry.get("branches", [])
+    if not isinstance(raw, list):
+        raise fail(f"'branches' must be a list, got {type(raw).__name__}")
+    groups = {g.name: g for g in graph.groups}
+    out = []
+    for b in raw:
+        if not isinstance(b, dict) or set(b) != set(_BRANCH_KEYS) or not isinstance(b["group"], str) or \
+                not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for k, v in b.items() if k != "group"):
+            raise fail(f"each branch must be {{'group': str, 'empty'/'identity'/'constant': [module names]}}, got {b!r:.120}")
+        group = groups.get(b["group"])
+        if group is None:
+            raise fail(f"group {b['group']!r} is not a group of this model")
+        if b["group"] in plan.groups:
+            raise fail(f"group {b['group']!r} is both cut out and partly kept")
+        want = find_branch(model, graph, group)
+        if want is None or any(sorted(b[k]) != sorted(getattr(want, k)) for k in _BRANCH_KEYS[1:]):
+            raise fail(f"the modules listed for group {b['group']!r} are not the branch this model's graph gives it")
+        out.append(want)
+    return out
+
+
+def _check_legacy(model: nn.Module, graph: Graph, plan: Any, entry: Any) -> list[Branch]:
+    # Plans written before meta["replay"] kept {"branches": [...], "silent": [...]} under meta["gator"].
+    if isinstance(entry, dict):
+        silent = entry.get("silent", [])
+        if not isinstance(silent, list) or not all(isinstance(s, str) for s in silent):
+            raise CheckpointError("plan's meta 'gator' entry has a malformed 'silent' list; re-export the plan")
+    return check_branch_entry(model, graph, plan, entry, allowed=("branches", "silent"))
+
+
+def _register() -> None:
+    from .plan import register_replay_step
+
+    register_replay_step("cut_branches", cut_branches_, check_branch_entry)
+    register_replay_step("gator", cut_branches_, _check_legacy)
+
+
+_register()

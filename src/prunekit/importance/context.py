@@ -1,0 +1,155 @@
+"""What a criterion may look at: `ScoreContext` (the model, optional data, settings, caches).
+
+Data-dependent criteria read gradients (`gradients()`, summed over `batches`), Hessian-vector
+products (`hessian_vector_product(v)`, the same sum of losses differentiated twice) or output
+statistics of every layer (`output_stats()`). A criterion that cannot score a group the way it
+is meant to and falls back to another one says so through `note_fallback`: the fallback is
+recorded in `fallbacks` (methods copy it into their result metrics) and warned about once.
+
+>>> import torch, torch.nn as nn
+>>> m = nn.Linear(2, 1, bias=False); _ = m.weight.data.copy_(torch.tensor([[1.0, -1.0]]))
+>>> ctx = ScoreContext(m, batches=[(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0]]))],
+...                    loss_fn=lambda out, y: 0.5 * ((out - y) ** 2).sum())
+>>> ctx.gradients()["weight"].tolist()  # (w.x - y) * x = -1 * [1, 2]
+[[-1.0, -2.0]]
+>>> ctx.hessian_vector_product({"weight": torch.tensor([[1.0, 0.0]])})["weight"].tolist()  # x x^T v
+[[1.0, 2.0]]
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..core.errors import ConfigError
+
+
+@dataclass
+class ScoreContext:
+    """What a criterion may look at: the model, optional data, and settings.
+
+    `example_inputs` (what the model was traced with) lets data-free criteria such as SynFlow
+    build an input of the right shape. `cache` holds values computed once per context and shared
+    by every group (element scores, for instance).
+    """
+
+    model: nn.Module
+    batches: Iterable | None = None  # iterable of (x, y); needed by data-dependent criteria
+    reduction: str = "mean"
+    seed: int = 0
+    loss_fn: Callable = nn.functional.cross_entropy
+    example_inputs: Any = None
+    fallbacks: dict[str, str] = field(default_factory=dict)  # group -> "criterion -> other: why"
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    _grads: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _outs: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _params: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _warned: set = field(default_factory=set, repr=False)
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """name -> parameter of the model (looked up once per context)."""
+        if self._params is None:
+            self._params = dict(self.model.named_parameters())
+        return self._params
+
+    def tensor(self, module: str, name: str) -> torch.Tensor:
+        return getattr(self.model.get_submodule(module), name).detach()
+
+    def require_batches(self, who: str) -> Iterable:
+        if self.batches is None:
+            raise ConfigError(f"criterion {who!r} needs data: pass batches (an iterable of (inputs, targets))")
+        return self.batches
+
+    def note_fallback(self, group: str, criterion: str, used: str, why: str) -> None:
+        """Record that `criterion` scored `group` with `used` instead (and warn once per reason)."""
+        self.fallbacks[group] = f"{criterion} -> {used}: {why}"
+        if (criterion, used, why) not in self._warned:
+            self._warned.add((criterion, used, why))
+            warnings.warn(f"criterion {criterion!r} fell back to {used!r} for group {group!r} ({why}); every "
+                          "group that falls back is listed in the result's metrics['criterion_fallbacks']",
+                          stacklevel=3)
+
+    def gradients(self, who: str = "taylor") -> dict[str, torch.Tensor]:
+        """Sum of loss gradients of every parameter over `batches` (eval mode; computed once, cached)."""
+        if self._grads is None:
+            params = self.parameters()
+            grads = {n: torch.zeros_like(p) for n, p in params.items()}
+            was = self.model.training
+            self.model.eval()
+            try:
+                for x, y in self.require_batches(who):
+                    self.model.zero_grad(set_to_none=True)
+                    self.loss_fn(self.model(x), y).backward()
+                    for n, p in params.items():
+                        if p.grad is not None:
+                            grads[n] += p.grad.detach()
+            finally:
+                self.model.zero_grad(set_to_none=True)
+                self.model.train(was)
+            self._grads = grads
+        return self._grads
+
+    def hessian_vector_product(self, vector: dict[str, torch.Tensor], who: str = "grasp") -> dict[str, torch.Tensor]:
+        """H v, H the Hessian of the summed batch losses over the parameters named in `vector`.
+
+        Only those parameters vary: the result is the block H[names, names] times v, keyed like
+        `vector` (GraSP differentiates only the prunable weights). One double backward per batch:
+        z_b = grad(L_b) . v, then grad(z_b) summed over batches (eval mode, not cached).
+        """
+        params = self.parameters()
+        names = list(vector)
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise ConfigError(f"hessian_vector_product: {missing[:4]} are not parameters of the model; "
+                              "key the vector by names from model.named_parameters()")
+        leaves = [params[n] for n in names]
+        out = {n: torch.zeros_like(p) for n, p in zip(names, leaves)}
+        was = self.model.training
+        self.model.eval()
+        try:
+            for x, y in self.require_batches(who):
+                loss = self.loss_fn(self.model(x), y)
+                grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+                terms = [(g * vector[n].to(g.dtype)).sum() for n, g in zip(names, grads) if g is not None]
+                z = torch.stack(terms).sum() if terms else None
+                if z is None or not z.requires_grad:
+                    continue  # the loss is linear in these parameters on this batch: H v = 0
+                for n, h in zip(names, torch.autograd.grad(z, leaves, allow_unused=True)):
+                    if h is not None:
+                        out[n] += h.detach()
+        finally:
+            self.model.train(was)
+        return out
+
+    def output_stats(self) -> dict[str, torch.Tensor]:
+        """Mean |output| per output channel of every conv/Linear over `batches` (one pass, cached)."""
+        if self._outs is None:
+            sums: dict[str, torch.Tensor] = {}
+            count = [0]
+
+            def hook(name, conv):
+                def record(_m, _inp, out):
+                    ch = 1 if conv else out.dim() - 1
+                    v = out.detach().abs().movedim(ch, -1).reshape(-1, out.shape[ch]).mean(0)
+                    sums[name] = sums.get(name, 0) + v
+                return record
+
+            handles = [m.register_forward_hook(hook(n, isinstance(m, nn.modules.conv._ConvNd)))
+                       for n, m in self.model.named_modules()
+                       if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+            was = self.model.training
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    for x, _ in self.require_batches("activation"):
+                        self.model(x)
+                        count[0] += 1
+            finally:
+                for h in handles:
+                    h.remove()
+                self.model.train(was)
+            self._outs = {n: v / max(count[0], 1) for n, v in sums.items()}
+        return self._outs

@@ -1,0 +1,58 @@
+"""Which weights element criteria score, and where their gradients land.
+
+>>> import torch.nn as nn
+>>> sorted(target_weights(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.Linear(2, 2))))
+['0.weight', '2.weight']
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..core.errors import ConfigError
+
+_DEFAULT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def target_weights(model: nn.Module, targets: Sequence[str] | tuple[type, ...] | None = None) -> dict[str, tuple[str, str]]:
+    """Key "<module>.<param>" -> (module name, param name) of every weight to score.
+
+    targets=None: the `weight` of every conv and Linear. A tuple of module classes: the `weight`
+    of modules of those classes. A list of names: each is "<module>.<param>", or a module name
+    (its `weight`).
+    """
+    modules = dict(model.named_modules())
+    if targets is None or (isinstance(targets, tuple) and all(isinstance(t, type) for t in targets)):
+        types = _DEFAULT_TYPES if targets is None else targets
+        return {_key(n, "weight"): (n, "weight") for n, m in modules.items()
+                if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    out = {}
+    for t in targets:
+        if not isinstance(t, str):
+            raise ConfigError(f"targets holds {t!r}; give module classes or names like 'layer1.0.conv1.weight'")
+        mod, _, pname = t.rpartition(".") if t not in modules else (t, "", "weight")
+        if mod not in modules or not isinstance(getattr(modules[mod], pname, None), torch.Tensor):
+            raise ConfigError(f"target {t!r} names no tensor of the model; use '<module>.<param>' with a module "
+                              f"from model.named_modules(), e.g. {next(iter(target_weights(model)), '0.weight')!r}")
+        out[_key(mod, pname)] = (mod, pname)
+    return out
+
+
+def _key(module: str, pname: str) -> str:
+    return f"{module}.{pname}" if module else pname
+
+
+def leaf_names(model: nn.Module, weights: dict[str, tuple[str, str]]) -> dict[str, str]:
+    """Key -> name in `model.named_parameters()` of the tensor gradients flow into (the stored
+    original of a parametrized weight: "<module>.parametrizations.<param>.original")."""
+    out = {}
+    for key, (mod, pname) in weights.items():
+        module = model.get_submodule(mod)
+        stored = f"parametrizations.{pname}.original" if parametrize.is_parametrized(module, pname) else pname
+        out[key] = _key(mod, stored)
+    return out
+
+

@@ -1,0 +1,74 @@
+"""Every float a config holds must be finite: NaN passes `<`/`>` range checks, so it is refused first."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import pkgutil
+import typing
+
+import pytest
+
+import prunekit
+from prunekit.core.config import Config, check_range
+from prunekit.core.errors import ConfigError
+
+# Fields a config needs before it is valid at all (each a known-good value).
+BASE = {"MagnitudeConfig": {"channel_ratio": 0.5}, "GatorConfig": {"target": 0.5},
+        "SLRConfig": {"sparsity": 0.5}, "DataConfig": {"name": "digits"},
+        "TorchPruningConfig": {"macs_fraction": 0.5}}
+
+
+def _all_configs() -> list[type[Config]]:
+    for mod in pkgutil.walk_packages(prunekit.__path__, "prunekit."):
+        if not mod.name.endswith(("__main__", "cli.main")):
+            importlib.import_module(mod.name)
+    seen, todo = [], list(Config.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        if cls not in seen and cls.__module__.startswith("prunekit."):
+            seen.append(cls)
+        todo += cls.__subclasses__()
+    return sorted(seen, key=lambda c: c.__name__)
+
+
+def _float_fields(cls: type[Config]) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if "float" in str(hints[f.name])]
+
+
+CASES = [(cls, name) for cls in _all_configs() for name in _float_fields(cls)]
+
+
+def test_the_walk_finds_the_configs_with_float_fields():
+    names = {cls.__name__ for cls, _ in CASES}
+    assert {"TrainConfig", "MagnitudeConfig", "GatorConfig", "SLRConfig", "DataConfig"} <= names
+
+
+@pytest.mark.parametrize("cls, field", CASES, ids=[f"{c.__name__}.{f}" for c, f in CASES])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_every_float_field_of_every_config_refuses_non_finite(cls, field, value):
+    cls(**BASE.get(cls.__name__, {}))  # the base is valid: the error below is the field's
+    with pytest.raises(ConfigError, match=rf"{field}=.*not a finite number"):
+        cls(**{**BASE.get(cls.__name__, {}), field: value})
+
+
+def test_nan_inside_a_mapping_or_list_is_refused():
+    from prunekit import SLRConfig
+
+    with pytest.raises(ConfigError, match=r"sparsity\.conv1=nan is not a finite number"):
+        SLRConfig(sparsity={"conv1": math.nan})
+
+
+def test_check_range_refuses_nan_and_infinity_even_with_an_infinite_bound():
+    for value in (math.nan, math.inf):
+        with pytest.raises(ConfigError, match="not a finite number"):
+            check_range("lr", value, 0.0, math.inf, lo_open=True)
+    check_range("lr", 1e30, 0.0, math.inf, lo_open=True)
+
+
+def test_replace_validates_again():
+    from prunekit import TrainConfig
+
+    with pytest.raises(ConfigError, match="lr=nan"):
+        TrainConfig().replace(lr=math.nan)

@@ -1,0 +1,196 @@
+"""Per-weight scores against hand computations, exact selection, masks that survive training."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from prunekit.core.errors import ConfigError, PruningError
+from prunekit.graph import build_graph
+from prunekit.importance.elements import (apply_element_masks, channel_scores_from_elements, grasp_scores,
+                                          magnitude_scores, random_scores, select_element_masks, snip_scores,
+                                          synflow_scores)
+
+
+def _net(seed=0, act=nn.Tanh):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), act(), nn.Linear(4, 2)).double()
+
+
+def _batches(seed=0, n=2):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (5,), generator=g))
+            for _ in range(n)]
+
+
+def _numpy_grads(w1, b1, w2, b2, batches, temperature=1.0):
+    """dL/dW1, dL/dW2 of L = sum over batches of mean cross-entropy(logits / T), written out by hand."""
+    g1, g2 = np.zeros_like(w1), np.zeros_like(w2)
+    for x, y in batches:
+        x, y = x.numpy(), y.numpy()
+        h = np.tanh(x @ w1.T + b1)                      # (N, 4)
+        z = (h @ w2.T + b2) / temperature               # (N, 2)
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        dz = (p - np.eye(2)[y]) / len(y) / temperature  # dL/dlogits, (N, 2)
+        g2 += dz.T @ h
+        dh = (dz @ w2) * (1 - h ** 2)
+        g1 += dh.T @ x
+    return g1, g2
+
+
+def _params(m):
+    return [t.detach().numpy().copy() for t in (m[0].weight, m[0].bias, m[2].weight, m[2].bias)]
+
+
+def test_snip_equals_hand_computation():
+    m, batches = _net(), _batches()
+    w1, b1, w2, b2 = _params(m)
+    g1, g2 = _numpy_grads(w1, b1, w2, b2, batches)
+    s = snip_scores(m, batches)
+    np.testing.assert_allclose(s["0.weight"].numpy(), np.abs(w1 * g1), rtol=1e-10)
+    np.testing.assert_allclose(s["2.weight"].numpy(), np.abs(w2 * g2), rtol=1e-10)
+    assert m.training  # the model's mode is restored
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_grasp_equals_finite_difference_of_hand_gradient_and_full_hessian(temperature):
+    m, batches = _net(1), _batches(1)
+    w1, b1, w2, b2 = _params(m)
+    g1, g2 = _numpy_grads(w1, b1, w2, b2, batches, temperature)
+    eps = 1e-5  # central difference of the gradient along g: H g (biases fixed, as GraSP differentiates weights)
+    p1, p2 = _numpy_grads(w1 + eps * g1, b1, w2 + eps * g2, b2, batches, temperature)
+    q1, q2 = _numpy_grads(w1 - eps * g1, b1, w2 - eps * g2, b2, batches, temperature)
+    hg1, hg2 = (p1 - q1) / (2 * eps), (p2 - q2) / (2 * eps)
+    s = grasp_scores(m, batches, temperature=temperature)
+    np.testing.assert_allclose(s["0.weight"].numpy(), w1 * hg1, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(s["2.weight"].numpy(), w2 * hg2, rtol=1e-5, atol=1e-12)
+
+    def loss(a, b):  # the same loss as a function of the two weights only, for the full Hessian
+        tot = 0
+        for x, y in batches:
+            h = torch.tanh(x @ a.T + m[0].bias.detach())
+            tot = tot + nn.functional.cross_entropy((h @ b.T + m[2].bias.detach()) / temperature, y)
+        return tot
+    W = (m[0].weight.detach(), m[2].weight.detach())
+    H = torch.autograd.functional.hessian(loss, W)
+    n1, n2 = W[0].numel(), W[1].numel()
+    full = torch.cat([torch.cat([H[i][j].reshape(W[i].numel(), W[j].numel()) for j in range(2)], 1) for i in range(2)])
+    g = torch.from_numpy(np.concatenate([g1.ravel(), g2.ravel()]))
+    hg = full @ g
+    torch.testing.assert_close(s["0.weight"].flatten(), W[0].flatten() * hg[:n1])
+    torch.testing.assert_close(s["2.weight"].flatten(), W[1].flatten() * hg[n1:n1 + n2])
+
+
+def _synflow_closed_form(w1, b1, w2, b2, m1=None, m2=None):
+    """Scores of the linearised net |W2| (|W1| 1 + |b1|) + |b2| with masks, by hand."""
+    a1, a2 = np.abs(w1) * (1 if m1 is None else m1), np.abs(w2) * (1 if m2 is None else m2)
+    h = a1.sum(1) + np.abs(b1)                  # (4,): positive, so the ReLU passes it
+    dr_dw2 = np.broadcast_to(h, a2.shape)      # dR/dW2[k, i] = h_i
+    dr_dw1 = np.broadcast_to(a2.sum(0)[:, None], a1.shape)  # dR/dW1[i, j] = sum_k |W2[k, i]| * 1
+    return a1 * dr_dw1, a2 * dr_dw2
+
+
+def test_synflow_single_round_equals_closed_form_and_leaves_model_unchanged():
+    m = _net(2, nn.ReLU)
+    state = copy.deepcopy(m.state_dict())
+    s = synflow_scores(m, example_inputs=torch.randn(7, 3))
+    e1, e2 = _synflow_closed_form(*_params(m))
+    np.testing.assert_allclose(s["0.weight"].numpy(), e1, rtol=1e-12)
+    np.testing.assert_allclose(s["2.weight"].numpy(), e2, rtol=1e-12)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
+
+
+def test_iterative_synflow_equals_hand_rolled_schedule():
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5)).double()
+    w1, b1, w2, b2 = _params(m)
+    sparsity, rounds = 0.8, 4
+    m1, m2 = np.ones_like(w1), np.ones_like(w2)
+    total = w1.size + w2.size
+    for k in range(1, rounds + 1):
+        s1, s2 = _synflow_closed_form(w1, b1, w2, b2, m1, m2)
+        s1, s2 = np.where(m1 > 0, s1, -np.inf), np.where(m2 > 0, s2, -np.inf)
+        keep_n = total - int(np.floor((1 - (1 - sparsity) ** (k / rounds)) * total + 0.5))
+        flat = np.concatenate([s1.ravel(), s2.ravel()])
+        keep = np.zeros(total, bool)
+        keep[np.argsort(-flat, kind="stable")[:keep_n]] = True
+        m1, m2 = keep[: w1.size].reshape(w1.shape) * 1.0, keep[w1.size:].reshape(w2.shape) * 1.0
+    scores = synflow_scores(m, input_shape=(6,), sparsity=sparsity, iterations=rounds)
+    masks = select_element_masks(scores, sparsity)
+    assert np.array_equal(masks["0.weight"].numpy(), m1 > 0) and np.array_equal(masks["2.weight"].numpy(), m2 > 0)
+    assert int(sum(v.sum() for v in masks.values())) == total - int(np.floor(sparsity * total + 0.5))
+
+
+def test_synflow_with_batchnorm_is_finite_and_needs_a_shape():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    s = synflow_scores(m, [(torch.randn(2, 3, 6, 6), torch.zeros(2))], sparsity=0.5, iterations=3)
+    assert set(s) == {"0.weight", "3.weight"} and m.training
+    assert int(sum(v.sum() for v in select_element_masks(s, 0.5).values())) == (108 + 8) // 2
+    with pytest.raises(ConfigError, match="input shape"):
+        synflow_scores(m)
+
+
+def test_magnitude_and_random_scores():
+    m = _net()
+    assert torch.equal(magnitude_scores(m)["2.weight"], m[2].weight.detach().abs())
+    a, b = random_scores(m, seed=4), random_scores(m, seed=4)
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["0.weight"], random_scores(m)["0.weight"])
+
+
+def test_global_selection_is_exact_and_never_empties_a_tensor():
+    scores = {"a": torch.arange(10.0), "b": torch.full((3,), -1.0), "c": torch.tensor([5.0, 5.0, 5.0, 5.0])}
+    masks = select_element_masks(scores, 0.5)  # 17 weights, 9 removed (8.5 rounds up), 8 kept
+    assert sum(int(v.sum()) for v in masks.values()) == 8
+    assert masks["b"].tolist() == [True, False, False]  # its best (first of the ties) is kept
+    # the rest by rank, ties by position: a's 8, 7, 6, 5, then c's second 5.0
+    assert masks["a"].tolist() == [False] * 5 + [True] * 5
+    assert masks["c"].tolist() == [True, True, False, False]
+    with pytest.raises(PruningError, match="fewer than one for each"):
+        select_element_masks(scores, 0.95)
+
+
+def test_layer_selection_is_exact_per_tensor():
+    torch.manual_seed(0)
+    scores = {"a": torch.randn(4, 5), "b": torch.randn(7), "c": torch.randn(1)}
+    masks = select_element_masks(scores, 0.3, scope="layer")
+    assert [int(masks[k].sum()) for k in "abc"] == [14, 5, 1]  # 20 - 6, 7 - 2, never 0
+    for k in "ab":  # the kept ones are the best ones
+        assert float(scores[k][masks[k]].min()) >= float(scores[k][~masks[k]].max())
+    with pytest.raises(ConfigError, match="sparsity"):
+        select_element_masks(scores, 1.0)
+
+
+def test_masks_persist_through_sgd_with_momentum_and_weight_decay():
+    m, batches = _net(), _batches()
+    masks = select_element_masks(snip_scores(m, batches), 0.6)
+    assert apply_element_masks(m, masks) == 2
+    opt = torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-2)
+    for x, y in batches * 3:
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+    for key, keep in masks.items():
+        w = m.get_submodule(key.split(".")[0]).weight
+        assert bool((w[~keep] == 0).all()) and bool((w[keep] != 0).all())
+
+
+def test_bad_masks_leave_the_model_alone():
+    m = _net()
+    with pytest.raises(PruningError, match="shape"):
+        apply_element_masks(m, {"0.weight": torch.ones(4, 3, dtype=torch.bool), "2.weight": torch.ones(3)})
+    assert type(m[0].weight) is nn.Parameter
+
+
+def test_channel_scores_sum_members_and_reduce():
+    m = nn.Sequential(nn.Conv2d(1, 3, 1, bias=False), nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1, bias=False))
+    graph = build_graph(m, torch.randn(1, 1, 4, 4))
+    s = {"0.weight": torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1),
+         "2.weight": torch.tensor([[1.0, 0.0, 4.0], [1.0, 0.0, 4.0]]).view(2, 3, 1, 1)}
+    out = channel_scores_from_elements(graph, s, "sum")
+    assert out["0"].tolist() == [1.0 + 2.0, 2.0 + 0.0, 3.0 + 8.0]
+    assert channel_scores_from_elements(graph, s, "max")["0"].tolist() == [2.0, 2.0, 8.0]
+    with pytest.raises(PruningError, match="not finite"):
+        channel_scores_from_elements(graph, {"0.weight": torch.full((3, 1, 1, 1), float("-inf"))})
