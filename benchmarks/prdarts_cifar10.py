@@ -48,9 +48,9 @@ PRESETS = {
     # tiny: checks the pipeline on a CPU; accuracies are near chance
     "smoke": dict(limit_train=512, batch_size=32, channels=8, layers=5, search_epochs=(1, 1, 1),
                   eval_epochs=(1, 1, 1), seeds=[0, 1], test_batches=8, val_batches=4),
-    # a few minutes per density on one modern GPU
-    "gpu": dict(limit_train=10000, batch_size=96, channels=16, layers=5, search_epochs=(8, 4, 8),
-                eval_epochs=(8, 3, 8), seeds=[0, 1], test_batches=None, val_batches=20),
+    # sized to about 6 minutes on one modern GPU (estimate; kernel-launch bound at this size)
+    "gpu": dict(limit_train=5000, batch_size=128, channels=16, layers=5, search_epochs=(4, 2, 4),
+                eval_epochs=(4, 1, 4), seeds=[0, 1], test_batches=None, val_batches=10),
 }
 
 
