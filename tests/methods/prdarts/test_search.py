@@ -155,3 +155,37 @@ def test_evaluation_network_rebuilds_trains_saves_and_reloads(tmp_path):
     assert rep["nonzero"] == nz["nonzero"] and rep["nonzero_macs"] < rep["macs"] and rep["speedup_claimed"] == 1.0
     with pytest.raises(CheckpointError):
         build_from_meta({**net.spec, "layers": "3"})
+
+
+def test_alpha_in_weight_optimizer_switch():
+    from prunekit.engine.hooks import Hook
+    from prunekit.engine.train import TrainConfig, train
+
+    class Spy(Hook):
+        def bind(self, state):
+            self.ids = {id(p) for g in state.optimizer.param_groups for p in g["params"]}
+
+    for flag in (False, True):
+        cfg = PRDartsConfig(channels=2, layers=3, steps=1, multiplier=1, density=0.5, pretrain_epochs=1,
+                            score_epochs=0, finetune_epochs=0, unrolled=False, alpha_in_weight_optimizer=flag)
+        net = SuperNet(2, 3, 3, 1, 1)
+        prepare_phase_(net, "pretrain", cfg)
+        spy = Spy()
+        hook = ArchitectHook(net, Architect(net), _tiny_data(1), cfg, "pretrain")
+        train(net, _tiny_data(1), None, TrainConfig(epochs=1), hooks=[hook, spy], device="cpu", progress=False)
+        assert (id(net.alpha_normal) in spy.ids) == flag  # the authors' code: the weight SGD steps alpha too
+
+
+def test_smoothing_term_is_off_by_default_and_acts_when_asked():
+    from types import SimpleNamespace
+
+    net = SuperNet(2, 3, 3, 1, 1)
+    x, y = _tiny_data(1)[0]
+    for beta, expect_term in ((0.0, False), (6.0, True)):
+        cfg = PRDartsConfig(channels=2, layers=3, steps=1, multiplier=1, unrolled=False, smooth_beta=beta)
+        hook = ArchitectHook(net, Architect(net), _tiny_data(1), cfg, "pretrain", step_alpha=False)
+        hook.bind(SimpleNamespace(batch=(x, y)))
+        term = hook.extra_loss(net, 0)
+        assert (term is not None) == expect_term
+        if expect_term:
+            assert term.item() > 0 and term.requires_grad
