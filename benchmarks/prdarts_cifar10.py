@@ -8,7 +8,7 @@ For each density (default 0.1 and 0.01, i.e. 90% and 99% sparsity):
 2. evaluate each genotype (searched, darts_v2, random_a, random_b) for every seed: an
    EvalNetwork of the same size trained dense, then its per-layer top-k scores learned, then
    finetuned at the density (auxiliary head, drop path, cutout 16); test accuracy on
-   --test-batches batches of the test split, nonzero weights and MACs counted.
+   a fixed random subset of the test split (all of it in the gpu preset), nonzero weights and MACs counted.
 Everything lands in one JSON (resumable: finished searches and arms are skipped on rerun), with
 device, load average, epochs, seeds and per-arm mean and spread.
 
@@ -41,7 +41,7 @@ from prunekit.layers.sparse import count_nonzeros  # noqa: E402
 from prunekit.methods.prdarts import (DARTS_V2, EvalNetwork, EvalSchedule, Genotype, PRDartsConfig,  # noqa: E402
                                       random_genotype, search, train_at_density)
 from prunekit.methods.prdarts.network import sparse_macs  # noqa: E402
-from prunekit.methods.prdarts.run import FirstBatches  # noqa: E402
+from prunekit.methods.prdarts.run import FirstBatches, random_batches  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 PRESETS = {
@@ -97,7 +97,7 @@ def run_arm(args, preset, bundle, genotype: Genotype, density: float, seed: int)
     schedule = EvalSchedule(dense, scores, fine, seed=seed)
     t0 = time.perf_counter()
     hist = train_at_density(net, density, CutoutLoader(bundle.train, 16, seed), None, schedule, device=args.device)
-    test = evaluate(net, FirstBatches(bundle.test, preset["test_batches"]), torch.device(args.device))
+    test = evaluate(net, bundle.test_subset, torch.device(args.device))
     macs = sparse_macs(net.cpu(), torch.zeros(1, 3, 32, 32))
     return {"test_acc": test["acc"], "test_n": test["n"], "time_s": time.perf_counter() - t0,
             "load_avg": os.getloadavg(), **count_nonzeros(net), **macs,
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     bundle = load_data(DataConfig(name="imagefolder", root=args.data, val_fraction=0.5,
                                   limit_train=preset["limit_train"], batch_size=preset["batch_size"],
                                   eval_batch_size=preset["batch_size"], device=args.device, seed=0))
+    # the test split is class-sorted: a seeded random subset, the same for every arm
+    bundle.test_subset = random_batches(bundle.test, preset["test_batches"], seed=0)
     for density in args.densities:
         key = f"{density:g}"
         if key not in results["searches"]:

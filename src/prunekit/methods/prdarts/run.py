@@ -101,6 +101,18 @@ class FirstBatches:
             yield batch
 
 
+def random_batches(loader: Any, n_batches: int | None, seed: int = 0) -> Any:
+    """A fixed, seeded random subset of n_batches batches' worth of samples from `loader` (all of
+    it when None). Unlike the first batches, it is not biased by a class-sorted split order."""
+    if n_batches is None or n_batches >= len(loader):
+        return loader
+    xs, ys = zip(*[(x, y) for x, y in loader])
+    x, y = torch.cat(xs), torch.cat(ys)
+    size = xs[0].shape[0]
+    pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[: n_batches * size].to(y.device)
+    return [(x[pick[i:i + size]], y[pick[i:i + size]]) for i in range(0, len(pick), size)]
+
+
 def _alpha_plot(run_dir: Path) -> Path | None:
     from ...report.plots import plot_alpha_history
 
@@ -149,7 +161,7 @@ def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False
     bundle = load_data(recipe.data)
     alpha_split = bundle.val  # the architect cycles all of it; evaluations see the first batches
     bundle.val = FirstBatches(bundle.val, recipe.limit_eval_batches)
-    bundle.test = FirstBatches(bundle.test, recipe.limit_eval_batches)
+    bundle.test = random_batches(bundle.test, recipe.limit_eval_batches, recipe.data.seed)
     t0 = time.perf_counter()
     found = search(recipe.search, bundle.train, alpha_split, bundle.num_classes, bundle.input_shape[0],
                    device=recipe.device, out_dir=run_dir, progress=progress, eval_loader=bundle.val)
