@@ -42,3 +42,16 @@ def test_search_command_rejects_unknown_key(tmp_path):
     recipe.write_text(RECIPE)
     res = CliRunner().invoke(cli, ["search", str(recipe), "search.bogus=1", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "bogus" in res.output
+
+
+def test_shipped_search_recipes_load():
+    from pathlib import Path
+
+    from prunekit.cli.overrides import load_yaml_file
+    from prunekit.methods.prdarts.run import SearchRecipe
+
+    recipes = sorted((Path(__file__).resolve().parents[3] / "recipes").glob("prdarts_*.yaml"))
+    assert len(recipes) == 2
+    for path in recipes:
+        recipe = SearchRecipe.from_dict(load_yaml_file(path))
+        assert recipe.data.val_fraction == 0.5 and 0 < recipe.search.density < 1
