@@ -18,6 +18,7 @@ recorded before and after each repeat (the machine is shared: numbers are noisy 
 
     python benchmarks/criteria_reuse.py                        # both models, 3 repeats
     python benchmarks/criteria_reuse.py --models resnet56 --repeats 1
+    python benchmarks/criteria_reuse.py --table               # the markdown table of docs/criteria.md
 Writes benchmarks/results/criteria_reuse.json after every repeat.
 """
 from __future__ import annotations
@@ -109,6 +110,22 @@ def one_repeat(name: str, target: dict, trials: int, full_runs: int) -> dict:
             "load_before": load_before, "load_after": os.getloadavg()}
 
 
+def table(data: dict) -> str:
+    """Markdown table: per model and target, median (min-max) over repeats."""
+    rows = ["| model | target | repeats | full prune_ ms | reuse: one trial ms | reuse x full | fast: one trial ms "
+            "| fast x full | deepcopy ms | load avg |", "|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["model"], r["target"]) for r in data["runs"]}, key=lambda k: (k[0] != "resnet56", k))
+    span = lambda xs, f=1.0: f"{statistics.median(xs) * f:.{0 if f > 1 else 1}f} ({min(xs) * f:.{0 if f > 1 else 1}f}-{max(xs) * f:.{0 if f > 1 else 1}f})"
+    for model, target in keys:
+        rs = [r for r in data["runs"] if (r["model"], r["target"]) == (model, target)]
+        loads = [x for r in rs for x in (r["load_before"][0], r["load_after"][0])]
+        rows.append(f"| {model} | {target} | {len(rs)} | {span([r['full_median_s'] for r in rs], 1e3)} | "
+                    f"{span([r['reuse']['per_trial_median_s'] for r in rs], 1e3)} | {span([r['reuse']['ratio_to_full'] for r in rs])} | "
+                    f"{span([r['reuse_fast']['per_trial_median_s'] for r in rs], 1e3)} | {span([r['reuse_fast']['ratio_to_full'] for r in rs])} | "
+                    f"{statistics.median([r['deepcopy_median_s'] for r in rs]) * 1e3:.0f} | {min(loads):.1f}-{max(loads):.1f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["resnet56", "resnet50"])
@@ -116,7 +133,11 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=50)
     ap.add_argument("--full", type=int, default=3, help="default prunings per repeat (median taken)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--table", action="store_true", help="print the table of the saved results and stop")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(OUT.read_text())))
+        return
     torch.set_num_threads(args.threads)
     data = json.loads(OUT.read_text()) if OUT.exists() else {}
     data.update({"environment": environment(), "threads": args.threads, "dtype": "float32", "device": "cpu",

@@ -22,6 +22,8 @@ from prunekit.layers.sparse import count_nonzeros
 from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.methods.result import PruneResult
 from prunekit.methods.slr import SLRConfig
+from prunekit.methods.pai import GraSPConfig, RandomInitConfig, SNIPConfig, SynFlowConfig
+from prunekit.methods.ssc import SSCConfig
 from prunekit.models import create_model
 from prunekit.surgery.persist import load_pruned, save_pruned
 from prunekit.surgery.verify import run_model
@@ -38,6 +40,11 @@ EXAMPLES = {  # method -> (a config that prunes channels, the keyword arguments 
     "gator": (GatorConfig(target=0.6, epochs=2, probe=False), {**TRAIN, "device": "cpu"}),
     "slr": (SLRConfig(sparsity_type="filter", sparsity=0.5, epochs=1), TRAIN),
     "hydra": (HydraConfig(density=0.3, epochs=1), TRAIN),
+    "ssc": (SSCConfig(groups=2, spatial_period=4), {}),
+    "snip": (SNIPConfig(sparsity=0.5, level="channel"), {"batches": _data(2)}),
+    "grasp": (GraSPConfig(sparsity=0.5, level="channel", scope="layer"), {"batches": _data(2)}),
+    "synflow": (SynFlowConfig(sparsity=0.5, level="channel"), {}),
+    "random_init": (RandomInitConfig(sparsity=0.5, level="channel"), {}),
 }
 WEIGHT_SPARSE = {"hydra"}  # methods that mask weights instead of removing channels
 BAD = {  # method -> a config whose layer list names nothing in the model
@@ -45,6 +52,11 @@ BAD = {  # method -> a config whose layer list names nothing in the model
     "gator": GatorConfig(target=0.6, epochs=1, ignore=["no.such.layer"]),
     "slr": SLRConfig(sparsity=0.5, epochs=1, layers=["no.such.layer"]),
     "hydra": HydraConfig(density=0.5, epochs=1, ignore=["no.such.layer"]),
+    "ssc": SSCConfig(ignore=["no.such.layer"]),
+    "snip": SNIPConfig(ignore=["no.such.layer"]),
+    "grasp": GraSPConfig(ignore=["no.such.layer"]),
+    "synflow": SynFlowConfig(ignore=["no.such.layer"]),
+    "random_init": RandomInitConfig(ignore=["no.such.layer"]),
 }
 
 

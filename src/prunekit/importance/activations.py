@@ -2,7 +2,8 @@
 
 For a group, the statistic is read at the output of its first producing layer (a conv or
 Linear), reduced over every dim but the channel dim. With labels, per-class means are kept too
-(shape (num_classes, channels)), the input the evolved pruning functions score from.
+(shape (num_classes, channels)). It keeps one row per image; the evolved criteria use
+`importance.evolved.stats` instead, which streams per-class sums and reads after norm+activation.
 
 >>> import torch, torch.nn as nn
 >>> from prunekit.graph import build_graph

@@ -42,6 +42,7 @@ class ScoreContext:
     seed: int = 0
     loss_fn: Callable = nn.functional.cross_entropy
     example_inputs: Any = None
+    graph: Any = None  # the traced Graph, when known: data passes may then serve all its groups at once
     fallbacks: dict[str, str] = field(default_factory=dict)  # group -> "criterion -> other: why"
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
     _grads: dict[str, torch.Tensor] | None = field(default=None, repr=False)

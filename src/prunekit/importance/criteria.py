@@ -5,10 +5,15 @@ each member tensor separately (the conv's filters, the BN's gammas, the next lay
 slices) and then combine members with one shared reduction (`reduce_members`): that is the
 "group-level" importance of DepGraph, written once for all criteria.
 
-Data-dependent criteria read `ctx`: gradients (`ctx.gradients()`, accumulated over
-`ctx.batches`) or output statistics of every layer (`ctx.output_stats()`, one pass over the
-batches). Per-class activation statistics, which evolved criteria build on, come from
-`importance.activations.activation_stats`.
+Data-dependent criteria read `ctx` (importance/context.py): gradients (`ctx.gradients()`,
+accumulated over `ctx.batches`), Hessian-vector products or output statistics of every layer
+(`ctx.output_stats()`, one pass over the batches). Per-class activation statistics, streamed
+batch by batch, which the evolved criteria score, come from `importance.evolved.stats`. A criterion
+that falls back to another one records it (`ctx.note_fallback`) and warns. The channel criteria
+snip, grasp and synflow reduce per-weight scores (importance/elements.py) to channels.
+
+`resolve_criterion(spec)` turns a registered name, "<prefix>:<text>" (a factory registered with
+`register_criterion_factory`) or a callable into a criterion.
 
 >>> import torch, torch.nn as nn
 >>> from prunekit.graph import build_graph
@@ -42,8 +47,16 @@ def per_channel(values: torch.Tensor, member, size: int, reduce: str = "sum") ->
     `member.channel` (several positions may share a channel: the H*W columns of a Linear after a
     flatten). Other dims are summed (or max-ed).
     """
-    flat = values.movedim(member.dim, 0).reshape(values.shape[member.dim], -1)
-    row = flat.sum(1) if reduce == "sum" else flat.amax(1)
+    others = [d for d in range(values.dim()) if d != member.dim]
+    if not others:  # a 1-D tensor (bias, norm scale): already one number per position
+        row = values
+    else:  # reduce in place of a movedim + reshape, which copies a weight sliced along dim 1
+        row = values.sum(others) if reduce == "sum" else values.amax(others)
+    return _to_channels(row, member, size, reduce)
+
+
+def _to_channels(row: torch.Tensor, member, size: int, reduce: str = "sum") -> torch.Tensor:
+    """Scatter one number per position (along member.dim) onto the group's channels."""
     if reduce == "sum" and _is_identity(member, size):
         return row + 0.0  # position j is channel j: the scatter below would give this (a new tensor)
     sel = member.channel >= 0
@@ -84,10 +97,14 @@ def _param_members(group: Group, ctx: ScoreContext, roles=("out", "in", "through
 
 def _norm_criterion(p: float) -> Criterion:
     def score(group: Group, ctx: ScoreContext) -> torch.Tensor:
-        power = (lambda w: w.abs()) if p == 1 else (lambda w: w.square()) if p == 2 else (lambda w: w.abs().pow(p))
-        parts = [per_channel(power(w), m, group.size) for m, w in _param_members(group, ctx)]
+        parts = [_channel_power_sum(w, m, group.size, p) for m, w in _param_members(group, ctx)]
         return reduce_members(parts, ctx.reduction).pow(1.0 / p)
     return score
+
+
+def _channel_power_sum(w: torch.Tensor, member, size: int, p: float) -> torch.Tensor:
+    """per_channel(|w| ** p)."""
+    return per_channel(w.abs() if p == 1 else w.square() if p == 2 else w.abs().pow(p), member, size)
 
 
 def bn_scale(group: Group, ctx: ScoreContext) -> torch.Tensor:
@@ -214,3 +231,7 @@ def resolve_criterion(spec: str | Criterion) -> Criterion:
 
 
 from . import elements  # noqa: E402,F401  (registers the channel-level snip, grasp and synflow)
+
+
+# the evolved functions and their seed metrics register themselves (they import this module)
+from .evolved import shipped as _shipped  # noqa: E402,F401

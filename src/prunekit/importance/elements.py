@@ -133,7 +133,7 @@ def element_channel_criterion(name: str, **opts: Any) -> Criterion:
             ctx.note_fallback(group.name, name, "l2", "no scored conv/Linear weight in the group")
             return l2_scores(group, ctx)
         return out.float()
-    score.__doc__ = f"{name.upper() if name != 'synflow' else 'SynFlow'} element scores summed per channel " \
+    score.__doc__ = f"{ {'snip': 'SNIP', 'grasp': 'GraSP'}.get(name, 'SynFlow')} element scores summed per channel " \
                     "(see importance/elements.py)"
     return score
 

@@ -143,8 +143,8 @@ class GateSet(nn.Module):
 
     def hard_open(self) -> list[torch.Tensor]:
         """Deterministic gates: the frozen masks, else active and theta >= 0 (fixed channels open)."""
-        if self.frozen is not None:
-            return [f.clone() for f in self.frozen]
+        if self.frozen is not None:  # on the logits' device: the set may have moved since freeze
+            return [f.to(self.logits[i].device, copy=True) for i, f in enumerate(self.frozen)]
         return [~self.prunable(i) | (self.active(i) & (t.detach() >= 0)) for i, t in enumerate(self.logits)]
 
     def sample(self, i: int, batch: int) -> torch.Tensor:

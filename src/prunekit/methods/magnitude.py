@@ -98,7 +98,8 @@ class MagnitudeConfig(Config):
 def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: Iterable | None,
                  example_inputs: Any = None, fallbacks: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """One score tensor per prunable group; groups whose criterion fell back are added to `fallbacks`."""
-    ctx = ScoreContext(model, batches=batches, reduction=cfg.reduction, seed=cfg.seed, example_inputs=example_inputs)
+    ctx = ScoreContext(model, batches=batches, reduction=cfg.reduction, seed=cfg.seed, example_inputs=example_inputs,
+                       graph=graph)
     criterion = resolve_criterion(cfg.criterion)
     scores = {}
     for g in graph.prunable_groups():

@@ -1,0 +1,192 @@
+"""Transfer benchmark of evolved pruning functions: prune 40% of the block-internal channels of a
+trained CIFAR-10 ResNet with each criterion, fine-tune every arm the same way, compare.
+
+Arms (default): ga_func2 (the paper's Eq. 3), the 7 seed metrics (abs_snr, fdr, sym_div, t_stat,
+seed_l1, seed_l2, seed_geo_median), random, and the core's l1, fpgm and taylor; add any evolved
+function with --extra-arm 'evolved:<text>'. Block-internal = the groups of each block's first conv
+(conv1 -> bn1 -> relu -> conv2 input); residual streams and the stem are kept, so every arm has
+the same parameters and MACs. Scores use the first --calib training images (no augmentation),
+the same for every arm. Arms are interleaved seed by seed (load drifts hit all arms alike), and
+every finished (arm, seed) is appended to the results JSON at once: a killed run resumes.
+
+Defaults follow the shared CPU protocol (prunekit.protocol when present: ResNet-20, batch 256,
+15 fine-tune epochs one-cycle to lr 0.05, label smoothing 0.1, seeds 0-2, dense weights from
+benchmarks/protocol_dense.py).
+
+    # real run (GPU: about 12 arms x 3 seeds x ~1 min on an H200)
+    python benchmarks/evolve_transfer.py --device cuda
+    # CPU smoke (one core, minutes): a 1-epoch dense model on 512 images, 1 fine-tune epoch
+    python benchmarks/evolve_transfer.py --smoke --out benchmarks/results/evolve_transfer_smoke.json
+    # table (mean +- std over seeds) and the paper's claim checked, from one or more result files
+    python benchmarks/evolve_transfer.py --report benchmarks/results/evolve_transfer*.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from prunekit.core.environment import environment  # noqa: E402
+from prunekit.data import DataConfig, load_data  # noqa: E402
+from prunekit.engine import evaluate, train  # noqa: E402
+from prunekit.engine.train import TrainConfig  # noqa: E402
+from prunekit.importance.context import ScoreContext  # noqa: E402
+from prunekit.importance.criteria import resolve_criterion  # noqa: E402
+from prunekit.importance.select import select_removal  # noqa: E402
+from prunekit.models import create_model  # noqa: E402
+from prunekit.surgery.prepared import prepare_pruning  # noqa: E402
+from prunekit.surgery.shrink import remove_channels_  # noqa: E402
+
+ARMS = ["ga_func2", "abs_snr", "fdr", "sym_div", "t_stat", "seed_l1", "seed_l2", "seed_geo_median",
+        "random", "l1", "fpgm", "taylor"]
+INTERNAL = re.compile(r"layer\d+\.\d+\.conv1$")
+
+
+def protocol_settings() -> dict:
+    """The shared protocol's numbers (prunekit.protocol when this checkout has it)."""
+    try:
+        from prunekit.protocol import PROTOCOL
+        return {"model": PROTOCOL.model, "data_root": PROTOCOL.data_root, "batch": PROTOCOL.batch_size,
+                "dense": PROTOCOL.dense_path, "finetune": PROTOCOL.finetune.to_dict(), "seeds": list(PROTOCOL.seeds),
+                "source": "prunekit.protocol"}
+    except ImportError:  # the same numbers, stated here until the protocol module is merged
+        ft = TrainConfig(epochs=15, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",
+                         label_smoothing=0.1, log_every=0)
+        return {"model": "resnet20", "data_root": "../shared/data/cifar10-jpg.tar.gz", "batch": 256,
+                "dense": "local/protocol_dense_resnet20.safetensors", "finetune": ft.to_dict(), "seeds": [0, 1, 2],
+                "source": "built-in copy of the protocol"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    proto = protocol_settings()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", default=str(REPO / proto["data_root"]))
+    p.add_argument("--dense", default=str(REPO / proto["dense"]), help="trained dense weights (.safetensors)")
+    p.add_argument("--arms", nargs="+", default=ARMS)
+    p.add_argument("--extra-arm", action="append", default=[], help="more criteria, e.g. 'evolved:<text>'")
+    p.add_argument("--seeds", nargs="+", type=int, default=proto["seeds"])
+    p.add_argument("--ratio", type=float, default=0.4)
+    p.add_argument("--epochs", type=int, default=proto["finetune"]["epochs"])
+    p.add_argument("--calib", type=int, default=512, help="calibration images for data criteria")
+    p.add_argument("--limit-train", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--smoke", action="store_true", help="tiny everything; trains its own 1-epoch dense model")
+    p.add_argument("--out", default=str(REPO / "benchmarks/results/evolve_transfer.json"))
+    p.add_argument("--report", nargs="+", default=None, help="print the table of these result files and stop")
+    args = p.parse_args(argv)
+    args.proto = proto
+    if args.smoke:
+        args.limit_train, args.epochs, args.seeds, args.calib = 512, 1, [0], 128
+        args.dense = str(REPO / "local/evolve_transfer_smoke_dense.safetensors")  # never committed
+    return args
+
+
+def load_bundle(args, augment: bool):
+    return load_data(DataConfig(name="imagefolder", root=args.data, batch_size=args.proto["batch"], val_fraction=0.1,
+                                augment=augment, limit_train=args.limit_train,
+                                device="cuda" if args.device.startswith("cuda") else "cpu"))
+
+
+def dense_model(args, bundle) -> torch.nn.Module:
+    from safetensors.torch import load_model, save_model
+
+    model = create_model(args.proto["model"], bundle.num_classes)
+    if not Path(args.dense).exists():
+        if not args.smoke:
+            raise SystemExit(f"{args.dense} is missing: train it with benchmarks/protocol_dense.py (or pass --dense)")
+        train(model, bundle.train, None, TrainConfig(epochs=1, lr=0.05, log_every=0), progress=False, device=args.device)
+        save_model(model.cpu(), args.dense)
+    load_model(model, args.dense)
+    return model.to(args.device).eval()
+
+
+def run_arm(args, crit_name, seed, dense, prepared, calib, bundle) -> dict:
+    t0 = time.perf_counter()
+    model = copy.deepcopy(dense)
+    groups = [g for g in prepared.graph.prunable_groups() if INTERNAL.search(g.name)]
+    ctx = ScoreContext(model, batches=calib, seed=seed, graph=prepared.graph)
+    crit = resolve_criterion(crit_name)
+    scores = {g.name: crit(g, ctx).detach().cpu() for g in groups}
+    remove_channels_(model, prepared.graph, select_removal(prepared.graph, scores, args.ratio))
+    params = sum(p.numel() for p in model.parameters())
+    ft = TrainConfig.from_dict({**args.proto["finetune"], "epochs": args.epochs, "seed": seed})
+    loader = copy.copy(bundle.train)
+    loader.seed = seed  # the fine-tune seed also sets the batch order
+    train(model, loader, None, ft, progress=False, device=args.device)
+    val, test = evaluate(model, bundle.val, args.device), evaluate(model, bundle.test, args.device)
+    return {"arm": crit_name, "seed": seed, "val_acc": val["acc"], "test_acc": test["acc"], "params": params,
+            "seconds": round(time.perf_counter() - t0, 1), "loadavg": os.getloadavg()[0]}
+
+
+def report(paths: list[str]) -> None:
+    """Markdown table per arm (val/test mean +- std over seeds) and the paper's claim: Eq. 3 at
+    least as good as the best seed metric within 1 std, and above random by more than 2 std."""
+    import statistics
+
+    recs = [r for p in paths for r in json.loads(Path(p).read_text())["records"]]
+    arms: dict[str, dict[str, list[float]]] = {}
+    for r in recs:
+        arms.setdefault(r["arm"], {"val": [], "test": []})
+        arms[r["arm"]]["val"].append(r["val_acc"])
+        arms[r["arm"]]["test"].append(r["test_acc"])
+    stat = {a: {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in d.items()}
+            for a, d in arms.items()}
+    print("| criterion | n | val acc (%) | test acc (%) |\n|---|---|---|---|")
+    for a in sorted(stat, key=lambda a: -stat[a]["test"][0]):
+        (vm, vs), (tm, ts) = stat[a]["val"], stat[a]["test"]
+        print(f"| {a} | {len(arms[a]['test'])} | {100 * vm:.2f} ± {100 * vs:.2f} | {100 * tm:.2f} ± {100 * ts:.2f} |")
+    seeds = [a for a in ("abs_snr", "fdr", "sym_div", "t_stat", "seed_l1", "seed_l2", "seed_geo_median") if a in stat]
+    if "ga_func2" in stat and seeds and "random" in stat:
+        eq3, best = stat["ga_func2"]["test"], max((stat[a]["test"] for a in seeds), key=lambda v: v[0])
+        rnd = stat["random"]["test"]
+        print(f"\nEq. 3 >= best seed within 1 std: {eq3[0] + eq3[1] >= best[0] - best[1]}; "
+              f"Eq. 3 > random by > 2 std: {eq3[0] - rnd[0] > 2 * max(eq3[1], rnd[1])} (test accuracy)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.report:
+        report(args.report)
+        return 0
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = json.loads(out.read_text()) if out.exists() else {"records": []}
+    have = {(r["arm"], r["seed"]) for r in done["records"]}
+    bundle = load_bundle(args, augment=True)
+    dense = dense_model(args, bundle)
+    calib, n = [], 0
+    for x, y in load_bundle(args, augment=False).train:
+        calib.append((x, y))
+        n += len(y)
+        if n >= args.calib:
+            break
+    prepared = prepare_pruning(dense, calib[0][0][:1])
+    done["settings"] = {k: v for k, v in vars(args).items() if k != "proto"} | {"protocol": args.proto,
+                                                                                 "environment": environment()}
+    for seed in args.seeds:  # interleaved: every arm of a seed before the next seed
+        for arm in args.arms + args.extra_arm:
+            if (arm, seed) in have:
+                continue
+            rec = run_arm(args, arm, seed, dense, prepared, calib, bundle)
+            print(json.dumps(rec), flush=True)
+            done["records"].append(rec)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(done, indent=1, default=str))
+            tmp.replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

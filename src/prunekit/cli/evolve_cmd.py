@@ -1,0 +1,80 @@
+"""`prunekit evolve RECIPE [KEY=VALUE]...`: evolve pruning functions, write a run directory.
+
+An evolve recipe has two sections: `evolve` fills EvolveConfig (tasks, population, generations,
+executor, ...) and `reevaluate` (top, seeds) says how many of the best functions are evaluated
+again with fresh seeds next to the seven seed metrics. `--resume DIR` continues a killed search
+from its last checkpoint (same recipe).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..core.errors import ConfigError
+
+TOP_KEYS = ("name", "evolve", "reevaluate")
+
+
+def load_evolve_recipe(source: str, overrides: list[str]):
+    from ..evolve import EvolveConfig
+    from .overrides import apply_overrides, load_yaml_file
+
+    raw = load_yaml_file(source) if source else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: an evolve recipe is a mapping with sections {', '.join(TOP_KEYS)}")
+    raw = apply_overrides(raw, overrides, TOP_KEYS)
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; an evolve recipe has {', '.join(TOP_KEYS)}")
+    reeval = {"top": 3, "seeds": 3, **(raw.get("reevaluate") or {})}
+    if set(reeval) - {"top", "seeds"} or not all(isinstance(v, int) and v >= 0 for v in reeval.values()):
+        raise ConfigError("reevaluate takes top and seeds, integers >= 0 (seeds 0 skips re-evaluation)")
+    cfg = EvolveConfig.from_dict(raw.get("evolve") or {})
+    name = raw.get("name") or (Path(source).stem if source else "evolve")
+    return cfg, reeval, str(name), raw
+
+
+@click.command("evolve")
+@click.argument("args", nargs=-1, metavar="RECIPE [KEY=VALUE]...")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory (default: runs/<name>-<timestamp>); must be new or empty.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Continue the search in this run directory from its last generation.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
+def evolve_cmd(args, out, resume_dir, quiet) -> None:
+    """Evolve channel-scoring functions by genetic programming; report the best as text and formula.
+
+    \b
+    prunekit evolve recipes/evolve_digits_cifar.yaml
+    prunekit evolve recipes/evolve_digits_cifar.yaml evolve.generations=2 evolve.executor=ray
+    prunekit evolve recipes/evolve_digits_cifar.yaml --resume runs/evolve_digits_cifar-20250101-120000
+    """
+    from ..evolve.report import comparison_set, reevaluate, write_run
+    from ..evolve.search import run_search
+    from .overrides import dump_yaml
+    from .recipe import split_arguments
+    from .rundir import choose_run_dir
+
+    source, overrides = split_arguments(args)
+    if source is None and resume_dir is not None and (Path(resume_dir) / "recipe.yaml").is_file():
+        source = str(Path(resume_dir) / "recipe.yaml")
+    if source is None:
+        raise ConfigError("give an evolve recipe, e.g. prunekit evolve recipes/evolve_digits_cifar.yaml")
+    cfg, reeval, name, raw = load_evolve_recipe(source, overrides)
+    echo = (lambda s: None) if quiet else click.echo
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+    else:
+        run_dir = choose_run_dir(name, "runs", out)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(dump_yaml({"name": name, "evolve": cfg.to_dict(), "reevaluate": reeval}))
+    echo(f"run directory: {run_dir}")
+    state = run_search(cfg, run_dir, resume=resume_dir is not None, progress=not quiet, echo=echo)
+    rows = []
+    if reeval["seeds"] > 0:
+        echo(f"re-evaluating the best {reeval['top']} functions and the 7 seeds with {reeval['seeds']} fresh seeds")
+        rows = reevaluate(cfg, run_dir, comparison_set(state, reeval["top"]), reeval["seeds"], progress=not quiet)
+    report = write_run(run_dir, cfg, state, rows)
+    echo(f"best: {(run_dir / 'best.txt').read_text().strip()}")
+    echo(str(report))

@@ -1,0 +1,108 @@
+"""Where fitness jobs run: in this process, a local process pool (the default) or Ray.
+
+Every job is independent (`fitness.Job`, plain data), so the executors only map `run_job` over a
+list and report progress. Ray is an optional extra (`pip install prunekit[distributed]`): with
+`address=None` it starts a local cluster with `workers` CPUs, with an address it joins that
+cluster; each job is a Ray task asking for `num_cpus` CPUs and `num_gpus` GPUs.
+
+>>> with create_executor("serial") as run:
+...     run([]) == []
+True
+"""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Callable, Iterator
+
+from tqdm.auto import tqdm
+
+from ..core.errors import ConfigError
+from .fitness import Job, run_job
+
+Runner = Callable[..., list]
+
+
+@contextlib.contextmanager
+def _own_rng():
+    """Keep the caller's random/NumPy/torch RNG states: training seeds them all, and the search
+    draws its variations from `random` (a pool or Ray worker has its own states anyway)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def _bar(total: int, desc: str, progress: bool):
+    return tqdm(total=total, desc=desc, unit="job", disable=not progress or total == 0, leave=False)
+
+
+@contextlib.contextmanager
+def create_executor(kind: str, workers: int = 2, address: str | None = None, num_cpus: float = 1.0,
+                    num_gpus: float = 0.0) -> Iterator[Runner]:
+    """A context giving `run(jobs, desc="", progress=False) -> results in job order`."""
+    if kind == "serial":
+        def run_serial(jobs: list[Job], desc: str = "", progress: bool = False) -> list:
+            out = []
+            with _bar(len(jobs), desc, progress) as bar:
+                for job in jobs:
+                    with _own_rng():
+                        out.append(run_job(job))
+                    bar.update()
+            return out
+        yield run_serial
+    elif kind == "process":
+        # spawn: a forked child would inherit the parent's torch/OpenMP thread state
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            def run_pool(jobs: list[Job], desc: str = "", progress: bool = False) -> list:
+                futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
+                out: list = [None] * len(jobs)
+                with _bar(len(jobs), desc, progress) as bar:
+                    for fut in as_completed(futures):
+                        out[futures[fut]] = fut.result()
+                        bar.update()
+                return out
+            yield run_pool
+    elif kind == "ray":
+        yield from _ray_runner(workers, address, num_cpus, num_gpus)
+    else:
+        raise ConfigError(f"executor={kind!r} is not allowed; choose one of: process, ray, serial")
+
+
+def _ray_runner(workers: int, address: str | None, num_cpus: float, num_gpus: float) -> Iterator[Runner]:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("executor='ray' needs Ray: pip install 'prunekit[distributed]', or use executor='process'") from None
+    started = not ray.is_initialized()
+    if started:
+        kwargs = {"address": address} if address else {"num_cpus": workers}
+        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, **kwargs)
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(run_job)
+
+    def run_ray(jobs: list[Job], desc: str = "", progress: bool = False) -> list:
+        refs = [remote.remote(job) for job in jobs]
+        index = {ref: i for i, ref in enumerate(refs)}
+        out: list = [None] * len(jobs)
+        pending = list(refs)
+        with _bar(len(jobs), desc, progress) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                out[index[done[0]]] = ray.get(done[0])
+                bar.update()
+        return out
+
+    try:
+        yield run_ray
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,102 @@
+"""After a search: re-evaluate the best functions (and the seeds, for comparison) with fresh
+seeds, and write the run directory's functions, plot and report.
+
+Files written into the run directory:
+    best.txt                 the best function as text (use it as criterion "evolved:<text>")
+    functions.json           hall of fame: text, readable formula, search fitness
+    reevaluation.json        mean/std accuracy per task over fresh seeds, best functions and seeds
+    fitness.png              best/median/mean fitness per generation
+    report.md                all of the above as a readable page
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ..importance.evolved.space import SEEDS
+from ..importance.evolved.text import expression_text, formula, parse_expression
+from .config import EvolveConfig
+from .fitness import fitness_of
+from .jobs import create_executor
+from .search import Search, SearchState, prepare_dense
+
+REEVAL_SEED_BASE = 1000  # fresh seeds: never used by the search (it uses 0..reeval_seeds)
+
+
+def reevaluate(cfg: EvolveConfig, run_dir: Path, texts: dict[str, str], seeds: int, progress: bool = True) -> list[dict]:
+    """label -> text evaluated on every task with `seeds` fresh fine-tune seeds; rows sorted by fitness."""
+    search = Search(cfg, run_dir, prepare_dense(cfg, run_dir), progress)
+    evals: dict = {}
+    with create_executor(cfg.executor, cfg.workers, cfg.ray_address, cfg.num_cpus, cfg.num_gpus) as run:
+        search.evaluate(list(texts.values()), range(REEVAL_SEED_BASE, REEVAL_SEED_BASE + seeds), evals, run,
+                        "re-evaluation")
+    rows = []
+    for label, text in texts.items():
+        accs = {t: [evals[search.job(text, t, REEVAL_SEED_BASE + s).key]["acc"] for s in range(seeds)]
+                for t in search.tasks}
+        rows.append({"label": label, "text": text, "formula": formula(parse_expression(text)),
+                     "fitness": fitness_of(accs, {t: c.weight for t, c in search.tasks.items()}),
+                     "tasks": {t: {"mean": statistics.fmean(a), "std": statistics.stdev(a) if len(a) > 1 else 0.0,
+                                   "accs": a} for t, a in accs.items()}})
+    return sorted(rows, key=lambda r: -r["fitness"])
+
+
+def plot_fitness(path: Path, history: list[dict]) -> Path:
+    fig = Figure(figsize=(5, 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    gens = [h["generation"] for h in history]
+    for key, style in (("best", "o-"), ("median", "s--"), ("mean", "^:")):
+        ax.plot(gens, [h[key] for h in history], style, label=key)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness (geometric mean of val accuracy)")
+    ax.legend()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_run(run_dir: Path, cfg: EvolveConfig, state: SearchState, reeval: list[dict]) -> Path:
+    """Write best.txt, functions.json, reevaluation.json, fitness.png and report.md; returns the report."""
+    search = Search(cfg, run_dir, {t.name: "" for t in cfg.tasks}, False)
+    hof = [{"text": t, "formula": formula(parse_expression(t)), "fitness": search.fitness(t, state.evaluations)}
+           for t in state.hall_of_fame]
+    (run_dir / "best.txt").write_text(hof[0]["text"] + "\n")
+    (run_dir / "functions.json").write_text(json.dumps(hof, indent=1))
+    (run_dir / "reevaluation.json").write_text(json.dumps(reeval, indent=1))
+    plot_fitness(run_dir / "fitness.png", state.history)
+    lines = [f"# Evolved pruning functions ({len(state.history) - 1} generations, population {cfg.population})", "",
+             "Fitness: weighted geometric mean over tasks of the validation accuracy after pruning and fine-tuning.",
+             "Tasks: " + "; ".join(f"{t.name} ({t.model} on {t.data['name']}, remove {t.prune_ratio:.0%} of every "
+                                   f"group, fine-tune {t.finetune.epochs} epochs)" for t in cfg.tasks), "",
+             "![fitness per generation](fitness.png)", "", "## Hall of fame (search fitness)", "",
+             "| # | fitness | formula |", "|---|---|---|"]
+    lines += [f"| {i + 1} | {h['fitness']:.4f} | `{h['formula']}` |" for i, h in enumerate(hof)]
+    lines += ["", f"Best as text (criterion `evolved:<text>`): `{hof[0]['text']}`", ""]
+    if reeval:
+        n = len(next(iter(reeval[0]["tasks"].values()))["accs"])
+        lines += [f"## Re-evaluated with {n} fresh seeds (mean ± std of val accuracy)", "",
+                  "| function | fitness | " + " | ".join(t.name for t in cfg.tasks) + " |",
+                  "|---|---|" + "---|" * len(cfg.tasks)]
+        for r in reeval:
+            cells = " | ".join(f"{100 * r['tasks'][t.name]['mean']:.2f} ± {100 * r['tasks'][t.name]['std']:.2f}"
+                               for t in cfg.tasks)
+            lines.append(f"| {r['label']} | {r['fitness']:.4f} | {cells} |")
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def comparison_set(state: SearchState, top: int) -> dict[str, str]:
+    """The best `top` evolved functions plus the seven seeds (their labels say which is which)."""
+    seeds = {expression_text(parse_expression(text)): name.removeprefix("seed_") for name, text in SEEDS.items()}
+    out = {}
+    for i, text in enumerate(state.hall_of_fame[:top]):
+        out[f"evolved #{i + 1}" + (f" (= seed {seeds[text]})" if text in seeds else "")] = text
+    for text, name in seeds.items():
+        if text not in out.values():
+            out[f"seed {name}"] = text
+    return out

@@ -1,0 +1,254 @@
+"""The GP loop (the authors' co-evolution, METHODS.md section 3b.4) with JSON checkpoints.
+
+    pop = the 7 seeds repeated to `population`; evaluate
+    for g in 1..G:
+        parents = the best `parents` (selBest, elitist: they survive unchanged)
+        children = copies of random parents; one-point crossover of consecutive pairs (p = cx_prob)
+                   and uniform mutation with a genFull subtree of height 0-4 (p = mut_prob), each
+                   variation drawn again until it is valid (bounds + finite scores on a fixed
+                   argument within validity_time_s)
+        evaluate the new functions; re-evaluate the best few with more seeds; pop = parents + children
+
+A function's accuracy on a task is memoised by (task, seed, text): copies and survivors are not
+evaluated again. After every generation `<run_dir>/checkpoints/gen_XXX.json` holds the
+population as text, fitnesses, all evaluations, the hall of fame and the `random`/NumPy states;
+`run_search(..., resume=True)` continues from the newest one and, with the same seed, ends where
+an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from deap import base, creator, gp, tools
+
+from ..core.errors import CheckpointError
+from ..importance.evolved.space import PSET, SEEDS, EvalError
+from ..importance.evolved.text import expression_text, parse_expression
+from ..importance.evolved.tree_eval import channel_scores
+from .config import EvolveConfig
+from .fitness import Job, fitness_of, train_dense
+from .jobs import create_executor
+
+HALL_OF_FAME = 10
+
+if not hasattr(creator, "PrunekitFitness"):
+    creator.create("PrunekitFitness", base.Fitness, weights=(1.0,))
+    creator.create("PrunekitIndividual", gp.PrimitiveTree, fitness=creator.PrunekitFitness)
+
+
+def individual(text: str):
+    return creator.PrunekitIndividual(parse_expression(text))
+
+
+@functools.lru_cache(maxsize=1)
+def validity_argument() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fixed test argument: 300 digits images (8 channels = rolled copies, D = 64) and
+    8 random 3x3 kernels (the authors used MNIST pixels and random 3x3 kernels)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = d.data[:300] / 16.0, d.target[:300]
+    maps = np.stack([np.roll(x, k, axis=1) * (1 + 0.1 * k) for k in range(8)], 1)
+    return maps, y, np.random.default_rng(0).normal(size=(8, 9))
+
+
+def is_valid(tree, cfg: EvolveConfig) -> bool:
+    """Within the bloat bounds and finite scores on the test argument within validity_time_s."""
+    if tree.height > cfg.max_height or len(tree) > cfg.max_size:
+        return False
+    maps, y, filters = validity_argument()
+    try:
+        channel_scores(tree, maps, y, filters, time.monotonic() + cfg.validity_time_s)
+    except EvalError:
+        return False
+    return True
+
+
+def _crossover(a, b, cfg: EvolveConfig):
+    for _ in range(cfg.max_redraws):
+        a2, b2 = gp.cxOnePoint(creator.PrunekitIndividual(a), creator.PrunekitIndividual(b))
+        if is_valid(a2, cfg) and is_valid(b2, cfg):
+            return a2, b2
+    return a, b
+
+
+def _mutation(a, cfg: EvolveConfig):
+    expr = functools.partial(gp.genFull, min_=cfg.mut_min_height, max_=cfg.mut_max_height)
+    for _ in range(cfg.max_redraws):
+        (a2,) = gp.mutUniform(creator.PrunekitIndividual(a), expr=expr, pset=PSET)
+        if is_valid(a2, cfg):
+            return a2
+    return a
+
+
+def vary(parents: list, n_children: int, cfg: EvolveConfig) -> list:
+    """Children of the elitist parents (uses and advances the global `random` state, as DEAP does)."""
+    children = [creator.PrunekitIndividual(random.choice(parents)) for _ in range(n_children)]
+    for i in range(1, len(children), 2):
+        if random.random() < cfg.cx_prob:
+            children[i - 1], children[i] = _crossover(children[i - 1], children[i], cfg)
+    for i in range(len(children)):
+        if random.random() < cfg.mut_prob:
+            children[i] = _mutation(children[i], cfg)
+    return children
+
+
+@dataclasses.dataclass
+class SearchState:
+    generation: int
+    population: list[str]
+    evaluations: dict[str, dict]  # Job.key -> run_job's result
+    hall_of_fame: list[str]
+    history: list[dict]
+
+
+class Search:
+    """One evolution; `run_search` is the function to call."""
+
+    def __init__(self, cfg: EvolveConfig, run_dir: str | Path, dense_paths: dict[str, str], progress: bool):
+        self.cfg, self.run_dir, self.dense, self.progress = cfg, Path(run_dir), dense_paths, progress
+        self.tasks = {t.name: t for t in cfg.tasks}
+        self.task_json = {t.name: json.dumps(t.to_dict(), sort_keys=True) for t in cfg.tasks}
+
+    def job(self, text: str, task: str, seed: int) -> Job:
+        return Job(text, self.task_json[task], seed, self.dense[task], self.cfg.device, self.cfg.threads_per_job)
+
+    def fitness(self, text: str, evals: dict) -> float:
+        accs = {}
+        for t in self.tasks:
+            got = [r["acc"] for s in range(1 + self.cfg.reeval_seeds)
+                   if (r := evals.get(self.job(text, t, s).key)) is not None]
+            accs[t] = got or [0.0]
+        return fitness_of(accs, {t: c.weight for t, c in self.tasks.items()})
+
+    def evaluate(self, texts: list[str], seeds: range, evals: dict, run, desc: str) -> None:
+        jobs, seen = [], set()
+        for text in texts:
+            for t in self.tasks:
+                for s in seeds:
+                    job = self.job(text, t, s)
+                    if job.key not in evals and job.key not in seen:
+                        jobs.append(job)
+                        seen.add(job.key)
+        for job, result in zip(jobs, run(jobs, desc=desc, progress=self.progress)):
+            evals[job.key] = result
+
+    def evaluate_population(self, pop: list[str], evals: dict, run, g: int) -> None:
+        self.evaluate(pop, range(1), evals, run, f"generation {g}")
+        if self.cfg.reeval_seeds and self.cfg.reeval_top:
+            best = sorted(dict.fromkeys(pop), key=lambda t: -self.fitness(t, evals))[: self.cfg.reeval_top]
+            self.evaluate(best, range(1 + self.cfg.reeval_seeds), evals, run, f"generation {g} elites")
+
+    def record(self, state: SearchState) -> None:
+        fits = [self.fitness(t, state.evaluations) for t in state.population]
+        pool = dict.fromkeys(state.hall_of_fame + state.population)
+        state.hall_of_fame = sorted(pool, key=lambda t: -self.fitness(t, state.evaluations))[:HALL_OF_FAME]
+        state.history.append({"generation": state.generation, "best": max(fits), "mean": float(np.mean(fits)),
+                              "median": float(np.median(fits)), "best_text": state.hall_of_fame[0],
+                              "evaluations": len(state.evaluations)})
+        save_checkpoint(self.run_dir, state, self.cfg, fits)
+
+
+def save_checkpoint(run_dir: Path, state: SearchState, cfg: EvolveConfig, fits: list[float]) -> Path:
+    folder = run_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    data = {"generation": state.generation, "config": cfg.search_dict(), "population": state.population,
+            "fitness": fits, "hall_of_fame": state.hall_of_fame, "history": state.history,
+            "evaluations": state.evaluations,
+            "random_state": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy_state": [np_state[0], np_state[1].tolist(), *map(_plain, np_state[2:])]}
+    path = folder / f"gen_{state.generation:03d}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+def load_checkpoint(run_dir: Path, cfg: EvolveConfig) -> SearchState | None:
+    files = sorted((run_dir / "checkpoints").glob("gen_*.json"))
+    if not files:
+        return None
+    try:
+        data = json.loads(files[-1].read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{files[-1]} is unreadable ({err}); delete it to resume from the one before") from None
+    if data.get("config") != json.loads(json.dumps(cfg.search_dict())):
+        raise CheckpointError(f"{run_dir} was searched with other settings; resume with the same recipe "
+                              "or start a new run directory")
+    for text in data["population"] + data["hall_of_fame"]:
+        parse_expression(text)  # checkpoint text is parsed like any other text
+    v, internal, gauss = data["random_state"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = data["numpy_state"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return SearchState(data["generation"], data["population"], data["evaluations"], data["hall_of_fame"],
+                       data["history"])
+
+
+def prepare_dense(cfg: EvolveConfig, run_dir: Path, echo: Callable[[str], None] = lambda s: None) -> dict[str, str]:
+    """task -> trained dense weights: the task's `init`, else trained once into run_dir/dense/."""
+    paths = {}
+    for task in cfg.tasks:
+        if task.init is not None:
+            paths[task.name] = str(task.init)
+            continue
+        path = run_dir / "dense" / f"{task.name}.safetensors"
+        if not path.exists():
+            echo(f"training the dense {task.model} of task {task.name} ({task.dense_train.epochs} epochs)")
+            acc = train_dense(task, path, cfg.device)
+            (run_dir / "dense" / f"{task.name}.json").write_text(json.dumps({"val_acc": acc}))
+        paths[task.name] = str(path)
+    return paths
+
+
+def run_search(cfg: EvolveConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+               on_generation: Callable[[SearchState], None] | None = None,
+               echo: Callable[[str], None] = lambda s: None) -> SearchState:
+    """Run (or resume) the evolution; returns the final state (hall_of_fame[0] is the best text)."""
+    run_dir = Path(run_dir)
+    dense = prepare_dense(cfg, run_dir, echo)
+    search = Search(cfg, run_dir, dense, progress)
+    state = load_checkpoint(run_dir, cfg) if resume else None
+    with create_executor(cfg.executor, cfg.workers, cfg.ray_address, cfg.num_cpus, cfg.num_gpus) as run:
+        if state is None:
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            seeds = list(SEEDS.values())
+            pop = [expression_text(parse_expression(seeds[i % len(seeds)])) for i in range(cfg.population)]
+            state = SearchState(0, pop, {}, [], [])
+            search.evaluate_population(pop, state.evaluations, run, 0)
+            search.record(state)
+            _notify(on_generation, state, echo)
+        while state.generation < cfg.generations:
+            g = state.generation + 1
+            ranked = [individual(t) for t in state.population]
+            for ind in ranked:
+                ind.fitness.values = (search.fitness(str(ind), state.evaluations),)
+            parents = tools.selBest(ranked, cfg.parents)
+            children = vary(parents, cfg.population - cfg.parents, cfg)
+            pop = [expression_text(t) for t in parents + children]
+            search.evaluate_population(pop, state.evaluations, run, g)
+            state.generation, state.population = g, pop
+            search.record(state)
+            _notify(on_generation, state, echo)
+    return state
+
+
+def _notify(on_generation, state: SearchState, echo) -> None:
+    h = state.history[-1]
+    echo(f"generation {h['generation']}: best {h['best']:.4f}, mean {h['mean']:.4f} ({h['evaluations']} evaluations)")
+    if on_generation is not None:
+        on_generation(state)

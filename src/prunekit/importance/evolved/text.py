@@ -1,0 +1,130 @@
+"""An evolved function as plain text: parse, print, and render as a readable formula.
+
+The grammar is `expr := TERMINAL | OP "(" expr ("," expr)* ")"` over the names in `space.py`,
+nothing else (no numbers, strings, attributes or calls of other names). Text is parsed here
+into DEAP nodes taken from the primitive set; it never reaches `eval` (DEAP's `compile` and
+`PrimitiveTree.from_string` evaluate text, so neither is used on text from outside).
+
+>>> tree = parse_expression("div(abs(sub(g_mean(P), g_mean(Q))), rho1(add(std(P), std(Q))))")
+>>> len(tree), expression_text(tree) == str(tree)
+(13, True)
+>>> formula(tree)
+'|mean(P) - mean(Q)| / (std(P) + std(Q) + 1e-4)'
+"""
+from __future__ import annotations
+
+import re
+
+from deap import gp
+
+from ...core.errors import ConfigError
+from .space import OPS, PSET, TERMINALS
+
+MAX_TEXT = 20_000  # characters
+MAX_NODES = 2_000
+_TOKEN = re.compile(r"\s*(?:([A-Za-z_][A-Za-z0-9_]*)|([(),]))")
+
+
+def _tokens(text: str) -> list[tuple[str, int]]:
+    out, pos = [], 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            if text[pos:].strip() == "":
+                break
+            raise ConfigError(f"invalid evolved expression: unexpected {text[pos:pos + 12]!r} at character {pos}; "
+                              "write operators applied to terminals, e.g. div(var(P), rho5(var(Q)))")
+        out.append((m.group(1) or m.group(2), m.start(m.lastindex)))
+        pos = m.end()
+    return out
+
+
+def parse_expression(text: str) -> gp.PrimitiveTree:
+    """Text -> DEAP PrimitiveTree, checked against the design space; ConfigError if malformed."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError("an evolved expression must be non-empty text, e.g. 'div(var(P), rho5(var(Q)))'")
+    if len(text) > MAX_TEXT:
+        raise ConfigError(f"evolved expression is {len(text):,} characters long (limit {MAX_TEXT:,})")
+    tokens = _tokens(text)
+    nodes: list = []
+    i = _parse(tokens, 0, nodes, text)
+    if i != len(tokens):
+        raise ConfigError(f"invalid evolved expression: unexpected {tokens[i][0]!r} at character {tokens[i][1]} "
+                          "after a complete expression")
+    return gp.PrimitiveTree(nodes)
+
+
+def _fail(text: str, what: str, pos: int):
+    raise ConfigError(f"invalid evolved expression: {what} at character {pos} of {text[:60]!r}; operators: "
+                      f"{', '.join(OPS)}; terminals: {', '.join(TERMINALS)}")
+
+
+def _expect(tokens, i, want, text):
+    if i >= len(tokens) or tokens[i][0] != want:
+        _fail(text, f"expected {want!r}", tokens[i][1] if i < len(tokens) else len(text))
+    return i + 1
+
+
+def _parse(tokens: list, i: int, nodes: list, text: str) -> int:
+    """Parse one expression from tokens[i]; append its nodes in prefix order; return the next index."""
+    pending: list[list[int]] = []  # per open call: [arguments still to read]; a loop, not recursion,
+    # so that deep trees cannot hit Python's recursion limit
+    while True:
+        if i >= len(tokens):
+            _fail(text, "the expression ends early", len(text))
+        name, pos = tokens[i]
+        if len(nodes) >= MAX_NODES:
+            _fail(text, f"more than {MAX_NODES} nodes", pos)
+        if name in TERMINALS:
+            nodes.append(PSET.mapping[name])
+            i += 1
+        elif name in OPS:
+            nodes.append(PSET.mapping[name])
+            i = _expect(tokens, i + 1, "(", text)
+            pending.append([OPS[name][1]])
+            continue
+        else:
+            _fail(text, f"unknown name {name!r}" if name not in "()," else f"unexpected {name!r}", pos)
+        while pending:  # one argument finished: close calls whose arguments are all read
+            pending[-1][0] -= 1
+            if pending[-1][0] > 0:
+                i = _expect(tokens, i, ",", text)
+                break
+            pending.pop()
+            i = _expect(tokens, i, ")", text)
+        if not pending:
+            return i
+
+
+def expression_text(tree: gp.PrimitiveTree) -> str:
+    """The canonical text of a tree (DEAP's own printing: `op(arg, arg)`)."""
+    return str(tree)
+
+
+_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "mmul": "@"}
+_NAMES = {"g_mean": "mean", "mean": "colmean", "num": "n", "tran": "transpose", "out_dot": "outer"}
+
+
+def formula(tree: gp.PrimitiveTree) -> str:
+    """A readable infix formula: |x| for abs, x^2 for pow2, (x + 1e-4) for rho1, a @ b for mmul."""
+    def render(i: int) -> tuple[str, int, bool]:  # (text, next index, is atomic)
+        node = tree[i]
+        if node.arity == 0:
+            name = node.format()  # the renamed argument (node.name stays ARGi)
+            return ("n_P" if name == "N" else name), i + 1, True
+        args, j = [], i + 1
+        for _ in range(node.arity):
+            text, j, atomic = render(j)
+            args.append((text, atomic))
+        wrap = lambda a: a[0] if a[1] else f"({a[0]})"
+        if node.name in _INFIX:
+            return f"{wrap(args[0])} {_INFIX[node.name]} {wrap(args[1])}", j, False
+        if node.name == "abs":
+            return f"|{args[0][0]}|", j, True
+        if node.name == "pow2":
+            return f"{wrap(args[0])}^2", j, True
+        if node.name in ("rho1", "rho5"):
+            return f"({args[0][0]} + {'1e-4' if node.name == 'rho1' else '0.05'})", j, True
+        return f"{_NAMES.get(node.name, node.name)}({', '.join(a[0] for a in args)})", j, True
+
+    return render(0)[0]

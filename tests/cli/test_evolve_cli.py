@@ -1,0 +1,58 @@
+"""`prunekit evolve` writes a run directory whose best function prunes; `prunekit info` lists criteria."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from prunekit.cli.evolve_cmd import load_evolve_recipe
+from prunekit.cli.main import cli
+from prunekit.core.errors import ConfigError
+from prunekit.engine.train import TrainConfig
+from prunekit.evolve import digits_task
+from prunekit.evolve.fitness import train_dense
+from prunekit.methods import prune_
+from prunekit.methods.magnitude import MagnitudeConfig
+from prunekit.models import create_model
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "evolve_digits_cifar.yaml"
+
+
+def test_shipped_recipe_reads():
+    cfg, reeval, name, _ = load_evolve_recipe(str(RECIPE), [])
+    assert [t.name for t in cfg.tasks] == ["digits", "cifar10_subset"] and cfg.population == 14
+    assert reeval == {"top": 3, "seeds": 3} and name == "evolve_digits_cifar"
+    with pytest.raises(ConfigError, match="unknown recipe key"):
+        load_evolve_recipe(str(RECIPE), ["method.name=x"])
+
+
+@pytest.mark.slow  # 30 s with the machine's load average at 18 on 2 cores
+def test_evolve_command_writes_a_run_directory(tmp_path):
+    dense = tmp_path / "dense.safetensors"
+    train_dense(digits_task(dense_train=TrainConfig(epochs=1, lr=0.05)), dense)
+    task = f"[{{base: digits, init: {dense}, finetune: {{epochs: 1}}, calib_samples: 64}}]"
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["evolve", str(RECIPE), f"evolve.tasks={task}", "evolve.population=3",
+                                      "evolve.parents=2", "evolve.generations=1", "evolve.executor=serial",
+                                      "evolve.reeval_top=1", "evolve.reeval_seeds=1", "reevaluate.top=1",
+                                      "reevaluate.seeds=1", "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    for name in ("best.txt", "functions.json", "reevaluation.json", "fitness.png", "report.md", "recipe.yaml",
+                 "checkpoints/gen_001.json"):
+        assert (out / name).is_file(), name
+    hof = json.loads((out / "functions.json").read_text())
+    assert hof[0]["text"] == (out / "best.txt").read_text().strip() and hof[0]["formula"]
+    labels = [r["label"] for r in json.loads((out / "reevaluation.json").read_text())]
+    assert len(labels) == 7 and any(lab.startswith("evolved #1") for lab in labels)  # best + the other seeds
+    model = create_model("small_cnn")
+    x = torch.randn(8, 1, 8, 8)
+    prune_(model, MagnitudeConfig(criterion="evolved:" + hof[0]["text"], channel_ratio=0.5, probe=False), x[:1],
+           batches=[(x, torch.arange(8) % 4)])
+    assert model.conv1.out_channels == 16
+
+
+def test_info_lists_the_evolved_criteria():
+    out = CliRunner().invoke(cli, ["info", "criteria"]).output
+    for name in ("ga_func2", "abs_snr", "t_stat", "seed_geo_median", "evolved:<text>"):
+        assert name in out

@@ -1,0 +1,113 @@
+"""The GP search on digits: resumable to the identical result, through every executor."""
+import json
+import random
+
+import pytest
+
+from prunekit.core.errors import CheckpointError, ConfigError
+from prunekit.engine.train import TrainConfig
+from prunekit.evolve import EvolveConfig, digits_task, run_search
+from prunekit.evolve.fitness import train_dense
+from prunekit.evolve.search import is_valid, vary
+from prunekit.importance.evolved.space import SEEDS
+from prunekit.importance.evolved.text import parse_expression
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dense") / "digits.safetensors"
+    task = digits_task(dense_train=TrainConfig(epochs=2, lr=0.05))
+    acc = train_dense(task, path)
+    assert acc > 0.5  # a model worth pruning
+    return str(path)
+
+
+def _cfg(dense, **kw):
+    task = digits_task(init=dense, finetune=TrainConfig(epochs=1, lr=0.01), calib_samples=64)
+    base = dict(tasks=[task], population=4, parents=2, generations=2, reeval_top=1, reeval_seeds=1, seed=3,
+                executor="serial", workers=2)
+    return EvolveConfig(**{**base, **kw})
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_search_resumes_to_the_same_population(dense, tmp_path):
+    cfg = _cfg(dense)
+    whole = run_search(cfg, tmp_path / "whole", progress=False)
+
+    def stop_after_first(state):
+        if state.generation == 1:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        run_search(cfg, tmp_path / "cut", progress=False, on_generation=stop_after_first)
+    random.seed(12345)  # whatever happened in between must not matter
+    resumed = run_search(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert resumed.population == whole.population
+    assert resumed.hall_of_fame == whole.hall_of_fame
+    assert [h["best"] for h in resumed.history] == [h["best"] for h in whole.history]
+    saved = json.loads((tmp_path / "cut" / "checkpoints" / "gen_002.json").read_text())
+    assert saved["population"] == whole.population and len(saved["fitness"]) == 4
+
+
+def test_resume_refuses_other_settings(dense, tmp_path):
+    run_search(_cfg(dense, generations=0), tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="other settings"):
+        run_search(_cfg(dense, generations=0, cx_prob=0.5), tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.slow
+def test_search_through_process_pool(dense, tmp_path):
+    state = run_search(_cfg(dense, executor="process"), tmp_path, progress=False)
+    serial = run_search(_cfg(dense), tmp_path / "serial", progress=False)
+    assert state.population == serial.population  # workers compute the same accuracies
+    accs = [e["acc"] for e in state.evaluations.values()]
+    assert all(0 <= a <= 1 for a in accs) and max(accs) > 0.5
+
+
+@pytest.mark.slow
+def test_search_through_ray(dense, tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (prunekit[distributed])")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        state = run_search(_cfg(dense, executor="ray"), tmp_path, progress=False)
+    finally:
+        ray.shutdown()
+    assert len(state.history) == 3 and max(e["acc"] for e in state.evaluations.values()) > 0.5
+
+
+def test_variation_keeps_trees_valid_and_bounded():
+    cfg = EvolveConfig(tasks=[digits_task()], population=8, parents=2, max_height=6, max_size=30)
+    random.seed(0)
+    parents = [parse_expression(t) for t in SEEDS.values()][:2]
+    from prunekit.evolve.search import individual
+    children = vary([individual(str(p)) for p in parents], 12, cfg)
+    assert all(c.height <= 6 and len(c) <= 30 and is_valid(c, cfg) for c in children)
+    assert len({str(c) for c in children}) > 3  # variation happened
+
+
+def test_config_errors_say_what_to_do():
+    with pytest.raises(ConfigError, match="parents"):
+        EvolveConfig(tasks=[digits_task()], population=4, parents=4)
+    with pytest.raises(ConfigError, match="val_fraction"):
+        digits_task(data={"name": "digits", "val_fraction": 0.0})
+
+
+def test_a_function_without_finite_scores_gets_accuracy_zero(dense):
+    from prunekit.evolve.fitness import Job, run_job
+
+    task = json.dumps(_cfg(dense).tasks[0].to_dict(), sort_keys=True)
+    bad = run_job(Job("div(var(P), sub(var(P), var(P)))", task, 0, dense))  # x / 0 for every channel
+    good = run_job(Job(SEEDS["t_stat"], task, 0, dense))
+    assert bad["acc"] == 0.0 and "finite" in bad["error"]
+    assert good["error"] is None and good["acc"] > 0.5
+
+
+def test_elites_are_reevaluated_with_extra_seeds(dense, tmp_path):
+    state = run_search(_cfg(dense, generations=0, reeval_top=2, reeval_seeds=2), tmp_path, progress=False)
+    seeds_of = {}
+    for key in state.evaluations:
+        _, seed, text = key.split("|", 2)
+        seeds_of.setdefault(text, set()).add(int(seed))
+    assert sorted(len(s) for s in seeds_of.values()) == [1, 1, 3, 3]  # population 4: the best 2 have 3 seeds

@@ -1,0 +1,137 @@
+"""Evolved functions and seed metrics against a NumPy port of the authors' per-class loop on raw
+feature maps (one channel at a time, P/Q as row subsets, np.var/np.std/np.sum of scalar + vector)."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from prunekit.graph import build_graph
+from prunekit.importance.criteria import CRITERIA, ScoreContext
+from prunekit.importance.evolved.closed_forms import FILTER_FUNCTIONS, STAT_FUNCTIONS
+from prunekit.importance.evolved.stats import ClassStats, collect_class_stats, scoring_point
+
+
+def np_scores(X, y, fn):
+    """X (N, D) one channel; fn(P, Q, nP, nQ, mX, mQ) per class -> scalar; summed over classes."""
+    mX = X.mean(0)
+    total = 0.0
+    for c in np.unique(y):
+        P, Q = X[y == c], X[y != c]
+        total += fn(P, Q, len(P), len(Q), mX, Q.mean(0))
+    return total
+
+
+NUMPY = {
+    "ga_func1": lambda P, Q, nP, nQ, mX, mQ: np.sum(np.var(P) + (np.var(Q) - mX) ** 2 / (np.var(Q) + np.var(P) + .05)),
+    "ga_func2": lambda P, Q, nP, nQ, mX, mQ: np.sum(
+        np.var(P) / (np.var(Q) + .05) + np.var(Q) / (np.var(P) + .05)
+        + (np.std(mX) * np.var(Q) * mX + np.var(P) - np.mean(Q)) ** 2 / (np.var(Q) + np.var(P) + .05)),
+    "ga_func3": lambda P, Q, nP, nQ, mX, mQ: np.sum((mX - np.var(Q)) ** 2 / np.sqrt(np.var(P) / nP + np.var(Q) / nQ + 1e-4)),
+    "ga_func4": lambda P, Q, nP, nQ, mX, mQ: np.sum(np.var(P) / (np.var(Q) / nQ + .05) + abs(P.mean() - Q.mean()) + .05 + mQ),
+    "abs_snr": lambda P, Q, *_: abs(P.mean() - Q.mean()) / (P.std() + Q.std() + 1e-4),
+    "fdr": lambda P, Q, *_: (P.mean() - Q.mean()) ** 2 / (P.var() + Q.var() + 1e-4),
+    "sym_div": lambda P, Q, *_: P.var() / (Q.var() + .05) + Q.var() / (P.var() + .05) + (P.mean() - Q.mean()) ** 2 / (P.var() + Q.var() + .05),
+    "t_stat": lambda P, Q, nP, nQ, *_: abs(P.mean() - Q.mean()) / np.sqrt(P.var() / nP + Q.var() / nQ + 1e-4),
+}
+
+
+def _class_data(n=60, k=5, d=7, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    X = rng.normal(size=(n, k, d)) + y[:, None, None] * rng.normal(size=(1, k, 1))  # class-dependent shift
+    return X, y
+
+
+@pytest.mark.parametrize("name", sorted(NUMPY))
+def test_stat_function_equals_numpy_port(name):
+    X, y = _class_data()
+    stats = ClassStats.empty(5, X.shape[1], X.shape[2])  # class 4 never occurs: it must be skipped
+    stats.add(torch.from_numpy(X), torch.from_numpy(y))
+    got = STAT_FUNCTIONS[name](stats.moments()).numpy()
+    want = [np_scores(X[:, k], y, NUMPY[name]) for k in range(X.shape[1])]
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_eq3_keeps_the_factor_d():
+    # with D copies of a column the first term grows D-fold: the closed form keeps the authors' factor
+    X, y = _class_data(d=1)
+    one, many = ClassStats.empty(4, 5, 1), ClassStats.empty(4, 5, 6)
+    one.add(torch.from_numpy(X), torch.from_numpy(y))
+    many.add(torch.from_numpy(np.repeat(X, 6, 2)), torch.from_numpy(y))
+    m1, m6 = one.moments(), many.moments()
+    term1 = lambda m: (m["varP"] / (m["varQ"] + .05) + m["varQ"] / (m["varP"] + .05)).sum(0)
+    # std(mX) = 0 for copied columns, so score = D*term1 + D*(var_P - mu_Q)^2/(...): 6x the D=1 score
+    np.testing.assert_allclose(STAT_FUNCTIONS["ga_func2"](m6).numpy(), 6 * STAT_FUNCTIONS["ga_func2"](m1).numpy())
+    assert float(term1(m1).min()) > 0
+
+
+def test_streamed_statistics_equal_full_batch():
+    X, y = _class_data(n=90)
+    full, streamed = ClassStats.empty(4, 5, 7), ClassStats.empty(4, 5, 7)
+    full.add(torch.from_numpy(X), torch.from_numpy(y))
+    for lo in range(0, 90, 13):  # uneven batches
+        streamed.add(torch.from_numpy(X[lo:lo + 13]), torch.from_numpy(y[lo:lo + 13]))
+    for key, v in full.moments().items():
+        torch.testing.assert_close(streamed.moments()[key], v)
+
+
+def test_collected_stats_read_the_consumer_input_after_bn_and_relu():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1)).eval()
+    m[1].running_mean.uniform_(-1, 1)
+    x, y = torch.randn(20, 2, 4, 4), torch.arange(20) % 3
+    g = build_graph(m, x[:1]).group("0")
+    assert scoring_point(m, g).module == "3" and scoring_point(m, g).where == "input"
+    batches = [(x[:7], y[:7]), (x[7:], y[7:])]
+    s = collect_class_stats(m, [g], batches)["0"]
+    a = m[2](m[1](m[0](x))).detach().double().reshape(20, 3, 16)
+    ref = ClassStats.empty(3, 3, 16)
+    ref.add(a, y)
+    torch.testing.assert_close(s.colsum, ref.colsum)
+    torch.testing.assert_close(s.sumsq, ref.sumsq)
+
+
+def test_flatten_linear_group_scores_each_channels_columns():
+    m = nn.Sequential(nn.Conv2d(1, 3, 1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4, 2))
+    g = build_graph(m, torch.randn(1, 1, 2, 2)).group("0")
+    p = scoring_point(m, g)
+    assert p.module == "3" and [t.tolist() for t in p.positions] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+
+
+def test_group_without_consumer_reads_producer_output():
+    m = nn.Sequential(nn.Conv2d(1, 3, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    g = build_graph(m, torch.randn(1, 1, 2, 2)).group("0")
+    assert scoring_point(m, g).where == "output"
+
+
+@pytest.mark.parametrize("name", sorted(FILTER_FUNCTIONS))
+def test_filter_seeds_equal_numpy(name):
+    rng = np.random.default_rng(1)
+    W = rng.normal(size=(6, 2, 3, 3))  # (out, in, kh, kw)
+    m = nn.Sequential(nn.Conv2d(2, 6, 3, bias=False), nn.ReLU(), nn.Conv2d(6, 1, 1))
+    m[0].weight.data = torch.from_numpy(W).float()
+    g = build_graph(m, torch.randn(1, 2, 5, 5)).group("0")
+    got = CRITERIA.get(name)(g, ScoreContext(m)).numpy()
+    W = m[0].weight.detach().double().numpy()
+    gm = W[np.argmin([sum(np.linalg.norm((W[i] - W[j]).ravel()) for j in range(6)) for i in range(6)])]
+    want = {"seed_l1": [np.sum(np.abs(w)) for w in W], "seed_l2": [np.sqrt(np.sum(w ** 2)) for w in W],
+            "seed_geo_median": [np.sqrt(np.sum((w - gm) ** 2)) for w in W]}[name]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("prunekit.testing.toy_models", fromlist=["TOY_MODELS"]).TOY_MODELS))
+def test_every_group_kind_of_the_toy_models_is_scored(name):
+    from prunekit.importance.criteria import resolve_criterion
+    from prunekit.testing.toy_models import TOY_MODELS
+
+    build, make_input = TOY_MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    graph = build_graph(model, make_input())
+    xs = torch.cat([make_input() for _ in range(4)])
+    batches = [(xs, torch.arange(len(xs)) % 3)]
+    for crit in ("ga_func2", "t_stat", "evolved:div(var(P), rho5(var(Q)))", "seed_l2"):
+        ctx = ScoreContext(model, batches=batches, graph=graph)
+        for g in graph.prunable_groups():
+            s = resolve_criterion(crit)(g, ctx)
+            assert s.shape == (g.size,) and bool(torch.isfinite(s).all()), (crit, g.name)

@@ -1,0 +1,113 @@
+"""The design space: trees as text, the walker against the closed forms, hostile text."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from deap import gp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prunekit.core.errors import ConfigError
+from prunekit.importance.evolved.closed_forms import FILTER_FUNCTIONS, STAT_FUNCTIONS
+from prunekit.importance.evolved.space import EVOLVED, PSET, SEEDS, EvalError, op_mul, op_sub
+from prunekit.importance.evolved.stats import ClassStats
+from prunekit.importance.evolved.text import formula, parse_expression
+from prunekit.importance.evolved.tree_eval import EvolvedCriterion, channel_scores, evaluate_tree
+
+
+def _class_data(n=50, k=4, d=6, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    return rng.normal(size=(n, k, d)) + y[:, None, None] * 0.3, y
+
+
+@pytest.mark.parametrize("name", sorted({**SEEDS, **EVOLVED}))
+def test_seed_trees_equal_closed_forms(name):
+    X, y = _class_data()
+    filters = np.random.default_rng(2).normal(size=(4, 9))
+    got = channel_scores(parse_expression({**SEEDS, **EVOLVED}[name]), X, y, filters)
+    if name in FILTER_FUNCTIONS:  # the class loop multiplies a weight metric by the number of classes
+        want = 3 * FILTER_FUNCTIONS[name](torch.from_numpy(filters)).numpy()
+    else:
+        s = ClassStats.empty(3, 4, 6)
+        s.add(torch.from_numpy(X), torch.from_numpy(y))
+        want = STAT_FUNCTIONS[name](s.moments()).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_untyped_semantics_trim_and_broadcast():
+    a, b = np.arange(6.).reshape(2, 3), np.arange(2.)
+    np.testing.assert_array_equal(op_sub(a, b), a[:, :2] - b)  # trimmed to the common last dim
+    np.testing.assert_array_equal(op_mul(a, b), a[:, :2] * b)  # left last dim against right first dim
+    env = {"P": a, "Q": b}
+    with pytest.raises(EvalError):  # add broadcasts as NumPy does: (2,3) + (2,) does not
+        evaluate_tree(parse_expression("add(P, Q)"), env)
+    assert evaluate_tree(parse_expression("add(P, g_mean(Q))"), env).shape == (2, 3)
+
+
+def test_outer_of_large_maps_is_refused_not_allocated():
+    x = np.ones((3000, 3000))
+    with pytest.raises(EvalError, match="limit"):
+        evaluate_tree(parse_expression("out_dot(X, X)"), {"X": x})
+
+
+def test_time_limit_stops_evaluation():
+    with pytest.raises(EvalError, match="time"):
+        evaluate_tree(parse_expression("add(var(X), var(X))"), {"X": np.ones(3)}, deadline=0.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(0, 5))
+def test_text_round_trip_of_random_trees(seed, height):
+    random.seed(seed)
+    tree = gp.PrimitiveTree(gp.genGrow(PSET, 0, height))
+    again = parse_expression(str(tree))
+    assert [n.name for n in again] == [n.name for n in tree] and str(again) == str(tree)
+    assert isinstance(formula(tree), str)
+
+
+@pytest.mark.parametrize("text", [
+    "__import__('os').system('touch {flag}')",
+    "add(P, __import__('os').system('touch {flag}'))",
+    "eval('open(\"{flag}\", \"w\")')",
+    "add(P, Q); import os",
+    "P.__class__",
+    "lambda: 0",
+    "add(P, Q",
+    "add(P, Q, X)",
+    "sqrt(1e-4)",
+])
+def test_malformed_or_hostile_text_raises_and_runs_nothing(text, tmp_path):
+    flag = tmp_path / "flag"
+    with pytest.raises(ConfigError, match="evolved expression"):
+        EvolvedCriterion(text.format(flag=flag))
+    assert not flag.exists()
+
+
+def test_evolved_text_prunes_like_the_shipped_closed_form():
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+    from prunekit.models import create_model
+
+    torch.manual_seed(0)
+    data = [(torch.randn(16, 3, 32, 32), torch.arange(16) % 4) for _ in range(2)]
+    plans = []
+    for crit in ("ga_func2", "evolved:" + EVOLVED["ga_func2"], "t_stat", "evolved:" + SEEDS["t_stat"]):
+        torch.manual_seed(1)
+        model = create_model("resnet20", num_classes=10).eval()
+        for m in model.modules():  # BN statistics that differ per channel
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+        r = prune_(model, MagnitudeConfig(criterion=crit, channel_ratio=0.4, probe=False), data[0][0][:1], batches=data)
+        plans.append(r.plan.groups)
+    assert plans[0] == plans[1] and plans[2] == plans[3] and plans[0] != plans[2]
+
+
+def test_hostile_criterion_in_a_config_raises(tmp_path):
+    from prunekit.methods.magnitude import MagnitudeConfig
+
+    flag = tmp_path / "flag"
+    with pytest.raises(ConfigError, match="evolved"):
+        MagnitudeConfig(criterion=f"evolved:__import__('os').system('touch {flag}')", channel_ratio=0.5)
+    assert not flag.exists()
