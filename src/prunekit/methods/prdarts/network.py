@@ -139,8 +139,7 @@ def network_report(net: nn.Module, example: torch.Tensor, device: str = "cpu", r
 
     report: dict[str, Any] = {**count_nonzeros(net), **sparse_macs(net, example)}
     # the twin keeps its Mask parametrizations with all-ones masks: the same kernels and the
-    # same mask multiply, so any gap measured is noise. (Removing parametrizations from a deep
-    # copy would also break the original: torch shares the parametrized class between copies.)
+    # same mask multiply, so any gap measured is the cost (none) of the zeros themselves
     dense = copy.deepcopy(net)
     for _, mod, pname in masked_modules(dense):
         apply_mask(mod, pname, torch.ones_like(get_mask(mod, pname)))
