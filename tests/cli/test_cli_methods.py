@@ -33,6 +33,12 @@ METHOD_RUNS = {
     "slr": ["method.sparsity=0.7", "method.epochs=1"],
     "admm": ["method.sparsity=0.7", "method.epochs=1"],
     "gator": ["method.target=0.5", "method.epochs=1"],
+    "hydra": ["method.density=0.3", "method.epochs=1"],
+    "ssc": ["method.reduction=4"],
+    "snip": ["method.sparsity=0.7"],
+    "grasp": ["method.sparsity=0.7"],
+    "synflow": ["method.sparsity=0.7", "method.iterations=5"],
+    "random_init": ["method.sparsity=0.7"],
 }
 METHOD_NAMES = sorted(set(METHODS.list()) | set(ALIASES))
 

@@ -13,29 +13,18 @@ torchvision wheel does not match torch, the helper in ../shared/tools makes it i
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from prunekit.methods import prune_
 from prunekit.methods.magnitude import MagnitudeConfig
+from zoo_imports import import_zoo
 
-SHARED_TOOLS = Path(__file__).resolve().parents[2].parent / "shared" / "tools"
 
 
 def _import_torchvision_models():
-    if SHARED_TOOLS.is_dir() and str(SHARED_TOOLS) not in sys.path:
-        sys.path.insert(0, str(SHARED_TOOLS))
-    try:
-        if (SHARED_TOOLS / "torchvision_cpu.py").is_file():
-            import torchvision_cpu  # noqa: F401  (declares the operators a CUDA wheel lacks on CPU torch)
-        import torchvision.models as models
-    except Exception as err:  # ImportError, or a RuntimeError from a torchvision/torch mismatch
-        pytest.skip(f"torchvision cannot be imported ({type(err).__name__}: {str(err)[:120]})",
-                    allow_module_level=True)
-    return models
+    return import_zoo("torchvision.models", module_level=True)
 
 
 tvm = _import_torchvision_models()

@@ -6,8 +6,6 @@ gives plain parameters with the same outputs.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,9 +23,9 @@ from prunekit.surgery.persist import PLAN_KEY, load_pruned, read_plan, save_prun
 from prunekit.surgery.plan import empty_plan
 from prunekit.surgery.projections import projection_mask
 from prunekit.surgery.tensor_file import write_tensor_file
+from zoo_imports import import_zoo
 
 X = torch.randn(2, 3, 32, 32)
-SHARED_TOOLS = Path(__file__).resolve().parents[2].parent / "shared" / "tools"
 
 
 def _masked_resnet(seed: int = 0):
@@ -145,15 +143,7 @@ def test_module_state_versions_survive_the_file(tmp_path):
 
 
 def _torchvision_models():
-    if SHARED_TOOLS.is_dir() and str(SHARED_TOOLS) not in sys.path:
-        sys.path.insert(0, str(SHARED_TOOLS))
-    try:
-        if (SHARED_TOOLS / "torchvision_cpu.py").is_file():
-            import torchvision_cpu  # noqa: F401  (declares the operators a CUDA wheel lacks on CPU torch)
-        import torchvision.models as models
-    except Exception as err:  # ImportError, or a RuntimeError from a torchvision/torch mismatch
-        pytest.skip(f"torchvision cannot be imported ({type(err).__name__}: {str(err)[:120]})")
-    return models
+    return import_zoo("torchvision.models")
 
 
 def test_pruned_torchvision_mnasnet_saves_and_reloads(tmp_path):

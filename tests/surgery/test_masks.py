@@ -230,3 +230,18 @@ def test_mask_state_dict_round_trip():
     apply_mask(b, "weight", torch.ones(4, 5, dtype=torch.bool))
     b.load_state_dict(a.state_dict())
     assert torch.equal(b.weight, a.weight) and isinstance(b.parametrizations.weight[0], Mask)
+
+
+def test_baking_a_deep_copy_leaves_the_original_masked():
+    """A deep copy shares torch's generated parametrized class; baking the copy must not strip
+    the original's `weight` property (the CLI times a baked copy of a masked model)."""
+    import copy as _copy
+
+    from prunekit.surgery.masks import bake_masks_
+
+    lin = nn.Linear(4, 3)
+    apply_mask(lin, "weight", unstructured_mask(lin.weight, 0.5))
+    twin = bake_masks_(_copy.deepcopy(lin))
+    assert type(twin) is nn.Linear
+    assert lin.weight.shape == (3, 4) and int((lin.weight == 0).sum()) == 6
+    torch.testing.assert_close(twin.weight, lin.weight.detach())

@@ -1,8 +1,4 @@
 """Probing tells float32 rounding from a rule error: a failing comparison is re-run in float64."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -10,6 +6,7 @@ from torch import nn
 from prunekit.graph import build_graph
 from prunekit.surgery import verify
 from prunekit.surgery.verify import probe_groups
+from zoo_imports import import_zoo
 
 
 def _chain():
@@ -38,23 +35,11 @@ def test_a_rule_error_still_fails_in_float64(monkeypatch):
     assert bad and all("in float64" in reason for reason in bad.values()), bad
 
 
-def _timm():
-    tools = Path(__file__).resolve().parents[3] / "shared" / "tools"
-    if not tools.is_dir() or importlib.util.find_spec("timm") is None:
-        return None
-    sys.path.insert(0, str(tools))
-    import torchvision_cpu  # noqa: F401
-    import timm
-    return timm
-
-
 @pytest.mark.parametrize("seed", [15, 0, 1])
 def test_visformer_tiny_keeps_every_group_prunable(seed):
     """Seed 15 made float32 probing discard 16 of 19 groups (removal vs zeroing 0.03 at the
     logits, 2e-12 in float64)."""
-    timm = _timm()
-    if timm is None:
-        pytest.skip("timm is not installed (see ../shared/tools/torchvision_cpu.py)")
+    timm = import_zoo("timm")
     torch.manual_seed(seed)
     model = timm.create_model("visformer_tiny").eval()
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))

@@ -8,7 +8,7 @@ import click
 
 from ..core.errors import ConfigError
 
-_TOPICS = ("models", "datasets", "methods", "criteria", "recipe")
+_TOPICS = ("models", "datasets", "methods", "criteria", "recipes", "recipe")
 # Descriptions for registered items whose code carries no docstring.
 _NOTES = {"l1": "L1 norm of every weight slice of a channel, over the whole group (group-level)",
           "l2": "L2 norm of every weight slice of a channel, over the whole group (group-level)",
@@ -148,7 +148,8 @@ def report(run_dir) -> None:
 @click.command("info")
 @click.argument("topic", required=False, type=click.Choice(_TOPICS))
 def info(topic) -> None:
-    """List models, datasets, methods and importance criteria; `info recipe` prints the default recipe."""
+    """List models, datasets, methods, importance criteria and the recipes in ./recipes; `info recipe`
+    prints the default recipe."""
     if topic == "recipe":
         from .recipe import default_recipe_text
 
@@ -183,11 +184,26 @@ def _topic_lines(topic: str) -> list[str]:
             if target in METHODS:
                 lines.append(f"{alias:<24}= {target} with " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
         return lines
+    if topic == "recipes":
+        return _recipe_lines(Path("recipes"))
     from ..importance.criteria import CRITERIA, CRITERION_FACTORIES
 
     lines = [f"{n:<24}{_NOTES.get(n) or _first_doc_line(CRITERIA.get(n))}" for n in CRITERIA.list()]
     return lines + [f"{p + ':<text>':<24}{_PREFIX_NOTES.get(p, 'built from the text by a registered factory')}"
                     for p in CRITERION_FACTORIES.list()]
+
+
+def _recipe_lines(folder: Path) -> list[str]:
+    """One line per recipes/*.yaml: its path and the first line of its leading comment."""
+    files = sorted(folder.glob("*.yaml")) if folder.is_dir() else []
+    if not files:
+        return [f"(no {folder}/ folder with .yaml recipes here; run from the repository root)"]
+    lines = []
+    for f in files:
+        first = next((ln.lstrip("# ").strip() for ln in f.read_text(encoding="utf-8").splitlines()
+                      if ln.startswith("#")), "")
+        lines.append(f"{str(f):<44}{first[:100]}")
+    return lines
 
 
 def _first_doc_line(obj) -> str:

@@ -312,11 +312,12 @@ def _baked(model: nn.Module) -> nn.Module:
 def layer_latency(model: nn.Module, example: torch.Tensor, cfg: Any) -> dict[str, float]:
     """Median latency (ms) of every conv/linear layer alone, on its real input shape."""
     from ..cost.latency import measure_latency
+    from ..layers.ssc import SSCConv2d
 
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, SSCConv2d)):
             def grab(m, args, n=name):
                 if args and isinstance(args[0], torch.Tensor):
                     shapes.setdefault(n, tuple(args[0].shape[1:]))

@@ -19,7 +19,6 @@ different spec raises CheckpointError instead of being mixed into the table.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -33,6 +32,7 @@ from torch import nn
 
 from ..core.environment import environment
 from ..core.errors import CheckpointError, ConfigError
+from ..core.integrity import file_digest
 from ..cost.macs import CONVENTION
 from ..data import load_data
 from ..engine.evaluate import evaluate
@@ -69,11 +69,7 @@ class FirstBatches:
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -82,3 +82,13 @@ def tensors_sha256(tensors: Mapping[str, Any]) -> str:
         # reshape(-1) makes 0-d tensors viewable; view(uint8) reads the raw bytes of any dtype
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks (sha256 for weights, md5 where a
+    published archive states one)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -4,7 +4,10 @@ Convention (stated in every report): MACs are multiply-accumulates *per sample* 
 (incl. transposed and grouped), Linear layers, matmul/bmm and attention products (QK^T and AV).
 Normalisation, activations, pooling and elementwise ops are not counted (they are a few percent
 and memory-bound). A conv's MACs = out_elements * (C_in / groups) * k_h * k_w. Parameters are
-all unique trainable and frozen parameters (buffers excluded).
+all unique trainable and frozen parameters (buffers excluded), less the entries a module declares
+zero by construction: a module with a `fixed_zero_params()` method (a structured sparse layer such
+as `prunekit.layers.ssc.SSCConv2d`) counts only its real weights, and its traced op counts only
+its real taps as MACs.
 
 >>> import torch, torch.nn as nn
 >>> c = count_cost(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 2)),
@@ -40,7 +43,14 @@ class Cost:
 
 
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())  # parameters() already skips shared duplicates
+    stored = sum(p.numel() for p in model.parameters())  # parameters() already skips shared duplicates
+    return stored - sum(_fixed_zeros(m) for m in model.modules())
+
+
+def _fixed_zeros(module: nn.Module) -> int:
+    """Parameter entries of `module` itself that are zero by construction (structured sparse layers)."""
+    fn = getattr(module, "fixed_zero_params", None)
+    return int(fn()) if callable(fn) else 0
 
 
 def cost_from_graph(model: nn.Module, graph: Graph) -> Cost:
@@ -56,9 +66,11 @@ def _cost(model: nn.Module, graph: Graph, node_macs: list[int]) -> Cost:
         per[owner]["macs"] += macs
     for name, mod in model.named_modules():
         if name in per:
-            per[name]["params"] = sum(p.numel() for p in mod.parameters(recurse=False))
+            per[name]["params"] = sum(p.numel() for p in mod.parameters(recurse=False)) - _fixed_zeros(mod)
             w = getattr(mod, "weight", None)
-            if w is not None and w.dim() >= 1:
+            if w is None and isinstance(getattr(mod, "out_channels", None), int):
+                per[name]["out"] = mod.out_channels  # layers storing their weight in parts (SSCConv2d)
+            elif w is not None and w.dim() >= 1:
                 transposed = isinstance(mod, nn.modules.conv._ConvTransposeNd)
                 per[name]["out"] = int(mod.out_channels if transposed else w.shape[0])
     return Cost(count_params(model), sum(node_macs), dict(per))

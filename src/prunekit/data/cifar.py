@@ -16,7 +16,6 @@ constructors the official files use, so a tampered file cannot run code.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import ConfigError
+from ..core.integrity import file_digest
 from .cache import cache_dir
 from .config import DataConfig
 from .errors import DataError
@@ -124,12 +124,8 @@ def _archive_reader(archive: Path, fmt: OfficialFormat):
 
 
 def md5_of(path: Path) -> str:
-    """Hex MD5 of a file, read in 1 MiB blocks."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex MD5 of a file (the digest the official archives publish)."""
+    return file_digest(path, "md5")
 
 
 def _download(root: Path, fmt: OfficialFormat) -> Path:

@@ -138,3 +138,29 @@ def plot_pareto(path: str | Path, points: dict[str, tuple[float, float, float | 
     path = Path(path)
     fig.savefig(path, dpi=100)
     return path
+
+
+def plot_alpha_history(path: str | Path, epochs: Sequence[str], mass: dict[str, Sequence[Sequence[float]]],
+                       ops: Sequence[str]) -> Path | None:
+    """Per-epoch softmax mass of each op (mean over edges), one panel per cell type.
+
+    `mass[cell][e][k]` is op k's mean weight at epoch label `epochs[e]`.
+
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "a.png"
+    >>> plot_alpha_history(out, ["1", "2"], {"normal": [[0.5, 0.5], [0.3, 0.7]]}, ["a", "b"]) == out
+    True
+    """
+    if not epochs or not mass:
+        return None
+    fig = _new_figure(4.2 * len(mass), 3.2)
+    axes = fig.subplots(1, len(mass), squeeze=False)[0]
+    for ax, (cell, rows) in zip(axes, mass.items()):
+        for k, op in enumerate(ops):
+            ax.plot(range(len(epochs)), [r[k] for r in rows], label=op, linestyle="--" if k < 4 else "-")
+        ax.set_title(f"{cell} cell: softmax(alpha), mean over edges")
+        ax.set_xlabel("epoch (all phases)")
+        ax.set_ylabel("weight")
+    axes[-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.savefig(path, dpi=110)
+    return Path(path)

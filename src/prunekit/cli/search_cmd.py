@@ -1,0 +1,34 @@
+"""`prunekit search RECIPE.yaml [key=value ...]`: a PR-DARTS search and its evaluation.
+
+The recipe has the sections of `prunekit.methods.prdarts.run.SearchRecipe` (data, search,
+evaluate, device, threads); dotted overrides such as `search.pretrain_epochs=2` apply on top.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..core.errors import ConfigError
+
+
+@click.command("search")
+@click.argument("recipe", type=click.Path(dir_okay=False, exists=True))
+@click.argument("overrides", nargs=-1)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory to create (default: runs/search-<timestamp>); must be new or empty.")
+def search_cmd(recipe: str, overrides: tuple[str, ...], out: str | None) -> None:
+    """Search a sparse DARTS cell (PR-DARTS) and evaluate it; writes genotypes, alpha plots, report."""
+    from ..methods.prdarts.run import SearchRecipe, run_search
+    from .overrides import apply_overrides, load_yaml_file
+    from .rundir import choose_run_dir
+
+    raw = load_yaml_file(recipe)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{recipe}: a search recipe is a mapping with data, search, evaluate sections")
+    raw = apply_overrides(raw, overrides, allowed_top=("data", "search", "evaluate", "device", "threads", "limit_eval_batches"))
+    parsed = SearchRecipe.from_dict(raw)
+    run_dir = choose_run_dir("search", Path("runs"), out)
+    result = run_search(parsed, run_dir)
+    click.echo(f"genotype: {result['genotype']}")
+    click.echo(f"run directory: {run_dir}")

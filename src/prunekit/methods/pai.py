@@ -1,0 +1,212 @@
+"""Pruning at initialisation: SNIP, GraSP, SynFlow and random masks, on the core's per-weight scores.
+
+Four methods share one handler and differ in their config class (the criterion is the class's):
+
+| method | config | score (importance/elements.py) | data |
+|---|---|---|---|
+| `snip` | `SNIPConfig` | abs(w * dL/dw) | `batches` calibration batches |
+| `grasp` | `GraSPConfig` | w * (H g), logits / temperature | `batches` calibration batches |
+| `synflow` | `SynFlowConfig` | abs(w * dR/dw), linearised net, `iterations` rounds | none |
+| `random_init` | `RandomInitConfig` | uniform, seeded (scope "layer" by default) | none |
+
+level="element": masks removing exactly `sparsity` of the scored weights (all conv and Linear
+weights but those under `ignore`), globally or per layer (`scope`), held as the core's
+persistent masks (`surgery.masks`): masked weights read zero and get zero gradient, so training
+keeps them at zero, and `save_pruned` / `load_pruned` store and restore them. Parameter and MAC
+counts of the dense tensors do not change; the result's metrics give the nonzero views
+(`params_nonzero`, and `macs_nonzero`: each layer's MACs times its weight density).
+
+level="channel": the element scores are summed per channel of each of the graph's groups
+(`channel_scores_from_elements`) and `sparsity` of the channels (per group with scope "layer",
+ranked across groups with "global") are removed physically. SynFlow is then scored once (the
+iterative schedule prunes weights, not channels).
+
+>>> import torch, torch.nn as nn
+>>> from prunekit.methods import prune_
+>>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+>>> r = prune_(m, SynFlowConfig(sparsity=0.75, iterations=10), torch.randn(1, 3, 8, 8))
+>>> r.metrics["weights_kept"], r.metrics["weights_total"]
+(342, 1368)
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+from ..core.config import Config, check_choice, check_range
+from ..core.errors import ConfigError, PruningError
+from ..cost.macs import count_cost
+from ..importance.elements import (apply_element_masks, channel_scores_from_elements, grasp_scores, random_scores,
+                                   select_element_masks, snip_scores, synflow_scores)
+from ..importance.select import select_removal
+from ..importance.targets import target_weights
+from ..surgery.copying import adopt_, share_copy
+from ..surgery.plan import empty_plan, make_plan
+from ..surgery.shrink import remove_channels_
+from ..surgery.verify import build_safe_graph, run_model
+from .result import PruneResult
+
+
+@dataclasses.dataclass
+class PaIConfig(Config):
+    """Shared fields of the pruning-at-initialisation methods (see the module doc)."""
+
+    criterion: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = False
+    sparsity: float = 0.9          # element: share of weights removed; channel: share of channels removed
+    scope: str = "global"          # global | layer
+    level: str = "element"         # element | channel
+    batches: int = 1               # calibration batches scored (SNIP, GraSP)
+    ignore: list[str] = dataclasses.field(default_factory=list)
+    seed: int = 0
+    probe: bool = True             # channel level: check every group on the real model first
+
+    def validate(self) -> None:
+        check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
+        check_choice("scope", self.scope, ("global", "layer"))
+        check_choice("level", self.level, ("element", "channel"))
+        if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
+            raise ConfigError(f"batches={self.batches!r} must be an integer >= 1 (calibration batches scored)")
+
+
+@dataclasses.dataclass
+class SNIPConfig(PaIConfig):
+    """SNIP at initialisation: |w * dL/dw| on calibration batches, global exact-sparsity masks (or channels)."""
+
+    criterion: ClassVar[str] = "snip"
+    needs_data: ClassVar[bool] = True
+
+
+@dataclasses.dataclass
+class GraSPConfig(PaIConfig):
+    """GraSP at initialisation: keep the highest w * (H g), gradient flow preserved (or channels)."""
+
+    criterion: ClassVar[str] = "grasp"
+    needs_data: ClassVar[bool] = True
+    temperature: float = 200.0     # the reference code's default
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("temperature", self.temperature, 0.0, float("inf"), lo_open=True)
+
+
+@dataclasses.dataclass
+class SynFlowConfig(PaIConfig):
+    """SynFlow: data-free synaptic-flow scores, pruned over 100 rounds on an exponential schedule."""
+
+    criterion: ClassVar[str] = "synflow"
+    iterations: int = 100          # pruning rounds on the exponential schedule (element level)
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ConfigError(f"iterations={self.iterations!r} must be an integer >= 1 (the reference uses 100)")
+
+
+@dataclasses.dataclass
+class RandomInitConfig(PaIConfig):
+    """Random masks at initialisation (seeded), the same density in every layer by default."""
+
+    criterion: ClassVar[str] = "random"
+    scope: str = "layer"           # the same density in every layer
+
+
+def _targets(model: nn.Module, ignore: list[str]) -> list[str]:
+    names = {n for n, _ in model.named_modules()}
+    unknown = [i for i in ignore if i not in names]
+    if unknown:
+        raise ConfigError(f"ignore names {unknown}, which the model does not have; use module names from "
+                          "model.named_modules()")
+    keys = [k for k, (mod, _) in target_weights(model).items()
+            if not any(mod == i or mod.startswith(i + ".") for i in ignore)]
+    if not keys:
+        raise PruningError("no conv or Linear weight left to score; ignore fewer modules")
+    return keys
+
+
+def _scores(model: nn.Module, cfg: PaIConfig, example_inputs: Any, batches: list | None, one_shot: bool):
+    keys = _targets(model, cfg.ignore)
+    if cfg.criterion == "snip":
+        return snip_scores(model, batches, targets=keys)
+    if cfg.criterion == "grasp":
+        return grasp_scores(model, batches, targets=keys, temperature=cfg.temperature)
+    if cfg.criterion == "synflow":
+        return synflow_scores(model, example_inputs=example_inputs, targets=keys, iterations=cfg.iterations,
+                              sparsity=None if one_shot else cfg.sparsity, scope=cfg.scope)
+    return random_scores(model, seed=cfg.seed, targets=keys)
+
+
+def _calibration(cfg: PaIConfig, batches: Iterable | None) -> list | None:
+    if not cfg.needs_data:
+        return None
+    taken = list(itertools.islice(iter(batches), cfg.batches)) if batches is not None else []
+    if not taken:
+        raise ConfigError(f"{cfg.criterion.upper()} scores with data: pass batches=[(inputs, labels), ...] "
+                          "(the CLI hands over calibration_batches training batches)")
+    return taken
+
+
+def _nonzero_views(model: nn.Module, masks: dict[str, torch.Tensor], cost) -> dict[str, Any]:
+    """Parameters and MACs counting only kept weights (each layer's MACs times its density)."""
+    total = sum(int(m.numel()) for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    density = {k.rpartition(".")[0]: float(m.float().mean()) for k, m in masks.items()}
+    macs = sum(row["macs"] * density.get(name, 1.0) for name, row in cost.per_module.items())
+    return {"weights_total": total, "weights_kept": kept, "sparsity": 1 - kept / total,
+            "params_nonzero": cost.params - (total - kept), "macs_nonzero": int(round(macs)),
+            "layer_density": density}
+
+
+def _element_prune(model, cfg, example_inputs, data) -> PruneResult:
+    before = count_cost(model, example_inputs)
+    scores = _scores(model, cfg, example_inputs, data, one_shot=False)
+    masks = select_element_masks(scores, cfg.sparsity, cfg.scope)
+    apply_element_masks(model, masks)
+    plan = empty_plan(example_inputs, cfg.ignore)
+    plan.meta.update({"method": cfg.criterion if cfg.criterion != "random" else "random_init",
+                      "config": cfg.to_dict()})
+    after = count_cost(model, example_inputs)
+    return PruneResult(plan, before, after, cfg.to_dict(), _nonzero_views(model, masks, after))
+
+
+def _channel_prune(model, cfg, example_inputs, data) -> PruneResult:
+    graph = build_safe_graph(model, example_inputs, cfg.ignore, probe=cfg.probe)
+    before = count_cost(model, example_inputs)
+    prunable = {g.name for g in graph.prunable_groups()}
+    scores = {n: s for n, s in channel_scores_from_elements(
+        graph, _scores(model, cfg, example_inputs, data, one_shot=True)).items() if n in prunable}
+    if not scores:
+        raise PruningError("no prunable channel group holds a scored weight; ignore fewer modules")
+    removal = select_removal(graph, scores, cfg.sparsity, "local" if cfg.scope == "layer" else "global")
+    plan = make_plan(graph, removal, example_inputs, cfg.ignore)
+    work = share_copy(model)
+    remove_channels_(work, graph, removal)
+    run_model(work, example_inputs)
+    plan.meta.update({"method": cfg.criterion if cfg.criterion != "random" else "random_init",
+                      "config": cfg.to_dict()})
+    plan.stamp(dense=model, pruned=work)
+    adopt_(model, work)
+    after = count_cost(model, example_inputs)
+    return PruneResult(plan, before, after, cfg.to_dict(), {"channels_removed": {n: len(v) for n, v in removal.items()}})
+
+
+def pai_prune_(model: nn.Module, cfg: PaIConfig, example_inputs: Any, batches: Iterable | None = None) -> PruneResult:
+    """Score at initialisation and prune `model` in place (see module doc)."""
+    data = _calibration(cfg, batches)
+    if cfg.level == "element":
+        return _element_prune(model, cfg, example_inputs, data)
+    return _channel_prune(model, cfg, example_inputs, data)
+
+
+from . import register_method  # noqa: E402
+
+register_method("snip", SNIPConfig, pai_prune_)
+register_method("grasp", GraSPConfig, pai_prune_)
+register_method("synflow", SynFlowConfig, pai_prune_)
+register_method("random_init", RandomInitConfig, pai_prune_)
+
+__all__ = ["GraSPConfig", "PaIConfig", "RandomInitConfig", "SNIPConfig", "SynFlowConfig", "pai_prune_"]

@@ -1,0 +1,264 @@
+"""Structured sparse convolutions (SSC): convert a model's k x k convs to `SSCConv2d` layers.
+
+`prune_(model, SSCConfig(reduction=4), example)` traces the model, takes every conv the trace
+runs with a square odd kernel > 1, no groups, zero padding and channel counts the preset divides,
+and replaces it by an SSC layer (fresh Kaiming weights with the real fan-in, or the conv's own
+taps on the support with init="project"). The first conv (the stem) stays dense unless
+keep_first=False; Linear classifiers are never touched.
+
+Presets: give groups / spatial_period / point_period explicitly, or a target `reduction` of the
+converted layers' weights (default 4); `PRESETS` maps 2, 4, 8, 16 to a preset per `family`
+("het": HetConv-style, a larger spatial period first, groups only beyond 4x; "grouped": groups of
+HetConv P=2 layers; "block": 1x1 taps on half the group), other targets take the nearest preset
+(`preset_for`). The table with whole-model counts is in docs/ssc.md.
+A layer the preset does not divide (16 channels and groups x spatial_period = 32, say) takes the
+preset with the same point_period and pattern whose layer reduction is nearest (`fit_preset`), or
+stays dense with fallback=False; the result's metrics list both kinds.
+
+The plan records every converted layer with its preset (plan.meta["replay"]["ssc"]); `load_pruned`
+replays it on a freshly built model through a registered replay step, then loads the weights.
+
+>>> import torch, torch.nn as nn
+>>> from prunekit.methods import prune_
+>>> m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+>>> r = prune_(m, SSCConfig(groups=1, spatial_period=4), torch.randn(1, 3, 8, 8))
+>>> type(m[2]).__name__, sorted(r.plan.meta["replay"]["ssc"]["layers"])
+('SSCConv2d', ['2'])
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.config import Config, check_choice
+from ..core.errors import CheckpointError, ConfigError, PruningError
+from ..cost.macs import count_cost
+from ..graph import build_graph
+from ..layers.ssc import EXECUTIONS, SSCConv2d, from_conv
+from ..layers.ssc_patterns import SUPPORTS, SSCLayout, SSCSpec
+from ..surgery.copying import adopt_, share_copy
+from ..surgery.plan import empty_plan, register_replay_step
+from ..surgery.verify import run_model
+from .result import PruneResult
+
+# family -> {reduction: (groups, spatial_period, point_period)}; 3x3 full-pattern layer reductions:
+# het 1.8x 4.5x 9x 18x; grouped 1.8x 3.6x 7.2x 14.4x; block 2x 3.6x 7.2x 14.4x (docs/ssc.md)
+PRESETS = {
+    "het": {2: (1, 2, 1), 4: (1, 8, 1), 8: (2, 8, 1), 16: (4, 8, 1)},      # HetConv first, groups last
+    "grouped": {2: (1, 2, 1), 4: (2, 2, 1), 8: (4, 2, 1), 16: (8, 2, 1)},  # groups of HetConv P=2
+    "block": {2: (1, 2, 2), 4: (1, 4, 2), 8: (2, 4, 2), 16: (4, 4, 2)},    # 1x1 taps on half the group
+}
+FAMILIES = {"het": (1,), "grouped": (1,), "block": (2,)}
+
+
+@dataclasses.dataclass
+class SSCConfig(Config):
+    """Structured sparse convolutions: every eligible k x k conv becomes an SSCConv2d with a preset."""
+
+    reduction: float | None = None      # target weight reduction of the converted layers (default 4)
+    family: str = "het"
+    groups: int | None = None           # an explicit preset instead of `reduction`
+    spatial_period: int | None = None
+    point_period: int = 1
+    pattern: str = "full"
+    keep_first: bool = True
+    fallback: bool = True               # a layer the preset does not divide takes the nearest preset that fits
+    ignore: list[str] = dataclasses.field(default_factory=list)
+    init: str = "kaiming"
+    execution: str = "structured"
+
+    def validate(self) -> None:
+        check_choice("family", self.family, FAMILIES)
+        check_choice("pattern", self.pattern, SUPPORTS.list())
+        check_choice("init", self.init, ("kaiming", "project"))
+        check_choice("execution", self.execution, EXECUTIONS)
+        explicit = self.groups is not None or self.spatial_period is not None
+        if explicit and self.reduction is not None:
+            raise ConfigError("give either reduction (e.g. 4 for 4x fewer weights in the converted layers) or an "
+                              "explicit preset (groups, spatial_period, point_period), not both")
+        if self.reduction is not None and (isinstance(self.reduction, bool) or not isinstance(self.reduction, (int, float))
+                                           or self.reduction <= 1):
+            raise ConfigError(f"reduction={self.reduction!r} must be a number > 1 (2, 4, 8, 16 ...)")
+        if explicit:
+            self.spec()  # validates the preset
+
+    def spec(self) -> SSCSpec:
+        if self.groups is None and self.spatial_period is None:
+            return preset_for(self.reduction if self.reduction is not None else 4.0, self.family, self.pattern)
+        return SSCSpec(self.groups if self.groups is not None else 1, self.spatial_period, self.point_period,
+                       self.pattern)
+
+
+def layer_reduction(spec: SSCSpec, kernel_size: int = 3) -> float:
+    """Dense weights / real weights of a layer with this preset (channel counts do not matter
+    once divisible: measured on a 128 -> 128 layer)."""
+    lay = SSCLayout(128, 128, kernel_size, spec)
+    return 128 * 128 * kernel_size ** 2 / float(lay.real_taps_per_filter().sum())
+
+
+def preset_for(reduction: float, family: str = "het", pattern: str = "full") -> SSCSpec:
+    """The table's preset for 2, 4, 8, 16; otherwise the preset with `family`'s point_period whose
+    3x3 layer reduction is nearest `reduction` (log scale), fewer groups first on ties."""
+    if reduction in PRESETS[family]:
+        return SSCSpec(*PRESETS[family][int(reduction)], pattern)
+    best = None
+    for g in (1, 2, 4, 8):
+        for ps in (2, 4, 8, 16):
+            for pp in FAMILIES[family]:
+                if ps % pp or pp == ps:
+                    continue
+                spec = SSCSpec(g, ps, pp, pattern)
+                key = (round(abs(math.log(layer_reduction(spec) / reduction)), 9), g, ps, pp)
+                best = min(best, (key, spec), key=lambda t: t[0]) if best else (key, spec)
+    return best[1]
+
+
+def fit_preset(spec: SSCSpec, in_channels: int, out_channels: int) -> SSCSpec | None:
+    """`spec` if it fits the layer, else the fitting preset (same point_period and pattern, a
+    spatial period > 1 if spec's is) whose 3x3 reduction is nearest, fewer groups first on ties;
+    None if nothing fits."""
+    if spec.spatial_period is None or spec.fits(in_channels, out_channels) is None:
+        return spec
+    goal, best = layer_reduction(spec), None
+    for g in (1, 2, 4, 8, 16):
+        for ps in (1, 2, 4, 8, 16):
+            if ps % spec.point_period or (ps == 1) != (spec.spatial_period == 1):
+                continue  # keep the kind of layer: HetConv-type stays HetConv-type
+            cand = SSCSpec(g, ps, spec.point_period, spec.pattern)
+            if cand.fits(in_channels, out_channels) is None and (g, ps) != (1, 1):
+                key = (round(abs(math.log(layer_reduction(cand) / goal)), 9), g, ps)
+                best = (key, cand) if best is None or key < best[0] else best
+    return best[1] if best else None
+
+
+def _eligible(conv: nn.Module, spec: SSCSpec) -> str | None:
+    """None if `conv` can become an SSC layer with `spec`, else why not."""
+    if type(conv) is not nn.Conv2d:
+        return "not an nn.Conv2d"
+    k = conv.kernel_size
+    if k[0] != k[1] or k[0] < 3 or k[0] % 2 == 0:
+        return f"kernel {k} (needs a square odd kernel > 1)"
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return "grouped conv or non-zero/string padding"
+    return spec.fits(conv.in_channels, conv.out_channels)
+
+
+def _conv_order(model: nn.Module, example_inputs: Any, ignore: list[str]) -> list[str]:
+    """Names of the modules whose conv2d ops the trace runs, in execution order."""
+    graph = build_graph(model, example_inputs, ignore)
+    names: list[str] = []
+    for node in graph.nodes:
+        if node.op == "conv2d" and node.params:
+            name = node.params[0].rsplit(".", 1)[0]
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def convert_(model: nn.Module, layers: dict[str, SSCSpec], init: str = "kaiming", execution: str = "structured") -> None:
+    """Replace each named nn.Conv2d of `model` by an SSC layer with its preset (in place)."""
+    modules = dict(model.named_modules())
+    for name, spec in layers.items():
+        conv = modules.get(name)
+        why = "no such module" if conv is None else _eligible(conv, spec)
+        if why is not None:
+            raise PruningError(f"cannot convert layer {name!r} to SSC: {why}")
+        _replace(model, name, from_conv(conv, spec, init, execution))
+
+
+def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneResult:
+    spec = cfg.spec()
+    names = _conv_order(model, example_inputs, cfg.ignore)
+    unknown = [n for n in cfg.ignore if not any(m == n or m.startswith(n + ".") for m, _ in model.named_modules())]
+    if unknown:
+        raise ConfigError(f"ignore names {unknown}, which the model does not have; use module names from "
+                          "model.named_modules()")
+    if cfg.keep_first and names:
+        names = names[1:]
+    modules = dict(model.named_modules())
+    chosen, dense, refit = {}, {}, {}
+    for name in names:
+        conv = modules[name]
+        if any(name == i or name.startswith(i + ".") for i in cfg.ignore) or getattr(conv, "kernel_size", None) == (1, 1):
+            continue
+        why = _eligible(conv, spec)
+        alt = fit_preset(spec, conv.in_channels, conv.out_channels) if why and cfg.fallback else None
+        if alt is not None and _eligible(conv, alt) is None:
+            chosen[name], refit[name] = alt, alt.to_dict()
+        elif why:
+            dense[name] = why
+        else:
+            chosen[name] = spec
+    if not chosen:
+        raise PruningError(f"no conv of this model can take the SSC preset {spec.to_dict()}: {dense or 'no convs'}")
+    before = count_cost(model, example_inputs)
+    work = share_copy(model)
+    convert_(work, chosen, cfg.init, cfg.execution)
+    run_model(work, example_inputs)
+    after = count_cost(work, example_inputs)
+    plan = empty_plan(example_inputs, cfg.ignore)
+    plan.meta["replay"] = {"ssc": {"layers": {n: s.to_dict() for n, s in chosen.items()}, "execution": cfg.execution}}
+    plan.meta.update({"method": "ssc", "config": cfg.to_dict()})
+    plan.stamp(dense=model, pruned=work)
+    adopt_(model, work)
+    metrics = {"preset": spec.to_dict(), "layer_reduction": layer_reduction(spec), "converted": sorted(chosen),
+               "refitted": refit, "left_dense": dense}
+    return PruneResult(plan, before, after, cfg.to_dict(), metrics)
+
+
+_SPEC_KEYS = {"groups", "spatial_period", "point_period", "pattern", "version"}
+
+
+def _spec_from_meta(name: Any, raw: Any) -> SSCSpec:
+    if not isinstance(name, str) or not isinstance(raw, dict) or set(raw) - _SPEC_KEYS:
+        raise CheckpointError(f"plan's SSC entry {name!r} is malformed ({raw!r}); re-export the model with prunekit")
+    for key in ("groups", "spatial_period", "point_period"):
+        v = raw.get(key)
+        if not (v is None and key == "spatial_period") and (isinstance(v, bool) or not isinstance(v, int)):
+            raise CheckpointError(f"plan's SSC entry {name!r}: {key}={v!r} is not an integer")
+    try:
+        return SSCSpec.from_dict(raw)
+    except ConfigError as err:
+        raise CheckpointError(f"plan's SSC entry {name!r} is invalid: {err}") from None
+
+
+def _check_entry(model: nn.Module, graph: Any, plan: Any, entry: Any) -> tuple[dict[str, SSCSpec], str]:
+    """Replay check for plan.meta["replay"]["ssc"]: only what `ssc_prune_` writes, naming convs of
+    this model that can take their presets; returns (layers, execution) for `_apply_entry`."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("layers"), dict) or set(entry) - {"layers", "execution"}:
+        raise CheckpointError("plan's 'ssc' entry must be {'layers': {name: preset}, 'execution': ...}; "
+                              "re-export the model with prunekit")
+    execution = entry.get("execution", "structured")
+    if execution not in EXECUTIONS:
+        raise CheckpointError(f"plan's SSC execution {execution!r} is not one of {', '.join(EXECUTIONS)}")
+    layers = {n: _spec_from_meta(n, raw) for n, raw in entry["layers"].items()}
+    modules = dict(model.named_modules())
+    for name, spec in layers.items():
+        why = "no such module" if name not in modules else _eligible(modules[name], spec)
+        if why is not None:
+            raise CheckpointError(f"plan converts layer {name!r} to SSC, but here: {why}; build the same "
+                                  "architecture the plan was made on")
+    return layers, execution
+
+
+def _apply_entry(model: nn.Module, parsed: tuple[dict[str, SSCSpec], str]) -> None:
+    """Replay step: convert the checked convs (fresh weights: the file's are loaded afterwards)."""
+    convert_(model, parsed[0], "kaiming", parsed[1])
+
+
+register_replay_step("ssc", _apply_entry, _check_entry)
+
+from . import register_method  # noqa: E402
+
+register_method("ssc", SSCConfig, ssc_prune_)
+
+__all__ = ["SSCConfig", "convert_", "layer_reduction", "preset_for", "ssc_prune_", "SSCConv2d"]

@@ -1,0 +1,57 @@
+"""`prunekit search` on digits: the run directory holds per-epoch genotypes, alpha plot, network,
+result and report, and the saved network reloads from its own JSON genotype."""
+import json
+
+import torch
+from click.testing import CliRunner
+
+from prunekit.cli.main import cli
+from prunekit.layers.sparse import count_nonzeros
+from prunekit.methods.prdarts import Genotype, load_network
+
+RECIPE = """
+data: {name: digits, val_fraction: 0.1, batch_size: 64, eval_batch_size: 64, limit_train: 128}
+search: {channels: 2, layers: 3, steps: 2, multiplier: 2, density: 0.3, pretrain_epochs: 1, score_epochs: 1,
+         finetune_epochs: 1, unrolled: false}
+evaluate: {channels: 2, layers: 3, auxiliary: false, dense_epochs: 1, score_epochs: 1, finetune_epochs: 1,
+           cutout: 2, latency_repeats: 2}
+threads: 1
+"""
+
+
+def test_search_command_writes_the_run_directory(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["search", str(recipe), "search.seed=1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    for name in ("genotype.json", "alphas.jsonl", "alphas.png", "network.safetensors", "result.json", "report.md"):
+        assert (out / name).exists(), name
+    assert len(list((out / "genotypes").glob("*.json"))) == 3
+    result = json.loads((out / "result.json").read_text())
+    geno = Genotype.from_json((out / "genotype.json").read_text())
+    assert geno.to_dict() == result["genotype"]
+    net = load_network(out / "network.safetensors")
+    assert count_nonzeros(net)["nonzero"] == result["evaluation"]["cost"]["nonzero"]
+    assert net(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+    assert "no speed-up is claimed" in (out / "report.md").read_text()
+
+
+def test_search_command_rejects_unknown_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    res = CliRunner().invoke(cli, ["search", str(recipe), "search.bogus=1", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "bogus" in res.output
+
+
+def test_shipped_search_recipes_load():
+    from pathlib import Path
+
+    from prunekit.cli.overrides import load_yaml_file
+    from prunekit.methods.prdarts.run import SearchRecipe
+
+    recipes = sorted((Path(__file__).resolve().parents[3] / "recipes").glob("prdarts_*.yaml"))
+    assert len(recipes) == 2
+    for path in recipes:
+        recipe = SearchRecipe.from_dict(load_yaml_file(path))
+        assert recipe.data.val_fraction == 0.5 and 0 < recipe.search.density < 1

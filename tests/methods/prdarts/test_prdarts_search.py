@@ -1,0 +1,203 @@
+"""Genotype derivation against an independent NumPy port, strict genotype JSON, a search step,
+and an evaluation network that rebuilds, trains, saves and reloads."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from prunekit.core.errors import CheckpointError, ConfigError
+from prunekit.layers.sparse import count_nonzeros, keep_count, sparse_layers
+from prunekit.methods.prdarts import (DARTS_V2, DASS, EvalNetwork, EvalSchedule, Genotype, PRDartsConfig, SuperNet,
+                                      derive_genotype, load_network, network_report, random_genotype, save_network,
+                                      search, train_at_density)
+from prunekit.methods.prdarts.architect import Architect
+from prunekit.methods.prdarts.evalnet import build_from_meta
+from prunekit.methods.prdarts.hooks import ArchitectHook
+from prunekit.methods.prdarts.ops import PRIMITIVES
+from prunekit.methods.prdarts.search import prepare_phase_
+
+NONE = PRIMITIVES.index("none")
+
+
+def _numpy_parse(alpha: np.ndarray, steps: int):
+    """Reference: numpy softmax, then for each node the two inputs whose best non-none weight is
+    largest (np.lexsort: larger first, lower index on ties) and their non-none argmax."""
+    e = np.exp(alpha - alpha.max(1, keepdims=True))
+    w = e / e.sum(1, keepdims=True)
+    masked = w.copy()
+    masked[:, NONE] = -np.inf
+    gene, start = [], 0
+    for i in range(steps):
+        rows = masked[start:start + i + 2]
+        best = rows.max(1)
+        order = np.lexsort((np.arange(i + 2), -best))[:2]
+        gene += [(PRIMITIVES[int(np.argmax(rows[j]))], int(j)) for j in order]
+        start += i + 2
+    return tuple(gene)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_derivation_equals_numpy_reference(seed):
+    rng = np.random.default_rng(seed)
+    a_n, a_r = rng.normal(size=(14, 8)), rng.normal(size=(14, 8))
+    if seed == 0:  # ties: equal rows and a large `none` that must be ignored
+        a_n[3] = a_n[2]
+        a_n[:, NONE] = 10.0
+        a_r[5:9] = a_r[5]
+    g = derive_genotype(torch.tensor(a_n), torch.tensor(a_r))
+    assert g.normal == _numpy_parse(a_n, 4) and g.reduce == _numpy_parse(a_r, 4)
+    assert g.normal_concat == (2, 3, 4, 5)
+
+
+def test_derivation_on_a_hand_made_alpha():
+    a = torch.full((14, 8), -5.0)
+    a[0, PRIMITIVES.index("sep_conv_3x3")] = 3.0  # node 0: inputs 0 and 1
+    a[1, PRIMITIVES.index("skip_connect")] = 2.0
+    a[2, NONE] = 9.0  # node 1: edge from input 0 is mostly `none`; its best real op is tiny
+    a[3, PRIMITIVES.index("max_pool_3x3")] = 1.0
+    a[4, PRIMITIVES.index("dil_conv_5x5")] = 1.5
+    g = derive_genotype(a, a)
+    assert g.normal[:4] == (("sep_conv_3x3", 0), ("skip_connect", 1), ("dil_conv_5x5", 2), ("max_pool_3x3", 1))
+
+
+def test_genotype_json_round_trip_and_strict_validation():
+    for g in (DARTS_V2, DASS, random_genotype(3)):
+        assert Genotype.from_json(g.to_json()) == g
+    bad = DARTS_V2.to_dict()
+    for key, value in (("normal", [["__import__('os')", 0]] + bad["normal"][1:]),
+                       ("normal", [["sep_conv_3x3", 2]] + bad["normal"][1:]),
+                       ("normal", [["none", 0]] + bad["normal"][1:]),
+                       ("reduce_concat", [2, 3, 9])):
+        with pytest.raises(CheckpointError):
+            Genotype.from_dict({**bad, key: value})
+    with pytest.raises(CheckpointError):
+        Genotype.from_dict({**bad, "extra": 1})
+    assert DASS.parameter_free_share() == 12 / 16
+
+
+def _tiny_data(n=2, size=8, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, size, size, generator=g), torch.randint(0, classes, (4,), generator=g)) for _ in range(n)]
+
+
+def test_search_step_changes_alpha_and_scores_not_frozen_weights():
+    torch.manual_seed(0)
+    cfg = PRDartsConfig(channels=2, layers=3, steps=1, multiplier=1, density=0.5, pretrain_epochs=0,
+                        score_epochs=1, finetune_epochs=0, arch_during_scores=True, unrolled=False)
+    net = SuperNet(2, 3, 3, 1, 1)
+    prepare_phase_(net, "scores", cfg)
+    weights = {n: p.detach().clone() for n, p in net.named_parameters() if "scores" not in n and "alpha" not in n}
+    scores = {n: p.detach().clone() for n, p in net.named_parameters() if "scores" in n}
+    alphas = [a.detach().clone() for a in net.alphas()]
+    arch = Architect(net, lr=0.01)
+    hook = ArchitectHook(net, arch, _tiny_data(seed=1), cfg, "scores")
+    from prunekit.engine.train import TrainConfig, train
+
+    train(net, _tiny_data(1), None, TrainConfig(epochs=1, lr=0.1), hooks=[hook], progress=False, device="cpu")
+    now = dict(net.named_parameters())
+    assert all(torch.equal(now[n], w) for n, w in weights.items())  # frozen weights untouched
+    assert any(not torch.equal(now[n], s) for n, s in scores.items())
+    assert all(not torch.equal(a, b) for a, b in zip(net.alphas(), alphas))
+
+
+def test_search_runs_three_phases_and_logs(tmp_path):
+    cfg = PRDartsConfig(channels=2, layers=3, steps=2, multiplier=2, density=0.2, pretrain_epochs=1,
+                        score_epochs=1, finetune_epochs=1, unrolled=False)
+    res = search(cfg, _tiny_data(), _tiny_data(seed=2), num_classes=3, device="cpu", out_dir=tmp_path)
+    assert [h["phase"] for h in res.history] == ["pretrain", "scores", "finetune"]
+    for h in res.history:
+        assert 0 <= h["alpha_entropy_normal"] <= np.log(8) + 1e-9 and 0 <= h["param_free_share"] <= 1
+    assert res.history[1]["arch_loss"] is None  # the architect rests while the scores train (authors' default)
+    assert len(list((tmp_path / "genotypes").glob("*.json"))) == 3
+    assert Genotype.from_json((tmp_path / "genotype.json").read_text()) == res.genotype
+    # every sparse layer of the supernet keeps exactly its top-k
+    for _, m in sparse_layers(res.supernet):
+        assert int(m.mask().sum()) == keep_count(m.weight.numel(), 0.2)
+
+
+def test_unrolled_needs_engine_support_or_runs():
+    cfg = PRDartsConfig(channels=2, layers=3, steps=1, multiplier=1, density=0.5, pretrain_epochs=1,
+                        score_epochs=0, finetune_epochs=0, unrolled=True)
+    from prunekit.engine.hooks import Hook
+
+    if hasattr(Hook, "before_step"):
+        search(cfg, _tiny_data(1), _tiny_data(1), num_classes=3, device="cpu")
+    else:
+        with pytest.raises(ConfigError, match="unrolled"):
+            search(cfg, _tiny_data(1), _tiny_data(1), num_classes=3, device="cpu")
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ConfigError, match="multiplier"):
+        PRDartsConfig(steps=2, multiplier=3)
+    with pytest.raises(ConfigError, match="density"):
+        PRDartsConfig(density=0.0)
+
+
+def test_evaluation_network_rebuilds_trains_saves_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    geno = Genotype.from_json(json.dumps(random_genotype(7).to_dict()))
+    net = EvalNetwork(geno, channels=4, num_classes=3, layers=3, auxiliary=True)
+    data = _tiny_data(2, size=32)
+    hist = train_at_density(net, 0.1, data, None, EvalSchedule(dense_epochs=1, score_epochs=1, finetune_epochs=1),
+                            device="cpu")
+    assert [h["phase"] for h in hist] == ["dense", "scores", "finetune"]
+    x = torch.randn(2, 3, 32, 32)
+    nz = count_nonzeros(net)
+    assert nz["nonzero"] <= 0.1 * nz["total"] + 60  # per-layer rounding: at most one extra weight per layer
+    path = save_network(net, tmp_path / "net.safetensors", x)
+    again = load_network(path).eval()
+    net.eval()
+    torch.testing.assert_close(again(x), net(x), atol=0, rtol=0)
+    assert count_nonzeros(again) == nz
+    rep = network_report(net, x, repeats=3)
+    assert rep["nonzero"] == nz["nonzero"] and rep["nonzero_macs"] < rep["macs"] and rep["speedup_claimed"] == 1.0
+    with pytest.raises(CheckpointError):
+        build_from_meta({**net.spec, "layers": "3"})
+
+
+def test_alpha_in_weight_optimizer_switch():
+    from prunekit.engine.hooks import Hook
+    from prunekit.engine.train import TrainConfig, train
+
+    class Spy(Hook):
+        def bind(self, state):
+            self.ids = {id(p) for g in state.optimizer.param_groups for p in g["params"]}
+
+    for flag in (False, True):
+        cfg = PRDartsConfig(channels=2, layers=3, steps=1, multiplier=1, density=0.5, pretrain_epochs=1,
+                            score_epochs=0, finetune_epochs=0, unrolled=False, alpha_in_weight_optimizer=flag)
+        net = SuperNet(2, 3, 3, 1, 1)
+        prepare_phase_(net, "pretrain", cfg)
+        spy = Spy()
+        hook = ArchitectHook(net, Architect(net), _tiny_data(1), cfg, "pretrain")
+        train(net, _tiny_data(1), None, TrainConfig(epochs=1), hooks=[hook, spy], device="cpu", progress=False)
+        assert (id(net.alpha_normal) in spy.ids) == flag  # the authors' code: the weight SGD steps alpha too
+
+
+def test_smoothing_term_is_off_by_default_and_acts_when_asked():
+    from types import SimpleNamespace
+
+    net = SuperNet(2, 3, 3, 1, 1)
+    x, y = _tiny_data(1)[0]
+    for beta, expect_term in ((0.0, False), (6.0, True)):
+        cfg = PRDartsConfig(channels=2, layers=3, steps=1, multiplier=1, unrolled=False, smooth_beta=beta)
+        hook = ArchitectHook(net, Architect(net), _tiny_data(1), cfg, "pretrain", step_alpha=False)
+        hook.bind(SimpleNamespace(batch=(x, y)))
+        term = hook.extra_loss(net, 0)
+        assert (term is not None) == expect_term
+        if expect_term:
+            assert term.item() > 0 and term.requires_grad
+
+
+def test_random_batches_is_a_seeded_unbiased_subset():
+    from prunekit.methods.prdarts.run import random_batches
+
+    loader = [(torch.full((4, 1), float(c)), torch.full((4,), c)) for c in range(10)]  # class-sorted
+    sub = random_batches(loader, 3, seed=0)
+    labels = torch.cat([y for _, y in sub])
+    assert len(sub) == 3 and labels.numel() == 12 and labels.unique().numel() > 1
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(sub, random_batches(loader, 3, seed=0)))
+    assert all(torch.equal(x[:, 0], y.float()) for x, y in sub)  # images stay with their labels
+    assert random_batches(loader, None) is loader

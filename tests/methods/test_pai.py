@@ -1,0 +1,108 @@
+"""Pruning at initialisation: exact sparsity, masks equal to hand-computed SNIP selections,
+masks that survive training and save/reload, channel-level removal, errors."""
+import pytest
+import torch
+from torch import nn
+
+from prunekit.core.errors import ConfigError
+from prunekit.importance.elements import select_element_masks
+from prunekit.methods import prune_
+from prunekit.methods.pai import GraSPConfig, RandomInitConfig, SNIPConfig, SynFlowConfig
+from prunekit.surgery.masks import get_mask
+from prunekit.surgery.persist import load_pruned, save_pruned
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4))
+
+
+X = torch.randn(2, 3, 6, 6)
+
+
+def _batches(n=2):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
+
+
+CONFIGS = [SNIPConfig, GraSPConfig, lambda **kw: SynFlowConfig(iterations=5, **kw), RandomInitConfig]
+
+
+@pytest.mark.parametrize("make", CONFIGS)
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_exact_sparsity(make, scope):
+    model = _net()
+    r = prune_(model, make(sparsity=0.7, scope=scope), X, batches=_batches())
+    masks = {k: get_mask(model.get_submodule(k), "weight") for k in ("0", "3", "7")}
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert total == r.metrics["weights_total"] == 8 * 3 * 9 + 8 * 8 * 9 + 32
+    if scope == "global":
+        assert total - kept == int(0.7 * total + 0.5)
+    else:
+        assert all(m.numel() - int(m.sum()) == int(0.7 * m.numel() + 0.5) for m in masks.values())
+    assert r.metrics["weights_kept"] == kept and r.metrics["params_nonzero"] == r.cost_after.params - (total - kept)
+
+
+def test_snip_masks_equal_a_hand_computation():
+    """One Linear layer with cross-entropy: dL/dW = (softmax(Wx + b) - onehot(y))^T x / n."""
+    torch.manual_seed(3)
+    lin = nn.Linear(5, 3)
+    x, y = torch.randn(10, 5), torch.randint(0, 3, (10,))
+    with torch.no_grad():
+        p = torch.softmax(x @ lin.weight.T + lin.bias, 1)
+        grad = (p - nn.functional.one_hot(y, 3).float()).T @ x / 10
+        hand = (lin.weight * grad).abs()
+    want = select_element_masks({"weight": hand}, 0.6)["weight"]
+    model = nn.Sequential(lin)
+    prune_(model, SNIPConfig(sparsity=0.6), x[:1], batches=[(x, y)])
+    assert torch.equal(get_mask(model[0], "weight"), want)
+
+
+def test_masks_survive_training_and_reload(tmp_path):
+    model = _net()
+    r = prune_(model, SynFlowConfig(sparsity=0.8, iterations=10), X)
+    zero = {k: ~get_mask(model.get_submodule(k), "weight") for k in ("0", "3", "7")}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for xb, yb in _batches(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    for k, z in zero.items():
+        assert torch.equal(~get_mask(model.get_submodule(k), "weight"), z)
+        assert float(model.get_submodule(k).weight.detach()[z].abs().max()) == 0.0
+        assert float(model.get_submodule(k).weight.detach()[~z].abs().min()) > 0.0
+    model.eval()
+    path = save_pruned(model, r.plan, tmp_path / "pai.safetensors")
+    again = load_pruned(_net(), path).eval()
+    torch.testing.assert_close(again(X), model(X), atol=0, rtol=0)
+    assert torch.equal(get_mask(again[3], "weight"), get_mask(model[3], "weight"))
+
+
+def test_synflow_default_is_iterative_with_100_rounds():
+    assert SynFlowConfig().iterations == 100
+    one, many = _net(), _net()
+    prune_(one, SynFlowConfig(sparsity=0.95, iterations=1), X)
+    prune_(many, SynFlowConfig(sparsity=0.95, iterations=20), X)
+    # the iterative schedule changes which weights survive at high sparsity
+    assert not all(torch.equal(get_mask(one[i], "weight"), get_mask(many[i], "weight")) for i in (0, 3, 7))
+
+
+def test_channel_level_removes_channels():
+    model = _net()
+    r = prune_(model, SNIPConfig(sparsity=0.5, level="channel", scope="layer"), X, batches=_batches())
+    assert model[0].out_channels == 4 and model[3].out_channels == 4
+    assert r.cost_after.params < r.cost_before.params
+
+
+def test_errors():
+    with pytest.raises(ConfigError, match="calibration"):
+        prune_(_net(), SNIPConfig(), X)
+    with pytest.raises(ConfigError, match="sparsity"):
+        GraSPConfig(sparsity=1.0)
+    with pytest.raises(ConfigError, match="iterations"):
+        SynFlowConfig(iterations=0)
+    with pytest.raises(ConfigError, match="level"):
+        RandomInitConfig(level="kernel")

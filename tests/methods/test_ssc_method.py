@@ -1,0 +1,113 @@
+"""SSC conversion of whole models: which convs convert, exact costs, save/reload, strict meta."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.core.errors import CheckpointError, ConfigError, PruningError
+from prunekit.cost.macs import count_cost
+from prunekit.layers.ssc import SSCConv2d
+from prunekit.methods import prune_
+from prunekit.methods.ssc import PRESETS, SSCConfig, layer_reduction, preset_for
+from prunekit.models import create_model
+from prunekit.surgery.persist import load_pruned, read_plan, save_pruned
+from prunekit.surgery.plan import Plan, apply_plan_
+
+X = torch.randn(2, 3, 32, 32)
+
+
+def _resnet20():
+    torch.manual_seed(0)
+    return create_model("resnet20", num_classes=10).eval()
+
+
+def test_resnet20_converts_every_3x3_but_the_stem_and_reloads(tmp_path):
+    model = _resnet20()
+    dense = count_cost(model, X)
+    r = prune_(model, SSCConfig(reduction=4), X)
+    ssc = {n: m for n, m in model.named_modules() if isinstance(m, SSCConv2d)}
+    convs = {n: m for n, m in model.named_modules() if type(m) is nn.Conv2d}
+    assert len(ssc) == 18 and sorted(ssc) == sorted(r.plan.meta["replay"]["ssc"]["layers"])
+    assert [n for n, m in convs.items() if m.kernel_size == (3, 3)] == ["conv1"]  # the stem stays dense
+    assert (r.cost_before.params, r.cost_after.params) == (dense.params, count_cost(model, X).params)
+    # hand count: dense params minus what the converted layers drop
+    drop = sum(m.in_channels * m.out_channels * 9 - (m.real_params() - (m.out_channels if m.bias is not None else 0))
+               for m in ssc.values())
+    assert r.cost_after.params == dense.params - drop
+    assert r.cost_after.macs < dense.macs / 2
+    path = save_pruned(model, r.plan, tmp_path / "ssc.safetensors")
+    again = load_pruned(_resnet20(), path).eval()
+    torch.testing.assert_close(again(X), model(X), atol=0, rtol=0)
+    assert read_plan(path).meta["replay"]["ssc"]["layers"]["layer1.0.conv1"] == preset_for(4).to_dict()
+
+
+@pytest.mark.parametrize("name", ["vgg11_bn", "resnet20"])
+def test_presets_reach_their_layer_reduction(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10)
+    r = prune_(model, SSCConfig(reduction=8, family="grouped"), X)
+    spec = preset_for(8, "grouped")
+    assert r.metrics["preset"] == spec.to_dict() and not r.metrics["left_dense"]
+    for m in model.modules():
+        if isinstance(m, SSCConv2d):
+            dense_w = m.in_channels * m.out_channels * 9
+            real_w = m.real_params() - (m.out_channels if m.bias is not None else 0)
+            assert dense_w / real_w == pytest.approx(layer_reduction(spec))
+
+
+def test_table_values():
+    assert {f: {r: round(layer_reduction(preset_for(r, f)), 1) for r in t} for f, t in PRESETS.items()} == {
+        "het": {2: 1.8, 4: 4.5, 8: 9.0, 16: 18.0}, "grouped": {2: 1.8, 4: 3.6, 8: 7.2, 16: 14.4},
+        "block": {2: 2.0, 4: 3.6, 8: 7.2, 16: 14.4}}
+
+
+def test_indivisible_layers_stay_dense_and_are_reported():
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1),
+                      nn.Conv2d(16, 12, 3, padding=1), nn.Conv2d(12, 16, 3, padding=1), nn.Conv2d(16, 16, 1))
+    r = prune_(m, SSCConfig(groups=1, spatial_period=8, fallback=False), torch.randn(1, 3, 8, 8))
+    assert set(r.metrics["left_dense"]) == {"2", "3"} and r.metrics["converted"] == ["1"]
+    assert [type(c).__name__ for c in m] == ["Conv2d", "SSCConv2d", "Conv2d", "Conv2d", "Conv2d"]
+
+
+def test_fallback_fits_the_nearest_preset():
+    # 16x "het" is G=4, P_s=8 (18x): ResNet-20's 16-channel stage cannot take it; G=2, P_s=8 (9x) or
+    # G=8, P_s=2 (14.4x) fit; the nearest to 18x on a log scale is 14.4x
+    model = _resnet20()
+    r = prune_(model, SSCConfig(reduction=16), X)
+    assert r.metrics["refitted"]["layer1.0.conv1"] == {"groups": 8, "spatial_period": 2, "point_period": 1,
+                                                       "pattern": "full", "version": 1}
+    assert "layer3.0.conv2" not in r.metrics["refitted"] and not r.metrics["left_dense"]
+    assert r.params_ratio > 13  # 13.4x: the stem, BN and classifier stay dense
+
+
+def test_config_errors_and_untouched_model():
+    with pytest.raises(ConfigError, match="not both"):
+        SSCConfig(reduction=4, spatial_period=2)
+    with pytest.raises(ConfigError, match="must divide"):
+        SSCConfig(spatial_period=4, point_period=3)
+    model = _resnet20()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match="no conv"):
+        prune_(model, SSCConfig(groups=1, spatial_period=128, fallback=False), X)
+    with pytest.raises(ConfigError, match="no.such"):
+        prune_(model, SSCConfig(ignore=["no.such"]), X)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("bad", [
+    {"layers": {"layer1.0.conv1": {"groups": "__import__('os')", "spatial_period": 2, "point_period": 1,
+                                    "pattern": "full"}}},
+    {"layers": {"layer1.0.conv1": {"groups": 1, "spatial_period": 2, "point_period": 1, "pattern": "nope"}}},
+    {"layers": {"no.such": {"groups": 1, "spatial_period": 2, "point_period": 1, "pattern": "full"}}},
+    {"layers": {"layer1.0.conv1": {"groups": 1, "spatial_period": 2, "extra": 1}}},
+    {"layers": [], "execution": "structured"},
+    {"layers": {}, "execution": "fast"},
+])
+def test_replay_rejects_malformed_meta(bad):
+    model = _resnet20()
+    r = prune_(model, SSCConfig(reduction=2), X)
+    data = json.loads(r.plan.to_json())
+    data["meta"]["replay"]["ssc"] = bad
+    with pytest.raises(CheckpointError):
+        apply_plan_(_resnet20(), Plan.from_dict(data))
