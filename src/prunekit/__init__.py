@@ -23,6 +23,8 @@ _EXPORTS = {
     "Group": "prunekit.graph",
     "register_rule": "prunekit.graph",
     "prune_": "prunekit.methods",
+    "prepare_pruning": "prunekit.surgery.prepared",
+    "PreparedPruning": "prunekit.surgery.prepared",
     "PruneResult": "prunekit.methods.result",
     "MagnitudeConfig": "prunekit.methods.magnitude",
     "SLRConfig": "prunekit.methods.slr",

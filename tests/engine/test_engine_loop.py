@@ -224,7 +224,7 @@ def test_channels_last_cnn_matches_default_layout():
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 
     a, b = cnn(), cnn()
-    cfg = TrainConfig(epochs=2, lr=0.1)
+    cfg = TrainConfig(epochs=2, lr=0.1, channels_last=False)
     ra = train(a, TinyLoader(x, y, 8), TinyLoader(x, y, 8), cfg, progress=False)
     rb = train(b, TinyLoader(x, y, 8), TinyLoader(x, y, 8), cfg.replace(channels_last=True), progress=False)
     assert a[0].weight.is_contiguous(memory_format=torch.channels_last) is False
@@ -232,6 +232,29 @@ def test_channels_last_cnn_matches_default_layout():
     for p, q in zip(a.state_dict().values(), b.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     assert ra.final_metrics["val_loss"] == pytest.approx(rb.final_metrics["val_loss"], rel=1e-4)
+
+
+def test_cpu_default_trains_channels_last_and_hands_the_model_back_in_its_layout():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    seen = []
+
+    class Spy(Hook):
+        def on_step_end(self, model, step):
+            seen.append(model[0].weight.is_contiguous(memory_format=torch.channels_last))
+
+    def cnn():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    a, b = cnn(), cnn()
+    train(a, TinyLoader(x, y, 8), None, TrainConfig(epochs=1, lr=0.1), hooks=[Spy()], progress=False)
+    train(b, TinyLoader(x, y, 8), None, TrainConfig(epochs=1, lr=0.1, channels_last=False), progress=False)
+    assert seen and all(seen)  # the default (None) trained in NHWC on the CPU
+    assert a[0].weight.is_contiguous()  # ... and gave the model back in the default layout
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 class BadMetric(Hook):

@@ -63,15 +63,17 @@ def cli(debug: bool) -> None:
     \b
     prunekit run                        train, prune, fine-tune and report (embedded digits recipe)
     prunekit run RECIPE.yaml k=v ...    the same from a recipe, with dotted overrides
+    prunekit compare RECIPE.yaml        several methods on one dense model: table, plot, report
     prunekit info                       models, datasets, methods and criteria
     """
 
 
 def _register() -> None:
-    from . import commands, inspect_cmds
+    from . import commands, compare_cmd, inspect_cmds
 
-    for command in (commands.run, commands.train_cmd, commands.prune_cmd, commands.finetune_cmd,
-                    inspect_cmds.eval_cmd, inspect_cmds.bench, inspect_cmds.report, inspect_cmds.info):
+    for command in (commands.run, commands.resume_cmd, commands.train_cmd, commands.prune_cmd, commands.finetune_cmd,
+                    inspect_cmds.eval_cmd, inspect_cmds.bench, inspect_cmds.report, inspect_cmds.info,
+                    compare_cmd.compare_cmd):
         cli.add_command(command)
 
 

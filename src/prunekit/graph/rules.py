@@ -30,9 +30,16 @@ def rule_table() -> dict[str, Callable]:
     return {name: RULES.get(name) for name in RULES.list()}
 
 
+def builtin_rule_names() -> set[str]:
+    """Op names whose rule is still prunekit's own (a rule registered by a user is not vouched for)."""
+    return {name for name, rule in _BUILTIN.items() if RULES.get(name) is rule}
+
+
 from .rules_tensor import passthrough  # noqa: E402  (registers tensor rules)
 from .rules_tensor import _fix_all as opaque  # noqa: E402  (rule: keep every channel the op touches)
 from . import rules_shape  # noqa: E402,F401  (registers shape and slicing rules)
 from . import rules_layers  # noqa: E402,F401  (registers layer rules)
 from . import rules_mha  # noqa: E402,F401  (registers the nn.MultiheadAttention rule)
 from . import rules_rnn  # noqa: E402,F401  (registers the LSTM/GRU/RNN rule)
+
+_BUILTIN = rule_table()  # prunekit's own rules, as registered by the modules above

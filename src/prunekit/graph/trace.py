@@ -131,6 +131,9 @@ class Tracer(TorchFunctionMode):
         self._opaque_shapes: dict[int, tuple[int, ...]] = {}
         self.busy = False  # true while our own bookkeeping runs torch ops: do not trace those
         self.queue: list[tuple[Call, list[torch.Tensor], int]] = []  # calls whose rules have not run
+        # ids of channels that met an op whose effect the rules cannot vouch for (see `unproven`)
+        self.unproven_ids: list[torch.Tensor] = []
+        self.builtin_rules: set[str] = set()  # names whose rule is prunekit's own (set by build_graph)
 
     # ---- ids of tensors -------------------------------------------------------------------
     def ids(self, t: Any) -> torch.Tensor | None:
@@ -187,7 +190,9 @@ class Tracer(TorchFunctionMode):
             if not big:
                 return torch.full([1] * p.dim(), NO_ID, dtype=torch.long)
             dim = big[0] if len(big) == 1 else p.dim() - 1
-            vec = self.new_space(f"{mod}.{name}" if mod else name, p.shape[dim])
+            # an integer or bool tensor holds values (positions, token ids), not channels: its
+            # entries are never removed (torchvision's relative_position_index buffers)
+            vec = self.new_space(f"{mod}.{name}" if mod else name, p.shape[dim], fixed=not p.is_floating_point())
             self.add_member(mod, name, dim, vec, "through")
             shape = [1] * p.dim()
             shape[dim] = p.shape[dim]
@@ -256,6 +261,8 @@ class Tracer(TorchFunctionMode):
             return self._apply_ignored(call, outs)
         rule = self.rules.get(call.name)
         if rule is not None:
+            if call.name not in self.builtin_rules or unproven(call, self):
+                self.unproven_ids.extend(ids for ids in map(self.ids, inputs) if has_ids(ids))
             rule(self, call)
             return
         if any(has_ids(self.ids(t)) for t in inputs):
@@ -337,3 +344,36 @@ def op_name(func: Callable) -> str:
 
 def _is_under(module: str, prefixes: tuple[str, ...]) -> bool:
     return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+# Ops that take sizes as Python ints: the model's code may have written a channel count there
+# (`x.reshape(B, N, 3, 8, C // 8)` with 8 heads hard-coded), which no op-level rule can tell from
+# a size read off a tensor. A call is trusted only when every size it is given is -1 (inferred),
+# 1, or the size of a dim that carries no channel (batch, height, width...).
+SIZED_OPS = {"view", "reshape", "unflatten", "expand", "broadcast_to", "repeat", "tile"}
+
+
+def unproven(call: Call, tr: "Tracer") -> bool:
+    """True when `call` may depend on a hard-coded channel count (see SIZED_OPS)."""
+    if call.name not in SIZED_OPS or not call.inputs:
+        return False
+    x = call.args[0] if call.args and isinstance(call.args[0], torch.Tensor) else call.inputs[0]
+    ids = tr.ids(x)
+    if ids is None or not has_ids(ids):
+        return False
+    sizes = [a for a in _ints(call.args[1:]) + _ints(tuple(call.kwargs.values()))]
+    channel = {int(n) for d, n in enumerate(x.shape) if d < ids.dim() and ids.shape[d] > 1}
+    plain = ({-1, 1} | {int(n) for n in x.shape}) - channel
+    return any(n not in plain for n in sizes)
+
+
+def _ints(args: tuple) -> list[int]:
+    out = []
+    for a in args:
+        if isinstance(a, bool):
+            continue
+        if isinstance(a, int):
+            out.append(a)
+        elif isinstance(a, (tuple, list, torch.Size)):
+            out.extend(_ints(tuple(a)))
+    return out

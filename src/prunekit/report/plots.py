@@ -99,3 +99,42 @@ def plot_layer_widths(path: str | Path, names: Sequence[str], before: Sequence[f
     path = Path(path)
     fig.savefig(path, dpi=100)
     return path
+
+
+def plot_pareto(path: str | Path, points: dict[str, tuple[float, float, float | None]], front: Sequence[str] = (),
+                title: str | None = None) -> Path | None:
+    """Accuracy (%) against MACs for named arms, each (MACs, mean accuracy, std or None) drawn with
+    its spread as an error bar; the arms in `front` (the Pareto front) are joined by a line and
+    drawn filled. None when no arm has both numbers.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "pareto.png"
+    >>> plot_pareto(p, {"dense": (4e7, 0.9, None), "l2": (2e7, 0.88, 0.004)}, ["dense", "l2"]) == p
+    True
+    """
+    pts = {n: v for n, v in points.items() if v[0] is not None and as_fraction(v[1]) is not None}
+    if not pts:
+        return None
+    fig = _new_figure(6.8, 4.4)
+    ax = fig.add_subplot()
+    for name, (macs, acc, std) in pts.items():
+        on_front = name in front
+        ax.errorbar([macs], [100 * as_fraction(acc)], yerr=None if std is None else [100 * std], fmt="o",
+                    mfc="tab:green" if on_front else "white", mec="tab:green" if on_front else "tab:gray",
+                    ecolor="tab:gray", capsize=3, zorder=3)
+        ax.annotate(name.replace("$", r"\$"), (macs, 100 * as_fraction(acc)), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    line = [pts[n] for n in front if n in pts]
+    if len(line) > 1:
+        ax.plot([p[0] for p in line], [100 * as_fraction(p[1]) for p in line], "-", color="tab:green",
+                alpha=0.6, label="Pareto front")
+        ax.legend(loc="lower right")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt_count(v)))
+    ax.set_xlabel("MACs per image")
+    ax.set_ylabel("accuracy (%), mean ± std over seeds")
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path

@@ -127,5 +127,6 @@ def masks_to_removal_(model: nn.Module, graph: Graph, example_inputs: Any, ignor
     removed_roots(graph, remove)  # validate before touching anything
     plan = make_plan(graph, remove, example_inputs, ignore)
     remove_masks(model, bake=True)
+    plan.stamp(dense=model)
     remove_channels_(model, graph, remove)
-    return plan
+    return plan.stamp(pruned=model)

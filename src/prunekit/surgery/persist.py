@@ -33,6 +33,7 @@ from ..core.errors import CheckpointError, PrunekitError
 from .mask_io import describe_masks, restore_masks_, unpack_mask
 from .masks import masked_modules
 from .plan import Plan, apply_plan_
+from .plan_check import check_fingerprint
 from .tensor_file import MASK_SUFFIX, load_state_, read_tensor_file, save_state_file
 
 PLAN_KEY = "prunekit.plan"
@@ -43,8 +44,13 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | Path) -> Path:
     """Write effective weights, packed masks and plan atomically; returns `path`.
 
     The plan's meta["masks"] is set to the model's current masks (`describe_masks`), so a
-    plan.json written from the same Plan afterwards describes them too.
+    plan.json written from the same Plan afterwards describes them too. A plan that records the
+    pruned architecture's fingerprint must match `model`: otherwise the file could never be
+    loaded, so CheckpointError and nothing is written.
     """
+    if not isinstance(plan, Plan):
+        raise CheckpointError(f"save_pruned needs a Plan, got {type(plan).__name__}")
+    check_fingerprint(model, plan.fingerprint.get("pruned"), "pruned")
     path = Path(path)
     plan.meta[MASKS_META] = describe_masks(model)
     save_state_file(model, path, {PLAN_KEY: plan.to_json()})

@@ -65,6 +65,7 @@ def convert_(model: nn.Module, gates: GateSet, graph: Graph, example_inputs: Any
         diff = float((out - reference).abs().max()) if out.shape == reference.shape else float("inf")
         result.max_abs_diff = diff
         if diff <= atol * scale:
+            result.plan.stamp(dense=model, pruned=work)
             adopt_(model, work)
             return result
         if not result.branches:

@@ -1,0 +1,55 @@
+"""`prunekit compare RECIPE [KEY=VALUE]...`: several pruning arms on one dense model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("compare")
+@click.argument("args", nargs=-1, metavar="RECIPE [KEY=VALUE]...")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: <out>/<name> from the recipe). Rerunning into the same folder "
+                   "resumes: finished arm x seed records are not run again.")
+@click.option("--arms", "only", default=None, help="Comma-separated arms to run now (the report still "
+                                                   "includes every finished arm).")
+@click.option("--report-only", is_flag=True, help="Run nothing; write the table and report from the "
+                                                "records already in the output folder.")
+@click.option("--dry-run", is_flag=True, help="Check the recipe, print it resolved and stop.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
+def compare_cmd(args, out, only, report_only, dry_run, quiet) -> None:
+    """Prune one dense model with several methods to one target and compare them.
+
+    Every arm is fine-tuned on the same epoch budget for every seed; the table (accuracy mean
+    ± std, MACs, params, latency), the accuracy-vs-MACs plot with its Pareto front, compare.md
+    and compare.json go to the output folder. See docs/compare.md.
+
+    \b
+    prunekit compare recipes/compare_gator_resnet20.yaml
+    prunekit compare recipes/compare_slr_resnet20.yaml seeds=[0] data.limit_train=512 --out runs/smoke
+    """
+    from ..compare import CompareRecipe, run_compare
+    from ..compare.recipe import TOP_KEYS
+    from ..core.errors import ConfigError
+    from .overrides import apply_overrides, load_yaml_file
+    from .recipe import split_arguments
+
+    source, overrides = split_arguments(args)
+    if source is None:
+        raise ConfigError("`prunekit compare` needs a compare recipe (e.g. recipes/compare_gator_resnet20.yaml)")
+    raw = load_yaml_file(source)
+    if isinstance(raw, dict) and "name" not in raw:
+        raw["name"] = Path(source).stem
+    recipe = CompareRecipe.from_dict(apply_overrides(raw, overrides, TOP_KEYS), source)
+    if dry_run:
+        click.echo(json.dumps(recipe.to_dict(), indent=2))
+        return
+    echo = (lambda s: None) if quiet else click.echo
+    arms = [a.strip() for a in only.split(",") if a.strip()] if only else None
+    if report_only:
+        arms = []
+    result = run_compare(recipe, out, only=arms, echo=echo)
+    for note in result.notes:
+        echo(f"note: {note}")
+    echo(f"report: {result.report}")

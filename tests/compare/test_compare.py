@@ -1,0 +1,236 @@
+"""`prunekit compare`: table, plot, resume, Torch-Pruning arm and its skip, recipe checks."""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import statistics
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from prunekit.cli.main import cli
+from prunekit.compare import CompareRecipe, pareto_front, run_compare
+from prunekit.compare import arms as arms_module
+from prunekit.compare import baselines
+from prunekit.core.errors import CheckpointError, ConfigError
+from prunekit.cost.macs import count_cost
+from prunekit.data import DataConfig, load_data
+from prunekit.methods.magnitude import MagnitudeConfig, magnitude_prune_
+from prunekit.models import create_model
+
+
+def _raw(dense_path, **changes):
+    raw = {"name": "t", "model": {"name": "small_cnn"}, "data": {"name": "digits", "batch_size": 64},
+           "seeds": [0, 1], "device": "cpu", "dense": {"weights": str(dense_path)},
+           "finetune": {"epochs": 1, "lr": 0.02, "log_every": 0}, "method_train": {"lr": 0.02, "log_every": 0},
+           "target": {"metric": "macs", "fraction": 0.5},
+           "bench": {"repeats": 3, "warmup": 1}, "eval": {"latency": False},
+           "arms": {"dense": {"method": None},
+                    "l2": {"method": {"name": "magnitude", "macs_fraction": 0.5}},
+                    "fpgm": {"method": {"name": "magnitude", "criterion": "fpgm", "macs_fraction": 0.5}}}}
+    raw.update(changes)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def dense_path(tmp_path_factory):
+    """A small CNN trained one epoch on digits, saved once for every test here."""
+    from safetensors.torch import save_model
+
+    from prunekit.engine.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    bundle = load_data(DataConfig(name="digits", batch_size=64))
+    torch.manual_seed(0)
+    model = create_model("small_cnn", bundle.num_classes)
+    train(model, bundle.train, None, TrainConfig(epochs=1, lr=0.05, log_every=0), progress=False)
+    path = tmp_path_factory.mktemp("dense") / "dense.safetensors"
+    save_model(model, str(path))
+    return path
+
+
+def test_compare_writes_table_plot_and_json(dense_path, tmp_path):
+    result = run_compare(CompareRecipe.from_dict(_raw(dense_path, eval={"latency": True})), tmp_path / "c",
+                         echo=lambda s: None)
+    assert (tmp_path / "c" / "accuracy_vs_macs.png").stat().st_size > 1000
+    report = (tmp_path / "c" / "compare.md").read_text()
+    for arm in ("dense", "l2", "fpgm"):
+        assert f"| {arm}" in report
+    data = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert sorted(result.ran) == [("dense", 0), ("dense", 1), ("fpgm", 0), ("fpgm", 1), ("l2", 0), ("l2", 1)]
+    for arm in ("l2", "fpgm"):
+        recs = data["records"][arm]
+        assert [r["seed"] for r in recs] == [0, 1]
+        accs = [r["acc"] for r in recs]
+        assert data["summary"][arm]["acc"]["mean"] == pytest.approx(statistics.fmean(accs))
+        assert data["summary"][arm]["acc"]["std"] == pytest.approx(statistics.stdev(accs))
+        assert data["summary"][arm]["acc"]["n"] == 2
+        assert recs[0]["finetune_epochs"] == 1 and recs[0]["latency"]["speedup"] > 0
+    # oracle: the l2 arm's MACs are those of the magnitude pruner run by hand on the dense model
+    bundle = load_data(DataConfig(name="digits"))
+    model = create_model("small_cnn", 10)
+    from safetensors.torch import load_model
+    load_model(model, str(dense_path))
+    example = next(iter(bundle.val))[0][:2]
+    before = count_cost(model, example)
+    magnitude_prune_(model, MagnitudeConfig(macs_fraction=0.5), example)
+    assert data["records"]["l2"][0]["macs"] == count_cost(model, example).macs
+    assert data["records"]["l2"][0]["macs_fraction"] == pytest.approx(count_cost(model, example).macs / before.macs)
+    from prunekit.compare import sha256_file
+    assert data["dense"]["sha256"] == sha256_file(dense_path)
+
+
+def test_killed_compare_resumes_without_redoing_finished_arms(dense_path, tmp_path, monkeypatch):
+    real, calls = arms_module.run_arm, []
+
+    def dies_on_fourth(*args, **kw):
+        calls.append((args[1].name, args[2]))
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # killed in the middle of the fourth arm x seed (l2, seed 1)
+        return real(*args, **kw)
+
+    import prunekit.compare.run as run_module
+    monkeypatch.setattr(run_module, "run_arm", dies_on_fourth)
+    recipe = CompareRecipe.from_dict(_raw(dense_path))
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(recipe, tmp_path / "c", echo=lambda s: None)
+    finished = {p: p.read_text() for p in (tmp_path / "c" / "arms").rglob("*.json")}
+    assert len(finished) == 3 and not list((tmp_path / "c").rglob("*.tmp"))
+    monkeypatch.setattr(run_module, "run_arm", real)
+    result = run_compare(recipe, tmp_path / "c", echo=lambda s: None)
+    assert sorted(result.ran) == sorted([("l2", 1), ("fpgm", 0), ("fpgm", 1)])
+    for path, text in finished.items():
+        assert path.read_text() == text  # finished records were neither rerun nor rewritten
+    again = run_compare(recipe, tmp_path / "c", echo=lambda s: None)
+    assert again.ran == [] and again.summary["fpgm"]["acc"]["n"] == 2
+    report_only = run_compare(CompareRecipe.from_dict(_raw(dense_path, seeds=[0, 1, 2])), tmp_path / "c", only=[],
+                              echo=lambda s: None)
+    assert report_only.ran == [] and any("not every seed" in n for n in report_only.notes)
+
+
+def test_a_record_from_another_spec_is_refused(dense_path, tmp_path):
+    raw = _raw(dense_path, seeds=[0])
+    raw["arms"] = {"l2": raw["arms"]["l2"]}
+    run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
+    raw["finetune"] = {**raw["finetune"], "epochs": 2}
+    with pytest.raises(CheckpointError, match="different arm spec"):
+        run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
+
+
+def test_torch_pruning_arm_reaches_the_macs_target(dense_path, tmp_path):
+    pytest.importorskip("torch_pruning")
+    raw = _raw(dense_path, seeds=[0])
+    raw["arms"] = {"tp": {"method": {"name": "torch_pruning", "macs_fraction": 0.5, "iterative_steps": 100}}}
+    result = run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
+    rec = result.records["tp"][0]
+    # the stopping rule overshoots by at most one of its 100 steps of 1% of the channels
+    assert 0.40 < rec["macs_fraction"] <= 0.5
+    assert rec["method_metrics"]["steps"] >= 1 and rec["params"] < 0.6 * count_cost(
+        _loaded(dense_path), torch.zeros(2, 1, 8, 8)).params
+
+
+def _loaded(path):
+    from safetensors.torch import load_model
+    model = create_model("small_cnn", 10)
+    load_model(model, str(path))
+    return model
+
+
+def test_torch_pruning_arm_is_skipped_with_a_note_when_not_importable(dense_path, tmp_path, monkeypatch):
+    def missing():
+        raise ImportError("No module named 'torch_pruning'")
+
+    monkeypatch.setattr(baselines, "import_torch_pruning", missing)
+    raw = _raw(dense_path, seeds=[0])
+    raw["arms"] = {"l2": raw["arms"]["l2"],
+                   "tp": {"method": {"name": "torch_pruning", "macs_fraction": 0.5}}}
+    result = run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
+    assert "tp" not in result.summary and "l2" in result.summary
+    assert any("tp" in n and "not importable" in n for n in result.notes)
+    assert "not importable" in (tmp_path / "c" / "compare.md").read_text()
+
+
+def test_slr_arm_keeps_its_sparsity_through_fine_tuning(dense_path, tmp_path):
+    raw = _raw(dense_path, seeds=[0])
+    raw["finetune"]["epochs"] = 2
+    raw["arms"] = {"slr": {"method": {"name": "slr", "sparsity": 0.7, "epochs": 1}, "keep_zeros": True}}
+    result = run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
+    rec = result.records["slr"][0]
+    assert rec["method_epochs"] == 1 and rec["finetune_epochs"] == 1
+    # 70% of every conv but the first stays zero after fine-tuning (the rest: stem conv, linear, BN)
+    model = _loaded(dense_path)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][1:]
+    pruned = sum(round(0.7 * c.weight.numel()) for c in convs)
+    total = sum(p.numel() for p in model.parameters())
+    assert rec["nonzero_fraction"] == pytest.approx((total - pruned) / total, abs=2e-3)
+    assert rec["macs_fraction"] == 1.0  # zeros inside dense kernels remove no MACs
+    assert any("slr keeps 100.0% of the macs" in n for n in result.notes)
+
+
+def test_mask_zeros_holds_zeros_while_training_and_only_then():
+    from prunekit.surgery.masks import remove_masks
+
+    def trained(keep: bool):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.Flatten(), torch.nn.Linear(16, 2))
+        with torch.no_grad():
+            net[0].weight[:, :, 0, :] = 0.0  # 24 of 72 weights
+        if keep:
+            assert arms_module._mask_zeros_(net) == 1  # only the conv has zeros
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            net(torch.randn(4, 2, 4, 4)).square().mean().backward()
+            opt.step()
+        remove_masks(net, bake=True)
+        return int((net[0].weight == 0).sum())
+
+    assert trained(keep=True) == 24
+    assert trained(keep=False) == 0
+
+
+def test_budget_and_method_checks():
+    raw = {"model": {"name": "small_cnn"}, "data": {"name": "digits"}, "dense": {"train": {"epochs": 1}},
+           "finetune": {"epochs": 3}, "arms": {"g": {"method": {"name": "gator", "target": 0.5, "epochs": 2,
+                                                                "finetune_epochs": 1}}}}
+    r = CompareRecipe.from_dict(raw)
+    assert r.arms["g"].trained_epochs == 3 and r.arms["g"].budget_left(3) == 0
+    raw["finetune"]["epochs"] = 2
+    with pytest.raises(ConfigError, match="more than the shared budget"):
+        CompareRecipe.from_dict(raw)
+    raw["finetune"]["epochs"] = 3
+    raw["arms"]["g"]["method"]["name"] = "nope"
+    with pytest.raises(ConfigError, match="unknown method 'nope'.*torch_pruning"):
+        CompareRecipe.from_dict(raw)
+    raw["arms"] = {"m": {"method": {"name": "magnitude", "macs_fraction": 0.5}, "finetune": "yes"}}
+    with pytest.raises(ConfigError, match="finetune='yes' must be true or false"):
+        CompareRecipe.from_dict(raw)
+    del raw["dense"]
+    raw["arms"]["m"]["finetune"] = True
+    with pytest.raises(ConfigError, match="dense needs weights"):
+        CompareRecipe.from_dict(raw)
+
+
+def test_pareto_front_matches_brute_force():
+    rng = __import__("random").Random(0)
+    for _ in range(50):
+        pts = {f"p{i}": (float(rng.randint(1, 6)), rng.randint(0, 5) / 5) for i in range(rng.randint(1, 7))}
+        want = [n for n, (m, a) in pts.items()
+                if not any(m2 <= m and a2 >= a and (m2, a2) != (m, a) for m2, a2 in pts.values())]
+        assert sorted(pareto_front(pts)) == sorted(want)
+
+
+def test_cli_compare_writes_the_report(dense_path, tmp_path):
+    recipe = tmp_path / "cmp.yaml"
+    import yaml
+    raw = _raw(dense_path, seeds=[0])
+    raw["arms"] = {"l2": raw["arms"]["l2"]}
+    recipe.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "o"
+    res = CliRunner().invoke(cli, ["compare", str(recipe), "finetune.epochs=1", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    assert (out / "compare.md").is_file() and (out / "accuracy_vs_macs.png").is_file()
+    bad = CliRunner().invoke(cli, ["compare", str(recipe), "arms.l2.method.name=nope", "--out", str(out)])
+    assert bad.exit_code == 2 and "unknown method 'nope'" in bad.output

@@ -1,0 +1,103 @@
+"""Probing only what the rules cannot vouch for: groups whose every op has an exact rule of
+prunekit's own skip the trial; a size written in the code, or a user's rule, sends a group to it."""
+import pytest
+import torch
+from torch import nn
+
+from prunekit.graph import build_graph
+from prunekit.graph.rules import RULES, passthrough
+from prunekit.surgery import verify
+from prunekit.surgery.verify import build_safe_graph, probe_groups
+from prunekit.testing.toy_models import TOY_MODELS, ShuffleOfWidthOne
+
+
+class _Sized(nn.Module):
+    """a: reshaped with its channel count written in the code; b: flattened with -1 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 6, 1)
+        self.head = nn.Linear(8 * 4 + 6 * 4, 2)
+
+    def forward(self, x):
+        a = self.a(x).reshape(x.shape[0], 8, 4)  # 8 is a constant: unproven
+        b = self.b(x).view(x.shape[0], -1)  # only the batch and -1: proven
+        return self.head(torch.cat([a.flatten(1), b], 1))
+
+
+def test_a_size_written_in_the_code_makes_only_that_group_unproven():
+    model, x = _Sized().eval(), torch.randn(2, 3, 2, 2)
+    graph = build_graph(model, x)
+    assert {g.name: g.proven for g in graph.prunable_groups()} == {"a": False, "b": True}
+
+
+@pytest.mark.parametrize("name", ["residual_projection", "concat", "convnext", "mobilenet", "norms"])
+def test_convolutional_toy_models_are_proven_throughout(name):
+    make, inputs = TOY_MODELS[name]
+    model, x = make().eval(), inputs()
+    assert all(g.proven for g in build_graph(model, x).prunable_groups())
+
+
+@pytest.mark.parametrize("name", sorted(TOY_MODELS))
+def test_skipping_proven_groups_finds_the_same_verdict(name):
+    torch.manual_seed(0)
+    make, inputs = TOY_MODELS[name]
+    model, x = make().eval(), inputs()
+    graph = build_graph(model, x)
+    assert probe_groups(model, x, graph, everything=False) == probe_groups(model, x, graph, everything=True)
+
+
+def test_a_hard_coded_view_is_still_probed_and_caught():
+    torch.manual_seed(0)
+    model, x = ShuffleOfWidthOne().eval(), torch.randn(1, 3, 4, 4)
+    graph = build_graph(model, x)
+    assert not graph.group("a").proven
+    assert set(probe_groups(model, x, graph, everything=False)) == {"a"}
+
+
+def test_a_user_rule_is_not_vouched_for(monkeypatch):
+    class Gelu2(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.gelu(x) * 2
+
+    model, x = nn.Sequential(nn.Conv2d(3, 4, 1), Gelu2(), nn.Conv2d(4, 2, 1)).eval(), torch.randn(1, 3, 2, 2)
+    assert build_graph(model, x).group("0").proven
+    monkeypatch.setitem(RULES._items, "gelu", lambda tr, call: passthrough(tr, call))  # a rule of the user's
+    assert not build_graph(model, x).group("0").proven
+
+
+def test_verdicts_are_cached_per_architecture(monkeypatch):
+    verify._PROBED.clear()
+    calls = []
+    real = verify.probe_groups
+    monkeypatch.setattr(verify, "probe_groups", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(1, 3, 4, 4)
+    for _ in range(3):
+        build_safe_graph(ShuffleOfWidthOne().eval(), x)
+    assert len(calls) == 1
+    build_safe_graph(ShuffleOfWidthOne().eval(), torch.randn(1, 3, 6, 6))  # other input shape
+    assert len(calls) == 2
+
+
+class _IndexedByChannels(nn.Module):
+    """An integer buffer of positions indexes a table, and the result is viewed with sizes written
+    in the code (torchvision's maxvit_t relative position bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(7, 2))
+        self.register_buffer("index", torch.randint(0, 7, (3, 3)))
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x):
+        bias = self.table[self.index.view(-1)].view(3, 3, -1)
+        return self.head(x + bias.mean((0, 1)))
+
+
+def test_an_integer_buffer_of_positions_is_not_a_group():
+    """Its entries are values, not channels: removing one broke torchvision's maxvit_t and swin
+    (22 and 12 such groups, each caught only by a trial before)."""
+    model, x = _IndexedByChannels().eval(), torch.randn(1, 2)
+    graph = build_graph(model, x)
+    assert "index" not in {g.name for g in graph.prunable_groups()}
+    assert probe_groups(model, x, graph) == {}
