@@ -1,7 +1,8 @@
 """Prune every torchvision classification model (or a set of timm models) at 50% channels and report.
 
 For each model: build, prune with the reference magnitude pruner (L2, local, channel_ratio=0.5,
-probing on), run a forward, check the output shape is unchanged and parameters dropped.
+probing on), run a forward, check the output shape is unchanged and parameters dropped; then
+save_pruned, load_pruned into a freshly built model and compare the outputs (column "reload").
 Writes benchmarks/results/zoo_coverage.json and docs/zoo_coverage.md.
 
     python benchmarks/zoo_coverage.py            # all models
@@ -17,6 +18,7 @@ import json
 import os
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +35,7 @@ import torchvision.models as tvm  # noqa: E402
 from prunekit.core.environment import environment  # noqa: E402
 from prunekit.methods import prune_  # noqa: E402
 from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402
+from prunekit.surgery.persist import load_pruned, save_pruned  # noqa: E402
 
 # The largest models (regnet_y_128gf, vit_h_14) need several copies of ~2.5 GB of weights while
 # probing; a cap on the address space turns running out of memory into a caught allocation
@@ -86,9 +89,28 @@ def try_model(name: str, use_timm: bool = False) -> dict:
     out = out if isinstance(out, torch.Tensor) else out[0]
     p1 = sum(p.numel() for p in model.parameters())
     ok = out.shape == ref.shape and p1 < p0 and bool(torch.isfinite(out).all())
+    t3 = time.perf_counter()
+    reload = save_and_reload(name, use_timm, model, result.plan, x, out)
     return {"model": name, "ok": bool(ok), "input": list(x.shape), "params_before": p0, "params_after": p1,
             "macs_before": result.cost_before.macs, "macs_after": result.cost_after.macs,
-            "prune_seconds": round(t2 - t1, 2), "total_seconds": round(time.perf_counter() - t0, 2)}
+            "prune_seconds": round(t2 - t1, 2), "reload": reload,
+            "reload_seconds": round(time.perf_counter() - t3, 2), "total_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def save_and_reload(name: str, use_timm: bool, model: torch.nn.Module, plan, x: torch.Tensor,
+                    out: torch.Tensor) -> str:
+    """"equal" when save_pruned -> load_pruned into a freshly built model gives the very same
+    output (torch.equal), "differs" when it runs but disagrees, else the error."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_pruned(model, plan, Path(tmp) / "pruned.safetensors")
+            again = load_pruned(build(name, use_timm)[0], path).eval()
+            with torch.no_grad():
+                got = again(x)
+        got = got if isinstance(got, torch.Tensor) else got[0]
+        return "equal" if torch.equal(got, out) else "differs"
+    except Exception as err:  # report it in the row, keep going
+        return f"error: {type(err).__name__}: {str(err)[:150]}"
 
 
 def _cap_memory(gb: float) -> None:
@@ -150,6 +172,11 @@ def _load_note(out: dict) -> str:
             "machine: the seconds are upper bounds)")
 
 
+def _reload_cell(row: dict) -> str:
+    reload = str(row.get("reload", "not run"))
+    return reload.replace("|", "\\|").replace("\n", " ")[:120]
+
+
 def write_markdown(out: dict, use_timm: bool = False) -> None:
     env = out["environment"]
     size_note = "1x3 at each model's default size" if use_timm else "1x3x224x224 (299 for inception)"
@@ -169,19 +196,21 @@ def write_markdown(out: dict, use_timm: bool = False) -> None:
              f"{size_note}, "
              f"float32, one run per model, {out.get('wall_seconds', '?')} s in all{_load_note(out)}. MACs are per sample "
              "(conv/linear/matmul/attention products). *prune s* is `prune_` alone (tracing, probing, scoring, "
-             "removal, costs); *total s* adds model construction and the two forwards.", "",
-             "| model | ok | params before | params after | MACs before | MACs after | prune s | total s | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "removal, costs); *total s* adds model construction, the forwards and the reload check. *reload*: "
+             "`save_pruned` then `load_pruned` into a freshly built model gives the identical output (`torch.equal`); "
+             f"{sum(r.get('reload') == 'equal' for r in out['rows'])}/{out['total']} do.", "",
+             "| model | ok | params before | params after | MACs before | MACs after | prune s | total s | reload | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         if "params_before" in r:
             note = "" if r["ok"] else KNOWN.get(r["model"], "output shape changed, non-finite output or no parameter dropped")
             lines.append(f"| {r['model']} | {'yes' if r['ok'] else 'no'} | {r['params_before']/1e6:.2f}M | "
                          f"{r['params_after']/1e6:.2f}M | {r['macs_before']/1e9:.3f}G | {r['macs_after']/1e9:.3f}G | "
-                         f"{r['prune_seconds']} | {r['total_seconds']} | {note} |")
+                         f"{r['prune_seconds']} | {r['total_seconds']} | {_reload_cell(r)} | {note} |")
         else:
             error = r.get("error", "check failed").replace("|", "\\|").replace("\n", " ")
             error = f"{KNOWN[r['model']]} ({error[:90]}...)" if r["model"] in KNOWN else error
-            lines.append(f"| {r['model']} | no | | | | | | {r.get('total_seconds', '')} | {error} |")
+            lines.append(f"| {r['model']} | no | | | | | | {r.get('total_seconds', '')} | | {error} |")
     (ROOT / "docs" / ("zoo_coverage_timm.md" if use_timm else "zoo_coverage.md")).write_text("\n".join(lines) + "\n")
 
 

@@ -15,7 +15,8 @@ from prunekit.core.errors import ConfigError
 
 # Fields a config needs before it is valid at all (each a known-good value).
 BASE = {"MagnitudeConfig": {"channel_ratio": 0.5}, "GatorConfig": {"target": 0.5},
-        "SLRConfig": {"sparsity": 0.5}, "DataConfig": {"name": "digits"}}
+        "SLRConfig": {"sparsity": 0.5}, "DataConfig": {"name": "digits"},
+        "TorchPruningConfig": {"macs_fraction": 0.5}}
 
 
 def _all_configs() -> list[type[Config]]:

@@ -117,3 +117,12 @@ def test_reads_result_json_and_reports_missing_file(tmp_path):
         write_report(tmp_path / "bad")
     with pytest.raises(ConfigError, match="result dict"):
         write_report(tmp_path, [1, 2])
+
+
+def test_weight_masks_line_reports_counted_zeros(tmp_path):
+    sparsity = {"tensors": {}, "masked": {"zeros": 7, "numel": 10, "sparsity": 0.7},
+                "weights": {"zeros": 7, "numel": 20, "sparsity": 0.35}}
+    paths = write_report(tmp_path, {"title": "t", "method": "slr", "sparsity": sparsity})
+    assert "Weight masks: 70.0% of 10 masked weights are zero" in paths.markdown.read_text()
+    paths = write_report(tmp_path / "dense", {"title": "t", "method": "magnitude"})
+    assert "Weight masks" not in paths.markdown.read_text()

@@ -77,3 +77,27 @@ def test_verdicts_are_cached_per_architecture(monkeypatch):
     assert len(calls) == 1
     build_safe_graph(ShuffleOfWidthOne().eval(), torch.randn(1, 3, 6, 6))  # other input shape
     assert len(calls) == 2
+
+
+class _IndexedByChannels(nn.Module):
+    """An integer buffer of positions indexes a table, and the result is viewed with sizes written
+    in the code (torchvision's maxvit_t relative position bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(7, 2))
+        self.register_buffer("index", torch.randint(0, 7, (3, 3)))
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x):
+        bias = self.table[self.index.view(-1)].view(3, 3, -1)
+        return self.head(x + bias.mean((0, 1)))
+
+
+def test_an_integer_buffer_of_positions_is_not_a_group():
+    """Its entries are values, not channels: removing one broke torchvision's maxvit_t and swin
+    (22 and 12 such groups, each caught only by a trial before)."""
+    model, x = _IndexedByChannels().eval(), torch.randn(1, 2)
+    graph = build_graph(model, x)
+    assert "index" not in {g.name for g in graph.prunable_groups()}
+    assert probe_groups(model, x, graph) == {}

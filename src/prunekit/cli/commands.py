@@ -53,17 +53,25 @@ def resolve(args: tuple[str, ...], command: str, weights: str | None, method: st
     """(recipe, weights) for a command: run-directory weights apply unless --weights is given."""
     from .recipe import load_recipe, split_arguments
 
+    from .runstate import check_finished
+
     source, overrides = split_arguments(args)
     recipe, run_dir = load_recipe(source, overrides, method)
     if weights is None and not any(o.split("=", 1)[0].strip() == "init" for o in overrides):
-        weights = run_dir_weights(run_dir, command)
+        if run_dir is not None and command in _PREFERRED:
+            check_finished(run_dir, command)
+            weights = run_dir_weights(run_dir, command)
+            if weights is None:  # never a randomly initialised model in place of the run's
+                raise ConfigError(f"run directory {run_dir} holds no weights ({' or '.join(_PREFERRED[command])}); "
+                                  f"give --weights PATH, or a run directory that finished")
     return recipe, weights
 
 
 def execute(command: str, args: tuple[str, ...], out: str | None, weights: str | None, dry_run: bool,
             quiet: bool, method: str | None = None) -> None:
-    from .pipeline import prepare, prune_stage, save_weights, train_stage
-    from .rundir import choose_run_dir, create_run_dir, finish
+    from .pipeline import prepare
+    from .rundir import choose_run_dir, create_run_dir
+    from .runstate import new_state, write_state
 
     recipe, weights = resolve(args, command, weights, method)
     stages = _stages(command, recipe)
@@ -77,26 +85,78 @@ def execute(command: str, args: tuple[str, ...], out: str | None, weights: str |
         click.echo(recipe.to_yaml(), nl=False)
         return
     run_path = create_run_dir(job, run_path, explicit=out is not None)
+    state = new_state(command, stages, None if job.weights is None else str(Path(job.weights).resolve()))
+    write_state(run_path, state)
     echo(f"run directory: {run_path}")
     echo(f"data: {recipe.data.name}, {job.bundle.train.num_samples} train / {job.bundle.val.num_samples} val / "
          f"{job.bundle.test.num_samples} test images; model: {recipe.model.name}")
     if "train" not in stages or job.weights is not None:
         _report_eval(job, "loaded" if job.weights is not None else "initial")
-    for stage in stages:
+    run_stages(job, state)
+
+
+def run_stages(job, state: dict, resume: bool = False) -> None:
+    """Run the stages of `state` that have not finished, then write the result and the report.
+
+    After each stage its weights and measurements are recorded in state.json, so a run stopped
+    at any point continues from there (`prunekit resume`); training stages checkpoint every epoch.
+    """
+    from .pipeline import prune_stage, save_weights, train_stage
+    from .rundir import finish
+    from .runstate import stage_dir, write_state
+
+    run_path, recipe = job.run_dir, job.recipe
+    for stage in state["stages"]:
+        if stage in state["done"]:
+            continue
+        ckpt = stage_dir(run_path, stage)
         if stage == "train":
-            train_stage(job, "train", recipe.train)
+            train_stage(job, "train", recipe.train, ckpt_dir=ckpt, resume=resume)
             if job.plan is None:
                 save_weights(job, run_path / "dense.safetensors")
             _report_eval(job, "dense" if job.plan is None else "trained")
         elif stage == "prune":
-            prune_stage(job)
+            state["before_prune"] = state["weights"]
+            prune_stage(job, ckpt_dir=ckpt, resume=resume)
             _report_eval(job, "pruned")
         else:
-            train_stage(job, "finetune", recipe.finetune)
+            train_stage(job, "finetune", recipe.finetune, ckpt_dir=ckpt, resume=resume)
             _report_eval(job, "fine-tuned")
-    title = f"prunekit {command}: {recipe.name}"
-    finish(job, title)
-    echo(f"report: {run_path / 'report.md'}")
+        ckpt.mkdir(parents=True, exist_ok=True)
+        save_weights(job, ckpt / "model.safetensors")
+        state.update(weights=str((ckpt / "model.safetensors").relative_to(run_path)), evaluations=job.evaluations,
+                     seconds=job.seconds, prune_metrics=job.prune_metrics, done=state["done"] + [stage])
+        write_state(run_path, state)
+    finish(job, f"prunekit {state['command']}: {recipe.name}")
+    state["finished"] = True
+    write_state(run_path, state)
+    job.echo(f"report: {run_path / 'report.md'}")
+
+
+def resume_run(run_dir: Path, quiet: bool) -> None:
+    """Continue a stopped run in its own directory: finished stages are kept, the stage in
+    progress continues from its last checkpointed epoch."""
+    from .pipeline import fresh_model, prepare
+    from .recipe import load_recipe
+    from .runstate import resumable_state, weights_path
+
+    state = resumable_state(run_dir)
+    recipe, _ = load_recipe(str(run_dir))
+    echo = (lambda s: None) if quiet else click.echo
+    job = prepare(recipe, weights_path(run_dir, state["weights"]), progress=not quiet, echo=echo)
+    job.run_dir = run_dir
+    job.evaluations, job.seconds = list(state["evaluations"]), dict(state["seconds"])
+    job.prune_metrics = dict(state.get("prune_metrics") or {})
+    if "prune" in state["done"]:  # the report compares with the model pruning started from
+        job.before_prune = fresh_model(recipe, weights_path(run_dir, state["before_prune"]))
+    todo = [s for s in state["stages"] if s not in state["done"]]
+    echo(f"resuming {run_dir}: finished {', '.join(state['done']) or 'no stage'}; "
+         f"to do: {', '.join(todo) or 'the result and the report'}")
+    job.log("resume", done=state["done"], todo=todo)
+    if not job.evaluations:  # stopped before the first evaluation
+        if "train" not in state["stages"] or job.weights is not None:
+            _report_eval(job, "loaded" if job.weights is not None else "initial")
+    run_stages(job, state, resume=True)
 
 
 def _stages(command: str, recipe) -> list[str]:
@@ -136,6 +196,22 @@ def run(args, out, weights, dry_run, quiet, method) -> None:
     prunekit run recipes/resnet56_cifar10_slr.yaml init=dense.safetensors train=null
     """
     execute("run", args, out, weights, dry_run, quiet, method)
+
+
+@click.command("resume")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
+def resume_cmd(run_dir: Path, quiet: bool) -> None:
+    """Continue a stopped run (Ctrl-C, SIGKILL, a crash) in its own directory.
+
+    Stages that finished are not redone; a training stage continues after its last
+    checkpointed epoch (one is written after every epoch), so at most the epoch that was
+    running is lost, and on CPU the outcome equals that of an uninterrupted run.
+
+    \b
+    prunekit resume runs/digits-small_cnn-20250101-120000
+    """
+    resume_run(run_dir, quiet)
 
 
 @click.command("train")

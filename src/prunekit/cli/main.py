@@ -71,7 +71,7 @@ def cli(debug: bool) -> None:
 def _register() -> None:
     from . import commands, compare_cmd, inspect_cmds
 
-    for command in (commands.run, commands.train_cmd, commands.prune_cmd, commands.finetune_cmd,
+    for command in (commands.run, commands.resume_cmd, commands.train_cmd, commands.prune_cmd, commands.finetune_cmd,
                     inspect_cmds.eval_cmd, inspect_cmds.bench, inspect_cmds.report, inspect_cmds.info,
                     compare_cmd.compare_cmd):
         cli.add_command(command)

@@ -118,6 +118,13 @@ def prepare(recipe: Recipe, weights: str | None = None, progress: bool = True, e
     return job
 
 
+def fresh_model(recipe: Recipe, weights: str | None) -> nn.Module:
+    """The recipe's model as `prepare` builds it (same seed), with `weights` loaded if given."""
+    seed_everything(recipe.seed)
+    model = create_model(recipe.model.name, recipe.model.num_classes, **recipe.model.kwargs)
+    return load_weights(model, weights)[0] if weights is not None else model
+
+
 def _example_input(bundle: DataBundle) -> torch.Tensor:
     loader = bundle.val if bundle.val.num_samples > 0 else bundle.test
     x, _ = next(iter(loader))
@@ -201,11 +208,17 @@ def save_weights(job: Job, path: Path) -> Path:
     return path
 
 
-def train_stage(job: Job, stage: str, cfg: TrainConfig) -> None:
-    """Train the model in place for cfg.epochs; epochs are logged to metrics.jsonl."""
-    job.log("stage", name=stage, epochs=cfg.epochs)
-    result = job.timed(stage, lambda: train(job.model, job.bundle.train, job.val_loader, cfg,
-                                            log_path=job.log_path, progress=job.progress))
+def train_stage(job: Job, stage: str, cfg: TrainConfig, ckpt_dir: Path | None = None, resume: bool = False) -> None:
+    """Train the model in place for cfg.epochs; epochs are logged to metrics.jsonl.
+
+    With `ckpt_dir` the training state is checkpointed there after every epoch; with `resume`
+    training continues after the last checkpointed epoch (see prunekit.engine.train).
+    """
+    job.log("stage", name=stage, epochs=cfg.epochs, resume=resume)
+    result = job.timed(stage, lambda: train(job.model, job.bundle.train, job.val_loader, cfg, ckpt_dir=ckpt_dir,
+                                            log_path=job.log_path, progress=job.progress, resume=resume))
+    if result.start_epoch:
+        job.echo(f"{stage}: resumed after epoch {result.start_epoch} of {cfg.epochs}")
     last = result.final_metrics
     val = f", val acc {last['val_acc']:.4f}" if "val_acc" in last else ""
     job.echo(f"{stage}: {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, train loss {last.get('train_loss', float('nan')):.4f}{val} "
@@ -216,12 +229,17 @@ def _trains(handler: Callable) -> bool:
     return "train_loader" in inspect.signature(handler).parameters
 
 
-def run_method(job: Job, model: nn.Module) -> Any:
-    """Call the recipe's method on `model` with the keyword arguments its handler accepts."""
+def run_method(job: Job, model: nn.Module, ckpt_dir: Path | None = None, resume: bool = False) -> Any:
+    """Call the recipe's method on `model` with the keyword arguments its handler accepts.
+
+    A method that trains and accepts `ckpt_dir`/`resume` checkpoints its training there.
+    """
     method, recipe = job.recipe.method, job.recipe
     params = inspect.signature(method.handler).parameters
     available = {"train_loader": job.bundle.train, "val_loader": job.val_loader,
                  "train_config": recipe.trainer_for_method, "progress": job.progress}
+    if ckpt_dir is not None:
+        available.update(ckpt_dir=ckpt_dir, resume=resume)
     if "batches" in params and recipe.calibration_batches > 0:
         job.bundle.train.set_epoch(0)
         available["batches"] = list(itertools.islice(iter(job.bundle.train), recipe.calibration_batches))
@@ -230,15 +248,19 @@ def run_method(job: Job, model: nn.Module) -> Any:
     return method.handler(model, method.config, job.example.to(device), **kwargs)
 
 
-def prune_stage(job: Job) -> None:
-    """Prune with the recipe's method; the plan is composed with a plan the model already had."""
+def prune_stage(job: Job, ckpt_dir: Path | None = None, resume: bool = False) -> None:
+    """Prune with the recipe's method; the plan is composed with a plan the model already had.
+
+    A training method (SLR, ADMM, Gator) checkpoints its training in `ckpt_dir` every epoch and,
+    with `resume`, continues from there.
+    """
     from ..engine.logging import to_plain
 
     method = job.recipe.method
     job.before_prune = copy.deepcopy(job.model)
     job.log("stage", name="prune", method=method.label)
     before = job.cost()
-    result = job.timed("prune", lambda: run_method(job, job.model))
+    result = job.timed("prune", lambda: run_method(job, job.model, ckpt_dir, resume))
     plan = result.plan
     job.plan = plan if job.plan is None else job.plan.compose(plan)
     try:

@@ -4,7 +4,7 @@ A run directory holds:
     recipe.yaml          the resolved recipe (every default filled in); `prunekit run <dir>` reruns it
     dense.safetensors    the dense model after training, or the final model when nothing was
                          pruned (a state dict, no pickle)
-    pruned.safetensors   the final pruned model with its plan inside (load with load_pruned)
+    pruned.safetensors   the final pruned model with its plan and weight masks inside (load with load_pruned)
     plan.json            the same plan as plain JSON
     metrics.jsonl        per-epoch training records, stage markers and evaluations
     result.json          costs, accuracies, per-layer rows and latency (the report's input)

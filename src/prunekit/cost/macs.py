@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from ..graph import Graph, build_graph
-from ..graph.ids import IdSet
 
 CONVENTION = ("MACs = multiply-accumulates per sample of conv/linear/matmul/attention products; "
               "norms, activations, pooling and elementwise ops excluded. Params = unique parameters.")
@@ -70,31 +69,93 @@ def count_cost(model: nn.Module, example_inputs: Any) -> Cost:
     return cost_from_graph(model, build_graph(model, example_inputs))
 
 
-class _Kept:
-    """Kept fractions after `removal`: of each (parameter, dim) and of any id tensor of the graph."""
+class CostEstimator:
+    """(params, MACs) of a graph's model after any removal, for many removals of one graph.
 
-    def __init__(self, graph: Graph, removal: dict[str, list[int]]):
-        dead: set[int] = set()
+    Every member position and every id of a parameter-free product is mapped once to an index
+    into the graph's channel classes; a removal then marks dead classes in a boolean array and
+    reads all positions with one numpy gather. `cost_after` and `estimate_cost` use it too, so
+    there is one way to count. Built from the model's parameter sizes: valid for any copy with
+    the same shapes.
+    """
+
+    def __init__(self, model: nn.Module, graph: Graph):
+        self.graph = graph
+        self._group_index: dict[str, np.ndarray] = {}
+        classes = [g.classes.numpy() for g in graph.groups]
+        self._roots = np.unique(np.concatenate(classes)) if classes else np.zeros(0, dtype=np.int64)
+        flat, self._sizes = graph.member_ids()
+        self._pos = self._index(flat)  # (sum of member sizes,) class index, len(roots) = no class
+        # one index space for every name a scale is asked for: parameters, members, node weights
+        params = dict(model.named_parameters())
+        names: dict[str, int] = {q: i for i, q in enumerate(params)}
+        for q in [m.qualname for m in graph.members] + [n.params[0] for n in graph.nodes if n.params]:
+            names.setdefault(q, len(names))
+        self._numel = np.array([p.numel() for p in params.values()], dtype=np.float64)
+        self._n_names = len(names)
+        keys: dict[tuple[str, int], int] = {}
+        key_of, param_of_key = [], []
+        self._live = np.array([i for i, m in enumerate(graph.members) if not m.name.startswith("#")], dtype=np.int64)
+        for i in self._live.tolist():
+            m = graph.members[i]
+            if (m.qualname, m.dim) not in keys:
+                keys[(m.qualname, m.dim)] = len(keys)
+                param_of_key.append(names[m.qualname])
+            key_of.append(keys[(m.qualname, m.dim)])
+        self._key_of, self._param_of_key = np.asarray(key_of, dtype=np.int64), np.asarray(param_of_key, dtype=np.int64)
+        batch = max(graph.batch, 1)
+        # a node without weights reads the extra last scale entry, which stays 1
+        self._node_param = np.array([names[n.params[0]] if n.params and not n.terms else len(names)
+                                     for n in graph.nodes], dtype=np.int64)
+        self._node_base = np.array([n.macs // batch for n in graph.nodes], dtype=np.int64)
+        self._terms = {i: [(part, [self._index(ids.numpy().reshape(-1)) for ids in idss]) for part, idss in n.terms]
+                       for i, n in enumerate(graph.nodes) if n.terms and not n.params}
+
+    def _index(self, ids: np.ndarray) -> np.ndarray:
+        at = np.minimum(np.searchsorted(self._roots, ids), max(len(self._roots) - 1, 0))
+        hit = self._roots[at] == ids if len(self._roots) else np.zeros(ids.shape, dtype=bool)
+        return np.where(hit, at, len(self._roots))
+
+    def _dead(self, removal: dict[str, list[int]]) -> np.ndarray:
+        dead = np.zeros(len(self._roots) + 1, dtype=bool)  # the last entry answers for "no class"
         for name, idx in removal.items():
-            dead.update(graph.group(name).classes[list(idx)].tolist())
-        self.dead = IdSet(dead)
-        frac: dict[tuple[str, int], float] = {}
-        flat, sizes = graph.member_ids()
-        for m, n, n_dead in zip(graph.members, sizes, _counts(self.dead.contains(flat), sizes)):
-            if not m.name.startswith("#"):
-                part = 1.0 - n_dead / n if n else 1.0
-                frac[(m.qualname, m.dim)] = min(frac.get((m.qualname, m.dim), 1.0), part)
-        self.of_param: dict[str, list[float]] = defaultdict(list)
-        for (name, _), f in frac.items():
-            self.of_param[name].append(f)
+            if len(idx):
+                at = self._group_index.get(name)
+                if at is None:  # each group's channels -> class indices, once
+                    at = self._group_index[name] = self._index(self.graph.group(name).classes.numpy())
+                dead[at[np.asarray(idx, dtype=np.int64)]] = True
+        return dead
 
-    def part(self, ids: torch.Tensor) -> float:
-        if ids.numel() == 0:
-            return 1.0
-        return 1.0 - float(np.count_nonzero(self.dead.contains(ids))) / ids.numel()
+    def _param_scale(self, dead: np.ndarray) -> np.ndarray:
+        """Kept fraction of every parameter: product over its channel dims of the kept share."""
+        n_dead = np.asarray(_counts(dead[self._pos], self._sizes), dtype=np.float64)
+        sizes, live = np.asarray(self._sizes, dtype=np.float64), self._live
+        part = np.where(sizes[live] > 0, 1.0 - n_dead[live] / np.maximum(sizes[live], 1), 1.0)
+        frac = np.ones(len(self._param_of_key))  # per (name, dim): the smallest kept share of its members
+        np.minimum.at(frac, self._key_of, part)
+        scale = np.ones(self._n_names + 1)
+        np.multiply.at(scale, self._param_of_key, frac)
+        return scale
 
-    def param_scale(self, qualname: str) -> float:
-        return math.prod(self.of_param.get(qualname, []))
+    def node_macs(self, removal: dict[str, list[int]], dead: np.ndarray | None = None,
+                  scale: np.ndarray | None = None) -> list[int]:
+        """Per-sample MACs of every node after the removal: conv/linear nodes shrink by the kept
+        fractions of their weight's channel dims, parameter-free products (matmul, attention) by
+        those of the positions in each of their terms."""
+        dead = self._dead(removal) if dead is None else dead
+        scale = self._param_scale(dead) if scale is None else scale
+        out = np.rint(self._node_base * scale[self._node_param]).astype(np.int64).tolist()
+        batch = max(self.graph.batch, 1)
+        part = lambda pos: 1.0 - float(np.count_nonzero(dead[pos])) / pos.size if pos.size else 1.0
+        for i, terms in self._terms.items():
+            out[i] = int(round(sum(p * math.prod(part(pos) for pos in poss) for p, poss in terms))) // batch
+        return out
+
+    def __call__(self, removal: dict[str, list[int]]) -> tuple[int, int]:
+        dead = self._dead(removal)
+        scale = self._param_scale(dead)
+        params = int(np.rint(self._numel * scale[: len(self._numel)]).sum())
+        return params, sum(self.node_macs(removal, dead, scale))
 
 
 def _counts(flags: np.ndarray, sizes: list[int]) -> list[int]:
@@ -104,34 +165,19 @@ def _counts(flags: np.ndarray, sizes: list[int]) -> list[int]:
     return (running[ends] - running[ends - np.asarray(sizes, dtype=np.int64)]).tolist()
 
 
-def _node_macs_after(graph: Graph, kept: _Kept) -> list[int]:
-    """Per-sample MACs of every node after the removal: conv/linear nodes shrink by the kept
-    fractions of their weight's channel dims, parameter-free products (matmul, attention) by
-    those of the positions in each of their terms."""
-    batch = max(graph.batch, 1)
-    out = []
-    for node in graph.nodes:
-        if node.terms and not node.params:
-            out.append(int(round(sum(part * math.prod(kept.part(ids) for ids in idss)
-                                     for part, idss in node.terms))) // batch)
-        else:
-            scale = kept.param_scale(node.params[0]) if node.params else 1.0
-            out.append(int(round(node.macs // batch * scale)))
-    return out
-
-
 def estimate_cost(model: nn.Module, graph: Graph, removal: dict[str, list[int]]) -> tuple[int, int]:
     """(params, MACs) the model would have after `removal`, without touching it.
 
     Each parameter shrinks by the kept fraction of every dim a channel touches; MACs as in
     `_node_macs_after`. Exact for these ops (tests compare it with a recount after removal).
     """
-    kept = _Kept(graph, removal)
-    params = sum(int(round(p.numel() * kept.param_scale(q))) for q, p in model.named_parameters())
-    return params, sum(_node_macs_after(graph, kept))
+    return CostEstimator(model, graph)(removal)
 
 
-def cost_after(pruned: nn.Module, graph: Graph, removal: dict[str, list[int]]) -> Cost:
+def cost_after(pruned: nn.Module, graph: Graph, removal: dict[str, list[int]],
+               estimator: CostEstimator | None = None) -> Cost:
     """Cost of `pruned` (the graph's model with `removal` applied) without tracing it again:
-    params and widths read from the pruned modules, MACs from the graph as in `estimate_cost`."""
-    return _cost(pruned, graph, _node_macs_after(graph, _Kept(graph, removal)))
+    params and widths read from the pruned modules, MACs from the graph as in `estimate_cost`
+    (`estimator`: one already built for this graph)."""
+    estimator = estimator if estimator is not None else CostEstimator(pruned, graph)
+    return _cost(pruned, graph, estimator.node_macs(removal))

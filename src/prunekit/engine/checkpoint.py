@@ -215,7 +215,12 @@ def check_compatible(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch
 def restore_checkpoint(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer,
                        scheduler: Any, hooks: Sequence[Any]) -> None:
     """Load model, optimizer, scheduler, hook and RNG states (call `check_compatible` first)."""
-    restore_masks_from_state(model, ckpt["model"])  # a fresh model gets the masks the run had
+    if restore_masks_from_state(model, ckpt["model"]):  # a fresh model gets the masks the run had
+        # Masking moves each weight under `parametrizations`, after its module's own parameters in
+        # model.parameters(); the run's optimizer was built in that order, so ours must follow it.
+        order = {id(p): i for i, p in enumerate(model.parameters())}
+        for group in optimizer.param_groups:
+            group["params"].sort(key=lambda p: order.get(id(p), len(order)))
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])

@@ -26,6 +26,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 
 from ..core.errors import ConfigError
 from .ids import UnionFind
+from .inputs import check_inputs_fit, split_inputs
 from .rules import builtin_rule_names, rule_table
 from .trace import Member, Node, Tracer, tensors_in
 
@@ -112,30 +113,39 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
     if missing:
         raise ConfigError(f"ignore names modules that do not exist: {missing}; "
                           f"use names from model.named_modules(), e.g. {list(names)[1:4]}")
-    args, kwargs = _split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     tracer = Tracer(model, rule_table(), ignore, names)
     tracer.builtin_rules = builtin_rule_names()
     training = [mod for mod in names.values() if mod.training]
     handles = _name_scopes(tracer, {id(mod): name for name, mod in names.items()})
     for mod in training:  # eval mode while tracing; each module's own mode is restored after
         mod.training = False
+    failure: Exception | None = None
     try:
-        with torch.no_grad(), tracer:
-            tracer.busy = True
-            inputs = tensors_in((args, kwargs))
-            for t in inputs:  # model inputs: their channels are fixed
-                tracer.set_opaque(t)
-            tracer.busy = False
-            out = model(*args, **kwargs)
-            tracer.busy = True
+        try:
+            with torch.no_grad(), tracer:
+                tracer.busy = True
+                inputs = tensors_in((args, kwargs))
+                for t in inputs:  # model inputs: their channels are fixed
+                    tracer.set_opaque(t)
+                tracer.busy = False
+                out = model(*args, **kwargs)
+                tracer.busy = True
+        except Exception as err:
+            failure = err
+            raise
         tracer.flush()  # outside the mode: the rules' own torch calls are not intercepted
         for t in tensors_in(out):
             tracer.uf.mark_fixed(tracer.ids(t))
     finally:
         for h in handles:
             h.remove()
-        for mod in training:
-            mod.training = True
+        try:  # still in eval mode, without the tracer's hooks: a plain forward tells wrong inputs apart
+            if failure is not None:
+                check_inputs_fit(model, args, kwargs, failure)
+        finally:
+            for mod in training:
+                mod.training = True
     batch = inputs[0].shape[0] if inputs and inputs[0].dim() else 1
     return _finish(tracer, batch, [list(t.shape) for t in inputs])
 
@@ -154,17 +164,6 @@ def _name_scopes(tracer: Tracer, name_of: dict[int, str]) -> list:
         if threading.get_ident() == thread:
             tracer.pop()
     return [register_module_forward_pre_hook(enter), register_module_forward_hook(leave, always_call=True)]
-
-
-def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    raise ConfigError("example_inputs must be a tensor, a tuple of tensors or a dict of keyword tensors, "
-                      f"got {type(example_inputs).__name__}")
 
 
 def _finish(tr: Tracer, batch: int, input_shapes: list[list[int]]) -> Graph:

@@ -14,7 +14,7 @@ from .rules_tensor import _tensor_outs
 
 SHAPE = """view reshape flatten unflatten permute transpose swapaxes swapdims t property.T property.mT
 movedim moveaxis squeeze unsqueeze expand expand_as broadcast_to cat concat concatenate stack flip
-roll repeat tile view_as reshape_as""".split()  # in-place reshapes (unsqueeze_, ...): trace.py
+repeat tile view_as reshape_as""".split()  # roll: own rule; in-place reshapes (unsqueeze_, ...): trace.py
 
 # ops that only reorder or insert dims: they give the same answer on compressed ids (a dim of
 # size 1 stands for any size), so they skip the expansion to the full shape
@@ -84,6 +84,23 @@ def cut_along(tr, call):
     dim = call.arg(1 if call.name in ("narrow", "select", "unbind") else 2, "dim", 0)
     ids = tr.ids(x)
     if ids.shape[dim % x.dim()] > 1:
+        tr.uf.mark_fixed(ids)
+    replay(tr, call)
+
+
+def roll(tr, call):
+    """A roll along a channel dim fixes its channels: it is not a reorder that survives pruning.
+
+    roll(x, 1, dims=1) on 4 channels puts channel 3 first: [3, 0, 1, 2]. With channel 3 removed
+    the same code rolls [0, 1, 2] into [2, 0, 1], so channel 2 lands where channel 0 was read
+    (a plain replay of the ids would promise [0, 1, 2]). Flip, by contrast, reverses any subset
+    consistently and stays a replay. A roll without dims shifts the flattened tensor, so any
+    dim that carries channels is affected.
+    """
+    x, dims = call.args[0], call.arg(2, "dims", None)
+    ids = tr.ids(x)
+    dims = range(ids.dim()) if dims is None else ([dims] if isinstance(dims, int) else dims)
+    if any(ids.shape[d % x.dim()] > 1 for d in dims):
         tr.uf.mark_fixed(ids)
     replay(tr, call)
 
@@ -163,4 +180,5 @@ for _n in ("narrow", "select", "split", "split_with_sizes", "unbind", "tensor_sp
     register_rule(_n, cut_along)
 register_rule("__getitem__", getitem)
 register_rule("chunk", chunk)
+register_rule("roll", roll)
 register_rule("pad", pad)

@@ -15,14 +15,17 @@ from .rules import register_rule
 PASSTHROUGH = """relu relu_ relu6 gelu silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_
 hardsigmoid hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ selu celu mish softplus softsign
 logsigmoid dropout dropout_ dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout abs
-neg __neg__ __pos__ exp log sqrt rsqrt square clamp clamp_ clip clamp_min clamp_max sign erf sin
+neg __neg__ __pos__ exp log sqrt rsqrt square sign erf sin
 cos reciprocal floor ceil round contiguous clone detach to float half double bfloat16 type
-type_as requires_grad_ cpu cuda nan_to_num threshold threshold_ masked_fill property.data
+type_as requires_grad_ cpu cuda nan_to_num threshold threshold_ property.data
 zero_ fill_ __invert__ logical_not""".split()
 BINARY = """add add_ __add__ __radd__ __iadd__ sub sub_ __sub__ __rsub__ __isub__ rsub mul mul_
 __mul__ __rmul__ __imul__ div div_ __truediv__ __rtruediv__ __itruediv__ true_divide maximum
 minimum fmax fmin eq ne lt le gt ge __eq__ __ne__ __lt__ __le__ __gt__ __ge__ __and__ __or__
-logical_and logical_or where lerp addcmul""".split()
+logical_and logical_or where lerp addcmul
+clamp clamp_ clip clip_ clamp_min clamp_min_ clamp_max clamp_max_ masked_fill masked_fill_""".split()
+# the clamps and masked_fill take tensor bounds / masks that meet x element by element, so they
+# are binary ops: a bound or mask with channels of its own is joined to x's channels
 SPATIAL = """max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices
 max_pool3d_with_indices _max_pool1d _max_pool2d _max_pool3d avg_pool1d avg_pool2d avg_pool3d
 adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d
@@ -43,8 +46,9 @@ def elementwise(tr, call):
     """Broadcasting ops: channels that meet at the same element are joined."""
     tensors = [a for a in call.args + tuple(call.kwargs.values()) if isinstance(a, torch.Tensor)]
     out = _tensor_outs(call)[0]
-    if call.name == "where":
-        tensors = tensors[1:]  # the condition only selects
+    # where's condition (and masked_fill's mask) picks per element, so a condition with channels
+    # of its own is joined like any operand: pruning it apart from x would pair each kept
+    # channel of x with the condition of another channel
     ids = [_fit(tr, tr.ids(t), out) for t in tensors]
     ids = list(torch.broadcast_tensors(*ids)) if ids else []
     for i in range(len(ids)):

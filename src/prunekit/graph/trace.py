@@ -190,7 +190,9 @@ class Tracer(TorchFunctionMode):
             if not big:
                 return torch.full([1] * p.dim(), NO_ID, dtype=torch.long)
             dim = big[0] if len(big) == 1 else p.dim() - 1
-            vec = self.new_space(f"{mod}.{name}" if mod else name, p.shape[dim])
+            # an integer or bool tensor holds values (positions, token ids), not channels: its
+            # entries are never removed (torchvision's relative_position_index buffers)
+            vec = self.new_space(f"{mod}.{name}" if mod else name, p.shape[dim], fixed=not p.is_floating_point())
             self.add_member(mod, name, dim, vec, "through")
             shape = [1] * p.dim()
             shape[dim] = p.shape[dim]

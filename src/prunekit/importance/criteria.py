@@ -44,9 +44,21 @@ def per_channel(values: torch.Tensor, member, size: int, reduce: str = "sum") ->
     """
     flat = values.movedim(member.dim, 0).reshape(values.shape[member.dim], -1)
     row = flat.sum(1) if reduce == "sum" else flat.amax(1)
+    if reduce == "sum" and _is_identity(member, size):
+        return row + 0.0  # position j is channel j: the scatter below would give this (a new tensor)
     sel = member.channel >= 0
     out = torch.zeros(size, dtype=row.dtype)
     return out.scatter_reduce_(0, member.channel[sel], row[sel], "sum" if reduce == "sum" else "amax")
+
+
+def _is_identity(member, size: int) -> bool:
+    """Whether member.channel is 0..size-1 (cached on the member: graphs are reused across prunings)."""
+    known = getattr(member, "_identity", None)
+    if known is None:
+        ch = member.channel
+        known = bool(ch.numel() == size and torch.equal(ch, torch.arange(size, dtype=ch.dtype)))
+        member._identity = known
+    return known
 
 
 def reduce_members(scores: list[torch.Tensor], how: str) -> torch.Tensor:

@@ -70,43 +70,72 @@ def select_removal(graph: Graph, scores: Mapping[str, torch.Tensor], ratio: floa
                    max_ratio: float = 0.9, round_to: int | None = None, normalizer: str = "mean") -> dict[str, list[int]]:
     """Channels to remove per group, lowest scores first. `scores` covers the groups to prune."""
     check_range("ratio", ratio, 0.0, 1.0, hi_open=True)
-    check_range("max_ratio", max_ratio, 0.0, 1.0)
-    check_choice("scope", scope, ("local", "global"))
-    groups = {name: graph.group(name) for name in scores}
-    for name, s in scores.items():
-        if s.shape != (groups[name].size,):
-            raise ConfigError(f"scores for group {name!r} have shape {tuple(s.shape)}, expected ({groups[name].size},)")
-    keep = {n: must_keep(g, scores[n]) for n, g in groups.items()}
-    if scope == "local":
-        counts = {n: min(_cap(g, max_ratio, keep[n]), int(math.floor(ratio * g.size))) for n, g in groups.items()}
-    else:
-        counts = _global_counts(groups, scores, ratio, max_ratio, normalizer, keep)
-    removal = {}
-    for name, n in counts.items():
-        g = groups[name]
-        n = _round_kept(g, n, round_to, _cap(g, max_ratio, keep[name]))
-        if n <= 0:
-            continue
-        s = scores[name].clone().float()
-        s[~g.prunable | keep[name]] = float("inf")
-        removal[name] = sorted(torch.argsort(s, stable=True)[:n].tolist())
-    return removal
+    return RemovalSelector(graph, scores, scope, max_ratio, round_to, normalizer).at(ratio)
 
 
-def _global_counts(groups, scores, ratio, max_ratio, normalizer, keep) -> dict[str, int]:
-    entries = []
-    for name, g in groups.items():
-        s = normalize(scores[name].float(), normalizer)
-        entries += [(float(s[i]), name) for i in (g.prunable & ~keep[name]).nonzero().flatten().tolist()]
-    total = sum(g.size for g in groups.values())
-    budget = int(math.floor(ratio * total))
-    entries.sort(key=lambda e: e[0])
-    counts = {n: 0 for n in groups}
-    caps = {n: _cap(g, max_ratio, keep[n]) for n, g in groups.items()}
-    for _, name in entries:
-        if budget <= 0:
-            break
-        if counts[name] < caps[name]:
-            counts[name] += 1
-            budget -= 1
-    return counts
+class RemovalSelector:
+    """`select_removal` of one set of scores at many ratios (a cost-target bisection asks ~20).
+
+    What does not depend on the ratio is computed once: every group's must-keep channels, cap and
+    removal order, and for scope="global" the sorted normalised scores with, for each, whether
+    its group may still lose it (its rank within the group is below the group's cap). Removing
+    a budget B globally takes the first B such entries in score order: the same channels as
+    walking the sorted list and skipping groups that reached their cap.
+    """
+
+    def __init__(self, graph: Graph, scores: Mapping[str, torch.Tensor], scope: str = "local",
+                 max_ratio: float = 0.9, round_to: int | None = None, normalizer: str = "mean"):
+        check_range("max_ratio", max_ratio, 0.0, 1.0)
+        check_choice("scope", scope, ("local", "global"))
+        check_choice("normalizer", normalizer, NORMALIZERS)
+        self.groups = {name: graph.group(name) for name in scores}
+        for name, s in scores.items():
+            if s.shape != (self.groups[name].size,):
+                raise ConfigError(f"scores for group {name!r} have shape {tuple(s.shape)}, expected ({self.groups[name].size},)")
+        self.scope, self.max_ratio, self.round_to = scope, max_ratio, round_to
+        keep = {n: must_keep(g, scores[n]) for n, g in self.groups.items()}
+        self.caps = {n: _cap(g, max_ratio, keep[n]) for n, g in self.groups.items()}
+        self.order = {}
+        for name, g in self.groups.items():
+            s = scores[name].detach().clone().float()
+            s[~g.prunable | keep[name]] = float("inf")
+            self.order[name] = torch.argsort(s, stable=True)  # (size,) removal order, lowest first
+        if scope == "global":
+            self._global_table(scores, normalizer, keep)
+
+    def _global_table(self, scores, normalizer, keep) -> None:
+        names = list(self.groups)
+        vals, owner = [], []
+        for i, (name, g) in enumerate(self.groups.items()):
+            s = normalize(scores[name].detach().float(), normalizer)
+            v = s[g.prunable & ~keep[name]].double().numpy()  # float32 values, in channel order
+            vals.append(v)
+            owner.append(np.full(v.size, i, dtype=np.int64))
+        vals_np = np.concatenate(vals) if vals else np.zeros(0)
+        owner_np = np.concatenate(owner) if owner else np.zeros(0, dtype=np.int64)
+        ranked = owner_np[np.argsort(vals_np, kind="stable")]  # group of each entry, lowest score first
+        by_group = np.argsort(ranked, kind="stable")  # entries grouped, score order within a group
+        starts = np.concatenate([[0], np.cumsum(np.bincount(ranked, minlength=len(names)))[:-1]])
+        rank = np.empty(ranked.size, dtype=np.int64)
+        rank[by_group] = np.arange(ranked.size) - starts[ranked[by_group]]
+        caps = np.array([self.caps[n] for n in names], dtype=np.int64)
+        self._names, self._eligible = names, ranked[rank < caps[ranked]] if ranked.size else ranked
+        self._total = sum(g.size for g in self.groups.values())
+
+    def counts(self, ratio: float) -> dict[str, int]:
+        """How many channels each group loses at `ratio`, before rounding to `round_to`."""
+        if self.scope == "local":
+            return {n: min(self.caps[n], int(math.floor(ratio * g.size))) for n, g in self.groups.items()}
+        budget = max(0, int(math.floor(ratio * self._total)))
+        taken = np.bincount(self._eligible[:budget], minlength=len(self._names))
+        return dict(zip(self._names, taken.tolist()))
+
+    def at(self, ratio: float) -> dict[str, list[int]]:
+        """Channels to remove per group at `ratio` (see `select_removal`)."""
+        removal = {}
+        for name, n in self.counts(ratio).items():
+            g = self.groups[name]
+            n = _round_kept(g, n, self.round_to, self.caps[name])
+            if n > 0:
+                removal[name] = sorted(self.order[name][:n].tolist())
+        return removal

@@ -6,6 +6,12 @@ parameters/MACs that remains; the removal ratio is found by bisection on an exac
 `steps` > 1 prunes iteratively along a linear schedule, calling `between_steps(model, step)`
 (e.g. a short fine-tune) after each step.
 
+`criterion` is a registered name (`importance.criteria.CRITERIA`), "<prefix>:<text>" built by a
+registered criterion factory, or any callable `(group, ctx) -> Tensor (group.size,)`; a config
+holding a callable records its qualified name in `to_dict` and cannot be replayed from a file.
+`prepare_pruning` (surgery/prepared.py) traces and probes once; `magnitude_prune_` is that
+preparation followed by the same handler, so both paths run one code.
+
 >>> import torch, torch.nn as nn
 >>> from prunekit.methods import prune_
 >>> m = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Conv2d(64, 4, 1))
@@ -25,12 +31,13 @@ from torch import nn
 
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PrunekitError, PruningError
-from ..cost.macs import cost_after, cost_from_graph, estimate_cost
+from ..cost.macs import Cost, CostEstimator, cost_after
 from ..graph import Graph
-from ..importance.criteria import CRITERIA, REDUCTIONS, ScoreContext
-from ..importance.select import NORMALIZERS, select_removal
+from ..importance.criteria import REDUCTIONS, Criterion, ScoreContext, resolve_criterion
+from ..importance.select import NORMALIZERS, RemovalSelector, select_removal
 from ..surgery.copying import adopt_, share_copy
 from ..surgery.plan import Plan, make_plan
+from ..surgery.prepared import PreparedPruning, prepare_pruning, register_prepared_handler
 from ..surgery.shrink import remove_channels_
 from ..surgery.verify import build_safe_graph, run_model
 from .result import PruneResult
@@ -38,7 +45,7 @@ from .result import PruneResult
 
 @dataclasses.dataclass
 class MagnitudeConfig(Config):
-    criterion: str = "l2"
+    criterion: str | Criterion = "l2"
     reduction: str = "mean"
     normalizer: str = "mean"
     scope: str = "local"
@@ -53,7 +60,7 @@ class MagnitudeConfig(Config):
     probe: bool = True  # check every group on the real model first (see surgery/verify.py)
 
     def validate(self) -> None:
-        check_choice("criterion", self.criterion, CRITERIA.list())
+        resolve_criterion(self.criterion)
         check_choice("reduction", self.reduction, REDUCTIONS)
         check_choice("normalizer", self.normalizer, NORMALIZERS)
         check_choice("scope", self.scope, ("local", "global"))
@@ -72,60 +79,75 @@ class MagnitudeConfig(Config):
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"steps={self.steps!r} must be an integer >= 1")
 
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if not isinstance(self.criterion, str):  # a Python callable: name it, it cannot be written to a file
+            fn = self.criterion
+            out["criterion"] = f"<callable {getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}>"
+            out["replayable"] = False
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MagnitudeConfig":
+        if isinstance(data, dict) and data.get("replayable") is False:
+            raise ConfigError(f"this config used the Python callable criterion {data.get('criterion')}, which a file "
+                              "cannot hold; pass the callable again, or register it and give its name")
+        return super().from_dict(data)
+
 
 def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: Iterable | None,
-                 example_inputs: Any = None) -> dict[str, torch.Tensor]:
+                 example_inputs: Any = None, fallbacks: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """One score tensor per prunable group; groups whose criterion fell back are added to `fallbacks`."""
     ctx = ScoreContext(model, batches=batches, reduction=cfg.reduction, seed=cfg.seed, example_inputs=example_inputs)
-    criterion = CRITERIA.get(cfg.criterion)
-    return {g.name: criterion(g, ctx) for g in graph.prunable_groups()}
+    criterion = resolve_criterion(cfg.criterion)
+    scores = {}
+    for g in graph.prunable_groups():
+        s = criterion(g, ctx)
+        if not isinstance(s, torch.Tensor):
+            raise ConfigError(f"criterion {cfg.to_dict()['criterion']} returned {type(s).__name__} for group "
+                              f"{g.name!r}; a criterion returns a tensor of shape ({g.size},)")
+        scores[g.name] = s.detach()
+    if fallbacks is not None:
+        fallbacks.update(ctx.fallbacks)
+    return scores
 
 
-def _removal_at(graph, scores, cfg, ratio):
-    return select_removal(graph, scores, ratio, cfg.scope, cfg.max_ratio, cfg.round_to, cfg.normalizer)
+def _search_ratio(graph: Graph, scores, cfg: MagnitudeConfig, which: str, target: float,
+                  estimator: CostEstimator) -> dict[str, list[int]]:
+    """Smallest ratio whose estimated cost ({which}) is <= target (absolute count).
 
-
-def _search_ratio(model, graph, scores, cfg, which: str, target: float) -> dict[str, list[int]]:
-    """Smallest ratio whose estimated cost ({which}) is <= target (absolute count)."""
+    The estimate table (`estimator`) and the ranking of channels (`RemovalSelector`) are built
+    once for all bisection steps."""
     pick = 0 if which == "params" else 1
-    cost = lambda r: estimate_cost(model, graph, _removal_at(graph, scores, cfg, r))[pick]
+    removal_at = RemovalSelector(graph, scores, cfg.scope, cfg.max_ratio, cfg.round_to, cfg.normalizer).at
+    cost = lambda r: estimator(removal_at(r))[pick]
     hi = cfg.max_ratio if cfg.max_ratio < 1 else 0.999
-    if cost(hi) > target:
+    at_hi = cost(hi)
+    if at_hi > target:
         raise ConfigError(f"impossible target: removing up to max_ratio={cfg.max_ratio} of every group still "
-                          f"leaves {cost(hi):,} {which} (> {int(target):,}); raise max_ratio, use scope='global' "
+                          f"leaves {at_hi:,} {which} (> {int(target):,}); raise max_ratio, use scope='global' "
                           "or ask for a larger fraction")
     lo = 0.0
     for _ in range(20):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cost(mid) > target else (lo, mid)
-    return _removal_at(graph, scores, cfg, hi)
+    return removal_at(hi)
 
 
-def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any, batches: Iterable | None = None,
-                     between_steps: Callable[[nn.Module, int], None] | None = None) -> PruneResult:
-    graph = build_safe_graph(model, example_inputs, cfg.ignore, probe=cfg.probe)
-    before = cost_from_graph(model, graph)
-    # the user's model changes only once everything succeeded; scoring on batches (gradients) or
-    # fine-tuning between steps writes into tensors, so those need a copy of every weight
-    work = share_copy(model) if batches is None and between_steps is None else copy.deepcopy(model)
-    plan: Plan | None = None
-    for step in range(1, cfg.steps + 1):
-        if step > 1:
-            graph = build_safe_graph(work, example_inputs, cfg.ignore, probe=cfg.probe)
-        scores = score_groups(work, graph, cfg, batches, example_inputs)
-        frac = step / cfg.steps
-        if cfg.channel_ratio is not None:
-            done = cfg.channel_ratio * (step - 1) / cfg.steps
-            removal = _removal_at(graph, scores, cfg, (cfg.channel_ratio * frac - done) / (1 - done))
-        else:
-            which = "params" if cfg.params_fraction is not None else "macs"
-            final = cfg.params_fraction if which == "params" else cfg.macs_fraction
-            goal = (1 - (1 - final) * frac) * (before.params if which == "params" else before.macs)
-            removal = _search_ratio(work, graph, scores, cfg, which, goal)
-        step_plan = make_plan(graph, removal, example_inputs, cfg.ignore)
-        remove_channels_(work, graph, removal)
-        plan = step_plan if plan is None else plan.compose(step_plan)
-        if between_steps is not None:
-            between_steps(work, step)
+def _step_removal(graph: Graph, scores, cfg: MagnitudeConfig, step: int, before: Cost,
+                  estimator: CostEstimator) -> dict[str, list[int]]:
+    frac = step / cfg.steps
+    if cfg.channel_ratio is not None:
+        done = cfg.channel_ratio * (step - 1) / cfg.steps
+        ratio = (cfg.channel_ratio * frac - done) / (1 - done)
+        return select_removal(graph, scores, ratio, cfg.scope, cfg.max_ratio, cfg.round_to, cfg.normalizer)
+    which = "params" if cfg.params_fraction is not None else "macs"
+    final = cfg.params_fraction if which == "params" else cfg.macs_fraction
+    goal = (1 - (1 - final) * frac) * (before.params if which == "params" else before.macs)
+    return _search_ratio(graph, scores, cfg, which, goal, estimator)
+
+
+def _check_runs(work: nn.Module, example_inputs: Any) -> None:
     try:  # a pruned model that no longer runs never reaches the caller
         run_model(work, example_inputs)
     except PrunekitError:
@@ -135,10 +157,52 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
             f"the pruned model no longer runs ({type(err).__name__}: {str(err)[:200]}); its forward hard-codes "
             "a channel count the trace cannot see. Prune with probe=True (the default), which tests every group "
             "first, or ignore the layers involved; the model was left unchanged") from None
-    after = cost_after(work, graph, removal)  # exact: tests compare it with a recount
-    adopt_(model, work)
-    plan.meta.update({"method": "magnitude", "config": cfg.to_dict()})
-    return PruneResult(plan, before, after, cfg.to_dict(), metrics=_capped_note(cfg))
+
+
+def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeConfig, batches: Iterable | None = None,
+                    between_steps: Callable[[nn.Module, int], None] | None = None, verify: bool = True) -> PruneResult:
+    """Score, select and remove on `model` with the prepared graph (steps > 1 trace again after step 1).
+
+    verify=True runs the pruned model once before handing it back (a model whose code hard-codes
+    a width fails here, and `model` is left unchanged). verify=False skips that forward (the
+    probe already ran the model with a channel removed from every group) and, when nothing else
+    writes into tensors (no batches, no between_steps), removes channels from `model` directly:
+    surgery checks everything before it writes, so a failure still leaves `model` unchanged."""
+    graph, estimator, example_inputs = prepared.graph, prepared.estimator, prepared.example_inputs
+    before = prepared.cost_before
+    # the user's model changes only once everything succeeded; scoring on batches (gradients) or
+    # fine-tuning between steps writes into tensors, so those need a copy of every weight
+    writes = batches is not None or between_steps is not None
+    work = copy.deepcopy(model) if writes else share_copy(model) if verify or cfg.steps > 1 else model
+    plan: Plan | None = None
+    fallbacks: dict[str, str] = {}
+    for step in range(1, cfg.steps + 1):
+        if step > 1:
+            graph = build_safe_graph(work, example_inputs, cfg.ignore, probe=cfg.probe)
+            estimator = CostEstimator(work, graph)
+        scores = score_groups(work, graph, cfg, batches, example_inputs, fallbacks)
+        removal = _step_removal(graph, scores, cfg, step, before, estimator)
+        step_plan = make_plan(graph, removal, example_inputs, cfg.ignore)
+        remove_channels_(work, graph, removal)
+        plan = step_plan if plan is None else plan.compose(step_plan)
+        if between_steps is not None:
+            between_steps(work, step)
+    if verify:
+        _check_runs(work, example_inputs)
+    after = cost_after(work, graph, removal, estimator)  # exact: tests compare it with a recount
+    if work is not model:
+        adopt_(model, work)
+    config = cfg.to_dict()
+    plan.meta.update({"method": "magnitude", "config": config})
+    metrics = {"criterion_fallbacks": fallbacks} if fallbacks else {}
+    metrics.update(_capped_note(cfg))
+    return PruneResult(plan, before, after, config, metrics)
+
+
+def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any, batches: Iterable | None = None,
+                     between_steps: Callable[[nn.Module, int], None] | None = None) -> PruneResult:
+    prepared = prepare_pruning(model, example_inputs, cfg.ignore, probe=cfg.probe)
+    return prune_prepared_(prepared, model, cfg, batches, between_steps)
 
 
 def _capped_note(cfg: MagnitudeConfig) -> dict[str, Any]:
@@ -154,3 +218,4 @@ def _capped_note(cfg: MagnitudeConfig) -> dict[str, Any]:
 from . import register_method  # noqa: E402
 
 register_method("magnitude", MagnitudeConfig, magnitude_prune_)
+register_prepared_handler(MagnitudeConfig, prune_prepared_)

@@ -5,7 +5,8 @@ purpose (a forward takes milliseconds) and cover: conv/BN chains, residual adds 
 and zero-pad shortcuts, concat, split/chunk with channel shuffle, flatten into Linear, permute +
 channels-last LayerNorm with layer scale, depthwise and grouped convs, squeeze-excitation,
 GroupNorm/InstanceNorm/PReLU, transposed conv, nn.MultiheadAttention, LSTM/GRU, Linear-qkv attention with
-scaled_dot_product_attention, embeddings, and Python control flow in forward.
+scaled_dot_product_attention, embeddings, Python control flow in forward, and rolls, flips,
+where / masked_fill conditions and tensor clamp bounds.
 """
 from __future__ import annotations
 
@@ -242,6 +243,26 @@ class ControlFlowNet(nn.Module):
         return self.fc(x.amax(dim=(2, 3)))
 
 
+class RollMaskNet(nn.Module):
+    """A roll of the channels (which fixes them), a roll along H and a flip of the channels
+    (which prune exactly), and where / masked_fill / clamp whose condition or bound comes from
+    another conv (joined to the data's channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.gate = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+        self.b, self.bound = nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(3, 6, 1)
+        self.c, self.fc = nn.Conv2d(6, 4, 1), nn.Linear(4 * 4 * 4, 2)
+
+    def forward(self, x):
+        y = torch.roll(self.a(x), 1, dims=1)
+        g = self.gate(x)
+        y = torch.where(g > 0, y, -0.5 * y).masked_fill(g < -1, 0.25)
+        z = torch.roll(self.b(y), 1, dims=2).flip(1)
+        z = torch.clamp(z, min=self.bound(x) - 0.5)
+        return self.fc(torch.flip(self.c(z), dims=(1,)).flatten(1))
+
+
 class ShuffleOfWidthOne(nn.Module):
     """Channel shuffle whose two groups are one channel each: view(b, 2, -1, h, w) with the 2
     written in the code. Removing either channel breaks the view; only probing can tell (so it
@@ -270,4 +291,5 @@ TOY_MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], object]]] = {
     "attention_heads": (AttentionHeads, lambda: torch.randn(2, 6, 5)),
     "recurrent": (Recurrent, lambda: torch.randn(2, 6, 5)),
     "control_flow": (ControlFlowNet, lambda: torch.randn(2, 3, 16, 16)),
+    "roll_mask": (RollMaskNet, lambda: torch.randn(2, 3, 4, 4)),
 }

@@ -18,6 +18,8 @@ config.finetune_epochs, and the logits follow its learning-rate schedule.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -45,6 +47,8 @@ def gator_prune_(
     train_config: Any = None,
     progress: bool = False,
     device: str | torch.device | None = None,
+    ckpt_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> PruneResult:
     """Prune `model` in place with Gator; returns plan, costs and metrics.
 
@@ -53,6 +57,8 @@ def gator_prune_(
     (measure, target, achieved, within_tolerance), macs_fraction, params_fraction, conversion
     (cut branches, silent groups, max |gated - converted| on the example inputs),
     skipped_groups, and with a val_loader gated / converted / finetuned accuracy.
+    With `ckpt_dir` both training phases checkpoint every epoch (in its subfolders gated/ and
+    finetune/); with `resume=True` they continue from there, and a finished phase only reloads.
     """
     from ...cost.macs import cost_from_graph, count_cost
     from ...engine.distributed import env_ranks, resolve_device
@@ -76,7 +82,7 @@ def gator_prune_(
     metrics: dict[str, Any] = {"skipped_groups": skipped, "gated_groups": list(gates.names)}
 
     masks = _gated_phase(model, gates, cost, measure, config, train_config, train_loader, val_loader, dev,
-                         progress, metrics)
+                         progress, metrics, (_phase_dir(ckpt_dir, "gated"), resume))
     model.cpu()  # surgery indexes with CPU tensors
     gates.cpu()
     example = _to(example_inputs, torch.device("cpu"))
@@ -89,7 +95,7 @@ def gator_prune_(
         metrics["converted"] = evaluate(model, val_loader, dev)
     if config.finetune_epochs:
         run = train(model, train_loader, val_loader, train_config.replace(epochs=config.finetune_epochs),
-                    device=dev, progress=progress)
+                    device=dev, progress=progress, resume=resume, ckpt_dir=_phase_dir(ckpt_dir, "finetune"))
         metrics["finetune_history"] = run.history
         if val_loader is not None:
             metrics["finetuned"] = evaluate(model, val_loader, dev)
@@ -98,9 +104,13 @@ def gator_prune_(
     return PruneResult(plan, before, after, config.to_dict(), metrics)
 
 
+def _phase_dir(ckpt_dir: str | os.PathLike[str] | None, phase: str) -> Path | None:
+    return None if ckpt_dir is None else Path(ckpt_dir) / phase
+
+
 def _gated_phase(model: nn.Module, gates: GateSet, cost: CostModel, measure: CostModel, config: GatorConfig,
                  train_config: Any, train_loader: Iterable, val_loader: Iterable | None, dev: torch.device,
-                 progress: bool, metrics: dict[str, Any]) -> list[Tensor]:
+                 progress: bool, metrics: dict[str, Any], ckpt: tuple[Path | None, bool] = (None, False)) -> list[Tensor]:
     """Train with gates, choose the final open channels and freeze the gates on them."""
     from ...engine.evaluate import evaluate
     from ...engine.train import lr_factor, train
@@ -114,7 +124,8 @@ def _gated_phase(model: nn.Module, gates: GateSet, cost: CostModel, measure: Cos
     gates.attach(model)
     try:
         if config.epochs:
-            run = train(model, train_loader, val_loader, phase, hooks=[hook], device=dev, progress=progress)
+            run = train(model, train_loader, val_loader, phase, hooks=[hook], device=dev, progress=progress,
+                        ckpt_dir=ckpt[0], resume=ckpt[1])
             metrics["gated_history"] = run.history
         n = len(gates.logits)
         masks, info = final_masks([t.detach().cpu() for t in gates.logits], [gates.active(i).cpu() for i in range(n)],

@@ -19,6 +19,8 @@ Registered as method "slr" (ADMM is `SLRConfig(optimization="admm")`), so
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Iterable
 
 from torch import Tensor, nn
@@ -44,6 +46,8 @@ def slr_prune_(
     train_config: Any = None,
     check_batches: Iterable | None = None,
     progress: bool = False,
+    ckpt_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> PruneResult:
     """Run SLR or ADMM on `model` in place; returns plan, costs and per-phase metrics.
 
@@ -51,6 +55,8 @@ def slr_prune_(
     config.epochs, then config.retrain_epochs; each phase builds a fresh optimizer). Metrics:
     slr_history (per-epoch records with the "slr/..." entries), hard_pruned, hard_pruned_bn,
     retrained (val loss/acc, when val_loader is given), sparsity (per masked tensor).
+    With `ckpt_dir` both phases checkpoint every epoch (in its subfolders penalised/ and
+    retrain/); with `resume=True` they continue from there, and a finished phase only reloads.
     """
     from ...cost.macs import count_cost
     from ...engine.evaluate import evaluate
@@ -64,7 +70,7 @@ def slr_prune_(
     metrics: dict[str, Any] = {"slr_history": []}
     if config.epochs:
         run = train(model, train_loader, val_loader, train_config.replace(epochs=config.epochs),
-                    hooks=[hook], progress=progress)
+                    hooks=[hook], progress=progress, resume=resume, ckpt_dir=_phase_dir(ckpt_dir, "penalised"))
         metrics["slr_history"] = run.history
     example_inputs = _to_model_device(model, example_inputs)  # train() may have moved the model
     closing = example_inputs if config.sparsity_type == "filter" else None
@@ -77,7 +83,7 @@ def slr_prune_(
             metrics["hard_pruned_bn"] = evaluate(model, val_loader)
     if config.retrain_epochs:
         run = train(model, train_loader, val_loader, train_config.replace(epochs=config.retrain_epochs),
-                    progress=progress)
+                    progress=progress, resume=resume, ckpt_dir=_phase_dir(ckpt_dir, "retrain"))
         metrics["retrain_history"] = run.history
         if val_loader is not None:
             metrics["retrained"] = evaluate(model, val_loader)
@@ -88,6 +94,10 @@ def slr_prune_(
         plan = empty_plan(example_inputs)
     plan.meta.update({"method": "slr", "config": config.to_dict()})
     return PruneResult(plan, before, count_cost(model, example_inputs), config.to_dict(), metrics)
+
+
+def _phase_dir(ckpt_dir: str | os.PathLike[str] | None, phase: str) -> Path | None:
+    return None if ckpt_dir is None else Path(ckpt_dir) / phase
 
 
 def _to_model_device(model: nn.Module, example: Any) -> Any:

@@ -1,0 +1,122 @@
+"""Where a run stands: which stages finished, and the weights to continue from.
+
+Every workflow command keeps `<run>/state.json` up to date (written atomically: a temporary
+file moved over the old one), so that a run stopped at any moment, even by SIGKILL, can be
+continued with `prunekit resume <run>`:
+
+    format, version      "prunekit.run_state", 1
+    command, stages      the command that made the run and its stages in order
+                         (e.g. "run", ["train", "prune", "finetune"])
+    done                 the stages that finished; they are never redone
+    weights              file (relative to the run) holding the model after the last finished
+                         stage; null: the recipe's `init`, or the seeded fresh model
+    before_prune         the same for the model pruning started from (the report compares
+                         against it); set once pruning finished
+    evaluations, seconds, prune_metrics   what the finished stages measured (the result's input)
+    finished             true once result.json and the report are written
+
+A training stage in progress keeps its own checkpoint in `<run>/ckpt/<stage>/last.pt`, written
+after every epoch, so a resume loses at most the epoch that was running. Each finished stage's
+weights go to `<run>/ckpt/<stage>/model.safetensors` (the dense model after `train` also to
+dense.safetensors, as before).
+
+>>> state = new_state("run", ["train", "prune"], weights=None)
+>>> state["done"], state["finished"]
+([], False)
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import CheckpointError, ConfigError
+
+STATE_NAME = "state.json"
+FORMAT, VERSION = "prunekit.run_state", 1
+
+
+def new_state(command: str, stages: list[str], weights: str | None) -> dict[str, Any]:
+    """The state of a run that has not started any stage; `weights` is what it starts from."""
+    return {"format": FORMAT, "version": VERSION, "command": command, "stages": list(stages), "done": [],
+            "weights": weights, "before_prune": None, "evaluations": [], "seconds": {}, "prune_metrics": {},
+            "finished": False}
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    """Where a stage keeps its checkpoint (last.pt) and its finished weights (model.safetensors)."""
+    return run_dir / "ckpt" / stage
+
+
+def write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    """Replace state.json atomically (a crash leaves the old or the new file, never half)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_NAME}.", suffix=".tmp", dir=run_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, run_dir / STATE_NAME)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_state(run_dir: Path) -> dict[str, Any] | None:
+    """state.json of a run directory, None when it has none (made before runs kept a state)."""
+    path = run_dir / STATE_NAME
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable ({err}); the run cannot be resumed") from None
+    keys = ("command", "stages", "done", "weights", "before_prune", "evaluations", "seconds", "finished")
+    if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in keys):
+        raise CheckpointError(f"{path} is not a prunekit run state; the run cannot be resumed")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path} has run state version {state.get('version')!r}; this prunekit "
+                              f"reads version {VERSION}")
+    return state
+
+
+def check_finished(run_dir: Path, command: str) -> None:
+    """ConfigError when a run directory given to `command` stopped before it finished.
+
+    Its files are those of an earlier stage (the dense model of a run stopped before pruning),
+    so taking them would silently work on the wrong model.
+    """
+    state = read_state(run_dir)
+    if state is None or state["finished"]:
+        return
+    todo = [s for s in state["stages"] if s not in state["done"]]
+    where = f"stopped in stage '{todo[0]}'" if todo else "stopped before writing its result"
+    raise ConfigError(f"run directory {run_dir} did not finish ({where}; finished: "
+                      f"{', '.join(state['done']) or 'none'}); continue it with `prunekit resume {run_dir}` "
+                      f"before giving it to `prunekit {command}`")
+
+
+def weights_path(run_dir: Path, name: str | None) -> str | None:
+    """A weights entry of the state as a path: relative names live in the run directory."""
+    if name is None:
+        return None
+    path = Path(name)
+    return str(path if path.is_absolute() else run_dir / path)
+
+
+def resumable_state(run_dir: Path) -> dict[str, Any]:
+    """The state of a run that `prunekit resume` can continue; ConfigError saying why not."""
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a directory; give the run directory to resume")
+    state = read_state(run_dir)
+    if state is None:
+        raise ConfigError(f"{run_dir} has no {STATE_NAME}; only run directories written by `prunekit "
+                          "run/train/prune/finetune` can be resumed")
+    if state["finished"]:
+        raise ConfigError(f"run {run_dir} already finished; nothing to resume (see its report.md)")
+    if not (run_dir / "recipe.yaml").is_file():
+        raise ConfigError(f"{run_dir} lacks recipe.yaml; the run cannot be resumed")
+    return state

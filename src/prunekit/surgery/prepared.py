@@ -1,0 +1,97 @@
+"""Trace and probe once, prune many fresh copies: `prepare_pruning`.
+
+Tracing and probing depend on the architecture only, not on the weights. A `PreparedPruning`
+holds the probed graph of one model and prunes any fresh copy of the same architecture (same
+parameter names and shapes) with any method that registered a prepared handler, skipping the
+trace and the probe. That is what a search over thousands of criteria needs.
+
+>>> import copy, torch, torch.nn as nn
+>>> from prunekit.methods.magnitude import MagnitudeConfig
+>>> dense = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+>>> prepared = prepare_pruning(dense, torch.randn(1, 3, 8, 8))
+>>> for crit in ("l1", "l2", lambda group, ctx: torch.arange(group.size, dtype=torch.float)):
+...     model = copy.deepcopy(dense)
+...     result = prepared.prune_(model, MagnitudeConfig(channel_ratio=0.5, criterion=crit))
+>>> model[0].out_channels
+4
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from ..core.config import Config
+from ..core.errors import ConfigError, PruningError
+from ..cost.macs import Cost, CostEstimator, cost_from_graph
+from ..graph import Graph
+from .verify import build_safe_graph
+
+# config class -> handler(prepared, model, config, **kwargs) -> PruneResult
+_PREPARED_HANDLERS: dict[type, Callable] = {}
+
+
+def register_prepared_handler(config_cls: type[Config], handler: Callable) -> None:
+    """Let `PreparedPruning.prune_` prune with configs of `config_cls` (the method's own code path)."""
+    _PREPARED_HANDLERS[config_cls] = handler
+
+
+def _signature(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+@dataclass
+class PreparedPruning:
+    """A model's probed graph plus what every pruning of a copy reuses (costs, estimate table)."""
+
+    graph: Graph
+    example_inputs: Any
+    ignore: tuple[str, ...]
+    probed: bool
+    shapes: dict[str, tuple[int, ...]]
+    cost_before: Cost
+    estimator: CostEstimator = field(repr=False)
+
+    def check(self, model: nn.Module) -> None:
+        """PruningError unless `model` has exactly the prepared model's parameter names and shapes."""
+        got = _signature(model)
+        if got == self.shapes:
+            return
+        missing = [n for n in self.shapes if n not in got]
+        extra = [n for n in got if n not in self.shapes]
+        shape = [f"{n} {got[n]} (prepared {self.shapes[n]})" for n in self.shapes if n in got and got[n] != self.shapes[n]]
+        what = "; ".join(part for part in (f"missing {missing[:3]}" if missing else "",
+                                           f"unexpected {extra[:3]}" if extra else "",
+                                           f"other shapes: {', '.join(shape[:3])}" if shape else "") if part)
+        raise PruningError(f"this model is not a fresh copy of the prepared one ({what}); prune copies of the "
+                           "unpruned model it was prepared on, or call prepare_pruning on this model")
+
+    def prune_(self, model: nn.Module, config: Config, batches: Any = None, **kwargs: Any):
+        """Prune `model` (a fresh copy of the prepared architecture) in place; returns a PruneResult.
+
+        No trace and no probe: the prepared graph is reused. Keyword arguments go to the method
+        (e.g. `between_steps` for the magnitude method)."""
+        handler = _PREPARED_HANDLERS.get(type(config))
+        if handler is None:
+            raise ConfigError(f"{type(config).__name__} cannot prune from a prepared graph; methods that can: "
+                              f"{', '.join(sorted(c.__name__ for c in _PREPARED_HANDLERS)) or '(none)'}")
+        if tuple(getattr(config, "ignore", ()) or ()) != self.ignore:
+            raise ConfigError(f"config.ignore={list(getattr(config, 'ignore', []))} differs from the prepared "
+                              f"ignore={list(self.ignore)}; prepare with the same ignore list")
+        if getattr(config, "probe", False) and not self.probed:
+            raise ConfigError("the config asks for probing but the graph was prepared with probe=False; "
+                              "prepare with probe=True or set probe=False in the config")
+        self.check(model)
+        return handler(self, model, config, batches=batches, **kwargs)
+
+
+def prepare_pruning(model: nn.Module, example_inputs: Any, ignore: Sequence[str] = (),
+                    probe: bool = True) -> PreparedPruning:
+    """Trace `model` once (and probe its groups, see surgery/verify.py) for repeated pruning of copies.
+
+    The model itself is not changed; prune copies of it (e.g. `copy.deepcopy(model)`) with
+    `prepared.prune_(copy, config)`."""
+    graph = build_safe_graph(model, example_inputs, list(ignore), probe=probe)
+    return PreparedPruning(graph, example_inputs, tuple(ignore), probe, _signature(model),
+                           cost_from_graph(model, graph), CostEstimator(model, graph))

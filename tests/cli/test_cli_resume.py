@@ -1,0 +1,144 @@
+"""A run killed mid-training continues with `prunekit resume` to the same result as an
+uninterrupted run; a stopped run is never taken as finished by the other commands."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from prunekit.cli.main import cli
+
+
+
+def make_runner() -> CliRunner:  # as tests/cli/conftest.py: stderr kept apart on every click version
+    if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters:
+        return CliRunner(mix_stderr=False)
+    return CliRunner()
+
+ARGS = ["train.epochs=2", "finetune.epochs=2", "eval.latency=false", "threads=1", "name=resume"]
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+def _records(run: Path) -> list[dict]:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # the line being written
+            pass
+    return out
+
+
+def _epochs_in(records: list[dict], stage: str) -> int:
+    """Epoch records logged since the last start of `stage`."""
+    n, inside = 0, False
+    for r in records:
+        if r.get("event") == "stage":
+            inside, n = r.get("name") == stage, 0 if r.get("name") == stage else n
+        elif r.get("event") == "epoch" and inside:
+            n += 1
+    return n
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    threads = torch.get_num_threads()
+    try:
+        result = make_runner().invoke(cli, ["run", *ARGS, "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return out
+
+
+def _run_and_kill(args: list[str], out: Path, stage: str, epochs: int) -> None:
+    """Start `prunekit *args` in a process and SIGKILL it once `stage` logged `epochs` epochs and
+    wrote their checkpoint (the epoch record comes just before the checkpoint)."""
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "prunekit.cli.main", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while _epochs_in(_records(out), stage) < epochs or not (out / "ckpt" / stage / "last.pt").exists():
+            assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "the run did not reach the epoch in time"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _last_resume(records: list[dict]) -> list[dict]:
+    at = max(i for i, r in enumerate(records) if r.get("event") == "resume" and "todo" in r)
+    return records[at:]
+
+
+def test_a_run_killed_twice_resumes_to_the_uninterrupted_result(reference, tmp_path):
+    out = tmp_path / "run"
+    _run_and_kill(["run", *ARGS, "--out", str(out)], out, "train", 1)  # killed in dense training
+    assert not (out / "result.json").exists()
+    runner = make_runner()
+    for cmd in (["finetune", str(out)], ["prune", str(out)], ["eval", str(out)], ["bench", str(out), "--no-latency"]):
+        res = runner.invoke(cli, cmd)  # the stopped run's files are never taken as its result
+        assert res.exit_code == 2 and "did not finish" in res.stderr and "prunekit resume" in res.stderr, res.output
+    _run_and_kill(["resume", str(out)], out, "finetune", 1)  # resumed, then killed in fine-tuning
+    state = json.loads((out / "state.json").read_text())
+    assert state["done"] == ["train", "prune"] and not state["finished"]
+    threads = torch.get_num_threads()
+    try:
+        res = runner.invoke(cli, ["resume", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, (res.output, res.exception)
+    state = json.loads((out / "state.json").read_text())
+    assert state["finished"] and state["done"] == ["train", "prune", "finetune"]
+    # finished stages were not run again; fine-tuning lost at most the epoch that was running
+    tail = _last_resume(_records(out))
+    assert {r.get("name") for r in tail if r.get("event") == "stage"} == {"finetune"}
+    assert _epochs_in(tail, "finetune") <= 2 - 1 + 1 and any(r.get("event") == "resume" and "from_epoch" in r
+                                                              for r in tail)
+    # the same model and numbers as the run that was never stopped
+    ref, got = load_file(str(reference / "pruned.safetensors")), load_file(str(out / "pruned.safetensors"))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    ref_result, result = (json.loads((d / "result.json").read_text()) for d in (reference, out))
+    for key in ("accuracy_before", "accuracy_after", "accuracy_pruned_no_finetune", "cost_before", "cost_after"):
+        assert result[key] == ref_result[key], key
+    assert [e["step"] for e in result["history"]] == [e["step"] for e in ref_result["history"]]
+
+
+def test_resume_refuses_finished_and_foreign_directories(reference, tmp_path):
+    runner = make_runner()
+    res = runner.invoke(cli, ["resume", str(reference)])
+    assert res.exit_code == 2 and "already finished" in res.stderr
+    (tmp_path / "x").mkdir()
+    res = runner.invoke(cli, ["resume", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "no state.json" in res.stderr
+
+
+def test_bench_and_eval_of_a_directory_without_weights_fail(reference, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(reference / "recipe.yaml", bare / "recipe.yaml")
+    runner = make_runner()
+    for cmd in (["bench", str(bare), "--no-latency"], ["eval", str(bare)], ["finetune", str(bare)]):
+        res = runner.invoke(cli, cmd)
+        assert res.exit_code == 2 and "holds no weights" in res.stderr, (cmd, res.output)
+        assert len(res.stderr.strip().splitlines()) == 1

@@ -1,0 +1,106 @@
+"""Damaged files are refused by checksum; failed writes are one-line errors and leave no file."""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.core import integrity
+from prunekit.core.errors import CheckpointError
+from prunekit.engine import CHECKPOINT_NAME, TrainConfig, load_checkpoint, train
+from prunekit.engine.checkpoint import atomic_torch_save
+from prunekit.surgery import tensor_file
+from prunekit.surgery.persist import load_pruned, save_pruned
+from prunekit.surgery.plan import empty_plan
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+
+
+def _flip_inside(path, tensor: torch.Tensor, n: int = 64) -> None:
+    """Flip `n` bytes in the middle of `tensor`'s stored bytes (located by content)."""
+    data = bytearray(path.read_bytes())
+    raw = tensor.detach().contiguous().numpy().tobytes()
+    at = data.find(raw)
+    assert at >= 0, "tensor bytes not found in the file"
+    mid = at + len(raw) // 2
+    for i in range(mid, mid + n):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_a_pruned_file_are_refused(tmp_path):
+    net = _net()
+    path = save_pruned(net, empty_plan(torch.zeros(1, 64)), tmp_path / "net.safetensors")
+    _flip_inside(path, net[0].weight)
+    with pytest.raises(CheckpointError, match=r"net\.safetensors is corrupt.*checksum"):
+        load_pruned(_net(), path)
+
+
+def test_flipped_bytes_in_a_training_checkpoint_are_refused(tmp_path):
+    net = _net()
+    data = [(torch.randn(8, 64), torch.randint(0, 4, (8,)))]
+    train(net, data, None, TrainConfig(epochs=1, log_every=0), ckpt_dir=tmp_path, progress=False)
+    path = tmp_path / CHECKPOINT_NAME
+    _flip_inside(path, net[0].weight, n=4096)  # 4 KB, as a damaged disk block would
+    with pytest.raises(CheckpointError, match=r"last\.pt is corrupt.*checksum"):
+        load_checkpoint(path)
+
+
+def _no_space(*args, **kwargs):
+    path = args[1] if len(args) > 1 else None
+    if isinstance(path, (str, os.PathLike)):
+        with open(path, "wb") as f:
+            f.write(b"half a file")  # the writer got this far before the disk filled
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_while_saving_a_pruned_file(tmp_path, monkeypatch):
+    net = _net()
+    good = save_pruned(net, empty_plan(torch.zeros(1, 64)), tmp_path / "net.safetensors")
+    before = good.read_bytes()
+    monkeypatch.setattr(tensor_file, "save_file", _no_space)
+    with pytest.raises(CheckpointError) as info:
+        save_pruned(_net(), empty_plan(torch.zeros(1, 64)), good)
+    message = str(info.value)
+    assert "net.safetensors" in message and "no space left" in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.safetensors"]  # no temporary file
+    assert good.read_bytes() == before  # the previous file is intact
+
+
+def test_disk_full_while_saving_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "save", _no_space)
+    with pytest.raises(CheckpointError, match="no space left"):
+        atomic_torch_save({"x": torch.zeros(2)}, tmp_path / CHECKPOINT_NAME)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_only_file_system_is_one_clear_error(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(integrity.tempfile, "mkstemp", read_only)
+    with pytest.raises(CheckpointError, match="read-only") as info:
+        save_pruned(_net(), empty_plan(torch.zeros(1, 64)), tmp_path / "net.safetensors")
+    assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match="read-only"):
+        atomic_torch_save({"x": torch.zeros(2)}, tmp_path / CHECKPOINT_NAME)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write to read-only directories")
+def test_read_only_directory(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(CheckpointError, match="permission denied"):
+            save_pruned(_net(), empty_plan(torch.zeros(1, 64)), locked / "net.safetensors")
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)

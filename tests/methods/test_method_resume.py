@@ -1,0 +1,76 @@
+"""Methods that train (SLR/ADMM, Gator) checkpoint every epoch and resume to the same result."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.data import DataConfig, load_data
+from prunekit.engine import TrainConfig
+from prunekit.models import create_model
+
+
+class _Stop(Exception):
+    pass
+
+
+class Interrupting:
+    """A train loader that raises in its `crash_at`-th pass (1-based) after one batch: a crash
+    mid-epoch. `passes` counts the passes made over it."""
+
+    def __init__(self, batches, crash_at: int | None = None):
+        self.batches, self.crash_at, self.passes = batches, crash_at, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        self.passes += 1
+        for i, batch in enumerate(self.batches):
+            if self.passes == self.crash_at and i == 1:
+                raise _Stop
+            yield batch
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Three training batches and one validation batch of digits: enough to train, and fast."""
+    bundle = load_data(DataConfig(name="digits", batch_size=64, val_fraction=0.1))
+    bundle.train.set_epoch(0)
+    train = [(x.clone(), y.clone()) for (x, y), _ in zip(bundle.train, range(3))]
+    return train, [next(iter(bundle.val))]
+
+
+METHODS = {
+    "admm": prunekit.SLRConfig(sparsity_type="filter", sparsity=0.5, optimization="admm", epochs=2, retrain_epochs=2),
+    "gator": prunekit.GatorConfig(target=0.6, epochs=2, finetune_epochs=2),
+}
+
+
+def _prune(digits, method, ckpt_dir, loader, resume=False):
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10)
+    cfg = TrainConfig(epochs=1, optimizer="adamw", lr=3e-3, log_every=0)
+    result = prunekit.prune_(model, METHODS[method], torch.zeros(1, 1, 8, 8), train_loader=loader,
+                             val_loader=digits[1], train_config=cfg, ckpt_dir=ckpt_dir, resume=resume)
+    return model, result
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("phase", ["first", "second"])
+def test_a_crash_in_either_training_phase_resumes_to_the_same_model(digits, tmp_path, method, phase):
+    counting = Interrupting(digits[0])
+    ref_model, ref = _prune(digits, method, tmp_path / "ref", counting)
+    # the second epoch of the first training phase, or the last pass (the second phase's last epoch)
+    crash_at = 2 if phase == "first" else counting.passes
+    with pytest.raises(_Stop):
+        _prune(digits, method, tmp_path / "run", Interrupting(digits[0], crash_at))
+    assert (tmp_path / "run").is_dir()
+    resumed = Interrupting(digits[0])
+    model, result = _prune(digits, method, tmp_path / "run", resumed, resume=True)
+    # only the epoch that crashed is trained again: a finished phase or epoch is not
+    assert resumed.passes == counting.passes - (crash_at - 1), (resumed.passes, counting.passes)
+    ref_state, state = ref_model.state_dict(), model.state_dict()
+    assert ref_state.keys() == state.keys()
+    assert all(torch.equal(ref_state[k], state[k]) for k in ref_state)
+    assert result.plan.to_dict() == ref.plan.to_dict()

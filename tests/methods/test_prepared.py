@@ -1,0 +1,142 @@
+"""Pluggable criteria (callables, prefixed factories, fallbacks said aloud) and prepared-graph reuse."""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit import prepare_pruning
+from prunekit.core.errors import ConfigError, PruningError
+from prunekit.importance.criteria import CRITERIA, CRITERION_FACTORIES, register_criterion_factory, resolve_criterion
+from prunekit.methods import prune_
+from prunekit.methods.magnitude import MagnitudeConfig
+from prunekit.models import create_model
+
+X = torch.randn(2, 3, 32, 32)
+
+
+def _resnet(seed=0):
+    torch.manual_seed(seed)
+    return create_model("resnet20", num_classes=10).eval()
+
+
+def by_index(group, ctx):
+    return torch.arange(group.size, dtype=torch.float32)
+
+
+def test_a_lambda_criterion_prunes_a_model():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    result = prune_(m, MagnitudeConfig(criterion=lambda g, ctx: -torch.arange(g.size, dtype=torch.float32),
+                                       channel_ratio=0.5), torch.randn(1, 3, 8, 8))
+    assert result.plan.groups["0"] == [0, 1, 2, 3] and m[0].out_channels == 4 and m[2].in_channels == 4
+    assert m(torch.randn(1, 3, 8, 8)).shape == (1, 4, 6, 6)
+
+
+def test_a_callable_config_is_recorded_but_not_replayable():
+    cfg = MagnitudeConfig(criterion=by_index, channel_ratio=0.5)
+    d = cfg.to_dict()
+    assert d["criterion"] == f"<callable {__name__}.by_index>" and d["replayable"] is False
+    json.dumps(d)
+    with pytest.raises(ConfigError, match="callable criterion.*cannot hold"):
+        MagnitudeConfig.from_dict(d)
+    assert "replayable" not in MagnitudeConfig(channel_ratio=0.5).to_dict()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("l7", "criterion='l7' is not allowed"),
+    ("nosuch:abc", "no criterion factory is registered for prefix 'nosuch'"),
+    (3, "must be a registered name"),
+])
+def test_a_bad_criterion_fails_in_validate(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        MagnitudeConfig(criterion=spec, channel_ratio=0.5)
+
+
+def test_prefixed_criteria_resolve_through_their_factory():
+    def factory(text):
+        power = float(text)  # raises ValueError on bad text
+        return lambda g, ctx: CRITERIA.get("l1")(g, ctx) ** power
+    register_criterion_factory("powl1", factory)
+    try:
+        cfg = MagnitudeConfig(criterion="powl1:2", channel_ratio=0.5)
+        assert MagnitudeConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).criterion == "powl1:2"
+        a, b = _resnet(), _resnet()
+        ra = prune_(a, cfg, X, )
+        rb = prune_(b, MagnitudeConfig(criterion="l1", channel_ratio=0.5), X)
+        assert ra.plan.groups == rb.plan.groups  # a monotone transform of l1 selects the same channels
+        with pytest.raises(ConfigError, match="could not be built by the 'powl1' factory.*ValueError"):
+            MagnitudeConfig(criterion="powl1:two", channel_ratio=0.5)
+        with pytest.raises(ConfigError, match="plain name"):
+            register_criterion_factory("a:b", factory)
+    finally:
+        CRITERION_FACTORIES.unregister("powl1")
+    assert resolve_criterion(by_index) is by_index
+
+
+def test_a_criterion_that_falls_back_says_so():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.Conv2d(6, 2, 1))
+    with pytest.warns(UserWarning, match="'bn_scale' fell back to 'l2' for group '0'"):
+        result = prune_(m, MagnitudeConfig(criterion="bn_scale", channel_ratio=0.5), torch.randn(1, 3, 8, 8))
+    assert result.metrics["criterion_fallbacks"] == {"0": "bn_scale -> l2: no normalisation layer in the group"}
+    assert "criterion_fallbacks" not in prune_(copy.deepcopy(m), MagnitudeConfig(channel_ratio=0.3),
+                                               torch.randn(1, 3, 6, 6)).metrics
+
+
+@pytest.mark.parametrize("target", [dict(channel_ratio=0.4), dict(macs_fraction=0.5, scope="global"),
+                                    dict(params_fraction=0.6)])
+def test_prepared_pruning_equals_pruning_from_scratch(target, monkeypatch):
+    dense = _resnet()
+    prepared = prepare_pruning(dense, X)
+    import prunekit.graph.groups as groups_mod
+    import prunekit.surgery.verify as verify_mod
+
+    def no_more(*a, **k):
+        raise AssertionError("traced or probed again")
+    monkeypatch.setattr(groups_mod, "build_graph", no_more)
+    monkeypatch.setattr(verify_mod, "build_graph", no_more)
+    monkeypatch.setattr(verify_mod, "probe_groups", no_more)
+    results = {}
+    for name, crit in [("l1", "l1"), ("index", by_index)]:
+        for verify in (True, False):
+            model = copy.deepcopy(dense)
+            results[(name, verify)] = (prepared.prune_(model, MagnitudeConfig(criterion=crit, **target), verify=verify),
+                                       model)
+    monkeypatch.undo()
+    refs = {}
+    for name, crit in [("l1", "l1"), ("index", by_index)]:
+        refs[name] = copy.deepcopy(dense)
+        refs[name] = (prune_(refs[name], MagnitudeConfig(criterion=crit, **target), X), refs[name])
+    for (name, verify), (got, model) in results.items():
+        ref, ref_model = refs[name]
+        assert got.plan.groups == ref.plan.groups, name
+        assert (got.cost_after.params, got.cost_after.macs) == (ref.cost_after.params, ref.cost_after.macs)
+        assert got.cost_after.params == sum(p.numel() for p in model.parameters())
+        torch.testing.assert_close(model(X), ref_model(X))
+    assert results[("l1", True)][0].plan.groups != results[("index", True)][0].plan.groups
+
+
+def test_prepared_pruning_refuses_another_architecture_and_leaves_it_alone():
+    prepared = prepare_pruning(_resnet(), X)
+    other = create_model("resnet32", num_classes=10).eval()
+    state = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(PruningError, match="not a fresh copy of the prepared one.*unexpected"):
+        prepared.prune_(other, MagnitudeConfig(channel_ratio=0.5))
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in state.items())
+    already = _resnet()
+    prepared.prune_(already, MagnitudeConfig(channel_ratio=0.5))
+    with pytest.raises(PruningError, match="other shapes"):  # a pruned copy is not a fresh one
+        prepared.prune_(already, MagnitudeConfig(channel_ratio=0.5))
+    with pytest.raises(ConfigError, match="ignore"):
+        prepared.prune_(_resnet(), MagnitudeConfig(channel_ratio=0.5, ignore=["fc"]))
+
+
+def test_prepared_pruning_with_data_dependent_and_element_criteria():
+    dense = _resnet()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g))]
+    prepared = prepare_pruning(dense, X)
+    for crit in ("taylor", "snip", "synflow"):
+        model = copy.deepcopy(dense)
+        result = prepared.prune_(model, MagnitudeConfig(criterion=crit, channel_ratio=0.3), batches=batches)
+        assert result.cost_after.params == sum(p.numel() for p in model.parameters()) < result.cost_before.params

@@ -1,0 +1,168 @@
+"""Weight masks through save_pruned/load_pruned, and the module versions some modules need.
+
+Oracles: the reloaded model equals the saved one output for output, carries the same `Mask`
+parametrizations (same bits), the file's tensors hold exactly the masked zeros, and baking
+gives plain parameters with the same outputs.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from prunekit import bake_masks_
+from prunekit.core.errors import CheckpointError
+from prunekit.methods import prune_
+from prunekit.methods.magnitude import MagnitudeConfig
+from prunekit.models import create_model
+from prunekit.surgery.mask_io import describe_masks, mask_kind
+from prunekit.surgery.masks import Mask, apply_mask, get_mask, masked_modules, nm_mask, unstructured_mask
+from prunekit.surgery.persist import PLAN_KEY, load_pruned, read_plan, save_pruned
+from prunekit.surgery.plan import empty_plan
+from prunekit.surgery.projections import projection_mask
+from prunekit.surgery.tensor_file import write_tensor_file
+
+X = torch.randn(2, 3, 32, 32)
+SHARED_TOOLS = Path(__file__).resolve().parents[2].parent / "shared" / "tools"
+
+
+def _masked_resnet(seed: int = 0):
+    """resnet20 with 3 channels pruned away, then irregular, 2:4 and pattern masks on three convs."""
+    torch.manual_seed(seed)
+    model = create_model("resnet20", num_classes=10).eval()
+    plan = prune_(model, MagnitudeConfig(channel_ratio=0.2, probe=False), X).plan
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    nm_conv = next(m for m in convs[3:] if m.in_channels % 4 == 0)  # 2:4 needs inputs in runs of 4
+    apply_mask(convs[1], "weight", unstructured_mask(convs[1].weight, 0.7))
+    apply_mask(nm_conv, "weight", nm_mask(nm_conv.weight, 2, 4))
+    apply_mask(convs[2], "weight", projection_mask(convs[2].weight, "pattern"))
+    return model, plan
+
+
+def test_masks_round_trip_into_a_fresh_model(tmp_path):
+    model, plan = _masked_resnet()
+    path = save_pruned(model, plan, tmp_path / "m.safetensors")
+    again = load_pruned(create_model("resnet20", num_classes=10), path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(X), model(X))
+    saved = {n: get_mask(m, p) for n, m, p in masked_modules(model)}
+    loaded = {n: get_mask(m, p) for n, m, p in masked_modules(again)}
+    assert saved.keys() == loaded.keys() and len(saved) == 3
+    for name in saved:
+        assert torch.equal(loaded[name], saved[name].expand_as(loaded[name])), name
+        assert isinstance(again.get_submodule(name).parametrizations.weight[0], Mask)
+
+
+def test_file_holds_the_effective_weights_and_describes_the_masks(tmp_path):
+    model, plan = _masked_resnet()
+    path = save_pruned(model, plan, tmp_path / "m.safetensors")
+    desc = read_plan(path).meta["masks"]
+    assert desc == describe_masks(model)
+    kinds = [(d["kind"], d.get("n"), d.get("m")) for d in desc["tensors"].values()]
+    assert sorted(kinds, key=str) == sorted([("irregular", None, None), ("nm", 2, 4), ("pattern", None, None)], key=str)
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        assert not any("parametrizations" in k for k in keys)
+        for name, d in desc["tensors"].items():
+            w = f.get_tensor(name)
+            assert int((w == 0).sum()) == d["masked"], name  # exactly the masked zeros
+            assert f"{name}::mask" in keys and f.get_tensor(f"{name}::mask").numel() == -(-w.numel() // 8)
+    assert desc["masked"] == sum(d["masked"] for d in desc["tensors"].values())
+
+
+def test_bake_for_export_gives_plain_parameters_with_the_same_outputs(tmp_path):
+    model, plan = _masked_resnet()
+    again = load_pruned(create_model("resnet20", num_classes=10), save_pruned(model, plan, tmp_path / "m.safetensors"))
+    again.eval()
+    with torch.no_grad():
+        want = again(X)
+        bake_masks_(again)
+        assert torch.equal(again(X), want)
+    assert not masked_modules(again) and not any("parametrizations" in k for k in again.state_dict())
+    # a baked model saves and reloads as a plain pruned model (no masks described)
+    path = save_pruned(again, plan, tmp_path / "baked.safetensors")
+    assert read_plan(path).meta["masks"]["tensors"] == {}
+    with torch.no_grad():
+        assert torch.equal(load_pruned(create_model("resnet20", num_classes=10), path).eval()(X), want)
+
+
+def test_loading_into_a_masked_model_is_refused(tmp_path):
+    model, plan = _masked_resnet()
+    path = save_pruned(model, plan, tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match="freshly built"):
+        load_pruned(model, path)
+
+
+def test_masks_that_disagree_with_the_plan_are_refused(tmp_path):
+    lin = nn.Sequential(nn.Linear(8, 4))
+    apply_mask(lin[0], "weight", unstructured_mask(lin[0].weight, 0.5))
+    good = save_pruned(lin, empty_plan(torch.zeros(1, 8)), tmp_path / "good.safetensors")
+    with safe_open(str(good), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    lying = read_plan(good)
+    lying.meta["masks"]["tensors"]["0.weight"]["masked"] = 3  # the bits remove 16
+    bad = tmp_path / "bad.safetensors"
+    write_tensor_file(bad, tensors, {**meta, PLAN_KEY: lying.to_json()})
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_pruned(nn.Sequential(nn.Linear(8, 4)), bad)
+
+
+def test_mask_kinds_are_recognised():
+    w = torch.randn(8, 8, 3, 3)
+    assert mask_kind(unstructured_mask(w, 0.5)) == {"kind": "irregular"}
+    assert mask_kind(nm_mask(torch.randn(4, 16), 2, 4))["kind"] == "nm"
+    assert mask_kind(projection_mask(w, "pattern")) == {"kind": "pattern"}
+
+
+class Versioned(nn.Module):
+    """A module that, like torchvision's MNASNet, refuses a state dict without its version."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_module_state_versions_survive_the_file(tmp_path):
+    model = nn.Sequential(Versioned(), nn.ReLU(), nn.Linear(4, 2))
+    path = save_pruned(model, empty_plan(torch.zeros(1, 4)), tmp_path / "v.safetensors")
+    again = load_pruned(nn.Sequential(Versioned(), nn.ReLU(), nn.Linear(4, 2)), path)
+    x = torch.randn(3, 4)
+    assert torch.equal(again(x), model(x))
+
+
+def _torchvision_models():
+    if SHARED_TOOLS.is_dir() and str(SHARED_TOOLS) not in sys.path:
+        sys.path.insert(0, str(SHARED_TOOLS))
+    try:
+        if (SHARED_TOOLS / "torchvision_cpu.py").is_file():
+            import torchvision_cpu  # noqa: F401  (declares the operators a CUDA wheel lacks on CPU torch)
+        import torchvision.models as models
+    except Exception as err:  # ImportError, or a RuntimeError from a torchvision/torch mismatch
+        pytest.skip(f"torchvision cannot be imported ({type(err).__name__}: {str(err)[:120]})")
+    return models
+
+
+def test_pruned_torchvision_mnasnet_saves_and_reloads(tmp_path):
+    tvm = _torchvision_models()
+    torch.manual_seed(0)
+    model = tvm.mnasnet0_5(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    plan = prune_(model, MagnitudeConfig(channel_ratio=0.3, probe=False), x).plan
+    path = save_pruned(model, plan, tmp_path / "mnasnet.safetensors")
+    again = load_pruned(tvm.mnasnet0_5(weights=None), path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
