@@ -62,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile on the prunekit side")
+    p.add_argument("--engine-default-layout", action="store_true",
+                   help="prunekit side: TrainConfig's default channels_last (None: NHWC on CPU); the plain "
+                        "loop keeps --channels-last (default: off), so the ratio is engine default vs plain loop")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--cuda-graph", action="store_true", help="also time a CUDA-graph-captured step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/<auto>.json)")
@@ -109,7 +113,8 @@ def summarise(epoch_times: list[float], images_per_epoch: int, extra: dict[str, 
 def train_cfg(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, optimizer="sgd", lr=args.lr, momentum=0.9, nesterov=True,
                        weight_decay=5e-4, schedule="cosine", bf16=args.bf16,
-                       channels_last=args.channels_last, compile=args.compile, seed=args.seed, log_every=0)
+                       channels_last=None if args.engine_default_layout else args.channels_last,
+                       compile=args.compile, seed=args.seed, log_every=0)
 
 
 def run_prunekit(args, bundle, device: torch.device) -> dict[str, Any]:
@@ -242,6 +247,8 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit("--cuda-graph needs a CUDA device; drop the flag on CPU")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     bundle, x, y = load_tensors(args, device)
     load_s = time.perf_counter() - t0
@@ -263,7 +270,9 @@ def main(argv: list[str] | None = None) -> Path:
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else None,
         "dtype": "bf16 autocast" if args.bf16 and cuda else "float32",
         "batch_size": args.batch_size, "epochs": args.epochs, "limit_train": args.limit_train,
-        "train_images": len(y), "channels_last": args.channels_last, "torch": torch.__version__,
+        "train_images": len(y), "channels_last": args.channels_last,
+        "engine_default_layout": args.engine_default_layout, "threads": torch.get_num_threads(),
+        "load_avg": os.getloadavg(), "torch": torch.__version__,
         "data_load_s": load_s,
         # A loaded shared machine makes timings noisy: keep the load next to the numbers.
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

@@ -57,7 +57,6 @@ def test_resume_refuses_other_settings(dense, tmp_path):
         run_search(_cfg(dense, generations=0, cx_prob=0.5), tmp_path, resume=True, progress=False)
 
 
-@pytest.mark.slow
 def test_search_through_process_pool(dense, tmp_path):
     state = run_search(_cfg(dense, executor="process"), tmp_path, progress=False)
     serial = run_search(_cfg(dense), tmp_path / "serial", progress=False)
@@ -66,7 +65,6 @@ def test_search_through_process_pool(dense, tmp_path):
     assert all(0 <= a <= 1 for a in accs) and max(accs) > 0.5
 
 
-@pytest.mark.slow
 def test_search_through_ray(dense, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is an optional extra (prunekit[distributed])")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

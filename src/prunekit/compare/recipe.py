@@ -33,7 +33,7 @@ A compare recipe is YAML with these keys (each section fills one typed config):
 ...     "dense": {"train": {"epochs": 2}}, "finetune": {"epochs": 2}, "arms": {"dense": {"method": None},
 ...     "l2": {"method": {"name": "magnitude", "macs_fraction": 0.5}}}})
 >>> list(r.arms), r.arms["l2"].budget_left(r.finetune.epochs)
-['dense', 'l2']
+(['dense', 'l2'], 2)
 """
 from __future__ import annotations
 

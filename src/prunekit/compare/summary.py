@@ -2,10 +2,10 @@
 
 Spread is the sample standard deviation over seeds (n given); one seed shows no spread.
 An arm is on the Pareto front when no other arm has at most its MACs and at least its mean
-accuracy, one of the two strictly.
+accuracy, one of the two strictly. The front is listed by rising MACs.
 
 >>> pareto_front({"a": (100.0, 0.9), "b": (50.0, 0.9), "c": (40.0, 0.8)})
-['b', 'c']
+['c', 'b']
 """
 from __future__ import annotations
 
