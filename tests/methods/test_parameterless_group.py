@@ -102,3 +102,27 @@ def test_beit_base_prunes_without_probing():
     model, x = timm.create_model("beit_base_patch16_224").eval(), torch.randn(1, 3, 224, 224)
     r = prune_(model, MagnitudeConfig(channel_ratio=0.5, probe=False), x)
     assert model(x).shape == (1, 1000) and r.cost_after.macs < 0.75 * r.cost_before.macs
+
+
+class ComputedConvBias(nn.Module):
+    """The same for a convolution: its bias is computed from two parameters in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, bias=False)
+        self.b1, self.b2 = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        bias = torch.cat((self.b1, self.b2))
+        return self.head(nn.functional.conv2d(x, self.conv.weight, bias))
+
+
+def test_computed_conv_bias_follows_the_outputs():
+    torch.manual_seed(0)
+    model, x = ComputedConvBias(), torch.randn(2, 3, 6, 6)
+    graph = build_graph(model, x)
+    group_of = {m.qualname: g.name for g in graph.groups for m in g.tensor_members() if m.dim == 0}
+    assert group_of["b1"] == group_of["conv.weight"] == group_of["b2"], group_of
+    r = prune_(model, MagnitudeConfig(channel_ratio=0.25, probe=False), x)
+    assert model(x).shape == (2, 2, 4, 4) and r.cost_after.params < r.cost_before.params

@@ -66,7 +66,7 @@ def _conv(tr, call, transposed: bool):
     elif isinstance(b, torch.Tensor) and tr.ids(b) is not None:
         # a computed bias (BEiT: cat(q_bias, zero buffer, v_bias)) is added along the outputs:
         # its channels and the output channels are one
-        tr.uf.union_pairs(p, along(tr.ids(b), -1, w.shape[out_dim], tr.uf))
+        tr.uf.union_pairs(p, along(tr.ids(b), -1, c_out, tr.uf))
     tr.set_ids(out, _out_ids(p, out.dim(), 1))
     # every output element reads in/groups channels x kernel (conv); every input element writes
     # out/groups channels x kernel (transposed)

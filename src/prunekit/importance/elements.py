@@ -25,7 +25,7 @@ gradients are taken through the mask, so a masked weight's SNIP/GraSP score is 0
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 from torch import nn

@@ -30,7 +30,7 @@ from ..core.errors import ConfigError
 from ..surgery.masks import apply_mask
 
 __all__ = ["TopKStraightThrough", "keep_count", "topk_mask", "SparseMixin", "SparseConv2d",
-           "SparseLinear", "scaled_scores", "sparsify_", "harden_", "sparse_layers", "set_density_",
+           "SparseLinear", "scaled_scores", "sparsify_", "harden_", "sparse_layers", "set_density_", "train_scores_only_",
            "count_nonzeros", "SCORE_INITS"]
 
 SCORE_INITS = ("kaiming", "scaled")
@@ -154,6 +154,17 @@ class SparseLinear(SparseMixin, nn.Linear):
 def sparse_layers(model: nn.Module) -> list[tuple[str, SparseMixin]]:
     """Every sparse layer of `model` as (name, module)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseMixin)]
+
+
+def train_scores_only_(weights: Iterable[nn.Parameter], model: nn.Module, scores: bool) -> list[SparseMixin]:
+    """Score training (`scores=True`) freezes `weights` and trains every sparse layer's scores;
+    any other phase trains the weights and freezes the scores. Returns the sparse layers."""
+    for p in weights:
+        p.requires_grad_(not scores)
+    layers = [m for _, m in sparse_layers(model)]
+    for m in layers:
+        m.scores.requires_grad_(scores)
+    return layers
 
 
 def set_density_(model: nn.Module, density: float) -> None:

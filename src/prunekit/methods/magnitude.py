@@ -137,21 +137,6 @@ def latency_config(cfg: MagnitudeConfig) -> LatencyConfig:
         settings["channels_last"] = True
     return LatencyConfig(**settings)
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        if not isinstance(self.criterion, str):  # a Python callable: name it, it cannot be written to a file
-            fn = self.criterion
-            out["criterion"] = f"<callable {getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}>"
-            out["replayable"] = False
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MagnitudeConfig":
-        if isinstance(data, dict) and data.get("replayable") is False:
-            raise ConfigError(f"this config used the Python callable criterion {data.get('criterion')}, which a file "
-                              "cannot hold; pass the callable again, or register it and give its name")
-        return super().from_dict(data)
-
 
 def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: Iterable | None,
                  example_inputs: Any = None, fallbacks: dict[str, str] | None = None,

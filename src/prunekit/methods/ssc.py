@@ -31,7 +31,6 @@ import dataclasses
 import math
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..core.config import Config, check_choice

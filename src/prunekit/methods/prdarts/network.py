@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ...core.errors import CheckpointError
-from ...layers.sparse import count_nonzeros, harden_, set_density_, sparse_layers
+from ...layers.sparse import count_nonzeros, harden_, set_density_, train_scores_only_
 from ...surgery.masks import apply_mask, get_mask, masked_modules
 from ...surgery.plan import empty_plan
 from .evalnet import GENOTYPE_META, EvalNetwork, build_from_meta
@@ -48,11 +48,7 @@ class EvalSchedule:
 
 
 def _phase(net: EvalNetwork, phase: str, density: float) -> None:
-    layers = [m for _, m in sparse_layers(net)]
-    for p in net.parameters():
-        p.requires_grad_(phase != "scores")
-    for m in layers:
-        m.scores.requires_grad_(phase == "scores")
+    layers = train_scores_only_(net.parameters(), net, phase == "scores")
     set_density_(net, 1.0 if phase == "dense" else density)
     if phase == "scores":
         for m in layers:

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ...layers.sparse import count_nonzeros, set_density_, sparse_layers
+from ...layers.sparse import count_nonzeros, set_density_, train_scores_only_
 from .architect import Architect
 from .config import PRDartsConfig
 from .genotype import Genotype
@@ -50,11 +50,7 @@ class SearchResult:
 
 def prepare_phase_(net: SuperNet, phase: str, cfg: PRDartsConfig) -> None:
     """Set densities, score init and which parameters train, for `phase`."""
-    layers = [m for _, m in sparse_layers(net)]
-    for p in net.weight_parameters():
-        p.requires_grad_(phase != "scores")
-    for m in layers:
-        m.scores.requires_grad_(phase == "scores")
+    layers = train_scores_only_(net.weight_parameters(), net, phase == "scores")
     if phase == "pretrain":
         set_density_(net, 1.0)
     elif phase == "scores":
