@@ -49,6 +49,7 @@ from .distributed import (DistContext, all_reduce_sums, broadcast_buffers, env_r
 from .evaluate import autocast_context, evaluate, to_device
 from .hooks import ParameterSplit, TrainState, split_parameters
 from .logging import MetricsLog, is_finite_number, to_plain
+from .schedule import build_scheduler, lr_factor  # noqa: F401  (lr_factor: part of this module's API)
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -56,8 +57,6 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 TIMING_KEYS = ("train_time_s", "epoch_time_s", "images_per_s")
 # Config fields that may change between a run and its resume: they do not alter the numbers.
 RESUMABLE_CHANGES = ("log_every", "compile")
-# OneCycle as in Smith & Topin (2018): start at lr/25, peak at lr, end at lr/(25 * 1e4).
-_ONECYCLE_DIV, _ONECYCLE_FINAL_DIV, _ONECYCLE_DEFAULT_PCT = 25.0, 1e4, 0.3
 _HOOK_METHODS = ("extra_loss", "after_backward", "on_step_end", "on_epoch_end")
 
 
@@ -166,43 +165,6 @@ def _optimizer_from_split(split: ParameterSplit, cfg: TrainConfig) -> torch.opti
                               f"know; use some of {sorted(opt.defaults)}")
         opt.add_param_group(group)
     return opt
-
-
-def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Multiplier of `cfg.lr` for optimizer step `step` (0-based) under `cfg.schedule`.
-
-    >>> cfg = TrainConfig(epochs=2, schedule="cosine")
-    >>> [round(lr_factor(cfg, s, 2), 3) for s in range(4)]
-    [1.0, 0.854, 0.5, 0.146]
-    """
-    total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "onecycle":
-        pct = cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs > 0 else _ONECYCLE_DEFAULT_PCT
-        rise = min(max(round(pct * total), 1), total - 1) if total > 1 else 0
-        low, end = 1.0 / _ONECYCLE_DIV, 1.0 / (_ONECYCLE_DIV * _ONECYCLE_FINAL_DIV)
-        if step < rise:
-            return _cos_interp(low, 1.0, step / rise)
-        return _cos_interp(1.0, end, min((step - rise) / max(total - rise, 1), 1.0))
-    warm = round(cfg.warmup_epochs * steps_per_epoch)
-    if cfg.schedule == "cosine":
-        warm = min(warm, total - 1)
-    if step < warm:
-        return (step + 1) / warm  # linear ramp reaching the full lr on the last warm-up step
-    if cfg.schedule == "constant":
-        return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * min((step - warm) / (total - warm), 1.0)))
-
-
-def _cos_interp(start: float, stop: float, t: float) -> float:
-    return stop + (start - stop) * (1.0 + math.cos(math.pi * t)) / 2.0
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step LambdaLR following `lr_factor`; its state_dict holds only plain numbers."""
-    def factor(step: int) -> float:
-        return lr_factor(cfg, step, steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class _Run:
