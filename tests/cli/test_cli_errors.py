@@ -83,6 +83,16 @@ def test_bad_recipe_files_fail_cleanly(runner, workdir, text, needles):
     assert _snapshot(workdir) == before
 
 
+@pytest.mark.parametrize("command", ["run", "eval"])
+def test_a_binary_file_given_as_the_recipe_says_to_pass_it_as_weights(runner, workdir, command):
+    # A weights file in the recipe's place is an easy slip: `prunekit eval pruned.safetensors`.
+    (workdir / "pruned.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"\xe3\x81\x00\xff}" * 8)
+    before = _snapshot(workdir)
+    result = runner.invoke(cli, [command, "pruned.safetensors"])
+    _assert_one_line_error(result, "pruned.safetensors", "not a YAML recipe", "--weights")
+    assert _snapshot(workdir) == before
+
+
 def test_an_existing_output_directory_is_never_overwritten(runner, workdir):
     before = _snapshot(workdir)
     result = runner.invoke(cli, ["run", "mine.yaml", "--out", str(workdir)])

@@ -60,6 +60,9 @@ def load_yaml_file(path: str | Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read recipe {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:  # a weights file or an archive in the recipe's place
+        raise ConfigError(f"{path} is not a YAML recipe (it is not UTF-8 text); give weights with "
+                          f"--weights {path} or init={path}, and a recipe file or run directory as the recipe") from None
     return load_yaml_text(text, str(path))
 
 
