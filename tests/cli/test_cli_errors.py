@@ -93,6 +93,20 @@ def test_a_binary_file_given_as_the_recipe_says_to_pass_it_as_weights(runner, wo
     assert _snapshot(workdir) == before
 
 
+def test_weights_that_do_not_fit_name_the_tensor_that_differs(runner, workdir):
+    # A plain safetensors state dict (no prunekit metadata) lacking one tensor.
+    from safetensors.torch import save_file
+
+    from prunekit.models import create_model
+
+    state = create_model("small_cnn", num_classes=10).state_dict()
+    save_file({k: v.clone() for k, v in state.items() if k != "fc.weight"}, str(workdir / "partial.safetensors"))
+    before = _snapshot(workdir)
+    result = runner.invoke(cli, ["eval", "mine.yaml", "--weights", "partial.safetensors"])
+    _assert_one_line_error(result, "do not fit this model", "Missing key(s)", "fc.weight")
+    assert _snapshot(workdir) == before
+
+
 def test_an_existing_output_directory_is_never_overwritten(runner, workdir):
     before = _snapshot(workdir)
     result = runner.invoke(cli, ["run", "mine.yaml", "--out", str(workdir)])
