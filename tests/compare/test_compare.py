@@ -234,3 +234,24 @@ def test_cli_compare_writes_the_report(dense_path, tmp_path):
     assert (out / "compare.md").is_file() and (out / "accuracy_vs_macs.png").is_file()
     bad = CliRunner().invoke(cli, ["compare", str(recipe), "arms.l2.method.name=nope", "--out", str(out)])
     assert bad.exit_code == 2 and "unknown method 'nope'" in bad.output
+
+
+def test_damaged_dense_weights_and_records_are_one_checkpoint_error(dense_path, tmp_path):
+    raw = _raw(dense_path, seeds=[0])
+    raw["arms"] = {"l2": raw["arms"]["l2"]}
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(dense_path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot read dense weights .*truncated.safetensors"):
+        run_compare(CompareRecipe.from_dict({**raw, "dense": {"weights": str(truncated)}}), tmp_path / "a",
+                    echo=lambda s: None)
+    wrong = tmp_path / "wrong.safetensors"  # a dense model of another width: the message names a tensor
+    from safetensors.torch import save_model
+    save_model(create_model("small_cnn", 10, width=8), str(wrong))
+    with pytest.raises(CheckpointError, match="do not fit model 'small_cnn': size mismatch for conv1.weight"):
+        run_compare(CompareRecipe.from_dict({**raw, "dense": {"weights": str(wrong)}}), tmp_path / "b",
+                    echo=lambda s: None)
+    run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
+    record = tmp_path / "c" / "arms" / "l2" / "seed0.json"
+    record.write_text(record.read_text()[:40])  # cut short by hand or by a full disk
+    with pytest.raises(CheckpointError, match="seed0.json is not valid JSON"):
+        run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)

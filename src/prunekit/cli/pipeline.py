@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..core.errors import CheckpointError, ConfigError, PrunekitError
+from ..core.errors import CheckpointError, ConfigError, PrunekitError, load_error_text
 from ..cost.macs import Cost, count_cost
 from ..data import DataBundle, load_data
 from ..engine import MetricsLog, TrainConfig, evaluate, seed_everything, train
@@ -152,16 +152,6 @@ def _first_line(err: BaseException) -> str:
     return text[0][:300] if text else type(err).__name__
 
 
-def _load_error(err: BaseException) -> str:
-    """torch's load_state_dict error without its bare header line ('Error(s) in loading state_dict
-    for SmallCNN:'), which names no tensor: the lines after it say which keys or shapes differ."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
-        lines = lines[1:]
-    text = " ".join(lines)
-    return (text[:300] + " ...") if len(text) > 300 else (text or type(err).__name__)
-
-
 def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | None]:
     """Load dense or pruned weights into a freshly built `model`; returns (model, plan or None).
 
@@ -195,14 +185,14 @@ def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | 
         try:
             load_model(model, str(path), strict=True)
         except (RuntimeError, SafetensorError, ValueError) as err:
-            raise CheckpointError(f"weights in {path} do not fit this model: {_load_error(err)}") from None
+            raise CheckpointError(f"weights in {path} do not fit this model: {load_error_text(err)}") from None
         return model, None
     state = load_checkpoint(path)["model"]
     restore_masks_from_state(model, state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"weights in {path} do not fit this model: {_load_error(err)}") from None
+        raise CheckpointError(f"weights in {path} do not fit this model: {load_error_text(err)}") from None
     return model, None
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..core.environment import environment
-from ..core.errors import CheckpointError, ConfigError
+from ..core.errors import CheckpointError, ConfigError, load_error_text
 from ..core.integrity import file_digest
 from ..cost.macs import CONVENTION
 from ..data import load_data
@@ -79,6 +79,19 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)  # a kill leaves either no record or a whole one
 
 
+def _read_json_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from `path`; CheckpointError naming the file when it is damaged or foreign."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{what} {path} is not valid JSON ({err}); remove it to rerun, "
+                              "or give compare another --out") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} holds a JSON {type(data).__name__}, not an object; remove it "
+                              "to rerun, or give compare another --out")
+    return data
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,11 +103,12 @@ def resolve_device(name: str) -> torch.device:
 def dense_model(recipe: CompareRecipe, model: nn.Module, bundle: Any, out_dir: Path, device: torch.device,
                 echo: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any]]:
     """Load the dense weights, or train them once (resumable) and cache them; returns (model, info)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model, save_model
 
     path = Path(recipe.dense_weights) if recipe.dense_weights else out_dir / "dense.safetensors"
     info_path = path.with_suffix(".json") if recipe.dense_weights else out_dir / "dense.json"
-    info: dict[str, Any] = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = _read_json_mapping(info_path, "dense model info") if info_path.is_file() else {}
     if not path.is_file():
         if recipe.dense_train is None:
             raise CheckpointError(f"dense weights {path} do not exist and the recipe has no dense.train to make "
@@ -111,9 +125,12 @@ def dense_model(recipe: CompareRecipe, model: nn.Module, bundle: Any, out_dir: P
     else:
         try:
             load_model(model, str(path), strict=True)
+        except SafetensorError as err:  # truncated, empty or not a safetensors file
+            raise CheckpointError(f"cannot read dense weights {path}: {load_error_text(err)}; train them again "
+                                  "or point dense.weights at an intact .safetensors file") from None
         except (RuntimeError, ValueError) as err:
             raise CheckpointError(f"dense weights {path} do not fit model {recipe.model_name!r}: "
-                                  f"{str(err).splitlines()[0]}") from None
+                                  f"{load_error_text(err)}") from None
     model.to(device)
     info.update(path=str(path), sha256=sha256_file(path))
     scored = {"test_acc": evaluate(model, bundle.test)["acc"],
@@ -130,7 +147,7 @@ def _arm_record(recipe: CompareRecipe, arm: str, seed: int, dense_sha: str, out_
     path = out_dir / "arms" / arm / f"seed{seed}.json"
     if not path.is_file():
         return path, h, None
-    rec = json.loads(path.read_text())
+    rec = _read_json_mapping(path, "record")
     if rec.get("spec_hash") != h:
         raise CheckpointError(f"{path} was made from a different arm spec or dense model; remove it (or the "
                               f"folder {out_dir}) to rerun it, or give compare another --out")
