@@ -55,3 +55,18 @@ def test_shipped_search_recipes_load():
     for path in recipes:
         recipe = SearchRecipe.from_dict(load_yaml_file(path))
         assert recipe.data.val_fraction == 0.5 and 0 < recipe.search.density < 1
+
+
+def test_search_command_refuses_bad_device_threads_and_data_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    for override, needle in [("device=tpu", "device='tpu' must be 'cpu' or 'cuda[:index]'"),
+                             ("device=cuda", "CUDA is not available"),
+                             ("threads=0", "threads=0 must be an integer >= 1"),
+                             ("data.root=/nonexistent", "leave root and image_size unset")]:
+        out = tmp_path / "x"
+        res = CliRunner().invoke(cli, ["search", str(recipe), override, "--out", str(out)])
+        assert res.exit_code == 2, (override, res.output)
+        assert needle in res.output and "Traceback" not in res.output, (override, res.output)
+        assert not out.exists(), override

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,11 @@ class SearchRecipe(Config):
                                                     not isinstance(self.limit_eval_batches, int) or
                                                     self.limit_eval_batches < 1):
             raise ConfigError(f"limit_eval_batches={self.limit_eval_batches!r} must be an integer >= 1 or null")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ConfigError(f"threads={self.threads!r} must be an integer >= 1 or null (torch's default)")
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device={self.device!r} must be 'cpu' or 'cuda[:index]'")
         if self.data.val_fraction <= 0:
             raise ConfigError("data.val_fraction must be > 0: the validation split trains alpha (DARTS uses 0.5)")
 
@@ -153,12 +159,14 @@ def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False
     from ...data import load_data
     from .search import search
 
+    if recipe.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={recipe.device!r} but CUDA is not available here; use device=cpu")
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    bundle = load_data(recipe.data)  # a missing or unreadable dataset fails before any file is written
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1))
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
-    bundle = load_data(recipe.data)
     alpha_split = bundle.val  # the architect cycles all of it; evaluations see the first batches
     bundle.val = FirstBatches(bundle.val, recipe.limit_eval_batches)
     bundle.test = random_batches(bundle.test, recipe.limit_eval_batches, recipe.data.seed)
