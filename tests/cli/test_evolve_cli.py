@@ -56,3 +56,16 @@ def test_info_lists_the_evolved_criteria():
     out = CliRunner().invoke(cli, ["info", "criteria"]).output
     for name in ("ga_func2", "abs_snr", "t_stat", "seed_geo_median", "evolved:<text>"):
         assert name in out
+
+
+def test_a_task_that_cannot_load_fails_in_one_line_and_leaves_no_run_directory(tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 10)  # truncated: not even a header
+    task = f"[{{base: digits, init: {broken}, calib_samples: 64}}]"
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["evolve", str(RECIPE), f"evolve.tasks={task}", "evolve.population=3",
+                                      "evolve.parents=2", "evolve.generations=0", "evolve.executor=serial",
+                                      "reevaluate.seeds=0", "--out", str(out), "-q"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: task 'digits': dense weights") and "Traceback" not in result.output
+    assert not out.exists()

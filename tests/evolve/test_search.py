@@ -109,3 +109,30 @@ def test_elites_are_reevaluated_with_extra_seeds(dense, tmp_path):
         _, seed, text = key.split("|", 2)
         seeds_of.setdefault(text, set()).add(int(seed))
     assert sorted(len(s) for s in seeds_of.values()) == [1, 1, 3, 3]  # population 4: the best 2 have 3 seeds
+
+
+def test_a_task_whose_dense_weights_do_not_load_stops_the_search(dense, tmp_path):
+    # Weights of another width: no function is to blame, so no function may score 0 for it.
+    from safetensors.torch import save_model
+
+    from prunekit.evolve.fitness import Job, run_job
+    from prunekit.models import create_model
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_model(create_model("small_cnn", 10, width=8), str(wrong))
+    task = json.dumps(_cfg(dense).tasks[0].to_dict(), sort_keys=True)
+    with pytest.raises(CheckpointError, match="task 'digits': dense weights .*wrong.safetensors.*conv1.weight"):
+        run_job(Job(SEEDS["t_stat"], task, 0, str(wrong)))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="truncated.safetensors cannot be loaded"):
+        run_job(Job(SEEDS["t_stat"], task, 0, str(truncated)))
+
+
+def test_malformed_task_entries_are_config_errors():
+    from prunekit.evolve.config import task_from
+
+    with pytest.raises(ConfigError, match=r"takes only .*got unknown \['foo'\], missing \['data', 'model'\]"):
+        task_from({"name": "x", "foo": 1})
+    with pytest.raises(ConfigError, match="val_fraction='abc' must be a number"):
+        task_from({"base": "digits", "data": {"val_fraction": "abc"}})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, PrunekitError
 
 TOP_KEYS = ("name", "evolve", "reevaluate")
 
@@ -70,7 +70,12 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(dump_yaml({"name": name, "evolve": cfg.to_dict(), "reevaluate": reeval}))
     echo(f"run directory: {run_dir}")
-    state = run_search(cfg, run_dir, resume=resume_dir is not None, progress=not quiet, echo=echo)
+    try:
+        state = run_search(cfg, run_dir, resume=resume_dir is not None, progress=not quiet, echo=echo)
+    except PrunekitError:
+        if resume_dir is None:
+            _remove_if_unused(run_dir)
+        raise
     rows = []
     if reeval["seeds"] > 0:
         echo(f"re-evaluating the best {reeval['top']} functions and the 7 seeds with {reeval['seeds']} fresh seeds")
@@ -78,3 +83,11 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
     report = write_run(run_dir, cfg, state, rows)
     echo(f"best: {(run_dir / 'best.txt').read_text().strip()}")
     echo(str(report))
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """Take back a new run directory that holds only its recipe: a task that fails to load (data,
+    dense weights) leaves nothing behind. Anything else (dense models, checkpoints) stays."""
+    if sorted(p.name for p in run_dir.iterdir()) == ["recipe.yaml"]:
+        (run_dir / "recipe.yaml").unlink()
+        run_dir.rmdir()

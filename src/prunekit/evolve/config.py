@@ -53,7 +53,10 @@ class TaskConfig:
             raise ConfigError("every task needs a name (text)")
         if not isinstance(self.data, dict) or "name" not in self.data:
             raise ConfigError(f"task {self.name!r}: data must be a mapping with a dataset name, e.g. {{name: digits}}")
-        if float(self.data.get("val_fraction", 0.1)) <= 0:
+        val_fraction = self.data.get("val_fraction", 0.1)
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
+            raise ConfigError(f"task {self.name!r}: data.val_fraction={val_fraction!r} must be a number in (0, 1)")
+        if val_fraction <= 0:
             raise ConfigError(f"task {self.name!r}: fitness is measured on the val split; set data.val_fraction > 0")
         check_range("prune_ratio", self.prune_ratio, 0.0, 1.0, hi_open=True)
         check_range("weight", self.weight, 0.0, math.inf, lo_open=True)
@@ -99,10 +102,14 @@ def task_from(entry) -> TaskConfig:
     entry = dict(entry)
     base = entry.pop("base", None)
     if base is None:
-        try:
-            return TaskConfig(**entry)
-        except TypeError as err:
-            raise ConfigError(f"task: {err}") from None
+        fields = {f.name for f in dataclasses.fields(TaskConfig)}
+        required = {f.name for f in dataclasses.fields(TaskConfig) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING}
+        if set(entry) - fields or required - set(entry):
+            raise ConfigError(f"a task without base needs {', '.join(sorted(required))} and takes only "
+                              f"{', '.join(sorted(fields))}; got unknown {sorted(set(entry) - fields)}, missing "
+                              f"{sorted(required - set(entry))} (or start from base: {' or '.join(DEFAULT_TASKS)})")
+        return TaskConfig(**entry)
     if base not in DEFAULT_TASKS:
         raise ConfigError(f"task base {base!r} is unknown; choose one of: {', '.join(DEFAULT_TASKS)}")
     known = {f.name for f in dataclasses.fields(TaskConfig)}

@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from ..core.errors import PrunekitError
+from ..core.errors import CheckpointError, PrunekitError, load_error_text
 from ..data import DataConfig, load_data
 from ..engine import evaluate, train
 from ..importance.evolved.space import EvalError
@@ -99,7 +100,12 @@ def task_state(task_json: str, dense_path: str, device: str) -> TaskState:
         task = _task_config(task_json)
         bundle = _data(task, device)
         dense = create_model(task.model, bundle.num_classes, **task.model_kwargs)
-        load_model(dense, dense_path)
+        try:
+            load_model(dense, dense_path)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"task {task.name!r}: dense weights {dense_path} cannot be loaded into model "
+                                  f"{task.model!r}: {load_error_text(err)}; give the task an init trained for "
+                                  "this model and data, or leave init null to train one") from None
         dense.to(device).eval()
         calib, n = [], 0
         for x, y in _data(task, device, augment=False).train:  # no augmentation for scoring
@@ -124,8 +130,10 @@ def run_job(job: Job) -> dict:
     """Evaluate one (function, task, seed): {"key", "acc", "error", "seconds"}; acc 0 on failure."""
     start = time.perf_counter()
     torch.set_num_threads(job.threads)
+    # Outside the try: a task that cannot be prepared (dense weights, data) is no function's fault;
+    # scoring every function 0 would let the whole search run on nothing. It stops the search.
+    state = task_state(job.task, job.dense_path, job.device)
     try:
-        state = task_state(job.task, job.dense_path, job.device)
         task = state.task
         crit = EvolvedCriterion(job.text, task.calib_samples, task.score_time_s)
         model = prune_copy(state, crit, task.prune_ratio)
