@@ -136,3 +136,19 @@ def test_malformed_task_entries_are_config_errors():
         task_from({"name": "x", "foo": 1})
     with pytest.raises(ConfigError, match="val_fraction='abc' must be a number"):
         task_from({"base": "digits", "data": {"val_fraction": "abc"}})
+
+
+def test_a_damaged_or_hostile_checkpoint_is_one_checkpoint_error(dense, tmp_path):
+    cfg = _cfg(dense, generations=0)
+    run_search(cfg, tmp_path, progress=False)
+    path = tmp_path / "checkpoints" / "gen_000.json"
+    good = json.loads(path.read_text())
+    for change, needle in [({"population": None}, "damaged"), ({"random_state": [1]}, "damaged"),
+                           ({"generation": "0"}, "damaged"), ({"evaluations": []}, "damaged"),
+                           ({"hall_of_fame": ["__import__('os').system('true')"]}, "invalid function")]:
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(CheckpointError, match=needle):
+            run_search(cfg, tmp_path, resume=True, progress=False)
+    path.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="other settings"):
+        run_search(cfg, tmp_path, resume=True, progress=False)

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 from deap import base, creator, gp, tools
 
-from ..core.errors import CheckpointError
+from ..core.errors import CheckpointError, ConfigError
 from ..importance.evolved.space import PSET, SEEDS, EvalError
 from ..importance.evolved.text import expression_text, parse_expression
 from ..importance.evolved.tree_eval import channel_scores
@@ -185,15 +185,25 @@ def load_checkpoint(run_dir: Path, cfg: EvolveConfig) -> SearchState | None:
         data = json.loads(files[-1].read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{files[-1]} is unreadable ({err}); delete it to resume from the one before") from None
-    if data.get("config") != json.loads(json.dumps(cfg.search_dict())):
+    if not isinstance(data, dict) or data.get("config") != json.loads(json.dumps(cfg.search_dict())):
         raise CheckpointError(f"{run_dir} was searched with other settings; resume with the same recipe "
                               "or start a new run directory")
-    for text in data["population"] + data["hall_of_fame"]:
-        parse_expression(text)  # checkpoint text is parsed like any other text
-    v, internal, gauss = data["random_state"]
-    random.setstate((v, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = data["numpy_state"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    try:
+        for text in data["population"] + data["hall_of_fame"]:
+            parse_expression(text)  # checkpoint text is parsed like any other text
+        if not isinstance(data["evaluations"], dict) or not isinstance(data["history"], list) or \
+                isinstance(data["generation"], bool) or not isinstance(data["generation"], int):
+            raise TypeError("evaluations, history or generation has the wrong type")
+        v, internal, gauss = data["random_state"]
+        name, keys, pos, has_gauss, cached = data["numpy_state"]
+        random.setstate((v, tuple(internal), gauss))
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    except ConfigError as err:
+        raise CheckpointError(f"{files[-1]} holds an invalid function ({err}); delete it to resume from the "
+                              "one before") from None
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError) as err:
+        raise CheckpointError(f"{files[-1]} is damaged ({type(err).__name__}: {err}); delete it to resume from "
+                              "the one before") from None
     return SearchState(data["generation"], data["population"], data["evaluations"], data["hall_of_fame"],
                        data["history"])
 
