@@ -137,3 +137,22 @@ def test_unprobed_pruning_that_breaks_the_forward_leaves_the_model_unchanged():
     assert model.a.out_channels == 2 and all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     prune_(model, MagnitudeConfig(channel_ratio=0.5), x)  # probing keeps the hard-coded group whole
     assert model.a.out_channels == 2 and model(x).shape == (1, 2, 4, 4)
+
+
+@pytest.mark.parametrize("criterion", ["l2", "fpgm", "bn_scale"])
+def test_nan_weights_are_refused_and_leave_the_model_unchanged(criterion):
+    # A diverged training leaves NaN weights; a ranking of NaN scores would remove arbitrary channels.
+    from prunekit.core.errors import PruningError
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10)
+    with torch.no_grad():
+        model.conv2.weight[3, 0, 0, 0] = float("nan")
+        model.bn2.weight[3] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match=r"NaN or inf scores to \d+ of the \d+ channels of group"):
+        prune_(model, MagnitudeConfig(criterion=criterion, channel_ratio=0.5), torch.zeros(1, 1, 8, 8))
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) or (torch.isnan(v).any() and torch.equal(after[k].isnan(), v.isnan()))
+               for k, v in before.items())

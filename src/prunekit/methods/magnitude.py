@@ -159,6 +159,11 @@ def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: 
         if not isinstance(s, torch.Tensor):
             raise ConfigError(f"criterion {cfg.to_dict()['criterion']} returned {type(s).__name__} for group "
                               f"{g.name!r}; a criterion returns a tensor of shape ({g.size},)")
+        if s.is_floating_point() and not bool(torch.isfinite(s).all()):  # a ranking of NaN is arbitrary
+            bad = int((~torch.isfinite(s)).sum())
+            raise PruningError(f"criterion {cfg.to_dict()['criterion']} gave NaN or inf scores to {bad} of the "
+                               f"{s.numel()} channels of group {g.name!r}: the model's weights or the calibration "
+                               "data hold NaN/inf (a diverged training? lower the learning rate); nothing was removed")
         scores[g.name] = s.detach()
     if fallbacks is not None:
         fallbacks.update(ctx.fallbacks)
