@@ -47,6 +47,7 @@ def test_a_callable_config_is_recorded_but_not_replayable():
     ("l7", "criterion='l7' is not allowed"),
     ("nosuch:abc", "no criterion factory is registered for prefix 'nosuch'"),
     (3, "must be a registered name"),
+    ({"evolved": "div(P, Q)"}, "read as a mapping.*write evolved:div\\(P, Q\\) without the space"),  # `evolved: div(P, Q)` in YAML
 ])
 def test_a_bad_criterion_fails_in_validate(spec, message):
     with pytest.raises(ConfigError, match=message):

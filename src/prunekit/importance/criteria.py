@@ -205,6 +205,11 @@ def resolve_criterion(spec: str | Criterion) -> Criterion:
     """
     if callable(spec):
         return spec
+    if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in CRITERION_FACTORIES:
+        prefix, text = next(iter(spec.items()))  # YAML reads `evolved: P` (colon, space) as a mapping
+        raise ConfigError(f"criterion={spec!r} was read as a mapping: YAML takes '{prefix}: ...' with a space after "
+                          f"the colon as a key; write {prefix}:{text if text is not None else '<text>'} without the "
+                          "space, or quote the whole value")
     if not isinstance(spec, str):
         raise ConfigError(f"criterion={spec!r} must be a registered name ({', '.join(CRITERIA.list())}), "
                           "'<prefix>:<text>' or a callable (group, ctx) -> scores")
