@@ -60,10 +60,15 @@ def test_missing_files_without_network_ask_for_a_local_copy(tmp_path, monkeypatc
         raise urllib.error.URLError("network is unreachable")
 
     monkeypatch.setattr(cifar.urllib.request, "urlopen", offline)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="pass root= a local copy of cifar-10-python.tar.gz"):
         load_cifar_arrays(DataConfig(name="cifar10", root=str(tmp_path / "empty")))
     assert calls == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
     assert not any((tmp_path / "empty").iterdir())  # no partial download left behind
+    # A root that did not exist is not left behind as empty folders (a typo stays a typo).
+    with pytest.raises(DataError, match="pass root= a local copy"):
+        load_cifar_arrays(DataConfig(name="cifar10", root=str(tmp_path / "typo" / "cifar")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
 def test_download_is_used_when_nothing_is_local(tmp_path, fakes, monkeypatch):

@@ -132,6 +132,7 @@ def _download(root: Path, fmt: OfficialFormat) -> Path:
     target = root / fmt.archive
     url = URL_BASE + fmt.archive
     partial = target.with_name(target.name + ".partial")
+    created = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
     try:
         root.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as out:
@@ -140,6 +141,11 @@ def _download(root: Path, fmt: OfficialFormat) -> Path:
         os.replace(partial, target)
     except OSError as err:  # URLError, timeouts and disk errors are all OSErrors
         partial.unlink(missing_ok=True)
+        for folder in created:  # a failed download leaves no empty folder at the path the user gave
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise DataError(
             f"no {fmt.archive} or {fmt.folder}/ under {str(root)!r}, and downloading {url} failed ({err}); "
             f"pass root= a local copy of {fmt.archive} or of the extracted {fmt.folder}/ folder"
