@@ -67,3 +67,36 @@ def test_corrupt_or_foreign_files_raise_and_leave_model_alone(tmp_path):
     assert {k: v.shape for k, v in fresh.state_dict().items()} == shapes
     with pytest.raises(CheckpointError, match="not a prunekit plan"):
         Plan.from_dict({"groups": {}})
+
+
+def _with_metadata(src, dst, key, value):
+    """Copy a safetensors file with one metadata entry replaced (the tensors stay intact)."""
+    import struct
+
+    raw = src.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"][key] = value
+    blob = json.dumps(header).encode()
+    dst.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    return dst
+
+
+@pytest.mark.parametrize("key", ["prunekit.plan", "prunekit.aliases", "prunekit.module_versions"])
+def test_hostile_nested_json_in_a_pruned_file_is_a_checkpoint_error(tmp_path, key):
+    # JSON nested 50,000 deep makes Python's decoder raise RecursionError, not a ValueError.
+    model, plan = _pruned()
+    good = save_pruned(model, plan, tmp_path / "m.safetensors")
+    bad = _with_metadata(good, tmp_path / "deep.safetensors", key, "[" * 50_000 + "]" * 50_000)
+    fresh = create_model("resnet20", num_classes=10)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError, match="deep.safetensors"):
+        load_pruned(fresh, bad)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_plan_file_that_is_not_json_text_is_a_checkpoint_error(tmp_path):
+    for name, data in [("binary.json", b"\xff\xfe\x00 not text"), ("deep.json", b"[" * 50_000 + b"]" * 50_000)]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=f"cannot read plan .*{name}"):
+            load_plan(tmp_path / name)

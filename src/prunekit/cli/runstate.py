@@ -72,8 +72,8 @@ def read_state(run_dir: Path) -> dict[str, Any] | None:
         return None
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is unreadable ({err}); the run cannot be resumed") from None
+    except (OSError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path} is unreadable ({str(err)[:200]}); the run cannot be resumed") from None
     keys = ("command", "stages", "done", "weights", "before_prune", "evaluations", "seconds", "finished")
     if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in keys):
         raise CheckpointError(f"{path} is not a prunekit run state; the run cannot be resumed")

@@ -83,7 +83,7 @@ def _read_json_mapping(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from `path`; CheckpointError naming the file when it is damaged or foreign."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, or nested too deep
         raise CheckpointError(f"{what} {path} is not valid JSON ({err}); remove it to rerun, "
                               "or give compare another --out") from None
     if not isinstance(data, dict):

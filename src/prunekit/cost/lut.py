@@ -250,8 +250,8 @@ class LatencyTable:
     def load(cls, path: str | Path) -> "LatencyTable":
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"cannot read latency table {path}: {err}") from None
+        except (OSError, ValueError, RecursionError) as err:
+            raise CheckpointError(f"cannot read latency table {path}: {str(err)[:200]}") from None
         return cls.from_dict(data)
 
 

@@ -178,7 +178,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         meta = json.loads(ckpt.pop("meta_json"))
         ckpt["cfg"], ckpt["history"] = meta["cfg"], meta["history"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise CheckpointError(f"{path} has an unreadable metadata block; delete it to restart") from None
     return ckpt
 

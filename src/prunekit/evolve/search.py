@@ -183,7 +183,7 @@ def load_checkpoint(run_dir: Path, cfg: EvolveConfig) -> SearchState | None:
         return None
     try:
         data = json.loads(files[-1].read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise CheckpointError(f"{files[-1]} is unreadable ({err}); delete it to resume from the one before") from None
     if not isinstance(data, dict) or data.get("config") != json.loads(json.dumps(cfg.search_dict())):
         raise CheckpointError(f"{run_dir} was searched with other settings; resume with the same recipe "

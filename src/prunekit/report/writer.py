@@ -121,8 +121,8 @@ def _load_result(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path} does not exist; pass the result dict or write result.json first") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON ({err}); rewrite it from the run's result") from None
+    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, or nested too deep
+        raise ConfigError(f"{path} is not valid JSON ({str(err)[:200]}); rewrite it from the run's result") from None
 
 
 def _cost(result: dict, side: str, key: str) -> tuple[float | None, bool]:

@@ -62,8 +62,8 @@ def _plan_of(meta: Mapping[str, str], path: Any) -> Plan:
         raise CheckpointError(f"{path} holds no prunekit plan; it was not written by save_pruned")
     try:
         return Plan.from_dict(json.loads(meta[PLAN_KEY]))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"the plan in {path} is corrupt ({err})") from None
+    except (ValueError, RecursionError) as err:  # RecursionError: JSON nested thousands deep
+        raise CheckpointError(f"the plan in {path} is corrupt ({type(err).__name__}: {str(err)[:200]})") from None
 
 
 def read_plan(path: str | Path) -> Plan:

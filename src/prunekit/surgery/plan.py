@@ -209,8 +209,8 @@ def save_plan(plan: Plan, path: str | Path) -> None:
 def load_plan(path: str | Path) -> Plan:
     try:
         return Plan.from_dict(json.loads(Path(path).read_text()))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read plan {path}: {err}") from None
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: not JSON or not UTF-8 text
+        raise CheckpointError(f"cannot read plan {path}: {type(err).__name__}: {str(err)[:200]}") from None
 
 
 def remove_zero_channels_(model: nn.Module, example_inputs: Any, ignore: Sequence[str] = ()) -> Plan:

@@ -93,7 +93,7 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     try:
         doc = json.loads(meta[_META_KEY])
         version, infos = doc["format_version"], doc["tensors"]
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, RecursionError):
         raise CheckpointError(f"{path}: no prunekit sparse metadata; write it with save_sparse") from None
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: sparse format version {version}; this prunekit reads {FORMAT_VERSION}")

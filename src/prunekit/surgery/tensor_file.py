@@ -129,7 +129,7 @@ def read_tensor_file(path: str | os.PathLike[str], require_checksum: bool = True
 def _json(meta: Mapping[str, str], key: str, path: Any) -> dict:
     try:
         value = json.loads(meta.get(key, "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):
         value = None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: metadata {key} is not a JSON object; the file is damaged")

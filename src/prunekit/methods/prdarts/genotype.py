@@ -67,8 +67,8 @@ class Genotype:
     def from_json(cls, text: str) -> "Genotype":
         try:
             return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"genotype JSON is malformed ({err})") from None
+        except (ValueError, RecursionError) as err:
+            raise CheckpointError(f"genotype JSON is malformed ({str(err)[:200]})") from None
 
     def parameter_free_share(self) -> float:
         """Share of the cell edges (normal and reduce) that carry a parameter-free op."""
