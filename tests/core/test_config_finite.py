@@ -1,4 +1,7 @@
-"""Every float a config holds must be finite: NaN passes `<`/`>` range checks, so it is refused first."""
+"""Every float a config holds must be finite: NaN passes `<`/`>` range checks, so it is refused first.
+
+Fields that hold module names (`ignore`, ...) take a list of strings: a plain string would be
+iterated into one-letter names; None and nested lists used to end in a TypeError traceback."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +13,7 @@ import typing
 import pytest
 
 import prunekit
-from prunekit.core.config import Config, check_range
+from prunekit.core.config import Config, check_names, check_range
 from prunekit.core.errors import ConfigError
 
 # Fields a config needs before it is valid at all (each a known-good value).
@@ -72,3 +75,31 @@ def test_replace_validates_again():
 
     with pytest.raises(ConfigError, match="lr=nan"):
         TrainConfig().replace(lr=math.nan)
+
+
+def _name_fields(cls) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    return [name for name, hint in hints.items()
+            if typing.get_origin(hint) in (list, tuple) and typing.get_args(hint)[:1] == (str,)]
+
+
+NAME_CASES = [(cls, name) for cls in _all_configs() for name in _name_fields(cls)]
+
+
+def test_the_walk_finds_the_ignore_fields():
+    assert {"MagnitudeConfig", "GatorConfig", "HydraConfig", "SSCConfig"} <= {cls.__name__ for cls, _ in NAME_CASES}
+
+
+@pytest.mark.parametrize("cls, field", NAME_CASES, ids=[f"{c.__name__}.{f}" for c, f in NAME_CASES])
+@pytest.mark.parametrize("value", ["conv1", None, [["conv1"]], [1]], ids=["str", "none", "nested", "int"])
+def test_every_name_list_field_refuses_what_is_not_a_list_of_strings(cls, field, value):
+    cls(**{**BASE.get(cls.__name__, {}), field: ["conv1"]})  # a list of names is fine
+    with pytest.raises(ConfigError, match=rf"{field}=.* must be a list of names"):
+        cls(**{**BASE.get(cls.__name__, {}), field: value})
+
+
+def test_check_names_accepts_lists_and_tuples_of_strings():
+    check_names("ignore", [])
+    check_names("ignore", ("a", "b.c"))
+    with pytest.raises(ConfigError, match=r"e\.g\. \['fc'\]"):
+        check_names("ignore", "fc")

@@ -32,8 +32,11 @@ class Config:
     version: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
+        names = _string_list_fields(type(self))
         for f in dataclasses.fields(self):
             check_finite(f.name, getattr(self, f.name))
+            if f.name in names:
+                check_names(f.name, getattr(self, f.name))
         self.validate()
 
     def validate(self) -> None:  # overridden by subclasses
@@ -83,6 +86,37 @@ def _config_type(hint: Any) -> type[Config] | None:
         if isinstance(c, type) and issubclass(c, Config):
             return c
     return None
+
+
+_STRING_LISTS: dict[type, frozenset[str]] = {}
+
+
+def _string_list_fields(cls: type) -> frozenset[str]:
+    """Names of the fields annotated `list[str]` or `tuple[str, ...]` (module names to ignore, ...)."""
+    if cls not in _STRING_LISTS:
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # noqa: BLE001 (an unresolvable annotation: no field is checked, as before)
+            hints = {}
+        _STRING_LISTS[cls] = frozenset(
+            name for name, hint in hints.items()
+            if typing.get_origin(hint) in (list, tuple) and typing.get_args(hint)[:1] == (str,))
+    return _STRING_LISTS[cls]
+
+
+def check_names(name: str, value: Any) -> None:
+    """Raise ConfigError unless `value` is a list (or tuple) of strings.
+
+    A plain string is refused too: iterated, 'conv1' would be the names 'c', 'o', 'n', ...
+
+    >>> check_names("ignore", ["conv1", "fc"])
+    >>> check_names("ignore", "fc")
+    Traceback (most recent call last):
+    prunekit.core.errors.ConfigError: ignore='fc' must be a list of names (strings), e.g. ['fc'] or []
+    """
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        example = [value] if isinstance(value, str) else []
+        raise ConfigError(f"{name}={value!r} must be a list of names (strings), e.g. {example or ['fc']} or []")
 
 
 def _plain(v: Any) -> Any:
