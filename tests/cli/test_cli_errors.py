@@ -56,10 +56,11 @@ BAD_ARGUMENTS = [
     (["missing.yaml"], ["'missing.yaml' does not exist"]),
     (["mine.yaml", "other.yaml"], ["unexpected argument 'other.yaml'"]),
     (["eval.split=train"], ["split='train'", "test"]),
+    (["train.epochs=" + "[" * 5000 + "]" * 5000], ["nested too deeply"]),
 ]
 
 
-@pytest.mark.parametrize("args, needles", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+@pytest.mark.parametrize("args, needles", BAD_ARGUMENTS, ids=[" ".join(a)[:40] for a, _ in BAD_ARGUMENTS])
 def test_bad_recipe_arguments_fail_cleanly_and_write_nothing(runner, workdir, args, needles):
     before = _snapshot(workdir)
     result = runner.invoke(cli, ["run", *args])

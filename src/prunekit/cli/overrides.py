@@ -52,6 +52,8 @@ def load_yaml_text(text: str, where: str) -> Any:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise ConfigError(f"{where}: YAML nested too deeply to read; a recipe needs a few levels") from None
 
 
 def load_yaml_file(path: str | Path) -> Any:
