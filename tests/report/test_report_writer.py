@@ -126,3 +126,10 @@ def test_weight_masks_line_reports_counted_zeros(tmp_path):
     assert "Weight masks: 70.0% of 10 masked weights are zero" in paths.markdown.read_text()
     paths = write_report(tmp_path / "dense", {"title": "t", "method": "magnitude"})
     assert "Weight masks" not in paths.markdown.read_text()
+
+
+@pytest.mark.parametrize("change", [{"cost_before": "x"}, {"layers": [1, 2]}], ids=["cost", "layers"])
+def test_a_hand_edited_result_json_of_the_wrong_layout_is_one_config_error(tmp_path, change):
+    (tmp_path / "result.json").write_text(json.dumps({**_full(), **change}))
+    with pytest.raises(ConfigError, match="result.json does not have the layout prunekit writes"):
+        write_report(tmp_path)

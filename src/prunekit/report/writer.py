@@ -104,6 +104,16 @@ def write_report(run_dir: str | Path, result: ReportInput | None = None) -> Repo
     run_dir = Path(run_dir)
     if result is None:
         result = _load_result(run_dir / "result.json")
+        try:  # a hand-edited file: a field of the wrong type is the file's fault, said in one line
+            return _write(run_dir, result)
+        except (AttributeError, TypeError, KeyError, ValueError, IndexError) as err:
+            raise ConfigError(f"{run_dir / 'result.json'} does not have the layout prunekit writes "
+                              f"({type(err).__name__}: {str(err)[:200]}); restore it, or run the command "
+                              "that made it again") from None
+    return _write(run_dir, result)
+
+
+def _write(run_dir: Path, result: ReportInput) -> ReportPaths:
     if not isinstance(result, dict):
         raise ConfigError(f"the report needs a result dict, got {type(result).__name__}")
     run_dir.mkdir(parents=True, exist_ok=True)
