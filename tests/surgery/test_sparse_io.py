@@ -117,6 +117,12 @@ def test_corrupt_files_raise_checkpoint_error(tmp_path):
     save_file(tensors, bad_shape, metadata={"prunekit_sparse": json.dumps(meta_shape)})
     _assert_corrupt(bad_shape, target, "bit bytes")
 
+    meta_negative = json.loads(json.dumps(meta))  # same element count, so the bit count alone passes
+    meta_negative["tensors"]["4.weight"]["shape"] = [-64, -576]
+    negative = tmp_path / "negative.safetensors"
+    save_file(tensors, negative, metadata={"prunekit_sparse": json.dumps(meta_negative)})
+    _assert_corrupt(negative, target, "negative size")
+
     meta_nm = json.loads(json.dumps(meta))
     meta_nm["tensors"]["4.weight"].update(kind="nm", n=2, m=4)
     bad_nm = tmp_path / "nm.safetensors"

@@ -111,6 +111,8 @@ def _decode(path: Any, name: str, info: Any, stored: dict[str, Tensor]) -> tuple
         shape, dtype, encoding = [int(s) for s in info["shape"]], _DTYPES[info["dtype"]], info["encoding"]
     except (KeyError, TypeError, ValueError):
         raise bad("bad shape/dtype/encoding metadata") from None
+    if any(s < 0 for s in shape):
+        raise bad(f"negative size in shape {shape}")
     numel = math.prod(shape)
     if encoding == "dense":
         t = stored.get(name)
