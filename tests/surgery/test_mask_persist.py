@@ -107,6 +107,14 @@ def test_masks_that_disagree_with_the_plan_are_refused(tmp_path):
     write_tensor_file(bad, tensors, {**meta, PLAN_KEY: lying.to_json()})
     with pytest.raises(CheckpointError, match="damaged"):
         load_pruned(nn.Sequential(nn.Linear(8, 4)), bad)
+    negative = read_plan(good)
+    negative.meta["masks"]["tensors"]["0.weight"]["shape"] = [-4, -8]  # as many entries as (4, 8)
+    write_tensor_file(bad, tensors, {**meta, PLAN_KEY: negative.to_json()})
+    fresh = nn.Sequential(nn.Linear(8, 4))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError, match="negative size"):
+        load_pruned(fresh, bad)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
 
 
 def test_mask_kinds_are_recognised():

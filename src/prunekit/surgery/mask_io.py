@@ -51,6 +51,8 @@ def pack_mask(mask: Tensor) -> Tensor:
 def unpack_mask(bits: Tensor, shape: Any) -> Tensor:
     """Inverse of `pack_mask`: a bool tensor of `shape`."""
     shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):  # (-64, -32, 3, 3) has as many entries as (64, 32, 3, 3)
+        raise CheckpointError(f"packed mask shape {list(shape)} has a negative size")
     numel = math.prod(shape)
     if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != math.ceil(numel / 8):
         raise CheckpointError(f"packed mask of {bits.numel()} {bits.dtype} bytes cannot hold {numel} entries")
