@@ -156,3 +156,14 @@ def test_nan_weights_are_refused_and_leave_the_model_unchanged(criterion):
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], v) or (torch.isnan(v).any() and torch.equal(after[k].isnan(), v.isnan()))
                for k, v in before.items())
+
+
+def test_an_unreachable_target_on_a_masked_model_says_to_bake_the_masks():
+    from prunekit.surgery.masks import apply_mask, unstructured_mask
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10)
+    for conv in (model.conv2, model.conv3):
+        apply_mask(conv, "weight", unstructured_mask(conv.weight, 0.7))
+    with pytest.raises(ConfigError, match=r"impossible target.*2 layer\(s\) carry weight masks \(conv2, conv3\).*bake"):
+        prune_(model, MagnitudeConfig(macs_fraction=0.5), torch.zeros(1, 1, 8, 8))

@@ -264,7 +264,10 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
                 work, graph, scores, cfg.latency_fraction, latency_config(cfg), example_inputs, cfg.latency_tolerance,
                 cfg.round_to, cfg.max_ratio, cfg.normalizer)
         else:
-            removal = _step_removal(graph, scores, cfg, step, before, estimator)
+            try:
+                removal = _step_removal(graph, scores, cfg, step, before, estimator)
+            except ConfigError as err:
+                raise ConfigError(f"{err}{_masked_hint(work)}") from None
         step_plan = make_plan(graph, removal, example_inputs, cfg.ignore)
         remove_channels_(work, graph, removal)
         plan = step_plan if plan is None else plan.compose(step_plan)
@@ -294,6 +297,17 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
                      between_steps: Callable[[nn.Module, int], None] | None = None) -> PruneResult:
     prepared = prepare_pruning(model, example_inputs, cfg.ignore, probe=cfg.probe)
     return prune_prepared_(prepared, model, cfg, batches, between_steps)
+
+
+def _masked_hint(model: nn.Module) -> str:
+    """Why a target may be out of reach: the tracer keeps every channel a weight mask touches."""
+    from torch.nn.utils import parametrize
+
+    masked = [name for name, m in model.named_modules() if parametrize.is_parametrized(m)]
+    if not masked:
+        return ""
+    return (f"; {len(masked)} layer(s) carry weight masks ({', '.join(masked[:3])}), whose channels are kept: "
+            "bake them first (prunekit.bake_masks_), see docs/masks.md")
 
 
 def _capped_note(cfg: MagnitudeConfig) -> dict[str, Any]:
