@@ -244,6 +244,7 @@ def test_damaged_dense_weights_and_records_are_one_checkpoint_error(dense_path, 
     with pytest.raises(CheckpointError, match="cannot read dense weights .*truncated.safetensors"):
         run_compare(CompareRecipe.from_dict({**raw, "dense": {"weights": str(truncated)}}), tmp_path / "a",
                     echo=lambda s: None)
+    assert not (tmp_path / "a").exists()  # a new output folder is not left behind holding only recipe.yaml
     wrong = tmp_path / "wrong.safetensors"  # a dense model of another width: the message names a tensor
     from safetensors.torch import save_model
     save_model(create_model("small_cnn", 10, width=8), str(wrong))

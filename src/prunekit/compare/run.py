@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..core.environment import environment
-from ..core.errors import CheckpointError, ConfigError, load_error_text
+from ..core.errors import CheckpointError, ConfigError, PrunekitError, load_error_text
 from ..core.integrity import file_digest
 from ..cost.macs import CONVENTION
 from ..data import load_data
@@ -162,18 +162,25 @@ def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = 
     if unknown:
         raise ConfigError(f"unknown arm(s) {', '.join(unknown)}; the recipe has {', '.join(recipe.arms)}")
     out = Path(out_dir) if out_dir is not None else Path(recipe.out) / recipe.name
-    out.mkdir(parents=True, exist_ok=True)
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
     device = resolve_device(recipe.device)
-    (out / "recipe.yaml").write_text(json.dumps(recipe.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
     bundle = load_data(recipe.data.replace(device="cuda" if device.type == "cuda" else "cpu"))
     if recipe.eval_max_batches:
         bundle.val = FirstBatches(bundle.val, recipe.eval_max_batches)
         bundle.test = FirstBatches(bundle.test, recipe.eval_max_batches)
     torch.manual_seed(recipe.data.seed)
     model = create_model(recipe.model_name, bundle.num_classes, **recipe.model_kwargs)
-    dense, dense_info = dense_model(recipe, model, bundle, out, device, echo)
+    new_folder = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(json.dumps(recipe.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+    try:
+        dense, dense_info = dense_model(recipe, model, bundle, out, device, echo)
+    except PrunekitError:
+        if new_folder and sorted(p.name for p in out.iterdir()) == ["recipe.yaml"]:
+            (out / "recipe.yaml").unlink()  # unreadable dense weights leave no folder behind
+            out.rmdir()
+        raise
     echo(f"dense: {recipe.eval_split if recipe.eval_split == 'test' else 'val'} acc "
          f"{dense_info['test_acc' if recipe.eval_split == 'test' else 'val_acc']:.4f} (sha256 {dense_info['sha256'][:12]})")
     example = next(iter(bundle.val if bundle.val.num_samples > 0 else bundle.test))[0][:2].cpu()
