@@ -117,6 +117,16 @@ def test_mixed_sizes_need_image_size(tmp_path, fakes, private_cache):
     assert np.array_equal(resized.test_x[0], np.asarray(solid).transpose(2, 0, 1))
 
 
+@pytest.mark.parametrize("archive", [False, True], ids=["folder", "archive"])
+def test_a_corrupt_image_is_named_in_one_data_error(tmp_path, fakes, private_cache, archive):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    (fake.root / "train" / "dog" / "900.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    root = fakes.tar_folder(fake.root, tmp_path / "imgs.tar.gz") if archive else fake.root
+    name = "an image of class 'dog'" if archive else "900.png"
+    with pytest.raises(DataError, match=f"cannot decode .*{name}.*remove or replace the file"):
+        load_imagefolder(cfg_for(root))
+
+
 def test_bad_roots_are_reported(tmp_path, fakes, private_cache):
     with pytest.raises(ConfigError, match="needs root="):
         load_data(DataConfig(name="imagefolder"))

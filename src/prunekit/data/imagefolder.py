@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..core.errors import ConfigError
 from .cache import cache_key, load_cached, save_cached, source_state
@@ -133,9 +134,12 @@ def _decode_all(class_names: list[str], train: list, test: list | None, mode: st
     size = shape[1:] if resize else None
 
     def decode(item: tuple[int, object]) -> np.ndarray:
-        array = decode_image(_payload_bytes(item[1]), mode, size)
+        name = item[1] if isinstance(item[1], str) else f"an image of class {class_names[item[0]]!r}"
+        try:
+            array = decode_image(_payload_bytes(item[1]), mode, size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # Pillow's ways to fail
+            raise DataError(f"cannot decode {name} ({type(err).__name__}: {err}); remove or replace the file") from None
         if array.shape != shape:
-            name = item[1] if isinstance(item[1], str) else "an image"
             raise DataError(f"{name} decodes to {array.shape}, the first image to {shape}; set image_size to resize all")
         return array
 
