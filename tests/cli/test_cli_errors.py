@@ -57,6 +57,7 @@ BAD_ARGUMENTS = [
     (["mine.yaml", "other.yaml"], ["unexpected argument 'other.yaml'"]),
     (["eval.split=train"], ["split='train'", "test"]),
     (["train.epochs=" + "[" * 5000 + "]" * 5000], ["nested too deeply"]),
+    (["method.criterion=taylor", "calibration_batches=0"], ["'taylor' needs data", "set calibration_batches"]),
 ]
 
 

@@ -61,7 +61,8 @@ class ScoreContext:
 
     def require_batches(self, who: str) -> Iterable:
         if self.batches is None:
-            raise ConfigError(f"criterion {who!r} needs data: pass batches (an iterable of (inputs, targets))")
+            raise ConfigError(f"criterion {who!r} needs data: pass batches (an iterable of (inputs, targets)); "
+                              "in a recipe, set calibration_batches to 1 or more")
         return self.batches
 
     def note_fallback(self, group: str, criterion: str, used: str, why: str) -> None:
