@@ -125,6 +125,18 @@ def test_missing_weights_file(runner, workdir):
                            "nope.safetensors does not exist")
 
 
+@pytest.mark.parametrize("given, needles", [
+    ("runs", ["weights runs is a directory", "dense.safetensors"]),             # a run directory as --weights
+    ("plan.json", ["plan.json is neither a .safetensors weights file", "last.pt"]),  # not UnpicklingError text
+])
+def test_weights_that_are_a_directory_or_another_file_say_what_to_give(runner, workdir, given, needles):
+    (workdir / "runs").mkdir()
+    (workdir / "plan.json").write_text('{"format": "prunekit.plan"}')
+    before = _snapshot(workdir)
+    _assert_one_line_error(runner.invoke(cli, ["eval", "mine.yaml", f"init={given}"]), *needles)
+    assert _snapshot(workdir) == before
+
+
 def test_debug_flag_lets_the_exception_through(runner, workdir):
     result = runner.invoke(cli, ["--debug", "run", "model.name=resnet57"])
     assert isinstance(result.exception, ConfigError)

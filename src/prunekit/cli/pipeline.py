@@ -11,6 +11,7 @@ import inspect
 import itertools
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -168,8 +169,15 @@ def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | 
     from ..surgery.tensor_file import SHA_KEY, load_state_, read_tensor_file
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"weights {path} is a directory; give a file inside it (dense.safetensors, "
+                              "pruned.safetensors or ckpt/<stage>/last.pt), or the run directory as the recipe")
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
+    if path.suffix != ".safetensors" and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise CheckpointError(f"{path} is neither a .safetensors weights file nor a readable training checkpoint "
+                              "(last.pt is a zip archive; this file is not one, or is cut short); give "
+                              "dense.safetensors or pruned.safetensors from a run, or an intact ckpt/<stage>/last.pt")
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
