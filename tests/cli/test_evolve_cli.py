@@ -25,6 +25,9 @@ def test_shipped_recipe_reads():
     assert reeval == {"top": 3, "seeds": 3} and name == "evolve_digits_cifar"
     with pytest.raises(ConfigError, match="unknown recipe key"):
         load_evolve_recipe(str(RECIPE), ["method.name=x"])
+    for bad in ("reevaluate.top=true", "reevaluate.seeds=-1", "reevaluate.seeds=1.5"):
+        with pytest.raises(ConfigError, match="reevaluate takes top and seeds, integers >= 0"):
+            load_evolve_recipe(str(RECIPE), [bad])
 
 
 @pytest.mark.slow  # 30 s with the machine's load average at 18 on 2 cores

@@ -28,7 +28,8 @@ def load_evolve_recipe(source: str, overrides: list[str]):
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {unknown}; an evolve recipe has {', '.join(TOP_KEYS)}")
     reeval = {"top": 3, "seeds": 3, **(raw.get("reevaluate") or {})}
-    if set(reeval) - {"top", "seeds"} or not all(isinstance(v, int) and v >= 0 for v in reeval.values()):
+    if set(reeval) - {"top", "seeds"} or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                 for v in reeval.values()):
         raise ConfigError("reevaluate takes top and seeds, integers >= 0 (seeds 0 skips re-evaluation)")
     cfg = EvolveConfig.from_dict(raw.get("evolve") or {})
     name = raw.get("name") or (Path(source).stem if source else "evolve")
