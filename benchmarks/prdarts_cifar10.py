@@ -14,6 +14,8 @@ device, load average, epochs, seeds and per-arm mean and spread.
 
 CPU smoke (one thread, about 25 minutes on a loaded 2-core machine):
     python benchmarks/prdarts_cifar10.py --device cpu --preset smoke
+Reduced CPU search and evaluation (2 threads, about 1.5 hours on 2 idle cores):
+    python benchmarks/prdarts_cifar10.py --device cpu --preset cpu --threads 2
 GPU run (see docs/prdarts.md for the expected time):
     python benchmarks/prdarts_cifar10.py --device cuda --preset gpu
 """
@@ -48,6 +50,10 @@ PRESETS = {
     # tiny: checks the pipeline on a CPU; accuracies are near chance
     "smoke": dict(limit_train=512, batch_size=32, channels=8, layers=5, search_epochs=(1, 1, 1),
                   eval_epochs=(1, 1, 1), seeds=[0, 1], test_batches=8, val_batches=4),
+    # reduced search for 2 CPU cores (about 1.5 hours in all): 3,000 weight-split images; with about
+    # 50x fewer architect steps than DARTS's 50 epochs, the architect's learning rate is raised 10x
+    "cpu": dict(limit_train=3000, batch_size=64, channels=8, layers=5, search_epochs=(3, 1, 3),
+                eval_epochs=(6, 2, 6), seeds=[0, 1], test_batches=None, val_batches=10, arch_lr=3e-3),
     # sized to about 6 minutes on one modern GPU (estimate; kernel-launch bound at this size)
     "gpu": dict(limit_train=5000, batch_size=128, channels=16, layers=5, search_epochs=(4, 2, 4),
                 eval_epochs=(4, 1, 4), seeds=[0, 1], test_batches=None, val_batches=10),
@@ -79,7 +85,8 @@ def _save(path: Path, results: dict[str, Any]) -> None:
 def run_search(args, preset, bundle, density: float) -> dict[str, Any]:
     pre, sco, fin = preset["search_epochs"]
     cfg = PRDartsConfig(channels=preset["channels"], layers=preset["layers"], density=density, pretrain_epochs=pre,
-                        score_epochs=sco, finetune_epochs=fin, unrolled=args.unrolled, seed=0)
+                        score_epochs=sco, finetune_epochs=fin, unrolled=args.unrolled, seed=0,
+                        **({"arch_lr": preset["arch_lr"]} if "arch_lr" in preset else {}))
     t0 = time.perf_counter()
     res = search(cfg, bundle.train, bundle.val, bundle.num_classes, device=args.device,
                  eval_loader=FirstBatches(bundle.val, preset["val_batches"]))
