@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unrolled", action="store_true", help="second-order architect (default: first order)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/prdarts_cifar10_<preset>_<device>.json)")
+    p.add_argument("--table", action="store_true", help="print the markdown tables of the results JSON and stop")
     return p.parse_args(argv)
 
 
@@ -120,11 +121,38 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             for k, v in sorted(groups.items())}
 
 
+def table(results: dict[str, Any]) -> str:
+    """Markdown: one row per search (time, final alpha entropy, parameter-free share), then one row
+    per density x cell (test accuracy mean +- std over seeds, nonzeros, MACs)."""
+    rows = ["| sparsity | search time | alpha entropy normal / reduce (max 2.079) | parameter-free ops in the cell |",
+            "|---|---|---|---|"]
+    for key, s in sorted(results["searches"].items(), key=lambda kv: -float(kv[0])):
+        last = s["history"][-1]
+        rows.append(f"| {100 * (1 - float(key)):g}% | {s['time_s'] / 60:.1f} min | {last['alpha_entropy_normal']:.4f} / "
+                    f"{last['alpha_entropy_reduce']:.4f} | {s['param_free_share']:.2f} |")
+    rows += ["", "| sparsity | cell | test acc % (mean ± std) | seeds | nonzero / total conv+linear weights "
+             "| MACs (dense kernels) | MACs over nonzeros |", "|---|---|---|---|---|---|---|"]
+    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for arm_key, arm in results["arms"].items():
+        name, density, _ = arm_key.split("/")
+        by.setdefault((density, name), []).append(arm)
+    for (density, name), arms in sorted(by.items(), key=lambda kv: (-float(kv[0][0]), kv[0][1])):
+        accs = [100 * a["test_acc"] for a in arms]
+        spread = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
+        rows.append(f"| {100 * (1 - float(density)):g}% | {name} | {statistics.mean(accs):.1f}{spread} | {len(arms)} | "
+                    f"{arms[0]['nonzero']:,} / {arms[0]['total']:,} | {arms[0]['macs'] / 1e6:.2f} M | "
+                    f"{arms[0]['nonzero_macs'] / 1e6:.3f} M |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
-    torch.set_num_threads(args.threads)
     out = Path(args.out or REPO / "benchmarks" / "results" / f"prdarts_cifar10_{args.preset}_{args.device.split(':')[0]}.json")
+    if args.table:
+        print(table(_load(out)))
+        return
+    torch.set_num_threads(args.threads)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = _load(out)
     results.update(preset=args.preset, settings=preset, device=args.device, unrolled=args.unrolled,
