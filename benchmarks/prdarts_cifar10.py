@@ -2,7 +2,8 @@
 random cells at equal density, with the same short training and several seeds.
 
 For each density (default 0.1 and 0.01, i.e. 90% and 99% sparsity):
-1. search (seed 0): a reduced supernet (--layers cells of --channels channels) through the three
+1. search (seed 0; with --search-density, one search at that density serves every density): a
+   reduced supernet (--layers cells of --channels channels) through the three
    phases (dense pretrain, HYDRA score training, finetune), first order unless --unrolled, on
    --limit-train weight-split images; the alpha split is the other half of CIFAR-10 train;
 2. evaluate each genotype (searched, darts_v2, random_a, random_b) for every seed: an
@@ -14,6 +15,9 @@ device, load average, epochs, seeds and per-arm mean and spread.
 
 CPU smoke (one thread, about 25 minutes on a loaded 2-core machine):
     python benchmarks/prdarts_cifar10.py --device cpu --preset smoke
+Reduced CPU search and evaluation (2 threads; about 80 minutes of search and 3 minutes per
+evaluation arm on 2 cores shared with one other job):
+    python benchmarks/prdarts_cifar10.py --device cpu --preset cpu --threads 2 --search-density 0.1
 GPU run (see docs/prdarts.md for the expected time):
     python benchmarks/prdarts_cifar10.py --device cuda --preset gpu
 """
@@ -48,6 +52,11 @@ PRESETS = {
     # tiny: checks the pipeline on a CPU; accuracies are near chance
     "smoke": dict(limit_train=512, batch_size=32, channels=8, layers=5, search_epochs=(1, 1, 1),
                   eval_epochs=(1, 1, 1), seeds=[0, 1], test_batches=8, val_batches=4),
+    # reduced search for 2 CPU cores: 3,000 weight-split images; with about 50x fewer architect steps
+    # than DARTS's 50 epochs, the architect's learning rate is raised 10x. One search takes over an
+    # hour on 2 shared cores, so it is run once (--search-density 0.1) for both densities
+    "cpu": dict(limit_train=3000, batch_size=64, channels=8, layers=5, search_epochs=(3, 1, 3),
+                eval_epochs=(6, 2, 6), seeds=[0, 1], test_batches=None, val_batches=10, arch_lr=3e-3),
     # sized to about 6 minutes on one modern GPU (estimate; kernel-launch bound at this size)
     "gpu": dict(limit_train=5000, batch_size=128, channels=16, layers=5, search_epochs=(4, 2, 4),
                 eval_epochs=(4, 1, 4), seeds=[0, 1], test_batches=None, val_batches=10),
@@ -60,9 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.01])
+    p.add_argument("--search-density", type=float, default=None,
+                   help="search once at this density and evaluate its cell at every --densities "
+                        "(default: one search per density)")
     p.add_argument("--unrolled", action="store_true", help="second-order architect (default: first order)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/prdarts_cifar10_<preset>_<device>.json)")
+    p.add_argument("--table", action="store_true", help="print the markdown tables of the results JSON and stop")
     return p.parse_args(argv)
 
 
@@ -79,7 +92,8 @@ def _save(path: Path, results: dict[str, Any]) -> None:
 def run_search(args, preset, bundle, density: float) -> dict[str, Any]:
     pre, sco, fin = preset["search_epochs"]
     cfg = PRDartsConfig(channels=preset["channels"], layers=preset["layers"], density=density, pretrain_epochs=pre,
-                        score_epochs=sco, finetune_epochs=fin, unrolled=args.unrolled, seed=0)
+                        score_epochs=sco, finetune_epochs=fin, unrolled=args.unrolled, seed=0,
+                        **({"arch_lr": preset["arch_lr"]} if "arch_lr" in preset else {}))
     t0 = time.perf_counter()
     res = search(cfg, bundle.train, bundle.val, bundle.num_classes, device=args.device,
                  eval_loader=FirstBatches(bundle.val, preset["val_batches"]))
@@ -113,11 +127,41 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             for k, v in sorted(groups.items())}
 
 
+def table(results: dict[str, Any]) -> str:
+    """Markdown: one row per search (time, final alpha entropy, parameter-free share), then one row
+    per density x cell (test accuracy mean +- std over seeds, nonzeros, MACs)."""
+    rows = ["| sparsity | search time | alpha entropy normal / reduce (max 2.079) | parameter-free ops in the cell |",
+            "|---|---|---|---|"]
+    for key, s in sorted(results["searches"].items(), key=lambda kv: -float(kv[0])):
+        last = s["history"][-1]
+        rows.append(f"| {100 * (1 - float(key)):g}% | {s['time_s'] / 60:.1f} min | {last['alpha_entropy_normal']:.4f} / "
+                    f"{last['alpha_entropy_reduce']:.4f} | {s['param_free_share']:.2f} |")
+    rows += ["", "| sparsity | cell | test acc % (mean ± std) | seeds | nonzero / total conv+linear weights "
+             "| MACs (dense kernels) | MACs over nonzeros |", "|---|---|---|---|---|---|---|"]
+    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for arm_key, arm in results["arms"].items():
+        name, density, _ = arm_key.split("/")
+        by.setdefault((density, name), []).append(arm)
+    for (density, name), arms in sorted(by.items(), key=lambda kv: (-float(kv[0][0]), kv[0][1])):
+        accs = [100 * a["test_acc"] for a in arms]
+        origin = results.get("searched_at", {}).get(density, density)
+        if name == "searched" and origin != density:
+            name = f"searched (at {100 * (1 - float(origin)):g}%)"
+        spread = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
+        rows.append(f"| {100 * (1 - float(density)):g}% | {name} | {statistics.mean(accs):.1f}{spread} | {len(arms)} | "
+                    f"{arms[0]['nonzero']:,} / {arms[0]['total']:,} | {arms[0]['macs'] / 1e6:.2f} M | "
+                    f"{arms[0]['nonzero_macs'] / 1e6:.3f} M |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
-    torch.set_num_threads(args.threads)
     out = Path(args.out or REPO / "benchmarks" / "results" / f"prdarts_cifar10_{args.preset}_{args.device.split(':')[0]}.json")
+    if args.table:
+        print(table(_load(out)))
+        return
+    torch.set_num_threads(args.threads)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = _load(out)
     results.update(preset=args.preset, settings=preset, device=args.device, unrolled=args.unrolled,
@@ -129,11 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     bundle.test_subset = random_batches(bundle.test, preset["test_batches"], seed=0)
     for density in args.densities:
         key = f"{density:g}"
-        if key not in results["searches"]:
-            results["searches"][key] = run_search(args, preset, bundle, density)
+        searched_at = key if args.search_density is None else f"{args.search_density:g}"
+        if searched_at not in results["searches"]:
+            results["searches"][searched_at] = run_search(args, preset, bundle, float(searched_at))
             _save(out, results)
-            print(f"search density {key}: {results['searches'][key]['genotype']}", flush=True)
-        genotypes = {"searched": Genotype.from_dict(results["searches"][key]["genotype"]), "darts_v2": DARTS_V2,
+            print(f"search density {searched_at}: {results['searches'][searched_at]['genotype']}", flush=True)
+        results.setdefault("searched_at", {})[key] = searched_at
+        genotypes = {"searched": Genotype.from_dict(results["searches"][searched_at]["genotype"]), "darts_v2": DARTS_V2,
                      "random_a": random_genotype(101), "random_b": random_genotype(202)}
         for seed in preset["seeds"]:  # seeds outermost within a density: arms interleave in time
             for name, geno in genotypes.items():
