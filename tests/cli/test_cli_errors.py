@@ -58,6 +58,8 @@ BAD_ARGUMENTS = [
     (["eval.split=train"], ["split='train'", "test"]),
     (["train.epochs=" + "[" * 5000 + "]" * 5000], ["nested too deeply"]),
     (["method.criterion=taylor", "calibration_batches=0"], ["'taylor' needs data", "set calibration_batches"]),
+    # a method that trains is not dry-run, but a typo in ignore must not wait for the dense training
+    (["--method", "gator", "method.target=0.5", "method.ignore=[nope]"], ["ignore names modules that do not exist"]),
 ]
 
 

@@ -111,7 +111,11 @@ def prepare(recipe: Recipe, weights: str | None = None, progress: bool = True, e
         model, plan = load_weights(model, weights)
     job = Job(recipe, bundle, model, example, plan, weights, progress, echo)
     _check_forward(job)
-    if check_method and recipe.method is not None and not _trains(recipe.method.handler):
+    if check_method and recipe.method is not None and _trains(recipe.method.handler):
+        from ..graph.groups import check_ignore
+
+        check_ignore(model, getattr(recipe.method.config, "ignore", None) or ())  # not after hours of training
+    elif check_method and recipe.method is not None:
         trial = copy.deepcopy(model)
         with warnings.catch_warnings():  # the real prune stage repeats them as notes
             warnings.simplefilter("ignore")
