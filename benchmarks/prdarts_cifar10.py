@@ -45,7 +45,7 @@ from prunekit.layers.sparse import count_nonzeros  # noqa: E402
 from prunekit.methods.prdarts import (DARTS_V2, EvalNetwork, EvalSchedule, Genotype, PRDartsConfig,  # noqa: E402
                                       random_genotype, search, train_at_density)
 from prunekit.methods.prdarts.network import sparse_macs  # noqa: E402
-from prunekit.methods.prdarts.run import FirstBatches, random_batches  # noqa: E402
+from prunekit.data.subsets import FirstBatches, random_batches  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 PRESETS = {

@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 from prunekit.core.environment import environment  # noqa: E402
 from prunekit.cost.macs import count_cost  # noqa: E402
 from prunekit.data import DataConfig, load_data  # noqa: E402
+from prunekit.data.subsets import FirstBatches  # noqa: E402
 from prunekit.engine.evaluate import evaluate  # noqa: E402
 from prunekit.engine.hooks import Hook  # noqa: E402
 from prunekit.engine.train import TrainConfig, train  # noqa: E402
@@ -97,22 +98,6 @@ def parse_arm(text: str) -> tuple[str, SLRConfig]:
     return text, SLRConfig(optimization="admm" if opt == "admm" else "slr", sparsity_type=kind,
                            sparsity=None if kind in ("nm", "pattern") else float(sparsity),
                            clone_previous=opt != "slr_ref")
-
-
-class FirstBatches:
-    """The first `n` batches of a loader, with len(): cheap evaluation for smoke runs."""
-
-    def __init__(self, loader: Any, n: int):
-        self.loader, self.n = loader, min(n, len(loader))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i >= self.n:
-                return
-            yield batch
 
 
 class HardPruneProbe(Hook):

@@ -256,3 +256,25 @@ def test_damaged_dense_weights_and_records_are_one_checkpoint_error(dense_path, 
     record.write_text(record.read_text()[:40])  # cut short by hand or by a full disk
     with pytest.raises(CheckpointError, match="seed0.json is not valid JSON"):
         run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
+
+
+def test_eval_max_batches_scores_a_seeded_random_subset(dense_path, tmp_path, monkeypatch):
+    """The first k batches of a class-sorted test split hold one or two classes; compare draws
+    a random subset with the data seed instead."""
+    from prunekit.compare import run as run_module
+
+    seen = []
+    real = run_module.random_batches
+
+    def spy(loader, n, seed):
+        sub = real(loader, n, seed)
+        seen.append((n, seed, sub.num_samples))
+        return sub
+
+    monkeypatch.setattr(run_module, "random_batches", spy)
+    raw = _raw(dense_path, eval={"latency": False, "max_batches": 2}, seeds=[0],
+               data={"name": "digits", "batch_size": 64, "eval_batch_size": 32})
+    raw["arms"] = {"dense": {"method": None}}
+    result = run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
+    assert seen == [(2, 0, 64), (2, 0, 64)]  # val and test, 2 evaluation batches of 32 each
+    assert 0.0 <= result.records["dense"][0]["acc"] <= 1.0

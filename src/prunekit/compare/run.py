@@ -19,7 +19,6 @@ different spec raises CheckpointError instead of being mixed into the table.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
@@ -35,6 +34,7 @@ from ..core.errors import CheckpointError, ConfigError, PrunekitError, load_erro
 from ..core.integrity import file_digest
 from ..cost.macs import CONVENTION
 from ..data import load_data
+from ..data.subsets import random_batches
 from ..engine.evaluate import evaluate
 from ..engine.train import train
 from ..models import create_model
@@ -52,20 +52,6 @@ class CompareResult:
     ran: list[tuple[str, int]] = field(default_factory=list)  # (arm, seed) run by this call
     report: Path | None = None
     plot: Path | None = None
-
-
-class FirstBatches:
-    """The first `k` batches of a loader (smoke runs: scores on a few images only)."""
-
-    def __init__(self, loader: Any, k: int):
-        self.loader, self.k = loader, k
-        self.num_samples = min(loader.num_samples, k * getattr(loader, "batch_size", loader.num_samples))
-
-    def __len__(self) -> int:
-        return min(len(self.loader), self.k)
-
-    def __iter__(self):
-        return itertools.islice(iter(self.loader), self.k)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -167,8 +153,9 @@ def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = 
     device = resolve_device(recipe.device)
     bundle = load_data(recipe.data.replace(device="cuda" if device.type == "cuda" else "cpu"))
     if recipe.eval_max_batches:
-        bundle.val = FirstBatches(bundle.val, recipe.eval_max_batches)
-        bundle.test = FirstBatches(bundle.test, recipe.eval_max_batches)
+        # a seeded random subset: the first batches of a class-sorted split hold one or two classes
+        bundle.val = random_batches(bundle.val, recipe.eval_max_batches, recipe.data.seed)
+        bundle.test = random_batches(bundle.test, recipe.eval_max_batches, recipe.data.seed)
     torch.manual_seed(recipe.data.seed)
     model = create_model(recipe.model_name, bundle.num_classes, **recipe.model_kwargs)
     new_folder = not out.exists()

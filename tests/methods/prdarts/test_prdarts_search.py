@@ -190,14 +190,3 @@ def test_smoothing_term_is_off_by_default_and_acts_when_asked():
         if expect_term:
             assert term.item() > 0 and term.requires_grad
 
-
-def test_random_batches_is_a_seeded_unbiased_subset():
-    from prunekit.methods.prdarts.run import random_batches
-
-    loader = [(torch.full((4, 1), float(c)), torch.full((4,), c)) for c in range(10)]  # class-sorted
-    sub = random_batches(loader, 3, seed=0)
-    labels = torch.cat([y for _, y in sub])
-    assert len(sub) == 3 and labels.numel() == 12 and labels.unique().numel() > 1
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(sub, random_batches(loader, 3, seed=0)))
-    assert all(torch.equal(x[:, 0], y.float()) for x, y in sub)  # images stay with their labels
-    assert random_batches(loader, None) is loader

@@ -24,6 +24,7 @@ import torch
 from ...core.config import Config, check_range
 from ...core.errors import ConfigError
 from ...data.config import DataConfig
+from ...data.subsets import FirstBatches, random_batches
 from .config import PRDartsConfig
 from .genotype import REFERENCE_GENOTYPES, Genotype, alpha_entropy
 from .ops import PRIMITIVES
@@ -85,38 +86,6 @@ class SearchRecipe(Config):
             raise ConfigError(f"device={self.device!r} must be 'cpu' or 'cuda[:index]'")
         if self.data.val_fraction <= 0:
             raise ConfigError("data.val_fraction must be > 0: the validation split trains alpha (DARTS uses 0.5)")
-
-
-class FirstBatches:
-    """The first `n` batches of a loader per pass (a fixed subset of a large val or test split)."""
-
-    def __init__(self, loader: Any, n: int | None):
-        self.loader, self.n = loader, n
-
-    def __len__(self) -> int:
-        return len(self.loader) if self.n is None else min(self.n, len(self.loader))
-
-    def set_epoch(self, epoch: int) -> None:
-        if callable(getattr(self.loader, "set_epoch", None)):
-            self.loader.set_epoch(epoch)
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if self.n is not None and i >= self.n:
-                break
-            yield batch
-
-
-def random_batches(loader: Any, n_batches: int | None, seed: int = 0) -> Any:
-    """A fixed, seeded random subset of n_batches batches' worth of samples from `loader` (all of
-    it when None). Unlike the first batches, it is not biased by a class-sorted split order."""
-    if n_batches is None or n_batches >= len(loader):
-        return loader
-    xs, ys = zip(*[(x, y) for x, y in loader])
-    x, y = torch.cat(xs), torch.cat(ys)
-    size = xs[0].shape[0]
-    pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[: n_batches * size].to(y.device)
-    return [(x[pick[i:i + size]], y[pick[i:i + size]]) for i in range(0, len(pick), size)]
 
 
 def _alpha_plot(run_dir: Path) -> Path | None:
