@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from typing import Any, Mapping
 
@@ -29,6 +30,10 @@ from ..graph import Graph
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8")
 # A weight under torch.nn.utils.parametrize is stored as "<module>.parametrizations.<name>.original";
 # it is the same architecture as the plain "<module>.<name>".
+# A plan records one example batch (batch 1 when saved by prunekit); load_pruned allocates it to
+# trace the model. 2**28 elements (1 GiB in float32) is far beyond any real example and keeps a
+# crafted plan from making a load allocate tens of GB.
+MAX_INPUT_ELEMENTS = 2 ** 28
 _PARAMETRIZED = re.compile(r"\.parametrizations\.([^.]+)\.original\d*$")
 
 
@@ -84,6 +89,11 @@ def parse_plan_dict(data: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(shapes, list) or not all(isinstance(s, list) for s in shapes):
         raise _fail("'input_shapes' must be a list of shapes (lists of integers)")
     shapes = [[_int(d, "an input dimension") for d in s] for s in shapes]
+    elements = sum(math.prod(s) for s in shapes)
+    if elements > MAX_INPUT_ELEMENTS:
+        raise _fail(f"'input_shapes' {shapes} ask for {elements:,} input elements to trace the model, more than "
+                    f"{MAX_INPUT_ELEMENTS:,}; a plan records one example batch, so this file is damaged or "
+                    "was not written by prunekit: save the plan again from the pruned model")
     dtypes = _str_list(data.get("input_dtypes", []), "'input_dtypes'")
     bad = [d for d in dtypes if d not in DTYPE_NAMES]
     if bad:
