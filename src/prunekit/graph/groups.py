@@ -105,20 +105,21 @@ def _end_to_end(members: list[Member]) -> tuple[np.ndarray, list[int]]:
     return np.concatenate([m.ids.numpy().reshape(-1) for m in members]), sizes
 
 
-def check_ignore(model: nn.Module, ignore: Iterable[str]) -> None:
-    """ConfigError unless every name in `ignore` is a module of `model`."""
+def check_ignore(model: nn.Module, ignore: Iterable[str]) -> dict[str, nn.Module]:
+    """ConfigError unless every name in `ignore` is a module of `model`; returns the model's
+    modules by name."""
     names = dict(model.named_modules())
     missing = [n for n in ignore if n not in names]
     if missing:
         raise ConfigError(f"ignore names modules that do not exist: {missing}; "
                           f"use names from model.named_modules(), e.g. {list(names)[1:4]}")
+    return names
 
 
 def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = ()) -> Graph:
     """Trace `model` on `example_inputs` (a tensor, a tuple of tensors, or a dict of kwargs)."""
     ignore = list(ignore)
-    check_ignore(model, ignore)
-    names = dict(model.named_modules())
+    names = check_ignore(model, ignore)
     args, kwargs = split_inputs(example_inputs)
     tracer = Tracer(model, rule_table(), ignore, names)
     tracer.builtin_rules = builtin_rule_names()
