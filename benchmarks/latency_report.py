@@ -1,4 +1,5 @@
-"""docs/latency.md from benchmarks/results/latency_vs_tp.json (written by latency_vs_tp.py).
+"""docs/latency.md from benchmarks/results/latency_vs_tp.json and, when present, its GPU twin
+latency_vs_tp_cuda.json (both written by latency_vs_tp.py).
 
     python benchmarks/latency_vs_tp.py --markdown-only
 """
@@ -12,11 +13,11 @@ from typing import Any
 ARMS = ("pk_default", "pk_auto", "pk_latency", "tp")
 
 
-def _speed(entry: dict, arm: str) -> str:
+def _speed(entry: dict, arm: str, digits: int = 1) -> str:
     a = entry["arms"].get(arm)
     if not a:
         return "-"
-    return f"{a['speedup']:.2f}x ({a['p10_ms']:.1f}-{a['p90_ms']:.1f} ms, n={a['n']})"
+    return f"{a['speedup']:.2f}x ({a['p10_ms']:.{digits}f}-{a['p90_ms']:.{digits}f} ms, n={a['n']})"
 
 
 def _rows(data: dict) -> tuple[list[str], dict[str, list[float]]]:
@@ -102,17 +103,61 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_gpu(data: dict) -> str:
+    """The GPU table: bf16, CUDA graphs, the default and round_to="auto" calls next to Torch-Pruning."""
+    env = data.get("environment", {})
+    rows, ratios = [], {"default": [], "auto": []}
+    for name, row in data.get("rows", {}).items():
+        if name == "misalignment" or not row.get("batches"):
+            continue
+        mf = row.get("macs_fraction", {})
+        for batch, e in row["batches"].items():
+            arms = e["arms"]
+            tp = arms["tp"]["speedup"]
+            ratios["default"].append(arms["pk_default"]["speedup"] / tp)
+            ratios["auto"].append(arms["pk_auto"]["speedup"] / tp)
+            rows.append(f"| {name} | {batch} | {mf.get('tp', 0):.3f} / {mf.get('pk_default', 0):.3f} / "
+                        f"{mf.get('pk_auto', 0):.3f} | {arms['original']['median_ms']:.3f} | {_speed(e, 'pk_default', 2)} | "
+                        f"{_speed(e, 'pk_auto', 2)} (x{row['prune']['arms']['pk_auto'].get('round_to')}) | {_speed(e, 'tp', 2)} | "
+                        f"{ratios['default'][-1]:.2f} / {ratios['auto'][-1]:.2f} |")
+    mis = (data.get("rows", {}).get("misalignment") or {}).get("result", {})
+    mis_rows = [f"| {k.replace('_batch', ', batch ').replace('_vs_', ' vs ')} | "
+                + " / ".join(f"{v:.4f}" for v in r["ms"].values()) + f" | {r['slowdown']:.2f}x |" for k, r in mis.items()]
+    cuda = env.get("cuda") or {}
+    return "\n".join([
+        "## GPU: bfloat16 with CUDA graphs", "",
+        f"Measured by `benchmarks/latency_vs_tp.py --device cuda --no-latency-arm --repeats 50 --repeats-big 20` on "
+        f"{data.get('date')}: {cuda.get('device_name')} (CUDA {cuda.get('cuda_version')}), torch {data.get('torch')}, "
+        f"torch-pruning {data.get('torch_pruning')}, prunekit commit {str(env.get('git_commit'))[:10]}; one process on "
+        "a quiet GPU, pruning on the host CPU, every model timed in bfloat16 with its forward captured in a CUDA "
+        "graph, interleaved (round-robin, rotating order), median and p10-p90 of the replays. Same arms and "
+        "MACs matching as the CPU table; `round_to=\"auto\"` measured its multiple on the GPU. The "
+        "latency-target arm was left out (time).", "",
+        "| model | batch | MACs fraction TP / default / auto | original ms | prunekit default | prunekit auto | "
+        "Torch-Pruning | default / TP, auto / TP |", "|---|---|---|---|---|---|---|---|", *rows, "",
+        f"Median over model x batch: default / TP {_median(ratios['default'])}; auto / TP {_median(ratios['auto'])}.", "",
+        "A 3x3 convolution at 56x56, bfloat16, CUDA graph (median ms):", "",
+        "| widths | ms | slowdown of the odd width |", "|---|---|---|", *mis_rows, ""])
+
+
 BEGIN, END = "<!-- measured: written by benchmarks/latency_vs_tp.py -->", "<!-- end of measured part -->"
+GPU_BEGIN, GPU_END = "<!-- measured on GPU: written by benchmarks/latency_vs_tp.py -->", "<!-- end of GPU part -->"
+
+
+def _replace_block(text: str, begin: str, end: str, body: str) -> str:
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        return text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
 def write_markdown(root: Path) -> None:
-    """Replace the measured block of docs/latency.md (the hand-written sections around it stay)."""
-    data = json.loads((root / "benchmarks" / "results" / "latency_vs_tp.json").read_text())
-    block = f"{BEGIN}\n{markdown(data)}\n{END}"
+    """Replace the measured blocks of docs/latency.md (the hand-written sections around them stay)."""
+    results = root / "benchmarks" / "results"
     path = root / "docs" / "latency.md"
     text = path.read_text() if path.exists() else f"{BEGIN}\n{END}\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = block + "\n" + text
+    text = _replace_block(text, BEGIN, END, markdown(json.loads((results / "latency_vs_tp.json").read_text())))
+    if (results / "latency_vs_tp_cuda.json").exists():
+        gpu = json.loads((results / "latency_vs_tp_cuda.json").read_text())
+        text = _replace_block(text, GPU_BEGIN, GPU_END, markdown_gpu(gpu))
     path.write_text(text)

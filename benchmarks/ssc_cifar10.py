@@ -8,7 +8,10 @@ reports validation and test accuracy. Parameter budget per reduction = the whole
 parameter count of the SSC "het" preset; PaI arms get the global sparsity over conv/Linear
 weights that leaves exactly that many nonzero parameters; the narrowed dense arm is
 MagnitudeConfig(params_fraction=budget/dense, scope="local") (uniformly thinner, at or just
-below the budget). Each record holds params (nonzero) and MACs (nonzero: each masked layer's
+below the budget). SSC arms train in the masked execution (`--execution`, default "masked": one
+dense conv on the masked weight, the same function as the structured execution within 1e-5, and
+1.8x faster per training step on this CPU: 204 against 363 ms, ResNet-20 het 4x, batch 64, one
+thread); the execution is recorded. Each record holds params (nonzero) and MACs (nonzero: each masked layer's
 MACs times its density), so equal-parameter and equal-MAC views both come from the JSON.
 
 Real run (GPU, all arms, 4x and 8x, 2 seeds; ~25 arms x 30 epochs of ResNet-20):
@@ -58,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--limit-train", type=int, default=None)
     ap.add_argument("--synflow-iterations", type=int, default=100)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"))
+    ap.add_argument("--execution", default="masked", choices=("masked", "structured"),
+                    help="SSC arms' execution while training and evaluating (same outputs; masked trains faster)")
     ap.add_argument("--smoke", action="store_true", help="512 images, 1 epoch, arms ssc_het/snip/synflow/narrow, 4x")
     ap.add_argument("--out", default="benchmarks/results/ssc_cifar10.json")
     args = ap.parse_args(argv)
@@ -79,8 +84,8 @@ def build_arm(arm: str, reduction: float, seed: int, args, example, calib) -> tu
     if arm == "dense":
         pass
     elif arm.startswith("ssc_"):
-        r = prune_(model, SSCConfig(reduction=reduction, family=arm[4:]), example)
-        rec["preset"] = r.metrics["preset"]
+        r = prune_(model, SSCConfig(reduction=reduction, family=arm[4:], execution=args.execution), example)
+        rec.update(preset=r.metrics["preset"], execution=args.execution)
     elif arm in PAI:
         weights = sum(getattr(model.get_submodule(m), p).numel() for m, p in target_weights(model).values())
         sparsity = (dense_params - budget) / weights
@@ -108,7 +113,7 @@ def main(argv=None) -> Path:
     data = json.loads(out.read_text()) if out.exists() else {"records": {}}
     cfg = PROTOCOL.dense_train if args.epochs is None else PROTOCOL.dense_train.replace(epochs=args.epochs)
     data["setup"] = {"protocol_schedule": cfg.to_dict(), "model": args.model, "device": args.device,
-                     "limit_train": args.limit_train, "synflow_iterations": args.synflow_iterations,
+                     "limit_train": args.limit_train, "synflow_iterations": args.synflow_iterations, "execution": args.execution,
                      "command": "python benchmarks/ssc_cifar10.py " + " ".join(sys.argv[1:])}
     dc = PROTOCOL.data_config(device=args.device, root=args.data).replace(limit_train=args.limit_train)
     bundle = load_data(dc)
