@@ -60,6 +60,9 @@ BAD_ARGUMENTS = [
     (["method.criterion=taylor", "calibration_batches=0"], ["'taylor' needs data", "set calibration_batches"]),
     # a method that trains is not dry-run, but a typo in ignore must not wait for the dense training
     (["--method", "gator", "method.target=0.5", "method.ignore=[nope]"], ["ignore names modules that do not exist"]),
+    # nor a layer name of SLR's (it trains, so it is not dry-run either)
+    (["--method", "slr", "method.sparsity=0.5", "method.layers=[conv9]"], ["conv9"]),
+    (["--method", "slr", "method.sparsity={conv9: 0.5}"], ["conv9"]),
 ]
 
 

@@ -190,6 +190,9 @@ def test_config_validation_messages():
         SLRConfig(sparsity_type="filter", sparsity=0.5, scope="global")
     with pytest.raises(ConfigError, match="out of range"):
         SLRConfig(sparsity=1.0)
+    with pytest.raises(ConfigError, match="apply only to sparsity_type='nm'"):  # would be ignored silently
+        SLRConfig(sparsity=0.5, n=1, m=8)
+    assert SLRConfig(sparsity_type="nm", n=1, m=8).m == 8
     cfg = SLRConfig(sparsity_type="nm", optimization="admm", admm_every=2)
     assert SLRConfig.from_dict(cfg.to_dict()) == cfg
 

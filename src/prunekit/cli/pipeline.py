@@ -115,6 +115,7 @@ def prepare(recipe: Recipe, weights: str | None = None, progress: bool = True, e
         from ..graph.groups import check_ignore
 
         check_ignore(model, getattr(recipe.method.config, "ignore", None) or ())  # not after hours of training
+        recipe.method.config.check_model(model)
     elif check_method and recipe.method is not None:
         trial = copy.deepcopy(model)
         with warnings.catch_warnings():  # the real prune stage repeats them as notes

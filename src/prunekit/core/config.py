@@ -42,6 +42,11 @@ class Config:
     def validate(self) -> None:  # overridden by subclasses
         pass
 
+    def check_model(self, model: Any) -> None:
+        """ConfigError if this config cannot apply to `model` (a layer name it gives is missing,
+        say). Callers run it before any training, so that a typo costs seconds, not a dense
+        training; overridden by configs that name parts of the model."""
+
     def to_dict(self) -> dict[str, Any]:
         out = {}
         for f in dataclasses.fields(self):

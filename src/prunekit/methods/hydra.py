@@ -30,6 +30,7 @@ from torch import nn
 
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PruningError
+from ..graph.groups import check_ignore
 from ..layers.sparse import SCORE_INITS, count_nonzeros, harden_, sparsify_
 from ..surgery.copying import adopt_
 from ..surgery.masks import sparsity_report
@@ -68,14 +69,6 @@ def _freeze_all_but_scores(model: nn.Module, train_bn: bool) -> None:
             p.requires_grad_(keep)
 
 
-def _check_ignore(model: nn.Module, ignore: list[str]) -> None:
-    names = dict(model.named_modules())
-    missing = [n for n in ignore if n not in names]
-    if missing:
-        raise ConfigError(f"ignore names {', '.join(missing)}, which the model does not have; "
-                          "give module names from model.named_modules()")
-
-
 def hydra_prune_(model: nn.Module, config: HydraConfig, example_inputs: Any, *,
                  train_loader: Iterable | None = None, val_loader: Iterable | None = None,
                  train_config: Any = None, progress: bool = False) -> PruneResult:
@@ -85,7 +78,7 @@ def hydra_prune_(model: nn.Module, config: HydraConfig, example_inputs: Any, *,
 
     if not isinstance(config, HydraConfig):
         raise ConfigError(f"hydra_prune_ needs a HydraConfig, got {type(config).__name__}")
-    _check_ignore(model, config.ignore)
+    check_ignore(model, config.ignore)
     if config.epochs and train_loader is None:
         raise ConfigError("hydra with epochs > 0 needs train_loader=...; or set epochs=0 for the magnitude top-k")
     before = count_cost(model, example_inputs)

@@ -88,6 +88,9 @@ class SLRConfig(Config):
                 raise ConfigError(f"{name}={v!r} must be an integer")
         if not 1 <= self.n < self.m:
             raise ConfigError(f"n={self.n}, m={self.m}: N:M needs 1 <= n < m (e.g. 2 and 4)")
+        if self.sparsity_type != "nm" and (self.n, self.m) != (2, 4):
+            raise ConfigError(f"n={self.n}, m={self.m} apply only to sparsity_type='nm' (this config has "
+                              f"{self.sparsity_type!r}); set sparsity_type='nm' or leave n and m out")
         check_range("rho", self.rho, 0.0, float("inf"), lo_open=True)
         check_range("initial_s", self.initial_s, 0.0, float("inf"), lo_open=True)
         check_range("M", self.M, 1.0, float("inf"))
@@ -99,6 +102,9 @@ class SLRConfig(Config):
         for name in ("clone_previous", "recalibrate_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false")
+
+    def check_model(self, model: nn.Module) -> None:
+        resolve_targets(model, self)
 
     def _validate_sparsity(self) -> None:
         s = self.sparsity
