@@ -98,5 +98,5 @@ def test_hostile_nested_json_in_a_pruned_file_is_a_checkpoint_error(tmp_path, ke
 def test_a_plan_file_that_is_not_json_text_is_a_checkpoint_error(tmp_path):
     for name, data in [("binary.json", b"\xff\xfe\x00 not text"), ("deep.json", b"[" * 50_000 + b"]" * 50_000)]:
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(CheckpointError, match=f"cannot read plan .*{name}"):
+        with pytest.raises(CheckpointError, match=f"plan .*{name}.* (is not valid JSON|cannot be read)"):
             load_plan(tmp_path / name)

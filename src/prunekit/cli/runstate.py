@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import CheckpointError, ConfigError
+from ..core.errors import CheckpointError, ConfigError, read_json
 
 STATE_NAME = "state.json"
 FORMAT, VERSION = "prunekit.run_state", 1
@@ -70,10 +70,7 @@ def read_state(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / STATE_NAME
     if not path.is_file():
         return None
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as err:
-        raise CheckpointError(f"{path} is unreadable ({str(err)[:200]}); the run cannot be resumed") from None
+    state = read_json(path, "run state", "the run cannot be resumed")
     keys = ("command", "stages", "done", "weights", "before_prune", "evaluations", "seconds", "finished")
     if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in keys):
         raise CheckpointError(f"{path} is not a prunekit run state; the run cannot be resumed")

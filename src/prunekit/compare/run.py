@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..core.environment import environment
-from ..core.errors import CheckpointError, ConfigError, PrunekitError, load_error_text
+from ..core.errors import CheckpointError, ConfigError, PrunekitError, load_error_text, read_json
 from ..core.integrity import file_digest
 from ..cost.macs import CONVENTION
 from ..data import load_data
@@ -67,15 +67,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _read_json_mapping(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from `path`; CheckpointError naming the file when it is damaged or foreign."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, or nested too deep
-        raise CheckpointError(f"{what} {path} is not valid JSON ({err}); remove it to rerun, "
-                              "or give compare another --out") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{what} {path} holds a JSON {type(data).__name__}, not an object; remove it "
-                              "to rerun, or give compare another --out")
-    return data
+    return read_json(path, what, "remove it to rerun, or give compare another --out", mapping=True)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -35,3 +35,27 @@ def load_error_text(err: BaseException, limit: int = 300) -> str:
         lines = lines[1:]
     text = " ".join(lines)
     return (text[:limit] + " ...") if len(text) > limit else (text or type(err).__name__)
+
+
+def read_json(path, what: str, todo: str, error: type[PrunekitError] = CheckpointError, mapping: bool = False):
+    """The JSON document in the file `path`, or one `error` naming the file, what it should be and
+    what to do (`todo`): for a missing or unreadable file, text that is not UTF-8 or not JSON,
+    nesting too deep for the parser, and (with `mapping`) a document that is not an object.
+
+    >>> read_json("/nonexistent.json", "plan", "save it again")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    prunekit.core.errors.CheckpointError: plan /nonexistent.json cannot be read (FileNotFoundError: ...); save it again
+    """
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise error(f"{what} {path} cannot be read ({type(err).__name__}: {str(err)[:200]}); {todo}") from None
+    except (ValueError, RecursionError) as err:  # ValueError: not UTF-8 or not JSON
+        raise error(f"{what} {path} is not valid JSON ({type(err).__name__}: {str(err)[:200]}); {todo}") from None
+    if mapping and not isinstance(data, dict):
+        raise error(f"{what} {path} holds a JSON {type(data).__name__}, not an object; {todo}")
+    return data

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..core.config import Config, check_choice
-from ..core.errors import CheckpointError, ConfigError
+from ..core.errors import CheckpointError, ConfigError, read_json
 from .latency import LatencyConfig, compare_latency, measure_latency
 
 _FORMAT = "prunekit-latency-table"
@@ -248,11 +248,7 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str | Path) -> "LatencyTable":
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError, RecursionError) as err:
-            raise CheckpointError(f"cannot read latency table {path}: {str(err)[:200]}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "latency table", "build and save the table again"))
 
 
 def _bracket(axis: torch.Tensor, x: torch.Tensor, strict: bool, name: str):

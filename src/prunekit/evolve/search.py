@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 from deap import base, creator, gp, tools
 
-from ..core.errors import CheckpointError, ConfigError
+from ..core.errors import CheckpointError, ConfigError, read_json
 from ..importance.evolved.space import PSET, SEEDS, EvalError
 from ..importance.evolved.text import expression_text, parse_expression
 from ..importance.evolved.tree_eval import channel_scores
@@ -181,10 +181,7 @@ def load_checkpoint(run_dir: Path, cfg: EvolveConfig) -> SearchState | None:
     files = sorted((run_dir / "checkpoints").glob("gen_*.json"))
     if not files:
         return None
-    try:
-        data = json.loads(files[-1].read_text())
-    except (OSError, ValueError, RecursionError) as err:
-        raise CheckpointError(f"{files[-1]} is unreadable ({err}); delete it to resume from the one before") from None
+    data = read_json(files[-1], "search checkpoint", "delete it to resume from the one before")
     if not isinstance(data, dict) or data.get("config") != json.loads(json.dumps(cfg.search_dict())):
         raise CheckpointError(f"{run_dir} was searched with other settings; resume with the same recipe "
                               "or start a new run directory")

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, TypedDict, Union
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, read_json
 from . import plots
 from .tables import (NA, fmt_accuracy, fmt_count, fmt_delta_pp, fmt_int, fmt_ms, fmt_pct, fmt_reduction,
                      html_table, markdown_table, md_escape)
@@ -127,12 +127,9 @@ def _write(run_dir: Path, result: ReportInput) -> ReportPaths:
 
 
 def _load_result(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist; pass the result dict or write result.json first") from None
-    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, or nested too deep
-        raise ConfigError(f"{path} is not valid JSON ({str(err)[:200]}); rewrite it from the run's result") from None
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist; pass the result dict or write result.json first")
+    return read_json(path, "result", "rewrite it from the run's result", error=ConfigError)
 
 
 def _cost(result: dict, side: str, key: str) -> tuple[float | None, bool]:

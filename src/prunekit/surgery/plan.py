@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..core.errors import CheckpointError, PruningError
+from ..core.errors import CheckpointError, PruningError, read_json
 from ..graph import Graph, build_graph
 from .copying import adopt_, share_copy
 from .plan_check import architecture_fingerprint, check_fingerprint, parse_plan_dict, removal_from_plan
@@ -207,10 +207,7 @@ def save_plan(plan: Plan, path: str | Path) -> None:
 
 
 def load_plan(path: str | Path) -> Plan:
-    try:
-        return Plan.from_dict(json.loads(Path(path).read_text()))
-    except (OSError, ValueError, RecursionError) as err:  # ValueError: not JSON or not UTF-8 text
-        raise CheckpointError(f"cannot read plan {path}: {type(err).__name__}: {str(err)[:200]}") from None
+    return Plan.from_dict(read_json(path, "plan", "save the plan again (save_plan)"))
 
 
 def remove_zero_channels_(model: nn.Module, example_inputs: Any, ignore: Sequence[str] = ()) -> Plan:
