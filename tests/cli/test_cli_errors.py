@@ -57,6 +57,8 @@ BAD_ARGUMENTS = [
     (["mine.yaml", "other.yaml"], ["unexpected argument 'other.yaml'"]),
     (["eval.split=train"], ["split='train'", "test"]),
     (["train.epochs=" + "[" * 5000 + "]" * 5000], ["nested too deeply"]),
+    (["name=' '"], ["no leading or trailing spaces"]),
+    (['name="a\\tb"'], ["no control characters"]),
     (["method.criterion=taylor", "calibration_batches=0"], ["'taylor' needs data", "set calibration_batches"]),
     # a method that trains is not dry-run, but a typo in ignore must not wait for the dense training
     (["--method", "gator", "method.target=0.5", "method.ignore=[nope]"], ["ignore names modules that do not exist"]),
@@ -80,6 +82,10 @@ def test_bad_recipe_arguments_fail_cleanly_and_write_nothing(runner, workdir, ar
     ("model: {name: small_cnn}\ndata: [digits\n", ["mine.yaml", "invalid YAML", "line"]),
     ("- just\n- a list\n", ["mine.yaml", "mapping"]),
     ("model: {name: small_cnn}\n", ["needs a 'data' section"]),
+    # nine levels of aliases: 9**9 values once expanded (was a 25 s walk and a 254 MB message)
+    ("model: {name: small_cnn}\ndata: {name: digits}\nmethod:\n  name: magnitude\n  ignore:\n    - &a [x,x,x,x,x,x,x,x,x]\n"
+     + "".join(f"    - &{n} [{','.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")),
+     ["mine.yaml", "more than 100,000 values", "aliases"]),
     ("model: {name: small_cnn}\ndata: {name: digits}\nmethod: {name: admm, optimization: slr}\n",
      ["means slr with optimization='admm'"]),
 ])

@@ -103,3 +103,13 @@ def test_check_names_accepts_lists_and_tuples_of_strings():
     check_names("ignore", ("a", "b.c"))
     with pytest.raises(ConfigError, match=r"e\.g\. \['fc'\]"):
         check_names("ignore", "fc")
+
+
+def test_messages_quote_large_values_in_short():
+    from prunekit.core.config import check_names, check_range
+
+    big = [[["x"] * 1000] * 1000] * 10
+    for check in (lambda: check_names("ignore", big), lambda: check_range("lr", big, 0.0, 1.0)):
+        with pytest.raises(ConfigError) as info:
+            check()
+        assert len(str(info.value)) < 300

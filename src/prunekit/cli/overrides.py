@@ -43,10 +43,32 @@ class _Dumper(yaml.SafeDumper):
     """SafeDumper that keeps the key order of the dict it is given."""
 
 
+MAX_YAML_VALUES = 100_000
+
+
+def _check_expanded_size(data: Any, where: str) -> Any:
+    """ConfigError if `data` holds more than MAX_YAML_VALUES values once anchors and aliases are
+    followed: a few lines of aliases can stand for billions of values, and every later check walks
+    them all."""
+    stack, seen = [data], 0
+    while stack:
+        value = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: the YAML holds more than {MAX_YAML_VALUES:,} values once its aliases "
+                              "(*name) are expanded; a recipe needs a few hundred: write the values out")
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return data
+
+
 def load_yaml_text(text: str, where: str) -> Any:
     """Parse YAML text; a syntax error becomes a one-line ConfigError naming `where`."""
     try:
-        return yaml.load(text, Loader=_Loader)
+        return _check_expanded_size(yaml.load(text, Loader=_Loader), where)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

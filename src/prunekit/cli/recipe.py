@@ -176,6 +176,9 @@ class Recipe:
         out.init = raw.get("init")
         if any(c in out.name for c in "/\\") or out.name in (".", ".."):
             raise ConfigError(f"{source}: name={out.name!r} must not contain path separators")
+        if out.name != out.name.strip() or any(not c.isprintable() for c in out.name):
+            raise ConfigError(f"{source}: name={out.name!r} names the run folder: no leading or trailing spaces "
+                              "and no control characters")
         if out.eval.split == "val" and out.data.val_fraction == 0:
             raise ConfigError(f"{source}: eval.split='val' needs data.val_fraction > 0")
         return out

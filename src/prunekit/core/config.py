@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import typing
 from typing import Any, ClassVar, TypeVar
 
@@ -109,6 +110,16 @@ def _string_list_fields(cls: type) -> frozenset[str]:
     return _STRING_LISTS[cls]
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 6, 60, 60
+
+
+def short_repr(value: Any) -> str:
+    """repr(value) cut to a few elements per level, for error messages that quote what was given."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def check_names(name: str, value: Any) -> None:
     """Raise ConfigError unless `value` is a list (or tuple) of strings.
 
@@ -121,7 +132,8 @@ def check_names(name: str, value: Any) -> None:
     """
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         example = [value] if isinstance(value, str) else []
-        raise ConfigError(f"{name}={value!r} must be a list of names (strings), e.g. {example or ['fc']} or []")
+        raise ConfigError(f"{name}={short_repr(value)} must be a list of names (strings), "
+                          f"e.g. {example or ['fc']} or []")
 
 
 def _plain(v: Any) -> Any:
@@ -157,7 +169,7 @@ def check_finite(name: str, value: Any) -> None:
 def check_range(name: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
     """Raise ConfigError unless lo <= value <= hi (open ends excluded); NaN and infinities never pass."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
+        raise ConfigError(f"{name} must be a number, got {short_repr(value)}")
     check_finite(name, value)
     # written as "not inside" so that any comparison that fails (as NaN's all do) means out of range
     bad = not (lo <= value <= hi) or (lo_open and value == lo) or (hi_open and value == hi)
