@@ -111,3 +111,27 @@ def test_replay_rejects_malformed_meta(bad):
     data["meta"]["replay"]["ssc"] = bad
     with pytest.raises(CheckpointError):
         apply_plan_(_resnet20(), Plan.from_dict(data))
+
+
+def test_auto_execution_keeps_the_faster_measured_one_and_reloads_with_it(tmp_path):
+    model, ref = _resnet20(), _resnet20()
+    r = prune_(model, SSCConfig(reduction=4, execution="auto", latency={"warmup": 1, "repeats": 3}), X)
+    rec = r.metrics["execution"]
+    assert rec["choice"] in ("structured", "masked") and rec["device"] == "cpu" and rec["batch"] == 1
+    assert rec[f"{rec['choice']}_ms"] == min(rec["structured_ms"], rec["masked_ms"])
+    assert {m.execution for m in model.modules() if isinstance(m, SSCConv2d)} == {rec["choice"]}
+    assert r.plan.meta["replay"]["ssc"]["execution"] == rec["choice"]
+    prune_(ref, SSCConfig(reduction=4), X)  # the same seeded weights, structured
+    ref.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(X), ref(X), rtol=1e-5, atol=1e-5)  # the choice changes no output
+    again = load_pruned(_resnet20(), save_pruned(model, r.plan, tmp_path / "auto.safetensors")).eval()
+    assert {m.execution for m in again.modules() if isinstance(m, SSCConv2d)} == {rec["choice"]}
+
+
+def test_fixed_execution_is_recorded_and_latency_fields_are_checked():
+    r = prune_(_resnet20(), SSCConfig(reduction=4, execution="masked"), X)
+    assert r.metrics["execution"] == {"choice": "masked"}
+    with pytest.raises(ConfigError, match="unknown field"):
+        SSCConfig(execution="auto", latency={"batch": 4})
+    with pytest.raises(ConfigError, match="execution='fast'"):
+        SSCConfig(execution="fast")

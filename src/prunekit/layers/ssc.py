@@ -231,6 +231,16 @@ def ssc_conv2d(x: Tensor, layer: SSCConv2d) -> Tensor:
     return layer._structured(x) if layer.execution == "structured" else layer._masked(x)
 
 
+def set_execution_(model: nn.Module, execution: str) -> int:
+    """Switch every SSCConv2d of `model` to `execution` (same outputs); returns how many."""
+    if execution not in EXECUTIONS:
+        raise ConfigError(f"execution={execution!r}; choose one of {', '.join(EXECUTIONS)}")
+    layers = [m for m in model.modules() if isinstance(m, SSCConv2d)]
+    for m in layers:
+        m.execution = execution
+    return len(layers)
+
+
 def from_conv(conv: nn.Conv2d, spec: SSCSpec, init: str = "kaiming", execution: str = "structured") -> SSCConv2d:
     """An SSC layer with `conv`'s shape (fresh Kaiming init, or `init="project"`: conv's taps on
     the support). Raises ConfigError if the conv is not a zero-padded, square, odd, ungrouped one."""
@@ -276,4 +286,4 @@ def _register_rule() -> None:
 
 _register_rule()
 
-__all__ = ["EXECUTIONS", "SSCConv2d", "SSCSpec", "from_conv", "ssc_conv2d"]
+__all__ = ["EXECUTIONS", "SSCConv2d", "SSCSpec", "from_conv", "set_execution_", "ssc_conv2d"]

@@ -40,7 +40,7 @@ from torch import nn
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PrunekitError, PruningError
 from ..cost.alignment import pick_round_to
-from ..cost.latency import LatencyConfig
+from ..cost.latency import LatencyConfig, latency_settings
 from ..cost.macs import Cost, CostEstimator, cost_after
 from ..cost.memory_format import MEMORY_FORMATS, apply_memory_format_
 from ..graph import Graph
@@ -125,17 +125,8 @@ TARGETS = ("channel_ratio", "params_fraction", "macs_fraction", "latency_fractio
 def latency_config(cfg: MagnitudeConfig) -> LatencyConfig:
     """How latency is measured for latency_fraction and memory_format='auto': the `latency`
     fields over defaults of 1 thread, 3 warm-up calls and 20 repeats on the CPU in float32."""
-    if not isinstance(cfg.latency, dict):
-        raise ConfigError(f"latency={cfg.latency!r} must be a mapping of LatencyConfig fields, e.g. "
-                          "{'device': 'cpu', 'batch_size': 16}")
-    fields = {f.name for f in dataclasses.fields(LatencyConfig)}
-    unknown = sorted(set(cfg.latency) - fields)
-    if unknown:
-        raise ConfigError(f"latency has unknown field(s) {unknown}; use {sorted(fields)}")
-    settings = {"threads": 1, "warmup": 3, "repeats": 20, **cfg.latency}
-    if cfg.memory_format == "channels_last":
-        settings["channels_last"] = True
-    return LatencyConfig(**settings)
+    settings = latency_settings(cfg.latency)
+    return dataclasses.replace(settings, channels_last=True) if cfg.memory_format == "channels_last" else settings
 
 
 def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: Iterable | None,

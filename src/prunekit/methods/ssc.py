@@ -15,6 +15,12 @@ A layer the preset does not divide (16 channels and groups x spatial_period = 32
 preset with the same point_period and pattern whose layer reduction is nearest (`fit_preset`), or
 stays dense with fallback=False; the result's metrics list both kinds.
 
+`execution` chooses how the converted layers run (the same function either way): "structured"
+(grouped k x k + grouped 1x1 over a channel permutation: only the real taps), "masked" (one dense
+conv on the masked weight), or "auto": both timed interleaved on the `latency` settings
+(LatencyConfig fields; default CPU, float32, batch 1, 1 thread) and the faster kept, with both
+times in `metrics["execution"]`. Which is faster depends on device and widths (docs/ssc.md).
+
 The plan records every converted layer with its preset (plan.meta["replay"]["ssc"]); `load_pruned`
 replays it on a freshly built model through a registered replay step, then loads the weights.
 
@@ -27,6 +33,7 @@ replays it on a freshly built model through a registered replay step, then loads
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any
@@ -35,9 +42,10 @@ from torch import nn
 
 from ..core.config import Config, check_choice
 from ..core.errors import CheckpointError, ConfigError, PruningError
+from ..cost.latency import LatencyConfig, compare_latency, latency_settings
 from ..cost.macs import count_cost
 from ..graph import build_graph
-from ..layers.ssc import EXECUTIONS, SSCConv2d, from_conv
+from ..layers.ssc import EXECUTIONS, SSCConv2d, from_conv, set_execution_
 from ..layers.ssc_patterns import SUPPORTS, SSCLayout, SSCSpec
 from ..surgery.copying import adopt_, share_copy
 from ..surgery.plan import empty_plan, register_replay_step
@@ -68,13 +76,15 @@ class SSCConfig(Config):
     fallback: bool = True               # a layer the preset does not divide takes the nearest preset that fits
     ignore: list[str] = dataclasses.field(default_factory=list)
     init: str = "kaiming"
-    execution: str = "structured"
+    execution: str = "structured"       # or "masked", or "auto": the faster of the two, measured
+    latency: dict = dataclasses.field(default_factory=dict)  # LatencyConfig fields for execution="auto"
 
     def validate(self) -> None:
         check_choice("family", self.family, FAMILIES)
         check_choice("pattern", self.pattern, SUPPORTS.list())
         check_choice("init", self.init, ("kaiming", "project"))
-        check_choice("execution", self.execution, EXECUTIONS)
+        check_choice("execution", self.execution, EXECUTIONS + ("auto",))
+        latency_settings(self.latency)
         explicit = self.groups is not None or self.spatial_period is not None
         if explicit and self.reduction is not None:
             raise ConfigError("give either reduction (e.g. 4 for 4x fewer weights in the converted layers) or an "
@@ -201,17 +211,37 @@ def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneRe
         raise PruningError(f"no conv of this model can take the SSC preset {spec.to_dict()}: {dense or 'no convs'}")
     before = count_cost(model, example_inputs)
     work = share_copy(model)
-    convert_(work, chosen, cfg.init, cfg.execution)
+    convert_(work, chosen, cfg.init, "structured" if cfg.execution == "auto" else cfg.execution)
     run_model(work, example_inputs)
+    execution = {"choice": cfg.execution}
+    if cfg.execution == "auto":
+        execution = choose_execution(work, example_inputs, latency_settings(cfg.latency))
+        set_execution_(work, execution["choice"])
     after = count_cost(work, example_inputs)
     plan = empty_plan(example_inputs, cfg.ignore)
-    plan.meta["replay"] = {"ssc": {"layers": {n: s.to_dict() for n, s in chosen.items()}, "execution": cfg.execution}}
+    plan.meta["replay"] = {"ssc": {"layers": {n: s.to_dict() for n, s in chosen.items()},
+                                   "execution": execution["choice"]}}
     plan.meta.update({"method": "ssc", "config": cfg.to_dict()})
     plan.stamp(dense=model, pruned=work)
     adopt_(model, work)
     metrics = {"preset": spec.to_dict(), "layer_reduction": layer_reduction(spec), "converted": sorted(chosen),
-               "refitted": refit, "left_dense": dense}
+               "refitted": refit, "left_dense": dense, "execution": execution}
     return PruneResult(plan, before, after, cfg.to_dict(), metrics)
+
+
+def choose_execution(model: nn.Module, example_inputs: Any, cfg: LatencyConfig) -> dict[str, Any]:
+    """Time `model` with its SSC layers structured and masked (interleaved, on `cfg`); returns
+    {"choice": the faster, "structured_ms", "masked_ms", settings}. `model` is not changed."""
+    from ..cost.latency_model import per_sample_inputs
+
+    twins = {}
+    for execution in EXECUTIONS:
+        twins[execution] = copy.deepcopy(model)
+        set_execution_(twins[execution], execution)
+    results = compare_latency(twins, per_sample_inputs(example_inputs), cfg).results
+    ms = {name: r.median_ms for name, r in results.items()}
+    return {"choice": min(ms, key=ms.get), **{f"{name}_ms": t for name, t in ms.items()},
+            "device": cfg.device, "dtype": cfg.dtype, "batch": cfg.batch_size, "threads": cfg.threads}
 
 
 _SPEC_KEYS = {"groups", "spatial_period", "point_period", "pattern", "version"}
