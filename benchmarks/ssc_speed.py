@@ -74,7 +74,8 @@ def model_case(name: str, family: str, reduction: int):
 
 def run_case(models, shape, batch, args) -> dict:
     cfg = LatencyConfig(device=args.device, batch_size=batch, warmup=args.warmup, repeats=args.repeats,
-                        threads=args.threads if args.device == "cpu" else None, channels_last=args.channels_last)
+                        threads=args.threads if args.device == "cpu" else None, channels_last=args.channels_last,
+                        dtype=args.dtype, cuda_graph=args.cuda_graph)
     cmp = compare_latency(models, shape, cfg)
     out = {}
     for k, r in cmp.results.items():
@@ -119,6 +120,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--channels-last", action="store_true", help="time NHWC copies of every model")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--cuda-graph", action="store_true", help="replay each model's forward as a CUDA graph "
+                    "(removes most launch cost, which dominates CIFAR-sized models on a GPU)")
     ap.add_argument("--only", choices=["layers", "models"], default=None)
     ap.add_argument("--out", default="benchmarks/results/ssc_speed_cpu.json")
     ap.add_argument("--markdown", action="store_true", help="print the table of --out and stop")
@@ -128,8 +132,8 @@ def main() -> None:
         print(markdown(path))
         return
     data = json.loads(path.read_text()) if path.exists() else {"cases": {}}
-    data["setup"] = {"device": args.device, "dtype": "float32", "threads": args.threads, "repeats": args.repeats,
-                     "channels_last": args.channels_last,
+    data["setup"] = {"device": args.device, "dtype": args.dtype, "threads": args.threads, "repeats": args.repeats,
+                     "channels_last": args.channels_last, "cuda_graph": args.cuda_graph,
                      "warmup": args.warmup, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                      "command": "python benchmarks/ssc_speed.py " + " ".join(os.sys.argv[1:])}
     cases = []
