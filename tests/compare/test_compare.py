@@ -278,3 +278,12 @@ def test_eval_max_batches_scores_a_seeded_random_subset(dense_path, tmp_path, mo
     result = run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
     assert seen == [(2, 0, 64), (2, 0, 64)]  # val and test, 2 evaluation batches of 32 each
     assert 0.0 <= result.records["dense"][0]["acc"] <= 1.0
+
+
+def test_records_keep_the_scalar_entries_of_method_reports():
+    from prunekit.compare.arms import _scalars
+
+    metrics = {"steps": 2, "history": [1, 2], "latency": {"target": 0.69, "measured_fraction": 0.68,
+                                                            "attempts": [{"goal": 0.69}], "estimate": {"layers": 3}},
+               "per_layer": {f"l{i}": i for i in range(40)}}
+    assert _scalars(metrics) == {"steps": 2, "latency": {"target": 0.69, "measured_fraction": 0.68}}

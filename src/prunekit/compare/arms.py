@@ -80,14 +80,17 @@ def _mask_zeros_(model: nn.Module) -> int:
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The method's scalar metrics and small flat dicts (histories and per-layer tables dropped)."""
+    """The method's scalar metrics, and the scalar entries of its dicts when there are at most 12
+    (a latency report keeps its target and measured fraction; histories and per-layer tables go)."""
+    scalar = lambda v: isinstance(v, (int, float, str, bool)) or v is None  # noqa: E731
     out: dict[str, Any] = {}
     for key, value in metrics.items():
-        if isinstance(value, (int, float, str, bool)) or value is None:
+        if scalar(value):
             out[key] = value
-        elif isinstance(value, dict) and len(value) <= 8 and all(
-                isinstance(v, (int, float, str, bool)) or v is None for v in value.values()):
-            out[key] = value
+        elif isinstance(value, dict):
+            flat = {k: v for k, v in value.items() if scalar(v)}
+            if flat and len(flat) <= 12:
+                out[key] = flat
     return out
 
 
