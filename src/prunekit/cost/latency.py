@@ -164,22 +164,22 @@ class LatencyComparison:
                 "results": {k: r.to_dict() for k, r in self.results.items()}}
 
 
-def latency_settings(fields: Any, owner: str = "latency", **defaults: Any) -> LatencyConfig:
+def latency_settings(fields: Any) -> LatencyConfig:
     """A LatencyConfig from a method config's `latency` mapping (any LatencyConfig fields) over
-    `defaults` and, under those, 1 thread, 3 warm-up calls and 20 repeats on the CPU in float32:
-    the setting a method measures with when it chooses something by timing.
+    1 thread, 3 warm-up calls and 20 repeats on the CPU in float32: the setting a method measures
+    with when it chooses something by timing.
 
     >>> latency_settings({"batch_size": 16}).batch_size, latency_settings({}).repeats
     (16, 20)
     """
     if not isinstance(fields, Mapping):
-        raise ConfigError(f"{owner}={fields!r} must be a mapping of LatencyConfig fields, e.g. "
+        raise ConfigError(f"latency={fields!r} must be a mapping of LatencyConfig fields, e.g. "
                           "{'device': 'cpu', 'batch_size': 16}")
     known = {f.name for f in dataclasses.fields(LatencyConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ConfigError(f"{owner} has unknown field(s) {unknown}; use {sorted(known)}")
-    return LatencyConfig(**{"threads": 1, "warmup": 3, "repeats": 20, **defaults, **fields})
+        raise ConfigError(f"latency has unknown field(s) {unknown}; use {sorted(known)}")
+    return LatencyConfig(**{"threads": 1, "warmup": 3, "repeats": 20, **fields})
 
 
 def measure_latency(model: nn.Module, inputs: Inputs, cfg: LatencyConfig | None = None) -> LatencyResult:

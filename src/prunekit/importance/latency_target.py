@@ -54,9 +54,11 @@ def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.T
         res = round_to_target(graph, scores, {}, steps, est, goal * est.measured_ms, max_ratio, normalizer,
                               refresh_every=max(1, len(scores)), best_effort=True)
         estimated = res.cost / est.measured_ms
-        readings = [_measured_fraction(model, graph, res.removal, lcfg, example_inputs)]
+        trial = share_copy(model)  # new module objects sharing tensors: removal leaves `model` intact
+        remove_channels_(trial, graph, res.removal)
+        readings = [_measured_fraction(model, trial, lcfg, example_inputs)]
         if abs(readings[0] - estimated) > 2 * tolerance:  # an outlier, or a real gap: look twice more
-            readings += [_measured_fraction(model, graph, res.removal, lcfg, example_inputs) for _ in range(2)]
+            readings += [_measured_fraction(model, trial, lcfg, example_inputs) for _ in range(2)]
         measured = sorted(readings)[len(readings) // 2]
         tried.append({"goal": goal, "estimated_fraction": estimated, "measured_fraction": measured,
                       "readings": readings, "removal": res.removal})
@@ -76,10 +78,7 @@ def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.T
     return best["removal"], report
 
 
-def _measured_fraction(model: nn.Module, graph: Graph, removal: dict[str, list[int]], lcfg: LatencyConfig,
-                       example_inputs: Any) -> float:
-    """Median latency of `model` with `removal` applied over the original's, timed interleaved."""
-    trial = share_copy(model)  # new module objects sharing tensors: removal leaves `model` intact
-    remove_channels_(trial, graph, removal)
+def _measured_fraction(model: nn.Module, trial: nn.Module, lcfg: LatencyConfig, example_inputs: Any) -> float:
+    """Median latency of the pruned `trial` over the original `model`'s, timed interleaved."""
     cmp = compare_latency({"full": model, "pruned": trial}, per_sample_inputs(example_inputs), lcfg)
     return cmp.ratios["pruned"]
