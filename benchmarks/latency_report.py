@@ -65,6 +65,15 @@ def _median(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} over {len(values)}" if values else "no data"
 
 
+def _default_words(data: dict) -> str:
+    """What the default call was at the measured commit (runs before round_to=8 became the default
+    did not record it: they were unrounded)."""
+    m = data.get("default_round_to")
+    return (f"round_to={m}: widths rounded to multiples of {m} jointly with the target" if m else
+            "no rounding: `round_to=None` was the default at that commit; it is now 8, so this column is "
+            "what `round_to=None` gives today")
+
+
 def markdown(data: dict) -> str:
     env = data.get("environment", {})
     loads = [e.get("load_average") for r in data.get("rows", {}).values() for e in (r.get("batches") or {}).values()]
@@ -82,8 +91,8 @@ def markdown(data: dict) -> str:
         f"pruning_ratio={data.get('tp_ratio')}, round_to=8, ignored_layers=[classifier])`, for vit_b_16 its own "
         "recipe (`num_heads` of every attention, class token and position embedding unwrapped, `hidden_dim` "
         "updated). **prunekit default**: `prune_(model, MagnitudeConfig(macs_fraction=f), x)` with f = the "
-        "MACs fraction Torch-Pruning reached (prunekit's count), everything else default (probe on, no "
-        "rounding). **auto**: the same with `round_to=\"auto\"`. **latency**: `MagnitudeConfig("
+        "MACs fraction Torch-Pruning reached (prunekit's count), everything else default (probe on, "
+        f"{_default_words(data)}). **auto**: the same with `round_to=\"auto\"`. **latency**: `MagnitudeConfig("
         "latency_fraction=t, round_to=\"auto\", latency={batch_size: b, repeats: 5})` with t = the latency "
         "fraction Torch-Pruning reached at that batch (a short interleaved measurement first): equal latency, "
         "so speed-up / MACs reduction says how little of the MACs it needed to remove. Speed-up = original median / pruned median at that batch.", "",
@@ -131,7 +140,7 @@ def markdown_gpu(data: dict) -> str:
         f"torch-pruning {data.get('torch_pruning')}, prunekit commit {str(env.get('git_commit'))[:10]}; one process on "
         "a quiet GPU, pruning on the host CPU, every model timed in bfloat16 with its forward captured in a CUDA "
         "graph, interleaved (round-robin, rotating order), median and p10-p90 of the replays. Same arms and "
-        "MACs matching as the CPU table; `round_to=\"auto\"` measured its multiple on the GPU. The "
+        f"MACs matching as the CPU table (default: {_default_words(data)}); `round_to=\"auto\"` measured its multiple on the GPU. The "
         "latency-target arm was left out (time).", "",
         "| model | batch | MACs fraction TP / default / auto | original ms | prunekit default | prunekit auto | "
         "Torch-Pruning | default / TP, auto / TP |", "|---|---|---|---|---|---|---|---|", *rows, "",

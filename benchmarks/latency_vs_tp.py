@@ -213,6 +213,7 @@ def _write(args, done: dict) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     data.update({"environment": environment(ROOT), "torch": torch.__version__, "torch_pruning": _tp_version(),
                  "threads": args.threads, "dtype": args.dtype, "device": args.device, "tp_ratio": args.tp_ratio,
+                 "default_round_to": MagnitudeConfig.__dataclass_fields__["round_to"].default,
                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
     data.setdefault("rows", {}).update(done)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ its from-scratch `dense_train`, 30 epochs one-cycle SGD, batch 256, label smooth
 reports validation and test accuracy. Parameter budget per reduction = the whole-model
 parameter count of the SSC "het" preset; PaI arms get the global sparsity over conv/Linear
 weights that leaves exactly that many nonzero parameters; the narrowed dense arm is
-MagnitudeConfig(params_fraction=budget/dense, scope="local") (uniformly thinner, at or just
+MagnitudeConfig(params_fraction=budget/dense, scope="local", round_to=None) (uniformly thinner, at or just
 below the budget). SSC arms train in the masked execution (`--execution`, default "masked": one
 dense conv on the masked weight, the same function as the structured execution within 1e-5, and
 1.8x faster per training step on this CPU: 204 against 363 ms, ResNet-20 het 4x, batch 64, one
@@ -93,7 +93,8 @@ def build_arm(arm: str, reduction: float, seed: int, args, example, calib) -> tu
         r = prune_(model, PAI[arm](sparsity=sparsity, **extra), example, batches=calib)
         rec.update(sparsity=sparsity, params_nonzero=r.metrics["params_nonzero"], macs_nonzero=r.metrics["macs_nonzero"])
     elif arm == "narrow":
-        prune_(model, MagnitudeConfig(params_fraction=budget / dense_params, scope="local", probe=False), example)
+        prune_(model, MagnitudeConfig(params_fraction=budget / dense_params, scope="local", probe=False,
+                                      round_to=None), example)
     cost = count_cost(model, example)
     rec.setdefault("params_nonzero", cost.params)
     rec.setdefault("macs_nonzero", cost.macs)

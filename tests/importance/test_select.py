@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from prunekit.graph import build_graph
-from prunekit.importance.select import RemovalSelector, _cap, _round_kept, must_keep, normalize, select_removal
+from prunekit.importance.select import RemovalSelector, _cap, must_keep, normalize, select_removal
 from prunekit.models import create_model
 
 
@@ -32,7 +32,11 @@ def _walk(graph, scores, ratio, scope, max_ratio, round_to, normalizer):
                 budget -= 1
     out = {}
     for n, c in counts.items():
-        c = _round_kept(groups[n], c, round_to, caps[n])
+        if round_to:  # kept rounded up to the multiple, halved while it is not below the width
+            m, size = round_to, groups[n].size
+            while m >= size and m > 1:
+                m //= 2
+            c = max(0, min(caps[n], size - min(size, -(-(size - c) // m) * m)))
         if c > 0:
             s = scores[n].clone().float()
             s[~groups[n].prunable | keep[n]] = float("inf")

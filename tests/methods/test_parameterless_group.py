@@ -57,7 +57,7 @@ def test_computed_linear_bias_follows_the_outputs():
     group_of = {m.qualname: g.name for g in graph.groups for m in g.tensor_members() if m.dim == 0}
     assert group_of["q_bias"] == group_of["qkv.weight"] == group_of["v_bias"], group_of
     assert "qkv.weight" in names
-    r = prune_(model, MagnitudeConfig(channel_ratio=0.25, probe=False), x)
+    r = prune_(model, MagnitudeConfig(channel_ratio=0.25, probe=False, round_to=None), x)
     assert model(x).shape == (2, 3) and r.cost_after.params < r.cost_before.params
 
 
@@ -124,5 +124,5 @@ def test_computed_conv_bias_follows_the_outputs():
     graph = build_graph(model, x)
     group_of = {m.qualname: g.name for g in graph.groups for m in g.tensor_members() if m.dim == 0}
     assert group_of["b1"] == group_of["conv.weight"] == group_of["b2"], group_of
-    r = prune_(model, MagnitudeConfig(channel_ratio=0.25, probe=False), x)
+    r = prune_(model, MagnitudeConfig(channel_ratio=0.25, probe=False, round_to=None), x)
     assert model(x).shape == (2, 2, 4, 4) and r.cost_after.params < r.cost_before.params

@@ -121,7 +121,8 @@ def task_state(task_json: str, dense_path: str, device: str) -> TaskState:
 def prune_copy(state: TaskState, criterion, ratio: float) -> torch.nn.Module:
     """A pruned fresh copy of the dense model (the prepared graph is reused, not traced again)."""
     model = copy.deepcopy(state.dense)
-    cfg = MagnitudeConfig(criterion=criterion, channel_ratio=ratio, ignore=list(state.task.ignore))
+    # unrounded: the same share of every layer, so that candidates differ only in which channels they keep
+    cfg = MagnitudeConfig(criterion=criterion, channel_ratio=ratio, ignore=list(state.task.ignore), round_to=None)
     state.prepared.prune_(model, cfg, batches=state.calib)
     return model
 

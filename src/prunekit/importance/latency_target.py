@@ -40,6 +40,7 @@ from ..graph import Graph
 from ..surgery.copying import share_copy
 from ..surgery.shrink import remove_channels_
 from .rounding import round_to_target
+from .select import group_multiple
 
 
 def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.Tensor], fraction: float,
@@ -48,7 +49,8 @@ def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.T
                     estimate: LatencyModel | None = None) -> tuple[dict[str, list[int]], dict[str, Any]]:
     """Removal whose measured latency is `fraction` of the model's, and a report of how it was found."""
     est = estimate or LatencyModel(model, graph, example_inputs, lcfg)
-    steps = {n: round_to or max(1, graph.group(n).size // 16) for n in scores}
+    steps = {n: group_multiple(graph.group(n).size, round_to) if round_to else max(1, graph.group(n).size // 16)
+             for n in scores}
     goal, tried = fraction, []
     for _ in range(attempts):
         res = round_to_target(graph, scores, {}, steps, est, goal * est.measured_ms, max_ratio, normalizer,

@@ -9,7 +9,9 @@ rounding is done jointly with the target instead:
 2. round each group's kept count *up* to a multiple (the cost is now above the target);
 3. while the cost is above the target, take one more multiple from the group whose next step
    loses the least normalised importance per unit of cost saved, re-estimating the cost exactly
-   after each pick.
+   after each pick;
+4. give multiples back, most importance regained per unit of cost first, while the target still
+   holds (the last pick of step 3 can be a large step that left slack).
 
 Tolerance (what the tests check): the result meets the target (cost <= target) and is below it
 by at most the largest saving of one step of one group (one multiple of its channels), since the
@@ -35,7 +37,7 @@ import torch
 
 from ..core.errors import ConfigError
 from ..graph import Graph
-from .select import _cap, must_keep, normalize
+from .select import _cap, group_multiples, must_keep, normalize
 
 
 @dataclasses.dataclass
@@ -89,12 +91,9 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
     `best_effort`: when every group is at its cap before the target holds, return that removal
     (its cost says how far it got) instead of raising.
     """
-    multiples = dict(round_to) if isinstance(round_to, Mapping) else {n: round_to for n in scores}
-    if min(multiples.values(), default=1) < 1:
+    if min(round_to.values() if isinstance(round_to, Mapping) else [round_to], default=1) < 1:
         raise ConfigError(f"round_to={round_to} must be >= 1")
-    # a group narrower than twice the multiple could only stay whole: it steps by half its width
-    # (16 channels with round_to=16 step by 8)
-    multiples = {n: max(1, min(m, graph.group(n).size // 2)) for n, m in multiples.items()}
+    multiples = group_multiples(graph, round_to)  # an integer is halved below narrow groups' widths
     keep = keep or {n: must_keep(graph.group(n), s) for n, s in scores.items()}
     groups = {n: _Group(graph, n, s, keep[n], max_ratio, normalizer) for n, s in scores.items()}
     counts = {}
@@ -138,7 +137,36 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
         picks += 1
         refresh = refresh_every and picks % refresh_every == 0
         steps.update({n: step_of(n) for n in (groups if refresh else [name])})
+    if cur <= target and picks:
+        cur = _give_back(groups, counts, current, multiples, cost, cur, target)
     return RoundingResult({n: r for n, r in current.items() if r}, cur, max_step, picks)
+
+
+def _give_back(groups: dict[str, "_Group"], counts: dict[str, int], current: dict[str, list[int]],
+               multiples: dict[str, int], cost: Callable[[dict[str, list[int]]], float], cur: float,
+               target: float) -> float:
+    """Fill the slack the last pick left under the target: give one multiple back to the group
+    that regains the most normalised importance per unit of cost, while the target still holds.
+    (The last pick may be a large step of a wide group; this lands closer to the target.)"""
+    for _ in range(len(groups)):
+        best = None
+        for n, g in groups.items():
+            if counts[n] == 0:
+                continue
+            kept = g.size - counts[n]
+            new = g.size - min(g.size, kept + multiples[n])
+            trial = dict(current)
+            trial[n] = g.channels(new)
+            c = cost(trial)
+            if c <= target:
+                gain = g.loss(new, counts[n]) / max(c - cur, 1e-12)
+                if best is None or gain > best[0]:
+                    best = (gain, n, new, c)
+        if best is None:
+            break
+        _, n, new, cur = best
+        counts[n], current[n] = new, groups[n].channels(new)
+    return cur
 
 
 def _materialise(groups: dict[str, _Group], counts: dict[str, int]) -> dict[str, list[int]]:

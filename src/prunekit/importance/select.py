@@ -58,18 +58,41 @@ def _cap(group: Group, max_ratio: float, keep: torch.Tensor | None = None) -> in
     return max(0, min(removable - 1, limit, int(math.floor(max_ratio * group.size))))
 
 
-def _round_kept(group: Group, n_remove: int, round_to: int | None, cap: int) -> int:
-    if not round_to or round_to <= 1:
+def group_multiple(size: int, round_to: int) -> int:
+    """The multiple a group of `size` channels is rounded to: `round_to`, halved until it is below
+    the width, so that a group no wider than the multiple can still shrink (8 channels with
+    round_to=8 step by 4; 12 channels keep 8 or all 12)."""
+    step = max(1, round_to)
+    while step >= size and step > 1:
+        step //= 2
+    return step
+
+
+def group_multiples(graph: Graph, round_to: int | Mapping[str, int] | None) -> dict[str, int]:
+    """{group: multiple} for every group of `graph`: a mapping is taken as given (groups it does
+    not name are not rounded), an integer goes through `group_multiple` at each group's width."""
+    if isinstance(round_to, Mapping):
+        return {g.name: max(1, int(round_to.get(g.name, 1))) for g in graph.groups}
+    return {g.name: group_multiple(g.size, round_to) if round_to else 1 for g in graph.groups}
+
+
+def _round_kept(group: Group, n_remove: int, step: int, cap: int) -> int:
+    if step <= 1:
         return n_remove
     kept = group.size - n_remove
-    kept = min(group.size, int(math.ceil(kept / round_to)) * round_to)
+    kept = min(group.size, int(math.ceil(kept / step)) * step)
     return max(0, min(cap, group.size - kept))
 
 
-def select_removal(graph: Graph, scores: Mapping[str, torch.Tensor], ratio: float, scope: str = "local",
-                   max_ratio: float = 0.9, round_to: int | None = None, normalizer: str = "mean") -> dict[str, list[int]]:
-    """Channels to remove per group, lowest scores first. `scores` covers the groups to prune."""
-    check_range("ratio", ratio, 0.0, 1.0, hi_open=True)
+def select_removal(graph: Graph, scores: Mapping[str, torch.Tensor], ratio: float | Mapping[str, float],
+                   scope: str = "local", max_ratio: float = 0.9, round_to: int | Mapping[str, int] | None = None,
+                   normalizer: str = "mean") -> dict[str, list[int]]:
+    """Channels to remove per group, lowest scores first. `scores` covers the groups to prune;
+    `ratio` may be one per group in local scope."""
+    if isinstance(ratio, Mapping) and scope != "local":
+        raise ConfigError("a ratio per group needs scope='local'")
+    for r in ratio.values() if isinstance(ratio, Mapping) else [ratio]:
+        check_range("ratio", r, 0.0, 1.0, hi_open=True)
     return RemovalSelector(graph, scores, scope, max_ratio, round_to, normalizer).at(ratio)
 
 
@@ -84,7 +107,7 @@ class RemovalSelector:
     """
 
     def __init__(self, graph: Graph, scores: Mapping[str, torch.Tensor], scope: str = "local",
-                 max_ratio: float = 0.9, round_to: int | None = None, normalizer: str = "mean"):
+                 max_ratio: float = 0.9, round_to: int | Mapping[str, int] | None = None, normalizer: str = "mean"):
         check_range("max_ratio", max_ratio, 0.0, 1.0)
         check_choice("scope", scope, ("local", "global"))
         check_choice("normalizer", normalizer, NORMALIZERS)
@@ -92,7 +115,8 @@ class RemovalSelector:
         for name, s in scores.items():
             if s.shape != (self.groups[name].size,):
                 raise ConfigError(f"scores for group {name!r} have shape {tuple(s.shape)}, expected ({self.groups[name].size},)")
-        self.scope, self.max_ratio, self.round_to = scope, max_ratio, round_to
+        self.scope, self.max_ratio = scope, max_ratio
+        self.multiples = group_multiples(graph, round_to)
         keep = {n: must_keep(g, scores[n]) for n, g in self.groups.items()}
         self.caps = {n: _cap(g, max_ratio, keep[n]) for n, g in self.groups.items()}
         self.order = {}
@@ -122,20 +146,21 @@ class RemovalSelector:
         self._names, self._eligible = names, ranked[rank < caps[ranked]] if ranked.size else ranked
         self._total = sum(g.size for g in self.groups.values())
 
-    def counts(self, ratio: float) -> dict[str, int]:
+    def counts(self, ratio: float | Mapping[str, float]) -> dict[str, int]:
         """How many channels each group loses at `ratio`, before rounding to `round_to`."""
-        if self.scope == "local":
-            return {n: min(self.caps[n], int(math.floor(ratio * g.size))) for n, g in self.groups.items()}
+        if self.scope == "local":  # `ratio` may be one per group ({group: ratio}) in local scope
+            per = ratio if isinstance(ratio, Mapping) else dict.fromkeys(self.groups, ratio)
+            return {n: min(self.caps[n], int(math.floor(per.get(n, 0.0) * g.size))) for n, g in self.groups.items()}
         budget = max(0, int(math.floor(ratio * self._total)))
         taken = np.bincount(self._eligible[:budget], minlength=len(self._names))
         return dict(zip(self._names, taken.tolist()))
 
-    def at(self, ratio: float) -> dict[str, list[int]]:
+    def at(self, ratio: float | Mapping[str, float]) -> dict[str, list[int]]:
         """Channels to remove per group at `ratio` (see `select_removal`)."""
         removal = {}
         for name, n in self.counts(ratio).items():
             g = self.groups[name]
-            n = _round_kept(g, n, self.round_to, self.caps[name])
+            n = _round_kept(g, n, self.multiples[name], self.caps[name])
             if n > 0:
                 removal[name] = sorted(self.order[name][:n].tolist())
         return removal

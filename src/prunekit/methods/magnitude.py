@@ -7,9 +7,10 @@ parameters/MACs that remains; the removal ratio is found by bisection on an exac
 dtype and memory format that `latency` (LatencyConfig fields; default CPU, float32, batch 1,
 1 thread) states: channels go where they buy the most milliseconds for the least importance, and
 the pruned model is measured (importance/latency_target.py; met within `latency_tolerance` or
-the result says by how much it missed). `round_to` rounds kept widths to a multiple jointly with
-a params/MACs/latency target (never overshooting it: importance/rounding.py); "auto" measures
-the multiple the device rewards (cost/alignment.py). `memory_format` "channels_last" converts the
+the result says by how much it missed). `round_to` (default 8) rounds kept widths to a multiple
+jointly with a params/MACs/latency target (never overshooting it: importance/rounding.py), and
+halves the multiple where it would land more than `round_slack` of the model below the target;
+"auto" measures the multiple the device rewards (cost/alignment.py); None leaves widths unaligned. `memory_format` "channels_last" converts the
 pruned model, "auto" keeps whichever format is faster on the `latency` settings (result
 metrics["memory_format"]). `steps` > 1 prunes iteratively along a linear schedule, calling
 `between_steps(model, step)` (e.g. a short fine-tune) after each step.
@@ -47,7 +48,7 @@ from ..graph import Graph
 from ..importance.criteria import REDUCTIONS, Criterion, ScoreContext, resolve_criterion
 from ..importance.latency_target import latency_removal
 from ..importance.rounding import round_to_target
-from ..importance.select import NORMALIZERS, RemovalSelector, select_removal
+from ..importance.select import NORMALIZERS, RemovalSelector, group_multiples, select_removal
 from ..surgery.copying import adopt_, share_copy
 from ..surgery.plan import Plan, make_plan
 from ..surgery.prepared import PreparedPruning, prepare_pruning, register_prepared_handler
@@ -66,7 +67,9 @@ class MagnitudeConfig(Config):
     params_fraction: float | None = None
     macs_fraction: float | None = None
     max_ratio: float = 0.9
-    round_to: int | str | None = None  # a multiple, "auto" (measured: cost/alignment.py) or None
+    round_to: int | str | None = 8  # a multiple, "auto" (measured: cost/alignment.py) or None (no alignment)
+    round_slack: float | None = 0.02  # rounding landing further below a params/MACs target than this share
+    # of the model halves the multiple (8 -> 4 -> 2 -> 1) until it lands within; None: never halve
     steps: int = 1
     ignore: list[str] = dataclasses.field(default_factory=list)
     seed: int = 0
@@ -98,6 +101,8 @@ class MagnitudeConfig(Config):
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"steps={self.steps!r} must be an integer >= 1")
         check_range("latency_tolerance", self.latency_tolerance, 0.0, 1.0, lo_open=True)
+        if self.round_slack is not None:
+            check_range("round_slack", self.round_slack, 0.0, 1.0)
         check_choice("memory_format", self.memory_format, MEMORY_FORMATS)
         latency_config(self)
         if self.latency_fraction is not None and self.steps != 1:
@@ -170,20 +175,31 @@ def _skipped_note(skipped: list[str]) -> dict[str, Any]:
 
 
 def _search_ratio(graph: Graph, scores, cfg: MagnitudeConfig, which: str, target: float,
-                  estimator: CostEstimator) -> dict[str, list[int]]:
+                  estimator: CostEstimator, multiples: dict[str, int] | None = None,
+                  record: dict[str, Any] | None = None) -> dict[str, list[int]]:
     """Smallest ratio whose estimated cost ({which}) is <= target (absolute count).
 
     The estimate table (`estimator`) and the ranking of channels (`RemovalSelector`) are built
     once for all bisection steps. With round_to, the ratio is searched unrounded and the widths
     are then rounded jointly with the target (importance/rounding.py), so rounding never
-    overshoots it."""
+    overshoots it; where it lands more than `round_slack` of the model below the target, the
+    multiples are halved and the rounding repeated (what was used goes into `record`).
+    `multiples`: {group: multiple} (`group_multiples`), None for no rounding."""
     pick = 0 if which == "params" else 1
-    if cfg.round_to and cfg.round_to > 1:
-        start = _search_ratio(graph, scores, dataclasses.replace(cfg, round_to=None), which, target, estimator)
+    if multiples and max(multiples.values()) > 1:
+        start = _search_ratio(graph, scores, cfg, which, target, estimator)
         exact = lambda removal: estimator(removal)[pick]
-        return round_to_target(graph, scores, start, cfg.round_to, exact, target, cfg.max_ratio,
-                               cfg.normalizer).removal
-    removal_at = RemovalSelector(graph, scores, cfg.scope, cfg.max_ratio, cfg.round_to, cfg.normalizer).at
+        full, tried = exact({}), []
+        while True:
+            res = round_to_target(graph, scores, start, multiples, exact, target, cfg.max_ratio, cfg.normalizer)
+            tried.append({"multiple": max(multiples.values()), "fraction_of_target": res.cost / max(target, 1)})
+            if cfg.round_slack is None or target - res.cost <= cfg.round_slack * full or max(multiples.values()) <= 2:
+                break
+            multiples = {n: max(1, m // 2) for n, m in multiples.items()}
+        if record is not None:
+            record.update(multiple=tried[-1]["multiple"], tried=tried)
+        return res.removal
+    removal_at = RemovalSelector(graph, scores, cfg.scope, cfg.max_ratio, None, cfg.normalizer).at
     cost = lambda r: estimator(removal_at(r))[pick]
     hi = cfg.max_ratio if cfg.max_ratio < 1 else 0.999
     at_hi = cost(hi)
@@ -199,16 +215,21 @@ def _search_ratio(graph: Graph, scores, cfg: MagnitudeConfig, which: str, target
 
 
 def _step_removal(graph: Graph, scores, cfg: MagnitudeConfig, step: int, before: Cost,
-                  estimator: CostEstimator) -> dict[str, list[int]]:
+                  estimator: CostEstimator, multiples: dict[str, int] | None,
+                  first_widths: dict[str, int], record: dict[str, Any]) -> dict[str, list[int]]:
     frac = step / cfg.steps
     if cfg.channel_ratio is not None:
-        done = cfg.channel_ratio * (step - 1) / cfg.steps
-        ratio = (cfg.channel_ratio * frac - done) / (1 - done)
-        return select_removal(graph, scores, ratio, cfg.scope, cfg.max_ratio, cfg.round_to, cfg.normalizer)
+        if cfg.scope == "local":  # each group's share still due, from its first width (rounding may have held it back)
+            ratio = {g.name: max(0.0, 1 - first_widths.get(g.name, g.size) * (1 - cfg.channel_ratio * frac) / g.size)
+                     for g in graph.groups}
+        else:
+            done = cfg.channel_ratio * (step - 1) / cfg.steps
+            ratio = (cfg.channel_ratio * frac - done) / (1 - done)
+        return select_removal(graph, scores, ratio, cfg.scope, cfg.max_ratio, multiples, cfg.normalizer)
     which = "params" if cfg.params_fraction is not None else "macs"
     final = cfg.params_fraction if which == "params" else cfg.macs_fraction
     goal = (1 - (1 - final) * frac) * (before.params if which == "params" else before.macs)
-    return _search_ratio(graph, scores, cfg, which, goal, estimator)
+    return _search_ratio(graph, scores, cfg, which, goal, estimator, multiples, record)
 
 
 def _check_runs(work: nn.Module, example_inputs: Any) -> None:
@@ -245,6 +266,9 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         metrics["round_to"] = pick_round_to(work, example_inputs, latency_config(cfg))
         cfg = dataclasses.replace(cfg, round_to=metrics["round_to"]["multiple"])
     skipped: list[str] = []
+    # multiples fixed at the first step's widths: a group already at its multiple is not halved again
+    multiples = group_multiples(graph, cfg.round_to) if cfg.round_to else None
+    first_widths = {g.name: g.size for g in graph.groups}
     for step in range(1, cfg.steps + 1):
         if step > 1:
             graph = build_safe_graph(work, example_inputs, cfg.ignore, probe=cfg.probe)
@@ -256,7 +280,8 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
                 cfg.round_to, cfg.max_ratio, cfg.normalizer)
         else:
             try:
-                removal = _step_removal(graph, scores, cfg, step, before, estimator)
+                removal = _step_removal(graph, scores, cfg, step, before, estimator, multiples, first_widths,
+                                        metrics.setdefault("rounding", {}))
             except ConfigError as err:
                 raise ConfigError(f"{err}{_masked_hint(work)}") from None
         step_plan = make_plan(graph, removal, example_inputs, cfg.ignore)
@@ -277,6 +302,13 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     notes = _capped_note(cfg).get("notes", []) + _skipped_note(sorted(set(skipped))).get("notes", [])
     if skipped:
         metrics["skipped_groups"] = sorted(set(skipped))
+    if not metrics.get("rounding"):
+        metrics.pop("rounding", None)
+    elif metrics["rounding"]["multiple"] < metrics["rounding"]["tried"][0]["multiple"]:
+        r = metrics["rounding"]
+        notes.append(f"round_to={r['tried'][0]['multiple']} would land at {r['tried'][0]['fraction_of_target']:.3f} of "
+                     f"the target (more than round_slack={cfg.round_slack} of the model below it): widths are "
+                     f"multiples of {r['multiple']} instead; set round_slack=null to keep {r['tried'][0]['multiple']}")
     if metrics.get("latency", {}).get("note"):
         notes.append(metrics["latency"]["note"])
     if notes:
