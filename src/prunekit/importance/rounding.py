@@ -145,27 +145,30 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
 def _give_back(groups: dict[str, "_Group"], counts: dict[str, int], current: dict[str, list[int]],
                multiples: dict[str, int], cost: Callable[[dict[str, list[int]]], float], cur: float,
                target: float) -> float:
-    """Fill the slack the last pick left under the target: give one multiple back to the group
-    that regains the most normalised importance per unit of cost, while the target still holds.
-    (The last pick may be a large step of a wide group; this lands closer to the target.)"""
-    for _ in range(len(groups)):
-        best = None
-        for n, g in groups.items():
-            if counts[n] == 0:
-                continue
-            kept = g.size - counts[n]
-            new = g.size - min(g.size, kept + multiples[n])
-            trial = dict(current)
-            trial[n] = g.channels(new)
-            c = cost(trial)
-            if c <= target:
-                gain = g.loss(new, counts[n]) / max(c - cur, 1e-12)
-                if best is None or gain > best[0]:
-                    best = (gain, n, new, c)
-        if best is None:
-            break
-        _, n, new, cur = best
-        counts[n], current[n] = new, groups[n].channels(new)
+    """Fill the slack the last pick left under the target: give one multiple back to the groups
+    that regain the most normalised importance per unit of cost, while the target still holds.
+    (The last pick may be a large step of a wide group; this lands closer to the target.) Each
+    group's restore is costed once, then tried in that order against the exact cost."""
+    def restored(n: str) -> int:
+        g = groups[n]
+        return g.size - min(g.size, g.size - counts[n] + multiples[n])
+
+    ranked = []
+    for n, g in groups.items():
+        if counts[n] == 0:
+            continue
+        trial = dict(current)
+        trial[n] = g.channels(restored(n))
+        c = cost(trial)
+        if c <= target:
+            ranked.append((-g.loss(restored(n), counts[n]) / max(c - cur, 1e-12), n))
+    for _, n in sorted(ranked):
+        new = restored(n)
+        trial = dict(current)
+        trial[n] = groups[n].channels(new)
+        c = cost(trial)
+        if c <= target:
+            counts[n], current[n], cur = new, trial[n], c
     return cur
 
 
