@@ -111,6 +111,7 @@ def prune_arms(name: str, args) -> tuple[dict[str, nn.Module], dict[str, Any], t
     models["tp"], models["pk_default"] = tp_model, pk_model
     info["prune_seconds"] = {"tp_step": tp_times, "pk_default": pk_times}
     info["macs_fraction_target"] = frac
+    info["default_round_to"] = MagnitudeConfig.__dataclass_fields__["round_to"].default  # what "default" meant
     arms = {"pk_auto": MagnitudeConfig(macs_fraction=frac, round_to="auto",
                                        latency={"device": args.device, "dtype": args.dtype})}
     for arm, cfg in arms.items():
