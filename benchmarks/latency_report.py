@@ -68,18 +68,11 @@ def _median(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} over {len(values)}" if values else "no data"
 
 
-def _default_words(data: dict) -> str:
-    """What the default call was at the measured commit (runs before round_to=8 became the default
-    did not record it: they were unrounded)."""
-    m = data.get("default_round_to")
-    return (f"round_to={m}: widths rounded to multiples of {m} jointly with the target" if m else
-            "no rounding: `round_to=None` was the default at that commit; it is now 8, so this column is "
-            "what `round_to=None` gives today")
-
-
 def markdown(data: dict) -> str:
     env = data.get("environment", {})
     loads = [e.get("load_average") for r in data.get("rows", {}).values() for e in (r.get("batches") or {}).values()]
+    when = [f"{n} {r['prune']['measured']['date'][:16]} at {str(r['prune']['measured']['git_commit'])[:10]}"
+            for n, r in data.get("rows", {}).items() if (r.get("prune") or {}).get("measured")]
     body, goals = _rows(data)
     lines = [
         "# Latency of pruned models: prunekit and Torch-Pruning at equal MACs", "",
@@ -89,7 +82,8 @@ def markdown(data: dict) -> str:
         f"{str(env.get('git_commit'))[:10]}. The machine is shared: 1-minute load average at each row "
         f"{', '.join(f'{l[0]:.1f}' for l in loads if l)} on 2 cores, so every absolute time is inflated "
         "and noisy; the arms of a row are timed interleaved (round-robin, rotating order) so that the load hits "
-        "them alike, and the spread (p10-p90) is given.", "",
+        "them alike, and the spread (p10-p90) is given."
+        + (f" Rows measured again later: {'; '.join(when)}." if when else ""), "",
         "Settings. **Torch-Pruning** 1.6.0 at its best: `MetaPruner(importance=MagnitudeImportance(p=2), "
         f"pruning_ratio={data.get('tp_ratio')}, round_to=8, ignored_layers=[classifier])`, for vit_b_16 its own "
         "recipe (`num_heads` of every attention, class token and position embedding unwrapped, `hidden_dim` "
@@ -131,8 +125,10 @@ def markdown_gpu(data: dict) -> str:
             tp = arms["tp"]["speedup"]
             ratios["default"].append(arms["pk_default"]["speedup"] / tp)
             ratios["auto"].append(arms["pk_auto"]["speedup"] / tp)
+            rounded = row.get("prune", {}).get("default_round_to")
             rows.append(f"| {name} | {batch} | {mf.get('tp', 0):.3f} / {mf.get('pk_default', 0):.3f} / "
-                        f"{mf.get('pk_auto', 0):.3f} | {arms['original']['median_ms']:.3f} | {_speed(e, 'pk_default', 2)} | "
+                        f"{mf.get('pk_auto', 0):.3f} | {arms['original']['median_ms']:.3f} | {_speed(e, 'pk_default', 2)}"
+                        f"{f' (x{rounded})' if rounded else ' (unrounded)'} | "
                         f"{_speed(e, 'pk_auto', 2)} (x{row['prune']['arms']['pk_auto'].get('round_to')}) | {_speed(e, 'tp', 2)} | "
                         f"{ratios['default'][-1]:.2f} / {ratios['auto'][-1]:.2f} |")
     mis = (data.get("rows", {}).get("misalignment") or {}).get("result", {})
@@ -146,7 +142,7 @@ def markdown_gpu(data: dict) -> str:
         f"torch-pruning {data.get('torch_pruning')}, prunekit commit {str(env.get('git_commit'))[:10]}; one process on "
         "a quiet GPU, pruning on the host CPU, every model timed in bfloat16 with its forward captured in a CUDA "
         "graph, interleaved (round-robin, rotating order), median and p10-p90 of the replays. Same arms and "
-        f"MACs matching as the CPU table (default: {_default_words(data)}); `round_to=\"auto\"` measured its multiple on the GPU. The "
+        "MACs matching as the CPU table (the default column marked as there); `round_to=\"auto\"` measured its multiple on the GPU. The "
         "latency-target arm was left out (time).", "",
         "| model | batch | MACs fraction TP / default / auto | original ms | prunekit default | prunekit auto | "
         "Torch-Pruning | default / TP, auto / TP |", "|---|---|---|---|---|---|---|---|", *rows, "",

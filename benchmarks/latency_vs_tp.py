@@ -112,6 +112,8 @@ def prune_arms(name: str, args) -> tuple[dict[str, nn.Module], dict[str, Any], t
     info["prune_seconds"] = {"tp_step": tp_times, "pk_default": pk_times}
     info["macs_fraction_target"] = frac
     info["default_round_to"] = MagnitudeConfig.__dataclass_fields__["round_to"].default  # what "default" meant
+    info["measured"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "git_commit": environment(ROOT).get("git_commit"),
+                        "load_average": list(os.getloadavg())}
     arms = {"pk_auto": MagnitudeConfig(macs_fraction=frac, round_to="auto",
                                        latency={"device": args.device, "dtype": args.dtype})}
     for arm, cfg in arms.items():
@@ -212,10 +214,11 @@ def _results_path(args) -> Path:
 def _write(args, done: dict) -> None:
     path = _results_path(args)
     data = json.loads(path.read_text()) if path.exists() else {}
-    data.update({"environment": environment(ROOT), "torch": torch.__version__, "torch_pruning": _tp_version(),
-                 "threads": args.threads, "dtype": args.dtype, "device": args.device, "tp_ratio": args.tp_ratio,
-                 "default_round_to": MagnitudeConfig.__dataclass_fields__["round_to"].default,
-                 "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+    first = {"environment": environment(ROOT), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    for k, v in first.items():  # the first run's; rows measured later carry their own (prune.measured)
+        data.setdefault(k, v)
+    data.update({"torch": torch.__version__, "torch_pruning": _tp_version(), "threads": args.threads,
+                 "dtype": args.dtype, "device": args.device, "tp_ratio": args.tp_ratio})
     data.setdefault("rows", {}).update(done)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, default=str))
@@ -235,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-latency-arm", action="store_true", help="skip the latency-target call (its tables "
                     "take the longest to build)")
     ap.add_argument("--markdown-only", action="store_true")
+    ap.add_argument("--redo", action="store_true", help="measure the named models again (their rows are replaced)")
     args = ap.parse_args(argv)
     args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     args.batches = args.batches or ([1, 256] if args.device == "cuda" else [1, 16])
@@ -245,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     path = _results_path(args)
     done = json.loads(path.read_text()).get("rows", {}) if path.exists() else {}
+    if args.redo:
+        for name in args.models:
+            done.pop(name, None)
     print("load average", os.getloadavg(), flush=True)
     if args.device == "cuda":
         done["misalignment"] = {"model": "conv3x3@56", "result": misalignment(args)}
