@@ -6,7 +6,9 @@ all widths jump together: a bisection on the ratio then finds that e.g. 16 chann
 rounding is done jointly with the target instead:
 
 1. start from the unrounded removal that meets the target;
-2. round each group's kept count *up* to a multiple (the cost is now above the target);
+2. round each group's kept count *up* to a multiple (the cost is now above the target), or to
+   the *nearest* one (`nearest=True`, what the magnitude pruner's local scope uses: the same share
+   of every group, as unrounded, and only the margin moves);
 3. while the cost is above the target, take one more multiple from the group whose next step
    loses the least normalised importance per unit of cost saved, re-estimating the cost exactly
    after each pick;
@@ -78,7 +80,7 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
                     round_to: int | Mapping[str, int], cost: Callable[[dict[str, list[int]]], float],
                     target: float, max_ratio: float = 0.9, normalizer: str = "mean",
                     keep: Mapping[str, torch.Tensor] | None = None, refresh_every: int | None = None,
-                    best_effort: bool = False) -> RoundingResult:
+                    best_effort: bool = False, nearest: bool = False) -> RoundingResult:
     """Kept counts rounded to multiples of `round_to` with cost(removal) <= target.
 
     `removal` is an unrounded removal (channels per group, ideally meeting the target); the
@@ -89,7 +91,9 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
     target. `refresh_every`: re-measure every group's next saving after that many picks (savings
     shrink as neighbours shrink; a long greedy run should not rank groups on stale savings).
     `best_effort`: when every group is at its cap before the target holds, return that removal
-    (its cost says how far it got) instead of raising.
+    (its cost says how far it got) instead of raising. `nearest`: start from each kept count
+    rounded to the *nearest* multiple (at least one) instead of up, so that the allocation of
+    `removal` (e.g. the same share of every group) is kept and only the margin is re-allocated.
     """
     if min(round_to.values() if isinstance(round_to, Mapping) else [round_to], default=1) < 1:
         raise ConfigError(f"round_to={round_to} must be >= 1")
@@ -99,7 +103,8 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
     counts = {}
     for n, g in groups.items():
         kept = g.size - len(removal.get(n, []))
-        kept = min(g.size, math.ceil(kept / multiples[n]) * multiples[n])
+        m = multiples[n]
+        kept = min(g.size, max(m, math.floor(kept / m + 0.5) * m) if nearest else math.ceil(kept / m) * m)
         counts[n] = max(0, min(g.cap, g.size - kept))
     current = _materialise(groups, counts)
     cur = cost(current)
@@ -137,7 +142,7 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
         picks += 1
         refresh = refresh_every and picks % refresh_every == 0
         steps.update({n: step_of(n) for n in (groups if refresh else [name])})
-    if cur <= target and picks:
+    if cur <= target:
         cur = _give_back(groups, counts, current, multiples, cost, cur, target)
     return RoundingResult({n: r for n, r in current.items() if r}, cur, max_step, picks)
 

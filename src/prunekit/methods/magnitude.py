@@ -191,7 +191,8 @@ def _search_ratio(graph: Graph, scores, cfg: MagnitudeConfig, which: str, target
         exact = lambda removal: estimator(removal)[pick]
         full, tried = exact({}), []
         while True:
-            res = round_to_target(graph, scores, start, multiples, exact, target, cfg.max_ratio, cfg.normalizer)
+            res = round_to_target(graph, scores, start, multiples, exact, target, cfg.max_ratio, cfg.normalizer,
+                                  nearest=cfg.scope == "local")  # local: keep the same share per group
             tried.append({"multiple": max(multiples.values()), "fraction_of_target": res.cost / max(target, 1)})
             if cfg.round_slack is None or target - res.cost <= cfg.round_slack * full or max(multiples.values()) <= 2:
                 break
