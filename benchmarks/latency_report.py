@@ -79,9 +79,9 @@ def markdown(data: dict) -> str:
         f"Measured by `benchmarks/latency_vs_tp.py` (one model per process, pinned to one core, 1 torch "
         f"thread, float32, random weights, seed 0) on {data.get('date')}: CPU {env.get('cpu_model')}, torch "
         f"{data.get('torch')}, torch-pruning {data.get('torch_pruning')}, prunekit commit "
-        f"{str(env.get('git_commit'))[:10]}. The machine is shared: 1-minute load average at each row "
-        f"{', '.join(f'{l[0]:.1f}' for l in loads if l)} on 2 cores, so every absolute time is inflated "
-        "and noisy; the arms of a row are timed interleaved (round-robin, rotating order) so that the load hits "
+        f"{str(env.get('git_commit'))[:10]}. The machine has 2 cores and is shared: 1-minute load average at each "
+        f"row {', '.join(f'{l[0]:.1f}' for l in loads if l)} (above about 2 every absolute time is inflated and "
+        "noisy); the arms of a row are timed interleaved (round-robin, rotating order) so that the load hits "
         "them alike, and the spread (p10-p90) is given."
         + (f" Rows measured again later: {'; '.join(when)}." if when else ""), "",
         "Settings. **Torch-Pruning** 1.6.0 at its best: `MetaPruner(importance=MagnitudeImportance(p=2), "
