@@ -189,23 +189,25 @@ def test_an_unreachable_target_on_a_masked_model_says_to_bake_the_masks():
 
 
 def test_default_rounding_halves_its_multiple_rather_than_miss_the_target():
-    """small_cnn (16-64 channels): multiples of 8 can only reach 0.438 of the MACs for a 0.5
+    """small_cnn (16-64 channels): multiples of 16 can only reach 0.438 of the MACs for a 0.5
     target; the default halves the multiple until the landing is within round_slack of the model."""
     x = torch.randn(1, 1, 8, 8)
     torch.manual_seed(0)
     strict = create_model("small_cnn", num_classes=10)
-    r8 = prune_(strict, MagnitudeConfig(macs_fraction=0.5, round_slack=None, probe=False), x)
-    assert r8.macs_fraction < 0.48 and r8.metrics["rounding"]["multiple"] == 8
-    assert all(m.out_channels % 8 == 0 for m in strict.modules() if isinstance(m, nn.Conv2d))
+    r16 = prune_(strict, MagnitudeConfig(macs_fraction=0.5, round_slack=None, probe=False), x)
+    assert r16.macs_fraction < 0.48 and r16.metrics["rounding"]["multiple"] == 16
+    assert all(m.out_channels % 16 == 0 for m in strict.modules() if isinstance(m, nn.Conv2d))
     torch.manual_seed(0)
     model = create_model("small_cnn", num_classes=10)
     r = prune_(model, MagnitudeConfig(macs_fraction=0.5, probe=False), x)
     assert 0.5 - 0.02 - 0.01 <= r.macs_fraction <= 0.5  # 2 is the smallest multiple tried
-    assert r.metrics["rounding"]["multiple"] < 8 and "round_slack" in " ".join(r.metrics["notes"])
+    assert r.metrics["rounding"]["multiple"] < 16 and "round_slack" in " ".join(r.metrics["notes"])
 
 
 def test_rounding_gives_back_the_slack_of_its_last_pick():
     model = _resnet()
-    r = prune_(model, MagnitudeConfig(macs_fraction=0.5, probe=False), X)
+    r = prune_(model, MagnitudeConfig(macs_fraction=0.5, probe=False, round_to=8), X)
     assert 0.49 <= r.macs_fraction <= 0.5 and r.metrics["rounding"]["multiple"] == 8
     assert all(m.out_channels % 8 == 0 for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels != 10)
+    default = prune_(_resnet(), MagnitudeConfig(macs_fraction=0.5, probe=False), X)  # 16, within round_slack
+    assert 0.48 <= default.macs_fraction <= 0.5 and default.metrics["rounding"]["multiple"] == 16

@@ -7,7 +7,7 @@ parameters/MACs that remains; the removal ratio is found by bisection on an exac
 dtype and memory format that `latency` (LatencyConfig fields; default CPU, float32, batch 1,
 1 thread) states: channels go where they buy the most milliseconds for the least importance, and
 the pruned model is measured (importance/latency_target.py; met within `latency_tolerance` or
-the result says by how much it missed). `round_to` (default 8) rounds kept widths to a multiple
+the result says by how much it missed). `round_to` (default 16) rounds kept widths to a multiple
 jointly with a params/MACs/latency target (never overshooting it: importance/rounding.py), and
 halves the multiple where it would land more than `round_slack` of the model below the target;
 "auto" measures the multiple the device rewards (cost/alignment.py); None leaves widths unaligned. `memory_format` "channels_last" converts the
@@ -67,7 +67,7 @@ class MagnitudeConfig(Config):
     params_fraction: float | None = None
     macs_fraction: float | None = None
     max_ratio: float = 0.9
-    round_to: int | str | None = 8  # a multiple, "auto" (measured: cost/alignment.py) or None (no alignment)
+    round_to: int | str | None = 16  # a multiple, "auto" (measured: cost/alignment.py) or None (no alignment)
     round_slack: float | None = 0.02  # rounding landing further below a params/MACs target than this share
     # of the model halves the multiple (8 -> 4 -> 2 -> 1) until it lands within; None: never halve
     steps: int = 1
