@@ -89,7 +89,7 @@ def markdown(data: dict) -> str:
         "recipe (`num_heads` of every attention, class token and position embedding unwrapped, `hidden_dim` "
         "updated). **prunekit default**: `prune_(model, MagnitudeConfig(macs_fraction=f), x)` with f = the "
         "MACs fraction Torch-Pruning reached (prunekit's count), everything else default (probe on); "
-        "rows marked (x8) ran with today's default `round_to=8`, rows marked (unrounded) before it, when the "
+        "rows marked (x8) or (x16) ran with the rounded default of their commit (`round_to=16` today), rows marked (unrounded) before it, when the "
         "default was `round_to=None`. **auto**: the same with `round_to=\"auto\"`. **latency**: `MagnitudeConfig("
         "latency_fraction=t, round_to=\"auto\", latency={batch_size: b, repeats: 5})` with t = the latency "
         "fraction Torch-Pruning reached at that batch (a short interleaved measurement first): equal latency, "
@@ -98,7 +98,7 @@ def markdown(data: dict) -> str:
         "prunekit latency target | Torch-Pruning | default / TP, auto / TP | prune_ / TP step wall time |",
         "|---|---|---|---|---|---|---|---|---|", *body, "",
         "## Goals", "",
-        f"- prunekit default (round_to=8) speed-up / Torch-Pruning's at equal MACs, median over model x batch: "
+        f"- prunekit default (rounded rows) speed-up / Torch-Pruning's at equal MACs, median over model x batch: "
         f"{_median(goals['default_vs_tp'])} (goal >= 1.15); the unrounded default of the older rows: "
         f"{_median(goals['unrounded_vs_tp'])}; with round_to=\"auto\": {_median(goals['auto_vs_tp'])}.",
         f"- latency-target call, speed-up / MACs reduction: {_median(goals['latency_ratio'])} (goal >= 0.8).",
