@@ -42,3 +42,20 @@ def test_prune_with_round_to_auto_records_the_measurement():
     used = r.metrics["rounding"]["multiple"]  # m, or halved where m would land beyond round_slack
     assert m % used == 0 and all(c.out_channels % used == 0 for c in (model[0], model[2]))
     assert r.cost_after.macs <= 0.6 * r.cost_before.macs
+
+
+def test_auto_keeps_the_larger_multiple_of_the_costliest_dense_and_depthwise_convs(monkeypatch):
+    """A depthwise conv slow off multiples of 16 decides, although the 1x1 conv (the costliest
+    layer) is fine at multiples of 2 (timings faked: slow widths by layer kind)."""
+    model = nn.Sequential(nn.Conv2d(3, 64, 1), nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.Conv2d(64, 64, 1))
+    x = torch.randn(1, 3, 8, 8)
+    assert alignment.costliest_layer(model, x).groups == 1
+    assert alignment.costliest_layer(model, x, depthwise=True).depthwise
+
+    def measure(spec, cfg):
+        return {"multiple": 16 if spec.depthwise else 2, "spec": spec.to_dict()}
+    monkeypatch.setattr(alignment, "measure_alignment", measure)
+    rec = alignment.pick_round_to(model, x, LatencyConfig(warmup=1, repeats=1, threads=1))
+    assert rec["multiple"] == 16 and rec["depthwise"]["multiple"] == 16
+    plain = nn.Sequential(nn.Conv2d(3, 64, 1), nn.Conv2d(64, 64, 1))
+    assert "depthwise" not in alignment.pick_round_to(plain, x, LatencyConfig(warmup=1, repeats=1, threads=1))
