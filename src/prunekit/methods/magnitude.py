@@ -198,7 +198,7 @@ def _search_ratio(graph: Graph, scores, cfg: MagnitudeConfig, which: str, target
                 break
             multiples = {n: max(1, m // 2) for n, m in multiples.items()}
         if record is not None:
-            record.update(multiple=tried[-1]["multiple"], tried=tried)
+            record.update(multiple=tried[-1]["multiple"], tried=tried, target=which)
         return res.removal
     removal_at = RemovalSelector(graph, scores, cfg.scope, cfg.max_ratio, None, cfg.normalizer).at
     cost = lambda r: estimator(removal_at(r))[pick]
@@ -307,9 +307,10 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         metrics.pop("rounding", None)
     elif metrics["rounding"]["multiple"] < metrics["rounding"]["tried"][0]["multiple"]:
         r = metrics["rounding"]
-        notes.append(f"round_to={r['tried'][0]['multiple']} would land at {r['tried'][0]['fraction_of_target']:.3f} of "
-                     f"the target (more than round_slack={cfg.round_slack} of the model below it): widths are "
-                     f"multiples of {r['multiple']} instead; set round_slack=null to keep {r['tried'][0]['multiple']}")
+        first = r["tried"][0]
+        notes.append(f"widths are multiples of {r['multiple']}, not {first['multiple']}: multiples of {first['multiple']} "
+                     f"would keep {first['fraction_of_target']:.3f} of the {'MACs' if r['target'] == 'macs' else 'params'} asked for, more than "
+                     f"round_slack={cfg.round_slack} of the model below it (round_slack=null keeps {first['multiple']})")
     if metrics.get("latency", {}).get("note"):
         notes.append(metrics["latency"]["note"])
     if notes:
