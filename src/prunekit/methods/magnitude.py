@@ -10,8 +10,9 @@ the pruned model is measured (importance/latency_target.py; met within `latency_
 the result says by how much it missed). `round_to` (default 16) rounds kept widths to a multiple
 jointly with a params/MACs/latency target (never overshooting it: importance/rounding.py), and
 halves the multiple where it would land more than `round_slack` of the model below the target;
-"auto" measures the multiple the device rewards (cost/alignment.py); None leaves widths unaligned. `memory_format` "channels_last" converts the
-pruned model, "auto" keeps whichever format is faster on the `latency` settings (result
+"auto" measures the multiple the device rewards (cost/alignment.py); None leaves widths
+unaligned. `memory_format` "channels_last" converts the pruned model, "auto" keeps whichever
+format is faster on the `latency` settings (result
 metrics["memory_format"]). `steps` > 1 prunes iteratively along a linear schedule, calling
 `between_steps(model, step)` (e.g. a short fine-tune) after each step.
 
@@ -306,11 +307,11 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     if not metrics.get("rounding"):
         metrics.pop("rounding", None)
     elif metrics["rounding"]["multiple"] < metrics["rounding"]["tried"][0]["multiple"]:
-        r = metrics["rounding"]
-        first = r["tried"][0]
-        notes.append(f"widths are multiples of {r['multiple']}, not {first['multiple']}: multiples of {first['multiple']} "
-                     f"would keep {first['fraction_of_target']:.3f} of the {'MACs' if r['target'] == 'macs' else 'params'} asked for, more than "
-                     f"round_slack={cfg.round_slack} of the model below it (round_slack=null keeps {first['multiple']})")
+        r, m0 = metrics["rounding"], metrics["rounding"]["tried"][0]["multiple"]
+        what = "MACs" if r["target"] == "macs" else "params"
+        notes.append(f"widths are multiples of {r['multiple']}, not {m0}: multiples of {m0} would keep "
+                     f"{r['tried'][0]['fraction_of_target']:.3f} of the {what} asked for, more than "
+                     f"round_slack={cfg.round_slack} of the model below it (round_slack=null keeps {m0})")
     if metrics.get("latency", {}).get("note"):
         notes.append(metrics["latency"]["note"])
     if notes:
