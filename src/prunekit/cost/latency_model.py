@@ -1,6 +1,7 @@
 """Estimated latency of a graph's model after any channel removal, from per-layer tables.
 
-Every Conv2d (groups=1 or depthwise), Linear, BatchNorm2d and one-dimensional LayerNorm is
+Every Conv2d (groups=1 or depthwise), Linear, BatchNorm2d, one-dimensional LayerNorm and
+batch_first nn.MultiheadAttention (its projections and attention products, by embedding width) is
 timed standalone on a grid of widths on the target device (`cost.lut`, one table per distinct
 layer shape, shared by identical layers). A removal's estimate is
 
@@ -41,7 +42,7 @@ from ..graph import Graph
 from .latency import LatencyConfig, measure_latency
 from .lut import LatencyTable, LayerSpec, build_conv_lut, channel_grid
 
-TABLED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)
+TABLED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.MultiheadAttention)
 
 
 def per_sample_inputs(example_inputs: Any) -> Any:
@@ -59,6 +60,8 @@ def _input_grids(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, 
     for name, mod in model.named_modules():
         if isinstance(mod, TABLED):
             def hook(module, args, name=name):
+                if not args or not isinstance(args[0], torch.Tensor):
+                    return  # called with keywords only: not tabled
                 shape = args[0].shape
                 if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
                     grids[name] = (int(shape[-2]), int(shape[-1]))
@@ -134,6 +137,9 @@ class LatencyModel:
         """group -> (size, [(layer index, 'in'|'out', channel of each position)]) for tabled weights."""
         axis = {}
         for i, (name, spec, _) in enumerate(self.layers):
+            if spec.kind == "attention":  # in_proj_weight (3C, C): its inputs are the embedding channels
+                axis[(f"{name}.in_proj_weight", 1)] = (i, "in")
+                continue
             axis[(f"{name}.weight", 0)] = (i, "out")
             if not spec.one_axis:
                 axis[(f"{name}.weight", 1)] = (i, "in")  # conv (out, in, kh, kw), linear (out, in)
@@ -160,7 +166,9 @@ class LatencyModel:
                 dead[layer][0 if side == "in" else 1] += int(gone[channel].sum())
         out = []
         for (name, spec, _), (d_in, d_out) in zip(self.layers, dead):
-            if spec.one_axis:  # depthwise (C*mult, 1, kh, kw): C follows the outputs
+            if spec.kind == "attention":
+                out.append((spec.in_channels - d_in, spec.in_channels - d_in))
+            elif spec.one_axis:  # depthwise (C*mult, 1, kh, kw): C follows the outputs
                 c = spec.in_channels - d_out // (spec.out_channels // spec.in_channels)
                 out.append((c, c))
             else:

@@ -8,9 +8,12 @@ answers any width by bilinear interpolation between grid points (`lookup` for nu
 the device/dtype/batch they were measured with, and load back identically.
 
 Supported layers: `linear` and `conv2d` with groups=1, depthwise `conv2d` (groups ==
-in_channels, out_channels a multiple of it), and the norms `batchnorm2d` (eval mode, [batch, C,
-H, W]) and `layernorm` (over the last dim, [batch, tokens, C]). Depthwise convs and norms have
-one-dimensional tables: pruning changes their input and output channels together.
+in_channels, out_channels a multiple of it), the norms `batchnorm2d` (eval mode, [batch, C,
+H, W]) and `layernorm` (over the last dim, [batch, tokens, C]), and `attention`: a whole
+self-attention (nn.MultiheadAttention with batch_first, on [batch, tokens, C]: the qkv
+projection, the attention products and the output projection; `heads` heads of C // heads
+channels). Depthwise convs, norms and attention have one-dimensional tables: pruning changes
+their input and output channels together.
 
 >>> spec = LayerSpec(kind="conv2d", in_channels=8, out_channels=8, kernel=3, padding=1, height=8, width=8)
 >>> table = build_conv_lut(spec, [4, 8], LatencyConfig(warmup=1, repeats=3))
@@ -33,7 +36,7 @@ from .latency import LatencyConfig, compare_latency, measure_latency
 
 _FORMAT = "prunekit-latency-table"
 NORM_KINDS = ("batchnorm2d", "layernorm")
-KINDS = ("conv2d", "linear") + NORM_KINDS
+KINDS = ("conv2d", "linear", "attention") + NORM_KINDS
 
 
 def _pair_ok(value: Any, minimum: int) -> bool:
@@ -64,10 +67,11 @@ class LayerSpec(Config):
     height: int = 1
     width: int = 1
     bias: bool = True
+    heads: int = 1  # attention only
 
     def validate(self) -> None:
         check_choice("kind", self.kind, KINDS)
-        for name in ("in_channels", "out_channels", "groups", "height", "width"):
+        for name in ("in_channels", "out_channels", "groups", "height", "width", "heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid; use an integer >= 1")
@@ -81,8 +85,12 @@ class LayerSpec(Config):
                               "depthwise convs (groups == in_channels, out_channels a multiple of it)")
         if self.kind != "conv2d" and self.groups != 1:
             raise ConfigError(f"a {self.kind} layer has no groups; use groups=1")
-        if self.kind in NORM_KINDS and self.in_channels != self.out_channels:
+        if self.kind in NORM_KINDS + ("attention",) and self.in_channels != self.out_channels:
             raise ConfigError(f"a {self.kind} keeps its channels; give in_channels == out_channels")
+        if self.kind != "attention" and self.heads != 1:
+            raise ConfigError(f"a {self.kind} layer has no heads; use heads=1")
+        if self.kind == "attention" and self.in_channels % self.heads:
+            raise ConfigError(f"{self.in_channels} channels do not split into {self.heads} heads")
 
     @property
     def depthwise(self) -> bool:
@@ -92,7 +100,7 @@ class LayerSpec(Config):
     @property
     def one_axis(self) -> bool:
         """True when the table has one axis: input and output channels are pruned together."""
-        return self.depthwise or self.kind in NORM_KINDS
+        return self.depthwise or self.kind in NORM_KINDS + ("attention",)
 
     @classmethod
     def from_module(cls, module: nn.Module, input_hw: Sequence[int] = (1, 1)) -> "LayerSpec":
@@ -115,8 +123,14 @@ class LayerSpec(Config):
             c = int(module.normalized_shape[0])
             return cls(kind="layernorm", in_channels=c, out_channels=c, height=h, width=w,
                        bias=module.elementwise_affine)
+        if isinstance(module, nn.MultiheadAttention):
+            if not (module.batch_first and module._qkv_same_embed_dim):
+                raise ConfigError("only batch_first nn.MultiheadAttention with one embedding size for q, k and v "
+                                  "is tabled")
+            return cls(kind="attention", in_channels=module.embed_dim, out_channels=module.embed_dim,
+                       heads=module.num_heads, height=h, width=w, bias=module.in_proj_bias is not None)
         raise ConfigError(f"{type(module).__name__} is not supported; give an nn.Conv2d, nn.Linear, "
-                          "nn.BatchNorm2d or a one-dimensional nn.LayerNorm")
+                          "nn.BatchNorm2d, a one-dimensional nn.LayerNorm or a batch_first nn.MultiheadAttention")
 
     def make_layer(self, in_c: int, out_c: int) -> nn.Module:
         """The layer with `in_c` inputs and `out_c` outputs (depthwise: groups follow in_c)."""
@@ -126,6 +140,9 @@ class LayerSpec(Config):
             return nn.BatchNorm2d(in_c, affine=self.bias).eval()
         if self.kind == "layernorm":
             return nn.LayerNorm(in_c, elementwise_affine=self.bias)
+        if self.kind == "attention":  # heads of the original size where they divide in_c, else one
+            head_dim = self.in_channels // self.heads
+            return _SelfAttention(in_c, in_c // head_dim if in_c % head_dim == 0 else 1, self.bias)
         groups = in_c if self.depthwise else 1
         return nn.Conv2d(in_c, out_c, _tup(self.kernel), stride=_tup(self.stride), padding=_tup(self.padding),
                          dilation=_tup(self.dilation), groups=groups, bias=self.bias)
@@ -136,6 +153,17 @@ class LayerSpec(Config):
             return (in_c, self.height, self.width)
         tokens = self.height * self.width
         return (tokens, in_c) if tokens > 1 else (in_c,)
+
+
+class _SelfAttention(nn.Module):
+    """nn.MultiheadAttention called on one input, as a model calls it (for timing)."""
+
+    def __init__(self, channels: int, heads: int, bias: bool):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(channels, heads, bias=bias, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
 
 
 def _tup(v: Any) -> tuple[int, int]:
