@@ -119,6 +119,25 @@ def test_a_record_from_another_spec_is_refused(dense_path, tmp_path):
         run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
 
 
+def test_a_record_made_before_a_config_field_existed_is_kept_with_a_note(dense_path, tmp_path):
+    """A field added to a method's config later (at its default) does not orphan finished arms;
+    a changed recorded value still does."""
+    raw = _raw(dense_path, seeds=[0])
+    raw["arms"] = {"l2": raw["arms"]["l2"]}
+    run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
+    path = next((tmp_path / "c" / "arms").rglob("seed0.json"))
+    rec = json.loads(path.read_text())
+    del rec["spec"]["arm"]["config"]["round_slack"]  # as written before round_slack existed
+    rec["spec_hash"] = "0" * 16
+    path.write_text(json.dumps(rec))
+    again = run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
+    assert again.ran == [] and any("round_slack" in n and "recorded before" in n for n in again.notes)
+    rec["spec"]["arm"]["config"]["max_ratio"] = 0.5  # a recorded value that differs
+    path.write_text(json.dumps(rec))
+    with pytest.raises(CheckpointError, match="different arm spec"):
+        run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
+
+
 def test_torch_pruning_arm_reaches_the_macs_target(dense_path, tmp_path):
     pytest.importorskip("torch_pruning")
     raw = _raw(dense_path, seeds=[0])

@@ -127,9 +127,29 @@ def _arm_record(recipe: CompareRecipe, arm: str, seed: int, dense_sha: str, out_
         return path, h, None
     rec = _read_json_mapping(path, "record")
     if rec.get("spec_hash") != h:
-        raise CheckpointError(f"{path} was made from a different arm spec or dense model; remove it (or the "
-                              f"folder {out_dir}) to rerun it, or give compare another --out")
+        added = _fields_added_since(rec.get("spec"), json.loads(json.dumps(recipe.spec_of(arm), default=str)))
+        if added is None or rec.get("dense_sha256") != dense_sha:
+            raise CheckpointError(f"{path} was made from a different arm spec or dense model; remove it (or the "
+                                  f"folder {out_dir}) to rerun it, or give compare another --out")
+        rec["fields_added_since"] = added  # kept: every setting it recorded is unchanged
     return path, h, rec
+
+
+def _fields_added_since(old: Any, new: Any, prefix: str = "") -> list[str] | None:
+    """Keys of `new` that the recorded spec `old` lacks, when every key `old` has holds the same
+    value in `new` (a config field added to prunekit after the record was made); None when a
+    recorded value differs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        added = [prefix + k for k in new if k not in old]
+        for k, v in old.items():
+            if k not in new:
+                return None
+            sub = _fields_added_since(v, new[k], f"{prefix}{k}.")
+            if sub is None:
+                return None
+            added += sub
+        return added
+    return [] if old == new else None
 
 
 def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = None,
@@ -172,6 +192,10 @@ def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = 
         runnable = only is None or name in only
         for seed in recipe.seeds:
             path, h, rec = _arm_record(recipe, name, seed, dense_info["sha256"], out)
+            if rec is not None and rec.get("fields_added_since"):
+                result.notes.append(f"arm {name}, seed {seed}: recorded before the config field(s) "
+                                    f"{', '.join(rec['fields_added_since'])} existed (every recorded setting is "
+                                    "unchanged; the new fields' defaults may not describe that run)")
             if rec is None and runnable:
                 echo(f"arm {name}, seed {seed}: running")
                 load = os.getloadavg()
