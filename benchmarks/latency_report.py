@@ -89,7 +89,7 @@ def markdown(data: dict) -> str:
         "recipe (`num_heads` of every attention, class token and position embedding unwrapped, `hidden_dim` "
         "updated). **prunekit default**: `prune_(model, MagnitudeConfig(macs_fraction=f), x)` with f = the "
         "MACs fraction Torch-Pruning reached (prunekit's count), everything else default (probe on); "
-        "rows marked (x8) or (x16) ran with the rounded default of their commit (`round_to=16` today), rows marked (unrounded) before it, when the "
+        "rows marked (x8) or (x16) ran with the rounded default of their commit (the default is now `round_to=16`; the multiple each row used after any fallback is in the JSON), rows marked (unrounded) before it, when the "
         "default was `round_to=None`. **auto**: the same with `round_to=\"auto\"`. **latency**: `MagnitudeConfig("
         "latency_fraction=t, round_to=\"auto\", latency={batch_size: b, repeats: 5})` with t = the latency "
         "fraction Torch-Pruning reached at that batch (a short interleaved measurement first): equal latency, "

@@ -119,7 +119,8 @@ def prune_arms(name: str, args) -> tuple[dict[str, nn.Module], dict[str, Any], t
     for arm, cfg in arms.items():
         models[arm], secs, res = _timed(lambda m: prune_(m, cfg, x), template)
         info["arms"][arm] = {"prune_seconds": secs, "round_to": res.metrics.get("round_to", {}).get("multiple")}
-    info["arms"]["pk_default"] = {"notes": pk_res.metrics.get("notes", [])}
+    info["arms"]["pk_default"] = {"notes": pk_res.metrics.get("notes", []),
+                                  "multiple": pk_res.metrics.get("rounding", {}).get("multiple")}
     return models, info, x
 
 

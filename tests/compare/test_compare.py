@@ -136,6 +136,11 @@ def test_a_record_made_before_a_config_field_existed_is_kept_with_a_note(dense_p
     path.write_text(json.dumps(rec))
     with pytest.raises(CheckpointError, match="different arm spec"):
         run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
+    rec["spec"]["arm"]["config"]["max_ratio"] = 0.9
+    raw["arms"]["l2"]["method"]["latency"] = {"batch_size": 16}  # a key inside the user's own mapping
+    path.write_text(json.dumps(rec))
+    with pytest.raises(CheckpointError, match="different arm spec"):
+        run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
 
 
 def test_torch_pruning_arm_reaches_the_macs_target(dense_path, tmp_path):

@@ -99,7 +99,7 @@ def test_iterative_channel_ratio_matches_one_step(steps):
 
 def test_round_to_keeps_multiples():
     model = _resnet()
-    result = prune_(model, MagnitudeConfig(channel_ratio=0.4, round_to=8, probe=False), X)
+    result = prune_(model, MagnitudeConfig(channel_ratio=0.4, round_to=8, round_slack=None, probe=False), X)
     for name, keep in result.plan.groups.items():
         assert len(keep) % 8 == 0, (name, len(keep))
     widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -211,3 +211,45 @@ def test_rounding_gives_back_the_slack_of_its_last_pick():
     assert all(m.out_channels % 8 == 0 for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels != 10)
     default = prune_(_resnet(), MagnitudeConfig(macs_fraction=0.5, probe=False), X)  # 16, within round_slack
     assert 0.48 <= default.macs_fraction <= 0.5 and default.metrics["rounding"]["multiple"] == 16
+
+
+def _aligned_to(model, multiple):
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels != 10]
+    return all(w % multiple == 0 for w in widths), widths
+
+
+def test_a_low_target_the_default_multiple_cannot_reach_falls_back_to_a_smaller_one():
+    """resnet20 at 10% of the MACs: no width may go under one multiple of 16 (8 for 16-wide
+    groups), so the default halves the multiple instead of refusing a target round_to=None meets."""
+    model = _resnet()
+    r = prune_(model, MagnitudeConfig(macs_fraction=0.1, probe=False), X)
+    used = r.metrics["rounding"]["multiple"]
+    assert r.macs_fraction <= 0.1 and used < 16 and _aligned_to(model, used)[0]
+    assert "cannot be met" in " ".join(r.metrics["notes"])
+    with pytest.raises(ConfigError, match="smallest multiple"):  # an explicit multiple and no fallback left
+        from prunekit.importance.rounding import round_to_target
+        g = build_graph(_resnet(), X)
+        scores = {grp.name: torch.rand(grp.size) for grp in g.prunable_groups()}
+        round_to_target(g, scores, {}, 16, lambda rem: 10**6 - sum(len(v) for v in rem.values()), target=0)
+
+
+def test_channel_ratio_with_the_default_rounding_removes_about_the_share_asked():
+    for ratio, scope, steps in ((0.1, "local", 1), (0.25, "local", 1), (0.5, "global", 1), (0.5, "global", 3)):
+        model, plain = _resnet(), _resnet()
+        r = prune_(model, MagnitudeConfig(channel_ratio=ratio, scope=scope, steps=steps, probe=False), X)
+        u = prune_(plain, MagnitudeConfig(channel_ratio=ratio, scope=scope, probe=False, round_to=None), X)
+        assert _aligned_to(model, r.metrics["rounding"]["multiple"])[0]
+        # one step: within round_slack of the unrounded share (in channels); 3 global steps re-rank
+        # channels between steps, so only the MACs are compared
+        if steps == 1:
+            groups = lambda m: sum(g.size for g in build_graph(m, X).prunable_groups())
+            assert abs(groups(model) - groups(plain)) <= 0.02 * groups(_resnet()) + 1, (ratio, scope)
+        assert abs(r.macs_fraction - u.macs_fraction) < 0.1, (ratio, scope, steps, r.macs_fraction, u.macs_fraction)
+
+
+def test_a_group_held_at_its_cap_keeps_an_aligned_width():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 40, 3), nn.ReLU(), nn.Conv2d(40, 48, 3), nn.ReLU(), nn.Conv2d(48, 10, 1))
+    r = prune_(model, MagnitudeConfig(macs_fraction=0.6, max_ratio=0.3, probe=False), torch.randn(1, 3, 12, 12))
+    used = r.metrics["rounding"]["multiple"]
+    assert r.macs_fraction <= 0.6 and model[0].out_channels % used == 0 and model[2].out_channels % used == 0

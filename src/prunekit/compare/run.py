@@ -128,7 +128,12 @@ def _arm_record(recipe: CompareRecipe, arm: str, seed: int, dense_sha: str, out_
     rec = _read_json_mapping(path, "record")
     if rec.get("spec_hash") != h:
         added = _fields_added_since(rec.get("spec"), json.loads(json.dumps(recipe.spec_of(arm), default=str)))
-        if added is None or rec.get("dense_sha256") != dense_sha:
+        # only a field of the arm or of its method config can be new; a key inside a mapping the
+        # user writes (latency settings, model kwargs) is a changed setting
+        fields = added is not None and all(
+            k.split(".")[0] == "arm" and (k.count(".") == 1 or (k.count(".") == 2 and k.startswith("arm.config.")))
+            for k in added)
+        if not fields or rec.get("dense_sha256") != dense_sha:
             raise CheckpointError(f"{path} was made from a different arm spec or dense model; remove it (or the "
                                   f"folder {out_dir}) to rerun it, or give compare another --out")
         rec["fields_added_since"] = added  # kept: every setting it recorded is unchanged

@@ -76,24 +76,32 @@ def group_multiples(graph: Graph, round_to: int | Mapping[str, int] | None) -> d
     return {g.name: group_multiple(g.size, round_to) if round_to else 1 for g in graph.groups}
 
 
-def _round_kept(group: Group, n_remove: int, step: int, cap: int) -> int:
+def rounded_count(size: int, kept: int, step: int, cap: int, nearest: bool = False) -> int:
+    """Channels removed when `kept` of `size` is rounded to a multiple of `step`: up (removing at
+    most what was asked) or to the nearest multiple (at least one), and never beyond `cap`
+    removed: a group held at its cap keeps the next multiple above (or all its channels)."""
     if step <= 1:
-        return n_remove
-    kept = group.size - n_remove
-    kept = min(group.size, int(math.ceil(kept / step)) * step)
-    return max(0, min(cap, group.size - kept))
+        return max(0, min(cap, size - kept))
+    kept = max(step, math.floor(kept / step + 0.5) * step) if nearest else math.ceil(kept / step) * step
+    kept = max(min(size, kept), min(size, math.ceil((size - cap) / step) * step))
+    return max(0, size - kept)
+
+
+def _round_kept(group: Group, n_remove: int, step: int, cap: int, nearest: bool = False) -> int:
+    return rounded_count(group.size, group.size - n_remove, step, cap, nearest)
 
 
 def select_removal(graph: Graph, scores: Mapping[str, torch.Tensor], ratio: float | Mapping[str, float],
                    scope: str = "local", max_ratio: float = 0.9, round_to: int | Mapping[str, int] | None = None,
-                   normalizer: str = "mean") -> dict[str, list[int]]:
+                   normalizer: str = "mean", nearest: bool = False) -> dict[str, list[int]]:
     """Channels to remove per group, lowest scores first. `scores` covers the groups to prune;
-    `ratio` may be one per group in local scope."""
+    `ratio` may be one per group in local scope; kept counts are rounded up to `round_to`, or to
+    the nearest multiple with `nearest`."""
     if isinstance(ratio, Mapping) and scope != "local":
         raise ConfigError("a ratio per group needs scope='local'")
     for r in ratio.values() if isinstance(ratio, Mapping) else [ratio]:
         check_range("ratio", r, 0.0, 1.0, hi_open=True)
-    return RemovalSelector(graph, scores, scope, max_ratio, round_to, normalizer).at(ratio)
+    return RemovalSelector(graph, scores, scope, max_ratio, round_to, normalizer, nearest).at(ratio)
 
 
 class RemovalSelector:
@@ -107,7 +115,8 @@ class RemovalSelector:
     """
 
     def __init__(self, graph: Graph, scores: Mapping[str, torch.Tensor], scope: str = "local",
-                 max_ratio: float = 0.9, round_to: int | Mapping[str, int] | None = None, normalizer: str = "mean"):
+                 max_ratio: float = 0.9, round_to: int | Mapping[str, int] | None = None, normalizer: str = "mean",
+                 nearest: bool = False):
         check_range("max_ratio", max_ratio, 0.0, 1.0)
         check_choice("scope", scope, ("local", "global"))
         check_choice("normalizer", normalizer, NORMALIZERS)
@@ -116,7 +125,7 @@ class RemovalSelector:
             if s.shape != (self.groups[name].size,):
                 raise ConfigError(f"scores for group {name!r} have shape {tuple(s.shape)}, expected ({self.groups[name].size},)")
         self.scope, self.max_ratio = scope, max_ratio
-        self.multiples = group_multiples(graph, round_to)
+        self.multiples, self.nearest = group_multiples(graph, round_to), nearest
         keep = {n: must_keep(g, scores[n]) for n, g in self.groups.items()}
         self.caps = {n: _cap(g, max_ratio, keep[n]) for n, g in self.groups.items()}
         self.order = {}
@@ -160,7 +169,7 @@ class RemovalSelector:
         removal = {}
         for name, n in self.counts(ratio).items():
             g = self.groups[name]
-            n = _round_kept(g, n, self.multiples[name], self.caps[name])
+            n = _round_kept(g, n, self.multiples[name], self.caps[name], self.nearest)
             if n > 0:
                 removal[name] = sorted(self.order[name][:n].tolist())
         return removal

@@ -49,7 +49,7 @@ from ..graph import Graph
 from ..importance.criteria import REDUCTIONS, Criterion, ScoreContext, resolve_criterion
 from ..importance.latency_target import latency_removal
 from ..importance.rounding import round_to_target
-from ..importance.select import NORMALIZERS, RemovalSelector, group_multiples, select_removal
+from ..importance.select import NORMALIZERS, RemovalSelector, group_multiple, select_removal
 from ..surgery.copying import adopt_, share_copy
 from ..surgery.plan import Plan, make_plan
 from ..surgery.prepared import PreparedPruning, prepare_pruning, register_prepared_handler
@@ -69,8 +69,8 @@ class MagnitudeConfig(Config):
     macs_fraction: float | None = None
     max_ratio: float = 0.9
     round_to: int | str | None = 16  # a multiple, "auto" (measured: cost/alignment.py) or None (no alignment)
-    round_slack: float | None = 0.02  # rounding landing further below a params/MACs target than this share
-    # of the model halves the multiple (8 -> 4 -> 2 -> 1) until it lands within; None: never halve
+    round_slack: float | None = 0.02  # rounding landing further short of the target than this share of
+    # the model (MACs, params or channels) halves the multiple (16 -> 8 -> 4 -> 2); None: keep it
     steps: int = 1
     ignore: list[str] = dataclasses.field(default_factory=list)
     seed: int = 0
@@ -176,31 +176,12 @@ def _skipped_note(skipped: list[str]) -> dict[str, Any]:
 
 
 def _search_ratio(graph: Graph, scores, cfg: MagnitudeConfig, which: str, target: float,
-                  estimator: CostEstimator, multiples: dict[str, int] | None = None,
-                  record: dict[str, Any] | None = None) -> dict[str, list[int]]:
-    """Smallest ratio whose estimated cost ({which}) is <= target (absolute count).
+                  estimator: CostEstimator) -> dict[str, list[int]]:
+    """Smallest unrounded ratio whose estimated cost ({which}) is <= target (absolute count).
 
     The estimate table (`estimator`) and the ranking of channels (`RemovalSelector`) are built
-    once for all bisection steps. With round_to, the ratio is searched unrounded and the widths
-    are then rounded jointly with the target (importance/rounding.py), so rounding never
-    overshoots it; where it lands more than `round_slack` of the model below the target, the
-    multiples are halved and the rounding repeated (what was used goes into `record`).
-    `multiples`: {group: multiple} (`group_multiples`), None for no rounding."""
+    once for all bisection steps."""
     pick = 0 if which == "params" else 1
-    if multiples and max(multiples.values()) > 1:
-        start = _search_ratio(graph, scores, cfg, which, target, estimator)
-        exact = lambda removal: estimator(removal)[pick]
-        full, tried = exact({}), []
-        while True:
-            res = round_to_target(graph, scores, start, multiples, exact, target, cfg.max_ratio, cfg.normalizer,
-                                  nearest=cfg.scope == "local")  # local: keep the same share per group
-            tried.append({"multiple": max(multiples.values()), "fraction_of_target": res.cost / max(target, 1)})
-            if cfg.round_slack is None or target - res.cost <= cfg.round_slack * full or max(multiples.values()) <= 2:
-                break
-            multiples = {n: max(1, m // 2) for n, m in multiples.items()}
-        if record is not None:
-            record.update(multiple=tried[-1]["multiple"], tried=tried, target=which)
-        return res.removal
     removal_at = RemovalSelector(graph, scores, cfg.scope, cfg.max_ratio, None, cfg.normalizer).at
     cost = lambda r: estimator(removal_at(r))[pick]
     hi = cfg.max_ratio if cfg.max_ratio < 1 else 0.999
@@ -216,22 +197,83 @@ def _search_ratio(graph: Graph, scores, cfg: MagnitudeConfig, which: str, target
     return removal_at(hi)
 
 
+Attempt = Callable[[dict[str, int] | None], tuple[dict[str, list[int]], float]]
+
+
+def _aligned(cfg: MagnitudeConfig, first_widths: dict[str, int], attempt: Attempt, record: dict[str, Any],
+             target: str) -> dict[str, list[int]]:
+    """`attempt(multiples)` -> (removal, shortfall: how far it lands short of the target, as a share
+    of the model), with cfg.round_to at the first step's widths; where the rounded removal cannot
+    meet the target or falls short by more than `round_slack`, the multiple is halved (16, 8, 4,
+    2), and the unrounded removal is the last resort. What was used goes into `record`."""
+    if not cfg.round_to or cfg.round_to <= 1:
+        return attempt(None)[0]
+    # an earlier step's halved multiple carries forward, so that every step's widths stay aligned to it
+    m, tried, removal, used = min(cfg.round_to, record.get("multiple") or cfg.round_to), [], None, 1
+    while m >= 2:
+        try:
+            rounded, short = attempt({n: group_multiple(w, m) for n, w in first_widths.items()})
+        except ConfigError as err:  # the rounded widths cannot reach the target
+            tried.append({"multiple": m, "error": str(err)[:200]})
+        else:
+            tried.append({"multiple": m, "shortfall": short})
+            removal, used = rounded, m
+            if cfg.round_slack is None or short <= cfg.round_slack:
+                break
+        m //= 2
+    if removal is None:
+        removal, used = attempt(None)[0], 1
+    record.update(round_to=cfg.round_to, multiple=used, tried=record.get("tried", []) + tried, target=target)
+    return removal
+
+
 def _step_removal(graph: Graph, scores, cfg: MagnitudeConfig, step: int, before: Cost,
-                  estimator: CostEstimator, multiples: dict[str, int] | None,
-                  first_widths: dict[str, int], record: dict[str, Any]) -> dict[str, list[int]]:
+                  estimator: CostEstimator, first_widths: dict[str, int], record: dict[str, Any]) -> dict[str, list[int]]:
     frac = step / cfg.steps
+    nearest = cfg.scope == "local"  # local: the same share of every group, only the margin moves
     if cfg.channel_ratio is not None:
         if cfg.scope == "local":  # each group's share still due, from its first width (rounding may have held it back)
             ratio = {g.name: max(0.0, 1 - first_widths.get(g.name, g.size) * (1 - cfg.channel_ratio * frac) / g.size)
                      for g in graph.groups}
-        else:
-            done = cfg.channel_ratio * (step - 1) / cfg.steps
-            ratio = (cfg.channel_ratio * frac - done) / (1 - done)
-        return select_removal(graph, scores, ratio, cfg.scope, cfg.max_ratio, multiples, cfg.normalizer)
+        else:  # the global share still due, from the channels actually left
+            left = sum(graph.group(n).size for n in scores) / max(1, sum(first_widths.get(n, 0) for n in scores))
+            ratio = max(0.0, min(0.999, 1 - (1 - cfg.channel_ratio * frac) / max(left, 1e-9)))
+        total = sum(graph.group(n).size for n in scores)
+        due = sum(len(v) for v in select_removal(graph, scores, ratio, cfg.scope, cfg.max_ratio, None,
+                                                 cfg.normalizer).values())
+
+        def by_ratio(multiples):
+            removal = select_removal(graph, scores, ratio, cfg.scope, cfg.max_ratio, multiples, cfg.normalizer,
+                                     nearest=nearest)
+            return removal, (due - sum(len(v) for v in removal.values())) / max(total, 1)
+        return _aligned(cfg, first_widths, by_ratio, record, "channels")
     which = "params" if cfg.params_fraction is not None else "macs"
     final = cfg.params_fraction if which == "params" else cfg.macs_fraction
     goal = (1 - (1 - final) * frac) * (before.params if which == "params" else before.macs)
-    return _search_ratio(graph, scores, cfg, which, goal, estimator, multiples, record)
+    pick = 0 if which == "params" else 1
+    start = _search_ratio(graph, scores, cfg, which, goal, estimator)
+    exact = lambda removal: estimator(removal)[pick]
+    full = exact({})
+
+    def by_cost(multiples):
+        if multiples is None:
+            return start, (goal - exact(start)) / max(full, 1)
+        res = round_to_target(graph, scores, start, multiples, exact, goal, cfg.max_ratio, cfg.normalizer,
+                              nearest=nearest)
+        return res.removal, (goal - res.cost) / max(full, 1)
+    return _aligned(cfg, first_widths, by_cost, record, which)
+
+
+def _rounding_note(r: dict[str, Any], slack: float | None) -> str:
+    used = r["multiple"]
+    first = next((t for t in reversed(r["tried"]) if t["multiple"] > used), r["tried"][0])  # the last one refused
+    what = {"macs": "MACs", "params": "params", "channels": "channels removed"}[r["target"]]
+    why = (f"rounded to multiples of {first['multiple']} the target cannot be met" if "error" in first else
+           f"multiples of {first['multiple']} would land {first['shortfall']:.3f} of the model's {what} short "
+           f"of the target (round_slack={slack})")
+    now = f"multiples of at most {used}" if used > 1 else "unrounded widths"
+    return f"widths are {now}, not of {r['round_to']}: {why}" + (
+        f"; round_slack=null keeps {first['multiple']} where it can meet the target" if "error" not in first else "")
 
 
 def _check_runs(work: nn.Module, example_inputs: Any) -> None:
@@ -268,8 +310,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         metrics["round_to"] = pick_round_to(work, example_inputs, latency_config(cfg))
         cfg = dataclasses.replace(cfg, round_to=metrics["round_to"]["multiple"])
     skipped: list[str] = []
-    # multiples fixed at the first step's widths: a group already at its multiple is not halved again
-    multiples = group_multiples(graph, cfg.round_to) if cfg.round_to else None
+    # multiples are taken at the first step's widths: a group already at its multiple is not halved again
     first_widths = {g.name: g.size for g in graph.groups}
     for step in range(1, cfg.steps + 1):
         if step > 1:
@@ -282,7 +323,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
                 cfg.round_to, cfg.max_ratio, cfg.normalizer)
         else:
             try:
-                removal = _step_removal(graph, scores, cfg, step, before, estimator, multiples, first_widths,
+                removal = _step_removal(graph, scores, cfg, step, before, estimator, first_widths,
                                         metrics.setdefault("rounding", {}))
             except ConfigError as err:
                 raise ConfigError(f"{err}{_masked_hint(work)}") from None
@@ -306,12 +347,8 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         metrics["skipped_groups"] = sorted(set(skipped))
     if not metrics.get("rounding"):
         metrics.pop("rounding", None)
-    elif metrics["rounding"]["multiple"] < metrics["rounding"]["tried"][0]["multiple"]:
-        r, m0 = metrics["rounding"], metrics["rounding"]["tried"][0]["multiple"]
-        what = "MACs" if r["target"] == "macs" else "params"
-        notes.append(f"widths are multiples of {r['multiple']}, not {m0}: multiples of {m0} would keep "
-                     f"{r['tried'][0]['fraction_of_target']:.3f} of the {what} asked for, more than "
-                     f"round_slack={cfg.round_slack} of the model below it (round_slack=null keeps {m0})")
+    elif metrics["rounding"]["multiple"] < metrics["rounding"]["round_to"] and metrics["rounding"]["tried"]:
+        notes.append(_rounding_note(metrics["rounding"], cfg.round_slack))
     if metrics.get("latency", {}).get("note"):
         notes.append(metrics["latency"]["note"])
     if notes:
