@@ -93,3 +93,26 @@ def test_narrow_group_steps_by_half_its_width():
     kept = lambda rem: 16 - len(rem.get(name, []))
     res = round_to_target(graph, {name: torch.rand(16)}, {}, 16, kept, target=12)
     assert res.cost == 8  # 16 -> 8: a multiple of 16 would only allow 16
+
+
+def test_nearest_start_keeps_the_same_share_per_group_and_gives_back_to_the_target():
+    """Local scope: every 16-wide group starts at the nearest multiple of its unrounded kept count,
+    so uniform widths stay uniform; the give-back pass then lands just under the target."""
+    torch.manual_seed(0)
+    model, x = create_resnet_cifar(20), torch.randn(1, 3, 32, 32)
+    graph = build_graph(model, x)
+    scores = {g.name: torch.rand(g.size) for g in graph.prunable_groups()}
+    before = count_cost(model, x).macs
+    macs = lambda rem: estimate_cost(model, graph, rem)[1]
+    lo, hi = 0.0, 0.9  # the unrounded local removal at half the MACs
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if macs(select_removal(graph, scores, mid)) > 0.5 * before else (lo, mid)
+    start = select_removal(graph, scores, hi)
+    near = round_to_target(graph, scores, start, 8, macs, 0.5 * before, nearest=True)
+    up = round_to_target(graph, scores, start, 8, macs, 0.5 * before)
+    _kept_widths_aligned(graph, near.removal, 8)
+    assert near.cost <= 0.5 * before and up.cost <= 0.5 * before
+    assert near.cost / before > 0.47  # given back from a start far below (every 16 -> 8 at once)
+    stage1 = {g.size - len(near.removal.get(g.name, [])) for g in graph.prunable_groups() if g.size == 16}
+    assert len(stage1) <= 2  # the same share everywhere, a multiple or two given back at the margin
