@@ -272,8 +272,8 @@ def _rounding_note(r: dict[str, Any], slack: float | None) -> str:
            f"multiples of {first['multiple']} would land {first['shortfall']:.3f} of the model's {what} short "
            f"of the target (round_slack={slack})")
     now = f"multiples of at most {used}" if used > 1 else "unrounded widths"
-    return f"widths are {now}, not of {r['round_to']}: {why}" + (
-        f"; round_slack=null keeps {first['multiple']} where it can meet the target" if "error" not in first else "")
+    return (f"widths are {now}, not of {r['round_to']}: {why}"
+            + ("; round_slack=null keeps the largest multiple that meets the target" if slack is not None else ""))
 
 
 def _check_runs(work: nn.Module, example_inputs: Any) -> None:
