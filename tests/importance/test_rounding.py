@@ -18,13 +18,17 @@ def _kept_widths_aligned(graph, removal, multiple):
         assert kept == g.size or kept % multiple == 0, (g.name, g.size, kept)
 
 
-def test_resnet56_macs_half_round8_lands_within_tolerance():
+def _resnet_setup(depth):
+    """A CIFAR ResNet's graph, random scores, its MACs and an exact MACs estimate of a removal."""
     torch.manual_seed(0)
-    model, x = create_resnet_cifar(56), torch.randn(1, 3, 32, 32)
+    model, x = create_resnet_cifar(depth), torch.randn(1, 3, 32, 32)
     graph = build_graph(model, x)
     scores = {g.name: torch.rand(g.size) for g in graph.prunable_groups()}
-    before = count_cost(model, x).macs
-    macs = lambda rem: estimate_cost(model, graph, rem)[1]
+    return graph, scores, count_cost(model, x).macs, lambda rem: estimate_cost(model, graph, rem)[1]
+
+
+def test_resnet56_macs_half_round8_lands_within_tolerance():
+    graph, scores, before, macs = _resnet_setup(56)
     # the old behaviour: every width rounded up after a ratio search overshoots to ~0.25
     lo, hi = 0.0, 0.9
     for _ in range(20):
@@ -98,12 +102,7 @@ def test_narrow_group_steps_by_half_its_width():
 def test_nearest_start_keeps_the_same_share_per_group_and_gives_back_to_the_target():
     """Local scope: every 16-wide group starts at the nearest multiple of its unrounded kept count,
     so uniform widths stay uniform; the give-back pass then lands just under the target."""
-    torch.manual_seed(0)
-    model, x = create_resnet_cifar(20), torch.randn(1, 3, 32, 32)
-    graph = build_graph(model, x)
-    scores = {g.name: torch.rand(g.size) for g in graph.prunable_groups()}
-    before = count_cost(model, x).macs
-    macs = lambda rem: estimate_cost(model, graph, rem)[1]
+    graph, scores, before, macs = _resnet_setup(20)
     lo, hi = 0.0, 0.9  # the unrounded local removal at half the MACs
     for _ in range(20):
         mid = (lo + hi) / 2
