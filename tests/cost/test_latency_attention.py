@@ -69,3 +69,19 @@ def test_a_latency_target_prunes_through_the_attention():
                                       latency={"repeats": 5, "warmup": 1}), x)
     assert model(x).shape == (1, 3) and model.attn.embed_dim < 64
     assert model.attn.embed_dim % model.attn.num_heads == 0 and r.metrics["latency"]["attempts"]
+
+
+def test_cross_attention_is_left_in_the_rest():
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.kv = nn.Linear(8, 32), nn.Linear(8, 32)
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+
+        def forward(self, x):
+            kv = self.kv(x)
+            return self.attn(self.q(x), kv, kv, need_weights=False)[0].mean()
+
+    model, x = Cross().eval(), torch.randn(1, 6, 8)
+    est = LatencyModel(model, build_graph(model, x), x, CFG)
+    assert "attn" not in {name for name, _, _ in est.layers}

@@ -62,6 +62,8 @@ def _input_grids(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, 
             def hook(module, args, name=name):
                 if not args or not isinstance(args[0], torch.Tensor):
                     return  # called with keywords only: not tabled
+                if isinstance(module, nn.MultiheadAttention) and not (len(args) >= 3 and args[0] is args[1] is args[2]):
+                    return  # cross-attention: the table times self-attention only
                 shape = args[0].shape
                 if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
                     grids[name] = (int(shape[-2]), int(shape[-1]))
