@@ -239,10 +239,12 @@ def _step_removal(graph: Graph, scores, cfg: MagnitudeConfig, step: int, before:
             left = sum(graph.group(n).size for n in scores) / max(1, sum(first_widths.get(n, 0) for n in scores))
             ratio = max(0.0, min(0.999, 1 - (1 - cfg.channel_ratio * frac) / max(left, 1e-9)))
         total = sum(graph.group(n).size for n in scores)
-        due = sum(len(v) for v in select_removal(graph, scores, ratio, cfg.scope, cfg.max_ratio, None,
-                                                 cfg.normalizer).values())
+        unrounded = select_removal(graph, scores, ratio, cfg.scope, cfg.max_ratio, None, cfg.normalizer)
+        due = sum(len(v) for v in unrounded.values())
 
         def by_ratio(multiples):
+            if multiples is None:
+                return unrounded, 0.0
             removal = select_removal(graph, scores, ratio, cfg.scope, cfg.max_ratio, multiples, cfg.normalizer,
                                      nearest=nearest)
             return removal, (due - sum(len(v) for v in removal.values())) / max(total, 1)
