@@ -162,3 +162,41 @@ def test_convs_and_linears_with_computed_weights_are_counted():
     graph = build_graph(model, torch.randn(2, 3, 8, 8))
     assert not graph.prunable_groups()
     assert count_cost(model, torch.randn(2, 3, 8, 8)).macs == 8 * 36 * 27 + 288 * 4
+
+
+@pytest.mark.parametrize("name", sorted(TOY_MODELS))
+def test_estimate_by_counts_equals_the_position_by_position_reading(name):
+    """Where the estimator reads removals from their counts alone, it gives what marking every
+    dead position gives, on many random removals (and on the graphs where it cannot, it reads
+    positions: concat, attention products)."""
+    from prunekit.cost.macs import CostEstimator
+    build, make_input = TOY_MODELS[name]
+    model, x = build().eval(), make_input()
+    graph = build_graph(model, x)
+    est = CostEstimator(model, graph)
+    plan = est._count_plan()
+    gen = torch.Generator().manual_seed(1)
+    for fraction in (0.1, 0.3, 0.5, 0.8):
+        removal = random_removal(graph, fraction, gen)
+        dead = est._dead(removal)
+        scale = est._param_scale(dead)
+        by_position = (int(torch.tensor(est._numel * scale[: len(est._numel)]).round().sum()),
+                       int(est._node_array(removal, dead, scale).sum()))
+        assert est(removal) == by_position
+        assert est({k: list(reversed(v)) for k, v in removal.items()}) == by_position  # order does not matter
+    if name in ("concat", "transformer_mha", "attention_heads", "linear_attention"):
+        assert plan is None  # a member across groups, or attention products counted by position
+    elif name in ("residual_projection", "convnext", "mobilenet", "norms"):
+        assert plan is not None
+
+
+def test_estimate_cost_and_cost_after_ignore_repeated_indices():
+    from prunekit.cost.macs import cost_after
+    from prunekit.surgery.shrink import remove_channels_
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
+    x = torch.randn(1, 3, 6, 6)
+    graph = build_graph(model, x)
+    assert estimate_cost(model, graph, {"0": [1, 1, 5, 5, 5]}) == estimate_cost(model, graph, {"0": [1, 5]})
+    remove_channels_(model, graph, {"0": [1, 1, 5]})
+    after = cost_after(model, graph, {"0": [5, 1, 1]})
+    assert (after.params, after.macs) == (count_cost(model, x).params, count_cost(model, x).macs)

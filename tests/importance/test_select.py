@@ -56,3 +56,4 @@ def test_selector_matches_the_walk_at_every_ratio(scope, normalizer, round_to):
     for ratio in (0.0, 0.1, 0.37, 0.5, 0.8, 0.99):
         expected = _walk(graph, scores, ratio, scope, 0.6, round_to, normalizer)
         assert selector.at(ratio) == expected == select_removal(graph, scores, ratio, scope, 0.6, round_to, normalizer)
+        assert {n: sorted(v.tolist()) for n, v in selector.indices_at(ratio).items()} == expected

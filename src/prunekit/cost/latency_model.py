@@ -157,13 +157,11 @@ class LatencyModel:
         """(in, out) kept widths of every tabled layer after `removal` (one-axis: out twice)."""
         dead = [[0, 0] for _ in self.layers]
         for gname, idx in removal.items():
-            if not idx:
-                continue
-            if gname not in self._dims:
+            if len(idx) == 0 or gname not in self._dims:
                 continue
             size, hits = self._dims[gname]
             gone = np.zeros(size, dtype=bool)
-            gone[list(idx)] = True
+            gone[np.asarray(idx, dtype=np.int64)] = True
             for layer, side, channel in hits:
                 dead[layer][0 if side == "in" else 1] += int(gone[channel].sum())
         out = []

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 import math
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -64,16 +64,21 @@ def _cost(model: nn.Module, graph: Graph, node_macs: list[int]) -> Cost:
     for node, macs in zip(graph.nodes, node_macs):
         owner = node.params[0].rsplit(".", 1)[0] if node.params else node.module
         per[owner]["macs"] += macs
+    total, seen = 0, set()  # count_params in the same walk: unique parameters less fixed zeros
     for name, mod in model.named_modules():
+        own = [p for p in mod._parameters.values() if p is not None]
+        zeros = _fixed_zeros(mod)
+        total += sum(p.numel() for p in own if id(p) not in seen) - zeros
+        seen.update(id(p) for p in own)
         if name in per:
-            per[name]["params"] = sum(p.numel() for p in mod.parameters(recurse=False)) - _fixed_zeros(mod)
+            per[name]["params"] = sum(p.numel() for p in own) - zeros
             w = getattr(mod, "weight", None)
             if w is None and isinstance(getattr(mod, "out_channels", None), int):
                 per[name]["out"] = mod.out_channels  # layers storing their weight in parts (SSCConv2d)
             elif w is not None and w.dim() >= 1:
                 transposed = isinstance(mod, nn.modules.conv._ConvTransposeNd)
                 per[name]["out"] = int(mod.out_channels if transposed else w.shape[0])
-    return Cost(count_params(model), sum(node_macs), dict(per))
+    return Cost(total, sum(node_macs), dict(per))
 
 
 def count_cost(model: nn.Module, example_inputs: Any) -> Cost:
@@ -86,9 +91,14 @@ class CostEstimator:
 
     Every member position and every id of a parameter-free product is mapped once to an index
     into the graph's channel classes; a removal then marks dead classes in a boolean array and
-    reads all positions with one numpy gather. `cost_after` and `estimate_cost` use it too, so
-    there is one way to count. Built from the model's parameter sizes: valid for any copy with
-    the same shapes.
+    reads all positions with one numpy gather. Where every member holds each channel of one
+    group equally often (a conv's filters, a flattened Linear's H*W columns per channel) and no
+    parameter-free product is counted, a member's dead positions are that multiple of the
+    channels removed from its group, and a removal is read from its counts alone (the greedy
+    rounding asks thousands of estimates). `cost_after` and `estimate_cost` use it too, so there
+    is one way to count. Built from the model's parameter sizes: valid for any copy with the
+    same shapes. Channel indices in a removal must be distinct within a group (selectors give
+    sorted distinct lists; `estimate_cost` and `cost_after` take any and drop repeats).
     """
 
     def __init__(self, model: nn.Module, graph: Graph):
@@ -115,6 +125,7 @@ class CostEstimator:
                 param_of_key.append(names[m.qualname])
             key_of.append(keys[(m.qualname, m.dim)])
         self._key_of, self._param_of_key = np.asarray(key_of, dtype=np.int64), np.asarray(param_of_key, dtype=np.int64)
+        self._scale_plan: tuple[np.ndarray, ...] | None = None
         batch = max(graph.batch, 1)
         # a node without weights reads the extra last scale entry, which stays 1
         self._node_param = np.array([names[n.params[0]] if n.params and not n.terms else len(names)
@@ -122,6 +133,44 @@ class CostEstimator:
         self._node_base = np.array([n.macs // batch for n in graph.nodes], dtype=np.int64)
         self._terms = {i: [(part, [self._index(ids.numpy().reshape(-1)) for ids in idss]) for part, idss in n.terms]
                        for i, n in enumerate(graph.nodes) if n.terms and not n.params}
+        self._by_count: tuple[dict[str, int], np.ndarray, np.ndarray] | None | bool = None  # see _count_plan
+
+    def _count_plan(self) -> tuple[dict[str, int], np.ndarray, np.ndarray] | None:
+        """({group: index}, group index of every live member (-1: none), its multiplicity) when
+        every live member holds each channel of one group the same number of times and no node
+        has terms; None otherwise (removals are then read position by position)."""
+        if self._by_count is not None:
+            return self._by_count or None
+        self._by_count = False
+        groups = self.graph.groups
+        if self._terms or len({g.name for g in groups}) != len(groups):
+            return None
+        n_roots = len(self._roots)
+        group_of = np.full(n_roots + 1, -1, dtype=np.int64)
+        for gi, g in enumerate(groups):
+            group_of[self._index(g.classes.numpy())] = gi
+        sizes = np.asarray(self._sizes, dtype=np.int64)
+        member = np.repeat(np.arange(sizes.size), sizes)
+        inside = self._pos < n_roots
+        pairs, count = np.unique(member[inside] * (n_roots + 1) + self._pos[inside], return_counts=True)
+        owner, cls = pairs // (n_roots + 1), pairs % (n_roots + 1)  # sorted by owner
+        n = sizes.size
+        lo_g, hi_g, lo_c, hi_c = (np.zeros(n, dtype=np.int64) for _ in range(4))
+        if owner.size:
+            first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+            at, grp = owner[first], group_of[cls]
+            lo_g[at], hi_g[at] = np.minimum.reduceat(grp, first), np.maximum.reduceat(grp, first)
+            lo_c[at], hi_c[at] = np.minimum.reduceat(count, first), np.maximum.reduceat(count, first)
+        distinct = np.bincount(owner, minlength=n)
+        has = distinct > 0
+        g_size = np.array([g.size for g in groups] + [0], dtype=np.int64)
+        uniform = ~has | ((lo_g == hi_g) & (lo_c == hi_c) & (distinct == g_size[np.where(has, hi_g, -1)]))
+        if not bool(uniform[self._live].all()):
+            return None
+        live = self._live
+        self._by_count = ({g.name: i for i, g in enumerate(groups)}, np.where(has[live], hi_g[live], -1),
+                          np.where(has[live], hi_c[live], 0))
+        return self._by_count
 
     def _index(self, ids: np.ndarray) -> np.ndarray:
         at = np.minimum(np.searchsorted(self._roots, ids), max(len(self._roots) - 1, 0))
@@ -138,43 +187,79 @@ class CostEstimator:
                 dead[at[np.asarray(idx, dtype=np.int64)]] = True
         return dead
 
-    def _param_scale(self, dead: np.ndarray) -> np.ndarray:
-        """Kept fraction of every parameter: product over its channel dims of the kept share."""
-        n_dead = np.asarray(_counts(dead[self._pos], self._sizes), dtype=np.float64)
-        sizes, live = np.asarray(self._sizes, dtype=np.float64), self._live
-        part = np.where(sizes[live] > 0, 1.0 - n_dead[live] / np.maximum(sizes[live], 1), 1.0)
+    def _param_scale(self, dead: np.ndarray | None, removal: Mapping[str, Sequence[int]] | None = None) -> np.ndarray:
+        """Kept fraction of every parameter: product over its channel dims of the kept share, from
+        the dead classes, or (dead=None, only with a count plan) from the removal's counts."""
+        if self._scale_plan is None:
+            self._scale_plan = self._plan_scale()
+        ends, sizes, by_key, key_starts, keys, by_param, param_starts, params = self._scale_plan
+        if dead is None:
+            index, group, mult = self._count_plan()
+            removed = np.zeros(len(index) + 1, dtype=np.int64)  # the last entry answers for "no group"
+            for name, idx in removal.items():
+                at = index.get(name)
+                removed[at if at is not None else index[self.graph.group(name).name]] = len(idx)
+            n_dead = mult * removed[group]
+        else:
+            running = np.concatenate([[0], np.cumsum(dead[self._pos], dtype=np.int64)])
+            n_dead = running[ends] - running[ends - sizes]
+        part = 1.0 - n_dead / np.maximum(sizes, 1)  # kept share per live member
         frac = np.ones(len(self._param_of_key))  # per (name, dim): the smallest kept share of its members
-        np.minimum.at(frac, self._key_of, part)
+        if by_key.size:
+            frac[keys] = np.minimum.reduceat(part[by_key], key_starts)
         scale = np.ones(self._n_names + 1)
-        np.multiply.at(scale, self._param_of_key, frac)
+        if by_param.size:
+            scale[params] = np.multiply.reduceat(frac[by_param], param_starts)
         return scale
+
+    def _plan_scale(self) -> tuple[np.ndarray, ...]:
+        """What `_param_scale` reads for every removal: the live members' end offsets and sizes
+        (members without ids read a kept share of 1), and the orders that gather them per
+        (name, dim) key and the keys per parameter, for exact min/product reductions."""
+        all_sizes = np.asarray(self._sizes, dtype=np.int64)
+        ends = np.cumsum(all_sizes)[self._live] if self._live.size else np.zeros(0, dtype=np.int64)
+        sizes = all_sizes[self._live] if self._live.size else np.zeros(0, dtype=np.int64)
+
+        def segments(owner: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            order = np.argsort(owner, kind="stable")
+            uniq, starts = np.unique(owner[order], return_index=True)
+            return order, starts, uniq
+        by_key, key_starts, keys = segments(self._key_of)
+        by_param, param_starts, params = segments(self._param_of_key)
+        return ends, sizes, by_key, key_starts, keys, by_param, param_starts, params
 
     def node_macs(self, removal: dict[str, list[int]], dead: np.ndarray | None = None,
                   scale: np.ndarray | None = None) -> list[int]:
         """Per-sample MACs of every node after the removal: conv/linear nodes shrink by the kept
         fractions of their weight's channel dims, parameter-free products (matmul, attention) by
         those of the positions in each of their terms."""
+        return self._node_array(removal, dead, scale).tolist()
+
+    def _node_array(self, removal: Mapping[str, Sequence[int]], dead: np.ndarray | None = None,
+                    scale: np.ndarray | None = None) -> np.ndarray:
+        if scale is None:
+            dead, scale = self._read(removal)
+        out = np.rint(self._node_base * scale[self._node_param]).astype(np.int64)
+        if not self._terms:
+            return out
         dead = self._dead(removal) if dead is None else dead
-        scale = self._param_scale(dead) if scale is None else scale
-        out = np.rint(self._node_base * scale[self._node_param]).astype(np.int64).tolist()
         batch = max(self.graph.batch, 1)
         part = lambda pos: 1.0 - float(np.count_nonzero(dead[pos])) / pos.size if pos.size else 1.0
         for i, terms in self._terms.items():
             out[i] = int(round(sum(p * math.prod(part(pos) for pos in poss) for p, poss in terms))) // batch
         return out
 
-    def __call__(self, removal: dict[str, list[int]]) -> tuple[int, int]:
+    def _read(self, removal: Mapping[str, Sequence[int]]) -> tuple[np.ndarray | None, np.ndarray]:
+        """(dead classes or None, parameter scales) of a removal: by counts where the plan allows."""
+        if self._count_plan() is not None:
+            return None, self._param_scale(None, removal)
         dead = self._dead(removal)
-        scale = self._param_scale(dead)
+        return dead, self._param_scale(dead)
+
+    def __call__(self, removal: Mapping[str, Sequence[int]]) -> tuple[int, int]:
+        dead, scale = self._read(removal)
         params = int(np.rint(self._numel * scale[: len(self._numel)]).sum())
-        return params, sum(self.node_macs(removal, dead, scale))
-
-
-def _counts(flags: np.ndarray, sizes: list[int]) -> list[int]:
-    """How many of `flags` are set in each consecutive run of `sizes` entries."""
-    running = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
-    ends = np.cumsum(np.asarray(sizes, dtype=np.int64))
-    return (running[ends] - running[ends - np.asarray(sizes, dtype=np.int64)]).tolist()
+        return params, int(self._node_array(removal, dead, scale).sum())
 
 
 def estimate_cost(model: nn.Module, graph: Graph, removal: dict[str, list[int]]) -> tuple[int, int]:
@@ -183,7 +268,11 @@ def estimate_cost(model: nn.Module, graph: Graph, removal: dict[str, list[int]])
     Each parameter shrinks by the kept fraction of every dim a channel touches; MACs as in
     `_node_macs_after`. Exact for these ops (tests compare it with a recount after removal).
     """
-    return CostEstimator(model, graph)(removal)
+    return CostEstimator(model, graph)(_distinct(removal))
+
+
+def _distinct(removal: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    return {name: sorted({int(i) for i in idx}) for name, idx in removal.items()}
 
 
 def cost_after(pruned: nn.Module, graph: Graph, removal: dict[str, list[int]],
@@ -192,4 +281,4 @@ def cost_after(pruned: nn.Module, graph: Graph, removal: dict[str, list[int]],
     params and widths read from the pruned modules, MACs from the graph as in `estimate_cost`
     (`estimator`: one already built for this graph)."""
     estimator = estimator if estimator is not None else CostEstimator(pruned, graph)
-    return _cost(pruned, graph, estimator.node_macs(removal))
+    return _cost(pruned, graph, estimator.node_macs(_distinct(removal)))

@@ -18,6 +18,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ MEMORY_FORMATS = ("contiguous", "channels_last", "auto")
 
 
 def _has_4d(model: nn.Module) -> bool:
-    return any(t.dim() == 4 for t in list(model.parameters()) + list(model.buffers()))
+    return any(t.dim() == 4 for t in itertools.chain(model.parameters(), model.buffers()))  # stops at the first
 
 
 def choose_memory_format(model: nn.Module, inputs: Any, cfg: LatencyConfig) -> dict[str, Any]:

@@ -80,6 +80,7 @@ class Graph:
     input_shapes: list[list[int]]
 
     _by_name: dict[str, Group] = field(default_factory=dict, repr=False, compare=False)
+    _ids: tuple | None = field(default=None, repr=False, compare=False)  # (id tensors, member_ids())
 
     def group(self, name: str) -> Group:
         g = self._by_name.get(name)
@@ -93,9 +94,16 @@ class Graph:
     def prunable_groups(self) -> list[Group]:
         return [g for g in self.groups if bool(g.prunable.any())]
 
-    def member_ids(self) -> tuple[np.ndarray, list[int]]:
-        """Every member's ids end to end, and how many each member has (for one-pass lookups)."""
-        return _end_to_end(self.members)
+    def member_ids(self) -> tuple[np.ndarray, tuple[int, ...]]:
+        """Every member's ids end to end, and how many each member has (for one-pass lookups).
+        Computed once per graph (a reused graph asks for it at every pruning); recomputed when a
+        member or its id tensor was replaced since."""
+        tensors = [m.ids for m in self.members]
+        if self._ids is None or len(self._ids[0]) != len(tensors) or any(a is not b for a, b in zip(self._ids[0], tensors)):
+            flat, sizes = _end_to_end(self.members)
+            flat.flags.writeable = False  # shared by every caller
+            self._ids = (tensors, (flat, tuple(sizes)))
+        return self._ids[1]
 
 
 def _end_to_end(members: list[Member]) -> tuple[np.ndarray, list[int]]:

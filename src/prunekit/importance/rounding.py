@@ -37,6 +37,7 @@ import dataclasses
 import math
 from typing import Callable, Mapping
 
+import numpy as np
 import torch
 
 from ..core.errors import ConfigError
@@ -67,12 +68,14 @@ class _Group:
         s = normalize(scores.detach().float(), normalizer)
         masked = s.clone()
         masked[~g.prunable | keep] = float("inf")
-        self.order = torch.argsort(masked, stable=True).tolist()
+        self.ranked = torch.argsort(masked, stable=True).numpy()
+        self.order = self.ranked.tolist()
         self.norm = s.tolist()
         self.cap = _cap(g, max_ratio, keep)
 
-    def channels(self, n: int) -> list[int]:
-        return sorted(self.order[:n])
+    def channels(self, n: int) -> np.ndarray:
+        """The `n` least important channels, unsorted (what a cost estimate reads)."""
+        return self.ranked[:n]
 
     def loss(self, n_from: int, n_to: int) -> float:
         return float(sum(self.norm[i] for i in self.order[n_from:n_to]))
@@ -86,8 +89,9 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
     """Kept counts rounded to multiples of `round_to` with cost(removal) <= target.
 
     `removal` is an unrounded removal (channels per group, ideally meeting the target); the
-    groups to round are those in `scores`. `cost` maps a removal to the targeted quantity
-    (MACs, params or estimated latency) and must not increase when channels are removed.
+    groups to round are those in `scores`. `cost` maps a removal ({group: distinct channel
+    indices, an unsorted array}) to the targeted quantity (MACs, params or estimated latency) and
+    must not increase when channels are removed.
     `round_to` may differ per group ({group: multiple}); starting from an empty removal with
     multiples of a few percent of each group's width, this is a greedy allocation of the whole
     target. `refresh_every`: re-measure every group's next saving after that many picks (savings
@@ -145,7 +149,7 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
         steps.update({n: step_of(n) for n in (groups if refresh else [name])})
     if cur <= target:
         cur = _give_back(groups, counts, current, multiples, cost, cur, target)
-    return RoundingResult({n: r for n, r in current.items() if r}, cur, max_step, picks)
+    return RoundingResult({n: np.sort(r).tolist() for n, r in current.items() if len(r)}, cur, max_step, picks)
 
 
 def _give_back(groups: dict[str, "_Group"], counts: dict[str, int], current: dict[str, list[int]],
@@ -178,5 +182,5 @@ def _give_back(groups: dict[str, "_Group"], counts: dict[str, int], current: dic
     return cur
 
 
-def _materialise(groups: dict[str, _Group], counts: dict[str, int]) -> dict[str, list[int]]:
+def _materialise(groups: dict[str, _Group], counts: dict[str, int]) -> dict[str, np.ndarray]:
     return {n: groups[n].channels(c) for n, c in counts.items() if c > 0}

@@ -41,13 +41,26 @@ def must_keep(group: Group, scores: torch.Tensor) -> torch.Tensor:
     lying wholly in this group (a conv whose outputs are one part of a concat, say), when that
     member has no unprunable channel already. Bool mask of shape (group.size,)."""
     keep = np.zeros(group.size, dtype=bool)
-    prunable, s = group.prunable.numpy(), scores.detach().float().cpu().numpy()
-    for m in group.members:
-        ch = m.channel.numpy()
-        if ch.size == 0 or ch.min() < 0 or not prunable[ch].all():
-            continue
+    s = scores.detach().float().cpu().numpy()
+    for ch in _whole_members(group):
         keep[ch[np.argmax(s[ch])]] = True
     return torch.from_numpy(keep)
+
+
+def _whole_members(group: Group) -> list[np.ndarray]:
+    """Channel positions of every member that lies wholly in prunable channels of `group`; kept on
+    the group (a reused graph selects thousands of times) while its members and `prunable` stay."""
+    key = (group.prunable, len(group.members))
+    cached = getattr(group, "_whole", None)
+    if cached is not None and cached[0][0] is key[0] and cached[0][1] == key[1]:
+        return cached[1]
+    prunable, out = group.prunable.numpy(), []
+    for m in group.members:
+        ch = m.channel.numpy()
+        if ch.size and ch.min() >= 0 and prunable[ch].all():
+            out.append(ch)
+    group._whole = (key, out)
+    return out
 
 
 def _cap(group: Group, max_ratio: float, keep: torch.Tensor | None = None) -> int:
@@ -132,7 +145,7 @@ class RemovalSelector:
         for name, g in self.groups.items():
             s = scores[name].detach().clone().float()
             s[~g.prunable | keep[name]] = float("inf")
-            self.order[name] = torch.argsort(s, stable=True)  # (size,) removal order, lowest first
+            self.order[name] = torch.argsort(s, stable=True).numpy()  # (size,) removal order, lowest first
         if scope == "global":
             self._global_table(scores, normalizer, keep)
 
@@ -165,11 +178,14 @@ class RemovalSelector:
         return dict(zip(self._names, taken.tolist()))
 
     def at(self, ratio: float | Mapping[str, float]) -> dict[str, list[int]]:
-        """Channels to remove per group at `ratio` (see `select_removal`)."""
+        """Channels to remove per group at `ratio` (see `select_removal`), sorted."""
+        return {name: np.sort(idx).tolist() for name, idx in self.indices_at(ratio).items()}
+
+    def indices_at(self, ratio: float | Mapping[str, float]) -> dict[str, np.ndarray]:
+        """The same channels as `at`, unsorted arrays (what a cost estimate needs, cheaper)."""
         removal = {}
         for name, n in self.counts(ratio).items():
-            g = self.groups[name]
-            n = _round_kept(g, n, self.multiples[name], self.caps[name], self.nearest)
+            n = _round_kept(self.groups[name], n, self.multiples[name], self.caps[name], self.nearest)
             if n > 0:
-                removal[name] = sorted(self.order[name][:n].tolist())
+                removal[name] = self.order[name][:n]
         return removal

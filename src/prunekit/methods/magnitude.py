@@ -146,7 +146,7 @@ def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: 
                        graph=graph)
     criterion = resolve_criterion(cfg.criterion)
     scores = {}
-    params = {name for name, _ in model.named_parameters()}
+    params = ctx.parameters()
     for g in graph.prunable_groups():
         if not any(m.qualname in params for m in g.tensor_members()):
             if skipped is not None:
@@ -182,8 +182,8 @@ def _search_ratio(graph: Graph, scores, cfg: MagnitudeConfig, which: str, target
     The estimate table (`estimator`) and the ranking of channels (`RemovalSelector`) are built
     once for all bisection steps."""
     pick = 0 if which == "params" else 1
-    removal_at = RemovalSelector(graph, scores, cfg.scope, cfg.max_ratio, None, cfg.normalizer).at
-    cost = lambda r: estimator(removal_at(r))[pick]
+    selector = RemovalSelector(graph, scores, cfg.scope, cfg.max_ratio, None, cfg.normalizer)
+    cost = lambda r: estimator(selector.indices_at(r))[pick]
     hi = cfg.max_ratio if cfg.max_ratio < 1 else 0.999
     at_hi = cost(hi)
     if at_hi > target:
@@ -194,7 +194,7 @@ def _search_ratio(graph: Graph, scores, cfg: MagnitudeConfig, which: str, target
     for _ in range(20):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cost(mid) > target else (lo, mid)
-    return removal_at(hi)
+    return selector.at(hi)
 
 
 Attempt = Callable[[dict[str, int] | None], tuple[dict[str, list[int]], float]]
