@@ -191,12 +191,35 @@ def test_estimate_by_counts_equals_the_position_by_position_reading(name):
 
 
 def test_estimate_cost_and_cost_after_ignore_repeated_indices():
-    from prunekit.cost.macs import cost_after
+    from prunekit.cost.macs import CostEstimator, cost_after
+    from prunekit.core.errors import ConfigError
     from prunekit.surgery.shrink import remove_channels_
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
     x = torch.randn(1, 3, 6, 6)
     graph = build_graph(model, x)
     assert estimate_cost(model, graph, {"0": [1, 1, 5, 5, 5]}) == estimate_cost(model, graph, {"0": [1, 5]})
+    est = CostEstimator(model, graph)
+    assert est({"0": [5, 1, 1]}) == est.of_distinct({"0": [1, 5]})
+    assert est({"0": [], "no such group": []}) == est({})  # nothing named, nothing looked up
+    for bad in ([1, 8], [-1, 7]):
+        with pytest.raises(ConfigError, match="has 8 channels"):
+            est({"0": bad})
+    graph.groups[0].name = "renamed"  # names are read again when one is not found
+    assert est({"renamed": [1, 5]}) == estimate_cost(model, graph, {"renamed": [1, 5]})
+    graph.groups[0].name = "0"
     remove_channels_(model, graph, {"0": [1, 1, 5]})
     after = cost_after(model, graph, {"0": [5, 1, 1]})
     assert (after.params, after.macs) == (count_cost(model, x).params, count_cost(model, x).macs)
+
+
+def test_a_parameter_registered_twice_in_one_module_is_counted_once():
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.lin.register_parameter("alias", self.lin.weight)
+
+        def forward(self, x):
+            return self.lin(x)
+    cost = count_cost(Aliased(), torch.randn(2, 3))
+    assert cost.params == 16 and cost.per_module["lin"]["params"] == 16  # 12 weights + 4 biases

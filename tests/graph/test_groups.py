@@ -24,3 +24,12 @@ def test_must_keep_follows_a_changed_prunable_mask():
     assert must_keep(g, scores).nonzero().flatten().tolist() == [7]  # conv 0's best filter stays
     g.prunable = torch.tensor([True] * 7 + [False])  # a probe fixed channel 7: nothing more must stay
     assert not bool(must_keep(g, scores).any())
+    g.prunable = torch.ones(8, dtype=torch.bool)
+    assert must_keep(g, scores).nonzero().flatten().tolist() == [7]
+    g.prunable[7] = False  # an edit in place is seen too
+    assert not bool(must_keep(g, scores).any())
+    g.prunable[7] = True
+    whole = g.members[0]
+    g.members = [type(whole)(whole.module, whole.name, whole.dim, torch.tensor([0, 1, 2, 3, 4, 5, 6, -1]), whole.role)
+                 for _ in g.members]  # same count, no member wholly inside any more
+    assert not bool(must_keep(g, scores).any())

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.errors import ConfigError
 from ..graph import Graph, build_graph
 
 CONVENTION = ("MACs = multiply-accumulates per sample of conv/linear/matmul/attention products; "
@@ -66,7 +67,7 @@ def _cost(model: nn.Module, graph: Graph, node_macs: list[int]) -> Cost:
         per[owner]["macs"] += macs
     total, seen = 0, set()  # count_params in the same walk: unique parameters less fixed zeros
     for name, mod in model.named_modules():
-        own = [p for p in mod._parameters.values() if p is not None]
+        own = list({id(p): p for p in mod._parameters.values() if p is not None}.values())  # one tensor, two names: once
         zeros = _fixed_zeros(mod)
         total += sum(p.numel() for p in own if id(p) not in seen) - zeros
         seen.update(id(p) for p in own)
@@ -97,8 +98,8 @@ class CostEstimator:
     channels removed from its group, and a removal is read from its counts alone (the greedy
     rounding asks thousands of estimates). `cost_after` and `estimate_cost` use it too, so there
     is one way to count. Built from the model's parameter sizes: valid for any copy with the
-    same shapes. Channel indices in a removal must be distinct within a group (selectors give
-    sorted distinct lists; `estimate_cost` and `cost_after` take any and drop repeats).
+    same shapes. Calling it checks the removal (repeats dropped, indices within each group's
+    width); `of_distinct` skips that check for removals that selectors made.
     """
 
     def __init__(self, model: nn.Module, graph: Graph):
@@ -197,8 +198,8 @@ class CostEstimator:
             index, group, mult = self._count_plan()
             removed = np.zeros(len(index) + 1, dtype=np.int64)  # the last entry answers for "no group"
             for name, idx in removal.items():
-                at = index.get(name)
-                removed[at if at is not None else index[self.graph.group(name).name]] = len(idx)
+                if len(idx):
+                    removed[index[name] if name in index else self._group_position(name)] = len(idx)
             n_dead = mult * removed[group]
         else:
             running = np.concatenate([[0], np.cumsum(dead[self._pos], dtype=np.int64)])
@@ -233,6 +234,8 @@ class CostEstimator:
         """Per-sample MACs of every node after the removal: conv/linear nodes shrink by the kept
         fractions of their weight's channel dims, parameter-free products (matmul, attention) by
         those of the positions in each of their terms."""
+        if scale is None:
+            removal = self._checked(removal)
         return self._node_array(removal, dead, scale).tolist()
 
     def _node_array(self, removal: Mapping[str, Sequence[int]], dead: np.ndarray | None = None,
@@ -249,6 +252,28 @@ class CostEstimator:
             out[i] = int(round(sum(p * math.prod(part(pos) for pos in poss) for p, poss in terms))) // batch
         return out
 
+    def _group_position(self, name: str) -> int:
+        """Index of group `name` in the count plan (its names are re-read if groups were renamed)."""
+        index = self._by_count[0]
+        index.clear()
+        index.update({g.name: i for i, g in enumerate(self.graph.groups)})
+        if name not in index:
+            self.graph.group(name)  # raises ConfigError naming the groups there are
+        return index[name]
+
+    def _checked(self, removal: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
+        """The removal with every group's indices made distinct and checked against its width."""
+        out = {}
+        for name, idx in removal.items():
+            a = np.unique(np.asarray(idx, dtype=np.int64))
+            if a.size:
+                size = self.graph.group(name).size
+                if a[0] < 0 or a[-1] >= size:
+                    raise ConfigError(f"group {name!r} has {size} channels; a removal names channel "
+                                      f"{int(a[0] if a[0] < 0 else a[-1])}")
+            out[name] = a
+        return out
+
     def _read(self, removal: Mapping[str, Sequence[int]]) -> tuple[np.ndarray | None, np.ndarray]:
         """(dead classes or None, parameter scales) of a removal: by counts where the plan allows."""
         if self._count_plan() is not None:
@@ -257,6 +282,13 @@ class CostEstimator:
         return dead, self._param_scale(dead)
 
     def __call__(self, removal: Mapping[str, Sequence[int]]) -> tuple[int, int]:
+        """(params, MACs) after `removal` ({group: channel indices}; repeats are ignored)."""
+        return self.of_distinct(self._checked(removal))
+
+    def of_distinct(self, removal: Mapping[str, Sequence[int]]) -> tuple[int, int]:
+        """`self(removal)` for a removal whose indices are distinct and in range within each
+        group, as selectors give them (not checked: the greedy searches call this thousands of
+        times)."""
         dead, scale = self._read(removal)
         params = int(np.rint(self._numel * scale[: len(self._numel)]).sum())
         return params, int(self._node_array(removal, dead, scale).sum())
@@ -268,11 +300,7 @@ def estimate_cost(model: nn.Module, graph: Graph, removal: dict[str, list[int]])
     Each parameter shrinks by the kept fraction of every dim a channel touches; MACs as in
     `_node_macs_after`. Exact for these ops (tests compare it with a recount after removal).
     """
-    return CostEstimator(model, graph)(_distinct(removal))
-
-
-def _distinct(removal: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
-    return {name: sorted({int(i) for i in idx}) for name, idx in removal.items()}
+    return CostEstimator(model, graph)(removal)
 
 
 def cost_after(pruned: nn.Module, graph: Graph, removal: dict[str, list[int]],
@@ -281,4 +309,4 @@ def cost_after(pruned: nn.Module, graph: Graph, removal: dict[str, list[int]],
     params and widths read from the pruned modules, MACs from the graph as in `estimate_cost`
     (`estimator`: one already built for this graph)."""
     estimator = estimator if estimator is not None else CostEstimator(pruned, graph)
-    return _cost(pruned, graph, estimator.node_macs(_distinct(removal)))
+    return _cost(pruned, graph, estimator.node_macs(removal))

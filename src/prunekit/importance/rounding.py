@@ -68,7 +68,7 @@ class _Group:
         s = normalize(scores.detach().float(), normalizer)
         masked = s.clone()
         masked[~g.prunable | keep] = float("inf")
-        self.ranked = torch.argsort(masked, stable=True).numpy()
+        self.ranked = torch.argsort(masked, stable=True).cpu().numpy()
         self.order = self.ranked.tolist()
         self.norm = s.tolist()
         self.cap = _cap(g, max_ratio, keep)

@@ -49,17 +49,19 @@ def must_keep(group: Group, scores: torch.Tensor) -> torch.Tensor:
 
 def _whole_members(group: Group) -> list[np.ndarray]:
     """Channel positions of every member that lies wholly in prunable channels of `group`; kept on
-    the group (a reused graph selects thousands of times) while its members and `prunable` stay."""
-    key = (group.prunable, len(group.members))
+    the group (a reused graph selects thousands of times) while its members' channel tensors and
+    the values of `prunable` stay the same."""
+    prunable, channels = group.prunable.cpu().numpy(), [m.channel for m in group.members]
     cached = getattr(group, "_whole", None)
-    if cached is not None and cached[0][0] is key[0] and cached[0][1] == key[1]:
-        return cached[1]
-    prunable, out = group.prunable.numpy(), []
-    for m in group.members:
-        ch = m.channel.numpy()
+    if (cached is not None and np.array_equal(cached[0], prunable) and len(cached[1]) == len(channels)
+            and all(a is b for a, b in zip(cached[1], channels))):
+        return cached[2]
+    out = []
+    for ch in channels:
+        ch = ch.numpy()
         if ch.size and ch.min() >= 0 and prunable[ch].all():
             out.append(ch)
-    group._whole = (key, out)
+    group._whole = (prunable.copy(), channels, out)
     return out
 
 
@@ -145,7 +147,7 @@ class RemovalSelector:
         for name, g in self.groups.items():
             s = scores[name].detach().clone().float()
             s[~g.prunable | keep[name]] = float("inf")
-            self.order[name] = torch.argsort(s, stable=True).numpy()  # (size,) removal order, lowest first
+            self.order[name] = torch.argsort(s, stable=True).cpu().numpy()  # (size,) removal order, lowest first
         if scope == "global":
             self._global_table(scores, normalizer, keep)
 
@@ -154,7 +156,7 @@ class RemovalSelector:
         vals, owner = [], []
         for i, (name, g) in enumerate(self.groups.items()):
             s = normalize(scores[name].detach().float(), normalizer)
-            v = s[g.prunable & ~keep[name]].double().numpy()  # float32 values, in channel order
+            v = s.cpu()[g.prunable & ~keep[name]].double().numpy()  # float32 values, in channel order
             vals.append(v)
             owner.append(np.full(v.size, i, dtype=np.int64))
         vals_np = np.concatenate(vals) if vals else np.zeros(0)

@@ -183,7 +183,7 @@ def _search_ratio(graph: Graph, scores, cfg: MagnitudeConfig, which: str, target
     once for all bisection steps."""
     pick = 0 if which == "params" else 1
     selector = RemovalSelector(graph, scores, cfg.scope, cfg.max_ratio, None, cfg.normalizer)
-    cost = lambda r: estimator(selector.indices_at(r))[pick]
+    cost = lambda r: estimator.of_distinct(selector.indices_at(r))[pick]
     hi = cfg.max_ratio if cfg.max_ratio < 1 else 0.999
     at_hi = cost(hi)
     if at_hi > target:
@@ -254,7 +254,7 @@ def _step_removal(graph: Graph, scores, cfg: MagnitudeConfig, step: int, before:
     goal = (1 - (1 - final) * frac) * (before.params if which == "params" else before.macs)
     pick = 0 if which == "params" else 1
     start = _search_ratio(graph, scores, cfg, which, goal, estimator)
-    exact = lambda removal: estimator(removal)[pick]
+    exact = lambda removal: estimator.of_distinct(removal)[pick]
     full = exact({})
 
     def by_cost(multiples):
