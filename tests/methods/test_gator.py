@@ -18,7 +18,7 @@ from prunekit.methods.gator import (
     convert_,
     final_masks,
     mask_within_budget,
-    round_masks,
+    rounded_masks,
 )
 from prunekit.models import create_model
 from prunekit.surgery.branches import ConstantOutput, EmptyOutput
@@ -185,11 +185,39 @@ def test_mask_budget_final_search_and_rounding():
     assert info["closed_by_threshold"] == 1 and masks[0].tolist() == [False, False, True, True]
     masks, _ = final_masks(logits, active, prunable, share, target=None)  # fixed lambda: logit < 0 closes
     assert masks[0].tolist() == [False, False, True, True] and masks[1].tolist() == [False, True]
-    wide = [torch.tensor([True] * 5 + [False] * 3)]
-    ranked = [torch.arange(8.0)]
-    # 5 open -> 4: the open channel with the lowest logit (channel 0) closes
-    assert round_masks(wide, ranked, [torch.ones(8, dtype=torch.bool)], 4)[0].tolist() == [False] + [True] * 4 + [False] * 3
-    assert round_masks([torch.tensor([True] * 7 + [False])], ranked, [torch.ones(8, dtype=torch.bool)], 4)[0].all()
+
+
+
+def test_rounded_masks_meet_the_budget_jointly_and_keep_cut_branches_closed():
+    """Widths rounded with the target: on a state where rounding each group to its nearest
+    multiple would go over the MACs budget, the result stays within it, every width is a
+    multiple, fewer channels change than rounding alone would force, and a group closed
+    entirely (a cut branch) stays closed."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10).eval()
+    graph = build_graph(model, torch.randn(1, 3, 32, 32))
+    gates = GateSet.from_graph(model, graph)
+    measure = build_cost("macs", model, graph, gates)
+    gen = torch.Generator().manual_seed(2)
+    logits = [5.3 + 0.5 * torch.randn(s, generator=gen) for s in gates.sizes]
+    prunable = [gates.prunable(i) for i in range(len(gates.sizes))]
+    masks = []
+    for i, (s, t) in enumerate(zip(gates.sizes, logits)):
+        m = torch.ones(s, dtype=torch.bool)
+        m[torch.argsort(t)[: (3 + i % 2) if s == 16 else int(s * 0.45)]] = False  # 16-wide groups keep 12-13
+        masks.append(m)
+    cut = gates.names.index("layer1.1.conv1")
+    masks[cut][:] = False  # a whole branch closed by training
+    budget = measure.fraction(masks)
+    out, info = rounded_masks(masks, logits, prunable, measure.fraction, budget, 8, graph, list(gates.names))
+    assert info["fraction"] <= budget + 1e-12 and info["fraction"] > budget - 0.05
+    widths = [int(m.sum()) for m in out]
+    assert widths[cut] == 0 and all(w % 8 == 0 for w in widths)
+    naive = sum(abs(int(m.sum()) - max(8, round(int(m.sum()) / 8) * 8)) for i, m in enumerate(masks) if i != cut)
+    assert info["channels_changed"] >= naive  # at least the nearest rounding, and the budget still holds
+    for o, t in zip(out, logits):  # a group keeps its best channels: no closed channel beats an open one
+        if o.any() and (~o).any():
+            assert float(t[o].min()) >= float(t[~o].max())
 
 
 def test_controller_reaches_the_target_on_digits():
@@ -237,3 +265,15 @@ def test_latency_tables_are_built_and_used_on_cpu():
                     train_config=TrainConfig(epochs=1, lr=0.05), device="cpu")
     assert len(result.metrics["latency_tables"]) == 3
     assert result.metrics["target"]["measure"] == "macs" and result.cost_after.macs < result.cost_before.macs
+
+
+def test_gator_with_round_to_ends_on_multiples_within_the_target():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.Flatten(), nn.Linear(512, 2))
+    data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 2, (8,)))] * 4
+    r = prune_(net, GatorConfig(target=0.5, epochs=2, round_to=8), data[0][0], train_loader=data,
+               train_config=TrainConfig(epochs=1, lr=0.05), device="cpu")
+    assert net[0].out_channels % 8 == 0 and net[2].out_channels % 8 == 0
+    final = r.metrics["final"]
+    assert final["rounding"]["multiple"] == 8 and final["fraction"] <= max(0.5, final["rounding"]["budget"])
+    assert r.metrics["target"]["within_tolerance"] and r.metrics["conversion"]["max_abs_diff"] <= 1e-5

@@ -14,7 +14,7 @@ differentiable costs (`prunekit.cost.differentiable`) and whole-branch cutting
 0.995
 """
 from .config import GatorConfig
-from .controller import LambdaController, final_masks, initial_lambda, mask_within_budget, round_masks
+from .controller import LambdaController, final_masks, initial_lambda, mask_within_budget, rounded_masks
 from .convert import Conversion, convert_
 from .hook import GatorHook
 from .pipeline import gator_prune_
@@ -24,7 +24,7 @@ __all__ = [
     "LambdaController",
     "initial_lambda",
     "mask_within_budget",
-    "round_masks",
+    "rounded_masks",
     "final_masks",
     "Conversion",
     "convert_",

@@ -30,7 +30,7 @@ from ...cost.differentiable import CostModel, build_cost
 from ...layers.gates import GateSet, gateable
 from ..result import PruneResult
 from .config import GatorConfig
-from .controller import final_masks
+from .controller import final_masks, rounded_masks
 from .convert import convert_
 from .hook import GatorHook
 
@@ -81,7 +81,7 @@ def gator_prune_(
     dev = resolve_device(device, env_ranks()[2])
     metrics: dict[str, Any] = {"skipped_groups": skipped, "gated_groups": list(gates.names)}
 
-    masks = _gated_phase(model, gates, cost, measure, config, train_config, train_loader, val_loader, dev,
+    masks = _gated_phase(model, graph, gates, cost, measure, config, train_config, train_loader, val_loader, dev,
                          progress, metrics, (_phase_dir(ckpt_dir, "gated"), resume))
     model.cpu()  # surgery indexes with CPU tensors
     gates.cpu()
@@ -108,7 +108,7 @@ def _phase_dir(ckpt_dir: str | os.PathLike[str] | None, phase: str) -> Path | No
     return None if ckpt_dir is None else Path(ckpt_dir) / phase
 
 
-def _gated_phase(model: nn.Module, gates: GateSet, cost: CostModel, measure: CostModel, config: GatorConfig,
+def _gated_phase(model: nn.Module, graph: Any, gates: GateSet, cost: CostModel, measure: CostModel, config: GatorConfig,
                  train_config: Any, train_loader: Iterable, val_loader: Iterable | None, dev: torch.device,
                  progress: bool, metrics: dict[str, Any], ckpt: tuple[Path | None, bool] = (None, False)) -> list[Tensor]:
     """Train with gates, choose the final open channels and freeze the gates on them."""
@@ -128,9 +128,14 @@ def _gated_phase(model: nn.Module, gates: GateSet, cost: CostModel, measure: Cos
                         ckpt_dir=ckpt[0], resume=ckpt[1])
             metrics["gated_history"] = run.history
         n = len(gates.logits)
-        masks, info = final_masks([t.detach().cpu() for t in gates.logits], [gates.active(i).cpu() for i in range(n)],
-                                  [gates.prunable(i).cpu() for i in range(n)], measure.fraction, config.target,
-                                  config.round_to)
+        logits, prunable = [t.detach().cpu() for t in gates.logits], [gates.prunable(i).cpu() for i in range(n)]
+        masks, info = final_masks(logits, [gates.active(i).cpu() for i in range(n)], prunable, measure.fraction,
+                                  config.target)
+        if config.round_to and config.round_to > 1:  # the target, or the unrounded result, is the budget
+            budget = info["fraction"] if config.target is None else max(config.target, info["fraction"])
+            masks, info["rounding"] = rounded_masks(masks, logits, prunable, measure.fraction, budget,
+                                                    config.round_to, graph, list(gates.names))
+            info["fraction"] = info["rounding"]["fraction"]
         gates.freeze(masks)
         metrics["final"] = {**info, "lambda": hook.lam}
         if hook.controller is not None:
