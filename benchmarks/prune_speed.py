@@ -319,10 +319,12 @@ def markdown(out: dict) -> str:
                      f"{_cell(s.get('pk_prune', {}))} | {_cell(s.get('pk_prune_probe', {}))} | "
                      f"{_cell(s.get('tp_prune', {}))} | {_ratio(r, 'ratio_pk_prune_vs_tp_prune')} | "
                      f"{_ratio(r, 'ratio_pk_prune_probe_vs_tp_prune')} |")
-    ratios = {k: [r[k] for r in out["rows"] if k in r] for k in
+    both_ok = lambda r, k: all(r["steps"].get(step, {}).get("ok") for step in k[len("ratio_"):].split("_vs_"))
+    ratios = {k: [r[k] for r in out["rows"] if k in r and both_ok(r, k)] for k in
               ("ratio_pk_graph_vs_tp_graph", "ratio_pk_graph_vs_tp_groups", "ratio_pk_prune_vs_tp_prune",
                "ratio_pk_prune_probe_vs_tp_prune")}
-    lines += ["", "Median ratio over the models both tools handle: " + ", ".join(
+    lines += ["", "Median ratio over the models both tools handle (a pruned model that no longer runs does not "
+              "count): " + ", ".join(
         f"{label} {statistics.median(v):.2f} ({len(v)} models)" for label, v in
         zip(("graph", "graph vs TP graph+groups", "prune", "prune+probe"), ratios.values()) if v) + ".", ""]
     lines += ["## Coverage", "",
