@@ -377,6 +377,27 @@ def test_random_dag_magnitude_method(spec, ratio, seed):
     assert n_params(model) == result.cost_after.params <= before
 
 
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=dag_specs(), ratio=st.floats(0.1, 0.7), seed=st.integers(0, 2**16))
+def test_random_dag_cost_estimate_by_counts_equals_positions_and_recount(spec, ratio, seed):
+    """The cost estimator's two readings of a removal (from per-group counts where every member
+    allows it, else position by position) agree with each other and with a recount after removal."""
+    from prunekit.cost.macs import CostEstimator, count_cost
+    model, x = build_model(spec, seed)
+    graph = build_graph(model, x)
+    est = CostEstimator(model, graph)
+    event("count plan" if est._count_plan() is not None else "positions")
+    removal = random_removal(graph, ratio, torch.Generator().manual_seed(seed))
+    dead = est._dead(removal)
+    scale = est._param_scale(dead)
+    by_position = (int(round(float((est._numel * scale[: len(est._numel)]).round().sum()))),
+                   int(est._node_array(removal, dead, scale).sum()))
+    assert est(removal) == est.of_distinct(removal) == by_position
+    remove_channels_(model, graph, removal)
+    after = count_cost(model, x)
+    assert (after.params, after.macs) == by_position
+
+
 # ---- the generator reaches everything ------------------------------------------------------------
 def _all_labels() -> set[str]:
     labels = set(KINDS) | {f"head:{h}" for h in VARIANTS["head"]}
