@@ -43,11 +43,6 @@ class Cost:
         return {"params": self.params, "macs": self.macs, "convention": CONVENTION, "per_module": self.per_module}
 
 
-def count_params(model: nn.Module) -> int:
-    stored = sum(p.numel() for p in model.parameters())  # parameters() already skips shared duplicates
-    return stored - sum(_fixed_zeros(m) for m in model.modules())
-
-
 def _fixed_zeros(module: nn.Module) -> int:
     """Parameter entries of `module` itself that are zero by construction (structured sparse layers)."""
     fn = getattr(module, "fixed_zero_params", None)
@@ -65,7 +60,7 @@ def _cost(model: nn.Module, graph: Graph, node_macs: list[int]) -> Cost:
     for node, macs in zip(graph.nodes, node_macs):
         owner = node.params[0].rsplit(".", 1)[0] if node.params else node.module
         per[owner]["macs"] += macs
-    total, seen = 0, set()  # count_params in the same walk: unique parameters less fixed zeros
+    total, seen = 0, set()  # the model's unique parameters less fixed zeros, in the same walk
     for name, mod in model.named_modules():
         own = list({id(p): p for p in mod._parameters.values() if p is not None}.values())  # one tensor, two names: once
         zeros = _fixed_zeros(mod)
