@@ -115,3 +115,18 @@ def test_nearest_start_keeps_the_same_share_per_group_and_gives_back_to_the_targ
     assert near.cost / before > 0.47  # given back from a start far below (every 16 -> 8 at once)
     stage1 = {g.size - len(near.removal.get(g.name, [])) for g in graph.prunable_groups() if g.size == 16}
     assert len(stage1) <= 2  # the same share everywhere, a multiple or two given back at the margin
+
+
+def test_max_kept_caps_every_group_and_its_give_back():
+    """`max_kept` (a gate-based method's open channels): the start rounds down to the multiple
+    below it, and no multiple is given back past it, even where the target would allow it."""
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1), torch.nn.Conv2d(16, 16, 1), torch.nn.Conv2d(16, 2, 1))
+    g = build_graph(m, torch.randn(1, 3, 2, 2))
+    scores = {"0": torch.arange(16.0), "1": torch.arange(16.0)}
+    kept = lambda rem: 32 - sum(len(v) for v in rem.values())  # kept channels stand in for the cost
+    free = round_to_target(g, scores, {"0": [0, 1, 2], "1": [0, 1, 2]}, 8, kept, target=32, nearest=True)
+    assert {n: 16 - len(v) for n, v in free.removal.items()} == {} and free.cost == 32  # 13 -> 16 each
+    capped = round_to_target(g, scores, {"0": [0, 1, 2], "1": [0, 1, 2]}, 8, kept, target=32, nearest=True,
+                             max_kept={"0": 13, "1": 13})
+    assert {n: 16 - len(v) for n, v in capped.removal.items()} == {"0": 8, "1": 8} and capped.cost == 16
+    assert all(v == list(range(8)) for v in capped.removal.values())  # the lowest scores go

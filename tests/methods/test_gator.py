@@ -190,9 +190,9 @@ def test_mask_budget_final_search_and_rounding():
 
 def test_rounded_masks_meet_the_budget_jointly_and_keep_cut_branches_closed():
     """Widths rounded with the target: on a state where rounding each group to its nearest
-    multiple would go over the MACs budget, the result stays within it, every width is a
-    multiple, fewer channels change than rounding alone would force, and a group closed
-    entirely (a cut branch) stays closed."""
+    multiple would go over the MACs budget (0.526 for 0.434 with the former rounding), the
+    result stays within it, every width is a multiple, no closed gate is reopened, and a group
+    closed entirely (a cut branch) stays closed."""
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=10).eval()
     graph = build_graph(model, torch.randn(1, 3, 32, 32))
@@ -210,11 +210,11 @@ def test_rounded_masks_meet_the_budget_jointly_and_keep_cut_branches_closed():
     masks[cut][:] = False  # a whole branch closed by training
     budget = measure.fraction(masks)
     out, info = rounded_masks(masks, logits, prunable, measure.fraction, budget, 8, graph, list(gates.names))
-    assert info["fraction"] <= budget + 1e-12 and info["fraction"] > budget - 0.05
+    assert info["fraction"] <= budget + 1e-12
     widths = [int(m.sum()) for m in out]
     assert widths[cut] == 0 and all(w % 8 == 0 for w in widths)
-    naive = sum(abs(int(m.sum()) - max(8, round(int(m.sum()) / 8) * 8)) for i, m in enumerate(masks) if i != cut)
-    assert info["channels_changed"] >= naive  # at least the nearest rounding, and the budget still holds
+    assert info["reopened"] == 0 and all(not bool((o & ~m).any()) for m, o in zip(masks, out))  # no gate reopened
+    assert widths == [int(m.sum()) // 8 * 8 for m in masks]  # here every group rounds down: 12-13 -> 8, 17 -> 16, 35 -> 32
     for o, t in zip(out, logits):  # a group keeps its best channels: no closed channel beats an open one
         if o.any() and (~o).any():
             assert float(t[o].min()) >= float(t[~o].max())
@@ -268,6 +268,7 @@ def test_latency_tables_are_built_and_used_on_cpu():
 
 
 def test_gator_with_round_to_ends_on_multiples_within_the_target():
+    """A run too short to settle is rounded after training, without reopening any gate."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.Flatten(), nn.Linear(512, 2))
     data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 2, (8,)))] * 4
@@ -275,5 +276,25 @@ def test_gator_with_round_to_ends_on_multiples_within_the_target():
                train_config=TrainConfig(epochs=1, lr=0.05), device="cpu")
     assert net[0].out_channels % 8 == 0 and net[2].out_channels % 8 == 0
     final = r.metrics["final"]
-    assert final["rounding"]["multiple"] == 8 and final["fraction"] <= max(0.5, final["rounding"]["budget"])
-    assert r.metrics["target"]["within_tolerance"] and r.metrics["conversion"]["max_abs_diff"] <= 1e-5
+    assert "settle_rounding_multiple" not in final and final["rounding_multiple"] == 8
+    assert final["rounding_reopened"] == 0 and final["fraction"] <= 0.5
+    assert r.metrics["conversion"]["max_abs_diff"] <= 1e-5
+
+
+def test_gator_rounds_on_settling_and_trains_the_rounded_network():
+    """On the digits CNN the run settles, widths are rounded to multiples of 8 then, and the rest
+    of gated training trains that network: the gated accuracy stays where the unrounded run's is
+    (96-97%; rounding after training instead gave 79-88%)."""
+    from prunekit.data import DataConfig, load_data
+
+    bundle = load_data(DataConfig(name="digits", batch_size=64, seed=0))
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10)
+    x = next(iter(bundle.val))[0][:2]
+    r = prune_(model, GatorConfig(target=0.5, epochs=3, probe=False, round_to=8), x, train_loader=bundle.train,
+               val_loader=bundle.val, train_config=TrainConfig(epochs=1, lr=0.05, momentum=0.9), device="cpu")
+    final = r.metrics["final"]
+    assert final["settle_rounding_multiple"] == 8 and final["settle_rounding_fraction"] <= 0.5
+    assert final["rounding_closed"] == 0 and final["rounding_reopened"] == 0  # already multiples at the end
+    assert all(m.out_channels % 8 == 0 for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert r.metrics["gated"]["acc"] > 0.93

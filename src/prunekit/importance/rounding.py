@@ -85,7 +85,8 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
                     round_to: int | Mapping[str, int], cost: Callable[[dict[str, list[int]]], float],
                     target: float, max_ratio: float = 0.9, normalizer: str = "mean",
                     keep: Mapping[str, torch.Tensor] | None = None, refresh_every: int | None = None,
-                    best_effort: bool = False, nearest: bool = False) -> RoundingResult:
+                    best_effort: bool = False, nearest: bool = False,
+                    max_kept: Mapping[str, int] | None = None) -> RoundingResult:
     """Kept counts rounded to multiples of `round_to` with cost(removal) <= target.
 
     `removal` is an unrounded removal (channels per group, ideally meeting the target); the
@@ -100,6 +101,10 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
     (its cost says how far it got) instead of raising. `nearest`: start from each kept count
     rounded to the *nearest* multiple (at least one) instead of up, so that the allocation of
     `removal` (e.g. the same share of every group) is kept and only the margin is re-allocated.
+    `max_kept`: the most channels a group may keep ({group: count}; e.g. the gates still open
+    after a gate-based method's training, so that rounding never reopens a closed one): a rounded
+    count above it goes down to the multiple below (or to the count itself, below one multiple),
+    and no multiple is given back past it.
     """
     if min(round_to.values() if isinstance(round_to, Mapping) else [round_to], default=1) < 1:
         raise ConfigError(f"round_to={round_to} must be >= 1")
@@ -107,9 +112,13 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
     keep = keep or {n: must_keep(graph.group(n), s) for n, s in scores.items()}
     groups = {n: _Group(graph, n, s, keep[n], max_ratio, normalizer) for n, s in scores.items()}
     counts = {}
+    limit = {n: g.size for n, g in groups.items()} | {n: int(k) for n, k in (max_kept or {}).items() if n in groups}
     for n, g in groups.items():
         kept = g.size - len(removal.get(n, []))
         counts[n] = rounded_count(g.size, kept, multiples[n], g.cap, nearest)
+        if g.size - counts[n] > limit[n]:
+            m = multiples[n]
+            counts[n] = g.size - (limit[n] // m * m if limit[n] >= m else limit[n])
     current = _materialise(groups, counts)
     cur = cost(current)
 
@@ -148,13 +157,13 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
         refresh = refresh_every and picks % refresh_every == 0
         steps.update({n: step_of(n) for n in (groups if refresh else [name])})
     if cur <= target:
-        cur = _give_back(groups, counts, current, multiples, cost, cur, target)
+        cur = _give_back(groups, counts, current, multiples, cost, cur, target, limit)
     return RoundingResult({n: np.sort(r).tolist() for n, r in current.items() if len(r)}, cur, max_step, picks)
 
 
 def _give_back(groups: dict[str, "_Group"], counts: dict[str, int], current: dict[str, list[int]],
                multiples: dict[str, int], cost: Callable[[dict[str, list[int]]], float], cur: float,
-               target: float) -> float:
+               target: float, limit: dict[str, int]) -> float:
     """Fill the slack the last pick left under the target: give one multiple back to the groups
     that regain the most normalised importance per unit of cost, while the target still holds.
     (The last pick may be a large step of a wide group; this lands closer to the target.) Each
@@ -165,7 +174,7 @@ def _give_back(groups: dict[str, "_Group"], counts: dict[str, int], current: dic
 
     ranked = []
     for n, g in groups.items():
-        if counts[n] == 0:
+        if counts[n] == 0 or g.size - restored(n) > limit[n]:
             continue
         trial = dict(current)
         trial[n] = g.channels(restored(n))

@@ -18,10 +18,15 @@ Three pieces, each a plain function or a small object:
    target, the threshold is 0: open iff active and logit >= 0.
 4. `rounded_masks`: open widths rounded to a multiple jointly with the target, by the core's
    `importance.rounding.round_to_target` with the logits as importance: each group starts at
-   the nearest multiple, then whole multiples close where the least logit is lost per unit of
-   the target measure, and are given back while the target holds. Rounding each group on its
-   own and then closing channels by logit could miss the target or close channels whose gates
-   were still fully open (a ResNet-20 run closed 47 after the rounding went over the MACs budget).
+   its nearest multiple, then whole multiples close where the least logit is lost per unit of
+   the target measure, and are given back while the target holds. The hook rounds once, when
+   the run settles (hook.py), so that the rest of gated training trains the rounded network;
+   after training (a run that never settled) it rounds again without reopening any closed gate,
+   since the network trained on without those channels. Rounding each group on its own after
+   training and then closing channels by logit could miss the target or close channels whose
+   gates were still fully open (a ResNet-20 run closed 47 after the rounding went over the MACs
+   budget), and any rounding after training costs accuracy before fine-tuning (the digits CNN
+   lost 8-17 points to 4 closed channels; a ResNet-20 fell to 33%).
 
 >>> c = LambdaController(target=0.5, tolerance=0.03, total_steps=100, lam=1.0, ramp=0.5)
 >>> c.planned(0), c.planned(25), c.planned(80)
@@ -166,9 +171,11 @@ def final_masks(logits: list[torch.Tensor], active: list[torch.Tensor], prunable
 
 
 def rounded_masks(masks: Masks, logits: list[torch.Tensor], prunable: list[torch.Tensor], fraction: Fraction,
-                  budget: float, multiple: int, graph, names: list[str]) -> tuple[Masks, dict]:
+                  budget: float, multiple: int, graph, names: list[str], reopen: bool = False) -> tuple[Masks, dict]:
     """Open widths of `masks` rounded to multiples of `multiple` (halved below narrow groups' widths)
     with fraction <= `budget`, jointly (see the module doc); groups closed entirely stay closed.
+    Closed channels are reopened (highest logit first) only with `reopen`: while training goes on
+    (on settling), not after it.
     `graph` holds the gated groups under `names`. Returns the masks and a report."""
     from ...importance.rounding import round_to_target
 
@@ -187,8 +194,9 @@ def rounded_masks(masks: Masks, logits: list[torch.Tensor], prunable: list[torch
     scores = {n: logits[at[n]].detach().float() for n in live}
     res = round_to_target(graph, scores, {n: closed[n] for n in live}, multiple,
                           lambda removal: fraction(to_masks({**cut, **removal})), budget, max_ratio=1.0,
-                          normalizer="none", nearest=True, best_effort=True)
+                          normalizer="none", nearest=True, best_effort=True,
+                          max_kept=None if reopen else {n: int(masks[at[n]].sum()) for n in live})
     out = to_masks({**cut, **res.removal})
-    changed = sum(int((a ^ b).sum()) for a, b in zip(masks, out))
-    return out, {"multiple": multiple, "budget": budget, "fraction": fraction(out), "channels_changed": changed,
-                 "picks": res.picks}
+    closed_now = sum(int((a & ~b).sum()) for a, b in zip(masks, out))
+    return out, {"multiple": multiple, "budget": budget, "fraction": fraction(out), "closed": closed_now,
+                 "reopened": sum(int((~a & b).sum()) for a, b in zip(masks, out)), "picks": res.picks}

@@ -120,7 +120,7 @@ def _gated_phase(model: nn.Module, graph: Any, gates: GateSet, cost: CostModel, 
     model.to(dev)
     gates.to(dev)
     hook = GatorHook(gates, cost, measure, config, steps * config.epochs,
-                     lambda step: phase.lr * lr_factor(phase, step, steps))
+                     lambda step: phase.lr * lr_factor(phase, step, steps), graph=graph)
     gates.attach(model)
     try:
         if config.epochs:
@@ -133,11 +133,13 @@ def _gated_phase(model: nn.Module, graph: Any, gates: GateSet, cost: CostModel, 
                                   config.target)
         if config.round_to and config.round_to > 1:  # the target, or the unrounded result, is the budget
             budget = info["fraction"] if config.target is None else max(config.target, info["fraction"])
-            masks, info["rounding"] = rounded_masks(masks, logits, prunable, measure.fraction, budget,
-                                                    config.round_to, graph, list(gates.names))
-            info["fraction"] = info["rounding"]["fraction"]
+            masks, rounding = rounded_masks(masks, logits, prunable, measure.fraction, budget, config.round_to,
+                                            graph, list(gates.names))
+            info.update({f"rounding_{k}": v for k, v in rounding.items() if k != "fraction"},
+                        fraction=rounding["fraction"])
         gates.freeze(masks)
-        metrics["final"] = {**info, "lambda": hook.lam}
+        settled = {f"settle_rounding_{k}": v for k, v in (hook.rounding or {}).items()}
+        metrics["final"] = {**info, **settled, "lambda": hook.lam}
         if hook.controller is not None:
             history = hook.controller.history
             metrics["controller"] = [list(h) for h in history[:: max(len(history) // 50, 1)]]
