@@ -275,9 +275,9 @@ def test_gator_with_round_to_ends_on_multiples_within_the_target():
     r = prune_(net, GatorConfig(target=0.5, epochs=2, round_to=8), data[0][0], train_loader=data,
                train_config=TrainConfig(epochs=1, lr=0.05), device="cpu")
     assert net[0].out_channels % 8 == 0 and net[2].out_channels % 8 == 0
-    final = r.metrics["final"]
-    assert "settle_rounding_multiple" not in final and final["rounding_multiple"] == 8
-    assert final["rounding_reopened"] == 0 and final["fraction"] <= 0.5
+    final, rounding = r.metrics["final"], r.metrics["rounding"]
+    assert "settle_rounding" not in r.metrics and rounding["multiple"] == 8
+    assert rounding["reopened"] == 0 and final["fraction"] == rounding["fraction"] <= 0.5
     assert r.metrics["conversion"]["max_abs_diff"] <= 1e-5
 
 
@@ -293,8 +293,8 @@ def test_gator_rounds_on_settling_and_trains_the_rounded_network():
     x = next(iter(bundle.val))[0][:2]
     r = prune_(model, GatorConfig(target=0.5, epochs=3, probe=False, round_to=8), x, train_loader=bundle.train,
                val_loader=bundle.val, train_config=TrainConfig(epochs=1, lr=0.05, momentum=0.9), device="cpu")
-    final = r.metrics["final"]
-    assert final["settle_rounding_multiple"] == 8 and final["settle_rounding_fraction"] <= 0.5
-    assert final["rounding_closed"] == 0 and final["rounding_reopened"] == 0  # already multiples at the end
+    settled, rounding = r.metrics["settle_rounding"], r.metrics["rounding"]
+    assert settled["multiple"] == 8 and settled["fraction"] <= 0.5
+    assert rounding["closed"] == 0 and rounding["reopened"] == 0  # already multiples at the end
     assert all(m.out_channels % 8 == 0 for m in model.modules() if isinstance(m, nn.Conv2d))
     assert r.metrics["gated"]["acc"] > 0.93

@@ -55,7 +55,8 @@ def gator_prune_(
     Metrics: gated_history (per-epoch records with "gator/..." entries), final (threshold search:
     fraction, channels closed), controller ([step, fraction, planned, lambda] samples), target
     (measure, target, achieved, within_tolerance), macs_fraction, params_fraction, conversion
-    (cut branches, silent groups, max |gated - converted| on the example inputs),
+    (cut branches, silent groups, max |gated - converted| on the example inputs), with `round_to`
+    settle_rounding (widths rounded when the run settled) and/or rounding (after training),
     skipped_groups, and with a val_loader gated / converted / finetuned accuracy.
     With `ckpt_dir` both training phases checkpoint every epoch (in its subfolders gated/ and
     finetune/); with `resume=True` they continue from there, and a finished phase only reloads.
@@ -133,13 +134,13 @@ def _gated_phase(model: nn.Module, graph: Any, gates: GateSet, cost: CostModel, 
                                   config.target)
         if config.round_to and config.round_to > 1:  # the target, or the unrounded result, is the budget
             budget = info["fraction"] if config.target is None else max(config.target, info["fraction"])
-            masks, rounding = rounded_masks(masks, logits, prunable, measure.fraction, budget, config.round_to,
-                                            graph, list(gates.names))
-            info.update({f"rounding_{k}": v for k, v in rounding.items() if k != "fraction"},
-                        fraction=rounding["fraction"])
+            masks, metrics["rounding"] = rounded_masks(masks, logits, prunable, measure.fraction, budget,
+                                                       config.round_to, graph, list(gates.names))
+            info["fraction"] = metrics["rounding"]["fraction"]
         gates.freeze(masks)
-        settled = {f"settle_rounding_{k}": v for k, v in (hook.rounding or {}).items()}
-        metrics["final"] = {**info, **settled, "lambda": hook.lam}
+        if hook.rounding is not None:
+            metrics["settle_rounding"] = hook.rounding
+        metrics["final"] = {**info, "lambda": hook.lam}
         if hook.controller is not None:
             history = hook.controller.history
             metrics["controller"] = [list(h) for h in history[:: max(len(history) // 50, 1)]]
