@@ -111,3 +111,49 @@ def test_hostile_criterion_in_a_config_raises(tmp_path):
     with pytest.raises(ConfigError, match="evolved"):
         MagnitudeConfig(criterion=f"evolved:__import__('os').system('touch {flag}')", channel_ratio=0.5)
     assert not flag.exists()
+
+
+def _scores_without_reuse(tree, maps, labels, filters):
+    """channel_scores written out plainly: the tree evaluated afresh for every channel and class."""
+    out = []
+    for k in range(maps.shape[1]):
+        x, total = maps[:, k, :], 0.0
+        for c in np.unique(labels):
+            p, q = x[labels == c], x[labels != c]
+            env = {"X": x, "mX": x.mean(0), "WI": filters[k], "W": filters, "P": p, "Q": q, "N": len(p),
+                   "mP": p.mean(0), "mQ": q.mean(0)}
+            total = total + np.sum(evaluate_tree(tree, env))
+        if not np.isfinite(total) or np.ndim(total) != 0:
+            raise EvalError("no finite score")
+        out.append(total)
+    return np.array(out)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 5))
+def test_reused_subtrees_give_the_plain_scores(seed, height):
+    random.seed(seed)
+    tree = gp.PrimitiveTree(gp.genGrow(PSET, 1, height))
+    X, y = _class_data(n=24, k=3, d=5, seed=seed % 1000)
+    filters = np.random.default_rng(seed % 997).normal(size=(3, 7))
+    try:
+        want = _scores_without_reuse(tree, X, y, filters)
+    except EvalError:
+        with pytest.raises(EvalError):
+            channel_scores(tree, X, y, filters)
+        return
+    np.testing.assert_array_equal(channel_scores(tree, X, y, filters), want)
+
+
+def test_filter_only_subtree_is_computed_once_per_group(monkeypatch):
+    from prunekit.importance.evolved import space
+
+    calls = []
+    medoid = space.OPS["geo_median"][0]
+    monkeypatch.setitem(space.OPS, "geo_median", (lambda w: calls.append(1) or medoid(w), 1))
+    X, y = _class_data(k=4, classes=3)
+    filters = np.random.default_rng(2).normal(size=(4, 9))
+    got = channel_scores(parse_expression(SEEDS["seed_geo_median"]), X, y, filters)
+    assert len(calls) == 1  # 4 channels x 3 classes evaluations, one medoid
+    want = 3 * FILTER_FUNCTIONS["seed_geo_median"](torch.from_numpy(filters)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-9)

@@ -23,19 +23,75 @@ from deap import gp
 from ...core.errors import ConfigError
 from ...graph import Group
 from ..context import ScoreContext
-from .space import OPS, EvalError
+from .space import OPS, TERMINALS, EvalError
 from .stats import collect_feature_maps
 from .text import expression_text, parse_expression
 
 _ERRORS = (ArithmeticError, ValueError, TypeError, IndexError, np.linalg.LinAlgError, MemoryError)
 
 
-def evaluate_tree(tree: gp.PrimitiveTree, env: dict, deadline: float | None = None):
+# Terminals that do not change with the class (P, Q, N, mP, mQ do), and with the channel either (W).
+_PER_CHANNEL = frozenset({"X", "mX", "WI", "W"})
+_PER_GROUP = frozenset({"W"})
+
+
+class _Reuse:
+    """Which subtrees of a tree can be computed once per group or once per channel.
+
+    `channel_scores` evaluates a tree for every (channel, class) pair; a subtree that reads only W
+    (e.g. geo_median(W), a medoid over all filters) has the same value for all of them, and one that
+    reads only X, mX, WI and W the same value for every class of a channel. `store[i]` is 0 (keep
+    node i's value for the group), 1 (for the channel) or None; only the largest such subtrees are
+    kept. `ends[i]` is where node i's subtree ends in the prefix list.
+    """
+
+    def __init__(self, tree: gp.PrimitiveTree):
+        n = len(tree)
+        ends, reads, stack = [0] * n, [frozenset()] * n, []
+        for i in reversed(range(n)):
+            node = tree[i]
+            if node.arity == 0:
+                name = node.format()
+                reads[i], ends[i] = frozenset({name} if name in TERMINALS else ()), i + 1
+            else:
+                kids = [stack.pop() for _ in range(node.arity)]
+                reads[i], ends[i] = frozenset().union(*(reads[k] for k in kids)), ends[kids[-1]]
+            stack.append(i)
+        level = [0 if r <= _PER_GROUP else 1 if r <= _PER_CHANNEL else 2 for r in reads]
+        parent_level = [3] * n
+        for i in range(n):
+            j = i + 1
+            for _ in range(tree[i].arity):
+                parent_level[j] = level[i]
+                j = ends[j]
+        self.ends = ends
+        self.store = [level[i] if tree[i].arity and level[i] < 2 and parent_level[i] > level[i] else None
+                      for i in range(n)]
+
+
+def evaluate_tree(tree: gp.PrimitiveTree, env: dict, deadline: float | None = None,
+                  reuse: _Reuse | None = None, caches: tuple[dict, dict] | None = None):
     """Value of `tree` with terminals bound by `env` (name -> value); EvalError when it has none.
-    `deadline` (time.monotonic()) bounds the time: checked between operators."""
+    `deadline` (time.monotonic()) bounds the time: checked between operators. With `reuse` and
+    `caches` (a per-group and a per-channel dict, node index -> value), a subtree whose value is
+    already in a cache is read from it instead of computed, and new values of reusable subtrees
+    are put there."""
+    if reuse is None or caches is None:
+        order = range(len(tree))
+    else:  # the prefix list with every cached subtree collapsed to its root
+        order, i = [], 0
+        while i < len(tree):
+            order.append(i)
+            level = reuse.store[i]
+            i = reuse.ends[i] if level is not None and i in caches[level] else i + 1
     stack: list = []
     with np.errstate(all="ignore"):
-        for node in reversed(tree):
+        for i in reversed(order):
+            node = tree[i]
+            level = reuse.store[i] if caches is not None and reuse is not None else None
+            if level is not None and i in caches[level]:
+                stack.append(caches[level][i])
+                continue
             if node.arity == 0:
                 stack.append(env[node.format()])
                 continue
@@ -48,23 +104,29 @@ def evaluate_tree(tree: gp.PrimitiveTree, env: dict, deadline: float | None = No
                 raise
             except _ERRORS as err:
                 raise EvalError(f"{node.name}: {type(err).__name__}: {str(err)[:120]}") from None
+            if level is not None:
+                caches[level][i] = stack[-1]
     return stack[0]
 
 
 def channel_scores(tree: gp.PrimitiveTree, maps: np.ndarray, labels: np.ndarray, filters: np.ndarray,
                    deadline: float | None = None) -> np.ndarray:
-    """Score every channel: maps (N, K, D), labels (N,), filters (K, F) -> (K,) finite scores."""
+    """Score every channel: maps (N, K, D), labels (N,), filters (K, F) -> (K,) finite scores.
+    Subtrees that do not depend on the class (or on the channel) are computed once per channel
+    (or once per group): the same values, without repeating e.g. a medoid over all filters."""
     classes = np.unique(labels)
     masks = [labels == c for c in classes]
     out = np.empty(maps.shape[1])
+    reuse, per_group = _Reuse(tree), {}
     for k in range(maps.shape[1]):
         x = maps[:, k, :]
         env = {"X": x, "mX": x.mean(0), "WI": filters[k], "W": filters}
+        caches = (per_group, {})
         total = 0.0
         for mask in masks:
             p, q = x[mask], x[~mask]
             env.update(P=p, Q=q, N=len(p), mP=p.mean(0), mQ=q.mean(0) if len(q) else np.zeros(x.shape[1]))
-            total = total + np.sum(evaluate_tree(tree, env, deadline))
+            total = total + np.sum(evaluate_tree(tree, env, deadline, reuse, caches))
         if not np.isfinite(total) or np.ndim(total) != 0:
             raise EvalError(f"channel {k} has no finite score ({total!r})")
         out[k] = total
