@@ -42,6 +42,37 @@ def test_resnet20_converts_every_3x3_but_the_stem_and_reloads(tmp_path):
     assert read_plan(path).meta["replay"]["ssc"]["layers"]["layer1.0.conv1"] == preset_for(4).to_dict()
 
 
+def test_an_explicit_preset_that_does_not_divide_128_converts_the_layers_it_fits():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), nn.ReLU(), nn.Conv2d(48, 48, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    r = prune_(model, SSCConfig(groups=3, spatial_period=2), x)
+    assert isinstance(model[2], SSCConv2d) and type(model[0]) is nn.Conv2d
+    taps = model[2].real_params() - 48  # the bias is not a tap
+    assert r.metrics["layer_reduction"] == pytest.approx(48 * 48 * 9 / taps)
+    assert r.cost_before.params - r.cost_after.params == 48 * 48 * 9 - taps
+
+
+def test_a_fresh_interpreter_reloads_a_converted_model_without_importing_the_method(tmp_path):
+    import subprocess
+    import sys
+
+    model = _resnet20()
+    r = prune_(model, SSCConfig(reduction=4), X)
+    path = save_pruned(model, r.plan, tmp_path / "ssc.safetensors")
+    torch.save({"x": X, "y": model(X).detach()}, tmp_path / "io.pt")
+    code = ("import sys, torch\n"
+            "from prunekit.models import create_model\n"
+            "from prunekit.surgery.persist import load_pruned\n"
+            "assert 'prunekit.methods.ssc' not in sys.modules\n"
+            "torch.manual_seed(0)\n"
+            f"m = load_pruned(create_model('resnet20', num_classes=10), {str(path)!r}).eval()\n"
+            f"io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)\n"
+            "torch.testing.assert_close(m(io['x']), io['y'], atol=0, rtol=0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("name", ["vgg11_bn", "resnet20"])
 def test_presets_reach_their_layer_reduction(name):
     torch.manual_seed(0)

@@ -104,9 +104,12 @@ class SSCConfig(Config):
 
 def layer_reduction(spec: SSCSpec, kernel_size: int = 3) -> float:
     """Dense weights / real weights of a layer with this preset (channel counts do not matter
-    once divisible: measured on a 128 -> 128 layer)."""
-    lay = SSCLayout(128, 128, kernel_size, spec)
-    return 128 * 128 * kernel_size ** 2 / float(lay.real_taps_per_filter().sum())
+    once divisible: measured on a square layer of the first width >= 128 that the preset's
+    groups and periods divide, 128 for every table preset)."""
+    unit = spec.groups * math.lcm(spec.spatial_period or 1, spec.point_period or 1)
+    c = unit * -(-128 // unit)
+    lay = SSCLayout(c, c, kernel_size, spec)
+    return c * c * kernel_size ** 2 / float(lay.real_taps_per_filter().sum())
 
 
 def preset_for(reduction: float, family: str = "het", pattern: str = "full") -> SSCSpec:

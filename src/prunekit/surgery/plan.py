@@ -17,6 +17,7 @@ the model changes; any mismatch is one CheckpointError (see plan_check.py).
 """
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,6 +197,9 @@ def replay_entries(plan: Plan) -> dict[str, Any]:
         raise CheckpointError(f"plan meta 'replay' must be a mapping of step -> entry, got {type(replay).__name__}; "
                               "re-export the plan with prunekit")
     unknown = sorted(k for k in replay if k not in REPLAY_STEPS)
+    if unknown:  # the built-in methods register their steps when imported: load them, by name only
+        importlib.import_module("prunekit.methods")
+        unknown = sorted(k for k in replay if k not in REPLAY_STEPS)
     if unknown:
         raise CheckpointError(f"plan needs replay steps {unknown}, which are not registered (known: "
                               f"{sorted(REPLAY_STEPS)}); import the package that defines them first")
