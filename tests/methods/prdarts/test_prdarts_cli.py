@@ -64,7 +64,11 @@ def test_search_command_refuses_bad_device_threads_and_data_before_writing(tmp_p
     for override, needle in [("device=tpu", "device='tpu' must be 'cpu' or 'cuda[:index]'"),
                              ("device=cuda", "CUDA is not available"),
                              ("threads=0", "threads=0 must be an integer >= 1"),
-                             ("data.root=/nonexistent", "leave root and image_size unset")]:
+                             ("data.root=/nonexistent", "leave root and image_size unset"),
+                             ("evaluate.channels=0", "evaluate.channels=0 must be >= 1"),
+                             ("evaluate.layers=0", "evaluate.layers=0 must be >= 3"),
+                             ("evaluate.latency_repeats=0", "evaluate.latency_repeats=0 must be >= 1"),
+                             ("evaluate.auxiliary=true", "set evaluate.auxiliary=false")]:
         out = tmp_path / "x"
         res = CliRunner().invoke(cli, ["search", str(recipe), override, "--out", str(out)])
         assert res.exit_code == 2, (override, res.output)

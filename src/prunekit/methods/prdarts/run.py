@@ -17,7 +17,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -63,6 +63,28 @@ class EvalRecipe(Config):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"evaluate.{name}={v!r} must be an integer >= 0")
+        for name, low in (("channels", 1), ("layers", 3), ("latency_repeats", 1)):
+            if getattr(self, name) < low:
+                why = " (DARTS places its reductions at layers//3 and 2*layers//3)" if name == "layers" else ""
+                raise ConfigError(f"evaluate.{name}={getattr(self, name)} must be >= {low}{why}")
+
+    def check_input(self, input_shape: Sequence[int], num_classes: int) -> None:
+        """ConfigError unless the evaluation network runs on (C, H, W) inputs: checked on a narrow
+        network of the reference cell before the search (every cell changes the size alike)."""
+        from .evalnet import EvalNetwork
+
+        if not self.enabled:
+            return
+        net = EvalNetwork(REFERENCE_GENOTYPES["darts_v2"], 2, num_classes, self.layers, self.auxiliary,
+                          int(input_shape[0])).train()
+        try:
+            with torch.no_grad():
+                net(torch.zeros(2, *input_shape))
+        except RuntimeError as err:
+            hint = ("; set evaluate.auxiliary=false (DARTS's auxiliary head expects 32x32 images)"
+                    if self.auxiliary else "")
+            raise ConfigError(f"the evaluation network does not run on {tuple(input_shape)} inputs "
+                              f"({str(err).splitlines()[0][:160]}){hint}") from None
 
 
 @dataclasses.dataclass
@@ -133,6 +155,7 @@ def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     bundle = load_data(recipe.data)  # a missing or unreadable dataset fails before any file is written
+    recipe.evaluate.check_input(bundle.input_shape, bundle.num_classes)  # so does an input it cannot take
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1))
