@@ -72,3 +72,30 @@ def test_a_task_that_cannot_load_fails_in_one_line_and_leaves_no_run_directory(t
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: task 'digits': dense weights") and "Traceback" not in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("task, needle", [
+    ("[{base: digits}, {base: cifar10_subset, data: {root: /nonexistent/cifar.tar.gz}}]",
+     "task 'cifar10_subset': data.root '/nonexistent/cifar.tar.gz' does not exist"),
+    ("[{base: digits, model: nosuchmodel}]", "task 'digits': "),
+    ("[{base: digits, init: /nonexistent/dense.safetensors}]", "init '/nonexistent/dense.safetensors' is not a file"),
+])
+def test_every_task_is_checked_before_any_dense_model_trains(tmp_path, task, needle):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["evolve", str(RECIPE), f"evolve.tasks={task}", "evolve.population=3",
+                                      "evolve.parents=2", "evolve.generations=0", "evolve.executor=serial",
+                                      "reevaluate.seeds=0", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output and "training the dense" not in result.output
+    assert not out.exists()
+
+
+def test_resume_refuses_a_directory_that_is_not_an_evolve_run(tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "report.md").write_text("# someone else's report\n")
+    (foreign / "recipe.yaml").write_text("protocol: cifar10_resnet20\narms: {}\n")
+    before = {p.name: p.read_bytes() for p in foreign.iterdir()}
+    result = CliRunner().invoke(cli, ["evolve", str(RECIPE), "--resume", str(foreign)])
+    assert result.exit_code == 2 and "not an evolve run directory" in result.output, result.output
+    assert {p.name: p.read_bytes() for p in foreign.iterdir()} == before

@@ -52,7 +52,7 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
     prunekit evolve recipes/evolve_digits_cifar.yaml --resume runs/evolve_digits_cifar-20250101-120000
     """
     from ..evolve.report import comparison_set, reevaluate, write_run
-    from ..evolve.search import run_search
+    from ..evolve.search import check_tasks, run_search
     from .overrides import dump_yaml
     from .recipe import split_arguments
     from .rundir import choose_run_dir
@@ -63,9 +63,11 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
     if source is None:
         raise ConfigError("give an evolve recipe, e.g. prunekit evolve recipes/evolve_digits_cifar.yaml")
     cfg, reeval, name, raw = load_evolve_recipe(source, overrides)
+    check_tasks(cfg)  # a model, data path or weights file that cannot be used fails before any work
     echo = (lambda s: None) if quiet else click.echo
     if resume_dir is not None:
         run_dir = Path(resume_dir)
+        _check_evolve_run(run_dir)
     else:
         run_dir = choose_run_dir(name, "runs", out)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,18 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
     report = write_run(run_dir, cfg, state, rows)
     echo(f"best: {(run_dir / 'best.txt').read_text().strip()}")
     echo(str(report))
+
+
+def _check_evolve_run(run_dir: Path) -> None:
+    """ConfigError unless `run_dir` is an evolve run directory (its recipe.yaml has an evolve
+    section): resuming must never write into another tool's or method's directory."""
+    from .overrides import load_yaml_file
+
+    recipe = run_dir / "recipe.yaml"
+    raw = load_yaml_file(str(recipe)) if recipe.is_file() else None
+    if not isinstance(raw, dict) or "evolve" not in raw:
+        raise ConfigError(f"--resume {run_dir}: not an evolve run directory (no recipe.yaml with an 'evolve' "
+                          "section); nothing was written there. Start a new run with --out")
 
 
 def _remove_if_unused(run_dir: Path) -> None:

@@ -205,6 +205,29 @@ def load_checkpoint(run_dir: Path, cfg: EvolveConfig) -> SearchState | None:
                        data["history"])
 
 
+def check_tasks(cfg: EvolveConfig) -> None:
+    """ConfigError for a task whose model, data settings, data path or dense weights cannot be
+    used, before anything is trained: a search would otherwise fail only on reaching that task."""
+    from ..data import DataConfig
+    from ..models import get_model_spec
+
+    for task in cfg.tasks:
+        where = f"task {task.name!r}"
+        try:
+            get_model_spec(task.model)
+            data = DataConfig(**task.data)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        except TypeError as err:  # an unknown data key
+            raise ConfigError(f"{where}: data: {err}") from None
+        if data.root is not None and not Path(data.root).exists():
+            raise ConfigError(f"{where}: data.root {data.root!r} does not exist (relative paths start in "
+                              f"{Path.cwd()}); give the dataset's path")
+        if task.init is not None and not Path(task.init).is_file():
+            raise ConfigError(f"{where}: init {task.init!r} is not a file; give trained dense weights "
+                              "(.safetensors) or leave init unset to train them")
+
+
 def prepare_dense(cfg: EvolveConfig, run_dir: Path, echo: Callable[[str], None] = lambda s: None) -> dict[str, str]:
     """task -> trained dense weights: the task's `init`, else trained once into run_dir/dense/."""
     paths = {}
@@ -226,6 +249,7 @@ def run_search(cfg: EvolveConfig, run_dir: str | Path, resume: bool = False, pro
                echo: Callable[[str], None] = lambda s: None) -> SearchState:
     """Run (or resume) the evolution; returns the final state (hall_of_fame[0] is the best text)."""
     run_dir = Path(run_dir)
+    check_tasks(cfg)
     dense = prepare_dense(cfg, run_dir, echo)
     search = Search(cfg, run_dir, dense, progress)
     state = load_checkpoint(run_dir, cfg) if resume else None
