@@ -3,6 +3,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from prunekit.core.errors import CheckpointError, ConfigError
 from prunekit.engine.train import TrainConfig
@@ -152,3 +153,14 @@ def test_a_damaged_or_hostile_checkpoint_is_one_checkpoint_error(dense, tmp_path
     path.write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="other settings"):
         run_search(cfg, tmp_path, resume=True, progress=False)
+
+
+def test_a_task_s_dense_model_is_the_same_whatever_ran_before(tmp_path):
+    from prunekit.engine.train import TrainConfig
+    from prunekit.evolve.fitness import train_dense
+
+    task = digits_task(dense_train=TrainConfig(epochs=1, lr=0.05))
+    train_dense(task, tmp_path / "a.safetensors")
+    torch.rand(1000)  # the process's random state moves on
+    train_dense(task, tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()

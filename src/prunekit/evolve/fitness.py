@@ -74,7 +74,9 @@ def _data(task: TaskConfig, device: str, augment: bool | None = None):
 def train_dense(task: TaskConfig, path: str | Path, device: str = "cpu") -> float:
     """Train the task's dense model with `dense_train`, save it to `path`; returns its val accuracy."""
     bundle = _data(task, device)
-    model = create_model(task.model, bundle.num_classes, **task.model_kwargs)
+    with torch.random.fork_rng(devices=[]):  # the initialisation follows dense_train.seed, not the process's history
+        torch.manual_seed(task.dense_train.seed)
+        model = create_model(task.model, bundle.num_classes, **task.model_kwargs)
     train(model, bundle.train, None, task.dense_train, progress=False, device=device)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_model(model.cpu(), str(path))
