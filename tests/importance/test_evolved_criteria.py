@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from prunekit.core.errors import ConfigError
 from prunekit.graph import build_graph
 from prunekit.importance.criteria import CRITERIA, ScoreContext
 from prunekit.importance.evolved.closed_forms import FILTER_FUNCTIONS, STAT_FUNCTIONS
@@ -135,3 +136,22 @@ def test_every_group_kind_of_the_toy_models_is_scored(name):
         for g in graph.prunable_groups():
             s = resolve_criterion(crit)(g, ctx)
             assert s.shape == (g.size,) and bool(torch.isfinite(s).all()), (crit, g.name)
+
+
+@pytest.mark.parametrize("crit", ["ga_func2", "evolved:div(var(P), rho5(var(Q)))"])
+def test_missing_or_unlabelled_batches_get_one_clear_message_and_leave_the_model(crit):
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+    from prunekit.models import create_model
+
+    model = create_model("small_cnn", num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 1, 8, 8)
+    cfg = MagnitudeConfig(criterion=crit, channel_ratio=0.5, probe=False)
+    name = crit.split(":")[0]
+    with pytest.raises(ConfigError, match=f"criterion '{name}' needs data"):
+        prune_(model, cfg, x[:1])
+    with pytest.raises(ConfigError, match=r"labelled calibration data: pass batches=\[\(inputs, labels\)"):
+        prune_(model, cfg, x[:1], batches=[x, x])
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

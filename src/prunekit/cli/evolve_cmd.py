@@ -51,7 +51,7 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
     prunekit evolve recipes/evolve_digits_cifar.yaml evolve.generations=2 evolve.executor=ray
     prunekit evolve recipes/evolve_digits_cifar.yaml --resume runs/evolve_digits_cifar-20250101-120000
     """
-    from ..evolve.report import comparison_set, reevaluate, write_run
+    from ..evolve.report import comparison_set, counted, reevaluate, write_run
     from ..evolve.search import check_tasks, run_search
     from .overrides import dump_yaml
     from .recipe import split_arguments
@@ -81,7 +81,8 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
         raise
     rows = []
     if reeval["seeds"] > 0:
-        echo(f"re-evaluating the best {reeval['top']} functions and the 7 seeds with {reeval['seeds']} fresh seeds")
+        echo(f"re-evaluating the best {counted(reeval['top'], 'function')} and the 7 seeds with "
+             f"{counted(reeval['seeds'], 'fresh seed')}")
         rows = reevaluate(cfg, run_dir, comparison_set(state, reeval["top"]), reeval["seeds"], progress=not quiet)
     report = write_run(run_dir, cfg, state, rows)
     echo(f"best: {(run_dir / 'best.txt').read_text().strip()}")

@@ -59,6 +59,11 @@ def plot_fitness(path: Path, history: list[dict]) -> Path:
     return path
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 epoch', '2 epochs'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def write_run(run_dir: Path, cfg: EvolveConfig, state: SearchState, reeval: list[dict]) -> Path:
     """Write best.txt, functions.json, reevaluation.json, fitness.png and report.md; returns the report."""
     search = Search(cfg, run_dir, {t.name: "" for t in cfg.tasks}, False)
@@ -68,17 +73,18 @@ def write_run(run_dir: Path, cfg: EvolveConfig, state: SearchState, reeval: list
     (run_dir / "functions.json").write_text(json.dumps(hof, indent=1))
     (run_dir / "reevaluation.json").write_text(json.dumps(reeval, indent=1))
     plot_fitness(run_dir / "fitness.png", state.history)
-    lines = [f"# Evolved pruning functions ({len(state.history) - 1} generations, population {cfg.population})", "",
+    generations = counted(len(state.history) - 1, "generation")
+    lines = [f"# Evolved pruning functions ({generations}, population {cfg.population})", "",
              "Fitness: weighted geometric mean over tasks of the validation accuracy after pruning and fine-tuning.",
              "Tasks: " + "; ".join(f"{t.name} ({t.model} on {t.data['name']}, remove {t.prune_ratio:.0%} of every "
-                                   f"group, fine-tune {t.finetune.epochs} epochs)" for t in cfg.tasks), "",
+                                   f"group, fine-tune {counted(t.finetune.epochs, 'epoch')})" for t in cfg.tasks), "",
              "![fitness per generation](fitness.png)", "", "## Hall of fame (search fitness)", "",
              "| # | fitness | formula |", "|---|---|---|"]
     lines += [f"| {i + 1} | {h['fitness']:.4f} | `{h['formula']}` |" for i, h in enumerate(hof)]
     lines += ["", f"Best as text (criterion `evolved:<text>`): `{hof[0]['text']}`", ""]
     if reeval:
         n = len(next(iter(reeval[0]["tasks"].values()))["accs"])
-        lines += [f"## Re-evaluated with {n} fresh seeds (mean ± std of val accuracy)", "",
+        lines += [f"## Re-evaluated with {counted(n, 'fresh seed')} (mean ± std of val accuracy)", "",
                   "| function | fitness | " + " | ".join(t.name for t in cfg.tasks) + " |",
                   "|---|---|" + "---|" * len(cfg.tasks)]
         for r in reeval:

@@ -25,7 +25,7 @@ snip, grasp and synflow reduce per-weight scores (importance/elements.py) to cha
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -195,6 +195,12 @@ def register_criterion_factory(prefix: str, factory: Callable[[str], Criterion])
     CRITERION_FACTORIES.register(prefix, factory)
 
 
+def _shown(spec: Any, limit: int = 80) -> str:
+    """repr of a criterion spec for an error message, cut to `limit` characters."""
+    text = repr(spec)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def resolve_criterion(spec: str | Criterion) -> Criterion:
     """The criterion `spec` names: a callable `(group, ctx) -> Tensor (group.size,)` as it is,
     a registered name (`CRITERIA`), or "<prefix>:<text>" built by the factory registered for
@@ -207,28 +213,28 @@ def resolve_criterion(spec: str | Criterion) -> Criterion:
         return spec
     if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in CRITERION_FACTORIES:
         prefix, text = next(iter(spec.items()))  # YAML reads `evolved: P` (colon, space) as a mapping
-        raise ConfigError(f"criterion={spec!r} was read as a mapping: YAML takes '{prefix}: ...' with a space after "
+        raise ConfigError(f"criterion={_shown(spec)} was read as a mapping: YAML takes '{prefix}: ...' with a space after "
                           f"the colon as a key; write {prefix}:{text if text is not None else '<text>'} without the "
                           "space, or quote the whole value")
     if not isinstance(spec, str):
-        raise ConfigError(f"criterion={spec!r} must be a registered name ({', '.join(CRITERIA.list())}), "
+        raise ConfigError(f"criterion={_shown(spec)} must be a registered name ({', '.join(CRITERIA.list())}), "
                           "'<prefix>:<text>' or a callable (group, ctx) -> scores")
     prefix, sep, text = spec.partition(":")
     if not sep:
         if spec not in CRITERIA:
-            raise ConfigError(f"criterion={spec!r} is not allowed; choose one of: {', '.join(CRITERIA.list())}"
+            raise ConfigError(f"criterion={_shown(spec)} is not allowed; choose one of: {', '.join(CRITERIA.list())}"
                               + (f", or '<prefix>:<text>' with a prefix in {CRITERION_FACTORIES.list()}"
                                  if CRITERION_FACTORIES.list() else ""))
         return CRITERIA.get(spec)
     if prefix not in CRITERION_FACTORIES:
-        raise ConfigError(f"criterion={spec!r}: no criterion factory is registered for prefix {prefix!r}; "
+        raise ConfigError(f"criterion={_shown(spec)}: no criterion factory is registered for prefix {prefix!r}; "
                           f"registered prefixes: {', '.join(CRITERION_FACTORIES.list()) or '(none)'}")
     try:
         built = CRITERION_FACTORIES.get(prefix)(text)
     except ConfigError as err:
-        raise ConfigError(f"criterion={spec!r}: {err}") from None
+        raise ConfigError(f"criterion={_shown(spec)}: {err}") from None
     except Exception as err:  # the factory's own parser rejected the text
-        raise ConfigError(f"criterion={spec!r} could not be built by the {prefix!r} factory "
+        raise ConfigError(f"criterion={_shown(spec)} could not be built by the {prefix!r} factory "
                           f"({type(err).__name__}: {str(err)[:200]}); fix the text after '{prefix}:'") from None
     if not callable(built):
         raise ConfigError(f"criterion={spec!r}: the {prefix!r} factory returned {type(built).__name__}, not a callable")

@@ -40,7 +40,9 @@ from .result import PruneResult
 
 @dataclasses.dataclass
 class HydraConfig(Config):
-    """density: kept share of each layer's weights (per-layer top-k); epochs: score training;
+    """HYDRA: one learned score per weight of a trained network; each layer keeps its top-k weights.
+
+    density: kept share of each layer's weights (per-layer top-k); epochs: score training;
     lr: of the score optimizer (SGD with the train_config's momentum and weight decay);
     score_init: "scaled" (HYDRA's |w|-ranked init) or "kaiming"; train_bn: also train
     BatchNorm affine parameters while the scores learn; ignore: layer names kept dense."""

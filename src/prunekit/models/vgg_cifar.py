@@ -72,5 +72,5 @@ for _variant, _cfg in CONFIGS.items():
     _convs = sum(1 for c in _cfg if c != POOL)
     MODELS.register(
         f"{_variant}_bn",
-        ModelSpec(_builder(_variant), (3, 32, 32), 10, f"CIFAR VGG-{_convs + 1} with BatchNorm"),
+        ModelSpec(_builder(_variant), (3, 32, 32), 10, f"CIFAR VGG-{_variant[3:]} with BatchNorm ({_convs} convs, one Linear)"),
     )

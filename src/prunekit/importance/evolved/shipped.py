@@ -27,12 +27,12 @@ from .closed_forms import FILTER_FUNCTIONS, STAT_FUNCTIONS
 from .stats import ClassStats, collect_class_stats
 
 
-def class_stats(group: Group, ctx: ScoreContext) -> ClassStats:
+def class_stats(group: Group, ctx: ScoreContext, who: str = "class-statistics") -> ClassStats:
     """The group's streamed class statistics, computed once per context (one pass for every
     prunable group of `ctx.graph` when it is set)."""
     cache = ctx.cache.setdefault("class_stats", {})
     if group.name not in cache:
-        batches = ctx.require_batches("class-statistics criteria")
+        batches = ctx.require_batches(who)
         groups = ctx.graph.prunable_groups() if ctx.graph is not None else [group]
         if group.name not in {g.name for g in groups}:
             groups = [group]
@@ -75,7 +75,7 @@ DESCRIPTIONS = {  # one line each, for `prunekit info criteria`
 
 def _stat_criterion(name, fn):
     def criterion(group: Group, ctx: ScoreContext) -> torch.Tensor:
-        return fn(class_stats(group, ctx).moments()).float()
+        return fn(class_stats(group, ctx, name).moments()).float()
     criterion.__doc__ = f"{DESCRIPTIONS[name]}.\n\n{fn.__doc__}"
     return criterion
 

@@ -153,13 +153,22 @@ class ClassStats:
                 "mP": col / nP.unsqueeze(2), "mQ": (total_col - col) / nQ.unsqueeze(2), "mX": total_col / total_n}
 
 
+def _labelled(batches: Iterable):
+    """The (inputs, labels) pairs of `batches`; ConfigError at the first batch that is not one."""
+    for batch in batches:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ConfigError("class-statistics and evolved criteria need labelled calibration data: pass "
+                              f"batches=[(inputs, labels), ...] (got a batch of {type(batch).__name__})")
+        yield batch
+
+
 def _forward_all(model: nn.Module, hooks: list, batches: Iterable, on_labels) -> None:
     """Run every batch in eval mode with `hooks` in place, telling `on_labels(y)` each batch's labels first."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for x, y in batches:
+            for x, y in _labelled(batches):
                 on_labels(torch.as_tensor(y))
                 model(x)
     finally:
@@ -232,7 +241,7 @@ def collect_feature_maps(model: nn.Module, groups: list[Group], batches: Iterabl
 
 def _take(batches: Iterable, n: int):
     got = 0
-    for x, y in batches:
+    for x, y in _labelled(batches):
         if got >= n:
             return
         yield x, y
