@@ -166,3 +166,16 @@ def test_fixed_execution_is_recorded_and_latency_fields_are_checked():
         SSCConfig(execution="auto", latency={"batch": 4})
     with pytest.raises(ConfigError, match="execution='fast'"):
         SSCConfig(execution="fast")
+
+
+def test_weight_sparsity_counts_an_ssc_layer_as_the_dense_conv_it_replaces():
+    from prunekit.surgery.mask_io import weight_sparsity
+
+    model = _resnet20()
+    dense = weight_sparsity(model)["weights"]
+    prune_(model, SSCConfig(reduction=4), X)
+    ssc = [m for m in model.modules() if isinstance(m, SSCConv2d)]
+    taps = sum(m.real_params() - (m.out_channels if m.bias is not None else 0) for m in ssc)
+    full = sum(m.out_channels * m.in_channels * m.kernel_size ** 2 for m in ssc)
+    got = weight_sparsity(model)["weights"]
+    assert got["numel"] == dense["numel"] and got["zeros"] == dense["zeros"] + full - taps

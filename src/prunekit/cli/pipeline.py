@@ -285,7 +285,21 @@ def prune_stage(job: Job, ckpt_dir: Path | None = None, resume: bool = False) ->
         job.echo(f"note: {note}")
     job.echo(f"prune: {method.label}, MACs {_count(before.macs)} -> {_count(after.macs)} "
              f"({before.macs / max(after.macs, 1):.2f}x fewer), params {_count(before.params)} -> "
-             f"{_count(after.params)} ({job.seconds['prune']:.1f} s)")
+             f"{_count(after.params)} ({job.seconds['prune']:.1f} s){_zeros_note(job)}")
+
+
+def _zeros_note(job: Job) -> str:
+    """Zeros inside the kept kernels, which the dense MACs above do not show (masks, N:M, SSC)."""
+    from ..surgery.mask_io import weight_sparsity
+
+    weights = weight_sparsity(job.model)["weights"]
+    if not weights["zeros"]:
+        return ""
+    note = f"; {weights['sparsity']:.1%} of conv/linear weights are zero"
+    macs = job.prune_metrics.get("macs_nonzero")
+    if isinstance(macs, (int, float)) and not isinstance(macs, bool):
+        note += f", MACs on nonzero weights {_count(macs)}"
+    return note
 
 
 def _count(n: float) -> str:

@@ -202,14 +202,21 @@ def weight_sparsity(model: nn.Module) -> dict[str, Any]:
     """Exact zeros counted in the effective weights (never taken from a config).
 
     "tensors": `sparsity_report` per masked tensor; "masked": zeros / numel over all masked
-    tensors; "weights": the same over every conv and linear weight, masked or not.
+    tensors; "weights": the same over every conv and linear weight, masked or not. A structured
+    sparse conv (`SSCConv2d`) counts as the full dense conv it stands for (out x in x k x k), of
+    which every weight off its support, or exactly zero on it, is a zero.
     """
+    from ..layers.ssc import SSCConv2d
+
     report = sparsity_report(model)
     zeros, numel = sum(e["zeros"] for e in report.values()), sum(e["numel"] for e in report.values())
     wz = wn = 0
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(module.weight, Tensor):
+            if isinstance(module, SSCConv2d):
+                n = module.out_channels * module.in_channels * module.kernel_size ** 2
+                wz, wn = wz + n - int((module.dense_weight() != 0).sum()), wn + n
+            elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(module.weight, Tensor):
                 w = module.weight  # the effective weight when masked
                 wz, wn = wz + int((w == 0).sum()), wn + w.numel()
     return {"tensors": report, "masked": {"zeros": zeros, "numel": numel, "sparsity": zeros / numel if numel else 0.0},
