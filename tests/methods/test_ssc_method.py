@@ -9,6 +9,7 @@ from prunekit.core.errors import CheckpointError, ConfigError, PruningError
 from prunekit.cost.macs import count_cost
 from prunekit.layers.ssc import SSCConv2d
 from prunekit.methods import prune_
+from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.methods.ssc import PRESETS, SSCConfig, layer_reduction, preset_for
 from prunekit.models import create_model
 from prunekit.surgery.persist import load_pruned, read_plan, save_pruned
@@ -179,3 +180,16 @@ def test_weight_sparsity_counts_an_ssc_layer_as_the_dense_conv_it_replaces():
     full = sum(m.out_channels * m.in_channels * m.kernel_size ** 2 for m in ssc)
     got = weight_sparsity(model)["weights"]
     assert got["numel"] == dense["numel"] and got["zeros"] == dense["zeros"] + full - taps
+
+
+def test_channel_pruning_a_fully_converted_model_says_that_nothing_can_be_removed():
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10).eval()
+    x = torch.randn(1, 1, 8, 8)
+    prune_(model, SSCConfig(reduction=4), x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    r = prune_(model, MagnitudeConfig(channel_ratio=0.5), x)
+    assert r.plan.groups == {} and r.metrics["notes"][0].startswith("nothing was removed: none of the model's")
+    with pytest.raises(ConfigError, match="impossible target: none of the model's .* such as SSC layers"):
+        prune_(model, MagnitudeConfig(macs_fraction=0.5), x)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

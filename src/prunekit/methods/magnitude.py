@@ -175,6 +175,16 @@ def _skipped_note(skipped: list[str]) -> dict[str, Any]:
             "skipped_groups": list(skipped)}
 
 
+def _nothing_prunable(graph: Graph) -> str:
+    """Why no channel can be removed, or "" when some group is prunable."""
+    if graph.prunable_groups():
+        return ""
+    found = sorted({g.note for g in graph.groups if g.note})
+    return (f"none of the model's {len(graph.groups)} channel groups can change width (their channels reach "
+            "the input or output, ignored layers, or ops that keep their channels, such as SSC layers"
+            + ("; " + "; ".join(found[:3]) if found else "") + ")")
+
+
 def _search_ratio(graph: Graph, scores, cfg: MagnitudeConfig, which: str, target: float,
                   estimator: CostEstimator) -> dict[str, list[int]]:
     """Smallest unrounded ratio whose estimated cost ({which}) is <= target (absolute count).
@@ -300,6 +310,10 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     writes into tensors (no batches, no between_steps), removes channels from `model` directly:
     surgery checks everything before it writes, so a failure still leaves `model` unchanged."""
     graph, estimator, example_inputs = prepared.graph, prepared.estimator, prepared.example_inputs
+    nothing = _nothing_prunable(graph)
+    if nothing and (cfg.params_fraction is not None or cfg.macs_fraction is not None
+                    or cfg.latency_fraction is not None):
+        raise ConfigError(f"impossible target: {nothing}{_masked_hint(model)}; the model was left unchanged")
     before = prepared.cost_before
     # the user's model changes only once everything succeeded; scoring on batches (gradients) or
     # fine-tuning between steps writes into tensors, so those need a copy of every weight
@@ -345,6 +359,8 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     if fallbacks:
         metrics["criterion_fallbacks"] = fallbacks
     notes = _capped_note(cfg).get("notes", []) + _skipped_note(sorted(set(skipped))).get("notes", [])
+    if nothing:
+        notes.insert(0, f"nothing was removed: {nothing}")
     if skipped:
         metrics["skipped_groups"] = sorted(set(skipped))
     if not metrics.get("rounding"):
