@@ -31,7 +31,10 @@ def load_evolve_recipe(source: str, overrides: list[str]):
     if set(reeval) - {"top", "seeds"} or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                                  for v in reeval.values()):
         raise ConfigError("reevaluate takes top and seeds, integers >= 0 (seeds 0 skips re-evaluation)")
-    cfg = EvolveConfig.from_dict(raw.get("evolve") or {})
+    try:
+        cfg = EvolveConfig.from_dict(raw.get("evolve") or {})
+    except ConfigError as err:
+        raise ConfigError(f"{source or 'recipe'}: evolve: {err}") from None
     name = raw.get("name") or (Path(source).stem if source else "evolve")
     return cfg, reeval, str(name), raw
 

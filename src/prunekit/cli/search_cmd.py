@@ -18,7 +18,17 @@ from ..core.errors import ConfigError
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory to create (default: runs/search-<timestamp>); must be new or empty.")
 def search_cmd(recipe: str, overrides: tuple[str, ...], out: str | None) -> None:
-    """Search a sparse DARTS cell (PR-DARTS) and evaluate it; writes genotypes, alpha plots, report."""
+    """Search a sparse DARTS cell (PR-DARTS) and evaluate it; writes genotypes, alpha plots, report.
+
+    A search recipe has the sections data, search (PRDartsConfig), evaluate (the derived
+    network's training) and the keys device, threads, limit_eval_batches; KEY=VALUE overrides
+    set any field, read as YAML.
+
+    \b
+    prunekit search recipes/prdarts_cifar10_cpu_smoke.yaml
+    prunekit search recipes/prdarts_cifar10_cpu_smoke.yaml search.seed=1 evaluate.enabled=false
+    prunekit search recipes/prdarts_cifar10.yaml device=cuda --out runs/dass
+    """
     from ..methods.prdarts.run import SearchRecipe, run_search
     from .overrides import apply_overrides, load_yaml_file
     from .rundir import choose_run_dir
