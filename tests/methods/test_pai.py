@@ -106,3 +106,15 @@ def test_errors():
         SynFlowConfig(iterations=0)
     with pytest.raises(ConfigError, match="level"):
         RandomInitConfig(level="kernel")
+
+
+@pytest.mark.parametrize("recipe", ["pai_resnet20_cifar10", "pai_resnet56_cifar10", "pai_vgg16_cifar10"])
+@pytest.mark.parametrize("method", ["snip", "grasp", "synflow", "random_init"])
+def test_the_pai_recipes_switch_criterion_with_method_name_alone(recipe, method):
+    from pathlib import Path
+
+    from prunekit.cli.recipe import load_recipe
+
+    path = Path(__file__).resolve().parents[2] / "recipes" / f"{recipe}.yaml"
+    parsed, _ = load_recipe(str(path), [f"method.name={method}"])
+    assert parsed.method.name == method and 0 < parsed.method.config.sparsity < 1
