@@ -9,7 +9,7 @@ the same parameters and MACs. Scores use the first --calib training images (no a
 the same for every arm. Arms are interleaved seed by seed (load drifts hit all arms alike), and
 every finished (arm, seed) is appended to the results JSON at once: a killed run resumes.
 
-Defaults follow the shared CPU protocol (prunekit.protocol when present: ResNet-20, batch 256,
+Defaults follow the shared CPU protocol (prunekit.protocol: ResNet-20, batch 256,
 15 fine-tune epochs one-cycle to lr 0.05, label smoothing 0.1, seeds 0-2, dense weights from
 benchmarks/protocol_dense.py).
 
@@ -53,18 +53,11 @@ INTERNAL = re.compile(r"layer\d+\.\d+\.conv1$")
 
 
 def protocol_settings() -> dict:
-    """The shared protocol's numbers (prunekit.protocol when this checkout has it)."""
-    try:
-        from prunekit.protocol import PROTOCOL
-        return {"model": PROTOCOL.model, "data_root": PROTOCOL.data_root, "batch": PROTOCOL.batch_size,
-                "dense": PROTOCOL.dense_path, "finetune": PROTOCOL.finetune.to_dict(), "seeds": list(PROTOCOL.seeds),
-                "source": "prunekit.protocol"}
-    except ImportError:  # the same numbers, stated here until the protocol module is merged
-        ft = TrainConfig(epochs=15, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",
-                         label_smoothing=0.1, log_every=0)
-        return {"model": "resnet20", "data_root": "../shared/data/cifar10-jpg.tar.gz", "batch": 256,
-                "dense": "local/protocol_dense_resnet20.safetensors", "finetune": ft.to_dict(), "seeds": [0, 1, 2],
-                "source": "built-in copy of the protocol"}
+    """The shared protocol's numbers (prunekit.protocol)."""
+    from prunekit.protocol import PROTOCOL
+    return {"model": PROTOCOL.model, "data_root": PROTOCOL.data_root, "batch": PROTOCOL.batch_size,
+            "dense": PROTOCOL.dense_path, "finetune": PROTOCOL.finetune.to_dict(), "seeds": list(PROTOCOL.seeds),
+            "source": "prunekit.protocol"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
