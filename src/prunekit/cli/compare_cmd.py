@@ -14,8 +14,8 @@ import click
                    "resumes: finished arm x seed records are not run again.")
 @click.option("--arms", "only", default=None, help="Comma-separated arms to run now (the report still "
                                                    "includes every finished arm).")
-@click.option("--report-only", is_flag=True, help="Run nothing; write the table and report from the "
-                                                "records already in the output folder.")
+@click.option("--report-only", is_flag=True, help="Run and load nothing (no data, no training); write the "
+                                                "table and report from the records already in the output folder.")
 @click.option("--dry-run", is_flag=True, help="Check the recipe, print it resolved and stop.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
 def compare_cmd(args, out, only, report_only, dry_run, quiet) -> None:
@@ -47,9 +47,7 @@ def compare_cmd(args, out, only, report_only, dry_run, quiet) -> None:
         return
     echo = (lambda s: None) if quiet else click.echo
     arms = [a.strip() for a in only.split(",") if a.strip()] if only else None
-    if report_only:
-        arms = []
-    result = run_compare(recipe, out, only=arms, echo=echo)
+    result = run_compare(recipe, out, only=arms, echo=echo, report_only=report_only)
     for note in result.notes:
         echo(f"note: {note}")
     echo(f"report: {result.report}")

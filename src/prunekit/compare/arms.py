@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cost.latency import compare_latency
+from ..cost.latency import compare_latency, latency_device
 from ..cost.macs import count_cost
 from ..engine.evaluate import evaluate
 from ..engine.train import train
@@ -46,7 +46,7 @@ def score(model: nn.Module, bundle: Any, split: str) -> dict[str, float | None]:
     return out
 
 
-def _call_method(arm: ArmSpec, recipe: CompareRecipe, model: nn.Module, example: torch.Tensor, bundle: Any,
+def call_method(arm: ArmSpec, recipe: CompareRecipe, model: nn.Module, example: torch.Tensor, bundle: Any,
                  seed: int, device: torch.device) -> Any:
     """Run the arm's handler with the keyword arguments it accepts; trainers run on `device`,
     one-shot pruners on the CPU (graph tracing), after which the model moves to `device`."""
@@ -106,7 +106,7 @@ def run_arm(recipe: CompareRecipe, arm: ArmSpec, seed: int, dense: nn.Module, bu
     try:
         method_metrics: dict[str, Any] = {}
         if arm.method is not None:
-            result = _call_method(arm, recipe, model, example, bundle, seed, device)
+            result = call_method(arm, recipe, model, example, bundle, seed, device)
             method_metrics = _scalars(result.metrics)
         after_prune = score(model.to(device), bundle, recipe.eval_split)
         epochs = arm.budget_left(recipe.finetune.epochs)
@@ -146,4 +146,5 @@ def measure_against_dense(name: str, model: nn.Module, dense: nn.Module, shape: 
     r = cmp.results[name]
     return {"median_ms": r.median_ms, "p10_ms": r.p10_ms, "p90_ms": r.p90_ms, "n": r.n,
             "dense_median_ms": cmp.results["dense"].median_ms, "speedup": cmp.speedups.get(name),
-            "device": recipe.bench.device, "dtype": recipe.bench.dtype, "batch_size": recipe.bench.batch_size}
+            "device": str(latency_device(recipe.bench.device)), "dtype": recipe.bench.dtype,
+            "batch_size": recipe.bench.batch_size, "warmup": recipe.bench.warmup}

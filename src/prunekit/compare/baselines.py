@@ -99,7 +99,8 @@ def resolve(name: str) -> tuple[type[Config], Callable, str | None]:
     try:
         importer()
     except ImportError as err:
-        return config_cls, handler, f"{name} skipped: its library is not importable here ({err})"
+        return config_cls, handler, (f"{name} skipped: its library is not importable here ({err}); "
+                                     "`pip install -e .[bench]` installs it")
     return config_cls, handler, None
 
 

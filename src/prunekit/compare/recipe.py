@@ -38,6 +38,7 @@ A compare recipe is YAML with these keys (each section fills one typed config):
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import inspect
 import json
@@ -154,7 +155,8 @@ class CompareRecipe:
             raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
 
     def spec_of(self, arm: str) -> dict[str, Any]:
-        """Everything that decides an arm's numbers (its config, the budget, the data, the device)."""
+        """What decides an arm's numbers: its config, the budget, the data and evaluation. The
+        training device is recorded beside (the report notes records from several devices)."""
         spec = self.arms[arm]
         # Where the data lives and how it is loaded do not change the numbers; the dense sha256
         # (added by the runner) pins the model.
@@ -186,7 +188,32 @@ def with_protocol(raw: dict[str, Any]) -> dict[str, Any]:
         return raw
     if name not in PROTOCOLS:
         raise ConfigError(f"protocol={name!r} is unknown; available: {', '.join(sorted(PROTOCOLS))}")
-    return _merge(PROTOCOLS[name].compare_sections(), {k: v for k, v in raw.items() if k != "protocol"})
+    sections = PROTOCOLS[name].compare_sections()
+    merged = _merge(sections, {k: v for k, v in raw.items() if k != "protocol"})
+    given = raw.get("dense")
+    if not (isinstance(given, dict) and "weights" in given) and _dense_changed(sections, merged):
+        merged["dense"] = {**merged["dense"], "weights": None}  # its own dense model, in the output folder
+    return merged
+
+
+# The settings that shape a trained dense model: weights trained with other values are another model.
+DENSE_TRAIN_KEYS = ("epochs", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule",
+                    "warmup_epochs", "label_smoothing", "seed")
+DENSE_DATA_KEYS = ("name", "val_fraction", "seed", "limit_train", "image_size", "batch_size", "augment")
+
+
+def _dense_changed(protocol: dict[str, Any], merged: dict[str, Any]) -> bool:
+    """Whether `merged` changes what the protocol's cached dense model was trained with (its model,
+    data or dense.train): its weights then do not belong to this recipe."""
+    def part(d: Any, *keys: str) -> Any:
+        for k in keys:
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+
+    if part(merged, "model") != part(protocol, "model"):
+        return True
+    pairs = [(("data", k),) for k in DENSE_DATA_KEYS] + [(("dense", "train", k),) for k in DENSE_TRAIN_KEYS]
+    return any(part(merged, *keys) != part(protocol, *keys) for (keys,) in pairs)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -234,7 +261,16 @@ def _build(cls: type[CompareRecipe], raw: dict[str, Any], source: str) -> Compar
     arms = raw.get("arms")
     if not isinstance(arms, dict) or not arms:
         raise ConfigError("arms must be a non-empty mapping of arm name -> {method: ...}")
-    out.arms = {str(n): build_arm(str(n), a) for n, a in arms.items()}
+    out.arms = {}
+    for n, a in arms.items():
+        try:
+            out.arms[str(n)] = build_arm(str(n), a)
+        except ConfigError as err:
+            close = difflib.get_close_matches(str(n), [str(k) for k in arms if k != n], n=1)
+            if close and isinstance(a, dict) and isinstance(a.get("method"), dict) and "name" not in a["method"]:
+                raise ConfigError(f"{err}; did you mean arm {close[0]!r}? (an override of a misspelt arm "
+                                  "adds a new one)") from None
+            raise
     for arm in out.arms.values():
         arm.budget_left(out.finetune.epochs)  # raises when a method alone exceeds the budget
     return out

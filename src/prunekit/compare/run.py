@@ -19,9 +19,12 @@ different spec raises CheckpointError instead of being mixed into the table.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -30,7 +33,7 @@ import torch
 from torch import nn
 
 from ..core.environment import environment
-from ..core.errors import CheckpointError, ConfigError, PrunekitError, load_error_text, read_json
+from ..core.errors import CheckpointError, ConfigError, PrunekitError, load_error_text
 from ..core.integrity import file_digest
 from ..cost.macs import CONVENTION
 from ..data import load_data
@@ -38,8 +41,9 @@ from ..data.subsets import random_batches
 from ..engine.evaluate import evaluate
 from ..engine.train import train
 from ..models import create_model
-from .arms import run_arm
-from .recipe import CompareRecipe, spec_hash
+from .arms import call_method, run_arm
+from .recipe import DENSE_DATA_KEYS, DENSE_TRAIN_KEYS, CompareRecipe
+from .records import arm_record, read_json_mapping, write_json
 from .summary import summarise, write_outputs
 
 
@@ -58,18 +62,6 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return file_digest(path, "sha256")
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # a kill leaves either no record or a whole one
-
-
-def _read_json_mapping(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from `path`; CheckpointError naming the file when it is damaged or foreign."""
-    return read_json(path, what, "remove it to rerun, or give compare another --out", mapping=True)
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,15 +70,44 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def dense_paths(recipe: CompareRecipe, out_dir: Path) -> tuple[Path, Path]:
+    """(weights, info JSON) of the dense model: `dense.weights` and the .json beside it, or the
+    output folder's dense.safetensors and dense.json."""
+    if recipe.dense_weights:
+        path = Path(recipe.dense_weights)
+        return path, path.with_suffix(".json")
+    return out_dir / "dense.safetensors", out_dir / "dense.json"
+
+
+def dense_settings_differ(info: dict[str, Any], recipe: CompareRecipe) -> list[str]:
+    """Settings recorded in a dense model's info ("train", "data") that differ from the recipe's
+    dense.train and data sections, as "section.key=recorded (recipe: value)"; empty when the info
+    records none or the recipe has no dense.train (weights given as they are)."""
+    if recipe.dense_train is None:
+        return []
+    wanted = {"train": recipe.dense_train.to_dict(), "data": recipe.data.to_dict()}
+    out = []
+    for section, keys in (("train", DENSE_TRAIN_KEYS), ("data", DENSE_DATA_KEYS)):
+        got = info.get(section)
+        if not isinstance(got, dict):
+            continue
+        out += [f"{'dense.train' if section == 'train' else 'data'}.{k}={got[k]!r} (recipe: {wanted[section].get(k)!r})"
+                for k in keys if k in got and got[k] != wanted[section].get(k)]
+    return out
+
+
 def dense_model(recipe: CompareRecipe, model: nn.Module, bundle: Any, out_dir: Path, device: torch.device,
                 echo: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any]]:
-    """Load the dense weights, or train them once (resumable) and cache them; returns (model, info)."""
+    """Load the dense weights, or train them once (resumable) and cache them; returns (model, info).
+
+    Weights trained here get an info JSON beside them with the training and data settings; weights
+    whose info records settings other than the recipe's are refused, so that a smoke run's model
+    is never taken for the real one."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model, save_model
 
-    path = Path(recipe.dense_weights) if recipe.dense_weights else out_dir / "dense.safetensors"
-    info_path = path.with_suffix(".json") if recipe.dense_weights else out_dir / "dense.json"
-    info = _read_json_mapping(info_path, "dense model info") if info_path.is_file() else {}
+    path, info_path = dense_paths(recipe, out_dir)
+    info = read_json_mapping(info_path, "dense model info") if info_path.is_file() else {}
     if not path.is_file():
         if recipe.dense_train is None:
             raise CheckpointError(f"dense weights {path} do not exist and the recipe has no dense.train to make "
@@ -99,8 +120,14 @@ def dense_model(recipe: CompareRecipe, model: nn.Module, bundle: Any, out_dir: P
         path.parent.mkdir(parents=True, exist_ok=True)
         save_model(model.cpu(), str(path))
         info = {"trained_here": True, "train_s": time.perf_counter() - t0, "device": str(device),
-                "train": recipe.dense_train.to_dict()}
+                "model": {"name": recipe.model_name, "kwargs": recipe.model_kwargs},
+                "train": recipe.dense_train.to_dict(), "data": recipe.data.to_dict()}
     else:
+        differ = dense_settings_differ(info, recipe)
+        if differ:
+            raise CheckpointError(f"dense weights {path} were trained with {', '.join(differ)} (from {info_path}); "
+                                  f"remove {path} and {info_path} to train them again with this recipe, or point "
+                                  "dense.weights at weights trained with its settings")
         try:
             load_model(model, str(path), strict=True)
         except SafetensorError as err:  # truncated, empty or not a safetensors file
@@ -114,60 +141,33 @@ def dense_model(recipe: CompareRecipe, model: nn.Module, bundle: Any, out_dir: P
     scored = {"test_acc": evaluate(model, bundle.test)["acc"],
               "val_acc": evaluate(model, bundle.val)["acc"] if bundle.val.num_samples > 0 else None}
     info.update(scored)
-    if not recipe.dense_weights:
-        _write_json(info_path, info)
+    if info.get("trained_here") or not recipe.dense_weights:  # never rewrites the info of weights made elsewhere
+        write_json(info_path, info)
     return model, info
 
 
-def _arm_record(recipe: CompareRecipe, arm: str, seed: int, dense_sha: str, out_dir: Path) -> tuple[Path, str, Any]:
-    spec = {**recipe.spec_of(arm), "dense_sha256": dense_sha}
-    h = spec_hash(spec)
-    path = out_dir / "arms" / arm / f"seed{seed}.json"
-    if not path.is_file():
-        return path, h, None
-    rec = _read_json_mapping(path, "record")
-    if rec.get("spec_hash") != h:
-        added = _fields_added_since(rec.get("spec"), json.loads(json.dumps(recipe.spec_of(arm), default=str)))
-        # only a field of the arm or of its method config can be new; a key inside a mapping the
-        # user writes (latency settings, model kwargs) is a changed setting
-        fields = added is not None and all(
-            k.split(".")[0] == "arm" and (k.count(".") == 1 or (k.count(".") == 2 and k.startswith("arm.config.")))
-            for k in added)
-        if not fields or rec.get("dense_sha256") != dense_sha:
-            raise CheckpointError(f"{path} was made from a different arm spec or dense model; remove it (or the "
-                                  f"folder {out_dir}) to rerun it, or give compare another --out")
-        rec["fields_added_since"] = added  # kept: every setting it recorded is unchanged
-    return path, h, rec
-
-
-def _fields_added_since(old: Any, new: Any, prefix: str = "") -> list[str] | None:
-    """Keys of `new` that the recorded spec `old` lacks, when every key `old` has holds the same
-    value in `new` (a config field added to prunekit after the record was made); None when a
-    recorded value differs."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        added = [prefix + k for k in new if k not in old]
-        for k, v in old.items():
-            if k not in new:
-                return None
-            sub = _fields_added_since(v, new[k], f"{prefix}{k}.")
-            if sub is None:
-                return None
-            added += sub
-        return added
-    return [] if old == new else None
-
-
 def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = None,
-                only: Iterable[str] | None = None, echo: Callable[[str], None] = print) -> CompareResult:
-    """Run every arm x seed not yet on disk, then write compare.json, compare.md and the plot."""
+                only: Iterable[str] | None = None, echo: Callable[[str], None] = print,
+                report_only: bool = False) -> CompareResult:
+    """Run every arm x seed not yet on disk, then write compare.json, compare.md and the plot.
+
+    Before anything trains, every record on disk is checked against its arm's spec and every
+    one-shot arm that is to run is tried once on a copy of the dense model, so a foreign record
+    or an impossible target stops the comparison at once, naming the arm. With `report_only`
+    nothing is loaded or run: the report is written from the records on disk."""
     only = list(only) if only is not None else None
     unknown = sorted(set(only or ()) - set(recipe.arms))
     if unknown:
         raise ConfigError(f"unknown arm(s) {', '.join(unknown)}; the recipe has {', '.join(recipe.arms)}")
     out = Path(out_dir) if out_dir is not None else Path(recipe.out) / recipe.name
+    if report_only:
+        return report_from_disk(recipe, out)
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
     device = resolve_device(recipe.device)
+    weights, _ = dense_paths(recipe, out)
+    if weights.is_file():  # a foreign or damaged record fails before the data is loaded
+        _records_on_disk(recipe, out, sha256_file(weights))
     bundle = load_data(recipe.data.replace(device="cuda" if device.type == "cuda" else "cpu"))
     if recipe.eval_max_batches:
         # a seeded random subset: the first batches of a class-sorted split hold one or two classes
@@ -177,48 +177,108 @@ def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = 
     model = create_model(recipe.model_name, bundle.num_classes, **recipe.model_kwargs)
     new_folder = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(json.dumps(recipe.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
     try:
         dense, dense_info = dense_model(recipe, model, bundle, out, device, echo)
     except PrunekitError:
-        if new_folder and sorted(p.name for p in out.iterdir()) == ["recipe.yaml"]:
-            (out / "recipe.yaml").unlink()  # unreadable dense weights leave no folder behind
-            out.rmdir()
+        if new_folder and not any(out.iterdir()):
+            out.rmdir()  # unreadable dense weights leave no folder behind
         raise
     echo(f"dense: {recipe.eval_split if recipe.eval_split == 'test' else 'val'} acc "
          f"{dense_info['test_acc' if recipe.eval_split == 'test' else 'val_acc']:.4f} (sha256 {dense_info['sha256'][:12]})")
     example = next(iter(bundle.val if bundle.val.num_samples > 0 else bundle.test))[0][:2].cpu()
+    found = _records_on_disk(recipe, out, dense_info["sha256"])
+    todo = [key for key, (_, _, rec) in found.items() if rec is None and (only is None or key[0] in only)]
+    _try_arms(recipe, todo, dense, bundle, example, device)
+    (out / "recipe.yaml").write_text(json.dumps(recipe.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
     result = CompareResult(out, {}, {})
-    for name, arm in recipe.arms.items():
-        if arm.skip_reason:
-            result.notes.append(f"arm {name}: {arm.skip_reason}")
-            continue
-        result.records[name] = []
-        runnable = only is None or name in only
-        for seed in recipe.seeds:
-            path, h, rec = _arm_record(recipe, name, seed, dense_info["sha256"], out)
-            if rec is not None and rec.get("fields_added_since"):
-                result.notes.append(f"arm {name}, seed {seed}: recorded before the config field(s) "
-                                    f"{', '.join(rec['fields_added_since'])} existed (every recorded setting is "
-                                    "unchanged; the new fields' defaults may not describe that run)")
-            if rec is None and runnable:
-                echo(f"arm {name}, seed {seed}: running")
-                load = os.getloadavg()
-                rec = run_arm(recipe, arm, seed, dense, bundle, example, device)
-                rec.update(spec_hash=h, spec=recipe.spec_of(name), dense_sha256=dense_info["sha256"],
-                           device=str(device), load_avg_start=load, load_avg_end=os.getloadavg(),
-                           environment=environment())
-                _write_json(path, rec)
-                result.ran.append((name, seed))
-                echo(f"arm {name}, seed {seed}: acc {rec['acc']:.4f}, MACs kept {rec['macs_fraction']:.3f} "
-                     f"({rec['wall_s']:.0f} s)")
-            if rec is not None:
-                result.records[name].append(rec)
-    _finish(recipe, result, dense_info, device)
+    for (name, seed), (path, h, rec) in found.items():
+        result.records.setdefault(name, [])
+        if rec is not None and rec.get("fields_added_since"):
+            result.notes.append(f"arm {name}, seed {seed}: recorded before the config field(s) "
+                                f"{', '.join(rec['fields_added_since'])} existed (every recorded setting is "
+                                "unchanged; the new fields' defaults may not describe that run)")
+        if (name, seed) in todo:
+            echo(f"arm {name}, seed {seed}: running")
+            load = os.getloadavg()
+            with _naming(name, seed):
+                rec = run_arm(recipe, recipe.arms[name], seed, dense, bundle, example, device)
+            rec.update(spec_hash=h, spec=recipe.spec_of(name), dense_sha256=dense_info["sha256"],
+                       device=str(device), load_avg_start=load, load_avg_end=os.getloadavg(),
+                       environment=environment())
+            write_json(path, rec)
+            result.ran.append((name, seed))
+            echo(f"arm {name}, seed {seed}: acc {rec['acc']:.4f}, MACs kept {rec['macs_fraction']:.3f} "
+                 f"({rec['wall_s']:.0f} s)")
+        if rec is not None:
+            result.records[name].append(rec)
+    _finish(recipe, result, dense_info)
     return result
 
 
-def _finish(recipe: CompareRecipe, result: CompareResult, dense_info: dict[str, Any], device: torch.device) -> None:
+def report_from_disk(recipe: CompareRecipe, out: Path) -> CompareResult:
+    """The report of the records in `out`, loading no data and running nothing. The dense model's
+    sha256 comes from its weights when they are at hand, else from the folder's last compare.json;
+    its accuracy from its info file or that compare.json."""
+    if not out.is_dir():
+        raise CheckpointError(f"{out} does not exist: there are no records to report; run the comparison first")
+    last = read_json_mapping(out / "compare.json", "comparison").get("dense", {}) if (out / "compare.json").is_file() else {}
+    weights, info_path = dense_paths(recipe, out)
+    if weights.is_file():
+        sha = sha256_file(weights)
+    elif isinstance(last.get("sha256"), str):
+        sha = last["sha256"]
+    else:
+        raise CheckpointError(f"no dense model at {weights} and no compare.json in {out}: the records cannot be "
+                              "matched to their dense model; point dense.weights at it, or run the comparison")
+    info = read_json_mapping(info_path, "dense model info") if info_path.is_file() else {}
+    source = info if info.get("sha256", sha) == sha and "test_acc" in info else last if last.get("sha256") == sha else {}
+    dense_info = {"path": str(weights), "sha256": sha, "test_acc": source.get("test_acc"), "val_acc": source.get("val_acc")}
+    result = CompareResult(out, {}, {})
+    for (name, _), (_, _, rec) in _records_on_disk(recipe, out, sha).items():
+        result.records.setdefault(name, [])
+        if rec is not None:
+            result.records[name].append(rec)
+    _finish(recipe, result, dense_info)
+    return result
+
+
+def _records_on_disk(recipe: CompareRecipe, out: Path, dense_sha: str) -> dict[tuple[str, int], tuple[Path, str, Any]]:
+    """(arm, seed) -> (record path, spec hash, record or None) for every arm that is not skipped."""
+    return {(name, seed): arm_record(recipe, name, seed, dense_sha, out)
+            for name, arm in recipe.arms.items() if not arm.skip_reason for seed in recipe.seeds}
+
+
+@contextmanager
+def _naming(arm: str, seed: int):
+    """Prefix a prunekit error raised inside with the arm and seed it came from."""
+    try:
+        yield
+    except PrunekitError as err:
+        err.args = (f"arm {arm}, seed {seed}: {err}",) + err.args[1:]
+        raise
+
+
+def _try_arms(recipe: CompareRecipe, todo: list[tuple[str, int]], dense: nn.Module, bundle: Any,
+              example: torch.Tensor, device: torch.device) -> None:
+    """Each arm that is to run, once before any of them trains: one-shot pruners prune a copy of
+    the dense model (an impossible target fails here, not hours in); methods that train check the
+    model against their config."""
+    for name in dict.fromkeys(n for n, _ in todo):
+        arm, seed = recipe.arms[name], next(s for n, s in todo if n == name)
+        if arm.method is None:
+            continue
+        trial = copy.deepcopy(dense)
+        with _naming(name, seed), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the real run repeats them
+            if arm.trains:
+                arm.config.check_model(trial)
+            else:
+                call_method(arm, recipe, trial, example, bundle, seed, device)
+        del trial
+
+
+def _finish(recipe: CompareRecipe, result: CompareResult, dense_info: dict[str, Any]) -> None:
+    result.notes[:0] = [f"arm {name}: {arm.skip_reason}" for name, arm in recipe.arms.items() if arm.skip_reason]
     result.summary = summarise(result.records)
     t = recipe.target
     for name, s in result.summary.items():
@@ -230,24 +290,46 @@ def _finish(recipe: CompareRecipe, result: CompareResult, dense_info: dict[str, 
                                 f"{100 * t.fraction:.0f}% ± {100 * t.tolerance:.0f}: compare it at its own {t.metric}")
     missing = [f"{n} (seeds {sorted(set(recipe.seeds) - set(s['seeds']))})" for n, s in result.summary.items()
                if set(s["seeds"]) != set(recipe.seeds)]
+    never = [n for n, recs in result.records.items() if not recs]
     if recipe.eval_max_batches:
         result.notes.append(f"smoke setting: accuracies scored on the first {recipe.eval_max_batches} batches of "
                             "val and test only; they say nothing about the methods")
     if missing:
         result.notes.append("not every seed has run yet: " + ", ".join(missing))
+    if never:
+        result.notes.append(f"no records yet for arm(s) {', '.join(never)} (run them with --arms {','.join(never)})")
+    on_disk = {int(p.stem[4:]) for p in (result.out_dir / "arms").glob("*/seed*.json") if p.stem[4:].isdigit()}
+    if on_disk - set(recipe.seeds):
+        result.notes.append(f"records of seed(s) {sorted(on_disk - set(recipe.seeds))} are on disk but not in this "
+                            f"report (the recipe's seeds are {recipe.seeds}); set seeds to include them")
+    recs = [r for rs in result.records.values() for r in rs]
+    devices = sorted({str(r.get("device")) for r in recs})
+    if len(devices) > 1:
+        result.notes.append("records from more than one training device: " + "; ".join(
+            f"{d}: {', '.join(sorted({r['arm'] for r in recs if str(r.get('device')) == d}))}" for d in devices))
+    threads = "/".join(map(str, sorted({(r.get("environment") or {}).get("torch_threads") for r in recs} - {None})))
+    acc_key = "test_acc" if recipe.eval_split == "test" else "val_acc"
+    dense_acc = dense_info.get(acc_key)
     setting = (f"Model {recipe.model_name} on {recipe.data.name} ({recipe.data.limit_train or 'all'} training "
                f"images, val fraction {recipe.data.val_fraction}); dense model sha256 {dense_info['sha256'][:16]}, "
-               f"{recipe.eval_split} acc {100 * dense_info['test_acc' if recipe.eval_split == 'test' else 'val_acc']:.2f}%; "
+               f"{recipe.eval_split} acc {'not recorded' if dense_acc is None else f'{100 * dense_acc:.2f}%'}; "
                f"shared budget {recipe.finetune.epochs} epochs after the dense model (lr {recipe.finetune.lr}, "
-               f"{recipe.finetune.schedule}); seeds {recipe.seeds}; training device {device}"
-               f"{'' if recipe.threads is None else f', {recipe.threads} CPU thread(s)'}.")
-    lat = recipe.bench
+               f"{recipe.finetune.schedule}); seeds {recipe.seeds}; training device {', '.join(devices) or '-'}"
+               f"{f', {threads} CPU thread(s)' if threads else ''}.")
     context = {"title": f"prunekit compare: {recipe.name}", "setting": setting, "split": recipe.eval_split,
-               "convention": CONVENTION, "latency": f"{lat.device}, {lat.dtype}, batch {lat.batch_size}, "
-               f"{lat.repeats} repeats after {lat.warmup} warm-up"}
+               "convention": CONVENTION, "latency": _latency_setting(recs)}
     paths = write_outputs(result.out_dir, result.summary, context, result.notes)
     result.report, result.plot = paths["report"], paths["plot"]
-    _write_json(result.out_dir / "compare.json", {
+    write_json(result.out_dir / "compare.json", {
         "name": recipe.name, "recipe": recipe.to_dict(), "dense": dense_info, "summary": result.summary,
         "pareto_front": paths["front"], "notes": result.notes, "records": result.records,
         "environment": environment()})
+
+
+def _latency_setting(records: list[dict[str, Any]]) -> str:
+    """How the records' latencies were measured (from the records: the recipe's bench section may
+    have changed since), e.g. "cpu, float32, batch 1, 50 timed forwards"."""
+    kinds = sorted({(str(lat.get("device")), str(lat.get("dtype")), lat.get("batch_size"), lat.get("n"))
+                    for r in records if isinstance(lat := r.get("latency"), dict)}, key=str)
+    return "; ".join(f"{d}, {t}, batch {b}, {n} timed forwards" for d, t, b, n in kinds) or "not measured"
+

@@ -212,7 +212,7 @@ def compare_latency(models: Mapping[str, nn.Module], inputs: Inputs,
     for name, m in models.items():
         if not isinstance(m, nn.Module):
             raise ConfigError(f"model {name!r} is a {type(m).__name__}, not a torch.nn.Module")
-    device = _resolve_device(cfg.device)
+    device = latency_device(cfg.device)
     base_inputs, batch, source = _normalise_inputs(inputs, cfg)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_cpu_threads(cfg.threads))
@@ -332,7 +332,8 @@ class _Runner:
             m.training = flag
 
 
-def _resolve_device(name: str) -> torch.device:
+def latency_device(name: str) -> torch.device:
+    """The device a latency setting names: "auto" is CUDA when available, else the CPU."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

@@ -1,0 +1,89 @@
+"""Arm records on disk: one JSON file per finished arm x seed, checked before it is reused.
+
+A record is reused only when it was made from the same arm spec and the same dense model (its
+sha256); a record made before a config field existed is kept when every setting it recorded is
+unchanged. A damaged or foreign record raises CheckpointError naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import CheckpointError, read_json
+from .recipe import CompareRecipe, spec_hash
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)  # a kill leaves either no record or a whole one
+
+
+def read_json_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from `path`; CheckpointError naming the file when it is damaged or foreign."""
+    return read_json(path, what, "remove it to rerun, or give compare another --out", mapping=True)
+
+
+def arm_record(recipe: CompareRecipe, arm: str, seed: int, dense_sha: str, out_dir: Path) -> tuple[Path, str, Any]:
+    spec = {**recipe.spec_of(arm), "dense_sha256": dense_sha}
+    h = spec_hash(spec)
+    path = out_dir / "arms" / arm / f"seed{seed}.json"
+    if not path.is_file():
+        return path, h, None
+    rec = read_json_mapping(path, "record")
+    _check_record(rec, path, arm, seed)
+    if rec.get("spec_hash") != h:
+        added = _fields_added_since(rec.get("spec"), json.loads(json.dumps(recipe.spec_of(arm), default=str)))
+        # only a field of the arm or of its method config can be new; a key inside a mapping the
+        # user writes (latency settings, model kwargs) is a changed setting
+        fields = added is not None and all(
+            k.split(".")[0] == "arm" and (k.count(".") == 1 or (k.count(".") == 2 and k.startswith("arm.config.")))
+            for k in added)
+        if not fields or rec.get("dense_sha256") != dense_sha:
+            raise CheckpointError(f"{path} was made from a different arm spec or dense model; remove it (or the "
+                                  f"folder {out_dir}) to rerun it, or give compare another --out")
+        rec["fields_added_since"] = added  # kept: every setting it recorded is unchanged
+    return path, h, rec
+
+
+_NUMBERS = ("acc", "pruned_acc", "macs", "params", "macs_fraction", "params_fraction", "nonzero_fraction")
+
+
+def _check_record(rec: dict[str, Any], path: Path, arm: str, seed: int) -> None:
+    """CheckpointError naming the file when a record lacks what the table reads or holds the
+    wrong arm or seed (a hand-edited or copied file)."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"record {path} is damaged ({what}); remove it to run arm {arm}, seed {seed} again")
+
+    if rec.get("arm") != arm or rec.get("seed") != seed or isinstance(rec.get("seed"), bool):
+        raise bad(f"it says arm {rec.get('arm')!r}, seed {rec.get('seed')!r}")
+    for key in _NUMBERS:
+        v = rec.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+            raise bad(f"{key!r} is {v!r}, not a number")
+    for key in ("method_epochs", "finetune_epochs"):
+        if not isinstance(rec.get(key), int) or isinstance(rec.get(key), bool):
+            raise bad(f"{key!r} is {rec.get(key)!r}, not a whole number")
+    lat = rec.get("latency")
+    if lat is not None and not (isinstance(lat, dict) and isinstance(lat.get("median_ms"), (int, float))):
+        raise bad("'latency' has no median_ms")
+
+
+def _fields_added_since(old: Any, new: Any, prefix: str = "") -> list[str] | None:
+    """Keys of `new` that the recorded spec `old` lacks, when every key `old` has holds the same
+    value in `new` (a config field added to prunekit after the record was made); None when a
+    recorded value differs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        added = [prefix + k for k in new if k not in old]
+        for k, v in old.items():
+            if k not in new:
+                return None
+            sub = _fields_added_since(v, new[k], f"{prefix}{k}.")
+            if sub is None:
+                return None
+            added += sub
+        return added
+    return [] if old == new else None

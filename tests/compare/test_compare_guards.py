@@ -1,0 +1,182 @@
+"""`prunekit compare` keeps results safe: report-only loads nothing, checks come before training,
+damaged records and foreign dense models are refused, the report describes its records."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from prunekit.cli.main import cli
+from prunekit.compare import CompareRecipe, run_compare
+from prunekit.compare import arms as arms_module
+from prunekit.core.errors import CheckpointError, ConfigError
+from prunekit.data import DataConfig, load_data
+from prunekit.models import create_model
+
+quiet = dict(echo=lambda s: None)
+
+
+def _raw(dense_path, **changes):
+    raw = {"name": "t", "model": {"name": "small_cnn"}, "data": {"name": "digits", "batch_size": 64},
+           "seeds": [0], "device": "cpu", "dense": {"weights": str(dense_path)},
+           "finetune": {"epochs": 1, "lr": 0.02, "log_every": 0}, "method_train": {"lr": 0.02, "log_every": 0},
+           "bench": {"repeats": 3, "warmup": 1}, "eval": {"latency": False},
+           "arms": {"dense": {"method": None},
+                    "l2": {"method": {"name": "magnitude", "macs_fraction": 0.5}}}}
+    raw.update(changes)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def dense_path(tmp_path_factory):
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 10)  # untrained: these tests check bookkeeping, not accuracy
+    path = tmp_path_factory.mktemp("dense") / "dense.safetensors"
+    save_model(model, str(path))
+    return path
+
+
+def test_report_only_loads_no_data_and_trains_nothing(dense_path, tmp_path, monkeypatch):
+    recipe = CompareRecipe.from_dict(_raw(dense_path))
+    run_compare(recipe, tmp_path / "c", **quiet)
+    before = {p: p.read_bytes() for p in (tmp_path / "c" / "arms").rglob("*.json")}
+    import prunekit.compare.run as run_module
+
+    def no(*a, **k):
+        raise AssertionError("report-only must not load data or train")
+
+    monkeypatch.setattr(run_module, "load_data", no)
+    monkeypatch.setattr(run_module, "train", no)
+    monkeypatch.setattr(run_module, "run_arm", no)
+    # a recipe whose dense weights are missing and whose dense.train would train: still nothing runs
+    raw = _raw(tmp_path / "missing.safetensors", dense={"weights": str(tmp_path / "missing.safetensors"),
+                                                         "train": {"epochs": 1}})
+    result = run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", report_only=True, **quiet)
+    assert result.ran == [] and sorted(result.summary) == ["dense", "l2"]  # matched by compare.json's sha256
+    result = run_compare(recipe, tmp_path / "c", report_only=True, **quiet)
+    assert result.ran == [] and sorted(result.summary) == ["dense", "l2"]
+    assert {p: p.read_bytes() for p in (tmp_path / "c" / "arms").rglob("*.json")} == before
+    assert not (tmp_path / "missing.safetensors").exists()
+
+
+def test_report_only_without_records_or_folder_says_so(dense_path, tmp_path):
+    with pytest.raises(CheckpointError, match="no records to report"):
+        run_compare(CompareRecipe.from_dict(_raw(dense_path)), tmp_path / "none", report_only=True, **quiet)
+    (tmp_path / "empty").mkdir()
+    result = run_compare(CompareRecipe.from_dict(_raw(dense_path)), tmp_path / "empty", report_only=True, **quiet)
+    assert any("no records yet for arm(s) dense, l2" in n for n in result.notes)
+
+
+def test_arms_not_run_are_named_in_the_notes(dense_path, tmp_path):
+    result = run_compare(CompareRecipe.from_dict(_raw(dense_path)), tmp_path / "c", only=["l2"], **quiet)
+    assert result.ran == [("l2", 0)]
+    assert any("no records yet for arm(s) dense (run them with --arms dense)" in n for n in result.notes)
+    assert "no records yet" in (tmp_path / "c" / "compare.md").read_text()
+    other = run_compare(CompareRecipe.from_dict(_raw(dense_path, seeds=[1])), tmp_path / "c", only=["l2"], **quiet)
+    assert any("records of seed(s) [0] are on disk but not in this report" in n for n in other.notes)
+
+
+def test_an_impossible_target_fails_before_any_arm_trains_and_names_its_arm(dense_path, tmp_path, monkeypatch):
+    raw = _raw(dense_path)
+    raw["arms"]["bad"] = {"method": {"name": "magnitude", "macs_fraction": 0.001}}
+    ran = []
+    monkeypatch.setattr("prunekit.compare.run.run_arm", lambda *a, **k: ran.append(a[1].name))
+    with pytest.raises(ConfigError, match=r"^arm bad, seed 0: impossible target"):
+        run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", **quiet)
+    assert ran == [] and not (tmp_path / "c" / "recipe.yaml").exists()
+
+
+def test_an_error_inside_an_arm_names_the_arm(dense_path, tmp_path, monkeypatch):
+    def fails(*a, **k):
+        raise ConfigError("something is wrong")
+
+    monkeypatch.setattr("prunekit.compare.run.run_arm", fails)
+    with pytest.raises(ConfigError, match=r"^arm dense, seed 0: something is wrong"):
+        run_compare(CompareRecipe.from_dict(_raw(dense_path)), tmp_path / "c", **quiet)
+
+
+def test_a_refused_rerun_leaves_the_folder_as_it_was(dense_path, tmp_path):
+    raw = _raw(dense_path)
+    run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", **quiet)
+    saved = {p: p.read_bytes() for p in (tmp_path / "c").rglob("*") if p.is_file()}
+    raw["finetune"] = {**raw["finetune"], "epochs": 3}
+    with pytest.raises(CheckpointError, match="different arm spec"):
+        run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", **quiet)
+    assert {p: p.read_bytes() for p in (tmp_path / "c").rglob("*") if p.is_file()} == saved
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: r.pop("seed"), "it says arm 'l2', seed None"),
+    (lambda r: r.update(acc="abc"), "'acc' is 'abc', not a number"),
+    (lambda r: r.update(macs_fraction=None), "'macs_fraction' is None, not a number"),
+    (lambda r: r.update(finetune_epochs=1.5), "'finetune_epochs' is 1.5, not a whole number"),
+    (lambda r: r.update(latency={"n": 3}), "'latency' has no median_ms"),
+])
+def test_a_damaged_record_gets_one_message_naming_it(dense_path, tmp_path, damage, message):
+    raw = _raw(dense_path)
+    run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", **quiet)
+    path = tmp_path / "c" / "arms" / "l2" / "seed0.json"
+    rec = json.loads(path.read_text())
+    damage(rec)
+    path.write_text(json.dumps(rec))
+    for report_only in (False, True):
+        with pytest.raises(CheckpointError, match=f"record {path} is damaged") as err:
+            run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", report_only=report_only, **quiet)
+        assert message in str(err.value) and "remove it" in str(err.value)
+
+
+def test_dense_weights_trained_with_other_settings_are_refused(tmp_path):
+    """A dense model compare trained into `dense.weights` records its settings beside it; a recipe
+    with other settings refuses it instead of fine-tuning from the wrong model."""
+    weights = tmp_path / "shared" / "dense.safetensors"
+    small = _raw(weights, dense={"weights": str(weights), "train": {"epochs": 1, "lr": 0.05, "log_every": 0}},
+                 data={"name": "digits", "batch_size": 64, "limit_train": 256}, arms={"dense": {"method": None}})
+    run_compare(CompareRecipe.from_dict(small), tmp_path / "smoke", **quiet)
+    info = json.loads(weights.with_suffix(".json").read_text())
+    assert info["data"]["limit_train"] == 256 and info["train"]["epochs"] == 1
+    full = {**small, "data": {"name": "digits", "batch_size": 64}}
+    with pytest.raises(CheckpointError, match=r"data.limit_train=256 \(recipe: None\)"):
+        run_compare(CompareRecipe.from_dict(full), tmp_path / "full", **quiet)
+    assert not (tmp_path / "full").exists()
+    given = {**full, "dense": {"weights": str(weights)}}  # no dense.train: the weights are taken as given
+    assert run_compare(CompareRecipe.from_dict(given), tmp_path / "given", **quiet).ran == [("dense", 0)]
+
+
+def test_changing_the_protocol_data_trains_its_own_dense_model_in_the_output_folder():
+    raw = yaml.safe_load(open("recipes/compare_gator_resnet20.yaml"))
+    assert CompareRecipe.from_dict(dict(raw)).dense_weights == "local/protocol_dense_resnet20.safetensors"
+    for change in ({"data": {"limit_train": 512}}, {"dense": {"train": {"epochs": 2}}}, {"model": {"name": "resnet56"}}):
+        assert CompareRecipe.from_dict({**raw, **change}).dense_weights is None, change
+    assert CompareRecipe.from_dict({**raw, "data": {"root": "elsewhere", "num_workers": 2}}).dense_weights is not None
+    asked = {**raw, "data": {"limit_train": 512}, "dense": {"weights": "mine.safetensors"}}
+    assert CompareRecipe.from_dict(asked).dense_weights == "mine.safetensors"
+
+
+def test_the_report_describes_the_records_latency_and_devices(dense_path, tmp_path):
+    raw = _raw(dense_path, eval={"latency": True}, bench={"repeats": 3, "warmup": 1, "device": "auto"})
+    run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", **quiet)
+    path = tmp_path / "c" / "arms" / "l2" / "seed0.json"
+    assert json.loads(path.read_text())["latency"]["device"] == "cpu"  # "auto" resolved
+    raw["bench"] = {"repeats": 50, "warmup": 10}  # the bench section changed since: records keep theirs
+    rec = json.loads(path.read_text())
+    rec["device"] = "cuda:0"
+    path.write_text(json.dumps(rec))
+    result = run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", report_only=True, **quiet)
+    report = (tmp_path / "c" / "compare.md").read_text()
+    assert "cpu, float32, batch 1, 3 timed forwards" in report and "50 timed" not in report
+    assert any("more than one training device: cpu: dense; cuda:0: l2" in n for n in result.notes)
+
+
+def test_cli_report_only_needs_no_data(dense_path, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_raw(dense_path)))
+    out = tmp_path / "c"
+    run_compare(CompareRecipe.from_dict(_raw(dense_path)), out, **quiet)
+    res = CliRunner().invoke(cli, ["compare", str(recipe), "data.root=/nonexistent", "--report-only", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "report:" in res.output
