@@ -180,3 +180,10 @@ def test_cli_report_only_needs_no_data(dense_path, tmp_path):
     res = CliRunner().invoke(cli, ["compare", str(recipe), "data.root=/nonexistent", "--report-only", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "report:" in res.output
+
+
+def test_an_override_of_a_misspelt_arm_suggests_the_arm(dense_path):
+    raw = _raw(dense_path)
+    raw["arms"]["l3"] = {"method": {"epochs": 1}}  # what arms.l3.method.epochs=1 adds when l2 was meant
+    with pytest.raises(ConfigError, match=r"did you mean arm 'l2'\?"):
+        CompareRecipe.from_dict(raw)
