@@ -184,6 +184,7 @@ def test_cli_report_only_needs_no_data(dense_path, tmp_path):
 
 def test_an_override_of_a_misspelt_arm_suggests_the_arm(dense_path):
     raw = _raw(dense_path)
-    raw["arms"]["l3"] = {"method": {"epochs": 1}}  # what arms.l3.method.epochs=1 adds when l2 was meant
-    with pytest.raises(ConfigError, match=r"did you mean arm 'l2'\?"):
+    raw["arms"]["magnitude_l2"] = raw["arms"].pop("l2")
+    raw["arms"]["magnitud_l2"] = {"method": {"epochs": 1}}  # what arms.magnitud_l2.method.epochs=1 adds
+    with pytest.raises(ConfigError, match=r"did you mean arm 'magnitude_l2'\?"):
         CompareRecipe.from_dict(raw)
