@@ -130,8 +130,10 @@ def test_a_corrupt_image_is_named_in_one_data_error(tmp_path, fakes, private_cac
 def test_bad_roots_are_reported(tmp_path, fakes, private_cache):
     with pytest.raises(ConfigError, match="needs root="):
         load_data(DataConfig(name="imagefolder"))
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match="image folder .* does not exist; set data.root="):
         load_imagefolder(cfg_for(tmp_path / "nope"))
+    with pytest.raises(DataError, match=r"archive 'nope.tar.gz' does not exist \(relative to the current directory"):
+        load_imagefolder(cfg_for("nope.tar.gz"))
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="not a .tar/.tar.gz archive"):
         load_imagefolder(cfg_for(tmp_path / "notes.txt"))

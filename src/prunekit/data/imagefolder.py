@@ -47,7 +47,10 @@ def load_imagefolder(cfg: DataConfig) -> ImageArrays | ImageFiles:
         raise ConfigError(f"dataset 'imagefolder' needs root= a folder or .tar/.tar.gz archive; {LAYOUT_HELP}")
     path = Path(cfg.root).expanduser()
     if not path.exists():
-        raise DataError(f"image folder {str(path)!r} does not exist; {LAYOUT_HELP}")
+        kind = "archive" if path.name.endswith((".tar", ".tar.gz", ".tgz")) else "image folder"
+        where = f" (relative to the current directory {Path.cwd()})" if not path.is_absolute() else ""
+        raise DataError(f"{kind} {str(path)!r} does not exist{where}; set data.root= to where it is (a folder or "
+                        f".tar/.tar.gz archive); {LAYOUT_HELP}")
     if path.is_file() and not tarfile.is_tarfile(path):
         raise DataError(f"{str(path)!r} is not a .tar/.tar.gz archive; pass a folder or an archive; {LAYOUT_HELP}")
     key = cache_key(path, source_state(path), {"image_size": cfg.image_size})
