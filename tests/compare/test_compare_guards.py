@@ -188,3 +188,18 @@ def test_an_override_of_a_misspelt_arm_suggests_the_arm(dense_path):
     raw["arms"]["magnitud_l2"] = {"method": {"epochs": 1}}  # what arms.magnitud_l2.method.epochs=1 adds
     with pytest.raises(ConfigError, match=r"did you mean arm 'magnitude_l2'\?"):
         CompareRecipe.from_dict(raw)
+
+
+def test_dry_run_reports_what_a_run_would_find_and_checks_the_data_path(dense_path, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_raw(dense_path)))
+    res = CliRunner().invoke(cli, ["compare", str(recipe), "--dry-run", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert f"dense model: {dense_path}" in res.output and "records on disk: 0" in res.output
+    assert not (tmp_path / "c").exists()
+    missing = tmp_path / "nope.safetensors"
+    res = CliRunner().invoke(cli, ["compare", str(recipe), "--dry-run", f"dense.weights={missing}"])
+    assert res.exit_code == 2 and "do not exist and the recipe has no dense.train" in res.output
+    res = CliRunner().invoke(cli, ["compare", str(recipe), "--dry-run", "data.name=imagefolder",
+                                   f"data.root={tmp_path / 'nodata.tar.gz'}"])
+    assert res.exit_code == 2 and "nodata.tar.gz' does not exist; set data.root=" in res.output

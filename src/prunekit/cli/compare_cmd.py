@@ -44,6 +44,8 @@ def compare_cmd(args, out, only, report_only, dry_run, quiet) -> None:
     recipe = CompareRecipe.from_dict(apply_overrides(raw, overrides, TOP_KEYS), source)
     if dry_run:
         click.echo(json.dumps(recipe.to_dict(), indent=2))
+        for line in _dry_run_checks(recipe, out):
+            click.echo(line)
         return
     echo = (lambda s: None) if quiet else click.echo
     arms = [a.strip() for a in only.split(",") if a.strip()] if only else None
@@ -51,3 +53,27 @@ def compare_cmd(args, out, only, report_only, dry_run, quiet) -> None:
     for note in result.notes:
         echo(f"note: {note}")
     echo(f"report: {result.report}")
+
+
+def _dry_run_checks(recipe, out) -> list[str]:
+    """What a real run would find on disk: the data, the dense model and finished records. A
+    missing data folder or archive fails here (ConfigError) rather than after the dry run."""
+    from ..compare.run import dense_paths
+    from ..core.errors import ConfigError
+
+    root = getattr(recipe.data, "root", None)
+    if root is not None and not Path(root).expanduser().exists():
+        where = "" if Path(root).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
+        raise ConfigError(f"data.root={root!r} does not exist{where}; set data.root= to the data's folder or archive")
+    folder = Path(out) if out is not None else Path(recipe.out) / recipe.name
+    weights, _ = dense_paths(recipe, folder)
+    lines = [f"output folder: {folder}" + (" (exists: finished records are reused)" if folder.exists() else "")]
+    if weights.is_file():
+        lines.append(f"dense model: {weights}")
+    elif recipe.dense_train is not None:
+        lines.append(f"dense model: {weights} is missing; it will be trained ({recipe.dense_train.epochs} epochs)")
+    else:
+        raise ConfigError(f"dense weights {weights} do not exist and the recipe has no dense.train to make them")
+    done = sorted(p.relative_to(folder).as_posix() for p in (folder / "arms").glob("*/seed*.json"))
+    lines.append(f"records on disk: {len(done)}")
+    return lines
