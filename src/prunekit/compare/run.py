@@ -218,7 +218,7 @@ def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = 
 def report_from_disk(recipe: CompareRecipe, out: Path) -> CompareResult:
     """The report of the records in `out`, loading no data and running nothing. The dense model's
     sha256 comes from its weights when they are at hand, else from the folder's last compare.json;
-    its accuracy from its info file or that compare.json."""
+    its accuracy from that compare.json, else from the weights' info file."""
     if not out.is_dir():
         raise CheckpointError(f"{out} does not exist: there are no records to report; run the comparison first")
     last = read_json_mapping(out / "compare.json", "comparison").get("dense", {}) if (out / "compare.json").is_file() else {}
@@ -231,7 +231,8 @@ def report_from_disk(recipe: CompareRecipe, out: Path) -> CompareResult:
         raise CheckpointError(f"no dense model at {weights} and no compare.json in {out}: the records cannot be "
                               "matched to their dense model; point dense.weights at it, or run the comparison")
     info = read_json_mapping(info_path, "dense model info") if info_path.is_file() else {}
-    source = info if info.get("sha256", sha) == sha and "test_acc" in info else last if last.get("sha256") == sha else {}
+    # the comparison's own evaluation first (a run scores the dense model on this machine's data copy)
+    source = last if last.get("sha256") == sha else info if info.get("sha256", sha) == sha else {}
     dense_info = {"path": str(weights), "sha256": sha, "test_acc": source.get("test_acc"), "val_acc": source.get("val_acc")}
     result = CompareResult(out, {}, {})
     for (name, _), (_, _, rec) in _records_on_disk(recipe, out, sha).items():
