@@ -203,3 +203,11 @@ def test_dry_run_reports_what_a_run_would_find_and_checks_the_data_path(dense_pa
     res = CliRunner().invoke(cli, ["compare", str(recipe), "--dry-run", "data.name=imagefolder",
                                    f"data.root={tmp_path / 'nodata.tar.gz'}"])
     assert res.exit_code == 2 and "nodata.tar.gz' does not exist; set data.root=" in res.output
+
+
+def test_every_record_that_cannot_be_reused_is_named_at_once(dense_path, tmp_path):
+    raw = _raw(dense_path, seeds=[0, 1])
+    run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", only=["l2"], **quiet)
+    raw["finetune"] = {**raw["finetune"], "epochs": 2}
+    with pytest.raises(CheckpointError, match=r"^2 records cannot be reused: .*l2/seed0.json.*l2/seed1.json"):
+        run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", **quiet)

@@ -28,6 +28,8 @@ def read_json_mapping(path: Path, what: str) -> dict[str, Any]:
 
 
 def arm_record(recipe: CompareRecipe, arm: str, seed: int, dense_sha: str, out_dir: Path) -> tuple[Path, str, Any]:
+    """(path, spec hash, record or None) of one arm and seed in `out_dir`; CheckpointError when the
+    record on disk is damaged or was made from another spec or dense model."""
     spec = {**recipe.spec_of(arm), "dense_sha256": dense_sha}
     h = spec_hash(spec)
     path = out_dir / "arms" / arm / f"seed{seed}.json"

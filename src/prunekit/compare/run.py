@@ -244,9 +244,21 @@ def report_from_disk(recipe: CompareRecipe, out: Path) -> CompareResult:
 
 
 def _records_on_disk(recipe: CompareRecipe, out: Path, dense_sha: str) -> dict[tuple[str, int], tuple[Path, str, Any]]:
-    """(arm, seed) -> (record path, spec hash, record or None) for every arm that is not skipped."""
-    return {(name, seed): arm_record(recipe, name, seed, dense_sha, out)
-            for name, arm in recipe.arms.items() if not arm.skip_reason for seed in recipe.seeds}
+    """(arm, seed) -> (record path, spec hash, record or None) for every arm that is not skipped;
+    every record that cannot be reused is named in one CheckpointError."""
+    found, errors = {}, []
+    for name, arm in recipe.arms.items():
+        for seed in [] if arm.skip_reason else recipe.seeds:
+            try:
+                found[(name, seed)] = arm_record(recipe, name, seed, dense_sha, out)
+            except CheckpointError as err:
+                errors.append(err)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise CheckpointError(f"{len(errors)} records cannot be reused: " + "; ".join(map(str, errors[:5]))
+                              + ("; ..." if len(errors) > 5 else ""))
+    return found
 
 
 @contextmanager
