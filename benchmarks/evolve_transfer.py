@@ -113,12 +113,14 @@ def run_arm(args, crit_name, seed, dense, prepared, calib, bundle) -> dict:
     scores = {g.name: crit(g, ctx).detach().cpu() for g in groups}
     remove_channels_(model, prepared.graph, select_removal(prepared.graph, scores, args.ratio))
     params = sum(p.numel() for p in model.parameters())
+    pruned_val = evaluate(model, bundle.val, args.device)["acc"]  # the damage before any fine-tuning
     ft = TrainConfig.from_dict({**args.proto["finetune"], "epochs": args.epochs, "seed": seed})
     loader = copy.copy(bundle.train)
     loader.seed = seed  # the fine-tune seed also sets the batch order
     train(model, loader, None, ft, progress=False, device=args.device)
     val, test = evaluate(model, bundle.val, args.device), evaluate(model, bundle.test, args.device)
-    return {"arm": crit_name, "seed": seed, "val_acc": val["acc"], "test_acc": test["acc"], "params": params,
+    return {"arm": crit_name, "seed": seed, "val_acc": val["acc"], "test_acc": test["acc"], "pruned_val_acc": pruned_val,
+            "params": params,
             "seconds": round(time.perf_counter() - t0, 1), "loadavg": os.getloadavg()[0]}
 
 
@@ -130,15 +132,19 @@ def report(paths: list[str]) -> None:
     recs = [r for p in paths for r in json.loads(Path(p).read_text())["records"]]
     arms: dict[str, dict[str, list[float]]] = {}
     for r in recs:
-        arms.setdefault(r["arm"], {"val": [], "test": []})
+        arms.setdefault(r["arm"], {"val": [], "test": [], "pruned": []})
         arms[r["arm"]]["val"].append(r["val_acc"])
         arms[r["arm"]]["test"].append(r["test_acc"])
-    stat = {a: {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in d.items()}
+        if r.get("pruned_val_acc") is not None:  # recorded by later runs only
+            arms[r["arm"]]["pruned"].append(r["pruned_val_acc"])
+    stat = {a: {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in d.items() if v}
             for a, d in arms.items()}
-    print("| criterion | n | val acc (%) | test acc (%) |\n|---|---|---|---|")
+    print("| criterion | n | val acc (%) | test acc (%) | val acc right after pruning (%, n) |\n|---|---|---|---|---|")
     for a in sorted(stat, key=lambda a: -stat[a]["test"][0]):
         (vm, vs), (tm, ts) = stat[a]["val"], stat[a]["test"]
-        print(f"| {a} | {len(arms[a]['test'])} | {100 * vm:.2f} ± {100 * vs:.2f} | {100 * tm:.2f} ± {100 * ts:.2f} |")
+        pr = stat[a].get("pruned")
+        shown = f"{100 * pr[0]:.2f} ± {100 * pr[1]:.2f} ({len(arms[a]['pruned'])})" if pr else "-"
+        print(f"| {a} | {len(arms[a]['test'])} | {100 * vm:.2f} ± {100 * vs:.2f} | {100 * tm:.2f} ± {100 * ts:.2f} | {shown} |")
     seeds = [a for a in ("abs_snr", "fdr", "sym_div", "t_stat", "seed_l1", "seed_l2", "seed_geo_median") if a in stat]
     if "ga_func2" in stat and seeds and "random" in stat:
         name = max(seeds, key=lambda a: stat[a]["test"][0])
