@@ -70,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extra-arm", action="append", default=[], help="more criteria, e.g. 'evolved:<text>'")
     p.add_argument("--seeds", nargs="+", type=int, default=proto["seeds"])
     p.add_argument("--ratio", type=float, default=0.4)
-    p.add_argument("--epochs", type=int, default=proto["finetune"]["epochs"])
+    p.add_argument("--epochs", type=int, default=proto["finetune"]["epochs"],
+                   help="fine-tune epochs per arm (0: score the pruned networks as they are)")
     p.add_argument("--calib", type=int, default=512, help="calibration images for data criteria")
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
@@ -114,10 +115,11 @@ def run_arm(args, crit_name, seed, dense, prepared, calib, bundle) -> dict:
     remove_channels_(model, prepared.graph, select_removal(prepared.graph, scores, args.ratio))
     params = sum(p.numel() for p in model.parameters())
     pruned_val = evaluate(model, bundle.val, args.device)["acc"]  # the damage before any fine-tuning
-    ft = TrainConfig.from_dict({**args.proto["finetune"], "epochs": args.epochs, "seed": seed})
-    loader = copy.copy(bundle.train)
-    loader.seed = seed  # the fine-tune seed also sets the batch order
-    train(model, loader, None, ft, progress=False, device=args.device)
+    if args.epochs > 0:  # --epochs 0: the damage of each criterion alone, no fine-tuning
+        ft = TrainConfig.from_dict({**args.proto["finetune"], "epochs": args.epochs, "seed": seed})
+        loader = copy.copy(bundle.train)
+        loader.seed = seed  # the fine-tune seed also sets the batch order
+        train(model, loader, None, ft, progress=False, device=args.device)
     val, test = evaluate(model, bundle.val, args.device), evaluate(model, bundle.test, args.device)
     return {"arm": crit_name, "seed": seed, "val_acc": val["acc"], "test_acc": test["acc"], "pruned_val_acc": pruned_val,
             "params": params,
