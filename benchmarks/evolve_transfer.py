@@ -120,8 +120,9 @@ def run_arm(args, crit_name, seed, dense, prepared, calib, bundle) -> dict:
         loader = copy.copy(bundle.train)
         loader.seed = seed  # the fine-tune seed also sets the batch order
         train(model, loader, None, ft, progress=False, device=args.device)
-    val, test = evaluate(model, bundle.val, args.device), evaluate(model, bundle.test, args.device)
-    return {"arm": crit_name, "seed": seed, "val_acc": val["acc"], "test_acc": test["acc"], "pruned_val_acc": pruned_val,
+    val = evaluate(model, bundle.val, args.device)["acc"] if args.epochs > 0 else pruned_val
+    test = evaluate(model, bundle.test, args.device)["acc"]
+    return {"arm": crit_name, "seed": seed, "val_acc": val, "test_acc": test, "pruned_val_acc": pruned_val,
             "params": params,
             "seconds": round(time.perf_counter() - t0, 1), "loadavg": os.getloadavg()[0]}
 

@@ -57,14 +57,13 @@ def compare_cmd(args, out, only, report_only, dry_run, quiet) -> None:
 
 def _dry_run_checks(recipe, out) -> list[str]:
     """What a real run would find on disk: the data, the dense model and finished records. A
-    missing data folder or archive fails here (ConfigError) rather than after the dry run."""
+    missing data folder or archive, or dense weights nothing can make, fail here."""
     from ..compare.run import dense_paths
     from ..core.errors import ConfigError
+    from ..data.imagefolder import existing_root
 
-    root = getattr(recipe.data, "root", None)
-    if root is not None and not Path(root).expanduser().exists():
-        where = "" if Path(root).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
-        raise ConfigError(f"data.root={root!r} does not exist{where}; set data.root= to the data's folder or archive")
+    if recipe.data.root is not None:
+        existing_root(recipe.data.root)
     folder = Path(out) if out is not None else Path(recipe.out) / recipe.name
     weights, _ = dense_paths(recipe, folder)
     lines = [f"output folder: {folder}" + (" (exists: finished records are reused)" if folder.exists() else "")]
@@ -74,6 +73,5 @@ def _dry_run_checks(recipe, out) -> list[str]:
         lines.append(f"dense model: {weights} is missing; it will be trained ({recipe.dense_train.epochs} epochs)")
     else:
         raise ConfigError(f"dense weights {weights} do not exist and the recipe has no dense.train to make them")
-    done = sorted(p.relative_to(folder).as_posix() for p in (folder / "arms").glob("*/seed*.json"))
-    lines.append(f"records on disk: {len(done)}")
+    lines.append(f"records on disk: {len(list((folder / 'arms').glob('*/seed*.json')))}")
     return lines

@@ -202,18 +202,24 @@ DENSE_TRAIN_KEYS = ("epochs", "optimizer", "lr", "momentum", "nesterov", "weight
 DENSE_DATA_KEYS = ("name", "val_fraction", "seed", "limit_train", "image_size", "batch_size", "augment")
 
 
+def dense_settings(data: Any, train: Any) -> dict[str, Any]:
+    """{"data.<key>" / "dense.train.<key>": value} of the settings that shape a trained dense model,
+    for the keys the given sections hold (a section that is not a mapping holds none)."""
+    out = {}
+    for prefix, section, keys in (("data", data, DENSE_DATA_KEYS), ("dense.train", train, DENSE_TRAIN_KEYS)):
+        if isinstance(section, dict):
+            out.update({f"{prefix}.{k}": section[k] for k in keys if k in section})
+    return out
+
+
 def _dense_changed(protocol: dict[str, Any], merged: dict[str, Any]) -> bool:
     """Whether `merged` changes what the protocol's cached dense model was trained with (its model,
     data or dense.train): its weights then do not belong to this recipe."""
-    def part(d: Any, *keys: str) -> Any:
-        for k in keys:
-            d = d.get(k) if isinstance(d, dict) else None
-        return d
+    def settings(r: dict[str, Any]) -> dict[str, Any]:
+        dense = r.get("dense")
+        return dense_settings(r.get("data"), dense.get("train") if isinstance(dense, dict) else None)
 
-    if part(merged, "model") != part(protocol, "model"):
-        return True
-    pairs = [(("data", k),) for k in DENSE_DATA_KEYS] + [(("dense", "train", k),) for k in DENSE_TRAIN_KEYS]
-    return any(part(merged, *keys) != part(protocol, *keys) for (keys,) in pairs)
+    return merged.get("model") != protocol.get("model") or settings(merged) != settings(protocol)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

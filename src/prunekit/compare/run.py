@@ -42,7 +42,7 @@ from ..engine.evaluate import evaluate
 from ..engine.train import train
 from ..models import create_model
 from .arms import call_method, run_arm
-from .recipe import DENSE_DATA_KEYS, DENSE_TRAIN_KEYS, CompareRecipe
+from .recipe import CompareRecipe, dense_settings
 from .records import arm_record, read_json_mapping, write_json
 from .summary import summarise, write_outputs
 
@@ -85,15 +85,9 @@ def dense_settings_differ(info: dict[str, Any], recipe: CompareRecipe) -> list[s
     records none or the recipe has no dense.train (weights given as they are)."""
     if recipe.dense_train is None:
         return []
-    wanted = {"train": recipe.dense_train.to_dict(), "data": recipe.data.to_dict()}
-    out = []
-    for section, keys in (("train", DENSE_TRAIN_KEYS), ("data", DENSE_DATA_KEYS)):
-        got = info.get(section)
-        if not isinstance(got, dict):
-            continue
-        out += [f"{'dense.train' if section == 'train' else 'data'}.{k}={got[k]!r} (recipe: {wanted[section].get(k)!r})"
-                for k in keys if k in got and got[k] != wanted[section].get(k)]
-    return out
+    wanted = dense_settings(recipe.data.to_dict(), recipe.dense_train.to_dict())
+    return [f"{k}={v!r} (recipe: {wanted.get(k)!r})"
+            for k, v in dense_settings(info.get("data"), info.get("train")).items() if v != wanted.get(k)]
 
 
 def dense_model(recipe: CompareRecipe, model: nn.Module, bundle: Any, out_dir: Path, device: torch.device,
@@ -166,8 +160,9 @@ def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = 
         torch.set_num_threads(recipe.threads)
     device = resolve_device(recipe.device)
     weights, _ = dense_paths(recipe, out)
-    if weights.is_file():  # a foreign or damaged record fails before the data is loaded
-        _records_on_disk(recipe, out, sha256_file(weights))
+    early_sha = sha256_file(weights) if weights.is_file() else None
+    # a foreign or damaged record fails before the data is loaded
+    early = _records_on_disk(recipe, out, early_sha) if early_sha else None
     bundle = load_data(recipe.data.replace(device="cuda" if device.type == "cuda" else "cpu"))
     if recipe.eval_max_batches:
         # a seeded random subset: the first batches of a class-sorted split hold one or two classes
@@ -186,7 +181,7 @@ def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = 
     echo(f"dense: {recipe.eval_split if recipe.eval_split == 'test' else 'val'} acc "
          f"{dense_info['test_acc' if recipe.eval_split == 'test' else 'val_acc']:.4f} (sha256 {dense_info['sha256'][:12]})")
     example = next(iter(bundle.val if bundle.val.num_samples > 0 else bundle.test))[0][:2].cpu()
-    found = _records_on_disk(recipe, out, dense_info["sha256"])
+    found = early if early_sha == dense_info["sha256"] else _records_on_disk(recipe, out, dense_info["sha256"])
     todo = [key for key, (_, _, rec) in found.items() if rec is None and (only is None or key[0] in only)]
     _try_arms(recipe, todo, dense, bundle, example, device)
     (out / "recipe.yaml").write_text(json.dumps(recipe.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")

@@ -41,16 +41,23 @@ LAYOUT_HELP = "expected <root>/train/<class>/<image> (and optionally test/<class
 Entries = dict[str, dict[str, list[tuple[str, object]]]]
 
 
-def load_imagefolder(cfg: DataConfig) -> ImageArrays | ImageFiles:
-    """Read the image folder or archive at cfg.root; decoded arrays come from the cache when fresh."""
-    if cfg.root is None:
-        raise ConfigError(f"dataset 'imagefolder' needs root= a folder or .tar/.tar.gz archive; {LAYOUT_HELP}")
-    path = Path(cfg.root).expanduser()
+def existing_root(root: str) -> Path:
+    """`root` as a path; DataError saying which path (and from which directory a relative one was
+    read) when it does not exist."""
+    path = Path(root).expanduser()
     if not path.exists():
         kind = "archive" if path.name.endswith((".tar", ".tar.gz", ".tgz")) else "image folder"
         where = f" (relative to the current directory {Path.cwd()})" if not path.is_absolute() else ""
         raise DataError(f"{kind} {str(path)!r} does not exist{where}; set data.root= to where it is (a folder or "
                         f".tar/.tar.gz archive); {LAYOUT_HELP}")
+    return path
+
+
+def load_imagefolder(cfg: DataConfig) -> ImageArrays | ImageFiles:
+    """Read the image folder or archive at cfg.root; decoded arrays come from the cache when fresh."""
+    if cfg.root is None:
+        raise ConfigError(f"dataset 'imagefolder' needs root= a folder or .tar/.tar.gz archive; {LAYOUT_HELP}")
+    path = existing_root(cfg.root)
     if path.is_file() and not tarfile.is_tarfile(path):
         raise DataError(f"{str(path)!r} is not a .tar/.tar.gz archive; pass a folder or an archive; {LAYOUT_HELP}")
     key = cache_key(path, source_state(path), {"image_size": cfg.image_size})
