@@ -172,6 +172,16 @@ def test_the_report_describes_the_records_latency_and_devices(dense_path, tmp_pa
     assert any("more than one training device: cpu: dense; cuda:0: l2" in n for n in result.notes)
 
 
+def test_a_latency_recorded_as_auto_is_read_from_the_records_machine():
+    from prunekit.compare.run import _latency_setting
+
+    lat = {"device": "auto", "dtype": "float32", "batch_size": 1, "n": 50}
+    old = [{"latency": lat, "environment": {"cuda": None}}, {"latency": {**lat, "device": "cpu"}}]
+    assert _latency_setting(old) == "cpu, float32, batch 1, 50 timed forwards"  # one setting, not two
+    assert _latency_setting([{"latency": lat, "environment": {"cuda": "13.0"}}]).startswith("cuda, ")
+    assert _latency_setting([{"latency": lat}]).startswith("auto, ")  # nothing to resolve it from
+
+
 def test_cli_report_only_needs_no_data(dense_path, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(_raw(dense_path)))

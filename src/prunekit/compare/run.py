@@ -337,7 +337,17 @@ def _finish(recipe: CompareRecipe, result: CompareResult, dense_info: dict[str, 
 def _latency_setting(records: list[dict[str, Any]]) -> str:
     """How the records' latencies were measured (from the records: the recipe's bench section may
     have changed since), e.g. "cpu, float32, batch 1, 50 timed forwards"."""
-    kinds = sorted({(str(lat.get("device")), str(lat.get("dtype")), lat.get("batch_size"), lat.get("n"))
+    kinds = sorted({(_measured_on(r, lat), str(lat.get("dtype")), lat.get("batch_size"), lat.get("n"))
                     for r in records if isinstance(lat := r.get("latency"), dict)}, key=str)
     return "; ".join(f"{d}, {t}, batch {b}, {n} timed forwards" for d, t, b, n in kinds) or "not measured"
+
+
+def _measured_on(record: dict[str, Any], latency: dict[str, Any]) -> str:
+    """The latency's device; "auto" (records written before the device was resolved) is read from
+    the record's environment: CUDA when that machine had it, else the CPU."""
+    device = str(latency.get("device"))
+    env = record.get("environment")
+    if device != "auto" or not isinstance(env, dict) or "cuda" not in env:
+        return device
+    return "cuda" if env["cuda"] else "cpu"
 
