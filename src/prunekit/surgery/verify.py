@@ -39,6 +39,17 @@ def run_model(model: nn.Module, inputs: Any) -> Any:
         model.train(was)
 
 
+def inputs_to(inputs: Any, device: torch.device | str) -> Any:
+    """Example inputs in the forms `run_model` takes (a tensor, a tuple/list or a dict of
+    arguments) with every tensor moved to `device`; other values are kept as they are."""
+    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t
+    if isinstance(inputs, dict):
+        return {k: move(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(move(t) for t in inputs)
+    return move(inputs)
+
+
 def first_tensor(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out

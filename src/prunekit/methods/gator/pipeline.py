@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ...core.errors import ConfigError, PruningError
 from ...cost.differentiable import CostModel, build_cost
 from ...layers.gates import GateSet, gateable
+from ...surgery.verify import inputs_to
 from ..result import PruneResult
 from .config import GatorConfig
 from .controller import final_masks, rounded_masks
@@ -86,7 +87,7 @@ def gator_prune_(
                          progress, metrics, (_phase_dir(ckpt_dir, "gated"), resume))
     model.cpu()  # surgery indexes with CPU tensors
     gates.cpu()
-    example = _to(example_inputs, torch.device("cpu"))
+    example = inputs_to(example_inputs, "cpu")
     conversion = convert_(model, gates, graph, example, config.ignore)
     after = count_cost(model, example)
     model.to(dev)
@@ -166,12 +167,6 @@ def _report_fractions(metrics: dict[str, Any], before: Any, after: Any, measure:
     if tables is not None:
         metrics["latency_tables"] = [{"spec": t.spec, "device": t.device, "device_name": t.device_name,
                                       "batch": t.batch, "dtype": t.dtype} for t in tables]
-
-
-def _to(example: Any, device: torch.device) -> Any:
-    if isinstance(example, (tuple, list)):
-        return type(example)(t.to(device) if isinstance(t, Tensor) else t for t in example)
-    return example.to(device) if isinstance(example, Tensor) else example
 
 
 def _register() -> None:

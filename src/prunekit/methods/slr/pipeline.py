@@ -23,11 +23,12 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from torch import Tensor, nn
+from torch import nn
 
 from ...core.errors import ConfigError
 from ...surgery.masks import sparsity_report
 from ...surgery.plan import empty_plan
+from ...surgery.verify import inputs_to
 from ..result import PruneResult
 from .config import SLRConfig
 from .hook import SLRHook
@@ -72,7 +73,7 @@ def slr_prune_(
         run = train(model, train_loader, val_loader, train_config.replace(epochs=config.epochs),
                     hooks=[hook], progress=progress, resume=resume, ckpt_dir=_phase_dir(ckpt_dir, "penalised"))
         metrics["slr_history"] = run.history
-    example_inputs = _to_model_device(model, example_inputs)  # train() may have moved the model
+    example_inputs = inputs_to(example_inputs, next(model.parameters()).device)  # train() may have moved the model
     closing = example_inputs if config.sparsity_type == "filter" else None
     hard_prune_(model, hook, example_inputs=closing)
     if val_loader is not None:
@@ -98,13 +99,6 @@ def slr_prune_(
 
 def _phase_dir(ckpt_dir: str | os.PathLike[str] | None, phase: str) -> Path | None:
     return None if ckpt_dir is None else Path(ckpt_dir) / phase
-
-
-def _to_model_device(model: nn.Module, example: Any) -> Any:
-    device = next(model.parameters()).device
-    if isinstance(example, (tuple, list)):
-        return type(example)(t.to(device) if isinstance(t, Tensor) else t for t in example)
-    return example.to(device) if isinstance(example, Tensor) else example
 
 
 def _register() -> None:
