@@ -190,3 +190,25 @@ def test_smoothing_term_is_off_by_default_and_acts_when_asked():
         if expect_term:
             assert term.item() > 0 and term.requires_grad
 
+
+
+@pytest.mark.parametrize("edit", [dict(layers=4096), dict(channels=4096), dict(in_channels=4096),
+                                  dict(num_classes=4096)])
+def test_a_network_file_whose_sizes_were_edited_is_refused_before_it_is_built(tmp_path, edit):
+    """The description's sizes are checked against the stored tensors before any network is built:
+    4096 layers of 4096 channels would otherwise ask for terabytes."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from prunekit.methods.prdarts.evalnet import GENOTYPE_META
+
+    net = EvalNetwork(DARTS_V2, channels=4, num_classes=10, layers=3)
+    path = save_network(net, tmp_path / "net.safetensors", torch.zeros(1, 3, 8, 8))
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    plan = json.loads(meta["prunekit.plan"])
+    plan["meta"][GENOTYPE_META].update(edit)
+    meta["prunekit.plan"] = json.dumps(plan)
+    save_file(tensors, str(path), metadata=meta)  # the tensors, and so their checksum, unchanged
+    with pytest.raises(CheckpointError, match="damaged or was edited"):
+        load_network(path)

@@ -15,6 +15,7 @@ the dense computation, so no speed-up is claimed from them.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -97,9 +98,33 @@ def load_network(path: str | Path) -> EvalNetwork:
     plan = read_plan(path)
     if GENOTYPE_META not in plan.meta:
         raise CheckpointError(f"{path} holds no PR-DARTS network description; save it with save_network")
+    _check_stored_shapes(plan.meta[GENOTYPE_META], path)  # before any memory is taken for the network
     net = build_from_meta(plan.meta[GENOTYPE_META])
     harden_(net)  # plain layers, no masks yet: load_pruned puts the stored masks back
     return load_pruned(net, path)
+
+
+def _check_stored_shapes(spec: Any, path: str | Path) -> None:
+    """CheckpointError unless the file's tensors (masks aside) are exactly those of the network its
+    description builds: built on the meta device (no memory), after its cell count is checked
+    against the stored tensors (the build time grows with it)."""
+    from ...surgery.tensor_file import MASK_SUFFIX, read_tensor_file
+
+    _, tensors = read_tensor_file(path)
+    stored = {k: tuple(t.shape) for k, t in tensors.items() if not k.endswith(MASK_SUFFIX)}
+    cells = {k.split(".")[1] for k in stored if k.startswith("cells.")}
+    if isinstance(spec, dict) and spec.get("layers") != len(cells):
+        raise CheckpointError(f"{path}: its description has layers={spec.get('layers')!r} but it stores the "
+                              f"tensors of {len(cells)} cells; the file is damaged or was edited")
+    with torch.device("meta"):
+        shell = build_from_meta(spec)
+        harden_(shell)
+    described = {k: tuple(t.shape) for k, t in shell.state_dict().items()}
+    if stored != described:
+        other = sorted(set(stored) ^ set(described)) or [k for k in described if stored[k] != described[k]]
+        raise CheckpointError(f"{path}: the network its description builds ({sum(map(math.prod, described.values())):,} "
+                              f"values) does not match the tensors it stores (first difference: {other[0]}); "
+                              "the file is damaged or was edited")
 
 
 def sparse_macs(net: nn.Module, example: torch.Tensor) -> dict[str, int]:
