@@ -115,6 +115,47 @@ def test_corrupt_checkpoint_raises_and_leaves_model_alone(tmp_path, damage):
         assert torch.equal(v, before[k])
 
 
+def _edit(ckpt: dict, what: str) -> None:
+    if what == "epoch":
+        ckpt["epoch"] = -5
+    elif what == "model":
+        ckpt["model"] = [1, 2]
+    elif what == "hooks":
+        ckpt["hooks"] = []
+    elif what == "cfg":
+        ckpt["meta_json"] = '{"cfg": [1], "history": []}'
+    elif what == "rng":
+        ckpt["rng"] = {}
+    elif what == "scheduler":
+        ckpt["scheduler"] = {"x": 1}
+    else:
+        ckpt["optimizer"]["param_groups"][0]["lr"] = "fast"
+
+
+@pytest.mark.parametrize("what, fragment", [
+    ("epoch", "epoch is not an integer"), ("model", "model state is not a mapping"),
+    ("hooks", "hook states"), ("cfg", "training config"), ("rng", "random generator states"),
+    ("scheduler", "scheduler state"), ("optimizer", "optimizer settings"),
+])
+def test_an_edited_checkpoint_with_a_valid_checksum_is_refused_before_anything_loads(tmp_path, what, fragment):
+    """The checksum guards against damage, not edits: every entry's form is checked before any
+    state is loaded, so the model stays as it was."""
+    from prunekit.engine.checkpoint import payload_sha256
+
+    train_loader, val_loader = _data()
+    train(mlp(), train_loader, val_loader, _cfg(epochs=2), ckpt_dir=tmp_path, progress=False)
+    path = tmp_path / CHECKPOINT_NAME
+    ckpt = torch.load(path, weights_only=True)
+    _edit(ckpt, what)
+    ckpt["checksum"] = payload_sha256(ckpt)
+    torch.save(ckpt, path)
+    model = mlp(seed=4)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CheckpointError, match=fragment):
+        train(model, train_loader, val_loader, _cfg(epochs=2), ckpt_dir=tmp_path, progress=False, resume=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 class Evil:
     """An arbitrary class: unpickling it would run code, so weights_only loading must refuse it."""
 

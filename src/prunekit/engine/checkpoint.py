@@ -180,16 +180,43 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ckpt["cfg"], ckpt["history"] = meta["cfg"], meta["history"]
     except (ValueError, KeyError, TypeError, RecursionError):
         raise CheckpointError(f"{path} has an unreadable metadata block; delete it to restart") from None
+    wrong = _layout_error(ckpt)
+    if wrong:
+        raise CheckpointError(f"{path} is damaged: {wrong}; delete it to restart the run")
     return ckpt
+
+
+def _layout_error(ckpt: dict[str, Any]) -> str:
+    """What is wrong with the types of a checkpoint's entries ("" when nothing is)."""
+    count = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low
+    model, opt = ckpt["model"], ckpt["optimizer"]
+    checks = [
+        (count(ckpt["epoch"], 0), "epoch is not an integer >= 0"),
+        (count(ckpt["steps_per_epoch"], 1), "steps_per_epoch is not an integer >= 1"),
+        (isinstance(model, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()),
+         "the model state is not a mapping of names to tensors"),
+        (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
+         and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"]),
+         "the optimizer state is not an optimizer's state_dict"),
+        (isinstance(ckpt["scheduler"], dict), "the scheduler state is not a mapping"),
+        (isinstance(ckpt["hooks"], dict) and all(isinstance(k, str) and k.isdigit() for k in ckpt["hooks"]),
+         "the hook states are not a mapping of hook indices"),
+        (isinstance(ckpt["rng"], dict), "the random generator states are not a mapping"),
+        (isinstance(ckpt["cfg"], dict), "its training config is not a mapping"),
+        (isinstance(ckpt["history"], list) and all(isinstance(h, dict) for h in ckpt["history"]),
+         "its history is not a list of records"),
+    ]
+    return next((why for ok, why in checks if not ok), "")
 
 
 def check_compatible(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer,
                      hooks: Sequence[Any], cfg: dict[str, Any], steps_per_epoch: int,
-                     ignore_cfg: Sequence[str] = ()) -> None:
+                     ignore_cfg: Sequence[str] = (), scheduler_state: dict[str, Any] | None = None) -> None:
     """Raise CheckpointError unless `ckpt` fits this model, optimizer, hooks, config and loader.
 
     Runs before anything is loaded, so a refused checkpoint leaves the model untouched.
     `ignore_cfg` names config fields that may differ (they do not change the computation).
+    `scheduler_state` (this run's scheduler's state_dict) checks the saved one has its form.
     """
     diff = sorted(k for k in set(cfg) | set(ckpt["cfg"])
                   if k not in ignore_cfg and cfg.get(k) != ckpt["cfg"].get(k))
@@ -210,6 +237,47 @@ def check_compatible(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch
     if set(ckpt["hooks"]) != stateful:
         raise CheckpointError(f"checkpoint holds state for hooks {sorted(ckpt['hooks'])} but the hooks "
                               f"with state_dict now are {sorted(stateful)}; pass the same hooks in the same order")
+    for what, saved, now in (("optimizer settings", [{k: v for k, v in g.items() if k != "params"} for g in saved_groups],
+                              [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]),
+                             ("scheduler state", ckpt["scheduler"], scheduler_state)):
+        where = _unlike(saved, now, what)
+        if where:
+            raise CheckpointError(f"checkpoint {where} does not have the form this run's has; the file is damaged "
+                                  "or was written by other code: delete it to restart the run")
+    _check_rng(ckpt["rng"])
+
+
+def _unlike(saved: Any, now: Any, where: str) -> str:
+    """Where `saved` differs in form from `now` (plain data: numbers, strings, lists, dicts,
+    tensors; None matches anything), "" when it does not."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if now is None or saved is None:
+        return ""
+    if isinstance(now, bool) or isinstance(now, str) or isinstance(now, torch.Tensor):
+        return "" if isinstance(saved, type(now)) else where
+    if number(now):
+        return "" if number(saved) else where
+    if isinstance(now, dict):
+        if not isinstance(saved, dict) or set(saved) != set(now):
+            return where
+        return next((w for k in now if (w := _unlike(saved[k], now[k], f"{where}[{k!r}]"))), "")
+    if isinstance(now, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(now):
+            return where
+        return next((w for i, (a, b) in enumerate(zip(saved, now)) if (w := _unlike(a, b, f"{where}[{i}]"))), "")
+    return ""
+
+
+def _check_rng(state: dict[str, Any]) -> None:
+    """CheckpointError unless `state` restores every generator; the current states are kept."""
+    current = capture_rng_state()
+    try:
+        restore_rng_state(state)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint random generator states cannot be restored ({type(err).__name__}: "
+                              f"{str(err)[:100]}); the file is damaged: delete it to restart the run") from None
+    finally:
+        restore_rng_state(current)
 
 
 def restore_checkpoint(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer,

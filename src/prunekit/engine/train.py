@@ -293,7 +293,7 @@ class _Run:
         ckpt = load_checkpoint(path)
         check_compatible(ckpt, model=self.model, optimizer=self.optimizer, hooks=self.hooks,
                          cfg=self.cfg.to_dict(), steps_per_epoch=self.steps_per_epoch,
-                         ignore_cfg=RESUMABLE_CHANGES)
+                         ignore_cfg=RESUMABLE_CHANGES, scheduler_state=self.scheduler.state_dict())
         restore_checkpoint(ckpt, model=self.model, optimizer=self.optimizer,
                            scheduler=self.scheduler, hooks=self.hooks)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
