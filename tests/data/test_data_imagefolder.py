@@ -79,6 +79,27 @@ def test_cache_is_reused_and_refreshed_when_the_archive_changes(tmp_path, fakes,
     assert len(calls) == 18 and len(list(private_cache.glob("imagefolder-*.npz"))) == 1
 
 
+@pytest.mark.parametrize("damage", ["truncated", "flat images", "labels out of range", "other label count"])
+def test_a_damaged_cache_entry_is_decoded_again_and_replaced(tmp_path, fakes, private_cache, damage):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    expect(load_imagefolder(cfg_for(fake.root)), fake)
+    entry = next(private_cache.glob("imagefolder-*.npz"))
+    with np.load(entry) as z:
+        arrays = dict(z)
+    if damage == "truncated":
+        entry.write_bytes(entry.read_bytes()[:200])
+    else:
+        if damage == "flat images":
+            arrays["train_x"] = arrays["train_x"].reshape(len(arrays["train_x"]), -1)
+        elif damage == "labels out of range":
+            arrays["train_y"][0] = 99
+        else:
+            arrays["test_y"] = arrays["test_y"][1:]
+        np.savez(entry, **arrays)
+    expect(load_imagefolder(cfg_for(fake.root)), fake)
+    expect(load_imagefolder(cfg_for(fake.root)), fake)  # the entry written again is whole
+
+
 def test_folder_cache_notices_a_changed_file(tmp_path, fakes, private_cache):
     fake = fakes.write_image_folder(tmp_path / "imgs")
     first = load_imagefolder(cfg_for(fake.root))
@@ -170,6 +191,29 @@ def test_large_archives_ask_to_be_extracted(tmp_path, fakes, private_cache, monk
     monkeypatch.setattr(imagefolder, "MAX_IN_MEMORY_BYTES", 0)
     with pytest.raises(DataError, match="extract it and pass the folder"):
         load_imagefolder(cfg_for(archive))
+
+
+def test_an_archive_is_refused_before_its_members_are_read_into_memory(tmp_path, fakes, private_cache, monkeypatch):
+    """A small .tar.gz can unpack to gigabytes: sizes are checked from the headers, per file and in all."""
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    archive = fakes.tar_folder(fake.root, tmp_path / "imgs.tar.gz")
+    with monkeypatch.context() as patch:
+        patch.setattr(imagefolder, "MAX_IMAGE_BYTES", 10)
+        with pytest.raises(DataError, match="more than an image file may be here .*; remove it"):
+            load_imagefolder(cfg_for(archive))
+    read = []
+    monkeypatch.setattr(imagefolder.tarfile.TarFile, "extractfile", lambda self, m: read.append(m) or None)
+    monkeypatch.setattr(imagefolder, "MAX_IN_MEMORY_BYTES", 0)
+    with pytest.raises(DataError, match="extract it and pass the folder"):
+        load_imagefolder(cfg_for(archive))
+    assert not read
+
+
+def test_a_decompression_bomb_as_the_first_image_gets_a_data_error(tmp_path, fakes, private_cache, monkeypatch):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4)  # every fake image is now a "bomb" (> 2 x the limit)
+    with pytest.raises(DataError, match="first train image .*DecompressionBombError.*remove or replace"):
+        load_imagefolder(cfg_for(fake.root))
 
 
 def test_streaming_with_worker_processes_keeps_the_order(tmp_path, fakes, private_cache, monkeypatch):

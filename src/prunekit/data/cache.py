@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +60,25 @@ def load_cached(key: str) -> ImageArrays | None:
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            return ImageArrays(z["train_x"], z["train_y"], z["test_x"], z["test_y"], [str(c) for c in z["class_names"]])
-    except (OSError, KeyError, ValueError):
+            arrays = ImageArrays(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
+                                 [str(c) for c in z["class_names"]])
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None  # a truncated or foreign file: decode again and overwrite it
+    return arrays if _consistent(arrays) else None
+
+
+def _consistent(a: ImageArrays) -> bool:
+    """Whether cached arrays have the layout `save_cached` writes: uint8 (N, C, H, W) images with
+    C 1 or 3, one integer label per image, every label naming one of the classes."""
+    images = all(x.dtype == np.uint8 and x.ndim == 4 and x.shape[1] in (1, 3) for x in (a.train_x, a.test_x))
+    if not images or not a.class_names or a.train_x.shape[1:] != a.test_x.shape[1:]:
+        return False
+    for x, y in ((a.train_x, a.train_y), (a.test_x, a.test_y)):
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            return False
+        if len(y) and (y.min() < 0 or y.max() >= len(a.class_names)):
+            return False
+    return True
 
 
 def save_cached(key: str, arrays: ImageArrays) -> Path:

@@ -34,6 +34,8 @@ from .registry import DATASETS, DatasetSpec
 from .sources import TEST_SPLIT_SEED, ImageArrays, ImageFiles, stratified_carve
 
 MAX_IN_MEMORY_BYTES = 2 * 1024**3
+MAX_IMAGE_BYTES = 64 * 1024**2  # one image file read from an archive
+PILLOW_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # Pillow's ways to fail
 CARVED_TEST_FRACTION = 0.2
 LAYOUT_HELP = "expected <root>/train/<class>/<image> (and optionally test/<class>/<image>)"
 
@@ -86,11 +88,21 @@ def load_imagefolder(cfg: DataConfig) -> ImageArrays | ImageFiles:
 
 def _read_archive(path: Path) -> Entries:
     # One sequential pass: a .tar.gz cannot seek cheaply, so bytes are read as members stream by.
+    # The members' sizes are summed before each is read: a small .tar.gz can hold gigabytes.
     entries: Entries = defaultdict(lambda: defaultdict(list))
+    held = 0
     with tarfile.open(path, "r:*") as tar:
         for member in tar:
             parts = member.name.split("/")
             if member.isfile() and len(parts) >= 3 and is_image_name(member.name):
+                if member.size > MAX_IMAGE_BYTES:
+                    raise DataError(f"{member.name!r} in {str(path)!r} is {member.size / 1e6:.0f} MB, more than an "
+                                    f"image file may be here ({MAX_IMAGE_BYTES / 1e6:.0f} MB); remove it")
+                held += member.size
+                if held > MAX_IN_MEMORY_BYTES:
+                    raise DataError(f"the images in {str(path)!r} take more than {MAX_IN_MEMORY_BYTES / 1e9:.1f} GB "
+                                    "unpacked, more than is read into memory here; extract it and pass the folder "
+                                    "as root so that images are streamed from disk")
                 data = tar.extractfile(member).read()
                 entries[parts[-3]][parts[-2]].append((member.name, data))
     return entries
@@ -131,8 +143,9 @@ def _organise(entries: Entries, path: Path) -> tuple[list[str], list, list | Non
 def _probe(payload: object) -> tuple[str, tuple[int, int]]:
     try:
         return probe_image(_payload_bytes(payload))
-    except OSError as err:
-        raise DataError(f"cannot read the first train image with Pillow: {err}") from None
+    except PILLOW_ERRORS as err:
+        raise DataError(f"cannot read the first train image with Pillow ({type(err).__name__}: {err}); "
+                        "remove or replace the file") from None
 
 
 def _payload_bytes(payload: object) -> bytes:
@@ -147,7 +160,7 @@ def _decode_all(class_names: list[str], train: list, test: list | None, mode: st
         name = item[1] if isinstance(item[1], str) else f"an image of class {class_names[item[0]]!r}"
         try:
             array = decode_image(_payload_bytes(item[1]), mode, size)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # Pillow's ways to fail
+        except PILLOW_ERRORS as err:
             raise DataError(f"cannot decode {name} ({type(err).__name__}: {err}); remove or replace the file") from None
         if array.shape != shape:
             raise DataError(f"{name} decodes to {array.shape}, the first image to {shape}; set image_size to resize all")
