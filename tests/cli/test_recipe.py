@@ -27,6 +27,23 @@ def test_yaml_reads_exponent_floats_and_keeps_strings():
         "a": 0.0005, "b": 1000.0, "c": 1.5, "d": 3, "e": "abc", "f": float("inf")}
 
 
+@pytest.mark.parametrize("text, override, fragment", [
+    ("1: a", "train={1: a}", "the key 1 is not a name"),
+    ("null: 1", "eval={null: 1}", "the key null is not a name"),
+    ("train: {1: 2}", "train={lr: {1: 2}}", "the key 1 is not a name"),
+    ("train:\n  lr: 0.1\n  lr: 0.2", "train={lr: 0.1, lr: 0.2}", "the key 'lr' is written twice"),
+])
+def test_recipe_keys_are_names_written_once(text, override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_yaml_text(text, "r.yaml")
+    with pytest.raises(ConfigError, match=fragment):
+        apply_overrides({}, [override])
+
+
+def test_a_merged_key_may_be_overridden():
+    assert load_yaml_text("base: &b {lr: 1}\ntrain:\n  <<: *b\n  lr: 2", "r")["train"] == {"lr": 2}
+
+
 def test_overrides_create_sections_and_reject_scalars():
     raw = {"train": None, "seed": 1}
     assert apply_overrides(raw, ["train.epochs=2"]) == {"train": {"epochs": 2}, "seed": 1}
@@ -77,3 +94,10 @@ def test_method_fields_may_sit_under_config():
     with pytest.raises(ConfigError, match="channel_ratio given both"):
         Recipe.from_dict({**base, "method": {"name": "magnitude", "channel_ratio": 0.3,
                                              "config": {"channel_ratio": 0.4}}})
+
+
+@pytest.mark.parametrize("override", ["seed=18446744073709551616", "threads=100000", "train.seed=18446744073709551616",
+                                      "bench.threads=100000"])
+def test_seeds_and_threads_torch_cannot_take_fail_when_the_recipe_is_read(override):
+    with pytest.raises(ConfigError, match="too large .*use at most"):
+        load_recipe(None, [override])

@@ -19,7 +19,7 @@ from prunekit.core.errors import ConfigError
 # Fields a config needs before it is valid at all (each a known-good value).
 BASE = {"MagnitudeConfig": {"channel_ratio": 0.5}, "GatorConfig": {"target": 0.5},
         "SLRConfig": {"sparsity": 0.5}, "DataConfig": {"name": "digits"},
-        "TorchPruningConfig": {"macs_fraction": 0.5}}
+        "TorchPruningConfig": {"macs_fraction": 0.5}, "SearchRecipe": {"data": {"name": "digits"}}}
 
 
 def _all_configs() -> list[type[Config]]:
@@ -113,3 +113,24 @@ def test_messages_quote_large_values_in_short():
         with pytest.raises(ConfigError) as info:
             check()
         assert len(str(info.value)) < 300
+
+
+def _limited_fields(cls: type[Config]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)
+            if f.name in ("seed", "threads", "threads_per_job") or f.name.endswith(("_seed", "_threads"))]
+
+
+LIMITED = [(cls, name) for cls in _all_configs() for name in _limited_fields(cls)]
+
+
+def test_the_walk_finds_the_seed_and_thread_fields():
+    assert {("TrainConfig", "seed"), ("DataConfig", "seed"), ("LatencyConfig", "threads"),
+            ("EvolveConfig", "threads_per_job")} <= {(c.__name__, f) for c, f in LIMITED}
+
+
+@pytest.mark.parametrize("cls, field", LIMITED, ids=[f"{c.__name__}.{f}" for c, f in LIMITED])
+def test_seeds_and_thread_counts_torch_cannot_take_are_refused(cls, field):
+    """torch.manual_seed takes 64 bits and set_num_threads(100000) crashes in thread creation."""
+    too_many = 2**64 if "seed" in field else 100_000
+    with pytest.raises(ConfigError, match=rf"{field}=.*too large .*use at most"):
+        cls(**{**BASE.get(cls.__name__, {}), field: too_many})

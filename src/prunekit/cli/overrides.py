@@ -31,7 +31,19 @@ _FLOAT = re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 1e-3 / 5E4 as floats."""
+    """SafeLoader that also reads 1e-3 / 5E4 as floats and refuses a key written twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:  # before merges (<<: *base) are flattened: a key may override those
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is written twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
@@ -46,10 +58,10 @@ class _Dumper(yaml.SafeDumper):
 MAX_YAML_VALUES = 100_000
 
 
-def _check_expanded_size(data: Any, where: str) -> Any:
+def _check_loaded(data: Any, where: str) -> Any:
     """ConfigError if `data` holds more than MAX_YAML_VALUES values once anchors and aliases are
-    followed: a few lines of aliases can stand for billions of values, and every later check walks
-    them all."""
+    followed (a few lines of aliases can stand for billions of values, and every later check walks
+    them all), or a mapping key that is not a string (`1: a`, `null: x`)."""
     stack, seen = [data], 0
     while stack:
         value = stack.pop()
@@ -58,7 +70,10 @@ def _check_expanded_size(data: Any, where: str) -> Any:
             raise ConfigError(f"{where}: the YAML holds more than {MAX_YAML_VALUES:,} values once its aliases "
                               "(*name) are expanded; a recipe needs a few hundred: write the values out")
         if isinstance(value, dict):
-            stack.extend(value.keys())
+            odd = next((k for k in value if not isinstance(k, str)), None)
+            if odd is not None or None in value:
+                raise ConfigError(f"{where}: the key {'null' if odd is None else repr(odd)} is not a name; recipe keys are names such as "
+                                  "epochs or lr (quote it if it is meant as one)")
             stack.extend(value.values())
         elif isinstance(value, list):
             stack.extend(value)
@@ -68,7 +83,7 @@ def _check_expanded_size(data: Any, where: str) -> Any:
 def load_yaml_text(text: str, where: str) -> Any:
     """Parse YAML text; a syntax error becomes a one-line ConfigError naming `where`."""
     try:
-        return _check_expanded_size(yaml.load(text, Loader=_Loader), where)
+        return _check_loaded(yaml.load(text, Loader=_Loader), where)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

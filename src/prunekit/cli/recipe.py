@@ -35,7 +35,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..core.config import Config, check_choice
+from ..core.config import Config, check_choice, check_limit
 from ..core.errors import ConfigError
 from ..cost.latency import LatencyConfig
 from ..data.config import DataConfig
@@ -137,7 +137,7 @@ class Recipe:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: a recipe is a mapping of sections ({', '.join(TOP_KEYS)}), "
                               f"got {type(raw).__name__}")
-        unknown = sorted(set(raw) - set(TOP_KEYS))
+        unknown = sorted(map(str, set(raw) - set(TOP_KEYS)))
         if unknown:
             raise ConfigError(f"{source}: unknown recipe key(s) {', '.join(unknown)}; allowed: {', '.join(TOP_KEYS)}")
         for key in ("model", "data"):
@@ -166,10 +166,18 @@ class Recipe:
             value = raw.get(key, getattr(out, key))
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{source}: {key}={value!r} must be an integer >= 0")
+            try:
+                check_limit(key, value)
+            except ConfigError as err:
+                raise ConfigError(f"{source}: {err}") from None
             setattr(out, key, value)
         threads = raw.get("threads")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ConfigError(f"{source}: threads={threads!r} must be an integer >= 1 or null")
+        try:
+            check_limit("threads", threads)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
         out.threads = threads
         out.name = raw.get("name") or out.name
         out.out = raw.get("out") or out.out

@@ -45,7 +45,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..core.config import Config, check_choice, check_range
+from ..core.config import Config, check_choice, check_limit, check_range
 from ..core.errors import ConfigError
 from ..cost.latency import LatencyConfig
 from ..data.config import DataConfig
@@ -291,6 +291,7 @@ def _scalars(out: CompareRecipe, raw: dict[str, Any]) -> None:
     if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
         raise ConfigError(f"seeds={seeds!r} must be a non-empty list of distinct integers >= 0")
+    check_limit("seeds", seeds)
     out.seeds = seeds
     out.device = raw.get("device") or "auto"
     if not isinstance(out.device, str) or not (out.device in ("auto", "cpu") or out.device.startswith("cuda")):
@@ -298,6 +299,7 @@ def _scalars(out: CompareRecipe, raw: dict[str, Any]) -> None:
     threads = raw.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads={threads!r} must be an integer >= 1 or null")
+    check_limit("threads", threads)
     out.threads = threads
     cal = raw.get("calibration_batches", out.calibration_batches)
     if isinstance(cal, bool) or not isinstance(cal, int) or cal < 0:

@@ -36,6 +36,7 @@ class Config:
         names = _string_list_fields(type(self))
         for f in dataclasses.fields(self):
             check_finite(f.name, getattr(self, f.name))
+            check_limit(f.name, getattr(self, f.name))
             if f.name in names:
                 check_names(f.name, getattr(self, f.name))
         self.validate()
@@ -67,7 +68,7 @@ class Config:
                 f"{cls.__name__} version {version} is not supported (this prunekit reads version {cls.version})"
             )
         names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(names))
+        unknown = sorted(map(str, set(data) - set(names)))  # str: a key from YAML may be a number or null
         if unknown:
             raise ConfigError(
                 f"{cls.__name__}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}"
@@ -164,6 +165,24 @@ def check_finite(name: str, value: Any) -> None:
     elif isinstance(value, dict):
         for k, v in value.items():
             check_finite(f"{name}.{k}", v)
+
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
+MAX_THREADS = 1024  # torch.set_num_threads far beyond the cores crashes in thread creation
+
+
+def check_limit(name: str, value: Any) -> None:
+    """ConfigError for a seed (a field `seed`, `*_seed` or a `seeds` list) above MAX_SEED or a
+    thread count (`threads`, `*_threads`, `threads_per_job`) above MAX_THREADS: values every
+    other check accepts but torch cannot use. Config.__post_init__ applies it to every field."""
+    limit = (MAX_SEED if name == "seed" or name.endswith("_seed") or name == "seeds" else
+             MAX_THREADS if name == "threads" or name.endswith("_threads") or name == "threads_per_job" else None)
+    if limit is None:
+        return
+    for v in value if name == "seeds" and isinstance(value, (list, tuple)) else (value,):
+        if isinstance(v, int) and not isinstance(v, bool) and v > limit:
+            what = "a seed" if limit == MAX_SEED else "a thread count"
+            raise ConfigError(f"{name}={short_repr(value)} is too large for {what}; use at most {limit:,}")
 
 
 def check_range(name: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
