@@ -142,3 +142,21 @@ def test_bench_and_eval_of_a_directory_without_weights_fail(reference, tmp_path)
         res = runner.invoke(cli, cmd)
         assert res.exit_code == 2 and "holds no weights" in res.stderr, (cmd, res.output)
         assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    ({"done": 3}, "done is not a list"), ({"weights": 5}, "a weights entry"), ({"stages": "train"}, "stages is not"),
+    ({"stages": ["train", "search"]}, "stages is not"), ({"evaluations": [{"step": "dense"}]}, "evaluations"),
+    ({"seconds": [1]}, "seconds"), ({"finished": "no"}, "finished"), ({"done": ["finetune"]}, "done is not"),
+])
+def test_a_run_state_with_entries_of_the_wrong_form_is_refused(tmp_path, edit, fragment):
+    """`prunekit resume` acts on state.json: a string of stages was walked letter by letter."""
+    from prunekit.cli.runstate import new_state, read_state, write_state
+    from prunekit.core.errors import CheckpointError
+
+    state = new_state("run", ["train", "prune"], None)
+    write_state(tmp_path, state)
+    assert read_state(tmp_path) == state
+    write_state(tmp_path, {**state, **edit})
+    with pytest.raises(CheckpointError, match=f"damaged: {fragment}.*cannot be resumed"):
+        read_state(tmp_path)

@@ -77,7 +77,37 @@ def read_state(run_dir: Path) -> dict[str, Any] | None:
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path} has run state version {state.get('version')!r}; this prunekit "
                               f"reads version {VERSION}")
+    wrong = _state_error(state)
+    if wrong:
+        raise CheckpointError(f"{path} is damaged: {wrong}; the run cannot be resumed (start it again)")
     return state
+
+
+STAGES = ("train", "prune", "finetune")
+
+
+def _state_error(state: dict[str, Any]) -> str:
+    """What is wrong with the types of a run state's entries ("" when nothing is)."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    path_or_none = lambda v: v is None or (isinstance(v, str) and bool(v))
+    stages, done = state["stages"], state["done"]
+    evals = state["evaluations"]
+    checks = [
+        (isinstance(state["command"], str), "command is not a name"),
+        (isinstance(stages, list) and all(s in STAGES for s in stages) and len(set(stages)) == len(stages),
+         f"stages is not a list of distinct stages from {', '.join(STAGES)}"),
+        (isinstance(done, list) and all(isinstance(s, str) and s in stages for s in done),
+         "done is not a list of the run's stages"),
+        (path_or_none(state["weights"]) and path_or_none(state["before_prune"]), "a weights entry is not a file name"),
+        (isinstance(evals, list) and all(isinstance(e, dict) and isinstance(e.get("step"), str)
+                                         and number(e.get("accuracy")) for e in evals),
+         "evaluations is not a list of records with a step and an accuracy"),
+        (isinstance(state["seconds"], dict) and all(number(v) for v in state["seconds"].values()),
+         "seconds is not a mapping of stage times"),
+        (isinstance(state.get("prune_metrics", {}), dict), "prune_metrics is not a mapping"),
+        (isinstance(state["finished"], bool), "finished is not true or false"),
+    ]
+    return next((why for ok, why in checks if not ok), "")
 
 
 def check_finished(run_dir: Path, command: str) -> None:
