@@ -146,6 +146,8 @@ def test_a_damaged_or_hostile_checkpoint_is_one_checkpoint_error(dense, tmp_path
     good = json.loads(path.read_text())
     for change, needle in [({"population": None}, "damaged"), ({"random_state": [1]}, "damaged"),
                            ({"generation": "0"}, "damaged"), ({"evaluations": []}, "damaged"),
+                           ({"evaluations": {k: 5 for k in good["evaluations"]}}, "damaged: evaluations"),
+                           ({"hall_of_fame": []}, "damaged: the hall of fame"), ({"history": [1, 2]}, "damaged: history"),
                            ({"hall_of_fame": ["__import__('os').system('true')"]}, "invalid function")]:
         path.write_text(json.dumps({**good, **change}))
         with pytest.raises(CheckpointError, match=needle):

@@ -67,6 +67,22 @@ def test_text_round_trip_of_random_trees(seed, height):
     assert isinstance(formula(tree), str)
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("sqrt(sum(pow2(rho5(var(mP)))))", "sqrt(sum((var(mP) + 0.05)^2))"),
+    ("div(abs(sub(g_mean(P), g_mean(Q))), rho1(add(std(P), std(Q))))", "|mean(P) - mean(Q)| / (std(P) + std(Q) + 1e-4)"),
+    ("add(add(div(var(P), rho5(var(Q))), div(var(Q), rho5(var(P)))), div(pow2(sub(g_mean(P), g_mean(Q))), "
+     "rho5(add(var(P), var(Q)))))", "((var(P) / (var(Q) + 0.05)) + (var(Q) / (var(P) + 0.05))) + "
+     "((mean(P) - mean(Q))^2 / (var(P) + var(Q) + 0.05))"),
+])
+def test_formula_reads_as_written(text, expected):
+    assert formula(parse_expression(text)) == expected
+
+
+def test_formula_of_a_text_nested_as_deep_as_the_parser_allows():
+    deep = parse_expression("abs(" * 1500 + "var(P)" + ")" * 1500)  # deeper than Python's recursion limit
+    assert formula(deep) == "|" * 1500 + "var(P)" + "|" * 1500
+
+
 @pytest.mark.parametrize("text", [
     "__import__('os').system('touch {flag}')",
     "add(P, __import__('os').system('touch {flag}'))",

@@ -186,11 +186,14 @@ def load_checkpoint(run_dir: Path, cfg: EvolveConfig) -> SearchState | None:
         raise CheckpointError(f"{run_dir} was searched with other settings; resume with the same recipe "
                               "or start a new run directory")
     try:
+        wrong = _state_error(data)
+    except KeyError as err:
+        wrong = f"it has no {err}"
+    if wrong:
+        raise CheckpointError(f"{files[-1]} is damaged: {wrong}; delete it to resume from the one before")
+    try:
         for text in data["population"] + data["hall_of_fame"]:
             parse_expression(text)  # checkpoint text is parsed like any other text
-        if not isinstance(data["evaluations"], dict) or not isinstance(data["history"], list) or \
-                isinstance(data["generation"], bool) or not isinstance(data["generation"], int):
-            raise TypeError("evaluations, history or generation has the wrong type")
         v, internal, gauss = data["random_state"]
         name, keys, pos, has_gauss, cached = data["numpy_state"]
         random.setstate((v, tuple(internal), gauss))
@@ -203,6 +206,23 @@ def load_checkpoint(run_dir: Path, cfg: EvolveConfig) -> SearchState | None:
                               "the one before") from None
     return SearchState(data["generation"], data["population"], data["evaluations"], data["hall_of_fame"],
                        data["history"])
+
+
+def _state_error(data: dict) -> str:
+    """What is wrong with the form of a checkpoint's search state ("" when nothing is)."""
+    acc = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+    checks = [
+        (isinstance(data["generation"], int) and not isinstance(data["generation"], bool) and data["generation"] >= 0,
+         "generation is not an integer >= 0"),
+        (isinstance(data["population"], list) and data["population"], "the population is not a non-empty list"),
+        (isinstance(data["hall_of_fame"], list) and data["hall_of_fame"], "the hall of fame is not a non-empty list"),
+        (isinstance(data["evaluations"], dict) and all(isinstance(r, dict) and acc(r.get("acc"))
+                                                       for r in data["evaluations"].values()),
+         "evaluations is not a mapping of results with an accuracy in [0, 1]"),
+        (isinstance(data["history"], list) and all(isinstance(h, dict) for h in data["history"]),
+         "history is not a list of records"),
+    ]
+    return next((why for ok, why in checks if not ok), "")
 
 
 def check_tasks(cfg: EvolveConfig) -> None:

@@ -106,25 +106,25 @@ _NAMES = {"g_mean": "mean", "mean": "colmean", "num": "n", "tran": "transpose", 
 
 
 def formula(tree: gp.PrimitiveTree) -> str:
-    """A readable infix formula: |x| for abs, x^2 for pow2, (x + 1e-4) for rho1, a @ b for mmul."""
-    def render(i: int) -> tuple[str, int, bool]:  # (text, next index, is atomic)
-        node = tree[i]
+    """A readable infix formula: |x| for abs, x^2 for pow2, (x + 1e-4) for rho1, a @ b for mmul.
+
+    Built on a stack from the last node to the first (no recursion: a text may nest 2,000 deep)."""
+    wrap = lambda a: a[0] if a[1] else f"({a[0]})"
+    stack: list[tuple[str, bool]] = []  # (text, is atomic); the top is the next argument in order
+    for node in reversed(tree):
         if node.arity == 0:
             name = node.format()  # the renamed argument (node.name stays ARGi)
-            return ("n_P" if name == "N" else name), i + 1, True
-        args, j = [], i + 1
-        for _ in range(node.arity):
-            text, j, atomic = render(j)
-            args.append((text, atomic))
-        wrap = lambda a: a[0] if a[1] else f"({a[0]})"
+            stack.append(("n_P" if name == "N" else name, True))
+            continue
+        args = [stack.pop() for _ in range(node.arity)]
         if node.name in _INFIX:
-            return f"{wrap(args[0])} {_INFIX[node.name]} {wrap(args[1])}", j, False
-        if node.name == "abs":
-            return f"|{args[0][0]}|", j, True
-        if node.name == "pow2":
-            return f"{wrap(args[0])}^2", j, True
-        if node.name in ("rho1", "rho5"):
-            return f"({args[0][0]} + {'1e-4' if node.name == 'rho1' else '0.05'})", j, True
-        return f"{_NAMES.get(node.name, node.name)}({', '.join(a[0] for a in args)})", j, True
-
-    return render(0)[0]
+            stack.append((f"{wrap(args[0])} {_INFIX[node.name]} {wrap(args[1])}", False))
+        elif node.name == "abs":
+            stack.append((f"|{args[0][0]}|", True))
+        elif node.name == "pow2":
+            stack.append((f"{wrap(args[0])}^2", True))
+        elif node.name in ("rho1", "rho5"):
+            stack.append((f"({args[0][0]} + {'1e-4' if node.name == 'rho1' else '0.05'})", True))
+        else:
+            stack.append((f"{_NAMES.get(node.name, node.name)}({', '.join(a[0] for a in args)})", True))
+    return stack[0][0]
