@@ -105,6 +105,20 @@ def test_malformed_batches_are_reported(tmp_path, fakes):
         load_cifar_arrays(DataConfig(name="cifar10", root=str(tmp_path)))
 
 
+@pytest.mark.parametrize("file, content, fragment", [
+    ("batches.meta", {b"num_cases_per_batch": 2}, "does not hold the 10 class names"),
+    ("batches.meta", {b"label_names": list(range(10))}, "does not hold the 10 class names"),
+    ("test_batch", {1: 2, b"x": 3}, "lacks b'data'"),
+    ("test_batch", {b"data": np.full((2, 3072), -1), b"labels": [0, 1]}, "expected uint8 pixels"),
+    ("test_batch", {b"data": np.zeros((2, 3072), np.uint8), b"labels": ["a", "b"]}, "integer labels"),
+])
+def test_batches_of_the_wrong_content_get_one_data_error(tmp_path, fakes, file, content, fragment):
+    fake = fakes.write_fake_cifar(tmp_path, "cifar10")
+    (fake.folder / file).write_bytes(pickle.dumps(content))
+    with pytest.raises(DataError, match=f"{file}.*{fragment}"):
+        load_cifar_arrays(DataConfig(name="cifar10", root=str(tmp_path)))
+
+
 def test_load_data_on_fake_cifar_gives_normalised_batches(tmp_path, fakes):
     fake = fakes.write_fake_cifar(tmp_path, "cifar10", per_batch=8)  # 40 train, 8 test
     bundle = load_data(DataConfig(name="cifar10", root=str(tmp_path), batch_size=9, eval_batch_size=4))

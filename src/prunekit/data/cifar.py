@@ -77,8 +77,16 @@ def load_cifar_arrays(cfg: DataConfig) -> ImageArrays:
         read = _archive_reader(_download(root, fmt), fmt)
     train_x, train_y = _read_batches(read, fmt.train, fmt)
     test_x, test_y = _read_batches(read, fmt.test, fmt)
-    names = [n.decode() for n in _unpickle(read(fmt.meta), fmt.meta)[fmt.names_key]]
-    return ImageArrays(train_x, train_y, test_x, test_y, names)
+    return ImageArrays(train_x, train_y, test_x, test_y, _class_names(_unpickle(read(fmt.meta), fmt.meta), fmt))
+
+
+def _class_names(meta: dict, fmt: OfficialFormat) -> list[str]:
+    names = meta.get(fmt.names_key)
+    if (not isinstance(names, list) or len(names) != fmt.num_classes
+            or not all(isinstance(n, bytes) for n in names)):
+        raise DataError(f"CIFAR file {fmt.meta!r} does not hold the {fmt.num_classes} class names under "
+                        f"{fmt.names_key!r}; the download is damaged: delete it to fetch it again")
+    return [n.decode("utf-8", "replace") for n in names]
 
 
 def _find_source(root: Path, fmt: OfficialFormat):
@@ -185,9 +193,17 @@ def _read_batches(read, names: tuple[str, ...], fmt: OfficialFormat) -> tuple[np
     for name in names:
         batch = _unpickle(read(name), name)
         if b"data" not in batch or fmt.label_key not in batch:
-            raise DataError(f"CIFAR batch {name!r} lacks b'data' or {fmt.label_key!r}; keys: {sorted(batch)}")
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[fmt.label_key], dtype=np.int64)
+            raise DataError(f"CIFAR batch {name!r} lacks b'data' or {fmt.label_key!r}; keys: "
+                            f"{sorted(map(repr, batch))[:8]}")
+        try:
+            data = np.asarray(batch[b"data"])
+            labels = np.asarray(batch[fmt.label_key])
+        except (TypeError, ValueError, OverflowError) as err:
+            raise DataError(f"CIFAR batch {name!r} holds data or labels that are not arrays ({err})") from None
+        if data.dtype != np.uint8 or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"CIFAR batch {name!r}: data of {data.dtype} and labels of {labels.dtype}; "
+                            "expected uint8 pixels and integer labels; the download is damaged")
+        labels = labels.astype(np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
             raise DataError(f"CIFAR batch {name!r}: data {data.shape} and {len(labels)} labels; expected (N, 3072) and N")
         if labels.size and (labels.min() < 0 or labels.max() >= fmt.num_classes):
