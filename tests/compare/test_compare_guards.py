@@ -112,10 +112,13 @@ def test_a_refused_rerun_leaves_the_folder_as_it_was(dense_path, tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda r: r.pop("seed"), "it says arm 'l2', seed None"),
-    (lambda r: r.update(acc="abc"), "'acc' is 'abc', not a number"),
-    (lambda r: r.update(macs_fraction=None), "'macs_fraction' is None, not a number"),
+    (lambda r: r.update(acc="abc"), "'acc' is 'abc', not a finite number"),
+    (lambda r: r.update(acc=float("inf")), "'acc' is inf, not a finite number"),
+    (lambda r: r.update(macs_fraction=None), "'macs_fraction' is None, not a finite number"),
+    (lambda r: r.update(val_acc="x"), "'val_acc' is 'x', not a finite number"),
     (lambda r: r.update(finetune_epochs=1.5), "'finetune_epochs' is 1.5, not a whole number"),
     (lambda r: r.update(latency={"n": 3}), "'latency' has no median_ms"),
+    (lambda r: r.update(latency={"median_ms": 1.0, "speedup": "x"}), "latency 'speedup' is 'x', not a finite"),
 ])
 def test_a_damaged_record_gets_one_message_naming_it(dense_path, tmp_path, damage, message):
     raw = _raw(dense_path)

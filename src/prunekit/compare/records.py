@@ -7,10 +7,12 @@ unchanged. A damaged or foreign record raises CheckpointError naming the file.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+from ..core.config import short_repr
 from ..core.errors import CheckpointError, read_json
 from .recipe import CompareRecipe, spec_hash
 
@@ -52,6 +54,8 @@ def arm_record(recipe: CompareRecipe, arm: str, seed: int, dense_sha: str, out_d
 
 
 _NUMBERS = ("acc", "pruned_acc", "macs", "params", "macs_fraction", "params_fraction", "nonzero_fraction")
+_OPTIONAL_NUMBERS = ("val_acc", "pruned_val_acc")  # None where the recipe has no validation split
+_LATENCY_NUMBERS = ("p10_ms", "p90_ms", "dense_median_ms", "speedup")
 
 
 def _check_record(rec: dict[str, Any], path: Path, arm: str, seed: int) -> None:
@@ -62,16 +66,20 @@ def _check_record(rec: dict[str, Any], path: Path, arm: str, seed: int) -> None:
 
     if rec.get("arm") != arm or rec.get("seed") != seed or isinstance(rec.get("seed"), bool):
         raise bad(f"it says arm {rec.get('arm')!r}, seed {rec.get('seed')!r}")
-    for key in _NUMBERS:
+    finite = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    for key in _NUMBERS + _OPTIONAL_NUMBERS:
         v = rec.get(key)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
-            raise bad(f"{key!r} is {v!r}, not a number")
+        if not finite(v) and not (v is None and key in _OPTIONAL_NUMBERS):
+            raise bad(f"{key!r} is {short_repr(v)}, not a finite number")
     for key in ("method_epochs", "finetune_epochs"):
         if not isinstance(rec.get(key), int) or isinstance(rec.get(key), bool):
-            raise bad(f"{key!r} is {rec.get(key)!r}, not a whole number")
+            raise bad(f"{key!r} is {short_repr(rec.get(key))}, not a whole number")
     lat = rec.get("latency")
-    if lat is not None and not (isinstance(lat, dict) and isinstance(lat.get("median_ms"), (int, float))):
+    if lat is not None and not (isinstance(lat, dict) and finite(lat.get("median_ms"))):
         raise bad("'latency' has no median_ms")
+    for key in _LATENCY_NUMBERS:
+        if lat is not None and lat.get(key) is not None and not finite(lat[key]):
+            raise bad(f"latency {key!r} is {short_repr(lat[key])}, not a finite number")
 
 
 def _fields_added_since(old: Any, new: Any, prefix: str = "") -> list[str] | None:
