@@ -128,8 +128,14 @@ def test_weight_masks_line_reports_counted_zeros(tmp_path):
     assert "Weight masks" not in paths.markdown.read_text()
 
 
-@pytest.mark.parametrize("change", [{"cost_before": "x"}, {"layers": [1, 2]}], ids=["cost", "layers"])
+@pytest.mark.parametrize("change", [{"cost_before": "x"}, {"layers": [1, 2]},
+                                    {"cost_after": {"params": 1, "macs": float("inf")}}], ids=["cost", "layers", "inf"])
 def test_a_hand_edited_result_json_of_the_wrong_layout_is_one_config_error(tmp_path, change):
+    (tmp_path / "result.json").write_text(json.dumps(_full()))
+    write_report(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     (tmp_path / "result.json").write_text(json.dumps({**_full(), **change}))
     with pytest.raises(ConfigError, match="result.json does not have the layout prunekit writes"):
         write_report(tmp_path)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "result.json"}
+    assert after == {k: v for k, v in before.items() if k != "result.json"}  # the last good report stays whole

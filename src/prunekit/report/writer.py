@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, TypedDict, Union
 
@@ -106,7 +108,7 @@ def write_report(run_dir: str | Path, result: ReportInput | None = None) -> Repo
         result = _load_result(run_dir / "result.json")
         try:  # a hand-edited file: a field of the wrong type is the file's fault, said in one line
             return _write(run_dir, result)
-        except (AttributeError, TypeError, KeyError, ValueError, IndexError) as err:
+        except (AttributeError, TypeError, KeyError, ValueError, IndexError, OverflowError) as err:
             raise ConfigError(f"{run_dir / 'result.json'} does not have the layout prunekit writes "
                               f"({type(err).__name__}: {str(err)[:200]}); restore it, or run the command "
                               "that made it again") from None
@@ -117,13 +119,17 @@ def _write(run_dir: Path, result: ReportInput) -> ReportPaths:
     if not isinstance(result, dict):
         raise ConfigError(f"the report needs a result dict, got {type(result).__name__}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    images = _draw_plots(run_dir, result)
-    title = result.get("title") or f"Pruning report: {result.get('method') or 'unknown method'}"
-    sections = _sections(result, images)
-    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    md_path.write_text(_render_markdown(title, sections), encoding="utf-8")
-    html_path.write_text(_render_html(title, sections), encoding="utf-8")
-    return ReportPaths(markdown=md_path, html=html_path, plots=[run_dir / name for name, _ in images])
+    # everything is drawn and rendered in a scratch folder first: a failure leaves the old report whole
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".report-") as scratch:
+        images = _draw_plots(Path(scratch), result)
+        title = result.get("title") or f"Pruning report: {result.get('method') or 'unknown method'}"
+        sections = _sections(result, images)
+        (Path(scratch) / "report.md").write_text(_render_markdown(title, sections), encoding="utf-8")
+        (Path(scratch) / "report.html").write_text(_render_html(title, sections), encoding="utf-8")
+        for name in ["report.md", "report.html"] + [name for name, _ in images]:
+            os.replace(Path(scratch) / name, run_dir / name)
+    return ReportPaths(markdown=run_dir / "report.md", html=run_dir / "report.html",
+                       plots=[run_dir / name for name, _ in images])
 
 
 def _load_result(path: Path) -> dict:
