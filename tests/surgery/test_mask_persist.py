@@ -115,6 +115,14 @@ def test_masks_that_disagree_with_the_plan_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="negative size"):
         load_pruned(fresh, bad)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+    for key, value, fragment in (("shape", [float("inf"), 8], "not a list of whole numbers"),
+                                 ("shape", [4.0, 8.0], "not a list of whole numbers"),
+                                 ("masked", float("inf"), "not a whole number")):
+        edited = read_plan(good)
+        edited.meta["masks"]["tensors"]["0.weight"][key] = value  # Infinity is valid JSON to Python
+        write_tensor_file(bad, tensors, {**meta, PLAN_KEY: edited.to_json()})
+        with pytest.raises(CheckpointError, match=fragment):
+            load_pruned(fresh, bad)
 
 
 def test_mask_kinds_are_recognised():

@@ -123,6 +123,12 @@ def test_corrupt_files_raise_checkpoint_error(tmp_path):
     save_file(tensors, negative, metadata={"prunekit_sparse": json.dumps(meta_negative)})
     _assert_corrupt(negative, target, "negative size")
 
+    meta_inf = json.loads(json.dumps(meta))  # Infinity is valid JSON to Python's reader
+    meta_inf["tensors"]["4.weight"]["shape"] = [float("inf"), 576]
+    infinite = tmp_path / "inf.safetensors"
+    save_file(tensors, infinite, metadata={"prunekit_sparse": json.dumps(meta_inf)})
+    _assert_corrupt(infinite, target, "bad shape")
+
     meta_nm = json.loads(json.dumps(meta))
     meta_nm["tensors"]["4.weight"].update(kind="nm", n=2, m=4)
     bad_nm = tmp_path / "nm.safetensors"

@@ -50,7 +50,9 @@ def pack_mask(mask: Tensor) -> Tensor:
 
 def unpack_mask(bits: Tensor, shape: Any) -> Tensor:
     """Inverse of `pack_mask`: a bool tensor of `shape`."""
-    shape = tuple(int(s) for s in shape)
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        raise CheckpointError(f"packed mask shape {str(shape)[:80]} is not a list of whole numbers")
+    shape = tuple(shape)
     if any(s < 0 for s in shape):  # (-64, -32, 3, 3) has as many entries as (64, 32, 3, 3)
         raise CheckpointError(f"packed mask shape {list(shape)} has a negative size")
     numel = math.prod(shape)

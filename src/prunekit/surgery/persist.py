@@ -108,9 +108,12 @@ def _masks_of(plan: Plan, tensors: Mapping[str, Tensor], path: Any) -> dict[str,
     for name, info in described.items():
         try:
             mask = unpack_mask(tensors[name + MASK_SUFFIX], info["shape"])
-            masked = int(info["masked"])
-        except (KeyError, TypeError, ValueError):
+            masked = info["masked"]
+        except (KeyError, TypeError):
             raise CheckpointError(f"{path}: the description of the mask on {name} is malformed") from None
+        if not isinstance(masked, int) or isinstance(masked, bool):
+            raise CheckpointError(f"{path}: the description of the mask on {name} gives {str(masked)[:40]} masked "
+                                  "entries, not a whole number; the file is damaged")
         if int((~mask).sum()) != masked:
             raise CheckpointError(f"{path}: the mask on {name} removes {int((~mask).sum())} entries, "
                                   f"the plan says {masked}; the file is damaged")

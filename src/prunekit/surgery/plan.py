@@ -101,7 +101,8 @@ class Plan:
             raise CheckpointError("not a prunekit plan (missing format 'prunekit.plan'); "
                                   "pass a file written by prunekit's save_plan/save_pruned")
         if data.get("version") != PLAN_VERSION:
-            raise CheckpointError(f"plan version {data.get('version')} is not supported (this prunekit reads {PLAN_VERSION})")
+            raise CheckpointError(f"plan version {data.get('version')!r} is not supported (this prunekit reads "
+                                  f"{PLAN_VERSION!r})")
         return cls(**parse_plan_dict(data))
 
     def to_json(self) -> str:

@@ -109,7 +109,7 @@ def _decode(path: Any, name: str, info: Any, stored: dict[str, Tensor]) -> tuple
 
     try:
         shape, dtype, encoding = [int(s) for s in info["shape"]], _DTYPES[info["dtype"]], info["encoding"]
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: Infinity in the JSON
         raise bad("bad shape/dtype/encoding metadata") from None
     if any(s < 0 for s in shape):
         raise bad(f"negative size in shape {shape}")
