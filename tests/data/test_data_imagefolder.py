@@ -118,6 +118,18 @@ def test_missing_test_split_is_carved_per_class(tmp_path, fakes, private_cache):
     assert pairs(np.concatenate([arrays.train_x, arrays.test_x]), np.concatenate([arrays.train_y, arrays.test_y])) == pairs(x, y)
 
 
+def test_a_dataset_too_small_for_its_splits_gets_one_data_error(tmp_path, private_cache):
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / "train" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "imgs" / "train" / c / "0.png")
+    with pytest.raises(DataError, match="has no test images; add a test/ folder"):
+        load_data(cfg_for(tmp_path / "imgs"))
+    (tmp_path / "imgs" / "test" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "imgs" / "test" / "a" / "0.png")
+    with pytest.raises(DataError, match="leaves no training images once val_fraction=0.99"):
+        load_data(cfg_for(tmp_path / "imgs", val_fraction=0.99))
+
+
 def test_grey_images_give_one_channel(tmp_path, fakes, private_cache):
     fake = fakes.write_image_folder(tmp_path / "imgs", mode="L")
     arrays = load_imagefolder(cfg_for(fake.root))

@@ -23,6 +23,7 @@ from ..core.registry import Registry
 from .augment import crop_padding
 from .config import DataConfig
 from .device_loader import DeviceLoader
+from .errors import DataError
 from .sources import ImageArrays, ImageFiles, carve, channel_stats, seeded_rng
 from .stream_loader import StreamLoader
 
@@ -76,6 +77,12 @@ def load_data(cfg: DataConfig) -> DataBundle:
     _check_device(cfg.device)
     source = spec.loader(cfg)
     train_idx, val_idx = carve(len(source.train_y), cfg.val_fraction, cfg.seed)
+    if len(source.test_y) == 0:
+        raise DataError(f"dataset {cfg.name!r} has no test images; add a test/ folder, or more images (an image "
+                        "folder without test/ sets aside 20% of each class, rounded)")
+    if len(train_idx) == 0:
+        raise DataError(f"dataset {cfg.name!r} leaves no training images once val_fraction={cfg.val_fraction} "
+                        f"of its {len(source.train_y)} are set aside; lower val_fraction or add images")
     stats_idx = train_idx  # before limit_train: a quick run normalises like the full one
     if cfg.limit_train is not None:
         train_idx = train_idx[: cfg.limit_train]
