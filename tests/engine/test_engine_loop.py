@@ -280,3 +280,14 @@ def test_compile_matches_eager():
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert ra.final_metrics["val_loss"] == pytest.approx(rb.final_metrics["val_loss"], rel=1e-5)
+
+
+def test_a_diverging_training_stops_at_the_first_non_finite_step_with_finite_weights():
+    from prunekit.core.errors import TrainingError
+
+    x, y = blobs(64)
+    model = mlp()
+    with pytest.raises(TrainingError, match="training diverged at epoch .*lower the learning rate"):
+        train(model, TinyLoader(x, y, 16), None, TrainConfig(epochs=3, lr=1e6, schedule="constant"), progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the optimizer never stepped into NaN
+    train(mlp(), TinyLoader(x, y, 16), None, TrainConfig(epochs=1, lr=0.1, grad_clip=1.0), progress=False)  # no error

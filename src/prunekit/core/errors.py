@@ -21,6 +21,10 @@ class CheckpointError(PrunekitError):
     """A saved model, plan or checkpoint is missing, corrupt or does not fit the model."""
 
 
+class TrainingError(PrunekitError):
+    """Training cannot go on (its loss or gradients stopped being finite)."""
+
+
 def load_error_text(err: BaseException, limit: int = 300) -> str:
     """One line from a failed `load_state_dict` / safetensors load, naming what differs.
 

@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.config import Config, check_choice, check_range
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, TrainingError
 from .checkpoint import (check_compatible, checkpoint_path, load_checkpoint, restore_checkpoint,
                          save_checkpoint, seed_everything)
 from .distributed import (DistContext, all_reduce_sums, broadcast_buffers, env_ranks, init_distributed,
@@ -226,8 +226,16 @@ class _Run:
         loss.backward()
         for hook in self.hooks:
             hook.after_backward(model, step)
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip is not None
+                else torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(()))
+        # Checked on the gradients, which DDP has averaged: every rank sees the same and stops together.
+        # One synchronisation a step; the optimizer never steps into NaN.
+        if not bool(torch.isfinite(norm) & torch.isfinite(loss.detach())):
+            raise TrainingError(
+                f"training diverged at epoch {state.epoch + 1}, step {step + 1}: the loss is {loss.item():.4g} and the "
+                f"gradient norm {norm.item():.4g}; lower the learning rate (lr={self.optimizer.param_groups[0]['lr']:.4g} "
+                "now) or set grad_clip. The model keeps the weights of the step before")
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
