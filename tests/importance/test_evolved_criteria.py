@@ -151,7 +151,9 @@ def test_missing_or_unlabelled_batches_get_one_clear_message_and_leave_the_model
     name = crit.split(":")[0]
     with pytest.raises(ConfigError, match=f"criterion '{name}' needs data"):
         prune_(model, cfg, x[:1])
-    with pytest.raises(ConfigError, match=r"labelled calibration data: pass batches=\[\(inputs, labels\)"):
+    with pytest.raises(ConfigError, match=r"calibration batch 0 is a Tensor, not a pair .*need labelled data"):
         prune_(model, cfg, x[:1], batches=[x, x])
+    with pytest.raises(ConfigError, match=r"hold class \[42\] only; give batches with two classes or more"):
+        prune_(model, cfg, x[:1], batches=[(x, torch.full((4,), 42))])
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

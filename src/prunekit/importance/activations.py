@@ -22,6 +22,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..graph import Group
+from .calibration import forward, labelled
 
 
 def producer_module(group: Group) -> tuple[str, int]:
@@ -51,8 +52,8 @@ def activation_stats(model: nn.Module, group: Group, batches: Iterable, num_clas
     model.eval()
     try:
         with torch.no_grad():
-            for x, y in batches:
-                model(x)
+            for i, x, y in labelled(batches, "activation statistics"):
+                forward(model, x, i, "activation statistics")
                 labels.append(y)
     finally:
         handle.remove()

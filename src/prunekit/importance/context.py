@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
+from .calibration import NEEDS_DATA, forward, labelled, loss_of
 
 
 @dataclass
@@ -61,8 +62,7 @@ class ScoreContext:
 
     def require_batches(self, who: str) -> Iterable:
         if self.batches is None:
-            raise ConfigError(f"criterion {who!r} needs data: pass batches (an iterable of (inputs, targets)); "
-                              "in a recipe, set calibration_batches to 1 or more")
+            raise ConfigError(f"criterion {who!r} needs data: {NEEDS_DATA}")
         return self.batches
 
     def note_fallback(self, group: str, criterion: str, used: str, why: str) -> None:
@@ -82,9 +82,9 @@ class ScoreContext:
             was = self.model.training
             self.model.eval()
             try:
-                for x, y in self.require_batches(who):
+                for i, x, y in labelled(self.batches, who):
                     self.model.zero_grad(set_to_none=True)
-                    self.loss_fn(self.model(x), y).backward()
+                    loss_of(self.loss_fn, forward(self.model, x, i, who), y, i, who).backward()
                     for n, p in params.items():
                         if p.grad is not None:
                             grads[n] += p.grad.detach()
@@ -112,8 +112,8 @@ class ScoreContext:
         was = self.model.training
         self.model.eval()
         try:
-            for x, y in self.require_batches(who):
-                loss = self.loss_fn(self.model(x), y)
+            for i, x, y in labelled(self.batches, who):
+                loss = loss_of(self.loss_fn, forward(self.model, x, i, who), y, i, who)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
                 terms = [(g * vector[n].to(g.dtype)).sum() for n, g in zip(names, grads) if g is not None]
                 z = torch.stack(terms).sum() if terms else None
@@ -146,8 +146,8 @@ class ScoreContext:
             self.model.eval()
             try:
                 with torch.no_grad():
-                    for x, _ in self.require_batches("activation"):
-                        self.model(x)
+                    for i, x, _ in labelled(self.batches, "activation"):
+                        forward(self.model, x, i, "activation")
                         count[0] += 1
             finally:
                 for h in handles:

@@ -34,7 +34,6 @@ measured at the start bound the gap (`RoundingResult.max_step`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Mapping
 
 import numpy as np

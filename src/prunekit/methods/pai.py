@@ -40,6 +40,7 @@ from torch import nn
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PruningError
 from ..cost.macs import count_cost
+from ..importance.calibration import check_iterable
 from ..importance.elements import (apply_element_masks, channel_scores_from_elements, grasp_scores, random_scores,
                                    select_element_masks, snip_scores, synflow_scores)
 from ..importance.select import select_removal
@@ -143,6 +144,8 @@ def _scores(model: nn.Module, cfg: PaIConfig, example_inputs: Any, batches: list
 def _calibration(cfg: PaIConfig, batches: Iterable | None) -> list | None:
     if not cfg.needs_data:
         return None
+    if batches is not None:
+        check_iterable(batches, cfg.criterion)
     taken = list(itertools.islice(iter(batches), cfg.batches)) if batches is not None else []
     if not taken:
         raise ConfigError(f"{cfg.criterion.upper()} scores with data: pass batches=[(inputs, labels), ...] "

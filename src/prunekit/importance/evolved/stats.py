@@ -38,6 +38,9 @@ from torch import nn
 
 from ...core.errors import ConfigError
 from ...graph import Group
+from ..calibration import forward, labelled
+
+WHO = "class statistics"  # how calibration errors name these criteria
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -141,6 +144,7 @@ class ClassStats:
     def moments(self) -> dict[str, torch.Tensor]:
         """nP, nQ (C, 1); muP, muQ, varP, varQ (C, K) global over all entries; mP, mQ (C, K, D); mX (K, D)."""
         keep = self.present()
+        _two_classes(keep.nonzero().flatten())
         n, col, sq = self.counts[keep], self.colsum[keep], self.sumsq[keep]
         total_n, total_col, total_sq = n.sum(), col.sum(0), sq.sum(0)
         d = self.d
@@ -153,24 +157,15 @@ class ClassStats:
                 "mP": col / nP.unsqueeze(2), "mQ": (total_col - col) / nQ.unsqueeze(2), "mX": total_col / total_n}
 
 
-def _labelled(batches: Iterable):
-    """The (inputs, labels) pairs of `batches`; ConfigError at the first batch that is not one."""
-    for batch in batches:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ConfigError("class-statistics and evolved criteria need labelled calibration data: pass "
-                              f"batches=[(inputs, labels), ...] (got a batch of {type(batch).__name__})")
-        yield batch
-
-
 def _forward_all(model: nn.Module, hooks: list, batches: Iterable, on_labels) -> None:
     """Run every batch in eval mode with `hooks` in place, telling `on_labels(y)` each batch's labels first."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for x, y in _labelled(batches):
-                on_labels(torch.as_tensor(y))
-                model(x)
+            for i, x, y in labelled(batches, WHO):
+                on_labels(y)
+                forward(model, x, i, WHO)
     finally:
         for h in hooks:
             h.remove()
@@ -236,12 +231,22 @@ def collect_feature_maps(model: nn.Module, groups: list[Group], batches: Iterabl
         return sink
 
     got = _collect(model, groups, _take(batches, max_samples), make_sink)
-    return {n: (torch.cat(s["maps"]), torch.cat(s["labels"])) for n, s in got.items()}
+    out = {n: (torch.cat(s["maps"]), torch.cat(s["labels"])) for n, s in got.items()}
+    for _, labels in out.values():
+        _two_classes(labels.unique())
+    return out
+
+
+def _two_classes(classes: torch.Tensor) -> None:
+    """P against Q needs a Q: with one class every statistic of the rest divides by zero."""
+    if len(classes) < 2:
+        raise ConfigError(f"class statistics compare each class with the rest, but the calibration batches hold "
+                          f"class {classes.tolist()} only; give batches with two classes or more")
 
 
 def _take(batches: Iterable, n: int):
     got = 0
-    for x, y in _labelled(batches):
+    for _, x, y in labelled(batches, WHO):
         if got >= n:
             return
         yield x, y
