@@ -7,6 +7,7 @@ from prunekit.core.errors import ConfigError
 from prunekit.graph import build_graph
 from prunekit.importance.activations import activation_stats
 from prunekit.importance.criteria import CRITERIA, ScoreContext
+from prunekit import prepare_pruning
 from prunekit.methods import prune_
 from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.models import create_model
@@ -169,8 +170,11 @@ def test_nan_weights_are_refused_and_leave_the_model_unchanged(criterion):
         model.conv2.weight[3, 0, 0, 0] = float("nan")
         model.bn2.weight[3] = float("nan")
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg, x = MagnitudeConfig(criterion=criterion, channel_ratio=0.5), torch.zeros(1, 1, 8, 8)
+    with pytest.raises(ConfigError, match=r"parameter conv2.weight holds NaN or inf"):  # prune_ checks every weight
+        prune_(model, cfg, x)
     with pytest.raises(PruningError, match=r"NaN or inf scores to \d+ of the \d+ channels of group"):
-        prune_(model, MagnitudeConfig(criterion=criterion, channel_ratio=0.5), torch.zeros(1, 1, 8, 8))
+        prepare_pruning(create_model("small_cnn", num_classes=10), x).prune_(model, cfg)  # the scores are checked too
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], v) or (torch.isnan(v).any() and torch.equal(after[k].isnan(), v.isnan()))
@@ -253,3 +257,24 @@ def test_a_group_held_at_its_cap_keeps_an_aligned_width():
     r = prune_(model, MagnitudeConfig(macs_fraction=0.6, max_ratio=0.3, probe=False), torch.randn(1, 3, 12, 12))
     used = r.metrics["rounding"]["multiple"]
     assert r.macs_fraction <= 0.6 and model[0].out_channels % used == 0 and model[2].out_channels % used == 0
+
+
+@pytest.mark.parametrize("where", ["fc.bias", "bn1.running_var", "inputs"])
+def test_nan_anywhere_is_refused_whatever_the_criterion_reads(where):
+    """A NaN the criterion never reads (a classifier bias, a running variance, the inputs) still makes
+    every output NaN: prune_ refuses it before any method runs."""
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10)
+    x = torch.zeros(1, 1, 8, 8)
+    target = x[0, 0, 0] if where == "inputs" else model.state_dict()[where]
+    with torch.no_grad():
+        target[0] = float("nan")
+    with pytest.raises(ConfigError, match="inputs hold NaN" if where == "inputs" else f"{where} holds NaN"):
+        prune_(model, MagnitudeConfig(channel_ratio=0.5), x)
+
+
+def test_a_method_called_without_what_it_needs_is_one_config_error():
+    from prunekit.methods.slr import SLRConfig
+
+    with pytest.raises(ConfigError, match="SLRConfig: missing a required argument: 'train_loader'"):
+        prune_(create_model("small_cnn", num_classes=10), SLRConfig(sparsity=0.5), torch.zeros(1, 1, 8, 8))

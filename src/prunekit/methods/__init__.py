@@ -9,8 +9,10 @@
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ..core.config import Config
@@ -39,12 +41,35 @@ def prune_(model: nn.Module, config: Config, example_inputs: Any, **kwargs: Any)
                           f"methods: {', '.join(METHODS.list())}")
     from ..surgery.plan_check import architecture_fingerprint
 
+    try:
+        inspect.signature(handler).bind(model, config, example_inputs, **kwargs)
+    except TypeError as err:  # e.g. a method that trains, called without its train_loader
+        raise ConfigError(f"{type(config).__name__}: {err} (prune_'s keyword arguments go to the method; see "
+                          f"help({handler.__module__}.{handler.__name__}))") from None
+    _check_finite(model, example_inputs)
     dense = architecture_fingerprint(model)
     result = handler(model, config, example_inputs, **kwargs)
     # The plan names the architecture it starts from and the one it produces: replaying it on
     # another model, or saving it with another model, is then refused with a clear message.
     result.plan.fingerprint.update(dense=dense, pruned=architecture_fingerprint(model))
     return result
+
+
+def _check_finite(model: nn.Module, example_inputs: Any) -> None:
+    """ConfigError naming the first parameter that is not finite, or the first buffer or example
+    input holding NaN (buffers may hold -inf on purpose, as attention masks do): every method would
+    otherwise hand back a model whose outputs are NaN, whatever its criterion reads."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.is_floating_point() and not (torch.isfinite(t).all() if kind == "parameter" else ~t.isnan().any()):
+                raise ConfigError(f"{kind} {name} holds NaN{' or inf' if kind == 'parameter' else ''} (a diverged "
+                                  "training?); nothing can be pruned from it: retrain with a lower learning rate or "
+                                  "load weights that are finite")
+    tensors = example_inputs.values() if isinstance(example_inputs, dict) else (
+        example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.isnan().any():
+            raise ConfigError("the example inputs hold NaN; give inputs of the kind the model is run on")
 
 
 from . import magnitude  # noqa: E402,F401  (registers the reference method)
