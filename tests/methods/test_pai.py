@@ -118,3 +118,53 @@ def test_the_pai_recipes_switch_criterion_with_method_name_alone(recipe, method)
     path = Path(__file__).resolve().parents[2] / "recipes" / f"{recipe}.yaml"
     parsed, _ = load_recipe(str(path), [f"method.name={method}"])
     assert parsed.method.name == method and 0 < parsed.method.config.sparsity < 1
+
+
+def test_element_masks_are_applied_only_once_the_plan_can_be_made():
+    from prunekit.core.errors import PruningError
+    from prunekit.methods import prune_
+    from prunekit.methods.pai import RandomInitConfig
+
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 8, 3)
+
+        def forward(self, x):
+            return self.conv1(x)
+
+    model = Keyword()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match="positional tensor inputs only"):
+        prune_(model, RandomInitConfig(sparsity=0.5), {"x": torch.randn(1, 1, 8, 8)})
+    assert model.state_dict().keys() == before.keys() and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.c3.weight = self.c2.weight
+        self.o = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.o(torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))))
+
+
+@pytest.mark.parametrize("make", [lambda: RandomInitConfig(sparsity=0.5), lambda: SynFlowConfig(sparsity=0.5, level="channel"),
+                                  lambda: __import__("prunekit").MagnitudeConfig(channel_ratio=0.5)])
+def test_tied_weights_are_named_not_untied(make):
+    """Masks or scores kept per name would untie a shared tensor; SSC leaves such convs dense."""
+    from prunekit.core.errors import PruningError
+
+    with pytest.raises(PruningError, match=r"c2.weight (and|=) c3.weight"):
+        prune_(_Tied(), make(), torch.randn(2, 3, 8, 8))
+    prune_(_Tied(), RandomInitConfig(sparsity=0.5, ignore=["c2", "c3"]), torch.randn(2, 3, 8, 8))  # left out: fine
+
+
+def test_ssc_leaves_convs_with_tied_weights_dense():
+    from prunekit.core.errors import PruningError
+    from prunekit.methods.ssc import SSCConfig
+
+    with pytest.raises(PruningError, match="'c2': 'shares its weight with c3'"):
+        prune_(_Tied(), SSCConfig(), torch.randn(2, 3, 8, 8))

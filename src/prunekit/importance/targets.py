@@ -12,13 +12,17 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, PruningError
 
 _DEFAULT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def target_weights(model: nn.Module, targets: Sequence[str] | tuple[type, ...] | None = None) -> dict[str, tuple[str, str]]:
+def target_weights(model: nn.Module, targets: Sequence[str] | tuple[type, ...] | None = None,
+                   untied: bool = True) -> dict[str, tuple[str, str]]:
     """Key "<module>.<param>" -> (module name, param name) of every weight to score.
+
+    untied=True: a PruningError when two of them are one tensor (`check_untied`); False lists them
+    (for a caller that filters the list and then asks again with the names it keeps).
 
     targets=None: the `weight` of every conv and Linear. A tuple of module classes: the `weight`
     of modules of those classes. A list of names: each is "<module>.<param>", or a module name
@@ -27,8 +31,9 @@ def target_weights(model: nn.Module, targets: Sequence[str] | tuple[type, ...] |
     modules = dict(model.named_modules())
     if targets is None or (isinstance(targets, tuple) and all(isinstance(t, type) for t in targets)):
         types = _DEFAULT_TYPES if targets is None else targets
-        return {_key(n, "weight"): (n, "weight") for n, m in modules.items()
-                if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+        out = {_key(n, "weight"): (n, "weight") for n, m in modules.items()
+               if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+        return check_untied(model, out) if untied else out
     out = {}
     for t in targets:
         if not isinstance(t, str):
@@ -38,7 +43,28 @@ def target_weights(model: nn.Module, targets: Sequence[str] | tuple[type, ...] |
             raise ConfigError(f"target {t!r} names no tensor of the model; use '<module>.<param>' with a module "
                               f"from model.named_modules(), e.g. {next(iter(target_weights(model)), '0.weight')!r}")
         out[_key(mod, pname)] = (mod, pname)
-    return out
+    return check_untied(model, out) if untied else out
+
+
+def tied_parameters(model: nn.Module) -> list[list[str]]:
+    """Names of the parameters held by more than one name (tied weights), one list per tensor."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [n for n in names.values() if len(n) > 1]
+
+
+def check_untied(model: nn.Module, weights: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """`weights`, or a PruningError when two of them are one tensor (tied weights): a score or mask
+    kept per name would then differ between the names of one tensor."""
+    seen: dict[int, str] = {}
+    for key, (mod, pname) in weights.items():
+        other = seen.setdefault(id(getattr(model.get_submodule(mod), pname)), key)
+        if other != key:
+            raise PruningError(f"{other} and {key} are one tensor (tied weights); weights are scored and masked one "
+                               "name at a time, which would untie them: leave both modules out with ignore=[...] "
+                               "or untie the weights")
+    return weights
 
 
 def _key(module: str, pname: str) -> str:

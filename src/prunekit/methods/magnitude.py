@@ -50,6 +50,7 @@ from ..importance.criteria import REDUCTIONS, Criterion, ScoreContext, resolve_c
 from ..importance.latency_target import latency_removal
 from ..importance.rounding import round_to_target
 from ..importance.select import NORMALIZERS, RemovalSelector, group_multiple, select_removal
+from ..importance.targets import tied_parameters
 from ..surgery.copying import adopt_, share_copy
 from ..surgery.plan import Plan, make_plan
 from ..surgery.prepared import PreparedPruning, prepare_pruning, register_prepared_handler
@@ -288,16 +289,19 @@ def _rounding_note(r: dict[str, Any], slack: float | None) -> str:
             + ("; round_slack=null keeps the largest multiple that meets the target" if slack is not None else ""))
 
 
-def _check_runs(work: nn.Module, example_inputs: Any) -> None:
+def _check_runs(work: nn.Module, example_inputs: Any, original: nn.Module) -> None:
     try:  # a pruned model that no longer runs never reaches the caller
         run_model(work, example_inputs)
     except PrunekitError:
         raise
     except Exception as err:
-        raise PruningError(
-            f"the pruned model no longer runs ({type(err).__name__}: {str(err)[:200]}); its forward hard-codes "
-            "a channel count the trace cannot see. Prune with probe=True (the default), which tests every group "
-            "first, or ignore the layers involved; the model was left unchanged") from None
+        tied = tied_parameters(original)  # removal has replaced the pruned copy's tensors
+        why = (f"the model ties weights ({' = '.join(tied[0])}), and channel pruning cannot keep a tie: leave "
+               "the modules that share them out with ignore=[...]" if tied else
+               "its forward hard-codes a channel count the trace cannot see. Prune with probe=True (the default), "
+               "which tests every group first, or ignore the layers involved")
+        raise PruningError(f"the pruned model no longer runs ({type(err).__name__}: {str(err)[:200]}); {why}; "
+                           "the model was left unchanged") from None
 
 
 def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeConfig, batches: Iterable | None = None,
@@ -349,7 +353,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         if between_steps is not None:
             between_steps(work, step)
     if verify:
-        _check_runs(work, example_inputs)
+        _check_runs(work, example_inputs, model)
     after = cost_after(work, graph, removal, estimator)  # exact: tests compare it with a recount
     if work is not model:
         adopt_(model, work)

@@ -122,10 +122,11 @@ def _targets(model: nn.Module, ignore: list[str]) -> list[str]:
     if unknown:
         raise ConfigError(f"ignore names {unknown}, which the model does not have; use module names from "
                           "model.named_modules()")
-    keys = [k for k, (mod, _) in target_weights(model).items()
+    keys = [k for k, (mod, _) in target_weights(model, untied=False).items()
             if not any(mod == i or mod.startswith(i + ".") for i in ignore)]
     if not keys:
         raise PruningError("no conv or Linear weight left to score; ignore fewer modules")
+    target_weights(model, keys)  # the weights kept must not be tied to one another
     return keys
 
 
@@ -168,8 +169,8 @@ def _element_prune(model, cfg, example_inputs, data) -> PruneResult:
     before = count_cost(model, example_inputs)
     scores = _scores(model, cfg, example_inputs, data, one_shot=False)
     masks = select_element_masks(scores, cfg.sparsity, cfg.scope)
+    plan = empty_plan(example_inputs, cfg.ignore)  # before the masks: inputs a plan cannot record leave the model as it was
     apply_element_masks(model, masks)
-    plan = empty_plan(example_inputs, cfg.ignore)
     plan.meta.update({"method": cfg.criterion if cfg.criterion != "random" else "random_init",
                       "config": cfg.to_dict()})
     after = count_cost(model, example_inputs)

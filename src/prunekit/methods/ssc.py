@@ -45,6 +45,7 @@ from ..core.errors import CheckpointError, ConfigError, PruningError
 from ..cost.latency import LatencyConfig, compare_latency, latency_settings
 from ..cost.macs import count_cost
 from ..graph import build_graph
+from ..importance.targets import tied_parameters
 from ..layers.ssc import EXECUTIONS, SSCConv2d, from_conv, set_execution_
 from ..layers.ssc_patterns import SUPPORTS, SSCLayout, SSCSpec
 from ..surgery.copying import adopt_, share_copy
@@ -171,6 +172,16 @@ def _conv_order(model: nn.Module, example_inputs: Any, ignore: list[str]) -> lis
     return names
 
 
+def _shared_weights(model: nn.Module) -> dict[str, list[str]]:
+    """module name -> the other modules holding the same tensor (tied weights)."""
+    shared: dict[str, list[str]] = {}
+    for names in tied_parameters(model):
+        modules = [n.rpartition(".")[0] for n in names]
+        for m in modules:
+            shared[m] = [o for o in modules if o != m]
+    return shared
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -193,10 +204,14 @@ def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneRe
     if cfg.keep_first and names:
         names = names[1:]
     modules = dict(model.named_modules())
+    shared = _shared_weights(model)
     chosen, dense, refit = {}, {}, {}
     for name in names:
         conv = modules[name]
         if any(name == i or name.startswith(i + ".") for i in cfg.ignore) or getattr(conv, "kernel_size", None) == (1, 1):
+            continue
+        if name in shared:  # converting one holder would untie the weight and add parameters
+            dense[name] = f"shares its weight with {', '.join(shared[name])}"
             continue
         why = _eligible(conv, spec)
         alt = fit_preset(spec, conv.in_channels, conv.out_channels) if why and cfg.fallback else None
