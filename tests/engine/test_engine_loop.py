@@ -291,3 +291,27 @@ def test_a_diverging_training_stops_at_the_first_non_finite_step_with_finite_wei
         train(model, TinyLoader(x, y, 16), None, TrainConfig(epochs=3, lr=1e6, schedule="constant"), progress=False)
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the optimizer never stepped into NaN
     train(mlp(), TinyLoader(x, y, 16), None, TrainConfig(epochs=1, lr=0.1, grad_clip=1.0), progress=False)  # no error
+
+
+@pytest.mark.parametrize("batch, fragment", [
+    ((None, None), "holds \\(NoneType, NoneType\\)"),
+    ("x_only", "batch 0 is a Tensor"),
+    ("label_42", "labels run from .* to 42 but the model gives 3 classes"),
+    ("label_-100", "labels run from -100"),
+    ("float_labels", "one integer class label per sample"),
+    ("empty", "has no samples"),
+    ("wide_inputs", "cannot run the first training batch"),
+])
+def test_a_batch_the_engine_cannot_use_is_one_config_error_and_leaves_the_running_statistics(batch, fragment):
+    from prunekit.core.errors import ConfigError
+
+    x, y = blobs(16)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    stats = model[1].running_mean.clone()
+    bad = {"x_only": x, "label_42": (x, torch.full_like(y, 42)), "label_-100": (x, torch.full_like(y, -100)),
+           "float_labels": (x, y.float()), "empty": (x[:0], y[:0]), "wide_inputs": (torch.randn(16, 7), y)}.get(batch, batch)
+    with pytest.raises(ConfigError, match=fragment):
+        train(model, [bad], None, TrainConfig(epochs=1), progress=False)
+    assert torch.equal(model[1].running_mean, stats)
+    with pytest.raises(ConfigError, match="evaluation labels run from"):
+        evaluate(model, [(x, torch.full_like(y, 7))])

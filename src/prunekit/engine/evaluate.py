@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
+from .batches import check_labels, split_batch
 from .distributed import DistContext, all_reduce_sums, env_ranks, shard_batch, unwrap_model
 
 
@@ -69,13 +70,16 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: str | torch.device
     correct = torch.zeros((), dtype=torch.int64, device=device)
     n = 0
     try:
-        for x, y in loader:
+        for i, batch in enumerate(loader):
+            x, global_y = split_batch(batch, i, "evaluation")
             x = shard_batch(to_device(x, device, channels_last), ctx)
-            y = shard_batch(to_device(y, device), ctx)
+            y = shard_batch(to_device(global_y, device), ctx)
             if y.numel() == 0:
                 continue
             with autocast_context(device, bf16):
                 logits = model(x)
+            if i == 0:  # once (a sync): labels outside the model's classes would index out of range
+                check_labels(logits, global_y, "evaluation")
             # Accumulate on the device: one host sync at the end instead of one per batch.
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct += (logits.argmax(dim=1) == y).sum()

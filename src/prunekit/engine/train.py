@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, TrainingError
+from .batches import check_labels, split_batch
 from .checkpoint import (check_compatible, checkpoint_path, load_checkpoint, restore_checkpoint,
                          save_checkpoint, seed_everything)
 from .distributed import (DistContext, all_reduce_sums, broadcast_buffers, env_ranks, init_distributed,
@@ -183,6 +184,7 @@ class _Run:
         self.owned_names = [n for n, p in model.named_parameters() if id(p) in owned]
         self.net: nn.Module = model
         self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self.labels_checked = False  # the first step compares the labels with the model's classes
         self.channels_last = resolve_channels_last(cfg, device)
         self.state = TrainState(model, self.optimizer, self.scheduler, device, cfg, steps_per_epoch)
         self.before_step = [h.before_step for h in hooks if callable(getattr(h, "before_step", None))]
@@ -204,7 +206,7 @@ class _Run:
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimizer step on a global batch; returns (CE sum, #correct, #samples) of this shard."""
         cfg, model, state = self.cfg, self.model, self.state
-        global_n = y.shape[0]
+        global_n, global_y = y.shape[0], y
         x = shard_batch(to_device(x, self.device, self.channels_last), self.ctx)
         y = shard_batch(to_device(y, self.device), self.ctx)
         state.step, state.batch, state.loss = step, (x, y), None
@@ -212,8 +214,25 @@ class _Run:
             before_step(model, step)
         # After before_step: gradients a hook left on the main parameters do not leak into this step.
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast_context(self.device, cfg.bf16):
-            logits = self.net(x)
+        first = not self.labels_checked
+        buffers = {n: b.clone() for n, b in model.named_buffers()} if first else None
+        try:
+            with autocast_context(self.device, cfg.bf16):
+                logits = self.net(x)
+        except (RuntimeError, ValueError, TypeError) as err:
+            if not first:
+                raise
+            self._restore_buffers(buffers)
+            raise ConfigError(f"the model cannot run the first training batch (inputs {tuple(x.shape)}, {x.dtype}): "
+                              f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}; give "
+                              "batches of the inputs the model takes") from None
+        if first:  # once a run (the global batch: every rank decides alike); a refusal undoes the running statistics
+            try:
+                check_labels(logits, global_y, "training")
+            except ConfigError:
+                self._restore_buffers(buffers)
+                raise
+            self.labels_checked = True
         ce_sum = F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=cfg.label_smoothing)
         # DDP averages gradients over ranks, so scaling the shard's sum by world/global_n makes
         # the update that of the mean loss over the whole global batch.
@@ -243,6 +262,12 @@ class _Run:
             hook.on_step_end(model, step)
         return ce_sum.detach(), (logits.detach().argmax(dim=1) == y).sum(), y.numel()
 
+    def _restore_buffers(self, saved: dict[str, torch.Tensor]) -> None:
+        """Put back the buffers (BN running statistics) a refused first forward changed."""
+        with torch.no_grad():
+            for n, b in self.model.named_buffers():
+                b.copy_(saved[n])
+
     def train_epoch(self, loader: Iterable[Any], epoch: int) -> dict[str, Any]:
         """All steps of one epoch; returns train loss/accuracy summed over ranks and timings."""
         if callable(getattr(loader, "set_epoch", None)):
@@ -255,7 +280,10 @@ class _Run:
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
                    disable=not self.show_progress, leave=False)
         with bar:
-            for i, (x, y) in enumerate(loader):
+            for i, batch in enumerate(loader):
+                x, y = split_batch(batch, i, "training")
+                if y.numel() == 0:
+                    raise ConfigError(f"training batch {i} has no samples; give batches of one sample or more")
                 step = epoch * self.steps_per_epoch + i
                 ce, hits, k = self.step(x, y, step)
                 loss_sum += ce.double()
