@@ -70,3 +70,13 @@ def test_a_failure_of_tracing_itself_is_not_blamed_on_the_inputs(monkeypatch, wh
 def test_right_inputs_still_trace():
     model = create_model("small_cnn", num_classes=10)
     assert build_graph(model, torch.zeros(1, 1, 8, 8)).prunable_groups()
+
+
+def test_example_inputs_without_a_sample_are_one_config_error():
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with pytest.raises(ConfigError, match=r"example_inputs hold no sample \(a tensor float32 \(0, 1, 8, 8\)\)"):
+        prune_(model, MagnitudeConfig(channel_ratio=0.5), torch.randn(0, 1, 8, 8))
+    assert model[0].out_channels == 8

@@ -25,13 +25,18 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     """(args, kwargs) for `model(*args, **kwargs)`: a tensor is one argument, a tuple or list
     holds the positional arguments, a dict the keyword arguments."""
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    raise ConfigError("example_inputs must be a tensor, a tuple of tensors or a dict of keyword tensors, "
-                      f"got {type(example_inputs).__name__}")
+        args, kwargs = (example_inputs,), {}
+    elif isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise ConfigError("example_inputs must be a tensor, a tuple of tensors or a dict of keyword tensors, "
+                          f"got {type(example_inputs).__name__}")
+    if any(isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 0 for t in (*args, *kwargs.values())):
+        raise ConfigError(f"example_inputs hold no sample ({describe_inputs(args, kwargs)}); give a batch of one "
+                          "sample or more, e.g. torch.randn(1, 3, 32, 32)")
+    return args, kwargs
 
 
 def describe_inputs(args: tuple, kwargs: dict) -> str:
