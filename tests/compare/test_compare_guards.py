@@ -224,3 +224,10 @@ def test_every_record_that_cannot_be_reused_is_named_at_once(dense_path, tmp_pat
     raw["finetune"] = {**raw["finetune"], "epochs": 2}
     with pytest.raises(CheckpointError, match=r"^2 records cannot be reused: .*l2/seed0.json.*l2/seed1.json"):
         run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", **quiet)
+
+
+def test_a_model_key_compare_does_not_read_is_refused(dense_path):
+    raw = _raw(dense_path)
+    raw["model"] = {**raw["model"], "num_classes": 3}
+    with pytest.raises(ConfigError, match="model: unknown key\\(s\\) num_classes \\(compare takes the number of classes"):
+        CompareRecipe.from_dict(raw)

@@ -246,6 +246,11 @@ def _build(cls: type[CompareRecipe], raw: dict[str, Any], source: str) -> Compar
     model = raw.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("name"), str):
         raise ConfigError("model needs a mapping with a 'name' (see `prunekit info models`)")
+    unknown = sorted(map(str, set(model) - {"name", "kwargs"}))
+    if unknown:
+        why = " (compare takes the number of classes from the data)" if "num_classes" in unknown else ""
+        raise ConfigError(f"model: unknown key(s) {', '.join(unknown)}{why}; a compare recipe's model takes name "
+                          "and kwargs")
     if not isinstance(raw.get("data"), dict):
         raise ConfigError("the recipe needs a 'data' section (a mapping with at least 'name')")
     finetune = _section(raw, "finetune", TrainConfig.from_dict)

@@ -134,8 +134,9 @@ def channel_scores_from_elements(graph: Graph, element_scores: Mapping[str, torc
     check_choice("reduction", reduction, REDUCTIONS)
     bad = [k for k, s in element_scores.items() if not bool(torch.isfinite(s).all())]
     if bad:
-        raise PruningError(f"element scores of {bad[:3]} are not finite (iterative SynFlow marks weights it removed "
-                           "with -inf); reduce single-round scores to channels (iterations=1, no sparsity)")
+        raise PruningError(f"element scores of {bad[:3]} are not finite: weights or gradients holding NaN or inf "
+                           "(a diverged training?), or scores of iterative SynFlow, which marks the weights it removed "
+                           "with -inf (reduce single-round scores to channels: iterations=1, no sparsity)")
     out = {}
     for group in graph.prunable_groups():
         scores = group_scores_from_elements(group, element_scores, reduction)
