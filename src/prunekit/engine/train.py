@@ -254,7 +254,7 @@ class _Run:
             raise TrainingError(
                 f"training diverged at epoch {state.epoch + 1}, step {step + 1}: the loss is {loss.item():.4g} and the "
                 f"gradient norm {norm.item():.4g}; lower the learning rate (lr={self.optimizer.param_groups[0]['lr']:.4g} "
-                "now) or set grad_clip. The model keeps the weights of the step before")
+                "now) or set grad_clip. The parameters keep their values of the step before")
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
