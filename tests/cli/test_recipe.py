@@ -42,6 +42,8 @@ def test_recipe_keys_are_names_written_once(text, override, fragment):
 
 def test_a_merged_key_may_be_overridden():
     assert load_yaml_text("base: &b {lr: 1}\ntrain:\n  <<: *b\n  lr: 2", "r")["train"] == {"lr": 2}
+    nested = "defaults: {root: &r {lr: 0.1, epochs: 3}, base: &b {<<: *r, lr: 0.2}}\ntrain: {<<: *b, epochs: 5}"
+    assert load_yaml_text(nested, "r")["train"] == {"lr": 0.2, "epochs": 5}  # a merge of a merge
 
 
 def test_overrides_create_sections_and_reject_scalars():

@@ -215,7 +215,7 @@ def test_an_archive_is_refused_before_its_members_are_read_into_memory(tmp_path,
             load_imagefolder(cfg_for(archive))
     read = []
     monkeypatch.setattr(imagefolder.tarfile.TarFile, "extractfile", lambda self, m: read.append(m) or None)
-    monkeypatch.setattr(imagefolder, "MAX_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(imagefolder, "MAX_ARCHIVE_BYTES", 0)
     with pytest.raises(DataError, match="extract it and pass the folder"):
         load_imagefolder(cfg_for(archive))
     assert not read

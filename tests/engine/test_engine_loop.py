@@ -315,3 +315,11 @@ def test_a_batch_the_engine_cannot_use_is_one_config_error_and_leaves_the_runnin
     assert torch.equal(model[1].running_mean, stats)
     with pytest.raises(ConfigError, match="evaluation labels run from"):
         evaluate(model, [(x, torch.full_like(y, 7))])
+
+
+def test_integer_labels_of_any_width_train_and_evaluate():
+    x, y = blobs(32)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        model = mlp()
+        train(model, [(x, y.to(dtype))], None, TrainConfig(epochs=1), progress=False)
+        assert evaluate(model, [(x, y.to(dtype))])["n"] == 32

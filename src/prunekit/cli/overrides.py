@@ -33,17 +33,17 @@ _FLOAT = re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
 class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads 1e-3 / 5E4 as floats and refuses a key written twice in one mapping."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    def compose_mapping_node(self, anchor):
+        # checked as written, before merges (<<: *base) are flattened: a key may override a merged one
+        node = super().compose_mapping_node(anchor)
         seen = set()
-        for key_node, _ in node.value:  # before merges (<<: *base) are flattened: a key may override those
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node)
-            if isinstance(key, str) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is written twice",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag == "tag:yaml.org,2002:str":
+                if key_node.value in seen:
+                    raise yaml.composer.ComposerError(None, None, f"the key {key_node.value!r} is written twice",
+                                                      key_node.start_mark)
+                seen.add(key_node.value)
+        return node
 
 
 _Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]

@@ -167,7 +167,7 @@ def check_finite(name: str, value: Any) -> None:
             check_finite(f"{name}.{k}", v)
 
 
-MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes 64 bits
 MAX_THREADS = 1024  # torch.set_num_threads far beyond the cores crashes in thread creation
 
 

@@ -35,6 +35,7 @@ from .sources import TEST_SPLIT_SEED, ImageArrays, ImageFiles, stratified_carve
 
 MAX_IN_MEMORY_BYTES = 2 * 1024**3
 MAX_IMAGE_BYTES = 64 * 1024**2  # one image file read from an archive
+MAX_ARCHIVE_BYTES = 8 * 1024**3  # the encoded files of an archive, held while they are decoded
 PILLOW_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # Pillow's ways to fail
 CARVED_TEST_FRACTION = 0.2
 LAYOUT_HELP = "expected <root>/train/<class>/<image> (and optionally test/<class>/<image>)"
@@ -99,8 +100,8 @@ def _read_archive(path: Path) -> Entries:
                     raise DataError(f"{member.name!r} in {str(path)!r} is {member.size / 1e6:.0f} MB, more than an "
                                     f"image file may be here ({MAX_IMAGE_BYTES / 1e6:.0f} MB); remove it")
                 held += member.size
-                if held > MAX_IN_MEMORY_BYTES:
-                    raise DataError(f"the images in {str(path)!r} take more than {MAX_IN_MEMORY_BYTES / 1e9:.1f} GB "
+                if held > MAX_ARCHIVE_BYTES:
+                    raise DataError(f"the images in {str(path)!r} take more than {MAX_ARCHIVE_BYTES / 1e9:.1f} GB "
                                     "unpacked, more than is read into memory here; extract it and pass the folder "
                                     "as root so that images are streamed from disk")
                 data = tar.extractfile(member).read()

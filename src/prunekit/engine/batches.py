@@ -36,7 +36,7 @@ def split_batch(batch: Any, index: int, what: str) -> tuple[Tensor, Tensor]:
             or y.dtype == torch.bool):
         raise ConfigError(f"{what} batch {index} has inputs {tuple(x.shape)} and labels {tuple(y.shape)} of "
                           f"{y.dtype}; give one integer class label per sample")
-    return x, y
+    return x, y if y.dtype in (torch.int64, torch.uint8) else y.long()  # cross-entropy takes Long or Byte
 
 
 def check_labels(logits: Tensor, y: Tensor, what: str) -> None:

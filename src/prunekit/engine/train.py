@@ -121,6 +121,12 @@ class TrainConfig(Config):
                               "set nesterov=false or give SGD a momentum")
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """An allocation failure (CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError)."""
+    text = str(err).lower()
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
 def _check_int(name: str, value: Any, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ConfigError(f"{name}={value!r} is invalid; use an integer >= {lo}")
@@ -220,12 +226,13 @@ class _Run:
             with autocast_context(self.device, cfg.bf16):
                 logits = self.net(x)
         except (RuntimeError, ValueError, TypeError) as err:
-            if not first:
+            if not first or _out_of_memory(err):
                 raise
             self._restore_buffers(buffers)
             raise ConfigError(f"the model cannot run the first training batch (inputs {tuple(x.shape)}, {x.dtype}): "
                               f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}; give "
-                              "batches of the inputs the model takes") from None
+                              "batches of the inputs the model takes (if they are, the error is in the model's "
+                              "forward: see the error above)") from err
         if first:  # once a run (the global batch: every rank decides alike); a refusal undoes the running statistics
             try:
                 check_labels(logits, global_y, "training")
@@ -247,7 +254,8 @@ class _Run:
             hook.after_backward(model, step)
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip is not None
-                else torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(()))
+                else torch.stack(torch._foreach_norm(grads)).norm() if grads
+                else torch.zeros(()))
         # Checked on the gradients, which DDP has averaged: every rank sees the same and stops together.
         # One synchronisation a step; the optimizer never steps into NaN.
         if not bool(torch.isfinite(norm) & torch.isfinite(loss.detach())):

@@ -52,7 +52,8 @@ def activation_stats(model: nn.Module, group: Group, batches: Iterable, num_clas
     model.eval()
     try:
         with torch.no_grad():
-            for i, x, y in labelled(batches, "activation statistics"):
+            labels_used = "classes" if num_classes is not None else "ignored"
+            for i, x, y in labelled(batches, "activation statistics", labels_used):
                 forward(model, x, i, "activation statistics")
                 labels.append(y)
     finally:

@@ -28,9 +28,14 @@ from ..core.errors import ConfigError
 NEEDS_DATA = "pass batches=[(inputs, labels), ...]; in a recipe, set calibration_batches to 1 or more"
 
 
-def labelled(batches: Iterable | None, who: str) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """(index, inputs, labels) of every batch; ConfigError at the first batch that is not a pair of
-    a tensor and one integer label per sample, and after the last when no batch held a sample."""
+def labelled(batches: Iterable | None, who: str, labels: str = "targets") -> Iterator[tuple[int, Tensor, Any]]:
+    """(index, inputs, labels) of every batch; ConfigError at the first batch of the wrong form, and
+    after the last when no batch held a sample.
+
+    labels: "targets" (the loss's targets: any tensor with one entry per sample along its first
+    dimension, e.g. class indices, soft labels, regression targets), "classes" (one integer class
+    label per sample: class statistics index classes with them) or "ignored" (only the inputs are
+    read: the second item may be anything)."""
     check_iterable(batches, who)
     samples, count = 0, 0
     for i, batch in enumerate(batches):
@@ -38,11 +43,16 @@ def labelled(batches: Iterable | None, who: str) -> Iterator[tuple[int, Tensor, 
         if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not isinstance(batch[0], Tensor):
             raise ConfigError(f"criterion {who!r}: calibration batch {i} is a {_describe(batch)}, not a pair "
                               "(inputs tensor, labels); these criteria need labelled data")
-        x, y = batch[0], torch.as_tensor(batch[1]) if not isinstance(batch[1], Tensor) else batch[1]
+        x, y = batch
         n = x.shape[0] if x.dim() else 0
-        if y.dim() != 1 or len(y) != n or (n and (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)):
-            raise ConfigError(f"criterion {who!r}: calibration batch {i} has inputs {tuple(x.shape)} and labels "
-                              f"{tuple(y.shape)} of {y.dtype}; give one integer class label per sample")
+        if labels != "ignored":
+            y = torch.as_tensor(y) if not isinstance(y, Tensor) else y
+            whole = labels == "classes" and (y.dim() != 1 or y.is_floating_point() or y.is_complex()
+                                             or y.dtype == torch.bool)
+            if y.dim() == 0 or len(y) != n or (n and whole):
+                need = "one integer class label per sample" if labels == "classes" else "one target per sample"
+                raise ConfigError(f"criterion {who!r}: calibration batch {i} has inputs {tuple(x.shape)} and labels "
+                                  f"{tuple(y.shape)} of {y.dtype}; give {need}")
         if n:
             samples += n
             yield i, x, y
@@ -81,8 +91,10 @@ def loss_of(loss_fn: Callable, out: Any, y: Tensor, index: int, who: str) -> Ten
 
 
 def check_labels(out: Any, y: Tensor, index: int, who: str) -> None:
-    """ConfigError when the labels of a batch are outside the classes of the model's (N, classes) output."""
-    classes = out.shape[-1] if isinstance(out, Tensor) and out.dim() == 2 else None
+    """ConfigError when class-index labels (1-D integers) fall outside the classes of the model's
+    (N, classes) output; other targets (soft labels, regression) are the loss's to judge."""
+    class_indices = y.dim() == 1 and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+    classes = out.shape[-1] if isinstance(out, Tensor) and out.dim() == 2 and class_indices else None
     if classes is not None and (int(y.min()) < 0 or int(y.max()) >= classes):
         raise ConfigError(f"criterion {who!r}: calibration batch {index} has labels {int(y.min())}..{int(y.max())} "
                           f"but the model gives {classes} classes; give labels in 0..{classes - 1}")

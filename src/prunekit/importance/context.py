@@ -146,7 +146,7 @@ class ScoreContext:
             self.model.eval()
             try:
                 with torch.no_grad():
-                    for i, x, _ in labelled(self.batches, "activation"):
+                    for i, x, _ in labelled(self.batches, "activation", labels="ignored"):
                         forward(self.model, x, i, "activation")
                         count[0] += 1
             finally:

@@ -58,8 +58,14 @@ def check_untied(model: nn.Module, weights: dict[str, tuple[str, str]]) -> dict[
     """`weights`, or a PruningError when two of them are one tensor (tied weights): a score or mask
     kept per name would then differ between the names of one tensor."""
     seen: dict[int, str] = {}
+    held = []  # the tensors compared stay alive, so that no two of them can share an id
     for key, (mod, pname) in weights.items():
-        other = seen.setdefault(id(getattr(model.get_submodule(mod), pname)), key)
+        module = model.get_submodule(mod)
+        # a parametrized weight is computed afresh on every read: compare the tensor it is stored as
+        stored = (module.parametrizations[pname].original if parametrize.is_parametrized(module, pname)
+                  else getattr(module, pname))
+        held.append(stored)
+        other = seen.setdefault(id(stored), key)
         if other != key:
             raise PruningError(f"{other} and {key} are one tensor (tied weights); weights are scored and masked one "
                                "name at a time, which would untie them: leave both modules out with ignore=[...] "

@@ -202,8 +202,12 @@ def test_a_network_file_whose_sizes_were_edited_is_refused_before_it_is_built(tm
 
     from prunekit.methods.prdarts.evalnet import GENOTYPE_META
 
+    from prunekit.methods.prdarts.network import harden_
+
     net = EvalNetwork(DARTS_V2, channels=4, num_classes=10, layers=3)
+    harden_(net)  # as after training: plain layers
     path = save_network(net, tmp_path / "net.safetensors", torch.zeros(1, 3, 8, 8))
+    load_network(path)  # the file as written loads: the refusal below is the edit's
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
     plan = json.loads(meta["prunekit.plan"])

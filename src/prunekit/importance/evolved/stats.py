@@ -163,7 +163,7 @@ def _forward_all(model: nn.Module, hooks: list, batches: Iterable, on_labels) ->
     model.eval()
     try:
         with torch.no_grad():
-            for i, x, y in labelled(batches, WHO):
+            for i, x, y in labelled(batches, WHO, labels="classes"):
                 on_labels(y)
                 forward(model, x, i, WHO)
     finally:
@@ -246,7 +246,7 @@ def _two_classes(classes: torch.Tensor) -> None:
 
 def _take(batches: Iterable, n: int):
     got = 0
-    for _, x, y in labelled(batches, WHO):
+    for _, x, y in labelled(batches, WHO, labels="classes"):
         if got >= n:
             return
         yield x, y
