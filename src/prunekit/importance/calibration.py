@@ -76,8 +76,11 @@ def forward(model: nn.Module, x: Tensor, index: int, who: str) -> Any:
     try:
         return model(x)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower():
+            raise
         raise ConfigError(f"criterion {who!r}: the model cannot run calibration batch {index} (inputs "
-                          f"{tuple(x.shape)}, {x.dtype}): {_first_line(err)}; give batches the model takes") from None
+                          f"{tuple(x.shape)}, {x.dtype}): {_first_line(err)}; give batches the model takes (if "
+                          "they are, the error is in the model's forward: see the error above)") from err
 
 
 def loss_of(loss_fn: Callable, out: Any, y: Tensor, index: int, who: str) -> Tensor:
