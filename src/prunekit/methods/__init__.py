@@ -59,12 +59,20 @@ def _check_finite(model: nn.Module, example_inputs: Any) -> None:
     """ConfigError naming the first parameter that is not finite, or the first buffer or example
     input holding NaN (buffers may hold -inf on purpose, as attention masks do): every method would
     otherwise hand back a model whose outputs are NaN, whatever its criterion reads."""
-    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, t in named:
-            if t.is_floating_point() and not (torch.isfinite(t).all() if kind == "parameter" else ~t.isnan().any()):
-                raise ConfigError(f"{kind} {name} holds NaN{' or inf' if kind == 'parameter' else ''} (a diverged "
-                                  "training?); nothing can be pruned from it: retrain with a lower learning rate or "
-                                  "load weights that are finite")
+    for kind, named in (("parameter", list(model.named_parameters())), ("buffer", list(model.named_buffers()))):
+        named = [(n, t.detach()) for n, t in named if t.is_floating_point() and t.numel()]
+        if not named:
+            continue
+        # one pass a tensor (NaN propagates to both ends), one decision for the whole model
+        ends = torch.stack([e.float().cpu() for _, t in named for e in torch.aminmax(t)])
+        if bool(torch.isfinite(ends).all() if kind == "parameter" else ~ends.isnan().any()):
+            continue
+        name = next(n for i, (n, _) in enumerate(named)
+                    if not (torch.isfinite(ends[2 * i:2 * i + 2]).all() if kind == "parameter"
+                            else ~ends[2 * i:2 * i + 2].isnan().any()))
+        raise ConfigError(f"{kind} {name} holds NaN{' or inf' if kind == 'parameter' else ''} (a diverged "
+                          "training?); nothing can be pruned from it: retrain with a lower learning rate or "
+                          "load weights that are finite")
     tensors = example_inputs.values() if isinstance(example_inputs, dict) else (
         example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
     for t in tensors:
