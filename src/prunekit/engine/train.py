@@ -256,9 +256,10 @@ class _Run:
         norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip is not None
                 else torch.stack(torch._foreach_norm(grads)).norm() if grads
                 else torch.zeros(()))
-        # Checked on the gradients, which DDP has averaged: every rank sees the same and stops together.
-        # One synchronisation a step; the optimizer never steps into NaN.
-        if not bool(torch.isfinite(norm) & torch.isfinite(loss.detach())):
+        # Under DDP only the averaged gradients decide (every rank sees the same and stops together);
+        # alone, the loss too. One synchronisation a step; the optimizer never steps into NaN.
+        finite = torch.isfinite(norm) if self.ctx.enabled else torch.isfinite(norm) & torch.isfinite(loss.detach())
+        if not bool(finite):
             raise TrainingError(
                 f"training diverged at epoch {state.epoch + 1}, step {step + 1}: the loss is {loss.item():.4g} and the "
                 f"gradient norm {norm.item():.4g}; lower the learning rate (lr={self.optimizer.param_groups[0]['lr']:.4g} "
