@@ -48,3 +48,10 @@ def check_labels(logits: Tensor, y: Tensor, what: str) -> None:
     if lo < 0 or hi >= classes:
         raise ConfigError(f"{what} labels run from {lo} to {hi} but the model gives {classes} classes; give "
                           f"labels in 0..{classes - 1} (or build the model with num_classes={hi + 1})")
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """An allocation failure (CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError): never
+    blamed on the batch, so it passes through the checks that reword a failed forward."""
+    text = str(err).lower()
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, TrainingError
-from .batches import check_labels, split_batch
+from .batches import check_labels, out_of_memory, split_batch
 from .checkpoint import (check_compatible, checkpoint_path, load_checkpoint, restore_checkpoint,
                          save_checkpoint, seed_everything)
 from .distributed import (DistContext, all_reduce_sums, broadcast_buffers, env_ranks, init_distributed,
@@ -119,12 +119,6 @@ class TrainConfig(Config):
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ConfigError("nesterov=true needs optimizer='sgd' with momentum > 0; "
                               "set nesterov=false or give SGD a momentum")
-
-
-def _out_of_memory(err: BaseException) -> bool:
-    """An allocation failure (CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError)."""
-    text = str(err).lower()
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def _check_int(name: str, value: Any, lo: int) -> None:
@@ -226,7 +220,7 @@ class _Run:
             with autocast_context(self.device, cfg.bf16):
                 logits = self.net(x)
         except (RuntimeError, ValueError, TypeError) as err:
-            if not first or _out_of_memory(err):
+            if not first or out_of_memory(err):
                 raise
             self._restore_buffers(buffers)
             raise ConfigError(f"the model cannot run the first training batch (inputs {tuple(x.shape)}, {x.dtype}): "

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.errors import ConfigError
+from ..engine.batches import out_of_memory
 
 NEEDS_DATA = "pass batches=[(inputs, labels), ...]; in a recipe, set calibration_batches to 1 or more"
 
@@ -76,7 +77,7 @@ def forward(model: nn.Module, x: Tensor, index: int, who: str) -> Any:
     try:
         return model(x)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower():
+        if out_of_memory(err):
             raise
         raise ConfigError(f"criterion {who!r}: the model cannot run calibration batch {index} (inputs "
                           f"{tuple(x.shape)}, {x.dtype}): {_first_line(err)}; give batches the model takes (if "
