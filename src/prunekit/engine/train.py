@@ -48,7 +48,8 @@ from .checkpoint import (check_compatible, checkpoint_path, load_checkpoint, res
 from .distributed import (DistContext, all_reduce_sums, broadcast_buffers, env_ranks, init_distributed,
                           resolve_device, shard_batch, shutdown, wrap_model)
 from .evaluate import autocast_context, evaluate, to_device
-from .hooks import ParameterSplit, TrainState, split_parameters
+from .hooks import TrainState, split_parameters
+from .optim import optimizer_from_split, build_optimizer  # noqa: F401  (build_optimizer: part of this module's API)
 from .logging import MetricsLog, is_finite_number, to_plain
 from .schedule import build_scheduler, lr_factor  # noqa: F401  (lr_factor: part of this module's API)
 
@@ -140,34 +141,6 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, hooks: Sequence[Any] = ()) -> torch.optim.Optimizer:
-    """SGD or AdamW over the model's trainable parameters, as `cfg` says.
-
-    Group 0 holds the parameters no hook claims, with `cfg`'s settings; each hook's
-    `param_groups` follow with their own settings (missing ones default to `cfg`'s; a group's lr
-    follows the same schedule); `owned_parameters` are left out entirely.
-    """
-    return _optimizer_from_split(split_parameters(model, hooks), cfg)
-
-
-def _optimizer_from_split(split: ParameterSplit, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if not split.default and not any(g["params"] for g in split.groups) and not split.owned:
-        raise ConfigError("the model has no trainable parameters; unfreeze some before training")
-    main = [{"params": split.default}]
-    if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(main, lr=cfg.lr, momentum=cfg.momentum,
-                                                     nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(main, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    for group in split.groups:
-        unknown = sorted(set(group) - {"params"} - set(opt.defaults))
-        if unknown:
-            raise ConfigError(f"a hook's parameter group sets {unknown}, which {type(opt).__name__} does not "
-                              f"know; use some of {sorted(opt.defaults)}")
-        opt.add_param_group(group)
-    return opt
-
-
 class _Run:
     """The state of one `train` call: model, wrapped net, optimizer, scheduler, hooks, log."""
 
@@ -177,7 +150,7 @@ class _Run:
         self.steps_per_epoch, self.log = steps_per_epoch, log
         self.show_progress = progress and ctx.is_main and sys.stderr.isatty()
         split = split_parameters(model, hooks)
-        self.optimizer = _optimizer_from_split(split, cfg)
+        self.optimizer = optimizer_from_split(split, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         owned = {id(p) for p in split.owned}
