@@ -53,22 +53,22 @@ def test_grouped_transposed_linear_attention_hand_count():
             super().__init__()
             self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
             self.gc = nn.Conv2d(8, 16, 1, groups=4)
-            self.up = nn.ConvTranspose2d(16, 4, 2, stride=2)
-            self.q, self.k, self.v = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(4, 6)
+            self.up = nn.ConvTranspose2d(16, 6, 3, stride=2, groups=2)  # 4x4 -> 9x9: in and out pixels differ
+            self.q, self.k, self.v = nn.Linear(6, 5), nn.Linear(6, 5), nn.Linear(6, 5)
 
         def forward(self, x):
-            x = self.up(self.gc(self.dw(x)))  # (B, 4, 8, 8)
-            t = x.flatten(2).transpose(1, 2)  # (B, 64 tokens, 4)
-            a = torch.softmax(self.q(t) @ self.k(t).transpose(1, 2), -1)  # (B, 64, 64)
+            x = self.up(self.gc(self.dw(x)))  # (B, 6, 9, 9)
+            t = x.flatten(2).transpose(1, 2)  # (B, 81 tokens, 6)
+            a = torch.softmax(self.q(t) @ self.k(t).transpose(1, 2), -1)  # (B, 81, 81)
             return a @ self.v(t)
 
     cost = count_cost(Net(), torch.randn(2, 8, 4, 4))
     hand = (8 * 1 * 9 * 16          # depthwise 3x3 at 4x4
             + 16 * 2 * 1 * 16       # grouped 1x1: each output sees 8/4 inputs
-            + 16 * 4 * 2 * 2 * 16   # transposed conv: every input pixel meets cout*k*k weights
-            + 3 * 64 * 4 * 6        # q, k, v projections over 64 tokens
-            + 64 * 64 * 6           # QK^T
-            + 64 * 64 * 6)          # AV
+            + 16 * 16 * 3 * 3 * 3   # transposed conv: each of the 16x16 input values meets (6/2)*3*3 weights
+            + 3 * 81 * 6 * 5        # q, k, v projections over 81 tokens
+            + 81 * 81 * 5           # QK^T
+            + 81 * 81 * 5)          # AV
     assert cost.macs == hand
 
 

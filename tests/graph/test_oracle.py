@@ -4,20 +4,8 @@ import torch
 from torch import nn
 
 from prunekit.graph import build_graph
-from prunekit.testing.checks import build_and_check, check_removal_matches_zeroing
+from prunekit.testing.checks import build_and_check, check_removal_matches_zeroing, randomise_norms_
 from prunekit.testing.toy_models import TOY_MODELS
-
-
-def _randomise_norms(model: nn.Module) -> None:
-    """Non-trivial BN statistics, so that a wrong slice shows up in the outputs."""
-    g = torch.Generator().manual_seed(1)
-    for mod in model.modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) - 0.5)
-            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-            with torch.no_grad():
-                mod.weight.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-                mod.bias.copy_(torch.rand(mod.num_features, generator=g) - 0.5)
 
 
 @pytest.mark.parametrize("name", sorted(TOY_MODELS))
@@ -26,7 +14,7 @@ def test_removal_matches_zeroing(name, seed):
     build, make_input = TOY_MODELS[name]
     torch.manual_seed(seed)
     model = build()
-    _randomise_norms(model)
+    randomise_norms_(model)
     x = make_input()
     before = model(x) if not isinstance(x, dict) else model(**x)
     build_and_check(model, x, fraction=0.5, seed=seed)

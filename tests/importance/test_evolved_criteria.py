@@ -76,6 +76,34 @@ def test_streamed_statistics_equal_full_batch():
         torch.testing.assert_close(streamed.moments()[key], v)
 
 
+def test_streamed_statistics_grow_to_classes_that_arrive_late():
+    """Batches sorted by label: each later batch brings classes the accumulator has not seen, as
+    happens when `collect_class_stats` sizes it from a first batch that lacks the top classes."""
+    X, y = _class_data(n=90)
+    order = np.argsort(y, kind="stable")
+    X, y = X[order], y[order]
+    full, grown = ClassStats.empty(4, 5, 7), ClassStats.empty(1, 5, 7)
+    full.add(torch.from_numpy(X), torch.from_numpy(y))
+    for lo in range(0, 90, 13):
+        grown.add(torch.from_numpy(X[lo:lo + 13]), torch.from_numpy(y[lo:lo + 13]))
+    assert grown.counts.tolist() == np.bincount(y, minlength=4).tolist()
+    for key, v in full.moments().items():
+        torch.testing.assert_close(grown.moments()[key], v)
+
+
+def test_collected_stats_grow_when_the_first_batch_lacks_classes():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 1)).eval()
+    x, y = torch.randn(24, 2, 4, 4), torch.arange(24) // 6  # label-sorted: the first batch holds class 0 only
+    g = build_graph(m, x[:1]).group("0")
+    s = collect_class_stats(m, [g], [(x[:5], y[:5]), (x[5:14], y[5:14]), (x[14:], y[14:])])["0"]
+    ref = ClassStats.empty(4, 3, 16)
+    ref.add(m[1](m[0](x)).detach().double().reshape(24, 3, 16), y)
+    assert s.counts.tolist() == [6.0, 6.0, 6.0, 6.0]
+    for key, v in ref.moments().items():
+        torch.testing.assert_close(s.moments()[key], v)
+
+
 def test_collected_stats_read_the_consumer_input_after_bn_and_relu():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1)).eval()

@@ -5,21 +5,48 @@ import pytest
 import torch
 
 from prunekit.graph import build_graph
-from prunekit.importance.select import RemovalSelector, _cap, must_keep, normalize, select_removal
+from prunekit.importance.select import RemovalSelector, select_removal
 from prunekit.models import create_model
+
+
+def _normalize(scores, how):
+    """Plain Python: scores over their group's mean, max or sum (unchanged when that is not > 0)."""
+    values = [float(v) for v in scores]
+    denom = {"mean": sum(values) / len(values), "max": max(values), "sum": sum(values), "none": 1.0}[how]
+    return torch.tensor([v / denom if denom > 0 else v for v in values])
+
+
+def _must_keep(group, scores):
+    """The best-scoring channel (the first of equal ones) of every member that lies wholly in
+    prunable channels of the group, so that no tensor is emptied."""
+    prunable, s = group.prunable.tolist(), scores.tolist()
+    keep = [False] * group.size
+    for member in group.members:
+        ch = member.channel.tolist()
+        if ch and min(ch) >= 0 and all(prunable[c] for c in ch):
+            keep[max(ch, key=lambda c: s[c])] = True  # max() returns the first of equal maxima
+    return torch.tensor(keep, dtype=torch.bool)
+
+
+def _cap(group, max_ratio, keep):
+    """Most channels a group may lose: within max_ratio, keeping one prunable channel and all of `keep`."""
+    prunable = group.prunable.tolist()
+    removable = sum(prunable)
+    free = sum(1 for p, k in zip(prunable, keep.tolist()) if p and not k)
+    return max(0, min(removable - 1, free, int(math.floor(max_ratio * group.size))))
 
 
 def _walk(graph, scores, ratio, scope, max_ratio, round_to, normalizer):
     """Reference: sort every removable channel, walk up, skip groups at their cap."""
     groups = {n: graph.group(n) for n in scores}
-    keep = {n: must_keep(g, scores[n]) for n, g in groups.items()}
+    keep = {n: _must_keep(g, scores[n]) for n, g in groups.items()}
     caps = {n: _cap(g, max_ratio, keep[n]) for n, g in groups.items()}
     if scope == "local":
         counts = {n: min(caps[n], int(math.floor(ratio * g.size))) for n, g in groups.items()}
     else:
         entries = []
         for n, g in groups.items():
-            s = normalize(scores[n].float(), normalizer)
+            s = _normalize(scores[n].float(), normalizer)
             entries += [(float(s[i]), n) for i in (g.prunable & ~keep[n]).nonzero().flatten().tolist()]
         entries.sort(key=lambda e: e[0])
         budget = int(math.floor(ratio * sum(g.size for g in groups.values())))

@@ -12,7 +12,7 @@ from prunekit.surgery.masks import apply_mask, masked_modules
 from prunekit.surgery.plan import apply_plan_
 from prunekit.surgery.shrink import remove_channels_
 from prunekit.surgery.verify import group_is_exact, run_model
-from prunekit.testing.checks import random_removal
+from prunekit.testing.checks import random_removal, randomise_norms_
 from prunekit.testing.toy_models import TOY_MODELS
 
 
@@ -33,7 +33,7 @@ def _exact(graph, model, removal):
 def test_masked_equals_shrunk_equals_converted(name):
     build, make_input = TOY_MODELS[name]
     torch.manual_seed(3)
-    model = build().eval()
+    model = randomise_norms_(build().eval())
     x = make_input()
     graph = build_graph(model, x)
     removal = random_removal(graph, 0.5, torch.Generator().manual_seed(3))

@@ -10,13 +10,19 @@ from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.models import create_model
 from prunekit.surgery.persist import load_pruned, read_plan, save_pruned
 from prunekit.surgery.plan import Plan, apply_plan_, load_plan, save_plan
+from prunekit.testing.checks import randomise_norms_
 
 X = torch.randn(2, 3, 32, 32)
 
 
-def _pruned(steps=1, seed=0):
+def _dense(seed=0):
+    """resnet20 with random norm statistics and affine terms, so that a wrongly kept channel shows up."""
     torch.manual_seed(seed)
-    model = create_model("resnet20", num_classes=10).eval()
+    return randomise_norms_(create_model("resnet20", num_classes=10).eval())
+
+
+def _pruned(steps=1, seed=0):
+    model = _dense(seed)
     result = prune_(model, MagnitudeConfig(channel_ratio=0.4, steps=steps, probe=False), X)
     return model, result.plan
 
@@ -27,12 +33,14 @@ def test_replayed_plan_equals_original(steps, tmp_path):
     save_plan(plan, tmp_path / "plan.json")
     data = json.loads((tmp_path / "plan.json").read_text())  # human-readable JSON
     assert data["format"] == "prunekit.plan" and all("keep" in g for g in data["groups"].values())
-    fresh = create_model("resnet20", num_classes=10).eval()
+    fresh = _dense()  # the same dense weights: replaying must keep exactly the channels the pruner kept
     apply_plan_(fresh, load_plan(tmp_path / "plan.json"))
-    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
-    fresh.load_state_dict(model.state_dict())
+    replayed, pruned = fresh.state_dict(), model.state_dict()
+    assert replayed.keys() == pruned.keys()
+    for key, value in pruned.items():
+        assert torch.equal(replayed[key], value), key
     with torch.no_grad():
-        torch.testing.assert_close(fresh(X), model(X))
+        assert torch.equal(fresh(X), model(X))
 
 
 def test_composed_iterative_plan_keeps_original_numbering():

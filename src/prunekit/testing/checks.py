@@ -41,6 +41,21 @@ def check_removal_matches_zeroing(model: nn.Module, inputs: Any, graph: Graph,
     return diff
 
 
+def randomise_norms_(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Give every BatchNorm random statistics and affine terms (fresh ones hold mean 0, variance 1,
+    scale 1, shift 0), so that a wrongly sliced norm tensor changes the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) - 0.5)
+                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+                if mod.affine:
+                    mod.weight.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+                    mod.bias.copy_(torch.rand(mod.num_features, generator=g) - 0.5)
+    return model
+
+
 def random_removal(graph: Graph, fraction: float, generator: torch.Generator) -> dict[str, list[int]]:
     """Pick up to `fraction` of the prunable channels of every group (at least one channel kept,
     and one of every tensor lying wholly in the group, as the pruners do)."""
