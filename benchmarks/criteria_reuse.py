@@ -1,8 +1,8 @@
 """Trace and probe once, prune many fresh copies: time against one default `prune_`, in one run.
 
-For each model (CIFAR resnet56 at 1x3x32x32, torchvision resnet50 at 1x3x224x224; float32, CPU,
-random initialisation) and each target (channel_ratio=0.5 local; macs_fraction=0.5 global), one
-repeat times, interleaved:
+For each model (default: CIFAR resnet56 at 1x3x32x32 and torchvision resnet50 at 1x3x224x224; any
+torchvision model name runs at 224x224; float32, CPU, random initialisation) and each target
+(channel_ratio=0.5 local; macs_fraction=0.5 global), one repeat times, interleaved:
 
     full        prune_(copy, MagnitudeConfig(target), x): trace + probe + l2 scoring + removal +
                 final forward (the default path), median of `--full` runs
@@ -52,10 +52,11 @@ TARGETS = {"channel_ratio=0.5": dict(channel_ratio=0.5), "macs_fraction=0.5,glob
 
 
 def _model(name: str):
+    """A torchvision model at 224x224 (random weights), or one of prunekit's CIFAR models at 32x32."""
     torch.manual_seed(0)
-    if name == "resnet50":
-        import torchvision.models as tvm
-        return tvm.resnet50().eval(), torch.randn(1, 3, 224, 224)
+    import torchvision.models as tvm
+    if name in tvm.list_models(module=tvm):
+        return tvm.get_model(name).eval(), torch.randn(1, 3, 224, 224)
     return create_model(name, num_classes=10).eval(), torch.randn(1, 3, 32, 32)
 
 
@@ -146,7 +147,9 @@ def main() -> None:
     for name in args.models:
         for tname, target in TARGETS.items():
             for rep in range(args.repeats):
-                row = {"target": tname, "repeat": rep, **one_repeat(name, target, args.trials, args.full)}
+                row = {"target": tname, "repeat": rep, "command": data["command"],
+                       "git_commit": data["environment"].get("git_commit"),
+                       **one_repeat(name, target, args.trials, args.full)}
                 runs.append(row)
                 OUT.write_text(json.dumps(data, indent=1))
                 print(f"{name} {tname} rep {rep}: full {row['full_median_s'] * 1e3:.0f} ms, reuse x{row['reuse']['ratio_to_full']:.2f}"
