@@ -17,6 +17,7 @@ from safetensors import safe_open
 from prunekit.cli.main import cli
 from prunekit.cli.recipe import ALIASES, load_recipe
 from prunekit.cost.macs import count_cost
+from prunekit.layers.ssc import SSCConv2d
 from prunekit.methods import METHODS
 from prunekit.models import create_model
 from prunekit.surgery.mask_io import weight_sparsity
@@ -86,6 +87,20 @@ def test_saved_model_widths_and_sparsity_equal_result_json(name, method_runs):
     for row in res["layers"]:
         assert cost.per_module[row["name"]]["out"] == row["channels_after"], row["name"]
     assert weight_sparsity(model) == res["sparsity"]
+    # the zeros, counted here from the reloaded weights: every conv and Linear weight (an SSC layer
+    # as the dense conv it stands for), and each masked tensor on its own
+    zeros = numel = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, SSCConv2d):  # the full conv: out x in x k x k, zero off the support
+                n = module.out_channels * module.in_channels * module.kernel_size ** 2
+                zeros, numel = zeros + n - int((module.dense_weight() != 0).sum()), numel + n
+            elif isinstance(module, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)):
+                zeros, numel = zeros + int((module.weight == 0).sum()), numel + module.weight.numel()
+    assert (res["sparsity"]["weights"]["zeros"], res["sparsity"]["weights"]["numel"]) == (zeros, numel)
+    for tensor, entry in res["sparsity"]["tensors"].items():
+        module, _, attr = tensor.rpartition(".")
+        assert entry["zeros"] == int((getattr(model.get_submodule(module), attr) == 0).sum()), tensor
     # the plan inside the file describes exactly the masks the model came back with
     described = read_plan(out / "pruned.safetensors").meta["masks"]["tensors"]
     assert {n: d["masked"] for n, d in described.items()} == {

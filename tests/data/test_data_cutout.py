@@ -32,3 +32,16 @@ def test_cutout_loader_repeats_an_epoch():
     first = next(iter(loader))[0]
     loader.set_epoch(2)
     assert torch.equal(next(iter(loader))[0], first) and torch.equal(data[0][0], torch.ones(4, 1, 8, 8))
+
+
+def test_cutout_loader_draws_new_holes_each_epoch_and_seed():
+    data = [(torch.ones(16, 1, 8, 8), torch.zeros(16))]
+
+    def holes(seed, epoch):
+        loader = CutoutLoader(data, 4, seed=seed)
+        loader.set_epoch(epoch)
+        return next(iter(loader))[0] == 0
+
+    two = holes(1, 2)
+    assert bool(two.any(dim=(1, 2, 3)).all())  # every image has a hole
+    assert not torch.equal(holes(1, 3), two) and not torch.equal(holes(2, 2), two)

@@ -44,7 +44,10 @@ def test_interrupted_search_resumes_to_the_same_population(dense, tmp_path):
     with pytest.raises(Interrupt):
         run_search(cfg, tmp_path / "cut", progress=False, on_generation=stop_after_first)
     random.seed(12345)  # whatever happened in between must not matter
-    resumed = run_search(cfg, tmp_path / "cut", resume=True, progress=False)
+    seen = []
+    resumed = run_search(cfg, tmp_path / "cut", resume=True, progress=False,
+                         on_generation=lambda state: seen.append(state.generation))
+    assert seen == [2]  # it continued from generation 1's checkpoint, not from the start
     assert resumed.population == whole.population
     assert resumed.hall_of_fame == whole.hall_of_fame
     assert [h["best"] for h in resumed.history] == [h["best"] for h in whole.history]

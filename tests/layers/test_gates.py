@@ -25,3 +25,23 @@ def test_gates_sample_binary_with_straight_through_gradients():
     model.eval()
     assert gates.hard_open()[0].tolist() == [False, False, True, True, True, False]
     gates.detach()
+
+
+def test_straight_through_gradient_equals_the_hand_derivative_at_a_temperature():
+    """gate = hard + soft - soft.detach(): d loss / d theta = sum over the batch of upstream *
+    soft (1 - soft) / T, with soft = sigmoid((theta + log u - log(1 - u)) / T) from the same noise."""
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Conv2d(6, 2, 3))
+    gates = GateSet.from_graph(model, build_graph(model, torch.randn(2, 1, 5, 5)), initial_logit=0.0, temperature=0.5)
+    theta = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0, 3.0])
+    with torch.no_grad():
+        gates.logits[0].copy_(theta)
+    upstream = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    gate = gates.sample(0, 16)
+    (gate * upstream).sum().backward()
+    torch.manual_seed(7)  # the same uniform noise, written out
+    u = torch.rand(16, 6).clamp(1e-6, 1 - 1e-6).double()
+    soft = torch.sigmoid((theta.double() + u.log() - (1 - u).log()) / 0.5)
+    torch.testing.assert_close(gate.detach().double(), (soft > 0.5).double())
+    expected = (upstream.double() * soft * (1 - soft) / 0.5).sum(0)
+    torch.testing.assert_close(gates.logits[0].grad.double(), expected, rtol=1e-5, atol=1e-7)

@@ -61,6 +61,34 @@ def test_snip_masks_equal_a_hand_computation():
     assert torch.equal(get_mask(model[0], "weight"), want)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_grasp_masks_equal_a_hand_computation(temperature):
+    """One Linear layer, L = mean cross-entropy of (Wx + b) / T. With p = softmax(z / T):
+    g = dL/dW = (p - onehot(y))^T x / (n T), and H g = sum_i J_i (g x_i) x_i^T / (n T^2), J_i = diag(p_i) - p_i p_i^T.
+    GraSP keeps the largest W * (H g)."""
+    torch.manual_seed(3)
+    lin = nn.Linear(5, 3)
+    x, y = torch.randn(10, 5), torch.randint(0, 3, (10,))
+    with torch.no_grad():
+        w, t = lin.weight.double(), temperature
+        xd = x.double()
+        p = torch.softmax((xd @ w.T + lin.bias.double()) / t, 1)
+        g = (p - nn.functional.one_hot(y, 3).double()).T @ xd / (10 * t)
+        hg = torch.zeros_like(w)
+        for i in range(10):
+            jac = torch.diag(p[i]) - torch.outer(p[i], p[i])
+            hg += torch.outer(jac @ (g @ xd[i]), xd[i]) / (10 * t * t)
+        hand = (w * hg).float()
+    want = select_element_masks({"weight": hand}, 0.6)["weight"]
+    model = nn.Sequential(lin)
+    prune_(model, GraSPConfig(sparsity=0.6, temperature=temperature), x[:1], batches=[(x, y)])
+    assert torch.equal(get_mask(model[0], "weight"), want)
+    torch.manual_seed(3)  # the same initial weights
+    other = nn.Sequential(nn.Linear(5, 3))
+    prune_(other, SNIPConfig(sparsity=0.6), x[:1], batches=[(x, y)])
+    assert not torch.equal(get_mask(other[0], "weight"), want)  # the two criteria select differently here
+
+
 def test_masks_survive_training_and_reload(tmp_path):
     model = _net()
     r = prune_(model, SynFlowConfig(sparsity=0.8, iterations=10), X)

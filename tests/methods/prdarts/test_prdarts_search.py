@@ -116,16 +116,25 @@ def test_search_runs_three_phases_and_logs(tmp_path):
         assert int(m.mask().sum()) == keep_count(m.weight.numel(), 0.2)
 
 
-def test_unrolled_needs_engine_support_or_runs():
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_search_uses_the_architect_order_it_is_asked_for(unrolled, monkeypatch):
+    """unrolled=True reaches the second-order gradient (with the train batch and the weight
+    optimizer the engine hook passes); unrolled=False never does."""
+    calls = []
+    real = Architect._unrolled_gradient
+    monkeypatch.setattr(Architect, "_unrolled_gradient",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     cfg = PRDartsConfig(channels=2, layers=3, steps=1, multiplier=1, density=0.5, pretrain_epochs=1,
-                        score_epochs=0, finetune_epochs=0, unrolled=True)
-    from prunekit.engine.hooks import Hook
+                        score_epochs=0, finetune_epochs=0, unrolled=unrolled)
+    search(cfg, _tiny_data(1), _tiny_data(1), num_classes=3, device="cpu")
+    assert bool(calls) == unrolled
 
-    if hasattr(Hook, "before_step"):
-        search(cfg, _tiny_data(1), _tiny_data(1), num_classes=3, device="cpu")
-    else:
-        with pytest.raises(ConfigError, match="unrolled"):
-            search(cfg, _tiny_data(1), _tiny_data(1), num_classes=3, device="cpu")
+
+def test_unrolled_architect_without_a_train_batch_says_so():
+    torch.manual_seed(0)
+    net = SuperNet(channels=2, num_classes=3, layers=3, steps=1, multiplier=1)
+    with pytest.raises(ConfigError, match="unrolled"):
+        Architect(net, unrolled=True).gradient(None, _tiny_data(1)[0])
 
 
 def test_config_rejects_bad_values():
@@ -189,6 +198,31 @@ def test_smoothing_term_is_off_by_default_and_acts_when_asked():
         assert (term is not None) == expect_term
         if expect_term:
             assert term.item() > 0 and term.requires_grad
+
+
+@pytest.mark.parametrize("beta, std", [(6.0, 0.1), (3.0, 0.3)])
+def test_smoothing_term_equals_the_written_out_kl(beta, std):
+    """beta * KL(softmax(net(x)) || softmax(net(x + std * eps))), averaged over the batch, with the
+    same noise eps drawn again."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    net = SuperNet(2, 3, 3, 1, 1).double().eval()  # double: the term is small next to float32 rounding
+    x, y = _tiny_data(1)[0]
+    x = x.double()
+    cfg = PRDartsConfig(channels=2, layers=3, steps=1, multiplier=1, unrolled=False, smooth_beta=beta,
+                        smooth_noise_std=std)
+    hook = ArchitectHook(net, Architect(net), _tiny_data(1), cfg, "pretrain", step_alpha=False)
+    hook.bind(SimpleNamespace(batch=(x, y)))
+    torch.manual_seed(11)
+    term = hook.extra_loss(net, 0)
+    torch.manual_seed(11)
+    eps = torch.randn_like(x)
+    with torch.no_grad():
+        clean = torch.softmax(net(x), 1)
+        noisy = torch.softmax(net(x + std * eps), 1)
+        want = beta * (clean * (clean.log() - noisy.log())).sum() / len(x)
+    torch.testing.assert_close(term.detach().double(), want, rtol=1e-5, atol=1e-9)
 
 
 
