@@ -39,13 +39,24 @@ def split_batch(batch: Any, index: int, what: str) -> tuple[Tensor, Tensor]:
     return x, y if y.dtype in (torch.int64, torch.uint8) else y.long()  # cross-entropy takes Long or Byte
 
 
+def labels_outside(out: Any, y: Tensor) -> tuple[int, int, int] | None:
+    """(lowest, highest, classes) when class-index labels (1-D integers) fall outside the classes
+    of an (N, classes) output, else None; other targets (soft labels, regression) are the loss's
+    to judge."""
+    class_indices = y.dim() == 1 and y.numel() > 0 and not (y.is_floating_point() or y.is_complex()
+                                                           or y.dtype == torch.bool)
+    if not (class_indices and isinstance(out, Tensor) and out.dim() == 2):
+        return None
+    lo, hi, classes = int(y.min()), int(y.max()), out.shape[1]
+    return (lo, hi, classes) if lo < 0 or hi >= classes else None
+
+
 def check_labels(logits: Tensor, y: Tensor, what: str) -> None:
     """ConfigError when labels fall outside the model's classes (cross-entropy would index out of
     range, or silently skip -100)."""
-    if y.numel() == 0 or logits.dim() != 2:
-        return
-    lo, hi, classes = int(y.min()), int(y.max()), logits.shape[1]
-    if lo < 0 or hi >= classes:
+    bad = labels_outside(logits, y)
+    if bad is not None:
+        lo, hi, classes = bad
         raise ConfigError(f"{what} labels run from {lo} to {hi} but the model gives {classes} classes; give "
                           f"labels in 0..{classes - 1} (or build the model with num_classes={hi + 1})")
 

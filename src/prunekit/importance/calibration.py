@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.errors import ConfigError
-from ..engine.batches import out_of_memory
+from ..engine.batches import labels_outside, out_of_memory
 
 NEEDS_DATA = "pass batches=[(inputs, labels), ...]; in a recipe, set calibration_batches to 1 or more"
 
@@ -95,12 +95,11 @@ def loss_of(loss_fn: Callable, out: Any, y: Tensor, index: int, who: str) -> Ten
 
 
 def check_labels(out: Any, y: Tensor, index: int, who: str) -> None:
-    """ConfigError when class-index labels (1-D integers) fall outside the classes of the model's
-    (N, classes) output; other targets (soft labels, regression) are the loss's to judge."""
-    class_indices = y.dim() == 1 and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
-    classes = out.shape[-1] if isinstance(out, Tensor) and out.dim() == 2 and class_indices else None
-    if classes is not None and (int(y.min()) < 0 or int(y.max()) >= classes):
-        raise ConfigError(f"criterion {who!r}: calibration batch {index} has labels {int(y.min())}..{int(y.max())} "
+    """ConfigError when class-index labels fall outside the classes of the model's output."""
+    bad = labels_outside(out, y)
+    if bad is not None:
+        lo, hi, classes = bad
+        raise ConfigError(f"criterion {who!r}: calibration batch {index} has labels {lo}..{hi} "
                           f"but the model gives {classes} classes; give labels in 0..{classes - 1}")
 
 
