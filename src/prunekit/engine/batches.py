@@ -21,6 +21,11 @@ from torch import Tensor
 from ..core.errors import ConfigError
 
 
+def class_labels(y: Tensor) -> bool:
+    """Whether `y` holds one integer class index per sample (1-D, not float, complex or bool)."""
+    return y.dim() == 1 and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+
+
 def split_batch(batch: Any, index: int, what: str) -> tuple[Tensor, Tensor]:
     """(inputs, labels) of `batch`; ConfigError unless it is a pair of tensors with one integer
     label per sample."""
@@ -32,8 +37,7 @@ def split_batch(batch: Any, index: int, what: str) -> tuple[Tensor, Tensor]:
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise ConfigError(f"{what} batch {index} holds ({type(x).__name__}, {type(y).__name__}); give tensors "
                           "(torch.as_tensor converts arrays)")
-    if (y.dim() != 1 or x.dim() == 0 or x.shape[0] != y.shape[0] or y.is_floating_point() or y.is_complex()
-            or y.dtype == torch.bool):
+    if not class_labels(y) or x.dim() == 0 or x.shape[0] != y.shape[0]:
         raise ConfigError(f"{what} batch {index} has inputs {tuple(x.shape)} and labels {tuple(y.shape)} of "
                           f"{y.dtype}; give one integer class label per sample")
     return x, y if y.dtype in (torch.int64, torch.uint8) else y.long()  # cross-entropy takes Long or Byte
@@ -43,9 +47,7 @@ def labels_outside(out: Any, y: Tensor) -> tuple[int, int, int] | None:
     """(lowest, highest, classes) when class-index labels (1-D integers) fall outside the classes
     of an (N, classes) output, else None; other targets (soft labels, regression) are the loss's
     to judge."""
-    class_indices = y.dim() == 1 and y.numel() > 0 and not (y.is_floating_point() or y.is_complex()
-                                                           or y.dtype == torch.bool)
-    if not (class_indices and isinstance(out, Tensor) and out.dim() == 2):
+    if not (class_labels(y) and y.numel() and isinstance(out, Tensor) and out.dim() == 2):
         return None
     lo, hi, classes = int(y.min()), int(y.max()), out.shape[1]
     return (lo, hi, classes) if lo < 0 or hi >= classes else None

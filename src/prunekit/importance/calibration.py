@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.errors import ConfigError
-from ..engine.batches import labels_outside, out_of_memory
+from ..engine.batches import class_labels, labels_outside, out_of_memory
 
 NEEDS_DATA = "pass batches=[(inputs, labels), ...]; in a recipe, set calibration_batches to 1 or more"
 
@@ -48,8 +48,7 @@ def labelled(batches: Iterable | None, who: str, labels: str = "targets") -> Ite
         n = x.shape[0] if x.dim() else 0
         if labels != "ignored":
             y = torch.as_tensor(y) if not isinstance(y, Tensor) else y
-            whole = labels == "classes" and (y.dim() != 1 or y.is_floating_point() or y.is_complex()
-                                             or y.dtype == torch.bool)
+            whole = labels == "classes" and not class_labels(y)
             if y.dim() == 0 or len(y) != n or (n and whole):
                 need = "one integer class label per sample" if labels == "classes" else "one target per sample"
                 raise ConfigError(f"criterion {who!r}: calibration batch {i} has inputs {tuple(x.shape)} and labels "
