@@ -123,17 +123,22 @@ def test_weights_that_do_not_fit_name_the_tensor_that_differs(runner, workdir):
 def test_an_existing_output_directory_is_never_overwritten(runner, workdir):
     before = _snapshot(workdir)
     result = runner.invoke(cli, ["run", "mine.yaml", "--out", str(workdir)])
-    _assert_one_line_error(result, "already exists and is not an empty directory")
+    _assert_one_line_error(result, "already exists and is not an empty directory", "choose a new path")
     assert _snapshot(workdir) == before
 
 
 def test_prune_without_weights_says_where_to_get_them(runner, workdir):
+    before = _snapshot(workdir)
     _assert_one_line_error(runner.invoke(cli, ["prune", "mine.yaml"]), "needs weights", "--weights")
+    assert _snapshot(workdir) == before  # no run directory was made
 
 
-def test_missing_weights_file(runner, workdir):
-    _assert_one_line_error(runner.invoke(cli, ["eval", "mine.yaml", "--weights", "nope.safetensors"]),
-                           "nope.safetensors does not exist")
+@pytest.mark.parametrize("command", ["eval", "prune"])
+def test_missing_weights_file(runner, workdir, command):
+    before = _snapshot(workdir)
+    _assert_one_line_error(runner.invoke(cli, [command, "mine.yaml", "--weights", "nope.safetensors"]),
+                           "nope.safetensors does not exist", "dense.safetensors")
+    assert _snapshot(workdir) == before
 
 
 @pytest.mark.parametrize("given, needles", [

@@ -100,6 +100,11 @@ def test_a_run_killed_twice_resumes_to_the_uninterrupted_result(reference, tmp_p
         res = runner.invoke(cli, cmd)  # the stopped run's files are never taken as its result
         assert res.exit_code == 2 and "did not finish" in res.stderr and "prunekit resume" in res.stderr, res.output
     _run_and_kill(["resume", str(out)], out, "finetune", 1)  # resumed, then killed in fine-tuning
+    # the first resume continued dense training from its checkpoint: epoch 2 only, not both again
+    first = _last_resume(_records(out))
+    assert first[0]["todo"][0] == "train"
+    assert any(r.get("event") == "resume" and r.get("from_epoch", 0) >= 1 for r in first)
+    assert _epochs_in(first, "train") <= 1
     state = json.loads((out / "state.json").read_text())
     assert state["done"] == ["train", "prune"] and not state["finished"]
     threads = torch.get_num_threads()
@@ -113,8 +118,8 @@ def test_a_run_killed_twice_resumes_to_the_uninterrupted_result(reference, tmp_p
     # finished stages were not run again; fine-tuning lost at most the epoch that was running
     tail = _last_resume(_records(out))
     assert {r.get("name") for r in tail if r.get("event") == "stage"} == {"finetune"}
-    assert _epochs_in(tail, "finetune") <= 2 - 1 + 1 and any(r.get("event") == "resume" and "from_epoch" in r
-                                                              for r in tail)
+    assert _epochs_in(tail, "finetune") <= 1 and any(r.get("event") == "resume" and r.get("from_epoch", 0) >= 1
+                                                      for r in tail)
     # the same model and numbers as the run that was never stopped
     ref, got = load_file(str(reference / "pruned.safetensors")), load_file(str(out / "pruned.safetensors"))
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
@@ -124,13 +129,20 @@ def test_a_run_killed_twice_resumes_to_the_uninterrupted_result(reference, tmp_p
     assert [e["step"] for e in result["history"]] == [e["step"] for e in ref_result["history"]]
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def test_resume_refuses_finished_and_foreign_directories(reference, tmp_path):
     runner = make_runner()
-    res = runner.invoke(cli, ["resume", str(reference)])
-    assert res.exit_code == 2 and "already finished" in res.stderr
     (tmp_path / "x").mkdir()
-    res = runner.invoke(cli, ["resume", str(tmp_path / "x")])
-    assert res.exit_code == 2 and "no state.json" in res.stderr
+    (tmp_path / "x" / "notes.txt").write_text("keep me\n")
+    for run_dir, needle in ((reference, "already finished"), (tmp_path / "x", "no state.json")):
+        before = _files(run_dir)
+        res = runner.invoke(cli, ["resume", str(run_dir)])
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
+        assert _files(run_dir) == before  # a refusal leaves the directory as it was
 
 
 def test_bench_and_eval_of_a_directory_without_weights_fail(reference, tmp_path):

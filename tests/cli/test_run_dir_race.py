@@ -1,6 +1,8 @@
 """Runs started together never share a run directory (timestamped names or the same --out)."""
 from __future__ import annotations
 
+import builtins
+import os
 import threading
 from types import SimpleNamespace
 
@@ -39,9 +41,24 @@ def _race(n: int, fn) -> list:
     return out
 
 
+def _meet_at(n: int, real, wanted):
+    """`real` wrapped so that each thread's first call on a `wanted` path waits until all n threads
+    have made theirs: the claims then really collide, whatever the scheduler does."""
+    barrier, seen = threading.Barrier(n, timeout=10), threading.local()
+
+    def gated(path, *args, **kwargs):
+        if wanted(str(path)) and not getattr(seen, "done", False):
+            seen.done = True
+            barrier.wait()
+        return real(path, *args, **kwargs)
+    return gated
+
+
 def test_runs_started_in_the_same_second_get_separate_directories(tmp_path, monkeypatch):
     monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20260101-000000")
     jobs = [SimpleNamespace(recipe=_Recipe(f"run{i}"), weights=None, run_dir=None) for i in range(6)]
+    monkeypatch.setattr(rundir.os, "mkdir", _meet_at(len(jobs), os.mkdir,
+                                                     lambda p: os.path.basename(p).startswith("demo-")))
 
     chosen = threading.Barrier(len(jobs))
 
@@ -62,11 +79,13 @@ def test_runs_started_in_the_same_second_get_separate_directories(tmp_path, monk
 
 
 @pytest.mark.parametrize("made_beforehand", [False, True], ids=["new", "empty-existing"])
-def test_the_same_out_given_twice_at_once_goes_to_one_run_and_the_other_stops(tmp_path, made_beforehand):
+def test_the_same_out_given_twice_at_once_goes_to_one_run_and_the_other_stops(tmp_path, made_beforehand, monkeypatch):
     out = tmp_path / "mine"
     if made_beforehand:
         out.mkdir()
     jobs = [SimpleNamespace(recipe=_Recipe(f"run{i}"), weights=None, run_dir=None) for i in range(4)]
+    monkeypatch.setattr(rundir, "open", _meet_at(len(jobs), builtins.open, lambda p: p.endswith("recipe.yaml")),
+                        raising=False)
 
     chosen = threading.Barrier(len(jobs))
 
@@ -81,6 +100,7 @@ def test_the_same_out_given_twice_at_once_goes_to_one_run_and_the_other_stops(tm
     for i, r in enumerate(results):
         if i not in won:
             assert isinstance(r, ConfigError) and "taken by another run" in str(r), r
+            assert "choose a new path" in str(r), r
             assert jobs[i].run_dir is None
     assert (out / "recipe.yaml").read_text().endswith(f"name: run{won[0]}\n")
     assert sorted(p.name for p in out.iterdir()) == ["recipe.yaml"]

@@ -178,7 +178,8 @@ def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | 
         raise CheckpointError(f"weights {path} is a directory; give a file inside it (dense.safetensors, "
                               "pruned.safetensors or ckpt/<stage>/last.pt), or the run directory as the recipe")
     if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
+        raise CheckpointError(f"weights file {path} does not exist; give the path of a run's dense.safetensors or "
+                              "pruned.safetensors (or ckpt/<stage>/last.pt), or the run directory as the recipe")
     if path.suffix != ".safetensors" and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
         raise CheckpointError(f"{path} is neither a .safetensors weights file nor a readable training checkpoint "
                               "(last.pt is a zip archive; this file is not one, or is cut short); give "
