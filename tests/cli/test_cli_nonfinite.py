@@ -35,9 +35,7 @@ def test_non_finite_values_fail_before_any_file_is_written(runner, tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
-def test_api_refuses_nan_targets_before_touching_the_model():
-    import torch
-
+def test_api_configs_refuse_nan_targets():
     import prunekit
 
     with pytest.raises(ConfigError, match="macs_fraction=nan"):
@@ -46,7 +44,6 @@ def test_api_refuses_nan_targets_before_touching_the_model():
         prunekit.MagnitudeConfig(channel_ratio=float("nan"))
     with pytest.raises(ConfigError, match="lr=nan"):
         prunekit.TrainConfig(lr=float("nan"))
-    assert torch.isfinite(torch.tensor(0.5))
 
 
 def test_a_channel_ratio_above_max_ratio_says_it_was_capped(runner, tmp_path):
@@ -58,3 +55,6 @@ def test_a_channel_ratio_above_max_ratio_says_it_was_capped(runner, tmp_path):
     assert "note: channel_ratio=0.95 was capped at max_ratio=0.5" in result.stdout
     saved = json.loads((out / "result.json").read_text())
     assert any("capped at max_ratio=0.5" in n for n in saved["prune_metrics"]["notes"])
+    assert saved["layers"]
+    for row in saved["layers"]:  # and the cap held: no layer lost more than half its channels
+        assert row["channels_after"] >= math.ceil(0.5 * row["channels_before"]), row

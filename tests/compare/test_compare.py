@@ -110,6 +110,25 @@ def test_killed_compare_resumes_without_redoing_finished_arms(dense_path, tmp_pa
     assert report_only.ran == [] and any("not every seed" in n for n in report_only.notes)
 
 
+def test_a_kill_while_a_record_is_written_leaves_the_old_record_whole(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from prunekit.compare.records import write_json
+
+    path = tmp_path / "arms" / "l2" / "seed1.json"
+    write_json(path, {"acc": 0.5})
+    real = Path.write_text
+
+    def dies_halfway(self, text, *args, **kwargs):
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Path, "write_text", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(path, {"acc": 0.75, "note": "x" * 100})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"acc": 0.5}
+
+
 def test_a_record_from_another_spec_is_refused(dense_path, tmp_path):
     raw = _raw(dense_path, seeds=[0])
     raw["arms"] = {"l2": raw["arms"]["l2"]}
@@ -287,21 +306,28 @@ def test_eval_max_batches_scores_a_seeded_random_subset(dense_path, tmp_path, mo
     a random subset with the data seed instead."""
     from prunekit.compare import run as run_module
 
-    seen = []
+    seen, subsets = [], []
     real = run_module.random_batches
 
     def spy(loader, n, seed):
         sub = real(loader, n, seed)
         seen.append((n, seed, sub.num_samples))
+        subsets.append(sub)
         return sub
 
     monkeypatch.setattr(run_module, "random_batches", spy)
     raw = _raw(dense_path, eval={"latency": False, "max_batches": 2}, seeds=[0],
-               data={"name": "digits", "batch_size": 64, "eval_batch_size": 32})
+               data={"name": "digits", "batch_size": 64, "eval_batch_size": 32, "seed": 3})
     raw["arms"] = {"dense": {"method": None}}
     result = run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
-    assert seen == [(2, 0, 64), (2, 0, 64)]  # val and test, 2 evaluation batches of 32 each
-    assert 0.0 <= result.records["dense"][0]["acc"] <= 1.0
+    assert seen == [(2, 3, 64), (2, 3, 64)]  # val and test, 2 evaluation batches of 32 each, the data seed
+    # the recorded accuracy is the dense model's on exactly that test subset, counted here
+    from safetensors.torch import load_model
+    model = create_model("small_cnn", 10).eval()
+    load_model(model, str(dense_path))
+    with torch.no_grad():
+        right = sum(int((model(x).argmax(1) == y).sum()) for x, y in subsets[1])
+    assert result.records["dense"][0]["acc"] == pytest.approx(right / 64)
 
 
 def test_records_keep_the_scalar_entries_of_method_reports():

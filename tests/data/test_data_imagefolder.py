@@ -80,8 +80,11 @@ def test_cache_is_reused_and_refreshed_when_the_archive_changes(tmp_path, fakes,
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flat images", "labels out of range", "other label count"])
-def test_a_damaged_cache_entry_is_decoded_again_and_replaced(tmp_path, fakes, private_cache, damage):
+def test_a_damaged_cache_entry_is_decoded_again_and_replaced(tmp_path, fakes, private_cache, damage, monkeypatch):
     fake = fakes.write_image_folder(tmp_path / "imgs")
+    calls = []
+    real_decode = imagefolder.decode_image
+    monkeypatch.setattr(imagefolder, "decode_image", lambda *a: calls.append(1) or real_decode(*a))
     expect(load_imagefolder(cfg_for(fake.root)), fake)
     entry = next(private_cache.glob("imagefolder-*.npz"))
     with np.load(entry) as z:
@@ -96,8 +99,12 @@ def test_a_damaged_cache_entry_is_decoded_again_and_replaced(tmp_path, fakes, pr
         else:
             arrays["test_y"] = arrays["test_y"][1:]
         np.savez(entry, **arrays)
+    calls.clear()
     expect(load_imagefolder(cfg_for(fake.root)), fake)
+    assert len(calls) == 18  # the damaged entry was not served: every image decoded again
+    calls.clear()
     expect(load_imagefolder(cfg_for(fake.root)), fake)  # the entry written again is whole
+    assert calls == []
 
 
 def test_folder_cache_notices_a_changed_file(tmp_path, fakes, private_cache):
@@ -107,6 +114,37 @@ def test_folder_cache_notices_a_changed_file(tmp_path, fakes, private_cache):
     Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(target)
     second = load_imagefolder(cfg_for(fake.root))
     assert first.train_x[0].any() and not second.train_x[0].any()
+
+
+def test_folder_cache_notices_a_file_rewritten_at_the_same_size(tmp_path, fakes, private_cache):
+    """New contents of exactly the old byte count (a PNG padded after its end): only the
+    modification time tells the cache that the file changed."""
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    target = fake.root / "train" / "ant" / "000.png"
+    noisy = np.random.default_rng(0).integers(1, 255, (6, 5, 3), dtype=np.uint8)
+    Image.fromarray(noisy).save(target)
+    os.utime(target, ns=(1_000_000_000, 1_000_000_000))
+    size = target.stat().st_size
+    first = load_imagefolder(cfg_for(fake.root))
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(target)
+    target.write_bytes(target.read_bytes().ljust(size, b"\0"))  # PIL stops reading at the PNG's end
+    os.utime(target, ns=(2_000_000_000, 2_000_000_000))
+    assert target.stat().st_size == size
+    second = load_imagefolder(cfg_for(fake.root))
+    assert first.train_x[0].all() and not second.train_x[0].any()
+
+
+def test_archive_cache_notices_a_new_archive_of_the_same_size(tmp_path, fakes, private_cache, monkeypatch):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    archive = fakes.tar_folder(fake.root, tmp_path / "imgs.tar.gz")
+    os.utime(archive, ns=(1_000_000_000, 1_000_000_000))
+    expect(load_imagefolder(cfg_for(archive)), fake)
+    calls = []
+    real_decode = imagefolder.decode_image
+    monkeypatch.setattr(imagefolder, "decode_image", lambda *a: calls.append(1) or real_decode(*a))
+    os.utime(archive, ns=(2_000_000_000, 2_000_000_000))  # the same bytes, touched: read again
+    expect(load_imagefolder(cfg_for(archive)), fake)
+    assert len(calls) == 18
 
 
 def test_missing_test_split_is_carved_per_class(tmp_path, fakes, private_cache):

@@ -95,6 +95,7 @@ def test_prepared_pruning_equals_pruning_from_scratch(target, monkeypatch):
     def no_more(*a, **k):
         raise AssertionError("traced or probed again")
     monkeypatch.setattr(groups_mod, "build_graph", no_more)
+    monkeypatch.setattr(groups_mod, "Tracer", no_more)  # every trace, however build_graph was imported
     monkeypatch.setattr(verify_mod, "build_graph", no_more)
     monkeypatch.setattr(verify_mod, "probe_groups", no_more)
     results = {}
