@@ -16,8 +16,9 @@ Then every model is timed interleaved (prunekit.cost.latency.compare_latency) at
 benchmarks/results/gator_cifar10_*.json with device, dtype, batch, epochs, seeds and the
 spread over seeds (mean, std, n); timings carry median, p10, p90 and n.
 
-Reduced CPU setting (what docs/gator.md reports; under 10 minutes on 2 idle cores; ResNet-20,
-1,024 training images, 3 + 3 epochs, accuracies on every 8th val/test image; far from converged):
+Quick CPU check (a smoke setting; under 10 minutes on 2 idle cores; ResNet-20, 1,024 training
+images, 3 + 3 epochs, accuracies on every 8th val/test image; far from converged; docs/gator.md
+gives the command of the reduced run it reports, on 5,000 images):
     python benchmarks/gator_cifar10.py --quick
 Full setting (GPU; not run here):
     python benchmarks/gator_cifar10.py --baseline benchmarks/results/resnet56_dense_{seed}.safetensors \\

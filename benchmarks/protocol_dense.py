@@ -7,7 +7,7 @@ finished epoch (checkpoint folder <out>_ckpt/); on CPU the result equals an unin
 Exit status 0 when the goal is met, 3 when the model trained but stayed below it.
 
     python benchmarks/protocol_dense.py --device cuda                     # H200: about 2-3 minutes
-    python benchmarks/protocol_dense.py --device cpu --threads 2          # 2 idle cores: hours
+    python benchmarks/protocol_dense.py --device cpu --threads 2          # 2 idle cores: about 40 minutes (estimate)
     python benchmarks/protocol_dense.py --device cpu --epochs 1 --limit-train 512 --out /tmp/smoke
 """
 from __future__ import annotations
