@@ -59,3 +59,28 @@ def test_auto_keeps_the_larger_multiple_of_the_costliest_dense_and_depthwise_con
     assert rec["multiple"] == 16 and rec["depthwise"]["multiple"] == 16
     plain = nn.Sequential(nn.Conv2d(3, 64, 1), nn.Conv2d(64, 64, 1))
     assert "depthwise" not in alignment.pick_round_to(plain, x, LatencyConfig(warmup=1, repeats=1, threads=1))
+
+
+def test_the_costliest_layer_counts_a_strided_conv_at_its_output_positions():
+    """A ViT-like stem: a 8x8 patch conv with stride 8 on 64x64 (3 -> 32 channels, 64 output
+    positions: 32*3*64*64 = 393,216 MACs) and a Linear 32 -> 256 over the 64 tokens (8,192 * 64 =
+    524,288 MACs). The Linear is the costlier; weights times input positions would rank the conv
+    first (3,072 * 4,096 = 12.6M) and time a 224x224-sized layer that the model does not have."""
+    class PatchNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch, self.mlp = nn.Conv2d(3, 32, 8, stride=8), nn.Linear(32, 256)
+
+        def forward(self, x):
+            return self.mlp(self.patch(x).flatten(2).transpose(1, 2))
+
+    spec = alignment.costliest_layer(PatchNet(), torch.randn(1, 3, 64, 64))
+    assert (spec.kind, spec.in_channels, spec.out_channels, spec.height) == ("linear", 32, 256, 64)
+
+
+def test_a_stem_on_the_image_is_not_the_layer_timed():
+    """The 7x7 stem has the most MACs (3*64*49*256) but reads 3 channels: timed at w -> w it would
+    be a layer the model does not have, so the 1x1 conv after it is chosen."""
+    model = nn.Sequential(nn.Conv2d(3, 64, 7, padding=3), nn.Conv2d(64, 16, 1))
+    spec = alignment.costliest_layer(model, torch.randn(1, 3, 16, 16))
+    assert (spec.in_channels, spec.out_channels) == (64, 16)

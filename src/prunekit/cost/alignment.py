@@ -30,6 +30,7 @@ from .latency import LatencyConfig, compare_latency
 from .lut import LayerSpec
 
 MULTIPLES = (1, 2, 4, 8, 16)
+MIN_INPUT_WIDTH = 8  # layers with fewer input channels (a stem on the image) are not timed
 
 
 def measure_alignment(spec: LayerSpec, cfg: LatencyConfig, span: int = 16, slack: float = 0.1) -> dict[str, Any]:
@@ -57,19 +58,25 @@ def measure_alignment(spec: LayerSpec, cfg: LatencyConfig, span: int = 16, slack
 
 
 def costliest_layer(model: nn.Module, example_inputs: Any, depthwise: bool = False) -> LayerSpec | None:
-    """Spec of the Conv2d (groups=1) or Linear with the most MACs on `example_inputs`; with
-    `depthwise`, of the depthwise Conv2d (groups == in_channels == out_channels) instead."""
+    """Spec of the Conv2d (groups=1) or Linear with the most MACs on `example_inputs` (counted by
+    `count_cost`, so a strided conv counts its output positions), among those with at least
+    MIN_INPUT_WIDTH inputs; with `depthwise`, of the depthwise Conv2d (groups == in_channels ==
+    out_channels) instead."""
     from .latency_model import _input_grids  # input sizes per module, from one forward
+    from .macs import count_cost
     grids = _input_grids(model, example_inputs)
+    counted = count_cost(model, example_inputs).per_module
     best, best_macs = None, -1
     for name, mod in model.named_modules():
         if name not in grids or not isinstance(mod, (nn.Conv2d, nn.Linear)):
             continue
+        if (mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features) < MIN_INPUT_WIDTH:
+            continue  # reads the image (RGB, grey): timed at w -> w it would be a layer the model never has
         is_dw = isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
         if depthwise != is_dw or (isinstance(mod, nn.Conv2d) and mod.groups != 1 and not is_dw):
             continue
         h, w = grids[name]
-        macs = mod.weight.numel() * h * w  # per output position for convs (stride ignored: a ranking)
+        macs = counted.get(name, {}).get("macs", 0)
         if macs > best_macs:
             try:
                 best, best_macs = LayerSpec.from_module(mod, (h, w)), macs
