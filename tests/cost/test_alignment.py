@@ -1,4 +1,4 @@
-"""round_to='auto': the multiple is picked from measured times per channel."""
+"""round_to='auto': the multiple is picked from measured times per unit of work."""
 import types
 
 import torch
@@ -11,11 +11,12 @@ from prunekit.methods import prune_
 from prunekit.methods.magnitude import MagnitudeConfig
 
 
-def _fake_times(slow):
+def _fake_times(slow, work=lambda w: w * w):
+    """Times proportional to the layer's work (w * w for a w -> w conv), 3x where slow(w)."""
     def compare(models, inputs, cfg):
         (name,) = models
         w = int(name)
-        ms = w * (3.0 if slow(w) else 1.0)
+        ms = work(w) * (3.0 if slow(w) else 1.0)
         return types.SimpleNamespace(results={name: types.SimpleNamespace(median_ms=ms)})
     return compare
 
@@ -29,6 +30,10 @@ def test_picks_the_smallest_multiple_that_avoids_slow_widths(monkeypatch):
         monkeypatch.setattr(alignment, "compare_latency", _fake_times(slow))
         rec = alignment.measure_alignment(spec, cfg)
         assert rec["widths"] == list(range(16, 33)) and rec["multiple"] == expected
+    dw = LayerSpec.from_module(nn.Conv2d(64, 64, 3, padding=1, groups=64), (8, 8))  # work: w
+    for slow, expected in cases.items():
+        monkeypatch.setattr(alignment, "compare_latency", _fake_times(slow, work=lambda w: w))
+        assert alignment.measure_alignment(dw, cfg)["multiple"] == expected
 
 
 def test_prune_with_round_to_auto_records_the_measurement():
@@ -84,3 +89,12 @@ def test_a_stem_on_the_image_is_not_the_layer_timed():
     model = nn.Sequential(nn.Conv2d(3, 64, 7, padding=3), nn.Conv2d(64, 16, 1))
     spec = alignment.costliest_layer(model, torch.randn(1, 3, 16, 16))
     assert (spec.in_channels, spec.out_channels) == (64, 16)
+
+
+def test_auto_leaves_the_model_in_the_mode_it_was_given(monkeypatch):
+    monkeypatch.setattr(alignment, "measure_alignment", lambda spec, cfg: {"multiple": 8, "spec": spec.to_dict()})
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Dropout())
+    model.train()
+    model[4].eval()  # mixed modes survive too
+    alignment.pick_round_to(model, torch.randn(1, 3, 12, 12), LatencyConfig(warmup=1, repeats=1, threads=1))
+    assert [m.training for m in model.modules()] == [True, True, True, True, True, False]

@@ -37,7 +37,8 @@ def measure_alignment(spec: LayerSpec, cfg: LatencyConfig, span: int = 16, slack
     """Time `spec`'s layer with both widths = w for w in [top - span, top] and pick the multiple.
 
     top = a multiple of 16 near half the layer's width (at least 16). Returns {"multiple",
-    "widths", "ms", "per_channel_ratio" (time per channel over the best), "spec", "settings"}.
+    "widths", "ms", "per_channel_ratio" (time per unit of work, w * w for a dense layer and w for a
+    depthwise conv, over the best), "spec", "settings"}.
     """
     top = max(16, (max(spec.in_channels, spec.out_channels) // 2 + 8) // 16 * 16)
     widths = list(range(max(1, top - span), top + 1))
@@ -48,7 +49,9 @@ def measure_alignment(spec: LayerSpec, cfg: LatencyConfig, span: int = 16, slack
             layer = spec.make_layer(w, w)
             t = compare_latency({str(w): layer}, spec.input_shape(w), cfg).results[str(w)].median_ms
             ms[w] = min(ms.get(w, float("inf")), t)
-    per = {w: ms[w] / w for w in widths}
+    # time per unit of work: a w -> w conv or Linear does w * w multiply-accumulates per position,
+    # a depthwise conv w (time per channel alone would favour the narrowest width)
+    per = {w: ms[w] / (w if spec.depthwise else w * w) for w in widths}
     best = min(per.values())
     ratio = {w: per[w] / best for w in widths}
     multiple = next((m for m in MULTIPLES if all(ratio[w] <= 1 + slack for w in widths if w % m == 0)), 16)

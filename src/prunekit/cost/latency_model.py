@@ -70,6 +70,7 @@ def _input_grids(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, 
                 else:
                     grids[name] = (int(np.prod(shape[1:-1])) if len(shape) > 2 else 1, 1)
             hooks.append(mod.register_forward_pre_hook(hook))
+    was_training = [(m, m.training) for m in model.modules()]
     try:
         with torch.no_grad():
             inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -77,6 +78,8 @@ def _input_grids(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, 
     finally:
         for h in hooks:
             h.remove()
+        for m, flag in was_training:  # the caller's train/eval mode, module by module
+            m.training = flag
     return grids
 
 
@@ -105,12 +108,7 @@ class LatencyModel:
 
     def __init__(self, model: nn.Module, graph: Graph, example_inputs: Any, cfg: LatencyConfig,
                  grid_steps: int = 4):
-        was_training = [(m, m.training) for m in model.modules()]
-        try:
-            grids = _input_grids(model, example_inputs)
-        finally:
-            for m, flag in was_training:
-                m.training = flag
+        grids = _input_grids(model, example_inputs)
         self.cfg, self.layers, self.tables = cfg, [], {}
         for name, mod in model.named_modules():
             if name not in grids:
