@@ -170,3 +170,16 @@ def test_bad_counts_and_files(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="corrupt"):
         LatencyTable.load(tmp_path / "bad.json")
+
+
+def test_string_padding_is_tabled_as_the_integers_it_stands_for():
+    """'same' (odd kernels, any dilation) and 'valid' convs are timed as the equivalent integer
+    padding, with the same output shape; an uneven 'same' (even kernel) is refused by name."""
+    for conv, padding in ((nn.Conv2d(4, 8, 3, padding="same"), [1, 1]),
+                          (nn.Conv2d(4, 8, 5, padding="same", dilation=2), [4, 4]),
+                          (nn.Conv2d(4, 8, 3, padding="valid"), [0, 0])):
+        spec = LayerSpec.from_module(conv, (9, 9))
+        x = torch.randn(1, 4, 9, 9)
+        assert spec.padding == padding and spec.make_layer(4, 8)(x).shape == conv(x).shape
+    with pytest.raises(ConfigError, match="pads one side more"):
+        LayerSpec.from_module(nn.Conv2d(4, 8, 4, padding="same"), (9, 9))

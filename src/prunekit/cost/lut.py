@@ -107,10 +107,8 @@ class LayerSpec(Config):
         """Describe an nn.Conv2d (with its input H, W) or nn.Linear (with token grid H, W)."""
         h, w = (int(input_hw[0]), int(input_hw[1]))
         if isinstance(module, nn.Conv2d):
-            if not isinstance(module.padding, tuple):
-                raise ConfigError(f"padding={module.padding!r} is not supported; use explicit integer padding")
             return cls(kind="conv2d", in_channels=module.in_channels, out_channels=module.out_channels,
-                       kernel=list(module.kernel_size), stride=list(module.stride), padding=list(module.padding),
+                       kernel=list(module.kernel_size), stride=list(module.stride), padding=_explicit_padding(module),
                        dilation=list(module.dilation), groups=module.groups, height=h, width=w,
                        bias=module.bias is not None)
         if isinstance(module, nn.Linear):
@@ -164,6 +162,20 @@ class _SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attn(x, x, x, need_weights=False)[0]
+
+
+def _explicit_padding(conv: nn.Conv2d) -> list[int]:
+    """The conv's padding as integers: "valid" is 0, "same" (stride 1) is dilation * (kernel - 1) / 2
+    where that is whole; an uneven "same" pads one side more, which a symmetric spec cannot hold."""
+    if isinstance(conv.padding, tuple):
+        return list(conv.padding)
+    if conv.padding == "valid":
+        return [0, 0]
+    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    if conv.padding == "same" and all(t % 2 == 0 for t in total):
+        return [t // 2 for t in total]
+    raise ConfigError(f"padding={conv.padding!r} with kernel {tuple(conv.kernel_size)} pads one side more than the "
+                      "other, which a latency table cannot describe; use explicit integer padding")
 
 
 def _tup(v: Any) -> tuple[int, int]:
