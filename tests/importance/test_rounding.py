@@ -130,3 +130,19 @@ def test_max_kept_caps_every_group_and_its_give_back():
                              max_kept={"0": 13, "1": 13})
     assert {n: 16 - len(v) for n, v in capped.removal.items()} == {"0": 8, "1": 8} and capped.cost == 16
     assert all(v == list(range(8)) for v in capped.removal.values())  # the lowest scores go
+
+
+def test_max_kept_never_removes_channels_past_the_cap():
+    """A max_kept below what the protected channels allow (five kept by `keep`, or the graph's own
+    best channel) stops at the cap instead of removing a protected channel or the whole group."""
+    m = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 2, 1))
+    g = build_graph(m, torch.randn(1, 3, 4, 4))
+    scores = {"0": torch.arange(16.0)}
+    cost = lambda rem: 16 - len(rem.get("0", []))
+    keep = torch.zeros(16, dtype=torch.bool)
+    keep[[11, 12, 13, 14, 15]] = True
+    r = round_to_target(g, scores, {"0": list(range(10))}, 4, cost, target=6, max_ratio=1.0, keep={"0": keep},
+                        nearest=True, best_effort=True, max_kept={"0": 6})
+    assert len(r.removal["0"]) <= 11 and not set(r.removal["0"]) & {11, 12, 13, 14, 15}
+    r = round_to_target(g, scores, {}, 4, cost, target=16, max_ratio=1.0, best_effort=True, max_kept={"0": 0})
+    assert len(r.removal["0"]) == 15 and 15 not in r.removal["0"]  # the best channel stays

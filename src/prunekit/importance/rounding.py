@@ -115,9 +115,9 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
     for n, g in groups.items():
         kept = g.size - len(removal.get(n, []))
         counts[n] = rounded_count(g.size, kept, multiples[n], g.cap, nearest)
-        if g.size - counts[n] > limit[n]:
+        if g.size - counts[n] > limit[n]:  # down to max_kept, but never past the cap (protected channels)
             m = multiples[n]
-            counts[n] = g.size - (limit[n] // m * m if limit[n] >= m else limit[n])
+            counts[n] = min(g.cap, g.size - (limit[n] // m * m if limit[n] >= m else limit[n]))
     current = _materialise(groups, counts)
     cur = cost(current)
 
