@@ -217,3 +217,24 @@ def test_compile_path_on_cpu():
     r = measure_latency(net, (16,), LatencyConfig(warmup=2, repeats=3, compile=True))
     assert r.n == 3 and r.settings["compile"] is True
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_memory_formats_are_what_they_say_for_a_model_that_arrives_channels_last(monkeypatch):
+    """choose_memory_format's contiguous arm times a contiguous copy, and "contiguous" converts."""
+    import prunekit.cost.latency as latency_mod
+    from prunekit.cost.memory_format import apply_memory_format_, choose_memory_format
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).to(memory_format=torch.channels_last)
+    seen = {}
+    real = latency_mod._Runner.__init__
+
+    def spy(self, name, m, inputs, cfg, device):
+        real(self, name, m, inputs, cfg, device)
+        w = self.module[0].weight
+        seen.setdefault(name, set()).add("channels_last" if not w.is_contiguous() else "contiguous")
+    monkeypatch.setattr(latency_mod._Runner, "__init__", spy)
+    choose_memory_format(model, (3, 16, 16), LatencyConfig(warmup=1, repeats=2, threads=1))
+    assert seen == {"contiguous": {"contiguous"}, "channels_last": {"channels_last"}}
+    assert not model[0].weight.is_contiguous()  # the caller's model is untouched by the timing
+    record = apply_memory_format_(model, torch.randn(1, 3, 16, 16), "contiguous")
+    assert record["choice"] == "contiguous" and model[0].weight.is_contiguous()

@@ -56,7 +56,8 @@ class LatencyConfig(Config):
     "float16" (parameters and floating inputs are cast on a copy). batch_size: batch built from a
     per-sample input shape. warmup: untimed calls first (the very first call is never timed, so
     0 and 1 behave alike). repeats: timed calls (n).
-    channels_last: NHWC memory format for 4-D tensors. cuda_graph: capture the forward once in a
+    channels_last: NHWC memory format for 4-D tensors (False: the standard, contiguous format, into which
+    a channels-last model's timed copy is converted). cuda_graph: capture the forward once in a
     CUDA graph and time graph replays. compile: time `torch.compile(model)`. threads: CPU threads
     for the measurement (None keeps torch's current setting); on a shared machine threads=1
     avoids parallel regions stalling on a descheduled worker thread.
@@ -367,6 +368,8 @@ def _needs_copy(model: nn.Module, cfg: LatencyConfig, device: torch.device, dtyp
     if cfg.channels_last:
         return True
     for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.dim() == 4 and not t.is_contiguous():  # channels-last weights: timed as a contiguous copy
+            return True
         if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
             return True
         if t.is_floating_point() and t.dtype != dtype:
@@ -382,7 +385,7 @@ def _converted_copy(name: str, model: nn.Module, cfg: LatencyConfig, device: tor
         raise PrunekitError(f"model {name!r} cannot be deep-copied for dtype/device conversion ({err}); "
                             f"convert it yourself to {cfg.dtype} on {device} and set channels_last=False") from err
     work = work.to(device=device, dtype=dtype)
-    return work.to(memory_format=torch.channels_last) if cfg.channels_last else work
+    return work.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
 
 
 def _convert_input(t: torch.Tensor, cfg: LatencyConfig, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -60,6 +60,5 @@ def apply_memory_format_(model: nn.Module, inputs: Any, how: str, cfg: LatencyCo
         from .latency_model import per_sample_inputs
         record = choose_memory_format(model, per_sample_inputs(inputs), cfg or LatencyConfig(threads=1))
     fmt = torch.channels_last if record["choice"] == "channels_last" else torch.contiguous_format
-    if how != "contiguous":
-        model.to(memory_format=fmt)
+    model.to(memory_format=fmt)  # "contiguous" also converts a model that arrived channels-last
     return record

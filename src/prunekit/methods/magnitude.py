@@ -11,9 +11,9 @@ the result says by how much it missed). `round_to` (default 16) rounds kept widt
 jointly with a params/MACs/latency target (never overshooting it: importance/rounding.py), and
 halves the multiple where it would land more than `round_slack` of the model below the target;
 "auto" measures the multiple the device rewards (cost/alignment.py); None leaves widths
-unaligned. `memory_format` "channels_last" converts the pruned model, "auto" keeps whichever
-format is faster on the `latency` settings (result
-metrics["memory_format"]). `steps` > 1 prunes iteratively along a linear schedule, calling
+unaligned. `memory_format` puts the pruned model's 4-D tensors in that format: "contiguous" (the
+default; a channels-last model comes back contiguous), "channels_last", or "auto", whichever is
+faster on the `latency` settings (result metrics["memory_format"]). `steps` > 1 prunes iteratively along a linear schedule, calling
 `between_steps(model, step)` (e.g. a short fine-tune) after each step.
 
 `criterion` is a registered name (`importance.criteria.CRITERIA`), "<prefix>:<text>" built by a
