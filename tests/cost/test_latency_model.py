@@ -58,3 +58,26 @@ def test_norm_tables_are_one_axis_and_round_trip(tmp_path):
         assert table.lookup(8) == table.values_ms[1][0]
         path = table.save(tmp_path / f"{spec.kind}.json")
         assert type(table).load(path) == table
+
+
+def test_tuple_example_inputs_are_timed_at_the_tables_batch(monkeypatch):
+    """The whole model and its layer tables are timed at LatencyConfig.batch_size whether the
+    example is a tensor or a tuple of tensors (a tuple was timed at the example's own batch)."""
+    import prunekit.cost.latency_model as lm
+
+    batches = []
+    real = lm.measure_latency
+
+    def measure(model, inputs, cfg=None):
+        result = real(model, inputs, cfg)
+        if not isinstance(model, nn.ReLU):  # the call-overhead probe is timed at batch 1 on purpose
+            batches.append(result.batch)
+        return result
+    monkeypatch.setattr(lm, "measure_latency", measure)
+    m = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))
+    x = torch.randn(2, 8, 16, 16)
+    cfg = LatencyConfig(warmup=1, repeats=2, threads=1, batch_size=5)
+    for example in (x, (x,)):
+        lm.LatencyModel(m, build_graph(m, x), example, cfg, grid_steps=2)
+    assert batches == [5, 5]
+    assert [t.shape[0] for t in lm.per_sample_inputs((x, x[:, :1]), 5)] == [5, 5]

@@ -45,11 +45,16 @@ from .lut import LatencyTable, LayerSpec, build_conv_lut, channel_grid
 TABLED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.MultiheadAttention)
 
 
-def per_sample_inputs(example_inputs: Any) -> Any:
-    """The per-sample shape of a single example tensor (so LatencyConfig.batch_size applies),
-    other inputs unchanged."""
+def per_sample_inputs(example_inputs: Any, batch_size: int | None = None) -> Any:
+    """Inputs to time at `batch_size`: the per-sample shape of a single example tensor (the timing
+    builds the batch), and a tuple of tensors with each one's samples repeated (or cut) to
+    `batch_size` along dim 0, so that the whole model is timed at the batch its layer tables use.
+    Other inputs (and any input when `batch_size` is None) are returned unchanged."""
     if isinstance(example_inputs, torch.Tensor):
         return tuple(example_inputs.shape[1:])
+    if (batch_size and isinstance(example_inputs, tuple) and example_inputs
+            and all(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] > 0 for t in example_inputs)):
+        return tuple(t[torch.arange(batch_size) % t.shape[0]] for t in example_inputs)
     return example_inputs
 
 
@@ -128,7 +133,7 @@ class LatencyModel:
         self._grids = {k: (np.asarray(t.in_counts, dtype=np.float64), np.asarray(t.out_counts, dtype=np.float64),
                            np.asarray(t.values_ms, dtype=np.float64)) for k, t in self.tables.items()}
         self._dims = self._member_dims(graph)
-        self.measured_ms = measure_latency(model, per_sample_inputs(example_inputs), cfg).median_ms
+        self.measured_ms = measure_latency(model, per_sample_inputs(example_inputs, cfg.batch_size), cfg).median_ms
         self.full_table_ms = self._table_sum({})
         leaves = sum(1 for m in model.modules() if not list(m.children()))
         self.fixed_ms = min(self.measured_ms, leaves * _call_overhead_ms(cfg))

@@ -58,7 +58,8 @@ def apply_memory_format_(model: nn.Module, inputs: Any, how: str, cfg: LatencyCo
     record: dict[str, Any] = {"choice": how}
     if how == "auto":
         from .latency_model import per_sample_inputs
-        record = choose_memory_format(model, per_sample_inputs(inputs), cfg or LatencyConfig(threads=1))
+        cfg = cfg or LatencyConfig(threads=1)
+        record = choose_memory_format(model, per_sample_inputs(inputs, cfg.batch_size), cfg)
     fmt = torch.channels_last if record["choice"] == "channels_last" else torch.contiguous_format
     model.to(memory_format=fmt)  # "contiguous" also converts a model that arrived channels-last
     return record

@@ -82,5 +82,5 @@ def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.T
 
 def _measured_fraction(model: nn.Module, trial: nn.Module, lcfg: LatencyConfig, example_inputs: Any) -> float:
     """Median latency of the pruned `trial` over the original `model`'s, timed interleaved."""
-    cmp = compare_latency({"full": model, "pruned": trial}, per_sample_inputs(example_inputs), lcfg)
+    cmp = compare_latency({"full": model, "pruned": trial}, per_sample_inputs(example_inputs, lcfg.batch_size), lcfg)
     return cmp.ratios["pruned"]

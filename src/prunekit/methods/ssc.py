@@ -252,7 +252,7 @@ def choose_execution(model: nn.Module, example_inputs: Any, cfg: LatencyConfig) 
     for execution in EXECUTIONS:
         twins[execution] = copy.deepcopy(model)
         set_execution_(twins[execution], execution)
-    results = compare_latency(twins, per_sample_inputs(example_inputs), cfg).results
+    results = compare_latency(twins, per_sample_inputs(example_inputs, cfg.batch_size), cfg).results
     ms = {name: r.median_ms for name, r in results.items()}
     return {"choice": min(ms, key=ms.get), **{f"{name}_ms": t for name, t in ms.items()},
             "device": cfg.device, "dtype": cfg.dtype, "batch": cfg.batch_size, "threads": cfg.threads}
