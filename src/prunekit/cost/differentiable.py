@@ -36,7 +36,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from .latency import LatencyConfig
-from .lut import LatencyTable, LayerSpec, build_conv_lut, channel_grid
+from .lut import LatencyTable, LayerSpec, build_conv_lut, pruning_grid
 from ..graph import Graph
 from ..layers.gates import GateSet
 
@@ -186,8 +186,8 @@ def _latency(model: nn.Module, graph: Graph, gates: GateSet, cfg: LatencyConfig,
             continue
         key = json.dumps(spec.to_dict(), sort_keys=True)
         if key not in cache:
-            counts = (channel_grid(spec.in_channels, grid) if spec.depthwise else
-                      (channel_grid(spec.in_channels, grid), channel_grid(spec.out_channels, grid)))
+            counts = (pruning_grid(spec.in_channels, grid) if spec.depthwise else
+                      (pruning_grid(spec.in_channels, grid), pruning_grid(spec.out_channels, grid)))
             cache[key] = build_conv_lut(spec, counts, cfg)
         # a missing factor (-1) reads the last entry of the fractions, which is always 1
         f_in, f_out = cm.factor(q, 0 if spec.depthwise else 1), cm.factor(q, 0)

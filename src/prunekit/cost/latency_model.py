@@ -40,7 +40,7 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..graph import Graph
 from .latency import LatencyConfig, measure_latency
-from .lut import LatencyTable, LayerSpec, build_conv_lut, channel_grid
+from .lut import LatencyTable, LayerSpec, build_conv_lut, pruning_grid
 
 TABLED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.MultiheadAttention)
 
@@ -94,11 +94,6 @@ def _call_overhead_ms(cfg: LatencyConfig) -> float:
     return measure_latency(nn.ReLU(), (1,), dataclasses.replace(cfg, batch_size=1)).median_ms
 
 
-def _grid(full: int, steps: int) -> list[int]:
-    """`channel_grid` plus a point at 1/16 of the width: pruning may go below the grid's 1/steps."""
-    return sorted(set(channel_grid(full, steps)) | {max(1, full // 16)})
-
-
 def _monotone(table: LatencyTable) -> np.ndarray:
     """Non-decreasing in each width: every value is lowered to the least value at any larger
     width. Timing noise on a loaded machine is upward (a descheduled repeat), so lowering the
@@ -124,7 +119,7 @@ class LatencyModel:
                 continue
             key = json.dumps(spec.to_dict(), sort_keys=True)
             if key not in self.tables:
-                counts, outs = _grid(spec.in_channels, grid_steps), _grid(spec.out_channels, grid_steps)
+                counts, outs = pruning_grid(spec.in_channels, grid_steps), pruning_grid(spec.out_channels, grid_steps)
                 grid = counts if spec.one_axis else (counts, outs)
                 table = build_conv_lut(spec, grid, cfg)
                 table.values_ms = _monotone(table).tolist()

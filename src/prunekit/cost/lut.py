@@ -182,6 +182,17 @@ def _tup(v: Any) -> tuple[int, int]:
     return (v[0], v[-1]) if isinstance(v, (list, tuple)) else (v, v)
 
 
+def pruning_grid(full: int, steps: int = 4) -> list[int]:
+    """`channel_grid` plus a point at 1/16 of the width, the grid of tables used while pruning:
+    a group may go below the grid's 1/steps (max_ratio allows 90%), and a lookup below the lowest
+    point would be clamped, with no saving and no gradient.
+
+    >>> pruning_grid(64)
+    [4, 16, 32, 48, 64]
+    """
+    return sorted(set(channel_grid(full, steps)) | {max(1, full // 16)})
+
+
 def channel_grid(full: int, steps: int = 4, multiple_of: int = 1) -> list[int]:
     """`steps` evenly spaced channel counts up to `full`, rounded to `multiple_of`.
 
