@@ -252,7 +252,7 @@ def test_latency_tables_are_built_and_used_on_cpu():
     cost = build_cost("latency", model, graph, gates, cfg, grid=2)
     assert len(cost.latency_tables) == 3 and all(t.device == "cpu" for t in cost.latency_tables)
     (t0, *_), (t1, *_), (t2, *_) = cost.tables
-    assert t0.in_counts == [2, 3] and t1.in_counts == [4, 8] and t1.out_counts == [4, 8]
+    assert t0.in_counts == [1, 2, 3] and t1.in_counts == [1, 4, 8] and t1.out_counts == [1, 4, 8]  # down to 1/16
     assert cost.full == pytest.approx(t0.lookup(3, 8) + t1.lookup(8, 8) + t2.lookup(8, 2))
     opens = [torch.tensor([True] * 6 + [False] * 2), torch.tensor([True] * 4 + [False] * 4)]
     want = t0.lookup(3, 6) + t1.lookup(6, 4) + t2.lookup(4, 2)
