@@ -183,3 +183,13 @@ def test_string_padding_is_tabled_as_the_integers_it_stands_for():
         assert spec.padding == padding and spec.make_layer(4, 8)(x).shape == conv(x).shape
     with pytest.raises(ConfigError, match="pads one side more"):
         LayerSpec.from_module(nn.Conv2d(4, 8, 4, padding="same"), (9, 9))
+
+
+def test_padding_mode_is_part_of_the_spec_and_the_timed_layer():
+    """A reflect-padded conv is timed as one (it was timed zero-padded, under a zero-padded conv's key)."""
+    reflect = LayerSpec.from_module(nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), (9, 9))
+    zeros = LayerSpec.from_module(nn.Conv2d(8, 8, 3, padding=1), (9, 9))
+    assert reflect.make_layer(4, 4).padding_mode == "reflect" and zeros.make_layer(4, 4).padding_mode == "zeros"
+    assert json.dumps(reflect.to_dict(), sort_keys=True) != json.dumps(zeros.to_dict(), sort_keys=True)
+    old = {k: v for k, v in zeros.to_dict().items() if k != "padding_mode"}  # a table file written before
+    assert LayerSpec.from_dict(old) == zeros

@@ -68,6 +68,7 @@ class LayerSpec(Config):
     width: int = 1
     bias: bool = True
     heads: int = 1  # attention only
+    padding_mode: str = "zeros"  # conv2d: "zeros", "reflect", "replicate" or "circular"
 
     def validate(self) -> None:
         check_choice("kind", self.kind, KINDS)
@@ -80,6 +81,7 @@ class LayerSpec(Config):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid; use an integer >= {minimum} or [h, w]")
         if not isinstance(self.bias, bool):
             raise ConfigError(f"bias={self.bias!r} is invalid; use true or false")
+        check_choice("padding_mode", self.padding_mode, ("zeros", "reflect", "replicate", "circular"))
         if self.groups != 1 and not self.depthwise:
             raise ConfigError(f"groups={self.groups} is not supported; latency tables cover groups=1 and "
                               "depthwise convs (groups == in_channels, out_channels a multiple of it)")
@@ -110,7 +112,7 @@ class LayerSpec(Config):
             return cls(kind="conv2d", in_channels=module.in_channels, out_channels=module.out_channels,
                        kernel=list(module.kernel_size), stride=list(module.stride), padding=_explicit_padding(module),
                        dilation=list(module.dilation), groups=module.groups, height=h, width=w,
-                       bias=module.bias is not None)
+                       bias=module.bias is not None, padding_mode=module.padding_mode)
         if isinstance(module, nn.Linear):
             return cls(kind="linear", in_channels=module.in_features, out_channels=module.out_features,
                        height=h, width=w, bias=module.bias is not None)
@@ -143,7 +145,7 @@ class LayerSpec(Config):
             return _SelfAttention(in_c, in_c // head_dim if in_c % head_dim == 0 else 1, self.bias)
         groups = in_c if self.depthwise else 1
         return nn.Conv2d(in_c, out_c, _tup(self.kernel), stride=_tup(self.stride), padding=_tup(self.padding),
-                         dilation=_tup(self.dilation), groups=groups, bias=self.bias)
+                         dilation=_tup(self.dilation), groups=groups, bias=self.bias, padding_mode=self.padding_mode)
 
     def input_shape(self, in_c: int) -> tuple[int, ...]:
         """Per-sample input shape for `in_c` channels (the batch comes from LatencyConfig)."""
