@@ -68,3 +68,32 @@ def test_latency_cost_keeps_falling_below_a_quarter_of_the_width(monkeypatch):
         totals[k] = float(cost.total(u))
         grads[k] = float(cost.per_channel(u)[i][:k].mean())
     assert totals[6] < totals[16] and grads[6] > 0
+
+
+def test_macs_cost_scales_the_attention_products_with_their_channels():
+    """Hand count, per sample, T=10 tokens, c=16, d=8: q and k (2*T*c*d) and q @ k^T (T*T*d) stay;
+    half of v's channels closed halves v (T*c*d), attn @ v (T*T*d) and o (T*d*c). The products
+    without parameters scaled as constants before, which gave 0.81 instead of 0.75."""
+    class Attn(nn.Module):
+        def __init__(self, c=16, d=8):
+            super().__init__()
+            self.q, self.k, self.v, self.o = nn.Linear(c, d), nn.Linear(c, d), nn.Linear(c, d), nn.Linear(d, c)
+
+        def forward(self, x):
+            a = (self.q(x) @ self.k(x).transpose(-1, -2)).softmax(-1)
+            return self.o(a @ self.v(x))
+
+    torch.manual_seed(0)
+    m, x = Attn(), torch.randn(1, 10, 16)
+    graph = build_graph(m, x)
+    gates = GateSet.from_graph(m, graph)
+    cost = build_cost("macs", m, graph, gates)
+    T, c, d = 10, 16, 8
+    full = 2 * T * c * d + T * T * d + T * c * d + T * T * d + T * d * c
+    assert count_cost(m, x).macs == full and cost.full == full
+    opens = [torch.ones(n, dtype=torch.float64) for n in gates.sizes]
+    opens[gates.names.index("v")][:4] = 0
+    half = 2 * T * c * d + T * T * d + (T * c * d + T * T * d + T * d * c) / 2
+    assert float(cost.total(opens)) == half
+    per = cost.per_channel(opens, at_full=True)[gates.names.index("v")]
+    assert float(per[0]) == T * c + T * T + T * c  # one v channel: its row of v, its column of attn @ v and of o

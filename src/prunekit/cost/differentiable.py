@@ -75,6 +75,16 @@ class CostModel:
             self._index.append(torch.from_numpy(np.where(ids >= 0, self._lookup[np.maximum(ids, 0)], 0)))
         return self._keys[key]
 
+    def factor_of_ids(self, ids: np.ndarray) -> int:
+        """Index of the open-fraction factor of a set of channel ids (the operand of a parameter-free
+        product such as q @ k^T), kept once per distinct set."""
+        ids = np.asarray(ids).reshape(-1)
+        key = ("#ids", hash(ids.tobytes()), ids.size)
+        if key not in self._keys:
+            self._keys[key] = len(self._index)
+            self._index.append(torch.from_numpy(np.where(ids >= 0, self._lookup[np.maximum(ids, 0)], 0)))
+        return self._keys[key]
+
     def dims_of(self, qualname: str) -> list[int]:
         return sorted({d for (q, d) in self.members if q == qualname})
 
@@ -159,7 +169,10 @@ def _macs(model: nn.Module, graph: Graph, gates: GateSet) -> CostModel:
     cm = CostModel("macs", graph, gates)
     batch = max(graph.batch, 1)
     for node in graph.nodes:
-        if node.macs:
+        if node.terms and not node.params:  # attention products: each term scales with its operands' channels
+            for part, idss in node.terms:
+                cm.add_product(part / batch, [cm.factor_of_ids(ids.numpy()) for ids in idss])
+        elif node.macs:
             q = node.params[0] if node.params else None
             cm.add_product(node.macs // batch, [cm.factor(q, d) for d in cm.dims_of(q)] if q else [])
     return cm.finish()
