@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..core.errors import CheckpointError, ConfigError, PrunekitError, load_error_text
+from ..core.modes import evaluating
 from ..cost.macs import Cost, count_cost
 from ..data import DataBundle, load_data
 from ..engine import MetricsLog, TrainConfig, evaluate, seed_everything, train
@@ -139,11 +140,8 @@ def _example_input(bundle: DataBundle) -> torch.Tensor:
 
 def _check_forward(job: Job) -> None:
     try:
-        with torch.no_grad():
-            was = job.model.training
-            job.model.eval()
+        with torch.no_grad(), evaluating(job.model):
             out = job.model(job.example_on_model())
-            job.model.train(was)
     except (RuntimeError, ValueError, TypeError) as err:
         shape = "x".join(map(str, job.bundle.input_shape))
         raise ConfigError(f"model {job.recipe.model.name!r} cannot take {job.recipe.data.name} images "
@@ -350,13 +348,10 @@ def layer_latency(model: nn.Module, example: torch.Tensor, cfg: Any) -> dict[str
                 if args and isinstance(args[0], torch.Tensor):
                     shapes.setdefault(n, tuple(args[0].shape[1:]))
             handles.append(mod.register_forward_pre_hook(grab))
-    was = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             model(example.to(next(iter(model.parameters())).device))
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     modules = dict(model.named_modules())

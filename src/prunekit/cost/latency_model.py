@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..core.modes import evaluating
 from ..graph import Graph
 from .latency import LatencyConfig, measure_latency
 from .lut import LatencyTable, LayerSpec, build_conv_lut, pruning_grid
@@ -75,16 +76,13 @@ def _input_grids(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, 
                 else:
                     grids[name] = (int(np.prod(shape[1:-1])) if len(shape) > 2 else 1, 1)
             hooks.append(mod.register_forward_pre_hook(hook))
-    was_training = [(m, m.training) for m in model.modules()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):  # the caller's train/eval mode, module by module, after
             inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-            model.eval()(*[t[:1] if isinstance(t, torch.Tensor) else t for t in inputs])
+            model(*[t[:1] if isinstance(t, torch.Tensor) else t for t in inputs])
     finally:
         for h in hooks:
             h.remove()
-        for m, flag in was_training:  # the caller's train/eval mode, module by module
-            m.training = flag
     return grids
 
 

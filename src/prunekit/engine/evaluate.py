@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..core.modes import evaluating
 from .batches import check_labels, split_batch
 from .distributed import DistContext, all_reduce_sums, env_ranks, shard_batch, unwrap_model
 
@@ -64,12 +65,10 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: str | torch.device
     model = unwrap_model(model)
     device = torch.device(device) if device is not None else model_device(model)
     ctx = _dist_context(distributed)
-    was_training = model.training
-    model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     n = 0
-    try:
+    with evaluating(model):  # afterwards each module's mode as it was (a frozen BatchNorm stays frozen)
         for i, batch in enumerate(loader):
             x, global_y = split_batch(batch, i, "evaluation")
             x = shard_batch(to_device(x, device, channels_last), ctx)
@@ -84,8 +83,6 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: str | torch.device
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct += (logits.argmax(dim=1) == y).sum()
             n += y.numel()
-    finally:
-        model.train(was_training)
     loss_total, correct_total, n_total = all_reduce_sums([loss_sum, correct, n], ctx, device)
     if n_total == 0:
         raise ConfigError("evaluate: the loader yielded no samples; pass a loader with at least one batch")

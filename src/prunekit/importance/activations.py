@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..core.modes import evaluating
 from ..graph import Group
 from .calibration import forward, labelled
 
@@ -48,17 +49,14 @@ def activation_stats(model: nn.Module, group: Group, batches: Iterable, num_clas
         sums.setdefault("mean", []).append(per.mean(1))
 
     handle = mod.register_forward_hook(hook)
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             labels_used = "classes" if num_classes is not None else "ignored"
             for i, x, y in labelled(batches, "activation statistics", labels_used):
                 forward(model, x, i, "activation statistics")
                 labels.append(y)
     finally:
         handle.remove()
-        model.train(was)
     per_abs, per_mean = torch.cat(sums["abs"]), torch.cat(sums["mean"])  # (N, C_layer)
     sel = member.channel >= 0
     to_group = lambda v: torch.zeros(v.shape[0], group.size).index_add_(1, member.channel[sel], v[:, sel])

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..core.modes import evaluating
 from .calibration import NEEDS_DATA, forward, labelled, loss_of
 
 
@@ -79,18 +80,18 @@ class ScoreContext:
         if self._grads is None:
             params = self.parameters()
             grads = {n: torch.zeros_like(p) for n, p in params.items()}
-            was = self.model.training
-            self.model.eval()
+            held = {n: p.grad for n, p in params.items()}  # the caller's own .grad, put back after
             try:
-                for i, x, y in labelled(self.batches, who):
-                    self.model.zero_grad(set_to_none=True)
-                    loss_of(self.loss_fn, forward(self.model, x, i, who), y, i, who).backward()
-                    for n, p in params.items():
-                        if p.grad is not None:
-                            grads[n] += p.grad.detach()
+                with evaluating(self.model):
+                    for i, x, y in labelled(self.batches, who):
+                        self.model.zero_grad(set_to_none=True)
+                        loss_of(self.loss_fn, forward(self.model, x, i, who), y, i, who).backward()
+                        for n, p in params.items():
+                            if p.grad is not None:
+                                grads[n] += p.grad.detach()
             finally:
-                self.model.zero_grad(set_to_none=True)
-                self.model.train(was)
+                for n, p in params.items():
+                    p.grad = held[n]
             self._grads = grads
         return self._grads
 
@@ -109,9 +110,7 @@ class ScoreContext:
                               "key the vector by names from model.named_parameters()")
         leaves = [params[n] for n in names]
         out = {n: torch.zeros_like(p) for n, p in zip(names, leaves)}
-        was = self.model.training
-        self.model.eval()
-        try:
+        with evaluating(self.model):
             for i, x, y in labelled(self.batches, who):
                 loss = loss_of(self.loss_fn, forward(self.model, x, i, who), y, i, who)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
@@ -122,8 +121,6 @@ class ScoreContext:
                 for n, h in zip(names, torch.autograd.grad(z, leaves, allow_unused=True)):
                     if h is not None:
                         out[n] += h.detach()
-        finally:
-            self.model.train(was)
         return out
 
     def output_stats(self) -> dict[str, torch.Tensor]:
@@ -142,16 +139,13 @@ class ScoreContext:
             handles = [m.register_forward_hook(hook(n, isinstance(m, nn.modules.conv._ConvNd)))
                        for n, m in self.model.named_modules()
                        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-            was = self.model.training
-            self.model.eval()
             try:
-                with torch.no_grad():
+                with torch.no_grad(), evaluating(self.model):
                     for i, x, _ in labelled(self.batches, "activation", labels="ignored"):
                         forward(self.model, x, i, "activation")
                         count[0] += 1
             finally:
                 for h in handles:
                     h.remove()
-                self.model.train(was)
             self._outs = {n: v / max(count[0], 1) for n, v in sums.items()}
         return self._outs

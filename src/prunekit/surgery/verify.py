@@ -22,21 +22,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.modes import evaluating
 from ..graph import Graph, Group, build_graph
 from .copying import share_copy
 from .shrink import remove_channels_
 
 
 def run_model(model: nn.Module, inputs: Any) -> Any:
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if isinstance(inputs, dict):
-                return model(**inputs)
-            return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-    finally:
-        model.train(was)
+    """One forward in eval mode without autograd; every module's mode is as it was after."""
+    with torch.no_grad(), evaluating(model):
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
 
 
 def inputs_to(inputs: Any, device: torch.device | str) -> Any:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ...core.errors import ConfigError
+from ...core.modes import evaluating
 from ...graph import Group
 from ..calibration import forward, labelled
 
@@ -159,17 +160,14 @@ class ClassStats:
 
 def _forward_all(model: nn.Module, hooks: list, batches: Iterable, on_labels) -> None:
     """Run every batch in eval mode with `hooks` in place, telling `on_labels(y)` each batch's labels first."""
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             for i, x, y in labelled(batches, WHO, labels="classes"):
                 on_labels(y)
                 forward(model, x, i, WHO)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was)
 
 
 def _hook(model: nn.Module, point: ScoringPoint, sink):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ...core.errors import CheckpointError
+from ...core.modes import evaluating
 from ...layers.sparse import count_nonzeros, harden_, set_density_, train_scores_only_
 from ...surgery.masks import apply_mask, get_mask, masked_modules
 from ...surgery.plan import empty_plan
@@ -140,13 +141,10 @@ def sparse_macs(net: nn.Module, example: torch.Tensor) -> dict[str, int]:
         totals["nonzero_macs"] += int((w != 0).sum()) * positions
 
     handles = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was = net.training
     try:
-        net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(net):
             net(example[:1])
     finally:
-        net.train(was)
         for h in handles:
             h.remove()
     return totals

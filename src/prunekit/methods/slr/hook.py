@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.errors import CheckpointError, ConfigError
+from ...core.modes import evaluating
 from ...engine.hooks import Hook
 from .config import ProjectionSpec, SLRConfig, resolve_targets
 from .state import admm_update, init_state, penalty, relative_residual, slr_update
@@ -85,17 +86,13 @@ class SLRHook(Hook):
                 )
             return float(metrics[self.loss_metric])
         device = next(iter(self.weights().values())).device
-        was_training = model.training
-        model.eval()
         total, count = 0.0, 0
-        try:
+        with evaluating(model):
             with torch.no_grad():
                 for x, y in self.check_batches:
                     x, y = x.to(device), y.to(device)
                     total += float(self.loss_fn(model(x), y)) * len(y)
                     count += len(y)
-        finally:
-            model.train(was_training)
         return total / count
 
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, Any]) -> None:

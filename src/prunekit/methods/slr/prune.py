@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ...core.errors import ConfigError, PruningError
+from ...core.modes import evaluating, kept_modes
 from ...surgery.masks import Mask, apply_mask, remove_masks
 from .config import ProjectionSpec, SLRConfig, resolve_targets
 from .hook import SLRHook
@@ -74,16 +75,13 @@ def norms_after(model: nn.Module, example_inputs: Any) -> dict[str, str]:
                 pairs[owner] = names[mod]
 
     handles = [m.register_forward_hook(on_output) for m in model.modules() if m is not model]
-    was_training = model.training
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     try:
-        model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             model(*inputs)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return pairs
 
 
@@ -155,24 +153,23 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, n: int | None = None) ->
         raise ConfigError("recalibrate_bn needs at least one batch; the iterable is empty")
     device = next(model.parameters()).device
     momenta = [m.momentum for m in bns]
-    was_training = model.training
     used = 0
-    try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        with torch.no_grad():
-            batch = first
-            while batch is not None and (n is None or used < n):
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                model(x.to(device))
-                used += 1
-                batch = next(it, None)
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        model.train(was_training)
+    with kept_modes(model):  # every module's mode as it was, afterwards
+        try:
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None
+            model.train()
+            with torch.no_grad():
+                batch = first
+                while batch is not None and (n is None or used < n):
+                    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                    model(x.to(device))
+                    used += 1
+                    batch = next(it, None)
+        finally:
+            for m, mom in zip(bns, momenta):
+                m.momentum = mom
     return used
 
 

@@ -1,0 +1,39 @@
+"""Evaluation mode for a while, then every module's own mode back.
+
+`model.train(was)` after `model.eval()` sets *every* submodule to `was`, so a BatchNorm that the
+user had frozen (eval inside a training model) comes back in training mode. `evaluating(model)`
+restores each module's flag as it was.
+
+>>> import torch.nn as nn
+>>> m = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train(); _ = m[1].eval()
+>>> with evaluating(m):
+...     m[0].training
+False
+>>> [x.training for x in m.modules()]
+[True, True, False]
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from torch import nn
+
+
+@contextlib.contextmanager
+def kept_modes(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the modes may change; afterwards each module's train/eval flag as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """`model.eval()` inside the block; afterwards each module's train/eval flag as it was."""
+    with kept_modes(model):
+        model.eval()
+        yield model
