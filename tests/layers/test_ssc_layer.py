@@ -196,3 +196,22 @@ def test_layer_copied_under_inference_mode_runs():
     with torch.inference_mode():
         twin = copy.deepcopy(layer).to(memory_format=torch.channels_last)  # inference-tensor parameters
         torch.testing.assert_close(twin(x.contiguous(memory_format=torch.channels_last)), want, atol=1e-6, rtol=1e-5)
+
+
+def test_inference_sees_in_place_weight_changes_and_clear_cache_after_data_writes():
+    torch.manual_seed(0)
+    for execution in ("structured", "masked"):
+        layer = SSCConv2d(8, 8, 3, SSCSpec(groups=1, spatial_period=4, point_period=2), padding=1,
+                          execution=execution).eval()
+        x = torch.randn(2, 8, 5, 5)
+
+        def fresh():  # the same layer's output with autograd on: never cached
+            with torch.enable_grad():
+                return layer(x).detach()
+        with torch.no_grad():
+            layer(x)  # fills the cache
+            layer.weight_1x1.mul_(2.0)  # in place: the version counter moves
+            torch.testing.assert_close(layer(x), fresh())
+            layer.weight_1x1.data.mul_(0.5)  # through .data: not seen until the cache is cleared
+            layer.clear_cache()
+            torch.testing.assert_close(layer(x), fresh())

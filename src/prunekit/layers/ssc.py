@@ -109,6 +109,11 @@ class SSCConv2d(nn.Module):
                 cache[what] = (key, build())
         return cache[what][1]
 
+    def clear_cache(self) -> None:
+        """Forget the inference cache: needed after writing a weight through `.data`, which
+        bypasses the version counter that in-place operations bump."""
+        self.__dict__.pop("_inference_cache", None)
+
     def _masked_weights(self) -> tuple[Tensor | None, Tensor | None]:
         ws = self.weight_kxk
         if ws is not None and self._patterned:
