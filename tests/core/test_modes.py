@@ -51,3 +51,29 @@ def test_scoring_with_gradients_leaves_the_callers_grad_in_place():
         p.grad = torch.full_like(p, 0.5)
     ScoreContext(m, batches=_batches()).gradients()
     assert all(p.grad is not None and bool((p.grad == 0.5).all()) for p in m.parameters())
+
+
+def test_modes_come_back_through_each_modules_own_train():
+    """A module whose train()/eval() does work (fusing branches for inference, say) is put back
+    through it, not by setting its flag."""
+    class Fusing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fused = nn.Conv2d(3, 3, 1), False
+
+        def train(self, mode=True):
+            self.fused = not mode
+            return super().train(mode)
+
+        def forward(self, x):
+            return self.conv(x)
+    m = nn.Sequential(Fusing(), nn.BatchNorm2d(3)).train()
+    run_model(m, torch.randn(1, 3, 4, 4))
+    assert m.training and m[0].training and not m[0].fused
+
+
+def test_a_shared_tensor_with_another_first_size_is_not_resized_to_the_batch():
+    from prunekit.cost.latency_model import per_sample_inputs
+    x, mask = torch.randn(2, 5), torch.ones(7, 7)
+    got = per_sample_inputs((x, mask), 4)
+    assert got[0].shape == (4, 5) and got[1] is mask

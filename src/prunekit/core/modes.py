@@ -23,12 +23,13 @@ from torch import nn
 @contextlib.contextmanager
 def kept_modes(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the modes may change; afterwards each module's train/eval flag as it was."""
-    modes = [(m, m.training) for m in model.modules()]
+    modes = [(m, m.training) for m in model.modules()]  # parents before their children
     try:
         yield model
     finally:
-        for m, flag in modes:
-            m.training = flag
+        for m, flag in modes:  # through train(), so a module's own override runs (e.g. fusing branches)
+            if m.training != flag or any(c.training != flag for c in m.children()):
+                m.train(flag)
 
 
 @contextlib.contextmanager

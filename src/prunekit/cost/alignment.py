@@ -5,7 +5,8 @@ A layer's time is not proportional to its width everywhere. On this project's CP
 9.8 ms at 124 and 5.9 ms at 126 (docs/latency.md); GPUs slow down off multiples of 8 in bf16.
 So the model's most expensive conv (or Linear, for a transformer) is timed at every width in
 [w - span, w] around a multiple of 16 near half its width (where pruned widths land), and the
-smallest multiple m whose widths all stay within `slack` of the best time per channel wins. A
+smallest multiple m whose widths all stay within `slack` of the best time per unit of work (w * w
+multiply-accumulates per position for a w -> w layer, w for a depthwise conv) wins. A
 model with depthwise convs has its costliest one timed too, and the larger multiple is kept: on
 this CPU (AVX-512, float32, 28x28, batch 16) a depthwise 3x3 conv takes twice the time per
 channel at 72 or 104 channels as at 64, 80 or 96, which the costliest 1x1 conv of mobilenet_v2

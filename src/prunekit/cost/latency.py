@@ -382,8 +382,9 @@ def _converted_copy(name: str, model: nn.Module, cfg: LatencyConfig, device: tor
     try:
         work = copy.deepcopy(model)
     except Exception as err:  # deepcopy failures come in many types (pickling, custom __deepcopy__)
-        raise PrunekitError(f"model {name!r} cannot be deep-copied for dtype/device conversion ({err}); "
-                            f"convert it yourself to {cfg.dtype} on {device} and set channels_last=False") from err
+        layout = "channels-last" if cfg.channels_last else "contiguous"
+        raise PrunekitError(f"model {name!r} cannot be deep-copied to be timed as {cfg.dtype} on {device} in the "
+                            f"{layout} format ({err}); convert it yourself and time the converted model") from err
     work = work.to(device=device, dtype=dtype)
     return work.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
 

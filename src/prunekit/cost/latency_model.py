@@ -54,8 +54,10 @@ def per_sample_inputs(example_inputs: Any, batch_size: int | None = None) -> Any
     if isinstance(example_inputs, torch.Tensor):
         return tuple(example_inputs.shape[1:])
     if (batch_size and isinstance(example_inputs, tuple) and example_inputs
-            and all(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] > 0 for t in example_inputs)):
-        return tuple(t[torch.arange(batch_size) % t.shape[0]] for t in example_inputs)
+            and isinstance(example_inputs[0], torch.Tensor) and example_inputs[0].dim() > 0):
+        batch = example_inputs[0].shape[0]  # tensors with another first size (a shared mask) stay as they are
+        return tuple(t[torch.arange(batch_size) % batch] if isinstance(t, torch.Tensor) and t.dim() > 0
+                     and t.shape[0] == batch and batch > 0 else t for t in example_inputs)
     return example_inputs
 
 

@@ -103,7 +103,8 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
     `max_kept`: the most channels a group may keep ({group: count}; e.g. the gates still open
     after a gate-based method's training, so that rounding never reopens a closed one): a rounded
     count above it goes down to the multiple below (or to the count itself, below one multiple),
-    and no multiple is given back past it.
+    and no multiple is given back past it; a group never loses more than its cap, so one whose
+    protected channels outnumber `max_kept` keeps them.
     """
     if min(round_to.values() if isinstance(round_to, Mapping) else [round_to], default=1) < 1:
         raise ConfigError(f"round_to={round_to} must be >= 1")

@@ -47,7 +47,7 @@ def randomise_norms_(model: nn.Module, seed: int = 1) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for mod in model.modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None:
                 mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) - 0.5)
                 mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
                 if mod.affine:
