@@ -51,7 +51,7 @@ class CostModel:
         self.kind = kind
         self.sizes = list(gates.sizes)
         self._lookup = _root_lookup(graph, gates)
-        self._keys: dict[tuple[str, int], int] = {}
+        self._keys: dict[tuple, int] = {}  # (tensor, dim) or ("#ids", the ids' bytes) -> factor
         self._index: list[torch.Tensor] = []
         self.products: list[tuple[float, list[int]]] = []
         self.tables: list[tuple[LatencyTable, int, int, int, int]] = []  # table, f_in, c_in, f_out, c_out
@@ -69,17 +69,16 @@ class CostModel:
         key = (qualname, dim)
         if key not in self.members:
             return -1
-        if key not in self._keys:
-            ids = self.members[key].numpy()
-            self._keys[key] = len(self._index)
-            self._index.append(torch.from_numpy(np.where(ids >= 0, self._lookup[np.maximum(ids, 0)], 0)))
-        return self._keys[key]
+        return self._factor(key, self.members[key].numpy())
 
     def factor_of_ids(self, ids: np.ndarray) -> int:
         """Index of the open-fraction factor of a set of channel ids (the operand of a parameter-free
         product such as q @ k^T), kept once per distinct set."""
-        ids = np.asarray(ids).reshape(-1)
-        key = ("#ids", hash(ids.tobytes()), ids.size)
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        return self._factor(("#ids", ids.tobytes()), ids)
+
+    def _factor(self, key: tuple, ids: np.ndarray) -> int:
+        """The factor kept under `key`: the mean of u over the positions of `ids` (-1: always open)."""
         if key not in self._keys:
             self._keys[key] = len(self._index)
             self._index.append(torch.from_numpy(np.where(ids >= 0, self._lookup[np.maximum(ids, 0)], 0)))
