@@ -65,11 +65,10 @@ def _check_finite(model: nn.Module, example_inputs: Any) -> None:
             continue
         # one pass a tensor (NaN propagates to both ends), one decision for the whole model
         ends = torch.stack([e.float().cpu() for _, t in named for e in torch.aminmax(t)])
-        if bool(torch.isfinite(ends).all() if kind == "parameter" else ~ends.isnan().any()):
+        ok = torch.isfinite(ends) if kind == "parameter" else ~ends.isnan()  # buffers may hold -inf
+        if bool(ok.all()):
             continue
-        name = next(n for i, (n, _) in enumerate(named)
-                    if not (torch.isfinite(ends[2 * i:2 * i + 2]).all() if kind == "parameter"
-                            else ~ends[2 * i:2 * i + 2].isnan().any()))
+        name = next(n for i, (n, _) in enumerate(named) if not ok[2 * i:2 * i + 2].all())
         raise ConfigError(f"{kind} {name} holds NaN{' or inf' if kind == 'parameter' else ''} (a diverged "
                           "training?); nothing can be pruned from it: retrain with a lower learning rate or "
                           "load weights that are finite")
