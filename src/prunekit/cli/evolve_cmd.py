@@ -61,6 +61,8 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
     from .rundir import choose_run_dir
 
     source, overrides = split_arguments(args)
+    if resume_dir is not None:
+        _check_evolve_run(Path(resume_dir))  # before anything else: the directory is what was asked about
     if source is None and resume_dir is not None and (Path(resume_dir) / "recipe.yaml").is_file():
         source = str(Path(resume_dir) / "recipe.yaml")
     if source is None:
@@ -70,7 +72,6 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
     echo = (lambda s: None) if quiet else click.echo
     if resume_dir is not None:
         run_dir = Path(resume_dir)
-        _check_evolve_run(run_dir)
     else:
         run_dir = choose_run_dir(name, "runs", out)
         run_dir.mkdir(parents=True, exist_ok=True)
