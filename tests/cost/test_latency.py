@@ -238,3 +238,23 @@ def test_memory_formats_are_what_they_say_for_a_model_that_arrives_channels_last
     assert not model[0].weight.is_contiguous()  # the caller's model is untouched by the timing
     record = apply_memory_format_(model, torch.randn(1, 3, 16, 16), "contiguous")
     assert record["choice"] == "contiguous" and model[0].weight.is_contiguous()
+
+
+def test_a_model_already_in_the_asked_format_is_left_as_it_is():
+    """No conversion pass (no model.to) when every 4-D tensor already has the layout; one tensor in
+    the other layout converts the model."""
+    from prunekit.cost.memory_format import apply_memory_format_
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3))
+    calls, real_to = [], model.to
+    model.to = lambda *a, **k: calls.append(k) or real_to(*a, **k)
+    apply_memory_format_(model, torch.randn(1, 3, 16, 16), "contiguous")
+    assert calls == []
+    model[2].weight.data = model[2].weight.data.to(memory_format=torch.channels_last)
+    apply_memory_format_(model, torch.randn(1, 3, 16, 16), "contiguous")
+    assert len(calls) == 1 and model[2].weight.is_contiguous()
+    apply_memory_format_(model, torch.randn(1, 3, 16, 16), "channels_last")
+    assert len(calls) == 2
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in (model[0], model[2]))
+    apply_memory_format_(model, torch.randn(1, 3, 16, 16), "channels_last")
+    assert len(calls) == 2

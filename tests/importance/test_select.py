@@ -84,3 +84,28 @@ def test_selector_matches_the_walk_at_every_ratio(scope, normalizer, round_to):
         expected = _walk(graph, scores, ratio, scope, 0.6, round_to, normalizer)
         assert selector.at(ratio) == expected == select_removal(graph, scores, ratio, scope, 0.6, round_to, normalizer)
         assert {n: sorted(v.tolist()) for n, v in selector.indices_at(ratio).items()} == expected
+
+
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_a_rounded_selector_shares_the_ranking_and_matches_the_walk(scope):
+    """rounded(m) answers like a selector built with round_to=m, and leaves the unrounded one as it was."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10)
+    graph = build_graph(model, torch.randn(1, 3, 32, 32))
+    gen = torch.Generator().manual_seed(2)
+    scores = {g.name: torch.rand(g.size, generator=gen).round(decimals=1) for g in graph.prunable_groups()}
+    plain = RemovalSelector(graph, scores, scope, 0.6)
+    four = plain.rounded(4)
+    assert four.order is plain.order  # the ranking is shared, not recomputed
+    for ratio in (0.1, 0.37, 0.5, 0.8):
+        assert four.at(ratio) == _walk(graph, scores, ratio, scope, 0.6, 4, "mean")
+        assert plain.at(ratio) == _walk(graph, scores, ratio, scope, 0.6, None, "mean")
+
+
+def test_select_checks_a_callers_ratio():
+    graph = build_graph(create_model("resnet20", num_classes=10), torch.randn(1, 3, 32, 32))
+    scores = {g.name: torch.rand(g.size) for g in graph.prunable_groups()}
+    with pytest.raises(Exception, match="ratio"):
+        RemovalSelector(graph, scores).select(1.0)
+    with pytest.raises(Exception, match="scope='local'"):
+        RemovalSelector(graph, scores, "global").select({n: 0.5 for n in scores})

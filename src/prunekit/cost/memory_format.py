@@ -61,5 +61,17 @@ def apply_memory_format_(model: nn.Module, inputs: Any, how: str, cfg: LatencyCo
         cfg = cfg or LatencyConfig(threads=1)
         record = choose_memory_format(model, per_sample_inputs(inputs, cfg.batch_size), cfg)
     fmt = torch.channels_last if record["choice"] == "channels_last" else torch.contiguous_format
-    model.to(memory_format=fmt)  # "contiguous" also converts a model that arrived channels-last
+    if not _in_format(model, fmt):
+        model.to(memory_format=fmt)  # "contiguous" also converts a model that arrived channels-last
     return record
+
+
+def _in_format(model: nn.Module, fmt: torch.memory_format) -> bool:
+    """Whether `model.to(memory_format=fmt)` would leave every tensor as it is (it converts the
+    4-D and 5-D ones; a 5-D tensor has no channels-last layout, so that case always converts)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.dim() == 5 and fmt == torch.channels_last:
+            return False
+        if t.dim() in (4, 5) and not t.is_contiguous(memory_format=fmt if t.dim() == 4 else torch.contiguous_format):
+            return False
+    return True

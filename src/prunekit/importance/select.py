@@ -15,6 +15,7 @@ at least one removable channel, and can round kept counts up to a multiple of `r
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Mapping
 
@@ -48,7 +49,8 @@ def must_keep(group: Group, scores: torch.Tensor) -> torch.Tensor:
 
 
 def _whole_members(group: Group) -> list[np.ndarray]:
-    """Channel positions of every member that lies wholly in prunable channels of `group`; kept on
+    """Channel positions of every member that lies wholly in prunable channels of `group` (each
+    distinct list once: a conv's filters, its norm and the next layer's inputs share one); kept on
     the group (a reused graph selects thousands of times) while its members' channel tensors and
     the values of `prunable` stay the same."""
     prunable, channels = group.prunable.cpu().numpy(), [m.channel for m in group.members]
@@ -56,10 +58,12 @@ def _whole_members(group: Group) -> list[np.ndarray]:
     if (cached is not None and np.array_equal(cached[0], prunable) and len(cached[1]) == len(channels)
             and all(a is b for a, b in zip(cached[1], channels))):
         return cached[2]
-    out = []
+    out, seen = [], set()
     for ch in channels:
         ch = ch.numpy()
-        if ch.size and ch.min() >= 0 and prunable[ch].all():
+        key = (ch.dtype.str, ch.tobytes())  # a conv's filters, its norm and the next input: one channel list
+        if ch.size and ch.min() >= 0 and prunable[ch].all() and key not in seen:
+            seen.add(key)
             out.append(ch)
     group._whole = (prunable.copy(), channels, out)
     return out
@@ -112,11 +116,7 @@ def select_removal(graph: Graph, scores: Mapping[str, torch.Tensor], ratio: floa
     """Channels to remove per group, lowest scores first. `scores` covers the groups to prune;
     `ratio` may be one per group in local scope; kept counts are rounded up to `round_to`, or to
     the nearest multiple with `nearest`."""
-    if isinstance(ratio, Mapping) and scope != "local":
-        raise ConfigError("a ratio per group needs scope='local'")
-    for r in ratio.values() if isinstance(ratio, Mapping) else [ratio]:
-        check_range("ratio", r, 0.0, 1.0, hi_open=True)
-    return RemovalSelector(graph, scores, scope, max_ratio, round_to, normalizer, nearest).at(ratio)
+    return RemovalSelector(graph, scores, scope, max_ratio, round_to, normalizer, nearest).select(ratio)
 
 
 class RemovalSelector:
@@ -139,7 +139,7 @@ class RemovalSelector:
         for name, s in scores.items():
             if s.shape != (self.groups[name].size,):
                 raise ConfigError(f"scores for group {name!r} have shape {tuple(s.shape)}, expected ({self.groups[name].size},)")
-        self.scope, self.max_ratio = scope, max_ratio
+        self.graph, self.scope, self.max_ratio = graph, scope, max_ratio
         self.multiples, self.nearest = group_multiples(graph, round_to), nearest
         keep = {n: must_keep(g, scores[n]) for n, g in self.groups.items()}
         self.caps = {n: _cap(g, max_ratio, keep[n]) for n, g in self.groups.items()}
@@ -169,6 +169,21 @@ class RemovalSelector:
         caps = np.array([self.caps[n] for n in names], dtype=np.int64)
         self._names, self._eligible = names, ranked[rank < caps[ranked]] if ranked.size else ranked
         self._total = sum(g.size for g in self.groups.values())
+
+    def rounded(self, round_to: int | Mapping[str, int] | None, nearest: bool = False) -> "RemovalSelector":
+        """This selector with kept counts rounded to `round_to` instead: the rankings are shared,
+        nothing is recomputed."""
+        other = copy.copy(self)
+        other.multiples, other.nearest = group_multiples(self.graph, round_to), nearest
+        return other
+
+    def select(self, ratio: float | Mapping[str, float]) -> dict[str, list[int]]:
+        """`at` for a ratio given by a caller: checked first (`select_removal`)."""
+        if isinstance(ratio, Mapping) and self.scope != "local":
+            raise ConfigError("a ratio per group needs scope='local'")
+        for r in ratio.values() if isinstance(ratio, Mapping) else [ratio]:
+            check_range("ratio", r, 0.0, 1.0, hi_open=True)
+        return self.at(ratio)
 
     def counts(self, ratio: float | Mapping[str, float]) -> dict[str, int]:
         """How many channels each group loses at `ratio`, before rounding to `round_to`."""

@@ -49,7 +49,7 @@ from ..graph import Graph
 from ..importance.criteria import REDUCTIONS, Criterion, ScoreContext, resolve_criterion
 from ..importance.latency_target import latency_removal
 from ..importance.rounding import round_to_target
-from ..importance.select import NORMALIZERS, RemovalSelector, group_multiple, select_removal
+from ..importance.select import NORMALIZERS, RemovalSelector, group_multiple
 from ..importance.targets import tied_parameters
 from ..surgery.copying import adopt_, share_copy
 from ..surgery.plan import Plan, make_plan
@@ -250,14 +250,14 @@ def _step_removal(graph: Graph, scores, cfg: MagnitudeConfig, step: int, before:
             left = sum(graph.group(n).size for n in scores) / max(1, sum(first_widths.get(n, 0) for n in scores))
             ratio = max(0.0, min(0.999, 1 - (1 - cfg.channel_ratio * frac) / max(left, 1e-9)))
         total = sum(graph.group(n).size for n in scores)
-        unrounded = select_removal(graph, scores, ratio, cfg.scope, cfg.max_ratio, None, cfg.normalizer)
+        selector = RemovalSelector(graph, scores, cfg.scope, cfg.max_ratio, None, cfg.normalizer)
+        unrounded = selector.select(ratio)
         due = sum(len(v) for v in unrounded.values())
 
         def by_ratio(multiples):
             if multiples is None:
                 return unrounded, 0.0
-            removal = select_removal(graph, scores, ratio, cfg.scope, cfg.max_ratio, multiples, cfg.normalizer,
-                                     nearest=nearest)
+            removal = selector.rounded(multiples, nearest).at(ratio)
             return removal, (due - sum(len(v) for v in removal.values())) / max(total, 1)
         return _aligned(cfg, first_widths, by_ratio, record, "channels")
     which = "params" if cfg.params_fraction is not None else "macs"
