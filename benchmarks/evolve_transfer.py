@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import re
@@ -105,6 +106,14 @@ def dense_model(args, bundle) -> torch.nn.Module:
     return model.to(args.device).eval()
 
 
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def run_arm(args, crit_name, seed, dense, prepared, calib, bundle) -> dict:
     t0 = time.perf_counter()
     model = copy.deepcopy(dense)
@@ -177,8 +186,13 @@ def main(argv=None) -> int:
         if n >= args.calib:
             break
     prepared = prepare_pruning(dense, calib[0][0][:1])
-    done["settings"] = {k: v for k, v in vars(args).items() if k != "proto"} | {"protocol": args.proto,
-                                                                                 "environment": environment()}
+    sha = file_sha256(args.dense)
+    earlier = done.get("settings", {}).get("dense_sha256")
+    if earlier is not None and earlier != sha:
+        raise SystemExit(f"{out} holds arms pruned from another dense model (sha256 {earlier[:12]}..., this one "
+                         f"{sha[:12]}...): every arm must start from the same weights; write to a new --out")
+    done["settings"] = {k: v for k, v in vars(args).items() if k != "proto"} | {
+        "protocol": args.proto, "environment": environment(), "dense_sha256": sha}
     for seed in args.seeds:  # interleaved: every arm of a seed before the next seed
         for arm in args.arms + args.extra_arm:
             if (arm, seed) in have:
