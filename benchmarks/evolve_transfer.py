@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default=str(REPO / proto["data_root"]))
     p.add_argument("--dense", default=str(REPO / proto["dense"]), help="trained dense weights (.safetensors)")
-    p.add_argument("--arms", nargs="+", default=ARMS)
+    p.add_argument("--arms", nargs="*", default=ARMS, help="criteria to compare (none: only --extra-arm)")
     p.add_argument("--extra-arm", action="append", default=[], help="more criteria, e.g. 'evolved:<text>'")
     p.add_argument("--seeds", nargs="+", type=int, default=proto["seeds"])
     p.add_argument("--ratio", type=float, default=0.4)
