@@ -125,6 +125,16 @@ def test_channel_level_removes_channels():
     assert r.cost_after.params < r.cost_before.params
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_channel_level_sparsity_above_0_9_is_not_capped(scope):
+    """19 of 20 channels at sparsity 0.95 (the selector's default max_ratio=0.9 left 2 of 20)."""
+    model = nn.Sequential(nn.Conv2d(3, 20, 3, padding=1), nn.ReLU(), nn.Conv2d(20, 20, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(20 * 16, 4))
+    r = prune_(model, RandomInitConfig(sparsity=0.95, level="channel", scope=scope), torch.randn(2, 3, 4, 4))
+    assert r.metrics["channels_removed"] == {"0": 19, "2": 19}
+    assert model[0].out_channels == model[2].out_channels == 1
+
+
 def test_errors():
     with pytest.raises(ConfigError, match="calibration"):
         prune_(_net(), SNIPConfig(), X)

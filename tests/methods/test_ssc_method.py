@@ -118,6 +118,9 @@ def test_config_errors_and_untouched_model():
         SSCConfig(reduction=4, spatial_period=2)
     with pytest.raises(ConfigError, match="must divide"):
         SSCConfig(spatial_period=4, point_period=3)
+    for ignored in ({"reduction": 4, "point_period": 2}, {"point_period": 4}):  # the reduction's preset has P_p = 1
+        with pytest.raises(ConfigError, match="point_period=.* explicit preset"):
+            SSCConfig(**ignored)
     model = _resnet20()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PruningError, match="no conv"):
@@ -193,3 +196,14 @@ def test_channel_pruning_a_fully_converted_model_says_that_nothing_can_be_remove
     with pytest.raises(ConfigError, match="impossible target: none of the model's .* such as SSC layers"):
         prune_(model, MagnitudeConfig(macs_fraction=0.5), x)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_channel_level_pai_on_a_fully_converted_model_says_why_nothing_can_be_removed():
+    from prunekit.methods.pai import RandomInitConfig
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10).eval()
+    x = torch.randn(1, 1, 8, 8)
+    prune_(model, SSCConfig(reduction=4), x)
+    with pytest.raises(PruningError, match="none of the model's .* such as SSC layers"):  # not "ignore fewer modules"
+        prune_(model, RandomInitConfig(sparsity=0.5, level="channel"), x)

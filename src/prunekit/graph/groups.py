@@ -94,6 +94,15 @@ class Graph:
     def prunable_groups(self) -> list[Group]:
         return [g for g in self.groups if bool(g.prunable.any())]
 
+    def why_nothing_prunable(self) -> str:
+        """Why no channel can be removed, or "" when some group is prunable."""
+        if self.prunable_groups():
+            return ""
+        found = sorted({g.note for g in self.groups if g.note})
+        return (f"none of the model's {len(self.groups)} channel groups can change width (their channels reach "
+                "the input or output, ignored layers, or ops that keep their channels, such as SSC layers"
+                + ("; " + "; ".join(found[:3]) if found else "") + ")")
+
     def member_ids(self) -> tuple[np.ndarray, tuple[int, ...]]:
         """Every member's ids end to end, and how many each member has (for one-pass lookups).
         Computed once per graph (a reused graph asks for it at every pruning); recomputed when a

@@ -176,16 +176,6 @@ def _skipped_note(skipped: list[str]) -> dict[str, Any]:
             "skipped_groups": list(skipped)}
 
 
-def _nothing_prunable(graph: Graph) -> str:
-    """Why no channel can be removed, or "" when some group is prunable."""
-    if graph.prunable_groups():
-        return ""
-    found = sorted({g.note for g in graph.groups if g.note})
-    return (f"none of the model's {len(graph.groups)} channel groups can change width (their channels reach "
-            "the input or output, ignored layers, or ops that keep their channels, such as SSC layers"
-            + ("; " + "; ".join(found[:3]) if found else "") + ")")
-
-
 def _search_ratio(graph: Graph, scores, cfg: MagnitudeConfig, which: str, target: float,
                   estimator: CostEstimator) -> dict[str, list[int]]:
     """Smallest unrounded ratio whose estimated cost ({which}) is <= target (absolute count).
@@ -314,7 +304,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     writes into tensors (no batches, no between_steps), removes channels from `model` directly:
     surgery checks everything before it writes, so a failure still leaves `model` unchanged."""
     graph, estimator, example_inputs = prepared.graph, prepared.estimator, prepared.example_inputs
-    nothing = _nothing_prunable(graph)
+    nothing = graph.why_nothing_prunable()
     if nothing and (cfg.params_fraction is not None or cfg.macs_fraction is not None
                     or cfg.latency_fraction is not None):
         raise ConfigError(f"impossible target: {nothing}{_masked_hint(model)}; the model was left unchanged")

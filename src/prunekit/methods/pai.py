@@ -184,8 +184,11 @@ def _channel_prune(model, cfg, example_inputs, data) -> PruneResult:
     scores = {n: s for n, s in channel_scores_from_elements(
         graph, _scores(model, cfg, example_inputs, data, one_shot=True)).items() if n in prunable}
     if not scores:
-        raise PruningError("no prunable channel group holds a scored weight; ignore fewer modules")
-    removal = select_removal(graph, scores, cfg.sparsity, "local" if cfg.scope == "layer" else "global")
+        raise PruningError(graph.why_nothing_prunable()
+                           or "no prunable channel group holds a scored weight; ignore fewer modules")
+    # no cap below the one the core always keeps (one removable channel per group): the selector's
+    # default max_ratio=0.9 would turn any sparsity above 0.9 silently into 0.9
+    removal = select_removal(graph, scores, cfg.sparsity, "local" if cfg.scope == "layer" else "global", max_ratio=1.0)
     plan = make_plan(graph, removal, example_inputs, cfg.ignore)
     work = share_copy(model)
     remove_channels_(work, graph, removal)

@@ -90,6 +90,10 @@ class SSCConfig(Config):
         if explicit and self.reduction is not None:
             raise ConfigError("give either reduction (e.g. 4 for 4x fewer weights in the converted layers) or an "
                               "explicit preset (groups, spatial_period, point_period), not both")
+        if not explicit and self.point_period != 1:  # the reduction's preset would drop it silently
+            raise ConfigError(f"point_period={self.point_period!r} belongs to an explicit preset: give groups and "
+                              "spatial_period with it (and reduction=null), or family='block' for 1x1 taps on half "
+                              "the group")
         if self.reduction is not None and (isinstance(self.reduction, bool) or not isinstance(self.reduction, (int, float))
                                            or self.reduction <= 1):
             raise ConfigError(f"reduction={self.reduction!r} must be a number > 1 (2, 4, 8, 16 ...)")
