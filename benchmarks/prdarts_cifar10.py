@@ -44,7 +44,7 @@ from prunekit.engine.evaluate import evaluate  # noqa: E402
 from prunekit.layers.sparse import count_nonzeros  # noqa: E402
 from prunekit.methods.prdarts import (DARTS_V2, EvalNetwork, EvalSchedule, Genotype, PRDartsConfig,  # noqa: E402
                                       random_genotype, search, train_at_density)
-from prunekit.methods.prdarts.network import sparse_macs  # noqa: E402
+from prunekit.methods.prdarts.network import inference_nonzeros, sparse_macs  # noqa: E402
 from prunekit.data.subsets import FirstBatches, random_batches  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
@@ -115,6 +115,7 @@ def run_arm(args, preset, bundle, genotype: Genotype, density: float, seed: int)
     macs = sparse_macs(net.cpu(), torch.zeros(1, 3, 32, 32))
     return {"test_acc": test["acc"], "test_n": test["n"], "time_s": time.perf_counter() - t0,
             "load_avg": os.getloadavg(), **count_nonzeros(net), **macs,
+            **{f"{k}_inference": v for k, v in inference_nonzeros(net).items()},  # without the training-only head
             "train_acc_last": hist[-1]["train_acc"] if hist else None}
 
 
@@ -136,8 +137,8 @@ def table(results: dict[str, Any]) -> str:
         last = s["history"][-1]
         rows.append(f"| {100 * (1 - float(key)):g}% | {s['time_s'] / 60:.1f} min | {last['alpha_entropy_normal']:.4f} / "
                     f"{last['alpha_entropy_reduce']:.4f} | {s['param_free_share']:.2f} |")
-    rows += ["", "| sparsity | cell | test acc % (mean ± std) | seeds | nonzero / total conv+linear weights "
-             "| MACs (dense kernels) | MACs over nonzeros |", "|---|---|---|---|---|---|---|"]
+    rows += ["", "| sparsity | cell | test acc % (mean ± std) | seeds | nonzero / total weights (inference) "
+             "| same with the auxiliary head | MACs (dense kernels) | MACs over nonzeros |", "|---|---|---|---|---|---|---|---|"]
     by: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for arm_key, arm in results["arms"].items():
         name, density, _ = arm_key.split("/")
@@ -149,6 +150,7 @@ def table(results: dict[str, Any]) -> str:
             name = f"searched (at {100 * (1 - float(origin)):g}%)"
         spread = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
         rows.append(f"| {100 * (1 - float(density)):g}% | {name} | {statistics.mean(accs):.1f}{spread} | {len(arms)} | "
+                    f"{arms[0]['nonzero_inference']:,} / {arms[0]['total_inference']:,} | "
                     f"{arms[0]['nonzero']:,} / {arms[0]['total']:,} | {arms[0]['macs'] / 1e6:.2f} M | "
                     f"{arms[0]['nonzero_macs'] / 1e6:.3f} M |")
     return "\n".join(rows)

@@ -161,7 +161,9 @@ def test_evaluation_network_rebuilds_trains_saves_and_reloads(tmp_path):
     torch.testing.assert_close(again(x), net(x), atol=0, rtol=0)
     assert count_nonzeros(again) == nz
     rep = network_report(net, x, repeats=3)
-    assert rep["nonzero"] == nz["nonzero"] and rep["nonzero_macs"] < rep["macs"] and rep["speedup_claimed"] == 1.0
+    head = count_nonzeros(net.auxiliary_head)  # training only: not in the report
+    assert rep["nonzero"] == nz["nonzero"] - head["nonzero"] and rep["total"] == nz["total"] - head["total"]
+    assert rep["nonzero_macs"] < rep["macs"] and rep["speedup_claimed"] == 1.0
     with pytest.raises(CheckpointError):
         build_from_meta({**net.spec, "layers": "3"})
 
@@ -250,3 +252,60 @@ def test_a_network_file_whose_sizes_were_edited_is_refused_before_it_is_built(tm
     save_file(tensors, str(path), metadata=meta)  # the tensors, and so their checksum, unchanged
     with pytest.raises(CheckpointError, match="damaged or was edited"):
         load_network(path)
+
+
+def test_network_report_counts_the_network_without_its_auxiliary_head():
+    """The auxiliary head only trains (DARTS counts parameters without it; the MACs and latency are
+    those of eval mode, without it): the report's weights are those of the same network built
+    without the head, and each layer keeps its top-k."""
+    from prunekit.layers.sparse import harden_, set_density_
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    plain = EvalNetwork(DARTS_V2, channels=4, num_classes=10, layers=3, auxiliary=False)
+    net = EvalNetwork(DARTS_V2, channels=4, num_classes=10, layers=3, auxiliary=True)
+    kept = sum(keep_count(m.weight.numel(), 0.2) for n, m in sparse_layers(net) if not n.startswith("auxiliary_head"))
+    set_density_(net, 0.2)
+    harden_(net)
+    rep = network_report(net, x, repeats=2)
+    assert rep["total"] == count_nonzeros(plain)["total"]
+    assert rep["nonzero"] == kept
+    assert rep["macs"] == network_report(plain, x, repeats=2)["macs"]
+
+
+def test_search_without_score_epochs_finetunes_under_the_score_init_masks(monkeypatch):
+    """score_epochs=0 skips the score training, not the score init: the finetune masks are the
+    top-k of HYDRA's scaled init, i.e. of |w| after pretraining (not the random kaiming scores the
+    supernet was built with)."""
+    import importlib
+
+    from prunekit.layers.sparse import scaled_scores, topk_mask
+
+    engine = importlib.import_module("prunekit.engine.train")  # the module (the package exports its function)
+
+    seen = []
+    real = engine.train
+
+    def spy(net, *args, hooks=(), **kwargs):
+        if hooks[0].phase == "finetune":
+            seen.extend(torch.equal(m.mask(), topk_mask(m.weight.abs(), m.num_kept))
+                        and torch.equal(m.scores, scaled_scores(m.weight)) for _, m in sparse_layers(net))
+        return real(net, *args, hooks=hooks, **kwargs)
+
+    monkeypatch.setattr(engine, "train", spy)
+    cfg = PRDartsConfig(channels=2, layers=3, steps=1, multiplier=1, density=0.3, pretrain_epochs=1, score_epochs=0,
+                        finetune_epochs=1, unrolled=False)
+    search(cfg, _tiny_data(1), _tiny_data(1, seed=1), num_classes=3, device="cpu")
+    assert seen and all(seen)
+
+
+def test_a_dense_search_is_refused_with_score_epochs_and_runs_without():
+    """density=1 has no scores to train (the mask is all ones and bypassed): the score phase's loss
+    had no gradient and the search died there with a bare RuntimeError, after the pretraining."""
+    with pytest.raises(ConfigError, match="score_epochs=0"):
+        PRDartsConfig(density=1.0, score_epochs=1)
+    cfg = PRDartsConfig(channels=2, layers=3, steps=1, multiplier=1, density=1.0, pretrain_epochs=1, score_epochs=0,
+                        finetune_epochs=1, unrolled=False)
+    res = search(cfg, _tiny_data(1), _tiny_data(1, seed=1), num_classes=3, device="cpu")
+    assert [h["phase"] for h in res.history] == ["pretrain", "finetune"]
+    assert res.nonzeros["nonzero"] == res.nonzeros["total"]

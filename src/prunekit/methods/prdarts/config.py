@@ -77,6 +77,9 @@ class PRDartsConfig(Config):
         check_range("density", self.density, 0.0, 1.0, lo_open=True)
         for name in ("pretrain_epochs", "score_epochs", "finetune_epochs", "seed"):
             _int(name, getattr(self, name), 0)
+        if self.density == 1 and self.score_epochs > 0:
+            raise ConfigError(f"density=1 keeps every weight, so the {self.score_epochs} score epochs have no "
+                              "scores to train; set score_epochs=0 (a dense search) or a density below 1")
         if self.pretrain_epochs + self.score_epochs + self.finetune_epochs == 0:
             raise ConfigError("all three phases have 0 epochs; give at least one phase some epochs")
         for name in ("lr", "score_lr", "arch_lr", "hvp_r", "grad_clip", "smooth_noise_std"):

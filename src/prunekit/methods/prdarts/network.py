@@ -150,13 +150,26 @@ def sparse_macs(net: nn.Module, example: torch.Tensor) -> dict[str, int]:
     return totals
 
 
+def inference_nonzeros(net: nn.Module) -> dict[str, int]:
+    """`count_nonzeros` of the network without its auxiliary head: the head only trains (its logits
+    exist in training mode only), so it is no part of the network used, nor of its MACs (DARTS
+    counts parameters without it too)."""
+    counts = count_nonzeros(net)
+    aux = getattr(net, "auxiliary_head", None)
+    if aux is not None:
+        head = count_nonzeros(aux)
+        counts = {k: counts[k] - head[k] for k in counts}
+    return counts
+
+
 def network_report(net: nn.Module, example: torch.Tensor, device: str = "cpu", repeats: int = 30,
                    threads: int | None = 1) -> dict[str, Any]:
-    """Nonzeros, dense and nonzero MACs, and latency of the masked network beside the same
-    network with masks removed (interleaved); on an Ampere-or-newer GPU also the 2:4 path."""
+    """Nonzeros and total weights (the training-only auxiliary head left out), dense and nonzero
+    MACs, and latency of the masked network beside the same network with masks removed
+    (interleaved); on an Ampere-or-newer GPU also the 2:4 path."""
     from ...cost.latency import LatencyConfig, compare_latency
 
-    report: dict[str, Any] = {**count_nonzeros(net), **sparse_macs(net, example)}
+    report: dict[str, Any] = {**inference_nonzeros(net), **sparse_macs(net, example)}
     # the twin keeps its Mask parametrizations with all-ones masks: the same kernels and the
     # same mask multiply, so any gap measured is the cost (none) of the zeros themselves
     dense = copy.deepcopy(net)

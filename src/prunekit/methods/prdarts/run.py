@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -67,6 +68,14 @@ class EvalRecipe(Config):
             if getattr(self, name) < low:
                 why = " (DARTS places its reductions at layers//3 and 2*layers//3)" if name == "layers" else ""
                 raise ConfigError(f"evaluate.{name}={getattr(self, name)} must be >= {low}{why}")
+        for name in ("lr", "score_lr"):
+            check_range(f"evaluate.{name}", getattr(self, name), 0.0, math.inf, lo_open=True)
+        for name in ("weight_decay", "aux_weight"):
+            check_range(f"evaluate.{name}", getattr(self, name), 0.0, math.inf)
+        check_range("evaluate.drop_path", self.drop_path, 0.0, 1.0)
+        for name in ("enabled", "auxiliary"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"evaluate.{name}={getattr(self, name)!r} must be true or false")
 
     def check_input(self, input_shape: Sequence[int], num_classes: int) -> None:
         """ConfigError unless the evaluation network runs on (C, H, W) inputs: checked on a narrow

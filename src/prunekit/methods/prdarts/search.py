@@ -7,7 +7,8 @@
 3. finetune: same density, scores (so masks) frozen, weights trained, alpha stepped.
 Each phase is one `prunekit.engine.train` run (cosine schedule, grad clip) with an
 `ArchitectHook`; the w-split trains, the alpha-split feeds the architect and the engine's
-per-epoch evaluation. The genotype after the last phase is the result.
+per-epoch evaluation. The genotype after the last phase is the result. With 0 score epochs the
+scores are still set (`cfg.score_init`), so the finetune masks are their top-k (magnitude when scaled).
 
 >>> import torch
 >>> data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,)))]
@@ -88,6 +89,8 @@ def search(cfg: PRDartsConfig, train_loader: Iterable, val_loader: Iterable, num
     log_path = Path(out_dir) / "search_log.jsonl" if out_dir is not None else None
     for phase, epochs in zip(PHASES, (cfg.pretrain_epochs, cfg.score_epochs, cfg.finetune_epochs)):
         if epochs == 0:
+            if phase == "scores":  # no score training: finetune under the top-k of the score init (|w| when scaled)
+                prepare_phase_(net, phase, cfg)
             continue
         prepare_phase_(net, phase, cfg)
         step_alpha = phase != "scores" or cfg.arch_during_scores
