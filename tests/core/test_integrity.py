@@ -104,3 +104,20 @@ def test_read_only_directory(tmp_path):
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o700)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_a_written_file_has_the_permissions_a_plain_write_gives(tmp_path):
+    # mkstemp's temporary file is 0o600: renamed over a 0o644 file, the file became unreadable
+    # to everyone but its owner, and every new file was written so too
+    path = tmp_path / "net.safetensors"
+    path.write_bytes(b"old")
+    path.chmod(0o644)
+    save_pruned(_net(), empty_plan(torch.zeros(1, 64)), path)
+    assert path.stat().st_mode & 0o777 == 0o644
+    umask = os.umask(0o022)
+    try:
+        fresh = save_pruned(_net(), empty_plan(torch.zeros(1, 64)), tmp_path / "new.safetensors")
+    finally:
+        os.umask(umask)
+    assert fresh.stat().st_mode & 0o777 == 0o644

@@ -172,3 +172,55 @@ def test_pruned_torchvision_mnasnet_saves_and_reloads(tmp_path):
     again = load_pruned(tvm.mnasnet0_5(weights=None), path).eval()
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+
+
+class _OnDevice(torch.Tensor):
+    """What `.cpu()` does to a GPU tensor: a new CPU copy (strides kept) that nothing else holds."""
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor).clone()
+
+
+def test_weights_of_a_gpu_model_in_channels_last_are_each_stored(tmp_path, monkeypatch):
+    # The CPU copy of a channels_last GPU weight was freed after contiguous() copied it again,
+    # and the next copy of the same shape could land at its address: that weight was then
+    # stored as an alias of the earlier one and loaded with its values.
+    from prunekit.surgery import tensor_file
+
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(*[nn.Conv2d(8, 8, 3) for _ in range(8)])  # noqa: E731
+    model = make().to(memory_format=torch.channels_last)
+    own = tensor_file.effective_state
+    monkeypatch.setattr(tensor_file, "effective_state", lambda m: {
+        name: (t.as_subclass(_OnDevice), mask) for name, (t, mask) in own(m).items()})
+    path = save_pruned(model, empty_plan(torch.zeros(1, 8, 20, 20)), tmp_path / "gpu.safetensors")
+    monkeypatch.undo()
+    again = load_pruned(make(), path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+
+class _TiedHead(nn.Module):
+    """A language-model-like net whose output layer shares its embedding's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.emb(x))
+
+
+def test_a_masked_weight_tied_to_an_unmasked_one_round_trips(tmp_path):
+    # Element methods mask Linear weights, not embeddings: the head's zeros were loaded into the
+    # shared tensor, so the reloaded embedding lost half its entries
+    torch.manual_seed(0)
+    model, x = _TiedHead(), torch.randint(0, 16, (2, 5))
+    apply_mask(model.head, "weight", unstructured_mask(model.head.weight, 0.5))
+    path = save_pruned(model, empty_plan(x), tmp_path / "tied.safetensors")
+    again = load_pruned(_TiedHead(), path)
+    assert torch.equal(again.emb.weight, model.emb.weight)
+    assert torch.equal(again(x), model(x))
+    assert torch.equal(get_mask(again.head, "weight"), get_mask(model.head, "weight"))

@@ -103,8 +103,41 @@ def test_hostile_nested_json_in_a_pruned_file_is_a_checkpoint_error(tmp_path, ke
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("version", ["2", [2]])
+def test_module_versions_that_are_not_whole_numbers_are_a_checkpoint_error(tmp_path, version):
+    # BatchNorm compares its version with 2: a string or a list from an edited file was a raw TypeError
+    model, plan = _pruned()
+    good = save_pruned(model, plan, tmp_path / "m.safetensors")
+    bad = _with_metadata(good, tmp_path / "versions.safetensors", "prunekit.module_versions",
+                         json.dumps({"bn1": {"version": version}}))
+    with pytest.raises(CheckpointError, match="versions.safetensors.*version that is not a whole number"):
+        load_pruned(create_model("resnet20", num_classes=10), bad)
+
+
 def test_a_plan_file_that_is_not_json_text_is_a_checkpoint_error(tmp_path):
     for name, data in [("binary.json", b"\xff\xfe\x00 not text"), ("deep.json", b"[" * 50_000 + b"]" * 50_000)]:
         (tmp_path / name).write_bytes(data)
         with pytest.raises(CheckpointError, match=f"plan .*{name}.* (is not valid JSON|cannot be read)"):
             load_plan(tmp_path / name)
+
+
+def test_a_failed_plan_write_leaves_the_previous_plan_whole(tmp_path, monkeypatch):
+    # save_plan wrote in place: a full disk left a truncated plan.json and a raw OSError
+    import errno
+    import pathlib
+
+    _, plan = _pruned()
+    save_plan(plan, tmp_path / "plan.json")
+    before = (tmp_path / "plan.json").read_bytes()
+    own = pathlib.Path.write_text
+
+    def no_space(self, *args, **kwargs):
+        own(self, "{\"format\": ")  # the writer got this far before the disk filled
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", no_space)
+    with pytest.raises(CheckpointError, match="plan.json: no space left"):
+        save_plan(plan, tmp_path / "plan.json")
+    monkeypatch.undo()
+    assert (tmp_path / "plan.json").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]

@@ -147,6 +147,32 @@ def test_wrong_architecture_or_masked_target_is_refused(tmp_path):
         load_sparse(masked, path)
 
 
+class _Versioned(nn.Module):
+    """A module that, like torchvision's MNASNet, refuses a state dict without its version."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_module_state_versions_survive_the_sparse_file(tmp_path):
+    # torchvision's MNASNet saved with save_sparse did not load again: a raw ValueError
+    torch.manual_seed(0)
+    net = nn.Sequential(_Versioned(), nn.Linear(16, 4))
+    apply_mask(net[0].lin, "weight", unstructured_mask(net[0].lin.weight, 0.9))
+    save_sparse(net, tmp_path / "v.safetensors")
+    twin = nn.Sequential(_Versioned(), nn.Linear(16, 4))
+    load_sparse(twin, tmp_path / "v.safetensors", restore_masks=True)
+    assert torch.equal(twin[0].lin.weight, net[0].lin.weight) and get_mask(twin[0].lin, "weight") is not None
+
+
 def test_save_failure_leaves_no_file(tmp_path):
     net = nn.Module()
     net.register_buffer("a::b", torch.zeros(2))

@@ -1,10 +1,11 @@
 """Files that are whole or absent, and checksums that tell a damaged file from a good one.
 
 `atomic_write(path, write)` lets `write(tmp)` fill a temporary file in the target's directory,
-flushes it to disk and renames it over `path`; on any failure the temporary file is removed
-and an OSError (disk full, read-only file system, no permission) becomes one CheckpointError
-line naming the file. `tensors_sha256(tensors)` hashes names, dtypes, shapes and bytes of a
-mapping of tensors in sorted-name order, so the same tensors always give the same digest.
+flushes it to disk and renames it over `path` (with the permissions a plain write would leave);
+on any failure the temporary file is removed and an OSError (disk full, read-only file system,
+no permission) becomes one CheckpointError line naming the file. `tensors_sha256(tensors)`
+hashes names, dtypes, shapes and bytes of a mapping of tensors in sorted-name order, so the same
+tensors always give the same digest.
 
 >>> import tempfile, os, torch
 >>> path = os.path.join(tempfile.mkdtemp(), "note.txt")
@@ -19,6 +20,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -57,6 +59,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> N
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _chmod(tmp, _plain_mode(path))
         os.replace(tmp, path)  # same directory, so one file system: the rename is atomic
     except OSError as err:
         _remove(tmp)
@@ -64,6 +67,36 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> N
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _plain_mode(path: Path) -> int:
+    """The permissions `open(path, "w")` would leave: those of the file it replaces, else 0o666
+    less the umask (mkstemp makes its file 0o600, which nobody else could read)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask: read from /proc where it is shown (Linux), else set and put straight back
+    (the only portable way to read it; another thread creating a file at that instant could see it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _chmod(tmp: str, mode: int) -> None:
+    try:
+        os.chmod(tmp, mode)
+    except OSError:  # a file system without POSIX permissions (FAT, some network shares)
+        pass
 
 
 def _remove(tmp: str) -> None:

@@ -9,7 +9,8 @@ masked retraining. At 90% sparsity an fp32 tensor takes 0.1*4 + 1/8 = 0.525 byte
 
 File layout: tensor "<name>" (dense) or "<name>::values" + "<name>::bits" (uint8); metadata key
 "prunekit_sparse" holds JSON {"format_version": 1, "tensors": {name: {"shape", "dtype",
-"encoding": "dense"|"bitmask", "kind": "dense"|"irregular"|"nm", "n"?, "m"?, "masked"}}}.
+"encoding": "dense"|"bitmask", "kind": "dense"|"irregular"|"nm", "n"?, "m"?, "masked"}}}, and
+"prunekit.module_versions" the per-module state-dict versions, as in the pruned file (`tensor_file`).
 
 >>> import tempfile, os, torch
 >>> from torch import nn
@@ -40,6 +41,7 @@ from ..core.errors import CheckpointError, PruningError
 from ..core.integrity import atomic_write
 from .mask_io import effective_state, is_nm, mask_kind, pack_mask, unpack_mask
 from .masks import apply_mask, get_mask
+from .tensor_file import VERSIONS_KEY, file_metadata, load_state_
 
 __all__ = ["save_sparse", "load_sparse", "to_semi_structured_", "FORMAT_VERSION"]
 
@@ -78,12 +80,13 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> dict[str, dict[str
             raise CheckpointError(f"tensor name {name!r} contains '::', which the sparse format reserves")
         stored, infos[name] = _encode(name, t, mask)
         tensors.update(stored)
-    meta = {_META_KEY: json.dumps({"format_version": FORMAT_VERSION, "tensors": infos})}
+    meta = {_META_KEY: json.dumps({"format_version": FORMAT_VERSION, "tensors": infos}),
+            VERSIONS_KEY: file_metadata(model)[VERSIONS_KEY]}  # torchvision's MNASNet refuses a state without them
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return infos
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -99,7 +102,7 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise CheckpointError(f"{path}: sparse format version {version}; this prunekit reads {FORMAT_VERSION}")
     if not isinstance(infos, dict):
         raise CheckpointError(f"{path}: corrupt metadata (tensors is not a mapping)")
-    return infos, stored
+    return infos, stored, meta
 
 
 def _decode(path: Any, name: str, info: Any, stored: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -143,7 +146,7 @@ def load_sparse(model: nn.Module, path: str | os.PathLike, restore_masks: bool =
     retraining). Everything is decoded and checked before the model is touched; any problem
     raises CheckpointError.
     """
-    infos, stored = _read(path)
+    infos, stored, meta = _read(path)
     target = effective_state(model)
     masked_now = [n for n, (_, mask) in target.items() if mask is not None]
     if masked_now:
@@ -160,7 +163,7 @@ def load_sparse(model: nn.Module, path: str | os.PathLike, restore_masks: bool =
         if dense.shape != target[name][0].shape:
             raise CheckpointError(f"{path}: {name} has shape {tuple(dense.shape)}, the model {tuple(target[name][0].shape)}")
         decoded[name] = (dense, keep if info.get("masked") else None)
-    model.load_state_dict({n: d for n, (d, _) in decoded.items()}, strict=True)
+    load_state_(model, {n: d for n, (d, _) in decoded.items()}, meta, path)
     if restore_masks:
         for name, (_, keep) in decoded.items():
             if keep is not None:

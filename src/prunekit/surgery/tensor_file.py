@@ -51,18 +51,21 @@ def state_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str], 
     tensors: dict[str, Tensor] = {}
     aliases: dict[str, str] = {}
     masks: dict[str, Tensor] = {}
-    seen: dict[tuple, str] = {}  # (data_ptr, shape, stride, dtype) -> first name holding that view
+    seen: dict[tuple, str] = {}  # (device, data_ptr, shape, stride, dtype) -> first name holding that view
     storages: set = {None}  # storages already written (None: empty tensors, never shared)
     for name, (t, mask) in effective_state(model).items():
         if MASK_SUFFIX in name:
             raise CheckpointError(f"tensor name {name!r} contains {MASK_SUFFIX!r}, which the file format reserves")
-        t = t.detach().cpu()
-        view = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) if t.numel() else None
+        # ties are found on the model's own tensors, which stay alive: the CPU copy of a GPU
+        # tensor may be freed (contiguous() copies a channels_last one) and its address reused
+        t = t.detach()
+        view = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) if t.numel() else None
         if view is not None and view in seen:
             aliases[name] = seen[view]
             continue
         if view is not None:
             seen[view] = name
+        t = t.cpu()
         # safetensors refuses tensors sharing memory; a copy of a partial overlap is harmless
         # because loading copies into the model's own tensors
         storage = t.untyped_storage().data_ptr() if t.numel() else None
@@ -153,6 +156,10 @@ def load_state_(model: nn.Module, tensors: Mapping[str, Tensor], meta: Mapping[s
     _check_fit(model, state, path)
     if not all(isinstance(v, dict) for v in versions.values()):
         raise CheckpointError(f"{path}: metadata {VERSIONS_KEY} must map module names to objects")
+    # modules compare their version with numbers ("x" < 2 is a TypeError inside load_state_dict)
+    if not all(type(v.get("version", 0)) is int for v in versions.values()):
+        raise CheckpointError(f"{path}: metadata {VERSIONS_KEY} gives a module a version that is not a whole "
+                              "number; the file is damaged, write it again")
     state._metadata = OrderedDict(versions)  # type: ignore[attr-defined]  (what state_dict() carries)
     try:
         model.load_state_dict(state, strict=True)
