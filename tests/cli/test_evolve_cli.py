@@ -99,3 +99,28 @@ def test_resume_refuses_a_directory_that_is_not_an_evolve_run(tmp_path):
     result = CliRunner().invoke(cli, ["evolve", str(RECIPE), "--resume", str(foreign)])
     assert result.exit_code == 2 and "not an evolve run directory" in result.output, result.output
     assert {p.name: p.read_bytes() for p in foreign.iterdir()} == before
+
+
+def test_a_new_evolve_run_never_writes_into_another_runs_directory(tmp_path, monkeypatch):
+    """The default name taken by a run started in the same second: this one claims -2, and the
+    other run's files stay as they were."""
+    import prunekit.evolve.search as search_mod
+    from prunekit.cli import rundir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20260101-000000")
+    monkeypatch.setattr("prunekit.evolve.search.check_tasks", lambda cfg: None)
+    used = []
+
+    def fake_search(cfg, run_dir, **kwargs):
+        used.append(run_dir)
+        raise ConfigError("stopped here by the test")
+    monkeypatch.setattr(search_mod, "run_search", fake_search)
+    other = tmp_path / "runs" / "evolve_digits_cifar-20260101-000000"
+    other.mkdir(parents=True)
+    (other / "recipe.yaml").write_text("name: someone else\n")
+    result = CliRunner().invoke(cli, ["evolve", str(RECIPE), "-q"])
+    assert result.exit_code == 2 and "stopped here by the test" in result.output, result.output
+    assert used == [Path("runs") / "evolve_digits_cifar-20260101-000000-2"]
+    assert sorted(p.name for p in other.iterdir()) == ["recipe.yaml"]
+    assert (other / "recipe.yaml").read_text() == "name: someone else\n"

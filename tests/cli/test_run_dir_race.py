@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from prunekit.cli import rundir
+from prunekit.core import integrity
 from prunekit.core.errors import ConfigError
 
 
@@ -57,7 +58,7 @@ def _meet_at(n: int, real, wanted):
 def test_runs_started_in_the_same_second_get_separate_directories(tmp_path, monkeypatch):
     monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20260101-000000")
     jobs = [SimpleNamespace(recipe=_Recipe(f"run{i}"), weights=None, run_dir=None) for i in range(6)]
-    monkeypatch.setattr(rundir.os, "mkdir", _meet_at(len(jobs), os.mkdir,
+    monkeypatch.setattr(integrity.os, "mkdir", _meet_at(len(jobs), os.mkdir,
                                                      lambda p: os.path.basename(p).startswith("demo-")))
 
     chosen = threading.Barrier(len(jobs))
@@ -84,7 +85,7 @@ def test_the_same_out_given_twice_at_once_goes_to_one_run_and_the_other_stops(tm
     if made_beforehand:
         out.mkdir()
     jobs = [SimpleNamespace(recipe=_Recipe(f"run{i}"), weights=None, run_dir=None) for i in range(4)]
-    monkeypatch.setattr(rundir, "open", _meet_at(len(jobs), builtins.open, lambda p: p.endswith("recipe.yaml")),
+    monkeypatch.setattr(integrity, "open", _meet_at(len(jobs), builtins.open, lambda p: p.endswith("recipe.yaml")),
                         raising=False)
 
     chosen = threading.Barrier(len(jobs))

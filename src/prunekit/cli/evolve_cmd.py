@@ -58,6 +58,7 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
     from ..evolve.search import check_tasks, run_search
     from .overrides import dump_yaml
     from .recipe import split_arguments
+    from ..core.integrity import claim_dir
     from .rundir import choose_run_dir
 
     source, overrides = split_arguments(args)
@@ -73,9 +74,8 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
     if resume_dir is not None:
         run_dir = Path(resume_dir)
     else:
-        run_dir = choose_run_dir(name, "runs", out)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(dump_yaml({"name": name, "evolve": cfg.to_dict(), "reevaluate": reeval}))
+        run_dir = claim_dir(choose_run_dir(name, "runs", out), "recipe.yaml",
+                            dump_yaml({"name": name, "evolve": cfg.to_dict(), "reevaluate": reeval}), out is not None)
     echo(f"run directory: {run_dir}")
     try:
         state = run_search(cfg, run_dir, resume=resume_dir is not None, progress=not quiet, echo=echo)

@@ -13,12 +13,12 @@ A run directory holds:
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
+from ..core.integrity import claim_dir
 from .pipeline import Job, measure, save_weights
 
 
@@ -47,36 +47,13 @@ def create_run_dir(job: Job, path: Path, explicit: bool = False) -> Path:
     (`explicit`) exactly one gets it and the other stops with a ConfigError before writing
     anything; a suffix there would put the run where the caller does not look for it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if explicit:
-        try:
-            os.mkdir(path)
-        except FileExistsError:
-            pass  # an empty directory made beforehand is allowed; the exclusive recipe.yaml decides
-    else:
-        path = _make_new_dir(path)
     recipe = job.recipe
     if job.weights is not None:
         recipe.init = str(Path(job.weights).resolve())
     text = f"# Resolved recipe of this run ({recipe.source}).\n" + recipe.to_yaml()
-    try:
-        with open(path / "recipe.yaml", "x", encoding="utf-8") as f:
-            f.write(text)
-    except (FileExistsError, NotADirectoryError):
-        raise ConfigError(f"--out {path} was taken by another run started at the same time; "
-                          "choose a new path (prunekit never shares a run directory)") from None
+    path = claim_dir(path, "recipe.yaml", text, explicit)
     job.run_dir = path
     return path
-
-
-def _make_new_dir(base: Path) -> Path:
-    path, n = base, 2
-    while True:
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:  # another run took this name first (or an older run has it)
-            path, n = base.with_name(f"{base.name}-{n}"), n + 1
 
 
 def finish(job: Job, title: str) -> dict[str, Any]:

@@ -106,6 +106,41 @@ def _remove(tmp: str) -> None:
         pass
 
 
+def claim_dir(path: str | os.PathLike[str], first_file: str, text: str, explicit: bool = True) -> Path:
+    """Make `path` this caller's alone and write `first_file` (text) into it; returns the directory.
+
+    Two callers never share a directory, even when started in the same second: a name that is
+    not `explicit` (a timestamped default) and is taken moves on to `-2`, `-3`, ... through an
+    exclusive mkdir; an `explicit` path may be an empty directory made beforehand, and the
+    exclusive creation of `first_file` decides: of two callers given the same path, one gets it
+    and the other gets a ConfigError before writing anything.
+    """
+    from .errors import ConfigError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if explicit:
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            pass
+    else:
+        base, n = path, 2
+        while True:
+            try:
+                os.mkdir(path)
+                break
+            except FileExistsError:  # another run took this name first (or an older run has it)
+                path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    try:
+        with open(path / first_file, "x", encoding="utf-8") as f:
+            f.write(text)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{path} was taken by another run started at the same time; choose a new path "
+                          "(prunekit never shares a run directory)") from None
+    return path
+
+
 def tensors_sha256(tensors: Mapping[str, Any]) -> str:
     """Hex sha256 over (name, dtype, shape, bytes) of every tensor, names in sorted order."""
     h = hashlib.sha256()

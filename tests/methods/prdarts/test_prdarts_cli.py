@@ -93,3 +93,23 @@ def test_search_command_refuses_bad_evaluation_settings_before_searching(tmp_pat
         assert res.exit_code == 2, (override, res.output)
         assert needle in res.output and "Traceback" not in res.output, (override, res.output)
         assert not out.exists(), override
+
+
+def test_a_search_never_writes_into_another_runs_directory(tmp_path, monkeypatch):
+    """Without --out the timestamped name may be taken (two searches in the same second): the new
+    run moves on to -2 and says where it wrote; the other run's files stay as they were."""
+    from prunekit.cli import rundir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20260101-000000")
+    other = tmp_path / "runs" / "search-20260101-000000"
+    other.mkdir(parents=True)
+    (other / "recipe.json").write_text("{\"someone\": \"else\"}")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    res = CliRunner().invoke(cli, ["search", str(recipe), "evaluate.enabled=false"])
+    assert res.exit_code == 0, res.output
+    assert "run directory: runs/search-20260101-000000-2" in res.output
+    assert sorted(p.name for p in other.iterdir()) == ["recipe.json"]
+    assert (other / "recipe.json").read_text() == "{\"someone\": \"else\"}"
+    assert (tmp_path / "runs" / "search-20260101-000000-2" / "result.json").exists()

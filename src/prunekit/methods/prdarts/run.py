@@ -24,6 +24,7 @@ import torch
 
 from ...core.config import Config, check_range
 from ...core.errors import ConfigError
+from ...core.integrity import claim_dir
 from ...data.config import DataConfig
 from ...data.subsets import FirstBatches, random_batches
 from .config import PRDartsConfig
@@ -154,8 +155,11 @@ def _evaluate(recipe: SearchRecipe, genotype: Genotype, bundle: Any, run_dir: Pa
     return {"density": density, "history": history, "test": test, "cost": report}
 
 
-def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False) -> dict[str, Any]:
-    """Search, evaluate and write the run directory (see the module docstring); returns result.json."""
+def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False, explicit: bool = True) -> dict[str, Any]:
+    """Search, evaluate and write the run directory (see the module docstring); returns result.json,
+    whose "run_dir" is the directory used. `run_dir` is claimed for this run alone (`claim_dir`):
+    an `explicit` path may be empty but not another run's; a default name that is taken gets a
+    suffix (-2, -3, ...)."""
     from ...data import load_data
     from .search import search
 
@@ -165,9 +169,7 @@ def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False
         torch.set_num_threads(recipe.threads)
     bundle = load_data(recipe.data)  # a missing or unreadable dataset fails before any file is written
     recipe.evaluate.check_input(bundle.input_shape, bundle.num_classes)  # so does an input it cannot take
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1))
+    run_dir = claim_dir(run_dir, "recipe.json", json.dumps(recipe.to_dict(), indent=1), explicit)
     alpha_split = bundle.val  # the architect cycles all of it; evaluations see the first batches
     bundle.val = FirstBatches(bundle.val, recipe.limit_eval_batches)
     bundle.test = random_batches(bundle.test, recipe.limit_eval_batches, recipe.data.seed)
@@ -179,7 +181,7 @@ def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False
                               "alpha_entropy_final": {"normal": alpha_entropy(found.supernet.alpha_normal),
                                                       "reduce": alpha_entropy(found.supernet.alpha_reduce)},
                               "param_free_share": found.genotype.parameter_free_share(),
-                              "device": recipe.device, "torch": torch.__version__}
+                              "device": recipe.device, "torch": torch.__version__, "run_dir": str(run_dir)}
     _alpha_plot(run_dir)
     if recipe.evaluate.enabled:
         geno = found.genotype if recipe.evaluate.genotype == "searched" else REFERENCE_GENOTYPES[recipe.evaluate.genotype]
