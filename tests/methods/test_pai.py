@@ -206,3 +206,23 @@ def test_ssc_leaves_convs_with_tied_weights_dense():
 
     with pytest.raises(PruningError, match="'c2': 'shares its weight with c3'"):
         prune_(_Tied(), SSCConfig(), torch.randn(2, 3, 8, 8))
+
+
+def test_a_second_mask_keeps_what_the_first_one_removed():
+    """PaI on an already masked model: the weights hidden before stay hidden (they go first), the
+    new sparsity is exact, and a sparsity that would bring some back is
+    refused with the model's masks left as they were."""
+    from prunekit.surgery.masks import get_mask
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    x = torch.randn(2, 3, 6, 6)
+    prune_(model, RandomInitConfig(sparsity=0.5, seed=1), x)
+    first = [get_mask(model[i], "weight").clone() for i in (0, 3)]
+    prune_(model, RandomInitConfig(sparsity=0.8, seed=2), x)
+    second = [get_mask(model[i], "weight").clone() for i in (0, 3)]
+    assert all(not bool((b & ~a).any()) for a, b in zip(first, second))  # nothing came back
+    assert [int(m.sum()) for m in second] == [216 - 173, 512 - 410]  # exact per layer (the default scope)
+    with pytest.raises(ConfigError, match="would bring back .* masks only grow"):
+        prune_(model, RandomInitConfig(sparsity=0.3, seed=3), x)
+    assert all(torch.equal(get_mask(model[i], "weight"), m) for i, m in zip((0, 3), second))

@@ -46,6 +46,7 @@ from ..importance.elements import (apply_element_masks, channel_scores_from_elem
 from ..importance.select import select_removal
 from ..importance.targets import target_weights
 from ..surgery.copying import adopt_, share_copy
+from ..surgery.masks import get_mask
 from ..surgery.plan import empty_plan, make_plan
 from ..surgery.shrink import remove_channels_
 from ..surgery.verify import build_safe_graph, run_model
@@ -168,13 +169,37 @@ def _nonzero_views(model: nn.Module, masks: dict[str, torch.Tensor], cost) -> di
 def _element_prune(model, cfg, example_inputs, data) -> PruneResult:
     before = count_cost(model, example_inputs)
     scores = _scores(model, cfg, example_inputs, data, one_shot=False)
-    masks = select_element_masks(scores, cfg.sparsity, cfg.scope)
+    held = _held_masks(model, scores)
+    masks = select_element_masks(_masked_last(scores, held), cfg.sparsity, cfg.scope)
+    revived = sum(int((masks[k] & ~keep).sum()) for k, keep in held.items())
+    if revived:
+        hidden = sum(int((~keep).sum()) for keep in held.values())
+        raise ConfigError(f"sparsity={cfg.sparsity} would bring back {revived:,} of the {hidden:,} weights that masks "
+                          "on this model already hide: masks only grow. Ask for a higher sparsity, or bake the masks "
+                          "first (prunekit.bake_masks_) to start again from the baked weights; the model was left as it was")
     plan = empty_plan(example_inputs, cfg.ignore)  # before the masks: inputs a plan cannot record leave the model as it was
     apply_element_masks(model, masks)
     plan.meta.update({"method": cfg.criterion if cfg.criterion != "random" else "random_init",
                       "config": cfg.to_dict()})
     after = count_cost(model, example_inputs)
     return PruneResult(plan, before, after, cfg.to_dict(), _nonzero_views(model, masks, after))
+
+
+def _held_masks(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{weight name: its current keep mask} for the scored weights that already carry a mask."""
+    held = {}
+    for key in scores:
+        module_name, _, pname = key.rpartition(".")
+        keep = get_mask(model.get_submodule(module_name), pname)
+        if keep is not None:
+            held[key] = keep
+    return held
+
+
+def _masked_last(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Scores with every weight a mask already hides ranked below all others: a new mask on a
+    masked model removes those first and keeps them removed."""
+    return {k: s.masked_fill(~held[k], torch.finfo(s.dtype).min) if k in held else s for k, s in scores.items()}
 
 
 def _channel_prune(model, cfg, example_inputs, data) -> PruneResult:
