@@ -62,6 +62,7 @@ def remove_channels_(model: nn.Module, graph: Graph, remove: Mapping[str, Sequen
     mods = dict(model.named_modules())
     new_tensors, counts = _sliced(mods, keep)
     _check(mods, new_tensors, counts)
+    _check_ties(mods, new_tensors)
     for (mod_name, tname), value in new_tensors.items():
         mod = mods[mod_name]
         if tname in mod._parameters:
@@ -101,6 +102,24 @@ def _sliced(mods: dict[str, nn.Module], keep: dict) -> tuple[dict, dict]:
             out[(mod_name, tname)] = value
             counts[mod_name][tname] = value.shape[slices[0][0]]
     return out, counts
+
+
+def _check_ties(mods: dict[str, nn.Module], new: dict) -> None:
+    """PruningError when a tensor to be replaced is held under several names (tied weights): the
+    graph sees one of them, so slicing would cut the tensor for that holder only and leave the
+    others on the old one (a model that no longer runs, or silently untied). Raised before
+    anything is written."""
+    holders: dict[int, list[str]] = defaultdict(list)
+    for mod_name, mod in mods.items():
+        for tname, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if t is not None:
+                holders[id(t)].append(f"{mod_name}.{tname}" if mod_name else tname)
+    for key in new:
+        names = holders.get(id(_get_tensor(mods, *key)), [])
+        if len(names) > 1:
+            raise PruningError(f"{' = '.join(names)} share one tensor (tied weights), and channel removal cannot cut "
+                               "a shared tensor for one holder only; leave the modules that share it out with "
+                               "ignore=[...] (the model was left unchanged)")
 
 
 def _get_tensor(mods: dict[str, nn.Module], mod_name: str, tname: str) -> torch.Tensor:
