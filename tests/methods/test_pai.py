@@ -226,3 +226,17 @@ def test_a_second_mask_keeps_what_the_first_one_removed():
     with pytest.raises(ConfigError, match="would bring back .* masks only grow"):
         prune_(model, RandomInitConfig(sparsity=0.3, seed=3), x)
     assert all(torch.equal(get_mask(model[i], "weight"), m) for i, m in zip((0, 3), second))
+
+
+def test_a_channel_sparsity_out_of_reach_is_said_not_hidden():
+    """0.99 of 2 x 20 channels globally: each group keeps one, so 38 of 40 go (0.95); the result
+    says so in its notes and a warning, and reports the sparsity reached."""
+    model = nn.Sequential(nn.Conv2d(3, 20, 3, padding=1), nn.ReLU(), nn.Conv2d(20, 20, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(20 * 16, 4))
+    with pytest.warns(UserWarning, match="less than sparsity=0.99"):
+        r = prune_(model, RandomInitConfig(sparsity=0.99, level="channel", scope="global"), torch.randn(2, 3, 4, 4))
+    assert r.metrics["channel_sparsity"] == 38 / 40 and "38 of 40" in r.metrics["notes"][0]
+    r = prune_(nn.Sequential(nn.Conv2d(3, 20, 3, padding=1), nn.ReLU(), nn.Conv2d(20, 20, 3, padding=1), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(20 * 16, 4)),
+               RandomInitConfig(sparsity=0.5, level="channel", scope="global"), torch.randn(2, 3, 4, 4))
+    assert r.metrics["channel_sparsity"] == 0.5 and "notes" not in r.metrics

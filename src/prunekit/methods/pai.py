@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import warnings
 from typing import Any, ClassVar, Iterable
 
 import torch
@@ -223,7 +225,17 @@ def _channel_prune(model, cfg, example_inputs, data) -> PruneResult:
     plan.stamp(dense=model, pruned=work)
     adopt_(model, work)
     after = count_cost(model, example_inputs)
-    return PruneResult(plan, before, after, cfg.to_dict(), {"channels_removed": {n: len(v) for n, v in removal.items()}})
+    metrics: dict[str, Any] = {"channels_removed": {n: len(v) for n, v in removal.items()}}
+    total = sum(graph.group(n).size for n in scores)
+    removed = sum(metrics["channels_removed"].values())
+    metrics["channel_sparsity"] = removed / total
+    asked = (sum(math.floor(cfg.sparsity * graph.group(n).size) for n in scores) if cfg.scope == "layer"
+             else math.floor(cfg.sparsity * total))
+    if removed < asked:  # every group keeps a channel (and those no tensor may lose): say so, not in silence
+        metrics["notes"] = [f"removed {removed} of {total} channels ({removed / total:.3f}), less than "
+                            f"sparsity={cfg.sparsity}: every group keeps at least one channel"]
+        warnings.warn(metrics["notes"][0], stacklevel=3)
+    return PruneResult(plan, before, after, cfg.to_dict(), metrics)
 
 
 def pai_prune_(model: nn.Module, cfg: PaIConfig, example_inputs: Any, batches: Iterable | None = None) -> PruneResult:
