@@ -32,6 +32,15 @@ def test_info_lists_recipes(runner, monkeypatch, tmp_path):
     assert result.exit_code == 0 and "recipes/ssc_x.yaml" in result.stdout and "SSC on something" in result.stdout
 
 
+def test_info_lists_a_recipe_that_is_not_utf8(runner, monkeypatch, tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "latin.yaml").write_bytes("# caf\xe9 recipe\nname: x\n".encode("latin-1"))
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(cli, ["info", "recipes"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "recipes/latin.yaml" in result.stdout and "recipe" in result.stdout
+
+
 def test_layer_latency_times_ssc_layers():
     import torch
 

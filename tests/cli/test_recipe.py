@@ -103,3 +103,12 @@ def test_method_fields_may_sit_under_config():
 def test_seeds_and_threads_torch_cannot_take_fail_when_the_recipe_is_read(override):
     with pytest.raises(ConfigError, match="too large .*use at most"):
         load_recipe(None, [override])
+
+
+@pytest.mark.parametrize("value", ["2023-02-30", "!!int 3.5", "!!float abc", "!!bool maybe", "!!int", "!!timestamp x"])
+def test_a_value_yaml_cannot_build_is_one_config_error(value):
+    # a date that does not exist, or an explicit tag its value does not fit: not a traceback
+    with pytest.raises(ConfigError, match="invalid YAML: a value cannot be read"):
+        load_yaml_text(f"name: {value}", "r.yaml")
+    with pytest.raises(ConfigError, match="override 'out=.*invalid YAML"):
+        load_recipe(None, [f"out={value}"])

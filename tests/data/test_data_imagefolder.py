@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tarfile
 
 import numpy as np
 import pytest
@@ -79,7 +80,8 @@ def test_cache_is_reused_and_refreshed_when_the_archive_changes(tmp_path, fakes,
     assert len(calls) == 18 and len(list(private_cache.glob("imagefolder-*.npz"))) == 1
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flat images", "labels out of range", "other label count"])
+@pytest.mark.parametrize("damage", ["truncated", "flat images", "labels out of range", "other label count",
+                                    "class names not a list"])
 def test_a_damaged_cache_entry_is_decoded_again_and_replaced(tmp_path, fakes, private_cache, damage, monkeypatch):
     fake = fakes.write_image_folder(tmp_path / "imgs")
     calls = []
@@ -96,6 +98,8 @@ def test_a_damaged_cache_entry_is_decoded_again_and_replaced(tmp_path, fakes, pr
             arrays["train_x"] = arrays["train_x"].reshape(len(arrays["train_x"]), -1)
         elif damage == "labels out of range":
             arrays["train_y"][0] = 99
+        elif damage == "class names not a list":
+            arrays["class_names"] = np.array("ant")
         else:
             arrays["test_y"] = arrays["test_y"][1:]
         np.savez(entry, **arrays)
@@ -196,6 +200,17 @@ def test_a_corrupt_image_is_named_in_one_data_error(tmp_path, fakes, private_cac
     name = "an image of class 'dog'" if archive else "900.png"
     with pytest.raises(DataError, match=f"cannot decode .*{name}.*remove or replace the file"):
         load_imagefolder(cfg_for(root))
+
+
+@pytest.mark.parametrize("mode", ["w:gz", "w"], ids=["tar.gz", "tar"])
+def test_an_archive_cut_short_is_one_data_error(tmp_path, fakes, private_cache, mode):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    archive = tmp_path / ("imgs.tar.gz" if mode == "w:gz" else "imgs.tar")
+    with tarfile.open(archive, mode) as tar:
+        tar.add(fake.root / "train", arcname="train")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])  # a copy that stopped half way
+    with pytest.raises(DataError, match="cannot read .* archive .*damaged or cut short"):
+        load_imagefolder(cfg_for(archive))
 
 
 def test_bad_roots_are_reported(tmp_path, fakes, private_cache):

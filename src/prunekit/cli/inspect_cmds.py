@@ -200,8 +200,8 @@ def _recipe_lines(folder: Path) -> list[str]:
         return [f"(no {folder}/ folder with .yaml recipes here; run from the repository root)"]
     lines = []
     for f in files:
-        first = next((ln.lstrip("# ").strip() for ln in f.read_text(encoding="utf-8").splitlines()
-                      if ln.startswith("#")), "")
+        text = f.read_text(encoding="utf-8", errors="replace")  # a file in another encoding is still listed
+        first = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
         lines.append(f"{str(f):<44}{first[:100]}")
     return lines
 

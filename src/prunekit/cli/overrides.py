@@ -83,7 +83,7 @@ def _check_loaded(data: Any, where: str) -> Any:
 def load_yaml_text(text: str, where: str) -> Any:
     """Parse YAML text; a syntax error becomes a one-line ConfigError naming `where`."""
     try:
-        return _check_loaded(yaml.load(text, Loader=_Loader), where)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -91,6 +91,11 @@ def load_yaml_text(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from None
     except RecursionError:  # the parser recurses once per nesting level
         raise ConfigError(f"{where}: YAML nested too deeply to read; a recipe needs a few levels") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        # a value its constructor cannot build: a date that does not exist (2023-02-30), `!!int 3.5`
+        raise ConfigError(f"{where}: invalid YAML: a value cannot be read ({type(err).__name__}: {err}); "
+                          "quote it to keep it as text") from None
+    return _check_loaded(data, where)
 
 
 def load_yaml_file(path: str | Path) -> Any:

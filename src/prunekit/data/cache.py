@@ -62,8 +62,8 @@ def load_cached(key: str) -> ImageArrays | None:
         with np.load(path, allow_pickle=False) as z:
             arrays = ImageArrays(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
                                  [str(c) for c in z["class_names"]])
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
-        return None  # a truncated or foreign file: decode again and overwrite it
+    except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile):
+        return None  # a truncated or foreign file (class names not a list: TypeError): decode again and overwrite it
     return arrays if _consistent(arrays) else None
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import tarfile
 import warnings
+import zlib
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -92,20 +93,24 @@ def _read_archive(path: Path) -> Entries:
     # The members' sizes are summed before each is read: a small .tar.gz can hold gigabytes.
     entries: Entries = defaultdict(lambda: defaultdict(list))
     held = 0
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar:
-            parts = member.name.split("/")
-            if member.isfile() and len(parts) >= 3 and is_image_name(member.name):
-                if member.size > MAX_IMAGE_BYTES:
-                    raise DataError(f"{member.name!r} in {str(path)!r} is {member.size / 1e6:.0f} MB, more than an "
-                                    f"image file may be here ({MAX_IMAGE_BYTES / 1e6:.0f} MB); remove it")
-                held += member.size
-                if held > MAX_ARCHIVE_BYTES:
-                    raise DataError(f"the images in {str(path)!r} take more than {MAX_ARCHIVE_BYTES / 1e9:.1f} GB "
-                                    "unpacked, more than is read into memory here; extract it and pass the folder "
-                                    "as root so that images are streamed from disk")
-                data = tar.extractfile(member).read()
-                entries[parts[-3]][parts[-2]].append((member.name, data))
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                if member.isfile() and len(parts) >= 3 and is_image_name(member.name):
+                    if member.size > MAX_IMAGE_BYTES:
+                        raise DataError(f"{member.name!r} in {str(path)!r} is {member.size / 1e6:.0f} MB, more than an "
+                                        f"image file may be here ({MAX_IMAGE_BYTES / 1e6:.0f} MB); remove it")
+                    held += member.size
+                    if held > MAX_ARCHIVE_BYTES:
+                        raise DataError(f"the images in {str(path)!r} take more than {MAX_ARCHIVE_BYTES / 1e9:.1f} GB "
+                                        "unpacked, more than is read into memory here; extract it and pass the folder "
+                                        "as root so that images are streamed from disk")
+                    data = tar.extractfile(member).read()
+                    entries[parts[-3]][parts[-2]].append((member.name, data))
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:  # cut short or damaged (gzip raises OSErrors)
+        raise DataError(f"cannot read {str(path)!r} as a .tar/.tar.gz archive ({type(err).__name__}: {err}); it is "
+                        "damaged or cut short: copy it again, or pass the extracted folder as root") from None
     return entries
 
 
