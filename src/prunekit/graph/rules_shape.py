@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .ids import OPAQUE, compress, varying_dims
+from .ids import OPAQUE, along, compress, varying_dims
 from .rules import register_rule
 from .rules_tensor import _tensor_outs
 
@@ -26,8 +26,11 @@ def replay(tr, call):
     """Shape ops: run the same op on the id tensors themselves."""
     if call.name in REORDER:
         args, kwargs = (tr.ids(call.args[0]), *call.args[1:]), call.kwargs
-    elif call.name in ("cat", "concat", "concatenate") and _compact_cat(tr, call):
-        return
+    elif call.name in JOINED:
+        _join_operands(tr, call)
+        if call.name != "stack" and _compact_cat(tr, call):
+            return
+        args, kwargs = _swap_data(tr, call)
     else:
         args, kwargs = _swap_data(tr, call)
     res = call.func(*args, **kwargs)
@@ -36,6 +39,27 @@ def replay(tr, call):
         if call.name in ("view", "reshape", "unflatten", "view_as", "reshape_as"):
             _join_split(tr, _full(tr.ids(call.args[0]), call.args[0].shape), i)
         tr.set_ids(o, i)
+
+
+JOINED = {"cat", "concat", "concatenate", "stack"}
+
+
+def _join_operands(tr, call) -> None:
+    """cat and stack need their operands of one size in every dim they do not join along: channels
+    there are pruned together, position by position (torch.stack([a, b]).sum(0) adds a and b)."""
+    parts, dim = call.arg(0, "tensors"), call.arg(1, "dim", 0)
+    if not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
+        return
+    parts = [t for t in parts if isinstance(t, torch.Tensor)]
+    if len(parts) < 2 or len({t.shape if call.name == "stack" else t.dim() for t in parts}) > 1:
+        return  # a legacy empty operand of cat, or a call that torch rejects anyway
+    cut = None if call.name == "stack" else dim % parts[0].dim()
+    ids = [tr.ids(t) for t in parts]
+    for d in range(parts[0].dim()):
+        if d != cut and any(i.shape[d] > 1 for i in ids):
+            pos = [along(i, d, t.shape[d], tr.uf) for t, i in zip(parts, ids)]
+            for p in pos[1:]:
+                tr.uf.union_pairs(pos[0], p)
 
 
 def _compact_cat(tr, call) -> bool:
@@ -70,10 +94,20 @@ def getitem(tr, call):
             dim = x.dim() - sum(1 for it in index[pos + 1:] if it is not None)
             continue
         full = isinstance(item, slice) and item == slice(None)
-        if not full and dim < ids.dim() and ids.shape[dim] > 1:
+        # a bool mask indexes as many dims as it has
+        width = item.dim() if isinstance(item, torch.Tensor) and item.dtype in (torch.bool, torch.uint8) else 1
+        if not full and any(ids.shape[d] > 1 for d in range(dim, min(dim + width, ids.dim()))):
             tr.uf.mark_fixed(ids)  # a hard-coded position along a channel dim
-        dim += 0 if isinstance(item, bool) else 1
-    replay(tr, call)
+        dim += 0 if isinstance(item, bool) else width
+    # the index keeps its values (a mask or positions computed in forward), only x's ids are indexed
+    tr.set_ids(_tensor_outs(call)[0], call.func(_full(ids, x.shape), _on_cpu(call.args[1])))
+
+
+def _on_cpu(index):
+    """An index with its tensors on the CPU, where the id tensors live."""
+    if isinstance(index, torch.Tensor):
+        return index.cpu()
+    return type(index)(_on_cpu(i) for i in index) if isinstance(index, (tuple, list)) else index
 
 
 def cut_along(tr, call):
@@ -121,9 +155,13 @@ def chunk(tr, call):
 
 
 def pad(tr, call):
-    """Constant padding: padded channels have a count fixed in code."""
+    """Constant padding: padded channels have a count fixed in code. Reflect, replicate and
+    circular padding copy channels from the ends, which move when a channel goes: fixed."""
     x, pads = call.args[0], list(call.arg(1, "pad"))
     ids = tr.ids(x)
+    if call.arg(2, "mode", "constant") != "constant" and any(
+            ids.shape[x.dim() - 1 - k] > 1 and (pads[2 * k] or pads[2 * k + 1]) for k in range(len(pads) // 2)):
+        tr.uf.mark_fixed(ids)
     for k in range(len(pads) // 2):
         d = x.dim() - 1 - k
         before, after = pads[2 * k], pads[2 * k + 1]

@@ -32,6 +32,9 @@ adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d 
 adaptive_max_pool3d adaptive_max_pool1d_with_indices adaptive_max_pool2d_with_indices
 _adaptive_max_pool2d interpolate upsample upsample_nearest upsample_bilinear lp_pool2d""".split()
 SUM_LIKE = {"sum", "nansum"}  # reductions that stay exact when a channel is zeroed
+# A sum over channels (a reduction, or the contraction of a product) has no weight slice to clear:
+# removing a channel equals zeroing it only where the zeroed channel's value is zero there, which
+# the rules cannot see (sigmoid(0) = 0.5, an affine-free BatchNorm). Such channels are probed.
 REDUCE = "mean sum nansum nanmean amax amin max min std var norm logsumexp prod argmax argmin".split()
 
 
@@ -84,11 +87,14 @@ def power(tr, call):
 
 
 def spatial(tr, call):
-    """Pooling/resizing: channel dims keep their size, other dims may change."""
+    """Pooling/resizing: channel dims keep their size, other dims may change. The op works on the
+    last 1, 2 or 3 dims (its name says; interpolate: every dim after N, C): channels there would be
+    mixed with their neighbours (a pool over a channels-last tensor), so they are fixed."""
     x = call.args[0]
     ids = tr.ids(x)
     out = _tensor_outs(call)[0]
-    if all(out.shape[d] == x.shape[d] for d in varying_dims(ids)) and out.dim() == x.dim():
+    pooled = next((int(n) for n in "123" if f"{n}d" in call.name), x.dim() - 2)
+    if out.dim() == x.dim() and all(d < x.dim() - pooled and out.shape[d] == x.shape[d] for d in varying_dims(ids)):
         for o in _tensor_outs(call):
             tr.set_ids(o, ids)
     else:
@@ -105,8 +111,11 @@ def reduction(tr, call):
     if dims is None or isinstance(dims, str):
         dims = list(range(x.dim()))
     dims = [d % x.dim() for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
-    if any(ids.shape[d] > 1 for d in dims) and call.name not in SUM_LIKE:
-        tr.uf.mark_fixed(ids)  # mean/max over channels changes when a channel goes
+    if any(ids.shape[d] > 1 for d in dims):
+        if call.name not in SUM_LIKE:
+            tr.uf.mark_fixed(ids)  # mean/max over channels changes when a channel goes
+        else:
+            tr.unproven_ids.append(ids)  # a sum over channels (see SUM_LIKE)
     out = ids
     for d in sorted(dims, reverse=True):
         out = out.narrow(d, 0, 1)
@@ -145,6 +154,7 @@ def matmul(tr, call):
     cb = along(ib, -2, k, tr.uf) if kb else None
     if ka and kb:
         tr.uf.union_pairs(ca, cb)
+        tr.unproven_ids.append(ca)  # a sum over channels (see SUM_LIKE)
     elif ka or kb:  # the other operand cannot lose those positions
         tr.uf.mark_fixed(ca if ka else cb)
     rows = torch.full_like(ia.narrow(-1, 0, 1), NO_ID) if ka else ia.narrow(-1, 0, 1)
@@ -171,6 +181,8 @@ def sdpa(tr, call):
     tr.uf.union_pairs(*qk)
     if call.kwargs.get("scale") is None and (len(call.args) < 7 or call.args[6] is None):
         tr.uf.mark_fixed(qk[0])
+    else:
+        tr.unproven_ids.append(qk[0])  # q.k sums over the head dim (see SUM_LIKE)
     mask = call.arg(3, "attn_mask")
     if isinstance(mask, torch.Tensor) and tr.ids(mask) is not None:
         # an additive mask (BEiT's relative position bias, (1, heads, L, S)) is added per head and
@@ -282,6 +294,8 @@ def einsum(tr, call):
         vecs = [along(ids[k], d, ops[k].shape[d], tr.uf) for k, d in places]
         for v in vecs[1:]:
             tr.uf.union_pairs(vecs[0], v)
+        if letter not in rhs:
+            tr.unproven_ids.extend(vecs)  # a sum over this letter (see SUM_LIKE)
     carriers = [k for k, s in enumerate(subs) if any(ids[k].shape[d] > 1 and letter in rhs for d, letter in enumerate(s))]
     out = _tensor_outs(call)[0]
     if len(carriers) > 1:

@@ -220,7 +220,7 @@ class Tracer(TorchFunctionMode):
         out = func(*args, **kwargs)
         outs = [args[0]] if name == "__setitem__" else tensors_in(out)
         if outs:
-            args, kwargs = _frozen(args), _frozen(kwargs)  # lists the model appends to later (DenseNet)
+            args, kwargs = _positional(_frozen(args), _frozen(kwargs))  # lists the model appends to later (DenseNet)
             self.queue.append((Call(name, func, args, kwargs, out, self._stack[-1], tensors_in((args, kwargs))),
                                outs, self._ignored_depth))
         return out
@@ -332,6 +332,24 @@ def _frozen(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _frozen(v) for k, v in obj.items()}
     return obj
+
+
+# Leading parameters that a call may name (F.conv2d(input=x, weight=w), torch.cat(tensors=xs, dim=1),
+# F.scaled_dot_product_attention(query=q, key=k, value=v)): the rules read them by position.
+_LEADING = (("input", "tensors", "query"), ("other", "key"), ("value",))
+
+
+def _positional(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """`args, kwargs` with the leading parameters given by name moved, in order, to the front."""
+    if args or not kwargs:
+        return args, kwargs
+    kwargs = dict(kwargs)
+    for names in _LEADING:
+        name = next((n for n in names if n in kwargs), None)
+        if name is None:
+            break
+        args += (kwargs.pop(name),)
+    return args, kwargs
 
 
 def op_name(func: Callable) -> str:

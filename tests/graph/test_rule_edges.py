@@ -1,0 +1,214 @@
+"""Rules at edges the toy models and random DAGs do not reach: every channel the graph calls
+prunable is removed exactly as zeroing it, and valid call forms trace without a crash."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.graph import build_graph
+from prunekit.surgery.verify import build_safe_graph, probe_groups
+from prunekit.testing.checks import check_removal_matches_zeroing
+
+
+def _every_prunable_channel_matches_zeroing(model: nn.Module, x) -> None:
+    graph = build_graph(model, x)
+    for group in graph.prunable_groups():
+        for ch in group.prunable.nonzero().flatten().tolist():
+            if group.size > 1:
+                check_removal_matches_zeroing(model, x, graph, {group.name: [ch]})
+
+
+class PoolOverChannels(nn.Module):
+    """A pool whose window runs along the channels: a Linear's features, or channels-last maps."""
+
+    def __init__(self, pool, channels_last: bool):
+        super().__init__()
+        self.a, self.b, self.pool, self.channels_last = nn.Linear(3, 8), nn.Linear(8, 2), pool, channels_last
+
+    def forward(self, x):  # x: (B, H, W, 3)
+        y = self.a(x)  # (B, H, W, 8): channels last
+        y = self.pool(y if self.channels_last else y.flatten(1, 2))  # (B, H*W, 8) for the 1-d pools
+        return self.b(y.reshape(y.shape[0], -1, y.shape[-1]))
+
+
+POOLS = {
+    "avg_pool1d": (lambda t: F.avg_pool1d(t, 3, 1, 1), False),
+    "max_pool1d": (lambda t: F.max_pool1d(t, 3, 1, 1), False),
+    "max_pool2d_channels_last": (lambda t: F.max_pool2d(t, 3, 1, 1), True),
+    "avg_pool2d_channels_last": (lambda t: F.avg_pool2d(t, 3, 1, 1, count_include_pad=False), True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POOLS))
+def test_a_pool_along_the_channels_fixes_them(name):
+    """The pool keeps the size of the channel dim, but mixes each channel with its neighbours:
+    without a channel the same window reads other neighbours, so the channels are fixed."""
+    pool, channels_last = POOLS[name]
+    torch.manual_seed(0)
+    model, x = PoolOverChannels(pool, channels_last).eval(), torch.randn(2, 4, 4, 3)
+    assert not build_graph(model, x).group("a").prunable.any()
+    _every_prunable_channel_matches_zeroing(model, x)
+
+
+def test_a_pool_over_spatial_dims_keeps_the_channels_prunable():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.MaxPool2d(3, 1, 1), nn.AvgPool2d(2), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    assert build_graph(model, x).group("0").prunable.all()
+    _every_prunable_channel_matches_zeroing(model, x)
+
+
+class NamedArguments(nn.Module):
+    """Functional calls that name their leading tensor arguments (input=, tensors=, query=, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1)
+        self.q, self.k, self.v, self.o = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = F.conv2d(input=x, weight=self.a.weight, bias=self.a.bias, padding=1)
+        y = F.batch_norm(input=y, running_mean=self.bn.running_mean, running_var=self.bn.running_var,
+                         weight=self.bn.weight, bias=self.bn.bias)
+        y = F.interpolate(input=F.relu(input=y), scale_factor=2)
+        y = F.max_pool2d(input=F.pad(input=y, pad=(1, 1, 1, 1)), kernel_size=2)
+        y = torch.cat(tensors=[y[:, :, :2], y[:, :, 2:]], dim=2)
+        t = torch.flatten(input=self.b(y), start_dim=2).transpose(1, 2)  # (B, tokens, 8)
+        a = F.scaled_dot_product_attention(query=self.q(t), key=self.k(t), value=self.v(t), scale=0.5)
+        return self.o(torch.mul(input=a, other=torch.sigmoid(input=a)).sum(dim=1))
+
+
+def test_leading_arguments_given_by_name_trace_like_positional_ones():
+    torch.manual_seed(0)
+    model, x = NamedArguments().eval(), torch.randn(2, 3, 5, 5)
+    graph = build_graph(model, x)
+    assert [(g.name, g.size, int(g.prunable.sum())) for g in graph.groups][:4] == [
+        ("a", 8, 8), ("b", 8, 8), ("q", 8, 8), ("v", 8, 8)]
+    _every_prunable_channel_matches_zeroing(model, x)
+
+
+class MaskedTokens(nn.Module):
+    """Token selection by a mask computed in forward (x[keep], keep: (B, N) bool), and a
+    selection of single elements by a mask over every dim (the elements carry all channels)."""
+
+    def __init__(self, every_dim: bool):
+        super().__init__()
+        self.a, self.score, self.b, self.every_dim = nn.Linear(4, 8), nn.Linear(4, 1), nn.Linear(8, 2), every_dim
+
+    def forward(self, x):  # x: (B, N, 4)
+        y = self.a(x)
+        if self.every_dim:
+            return self.b(y).sum() + y[y > 0].sum()
+        keep = self.score(x).squeeze(-1) > 0  # (B, N)
+        return self.b(y[keep]).sum(0)
+
+
+def test_a_mask_index_keeps_its_values_and_fixes_the_channels_it_covers():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 4)
+    tokens, elements = MaskedTokens(every_dim=False).eval(), MaskedTokens(every_dim=True).eval()
+    assert build_graph(tokens, x).group("a").prunable.all()  # the mask covers (B, N), not the channels
+    _every_prunable_channel_matches_zeroing(tokens, x)
+    assert not build_graph(elements, x).group("a").prunable.any()
+
+
+class SumOfChannels(nn.Module):
+    """Channels summed with no weight slice between: a reduction, a q.k product, an einsum.
+    After a sigmoid a zeroed channel is 0.5, not 0, so removing it differs from zeroing it."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.a, self.k, self.kind = nn.Linear(4, 8), nn.Linear(4, 8), kind
+
+    def forward(self, x):  # x: (B, N, 4)
+        x = x[0, 0] if self.kind == "einsum" else x  # einsum joins a channel dim's positions along its other dims
+        q = torch.sigmoid(self.a(x))
+        if self.kind == "sum":
+            return q.sum(-1)
+        k = torch.sigmoid(self.k(x))
+        if self.kind == "matmul":
+            return q @ k.transpose(-1, -2)
+        return torch.einsum("c,c->", q, k)
+
+
+@pytest.mark.parametrize("kind", ["sum", "matmul", "einsum"])
+def test_a_sum_over_channels_is_probed(kind):
+    torch.manual_seed(0)
+    model, x = SumOfChannels(kind).eval(), torch.randn(2, 5, 4)
+    graph = build_graph(model, x)
+    assert not graph.group("a").proven
+    assert probe_groups(model, x, graph, everything=False) == probe_groups(model, x, graph, everything=True)
+    assert not build_safe_graph(model, x).group("a").prunable.any()
+
+
+class GatedBySum(nn.Module):
+    """A Linear's features summed: nothing follows them, so zeroed ones are 0 in the sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(F.gelu(self.a(x))).sum(-1)
+
+
+def test_a_sum_over_channels_that_stay_zero_remains_prunable():
+    torch.manual_seed(0)
+    model, x = GatedBySum().eval(), torch.randn(2, 5, 4)
+    assert not build_graph(model, x).group("b").proven
+    assert build_safe_graph(model, x).group("b").prunable.any()
+    _every_prunable_channel_matches_zeroing(model, x)
+
+
+class PaddedFeatures(nn.Module):
+    """A Linear's features padded by `mode` along the feature dim, then read by another Linear."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.a, self.b, self.mode = nn.Linear(3, 8), nn.Linear(10, 2), mode
+
+    def forward(self, x):
+        return self.b(F.pad(self.a(x).unsqueeze(1), (1, 1), mode=self.mode).squeeze(1))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_padding_that_copies_channels_fixes_them(mode):
+    """reflect pads [c1, c0..c7, c6]: without c1 the same code pads with c2."""
+    torch.manual_seed(0)
+    model, x = PaddedFeatures(mode).eval(), torch.randn(2, 3)
+    assert not build_graph(model, x).group("a").prunable.any()
+    _every_prunable_channel_matches_zeroing(model, x)
+
+
+def test_padding_with_a_constant_keeps_the_channels_prunable():
+    torch.manual_seed(0)
+    model, x = PaddedFeatures("constant").eval(), torch.randn(2, 3)
+    assert build_graph(model, x).group("a").prunable.all()
+    _every_prunable_channel_matches_zeroing(model, x)
+
+
+class StackedFusion(nn.Module):
+    """BiFPN-style fusion: branches stacked along a new dim and summed over it."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.a, self.b, self.c, self.how = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1), how
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        if self.how == "first":
+            return self.c(torch.stack([a, b], 0).sum(0))
+        return self.c(torch.sum(torch.stack([0.3 * a, 0.7 * b], dim=-1), dim=-1))
+
+
+@pytest.mark.parametrize("how", ["first", "last"])
+def test_stacked_operands_are_pruned_together(how):
+    torch.manual_seed(0)
+    model, x = StackedFusion(how).eval(), torch.randn(2, 3, 4, 4)
+    graph = build_graph(model, x)
+    assert [(g.name, g.size) for g in graph.prunable_groups()] == [("a", 8)]
+    assert {m.qualname for m in graph.group("a").members if m.role == "out"} == {"a.weight", "a.bias", "b.weight", "b.bias"}
+    assert build_safe_graph(model, x).group("a").prunable.all()
+    _every_prunable_channel_matches_zeroing(model, x)
