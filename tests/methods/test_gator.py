@@ -127,6 +127,21 @@ def test_gated_equals_converted_concat_model_and_silent_fallback():
     assert conv.silent == ["a.0"] and model.a[0].out_channels == 1
 
 
+def test_a_cut_branch_that_breaks_the_forward_falls_back_to_a_silent_channel():
+    """Group "0" passes the branch test, but its cut leaves 0 channels to a max pooling, which
+    cannot take them: the conversion retries with one silent channel (it raised the pooling's
+    RuntimeError before)."""
+    torch.manual_seed(0)
+    model = _random_bn_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                      nn.Linear(8, 3))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = build_graph(model, x)
+    gates = GateSet.from_graph(model, graph)
+    conv = _check_conversion(model, x, gates, graph, _masks(gates, closed=("0",), only=()))
+    assert not conv.branches and conv.silent == ["0"] and model[0].out_channels == 1
+
+
 def test_highway_gates_remove_the_same_channels_from_every_member():
     model = _random_bn_(create_model("resnet20", num_classes=10)).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -168,6 +183,23 @@ def test_closing_an_inner_group_cuts_the_branch(tmp_path):
     again = load_pruned(fresh, path)
     torch.testing.assert_close(run_model(again, x), run_model(model, x), atol=0, rtol=0)
     assert isinstance(apply_plan_(copy.deepcopy(fresh), conv.plan).layer1[1].conv2, ConstantOutput)
+
+
+def test_a_closed_stream_and_a_closed_block_inside_it_cut_together(tmp_path):
+    """layer1.0.conv2 writes the closed stage-1 stream (emptied by that cut) and reads the closed
+    inner group of block layer1.0 (made constant by that cut): it must be emptied whichever
+    branch comes last, or the block adds 16 constant channels to a 0-channel stream."""
+    torch.manual_seed(0)
+    model = _random_bn_(create_model("resnet20", num_classes=10)).eval()
+    fresh = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    graph = build_graph(model, x)
+    gates = GateSet.from_graph(model, graph)
+    conv = _check_conversion(model, x, gates, graph, _masks(gates, seed=1, closed=("conv1", "layer1.0.conv1")))
+    assert sorted(b.group for b in conv.branches) == ["conv1", "layer1.0.conv1"] and not conv.silent
+    assert isinstance(model.layer1[0].conv2, EmptyOutput)
+    again = load_pruned(fresh, save_pruned(model, conv.plan, tmp_path / "gator.safetensors"))
+    torch.testing.assert_close(run_model(again, x), run_model(model, x), atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------- controller
@@ -298,3 +330,39 @@ def test_gator_rounds_on_settling_and_trains_the_rounded_network():
     assert rounding["closed"] == 0 and rounding["reopened"] == 0  # already multiples at the end
     assert all(m.out_channels % 8 == 0 for m in model.modules() if isinstance(m, nn.Conv2d))
     assert r.metrics["gated"]["acc"] > 0.93
+
+
+def test_a_closed_last_stream_is_cut_and_the_converted_model_is_counted():
+    """Every channel of the stage-3 stream closed: its branch is cut, the pooled features have
+    0 channels and the classifier is constant. count_cost (which the pipeline calls right after
+    conversion) traced that 0-channel tensor and failed with an IndexError."""
+    torch.manual_seed(0)
+    model = _random_bn_(create_model("resnet20", num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = build_graph(model, x)
+    gates = GateSet.from_graph(model, graph)
+    conv = _check_conversion(model, x, gates, graph, _masks(gates, closed=("layer3.0.conv2",), only=()))
+    assert [b.group for b in conv.branches] == ["layer3.0.conv2"] and isinstance(model.fc, ConstantOutput)
+
+
+def test_the_settle_rounding_report_survives_a_resume():
+    """A run resumed after it settled reports metrics["settle_rounding"] as the uninterrupted run
+    does: the hook's checkpoint state carries the rounding report (it was lost on resume)."""
+    from prunekit.methods.gator.hook import GatorHook
+
+    def make():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(512, 2))
+        graph = build_graph(net, torch.randn(2, 1, 8, 8))
+        gates = GateSet.from_graph(net, graph)
+        return GatorHook(gates, build_cost("macs", net, graph, gates), None, GatorConfig(target=0.5, round_to=8),
+                         total_steps=10, graph=graph)
+
+    hook = make()
+    hook.gates.active(0)[:13] = False  # the switched-off channels reached the target
+    hook.settle(4)
+    assert hook.rounding is not None and hook.rounding["multiple"] == 8
+    resumed = make()
+    resumed.load_state_dict(hook.state_dict())
+    assert resumed.settled_at == 4 and resumed.rounding == hook.rounding

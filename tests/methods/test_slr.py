@@ -263,6 +263,25 @@ def test_hook_penalty_gradient_and_epoch_metrics():
         SLRHook(net, SLRConfig(sparsity=0.5)).on_epoch_end(net, 0, {})
 
 
+def test_reference_mode_keeps_aliasing_the_weights_after_the_model_moves():
+    """slr_prune_ makes the hook before train() moves the model to its device, and a move gives
+    every parameter new storage (param.data = moved copy). With clone_previous=False, W_prev must
+    still be the live weights at the first update, so the run is the one without the move; it
+    was the stale pre-move tensor (on a GPU run: a CPU tensor next to Z on the GPU)."""
+    runs = []
+    for move in (False, True):
+        net = _cnn()
+        hook = SLRHook(net, SLRConfig(sparsity=0.5, clone_previous=False))
+        if move:
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.data = p.data.clone()  # what Module.to(device) does to each parameter
+        _run_epochs(net, hook, _batches(), 2)
+        assert hook.state.W_prev["3.weight"].data_ptr() == net[3].weight.data_ptr()
+        runs.append(hook.state.history)
+    assert runs[1] == runs[0]
+
+
 def test_hook_uses_check_batches_for_the_loss():
     net = _cnn()
     batches = _batches(2, seed=1)
@@ -355,6 +374,23 @@ def test_recalibrate_bn_gives_the_average_of_batch_statistics():
     assert recalibrate_bn(net, batches, n=1) == 1
     with pytest.raises(ConfigError, match="at least one batch"):
         recalibrate_bn(net, [])
+
+
+def test_recalibrate_bn_failing_midway_leaves_the_statistics_as_they_were():
+    """A batch the model cannot take (2 channels for a 1-channel conv) after a good one: the
+    error propagates and the BN statistics are the caller's again, not reset and half-averaged."""
+    net = _cnn()
+    net.train()
+    with torch.no_grad():
+        for x, _ in _batches(2, seed=3):
+            net(x * 2 + 1)
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    bad = [_batches(1, seed=4)[0], (torch.randn(4, 2, 6, 6), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(RuntimeError):
+        recalibrate_bn(net, bad)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not net.training and net[1].momentum == 0.1
 
 
 def test_shrink_removes_closed_filters():

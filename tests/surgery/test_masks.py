@@ -169,6 +169,15 @@ def test_prune_count_rounds_half_up_and_refuses_to_empty():
         prune_count(10, 1.5)
 
 
+def test_prune_count_error_names_a_bound_that_the_sparsity_must_stay_below():
+    """0.95 of 10 weights rounds up to all 10: the message must not offer 0.95 itself ("at most
+    0.95 keeps one" was wrong); any sparsity below the bound it names keeps one."""
+    for total, bound in ((10, 0.95), (1, 0.5), (4, 0.875)):
+        with pytest.raises(PruningError, match=f"below {bound:.4g} keeps one"):
+            prune_count(total, bound)
+        assert prune_count(total, bound - 1e-9) == total - 1
+
+
 @pytest.mark.parametrize("shape", [(7,), (5, 13), (4, 3, 3, 3)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
 def test_unstructured_mask_exact_count_keeps_largest(shape, sparsity):

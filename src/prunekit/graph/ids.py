@@ -155,6 +155,8 @@ class IdSet:
 def compress(ids: torch.Tensor) -> torch.Tensor:
     """Shrink every dim along which `ids` does not vary to size 1."""
     a = ids.numpy()
+    if a.size == 0:  # 0 channels (a cut branch): nothing varies, nothing to shrink
+        return ids
     big = [n for n in a.shape if n > 1]
     if len(big) <= 1 and ids.is_contiguous():  # the common case: one varying dim, or none
         if not big or a.flat[0] != a.flat[-1]:

@@ -145,8 +145,8 @@ def _covers(group: Group, module: str, role: str, dim: int) -> bool:
 def cut_branches_(model: nn.Module, branches: list[Branch]) -> None:
     """Replace the branches' modules in place (a module that a branch empties is never made constant)."""
     decision: dict[str, str] = {}
-    for b in branches:
-        for kind in ("constant", "identity", "empty"):  # later kinds win: empty > identity > constant
+    for kind in ("constant", "identity", "empty"):  # later kinds win across branches: empty > identity > constant
+        for b in branches:
             for name in getattr(b, kind):
                 decision[name] = kind
     made = {"empty": EmptyOutput, "identity": lambda mod: nn.Identity(), "constant": ConstantOutput}

@@ -229,7 +229,7 @@ def prune_count(total: int, sparsity: float, unit: str = "weights") -> int:
     if k >= total:
         raise PruningError(
             f"sparsity {sparsity} of {total} {unit} keeps none of them; use a lower sparsity "
-            f"(at most {(total - 0.5) / total:.4g} keeps one)"
+            f"(below {(total - 0.5) / total:.4g} keeps one: the count rounds half up)"
         )
     return k
 

@@ -190,6 +190,7 @@ class GatorHook(Hook):
     # ---- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"gates": self.gates.state_dict(), "lam": self.lam, "settled_at": self.settled_at,
+                "rounding": self.rounding,
                 "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
                 "controller": None if self.controller is None else self.controller.state_dict()}
 
@@ -200,6 +201,7 @@ class GatorHook(Hook):
             raise CheckpointError(f"gate state does not fit these gates ({err}); resume with the same model") from None
         self.lam = float(state["lam"])
         self.settled_at = state.get("settled_at")
+        self.rounding = state.get("rounding")
         if state.get("controller") is not None and self.controller is not None:
             self.controller.load_state_dict(state["controller"])
         if state.get("optimizer") is not None:

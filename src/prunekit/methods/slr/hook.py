@@ -102,6 +102,8 @@ class SLRHook(Hook):
         cfg, state = self.config, self.state
         W = {n: w.detach() for n, w in self.weights().items()}
         self._sync_device(next(iter(W.values())).device)
+        if state.aliased:  # W_prev *is* the live weights; moving the model (to a GPU) gave them new storage
+            state.W_prev = dict(W)
         if cfg.optimization == "admm":
             info = admm_update(state, W)
         else:

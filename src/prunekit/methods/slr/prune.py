@@ -139,7 +139,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, n: int | None = None) ->
     """Recompute BatchNorm running statistics from `n` batches (all when None); return the count.
 
     Resets the running stats, sets momentum=None (a cumulative average, so every batch weighs
-    the same) and forwards in train mode without gradients; modes and momenta are restored.
+    the same) and forwards in train mode without gradients; modes and momenta are restored, and
+    if a forward fails the running stats are put back as they were before the error propagates.
     Batches are tensors or (inputs, ...) tuples.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -153,6 +154,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, n: int | None = None) ->
         raise ConfigError("recalibrate_bn needs at least one batch; the iterable is empty")
     device = next(model.parameters()).device
     momenta = [m.momentum for m in bns]
+    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in bns]
     used = 0
     with kept_modes(model):  # every module's mode as it was, afterwards
         try:
@@ -167,6 +169,12 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, n: int | None = None) ->
                     model(x.to(device))
                     used += 1
                     batch = next(it, None)
+        except BaseException:
+            with torch.no_grad():
+                for m, buffers in zip(bns, saved):
+                    for k, b in buffers.items():
+                        getattr(m, k).copy_(b)
+            raise
         finally:
             for m, mom in zip(bns, momenta):
                 m.momentum = mom
