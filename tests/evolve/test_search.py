@@ -79,6 +79,21 @@ def test_search_through_ray(dense, tmp_path):
     assert len(state.history) == 3 and max(e["acc"] for e in state.evaluations.values()) > 0.5
 
 
+def test_starting_ray_leaves_the_search_rng_alone():
+    # A resumed search restores `random` from the checkpoint, then starts the executor: ray.init
+    # drew from `random`, so a resumed Ray search varied differently from an uninterrupted one.
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (prunekit[distributed])")
+    from prunekit.evolve.jobs import create_executor
+
+    if ray.is_initialized():
+        pytest.skip("Ray is already running: the executor would not start it")
+    random.seed(0)
+    before = random.getstate()
+    with create_executor("ray", 1):
+        assert random.getstate() == before
+    assert random.getstate() == before
+
+
 def test_variation_keeps_trees_valid_and_bounded():
     cfg = EvolveConfig(tasks=[digits_task()], population=8, parents=2, max_height=6, max_size=30)
     random.seed(0)

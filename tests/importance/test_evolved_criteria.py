@@ -104,6 +104,18 @@ def test_collected_stats_grow_when_the_first_batch_lacks_classes():
         torch.testing.assert_close(s.moments()[key], v)
 
 
+def test_collected_stats_are_sized_by_the_classes_seen_not_by_the_label_values():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 1)).eval()
+    x, y = torch.randn(12, 2, 4, 4), torch.arange(12) % 3
+    g = build_graph(m, x[:1]).group("0")
+    sparse = collect_class_stats(m, [g], [(x, y * 10 ** 12)])["0"]  # rows 0..2e12 would need 800 TB
+    dense = collect_class_stats(m, [g], [(x, y)])["0"]
+    assert sparse.counts.tolist() == [4.0, 4.0, 4.0]
+    for key, v in dense.moments().items():
+        torch.testing.assert_close(sparse.moments()[key], v)
+
+
 def test_collected_stats_read_the_consumer_input_after_bn_and_relu():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1)).eval()

@@ -52,6 +52,23 @@ def test_outer_of_large_maps_is_refused_not_allocated():
         evaluate_tree(parse_expression("out_dot(X, X)"), {"X": x})
 
 
+@pytest.mark.parametrize("op", ["add", "div", "mul"])
+def test_broadcast_past_the_cap_is_refused_not_allocated(op):
+    # a column (n, 1) against a row (1, n) broadcasts to n x n: 6,400^2 = 41M entries from 6,400
+    column = "out_dot(X, g_mean(X))"
+    with pytest.raises(EvalError, match="limit"):
+        evaluate_tree(parse_expression(f"{op}({column}, tran({column}))"), {"X": np.ones((100, 64))})
+
+
+def test_a_score_past_float32_is_no_finite_score():
+    # 24,000^16 is finite in float64 but inf in the float32 the pruner ranks scores in: the validity
+    # check passed such a function, then pruning with it failed ("NaN or inf scores") and it scored 0
+    maps, labels = np.full((6, 1, 4), 1e3), np.array([0, 1] * 3)
+    with pytest.raises(EvalError, match="finite score in float32"):
+        channel_scores(parse_expression("pow2(pow2(pow2(pow2(sum(X)))))"), maps, labels, np.ones((1, 2)))
+    assert channel_scores(parse_expression("pow2(pow2(sum(X)))"), maps, labels, np.ones((1, 2)))[0] > 0
+
+
 def test_time_limit_stops_evaluation():
     with pytest.raises(EvalError, match="time"):
         evaluate_tree(parse_expression("add(var(X), var(X))"), {"X": np.ones(3)}, deadline=0.0)

@@ -86,7 +86,8 @@ def _ray_runner(workers: int, address: str | None, num_cpus: float, num_gpus: fl
     started = not ray.is_initialized()
     if started:
         kwargs = {"address": address} if address else {"num_cpus": workers}
-        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, **kwargs)
+        with _own_rng():  # ray.init draws from `random`: a resumed search would vary differently
+            ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, **kwargs)
     remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(run_job)
 
     def run_ray(jobs: list[Job], desc: str = "", progress: bool = False) -> list:
@@ -105,4 +106,5 @@ def _ray_runner(workers: int, address: str | None, num_cpus: float, num_gpus: fl
         yield run_ray
     finally:
         if started:
-            ray.shutdown()
+            with _own_rng():
+                ray.shutdown()

@@ -44,6 +44,18 @@ def _guard(shape_size: int) -> None:
         raise EvalError(f"an intermediate result would hold {shape_size:,} entries (limit {MAX_ELEMENTS:,})")
 
 
+def _capped(fn):
+    """NumPy's elementwise `fn`, refused when its broadcast result would pass the cap (an (n, 1)
+    and a (1, n) operand broadcast to n x n)."""
+    def op(a, b):
+        _guard(int(np.prod(np.broadcast_shapes(np.shape(a), np.shape(b)))))
+        return fn(a, b)
+    return op
+
+
+_add, _multiply, _divide = map(_capped, (np.add, np.multiply, np.divide))
+
+
 def op_trace(a):
     if _scalar(a):
         return a
@@ -90,7 +102,7 @@ def op_mul(a, b):
         return np.multiply(a, b)
     a, b = np.asarray(a), np.asarray(b)
     dim = min(a.shape[-1], b.shape[0])
-    return np.multiply(a[..., :dim], b[:dim])
+    return _multiply(a[..., :dim], b[:dim])
 
 
 def op_outer(a, b):
@@ -123,10 +135,10 @@ def op_geo_median(w):
 
 # name -> (function, arity); the order is the authors' order of addPrimitive
 OPS = {
-    "trace": (op_trace, 1), "mmul": (op_mmul, 2), "inv": (op_inv, 1), "add": (np.add, 2),
+    "trace": (op_trace, 1), "mmul": (op_mmul, 2), "inv": (op_inv, 1), "add": (_add, 2),
     "sub": (op_sub, 2), "mul": (op_mul, 2), "out_dot": (op_outer, 2), "tran": (np.transpose, 1),
     "g_mean": (np.mean, 1), "mean": (op_mean, 1), "sum": (np.sum, 1), "std": (np.std, 1),
-    "var": (np.var, 1), "div": (np.divide, 2), "abs": (np.absolute, 1), "pow2": (np.square, 1),
+    "var": (np.var, 1), "div": (_divide, 2), "abs": (np.absolute, 1), "pow2": (np.square, 1),
     "num": (op_num, 1), "sqrt": (np.sqrt, 1), "rho1": (lambda a: np.add(a, 1e-4), 1),
     "rho5": (lambda a: np.add(a, 5e-2), 1), "geo_median": (op_geo_median, 1),
 }

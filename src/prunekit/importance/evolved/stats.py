@@ -13,7 +13,8 @@ the norm and the activation, what the next layer sees):
 
 Each rule gives at most one candidate; hooks sit on all of them and the first one whose module
 ran is used (a Linear inside nn.MultiheadAttention is applied functionally, never by its own
-forward). The number of classes grows with the labels seen.
+forward). The statistics keep one row per class seen, in order of arrival (memory follows the
+number of classes, not the labels' values).
 
 A channel's feature map is X_k in R^{N x D} (D = H*W for a conv input, the columns of one
 channel for a Linear, 1 for a plain FC unit). Statistics kept per group, independent of N:
@@ -204,12 +205,19 @@ def collect_class_stats(model: nn.Module, groups: list[Group], batches: Iterable
             y = labels[-1].long().cpu()
             if int(y.min()) < 0:
                 raise ConfigError("class labels must be integers >= 0")
+            # one row per class seen, in order of arrival: a label's value (e.g. 10**7) does not size the sums
+            rows = store.setdefault("rows", {})
+            classes, inverse = y.unique(return_inverse=True)
+            index = torch.tensor([rows.setdefault(c, len(rows)) for c in classes.tolist()])[inverse]
             if "stats" not in store:
-                store["stats"] = ClassStats.empty(int(y.max()) + 1, maps.shape[1], maps.shape[2])
-            store["stats"].add(maps.cpu(), y)
+                store["stats"] = ClassStats.empty(len(rows), maps.shape[1], maps.shape[2])
+            store["stats"].add(maps.cpu(), index)
         return sink
 
-    return {n: store["stats"] for n, store in _collect(model, groups, batches, make_sink).items()}
+    got = _collect(model, groups, batches, make_sink)
+    for store in got.values():
+        _two_classes(torch.tensor(sorted(store["rows"])))  # named by label (a row number would not say which)
+    return {n: store["stats"] for n, store in got.items()}
 
 
 def collect_feature_maps(model: nn.Module, groups: list[Group], batches: Iterable, max_samples: int = 256

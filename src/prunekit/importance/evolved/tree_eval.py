@@ -28,6 +28,7 @@ from .stats import collect_feature_maps
 from .text import expression_text, parse_expression
 
 _ERRORS = (ArithmeticError, ValueError, TypeError, IndexError, np.linalg.LinAlgError, MemoryError)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 # Terminals that do not change with the class (P, Q, N, mP, mQ do), and with the channel either (W).
@@ -127,8 +128,9 @@ def channel_scores(tree: gp.PrimitiveTree, maps: np.ndarray, labels: np.ndarray,
             p, q = x[mask], x[~mask]
             env.update(P=p, Q=q, N=len(p), mP=p.mean(0), mQ=q.mean(0) if len(q) else np.zeros(x.shape[1]))
             total = total + np.sum(evaluate_tree(tree, env, deadline, reuse, caches))
-        if not np.isfinite(total) or np.ndim(total) != 0:
-            raise EvalError(f"channel {k} has no finite score ({total!r})")
+        # past float32's range a score turns inf where the pruner ranks it (in float32)
+        if not np.isfinite(total) or np.ndim(total) != 0 or abs(total) > _FLOAT32_MAX:
+            raise EvalError(f"channel {k} has no finite score in float32 ({total!r})")
         out[k] = total
     return out
 
