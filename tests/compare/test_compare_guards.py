@@ -231,3 +231,33 @@ def test_a_model_key_compare_does_not_read_is_refused(dense_path):
     raw["model"] = {**raw["model"], "num_classes": 3}
     with pytest.raises(ConfigError, match="model: unknown key\\(s\\) num_classes \\(compare takes the number of classes"):
         CompareRecipe.from_dict(raw)
+
+
+def test_names_in_the_report_s_title_and_notes_are_escaped(dense_path, tmp_path):
+    raw = _raw(dense_path, name="t<b>")
+    raw["arms"]["l2<script>\n# heading"] = raw["arms"].pop("l2")
+    run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", only=["dense"], **quiet)
+    report = (tmp_path / "c" / "compare.md").read_text()
+    assert "no records yet for arm(s) l2\\<script\\> # heading" in report  # one line, markup escaped
+    assert "<script>" not in report and "<b>" not in report
+    assert not any(line.startswith("# heading") for line in report.splitlines())
+
+
+def test_latency_over_fewer_seeds_than_the_accuracy_is_said(dense_path, tmp_path):
+    run_compare(CompareRecipe.from_dict(_raw(dense_path)), tmp_path / "c", only=["l2"], **quiet)  # no latency
+    raw = _raw(dense_path, seeds=[0, 1], eval={"latency": True})
+    result = run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", only=["l2"], **quiet)
+    assert result.ran == [("l2", 1)] and result.summary["l2"]["acc"]["n"] == 2
+    assert result.summary["l2"]["speedup"]["n"] == 1  # one seed's speed-up under a "2 seeds" row
+    assert any("arm l2: latency and speed-up are over seeds [1] only" in n for n in result.notes)
+
+
+def test_an_arm_that_prunes_is_timed_even_when_it_is_called_dense(dense_path, tmp_path):
+    raw = _raw(dense_path, eval={"latency": True})
+    raw["arms"] = {"reference": {"method": None}, "dense": raw["arms"]["l2"]}  # "dense" names a pruned arm here
+    result = run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", **quiet)
+    pruned = result.records["dense"][0]
+    assert pruned["macs_fraction"] < 0.6
+    # the pruned model itself was timed, not the dense model twice (same numbers, speed-up exactly 1)
+    assert pruned["latency"]["median_ms"] != pruned["latency"]["dense_median_ms"]
+    assert result.records["reference"][0]["latency"]["speedup"] == 1.0  # the dense model, timed once

@@ -223,3 +223,15 @@ def test_a_parameter_registered_twice_in_one_module_is_counted_once():
             return self.lin(x)
     cost = count_cost(Aliased(), torch.randn(2, 3))
     assert cost.params == 16 and cost.per_module["lin"]["params"] == 16  # 12 weights + 4 biases
+
+
+def test_a_masked_layer_counts_its_stored_weight_in_its_own_row():
+    from prunekit.surgery.masks import apply_mask
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
+    x = torch.randn(2, 3, 4, 4)
+    dense = count_cost(model, x)
+    apply_mask(model[0], "weight", torch.rand_like(model[0].weight) > 0.5)  # the weight moves under parametrizations
+    masked = count_cost(model, x)
+    assert masked.params == dense.params and masked.per_module == dense.per_module
+    assert masked.per_module["0"]["params"] == 8 * 3 * 9  # the report's per-layer row, not 0

@@ -112,3 +112,31 @@ def test_masks_survive_two_process_gloo_ddp(tmp_path):
                                single.state_dict().values()):
         assert torch.equal(a, b), name
         torch.testing.assert_close(a, c, rtol=0, atol=1e-5, msg=name)
+
+
+class _BiasGroupHook(CountingHook):
+    """Puts the biases in a group of their own, listed last layer first (not the model's order)."""
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        return [{"params": [model[2].bias, model[0].bias], "weight_decay": 0.0}]
+
+
+def test_resume_into_a_fresh_model_keeps_a_hook_groups_order(tmp_path):
+    cfg = TrainConfig(epochs=3, lr=0.05, momentum=0.9, weight_decay=5e-4, log_every=0)
+    train_loader, val_loader = _data()
+    ref_model = _masked_mlp()
+    ref = train(ref_model, train_loader, val_loader, cfg, hooks=[_BiasGroupHook()], progress=False)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(_masked_mlp(), train_loader, val_loader, cfg, hooks=[_BiasGroupHook(crash_at=STEPS + 1)],
+              ckpt_dir=ckpt, progress=False)
+    fresh = mlp(seed=123)
+    # the masks come back from the checkpoint; the hook's group keeps its own order (the momentum of
+    # 2.bias, 3 entries, used to land on 0.bias, 16 entries)
+    res = train(fresh, train_loader, val_loader, cfg, hooks=[_BiasGroupHook()], ckpt_dir=ckpt,
+                progress=False, resume=True)
+    assert res.start_epoch == 1
+    _assert_masked_zero(fresh)
+    for (name, a), b in zip(fresh.state_dict().items(), ref_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert without_timings(res.history) == without_timings(ref.history)

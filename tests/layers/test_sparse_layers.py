@@ -132,3 +132,13 @@ def test_hydra_prune_trains_scores_only_and_reloads(tmp_path):
 def test_hydra_bad_ignore_names_layer():
     with pytest.raises(ConfigError, match="no.such"):
         prune_(_model(), HydraConfig(density=0.5, epochs=0, ignore=["no.such"]), torch.randn(1, 1, 8, 8))
+
+
+def test_unknown_score_init_is_refused_and_the_model_stays_plain():
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match="score_init='magnitude'"):
+        sparsify_(net, 0.5, score_init="magnitude")
+    assert [type(m) for m in net] == [nn.Linear, nn.Linear]
+    with pytest.raises(ConfigError, match="score_init"):
+        SparseLinear(4, 4, density=0.5).reset_scores("Scaled")
+

@@ -139,3 +139,15 @@ def test_a_hand_edited_result_json_of_the_wrong_layout_is_one_config_error(tmp_p
         write_report(tmp_path)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "result.json"}
     assert after == {k: v for k, v in before.items() if k != "result.json"}  # the last good report stays whole
+
+
+@pytest.mark.parametrize("plot", ["pareto", "accuracy", "widths"])
+def test_a_dollar_in_a_plot_title_is_text_not_math(tmp_path, plot):
+    from prunekit.report import plots
+
+    title = r"prunekit compare: run$\frac$2"  # a compare recipe's name goes into the Pareto plot's title
+    path = tmp_path / "p.png"
+    drawn = {"pareto": lambda: plots.plot_pareto(path, {"a": (1e6, 0.9, None)}, ["a"], title=title),
+             "accuracy": lambda: plots.plot_accuracy_vs_macs(path, before=(1e6, 0.9), title=title),
+             "widths": lambda: plots.plot_layer_widths(path, ["conv"], [8], [4], title=title)}[plot]()
+    assert drawn == path and path.stat().st_size > 1000

@@ -1,4 +1,5 @@
 """Compact sparse checkpoints: exact round trip, size, corruption handling; 2:4 kernel guard."""
+import copy
 import json
 import os
 
@@ -191,3 +192,20 @@ def test_semi_structured_needs_an_ampere_gpu():
     with pytest.raises(PruningError, match="Ampere"):
         to_semi_structured_(net)
     assert get_mask(net[0], "weight") is not None  # untouched
+
+
+def test_semi_structured_copy_leaves_the_original_masked(monkeypatch):
+    # no GPU needed: fake an Ampere device and the conversion; what is checked is the module swap
+    net = nn.Sequential(nn.Linear(64, 64))
+    apply_mask(net[0], "weight", nm_mask(net[0].weight))
+    fast = copy.deepcopy(net)  # deep copies share torch's generated ParametrizedLinear class
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", lambda t: t.clone())
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert to_semi_structured_(fast) == ["0"]
+    monkeypatch.undo()
+    assert type(fast[0]) is nn.Linear
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(net(x), fast(x), rtol=0, atol=0)  # the original still has its masked weight
+    assert get_mask(net[0], "weight") is not None

@@ -133,18 +133,22 @@ def run_arm(recipe: CompareRecipe, arm: ArmSpec, seed: int, dense: nn.Module, bu
         "method_metrics": method_metrics,
     }
     if recipe.latency:
-        record["latency"] = measure_against_dense(arm.name, model, dense, bundle.input_shape, recipe)
+        record["latency"] = measure_against_dense(arm.name, model, dense, bundle.input_shape, recipe,
+                                                  is_dense=arm.method is None)
     record["wall_s"] = time.perf_counter() - t0
     return record
 
 
 def measure_against_dense(name: str, model: nn.Module, dense: nn.Module, shape: tuple[int, ...],
-                          recipe: CompareRecipe) -> dict[str, Any]:
-    """Forward latency of `model` and the dense model, interleaved in one measurement."""
-    models = {"dense": dense.eval(), name: model.eval()} if name != "dense" else {"dense": dense.eval()}
+                          recipe: CompareRecipe, is_dense: bool = False) -> dict[str, Any]:
+    """Forward latency of `model` and the dense model, interleaved in one measurement; `is_dense`:
+    the arm is the dense model itself, timed once. The arm is keyed apart from the dense model, so
+    an arm that prunes may be called "dense"."""
+    key = "dense" if is_dense else f"arm {name}"
+    models = {"dense": dense.eval()} if is_dense else {"dense": dense.eval(), key: model.eval()}
     cmp = compare_latency(models, tuple(shape), recipe.bench)
-    r = cmp.results[name]
+    r = cmp.results[key]
     return {"median_ms": r.median_ms, "p10_ms": r.p10_ms, "p90_ms": r.p90_ms, "n": r.n,
-            "dense_median_ms": cmp.results["dense"].median_ms, "speedup": cmp.speedups.get(name),
+            "dense_median_ms": cmp.results["dense"].median_ms, "speedup": cmp.speedups.get(key),
             "device": str(latency_device(recipe.bench.device)), "dtype": recipe.bench.dtype,
             "batch_size": recipe.bench.batch_size, "warmup": recipe.bench.warmup}

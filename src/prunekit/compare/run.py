@@ -304,6 +304,11 @@ def _finish(recipe: CompareRecipe, result: CompareResult, dense_info: dict[str, 
                             "val and test only; they say nothing about the methods")
     if missing:
         result.notes.append("not every seed has run yet: " + ", ".join(missing))
+    for name, recs in result.records.items():  # eval.latency is not part of a record's spec
+        timed = sorted(r["seed"] for r in recs if r.get("latency"))
+        if timed and len(timed) < len(recs):
+            result.notes.append(f"arm {name}: latency and speed-up are over seeds {timed} only; its other records "
+                                "were made without a latency measurement (eval.latency false)")
     if never:
         result.notes.append(f"no records yet for arm(s) {', '.join(never)} (run them with --arms {','.join(never)})")
     on_disk = {int(p.stem[4:]) for p in (result.out_dir / "arms").glob("*/seed*.json") if p.stem[4:].isdigit()}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..report.plots import plot_pareto
-from ..report.tables import fmt_count, markdown_table
+from ..report.tables import fmt_count, markdown_table, md_escape
 
 SUMMED = ("acc", "val_acc", "pruned_acc", "macs", "params", "macs_fraction", "params_fraction", "nonzero_fraction")
 
@@ -87,7 +87,8 @@ def write_outputs(out_dir: Path, summary: dict[str, dict[str, Any]], context: di
     plot = plot_pareto(out_dir / "accuracy_vs_macs.png",
                        {a: (s["macs"]["mean"], s["acc"]["mean"], s["acc"]["std"]) for a, s in summary.items()
                         if a in points}, front, title=context.get("title"))
-    lines = [f"# {context.get('title', 'comparison')}", "", context["setting"], "",
+    # arm, model and recipe names are the user's: escaped like the table's cells
+    lines = [f"# {md_escape(context.get('title', 'comparison'))}", "", md_escape(context["setting"]), "",
              markdown_table(HEADERS, table_rows(summary, front)), "",
              "acc: accuracy on the " + context["split"] + " split after fine-tuning, mean ± sample std over seeds; "
              "acc after prune: before any fine-tuning (for methods that train, after their own training). "
@@ -98,6 +99,6 @@ def write_outputs(out_dir: Path, summary: dict[str, dict[str, Any]], context: di
     if plot is not None:
         lines += [f"![accuracy vs MACs]({plot.name})", ""]
     if notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+        lines += ["## Notes", ""] + [f"- {md_escape(n)}" for n in notes] + [""]
     (out_dir / "compare.md").write_text("\n".join(lines), encoding="utf-8")
     return {"report": out_dir / "compare.md", "plot": plot, "front": front}

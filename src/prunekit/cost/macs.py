@@ -67,7 +67,10 @@ def _cost(model: nn.Module, graph: Graph, node_macs: list[int]) -> Cost:
         total += sum(p.numel() for p in own if id(p) not in seen) - zeros
         seen.update(id(p) for p in own)
         if name in per:
-            per[name]["params"] = sum(p.numel() for p in own) - zeros
+            # a masked tensor is stored under the module's parametrizations, not in its own parameters
+            lists = getattr(mod, "parametrizations", None)
+            stored = list(lists.parameters()) if isinstance(lists, nn.ModuleDict) else []
+            per[name]["params"] = sum(p.numel() for p in own + stored) - zeros
             w = getattr(mod, "weight", None)
             if w is None and isinstance(getattr(mod, "out_channels", None), int):
                 per[name]["out"] = mod.out_channels  # layers storing their weight in parts (SSCConv2d)

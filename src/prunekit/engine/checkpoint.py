@@ -45,6 +45,7 @@ from torch import nn
 from ..core.errors import CheckpointError
 from ..core.integrity import atomic_write, tensors_sha256
 from ..surgery.mask_io import plain_state_names, restore_masks_from_state
+from .hooks import split_parameters
 
 FORMAT = "prunekit.train_checkpoint"
 FORMAT_VERSION = 1
@@ -285,10 +286,11 @@ def restore_checkpoint(ckpt: dict[str, Any], *, model: nn.Module, optimizer: tor
     """Load model, optimizer, scheduler, hook and RNG states (call `check_compatible` first)."""
     if restore_masks_from_state(model, ckpt["model"]):  # a fresh model gets the masks the run had
         # Masking moves each weight under `parametrizations`, after its module's own parameters in
-        # model.parameters(); the run's optimizer was built in that order, so ours must follow it.
-        order = {id(p): i for i, p in enumerate(model.parameters())}
-        for group in optimizer.param_groups:
-            group["params"].sort(key=lambda p: order.get(id(p), len(order)))
+        # model.parameters(); the run's optimizer was built from the masked model, so ours takes the
+        # order that model gives: the default group in model.parameters() order, hook groups as listed.
+        split = split_parameters(model, hooks)
+        for group, params in zip(optimizer.param_groups, [split.default] + [g["params"] for g in split.groups]):
+            group["params"] = list(params)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])

@@ -96,6 +96,8 @@ class SparseMixin:
     def reset_scores(self, score_init: str = "kaiming") -> None:
         """'kaiming': kaiming_uniform(a=sqrt(5)), the layers' own weight init; 'scaled': see
         `scaled_scores` (ranks like |w|)."""
+        if score_init not in SCORE_INITS:
+            raise ConfigError(f"score_init={score_init!r} is not allowed; choose one of: {', '.join(SCORE_INITS)}")
         with torch.no_grad():
             if score_init == "scaled":
                 self.scores.copy_(scaled_scores(self.weight))

@@ -65,7 +65,7 @@ def plot_accuracy_vs_macs(path: str | Path, before: Point | None = None, after: 
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best")
     if title:
-        ax.set_title(title)
+        ax.set_title(title.replace("$", r"\$"))  # a "$" in a name is text, not math
     path = Path(path)
     fig.savefig(path, dpi=100)
     return path
@@ -95,7 +95,7 @@ def plot_layer_widths(path: str | Path, names: Sequence[str], before: Sequence[f
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(loc="best")
     if title:
-        ax.set_title(title)
+        ax.set_title(title.replace("$", r"\$"))  # a "$" in a name is text, not math
     path = Path(path)
     fig.savefig(path, dpi=100)
     return path
@@ -134,7 +134,7 @@ def plot_pareto(path: str | Path, points: dict[str, tuple[float, float, float | 
     ax.set_ylabel("accuracy (%), mean ± std over seeds")
     ax.grid(True, alpha=0.3)
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title.replace("$", r"\$"), fontsize=10)  # a "$" in a recipe name is text
     path = Path(path)
     fig.savefig(path, dpi=100)
     return path
