@@ -19,7 +19,7 @@ recorded before and after each repeat (the machine is shared: numbers are noisy 
     python benchmarks/criteria_reuse.py                        # both models, 3 repeats
     python benchmarks/criteria_reuse.py --models resnet56 --repeats 1
     python benchmarks/criteria_reuse.py --table               # the markdown table of docs/criteria.md
-Writes benchmarks/results/criteria_reuse.json after every repeat.
+Writes benchmarks/results/criteria_reuse.json (or --out) after every repeat.
 """
 from __future__ import annotations
 
@@ -135,12 +135,14 @@ def main() -> None:
     ap.add_argument("--full", type=int, default=3, help="default prunings per repeat (median taken)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", action="store_true", help="print the table of the saved results and stop")
+    ap.add_argument("--out", default=str(OUT), help="results file (runs are appended; the table covers all of them)")
     args = ap.parse_args()
+    out = Path(args.out)
     if args.table:
-        print(table(json.loads(OUT.read_text())))
+        print(table(json.loads(out.read_text())))
         return
     torch.set_num_threads(args.threads)
-    data = json.loads(OUT.read_text()) if OUT.exists() else {}
+    data = json.loads(out.read_text()) if out.exists() else {}
     data.update({"environment": environment(), "threads": args.threads, "dtype": "float32", "device": "cpu",
                  "command": "python benchmarks/criteria_reuse.py " + " ".join(sys.argv[1:])})
     runs = data.setdefault("runs", [])
@@ -151,7 +153,7 @@ def main() -> None:
                        "git_commit": data["environment"].get("git_commit"),
                        **one_repeat(name, target, args.trials, args.full)}
                 runs.append(row)
-                OUT.write_text(json.dumps(data, indent=1))
+                out.write_text(json.dumps(data, indent=1))
                 print(f"{name} {tname} rep {rep}: full {row['full_median_s'] * 1e3:.0f} ms, reuse x{row['reuse']['ratio_to_full']:.2f}"
                       f" (trial {row['reuse']['per_trial_median_s'] * 1e3:.0f} ms), fast x{row['reuse_fast']['ratio_to_full']:.2f}"
                       f" (trial {row['reuse_fast']['per_trial_median_s'] * 1e3:.0f} ms), load {row['load_before'][0]:.1f}",
