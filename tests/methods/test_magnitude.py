@@ -278,3 +278,20 @@ def test_a_method_called_without_what_it_needs_is_one_config_error():
 
     with pytest.raises(ConfigError, match="SLRConfig: missing a required argument: 'train_loader'"):
         prune_(create_model("small_cnn", num_classes=10), SLRConfig(sparsity=0.5), torch.zeros(1, 1, 8, 8))
+
+
+@pytest.mark.parametrize("name, shape", [("small_cnn", (1, 1, 8, 8)), ("resnet20", (1, 3, 32, 32))])
+def test_rounded_channel_ratio_lands_within_the_slack_on_either_side(name, shape):
+    """channel_ratio=0.4 with the default round_to=16: rounding to the nearest multiple removed 50%
+    (16 of 32) and was accepted because only falling short was checked; now the share removed from
+    the prunable groups is within round_slack of the unrounded share either way, and the note says
+    which way."""
+    torch.manual_seed(0)
+    model, x = create_model(name, num_classes=10), torch.randn(shape)
+    sizes = {g.name: g.size for g in build_graph(model, x).prunable_groups()}
+    result = prune_(model, MagnitudeConfig(channel_ratio=0.4), x)
+    after = {g.name: g.size for g in build_graph(model, x).groups if g.name in sizes}
+    removed = sum(sizes[n] - after[n] for n in sizes) / sum(sizes.values())
+    due = sum(int(0.4 * s) for s in sizes.values()) / sum(sizes.values())  # unrounded: floor per group
+    assert abs(removed - due) <= 0.02 + 1e-9, (removed, due)
+    assert "than asked" in result.metrics["notes"][0]

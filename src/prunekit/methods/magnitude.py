@@ -70,8 +70,8 @@ class MagnitudeConfig(Config):
     macs_fraction: float | None = None
     max_ratio: float = 0.9
     round_to: int | str | None = 16  # a multiple, "auto" (measured: cost/alignment.py) or None (no alignment)
-    round_slack: float | None = 0.02  # rounding landing further short of the target than this share of
-    # the model (MACs, params or channels) halves the multiple (16 -> 8 -> 4 -> 2); None: keep it
+    round_slack: float | None = 0.02  # rounding landing further from the target than this share of the
+    # model (MACs or params kept below it, channels removed either side) halves the multiple (16 -> 8 -> 4 -> 2); None: keep it
     steps: int = 1
     ignore: list[str] = dataclasses.field(default_factory=list)
     seed: int = 0
@@ -219,7 +219,7 @@ def _aligned(cfg: MagnitudeConfig, first_widths: dict[str, int], attempt: Attemp
         else:
             tried.append({"multiple": m, "shortfall": short})
             removal, used = rounded, m
-            if cfg.round_slack is None or short <= cfg.round_slack:
+            if cfg.round_slack is None or abs(short) <= cfg.round_slack:  # either way: channels may land over
                 break
         m //= 2
     if removal is None:
@@ -270,10 +270,16 @@ def _step_removal(graph: Graph, scores, cfg: MagnitudeConfig, step: int, before:
 def _rounding_note(r: dict[str, Any], slack: float | None) -> str:
     used = r["multiple"]
     first = next((t for t in reversed(r["tried"]) if t["multiple"] > used), r["tried"][0])  # the last one refused
-    what = {"macs": "MACs", "params": "params", "channels": "channels removed"}[r["target"]]
-    why = (f"rounded to multiples of {first['multiple']} the target cannot be met" if "error" in first else
-           f"multiples of {first['multiple']} would land {first['shortfall']:.3f} of the model's {what} short "
-           f"of the target (round_slack={slack})")
+    if "error" in first:
+        why = f"rounded to multiples of {first['multiple']} the target cannot be met"
+    elif r["target"] == "channels":
+        off = first["shortfall"]
+        why = (f"multiples of {first['multiple']} would remove {abs(off):.3f} of the model's channels "
+               f"{'fewer' if off > 0 else 'more'} than asked (round_slack={slack})")
+    else:
+        what = {"macs": "MACs", "params": "params"}[r["target"]]
+        why = (f"multiples of {first['multiple']} would keep {first['shortfall']:.3f} of the model's {what} "
+               f"fewer than the target (round_slack={slack})")
     now = f"multiples of at most {used}" if used > 1 else "unrounded widths"
     return (f"widths are {now}, not of {r['round_to']}: {why}"
             + ("; round_slack=null keeps the largest multiple that meets the target" if slack is not None else ""))
