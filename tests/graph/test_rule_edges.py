@@ -212,3 +212,51 @@ def test_stacked_operands_are_pruned_together(how):
     assert {m.qualname for m in graph.group("a").members if m.role == "out"} == {"a.weight", "a.bias", "b.weight", "b.bias"}
     assert build_safe_graph(model, x).group("a").prunable.all()
     _every_prunable_channel_matches_zeroing(model, x)
+
+
+class FeatureOp(nn.Module):
+    """A Linear's features (B, L, 8) through `op`, then read by another Linear."""
+
+    def __init__(self, op, width: int = 8):
+        super().__init__()
+        self.a, self.b, self.op = nn.Linear(3, 8), nn.Linear(width, 2), op
+
+    def forward(self, x):
+        return self.b(self.op(self.a(x)))
+
+
+NUMPY_NAMES = {  # torch takes numpy's axis= and keepdims= for dim= and keepdim=
+    "softmax_axis": (lambda t: t.softmax(axis=-1), 8),
+    "log_softmax_axis": (lambda t: torch.log_softmax(t, axis=2), 8),
+    "cumprod_axis": (lambda t: torch.sigmoid(t).cumprod(axis=-1), 8),
+    "unbind_axis": (lambda t: t.unbind(axis=2)[5].unsqueeze(-1), 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NUMPY_NAMES))
+def test_a_channel_dim_given_as_axis_is_read(name):
+    """x.softmax(axis=-1) normalises over the channels as x.softmax(dim=-1) does: they are fixed."""
+    op, width = NUMPY_NAMES[name]
+    torch.manual_seed(0)
+    model, x = FeatureOp(op, width).eval(), torch.randn(2, 5, 3)
+    assert not build_graph(model, x).group("a").prunable.any()
+    _every_prunable_channel_matches_zeroing(model, x)
+
+
+def test_reductions_over_other_dims_given_as_axis_keep_the_channels():
+    torch.manual_seed(0)
+    model, x = FeatureOp(lambda t: t * t.mean(axis=1, keepdims=True) + t.sum(axis=1, keepdims=True)).eval(), torch.randn(2, 5, 3)
+    graph = build_graph(model, x)
+    assert graph.group("a").prunable.all() and graph.group("a").proven
+    _every_prunable_channel_matches_zeroing(model, x)
+
+
+@pytest.mark.filterwarnings("ignore:Implicit dimension choice")
+@pytest.mark.parametrize("rank", [2, 4])
+def test_a_softmax_without_dim_fixes_the_channels_it_runs_over(rank):
+    """nn.Softmax() and F.softmax(x) pick dim 1 for a 2-d or 4-d input (0 for 1-d and 3-d)."""
+    torch.manual_seed(0)
+    model, x = FeatureOp(nn.Softmax()).eval(), torch.randn(*[2] * (rank - 1), 3)
+    over_the_channels = rank == 2  # (B, 8): dim 1 is the features; (B, 2, 2, 8): it is not
+    assert build_graph(model, x).group("a").prunable.any() != over_the_channels
+    _every_prunable_channel_matches_zeroing(model, x)

@@ -101,3 +101,48 @@ def test_an_integer_buffer_of_positions_is_not_a_group():
     graph = build_graph(model, x)
     assert "index" not in {g.name for g in graph.prunable_groups()}
     assert probe_groups(model, x, graph) == {}
+
+
+class _TwoHeads(nn.Module):
+    """The second output sums a squashed branch over its channels (unproven); the first does
+    not read that branch at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head, self.aux = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        return self.head(self.stem(x)), torch.sigmoid(self.aux(x)).sum(1)
+
+
+def test_the_probe_compares_every_output():
+    """sigmoid(0) = 0.5: a zeroed channel still adds to the sum, a removed one does not."""
+    torch.manual_seed(0)
+    model, x = _TwoHeads().eval(), torch.randn(2, 3, 6, 6)
+    graph = build_graph(model, x)
+    assert not graph.group("aux").proven
+    assert set(probe_groups(model, x, graph, everything=False)) == {"aux"}
+
+
+class _ShuffleInGroupsOf4(nn.Module):
+    """A channel shuffle written with the group width (4 channels) in the code, the group count
+    inferred: once channels go, the same view makes other groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        B, _, H, W = y.shape
+        return self.b(y.view(B, -1, 4, H, W).transpose(1, 2).flatten(1, 2))
+
+
+@pytest.mark.parametrize("side", [4, 5])
+def test_a_channel_count_in_a_view_is_probed_when_it_equals_a_spatial_size(side):
+    """With 4 x 4 maps the 4 in the view looks like the height: it is still a channel count."""
+    torch.manual_seed(0)
+    model, x = _ShuffleInGroupsOf4().eval(), torch.randn(3, 3, side, side)
+    graph = build_graph(model, x)
+    assert not graph.group("a").proven
+    assert set(probe_groups(model, x, graph, everything=False)) == {"a"}

@@ -11,6 +11,7 @@ import torch
 from .ids import OPAQUE, along, compress, varying_dims
 from .rules import register_rule
 from .rules_tensor import _tensor_outs
+from .trace import _ints
 
 SHAPE = """view reshape flatten unflatten permute transpose swapaxes swapdims t property.T property.mT
 movedim moveaxis squeeze unsqueeze expand expand_as broadcast_to cat concat concatenate stack flip
@@ -39,6 +40,26 @@ def replay(tr, call):
         if call.name in ("view", "reshape", "unflatten", "view_as", "reshape_as"):
             _join_split(tr, _full(tr.ids(call.args[0]), call.args[0].shape), i)
         tr.set_ids(o, i)
+        if call.name in ("view", "reshape", "unflatten") and _sized_channel_dim(call, tr.ids(o)):
+            tr.unproven_ids.append(tr.ids(o))
+
+
+def _sized_channel_dim(call, ids: torch.Tensor) -> bool:
+    """True when the code gives a size (not -1) for a dim that carries channels after the view.
+
+    `view(B, -1, 4, H, W)`, a channel shuffle in groups of 4 channels, holds a channel count: it
+    no longer fits once channels go. trace.unproven lets such a size through when it happens to
+    equal a size that carries no channel (4 == H), so the dims it lands on are checked here.
+    """
+    x = call.args[0]
+    if call.name == "unflatten":
+        start = call.arg(1, "dim")
+        if not isinstance(start, int):
+            return True  # a named dim: not followed, probed
+        sizes = dict(enumerate(_ints((call.arg(2, "sizes"),)), start % x.dim()))
+    else:
+        sizes = dict(enumerate(_ints(call.args[1:] + tuple(call.kwargs.values()))))
+    return any(sizes.get(d, -1) != -1 for d in varying_dims(ids))
 
 
 JOINED = {"cat", "concat", "concatenate", "stack"}

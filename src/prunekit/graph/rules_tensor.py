@@ -129,6 +129,8 @@ def softmax(tr, call):
     x = call.args[0]
     ids = tr.ids(x)
     dim = call.arg(1, "dim")
+    if dim is None and call.name in ("softmax", "log_softmax", "softmin") and x.dim():
+        dim = 0 if x.dim() in (1, 3) else 1  # F.softmax(x) and nn.Softmax(): torch's implicit dim
     if dim is not None and ids.shape[dim % x.dim()] > 1:
         tr.uf.mark_fixed(ids)
     passthrough(tr, call)

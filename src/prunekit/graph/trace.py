@@ -100,7 +100,13 @@ class Call:
     def arg(self, i: int, key: str, default: Any = None) -> Any:
         if len(self.args) > i:
             return self.args[i]
+        if key not in self.kwargs and _ALIASES.get(key) in self.kwargs:  # x.softmax(axis=1)
+            return self.kwargs[_ALIASES[key]]
         return self.kwargs.get(key, default)
+
+
+# torch takes numpy's names too: x.sum(axis=1, keepdims=True) is x.sum(dim=1, keepdim=True)
+_ALIASES = {"dim": "axis", "keepdim": "keepdims"}
 
 
 class Tracer(TorchFunctionMode):

@@ -106,23 +106,24 @@ def _trial(model: nn.Module, inputs: Any, graph: Graph, groups: list[Group], cha
     shrunk = share_copy(model)
     try:
         remove_channels_(shrunk, graph, removal)
-        out = first_tensor(run_model(shrunk, inputs))
+        out = output_tensors(run_model(shrunk, inputs))
     except Exception as err:  # the model's own code rejected the new widths
         return f"forward fails after removal ({type(err).__name__}: {str(err)[:120]})"
     # removal deletes exactly the slices that zeroing clears, so the shrunk model is also the
-    # shrunk version of the zeroed one, and the two must agree
+    # shrunk version of the zeroed one, and the two must agree (every output: a group may feed
+    # only a second head)
     zeroed = share_copy(model)
     zero_channels_(zeroed, [(g, removal[g.name]) for g in groups])
-    ref = first_tensor(run_model(zeroed, inputs))
-    if ref.shape != out.shape:
-        return f"output shape changes ({tuple(ref.shape)} -> {tuple(out.shape)})"
+    ref = output_tensors(run_model(zeroed, inputs))
+    shapes = [(tuple(r.shape), tuple(o.shape)) for r, o in zip(ref, out) if r.shape != o.shape]
+    if len(ref) != len(out) or shapes:
+        return f"output shape changes ({shapes[0][0]} -> {shapes[0][1]})" if shapes else "the number of outputs changes"
     modules = dict(model.named_modules())
     if all(group_is_exact(g, model, modules) for g in groups):
-        diff = float((ref - out).abs().max())
-        if diff > atol * max(1.0, float(ref.abs().max())):
+        if _gap(ref, out) > atol:
             diff = _float64_gap(model, inputs, graph, removal, groups)
             if diff is None or diff > _ATOL64:
-                shown = f"{diff:.3g} in float64" if diff is not None else f"{float((ref - out).abs().max()):.3g}"
+                shown = f"{diff:.3g} in float64" if diff is not None else f"{_gap(ref, out):.3g}"
                 return f"removal differs from zeroing by {shown} (channel positions are hard-coded somewhere)"
     return ""
 
@@ -152,10 +153,26 @@ def _float64_gap(model: nn.Module, inputs: Any, graph: Graph, removal: dict[str,
         shrunk, zeroed = copy.deepcopy(model).double(), copy.deepcopy(model).double()
         remove_channels_(shrunk, graph, removal)
         zero_channels_(zeroed, [(g, removal[g.name]) for g in groups])
-        out, ref = first_tensor(run_model(shrunk, as64(inputs))), first_tensor(run_model(zeroed, as64(inputs)))
+        out, ref = output_tensors(run_model(shrunk, as64(inputs))), output_tensors(run_model(zeroed, as64(inputs)))
     except Exception:  # a model whose code insists on float32 (a hard-coded dtype, say)
         return None
-    return float((ref - out).abs().max()) / max(1.0, float(ref.abs().max()))
+    return _gap(ref, out)
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor of a model's output (nested tuples, lists and dicts), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [t for o in out for t in output_tensors(o)] if isinstance(out, (tuple, list)) else []
+
+
+def _gap(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    """Largest |ref - out| of the floating outputs, each relative to max(1, |ref|)."""
+    gaps = [float((r - o).abs().max()) / max(1.0, float(r.abs().max()))
+            for r, o in zip(ref, out) if r.is_floating_point() and r.numel()]
+    return max(gaps, default=0.0)
 
 
 def _trial_channel(group: Group) -> int | None:
