@@ -150,3 +150,24 @@ def test_eval_and_bench_of_a_masked_run(method_runs):
     result = runner.invoke(cli, ["bench", str(out), "bench.repeats=3", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["macs"] == res["cost_after"]["macs"]
+
+
+def test_the_console_zero_count_names_its_denominator():
+    """The prune line's zero count says of how many weights (the report counts masked tensors
+    only, the console every conv/linear weight), and that an SSC layer counts as its dense conv."""
+    from types import SimpleNamespace
+
+    from prunekit.cli.pipeline import _zeros_note
+    from prunekit.methods import prune_
+    from prunekit.methods.ssc import SSCConfig
+    from prunekit.surgery.masks import apply_mask
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 1, bias=False), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    apply_mask(model[0], "weight", torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]]).view(4, 2, 1, 1))
+    assert _zeros_note(SimpleNamespace(model=model, prune_metrics={})) == (
+        "; 4 of the 16 conv/linear weights are zero (25.0%)")
+    torch.manual_seed(0)
+    ssc = create_model("small_cnn", num_classes=10)
+    prune_(ssc, SSCConfig(reduction=4), torch.randn(1, 1, 8, 8))
+    assert "SSC layers counted as the dense convs they stand for" in _zeros_note(
+        SimpleNamespace(model=ssc, prune_metrics={}))

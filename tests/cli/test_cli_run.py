@@ -134,3 +134,16 @@ def test_info_without_topic_lists_every_section(runner):
     assert result.exit_code == 0
     for head in ("models:", "datasets:", "methods:", "criteria:"):
         assert head in result.stdout.splitlines()
+
+
+def test_ctrl_c_says_how_to_continue(tmp_path, monkeypatch, runner):
+    """An interrupted run exits 130 and names the command that continues it."""
+    import prunekit.cli.commands as commands
+
+    def interrupted(job, state, resume=False):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(commands, "run_stages", interrupted)
+    out = tmp_path / "run"
+    result = runner.invoke(cli, ["run", "--out", str(out), "-q", "train.epochs=1"])
+    assert result.exit_code == 130
+    assert f"interrupted; continue with: prunekit resume {out}" in result.stderr

@@ -46,6 +46,7 @@ def test_evolve_command_writes_a_run_directory(tmp_path):
         assert (out / name).is_file(), name
     hof = json.loads((out / "functions.json").read_text())
     assert hof[0]["text"] == (out / "best.txt").read_text().strip() and hof[0]["formula"]
+    assert "(generations 0-1: the initial population and 1 bred from it" in (out / "report.md").read_text()
     labels = [r["label"] for r in json.loads((out / "reevaluation.json").read_text())]
     assert len(labels) == 7 and any(lab.startswith("evolved #1") for lab in labels)  # best + the other seeds
     model = create_model("small_cnn")

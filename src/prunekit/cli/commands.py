@@ -92,7 +92,16 @@ def execute(command: str, args: tuple[str, ...], out: str | None, weights: str |
          f"{job.bundle.test.num_samples} test images; model: {recipe.model.name}")
     if "train" not in stages or job.weights is not None:
         _report_eval(job, "loaded" if job.weights is not None else "initial")
-    run_stages(job, state)
+    _resumable(run_stages, job, state, run_path)
+
+
+def _resumable(stages, job, state: dict, run_dir: Path, **kwargs) -> None:
+    """Run `stages`; on Ctrl-C, say how to continue (the stages checkpoint as they go) and exit 130."""
+    try:
+        stages(job, state, **kwargs)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; continue with: prunekit resume {run_dir}", err=True)
+        raise SystemExit(130) from None
 
 
 def run_stages(job, state: dict, resume: bool = False) -> None:
@@ -156,7 +165,7 @@ def resume_run(run_dir: Path, quiet: bool) -> None:
     if not job.evaluations:  # stopped before the first evaluation
         if "train" not in state["stages"] or job.weights is not None:
             _report_eval(job, "loaded" if job.weights is not None else "initial")
-    run_stages(job, state, resume=True)
+    _resumable(run_stages, job, state, run_dir, resume=True)
 
 
 def _stages(command: str, recipe) -> list[str]:

@@ -294,7 +294,11 @@ def _zeros_note(job: Job) -> str:
     weights = weight_sparsity(job.model)["weights"]
     if not weights["zeros"]:
         return ""
-    note = f"; {weights['sparsity']:.1%} of conv/linear weights are zero"
+    from ..layers.ssc import SSCConv2d
+
+    ssc = any(isinstance(m, SSCConv2d) for m in job.model.modules())
+    note = (f"; {weights['zeros']:,} of the {weights['numel']:,} conv/linear weights are zero "
+            f"({weights['sparsity']:.1%}{', SSC layers counted as the dense convs they stand for' if ssc else ''})")
     macs = job.prune_metrics.get("macs_nonzero")
     if isinstance(macs, (int, float)) and not isinstance(macs, bool):
         note += f", MACs on nonzero weights {_count(macs)}"

@@ -73,7 +73,8 @@ def write_run(run_dir: Path, cfg: EvolveConfig, state: SearchState, reeval: list
     (run_dir / "functions.json").write_text(json.dumps(hof, indent=1))
     (run_dir / "reevaluation.json").write_text(json.dumps(reeval, indent=1))
     plot_fitness(run_dir / "fitness.png", state.history)
-    generations = counted(len(state.history) - 1, "generation")
+    bred = len(state.history) - 1  # generation 0 is the initial population, then `bred` more
+    generations = f"generations 0-{bred}: the initial population and {bred} bred from it" if bred else "generation 0 only"
     lines = [f"# Evolved pruning functions ({generations}, population {cfg.population})", "",
              "Fitness: weighted geometric mean over tasks of the validation accuracy after pruning and fine-tuning.",
              "Tasks: " + "; ".join(f"{t.name} ({t.model} on {t.data['name']}, remove {t.prune_ratio:.0%} of every "
