@@ -90,7 +90,9 @@ class MagnitudeConfig(Config):
         if len(given) != 1:
             raise ConfigError("give exactly one target: channel_ratio (fraction of channels removed), "
                               "params_fraction, macs_fraction or latency_fraction (fraction that remains); "
-                              f"got {given or 'none'}")
+                              f"got {given or 'none'}"
+                              + ("; keep one and clear the others (on the command line: "
+                                 + " or ".join(f"method.{g}=null" for g in given) + ")" if len(given) > 1 else ""))
         if self.channel_ratio is not None:
             check_range("channel_ratio", self.channel_ratio, 0.0, 1.0, hi_open=True)
         for k in ("params_fraction", "macs_fraction", "latency_fraction"):
