@@ -115,7 +115,7 @@ def _archive_reader(archive: Path, fmt: OfficialFormat):
         raise DataError(
             f"{str(archive)!r} has MD5 {actual}, but the official {fmt.archive} has {fmt.md5}; "
             f"the file is corrupt or not the official archive: download it again from {URL_BASE}, "
-            "or pass root= the folder with the extracted batch files"
+            "or pass root= the folder with the extracted batch files (data.root=... on the command line)"
         )
     try:
         with tarfile.open(archive, "r:gz") as tar:
@@ -156,7 +156,7 @@ def _download(root: Path, fmt: OfficialFormat) -> Path:
                 break
         raise DataError(
             f"no {fmt.archive} or {fmt.folder}/ under {str(root)!r}, and downloading {url} failed ({err}); "
-            f"pass root= a local copy of {fmt.archive} or of the extracted {fmt.folder}/ folder"
+            f"pass root= a local copy of {fmt.archive} or of the extracted {fmt.folder}/ folder (data.root=... on the command line)"
         ) from None
     return target
 
