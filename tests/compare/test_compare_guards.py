@@ -261,3 +261,15 @@ def test_an_arm_that_prunes_is_timed_even_when_it_is_called_dense(dense_path, tm
     # the pruned model itself was timed, not the dense model twice (same numbers, speed-up exactly 1)
     assert pruned["latency"]["median_ms"] != pruned["latency"]["dense_median_ms"]
     assert result.records["reference"][0]["latency"]["speedup"] == 1.0  # the dense model, timed once
+
+
+def test_the_table_shows_the_dense_time_each_speed_up_is_over():
+    """Each arm's speed-up is over the dense model timed beside it; the table shows that time."""
+    from prunekit.compare.summary import HEADERS, summarise, table_rows
+
+    rec = {"acc": 0.9, "pruned_acc": 0.8, "macs": 100, "macs_fraction": 0.5, "params": 10, "nonzero_fraction": 1.0,
+           "seed": 0, "method_epochs": 0, "finetune_epochs": 1,
+           "latency": {"median_ms": 6.35, "dense_median_ms": 2.97, "speedup": 0.47}}
+    row = table_rows(summarise({"a": [rec]}), [])[0]
+    i = HEADERS.index("dense ms (same run)")
+    assert row[i] == "2.97" and row[i - 1] == "6.35" and row[i + 1] == "0.47x"

@@ -36,6 +36,7 @@ def summarise(records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
         row = {k: stats([r.get(k) for r in recs]) for k in SUMMED}
         lat = [r["latency"] for r in recs if r.get("latency")]
         row["latency_ms"] = stats([x["median_ms"] for x in lat])
+        row["dense_ms"] = stats([x.get("dense_median_ms") for x in lat])  # timed beside it: the speed-up's base
         row["speedup"] = stats([x.get("speedup") for x in lat])
         row["seeds"] = sorted(r["seed"] for r in recs)
         row["method_epochs"] = recs[0]["method_epochs"]
@@ -70,13 +71,14 @@ def table_rows(summary: dict[str, dict[str, Any]], front: list[str]) -> list[lis
                      fmt_count(s["macs"]["mean"]), _pm(s["macs_fraction"], digits=1),
                      fmt_count(s["params"]["mean"]), _pm(s["nonzero_fraction"], digits=1),
                      "-" if s["latency_ms"]["mean"] is None else f"{s['latency_ms']['mean']:.2f}",
+                     "-" if s["dense_ms"]["mean"] is None else f"{s['dense_ms']['mean']:.2f}",
                      "-" if speed["mean"] is None else f"{_pm(speed, 1.0, 2)}x",
                      f"{s['method_epochs']} + {s['finetune_epochs']}", str(s["acc"]["n"])])
     return rows
 
 
 HEADERS = ["arm (* Pareto)", "acc %", "acc after prune %", "MACs", "MACs kept %", "params", "non-zero weights %",
-           "latency ms", "speed-up", "epochs (method + fine-tune)", "seeds"]
+           "latency ms", "dense ms (same run)", "speed-up", "epochs (method + fine-tune)", "seeds"]
 
 
 def write_outputs(out_dir: Path, summary: dict[str, dict[str, Any]], context: dict[str, Any],
@@ -95,7 +97,8 @@ def write_outputs(out_dir: Path, summary: dict[str, dict[str, Any]], context: di
              "MACs and params: prunekit's counter (" + context["convention"] + "). Non-zero weights: share of "
              "the dense model's non-zero parameters (irregular and N:M sparsity lower it without lowering MACs). "
              "Latency: median forward time, " + context["latency"] + "; speed-up over the dense model timed "
-             "interleaved in the same measurement. * marks the Pareto front of mean accuracy vs mean MACs.", ""]
+             "interleaved in the same measurement (its time: dense ms, same run; on a busy machine it can differ "
+             "from the dense row's own measurement). * marks the Pareto front of mean accuracy vs mean MACs.", ""]
     if plot is not None:
         lines += [f"![accuracy vs MACs]({plot.name})", ""]
     if notes:
