@@ -295,3 +295,14 @@ def test_rounded_channel_ratio_lands_within_the_slack_on_either_side(name, shape
     due = sum(int(0.4 * s) for s in sizes.values()) / sum(sizes.values())  # unrounded: floor per group
     assert abs(removed - due) <= 0.02 + 1e-9, (removed, due)
     assert "than asked" in result.metrics["notes"][0]
+
+
+def test_a_kept_multiple_beyond_the_slack_is_said():
+    """Every multiple lands further than round_slack from macs_fraction=0.5 on the digits CNN:
+    2 is kept (it meets the target) and the note says it is beyond the slack too."""
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10)
+    result = prune_(model, MagnitudeConfig(macs_fraction=0.5), torch.randn(1, 1, 8, 8))
+    tried = result.metrics["rounding"]["tried"]
+    assert result.metrics["rounding"]["multiple"] == 2 and all(t["shortfall"] > 0.02 for t in tried)
+    assert "multiples of 2 land 0.025 away too" in result.metrics["notes"][0]

@@ -207,8 +207,10 @@ def _aligned(cfg: MagnitudeConfig, first_widths: dict[str, int], attempt: Attemp
              target: str) -> dict[str, list[int]]:
     """`attempt(multiples)` -> (removal, shortfall: how far it lands short of the target, as a share
     of the model), with cfg.round_to at the first step's widths; where the rounded removal cannot
-    meet the target or falls short by more than `round_slack`, the multiple is halved (16, 8, 4,
-    2), and the unrounded removal is the last resort. What was used goes into `record`."""
+    meet the target or lands further from it than `round_slack`, the multiple is halved (16, 8, 4,
+    2). When every multiple lands further than that, the last one that met the target is kept
+    (the note says so); the unrounded removal only when none can meet it. What was used goes
+    into `record`."""
     if not cfg.round_to or cfg.round_to <= 1:
         return attempt(None)[0]
     # an earlier step's halved multiple carries forward, so that every step's widths stay aligned to it
@@ -283,6 +285,10 @@ def _rounding_note(r: dict[str, Any], slack: float | None) -> str:
         why = (f"multiples of {first['multiple']} would keep {first['shortfall']:.3f} of the model's {what} "
                f"fewer than the target (round_slack={slack})")
     now = f"multiples of at most {used}" if used > 1 else "unrounded widths"
+    own = next((t for t in reversed(r["tried"]) if t["multiple"] == used and "shortfall" in t), None)
+    if own is not None and slack is not None and abs(own["shortfall"]) > slack:  # kept as the closest that meets it
+        why += (f"; multiples of {used} land {abs(own['shortfall']):.3f} away too, and are kept as the smallest "
+                "multiple tried (round_to=null gives unrounded widths)")
     return (f"widths are {now}, not of {r['round_to']}: {why}"
             + ("; round_slack=null keeps the largest multiple that meets the target" if slack is not None else ""))
 
