@@ -202,7 +202,7 @@ def _recipe_lines(folder: Path) -> list[str]:
     for f in files:
         text = f.read_text(encoding="utf-8", errors="replace")  # a file in another encoding is still listed
         first = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
-        lines.append(f"{str(f):<44}{first if len(first) <= 100 else first[:99] + '…'}")  # a cut line says so
+        lines.append(f"{str(f):<44}{first if len(first) <= 100 else first[:97] + '...'}")  # a cut line says so
     return lines
 
 
