@@ -24,6 +24,7 @@ from torch import nn
 
 from ..core.modes import evaluating
 from ..graph import Graph, Group, build_graph
+from ..graph.trace import tensors_in
 from .copying import share_copy
 from .shrink import remove_channels_
 
@@ -106,7 +107,7 @@ def _trial(model: nn.Module, inputs: Any, graph: Graph, groups: list[Group], cha
     shrunk = share_copy(model)
     try:
         remove_channels_(shrunk, graph, removal)
-        out = output_tensors(run_model(shrunk, inputs))
+        out = tensors_in(run_model(shrunk, inputs))
     except Exception as err:  # the model's own code rejected the new widths
         return f"forward fails after removal ({type(err).__name__}: {str(err)[:120]})"
     # removal deletes exactly the slices that zeroing clears, so the shrunk model is also the
@@ -114,16 +115,17 @@ def _trial(model: nn.Module, inputs: Any, graph: Graph, groups: list[Group], cha
     # only a second head)
     zeroed = share_copy(model)
     zero_channels_(zeroed, [(g, removal[g.name]) for g in groups])
-    ref = output_tensors(run_model(zeroed, inputs))
+    ref = tensors_in(run_model(zeroed, inputs))
     shapes = [(tuple(r.shape), tuple(o.shape)) for r, o in zip(ref, out) if r.shape != o.shape]
     if len(ref) != len(out) or shapes:
         return f"output shape changes ({shapes[0][0]} -> {shapes[0][1]})" if shapes else "the number of outputs changes"
     modules = dict(model.named_modules())
     if all(group_is_exact(g, model, modules) for g in groups):
-        if _gap(ref, out) > atol:
+        gap = _gap(ref, out)
+        if gap > atol:
             diff = _float64_gap(model, inputs, graph, removal, groups)
             if diff is None or diff > _ATOL64:
-                shown = f"{diff:.3g} in float64" if diff is not None else f"{_gap(ref, out):.3g}"
+                shown = f"{diff:.3g} in float64" if diff is not None else f"{gap:.3g}"
                 return f"removal differs from zeroing by {shown} (channel positions are hard-coded somewhere)"
     return ""
 
@@ -153,19 +155,10 @@ def _float64_gap(model: nn.Module, inputs: Any, graph: Graph, removal: dict[str,
         shrunk, zeroed = copy.deepcopy(model).double(), copy.deepcopy(model).double()
         remove_channels_(shrunk, graph, removal)
         zero_channels_(zeroed, [(g, removal[g.name]) for g in groups])
-        out, ref = output_tensors(run_model(shrunk, as64(inputs))), output_tensors(run_model(zeroed, as64(inputs)))
+        out, ref = tensors_in(run_model(shrunk, as64(inputs))), tensors_in(run_model(zeroed, as64(inputs)))
     except Exception:  # a model whose code insists on float32 (a hard-coded dtype, say)
         return None
     return _gap(ref, out)
-
-
-def output_tensors(out: Any) -> list[torch.Tensor]:
-    """Every tensor of a model's output (nested tuples, lists and dicts), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    return [t for o in out for t in output_tensors(o)] if isinstance(out, (tuple, list)) else []
 
 
 def _gap(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
