@@ -29,6 +29,11 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
+def _text(name: str) -> str:
+    """A user's name (layer, arm, recipe) as plain text: matplotlib reads "$...$" as math."""
+    return name.replace("$", r"\$")
+
+
 def _valid(point: Point | None) -> bool:
     return point is not None and point[0] is not None and as_fraction(point[1]) is not None
 
@@ -65,7 +70,7 @@ def plot_accuracy_vs_macs(path: str | Path, before: Point | None = None, after: 
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best")
     if title:
-        ax.set_title(title.replace("$", r"\$"))  # a "$" in a name is text, not math
+        ax.set_title(_text(title))
     path = Path(path)
     fig.savefig(path, dpi=100)
     return path
@@ -89,13 +94,13 @@ def plot_layer_widths(path: str | Path, names: Sequence[str], before: Sequence[f
     ax.barh([y + bar / 2 for y in ys], [a or 0 for _, _, a in rows], height=bar, label="after", color="tab:orange")
     ax.set_yticks(ys)
     # A "$" in a layer name would switch matplotlib to math text; show it literally.
-    ax.set_yticklabels([name.replace("$", r"\$") for name, _, _ in rows], fontsize=8 if n <= 40 else 6)
+    ax.set_yticklabels([_text(name) for name, _, _ in rows], fontsize=8 if n <= 40 else 6)
     ax.invert_yaxis()
     ax.set_xlabel("channels")
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(loc="best")
     if title:
-        ax.set_title(title.replace("$", r"\$"))  # a "$" in a name is text, not math
+        ax.set_title(_text(title))
     path = Path(path)
     fig.savefig(path, dpi=100)
     return path
@@ -122,7 +127,7 @@ def plot_pareto(path: str | Path, points: dict[str, tuple[float, float, float | 
         ax.errorbar([macs], [100 * as_fraction(acc)], yerr=None if std is None else [100 * std], fmt="o",
                     mfc="tab:green" if on_front else "white", mec="tab:green" if on_front else "tab:gray",
                     ecolor="tab:gray", capsize=3, zorder=3)
-        ax.annotate(name.replace("$", r"\$"), (macs, 100 * as_fraction(acc)), textcoords="offset points",
+        ax.annotate(_text(name), (macs, 100 * as_fraction(acc)), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
     line = [pts[n] for n in front if n in pts]
     if len(line) > 1:
@@ -134,7 +139,7 @@ def plot_pareto(path: str | Path, points: dict[str, tuple[float, float, float | 
     ax.set_ylabel("accuracy (%), mean ± std over seeds")
     ax.grid(True, alpha=0.3)
     if title:
-        ax.set_title(title.replace("$", r"\$"), fontsize=10)  # a "$" in a recipe name is text
+        ax.set_title(_text(title), fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=100)
     return path
