@@ -156,8 +156,7 @@ def remove_masks(model: nn.Module, bake: bool = True) -> int:
         plist = module.parametrizations[pname]
         idx = _our_index(module, pname)
         if len(plist) == 1:
-            _own_class(module)
-            parametrize.remove_parametrizations(module, pname, leave_parametrized=bake)
+            remove_parametrization_(module, pname, leave_parametrized=bake)
             continue
         if bake:  # idx == 0: masking the raw tensor is the same as masking the first stage's input
             with torch.no_grad():
@@ -166,16 +165,17 @@ def remove_masks(model: nn.Module, bake: bool = True) -> int:
     return len(entries)
 
 
-def _own_class(module: nn.Module) -> None:
-    """Give a parametrized module a class of its own before a parametrization is removed.
+def remove_parametrization_(module: nn.Module, name: str, leave_parametrized: bool) -> None:
+    """`parametrize.remove_parametrizations(module, name, ...)`, confined to `module`.
 
     torch keeps the parametrized properties on a generated class, and a deep copy shares that
     class with the original; removing the copy's last parametrization deletes the property from
-    the shared class, and the original then has no `weight`. A private copy of the class (same
-    base, same dict) confines the removal to this module."""
+    the shared class, and the original then has no `weight`. The module first gets a private copy
+    of its class (same base, same dict), so the removal touches this module only."""
     cls = module.__class__
     module.__class__ = type(cls.__name__, cls.__bases__, {k: v for k, v in cls.__dict__.items()
                                                           if k not in ("__dict__", "__weakref__")})
+    parametrize.remove_parametrizations(module, name, leave_parametrized=leave_parametrized)
 
 
 def bake_masks_(model: nn.Module) -> nn.Module:

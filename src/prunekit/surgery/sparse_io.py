@@ -35,12 +35,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from ..core.errors import CheckpointError, PruningError
 from ..core.integrity import atomic_write
 from .mask_io import effective_state, is_nm, mask_kind, pack_mask, unpack_mask
-from .masks import _own_class, apply_mask, get_mask
+from .masks import apply_mask, get_mask, remove_parametrization_
 from .tensor_file import VERSIONS_KEY, file_metadata, load_state_
 
 __all__ = ["save_sparse", "load_sparse", "to_semi_structured_", "FORMAT_VERSION"]
@@ -203,7 +202,6 @@ def to_semi_structured_(model: nn.Module) -> list[str]:
         except (RuntimeError, ValueError) as err:
             raise PruningError(f"{name}: torch cannot make this weight semi-structured ({err})") from None
     for (name, mod), sparse in zip(chosen, converted):
-        _own_class(mod)  # a deep copy shares the parametrized class: keep the original's `weight`
-        parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+        remove_parametrization_(mod, "weight", leave_parametrized=True)  # a deep copy leaves its original whole
         mod.weight = nn.Parameter(sparse, requires_grad=False)
     return [name for name, _ in chosen]
