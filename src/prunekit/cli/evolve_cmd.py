@@ -54,11 +54,11 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
     prunekit evolve recipes/evolve_digits_cifar.yaml evolve.generations=2 evolve.executor=ray
     prunekit evolve recipes/evolve_digits_cifar.yaml --resume runs/evolve_digits_cifar-20250101-120000
     """
+    from ..core.integrity import claim_dir
     from ..evolve.report import comparison_set, counted, reevaluate, write_run
     from ..evolve.search import check_tasks, run_search
     from .overrides import dump_yaml
     from .recipe import split_arguments
-    from ..core.integrity import claim_dir
     from .rundir import choose_run_dir
 
     source, overrides = split_arguments(args)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 __all__ = ["atomic_write", "tensors_sha256", "write_error"]
 
@@ -115,8 +115,6 @@ def claim_dir(path: str | os.PathLike[str], first_file: str, text: str, explicit
     exclusive creation of `first_file` decides: of two callers given the same path, one gets it
     and the other gets a ConfigError before writing anything.
     """
-    from .errors import ConfigError
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if explicit:
