@@ -41,6 +41,15 @@ def _random_bn_(model, seed=0):
     return model
 
 
+def _gated_resnet20():
+    """ResNet-20 (seed 0) with non-trivial BN statistics in eval mode, a 2x3x32x32 input, its graph and gates."""
+    torch.manual_seed(0)
+    model = _random_bn_(create_model("resnet20", num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = build_graph(model, x)
+    return model, x, graph, GateSet.from_graph(model, graph)
+
+
 def _masks(gates, seed=0, keep=0.7, closed=(), only=None):
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -101,11 +110,7 @@ def _check_conversion(model, x, gates, graph, masks):
 
 
 def test_gated_equals_converted_resnet20_with_a_closed_block():
-    torch.manual_seed(0)
-    model = _random_bn_(create_model("resnet20", num_classes=10)).eval()
-    x = torch.randn(2, 3, 32, 32)
-    graph = build_graph(model, x)
-    gates = GateSet.from_graph(model, graph)
+    model, x, graph, gates = _gated_resnet20()
     assert len(gates.names) == 12  # 3 highway groups (stem + stage streams) + 9 inner groups
     masks = _masks(gates, seed=1, closed=("layer2.1.conv1",))
     conv = _check_conversion(model, x, gates, graph, masks)
@@ -143,10 +148,7 @@ def test_a_cut_branch_that_breaks_the_forward_falls_back_to_a_silent_channel():
 
 
 def test_highway_gates_remove_the_same_channels_from_every_member():
-    model = _random_bn_(create_model("resnet20", num_classes=10)).eval()
-    x = torch.randn(2, 3, 32, 32)
-    graph = build_graph(model, x)
-    gates = GateSet.from_graph(model, graph)
+    model, x, graph, gates = _gated_resnet20()
     stream = graph.group("layer2.0.conv2")  # stage-2 stream: 3 block outputs, shortcut, 3 readers
     assert {m.module for m in stream.members if m.role == "out"} == {
         "layer2.0.conv2", "layer2.0.shortcut.0", "layer2.1.conv2", "layer2.2.conv2"}
@@ -162,12 +164,8 @@ def test_highway_gates_remove_the_same_channels_from_every_member():
 
 
 def test_closing_an_inner_group_cuts_the_branch(tmp_path):
-    torch.manual_seed(0)
-    model = _random_bn_(create_model("resnet20", num_classes=10)).eval()
+    model, x, graph, gates = _gated_resnet20()
     fresh = copy.deepcopy(model)
-    x = torch.randn(2, 3, 32, 32)
-    graph = build_graph(model, x)
-    gates = GateSet.from_graph(model, graph)
     macs_before = count_cost(model, x).macs
     conv = _check_conversion(model, x, gates, graph, _masks(gates, closed=("layer1.1.conv1",), only=()))
     block = model.layer1[1]
@@ -189,12 +187,8 @@ def test_a_closed_stream_and_a_closed_block_inside_it_cut_together(tmp_path):
     """layer1.0.conv2 writes the closed stage-1 stream (emptied by that cut) and reads the closed
     inner group of block layer1.0 (made constant by that cut): it must be emptied whichever
     branch comes last, or the block adds 16 constant channels to a 0-channel stream."""
-    torch.manual_seed(0)
-    model = _random_bn_(create_model("resnet20", num_classes=10)).eval()
+    model, x, graph, gates = _gated_resnet20()
     fresh = copy.deepcopy(model)
-    x = torch.randn(2, 3, 32, 32)
-    graph = build_graph(model, x)
-    gates = GateSet.from_graph(model, graph)
     conv = _check_conversion(model, x, gates, graph, _masks(gates, seed=1, closed=("conv1", "layer1.0.conv1")))
     assert sorted(b.group for b in conv.branches) == ["conv1", "layer1.0.conv1"] and not conv.silent
     assert isinstance(model.layer1[0].conv2, EmptyOutput)
@@ -336,11 +330,7 @@ def test_a_closed_last_stream_is_cut_and_the_converted_model_is_counted():
     """Every channel of the stage-3 stream closed: its branch is cut, the pooled features have
     0 channels and the classifier is constant. count_cost (which the pipeline calls right after
     conversion) traced that 0-channel tensor and failed with an IndexError."""
-    torch.manual_seed(0)
-    model = _random_bn_(create_model("resnet20", num_classes=10)).eval()
-    x = torch.randn(2, 3, 32, 32)
-    graph = build_graph(model, x)
-    gates = GateSet.from_graph(model, graph)
+    model, x, graph, gates = _gated_resnet20()
     conv = _check_conversion(model, x, gates, graph, _masks(gates, closed=("layer3.0.conv2",), only=()))
     assert [b.group for b in conv.branches] == ["layer3.0.conv2"] and isinstance(model.fc, ConstantOutput)
 
