@@ -87,6 +87,16 @@ def test_config_validation_errors():
         GatorConfig()
     with pytest.raises(ConfigError, match="gate_init_prob"):
         GatorConfig(lam=1.0, gate_init_prob=0.4)
+    # the controller's settings do nothing with a fixed lam: refused, not silently ignored
+    with pytest.raises(ConfigError, match=r"^target_metric='macs' has no effect with a fixed lam"):
+        GatorConfig(lam=1.0, target_metric="macs")
+    with pytest.raises(ConfigError, match=r"lam_init=0\.5, ramp=0\.3 have no effect with a fixed lam"):
+        GatorConfig(lam=1.0, lam_init=0.5, ramp=0.3)
+    for name, value in (("tolerance", 0.05), ("controller_gain", 2.0)):
+        with pytest.raises(ConfigError, match=f"{name}="):
+            GatorConfig(lam=1.0, **{name: value})
+        assert getattr(GatorConfig(target=0.5, **{name: value}), name) == value
+    assert GatorConfig(lam=1.0, tolerance=0.03).lam == 1.0  # the default value is not a setting
     cfg = GatorConfig.from_dict({"target": 0.5, "cost": "latency", "target_metric": "macs",
                                  "latency": {"device": "cpu", "repeats": 3}})
     assert cfg.latency.repeats == 3 and cfg.target_measure == "macs"

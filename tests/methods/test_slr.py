@@ -195,6 +195,11 @@ def test_config_validation_messages():
     assert SLRConfig(sparsity_type="nm", n=1, m=8).m == 8
     cfg = SLRConfig(sparsity_type="nm", optimization="admm", admm_every=2)
     assert SLRConfig.from_dict(cfg.to_dict()) == cfg
+    # SLR's step-size schedule and bookkeeping are not read by ADMM: refused, not silently ignored
+    for name, value in (("initial_s", 0.1), ("M", 100), ("r", 0.5), ("clone_previous", False)):
+        with pytest.raises(ConfigError, match=f"^{name}=.* has no effect with optimization='admm'"):
+            SLRConfig(sparsity=0.5, optimization="admm", **{name: value})
+        assert getattr(SLRConfig(sparsity=0.5, **{name: value}), name) == value
 
 
 def _cnn():

@@ -197,6 +197,21 @@ def check_range(name: str, value: Any, lo: float, hi: float, lo_open: bool = Fal
         raise ConfigError(f"{name}={value!r} is out of range; use a value in {left}{lo}, {hi}{right}")
 
 
+def check_unused(config: Config, names: typing.Iterable[str], context: str) -> None:
+    """ConfigError naming every field of `names` set away from its default: `context` (e.g.
+    "with optimization='admm'") does not read them, and silently ignoring a setting misleads."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    changed = []
+    for name in names:
+        f = fields[name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        if getattr(config, name) != default:
+            changed.append(f"{name}={short_repr(getattr(config, name))}")
+    if changed:
+        raise ConfigError(f"{', '.join(changed)} {'has' if len(changed) == 1 else 'have'} no effect {context}; "
+                          f"leave {'it' if len(changed) == 1 else 'them'} out")
+
+
 def check_choice(name: str, value: Any, choices: typing.Iterable[str]) -> None:
     choices = list(choices)
     if value not in choices:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ...core.config import Config, check_choice, check_range
+from ...core.config import Config, check_choice, check_range, check_unused
 from ...core.errors import ConfigError
 from ...cost.latency import LatencyConfig
 
@@ -90,6 +90,8 @@ class GatorConfig(Config):
                               f"{self.target_measure} to keep, e.g. 0.5); got {got}")
         if self.lam is not None:
             check_range("lam", self.lam, 0.0, math.inf)
+            check_unused(self, ("target_metric", "tolerance", "lam_init", "controller_gain", "ramp"),
+                         "with a fixed lam (they steer the controller that a target needs)")
         if self.target is not None:
             check_range("target", self.target, 0.0, 1.0, lo_open=True, hi_open=True)
         check_range("tolerance", self.tolerance, 0.0, 0.5, lo_open=True)

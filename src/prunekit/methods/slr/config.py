@@ -12,7 +12,7 @@ from typing import Union
 
 from torch import Tensor, nn
 
-from ...core.config import Config, check_choice, check_range
+from ...core.config import Config, check_choice, check_range, check_unused
 from ...core.errors import ConfigError, PruningError
 from ...surgery.projections import PROJECTIONS, global_irregular_masks, projection_mask
 
@@ -92,6 +92,9 @@ class SLRConfig(Config):
             raise ConfigError(f"n={self.n}, m={self.m} apply only to sparsity_type='nm' (this config has "
                               f"{self.sparsity_type!r}); set sparsity_type='nm' or leave n and m out")
         check_range("rho", self.rho, 0.0, float("inf"), lo_open=True)
+        if self.optimization == "admm":
+            check_unused(self, ("initial_s", "M", "r", "clone_previous"),
+                         "with optimization='admm' (they set SLR's step size and its bookkeeping)")
         check_range("initial_s", self.initial_s, 0.0, float("inf"), lo_open=True)
         check_range("M", self.M, 1.0, float("inf"))
         check_range("r", self.r, 0.0, float("inf"), lo_open=True)
