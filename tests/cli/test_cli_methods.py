@@ -137,7 +137,11 @@ def test_finetune_command_keeps_the_masks_of_a_pruned_run(method_runs, tmp_path)
         changed |= not torch.equal(w0, w1)
     assert changed  # fine-tuning did train the model
     assert weight_sparsity(after)["masked"] == weight_sparsity(before)["masked"]
-    assert json.loads((tuned / "result.json").read_text())["sparsity"] == weight_sparsity(after)
+    tuned_result = json.loads((tuned / "result.json").read_text())
+    assert tuned_result["sparsity"] == weight_sparsity(after)
+    # this run did not prune; its report names the method that pruned the weights it loaded
+    assert tuned_result["method"] == "none (loaded weights pruned by slr)"
+    assert "Method: none (loaded weights pruned by slr)" in (tuned / "report.md").read_text()
 
 
 def test_eval_and_bench_of_a_masked_run(method_runs):

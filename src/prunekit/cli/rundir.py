@@ -92,6 +92,15 @@ def _latency_line(latency: dict[str, Any]) -> str:
     return head + f"{after['median_ms']:.3f} ms median"
 
 
+def _method_label(job: Job, pruned: bool) -> str:
+    """The recipe's method when this run pruned; else "none", naming the method that pruned
+    the loaded weights where their plan says (a `prunekit finetune` of a pruned run)."""
+    if job.recipe.method and pruned:
+        return job.recipe.method.label
+    earlier = job.plan.meta.get("method") if job.plan is not None else None
+    return f"none (loaded weights pruned by {earlier})" if earlier else "none"
+
+
 def build_result(job: Job, title: str, latency: dict[str, Any]) -> dict[str, Any]:
     """The report's input (prunekit.report.writer.ReportInput) plus the run's extra records."""
     from ..core.environment import environment
@@ -114,7 +123,7 @@ def build_result(job: Job, title: str, latency: dict[str, Any]) -> dict[str, Any
     layer_lat = latency.get("layers", {})
     result: dict[str, Any] = {
         "title": title,
-        "method": job.recipe.method.label if (job.recipe.method and pruned) else "none",
+        "method": _method_label(job, bool(pruned)),
         "config": job.recipe.to_dict(),
         "environment": environment(),
         "cost_before": {"params": before_cost.params, "macs": before_cost.macs,
