@@ -17,7 +17,8 @@ from ..core.errors import ConfigError
 @click.argument("overrides", nargs=-1)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory to create (default: runs/search-<timestamp>); must be new or empty.")
-def search_cmd(recipe: str, overrides: tuple[str, ...], out: str | None) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or phase lines; only the final genotype.")
+def search_cmd(recipe: str, overrides: tuple[str, ...], out: str | None, quiet: bool) -> None:
     """Search a sparse DARTS cell (PR-DARTS) and evaluate it; writes genotypes, alpha plots, report.
 
     A search recipe has the sections data, search (PRDartsConfig), evaluate (the derived
@@ -38,6 +39,7 @@ def search_cmd(recipe: str, overrides: tuple[str, ...], out: str | None) -> None
         raise ConfigError(f"{recipe}: a search recipe is a mapping with data, search, evaluate sections")
     raw = apply_overrides(raw, overrides, allowed_top=("data", "search", "evaluate", "device", "threads", "limit_eval_batches"))
     parsed = SearchRecipe.from_dict(raw)
-    result = run_search(parsed, choose_run_dir("search", Path("runs"), out), explicit=out is not None)
+    result = run_search(parsed, choose_run_dir("search", Path("runs"), out), explicit=out is not None,
+                        progress=not quiet, echo=None if quiet else click.echo)
     click.echo(f"genotype: {result['genotype']}")
-    click.echo(f"run directory: {result['run_dir']}")
+    click.echo(f"report: {Path(result['run_dir']) / 'report.md'}")

@@ -35,6 +35,15 @@ def test_search_command_writes_the_run_directory(tmp_path):
     assert count_nonzeros(net)["nonzero"] == result["evaluation"]["cost"]["nonzero"]
     assert net(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
     assert "no speed-up is claimed" in (out / "report.md").read_text()
+    # it says where it writes and which phase runs as each starts, not only at the end
+    lines = res.output.splitlines()
+    assert lines[0] == f"run directory: {out}"
+    assert any(l.startswith("searching on cpu: 1 dense + 1 score + 1 finetune epochs") for l in lines)
+    assert any(l.startswith("evaluating the searched cell") for l in lines)
+    assert lines[-1] == f"report: {out / 'report.md'}"
+    quiet = CliRunner().invoke(cli, ["search", str(recipe), "-q", "evaluate.enabled=false", "--out", str(tmp_path / "q")])
+    assert quiet.exit_code == 0, quiet.output
+    assert [l.split(":")[0] for l in quiet.output.splitlines()] == ["genotype", "report"]
 
 
 def test_search_command_rejects_unknown_key(tmp_path):

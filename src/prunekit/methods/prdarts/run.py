@@ -18,7 +18,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -133,7 +133,8 @@ def _alpha_plot(run_dir: Path) -> Path | None:
     return plot_alpha_history(run_dir / "alphas.png", labels, mass, PRIMITIVES)
 
 
-def _evaluate(recipe: SearchRecipe, genotype: Genotype, bundle: Any, run_dir: Path) -> dict[str, Any]:
+def _evaluate(recipe: SearchRecipe, genotype: Genotype, bundle: Any, run_dir: Path,
+              progress: bool = False) -> dict[str, Any]:
     from ...data.augment import CutoutLoader
     from ...engine.evaluate import evaluate
     from .evalnet import EvalNetwork
@@ -147,7 +148,7 @@ def _evaluate(recipe: SearchRecipe, genotype: Genotype, bundle: Any, run_dir: Pa
     schedule = EvalSchedule(ev.dense_epochs, ev.score_epochs, ev.finetune_epochs, ev.lr, ev.score_lr,
                             weight_decay=ev.weight_decay, aux_weight=ev.aux_weight, drop_path=ev.drop_path,
                             seed=recipe.search.seed)
-    history = train_at_density(net, density, train, bundle.val, schedule, device=recipe.device)
+    history = train_at_density(net, density, train, bundle.val, schedule, device=recipe.device, progress=progress)
     test = evaluate(net, bundle.test, torch.device(recipe.device))
     example = torch.zeros(1, *bundle.input_shape)
     save_network(net.cpu(), run_dir / "network.safetensors", example)
@@ -155,11 +156,14 @@ def _evaluate(recipe: SearchRecipe, genotype: Genotype, bundle: Any, run_dir: Pa
     return {"density": density, "history": history, "test": test, "cost": report}
 
 
-def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False, explicit: bool = True) -> dict[str, Any]:
+def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False, explicit: bool = True,
+               echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Search, evaluate and write the run directory (see the module docstring); returns result.json,
     whose "run_dir" is the directory used. `run_dir` is claimed for this run alone (`claim_dir`):
     an `explicit` path may be empty but not another run's; a default name that is taken gets a
-    suffix (-2, -3, ...)."""
+    suffix (-2, -3, ...). `progress` shows a bar per training epoch; `echo` (e.g. print) gets one
+    line as each phase starts and ends."""
+    say = echo or (lambda line: None)
     from ...data import load_data
     from .search import search
 
@@ -173,6 +177,10 @@ def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False
     alpha_split = bundle.val  # the architect cycles all of it; evaluations see the first batches
     bundle.val = FirstBatches(bundle.val, recipe.limit_eval_batches)
     bundle.test = random_batches(bundle.test, recipe.limit_eval_batches, recipe.data.seed)
+    say(f"run directory: {run_dir}")
+    cfg = recipe.search
+    say(f"searching on {recipe.device}: {cfg.pretrain_epochs} dense + {cfg.score_epochs} score + "
+        f"{cfg.finetune_epochs} finetune epochs at density {cfg.density}")
     t0 = time.perf_counter()
     found = search(recipe.search, bundle.train, alpha_split, bundle.num_classes, bundle.input_shape[0],
                    device=recipe.device, out_dir=run_dir, progress=progress, eval_loader=bundle.val)
@@ -183,9 +191,14 @@ def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False
                               "param_free_share": found.genotype.parameter_free_share(),
                               "device": recipe.device, "torch": torch.__version__, "run_dir": str(run_dir)}
     _alpha_plot(run_dir)
+    say(f"searched in {result['search_time_s']:.0f} s; genotype written to {run_dir / 'genotype.json'}")
     if recipe.evaluate.enabled:
-        geno = found.genotype if recipe.evaluate.genotype == "searched" else REFERENCE_GENOTYPES[recipe.evaluate.genotype]
-        result["evaluation"] = _evaluate(recipe, geno, bundle, run_dir)
+        ev = recipe.evaluate
+        geno = found.genotype if ev.genotype == "searched" else REFERENCE_GENOTYPES[ev.genotype]
+        say(f"evaluating the {ev.genotype} cell: {ev.dense_epochs} dense + {ev.score_epochs} score + "
+            f"{ev.finetune_epochs} finetune epochs")
+        result["evaluation"] = _evaluate(recipe, geno, bundle, run_dir, progress)
+        say(f"test accuracy {result['evaluation']['test']['acc']:.4f}")
     (run_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
     (run_dir / "report.md").write_text(render_report(result))
     return result
