@@ -260,3 +260,52 @@ def test_a_softmax_without_dim_fixes_the_channels_it_runs_over(rank):
     over_the_channels = rank == 2  # (B, 8): dim 1 is the features; (B, 2, 2, 8): it is not
     assert build_graph(model, x).group("a").prunable.any() != over_the_channels
     _every_prunable_channel_matches_zeroing(model, x)
+
+
+class OneChannelGate(nn.Module):
+    """A stream times (or plus, or masked by) a one-channel map that broadcasts over its channels:
+    out[:, c] = x[:, c] * a[:, 0], as in CBAM-style spatial attention."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.a, self.g, self.b, self.how = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 1, 1), nn.Conv2d(8, 4, 3), how
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        gate = torch.sigmoid(self.g(x))
+        y = {"mul": lambda: x * gate, "add": lambda: x + gate,
+             "where": lambda: torch.where(gate > 0.5, x, -x)}[self.how]()
+        return self.b(y)
+
+
+@pytest.mark.parametrize("how", ["mul", "add", "where"])
+def test_a_one_channel_map_broadcast_over_the_channels_couples_none_of_them(how):
+    torch.manual_seed(0)
+    model, x = OneChannelGate(how).eval(), torch.randn(2, 3, 6, 6)
+    graph = build_graph(model, x)
+    stream, gate = graph.group("a"), graph.group("g")
+    assert stream.size == 8 and stream.prunable.all() and stream.proven  # not joined into one channel
+    assert gate.size == 1 and not gate.prunable.any()  # the map's one channel stays
+    _every_prunable_channel_matches_zeroing(model, x)
+
+
+class SpatialAttention(nn.Module):
+    """CBAM's spatial attention: a map from the channel mean and max gates the stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.g, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(2, 1, 7, padding=3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        x = self.a(x)
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+        return self.b(x * torch.sigmoid(self.g(pooled)))
+
+
+def test_spatial_attention_keeps_the_stream_a_group_of_its_own_width():
+    torch.manual_seed(0)
+    model, x = SpatialAttention().eval(), torch.randn(2, 3, 6, 6)
+    graph = build_graph(model, x)
+    assert graph.group("a").size == 8 and graph.group("g").size == 1
+    # the channel mean and max read every channel (removal changes them), so the stream is kept
+    assert not graph.group("a").prunable.any()

@@ -52,7 +52,7 @@ def elementwise(tr, call):
     # where's condition (and masked_fill's mask) picks per element, so a condition with channels
     # of its own is joined like any operand: pruning it apart from x would pair each kept
     # channel of x with the condition of another channel
-    ids = [_fit(tr, tr.ids(t), out) for t in tensors]
+    ids = [_spread_single(tr, t, _fit(tr, tr.ids(t), out), out) for t in tensors]
     ids = list(torch.broadcast_tensors(*ids)) if ids else []
     for i in range(len(ids)):
         for j in range(i + 1, len(ids)):
@@ -63,6 +63,22 @@ def elementwise(tr, call):
         result = torch.where(result >= 0, result, t)
     for o in _tensor_outs(call):
         tr.set_ids(o, _fit(tr, result, o))
+
+
+def _spread_single(tr, t: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """An operand holding one channel, of size 1 along a dim where the output is wider (a CBAM-style
+    spatial attention map, N x 1 x H x W, times an N x C x H x W stream), multiplies every output
+    channel by that one channel: out[:, c] = x[:, c] * a[:, 0]. Removing channel c of the output
+    leaves `a` whole, so it couples none of them; its own channel is kept (fixed), and the operand
+    counts as channel-free here. Broadcasting its id across the dim instead would join all the
+    stream's channels into one."""
+    if tr.opaque_shape(t) is not None or varying_dims(ids) or not bool((ids >= 0).any()):
+        return ids
+    shape = (1,) * (out.dim() - t.dim()) + tuple(t.shape[max(t.dim() - out.dim(), 0):])
+    if not any(s == 1 < o for s, o in zip(shape, out.shape)):
+        return ids
+    tr.uf.mark_fixed(ids)
+    return torch.full_like(ids, NO_ID)
 
 
 def _dims(tr, t, ids, out) -> list[int]:
