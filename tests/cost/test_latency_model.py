@@ -81,3 +81,54 @@ def test_tuple_example_inputs_are_timed_at_the_tables_batch(monkeypatch):
         lm.LatencyModel(m, build_graph(m, x), example, cfg, grid_steps=2)
     assert batches == [5, 5]
     assert [t.shape[0] for t in lm.per_sample_inputs((x, x[:, :1]), 5)] == [5, 5]
+
+
+class _Tokens(nn.Module):
+    """Token ids -> embedding -> MLP: the example input is an integer tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(50, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, ids):
+        return self.fc2(self.fc1(self.emb(ids)).relu()).mean(1)
+
+
+def test_integer_example_inputs_keep_their_values():
+    """Token ids are timed as token ids (repeated to the batch), not replaced by random floats."""
+    from prunekit.cost.latency_model import per_sample_inputs
+
+    ids = torch.randint(0, 50, (2, 6))
+    timed = per_sample_inputs(ids, 5)
+    assert isinstance(timed, tuple) and len(timed) == 1
+    assert timed[0].dtype == ids.dtype and timed[0].shape == (5, 6)
+    assert torch.equal(timed[0][:2], ids) and torch.equal(timed[0][2:4], ids)
+    model = _Tokens()
+    est = LatencyModel(model, build_graph(model, ids), ids, FAST, grid_steps=2)
+    assert est.measured_ms > 0 and {spec.kind for _, spec, _ in est.layers} == {"linear"}
+
+
+class _MaskedAttention(nn.Module):
+    """Self-attention with a (tokens, tokens) mask passed next to the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x, mask):
+        h = self.inp(x)
+        return self.out(self.attn(h, h, h, attn_mask=mask, need_weights=False)[0])
+
+
+def test_inputs_without_the_batch_dim_are_passed_whole():
+    """A shared mask whose first size is not the batch is not cut to one sample when the layer
+    inputs are read (nn.MultiheadAttention rejects a (1, tokens) mask)."""
+    from prunekit.cost.latency_model import _input_grids
+
+    model, x, mask = _MaskedAttention(), torch.randn(2, 5, 8), torch.zeros(5, 5)
+    grids = _input_grids(model, (x, mask))
+    assert grids["inp"] == (5, 1) and grids["attn"] == (5, 1) and grids["out"] == (5, 1)
+    est = LatencyModel(model, build_graph(model, (x, mask)), (x, mask), FAST, grid_steps=2)
+    assert {spec.kind for _, spec, _ in est.layers} == {"linear", "attention"}

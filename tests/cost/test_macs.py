@@ -235,3 +235,55 @@ def test_a_masked_layer_counts_its_stored_weight_in_its_own_row():
     masked = count_cost(model, x)
     assert masked.params == dense.params and masked.per_module == dense.per_module
     assert masked.per_module["0"]["params"] == 8 * 3 * 9  # the report's per-layer row, not 0
+
+
+class _EinsumNet(nn.Module):
+    """Attention written with einsum (q.k and a.v), and an output projection as an einsum with
+    a raw weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 8)
+        self.w = nn.Parameter(torch.randn(3, 8))
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)  # (B, 5 tokens, 8)
+        a = torch.softmax(torch.einsum("bid,bjd->bij", q, k), -1)  # (B, 5, 5)
+        h = torch.einsum("bij,bjd->bid", a, v)
+        return torch.einsum("btd,od->bto", h, self.w)
+
+
+def test_einsum_products_are_counted_like_matmul():
+    model, x = _EinsumNet().eval(), torch.randn(2, 5, 6)
+    hand = (3 * 5 * 6 * 8  # q, k, v projections over 5 tokens
+            + 5 * 5 * 8    # q.k
+            + 5 * 5 * 8    # a.v
+            + 5 * 8 * 3)   # the einsum projection
+    assert count_cost(model, x).macs == hand
+
+
+class _EinsumDot(nn.Module):
+    """A dot product of two ReLU features as an einsum: their channels stay prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(4, 8)
+
+    def forward(self, x):  # x: (1, 4)
+        x = x[0]
+        return torch.einsum("c,c->", self.a(x).relu(), self.b(x).relu())
+
+
+def test_einsum_macs_shrink_with_the_channels_it_sums():
+    from prunekit.surgery.shrink import remove_channels_
+    from prunekit.surgery.verify import build_safe_graph
+
+    torch.manual_seed(0)
+    model, x = _EinsumDot().eval(), torch.randn(1, 4)
+    assert count_cost(model, x).macs == 2 * 4 * 8 + 8
+    graph = build_safe_graph(model, x)
+    group = next(g for g in graph.prunable_groups() if g.size == 8)
+    removal = {group.name: [0, 2, 5]}
+    params, macs = estimate_cost(model, graph, removal)
+    remove_channels_(model, graph, removal)
+    assert (params, macs) == (count_cost(model, x).params, 2 * 4 * 5 + 5)

@@ -77,3 +77,14 @@ def test_one_outlier_measurement_does_not_undo_the_pruning(monkeypatch):
     assert all(a["goal"] <= 0.6 * 1.25 + 1e-9 for a in r.metrics["latency"]["attempts"])  # bounded steps
     widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert sum(widths) < 0.9 * (64 + 96 + 64)  # still pruned
+
+
+def test_a_model_without_tabled_layers_says_so():
+    """Conv1d layers have no latency tables: the target cannot be aimed at, and the call says
+    why instead of returning the unpruned model with a note about timing noise."""
+    model = nn.Sequential(nn.Conv1d(4, 64, 3), nn.ReLU(), nn.Conv1d(64, 64, 3), nn.ReLU(), nn.Conv1d(64, 4, 1))
+    before = [p.shape for p in model.parameters()]
+    with pytest.raises(ConfigError, match="latency tables cover"):
+        prune_(model, MagnitudeConfig(latency_fraction=0.5, latency={"repeats": 3, "warmup": 1}),
+               torch.randn(1, 4, 32))
+    assert [p.shape for p in model.parameters()] == before

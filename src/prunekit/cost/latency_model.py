@@ -47,18 +47,25 @@ TABLED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.MultiheadAttent
 
 
 def per_sample_inputs(example_inputs: Any, batch_size: int | None = None) -> Any:
-    """Inputs to time at `batch_size`: the per-sample shape of a single example tensor (the timing
-    builds the batch), and a tuple of tensors with each one's samples repeated (or cut) to
-    `batch_size` along dim 0, so that the whole model is timed at the batch its layer tables use.
-    Other inputs (and any input when `batch_size` is None) are returned unchanged."""
+    """Inputs to time at `batch_size`: the per-sample shape of a single floating example tensor
+    (the timing builds a random batch), and a tuple of tensors with each one's samples repeated
+    (or cut) to `batch_size` along dim 0, so that the whole model is timed at the batch its layer
+    tables use. A single integer tensor (token ids) is taken as a tuple of one, so that its values
+    stay valid ids. Other inputs (and any input when `batch_size` is None) are returned unchanged."""
     if isinstance(example_inputs, torch.Tensor):
-        return tuple(example_inputs.shape[1:])
+        if example_inputs.is_floating_point():
+            return tuple(example_inputs.shape[1:])
+        example_inputs = (example_inputs,)
     if (batch_size and isinstance(example_inputs, tuple) and example_inputs
             and isinstance(example_inputs[0], torch.Tensor) and example_inputs[0].dim() > 0):
         batch = example_inputs[0].shape[0]  # tensors with another first size (a shared mask) stay as they are
-        return tuple(t[torch.arange(batch_size) % batch] if isinstance(t, torch.Tensor) and t.dim() > 0
-                     and t.shape[0] == batch and batch > 0 else t for t in example_inputs)
+        return tuple(t[torch.arange(batch_size) % batch] if _batched(t, batch) else t for t in example_inputs)
     return example_inputs
+
+
+def _batched(t: Any, batch: int) -> bool:
+    """Whether `t` is a tensor holding `batch` samples along dim 0 (a shared mask does not)."""
+    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch and batch > 0
 
 
 def _input_grids(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, int]]:
@@ -80,8 +87,9 @@ def _input_grids(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, 
             hooks.append(mod.register_forward_pre_hook(hook))
     try:
         with torch.no_grad(), evaluating(model):  # the caller's train/eval mode, module by module, after
-            inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-            model(*[t[:1] if isinstance(t, torch.Tensor) else t for t in inputs])
+            inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+            batch = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 0
+            model(*[t[:1] if _batched(t, batch) else t for t in inputs])  # one sample of each batched input
     finally:
         for h in hooks:
             h.remove()
@@ -128,6 +136,7 @@ class LatencyModel:
         self._grids = {k: (np.asarray(t.in_counts, dtype=np.float64), np.asarray(t.out_counts, dtype=np.float64),
                            np.asarray(t.values_ms, dtype=np.float64)) for k, t in self.tables.items()}
         self._dims = self._member_dims(graph)
+        self.tabled_groups = set(self._dims)  # groups whose removal changes a tabled layer's width
         self.measured_ms = measure_latency(model, per_sample_inputs(example_inputs, cfg.batch_size), cfg).median_ms
         self.full_table_ms = self._table_sum({})
         leaves = sum(1 for m in model.modules() if not list(m.children()))

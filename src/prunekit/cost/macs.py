@@ -1,13 +1,13 @@
 """Parameters and MACs counted from the traced graph.
 
 Convention (stated in every report): MACs are multiply-accumulates *per sample* of convolutions
-(incl. transposed and grouped), Linear layers, matmul/bmm and attention products (QK^T and AV).
-Normalisation, activations, pooling and elementwise ops are not counted (they are a few percent
-and memory-bound). A conv's MACs = out_elements * (C_in / groups) * k_h * k_w. Parameters are
-all unique trainable and frozen parameters (buffers excluded), less the entries a module declares
-zero by construction: a module with a `fixed_zero_params()` method (a structured sparse layer such
-as `prunekit.layers.ssc.SSCConv2d`) counts only its real weights, and its traced op counts only
-its real taps as MACs.
+(incl. transposed and grouped), Linear layers, matmul/bmm, two-operand einsum and attention
+products (QK^T and AV). Normalisation, activations, pooling and elementwise ops are not counted
+(they are a few percent and memory-bound). A conv's MACs = out_elements * (C_in / groups) * k_h
+* k_w. Parameters are all unique trainable and frozen parameters (buffers excluded), less the
+entries a module declares zero by construction: a module with a `fixed_zero_params()` method (a
+structured sparse layer such as `prunekit.layers.ssc.SSCConv2d`) counts only its real weights,
+and its traced op counts only its real taps as MACs.
 
 >>> import torch, torch.nn as nn
 >>> c = count_cost(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 2)),

@@ -7,6 +7,8 @@ channels are marked fixed: pruning would shift what the constant points at.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .ids import NO_ID, OPAQUE, along, varying_dims
@@ -294,13 +296,34 @@ def normalize_rule(tr, call):
     passthrough(tr, call)
 
 
+def _einsum_macs(eq: str, ops: list, out: torch.Tensor) -> int:
+    """Multiply-accumulates of a two-operand einsum, as for matmul: every output element sums
+    products over the contracted letters (those not in the output). Other operand counts: 0."""
+    if len(ops) != 2 or not all(isinstance(t, torch.Tensor) for t in ops):
+        return 0
+    lhs, _, rhs = eq.partition("->")
+    if "->" not in eq:  # implicit output: the letters that appear once
+        rhs = "".join(c for c in lhs if c.isalpha() and lhs.count(c) == 1)
+    size: dict[str, int] = {}
+    for sub, t in zip(lhs.split(","), ops):
+        head, _, tail = sub.partition("...")
+        dims = list(enumerate(head)) + [(t.dim() - len(tail) + i, c) for i, c in enumerate(tail)]
+        for d, letter in dims:
+            size[letter] = max(size.get(letter, 1), int(t.shape[d]))
+    return out.numel() * math.prod(n for letter, n in size.items() if letter not in rhs)
+
+
 def einsum(tr, call):
     """Join ids of letters shared by operands; the output takes the ids of the one operand
-    that carries channels (several such operands make everything fixed)."""
+    that carries channels (several such operands make everything fixed). Two-operand einsums
+    count their MACs like matmul."""
     eq = call.args[0].replace(" ", "")
     ops = list(call.args[1]) if len(call.args) == 2 and isinstance(call.args[1], (list, tuple)) else list(call.args[1:])
+    out = _tensor_outs(call)[0]
+    macs = _einsum_macs(eq, ops, out)
     if "..." in eq or "->" not in eq:
-        return _fix_all(tr, call)
+        _fix_all(tr, call)
+        return tr.add_node(call, macs=macs)
     lhs, rhs = eq.split("->")
     subs = lhs.split(",")
     where: dict[str, list[tuple[int, int]]] = {}
@@ -308,18 +331,21 @@ def einsum(tr, call):
         for d, letter in enumerate(s):
             where.setdefault(letter, []).append((k, d))
     ids = [tr.ids(t) for t in ops]
+    contracted = []  # one id vector per summed letter: the MACs shrink with its kept share
     for letter, places in where.items():
         vecs = [along(ids[k], d, ops[k].shape[d], tr.uf) for k, d in places]
         for v in vecs[1:]:
             tr.uf.union_pairs(vecs[0], v)
         if letter not in rhs:
             tr.unproven_ids.extend(vecs)  # a sum over this letter (see SUM_LIKE)
+            contracted.append(vecs[0])
     carriers = [k for k, s in enumerate(subs) if any(ids[k].shape[d] > 1 and letter in rhs for d, letter in enumerate(s))]
-    out = _tensor_outs(call)[0]
     if len(carriers) > 1:
-        return _fix_all(tr, call)
+        _fix_all(tr, call)
+        return tr.add_node(call, macs=macs)
     if not carriers:
-        return tr.set_ids(out, torch.full([1] * out.dim(), NO_ID, dtype=torch.long))
+        tr.set_ids(out, torch.full([1] * out.dim(), NO_ID, dtype=torch.long))
+        return tr.add_node(call, macs=macs, terms=[(macs, contracted + [tr.ids(out)])] if macs else [])
     k = carriers[0]
     src = ids[k]
     for d, letter in reversed(list(enumerate(subs[k]))):
@@ -330,7 +356,7 @@ def einsum(tr, call):
     src = src.permute([kept.index(l) for l in order]) if order else src
     shape = [src.shape[order.index(l)] if l in order else 1 for l in rhs]
     tr.set_ids(out, src.reshape(shape))
-    tr.add_node(call)
+    tr.add_node(call, macs=macs, terms=[(macs, contracted + [tr.ids(out)])] if macs else [])
 
 
 for _n in ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "arange", "zeros", "ones", "full", "empty",

@@ -34,6 +34,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..core.errors import ConfigError
 from ..cost.latency import LatencyConfig, compare_latency
 from ..cost.latency_model import LatencyModel, per_sample_inputs
 from ..graph import Graph
@@ -49,6 +50,11 @@ def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.T
                     estimate: LatencyModel | None = None) -> tuple[dict[str, list[int]], dict[str, Any]]:
     """Removal whose measured latency is `fraction` of the model's, and a report of how it was found."""
     est = estimate or LatencyModel(model, graph, example_inputs, lcfg)
+    if scores and not est.tabled_groups.intersection(scores):
+        raise ConfigError("latency_fraction cannot be aimed at: no prunable channel group reaches a layer the "
+                          "latency tables cover (Conv2d with groups=1 or depthwise, Linear, BatchNorm2d, "
+                          "one-dimensional LayerNorm, batch_first nn.MultiheadAttention); use macs_fraction or "
+                          "params_fraction; the model was left unchanged")
     steps = {n: group_multiple(graph.group(n).size, round_to) if round_to else max(1, graph.group(n).size // 16)
              for n in scores}
     goal, tried = fraction, []
