@@ -215,3 +215,19 @@ def test_inference_sees_in_place_weight_changes_and_clear_cache_after_data_write
             layer.weight_1x1.data.mul_(0.5)  # through .data: not seen until the cache is cleared
             layer.clear_cache()
             torch.testing.assert_close(layer(x), fresh())
+
+
+def test_kernel_given_as_a_pair_and_numeric_arguments_are_checked():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, (3, 3), (2, 1), (1, 2), (1, 2))
+    layer = SSCConv2d(8, 8, conv.kernel_size, SSCSpec(spatial_period=2), conv.stride, conv.padding, conv.dilation)
+    with torch.no_grad():
+        conv.weight.mul_(layer.support())
+    _check_equal_to(conv, layer, torch.randn(2, 8, 9, 9))
+    for bad, match in [({"padding": "same"}, "padding='same' .* string padding"),
+                       ({"padding": (1,)}, "padding=\\(1,\\)"),
+                       ({"stride": 0}, "stride=0 must be an integer >= 1"), ({"dilation": 1.5}, "dilation=1.5")]:
+        with pytest.raises(ConfigError, match=match):
+            SSCConv2d(8, 8, 3, SSCSpec(spatial_period=2), **bad)
+    with pytest.raises(ConfigError, match="odd square kernel"):
+        SSCConv2d(8, 8, (3, 5), SSCSpec(spatial_period=2))

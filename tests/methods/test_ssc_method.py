@@ -207,3 +207,58 @@ def test_channel_level_pai_on_a_fully_converted_model_says_why_nothing_can_be_re
     prune_(model, SSCConfig(reduction=4), x)
     with pytest.raises(PruningError, match="none of the model's .* such as SSC layers"):  # not "ignore fewer modules"
         prune_(model, RandomInitConfig(sparsity=0.5, level="channel"), x)
+
+
+def _chain(width: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
+                         nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)).eval()
+
+
+def test_a_preset_that_fits_only_after_channel_removal_reloads(tmp_path):
+    from prunekit.graph import build_graph
+    from prunekit.surgery.plan import prune_channels_
+
+    model, x = _chain(20), torch.randn(1, 3, 8, 8)
+    groups = [g.name for g in build_graph(model, x).groups]
+    removed = prune_channels_(model, x, {groups[0]: [0, 1, 2, 3], groups[1]: [0, 1, 2, 3]})  # 20 -> 16 -> 16 -> 20
+    r = prune_(model, SSCConfig(groups=1, spatial_period=8, fallback=False), x)
+    assert r.metrics["converted"] == ["2"]  # 16 -> 16 fits P_s = 8; the unpruned 20 -> 20 would not
+    again = load_pruned(_chain(20), save_pruned(model, removed.compose(r.plan), tmp_path / "m.safetensors"))
+    assert isinstance(again[2], SSCConv2d)
+    torch.testing.assert_close(again(x), model(x), atol=0, rtol=0)
+
+
+def test_a_preset_that_does_not_fit_the_replayed_channels_is_a_checkpoint_error():
+    model, x = _chain(16), torch.randn(1, 3, 8, 8)
+    plan = prune_(model, SSCConfig(groups=1, spatial_period=8), x).plan
+    with pytest.raises(CheckpointError, match="plan converts layer '2' to SSC, but here: spatial_period=8"):
+        apply_plan_(_chain(20), Plan.from_dict({**json.loads(plan.to_json()), "fingerprint": {}}))
+
+
+def test_channel_pruning_after_ssc_with_ignored_layers_reloads(tmp_path):
+    model = _resnet20()
+    first = prune_(model, SSCConfig(reduction=4, ignore=["layer3"]), X)
+    second = prune_(model, MagnitudeConfig(channel_ratio=0.5), X)
+    assert second.plan.groups and all(name.startswith("layer3.") for name in second.plan.groups)
+    path = save_pruned(model, first.plan.compose(second.plan), tmp_path / "m.safetensors")
+    torch.testing.assert_close(load_pruned(_resnet20(), path).eval()(X), model(X), atol=0, rtol=0)
+
+
+def test_masked_convs_are_reported_and_a_masked_stem_is_still_the_first_conv():
+    from prunekit.surgery.masks import apply_mask, unstructured_mask
+
+    model = nn.Sequential(*[nn.Conv2d(3 if i == 0 else 16, 16, 3, padding=1) for i in range(4)])
+    for i in (0, 2):
+        apply_mask(model[i], "weight", unstructured_mask(model[i].weight, 0.5))
+    r = prune_(model, SSCConfig(groups=1, spatial_period=4), torch.randn(1, 3, 8, 8))
+    assert r.metrics["converted"] == ["1", "3"]
+    assert list(r.metrics["left_dense"]) == ["2"] and "parametrized" in r.metrics["left_dense"]["2"]
+
+
+def test_a_model_that_is_a_single_conv_is_refused_and_left_as_it_was():
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    before = {k: v.clone() for k, v in conv.state_dict().items()}
+    with pytest.raises(PruningError, match="the model itself is this conv"):
+        prune_(conv, SSCConfig(groups=1, spatial_period=2, keep_first=False), torch.randn(1, 8, 6, 6))
+    assert not list(conv.children()) and conv.state_dict().keys() == before.keys()

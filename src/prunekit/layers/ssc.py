@@ -55,12 +55,15 @@ class SSCConv2d(nn.Module):
                  stride=1, padding=0, dilation=1, bias: bool = True, execution: str = "structured"):
         super().__init__()
         spec = spec if spec is not None else SSCSpec()
-        if not isinstance(kernel_size, int) or kernel_size % 2 == 0:
+        if isinstance(kernel_size, (tuple, list)) and len(kernel_size) == 2 and kernel_size[0] == kernel_size[1]:
+            kernel_size = kernel_size[0]
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ConfigError(f"SSCConv2d needs an odd square kernel, got kernel_size={kernel_size!r}")
         if execution not in EXECUTIONS:
             raise ConfigError(f"execution={execution!r}; choose one of {', '.join(EXECUTIONS)}")
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.stride, self.padding, self.dilation = (_int_pair("stride", stride, 1), _int_pair("padding", padding, 0),
+                                                    _int_pair("dilation", dilation, 1))
         self.spec, self.execution = spec, execution
         lay = SSCLayout(in_channels, out_channels, kernel_size, spec)
         self.layout = lay
@@ -227,6 +230,16 @@ class SSCConv2d(nn.Module):
             need = (size[i] - 1) * self.stride[i] + 1
             pads += [-start, need - (x.shape[-2 + i] - start)]
         return x if not any(pads) else F.pad(x, pads)
+
+
+def _int_pair(name: str, value, least: int) -> tuple[int, int]:
+    """`value` (an int or a pair of ints, each >= `least`) as a pair; ConfigError otherwise."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else _pair(value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < least for v in pair):
+        hint = (": string padding is not supported; give the number (dilation * (kernel_size // 2) for 'same', "
+                "0 for 'valid')") if isinstance(value, str) else ""
+        raise ConfigError(f"{name}={value!r} must be an integer >= {least} or a pair of them{hint}")
+    return pair
 
 
 def ssc_conv2d(x: Tensor, layer: SSCConv2d) -> Tensor:

@@ -39,6 +39,7 @@ import math
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..core.config import Config, check_choice
 from ..core.errors import CheckpointError, ConfigError, PruningError
@@ -152,8 +153,10 @@ def fit_preset(spec: SSCSpec, in_channels: int, out_channels: int) -> SSCSpec | 
     return best[1] if best else None
 
 
-def _eligible(conv: nn.Module, spec: SSCSpec) -> str | None:
-    """None if `conv` can become an SSC layer with `spec`, else why not."""
+def _convertible(conv: nn.Module) -> str | None:
+    """None if `conv` is a conv an SSC layer can replace (whatever its channel counts), else why not."""
+    if parametrize.is_parametrized(conv):
+        return "its weight is parametrized (a mask, say); remove the parametrization before converting"
     if type(conv) is not nn.Conv2d:
         return "not an nn.Conv2d"
     k = conv.kernel_size
@@ -161,18 +164,31 @@ def _eligible(conv: nn.Module, spec: SSCSpec) -> str | None:
         return f"kernel {k} (needs a square odd kernel > 1)"
     if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return "grouped conv or non-zero/string padding"
-    return spec.fits(conv.in_channels, conv.out_channels)
+    return None
+
+
+def _eligible(conv: nn.Module, spec: SSCSpec) -> str | None:
+    """None if `conv` can become an SSC layer with `spec`, else why not."""
+    why = _convertible(conv)
+    return why if why is not None else spec.fits(conv.in_channels, conv.out_channels)
 
 
 def _conv_order(model: nn.Module, example_inputs: Any, ignore: list[str]) -> list[str]:
     """Names of the modules whose conv2d ops the trace runs, in execution order."""
     graph = build_graph(model, example_inputs, ignore)
+    modules = dict(model.named_modules())
     names: list[str] = []
     for node in graph.nodes:
-        if node.op == "conv2d" and node.params:
-            name = node.params[0].rsplit(".", 1)[0]
-            if name not in names:
-                names.append(name)
+        if node.op != "conv2d":
+            continue
+        if node.params:
+            name = node.params[0].rpartition(".")[0]
+        elif isinstance(modules.get(node.module or ""), nn.Conv2d):
+            name = node.module  # a conv whose weight is computed (parametrized, e.g. masked)
+        else:
+            continue  # a functional conv on a fixed kernel (a blur, say) is no layer to convert
+        if name not in names:
+            names.append(name)
     return names
 
 
@@ -214,6 +230,10 @@ def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneRe
         conv = modules[name]
         if any(name == i or name.startswith(i + ".") for i in cfg.ignore) or getattr(conv, "kernel_size", None) == (1, 1):
             continue
+        if not name:
+            dense[name] = ("the model itself is this conv; SSC replaces submodules: wrap it (nn.Sequential(conv)) "
+                           "or build the layer with prunekit.layers.ssc.from_conv")
+            continue
         if name in shared:  # converting one holder would untie the weight and add parameters
             dense[name] = f"shares its weight with {', '.join(shared[name])}"
             continue
@@ -236,7 +256,7 @@ def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneRe
         execution = choose_execution(work, example_inputs, latency_settings(cfg.latency))
         set_execution_(work, execution["choice"])
     after = count_cost(work, example_inputs)
-    plan = empty_plan(example_inputs, cfg.ignore)
+    plan = empty_plan(example_inputs)  # no channels removed: `ignore` only chose the layers, which the plan lists
     plan.meta["replay"] = {"ssc": {"layers": {n: s.to_dict() for n, s in chosen.items()},
                                    "execution": execution["choice"]}}
     plan.meta.update({"method": "ssc", "config": cfg.to_dict()})
@@ -289,17 +309,30 @@ def _check_entry(model: nn.Module, graph: Any, plan: Any, entry: Any) -> tuple[d
         raise CheckpointError(f"plan's SSC execution {execution!r} is not one of {', '.join(EXECUTIONS)}")
     layers = {n: _spec_from_meta(n, raw) for n, raw in entry["layers"].items()}
     modules = dict(model.named_modules())
-    for name, spec in layers.items():
-        why = "no such module" if name not in modules else _eligible(modules[name], spec)
-        if why is not None:
-            raise CheckpointError(f"plan converts layer {name!r} to SSC, but here: {why}; build the same "
-                                  "architecture the plan was made on")
+    for name in layers:  # channel counts are checked in `_apply_entry`, after the plan's removal
+        _check_layer(name, modules.get(name) if name else None, None)
     return layers, execution
 
 
+def _check_layer(name: str, module: nn.Module | None, spec: SSCSpec | None) -> None:
+    """CheckpointError unless `module` can take `spec` (with spec None, its channel counts are not checked)."""
+    if module is None:
+        why = "no such module"
+    else:
+        why = _convertible(module) if spec is None else _eligible(module, spec)
+    if why is not None:
+        raise CheckpointError(f"plan converts layer {name!r} to SSC, but here: {why}; build the same "
+                              "architecture the plan was made on")
+
+
 def _apply_entry(model: nn.Module, parsed: tuple[dict[str, SSCSpec], str]) -> None:
-    """Replay step: convert the checked convs (fresh weights: the file's are loaded afterwards)."""
-    convert_(model, parsed[0], "kaiming", parsed[1])
+    """Replay step, after the plan's channel removal: check every preset against the layer's
+    channels as they are now, then convert (fresh weights: the file's are loaded afterwards)."""
+    layers, execution = parsed
+    modules = dict(model.named_modules())
+    for name, spec in layers.items():
+        _check_layer(name, modules.get(name), spec)
+    convert_(model, layers, "kaiming", execution)
 
 
 register_replay_step("ssc", _apply_entry, _check_entry)
