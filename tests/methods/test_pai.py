@@ -240,3 +240,17 @@ def test_a_channel_sparsity_out_of_reach_is_said_not_hidden():
                              nn.Flatten(), nn.Linear(20 * 16, 4)),
                RandomInitConfig(sparsity=0.5, level="channel", scope="global"), torch.randn(2, 3, 4, 4))
     assert r.metrics["channel_sparsity"] == 0.5 and "notes" not in r.metrics
+
+
+def test_channel_pruning_after_masks_with_ignored_layers_reloads(tmp_path):
+    """`ignore` only chose which weights the masks cover: the element-level plan must not carry
+    it as a trace ignore list, or a channel pruning composed after it replays on a graph where
+    the ignored layers' channels cannot be removed."""
+    from prunekit.methods.magnitude import MagnitudeConfig
+
+    model = _net().eval()
+    first = prune_(model, RandomInitConfig(sparsity=0.5, ignore=["0", "3"]), X)  # masks the Linear only
+    second = prune_(model, MagnitudeConfig(channel_ratio=0.5, round_to=None), X)
+    assert list(second.plan.groups) == ["0"]  # between the two ignored convs
+    path = save_pruned(model, first.plan.compose(second.plan), tmp_path / "m.safetensors")
+    torch.testing.assert_close(load_pruned(_net().eval(), path)(X), model(X), atol=0, rtol=0)

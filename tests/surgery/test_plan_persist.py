@@ -49,6 +49,22 @@ def test_composed_iterative_plan_keeps_original_numbering():
         assert keep == sorted(set(keep)) and keep[-1] < plan.sizes[name]
 
 
+def test_prunings_with_different_ignore_lists_compose_and_reload(tmp_path):
+    """A pruning that ignored layer3, then one that pruned layer3: the composed plan replays on a
+    trace that ignores only what both ignored (the first's list would make layer3 unprunable)."""
+    model = _dense()
+    first = prune_(model, MagnitudeConfig(channel_ratio=0.4, probe=False, ignore=["layer3", "fc"]), X).plan
+    second = prune_(model, MagnitudeConfig(channel_ratio=0.4, probe=False, ignore=["fc"]), X).plan
+    assert any(name.startswith("layer3") for name in second.groups)
+    both = first.compose(second)
+    assert both.ignore == ["fc"]
+    path = save_pruned(model, both, tmp_path / "m.safetensors")
+    again = load_pruned(_dense(), path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(X), model(X))
+    assert Plan(ignore=["layer3"]).compose(second).ignore == ["fc"]  # a plan that removes nothing adds none
+
+
 def test_save_and_load_pruned_round_trip(tmp_path):
     model, plan = _pruned()
     path = save_pruned(model, plan, tmp_path / "m.safetensors")

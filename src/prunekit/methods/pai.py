@@ -179,7 +179,9 @@ def _element_prune(model, cfg, example_inputs, data) -> PruneResult:
         raise ConfigError(f"sparsity={cfg.sparsity} would bring back {revived:,} of the {hidden:,} weights that masks "
                           "on this model already hide: masks only grow. Ask for a higher sparsity, or bake the masks "
                           "first (prunekit.bake_masks_) to start again from the baked weights; the model was left as it was")
-    plan = empty_plan(example_inputs, cfg.ignore)  # before the masks: inputs a plan cannot record leave the model as it was
+    # before the masks: inputs a plan cannot record leave the model as it was. No ignore list: `ignore`
+    # only chose the weights to mask, and a channel pruning composed after this plan replays on its trace
+    plan = empty_plan(example_inputs)
     apply_element_masks(model, masks)
     plan.meta.update({"method": cfg.criterion if cfg.criterion != "random" else "random_init",
                       "config": cfg.to_dict()})

@@ -113,7 +113,11 @@ class Plan:
         """This plan followed by `later` (whose indices count channels left by this one)."""
         fingerprint = {k: v for k, v in (("dense", self.fingerprint.get("dense")),
                                          ("pruned", later.fingerprint.get("pruned"))) if v}
-        out = Plan(dict(self.groups), dict(self.sizes), self.input_shapes, self.input_dtypes, self.ignore,
+        # the replay traces once for both: with what both ignored, so that neither's removal meets a
+        # layer the other ignored (a plan that removes nothing constrains nothing)
+        ignore = (later.ignore if not self.groups else self.ignore if not later.groups
+                  else [n for n in self.ignore if n in later.ignore])
+        out = Plan(dict(self.groups), dict(self.sizes), self.input_shapes, self.input_dtypes, list(ignore),
                    {**self.meta, **later.meta}, fingerprint)
         for name, keep in later.groups.items():
             base = self.groups.get(name)
