@@ -142,3 +142,15 @@ def test_activation_is_the_mean_absolute_conv_output():
     m = _net()
     _, mean_abs = _forward_backward(m, _batches())  # per batch: mean over samples and positions; then over batches
     np.testing.assert_allclose(_score("activation", m), mean_abs, rtol=1e-5)
+
+
+def test_fpgm_and_activation_score_a_float64_model():
+    m = _net().double()
+    batches = [(x.double(), y) for x, y in _batches()]
+    graph = build_graph(m, torch.zeros(1, 2, 3, 3, dtype=torch.float64))
+    ctx = ScoreContext(m, batches=batches, graph=graph)
+    rows = _numpy(m)[0].reshape(4, 18)
+    dist = np.sqrt(((rows[:, None, :] - rows[None, :, :]) ** 2).sum(-1))
+    np.testing.assert_allclose(CRITERIA.get("fpgm")(graph.group("0"), ctx).numpy(), dist.sum(1), rtol=1e-10)
+    _, mean_abs = _forward_backward(m, batches)
+    np.testing.assert_allclose(CRITERIA.get("activation")(graph.group("0"), ctx).numpy(), mean_abs, rtol=1e-10)

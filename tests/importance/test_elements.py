@@ -54,6 +54,26 @@ def test_snip_equals_hand_computation():
     assert m.training  # the model's mode is restored
 
 
+@pytest.mark.parametrize("frozen", [("0.weight",), ("0.weight", "0.bias", "2.weight", "2.bias")])
+def test_gradient_scores_of_frozen_weights_equal_the_hand_computation(frozen):
+    """A frozen weight (requires_grad=False, e.g. a fine-tuned backbone) still has a loss gradient:
+    SNIP and GraSP score it as if it were trainable, and the flags are left as they were."""
+    m, batches = _net(), _batches()
+    w1, b1, w2, b2 = _params(m)
+    g1, g2 = _numpy_grads(w1, b1, w2, b2, batches)
+    want_grasp = grasp_scores(m, batches, temperature=1.0)
+    for name, p in m.named_parameters():
+        p.requires_grad_(name not in frozen)
+    s = snip_scores(m, batches)
+    np.testing.assert_allclose(s["0.weight"].numpy(), np.abs(w1 * g1), rtol=1e-10)
+    np.testing.assert_allclose(s["2.weight"].numpy(), np.abs(w2 * g2), rtol=1e-10)
+    got_grasp = grasp_scores(m, batches, temperature=1.0)
+    for k in want_grasp:
+        torch.testing.assert_close(got_grasp[k], want_grasp[k], rtol=1e-10, atol=0)
+    assert all(p.requires_grad == (n not in frozen) for n, p in m.named_parameters())
+    assert all(p.grad is None for p in m.parameters())
+
+
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 def test_grasp_equals_finite_difference_of_hand_gradient_and_full_hessian(temperature):
     m, batches = _net(1), _batches(1)
@@ -152,6 +172,18 @@ def test_global_selection_is_exact_and_never_empties_a_tensor():
         select_element_masks(scores, 0.95)
 
 
+def test_global_selection_ranks_mixed_dtypes_at_the_widest():
+    """A float64 tensor after a float32 one is ranked in float64: no overflow to inf, no ties
+    made by rounding (hand-ranked: each tensor's best first, then the highest of the rest)."""
+    a = torch.tensor([1.0, 2.0])
+    huge = torch.tensor([1e300, 3e300, 2e300], dtype=torch.float64)
+    close = 1.0 + torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64) * 1e-12
+    for b, want_b, want_a in ((huge, [False, True, True], [False, True]),
+                              (close, [True, False, True], [False, True])):
+        masks = select_element_masks({"a": a, "b": b}, 0.4)  # 5 weights, 2 removed, 3 kept
+        assert masks["b"].tolist() == want_b and masks["a"].tolist() == want_a
+
+
 def test_layer_selection_is_exact_per_tensor():
     torch.manual_seed(0)
     scores = {"a": torch.randn(4, 5), "b": torch.randn(7), "c": torch.randn(1)}
@@ -194,3 +226,32 @@ def test_channel_scores_sum_members_and_reduce():
     assert channel_scores_from_elements(graph, s, "max")["0"].tolist() == [2.0, 2.0, 8.0]
     with pytest.raises(PruningError, match="not finite"):
         channel_scores_from_elements(graph, {"0.weight": torch.full((3, 1, 1, 1), float("-inf"))})
+
+
+def test_synflow_channel_criterion_ranks_scores_beyond_float32():
+    """Scaling every weight by c scales every SynFlow score by c ** depth and changes no ranking:
+    with scores far beyond float32's range (as on a deep net) the channel criterion and a
+    magnitude pruning by it must give what the unscaled net gives."""
+    from prunekit.importance.context import ScoreContext
+    from prunekit.importance.criteria import CRITERIA
+    from prunekit.methods.magnitude import MagnitudeConfig, magnitude_prune_
+
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Conv2d(2, 8, 1, bias=False), nn.ReLU(), nn.Conv2d(8, 8, 1, bias=False), nn.ReLU(),
+                          nn.Conv2d(8, 3, 1, bias=False))
+    big, c = copy.deepcopy(small), 1e16
+    with torch.no_grad():
+        for p in big.parameters():
+            p.mul_(c)
+    x = torch.randn(1, 2, 3, 3)
+    graph = build_graph(small, x)
+    for group in graph.prunable_groups():
+        want = CRITERIA.get("synflow")(group, ScoreContext(small, example_inputs=x)).double()
+        got = CRITERIA.get("synflow")(group, ScoreContext(big, example_inputs=x)).double()
+        assert bool(torch.isfinite(got).all()) and float(got.max()) > 1e40
+        np.testing.assert_allclose(got.numpy(), want.numpy() * c ** 3, rtol=1e-6)
+    cfg = MagnitudeConfig(criterion="synflow", channel_ratio=0.5, round_to=None)
+    magnitude_prune_(small, cfg, x)
+    magnitude_prune_(big, cfg, x)
+    for a, b in zip(small.parameters(), big.parameters()):
+        assert a.shape == b.shape and torch.allclose(b / c, a)

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from prunekit.core.errors import ConfigError
 from prunekit.graph import build_graph
 from prunekit.importance.select import RemovalSelector, select_removal
 from prunekit.models import create_model
@@ -109,3 +110,30 @@ def test_select_checks_a_callers_ratio():
         RemovalSelector(graph, scores).select(1.0)
     with pytest.raises(Exception, match="scope='local'"):
         RemovalSelector(graph, scores, "global").select({n: 0.5 for n in scores})
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_float64_scores_rank_at_their_own_precision(scope):
+    """Scores beyond float32's range (SynFlow's on a deep net) or closer than its resolution
+    rank by their float64 values, not as ties broken by index."""
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), torch.nn.Conv2d(6, 2, 1), torch.nn.Conv2d(2, 6, 1),
+                            torch.nn.Conv2d(6, 2, 1))
+    graph = build_graph(m, torch.randn(1, 3, 2, 2))
+    huge = torch.tensor([5e60, 1e60, 6e60, 2e60, 4e60, 3e60], dtype=torch.float64)
+    close = 1.0 + torch.tensor([5, 1, 6, 2, 4, 3], dtype=torch.float64) * 1e-12
+    for s in (huge, close):
+        expected = sorted(torch.argsort(s)[:3].tolist())  # the three lowest: channels 1, 3, 5
+        assert expected == [1, 3, 5]
+        assert select_removal(graph, {"0": s}, ratio=0.5, scope=scope) == {"0": expected}
+        scores = {"0": s, "2": s.flip(0)}
+        got = select_removal(graph, scores, ratio=0.5, scope=scope, normalizer="none")
+        assert got == {"0": expected, "2": sorted(5 - i for i in expected)}
+
+
+def test_a_ratio_per_group_naming_no_group_is_refused():
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 2, 1))
+    graph = build_graph(m, torch.randn(1, 3, 2, 2))
+    scores = {"0": torch.arange(8.0)}
+    assert select_removal(graph, scores, {"0": 0.5}) == {"0": [0, 1, 2, 3]}
+    with pytest.raises(ConfigError, match="'conv0'.*groups: 0"):
+        select_removal(graph, scores, {"conv0": 0.5})

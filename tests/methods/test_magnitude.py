@@ -60,14 +60,15 @@ def test_activation_criterion_drops_dead_channels():
     assert int(scores.argmin()) == 1 and float(scores[1]) == 0.0
 
 
-def test_per_class_activation_statistics():
-    m = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.Flatten(), nn.Linear(8, 2))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_per_class_activation_statistics(dtype):
+    m = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.Flatten(), nn.Linear(8, 2)).to(dtype)
     with torch.no_grad():
         m[0].weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
-    x = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), 3.0)])
+    x = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), 3.0)]).to(dtype)
     stats = activation_stats(m, build_graph(m, x).group("0"), [(x, torch.tensor([0, 1]))], num_classes=2)
-    torch.testing.assert_close(stats["class_mean"], torch.tensor([[1.0, -1.0], [3.0, -3.0]]))
-    torch.testing.assert_close(stats["mean_abs"], torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(stats["class_mean"], torch.tensor([[1.0, -1.0], [3.0, -3.0]], dtype=dtype))
+    torch.testing.assert_close(stats["mean_abs"], torch.tensor([2.0, 2.0], dtype=dtype))
 
 
 @pytest.mark.parametrize("which", ["macs_fraction", "params_fraction"])

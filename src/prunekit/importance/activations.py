@@ -59,11 +59,12 @@ def activation_stats(model: nn.Module, group: Group, batches: Iterable, num_clas
         handle.remove()
     per_abs, per_mean = torch.cat(sums["abs"]), torch.cat(sums["mean"])  # (N, C_layer)
     sel = member.channel >= 0
-    to_group = lambda v: torch.zeros(v.shape[0], group.size).index_add_(1, member.channel[sel], v[:, sel])
+    to_group = lambda v: torch.zeros(v.shape[0], group.size, dtype=v.dtype).index_add_(1, member.channel[sel],
+                                                                                        v[:, sel])
     out = {"mean_abs": to_group(per_abs).mean(0), "mean": to_group(per_mean).mean(0)}
     if num_classes is not None:
         y = torch.cat(labels)
         g = to_group(per_mean)
         counts = torch.bincount(y, minlength=num_classes).clamp(min=1).unsqueeze(1)
-        out["class_mean"] = torch.zeros(num_classes, group.size).index_add_(0, y, g) / counts
+        out["class_mean"] = torch.zeros(num_classes, group.size, dtype=g.dtype).index_add_(0, y, g) / counts
     return out

@@ -17,9 +17,10 @@ recorded in `fallbacks` (methods copy it into their result metrics) and warned a
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -76,13 +77,14 @@ class ScoreContext:
                           stacklevel=3)
 
     def gradients(self, who: str = "taylor") -> dict[str, torch.Tensor]:
-        """Sum of loss gradients of every parameter over `batches` (eval mode; computed once, cached)."""
+        """Sum of loss gradients of every parameter over `batches` (eval mode; computed once, cached).
+        Frozen parameters (requires_grad=False) get their gradient too; their flags are kept."""
         if self._grads is None:
             params = self.parameters()
             grads = {n: torch.zeros_like(p) for n, p in params.items()}
             held = {n: p.grad for n, p in params.items()}  # the caller's own .grad, put back after
             try:
-                with evaluating(self.model):
+                with evaluating(self.model), _differentiable(params.values()):
                     for i, x, y in labelled(self.batches, who):
                         self.model.zero_grad(set_to_none=True)
                         loss_of(self.loss_fn, forward(self.model, x, i, who), y, i, who).backward()
@@ -110,7 +112,7 @@ class ScoreContext:
                               "key the vector by names from model.named_parameters()")
         leaves = [params[n] for n in names]
         out = {n: torch.zeros_like(p) for n, p in zip(names, leaves)}
-        with evaluating(self.model):
+        with evaluating(self.model), _differentiable(leaves):
             for i, x, y in labelled(self.batches, who):
                 loss = loss_of(self.loss_fn, forward(self.model, x, i, who), y, i, who)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
@@ -149,3 +151,18 @@ class ScoreContext:
                     h.remove()
             self._outs = {n: v / max(count[0], 1) for n, v in sums.items()}
         return self._outs
+
+
+@contextlib.contextmanager
+def _differentiable(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Inside the block every tensor of `params` requires grad (frozen ones too) and autograd is on;
+    afterwards each tensor's requires_grad flag as it was."""
+    held = [(p, p.requires_grad) for p in params]
+    try:
+        with torch.enable_grad():
+            for p, _ in held:
+                p.requires_grad_(True)
+            yield
+    finally:
+        for p, flag in held:
+            p.requires_grad_(flag)

@@ -134,8 +134,9 @@ def fpgm(group: Group, ctx: ScoreContext) -> torch.Tensor:
     for m, w in _param_members(group, ctx, ("out",)):
         if w.dim() < 2:
             continue
-        rows = torch.zeros(group.size, w.numel() // w.shape[m.dim])
-        flat = w.movedim(m.dim, 0).reshape(w.shape[m.dim], -1)
+        dtype = torch.promote_types(w.dtype, torch.float32)  # the model's own float64, float32 for half types
+        rows = torch.zeros(group.size, w.numel() // w.shape[m.dim], dtype=dtype)
+        flat = w.movedim(m.dim, 0).reshape(w.shape[m.dim], -1).to(dtype)
         sel = m.channel >= 0
         rows.index_add_(0, m.channel[sel], flat[sel])
         vecs.append(rows)
@@ -154,8 +155,8 @@ def activation(group: Group, ctx: ScoreContext) -> torch.Tensor:
         if m.role == "out" and m.name == "weight" and m.module in stats:
             v = stats[m.module]
             if v.numel() == m.channel.numel():
-                sel = m.channel >= 0
-                parts.append(torch.zeros(group.size).index_add_(0, m.channel[sel], v[sel]))
+                sel, v = m.channel >= 0, v.to(torch.promote_types(v.dtype, torch.float32))
+                parts.append(torch.zeros(group.size, dtype=v.dtype).index_add_(0, m.channel[sel], v[sel]))
     if parts:
         return reduce_members(parts, ctx.reduction)
     ctx.note_fallback(group.name, "activation", "l2", "no producing conv/Linear output in the group")

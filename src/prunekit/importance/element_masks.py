@@ -13,6 +13,7 @@ rounded count would remove everything keeps its best weight.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping
 
@@ -60,7 +61,7 @@ def select_element_masks(scores: Mapping[str, torch.Tensor], sparsity: float,
     if keep_n < len(keys):
         raise PruningError(f"sparsity {sparsity} keeps {keep_n} of {total} weights, fewer than one for each of the "
                            f"{len(keys)} tensors; lower the sparsity or score fewer tensors")
-    dtype = torch.promote_types(torch.float32, scores[keys[0]].dtype)
+    dtype = functools.reduce(torch.promote_types, (scores[k].dtype for k in keys), torch.float32)  # float64 if any is
     flat = torch.cat([scores[k].detach().flatten().to(dtype) for k in keys])
     starts = torch.tensor([0] + sizes[:-1]).cumsum(0)
     keep = torch.zeros(total, dtype=torch.bool)

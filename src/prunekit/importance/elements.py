@@ -121,7 +121,8 @@ def element_channel_criterion(name: str, **opts: Any) -> Criterion:
     per `ScoreContext` (cached in `ctx.cache`) and reduced per group with
     `group_scores_from_elements` (channel sums per member, `ctx.reduction` across members).
     A group without a scored conv/Linear weight falls back to l2, recorded in `ctx.fallbacks`.
-    SynFlow here is the one-shot score (no pruning between rounds: channels are removed at once)."""
+    SynFlow here is the one-shot score (no pruning between rounds: channels are removed at once),
+    returned in float64: on a deep net it exceeds float32's range."""
     def score(group: Group, ctx: ScoreContext) -> torch.Tensor:
         key = f"elements:{name}"
         if key not in ctx.cache:
@@ -132,7 +133,7 @@ def element_channel_criterion(name: str, **opts: Any) -> Criterion:
         if out is None:
             ctx.note_fallback(group.name, name, "l2", "no scored conv/Linear weight in the group")
             return l2_scores(group, ctx)
-        return out.float()
+        return out.to(torch.promote_types(out.dtype, torch.float32))  # SynFlow's float64 may exceed float32
     score.__doc__ = f"{ {'snip': 'SNIP', 'grasp': 'GraSP'}.get(name, 'SynFlow')} element scores summed per channel " \
                     "(see importance/elements.py)"
     return score

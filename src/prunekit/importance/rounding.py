@@ -41,7 +41,7 @@ import torch
 
 from ..core.errors import ConfigError
 from ..graph import Graph
-from .select import _cap, group_multiples, must_keep, normalize, rounded_count
+from .select import _cap, group_multiples, must_keep, normalize, ranking_values, rounded_count
 
 
 @dataclasses.dataclass
@@ -64,7 +64,7 @@ class _Group:
                  normalizer: str):
         g = graph.group(name)
         self.size = g.size
-        s = normalize(scores.detach().float(), normalizer)
+        s = normalize(ranking_values(scores), normalizer)
         masked = s.clone()
         masked[~g.prunable | keep] = float("inf")
         self.ranked = torch.argsort(masked, stable=True).cpu().numpy()

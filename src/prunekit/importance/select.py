@@ -37,12 +37,18 @@ def normalize(scores: torch.Tensor, how: str) -> torch.Tensor:
     return scores / denom if float(denom) > 0 else scores
 
 
+def ranking_values(scores: torch.Tensor) -> torch.Tensor:
+    """`scores` detached in the float type they are ranked in: float32, or float64 when they are
+    float64 (SynFlow's exceed float32's range on deep nets; close scores would tie in float32)."""
+    return scores.detach().to(torch.promote_types(scores.dtype, torch.float32))
+
+
 def must_keep(group: Group, scores: torch.Tensor) -> torch.Tensor:
     """Channels that stay so that no tensor is emptied: the best-scoring channel of every member
     lying wholly in this group (a conv whose outputs are one part of a concat, say), when that
     member has no unprunable channel already. Bool mask of shape (group.size,)."""
     keep = np.zeros(group.size, dtype=bool)
-    s = scores.detach().float().cpu().numpy()
+    s = ranking_values(scores).cpu().numpy()
     for ch in _whole_members(group):
         keep[ch[np.argmax(s[ch])]] = True
     return torch.from_numpy(keep)
@@ -145,7 +151,7 @@ class RemovalSelector:
         self.caps = {n: _cap(g, max_ratio, keep[n]) for n, g in self.groups.items()}
         self.order = {}
         for name, g in self.groups.items():
-            s = scores[name].detach().clone().float()
+            s = ranking_values(scores[name]).clone()
             s[~g.prunable | keep[name]] = float("inf")
             self.order[name] = torch.argsort(s, stable=True).cpu().numpy()  # (size,) removal order, lowest first
         if scope == "global":
@@ -155,8 +161,8 @@ class RemovalSelector:
         names = list(self.groups)
         vals, owner = [], []
         for i, (name, g) in enumerate(self.groups.items()):
-            s = normalize(scores[name].detach().float(), normalizer)
-            v = s.cpu()[g.prunable & ~keep[name]].double().numpy()  # float32 values, in channel order
+            s = normalize(ranking_values(scores[name]), normalizer)
+            v = s.cpu()[g.prunable & ~keep[name]].double().numpy()  # the ranked values, in channel order
             vals.append(v)
             owner.append(np.full(v.size, i, dtype=np.int64))
         vals_np = np.concatenate(vals) if vals else np.zeros(0)
@@ -181,6 +187,11 @@ class RemovalSelector:
         """`at` for a ratio given by a caller: checked first (`select_removal`)."""
         if isinstance(ratio, Mapping) and self.scope != "local":
             raise ConfigError("a ratio per group needs scope='local'")
+        if isinstance(ratio, Mapping):
+            names = {g.name for g in self.graph.groups}
+            unknown = [n for n in ratio if n not in names]
+            if unknown:
+                raise ConfigError(f"ratio names no group {unknown[0]!r}; groups: {', '.join(sorted(names))}")
         for r in ratio.values() if isinstance(ratio, Mapping) else [ratio]:
             check_range("ratio", r, 0.0, 1.0, hi_open=True)
         return self.at(ratio)
