@@ -128,6 +128,8 @@ def _edit(ckpt: dict, what: str) -> None:
         ckpt["rng"] = {}
     elif what == "scheduler":
         ckpt["scheduler"] = {"x": 1}
+    elif what == "optimizer_params":
+        ckpt["optimizer_params"] = [[0, 1]]
     else:
         ckpt["optimizer"]["param_groups"][0]["lr"] = "fast"
 
@@ -136,6 +138,7 @@ def _edit(ckpt: dict, what: str) -> None:
     ("epoch", "epoch is not an integer"), ("model", "model state is not a mapping"),
     ("hooks", "hook states"), ("cfg", "training config"), ("rng", "random generator states"),
     ("scheduler", "scheduler state"), ("optimizer", "optimizer settings"),
+    ("optimizer_params", "parameter names"),
 ])
 def test_an_edited_checkpoint_with_a_valid_checksum_is_refused_before_anything_loads(tmp_path, what, fragment):
     """The checksum guards against damage, not edits: every entry's form is checked before any

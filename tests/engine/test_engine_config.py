@@ -118,3 +118,15 @@ def test_train_argument_errors():
         train(mlp(), TinyLoader(x, y, 4), None, TrainConfig(epochs=1), resume=True, progress=False)
     with pytest.raises(ConfigError, match="Hook"):
         train(mlp(), TinyLoader(x, y, 4), None, TrainConfig(epochs=1), hooks=[object()], progress=False)
+
+
+def test_an_empty_validation_loader_is_refused_before_the_model_trains():
+    x, y = blobs(8)
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="val_loader has no batches"):
+        train(model, TinyLoader(x, y, 4), [], TrainConfig(epochs=1), progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    unsized = (batch for batch in [(x, y)])  # no len(): evaluated as it comes
+    assert train(mlp(), TinyLoader(x, y, 4), unsized, TrainConfig(epochs=1), progress=False).final_metrics["val_n"] == 8

@@ -73,3 +73,24 @@ def test_shard_batch_takes_strided_rows():
     assert shard_batch(t, DistContext(rank=0, world_size=2)).tolist() == [0, 2, 4, 6, 8]
     assert shard_batch(t, DistContext(rank=1, world_size=2)).tolist() == [1, 3, 5, 7]
     assert shard_batch(t, DistContext()).tolist() == list(range(9))
+
+
+def test_parameters_a_run_owned_are_synchronised_by_the_next_run(tmp_path):
+    """DDP reads its ignore list from the model when it wraps it: one run's owned parameters must
+    not stay ignored (unaveraged, so the ranks drift apart) in a later run that does not own them."""
+    from prunekit.engine.distributed import wrap_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = mlp()
+        model._ddp_params_and_buffers_to_ignore = ["0.bias"]  # the caller's own choice is kept
+        ctx, cpu = DistContext(rank=0, world_size=2), torch.device("cpu")
+        owned = wrap_model(model, ctx, cpu, ignore=["2.weight"])
+        assert owned.parameters_to_ignore == {"0.bias", "2.weight"}
+        assert model._ddp_params_and_buffers_to_ignore == ["0.bias"]
+        del model._ddp_params_and_buffers_to_ignore
+        later = wrap_model(model, ctx, cpu)
+        assert later.parameters_to_ignore == set()
+        assert not hasattr(model, "_ddp_params_and_buffers_to_ignore")
+    finally:
+        dist.destroy_process_group()

@@ -257,6 +257,35 @@ def test_cpu_default_trains_channels_last_and_hands_the_model_back_in_its_layout
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
+class _Volume(nn.Module):
+    """A Conv3d (5-D weight) whose depth-averaged output feeds a Conv2d (4-D weight)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv3 = nn.Conv3d(2, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv3(x)).mean(dim=2)
+        return self.head(torch.relu(self.conv2(h)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("channels_last", [None, True])
+def test_channels_last_leaves_5d_tensors_alone_and_trains_as_the_default_layout(channels_last):
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 2, 3, 6, 6), torch.randint(0, 3, (8,))
+    a, b = _Volume(), _Volume()
+    cfg = TrainConfig(epochs=2, lr=0.1, channels_last=False)
+    train(a, TinyLoader(x, y, 4), TinyLoader(x, y, 4), cfg, progress=False)
+    train(b, TinyLoader(x, y, 4), TinyLoader(x, y, 4), cfg.replace(channels_last=channels_last), progress=False)
+    assert b.conv3.weight.is_contiguous()
+    assert b.conv2.weight.is_contiguous(memory_format=torch.channels_last) is bool(channels_last)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
 class BadMetric(Hook):
     def on_epoch_end(self, model, epoch, metrics):
         metrics["model"] = model  # not a number: it could not be logged

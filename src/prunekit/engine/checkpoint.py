@@ -8,6 +8,8 @@ loads with `torch.load(..., weights_only=True)`, which never runs pickled code:
     epoch                       the last completed epoch (0-based)
     steps_per_epoch             len(train_loader) when it was written
     model, optimizer, scheduler their state_dicts
+    optimizer_params            per optimizer group, the names of its parameters in order, as an
+                                unmasked model names them (absent in older files)
     hooks                       {str(index): hook.state_dict()} for hooks that define it
     rng                         torch CPU (+ CUDA) generator states, numpy's, python's
     meta_json                   JSON text: {"cfg": TrainConfig.to_dict(), "history": [...]}
@@ -140,6 +142,7 @@ def save_checkpoint(path: str | os.PathLike[str], *, model: nn.Module, optimizer
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "epoch": int(epoch), "steps_per_epoch": int(steps_per_epoch),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "optimizer_params": _optimizer_names(optimizer, model),
         "scheduler": scheduler.state_dict(), "hooks": hook_states, "rng": capture_rng_state(),
         "meta_json": json.dumps({"cfg": cfg, "history": history}),
     }
@@ -199,6 +202,9 @@ def _layout_error(ckpt: dict[str, Any]) -> str:
         (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
          and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"]),
          "the optimizer state is not an optimizer's state_dict"),
+        ("optimizer_params" not in ckpt or isinstance(ckpt["optimizer_params"], list) and all(
+            isinstance(g, list) and all(isinstance(n, str) for n in g) for g in ckpt["optimizer_params"]),
+         "the optimizer's parameter names are not lists of names"),
         (isinstance(ckpt["scheduler"], dict), "the scheduler state is not a mapping"),
         (isinstance(ckpt["hooks"], dict) and all(isinstance(k, str) and k.isdigit() for k in ckpt["hooks"]),
          "the hook states are not a mapping of hook indices"),
@@ -291,12 +297,42 @@ def restore_checkpoint(ckpt: dict[str, Any], *, model: nn.Module, optimizer: tor
         split = split_parameters(model, hooks)
         for group, params in zip(optimizer.param_groups, [split.default] + [g["params"] for g in split.groups]):
             group["params"] = list(params)
+    _order_as_saved(optimizer, model, ckpt.get("optimizer_params"))
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     for key, state in ckpt["hooks"].items():
         hooks[int(key)].load_state_dict(state)
     restore_rng_state(ckpt["rng"])
+
+
+def _plain_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The model's parameters by the names an unmasked model gives them ("m.w", not
+    "m.parametrizations.w.original")."""
+    return plain_state_names(dict(model.named_parameters()))
+
+
+def _optimizer_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[list[str]]:
+    """Per group, the plain name of each parameter in the optimizer's order ("" outside the model)."""
+    names = {id(p): n for n, p in _plain_parameters(model).items()}
+    return [[names.get(id(p), "") for p in group["params"]] for group in optimizer.param_groups]
+
+
+def _order_as_saved(optimizer: torch.optim.Optimizer, model: nn.Module, saved: list[list[str]] | None) -> None:
+    """Give each group its parameters in the order the run's optimizer held them, found by name.
+
+    The saved optimizer state is keyed by position, and masking a weight moves it in
+    `model.parameters()`: a weight a hook masked during the run sits elsewhere in a model
+    rebuilt for the resume. A group whose names do not all resolve to its own parameters keeps
+    its order."""
+    if saved is None:
+        return
+    by_name = _plain_parameters(model)
+    for group, names in zip(optimizer.param_groups, saved):
+        params = [by_name.get(n) for n in names]
+        if all(p is not None for p in params) and len(params) == len(group["params"]) \
+                and {id(p) for p in params} == {id(p) for p in group["params"]}:
+            group["params"] = params
 
 
 def _check_model_state(saved: dict[str, torch.Tensor], now: dict[str, torch.Tensor]) -> None:

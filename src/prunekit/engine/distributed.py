@@ -142,14 +142,25 @@ def broadcast_buffers(module: nn.Module, ctx: DistContext) -> None:
 def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, ignore: Sequence[str] = ()) -> nn.Module:
     """DistributedDataParallel around `model` when distributed, else `model` itself.
 
-    `ignore` names parameters DDP must neither broadcast nor average (a hook steps them itself).
+    `ignore` names parameters DDP must neither broadcast nor average (a hook steps them itself),
+    on top of any the model already lists. DDP reads that list only here, so the model gets its
+    own list back at once: a later run that does not own these parameters synchronises them.
     """
     if not ctx.enabled:
         return model
-    if ignore:
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    attr = "_ddp_params_and_buffers_to_ignore"
+    before = getattr(model, attr, None)
+    if ignore:
+        names = list(before or []) + [n for n in ignore if n not in (before or [])]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    try:
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    finally:
+        if before is not None:
+            setattr(model, attr, before)
+        elif hasattr(model, attr):
+            delattr(model, attr)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -70,10 +70,11 @@ class TrainConfig(Config):
     ways; its rise lasts `warmup_epochs`, or 30% of training when that is 0; momentum is not
     cycled) or "constant". `warmup_epochs` (may be fractional) is a linear ramp for "cosine" and
     "constant". `bf16` autocasts on CUDA and is ignored with a note on CPU. `channels_last`
-    trains in NHWC layout; None (the default) means on for CPU, off elsewhere: on CPU it was
-    measured 1.4-1.5x faster for a CIFAR ResNet-20 at one thread (docs/train_throughput.md), and
-    it computes the same function (results agree to float rounding). When the default turned it
-    on, the model is handed back in the default layout. `log_every` writes a
+    trains in NHWC layout (its 4-D tensors; 5-D ones stay as they are); None (the default) means
+    on for CPU, off elsewhere: on CPU it was measured 1.4-1.5x faster for a CIFAR ResNet-20 at
+    one thread (docs/train_throughput.md), and it computes the same function (results agree to
+    float rounding). When the default turned it on, the model is handed back in the default
+    layout. `log_every` writes a
     JSONL "step" record every that many steps (0: never) with the loss of this process's batch
     (rank 0's shard under torchrun).
 
@@ -333,7 +334,7 @@ def train(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[An
     >>> train(nn.Linear(3, 2), data, None, TrainConfig(epochs=1), progress=False).best_val_acc is None
     True
     """
-    hooks = _check_inputs(cfg, train_loader, hooks, ckpt_dir, resume)
+    hooks = _check_inputs(cfg, train_loader, val_loader, hooks, ckpt_dir, resume)
     _, _, local_rank = env_ranks()
     device = resolve_device(device, local_rank)
     ctx = init_distributed(device)
@@ -354,13 +355,19 @@ def _train(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfi
         warnings.warn(notes[-1], stacklevel=3)
     model.to(device)
     if resolve_channels_last(cfg, device):
-        model.to(memory_format=torch.channels_last)
+        to_channels_last_(model)
     try:
         return _train_loop(model, train_loader, val_loader, cfg, hooks, ckpt_dir, log_path, device, ctx,
                            progress, resume, notes)
     finally:
         if cfg.channels_last is None and resolve_channels_last(cfg, device):
             model.to(memory_format=torch.contiguous_format)  # the layout the caller gave us
+
+
+def to_channels_last_(model: nn.Module) -> nn.Module:
+    """NHWC layout for the model's 4-D parameters and buffers; other ranks (5-D included, which
+    have no channels-last layout) stay as they are. Same parameter objects; returns model."""
+    return model._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
 
 
 def resolve_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
@@ -409,7 +416,16 @@ def _result(history: list[dict[str, Any]], notes: list[str], start: int) -> Trai
                        final_metrics=dict(history[-1]) if history else {}, start_epoch=start, notes=notes)
 
 
-def _check_inputs(cfg: Any, train_loader: Any, hooks: Sequence[Any], ckpt_dir: Any, resume: bool) -> list[Any]:
+def _sized(loader: Any) -> int | None:
+    """len(loader), or None for a loader without one (an iterable dataset's DataLoader raises)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _check_inputs(cfg: Any, train_loader: Any, val_loader: Any, hooks: Sequence[Any], ckpt_dir: Any,
+                  resume: bool) -> list[Any]:
     if not isinstance(cfg, TrainConfig):
         raise ConfigError(f"cfg must be a TrainConfig, got {type(cfg).__name__}; build one with TrainConfig(...)")
     try:
@@ -419,6 +435,9 @@ def _check_inputs(cfg: Any, train_loader: Any, hooks: Sequence[Any], ckpt_dir: A
                           "pass a sized iterable of (x, y) batches") from None
     if n == 0:
         raise ConfigError("train_loader has no batches; give it at least one (x, y) batch")
+    if val_loader is not None and _sized(val_loader) == 0:
+        # refused now, not after the first epoch has already trained the model in place
+        raise ConfigError("val_loader has no batches; give it at least one (x, y) batch, or None to skip validation")
     hooks = list(hooks)
     for i, hook in enumerate(hooks):
         missing = [m for m in _HOOK_METHODS if not callable(getattr(hook, m, None))]
