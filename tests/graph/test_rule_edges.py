@@ -309,3 +309,23 @@ def test_spatial_attention_keeps_the_stream_a_group_of_its_own_width():
     assert graph.group("a").size == 8 and graph.group("g").size == 1
     # the channel mean and max read every channel (removal changes them), so the stream is kept
     assert not graph.group("a").prunable.any()
+
+
+class ScalarReshaped(nn.Module):
+    """A 0-dim tensor (a total) reshaped to (1, 1) and broadcast against the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h) * h.sum().reshape(1, 1)
+
+
+def test_a_reshaped_zero_dim_tensor_traces():
+    torch.manual_seed(0)
+    model, x = ScalarReshaped(), torch.randn(3, 4)
+    graph = build_graph(model, x)
+    assert graph.group("a").size == 8 and not graph.group("a").proven  # the total sums the channels: probed
+    _every_prunable_channel_matches_zeroing(model, x)

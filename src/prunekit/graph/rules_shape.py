@@ -197,7 +197,7 @@ def pad(tr, call):
     tr.set_ids(_tensor_outs(call)[0], ids)
 
 def _full(ids: torch.Tensor, shape) -> torch.Tensor:
-    return ids.expand(*shape).contiguous()
+    return ids.expand(tuple(shape)).contiguous()  # a tuple: a 0-dim tensor's shape is empty
 
 
 def _fresh_fixed(tr, like: torch.Tensor, dim: int, n: int) -> torch.Tensor:
