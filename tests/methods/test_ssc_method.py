@@ -118,6 +118,10 @@ def test_config_errors_and_untouched_model():
         SSCConfig(reduction=4, spatial_period=2)
     with pytest.raises(ConfigError, match="must divide"):
         SSCConfig(spatial_period=4, point_period=3)
+    with pytest.raises(ConfigError, match="groups=4 needs spatial_period too: 1 for a groupwise conv"):
+        SSCConfig(groups=4)  # would otherwise be read as pointwise
+    assert SSCConfig(groups=4, spatial_period=1).spec().spatial_period == 1  # groupwise
+    assert SSCConfig(groups=4, spatial_period=0).spec().spatial_period is None  # pointwise
     for ignored in ({"reduction": 4, "point_period": 2}, {"point_period": 4}):  # the reduction's preset has P_p = 1
         with pytest.raises(ConfigError, match="point_period=.* explicit preset"):
             SSCConfig(**ignored)

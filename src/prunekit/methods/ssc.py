@@ -71,7 +71,7 @@ class SSCConfig(Config):
     reduction: float | None = None      # target weight reduction of the converted layers (default 4)
     family: str = "het"
     groups: int | None = None           # an explicit preset instead of `reduction`
-    spatial_period: int | None = None
+    spatial_period: int | None = None   # with groups: 1 groupwise, P > 1 HetConv-style, 0 pointwise (1x1 taps)
     point_period: int = 1
     pattern: str = "full"
     keep_first: bool = True
@@ -98,14 +98,18 @@ class SSCConfig(Config):
         if self.reduction is not None and (isinstance(self.reduction, bool) or not isinstance(self.reduction, (int, float))
                                            or self.reduction <= 1):
             raise ConfigError(f"reduction={self.reduction!r} must be a number > 1 (2, 4, 8, 16 ...)")
+        if self.groups is not None and self.spatial_period is None:  # SSCSpec would read None as pointwise
+            raise ConfigError(f"groups={self.groups!r} needs spatial_period too: 1 for a groupwise conv (k x k taps "
+                              "on every channel of a group), P > 1 for HetConv-style k x k taps on 1/P of them, "
+                              "0 for a pointwise layer (1x1 taps only)")
         if explicit:
             self.spec()  # validates the preset
 
     def spec(self) -> SSCSpec:
         if self.groups is None and self.spatial_period is None:
             return preset_for(self.reduction if self.reduction is not None else 4.0, self.family, self.pattern)
-        return SSCSpec(self.groups if self.groups is not None else 1, self.spatial_period, self.point_period,
-                       self.pattern)
+        spatial = None if self.spatial_period == 0 else self.spatial_period  # 0: pointwise, SSCSpec's None
+        return SSCSpec(self.groups if self.groups is not None else 1, spatial, self.point_period, self.pattern)
 
 
 def layer_reduction(spec: SSCSpec, kernel_size: int = 3) -> float:
