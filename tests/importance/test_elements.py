@@ -255,3 +255,15 @@ def test_synflow_channel_criterion_ranks_scores_beyond_float32():
     magnitude_prune_(big, cfg, x)
     for a, b in zip(small.parameters(), big.parameters()):
         assert a.shape == b.shape and torch.allclose(b / c, a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: scores of a CUDA model")
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_element_masks_of_cuda_scores_equal_the_cpu_ones(scope):
+    from prunekit.importance.element_masks import select_element_masks
+
+    g = torch.Generator().manual_seed(0)
+    scores = {"a.weight": torch.rand(6, 3, generator=g), "b.weight": torch.rand(4, 6, generator=g)}
+    on_cpu = select_element_masks(scores, 0.6, scope)
+    on_cuda = select_element_masks({k: v.cuda() for k, v in scores.items()}, 0.6, scope)
+    assert all(m.device.type == "cuda" and torch.equal(m.cpu(), on_cpu[k]) for k, m in on_cuda.items())

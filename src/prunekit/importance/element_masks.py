@@ -62,11 +62,12 @@ def select_element_masks(scores: Mapping[str, torch.Tensor], sparsity: float,
         raise PruningError(f"sparsity {sparsity} keeps {keep_n} of {total} weights, fewer than one for each of the "
                            f"{len(keys)} tensors; lower the sparsity or score fewer tensors")
     dtype = functools.reduce(torch.promote_types, (scores[k].dtype for k in keys), torch.float32)  # float64 if any is
-    flat = torch.cat([scores[k].detach().flatten().to(dtype) for k in keys])
-    starts = torch.tensor([0] + sizes[:-1]).cumsum(0)
-    keep = torch.zeros(total, dtype=torch.bool)
+    device = scores[keys[0]].device
+    flat = torch.cat([scores[k].detach().flatten().to(device, dtype) for k in keys])
+    starts = torch.tensor([0] + sizes[:-1], device=flat.device).cumsum(0)
+    keep = torch.zeros(total, dtype=torch.bool, device=flat.device)  # on the scores' device (a CUDA model's)
     # the best weight of each tensor first (argmax returns the first maximum: the lower index)
-    keep[starts + torch.stack([scores[k].detach().flatten().to(dtype).argmax() for k in keys])] = True
+    keep[starts + torch.stack([scores[k].detach().flatten().to(device, dtype).argmax() for k in keys])] = True
     order = torch.argsort(flat, descending=True, stable=True)  # (total,), ties keep the lower index
     rest = order[~keep[order]]
     keep[rest[: keep_n - len(keys)]] = True
@@ -81,7 +82,7 @@ def _sparsity(sparsity: float) -> float:
 
 def _keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     order = torch.argsort(scores, descending=True, stable=True)
-    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     keep[order[:n_keep]] = True
     return keep
 
