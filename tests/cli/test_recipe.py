@@ -112,3 +112,10 @@ def test_a_value_yaml_cannot_build_is_one_config_error(value):
         load_yaml_text(f"name: {value}", "r.yaml")
     with pytest.raises(ConfigError, match="override 'out=.*invalid YAML"):
         load_recipe(None, [f"out={value}"])
+
+
+@pytest.mark.parametrize("key", ["out", "init"])
+def test_a_path_with_a_nul_character_is_a_config_error(key):
+    raw = load_yaml_text(f'model: {{name: small_cnn}}\ndata: {{name: digits}}\n{key}: "runs\\0x"\n', "r.yaml")
+    with pytest.raises(ConfigError, match=f"r.yaml: {key}='runs\\\\x00x' holds a NUL character"):
+        Recipe.from_dict(raw, "r.yaml")

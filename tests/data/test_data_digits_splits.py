@@ -133,6 +133,12 @@ def test_bad_configs_are_rejected(bad):
         DataConfig(**{"name": "digits", **bad})
 
 
+def test_a_root_with_a_nul_character_is_a_config_error():
+    # no path holds one: without this check, a missing CIFAR root would reach mkdir with it
+    with pytest.raises(ConfigError, match=r"root='data\\x00x' holds a NUL character"):
+        DataConfig(name="cifar10", root="data\0x")
+
+
 def test_config_round_trips_and_digits_rejects_a_root():
     cfg = DataConfig(name="digits", seed=2, limit_train=10)
     assert DataConfig.from_dict(cfg.to_dict()) == cfg

@@ -179,6 +179,38 @@ def test_grey_images_give_one_channel(tmp_path, fakes, private_cache):
     assert np.array_equal(arrays.train_x, fake.expected["train"][0])
 
 
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path, private_cache):
+    pixels = np.arange(30, dtype=np.uint16).reshape(6, 5) * 2000  # 0 .. 58000 of 65535
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    arrays = load_imagefolder(cfg_for(tmp_path))
+    assert arrays.train_x.shape == (4, 1, 6, 5)
+    assert np.array_equal(arrays.train_x[0, 0], (pixels >> 8).astype(np.uint8))
+
+
+def test_a_broken_link_and_non_utf8_names_in_the_folder_do_not_stop_loading(tmp_path, fakes, private_cache):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    (fake.root / "notes.txt").symlink_to(tmp_path / "gone.txt")  # a link whose target was removed
+    odd = os.fsdecode(b"zebra\xff")  # a class folder named in another encoding (Latin-1)
+    for split in ("train", "test"):
+        (fake.root / split / "dog").rename(fake.root / split / odd)
+    arrays = load_imagefolder(cfg_for(fake.root))
+    assert arrays.class_names == ["ant", "cat", odd] and arrays.train_x.shape == (12, 3, 6, 5)
+    (fake.root / "train" / "ant" / "999.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(DataError, match="cannot decode .*999.png.*remove or replace the file"):
+        load_imagefolder(cfg_for(fake.root))
+
+
+@pytest.mark.timeout(30, method="thread")  # a blocked read holds a decoding thread
+def test_a_pipe_named_like_an_image_is_skipped_not_read(tmp_path, fakes, private_cache):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    os.mkfifo(fake.root / "train" / "dog" / "999.png")  # reading it would wait for a writer forever
+    expect(load_imagefolder(cfg_for(fake.root)), fake)
+
+
 def test_mixed_sizes_need_image_size(tmp_path, fakes, private_cache):
     fake = fakes.write_image_folder(tmp_path / "imgs")
     Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(fake.root / "train" / "dog" / "999.png")
@@ -279,6 +311,15 @@ def test_a_decompression_bomb_as_the_first_image_gets_a_data_error(tmp_path, fak
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4)  # every fake image is now a "bomb" (> 2 x the limit)
     with pytest.raises(DataError, match="first train image .*DecompressionBombError.*remove or replace"):
         load_imagefolder(cfg_for(fake.root))
+
+
+def test_a_corrupt_image_met_while_streaming_is_named_in_one_data_error(tmp_path, fakes, private_cache, monkeypatch):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    monkeypatch.setattr(imagefolder, "MAX_IN_MEMORY_BYTES", 0)
+    bundle = load_data(cfg_for(fake.root, val_fraction=0.0))
+    (fake.root / "test" / "dog" / "001.png").write_bytes(b"")  # damaged after the folder was read
+    with pytest.raises(DataError, match="cannot decode .*001.png.*remove or replace the file"):
+        list(bundle.test)
 
 
 def test_streaming_with_worker_processes_keeps_the_order(tmp_path, fakes, private_cache, monkeypatch):

@@ -162,6 +162,9 @@ class Recipe:
             value = raw.get(key)
             if value is not None and (not isinstance(value, kind) or not value):
                 raise ConfigError(f"{source}: {key}={value!r} must be a non-empty string")
+            if isinstance(value, str) and "\0" in value:
+                raise ConfigError(f"{source}: {key}={value!r} holds a NUL character (\\0), which no file name "
+                                  "can; remove it")
         for key in ("seed", "calibration_batches"):
             value = raw.get(key, getattr(out, key))
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

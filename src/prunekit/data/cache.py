@@ -41,14 +41,17 @@ def source_state(path: Path) -> str:
         dirnames.sort()
         for name in sorted(filenames):
             full = os.path.join(dirpath, name)
-            st = os.stat(full)
-            digest.update(f"{os.path.relpath(full, path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            try:
+                st = os.stat(full)
+            except OSError:  # a broken link: its own state (reading it fails later, naming the file)
+                st = os.lstat(full)
+            digest.update(os.fsencode(f"{os.path.relpath(full, path)}\0{st.st_size}\0{st.st_mtime_ns}\n"))
     return digest.hexdigest()
 
 
 def cache_key(path: str | Path, state: str, options: dict) -> str:
     """File stem "imagefolder-<path hash>-<state hash>" for this source and decode options."""
-    where = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
+    where = hashlib.sha256(os.fsencode(os.path.abspath(path))).hexdigest()[:12]
     what = json.dumps({"state": state, "options": options, "format": FORMAT_VERSION}, sort_keys=True)
     return f"imagefolder-{where}-{hashlib.sha256(what.encode()).hexdigest()[:12]}"
 

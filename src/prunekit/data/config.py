@@ -53,6 +53,8 @@ class DataConfig(Config):
             self.root = os.fspath(self.root)  # keep the config plain data (YAML/JSON-able)
         if self.root is not None and not isinstance(self.root, str):
             raise ConfigError(f"root={self.root!r} must be a path (string) or None")
+        if self.root is not None and "\0" in self.root:
+            raise ConfigError(f"root={self.root!r} holds a NUL character (\\0), which no path can; remove it")
         check_range("val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
         _check_int("seed", self.seed, 0)
         _check_int("batch_size", self.batch_size, 1)

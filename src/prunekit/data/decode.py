@@ -14,7 +14,9 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # Pillow modes that hold one grey channel; everything else is decoded as RGB.
-_GREY_MODES = ("1", "L", "I", "I;16", "F")
+_GREY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# Pillow's ways to fail on a file that is not a readable image (UnidentifiedImageError is an OSError).
+PILLOW_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def is_image_name(name: str) -> bool:
@@ -33,8 +35,16 @@ def probe_image(data: bytes) -> tuple[str, tuple[int, int]]:
 def decode_image(data: bytes, mode: str, size: tuple[int, int] | None) -> np.ndarray:
     """Decode to uint8 (C, H, W) in `mode` ("L" or "RGB"), resized (bilinear) to `size` if given."""
     with Image.open(io.BytesIO(data)) as img:
-        img = img.convert(mode)
+        img = _eight_bit(img).convert(mode)
         if size is not None and (img.height, img.width) != tuple(size):
             img = img.resize((size[1], size[0]), Image.BILINEAR)
         array = np.asarray(img, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit grey (PNG, TIFF) scaled to 0..255 by its high byte; Pillow's own convert clips it
+    at 255, which turns all but the darkest pixels white. Older Pillows open 16-bit PNGs as "I"."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+        return Image.fromarray((np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+    return img

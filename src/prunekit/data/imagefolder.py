@@ -24,12 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..core.errors import ConfigError
 from .cache import cache_key, load_cached, save_cached, source_state
 from .config import DataConfig
-from .decode import decode_image, is_image_name, probe_image
+from .decode import PILLOW_ERRORS, decode_image, is_image_name, probe_image
 from .errors import DataError
 from .registry import DATASETS, DatasetSpec
 from .sources import TEST_SPLIT_SEED, ImageArrays, ImageFiles, stratified_carve
@@ -37,7 +36,6 @@ from .sources import TEST_SPLIT_SEED, ImageArrays, ImageFiles, stratified_carve
 MAX_IN_MEMORY_BYTES = 2 * 1024**3
 MAX_IMAGE_BYTES = 64 * 1024**2  # one image file read from an archive
 MAX_ARCHIVE_BYTES = 8 * 1024**3  # the encoded files of an archive, held while they are decoded
-PILLOW_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # Pillow's ways to fail
 CARVED_TEST_FRACTION = 0.2
 LAYOUT_HELP = "expected <root>/train/<class>/<image> (and optionally test/<class>/<image>)"
 
@@ -120,7 +118,9 @@ def _list_folder(path: Path) -> Entries:
         for name in filenames:
             full = os.path.join(dirpath, name)
             parts = Path(os.path.relpath(full, path)).parts
-            if len(parts) >= 3 and is_image_name(name):
+            # a pipe or device is skipped, as in archives: reading one would wait or never end
+            special = os.path.exists(full) and not os.path.isfile(full)
+            if len(parts) >= 3 and is_image_name(name) and not special:
                 entries[parts[-3]][parts[-2]].append((full, full))
     return entries
 
@@ -150,7 +150,8 @@ def _probe(payload: object) -> tuple[str, tuple[int, int]]:
     try:
         return probe_image(_payload_bytes(payload))
     except PILLOW_ERRORS as err:
-        raise DataError(f"cannot read the first train image with Pillow ({type(err).__name__}: {err}); "
+        name = f" {payload}" if isinstance(payload, str) else ""
+        raise DataError(f"cannot read the first train image{name} with Pillow ({type(err).__name__}: {err}); "
                         "remove or replace the file") from None
 
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import crop_flip, normalizer, pad_images
-from .decode import decode_image
+from .decode import PILLOW_ERRORS, decode_image
 from .device_loader import EpochState
 from .errors import DataError
 
@@ -37,7 +37,11 @@ class ImageFileDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        array = decode_image(Path(self.files[i]).read_bytes(), self.mode, self.size)
+        try:
+            array = decode_image(Path(self.files[i]).read_bytes(), self.mode, self.size)
+        except PILLOW_ERRORS as err:  # unreadable, damaged or removed since the folder was listed
+            raise DataError(f"cannot decode {self.files[i]} ({type(err).__name__}: {err}); "
+                            "remove or replace the file") from None
         if array.shape != self.image_shape:
             raise DataError(
                 f"{self.files[i]} decodes to {array.shape}, the folder's other images to "
