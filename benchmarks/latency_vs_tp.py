@@ -18,8 +18,9 @@ resnet56 at 32x32; random weights, seed 0), float32, 1 thread:
 The four pruned models and the original are timed interleaved (`compare_latency`, round-robin,
 rotating order) at each batch; the speed-up is original median / pruned median, with the
 p10-p90 spread. Prune wall time: `prune_` (default call) and Torch-Pruning's step, each timed once
-per model from a fresh copy (--prune-repeats for more). For resnet50 and resnet56 the
-default-pruned model is also timed in channels-last (`cost.memory_format.choose_memory_format`).
+per model from a fresh copy (--prune-repeats for more). For the conv models (not vit_b_16) the
+original, default-pruned and Torch-Pruning models are also timed in channels-last
+(`cost.memory_format.choose_memory_format`).
 
 The machine is shared: run one model per process, in the background, on one core; results are
 written to benchmarks/results/latency_vs_tp.json after every model and batch (a rerun skips
@@ -62,7 +63,7 @@ from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402
 from prunekit.models.resnet_cifar import create_resnet_cifar  # noqa: E402
 
 MODELS = ["resnet56", "resnet50", "mobilenet_v2", "convnext_tiny", "vit_b_16"]
-CHANNELS_LAST_MODELS = ("resnet50", "resnet56")
+CHANNELS_LAST_MODELS = ("resnet50", "resnet56", "mobilenet_v2", "convnext_tiny")  # the conv models
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:
