@@ -88,3 +88,20 @@ def test_a_model_without_tabled_layers_says_so():
         prune_(model, MagnitudeConfig(latency_fraction=0.5, latency={"repeats": 3, "warmup": 1}),
                torch.randn(1, 4, 32))
     assert [p.shape for p in model.parameters()] == before
+
+
+@pytest.mark.parametrize("cfg", [MagnitudeConfig(latency_fraction=0.6, latency={"repeats": 2}),
+                                 MagnitudeConfig(channel_ratio=0.5, round_to="auto"),
+                                 MagnitudeConfig(channel_ratio=0.5, memory_format="auto")],
+                         ids=["latency_fraction", "round_to_auto", "memory_format_auto"])
+def test_example_inputs_a_plan_cannot_record_fail_before_any_timing(cfg):
+    """A dict of inputs failed with a bare TypeError inside the latency timing; it is the plan's
+    one error before any work, and the model is unchanged."""
+    from prunekit.core.errors import PruningError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match="positional tensor inputs only, got dict"):
+        prune_(model, cfg, {"input": torch.randn(1, 3, 16, 16)})
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

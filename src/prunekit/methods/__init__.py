@@ -39,6 +39,7 @@ def prune_(model: nn.Module, config: Config, example_inputs: Any, **kwargs: Any)
     if handler is None:
         raise ConfigError(f"{type(config).__name__} is not a registered method config; "
                           f"methods: {', '.join(METHODS.list())}")
+    from ..surgery.plan import plan_inputs
     from ..surgery.plan_check import architecture_fingerprint
 
     try:
@@ -46,6 +47,7 @@ def prune_(model: nn.Module, config: Config, example_inputs: Any, **kwargs: Any)
     except TypeError as err:  # e.g. a method that trains, called without its train_loader
         raise ConfigError(f"{type(config).__name__}: {err} (prune_'s keyword arguments go to the method; see "
                           f"help({handler.__module__}.{handler.__name__}))") from None
+    plan_inputs(example_inputs)  # every method's plan records them: another form fails before any work
     _check_finite(model, example_inputs)
     dense = architecture_fingerprint(model)
     result = handler(model, config, example_inputs, **kwargs)

@@ -132,17 +132,19 @@ class Plan:
         return tuple(torch.zeros(s, dtype=_DTYPES.get(d, torch.float32)) for s, d in zip(self.input_shapes, dtypes))
 
 
-def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+def plan_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """`example_inputs` as the tuple of tensors a plan records; PruningError for any other form."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
         return tuple(example_inputs)
-    raise PruningError("plans record positional tensor inputs only; pass example_inputs as a tensor or tuple of tensors")
+    raise PruningError(f"plans record positional tensor inputs only, got {type(example_inputs).__name__}; pass "
+                       "example_inputs as a tensor or a tuple of tensors (the model's positional arguments)")
 
 
 def empty_plan(example_inputs: Any, ignore: Sequence[str] = ()) -> Plan:
     """A plan that removes nothing yet, recording the inputs a replay traces with."""
-    inputs = _as_tuple(example_inputs)
+    inputs = plan_inputs(example_inputs)
     return Plan(input_shapes=[list(t.shape) for t in inputs],
                 input_dtypes=[str(t.dtype).removeprefix("torch.") for t in inputs], ignore=list(ignore))
 
