@@ -131,6 +131,13 @@ def test_prepared_pruning_refuses_another_architecture_and_leaves_it_alone():
         prepared.prune_(already, MagnitudeConfig(channel_ratio=0.5))
     with pytest.raises(ConfigError, match="ignore"):
         prepared.prune_(_resnet(), MagnitudeConfig(channel_ratio=0.5, ignore=["fc"]))
+    # a copy in another dtype is refused up front (it failed in the final forward, blaming the model)
+    with pytest.raises(PruningError, match=r"other shapes or dtypes: conv1.weight \[16, 3, 3, 3\] float64 "
+                                           r"\(prepared \[16, 3, 3, 3\] float32\)"):
+        prepared.prune_(_resnet().double(), MagnitudeConfig(channel_ratio=0.5))
+    # the same ignore list in another order is the same list
+    both = prepare_pruning(_resnet(), X, ignore=["fc", "conv1"])
+    both.prune_(_resnet(), MagnitudeConfig(channel_ratio=0.5, ignore=["conv1", "fc"]))
 
 
 def test_prepared_pruning_with_data_dependent_and_element_criteria():

@@ -2,7 +2,7 @@
 
 Tracing and probing depend on the architecture only, not on the weights. A `PreparedPruning`
 holds the probed graph of one model and prunes any fresh copy of the same architecture (same
-parameter names and shapes) with any method that registered a prepared handler, skipping the
+parameter names, shapes and dtypes) with any method that registered a prepared handler, skipping the
 trace and the probe. That is what a search over thousands of criteria needs.
 
 >>> import copy, torch, torch.nn as nn
@@ -37,8 +37,9 @@ def register_prepared_handler(config_cls: type[Config], handler: Callable) -> No
     _PREPARED_HANDLERS[config_cls] = handler
 
 
-def _signature(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+def _signature(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{parameter name: (shape, dtype)}: what a copy must share with the prepared model."""
+    return {name: (tuple(p.shape), str(p.dtype).removeprefix("torch.")) for name, p in model.named_parameters()}
 
 
 @dataclass
@@ -49,21 +50,22 @@ class PreparedPruning:
     example_inputs: Any
     ignore: tuple[str, ...]
     probed: bool
-    shapes: dict[str, tuple[int, ...]]
+    shapes: dict[str, tuple[tuple[int, ...], str]]  # parameter name -> (shape, dtype)
     cost_before: Cost
     estimator: CostEstimator = field(repr=False)
 
     def check(self, model: nn.Module) -> None:
-        """PruningError unless `model` has exactly the prepared model's parameter names and shapes."""
+        """PruningError unless `model` has exactly the prepared model's parameter names, shapes and dtypes."""
         got = _signature(model)
         if got == self.shapes:
             return
         missing = [n for n in self.shapes if n not in got]
         extra = [n for n in got if n not in self.shapes]
-        shape = [f"{n} {got[n]} (prepared {self.shapes[n]})" for n in self.shapes if n in got and got[n] != self.shapes[n]]
+        shape = [f"{n} {list(got[n][0])} {got[n][1]} (prepared {list(self.shapes[n][0])} {self.shapes[n][1]})"
+                 for n in self.shapes if n in got and got[n] != self.shapes[n]]
         what = "; ".join(part for part in (f"missing {missing[:3]}" if missing else "",
                                            f"unexpected {extra[:3]}" if extra else "",
-                                           f"other shapes: {', '.join(shape[:3])}" if shape else "") if part)
+                                           f"other shapes or dtypes: {', '.join(shape[:3])}" if shape else "") if part)
         raise PruningError(f"this model is not a fresh copy of the prepared one ({what}); prune copies of the "
                            "unpruned model it was prepared on, or call prepare_pruning on this model")
 
@@ -76,7 +78,7 @@ class PreparedPruning:
         if handler is None:
             raise ConfigError(f"{type(config).__name__} cannot prune from a prepared graph; methods that can: "
                               f"{', '.join(sorted(c.__name__ for c in _PREPARED_HANDLERS)) or '(none)'}")
-        if tuple(getattr(config, "ignore", ()) or ()) != self.ignore:
+        if set(getattr(config, "ignore", ()) or ()) != set(self.ignore):  # the same modules, in any order
             raise ConfigError(f"config.ignore={list(getattr(config, 'ignore', []))} differs from the prepared "
                               f"ignore={list(self.ignore)}; prepare with the same ignore list")
         if getattr(config, "probe", False) and not self.probed:
