@@ -151,6 +151,9 @@ def test_synflow_with_batchnorm_is_finite_and_needs_a_shape():
     assert int(sum(v.sum() for v in select_element_masks(s, 0.5).values())) == (108 + 8) // 2
     with pytest.raises(ConfigError, match="input shape"):
         synflow_scores(m)
+    # batches of inputs alone (no labels) give the same shape: the batch, not its first sample
+    bare = synflow_scores(m, [torch.randn(2, 3, 6, 6)], sparsity=0.5, iterations=3)
+    assert all(torch.equal(bare[k], s[k]) for k in s)
 
 
 def test_magnitude_and_random_scores():

@@ -38,7 +38,8 @@ def _ones_like_one_sample(example_inputs: Any, input_shape, batches: Iterable | 
     if input_shape is not None:
         return (torch.ones((1, *input_shape), dtype=dtype),)
     if example_inputs is None and batches is not None:
-        example_inputs = next(iter(batches))[0]  # the reference code reads the shape off the data
+        first = next(iter(batches))  # the reference code reads the shape off the data
+        example_inputs = first[0] if isinstance(first, (tuple, list)) else first  # (inputs, labels) or inputs
     if example_inputs is None:
         raise ConfigError("synflow needs the input shape: pass example_inputs (a tensor or tuple of tensors), "
                           "input_shape (one sample's shape, e.g. (3, 32, 32)) or batches")
