@@ -39,7 +39,6 @@ def prune_(model: nn.Module, config: Config, example_inputs: Any, **kwargs: Any)
     if handler is None:
         raise ConfigError(f"{type(config).__name__} is not a registered method config; "
                           f"methods: {', '.join(METHODS.list())}")
-    from ..surgery.plan import plan_inputs
     from ..surgery.plan_check import architecture_fingerprint
 
     try:
@@ -47,7 +46,7 @@ def prune_(model: nn.Module, config: Config, example_inputs: Any, **kwargs: Any)
     except TypeError as err:  # e.g. a method that trains, called without its train_loader
         raise ConfigError(f"{type(config).__name__}: {err} (prune_'s keyword arguments go to the method; see "
                           f"help({handler.__module__}.{handler.__name__}))") from None
-    plan_inputs(example_inputs)  # every method's plan records them: another form fails before any work
+    _check_recordable(model, example_inputs)
     _check_finite(model, example_inputs)
     dense = architecture_fingerprint(model)
     result = handler(model, config, example_inputs, **kwargs)
@@ -55,6 +54,24 @@ def prune_(model: nn.Module, config: Config, example_inputs: Any, **kwargs: Any)
     # another model, or saving it with another model, is then refused with a clear message.
     result.plan.fingerprint.update(dense=dense, pruned=architecture_fingerprint(model))
     return result
+
+
+def _check_recordable(model: nn.Module, example_inputs: Any) -> None:
+    """Every method's plan records the example inputs as positional tensors: another form (a
+    dict of keyword tensors, say) fails here, before any timing or training. Inputs the model
+    cannot run on at all get the message build_graph gives (what was given, what it takes)."""
+    from ..core.errors import PruningError
+    from ..core.modes import evaluating
+    from ..graph.inputs import check_inputs_fit, split_inputs
+    from ..surgery.plan import plan_inputs
+
+    try:
+        plan_inputs(example_inputs)
+    except PruningError as err:
+        args, kwargs = split_inputs(example_inputs)
+        with evaluating(model):  # a plain forward in eval mode: the caller's BatchNorm statistics stay
+            check_inputs_fit(model, args, kwargs, err.__cause__ or RuntimeError(str(err)))
+        raise
 
 
 def _check_finite(model: nn.Module, example_inputs: Any) -> None:
