@@ -45,3 +45,37 @@ def test_straight_through_gradient_equals_the_hand_derivative_at_a_temperature()
     torch.testing.assert_close(gate.detach().double(), (soft > 0.5).double())
     expected = (upstream.double() * soft * (1 - soft) / 0.5).sum(0)
     torch.testing.assert_close(gates.logits[0].grad.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_gates_act_on_a_consumer_called_with_its_input_by_keyword():
+    """`self.b(input=h)` passes nothing positionally: the gate hook read args[0] and raised
+    IndexError. The gated output equals the model with the closed channels' producer rows zeroed."""
+
+    class KeywordNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(input=torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    model, x = KeywordNet(), torch.randn(3, 4)
+    gates = GateSet.from_graph(model, build_graph(model, x))
+    assert gates.names == ["a"]
+    mask = torch.tensor([True, False, True, True, False, True])
+    gates.attach(model)
+    try:
+        model(x).sum().backward()  # sampled gates (training mode) reach the logits
+        assert gates.samples[0].shape == (3, 6) and gates.logits[0].grad is not None
+        model.eval()
+        gates.freeze([mask])
+        gated = model(x)
+    finally:
+        gates.detach()
+    zeroed = KeywordNet()
+    zeroed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        zeroed.a.weight[~mask] = 0
+        zeroed.a.bias[~mask] = 0
+    torch.testing.assert_close(gated, zeroed(x), atol=0, rtol=0)

@@ -366,3 +366,36 @@ def test_the_settle_rounding_report_survives_a_resume():
     resumed = make()
     resumed.load_state_dict(hook.state_dict())
     assert resumed.settled_at == 4 and resumed.rounding == hook.rounding
+
+
+def test_a_cut_stem_before_a_chunk_cat_and_channel_shuffle_is_counted():
+    """The closed stem of the ShuffleNet-like toy is cut: chunk, cat and the shuffle's view then
+    carry 0 channels. count_cost (called by the pipeline right after conversion) failed to trace
+    them (a max over an empty axis); it now counts the converted model, equal to the estimate."""
+    from prunekit.testing.toy_models import ShuffleNetish
+
+    torch.manual_seed(0)
+    model, x = _random_bn_(ShuffleNetish()).eval(), torch.randn(2, 3, 6, 6)
+    graph = build_graph(model, x)
+    gates = GateSet.from_graph(model, graph)
+    conv = _check_conversion(model, x, gates, graph, _masks(gates, closed=("stem.0",), only=()))
+    assert [b.group for b in conv.branches] == ["stem.0"] and isinstance(model.stem[0], EmptyOutput)
+
+
+def test_closing_every_prunable_channel_of_a_zero_padded_stream_keeps_one_silent_channel():
+    """The stage-1 stream of a zero-padded residual net also holds the 8 padded channels of the
+    shortcut, which cannot be pruned. With the 8 prunable ones all closed, removing them would
+    leave the stem conv with no filter, and the conversion raised PruningError; it keeps one
+    silent channel instead, and the converted model equals the gated one."""
+    from prunekit.testing.toy_models import ResidualNet
+
+    torch.manual_seed(0)
+    model, x = _random_bn_(ResidualNet(zero_pad=True)).eval(), torch.randn(2, 3, 8, 8)
+    graph = build_graph(model, x)
+    gates = GateSet.from_graph(model, graph)
+    stream = gates.names.index("stem.0")
+    assert not bool(gates.prunable(stream).all())
+    masks = _masks(gates, seed=1, only=())
+    masks[stream] = ~gates.prunable(stream)
+    conv = _check_conversion(model, x, gates, graph, masks)
+    assert conv.silent == ["stem.0"] and model.stem[0].out_channels == 1

@@ -191,6 +191,8 @@ def along(ids: torch.Tensor, dim: int, size: int, uf: UnionFind) -> torch.Tensor
     if a.shape[dim] == 1:
         a = np.broadcast_to(a, a.shape[:dim] + (size,) + a.shape[dim + 1:])
     rows = np.moveaxis(a, dim, 0).reshape(size, -1)
+    if rows.shape[1] == 0:  # 0 channels elsewhere (a cut branch): no position carries an id
+        return torch.from_numpy(np.full(size, NO_ID, dtype=a.dtype))
     if rows.shape[1] == 1:
         return torch.from_numpy(rows[:, 0].copy())
     rep = rows.max(axis=1)  # a valid id of each row, or negative where the row has none

@@ -229,6 +229,8 @@ def _join_split(tr, before: torch.Tensor, after: torch.Tensor) -> None:
         return
     last = va[-1]
     rows = after.movedim(last, 0).reshape(after.shape[last], -1)
+    if rows.numel() == 0:  # 0 channels (a cut branch): nothing to join
+        return
     rep = rows.max(dim=1).values
     tr.uf.union_pairs(rep.unsqueeze(1).expand_as(rows), rows)
 

@@ -171,8 +171,8 @@ class GateSet(nn.Module):
         self.detach()
         self._handles.append(model.register_forward_pre_hook(lambda mod, args: self._new_forward()))
         for c in self.consumers:
-            hook = lambda mod, args, c=c: self._gate_input(mod, args, c)
-            self._handles.append(model.get_submodule(c.module).register_forward_pre_hook(hook))
+            hook = lambda mod, args, kwargs, c=c: self._gate_input(mod, args, kwargs, c)
+            self._handles.append(model.get_submodule(c.module).register_forward_pre_hook(hook, with_kwargs=True))
 
     def detach(self) -> None:
         for h in self._handles:
@@ -184,8 +184,8 @@ class GateSet(nn.Module):
         self.samples.clear()
         self._opens = None
 
-    def _gate_input(self, module: nn.Module, args: tuple, c: Consumer) -> tuple:
-        x = args[0]
+    def _gate_input(self, module: nn.Module, args: tuple, kwargs: dict, c: Consumer) -> tuple[tuple, dict]:
+        x = args[0] if args else kwargs["input"]  # conv/linear forward(input): positional or by keyword
         stochastic = module.training and self.frozen is None
         if stochastic:
             parts = [self.sample(i, x.shape[0]) for i in c.gate_ids]
@@ -198,7 +198,8 @@ class GateSet(nn.Module):
         mult = table[:, getattr(self, c.key)].to(x.dtype)  # (B or 1, positions)
         shape = [rows] + [1] * (x.dim() - 1)
         shape[c.dim] = mult.shape[1]
-        return (x * mult.view(shape),) + tuple(args[1:])
+        gated = x * mult.view(shape)
+        return ((gated,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "input": gated})
 
     def extra_repr(self) -> str:
         return f"groups={len(self.names)}, channels={sum(self.sizes)}, consumers={len(self.consumers)}"

@@ -4,8 +4,9 @@
 
 1. groups with some channels closed: those channels are removed (`remove_channels_`);
 2. groups with every channel closed: their branch is cut out (surgery/branches.py); where the group has
-   no clean branch shape, one channel stays, with its consumer input slices zeroed, so it
-   contributes nothing (exactly like its closed gate);
+   no clean branch shape, or where removing the closed channels would leave a layer with none
+   (the group's other channels cannot be pruned), one channel stays, with its consumer input slices
+   zeroed, so it contributes nothing (exactly like its closed gate);
 3. the copy's output is compared with the gated model's (eval mode) on the example inputs.
    If cutting branches broke the equality or the forward (an op the branch test did not
    foresee, e.g. a max pooling that cannot take 0 channels), the conversion is redone keeping
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from ...core.errors import PruningError
-from ...graph import Graph
+from ...graph import Graph, Group
 from ...layers.gates import GateSet
 from ...surgery.branches import Branch, cut_branches_, find_branch
 from ...surgery.copying import adopt_, share_copy
@@ -92,14 +93,15 @@ def _convert(work: nn.Module, gates: GateSet, graph: Graph, example_inputs: Any,
         closed = (~opens[i]).nonzero().flatten().tolist()
         if not closed:
             continue
-        if len(closed) < group.size:
+        if len(closed) < group.size and not _empties_a_tensor(group, closed):
             removal[name] = closed
             continue
-        branch = find_branch(work, graph, group) if allow_branches else None
+        branch = find_branch(work, graph, group) if allow_branches and len(closed) == group.size else None
         if branch is not None:
             branches.append(branch)
             continue
-        keep = int(gates.logits[i].detach().cpu().argmax())
+        logits = gates.logits[i].detach().cpu()
+        keep = max(closed, key=lambda c: float(logits[c]))
         zero_contributions_(work, group, [keep])
         removal[name] = [c for c in closed if c != keep]
         silent.append(name)
@@ -111,6 +113,14 @@ def _convert(work: nn.Module, gates: GateSet, graph: Graph, example_inputs: Any,
     removed = {n: len(v) for n, v in removal.items()}
     removed.update({b.group: by_name[b.group].size for b in branches})
     return Conversion(plan, branches, silent, removed=removed)
+
+
+def _empties_a_tensor(group: Group, closed: list[int]) -> bool:
+    """Whether removing `closed` would leave a member tensor of `group` without any channel (every
+    prunable channel closed in a group that also holds fixed ones, e.g. zero-padded shortcuts)."""
+    gone = torch.zeros(group.size, dtype=torch.bool)
+    gone[closed] = True
+    return any(bool((m.channel >= 0).all()) and bool(gone[m.channel].all()) for m in group.tensor_members())
 
 
 def closed_fraction(opens: list[torch.Tensor]) -> float:
