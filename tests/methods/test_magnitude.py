@@ -11,6 +11,7 @@ from prunekit import prepare_pruning
 from prunekit.methods import prune_
 from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.models import create_model
+from prunekit.cost.macs import count_cost
 
 X = torch.randn(2, 3, 32, 32)
 
@@ -307,3 +308,67 @@ def test_a_kept_multiple_beyond_the_slack_is_said():
     tried = result.metrics["rounding"]["tried"]
     assert result.metrics["rounding"]["multiple"] == 2 and all(t["shortfall"] > 0.02 for t in tried)
     assert "multiples of 2 land 0.025 away too" in result.metrics["notes"][0]
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_max_ratio_is_a_share_of_the_width_before_the_first_step(scope):
+    """Each step's cap counts what earlier steps removed: three steps take no group past
+    max_ratio of its original width, and a target one step cannot reach is not reached in three."""
+    first = {g.name: g.size for g in build_graph(_resnet(), X).prunable_groups()}
+    for steps in (1, 3):
+        model = _resnet()
+        with pytest.warns(UserWarning, match="capped at max_ratio"):
+            result = prune_(model, MagnitudeConfig(channel_ratio=0.8, max_ratio=0.5, steps=steps, scope=scope,
+                                                   probe=False, round_to=None), X)
+        kept = {n: len(result.plan.groups.get(n, range(s))) for n, s in first.items()}
+        assert all(kept[n] >= s - int(0.5 * s) for n, s in first.items()), (steps, kept)
+        after = {g.name: g.size for g in build_graph(model, X).groups if g.name in first}
+        assert after == kept
+    for steps in (1, 3):
+        with pytest.raises(ConfigError, match="impossible target"):
+            prune_(_resnet(), MagnitudeConfig(macs_fraction=0.2, max_ratio=0.5, steps=steps, probe=False), X)
+
+
+class _EqualWidths(nn.Module):
+    """Two branches whose widths the forward requires equal, in Python the trace cannot see."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+        with torch.no_grad():
+            self.a.weight[:4].mul_(0.01)
+
+    def forward(self, x):
+        p, q = self.a(x), self.b(x)
+        if p.shape[1] != q.shape[1]:
+            raise ValueError("widths differ")
+        return self.c(p) + self.d(q)
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_a_pruned_model_that_fails_is_refused_with_advice_that_fits_the_probe_setting(probe):
+    from prunekit.core.errors import PruningError
+
+    torch.manual_seed(0)
+    model, x = _EqualWidths(), torch.randn(1, 3, 4, 4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = MagnitudeConfig(channel_ratio=0.5, scope="global", normalizer="none", round_to=None, probe=probe)
+    with pytest.raises(PruningError, match="no longer runs.*widths differ.*left unchanged") as err:
+        prune_(model, cfg, x)
+    assert ("Prune with probe=True" in str(err.value)) is not probe  # probing was on: no advice to turn it on
+    assert "ignore" in str(err.value)
+    assert model.a.out_channels == 8 and all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("which", ["macs_fraction", "params_fraction"])
+def test_rounding_shortfall_is_a_share_of_the_model_given_at_every_step(which):
+    """round_slack is a share of the model handed in: the last step's recorded shortfall is the
+    final landing's distance from the target in the original model's MACs (params), recounted."""
+    model = _resnet()
+    result = prune_(model, MagnitudeConfig(**{which: 0.5}, steps=4, probe=False), X)
+    before, after = count_cost(_resnet(), X), count_cost(model, X)
+    kind = "macs" if which == "macs_fraction" else "params"
+    landed = 0.5 - getattr(after, kind) / getattr(before, kind)
+    rounding = result.metrics["rounding"]
+    last = [t for t in rounding["tried"] if t["multiple"] == rounding["multiple"] and "shortfall" in t][-1]
+    assert last["shortfall"] == pytest.approx(landed, abs=1e-6), (last, landed)

@@ -61,7 +61,7 @@ class _Group:
     """One group's removal order (least important first) and its normalised scores."""
 
     def __init__(self, graph: Graph, name: str, scores: torch.Tensor, keep: torch.Tensor, max_ratio: float,
-                 normalizer: str):
+                 normalizer: str, first: int | None = None):
         g = graph.group(name)
         self.size = g.size
         s = normalize(ranking_values(scores), normalizer)
@@ -70,7 +70,7 @@ class _Group:
         self.ranked = torch.argsort(masked, stable=True).cpu().numpy()
         # prefix[n]: the normalised importance of the n least important channels, in float64
         self.prefix = np.concatenate(([0.0], np.cumsum(s.double().cpu().numpy()[self.ranked])))
-        self.cap = _cap(g, max_ratio, keep)
+        self.cap = _cap(g, max_ratio, keep, first)
 
     def channels(self, n: int) -> np.ndarray:
         """The `n` least important channels, unsorted (what a cost estimate reads)."""
@@ -85,7 +85,8 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
                     target: float, max_ratio: float = 0.9, normalizer: str = "mean",
                     keep: Mapping[str, torch.Tensor] | None = None, refresh_every: int | None = None,
                     best_effort: bool = False, nearest: bool = False,
-                    max_kept: Mapping[str, int] | None = None) -> RoundingResult:
+                    max_kept: Mapping[str, int] | None = None,
+                    first_widths: Mapping[str, int] | None = None) -> RoundingResult:
     """Kept counts rounded to multiples of `round_to` with cost(removal) <= target.
 
     `removal` is an unrounded removal (channels per group, ideally meeting the target); the
@@ -104,13 +105,15 @@ def round_to_target(graph: Graph, scores: Mapping[str, torch.Tensor], removal: M
     after a gate-based method's training, so that rounding never reopens a closed one): a rounded
     count above it goes down to the multiple below (or to the count itself, below one multiple),
     and no multiple is given back past it; a group never loses more than its cap, so one whose
-    protected channels outnumber `max_kept` keeps them.
+    protected channels outnumber `max_kept` keeps them. `first_widths`: the widths max_ratio is a
+    share of ({group: width} before an iterative pruning's first step; default the widths now).
     """
     if min(round_to.values() if isinstance(round_to, Mapping) else [round_to], default=1) < 1:
         raise ConfigError(f"round_to={round_to} must be >= 1")
     multiples = group_multiples(graph, round_to)  # an integer is halved below narrow groups' widths
     keep = keep or {n: must_keep(graph.group(n), s) for n, s in scores.items()}
-    groups = {n: _Group(graph, n, s, keep[n], max_ratio, normalizer) for n, s in scores.items()}
+    first = first_widths or {}
+    groups = {n: _Group(graph, n, s, keep[n], max_ratio, normalizer, first.get(n)) for n, s in scores.items()}
     counts = {}
     limit = {n: g.size for n, g in groups.items()} | {n: int(k) for n, k in (max_kept or {}).items() if n in groups}
     for n, g in groups.items():

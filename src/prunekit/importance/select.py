@@ -75,12 +75,14 @@ def _whole_members(group: Group) -> list[np.ndarray]:
     return out
 
 
-def _cap(group: Group, max_ratio: float, keep: torch.Tensor | None = None) -> int:
-    """Most channels this group may lose: within max_ratio and keeping one removable channel
-    (and every channel in `keep`)."""
+def _cap(group: Group, max_ratio: float, keep: torch.Tensor | None = None, first: int | None = None) -> int:
+    """Most channels this group may lose: within max_ratio of `first` (its width before an
+    iterative pruning began, less what it lost since; default its width now) and keeping one
+    removable channel (and every channel in `keep`)."""
     removable = int(group.prunable.sum())
     limit = removable - 1 if keep is None else int((group.prunable & ~keep).sum())
-    return max(0, min(removable - 1, limit, int(math.floor(max_ratio * group.size))))
+    first = group.size if first is None else max(first, group.size)
+    return max(0, min(removable - 1, limit, int(math.floor(max_ratio * first)) - (first - group.size)))
 
 
 def group_multiple(size: int, round_to: int) -> int:
@@ -132,12 +134,13 @@ class RemovalSelector:
     removal order, and for scope="global" the sorted normalised scores with, for each, whether
     its group may still lose it (its rank within the group is below the group's cap). Removing
     a budget B globally takes the first B such entries in score order: the same channels as
-    walking the sorted list and skipping groups that reached their cap.
+    walking the sorted list and skipping groups that reached their cap. Caps are max_ratio of
+    `first_widths` where given (an iterative pruning's widths before its first step).
     """
 
     def __init__(self, graph: Graph, scores: Mapping[str, torch.Tensor], scope: str = "local",
                  max_ratio: float = 0.9, round_to: int | Mapping[str, int] | None = None, normalizer: str = "mean",
-                 nearest: bool = False):
+                 nearest: bool = False, first_widths: Mapping[str, int] | None = None):
         check_range("max_ratio", max_ratio, 0.0, 1.0)
         check_choice("scope", scope, ("local", "global"))
         check_choice("normalizer", normalizer, NORMALIZERS)
@@ -148,7 +151,8 @@ class RemovalSelector:
         self.graph, self.scope, self.max_ratio = graph, scope, max_ratio
         self.multiples, self.nearest = group_multiples(graph, round_to), nearest
         keep = {n: must_keep(g, scores[n]) for n, g in self.groups.items()}
-        self.caps = {n: _cap(g, max_ratio, keep[n]) for n, g in self.groups.items()}
+        first = first_widths or {}
+        self.caps = {n: _cap(g, max_ratio, keep[n], first.get(n)) for n, g in self.groups.items()}
         self.order = {}
         for name, g in self.groups.items():
             s = ranking_values(scores[name]).clone()

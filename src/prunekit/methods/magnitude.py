@@ -14,7 +14,8 @@ halves the multiple where it would land more than `round_slack` of the model bel
 unaligned. `memory_format` puts the pruned model's 4-D tensors in that format: "contiguous" (the
 default; a channels-last model comes back contiguous), "channels_last", or "auto", whichever is
 faster on the `latency` settings (result metrics["memory_format"]). `steps` > 1 prunes iteratively along a linear schedule, calling
-`between_steps(model, step)` (e.g. a short fine-tune) after each step.
+`between_steps(model, step)` (e.g. a short fine-tune) after each step. `max_ratio` is the most of
+each group's channels removed, over all steps together.
 
 `criterion` is a registered name (`importance.criteria.CRITERIA`), "<prefix>:<text>" built by a
 registered criterion factory, or any callable `(group, ctx) -> Tensor (group.size,)`; a config
@@ -179,13 +180,14 @@ def _skipped_note(skipped: list[str]) -> dict[str, Any]:
 
 
 def _search_ratio(graph: Graph, scores, cfg: MagnitudeConfig, which: str, target: float,
-                  estimator: CostEstimator) -> dict[str, list[int]]:
+                  estimator: CostEstimator, first_widths: dict[str, int]) -> dict[str, list[int]]:
     """Smallest unrounded ratio whose estimated cost ({which}) is <= target (absolute count).
 
     The estimate table (`estimator`) and the ranking of channels (`RemovalSelector`) are built
-    once for all bisection steps."""
+    once for all bisection steps; max_ratio is a share of `first_widths`."""
     pick = 0 if which == "params" else 1
-    selector = RemovalSelector(graph, scores, cfg.scope, cfg.max_ratio, None, cfg.normalizer)
+    selector = RemovalSelector(graph, scores, cfg.scope, cfg.max_ratio, None, cfg.normalizer,
+                               first_widths=first_widths)
     cost = lambda r: estimator.of_distinct(selector.indices_at(r))[pick]
     hi = cfg.max_ratio if cfg.max_ratio < 1 else 0.999
     at_hi = cost(hi)
@@ -243,8 +245,9 @@ def _step_removal(graph: Graph, scores, cfg: MagnitudeConfig, step: int, before:
         else:  # the global share still due, from the channels actually left
             left = sum(graph.group(n).size for n in scores) / max(1, sum(first_widths.get(n, 0) for n in scores))
             ratio = max(0.0, min(0.999, 1 - (1 - cfg.channel_ratio * frac) / max(left, 1e-9)))
-        total = sum(graph.group(n).size for n in scores)
-        selector = RemovalSelector(graph, scores, cfg.scope, cfg.max_ratio, None, cfg.normalizer)
+        total = sum(first_widths.get(n, graph.group(n).size) for n in scores)  # shares of the model given
+        selector = RemovalSelector(graph, scores, cfg.scope, cfg.max_ratio, None, cfg.normalizer,
+                                   first_widths=first_widths)
         unrounded = selector.select(ratio)
         due = sum(len(v) for v in unrounded.values())
 
@@ -256,18 +259,18 @@ def _step_removal(graph: Graph, scores, cfg: MagnitudeConfig, step: int, before:
         return _aligned(cfg, first_widths, by_ratio, record, "channels")
     which = "params" if cfg.params_fraction is not None else "macs"
     final = cfg.params_fraction if which == "params" else cfg.macs_fraction
-    goal = (1 - (1 - final) * frac) * (before.params if which == "params" else before.macs)
+    whole = before.params if which == "params" else before.macs  # shortfalls are shares of the model given
+    goal = (1 - (1 - final) * frac) * whole
     pick = 0 if which == "params" else 1
-    start = _search_ratio(graph, scores, cfg, which, goal, estimator)
+    start = _search_ratio(graph, scores, cfg, which, goal, estimator, first_widths)
     exact = lambda removal: estimator.of_distinct(removal)[pick]
-    full = exact({})
 
     def by_cost(multiples):
         if multiples is None:
-            return start, (goal - exact(start)) / max(full, 1)
+            return start, (goal - exact(start)) / max(whole, 1)
         res = round_to_target(graph, scores, start, multiples, exact, goal, cfg.max_ratio, cfg.normalizer,
-                              nearest=nearest)
-        return res.removal, (goal - res.cost) / max(full, 1)
+                              nearest=nearest, first_widths=first_widths)
+        return res.removal, (goal - res.cost) / max(whole, 1)
     return _aligned(cfg, first_widths, by_cost, record, which)
 
 
@@ -293,7 +296,8 @@ def _rounding_note(r: dict[str, Any], slack: float | None) -> str:
             + ("; round_slack=null keeps the largest multiple that meets the target" if slack is not None else ""))
 
 
-def _check_runs(work: nn.Module, example_inputs: Any, original: nn.Module) -> None:
+def _check_runs(work: nn.Module, example_inputs: Any, original: nn.Module, probed: bool) -> None:
+    """PruningError when the pruned copy `work` no longer runs; `probed`: whether its groups were probed."""
     try:  # a pruned model that no longer runs never reaches the caller
         run_model(work, example_inputs)
     except PrunekitError:
@@ -302,8 +306,10 @@ def _check_runs(work: nn.Module, example_inputs: Any, original: nn.Module) -> No
         tied = tied_parameters(original)  # removal has replaced the pruned copy's tensors
         why = (f"the model ties weights ({' = '.join(tied[0])}), and channel pruning cannot keep a tie: leave "
                "the modules that share them out with ignore=[...]" if tied else
+               "its forward hard-codes a channel count that neither the trace nor the probe (one channel removed "
+               "from each group the trace cannot vouch for) can see; ignore the layers involved" if probed else
                "its forward hard-codes a channel count the trace cannot see. Prune with probe=True (the default), "
-               "which tests every group first, or ignore the layers involved")
+               "which tests the groups the trace cannot vouch for first, or ignore the layers involved")
         raise PruningError(f"the pruned model no longer runs ({type(err).__name__}: {str(err)[:200]}); {why}; "
                            "the model was left unchanged") from None
 
@@ -357,7 +363,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         if between_steps is not None:
             between_steps(work, step)
     if verify:
-        _check_runs(work, example_inputs, model)
+        _check_runs(work, example_inputs, model, prepared.probed and (cfg.probe or cfg.steps == 1))
     after = cost_after(work, graph, removal, estimator)  # exact: tests compare it with a recount
     if work is not model:
         adopt_(model, work)
