@@ -166,3 +166,38 @@ def test_pruned_transformer_encoder_agrees_with_its_fused_kernel():
     with torch.no_grad():
         fused = model(X)
     assert torch.allclose(fused, model(X).detach(), atol=1e-5)
+
+
+class UsesAttentionWeights(nn.Module):
+    """The attention map (averaged over the heads) is read downstream, as in attention pooling."""
+
+    def __init__(self, need_weights: bool = True):
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Linear(5, 8), nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 2)
+        self.need_weights = need_weights
+
+    def forward(self, x):
+        h = self.embed(x)
+        out, weights = self.attn(h, h, h, need_weights=self.need_weights)
+        pooled = self.head(out).mean(1)
+        return pooled if weights is None else pooled + weights.sum(1)[:, :2]
+
+
+def test_attention_weights_averaged_over_the_heads_leave_the_heads_to_probing():
+    """Averaged weights change when a head goes (its uniform map when zeroed, and the divisor):
+    the heads cannot be vouched for by the trace, and probing keeps them."""
+    from prunekit.surgery.verify import build_safe_graph
+
+    torch.manual_seed(0)
+    model = UsesAttentionWeights().eval()
+    graph = build_graph(model, X)
+    assert not graph.group("embed").proven
+    assert not build_safe_graph(model, X).group("embed").prunable.any()
+
+
+def test_heads_without_returned_weights_are_vouched_for():
+    torch.manual_seed(0)
+    model = UsesAttentionWeights(need_weights=False).eval()
+    graph = build_graph(model, X)
+    assert graph.group("embed").prunable.all() and graph.group("embed").proven
+    check_removal_matches_zeroing(model, X, graph, {"embed": [1]})

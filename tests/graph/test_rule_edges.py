@@ -329,3 +329,62 @@ def test_a_reshaped_zero_dim_tensor_traces():
     graph = build_graph(model, x)
     assert graph.group("a").size == 8 and not graph.group("a").proven  # the total sums the channels: probed
     _every_prunable_channel_matches_zeroing(model, x)
+
+
+class ShapedLike(nn.Module):
+    """A branch given the shape of another branch's output (view_as, reshape_as, expand_as), then
+    concatenated with it."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.a, self.b, self.c, self.op = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(16, 2, 1), op
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        return self.c(torch.cat([self.op(a, b), b], 1))
+
+
+SHAPED_LIKE = {
+    "view_as": lambda a, b: a.view_as(b),
+    "reshape_as": lambda a, b: a.reshape_as(b),
+    "expand_as": lambda a, b: a.mean((2, 3), keepdim=True).expand_as(b),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPED_LIKE))
+def test_a_shape_taken_from_another_tensor_pairs_its_channels(name):
+    """`a.view_as(b)` has b's shape, which loses a channel when b does: a's channels go with b's,
+    position by position (pruned apart, the view fails)."""
+    torch.manual_seed(0)
+    model, x = ShapedLike(SHAPED_LIKE[name]).eval(), torch.randn(2, 3, 4, 4)
+    graph = build_graph(model, x)
+    assert [(g.name, g.size) for g in graph.prunable_groups()] == [("a", 8)]
+    assert {m.qualname for m in graph.group("a").members if m.role == "out"} == {"a.weight", "a.bias", "b.weight", "b.bias"}
+    _every_prunable_channel_matches_zeroing(model, x)
+
+
+
+class FunctionalLayerNorm(nn.Module):
+    """A LayerNorm written with F.layer_norm (nanoGPT's), or F.rms_norm, in a plain module."""
+
+    def __init__(self, width: int, rms: bool):
+        super().__init__()
+        self.weight, self.rms = nn.Parameter(torch.ones(width) + 0.1 * torch.randn(width)), rms
+
+    def forward(self, x):
+        if self.rms:
+            return F.rms_norm(x, self.weight.shape, self.weight)
+        return F.layer_norm(x, self.weight.shape, self.weight, None, 1e-5)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_a_functional_norm_over_the_channels_makes_the_group_inexact(rms):
+    """The statistics over the channels change when one goes, whatever module makes the call."""
+    from prunekit.surgery.verify import group_is_exact
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), FunctionalLayerNorm(8, rms), nn.Linear(8, 2)).eval()
+    x = torch.randn(2, 5, 3)
+    graph = build_graph(model, x)
+    assert graph.group("0").prunable.all() and not group_is_exact(graph.group("0"), model)
+    _every_prunable_channel_matches_zeroing(model, x)

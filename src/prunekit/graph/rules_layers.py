@@ -109,11 +109,13 @@ def linear(tr, call):
     linear_like(tr, call, call.args[0], call.arg(1, "weight"), call.arg(2, "bias"))
 
 
-def _per_channel(tr, call, dim: int, tensors, join: int = 1):
+def _per_channel(tr, call, dim: int, tensors, join: int = 1, statistics: bool = False):
     """Norm-style op: per-channel parameters/buffers along `dim` follow the input's channels.
 
     `join` > 1 joins consecutive channels into one class (GroupNorm: a whole group at a time,
-    so that the statistics of the groups that stay are unchanged).
+    so that the statistics of the groups that stay are unchanged). `statistics`: the op
+    normalises over these channels (LayerNorm, RMSNorm), which a "#statistics" member records,
+    whatever module makes the call (surgery.verify.group_is_exact reads it).
     """
     x = call.args[0]
     c = along(tr.ids(x), dim, x.shape[dim], tr.uf)
@@ -125,6 +127,8 @@ def _per_channel(tr, call, dim: int, tensors, join: int = 1):
             tr.add_member(*_named(tr, t), 0, c, "through")
     if call.module:
         tr.add_member(call.module, "#channels", 0, c, "through")
+    if statistics:
+        tr.add_member(call.module, "#statistics", 0, c, "through")
     for o in _tensor_outs(call):
         tr.set_ids(o, tr.ids(x))
     tr.add_node(call)
@@ -144,14 +148,14 @@ def layer_norm(tr, call):
     shape = call.arg(1, "normalized_shape")
     if len(shape) != 1:
         return _fix_all(tr, call)
-    _per_channel(tr, call, call.args[0].dim() - 1, [call.arg(2, "weight"), call.arg(3, "bias")])
+    _per_channel(tr, call, call.args[0].dim() - 1, [call.arg(2, "weight"), call.arg(3, "bias")], statistics=True)
 
 
 def rms_norm(tr, call):
     shape = call.arg(1, "normalized_shape")
     if len(shape) != 1:
         return _fix_all(tr, call)
-    _per_channel(tr, call, call.args[0].dim() - 1, [call.arg(2, "weight")])
+    _per_channel(tr, call, call.args[0].dim() - 1, [call.arg(2, "weight")], statistics=True)
 
 
 def prelu(tr, call):

@@ -12,7 +12,9 @@ the out-projection's rows and columns.
 Key and value share that coupling when the projection is packed (kdim == vdim == embed_dim);
 with separate projections their own widths (kdim, vdim) are free channels of their streams.
 Heads stay fixed when an input names them: a 3-D attention mask (one row per batch x head) or
-per-head attention weights returned (`average_attn_weights=False`).
+per-head attention weights returned (`average_attn_weights=False`). Weights averaged over the heads
+change when a head goes (a zeroed head attends uniformly, and the mean has one term less); the
+rule cannot see whether the model reads them, so those heads are left to probing.
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ def multi_head_attention(tr, call):
         tr.uf.union_all(inner[h * (E // H):(h + 1) * (E // H)])
     if (attn_mask is not None and attn_mask.dim() == 3) or (need_weights and not average):
         tr.uf.mark_fixed(inner)
+    elif need_weights:  # the map averaged over the heads changes when one goes: probed if read
+        tr.unproven_ids.append(inner)
 
     if separate:
         for (mod, name), cols in zip(named[:3], (q_ids, k_ids, v_ids)):

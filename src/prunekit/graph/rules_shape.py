@@ -39,9 +39,33 @@ def replay(tr, call):
     for o, i in zip(outs, idouts):
         if call.name in ("view", "reshape", "unflatten", "view_as", "reshape_as"):
             _join_split(tr, _full(tr.ids(call.args[0]), call.args[0].shape), i)
+        if call.name in SHAPED_LIKE:
+            _pair_with_shape_source(tr, call, compress(i))
         tr.set_ids(o, i)
         if call.name in ("view", "reshape", "unflatten") and _sized_channel_dim(call, tr.ids(o)):
             tr.unproven_ids.append(tr.ids(o))
+
+
+SHAPED_LIKE = {"view_as", "reshape_as", "expand_as"}  # the result takes the shape of a second tensor
+
+
+def _pair_with_shape_source(tr, call, ids: torch.Tensor) -> None:
+    """x.view_as(y), x.reshape_as(y), x.expand_as(y): the result has y's shape, which loses a
+    position along a dim where y loses a channel. Along every dim the result really fills (not one
+    that x broadcasts), its channels and y's go together, position by position; where only one
+    side carries channels, the other side's size cannot follow, so those channels are kept."""
+    x, y = call.args[0], call.arg(1, "other")
+    if not isinstance(y, torch.Tensor):
+        return
+    theirs, lead = tr.ids(y), y.dim() - x.dim()
+    for d in range(y.dim()):
+        if y.shape[d] == 1 or (call.name == "expand_as" and (d < lead or x.shape[d - lead] == 1)):
+            continue
+        mine_vary, theirs_vary = ids.shape[d] > 1, theirs.shape[d] > 1
+        if mine_vary and theirs_vary:
+            tr.uf.union_pairs(along(ids, d, y.shape[d], tr.uf), along(theirs, d, y.shape[d], tr.uf))
+        elif mine_vary or theirs_vary:
+            tr.uf.mark_fixed(ids if mine_vary else theirs)
 
 
 def _sized_channel_dim(call, ids: torch.Tensor) -> bool:

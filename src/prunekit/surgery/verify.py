@@ -93,7 +93,7 @@ def zero_channels_(model: nn.Module, removal: Sequence[tuple[Group, Sequence[int
 def group_is_exact(group: Group, model: nn.Module, modules: dict[str, nn.Module] | None = None) -> bool:
     """False when the group's channels meet a LayerNorm-style statistic over channels."""
     module = model.get_submodule if modules is None else modules.__getitem__  # a table when asked often
-    return not any(isinstance(module(m.module), nn.LayerNorm)
+    return not any(m.name == "#statistics" or isinstance(module(m.module), nn.LayerNorm)
                    or type(module(m.module)).__name__ in ("RMSNorm", "LayerNorm2d")
                    for m in group.members)
 
