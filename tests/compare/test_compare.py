@@ -195,6 +195,31 @@ def test_torch_pruning_arm_is_skipped_with_a_note_when_not_importable(dense_path
     assert "not importable" in (tmp_path / "c" / "compare.md").read_text()
 
 
+def test_finished_records_of_an_arm_skipped_here_stay_in_the_report(dense_path, tmp_path, monkeypatch):
+    pytest.importorskip("torch_pruning")
+    raw = _raw(dense_path, seeds=[0])
+    raw["arms"] = {"l2": raw["arms"]["l2"],
+                   "tp": {"method": {"name": "torch_pruning", "macs_fraction": 0.5, "iterative_steps": 50}}}
+    run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)  # where it is installed
+    on_disk = json.loads((tmp_path / "c" / "arms" / "tp" / "seed0.json").read_text())
+
+    def missing():
+        raise ImportError("No module named 'torch_pruning'")
+
+    monkeypatch.setattr(baselines, "import_torch_pruning", missing)  # the machine that writes the report
+    for kw in ({"report_only": True}, {}):
+        result = run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None, **kw)
+        assert result.ran == [] and result.summary["tp"]["acc"]["mean"] == on_disk["acc"]
+        assert result.summary["tp"]["macs"]["mean"] == on_disk["macs"] and result.summary["tp"]["seeds"] == [0]
+        assert any(n.startswith("arm tp: torch_pruning skipped") and n.endswith("its finished records are reported")
+                   for n in result.notes) and not any("no records yet" in n for n in result.notes)
+        assert "| tp" in (tmp_path / "c" / "compare.md").read_text()
+    raw["seeds"] = [0, 1]  # a seed it has not run: skipped here, named as missing, never run
+    result = run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
+    assert ("tp", 1) not in result.ran and result.summary["tp"]["seeds"] == [0]
+    assert any("not every seed has run yet" in n and "tp (seeds [1])" in n for n in result.notes)
+
+
 def test_slr_arm_keeps_its_sparsity_through_fine_tuning(dense_path, tmp_path):
     raw = _raw(dense_path, seeds=[0])
     raw["finetune"]["epochs"] = 2

@@ -160,6 +160,14 @@ def test_changing_the_protocol_data_trains_its_own_dense_model_in_the_output_fol
     assert CompareRecipe.from_dict(asked).dense_weights == "mine.safetensors"
 
 
+@pytest.mark.parametrize("model", [{"name": "resnet20", "kwargs": {}}, {"name": "resnet20", "kwargs": None}])
+def test_writing_the_protocol_model_without_kwargs_keeps_the_protocol_dense_model(model):
+    raw = yaml.safe_load(open("recipes/compare_gator_resnet20.yaml"))
+    recipe = CompareRecipe.from_dict({**raw, "model": model})
+    assert recipe.model_kwargs == {} and recipe.dense_weights == "local/protocol_dense_resnet20.safetensors"
+    assert CompareRecipe.from_dict({**raw, "model": {"name": "resnet20", "kwargs": {"x": 1}}}).dense_weights is None
+
+
 def test_the_report_describes_the_records_latency_and_devices(dense_path, tmp_path):
     raw = _raw(dense_path, eval={"latency": True}, bench={"repeats": 3, "warmup": 1, "device": "auto"})
     run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", **quiet)
@@ -273,3 +281,42 @@ def test_the_table_shows_the_dense_time_each_speed_up_is_over():
     row = table_rows(summarise({"a": [rec]}), [])[0]
     i = HEADERS.index("dense ms (same run)")
     assert row[i] == "2.97" and row[i - 1] == "6.35" and row[i + 1] == "0.47x"
+
+
+@pytest.mark.parametrize("name", ["../../outside", "a/b", "a\\b", "..", ".", "", "a\0b"])
+def test_an_arm_name_that_is_not_one_folder_name_is_refused(dense_path, tmp_path, name):
+    raw = _raw(dense_path)
+    raw["arms"] = {name: {"method": None}}
+    with pytest.raises(ConfigError, match=r"arm name .* must be a folder name"):
+        CompareRecipe.from_dict(raw)
+
+
+def test_a_refused_arm_name_writes_no_record_outside_the_output_folder(dense_path, tmp_path):
+    raw = _raw(dense_path)
+    raw["arms"] = {"../../outside": {"method": None}}
+    with pytest.raises(ConfigError):
+        run_compare(CompareRecipe.from_dict(raw), tmp_path / "a" / "c", **quiet)
+    assert list(tmp_path.rglob("*.json")) == []
+
+
+def test_arm_names_that_are_one_name_as_text_are_refused(dense_path):
+    raw = _raw(dense_path)
+    raw["arms"] = {1: {"method": None}, "1": {"method": {"name": "magnitude", "macs_fraction": 0.5}}}
+    with pytest.raises(ConfigError, match=r"arm '1' is given twice"):
+        CompareRecipe.from_dict(raw)
+
+
+def test_the_table_shows_accuracy_to_the_hundredth_so_small_spreads_are_not_zero():
+    from prunekit.compare.summary import HEADERS, summarise, table_rows
+
+    def rec(seed, acc, pruned):
+        return {"acc": acc, "pruned_acc": pruned, "macs": 100, "macs_fraction": 0.5, "params": 10,
+                "nonzero_fraction": 1.0, "seed": seed, "method_epochs": 0, "finetune_epochs": 1}
+
+    accs, pruned = [0.8590, 0.8583, 0.8583], [0.8527, 0.8263, 0.8380]
+    rows = table_rows(summarise({"a": [rec(s, a, p) for s, (a, p) in enumerate(zip(accs, pruned))],
+                                 "b": [rec(0, 0.8566, 0.1569)]}), [])
+    # by hand: mean 85.8533, sample std sqrt((0.0467^2 + 2 * 0.0233^2) / 2) = 0.0404
+    assert rows[0][HEADERS.index("acc %")] == "85.85 ± 0.04"
+    assert rows[0][HEADERS.index("acc after prune %")] == "83.90 ± 1.32"
+    assert rows[1][HEADERS.index("acc %")] == "85.66" and rows[1][HEADERS.index("acc after prune %")] == "15.69"

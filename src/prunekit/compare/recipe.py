@@ -24,7 +24,8 @@ A compare recipe is YAML with these keys (each section fills one typed config):
                     the first k batches of val and test: smoke runs; the report says so)}
     bench           prunekit.cost.latency.LatencyConfig of the latency measurement
     arms            mapping arm name -> {method: {name, <config fields>} or null (the dense model),
-                     finetune: true | false, keep_zeros: true | false}
+                     finetune: true | false, keep_zeros: true | false}; an arm name is a folder
+                     name (its records go to arms/<name>/)
 
 `method.name` is a registered prunekit method ("magnitude", "gator", "slr" with
 `optimization: admm` for ADMM) or an outside baseline ("torch_pruning").
@@ -219,7 +220,11 @@ def _dense_changed(protocol: dict[str, Any], merged: dict[str, Any]) -> bool:
         dense = r.get("dense")
         return dense_settings(r.get("data"), dense.get("train") if isinstance(dense, dict) else None)
 
-    return merged.get("model") != protocol.get("model") or settings(merged) != settings(protocol)
+    def model(r: dict[str, Any]) -> Any:
+        m = r.get("model")  # no kwargs, null and {} build the same model
+        return {**m, "kwargs": m.get("kwargs") or {}} if isinstance(m, dict) else m
+
+    return model(merged) != model(protocol) or settings(merged) != settings(protocol)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -274,6 +279,7 @@ def _build(cls: type[CompareRecipe], raw: dict[str, Any], source: str) -> Compar
         raise ConfigError("arms must be a non-empty mapping of arm name -> {method: ...}")
     out.arms = {}
     for n, a in arms.items():
+        _check_arm_name(str(n), out.arms)
         try:
             out.arms[str(n)] = build_arm(str(n), a)
         except ConfigError as err:
@@ -285,6 +291,15 @@ def _build(cls: type[CompareRecipe], raw: dict[str, Any], source: str) -> Compar
     for arm in out.arms.values():
         arm.budget_left(out.finetune.epochs)  # raises when a method alone exceeds the budget
     return out
+
+
+def _check_arm_name(name: str, earlier: dict[str, ArmSpec]) -> None:
+    """ConfigError unless `name` is one new folder name: its records go to arms/<name>/."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"arm name {name!r} must be a folder name (its records go to arms/<name>/): not empty, "
+                          "'.' or '..', and without path separators or NUL")
+    if name in earlier:
+        raise ConfigError(f"arm {name!r} is given twice (arm names are compared as text); rename one")
 
 
 def _scalars(out: CompareRecipe, raw: dict[str, Any]) -> None:

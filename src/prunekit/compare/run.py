@@ -182,12 +182,14 @@ def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = 
          f"{dense_info['test_acc' if recipe.eval_split == 'test' else 'val_acc']:.4f} (sha256 {dense_info['sha256'][:12]})")
     example = next(iter(bundle.val if bundle.val.num_samples > 0 else bundle.test))[0][:2].cpu()
     found = early if early_sha == dense_info["sha256"] else _records_on_disk(recipe, out, dense_info["sha256"])
-    todo = [key for key, (_, _, rec) in found.items() if rec is None and (only is None or key[0] in only)]
+    todo = [key for key, (_, _, rec) in found.items()
+            if rec is None and not recipe.arms[key[0]].skip_reason and (only is None or key[0] in only)]
     _try_arms(recipe, todo, dense, bundle, example, device)
     (out / "recipe.yaml").write_text(json.dumps(recipe.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
     result = CompareResult(out, {}, {})
     for (name, seed), (path, h, rec) in found.items():
-        result.records.setdefault(name, [])
+        if not recipe.arms[name].skip_reason:
+            result.records.setdefault(name, [])
         if rec is not None and rec.get("fields_added_since"):
             result.notes.append(f"arm {name}, seed {seed}: recorded before the config field(s) "
                                 f"{', '.join(rec['fields_added_since'])} existed (every recorded setting is "
@@ -205,7 +207,7 @@ def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = 
             echo(f"arm {name}, seed {seed}: acc {rec['acc']:.4f}, MACs kept {rec['macs_fraction']:.3f} "
                  f"({rec['wall_s']:.0f} s)")
         if rec is not None:
-            result.records[name].append(rec)
+            result.records.setdefault(name, []).append(rec)
     _finish(recipe, result, dense_info)
     return result
 
@@ -231,19 +233,21 @@ def report_from_disk(recipe: CompareRecipe, out: Path) -> CompareResult:
     dense_info = {"path": str(weights), "sha256": sha, "test_acc": source.get("test_acc"), "val_acc": source.get("val_acc")}
     result = CompareResult(out, {}, {})
     for (name, _), (_, _, rec) in _records_on_disk(recipe, out, sha).items():
-        result.records.setdefault(name, [])
+        if not recipe.arms[name].skip_reason:
+            result.records.setdefault(name, [])
         if rec is not None:
-            result.records[name].append(rec)
+            result.records.setdefault(name, []).append(rec)
     _finish(recipe, result, dense_info)
     return result
 
 
 def _records_on_disk(recipe: CompareRecipe, out: Path, dense_sha: str) -> dict[tuple[str, int], tuple[Path, str, Any]]:
-    """(arm, seed) -> (record path, spec hash, record or None) for every arm that is not skipped;
-    every record that cannot be reused is named in one CheckpointError."""
+    """(arm, seed) -> (record path, spec hash, record or None) for every arm and seed, skipped arms
+    (whose finished records are still reported) included; every record that cannot be reused is
+    named in one CheckpointError."""
     found, errors = {}, []
     for name, arm in recipe.arms.items():
-        for seed in [] if arm.skip_reason else recipe.seeds:
+        for seed in recipe.seeds:
             try:
                 found[(name, seed)] = arm_record(recipe, name, seed, dense_sha, out)
             except CheckpointError as err:
@@ -286,7 +290,9 @@ def _try_arms(recipe: CompareRecipe, todo: list[tuple[str, int]], dense: nn.Modu
 
 
 def _finish(recipe: CompareRecipe, result: CompareResult, dense_info: dict[str, Any]) -> None:
-    result.notes[:0] = [f"arm {name}: {arm.skip_reason}" for name, arm in recipe.arms.items() if arm.skip_reason]
+    result.notes[:0] = [f"arm {name}: {arm.skip_reason}" + ("; its finished records are reported"
+                                                            if result.records.get(name) else "")
+                        for name, arm in recipe.arms.items() if arm.skip_reason]
     result.summary = summarise(result.records)
     t = recipe.target
     for name, s in result.summary.items():

@@ -1,6 +1,7 @@
 """Turn arm records into the comparison's table, Pareto front, plot and markdown report.
 
-Spread is the sample standard deviation over seeds (n given); one seed shows no spread.
+Spread is the sample standard deviation over seeds (n given); one seed shows no spread. Accuracies
+are shown in percent to two decimals, the precision at which seeds and arms differ.
 An arm is on the Pareto front when no other arm has at most its MACs and at least its mean
 accuracy, one of the two strictly. The front is listed by rising MACs.
 
@@ -67,7 +68,7 @@ def table_rows(summary: dict[str, dict[str, Any]], front: list[str]) -> list[lis
     rows = []
     for arm, s in summary.items():
         speed = s["speedup"]
-        rows.append([arm + (" *" if arm in front else ""), _pm(s["acc"]), _pm(s["pruned_acc"]),
+        rows.append([arm + (" *" if arm in front else ""), _pm(s["acc"], digits=2), _pm(s["pruned_acc"], digits=2),
                      fmt_count(s["macs"]["mean"]), _pm(s["macs_fraction"], digits=1),
                      fmt_count(s["params"]["mean"]), _pm(s["nonzero_fraction"], digits=1),
                      "-" if s["latency_ms"]["mean"] is None else f"{s['latency_ms']['mean']:.2f}",
