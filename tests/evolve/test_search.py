@@ -148,6 +148,17 @@ def test_a_task_whose_dense_weights_do_not_load_stops_the_search(dense, tmp_path
         run_job(Job(SEEDS["t_stat"], task, 0, str(truncated)))
 
 
+def test_a_task_with_an_empty_validation_split_stops_the_search(dense):
+    # round(1,797 * 0.0002) = 0 images held out: every function scored 0 and the search ran on nothing
+    from prunekit.evolve.fitness import Job, run_job
+
+    task = _cfg(dense).tasks[0]
+    task.data = {**task.data, "val_fraction": 0.0002}
+    want = r"task 'digits': its val split, where fitness is measured, holds no images \(val_fraction=0.0002\)"
+    with pytest.raises(ConfigError, match=want):
+        run_job(Job(SEEDS["t_stat"], json.dumps(task.to_dict(), sort_keys=True), 0, dense))
+
+
 def test_malformed_task_entries_are_config_errors():
     from prunekit.evolve.config import task_from
 

@@ -69,6 +69,18 @@ def test_a_score_past_float32_is_no_finite_score():
     assert channel_scores(parse_expression("pow2(pow2(sum(X)))"), maps, labels, np.ones((1, 2)))[0] > 0
 
 
+@pytest.mark.parametrize("count", ["N", "num(P)"])
+def test_powers_of_a_class_count_are_real_numbers_not_wrapped_integers(count):
+    # 30^16 = 4.3e23 is past int64: as a NumPy integer it wrapped to a negative number and turned
+    # the ranking of sum(P) upside down while every score stayed finite
+    rng = np.random.default_rng(0)
+    maps, labels = np.abs(rng.normal(size=(60, 3, 4))), np.arange(60) % 2
+    got = channel_scores(parse_expression(f"mul(sum(P), pow2(pow2(pow2(pow2({count})))))"), maps, labels,
+                         np.ones((3, 2)))
+    want = [sum(float(maps[labels == c, k].sum()) * 30.0 ** 16 for c in (0, 1)) for k in range(3)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
 def test_time_limit_stops_evaluation():
     with pytest.raises(EvalError, match="time"):
         evaluate_tree(parse_expression("add(var(X), var(X))"), {"X": np.ones(3)}, deadline=0.0)
@@ -153,7 +165,7 @@ def _scores_without_reuse(tree, maps, labels, filters):
         x, total = maps[:, k, :], 0.0
         for c in np.unique(labels):
             p, q = x[labels == c], x[labels != c]
-            env = {"X": x, "mX": x.mean(0), "WI": filters[k], "W": filters, "P": p, "Q": q, "N": len(p),
+            env = {"X": x, "mX": x.mean(0), "WI": filters[k], "W": filters, "P": p, "Q": q, "N": float(len(p)),
                    "mP": p.mean(0), "mQ": q.mean(0)}
             total = total + np.sum(evaluate_tree(tree, env))
         if not np.isfinite(total) or np.ndim(total) != 0:

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from ..core.errors import CheckpointError, PrunekitError, load_error_text
+from ..core.errors import CheckpointError, ConfigError, PrunekitError, load_error_text
 from ..data import DataConfig, load_data
 from ..engine import evaluate, train
 from ..importance.evolved.space import EvalError
@@ -101,6 +101,9 @@ def task_state(task_json: str, dense_path: str, device: str) -> TaskState:
     if key not in _STATES:
         task = _task_config(task_json)
         bundle = _data(task, device)
+        if bundle.val.num_samples == 0:  # fitness is measured there: every function would score 0
+            raise ConfigError(f"task {task.name!r}: its val split, where fitness is measured, holds no images "
+                              f"(val_fraction={task.data.get('val_fraction', 0.1)}); raise data.val_fraction")
         dense = create_model(task.model, bundle.num_classes, **task.model_kwargs)
         try:
             load_model(dense, dense_path)

@@ -13,10 +13,11 @@ a channel's score is the sum over classes. The semantics are the authors' (untyp
 * `num` is the number of rows; `geo_median` is the row of W with the least summed L2 distance
   to the others (FPGM's medoid).
 
-One deliberate difference: a 0-d array counts as a scalar (the authors' np.isscalar does not,
-which made e.g. trace(tran(g_mean(P))) an error). Every result is capped at MAX_ELEMENTS entries
-(np.outer of two feature maps would need gigabytes): past it, evaluation fails like any other
-invalid candidate.
+Two deliberate differences: a 0-d array counts as a scalar (the authors' np.isscalar does not,
+which made e.g. trace(tran(g_mean(P))) an error), and N and `num` are floats (the authors' NumPy
+integer counts wrap past 2**63: pow2 applied four times to a count of 30 gave a negative score).
+Every result is capped at MAX_ELEMENTS entries (np.outer of two feature maps would need
+gigabytes): past it, evaluation fails like any other invalid candidate.
 
 >>> import numpy as np
 >>> OPS["sub"][0](np.ones((2, 3)), np.ones(2)).shape
@@ -120,7 +121,7 @@ def op_mean(a):
 def op_num(a):
     if _scalar(a):
         raise EvalError("num of a scalar")
-    return len(a)
+    return float(len(a))
 
 
 def op_geo_median(w):

@@ -126,7 +126,7 @@ def channel_scores(tree: gp.PrimitiveTree, maps: np.ndarray, labels: np.ndarray,
         total = 0.0
         for mask in masks:
             p, q = x[mask], x[~mask]
-            env.update(P=p, Q=q, N=len(p), mP=p.mean(0), mQ=q.mean(0) if len(q) else np.zeros(x.shape[1]))
+            env.update(P=p, Q=q, N=float(len(p)), mP=p.mean(0), mQ=q.mean(0) if len(q) else np.zeros(x.shape[1]))
             total = total + np.sum(evaluate_tree(tree, env, deadline, reuse, caches))
         # past float32's range a score turns inf where the pruner ranks it (in float32)
         if not np.isfinite(total) or np.ndim(total) != 0 or abs(total) > _FLOAT32_MAX:
