@@ -43,7 +43,7 @@ class HydraConfig(Config):
     """HYDRA: one learned score per weight of a trained network; each layer keeps its top-k weights.
 
     density: kept share of each layer's weights (per-layer top-k); epochs: score training;
-    lr: of the score optimizer (SGD with the train_config's momentum and weight decay);
+    lr: of the score optimizer (the train_config's optimizer, SGD by default, with its momentum and weight decay);
     score_init: "scaled" (HYDRA's |w|-ranked init) or "kaiming"; train_bn: also train
     BatchNorm affine parameters while the scores learn; ignore: layer names kept dense."""
 
