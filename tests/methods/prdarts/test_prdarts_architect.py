@@ -94,3 +94,44 @@ def test_second_order_differs_from_first_order():
     first, _ = Architect(net, unrolled=False).gradient(train, val, opt)
     second, _ = Architect(net, unrolled=True).gradient(train, val, opt)
     assert any(not torch.allclose(f, s) for f, s in zip(first, second))
+
+
+def test_unrolled_gradient_uses_each_parameter_groups_learning_rate():
+    """Two weight groups with different learning rates: the lookahead moves each group by its own
+    lr, so the implicit term weighs each group's share of the Hessian-vector product by it too."""
+    net, opt, weights, train, val = _setup(2)
+    half = len(weights) // 2
+    grouped = torch.optim.SGD([{"params": weights[:half], "lr": 0.1}, {"params": weights[half:], "lr": 0.02}],
+                              lr=0.1, momentum=0.9, weight_decay=3e-3)
+    for p in weights:
+        grouped.state[p]["momentum_buffer"] = opt.state[p]["momentum_buffer"]
+    got, _ = Architect(net, unrolled=True, hvp_r=1e-6).gradient(train, val, grouped)
+    lrs = [grouped.param_groups[0]["lr"]] * half + [grouped.param_groups[1]["lr"]] * (len(weights) - half)
+
+    def objective():
+        original = [w.detach().clone() for w in weights]
+        g = torch.autograd.grad(F.cross_entropy(net(train[0]), train[1]), weights, allow_unused=True)
+        with torch.no_grad():
+            for w, gi, lr in zip(weights, g, lrs):
+                gi = torch.zeros_like(w) if gi is None else gi
+                w.sub_(lr * (gi + 3e-3 * w + 0.9 * grouped.state[w]["momentum_buffer"]))
+            value = float(F.cross_entropy(net(val[0]), val[1]))
+            for w, o in zip(weights, original):
+                w.copy_(o)
+        return value
+
+    eps = 1e-7
+    for a, g in zip(net.alphas(), got):
+        expect = torch.zeros_like(a)
+        for i in range(a.numel()):
+            with torch.no_grad():
+                a.view(-1)[i] += eps
+            up = objective()
+            with torch.no_grad():
+                a.view(-1)[i] -= 2 * eps
+            down = objective()
+            with torch.no_grad():
+                a.view(-1)[i] += eps
+            expect.view(-1)[i] = (up - down) / (2 * eps)
+        assert expect.abs().max() > 1e-4
+        torch.testing.assert_close(g, expect, rtol=1e-4, atol=1e-7)

@@ -309,3 +309,77 @@ def test_a_dense_search_is_refused_with_score_epochs_and_runs_without():
     res = search(cfg, _tiny_data(1), _tiny_data(1, seed=1), num_classes=3, device="cpu")
     assert [h["phase"] for h in res.history] == ["pretrain", "finetune"]
     assert res.nonzeros["nonzero"] == res.nonzeros["total"]
+
+
+def _layer_macs(net, x, density):
+    """Per sample, from each conv/linear layer's output size: (dense MACs, MACs over the k = keep_count
+    weights each masked layer keeps; every weight is nonzero at init)."""
+    from torch import nn
+
+    dense, kept, handles = [0], [0], []
+
+    def hook(mod, _inp, out):
+        positions = out[0].numel() // out.shape[1] if out.dim() > 2 else 1
+        dense[0] += mod.weight.numel() * positions
+        kept[0] += keep_count(mod.weight.numel(), density) * positions
+
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            handles.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        net.eval()(x)
+    for h in handles:
+        h.remove()
+    return dense[0], kept[0]
+
+
+def test_macs_of_a_network_with_score_masked_layers_count_only_the_kept_weights():
+    from prunekit.methods.prdarts.network import sparse_macs
+    from prunekit.layers.sparse import set_density_
+
+    torch.manual_seed(0)
+    net = EvalNetwork(DARTS_V2, channels=4, num_classes=10, layers=3, auxiliary=True)
+    set_density_(net, 0.2)
+    x = torch.randn(1, 3, 32, 32)
+    macs, nonzero_macs = _layer_macs(net, x, 0.2)
+    assert nonzero_macs < macs
+    assert sparse_macs(net, x) == {"macs": macs, "nonzero_macs": nonzero_macs}
+    rep = network_report(net, x, repeats=2)
+    assert (rep["macs"], rep["nonzero_macs"]) == (macs, nonzero_macs)
+    assert rep["nonzero"] == sum(keep_count(m.weight.numel(), 0.2) for n, m in sparse_layers(net)
+                                 if not n.startswith("auxiliary_head"))
+
+
+def test_a_network_saved_before_hardening_reloads_to_the_same_outputs(tmp_path):
+    """Score-masked layers are saved as what they compute (weights and their top-k masks): the
+    file reloads, and the network handed in keeps its score-masked layers."""
+    from prunekit.layers.sparse import set_density_
+
+    torch.manual_seed(0)
+    net = EvalNetwork(DARTS_V2, channels=4, num_classes=3, layers=3, auxiliary=True)
+    set_density_(net, 0.2)
+    x = torch.randn(2, 3, 32, 32)
+    net.train()(x)  # leaves the auxiliary logits of a training step on the network
+    net.eval()
+    layers = len(sparse_layers(net))
+    path = save_network(net, tmp_path / "net.safetensors", x)
+    assert len(sparse_layers(net)) == layers
+    again = load_network(path).eval()
+    torch.testing.assert_close(again(x), net(x), atol=0, rtol=0)
+    assert count_nonzeros(again) == count_nonzeros(net)
+
+
+def test_a_network_with_another_stem_multiplier_reloads(tmp_path):
+    from prunekit.layers.sparse import harden_, set_density_
+
+    torch.manual_seed(0)
+    net = EvalNetwork(DARTS_V2, channels=4, num_classes=3, layers=3, stem_multiplier=2)
+    set_density_(net, 0.5)
+    harden_(net)
+    net.eval()
+    x = torch.randn(2, 3, 16, 16)
+    again = load_network(save_network(net, tmp_path / "net.safetensors", x)).eval()
+    assert again.stem[0].weight.shape == net.stem[0].weight.shape == (8, 3, 3, 3)
+    torch.testing.assert_close(again(x), net(x), atol=0, rtol=0)
+    legacy = {k: v for k, v in net.spec.items() if k != "stem_multiplier"}  # files written without the key
+    assert build_from_meta(legacy).stem[0].weight.shape[0] == 12

@@ -3,9 +3,10 @@
 First order: grad_alpha L_val(w, alpha), then Adam.
 Second order (DARTS): with w' = w - eta (momentum * buf + grad_w L_train(w, alpha) + wd * w), the
 one-SGD-step lookahead the weight optimizer would take,
-    grad = grad_alpha L_val(w', alpha) - eta * H v,   v = grad_w' L_val(w', alpha),
-    H v  = (grad_alpha L_train(w + R v, alpha) - grad_alpha L_train(w - R v, alpha)) / (2R),
-with R = r / |v| (a central finite difference for the mixed second derivative). Both losses are
+    grad = grad_alpha L_val(w', alpha) - H u,   u = eta * v,   v = grad_w' L_val(w', alpha),
+    H u  = (grad_alpha L_train(w + R u, alpha) - grad_alpha L_train(w - R u, alpha)) / (2R),
+with eta each weight's parameter-group lr and R = r / |u| (a central finite difference for the
+mixed second derivative; with one lr this is DARTS's eta * H v, R = r / |v|). Both losses are
 those of the *masked* network: `w` are the parameters the weight optimizer trains in the current
 phase (weights, or scores while the scores train), so the lookahead moves them and the masks
 follow. Parameters are moved in place and restored by copy (bit-exact).
@@ -108,9 +109,9 @@ class Architect:
             d_alpha, v = got[: len(self.alphas)], got[len(self.alphas):]
         finally:
             _restore(params, original)
-        implicit = self._hessian_vector(v, params, original, train_batch)
-        eta = trained[0][1]["lr"] if trained else 0.0
-        return [d - eta * h for d, h in zip(d_alpha, implicit)], float(val_loss.detach())
+        implicit = self._hessian_vector([group["lr"] * d for (_, group), d in zip(trained, v)], params, original,
+                                        train_batch)
+        return [d - h for d, h in zip(d_alpha, implicit)], float(val_loss.detach())
 
     def _hessian_vector(self, v: list[Tensor], params: list[nn.Parameter], original: list[Tensor],
                         train_batch: Any) -> list[Tensor]:

@@ -88,7 +88,8 @@ class EvalNetwork(nn.Module):
         super().__init__()
         self.genotype, self.drop_path_prob, self.aux_logits = genotype, 0.0, None
         self.spec = {"genotype": genotype.to_dict(), "channels": channels, "num_classes": num_classes,
-                     "layers": layers, "auxiliary": auxiliary, "in_channels": in_channels}
+                     "layers": layers, "auxiliary": auxiliary, "in_channels": in_channels,
+                     "stem_multiplier": stem_multiplier}
         c_curr = stem_multiplier * channels
         self.stem = nn.Sequential(sparse_conv(in_channels, c_curr, 3, padding=1, density=density), nn.BatchNorm2d(c_curr))
         c_pp, c_p, c_curr = c_curr, c_curr, channels
@@ -119,15 +120,17 @@ class EvalNetwork(nn.Module):
 
 
 def build_from_meta(meta: Any) -> EvalNetwork:
-    """A fresh (dense, untrained) EvalNetwork from plan.meta[GENOTYPE_META], strictly validated."""
-    if not isinstance(meta, dict) or set(meta) != {"genotype", "channels", "num_classes", "layers", "auxiliary",
-                                                   "in_channels"}:
+    """A fresh (dense, untrained) EvalNetwork from plan.meta[GENOTYPE_META], strictly validated
+    (files written without `stem_multiplier` have DARTS's 3)."""
+    keys = {"genotype", "channels", "num_classes", "layers", "auxiliary", "in_channels"}
+    if not isinstance(meta, dict) or set(meta) not in (keys, keys | {"stem_multiplier"}):
         raise CheckpointError(f"{GENOTYPE_META} must hold exactly genotype, channels, num_classes, layers, "
-                              "auxiliary, in_channels")
-    for key in ("channels", "num_classes", "layers", "in_channels"):
+                              "auxiliary, in_channels (and stem_multiplier)")
+    meta = {"stem_multiplier": 3, **meta}
+    for key in ("channels", "num_classes", "layers", "in_channels", "stem_multiplier"):
         if isinstance(meta[key], bool) or not isinstance(meta[key], int) or not 1 <= meta[key] <= 4096:
             raise CheckpointError(f"{GENOTYPE_META}.{key}={meta[key]!r} must be an integer in [1, 4096]")
     if not isinstance(meta["auxiliary"], bool):
         raise CheckpointError(f"{GENOTYPE_META}.auxiliary must be true or false")
     return EvalNetwork(Genotype.from_dict(meta["genotype"]), meta["channels"], meta["num_classes"], meta["layers"],
-                       meta["auxiliary"], meta["in_channels"])
+                       meta["auxiliary"], meta["in_channels"], stem_multiplier=meta["stem_multiplier"])

@@ -25,7 +25,7 @@ from torch import nn
 
 from ...core.errors import CheckpointError
 from ...core.modes import evaluating
-from ...layers.sparse import count_nonzeros, harden_, set_density_, train_scores_only_
+from ...layers.sparse import SparseMixin, count_nonzeros, harden_, set_density_, sparse_layers, train_scores_only_
 from ...surgery.masks import apply_mask, get_mask, masked_modules
 from ...surgery.plan import empty_plan
 from .evalnet import GENOTYPE_META, EvalNetwork, build_from_meta
@@ -84,12 +84,23 @@ def train_at_density(net: EvalNetwork, density: float, train_loader: Iterable, v
 
 
 def save_network(net: EvalNetwork, path: str | Path, example_inputs: torch.Tensor) -> Path:
-    """Weights + masks, with the genotype and sizes in the plan meta (no pickle)."""
+    """Weights + masks, with the genotype and sizes in the plan meta (no pickle). Score-masked
+    layers are saved hardened (their current top-k as the mask); `net` itself is left as it is."""
     from ...surgery.persist import save_pruned
 
     plan = empty_plan(example_inputs)
     plan.meta.update({"method": "prdarts", GENOTYPE_META: net.spec})
-    return save_pruned(net, plan, path)
+    return save_pruned(_hardened(net), plan, path)
+
+
+def _hardened(net: nn.Module) -> nn.Module:
+    """`net` itself when it has no score-masked layers, else a copy with them hardened."""
+    if not sparse_layers(net):
+        return net
+    aux = getattr(net, "aux_logits", None)  # a training forward's output (a graph), not copied
+    net = copy.deepcopy(net, {id(aux): None} if aux is not None else None)
+    harden_(net)
+    return net
 
 
 def load_network(path: str | Path) -> EvalNetwork:
@@ -135,7 +146,7 @@ def sparse_macs(net: nn.Module, example: torch.Tensor) -> dict[str, int]:
     totals = {"macs": 0, "nonzero_macs": 0}
 
     def count(mod: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-        w = mod.weight
+        w = mod.effective_weight() if isinstance(mod, SparseMixin) else mod.weight
         positions = out[0].numel() // out.shape[1] if out.dim() > 2 else 1  # per sample, per channel
         totals["macs"] += w.numel() * positions
         totals["nonzero_macs"] += int((w != 0).sum()) * positions
@@ -166,9 +177,11 @@ def network_report(net: nn.Module, example: torch.Tensor, device: str = "cpu", r
                    threads: int | None = 1) -> dict[str, Any]:
     """Nonzeros and total weights (the training-only auxiliary head left out), dense and nonzero
     MACs, and latency of the masked network beside the same network with masks removed
-    (interleaved); on an Ampere-or-newer GPU also the 2:4 path."""
+    (interleaved); on an Ampere-or-newer GPU also the 2:4 path. Score-masked layers are measured
+    hardened (a copy), so the twin's all-ones masks replace theirs too."""
     from ...cost.latency import LatencyConfig, compare_latency
 
+    net = _hardened(net)
     report: dict[str, Any] = {**inference_nonzeros(net), **sparse_macs(net, example)}
     # the twin keeps its Mask parametrizations with all-ones masks: the same kernels and the
     # same mask multiply, so any gap measured is the cost (none) of the zeros themselves
