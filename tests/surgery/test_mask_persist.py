@@ -224,3 +224,73 @@ def test_a_masked_weight_tied_to_an_unmasked_one_round_trips(tmp_path):
     assert torch.equal(again.emb.weight, model.emb.weight)
     assert torch.equal(again(x), model(x))
     assert torch.equal(get_mask(again.head, "weight"), get_mask(model.head, "weight"))
+
+
+class _SharedByTwo(nn.Module):
+    """Two layers holding one weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_weight_masked_differently_by_the_two_layers_sharing_it_round_trips(tmp_path):
+    # each layer's entry holds its own zeros; the one loaded last overwrote the shared tensor,
+    # so the other layer lost the entries only its own mask keeps
+    torch.manual_seed(0)
+    model, x = _SharedByTwo(), torch.randn(3, 8)
+    apply_mask(model.a, "weight", unstructured_mask(model.a.weight, 0.5))
+    apply_mask(model.b, "weight", torch.rand(8, 8) < 0.5)
+    path = save_pruned(model, empty_plan(x), tmp_path / "shared.safetensors")
+    again = load_pruned(_SharedByTwo(), path)
+    assert again.a.parametrizations.weight.original is again.b.parametrizations.weight.original
+    for name in ("a", "b"):
+        assert torch.equal(getattr(again, name).weight, getattr(model, name).weight), name
+        assert torch.equal(get_mask(getattr(again, name), "weight"), get_mask(getattr(model, name), "weight")), name
+    assert torch.equal(again(x), model(x))
+
+
+class _CalledTwice(nn.Module):
+    """One Linear applied twice (the same module under two names)."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.Linear(8, 8)
+        self.seq = nn.Sequential(layer, nn.ReLU(), layer)
+
+    def forward(self, x):
+        return self.seq(x)
+
+
+def test_a_masked_layer_called_twice_round_trips(tmp_path):
+    # its second name was written as "seq.2.parametrizations.weight.original" and "...0.mask",
+    # which no freshly built model has: the file could not be loaded
+    torch.manual_seed(0)
+    model, x = _CalledTwice(), torch.randn(3, 8)
+    apply_mask(model.seq[0], "weight", unstructured_mask(model.seq[0].weight, 0.5))
+    path = save_pruned(model, empty_plan(x), tmp_path / "twice.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert not any("parametrizations" in k for k in f.keys())
+    again = load_pruned(_CalledTwice(), path)
+    assert again.seq[0] is again.seq[2]
+    assert torch.equal(get_mask(again.seq[0], "weight"), get_mask(model.seq[0], "weight"))
+    assert int((again.seq[0].weight == 0).sum()) == 32
+    assert torch.equal(again(x), model(x))
+
+
+def test_a_masked_model_that_is_a_single_layer_saves_with_its_plan(tmp_path):
+    # the fingerprint read the root's "parametrizations.weight.original" as another tensor than
+    # "weight", so the plan recorded on the unmasked layer was refused
+    from prunekit.surgery.plan import prune_channels_
+
+    torch.manual_seed(0)
+    model, x = nn.Linear(8, 4), torch.randn(3, 8)
+    plan = prune_channels_(model, x, {})
+    apply_mask(model, "weight", unstructured_mask(model.weight, 0.5))
+    again = load_pruned(nn.Linear(8, 4), save_pruned(model, plan, tmp_path / "lin.safetensors"))
+    assert torch.equal(get_mask(again, "weight"), get_mask(model, "weight"))
+    assert torch.equal(again(x), model(x))

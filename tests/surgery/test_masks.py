@@ -254,3 +254,24 @@ def test_baking_a_deep_copy_leaves_the_original_masked():
     assert type(twin) is nn.Linear
     assert lin.weight.shape == (3, 4) and int((lin.weight == 0).sum()) == 6
     torch.testing.assert_close(twin.weight, lin.weight.detach())
+
+
+def test_baking_a_mask_on_a_shared_weight_keeps_every_holders_output():
+    """A masked weight that other layers also hold is baked into a copy: the others keep their
+    values (baking in place wrote the mask's zeros into the shared tensor)."""
+    from prunekit.surgery.masks import bake_masks_
+
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(6, 4), nn.Linear(4, 6, bias=False)
+    head.weight = emb.weight
+    model, a, b = nn.ModuleDict({"emb": emb, "head": head}), nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    model.update({"a": a, "b": b})
+    apply_mask(head, "weight", _random_mask((6, 4), seed=1))
+    apply_mask(a, "weight", _random_mask((4, 4), seed=2))
+    apply_mask(b, "weight", _random_mask((4, 4), seed=3))
+    want = {n: getattr(model[n], "weight").detach().clone() for n in ("emb", "head", "a", "b")}
+    bake_masks_(model)
+    assert masked_modules(model) == []
+    for name, w in want.items():
+        assert type(model[name].weight) is nn.Parameter and torch.equal(model[name].weight, w), name

@@ -209,3 +209,43 @@ def test_semi_structured_copy_leaves_the_original_masked(monkeypatch):
     x = torch.randn(2, 64)
     torch.testing.assert_close(net(x), fast(x), rtol=0, atol=0)  # the original still has its masked weight
     assert get_mask(net[0], "weight") is not None
+
+
+class _TiedHead(nn.Module):
+    """An output layer sharing its embedding's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.emb(x))
+
+
+def test_restoring_a_masked_weight_tied_to_an_unmasked_one_keeps_the_unmasked_values(tmp_path):
+    # the head's masked zeros were loaded into the tensor it shares with the embedding
+    torch.manual_seed(0)
+    src, x = _TiedHead(), torch.randint(0, 16, (2, 5))
+    apply_mask(src.head, "weight", unstructured_mask(src.head.weight, 0.5))
+    save_sparse(src, tmp_path / "tied.safetensors")
+    dst = _TiedHead()
+    load_sparse(dst, tmp_path / "tied.safetensors", restore_masks=True)
+    assert torch.equal(dst.emb.weight, src.emb.weight)
+    assert torch.equal(get_mask(dst.head, "weight"), get_mask(src.head, "weight"))
+    assert torch.equal(dst(x), src(x))
+
+
+def test_a_masked_layer_called_twice_round_trips(tmp_path):
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 8)
+    src, x = nn.Sequential(layer, nn.ReLU(), layer), torch.randn(3, 8)
+    apply_mask(layer, "weight", unstructured_mask(layer.weight, 0.5))
+    infos = save_sparse(src, tmp_path / "twice.safetensors")
+    assert set(infos) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    twin = nn.Linear(8, 8)
+    dst = nn.Sequential(twin, nn.ReLU(), twin)
+    load_sparse(dst, tmp_path / "twice.safetensors", restore_masks=True)
+    assert torch.equal(get_mask(twin, "weight"), get_mask(layer, "weight"))
+    assert torch.equal(dst(x), src(x))

@@ -34,7 +34,8 @@ from .masks import Mask, apply_mask, get_mask, masked_modules, sparsity_report
 from .projections import pattern_library
 
 __all__ = ["pack_mask", "unpack_mask", "mask_kind", "is_nm", "effective_state", "describe_masks",
-           "restore_masks_", "restore_masks_from_state", "plain_state_names", "weight_sparsity", "MASKS_FORMAT_VERSION"]
+           "restore_masks_", "restore_masks_from_state", "tied_values", "plain_state_names", "weight_sparsity",
+           "MASKS_FORMAT_VERSION"]
 
 MASKS_FORMAT_VERSION = 1
 # "<module>.parametrizations.<tensor>.<index>.mask": the buffer of a Mask in a state dict
@@ -96,18 +97,24 @@ def effective_state(model: nn.Module) -> dict[str, tuple[Tensor, Tensor | None]]
     """{plain name: (effective tensor, full-shape bool mask or None)}, state_dict order.
 
     Only our `Mask` may parametrize a tensor (anything else raises PruningError): the file
-    formats store plain tensors plus masks.
+    formats store plain tensors plus masks. A masked module reached under several names (one
+    layer called twice) gives every name the same tensor object, as `state_dict` would.
     """
     skip, out = [], {}
-    for mname, module in model.named_modules():
+    first: dict[int, str] = {}  # id(module) -> the prefix it was met under first
+    for mname, module in model.named_modules(remove_duplicate=False):
         if not parametrize.is_parametrized(module):
             continue
         prefix = f"{mname}." if mname else ""
         skip.append(f"{prefix}parametrizations.")
+        seen = first.setdefault(id(module), prefix)
         for pname, plist in module.parametrizations.items():
             if len(plist) != 1 or not isinstance(plist[0], Mask):
                 raise PruningError(f"{prefix}{pname} has parametrizations other than a prunekit Mask; "
                                    "remove them (torch.nn.utils.parametrize) before saving")
+            if seen != prefix:
+                out[prefix + pname] = out[seen + pname]
+                continue
             with torch.no_grad():
                 w = getattr(module, pname).detach()
             out[prefix + pname] = (w, get_mask(module, pname).expand(w.shape))
@@ -160,6 +167,37 @@ def restore_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> nn.Module:
     for module, pname, mask in targets:
         apply_mask(module, pname, mask)
     return model
+
+
+def tied_values(model: nn.Module, tensors: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`tensors` (effective values by plain name), with each masked name that `model` ties to
+    other names given the shared tensor's full values, so that loading every name into the one
+    tensor and then putting the masks back reproduces each holder's effective values.
+
+    A masked entry holds zeros where its own mask hides values another holder uses (an output
+    layer sharing its embedding's weight, or two layers masking one weight differently): loading
+    it as is would write those zeros into the shared tensor. The full values are a holder's
+    stored without a mask, else, entry by entry, those of any masked holder whose mask keeps the
+    entry (an entry that every mask hides is 0).
+    """
+    names: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(t), []).append(name)
+    out = dict(tensors)
+    for tied in names.values():
+        masked = [n for n in tied if n in masks and n in tensors]
+        if not masked or len(tied) < 2:
+            continue
+        plain = [n for n in tied if n not in masks and n in tensors]
+        if plain:
+            full = tensors[plain[0]]
+        else:
+            full = tensors[masked[0]]
+            for name in masked[1:]:
+                full = torch.where(masks[name].expand(full.shape), tensors[name], full)
+        for name in masked:
+            out[name] = full
+    return out
 
 
 def plain_state_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

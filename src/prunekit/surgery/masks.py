@@ -140,8 +140,10 @@ def remove_masks(model: nn.Module, bake: bool = True) -> int:
 
     bake=True multiplies the masks into the weights for good (plain `nn.Parameter`s holding
     zeros, same parameter objects, so optimizers stay valid); bake=False restores the stored,
-    unmasked values. A mask that sits *after* another parametrization cannot be baked into the
-    raw tensor; that case raises PruningError before anything is changed.
+    unmasked values. A masked tensor that other modules also hold (an output layer tied to its
+    embedding) is baked into a copy of its own, so the other holders keep their values. A mask
+    that sits *after* another parametrization cannot be baked into the raw tensor; that case
+    raises PruningError before anything is changed.
     """
     entries = masked_modules(model)
     if bake:
@@ -152,17 +154,42 @@ def remove_masks(model: nn.Module, bake: bool = True) -> int:
                     f"cannot bake the mask on {mname}.{pname}: it follows {idx} other "
                     "parametrization(s); remove those first or call remove_masks(bake=False)"
                 )
+    holders: dict[int, int] = {}  # id(tensor) -> how many module slots hold it
+    for module in model.modules():
+        for t in list(module._parameters.values()) + list(module._buffers.values()):
+            if t is not None:
+                holders[id(t)] = holders.get(id(t), 0) + 1
     for _, module, pname in entries:
         plist = module.parametrizations[pname]
         idx = _our_index(module, pname)
+        original = plist.original
+        shared = bake and holders.get(id(original), 0) > 1
+        if shared:
+            holders[id(original)] -= 1
         if len(plist) == 1:
-            remove_parametrization_(module, pname, leave_parametrized=bake)
+            if shared:
+                with torch.no_grad():
+                    baked = getattr(module, pname).detach().clone()
+                remove_parametrization_(module, pname, leave_parametrized=False)
+                setattr(module, pname, _like(original, baked))
+            else:
+                remove_parametrization_(module, pname, leave_parametrized=bake)
             continue
         if bake:  # idx == 0: masking the raw tensor is the same as masking the first stage's input
             with torch.no_grad():
-                plist.original.mul_(plist[idx].mask)
+                if shared:
+                    plist.original = _like(original, original.detach() * plist[idx].mask)
+                else:
+                    original.mul_(plist[idx].mask)
         del plist[idx]
     return len(entries)
+
+
+def _like(original: Tensor, value: Tensor) -> Tensor:
+    """`value` as the kind of tensor `original` is: a Parameter with its requires_grad, or a buffer."""
+    if isinstance(original, nn.Parameter):
+        return nn.Parameter(value, requires_grad=original.requires_grad)
+    return value
 
 
 def remove_parametrization_(module: nn.Module, name: str, leave_parametrized: bool) -> None:

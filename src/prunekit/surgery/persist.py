@@ -30,7 +30,7 @@ from typing import Any, Mapping
 from torch import Tensor, nn
 
 from ..core.errors import CheckpointError, PrunekitError
-from .mask_io import describe_masks, restore_masks_, unpack_mask
+from .mask_io import describe_masks, restore_masks_, tied_values, unpack_mask
 from .masks import masked_modules
 from .plan import Plan, apply_plan_
 from .plan_check import check_fingerprint
@@ -90,25 +90,8 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
         raise
     except (RuntimeError, ValueError) as err:
         raise CheckpointError(f"the plan in {path} does not replay on this model: {err}") from None
-    load_state_(work, _unmasked_ties_win(work, tensors, masks), meta, path)
+    load_state_(work, tied_values(work, tensors, masks), meta, path)
     return restore_masks_(work, masks)
-
-
-def _unmasked_ties_win(model: nn.Module, tensors: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """`tensors`, with each masked name that the model ties to a name stored unmasked (an output
-    layer sharing its embedding's weight) given that name's full values: its own entry holds the
-    masked zeros, which loading would otherwise write into the shared tensor. Its mask, put back
-    afterwards, hides them again for the masked name only."""
-    names: dict[int, list[str]] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        names.setdefault(id(t), []).append(name)
-    out = dict(tensors)
-    for tied in names.values():
-        plain = [n for n in tied if n not in masks and n in tensors]
-        for name in tied:
-            if plain and name in masks:
-                out[name] = tensors[plain[0]]
-    return out
 
 
 def _masks_of(plan: Plan, tensors: Mapping[str, Tensor], path: Any) -> dict[str, Tensor]:

@@ -34,12 +34,12 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "u
 # trace the model. 2**28 elements (1 GiB in float32) is far beyond any real example and keeps a
 # crafted plan from making a load allocate tens of GB.
 MAX_INPUT_ELEMENTS = 2 ** 28
-_PARAMETRIZED = re.compile(r"\.parametrizations\.([^.]+)\.original\d*$")
+_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original\d*$")
 
 
 def architecture_fingerprint(model: nn.Module) -> str:
     """16 hex digits of sha256 over the sorted (parameter name, shape) pairs of `model`."""
-    items = sorted((_PARAMETRIZED.sub(r".\1", name), list(p.shape)) for name, p in model.named_parameters())
+    items = sorted((_PARAMETRIZED.sub(r"\1\2", name), list(p.shape)) for name, p in model.named_parameters())
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..core.errors import CheckpointError, PruningError
 from ..core.integrity import atomic_write
-from .mask_io import effective_state, is_nm, mask_kind, pack_mask, unpack_mask
+from .mask_io import effective_state, is_nm, mask_kind, pack_mask, tied_values, unpack_mask
 from .masks import apply_mask, get_mask, remove_parametrization_
 from .tensor_file import VERSIONS_KEY, file_metadata, load_state_
 
@@ -162,7 +162,10 @@ def load_sparse(model: nn.Module, path: str | os.PathLike, restore_masks: bool =
         if dense.shape != target[name][0].shape:
             raise CheckpointError(f"{path}: {name} has shape {tuple(dense.shape)}, the model {tuple(target[name][0].shape)}")
         decoded[name] = (dense, keep if info.get("masked") else None)
-    load_state_(model, {n: d for n, (d, _) in decoded.items()}, meta, path)
+    values = {n: d for n, (d, _) in decoded.items()}
+    if restore_masks:  # a tensor tied to a masked name takes its full values, not the masked zeros
+        values = tied_values(model, values, {n: k for n, (_, k) in decoded.items() if k is not None})
+    load_state_(model, values, meta, path)
     if restore_masks:
         for name, (_, keep) in decoded.items():
             if keep is not None:
