@@ -172,3 +172,28 @@ def test_a_run_state_with_entries_of_the_wrong_form_is_refused(tmp_path, edit, f
     write_state(tmp_path, {**state, **edit})
     with pytest.raises(CheckpointError, match=f"damaged: {fragment}.*cannot be resumed"):
         read_state(tmp_path)
+
+
+@pytest.mark.parametrize("done, section", [(["train", "prune"], "finetune"), (["train"], "method")])
+def test_resume_of_a_run_whose_recipe_lost_a_stage_still_to_do_is_refused(reference, tmp_path, done, section):
+    """recipe.yaml is read again on resume: a stage still to do whose section was set to null there
+    stops with one line, before anything is written."""
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    state = json.loads((run / "state.json").read_text())
+    state.update(done=done, finished=False, weights=f"ckpt/{done[-1]}/model.safetensors",
+                 evaluations=state["evaluations"][:len(done)])
+    if "prune" not in done:
+        state["before_prune"] = None
+    (run / "state.json").write_text(json.dumps(state))
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe[section] = None
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    before = _files(run)
+    res = make_runner().invoke(cli, ["resume", str(run)])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (res.output, res.exception)
+    assert f"'{section}'" in lines[0] and "recipe.yaml" in lines[0], lines[0]
+    assert _files(run) == before

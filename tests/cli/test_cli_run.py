@@ -64,6 +64,31 @@ def test_resolved_recipe_reloads_to_the_same_recipe(default_run, runner):
     assert result.stdout == saved
 
 
+def test_dry_run_prints_the_recipe_the_run_would_write(default_run, runner, tmp_path):
+    """The weights taken from a run directory are part of the resolved recipe: printed by --dry-run
+    as in the recipe.yaml written, so that the printed recipe runs the same."""
+    out, _ = default_run
+    args = ["prune", str(out), "eval.latency=false"]
+    dry = runner.invoke(cli, [*args, "--dry-run"])
+    assert dry.exit_code == 0, (dry.output, dry.exception)
+    target = tmp_path / "pruned"
+    result = runner.invoke(cli, [*args, "--out", str(target), "-q"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert dry.stdout == (target / "recipe.yaml").read_text().split("\n", 1)[1]
+    assert load_recipe(str(target))[0].init == str((out / "dense.safetensors").resolve())
+
+
+def test_a_run_directory_whose_path_holds_an_equals_sign_is_the_recipe(default_run, runner, tmp_path):
+    out, _ = default_run
+    run = tmp_path / "ratio=0.5" / "sweep lr=1e-3 ü"
+    shutil.copytree(out, run)
+    result = runner.invoke(cli, ["eval", str(run), "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    data = json.loads(result.stdout)
+    assert data["weights"] == str(run / "pruned.safetensors")
+    assert data["accuracy"] == json.loads((run / "result.json").read_text())["accuracy_after"]
+
+
 def test_prune_from_a_saved_dense_checkpoint(default_run, runner, tmp_path):
     out, _ = default_run
     target = tmp_path / "pruned"

@@ -54,9 +54,13 @@ def test_overrides_create_sections_and_reject_scalars():
         apply_overrides(raw, ["seed.value=2"])
 
 
-def test_split_arguments():
+def test_split_arguments(tmp_path):
     assert split_arguments(["r.yaml", "a=1", "b.c=2"]) == ("r.yaml", ["a=1", "b.c=2"])
     assert split_arguments(["a=1"]) == (None, ["a=1"])
+    run = tmp_path / "runs" / "lr=0.1-20250101-120000"
+    run.mkdir(parents=True)
+    assert split_arguments([str(run), "a=1"]) == (str(run), ["a=1"])  # a path, not an override
+    assert split_arguments([f"{tmp_path}/b=2", "a=1"]) == (None, [f"{tmp_path}/b=2", "a=1"])  # no such path
 
 
 def test_embedded_default_recipe_is_complete():
@@ -86,6 +90,15 @@ def test_resolved_recipe_round_trips():
     again = Recipe.from_dict(recipe.to_dict())
     assert again.to_dict() == recipe.to_dict()
     assert again.method.config.macs_fraction == 0.4
+
+
+@pytest.mark.parametrize("text", ["1e3", "1.5e3", "1e-3", ".5e1", "1_0e3"])
+def test_strings_that_read_as_floats_are_written_quoted(text):
+    # recipe.yaml is read back by `prunekit run <dir>` and `prunekit resume`: a string stays a string
+    recipe, _ = load_recipe(None, [f"name='{text}'", f"data.root='{text}'"])
+    again = load_yaml_text(recipe.to_yaml(), "recipe.yaml")
+    assert (again["name"], again["data"]["root"]) == (text, text)
+    assert Recipe.from_dict(again).to_dict() == recipe.to_dict()
 
 
 def test_method_fields_may_sit_under_config():

@@ -16,6 +16,8 @@ _RUN_DIR_HELP = "Run directory to create (default: <out>/<name>-<timestamp>); mu
 _WEIGHTS_HELP = ("Weights to start from: a .safetensors file from a run (dense, or pruned with its plan "
                  "inside) or a training checkpoint last.pt. Same as init=PATH.")
 
+# The recipe section each stage runs.
+_SECTION_KEYS = {"train": "train", "prune": "method", "finetune": "finetune"}
 # Which file of a run directory each command starts from when given that directory.
 _PREFERRED = {"prune": ("dense.safetensors", "pruned.safetensors"),
               "finetune": ("pruned.safetensors", "dense.safetensors"),
@@ -81,6 +83,8 @@ def execute(command: str, args: tuple[str, ...], out: str | None, weights: str |
     echo = (lambda s: None) if quiet else click.echo
     run_path = None if dry_run else choose_run_dir(recipe.name, recipe.out, out)
     job = prepare(recipe, weights, progress=not quiet, echo=echo, check_method="prune" in stages)
+    if job.weights is not None:  # the resolved recipe names the weights it starts from
+        recipe.init = str(Path(job.weights).resolve())
     if dry_run:
         click.echo(recipe.to_yaml(), nl=False)
         return
@@ -151,6 +155,11 @@ def resume_run(run_dir: Path, quiet: bool) -> None:
 
     state = resumable_state(run_dir)
     recipe, _ = load_recipe(str(run_dir))
+    for stage in state["stages"]:
+        key = _SECTION_KEYS[stage]
+        if stage not in state["done"] and getattr(recipe, key) is None:
+            raise ConfigError(f"{run_dir / 'recipe.yaml'} has no '{key}' section, but the stage '{stage}' is still "
+                              "to do; restore the section to resume the run")
     echo = (lambda s: None) if quiet else click.echo
     job = prepare(recipe, weights_path(run_dir, state["weights"]), progress=not quiet, echo=echo)
     job.run_dir = run_dir
@@ -172,9 +181,8 @@ def _stages(command: str, recipe) -> list[str]:
     if command == "run":
         return [s for s, sec in (("train", recipe.train), ("prune", recipe.method), ("finetune", recipe.finetune))
                 if sec is not None]
-    section = {"train": recipe.train, "prune": recipe.method, "finetune": recipe.finetune}[command]
-    key = {"train": "train", "prune": "method", "finetune": "finetune"}[command]
-    if section is None:
+    key = _SECTION_KEYS[command]
+    if getattr(recipe, key) is None:
         raise ConfigError(f"`prunekit {command}` needs a '{key}' section in the recipe "
                           f"(it is null or absent in {recipe.source}); add one or set {key}.<field>=...")
     return [command]

@@ -52,7 +52,11 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456
 
 
 class _Dumper(yaml.SafeDumper):
-    """SafeDumper that keeps the key order of the dict it is given."""
+    """SafeDumper that keeps the key order of the dict it is given and quotes the strings `_Loader`
+    would read as something else (1e3 is a float there, a string to PyYAML's default resolver)."""
+
+
+_Dumper.yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
 
 
 MAX_YAML_VALUES = 100_000

@@ -40,7 +40,7 @@ from ..core.errors import ConfigError
 from ..cost.latency import LatencyConfig
 from ..data.config import DataConfig
 from ..engine.train import TrainConfig
-from .overrides import apply_overrides, dump_yaml, load_yaml_file, load_yaml_text, parse_override
+from .overrides import _KEY, apply_overrides, dump_yaml, load_yaml_file, load_yaml_text, parse_override
 
 TOP_KEYS = ("name", "seed", "threads", "out", "init", "calibration_batches", "model", "data", "train", "method",
             "method_train", "finetune", "eval", "bench")
@@ -294,11 +294,17 @@ def load_recipe(source: str | None = None, overrides: Iterable[str] = (), method
     return Recipe.from_dict(raw, where), run_dir
 
 
+def _names_path(arg: str) -> bool:
+    """True for an existing file or folder whose text before "=" is no dotted key (runs/lr=0.1-<time>)."""
+    key = arg.partition("=")[0].strip()
+    return not all(_KEY.fullmatch(p) for p in key.split(".")) and Path(arg).exists()
+
+
 def split_arguments(args: Iterable[str]) -> tuple[str | None, list[str]]:
     """Positional arguments -> (recipe source or None, overrides)."""
     source, overrides = None, []
     for arg in args:
-        if "=" in arg:
+        if "=" in arg and not _names_path(arg):
             overrides.append(arg)
         elif source is None:
             source = arg

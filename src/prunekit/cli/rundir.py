@@ -48,8 +48,6 @@ def create_run_dir(job: Job, path: Path, explicit: bool = False) -> Path:
     anything; a suffix there would put the run where the caller does not look for it.
     """
     recipe = job.recipe
-    if job.weights is not None:
-        recipe.init = str(Path(job.weights).resolve())
     text = f"# Resolved recipe of this run ({recipe.source}).\n" + recipe.to_yaml()
     path = claim_dir(path, "recipe.yaml", text, explicit)
     job.run_dir = path
