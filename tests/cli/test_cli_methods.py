@@ -175,3 +175,16 @@ def test_the_console_zero_count_names_its_denominator():
     prune_(ssc, SSCConfig(reduction=4), torch.randn(1, 1, 8, 8))
     assert "SSC layers counted as the dense convs they stand for" in _zeros_note(
         SimpleNamespace(model=ssc, prune_metrics={}))
+
+
+def test_a_checkpoint_of_a_pruned_models_training_points_to_the_files_that_load(method_runs):
+    """last.pt holds weights only: after channel pruning its widths need the plan, which the
+    error says, naming the files that do load."""
+    out = method_runs("magnitude")
+    ckpt = out / "ckpt" / "finetune" / "last.pt"
+    assert ckpt.is_file()
+    result = make_runner().invoke(cli, ["eval", str(out), "--weights", str(ckpt)])
+    assert result.exit_code == 2, result.output
+    assert "do not fit this model; a training checkpoint holds weights without a plan" in result.output
+    assert "pruned.safetensors instead" in result.output
+    assert make_runner().invoke(cli, ["eval", str(out), "--weights", str(out / "pruned.safetensors")]).exit_code == 0

@@ -30,6 +30,12 @@ def test_info_lists_recipes(runner, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(cli, ["info", "recipes"])
     assert result.exit_code == 0 and "recipes/ssc_x.yaml" in result.stdout and "SSC on something" in result.stdout
+    # the first sentence, across the comment's lines, not its first line cut mid-sentence
+    (tmp_path / "recipes" / "two.yaml").write_text("# Gator against the dense model, all at\n"
+                                                   "# 50% of the MACs. More detail\n# here.\nname: y\n")
+    result = runner.invoke(cli, ["info", "recipes"])
+    assert "Gator against the dense model, all at 50% of the MACs.\n" in result.stdout
+    assert "More detail" not in result.stdout
 
 
 def test_info_lists_a_recipe_that_is_not_utf8(runner, monkeypatch, tmp_path):

@@ -194,16 +194,28 @@ def _topic_lines(topic: str) -> list[str]:
 
 
 def _recipe_lines(folder: Path) -> list[str]:
-    """One line per recipes/*.yaml: its path and the first line of its leading comment."""
+    """One line per recipes/*.yaml: its path and the first sentence of its leading comment."""
     files = sorted(folder.glob("*.yaml")) if folder.is_dir() else []
     if not files:
         return [f"(no {folder}/ folder with .yaml recipes here; run from the repository root)"]
     lines = []
     for f in files:
         text = f.read_text(encoding="utf-8", errors="replace")  # a file in another encoding is still listed
-        first = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
-        lines.append(f"{str(f):<44}{first if len(first) <= 100 else first[:97] + '...'}")  # a cut line says so
+        lines.append(f"{str(f):<44}{_first_sentence(text)}")
     return lines
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    """The first sentence of the comment block opening `text` (cut at `limit`, saying so)."""
+    block = []
+    for ln in text.splitlines():
+        if not ln.startswith("#"):
+            break
+        block.append(ln.lstrip("# ").strip())
+    words = " ".join(w for w in block if w)
+    end = words.find(". ")
+    first = words if end < 0 else words[:end + 1]
+    return first if len(first) <= limit else first[:limit - 3] + "..."
 
 
 def _first_doc_line(obj) -> str:

@@ -204,7 +204,10 @@ def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | 
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"weights in {path} do not fit this model: {load_error_text(err)}") from None
+        pruned = ("; a training checkpoint holds weights without a plan, so one written while a pruned model trained "
+                  "has widths only its plan rebuilds: give that stage's model.safetensors or the run's "
+                  "pruned.safetensors instead" if "size mismatch" in str(err) else "")
+        raise CheckpointError(f"weights in {path} do not fit this model{pruned}: {load_error_text(err)}") from None
     return model, None
 
 
