@@ -39,7 +39,7 @@ def _assert_one_line_error(result, *needles: str) -> None:
 BAD_ARGUMENTS = [
     (["bogus=1"], ["unknown recipe key 'bogus'", "allowed:", "train"]),
     (["train.lrr=0.1"], ["train", "unknown key(s) lrr", "allowed:", "lr"]),
-    (["model.name=resnet57"], ["unknown model 'resnet57'", "resnet56"]),
+    (["model.name=resnet57"], ["unknown model 'resnet57'", "resnet56", "tv:<name>", "timm:<name>"]),
     (["method.name=nope"], ["unknown method 'nope'", "magnitude", "admm"]),
     (["--method", "nope"], ["unknown method 'nope'"]),
     (["train.epochs"], ["'train.epochs' is not key=value", "train.epochs=3"]),

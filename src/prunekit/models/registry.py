@@ -50,6 +50,9 @@ def get_model_spec(name: str) -> ModelSpec:
     prefix, _, zoo_name = name.partition(":")
     if zoo_name and prefix in _ZOOS:
         return _zoo_spec(prefix, zoo_name)
+    if name not in MODELS.list():
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS.list()))}, or a zoo model "
+                          "as tv:<name> (torchvision, e.g. tv:resnet50) or timm:<name> (timm, e.g. timm:resnet18)")
     return MODELS.get(name)
 
 
