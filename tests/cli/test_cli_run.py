@@ -121,6 +121,17 @@ def test_bench_prints_params_and_macs_of_a_named_model(runner):
     assert f"({cost.params:,})" in result.stdout and f"({cost.macs:,})" in result.stdout
 
 
+def test_bench_of_a_named_model_keeps_its_model_overrides(runner):
+    # Hand count of ResNet-20 with zero-pad shortcuts: stem 432 + 32; stage 1: 3 * (2 * 2304 + 64);
+    # stage 2: 4608 + 9216 + 128 + 2 * (2 * 9216 + 128); stage 3: 18432 + 36864 + 256
+    # + 2 * (2 * 36864 + 256); no shortcut parameters; fc 64 * 100 + 100 for 100 classes.
+    expected = 464 + 14_016 + 13_952 + 37_120 + 55_552 + 147_968 + 6_500
+    result = runner.invoke(cli, ["bench", "--model", "resnet20", "model.kwargs.shortcut=zeropad",
+                                 "model.num_classes=100", "--no-latency", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["params"] == expected == 275_572
+
+
 def test_bench_of_a_saved_pruned_model(default_run, runner):
     out, _ = default_run
     res = json.loads((out / "result.json").read_text())

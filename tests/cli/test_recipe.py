@@ -132,3 +132,10 @@ def test_a_path_with_a_nul_character_is_a_config_error(key):
     raw = load_yaml_text(f'model: {{name: small_cnn}}\ndata: {{name: digits}}\n{key}: "runs\\0x"\n', "r.yaml")
     with pytest.raises(ConfigError, match=f"r.yaml: {key}='runs\\\\x00x' holds a NUL character"):
         Recipe.from_dict(raw, "r.yaml")
+
+
+def test_num_classes_given_as_a_model_kwarg_points_to_model_num_classes():
+    raw = {"model": {"name": "resnet20", "kwargs": {"num_classes": 100}}, "data": {"name": "digits"}}
+    with pytest.raises(ConfigError, match=r"kwargs\.num_classes: set model\.num_classes=100 instead") as err:
+        Recipe.from_dict(raw)
+    assert "does not take" not in str(err.value)

@@ -97,8 +97,10 @@ def bench(args, model_name, weights, input_shape, latency, as_json) -> None:
     from .commands import resolve
     from .pipeline import load_weights
 
-    extra = [f"model.name={model_name}", "model.kwargs={}", "model.num_classes=null"] if model_name else []
-    recipe, weights = resolve(tuple(args) + tuple(extra), "bench", weights)
+    # --model resets the recipe's model section before the user's overrides, which may set its kwargs.
+    reset = ("model.kwargs={}", "model.num_classes=null") if model_name else ()
+    named = (f"model.name={model_name}",) if model_name else ()
+    recipe, weights = resolve(reset + tuple(args) + named, "bench", weights)
     spec = get_model_spec(recipe.model.name)
     shape = _parse_shape(input_shape)
     model = create_model(recipe.model.name, recipe.model.num_classes or spec.num_classes, **recipe.model.kwargs)

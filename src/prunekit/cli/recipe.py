@@ -69,6 +69,9 @@ class ModelSection(Config):
             raise ConfigError(f"num_classes={self.num_classes!r} must be a positive integer or null")
         if not isinstance(self.kwargs, dict):
             raise ConfigError(f"kwargs={self.kwargs!r} must be a mapping of keyword arguments")
+        if "num_classes" in self.kwargs:
+            raise ConfigError(f"kwargs.num_classes: set model.num_classes={self.kwargs['num_classes']!r} instead "
+                              "(null takes it from the data)")
         params = inspect.signature(spec.builder).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             allowed = sorted(p for p in params if p != "num_classes")
