@@ -1,16 +1,20 @@
 """Every float a config holds must be finite: NaN passes `<`/`>` range checks, so it is refused first.
 
 Fields that hold module names (`ignore`, ...) take a list of strings: a plain string would be
-iterated into one-letter names; None and nested lists used to end in a TypeError traceback."""
+iterated into one-letter names; None and nested lists used to end in a TypeError traceback.
+Every config round-trips through to_dict/from_dict (JSON and YAML) to an equal config, and a
+nested config is built from a mapping or refused in one line naming its field."""
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import math
 import pkgutil
 import typing
 
 import pytest
+import yaml
 
 import prunekit
 from prunekit.core.config import Config, check_names, check_range
@@ -134,3 +138,42 @@ def test_seeds_and_thread_counts_torch_cannot_take_are_refused(cls, field):
     too_many = 2**64 if "seed" in field else 100_000
     with pytest.raises(ConfigError, match=rf"{field}=.*too large .*use at most"):
         cls(**{**BASE.get(cls.__name__, {}), field: too_many})
+
+
+ROUND_TRIP = [cls for cls in _all_configs() if cls.__name__ != "LayerSpec"]  # LayerSpec has no defaults
+
+
+@pytest.mark.parametrize("cls", ROUND_TRIP, ids=[c.__name__ for c in ROUND_TRIP])
+def test_every_config_round_trips_through_json_and_yaml_to_an_equal_config(cls):
+    base = BASE.get(cls.__name__, {})
+    names = _name_fields(cls)
+    configs = [cls.from_dict(base)]  # a nested section given as a mapping is built from it
+    if names:  # a tuple of names is the list it is written as
+        configs.append(cls.from_dict({**base, **{name: ("conv1", "fc") for name in names}}))
+    for cfg in configs:
+        assert cls.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+        assert cls.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+def test_a_tuple_in_a_list_field_is_kept_as_a_list():
+    from prunekit import MagnitudeConfig, SLRConfig
+
+    assert MagnitudeConfig(channel_ratio=0.5, ignore=("fc",)).ignore == ["fc"]
+    assert SLRConfig(sparsity=0.5, layers=("conv1", "conv2")).layers == ["conv1", "conv2"]
+
+
+def test_a_nested_config_is_built_from_a_mapping_or_refused_naming_its_field():
+    from prunekit.cost.latency import LatencyConfig
+    from prunekit.data.config import DataConfig
+    from prunekit.methods.gator.config import GatorConfig
+    from prunekit.methods.prdarts.config import PRDartsConfig
+    from prunekit.methods.prdarts.run import SearchRecipe
+
+    recipe = SearchRecipe(data={"name": "digits", "val_fraction": 0.5}, search={"channels": 8})
+    assert recipe.data == DataConfig(name="digits", val_fraction=0.5) and recipe.search == PRDartsConfig(channels=8)
+    assert GatorConfig(target=0.5, latency={"repeats": 7}).latency == LatencyConfig(repeats=7)
+    for key, value in (("data", "digits"), ("data", None), ("search", None), ("evaluate", 3)):
+        with pytest.raises(ConfigError, match=rf"^{key}={value!r} must be a mapping of \w+ fields"):
+            SearchRecipe.from_dict({"data": {"name": "digits"}, key: value})
+    with pytest.raises(ConfigError, match=r"^latency='cpu' must be a mapping of LatencyConfig fields"):
+        GatorConfig(target=0.5, latency="cpu")

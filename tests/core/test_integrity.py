@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from prunekit.core import integrity
-from prunekit.core.errors import CheckpointError
+from prunekit.core.errors import CheckpointError, ConfigError
 from prunekit.engine import CHECKPOINT_NAME, TrainConfig, load_checkpoint, train
 from prunekit.engine.checkpoint import atomic_torch_save
 from prunekit.surgery import tensor_file
@@ -121,3 +121,23 @@ def test_a_written_file_has_the_permissions_a_plain_write_gives(tmp_path):
     finally:
         os.umask(umask)
     assert fresh.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["explicit", "default-name"])
+def test_a_run_directory_is_claimed_empty_or_not_at_all(tmp_path, explicit):
+    # another command's run (its first file differs) or the user's own files: neither is shared
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "recipe.json").write_text("another run")
+    if explicit:
+        with pytest.raises(ConfigError, match=r"used already holds other files \(recipe\.json\); choose a new path"):
+            integrity.claim_dir(used, "recipe.yaml", "mine", explicit=True)
+        assert sorted(p.name for p in used.iterdir()) == ["recipe.json"]
+        assert (used / "recipe.json").read_text() == "another run"
+    else:
+        got = integrity.claim_dir(used, "recipe.yaml", "mine", explicit=False)
+        assert got == tmp_path / "used-2" and sorted(p.name for p in got.iterdir()) == ["recipe.yaml"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    got = integrity.claim_dir(empty, "recipe.yaml", "mine", explicit=explicit)
+    assert got == (empty if explicit else tmp_path / "empty-2") and (got / "recipe.yaml").read_text() == "mine"

@@ -126,6 +126,8 @@ def test_weight_masks_line_reports_counted_zeros(tmp_path):
     assert "Weight masks: 70.0% of 10 masked weights are zero" in paths.markdown.read_text()
     paths = write_report(tmp_path / "dense", {"title": "t", "method": "magnitude"})
     assert "Weight masks" not in paths.markdown.read_text()
+    paths = write_report(tmp_path / "partial", {"title": "t", "method": "slr", "sparsity": {"masked": {"numel": 10}}})
+    assert "Weight masks: n/a of 10 masked weights are zero" in paths.markdown.read_text()
 
 
 @pytest.mark.parametrize("change", [{"cost_before": "x"}, {"layers": [1, 2]},

@@ -4,7 +4,9 @@ A config subclass declares its fields and checks them in `validate()`; `__post_i
 so an invalid config never exists. Before `validate()` runs, every float held by a field (also
 inside lists, tuples and dicts) must be finite: NaN compares false with everything, so it would
 slip through every range check, and no prunekit setting means anything at infinity. `to_dict`/`from_dict` round-trip, with the class's `version`
-recorded so that a saved config from an older layout is recognised.
+recorded so that a saved config from an older layout is recognised. A field annotated with a
+config class takes that config or a mapping of its fields; a tuple given to a list field is kept
+as the list it is written as.
 
 >>> from dataclasses import dataclass
 >>> @dataclass
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import reprlib
+import types
 import typing
 from typing import Any, ClassVar, TypeVar
 
@@ -33,6 +36,15 @@ class Config:
     version: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
+        for name, (sub, optional) in _config_fields(type(self)).items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, sub.from_dict(value))
+            elif not isinstance(value, sub) and not (optional and value is None):
+                raise ConfigError(f"{name}={short_repr(value)} must be a mapping of {sub.__name__} fields")
+        for name in _list_fields(type(self)):
+            if isinstance(getattr(self, name), tuple):  # written as a list, so read back as one
+                setattr(self, name, list(getattr(self, name)))
         names = _string_list_fields(type(self))
         for f in dataclasses.fields(self):
             check_finite(f.name, getattr(self, f.name))
@@ -73,13 +85,8 @@ class Config:
             raise ConfigError(
                 f"{cls.__name__}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}"
             )
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, value in data.items():
-            sub = _config_type(hints.get(key))
-            kwargs[key] = sub.from_dict(value) if sub is not None and isinstance(value, dict) else value
-        try:
-            return cls(**kwargs)
+        try:  # a nested config given as a mapping is built by __post_init__
+            return cls(**data)
         except TypeError as err:
             raise ConfigError(f"{cls.__name__}: {err}") from None
 
@@ -87,12 +94,42 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-def _config_type(hint: Any) -> type[Config] | None:
-    candidates = typing.get_args(hint) or (hint,)
-    for c in candidates:
-        if isinstance(c, type) and issubclass(c, Config):
-            return c
-    return None
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 (an unresolvable annotation: no field is checked, as before)
+        return {}
+
+
+def _alternatives(hint: Any) -> tuple[Any, ...]:
+    """The types a field may hold: those of a Union (`X | None`), else the hint itself."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+_NESTED: dict[type, dict[str, tuple[type[Config], bool]]] = {}
+
+
+def _config_fields(cls: type) -> dict[str, tuple[type[Config], bool]]:
+    """Fields annotated with a Config subclass: name -> (that class, whether None is allowed)."""
+    if cls not in _NESTED:
+        _NESTED[cls] = {}
+        for name, hint in _hints(cls).items():
+            options = _alternatives(hint)
+            sub = next((c for c in options if isinstance(c, type) and issubclass(c, Config)), None)
+            if sub is not None:
+                _NESTED[cls][name] = (sub, type(None) in options)
+    return _NESTED[cls]
+
+
+_LISTS: dict[type, frozenset[str]] = {}
+
+
+def _list_fields(cls: type) -> frozenset[str]:
+    """Names of the fields annotated `list` (or `list[...]`, or either or None)."""
+    if cls not in _LISTS:
+        _LISTS[cls] = frozenset(name for name, hint in _hints(cls).items()
+                                if any(h is list or typing.get_origin(h) is list for h in _alternatives(hint)))
+    return _LISTS[cls]
 
 
 _STRING_LISTS: dict[type, frozenset[str]] = {}
@@ -101,12 +138,8 @@ _STRING_LISTS: dict[type, frozenset[str]] = {}
 def _string_list_fields(cls: type) -> frozenset[str]:
     """Names of the fields annotated `list[str]` or `tuple[str, ...]` (module names to ignore, ...)."""
     if cls not in _STRING_LISTS:
-        try:
-            hints = typing.get_type_hints(cls)
-        except Exception:  # noqa: BLE001 (an unresolvable annotation: no field is checked, as before)
-            hints = {}
         _STRING_LISTS[cls] = frozenset(
-            name for name, hint in hints.items()
+            name for name, hint in _hints(cls).items()
             if typing.get_origin(hint) in (list, tuple) and typing.get_args(hint)[:1] == (str,))
     return _STRING_LISTS[cls]
 

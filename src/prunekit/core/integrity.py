@@ -113,7 +113,9 @@ def claim_dir(path: str | os.PathLike[str], first_file: str, text: str, explicit
     not `explicit` (a timestamped default) and is taken moves on to `-2`, `-3`, ... through an
     exclusive mkdir; an `explicit` path may be an empty directory made beforehand, and the
     exclusive creation of `first_file` decides: of two callers given the same path, one gets it
-    and the other gets a ConfigError before writing anything.
+    and the other gets a ConfigError before writing anything. A directory that holds anything
+    besides `first_file` once it is written (the user's files, another command's run) is given up
+    again with a ConfigError: a run never writes among files it did not make.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +138,12 @@ def claim_dir(path: str | os.PathLike[str], first_file: str, text: str, explicit
     except (FileExistsError, NotADirectoryError):
         raise ConfigError(f"{path} was taken by another run started at the same time; choose a new path "
                           "(prunekit never shares a run directory)") from None
+    others = sorted(p.name for p in path.iterdir() if p.name != first_file)
+    if others:
+        (path / first_file).unlink()
+        raise ConfigError(f"{path} already holds other files ({', '.join(others[:5])}"
+                          f"{', ...' if len(others) > 5 else ''}); choose a new path "
+                          "(prunekit never shares a run directory)")
     return path
 
 

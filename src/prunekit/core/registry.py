@@ -35,7 +35,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         try:
             return self._items[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: an unhashable name (a list or mapping from a recipe)
             raise ConfigError(
                 f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self._items)) or '(none)'}"
             ) from None
@@ -48,4 +48,7 @@ class Registry(Generic[T]):
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._items
+        try:
+            return name in self._items
+        except TypeError:  # an unhashable name is no registered name
+            return False

@@ -178,7 +178,7 @@ def _sections(result: dict, images: list[tuple[str, str]]) -> list[tuple[str, li
     summary: list[Block] = [f"Method: {result.get('method') or NA}"]
     masked = (result.get("sparsity") or {}).get("masked") or {}
     if masked.get("numel"):
-        summary.append(f"Weight masks: {fmt_pct(masked['sparsity'])} of {fmt_int(masked['numel'])} masked weights "
+        summary.append(f"Weight masks: {fmt_pct(masked.get('sparsity'))} of {fmt_int(masked['numel'])} masked weights "
                        "are zero (counted in the final weights)")
     summary.append(_Table(["accuracy", "value"], _accuracy_rows(result), "lr"))
     summary.append(_Table(["total", "before", "after", "after / before", "reduction"], _total_rows(result), "lrrrr"))
