@@ -84,7 +84,7 @@ def logit_travel(theta0: float, temperature: float = 1.0, points: int = 200) -> 
     Under the scaled auxiliary loss alone, a logit moves by lr * gamma * lambda * E[ds/dtheta] per
     step (the channel's cost cancels against its cost-scaled learning rate), with s the sigmoid
     of the noisy logit. E[ds/dtheta] is 0.017 at theta = 5.3 and 0.167 at 0, so the logit
-    accelerates; for theta0 = 5.293 and T = 1 this integral is about 88.
+    accelerates; for theta0 = 5.293 and T = 1 this integral is about 93.
     """
     q = (torch.arange(2000, dtype=torch.float64) + 0.5) / 2000
     noise = torch.log(q) - torch.log1p(-q)  # logistic quantiles: a deterministic expectation
