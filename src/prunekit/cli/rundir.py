@@ -74,11 +74,19 @@ def finish(job: Job, title: str) -> dict[str, Any]:
         job.echo(_latency_line(latency))
     result = build_result(job, title, latency)
     result["files"] = files + ["result.json", "report.md", "report.html"]
-    (run_dir / "result.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    _write_json(run_dir / "result.json", result)
     paths = write_report(run_dir, result)
     result["files"] += [p.name for p in paths.plots]
-    (run_dir / "result.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    _write_json(run_dir / "result.json", result)
     return result
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """`data` as JSON at `path`, replaced atomically: a crash never leaves half a file there."""
+    from ..core.integrity import atomic_write
+
+    text = json.dumps(data, indent=1, default=str)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _latency_line(latency: dict[str, Any]) -> str:
