@@ -121,25 +121,29 @@ class _BiasGroupHook(CountingHook):
         return [{"params": [model[2].bias, model[0].bias], "weight_decay": 0.0}]
 
 
-def test_resume_into_a_fresh_model_keeps_a_hook_groups_order(tmp_path):
-    cfg = TrainConfig(epochs=3, lr=0.05, momentum=0.9, weight_decay=5e-4, log_every=0)
+def _resume_equals_uninterrupted(tmp_path, cfg: TrainConfig, model, hook) -> None:
+    """Train `model()` with `hook()` to the end; crash another run after the first epoch; resume it
+    into a freshly built, unmasked model: the masks come back and it ends where the first did."""
     train_loader, val_loader = _data()
-    ref_model = _masked_mlp()
-    ref = train(ref_model, train_loader, val_loader, cfg, hooks=[_BiasGroupHook()], progress=False)
+    ref_model = model()
+    ref = train(ref_model, train_loader, val_loader, cfg, hooks=[hook()], progress=False)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(_masked_mlp(), train_loader, val_loader, cfg, hooks=[_BiasGroupHook(crash_at=STEPS + 1)],
-              ckpt_dir=ckpt, progress=False)
+        train(model(), train_loader, val_loader, cfg, hooks=[hook(crash_at=STEPS + 1)], ckpt_dir=ckpt, progress=False)
     fresh = mlp(seed=123)
-    # the masks come back from the checkpoint; the hook's group keeps its own order (the momentum of
-    # 2.bias, 3 entries, used to land on 0.bias, 16 entries)
-    res = train(fresh, train_loader, val_loader, cfg, hooks=[_BiasGroupHook()], ckpt_dir=ckpt,
-                progress=False, resume=True)
+    res = train(fresh, train_loader, val_loader, cfg, hooks=[hook()], ckpt_dir=ckpt, progress=False, resume=True)
     assert res.start_epoch == 1
     _assert_masked_zero(fresh)
     for (name, a), b in zip(fresh.state_dict().items(), ref_model.state_dict().values()):
         assert torch.equal(a, b), name
     assert without_timings(res.history) == without_timings(ref.history)
+
+
+def test_resume_into_a_fresh_model_keeps_a_hook_groups_order(tmp_path):
+    # the hook's group keeps its own order (the momentum of 2.bias, 3 entries, used to land on
+    # 0.bias, 16 entries)
+    cfg = TrainConfig(epochs=3, lr=0.05, momentum=0.9, weight_decay=5e-4, log_every=0)
+    _resume_equals_uninterrupted(tmp_path, cfg, _masked_mlp, _BiasGroupHook)
 
 
 class _MaskAfterFirstEpoch(CountingHook):
@@ -153,20 +157,6 @@ class _MaskAfterFirstEpoch(CountingHook):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_resume_after_a_hook_masked_weights_during_the_run_equals_the_uninterrupted_run(tmp_path, optimizer):
-    cfg = TrainConfig(epochs=3, lr=0.05, optimizer=optimizer, momentum=0.9, weight_decay=5e-4, log_every=0)
-    train_loader, val_loader = _data()
-    ref_model = mlp()
-    ref = train(ref_model, train_loader, val_loader, cfg, hooks=[_MaskAfterFirstEpoch()], progress=False)
-    ckpt = tmp_path / "ckpt"
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(mlp(), train_loader, val_loader, cfg, hooks=[_MaskAfterFirstEpoch(crash_at=STEPS + 1)],
-              ckpt_dir=ckpt, progress=False)
     # the run's optimizer holds each weight before its bias; the rebuilt, masked model lists the bias first
-    fresh = mlp(seed=123)
-    res = train(fresh, train_loader, val_loader, cfg, hooks=[_MaskAfterFirstEpoch()], ckpt_dir=ckpt,
-                progress=False, resume=True)
-    assert res.start_epoch == 1
-    _assert_masked_zero(fresh)
-    for (name, a), b in zip(fresh.state_dict().items(), ref_model.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert without_timings(res.history) == without_timings(ref.history)
+    cfg = TrainConfig(epochs=3, lr=0.05, optimizer=optimizer, momentum=0.9, weight_decay=5e-4, log_every=0)
+    _resume_equals_uninterrupted(tmp_path, cfg, mlp, _MaskAfterFirstEpoch)

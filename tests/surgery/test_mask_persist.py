@@ -23,6 +23,7 @@ from prunekit.surgery.persist import PLAN_KEY, load_pruned, read_plan, save_prun
 from prunekit.surgery.plan import empty_plan
 from prunekit.surgery.projections import projection_mask
 from prunekit.surgery.tensor_file import write_tensor_file
+from prunekit.testing.toy_models import TiedHead
 from zoo_imports import import_zoo
 
 X = torch.randn(2, 3, 32, 32)
@@ -200,27 +201,14 @@ def test_weights_of_a_gpu_model_in_channels_last_are_each_stored(tmp_path, monke
         assert torch.equal(again.state_dict()[key], value), key
 
 
-class _TiedHead(nn.Module):
-    """A language-model-like net whose output layer shares its embedding's weight."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(16, 8)
-        self.head = nn.Linear(8, 16, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, x):
-        return self.head(self.emb(x))
-
-
 def test_a_masked_weight_tied_to_an_unmasked_one_round_trips(tmp_path):
     # Element methods mask Linear weights, not embeddings: the head's zeros were loaded into the
     # shared tensor, so the reloaded embedding lost half its entries
     torch.manual_seed(0)
-    model, x = _TiedHead(), torch.randint(0, 16, (2, 5))
+    model, x = TiedHead(), torch.randint(0, 16, (2, 5))
     apply_mask(model.head, "weight", unstructured_mask(model.head.weight, 0.5))
     path = save_pruned(model, empty_plan(x), tmp_path / "tied.safetensors")
-    again = load_pruned(_TiedHead(), path)
+    again = load_pruned(TiedHead(), path)
     assert torch.equal(again.emb.weight, model.emb.weight)
     assert torch.equal(again(x), model(x))
     assert torch.equal(get_mask(again.head, "weight"), get_mask(model.head, "weight"))

@@ -12,6 +12,7 @@ from torch import nn
 from prunekit.core.errors import CheckpointError, PruningError
 from prunekit.surgery.masks import apply_mask, get_mask, nm_mask, remove_masks, unstructured_mask
 from prunekit.surgery.sparse_io import load_sparse, save_sparse, to_semi_structured_
+from prunekit.testing.toy_models import TiedHead
 
 
 def _net(seed=0):
@@ -211,26 +212,13 @@ def test_semi_structured_copy_leaves_the_original_masked(monkeypatch):
     assert get_mask(net[0], "weight") is not None
 
 
-class _TiedHead(nn.Module):
-    """An output layer sharing its embedding's weight."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(16, 8)
-        self.head = nn.Linear(8, 16, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, x):
-        return self.head(self.emb(x))
-
-
 def test_restoring_a_masked_weight_tied_to_an_unmasked_one_keeps_the_unmasked_values(tmp_path):
     # the head's masked zeros were loaded into the tensor it shares with the embedding
     torch.manual_seed(0)
-    src, x = _TiedHead(), torch.randint(0, 16, (2, 5))
+    src, x = TiedHead(), torch.randint(0, 16, (2, 5))
     apply_mask(src.head, "weight", unstructured_mask(src.head.weight, 0.5))
     save_sparse(src, tmp_path / "tied.safetensors")
-    dst = _TiedHead()
+    dst = TiedHead()
     load_sparse(dst, tmp_path / "tied.safetensors", restore_masks=True)
     assert torch.equal(dst.emb.weight, src.emb.weight)
     assert torch.equal(get_mask(dst.head, "weight"), get_mask(src.head, "weight"))

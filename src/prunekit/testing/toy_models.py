@@ -278,6 +278,20 @@ class ShuffleOfWidthOne(nn.Module):
         return self.b(y.view(b, 2, -1, h, w).transpose(1, 2).reshape(b, -1, h, w))
 
 
+class TiedHead(nn.Module):
+    """A language-model-like net whose output layer shares its embedding's weight (not in
+    TOY_MODELS: channel removal refuses tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.emb(x))
+
+
 TOY_MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], object]]] = {
     "residual_projection": (ResidualNet, lambda: torch.randn(2, 3, 8, 8)),
     "residual_zeropad": (lambda: ResidualNet(zero_pad=True), lambda: torch.randn(2, 3, 8, 8)),
