@@ -129,6 +129,21 @@ def test_hydra_prune_trains_scores_only_and_reloads(tmp_path):
     assert count_nonzeros(again)["nonzero"] == expect
 
 
+def test_hydra_masks_the_callers_own_layers_and_keeps_their_hooks():
+    model = _model()
+    conv, fc = model[0], model[4]
+    calls = []
+    conv.register_forward_pre_hook(lambda mod, args: calls.append("pre"))
+    fc.register_forward_hook(lambda mod, args, out: calls.append("fwd"))
+    x = torch.randn(2, 1, 8, 8)
+    prune_(model, HydraConfig(density=0.1, epochs=1), x, train_loader=_data(), train_config=TrainConfig(epochs=1))
+    assert model[0] is conv and model[4] is fc  # references the caller holds see the masks
+    assert get_mask(conv, "weight") is not None and get_mask(fc, "weight") is not None
+    calls.clear()
+    model.eval()(x)
+    assert calls == ["pre", "fwd"]
+
+
 def test_hydra_bad_ignore_names_layer():
     with pytest.raises(ConfigError, match="no.such"):
         prune_(_model(), HydraConfig(density=0.5, epochs=0, ignore=["no.such"]), torch.randn(1, 1, 8, 8))

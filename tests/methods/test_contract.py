@@ -116,3 +116,18 @@ def test_bad_config_leaves_the_model_unchanged(name):
         prune_(model, BAD[name], X, **kwargs)
     now = model.state_dict()
     assert now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_module_comes_back_in_the_mode_it_was_given(name):
+    """Methods that train (or convert layers) hand the model back in the caller's modes: an eval
+    model stays in eval, a training model keeps the BatchNorm its user froze in eval."""
+    config, kwargs = EXAMPLES[name]
+    for frozen_bn in (False, True):
+        model = _model()
+        if frozen_bn:
+            model.train()
+            model.bn1.eval()
+        want = {n: m.training for n, m in model.named_modules()}
+        prune_(model, config, X, **kwargs)
+        assert {n: m.training for n, m in model.named_modules() if n in want} == want

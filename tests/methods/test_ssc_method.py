@@ -266,3 +266,25 @@ def test_a_model_that_is_a_single_conv_is_refused_and_left_as_it_was():
     with pytest.raises(PruningError, match="the model itself is this conv"):
         prune_(conv, SSCConfig(groups=1, spatial_period=2, keep_first=False), torch.randn(1, 8, 6, 6))
     assert not list(conv.children()) and conv.state_dict().keys() == before.keys()
+
+
+def test_a_converted_layer_keeps_the_hooks_and_the_frozen_weights_of_its_conv():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    x = torch.randn(1, 3, 8, 8)
+    seen = []
+    model[2].register_forward_hook(lambda mod, args, out: seen.append(out))
+    handle = model[4].register_forward_pre_hook(lambda mod, args: (2 * args[0],))
+    model[2].requires_grad_(False)
+    prune_(model, SSCConfig(groups=1, spatial_period=4, init="project"), x)
+    assert isinstance(model[2], SSCConv2d) and isinstance(model[4], SSCConv2d)
+    assert [p.requires_grad for p in model[2].parameters()] == [False] * 3  # frozen as the conv was
+    assert all(p.requires_grad for p in model[4].parameters())
+    seen.clear()
+    hidden = model[1](model[0](x))
+    out = model(x)
+    assert len(seen) == 1 and torch.equal(seen[0], model[2].forward(hidden))  # the forward hook still sees the layer
+    assert torch.equal(out, model[4].forward(2 * model[3](seen[0])))  # the pre-hook still doubles the input
+    handle.remove()  # the caller's handle still reaches the hook
+    assert torch.equal(model(x), model[4].forward(model[3](seen[0])))

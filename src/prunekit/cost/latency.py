@@ -35,6 +35,7 @@ from torch import nn
 from ..core.config import Config, check_choice
 from ..core.environment import cpu_model
 from ..core.errors import ConfigError, PrunekitError
+from ..core.modes import kept_modes
 
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -221,8 +222,10 @@ def compare_latency(models: Mapping[str, nn.Module], inputs: Inputs,
         stack.enter_context(torch.no_grad() if (cfg.compile or cfg.cuda_graph) else torch.inference_mode())
         runners = {}
         for name, model in models.items():
+            # per-module modes (a parent in train mode may hold submodules frozen in eval mode), put
+            # back through each module's train(); LIFO: the same module passed twice restores correctly
+            stack.enter_context(kept_modes(model))
             runner = _Runner(name, model, base_inputs, cfg, device)
-            stack.callback(runner.restore)  # LIFO: the same module passed twice restores correctly
             runners[name] = runner
         times = _interleaved_times(list(runners.values()), cfg)
         threads_used = torch.get_num_threads()
@@ -276,8 +279,6 @@ class _Runner:
     def __init__(self, name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...],
                  cfg: LatencyConfig, device: torch.device):
         self.name, self.cfg, self.device = name, cfg, device
-        # Per-module flags: a parent in train mode may hold submodules frozen in eval mode.
-        self._flags = [(m, m.training) for m in model.modules()]
         dtype = DTYPES[cfg.dtype]
         self.copied = _needs_copy(model, cfg, device, dtype)
         work = _converted_copy(name, model, cfg, device, dtype) if self.copied else model
@@ -327,10 +328,6 @@ class _Runner:
         t0 = time.perf_counter()
         self.fn()
         return (time.perf_counter() - t0) * 1e3
-
-    def restore(self) -> None:
-        for m, flag in self._flags:
-            m.training = flag
 
 
 def latency_device(name: str) -> torch.device:

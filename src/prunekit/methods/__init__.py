@@ -39,6 +39,7 @@ def prune_(model: nn.Module, config: Config, example_inputs: Any, **kwargs: Any)
     if handler is None:
         raise ConfigError(f"{type(config).__name__} is not a registered method config; "
                           f"methods: {', '.join(METHODS.list())}")
+    from ..core.modes import kept_modes
     from ..surgery.plan_check import architecture_fingerprint
 
     try:
@@ -49,7 +50,8 @@ def prune_(model: nn.Module, config: Config, example_inputs: Any, **kwargs: Any)
     _check_recordable(model, example_inputs)
     _check_finite(model, example_inputs)
     dense = architecture_fingerprint(model)
-    result = handler(model, config, example_inputs, **kwargs)
+    with kept_modes(model):  # methods that train (or add layers) hand back the caller's train/eval modes
+        result = handler(model, config, example_inputs, **kwargs)
     # The plan names the architecture it starts from and the one it produces: replaying it on
     # another model, or saving it with another model, is then refused with a clear message.
     result.plan.fingerprint.update(dense=dense, pruned=architecture_fingerprint(model))

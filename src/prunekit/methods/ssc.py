@@ -222,6 +222,16 @@ def convert_(model: nn.Module, layers: dict[str, SSCSpec], init: str = "kaiming"
         _replace(model, name, from_conv(conv, spec, init, execution))
 
 
+def _take_over(conv: nn.Conv2d, layer: SSCConv2d) -> None:
+    """`layer`, which replaced the caller's `conv`, keeps its forward/backward hooks (the same
+    dicts, so the caller's handles still remove them) and its frozen weights."""
+    layer.__dict__.update({k: v for k, v in conv.__dict__.items()
+                           if k.startswith(("_forward_", "_backward_")) or k == "_is_full_backward_hook"})
+    for pname, p in layer.named_parameters(recurse=False):
+        source = conv.bias if pname == "bias" else conv.weight
+        p.requires_grad_(source.requires_grad)
+
+
 def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneResult:
     spec = cfg.spec()
     names = _conv_order(model, example_inputs, cfg.ignore)  # build_graph refuses ignore names the model lacks
@@ -266,6 +276,8 @@ def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneRe
     plan.meta.update({"method": "ssc", "config": cfg.to_dict()})
     plan.stamp(dense=model, pruned=work)
     adopt_(model, work)
+    for name in chosen:
+        _take_over(modules[name], model.get_submodule(name))
     metrics = {"preset": spec.to_dict(), "layer_reduction": layer_reduction(spec), "converted": sorted(chosen),
                "refitted": refit, "left_dense": dense, "execution": execution}
     return PruneResult(plan, before, after, cfg.to_dict(), metrics)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 def share_copy(model: nn.Module) -> nn.Module:
@@ -52,13 +53,14 @@ def _copy(mod: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
 def adopt_(model: nn.Module, work: nn.Module) -> None:
     """Make `model` the modified copy `work`, in place.
 
-    Modules are paired by name and class; each original takes its counterpart's attributes
-    (tensors, sizes, children) but keeps its own hooks, and children point back to the original
-    objects. Modules `work` added or replaced (a removed branch) are taken as they are.
+    Modules are paired by name and class (a class and its parametrized form count as one: a
+    layer that gained or lost weight masks); each original takes its counterpart's attributes
+    (tensors, sizes, children, class) but keeps its own hooks, and children point back to the
+    original objects. Modules `work` added or replaced (a removed branch) are taken as they are.
     """
     originals, modified = dict(model.named_modules()), list(work.named_modules())
     pairs = [(originals[name], new) for name, new in modified
-             if name in originals and type(originals[name]) is type(new)]
+             if name in originals and _plain_class(originals[name]) is _plain_class(new)]
     back = {id(new): old for old, new in pairs}
     for _, new in modified:
         for key, child in new._modules.items():
@@ -67,3 +69,9 @@ def adopt_(model: nn.Module, work: nn.Module) -> None:
     for old, new in pairs:
         if old is not new:
             old.__dict__.update({k: v for k, v in new.__dict__.items() if "hooks" not in k})
+            old.__class__ = type(new)
+
+
+def _plain_class(mod: nn.Module) -> type:
+    """The module's class, or the class parametrize derived its `Parametrized...` class from."""
+    return type(mod).__bases__[0] if parametrize.is_parametrized(mod) else type(mod)
