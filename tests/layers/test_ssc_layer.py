@@ -231,3 +231,17 @@ def test_kernel_given_as_a_pair_and_numeric_arguments_are_checked():
             SSCConv2d(8, 8, 3, SSCSpec(spatial_period=2), **bad)
     with pytest.raises(ConfigError, match="odd square kernel"):
         SSCConv2d(8, 8, (3, 5), SSCSpec(spatial_period=2))
+
+
+@pytest.mark.parametrize("spatial_period", [1, 4])
+def test_projecting_a_dense_conv_onto_a_grouped_preset_keeps_each_groups_block(spatial_period):
+    """init="project" with G > 1: filter o of group g keeps the dense conv's taps on group g's input
+    channels (that block projected onto the support); it used to refuse the ungrouped weight."""
+    from prunekit.layers.ssc import from_conv
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 64, 3, padding=1)
+    layer = from_conv(conv, SSCSpec(groups=2, spatial_period=spatial_period), init="project")
+    blocks = torch.cat([conv.weight[:32, :16], conv.weight[32:, 16:]])  # each filter's own group
+    with torch.no_grad():
+        torch.testing.assert_close(layer.dense_weight(), blocks * layer.support(), rtol=0, atol=0)

@@ -148,8 +148,14 @@ class SSCConv2d(nn.Module):
     @torch.no_grad()
     def load_dense_weight_(self, weight: Tensor, bias: Tensor | None = None) -> "SSCConv2d":
         """Copy the taps of a dense (O, C/G, k, k) weight that lie on the support (the rest is
-        dropped): the projection of a dense conv onto this layer."""
-        want = (self.out_channels, self.layout.cg, self.kernel_size, self.kernel_size)
+        dropped): the projection of a dense conv onto this layer. An ungrouped (O, C, k, k)
+        weight is first cut to each filter's own group of input channels."""
+        k, cg, groups = self.kernel_size, self.layout.cg, self.spec.groups
+        want = (self.out_channels, cg, k, k)
+        if groups > 1 and tuple(weight.shape) == (self.out_channels, cg * groups, k, k):
+            # filter o of group g reads input channels g*cg .. (g+1)*cg - 1
+            per_group = weight.view(groups, self.out_channels // groups, groups, cg, k, k)
+            weight = per_group[torch.arange(groups), :, torch.arange(groups)].reshape(want)
         if tuple(weight.shape) != want:
             raise ConfigError(f"dense weight has shape {tuple(weight.shape)}, this layer needs {want}")
         flat = weight.reshape(-1).to(self._ref().device, self._ref().dtype)
