@@ -388,3 +388,99 @@ def test_a_functional_norm_over_the_channels_makes_the_group_inexact(rms):
     graph = build_graph(model, x)
     assert graph.group("0").prunable.all() and not group_is_exact(graph.group("0"), model)
     _every_prunable_channel_matches_zeroing(model, x)
+
+
+class SizeReadOffAnother(nn.Module):
+    """A LambdaLayer-style block: its output is given the channel count read off its input
+    (`B, C, H, W = x.shape`, then `out.reshape(B, C, H, W)`), though its channels are its own
+    (`carried`) or lost in a product of its channels with themselves (`opaque`)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.a, self.v, self.b, self.how = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 2, 1), how
+
+    def forward(self, x):
+        x = self.a(x)
+        B, C, H, W = x.shape
+        v = self.v(x)
+        if self.how == "opaque":
+            t = v.flatten(2)
+            return self.b((t @ t.transpose(1, 2)).reshape(B, C, 2, 1))  # (B, 4, 4) viewed as (B, 8, 2, 1)
+        out = torch.cat([v, v], 2)  # (B, 4, 2H, W)
+        return self.b(out.reshape(B, -1 if self.how == "inferred" else C, H, W))
+
+
+# at side 4 the count read (8) is also the height of the view's input (2H)
+@pytest.mark.parametrize("how, side", [("carried", 3), ("carried", 4), ("opaque", 3)])
+def test_a_channel_count_read_off_another_tensor_sends_that_tensors_group_to_the_probe(how, side):
+    """Without a channel of `a`, C is 7 and the reshape of the untouched output fails."""
+    torch.manual_seed(0)
+    model, x = SizeReadOffAnother(how).eval(), torch.randn(2, 3, side, side)
+    assert not build_graph(model, x).group("a").proven
+    assert not build_safe_graph(model, x).group("a").prunable.any()
+
+
+def test_a_size_read_but_given_to_no_view_leaves_the_group_proven():
+    torch.manual_seed(0)
+    model, x = SizeReadOffAnother("inferred").eval(), torch.randn(2, 3, 3, 3)
+    graph = build_graph(model, x)
+    assert graph.group("a").proven and graph.group("a").prunable.all()
+    _every_prunable_channel_matches_zeroing(model, x)
+
+
+class PartialConv(nn.Module):
+    """FasterNet's partial conv: a conv over a hard-coded piece of the channels, the rest passed
+    on. `forward` is one of two methods, picked in __init__ and kept as an attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.forward = self.forward_split_cat
+
+    def forward_split_cat(self, x):
+        x1, x2 = torch.split(x, [4, 4], dim=1)
+        return torch.cat((self.conv(x1), x2), 1)
+
+
+def test_a_forward_kept_as_a_bound_method_runs_on_the_pruned_copy():
+    """Surgery works on copies of the modules: the copy's forward must read the copy's conv."""
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 1), PartialConv(), nn.Conv2d(8, 2, 1)).eval(), torch.randn(2, 3, 4, 4)
+    assert build_graph(model, x).group("1.conv").prunable.all()
+    _every_prunable_channel_matches_zeroing(model, x)
+    prune_(model, MagnitudeConfig(channel_ratio=0.5), x)
+    assert model[1].conv.out_channels == 2 and model(x).shape == (2, 2, 4, 4)
+
+
+class ComputedNormWeight(nn.Module):
+    """A norm whose scale is computed in forward from a per-channel parameter (NFNet's
+    ScaledStdConv2d: F.batch_norm(..., weight=(gain * scale).view(-1)))."""
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.a, self.b, self.op = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1), op
+        self.gain = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.op == "batch_norm":
+            y = F.batch_norm(y, None, None, weight=self.gain * 2.0, bias=-self.gain, training=True)
+        elif self.op == "group_norm":
+            y = F.group_norm(y, y.shape[1] // 2, weight=self.gain * 2.0, bias=-self.gain)
+        else:
+            y = F.layer_norm(y.permute(0, 2, 3, 1), self.gain.shape, weight=self.gain * 2.0).permute(0, 3, 1, 2)
+        return self.b(y)
+
+
+@pytest.mark.parametrize("op", ["batch_norm", "group_norm", "layer_norm"])
+def test_a_computed_norm_weight_goes_with_the_channels_it_scales(op):
+    """Pruned apart from the channels, the weight no longer fits the norm's input."""
+    torch.manual_seed(0)
+    model, x = ComputedNormWeight(op).eval(), torch.randn(2, 3, 4, 4)
+    graph = build_graph(model, x)
+    assert [g.name for g in graph.prunable_groups()] == ["a"]
+    assert "gain" in {m.qualname for m in graph.group("a").members}
+    _every_prunable_channel_matches_zeroing(model, x)

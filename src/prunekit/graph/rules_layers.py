@@ -125,6 +125,9 @@ def _per_channel(tr, call, dim: int, tensors, join: int = 1, statistics: bool = 
     for t in tensors:
         if t is not None and _named(tr, t) is not None:
             tr.add_member(*_named(tr, t), 0, c, "through")
+        elif isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == c.numel():
+            # a computed scale (NFNet's (gain * scale).view(-1)) goes with the channels it scales
+            tr.uf.union_pairs(c, along(tr.ids(t), 0, c.numel(), tr.uf))
     if call.module:
         tr.add_member(call.module, "#channels", 0, c, "through")
     if statistics:

@@ -42,8 +42,10 @@ def replay(tr, call):
         if call.name in SHAPED_LIKE:
             _pair_with_shape_source(tr, call, compress(i))
         tr.set_ids(o, i)
-        if call.name in ("view", "reshape", "unflatten") and _sized_channel_dim(call, tr.ids(o)):
+        sized = _sized_channel_dims(call, tr.ids(o)) if call.name in ("view", "reshape", "unflatten") else []
+        if sized:
             tr.unproven_ids.append(tr.ids(o))
+            tr.unproven_ids.extend(ids for n in sized for ids in tr.read_sizes.get(n, ()))
 
 
 SHAPED_LIKE = {"view_as", "reshape_as", "expand_as"}  # the result takes the shape of a second tensor
@@ -68,8 +70,8 @@ def _pair_with_shape_source(tr, call, ids: torch.Tensor) -> None:
             tr.uf.mark_fixed(ids if mine_vary else theirs)
 
 
-def _sized_channel_dim(call, ids: torch.Tensor) -> bool:
-    """True when the code gives a size (not -1) for a dim that carries channels after the view.
+def _sized_channel_dims(call, ids: torch.Tensor) -> list[int]:
+    """The sizes (not -1) the code gives for dims that carry channels after the view.
 
     `view(B, -1, 4, H, W)`, a channel shuffle in groups of 4 channels, holds a channel count: it
     no longer fits once channels go. trace.unproven lets such a size through when it happens to
@@ -79,11 +81,11 @@ def _sized_channel_dim(call, ids: torch.Tensor) -> bool:
     if call.name == "unflatten":
         start = call.arg(1, "dim")
         if not isinstance(start, int):
-            return True  # a named dim: not followed, probed
+            return [int(call.out.shape[d]) for d in varying_dims(ids)]  # a named dim: not followed, probed
         sizes = dict(enumerate(_ints((call.arg(2, "sizes"),)), start % x.dim()))
     else:
         sizes = dict(enumerate(_ints(call.args[1:] + tuple(call.kwargs.values()))))
-    return any(sizes.get(d, -1) != -1 for d in varying_dims(ids))
+    return [sizes[d] for d in varying_dims(ids) if sizes.get(d, -1) != -1]
 
 
 JOINED = {"cat", "concat", "concatenate", "stack"}

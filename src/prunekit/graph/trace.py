@@ -139,6 +139,7 @@ class Tracer(TorchFunctionMode):
         self.queue: list[tuple[Call, list[torch.Tensor], int]] = []  # calls whose rules have not run
         # ids of channels that met an op whose effect the rules cannot vouch for (see `unproven`)
         self.unproven_ids: list[torch.Tensor] = []
+        self.read_sizes: dict[int, list[torch.Tensor]] = {}  # size -> ids of channel dims read with it
         self.builtin_rules: set[str] = set()  # names whose rule is prunekit's own (set by build_graph)
 
     # ---- ids of tensors -------------------------------------------------------------------
@@ -225,7 +226,7 @@ class Tracer(TorchFunctionMode):
             return self._reshape_in_place(func, name, args, kwargs)
         out = func(*args, **kwargs)
         outs = [args[0]] if name == "__setitem__" else tensors_in(out)
-        if outs:
+        if outs or name in SIZE_READS:
             args, kwargs = _positional(_frozen(args), _frozen(kwargs))  # lists the model appends to later (DenseNet)
             self.queue.append((Call(name, func, args, kwargs, out, self._stack[-1], tensors_in((args, kwargs))),
                                outs, self._ignored_depth))
@@ -263,12 +264,18 @@ class Tracer(TorchFunctionMode):
 
     def _apply_rule(self, call: Call, outs: list[torch.Tensor], ignored: int = 0) -> None:
         inputs = call.inputs
+        if call.name in SIZE_READS:
+            return self._note_sizes(call)
         if ignored:
             return self._apply_ignored(call, outs)
         rule = self.rules.get(call.name)
         if rule is not None:
-            if call.name not in self.builtin_rules or unproven(call, self):
+            odd = unproven(call, self)
+            if call.name not in self.builtin_rules or odd:
                 self.unproven_ids.extend(ids for ids in map(self.ids, inputs) if has_ids(ids))
+                # a size read off another tensor's channels (`B, C, H, W = x.shape`, then
+                # `y.reshape(B, C, H, W)`) no longer fits y once x loses a channel
+                self.unproven_ids.extend(ids for n in odd for ids in self.read_sizes.get(n, ()))
             rule(self, call)
             return
         if any(has_ids(self.ids(t)) for t in inputs):
@@ -281,6 +288,17 @@ class Tracer(TorchFunctionMode):
                 f"Either {way}, or teach prunekit the op with "
                 f"prunekit.graph.register_rule('{call.name}', rule)."
             )
+
+    def _note_sizes(self, call: Call) -> None:
+        """x.shape, x.size(), x.size(d): the channel dims read, by size (see `unproven`)."""
+        x = call.args[0]
+        ids = self._ids.get(id(x))  # never made here: a parameter's shape read is no use of it
+        if ids is None or not has_ids(ids):
+            return
+        dim = call.arg(1, "dim")
+        for d in range(x.dim()) if dim is None else [dim % x.dim()]:
+            if ids.shape[d] > 1:
+                self.read_sizes.setdefault(int(x.shape[d]), []).append(ids)
 
     def _apply_ignored(self, call: Call, outs: list[torch.Tensor]) -> None:
         """An op inside an ignored module: its rule still runs, so that its MACs are counted,
@@ -325,6 +343,7 @@ class Tracer(TorchFunctionMode):
         self._ignored_depth -= _is_under(self._stack.pop(), self.ignore)
 
 
+SIZE_READS = {"property.shape", "size"}  # queued like ops, so that the ids read are the current ones
 REPLAYED_IN_PLACE = {"unsqueeze_", "squeeze_", "transpose_", "t_", "swapdims_", "swapaxes_"}
 RESHAPE_IN_PLACE = REPLAYED_IN_PLACE | {"resize_", "resize_as_", "as_strided_", "set_"}
 
@@ -373,22 +392,23 @@ def _is_under(module: str, prefixes: tuple[str, ...]) -> bool:
 # Ops that take sizes as Python ints: the model's code may have written a channel count there
 # (`x.reshape(B, N, 3, 8, C // 8)` with 8 heads hard-coded), which no op-level rule can tell from
 # a size read off a tensor. A call is trusted only when every size it is given is -1 (inferred),
-# 1, or the size of a dim that carries no channel (batch, height, width...).
+# 1, or the size of a dim that carries no channel (batch, height, width...). Another size may also
+# have been read off the channels of another tensor, whose channels are then not trusted either.
 SIZED_OPS = {"view", "reshape", "unflatten", "expand", "broadcast_to", "repeat", "tile"}
 
 
-def unproven(call: Call, tr: "Tracer") -> bool:
-    """True when `call` may depend on a hard-coded channel count (see SIZED_OPS)."""
+def unproven(call: Call, tr: "Tracer") -> list[int]:
+    """The sizes `call` is given that may be channel counts (see SIZED_OPS); empty when trusted."""
     if call.name not in SIZED_OPS or not call.inputs:
-        return False
+        return []
     x = call.args[0] if call.args and isinstance(call.args[0], torch.Tensor) else call.inputs[0]
     ids = tr.ids(x)
-    if ids is None or not has_ids(ids):
-        return False
+    if ids is None:
+        return []
     sizes = [a for a in _ints(call.args[1:]) + _ints(tuple(call.kwargs.values()))]
     channel = {int(n) for d, n in enumerate(x.shape) if d < ids.dim() and ids.shape[d] > 1}
     plain = ({-1, 1} | {int(n) for n in x.shape}) - channel
-    return any(n not in plain for n in sizes)
+    return [n for n in sizes if n not in plain]
 
 
 def _ints(args: tuple) -> list[int]:

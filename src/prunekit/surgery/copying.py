@@ -24,6 +24,7 @@ submodule, to parameters that were not pruned) stay valid and see the result.
 from __future__ import annotations
 
 import copy
+import types
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -43,7 +44,7 @@ def _copy(mod: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
     except TypeError:  # a class whose __new__ wants arguments
         new = copy.copy(mod)
     memo[id(mod)] = new
-    new.__dict__.update({key: value.copy() if isinstance(value, (dict, list, set)) else value
+    new.__dict__.update({key: value.copy() if isinstance(value, (dict, list, set)) else _rebound(value, mod, new)
                          for key, value in mod.__dict__.items()})
     for key, child in mod._modules.items():
         new._modules[key] = None if child is None else _copy(child, memo)
@@ -68,10 +69,18 @@ def adopt_(model: nn.Module, work: nn.Module) -> None:
                 new._modules[key] = back[id(child)]
     for old, new in pairs:
         if old is not new:
-            old.__dict__.update({k: v for k, v in new.__dict__.items() if "hooks" not in k})
+            old.__dict__.update({k: _rebound(v, new, old) for k, v in new.__dict__.items() if "hooks" not in k})
             old.__class__ = type(new)
 
 
 def _plain_class(mod: nn.Module) -> type:
     """The module's class, or the class parametrize derived its `Parametrized...` class from."""
     return type(mod).__bases__[0] if parametrize.is_parametrized(mod) else type(mod)
+
+
+def _rebound(value, source: nn.Module, target: nn.Module):
+    """A method of `source` kept as an attribute (`self.forward = self.forward_split_cat`, as timm's
+    FasterNet picks its forward) is bound to `target`: called there, it must see `target`'s children."""
+    if isinstance(value, types.MethodType) and value.__self__ is source:
+        return types.MethodType(value.__func__, target)
+    return value
