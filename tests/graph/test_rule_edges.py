@@ -484,3 +484,30 @@ def test_a_computed_norm_weight_goes_with_the_channels_it_scales(op):
     assert [g.name for g in graph.prunable_groups()] == ["a"]
     assert "gain" in {m.qualname for m in graph.group("a").members}
     _every_prunable_channel_matches_zeroing(model, x)
+
+
+class OwnLayerNorm(nn.Module):
+    """A model's own LayerNorm holding its channel count (the official ConvNeXt's)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.rand(n) + 0.5), nn.Parameter(torch.rand(n))
+        self.normalized_shape = (n,)
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("norm", ["own", "torch"])
+def test_a_functional_norm_whose_count_surgery_cannot_update_is_left_to_probing(norm):
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), OwnLayerNorm(16) if norm == "own" else nn.LayerNorm(16), nn.Linear(16, 3))
+    x = torch.randn(2, 4)
+    assert build_graph(model, x).group("0").proven == (norm == "torch")
+    result = prune_(model, MagnitudeConfig(channel_ratio=0.5, round_to=None), x)  # the probe decides, no crash
+    assert model[0].out_features == (16 if norm == "own" else 8)
+    if norm == "own":
+        assert "normalized_shape" in " ".join(result.metrics["notes"])

@@ -142,8 +142,25 @@ def batch_norm(tr, call):
                                ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))])
 
 
+# Norm modules whose channel counts (normalized_shape, num_groups) surgery keeps in step with
+# the channels (subclasses included, such as timm's LayerNorm2d)
+COUNTED_NORMS = tuple(c for c in (torch.nn.LayerNorm, torch.nn.GroupNorm, getattr(torch.nn, "RMSNorm", None)) if c)
+
+
+def _count_in_call(tr, call, dim: int) -> None:
+    """A functional norm is given its channel count as Python ints (normalized_shape, num_groups).
+    Called from a module surgery does not update (a model's own `LayerNorm(nn.Module)` holding
+    `self.normalized_shape`, as the official ConvNeXt does), that count stays after a channel
+    goes: the channels are left to probing."""
+    module = tr.model.get_submodule(call.module) if call.module else None
+    if not isinstance(module, COUNTED_NORMS):
+        x = call.args[0]
+        tr.unproven_ids.append(along(tr.ids(x), dim, x.shape[dim], tr.uf))
+
+
 def group_norm(tr, call):
     x, groups = call.args[0], int(call.arg(1, "num_groups"))
+    _count_in_call(tr, call, 1)
     _per_channel(tr, call, 1, [call.arg(2, "weight"), call.arg(3, "bias")], join=x.shape[1] // groups)
 
 
@@ -151,6 +168,7 @@ def layer_norm(tr, call):
     shape = call.arg(1, "normalized_shape")
     if len(shape) != 1:
         return _fix_all(tr, call)
+    _count_in_call(tr, call, call.args[0].dim() - 1)
     _per_channel(tr, call, call.args[0].dim() - 1, [call.arg(2, "weight"), call.arg(3, "bias")], statistics=True)
 
 
@@ -158,6 +176,7 @@ def rms_norm(tr, call):
     shape = call.arg(1, "normalized_shape")
     if len(shape) != 1:
         return _fix_all(tr, call)
+    _count_in_call(tr, call, call.args[0].dim() - 1)
     _per_channel(tr, call, call.args[0].dim() - 1, [call.arg(2, "weight")], statistics=True)
 
 
