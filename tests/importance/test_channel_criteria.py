@@ -154,3 +154,19 @@ def test_fpgm_and_activation_score_a_float64_model():
     np.testing.assert_allclose(CRITERIA.get("fpgm")(graph.group("0"), ctx).numpy(), dist.sum(1), rtol=1e-10)
     _, mean_abs = _forward_backward(m, batches)
     np.testing.assert_allclose(CRITERIA.get("activation")(graph.group("0"), ctx).numpy(), mean_abs, rtol=1e-10)
+
+
+def test_fpgm_concatenates_the_filters_of_a_channel_spanning_a_conv_group():
+    """A grouped conv makes each of its conv groups one channel: the 2 filters of the first conv and
+    the 2 of the grouped conv that a channel holds are laid side by side, not added up."""
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(72, 3)).eval()
+    graph = build_graph(m, torch.zeros(1, 2, 3, 3))
+    group = graph.group("0")
+    assert group.size == 4
+    w0, w2 = m[0].weight.detach().double().numpy(), m[2].weight.detach().double().numpy()
+    rows = np.concatenate([w0.reshape(4, 2 * 2), w2.reshape(4, 2 * 2 * 9)], 1)  # filters 2c, 2c+1 of each conv
+    dist = np.sqrt(((rows[:, None, :] - rows[None, :, :]) ** 2).sum(-1))
+    got = CRITERIA.get("fpgm")(group, ScoreContext(m, graph=graph)).double().numpy()
+    np.testing.assert_allclose(got, dist.sum(1), rtol=1e-5)

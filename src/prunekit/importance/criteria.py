@@ -127,19 +127,25 @@ def taylor(group: Group, ctx: ScoreContext) -> torch.Tensor:
 def fpgm(group: Group, ctx: ScoreContext) -> torch.Tensor:
     """Filter pruning via geometric median: channels far from all others are kept.
 
-    Each channel's producer filters are concatenated into one vector; score = sum of distances
-    to every other channel's vector (the geometric-median channel is the most redundant).
+    Each channel's producer filters are concatenated into one vector (a channel holding several
+    filters of one layer, a whole conv group, puts them side by side in their order); score = sum
+    of distances to every other channel's vector (the geometric-median channel is the most redundant).
     """
     vecs = []
     for m, w in _param_members(group, ctx, ("out",)):
         if w.dim() < 2:
             continue
         dtype = torch.promote_types(w.dtype, torch.float32)  # the model's own float64, float32 for half types
-        rows = torch.zeros(group.size, w.numel() // w.shape[m.dim], dtype=dtype)
         flat = w.movedim(m.dim, 0).reshape(w.shape[m.dim], -1).to(dtype)
         sel = m.channel >= 0
-        rows.index_add_(0, m.channel[sel], flat[sel])
-        vecs.append(rows)
+        ch = m.channel[sel]
+        counts = torch.bincount(ch, minlength=group.size)
+        order = torch.argsort(ch, stable=True)
+        slot = torch.empty_like(ch)  # the filter's place among its channel's filters
+        slot[order] = torch.arange(ch.numel()) - (counts.cumsum(0) - counts)[ch[order]]
+        rows = torch.zeros(group.size, int(counts.max()), flat.shape[1], dtype=dtype)
+        rows[ch, slot] = flat[sel]
+        vecs.append(rows.reshape(group.size, -1))
     if not vecs:
         ctx.note_fallback(group.name, "fpgm", "l2", "no producing filter of two or more dims in the group")
         return l2_scores(group, ctx)
