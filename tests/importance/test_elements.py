@@ -122,6 +122,24 @@ def test_synflow_single_round_equals_closed_form_and_leaves_model_unchanged():
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
 
 
+@pytest.mark.parametrize("frozen", [("0.weight",), ("0.weight", "0.bias", "2.weight", "2.bias")])
+def test_synflow_of_frozen_weights_and_without_autograd_equals_closed_form(frozen):
+    """SynFlow is data-free and reads no training flag: a frozen weight, or a call inside
+    torch.no_grad(), scores as the closed form says, and the flags are left as they were."""
+    m = _net(2, nn.ReLU)
+    e1, e2 = _synflow_closed_form(*_params(m))
+    for name, p in m.named_parameters():
+        p.requires_grad_(name not in frozen)
+    s = synflow_scores(m, input_shape=(3,))
+    np.testing.assert_allclose(s["0.weight"].numpy(), e1, rtol=1e-12)
+    np.testing.assert_allclose(s["2.weight"].numpy(), e2, rtol=1e-12)
+    with torch.no_grad():
+        s = synflow_scores(m, input_shape=(3,), sparsity=0.5, iterations=2)
+    assert int(sum(v.sum() for v in select_element_masks(s, 0.5).values())) == (12 + 8) // 2
+    assert all(p.requires_grad == (n not in frozen) for n, p in m.named_parameters())
+    assert all(p.grad is None for p in m.parameters())
+
+
 def test_iterative_synflow_equals_hand_rolled_schedule():
     torch.manual_seed(3)
     m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5)).double()

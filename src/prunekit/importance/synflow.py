@@ -55,6 +55,8 @@ def _linearised_copy(model: nn.Module, dtype) -> nn.Module:
         for t in work.state_dict().values():  # the tensors themselves: abs_ writes into the copy
             if t.is_floating_point():
                 t.abs_()
+    for p in work.parameters():  # a frozen weight still has its synaptic flow (the copy's flags only)
+        p.requires_grad_(True)
     return work
 
 
@@ -77,7 +79,8 @@ def synflow_scores(model: nn.Module, batches: Iterable | None = None, *, example
     rounds = 1 if sparsity is None else iterations
     keep: dict[str, torch.Tensor] | None = None
     for k in range(1, rounds + 1):
-        scores = _one_round(work, inputs, leaves)
+        with torch.enable_grad():  # also inside a caller's torch.no_grad()
+            scores = _one_round(work, inputs, leaves)
         if keep is not None:
             for key, s in scores.items():
                 s[~keep[key]] = float("-inf")  # removed in an earlier round: stays removed
