@@ -137,3 +137,16 @@ def test_a_ratio_per_group_naming_no_group_is_refused():
     assert select_removal(graph, scores, {"0": 0.5}) == {"0": [0, 1, 2, 3]}
     with pytest.raises(ConfigError, match="'conv0'.*groups: 0"):
         select_removal(graph, scores, {"conv0": 0.5})
+
+
+def test_signed_scores_are_normalised_by_their_magnitudes():
+    """Every group is scaled by the same kind of number: a group of signed scores (GraSP's) whose
+    mean is not positive was left raw beside groups divided by their mean."""
+    from prunekit.importance.select import normalize
+
+    signed = torch.tensor([-3.0, 1.0, -2.0, 0.0])  # mean -1: was returned unscaled
+    for how, denom in (("mean", 1.5), ("max", 3.0), ("sum", 6.0)):
+        torch.testing.assert_close(normalize(signed, how), signed / denom)
+    positive = torch.tensor([1.0, 3.0])
+    torch.testing.assert_close(normalize(positive, "mean"), positive / 2.0)  # unchanged for scores >= 0
+    assert torch.equal(normalize(torch.zeros(3), "mean"), torch.zeros(3))

@@ -30,10 +30,15 @@ NORMALIZERS = ("mean", "max", "sum", "none")
 
 
 def normalize(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """`scores` divided by their mean, max or sum of magnitudes ("none": as they are), so that
+    groups of different sizes and scales rank on one scale. Magnitudes, so that signed scores
+    (GraSP's) are scaled like any others rather than left raw where their mean is not positive;
+    for scores >= 0 it is the plain mean, max or sum. An all-zero group stays as it is."""
     check_choice("normalizer", how, NORMALIZERS)
     if how == "none":
         return scores
-    denom = {"mean": scores.mean(), "max": scores.max(), "sum": scores.sum()}[how]
+    size = scores.abs()
+    denom = {"mean": size.mean(), "max": size.max(), "sum": size.sum()}[how]
     return scores / denom if float(denom) > 0 else scores
 
 
