@@ -115,11 +115,17 @@ def table(data: dict) -> str:
     """Markdown table: per model and target, median (min-max) over repeats."""
     rows = ["| model | target | repeats | full prune_ ms | reuse: one trial ms | reuse x full | fast: one trial ms "
             "| fast x full | deepcopy ms | load avg |", "|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["model"], r["target"]) for r in data["runs"]}, key=lambda k: (k[0] != "resnet56", k))
+    # runs of another commit, trial count or thread count are never pooled: they get a row of their own
+    setting = lambda r: (r["trials"], str(r.get("git_commit")), r.get("threads", data.get("threads")))
+    keys = sorted({(r["model"], r["target"], setting(r)) for r in data["runs"]},
+                  key=lambda k: (k[0] != "resnet56", k[:2], str(k[2])))
+    pairs = [k[:2] for k in keys]
     span = lambda xs, f=1.0: f"{statistics.median(xs) * f:.{0 if f > 1 else 1}f} ({min(xs) * f:.{0 if f > 1 else 1}f}-{max(xs) * f:.{0 if f > 1 else 1}f})"
-    for model, target in keys:
-        rs = [r for r in data["runs"] if (r["model"], r["target"]) == (model, target)]
+    for model, target, how in keys:
+        rs = [r for r in data["runs"] if (r["model"], r["target"], setting(r)) == (model, target, how)]
         loads = [x for r in rs for x in (r["load_before"][0], r["load_after"][0])]
+        if pairs.count((model, target)) > 1:
+            target = f"{target} ({how[0]} trials, commit {how[1][:10]}, {how[2]} thread(s))"
         rows.append(f"| {model} | {target} | {len(rs)} | {span([r['full_median_s'] for r in rs], 1e3)} | "
                     f"{span([r['reuse']['per_trial_median_s'] for r in rs], 1e3)} | {span([r['reuse']['ratio_to_full'] for r in rs])} | "
                     f"{span([r['reuse_fast']['per_trial_median_s'] for r in rs], 1e3)} | {span([r['reuse_fast']['ratio_to_full'] for r in rs])} | "
@@ -149,7 +155,7 @@ def main() -> None:
     for name in args.models:
         for tname, target in TARGETS.items():
             for rep in range(args.repeats):
-                row = {"target": tname, "repeat": rep, "command": data["command"],
+                row = {"target": tname, "repeat": rep, "command": data["command"], "threads": args.threads,
                        "git_commit": data["environment"].get("git_commit"),
                        **one_repeat(name, target, args.trials, args.full)}
                 runs.append(row)

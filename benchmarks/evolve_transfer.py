@@ -136,12 +136,41 @@ def run_arm(args, crit_name, seed, dense, prepared, calib, bundle) -> dict:
             "seconds": round(time.perf_counter() - t0, 1), "loadavg": os.getloadavg()[0]}
 
 
+# Settings that change what an arm's accuracy means; files that differ in them are never pooled.
+SETTING = ("epochs", "ratio", "calib", "limit_train", "smoke")
+
+
+def _setting(data: dict) -> dict:
+    settings = data.get("settings", {})
+    key = {k: settings.get(k) for k in SETTING}
+    if settings.get("dense_sha256") is not None:
+        key["dense_sha256"] = settings["dense_sha256"]
+    return key
+
+
 def report(paths: list[str]) -> None:
-    """Markdown table per arm (val/test mean +- std over seeds) and the paper's claim: Eq. 3 at
-    least as good as the best seed metric within 1 std, and above random by more than 2 std."""
+    """One table per setting (files of the same setting are pooled): per arm val/test mean +- std
+    over seeds, and the paper's claim: Eq. 3 at least as good as the best seed metric (chosen on
+    validation) within 1 std, and above random by more than 2 std, on test."""
+    groups: list[tuple[dict, list[str], list[dict]]] = []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        key = _setting(data)
+        same = next((g for g in groups if g[0] == key), None)
+        if same is None:
+            groups.append((key, [p], list(data["records"])))
+        else:
+            same[1].append(p)
+            same[2].extend(data["records"])
+    for i, (key, files, recs) in enumerate(groups):
+        if len(groups) > 1:
+            print(("\n" if i else "") + f"Setting {key} ({', '.join(files)}):\n")
+        _report_records(recs)
+
+
+def _report_records(recs: list[dict]) -> None:
     import statistics
 
-    recs = [r for p in paths for r in json.loads(Path(p).read_text())["records"]]
     arms: dict[str, dict[str, list[float]]] = {}
     for r in recs:
         arms.setdefault(r["arm"], {"val": [], "test": [], "pruned": []})
@@ -159,9 +188,10 @@ def report(paths: list[str]) -> None:
         print(f"| {a} | {len(arms[a]['test'])} | {100 * vm:.2f} ± {100 * vs:.2f} | {100 * tm:.2f} ± {100 * ts:.2f} | {shown} |")
     seeds = [a for a in ("abs_snr", "fdr", "sym_div", "t_stat", "seed_l1", "seed_l2", "seed_geo_median") if a in stat]
     if "ga_func2" in stat and seeds and "random" in stat:
-        name = max(seeds, key=lambda a: stat[a]["test"][0])
+        name = max(seeds, key=lambda a: stat[a]["val"][0])  # chosen on validation, compared on test
         (em, es), (bm, bs), (rm, rs) = stat["ga_func2"]["test"], stat[name]["test"], stat["random"]["test"]
-        print(f"\nEq. 3 - best seed ({name}): {100 * (em - bm):+.2f} points (std {100 * es:.2f} / {100 * bs:.2f}); "
+        print(f"\nEq. 3 - best seed on validation ({name}), on test: {100 * (em - bm):+.2f} points "
+              f"(std {100 * es:.2f} / {100 * bs:.2f}); "
               f"within 1 std of it: {em >= bm - bs}; 1-std bands overlap: {em + es >= bm - bs}")
         print(f"Eq. 3 - random: {100 * (em - rm):+.2f} points; above random by more than 2 std: "
               f"{em - rm > 2 * max(es, rs)} (test accuracy)")
@@ -191,6 +221,11 @@ def main(argv=None) -> int:
     if earlier is not None and earlier != sha:
         raise SystemExit(f"{out} holds arms pruned from another dense model (sha256 {earlier[:12]}..., this one "
                          f"{sha[:12]}...): every arm must start from the same weights; write to a new --out")
+    changed = [k for k in SETTING if done["records"] and k in done.get("settings", {})
+               and done["settings"][k] != getattr(args, k)]
+    if changed:
+        was = ", ".join(f"{k}={done['settings'][k]}" for k in changed)
+        raise SystemExit(f"{out} holds arms run with other settings ({was}): write to a new --out")
     done["settings"] = {k: v for k, v in vars(args).items() if k != "proto"} | {
         "protocol": args.proto, "environment": environment(), "dense_sha256": sha}
     for seed in args.seeds:  # interleaved: every arm of a seed before the next seed

@@ -86,7 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/<auto>.json)")
     if p.parse_known_args(argv)[0].quick:  # quick values are defaults: explicit flags still win
         p.set_defaults(**QUICK)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.baseline and "{seed}" not in args.baseline and len(args.seeds) > 1:
+        # each seed carves its own validation split: one dense model for all would have trained on
+        # the other seeds' validation images
+        p.error("--baseline needs {seed} in its path when more than one seed runs")
+    return args
 
 
 class EveryKth:
@@ -210,8 +215,17 @@ def _pm(stat: dict[str, Any], scale: float = 100.0, digits: int = 1, unit: str =
     return f"{scale * stat['mean']:.{digits}f}{spread}{unit} (n={stat['n']})"
 
 
+SETTING = ("model", "device", "dtype_train", "batch_size", "limit_train", "eval_every", "pretrain_epochs",
+           "gator_epochs", "finetune_epochs", "lr", "target_macs_fraction", "round_to", "lut_batch",
+           "latency_batches", "latency_repeats")
+
+
 def markdown(records: list[dict[str, Any]]) -> str:
     """Docs tables for one or more result files of the same setting (e.g. one per seed)."""
+    for rec in records[1:]:
+        differ = [k for k in SETTING if rec.get(k) != records[0].get(k)]
+        if differ:
+            raise SystemExit(f"result files differ in {differ}: they are not one setting")
     runs: list[dict[str, Any]] = []
     for run in (run for rec in records for run in rec["runs"]):
         same = next((r for r in runs if r["seed"] == run["seed"]), None)

@@ -250,10 +250,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     path = _results_path(args)
-    done = json.loads(path.read_text()).get("rows", {}) if path.exists() else {}
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    done = stored.get("rows", {})
     if args.redo:
         for name in args.models:
             done.pop(name, None)
+    kept = [n for n in done if n != "misalignment"]
+    changed = [k for k in ("tp_ratio", "threads") if kept and k in stored and stored[k] != getattr(args, k)]
+    if changed:  # the file states one tp_ratio and thread count for all of its rows
+        raise SystemExit(f"{path} holds rows measured with {', '.join(f'{k}={stored[k]}' for k in changed)}: "
+                         "rerun with those settings, or --redo every model")
     print("load average", os.getloadavg(), flush=True)
     if args.device == "cuda":
         done["misalignment"] = {"model": "conv3x3@56", "result": misalignment(args)}

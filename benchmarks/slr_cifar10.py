@@ -27,7 +27,7 @@ chance level, it only proves the pipeline runs):
         --epochs 2 --retrain 1 --batch-size 64 --eval-batches 4 --recal-batches 2 \\
         --arms slr:irregular:0.7 admm:filter:0.5
 Full setting (GPU; not run here):
-    python benchmarks/slr_cifar10.py --baseline benchmarks/results/resnet56_dense.safetensors \\
+    python benchmarks/slr_cifar10.py --baseline 'benchmarks/results/resnet56_dense_{seed}.safetensors' \\
         --pretrain-epochs 160 --epochs 50 --seeds 0 1 2
 """
 from __future__ import annotations
@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N train images")
-    p.add_argument("--baseline", default=None, help="dense weights (.safetensors): loaded if present, else written")
+    p.add_argument("--baseline", default=None, help="dense weights (.safetensors; {seed} is replaced): loaded if "
+                   "present, else written")
     p.add_argument("--pretrain-epochs", type=int, default=160)
     p.add_argument("--pretrain-lr", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=50, help="SLR/ADMM training epochs")
@@ -88,7 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="print the docs table of saved results of one setting (e.g. one file per seed or "
                    "per arm; summary recomputed from their runs) and exit")
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/<auto>.json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.baseline and "{seed}" not in args.baseline and len(args.seeds) > 1:
+        # each seed carves its own validation split: one dense model for all would have trained on
+        # the other seeds' validation images
+        p.error("--baseline needs {seed} in its path when more than one seed runs")
+    return args
 
 
 def parse_arm(text: str) -> tuple[str, SLRConfig]:

@@ -132,10 +132,16 @@ def main() -> None:
         print(markdown(path))
         return
     data = json.loads(path.read_text()) if path.exists() else {"cases": {}}
-    data["setup"] = {"device": args.device, "dtype": args.dtype, "threads": args.threads, "repeats": args.repeats,
-                     "channels_last": args.channels_last, "cuda_graph": args.cuda_graph,
-                     "warmup": args.warmup, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-                     "command": "python benchmarks/ssc_speed.py " + " ".join(os.sys.argv[1:])}
+    setup = {"device": args.device, "dtype": args.dtype, "threads": args.threads, "repeats": args.repeats,
+             "channels_last": args.channels_last, "cuda_graph": args.cuda_graph,
+             "warmup": args.warmup, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+             "command": "python benchmarks/ssc_speed.py " + " ".join(os.sys.argv[1:])}
+    old = data.get("setup") or {}
+    changed = [k for k in setup if k != "command" and data["cases"] and k in old and old[k] != setup[k]]
+    if changed:  # the cases already there were timed otherwise: a rerun must not skip them under this setup
+        raise SystemExit(f"{path} holds cases timed with other settings "
+                         f"({', '.join(f'{k}={old[k]}' for k in changed)}): use another --out")
+    data["setup"] = setup
     cases = []
     if args.only != "models":
         for lname, c, s in LAYER_SHAPES:
@@ -153,8 +159,7 @@ def main() -> None:
             models, shape, macs_dense, macs_ssc, extra = build()
             t0 = time.time()
             entry = {"macs_dense": macs_dense, "macs_ssc": macs_ssc, "batch": batch, **extra,
-                     "times": run_case(models, shape, batch, args),
-                     "loadavg_before": os.getloadavg()[0]}
+                     "loadavg_before": os.getloadavg()[0], "times": run_case(models, shape, batch, args)}
             entry.update(summarise(entry))
             entry["seconds"] = time.time() - t0
             data["cases"][ck] = entry
