@@ -278,3 +278,18 @@ def test_a_model_already_in_the_asked_format_is_left_as_it_is():
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in (model[0], model[2]))
     apply_memory_format_(model, torch.randn(1, 3, 16, 16), "channels_last")
     assert len(calls) == 2
+
+
+def test_the_memory_format_timings_are_the_median_of_the_rounds(monkeypatch):
+    """Two interleaved rounds per format, reported as their median (the larger of the two was kept)."""
+    import prunekit.cost.memory_format as mf
+
+    rounds = iter([10.0, 7.0, 14.0, 9.0])  # contiguous, channels-last, contiguous, channels-last
+
+    class _Timed:
+        def __init__(self, name):
+            self.results = {name: type("R", (), {"median_ms": next(rounds)})()}
+    monkeypatch.setattr(mf, "compare_latency", lambda models, inputs, cfg: _Timed(next(iter(models))))
+    record = mf.choose_memory_format(nn.Conv2d(3, 8, 3), (3, 8, 8), LatencyConfig(threads=1))
+    assert (record["contiguous_ms"], record["channels_last_ms"]) == (12.0, 8.0)
+    assert record["choice"] == "channels_last"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import statistics
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ def choose_memory_format(model: nn.Module, inputs: Any, cfg: LatencyConfig) -> d
     for _ in range(2):
         for name, c in arms.items():
             times.setdefault(name, []).append(compare_latency({name: model}, inputs, c).results[name].median_ms)
-    ms = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    ms = {k: statistics.median(v) for k, v in times.items()}  # of the two rounds: their mean
     choice = "channels_last" if ms["channels_last"] < ms["contiguous"] else "contiguous"
     return {"choice": choice, "contiguous_ms": ms["contiguous"], "channels_last_ms": ms["channels_last"],
             "device": cfg.device, "dtype": cfg.dtype, "batch": cfg.batch_size, "threads": cfg.threads}
