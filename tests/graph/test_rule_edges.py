@@ -511,3 +511,37 @@ def test_a_functional_norm_whose_count_surgery_cannot_update_is_left_to_probing(
     assert model[0].out_features == (16 if norm == "own" else 8)
     if norm == "own":
         assert "normalized_shape" in " ".join(result.metrics["notes"])
+
+
+class FixedWidthOperand(nn.Module):
+    """A stream meets a tensor whose width carries no channel ids but is fixed all the same: an
+    einsum over a weight's rows (the weight's rows are no channels of the trace) or one value
+    expanded to a hard-coded width. Pruned alone, the stream no longer fits it."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.a, self.b, self.how = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), how
+        self.c, self.w = nn.Conv2d(8 if how == "stack" else 4, 2, 1), nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        b = self.b(x)
+        fixed = (torch.einsum("nchw,dc->ndhw", self.a(x), self.w) if self.how != "expand" else
+                 torch.ones(1, 1, 1, 1).expand(2, 4, 4, 4))
+        if self.how == "cat":
+            return self.c(torch.cat([fixed, b], 2))
+        if self.how == "stack":
+            return self.c(torch.stack([fixed, b], 2).flatten(1, 2))
+        if self.how == "einsum_letter":
+            return self.c(torch.einsum("nchw,nchw->nchw", fixed, b))
+        if self.how == "sdpa":
+            tokens = lambda t: t.flatten(2).transpose(1, 2)
+            return self.c(F.scaled_dot_product_attention(tokens(fixed), tokens(b), tokens(b)).transpose(1, 2).view_as(b))
+        return self.c(b * fixed)
+
+
+@pytest.mark.parametrize("how", ["einsum", "expand", "cat", "stack", "einsum_letter", "sdpa"])
+def test_a_stream_meeting_a_fixed_width_keeps_its_channels(how):
+    torch.manual_seed(0)
+    model, x = FixedWidthOperand(how).eval(), torch.randn(2, 3, 4, 4)
+    assert not build_graph(model, x).group("b").prunable.any()
+    _every_prunable_channel_matches_zeroing(model, x)

@@ -10,7 +10,7 @@ import torch
 
 from .ids import OPAQUE, along, compress, varying_dims
 from .rules import register_rule
-from .rules_tensor import _tensor_outs
+from .rules_tensor import _tensor_outs, join_aligned
 from .trace import _ints
 
 SHAPE = """view reshape flatten unflatten permute transpose swapaxes swapdims t property.T property.mT
@@ -104,9 +104,7 @@ def _join_operands(tr, call) -> None:
     ids = [tr.ids(t) for t in parts]
     for d in range(parts[0].dim()):
         if d != cut and any(i.shape[d] > 1 for i in ids):
-            pos = [along(i, d, t.shape[d], tr.uf) for t, i in zip(parts, ids)]
-            for p in pos[1:]:
-                tr.uf.union_pairs(pos[0], p)
+            join_aligned(tr, [along(i, d, t.shape[d], tr.uf) for t, i in zip(parts, ids)])
 
 
 def _compact_cat(tr, call) -> bool:

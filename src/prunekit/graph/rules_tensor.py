@@ -55,6 +55,7 @@ def elementwise(tr, call):
     # of its own is joined like any operand: pruning it apart from x would pair each kept
     # channel of x with the condition of another channel
     ids = [_spread_single(tr, t, _fit(tr, tr.ids(t), out), out) for t in tensors]
+    _fix_against_fixed_widths(tr, tensors, ids, out)
     ids = list(torch.broadcast_tensors(*ids)) if ids else []
     for i in range(len(ids)):
         for j in range(i + 1, len(ids)):
@@ -81,6 +82,32 @@ def _spread_single(tr, t: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) ->
         return ids
     tr.uf.mark_fixed(ids)
     return torch.full_like(ids, NO_ID)
+
+
+def _fix_against_fixed_widths(tr, tensors: list, ids: list, out: torch.Tensor) -> None:
+    """An operand that really spans a dim but holds no channel ids along it (an einsum over a
+    weight's rows, a single value expanded to a hard-coded width) keeps its size there when
+    channels go: channels of another operand that meet its positions along that dim are fixed
+    (pruned, the shapes would no longer broadcast)."""
+    for j, t in enumerate(tensors):
+        if tr.opaque_shape(t) is not None:
+            continue  # joined with OPAQUE below, which fixes what it meets
+        shape = (1,) * (out.dim() - t.dim()) + tuple(t.shape[max(t.dim() - out.dim(), 0):])
+        for i, mine in enumerate(ids):
+            if i != j and any(shape[d] > 1 for d in varying_dims(mine)):
+                a, b = torch.broadcast_tensors(mine, ids[j])
+                tr.uf.mark_fixed(a[(a >= 0) & (b == NO_ID)])
+
+
+def join_aligned(tr, vecs: list[torch.Tensor]) -> None:
+    """Join position j of every vector (one dim of several operands, of one size). An operand
+    with no channel id at a position (an einsum over a weight's rows) keeps its size there, so
+    the channels that meet it are fixed."""
+    for v in vecs[1:]:
+        tr.uf.union_pairs(vecs[0], v)
+    if len({v.numel() for v in vecs}) == 1:
+        grid = torch.stack([v.reshape(-1) for v in vecs])
+        tr.uf.mark_fixed(grid[:, (grid == NO_ID).any(0)])
 
 
 def _dims(tr, t, ids, out) -> list[int]:
@@ -198,7 +225,7 @@ def sdpa(tr, call):
     1/sqrt(head_dim), pruning head dims would change the scale, so q/k are then kept whole."""
     q, k, v = call.args[:3]
     qk = along(tr.ids(q), -1, q.shape[-1], tr.uf), along(tr.ids(k), -1, k.shape[-1], tr.uf)
-    tr.uf.union_pairs(*qk)
+    join_aligned(tr, list(qk))
     if call.kwargs.get("scale") is None and (len(call.args) < 7 or call.args[6] is None):
         tr.uf.mark_fixed(qk[0])
     else:
@@ -334,8 +361,7 @@ def einsum(tr, call):
     contracted = []  # one id vector per summed letter: the MACs shrink with its kept share
     for letter, places in where.items():
         vecs = [along(ids[k], d, ops[k].shape[d], tr.uf) for k, d in places]
-        for v in vecs[1:]:
-            tr.uf.union_pairs(vecs[0], v)
+        join_aligned(tr, vecs)
         if letter not in rhs:
             tr.unproven_ids.extend(vecs)  # a sum over this letter (see SUM_LIKE)
             contracted.append(vecs[0])
