@@ -126,6 +126,27 @@ def test_iterative_schedule_calls_back_between_steps():
     assert seen[0][1] > seen[1][1] > seen[2][1]
 
 
+def _grouped_chain():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.ReLU(),
+                         nn.Conv2d(16, 24, 1), nn.ReLU(), nn.Conv2d(24, 4, 1))
+
+
+def test_iterative_pruning_leaves_whole_a_grouped_conv_pruned_to_one_group(tmp_path):
+    """Step 2 keeps one of the grouped conv's two groups: it becomes a plain conv, whose input and
+    output channels trace as groups the dense model does not have. Later steps leave them whole,
+    so that the plan still names the dense model's channels and the model reloads."""
+    from prunekit.surgery.persist import load_pruned, save_pruned
+
+    x = torch.randn(2, 3, 8, 8)
+    model = _grouped_chain()
+    result = prune_(model, MagnitudeConfig(channel_ratio=0.8, steps=3, round_to=None, probe=False), x)
+    assert model[2].groups == 1 and len(result.plan.groups["0"]) == 1 and len(result.plan.groups["4"]) < 24
+    again = load_pruned(_grouped_chain(), save_pruned(model, result.plan, tmp_path / "m.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
 class _Concat(nn.Module):
     """A narrow conv concatenated with a wide one: its channels score lowest, but one must stay."""
 
@@ -308,6 +329,16 @@ def test_a_kept_multiple_beyond_the_slack_is_said():
     tried = result.metrics["rounding"]["tried"]
     assert result.metrics["rounding"]["multiple"] == 2 and all(t["shortfall"] > 0.02 for t in tried)
     assert "multiples of 2 land 0.025 away too" in result.metrics["notes"][0]
+
+
+def test_round_to_two_beyond_the_slack_is_said():
+    """round_to=2 has no smaller multiple to fall back to: kept 0.025 below macs_fraction=0.5 on the
+    digits CNN, further than round_slack, which the notes say as they do for a halved multiple."""
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10)
+    result = prune_(model, MagnitudeConfig(macs_fraction=0.5, round_to=2), torch.randn(1, 1, 8, 8))
+    assert result.metrics["rounding"]["multiple"] == 2 and result.metrics["rounding"]["tried"][-1]["shortfall"] > 0.02
+    assert "multiples of 2, which land 0.025 away" in " ".join(result.metrics.get("notes", []))
 
 
 @pytest.mark.parametrize("scope", ["local", "global"])

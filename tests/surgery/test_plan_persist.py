@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from prunekit.core.errors import CheckpointError
+from prunekit.core.errors import CheckpointError, PruningError
 from prunekit.methods import prune_
 from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.models import create_model
@@ -63,6 +63,21 @@ def test_prunings_with_different_ignore_lists_compose_and_reload(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(X), model(X))
     assert Plan(ignore=["layer3"]).compose(second).ignore == ["fc"]  # a plan that removes nothing adds none
+
+
+def test_plans_whose_group_widths_disagree_do_not_compose():
+    """The first pruning keeps one of a grouped conv's two groups, and the conv becomes a plain
+    one: the second's group "0" counts 4 channels where the first kept one conv group. Composing
+    them is refused by name, not an IndexError or a plan that keeps the wrong channels."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 16, 3, padding=1, groups=2), torch.nn.Conv2d(16, 4, 1))
+    x = torch.randn(2, 3, 8, 8)
+    first = prune_(model, MagnitudeConfig(channel_ratio=0.5, round_to=None, probe=False), x).plan
+    second = prune_(model, MagnitudeConfig(channel_ratio=0.5, round_to=None, probe=False), x).plan
+    assert (first.sizes["0"], len(first.groups["0"]), second.sizes["0"]) == (2, 1, 4)
+    with pytest.raises(PruningError, match="group '0'"):
+        first.compose(second)
 
 
 def test_save_and_load_pruned_round_trip(tmp_path):

@@ -274,8 +274,17 @@ def _step_removal(graph: Graph, scores, cfg: MagnitudeConfig, step: int, before:
     return _aligned(cfg, first_widths, by_cost, record, which)
 
 
-def _rounding_note(r: dict[str, Any], slack: float | None) -> str:
+def _rounding_note(r: dict[str, Any], slack: float | None) -> str | None:
+    """What the rounding did, when it used a smaller multiple than round_to or kept one that lands
+    further than `slack` from the target; None when neither."""
     used = r["multiple"]
+    if used >= r["round_to"]:  # nothing smaller was used: said only when the multiple kept is beyond the slack
+        own = next((t for t in reversed(r["tried"]) if t["multiple"] == used and "shortfall" in t), None)
+        if own is None or slack is None or abs(own["shortfall"]) <= slack:
+            return None
+        return (f"widths are multiples of {used}, which land {abs(own['shortfall']):.3f} away from the target "
+                f"(round_slack={slack}) and are kept as the smallest multiple tried (round_to=null gives "
+                "unrounded widths)")
     first = next((t for t in reversed(r["tried"]) if t["multiple"] > used), r["tried"][0])  # the last one refused
     if "error" in first:
         why = f"rounded to multiples of {first['multiple']} the target cannot be met"
@@ -347,6 +356,8 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
             graph = build_safe_graph(work, example_inputs, cfg.ignore, probe=cfg.probe)
             estimator = CostEstimator(work, graph)
         scores = score_groups(work, graph, cfg, batches, example_inputs, fallbacks, skipped)
+        if plan is not None:
+            scores = {n: s for n, s in scores.items() if graph.group(n).size == _width_left(plan, first_widths, n)}
         if cfg.latency_fraction is not None:
             removal, metrics["latency"] = latency_removal(
                 work, graph, scores, cfg.latency_fraction, latency_config(cfg), example_inputs, cfg.latency_tolerance,
@@ -379,13 +390,21 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         metrics["skipped_groups"] = sorted(set(skipped))
     if not metrics.get("rounding"):
         metrics.pop("rounding", None)
-    elif metrics["rounding"]["multiple"] < metrics["rounding"]["round_to"] and metrics["rounding"]["tried"]:
-        notes.append(_rounding_note(metrics["rounding"], cfg.round_slack))
+    elif metrics["rounding"]["tried"] and (note := _rounding_note(metrics["rounding"], cfg.round_slack)):
+        notes.append(note)
     if metrics.get("latency", {}).get("note"):
         notes.append(metrics["latency"]["note"])
     if notes:
         metrics["notes"] = notes
     return PruneResult(plan, before, after, config, metrics)
+
+
+def _width_left(plan: Plan, first_widths: dict[str, int], name: str) -> int | None:
+    """The channels the first step's group `name` has left after `plan`; None for a group the first
+    step's trace did not have. A later step's group of another width is not the same channels (a
+    grouped conv pruned to one group becomes a plain conv, whose channels trace as groups of their
+    own): the plan could not name them in the dense model, so it stays whole."""
+    return len(plan.groups[name]) if name in plan.groups else first_widths.get(name)
 
 
 def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any, batches: Iterable | None = None,

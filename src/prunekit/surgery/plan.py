@@ -123,6 +123,11 @@ class Plan:
             base = self.groups.get(name)
             if base is None:
                 out.groups[name], out.sizes[name] = list(keep), later.sizes[name]
+            elif later.sizes[name] != len(base):
+                raise PruningError(f"the later plan counts {later.sizes[name]} channels in group {name!r}, where this "
+                                   f"plan kept {len(base)}: its channels are not those this plan left (a grouped conv "
+                                   "pruned to one group becomes a plain conv, whose channels trace as groups of their "
+                                   "own), so the two plans do not compose into one")
             else:
                 out.groups[name] = [base[i] for i in keep]
         return out
