@@ -245,3 +245,19 @@ def test_projecting_a_dense_conv_onto_a_grouped_preset_keeps_each_groups_block(s
     blocks = torch.cat([conv.weight[:32, :16], conv.weight[32:, 16:]])  # each filter's own group
     with torch.no_grad():
         torch.testing.assert_close(layer.dense_weight(), blocks * layer.support(), rtol=0, atol=0)
+
+
+def test_trace_and_export_without_autograd_record_the_masking_not_a_cached_weight():
+    """Deployment runs under torch.no_grad(): the inference cache must not freeze the masked weight
+    into a trace as a constant, nor meet export's fake tensors (they have no data pointer)."""
+    torch.manual_seed(0)
+    layer = SSCConv2d(16, 16, 3, SSCSpec(spatial_period=4, point_period=2), padding=1).eval()
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        ref = layer(x)  # fills the inference cache
+        traced = torch.jit.trace(layer, x)  # the default check runs the layer twice
+        exported = torch.export.export(layer, (x,)).module()
+        torch.testing.assert_close(traced(x), ref, rtol=0, atol=0)
+        torch.testing.assert_close(exported(x), ref, rtol=0, atol=0)
+        layer.weight_1x1.mul_(2)  # the traced layer shares the parameters: it must follow them
+        torch.testing.assert_close(traced(x), layer(x), rtol=0, atol=0)

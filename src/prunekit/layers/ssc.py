@@ -99,8 +99,11 @@ class SSCConv2d(nn.Module):
         return self._cached("weights", self._masked_weights)
 
     def _cached(self, what: str, build):
-        """build() under autograd; without it, the result cached until a parameter changes."""
-        if torch.is_grad_enabled():
+        """build() under autograd; without it, the result cached until a parameter changes. Never
+        cached while torch.jit.trace, torch.export or torch.compile records the layer: they must
+        see the masking ops (a cached tensor would be frozen in as a constant, and export's fake
+        tensors have no data pointer to key the cache by)."""
+        if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return build()
         # inference tensors (copies made under inference_mode) have no version counter and cannot
         # change outside inference mode: their identity is enough
