@@ -56,18 +56,9 @@ def test_scoring_with_gradients_leaves_the_callers_grad_in_place():
 def test_modes_come_back_through_each_modules_own_train():
     """A module whose train()/eval() does work (fusing branches for inference, say) is put back
     through it, not by setting its flag."""
-    class Fusing(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.fused = nn.Conv2d(3, 3, 1), False
+    from prunekit.testing.toy_models import FusesInEval
 
-        def train(self, mode=True):
-            self.fused = not mode
-            return super().train(mode)
-
-        def forward(self, x):
-            return self.conv(x)
-    m = nn.Sequential(Fusing(), nn.BatchNorm2d(3)).train()
+    m = nn.Sequential(FusesInEval(), nn.BatchNorm2d(3)).train()
     run_model(m, torch.randn(1, 3, 4, 4))
     assert m.training and m[0].training and not m[0].fused
 

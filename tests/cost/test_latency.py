@@ -98,21 +98,12 @@ def test_model_restored_when_forward_fails():
 def test_a_module_whose_train_does_work_is_given_its_mode_back_through_it():
     """A module that fuses its branches in eval() (as reparametrised blocks do) is unfused again
     through its own train(), not left fused under a training flag."""
-    class Fusing(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.fused = nn.Conv2d(3, 3, 1), False
+    from prunekit.testing.toy_models import FusesInEval
 
-        def train(self, mode=True):
-            self.fused = not mode
-            return super().train(mode)
-
-        def forward(self, x):
-            return self.conv(x)
-
-    net = nn.Sequential(Fusing(), nn.ReLU()).train()
+    net = nn.Sequential(FusesInEval(), nn.ReLU()).train()
     measure_latency(net, (3, 4, 4), FAST)
     assert net.training and net[0].training and not net[0].fused
+
 
 def test_example_tensor_and_multiple_inputs():
     class Add(nn.Module):

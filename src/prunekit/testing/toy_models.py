@@ -292,6 +292,22 @@ class TiedHead(nn.Module):
         return self.head(self.emb(x))
 
 
+class FusesInEval(nn.Module):
+    """A module whose train()/eval() does work, as reparametrised blocks fuse their branches for
+    inference: a mode given back by setting the flag leaves it fused under a training flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fused = nn.Conv2d(3, 3, 1), False
+
+    def train(self, mode: bool = True):
+        self.fused = not mode
+        return super().train(mode)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
 TOY_MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], object]]] = {
     "residual_projection": (ResidualNet, lambda: torch.randn(2, 3, 8, 8)),
     "residual_zeropad": (lambda: ResidualNet(zero_pad=True), lambda: torch.randn(2, 3, 8, 8)),
