@@ -195,3 +195,14 @@ def test_a_task_s_dense_model_is_the_same_whatever_ran_before(tmp_path):
     torch.rand(1000)  # the process's random state moves on
     train_dense(task, tmp_path / "b.safetensors")
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_a_serial_search_gives_the_callers_thread_count_back(dense, tmp_path):
+    """Serial jobs run in the caller's process on threads_per_job threads; the caller keeps its own."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run_search(_cfg(dense, generations=0, threads_per_job=1), tmp_path, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -133,9 +133,19 @@ def prune_copy(state: TaskState, criterion, ratio: float) -> torch.nn.Module:
 
 
 def run_job(job: Job) -> dict:
-    """Evaluate one (function, task, seed): {"key", "acc", "error", "seconds"}; acc 0 on failure."""
-    start = time.perf_counter()
+    """Evaluate one (function, task, seed): {"key", "acc", "error", "seconds"}; acc 0 on failure.
+    Runs on `job.threads` torch threads and gives the caller's thread count back (a serial search
+    runs jobs in the caller's process)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(job.threads)
+    try:
+        return _run_job(job)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_job(job: Job) -> dict:
+    start = time.perf_counter()
     # Outside the try: a task that cannot be prepared (dense weights, data) is no function's fault;
     # scoring every function 0 would let the whole search run on nothing. It stops the search.
     state = task_state(job.task, job.dense_path, job.device)
