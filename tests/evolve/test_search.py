@@ -206,3 +206,19 @@ def test_a_serial_search_gives_the_callers_thread_count_back(dense, tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_executor_ray_without_ray_is_refused_before_any_training(monkeypatch, tmp_path):
+    """Found before the dense models train (it was found only when the first generation started)."""
+    import importlib.util
+
+    from prunekit.evolve.search import check_tasks
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    cfg = EvolveConfig(tasks=[digits_task()], population=4, parents=2, generations=1, executor="ray")
+    with pytest.raises(ConfigError, match="executor='ray' needs Ray"):
+        check_tasks(cfg)
+    with pytest.raises(ConfigError, match="executor='ray' needs Ray"):
+        run_search(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "dense").exists()  # nothing trained

@@ -227,10 +227,15 @@ def _state_error(data: dict) -> str:
 
 def check_tasks(cfg: EvolveConfig) -> None:
     """ConfigError for a task whose model, data settings, data path or dense weights cannot be
-    used, before anything is trained: a search would otherwise fail only on reaching that task."""
+    used, or for executor='ray' without Ray installed, before anything is trained: a search would
+    otherwise fail only on reaching that task, or after training the dense models."""
+    import importlib.util
+
     from ..data import DataConfig
     from ..models import get_model_spec
 
+    if cfg.executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("executor='ray' needs Ray: pip install 'prunekit[distributed]', or use executor='process'")
     for task in cfg.tasks:
         where = f"task {task.name!r}"
         try:
