@@ -83,10 +83,9 @@ def finish(job: Job, title: str) -> dict[str, Any]:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """`data` as JSON at `path`, replaced atomically: a crash never leaves half a file there."""
-    from ..core.integrity import atomic_write
+    from ..core.integrity import atomic_write_text
 
-    text = json.dumps(data, indent=1, default=str)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
 def _latency_line(latency: dict[str, Any]) -> str:

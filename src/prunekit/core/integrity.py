@@ -69,6 +69,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> N
         raise
 
 
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """`text` (UTF-8) at `path`, replaced atomically (`atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def _plain_mode(path: Path) -> int:
     """The permissions `open(path, "w")` would leave: those of the file it replaces, else 0o666
     less the umask (mkstemp makes its file 0o600, which nobody else could read)."""

@@ -68,6 +68,11 @@ def elementwise(tr, call):
         tr.set_ids(o, _fit(tr, result, o))
 
 
+def _aligned_shape(t: torch.Tensor, out: torch.Tensor) -> tuple[int, ...]:
+    """`t`'s shape as broadcasting lines it up with `out`'s dims (1 where it has none)."""
+    return (1,) * (out.dim() - t.dim()) + tuple(t.shape[max(t.dim() - out.dim(), 0):])
+
+
 def _spread_single(tr, t: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """An operand holding one channel, of size 1 along a dim where the output is wider (a CBAM-style
     spatial attention map, N x 1 x H x W, times an N x C x H x W stream), multiplies every output
@@ -77,7 +82,7 @@ def _spread_single(tr, t: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) ->
     stream's channels into one."""
     if tr.opaque_shape(t) is not None or varying_dims(ids) or not bool((ids >= 0).any()):
         return ids
-    shape = (1,) * (out.dim() - t.dim()) + tuple(t.shape[max(t.dim() - out.dim(), 0):])
+    shape = _aligned_shape(t, out)
     if not any(s == 1 < o for s, o in zip(shape, out.shape)):
         return ids
     tr.uf.mark_fixed(ids)
@@ -92,7 +97,7 @@ def _fix_against_fixed_widths(tr, tensors: list, ids: list, out: torch.Tensor) -
     for j, t in enumerate(tensors):
         if tr.opaque_shape(t) is not None:
             continue  # joined with OPAQUE below, which fixes what it meets
-        shape = (1,) * (out.dim() - t.dim()) + tuple(t.shape[max(t.dim() - out.dim(), 0):])
+        shape = _aligned_shape(t, out)
         for i, mine in enumerate(ids):
             if i != j and any(shape[d] > 1 for d in varying_dims(mine)):
                 a, b = torch.broadcast_tensors(mine, ids[j])

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..core.errors import CheckpointError, PruningError, read_json
-from ..core.integrity import atomic_write
+from ..core.integrity import atomic_write_text
 from ..graph import Graph, build_graph
 from .copying import adopt_, share_copy
 from .plan_check import architecture_fingerprint, check_fingerprint, parse_plan_dict, removal_from_plan
@@ -221,8 +221,7 @@ def replay_entries(plan: Plan) -> dict[str, Any]:
 
 def save_plan(plan: Plan, path: str | Path) -> None:
     """Write the plan as JSON atomically: a failed write leaves the previous file whole."""
-    text = plan.to_json()
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(path, plan.to_json())
 
 
 def load_plan(path: str | Path) -> Plan:
