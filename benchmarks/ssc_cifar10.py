@@ -4,7 +4,9 @@ narrowed dense network, at 4x and 8x (and any other) reduction, several seeds; r
 Every arm starts from a freshly initialised model (seeded), is pruned or converted at
 initialisation, and trains with the shared protocol's schedule (`prunekit.protocol.PROTOCOL`:
 its from-scratch `dense_train`, 30 epochs one-cycle SGD, batch 256, label smoothing 0.1), then
-reports validation and test accuracy. Parameter budget per reduction = the whole-model
+reports validation and test accuracy. Each (arm, seed) checkpoints every epoch under
+`<out>.ckpt/` (removed once its record is written): a killed run resumes where it stopped when
+the same command is run again, with the result of an uninterrupted run. Parameter budget per reduction = the whole-model
 parameter count of the SSC "het" preset; PaI arms get the global sparsity over conv/Linear
 weights that leaves exactly that many nonzero parameters; the narrowed dense arm is
 MagnitudeConfig(params_fraction=budget/dense, scope="local", round_to=None) (uniformly thinner, at or just
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -112,6 +115,7 @@ def main(argv=None) -> Path:
     torch.set_num_threads(1) if args.device == "cpu" else None
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {"records": {}}
+    ckpt_root = out.parent / (out.name + ".ckpt")
     cfg = PROTOCOL.dense_train if args.epochs is None else PROTOCOL.dense_train.replace(epochs=args.epochs)
     data["setup"] = {"protocol_schedule": cfg.to_dict(), "model": args.model, "device": args.device,
                      "limit_train": args.limit_train, "synflow_iterations": args.synflow_iterations, "execution": args.execution,
@@ -128,14 +132,21 @@ def main(argv=None) -> Path:
                     continue
                 t0 = time.time()
                 model, rec = build_arm(arm, reduction, seed, args, example, calib)
-                train(model, bundle.train, bundle.val, cfg.replace(seed=seed), device=args.device, progress=False)
+                ckpt = ckpt_root / key.replace(":", "_")
+                res = train(model, bundle.train, bundle.val, cfg.replace(seed=seed), device=args.device,
+                            progress=False, ckpt_dir=ckpt, resume=True)
                 rec.update(val_acc=evaluate(model, bundle.val)["acc"], test_acc=evaluate(model, bundle.test)["acc"],
                            seconds=time.time() - t0, loadavg=os.getloadavg()[0], epochs=cfg.epochs)
+                if res.start_epoch:  # `seconds` covers this process only
+                    rec["resumed_at_epoch"] = res.start_epoch
                 data["records"][key] = rec
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(data, indent=1))
+                shutil.rmtree(ckpt, ignore_errors=True)
                 print(f"{key:<34} params {rec['params_nonzero']:>9,}  MACs {rec['macs_nonzero']:>12,}  "
                       f"test {rec['test_acc']:.4f}  ({rec['seconds']:.0f} s)", flush=True)
+    if ckpt_root.is_dir() and not any(ckpt_root.iterdir()):
+        ckpt_root.rmdir()
     return out
 
 
