@@ -5,7 +5,7 @@ import pytest
 
 from prunekit.core.errors import ConfigError
 from prunekit.report.tables import (fmt_accuracy, fmt_count, fmt_delta_pp, fmt_int, fmt_ms, fmt_pct,
-                                    fmt_reduction, html_table, markdown_table)
+                                    fmt_reduction, html_table, markdown_table, md_escape)
 
 
 @pytest.mark.parametrize("value, text", [
@@ -37,6 +37,10 @@ def test_markdown_table_escapes_and_aligns():
         "| a\\|b\\<c\\>\\* | 3 |",
         "| two lines | n/a |",
     ]
+
+
+def test_markdown_escape_stops_links_entities_and_emphasis_but_keeps_names_readable():
+    assert md_escape("[x](http://a) &lt; _em_ seed_l2") == "\\[x\\](http://a) \\&lt; \\_em\\_ seed_l2"
 
 
 def test_html_table_escapes_every_cell_and_header():

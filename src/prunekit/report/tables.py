@@ -21,7 +21,7 @@ from ..core.errors import ConfigError
 
 NA = "n/a"
 _SUFFIXES = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
-_MD_SPECIAL = "\\|<>*`"
+_MD_SPECIAL = "\\|<>*`[]&"
 
 
 def _missing(x: Any) -> bool:
@@ -131,9 +131,16 @@ def _check_align(align: str | None, headers: Sequence[Any]) -> str:
 
 
 def md_escape(text: str) -> str:
-    """Backslash-escape Markdown table/markup characters and fold newlines into spaces."""
+    """Backslash-escape Markdown table/markup characters (links, entities, emphasis; an underscore
+    only where it could emphasise) and fold newlines into spaces."""
     text = " ".join(text.splitlines())  # a newline would end the table row
-    return "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in text)
+    return "".join("\\" + ch if ch in _MD_SPECIAL or (ch == "_" and not _inside_word(text, i)) else ch
+                   for i, ch in enumerate(text))
+
+
+def _inside_word(text: str, i: int) -> bool:
+    """Whether text[i] sits between two letters or digits (an underscore there never emphasises)."""
+    return 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum()
 
 
 def markdown_table(headers: Sequence[Any], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
