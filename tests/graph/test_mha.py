@@ -201,3 +201,35 @@ def test_heads_without_returned_weights_are_vouched_for():
     graph = build_graph(model, X)
     assert graph.group("embed").prunable.all() and graph.group("embed").proven
     check_removal_matches_zeroing(model, X, graph, {"embed": [1]})
+
+
+class WholeTransformer(nn.Module):
+    """nn.Transformer checks its inputs' width against its d_model attribute (it holds no tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(8, 32)
+        self.t = nn.Transformer(32, 4, 1, 1, 64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.head(self.t(h, h)).mean(1)
+
+
+def test_nn_transformer_d_model_follows_its_pruned_layers(tmp_path):
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+    from prunekit.surgery.persist import load_pruned, save_pruned
+
+    torch.manual_seed(0)
+    model, x = WholeTransformer().eval(), torch.randn(2, 5, 8)
+    result = prune_(model, MagnitudeConfig(channel_ratio=0.5, round_to=None), x)
+    assert model.t.d_model == model.emb.out_features == 16
+    assert result.cost_after.params < result.cost_before.params
+    path = save_pruned(model, result.plan, tmp_path / "t.safetensors")
+    torch.manual_seed(1)
+    fresh = load_pruned(WholeTransformer(), path).eval()
+    assert fresh.t.d_model == 16
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))

@@ -75,6 +75,9 @@ def remove_channels_(model: nn.Module, graph: Graph, remove: Mapping[str, Sequen
         fix = ATTRIBUTE_FIXES.get(type(mod)) or _fix_by_base(mod)
         if fix is not None:
             fix(mod, sizes)
+    for mod in mods.values():
+        if isinstance(mod, nn.Transformer):
+            _fix_transformer(mod)
 
 
 def _sliced(mods: dict[str, nn.Module], keep: dict) -> tuple[dict, dict]:
@@ -212,6 +215,14 @@ def _fix_multihead_attention(m: nn.MultiheadAttention, sizes: dict[str, int]) ->
         m.embed_dim = m.q_proj_weight.shape[0]
         m.kdim, m.vdim = m.k_proj_weight.shape[1], m.v_proj_weight.shape[1]
     m.num_heads = m.embed_dim // m.head_dim
+
+
+def _fix_transformer(m: nn.Transformer) -> None:
+    """nn.Transformer holds no tensor but checks its inputs' width against d_model."""
+    layers = [*getattr(m.encoder, "layers", ()), *getattr(m.decoder, "layers", ())]
+    widths = [layer.linear1.in_features for layer in layers if isinstance(getattr(layer, "linear1", None), nn.Linear)]
+    if widths:
+        m.d_model = widths[0]
 
 
 def _fix_rnn(m: nn.RNNBase, sizes: dict[str, int]) -> None:
