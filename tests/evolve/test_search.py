@@ -1,11 +1,13 @@
 """The GP search on digits: resumable to the identical result, through every executor."""
 import json
+import os
 import random
+import time
 
 import pytest
 import torch
 
-from prunekit.core.errors import CheckpointError, ConfigError
+from prunekit.core.errors import CheckpointError, ConfigError, TrainingError
 from prunekit.engine.train import TrainConfig
 from prunekit.evolve import EvolveConfig, digits_task, run_search
 from prunekit.evolve.fitness import train_dense
@@ -222,3 +224,39 @@ def test_executor_ray_without_ray_is_refused_before_any_training(monkeypatch, tm
     with pytest.raises(ConfigError, match="executor='ray' needs Ray"):
         run_search(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "dense").exists()  # nothing trained
+
+
+def test_a_failing_job_cancels_the_queued_ones_instead_of_waiting_for_them():
+    from prunekit.evolve.jobs import create_executor
+
+    start = time.perf_counter()
+    with pytest.raises(TypeError, match="'str' object cannot be interpreted"):
+        with create_executor("process", 1, job_fn=time.sleep) as run:
+            run(["not a number"] + [1.0] * 12)
+    assert time.perf_counter() - start < 8  # the 12 queued seconds were not run
+
+
+def test_a_dead_worker_is_one_clear_error():
+    from prunekit.evolve.jobs import create_executor
+
+    with pytest.raises(TrainingError, match="worker process died"):
+        with create_executor("process", 1, job_fn=os._exit) as run:
+            run([3])
+
+
+def test_a_failing_ray_job_cancels_the_pending_ones():
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (prunekit[distributed])")
+    from prunekit.evolve.jobs import create_executor
+
+    if ray.is_initialized():
+        pytest.skip("Ray is already running: the executor would not start it")
+    cancelled = []
+    real_cancel = ray.cancel
+    ray.cancel = lambda ref, **kw: (cancelled.append(ref), real_cancel(ref, **kw))
+    try:
+        with pytest.raises(Exception, match="cannot be interpreted"):
+            with create_executor("ray", 1, job_fn=lambda s: time.sleep(s)) as run:
+                run(["not a number"] + [1.0] * 6)
+    finally:
+        ray.cancel = real_cancel
+    assert len(cancelled) >= 5

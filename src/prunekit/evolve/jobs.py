@@ -1,7 +1,8 @@
 """Where fitness jobs run: in this process, a local process pool (the default) or Ray.
 
 Every job is independent (`fitness.Job`, plain data), so the executors only map `run_job` over a
-list and report progress. Ray is an optional extra (`pip install prunekit[distributed]`): with
+list and report progress. When a job raises, the jobs not yet started are cancelled and the error
+propagates; a pool worker that dies (killed, out of memory) is one TrainingError. Ray is an optional extra (`pip install prunekit[distributed]`): with
 `address=None` it starts a local cluster with `workers` CPUs, with an address it joins that
 cluster; each job is a Ray task asking for `num_cpus` CPUs and `num_gpus` GPUs.
 
@@ -14,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Iterator
 
 from tqdm.auto import tqdm
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, TrainingError
 from .fitness import Job, run_job
 
 Runner = Callable[..., list]
@@ -48,15 +50,16 @@ def _bar(total: int, desc: str, progress: bool):
 
 @contextlib.contextmanager
 def create_executor(kind: str, workers: int = 2, address: str | None = None, num_cpus: float = 1.0,
-                    num_gpus: float = 0.0) -> Iterator[Runner]:
-    """A context giving `run(jobs, desc="", progress=False) -> results in job order`."""
+                    num_gpus: float = 0.0, job_fn: Callable[[Any], Any] = run_job) -> Iterator[Runner]:
+    """A context giving `run(jobs, desc="", progress=False) -> [job_fn(job) for job in jobs]`
+    (in job order); `job_fn` must be importable by name for the process pool."""
     if kind == "serial":
         def run_serial(jobs: list[Job], desc: str = "", progress: bool = False) -> list:
             out = []
             with _bar(len(jobs), desc, progress) as bar:
                 for job in jobs:
                     with _own_rng():
-                        out.append(run_job(job))
+                        out.append(job_fn(job))
                     bar.update()
             return out
         yield run_serial
@@ -64,21 +67,31 @@ def create_executor(kind: str, workers: int = 2, address: str | None = None, num
         # spawn: a forked child would inherit the parent's torch/OpenMP thread state
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             def run_pool(jobs: list[Job], desc: str = "", progress: bool = False) -> list:
-                futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
+                futures = {pool.submit(job_fn, job): i for i, job in enumerate(jobs)}
                 out: list = [None] * len(jobs)
-                with _bar(len(jobs), desc, progress) as bar:
-                    for fut in as_completed(futures):
-                        out[futures[fut]] = fut.result()
-                        bar.update()
+                try:
+                    with _bar(len(jobs), desc, progress) as bar:
+                        for fut in as_completed(futures):
+                            out[futures[fut]] = fut.result()
+                            bar.update()
+                except BrokenProcessPool:
+                    raise TrainingError("a fitness worker process died before its job finished (killed, or out of "
+                                        "memory?); run again with fewer workers or threads per job (a search "
+                                        "resumes from its last finished generation)") from None
+                except BaseException:
+                    for fut in futures:  # the pool would otherwise run every queued job before exiting
+                        fut.cancel()
+                    raise
                 return out
             yield run_pool
     elif kind == "ray":
-        yield from _ray_runner(workers, address, num_cpus, num_gpus)
+        yield from _ray_runner(workers, address, num_cpus, num_gpus, job_fn)
     else:
         raise ConfigError(f"executor={kind!r} is not allowed; choose one of: process, ray, serial")
 
 
-def _ray_runner(workers: int, address: str | None, num_cpus: float, num_gpus: float) -> Iterator[Runner]:
+def _ray_runner(workers: int, address: str | None, num_cpus: float, num_gpus: float,
+                job_fn: Callable[[Any], Any]) -> Iterator[Runner]:
     try:
         import ray
     except ImportError:
@@ -88,18 +101,23 @@ def _ray_runner(workers: int, address: str | None, num_cpus: float, num_gpus: fl
         kwargs = {"address": address} if address else {"num_cpus": workers}
         with _own_rng():  # ray.init draws from `random`: a resumed search would vary differently
             ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, **kwargs)
-    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(run_job)
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(job_fn)
 
     def run_ray(jobs: list[Job], desc: str = "", progress: bool = False) -> list:
         refs = [remote.remote(job) for job in jobs]
         index = {ref: i for i, ref in enumerate(refs)}
         out: list = [None] * len(jobs)
         pending = list(refs)
-        with _bar(len(jobs), desc, progress) as bar:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                out[index[done[0]]] = ray.get(done[0])
-                bar.update()
+        try:
+            with _bar(len(jobs), desc, progress) as bar:
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    out[index[done[0]]] = ray.get(done[0])
+                    bar.update()
+        except BaseException:
+            for ref in pending:  # a joined cluster would otherwise keep running them
+                ray.cancel(ref)
+            raise
         return out
 
     try:
