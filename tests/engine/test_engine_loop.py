@@ -322,6 +322,35 @@ def test_a_diverging_training_stops_at_the_first_non_finite_step_with_finite_wei
     train(mlp(), TinyLoader(x, y, 16), None, TrainConfig(epochs=1, lr=0.1, grad_clip=1.0), progress=False)  # no error
 
 
+def test_a_non_finite_step_leaves_the_running_statistics_of_the_step_before():
+    from prunekit.core.errors import TrainingError
+
+    x, y = blobs(32)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    bad = x[16:].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(TrainingError, match="training diverged at epoch 1, step 2"):
+        train(model, [(x[:16], y[:16]), (bad, y[16:])], None, TrainConfig(epochs=1), progress=False)
+    assert all(torch.isfinite(b).all() for b in model.buffers())  # the statistics of step 1, not NaN
+    assert int(model[1].num_batches_tracked) == 1
+    model2 = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(TrainingError, match="step 1"):
+        train(model2, [(bad, y[16:])], None, TrainConfig(epochs=1), progress=False)
+    fresh = nn.BatchNorm1d(8)
+    assert torch.equal(model2[1].running_mean, fresh.running_mean)
+    assert torch.equal(model2[1].running_var, fresh.running_var)
+    assert int(model2[1].num_batches_tracked) == 0
+
+
+def test_a_single_sample_batch_that_batch_norm_cannot_train_on_is_one_config_error():
+    from prunekit.core.errors import ConfigError
+
+    x, y = blobs(17)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ConfigError, match="training batch 1 has a single sample.*drop_last"):
+        train(model, TinyLoader(x, y, 16), None, TrainConfig(epochs=1), progress=False)
+
+
 @pytest.mark.parametrize("batch, fragment", [
     ((None, None), "holds \\(NoneType, NoneType\\)"),
     ("x_only", "batch 0 is a Tensor"),

@@ -193,6 +193,12 @@ def test_global_selection_is_exact_and_never_empties_a_tensor():
         select_element_masks(scores, 0.95)
 
 
+def test_iterative_synflow_names_the_sparsity_asked_when_it_cannot_keep_a_weight_per_tensor():
+    m = nn.Sequential(nn.Conv2d(3, 1, 3), nn.ReLU(), nn.Conv2d(1, 4, 3))  # 27 + 36 weights
+    with pytest.raises(PruningError, match=r"sparsity 0\.99 keeps 1 of 63 weights, fewer than one for each of the 2"):
+        synflow_scores(m, example_inputs=torch.randn(1, 3, 8, 8), sparsity=0.99, iterations=10)
+
+
 def test_global_selection_ranks_mixed_dtypes_at_the_widest():
     """A float64 tensor after a float32 one is ranked in float64: no overflow to inf, no ties
     made by rounding (hand-ranked: each tensor's best first, then the highest of the rest)."""

@@ -414,6 +414,27 @@ def test_shrink_removes_closed_filters():
         assert torch.allclose(net(x), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm", ["batch_norm", "instance_norm", "group_norm"])
+def test_shrink_keeps_channels_whose_norm_without_affine_still_outputs_a_constant(norm):
+    from prunekit.methods.slr import shrink_
+
+    torch.manual_seed(0)
+    layer = {"batch_norm": lambda: nn.BatchNorm2d(6, affine=False),
+             "instance_norm": lambda: nn.InstanceNorm2d(6, track_running_stats=True),
+             "group_norm": lambda: nn.GroupNorm(3, 6, affine=False)}[norm]()
+    net = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), layer, nn.ReLU(),
+                        nn.Conv2d(6, 3, 1)).eval()
+    if getattr(layer, "running_mean", None) is not None:
+        layer.running_mean.uniform_(-1.0, -0.5)  # a zero filter's channel reads -mean / std > 0, past the ReLU
+    x = torch.randn(2, 1, 6, 6)
+    hard_prune_(net, SLRConfig(sparsity_type="filter", sparsity=0.5, layers=["2"]), example_inputs=x)
+    with torch.no_grad():
+        expected = net(x)
+    shrink_(net, x)
+    with torch.no_grad():
+        assert torch.allclose(net(x), expected, atol=1e-5)
+
+
 def test_registered_pipeline_shrinks_filter_sparsity():
     pytest.importorskip("prunekit.engine.train")
     from prunekit.engine.train import TrainConfig

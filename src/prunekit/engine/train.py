@@ -123,6 +123,21 @@ class TrainConfig(Config):
                               "set nesterov=false or give SGD a momentum")
 
 
+def running_statistics(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, buffer) of every running statistic a training forward updates (BatchNorm, and
+    InstanceNorm with track_running_stats): what one step changes besides the parameters."""
+    out = []
+    for prefix, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            out += [(f"{prefix}.{n}" if prefix else n, b) for n, b in m.named_buffers(recurse=False) if b is not None]
+    return out
+
+
+def _copies(named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{name: a copy of the tensor}, copied in one fused call (a step copies every norm's statistics)."""
+    return dict(zip([n for n, _ in named], torch._foreach_mul([t for _, t in named], 1))) if named else {}
+
+
 def _check_int(name: str, value: Any, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ConfigError(f"{name}={value!r} is invalid; use an integer >= {lo}")
@@ -189,14 +204,20 @@ class _Run:
         # After before_step: gradients a hook left on the main parameters do not leak into this step.
         self.optimizer.zero_grad(set_to_none=True)
         first = not self.labels_checked
-        buffers = {n: b.clone() for n, b in model.named_buffers()} if first else None
+        # the running statistics this forward moves: put back when the step is refused or diverges
+        buffers = {n: b.clone() for n, b in model.named_buffers()} if first else _copies(running_statistics(model))
         try:
             with autocast_context(self.device, cfg.bf16):
                 logits = self.net(x)
         except (RuntimeError, ValueError, TypeError) as err:
-            if not first or out_of_memory(err):
+            single = global_n == 1 and "more than 1 value per channel" in str(err)  # BatchNorm's refusal
+            if out_of_memory(err) or not (first or single):
                 raise
             self._restore_buffers(buffers)
+            if single:
+                raise ConfigError(f"training batch {step % self.steps_per_epoch} has a single sample, which BatchNorm "
+                                  "cannot train on (it needs two or more values per channel): drop the last partial "
+                                  "batch (drop_last=True) or choose a batch size that does not leave one sample") from err
             raise ConfigError(f"the model cannot run the first training batch (inputs {tuple(x.shape)}, {x.dtype}): "
                               f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}; give "
                               "batches of the inputs the model takes (if they are, the error is in the model's "
@@ -228,6 +249,7 @@ class _Run:
         # alone, the loss too. One synchronisation a step; the optimizer never steps into NaN.
         finite = torch.isfinite(norm) if self.ctx.enabled else torch.isfinite(norm) & torch.isfinite(loss.detach())
         if not bool(finite):
+            self._restore_buffers(buffers)
             raise TrainingError(
                 f"training diverged at epoch {state.epoch + 1}, step {step + 1}: the loss is {loss.item():.4g} and the "
                 f"gradient norm {norm.item():.4g}; lower the learning rate (lr={self.optimizer.param_groups[0]['lr']:.4g} "
@@ -240,10 +262,11 @@ class _Run:
         return ce_sum.detach(), (logits.detach().argmax(dim=1) == y).sum(), y.numel()
 
     def _restore_buffers(self, saved: dict[str, torch.Tensor]) -> None:
-        """Put back the buffers (BN running statistics) a refused first forward changed."""
+        """Put back the buffers (BN running statistics) a refused or diverged forward changed."""
         with torch.no_grad():
             for n, b in self.model.named_buffers():
-                b.copy_(saved[n])
+                if n in saved:
+                    b.copy_(saved[n])
 
     def train_epoch(self, loader: Iterable[Any], epoch: int) -> dict[str, Any]:
         """All steps of one epoch; returns train loss/accuracy summed over ranks and timings."""

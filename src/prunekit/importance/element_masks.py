@@ -57,10 +57,7 @@ def select_element_masks(scores: Mapping[str, torch.Tensor], sparsity: float,
     keys = list(scores)
     sizes = [scores[k].numel() for k in keys]
     total = sum(sizes)
-    keep_n = total - prune_count(total, _sparsity(sparsity))
-    if keep_n < len(keys):
-        raise PruningError(f"sparsity {sparsity} keeps {keep_n} of {total} weights, fewer than one for each of the "
-                           f"{len(keys)} tensors; lower the sparsity or score fewer tensors")
+    keep_n = global_keep_count(sizes, sparsity)
     dtype = functools.reduce(torch.promote_types, (scores[k].dtype for k in keys), torch.float32)  # float64 if any is
     device = scores[keys[0]].device
     flat = torch.cat([scores[k].detach().flatten().to(device, dtype) for k in keys])
@@ -72,6 +69,17 @@ def select_element_masks(scores: Mapping[str, torch.Tensor], sparsity: float,
     rest = order[~keep[order]]
     keep[rest[: keep_n - len(keys)]] = True
     return {k: part.view(scores[k].shape) for k, part in zip(keys, keep.split(sizes))}
+
+
+def global_keep_count(sizes: list[int], sparsity: float) -> int:
+    """Weights a global selection keeps of tensors of `sizes` at `sparsity`; PruningError when
+    that is fewer than one for each tensor."""
+    total = sum(sizes)
+    keep_n = total - prune_count(total, _sparsity(sparsity))
+    if keep_n < len(sizes):
+        raise PruningError(f"sparsity {sparsity} keeps {keep_n} of {total} weights, fewer than one for each of the "
+                           f"{len(sizes)} tensors; lower the sparsity or score fewer tensors")
+    return keep_n
 
 
 def _sparsity(sparsity: float) -> float:

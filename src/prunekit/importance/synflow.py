@@ -29,7 +29,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..surgery.verify import first_tensor
-from .element_masks import select_element_masks
+from .element_masks import global_keep_count, select_element_masks
 from .targets import leaf_names, target_weights
 
 
@@ -76,6 +76,8 @@ def synflow_scores(model: nn.Module, batches: Iterable | None = None, *, example
     work = _linearised_copy(model, dtype)
     params = dict(work.named_parameters())
     leaves = {k: params[n] for k, n in leaf_names(work, weights).items()}
+    if sparsity is not None and scope == "global":  # the last round's budget, checked before the first
+        global_keep_count([leaf.numel() for leaf in leaves.values()], sparsity)
     rounds = 1 if sparsity is None else iterations
     keep: dict[str, torch.Tensor] | None = None
     for k in range(1, rounds + 1):

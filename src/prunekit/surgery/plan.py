@@ -232,16 +232,19 @@ def remove_zero_channels_(model: nn.Module, example_inputs: Any, ignore: Sequenc
     """Remove every prunable channel whose producing parameters are all exactly zero.
 
     A channel qualifies when all its "out" and "through" *parameter* slices (filters, biases, BN
-    gamma/beta, layer scale) are zero: it then contributes exactly zero to every consumer, so
-    removal changes no output. Structured-sparsity methods end with this call.
+    gamma/beta, layer scale) are zero, and so is the running mean of a norm layer without affine
+    terms: it then contributes exactly zero to every consumer, so removal changes no output.
+    Channels under a LayerNorm-style statistic all stay. Structured-sparsity methods end with this call.
     """
     graph = build_graph(model, example_inputs, ignore)
     params = dict(model.named_parameters())
     remove = {}
     for g in graph.prunable_groups():
+        if any(m.name == "#statistics" for m in g.members):
+            continue  # a LayerNorm-style statistic over the channels changes when a zero channel goes
         alive = torch.zeros(g.size, dtype=torch.long)
         for m in g.tensor_members():
-            t = params.get(m.qualname)
+            t = params.get(m.qualname, _shift_without_affine(model, m))
             if m.role == "in" or t is None:
                 continue
             nz = t.detach().ne(0).movedim(m.dim, 0).reshape(t.shape[m.dim], -1).any(1)
@@ -251,3 +254,15 @@ def remove_zero_channels_(model: nn.Module, example_inputs: Any, ignore: Sequenc
         if dead and len(dead) < g.size:
             remove[g.name] = dead
     return prune_channels_(model, example_inputs, remove, ignore, graph)
+
+
+def _shift_without_affine(model: nn.Module, member) -> torch.Tensor | None:
+    """The running mean of a norm layer without an affine scale: a zero channel leaves it as
+    -mean / sqrt(var + eps), so the channel is alive wherever that mean is not zero. None for
+    any other member (an affine norm's output is read from its scale and shift)."""
+    if member.name != "running_mean":
+        return None
+    norm = model.get_submodule(member.module)
+    if not isinstance(norm, nn.modules.batchnorm._NormBase) or getattr(norm, "weight", None) is not None:
+        return None
+    return norm.running_mean
