@@ -257,6 +257,18 @@ def test_cpu_default_trains_channels_last_and_hands_the_model_back_in_its_layout
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
+
+def test_a_model_given_channels_last_comes_back_channels_last():
+    """The CPU default trains in NHWC and hands the model back in the layout it came in: a model the
+    caller had made channels-last stays so (it came back contiguous)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).to(memory_format=torch.channels_last)
+    train(model, TinyLoader(x, y, 8), None, TrainConfig(epochs=1, lr=0.1), progress=False)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last) and not model[0].weight.is_contiguous()
+
 class _Volume(nn.Module):
     """A Conv3d (5-D weight) whose depth-averaged output feeds a Conv2d (4-D weight)."""
 

@@ -28,3 +28,16 @@ def test_a_tied_weight_is_refused_before_anything_is_cut():
         remove_channels_(model, graph, {"a": [1, 2]})
     assert model.b.weight is model.a.weight and model(x).shape == (1, 3, 5, 5)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_removal_keeps_a_channels_last_model_channels_last():
+    """Slicing made every cut 4-D weight contiguous, so a channels-last model came out of channel
+    pruning (Gator, pruning at initialisation, SLR filters) half in one layout, half in the other."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(8, 4, 3)).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    remove_channels_(model, build_graph(model, x), {"0": [1, 5], "3": [0]})
+    assert model[0].weight.shape == (6, 3, 3, 3) and model[3].weight.shape == (7, 6, 3, 3)
+    for conv in (model[0], model[3], model[5]):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()

@@ -73,8 +73,8 @@ class TrainConfig(Config):
     trains in NHWC layout (its 4-D tensors; 5-D ones stay as they are); None (the default) means
     on for CPU, off elsewhere: on CPU it was measured 1.4-1.5x faster for a CIFAR ResNet-20 at
     one thread (docs/train_throughput.md), and it computes the same function (results agree to
-    float rounding). When the default turned it on, the model is handed back in the default
-    layout. `log_every` writes a
+    float rounding). When the default turned it on, the model is handed back in the layout it
+    came in (contiguous, or channels-last when the caller made it so). `log_every` writes a
     JSONL "step" record every that many steps (0: never) with the loss of this process's batch
     (rank 0's shard under torchrun).
 
@@ -377,13 +377,15 @@ def _train(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfi
         notes.append(f"bf16=True ignored on {device.type}: autocast is used on CUDA only")
         warnings.warn(notes[-1], stacklevel=3)
     model.to(device)
+    # the default layout is put back only on a model that arrived in it: a channels-last one stays so
+    restore = cfg.channels_last is None and resolve_channels_last(cfg, device) and not is_channels_last(model)
     if resolve_channels_last(cfg, device):
         to_channels_last_(model)
     try:
         return _train_loop(model, train_loader, val_loader, cfg, hooks, ckpt_dir, log_path, device, ctx,
                            progress, resume, notes)
     finally:
-        if cfg.channels_last is None and resolve_channels_last(cfg, device):
+        if restore:
             model.to(memory_format=torch.contiguous_format)  # the layout the caller gave us
 
 
@@ -391,6 +393,12 @@ def to_channels_last_(model: nn.Module) -> nn.Module:
     """NHWC layout for the model's 4-D parameters and buffers; other ranks (5-D included, which
     have no channels-last layout) stay as they are. Same parameter objects; returns model."""
     return model._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+
+
+def is_channels_last(model: nn.Module) -> bool:
+    """Whether any 4-D parameter of `model` is laid out channels-last (and not also contiguous)."""
+    return any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in model.parameters())
 
 
 def resolve_channels_last(cfg: TrainConfig, device: torch.device) -> bool:

@@ -32,7 +32,7 @@ from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PruningError
 from ..graph.groups import check_ignore
 from ..layers.sparse import SCORE_INITS, count_nonzeros, harden_, sparsify_
-from ..surgery.copying import adopt_
+from ..surgery.copying import adopt_, keep_parameters_
 from ..surgery.masks import sparsity_report
 from ..surgery.plan import empty_plan
 from .result import PruneResult
@@ -98,13 +98,15 @@ def hydra_prune_(model: nn.Module, config: HydraConfig, example_inputs: Any, *,
     for name, p in work.named_parameters():  # masked weights are "parametrizations.weight.original"
         p.requires_grad_(requires.get(name, requires.get(name.replace(".parametrizations.weight.original",
                                                                       ".weight"), True)))
-    adopt_(model, work)
-    metrics.update(count_nonzeros(model), sparsity=sparsity_report(model))
-    example_inputs = _on_device(model, example_inputs)
+    metrics.update(count_nonzeros(work), sparsity=sparsity_report(work))
+    example_inputs = _on_device(work, example_inputs)
     plan = empty_plan(example_inputs)
     plan.meta.update({"method": "hydra", "config": config.to_dict()})
-    plan.stamp(dense=model, pruned=model)  # masks change no architecture
-    return PruneResult(plan, before, count_cost(model, example_inputs), config.to_dict(), metrics)
+    plan.stamp(dense=work, pruned=work)  # masks change no architecture
+    after = count_cost(work, example_inputs)  # the last step that may fail: the caller's model is still whole
+    keep_parameters_(model, work)
+    adopt_(model, work)
+    return PruneResult(plan, before, after, config.to_dict(), metrics)
 
 
 def _on_device(model: nn.Module, example: Any) -> Any:

@@ -52,7 +52,7 @@ from ..importance.latency_target import latency_removal
 from ..importance.rounding import round_to_target
 from ..importance.select import NORMALIZERS, RemovalSelector, group_multiple
 from ..importance.targets import tied_parameters
-from ..surgery.copying import adopt_, share_copy
+from ..surgery.copying import adopt_, keep_parameters_, share_copy
 from ..surgery.plan import Plan, make_plan
 from ..surgery.prepared import PreparedPruning, prepare_pruning, register_prepared_handler
 from ..surgery.shrink import remove_channels_
@@ -377,6 +377,8 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         _check_runs(work, example_inputs, model, prepared.probed and (cfg.probe or cfg.steps == 1))
     after = cost_after(work, graph, removal, estimator)  # exact: tests compare it with a recount
     if work is not model:
+        if writes:  # a deep copy: the caller's unpruned parameters stay the model's
+            keep_parameters_(model, work)
         adopt_(model, work)
     metrics["memory_format"] = apply_memory_format_(model, example_inputs, cfg.memory_format, latency_config(cfg))
     config = cfg.to_dict()

@@ -182,10 +182,12 @@ def _element_prune(model, cfg, example_inputs, data) -> PruneResult:
     # before the masks: inputs a plan cannot record leave the model as it was. No ignore list: `ignore`
     # only chose the weights to mask, and a channel pruning composed after this plan replays on its trace
     plan = empty_plan(example_inputs)
-    apply_element_masks(model, masks)
+    work = share_copy(model)  # the masks reach the caller's model once the pruned one was counted
+    apply_element_masks(work, masks)
     plan.meta.update({"method": cfg.criterion if cfg.criterion != "random" else "random_init",
                       "config": cfg.to_dict()})
-    after = count_cost(model, example_inputs)
+    after = count_cost(work, example_inputs)
+    adopt_(model, work)
     return PruneResult(plan, before, after, cfg.to_dict(), _nonzero_views(model, masks, after))
 
 
@@ -225,8 +227,8 @@ def _channel_prune(model, cfg, example_inputs, data) -> PruneResult:
     plan.meta.update({"method": cfg.criterion if cfg.criterion != "random" else "random_init",
                       "config": cfg.to_dict()})
     plan.stamp(dense=model, pruned=work)
+    after = count_cost(work, example_inputs)
     adopt_(model, work)
-    after = count_cost(model, example_inputs)
     metrics: dict[str, Any] = {"channels_removed": {n: len(v) for n, v in removal.items()}}
     total = sum(graph.group(n).size for n in scores)
     removed = sum(metrics["channels_removed"].values())

@@ -24,8 +24,10 @@ submodule, to parameters that were not pruned) stay valid and see the result.
 from __future__ import annotations
 
 import copy
+import re
 import types
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -71,6 +73,37 @@ def adopt_(model: nn.Module, work: nn.Module) -> None:
         if old is not new:
             old.__dict__.update({k: _rebound(v, new, old) for k, v in new.__dict__.items() if "hooks" not in k})
             old.__class__ = type(new)
+
+
+def keep_parameters_(model: nn.Module, work: nn.Module) -> None:
+    """Put `model`'s parameter objects into `work`, a deep copy, wherever `work` holds a parameter
+    of the same name, shape, dtype and device, with `work`'s values and requires_grad copied into them.
+
+    Call it just before `adopt_(model, work)`: the caller's parameters (which an optimizer built
+    before the call may hold) then stay the model's parameters. A weight that gained a mask in
+    `work` (`conv.parametrizations.weight.original`) is matched to the caller's `conv.weight`.
+    """
+    originals = dict(model.named_parameters(remove_duplicate=False))
+    for mod_name, mod in work.named_modules(remove_duplicate=False):
+        for name, p in mod._parameters.items():
+            full = f"{mod_name}.{name}" if mod_name else name
+            old = originals.get(full, originals.get(_unparametrized(full)))
+            if p is None or old is None or old is p or _form(old) != _form(p):
+                continue
+            with torch.no_grad():
+                old.copy_(p)
+            old.requires_grad_(p.requires_grad)
+            mod._parameters[name] = old
+
+
+def _form(t: torch.Tensor) -> tuple:
+    return t.shape, t.dtype, t.device
+
+
+def _unparametrized(name: str) -> str:
+    """The plain name of a parametrized tensor (`conv.parametrizations.weight.original` ->
+    `conv.weight`); any other name as it is."""
+    return re.sub(r"(^|\.)parametrizations\.([^.]+)\.original$", r"\1\2", name)
 
 
 def _plain_class(mod: nn.Module) -> type:

@@ -102,9 +102,17 @@ def _sliced(mods: dict[str, nn.Module], keep: dict) -> tuple[dict, dict]:
             if not bool(k.all()):
                 value = value.index_select(dim, k.nonzero().flatten())
         if value.shape != t.shape:  # index_select made a new tensor: nothing shared with `t`
-            out[(mod_name, tname)] = value
+            out[(mod_name, tname)] = _in_layout_of(t, value)
             counts[mod_name][tname] = value.shape[slices[0][0]]
     return out, counts
+
+
+def _in_layout_of(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` in `t`'s memory format: index_select gives a contiguous tensor, and a channels-last
+    model must not come out of pruning half in one layout and half in the other."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
 
 
 def _check_ties(mods: dict[str, nn.Module], new: dict) -> None:
