@@ -65,6 +65,10 @@ BAD_ARGUMENTS = [
     # nor a layer name of SLR's (it trains, so it is not dry-run either)
     (["--method", "slr", "method.sparsity=0.5", "method.layers=[conv9]"], ["conv9"]),
     (["--method", "slr", "method.sparsity={conv9: 0.5}"], ["conv9"]),
+    # a keyword the builder takes, with a value it cannot build from (raw TypeError/RuntimeError before)
+    (["model.kwargs={width: x}"], ["model 'small_cnn' cannot be built with width='x'"]),
+    (["model.kwargs={width: -1}"], ["model 'small_cnn' cannot be built with width=-1"]),
+    (["model.kwargs={width: 1.5}"], ["model 'small_cnn' cannot be built with width=1.5"]),
 ]
 
 

@@ -172,6 +172,21 @@ def test_bad_counts_and_files(tmp_path):
         LatencyTable.load(tmp_path / "bad.json")
 
 
+@pytest.mark.parametrize("field, value", [
+    ("in_counts", 5), ("in_counts", ["a", "b", "c"]), ("in_counts", [-8, 16, 32]), ("out_counts", [4.5, 8, 20]),
+    ("values_ms", None), ("values_ms", [["x", 1, 1]] * 3), ("values_ms", [[float("nan"), 1, 1]] * 3),
+    ("values_ms", [[-1e300, 1, 1]] * 3), ("spec", "conv"), ("batch", "one"), ("settings", [1]),
+])
+def test_a_latency_table_file_of_the_wrong_types_is_one_checkpoint_error(tmp_path, field, value):
+    """A hand-edited table is refused when it is read, not by a TypeError (or a NaN latency) at lookup."""
+    data = _table().to_dict()
+    data[field] = value
+    path = tmp_path / "lut.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="corrupt latency table"):
+        LatencyTable.load(path)
+
+
 def test_string_padding_is_tabled_as_the_integers_it_stands_for():
     """'same' (odd kernels, any dilation) and 'valid' convs are timed as the equivalent integer
     padding, with the same output shape; an uneven 'same' (even kernel) is refused by name."""

@@ -130,6 +130,14 @@ def _edit(ckpt: dict, what: str) -> None:
         ckpt["scheduler"] = {"x": 1}
     elif what == "optimizer_params":
         ckpt["optimizer_params"] = [[0, 1]]
+    elif what == "optimizer_state":  # a momentum buffer of another shape: the first step raised a RuntimeError
+        ckpt["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(3)
+    elif what == "lr_nan":  # a number where a number belongs, but not finite: training diverged at once
+        ckpt["optimizer"]["param_groups"][0]["lr"] = float("nan")
+    elif what == "scheduler_steps":  # a step count of another run: the schedule divided by zero
+        ckpt["scheduler"]["last_epoch"] = -10 ** 30
+    elif what == "epoch_past_end":  # a run that would count as finished without training
+        ckpt["epoch"] = 10 ** 30
     else:
         ckpt["optimizer"]["param_groups"][0]["lr"] = "fast"
 
@@ -139,6 +147,8 @@ def _edit(ckpt: dict, what: str) -> None:
     ("hooks", "hook states"), ("cfg", "training config"), ("rng", "random generator states"),
     ("scheduler", "scheduler state"), ("optimizer", "optimizer settings"),
     ("optimizer_params", "parameter names"),
+    ("optimizer_state", "optimizer state of parameter '0.weight'"), ("lr_nan", "optimizer settings"),
+    ("scheduler_steps", "scheduler has taken"), ("epoch_past_end", "epoch"),
 ])
 def test_an_edited_checkpoint_with_a_valid_checksum_is_refused_before_anything_loads(tmp_path, what, fragment):
     """The checksum guards against damage, not edits: every entry's form is checked before any
@@ -231,3 +241,27 @@ def test_rng_state_round_trip():
     again = (torch.rand(3), np.random.rand(3), np.random.normal(), random.random(), random.gauss(0, 1))
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
     assert first[2:] == again[2:]
+
+
+def test_a_checkpoint_whose_masks_are_not_zeros_and_ones_leaves_a_fresh_model_unmasked(tmp_path):
+    """Masks are checked, every one, before the first is put on the model being resumed."""
+    from prunekit.engine.checkpoint import payload_sha256
+    from prunekit.surgery.masks import apply_mask, unstructured_mask
+
+    train_loader, val_loader = _data()
+    masked = mlp()
+    for layer in (masked[0], masked[2]):
+        apply_mask(layer, "weight", unstructured_mask(layer.weight, 0.5))
+    train(masked, train_loader, val_loader, _cfg(epochs=2), ckpt_dir=tmp_path, progress=False)
+    path = tmp_path / CHECKPOINT_NAME
+    ckpt = torch.load(path, weights_only=True)
+    key = "2.parametrizations.weight.0.mask"
+    ckpt["model"][key] = torch.full(ckpt["model"][key].shape, 0.5)
+    ckpt["checksum"] = payload_sha256(ckpt)
+    torch.save(ckpt, path)
+    model = mlp(seed=4)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CheckpointError, match="2.weight holds values other than 0 and 1"):
+        train(model, train_loader, val_loader, _cfg(epochs=2), ckpt_dir=tmp_path, progress=False, resume=True)
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -237,3 +237,25 @@ def test_a_masked_layer_called_twice_round_trips(tmp_path):
     load_sparse(dst, tmp_path / "twice.safetensors", restore_masks=True)
     assert torch.equal(get_mask(twin, "weight"), get_mask(layer, "weight"))
     assert torch.equal(dst(x), src(x))
+
+
+def test_a_mask_recorded_on_a_tensor_that_cannot_carry_one_is_refused_before_loading(tmp_path):
+    """A file that marks an integer buffer as masked: restore_masks=True refuses it with the
+    model untouched (the weights were loaded and the earlier masks applied before it failed)."""
+    good = tmp_path / "good.safetensors"
+    save_sparse(_sparse_net(), good)
+    tensors = load_file(good)
+    with safe_open(str(good), "pt") as f:
+        meta = json.loads(f.metadata()["prunekit_sparse"])
+    name = "1.num_batches_tracked"
+    meta["tensors"][name].update(encoding="bitmask", masked=True, kind="irregular")
+    tensors[f"{name}::bits"] = torch.tensor([128], dtype=torch.uint8)
+    tensors[f"{name}::values"] = tensors.pop(name).reshape(1)
+    path = tmp_path / "int_mask.safetensors"
+    save_file(tensors, path, metadata={"prunekit_sparse": json.dumps(meta)})
+    target = _net(seed=3)
+    before = _flat_state(target)
+    with pytest.raises(CheckpointError, match="num_batches_tracked.*floating-point"):
+        load_sparse(target, path, restore_masks=True)
+    assert list(target.state_dict()) == list(before)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
@@ -230,6 +231,7 @@ class LatencyTable:
     format_version: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
+        self._check_types()
         rows, cols = len(self.in_counts), max(len(self.out_counts), 1)
         shape_ok = len(self.values_ms) == rows and all(len(r) == cols for r in self.values_ms)
         if rows == 0 or not shape_ok:
@@ -237,6 +239,26 @@ class LatencyTable:
         for axis in (self.in_counts, self.out_counts):
             if any(b <= a for a, b in zip(axis, axis[1:])):
                 raise ConfigError(f"channel counts {axis} must be strictly increasing")
+
+    def _check_types(self) -> None:
+        """ConfigError naming the first field whose type or values a table cannot have."""
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        checks = [
+            (isinstance(self.spec, dict), "spec must be a mapping"),
+            (isinstance(self.settings, dict), "settings must be a mapping"),
+            (all(isinstance(v, str) for v in (self.device, self.device_name, self.dtype, self.torch_version)),
+             "device, device_name, dtype and torch_version must be text"),
+            (whole(self.batch) and self.batch >= 1, "batch must be an integer >= 1"),
+            (all(isinstance(a, list) and all(whole(c) and c >= 1 for c in a)
+                 for a in (self.in_counts, self.out_counts)), "in_counts and out_counts must list integers >= 1"),
+            (isinstance(self.values_ms, list) and all(isinstance(r, list) and all(number(v) for v in r)
+                                                      for r in self.values_ms),
+             "values_ms must be rows of finite latencies >= 0"),
+        ]
+        wrong = next((why for ok, why in checks if not ok), "")
+        if wrong:
+            raise ConfigError(f"latency table: {wrong}")
 
     @property
     def depthwise(self) -> bool:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.config import short_repr
 from ..core.errors import CheckpointError
 from ..core.integrity import atomic_write, tensors_sha256
 from ..surgery.mask_io import plain_state_names, restore_masks_from_state
@@ -231,6 +233,10 @@ def check_compatible(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch
         pairs = ", ".join(f"{k}: saved {ckpt['cfg'].get(k)!r} vs now {cfg.get(k)!r}" for k in diff)
         raise CheckpointError(f"checkpoint was written with a different TrainConfig ({pairs}); "
                               "resume with the same config or use a new ckpt_dir")
+    if ckpt["epoch"] >= cfg.get("epochs", ckpt["epoch"] + 1) or len(ckpt["history"]) != ckpt["epoch"] + 1:
+        raise CheckpointError(f"checkpoint records epoch {ckpt['epoch']} with {len(ckpt['history'])} epoch records, "
+                              f"which a run of {cfg.get('epochs')} epochs cannot have written; the file is damaged: "
+                              "delete it to restart the run")
     if ckpt["steps_per_epoch"] != steps_per_epoch:
         raise CheckpointError(f"checkpoint has {ckpt['steps_per_epoch']} steps per epoch but the "
                               f"train loader has {steps_per_epoch}; resume with the same data and batch size")
@@ -251,7 +257,43 @@ def check_compatible(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch
         if where:
             raise CheckpointError(f"checkpoint {where} does not have the form this run's has; the file is damaged "
                                   "or was written by other code: delete it to restart the run")
+    _check_scheduler_steps(ckpt, scheduler_state)
+    _check_optimizer_state(ckpt)
     _check_rng(ckpt["rng"])
+
+
+def _check_scheduler_steps(ckpt: dict[str, Any], scheduler_state: dict[str, Any] | None) -> None:
+    """The scheduler steps once per optimizer step: after epoch e it has taken (e + 1) * steps."""
+    if scheduler_state is None or "last_epoch" not in scheduler_state:
+        return
+    want = (ckpt["epoch"] + 1) * ckpt["steps_per_epoch"]
+    if ckpt["scheduler"].get("last_epoch") != want:
+        raise CheckpointError(f"checkpoint scheduler has taken {short_repr(ckpt['scheduler'].get('last_epoch'))} "
+                              f"steps, not the {want} of {ckpt['epoch'] + 1} epochs; the file is damaged: delete it "
+                              "to restart the run")
+
+
+def _check_optimizer_state(ckpt: dict[str, Any]) -> None:
+    """Every saved optimizer state tensor has its parameter's shape and a floating dtype ("step"
+    counters: one number). Parameters are found by the names the checkpoint records for them."""
+    names, state = ckpt.get("optimizer_params"), ckpt["optimizer"]["state"]
+    if names is None:
+        return  # an older file: parameters are matched by position only
+    shapes = {k: tuple(v.shape) for k, v in plain_state_names(ckpt["model"]).items()}
+    for group, group_names in zip(ckpt["optimizer"]["param_groups"], names):
+        for index, name in zip(group["params"], group_names):
+            entry = state.get(index) if not isinstance(index, (dict, list)) else None
+            if name not in shapes or not isinstance(entry, dict):
+                continue
+            for key, value in entry.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                ok = value.numel() == 1 if key == "step" else (
+                    tuple(value.shape) == shapes[name] and value.is_floating_point())
+                if not ok:
+                    raise CheckpointError(f"checkpoint optimizer state of parameter {name!r} holds {key} of shape "
+                                          f"{tuple(value.shape)} ({value.dtype}) for a parameter of shape "
+                                          f"{shapes[name]}; the file is damaged: delete it to restart the run")
 
 
 def _unlike(saved: Any, now: Any, where: str) -> str:
@@ -262,8 +304,9 @@ def _unlike(saved: Any, now: Any, where: str) -> str:
         return ""
     if isinstance(now, bool) or isinstance(now, str) or isinstance(now, torch.Tensor):
         return "" if isinstance(saved, type(now)) else where
-    if number(now):
-        return "" if number(saved) else where
+    if number(now):  # a finite setting stays finite (a NaN lr is a number too)
+        finite = lambda v: not isinstance(v, float) or math.isfinite(v)
+        return "" if number(saved) and (finite(saved) or not finite(now)) else where
     if isinstance(now, dict):
         if not isinstance(saved, dict) or set(saved) != set(now):
             return where

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ..core.config import short_repr
 from ..core.errors import ConfigError
 from ..core.registry import Registry
 
@@ -71,7 +72,16 @@ def create_model(name: str, num_classes: int | None = None, **kw: Any) -> nn.Mod
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes={num_classes!r} is invalid; use a positive integer")
     _check_keywords(name, spec.builder, kw)
-    return spec.builder(num_classes=num_classes, **kw)
+    if not kw:
+        return spec.builder(num_classes=num_classes)
+    try:
+        return spec.builder(num_classes=num_classes, **kw)
+    except (TypeError, ValueError, ArithmeticError, RuntimeError, AssertionError) as err:
+        # a keyword the builder takes, given a value it cannot build from (a recipe's width: x)
+        given = ", ".join(f"{k}={short_repr(v)}" for k, v in kw.items())
+        text = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise ConfigError(f"model {name!r} cannot be built with {given} ({type(err).__name__}: {text}); "
+                          "give values of the type and range its constructor takes") from None
 
 
 def _check_keywords(name: str, builder: Callable[..., nn.Module], kw: dict[str, Any]) -> None:

@@ -34,8 +34,8 @@ from .masks import Mask, apply_mask, get_mask, masked_modules, sparsity_report
 from .projections import pattern_library
 
 __all__ = ["pack_mask", "unpack_mask", "mask_kind", "is_nm", "effective_state", "describe_masks",
-           "restore_masks_", "restore_masks_from_state", "tied_values", "plain_state_names", "weight_sparsity",
-           "MASKS_FORMAT_VERSION"]
+           "restore_masks_", "check_masks", "restore_masks_from_state", "tied_values", "plain_state_names",
+           "weight_sparsity", "MASKS_FORMAT_VERSION"]
 
 MASKS_FORMAT_VERSION = 1
 # "<module>.parametrizations.<tensor>.<index>.mask": the buffer of a Mask in a state dict
@@ -145,9 +145,18 @@ def describe_masks(model: nn.Module) -> dict[str, Any]:
 def restore_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> nn.Module:
     """Put a `Mask` on every "module.tensor" named in `masks` (bool, broadcastable); returns model.
 
-    Every name and shape is checked first, so a mismatch raises CheckpointError with nothing
-    masked yet.
+    Every mask is checked first (`check_masks`), so a mismatch raises CheckpointError with
+    nothing masked yet.
     """
+    for module, pname, mask in check_masks(model, masks):
+        apply_mask(module, pname, mask)
+    return model
+
+
+def check_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> list[tuple[nn.Module, str, Tensor]]:
+    """(module, tensor name, mask) for every "module.tensor" of `masks`, each checked to name a
+    floating-point tensor of `model`, to broadcast to it and to hold only 0 and 1; CheckpointError
+    otherwise."""
     targets = []
     for name, mask in masks.items():
         mname, _, pname = name.rpartition(".")
@@ -163,10 +172,13 @@ def restore_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> nn.Module:
         if not fits:
             got = tuple(w.shape) if isinstance(w, Tensor) else None
             raise CheckpointError(f"mask for {name} has shape {tuple(mask.shape)} but the model's tensor is {got}")
+        if not w.is_floating_point():
+            raise CheckpointError(f"mask for {name}: only floating-point tensors can be masked, and this one is "
+                                  f"{w.dtype}; the file is damaged or was written for another model")
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise CheckpointError(f"mask for {name} holds values other than 0 and 1; the file is damaged")
         targets.append((module, pname, mask))
-    for module, pname, mask in targets:
-        apply_mask(module, pname, mask)
-    return model
+    return targets
 
 
 def tied_values(model: nn.Module, tensors: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -38,8 +38,8 @@ from torch import Tensor, nn
 
 from ..core.errors import CheckpointError, PruningError
 from ..core.integrity import atomic_write
-from .mask_io import effective_state, is_nm, mask_kind, pack_mask, tied_values, unpack_mask
-from .masks import apply_mask, get_mask, remove_parametrization_
+from .mask_io import check_masks, effective_state, is_nm, mask_kind, pack_mask, restore_masks_, tied_values, unpack_mask
+from .masks import get_mask, remove_parametrization_
 from .tensor_file import VERSIONS_KEY, file_metadata, load_state_
 
 __all__ = ["save_sparse", "load_sparse", "to_semi_structured_", "FORMAT_VERSION"]
@@ -163,14 +163,12 @@ def load_sparse(model: nn.Module, path: str | os.PathLike, restore_masks: bool =
             raise CheckpointError(f"{path}: {name} has shape {tuple(dense.shape)}, the model {tuple(target[name][0].shape)}")
         decoded[name] = (dense, keep if info.get("masked") else None)
     values = {n: d for n, (d, _) in decoded.items()}
+    masks = {n: k for n, (_, k) in decoded.items() if k is not None} if restore_masks else {}
     if restore_masks:  # a tensor tied to a masked name takes its full values, not the masked zeros
-        values = tied_values(model, values, {n: k for n, (_, k) in decoded.items() if k is not None})
+        check_masks(model, masks)
+        values = tied_values(model, values, masks)
     load_state_(model, values, meta, path)
-    if restore_masks:
-        for name, (_, keep) in decoded.items():
-            if keep is not None:
-                mname, _, pname = name.rpartition(".")
-                apply_mask(model.get_submodule(mname) if mname else model, pname, keep)
+    restore_masks_(model, masks)
     return infos
 
 
