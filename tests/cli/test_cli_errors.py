@@ -69,6 +69,11 @@ BAD_ARGUMENTS = [
     (["model.kwargs={width: x}"], ["model 'small_cnn' cannot be built with width='x'"]),
     (["model.kwargs={width: -1}"], ["model 'small_cnn' cannot be built with width=-1"]),
     (["model.kwargs={width: 1.5}"], ["model 'small_cnn' cannot be built with width=1.5"]),
+    # a warm-up as long as a phase of the method failed only when that phase began, after training
+    (["--method", "slr", "method.sparsity=0.5", "method.epochs=3", "method.retrain_epochs=1",
+      "method_train={warmup_epochs: 2}"], ["retrain_epochs=1", "method_train", "warmup_epochs=2"]),
+    (["--method", "gator", "method.target=0.5", "method.epochs=2", "train.warmup_epochs=2"],
+     ["epochs=2", "train", "warmup_epochs=2 leaves no epoch"]),
 ]
 
 

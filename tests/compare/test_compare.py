@@ -281,6 +281,22 @@ def test_budget_and_method_checks():
         CompareRecipe.from_dict(raw)
 
 
+def test_a_warmup_longer_than_an_arms_fine_tuning_is_refused_when_the_recipe_is_read():
+    # an SLR arm training 2 of the 3 budget epochs is fine-tuned for 1: a 2-epoch warm-up failed
+    # only then, after the method had trained
+    raw = {"model": {"name": "small_cnn"}, "data": {"name": "digits"}, "dense": {"train": {"epochs": 1}},
+           "finetune": {"epochs": 3, "warmup_epochs": 2, "schedule": "constant"},
+           "arms": {"l2": {"method": {"name": "magnitude", "macs_fraction": 0.5}},
+                    "slr": {"method": {"name": "slr", "sparsity": 0.5, "epochs": 1, "retrain_epochs": 1}}}}
+    with pytest.raises(ConfigError, match="arm 'slr' is fine-tuned for 1 epoch.*warmup_epochs=2"):
+        CompareRecipe.from_dict(raw)
+    raw["finetune"]["warmup_epochs"] = 1
+    assert CompareRecipe.from_dict(raw).arms["slr"].budget_left(3) == 1
+    raw["method_train"] = {"warmup_epochs": 1, "schedule": "cosine"}  # the SLR phases train 1 epoch each
+    with pytest.raises(ConfigError, match="arm 'slr'.*epochs=1 phase.*warmup_epochs=1 leaves no epoch"):
+        CompareRecipe.from_dict(raw)
+
+
 def test_pareto_front_matches_brute_force():
     rng = __import__("random").Random(0)
     for _ in range(50):

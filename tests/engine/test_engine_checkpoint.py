@@ -206,6 +206,32 @@ def test_mismatched_resume_raises(tmp_path, change, fragment):
         assert torch.equal(v, before[k])
 
 
+class OtherStateHook(Hook):
+    def __init__(self):
+        self.seen = None
+
+    def state_dict(self):
+        return {"steps": 0}
+
+    def load_state_dict(self, state):
+        self.seen = state
+
+
+def test_resuming_with_stateful_hooks_in_another_order_is_refused(tmp_path):
+    # both hooks have state, so the set of saved indices matched and each got the other's state
+    train_loader, val_loader = _data()
+    train(mlp(), train_loader, val_loader, _cfg(epochs=2), hooks=[CountingHook(), OtherStateHook()],
+          ckpt_dir=tmp_path, progress=False)
+    other, counting = OtherStateHook(), CountingHook()
+    with pytest.raises(CheckpointError, match=r"hooks\[0\].*CountingHook.*OtherStateHook.*same order"):
+        train(mlp(), train_loader, val_loader, _cfg(epochs=2), hooks=[other, counting], ckpt_dir=tmp_path,
+              progress=False, resume=True)
+    assert other.seen is None and counting.steps == 0
+    res = train(mlp(), train_loader, val_loader, _cfg(epochs=2), hooks=[counting, other], ckpt_dir=tmp_path,
+                progress=False, resume=True)
+    assert res.start_epoch == 2 and counting.steps == 2 * STEPS and other.seen == {"steps": 0}
+
+
 def test_log_every_may_change_on_resume(tmp_path):
     train_loader, val_loader = _data()
     train(mlp(), train_loader, val_loader, _cfg(epochs=2), ckpt_dir=tmp_path, progress=False)

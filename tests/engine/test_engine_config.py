@@ -120,6 +120,15 @@ def test_train_argument_errors():
         train(mlp(), TinyLoader(x, y, 4), None, TrainConfig(epochs=1), hooks=[object()], progress=False)
 
 
+def test_a_device_this_machine_lacks_is_one_config_error():
+    # was torch's AssertionError ("not compiled with CUDA") or RuntimeError (a misspelt name)
+    x, y = blobs(8)
+    missing = [f"cuda:{torch.cuda.device_count()}"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in missing + ["gpu"]:
+        with pytest.raises(ConfigError, match=f"device={device!r}"):
+            train(mlp(), TinyLoader(x, y, 4), None, TrainConfig(epochs=1), device=device, progress=False)
+
+
 def test_an_empty_validation_loader_is_refused_before_the_model_trains():
     x, y = blobs(8)
     model = mlp()

@@ -79,6 +79,23 @@ def test_none_extra_loss_changes_nothing():
         assert torch.equal(p, q)
 
 
+class PerWeightPenalty(Hook):
+    def extra_loss(self, model, step):
+        return next(model.parameters()).pow(2).sum(dim=1)  # one term per output unit: not summed
+
+
+def test_an_extra_loss_that_is_not_a_scalar_is_one_config_error_naming_the_hook():
+    # was torch's "grad can be implicitly created only for scalar outputs", naming no hook
+    from prunekit.core.errors import ConfigError
+
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=r"hooks\[1\] \(PerWeightPenalty\)\.extra_loss.*shape \(\d+,\).*scalar"):
+        train(model, _one_batch(), None, TrainConfig(epochs=1), hooks=[Hook(), PerWeightPenalty()], progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
 class OrderHook(Hook):
     def __init__(self, model):
         self.model, self.calls = model, []
@@ -163,6 +180,28 @@ def test_on_epoch_end_metrics_land_in_jsonl_and_history(tmp_path):
     assert records[-1]["val_n"] == 30 and records[-1]["train_n"] == 60
 
 
+def test_epoch_records_keep_the_epochs_of_each_stage_of_a_run_directory_apart(tmp_path):
+    # a run directory's metrics.jsonl holds the dense training and the fine-tuning: epoch 0 of the
+    # fine-tuning replaced epoch 0 of the training, which gave a mix of both stages
+    from prunekit.engine.logging import MetricsLog
+
+    log = tmp_path / "metrics.jsonl"
+    with MetricsLog(log) as m:
+        m.write("stage", name="train", epochs=3)
+        for e in range(3):
+            m.write("epoch", epoch=e, val_acc=0.1 * (e + 1))
+        m.write("stage", name="finetune", epochs=2)
+        m.write("epoch", epoch=0, val_acc=0.5)
+        m.write("stage", name="finetune", epochs=2, resume=True)  # resumed: epoch 0 again, then 1
+        m.write("epoch", epoch=0, val_acc=0.55)
+        m.write("epoch", epoch=1, val_acc=0.6)
+    records = epoch_records(log)
+    assert [(r["stage"], r["epoch"], r["val_acc"]) for r in records] == [
+        ("train", 0, 0.1), ("train", 1, 0.2), ("train", 2, pytest.approx(0.3)), ("finetune", 0, 0.55),
+        ("finetune", 1, 0.6)]
+    assert [r["val_acc"] for r in epoch_records(log, stage="finetune")] == [0.55, 0.6]
+
+
 def test_evaluate_matches_manual_computation():
     x, y = blobs(25)
     model = mlp().train()
@@ -173,6 +212,19 @@ def test_evaluate_matches_manual_computation():
     assert out["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
     assert out["acc"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
     assert model.training  # mode restored
+
+
+def test_evaluate_checks_the_labels_of_the_first_batch_with_samples():
+    # an empty first batch took the label check with it: -100 was then counted as a sample
+    # scored wrong and given no loss, 42 a raw IndexError
+    from prunekit.core.errors import ConfigError
+
+    x, y = blobs(8)
+    empty = (x[:0], y[:0])
+    for bad in (-100, 42):
+        with pytest.raises(ConfigError, match=f"evaluation labels run from {min(bad, 0)}"):
+            evaluate(mlp(), [empty, (x, torch.cat([y[:-1], torch.tensor([bad])]))])
+    assert evaluate(mlp(), [empty, (x, y)])["n"] == 8
 
 
 def test_evaluate_uses_eval_mode():

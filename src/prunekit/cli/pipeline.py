@@ -114,9 +114,13 @@ def prepare(recipe: Recipe, weights: str | None = None, progress: bool = True, e
     _check_forward(job)
     if check_method and recipe.method is not None and _trains(recipe.method.handler):
         from ..graph.groups import check_ignore
+        from ..methods import check_training_phases
 
         check_ignore(model, getattr(recipe.method.config, "ignore", None) or ())  # not after hours of training
         recipe.method.config.check_model(model)
+        section = ("method_train" if recipe.method_train is not None
+                   else "train" if recipe.train is not None else "the default TrainConfig")
+        check_training_phases(recipe.method.config, recipe.trainer_for_method, section)
     elif check_method and recipe.method is not None:
         trial = copy.deepcopy(model)
         with warnings.catch_warnings():  # the real prune stage repeats them as notes

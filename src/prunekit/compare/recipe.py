@@ -51,12 +51,10 @@ from ..core.errors import ConfigError
 from ..cost.latency import LatencyConfig
 from ..data.config import DataConfig
 from ..engine.train import TrainConfig
+from ..methods import TRAINED_EPOCH_FIELDS, check_training_phases
 
 TOP_KEYS = ("protocol", "name", "out", "seeds", "device", "threads", "model", "data", "dense", "target", "method_train",
             "finetune", "calibration_batches", "eval", "bench", "arms")
-# Config fields that count epochs a method trains itself (summed; the shared budget pays for them).
-TRAINED_EPOCH_FIELDS = ("epochs", "finetune_epochs", "retrain_epochs")
-
 
 @dataclass
 class TargetSection(Config):
@@ -289,8 +287,28 @@ def _build(cls: type[CompareRecipe], raw: dict[str, Any], source: str) -> Compar
                                   "adds a new one)") from None
             raise
     for arm in out.arms.values():
-        arm.budget_left(out.finetune.epochs)  # raises when a method alone exceeds the budget
+        _check_fine_tuning(arm, out.finetune)
+        if arm.trains:
+            try:
+                check_training_phases(arm.config, out.method_train)
+            except ConfigError as err:
+                raise ConfigError(f"arm {arm.name!r}: {err}") from None
     return out
+
+
+def _check_fine_tuning(arm: ArmSpec, finetune: TrainConfig) -> None:
+    """ConfigError when a method alone exceeds the budget, or when the epochs it leaves cannot
+    carry the fine-tuning config (a warm-up as long as they are): found now, not after the
+    method has trained."""
+    left = arm.budget_left(finetune.epochs)
+    if left == 0:
+        return
+    try:
+        finetune.replace(epochs=left)
+    except ConfigError as err:
+        raise ConfigError(f"arm {arm.name!r} is fine-tuned for {left} epoch{'s' if left != 1 else ''} "
+                          f"(finetune.epochs={finetune.epochs} less the {arm.trained_epochs} its method trains), "
+                          f"for which {err}; lower finetune.warmup_epochs or the method's epochs") from None
 
 
 def _check_arm_name(name: str, earlier: dict[str, ArmSpec]) -> None:

@@ -12,14 +12,16 @@ loads with `torch.load(..., weights_only=True)`, which never runs pickled code:
                                 unmasked model names them (absent in older files)
     hooks                       {str(index): hook.state_dict()} for hooks that define it
     rng                         torch CPU (+ CUDA) generator states, numpy's, python's
-    meta_json                   JSON text: {"cfg": TrainConfig.to_dict(), "history": [...]}
+    meta_json                   JSON text: {"cfg": TrainConfig.to_dict(), "history": [...],
+                                "hook_types": {str(index): class name} of the saved hook states}
     checksum                    `payload_sha256` of everything above, verified on load
 
 A model with weight masks (`prunekit.surgery.masks.Mask`) saves them in its state; resuming into
 a freshly built model puts them back before the weights are loaded.
 
 Hook state: a hook that has both `state_dict()` and `load_state_dict(state)` is saved under its
-index in the `hooks` list and restored on resume, so pass the hooks in the same order. Its state
+index in the `hooks` list (with its class name) and restored on resume, so pass the hooks in the
+same order: a hook of another class at a saved index is refused. Its state
 must be plain content too (tensors, numbers, strings, lists, dicts); anything else is refused at
 save time with a CheckpointError.
 
@@ -134,19 +136,19 @@ def save_checkpoint(path: str | os.PathLike[str], *, model: nn.Module, optimizer
                     scheduler: Any, epoch: int, steps_per_epoch: int, hooks: Sequence[Any],
                     cfg: dict[str, Any], history: list[dict[str, Any]]) -> None:
     """Write the full training state after `epoch` atomically to `path`."""
-    hook_states = {}
+    hook_states, hook_types = {}, {}
     for i, hook in enumerate(hooks):
         if _has_state(hook):
             state = hook.state_dict()
             _check_plain(state, f"hooks[{i}] ({type(hook).__name__}).state_dict()")
-            hook_states[str(i)] = state
+            hook_states[str(i)], hook_types[str(i)] = state, _hook_type(hook)
     payload = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "epoch": int(epoch), "steps_per_epoch": int(steps_per_epoch),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "optimizer_params": _optimizer_names(optimizer, model),
         "scheduler": scheduler.state_dict(), "hooks": hook_states, "rng": capture_rng_state(),
-        "meta_json": json.dumps({"cfg": cfg, "history": history}),
+        "meta_json": json.dumps({"cfg": cfg, "history": history, "hook_types": hook_types}),
     }
     payload["checksum"] = payload_sha256(payload)
     atomic_torch_save(payload, path)
@@ -184,6 +186,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         meta = json.loads(ckpt.pop("meta_json"))
         ckpt["cfg"], ckpt["history"] = meta["cfg"], meta["history"]
+        ckpt["hook_types"] = meta.get("hook_types", {})  # absent in files written before it was recorded
     except (ValueError, KeyError, TypeError, RecursionError):
         raise CheckpointError(f"{path} has an unreadable metadata block; delete it to restart") from None
     wrong = _layout_error(ckpt)
@@ -214,6 +217,8 @@ def _layout_error(ckpt: dict[str, Any]) -> str:
         (isinstance(ckpt["cfg"], dict), "its training config is not a mapping"),
         (isinstance(ckpt["history"], list) and all(isinstance(h, dict) for h in ckpt["history"]),
          "its history is not a list of records"),
+        (isinstance(ckpt["hook_types"], dict) and all(isinstance(v, str) for v in ckpt["hook_types"].values()),
+         "its hook classes are not a mapping of hook indices to names"),
     ]
     return next((why for ok, why in checks if not ok), "")
 
@@ -250,6 +255,11 @@ def check_compatible(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch
     if set(ckpt["hooks"]) != stateful:
         raise CheckpointError(f"checkpoint holds state for hooks {sorted(ckpt['hooks'])} but the hooks "
                               f"with state_dict now are {sorted(stateful)}; pass the same hooks in the same order")
+    for key, saved_type in ckpt["hook_types"].items():
+        now_type = _hook_type(hooks[int(key)]) if key in stateful else None
+        if now_type is not None and now_type != saved_type:
+            raise CheckpointError(f"checkpoint holds the state of hooks[{key}] as a {saved_type} but hooks[{key}] is "
+                                  f"now a {now_type}; pass the same hooks in the same order")
     for what, saved, now in (("optimizer settings", [{k: v for k, v in g.items() if k != "params"} for g in saved_groups],
                               [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]),
                              ("scheduler state", ckpt["scheduler"], scheduler_state)):
@@ -393,6 +403,10 @@ def _check_model_state(saved: dict[str, torch.Tensor], now: dict[str, torch.Tens
     if bad:
         raise CheckpointError(f"checkpoint shapes do not fit the model ({'; '.join(bad[:5])}); "
                               "resume with the model architecture the run started with")
+
+
+def _hook_type(hook: Any) -> str:
+    return type(hook).__qualname__
 
 
 def _has_state(hook: Any) -> bool:

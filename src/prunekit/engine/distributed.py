@@ -77,10 +77,27 @@ def env_ranks() -> tuple[int, int, int]:
 def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
     """The device to train on: the given one, else cuda:LOCAL_RANK when CUDA exists, else CPU."""
     if device is not None:
-        return torch.device(device)
+        return _existing_device(device)
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def _existing_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device; ConfigError when torch does not know it, or it is a CUDA
+    device this machine lacks."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device={device!r} is not a device torch knows; "
+                          "use 'cpu', 'cuda' or 'cuda:<index>'") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            have = f"{count} CUDA device{'s' if count != 1 else ''}" if count else "no CUDA"
+            raise ConfigError(f"device={str(device)!r} but this machine has {have}; use device='cpu'"
+                              + (f" or an index below {count}" if count else ""))
+    return dev
 
 
 def init_distributed(device: torch.device) -> DistContext:

@@ -67,7 +67,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: str | torch.device
     ctx = _dist_context(distributed)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    n = 0
+    n, checked = 0, False
     with evaluating(model):  # afterwards each module's mode as it was (a frozen BatchNorm stays frozen)
         for i, batch in enumerate(loader):
             x, global_y = split_batch(batch, i, "evaluation")
@@ -77,8 +77,10 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: str | torch.device
                 continue
             with autocast_context(device, bf16):
                 logits = model(x)
-            if i == 0 and not ctx.enabled:  # once (a sync); under DDP a rank with an empty share would not take part
+            # once, on the first batch with samples (a sync); under DDP a rank with an empty share would not take part
+            if not checked and not ctx.enabled:
                 check_labels(logits, global_y, "evaluation")
+                checked = True
             # Accumulate on the device: one host sync at the end instead of one per batch.
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct += (logits.argmax(dim=1) == y).sum()

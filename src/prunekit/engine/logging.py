@@ -4,7 +4,8 @@ A JSONL file survives a crash up to its last complete line and is read by any to
 has an "event" key: "epoch" (per-epoch metrics, hooks' additions included), "step" (every
 `log_every` optimizer steps), "note" (a remark such as "bf16 ignored on CPU") or "resume".
 A resumed run appends to the same file, so an epoch that was logged and then lost to a crash
-before its checkpoint was written appears twice; `epoch_records` keeps the last one.
+before its checkpoint was written appears twice; `epoch_records` keeps the last one (and keeps the
+epochs of each "stage" of a run directory apart).
 
 >>> import tempfile, os
 >>> path = os.path.join(tempfile.mkdtemp(), "metrics.jsonl")
@@ -107,13 +108,21 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
-def epoch_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The "epoch" records, one per epoch (the last written wins), sorted by epoch."""
-    by_epoch: dict[int, dict[str, Any]] = {}
+def epoch_records(path: str | os.PathLike[str], stage: str | None = None) -> list[dict[str, Any]]:
+    """The "epoch" records, one per epoch (the last written wins), sorted by epoch.
+
+    A run directory's metrics.jsonl holds several trainings, each after a "stage" record naming
+    it (train, finetune): their epochs are kept apart, stage by stage in the order they first
+    appear, and each record returned carries its "stage". `stage` keeps one stage's records."""
+    by_key: dict[tuple[str | None, int], dict[str, Any]] = {}
+    current = None
     for rec in read_jsonl(path):
-        if rec.get("event") == "epoch":
-            by_epoch[int(rec["epoch"])] = rec
-    return [by_epoch[e] for e in sorted(by_epoch)]
+        if rec.get("event") == "stage":
+            current = rec.get("name")
+        elif rec.get("event") == "epoch" and (stage is None or current == stage):
+            by_key[(current, int(rec["epoch"]))] = rec if current is None else {**rec, "stage": current}
+    order = list(dict.fromkeys(name for name, _ in by_key))
+    return [by_key[k] for k in sorted(by_key, key=lambda k: (order.index(k[0]), k[1]))]
 
 
 def is_finite_number(value: Any) -> bool:

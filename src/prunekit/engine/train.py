@@ -233,9 +233,10 @@ class _Run:
         # DDP averages gradients over ranks, so scaling the shard's sum by world/global_n makes
         # the update that of the mean loss over the whole global batch.
         loss = ce_sum * (self.ctx.world_size / global_n)
-        for hook in self.hooks:
+        for i, hook in enumerate(self.hooks):
             extra = hook.extra_loss(model, step)
             if extra is not None:
+                _check_scalar(extra, i, hook)
                 loss = loss + extra
         state.loss = loss
         loss.backward()
@@ -429,6 +430,13 @@ def _train_loop(model: nn.Module, train_loader: Any, val_loader: Any, cfg: Train
                                 scheduler=run.scheduler, epoch=epoch, steps_per_epoch=run.steps_per_epoch,
                                 hooks=hooks, cfg=cfg.to_dict(), history=history)
     return _result(history, notes, start)
+
+
+def _check_scalar(extra: Any, index: int, hook: Any) -> None:
+    """ConfigError unless a hook's extra loss is one number (a tensor of one element, or a float)."""
+    if isinstance(extra, torch.Tensor) and extra.numel() != 1:
+        raise ConfigError(f"hooks[{index}] ({type(hook).__name__}).extra_loss returned a tensor of shape "
+                          f"{tuple(extra.shape)}; return a scalar (sum or average its terms) or None")
 
 
 def _summary_line(m: dict[str, Any], epochs: int) -> str:

@@ -33,6 +33,26 @@ def get_config_class(name: str) -> type[Config]:
     return METHODS.get(name)[0]
 
 
+# The fields of a training method's config that set how many epochs each of its phases trains.
+TRAINED_EPOCH_FIELDS = ("epochs", "finetune_epochs", "retrain_epochs")
+
+
+def check_training_phases(config: Config, train_config: Any, section: str = "method_train") -> None:
+    """ConfigError when a phase of a training method cannot train under `train_config` with its
+    epochs replaced by the phase's (a warm-up as long as the phase): found before any training,
+    not when the phase starts. `section` names where `train_config` comes from."""
+    for name in TRAINED_EPOCH_FIELDS:
+        epochs = getattr(config, name, None)
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            continue
+        try:
+            train_config.replace(epochs=epochs)
+        except ConfigError as err:
+            raise ConfigError(f"the method's {name}={epochs} phase trains with {section} for {epochs} "
+                              f"epoch{'s' if epochs != 1 else ''}, for which {err}; lower {section}.warmup_epochs "
+                              f"or raise the method's {name}") from None
+
+
 def prune_(model: nn.Module, config: Config, example_inputs: Any, **kwargs: Any) -> PruneResult:
     """Prune `model` in place with the method `config` belongs to; returns plan + costs."""
     handler = _HANDLERS.get(type(config))
