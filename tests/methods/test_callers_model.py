@@ -8,16 +8,8 @@ from torch import nn
 
 import prunekit
 from prunekit.engine import TrainConfig
+from test_pai import X, _net  # the same small CNN and input
 
-
-def _net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(8, 4))
-
-
-X = torch.randn(2, 3, 6, 6)
 BATCHES = [(torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,))) for _ in range(2)]
 
 
