@@ -4,7 +4,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import prunekit
 from prunekit.engine import TrainConfig
