@@ -98,3 +98,13 @@ def test_auto_leaves_the_model_in_the_mode_it_was_given(monkeypatch):
     model[4].eval()  # mixed modes survive too
     alignment.pick_round_to(model, torch.randn(1, 3, 12, 12), LatencyConfig(warmup=1, repeats=1, threads=1))
     assert [m.training for m in model.modules()] == [True, True, True, True, True, False]
+
+
+def test_auto_without_a_layer_to_time_says_so_in_the_notes():
+    """Every layer reads fewer than 8 channels: nothing is timed and the widths are unrounded;
+    the record said "no Conv2d/Linear to time" of a model of Conv2d layers, and no note said it."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3))
+    r = prune_(model, MagnitudeConfig(channel_ratio=0.5, round_to="auto"), torch.randn(1, 3, 8, 8))
+    rec = r.metrics["round_to"]
+    assert rec["multiple"] == 1 and "at least 8 input channels" in rec["reason"]
+    assert any("round_to='auto'" in n and "unrounded" in n for n in r.metrics["notes"])

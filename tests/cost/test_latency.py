@@ -284,3 +284,28 @@ def test_the_memory_format_timings_are_the_median_of_the_rounds(monkeypatch):
     record = mf.choose_memory_format(nn.Conv2d(3, 8, 3), (3, 8, 8), LatencyConfig(threads=1))
     assert (record["contiguous_ms"], record["channels_last_ms"]) == (12.0, 8.0)
     assert record["choice"] == "channels_last"
+
+
+def test_a_channels_last_input_is_timed_contiguous_unless_channels_last(monkeypatch):
+    """A channels-last example tensor made the contiguous arm run channels-last kernels (a
+    convolution follows its input's layout), so both arms of memory_format="auto" timed the same."""
+    import prunekit.cost.latency as latency_mod
+
+    seen, real = [], latency_mod._Runner.__init__
+
+    def spy(self, name, m, inputs, cfg, device):
+        real(self, name, m, inputs, cfg, device)
+        seen.append((cfg.channels_last, self.inputs[0].is_contiguous(),
+                     self.inputs[0].is_contiguous(memory_format=torch.channels_last)))
+    monkeypatch.setattr(latency_mod._Runner, "__init__", spy)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    for channels_last in (False, True):
+        measure_latency(nn.Conv2d(3, 8, 3), (x,), LatencyConfig(warmup=1, repeats=1, channels_last=channels_last))
+    assert seen == [(False, True, False), (True, False, True)]
+
+
+def test_channels_last_timing_of_a_model_with_3d_convs():
+    """torch refuses channels-last on a 5-D tensor: the timed copy converts the 4-D ones only."""
+    model = nn.Sequential(nn.Conv3d(3, 8, 3), nn.Flatten(1, 2), nn.Conv2d(8 * 2, 4, 3))
+    r = measure_latency(model, (3, 4, 8, 8), LatencyConfig(warmup=1, repeats=1, channels_last=True))
+    assert r.n == 1 and r.settings["timed_copy"]

@@ -132,3 +132,23 @@ def test_inputs_without_the_batch_dim_are_passed_whole():
     assert grids["inp"] == (5, 1) and grids["attn"] == (5, 1) and grids["out"] == (5, 1)
     est = LatencyModel(model, build_graph(model, (x, mask)), (x, mask), FAST, grid_steps=2)
     assert {spec.kind for _, spec, _ in est.layers} == {"linear", "attention"}
+
+
+def test_list_example_inputs_are_timed_at_the_tables_batch(monkeypatch):
+    """A list of tensors (prune_ takes one like a tuple) was timed at the example's own batch."""
+    import prunekit.cost.latency_model as lm
+
+    batches, real = [], lm.measure_latency
+
+    def measure(model, inputs, cfg=None):
+        result = real(model, inputs, cfg)
+        if not isinstance(model, nn.ReLU):
+            batches.append(result.batch)
+        return result
+    monkeypatch.setattr(lm, "measure_latency", measure)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(2, 16)
+    lm.LatencyModel(m, build_graph(m, x), [x], LatencyConfig(warmup=1, repeats=1, threads=1, batch_size=5),
+                    grid_steps=2)
+    assert batches == [5]
+    assert [t.shape[0] for t in lm.per_sample_inputs([x], 5)] == [5]

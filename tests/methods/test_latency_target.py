@@ -105,3 +105,54 @@ def test_example_inputs_a_plan_cannot_record_fail_before_any_timing(cfg):
     with pytest.raises(PruningError, match="positional tensor inputs only, got dict"):
         prune_(model, cfg, {"input": torch.randn(1, 3, 16, 16)})
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+class _Video(nn.Module):
+    """A Conv3d (5-D weight) before a Conv2d (4-D weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c3, self.c2, self.fc = nn.Conv3d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.c2(self.c3(x).mean(2)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["channels_last", "auto"])
+def test_channels_last_converts_the_4d_tensors_of_a_model_with_3d_convs(how):
+    """torch refuses channels-last on a 5-D tensor: the call failed with a bare RuntimeError after
+    the model was already pruned. The 4-D tensors take the format, the 5-D ones stay contiguous."""
+    torch.manual_seed(0)
+    model, x = _Video(), torch.randn(1, 3, 4, 8, 8)
+    r = prune_(model, MagnitudeConfig(channel_ratio=0.5, memory_format=how, latency={"repeats": 2, "warmup": 1}), x)
+    choice = r.metrics["memory_format"]["choice"]
+    assert model.c2.weight.is_contiguous(memory_format=torch.channels_last) == (choice == "channels_last")
+    assert model.c3.weight.is_contiguous() and model(x).shape == (1, 4)
+
+
+def test_a_latency_target_of_one_keeps_the_whole_model(monkeypatch):
+    """Nothing removed is the model itself (fraction 1.0): a noisy reading of it against itself
+    (1.3 here) sent the goal down and the attempt kept was a pruned model."""
+    import prunekit.importance.latency_target as lt
+
+    real = lt._measured_fraction
+    monkeypatch.setattr(lt, "_measured_fraction", lambda model, trial, *a: 1.3 if all(
+        p.shape == q.shape for p, q in zip(model.parameters(), trial.parameters())) else real(model, trial, *a))
+    torch.manual_seed(0)
+    model, x = _net(), torch.randn(1, 3, 16, 16)
+    before = [p.shape for p in model.parameters()]
+    r = prune_(model, MagnitudeConfig(latency_fraction=1.0, latency={"repeats": 2, "warmup": 1}, probe=False), x)
+    assert [p.shape for p in model.parameters()] == before
+    rep = r.metrics["latency"]
+    assert rep["measured_fraction"] == 1.0 and len(rep["attempts"]) == 1 and "note" not in rep
+
+
+def test_a_latency_target_timed_channels_last_needs_a_channels_last_model():
+    """The target measured channels-last while memory_format="contiguous" handed back a contiguous
+    model, whose latency nobody measured."""
+    with pytest.raises(ConfigError, match="memory_format='channels_last'"):
+        MagnitudeConfig(latency_fraction=0.5, latency={"channels_last": True})
+    with pytest.raises(ConfigError, match="memory_format='channels_last'"):
+        MagnitudeConfig(channel_ratio=0.5, round_to="auto", latency={"channels_last": True})
+    for ok in (dict(memory_format="channels_last"), dict(memory_format="auto")):
+        MagnitudeConfig(latency_fraction=0.5, latency={"channels_last": True}, **ok)

@@ -94,7 +94,8 @@ def pick_round_to(model: nn.Module, example_inputs: Any, cfg: LatencyConfig) -> 
     layer): the larger of its costliest dense layer's and its costliest depthwise conv's."""
     spec = costliest_layer(model, example_inputs)
     if spec is None:
-        return {"multiple": 1, "reason": "no Conv2d/Linear to time"}
+        return {"multiple": 1, "reason": f"no Conv2d (groups=1) or Linear with at least {MIN_INPUT_WIDTH} input "
+                                         "channels ran on the example inputs"}
     with torch.no_grad():
         rec = measure_alignment(spec, cfg)
         dw = costliest_layer(model, example_inputs, depthwise=True)

@@ -57,8 +57,9 @@ class LatencyConfig(Config):
     "float16" (parameters and floating inputs are cast on a copy). batch_size: batch built from a
     per-sample input shape. warmup: untimed calls first (the very first call is never timed, so
     0 and 1 behave alike). repeats: timed calls (n).
-    channels_last: NHWC memory format for 4-D tensors (False: the standard, contiguous format, into which
-    a channels-last model's timed copy is converted). cuda_graph: capture the forward once in a
+    channels_last: NHWC memory format for 4-D tensors, the model's and the inputs' (False: the standard,
+    contiguous format, into which a channels-last model's timed copy and channels-last inputs are
+    converted; a 5-D tensor stays contiguous either way). cuda_graph: capture the forward once in a
     CUDA graph and time graph replays. compile: time `torch.compile(model)`. threads: CPU threads
     for the measurement (None keeps torch's current setting); on a shared machine threads=1
     avoids parallel regions stalling on a descheduled worker thread.
@@ -383,14 +384,23 @@ def _converted_copy(name: str, model: nn.Module, cfg: LatencyConfig, device: tor
         raise PrunekitError(f"model {name!r} cannot be deep-copied to be timed as {cfg.dtype} on {device} in the "
                             f"{layout} format ({err}); convert it yourself and time the converted model") from err
     work = work.to(device=device, dtype=dtype)
-    return work.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    return to_memory_format_(work, torch.channels_last if cfg.channels_last else torch.contiguous_format)
+
+
+def to_memory_format_(model: nn.Module, fmt: torch.memory_format) -> nn.Module:
+    """`model.to(memory_format=fmt)`, except that channels-last converts the 4-D tensors only:
+    torch converts 4-D and 5-D tensors alike and refuses channels-last on a 5-D one (a Conv3d
+    weight), which stays as it is."""
+    if fmt == torch.channels_last and any(t.dim() == 5 for t in itertools.chain(model.parameters(), model.buffers())):
+        return model._apply(lambda t: t.contiguous(memory_format=fmt) if t.dim() == 4 else t)
+    return model.to(memory_format=fmt)
 
 
 def _convert_input(t: torch.Tensor, cfg: LatencyConfig, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # Integer inputs (token ids, indices) keep their dtype; only floating tensors follow cfg.dtype.
     out = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    if cfg.channels_last and out.dim() == 4:
-        out = out.contiguous(memory_format=torch.channels_last)
+    if out.dim() == 4:  # a convolution follows its input's layout: a channels-last input would time channels-last
+        out = out.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     # A forward with in-place ops on its input must not touch the caller's example tensor.
     return out.clone() if out is t else out
 

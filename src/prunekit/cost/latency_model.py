@@ -51,11 +51,14 @@ def per_sample_inputs(example_inputs: Any, batch_size: int | None = None) -> Any
     (the timing builds a random batch), and a tuple of tensors with each one's samples repeated
     (or cut) to `batch_size` along dim 0, so that the whole model is timed at the batch its layer
     tables use. A single integer tensor (token ids) is taken as a tuple of one, so that its values
-    stay valid ids. Other inputs (and any input when `batch_size` is None) are returned unchanged."""
+    stay valid ids; a list of tensors is taken as a tuple. Other inputs (and any input when
+    `batch_size` is None) are returned unchanged."""
     if isinstance(example_inputs, torch.Tensor):
         if example_inputs.is_floating_point():
             return tuple(example_inputs.shape[1:])
         example_inputs = (example_inputs,)
+    if batch_size and isinstance(example_inputs, list):  # positional arguments, as run_model takes them
+        example_inputs = tuple(example_inputs)
     if (batch_size and isinstance(example_inputs, tuple) and example_inputs
             and isinstance(example_inputs[0], torch.Tensor) and example_inputs[0].dim() > 0):
         batch = example_inputs[0].shape[0]  # tensors with another first size (a shared mask) stay as they are

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..core.config import check_choice
-from .latency import LatencyConfig, compare_latency
+from .latency import LatencyConfig, compare_latency, to_memory_format_
 
 MEMORY_FORMATS = ("contiguous", "channels_last", "auto")
 
@@ -63,16 +63,16 @@ def apply_memory_format_(model: nn.Module, inputs: Any, how: str, cfg: LatencyCo
         record = choose_memory_format(model, per_sample_inputs(inputs, cfg.batch_size), cfg)
     fmt = torch.channels_last if record["choice"] == "channels_last" else torch.contiguous_format
     if not _in_format(model, fmt):
-        model.to(memory_format=fmt)  # "contiguous" also converts a model that arrived channels-last
+        to_memory_format_(model, fmt)  # "contiguous" also converts a model that arrived channels-last
     return record
 
 
 def _in_format(model: nn.Module, fmt: torch.memory_format) -> bool:
-    """Whether `model.to(memory_format=fmt)` would leave every tensor as it is (it converts the
-    4-D and 5-D ones; a 5-D tensor has no channels-last layout, so that case always converts)."""
+    """Whether `to_memory_format_(model, fmt)` would leave every tensor as it is (it converts the
+    4-D ones, and the 5-D ones to contiguous only: they have no channels-last layout)."""
     for t in itertools.chain(model.parameters(), model.buffers()):
-        if t.dim() == 5 and fmt == torch.channels_last:
+        if t.dim() == 4 and not t.is_contiguous(memory_format=fmt):
             return False
-        if t.dim() in (4, 5) and not t.is_contiguous(memory_format=fmt if t.dim() == 4 else torch.contiguous_format):
+        if t.dim() == 5 and fmt == torch.contiguous_format and not t.is_contiguous():
             return False
     return True

@@ -10,7 +10,8 @@
 3. The pruned model is *measured* against the original, interleaved. A measurement that
    disagrees with the estimate by more than 2 x `tolerance` is taken twice more and the median of
    the three kept: one burst of load on a shared machine once read 0.24 for an estimate of 0.68,
-   and the correction that followed kept an almost unpruned model. When the measured fraction
+   and the correction that followed kept an almost unpruned model. A removal of nothing is not
+   timed (the model against itself reads only noise): its fraction is 1.0. When the measured fraction
    misses the target by more than `tolerance` (the tables do not see everything), the goal handed
    to step 2 is scaled by target / measured, by at most x0.8 or x1.25 per attempt, and the
    allocation is repeated, at most `attempts` times; the attempt closest to the target is kept
@@ -62,12 +63,8 @@ def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.T
         res = round_to_target(graph, scores, {}, steps, est, goal * est.measured_ms, max_ratio, normalizer,
                               refresh_every=max(1, len(scores)), best_effort=True)
         estimated = res.cost / est.measured_ms
-        trial = share_copy(model)  # new module objects sharing tensors: removal leaves `model` intact
-        remove_channels_(trial, graph, res.removal)
-        readings = [_measured_fraction(model, trial, lcfg, example_inputs)]
-        if abs(readings[0] - estimated) > 2 * tolerance:  # an outlier, or a real gap: look twice more
-            readings += [_measured_fraction(model, trial, lcfg, example_inputs) for _ in range(2)]
-        measured = sorted(readings)[len(readings) // 2]
+        readings = _readings(model, graph, res.removal, estimated, lcfg, example_inputs, tolerance)
+        measured = sorted(readings)[len(readings) // 2] if readings else 1.0  # nothing removed: the model itself
         tried.append({"goal": goal, "estimated_fraction": estimated, "measured_fraction": measured,
                       "readings": readings, "removal": res.removal})
         if abs(measured - fraction) <= tolerance or (res.cost > goal * est.measured_ms and measured > fraction):
@@ -84,6 +81,21 @@ def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.T
                           "pruned layers (Python per-module overhead, activations) sets a floor that channel "
                           "removal cannot pass")
     return best["removal"], report
+
+
+def _readings(model: nn.Module, graph: Graph, removal: Mapping[str, list[int]], estimated: float, lcfg: LatencyConfig,
+              example_inputs: Any, tolerance: float) -> list[float]:
+    """Measured fractions of `model` after `removal`: one, or three when the first is more than
+    2 x `tolerance` from the estimate (an outlier, or a real gap); none when nothing is removed
+    (the model timed against itself reads only noise)."""
+    if not any(len(v) for v in removal.values()):
+        return []
+    trial = share_copy(model)  # new module objects sharing tensors: removal leaves `model` intact
+    remove_channels_(trial, graph, removal)
+    readings = [_measured_fraction(model, trial, lcfg, example_inputs)]
+    if abs(readings[0] - estimated) > 2 * tolerance:
+        readings += [_measured_fraction(model, trial, lcfg, example_inputs) for _ in range(2)]
+    return readings
 
 
 def _measured_fraction(model: nn.Module, trial: nn.Module, lcfg: LatencyConfig, example_inputs: Any) -> float:

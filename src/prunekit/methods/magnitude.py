@@ -109,7 +109,11 @@ class MagnitudeConfig(Config):
         if self.round_slack is not None:
             check_range("round_slack", self.round_slack, 0.0, 1.0)
         check_choice("memory_format", self.memory_format, MEMORY_FORMATS)
-        latency_config(self)
+        timed = self.latency_fraction is not None or self.round_to == "auto"
+        if latency_config(self).channels_last and self.memory_format == "contiguous" and timed:
+            raise ConfigError("latency.channels_last=true times the model channels-last, but memory_format='contiguous' "
+                              "hands it back contiguous; set memory_format='channels_last' (or 'auto', which times "
+                              "both formats and keeps the faster)")
         if self.latency_fraction is not None and self.steps != 1:
             raise ConfigError("latency_fraction prunes in one step (it measures the pruned model); use steps=1")
 
@@ -394,6 +398,9 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         metrics.pop("rounding", None)
     elif metrics["rounding"]["tried"] and (note := _rounding_note(metrics["rounding"], cfg.round_slack)):
         notes.append(note)
+    if metrics.get("round_to", {}).get("reason"):
+        notes.append(f"round_to='auto' timed nothing: {metrics['round_to']['reason']}; widths are unrounded "
+                     "(give round_to a multiple to align them)")
     if metrics.get("latency", {}).get("note"):
         notes.append(metrics["latency"]["note"])
     if notes:
