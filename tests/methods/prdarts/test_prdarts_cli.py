@@ -88,7 +88,7 @@ def test_search_command_refuses_bad_device_threads_and_data_before_writing(tmp_p
 def test_search_command_refuses_bad_evaluation_settings_before_searching(tmp_path):
     """Evaluation settings are checked with the recipe, not after the whole search (a negative lr
     failed there as `lr=-1`, without its section; a drop path above 1 or a negative auxiliary
-    weight were taken)."""
+    weight were taken; at density 1 the score and finetune epochs were skipped without a word)."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)
     for override, needle in [("evaluate.lr=-1", "evaluate.lr=-1 is out of range"),
@@ -96,9 +96,11 @@ def test_search_command_refuses_bad_evaluation_settings_before_searching(tmp_pat
                              ("evaluate.weight_decay=-0.1", "evaluate.weight_decay=-0.1 is out of range"),
                              ("evaluate.aux_weight=-0.4", "evaluate.aux_weight=-0.4 is out of range"),
                              ("evaluate.drop_path=1.5", "evaluate.drop_path=1.5 is out of range"),
-                             ("evaluate.auxiliary=maybe", "evaluate.auxiliary='maybe' must be true or false")]:
+                             ("evaluate.auxiliary=maybe", "evaluate.auxiliary='maybe' must be true or false"),
+                             ("evaluate.density=1", "evaluate.score_epochs=0"),
+                             ("search.density=1 search.score_epochs=0", "evaluate.score_epochs=0")]:
         out = tmp_path / "x"
-        res = CliRunner().invoke(cli, ["search", str(recipe), override, "--out", str(out)])
+        res = CliRunner().invoke(cli, ["search", str(recipe), *override.split(), "--out", str(out)])
         assert res.exit_code == 2, (override, res.output)
         assert needle in res.output and "Traceback" not in res.output, (override, res.output)
         assert not out.exists(), override

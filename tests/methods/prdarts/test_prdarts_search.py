@@ -383,3 +383,37 @@ def test_a_network_with_another_stem_multiplier_reloads(tmp_path):
     torch.testing.assert_close(again(x), net(x), atol=0, rtol=0)
     legacy = {k: v for k, v in net.spec.items() if k != "stem_multiplier"}  # files written without the key
     assert build_from_meta(legacy).stem[0].weight.shape[0] == 12
+
+
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_the_architects_batches_are_checked_like_the_engines(unrolled):
+    """The architect steps before the engine's forward: int32 labels (which the engine takes)
+    crashed it, and labels outside the classes, a batch that is no (inputs, labels) pair or inputs
+    of the wrong channel count ended the search with a bare IndexError, ValueError or RuntimeError."""
+    cfg = PRDartsConfig(channels=2, layers=3, steps=1, multiplier=1, density=0.5, pretrain_epochs=1,
+                        score_epochs=0, finetune_epochs=0, unrolled=unrolled)
+    x, good = torch.randn(2, 3, 8, 8), _tiny_data(1)
+    int32 = [(x, torch.tensor([0, 2], dtype=torch.int32))]
+    assert search(cfg, int32, int32, num_classes=3, device="cpu").genotype.steps == 1
+    with pytest.raises(ConfigError, match="validation .alpha. labels run from 0 to 7"):
+        search(cfg, good, [(x, torch.tensor([0, 7]))], num_classes=3, device="cpu")
+    with pytest.raises(ConfigError, match="labels run from 0 to 7"):
+        search(cfg, [(x, torch.tensor([0, 7]))], good, num_classes=3, device="cpu")
+    with pytest.raises(ConfigError, match="validation .alpha. batch 0 is a dict"):
+        search(cfg, good, [{"x": x}], num_classes=3, device="cpu")
+    gray = [(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))]
+    with pytest.raises(ConfigError, match=r"cannot run .* \(2, 1, 8, 8\)"):
+        search(cfg, gray, gray, num_classes=3, device="cpu")
+
+
+def test_training_at_density_one_refuses_score_epochs_and_runs_the_finetune():
+    """At density 1 the score and finetune epochs were skipped without a word: a schedule of
+    1 + 1 + 1 epochs trained one. There are no scores to train (as for the search, refused); the
+    finetune trains the weights as asked."""
+    torch.manual_seed(0)
+    net = EvalNetwork(DARTS_V2, channels=2, num_classes=3, layers=3)
+    with pytest.raises(ConfigError, match="score_epochs=0"):
+        train_at_density(net, 1.0, _tiny_data(1), None, EvalSchedule(1, 1, 1), device="cpu")
+    hist = train_at_density(net, 1.0, _tiny_data(1), None, EvalSchedule(1, 0, 2), device="cpu")
+    assert [h["phase"] for h in hist] == ["dense", "finetune", "finetune"]
+    assert count_nonzeros(net)["nonzero"] == count_nonzeros(net)["total"]

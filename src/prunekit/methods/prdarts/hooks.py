@@ -7,6 +7,9 @@ optimizer for the unrolled lookahead. It owns the alphas (`owned_parameters`), s
 optimizer leaves them to it. On an engine without `bind`/`before_step` it falls back to the
 first-order step inside `extra_loss` (after the weight forward, before its backward: the weights
 are still those of this step) and refuses the unrolled architect, which needs the optimizer.
+Its batches are read as the engine reads them (`split_batch`), and its first step checks them
+as the engine's first step would (the supernet runs on the inputs, the labels are within its
+classes): it runs before the engine's own checks.
 
 Each epoch it adds to the engine's metrics: the derived genotype, the mean alpha entropy of
 both cell types (log 8 = 2.079 is uniform), the share of parameter-free ops in the genotype
@@ -24,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.errors import ConfigError
+from ...core.modes import evaluating
+from ...engine.batches import check_labels, out_of_memory, split_batch
 from ...engine.hooks import Hook
 from .architect import Architect
 from .config import PRDartsConfig
@@ -49,19 +54,41 @@ class BatchRecorder:
             yield batch
 
 
-def _cycle(loader: Iterable) -> Iterator[Any]:
+VAL = "validation (alpha)"
+
+
+def _cycle(loader: Iterable) -> Iterator[tuple[int, Any]]:
+    """(index within the pass, batch), pass after pass."""
     while True:
         yielded = False
-        for batch in loader:
+        for index, batch in enumerate(loader):
             yielded = True
-            yield batch
+            yield index, batch
         if not yielded:
             raise ConfigError("the validation (alpha) loader yields no batch; give the search a non-empty val split")
 
 
-def _to(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = batch
+def _to(batch: Any, index: int, what: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) on `device`, checked and converted as the engine does (`split_batch`)."""
+    x, y = split_batch(batch, index, what)
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def check_batch(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], index: int, what: str) -> None:
+    """ConfigError unless `net` runs on the batch's inputs and its labels are within its classes:
+    the architect steps before the engine's own first-batch checks. An evaluation-mode forward
+    without gradients, so nothing the search computes changes."""
+    x, y = batch
+    try:
+        with torch.no_grad(), evaluating(net):
+            logits = net(x)
+    except (RuntimeError, ValueError, TypeError) as err:
+        if out_of_memory(err):
+            raise
+        raise ConfigError(f"the supernet cannot run {what} batch {index} (inputs {tuple(x.shape)}, {x.dtype}): "
+                          f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}; give "
+                          "batches of the inputs it takes (in_channels of the search)") from err
+    check_labels(logits, y, what)
 
 
 class ArchitectHook(Hook):
@@ -74,6 +101,7 @@ class ArchitectHook(Hook):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.state: Any = None
         self.arch_losses: list[float] = []
+        self.checked = False  # the first architect step checks its batches
 
     # the engine API ------------------------------------------------------------------------
     def bind(self, state: Any) -> None:
@@ -130,8 +158,14 @@ class ArchitectHook(Hook):
 
     def _arch_step(self, train_batch: Any, optimizer: Any) -> None:
         device = self._device()
-        val = _to(next(self.val_iter), device)
-        train = _to(train_batch, device) if train_batch is not None else None
+        index, batch = next(self.val_iter)
+        val = _to(batch, index, VAL, device)
+        train = _to(train_batch, 0, "training", device) if train_batch is not None else None
+        if not self.checked:
+            check_batch(self.net, val, index, VAL)
+            if train is not None:
+                check_batch(self.net, train, 0, "training")
+            self.checked = True
         self.arch_losses.append(self.architect.step(train, val, optimizer)["arch_loss"])
 
 

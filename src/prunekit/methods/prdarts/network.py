@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ...core.errors import CheckpointError
+from ...core.errors import CheckpointError, ConfigError
 from ...core.modes import evaluating
 from ...layers.sparse import SparseMixin, count_nonzeros, harden_, set_density_, sparse_layers, train_scores_only_
 from ...surgery.masks import apply_mask, get_mask, masked_modules
@@ -59,15 +59,17 @@ def _phase(net: EvalNetwork, phase: str, density: float) -> None:
 
 def train_at_density(net: EvalNetwork, density: float, train_loader: Iterable, val_loader: Iterable | None,
                      schedule: EvalSchedule, device: Any = None, progress: bool = False) -> list[dict[str, Any]]:
-    """Dense -> scores -> finetune at `density`, then harden; returns the per-epoch history."""
+    """Dense -> scores -> finetune at `density`, then harden; returns the per-epoch history. At
+    density 1 there are no scores to train (score epochs are refused); the finetune trains on."""
     from ...engine.train import TrainConfig, train
 
+    if density >= 1.0 and schedule.score_epochs > 0:
+        raise ConfigError(f"density={density} keeps every weight, so the {schedule.score_epochs} score epochs have "
+                          "no scores to train; set score_epochs=0 (dense training) or a density below 1")
     recorder = BatchRecorder(train_loader)
     history = []
     for phase, epochs in (("dense", schedule.dense_epochs), ("scores", schedule.score_epochs),
                           ("finetune", schedule.finetune_epochs)):
-        if phase != "dense" and density >= 1.0:
-            continue
         _phase(net, phase, density)
         if epochs == 0:
             continue

@@ -118,6 +118,12 @@ class SearchRecipe(Config):
             raise ConfigError(f"device={self.device!r} must be 'cpu' or 'cuda[:index]'")
         if self.data.val_fraction <= 0:
             raise ConfigError("data.val_fraction must be > 0: the validation split trains alpha (DARTS uses 0.5)")
+        ev = self.evaluate
+        density = ev.density if ev.density is not None else self.search.density
+        if ev.enabled and density >= 1 and ev.score_epochs > 0:
+            raise ConfigError(f"the evaluation network trains at density {density}, which keeps every weight, so "
+                              f"evaluate.score_epochs={ev.score_epochs} has no scores to train; set "
+                              "evaluate.score_epochs=0 or evaluate.density below 1")
 
 
 def _alpha_plot(run_dir: Path) -> Path | None:
