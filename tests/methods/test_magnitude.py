@@ -9,7 +9,7 @@ from prunekit.importance.activations import activation_stats
 from prunekit.importance.criteria import CRITERIA, ScoreContext
 from prunekit import prepare_pruning
 from prunekit.methods import prune_
-from prunekit.methods.magnitude import MagnitudeConfig
+from prunekit.methods.magnitude import MagnitudeConfig, score_groups
 from prunekit.models import create_model
 from prunekit.cost.macs import count_cost
 
@@ -196,8 +196,11 @@ def test_nan_weights_are_refused_and_leave_the_model_unchanged(criterion):
     cfg, x = MagnitudeConfig(criterion=criterion, channel_ratio=0.5), torch.zeros(1, 1, 8, 8)
     with pytest.raises(ConfigError, match=r"parameter conv2.weight holds NaN or inf"):  # prune_ checks every weight
         prune_(model, cfg, x)
+    with pytest.raises(ConfigError, match=r"parameter conv2.weight holds NaN or inf"):  # so does a prepared graph
+        prepare_pruning(create_model("small_cnn", num_classes=10), x).prune_(model, cfg)
+    graph = prepare_pruning(create_model("small_cnn", num_classes=10), x).graph
     with pytest.raises(PruningError, match=r"NaN or inf scores to \d+ of the \d+ channels of group"):
-        prepare_pruning(create_model("small_cnn", num_classes=10), x).prune_(model, cfg)  # the scores are checked too
+        score_groups(model, graph, cfg, None)  # the scores are checked too
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], v) or (torch.isnan(v).any() and torch.equal(after[k].isnan(), v.isnan()))

@@ -149,3 +149,86 @@ def test_prepared_pruning_with_data_dependent_and_element_criteria():
         model = copy.deepcopy(dense)
         result = prepared.prune_(model, MagnitudeConfig(criterion=crit, channel_ratio=0.3), batches=batches)
         assert result.cost_after.params == sum(p.numel() for p in model.parameters()) < result.cost_before.params
+
+
+def test_a_prepared_plan_records_the_fingerprints_prune_records(tmp_path):
+    from prunekit.core.errors import CheckpointError
+    from prunekit.surgery.persist import save_pruned
+
+    dense = _resnet()
+    prepared = prepare_pruning(dense, X)
+    model, ref = copy.deepcopy(dense), copy.deepcopy(dense)
+    got = prepared.prune_(model, MagnitudeConfig(channel_ratio=0.5))
+    want = prune_(ref, MagnitudeConfig(channel_ratio=0.5), X)
+    assert got.plan.to_dict() == want.plan.to_dict()
+    # saving another model under the plan is refused: the file could never be loaded
+    with pytest.raises(CheckpointError, match="not the pruned model the plan produces"):
+        save_pruned(copy.deepcopy(dense), got.plan, tmp_path / "wrong.pt")
+    assert not (tmp_path / "wrong.pt").exists()
+
+
+def test_prepared_pruning_refuses_a_copy_holding_nan_as_prune_does():
+    dense = _resnet()
+    prepared = prepare_pruning(dense, X)
+    for criterion in ("random", "l2"):  # fc.bias is in no scored group: no criterion sees it
+        model = copy.deepcopy(dense)
+        model.fc.bias.data[0] = float("nan")
+        with pytest.raises(ConfigError, match="parameter fc.bias holds NaN"):
+            prune_(copy.deepcopy(model), MagnitudeConfig(criterion=criterion, channel_ratio=0.5), X)
+        with pytest.raises(ConfigError, match="parameter fc.bias holds NaN"):
+            prepared.prune_(model, MagnitudeConfig(criterion=criterion, channel_ratio=0.5))
+        assert model.conv1.out_channels == 16
+
+
+class _Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
+
+
+class _Residual(_Chain):  # the same parameters; c1 and c2 now add, so their channels go together
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        return self.c3(torch.relu(self.c2(h)) + h)
+
+
+def test_prepared_pruning_refuses_a_copy_whose_modules_are_of_other_classes():
+    x = torch.randn(1, 3, 8, 8)
+    torch.manual_seed(0)
+    chain, residual = _Chain(), _Residual()
+    residual.load_state_dict(chain.state_dict())
+    prepared = prepare_pruning(chain, x)
+    with pytest.raises(PruningError, match=r"other module classes: \(the model\) _Residual \(prepared _Chain\)"):
+        prepared.prune_(residual, MagnitudeConfig(channel_ratio=0.5, round_to=None))
+    assert residual.c1.out_channels == 8
+    bn = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    gn = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    with pytest.raises(PruningError, match=r"other module classes: 1 GroupNorm \(prepared BatchNorm2d\)"):
+        prepare_pruning(bn, x).prune_(gn, MagnitudeConfig(channel_ratio=0.4, round_to=None))
+
+
+@pytest.mark.parametrize("scores, what", [
+    (lambda g: torch.ones(g.size - 1), r"scores of shape \(15,\)"),
+    (lambda g: torch.rand(g.size, 1), r"scores of shape \(16, 1\)"),
+    (lambda g: torch.tensor(1.0), r"scores of shape \(\)"),
+    (lambda g: torch.ones(g.size, dtype=torch.complex64), "complex64 scores"),
+    (lambda g: torch.ones(g.size).to_sparse(), "a torch.sparse_coo tensor"),
+])
+@pytest.mark.parametrize("target", [dict(channel_ratio=0.5), dict(macs_fraction=0.5, scope="global"),
+                                    dict(latency_fraction=0.7, latency=dict(repeats=2, warmup=1))])
+def test_criterion_scores_of_another_shape_or_kind_are_one_config_error_for_every_target(scores, what, target):
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(),
+                      nn.Conv2d(16, 4, 1))
+    x = torch.randn(1, 3, 8, 8)
+    prepared = prepare_pruning(m, x)
+    cfg = MagnitudeConfig(criterion=lambda g, ctx: scores(g), **target)
+    for run in (lambda model: prune_(model, cfg, x), lambda model: prepared.prune_(model, cfg)):
+        model = copy.deepcopy(m)
+        with pytest.raises(ConfigError, match=f"returned {what} for group '0'; a criterion returns a real tensor "
+                                              r"of shape \(16,\)") as err:
+            run(model)
+        assert ("per_channel" in str(err.value)) == ("16, 1" in what)
+        assert model[0].out_channels == 16

@@ -161,9 +161,7 @@ def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: 
                 skipped.append(g.name)
             continue
         s = criterion(g, ctx)
-        if not isinstance(s, torch.Tensor):
-            raise ConfigError(f"criterion {cfg.to_dict()['criterion']} returned {type(s).__name__} for group "
-                              f"{g.name!r}; a criterion returns a tensor of shape ({g.size},)")
+        _check_scores(s, g, cfg)
         if s.is_floating_point() and not bool(torch.isfinite(s).all()):  # a ranking of NaN is arbitrary
             bad = int((~torch.isfinite(s)).sum())
             raise PruningError(f"criterion {cfg.to_dict()['criterion']} gave NaN or inf scores to {bad} of the "
@@ -173,6 +171,21 @@ def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: 
     if fallbacks is not None:
         fallbacks.update(ctx.fallbacks)
     return scores
+
+
+def _check_scores(s: Any, group, cfg: MagnitudeConfig) -> None:
+    """ConfigError unless `s` is a dense real tensor of shape (group.size,): what every target
+    (channel ratio, cost bisection, rounding, latency allocation) ranks."""
+    what = (type(s).__name__ if not isinstance(s, torch.Tensor)
+            else f"a {s.layout} tensor" if s.layout != torch.strided or s.is_nested
+            else f"{str(s.dtype).removeprefix('torch.')} scores" if s.is_complex()
+            else f"scores of shape {tuple(s.shape)}" if s.shape != (group.size,) else None)
+    if what is None:
+        return
+    hint = ("; reduce per-weight scores to channels (importance.criteria.per_channel)"
+            if isinstance(s, torch.Tensor) and s.dim() > 1 else "")
+    raise ConfigError(f"criterion {cfg.to_dict()['criterion']} returned {what} for group {group.name!r}; a criterion "
+                      f"returns a real tensor of shape ({group.size},), one score per channel{hint}")
 
 
 def _skipped_note(skipped: list[str]) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 Tracing and probing depend on the architecture only, not on the weights. A `PreparedPruning`
 holds the probed graph of one model and prunes any fresh copy of the same architecture (same
-parameter names, shapes and dtypes) with any method that registered a prepared handler, skipping the
-trace and the probe. That is what a search over thousands of criteria needs.
+parameter names, shapes and dtypes, and modules of the same classes) with any method that
+registered a prepared handler, skipping the trace and the probe. That is what a search over
+thousands of criteria needs.
 
 >>> import copy, torch, torch.nn as nn
 >>> from prunekit.methods.magnitude import MagnitudeConfig
@@ -26,6 +27,7 @@ from ..core.config import Config
 from ..core.errors import ConfigError, PruningError
 from ..cost.macs import Cost, CostEstimator, cost_from_graph
 from ..graph import Graph
+from .plan_check import architecture_fingerprint
 from .verify import build_safe_graph
 
 # config class -> handler(prepared, model, config, **kwargs) -> PruneResult
@@ -42,6 +44,12 @@ def _signature(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
     return {name: (tuple(p.shape), str(p.dtype).removeprefix("torch.")) for name, p in model.named_parameters()}
 
 
+def _module_classes(model: nn.Module) -> dict[str, str]:
+    """{module name: class name}: modules of another class (a GroupNorm for a BatchNorm, a subclass
+    with its own forward) can hold the same parameters and still need another graph."""
+    return {name: type(m).__qualname__ for name, m in model.named_modules()}
+
+
 @dataclass
 class PreparedPruning:
     """A model's probed graph plus what every pruning of a copy reuses (costs, estimate table)."""
@@ -53,11 +61,15 @@ class PreparedPruning:
     shapes: dict[str, tuple[tuple[int, ...], str]]  # parameter name -> (shape, dtype)
     cost_before: Cost
     estimator: CostEstimator = field(repr=False)
+    modules: dict[str, str] = field(default_factory=dict, repr=False)  # module name -> class name
+    fingerprint: str | None = None  # architecture_fingerprint of the prepared model, recorded in each plan
 
     def check(self, model: nn.Module) -> None:
-        """PruningError unless `model` has exactly the prepared model's parameter names, shapes and dtypes."""
+        """PruningError unless `model` has exactly the prepared model's parameter names, shapes and
+        dtypes, and modules of the same classes."""
         got = _signature(model)
         if got == self.shapes:
+            self._check_classes(model)
             return
         missing = [n for n in self.shapes if n not in got]
         extra = [n for n in got if n not in self.shapes]
@@ -68,6 +80,19 @@ class PreparedPruning:
                                            f"other shapes or dtypes: {', '.join(shape[:3])}" if shape else "") if part)
         raise PruningError(f"this model is not a fresh copy of the prepared one ({what}); prune copies of the "
                            "unpruned model it was prepared on, or call prepare_pruning on this model")
+
+    def _check_classes(self, model: nn.Module) -> None:
+        if not self.modules:
+            return
+        got = _module_classes(model)
+        if got == self.modules:
+            return
+        other = [f"{n or '(the model)'} {got.get(n, 'missing')} (prepared {c})"
+                 for n, c in self.modules.items() if got.get(n) != c]
+        other += [f"{n} {c} (not in the prepared model)" for n, c in got.items() if n not in self.modules]
+        raise PruningError(f"this model is not a fresh copy of the prepared one (other module classes: "
+                           f"{', '.join(other[:3])}): its graph may differ even where its parameters match; "
+                           "prune copies of the model it was prepared on, or call prepare_pruning on this model")
 
     def prune_(self, model: nn.Module, config: Config, batches: Any = None, **kwargs: Any):
         """Prune `model` (a fresh copy of the prepared architecture) in place; returns a PruneResult.
@@ -85,7 +110,13 @@ class PreparedPruning:
             raise ConfigError("the config asks for probing but the graph was prepared with probe=False; "
                               "prepare with probe=True or set probe=False in the config")
         self.check(model)
-        return handler(self, model, config, batches=batches, **kwargs)
+        from ..methods import _check_finite  # the checks prune_ makes (methods import this module)
+
+        _check_finite(model, self.example_inputs)
+        result = handler(self, model, config, batches=batches, **kwargs)
+        if self.fingerprint is not None:  # as prune_ records them: saving or replaying on another model is refused
+            result.plan.fingerprint.update(dense=self.fingerprint, pruned=architecture_fingerprint(model))
+        return result
 
 
 def prepare_pruning(model: nn.Module, example_inputs: Any, ignore: Sequence[str] = (),
@@ -96,4 +127,5 @@ def prepare_pruning(model: nn.Module, example_inputs: Any, ignore: Sequence[str]
     `prepared.prune_(copy, config)`."""
     graph = build_safe_graph(model, example_inputs, list(ignore), probe=probe)
     return PreparedPruning(graph, example_inputs, tuple(ignore), probe, _signature(model),
-                           cost_from_graph(model, graph), CostEstimator(model, graph))
+                           cost_from_graph(model, graph), CostEstimator(model, graph), _module_classes(model),
+                           architecture_fingerprint(model))
