@@ -17,6 +17,7 @@ from prunekit.methods.gator import (
     GatorConfig,
     convert_,
     final_masks,
+    keep_output_connected,
     mask_within_budget,
     rounded_masks,
 )
@@ -399,3 +400,74 @@ def test_closing_every_prunable_channel_of_a_zero_padded_stream_keeps_one_silent
     masks[stream] = ~gates.prunable(stream)
     conv = _check_conversion(model, x, gates, graph, masks)
     assert conv.silent == ["stem.0"] and model.stem[0].out_channels == 1
+
+
+# ------------------------------------------------------------------- output kept connected
+
+
+def _chain():
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+
+def _varies(model, x_shape):
+    gen = torch.Generator().manual_seed(5)
+    a, b = (run_model(model, torch.randn(x_shape, generator=gen)) for _ in range(2))
+    return bool((a - b).abs().max() > 1e-4)
+
+
+@pytest.mark.parametrize("setting", [{"target": 0.01, "epochs": 2}, {"lam": 1e6, "epochs": 1}])
+def test_a_chain_whose_every_gate_closes_keeps_its_strongest_channel(setting, tmp_path):
+    """A plain chain with a tiny target (or a huge lambda) closed every gate of a group all data
+    flows through: the conversion cut that branch and the pruned model's output no longer
+    depended on its input (0 params, 0 MACs), without a word. Such a group now keeps its
+    strongest channel, in the gated model too (the conversion stays exact), and the notes say so."""
+    torch.manual_seed(0)
+    net, data = _chain(), [(torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))) for _ in range(4)]
+    fresh, before = copy.deepcopy(net), count_cost(net, data[0][0])
+    r = prune_(net, GatorConfig(**setting), data[0][0], train_loader=data,
+               train_config=TrainConfig(epochs=1, lr=0.05), device="cpu")
+    assert not r.metrics["conversion"]["branches"] and r.metrics["conversion"]["max_abs_diff"] <= 1e-5
+    assert isinstance(net[3], nn.Conv2d) and net[3].out_channels >= 1 and isinstance(net[8], nn.Linear)
+    assert _varies(net, (2, 3, 8, 8))
+    kept = r.metrics["kept_open"]
+    assert "3" in kept and all(any(f"group {g}:" in n and "kept its strongest channel" in n
+                                   for n in r.metrics["notes"]) for g in kept)
+    assert r.metrics["target"]["achieved"] == count_cost(net, data[0][0]).macs / before.macs
+    again = load_pruned(fresh, save_pruned(net, r.plan, tmp_path / "gator.safetensors"))
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(run_model(again, x), run_model(net, x), atol=0, rtol=0)
+
+
+def test_only_closures_that_disconnect_the_output_keep_their_strongest_channel():
+    """ResNet-20: a closed inner group (the shortcut carries the input) stays closed and is cut;
+    the closed stem stream, which every path runs through, keeps its highest-logit channel. On
+    the concat toy each branch alone leaves the other one, but both closed disconnect the output:
+    the branch with the higher logit reopens. The gated and converted models still agree."""
+    model, x, graph, gates = _gated_resnet20()
+    with torch.no_grad():
+        gates.logits[gates.names.index("conv1")][5] = 9.0
+    masks = _masks(gates, seed=1, closed=("conv1", "layer1.0.conv1"))
+    kept_masks, kept = keep_output_connected(model, gates, masks, x)
+    assert list(kept) == ["conv1"] and "no longer depend on the input" in kept["conv1"]
+    stem = kept_masks[gates.names.index("conv1")]
+    assert stem.nonzero().flatten().tolist() == [5] and gates.frozen is None
+    assert not kept_masks[gates.names.index("layer1.0.conv1")].any()
+    conv = _check_conversion(model, x, gates, graph, kept_masks)
+    assert [b.group for b in conv.branches] == ["layer1.0.conv1"]
+    assert bool((run_model(model, x) - run_model(model, torch.randn_like(x))).abs().max() > 1e-4)
+
+    torch.manual_seed(0)
+    model, x = _random_bn_(ConcatNet()).eval(), torch.randn(2, 3, 4, 4)
+    graph = build_graph(model, x)
+    gates = GateSet.from_graph(model, graph)
+    with torch.no_grad():
+        gates.logits[gates.names.index("b.0")][3] = 9.0
+    masks = _masks(gates, seed=3, closed=("a.0",), only=())
+    out, kept = keep_output_connected(model, gates, masks, x)  # b still carries the input
+    assert kept == {} and all(torch.equal(a, b) for a, b in zip(out, masks))
+    masks = _masks(gates, seed=3, closed=("a.0", "b.0"), only=())
+    kept_masks, kept = keep_output_connected(model, gates, masks, x)
+    assert list(kept) == ["b.0"] and "together with the other closed groups (a.0)" in kept["b.0"]
+    assert kept_masks[gates.names.index("b.0")].nonzero().flatten().tolist() == [3]
+    _check_conversion(model, x, gates, graph, kept_masks)

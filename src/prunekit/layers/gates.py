@@ -174,6 +174,11 @@ class GateSet(nn.Module):
             hook = lambda mod, args, kwargs, c=c: self._gate_input(mod, args, kwargs, c)
             self._handles.append(model.get_submodule(c.module).register_forward_pre_hook(hook, with_kwargs=True))
 
+    @property
+    def attached(self) -> bool:
+        """Whether the gates are installed on a model."""
+        return bool(self._handles)
+
     def detach(self) -> None:
         for h in self._handles:
             h.remove()

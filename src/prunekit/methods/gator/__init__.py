@@ -2,7 +2,8 @@
 
 config.py     GatorConfig
 controller.py lambda control toward a target, budgeted masking, final threshold search
-convert.py    frozen gates -> physical removal (exactly equal to the gated model), replay
+convert.py    frozen gates -> physical removal (exactly equal to the gated model), replay; closures
+              that would cut the output off the input keep one channel
 hook.py       GatorHook: the auxiliary loss and the logits' updates inside engine.train
 pipeline.py   the registered handler gator_prune_ (method name "gator")
 
@@ -15,7 +16,7 @@ differentiable costs (`prunekit.cost.differentiable`) and whole-branch cutting
 """
 from .config import GatorConfig
 from .controller import LambdaController, final_masks, initial_lambda, mask_within_budget, rounded_masks
-from .convert import Conversion, convert_
+from .convert import Conversion, convert_, keep_output_connected
 from .hook import GatorHook
 from .pipeline import gator_prune_
 
@@ -28,6 +29,7 @@ __all__ = [
     "final_masks",
     "Conversion",
     "convert_",
+    "keep_output_connected",
     "GatorHook",
     "gator_prune_",
 ]

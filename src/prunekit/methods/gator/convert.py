@@ -35,6 +35,10 @@ from ...surgery.plan import Plan, make_plan
 from ...surgery.shrink import remove_channels_
 from ...surgery.verify import first_tensor, run_model, zero_contributions_
 
+KEPT_ALONE = "every gate closed, but the output would no longer depend on the input"
+KEPT_TOGETHER = ("every gate closed, and together with the other closed groups ({}) the output would no longer "
+                 "depend on the input")
+
 
 @dataclass
 class Conversion:
@@ -113,6 +117,106 @@ def _convert(work: nn.Module, gates: GateSet, graph: Graph, example_inputs: Any,
     removed = {n: len(v) for n, v in removal.items()}
     removed.update({b.group: by_name[b.group].size for b in branches})
     return Conversion(plan, branches, silent, removed=removed)
+
+
+def keep_output_connected(model: nn.Module, gates: GateSet, masks: list[torch.Tensor], example_inputs: Any,
+                          seed: int = 0) -> tuple[list[torch.Tensor], dict[str, str]]:
+    """`masks` in which no fully closed group cuts the output off the input, and why each group
+    that had to stay open did (group -> reason).
+
+    A fully closed group is cut out as a branch (or kept silent): right for a ResNet block's inner
+    group, whose shortcut still carries the input, but on a chain (or a stage's residual stream)
+    every path from the input runs through it, and the pruned network computes a constant. Such a
+    group keeps its strongest channel (highest logit), in the masks the gated model is frozen on,
+    so that the conversion stays exact.
+
+    The test is functional, on the gated model itself (attached here if it is not): with hard gates, a closed channel is
+    multiplied by exactly 0 at every consumer, so a disconnected output is bit-for-bit the same
+    for any two inputs, while a connected one differs. Two random inputs shaped like the example
+    (integer inputs drawn within the example's range) decide it in two forwards, exactly for the
+    gates' semantics whatever ops the tracer's groups leave implicit (adds, concats, functional
+    calls), which a reachability walk over the traced graph would have to model op by op (a
+    relative 1e-6 absorbs kernels that are not bit-for-bit deterministic on an accelerator). Each
+    fully closed group is first tested alone (every other gate open); closures that disconnect
+    only together (the two branches of a concat) are then broken by reopening, highest logit
+    first, the group whose reopening restores the dependence. Nothing changes when the dense
+    model's output does not vary with those inputs.
+    """
+    closed = [i for i, m in enumerate(masks) if not bool(m.any())]
+    if not closed:
+        return masks, {}
+    pair = [_random_like(example_inputs, seed + k) for k in range(2)]
+    frozen, attached = gates.frozen, gates.attached
+    if not attached:
+        gates.attach(model)
+    try:
+        return _reopen_disconnecting(model, gates, masks, closed, pair)
+    finally:
+        gates.frozen = frozen
+        if not attached:
+            gates.detach()
+
+
+def _reopen_disconnecting(model: nn.Module, gates: GateSet, masks: list[torch.Tensor], closed: list[int],
+                          pair: list[Any]) -> tuple[list[torch.Tensor], dict[str, str]]:
+    full = [torch.ones_like(m) for m in masks]
+    varies = lambda ms: _output_varies(model, gates, ms, pair)
+    if not varies(full):
+        return masks, {}
+    masks, kept = [m.clone() for m in masks], {}
+    strongest = lambda i: float(gates.logits[i].detach().max())
+    for i in closed:
+        if not varies([torch.zeros_like(m) if j == i else m for j, m in enumerate(full)]):
+            masks[i] = _with_strongest_open(gates, i, masks[i])
+            kept[gates.names[i]] = KEPT_ALONE
+    rest = sorted((i for i in closed if not bool(masks[i].any())), key=strongest, reverse=True)
+    while rest and not varies(masks):
+        reopened = lambda i: [_with_strongest_open(gates, i, m) if j == i else m for j, m in enumerate(masks)]
+        pick = next((i for i in rest if varies(reopened(i))), rest[0])
+        rest.remove(pick)
+        masks = reopened(pick)
+        others = [gates.names[i] for i in closed if i != pick and not bool(masks[i].any())]
+        kept[gates.names[pick]] = KEPT_TOGETHER.format(", ".join(others))
+    return masks, kept
+
+
+def _with_strongest_open(gates: GateSet, i: int, mask: torch.Tensor) -> torch.Tensor:
+    logits = gates.logits[i].detach().cpu().masked_fill(~gates.prunable(i).cpu(), -float("inf"))
+    out = mask.clone()
+    out[int(logits.argmax())] = True
+    return out
+
+
+def _output_varies(model: nn.Module, gates: GateSet, masks: list[torch.Tensor], pair: list[Any]) -> bool:
+    """Whether the gated model (gates frozen on `masks`, attached) gives different outputs for the pair."""
+    gates.freeze(masks)
+    a, b = (first_tensor(run_model(model, x)) for x in pair)
+    if a.shape != b.shape:
+        return True
+    if not a.numel():
+        return False
+    a, b = a.double(), b.double()
+    return bool(((a - b).abs() > 1e-6 * max(1.0, float(a.abs().max()))).any())
+
+
+def _random_like(inputs: Any, seed: int) -> Any:
+    """Inputs of the example's shapes, dtypes and devices: normal floats, integers within the
+    example's range; other values (and boolean masks) as they are."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def one(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dtype == torch.bool or not t.numel():
+            return t
+        if t.is_floating_point() or t.is_complex():
+            return torch.randn(t.shape, generator=gen).to(t.device, t.dtype)
+        lo, hi = int(t.min()), int(t.max())
+        return torch.randint(lo, hi + 1, t.shape, generator=gen).to(t.device, t.dtype)
+
+    if isinstance(inputs, dict):
+        return {k: one(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(one(t) for t in inputs)
+    return one(inputs)
 
 
 def _empties_a_tensor(group: Group, closed: list[int]) -> bool:

@@ -32,7 +32,7 @@ from ...surgery.verify import inputs_to
 from ..result import PruneResult
 from .config import GatorConfig
 from .controller import final_masks, rounded_masks
-from .convert import convert_
+from .convert import convert_, keep_output_connected
 from .hook import GatorHook
 
 __all__ = ["gator_prune_"]
@@ -58,7 +58,9 @@ def gator_prune_(
     (measure, target, achieved, within_tolerance), macs_fraction, params_fraction, conversion
     (cut branches, silent groups, max |gated - converted| on the example inputs), with `round_to`
     settle_rounding (widths rounded when the run settled) and/or rounding (after training),
-    skipped_groups, and with a val_loader gated / converted / finetuned accuracy.
+    skipped_groups, kept_open (group -> why a group whose every gate closed keeps its strongest
+    channel: closing it would leave an output that does not depend on the input; also in notes),
+    and with a val_loader gated / converted / finetuned accuracy.
     With `ckpt_dir` both training phases checkpoint every epoch (in its subfolders gated/ and
     finetune/); with `resume=True` they continue from there, and a finished phase only reloads.
     """
@@ -84,7 +86,7 @@ def gator_prune_(
     metrics: dict[str, Any] = {"skipped_groups": skipped, "gated_groups": list(gates.names)}
 
     masks = _gated_phase(model, graph, gates, cost, measure, config, train_config, train_loader, val_loader, dev,
-                         progress, metrics, (_phase_dir(ckpt_dir, "gated"), resume))
+                         progress, metrics, example_inputs, (_phase_dir(ckpt_dir, "gated"), resume))
     model.cpu()  # surgery indexes with CPU tensors
     gates.cpu()
     example = inputs_to(example_inputs, "cpu")
@@ -101,6 +103,8 @@ def gator_prune_(
         metrics["finetune_history"] = run.history
         if val_loader is not None:
             metrics["finetuned"] = evaluate(model, val_loader, dev)
+    if metrics.get("kept_open"):
+        metrics["notes"] = [f"group {g}: {why}; kept its strongest channel" for g, why in metrics["kept_open"].items()]
     plan = conversion.plan
     plan.meta.update({"method": "gator", "config": config.to_dict()})
     return PruneResult(plan, before, after, config.to_dict(), metrics)
@@ -112,8 +116,10 @@ def _phase_dir(ckpt_dir: str | os.PathLike[str] | None, phase: str) -> Path | No
 
 def _gated_phase(model: nn.Module, graph: Any, gates: GateSet, cost: CostModel, measure: CostModel, config: GatorConfig,
                  train_config: Any, train_loader: Iterable, val_loader: Iterable | None, dev: torch.device,
-                 progress: bool, metrics: dict[str, Any], ckpt: tuple[Path | None, bool] = (None, False)) -> list[Tensor]:
-    """Train with gates, choose the final open channels and freeze the gates on them."""
+                 progress: bool, metrics: dict[str, Any], example_inputs: Any,
+                 ckpt: tuple[Path | None, bool] = (None, False)) -> list[Tensor]:
+    """Train with gates, choose the final open channels (no closed group may cut the output off
+    the input) and freeze the gates on them."""
     from ...engine.evaluate import evaluate
     from ...engine.train import lr_factor, train
 
@@ -138,6 +144,9 @@ def _gated_phase(model: nn.Module, graph: Any, gates: GateSet, cost: CostModel, 
             masks, metrics["rounding"] = rounded_masks(masks, logits, prunable, measure.fraction, budget,
                                                        config.round_to, graph, list(gates.names))
             info["fraction"] = metrics["rounding"]["fraction"]
+        masks, kept = keep_output_connected(model, gates, masks, inputs_to(example_inputs, dev), config.seed)
+        if kept:
+            metrics["kept_open"], info["fraction"] = kept, measure.fraction(masks)
         gates.freeze(masks)
         if hook.rounding is not None:
             metrics["settle_rounding"] = hook.rounding
