@@ -315,3 +315,38 @@ def test_element_masks_of_cuda_scores_equal_the_cpu_ones(scope):
     on_cpu = select_element_masks(scores, 0.6, scope)
     on_cuda = select_element_masks({k: v.cuda() for k, v in scores.items()}, 0.6, scope)
     assert all(m.device.type == "cuda" and torch.equal(m.cpu(), on_cpu[k]) for k, m in on_cuda.items())
+
+
+class _ReluSixSigmoid(nn.Module):
+    """hardsigmoid written as relu6(x + 3) / 6, which autograd can differentiate twice."""
+
+    def forward(self, x):
+        return nn.functional.relu6(x + 3) / 6
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_grasp_scores_a_model_with_hardsigmoid(inplace):
+    """MobileNetV3's and GhostNet's squeeze-excitation gates use hardsigmoid, whose backward has no
+    derivative in PyTorch: GraSP's Hessian-vector product failed with a bare RuntimeError. Scored
+    as relu6(x + 3) / 6 (the same function), they equal the scores of that model."""
+    def net(act):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), act, nn.Linear(4, 2)).double()
+
+    batches = [(x * 4, y) for x, y in _batches()]
+    got = grasp_scores(net(nn.Hardsigmoid(inplace=inplace)), batches, temperature=1.0)
+    want = grasp_scores(net(_ReluSixSigmoid()), batches, temperature=1.0)
+    for k in want:  # PyTorch's hardsigmoid backward multiplies by 1/6 in float32 precision
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=0)
+    assert any(bool(s.abs().gt(0).any()) for s in got.values())
+
+
+def test_grasp_on_an_op_without_second_derivative_says_which_criteria_work():
+    class _AtenHardsigmoid(nn.Module):
+        def forward(self, x):
+            return torch.ops.aten.hardsigmoid(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _AtenHardsigmoid(), nn.Linear(4, 2)).double()
+    with pytest.raises(PruningError, match="second derivatives .*hardsigmoid_backward.* snip or synflow"):
+        grasp_scores(model, _batches(), temperature=1.0)

@@ -254,3 +254,31 @@ def test_channel_pruning_after_masks_with_ignored_layers_reloads(tmp_path):
     assert list(second.plan.groups) == ["0"]  # between the two ignored convs
     path = save_pruned(model, first.plan.compose(second.plan), tmp_path / "m.safetensors")
     torch.testing.assert_close(load_pruned(_net().eval(), path)(X), model(X), atol=0, rtol=0)
+
+
+def _nonzero_recount(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """Parameters (conv/Linear weights: their nonzero entries) and the MACs of nonzero conv/Linear
+    weights, counted from the model."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(("weight", "original")))
+    params += sum(p.numel() for m in model.modules() if not isinstance(m, (nn.Conv2d, nn.Linear))
+                  for n, p in m.named_parameters(recurse=False) if n == "weight")
+    params += sum(int((m.weight != 0).sum()) for m in layers)
+    macs = []
+    hooks = [m.register_forward_hook(lambda m, _i, out: macs.append(
+        int((m.weight != 0).sum()) * (out[0, 0].numel() if out.dim() > 2 else 1)))
+        for m in layers]
+    with torch.no_grad():
+        model(x[:1])
+    for h in hooks:
+        h.remove()
+    return params, sum(macs)
+
+
+def test_nonzero_views_count_the_masks_of_ignored_layers_from_an_earlier_pass():
+    """A second pass that ignores layers a first pass masked: params_nonzero and macs_nonzero
+    still count those layers' hidden weights (they counted them as dense)."""
+    model = _net().eval()
+    prune_(model, RandomInitConfig(sparsity=0.5), X)
+    r = prune_(model, RandomInitConfig(sparsity=0.8, ignore=["7"]), X)
+    assert (r.metrics["params_nonzero"], r.metrics["macs_nonzero"]) == _nonzero_recount(model, X)

@@ -7,7 +7,7 @@ from torch import nn
 
 from prunekit.core.errors import CheckpointError, ConfigError, PruningError
 from prunekit.cost.macs import count_cost
-from prunekit.layers.ssc import SSCConv2d
+from prunekit.layers.ssc import EXECUTIONS, SSCConv2d
 from prunekit.methods import prune_
 from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.methods.ssc import PRESETS, SSCConfig, layer_reduction, preset_for
@@ -142,6 +142,10 @@ def test_config_errors_and_untouched_model():
     {"layers": {"layer1.0.conv1": {"groups": 1, "spatial_period": 2, "extra": 1}}},
     {"layers": [], "execution": "structured"},
     {"layers": {}, "execution": "fast"},
+    {"layers": {"layer1.0.conv1": {"groups": 1, "spatial_period": 2, "point_period": 1, "pattern": "full"}},
+     "execution": {"layer1.0.conv1": ["masked"]}},
+    {"layers": {"layer1.0.conv1": {"groups": 1, "spatial_period": 2, "point_period": 1, "pattern": "full"}},
+     "execution": {"layer1.0.conv2": "masked"}},
 ])
 def test_replay_rejects_malformed_meta(bad):
     model = _resnet20()
@@ -288,3 +292,58 @@ def test_a_converted_layer_keeps_the_hooks_and_the_frozen_weights_of_its_conv():
     assert torch.equal(out, model[4].forward(2 * model[3](seen[0])))  # the pre-hook still doubles the input
     handle.remove()  # the caller's handle still reaches the hook
     assert torch.equal(model(x), model[4].forward(model[3](seen[0])))
+
+
+def _executions(model: nn.Module) -> dict[str, str]:
+    return {n: m.execution for n, m in model.named_modules() if isinstance(m, SSCConv2d)}
+
+
+def test_two_conversions_compose_and_reload_with_each_layers_execution(tmp_path):
+    """The later plan's SSC entry replaced the earlier one in the composed plan: the file saved
+    but never loaded (a fingerprint mismatch). Both conversions replay, each in its execution."""
+    model = _resnet20()
+    first = prune_(model, SSCConfig(reduction=4, ignore=["layer3"]), X)
+    second = prune_(model, SSCConfig(reduction=8, execution="masked"), X)
+    assert len(first.metrics["converted"]) == 12 and len(second.metrics["converted"]) == 6
+    again = load_pruned(_resnet20(), save_pruned(model, first.plan.compose(second.plan), tmp_path / "m.safetensors"))
+    assert _executions(again) == _executions(model) and set(_executions(model).values()) == set(EXECUTIONS)
+    torch.testing.assert_close(again.eval()(X), model(X), atol=0, rtol=0)
+
+
+def test_an_execution_switched_after_conversion_is_saved_with_the_model(tmp_path):
+    """set_execution_ after the conversion, for all layers or one: load_pruned rebuilt the plan's
+    execution instead (outputs within 1e-5, not identical)."""
+    from prunekit.layers.ssc import set_execution_
+
+    model = _resnet20()
+    r = prune_(model, SSCConfig(reduction=4), X)
+    set_execution_(model, "masked")
+    model.layer2[0].conv1.execution = "structured"
+    again = load_pruned(_resnet20(), save_pruned(model, r.plan, tmp_path / "m.safetensors")).eval()
+    assert _executions(again) == _executions(model)
+    torch.testing.assert_close(again(X), model(X), atol=0, rtol=0)
+
+
+class _WeightReusedOutside(nn.Module):
+    """TridentNet-style: conv `a` runs as a module and, with its weight, dilated by the parent."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = (nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1),
+                                     nn.Conv2d(16, 16, 3, padding=1))
+
+    def forward(self, x):
+        x = self.stem(x).relu()
+        x = self.a(x) + nn.functional.conv2d(x, self.a.weight, self.a.bias, padding=2, dilation=2)
+        return self.b(x.relu())
+
+
+def test_a_conv_whose_weight_is_used_outside_its_forward_stays_dense():
+    """The parent's functional conv read `a.weight`, which an SSC layer does not have: the
+    conversion failed with a bare AttributeError. `a` stays dense and says why; `b` converts."""
+    torch.manual_seed(0)
+    model, x = _WeightReusedOutside().eval(), torch.randn(1, 3, 8, 8)
+    r = prune_(model, SSCConfig(groups=1, spatial_period=4), x)
+    assert r.metrics["converted"] == ["b"] and type(model.a) is nn.Conv2d
+    assert "its weight is also read outside its own forward (by the model itself)" in r.metrics["left_dense"]["a"]
+    assert model(x).shape == (1, 16, 8, 8)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, PruningError
 from ..core.modes import evaluating
 from .calibration import NEEDS_DATA, forward, labelled, loss_of
 
@@ -112,7 +112,7 @@ class ScoreContext:
                               "key the vector by names from model.named_parameters()")
         leaves = [params[n] for n in names]
         out = {n: torch.zeros_like(p) for n, p in zip(names, leaves)}
-        with evaluating(self.model), _differentiable(leaves):
+        with evaluating(self.model), _differentiable(leaves), _TwiceDifferentiable(), _second_derivatives(who):
             for i, x, y in labelled(self.batches, who):
                 loss = loss_of(self.loss_fn, forward(self.model, x, i, who), y, i, who)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
@@ -151,6 +151,32 @@ class ScoreContext:
                     h.remove()
             self._outs = {n: v / max(count[0], 1) for n, v in sums.items()}
         return self._outs
+
+
+class _TwiceDifferentiable(torch.overrides.TorchFunctionMode):
+    """Runs `F.hardsigmoid` (MobileNetV3's and GhostNet's gates) as relu6(x + 3) / 6, the same
+    function, whose backward autograd can differentiate again (hardsigmoid's cannot)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.hardsigmoid:
+            x, inplace = args[0], (args[1] if len(args) > 1 else kwargs.get("inplace", False))
+            y = torch.nn.functional.relu6(x + 3) / 6
+            return x.copy_(y) if inplace else y
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _second_derivatives(who: str) -> Iterator[None]:
+    """A PruningError naming the op when autograd cannot differentiate the model twice."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "derivative for" not in str(err) or "not implemented" not in str(err):
+            raise
+        raise PruningError(f"{who} needs second derivatives of the loss (a Hessian-vector product), and this model "
+                           f"runs an op PyTorch cannot differentiate twice ({err}); score it with snip or synflow, "
+                           "or replace that op") from None
 
 
 @contextlib.contextmanager

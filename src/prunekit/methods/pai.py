@@ -48,7 +48,7 @@ from ..importance.elements import (apply_element_masks, channel_scores_from_elem
 from ..importance.select import select_removal
 from ..importance.targets import target_weights
 from ..surgery.copying import adopt_, share_copy
-from ..surgery.masks import get_mask
+from ..surgery.masks import get_mask, masked_modules
 from ..surgery.plan import empty_plan, make_plan
 from ..surgery.shrink import remove_channels_
 from ..surgery.verify import build_safe_graph, run_model
@@ -158,14 +158,23 @@ def _calibration(cfg: PaIConfig, batches: Iterable | None) -> list | None:
 
 
 def _nonzero_views(model: nn.Module, masks: dict[str, torch.Tensor], cost) -> dict[str, Any]:
-    """Parameters and MACs counting only kept weights (each layer's MACs times its density)."""
+    """Parameters and MACs counting only kept weights (each layer's MACs times its density). Every
+    mask the model carries counts, also those of layers this pass ignored."""
     total = sum(int(m.numel()) for m in masks.values())
     kept = sum(int(m.sum()) for m in masks.values())
-    density = {k.rpartition(".")[0]: float(m.float().mean()) for k, m in masks.items()}
+    held = _model_masks(model)
+    hidden = sum(int(m.numel() - m.sum()) for m in held.values())
+    density = {mname: float(m.float().mean()) for (mname, pname), m in held.items() if pname == "weight"}
     macs = sum(row["macs"] * density.get(name, 1.0) for name, row in cost.per_module.items())
     return {"weights_total": total, "weights_kept": kept, "sparsity": 1 - kept / total,
-            "params_nonzero": cost.params - (total - kept), "macs_nonzero": int(round(macs)),
-            "layer_density": density}
+            "params_nonzero": cost.params - hidden, "macs_nonzero": int(round(macs)),
+            "layer_density": {k.rpartition(".")[0]: float(m.float().mean()) for k, m in masks.items()}}
+
+
+def _model_masks(model: nn.Module) -> dict[tuple[str, str], torch.Tensor]:
+    """{(module name, tensor name): its keep mask, expanded to the tensor's shape} for every masked tensor."""
+    return {(mname, pname): get_mask(module, pname).expand_as(getattr(module, pname))
+            for mname, module, pname in masked_modules(model)}
 
 
 def _element_prune(model, cfg, example_inputs, data) -> PruneResult:

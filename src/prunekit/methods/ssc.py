@@ -1,8 +1,8 @@
 """Structured sparse convolutions (SSC): convert a model's k x k convs to `SSCConv2d` layers.
 
 `prune_(model, SSCConfig(reduction=4), example)` traces the model, takes every conv the trace
-runs with a square odd kernel > 1, no groups, zero padding and channel counts the preset divides,
-and replaces it by an SSC layer (fresh Kaiming weights with the real fan-in, or the conv's own
+runs with a square odd kernel > 1, no groups, zero padding, channel counts the preset divides and
+a weight that only its own forward reads, and replaces it by an SSC layer (fresh Kaiming weights with the real fan-in, or the conv's own
 taps on the support with init="project"). The first conv (the stem) stays dense unless
 keep_first=False; Linear classifiers are never touched.
 
@@ -21,8 +21,9 @@ conv on the masked weight), or "auto": both timed interleaved on the `latency` s
 (LatencyConfig fields; default CPU, float32, batch 1, 1 thread) and the faster kept, with both
 times in `metrics["execution"]`. Which is faster depends on device and widths (docs/ssc.md).
 
-The plan records every converted layer with its preset (plan.meta["replay"]["ssc"]); `load_pruned`
-replays it on a freshly built model through a registered replay step, then loads the weights.
+The plan records every converted layer with its preset and execution (plan.meta["replay"]["ssc"];
+`save_pruned` writes the executions the model runs then); `load_pruned` replays it on a freshly
+built model through a registered replay step, then loads the weights.
 
 >>> import torch, torch.nn as nn
 >>> from prunekit.methods import prune_
@@ -177,12 +178,16 @@ def _eligible(conv: nn.Module, spec: SSCSpec) -> str | None:
     return why if why is not None else spec.fits(conv.in_channels, conv.out_channels)
 
 
-def _conv_order(model: nn.Module, example_inputs: Any, ignore: list[str]) -> list[str]:
-    """Names of the modules whose conv2d ops the trace runs, in execution order."""
+def _conv_order(model: nn.Module, example_inputs: Any, ignore: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Names of the modules whose conv2d ops the trace runs, in execution order; and {name: the
+    module that also reads its weight or bias outside the conv's own forward}."""
     graph = build_graph(model, example_inputs, ignore)
     modules = dict(model.named_modules())
     names: list[str] = []
+    outside: dict[str, str] = {}
     for node in graph.nodes:
+        for owner in {q.rpartition(".")[0] for q in node.params} - {node.module}:
+            outside.setdefault(owner, node.module)
         if node.op != "conv2d":
             continue
         if node.params:
@@ -193,7 +198,7 @@ def _conv_order(model: nn.Module, example_inputs: Any, ignore: list[str]) -> lis
             continue  # a functional conv on a fixed kernel (a blur, say) is no layer to convert
         if name not in names:
             names.append(name)
-    return names
+    return names, outside
 
 
 def _shared_weights(model: nn.Module) -> dict[str, list[str]]:
@@ -234,7 +239,7 @@ def _take_over(conv: nn.Conv2d, layer: SSCConv2d) -> None:
 
 def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneResult:
     spec = cfg.spec()
-    names = _conv_order(model, example_inputs, cfg.ignore)  # build_graph refuses ignore names the model lacks
+    names, outside = _conv_order(model, example_inputs, cfg.ignore)  # build_graph refuses ignore names the model lacks
     if cfg.keep_first and names:
         names = names[1:]
     modules = dict(model.named_modules())
@@ -250,6 +255,10 @@ def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneRe
             continue
         if name in shared:  # converting one holder would untie the weight and add parameters
             dense[name] = f"shares its weight with {', '.join(shared[name])}"
+            continue
+        if name in outside:  # an SSC layer has no `weight` to read
+            user = f"'{outside[name]}'" if outside[name] else "the model itself"
+            dense[name] = f"its weight is also read outside its own forward (by {user})"
             continue
         why = _eligible(conv, spec)
         alt = fit_preset(spec, conv.in_channels, conv.out_channels) if why and cfg.fallback else None
@@ -314,20 +323,67 @@ def _spec_from_meta(name: Any, raw: Any) -> SSCSpec:
         raise CheckpointError(f"plan's SSC entry {name!r} is invalid: {err}") from None
 
 
-def _check_entry(model: nn.Module, graph: Any, plan: Any, entry: Any) -> tuple[dict[str, SSCSpec], str]:
+def _check_entry(model: nn.Module, graph: Any, plan: Any, entry: Any) -> tuple[dict[str, SSCSpec], dict[str, str]]:
     """Replay check for plan.meta["replay"]["ssc"]: only what `ssc_prune_` writes, naming convs of
-    this model that can take their presets; returns (layers, execution) for `_apply_entry`."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("layers"), dict) or set(entry) - {"layers", "execution"}:
-        raise CheckpointError("plan's 'ssc' entry must be {'layers': {name: preset}, 'execution': ...}; "
-                              "re-export the model with prunekit")
-    execution = entry.get("execution", "structured")
-    if execution not in EXECUTIONS:
-        raise CheckpointError(f"plan's SSC execution {execution!r} is not one of {', '.join(EXECUTIONS)}")
+    this model that can take their presets; returns (layers, execution of each) for `_apply_entry`."""
+    _check_shape(entry)
     layers = {n: _spec_from_meta(n, raw) for n, raw in entry["layers"].items()}
+    executions = _layer_executions(entry, layers)
     modules = dict(model.named_modules())
     for name in layers:  # channel counts are checked in `_apply_entry`, after the plan's removal
         _check_layer(name, modules.get(name) if name else None, None)
-    return layers, execution
+    return layers, executions
+
+
+def _check_shape(entry: Any) -> None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("layers"), dict) or set(entry) - {"layers", "execution"}:
+        raise CheckpointError("plan's 'ssc' entry must be {'layers': {name: preset}, 'execution': ...}; "
+                              "re-export the model with prunekit")
+
+
+def _layer_executions(entry: dict, layers: dict[str, SSCSpec]) -> dict[str, str]:
+    """The execution of each layer: the entry's "execution" is one for all, or {layer: execution}."""
+    execution = entry.get("execution", "structured")
+    if isinstance(execution, dict):
+        if set(execution) != set(layers):
+            raise CheckpointError(f"plan's SSC executions name the layers {sorted(execution)}, not the converted "
+                                  f"ones {sorted(layers)}; re-export the model with prunekit")
+        executions = dict(execution)
+    else:
+        executions = {name: execution for name in layers}
+    bad = [e for e in executions.values() if not isinstance(e, str) or e not in EXECUTIONS]
+    if bad:
+        raise CheckpointError(f"plan's SSC execution {bad[0]!r} is not one of {', '.join(EXECUTIONS)}")
+    return executions
+
+
+def _one_or_each(executions: dict[str, str]) -> str | dict[str, str]:
+    """The entry's "execution": one name when every layer runs it, else one per layer."""
+    kinds = list(executions.values())
+    return kinds[0] if kinds and all(k == kinds[0] for k in kinds) else executions
+
+
+def _merge_entries(earlier: Any, later: Any) -> dict[str, Any]:
+    """The SSC entry of two composed plans: the layers both converted, each with its execution."""
+    for entry in (earlier, later):
+        _check_shape(entry)
+    executions = {}
+    for entry in (earlier, later):
+        execution = entry.get("execution", "structured")
+        executions.update(execution if isinstance(execution, dict) else {n: execution for n in entry["layers"]})
+    return {"layers": {**earlier["layers"], **later["layers"]}, "execution": _one_or_each(executions)}
+
+
+def _describe_entry(model: nn.Module, entry: Any) -> Any:
+    """The entry with each layer's execution as `model` runs it now (`set_execution_` may have
+    switched it since the conversion)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("layers"), dict) or not entry["layers"]:
+        return entry  # malformed: left for the replay check to refuse
+    modules = dict(model.named_modules())
+    executions = {n: modules[n].execution for n in entry["layers"] if isinstance(modules.get(n), SSCConv2d)}
+    if set(executions) != set(entry["layers"]):
+        return entry
+    return {**entry, "execution": _one_or_each(executions)}
 
 
 def _check_layer(name: str, module: nn.Module | None, spec: SSCSpec | None) -> None:
@@ -341,17 +397,18 @@ def _check_layer(name: str, module: nn.Module | None, spec: SSCSpec | None) -> N
                               "architecture the plan was made on")
 
 
-def _apply_entry(model: nn.Module, parsed: tuple[dict[str, SSCSpec], str]) -> None:
+def _apply_entry(model: nn.Module, parsed: tuple[dict[str, SSCSpec], dict[str, str]]) -> None:
     """Replay step, after the plan's channel removal: check every preset against the layer's
     channels as they are now, then convert (fresh weights: the file's are loaded afterwards)."""
-    layers, execution = parsed
+    layers, executions = parsed
     modules = dict(model.named_modules())
     for name, spec in layers.items():
         _check_layer(name, modules.get(name), spec)
-    convert_(model, layers, "kaiming", execution)
+    for execution in EXECUTIONS:
+        convert_(model, {n: s for n, s in layers.items() if executions[n] == execution}, "kaiming", execution)
 
 
-register_replay_step("ssc", _apply_entry, _check_entry)
+register_replay_step("ssc", _apply_entry, _check_entry, merge=_merge_entries, describe=_describe_entry)
 
 from . import register_method  # noqa: E402
 

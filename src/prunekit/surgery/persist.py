@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..core.errors import CheckpointError, PrunekitError
 from .mask_io import describe_masks, restore_masks_, tied_values, unpack_mask
 from .masks import masked_modules
-from .plan import Plan, apply_plan_
+from .plan import Plan, apply_plan_, describe_replay
 from .plan_check import check_fingerprint
 from .tensor_file import MASK_SUFFIX, load_state_, read_tensor_file, save_state_file
 
@@ -43,7 +43,8 @@ MASKS_META = "masks"  # plan.meta entry describing the masks the file holds
 def save_pruned(model: nn.Module, plan: Plan, path: str | Path) -> Path:
     """Write effective weights, packed masks and plan atomically; returns `path`.
 
-    The plan's meta["masks"] is set to the model's current masks (`describe_masks`), so a
+    The plan's meta["masks"] is set to the model's current masks (`describe_masks`), and replay
+    entries that describe the model (an SSC layer's execution) to the model as it is, so a
     plan.json written from the same Plan afterwards describes them too. A plan that records the
     pruned architecture's fingerprint must match `model`: otherwise the file could never be
     loaded, so CheckpointError and nothing is written.
@@ -53,6 +54,7 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | Path) -> Path:
     check_fingerprint(model, plan.fingerprint.get("pruned"), "pruned")
     path = Path(path)
     plan.meta[MASKS_META] = describe_masks(model)
+    describe_replay(model, plan)
     save_state_file(model, path, {PLAN_KEY: plan.to_json()})
     return path
 

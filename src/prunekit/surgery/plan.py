@@ -42,11 +42,16 @@ class ReplayStep:
 
     `check(model, graph, plan, entry)` runs on the unpruned model and its graph before anything
     changes: it accepts only entries the step itself could have written (else CheckpointError)
-    and returns what `apply(model, parsed)` needs after the channels are removed.
+    and returns what `apply(model, parsed)` needs after the channels are removed. `merge(earlier,
+    later)`, if given, is the entry of two composed plans that both hold one (without it the later
+    entry stands); `describe(model, entry)`, if given, is the entry as the pruned model stands
+    when `save_pruned` writes it.
     """
 
     check: Callable[[nn.Module, Graph, "Plan", Any], Any]
     apply: Callable[[nn.Module, Any], None]
+    merge: Callable[[Any, Any], Any] | None = None
+    describe: Callable[[nn.Module, Any], Any] | None = None
 
 
 # Keyed by the entry's name in plan.meta["replay"]. A step registers in the module defining it;
@@ -57,10 +62,12 @@ LEGACY_REPLAY_KEYS = ("gator",)
 
 
 def register_replay_step(key: str, apply: Callable[[nn.Module, Any], None],
-                         check: Callable[[nn.Module, Graph, "Plan", Any], Any]) -> None:
+                         check: Callable[[nn.Module, Graph, "Plan", Any], Any],
+                         merge: Callable[[Any, Any], Any] | None = None,
+                         describe: Callable[[nn.Module, Any], Any] | None = None) -> None:
     """Run `apply(model, check(model, graph, plan, entry))` for every replayed plan whose
     meta["replay"] holds `key` (see `ReplayStep`)."""
-    REPLAY_STEPS[key] = ReplayStep(check, apply)
+    REPLAY_STEPS[key] = ReplayStep(check, apply, merge, describe)
 
 
 PLAN_VERSION = 1
@@ -117,8 +124,11 @@ class Plan:
         # layer the other ignored (a plan that removes nothing constrains nothing)
         ignore = (later.ignore if not self.groups else self.ignore if not later.groups
                   else [n for n in self.ignore if n in later.ignore])
+        meta = {**self.meta, **later.meta}
+        if isinstance(self.meta.get("replay"), Mapping) and isinstance(later.meta.get("replay"), Mapping):
+            meta["replay"] = _merge_replay(self.meta["replay"], later.meta["replay"])
         out = Plan(dict(self.groups), dict(self.sizes), self.input_shapes, self.input_dtypes, list(ignore),
-                   {**self.meta, **later.meta}, fingerprint)
+                   meta, fingerprint)
         for name, keep in later.groups.items():
             base = self.groups.get(name)
             if base is None:
@@ -135,6 +145,29 @@ class Plan:
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         dtypes = self.input_dtypes or ["float32"] * len(self.input_shapes)
         return tuple(torch.zeros(s, dtype=_DTYPES.get(d, torch.float32)) for s, d in zip(self.input_shapes, dtypes))
+
+
+def _merge_replay(earlier: Mapping[str, Any], later: Mapping[str, Any]) -> dict[str, Any]:
+    """The replay entries of two composed plans: both plans' steps, in order; a step both hold is
+    merged by its `merge` (the later entry stands for a step without one)."""
+    out = dict(earlier)
+    for key, entry in later.items():
+        if key in out and key not in REPLAY_STEPS:
+            importlib.import_module("prunekit.methods")  # the built-in methods register their steps
+        merge = REPLAY_STEPS[key].merge if key in out and key in REPLAY_STEPS else None
+        out[key] = merge(out[key], entry) if merge is not None else entry
+    return out
+
+
+def describe_replay(model: nn.Module, plan: Plan) -> None:
+    """Rewrite each of `plan`'s replay entries whose step has `describe` as `model` stands now."""
+    if not isinstance(plan.meta.get("replay"), Mapping):
+        return
+    described = {}
+    for key, entry in replay_entries(plan).items():
+        describe = REPLAY_STEPS[key].describe
+        described[key] = entry if describe is None else describe(model, entry)
+    plan.meta["replay"] = described  # a new mapping: plans composed from this one share its old one
 
 
 def plan_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
