@@ -227,7 +227,15 @@ def resume_cmd(run_dir: Path, quiet: bool) -> None:
 
     \b
     prunekit resume runs/digits-small_cnn-20250101-120000
+    prunekit resume runs/search-20250101-120000     (a PR-DARTS search: every phase continues alike)
     """
+    from .runstate import STATE_NAME
+
+    if (run_dir / "recipe.json").is_file() and not (run_dir / STATE_NAME).exists():
+        from .search_cmd import resume_search
+
+        resume_search(run_dir, quiet)
+        return
     resume_run(run_dir, quiet)
 
 

@@ -141,7 +141,7 @@ def resumable_state(run_dir: Path) -> dict[str, Any]:
     state = read_state(run_dir)
     if state is None:
         raise ConfigError(f"{run_dir} has no {STATE_NAME}; only run directories written by `prunekit "
-                          "run/train/prune/finetune` can be resumed")
+                          "run/train/prune/finetune/search` can be resumed")
     if state["finished"]:
         raise ConfigError(f"run {run_dir} already finished; nothing to resume (see its report.md)")
     if not (run_dir / "recipe.yaml").is_file():

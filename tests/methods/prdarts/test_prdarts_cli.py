@@ -124,3 +124,101 @@ def test_a_search_never_writes_into_another_runs_directory(tmp_path, monkeypatch
     assert sorted(p.name for p in other.iterdir()) == ["recipe.json"]
     assert (other / "recipe.json").read_text() == "{\"someone\": \"else\"}"
     assert (tmp_path / "runs" / "search-20260101-000000-2" / "result.json").exists()
+
+
+def _stop_at_save(monkeypatch, n: int) -> None:
+    """Ctrl-C in the n-th end-of-epoch checkpoint of this process, before it is written (the
+    epoch's genotype and alphas are already logged)."""
+    import importlib
+
+    engine = importlib.import_module("prunekit.engine.train")
+
+    calls, real = [], engine.save_checkpoint
+
+    def save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "save_checkpoint", save)
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+LONGER = ["search.pretrain_epochs=2", "search.finetune_epochs=2", "evaluate.dense_epochs=2", "search.arch_lr=0.03"]
+
+
+def test_a_search_stopped_twice_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from prunekit.engine.train import TIMING_KEYS
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert runner.invoke(cli, ["search", str(recipe), *LONGER, "-q", "--out", str(ref)]).exit_code == 0
+    with monkeypatch.context() as m:  # stopped while the second dense epoch is saved
+        _stop_at_save(m, 2)
+        res = runner.invoke(cli, ["search", str(recipe), *LONGER, "-q", "--out", str(out)])
+    assert res.exit_code == 130 and f"continue with: prunekit resume {out}" in res.stderr, (res.output, res.exception)
+    assert not (out / "result.json").exists()
+    with monkeypatch.context() as m:  # resumed, then stopped in the evaluation's dense training
+        _stop_at_save(m, 5)
+        res = runner.invoke(cli, ["resume", str(out)])
+    assert res.exit_code == 130, (res.output, res.exception)
+    assert res.stdout.splitlines()[0] == (f"resuming {out}: finished no phase; to do: search pretrain, search scores, "
+                                          "search finetune, evaluate dense, evaluate scores, evaluate finetune")
+    res = runner.invoke(cli, ["resume", str(out)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert res.stdout.splitlines()[0] == (f"resuming {out}: finished search pretrain, search scores, search finetune; "
+                                          "to do: evaluate dense, evaluate scores, evaluate finetune")
+    for name in ("genotype.json", "alphas.jsonl"):
+        assert (out / name).read_text() == (ref / name).read_text(), name
+    a, b = load_file(str(ref / "network.safetensors")), load_file(str(out / "network.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    r, g = (json.loads((d / "result.json").read_text()) for d in (ref, out))
+    plain = lambda hist: [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in hist]
+    assert plain(g["search_history"]) == plain(r["search_history"])
+    assert plain(g["evaluation"]["history"]) == plain(r["evaluation"]["history"])
+    assert g["evaluation"]["test"] == r["evaluation"]["test"] and g["genotype"] == r["genotype"]
+    # a finished search is not resumed; one line, nothing written
+    before = _files(out)
+    res = runner.invoke(cli, ["resume", str(out)])
+    assert res.exit_code == 2 and res.stderr.strip().splitlines() == [
+        f"error: run {out} already finished; nothing to resume (see its report.md)"], res.stderr
+    assert _files(out) == before
+
+
+def test_resuming_a_search_with_another_recipe_or_a_damaged_checkpoint_is_one_line(tmp_path, monkeypatch):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _stop_at_save(m, 3)
+        assert runner.invoke(cli, ["search", str(recipe), "--out", str(out)]).exit_code == 130
+    before = _files(out)
+    res = runner.invoke(cli, ["search", str(recipe), "search.arch_lr=0.1", "--resume", str(out)])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and "search.arch_lr: run 0.0003 vs now 0.1" in lines[0], res.stderr
+    assert f"prunekit resume {out}" in lines[0] and _files(out) == before
+    recipe_json = json.loads((out / "recipe.json").read_text())  # an edit of the run's own recipe
+    recipe_json["search"]["hvp_r"] = 0.5
+    (out / "recipe.json").write_text(json.dumps(recipe_json))
+    res = runner.invoke(cli, ["resume", str(out)])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.stderr
+    assert "other settings (hvp_r: saved 0.01 vs now 0.5" in lines[0], lines[0]
+    recipe_json["search"]["hvp_r"] = 0.01
+    (out / "recipe.json").write_text(json.dumps(recipe_json))
+    last = out / "ckpt" / "search" / "pretrain" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    res = runner.invoke(cli, ["resume", str(out)])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and "pretrain/last.pt is corrupt" in lines[0], res.stderr
+    res = runner.invoke(cli, ["search", "--resume", str(tmp_path)])
+    assert res.exit_code == 2 and "not a search run directory" in res.stderr, res.stderr

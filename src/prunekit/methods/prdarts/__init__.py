@@ -12,7 +12,9 @@ supernet.py  mixed ops, search cells, SuperNet with alpha_normal / alpha_reduce
 architect.py first-order and unrolled alpha steps
 genotype.py  Genotype (strict JSON), DARTS derivation, alpha entropy, references (DARTS_V2, DASS)
 hooks.py     ArchitectHook (engine hook), EvalTrainingHook (aux loss, drop path)
-search.py    search(): the three phases through prunekit.engine.train
+search.py    search(): the three phases through prunekit.engine.train, checkpointed every epoch
+checkpoints.py  the search's checkpoint folder (settings.json, <phase>/last.pt) and the checks
+             before a resume
 evalnet.py   EvalNetwork from a genotype (stacked cells, auxiliary head, drop path)
 network.py   train_at_density, save_network / load_network, network_report (honest speed)
 

@@ -9,7 +9,9 @@ first-order step inside `extra_loss` (after the weight forward, before its backw
 are still those of this step) and refuses the unrolled architect, which needs the optimizer.
 Its batches are read as the engine reads them (`split_batch`), and its first step checks them
 as the engine's first step would (the supernet runs on the inputs, the labels are within its
-classes): it runs before the engine's own checks.
+classes): it runs before the engine's own checks. Its `state_dict` (the architect's Adam and the
+position in the validation split) goes into the engine's checkpoint with the alphas (model
+parameters), so a resumed phase steps alpha on the batch, with the moments, it would have.
 
 Each epoch it adds to the engine's metrics: the derived genotype, the mean alpha entropy of
 both cell types (log 8 = 2.079 is uniform), the share of parameter-free ops in the genotype
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.errors import ConfigError
+from ...core.errors import CheckpointError, ConfigError
 from ...core.modes import evaluating
 from ...engine.batches import check_labels, out_of_memory, split_batch
 from ...engine.hooks import Hook
@@ -57,15 +59,47 @@ class BatchRecorder:
 VAL = "validation (alpha)"
 
 
-def _cycle(loader: Iterable) -> Iterator[tuple[int, Any]]:
-    """(index within the pass, batch), pass after pass."""
-    while True:
-        yielded = False
-        for index, batch in enumerate(loader):
-            yielded = True
-            yield index, batch
-        if not yielded:
-            raise ConfigError("the validation (alpha) loader yields no batch; give the search a non-empty val split")
+class ValCycle:
+    """(index within the pass, batch) of `loader`, pass after pass. `position` (passes finished,
+    batches read in this pass) is what a checkpoint keeps: `seek` reads the loader again from its
+    start up to there, so the loader must yield the same batches on every pass (prunekit's
+    validation loaders keep their order)."""
+
+    def __init__(self, loader: Iterable):
+        self.loader, self.passes, self.index, self._it = loader, 0, 0, None
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.passes, self.index
+
+    def seek(self, passes: int, index: int) -> None:
+        self.passes, self.index, self._it = passes, index, None
+
+    def __next__(self) -> tuple[int, Any]:
+        if self._it is None:
+            self._it = self._skipped(self.index)
+        for _ in range(2):
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                if self.index == 0:
+                    break
+                self.passes, self.index, self._it = self.passes + 1, 0, iter(self.loader)
+                continue
+            self.index += 1
+            return self.index - 1, batch
+        raise ConfigError("the validation (alpha) loader yields no batch; give the search a non-empty val split")
+
+    def _skipped(self, count: int) -> Iterator[Any]:
+        it = iter(self.loader)
+        for read in range(count):
+            if next(it, _END) is _END:
+                raise CheckpointError(f"the search had read {count} batches of the validation (alpha) loader in this "
+                                      f"pass, but it now yields {read}; resume with the same data and batch size")
+        return it
+
+
+_END = object()
 
 
 def _to(batch: Any, index: int, what: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +131,7 @@ class ArchitectHook(Hook):
                  out_dir: str | Path | None = None):
         self.net, self.architect, self.cfg, self.phase = net, architect, cfg, phase
         self.step_alpha, self.recorder = step_alpha, recorder
-        self.val_iter = _cycle(val_loader)
+        self.val_batches = ValCycle(val_loader)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.state: Any = None
         self.arch_losses: list[float] = []
@@ -152,13 +186,32 @@ class ArchitectHook(Hook):
             with open(self.out_dir / "alphas.jsonl", "a") as f:
                 f.write(json.dumps(alphas) + "\n")
 
+    def state_dict(self) -> dict[str, Any]:
+        """The architect's optimizer (Adam over the alphas) and the position in the validation
+        split; the alphas themselves are the model's."""
+        passes, index = self.val_batches.position
+        return {"architect": self.architect.optimizer.state_dict(), "val_passes": passes, "val_index": index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        if not isinstance(state, dict) or not isinstance(state.get("architect"), dict) or \
+                not count(state.get("val_passes")) or not count(state.get("val_index")):
+            raise CheckpointError("the architect's saved state is not its optimizer and validation position; the "
+                                  "checkpoint is damaged or from other code: delete it to restart the search")
+        try:
+            self.architect.optimizer.load_state_dict(state["architect"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"the architect's saved optimizer does not fit its alphas ({type(err).__name__}: "
+                                  f"{str(err)[:160]}); resume with the same search settings") from None
+        self.val_batches.seek(state["val_passes"], state["val_index"])
+
     # helpers ---------------------------------------------------------------------------------
     def _device(self) -> torch.device:
         return self.net.alpha_normal.device
 
     def _arch_step(self, train_batch: Any, optimizer: Any) -> None:
         device = self._device()
-        index, batch = next(self.val_iter)
+        index, batch = next(self.val_batches)
         val = _to(batch, index, VAL, device)
         train = _to(train_batch, 0, "training", device) if train_batch is not None else None
         if not self.checked:
@@ -192,3 +245,13 @@ class EvalTrainingHook(Hook):
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, Any]) -> None:
         self.net.drop_path_prob = self.drop_path * (epoch + 1) / self.epochs
         metrics["drop_path_prob"] = self.net.drop_path_prob
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"drop_path_prob": float(self.net.drop_path_prob)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        prob = state.get("drop_path_prob") if isinstance(state, dict) else None
+        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
+            raise CheckpointError(f"the saved drop-path probability {prob!r} is not a number in [0, 1]; the "
+                                  "checkpoint is damaged: delete it to restart the training")
+        self.net.drop_path_prob = float(prob)

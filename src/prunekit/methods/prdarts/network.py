@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -28,6 +28,7 @@ from ...core.modes import evaluating
 from ...layers.sparse import SparseMixin, count_nonzeros, harden_, set_density_, sparse_layers, train_scores_only_
 from ...surgery.masks import apply_mask, get_mask, masked_modules
 from ...surgery.plan import empty_plan
+from .checkpoints import phase_dir, resume_checkpoints, start_checkpoints
 from .evalnet import GENOTYPE_META, EvalNetwork, build_from_meta
 from .hooks import BatchRecorder, EvalTrainingHook
 
@@ -57,32 +58,54 @@ def _phase(net: EvalNetwork, phase: str, density: float) -> None:
             m.reset_scores("scaled")
 
 
+EVAL_PHASES = ("dense", "scores", "finetune")
+
+
 def train_at_density(net: EvalNetwork, density: float, train_loader: Iterable, val_loader: Iterable | None,
-                     schedule: EvalSchedule, device: Any = None, progress: bool = False) -> list[dict[str, Any]]:
+                     schedule: EvalSchedule, device: Any = None, progress: bool = False,
+                     ckpt_dir: str | Path | None = None, resume: bool = False) -> list[dict[str, Any]]:
     """Dense -> scores -> finetune at `density`, then harden; returns the per-epoch history. At
-    density 1 there are no scores to train (score epochs are refused); the finetune trains on."""
+    density 1 there are no scores to train (score epochs are refused); the finetune trains on.
+    With `ckpt_dir` every phase checkpoints every epoch (`<ckpt_dir>/<phase>/last.pt`, the
+    settings in `<ckpt_dir>/settings.json`); `resume=True` reads finished phases back and continues
+    the one in progress (as `search` does; other settings are a CheckpointError)."""
     from ...engine.train import TrainConfig, train
 
     if density >= 1.0 and schedule.score_epochs > 0:
         raise ConfigError(f"density={density} keeps every weight, so the {schedule.score_epochs} score epochs have "
                           "no scores to train; set score_epochs=0 (dense training) or a density below 1")
+    epochs = (schedule.dense_epochs, schedule.score_epochs, schedule.finetune_epochs)
+    resume = _open_eval_checkpoints(ckpt_dir, resume, {"density": density, **asdict(schedule)}, epochs)
     recorder = BatchRecorder(train_loader)
     history = []
-    for phase, epochs in (("dense", schedule.dense_epochs), ("scores", schedule.score_epochs),
-                          ("finetune", schedule.finetune_epochs)):
+    for phase, n in zip(EVAL_PHASES, epochs):
         _phase(net, phase, density)
-        if epochs == 0:
+        if n == 0:
             continue
         lr = schedule.score_lr if phase == "scores" else schedule.lr
-        cfg = TrainConfig(epochs=epochs, lr=lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay,
+        cfg = TrainConfig(epochs=n, lr=lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay,
                           grad_clip=schedule.grad_clip, seed=schedule.seed, log_every=0)
         hook = EvalTrainingHook(net, schedule.aux_weight, schedule.drop_path if phase != "scores" else 0.0,
-                                epochs, recorder)
-        run = train(net, recorder, val_loader, cfg, hooks=[hook], device=device, progress=progress)
+                                n, recorder)
+        run = train(net, recorder, val_loader, cfg, hooks=[hook], device=device, progress=progress,
+                    ckpt_dir=phase_dir(ckpt_dir, phase), resume=resume)
         history.extend({**h, "phase": phase} for h in run.history)
     net.drop_path_prob = 0.0
     harden_(net)
     return history
+
+
+def _open_eval_checkpoints(ckpt_dir: str | Path | None, resume: bool, settings: dict[str, Any],
+                           epochs: tuple[int, ...]) -> bool:
+    """Whether the phases resume from `ckpt_dir` (False: they start, there or without checkpoints)."""
+    if ckpt_dir is None:
+        if resume:
+            raise ConfigError("resume=True needs ckpt_dir (the folder holding the phase checkpoints)")
+        return False
+    if resume and resume_checkpoints(ckpt_dir, settings, EVAL_PHASES, epochs) is not None:
+        return True
+    start_checkpoints(ckpt_dir, settings, EVAL_PHASES)
+    return False
 
 
 def save_network(net: EvalNetwork, path: str | Path, example_inputs: torch.Tensor) -> Path:

@@ -8,7 +8,12 @@ split, `search`: PRDartsConfig, `evaluate`: EvalRecipe); `run_search(recipe, run
     search_log.jsonl         the engine's per-epoch records (entropy, parameter-free share, ...)
     network.safetensors      the evaluation network trained at the density (weights + masks,
                              genotype as JSON inside), when evaluate.enabled
+    ckpt/search/, ckpt/evaluate/   each phase's checkpoint (<phase>/last.pt, written every epoch)
+                             and the settings it was started with (settings.json)
     result.json, report.md   accuracy, nonzeros, MACs, latency, and what is (not) claimed
+A run stopped before result.json (Ctrl-C, SIGKILL) continues with `run_search(..., resume=True)`
+(`prunekit resume <run>`): finished phases are read back, the phase in progress continues after
+its last saved epoch, and on CPU the result equals that of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ...core.config import Config, check_range
-from ...core.errors import ConfigError
+from ...core.errors import ConfigError, read_json
 from ...core.integrity import claim_dir
 from ...data.config import DataConfig
 from ...data.subsets import FirstBatches, random_batches
@@ -140,7 +145,7 @@ def _alpha_plot(run_dir: Path) -> Path | None:
 
 
 def _evaluate(recipe: SearchRecipe, genotype: Genotype, bundle: Any, run_dir: Path,
-              progress: bool = False) -> dict[str, Any]:
+              progress: bool = False, resume: bool = False) -> dict[str, Any]:
     from ...data.augment import CutoutLoader
     from ...engine.evaluate import evaluate
     from .evalnet import EvalNetwork
@@ -154,7 +159,8 @@ def _evaluate(recipe: SearchRecipe, genotype: Genotype, bundle: Any, run_dir: Pa
     schedule = EvalSchedule(ev.dense_epochs, ev.score_epochs, ev.finetune_epochs, ev.lr, ev.score_lr,
                             weight_decay=ev.weight_decay, aux_weight=ev.aux_weight, drop_path=ev.drop_path,
                             seed=recipe.search.seed)
-    history = train_at_density(net, density, train, bundle.val, schedule, device=recipe.device, progress=progress)
+    history = train_at_density(net, density, train, bundle.val, schedule, device=recipe.device, progress=progress,
+                               ckpt_dir=run_dir / "ckpt" / "evaluate", resume=resume)
     test = evaluate(net, bundle.test, torch.device(recipe.device))
     example = torch.zeros(1, *bundle.input_shape)
     save_network(net.cpu(), run_dir / "network.safetensors", example)
@@ -162,16 +168,24 @@ def _evaluate(recipe: SearchRecipe, genotype: Genotype, bundle: Any, run_dir: Pa
     return {"density": density, "history": history, "test": test, "cost": report}
 
 
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `run_search`; `run_dir` is the directory to resume."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+
 def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False, explicit: bool = True,
-               echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+               echo: Callable[[str], None] | None = None, resume: bool = False) -> dict[str, Any]:
     """Search, evaluate and write the run directory (see the module docstring); returns result.json,
     whose "run_dir" is the directory used. `run_dir` is claimed for this run alone (`claim_dir`):
     an `explicit` path may be empty but not another run's; a default name that is taken gets a
     suffix (-2, -3, ...). `progress` shows a bar per training epoch; `echo` (e.g. print) gets one
-    line as each phase starts and ends."""
+    line as each phase starts and ends. With `resume=True` the search in `run_dir` (see
+    `resumable_search`) continues from its checkpoints. Ctrl-C raises `SearchInterrupted`."""
     say = echo or (lambda line: None)
     from ...data import load_data
-    from .search import search
 
     if recipe.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={recipe.device!r} but CUDA is not available here; use device=cpu")
@@ -179,17 +193,31 @@ def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False
         torch.set_num_threads(recipe.threads)
     bundle = load_data(recipe.data)  # a missing or unreadable dataset fails before any file is written
     recipe.evaluate.check_input(bundle.input_shape, bundle.num_classes)  # so does an input it cannot take
-    run_dir = claim_dir(run_dir, "recipe.json", json.dumps(recipe.to_dict(), indent=1), explicit)
+    if resume:
+        run_dir = Path(run_dir)
+    else:
+        run_dir = claim_dir(run_dir, "recipe.json", json.dumps(recipe.to_dict(), indent=1), explicit)
+        say(f"run directory: {run_dir}")
+    try:
+        return _search_and_evaluate(recipe, bundle, run_dir, progress, say, resume)
+    except KeyboardInterrupt:
+        raise SearchInterrupted(run_dir) from None
+
+
+def _search_and_evaluate(recipe: SearchRecipe, bundle: Any, run_dir: Path, progress: bool,
+                         say: Callable[[str], None], resume: bool) -> dict[str, Any]:
+    from .search import search
+
     alpha_split = bundle.val  # the architect cycles all of it; evaluations see the first batches
     bundle.val = FirstBatches(bundle.val, recipe.limit_eval_batches)
     bundle.test = random_batches(bundle.test, recipe.limit_eval_batches, recipe.data.seed)
-    say(f"run directory: {run_dir}")
     cfg = recipe.search
     say(f"searching on {recipe.device}: {cfg.pretrain_epochs} dense + {cfg.score_epochs} score + "
         f"{cfg.finetune_epochs} finetune epochs at density {cfg.density}")
     t0 = time.perf_counter()
     found = search(recipe.search, bundle.train, alpha_split, bundle.num_classes, bundle.input_shape[0],
-                   device=recipe.device, out_dir=run_dir, progress=progress, eval_loader=bundle.val)
+                   device=recipe.device, out_dir=run_dir, progress=progress, eval_loader=bundle.val,
+                   ckpt_dir=run_dir / "ckpt" / "search", resume=resume)
     result: dict[str, Any] = {"genotype": found.genotype.to_dict(), "search_time_s": time.perf_counter() - t0,
                               "search_history": found.history, "supernet_nonzeros": found.nonzeros,
                               "alpha_entropy_final": {"normal": alpha_entropy(found.supernet.alpha_normal),
@@ -203,11 +231,47 @@ def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False
         geno = found.genotype if ev.genotype == "searched" else REFERENCE_GENOTYPES[ev.genotype]
         say(f"evaluating the {ev.genotype} cell: {ev.dense_epochs} dense + {ev.score_epochs} score + "
             f"{ev.finetune_epochs} finetune epochs")
-        result["evaluation"] = _evaluate(recipe, geno, bundle, run_dir, progress)
+        result["evaluation"] = _evaluate(recipe, geno, bundle, run_dir, progress, resume)
         say(f"test accuracy {result['evaluation']['test']['acc']:.4f}")
     (run_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
     (run_dir / "report.md").write_text(render_report(result))
     return result
+
+
+def resumable_search(run_dir: str | Path) -> SearchRecipe:
+    """The recipe of a search run directory that can be resumed; ConfigError saying why not
+    (not a search's directory, or one that finished)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "recipe.json"
+    if not run_dir.is_dir() or not path.is_file():
+        raise ConfigError(f"{run_dir} is not a search run directory (no recipe.json); give the directory "
+                          "`prunekit search` wrote")
+    raw = read_json(path, "search recipe", "the search cannot be resumed", ConfigError, mapping=True)
+    if "search" not in raw:
+        raise ConfigError(f"{path} is not a search recipe (no 'search' section); the run cannot be resumed")
+    if (run_dir / "result.json").is_file():
+        raise ConfigError(f"run {run_dir} already finished; nothing to resume (see its report.md)")
+    return SearchRecipe.from_dict(raw)
+
+
+def saved_phases(recipe: SearchRecipe, run_dir: str | Path) -> tuple[list[str], list[str]]:
+    """(finished phases, phases still to do) of a search run directory, as its checkpoints say
+    ("search pretrain", ..., "evaluate finetune"); CheckpointError for a damaged one."""
+    from .checkpoints import saved_epochs
+    from .network import EVAL_PHASES
+    from .search import PHASES
+
+    cfg, ev = recipe.search, recipe.evaluate
+    parts = [("search", PHASES, (cfg.pretrain_epochs, cfg.score_epochs, cfg.finetune_epochs))]
+    if ev.enabled:
+        parts.append(("evaluate", EVAL_PHASES, (ev.dense_epochs, ev.score_epochs, ev.finetune_epochs)))
+    done, todo = [], []
+    for part, phases, epochs in parts:
+        saved = saved_epochs(Path(run_dir) / "ckpt" / part, phases, epochs)
+        for phase, n in zip(phases, epochs):
+            if n:
+                (done if saved[phase] == n else todo).append(f"{part} {phase}")
+    return done, todo
 
 
 def render_report(result: dict[str, Any]) -> str:

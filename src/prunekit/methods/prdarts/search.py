@@ -7,7 +7,8 @@
 3. finetune: same density, scores (so masks) frozen, weights trained, alpha stepped.
 Each phase is one `prunekit.engine.train` run (cosine schedule, grad clip) with an
 `ArchitectHook`; the w-split trains, the alpha-split feeds the architect and the engine's
-per-epoch evaluation. The genotype after the last phase is the result. With 0 score epochs the
+per-epoch evaluation, and checkpoints every epoch with `ckpt_dir` (`resume=True` continues a
+stopped search exactly). The genotype after the last phase is the result. With 0 score epochs the
 scores are still set (`cfg.score_init`), so the finetune masks are their top-k (magnitude when scaled).
 
 >>> import torch
@@ -28,8 +29,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ...core.errors import ConfigError
 from ...layers.sparse import count_nonzeros, set_density_, train_scores_only_
 from .architect import Architect
+from .checkpoints import phase_dir, resume_checkpoints, sized, start_checkpoints, trim_alpha_log
 from .config import PRDartsConfig
 from .genotype import Genotype
 from .hooks import ArchitectHook, BatchRecorder
@@ -74,29 +77,42 @@ def _phase_train_config(cfg: PRDartsConfig, phase: str, epochs: int):
 
 def search(cfg: PRDartsConfig, train_loader: Iterable, val_loader: Iterable, num_classes: int,
            in_channels: int = 3, device: str | torch.device | None = None, out_dir: str | Path | None = None,
-           progress: bool = False, eval_loader: Iterable | None = None) -> SearchResult:
+           progress: bool = False, eval_loader: Iterable | None = None, ckpt_dir: str | Path | None = None,
+           resume: bool = False) -> SearchResult:
     """Run the three phases; returns the final genotype and the per-epoch history. With
     `out_dir`, each epoch's genotype (genotypes/<phase>_<epoch>.json), the alphas (alphas.jsonl)
     and the engine's JSONL log (search_log.jsonl) are written there. `eval_loader` (default:
-    `val_loader`) is what the engine evaluates after each epoch; the architect cycles `val_loader`."""
+    `val_loader`) is what the engine evaluates after each epoch; the architect cycles `val_loader`.
+
+    With `ckpt_dir` every phase checkpoints every epoch (`<ckpt_dir>/<phase>/last.pt`, the
+    settings in `<ckpt_dir>/settings.json`; see `prunekit.methods.prdarts.checkpoints`); without
+    `resume` a search there starts over. With `resume=True` finished phases are read back and the
+    phase in progress continues after its last saved epoch; on CPU the result equals that of an
+    uninterrupted search. Other settings, another validation split or a damaged checkpoint are
+    one CheckpointError; a `ckpt_dir` without a search starts from the beginning."""
     from ...engine.train import train
 
+    epochs = (cfg.pretrain_epochs, cfg.score_epochs, cfg.finetune_epochs)
+    done = _open_checkpoints(cfg, ckpt_dir, resume, epochs, sized(val_loader))
+    if resume and out_dir is not None:  # the epochs that run again are logged again
+        trim_alpha_log(out_dir, done or {})
     torch.manual_seed(cfg.seed)
     net = SuperNet(cfg.channels, num_classes, cfg.layers, cfg.steps, cfg.multiplier, in_channels=in_channels)
     architect = Architect(net, cfg.arch_lr, (cfg.arch_beta1, 0.999), cfg.arch_weight_decay, cfg.unrolled, cfg.hvp_r)
     recorder = BatchRecorder(train_loader)
     history: list[dict[str, Any]] = []
     log_path = Path(out_dir) / "search_log.jsonl" if out_dir is not None else None
-    for phase, epochs in zip(PHASES, (cfg.pretrain_epochs, cfg.score_epochs, cfg.finetune_epochs)):
-        if epochs == 0:
+    for phase, n in zip(PHASES, epochs):
+        if n == 0:
             if phase == "scores":  # no score training: finetune under the top-k of the score init (|w| when scaled)
                 prepare_phase_(net, phase, cfg)
             continue
         prepare_phase_(net, phase, cfg)
         step_alpha = phase != "scores" or cfg.arch_during_scores
         hook = ArchitectHook(net, architect, val_loader, cfg, phase, step_alpha, recorder, out_dir)
-        run = train(net, recorder, eval_loader if eval_loader is not None else val_loader, _phase_train_config(cfg, phase, epochs), hooks=[hook],
-                    device=device, progress=progress, log_path=log_path)
+        run = train(net, recorder, eval_loader if eval_loader is not None else val_loader,
+                    _phase_train_config(cfg, phase, n), hooks=[hook], device=device, progress=progress,
+                    log_path=log_path, ckpt_dir=phase_dir(ckpt_dir, phase), resume=done is not None)
         history.extend(run.history)
     for a in net.alphas():
         a.requires_grad_(False)
@@ -104,3 +120,17 @@ def search(cfg: PRDartsConfig, train_loader: Iterable, val_loader: Iterable, num
     if out_dir is not None:
         Path(out_dir, "genotype.json").write_text(json.dumps(result.genotype.to_dict(), indent=1))
     return result
+
+
+def _open_checkpoints(cfg: PRDartsConfig, ckpt_dir: str | Path | None, resume: bool, epochs: tuple[int, ...],
+                      val_batches: int | None) -> dict[str, int] | None:
+    """{phase: epochs saved} when the search resumes from `ckpt_dir`; None when it starts (there
+    or without checkpoints)."""
+    if ckpt_dir is None:
+        if resume:
+            raise ConfigError("resume=True needs ckpt_dir (the folder holding the search's phase checkpoints)")
+        return None
+    done = resume_checkpoints(ckpt_dir, cfg.to_dict(), PHASES, epochs, val_batches) if resume else None
+    if done is None:
+        start_checkpoints(ckpt_dir, cfg.to_dict(), PHASES, val_batches)
+    return done
