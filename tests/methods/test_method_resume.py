@@ -8,28 +8,7 @@ import prunekit
 from prunekit.data import DataConfig, load_data
 from prunekit.engine import TrainConfig
 from prunekit.models import create_model
-
-
-class _Stop(Exception):
-    pass
-
-
-class Interrupting:
-    """A train loader that raises in its `crash_at`-th pass (1-based) after one batch: a crash
-    mid-epoch. `passes` counts the passes made over it."""
-
-    def __init__(self, batches, crash_at: int | None = None):
-        self.batches, self.crash_at, self.passes = batches, crash_at, 0
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        self.passes += 1
-        for i, batch in enumerate(self.batches):
-            if self.passes == self.crash_at and i == 1:
-                raise _Stop
-            yield batch
+from prunekit.testing.loaders import Interrupted, InterruptingLoader
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +38,14 @@ def _prune(digits, method, ckpt_dir, loader, resume=False):
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("phase", ["first", "second"])
 def test_a_crash_in_either_training_phase_resumes_to_the_same_model(digits, tmp_path, method, phase):
-    counting = Interrupting(digits[0])
+    counting = InterruptingLoader(digits[0])
     ref_model, ref = _prune(digits, method, tmp_path / "ref", counting)
     # the second epoch of the first training phase, or the last pass (the second phase's last epoch)
     crash_at = 2 if phase == "first" else counting.passes
-    with pytest.raises(_Stop):
-        _prune(digits, method, tmp_path / "run", Interrupting(digits[0], crash_at))
+    with pytest.raises(Interrupted):
+        _prune(digits, method, tmp_path / "run", InterruptingLoader(digits[0], crash_at))
     assert (tmp_path / "run").is_dir()
-    resumed = Interrupting(digits[0])
+    resumed = InterruptingLoader(digits[0])
     model, result = _prune(digits, method, tmp_path / "run", resumed, resume=True)
     # only the epoch that crashed is trained again: a finished phase or epoch is not
     assert resumed.passes == counting.passes - (crash_at - 1), (resumed.passes, counting.passes)

@@ -10,28 +10,7 @@ import torch
 from prunekit.core.errors import CheckpointError, ConfigError
 from prunekit.engine.train import TIMING_KEYS
 from prunekit.methods.prdarts import PRDartsConfig, search
-
-
-class _Stop(Exception):
-    pass
-
-
-class Interrupting:
-    """A train loader that raises in its `crash_at`-th pass (1-based) after one batch; `passes`
-    counts the passes made over it (one per epoch of every phase)."""
-
-    def __init__(self, batches, crash_at: int | None = None):
-        self.batches, self.crash_at, self.passes = batches, crash_at, 0
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        self.passes += 1
-        for i, batch in enumerate(self.batches):
-            if self.passes == self.crash_at and i == 1:
-                raise _Stop
-            yield batch
+from prunekit.testing.loaders import Interrupted, InterruptingLoader
 
 
 def _data(n: int, seed: int):
@@ -62,7 +41,7 @@ def uninterrupted(tmp_path_factory):
     """The search never stopped, first and second order: (result, run folder, passes over the train loader)."""
     runs = {}
     for unrolled in (False, True):
-        root, counting = tmp_path_factory.mktemp(f"ref-{unrolled}"), Interrupting(TRAIN)
+        root, counting = tmp_path_factory.mktemp(f"ref-{unrolled}"), InterruptingLoader(TRAIN)
         runs[unrolled] = _search(_cfg(unrolled), counting, root), root, counting.passes
     return runs
 
@@ -72,9 +51,9 @@ def uninterrupted(tmp_path_factory):
 def test_an_interrupted_search_resumes_to_the_uninterrupted_one(tmp_path, uninterrupted, unrolled, crash_at):
     cfg = _cfg(unrolled)
     ref, ref_root, ref_passes = uninterrupted[unrolled]
-    with pytest.raises(_Stop):
-        _search(cfg, Interrupting(TRAIN, crash_at), tmp_path / "run")
-    resumed = Interrupting(TRAIN)
+    with pytest.raises(Interrupted):
+        _search(cfg, InterruptingLoader(TRAIN, crash_at), tmp_path / "run")
+    resumed = InterruptingLoader(TRAIN)
     got = _search(cfg, resumed, tmp_path / "run", resume=True)
     # finished phases and epochs are read back, not trained again: only the epoch that crashed runs again
     assert resumed.passes == ref_passes - (crash_at - 1), (resumed.passes, ref_passes)
@@ -90,8 +69,8 @@ def test_an_interrupted_search_resumes_to_the_uninterrupted_one(tmp_path, uninte
 
 def test_resume_of_a_finished_search_trains_nothing_and_reads_the_result_back(tmp_path):
     cfg = _cfg(False, pretrain_epochs=1, score_epochs=1, finetune_epochs=1)
-    ref = _search(cfg, Interrupting(TRAIN), tmp_path)
-    again = Interrupting(TRAIN)
+    ref = _search(cfg, InterruptingLoader(TRAIN), tmp_path)
+    again = InterruptingLoader(TRAIN)
     got = _search(cfg, again, tmp_path, resume=True)
     assert again.passes == 0
     assert got.genotype == ref.genotype and _plain(got.history) == _plain(ref.history)
@@ -101,37 +80,37 @@ def test_resume_of_a_finished_search_trains_nothing_and_reads_the_result_back(tm
 @pytest.mark.parametrize("change", [{"arch_lr": 1e-3}, {"unrolled": True}, {"density": 0.5}, {"finetune_epochs": 3}])
 def test_resuming_with_other_settings_is_refused(tmp_path, change):
     cfg = _cfg(False)
-    with pytest.raises(_Stop):
-        _search(cfg, Interrupting(TRAIN, 2), tmp_path)
+    with pytest.raises(Interrupted):
+        _search(cfg, InterruptingLoader(TRAIN, 2), tmp_path)
     before = {p: p.read_bytes() for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
     key = next(iter(change))
     with pytest.raises(CheckpointError, match=f"a run with other settings.*{key}: saved .* vs now .*same settings"):
-        _search(_cfg(**change), Interrupting(TRAIN), tmp_path, resume=True)
+        _search(_cfg(**change), InterruptingLoader(TRAIN), tmp_path, resume=True)
     assert {p: p.read_bytes() for p in (tmp_path / "ckpt").rglob("*") if p.is_file()} == before
 
 
 def test_resuming_with_another_alpha_split_is_refused(tmp_path):
     cfg = _cfg(False)
-    with pytest.raises(_Stop):
-        _search(cfg, Interrupting(TRAIN, 2), tmp_path)
+    with pytest.raises(Interrupted):
+        _search(cfg, InterruptingLoader(TRAIN, 2), tmp_path)
     with pytest.raises(CheckpointError, match=r"validation .* 3 batches .* had 2;.*same data"):
         search(cfg, TRAIN, _data(3, 1), num_classes=3, device="cpu", ckpt_dir=tmp_path / "ckpt", resume=True)
 
 
 def test_a_damaged_search_checkpoint_is_one_clear_error(tmp_path):
     cfg = _cfg(False)
-    with pytest.raises(_Stop):
-        _search(cfg, Interrupting(TRAIN, 4), tmp_path)
+    with pytest.raises(Interrupted):
+        _search(cfg, InterruptingLoader(TRAIN, 4), tmp_path)
     last = tmp_path / "ckpt" / "pretrain" / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a write the disk did not finish
     with pytest.raises(CheckpointError, match=r"pretrain/last\.pt is corrupt"):
-        _search(cfg, Interrupting(TRAIN), tmp_path, resume=True)
+        _search(cfg, InterruptingLoader(TRAIN), tmp_path, resume=True)
     (tmp_path / "ckpt" / "settings.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="settings.json"):
-        _search(cfg, Interrupting(TRAIN), tmp_path, resume=True)
+        _search(cfg, InterruptingLoader(TRAIN), tmp_path, resume=True)
     (tmp_path / "ckpt" / "settings.json").unlink()  # phase checkpoints without the settings they were made with
     with pytest.raises(CheckpointError, match="settings.json"):
-        _search(cfg, Interrupting(TRAIN), tmp_path, resume=True)
+        _search(cfg, InterruptingLoader(TRAIN), tmp_path, resume=True)
 
 
 def test_resume_needs_a_checkpoint_folder_and_starts_over_without_one(tmp_path):
@@ -139,18 +118,18 @@ def test_resume_needs_a_checkpoint_folder_and_starts_over_without_one(tmp_path):
     with pytest.raises(ConfigError, match="resume=True needs ckpt_dir"):
         search(cfg, TRAIN, VAL, num_classes=3, device="cpu", resume=True)
     ref = search(cfg, TRAIN, VAL, num_classes=3, device="cpu")
-    fresh = _search(cfg, Interrupting(TRAIN), tmp_path, resume=True)  # nothing there yet: from the start
+    fresh = _search(cfg, InterruptingLoader(TRAIN), tmp_path, resume=True)  # nothing there yet: from the start
     assert fresh.genotype == ref.genotype and (tmp_path / "ckpt" / "pretrain" / "last.pt").is_file()
 
 
 def test_a_new_search_replaces_the_checkpoints_it_finds(tmp_path):
     """Without resume a search starts over: a later resume never mixes in an older search's phases."""
     cfg = _cfg(False, pretrain_epochs=1, score_epochs=1, finetune_epochs=1)
-    _search(_cfg(False, pretrain_epochs=1, score_epochs=1, finetune_epochs=1, seed=1), Interrupting(TRAIN), tmp_path)
-    with pytest.raises(_Stop):
-        _search(cfg, Interrupting(TRAIN, 2), tmp_path)
+    _search(_cfg(False, pretrain_epochs=1, score_epochs=1, finetune_epochs=1, seed=1), InterruptingLoader(TRAIN), tmp_path)
+    with pytest.raises(Interrupted):
+        _search(cfg, InterruptingLoader(TRAIN, 2), tmp_path)
     assert not (tmp_path / "ckpt" / "finetune" / "last.pt").exists()
-    ref = _search(cfg, Interrupting(TRAIN), tmp_path / "ref")
-    got = _search(cfg, Interrupting(TRAIN), tmp_path, resume=True)
+    ref = _search(cfg, InterruptingLoader(TRAIN), tmp_path / "ref")
+    got = _search(cfg, InterruptingLoader(TRAIN), tmp_path, resume=True)
     assert got.genotype == ref.genotype and _plain(got.history) == _plain(ref.history)
     assert json.loads((tmp_path / "ckpt" / "settings.json").read_text())["config"]["seed"] == 0
