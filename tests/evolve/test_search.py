@@ -260,3 +260,71 @@ def test_a_failing_ray_job_cancels_the_pending_ones():
     finally:
         ray.cancel = real_cancel
     assert len(cancelled) >= 5
+
+
+def test_a_function_that_rises_when_an_elite_is_reevaluated_is_reevaluated_too(tmp_path):
+    """With reeval_top=1: sum(P) is lucky on seed 0 and falls to 0.5 when re-evaluated; sum(Q),
+    second on seed 0 (0.8) but 0.2 on seed 1, then stood first on its one lucky fine-tune and was
+    the hall of fame's best."""
+    from prunekit.evolve.search import Search, SearchState
+
+    accs = {("sum(P)", 0): 0.9, ("sum(P)", 1): 0.1, ("sum(Q)", 0): 0.8, ("sum(Q)", 1): 0.2,
+            ("sum(X)", 0): 0.5, ("sum(X)", 1): 0.5, ("sum(W)", 0): 0.4, ("sum(W)", 1): 0.4}
+
+    def run(jobs, desc="", progress=False):
+        return [{"key": j.key, "acc": accs[j.text, j.seed], "error": None, "seconds": 0.0} for j in jobs]
+    cfg = EvolveConfig(tasks=[digits_task()], population=4, parents=2, reeval_top=1, reeval_seeds=1)
+    search = Search(cfg, tmp_path, {"digits": "unused.safetensors"}, False)
+    state = SearchState(0, ["sum(P)", "sum(Q)", "sum(X)", "sum(W)"], {}, [], [])
+    search.evaluate_population(state.population, state.evaluations, run, 0)
+    search.record(state)
+    assert search.fitness("sum(Q)", state.evaluations) == 0.5  # re-evaluated: 0.8 and 0.2
+    best = state.hall_of_fame[0]
+    assert search.evaluated(best, range(2), state.evaluations)
+    assert best in ("sum(P)", "sum(Q)", "sum(X)") and search.fitness(best, state.evaluations) == 0.5
+
+
+def test_task_names_cannot_write_outside_the_run_directory():
+    """A task's name names its dense model in <run>/dense/: '../../x' wrote it beside the run directory."""
+    from prunekit.evolve.config import task_from
+
+    for name in ("../../escaped", "a/b", "..", " ", "a|b"):
+        with pytest.raises(ConfigError, match=f"task name {name!r} is not allowed"):
+            digits_task(name=name)
+    with pytest.raises(ConfigError, match="task name '../x' is not allowed"):
+        EvolveConfig(tasks=[{"base": "digits", "name": "../x"}], population=4, parents=2)
+    assert task_from({"base": "digits", "name": "digits-small_2.0"}).name == "digits-small_2.0"
+
+
+@pytest.mark.parametrize("tasks", ["digits", None, {"base": "digits"}])
+def test_a_task_list_that_is_not_a_list_is_one_clear_error(tasks):
+    # `tasks: digits` was read letter by letter: "task base 'd' is unknown"
+    with pytest.raises(ConfigError, match=r"tasks=.* must be a list of tasks, e\.g\. \[digits, cifar10_subset\]"):
+        EvolveConfig.from_dict({"tasks": tasks, "population": 4, "parents": 2})
+
+
+def test_bloat_bounds_hold_the_seeds_and_stay_readable_as_text():
+    """Seeds above max_height/max_size started the search (and survived as elites) outside the
+    bounds; a max_size above the parser's node limit let the search accept a tree whose text the
+    next generation could not read back."""
+    from prunekit.importance.evolved.text import MAX_NODES
+
+    with pytest.raises(ConfigError, match=r"max_height=3 is below the seed function t_stat \(6\).*max_height >= 6"):
+        EvolveConfig(tasks=[digits_task()], population=4, parents=2, max_height=3)
+    with pytest.raises(ConfigError, match=r"max_size=20 is below the seed function sym_div \(27\).*max_size >= 27"):
+        EvolveConfig(tasks=[digits_task()], population=4, parents=2, max_size=20)
+    with pytest.raises(ConfigError, match=rf"max_size=5000 is above the 2,000 nodes.*max_size <= {MAX_NODES}"):
+        EvolveConfig(tasks=[digits_task()], population=4, parents=2, max_size=5000)
+
+
+def test_resume_reads_the_newest_checkpoint_past_generation_999(tmp_path):
+    """gen_1000.json sorts before gen_999.json by name: resume went back one generation."""
+    from prunekit.evolve.search import SearchState, load_checkpoint, save_checkpoint
+
+    cfg = EvolveConfig(tasks=[digits_task()], population=4, parents=2, generations=1001)
+    key = "digits|0|" + SEEDS["seed_l1"]
+    for g in (999, 1000):
+        state = SearchState(g, [SEEDS["seed_l1"]] * 4, {key: {"acc": 0.5}}, [SEEDS["seed_l1"]],
+                            [{"generation": g}])
+        save_checkpoint(tmp_path, state, cfg, [0.5] * 4)
+    assert load_checkpoint(tmp_path, cfg).generation == 1000

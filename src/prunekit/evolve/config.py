@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError
@@ -21,6 +22,7 @@ from ..engine.train import TrainConfig
 
 EXECUTORS = ("process", "ray", "serial")
 CIFAR_ARCHIVE = "../shared/data/cifar10-jpg.tar.gz"  # relative to the working directory
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # it names the task's files in the run directory
 
 
 @dataclasses.dataclass
@@ -51,6 +53,9 @@ class TaskConfig:
                 setattr(self, key, TrainConfig.from_dict(getattr(self, key)))
         if not self.name or not isinstance(self.name, str):
             raise ConfigError("every task needs a name (text)")
+        if not _TASK_NAME.fullmatch(self.name):
+            raise ConfigError(f"task name {self.name!r} is not allowed: it names the task's files in the run "
+                              "directory; use letters, digits, '_', '-' and '.' (not first), e.g. digits_small")
         if not isinstance(self.data, dict) or "name" not in self.data:
             raise ConfigError(f"task {self.name!r}: data must be a mapping with a dataset name, e.g. {{name: digits}}")
         val_fraction = self.data.get("val_fraction", 0.1)
@@ -156,6 +161,9 @@ class EvolveConfig(Config):
     threads_per_job: int = 1
 
     def validate(self) -> None:
+        if not isinstance(self.tasks, (list, tuple)):
+            raise ConfigError(f"tasks={self.tasks!r} must be a list of tasks, e.g. [digits, cifar10_subset] or "
+                              "[{base: digits, prune_ratio: 0.4}]")
         self.tasks = [task_from(t) for t in self.tasks]
         if not self.tasks or not all(isinstance(t, TaskConfig) for t in self.tasks):
             raise ConfigError("tasks must be a non-empty list of task mappings (name, model, data, ...)")
@@ -171,12 +179,30 @@ class EvolveConfig(Config):
             raise ConfigError(f"parents={self.parents} must be smaller than population={self.population}")
         if self.mut_min_height > self.mut_max_height:
             raise ConfigError("mut_min_height must be <= mut_max_height")
+        self._check_tree_bounds()
         check_range("cx_prob", self.cx_prob, 0.0, 1.0)
         check_range("mut_prob", self.mut_prob, 0.0, 1.0)
         check_range("validity_time_s", self.validity_time_s, 0.0, math.inf, lo_open=True)
         check_choice("executor", self.executor, EXECUTORS)
         check_range("num_cpus", self.num_cpus, 0.0, math.inf)
         check_range("num_gpus", self.num_gpus, 0.0, math.inf)
+
+    def _check_tree_bounds(self) -> None:
+        """The bounds must hold the seeds (the initial population, kept unchanged as parents) and stay
+        within what the text parser reads back (every generation is stored and reloaded as text)."""
+        from ..importance.evolved.space import SEEDS
+        from ..importance.evolved.text import MAX_NODES, parse_expression
+
+        if self.max_size > MAX_NODES:
+            raise ConfigError(f"max_size={self.max_size} is above the {MAX_NODES:,} nodes an evolved text may "
+                              f"hold; use max_size <= {MAX_NODES}")
+        trees = {name: parse_expression(text) for name, text in SEEDS.items()}
+        for key, size in (("max_height", lambda t: t.height), ("max_size", len)):
+            name = max(trees, key=lambda n: size(trees[n]))
+            need = size(trees[name])
+            if getattr(self, key) < need:
+                raise ConfigError(f"{key}={getattr(self, key)} is below the seed function {name} ({need}): the "
+                                  f"initial population would break the bound; use {key} >= {need}")
 
     def to_dict(self) -> dict:
         out = super().to_dict()

@@ -81,7 +81,7 @@ def write_run(run_dir: Path, cfg: EvolveConfig, state: SearchState, reeval: list
                                    f"group, fine-tune {counted(t.finetune.epochs, 'epoch')})" for t in cfg.tasks), "",
              "![fitness per generation](fitness.png)", "", "## Hall of fame (search fitness)", "",
              "| # | fitness | formula |", "|---|---|---|"]
-    lines += [f"| {i + 1} | {h['fitness']:.4f} | `{h['formula']}` |" for i, h in enumerate(hof)]
+    lines += [f"| {i + 1} | {h['fitness']:.4f} | `{_table_code(h['formula'])}` |" for i, h in enumerate(hof)]
     lines += ["", f"Best as text (criterion `evolved:<text>`): `{hof[0]['text']}`", ""]
     if reeval:
         n = len(next(iter(reeval[0]["tasks"].values()))["accs"])
@@ -95,6 +95,12 @@ def write_run(run_dir: Path, cfg: EvolveConfig, state: SearchState, reeval: list
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _table_code(text: str) -> str:
+    """Code for a Markdown table cell: a pipe (|x| is abs) would end the cell even inside backticks;
+    escaped, GitHub shows it as written."""
+    return text.replace("|", "\\|")
 
 
 def comparison_set(state: SearchState, top: int) -> dict[str, str]:

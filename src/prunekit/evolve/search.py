@@ -141,10 +141,22 @@ class Search:
             evals[job.key] = result
 
     def evaluate_population(self, pop: list[str], evals: dict, run, g: int) -> None:
+        """Evaluate with seed 0, then re-evaluate the best `reeval_top` with every seed until the best
+        `reeval_top` are all re-evaluated: a function that moves up when a re-evaluated one falls
+        is re-evaluated too, so no single lucky fine-tune ends on top."""
         self.evaluate(pop, range(1), evals, run, f"generation {g}")
-        if self.cfg.reeval_seeds and self.cfg.reeval_top:
+        if not (self.cfg.reeval_seeds and self.cfg.reeval_top):
+            return
+        seeds = range(1 + self.cfg.reeval_seeds)
+        while True:
             best = sorted(dict.fromkeys(pop), key=lambda t: -self.fitness(t, evals))[: self.cfg.reeval_top]
-            self.evaluate(best, range(1 + self.cfg.reeval_seeds), evals, run, f"generation {g} elites")
+            todo = [t for t in best if not self.evaluated(t, seeds, evals)]
+            if not todo:
+                return
+            self.evaluate(todo, seeds, evals, run, f"generation {g} elites")
+
+    def evaluated(self, text: str, seeds: range, evals: dict) -> bool:
+        return all(self.job(text, t, s).key in evals for t in self.tasks for s in seeds)
 
     def record(self, state: SearchState) -> None:
         fits = [self.fitness(t, state.evaluations) for t in state.population]
@@ -178,7 +190,7 @@ def _plain(v):
 
 
 def load_checkpoint(run_dir: Path, cfg: EvolveConfig) -> SearchState | None:
-    files = sorted((run_dir / "checkpoints").glob("gen_*.json"))
+    files = sorted((run_dir / "checkpoints").glob("gen_*.json"), key=_generation_of)
     if not files:
         return None
     data = read_json(files[-1], "search checkpoint", "delete it to resume from the one before")
@@ -206,6 +218,12 @@ def load_checkpoint(run_dir: Path, cfg: EvolveConfig) -> SearchState | None:
                               "the one before") from None
     return SearchState(data["generation"], data["population"], data["evaluations"], data["hall_of_fame"],
                        data["history"])
+
+
+def _generation_of(path: Path) -> tuple[int, str]:
+    """gen_1000.json after gen_999.json (their names sort the other way)."""
+    number = path.stem.removeprefix("gen_")
+    return (int(number) if number.isdigit() else -1, path.name)
 
 
 def _state_error(data: dict) -> str:
