@@ -83,3 +83,23 @@ def test_foreign_replay_entries_are_refused_and_leave_the_model_alone(meta):
     with pytest.raises(CheckpointError):
         apply_plan_(model, Plan.from_dict(plan.to_dict()))
     assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_two_cuts_composed_replay_both(tmp_path):
+    """A pruning of a model whose branch an earlier one cut (Gator run again on a Gator-pruned
+    run): the composed plan kept only the later cut, so save_pruned wrote a file load_pruned refused."""
+    from prunekit.surgery.persist import load_pruned, save_pruned
+
+    model = _model()
+    plans = []
+    for group in (GROUP, "layer2.1.conv1"):
+        graph = build_graph(model, X)
+        branch = find_branch(model, graph, graph.group(group))
+        plan = empty_plan(X).stamp(dense=model)
+        plan.meta["replay"] = {"cut_branches": {"branches": [branch.to_dict()]}}
+        cut_branches_(model, [branch])
+        plans.append(plan.stamp(pruned=model))
+    again = load_pruned(_model(), save_pruned(model, plans[0].compose(plans[1]), tmp_path / "cut.safetensors"))
+    assert isinstance(again.layer1[1].conv2, ConstantOutput) and isinstance(again.layer2[1].conv2, ConstantOutput)
+    with torch.no_grad():
+        assert torch.equal(again(X), model(X))

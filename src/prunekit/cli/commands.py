@@ -217,7 +217,8 @@ def run(args, out, weights, dry_run, quiet, method) -> None:
 
 @click.command("resume")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="Print only errors (a search prints only its genotype and report, as search -q does).")
 def resume_cmd(run_dir: Path, quiet: bool) -> None:
     """Continue a stopped run (Ctrl-C, SIGKILL, a crash) in its own directory.
 

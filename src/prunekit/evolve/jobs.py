@@ -1,10 +1,12 @@
 """Where fitness jobs run: in this process, a local process pool (the default) or Ray.
 
 Every job is independent (`fitness.Job`, plain data), so the executors only map `run_job` over a
-list and report progress. When a job raises, the jobs not yet started are cancelled and the error
-propagates; a pool worker that dies (killed, out of memory) is one TrainingError. Ray is an optional extra (`pip install prunekit[distributed]`): with
-`address=None` it starts a local cluster with `workers` CPUs, with an address it joins that
-cluster; each job is a Ray task asking for `num_cpus` CPUs and `num_gpus` GPUs.
+list and report progress. When a job raises, the jobs not yet handed to a worker are cancelled
+(a process pool has already queued a few beyond its workers: those still run) and the error
+propagates; a pool worker that dies (killed, out of memory) is one TrainingError. Ray is an
+optional extra (`pip install prunekit[distributed]`): with `address=None` it starts a local
+cluster with `workers` CPUs, with an address it joins that cluster; each job is a Ray task asking
+for `num_cpus` CPUs and `num_gpus` GPUs.
 
 >>> with create_executor("serial") as run:
 ...     run([]) == []

@@ -16,8 +16,9 @@ model computes (bn2 of an all-zero input is a per-channel constant in eval mode)
 not have this shape (a consumer that also reads other groups through a concat) keep one
 channel whose consumer slices are zeroed instead (what Gator's convert.py does).
 
-A plan records the cuts in meta["replay"]["cut_branches"]; replaying it (`apply_plan_`) checks
-every listed branch against the one `find_branch` derives on the fresh model, then cuts.
+A plan records the cuts in meta["replay"]["cut_branches"] (two composed plans list the cuts of both);
+replaying it (`apply_plan_`) checks every listed branch against the one `find_branch` derives on
+the fresh model, then cuts.
 
 >>> conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
 >>> EmptyOutput(conv)(torch.randn(2, 4, 8, 8)).shape
@@ -201,10 +202,19 @@ def _check_legacy(model: nn.Module, graph: Graph, plan: Any, entry: Any) -> list
     return check_branch_entry(model, graph, plan, entry, allowed=("branches", "silent"))
 
 
+def _merge_cuts(earlier: Any, later: Any) -> dict[str, list]:
+    """The entry of two composed plans that both cut branches: the earlier cuts, then the later."""
+    lists = [entry.get("branches") if isinstance(entry, dict) else None for entry in (earlier, later)]
+    if not all(isinstance(b, list) for b in lists):
+        raise CheckpointError("plan's branch cuts are invalid: each entry must be {'branches': [...]}; "
+                              "re-export the plan with prunekit")
+    return {"branches": lists[0] + lists[1]}
+
+
 def _register() -> None:
     from .plan import register_replay_step
 
-    register_replay_step("cut_branches", cut_branches_, check_branch_entry)
+    register_replay_step("cut_branches", cut_branches_, check_branch_entry, merge=_merge_cuts)
     register_replay_step("gator", cut_branches_, _check_legacy)
 
 
