@@ -291,3 +291,37 @@ def test_a_checkpoint_whose_masks_are_not_zeros_and_ones_leaves_a_fresh_model_un
         train(model, train_loader, val_loader, _cfg(epochs=2), ckpt_dir=tmp_path, progress=False, resume=True)
     assert list(model.state_dict()) == list(before)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class _ShortLoader:
+    """Says it has 4 batches and yields 3 (an estimated length); raises in its `crash_at`-th pass."""
+
+    def __init__(self, crash_at=None):
+        x, y = blobs(24)
+        self.batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)]
+        self.crash_at, self.passes = crash_at, 0
+
+    def __len__(self):
+        return 4
+
+    def __iter__(self):
+        self.passes += 1
+        if self.passes == self.crash_at:
+            raise KeyboardInterrupt
+        yield from self.batches
+
+
+def test_a_loader_yielding_fewer_batches_than_its_length_still_resumes(tmp_path):
+    cfg = TrainConfig(epochs=3, lr=0.05)
+    torch.manual_seed(0)
+    whole = mlp()
+    train(whole, _ShortLoader(), None, cfg, progress=False)
+    torch.manual_seed(0)
+    model = mlp()
+    with pytest.raises(KeyboardInterrupt):
+        train(model, _ShortLoader(crash_at=2), None, cfg, ckpt_dir=tmp_path, progress=False)
+    torch.manual_seed(0)
+    again = mlp()
+    train(again, _ShortLoader(), None, cfg, ckpt_dir=tmp_path, resume=True, progress=False)
+    for a, b in zip(again.state_dict().values(), whole.state_dict().values()):
+        assert torch.equal(a, b)

@@ -273,14 +273,14 @@ def check_compatible(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch
 
 
 def _check_scheduler_steps(ckpt: dict[str, Any], scheduler_state: dict[str, Any] | None) -> None:
-    """The scheduler steps once per optimizer step: after epoch e it has taken (e + 1) * steps."""
+    """The scheduler's step count is a count: a non-negative integer. (It is not compared with
+    epochs x len(loader): a loader may yield more or fewer batches than its length says.)"""
     if scheduler_state is None or "last_epoch" not in scheduler_state:
         return
-    want = (ckpt["epoch"] + 1) * ckpt["steps_per_epoch"]
-    if ckpt["scheduler"].get("last_epoch") != want:
-        raise CheckpointError(f"checkpoint scheduler has taken {short_repr(ckpt['scheduler'].get('last_epoch'))} "
-                              f"steps, not the {want} of {ckpt['epoch'] + 1} epochs; the file is damaged: delete it "
-                              "to restart the run")
+    steps = ckpt["scheduler"].get("last_epoch")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise CheckpointError(f"checkpoint scheduler has taken {short_repr(steps)} steps, which no run takes; the "
+                              "file is damaged: delete it to restart the run")
 
 
 def _check_optimizer_state(ckpt: dict[str, Any]) -> None:

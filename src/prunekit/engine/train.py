@@ -133,9 +133,27 @@ def running_statistics(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _copies(named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """{name: a copy of the tensor}, copied in one fused call (a step copies every norm's statistics)."""
-    return dict(zip([n for n, _ in named], torch._foreach_mul([t for _, t in named], 1))) if named else {}
+class _Statistics:
+    """The running statistics one step may move, copied before its forward so that a diverged
+    step can put them back. The list of buffers is read once an epoch and the copies are made in
+    place into tensors kept for the run: a step costs one fused copy, not a walk of the model."""
+
+    def __init__(self) -> None:
+        self.live: list[torch.Tensor] = []
+        self.saved: list[torch.Tensor] = []
+
+    def refresh(self, model: nn.Module) -> None:
+        self.live = [t for _, t in running_statistics(model)]
+        self.saved = [t.detach().clone() for t in self.live]
+
+    def snapshot(self) -> None:
+        if self.live:
+            torch._foreach_copy_(self.saved, self.live)
+
+    def restore(self) -> None:
+        if self.live:
+            with torch.no_grad():
+                torch._foreach_copy_(self.live, self.saved)
 
 
 def _check_int(name: str, value: Any, lo: int) -> None:
@@ -174,6 +192,7 @@ class _Run:
         self.net: nn.Module = model
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.labels_checked = False  # the first step compares the labels with the model's classes
+        self.statistics = _Statistics()
         self.channels_last = resolve_channels_last(cfg, device)
         self.state = TrainState(model, self.optimizer, self.scheduler, device, cfg, steps_per_epoch)
         self.before_step = [h.before_step for h in hooks if callable(getattr(h, "before_step", None))]
@@ -205,7 +224,9 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         first = not self.labels_checked
         # the running statistics this forward moves: put back when the step is refused or diverges
-        buffers = {n: b.clone() for n, b in model.named_buffers()} if first else _copies(running_statistics(model))
+        buffers = {n: b.clone() for n, b in model.named_buffers()} if first else None
+        if not first:
+            self.statistics.snapshot()
         try:
             with autocast_context(self.device, cfg.bf16):
                 logits = self.net(x)
@@ -262,8 +283,12 @@ class _Run:
             hook.on_step_end(model, step)
         return ce_sum.detach(), (logits.detach().argmax(dim=1) == y).sum(), y.numel()
 
-    def _restore_buffers(self, saved: dict[str, torch.Tensor]) -> None:
-        """Put back the buffers (BN running statistics) a refused or diverged forward changed."""
+    def _restore_buffers(self, saved: dict[str, torch.Tensor] | None) -> None:
+        """Put back the buffers (BN running statistics) a refused or diverged forward changed:
+        every buffer after the first step's forward (`saved`), the running statistics after any other."""
+        if saved is None:
+            self.statistics.restore()
+            return
         with torch.no_grad():
             for n, b in self.model.named_buffers():
                 if n in saved:
@@ -275,6 +300,7 @@ class _Run:
             loader.set_epoch(epoch)
         self.state.epoch = epoch
         self.net.train()
+        self.statistics.refresh(self.model)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         n, t0 = 0, time.perf_counter()
