@@ -35,6 +35,7 @@ from torch import nn
 from ..core.config import Config, check_choice
 from ..core.environment import cpu_model
 from ..core.errors import ConfigError, PrunekitError
+from ..core.layout import to_memory_format_
 from ..core.modes import kept_modes
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -385,15 +386,6 @@ def _converted_copy(name: str, model: nn.Module, cfg: LatencyConfig, device: tor
                             f"{layout} format ({err}); convert it yourself and time the converted model") from err
     work = work.to(device=device, dtype=dtype)
     return to_memory_format_(work, torch.channels_last if cfg.channels_last else torch.contiguous_format)
-
-
-def to_memory_format_(model: nn.Module, fmt: torch.memory_format) -> nn.Module:
-    """`model.to(memory_format=fmt)`, except that channels-last converts the 4-D tensors only:
-    torch converts 4-D and 5-D tensors alike and refuses channels-last on a 5-D one (a Conv3d
-    weight), which stays as it is."""
-    if fmt == torch.channels_last and any(t.dim() == 5 for t in itertools.chain(model.parameters(), model.buffers())):
-        return model._apply(lambda t: t.contiguous(memory_format=fmt) if t.dim() == 4 else t)
-    return model.to(memory_format=fmt)
 
 
 def _convert_input(t: torch.Tensor, cfg: LatencyConfig, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..core.config import check_choice
-from .latency import LatencyConfig, compare_latency, to_memory_format_
+from ..core.layout import to_memory_format_
+from .latency import LatencyConfig, compare_latency
 
 MEMORY_FORMATS = ("contiguous", "channels_last", "auto")
 

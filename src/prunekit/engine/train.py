@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, TrainingError
+from ..core.layout import is_channels_last, to_channels_last_
 from .batches import check_labels, out_of_memory, split_batch
 from .checkpoint import (check_compatible, checkpoint_path, load_checkpoint, restore_checkpoint,
                          save_checkpoint, seed_everything)
@@ -414,18 +415,6 @@ def _train(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfi
     finally:
         if restore:
             model.to(memory_format=torch.contiguous_format)  # the layout the caller gave us
-
-
-def to_channels_last_(model: nn.Module) -> nn.Module:
-    """NHWC layout for the model's 4-D parameters and buffers; other ranks (5-D included, which
-    have no channels-last layout) stay as they are. Same parameter objects; returns model."""
-    return model._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
-
-
-def is_channels_last(model: nn.Module) -> bool:
-    """Whether any 4-D parameter of `model` is laid out channels-last (and not also contiguous)."""
-    return any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-               for p in model.parameters())
 
 
 def resolve_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
