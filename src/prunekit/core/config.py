@@ -230,6 +230,12 @@ def check_range(name: str, value: Any, lo: float, hi: float, lo_open: bool = Fal
         raise ConfigError(f"{name}={value!r} is out of range; use a value in {left}{lo}, {hi}{right}")
 
 
+def check_int(name: str, value: Any, lowest: int) -> None:
+    """Raise ConfigError unless `value` is an int (not a bool) >= `lowest`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise ConfigError(f"{name}={value!r} is invalid; use an integer >= {lowest}")
+
+
 def check_unused(config: Config, names: typing.Iterable[str], context: str) -> None:
     """ConfigError naming every field of `names` set away from its default: `context` (e.g.
     "with optimization='admm'") does not read them, and silently ignoring a setting misleads."""

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.config import Config, check_choice
+from ..core.config import Config, check_choice, check_int
 from ..core.environment import cpu_model
 from ..core.errors import ConfigError, PrunekitError
 from ..core.layout import to_memory_format_
@@ -43,11 +43,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # A per-sample shape (batch added from the config), one example batch, or several positional inputs.
 Inputs = Union[Sequence[int], torch.Tensor, Sequence[torch.Tensor]]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r} is invalid; use an integer >= {minimum}")
 
 
 @dataclasses.dataclass
@@ -82,14 +77,14 @@ class LatencyConfig(Config):
     def validate(self) -> None:
         check_choice("device", self.device, DEVICES)
         check_choice("dtype", self.dtype, DTYPES)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("warmup", self.warmup, 0)
-        _check_int("repeats", self.repeats, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("warmup", self.warmup, 0)
+        check_int("repeats", self.repeats, 1)
         for name in ("channels_last", "cuda_graph", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid; use true or false")
         if self.threads is not None:
-            _check_int("threads", self.threads, 1)
+            check_int("threads", self.threads, 1)
         if self.cuda_graph and self.device == "cpu":
             raise ConfigError("cuda_graph=True needs device='cuda' or 'auto'; CUDA graphs do not exist on CPU")
         if self.cuda_graph and self.compile:

@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..core.config import Config, check_range
+from ..core.config import Config, check_int, check_range
 from ..core.errors import ConfigError
 
 
@@ -56,20 +56,17 @@ class DataConfig(Config):
         if self.root is not None and "\0" in self.root:
             raise ConfigError(f"root={self.root!r} holds a NUL character (\\0), which no path can; remove it")
         check_range("val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
-        _check_int("seed", self.seed, 0)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("eval_batch_size", self.eval_batch_size, 1)
-        _check_int("num_workers", self.num_workers, 0)
+        check_int("seed", self.seed, 0)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("eval_batch_size", self.eval_batch_size, 1)
+        check_int("num_workers", self.num_workers, 0)
         if self.limit_train is not None:
-            _check_int("limit_train", self.limit_train, 1)
+            check_int("limit_train", self.limit_train, 1)
         if self.image_size is not None:
-            _check_int("image_size", self.image_size, 1)
+            check_int("image_size", self.image_size, 1)
         if not isinstance(self.augment, bool):
             raise ConfigError(f"augment={self.augment!r} must be true or false")
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device={self.device!r} is not allowed; use 'cpu', 'cuda' or 'cuda:<index>'")
 
 
-def _check_int(name: str, value: object, lowest: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-        raise ConfigError(f"{name}={value!r} is invalid; use an integer >= {lowest}")

@@ -27,7 +27,6 @@ torchrun every rank iterates the same loader of global batches and keeps its sha
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -40,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, TrainingError
 from ..core.layout import is_channels_last, to_channels_last_
 from .batches import check_labels, out_of_memory, split_batch
@@ -53,113 +51,14 @@ from .hooks import TrainState, split_parameters
 from .optim import optimizer_from_split, build_optimizer  # noqa: F401  (build_optimizer: part of this module's API)
 from .logging import MetricsLog, is_finite_number, to_plain
 from .schedule import build_scheduler, lr_factor  # noqa: F401  (lr_factor: part of this module's API)
+from .statistics import StepStatistics
+from .train_config import OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: F401  (part of this module's API)
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "onecycle", "constant")
 # Metric keys that measure time: they differ between otherwise identical runs.
 TIMING_KEYS = ("train_time_s", "epoch_time_s", "images_per_s")
 # Config fields that may change between a run and its resume: they do not alter the numbers.
 RESUMABLE_CHANGES = ("log_every", "compile")
 _HOOK_METHODS = ("extra_loss", "after_backward", "on_step_end", "on_epoch_end")
-
-
-@dataclass
-class TrainConfig(Config):
-    """How to train. `momentum`/`nesterov` apply to SGD only; `weight_decay` to all parameters.
-
-    `schedule` is per step: "cosine" (to 0), "onecycle" (lr/25 -> lr -> lr/2.5e5, cosine both
-    ways; its rise lasts `warmup_epochs`, or 30% of training when that is 0; momentum is not
-    cycled) or "constant". `warmup_epochs` (may be fractional) is a linear ramp for "cosine" and
-    "constant". `bf16` autocasts on CUDA and is ignored with a note on CPU. `channels_last`
-    trains in NHWC layout (its 4-D tensors; 5-D ones stay as they are); None (the default) means
-    on for CPU, off elsewhere: on CPU it was measured 1.4-1.5x faster for a CIFAR ResNet-20 at
-    one thread (docs/train_throughput.md), and it computes the same function (results agree to
-    float rounding). When the default turned it on, the model is handed back in the layout it
-    came in (contiguous, or channels-last when the caller made it so). `log_every` writes a
-    JSONL "step" record every that many steps (0: never) with the loss of this process's batch
-    (rank 0's shard under torchrun).
-
-    >>> TrainConfig(epochs=3, schedule="onecycle", label_smoothing=0.1).schedule
-    'onecycle'
-    """
-
-    epochs: int = 10
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    bf16: bool = False
-    channels_last: bool | None = None
-    compile: bool = False
-    seed: int = 0
-    grad_clip: float | None = None
-    log_every: int = 50
-
-    def validate(self) -> None:
-        _check_int("epochs", self.epochs, 1)
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_range("lr", self.lr, 0.0, math.inf, lo_open=True)
-        check_range("momentum", self.momentum, 0.0, 1.0, hi_open=True)
-        check_range("weight_decay", self.weight_decay, 0.0, math.inf)
-        check_choice("schedule", self.schedule, SCHEDULES)
-        check_range("warmup_epochs", self.warmup_epochs, 0.0, self.epochs)
-        if self.schedule != "constant" and self.warmup_epochs >= self.epochs:
-            raise ConfigError(f"warmup_epochs={self.warmup_epochs} leaves no epoch for the "
-                              f"{self.schedule} decay; use warmup_epochs < epochs={self.epochs}")
-        check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
-        for name in ("nesterov", "bf16", "channels_last", "compile"):
-            if not isinstance(getattr(self, name), bool) and not (name == "channels_last" and self.channels_last is None):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false"
-                                  + (" (or null: on for CPU)" if name == "channels_last" else ""))
-        _check_int("seed", self.seed, 0)
-        if self.grad_clip is not None:
-            check_range("grad_clip", self.grad_clip, 0.0, math.inf, lo_open=True)
-        _check_int("log_every", self.log_every, 0)
-        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
-            raise ConfigError("nesterov=true needs optimizer='sgd' with momentum > 0; "
-                              "set nesterov=false or give SGD a momentum")
-
-
-def running_statistics(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(name, buffer) of every running statistic a training forward updates (BatchNorm, and
-    InstanceNorm with track_running_stats): what one step changes besides the parameters."""
-    out = []
-    for prefix, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
-            out += [(f"{prefix}.{n}" if prefix else n, b) for n, b in m.named_buffers(recurse=False) if b is not None]
-    return out
-
-
-class _Statistics:
-    """The running statistics one step may move, copied before its forward so that a diverged
-    step can put them back. The list of buffers is read once an epoch and the copies are made in
-    place into tensors kept for the run: a step costs one fused copy, not a walk of the model."""
-
-    def __init__(self) -> None:
-        self.live: list[torch.Tensor] = []
-        self.saved: list[torch.Tensor] = []
-
-    def refresh(self, model: nn.Module) -> None:
-        self.live = [t for _, t in running_statistics(model)]
-        self.saved = [t.detach().clone() for t in self.live]
-
-    def snapshot(self) -> None:
-        if self.live:
-            torch._foreach_copy_(self.saved, self.live)
-
-    def restore(self) -> None:
-        if self.live:
-            with torch.no_grad():
-                torch._foreach_copy_(self.live, self.saved)
-
-
-def _check_int(name: str, value: Any, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ConfigError(f"{name}={value!r} is invalid; use an integer >= {lo}")
 
 
 @dataclass
@@ -193,7 +92,7 @@ class _Run:
         self.net: nn.Module = model
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.labels_checked = False  # the first step compares the labels with the model's classes
-        self.statistics = _Statistics()
+        self.statistics = StepStatistics()
         self.channels_last = resolve_channels_last(cfg, device)
         self.state = TrainState(model, self.optimizer, self.scheduler, device, cfg, steps_per_epoch)
         self.before_step = [h.before_step for h in hooks if callable(getattr(h, "before_step", None))]

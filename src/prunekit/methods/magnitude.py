@@ -44,13 +44,13 @@ from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PrunekitError, PruningError
 from ..cost.alignment import pick_round_to
 from ..cost.latency import LatencyConfig, latency_settings
-from ..cost.macs import Cost, CostEstimator, cost_after
+from ..cost.macs import CostEstimator, cost_after
 from ..cost.memory_format import MEMORY_FORMATS, apply_memory_format_
 from ..graph import Graph
 from ..importance.criteria import REDUCTIONS, Criterion, ScoreContext, resolve_criterion
 from ..importance.latency_target import latency_removal
-from ..importance.rounding import round_to_target
-from ..importance.select import NORMALIZERS, RemovalSelector, group_multiple
+from ..importance.select import NORMALIZERS
+from ..importance.step_targets import rounding_note, step_removal
 from ..importance.targets import tied_parameters
 from ..surgery.copying import adopt_, keep_parameters_, share_copy
 from ..surgery.plan import Plan, make_plan
@@ -196,132 +196,6 @@ def _skipped_note(skipped: list[str]) -> dict[str, Any]:
             "skipped_groups": list(skipped)}
 
 
-def _search_ratio(graph: Graph, scores, cfg: MagnitudeConfig, which: str, target: float,
-                  estimator: CostEstimator, first_widths: dict[str, int]) -> dict[str, list[int]]:
-    """Smallest unrounded ratio whose estimated cost ({which}) is <= target (absolute count).
-
-    The estimate table (`estimator`) and the ranking of channels (`RemovalSelector`) are built
-    once for all bisection steps; max_ratio is a share of `first_widths`."""
-    pick = 0 if which == "params" else 1
-    selector = RemovalSelector(graph, scores, cfg.scope, cfg.max_ratio, None, cfg.normalizer,
-                               first_widths=first_widths)
-    cost = lambda r: estimator.of_distinct(selector.indices_at(r))[pick]
-    hi = cfg.max_ratio if cfg.max_ratio < 1 else 0.999
-    at_hi = cost(hi)
-    if at_hi > target:
-        raise ConfigError(f"impossible target: removing up to max_ratio={cfg.max_ratio} of every group still "
-                          f"leaves {at_hi:,} {which} (> {int(target):,}); raise max_ratio, use scope='global' "
-                          "or ask for a larger fraction")
-    lo = 0.0
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cost(mid) > target else (lo, mid)
-    return selector.at(hi)
-
-
-Attempt = Callable[[dict[str, int] | None], tuple[dict[str, list[int]], float]]
-
-
-def _aligned(cfg: MagnitudeConfig, first_widths: dict[str, int], attempt: Attempt, record: dict[str, Any],
-             target: str) -> dict[str, list[int]]:
-    """`attempt(multiples)` -> (removal, shortfall: how far it lands short of the target, as a share
-    of the model), with cfg.round_to at the first step's widths; where the rounded removal cannot
-    meet the target or lands further from it than `round_slack`, the multiple is halved (16, 8, 4,
-    2). When every multiple lands further than that, the last one that met the target is kept
-    (the note says so); the unrounded removal only when none can meet it. What was used goes
-    into `record`."""
-    if not cfg.round_to or cfg.round_to <= 1:
-        return attempt(None)[0]
-    # an earlier step's halved multiple carries forward, so that every step's widths stay aligned to it
-    m, tried, removal, used = min(cfg.round_to, record.get("multiple") or cfg.round_to), [], None, 1
-    while m >= 2:
-        try:
-            rounded, short = attempt({n: group_multiple(w, m) for n, w in first_widths.items()})
-        except ConfigError as err:  # the rounded widths cannot reach the target
-            tried.append({"multiple": m, "error": str(err)[:200]})
-        else:
-            tried.append({"multiple": m, "shortfall": short})
-            removal, used = rounded, m
-            if cfg.round_slack is None or abs(short) <= cfg.round_slack:  # either way: channels may land over
-                break
-        m //= 2
-    if removal is None:
-        removal, used = attempt(None)[0], 1
-    record.update(round_to=cfg.round_to, multiple=used, tried=record.get("tried", []) + tried, target=target)
-    return removal
-
-
-def _step_removal(graph: Graph, scores, cfg: MagnitudeConfig, step: int, before: Cost,
-                  estimator: CostEstimator, first_widths: dict[str, int], record: dict[str, Any]) -> dict[str, list[int]]:
-    frac = step / cfg.steps
-    nearest = cfg.scope == "local"  # local: the same share of every group, only the margin moves
-    if cfg.channel_ratio is not None:
-        if cfg.scope == "local":  # each group's share still due, from its first width (rounding may have held it back)
-            ratio = {g.name: max(0.0, 1 - first_widths.get(g.name, g.size) * (1 - cfg.channel_ratio * frac) / g.size)
-                     for g in graph.groups}
-        else:  # the global share still due, from the channels actually left
-            left = sum(graph.group(n).size for n in scores) / max(1, sum(first_widths.get(n, 0) for n in scores))
-            ratio = max(0.0, min(0.999, 1 - (1 - cfg.channel_ratio * frac) / max(left, 1e-9)))
-        total = sum(first_widths.get(n, graph.group(n).size) for n in scores)  # shares of the model given
-        selector = RemovalSelector(graph, scores, cfg.scope, cfg.max_ratio, None, cfg.normalizer,
-                                   first_widths=first_widths)
-        unrounded = selector.select(ratio)
-        due = sum(len(v) for v in unrounded.values())
-
-        def by_ratio(multiples):
-            if multiples is None:
-                return unrounded, 0.0
-            removal = selector.rounded(multiples, nearest).at(ratio)
-            return removal, (due - sum(len(v) for v in removal.values())) / max(total, 1)
-        return _aligned(cfg, first_widths, by_ratio, record, "channels")
-    which = "params" if cfg.params_fraction is not None else "macs"
-    final = cfg.params_fraction if which == "params" else cfg.macs_fraction
-    whole = before.params if which == "params" else before.macs  # shortfalls are shares of the model given
-    goal = (1 - (1 - final) * frac) * whole
-    pick = 0 if which == "params" else 1
-    start = _search_ratio(graph, scores, cfg, which, goal, estimator, first_widths)
-    exact = lambda removal: estimator.of_distinct(removal)[pick]
-
-    def by_cost(multiples):
-        if multiples is None:
-            return start, (goal - exact(start)) / max(whole, 1)
-        res = round_to_target(graph, scores, start, multiples, exact, goal, cfg.max_ratio, cfg.normalizer,
-                              nearest=nearest, first_widths=first_widths)
-        return res.removal, (goal - res.cost) / max(whole, 1)
-    return _aligned(cfg, first_widths, by_cost, record, which)
-
-
-def _rounding_note(r: dict[str, Any], slack: float | None) -> str | None:
-    """What the rounding did, when it used a smaller multiple than round_to or kept one that lands
-    further than `slack` from the target; None when neither."""
-    used = r["multiple"]
-    if used >= r["round_to"]:  # nothing smaller was used: said only when the multiple kept is beyond the slack
-        own = next((t for t in reversed(r["tried"]) if t["multiple"] == used and "shortfall" in t), None)
-        if own is None or slack is None or abs(own["shortfall"]) <= slack:
-            return None
-        return (f"widths are multiples of {used}, which land {abs(own['shortfall']):.3f} away from the target "
-                f"(round_slack={slack}) and are kept as the smallest multiple tried (round_to=null gives "
-                "unrounded widths)")
-    first = next((t for t in reversed(r["tried"]) if t["multiple"] > used), r["tried"][0])  # the last one refused
-    if "error" in first:
-        why = f"rounded to multiples of {first['multiple']} the target cannot be met"
-    elif r["target"] == "channels":
-        off = first["shortfall"]
-        why = (f"multiples of {first['multiple']} would remove {abs(off):.3f} of the model's channels "
-               f"{'fewer' if off > 0 else 'more'} than asked (round_slack={slack})")
-    else:
-        what = {"macs": "MACs", "params": "params"}[r["target"]]
-        why = (f"multiples of {first['multiple']} would keep {first['shortfall']:.3f} of the model's {what} "
-               f"fewer than the target (round_slack={slack})")
-    now = f"multiples of at most {used}" if used > 1 else "unrounded widths"
-    own = next((t for t in reversed(r["tried"]) if t["multiple"] == used and "shortfall" in t), None)
-    if own is not None and slack is not None and abs(own["shortfall"]) > slack:  # kept as the closest that meets it
-        why += (f"; multiples of {used} land {abs(own['shortfall']):.3f} away too, and are kept as the smallest "
-                "multiple tried (round_to=null gives unrounded widths)")
-    return (f"widths are {now}, not of {r['round_to']}: {why}"
-            + ("; round_slack=null keeps the largest multiple that meets the target" if slack is not None else ""))
-
-
 def _check_runs(work: nn.Module, example_inputs: Any, original: nn.Module, probed: bool) -> None:
     """PruningError when the pruned copy `work` no longer runs; `probed`: whether its groups were probed."""
     try:  # a pruned model that no longer runs never reaches the caller
@@ -381,7 +255,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
                 cfg.round_to, cfg.max_ratio, cfg.normalizer)
         else:
             try:
-                removal = _step_removal(graph, scores, cfg, step, before, estimator, first_widths,
+                removal = step_removal(graph, scores, cfg, step, before, estimator, first_widths,
                                         metrics.setdefault("rounding", {}))
             except ConfigError as err:
                 raise ConfigError(f"{err}{_masked_hint(work)}") from None
@@ -409,7 +283,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         metrics["skipped_groups"] = sorted(set(skipped))
     if not metrics.get("rounding"):
         metrics.pop("rounding", None)
-    elif metrics["rounding"]["tried"] and (note := _rounding_note(metrics["rounding"], cfg.round_slack)):
+    elif metrics["rounding"]["tried"] and (note := rounding_note(metrics["rounding"], cfg.round_slack)):
         notes.append(note)
     if metrics.get("round_to", {}).get("reason"):
         notes.append(f"round_to='auto' timed nothing: {metrics['round_to']['reason']}; widths are unrounded "
