@@ -287,3 +287,61 @@ def test_einsum_macs_shrink_with_the_channels_it_sums():
     params, macs = estimate_cost(model, graph, removal)
     remove_channels_(model, graph, removal)
     assert (params, macs) == (count_cost(model, x).params, 2 * 4 * 5 + 5)
+
+
+class _Attention(nn.Module):
+    """nn.MultiheadAttention on a token stream (B, 5 tokens, 8 features), 2 heads."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.a = nn.MultiheadAttention(8, 2, batch_first=True, **kw)
+
+    def forward(self, x):
+        return self.a(x, x, x)[0]
+
+
+_ATTENTION_MACS = 4 * 5 * 8 * 8 + 2 * 5 * 5 * 8  # q, k, v, out projections; QK^T and AV over 5 keys
+
+
+def test_attention_with_a_masked_projection_is_still_counted():
+    """A mask makes the out-projection weight a computed tensor: the heads stay, the MACs count."""
+    from prunekit.surgery.masks import apply_mask
+
+    model, x = _Attention().eval(), torch.randn(2, 5, 8)
+    assert count_cost(model, x).macs == _ATTENTION_MACS
+    apply_mask(model.a.out_proj, "weight", torch.rand(8, 8) > 0.5)
+    assert count_cost(model, x).macs == _ATTENTION_MACS
+
+
+@pytest.mark.parametrize("extra", [{"add_bias_kv": True}, {"add_zero_attn": True}])
+def test_attention_counts_the_key_that_bias_kv_and_zero_attn_append(extra):
+    """add_bias_kv and add_zero_attn each append one key (and value): QK^T and AV run over 6 keys."""
+    cost = count_cost(_Attention(**extra).eval(), torch.randn(2, 5, 8))
+    assert cost.macs == 4 * 5 * 8 * 8 + 2 * 5 * 6 * 8
+
+
+def test_a_conv_on_an_unbatched_input_is_counted():
+    """A conv run on each sample alone (a 3-D input to Conv2d) counts its MACs like a batched one."""
+    class PerSample(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return torch.stack([self.conv(s) for s in x])
+
+    assert count_cost(PerSample(), torch.randn(2, 3, 5, 5)).macs == 4 * 9 * 3 * 9
+
+
+@pytest.mark.parametrize("inputs", [lambda x, s: {"scale": s, "x": x}, lambda x, s: (s, x)], ids=["dict", "tuple"])
+def test_macs_are_per_sample_when_a_scalar_input_comes_first(inputs):
+    """The batch is read from the first input that has one, not from a scalar given before it."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def forward(self, scale, x):
+            return self.lin(x) * scale
+
+    assert count_cost(Scaled(), inputs(torch.randn(4, 5), torch.tensor(2.0))).macs == 5 * 3

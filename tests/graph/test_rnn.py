@@ -82,3 +82,22 @@ def test_initial_state_from_a_layer_keeps_that_layer():
     graph = build_graph(InitState(), X)
     assert not bool(graph.group("init").prunable.any())
     assert bool(graph.group("embed").prunable.all())
+
+
+def test_a_recurrent_layer_with_a_masked_weight_is_still_counted():
+    """A mask makes the input weight a computed tensor: the features stay, the MACs count."""
+    from prunekit.surgery.masks import apply_mask
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.r = nn.GRU(4, 6, batch_first=True)
+
+        def forward(self, x):
+            return self.r(x)[0]
+
+    model, x = Net(), torch.randn(2, 5, 4)
+    hand = 5 * (4 * 18 + 6 * 18)  # 5 steps of the input and hidden weights (3 gates x 6)
+    assert count_cost(model, x).macs == hand
+    apply_mask(model.r, "weight_ih_l0", torch.rand(18, 4) > 0.5)
+    assert count_cost(model, x).macs == hand

@@ -8,7 +8,7 @@ from prunekit.core.errors import ConfigError
 from prunekit.importance.elements import select_element_masks
 from prunekit.methods import prune_
 from prunekit.methods.pai import GraSPConfig, RandomInitConfig, SNIPConfig, SynFlowConfig
-from prunekit.surgery.masks import get_mask
+from prunekit.surgery.masks import get_mask, masked_modules
 from prunekit.surgery.persist import load_pruned, save_pruned
 
 
@@ -198,6 +198,32 @@ def test_tied_weights_are_named_not_untied(make):
     with pytest.raises(PruningError, match=r"c2.weight (and|=) c3.weight"):
         prune_(_Tied(), make(), torch.randn(2, 3, 8, 8))
     prune_(_Tied(), RandomInitConfig(sparsity=0.5, ignore=["c2", "c3"]), torch.randn(2, 3, 8, 8))  # left out: fine
+
+
+class _TiedHead(nn.Module):
+    """A language-model head tied to the token embedding: the embedding is no conv or Linear, so
+    only the head's name of the tensor is scored."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, t):
+        return self.head(torch.relu(self.mid(self.emb(t))))
+
+
+def test_a_weight_tied_to_a_tensor_that_is_not_scored_is_named_not_masked():
+    """A mask on the head would leave the embedding reading the whole tensor: the masked entries
+    are still used, and params_nonzero would count them as gone."""
+    from prunekit.core.errors import PruningError
+
+    model, t = _TiedHead(), torch.randint(0, 10, (2, 5))
+    with pytest.raises(PruningError, match=r"head.weight .*emb.weight.*ignore=\['head'\]"):
+        prune_(model, RandomInitConfig(sparsity=0.5), t)
+    assert not masked_modules(model)
+    r = prune_(model, RandomInitConfig(sparsity=0.5, ignore=["head"]), t)
+    assert r.metrics["params_nonzero"] == 80 + 32 + 8  # the shared tensor whole, half of mid's weights, mid's bias
 
 
 def test_ssc_leaves_convs_with_tied_weights_dense():

@@ -170,7 +170,7 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
         finally:
             for mod in training:
                 mod.training = True
-    batch = inputs[0].shape[0] if inputs and inputs[0].dim() else 1
+    batch = next((t.shape[0] for t in inputs if t.dim()), 1)  # a scalar input holds no batch
     return _finish(tracer, batch, [list(t.shape) for t in inputs])
 
 

@@ -45,9 +45,8 @@ def _conv(tr, call, transposed: bool):
     out = _tensor_outs(call)[0]
     if _named(tr, w) is None or x.dim() != w.dim():
         _fix_all(tr, call)  # computed weights (weight standardisation) or unbatched input: counted only
-        if x.dim() == w.dim():
-            per = w.shape[1] * math.prod(w.shape[2:])
-            tr.add_node(call, macs=(x.numel() if transposed else out.numel()) * per)
+        per = w.shape[1] * math.prod(w.shape[2:])
+        tr.add_node(call, macs=(x.numel() if transposed else out.numel()) * per)
         return
     c_in = x.shape[1]
     c_out = w.shape[1] * groups if transposed else w.shape[0]

@@ -38,12 +38,16 @@ def multi_head_attention(tr, call):
     static = call.arg(21, "static_k") is not None or call.arg(22, "static_v") is not None
     weights = [q_w, k_w, v_w] if separate else [in_w]
     named = [tr.tensor_name(t) for t in weights + [out_w]]
-    if any(n is None for n in named) or static or E % H:
-        return _fix_all(tr, call)  # computed projections or precomputed keys: keep everything
     out = call.out[0]
     L, S = query.shape[0], key.shape[0]
     B = query.shape[1] if query.dim() == 3 else 1
     kdim, vdim = key.shape[-1], value.shape[-1]
+    # q/out projections L*E*E each, k/v projections S*E*kdim and S*E*vdim, QK^T and AV L*keys*E each
+    parts = [B * L * E * E, B * S * E * kdim, B * S * E * vdim, B * L * E * out_w.shape[0],
+             2 * B * L * _keys_attended(call, S) * E]
+    if any(n is None for n in named) or static or E % H:
+        _fix_all(tr, call)  # computed (masked) projections or precomputed keys: keep everything, count the MACs
+        return tr.add_node(call, macs=sum(parts))
 
     inner = tr.new_space(f"{named[0][0]}.{named[0][1]}", E)  # q/k/v channel j of the heads
     q_ids = along(tr.ids(query), -1, E, tr.uf)
@@ -83,12 +87,17 @@ def multi_head_attention(tr, call):
     if isinstance(call.out[1], torch.Tensor):  # attention weights: no channel dim (or fixed heads)
         tr.set_opaque(call.out[1])
 
-    # q/out projections L*E*E each, k/v projections S*E*kdim and S*E*vdim, QK^T and AV L*S*E each;
     # every term shrinks with the kept fraction of the channels it runs over
-    terms = [(B * L * E * E, [inner, q_ids]), (B * S * E * kdim, [inner, k_ids]),
-             (B * S * E * vdim, [inner, v_ids]), (B * L * E * out_w.shape[0], [inner, produced]),
-             (2 * B * L * S * E, [inner])]
+    terms = list(zip(parts, [[inner, q_ids], [inner, k_ids], [inner, v_ids], [inner, produced], [inner]]))
     tr.add_node(call, macs=sum(m for m, _ in terms), terms=terms)
+
+
+def _keys_attended(call, S: int) -> int:
+    """Keys each query attends over: the S keys given (or the precomputed static ones), plus one
+    key that bias_k appends and one that add_zero_attn appends."""
+    static_k = call.arg(21, "static_k")
+    keys = static_k.shape[1] if static_k is not None else S + (call.arg(7, "bias_k") is not None)
+    return keys + bool(call.arg(9, "add_zero_attn", False))
 
 
 register_rule("multi_head_attention_forward", multi_head_attention)

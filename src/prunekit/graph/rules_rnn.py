@@ -18,17 +18,20 @@ from .trace import tensors_in
 
 def recurrent(tr, call):
     args, x = call.args, call.args[0]
-    is_params = lambda a: isinstance(a, list) and a and all(tr.tensor_name(p) is not None for p in a)
+    is_params = lambda a: isinstance(a, list) and a and all(isinstance(p, torch.Tensor) for p in a)
     # (input, hx, params, ...) or, for a packed sequence, (data, batch_sizes, hx, params, ...)
     at = next((i for i in (2, 3) if len(args) > i and is_params(args[i])), None)
-    if at is None:
-        return _fix_all(tr, call)  # weights computed in forward: keep everything
+    steps = x.numel() // x.shape[-1]
+    if at is None or any(tr.tensor_name(p) is None for p in args[at]):
+        _fix_all(tr, call)  # weights computed in forward (masked): keep everything, count the MACs
+        if at is not None:  # every step multiplies each weight matrix once
+            tr.add_node(call, macs=steps * sum(p.numel() for p in args[at] if p.dim() == 2))
+        return
     params = args[at]
     num_layers, bidirectional = int(args[at + 2]), bool(args[at + 5])
     directions = 2 if bidirectional else 1
     per = len(params) // (num_layers * directions)  # w_ih, w_hh[, b_ih, b_hh][, w_hr]
     in_ids = along(tr.ids(x), -1, x.shape[-1], tr.uf)
-    steps = x.numel() // x.shape[-1]
     terms = []
     for k in range(0, len(params), per):
         w_ih, rest = params[k], [p for p in params[k + 1:k + per] if p.dim() == 2]

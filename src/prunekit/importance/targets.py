@@ -73,6 +73,32 @@ def check_untied(model: nn.Module, weights: dict[str, tuple[str, str]]) -> dict[
     return weights
 
 
+def check_not_shared(model: nn.Module, weights: dict[str, tuple[str, str]]) -> None:
+    """PruningError when a weight of `weights` is also held by a module outside them (a Linear
+    head tied to an embedding): a mask on its one name would leave the other module reading the
+    whole tensor, masked entries included. One module reached under two names is one reader."""
+    readers: dict[int, dict[int, str]] = {}  # id(stored tensor) -> {id(module): a name it holds it under}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, parametrize.ParametrizationList):
+            continue  # holds the original of a parametrized weight for the module it belongs to
+        held = dict(module._parameters)
+        if parametrize.is_parametrized(module):
+            held.update({pname: plist.original for pname, plist in module.parametrizations.items()})
+        for pname, p in held.items():
+            if p is not None:
+                readers.setdefault(id(p), {}).setdefault(id(module), _key(mname, pname))
+    scored = {id(model.get_submodule(mod)) for mod, _ in weights.values()}
+    for key, (mod, pname) in weights.items():
+        module = model.get_submodule(mod)
+        stored = (module.parametrizations[pname].original if parametrize.is_parametrized(module, pname)
+                  else getattr(module, pname))
+        outside = [name for at, name in readers.get(id(stored), {}).items() if at not in scored]
+        if outside:
+            raise PruningError(f"{key} is one tensor with {outside[0]} (tied weights), which is not pruned here: a "
+                               f"mask on {key} would leave {outside[0]} reading the whole tensor; leave it out with "
+                               f"ignore=['{mod}'] or untie the weights")
+
+
 def _key(module: str, pname: str) -> str:
     return f"{module}.{pname}" if module else pname
 

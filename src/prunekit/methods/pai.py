@@ -46,7 +46,7 @@ from ..importance.calibration import check_iterable
 from ..importance.elements import (apply_element_masks, channel_scores_from_elements, grasp_scores, random_scores,
                                    select_element_masks, snip_scores, synflow_scores)
 from ..importance.select import select_removal
-from ..importance.targets import target_weights
+from ..importance.targets import check_not_shared, target_weights
 from ..surgery.copying import adopt_, share_copy
 from ..surgery.masks import get_mask, masked_modules
 from ..surgery.plan import empty_plan, make_plan
@@ -129,7 +129,7 @@ def _targets(model: nn.Module, ignore: list[str]) -> list[str]:
             if not any(mod == i or mod.startswith(i + ".") for i in ignore)]
     if not keys:
         raise PruningError("no conv or Linear weight left to score; ignore fewer modules")
-    target_weights(model, keys)  # the weights kept must not be tied to one another
+    check_not_shared(model, target_weights(model, keys))  # nor tied to one another, nor to a tensor left out
     return keys
 
 
