@@ -309,3 +309,18 @@ def test_channels_last_timing_of_a_model_with_3d_convs():
     model = nn.Sequential(nn.Conv3d(3, 8, 3), nn.Flatten(1, 2), nn.Conv2d(8 * 2, 4, 3))
     r = measure_latency(model, (3, 4, 8, 8), LatencyConfig(warmup=1, repeats=1, channels_last=True))
     assert r.n == 1 and r.settings["timed_copy"]
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, scale, x):
+        return self.fc(x) * scale
+
+
+def test_the_batch_reported_is_the_first_batched_input_when_a_scalar_comes_first():
+    cfg = LatencyConfig(warmup=0, repeats=1)
+    result = measure_latency(_Scaled(), (torch.tensor(2.0), torch.randn(4, 5)), cfg)
+    assert result.batch == 4

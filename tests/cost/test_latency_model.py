@@ -152,3 +152,11 @@ def test_list_example_inputs_are_timed_at_the_tables_batch(monkeypatch):
                     grid_steps=2)
     assert batches == [5]
     assert [t.shape[0] for t in lm.per_sample_inputs([x], 5)] == [5]
+
+
+def test_inputs_are_brought_to_the_table_batch_when_a_scalar_comes_first():
+    from prunekit.cost.latency_model import per_sample_inputs
+    scale, x = torch.tensor(2.0), torch.randn(3, 5)
+    out = per_sample_inputs((scale, x), batch_size=8)
+    assert out[0] is scale and out[1].shape == (8, 5)
+    assert torch.equal(out[1][3], x[0])

@@ -37,6 +37,7 @@ from ..core.environment import cpu_model
 from ..core.errors import ConfigError, PrunekitError
 from ..core.layout import to_memory_format_
 from ..core.modes import kept_modes
+from ..graph.inputs import batch_size_of
 
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -346,7 +347,7 @@ def _normalise_inputs(inputs: Inputs, cfg: LatencyConfig) -> tuple[tuple[torch.T
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
     if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(t, torch.Tensor) for t in inputs):
-        batch = int(inputs[0].shape[0]) if inputs[0].dim() > 0 else 1
+        batch = batch_size_of(inputs)
         return tuple(inputs), batch, "example"
     ok = isinstance(inputs, (tuple, list, torch.Size)) and len(inputs) > 0 and all(
         isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in inputs)

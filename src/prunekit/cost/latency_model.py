@@ -40,6 +40,7 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..core.modes import evaluating
 from ..graph import Graph
+from ..graph.inputs import batch_size_of
 from .latency import LatencyConfig, measure_latency
 from .lut import LatencyTable, LayerSpec, build_conv_lut, pruning_grid
 
@@ -59,9 +60,8 @@ def per_sample_inputs(example_inputs: Any, batch_size: int | None = None) -> Any
         example_inputs = (example_inputs,)
     if batch_size and isinstance(example_inputs, list):  # positional arguments, as run_model takes them
         example_inputs = tuple(example_inputs)
-    if (batch_size and isinstance(example_inputs, tuple) and example_inputs
-            and isinstance(example_inputs[0], torch.Tensor) and example_inputs[0].dim() > 0):
-        batch = example_inputs[0].shape[0]  # tensors with another first size (a shared mask) stay as they are
+    if batch_size and isinstance(example_inputs, tuple) and batch_size_of(example_inputs, 0):
+        batch = batch_size_of(example_inputs)  # tensors with another first size (a shared mask) stay as they are
         return tuple(t[torch.arange(batch_size) % batch] if _batched(t, batch) else t for t in example_inputs)
     return example_inputs
 
@@ -91,7 +91,7 @@ def _input_grids(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, 
     try:
         with torch.no_grad(), evaluating(model):  # the caller's train/eval mode, module by module, after
             inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-            batch = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 0
+            batch = batch_size_of(inputs, 0)
             model(*[t[:1] if _batched(t, batch) else t for t in inputs])  # one sample of each batched input
     finally:
         for h in hooks:

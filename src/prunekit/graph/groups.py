@@ -26,7 +26,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 
 from ..core.errors import ConfigError
 from .ids import UnionFind
-from .inputs import check_inputs_fit, split_inputs
+from .inputs import batch_size_of, check_inputs_fit, split_inputs
 from .rules import builtin_rule_names, rule_table
 from .trace import Member, Node, Tracer, tensors_in
 
@@ -170,7 +170,7 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
         finally:
             for mod in training:
                 mod.training = True
-    batch = next((t.shape[0] for t in inputs if t.dim()), 1)  # a scalar input holds no batch
+    batch = batch_size_of(inputs)
     return _finish(tracer, batch, [list(t.shape) for t in inputs])
 
 

@@ -39,6 +39,12 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return args, kwargs
 
 
+def batch_size_of(inputs: Any, default: int = 1) -> int:
+    """dim 0 of the first tensor of `inputs` that has a dimension (a scalar input such as a
+    temperature holds no batch); `default` when there is none."""
+    return next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim()), default)
+
+
 def describe_inputs(args: tuple, kwargs: dict) -> str:
     """'a tensor float32 (1, 3, 8, 8)', 'a list of 2 items', ...: what the caller passed."""
     parts = [_describe(a) for a in args] + [f"{k}={_describe(v)}" for k, v in kwargs.items()]
