@@ -320,3 +320,102 @@ def test_the_table_shows_accuracy_to_the_hundredth_so_small_spreads_are_not_zero
     assert rows[0][HEADERS.index("acc %")] == "85.85 ± 0.04"
     assert rows[0][HEADERS.index("acc after prune %")] == "83.90 ± 1.32"
     assert rows[1][HEADERS.index("acc %")] == "85.66" and rows[1][HEADERS.index("acc after prune %")] == "15.69"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"name": 2024}, r"name=2024 must be text"),
+    ({"name": "a\0b"}, r"name='a\\x00b' must be a folder name"),
+    ({"out": 5}, r"out=5 must be a folder path"),
+    ({"model": {"name": "small_cnn", "kwargs": [1]}}, r"model.kwargs=\[1\] must be a mapping"),
+    ({"dense": {"weights": 2024}}, r"dense.weights=2024 must be a path"),
+])
+def test_recipe_values_of_the_wrong_type_are_one_config_error(dense_path, change, message):
+    # YAML reads `name: 2024` as an integer: each of these crashed later with a bare TypeError
+    with pytest.raises(ConfigError, match=message):
+        CompareRecipe.from_dict(_raw(dense_path, **change))
+
+
+def test_reporting_the_val_split_needs_a_val_split(dense_path, tmp_path):
+    # eval.split=val with val_fraction=0 crashed with a TypeError after the data was loaded
+    raw = _raw(dense_path, eval={"split": "val", "latency": False},
+               data={"name": "digits", "batch_size": 64, "val_fraction": 0.0})
+    with pytest.raises(ConfigError, match=r"eval.split=val.*data.val_fraction=0"):
+        CompareRecipe.from_dict(raw)
+    tiny = {**raw, "data": {"name": "digits", "batch_size": 64, "val_fraction": 1e-6}}  # rounds to no image
+    with pytest.raises(ConfigError, match=r"eval.split=val.*no validation images"):
+        run_compare(CompareRecipe.from_dict(tiny), tmp_path / "c", **quiet)
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_arm_without_fine_tuning_is_still_held_to_the_shared_budget():
+    # finetune: false skipped the budget check: a method training 3 epochs under a 1-epoch budget
+    raw = {"model": {"name": "small_cnn"}, "data": {"name": "digits"}, "dense": {"train": {"epochs": 1}},
+           "finetune": {"epochs": 1},
+           "arms": {"g": {"method": {"name": "gator", "target": 0.5, "epochs": 3}, "finetune": False}}}
+    with pytest.raises(ConfigError, match="arm 'g' trains 3 epochs itself, more than the shared budget"):
+        CompareRecipe.from_dict(raw)
+    raw["finetune"]["epochs"] = 3
+    assert CompareRecipe.from_dict(raw).arms["g"].budget_left(3) == 0
+
+
+def test_a_kill_after_the_dense_model_is_saved_keeps_its_training_settings(dense_path, tmp_path, monkeypatch):
+    """The settings a dense model was trained with are on disk as soon as its weights are, so a kill
+    while it is scored cannot let a recipe with other settings take it."""
+    import prunekit.compare.run as run_module
+
+    small = _raw(dense_path, dense={"train": {"epochs": 1, "lr": 0.05, "log_every": 0}},
+                 data={"name": "digits", "batch_size": 64, "limit_train": 128}, arms={"dense": {"method": None}})
+
+    def killed(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(CompareRecipe.from_dict(small), tmp_path / "c", **quiet)
+    monkeypatch.undo()
+    assert (tmp_path / "c" / "dense.safetensors").is_file()
+    assert not list((tmp_path / "c").glob("*.tmp")) and not list((tmp_path / "c").glob(".*.tmp"))
+    other = {**small, "dense": {"train": {"epochs": 2, "lr": 0.05, "log_every": 0}}}
+    with pytest.raises(CheckpointError, match=r"dense.train.epochs=1 \(recipe: 2\)"):
+        run_compare(CompareRecipe.from_dict(other), tmp_path / "c", **quiet)
+
+
+def test_two_writers_of_one_file_do_not_share_a_temporary_file(tmp_path, monkeypatch):
+    """Processes filling one folder (one per seed) each write compare.json at their end: a shared
+    temporary name let one rename the other's half-written file and the other fail."""
+    import os
+
+    from prunekit.compare import records
+
+    path, real, inner = tmp_path / "compare.json", os.replace, []
+
+    def other_process_writes_meanwhile(src, dst):
+        if not inner:
+            inner.append(1)
+            records.write_json(path, {"by": "other"})
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", other_process_writes_meanwhile)
+    records.write_json(path, {"by": "this"})
+    assert json.loads(path.read_text()) == {"by": "this"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.json"]
+
+
+def test_the_resolved_recipe_in_the_output_folder_runs_the_same_comparison_again(dense_path, tmp_path):
+    # recipe.yaml held the arms as {method: <name>, config: {...}}, which no recipe reader takes
+    raw = _raw(dense_path, arms={"dense": {"method": None},
+                                 "l2": {"method": {"name": "magnitude", "macs_fraction": 0.5}, "keep_zeros": True}})
+    out = tmp_path / "c"
+    run_compare(CompareRecipe.from_dict(raw), out, **quiet)
+    res = CliRunner().invoke(cli, ["compare", str(out / "recipe.yaml"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "running" not in res.output  # the same specs: every record is reused
+    resolved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert resolved["arms"]["l2"]["method"]["name"] == "magnitude" and resolved["arms"]["l2"]["keep_zeros"] is True
+
+
+def test_a_seed_in_an_arms_method_config_is_refused(dense_path):
+    # the arm's seed replaced it silently, and the record's spec still said seed 5
+    raw = _raw(dense_path, arms={"r": {"method": {"name": "random_init", "sparsity": 0.5, "seed": 5}}})
+    with pytest.raises(ConfigError, match=r"arm 'r': method.seed=5 would not be used.*`seeds`"):
+        CompareRecipe.from_dict(raw)

@@ -102,17 +102,25 @@ class ArmSpec:
 
     def budget_left(self, budget: int) -> int:
         """Fine-tuning epochs of this arm under a shared budget of `budget` epochs."""
-        if self.method is None or not self.finetune:
+        if self.method is None:
             return 0
         left = budget - self.trained_epochs
         if left < 0:
             raise ConfigError(f"arm {self.name!r} trains {self.trained_epochs} epochs itself, more than the shared "
                               f"budget finetune.epochs={budget}; raise finetune.epochs or lower the method's epochs")
-        return left
+        return left if self.finetune else 0
 
     def to_dict(self) -> dict[str, Any]:
+        """What the arm's records are made from (part of their spec)."""
         cfg = self.config.to_dict() if self.config is not None else None
         return {"method": self.method, "config": cfg, "finetune": self.finetune, "keep_zeros": self.keep_zeros}
+
+    def to_recipe(self) -> dict[str, Any]:
+        """The arm as a recipe writes it: `build_arm(name, arm.to_recipe())` builds it again (the
+        method's seed comes from the recipe's seeds)."""
+        fields = {} if self.config is None else {k: v for k, v in self.config.to_dict().items() if k != "seed"}
+        method = None if self.method is None else {"name": self.method, **fields}
+        return {"method": method, "finetune": self.finetune, "keep_zeros": self.keep_zeros}
 
 
 @dataclass
@@ -175,7 +183,7 @@ class CompareRecipe:
                 "method_train": self.method_train.to_dict(), "finetune": self.finetune.to_dict(),
                 "calibration_batches": self.calibration_batches,
                 "eval": {"split": self.eval_split, "latency": self.latency, "max_batches": self.eval_max_batches}, "bench": self.bench.to_dict(),
-                "arms": {n: a.to_dict() for n, a in self.arms.items()}}
+                "arms": {n: a.to_recipe() for n, a in self.arms.items()}}
 
 
 def with_protocol(raw: dict[str, Any]) -> dict[str, Any]:
@@ -259,12 +267,17 @@ def _build(cls: type[CompareRecipe], raw: dict[str, Any], source: str) -> Compar
     finetune = _section(raw, "finetune", TrainConfig.from_dict)
     if finetune is None:
         raise ConfigError("finetune is required: its epochs is the shared training budget of every arm")
+    if not isinstance(model.get("kwargs") or {}, dict):
+        raise ConfigError(f"model.kwargs={model['kwargs']!r} must be a mapping of keyword arguments of the model, "
+                          "e.g. {width: 2}")
     out = cls(model_name=model["name"], model_kwargs=dict(model.get("kwargs") or {}),
               data=_section(raw, "data", DataConfig.from_dict), arms={}, finetune=finetune, source=source)
     dense = raw.get("dense") or {}
     if not isinstance(dense, dict) or set(dense) - {"weights", "train"}:
         raise ConfigError("dense must be a mapping with 'weights' and/or 'train'")
     out.dense_weights = dense.get("weights")
+    if out.dense_weights is not None and (not isinstance(out.dense_weights, str) or "\0" in out.dense_weights):
+        raise ConfigError(f"dense.weights={out.dense_weights!r} must be a path to a .safetensors file (text) or null")
     out.dense_train = _section(dense, "train", TrainConfig.from_dict)
     if out.dense_weights is None and out.dense_train is None:
         raise ConfigError("dense needs weights (a .safetensors file) or train (a TrainConfig) to make the dense model")
@@ -323,8 +336,13 @@ def _check_arm_name(name: str, earlier: dict[str, ArmSpec]) -> None:
 def _scalars(out: CompareRecipe, raw: dict[str, Any]) -> None:
     out.name = raw.get("name") or out.name
     out.out = raw.get("out") or out.out
-    if any(c in out.name for c in "/\\") or out.name in (".", ".."):
-        raise ConfigError(f"name={out.name!r} must not contain path separators")
+    if not isinstance(out.name, str):
+        raise ConfigError(f"name={out.name!r} must be text (quote it in YAML: name: '{out.name}')")
+    if any(c in out.name for c in "/\\\0") or out.name in (".", ".."):
+        raise ConfigError(f"name={out.name!r} must be a folder name: not '.' or '..', and without path "
+                          "separators or NUL")
+    if not isinstance(out.out, str) or "\0" in out.out:
+        raise ConfigError(f"out={out.out!r} must be a folder path (text without NUL)")
     seeds = raw.get("seeds", out.seeds)
     if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
@@ -353,6 +371,9 @@ def _scalars(out: CompareRecipe, raw: dict[str, Any]) -> None:
     out.eval_max_batches = k
     out.eval_split = ev.get("split", "test")
     check_choice("eval.split", out.eval_split, ("test", "val"))
+    if out.eval_split == "val" and out.data.val_fraction == 0:
+        raise ConfigError("eval.split=val reports the validation split, but data.val_fraction=0 holds none out; "
+                          "raise data.val_fraction or report eval.split=test")
     out.latency = ev.get("latency", True)
     if not isinstance(out.latency, bool):
         raise ConfigError(f"eval.latency={out.latency!r} must be true or false")
@@ -386,6 +407,10 @@ def build_arm(name: str, raw: Any) -> ArmSpec:
         known = sorted(set(METHODS.list()) | set(baselines.BASELINES.list()))
         raise ConfigError(f"arm {name!r}: unknown method {kind!r}; available: {', '.join(known)} "
                           "(ADMM is slr with optimization: admm)")
+    if "seed" in fields:
+        raise ConfigError(f"arm {name!r}: method.seed={fields['seed']!r} would not be used: every arm runs once per "
+                          "seed of the recipe's `seeds`, which sets the method's seed; remove it and list the seeds "
+                          "in `seeds`")
     try:
         config = config_cls.from_dict(fields)
     except ConfigError as err:

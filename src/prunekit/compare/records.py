@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from ..core.config import short_repr
 from ..core.errors import CheckpointError, read_json
+from ..core.integrity import atomic_write_text
 from .recipe import CompareRecipe, spec_hash
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # a kill leaves either no record or a whole one
+    """`data` as JSON at `path`, replaced atomically through a temporary file of this writer's own
+    (processes filling one folder write compare.json at once): a kill leaves the old file or the new."""
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_json_mapping(path: Path, what: str) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Layout of the output folder (default <out>/<name>/):
 
-    recipe.yaml              the resolved recipe of the last run
+    recipe.yaml              the resolved recipe of the last run (a recipe: it runs the comparison again)
     dense.safetensors        the dense model, when it was trained here (dense_ckpt/ resumes it)
     dense.json               its sha256, accuracy, device and training time
     arms/<arm>/seed<k>.json  one record per finished arm and seed (written atomically)
@@ -34,7 +34,7 @@ from torch import nn
 
 from ..core.environment import environment
 from ..core.errors import CheckpointError, ConfigError, PrunekitError, load_error_text
-from ..core.integrity import file_digest
+from ..core.integrity import atomic_write, file_digest
 from ..cost.macs import CONVENTION
 from ..data import load_data
 from ..data.subsets import random_batches
@@ -111,11 +111,12 @@ def dense_model(recipe: CompareRecipe, model: nn.Module, bundle: Any, out_dir: P
         val = bundle.val if bundle.val.num_samples > 0 else None
         train(model, bundle.train, val, recipe.dense_train, ckpt_dir=out_dir / "dense_ckpt", resume=True,
               device=device, progress=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_model(model.cpu(), str(path))
         info = {"trained_here": True, "train_s": time.perf_counter() - t0, "device": str(device),
                 "model": {"name": recipe.model_name, "kwargs": recipe.model_kwargs},
                 "train": recipe.dense_train.to_dict(), "data": recipe.data.to_dict()}
+        # the settings first: weights on disk always have them beside, whenever a kill comes
+        write_json(info_path, info)
+        atomic_write(path, lambda tmp: save_model(model.cpu(), tmp))
     else:
         differ = dense_settings_differ(info, recipe)
         if differ:
@@ -164,6 +165,9 @@ def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = 
     # a foreign or damaged record fails before the data is loaded
     early = _records_on_disk(recipe, out, early_sha) if early_sha else None
     bundle = load_data(recipe.data.replace(device="cuda" if device.type == "cuda" else "cpu"))
+    if recipe.eval_split == "val" and bundle.val.num_samples == 0:
+        raise ConfigError(f"eval.split=val, but data.val_fraction={recipe.data.val_fraction} holds no validation "
+                          "images out of this training split; raise data.val_fraction or report eval.split=test")
     if recipe.eval_max_batches:
         # a seeded random subset: the first batches of a class-sorted split hold one or two classes
         bundle.val = random_batches(bundle.val, recipe.eval_max_batches, recipe.data.seed)
