@@ -570,3 +570,25 @@ def test_recipes_fill_their_configs_and_differ_only_in_optimization():
     assert {k for k in slr if slr[k] != admm[k]} == {"optimization"}
     assert {k: v for k, v in recipes["slr"].items() if k != "method"} == {
         k: v for k, v in recipes["admm"].items() if k != "method"}
+
+
+class _TiedHead(nn.Module):
+    """A Linear head that shares its weight with the token embedding (as GPT-2 does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.body, self.head = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(self.emb(x))).mean(1))
+
+
+def test_a_layer_tied_to_a_weight_it_does_not_prune_is_refused_before_training():
+    net = _TiedHead()
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ConfigError, match=r"head\.weight is one tensor with emb\.weight.*`layers` list without head"):
+        resolve_targets(net, SLRConfig(sparsity=0.5, layers=["body", "head"]))
+    assert list(resolve_targets(net, SLRConfig(sparsity=0.5, layers=["body"]))) == ["body.weight"]
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert net.head.weight is net.emb.weight

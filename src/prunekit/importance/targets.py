@@ -73,10 +73,11 @@ def check_untied(model: nn.Module, weights: dict[str, tuple[str, str]]) -> dict[
     return weights
 
 
-def check_not_shared(model: nn.Module, weights: dict[str, tuple[str, str]]) -> None:
+def check_not_shared(model: nn.Module, weights: dict[str, tuple[str, str]], leave_out: str = "ignore=['{module}']") -> None:
     """PruningError when a weight of `weights` is also held by a module outside them (a Linear
     head tied to an embedding): a mask on its one name would leave the other module reading the
-    whole tensor, masked entries included. One module reached under two names is one reader."""
+    whole tensor, masked entries included. One module reached under two names is one reader.
+    `leave_out` says how the caller's config leaves a module out ({module} is its name)."""
     readers: dict[int, dict[int, str]] = {}  # id(stored tensor) -> {id(module): a name it holds it under}
     for mname, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, parametrize.ParametrizationList):
@@ -96,7 +97,7 @@ def check_not_shared(model: nn.Module, weights: dict[str, tuple[str, str]]) -> N
         if outside:
             raise PruningError(f"{key} is one tensor with {outside[0]} (tied weights), which is not pruned here: a "
                                f"mask on {key} would leave {outside[0]} reading the whole tensor; leave it out with "
-                               f"ignore=['{mod}'] or untie the weights")
+                               f"{leave_out.format(module=mod)} or untie the weights")
 
 
 def _key(module: str, pname: str) -> str:

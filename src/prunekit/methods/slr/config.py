@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ...core.config import Config, check_choice, check_range, check_unused
 from ...core.errors import ConfigError, PruningError
+from ...importance.targets import check_not_shared, target_weights
 from ...surgery.projections import PROJECTIONS, global_irregular_masks, projection_mask
 
 __all__ = ["SLRConfig", "ProjectionSpec", "resolve_targets"]
@@ -201,6 +202,10 @@ def resolve_targets(model: nn.Module, config: SLRConfig) -> dict:
         if not isinstance(w, Tensor) or not w.is_floating_point():
             raise ConfigError(f"layer {name!r} has no floating-point weight to prune; leave it out of layers")
         targets[f"{name}.weight"] = ratio[name]
+    try:  # a mask kept per name would untie a tied weight, or zero what another module reads whole
+        check_not_shared(model, target_weights(model, list(targets)), leave_out="a `layers` list without {module}")
+    except PruningError as err:
+        raise ConfigError(str(err)) from None
     spec = ProjectionSpec.from_config(config, targets)
     weights = {f"{n}.weight": model.get_submodule(n).weight.detach() for n in layers}
     try:  # fail now, with the layer named, rather than at the first Z-update
