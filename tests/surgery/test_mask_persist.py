@@ -282,3 +282,58 @@ def test_a_masked_model_that_is_a_single_layer_saves_with_its_plan(tmp_path):
     again = load_pruned(nn.Linear(8, 4), save_pruned(model, plan, tmp_path / "lin.safetensors"))
     assert torch.equal(get_mask(again, "weight"), get_mask(model, "weight"))
     assert torch.equal(again(x), model(x))
+
+
+def test_masks_described_in_another_format_version_are_refused(tmp_path):
+    # the version of plan.meta["masks"] was written but never read: a file whose masks follow
+    # another layout loaded as if they were this one's
+    lin = nn.Sequential(nn.Linear(8, 4))
+    apply_mask(lin[0], "weight", unstructured_mask(lin[0].weight, 0.5))
+    good = save_pruned(lin, empty_plan(torch.zeros(1, 8)), tmp_path / "good.safetensors")
+    with safe_open(str(good), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    other = read_plan(good)
+    other.meta["masks"]["format_version"] = 2
+    bad = tmp_path / "v2.safetensors"
+    write_tensor_file(bad, tensors, {**meta, PLAN_KEY: other.to_json()})
+    fresh = nn.Sequential(nn.Linear(8, 4))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError, match="v2.safetensors.*masks format version 2.*reads 1"):
+        load_pruned(fresh, bad)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_file_loads_into_a_fresh_model_already_in_half_precision(tmp_path, dtype):
+    # the replay traced the model with the plan's float32 example, so a model built and cast to
+    # float16 (or moved to the GPU) before loading was refused as "another architecture"
+    model, plan = _masked_resnet()
+    path = save_pruned(model, plan, tmp_path / "m.safetensors")
+    again = load_pruned(create_model("resnet20", num_classes=10).to(dtype), path).eval()
+    want = load_pruned(create_model("resnet20", num_classes=10), path).to(dtype).eval()
+    assert all(p.dtype == dtype for p in again.parameters())
+    with torch.no_grad():
+        assert torch.equal(again(X.to(dtype)), want(X.to(dtype)))
+    assert {n for n, _, _ in masked_modules(again)} == {n for n, _, _ in masked_modules(model)}
+
+
+def test_a_fresh_model_on_the_meta_device_is_refused(tmp_path):
+    # its tensors hold no values, so loading would copy nothing and hand back a model on meta
+    model, plan = _masked_resnet()
+    path = save_pruned(model, plan, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        shell = create_model("resnet20", num_classes=10)
+    with pytest.raises(CheckpointError, match="meta device"):
+        load_pruned(shell, path)
+
+
+def test_a_compiled_model_saves_and_a_compiled_fresh_model_loads(tmp_path):
+    # torch.compile's wrapper names every tensor "_orig_mod.<name>": save_pruned refused the
+    # pruned model as "another architecture" and load_pruned refused the freshly built one
+    model, plan = _masked_resnet()
+    path = save_pruned(torch.compile(model), plan, tmp_path / "compiled.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert not any(k.startswith("_orig_mod") for k in f.keys())
+    again = load_pruned(torch.compile(create_model("resnet20", num_classes=10)), path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(X), model(X))

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 from torch import Tensor, nn
 
 from ..core.errors import CheckpointError, PrunekitError
-from .mask_io import describe_masks, restore_masks_, tied_values, unpack_mask
+from .mask_io import MASKS_FORMAT_VERSION, describe_masks, restore_masks_, tied_values, unpack_mask
 from .masks import masked_modules
 from .plan import Plan, apply_plan_, describe_replay
 from .plan_check import check_fingerprint
@@ -45,18 +45,27 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | Path) -> Path:
 
     The plan's meta["masks"] is set to the model's current masks (`describe_masks`), and replay
     entries that describe the model (an SSC layer's execution) to the model as it is, so a
-    plan.json written from the same Plan afterwards describes them too. A plan that records the
+    plan.json written from the same Plan afterwards describes them too. A torch.compile or DDP
+    wrapper is looked through (the file holds the module's own names). A plan that records the
     pruned architecture's fingerprint must match `model`: otherwise the file could never be
     loaded, so CheckpointError and nothing is written.
     """
     if not isinstance(plan, Plan):
         raise CheckpointError(f"save_pruned needs a Plan, got {type(plan).__name__}")
+    model = _unwrapped(model)
     check_fingerprint(model, plan.fingerprint.get("pruned"), "pruned")
     path = Path(path)
     plan.meta[MASKS_META] = describe_masks(model)
     describe_replay(model, plan)
     save_state_file(model, path, {PLAN_KEY: plan.to_json()})
     return path
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The user's module inside torch.compile / DDP wrappers, whose own tensor names carry a prefix."""
+    from ..engine.distributed import unwrap_model
+
+    return unwrap_model(model)
 
 
 def _plan_of(meta: Mapping[str, str], path: Any) -> Plan:
@@ -77,13 +86,19 @@ def read_plan(path: str | Path) -> Plan:
 def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     """Return a pruned copy of the freshly built `model` carrying the stored weights and masks.
 
-    `model` itself is never modified, so a failed load leaves nothing half-changed.
+    `model` itself is never modified, so a failed load leaves nothing half-changed. A
+    torch.compile or DistributedDataParallel wrapper is looked through: the copy is of the module
+    inside, to be wrapped again after loading.
     """
+    model = _unwrapped(model)
     meta, tensors = read_tensor_file(path)
     plan = _plan_of(meta, path)
     if masked_modules(model):
         raise CheckpointError(f"load_pruned({path}) needs a freshly built model without masks; "
                               "build a new one with its constructor")
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise CheckpointError(f"load_pruned({path}) needs a model whose tensors are allocated, and this one is on the "
+                              "meta device, where loading copies nothing; build it on the CPU (or GPU) instead")
     masks = _masks_of(plan, tensors, path)
     work = copy.deepcopy(model)
     try:
@@ -102,6 +117,10 @@ def _masks_of(plan: Plan, tensors: Mapping[str, Tensor], path: Any) -> dict[str,
     described = desc.get("tensors") if isinstance(desc, dict) else None
     if not isinstance(described, dict):
         raise CheckpointError(f"{path}: plan meta '{MASKS_META}' is malformed; write the file again")
+    version = desc.get("format_version", MASKS_FORMAT_VERSION)
+    if version != MASKS_FORMAT_VERSION or isinstance(version, bool):
+        raise CheckpointError(f"{path}: its masks format version {str(version)[:20]} is not supported (this prunekit "
+                              f"reads {MASKS_FORMAT_VERSION}); load it with the prunekit that wrote it")
     stored = {k[: -len(MASK_SUFFIX)] for k in tensors if k.endswith(MASK_SUFFIX)}
     if stored != set(described):
         raise CheckpointError(f"{path}: the masks stored ({sorted(stored)[:3]}) differ from those the plan "

@@ -142,9 +142,22 @@ class Plan:
                 out.groups[name] = [base[i] for i in keep]
         return out
 
-    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+    def example_inputs(self, like: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
+        """Zeros of the recorded shapes and dtypes; with `like`, on that model's device and with
+        floating inputs in its floating dtype (a model cast to float16 or moved to the GPU)."""
         dtypes = self.input_dtypes or ["float32"] * len(self.input_shapes)
-        return tuple(torch.zeros(s, dtype=_DTYPES.get(d, torch.float32)) for s, d in zip(self.input_shapes, dtypes))
+        inputs = tuple(torch.zeros(s, dtype=_DTYPES.get(d, torch.float32)) for s, d in zip(self.input_shapes, dtypes))
+        return inputs if like is None else _inputs_like(like, inputs)
+
+
+def _inputs_like(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    params = list(model.parameters())
+    tensors = params or list(model.buffers())
+    if not tensors:
+        return inputs
+    floating = next((p.dtype for p in params if p.is_floating_point()), None)  # a float64 constant buffer is no guide
+    return tuple(t.to(tensors[0].device, floating if floating is not None and t.is_floating_point() else t.dtype)
+                 for t in inputs)
 
 
 def _merge_replay(earlier: Mapping[str, Any], later: Mapping[str, Any]) -> dict[str, Any]:
@@ -216,7 +229,7 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
     """
     check_fingerprint(model, plan.fingerprint.get("dense"), "dense")
     try:
-        graph = build_graph(model, plan.example_inputs(), plan.ignore)
+        graph = build_graph(model, plan.example_inputs(model), plan.ignore)
     except Exception as err:  # noqa: BLE001 (any tracing failure means the plan's inputs do not fit)
         raise CheckpointError(f"cannot trace this model with the plan's recorded inputs {plan.input_shapes} "
                               f"({type(err).__name__}: {err}); build the architecture the plan was made on") from None

@@ -369,6 +369,23 @@ def test_a_network_saved_before_hardening_reloads_to_the_same_outputs(tmp_path):
     assert count_nonzeros(again) == count_nonzeros(net)
 
 
+def test_a_reloaded_baked_network_traces_and_exports_with_the_same_outputs(tmp_path):
+    """docs/prdarts.md's export path: reload, bake the masks, then trace or export."""
+    from prunekit import bake_masks_
+    from prunekit.layers.sparse import set_density_
+
+    torch.manual_seed(0)
+    net = EvalNetwork(DARTS_V2, channels=4, num_classes=3, layers=3, auxiliary=True)
+    set_density_(net, 0.2)
+    net.eval()
+    x = torch.randn(2, 3, 16, 16)
+    baked = bake_masks_(load_network(save_network(net, tmp_path / "net.safetensors", x)).eval())
+    with torch.no_grad():
+        want = net(x)
+        torch.testing.assert_close(baked(x), want, atol=0, rtol=0)
+        torch.testing.assert_close(torch.jit.trace(baked, (x,))(x), want, atol=0, rtol=0)
+        torch.testing.assert_close(torch.export.export(baked, (x,)).module()(x), want, atol=0, rtol=0)
+
 def test_a_network_with_another_stem_multiplier_reloads(tmp_path):
     from prunekit.layers.sparse import harden_, set_density_
 
