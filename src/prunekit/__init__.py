@@ -42,6 +42,7 @@ _EXPORTS = {
     "save_pruned": "prunekit.surgery.persist",
     "load_pruned": "prunekit.surgery.persist",
     "bake_masks_": "prunekit.surgery.masks",
+    "export_model": "prunekit.export",
     "count_cost": "prunekit.cost.macs",
     "measure_latency": "prunekit.cost.latency",
     "LatencyConfig": "prunekit.cost.latency",

@@ -22,7 +22,8 @@ _SECTION_KEYS = {"train": "train", "prune": "method", "finetune": "finetune"}
 _PREFERRED = {"prune": ("dense.safetensors", "pruned.safetensors"),
               "finetune": ("pruned.safetensors", "dense.safetensors"),
               "eval": ("pruned.safetensors", "dense.safetensors"),
-              "bench": ("pruned.safetensors", "dense.safetensors")}
+              "bench": ("pruned.safetensors", "dense.safetensors"),
+              "export": ("pruned.safetensors", "dense.safetensors")}
 
 
 def workflow_options(fn: Callable) -> Callable:

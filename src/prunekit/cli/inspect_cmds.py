@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -71,6 +72,23 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
+def built_model(recipe: Any, weights: str | None, input_shape: str | None) -> tuple[Any, tuple[int, ...]]:
+    """The recipe's model with `weights` loaded (a pruned file rebuilds the pruned architecture)
+    and the per-sample input shape: --input-shape, else the one the plan recorded, else the model's."""
+    from ..models import create_model, get_model_spec
+    from .pipeline import load_weights
+
+    spec = get_model_spec(recipe.model.name)
+    shape = _parse_shape(input_shape)
+    model = create_model(recipe.model.name, recipe.model.num_classes or spec.num_classes, **recipe.model.kwargs)
+    plan = None
+    if weights is not None:
+        model, plan = load_weights(model, weights)
+    if shape is None:
+        shape = tuple(plan.input_shapes[0][1:]) if plan is not None and plan.input_shapes else tuple(spec.input_shape)
+    return model, shape
+
+
 @click.command("bench")
 @click.argument("args", nargs=-1, metavar="[RECIPE] [KEY=VALUE]...")
 @click.option("--model", "model_name", default=None, help="Benchmark this model (e.g. resnet56, tv:resnet50).")
@@ -91,24 +109,15 @@ def bench(args, model_name, weights, input_shape, latency, as_json) -> None:
 
     from ..cost.latency import measure_latency
     from ..cost.macs import CONVENTION, count_cost
-    from ..models import create_model, get_model_spec
     from ..report.tables import fmt_count, fmt_int
     from ..surgery.masks import bake_masks_
     from .commands import resolve
-    from .pipeline import load_weights
 
     # --model resets the recipe's model section before the user's overrides, which may set its kwargs.
     reset = ("model.kwargs={}", "model.num_classes=null") if model_name else ()
     named = (f"model.name={model_name}",) if model_name else ()
     recipe, weights = resolve(reset + tuple(args) + named, "bench", weights)
-    spec = get_model_spec(recipe.model.name)
-    shape = _parse_shape(input_shape)
-    model = create_model(recipe.model.name, recipe.model.num_classes or spec.num_classes, **recipe.model.kwargs)
-    plan = None
-    if weights is not None:
-        model, plan = load_weights(model, weights)
-    if shape is None:
-        shape = tuple(plan.input_shapes[0][1:]) if plan is not None and plan.input_shapes else tuple(spec.input_shape)
+    model, shape = built_model(recipe, weights, input_shape)
     example = torch.zeros(1, *shape)
     cost = count_cost(model, example)
     out = {"model": recipe.model.name, "weights": weights, "input_shape": list(shape), "params": cost.params,

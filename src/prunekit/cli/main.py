@@ -67,14 +67,15 @@ def cli(debug: bool) -> None:
     prunekit info                       models, datasets, methods and criteria
     prunekit search RECIPE.yaml k=v ... PR-DARTS: search a sparse cell and evaluate it
     prunekit evolve RECIPE.yaml         evolve pruning functions (genetic programming)
+    prunekit export RUN_DIR --to m.onnx the pruned model for deployment (ONNX, torch.export, TorchScript)
     """
 
 
 def _register() -> None:
-    from . import commands, compare_cmd, evolve_cmd, inspect_cmds, search_cmd
+    from . import commands, compare_cmd, evolve_cmd, export_cmd, inspect_cmds, search_cmd
 
     for command in (commands.run, commands.resume_cmd, commands.train_cmd, commands.prune_cmd, commands.finetune_cmd,
-                    inspect_cmds.eval_cmd, inspect_cmds.bench, inspect_cmds.report, inspect_cmds.info,
+                    inspect_cmds.eval_cmd, inspect_cmds.bench, export_cmd.export_cmd, inspect_cmds.report, inspect_cmds.info,
                     compare_cmd.compare_cmd, evolve_cmd.evolve_cmd, search_cmd.search_cmd):
         cli.add_command(command)
 
