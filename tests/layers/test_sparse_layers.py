@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from prunekit.core.errors import ConfigError
+from prunekit.core.errors import ConfigError, PruningError
 from prunekit.engine.train import TrainConfig
 from prunekit.layers.sparse import (SparseConv2d, SparseLinear, count_nonzeros, harden_, keep_count,
                                     scaled_scores, sparsify_, topk_mask)
@@ -157,3 +158,69 @@ def test_unknown_score_init_is_refused_and_the_model_stays_plain():
     with pytest.raises(ConfigError, match="score_init"):
         SparseLinear(4, 4, density=0.5).reset_scores("Scaled")
 
+
+
+class _TiedHead(nn.Module):
+    """An output layer tied to its embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.emb(x).mean(1))
+
+
+class _TiedPair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize("make, example, named", [
+    (_TiedHead, torch.randint(0, 10, (2, 3)), "emb.weight"),
+    (_TiedPair, torch.randn(2, 6), "a.weight"),
+])
+def test_hydra_refuses_a_weight_tied_to_another_module_and_leaves_the_model_as_it_was(make, example, named):
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match=rf"{named}.*tied weights.*ignore="):
+        prune_(model, HydraConfig(density=0.5, epochs=0), example)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_hydra_masks_a_layer_held_under_two_names_once():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 6)
+            self.b = self.a  # the same layer, reached under a second name
+            self.c = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x)))
+
+    model = Twice()
+    prune_(model, HydraConfig(density=0.5, epochs=0), torch.randn(2, 6))
+    assert model.a is model.b
+    assert int((model.b.weight == 0).sum()) == 18
+
+
+def test_hydra_refuses_layers_that_already_carry_masks():
+    from prunekit.surgery.masks import apply_mask, unstructured_mask
+
+    model = _model()
+    apply_mask(model[0], "weight", unstructured_mask(model[0].weight, 0.5))
+    with pytest.raises(ConfigError, match=r"'0'.*already.*bake_masks_.*ignore=\['0'\]"):
+        prune_(model, HydraConfig(density=0.3, epochs=0), torch.randn(1, 1, 8, 8))
+    assert get_mask(model[4], "weight") is None and int((~get_mask(model[0], "weight")).sum()) == 36
+    r = prune_(model, HydraConfig(density=0.3, epochs=0, ignore=["0"]), torch.randn(1, 1, 8, 8))
+    assert int((~get_mask(model[0], "weight")).sum()) == 36  # the ignored layer keeps its own mask
+    assert r.metrics["nonzero"] == 36 + keep_count(2880, 0.3)

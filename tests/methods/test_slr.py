@@ -592,3 +592,78 @@ def test_a_layer_tied_to_a_weight_it_does_not_prune_is_refused_before_training()
     assert list(resolve_targets(net, SLRConfig(sparsity=0.5, layers=["body"]))) == ["body.weight"]
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
     assert net.head.weight is net.emb.weight
+
+
+class _UpNet(nn.Module):
+    """A transposed conv, stored (in, out, kh, kw), between a conv and a BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(1, 8, 3)
+        self.up = nn.ConvTranspose2d(8, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+
+    def forward(self, x):
+        return self.head(self.bn(self.up(self.stem(x))))
+
+
+def test_a_transposed_conv_loses_whole_output_filters_closed_through_bias_and_bn():
+    from prunekit.methods.slr import shrink_
+
+    net, x = _UpNet(), torch.randn(2, 1, 6, 6)
+    masks = hard_prune_(net, SLRConfig(sparsity_type="filter", sparsity=0.5, layers=["up"]), example_inputs=x)
+    dead = ~masks["up.weight"].transpose(0, 1).reshape(8, -1).any(dim=1)  # output channels: dim 1
+    assert int(dead.sum()) == 4 and bool(masks["up.weight"].reshape(8, -1).any(dim=1).all())
+    for key in ("up.bias", "bn.weight", "bn.bias"):
+        assert torch.equal(masks[key], ~dead)
+    net.eval()
+    with torch.no_grad():
+        assert torch.all(net.bn(net.up(net.stem(x)))[:, dead] == 0)
+        expected = net(x)
+    shrink_(net, x)
+    assert net.up.out_channels == 4
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind, n_per_run", [("nm", 2), ("channel", None)])
+def test_a_transposed_conv_is_pruned_along_its_inputs(kind, n_per_run):
+    net = _UpNet()
+    sparsity = None if kind == "nm" else 0.5
+    mask = hard_prune_(net, SLRConfig(sparsity_type=kind, sparsity=sparsity, layers=["up"]))["up.weight"]
+    by_input = mask.movedim(0, -1)  # (out, kh, kw, in): the inputs a transposed conv sums over
+    if kind == "nm":
+        assert bool((by_input.reshape(-1, 4).sum(dim=1) == n_per_run).all())
+    else:
+        alive_inputs = mask.reshape(8, -1).any(dim=1)
+        assert int(alive_inputs.sum()) == 4 and bool((mask.reshape(8, -1).all(dim=1) == alive_inputs).all())
+
+
+def test_a_grouped_transposed_conv_loses_whole_output_filters():
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ConvTranspose2d(8, 6, 3, groups=2), nn.BatchNorm2d(6))
+    x = torch.randn(2, 1, 6, 6)
+    masks = hard_prune_(net, SLRConfig(sparsity_type="filter", sparsity=0.5, layers=["1"]), example_inputs=x)
+    net.eval()
+    with torch.no_grad():
+        out = net(x)
+    dead = (out == 0).all(dim=3).all(dim=2).all(dim=0)  # output channels that are exactly zero
+    assert int(dead.sum()) == 3 and torch.equal(masks["1.bias"], ~dead)
+    assert int((~masks["1.weight"]).sum()) == 3 * 4 * 9  # each output filter holds in / groups = 4 kernels
+
+
+def test_a_layer_masked_by_an_earlier_method_keeps_what_that_mask_removed():
+    from prunekit.surgery.masks import apply_mask, unstructured_mask
+
+    net = _cnn()
+    apply_mask(net[3], "weight", unstructured_mask(net[3].weight, 0.8))  # e.g. SNIP before SLR
+    hidden = ~get_mask(net[3], "weight")
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ConfigError, match=r"3\.weight.*bring back 173 of the 461 weights.*only grow.*bake_masks_"):
+        SLRHook(net, SLRConfig(sparsity=0.5, layers=["3"]))
+    with pytest.raises(PruningError, match="only grow"):
+        hard_prune_(net, SLRHook(_cnn(), SLRConfig(sparsity=0.5, layers=["3"])).state)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
+    masks = hard_prune_(net, SLRConfig(sparsity=0.9, layers=["3"]))
+    assert int((~masks["3.weight"]).sum()) == 518 and bool((~masks["3.weight"])[hidden].all())

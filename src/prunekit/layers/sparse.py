@@ -30,7 +30,7 @@ from ..core.errors import ConfigError
 from ..surgery.masks import apply_mask
 
 __all__ = ["TopKStraightThrough", "keep_count", "topk_mask", "SparseMixin", "SparseConv2d",
-           "SparseLinear", "scaled_scores", "sparsify_", "harden_", "sparse_layers", "set_density_", "train_scores_only_",
+           "SparseLinear", "scaled_scores", "sparsifiable", "sparsify_", "harden_", "sparse_layers", "set_density_", "train_scores_only_",
            "count_nonzeros", "SCORE_INITS"]
 
 SCORE_INITS = ("kaiming", "scaled")
@@ -192,6 +192,14 @@ def _sparse_twin(mod: nn.Module, density: float, score_init: str, freeze: bool) 
     return new
 
 
+def sparsifiable(model: nn.Module, ignore: Iterable[str] = ()) -> list[str]:
+    """Names of the plain Conv2d/Linear layers of `model` outside `ignore` (and its children):
+    the layers `sparsify_` swaps."""
+    ignore = tuple(ignore)
+    return [n for n, m in model.named_modules()
+            if type(m) in (nn.Conv2d, nn.Linear) and not any(n == i or n.startswith(i + ".") for i in ignore)]
+
+
 def sparsify_(model: nn.Module, density: float, score_init: str = "scaled", freeze_weights: bool = True,
               ignore: Iterable[str] = ()) -> list[str]:
     """Swap every plain Conv2d/Linear of `model` (names in `ignore` and their children excepted)
@@ -201,37 +209,48 @@ def sparsify_(model: nn.Module, density: float, score_init: str = "scaled", free
     >>> sparsify_(net, 0.5), type(net[0]).__name__
     (['0', '2'], 'SparseConv2d')
     """
-    ignore = tuple(ignore)
-    chosen = [(n, m) for n, m in model.named_modules()
-              if type(m) in (nn.Conv2d, nn.Linear) and not any(n == i or n.startswith(i + ".") for i in ignore)]
-    for name, mod in chosen:
-        _set_submodule(model, name, _sparse_twin(mod, density, score_init, freeze_weights))
-    return [n for n, _ in chosen]
+    chosen = sparsifiable(model, ignore)
+    twins = {id(model.get_submodule(n)): _sparse_twin(model.get_submodule(n), density, score_init, freeze_weights)
+             for n in chosen}
+    _replace_everywhere(model, twins)
+    return chosen
+
+
+def _replace_everywhere(model: nn.Module, new: dict[int, nn.Module]) -> None:
+    """Put `new[id(module)]` in the place of `module` under every name the model holds it by
+    (a layer reached under two names stays one layer)."""
+    names = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if id(m) in new]
+    for name, mod in names:
+        _set_submodule(model, name, new[id(mod)])
 
 
 def harden_(model: nn.Module) -> list[str]:
     """Replace every sparse layer by its plain class carrying the current top-k as a persistent
     `Mask` (weights and masks then save, train and reload like any masked layer); returns names.
     Masked weights keep their stored values under the mask; parameters are the same objects."""
-    done = []
-    for name, mod in sparse_layers(model):
-        with torch.no_grad():
-            keep = topk_mask(mod.scores.abs(), mod.num_kept).bool() if mod.density < 1 else None
-        if isinstance(mod, nn.Conv2d):
-            plain = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                              mod.dilation, mod.groups, mod.bias is not None, mod.padding_mode, device="meta")
-        else:
-            plain = nn.Linear(mod.in_features, mod.out_features, mod.bias is not None, device="meta")
-        plain.weight, plain.bias = mod.weight, mod.bias
-        plain.weight.requires_grad_(True)
-        if plain.bias is not None:
-            plain.bias.requires_grad_(True)
-        plain.train(mod.training)
-        if keep is not None:
-            apply_mask(plain, "weight", keep)
-        _set_submodule(model, name, plain)
-        done.append(name)
-    return done
+    layers = sparse_layers(model)
+    plain = {id(mod): _plain_twin(mod) for _, mod in layers}
+    _replace_everywhere(model, plain)
+    return [name for name, _ in layers]
+
+
+def _plain_twin(mod: SparseMixin) -> nn.Module:
+    """The plain Conv2d/Linear holding `mod`'s parameters, its current top-k as a `Mask`."""
+    with torch.no_grad():
+        keep = topk_mask(mod.scores.abs(), mod.num_kept).bool() if mod.density < 1 else None
+    if isinstance(mod, nn.Conv2d):
+        plain = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                          mod.dilation, mod.groups, mod.bias is not None, mod.padding_mode, device="meta")
+    else:
+        plain = nn.Linear(mod.in_features, mod.out_features, mod.bias is not None, device="meta")
+    plain.weight, plain.bias = mod.weight, mod.bias
+    plain.weight.requires_grad_(True)
+    if plain.bias is not None:
+        plain.bias.requires_grad_(True)
+    plain.train(mod.training)
+    if keep is not None:
+        apply_mask(plain, "weight", keep)
+    return plain
 
 
 def count_nonzeros(model: nn.Module) -> dict[str, int]:

@@ -27,11 +27,13 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PruningError
 from ..graph.groups import check_ignore
-from ..layers.sparse import SCORE_INITS, count_nonzeros, harden_, sparsify_
+from ..importance.targets import check_not_shared, target_weights
+from ..layers.sparse import SCORE_INITS, count_nonzeros, harden_, sparsifiable, sparsify_
 from ..surgery.copying import adopt_, keep_parameters_
 from ..surgery.masks import sparsity_report
 from ..surgery.plan import empty_plan
@@ -81,6 +83,7 @@ def hydra_prune_(model: nn.Module, config: HydraConfig, example_inputs: Any, *,
     if not isinstance(config, HydraConfig):
         raise ConfigError(f"hydra_prune_ needs a HydraConfig, got {type(config).__name__}")
     check_ignore(model, config.ignore)
+    _check_targets(model, config.ignore)
     if config.epochs and train_loader is None:
         raise ConfigError("hydra with epochs > 0 needs train_loader=...; or set epochs=0 for the magnitude top-k")
     before = count_cost(model, example_inputs)
@@ -107,6 +110,24 @@ def hydra_prune_(model: nn.Module, config: HydraConfig, example_inputs: Any, *,
     keep_parameters_(model, work)
     adopt_(model, work)
     return PruneResult(plan, before, after, config.to_dict(), metrics)
+
+
+def _check_targets(model: nn.Module, ignore: list[str]) -> None:
+    """Refuse, before any change, layers HYDRA cannot give a mask of their own: one already masked, a
+    weight tied to another module (masked on one name, the other would read it whole, or two masks
+    would untie it)."""
+    masked = [n for n, m in model.named_modules() if parametrize.is_parametrized(m, "weight")
+              and type(m).__bases__[0] in (nn.Conv2d, nn.Linear) and n not in _ignored(model, ignore)]
+    if masked:
+        raise ConfigError(f"layers {masked} already carry weight masks; HYDRA learns a fresh mask for each layer "
+                          f"from its dense weights: bake the masks first (prunekit.bake_masks_), or leave those "
+                          f"layers as they are with ignore={masked!r}")
+    check_not_shared(model, target_weights(model, [f"{n}.weight" for n in sparsifiable(model, ignore)]))
+
+
+def _ignored(model: nn.Module, ignore: list[str]) -> set[str]:
+    """Names of the modules `ignore` leaves out: those named and their children."""
+    return {n for n, _ in model.named_modules() if any(n == i or n.startswith(i + ".") for i in ignore)}
 
 
 def _on_device(model: nn.Module, example: Any) -> Any:

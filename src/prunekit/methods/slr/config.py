@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ...core.config import Config, check_choice, check_range, check_unused
 from ...core.errors import ConfigError, PruningError
 from ...importance.targets import check_not_shared, target_weights
+from ...surgery.masks import get_mask
 from ...surgery.projections import PROJECTIONS, global_irregular_masks, projection_mask
 
 __all__ = ["SLRConfig", "ProjectionSpec", "resolve_targets"]
@@ -134,6 +135,10 @@ class SLRConfig(Config):
 class ProjectionSpec:
     """What to project: {param name: sparsity or None}, the kind, scope and kind options.
 
+    `transposed` maps the weights stored (in, out / groups, ...), as transposed convs hold them, to
+    their groups: they are projected in a conv's layout (out, in / groups, ...), so filters are
+    output channels and N:M runs go along the inputs for them too.
+
     `masks(tensors)` maps {param name: tensor} to {param name: bool mask}; `project` to W * mask.
     """
 
@@ -141,11 +146,13 @@ class ProjectionSpec:
     sparsities: dict = field(default_factory=dict)
     scope: str = "layer"
     options: dict = field(default_factory=dict)
+    transposed: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config: SLRConfig, targets: dict) -> "ProjectionSpec":
+    def from_config(cls, config: SLRConfig, targets: dict, model: nn.Module | None = None) -> "ProjectionSpec":
         options = {"n": config.n, "m": config.m} if config.sparsity_type == "nm" else {}
-        return cls(config.sparsity_type, dict(targets), config.scope, options)
+        transposed = {} if model is None else {n: g for n in targets if (g := _transposed_groups(model, n))}
+        return cls(config.sparsity_type, dict(targets), config.scope, options, transposed)
 
     def masks(self, tensors: dict) -> dict:
         missing = sorted(set(self.sparsities) - set(tensors))
@@ -155,11 +162,42 @@ class ProjectionSpec:
         if self.scope == "global":
             sparsity = next(iter(self.sparsities.values()))
             return dict(zip(names, global_irregular_masks([tensors[n] for n in names], sparsity)))
-        return {n: projection_mask(tensors[n], self.kind, self.sparsities[n], **self.options) for n in names}
+        return {n: self._mask(n, tensors[n]) for n in names}
+
+    def _mask(self, name: str, w: Tensor) -> Tensor:
+        groups = self.transposed.get(name)
+        if groups is None:
+            return projection_mask(w, self.kind, self.sparsities[name], **self.options)
+        mask = projection_mask(conv_layout(w, groups), self.kind, self.sparsities[name], **self.options)
+        return conv_layout(mask, groups)
 
     def project(self, tensors: dict) -> dict:
         masks = self.masks(tensors)
         return {n: tensors[n] * masks[n] for n in masks}
+
+
+def _transposed_groups(model: nn.Module, pname: str) -> int | None:
+    """The groups of a transposed conv whose weight `pname` is, stored (in, out / groups, ...); else None."""
+    module = model.get_submodule(pname.rsplit(".", 1)[0])
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and pname.endswith(".weight"):
+        return module.groups
+    return None
+
+
+def conv_layout(w: Tensor, groups: int) -> Tensor:
+    """A transposed conv's weight (in, out / g, *k) in a conv's layout (out, in / g, *k), and back:
+    the map is its own inverse.
+
+    >>> import torch
+    >>> w = torch.arange(8).view(4, 2, 1)  # in=4, out=4, groups=2
+    >>> conv_layout(w, 2)[:, :, 0].tolist()
+    [[0, 2], [1, 3], [4, 6], [5, 7]]
+    >>> torch.equal(conv_layout(conv_layout(w, 2), 2), w)
+    True
+    """
+    a, b, k = w.shape[0], w.shape[1], w.shape[2:]
+    # (g, rows / g, cols, *k) -> (g, cols, rows / g, *k): each group's block transposed
+    return w.reshape(groups, a // groups, b, *k).transpose(1, 2).reshape(b * groups, a // groups, *k).contiguous()
 
 
 def _default_layers(model: nn.Module, kind: str) -> list[str]:
@@ -206,10 +244,30 @@ def resolve_targets(model: nn.Module, config: SLRConfig) -> dict:
         check_not_shared(model, target_weights(model, list(targets)), leave_out="a `layers` list without {module}")
     except PruningError as err:
         raise ConfigError(str(err)) from None
-    spec = ProjectionSpec.from_config(config, targets)
+    spec = ProjectionSpec.from_config(config, targets, model)
     weights = {f"{n}.weight": model.get_submodule(n).weight.detach() for n in layers}
     try:  # fail now, with the layer named, rather than at the first Z-update
-        spec.masks(weights)
+        masks = spec.masks(weights)
     except PruningError as err:
         raise ConfigError(f"sparsity_type {config.sparsity_type!r} cannot be applied: {err}") from None
+    try:  # a layer an earlier method masked: refused before training, not after it
+        check_masks_only_grow(model, masks)
+    except PruningError as err:
+        raise ConfigError(str(err)) from None
     return targets
+
+
+def check_masks_only_grow(model: nn.Module, masks: dict) -> None:
+    """PruningError when a new mask ({param name: bool mask}) keeps a weight that the `Mask` the
+    model already holds on it hides: replacing that mask would bring the weight back."""
+    for pname, keep in masks.items():
+        mname, _, attr = pname.rpartition(".")
+        held = get_mask(model.get_submodule(mname), attr)
+        if held is None:
+            continue
+        hidden = ~held.expand(keep.shape)
+        revived = int((keep & hidden).sum())
+        if revived:
+            raise PruningError(f"{pname}: the new mask would bring back {revived:,} of the {int(hidden.sum()):,} "
+                               "weights its mask already hides: masks only grow. Ask for a higher sparsity, or bake "
+                               "the masks first (prunekit.bake_masks_) to start again from the baked weights")

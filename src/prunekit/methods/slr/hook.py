@@ -52,7 +52,7 @@ class SLRHook(Hook):
             raise ConfigError(f"SLRHook needs an SLRConfig, got {type(config).__name__}")
         self.config = config
         self.targets = resolve_targets(model, config)
-        self.spec = ProjectionSpec.from_config(config, self.targets)
+        self.spec = ProjectionSpec.from_config(config, self.targets, model)
         # Module references, not names: the loop may hand us a wrapper (DDP, compile) of `model`.
         self._modules = {n: model.get_submodule(n.rsplit(".", 1)[0]) for n in self.targets}
         self.state = init_state(self.weights(), self.spec, config.initial_s, config.clone_previous)

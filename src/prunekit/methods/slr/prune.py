@@ -29,20 +29,20 @@ from torch.nn.utils import parametrize
 from ...core.errors import ConfigError, PruningError
 from ...core.modes import evaluating, kept_modes
 from ...surgery.masks import Mask, apply_mask, remove_masks
-from .config import ProjectionSpec, SLRConfig, resolve_targets
+from .config import ProjectionSpec, SLRConfig, check_masks_only_grow, conv_layout, resolve_targets
 from .hook import SLRHook
 from .state import SLRState
 
 __all__ = ["hard_prune_", "recalibrate_bn", "shrink_", "norms_after"]
 
-_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 def _spec_of(model: nn.Module, source: Any) -> ProjectionSpec:
     if isinstance(source, (SLRHook, SLRState)):
         return source.spec
     if isinstance(source, SLRConfig):
-        return ProjectionSpec.from_config(source, resolve_targets(model, source))
+        return ProjectionSpec.from_config(source, resolve_targets(model, source), model)
     raise ConfigError(f"hard_prune_ needs an SLRConfig, SLRState or SLRHook, got {type(source).__name__}")
 
 
@@ -85,13 +85,15 @@ def norms_after(model: nn.Module, example_inputs: Any) -> dict[str, str]:
     return pairs
 
 
-def _channel_masks(model: nn.Module, masks: dict, example_inputs: Any) -> dict:
+def _channel_masks(model: nn.Module, spec: ProjectionSpec, masks: dict, example_inputs: Any) -> dict:
     """Masks of conv bias and following BN γ/β for the channels whose filters are all zero."""
     extra = {}
     following = norms_after(model, example_inputs)
     for pname, mask in masks.items():
         mname = pname.rsplit(".", 1)[0]
-        alive = mask.reshape(mask.shape[0], -1).any(dim=1)  # (out,)
+        groups = spec.transposed.get(pname)
+        by_output = mask if groups is None else conv_layout(mask, groups)  # (out, ...)
+        alive = by_output.reshape(by_output.shape[0], -1).any(dim=1)  # (out,)
         if bool(alive.all()):
             continue
         module = model.get_submodule(mname)
@@ -122,8 +124,9 @@ def hard_prune_(
             except AttributeError:
                 raise PruningError(f"{pname} is not in this model; hard-prune the model SLR trained") from None
         masks = spec.masks(W)
+        check_masks_only_grow(model, masks)
         if example_inputs is not None and spec.kind == "filter":
-            masks.update(_channel_masks(model, masks, example_inputs))
+            masks.update(_channel_masks(model, spec, masks, example_inputs))
         targets = {}
         for pname, mask in masks.items():
             mname, _, attr = pname.rpartition(".")
