@@ -1,8 +1,13 @@
 """The imagefolder dataset: folders and archives of small PNGs written in tmp_path."""
 from __future__ import annotations
 
+import errno
+import io
 import os
+import struct
 import tarfile
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +16,7 @@ from PIL import Image
 
 from prunekit.core.errors import ConfigError
 from prunekit.data import DataConfig, DataError, load_data
-from prunekit.data import imagefolder
+from prunekit.data import cache, imagefolder
 from prunekit.data.device_loader import DeviceLoader
 from prunekit.data.imagefolder import load_imagefolder
 from prunekit.data.sources import ImageFiles
@@ -338,3 +343,149 @@ def test_unwritable_cache_warns_but_loads(tmp_path, fakes, monkeypatch):
     monkeypatch.setenv("PRUNEKIT_CACHE", str(blocker))
     with pytest.warns(UserWarning, match="set PRUNEKIT_CACHE to a writable folder"):
         expect(load_imagefolder(cfg_for(fake.root)), fake)
+
+
+def _tiff_with_text_strip_offsets() -> bytes:
+    """A 6x5 TIFF whose StripOffsets tag is typed as text: Pillow opens it, then its decoder
+    fails with a TypeError rather than an OSError."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack_from("<H", data, entry)[0] == 273:  # StripOffsets
+            struct.pack_into("<H", data, entry + 2, 2)  # type ASCII
+    return bytes(data)
+
+
+@pytest.mark.parametrize("archive", [False, True], ids=["folder", "archive"])
+def test_a_damaged_tiff_that_pillow_fails_on_with_a_type_error_is_one_data_error(tmp_path, fakes, private_cache,
+                                                                                  archive):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    (fake.root / "train" / "dog" / "900.tif").write_bytes(_tiff_with_text_strip_offsets())
+    root = fakes.tar_folder(fake.root, tmp_path / "imgs.tar.gz") if archive else fake.root
+    with pytest.raises(DataError, match="cannot decode .*TypeError.*remove or replace the file"):
+        load_imagefolder(cfg_for(root))
+    assert not list(private_cache.glob("*.npz"))
+
+
+def test_a_damaged_tiff_met_while_streaming_is_one_data_error(tmp_path, fakes, private_cache, monkeypatch):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    (fake.root / "test" / "dog" / "900.tif").write_bytes(_tiff_with_text_strip_offsets())
+    monkeypatch.setattr(imagefolder, "MAX_IN_MEMORY_BYTES", 0)
+    bundle = load_data(cfg_for(fake.root, val_fraction=0.0))
+    with pytest.raises(DataError, match="cannot decode .*900.tif.*remove or replace the file"):
+        list(bundle.test)
+
+
+@pytest.mark.parametrize("cut", ["at a member's header", "inside a member's header"])
+def test_an_uncompressed_archive_cut_between_members_is_one_data_error(tmp_path, fakes, private_cache, cut):
+    """tarfile takes a missing or partial header for the end of the archive: without a check the
+    members after the cut (here the whole test/ split) would silently be missing."""
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    archive = tmp_path / "imgs.tar"
+    with tarfile.open(archive, "w") as tar:
+        for split in ("train", "test"):
+            tar.add(fake.root / split, arcname=split)
+    with tarfile.open(archive) as tar:
+        first_test = next(m for m in tar if m.name.startswith("test/") and m.isfile())
+    end = first_test.offset + (0 if cut == "at a member's header" else 100)
+    archive.write_bytes(archive.read_bytes()[:end])
+    with pytest.raises(DataError, match="cannot read .* archive .*damaged or cut short"):
+        load_imagefolder(cfg_for(archive))
+    assert not list(private_cache.glob("*.npz"))
+
+
+def test_a_cache_entry_claiming_a_huge_array_is_decoded_again(tmp_path, fakes, private_cache, monkeypatch):
+    """An entry whose array header was edited to terabytes: numpy's MemoryError must not escape."""
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    expect(load_imagefolder(cfg_for(fake.root)), fake)
+    entry = next(private_cache.glob("imagefolder-*.npz"))
+    with zipfile.ZipFile(entry) as z:
+        members = {name: z.read(name) for name in z.namelist()}
+    data = members["train_x.npy"]
+    length = int.from_bytes(data[8:10], "little")
+    header = data[10:10 + length].decode("latin1").replace("(12, 3, 6, 5)", "(100000000000000, 3, 6, 5)")
+    members["train_x.npy"] = data[:10] + (header.rstrip().ljust(length - 1) + "\n").encode("latin1") + data[10 + length:]
+    with zipfile.ZipFile(entry, "w") as z:
+        for name, payload in members.items():
+            z.writestr(name, payload)
+    calls = []
+    real_decode = imagefolder.decode_image
+    monkeypatch.setattr(imagefolder, "decode_image", lambda *a: calls.append(1) or real_decode(*a))
+    expect(load_imagefolder(cfg_for(fake.root)), fake)
+    assert len(calls) == 18
+
+
+def test_a_failed_cache_write_leaves_no_partial_file(tmp_path, fakes, private_cache, monkeypatch):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+
+    def disk_full(file, **arrays):
+        Path(file).write_bytes(b"PK" + b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache.np, "savez", disk_full)
+    with pytest.warns(UserWarning, match="could not write the decoded-image cache"):
+        expect(load_imagefolder(cfg_for(fake.root)), fake)
+    assert list(private_cache.iterdir()) == []
+
+
+def test_entries_for_other_image_sizes_of_one_source_are_kept(tmp_path, fakes, private_cache, monkeypatch):
+    """Only entries of an older state of the source are stale; one per image_size is kept."""
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    load_imagefolder(cfg_for(fake.root))
+    load_imagefolder(cfg_for(fake.root, image_size=4))
+    calls = []
+    real_decode = imagefolder.decode_image
+    monkeypatch.setattr(imagefolder, "decode_image", lambda *a: calls.append(1) or real_decode(*a))
+    expect(load_imagefolder(cfg_for(fake.root)), fake)
+    assert load_imagefolder(cfg_for(fake.root, image_size=4)).train_x.shape[2:] == (4, 4)
+    assert calls == [] and len(list(private_cache.glob("imagefolder-*.npz"))) == 2
+    os.utime(fake.root / "train" / "ant" / "000.png", ns=(1_000_000_000, 1_000_000_000))
+    expect(load_imagefolder(cfg_for(fake.root)), fake)  # a changed source replaces the entries of its path
+    assert len(list(private_cache.glob("imagefolder-*.npz"))) == 1
+
+
+def test_class_folders_that_are_links_are_loaded_and_a_link_loop_ends(tmp_path, fakes, private_cache):
+    """A dataset assembled from links to class folders elsewhere keeps every class; a link back
+    up the tree is not followed round and round."""
+    store = fakes.write_image_folder(tmp_path / "store")
+    root = tmp_path / "linked"
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        for cls in ("ant", "cat"):
+            os.symlink(store.root / split / cls, root / split / cls)
+    (root / "train" / "dog").mkdir()
+    for name in sorted(os.listdir(store.root / "train" / "dog")):
+        (root / "train" / "dog" / name).write_bytes((store.root / "train" / "dog" / name).read_bytes())
+    os.symlink(store.root / "test" / "dog", root / "test" / "dog")
+    os.symlink(root, root / "train" / "ant" / "loop")  # inside store/train/ant, pointing back up
+    expect(load_imagefolder(cfg_for(root)), store)
+    before = load_imagefolder(cfg_for(root))
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(store.root / "train" / "cat" / "000.png")
+    os.utime(store.root / "train" / "cat" / "000.png", ns=(1_000_000_000, 1_000_000_000))
+    after = load_imagefolder(cfg_for(root))  # a change behind a link is a change of the source
+    assert before.train_x[4].any() and not after.train_x[4].any()
+
+
+@pytest.mark.parametrize("archive", [False, True], ids=["folder", "archive"])
+def test_one_grey_image_sorted_first_does_not_make_a_colour_set_grey(tmp_path, fakes, private_cache, archive):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    grey = np.arange(30, dtype=np.uint8).reshape(6, 5)
+    Image.fromarray(grey, "L").save(fake.root / "train" / "ant" / "000.png")
+    root = fakes.tar_folder(fake.root, tmp_path / "imgs.tar.gz") if archive else fake.root
+    arrays = load_imagefolder(cfg_for(root))
+    assert arrays.train_x.shape == (12, 3, 6, 5) and arrays.test_x.shape == (6, 3, 6, 5)
+    assert all(np.array_equal(channel, grey) for channel in arrays.train_x[0])
+    assert np.array_equal(arrays.train_x[1:], fake.expected["train"][0][1:])
+
+
+def test_a_corrupt_image_met_by_a_worker_process_is_one_plain_data_error(tmp_path, fakes, private_cache, monkeypatch):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    monkeypatch.setattr(imagefolder, "MAX_IN_MEMORY_BYTES", 0)
+    bundle = load_data(cfg_for(fake.root, val_fraction=0.0, num_workers=1))
+    (fake.root / "test" / "dog" / "001.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"^cannot decode .*001.png.*remove or replace the file$") as caught:
+        list(bundle.test)
+    assert "Traceback" not in str(caught.value)

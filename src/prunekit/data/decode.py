@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 from PIL import Image
@@ -15,8 +16,10 @@ from PIL import Image
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # Pillow modes that hold one grey channel; everything else is decoded as RGB.
 _GREY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-# Pillow's ways to fail on a file that is not a readable image (UnidentifiedImageError is an OSError).
-PILLOW_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Pillow's ways to fail on a file that is not a readable image (UnidentifiedImageError is an OSError);
+# a damaged header can also surface from a decoder as a TypeError, struct.error, EOFError or lookup error.
+PILLOW_ERRORS = (OSError, ValueError, SyntaxError, TypeError, EOFError, struct.error, IndexError, KeyError,
+                 Image.DecompressionBombError)
 
 
 def is_image_name(name: str) -> bool:

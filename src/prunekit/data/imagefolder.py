@@ -4,7 +4,8 @@ Splits: train/ is required; test/ is the test split (val/ is taken instead when 
 test/, as in ImageNet's layout); with neither, 20 % of every class is carved out as test with
 a fixed seed. Class labels are the sorted class-folder names of train/. A common top folder
 (e.g. "cifar10/train/...") is fine. Images are decoded with Pillow to grey or RGB (from the
-first image's mode) and, with `image_size`, resized to a square.
+first image's mode; an image set held in memory is decoded as RGB as soon as one of its images is
+not grey) and, with `image_size`, resized to a square.
 
 Small sets are decoded once into uint8 arrays and cached (see cache.py); a set whose decoded
 size would pass MAX_IN_MEMORY_BYTES is streamed from the folder by a DataLoader instead.
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import ConfigError
-from .cache import cache_key, load_cached, save_cached, source_state
+from .cache import cache_key, load_cached, save_cached, source_state, walk_folder
 from .config import DataConfig
 from .decode import PILLOW_ERRORS, decode_image, is_image_name, probe_image
 from .errors import DataError
@@ -70,20 +71,36 @@ def load_imagefolder(cfg: DataConfig) -> ImageArrays | ImageFiles:
     class_names, train, test = _organise(entries, path)
     mode, size = _probe(train[0][1])
     shape = (1 if mode == "L" else 3, *((cfg.image_size,) * 2 if cfg.image_size else size))
-    total_bytes = (len(train) + len(test or [])) * int(np.prod(shape))
-    if total_bytes > MAX_IN_MEMORY_BYTES:
-        if path.is_file():
-            raise DataError(
-                f"{str(path)!r} decodes to {total_bytes / 1e9:.1f} GB, more than fits in memory here; "
-                "extract it and pass the folder as root so that images are streamed from disk"
-            )
-        return _as_files(class_names, train, test, shape, resize=cfg.image_size is not None)
-    arrays = _decode_all(class_names, train, test, mode, shape, resize=cfg.image_size is not None)
+    resize = cfg.image_size is not None
+    if not _fits_in_memory(path, len(train) + len(test or []), shape):
+        return _as_files(class_names, train, test, shape, resize)
+    try:
+        arrays = _decode_all(class_names, train, test, mode, shape, resize)
+    except _ColourAmongGrey:  # the first image is grey but not every one: all are decoded as colour
+        shape = (3, *shape[1:])
+        if not _fits_in_memory(path, len(train) + len(test or []), shape):
+            return _as_files(class_names, train, test, shape, resize)
+        arrays = _decode_all(class_names, train, test, "RGB", shape, resize)
     try:
         save_cached(key, arrays)
     except OSError as err:  # a read-only or full disk costs speed next time, not this load
         warnings.warn(f"could not write the decoded-image cache ({err}); set PRUNEKIT_CACHE to a writable folder")
     return arrays
+
+
+class _ColourAmongGrey(Exception):
+    """A colour image met while decoding a set whose first image is grey."""
+
+
+def _fits_in_memory(path: Path, count: int, shape: tuple[int, int, int]) -> bool:
+    """Whether `count` images of `shape` fit in memory; an archive that does not is a DataError."""
+    total_bytes = count * int(np.prod(shape))
+    if total_bytes > MAX_IN_MEMORY_BYTES and path.is_file():
+        raise DataError(
+            f"{str(path)!r} decodes to {total_bytes / 1e9:.1f} GB, more than fits in memory here; "
+            "extract it and pass the folder as root so that images are streamed from disk"
+        )
+    return total_bytes <= MAX_IN_MEMORY_BYTES
 
 
 def _read_archive(path: Path) -> Entries:
@@ -106,15 +123,24 @@ def _read_archive(path: Path) -> Entries:
                                         "as root so that images are streamed from disk")
                     data = tar.extractfile(member).read()
                     entries[parts[-3]][parts[-2]].append((member.name, data))
+            _check_archive_end(tar)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:  # cut short or damaged (gzip raises OSErrors)
         raise DataError(f"cannot read {str(path)!r} as a .tar/.tar.gz archive ({type(err).__name__}: {err}); it is "
                         "damaged or cut short: copy it again, or pass the extracted folder as root") from None
     return entries
 
 
+def _check_archive_end(tar: tarfile.TarFile) -> None:
+    """ReadError unless the archive ended with its end-of-archive block. tarfile takes a header
+    cut short, or missing, for the end, so a copy cut between members would lose them silently."""
+    if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"it stops at byte {tar.fileobj.tell()}, before the end-of-archive block; "
+                                "the members after that point are missing")
+
+
 def _list_folder(path: Path) -> Entries:
     entries: Entries = defaultdict(lambda: defaultdict(list))
-    for dirpath, _, filenames in os.walk(path):
+    for dirpath, filenames in walk_folder(path):
         for name in filenames:
             full = os.path.join(dirpath, name)
             parts = Path(os.path.relpath(full, path)).parts
@@ -166,7 +192,10 @@ def _decode_all(class_names: list[str], train: list, test: list | None, mode: st
     def decode(item: tuple[int, object]) -> np.ndarray:
         name = item[1] if isinstance(item[1], str) else f"an image of class {class_names[item[0]]!r}"
         try:
-            array = decode_image(_payload_bytes(item[1]), mode, size)
+            data = _payload_bytes(item[1])
+            if mode == "L" and probe_image(data)[0] != "L":
+                raise _ColourAmongGrey()
+            array = decode_image(data, mode, size)
         except PILLOW_ERRORS as err:
             raise DataError(f"cannot decode {name} ({type(err).__name__}: {err}); remove or replace the file") from None
         if array.shape != shape:

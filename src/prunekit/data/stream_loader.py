@@ -73,8 +73,18 @@ class StreamLoader(EpochState):
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        for part, (x, y) in zip(self._batches(), loader):
-            x = x.to(self.device, non_blocking=True)
-            if offsets is not None:
-                x = crop_flip(pad_images(x, self.pad), offsets[part], flips[part], self.image_shape[1:])
-            yield self.normalize(x), y.to(self.device, torch.int64, non_blocking=True)
+        try:
+            for part, (x, y) in zip(self._batches(), loader):
+                x = x.to(self.device, non_blocking=True)
+                if offsets is not None:
+                    x = crop_flip(pad_images(x, self.pad), offsets[part], flips[part], self.image_shape[1:])
+                yield self.normalize(x), y.to(self.device, torch.int64, non_blocking=True)
+        except DataError as err:
+            raise DataError(_without_worker_traceback(str(err))) from None
+
+
+def _without_worker_traceback(message: str) -> str:
+    """The message of a DataError raised in a DataLoader worker, without the worker's traceback
+    that torch wraps around it when it raises it again here."""
+    marker = f"{DataError.__module__}.{DataError.__qualname__}: "
+    return message.rsplit(marker, 1)[-1].strip() if marker in message else message
