@@ -183,3 +183,71 @@ def test_console_entry_point_exits_2_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: ") and "unknown model 'resnet57'" in proc.stderr
     assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+NO_CUDA = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+
+
+@NO_CUDA
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+@pytest.mark.parametrize("args, needles", [
+    (["bench.device=cuda"], ["bench:", "device='cuda'", "eval.latency=false"]),
+    (["bench.device=auto", "bench.cuda_graph=true"], ["bench:", "cuda_graph", "eval.latency=false"]),
+    (["--method", "gator", "method.target=0.5", "method.cost=latency", "method.latency.device=cuda"],
+     ["latency", "device='cuda'"]),
+])
+def test_latency_settings_this_machine_cannot_time_fail_before_training(runner, workdir, dry_run, args, needles):
+    # they failed in the last step, after every training stage had run (hours on a real recipe)
+    before = _snapshot(workdir)
+    _assert_one_line_error(runner.invoke(cli, ["run", "mine.yaml", "train={epochs: 1}", *args, *dry_run]), *needles)
+    assert _snapshot(workdir) == before
+
+
+@NO_CUDA
+def test_resuming_a_run_on_a_machine_that_cannot_time_its_bench_section_fails_before_training(runner, workdir):
+    from prunekit.cli.overrides import dump_yaml
+    from prunekit.cli.recipe import load_recipe
+    from prunekit.cli.runstate import new_state, write_state
+
+    run = workdir / "run"
+    run.mkdir()
+    recipe, _ = load_recipe("mine.yaml", ["train={epochs: 1}", "bench.device=cuda"])
+    (run / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()))
+    write_state(run, new_state("run", ["train", "prune"], None))
+    before = _snapshot(workdir)
+    _assert_one_line_error(runner.invoke(cli, ["resume", str(run)]), "bench:", "device='cuda'")
+    assert _snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("out", ["full", "notes.txt/run"])
+def test_dry_run_checks_the_output_directory_the_run_would_use(runner, workdir, out):
+    (workdir / "full").mkdir()
+    (workdir / "full" / "result.json").write_text("{}")
+    before = _snapshot(workdir)
+    _assert_one_line_error(runner.invoke(cli, ["run", "mine.yaml", "--out", out, "--dry-run"]), out)
+    assert _snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("args", [["--out", "notes.txt/run"], ["out=notes.txt"], ["out=notes.txt/runs"]])
+def test_an_output_path_under_a_file_says_which_part_is_a_file(runner, workdir, args):
+    # was "File exists (notes.txt)", and only once the data, the model and the pruning were checked
+    before = _snapshot(workdir)
+    _assert_one_line_error(runner.invoke(cli, ["run", "mine.yaml", *args]), "notes.txt is a file, not a folder")
+    assert _snapshot(workdir) == before
+
+
+def test_a_home_folder_written_with_a_tilde_is_the_home_folder(runner, workdir, monkeypatch):
+    # `out: ~/runs` made a folder named "~" in the working directory
+    home = workdir / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    result = runner.invoke(cli, ["run", "mine.yaml", "out=~/runs", "eval.latency=false", "-q"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert not (workdir / "~").exists()
+    (run,) = (home / "runs").iterdir()
+    again = runner.invoke(cli, ["eval", "mine.yaml", f"init=~/runs/{run.name}/pruned.safetensors", "--json"])
+    assert again.exit_code == 0, (again.output, again.exception)
+    assert str(home) in again.stdout
+    out = runner.invoke(cli, ["run", "mine.yaml", "--out=~/mine", "eval.latency=false", "-q"])
+    assert out.exit_code == 0, (out.output, out.exception)
+    assert (home / "mine" / "pruned.safetensors").is_file() and not (workdir / "~").exists()

@@ -5,6 +5,7 @@ and any number of dotted overrides such as `train.epochs=3 method.macs_fraction=
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -60,6 +61,7 @@ def resolve(args: tuple[str, ...], command: str, weights: str | None, method: st
 
     source, overrides = split_arguments(args)
     recipe, run_dir = load_recipe(source, overrides, method)
+    weights = None if weights is None else os.path.expanduser(weights)
     if weights is None and not any(o.split("=", 1)[0].strip() == "init" for o in overrides):
         if run_dir is not None and command in _PREFERRED:
             check_finished(run_dir, command)
@@ -72,7 +74,7 @@ def resolve(args: tuple[str, ...], command: str, weights: str | None, method: st
 
 def execute(command: str, args: tuple[str, ...], out: str | None, weights: str | None, dry_run: bool,
             quiet: bool, method: str | None = None) -> None:
-    from .pipeline import prepare
+    from .pipeline import check_timing, prepare
     from .rundir import choose_run_dir, create_run_dir
     from .runstate import new_state, write_state
 
@@ -81,8 +83,9 @@ def execute(command: str, args: tuple[str, ...], out: str | None, weights: str |
     if command in ("prune", "finetune") and weights is None and recipe.init is None:
         raise ConfigError(f"`prunekit {command}` needs weights to start from: --weights PATH, init=PATH, "
                           "or a run directory as the recipe")
+    check_timing(recipe)
     echo = (lambda s: None) if quiet else click.echo
-    run_path = None if dry_run else choose_run_dir(recipe.name, recipe.out, out)
+    run_path = choose_run_dir(recipe.name, recipe.out, out)
     job = prepare(recipe, weights, progress=not quiet, echo=echo, check_method="prune" in stages)
     if job.weights is not None:  # the resolved recipe names the weights it starts from
         recipe.init = str(Path(job.weights).resolve())
@@ -150,12 +153,13 @@ def run_stages(job, state: dict, resume: bool = False) -> None:
 def resume_run(run_dir: Path, quiet: bool) -> None:
     """Continue a stopped run in its own directory: finished stages are kept, the stage in
     progress continues from its last checkpointed epoch."""
-    from .pipeline import fresh_model, prepare
+    from .pipeline import check_timing, fresh_model, prepare
     from .recipe import load_recipe
     from .runstate import resumable_state, weights_path
 
     state = resumable_state(run_dir)
     recipe, _ = load_recipe(str(run_dir))
+    check_timing(recipe)
     for stage in state["stages"]:
         key = _SECTION_KEYS[stage]
         if stage not in state["done"] and getattr(recipe, key) is None:

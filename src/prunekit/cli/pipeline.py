@@ -129,6 +129,18 @@ def prepare(recipe: Recipe, weights: str | None = None, progress: bool = True, e
     return job
 
 
+def check_timing(recipe: Recipe) -> None:
+    """ConfigError now when the run's last step, timing the model as `bench` says, cannot run here."""
+    from ..cost.latency import timing_device
+
+    if not recipe.eval.latency:
+        return
+    try:
+        timing_device(recipe.bench)
+    except ConfigError as err:
+        raise ConfigError(f"{recipe.source}: bench: {err}; or set eval.latency=false") from None
+
+
 def fresh_model(recipe: Recipe, weights: str | None) -> nn.Module:
     """The recipe's model as `prepare` builds it (same seed), with `weights` loaded if given."""
     seed_everything(recipe.seed)

@@ -30,6 +30,7 @@ Each section fills one typed config, and everything is validated before any work
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -187,7 +188,7 @@ class Recipe:
         out.threads = threads
         out.name = raw.get("name") or out.name
         out.out = raw.get("out") or out.out
-        out.init = raw.get("init")
+        out.init = os.path.expanduser(raw["init"]) if raw.get("init") is not None else None
         if any(c in out.name for c in "/\\") or out.name in (".", ".."):
             raise ConfigError(f"{source}: name={out.name!r} must not contain path separators")
         if out.name != out.name.strip() or any(not c.isprintable() for c in out.name):

@@ -29,13 +29,26 @@ def choose_run_dir(name: str, parent: str | Path, out: str | Path | None) -> Pat
     created gets a suffix there (`-2`, `-3`, ...).
     """
     if out is not None:
-        path = Path(out)
+        path = Path(out).expanduser()
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ConfigError(f"--out {path} already exists and is not an empty directory; "
                               "choose a new path (prunekit never overwrites a run)")
+        _check_folders_above(path, "--out")
         return path
+    parent = Path(parent).expanduser()
+    _check_folders_above(parent / name, "out")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(parent) / f"{name}-{stamp}"
+    return parent / f"{name}-{stamp}"
+
+
+def _check_folders_above(path: Path, what: str) -> None:
+    """ConfigError when the nearest existing folder above `path` (or in its place) is a file."""
+    for above in (path, *path.parents):
+        if above.exists():
+            if not above.is_dir():
+                raise ConfigError(f"{what} {path}: {above} is a file, not a folder, so the run directory cannot be "
+                                  "made there; choose another path")
+            return
 
 
 def create_run_dir(job: Job, path: Path, explicit: bool = False) -> Path:

@@ -212,7 +212,7 @@ def compare_latency(models: Mapping[str, nn.Module], inputs: Inputs,
     for name, m in models.items():
         if not isinstance(m, nn.Module):
             raise ConfigError(f"model {name!r} is a {type(m).__name__}, not a torch.nn.Module")
-    device = latency_device(cfg.device)
+    device = timing_device(cfg)
     base_inputs, batch, source = _normalise_inputs(inputs, cfg)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_cpu_threads(cfg.threads))
@@ -336,6 +336,16 @@ def latency_device(name: str) -> torch.device:
         raise ConfigError("device='cuda' was asked for but torch.cuda.is_available() is False; "
                           "use device='cpu' or 'auto'")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def timing_device(cfg: LatencyConfig) -> torch.device:
+    """The device `cfg` times on here; ConfigError when this machine cannot time as it says (CUDA
+    without a GPU, or a CUDA graph where device='auto' finds only the CPU)."""
+    device = latency_device(cfg.device)
+    if cfg.cuda_graph and device.type != "cuda":
+        raise ConfigError(f"cuda_graph=True needs CUDA, but device={cfg.device!r} finds none here "
+                          "(torch.cuda.is_available() is False); set cuda_graph=false")
+    return device
 
 
 def _device_name(device: torch.device) -> str:

@@ -15,7 +15,7 @@ import math
 
 from ...core.config import Config, check_choice, check_range, check_unused
 from ...core.errors import ConfigError
-from ...cost.latency import LatencyConfig
+from ...cost.latency import LatencyConfig, timing_device
 
 COSTS = ("params", "macs", "latency")
 
@@ -119,6 +119,15 @@ class GatorConfig(Config):
                 raise ConfigError(f"{name} must be true or false")
         if not isinstance(self.latency, LatencyConfig):
             raise ConfigError("latency must be a LatencyConfig (or a mapping of its fields in a recipe)")
+
+    def check_model(self, model) -> None:
+        """The latency tables are timed when pruning starts, after any dense training: a device
+        this machine cannot time on is refused before that."""
+        if "latency" in (self.cost, self.target_measure):
+            try:
+                timing_device(self.latency)
+            except ConfigError as err:
+                raise ConfigError(f"latency: {err} (cost or target_metric 'latency' times layers with it)") from None
 
     @property
     def target_measure(self) -> str:
