@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -32,12 +33,17 @@ from pathlib import Path
 
 import torch
 
-from prunekit.core.environment import cpu_model
-from prunekit.cost.macs import count_cost
-from prunekit.export import export_model
-from prunekit.methods import prune_
-from prunekit.methods.magnitude import MagnitudeConfig
-from prunekit.models import create_model
+SHARED_TOOLS = Path(__file__).resolve().parents[2] / "shared" / "tools"
+if SHARED_TOOLS.exists():  # torchvision's zoo next to a CPU-only torch (see that module)
+    sys.path.insert(0, str(SHARED_TOOLS))
+    import torchvision_cpu  # noqa: F401
+
+from prunekit.core.environment import cpu_model  # noqa: E402
+from prunekit.cost.macs import count_cost  # noqa: E402
+from prunekit.export import export_model  # noqa: E402
+from prunekit.methods import prune_  # noqa: E402
+from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402
+from prunekit.models import create_model  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "export_latency.json"
 SIZES = {"resnet56": 32, "resnet20": 32}  # CIFAR models; the rest at 224x224
