@@ -79,3 +79,28 @@ def test_gates_act_on_a_consumer_called_with_its_input_by_keyword():
         zeroed.a.weight[~mask] = 0
         zeroed.a.bias[~mask] = 0
     torch.testing.assert_close(gated, zeroed(x), atol=0, rtol=0)
+
+
+def test_a_consumer_whose_weight_is_read_outside_its_own_forward_is_not_gated():
+    """`F.conv2d(x, self.c2.weight, ...)` in the parent's forward never calls c2's forward, so a
+    gate hooked on c2 never acts: Gator trained every epoch with that group ungated and then
+    failed in the conversion ("the converted model differs from the gated one"). The group is
+    skipped, with the reader named; a group read through its consumer's own forward is gated."""
+    import torch.nn.functional as F
+
+    from prunekit.layers.gates import gateable
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = F.relu(F.conv2d(F.relu(self.c1(x)), self.c2.weight, self.c2.bias, padding=1))
+            return self.fc(x.mean((2, 3)))
+
+    model, x = Functional(), torch.randn(2, 3, 6, 6)
+    groups, skipped = gateable(model, build_graph(model, x))
+    assert [g.name for g in groups] == ["c2"]
+    assert "c1" in skipped and "c2.weight" in skipped["c1"] and "outside its own forward" in skipped["c1"]

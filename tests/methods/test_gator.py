@@ -110,13 +110,15 @@ def test_config_validation_errors():
 def _check_conversion(model, x, gates, graph, masks):
     gates.freeze(masks)
     reference = _gated_output(model, gates, x)
-    macs = build_cost("macs", model, graph, gates)
+    macs, params = build_cost("macs", model, graph, gates), build_cost("params", model, graph, gates)
     conv = convert_(model, gates, graph, x)
     out = run_model(model, x)
     assert out.shape == reference.shape
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
     if not conv.silent:  # silent channels keep a little cost the estimate does not count
-        assert macs.total(masks).item() == count_cost(model, x).macs
+        counted = count_cost(model, x)
+        assert macs.total(masks).item() == counted.macs
+        assert params.total(masks).item() == pytest.approx(counted.params, abs=1e-6)
     return conv
 
 
@@ -276,6 +278,28 @@ def test_controller_reaches_the_target_on_digits():
     assert "gator" in METHODS.list()
 
 
+def test_an_impossible_target_is_refused_before_training_and_leaves_the_model():
+    """The transformer toy's only gated group is its MLP's hidden layer (LayerNorm statistics keep
+    the stream): closing all of it still keeps 56% of the MACs. Target 0.5 trained every epoch,
+    closed every gate, cut the MLP and handed back that network with within_tolerance False. It is
+    a ConfigError naming the smallest fraction reachable, before any training; the model is the
+    caller's. A target within the tolerance of that floor still runs."""
+    from prunekit.testing.toy_models import TransformerMHA
+
+    torch.manual_seed(0)
+    net, x = TransformerMHA(), torch.randn(2, 6, 5)
+    data = [(torch.randn(8, 6, 5), torch.randint(0, 3, (8,))) for _ in range(2)]
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ConfigError, match=r"impossible target: .*0\.56.* of the macs.*model was left unchanged"):
+        prune_(net, GatorConfig(target=0.5, epochs=1), x, train_loader=data, train_config=TrainConfig(epochs=1),
+               device="cpu")
+    assert net.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    r = prune_(net, GatorConfig(target=0.55, epochs=1), x, train_loader=data, train_config=TrainConfig(epochs=1),
+               device="cpu")
+    assert r.metrics["target"]["within_tolerance"]
+
+
 # ------------------------------------------------------------------------------------ latency
 
 
@@ -367,6 +391,36 @@ def test_the_settle_rounding_report_survives_a_resume():
     resumed = make()
     resumed.load_state_dict(hook.state_dict())
     assert resumed.settled_at == 4 and resumed.rounding == hook.rounding
+
+
+def test_a_cut_consumer_keeps_its_bias_as_a_parameter_and_the_estimate_equals_the_count():
+    """Closing the stage-2 stream of the projection toy cuts it: the classifier becomes a
+    ConstantOutput returning its bias. The bias was kept as a buffer, so count_cost dropped its
+    5 parameters while the params estimate (which the target is measured in) counted them; it is
+    a parameter again, fine-tuned like the Linear's bias, and estimate and count agree."""
+    from prunekit.testing.toy_models import ResidualNet
+
+    torch.manual_seed(0)
+    model, x = _random_bn_(ResidualNet()).eval(), torch.randn(2, 3, 8, 8)
+    graph = build_graph(model, x)
+    gates = GateSet.from_graph(model, graph)
+    conv = _check_conversion(model, x, gates, graph, _masks(gates, closed=("proj.0",), only=()))
+    assert [b.group for b in conv.branches] == ["proj.0"] and isinstance(model.fc, ConstantOutput)
+    assert [n for n, _ in model.fc.named_parameters()] == ["value"]
+
+
+def test_attention_whose_value_branch_is_cut_still_counts_its_query_key_product():
+    """Closing every channel of v cuts the branch v -> o; q.k^T is still computed (the softmax
+    weights times a 0-channel v). count_cost of the converted model dropped that product (the
+    attention rule gave up on the empty v), 576 MACs below the estimate; both count it now."""
+    from prunekit.testing.toy_models import LinearAttention
+
+    torch.manual_seed(0)
+    model, x = LinearAttention().eval(), torch.randint(0, 20, (2, 5))
+    graph = build_graph(model, x)
+    gates = GateSet.from_graph(model, graph)
+    conv = _check_conversion(model, x, gates, graph, _masks(gates, closed=("v",), only=()))
+    assert [b.group for b in conv.branches] == ["v"] and isinstance(model.o, ConstantOutput)
 
 
 def test_a_cut_stem_before_a_chunk_cat_and_channel_shuffle_is_counted():

@@ -65,15 +65,31 @@ def activation_dim(module: nn.Module, name: str, dim: int) -> int | None:
     return None
 
 
+def read_outside(graph: Graph) -> dict[str, str]:
+    """Modules whose parameters an op of another module's forward reads (`F.conv2d(x, self.c.weight)`,
+    nn.MultiheadAttention's out_proj), with that reader: a pre-hook on the module never sees the read."""
+    outside: dict[str, str] = {}
+    for node in graph.nodes:
+        for owner in {q.rpartition(".")[0] for q in node.params} - {node.module}:
+            outside.setdefault(owner, node.module)
+    return outside
+
+
 def gateable(model: nn.Module, graph: Graph) -> tuple[list[Group], dict[str, str]]:
     """Prunable groups a gate can act on exactly, and why the others cannot."""
     chosen, skipped = [], {}
+    outside = read_outside(graph)
     for g in graph.prunable_groups():
         ins = [m for m in g.tensor_members() if m.role == "in"]
+        elsewhere = next((m for m in ins if m.module in outside), None)
         if not group_is_exact(g, model):
             skipped[g.name] = "its channels feed a statistic over channels (LayerNorm)"
         elif not ins:
             skipped[g.name] = "no layer reads its channels"
+        elif elsewhere is not None:
+            reader = f"'{outside[elsewhere.module]}'" if outside[elsewhere.module] else "the model itself"
+            skipped[g.name] = (f"read by {elsewhere.qualname} outside its own forward (in {reader}), where no "
+                               "gate can act")
         elif any(activation_dim(model.get_submodule(m.module), m.name, m.dim) is None for m in ins):
             bad = next(m for m in ins if activation_dim(model.get_submodule(m.module), m.name, m.dim) is None)
             skipped[g.name] = f"read by {bad.qualname} (dim {bad.dim}), which is not a conv/linear input"

@@ -78,15 +78,19 @@ class EmptyOutput(_Geometry):
 
 
 class ConstantOutput(_Geometry):
-    """Replaces a conv/linear whose every input channel closed: returns its bias (or zeros)."""
+    """Replaces a conv/linear whose every input channel closed: returns its bias (or zeros).
+
+    The bias stays a parameter (counted, and trained by a fine-tuning as the layer's bias was);
+    the zeros of a layer without bias are a buffer."""
 
     def __init__(self, layer: nn.Module):
         super().__init__(layer)
         bias = getattr(layer, "bias", None)
-        n_out = layer.weight.shape[0]
-        value = bias.detach().clone() if bias is not None else torch.zeros(n_out, dtype=layer.weight.dtype,
-                                                                           device=layer.weight.device)
-        self.register_buffer("value", value)
+        if bias is not None:
+            self.value = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        else:
+            self.register_buffer("value", torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype,
+                                                      device=layer.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = self.out_size(x)

@@ -82,6 +82,7 @@ def gator_prune_(
     cost = build_cost(config.cost, model, graph, gates, config.latency, config.latency_grid)
     measure = cost if config.target_measure == config.cost else build_cost(
         config.target_measure, model, graph, gates, config.latency, config.latency_grid)
+    _check_reachable(config, measure, gates, skipped)
     dev = resolve_device(device, env_ranks()[2])
     metrics: dict[str, Any] = {"skipped_groups": skipped, "gated_groups": list(gates.names)}
 
@@ -108,6 +109,21 @@ def gator_prune_(
     plan = conversion.plan
     plan.meta.update({"method": "gator", "config": config.to_dict()})
     return PruneResult(plan, before, after, config.to_dict(), metrics)
+
+
+def _check_reachable(config: GatorConfig, measure: CostModel, gates: GateSet, skipped: dict[str, str]) -> None:
+    """ConfigError before any training when even every gated channel closed keeps more of the
+    target measure than the target and its tolerance allow."""
+    if config.target is None:
+        return
+    floor = measure.fraction([~gates.prunable(i) for i in range(len(gates.names))])
+    if floor > config.target + config.tolerance:
+        why = "; ".join(f"{g}: {r}" for g, r in list(skipped.items())[:3]) + ("; ..." if len(skipped) > 3 else "")
+        why = f" (groups that cannot be gated: {why})" if why else ""
+        raise ConfigError(f"impossible target: with every gated channel closed the model still keeps {floor:.3f} "
+                          f"of the {config.target_measure}{why}, above target={config.target} + "
+                          f"tolerance={config.tolerance}; ask for at least {floor - config.tolerance:.3f} "
+                          "or ignore fewer modules; the model was left unchanged")
 
 
 def _phase_dir(ckpt_dir: str | os.PathLike[str] | None, phase: str) -> Path | None:
