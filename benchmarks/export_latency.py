@@ -1,15 +1,21 @@
 """Do pruned models stay faster once exported? onnxruntime latency against eager PyTorch, interleaved.
 
-Per model three versions: `dense`; `default`, prunekit's default call at half the MACs
-(`prune_(model, MagnitudeConfig(macs_fraction=0.5), x)`, widths rounded to multiples of 16);
-`unrounded`, the same with `round_to=None`. Each is exported to ONNX with `export_model` (which
-checks the file against the model), then timed in onnxruntime (CPU provider, one intra-op
-thread, sequential execution, all graph optimisations) and in eager PyTorch (one thread,
-inference mode): the six runners are called round-robin in a rotating order, so that load on
-the machine hits them alike; medians and p10-p90 per runner, at batch 1 and 16. Speed-up =
-dense median / pruned median within one runtime.
+Per model (CIFAR resnet56 at 32x32; torchvision mobilenet_v2, resnet50, convnext_tiny at 224x224;
+random weights, seed 0), float32, four versions:
+    dense      the model as built
+    tp         Torch-Pruning 1.6 at its best (L2 magnitude, local, pruning_ratio=--tp-ratio, round_to=8,
+               classifier ignored), as benchmarks/latency_vs_tp.py prunes it
+    default    prunekit's default call at the MACs Torch-Pruning reached:
+               prune_(model, MagnitudeConfig(macs_fraction=f), x) (widths rounded to multiples of 16)
+    unrounded  the same with round_to=None
+Without torch_pruning installed, `tp` is left out and f = 0.5. Each version is exported to ONNX with
+`export_model` (which checks the file against the model), then timed in onnxruntime (CPU provider,
+one intra-op thread, sequential execution, all graph optimisations) and in eager PyTorch (one
+thread, inference mode): all runners are called round-robin in a rotating order, so that load on
+the machine hits them alike; medians and p10-p90 per runner, at batch 1 and 16. Speed-up = dense
+median / pruned median within one runtime.
 
-    python benchmarks/export_latency.py                       # resnet56, tv:mobilenet_v2, tv:resnet50
+    taskset -c 1 python benchmarks/export_latency.py          # the four models
     python benchmarks/export_latency.py --models resnet56 --repeats 50
     python benchmarks/export_latency.py --table               # the markdown table of the results file
 
@@ -33,34 +39,38 @@ from pathlib import Path
 
 import torch
 
-SHARED_TOOLS = Path(__file__).resolve().parents[2] / "shared" / "tools"
-if SHARED_TOOLS.exists():  # torchvision's zoo next to a CPU-only torch (see that module)
-    sys.path.insert(0, str(SHARED_TOOLS))
-    import torchvision_cpu  # noqa: F401
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency_vs_tp import build as build_model  # noqa: E402  (also makes torchvision importable here)
+
+try:
+    from latency_vs_tp import tp_prune  # noqa: E402
+except ImportError:  # torch_pruning not installed: no tp version
+    tp_prune = None
 
 from prunekit.core.environment import cpu_model  # noqa: E402
 from prunekit.cost.macs import count_cost  # noqa: E402
 from prunekit.export import export_model  # noqa: E402
 from prunekit.methods import prune_  # noqa: E402
 from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402
-from prunekit.models import create_model  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "export_latency.json"
-SIZES = {"resnet56": 32, "resnet20": 32}  # CIFAR models; the rest at 224x224
-VERSIONS = {"default": {}, "unrounded": {"round_to": None}}
+PK_VERSIONS = {"default": {}, "unrounded": {"round_to": None}}
 
 
-def build(name: str) -> tuple[dict[str, torch.nn.Module], torch.Tensor, dict[str, int]]:
-    torch.manual_seed(0)
-    size = SIZES.get(name, 224)
-    x = torch.randn(1, 3, size, size)
-    dense = create_model(name, 10 if name in SIZES else 1000).eval()
+def build(name: str, tp_ratio: float) -> tuple[dict[str, torch.nn.Module], torch.Tensor, dict[str, int]]:
+    dense, x = build_model(name)
     models, macs = {"dense": dense}, {"dense": count_cost(dense, x).macs}
-    for version, extra in VERSIONS.items():
+    frac = 0.5
+    if tp_prune is not None:
+        models["tp"] = copy.deepcopy(dense)
+        tp_prune(models["tp"], x, tp_ratio)
+        macs["tp"] = count_cost(models["tp"], x).macs
+        frac = macs["tp"] / macs["dense"]
+    for version, extra in PK_VERSIONS.items():
         pruned = copy.deepcopy(dense)
-        prune_(pruned, MagnitudeConfig(macs_fraction=0.5, **extra), x)
+        prune_(pruned, MagnitudeConfig(macs_fraction=frac, **extra), x)
         models[version], macs[version] = pruned.eval(), count_cost(pruned, x).macs
-    return models, x, macs
+    return {k: m.eval() for k, m in models.items()}, x, macs
 
 
 def ort_session(path: str):
@@ -119,7 +129,8 @@ def commit() -> str | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["resnet56", "tv:mobilenet_v2", "tv:resnet50"])
+    p.add_argument("--models", nargs="+", default=["resnet56", "mobilenet_v2", "resnet50", "convnext_tiny"])
+    p.add_argument("--tp-ratio", type=float, default=0.3, help="Torch-Pruning's channel ratio (~half the MACs)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=30, help="timed calls per runner at batch 1 (a third at larger batches)")
@@ -139,7 +150,7 @@ def main() -> None:
         todo = [b for b in args.batches if f"{name}:{b}" not in data["rows"]]
         if not todo:
             continue
-        models, x, macs = build(name)
+        models, x, macs = build(name, args.tp_ratio)
         with tempfile.TemporaryDirectory() as folder:
             for batch in todo:
                 repeats = args.repeats if batch == 1 else max(5, args.repeats // 3)
@@ -154,17 +165,22 @@ def main() -> None:
 
 
 def table(data: dict, header: bool = True) -> str:
-    lines = ["| model | batch | MACs kept (default / unrounded) | runtime | dense ms | default ms | unrounded ms "
-             "| speed-up default / unrounded | load avg |", "|---|---|---|---|---|---|---|---|---|"] if header else []
+    order = [v for v in ("tp", "default", "unrounded") if any(v in r["macs"] for r in data["rows"].values())]
+    lines = [f"| model | batch | MACs kept ({' / '.join(order)}) | runtime | dense ms | "
+             + " | ".join(f"{v} ms" for v in order) + f" | speed-up ({' / '.join(order)}) | "
+             + ("default / tp | " if "tp" in order else "") + "load avg |",
+             "|" + "---|" * (7 + len(order) + ("tp" in order))] if header else []
     for row in data["rows"].values():
         m, r = row["macs"], row["runners"]
-        kept = f"{m['default'] / m['dense']:.3f} / {m['unrounded'] / m['dense']:.3f}"
+        kept = " / ".join(f"{m[v] / m['dense']:.3f}" for v in order)
         for rt in ("torch", "ort"):
-            cell = lambda v: (f"{r[f'{rt}/{v}']['median_ms']:.2f} ({r[f'{rt}/{v}']['p10_ms']:.2f}-"
-                              f"{r[f'{rt}/{v}']['p90_ms']:.2f})")
-            speed = " / ".join(f"{r[f'{rt}/dense']['median_ms'] / r[f'{rt}/{v}']['median_ms']:.2f}x" for v in VERSIONS)
+            med = {v: r[f"{rt}/{v}"]["median_ms"] for v in ["dense", *order]}
+            cells = " | ".join(f"{med[v]:.2f} ({r[f'{rt}/{v}']['p10_ms']:.2f}-{r[f'{rt}/{v}']['p90_ms']:.2f})"
+                               for v in ["dense", *order])
+            speed = " / ".join(f"{med['dense'] / med[v]:.2f}x" for v in order)
+            vs_tp = f" {med['tp'] / med['default']:.2f} |" if "tp" in order else ""
             lines.append(f"| {row['model']} | {row['batch']} | {kept} | {'onnxruntime' if rt == 'ort' else 'eager'} "
-                         f"| {cell('dense')} | {cell('default')} | {cell('unrounded')} | {speed} | {row['load_avg']:.1f} |")
+                         f"| {cells} | {speed} |{vs_tp} {row['load_avg']:.1f} |")
     return "\n".join(lines)
 
 
