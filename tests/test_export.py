@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -130,3 +132,102 @@ def test_missing_onnx_packages_are_named_with_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "_absent", lambda name: name == "onnxruntime")
     with pytest.raises(ConfigError, match=r"needs onnxruntime.*prunekit\[export\]"):
         export_model(_net(), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
+
+
+class _TokensAndScale(nn.Module):
+    """Token ids and one float per sample (a temperature): two positional inputs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.fc = nn.Embedding(10, 4), nn.Linear(4, 2)
+
+    def forward(self, ids, scale):
+        return self.fc(self.embed(ids).mean(1)) * scale
+
+
+@pytest.mark.parametrize("suffix", [".ts", ".pt2"])
+def test_a_one_sample_example_with_a_single_float_per_sample_checks_at_another_batch(tmp_path, suffix):
+    """The random second batch was scaled by the example's std, which is NaN for one element:
+    every output NaN, and a correct export refused as 'computes another function'."""
+    example = (torch.randint(0, 10, (1, 5)), torch.rand(1, 1) + 0.5)
+    r = export_model(_TokensAndScale(), example, tmp_path / f"m{suffix}")
+    assert r.checked_batches == [1, 3] and r.max_abs_diff <= 1e-5
+
+
+class _DictOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return {"logits": y, "features": y * 2}
+
+
+@pytest.mark.parametrize("suffix", [".ts", ".pt2"])
+def test_a_model_returning_a_dict_exports_in_every_format(tmp_path, suffix):
+    """torch.jit.trace refuses dict outputs unless strict=False."""
+    r = export_model(_DictOutput(), torch.randn(2, 4), tmp_path / f"m{suffix}")
+    assert r.checked_batches == [2, 3] and r.max_abs_diff <= 1e-5
+
+
+@needs_onnx
+def test_a_float16_model_is_checked_at_float16_precision(tmp_path):
+    """onnxruntime's float16 kernels round differently from torch's by about one float16 step;
+    a float32 tolerance (1e-4) refused a correct export as 'computes another function'."""
+    torch.manual_seed(1)
+    net, x = _net().half(), torch.randn(2, 3, 8, 8).half()
+    r = export_model(net, x, tmp_path / "m.onnx")
+    assert r.tolerance == 8 * torch.finfo(torch.float16).eps and r.max_abs_diff <= r.tolerance
+
+
+@needs_onnx
+def test_a_bfloat16_model_is_refused_for_an_onnx_check_before_exporting(tmp_path):
+    with pytest.raises(ConfigError, match="bfloat16.*check=False"):
+        export_model(_net().bfloat16(), torch.randn(2, 3, 8, 8).bfloat16(), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_float32_model_keeps_the_float32_tolerance(tmp_path):
+    assert export_model(_net(), torch.randn(2, 3, 8, 8), tmp_path / "m.ts").tolerance == 1e-4
+
+
+@pytest.mark.parametrize("below", ["m.ts", "sub/m.ts"])
+def test_a_path_below_a_file_names_the_file(tmp_path, below):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"file is a file, not a folder"):
+        export_model(_net(), torch.randn(1, 3, 8, 8), tmp_path / "file" / below)
+
+
+def test_a_folder_that_cannot_be_written_is_named_not_the_staging_folder(tmp_path, monkeypatch):
+    import prunekit.export as export
+
+    def read_only(prefix, dir):
+        raise PermissionError(13, "Permission denied", f"{dir}/{prefix}abc")
+
+    monkeypatch.setattr(export.tempfile, "TemporaryDirectory", read_only)
+    with pytest.raises(ConfigError, match=rf"cannot write in {tmp_path} \(Permission denied\); choose a writable"):
+        export_model(_net(), torch.randn(1, 3, 8, 8), tmp_path / "m.ts")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
+def test_a_terminated_export_leaves_no_staging_folder(tmp_path):
+    """SIGTERM (a timeout, a stopped job) ended the process without unwinding: the hidden staging
+    folder and its half-written file stayed beside the target."""
+    class TerminatedWhileChecked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.calls = nn.Linear(4, 2), 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 2:  # the first call is the trace, the second the check
+                os.kill(os.getpid(), signal.SIGTERM)
+            return self.fc(x)
+
+    with pytest.raises(SystemExit) as stopped:
+        export_model(TerminatedWhileChecked(), torch.randn(2, 4), tmp_path / "m.ts")
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -34,7 +34,9 @@ import copy
 import io
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -82,7 +84,9 @@ def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike[
 
     `example_inputs` is a tensor or a tuple of positional tensors with the batch first. With
     `dynamic_batch` the batch size is left free (checked at the example's and at 3, or 2 when the
-    example holds 3). Outputs must agree within rtol * max(1, max |output|) everywhere.
+    example holds 3). Outputs must agree within rtol * max(1, max |output|) everywhere; for a
+    float16 or bfloat16 model rtol is at least 8 rounding steps of that type (`tolerance` in the
+    result).
     """
     path = Path(path)
     fmt = _format_of(path, format)
@@ -94,9 +98,12 @@ def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike[
     if fmt == "onnx":
         _require_onnx()
     net = _deployable_copy(model)
+    if fmt == "onnx" and check:
+        _check_onnx_dtypes(net, inputs)
     t0 = time.perf_counter()
     batches = _check_batches(inputs, dynamic_batch) if check else []
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=_parent(path)) as tmp:
+    rtol = _tolerance(rtol, net, inputs)
+    with _terminate_as_exit(), _staging_folder(path) as tmp:
         staged = Path(tmp) / path.name
         run = _EXPORTERS[fmt](net, _traced_at(inputs, dynamic_batch), staged, dynamic_batch)
         worst = _compare(net, run, inputs, batches, rtol, fmt) if check else None
@@ -158,6 +165,23 @@ def _deployable_copy(model: nn.Module) -> nn.Module:
     return net.eval()
 
 
+def _floating_dtypes(net: nn.Module, inputs: tuple[torch.Tensor, ...]) -> set[torch.dtype]:
+    return {t.dtype for t in (*inputs, *net.parameters(), *net.buffers()) if t.is_floating_point()}
+
+
+def _tolerance(rtol: float, net: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
+    """rtol, widened to a few rounding steps of the model's lowest floating precision: float16
+    kernels of two runtimes differ by about one float16 step, far above a float32 rtol."""
+    return max([rtol] + [8 * torch.finfo(dtype).eps for dtype in _floating_dtypes(net, inputs)])
+
+
+def _check_onnx_dtypes(net: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    if torch.bfloat16 in _floating_dtypes(net, inputs):
+        raise ConfigError("the ONNX check cannot run a bfloat16 model: onnxruntime has no bfloat16 kernels on the "
+                          "CPU; export a float32 or float16 copy (model.float()), skip the check with check=False "
+                          "(CLI: --no-check), or choose format 'exported' or 'torchscript'")
+
+
 def _check_batches(inputs: tuple[torch.Tensor, ...], dynamic_batch: bool) -> list[int]:
     batch = batch_size_of(inputs)
     return [batch] + ([3 if batch != 3 else 2] if dynamic_batch else [])
@@ -175,7 +199,8 @@ def _at_batch(inputs: tuple[torch.Tensor, ...], batch: int, seed: int) -> tuple[
         if t.dim() == 0 or t.shape[0] != given:
             out.append(t)  # not batched (a shared mask, a scalar): as given
         elif t.is_floating_point():
-            out.append(torch.randn((batch, *t.shape[1:]), generator=gen).to(t.dtype) * t.std().clamp_min(1e-3) + t.mean())
+            spread = t.std(correction=0).clamp_min(1e-3)  # one value per sample has no sample std
+            out.append(torch.randn((batch, *t.shape[1:]), generator=gen).to(t.device, t.dtype) * spread + t.mean())
         else:
             out.append(t[torch.arange(batch) % given])
     return tuple(out)
@@ -239,7 +264,7 @@ def _export_torchscript(net: nn.Module, inputs: tuple[torch.Tensor, ...], path: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # trace warnings; the output check below is what decides
         try:
-            traced = torch.jit.trace(net, inputs, check_trace=False)
+            traced = torch.jit.trace(net, inputs, check_trace=False, strict=False)  # strict refuses dict outputs
             torch.jit.save(traced, str(path))
         except Exception as err:
             raise ExportError(f"torch.jit.trace could not trace this model ({type(err).__name__}: "
@@ -287,7 +312,40 @@ def _flat(out: Any) -> list[torch.Tensor]:
     raise ExportError(f"the model returns {type(out).__name__}; export needs tensors (or tuples, lists, dicts of them)")
 
 
+@contextlib.contextmanager
+def _terminate_as_exit() -> Any:
+    """While exporting, SIGTERM ends the process through SystemExit, so the staging folder is
+    removed on the way out (the default action ends it on the spot); a caller's handler is kept."""
+    if (not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _exit_on_terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _exit_on_terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _staging_folder(path: Path) -> tempfile.TemporaryDirectory:
+    """A temporary folder beside `path`, which the export is written into before it is moved."""
+    parent = _parent(path)
+    try:
+        return tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=parent)
+    except OSError as err:
+        raise ConfigError(f"cannot write in {parent} ({err.strerror}); choose a writable folder") from None
+
+
 def _parent(path: Path) -> str:
+    for above in path.parents:
+        if above.exists():
+            if not above.is_dir():
+                raise ConfigError(f"cannot write {path}: {above} is a file, not a folder; choose another path")
+            break
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
