@@ -6,6 +6,9 @@ import importlib.util
 import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -214,20 +217,33 @@ def test_a_folder_that_cannot_be_written_is_named_not_the_staging_folder(tmp_pat
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
 def test_a_terminated_export_leaves_no_staging_folder(tmp_path):
     """SIGTERM (a timeout, a stopped job) ended the process without unwinding: the hidden staging
-    folder and its half-written file stayed beside the target."""
-    class TerminatedWhileChecked(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc, self.calls = nn.Linear(4, 2), 0
+    folder and its half-written file stayed beside the target. Run in its own process: the signal
+    must not reach the test runner, whose handlers other libraries may have replaced."""
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from torch import nn
+        from prunekit.export import export_model, terminate_as_exit
 
-        def forward(self, x):
-            self.calls += 1
-            if self.calls == 2:  # the first call is the trace, the second the check
-                os.kill(os.getpid(), signal.SIGTERM)
-            return self.fc(x)
+        class TerminatedWhileChecked(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc, self.calls = nn.Linear(4, 2), 0
 
-    with pytest.raises(SystemExit) as stopped:
-        export_model(TerminatedWhileChecked(), torch.randn(2, 4), tmp_path / "m.ts")
-    assert stopped.value.code == 128 + signal.SIGTERM
+            def forward(self, x):
+                self.calls += 1
+                if self.calls == 2:  # the first call is the trace, the second the check
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return self.fc(x)
+
+        with terminate_as_exit():
+            export_model(TerminatedWhileChecked(), torch.randn(2, 4), {str(tmp_path / "m.ts")!r})
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_export_model_leaves_signal_handlers_alone(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    export_model(_net(), torch.randn(1, 3, 8, 8), tmp_path / "m.ts")
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -103,7 +103,7 @@ def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike[
     t0 = time.perf_counter()
     batches = _check_batches(inputs, dynamic_batch) if check else []
     rtol = _tolerance(rtol, net, inputs)
-    with _terminate_as_exit(), _staging_folder(path) as tmp:
+    with _staging_folder(path) as tmp:
         staged = Path(tmp) / path.name
         run = _EXPORTERS[fmt](net, _traced_at(inputs, dynamic_batch), staged, dynamic_batch)
         worst = _compare(net, run, inputs, batches, rtol, fmt) if check else None
@@ -313,9 +313,11 @@ def _flat(out: Any) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _terminate_as_exit() -> Any:
-    """While exporting, SIGTERM ends the process through SystemExit, so the staging folder is
-    removed on the way out (the default action ends it on the spot); a caller's handler is kept."""
+def terminate_as_exit() -> Any:
+    """For a program that owns its process (the CLI): while inside, SIGTERM ends the process
+    through SystemExit(143), so an export's staging folder is removed on the way out (the default
+    action ends it on the spot). Only in the main thread, and only over the default action: a
+    handler someone else set is kept. export_model itself never touches signal handlers."""
     if (not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
         yield

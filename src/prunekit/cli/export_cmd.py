@@ -35,7 +35,7 @@ def export_cmd(args, out, fmt, weights, input_shape, batch, static_batch, no_che
     import torch
 
     from ..cost.macs import count_cost
-    from ..export import export_model
+    from ..export import export_model, terminate_as_exit
     from ..report.tables import fmt_count
     from .commands import resolve
     from .inspect_cmds import built_model
@@ -45,8 +45,9 @@ def export_cmd(args, out, fmt, weights, input_shape, batch, static_batch, no_che
         raise ConfigError("`prunekit export` needs weights: a run directory, --weights PATH or init=PATH")
     model, shape = built_model(recipe, weights or recipe.init, input_shape)
     example = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
-    result = export_model(model, example, out, format=fmt, dynamic_batch=not static_batch, check=not no_check,
-                          overwrite=force)
+    with terminate_as_exit():  # a stopped job removes the staging folder on its way out
+        result = export_model(model, example, out, format=fmt, dynamic_batch=not static_batch, check=not no_check,
+                              overwrite=force)
     cost = count_cost(model, example[:1])
     summary = {**result.to_dict(), "weights": weights or recipe.init, "input_shape": list(shape),
                "params": cost.params, "macs": cost.macs}
