@@ -94,3 +94,24 @@ def test_parameters_a_run_owned_are_synchronised_by_the_next_run(tmp_path):
         assert not hasattr(model, "_ddp_params_and_buffers_to_ignore")
     finally:
         dist.destroy_process_group()
+
+
+def _single_sample_shard_worker(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    x, y = blobs(19)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    try:  # the last global batch of 3 rows leaves rank 1 one of them
+        train(model, TinyLoader(x, y, 8), None, TrainConfig(epochs=1), device="cpu", progress=False)
+        outcome = "finished"
+    except Exception as err:  # noqa: BLE001 (the other rank sees its peer leave)
+        outcome = f"{type(err).__name__}: {err}"
+    (Path(out_dir) / f"rank{os.environ['RANK']}.txt").write_text(outcome)
+
+
+def test_a_shard_of_one_sample_that_batch_norm_cannot_train_on_is_one_config_error(tmp_path):
+    # the check looked at the global batch (3 rows): rank 1 raised BatchNorm's bare ValueError
+    launch_local(_single_sample_shard_worker, 2, str(tmp_path))
+    outcome = (tmp_path / "rank1.txt").read_text()
+    assert outcome.startswith("ConfigError: training batch 2 leaves a single sample to rank 1"), outcome
+    assert "drop_last" in outcome

@@ -206,3 +206,46 @@ def test_resume_with_an_owned_optimizer_is_exact(tmp_path):
         assert torch.equal(got["state"][0][key], want["state"][0][key]), key
     assert without_timings(res.history) == without_timings(ref.history)
     assert not torch.equal(model.scale.detach(), Scaled().scale.detach())  # the hook did step it
+
+
+def test_a_single_parameter_given_where_a_list_belongs_is_taken_as_that_parameter():
+    # a tensor was iterated row by row: "can't optimize a non-leaf Tensor", or
+    # "Boolean value of Tensor with more than one value is ambiguous"
+    x, y = blobs(8)
+
+    class GroupOfOne(Hook):
+        def param_groups(self, model):
+            return [{"params": model[0].bias, "weight_decay": 0.0}]
+
+    class OwnsOne(Hook):
+        def owned_parameters(self, model):
+            return model[2].bias
+
+    model = mlp()
+    bias = model[2].bias.detach().clone()
+    hooks = [GroupOfOne(), OwnsOne()]
+    train(model, [(x, y)], None, TrainConfig(epochs=1, lr=0.1, weight_decay=0.1), hooks=hooks, progress=False)
+    assert torch.equal(model[2].bias.detach(), bias)  # owned and never stepped by its hook
+
+    class Bias(Hook):
+        def owned_parameters(self, model):
+            return [model[0].bias]
+
+    with pytest.raises(ConfigError, match=r"0\.bias is claimed by both"):
+        train(mlp(), [(x, y)], None, TrainConfig(epochs=1), hooks=[GroupOfOne(), Bias()], progress=False)
+
+
+@pytest.mark.parametrize("extra", ["0.5", [0.5], {"loss": 0.5}])
+def test_an_extra_loss_that_is_not_a_number_is_one_config_error_naming_the_hook(extra):
+    x, y = blobs(8)
+
+    class Odd(Hook):
+        def extra_loss(self, model, step):
+            return extra
+
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=r"hooks\[0\] \(Odd\)\.extra_loss returned a .*; return a scalar"):
+        train(model, [(x, y)], None, TrainConfig(epochs=1), hooks=[Odd()], progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])

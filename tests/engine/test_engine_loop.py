@@ -445,3 +445,23 @@ def test_integer_labels_of_any_width_train_and_evaluate():
         model = mlp()
         train(model, [(x, y.to(dtype))], None, TrainConfig(epochs=1), progress=False)
         assert evaluate(model, [(x, y.to(dtype))])["n"] == 32
+
+
+@pytest.mark.parametrize("bad", [7, -100])
+def test_labels_outside_the_classes_in_a_later_batch_are_one_config_error_naming_it(bad):
+    # only the first batch was checked: 7 was a raw IndexError, -100 trained and scored silently on nothing
+    from prunekit.core.errors import ConfigError
+
+    x, y = blobs(24)
+    later = (x[16:], torch.cat([y[16:-1], torch.tensor([bad])]))
+    batches = [(x[:8], y[:8]), (x[8:16], y[8:16]), later]
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    ref = copy.deepcopy(model)
+    cfg = TrainConfig(epochs=1, lr=0.1, schedule="constant")
+    with pytest.raises(ConfigError, match=f"training batch 2 labels run from .* to {max(bad, 2)} but the model gives 3 classes"):
+        train(model, batches, None, cfg, progress=False)
+    train(ref, batches[:2], None, cfg, progress=False)
+    for k, v in ref.state_dict().items():  # the refused step changed neither weights nor running statistics
+        assert torch.equal(model.state_dict()[k], v), k
+    with pytest.raises(ConfigError, match=f"evaluation batch 2 labels run from .* to {max(bad, 2)}"):
+        evaluate(model, batches)

@@ -77,9 +77,10 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: str | torch.device
                 continue
             with autocast_context(device, bf16):
                 logits = model(x)
-            # once, on the first batch with samples (a sync); under DDP a rank with an empty share would not take part
-            if not checked and not ctx.enabled:
-                check_labels(logits, global_y, "evaluation")
+            # on the first batch with samples, then on every batch whose labels are on the host (no device
+            # sync); not under DDP, where a rank with an empty share would not take part
+            if not ctx.enabled and (not checked or global_y.device.type == "cpu"):
+                check_labels(logits, global_y, f"evaluation batch {i}" if checked else "evaluation")
                 checked = True
             # Accumulate on the device: one host sync at the end instead of one per batch.
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()

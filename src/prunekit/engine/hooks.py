@@ -136,7 +136,7 @@ def split_parameters(model: nn.Module, hooks: Sequence[Any]) -> ParameterSplit:
             if not isinstance(group, dict) or "params" not in group:
                 raise ConfigError(f"{who} is not a dict with a 'params' list; "
                                   "return e.g. {'params': [p], 'weight_decay': 0.0}")
-            params = list(group["params"])
+            params = _as_list(group["params"])
             for p in params:
                 claim(p, who)
             groups.append({**group, "params": params})
@@ -146,4 +146,11 @@ def split_parameters(model: nn.Module, hooks: Sequence[Any]) -> ParameterSplit:
 
 def _optional(hook: Any, name: str, model: nn.Module) -> list[Any]:
     method = getattr(hook, name, None)  # hooks written before these methods existed lack them
-    return list(method(model) or []) if callable(method) else []
+    return _as_list(method(model)) if callable(method) else []
+
+
+def _as_list(items: Any) -> list[Any]:
+    """`items` as a list; one tensor is a list of itself (as torch.optim takes it), never its rows."""
+    if isinstance(items, torch.Tensor):
+        return [items]
+    return list(items) if items is not None else []

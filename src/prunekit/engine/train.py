@@ -27,6 +27,7 @@ torchrun every rank iterates the same loader of global batches and keeps its sha
 """
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 import time
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.config import short_repr
 from ..core.errors import ConfigError, TrainingError
 from ..core.layout import is_channels_last, to_channels_last_
 from .batches import check_labels, out_of_memory, split_batch
@@ -131,21 +133,24 @@ class _Run:
             with autocast_context(self.device, cfg.bf16):
                 logits = self.net(x)
         except (RuntimeError, ValueError, TypeError) as err:
-            single = global_n == 1 and "more than 1 value per channel" in str(err)  # BatchNorm's refusal
+            single = x.shape[0] == 1 and "more than 1 value per channel" in str(err)  # BatchNorm's refusal
             if out_of_memory(err) or not (first or single):
                 raise
             self._restore_buffers(buffers)
             if single:
-                raise ConfigError(f"training batch {step % self.steps_per_epoch} has a single sample, which BatchNorm "
-                                  "cannot train on (it needs two or more values per channel): drop the last partial "
-                                  "batch (drop_last=True) or choose a batch size that does not leave one sample") from err
+                raise ConfigError(f"training batch {step % self.steps_per_epoch} {self._single_sample(global_n)}, "
+                                  "which BatchNorm cannot train on (it needs two or more values per channel): drop "
+                                  "the last partial batch (drop_last=True) or choose a batch size that does not "
+                                  "leave one sample") from err
             raise ConfigError(f"the model cannot run the first training batch (inputs {tuple(x.shape)}, {x.dtype}): "
                               f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}; give "
                               "batches of the inputs the model takes (if they are, the error is in the model's "
                               "forward: see the error above)") from err
-        if first:  # once a run (the global batch: every rank decides alike); a refusal undoes the running statistics
+        # The global batch, so every rank decides alike; labels still on the host cost no device sync, so
+        # they are checked every step, device-resident ones on the first. A refusal undoes the running statistics.
+        if first or global_y.device.type == "cpu":
             try:
-                check_labels(logits, global_y, "training")
+                check_labels(logits, global_y, "training" if first else f"training batch {step % self.steps_per_epoch}")
             except ConfigError:
                 self._restore_buffers(buffers)
                 raise
@@ -182,6 +187,13 @@ class _Run:
         for hook in self.hooks:
             hook.on_step_end(model, step)
         return ce_sum.detach(), (logits.detach().argmax(dim=1) == y).sum(), y.numel()
+
+    def _single_sample(self, global_n: int) -> str:
+        """How a batch came to give this process one sample: its size, or its split over the ranks."""
+        if not self.ctx.enabled:
+            return "has a single sample"
+        return (f"leaves a single sample to rank {self.ctx.rank} (its {global_n} samples are split over "
+                f"{self.ctx.world_size} processes)")
 
     def _restore_buffers(self, saved: dict[str, torch.Tensor] | None) -> None:
         """Put back the buffers (BN running statistics) a refused or diverged forward changed:
@@ -351,6 +363,9 @@ def _check_scalar(extra: Any, index: int, hook: Any) -> None:
     if isinstance(extra, torch.Tensor) and extra.numel() != 1:
         raise ConfigError(f"hooks[{index}] ({type(hook).__name__}).extra_loss returned a tensor of shape "
                           f"{tuple(extra.shape)}; return a scalar (sum or average its terms) or None")
+    if not isinstance(extra, (torch.Tensor, numbers.Number)) or isinstance(extra, complex):
+        raise ConfigError(f"hooks[{index}] ({type(hook).__name__}).extra_loss returned a {type(extra).__name__} "
+                          f"({short_repr(extra)}); return a scalar tensor, a float or None")
 
 
 def _summary_line(m: dict[str, Any], epochs: int) -> str:
