@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import os
 import shutil
 import signal
@@ -224,8 +225,8 @@ Runner = Callable[[tuple[torch.Tensor, ...]], list[torch.Tensor]]
 
 
 def _export_onnx(net: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, dynamic: bool) -> Runner:
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_logger("torch.onnx"):
+        warnings.simplefilter("ignore")  # and its progress lines and notes (e.g. torchvision ops it skips)
         try:
             program = torch.onnx.export(net, inputs, dynamo=True, verbose=False,
                                         dynamic_shapes=_batch_dims(inputs) if dynamic else None)
@@ -300,6 +301,18 @@ def _compare(net: nn.Module, run: Runner, inputs: tuple[torch.Tensor, ...], batc
                                   "Python logic depends on values or on call counts cannot be exported as traced")
             worst = max(worst, diff)
     return worst
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Any:
+    """Only errors from logger `name` (and its children) while inside."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _flat(out: Any) -> list[torch.Tensor]:
