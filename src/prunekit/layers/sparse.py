@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.errors import ConfigError
+from ..core.names import within
 from ..surgery.masks import apply_mask
 
 __all__ = ["TopKStraightThrough", "keep_count", "topk_mask", "SparseMixin", "SparseConv2d",
@@ -197,7 +198,7 @@ def sparsifiable(model: nn.Module, ignore: Iterable[str] = ()) -> list[str]:
     the layers `sparsify_` swaps."""
     ignore = tuple(ignore)
     return [n for n, m in model.named_modules()
-            if type(m) in (nn.Conv2d, nn.Linear) and not any(n == i or n.startswith(i + ".") for i in ignore)]
+            if type(m) in (nn.Conv2d, nn.Linear) and not within(n, ignore)]
 
 
 def sparsify_(model: nn.Module, density: float, score_init: str = "scaled", freeze_weights: bool = True,

@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PruningError
+from ..core.names import within
 from ..graph.groups import check_ignore
 from ..importance.targets import check_not_shared, target_weights
 from ..layers.sparse import SCORE_INITS, count_nonzeros, harden_, sparsifiable, sparsify_
@@ -117,17 +118,12 @@ def _check_targets(model: nn.Module, ignore: list[str]) -> None:
     weight tied to another module (masked on one name, the other would read it whole, or two masks
     would untie it)."""
     masked = [n for n, m in model.named_modules() if parametrize.is_parametrized(m, "weight")
-              and type(m).__bases__[0] in (nn.Conv2d, nn.Linear) and n not in _ignored(model, ignore)]
+              and type(m).__bases__[0] in (nn.Conv2d, nn.Linear) and not within(n, ignore)]
     if masked:
         raise ConfigError(f"layers {masked} already carry weight masks; HYDRA learns a fresh mask for each layer "
                           f"from its dense weights: bake the masks first (prunekit.bake_masks_), or leave those "
                           f"layers as they are with ignore={masked!r}")
     check_not_shared(model, target_weights(model, [f"{n}.weight" for n in sparsifiable(model, ignore)]))
-
-
-def _ignored(model: nn.Module, ignore: list[str]) -> set[str]:
-    """Names of the modules `ignore` leaves out: those named and their children."""
-    return {n for n, _ in model.named_modules() if any(n == i or n.startswith(i + ".") for i in ignore)}
 
 
 def _on_device(model: nn.Module, example: Any) -> Any:

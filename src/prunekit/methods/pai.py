@@ -41,6 +41,7 @@ from torch import nn
 
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PruningError
+from ..core.names import within
 from ..cost.macs import count_cost
 from ..importance.calibration import check_iterable
 from ..importance.elements import (apply_element_masks, channel_scores_from_elements, grasp_scores, random_scores,
@@ -126,7 +127,7 @@ def _targets(model: nn.Module, ignore: list[str]) -> list[str]:
         raise ConfigError(f"ignore names {unknown}, which the model does not have; use module names from "
                           "model.named_modules()")
     keys = [k for k, (mod, _) in target_weights(model, untied=False).items()
-            if not any(mod == i or mod.startswith(i + ".") for i in ignore)]
+            if not within(mod, ignore)]
     if not keys:
         raise PruningError("no conv or Linear weight left to score; ignore fewer modules")
     check_not_shared(model, target_weights(model, keys))  # nor tied to one another, nor to a tensor left out

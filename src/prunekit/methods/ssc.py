@@ -44,6 +44,7 @@ from torch.nn.utils import parametrize
 
 from ..core.config import Config, check_choice
 from ..core.errors import CheckpointError, ConfigError, PruningError
+from ..core.names import within
 from ..cost.latency import LatencyConfig, compare_latency, latency_settings
 from ..cost.macs import count_cost
 from ..graph import build_graph
@@ -247,7 +248,7 @@ def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneRe
     chosen, dense, refit = {}, {}, {}
     for name in names:
         conv = modules[name]
-        if any(name == i or name.startswith(i + ".") for i in cfg.ignore) or getattr(conv, "kernel_size", None) == (1, 1):
+        if within(name, cfg.ignore) or getattr(conv, "kernel_size", None) == (1, 1):
             continue
         if not name:
             dense[name] = ("the model itself is this conv; SSC replaces submodules: wrap it (nn.Sequential(conv)) "
