@@ -129,6 +129,34 @@ def test_nan_weights_are_refused_before_exporting(tmp_path):
         export_model(net, torch.randn(1, 3, 8, 8), tmp_path / "m.ts")
 
 
+class _MaskedScores(nn.Module):
+    """An additive attention-style mask buffer holding -inf on purpose, as prune_ accepts."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("mask", torch.tensor([0.0, float("-inf"), 0.0, float("-inf")]))
+
+    def forward(self, x):
+        return torch.softmax(self.fc(x) + self.mask, dim=-1)
+
+
+@pytest.mark.parametrize("suffix", [".ts", ".pt2"])
+def test_a_buffer_holding_minus_inf_on_purpose_exports_as_prune_accepts_it(tmp_path, suffix):
+    net, x = _MaskedScores().eval(), torch.randn(2, 4)
+    prune_(net, RandomInitConfig(sparsity=0.5), x)  # the methods accept the model: so must export
+    r = export_model(net, x, tmp_path / f"m{suffix}")
+    assert r.max_abs_diff <= 1e-5
+
+
+def test_a_buffer_holding_nan_is_refused_before_exporting(tmp_path):
+    net = _MaskedScores()
+    net.mask[1] = float("nan")
+    with pytest.raises(ConfigError, match=r"buffer mask holds NaN"):
+        export_model(net, torch.randn(2, 4), tmp_path / "m.ts")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_onnx_packages_are_named_with_the_extra(tmp_path, monkeypatch):
     import prunekit.export as export
 

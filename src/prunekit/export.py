@@ -153,16 +153,18 @@ def _absent(module: str) -> bool:
 
 def _deployable_copy(model: nn.Module) -> nn.Module:
     """A copy of the model as it runs at inference: sparse layers hardened, masks baked, eval mode."""
-    from .engine.distributed import unwrap_model
+    from .core.modules import first_nonfinite, nonfinite_words, unwrap_model
 
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     net = copy.deepcopy(unwrap_model(model))
     harden_(net)
     bake_masks_(net)
-    for name, t in [*net.named_parameters(), *net.named_buffers()]:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ConfigError(f"{name} holds NaN or inf; an export would carry them into every output")
+    bad = first_nonfinite(net)  # the rule prune_ applies: buffers may hold -inf on purpose
+    if bad is not None:
+        kind, name = bad
+        raise ConfigError(f"{kind} {name} holds {nonfinite_words(kind)}; an export would carry it into the "
+                          "outputs: load weights that are finite")
     return net.eval()
 
 

@@ -180,17 +180,6 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, ignore:
             delattr(model, attr)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP and/or torch.compile wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def free_port() -> int:
     """A TCP port on localhost that was free a moment ago (for a local rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

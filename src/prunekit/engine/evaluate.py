@@ -21,8 +21,9 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.modes import evaluating
+from ..core.modules import unwrap_model
 from .batches import check_labels, split_batch
-from .distributed import DistContext, all_reduce_sums, env_ranks, shard_batch, unwrap_model
+from .distributed import DistContext, all_reduce_sums, env_ranks, shard_batch
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -100,19 +100,13 @@ def _check_finite(model: nn.Module, example_inputs: Any) -> None:
     """ConfigError naming the first parameter that is not finite, or the first buffer or example
     input holding NaN (buffers may hold -inf on purpose, as attention masks do): every method would
     otherwise hand back a model whose outputs are NaN, whatever its criterion reads."""
-    for kind, named in (("parameter", list(model.named_parameters())), ("buffer", list(model.named_buffers()))):
-        named = [(n, t.detach()) for n, t in named if t.is_floating_point() and t.numel()]
-        if not named:
-            continue
-        # one pass a tensor (NaN propagates to both ends), one decision for the whole model
-        ends = torch.stack([e.float().cpu() for _, t in named for e in torch.aminmax(t)])
-        ok = torch.isfinite(ends) if kind == "parameter" else ~ends.isnan()  # buffers may hold -inf
-        if bool(ok.all()):
-            continue
-        name = next(n for i, (n, _) in enumerate(named) if not ok[2 * i:2 * i + 2].all())
-        raise ConfigError(f"{kind} {name} holds NaN{' or inf' if kind == 'parameter' else ''} (a diverged "
-                          "training?); nothing can be pruned from it: retrain with a lower learning rate or "
-                          "load weights that are finite")
+    from ..core.modules import first_nonfinite, nonfinite_words
+
+    bad = first_nonfinite(model)
+    if bad is not None:
+        kind, name = bad
+        raise ConfigError(f"{kind} {name} holds {nonfinite_words(kind)} (a diverged training?); nothing can be "
+                          "pruned from it: retrain with a lower learning rate or load weights that are finite")
     tensors = example_inputs.values() if isinstance(example_inputs, dict) else (
         example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
     for t in tensors:

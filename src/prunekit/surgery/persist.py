@@ -30,6 +30,7 @@ from typing import Any, Mapping
 from torch import Tensor, nn
 
 from ..core.errors import CheckpointError, PrunekitError
+from ..core.modules import unwrap_model
 from .mask_io import MASKS_FORMAT_VERSION, describe_masks, restore_masks_, tied_values, unpack_mask
 from .masks import masked_modules
 from .plan import Plan, apply_plan_, describe_replay
@@ -52,20 +53,13 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | Path) -> Path:
     """
     if not isinstance(plan, Plan):
         raise CheckpointError(f"save_pruned needs a Plan, got {type(plan).__name__}")
-    model = _unwrapped(model)
+    model = unwrap_model(model)
     check_fingerprint(model, plan.fingerprint.get("pruned"), "pruned")
     path = Path(path)
     plan.meta[MASKS_META] = describe_masks(model)
     describe_replay(model, plan)
     save_state_file(model, path, {PLAN_KEY: plan.to_json()})
     return path
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The user's module inside torch.compile / DDP wrappers, whose own tensor names carry a prefix."""
-    from ..engine.distributed import unwrap_model
-
-    return unwrap_model(model)
 
 
 def _plan_of(meta: Mapping[str, str], path: Any) -> Plan:
@@ -90,7 +84,7 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     torch.compile or DistributedDataParallel wrapper is looked through: the copy is of the module
     inside, to be wrapped again after loading.
     """
-    model = _unwrapped(model)
+    model = unwrap_model(model)
     meta, tensors = read_tensor_file(path)
     plan = _plan_of(meta, path)
     if masked_modules(model):

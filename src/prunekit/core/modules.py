@@ -1,0 +1,39 @@
+"""Facts about a model's modules and tensors that every part of prunekit reads the same way."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def first_nonfinite(model: nn.Module) -> tuple[str, str] | None:
+    """("parameter" or "buffer", name) of the first tensor that cannot be right, or None.
+
+    A parameter must be finite. A buffer must not hold NaN, but may hold -inf or inf on purpose
+    (additive attention masks do). One reduction a tensor (NaN reaches both ends of aminmax) and one
+    host synchronisation a kind, so the check stays cheap on large models and on a GPU.
+    """
+    for kind, named in (("parameter", list(model.named_parameters())), ("buffer", list(model.named_buffers()))):
+        named = [(n, t.detach()) for n, t in named if t.is_floating_point() and t.numel()]
+        if not named:
+            continue
+        ends = torch.stack([e.float().cpu() for _, t in named for e in torch.aminmax(t)])
+        ok = torch.isfinite(ends) if kind == "parameter" else ~ends.isnan()
+        if not bool(ok.all()):
+            return kind, next(n for i, (n, _) in enumerate(named) if not ok[2 * i:2 * i + 2].all())
+    return None
+
+
+def nonfinite_words(kind: str) -> str:
+    """What a tensor of that kind was refused for: "NaN or inf" (parameters) or "NaN" (buffers)."""
+    return "NaN or inf" if kind == "parameter" else "NaN"
