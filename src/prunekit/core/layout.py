@@ -32,6 +32,28 @@ def to_memory_format_(model: nn.Module, fmt: torch.memory_format) -> nn.Module:
     return model.to(memory_format=fmt)
 
 
+# oneDNN's 1x1 backward-weights kernels on x86 CPUs (used by PyTorch's CPU build, 2.13 included) write
+# past their workspace when the source is channels-last, the stride is above 1 with no padding and the
+# input channels are fewer than the kernel's channel block (8 with AVX2, 16 with AVX-512): the heap is
+# corrupted (a crash, sometimes later) or the weight gradient is wrong. Reported upstream as
+# uxlfoundation/oneDNN#6035 (open). Padded, grouped and contiguous (NCHW) convolutions take other kernels.
+ONEDNN_CHANNEL_BLOCK = 16
+
+
+def channels_last_unsafe_convs(model: nn.Module) -> list[str]:
+    """Names of the Conv2d layers whose training step in channels-last layout on a CPU hits the oneDNN
+    defect above: 1x1 kernel, a stride above 1, no padding, one group, fewer than 16 input channels.
+
+    >>> channels_last_unsafe_convs(nn.Sequential(nn.Conv2d(4, 8, 1, stride=2), nn.Conv2d(8, 8, 1, stride=2, padding=1),
+    ...                                          nn.Conv2d(16, 8, 1, stride=2), nn.Conv2d(8, 8, 3, stride=2)))
+    ['0']
+    """
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and max(m.stride) > 1
+            and m.groups == 1 and m.in_channels < ONEDNN_CHANNEL_BLOCK
+            and (m.padding == "valid" or (not isinstance(m.padding, str) and not any(m.padding)))]
+
+
 def is_channels_last(model: nn.Module) -> bool:
     """Whether any 4-D parameter of `model` is laid out channels-last (and not also contiguous)."""
     return any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
