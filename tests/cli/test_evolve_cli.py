@@ -125,3 +125,19 @@ def test_a_new_evolve_run_never_writes_into_another_runs_directory(tmp_path, mon
     assert used == [Path("runs") / "evolve_digits_cifar-20260101-000000-2"]
     assert sorted(p.name for p in other.iterdir()) == ["recipe.yaml"]
     assert (other / "recipe.yaml").read_text() == "name: someone else\n"
+
+
+def test_ctrl_c_names_the_resume_command(tmp_path, monkeypatch):
+    """An interrupted search exits 130 and says how to continue it (it checkpoints every generation)."""
+    import prunekit.evolve.search as search_mod
+
+    monkeypatch.setattr("prunekit.evolve.search.check_tasks", lambda cfg: None)
+
+    def interrupted(cfg, run_dir, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(search_mod, "run_search", interrupted)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["evolve", str(RECIPE), "--out", str(out), "-q"])
+    assert result.exit_code == 130, result.output
+    assert f"interrupted; continue with: prunekit evolve --resume {out}" in result.stderr
+    assert (out / "recipe.yaml").is_file()  # what --resume reads

@@ -419,3 +419,17 @@ def test_a_seed_in_an_arms_method_config_is_refused(dense_path):
     raw = _raw(dense_path, arms={"r": {"method": {"name": "random_init", "sparsity": 0.5, "seed": 5}}})
     with pytest.raises(ConfigError, match=r"arm 'r': method.seed=5 would not be used.*`seeds`"):
         CompareRecipe.from_dict(raw)
+
+
+def test_ctrl_c_says_the_finished_records_stay_and_how_to_continue(dense_path, tmp_path, monkeypatch):
+    import prunekit.compare as compare_pkg
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compare_pkg, "run_compare", interrupted)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_raw(dense_path)))
+    out = tmp_path / "c"
+    res = CliRunner().invoke(cli, ["compare", str(recipe), "--out", str(out), "-q"])
+    assert res.exit_code == 130, res.output
+    assert f"the finished arm x seed records stay in {out}: run the same command again" in res.stderr

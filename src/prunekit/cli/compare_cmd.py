@@ -49,7 +49,12 @@ def compare_cmd(args, out, only, report_only, dry_run, quiet) -> None:
         return
     echo = (lambda s: None) if quiet else click.echo
     arms = [a.strip() for a in only.split(",") if a.strip()] if only else None
-    result = run_compare(recipe, out, only=arms, echo=echo, report_only=report_only)
+    try:
+        result = run_compare(recipe, out, only=arms, echo=echo, report_only=report_only)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; the finished arm x seed records stay in {_folder(recipe, out)}: run the same "
+                   "command again to continue from them", err=True)
+        raise SystemExit(130) from None
     for note in result.notes:
         echo(f"note: {note}")
     echo(f"report: {result.report}")
@@ -64,7 +69,7 @@ def _dry_run_checks(recipe, out) -> list[str]:
 
     if recipe.data.root is not None:
         existing_root(recipe.data.root)
-    folder = Path(out) if out is not None else Path(recipe.out) / recipe.name
+    folder = _folder(recipe, out)
     weights, _ = dense_paths(recipe, folder)
     lines = [f"output folder: {folder}" + (" (exists: finished records are reused)" if folder.exists() else "")]
     if weights.is_file():
@@ -75,3 +80,8 @@ def _dry_run_checks(recipe, out) -> list[str]:
         raise ConfigError(f"dense weights {weights} do not exist and the recipe has no dense.train to make them")
     lines.append(f"records on disk: {len(list((folder / 'arms').glob('*/seed*.json')))}")
     return lines
+
+
+def _folder(recipe, out) -> Path:
+    """The output folder a run writes into: --out, else <recipe out>/<recipe name>."""
+    return Path(out) if out is not None else Path(recipe.out) / recipe.name

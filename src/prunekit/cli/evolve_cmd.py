@@ -79,15 +79,18 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
     echo(f"run directory: {run_dir}")
     try:
         state = run_search(cfg, run_dir, resume=resume_dir is not None, progress=not quiet, echo=echo)
+        rows = []
+        if reeval["seeds"] > 0:
+            echo(f"re-evaluating the best {counted(reeval['top'], 'function')} and the 7 seeds with "
+                 f"{counted(reeval['seeds'], 'fresh seed')}")
+            rows = reevaluate(cfg, run_dir, comparison_set(state, reeval["top"]), reeval["seeds"], progress=not quiet)
     except PrunekitError:
         if resume_dir is None:
             _remove_if_unused(run_dir)
         raise
-    rows = []
-    if reeval["seeds"] > 0:
-        echo(f"re-evaluating the best {counted(reeval['top'], 'function')} and the 7 seeds with "
-             f"{counted(reeval['seeds'], 'fresh seed')}")
-        rows = reevaluate(cfg, run_dir, comparison_set(state, reeval["top"]), reeval["seeds"], progress=not quiet)
+    except KeyboardInterrupt:  # the search checkpoints every generation
+        click.echo(f"\ninterrupted; continue with: prunekit evolve --resume {run_dir}", err=True)
+        raise SystemExit(130) from None
     report = write_run(run_dir, cfg, state, rows)
     echo(f"best: {(run_dir / 'best.txt').read_text().strip()}")
     echo(str(report))
