@@ -12,7 +12,9 @@ False
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -36,22 +38,68 @@ def to_memory_format_(model: nn.Module, fmt: torch.memory_format) -> nn.Module:
 # past their workspace when the source is channels-last, the stride is above 1 with no padding and the
 # input channels are fewer than the kernel's channel block (8 with AVX2, 16 with AVX-512): the heap is
 # corrupted (a crash, sometimes later) or the weight gradient is wrong. Reported upstream as
-# uxlfoundation/oneDNN#6035 (open). Padded, grouped and contiguous (NCHW) convolutions take other kernels.
+# uxlfoundation/oneDNN#6035 (open). Padded, grouped and contiguous (NCHW) convolutions take other kernels,
+# and a 1x1 weight has one layout for both formats, so a contiguous input is enough to avoid it.
 ONEDNN_CHANNEL_BLOCK = 16
 
 
-def channels_last_unsafe_convs(model: nn.Module) -> list[str]:
-    """Names of the Conv2d layers whose training step in channels-last layout on a CPU hits the oneDNN
+def channels_last_unsafe(module: nn.Module) -> bool:
+    """Whether `module` is a Conv2d whose gradient in channels-last layout on a CPU hits the oneDNN
     defect above: 1x1 kernel, a stride above 1, no padding, one group, fewer than 16 input channels.
 
-    >>> channels_last_unsafe_convs(nn.Sequential(nn.Conv2d(4, 8, 1, stride=2), nn.Conv2d(8, 8, 1, stride=2, padding=1),
-    ...                                          nn.Conv2d(16, 8, 1, stride=2), nn.Conv2d(8, 8, 3, stride=2)))
-    ['0']
+    >>> [channels_last_unsafe(m) for m in (nn.Conv2d(4, 8, 1, stride=2), nn.Conv2d(8, 8, 1, stride=2, padding=1),
+    ...                                     nn.Conv2d(16, 8, 1, stride=2), nn.Conv2d(8, 8, 3, stride=2))]
+    [True, False, False, False]
     """
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and max(m.stride) > 1
-            and m.groups == 1 and m.in_channels < ONEDNN_CHANNEL_BLOCK
-            and (m.padding == "valid" or (not isinstance(m.padding, str) and not any(m.padding)))]
+    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and max(module.stride) > 1
+            and module.groups == 1 and module.in_channels < ONEDNN_CHANNEL_BLOCK
+            and (module.padding == "valid" or (not isinstance(module.padding, str) and not any(module.padding))))
+
+
+def _row_major(t: torch.Tensor) -> bool:
+    """Whether `t` has exactly the strides of a fresh contiguous tensor (size-1 dims included: oneDNN
+    reads a 1x1 weight strided (C, 1, C, C), which `.contiguous()` leaves as it is, as channels-last)."""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= size
+    return tuple(reversed(expected)) == t.stride()
+
+
+def _contiguous_cpu_input(module: nn.Module, args: tuple) -> tuple | None:
+    x = args[0] if args else None
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu" and channels_last_unsafe(module)):
+        return None
+    if not all(_row_major(t) for t in itertools.chain(module.parameters(), module.buffers()) if t.dim() == 4):
+        # the weight (a masked one's original and mask too) in plain row-major strides: the same values,
+        # and, being 1x1, contiguous in both layouts as before; the parameter objects stay
+        module._apply(lambda t: t.clone(memory_format=torch.contiguous_format) if t.dim() == 4 else t)
+    return None if _row_major(x) else (x.contiguous(), *args[1:])
+
+
+@contextlib.contextmanager
+def onednn_safe() -> Iterator[None]:
+    """Within: every layer that `channels_last_unsafe` names gets its CPU input, and its 1x1 weight,
+    in plain row-major strides (a global forward pre-hook, read at each call, so layers that surgery
+    narrows while training count too): a channels-last model trains and takes gradients without
+    oneDNN's defective kernel, and every other layer keeps its layout. Nothing is attached to any
+    model (a copy made inside carries no hook); the hook is removed on exit, also after an error.
+
+    >>> m = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2)).to(memory_format=torch.channels_last)
+    >>> seen = []
+    >>> _ = m[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+    >>> x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    >>> with onednn_safe():
+    ...     _ = m(x)
+    >>> _ = m(x)
+    >>> seen
+    [True, False]
+    """
+    handle = nn.modules.module.register_module_forward_pre_hook(_contiguous_cpu_input)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def is_channels_last(model: nn.Module) -> bool:

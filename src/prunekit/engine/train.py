@@ -42,8 +42,7 @@ from tqdm.auto import tqdm
 
 from ..core.config import short_repr
 from ..core.errors import ConfigError, TrainingError
-from ..core.layout import (ONEDNN_CHANNEL_BLOCK, channels_last_unsafe_convs, is_channels_last, to_channels_last_,
-                           to_memory_format_)
+from ..core.layout import is_channels_last, onednn_safe, to_channels_last_
 from .batches import check_labels, out_of_memory, split_batch
 from .checkpoint import (check_compatible, checkpoint_path, load_checkpoint, restore_checkpoint,
                          save_checkpoint, seed_everything)
@@ -96,7 +95,7 @@ class _Run:
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.labels_checked = False  # the first step compares the labels with the model's classes
         self.statistics = StepStatistics()
-        self.channels_last = resolve_channels_last(cfg, device, model)
+        self.channels_last = resolve_channels_last(cfg, device)
         self.state = TrainState(model, self.optimizer, self.scheduler, device, cfg, steps_per_epoch)
         self.before_step = [h.before_step for h in hooks if callable(getattr(h, "before_step", None))]
 
@@ -317,47 +316,22 @@ def _train(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfi
         notes.append(f"bf16=True ignored on {device.type}: autocast is used on CUDA only")
         warnings.warn(notes[-1], stacklevel=3)
     model.to(device)
-    wanted, arrived = resolve_channels_last(cfg, device, model, notes), is_channels_last(model)
-    # The default's layout is undone afterwards: the caller gets the model in the layout it came in.
-    restore = None
-    if wanted and not arrived:
+    # the default layout is put back only on a model that arrived in it: a channels-last one stays so
+    restore = cfg.channels_last is None and resolve_channels_last(cfg, device) and not is_channels_last(model)
+    if resolve_channels_last(cfg, device):
         to_channels_last_(model)
-        restore = torch.contiguous_format if cfg.channels_last is None else None
-    elif not wanted and arrived and cfg.channels_last is None:  # the default declined channels-last
-        model.to(memory_format=torch.contiguous_format)
-        restore = torch.channels_last
     try:
-        return _train_loop(model, train_loader, val_loader, cfg, hooks, ckpt_dir, log_path, device, ctx,
-                           progress, resume, notes)
+        with onednn_safe():  # narrow strided 1x1 convs take contiguous inputs (a oneDNN defect)
+            return _train_loop(model, train_loader, val_loader, cfg, hooks, ckpt_dir, log_path, device, ctx,
+                               progress, resume, notes)
     finally:
-        if restore is not None:
-            to_memory_format_(model, restore)
+        if restore:
+            model.to(memory_format=torch.contiguous_format)  # the layout the caller gave us
 
 
-def resolve_channels_last(cfg: TrainConfig, device: torch.device, model: nn.Module,
-                          notes: list[str] | None = None) -> bool:
-    """cfg.channels_last, with None meaning on for CPU (measured faster there) and off elsewhere.
-
-    On a CPU, a model with a layer that oneDNN's channels-last 1x1 kernel mis-trains
-    (`core.layout.channels_last_unsafe_convs`) trains contiguous under the default (a note says
-    so) and is refused with channels_last=True: that kernel corrupts memory or the gradients.
-    """
-    if device.type != "cpu" or cfg.channels_last is False:
-        return bool(cfg.channels_last)
-    unsafe = channels_last_unsafe_convs(model)
-    if not unsafe:
-        return True
-    where = (f"{len(unsafe)} strided 1x1 convolution(s) with fewer than {ONEDNN_CHANNEL_BLOCK} input channels "
-             f"({', '.join(unsafe[:3])}{', ...' if len(unsafe) > 3 else ''})")
-    if cfg.channels_last:
-        raise ConfigError(f"channels_last=True on the CPU: this model has {where}, whose channels-last training "
-                          "step oneDNN computes wrongly (it writes past its workspace: a crash or wrong gradients; "
-                          "uxlfoundation/oneDNN#6035); set channels_last to false or null (the default, which "
-                          "trains such a model contiguous)")
-    if notes is not None:
-        notes.append(f"trained contiguous, not channels-last: {where} (oneDNN's channels-last kernel for them "
-                     "computes wrong gradients on the CPU)")
-    return False
+def resolve_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    """cfg.channels_last, with None meaning on for CPU (measured faster there) and off elsewhere."""
+    return cfg.channels_last if cfg.channels_last is not None else device.type == "cpu"
 
 
 def _train_loop(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig, hooks: list[Any],

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError, PruningError
+from ..core.layout import onednn_safe
 from ..core.modes import evaluating
 from .calibration import NEEDS_DATA, forward, labelled, loss_of
 
@@ -84,7 +85,7 @@ class ScoreContext:
             grads = {n: torch.zeros_like(p) for n, p in params.items()}
             held = {n: p.grad for n, p in params.items()}  # the caller's own .grad, put back after
             try:
-                with evaluating(self.model), _differentiable(params.values()):
+                with evaluating(self.model), _differentiable(params.values()), onednn_safe():
                     for i, x, y in labelled(self.batches, who):
                         self.model.zero_grad(set_to_none=True)
                         loss_of(self.loss_fn, forward(self.model, x, i, who), y, i, who).backward()
@@ -112,7 +113,8 @@ class ScoreContext:
                               "key the vector by names from model.named_parameters()")
         leaves = [params[n] for n in names]
         out = {n: torch.zeros_like(p) for n, p in zip(names, leaves)}
-        with evaluating(self.model), _differentiable(leaves), _TwiceDifferentiable(), _second_derivatives(who):
+        with (evaluating(self.model), _differentiable(leaves), _TwiceDifferentiable(), _second_derivatives(who),
+              onednn_safe()):
             for i, x, y in labelled(self.batches, who):
                 loss = loss_of(self.loss_fn, forward(self.model, x, i, who), y, i, who)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..core.layout import onednn_safe
 from ..surgery.verify import first_tensor
 from .element_masks import global_keep_count, select_element_masks
 from .targets import leaf_names, target_weights
@@ -81,7 +82,7 @@ def synflow_scores(model: nn.Module, batches: Iterable | None = None, *, example
     rounds = 1 if sparsity is None else iterations
     keep: dict[str, torch.Tensor] | None = None
     for k in range(1, rounds + 1):
-        with torch.enable_grad():  # also inside a caller's torch.no_grad()
+        with torch.enable_grad(), onednn_safe():  # also inside a caller's torch.no_grad()
             scores = _one_round(work, inputs, leaves)
         if keep is not None:
             for key, s in scores.items():
