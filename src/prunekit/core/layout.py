@@ -38,8 +38,9 @@ def to_memory_format_(model: nn.Module, fmt: torch.memory_format) -> nn.Module:
 # past their workspace when the source is channels-last, the stride is above 1 with no padding and the
 # input channels are fewer than the kernel's channel block (8 with AVX2, 16 with AVX-512): the heap is
 # corrupted (a crash, sometimes later) or the weight gradient is wrong. Reported upstream as
-# uxlfoundation/oneDNN#6035 (open). Padded, grouped and contiguous (NCHW) convolutions take other kernels,
-# and a 1x1 weight has one layout for both formats, so a contiguous input is enough to avoid it.
+# uxlfoundation/oneDNN#6035 (open). Padded, grouped and contiguous (NCHW) convolutions take other kernels;
+# the kernel is chosen when the input or the weight looks channels-last, and a 1x1 weight strided
+# (C, 1, C, C) does, so both are given row-major strides.
 ONEDNN_CHANNEL_BLOCK = 16
 
 

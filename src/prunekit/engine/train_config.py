@@ -22,8 +22,8 @@ class TrainConfig(Config):
     trains in NHWC layout (its 4-D tensors; 5-D ones stay as they are); None (the default) means
     on for CPU, off elsewhere: on CPU it was measured 1.4-1.5x faster for a CIFAR ResNet-20 at
     one thread (docs/train_throughput.md), and it computes the same function (results agree to
-    float rounding); a strided, unpadded 1x1 conv of fewer than 16 input channels runs on a
-    contiguous input on the CPU (`core.layout.onednn_safe`: oneDNN's channels-last kernel computes
+    float rounding); a strided, unpadded 1x1 conv of fewer than 16 input channels runs with a
+    row-major input and weight on the CPU (`core.layout.onednn_safe`: oneDNN's channels-last kernel computes
     its weight gradient wrongly). When the default turned it on, the model is handed back in the
     layout it came in (contiguous, or channels-last when the caller made it so). `log_every` writes a
     JSONL "step" record every that many steps (0: never) with the loss of this process's batch
