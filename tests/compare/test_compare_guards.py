@@ -433,3 +433,16 @@ def test_ctrl_c_says_the_finished_records_stay_and_how_to_continue(dense_path, t
     res = CliRunner().invoke(cli, ["compare", str(recipe), "--out", str(out), "-q"])
     assert res.exit_code == 130, res.output
     assert f"the finished arm x seed records stay in {out}: run the same command again" in res.stderr
+
+
+def test_a_home_relative_dense_path_and_out_folder_are_expanded(dense_path, tmp_path, monkeypatch):
+    """`~/...` in dense.weights and out names the user's home, as it does on the command line, not a
+    folder called '~' in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "dense.safetensors").write_bytes(dense_path.read_bytes())
+    raw = _raw("~/w/dense.safetensors", out="~/results", arms={"dense": {"method": None}})
+    result = run_compare(CompareRecipe.from_dict(raw), **quiet)
+    assert result.ran == [("dense", 0)]
+    assert (tmp_path / "results" / "t").is_dir() and not (tmp_path / "~").exists()

@@ -328,3 +328,20 @@ def test_resume_reads_the_newest_checkpoint_past_generation_999(tmp_path):
                             [{"generation": g}])
         save_checkpoint(tmp_path, state, cfg, [0.5] * 4)
     assert load_checkpoint(tmp_path, cfg).generation == 1000
+
+
+def test_home_relative_task_paths_are_expanded(dense, tmp_path, monkeypatch):
+    """init: ~/... and data.root: ~/... name the user's home, as on the command line."""
+    from pathlib import Path
+
+    from prunekit.evolve.search import check_tasks, prepare_dense
+
+    monkeypatch.setenv("HOME", str(Path(dense).parent))
+    (Path(dense).parent / "data").mkdir(exist_ok=True)
+    name = Path(dense).name
+    cfg = EvolveConfig(tasks=[digits_task(init=f"~/{name}", data={"name": "digits", "root": "~/data",
+                                                                  "val_fraction": 0.2})])
+    check_tasks(cfg)
+    assert prepare_dense(cfg, tmp_path) == {"digits": dense}
+    with pytest.raises(ConfigError, match="init '~/missing.safetensors' is not a file"):
+        check_tasks(EvolveConfig(tasks=[digits_task(init="~/missing.safetensors")]))

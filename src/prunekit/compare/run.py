@@ -74,7 +74,7 @@ def dense_paths(recipe: CompareRecipe, out_dir: Path) -> tuple[Path, Path]:
     """(weights, info JSON) of the dense model: `dense.weights` and the .json beside it, or the
     output folder's dense.safetensors and dense.json."""
     if recipe.dense_weights:
-        path = Path(recipe.dense_weights)
+        path = Path(recipe.dense_weights).expanduser()
         return path, path.with_suffix(".json")
     return out_dir / "dense.safetensors", out_dir / "dense.json"
 
@@ -154,7 +154,7 @@ def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = 
     unknown = sorted(set(only or ()) - set(recipe.arms))
     if unknown:
         raise ConfigError(f"unknown arm(s) {', '.join(unknown)}; the recipe has {', '.join(recipe.arms)}")
-    out = Path(out_dir) if out_dir is not None else Path(recipe.out) / recipe.name
+    out = Path(out_dir).expanduser() if out_dir is not None else Path(recipe.out).expanduser() / recipe.name
     if report_only:
         return report_from_disk(recipe, out)
     if recipe.threads is not None:

@@ -263,10 +263,10 @@ def check_tasks(cfg: EvolveConfig) -> None:
             raise ConfigError(f"{where}: {err}") from None
         except TypeError as err:  # an unknown data key
             raise ConfigError(f"{where}: data: {err}") from None
-        if data.root is not None and not Path(data.root).exists():
+        if data.root is not None and not Path(data.root).expanduser().exists():
             raise ConfigError(f"{where}: data.root {data.root!r} does not exist (relative paths start in "
                               f"{Path.cwd()}); give the dataset's path")
-        if task.init is not None and not Path(task.init).is_file():
+        if task.init is not None and not Path(task.init).expanduser().is_file():
             raise ConfigError(f"{where}: init {task.init!r} is not a file; give trained dense weights "
                               "(.safetensors) or leave init unset to train them")
 
@@ -276,7 +276,7 @@ def prepare_dense(cfg: EvolveConfig, run_dir: Path, echo: Callable[[str], None] 
     paths = {}
     for task in cfg.tasks:
         if task.init is not None:
-            paths[task.name] = str(task.init)
+            paths[task.name] = str(Path(task.init).expanduser())
             continue
         path = run_dir / "dense" / f"{task.name}.safetensors"
         if not path.exists():
