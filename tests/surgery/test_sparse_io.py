@@ -259,3 +259,26 @@ def test_a_mask_recorded_on_a_tensor_that_cannot_carry_one_is_refused_before_loa
         load_sparse(target, path, restore_masks=True)
     assert list(target.state_dict()) == list(before)
     assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())
+
+
+def test_an_nm_mask_on_a_transposed_conv_is_described_and_checked_as_nm(tmp_path):
+    """A transposed conv's weight is (in, out / groups, k, k): its inputs run along dim 0, so its
+    N:M mask (runs of inputs, as SLR makes it) is read in a conv's layout, not called irregular."""
+    from prunekit.methods.slr import SLRConfig, hard_prune_
+    from prunekit.surgery.mask_io import describe_masks
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ConvTranspose2d(8, 12, 3, groups=2))
+    x = torch.randn(2, 1, 6, 6)
+    hard_prune_(net, SLRConfig(sparsity_type="nm", layers=["1"]), example_inputs=x)
+    weight = net[1].weight.detach()  # (8, 6, 3, 3): runs of 4 inputs lie along dim 0, per group
+    runs = weight.reshape(2, 4, 6, 9).ne(0).sum(dim=1)
+    assert bool((runs == 2).all())
+    assert {k: v for k, v in describe_masks(net)["tensors"]["1.weight"].items() if k in ("kind", "n", "m")} == \
+        {"kind": "nm", "n": 2, "m": 4}
+    infos = save_sparse(net, tmp_path / "t.safetensors")
+    assert (infos["1.weight"]["kind"], infos["1.weight"]["n"], infos["1.weight"]["m"]) == ("nm", 2, 4)
+    fresh = copy.deepcopy(net)
+    remove_masks(fresh)
+    load_sparse(fresh, tmp_path / "t.safetensors", restore_masks=True)
+    assert torch.equal(get_mask(fresh[1], "weight"), get_mask(net[1], "weight"))

@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 
 from ..core.errors import CheckpointError, PruningError
 from .masks import Mask, apply_mask, get_mask, masked_modules, sparsity_report
-from .projections import pattern_library
+from .projections import conv_layout, pattern_library, transposed_groups
 
 __all__ = ["pack_mask", "unpack_mask", "mask_kind", "is_nm", "effective_state", "describe_masks",
            "restore_masks_", "check_masks", "restore_masks_from_state", "tied_values", "plain_state_names",
@@ -62,12 +62,16 @@ def unpack_mask(bits: Tensor, shape: Any) -> Tensor:
     return torch.from_numpy(np.unpackbits(bits.numpy(), count=numel).astype(bool)).view(shape)
 
 
-def mask_kind(mask: Tensor) -> dict[str, Any]:
+def mask_kind(mask: Tensor, groups: int | None = None) -> dict[str, Any]:
     """{"kind": "nm", "n", "m"} | {"kind": "pattern"} | {"kind": "irregular"} for a full-shape mask.
 
     N:M: every run of m entries along dim 1 keeps the same n < m (m tried in 2, 4, 8, 16).
     Pattern: a (out, in, 3, 3) mask whose every kernel keeps one of the 13 four-zero patterns.
+    `groups`: the mask is a transposed conv's weight, (in, out / groups, *k); it is read in a
+    conv's layout (out, in / groups, *k), where its inputs run along dim 1 as for any layer.
     """
+    if groups is not None:
+        mask = conv_layout(mask, groups)
     for m in (2, 4, 8, 16):  # smallest m first: a 1:2 mask is also 2:4, and 1:2 says more
         runs = _kept_per_run(mask, m)
         if runs is not None and int(runs[0]) < m and bool((runs == runs[0]).all()):
@@ -135,7 +139,8 @@ def describe_masks(model: nn.Module) -> dict[str, Any]:
         mask = get_mask(module, pname).expand(w.shape)
         n_masked = int((~mask).sum())
         key = f"{mname}.{pname}" if mname else pname
-        tensors[key] = {"shape": list(w.shape), **mask_kind(mask), "numel": w.numel(),
+        groups = module.groups if isinstance(module, nn.modules.conv._ConvTransposeNd) and pname == "weight" else None
+        tensors[key] = {"shape": list(w.shape), **mask_kind(mask, groups), "numel": w.numel(),
                         "masked": n_masked, "sparsity": n_masked / max(w.numel(), 1)}
         total, masked = total + w.numel(), masked + n_masked
     return {"format_version": MASKS_FORMAT_VERSION, "tensors": tensors, "numel": total, "masked": masked,

@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..core.errors import ConfigError, PruningError
 from ..core.registry import Registry
@@ -43,6 +43,8 @@ __all__ = [
     "project",
     "global_irregular_masks",
     "project_global",
+    "conv_layout",
+    "transposed_groups",
 ]
 
 # A kind maps (W, sparsity, **options) -> (bool mask of W's shape, expected number of zeros).
@@ -213,3 +215,32 @@ def global_irregular_masks(tensors: Sequence[Tensor], sparsity: float) -> list[T
 def project_global(tensors: Sequence[Tensor], sparsity: float) -> list[Tensor]:
     """Global irregular projection: each tensor times its `global_irregular_masks` mask."""
     return [t * m for t, m in zip(tensors, global_irregular_masks(tensors, sparsity))]
+
+
+def conv_layout(w: Tensor, groups: int) -> Tensor:
+    """A transposed conv's weight (in, out / g, *k) in a conv's layout (out, in / g, *k), and back:
+    the map is its own inverse.
+
+    >>> import torch
+    >>> w = torch.arange(8).view(4, 2, 1)  # in=4, out=4, groups=2
+    >>> conv_layout(w, 2)[:, :, 0].tolist()
+    [[0, 2], [1, 3], [4, 6], [5, 7]]
+    >>> torch.equal(conv_layout(conv_layout(w, 2), 2), w)
+    True
+    """
+    a, b, k = w.shape[0], w.shape[1], w.shape[2:]
+    # (g, rows / g, cols, *k) -> (g, cols, rows / g, *k): each group's block transposed
+    return w.reshape(groups, a // groups, b, *k).transpose(1, 2).reshape(b * groups, a // groups, *k).contiguous()
+
+
+def transposed_groups(model: nn.Module, name: str) -> int | None:
+    """The groups of the transposed conv whose weight `name` (a parameter name) is; else None.
+    Such a weight is stored (in, out / groups, *k): `conv_layout` gives it a conv's layout."""
+    owner, _, tensor = name.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return None
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and tensor == "weight":
+        return module.groups
+    return None

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ..core.errors import CheckpointError, PruningError
 from ..core.integrity import atomic_write
 from .mask_io import check_masks, effective_state, is_nm, mask_kind, pack_mask, restore_masks_, tied_values, unpack_mask
+from .projections import transposed_groups
 from .masks import get_mask, remove_parametrization_
 from .tensor_file import VERSIONS_KEY, file_metadata, load_state_
 
@@ -52,7 +53,7 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
 )}
 
 
-def _encode(name: str, t: Tensor, mask: Tensor | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _encode(name: str, t: Tensor, mask: Tensor | None, groups: int | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     t = t.cpu()
     info: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "masked": mask is not None}
     if info["dtype"] not in _DTYPES:
@@ -61,7 +62,7 @@ def _encode(name: str, t: Tensor, mask: Tensor | None) -> tuple[dict[str, Tensor
     n_keep = int(keep.sum())
     sparse_bytes = n_keep * t.element_size() + math.ceil(t.numel() / 8)
     if t.is_floating_point() and t.numel() > 0 and (mask is not None or sparse_bytes < t.numel() * t.element_size()):
-        info.update(encoding="bitmask", **mask_kind(keep))
+        info.update(encoding="bitmask", **mask_kind(keep, groups))
         return {f"{name}::values": t[keep].contiguous(), f"{name}::bits": pack_mask(keep)}, info
     info.update(encoding="dense", kind="dense")
     return {name: t.contiguous().clone()}, info
@@ -77,7 +78,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> dict[str, dict[str
     for name, (t, mask) in effective_state(model).items():
         if "::" in name:
             raise CheckpointError(f"tensor name {name!r} contains '::', which the sparse format reserves")
-        stored, infos[name] = _encode(name, t, mask)
+        stored, infos[name] = _encode(name, t, mask, transposed_groups(model, name))
         tensors.update(stored)
     meta = {_META_KEY: json.dumps({"format_version": FORMAT_VERSION, "tensors": infos}),
             VERSIONS_KEY: file_metadata(model)[VERSIONS_KEY]}  # torchvision's MNASNet refuses a state without them
@@ -104,7 +105,7 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor], d
     return infos, stored, meta
 
 
-def _decode(path: Any, name: str, info: Any, stored: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+def _decode(path: Any, name: str, info: Any, stored: dict[str, Tensor], groups: int | None) -> tuple[Tensor, Tensor | None]:
     """Rebuild one dense tensor (and its kept-entry mask for bitmask entries)."""
     def bad(why: str) -> CheckpointError:
         return CheckpointError(f"{path}: tensor {name!r} is corrupt ({why})")
@@ -131,7 +132,7 @@ def _decode(path: Any, name: str, info: Any, stored: dict[str, Tensor]) -> tuple
     keep = unpack_mask(bits, shape)
     if values.dtype != dtype or values.dim() != 1 or values.numel() != int(keep.sum()):
         raise bad(f"{values.numel()} values for {int(keep.sum())} kept entries")
-    if info.get("kind") == "nm" and mask_kind(keep) != {"kind": "nm", "n": info.get("n"), "m": info.get("m")}:
+    if info.get("kind") == "nm" and mask_kind(keep, groups) != {"kind": "nm", "n": info.get("n"), "m": info.get("m")}:
         raise bad("its bit mask is not the recorded N:M pattern")
     dense = torch.zeros(shape, dtype=dtype)
     dense[keep] = values
@@ -158,7 +159,7 @@ def load_sparse(model: nn.Module, path: str | os.PathLike, restore_masks: bool =
         raise CheckpointError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     decoded = {}
     for name, info in infos.items():
-        dense, keep = _decode(path, name, info, stored)
+        dense, keep = _decode(path, name, info, stored, transposed_groups(model, name))
         if dense.shape != target[name][0].shape:
             raise CheckpointError(f"{path}: {name} has shape {tuple(dense.shape)}, the model {tuple(target[name][0].shape)}")
         decoded[name] = (dense, keep if info.get("masked") else None)

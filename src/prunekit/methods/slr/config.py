@@ -16,7 +16,7 @@ from ...core.config import Config, check_choice, check_range, check_unused
 from ...core.errors import ConfigError, PruningError
 from ...importance.targets import check_not_shared, target_weights
 from ...surgery.masks import get_mask
-from ...surgery.projections import PROJECTIONS, global_irregular_masks, projection_mask
+from ...surgery.projections import PROJECTIONS, conv_layout, global_irregular_masks, projection_mask, transposed_groups
 
 __all__ = ["SLRConfig", "ProjectionSpec", "resolve_targets"]
 
@@ -151,7 +151,7 @@ class ProjectionSpec:
     @classmethod
     def from_config(cls, config: SLRConfig, targets: dict, model: nn.Module | None = None) -> "ProjectionSpec":
         options = {"n": config.n, "m": config.m} if config.sparsity_type == "nm" else {}
-        transposed = {} if model is None else {n: g for n in targets if (g := _transposed_groups(model, n))}
+        transposed = {} if model is None else {n: g for n in targets if (g := transposed_groups(model, n))}
         return cls(config.sparsity_type, dict(targets), config.scope, options, transposed)
 
     def masks(self, tensors: dict) -> dict:
@@ -174,30 +174,6 @@ class ProjectionSpec:
     def project(self, tensors: dict) -> dict:
         masks = self.masks(tensors)
         return {n: tensors[n] * masks[n] for n in masks}
-
-
-def _transposed_groups(model: nn.Module, pname: str) -> int | None:
-    """The groups of a transposed conv whose weight `pname` is, stored (in, out / groups, ...); else None."""
-    module = model.get_submodule(pname.rsplit(".", 1)[0])
-    if isinstance(module, nn.modules.conv._ConvTransposeNd) and pname.endswith(".weight"):
-        return module.groups
-    return None
-
-
-def conv_layout(w: Tensor, groups: int) -> Tensor:
-    """A transposed conv's weight (in, out / g, *k) in a conv's layout (out, in / g, *k), and back:
-    the map is its own inverse.
-
-    >>> import torch
-    >>> w = torch.arange(8).view(4, 2, 1)  # in=4, out=4, groups=2
-    >>> conv_layout(w, 2)[:, :, 0].tolist()
-    [[0, 2], [1, 3], [4, 6], [5, 7]]
-    >>> torch.equal(conv_layout(conv_layout(w, 2), 2), w)
-    True
-    """
-    a, b, k = w.shape[0], w.shape[1], w.shape[2:]
-    # (g, rows / g, cols, *k) -> (g, cols, rows / g, *k): each group's block transposed
-    return w.reshape(groups, a // groups, b, *k).transpose(1, 2).reshape(b * groups, a // groups, *k).contiguous()
 
 
 def _default_layers(model: nn.Module, kind: str) -> list[str]:

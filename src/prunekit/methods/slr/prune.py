@@ -29,7 +29,8 @@ from torch.nn.utils import parametrize
 from ...core.errors import ConfigError, PruningError
 from ...core.modes import evaluating, kept_modes
 from ...surgery.masks import Mask, apply_mask, remove_masks
-from .config import ProjectionSpec, SLRConfig, check_masks_only_grow, conv_layout, resolve_targets
+from ...surgery.projections import conv_layout
+from .config import ProjectionSpec, SLRConfig, check_masks_only_grow, resolve_targets
 from .hook import SLRHook
 from .state import SLRState
 
