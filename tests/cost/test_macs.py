@@ -345,3 +345,48 @@ def test_macs_are_per_sample_when_a_scalar_input_comes_first(inputs):
             return self.lin(x) * scale
 
     assert count_cost(Scaled(), inputs(torch.randn(4, 5), torch.tensor(2.0))).macs == 5 * 3
+
+
+class _Attend(nn.Module):
+    def __init__(self, packed: bool = True):
+        super().__init__()
+        kv = {} if packed else {"kdim": 12, "vdim": 20}
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True, **kv)
+        self.head = nn.Linear(16, 4)
+        self.packed = packed
+
+    def forward(self, x, y):
+        if self.packed:  # self-attention
+            return self.head(self.attn(x, x, x, need_weights=False)[0])
+        return self.head(self.attn(x, y[..., :12], y, need_weights=False)[0])  # keys 12 wide, values 20
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_nonzero_macs_of_masked_attention_equal_a_hand_count(packed):
+    """q/k/v projections scale by their own rows' density, the out-projection by its weight's,
+    the attention products not at all; a Linear by its weight's density."""
+    from prunekit.cost.macs import nonzero_macs
+    from prunekit.surgery.masks import apply_mask, unstructured_mask
+
+    torch.manual_seed(0)
+    model = _Attend(packed)
+    L, S = 5, 7
+    x, y = torch.randn(1, L, 16), torch.randn(1, S, 20)
+    if packed:
+        S = L
+    a = model.attn
+    names = ["in_proj_weight"] if packed else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    for i, name in enumerate(names):
+        apply_mask(a, name, unstructured_mask(getattr(a, name), 0.3 + 0.1 * i))
+    apply_mask(a.out_proj, "weight", unstructured_mask(a.out_proj.weight, 0.75))
+    apply_mask(model.head, "weight", unstructured_mask(model.head.weight, 0.5))
+    kept = lambda w: int((w != 0).sum())
+    if packed:
+        w = a.in_proj_weight
+        q, k, v = kept(w[:16]) * L, kept(w[16:32]) * S, kept(w[32:]) * S
+    else:
+        q, k, v = kept(a.q_proj_weight) * L, kept(a.k_proj_weight) * S, kept(a.v_proj_weight) * S
+    products = 2 * L * S * 16  # QK^T and AV over all heads
+    expected = q + k + v + kept(a.out_proj.weight) * L + products + kept(model.head.weight) * L
+    assert nonzero_macs(model, build_graph(model, (x, y))) == expected
+    assert count_cost(model, (x, y)).macs > expected  # the dense count is unchanged by masks

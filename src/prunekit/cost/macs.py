@@ -308,3 +308,58 @@ def cost_after(pruned: nn.Module, graph: Graph, removal: dict[str, list[int]],
     (`estimator`: one already built for this graph)."""
     estimator = estimator if estimator is not None else CostEstimator(pruned, graph)
     return _cost(pruned, graph, estimator.node_macs(removal))
+
+
+_WEIGHTED_OPS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+                           "conv_transpose3d", "linear"})
+
+
+def nonzero_macs(model: nn.Module, graph: Graph) -> int:
+    """MACs per sample over nonzero weights only, what a sparse kernel could at best execute.
+
+    Every entry of a conv or Linear weight is used equally often, so a weighted node counts its
+    MACs times the nonzero fraction of the (effective, masked) weight it reads. An
+    nn.MultiheadAttention counts by its parts: the q, k and v projections each by their own rows
+    of the in-projection, the out-projection by its weight, the attention products in full.
+    Nodes without weights count in full.
+    """
+    batch = max(graph.batch, 1)
+    total = 0.0
+    for node in graph.nodes:
+        owner = _submodule(model, node.module)
+        if node.op == "multi_head_attention_forward" and isinstance(owner, nn.MultiheadAttention):
+            total += _mha_nonzero_macs(owner, node)
+            continue
+        weight = None
+        if node.params:
+            name, _, tensor = node.params[0].rpartition(".")
+            weight = getattr(_submodule(model, name), tensor, None)
+        elif node.op in _WEIGHTED_OPS:  # a masked weight is computed at each call: its module's
+            weight = getattr(owner, "weight", None)
+        total += node.macs * (_nonzero_fraction(weight) if isinstance(weight, torch.Tensor) else 1.0)
+    return int(round(total / batch))
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _nonzero_fraction(t: torch.Tensor) -> float:
+    return float(torch.count_nonzero(t.detach())) / t.numel() if t.numel() else 1.0
+
+
+def _mha_nonzero_macs(mha: nn.MultiheadAttention, node) -> float:
+    (L, *rest), key, value = node.in_shapes[0], node.in_shapes[1], node.in_shapes[2]
+    B, S, E = (rest[0] if len(rest) == 2 else 1), key[0], mha.embed_dim
+    out_w = mha.out_proj.weight
+    if mha._qkv_same_embed_dim:
+        w = mha.in_proj_weight
+        projections = (w[:E], w[E:2 * E], w[2 * E:])
+    else:
+        projections = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+    linear = [B * L * E * E, B * S * E * key[-1], B * S * E * value[-1], B * L * E * out_w.shape[0]]
+    dense = [_nonzero_fraction(p) for p in (*projections, out_w)]
+    return node.macs - sum(linear) + sum(m * d for m, d in zip(linear, dense))

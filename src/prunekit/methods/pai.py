@@ -14,7 +14,8 @@ weights but those under `ignore`), globally or per layer (`scope`), held as the 
 persistent masks (`surgery.masks`): masked weights read zero and get zero gradient, so training
 keeps them at zero, and `save_pruned` / `load_pruned` store and restore them. Parameter and MAC
 counts of the dense tensors do not change; the result's metrics give the nonzero views
-(`params_nonzero`, and `macs_nonzero`: each layer's MACs times its weight density).
+(`params_nonzero`, and `macs_nonzero`: each layer's MACs times its weight density, attention
+by its projections; `cost.macs.nonzero_macs`).
 
 level="channel": the element scores are summed per channel of each of the graph's groups
 (`channel_scores_from_elements`) and `sparsity` of the channels (per group with scope "layer",
@@ -42,7 +43,8 @@ from torch import nn
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PruningError
 from ..core.names import within
-from ..cost.macs import count_cost
+from ..cost.macs import cost_from_graph, count_cost, nonzero_macs
+from ..graph import build_graph
 from ..importance.calibration import check_iterable
 from ..importance.elements import (apply_element_masks, channel_scores_from_elements, grasp_scores, random_scores,
                                    select_element_masks, snip_scores, synflow_scores)
@@ -158,17 +160,15 @@ def _calibration(cfg: PaIConfig, batches: Iterable | None) -> list | None:
     return taken
 
 
-def _nonzero_views(model: nn.Module, masks: dict[str, torch.Tensor], cost) -> dict[str, Any]:
-    """Parameters and MACs counting only kept weights (each layer's MACs times its density). Every
+def _nonzero_views(model: nn.Module, masks: dict[str, torch.Tensor], cost, macs: int) -> dict[str, Any]:
+    """Parameters and MACs counting only kept weights (`macs`: `cost.macs.nonzero_macs`). Every
     mask the model carries counts, also those of layers this pass ignored."""
     total = sum(int(m.numel()) for m in masks.values())
     kept = sum(int(m.sum()) for m in masks.values())
     held = _model_masks(model)
     hidden = sum(int(m.numel() - m.sum()) for m in held.values())
-    density = {mname: float(m.float().mean()) for (mname, pname), m in held.items() if pname == "weight"}
-    macs = sum(row["macs"] * density.get(name, 1.0) for name, row in cost.per_module.items())
     return {"weights_total": total, "weights_kept": kept, "sparsity": 1 - kept / total,
-            "params_nonzero": cost.params - hidden, "macs_nonzero": int(round(macs)),
+            "params_nonzero": cost.params - hidden, "macs_nonzero": macs,
             "layer_density": {k.rpartition(".")[0]: float(m.float().mean()) for k, m in masks.items()}}
 
 
@@ -196,9 +196,10 @@ def _element_prune(model, cfg, example_inputs, data) -> PruneResult:
     apply_element_masks(work, masks)
     plan.meta.update({"method": cfg.criterion if cfg.criterion != "random" else "random_init",
                       "config": cfg.to_dict()})
-    after = count_cost(work, example_inputs)
+    graph = build_graph(work, example_inputs)
+    after, macs = cost_from_graph(work, graph), nonzero_macs(work, graph)
     adopt_(model, work)
-    return PruneResult(plan, before, after, cfg.to_dict(), _nonzero_views(model, masks, after))
+    return PruneResult(plan, before, after, cfg.to_dict(), _nonzero_views(model, masks, after, macs))
 
 
 def _held_masks(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
