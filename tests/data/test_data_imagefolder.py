@@ -234,7 +234,7 @@ def test_a_corrupt_image_is_named_in_one_data_error(tmp_path, fakes, private_cac
     fake = fakes.write_image_folder(tmp_path / "imgs")
     (fake.root / "train" / "dog" / "900.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     root = fakes.tar_folder(fake.root, tmp_path / "imgs.tar.gz") if archive else fake.root
-    name = "an image of class 'dog'" if archive else "900.png"
+    name = "train/dog/900.png"
     with pytest.raises(DataError, match=f"cannot decode .*{name}.*remove or replace the file"):
         load_imagefolder(cfg_for(root))
 
@@ -489,3 +489,25 @@ def test_a_corrupt_image_met_by_a_worker_process_is_one_plain_data_error(tmp_pat
     with pytest.raises(DataError, match=r"^cannot decode .*001.png.*remove or replace the file$") as caught:
         list(bundle.test)
     assert "Traceback" not in str(caught.value)
+
+
+def test_a_streamed_folder_whose_first_image_is_grey_keeps_its_colour(tmp_path, fakes, private_cache, monkeypatch):
+    """Streamed sets decode every image in one mode: a grey first image must not make the colour
+    images grey (their headers are read to choose)."""
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    grey = np.arange(30, dtype=np.uint8).reshape(6, 5)
+    Image.fromarray(grey, "L").save(fake.root / "train" / "ant" / "000.png")
+    monkeypatch.setattr(imagefolder, "MAX_IN_MEMORY_BYTES", 0)
+    files = load_imagefolder(cfg_for(fake.root))
+    assert isinstance(files, ImageFiles) and files.image_shape == (3, 6, 5)
+    for p in fake.root.rglob("*.*"):
+        Image.fromarray(grey, "L").save(p)
+    assert load_imagefolder(cfg_for(fake.root)).image_shape == (1, 6, 5)  # all grey: one channel
+
+
+def test_a_corrupt_image_in_an_archive_is_named_by_its_member_path(tmp_path, fakes, private_cache):
+    fake = fakes.write_image_folder(tmp_path / "imgs")
+    (fake.root / "train" / "dog" / "900.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    archive = fakes.tar_folder(fake.root, tmp_path / "imgs.tar.gz")
+    with pytest.raises(DataError, match=r"cannot decode \S*train/dog/900\.png \("):
+        load_imagefolder(cfg_for(archive))

@@ -28,9 +28,10 @@ def is_image_name(name: str) -> bool:
     return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def probe_image(data: bytes) -> tuple[str, tuple[int, int]]:
-    """(mode "L" or "RGB", (height, width)) from the header only, without decoding pixels."""
-    with Image.open(io.BytesIO(data)) as img:
+def probe_image(data: bytes | str) -> tuple[str, tuple[int, int]]:
+    """(mode "L" or "RGB", (height, width)) from the header only, without decoding pixels; `data`
+    is the file's bytes or its path (then only the header is read from disk)."""
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
         mode = "L" if img.mode in _GREY_MODES else "RGB"
         return mode, (img.height, img.width)
 

@@ -3,9 +3,9 @@
 Splits: train/ is required; test/ is the test split (val/ is taken instead when there is no
 test/, as in ImageNet's layout); with neither, 20 % of every class is carved out as test with
 a fixed seed. Class labels are the sorted class-folder names of train/. A common top folder
-(e.g. "cifar10/train/...") is fine. Images are decoded with Pillow to grey or RGB (from the
-first image's mode; an image set held in memory is decoded as RGB as soon as one of its images is
-not grey) and, with `image_size`, resized to a square.
+(e.g. "cifar10/train/...") is fine. Images are decoded with Pillow to grey, or to RGB as soon as
+one of them is not grey (a streamed set reads every image's header when its first is grey), and,
+with `image_size`, resized to a square.
 
 Small sets are decoded once into uint8 arrays and cached (see cache.py); a set whose decoded
 size would pass MAX_IN_MEMORY_BYTES is streamed from the folder by a DataLoader instead.
@@ -73,6 +73,8 @@ def load_imagefolder(cfg: DataConfig) -> ImageArrays | ImageFiles:
     shape = (1 if mode == "L" else 3, *((cfg.image_size,) * 2 if cfg.image_size else size))
     resize = cfg.image_size is not None
     if not _fits_in_memory(path, len(train) + len(test or []), shape):
+        if mode == "L" and _any_colour(train + (test or [])):  # streamed: one mode for every image
+            shape = (3, *shape[1:])
         return _as_files(class_names, train, test, shape, resize)
     try:
         arrays = _decode_all(class_names, train, test, mode, shape, resize)
@@ -152,7 +154,8 @@ def _list_folder(path: Path) -> Entries:
 
 
 def _organise(entries: Entries, path: Path) -> tuple[list[str], list, list | None]:
-    """(class names, train [(label, payload)], test [(label, payload)] or None), sorted by name."""
+    """(class names, train [(label, payload, name)], test [...] or None), sorted by name. A payload is
+    a file's path, or an archive member's bytes (`name`: the member's path in the archive)."""
     if "train" not in entries:
         found = ", ".join(sorted(entries)) or "no images"
         raise DataError(f"{str(path)!r} has no train/ split (found: {found}); {LAYOUT_HELP}")
@@ -166,7 +169,7 @@ def _organise(entries: Entries, path: Path) -> tuple[list[str], list, list | Non
     def labelled(split: str) -> list[tuple[int, object]]:
         items = []
         for label, name in enumerate(class_names):
-            items += [(label, payload) for _, payload in sorted(entries[split].get(name, []), key=lambda e: e[0])]
+            items += [(label, payload, member) for member, payload in sorted(entries[split].get(name, []))]
         return items
 
     return class_names, labelled("train"), labelled(test_split) if test_split else None
@@ -181,6 +184,23 @@ def _probe(payload: object) -> tuple[str, tuple[int, int]]:
                         "remove or replace the file") from None
 
 
+def _any_colour(items: list) -> bool:
+    """Whether any image (file path payloads) is not grey, read from the headers only. A header
+    that cannot be read is left to decoding, which names the file."""
+    def colour(item: tuple) -> bool:
+        try:
+            return probe_image(item[1])[0] != "L"
+        except PILLOW_ERRORS:
+            return False
+
+    chunk = 1024
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(items), chunk):  # stops at the first chunk holding a colour image
+            if any(pool.map(colour, items[start:start + chunk])):
+                return True
+    return False
+
+
 def _payload_bytes(payload: object) -> bytes:
     return payload if isinstance(payload, bytes) else Path(payload).read_bytes()
 
@@ -190,7 +210,7 @@ def _decode_all(class_names: list[str], train: list, test: list | None, mode: st
     size = shape[1:] if resize else None
 
     def decode(item: tuple[int, object]) -> np.ndarray:
-        name = item[1] if isinstance(item[1], str) else f"an image of class {class_names[item[0]]!r}"
+        name = item[2]
         try:
             data = _payload_bytes(item[1])
             if mode == "L" and probe_image(data)[0] != "L":
@@ -208,7 +228,7 @@ def _decode_all(class_names: list[str], train: list, test: list | None, mode: st
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             for i, array in enumerate(pool.map(decode, items)):
                 x[i] = array
-        return x, np.array([label for label, _ in items], dtype=np.int64)
+        return x, np.array([item[0] for item in items], dtype=np.int64)
 
     train_x, train_y = stack(train)
     if test is not None:
@@ -220,10 +240,10 @@ def _decode_all(class_names: list[str], train: list, test: list | None, mode: st
 
 def _as_files(class_names: list[str], train: list, test: list | None, shape: tuple[int, int, int],
               resize: bool) -> ImageFiles:
-    files = [str(p) for _, p in train]
-    labels = np.array([label for label, _ in train], dtype=np.int64)
+    files = [str(item[1]) for item in train]
+    labels = np.array([item[0] for item in train], dtype=np.int64)
     if test is not None:
-        test_files, test_y = [str(p) for _, p in test], np.array([label for label, _ in test], dtype=np.int64)
+        test_files, test_y = [str(item[1]) for item in test], np.array([item[0] for item in test], dtype=np.int64)
     else:
         kept, held = stratified_carve(labels, CARVED_TEST_FRACTION, TEST_SPLIT_SEED)
         test_files, test_y = [files[i] for i in held], labels[held]
