@@ -88,6 +88,8 @@ def test_config_validation_errors():
         GatorConfig()
     with pytest.raises(ConfigError, match="gate_init_prob"):
         GatorConfig(lam=1.0, gate_init_prob=0.4)
+    with pytest.raises(ConfigError, match="epochs=0: Gator learns which channels.*method magnitude"):
+        GatorConfig(target=0.5, epochs=0)  # the gates would close channels in index order
     # the controller's settings do nothing with a fixed lam: refused, not silently ignored
     with pytest.raises(ConfigError, match=r"^target_metric='macs' has no effect with a fixed lam"):
         GatorConfig(lam=1.0, target_metric="macs")

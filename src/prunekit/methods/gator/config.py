@@ -100,6 +100,11 @@ class GatorConfig(Config):
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name in ("update_every", "latency_grid") else 0):
                 raise ConfigError(f"{name}={value!r} is invalid; use a non-negative integer"
                                   + (" >= 1" if name in ("update_every", "latency_grid") else ""))
+        if self.epochs == 0:
+            raise ConfigError("epochs=0: Gator learns which channels to close during its gated training, so "
+                              "with none it would close channels no training ranked (by index, or by the "
+                              "gates' initial noise); use epochs >= 1, or method magnitude to prune without "
+                              "training")
         check_range("gate_init_prob", self.gate_init_prob, 0.5, 1.0, lo_open=True, hi_open=True)
         check_range("init_noise", self.init_noise, 0.0, 1.0, hi_open=True)
         check_range("temperature", self.temperature, 0.0, math.inf, lo_open=True)

@@ -140,17 +140,16 @@ def _gated_phase(model: nn.Module, graph: Any, gates: GateSet, cost: CostModel, 
     from ...engine.train import lr_factor, train
 
     steps = len(train_loader)
-    phase = train_config.replace(epochs=max(config.epochs, 1))
+    phase = train_config.replace(epochs=config.epochs)
     model.to(dev)
     gates.to(dev)
     hook = GatorHook(gates, cost, measure, config, steps * config.epochs,
                      lambda step: phase.lr * lr_factor(phase, step, steps), graph=graph)
     gates.attach(model)
     try:
-        if config.epochs:
-            run = train(model, train_loader, val_loader, phase, hooks=[hook], device=dev, progress=progress,
-                        ckpt_dir=ckpt[0], resume=ckpt[1])
-            metrics["gated_history"] = run.history
+        run = train(model, train_loader, val_loader, phase, hooks=[hook], device=dev, progress=progress,
+                    ckpt_dir=ckpt[0], resume=ckpt[1])
+        metrics["gated_history"] = run.history
         n = len(gates.logits)
         logits, prunable = [t.detach().cpu() for t in gates.logits], [gates.prunable(i).cpu() for i in range(n)]
         masks, info = final_masks(logits, [gates.active(i).cpu() for i in range(n)], prunable, measure.fraction,
