@@ -345,3 +345,33 @@ def test_home_relative_task_paths_are_expanded(dense, tmp_path, monkeypatch):
     assert prepare_dense(cfg, tmp_path) == {"digits": dense}
     with pytest.raises(ConfigError, match="init '~/missing.safetensors' is not a file"):
         check_tasks(EvolveConfig(tasks=[digits_task(init="~/missing.safetensors")]))
+
+
+def test_the_re_evaluation_is_saved_per_function_and_resumed(dense, tmp_path, monkeypatch):
+    """Resuming a finished or interrupted run re-evaluates no function twice."""
+    from prunekit.evolve import report
+    from prunekit.evolve.search import Search
+
+    cfg = _cfg(dense, generations=0, reeval_top=0, reeval_seeds=0)
+    texts = {"a": SEEDS["t_stat"], "b": SEEDS["abs_snr"]}
+    real, calls = Search.evaluate, []
+
+    def stop_on_second(self, texts_, *args):
+        calls.append(texts_)
+        if len(calls) == 2:
+            raise Interrupt
+        return real(self, texts_, *args)
+
+    monkeypatch.setattr(Search, "evaluate", stop_on_second)
+    with pytest.raises(Interrupt):
+        report.reevaluate(cfg, tmp_path, texts, seeds=1, progress=False)
+    saved = json.loads((tmp_path / "checkpoints" / "reevaluation.json").read_text())
+    assert len(saved["evaluations"]) == 1  # the first function's one job
+    monkeypatch.setattr(Search, "evaluate", lambda self, texts_, *a: calls.append(texts_) or real(self, texts_, *a))
+    rows = report.reevaluate(cfg, tmp_path, texts, seeds=1, progress=False)
+    assert calls[2:] == [[SEEDS["abs_snr"]]]  # only the function the interruption missed
+    again = report.reevaluate(cfg, tmp_path, texts, seeds=1, progress=False)
+    assert again == rows and len(calls) == 3  # a finished re-evaluation is read back, not run again
+    (tmp_path / "checkpoints" / "reevaluation.json").write_text('{"config": 1}')
+    with pytest.raises(CheckpointError, match="reevaluation.json was written with other settings"):
+        report.reevaluate(cfg, tmp_path, texts, seeds=1, progress=False)

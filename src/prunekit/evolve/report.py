@@ -17,12 +17,14 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..core.errors import CheckpointError, read_json
+from ..core.integrity import atomic_write_text
 from ..importance.evolved.space import SEEDS
 from ..importance.evolved.text import expression_text, formula, parse_expression
 from .config import EvolveConfig
 from .fitness import fitness_of
 from .jobs import create_executor
-from .search import Search, SearchState, prepare_dense
+from .search import Search, SearchState, evaluations_ok, prepare_dense
 
 REEVAL_SEED_BASE = 1000  # fresh seeds: never used by the search (it uses 0..reeval_seeds)
 
@@ -30,10 +32,14 @@ REEVAL_SEED_BASE = 1000  # fresh seeds: never used by the search (it uses 0..ree
 def reevaluate(cfg: EvolveConfig, run_dir: Path, texts: dict[str, str], seeds: int, progress: bool = True) -> list[dict]:
     """label -> text evaluated on every task with `seeds` fresh fine-tune seeds; rows sorted by fitness."""
     search = Search(cfg, run_dir, prepare_dense(cfg, run_dir), progress)
-    evals: dict = {}
+    saved = run_dir / "checkpoints" / "reevaluation.json"
+    evals = load_reevaluations(saved, cfg)
+    fresh = range(REEVAL_SEED_BASE, REEVAL_SEED_BASE + seeds)
     with create_executor(cfg.executor, cfg.workers, cfg.ray_address, cfg.num_cpus, cfg.num_gpus) as run:
-        search.evaluate(list(texts.values()), range(REEVAL_SEED_BASE, REEVAL_SEED_BASE + seeds), evals, run,
-                        "re-evaluation")
+        todo = [t for t in dict.fromkeys(texts.values()) if not search.evaluated(t, fresh, evals)]
+        for i, text in enumerate(todo):  # saved after each function: a resumed run redoes none of them
+            search.evaluate([text], fresh, evals, run, f"re-evaluation {i + 1}/{len(todo)}")
+            atomic_write_text(saved, json.dumps({"config": cfg.search_dict(), "evaluations": evals}, indent=1))
     rows = []
     for label, text in texts.items():
         accs = {t: [evals[search.job(text, t, REEVAL_SEED_BASE + s).key]["acc"] for s in range(seeds)]
@@ -43,6 +49,20 @@ def reevaluate(cfg: EvolveConfig, run_dir: Path, texts: dict[str, str], seeds: i
                      "tasks": {t: {"mean": statistics.fmean(a), "std": statistics.stdev(a) if len(a) > 1 else 0.0,
                                    "accs": a} for t, a in accs.items()}})
     return sorted(rows, key=lambda r: -r["fitness"])
+
+
+def load_reevaluations(path: Path, cfg: EvolveConfig) -> dict:
+    """The re-evaluation results saved in `path` by a run with these settings; {} when there are none."""
+    if not path.is_file():
+        return {}
+    data = read_json(path, "re-evaluation checkpoint", "delete it to re-evaluate from the start")
+    if not isinstance(data, dict) or data.get("config") != json.loads(json.dumps(cfg.search_dict())):
+        raise CheckpointError(f"{path} was written with other settings; resume with the same recipe, or delete "
+                              "it to re-evaluate from the start")
+    if not evaluations_ok(data.get("evaluations")):
+        raise CheckpointError(f"{path} is damaged: its evaluations are not results with an accuracy in [0, 1]; "
+                              "delete it to re-evaluate from the start")
+    return data["evaluations"]
 
 
 def plot_fitness(path: Path, history: list[dict]) -> Path:

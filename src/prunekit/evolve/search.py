@@ -226,16 +226,20 @@ def _generation_of(path: Path) -> tuple[int, str]:
     return (int(number) if number.isdigit() else -1, path.name)
 
 
+def evaluations_ok(evaluations) -> bool:
+    """Whether saved evaluations are {job key: result} with an accuracy in [0, 1] in every result."""
+    acc = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+    return isinstance(evaluations, dict) and all(isinstance(r, dict) and acc(r.get("acc")) for r in evaluations.values())
+
+
 def _state_error(data: dict) -> str:
     """What is wrong with the form of a checkpoint's search state ("" when nothing is)."""
-    acc = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
     checks = [
         (isinstance(data["generation"], int) and not isinstance(data["generation"], bool) and data["generation"] >= 0,
          "generation is not an integer >= 0"),
         (isinstance(data["population"], list) and data["population"], "the population is not a non-empty list"),
         (isinstance(data["hall_of_fame"], list) and data["hall_of_fame"], "the hall of fame is not a non-empty list"),
-        (isinstance(data["evaluations"], dict) and all(isinstance(r, dict) and acc(r.get("acc"))
-                                                       for r in data["evaluations"].values()),
+        (evaluations_ok(data["evaluations"]),
          "evaluations is not a mapping of results with an accuracy in [0, 1]"),
         (isinstance(data["history"], list) and all(isinstance(h, dict) for h in data["history"]),
          "history is not a list of records"),
