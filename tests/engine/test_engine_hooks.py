@@ -147,6 +147,33 @@ def test_claiming_a_parameter_twice_or_an_unknown_setting_is_refused():
         train(mlp(), [(x, y)], None, TrainConfig(epochs=1), hooks=[Typo()], progress=False)
 
 
+@pytest.mark.parametrize("setting, optimizer, needs", [
+    ({"lr": float("nan")}, "sgd", "a finite number >= 0"), ({"lr": -0.1}, "sgd", "a finite number >= 0"),
+    ({"weight_decay": "0"}, "sgd", "a finite number >= 0"), ({"nesterov": 1}, "sgd", "true, false or null"),
+    ({"betas": (0.9, 1.0)}, "adamw", r"two numbers in \[0, 1\)"), ({"eps": float("inf")}, "adamw", "a finite number"),
+])
+def test_a_hook_group_setting_of_the_wrong_kind_is_refused_before_training(setting, optimizer, needs):
+    x, y = blobs(8)
+    key = next(iter(setting))
+
+    class Bad(Hook):
+        def param_groups(self, model):
+            return [{"params": [model[0].bias], **setting}]
+
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=f"sets {key}=.*needs {needs}"):
+        train(model, [(x, y)], None, TrainConfig(epochs=1, optimizer=optimizer), hooks=[Bad()], progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ok = {"lr": torch.tensor(0.01)}  # a tensor lr, as torch.optim takes it
+
+    class Good(Hook):
+        def param_groups(self, model):
+            return [{"params": [model[0].bias], **ok}]
+
+    train(mlp(), [(x, y)], None, TrainConfig(epochs=1, optimizer=optimizer), hooks=[Good()], progress=False)
+
+
 class ScaleTuner(Hook):
     """Steps the owned `scale` with its own Adam on a separate batch before every main step
     (the shape of an architecture optimizer); can crash at a given step."""

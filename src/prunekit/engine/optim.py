@@ -1,6 +1,7 @@
 """The optimizer a `train` call builds: SGD or AdamW, with the parameter groups hooks ask for."""
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -37,5 +38,29 @@ def optimizer_from_split(split: ParameterSplit, cfg: TrainConfig) -> torch.optim
         if unknown:
             raise ConfigError(f"a hook's parameter group sets {unknown}, which {type(opt).__name__} does not "
                               f"know; use some of {sorted(opt.defaults)}")
+        for key, value in group.items():
+            if key != "params":
+                _check_setting(key, value, opt.defaults[key], type(opt).__name__)
         opt.add_param_group(group)
     return opt
+
+
+def _check_setting(key: str, value: Any, default: Any, optimizer: str) -> None:
+    """A hook group's setting has the kind of value the optimizer's default has: a finite number
+    >= 0 (lr, weight_decay, momentum, ...), a flag, or betas in [0, 1)."""
+    def number(v: Any) -> bool:
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex:  # a tensor lr
+            v = float(v)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+    if isinstance(default, bool) or default is None:
+        ok, want = value is None or isinstance(value, bool), "true, false or null"
+    elif isinstance(default, (int, float)):
+        ok, want = number(value), "a finite number >= 0"
+    elif key == "betas":
+        ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(number(b) and b < 1 for b in value)
+        want = "two numbers in [0, 1), e.g. (0.9, 0.999)"
+    else:
+        return
+    if not ok:
+        raise ConfigError(f"a hook's parameter group sets {key}={value!r}; {optimizer} needs {want} there")
