@@ -153,3 +153,26 @@ def test_a_dollar_in_a_plot_title_is_text_not_math(tmp_path, plot):
              "accuracy": lambda: plots.plot_accuracy_vs_macs(path, before=(1e6, 0.9), title=title),
              "widths": lambda: plots.plot_layer_widths(path, ["conv"], [8], [4], title=title)}[plot]()
     assert drawn == path and path.stat().st_size > 1000
+
+
+def test_a_latency_change_the_interleaved_rounds_do_not_show_is_not_called_a_speed_up(tmp_path):
+    """Medians 0.85 -> 0.70 ms, but the pruned model was faster in only 11 of 20 paired rounds
+    (load hit both alike): a sign test cannot tell that from noise, so no speed-up is claimed."""
+    from prunekit.cli.rundir import _latency_line
+    from prunekit.cost.latency import paired_change
+
+    noisy = _full()
+    before = [0.85 + (0.5 if i % 2 else 0.0) for i in range(20)]
+    after = [b - 0.15 if i < 11 else b + 0.15 for i, b in enumerate(before)]
+    noisy["cost_before"]["latency"] = {**_latency(0.85), "times_ms": before}
+    noisy["cost_after"]["latency"] = {**_latency(0.70), "times_ms": after}
+    assert paired_change(before, after) == {"faster_rounds": 11, "rounds": 20, "p_value": pytest.approx(0.824, abs=1e-3),
+                                            "measured": False}
+    md = write_report(tmp_path / "noisy", noisy).markdown.read_text()
+    assert "| 0.850 | 0.700 | 82.4% | no measurable change (faster in 11 of 20 interleaved rounds) |" in md
+    line = _latency_line({"before": noisy["cost_before"]["latency"], "after": noisy["cost_after"]["latency"]})
+    assert line.endswith("(1.21x; no measurable change: faster in 11 of 20 interleaved rounds, as noise would be)")
+    clear = [b - 0.15 for b in before]  # faster in every round
+    assert paired_change(before, clear)["measured"]
+    noisy["cost_after"]["latency"]["times_ms"] = clear
+    assert "| 82.4% | 1.21x faster |" in write_report(tmp_path / "clear", noisy).markdown.read_text()

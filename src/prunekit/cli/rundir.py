@@ -105,8 +105,15 @@ def _latency_line(latency: dict[str, Any]) -> str:
     after = latency["after"]
     head = f"latency ({after['device']}, {after['dtype']}, batch {after['batch']}): "
     if "before" in latency:
+        from ..cost.latency import paired_change
+
         b = latency["before"]["median_ms"]
-        return head + f"{b:.3f} ms -> {after['median_ms']:.3f} ms median ({b / after['median_ms']:.2f}x)"
+        line = head + f"{b:.3f} ms -> {after['median_ms']:.3f} ms median ({b / after['median_ms']:.2f}x"
+        change = paired_change(latency["before"].get("times_ms") or [], after.get("times_ms") or [])
+        if change["rounds"] and not change["measured"]:
+            return line + f"; no measurable change: faster in {change['faster_rounds']} of {change['rounds']} " \
+                          "interleaved rounds, as noise would be)"
+        return line + ")"
     return head + f"{after['median_ms']:.3f} ms median"
 
 

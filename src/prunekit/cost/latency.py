@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import gc
 import itertools
+import math
 import time
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -244,6 +245,23 @@ def compare_latency(models: Mapping[str, nn.Module], inputs: Inputs,
     ratios = {k: (r.median_ms / ref if ref > 0 else float("nan")) for k, r in results.items()}
     ratios[reference] = 1.0
     return LatencyComparison(results=results, ratios=ratios, reference=reference)
+
+
+def paired_change(before_ms: Sequence[float], after_ms: Sequence[float]) -> dict[str, Any]:
+    """Whether an interleaved measurement shows a change: round i timed both models back to back,
+    so each round is one paired comparison. {"faster_rounds": rounds where `after` was faster,
+    "rounds": rounds that differ, "p_value": two-sided sign test, "measured": p_value < 0.05}.
+    Load that comes and goes hits both models of a round alike, so a difference of medians that
+    only the noise made has about half the rounds faster, and is not `measured`.
+
+    >>> paired_change([2.0] * 20, [1.0] * 20)["measured"], paired_change([1, 2] * 10, [2, 1] * 10)["measured"]
+    (True, False)
+    """
+    diffs = [b - a for b, a in zip(before_ms, after_ms) if b != a]
+    n, k = len(diffs), sum(d > 0 for d in diffs)
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n if n else 1.0
+    p = min(1.0, 2 * tail)
+    return {"faster_rounds": k, "rounds": n, "p_value": p, "measured": p < 0.05}
 
 
 def _interleaved_times(runners: list["_Runner"], cfg: LatencyConfig) -> dict[str, list[float]]:

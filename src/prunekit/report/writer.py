@@ -222,8 +222,19 @@ def _total_rows(result: dict) -> list[list[str]]:
     b, a = _latency_ms(result, "before"), _latency_ms(result, "after")
     if b is not None or a is not None:
         ratio = fmt_pct(a / b) if a is not None and b else NA
-        rows.append(["latency, median (ms)", fmt_ms(b), fmt_ms(a), ratio, fmt_reduction(b, a, "faster", "slower")])
+        rows.append(["latency, median (ms)", fmt_ms(b), fmt_ms(a), ratio, _latency_change(result, b, a)])
     return rows
+
+
+def _latency_change(result: dict, before: float | None, after: float | None) -> str:
+    """"1.50x faster", or "no measurable change" when the interleaved rounds do not show one."""
+    from ..cost.latency import paired_change
+
+    times = [((result.get(f"cost_{side}") or {}).get("latency") or {}).get("times_ms") or [] for side in ("before", "after")]
+    change = paired_change(*times)
+    if change["rounds"] and not change["measured"]:
+        return f"no measurable change (faster in {change['faster_rounds']} of {change['rounds']} interleaved rounds)"
+    return fmt_reduction(before, after, "faster", "slower")
 
 
 def _total_text(value: float | None, summed: bool) -> str:
