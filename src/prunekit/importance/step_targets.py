@@ -112,31 +112,40 @@ def step_removal(graph: Graph, scores, cfg: Any, step: int, before: Cost,
 
 
 def rounding_note(r: dict[str, Any], slack: float | None) -> str | None:
-    """What the rounding did, when it used a smaller multiple than round_to or kept one that lands
-    further than `slack` from the target; None when neither."""
+    """What the rounding did, in plain words, when it used a smaller multiple than round_to or kept
+    one that lands further than `slack` from the target; None when neither.
+
+    >>> print(rounding_note({"multiple": 2, "round_to": 16, "target": "macs", "tried": [
+    ...     {"multiple": 16, "shortfall": 0.062}, {"multiple": 8, "shortfall": 0.06},
+    ...     {"multiple": 4, "shortfall": 0.054}, {"multiple": 2, "shortfall": 0.025}]}, 0.02))
+    widths rounded to multiples of 2 instead of 16: with multiples of 4 the model would keep 5.4% of its MACs less than the target, more than round_slack=0.02 allows. Multiples of 2 still miss it by 2.5% (also more than round_slack) and are kept, being the finest rounding tried. round_to=null gives exact widths; round_slack=null keeps the coarsest multiple that meets the target.
+    """
     used = r["multiple"]
+    own = next((t for t in reversed(r["tried"]) if t["multiple"] == used and "shortfall" in t), None)
+    beyond = own is not None and slack is not None and abs(own["shortfall"]) > slack
+    exact = "round_to=null gives exact widths"
     if used >= r["round_to"]:  # nothing smaller was used: said only when the multiple kept is beyond the slack
-        own = next((t for t in reversed(r["tried"]) if t["multiple"] == used and "shortfall" in t), None)
-        if own is None or slack is None or abs(own["shortfall"]) <= slack:
+        if not beyond:
             return None
-        return (f"widths are multiples of {used}, which land {abs(own['shortfall']):.3f} away from the target "
-                f"(round_slack={slack}) and are kept as the smallest multiple tried (round_to=null gives "
-                "unrounded widths)")
+        return (f"widths rounded to multiples of {used} miss the target by {abs(own['shortfall']):.1%} of the model, "
+                f"more than round_slack={slack} allows; no finer multiple is tried. {exact}.")
     first = next((t for t in reversed(r["tried"]) if t["multiple"] > used), r["tried"][0])  # the last one refused
     if "error" in first:
-        why = f"rounded to multiples of {first['multiple']} the target cannot be met"
+        why = f"with multiples of {first['multiple']} the target cannot be met"
     elif r["target"] == "channels":
         off = first["shortfall"]
-        why = (f"multiples of {first['multiple']} would remove {abs(off):.3f} of the model's channels "
-               f"{'fewer' if off > 0 else 'more'} than asked (round_slack={slack})")
+        why = (f"with multiples of {first['multiple']} the model would lose {abs(off):.1%} of its channels "
+               f"{'fewer' if off > 0 else 'more'} than asked, more than round_slack={slack} allows")
     else:
         what = {"macs": "MACs", "params": "params"}[r["target"]]
-        why = (f"multiples of {first['multiple']} would keep {first['shortfall']:.3f} of the model's {what} "
-               f"fewer than the target (round_slack={slack})")
-    now = f"multiples of at most {used}" if used > 1 else "unrounded widths"
-    own = next((t for t in reversed(r["tried"]) if t["multiple"] == used and "shortfall" in t), None)
-    if own is not None and slack is not None and abs(own["shortfall"]) > slack:  # kept as the closest that meets it
-        why += (f"; multiples of {used} land {abs(own['shortfall']):.3f} away too, and are kept as the smallest "
-                "multiple tried (round_to=null gives unrounded widths)")
-    return (f"widths are {now}, not of {r['round_to']}: {why}"
-            + ("; round_slack=null keeps the largest multiple that meets the target" if slack is not None else ""))
+        why = (f"with multiples of {first['multiple']} the model would keep {first['shortfall']:.1%} of its {what} "
+               f"less than the target, more than round_slack={slack} allows")
+    now = f"rounded to multiples of {used}" if used > 1 else "left unrounded"
+    text = f"widths {now} instead of {r['round_to']}: {why}."
+    if beyond:  # kept as the closest that meets it
+        text += (f" Multiples of {used} still miss it by {abs(own['shortfall']):.1%} (also more than round_slack) "
+                 "and are kept, being the finest rounding tried.")
+    if used > 1:
+        text += f" {exact}"
+        text += "; round_slack=null keeps the coarsest multiple that meets the target." if slack is not None else "."
+    return text
