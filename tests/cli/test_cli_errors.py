@@ -38,7 +38,7 @@ def _assert_one_line_error(result, *needles: str) -> None:
 
 BAD_ARGUMENTS = [
     (["bogus=1"], ["unknown recipe key 'bogus'", "allowed:", "train"]),
-    (["train.lrr=0.1"], ["train", "unknown key(s) lrr", "allowed:", "lr"]),
+    (["train.lrr=0.1"], ["train", "unknown key(s) lrr (did you mean lr?)", "allowed:", "lr"]),
     (["model.name=resnet57"], ["unknown model 'resnet57'", "resnet56", "tv:<name>", "timm:<name>"]),
     (["method.name=nope"], ["unknown method 'nope'", "magnitude", "admm"]),
     (["--method", "nope"], ["unknown method 'nope'"]),
@@ -54,6 +54,8 @@ BAD_ARGUMENTS = [
     (["model.name=resnet20"], ["cannot take digits images"]),
     (["data.name=mnist"], ["unknown dataset 'mnist'", "digits"]),
     (["missing.yaml"], ["'missing.yaml' does not exist"]),
+    (["mine.yml"], ["'mine.yml' does not exist; did you mean mine.yaml?"]),  # the recipe beside it
+    (["mien.yaml"], ["'mien.yaml' does not exist; did you mean mine.yaml?"]),
     (["mine.yaml", "other.yaml"], ["unexpected argument 'other.yaml'"]),
     (["eval.split=train"], ["split='train'", "test"]),
     (["train.epochs=" + "[" * 5000 + "]" * 5000], ["nested too deeply"]),
@@ -153,10 +155,13 @@ def test_missing_weights_file(runner, workdir, command):
 @pytest.mark.parametrize("given, needles", [
     ("runs", ["weights runs is a directory", "dense.safetensors"]),             # a run directory as --weights
     ("plan.json", ["plan.json is neither a .safetensors weights file", "last.pt"]),  # not UnpicklingError text
+    ("junk.safetensors", ["cannot read junk.safetensors", "not an intact .safetensors file",
+                          "dense.safetensors or pruned.safetensors"]),  # random bytes: the header is garbage
 ])
 def test_weights_that_are_a_directory_or_another_file_say_what_to_give(runner, workdir, given, needles):
     (workdir / "runs").mkdir()
     (workdir / "plan.json").write_text('{"format": "prunekit.plan"}')
+    (workdir / "junk.safetensors").write_bytes(bytes(range(256)) * 4)
     before = _snapshot(workdir)
     _assert_one_line_error(runner.invoke(cli, ["eval", "mine.yaml", f"init={given}"]), *needles)
     assert _snapshot(workdir) == before

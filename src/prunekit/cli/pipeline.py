@@ -203,7 +203,9 @@ def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | 
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
         except (OSError, SafetensorError, ValueError) as err:
-            raise CheckpointError(f"cannot read {path}: {_first_line(err)}") from None
+            raise CheckpointError(f"cannot read {path} ({_first_line(err)}): it is not an intact .safetensors file, "
+                                  "or is cut short; give dense.safetensors or pruned.safetensors from a run, or "
+                                  "copy the file again") from None
         if PLAN_KEY in meta:
             return load_pruned(model, path), read_plan(path)
         if SHA_KEY in meta:  # written by prunekit: checksummed, module versions kept

@@ -29,6 +29,7 @@ Each section fills one typed config, and everything is validated before any work
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -278,7 +279,12 @@ def read_source(source: str | None) -> tuple[dict[str, Any], str, Path | None]:
         first = source.split(".", 1)[0]
         if first in TOP_KEYS and path.suffix not in (".yaml", ".yml"):
             parse_override(source)  # raises: "override ... is not key=value"
-        raise ConfigError(f"recipe {source!r} does not exist; pass a YAML recipe, a run directory, "
+        near = [str(p) for p in (path.with_suffix(".yaml"), path.with_suffix(".yml")) if p != path and p.is_file()]
+        if not near and path.parent.is_dir():
+            near = [str(path.parent / n) for n in difflib.get_close_matches(
+                path.name, [q.name for q in path.parent.iterdir() if q.suffix in (".yaml", ".yml")], n=1)]
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise ConfigError(f"recipe {source!r} does not exist; {hint}pass a YAML recipe, a run directory, "
                           "or key=value overrides")
     raw = load_yaml_file(path)
     if isinstance(raw, dict) and "name" not in raw and run_dir is None:

@@ -20,6 +20,7 @@ as the list it is written as.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import reprlib
 import types
@@ -82,9 +83,9 @@ class Config:
         names = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(map(str, set(data) - set(names)))  # str: a key from YAML may be a number or null
         if unknown:
-            raise ConfigError(
-                f"{cls.__name__}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}"
-            )
+            shown = [k + "".join(f" (did you mean {g}?)" for g in difflib.get_close_matches(k, list(names), n=1))
+                     for k in unknown]
+            raise ConfigError(f"{cls.__name__}: unknown key(s) {', '.join(shown)}; allowed: {', '.join(sorted(names))}")
         try:  # a nested config given as a mapping is built by __post_init__
             return cls(**data)
         except TypeError as err:
