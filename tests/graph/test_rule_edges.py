@@ -545,3 +545,80 @@ def test_a_stream_meeting_a_fixed_width_keeps_its_channels(how):
     model, x = FixedWidthOperand(how).eval(), torch.randn(2, 3, 4, 4)
     assert not build_graph(model, x).group("b").prunable.any()
     _every_prunable_channel_matches_zeroing(model, x)
+
+
+class BilinearHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.bil, self.head = nn.Linear(6, 8), nn.Linear(6, 5), nn.Bilinear(8, 5, 7), nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bil(torch.relu(self.a(x)), torch.relu(self.c(x)))))
+
+
+class TransposedDense(nn.Module):
+    """GPT-2's Conv1D: weight stored (in, out), applied with torch.addmm(bias, x, weight)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.3)
+        self.bias = nn.Parameter(torch.randn(n_out) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+
+
+class AddmmNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = TransposedDense(6, 10), TransposedDense(10, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class ScoresWithBias(nn.Module):
+    """Attention scores as torch.baddbmm(mask, q, k^T): no channel rule can follow it; kept whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.out = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 5), nn.Linear(5, 2)
+        self.register_buffer("mask", torch.zeros(1, 3, 3))
+
+    def forward(self, x):  # x: (B, 3, 6)
+        att = torch.baddbmm(self.mask.expand(x.shape[0], 3, 3), self.q(x), self.k(x).transpose(1, 2))
+        return self.out(att.softmax(-1) @ self.v(x))
+
+
+def test_bilinear_and_addmm_prune_exactly_and_count_their_macs():
+    """nn.Bilinear: each input and the output are channel dims (linear in each input); addmm with
+    a stored (in, out) weight is a Linear kept transposed. Removal equals zeroing, channel by
+    channel, and the MACs equal a hand count."""
+    from prunekit.cost.macs import count_cost
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    bil = BilinearHead()
+    assert [g.name for g in build_graph(bil, x).prunable_groups()] == ["a", "c", "bil"]
+    _every_prunable_channel_matches_zeroing(bil, x)
+    assert count_cost(bil, x).macs == 6 * 8 + 6 * 5 + 8 * 5 * 7 + 7 * 3
+    prune_(bil, MagnitudeConfig(channel_ratio=0.5, round_to=None), x)
+    assert (bil.bil.in1_features, bil.bil.in2_features, bil.bil.out_features) == (4, 3, 4)  # round(0.5 x width) kept
+
+    net = AddmmNet()
+    assert sorted(g.name for g in build_graph(net, x).prunable_groups()) == ["fc1", "fc2"]
+    _every_prunable_channel_matches_zeroing(net, x)
+    assert count_cost(net, x).macs == 6 * 10 + 10 * 8 + 8 * 2
+
+
+def test_a_batched_product_with_an_added_term_keeps_its_channels_and_counts_its_macs():
+    torch.manual_seed(0)
+    model, x = ScoresWithBias(), torch.randn(2, 3, 6)
+    graph = build_graph(model, x)  # no UnsupportedOpError for baddbmm
+    assert "q" not in [g.name for g in graph.prunable_groups()] and "k" not in [g.name for g in graph.prunable_groups()]
+    _every_prunable_channel_matches_zeroing(model, x)
+    from prunekit.cost.macs import count_cost
+    per_sample = 3 * (6 * 4 * 2 + 6 * 5) + 3 * 3 * 4 + 3 * 5 * 3 + 3 * 5 * 2  # q,k,v; QK^T; AV; out
+    assert count_cost(model, x).macs == per_sample

@@ -108,6 +108,48 @@ def linear(tr, call):
     linear_like(tr, call, call.args[0], call.arg(1, "weight"), call.arg(2, "bias"))
 
 
+def addmm(tr, call):
+    """beta * input + alpha * (mat1 @ mat2): with a stored 2-D mat2 (in, out), a Linear kept
+    transposed with `input` as its bias (GPT-2's Conv1D); else every channel is kept, MACs counted."""
+    bias, x, w = call.args[0], call.arg(1, "mat1"), call.arg(2, "mat2")
+    if _named(tr, w) is not None and w.dim() == 2 and isinstance(bias, torch.Tensor) and bias.dim() <= 2:
+        return linear_like(tr, call, x, w, bias, transposed=True)
+    _fix_all(tr, call)
+    tr.add_node(call, macs=_tensor_outs(call)[0].numel() * x.shape[-1])
+
+
+def batched_product_fixed(tr, call):
+    """baddbmm / addbmm: batched products with an added term; every channel is kept, MACs counted
+    (out elements x the contracted width, per product in the batch)."""
+    b1 = call.arg(1, "batch1")
+    out = _tensor_outs(call)[0]
+    per_out = b1.shape[-1] * (b1.shape[0] if call.name == "addbmm" else 1)  # addbmm also sums the batch
+    _fix_all(tr, call)
+    tr.add_node(call, macs=out.numel() * per_out)
+
+
+def bilinear(tr, call):
+    """y_k = x1 W_k x2 + b_k (nn.Bilinear): linear in each input, so an input channel of x1 (x2) is
+    a slice along W's dim 1 (2) and an output channel a slice along dim 0, as for a Linear."""
+    x1, x2, w, b = call.args[0], call.args[1], call.arg(2, "weight"), call.arg(3, "bias")
+    out = _tensor_outs(call)[0]
+    macs = out.numel() * x1.shape[-1] * x2.shape[-1]
+    if _named(tr, w) is None:
+        _fix_all(tr, call)
+        return tr.add_node(call, macs=macs)
+    mod, wname = _named(tr, w)
+    p = tr.new_space(f"{mod}.{wname}", w.shape[0])
+    tr.add_member(mod, wname, 0, p, "out")
+    tr.add_member(mod, wname, 1, along(tr.ids(x1), -1, x1.shape[-1], tr.uf), "in")
+    tr.add_member(mod, wname, 2, along(tr.ids(x2), -1, x2.shape[-1], tr.uf), "in")
+    if b is not None and _named(tr, b) is not None:
+        tr.add_member(*_named(tr, b), 0, p, "out")
+    elif isinstance(b, torch.Tensor):
+        tr.uf.mark_fixed(p)  # a computed bias: its channels are not followed
+    tr.set_ids(out, _out_ids(p, out.dim(), out.dim() - 1))
+    tr.add_node(call, macs=macs, params=[f"{mod}.{wname}"])
+
+
 def _per_channel(tr, call, dim: int, tensors, join: int = 1, statistics: bool = False):
     """Norm-style op: per-channel parameters/buffers along `dim` follow the input's channels.
 
@@ -201,6 +243,10 @@ for _n in ("conv1d", "conv2d", "conv3d"):
 for _n in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
     register_rule(_n, conv_transpose)
 register_rule("linear", linear)
+register_rule("addmm", addmm)
+register_rule("bilinear", bilinear)
+for _n in ("baddbmm", "addbmm"):
+    register_rule(_n, batched_product_fixed)
 register_rule("batch_norm", batch_norm)
 register_rule("instance_norm", batch_norm)
 register_rule("group_norm", group_norm)

@@ -233,6 +233,10 @@ def _fix_transformer(m: nn.Transformer) -> None:
         m.d_model = widths[0]
 
 
+def _fix_bilinear(m: nn.Bilinear, sizes: dict[str, int]) -> None:
+    m.out_features, m.in1_features, m.in2_features = m.weight.shape
+
+
 def _fix_rnn(m: nn.RNNBase, sizes: dict[str, int]) -> None:
     m.input_size = m.weight_ih_l0.shape[1]
 
@@ -240,7 +244,8 @@ def _fix_rnn(m: nn.RNNBase, sizes: dict[str, int]) -> None:
 for _cls, _fix in [(nn.modules.conv._ConvNd, _fix_conv), (nn.Linear, _fix_linear),
                    (nn.modules.batchnorm._NormBase, _fix_batchnorm), (nn.GroupNorm, _fix_groupnorm),
                    (nn.LayerNorm, _fix_layernorm), (nn.PReLU, _fix_prelu), (nn.Embedding, _fix_embedding),
-                   (nn.MultiheadAttention, _fix_multihead_attention), (nn.RNNBase, _fix_rnn)]:
+                   (nn.MultiheadAttention, _fix_multihead_attention), (nn.RNNBase, _fix_rnn),
+                   (nn.Bilinear, _fix_bilinear)]:
     register_attribute_fix(_cls, _fix)
 if hasattr(nn, "RMSNorm"):
     register_attribute_fix(nn.RMSNorm, _fix_layernorm)
