@@ -112,7 +112,9 @@ def addmm(tr, call):
     """beta * input + alpha * (mat1 @ mat2): with a stored 2-D mat2 (in, out), a Linear kept
     transposed with `input` as its bias (GPT-2's Conv1D); else every channel is kept, MACs counted."""
     bias, x, w = call.args[0], call.arg(1, "mat1"), call.arg(2, "mat2")
-    if _named(tr, w) is not None and w.dim() == 2 and isinstance(bias, torch.Tensor) and bias.dim() <= 2:
+    stored_bias_ok = _named(tr, bias) is None or bias.dim() == 1  # a stored bias runs along the outputs
+    if _named(tr, w) is not None and w.dim() == 2 and isinstance(bias, torch.Tensor) and bias.dim() <= 2 \
+            and stored_bias_ok:
         return linear_like(tr, call, x, w, bias, transposed=True)
     _fix_all(tr, call)
     tr.add_node(call, macs=_tensor_outs(call)[0].numel() * x.shape[-1])
