@@ -76,6 +76,8 @@ BAD_ARGUMENTS = [
       "method_train={warmup_epochs: 2}"], ["retrain_epochs=1", "method_train", "warmup_epochs=2"]),
     (["--method", "gator", "method.target=0.5", "method.epochs=2", "train.warmup_epochs=2"],
      ["epochs=2", "train", "warmup_epochs=2 leaves no epoch"]),
+    (["--method", "gator", "method.target=0.1", "method.ignore=[conv3]"],  # before the dense model trains
+     ["impossible target", "keeps 0.330 of the macs"]),
 ]
 
 

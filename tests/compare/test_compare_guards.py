@@ -81,9 +81,14 @@ def test_arms_not_run_are_named_in_the_notes(dense_path, tmp_path):
     assert any("records of seed(s) [0] are on disk but not in this report" in n for n in other.notes)
 
 
-def test_an_impossible_target_fails_before_any_arm_trains_and_names_its_arm(dense_path, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", [{"name": "magnitude", "macs_fraction": 0.001},
+                                    {"name": "gator", "target": 0.1, "epochs": 1, "ignore": ["conv3"]}],
+                         ids=["one-shot", "trained"])
+def test_an_impossible_target_fails_before_any_arm_trains_and_names_its_arm(dense_path, tmp_path, monkeypatch, method):
+    """Also for a method that trains (Gator): with conv3 unpruned even every gate closed keeps 33%
+    of the MACs, which its own up-front check says before the first arm trains."""
     raw = _raw(dense_path)
-    raw["arms"]["bad"] = {"method": {"name": "magnitude", "macs_fraction": 0.001}}
+    raw["arms"]["bad"] = {"method": method}
     ran = []
     monkeypatch.setattr("prunekit.compare.run.run_arm", lambda *a, **k: ran.append(a[1].name))
     with pytest.raises(ConfigError, match=r"^arm bad, seed 0: impossible target"):

@@ -300,6 +300,12 @@ def test_an_impossible_target_is_refused_before_training_and_leaves_the_model():
     r = prune_(net, GatorConfig(target=0.55, epochs=1), x, train_loader=data, train_config=TrainConfig(epochs=1),
                device="cpu")
     assert r.metrics["target"]["within_tolerance"]
+    # the same check without training, for callers that train a dense model first (run, compare)
+    fresh = TransformerMHA()
+    with pytest.raises(ConfigError, match=r"impossible target: .*0\.56"):
+        GatorConfig(target=0.5, epochs=1).check_model(fresh, x)
+    GatorConfig(target=0.55, epochs=1).check_model(fresh, x)
+    GatorConfig(target=0.5, epochs=1).check_model(fresh)  # without inputs: nothing to trace, not checked
 
 
 # ------------------------------------------------------------------------------------ latency

@@ -57,10 +57,11 @@ class Config:
     def validate(self) -> None:  # overridden by subclasses
         pass
 
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: Any, example_inputs: Any = None) -> None:
         """ConfigError if this config cannot apply to `model` (a layer name it gives is missing,
-        say). Callers run it before any training, so that a typo costs seconds, not a dense
-        training; overridden by configs that name parts of the model."""
+        say; with `example_inputs`, a target it cannot reach). Callers run it before any training,
+        so that a typo costs seconds, not a dense training; overridden by configs that name parts
+        of the model."""
 
     def to_dict(self) -> dict[str, Any]:
         out = {}

@@ -125,14 +125,19 @@ class GatorConfig(Config):
         if not isinstance(self.latency, LatencyConfig):
             raise ConfigError("latency must be a LatencyConfig (or a mapping of its fields in a recipe)")
 
-    def check_model(self, model) -> None:
+    def check_model(self, model, example_inputs=None) -> None:
         """The latency tables are timed when pruning starts, after any dense training: a device
-        this machine cannot time on is refused before that."""
+        this machine cannot time on is refused before that. With `example_inputs`, a params or
+        MACs target that even every gated channel closed cannot reach is refused too."""
         if "latency" in (self.cost, self.target_measure):
             try:
                 timing_device(self.latency)
             except ConfigError as err:
                 raise ConfigError(f"latency: {err} (cost or target_metric 'latency' times layers with it)") from None
+        if example_inputs is not None and self.target is not None and self.target_measure != "latency":
+            from .pipeline import check_target_reachable
+
+            check_target_reachable(model, self, example_inputs)
 
     @property
     def target_measure(self) -> str:

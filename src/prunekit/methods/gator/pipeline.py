@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ...core.errors import ConfigError, PruningError
 from ...cost.differentiable import CostModel, build_cost
 from ...layers.gates import GateSet, gateable
-from ...surgery.verify import inputs_to
+from ...surgery.verify import build_safe_graph, inputs_to
 from ..result import PruneResult
 from .config import GatorConfig
 from .controller import final_masks, rounded_masks
@@ -68,17 +68,12 @@ def gator_prune_(
     from ...engine.distributed import env_ranks, resolve_device
     from ...engine.evaluate import evaluate
     from ...engine.train import TrainConfig, train
-    from ...surgery.verify import build_safe_graph
 
     if not isinstance(config, GatorConfig):
         raise ConfigError(f"gator_prune_ needs a GatorConfig, got {type(config).__name__}")
     train_config = train_config if train_config is not None else TrainConfig()
-    graph = build_safe_graph(model, example_inputs, config.ignore, probe=config.probe)
+    graph, gates, skipped = _gated_graph(model, config, example_inputs)
     before = cost_from_graph(model, graph)
-    groups, skipped = gateable(model, graph)
-    if not groups:
-        raise PruningError(f"no channel group can be gated in this model ({skipped or 'no prunable groups'})")
-    gates = GateSet(groups, model, config.initial_logit, config.init_noise, config.temperature, config.seed)
     cost = build_cost(config.cost, model, graph, gates, config.latency, config.latency_grid)
     measure = cost if config.target_measure == config.cost else build_cost(
         config.target_measure, model, graph, gates, config.latency, config.latency_grid)
@@ -109,6 +104,23 @@ def gator_prune_(
     plan = conversion.plan
     plan.meta.update({"method": "gator", "config": config.to_dict()})
     return PruneResult(plan, before, after, config.to_dict(), metrics)
+
+
+def _gated_graph(model: nn.Module, config: GatorConfig, example_inputs: Any) -> tuple[Any, GateSet, dict[str, str]]:
+    """The model's (probed) graph, its gates and the groups that cannot be gated (with why)."""
+    graph = build_safe_graph(model, example_inputs, config.ignore, probe=config.probe)
+    groups, skipped = gateable(model, graph)
+    if not groups:
+        raise PruningError(f"no channel group can be gated in this model ({skipped or 'no prunable groups'})")
+    return graph, GateSet(groups, model, config.initial_logit, config.init_noise, config.temperature, config.seed), skipped
+
+
+def check_target_reachable(model: nn.Module, config: GatorConfig, example_inputs: Any) -> None:
+    """`gator_prune_`'s up-front target check alone (params or MACs targets; latency ones need the
+    tables, timed when pruning starts), for callers that train a dense model first."""
+    graph, gates, skipped = _gated_graph(model, config, example_inputs)
+    _check_reachable(config, build_cost(config.target_measure, model, graph, gates, config.latency,
+                                        config.latency_grid), gates, skipped)
 
 
 def _check_reachable(config: GatorConfig, measure: CostModel, gates: GateSet, skipped: dict[str, str]) -> None:

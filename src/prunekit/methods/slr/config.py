@@ -108,7 +108,7 @@ class SLRConfig(Config):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false")
 
-    def check_model(self, model: nn.Module) -> None:
+    def check_model(self, model: nn.Module, example_inputs=None) -> None:
         resolve_targets(model, self)
 
     def _validate_sparsity(self) -> None:
