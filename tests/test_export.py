@@ -275,3 +275,36 @@ def test_export_model_leaves_signal_handlers_alone(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     export_model(_net(), torch.randn(1, 3, 8, 8), tmp_path / "m.ts")
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL") or os.name != "posix", reason="POSIX signals")
+def test_a_killed_export_s_staging_folder_is_removed_by_the_next_export(tmp_path):
+    """SIGKILL leaves the staging folder (nothing can clean up); the next export to the same path
+    removes it once its process no longer runs, and leaves a live export's folder alone."""
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from torch import nn
+        from prunekit.export import export_model
+
+        class KilledWhileChecked(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc, self.calls = nn.Linear(4, 2), 0
+
+            def forward(self, x):
+                self.calls += 1
+                if self.calls == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return self.fc(x)
+
+        export_model(KilledWhileChecked(), torch.randn(2, 4), {str(tmp_path / "m.ts")!r})
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".m.ts.")
+    from prunekit.export import _OWNER
+    live = tmp_path / f".m.ts.{_OWNER}.abc"  # this process's own (running) export
+    live.mkdir()
+    export_model(_net(), torch.randn(1, 3, 8, 8), tmp_path / "m.ts")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "m.ts"])

@@ -34,8 +34,10 @@ import copy
 import io
 import logging
 import os
+import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -349,12 +351,38 @@ def _exit_on_terminate(signum: int, frame: Any) -> None:
 
 
 def _staging_folder(path: Path) -> tempfile.TemporaryDirectory:
-    """A temporary folder beside `path`, which the export is written into before it is moved."""
+    """A temporary folder beside `path`, which the export is written into before it is moved. Its
+    name holds this host and process id, so the folders of exports to `path` that were killed
+    (SIGKILL: nothing could clean up) are recognised and removed by the next export."""
     parent = _parent(path)
+    _remove_stale_staging(Path(parent), path.name)
     try:
-        return tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=parent)
+        return tempfile.TemporaryDirectory(prefix=f".{path.name}.{_OWNER}.", dir=parent)
     except OSError as err:
         raise ConfigError(f"cannot write in {parent} ({err.strerror}); choose a writable folder") from None
+
+
+_OWNER = f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def _remove_stale_staging(parent: Path, name: str) -> None:
+    """Remove the staging folders beside `name` left by processes of this host that no longer run."""
+    host = _OWNER.rsplit("-", 1)[0]
+    pattern = re.compile(rf"^\.{re.escape(name)}\.{re.escape(host)}-(\d+)\.[^/]+$")
+    for entry in parent.iterdir():
+        found = pattern.match(entry.name)
+        if found and entry.is_dir() and not entry.is_symlink() and not _running(int(found.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):  # another user's process, or no such id here
+        return True
+    return True
 
 
 def _parent(path: Path) -> str:
