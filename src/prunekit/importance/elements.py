@@ -168,8 +168,9 @@ def element_channel_criterion(name: str, **opts: Any) -> Criterion:
             ctx.note_fallback(group.name, name, "l2", "no scored conv/Linear weight in the group")
             return l2_scores(group, ctx)
         return out.to(torch.promote_types(out.dtype, torch.float32))  # SynFlow's float64 may exceed float32
-    score.__doc__ = f"{ {'snip': 'SNIP', 'grasp': 'GraSP'}.get(name, 'SynFlow')} element scores summed per channel " \
-                    "(see importance/elements.py)"
+    what = {"snip": "SNIP |g * w| (needs calibration batches)", "grasp": "GraSP w * Hg, highest kept (needs calibration batches)",
+            "synflow": "SynFlow's data-free synaptic flow"}[name]
+    score.__doc__ = f"{what}: element scores summed per channel"
     return score
 
 
