@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from .core.errors import ConfigError, PrunekitError
+from .core.modules import require_module
 from .graph.inputs import batch_size_of
 from .layers.sparse import harden_
 from .surgery.masks import bake_masks_
@@ -91,6 +92,7 @@ def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike[
     float16 or bfloat16 model rtol is at least 8 rounding steps of that type (`tolerance` in the
     result).
     """
+    require_module(model)
     path = Path(path)
     fmt = _format_of(path, format)
     inputs = _check_inputs(example_inputs)

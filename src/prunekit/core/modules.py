@@ -4,9 +4,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
+
+def require_module(model: object, what: str = "model") -> None:
+    """ConfigError unless `model` is a torch.nn.Module (a name, a path or None is a common slip)."""
+    if not isinstance(model, nn.Module):
+        hint = (f"; build it first, e.g. prunekit.models.create_model({model!r}, num_classes)"
+                if isinstance(model, str) else "")
+        raise ConfigError(f"{what} must be a torch.nn.Module, got {type(model).__name__}{hint}")
+
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside DistributedDataParallel and/or torch.compile wrappers."""
+    """The user's module inside DistributedDataParallel and/or torch.compile wrappers (ConfigError
+    for anything that is not a module)."""
+    require_module(model)
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module

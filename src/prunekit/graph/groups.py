@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from ..core.errors import ConfigError
+from ..core.modules import require_module
 from .ids import UnionFind
 from .inputs import batch_size_of, check_inputs_fit, split_inputs
 from .rules import builtin_rule_names, rule_table
@@ -135,6 +136,7 @@ def check_ignore(model: nn.Module, ignore: Iterable[str]) -> dict[str, nn.Module
 
 def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = ()) -> Graph:
     """Trace `model` on `example_inputs` (a tensor, a tuple of tensors, or a dict of kwargs)."""
+    require_module(model)
     ignore = list(ignore)
     names = check_ignore(model, ignore)
     args, kwargs = split_inputs(example_inputs)

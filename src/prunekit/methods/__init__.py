@@ -55,6 +55,9 @@ def check_training_phases(config: Config, train_config: Any, section: str = "met
 
 def prune_(model: nn.Module, config: Config, example_inputs: Any, **kwargs: Any) -> PruneResult:
     """Prune `model` in place with the method `config` belongs to; returns plan + costs."""
+    from ..core.modules import require_module
+
+    require_module(model)
     handler = _HANDLERS.get(type(config))
     if handler is None:
         raise ConfigError(f"{type(config).__name__} is not a registered method config; "
