@@ -434,3 +434,15 @@ def test_training_at_density_one_refuses_score_epochs_and_runs_the_finetune():
     hist = train_at_density(net, 1.0, _tiny_data(1), None, EvalSchedule(1, 0, 2), device="cpu")
     assert [h["phase"] for h in hist] == ["dense", "finetune", "finetune"]
     assert count_nonzeros(net)["nonzero"] == count_nonzeros(net)["total"]
+
+
+def test_the_auxiliary_head_on_images_too_small_for_it_is_one_clear_error():
+    """DARTS's auxiliary head pools 5x5 (stride 3) then convolves 2x2: it needs 8x8 maps at two
+    thirds of the depth (32x32 inputs). Digits' 8x8 images give 2x2 there; the error names the
+    head and the setting, instead of a pooling error deep inside the first training batch."""
+    net = EvalNetwork(DARTS_V2, channels=4, num_classes=10, layers=3, auxiliary=True, in_channels=1).train()
+    with pytest.raises(ConfigError, match=r"auxiliary head needs feature maps of at least 8x8.*\(2, 2\).*auxiliary=False"):
+        net(torch.randn(2, 1, 8, 8))
+    net(torch.randn(2, 1, 32, 32))
+    assert net.aux_logits.shape == (2, 10)
+    net.eval()(torch.randn(2, 1, 8, 8))  # evaluation never runs the head

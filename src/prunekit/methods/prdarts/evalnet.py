@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...core.errors import CheckpointError
+from ...core.errors import CheckpointError, ConfigError
 from ...layers.sparse import SparseLinear
 from .genotype import Genotype
 from .ops import OPS, FactorizedReduce, Identity, ReLUConvBN, sparse_conv
@@ -115,6 +115,11 @@ class EvalNetwork(nn.Module):
         for i, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
             if i == self.aux_after and self.auxiliary_head is not None and self.training:
+                if min(s1.shape[-2:]) < 8:  # its 5x5 pool (stride 3) and 2x2 conv need 8x8 maps
+                    raise ConfigError(
+                        f"the auxiliary head needs feature maps of at least 8x8 after cell {i} (32x32 inputs, as "
+                        f"CIFAR's); inputs of {tuple(x.shape[-2:])} give {tuple(s1.shape[-2:])} there: build the "
+                        "network with auxiliary=False (evaluate.auxiliary=false in a search recipe) for smaller images")
                 self.aux_logits = self.auxiliary_head(s1)
         return self.classifier(self.global_pooling(s1).flatten(1))
 
