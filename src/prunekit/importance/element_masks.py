@@ -23,7 +23,7 @@ from torch import nn
 from ..core.config import check_choice
 from ..core.errors import ConfigError, PruningError
 from ..graph import Graph, Group
-from ..surgery.masks import apply_mask, prune_count
+from ..surgery.masks import apply_mask, highest_keeping, prune_count
 from .criteria import REDUCTIONS, per_channel, reduce_members
 
 
@@ -75,10 +75,11 @@ def global_keep_count(sizes: list[int], sparsity: float) -> int:
     """Weights a global selection keeps of tensors of `sizes` at `sparsity`; PruningError when
     that is fewer than one for each tensor."""
     total = sum(sizes)
-    keep_n = total - prune_count(total, _sparsity(sparsity))
+    keep_n = total - int(math.floor(_sparsity(sparsity) * total + 0.5))
     if keep_n < len(sizes):
         raise PruningError(f"sparsity {sparsity} keeps {keep_n} of {total} weights, fewer than one for each of the "
-                           f"{len(sizes)} tensors; lower the sparsity or score fewer tensors")
+                           f"{len(sizes)} tensors; use a sparsity of at most {highest_keeping(total, len(sizes))} "
+                           "(the count rounds half up), or score fewer tensors")
     return keep_n
 
 

@@ -255,10 +255,26 @@ def prune_count(total: int, sparsity: float, unit: str = "weights") -> int:
     k = int(math.floor(sparsity * total + 0.5))
     if k >= total:
         raise PruningError(
-            f"sparsity {sparsity} of {total} {unit} keeps none of them; use a lower sparsity "
-            f"(below {(total - 0.5) / total:.4g} keeps one: the count rounds half up)"
+            f"sparsity {sparsity} of {total} {unit} keeps none of them; use a sparsity of at most "
+            f"{highest_keeping(total, 1)} (it keeps one: the count rounds half up)"
         )
     return k
+
+
+def highest_keeping(total: int, keep: int) -> str:
+    """The largest sparsity, written with 4 decimals or as many more as it takes, whose
+    floor(s * total + 0.5) removal still keeps `keep` of `total`.
+
+    >>> highest_keeping(1676, 2), highest_keeping(10, 1)
+    ('0.9991', '0.9499')
+    """
+    limit = (total - keep + 0.5) / total  # keeping `keep` needs s < limit
+    digits = 4
+    while True:
+        value = (math.ceil(limit * 10 ** digits) - 1) / 10 ** digits
+        if value >= 0 or digits > 12:
+            return f"{max(value, 0.0):.{digits}f}"
+        digits += 1
 
 
 def _check_finite(w: Tensor, where: str) -> None:
