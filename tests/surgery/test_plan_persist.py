@@ -172,3 +172,19 @@ def test_a_failed_plan_write_leaves_the_previous_plan_whole(tmp_path, monkeypatc
     monkeypatch.undo()
     assert (tmp_path / "plan.json").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def test_the_last_of_two_plans_saved_alone_says_to_save_the_composed_plan(tmp_path):
+    """Prune twice and save only the second plan: it starts from the once-pruned model, so a fresh
+    model cannot take it; the error says to save first.compose(second), which loads."""
+    torch.manual_seed(0)
+    model, x = create_model("small_cnn", 10), torch.randn(1, 1, 8, 8)
+    first = prune_(model, MagnitudeConfig(channel_ratio=0.25, round_to=None), x)
+    second = prune_(model, MagnitudeConfig(channel_ratio=0.25, round_to=None), x)
+    save_pruned(model, second.plan, tmp_path / "last.safetensors")
+    with pytest.raises(CheckpointError, match=r"save the composed plan \(first\.plan\.compose\(second\.plan\)\)"):
+        load_pruned(create_model("small_cnn", 10), tmp_path / "last.safetensors")
+    save_pruned(model, first.plan.compose(second.plan), tmp_path / "both.safetensors")
+    loaded = load_pruned(create_model("small_cnn", 10), tmp_path / "both.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model.eval()(x))

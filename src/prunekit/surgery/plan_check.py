@@ -50,9 +50,12 @@ def check_fingerprint(model: nn.Module, expected: str | None, which: str) -> Non
     got = architecture_fingerprint(model)
     if got != expected:
         what = ("the model the plan was made on" if which == "dense" else "the pruned model the plan produces")
+        steps = ("; a plan saved after several prunings starts where its last one started: save the composed "
+                 "plan (first.plan.compose(second.plan)) so that it starts from the freshly built model"
+                 if which == "dense" else "")
         raise CheckpointError(f"this model's architecture (fingerprint {got}) is not {what} (fingerprint "
                               f"{expected}); build the same architecture (name, depth, num_classes, options) "
-                              "the plan was made for")
+                              f"the plan was made for{steps}")
 
 
 def _fail(what: str) -> CheckpointError:
