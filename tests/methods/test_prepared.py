@@ -232,3 +232,21 @@ def test_criterion_scores_of_another_shape_or_kind_are_one_config_error_for_ever
             run(model)
         assert ("per_channel" in str(err.value)) == ("16, 1" in what)
         assert model[0].out_channels == 16
+
+
+def test_a_criterion_that_raises_is_one_config_error_naming_it_and_the_group():
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    x = torch.randn(1, 3, 8, 8)
+
+    def broken(group, ctx):
+        return 1 / 0
+
+    prepared = prepare_pruning(m, x)
+    cfg = MagnitudeConfig(criterion=broken, channel_ratio=0.5)
+    for run in (lambda model: prune_(model, cfg, x), lambda model: prepared.prune_(model, cfg)):
+        model = copy.deepcopy(m)
+        with pytest.raises(ConfigError, match=r"criterion <callable .*broken> raised ZeroDivisionError on group '0': "
+                                              r"division by zero; nothing was removed") as err:
+            run(model)
+        assert isinstance(err.value.__cause__, ZeroDivisionError)  # the traceback stays reachable (--debug)
+        assert model[0].out_channels == 16

@@ -160,7 +160,15 @@ def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: 
             if skipped is not None:
                 skipped.append(g.name)
             continue
-        s = criterion(g, ctx)
+        try:
+            s = criterion(g, ctx)
+        except PrunekitError:
+            raise
+        except Exception as err:  # a user's callable failing: say which, and on which group
+            if not callable(cfg.criterion):
+                raise
+            raise ConfigError(f"criterion {cfg.to_dict()['criterion']} raised {type(err).__name__} on group "
+                              f"{g.name!r}: {str(err)[:300]}; nothing was removed") from err
         _check_scores(s, g, cfg)
         if s.is_floating_point() and not bool(torch.isfinite(s).all()):  # a ranking of NaN is arbitrary
             bad = int((~torch.isfinite(s)).sum())
