@@ -228,6 +228,8 @@ def check_range(name: str, value: Any, lo: float, hi: float, lo_open: bool = Fal
     # written as "not inside" so that any comparison that fails (as NaN's all do) means out of range
     bad = not (lo <= value <= hi) or (lo_open and value == lo) or (hi_open and value == hi)
     if bad:
+        if hi == math.inf:  # an interval open to infinity reads as a bound
+            raise ConfigError(f"{name}={value!r} is out of range; use a value {'>' if lo_open else '>='} {lo:g}")
         left, right = "(" if lo_open else "[", ")" if hi_open else "]"
         raise ConfigError(f"{name}={value!r} is out of range; use a value in {left}{lo}, {hi}{right}")
 

@@ -130,7 +130,8 @@ def channel_scores(tree: gp.PrimitiveTree, maps: np.ndarray, labels: np.ndarray,
             total = total + np.sum(evaluate_tree(tree, env, deadline, reuse, caches))
         # past float32's range a score turns inf where the pruner ranks it (in float32)
         if not np.isfinite(total) or np.ndim(total) != 0 or abs(total) > _FLOAT32_MAX:
-            raise EvalError(f"channel {k} has no finite score in float32 ({total!r})")
+            shown = float(total) if np.ndim(total) == 0 else f"an array of shape {np.shape(total)}"
+            raise EvalError(f"channel {k} has no finite score in float32 ({shown})")
         out[k] = total
     return out
 
