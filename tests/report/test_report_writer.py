@@ -174,5 +174,6 @@ def test_a_latency_change_the_interleaved_rounds_do_not_show_is_not_called_a_spe
     assert line.endswith("(1.21x; no measurable change: faster in 11 of 20 interleaved rounds, as noise would be)")
     clear = [b - 0.15 for b in before]  # faster in every round
     assert paired_change(before, clear)["measured"]
+    assert paired_change(before[:5], clear[:5])["measured"] is None  # 5 rounds: no test can tell
     noisy["cost_after"]["latency"]["times_ms"] = clear
     assert "| 82.4% | 1.21x faster |" in write_report(tmp_path / "clear", noisy).markdown.read_text()

@@ -110,7 +110,7 @@ def _latency_line(latency: dict[str, Any]) -> str:
         b = latency["before"]["median_ms"]
         line = head + f"{b:.3f} ms -> {after['median_ms']:.3f} ms median ({b / after['median_ms']:.2f}x"
         change = paired_change(latency["before"].get("times_ms") or [], after.get("times_ms") or [])
-        if change["rounds"] and not change["measured"]:
+        if change["measured"] is False:
             return line + f"; no measurable change: faster in {change['faster_rounds']} of {change['rounds']} " \
                           "interleaved rounds, as noise would be)"
         return line + ")"

@@ -250,7 +250,8 @@ def compare_latency(models: Mapping[str, nn.Module], inputs: Inputs,
 def paired_change(before_ms: Sequence[float], after_ms: Sequence[float]) -> dict[str, Any]:
     """Whether an interleaved measurement shows a change: round i timed both models back to back,
     so each round is one paired comparison. {"faster_rounds": rounds where `after` was faster,
-    "rounds": rounds that differ, "p_value": two-sided sign test, "measured": p_value < 0.05}.
+    "rounds": rounds that differ, "p_value": two-sided sign test, "measured": p_value < 0.05, or
+    None under 6 rounds, too few for the test to tell}.
     Load that comes and goes hits both models of a round alike, so a difference of medians that
     only the noise made has about half the rounds faster, and is not `measured`.
 
@@ -261,7 +262,8 @@ def paired_change(before_ms: Sequence[float], after_ms: Sequence[float]) -> dict
     n, k = len(diffs), sum(d > 0 for d in diffs)
     tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n if n else 1.0
     p = min(1.0, 2 * tail)
-    return {"faster_rounds": k, "rounds": n, "p_value": p, "measured": p < 0.05}
+    # under 6 rounds even a change in every round has p >= 0.0625: the test cannot tell (None)
+    return {"faster_rounds": k, "rounds": n, "p_value": p, "measured": p < 0.05 if n >= 6 else None}
 
 
 def _interleaved_times(runners: list["_Runner"], cfg: LatencyConfig) -> dict[str, list[float]]:

@@ -232,7 +232,7 @@ def _latency_change(result: dict, before: float | None, after: float | None) -> 
 
     times = [((result.get(f"cost_{side}") or {}).get("latency") or {}).get("times_ms") or [] for side in ("before", "after")]
     change = paired_change(*times)
-    if change["rounds"] and not change["measured"]:
+    if change["measured"] is False:
         return f"no measurable change (faster in {change['faster_rounds']} of {change['rounds']} interleaved rounds)"
     return fmt_reduction(before, after, "faster", "slower")
 
