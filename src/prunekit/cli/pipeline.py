@@ -117,7 +117,7 @@ def prepare(recipe: Recipe, weights: str | None = None, progress: bool = True, e
         from ..methods import check_training_phases
 
         check_ignore(model, getattr(recipe.method.config, "ignore", None) or ())  # not after hours of training
-        recipe.method.config.check_model(model, example)
+        recipe.method.config.check_model_with(model, example)
         section = ("method_train" if recipe.method_train is not None
                    else "train" if recipe.train is not None else "the default TrainConfig")
         check_training_phases(recipe.method.config, recipe.trainer_for_method, section)

@@ -287,7 +287,7 @@ def _try_arms(recipe: CompareRecipe, todo: list[tuple[str, int]], dense: nn.Modu
         with _naming(name, seed), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the real run repeats them
             if arm.trains:
-                arm.config.check_model(trial, example)
+                arm.config.check_model_with(trial, example)
             else:
                 call_method(arm, recipe, trial, example, bundle, seed, device)
         del trial

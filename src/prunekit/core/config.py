@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import reprlib
 import types
@@ -62,6 +63,18 @@ class Config:
         say; with `example_inputs`, a target it cannot reach). Callers run it before any training,
         so that a typo costs seconds, not a dense training; overridden by configs that name parts
         of the model."""
+
+    def check_model_with(self, model: Any, example_inputs: Any) -> None:
+        """`check_model` with the example inputs when the override takes them (configs written for
+        the one-argument form still work)."""
+        try:
+            takes = len(inspect.signature(self.check_model).parameters) >= 2
+        except (TypeError, ValueError):
+            takes = False
+        if takes:
+            self.check_model(model, example_inputs)
+        else:
+            self.check_model(model)
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
