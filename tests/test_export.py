@@ -303,8 +303,11 @@ def test_a_killed_export_s_staging_folder_is_removed_by_the_next_export(tmp_path
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     left = [p.name for p in tmp_path.iterdir()]
     assert len(left) == 1 and left[0].startswith(".m.ts.")
-    from prunekit.export import _OWNER
-    live = tmp_path / f".m.ts.{_OWNER}.abc"  # this process's own (running) export
+    from prunekit.export import _owner
+    live = tmp_path / f".m.ts.{_owner()}.abcd_123"  # this process's own (running) export
     live.mkdir()
+    host = _owner().rsplit("-", 1)[0]
+    other = tmp_path / f".m.ts.{host}-4000000.onnx.{_owner()}.abcd_123"  # another target's (live) folder
+    other.mkdir()
     export_model(_net(), torch.randn(1, 3, 8, 8), tmp_path / "m.ts")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "m.ts"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "m.ts"])

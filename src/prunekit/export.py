@@ -359,19 +359,29 @@ def _staging_folder(path: Path) -> tempfile.TemporaryDirectory:
     parent = _parent(path)
     _remove_stale_staging(Path(parent), path.name)
     try:
-        return tempfile.TemporaryDirectory(prefix=f".{path.name}.{_OWNER}.", dir=parent)
+        return tempfile.TemporaryDirectory(prefix=f".{path.name}.{_owner()}.", dir=parent)
     except OSError as err:
         raise ConfigError(f"cannot write in {parent} ({err.strerror}); choose a writable folder") from None
 
 
-_OWNER = f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+def _owner() -> str:
+    """This host and process, read at each call (a forked worker is not its parent)."""
+    return f"{socket.gethostname().replace('.', '_').replace('-', '_')}-{os.getpid()}"
 
 
 def _remove_stale_staging(parent: Path, name: str) -> None:
-    """Remove the staging folders beside `name` left by processes of this host that no longer run."""
-    host = _OWNER.rsplit("-", 1)[0]
-    pattern = re.compile(rf"^\.{re.escape(name)}\.{re.escape(host)}-(\d+)\.[^/]+$")
-    for entry in parent.iterdir():
+    """Remove the staging folders beside `name` left by processes of this host that no longer run
+    (POSIX only: there a signal 0 asks whether a process runs without touching it)."""
+    if os.name != "posix":
+        return
+    host = _owner().rsplit("-", 1)[0]
+    # tempfile adds 8 characters of [a-z0-9_]: nothing else (another target's folder) matches
+    pattern = re.compile(rf"^\.{re.escape(name)}\.{re.escape(host)}-(\d+)\.[a-z0-9_]{{8}}$")
+    try:
+        entries = list(parent.iterdir())
+    except OSError:  # a folder that cannot be listed: nothing is cleaned, the export goes on
+        return
+    for entry in entries:
         found = pattern.match(entry.name)
         if found and entry.is_dir() and not entry.is_symlink() and not _running(int(found.group(1))):
             shutil.rmtree(entry, ignore_errors=True)

@@ -390,3 +390,23 @@ def test_nonzero_macs_of_masked_attention_equal_a_hand_count(packed):
     expected = q + k + v + kept(a.out_proj.weight) * L + products + kept(model.head.weight) * L
     assert nonzero_macs(model, build_graph(model, (x, y))) == expected
     assert count_cost(model, (x, y)).macs > expected  # the dense count is unchanged by masks
+
+
+class _MatmulLinear(nn.Linear):
+    """A Linear whose forward is its own matmul: with a masked weight the op names no parameter."""
+
+    def forward(self, x):
+        return torch.matmul(x, self.weight.t()) + self.bias
+
+
+def test_nonzero_macs_of_a_masked_layer_with_its_own_matmul_use_its_weight_density():
+    from prunekit.cost.macs import nonzero_macs
+    from prunekit.surgery.masks import apply_mask, unstructured_mask
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), _MatmulLinear(32, 32), nn.Linear(32, 4))
+    for layer in model:
+        apply_mask(layer, "weight", unstructured_mask(layer.weight, 0.9))
+    x = torch.randn(2, 16)
+    expected = sum(int((layer.weight != 0).sum()) for layer in model)  # one position per sample
+    assert nonzero_macs(model, build_graph(model, x)) == expected

@@ -165,7 +165,12 @@ def test_a_hook_group_setting_of_the_wrong_kind_is_refused_before_training(setti
     with pytest.raises(ConfigError, match=f"sets {key}=.*needs {needs}"):
         train(model, [(x, y)], None, TrainConfig(epochs=1, optimizer=optimizer), hooks=[Bad()], progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    ok = {"lr": torch.tensor(0.01)}  # a tensor lr, as torch.optim takes it
+    import numpy as np
+    ok = {"lr": torch.tensor(0.01), "weight_decay": np.float32(0.0)}  # tensor and NumPy values, as torch.optim takes them
+    if optimizer == "adamw":
+        ok["betas"] = np.array([0.9, 0.99])
+    else:
+        ok.update(momentum=np.int64(0), nesterov=np.bool_(False))
 
     class Good(Hook):
         def param_groups(self, model):

@@ -347,12 +347,13 @@ def test_home_relative_task_paths_are_expanded(dense, tmp_path, monkeypatch):
         check_tasks(EvolveConfig(tasks=[digits_task(init="~/missing.safetensors")]))
 
 
-def test_the_re_evaluation_is_saved_per_function_and_resumed(dense, tmp_path, monkeypatch):
-    """Resuming a finished or interrupted run re-evaluates no function twice."""
+def test_the_re_evaluation_is_saved_per_call_and_resumed(dense, tmp_path, monkeypatch):
+    """Resuming a finished or interrupted run re-evaluates no function twice (one worker: one
+    function per call, saved after each)."""
     from prunekit.evolve import report
     from prunekit.evolve.search import Search
 
-    cfg = _cfg(dense, generations=0, reeval_top=0, reeval_seeds=0)
+    cfg = _cfg(dense, generations=0, reeval_top=0, reeval_seeds=0, workers=1)
     texts = {"a": SEEDS["t_stat"], "b": SEEDS["abs_snr"]}
     real, calls = Search.evaluate, []
 
@@ -375,3 +376,7 @@ def test_the_re_evaluation_is_saved_per_function_and_resumed(dense, tmp_path, mo
     (tmp_path / "checkpoints" / "reevaluation.json").write_text('{"config": 1}')
     with pytest.raises(CheckpointError, match="reevaluation.json was written with other settings"):
         report.reevaluate(cfg, tmp_path, texts, seeds=1, progress=False)
+    calls.clear()  # two workers: both functions' jobs go out in one call, so both workers are busy
+    report.reevaluate(_cfg(dense, generations=0, reeval_top=0, reeval_seeds=0, workers=2), tmp_path / "two", texts,
+                      seeds=1, progress=False)
+    assert calls == [[SEEDS["t_stat"], SEEDS["abs_snr"]]]

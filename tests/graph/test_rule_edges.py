@@ -622,3 +622,42 @@ def test_a_batched_product_with_an_added_term_keeps_its_channels_and_counts_its_
     from prunekit.cost.macs import count_cost
     per_sample = 3 * (6 * 4 * 2 + 6 * 5) + 3 * 3 * 4 + 3 * 5 * 3 + 3 * 5 * 2  # q,k,v; QK^T; AV; out
     assert count_cost(model, x).macs == per_sample
+
+
+class _AddmmBias(nn.Module):
+    def __init__(self, bias_shape, computed: bool):
+        super().__init__()
+        self.fc, self.w = nn.Linear(6, 8), nn.Parameter(torch.randn(8, 5) * 0.3)
+        self.b = nn.Parameter(torch.randn(bias_shape) * 0.1)
+        self.head, self.computed = nn.Linear(5, 2), computed
+
+    def forward(self, x):
+        bias = self.b * 2 if self.computed else self.b
+        return self.head(torch.relu(torch.addmm(bias, torch.relu(self.fc(x)), self.w)))
+
+
+@pytest.mark.parametrize("bias_shape, computed", [((1,), False), ((), True), ((5,), True), ((1, 5), True),
+                                                  ((4, 5), False)])
+def test_addmm_with_a_broadcast_scalar_or_computed_bias_prunes_exactly(bias_shape, computed):
+    torch.manual_seed(0)
+    model, x = _AddmmBias(bias_shape, computed), torch.randn(4, 6)
+    _every_prunable_channel_matches_zeroing(model, x)
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+    prune_(model, MagnitudeConfig(channel_ratio=0.5, round_to=None), x)  # runs and verifies
+
+
+def test_bilinear_with_a_computed_bias_ties_its_channels_to_the_outputs():
+    class Computed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bil, self.extra, self.head = nn.Linear(6, 8), nn.Bilinear(8, 8, 5), nn.Linear(6, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            out = F.bilinear(h, h, self.bil.weight, self.bil.bias * self.extra(x).mean(0))
+            return self.head(torch.relu(out))
+
+    torch.manual_seed(0)
+    model, x = Computed(), torch.randn(4, 6)
+    _every_prunable_channel_matches_zeroing(model, x)

@@ -282,3 +282,21 @@ def test_an_nm_mask_on_a_transposed_conv_is_described_and_checked_as_nm(tmp_path
     remove_masks(fresh)
     load_sparse(fresh, tmp_path / "t.safetensors", restore_masks=True)
     assert torch.equal(get_mask(fresh[1], "weight"), get_mask(net[1], "weight"))
+
+
+def test_a_file_recording_a_transposed_conv_s_nm_mask_in_its_stored_layout_still_loads(tmp_path):
+    """Files written before N:M was read in a conv's layout recorded it along the stored dim 1."""
+    net = nn.Sequential(nn.ConvTranspose2d(8, 8, 3, groups=2))
+    apply_mask(net[0], "weight", nm_mask(net[0].weight, 2, 4, dim=1))  # runs along the stored dim 1
+    path = tmp_path / "new.safetensors"
+    assert save_sparse(net, path)["0.weight"]["kind"] == "irregular"  # in a conv's layout it is not N:M
+    tensors = load_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    meta = json.loads(metadata["prunekit_sparse"])
+    meta["tensors"]["0.weight"].update(kind="nm", n=2, m=4)  # as the earlier reader recorded it
+    path = tmp_path / "old.safetensors"
+    save_file(tensors, path, metadata={**metadata, "prunekit_sparse": json.dumps(meta)})
+    fresh = nn.Sequential(nn.ConvTranspose2d(8, 8, 3, groups=2))
+    load_sparse(fresh, path, restore_masks=True)
+    assert torch.equal(get_mask(fresh[0], "weight"), get_mask(net[0], "weight"))

@@ -38,7 +38,7 @@ from ..core.integrity import atomic_write, file_digest
 from ..cost.macs import CONVENTION
 from ..data import load_data
 from ..data.subsets import random_batches
-from ..engine.evaluate import evaluate
+from ..engine.evaluate import evaluate, model_device
 from ..engine.train import train
 from ..models import create_model
 from .arms import call_method, run_arm
@@ -287,7 +287,7 @@ def _try_arms(recipe: CompareRecipe, todo: list[tuple[str, int]], dense: nn.Modu
         with _naming(name, seed), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the real run repeats them
             if arm.trains:
-                arm.config.check_model_with(trial, example)
+                arm.config.check_model_with(trial, example.to(model_device(trial)))  # the dense model's device
             else:
                 call_method(arm, recipe, trial, example, bundle, seed, device)
         del trial

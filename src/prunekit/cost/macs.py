@@ -334,10 +334,17 @@ def nonzero_macs(model: nn.Module, graph: Graph) -> int:
         if node.params:
             name, _, tensor = node.params[0].rpartition(".")
             weight = getattr(_submodule(model, name), tensor, None)
-        elif node.op in _WEIGHTED_OPS:  # a masked weight is computed at each call: its module's
-            weight = getattr(owner, "weight", None)
+        elif node.op in _WEIGHTED_OPS or _masked_weight(owner):  # a masked weight is computed at each
+            weight = getattr(owner, "weight", None)  # call, so the node names no parameter: its module's
         total += node.macs * (_nonzero_fraction(weight) if isinstance(weight, torch.Tensor) else 1.0)
     return int(round(total / batch))
+
+
+def _masked_weight(module: nn.Module | None) -> bool:
+    """Whether `module.weight` is computed through a parametrization (a mask): ops on it (a
+    Linear subclass's own matmul) then name no parameter, and count at that weight's density."""
+    lists = getattr(module, "parametrizations", None)
+    return isinstance(lists, nn.ModuleDict) and "weight" in lists
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:

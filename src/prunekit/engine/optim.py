@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,17 +50,27 @@ def optimizer_from_split(split: ParameterSplit, cfg: TrainConfig) -> torch.optim
 def _check_setting(key: str, value: Any, default: Any, optimizer: str) -> None:
     """A hook group's setting has the kind of value the optimizer's default has: a finite number
     >= 0 (lr, weight_decay, momentum, ...), a flag, or betas in [0, 1)."""
+    def real(v: Any) -> float | None:
+        """`v` as a float when it is one real number (Python, NumPy or a one-element tensor)."""
+        if isinstance(v, (bool, np.bool_)):
+            return None
+        if isinstance(v, torch.Tensor):
+            return float(v) if v.numel() == 1 and not v.dtype.is_complex and v.dtype != torch.bool else None
+        if isinstance(v, np.ndarray):
+            return float(v) if v.size == 1 and np.isrealobj(v) and v.dtype != np.bool_ else None
+        return float(v) if isinstance(v, numbers.Real) else None
+
     def number(v: Any) -> bool:
-        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex:  # a tensor lr
-            v = float(v)
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        f = real(v)
+        return f is not None and math.isfinite(f) and f >= 0
 
     if isinstance(default, bool) or default is None:
-        ok, want = value is None or isinstance(value, bool), "true, false or null"
+        ok, want = value is None or isinstance(value, (bool, np.bool_)), "true, false or null"
     elif isinstance(default, (int, float)):
         ok, want = number(value), "a finite number >= 0"
     elif key == "betas":
-        ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(number(b) and b < 1 for b in value)
+        pair = list(value) if isinstance(value, (tuple, list, np.ndarray, torch.Tensor)) else []
+        ok = len(pair) == 2 and all(number(b) and real(b) < 1 for b in pair)
         want = "two numbers in [0, 1), e.g. (0.9, 0.999)"
     else:
         return

@@ -11,6 +11,7 @@ Files written into the run directory:
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -37,8 +38,12 @@ def reevaluate(cfg: EvolveConfig, run_dir: Path, texts: dict[str, str], seeds: i
     fresh = range(REEVAL_SEED_BASE, REEVAL_SEED_BASE + seeds)
     with create_executor(cfg.executor, cfg.workers, cfg.ray_address, cfg.num_cpus, cfg.num_gpus) as run:
         todo = [t for t in dict.fromkeys(texts.values()) if not search.evaluated(t, fresh, evals)]
-        for i, text in enumerate(todo):  # saved after each function: a resumed run redoes none of them
-            search.evaluate([text], fresh, evals, run, f"re-evaluation {i + 1}/{len(todo)}")
+        # saved after each call, which takes enough functions to keep every worker busy: a resumed
+        # run redoes only the call it was stopped in
+        per_call = max(1, math.ceil(cfg.workers / max(1, len(search.tasks) * seeds)))
+        for start in range(0, len(todo), per_call):
+            search.evaluate(todo[start:start + per_call], fresh, evals, run,
+                            f"re-evaluation {min(start + per_call, len(todo))}/{len(todo)}")
             atomic_write_text(saved, json.dumps({"config": cfg.search_dict(), "evaluations": evals}, indent=1))
     rows = []
     for label, text in texts.items():

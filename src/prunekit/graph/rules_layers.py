@@ -112,10 +112,12 @@ def addmm(tr, call):
     """beta * input + alpha * (mat1 @ mat2): with a stored 2-D mat2 (in, out), a Linear kept
     transposed with `input` as its bias (GPT-2's Conv1D); else every channel is kept, MACs counted."""
     bias, x, w = call.args[0], call.arg(1, "mat1"), call.arg(2, "mat2")
-    stored_bias_ok = _named(tr, bias) is None or bias.dim() == 1  # a stored bias runs along the outputs
-    if _named(tr, w) is not None and w.dim() == 2 and isinstance(bias, torch.Tensor) and bias.dim() <= 2 \
-            and stored_bias_ok:
-        return linear_like(tr, call, x, w, bias, transposed=True)
+    if _named(tr, w) is not None and w.dim() == 2 and isinstance(bias, torch.Tensor) and bias.dim() <= 2:
+        if bias.numel() == 1:  # a scalar added to every output: no channel of its own
+            return linear_like(tr, call, x, w, None, transposed=True)
+        along_outputs = bias.shape[-1] == w.shape[1] and (_named(tr, bias) is None or bias.dim() == 1)
+        if along_outputs:  # a bias (out,), stored or computed, or a computed (N, out) term
+            return linear_like(tr, call, x, w, bias, transposed=True)
     _fix_all(tr, call)
     tr.add_node(call, macs=_tensor_outs(call)[0].numel() * x.shape[-1])
 
@@ -146,8 +148,8 @@ def bilinear(tr, call):
     tr.add_member(mod, wname, 2, along(tr.ids(x2), -1, x2.shape[-1], tr.uf), "in")
     if b is not None and _named(tr, b) is not None:
         tr.add_member(*_named(tr, b), 0, p, "out")
-    elif isinstance(b, torch.Tensor):
-        tr.uf.mark_fixed(p)  # a computed bias: its channels are not followed
+    elif isinstance(b, torch.Tensor) and b.dim() >= 1 and b.shape[-1] == w.shape[0] > 1:
+        tr.uf.union_pairs(p, along(tr.ids(b), -1, w.shape[0], tr.uf))  # a computed bias: its channels are the outputs
     tr.set_ids(out, _out_ids(p, out.dim(), out.dim() - 1))
     tr.add_node(call, macs=macs, params=[f"{mod}.{wname}"])
 

@@ -132,7 +132,9 @@ def _decode(path: Any, name: str, info: Any, stored: dict[str, Tensor], groups: 
     keep = unpack_mask(bits, shape)
     if values.dtype != dtype or values.dim() != 1 or values.numel() != int(keep.sum()):
         raise bad(f"{values.numel()} values for {int(keep.sum())} kept entries")
-    if info.get("kind") == "nm" and mask_kind(keep, groups) != {"kind": "nm", "n": info.get("n"), "m": info.get("m")}:
+    recorded = {"kind": "nm", "n": info.get("n"), "m": info.get("m")}
+    # a transposed conv's N:M runs in a conv's layout; files written before that read recorded its stored layout
+    if info.get("kind") == "nm" and recorded not in (mask_kind(keep, groups), mask_kind(keep)):
         raise bad("its bit mask is not the recorded N:M pattern")
     dense = torch.zeros(shape, dtype=dtype)
     dense[keep] = values
