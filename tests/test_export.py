@@ -247,26 +247,7 @@ def test_a_terminated_export_leaves_no_staging_folder(tmp_path):
     """SIGTERM (a timeout, a stopped job) ended the process without unwinding: the hidden staging
     folder and its half-written file stayed beside the target. Run in its own process: the signal
     must not reach the test runner, whose handlers other libraries may have replaced."""
-    script = textwrap.dedent(f"""
-        import os, signal, torch
-        from torch import nn
-        from prunekit.export import export_model, terminate_as_exit
-
-        class TerminatedWhileChecked(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.fc, self.calls = nn.Linear(4, 2), 0
-
-            def forward(self, x):
-                self.calls += 1
-                if self.calls == 2:  # the first call is the trace, the second the check
-                    os.kill(os.getpid(), signal.SIGTERM)
-                return self.fc(x)
-
-        with terminate_as_exit():
-            export_model(TerminatedWhileChecked(), torch.randn(2, 4), {str(tmp_path / "m.ts")!r})
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = _export_signalled_while_checking(tmp_path / "m.ts", "SIGTERM", wrap=True)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
 
@@ -281,25 +262,7 @@ def test_export_model_leaves_signal_handlers_alone(tmp_path):
 def test_a_killed_export_s_staging_folder_is_removed_by_the_next_export(tmp_path):
     """SIGKILL leaves the staging folder (nothing can clean up); the next export to the same path
     removes it once its process no longer runs, and leaves a live export's folder alone."""
-    script = textwrap.dedent(f"""
-        import os, signal, torch
-        from torch import nn
-        from prunekit.export import export_model
-
-        class KilledWhileChecked(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.fc, self.calls = nn.Linear(4, 2), 0
-
-            def forward(self, x):
-                self.calls += 1
-                if self.calls == 2:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return self.fc(x)
-
-        export_model(KilledWhileChecked(), torch.randn(2, 4), {str(tmp_path / "m.ts")!r})
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = _export_signalled_while_checking(tmp_path / "m.ts", "SIGKILL", wrap=False)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     left = [p.name for p in tmp_path.iterdir()]
     assert len(left) == 1 and left[0].startswith(".m.ts.")
@@ -311,3 +274,28 @@ def test_a_killed_export_s_staging_folder_is_removed_by_the_next_export(tmp_path
     other.mkdir()
     export_model(_net(), torch.randn(1, 3, 8, 8), tmp_path / "m.ts")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "m.ts"])
+
+
+def _export_signalled_while_checking(path, signal_name: str, wrap: bool) -> subprocess.CompletedProcess:
+    """Export in a child process that sends itself `signal_name` during the check (the model's
+    second call; the first is the trace), inside terminate_as_exit() when `wrap`. Its own
+    process: the signal must not reach the test runner, whose handlers other libraries may set."""
+    body = f"export_model(Signalled(), torch.randn(2, 4), {str(path)!r})"
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from torch import nn
+        from prunekit.export import export_model, terminate_as_exit
+
+        class Signalled(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc, self.calls = nn.Linear(4, 2), 0
+
+            def forward(self, x):
+                self.calls += 1
+                if self.calls == 2:
+                    os.kill(os.getpid(), signal.{signal_name})
+                return self.fc(x)
+
+    """) + (f"with terminate_as_exit():\n    {body}\n" if wrap else body + "\n")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
