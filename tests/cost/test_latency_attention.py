@@ -65,7 +65,9 @@ def test_a_latency_target_prunes_through_the_attention():
     from prunekit.methods import prune_
     from prunekit.methods.magnitude import MagnitudeConfig
     model, x = TinyViT(width=64, heads=8).eval(), torch.randn(1, 16, 8)
-    r = prune_(model, MagnitudeConfig(latency_fraction=0.7, latency_tolerance=0.5, round_to=None,
+    # 0.3 of the latency cannot come from the MLP's outputs alone, whatever the timing noise (at 0.7
+    # a contended run once met its estimate there and left the attention whole)
+    r = prune_(model, MagnitudeConfig(latency_fraction=0.3, latency_tolerance=0.5, round_to=None,
                                       latency={"repeats": 5, "warmup": 1}), x)
     assert model(x).shape == (1, 3) and model.attn.embed_dim < 64
     assert model.attn.embed_dim % model.attn.num_heads == 0 and r.metrics["latency"]["attempts"]
