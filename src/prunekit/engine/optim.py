@@ -69,7 +69,10 @@ def _check_setting(key: str, value: Any, default: Any, optimizer: str) -> None:
     elif isinstance(default, (int, float)):
         ok, want = number(value), "a finite number >= 0"
     elif key == "betas":
-        pair = list(value) if isinstance(value, (tuple, list, np.ndarray, torch.Tensor)) else []
+        try:  # a 0-d array or tensor cannot be listed: not a pair
+            pair = list(value) if isinstance(value, (tuple, list, np.ndarray, torch.Tensor)) else []
+        except TypeError:
+            pair = []
         ok = len(pair) == 2 and all(number(b) and real(b) < 1 for b in pair)
         want = "two numbers in [0, 1), e.g. (0.9, 0.999)"
     else:
