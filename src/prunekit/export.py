@@ -392,7 +392,7 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError, OSError):  # another user's process, or no such id here
+    except (OverflowError, OSError):  # another user's process (PermissionError), or no such id here
         return True
     return True
 

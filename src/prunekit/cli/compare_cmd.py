@@ -84,4 +84,6 @@ def _dry_run_checks(recipe, out) -> list[str]:
 
 def _folder(recipe, out) -> Path:
     """The output folder a run writes into: --out, else <recipe out>/<recipe name>."""
-    return Path(out).expanduser() if out is not None else Path(recipe.out).expanduser() / recipe.name
+    from ..compare.run import output_folder
+
+    return output_folder(recipe, out)

@@ -70,6 +70,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def output_folder(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder a comparison writes into: `out_dir`, else <recipe out>/<recipe name> (`~` expanded)."""
+    return Path(out_dir).expanduser() if out_dir is not None else Path(recipe.out).expanduser() / recipe.name
+
+
 def dense_paths(recipe: CompareRecipe, out_dir: Path) -> tuple[Path, Path]:
     """(weights, info JSON) of the dense model: `dense.weights` and the .json beside it, or the
     output folder's dense.safetensors and dense.json."""
@@ -154,7 +159,7 @@ def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = 
     unknown = sorted(set(only or ()) - set(recipe.arms))
     if unknown:
         raise ConfigError(f"unknown arm(s) {', '.join(unknown)}; the recipe has {', '.join(recipe.arms)}")
-    out = Path(out_dir).expanduser() if out_dir is not None else Path(recipe.out).expanduser() / recipe.name
+    out = output_folder(recipe, out_dir)
     if report_only:
         return report_from_disk(recipe, out)
     if recipe.threads is not None:

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..core.errors import ConfigError
 from ..graph import Graph, build_graph
@@ -326,32 +327,20 @@ def nonzero_macs(model: nn.Module, graph: Graph) -> int:
     batch = max(graph.batch, 1)
     total = 0.0
     for node in graph.nodes:
-        owner = _submodule(model, node.module)
+        owner = model.get_submodule(node.module)
         if node.op == "multi_head_attention_forward" and isinstance(owner, nn.MultiheadAttention):
             total += _mha_nonzero_macs(owner, node)
             continue
         weight = None
         if node.params:
             name, _, tensor = node.params[0].rpartition(".")
-            weight = getattr(_submodule(model, name), tensor, None)
-        elif node.op in _WEIGHTED_OPS or _masked_weight(owner):  # a masked weight is computed at each
-            weight = getattr(owner, "weight", None)  # call, so the node names no parameter: its module's
+            weight = getattr(model.get_submodule(name), tensor, None)
+        elif node.op in _WEIGHTED_OPS or parametrize.is_parametrized(owner, "weight"):
+            # a masked weight is computed at each call (also inside a layer's own matmul), so the node
+            # names no parameter: the module's weight is the one it reads
+            weight = getattr(owner, "weight", None)
         total += node.macs * (_nonzero_fraction(weight) if isinstance(weight, torch.Tensor) else 1.0)
     return int(round(total / batch))
-
-
-def _masked_weight(module: nn.Module | None) -> bool:
-    """Whether `module.weight` is computed through a parametrization (a mask): ops on it (a
-    Linear subclass's own matmul) then name no parameter, and count at that weight's density."""
-    lists = getattr(module, "parametrizations", None)
-    return isinstance(lists, nn.ModuleDict) and "weight" in lists
-
-
-def _submodule(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def _nonzero_fraction(t: torch.Tensor) -> float:

@@ -14,7 +14,6 @@ rounded count would remove everything keeps its best weight.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Mapping
 
 import torch
@@ -23,7 +22,7 @@ from torch import nn
 from ..core.config import check_choice
 from ..core.errors import ConfigError, PruningError
 from ..graph import Graph, Group
-from ..surgery.masks import apply_mask, highest_keeping, prune_count
+from ..surgery.masks import apply_mask, highest_keeping, removal_count
 from .criteria import REDUCTIONS, per_channel, reduce_members
 
 
@@ -51,7 +50,7 @@ def select_element_masks(scores: Mapping[str, torch.Tensor], sparsity: float,
         out = {}
         for k, s in scores.items():
             n = s.numel()
-            drop = min(int(math.floor(_sparsity(sparsity) * n + 0.5)), n - 1)
+            drop = min(removal_count(n, _sparsity(sparsity)), n - 1)
             out[k] = _keep_top(s.detach().flatten(), n - drop).view(s.shape)
         return out
     keys = list(scores)
@@ -75,7 +74,7 @@ def global_keep_count(sizes: list[int], sparsity: float) -> int:
     """Weights a global selection keeps of tensors of `sizes` at `sparsity`; PruningError when
     that is fewer than one for each tensor."""
     total = sum(sizes)
-    keep_n = total - int(math.floor(_sparsity(sparsity) * total + 0.5))
+    keep_n = total - removal_count(total, _sparsity(sparsity))
     if keep_n < len(sizes):
         raise PruningError(f"sparsity {sparsity} keeps {keep_n} of {total} weights, fewer than one for each of the "
                            f"{len(sizes)} tensors; use a sparsity of at most {highest_keeping(total, len(sizes))} "

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..core.config import Config
 from ..core.errors import ConfigError
+from ..core.modules import require_module
 from ..core.registry import Registry
 from .result import PruneResult
 
@@ -55,8 +56,6 @@ def check_training_phases(config: Config, train_config: Any, section: str = "met
 
 def prune_(model: nn.Module, config: Config, example_inputs: Any, **kwargs: Any) -> PruneResult:
     """Prune `model` in place with the method `config` belongs to; returns plan + costs."""
-    from ..core.modules import require_module
-
     require_module(model)
     handler = _HANDLERS.get(type(config))
     if handler is None:

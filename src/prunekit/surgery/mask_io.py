@@ -139,8 +139,7 @@ def describe_masks(model: nn.Module) -> dict[str, Any]:
         mask = get_mask(module, pname).expand(w.shape)
         n_masked = int((~mask).sum())
         key = f"{mname}.{pname}" if mname else pname
-        groups = module.groups if isinstance(module, nn.modules.conv._ConvTransposeNd) and pname == "weight" else None
-        tensors[key] = {"shape": list(w.shape), **mask_kind(mask, groups), "numel": w.numel(),
+        tensors[key] = {"shape": list(w.shape), **mask_kind(mask, transposed_groups(model, key)), "numel": w.numel(),
                         "masked": n_masked, "sparsity": n_masked / max(w.numel(), 1)}
         total, masked = total + w.numel(), masked + n_masked
     return {"format_version": MASKS_FORMAT_VERSION, "tensors": tensors, "numel": total, "masked": masked,

@@ -252,13 +252,18 @@ def prune_count(total: int, sparsity: float, unit: str = "weights") -> int:
     """
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
         raise ConfigError(f"sparsity={sparsity!r} is invalid; use a number in [0, 1)")
-    k = int(math.floor(sparsity * total + 0.5))
+    k = removal_count(total, sparsity)
     if k >= total:
         raise PruningError(
             f"sparsity {sparsity} of {total} {unit} keeps none of them; use a sparsity of at most "
             f"{highest_keeping(total, 1)} (it keeps one: the count rounds half up)"
         )
     return k
+
+
+def removal_count(total: int, sparsity: float) -> int:
+    """floor(sparsity * total + 0.5): the units a sparsity removes (half rounds up), unchecked."""
+    return int(math.floor(sparsity * total + 0.5))
 
 
 def highest_keeping(total: int, keep: int) -> str:
