@@ -51,13 +51,16 @@ from prunekit.protocol import PROTOCOL  # noqa: E402
 
 ARMS = ["dense", "ssc_het", "ssc_grouped", "ssc_block", "snip", "grasp", "synflow", "random", "narrow"]
 PAI = {"snip": SNIPConfig, "grasp": GraSPConfig, "synflow": SynFlowConfig, "random": RandomInitConfig}
+# SNIP and GraSP scored in training mode (BatchNorm on the calibration batch's statistics), as
+# GraSP's reference code scores; the default arms score in eval mode. Not in the default run.
+TRAIN_MODE_ARMS = ["snip_train", "grasp_train"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default=PROTOCOL.model)
-    ap.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    ap.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS + TRAIN_MODE_ARMS)
     ap.add_argument("--reductions", type=float, nargs="+", default=[4, 8])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
@@ -89,10 +92,13 @@ def build_arm(arm: str, reduction: float, seed: int, args, example, calib) -> tu
     elif arm.startswith("ssc_"):
         r = prune_(model, SSCConfig(reduction=reduction, family=arm[4:], execution=args.execution), example)
         rec.update(preset=r.metrics["preset"], execution=args.execution)
-    elif arm in PAI:
+    elif arm in PAI or arm in TRAIN_MODE_ARMS:
         weights = sum(getattr(model.get_submodule(m), p).numel() for m, p in target_weights(model).values())
         sparsity = (dense_params - budget) / weights
         extra = {"iterations": args.synflow_iterations} if arm == "synflow" else {}
+        if arm in TRAIN_MODE_ARMS:
+            arm, extra = arm[:-len("_train")], {"score_mode": "train"}
+            rec["score_mode"] = "train"
         r = prune_(model, PAI[arm](sparsity=sparsity, **extra), example, batches=calib)
         rec.update(sparsity=sparsity, params_nonzero=r.metrics["params_nonzero"], macs_nonzero=r.metrics["macs_nonzero"])
     elif arm == "narrow":

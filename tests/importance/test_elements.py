@@ -351,3 +351,65 @@ def test_grasp_on_an_op_without_second_derivative_says_which_criteria_work():
     model = nn.Sequential(nn.Linear(3, 4), _AtenHardsigmoid(), nn.Linear(4, 2)).double()
     with pytest.raises(PruningError, match="second derivatives .*hardsigmoid_backward.* snip or synflow"):
         grasp_scores(model, _batches(), temperature=1.0)
+
+
+def _bn_net(seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    with torch.no_grad():  # non-trivial affine and running statistics, so the two modes differ
+        m[1].weight.uniform_(0.5, 1.5)
+        m[1].bias.uniform_(-0.5, 0.5)
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+    return m
+
+
+def _bn_loss(m, batches, train: bool, temperature=1.0):
+    """The summed loss as a function of the two Linear weights, BatchNorm written out: on the
+    batch's mean and biased variance (training mode) or on the running statistics (eval mode)."""
+    bn = m[1]
+    b1, b2 = m[0].bias.detach(), m[3].bias.detach()
+
+    def loss(w1, w2):
+        total = 0
+        for x, y in batches:
+            a = x @ w1.T + b1
+            mean, var = ((a.mean(0), a.var(0, unbiased=False)) if train
+                         else (bn.running_mean, bn.running_var))
+            h = torch.tanh((a - mean) / torch.sqrt(var + bn.eps) * bn.weight.detach() + bn.bias.detach())
+            total = total + nn.functional.cross_entropy((h @ w2.T + b2) / temperature, y)
+        return total
+    return loss
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_snip_and_grasp_with_batchnorm_equal_the_written_out_loss_in_either_mode(mode):
+    """score_mode="train" (as the GraSP reference code scores) normalises with the batch's
+    statistics; eval with the running ones. Either way the model's buffers and flags are left as
+    they were."""
+    m, batches = _bn_net(), _batches(2, n=2)
+    buffers = {n: b.clone() for n, b in m.named_buffers()}
+    loss = _bn_loss(m, batches, train=mode == "train", temperature=2.0)
+    w = (m[0].weight.detach().clone(), m[3].weight.detach().clone())
+    a, b = w[0].clone().requires_grad_(), w[1].clone().requires_grad_()
+    g = torch.autograd.grad(loss(a, b), (a, b))
+    _, hg = torch.autograd.functional.hvp(loss, w, tuple(t.detach() for t in g))
+    grads_t1 = [t.detach() for t in torch.autograd.grad(_bn_loss(m, batches, mode == "train")(a, b), (a, b))]
+
+    snip = snip_scores(m, batches, mode=mode)
+    torch.testing.assert_close(snip["0.weight"], (w[0] * grads_t1[0]).abs(), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(snip["3.weight"], (w[1] * grads_t1[1]).abs(), rtol=1e-10, atol=1e-14)
+    grasp = grasp_scores(m, batches, temperature=2.0, mode=mode)
+    torch.testing.assert_close(grasp["0.weight"], w[0] * hg[0], rtol=1e-8, atol=1e-14)
+    torch.testing.assert_close(grasp["3.weight"], w[1] * hg[1], rtol=1e-8, atol=1e-14)
+    assert m.training and all(p.grad is None for p in m.parameters())
+    for n, buf in m.named_buffers():
+        torch.testing.assert_close(buf, buffers[n], rtol=0, atol=0)
+
+
+def test_the_score_mode_changes_the_scores_and_is_checked():
+    m, batches = _bn_net(), _batches(2, n=1)
+    assert not torch.allclose(snip_scores(m, batches, mode="train")["0.weight"],
+                              snip_scores(m, batches, mode="eval")["0.weight"])
+    with pytest.raises(ConfigError, match="mode='training'"):
+        snip_scores(m, batches, mode="training")

@@ -1,11 +1,13 @@
 """Pruning at initialisation: exact sparsity, masks equal to hand-computed SNIP selections,
 masks that survive training and save/reload, channel-level removal, errors."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from prunekit.core.errors import ConfigError
-from prunekit.importance.elements import select_element_masks
+from prunekit.importance.elements import grasp_scores, select_element_masks, snip_scores
 from prunekit.methods import prune_
 from prunekit.methods.pai import GraSPConfig, RandomInitConfig, SNIPConfig, SynFlowConfig
 from prunekit.surgery.masks import get_mask, masked_modules
@@ -144,6 +146,40 @@ def test_errors():
         SynFlowConfig(iterations=0)
     with pytest.raises(ConfigError, match="level"):
         RandomInitConfig(level="kernel")
+    with pytest.raises(ConfigError, match="score_mode='train' applies to the scores computed on data"):
+        SynFlowConfig(score_mode="train")
+    with pytest.raises(ConfigError, match="score_mode"):
+        SNIPConfig(score_mode="batch")
+
+
+@pytest.mark.parametrize("make", [SNIPConfig, GraSPConfig])
+@pytest.mark.parametrize("level", ["element", "channel"])
+def test_score_mode_train_selects_on_batch_statistics_and_leaves_the_running_ones(make, level):
+    """score_mode="train" prunes by the training-mode scores (BatchNorm on the batch's statistics)
+    and the model's running statistics and flags are left as they were; at element level the masks
+    are exactly the selection of those scores."""
+    model = _net()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    batches = _batches()
+    cfg = make(sparsity=0.6, level=level, score_mode="train")
+    score = snip_scores if make is SNIPConfig else grasp_scores
+    want = score(copy.deepcopy(model), batches[:1], mode="train")
+    other = select_element_masks(score(copy.deepcopy(model), batches[:1], mode="eval"), 0.6)
+    prune_(model, cfg, X, batches=batches)
+    assert model.training
+    if level == "element":
+        masks = select_element_masks(want, 0.6)
+        assert any(not torch.equal(masks[k], other[k]) for k in masks)  # the mode decides
+        for k in ("0", "3", "7"):
+            assert torch.equal(get_mask(model.get_submodule(k), "weight"), masks[f"{k}.weight"])
+        for n, b in model.named_buffers():
+            if n in buffers:
+                torch.testing.assert_close(b, buffers[n], rtol=0, atol=0)
+    else:
+        assert model[0].out_channels < 8
 
 
 @pytest.mark.parametrize("recipe", ["pai_resnet20_cifar10", "pai_resnet56_cifar10", "pai_vgg16_cifar10"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import torch
 from torch import nn
 
 
@@ -38,3 +39,37 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     with kept_modes(model):
         model.eval()
         yield model
+
+
+SCORE_MODES = ("eval", "train")
+
+
+@contextlib.contextmanager
+def scoring(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
+    """The mode a criterion's forward passes run in: "eval" (`evaluating`), or "train": training
+    mode (BatchNorm normalises with the batch's statistics, dropout is active), with every buffer
+    (BatchNorm's running statistics and batch counter) put back afterwards, so scoring changes
+    nothing. Afterwards each module's train/eval flag as it was.
+
+    >>> import torch
+    >>> m = nn.BatchNorm1d(2)
+    >>> with scoring(m, "train"):
+    ...     _ = m(torch.randn(4, 2) + 5)
+    >>> m.running_mean.tolist(), int(m.num_batches_tracked), m.training
+    ([0.0, 0.0], 0, True)
+    """
+    if mode not in SCORE_MODES:
+        raise ValueError(f"mode={mode!r}; choose one of {', '.join(SCORE_MODES)}")
+    if mode == "eval":
+        with evaluating(model):
+            yield model
+        return
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with kept_modes(model):
+            model.train()
+            yield model
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)

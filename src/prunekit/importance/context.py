@@ -27,7 +27,7 @@ from torch import nn
 
 from ..core.errors import ConfigError, PruningError
 from ..core.layout import onednn_safe
-from ..core.modes import evaluating
+from ..core.modes import SCORE_MODES, scoring
 from .calibration import NEEDS_DATA, forward, labelled, loss_of
 
 
@@ -36,7 +36,9 @@ class ScoreContext:
     """What a criterion may look at: the model, optional data, and settings.
 
     `example_inputs` (what the model was traced with) lets data-free criteria such as SynFlow
-    build an input of the right shape. `cache` holds values computed once per context and shared
+    build an input of the right shape. `mode` is the mode of every forward pass over `batches`:
+    "eval" (default), or "train" (BatchNorm on the batch's statistics, dropout active; every
+    buffer put back afterwards: `core.modes.scoring`). `cache` holds values computed once per context and shared
     by every group (element scores, for instance).
     """
 
@@ -46,6 +48,7 @@ class ScoreContext:
     seed: int = 0
     loss_fn: Callable = nn.functional.cross_entropy
     example_inputs: Any = None
+    mode: str = "eval"  # eval | train: the mode of the forward passes over `batches`
     graph: Any = None  # the traced Graph, when known: data passes may then serve all its groups at once
     fallbacks: dict[str, str] = field(default_factory=dict)  # group -> "criterion -> other: why"
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -53,6 +56,10 @@ class ScoreContext:
     _outs: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _params: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _warned: set = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in SCORE_MODES:
+            raise ConfigError(f"ScoreContext mode={self.mode!r}; choose one of {', '.join(SCORE_MODES)}")
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """name -> parameter of the model (looked up once per context)."""
@@ -78,14 +85,14 @@ class ScoreContext:
                           stacklevel=3)
 
     def gradients(self, who: str = "taylor") -> dict[str, torch.Tensor]:
-        """Sum of loss gradients of every parameter over `batches` (eval mode; computed once, cached).
+        """Sum of loss gradients of every parameter over `batches` (in `mode`; computed once, cached).
         Frozen parameters (requires_grad=False) get their gradient too; their flags are kept."""
         if self._grads is None:
             params = self.parameters()
             grads = {n: torch.zeros_like(p) for n, p in params.items()}
             held = {n: p.grad for n, p in params.items()}  # the caller's own .grad, put back after
             try:
-                with evaluating(self.model), _differentiable(params.values()), onednn_safe():
+                with scoring(self.model, self.mode), _differentiable(params.values()), onednn_safe():
                     for i, x, y in labelled(self.batches, who):
                         self.model.zero_grad(set_to_none=True)
                         loss_of(self.loss_fn, forward(self.model, x, i, who), y, i, who).backward()
@@ -103,7 +110,7 @@ class ScoreContext:
 
         Only those parameters vary: the result is the block H[names, names] times v, keyed like
         `vector` (GraSP differentiates only the prunable weights). One double backward per batch:
-        z_b = grad(L_b) . v, then grad(z_b) summed over batches (eval mode, not cached).
+        z_b = grad(L_b) . v, then grad(z_b) summed over batches (in `mode`, not cached).
         """
         params = self.parameters()
         names = list(vector)
@@ -113,7 +120,7 @@ class ScoreContext:
                               "key the vector by names from model.named_parameters()")
         leaves = [params[n] for n in names]
         out = {n: torch.zeros_like(p) for n, p in zip(names, leaves)}
-        with (evaluating(self.model), _differentiable(leaves), _TwiceDifferentiable(), _second_derivatives(who),
+        with (scoring(self.model, self.mode), _differentiable(leaves), _TwiceDifferentiable(), _second_derivatives(who),
               onednn_safe()):
             for i, x, y in labelled(self.batches, who):
                 loss = loss_of(self.loss_fn, forward(self.model, x, i, who), y, i, who)
@@ -144,7 +151,7 @@ class ScoreContext:
                        for n, m in self.model.named_modules()
                        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
             try:
-                with torch.no_grad(), evaluating(self.model):
+                with torch.no_grad(), scoring(self.model, self.mode):
                     for i, x, _ in labelled(self.batches, "activation", labels="ignored"):
                         forward(self.model, x, i, "activation")
                         count[0] += 1

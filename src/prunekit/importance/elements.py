@@ -60,12 +60,13 @@ def random_scores(model: nn.Module, batches: Iterable | None = None, *, seed: in
 
 
 def snip_scores(model: nn.Module, batches: Iterable | None = None, *, targets=None,
-                loss_fn=nn.functional.cross_entropy) -> dict[str, torch.Tensor]:
+                loss_fn=nn.functional.cross_entropy, mode: str = "eval") -> dict[str, torch.Tensor]:
     """SNIP connection sensitivity abs(w * g), g the loss gradient summed over `batches`.
 
     The gradient is accumulated first and the product taken once (abs of the sum, as when
-    gradients of several batches accumulate before scoring), in eval mode. Lee et al. divide by
-    the sum of all scores; that does not change the ranking and is left out.
+    gradients of several batches accumulate before scoring), in eval mode, or with `mode="train"`
+    in training mode (BatchNorm on batch statistics; running statistics left as they were). Lee et
+    al. divide by the sum of all scores; that does not change the ranking and is left out.
 
     >>> m = nn.Linear(2, 2, bias=False)
     >>> s = snip_scores(m, [(torch.randn(4, 2), torch.tensor([0, 1, 1, 0]))])
@@ -74,18 +75,20 @@ def snip_scores(model: nn.Module, batches: Iterable | None = None, *, targets=No
     """
     weights = target_weights(model, targets)
     model, batches = _in_float32(model, batches, "snip")
-    ctx = ScoreContext(model, batches=batches, loss_fn=loss_fn)
+    ctx = ScoreContext(model, batches=batches, loss_fn=loss_fn, mode=mode)
     grads = ctx.gradients("snip")
     params = ctx.parameters()
     return {k: (params[n].detach() * grads[n]).abs() for k, n in leaf_names(model, weights).items()}
 
 
 def grasp_scores(model: nn.Module, batches: Iterable | None = None, *, targets=None, temperature: float = 200.0,
-                 loss_fn=nn.functional.cross_entropy) -> dict[str, torch.Tensor]:
+                 loss_fn=nn.functional.cross_entropy, mode: str = "eval") -> dict[str, torch.Tensor]:
     """GraSP importance w * (H g): keep the highest (the paper's S(-w) = -w * (H g), removing its highest).
 
     g = dL/dw and H = d2L/dw2 over the target weights only, L = sum over `batches` of
-    loss_fn(logits / temperature, y), eval mode. Wang et al. (2020) score S(-w) = -w * Hg and
+    loss_fn(logits / temperature, y), in eval mode; `mode="train"` scores in training mode, as the
+    reference code does (BatchNorm on batch statistics; running statistics left as they were).
+    Wang et al. (2020) score S(-w) = -w * Hg and
     remove the weights with the *largest* S (their Algorithm 1, and the reference code, keep the
     weights whose S lies at or below the pruning threshold). Keeping the largest w * Hg is the
     same selection in the one convention of this module. temperature=200
@@ -101,7 +104,7 @@ def grasp_scores(model: nn.Module, batches: Iterable | None = None, *, targets=N
     weights = target_weights(model, targets)
     model, batches = _in_float32(model, batches, "grasp")
     names = leaf_names(model, weights)
-    ctx = ScoreContext(model, batches=batches, loss_fn=lambda out, y: loss_fn(out / temperature, y))
+    ctx = ScoreContext(model, batches=batches, loss_fn=lambda out, y: loss_fn(out / temperature, y), mode=mode)
     grads = ctx.gradients("grasp")
     hg = ctx.hessian_vector_product({n: grads[n] for n in names.values()}, "grasp")
     params = ctx.parameters()

@@ -42,6 +42,7 @@ from torch import nn
 
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PruningError
+from ..core.modes import SCORE_MODES
 from ..core.names import within
 from ..cost.macs import cost_from_graph, count_cost, nonzero_macs
 from ..graph import build_graph
@@ -71,11 +72,16 @@ class PaIConfig(Config):
     ignore: list[str] = dataclasses.field(default_factory=list)
     seed: int = 0
     probe: bool = True             # channel level: check every group on the real model first
+    score_mode: str = "eval"       # SNIP, GraSP: eval | train (BatchNorm on batch statistics, as GraSP's reference code)
 
     def validate(self) -> None:
         check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
         check_choice("scope", self.scope, ("global", "layer"))
         check_choice("level", self.level, ("element", "channel"))
+        check_choice("score_mode", self.score_mode, SCORE_MODES)
+        if self.score_mode != "eval" and not self.needs_data:
+            raise ConfigError(f"score_mode={self.score_mode!r} applies to the scores computed on data (snip, grasp); "
+                              f"{self.criterion} scores without batches, so leave score_mode at 'eval'")
         if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
             raise ConfigError(f"batches={self.batches!r} must be an integer >= 1 (calibration batches scored)")
 
@@ -139,9 +145,9 @@ def _targets(model: nn.Module, ignore: list[str]) -> list[str]:
 def _scores(model: nn.Module, cfg: PaIConfig, example_inputs: Any, batches: list | None, one_shot: bool):
     keys = _targets(model, cfg.ignore)
     if cfg.criterion == "snip":
-        return snip_scores(model, batches, targets=keys)
+        return snip_scores(model, batches, targets=keys, mode=cfg.score_mode)
     if cfg.criterion == "grasp":
-        return grasp_scores(model, batches, targets=keys, temperature=cfg.temperature)
+        return grasp_scores(model, batches, targets=keys, temperature=cfg.temperature, mode=cfg.score_mode)
     if cfg.criterion == "synflow":
         return synflow_scores(model, example_inputs=example_inputs, targets=keys, iterations=cfg.iterations,
                               sparsity=None if one_shot else cfg.sparsity, scope=cfg.scope)
