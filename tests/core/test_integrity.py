@@ -42,6 +42,33 @@ def test_flipped_bytes_in_a_pruned_file_are_refused(tmp_path):
         load_pruned(_net(), path)
 
 
+def _rewrite_metadata(path, change) -> None:
+    """The same tensors written again with `change(metadata)`: what a damaged header would read as."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata=change(meta))
+
+
+def test_changed_metadata_in_a_pruned_file_is_refused(tmp_path):
+    """The tensors' checksum does not cover the metadata (plan, tied names, module versions):
+    a second checksum does, and an edit there is refused as corruption."""
+    net = _net()
+    path = save_pruned(net, empty_plan(torch.zeros(1, 64)), tmp_path / "net.safetensors")
+    _rewrite_metadata(path, lambda m: {**m, tensor_file.ALIASES_KEY: '{"2.weight": "0.weight"}'})
+    with pytest.raises(CheckpointError, match=r"net\.safetensors is corrupt: its metadata"):
+        load_pruned(_net(), path)
+
+
+def test_a_file_written_before_the_metadata_checksum_still_loads(tmp_path):
+    net = _net()
+    path = save_pruned(net, empty_plan(torch.zeros(1, 64)), tmp_path / "net.safetensors")
+    _rewrite_metadata(path, lambda m: {k: v for k, v in m.items() if k != tensor_file.META_SHA_KEY})
+    twin = load_pruned(_net(), path)
+    assert torch.equal(twin[0].weight, net[0].weight)
+
+
 def test_flipped_bytes_in_a_training_checkpoint_are_refused(tmp_path):
     net = _net()
     data = [(torch.randn(8, 64), torch.randint(0, 4, (8,)))]

@@ -10,6 +10,7 @@ from prunekit.methods.magnitude import MagnitudeConfig
 from prunekit.models import create_model
 from prunekit.surgery.persist import load_pruned, read_plan, save_pruned
 from prunekit.surgery.plan import Plan, apply_plan_, load_plan, save_plan
+from prunekit.surgery import tensor_file
 from prunekit.testing.checks import randomise_norms_
 
 X = torch.randn(2, 3, 32, 32)
@@ -109,13 +110,17 @@ def test_corrupt_or_foreign_files_raise_and_leave_model_alone(tmp_path):
 
 
 def _with_metadata(src, dst, key, value):
-    """Copy a safetensors file with one metadata entry replaced (the tensors stay intact)."""
+    """Copy a safetensors file with one metadata entry replaced (the tensors stay intact) and the
+    metadata checksum made to match: a crafted file, which the checksum (not a signature) lets
+    through, so the loader's own checks of each entry are what is tested."""
     import struct
 
     raw = src.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8:8 + n])
     header["__metadata__"][key] = value
+    meta = header["__metadata__"]
+    meta[tensor_file.META_SHA_KEY] = tensor_file._metadata_sha256(meta)
     blob = json.dumps(header).encode()
     dst.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
     return dst

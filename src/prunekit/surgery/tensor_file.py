@@ -8,6 +8,8 @@ byte), tied tensors stored once, and the per-module state-dict versions that som
 `read_tensor_file` verifies it. Metadata keys:
 
     prunekit.sha256          core.integrity.tensors_sha256 of every tensor in the file
+    prunekit.meta_sha256     sha256 of every other metadata entry (sorted JSON); files written
+                             before it existed carry none and are read without that check
     prunekit.aliases         JSON {tied name: stored name}
     prunekit.module_versions JSON {module prefix: {"version": int}} (state_dict()._metadata)
 
@@ -24,6 +26,7 @@ True
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import OrderedDict
@@ -41,6 +44,7 @@ __all__ = ["state_tensors", "file_metadata", "save_state_file", "write_tensor_fi
            "MASK_SUFFIX", "SHA_KEY"]
 
 SHA_KEY = "prunekit.sha256"
+META_SHA_KEY = "prunekit.meta_sha256"
 ALIASES_KEY = "prunekit.aliases"
 VERSIONS_KEY = "prunekit.module_versions"
 MASK_SUFFIX = "::mask"
@@ -93,6 +97,7 @@ def write_tensor_file(path: str | os.PathLike[str], tensors: Mapping[str, Tensor
                       metadata: Mapping[str, str]) -> None:
     """Write `tensors` + `metadata` + their sha256 to `path` atomically (CheckpointError on OSError)."""
     meta = {**metadata, SHA_KEY: tensors_sha256(tensors)}
+    meta[META_SHA_KEY] = _metadata_sha256(meta)
     atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=meta))
 
 
@@ -126,7 +131,16 @@ def read_tensor_file(path: str | os.PathLike[str], require_checksum: bool = True
     if tensors_sha256(tensors) != want:
         raise CheckpointError(f"{path} is corrupt: its tensors do not match the checksum stored with them; "
                               "restore the file from a good copy or write it again")
+    if META_SHA_KEY in meta and _metadata_sha256(meta) != meta[META_SHA_KEY]:
+        raise CheckpointError(f"{path} is corrupt: its metadata (plan, tied names, module versions) does not match "
+                              "the checksum stored with it; restore the file from a good copy or write it again")
     return meta, tensors
+
+
+def _metadata_sha256(meta: Mapping[str, str]) -> str:
+    """sha256 of every metadata entry but this checksum itself, as sorted JSON."""
+    rest = {k: v for k, v in meta.items() if k != META_SHA_KEY}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def _json(meta: Mapping[str, str], key: str, path: Any) -> dict:
