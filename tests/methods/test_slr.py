@@ -51,7 +51,7 @@ def _close(d, *xs, tol=1e-9):
 
 
 def test_alpha_matches_the_derived_table():
-    # METHODS.md 5c: α^k = 0.99667 (k=1), 0.99682 (k=2), 0.99792 (k=10), 0.99939 (k=100).
+    # the SLR authors' step-size rule (M=300, r=0.1) gives α^k = 0.99667 (k=1), 0.99682 (k=2), 0.99792 (k=10), 0.99939 (k=100).
     got = [round(alpha(k, M, R), 5) for k in (1, 2, 10, 100)]
     assert got == [0.99667, 0.99682, 0.99792, 0.99939]
     assert alpha(1, M, R) == pytest.approx(1 - 1 / 300)  # k^(1-1/k^r) = 1 at k = 1

@@ -2,7 +2,7 @@
 
 A task is "prune this trained model with the candidate function, fine-tune briefly, measure
 accuracy on the validation split". Fitness is the weighted geometric mean of task accuracies.
-Defaults follow the authors' code (METHODS.md section 3b): 14 individuals (the 7 seeds twice),
+Defaults follow the authors' code: 14 individuals (the 7 seeds twice),
 6 elitist parents, crossover and mutation probability 0.75, mutation subtrees of height 0-4, a
 10 s validity limit per candidate.
 

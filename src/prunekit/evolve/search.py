@@ -1,4 +1,4 @@
-"""The GP loop (the authors' co-evolution, METHODS.md section 3b.4) with JSON checkpoints.
+"""The GP loop (the authors' co-evolution) with JSON checkpoints.
 
     pop = the 7 seeds repeated to `population`; evaluate
     for g in 1..G:

@@ -1,6 +1,6 @@
 """GatorConfig: what Gator optimises (cost model, lambda or a target) and how it trains gates.
 
-Defaults follow the authors' code (METHODS.md section 2b): gates start open with probability
+Defaults follow the authors' code: gates start open with probability
 0.995, logistic noise at temperature 1, gate learning rate scaled by gamma = 0.2 / (cost of the
 channel), SGD momentum 0.9. What differs is written next to the field.
 
