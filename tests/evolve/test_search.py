@@ -380,3 +380,21 @@ def test_the_re_evaluation_is_saved_per_call_and_resumed(dense, tmp_path, monkey
     report.reevaluate(_cfg(dense, generations=0, reeval_top=0, reeval_seeds=0, workers=2), tmp_path / "two", texts,
                       seeds=1, progress=False)
     assert calls == [[SEEDS["t_stat"], SEEDS["abs_snr"]]]
+
+
+def test_a_ray_cluster_that_cannot_be_joined_is_one_error_before_any_training(tmp_path):
+    """ray_address="auto" with no cluster running: one ConfigError naming the setting, before the
+    dense models train (the connection used to be tried only after them)."""
+    pytest.importorskip("ray", reason="Ray is an optional extra (prunekit[distributed])")
+    import ray
+    if ray.is_initialized():
+        pytest.skip("a Ray runtime is already up in this process")
+    cfg = EvolveConfig(tasks=[digits_task()], population=4, parents=2, generations=1, executor="ray",
+                       ray_address="auto")
+    env = {k: os.environ.pop(k) for k in ("RAY_ADDRESS",) if k in os.environ}
+    try:
+        with pytest.raises(ConfigError, match="ray_address='auto': Ray could not join a cluster there"):
+            run_search(cfg, tmp_path / "run", progress=False)
+    finally:
+        os.environ.update(env)
+    assert not (tmp_path / "run" / "dense").exists()  # nothing trained

@@ -101,8 +101,16 @@ def _ray_runner(workers: int, address: str | None, num_cpus: float, num_gpus: fl
     started = not ray.is_initialized()
     if started:
         kwargs = {"address": address} if address else {"num_cpus": workers}
-        with _own_rng():  # ray.init draws from `random`: a resumed search would vary differently
-            ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, **kwargs)
+        try:
+            with _own_rng():  # ray.init draws from `random`: a resumed search would vary differently
+                ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, **kwargs)
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:
+            if not address:
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"ray_address={address!r}: Ray could not join a cluster there ({first}); start the cluster "
+                              "first (`ray start --head` on its head machine), or leave ray_address unset to start a "
+                              "local Ray with `workers` CPUs") from None
     remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(job_fn)
 
     def run_ray(jobs: list[Job], desc: str = "", progress: bool = False) -> list:

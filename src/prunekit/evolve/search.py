@@ -297,10 +297,10 @@ def run_search(cfg: EvolveConfig, run_dir: str | Path, resume: bool = False, pro
     """Run (or resume) the evolution; returns the final state (hall_of_fame[0] is the best text)."""
     run_dir = Path(run_dir)
     check_tasks(cfg)
-    dense = prepare_dense(cfg, run_dir, echo)
-    search = Search(cfg, run_dir, dense, progress)
-    state = load_checkpoint(run_dir, cfg) if resume else None
+    # the executor first: a Ray cluster that cannot be joined is said before any dense model trains
     with create_executor(cfg.executor, cfg.workers, cfg.ray_address, cfg.num_cpus, cfg.num_gpus) as run:
+        search = Search(cfg, run_dir, prepare_dense(cfg, run_dir, echo), progress)
+        state = load_checkpoint(run_dir, cfg) if resume else None
         if state is None:
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
