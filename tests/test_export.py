@@ -121,6 +121,18 @@ def test_bad_example_inputs_are_one_config_error(tmp_path, inputs, match):
         export_model(_net(), inputs, tmp_path / "m.ts")
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "exported", "torchscript"])
+def test_inputs_the_model_cannot_take_are_one_config_error_in_every_format(tmp_path, fmt):
+    """A wrong channel count is said as such (it was an exporter's error advising another format)."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="the export extra (prunekit[export]) is not installed")
+    path = tmp_path / ("m" + {"onnx": ".onnx", "exported": ".pt2", "torchscript": ".ts"}[fmt])
+    with pytest.raises(ConfigError, match=r"cannot run on the example inputs: given a tensor float32 \(1, 1, 8, 8\); "
+                                          r"expected .*N, 3, H, W"):
+        export_model(_net(), torch.randn(1, 1, 8, 8), path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_nan_weights_are_refused_before_exporting(tmp_path):
     net = _net()
     with torch.no_grad():

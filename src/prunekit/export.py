@@ -51,7 +51,7 @@ from torch import nn
 
 from .core.errors import ConfigError, PrunekitError
 from .core.modules import require_module
-from .graph.inputs import batch_size_of
+from .graph.inputs import batch_size_of, check_inputs_fit
 from .layers.sparse import harden_
 from .surgery.masks import bake_masks_
 
@@ -105,6 +105,8 @@ def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike[
     net = _deployable_copy(model)
     if fmt == "onnx" and check:
         _check_onnx_dtypes(net, inputs)
+    if check:
+        _check_runs(net, inputs)
     t0 = time.perf_counter()
     batches = _check_batches(inputs, dynamic_batch) if check else []
     rtol = _tolerance(rtol, net, inputs)
@@ -140,6 +142,17 @@ def _check_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ConfigError("example_inputs hold NaN or inf; give finite inputs to export and check with")
     return tuple(inputs)
+
+
+def _check_runs(net: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """One plain forward before exporting: inputs the model cannot take (a wrong shape, channel
+    count or dtype) are one ConfigError saying what it expects, not an exporter's error."""
+    try:
+        with torch.no_grad():
+            net(*inputs)
+    except Exception as err:  # noqa: BLE001 (any failure of the user's forward on these inputs)
+        check_inputs_fit(net, inputs, {}, err)
+        raise
 
 
 def _require_onnx() -> None:

@@ -45,6 +45,7 @@ def export_cmd(args, out, fmt, weights, input_shape, batch, static_batch, no_che
         raise ConfigError("`prunekit export` needs weights: a run directory, --weights PATH or init=PATH")
     model, shape = built_model(recipe, weights or recipe.init, input_shape)
     example = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+    _check_shape(model, example, shape)
     with terminate_as_exit():  # a stopped job removes the staging folder on its way out
         result = export_model(model, example, out, format=fmt, dynamic_batch=not static_batch, check=not no_check,
                               overwrite=force)
@@ -61,3 +62,18 @@ def export_cmd(args, out, fmt, weights, input_shape, batch, static_batch, no_che
                f"{'any batch size' if result.dynamic_batch else f'batch {batch} only'}; {checked})")
     click.echo(f"model   {recipe.model.name}, params {fmt_count(cost.params)}, MACs {fmt_count(cost.macs)} per sample, "
                f"input {'x'.join(map(str, shape))} per sample")
+
+
+def _check_shape(model, example, shape) -> None:
+    """One ConfigError naming --input-shape when the model cannot take inputs of that shape."""
+    import torch
+
+    from ..graph.inputs import expected_inputs
+    try:
+        with torch.no_grad():
+            model.eval()(example[:1])
+    except Exception as err:  # noqa: BLE001 (any failure of the model's forward on this shape)
+        first = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ConfigError(f"the model cannot take inputs of per-sample shape {','.join(map(str, shape))}: it expects "
+                          f"{expected_inputs(model)} ({type(err).__name__}: {first}); give --input-shape to "
+                          "match, e.g. 3,32,32 for a CIFAR model") from None
