@@ -290,7 +290,8 @@ def test_a_killed_export_s_staging_folder_is_removed_by_the_next_export(tmp_path
 
 def _export_signalled_while_checking(path, signal_name: str, wrap: bool) -> subprocess.CompletedProcess:
     """Export in a child process that sends itself `signal_name` during the check (the model's
-    second call; the first is the trace), inside terminate_as_exit() when `wrap`. Its own
+    third call: the first checks the inputs, the second is the trace), inside terminate_as_exit()
+    when `wrap`. Its own
     process: the signal must not reach the test runner, whose handlers other libraries may set."""
     body = f"export_model(Signalled(), torch.randn(2, 4), {str(path)!r})"
     script = textwrap.dedent(f"""
@@ -305,7 +306,7 @@ def _export_signalled_while_checking(path, signal_name: str, wrap: bool) -> subp
 
             def forward(self, x):
                 self.calls += 1
-                if self.calls == 2:
+                if self.calls == 3:
                     os.kill(os.getpid(), signal.{signal_name})
                 return self.fc(x)
 

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -183,3 +188,25 @@ def test_ctrl_c_says_how_to_continue(tmp_path, monkeypatch, runner):
     result = runner.invoke(cli, ["run", "--out", str(out), "-q", "train.epochs=1"])
     assert result.exit_code == 130
     assert f"interrupted; continue with: prunekit resume {out}" in result.stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
+def test_sigterm_says_how_to_continue_like_ctrl_c(tmp_path):
+    """A stopped job (timeout, a batch scheduler) ended the process without a word; now it says
+    how to continue, as Ctrl-C does, and exits 143. Its own process: the signal must not reach
+    the test runner."""
+    out = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import os, signal, threading, sys
+        import prunekit.cli.commands as commands
+        from prunekit.cli.main import main
+
+        def stopped(job, state, resume=False):
+            os.kill(os.getpid(), signal.SIGTERM)
+            threading.Event().wait(30)  # the signal arrives here
+        commands.run_stages = stopped
+        main(["run", "--out", {str(out)!r}, "-q", "train.epochs=1"])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert f"interrupted; continue with: prunekit resume {out}" in done.stderr

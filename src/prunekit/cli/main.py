@@ -8,7 +8,9 @@ one-shot methods) a dry run of the pruning have all been checked.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 import click
@@ -83,9 +85,33 @@ def _register() -> None:
 _register()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a timeout, a stopped batch job), raised where Ctrl-C would be: a command that
+    checkpoints says how to continue, as on Ctrl-C, and the process exits 143 (128 + SIGTERM)."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point (`prunekit`)."""
-    cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="prunekit")
+    """Console entry point (`prunekit`). SIGTERM is handled like Ctrl-C (see `Terminated`) where
+    no other handler is set; the default action would end the process without a word."""
+    signals: list[int] = []
+
+    def on_terminate(signum: int, frame: Any) -> None:
+        signals.append(signum)
+        raise Terminated()
+
+    own = (hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread()
+           and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if own:
+        signal.signal(signal.SIGTERM, on_terminate)
+    try:
+        cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="prunekit")
+    except SystemExit:
+        if signals:
+            raise SystemExit(128 + signals[0]) from None
+        raise
+    finally:
+        if own:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":
