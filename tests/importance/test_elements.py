@@ -355,7 +355,7 @@ def test_grasp_on_an_op_without_second_derivative_says_which_criteria_work():
 
 def _bn_net(seed=0):
     torch.manual_seed(seed)
-    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Dropout(0.5), nn.Linear(4, 2)).double()
     with torch.no_grad():  # non-trivial affine and running statistics, so the two modes differ
         m[1].weight.uniform_(0.5, 1.5)
         m[1].bias.uniform_(-0.5, 0.5)
@@ -366,9 +366,10 @@ def _bn_net(seed=0):
 
 def _bn_loss(m, batches, train: bool, temperature=1.0):
     """The summed loss as a function of the two Linear weights, BatchNorm written out: on the
-    batch's mean and biased variance (training mode) or on the running statistics (eval mode)."""
+    batch's mean and biased variance (training mode) or on the running statistics (eval mode);
+    dropout off in both."""
     bn = m[1]
-    b1, b2 = m[0].bias.detach(), m[3].bias.detach()
+    b1, b2 = m[0].bias.detach(), m[4].bias.detach()
 
     def loss(w1, w2):
         total = 0
@@ -385,26 +386,49 @@ def _bn_loss(m, batches, train: bool, temperature=1.0):
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_snip_and_grasp_with_batchnorm_equal_the_written_out_loss_in_either_mode(mode):
     """score_mode="train" (as the GraSP reference code scores) normalises with the batch's
-    statistics; eval with the running ones. Either way the model's buffers and flags are left as
-    they were."""
+    statistics; eval with the running ones; dropout is off in both (GraSP's gradient and
+    Hessian-vector passes must see one function). Either way the model's buffers and flags are
+    left as they were, and the global random state is not drawn from."""
     m, batches = _bn_net(), _batches(2, n=2)
     buffers = {n: b.clone() for n, b in m.named_buffers()}
     loss = _bn_loss(m, batches, train=mode == "train", temperature=2.0)
-    w = (m[0].weight.detach().clone(), m[3].weight.detach().clone())
+    w = (m[0].weight.detach().clone(), m[4].weight.detach().clone())
     a, b = w[0].clone().requires_grad_(), w[1].clone().requires_grad_()
     g = torch.autograd.grad(loss(a, b), (a, b))
     _, hg = torch.autograd.functional.hvp(loss, w, tuple(t.detach() for t in g))
     grads_t1 = [t.detach() for t in torch.autograd.grad(_bn_loss(m, batches, mode == "train")(a, b), (a, b))]
 
+    rng = torch.get_rng_state()
     snip = snip_scores(m, batches, mode=mode)
     torch.testing.assert_close(snip["0.weight"], (w[0] * grads_t1[0]).abs(), rtol=1e-10, atol=1e-14)
-    torch.testing.assert_close(snip["3.weight"], (w[1] * grads_t1[1]).abs(), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(snip["4.weight"], (w[1] * grads_t1[1]).abs(), rtol=1e-10, atol=1e-14)
     grasp = grasp_scores(m, batches, temperature=2.0, mode=mode)
     torch.testing.assert_close(grasp["0.weight"], w[0] * hg[0], rtol=1e-8, atol=1e-14)
-    torch.testing.assert_close(grasp["3.weight"], w[1] * hg[1], rtol=1e-8, atol=1e-14)
+    torch.testing.assert_close(grasp["4.weight"], w[1] * hg[1], rtol=1e-8, atol=1e-14)
     assert m.training and all(p.grad is None for p in m.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
     for n, buf in m.named_buffers():
         torch.testing.assert_close(buf, buffers[n], rtol=0, atol=0)
+
+
+def test_training_mode_scoring_puts_back_a_buffer_the_forward_replaced():
+    from prunekit.core.modes import scoring
+
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls = self.calls + 1  # a new tensor, not an in-place update
+            return x
+
+    m = Counter()
+    held = m.calls
+    with scoring(m, "train"):
+        m(torch.ones(1))
+        assert float(m.calls) == 1
+    assert m.calls is held and float(m.calls) == 0
 
 
 def test_the_score_mode_changes_the_scores_and_is_checked():

@@ -8,7 +8,7 @@ from torch import nn
 
 from prunekit.core.errors import ConfigError
 from prunekit.importance.elements import grasp_scores, select_element_masks, snip_scores
-from prunekit.methods import prune_
+from prunekit.methods import pai, prune_
 from prunekit.methods.pai import GraSPConfig, RandomInitConfig, SNIPConfig, SynFlowConfig
 from prunekit.surgery.masks import get_mask, masked_modules
 from prunekit.surgery.persist import load_pruned, save_pruned
@@ -154,7 +154,7 @@ def test_errors():
 
 @pytest.mark.parametrize("make", [SNIPConfig, GraSPConfig])
 @pytest.mark.parametrize("level", ["element", "channel"])
-def test_score_mode_train_selects_on_batch_statistics_and_leaves_the_running_ones(make, level):
+def test_score_mode_train_selects_on_batch_statistics_and_leaves_the_running_ones(make, level, monkeypatch):
     """score_mode="train" prunes by the training-mode scores (BatchNorm on the batch's statistics)
     and the model's running statistics and flags are left as they were; at element level the masks
     are exactly the selection of those scores."""
@@ -166,6 +166,12 @@ def test_score_mode_train_selects_on_batch_statistics_and_leaves_the_running_one
     batches = _batches()
     cfg = make(sparsity=0.6, level=level, score_mode="train")
     score = snip_scores if make is SNIPConfig else grasp_scores
+    seen = []
+
+    def spy(*args, mode="eval", **kwargs):
+        seen.append(mode)
+        return score(*args, mode=mode, **kwargs)
+    monkeypatch.setattr(pai, score.__name__, spy)
     want = score(copy.deepcopy(model), batches[:1], mode="train")
     other = select_element_masks(score(copy.deepcopy(model), batches[:1], mode="eval"), 0.6)
     prune_(model, cfg, X, batches=batches)
@@ -178,8 +184,8 @@ def test_score_mode_train_selects_on_batch_statistics_and_leaves_the_running_one
         for n, b in model.named_buffers():
             if n in buffers:
                 torch.testing.assert_close(b, buffers[n], rtol=0, atol=0)
-    else:
-        assert model[0].out_channels < 8
+    else:  # channels are removed; the scores they were ranked by came from the training mode
+        assert model[0].out_channels < 8 and seen == ["train"]
 
 
 @pytest.mark.parametrize("recipe", ["pai_resnet20_cifar10", "pai_resnet56_cifar10", "pai_vgg16_cifar10"])

@@ -46,10 +46,12 @@ SCORE_MODES = ("eval", "train")
 
 @contextlib.contextmanager
 def scoring(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
-    """The mode a criterion's forward passes run in: "eval" (`evaluating`), or "train": training
-    mode (BatchNorm normalises with the batch's statistics, dropout is active), with every buffer
-    (BatchNorm's running statistics and batch counter) put back afterwards, so scoring changes
-    nothing. Afterwards each module's train/eval flag as it was.
+    """The mode a criterion's forward passes run in: "eval" (`evaluating`), or "train": every
+    module in training mode (BatchNorm normalises with the batch's statistics) except dropout,
+    which stays off so that passes over the same batch (a gradient, then a Hessian-vector
+    product) see the same function and scores do not depend on random draws. Every buffer
+    (BatchNorm's running statistics and batch counter) is put back afterwards, also one a
+    module replaced by a new tensor, and each module's train/eval flag is as it was.
 
     >>> import torch
     >>> m = nn.BatchNorm1d(2)
@@ -64,12 +66,17 @@ def scoring(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
         with evaluating(model):
             yield model
         return
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    saved = [(mod, name, buf, buf.detach().clone()) for mod in model.modules()
+             for name, buf in mod._buffers.items() if buf is not None]
     try:
         with kept_modes(model):
             model.train()
+            for mod in model.modules():
+                if isinstance(mod, nn.modules.dropout._DropoutNd):
+                    mod.eval()
             yield model
     finally:
         with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
+            for mod, name, buf, value in saved:
+                mod._buffers[name] = buf  # the tensor the model held, even if a forward replaced it
+                buf.copy_(value)

@@ -37,7 +37,7 @@ class ScoreContext:
 
     `example_inputs` (what the model was traced with) lets data-free criteria such as SynFlow
     build an input of the right shape. `mode` is the mode of every forward pass over `batches`:
-    "eval" (default), or "train" (BatchNorm on the batch's statistics, dropout active; every
+    "eval" (default), or "train" (BatchNorm on the batch's statistics, dropout off; every
     buffer put back afterwards: `core.modes.scoring`). `cache` holds values computed once per context and shared
     by every group (element scores, for instance).
     """
@@ -48,10 +48,10 @@ class ScoreContext:
     seed: int = 0
     loss_fn: Callable = nn.functional.cross_entropy
     example_inputs: Any = None
-    mode: str = "eval"  # eval | train: the mode of the forward passes over `batches`
     graph: Any = None  # the traced Graph, when known: data passes may then serve all its groups at once
     fallbacks: dict[str, str] = field(default_factory=dict)  # group -> "criterion -> other: why"
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    mode: str = "eval"  # eval | train: the mode of the forward passes over `batches`
     _grads: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _outs: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _params: dict[str, torch.Tensor] | None = field(default=None, repr=False)
