@@ -133,6 +133,15 @@ def test_inputs_the_model_cannot_take_are_one_config_error_in_every_format(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def test_running_out_of_memory_is_not_called_wrong_inputs(tmp_path):
+    class Hungry(nn.Module):
+        def forward(self, x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        export_model(Hungry(), torch.randn(1, 3, 8, 8), tmp_path / "m.ts")
+
+
 def test_nan_weights_are_refused_before_exporting(tmp_path):
     net = _net()
     with torch.no_grad():

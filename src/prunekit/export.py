@@ -51,6 +51,7 @@ from torch import nn
 
 from .core.errors import ConfigError, PrunekitError
 from .core.modules import require_module
+from .engine.batches import out_of_memory
 from .graph.inputs import batch_size_of, check_inputs_fit
 from .layers.sparse import harden_
 from .surgery.masks import bake_masks_
@@ -151,6 +152,8 @@ def _check_runs(net: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         with torch.no_grad():
             net(*inputs)
     except Exception as err:  # noqa: BLE001 (any failure of the user's forward on these inputs)
+        if out_of_memory(err):
+            raise
         check_inputs_fit(net, inputs, {}, err)
         raise
 

@@ -210,3 +210,28 @@ def test_sigterm_says_how_to_continue_like_ctrl_c(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
     assert f"interrupted; continue with: prunekit resume {out}" in done.stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
+def test_a_second_sigterm_is_not_caught_again(tmp_path):
+    """The first SIGTERM is turned into an interruption; from then on the default action is back,
+    so a second one (a scheduler that gives up waiting) ends the process even during clean-up."""
+    script = textwrap.dedent(f"""
+        import os, signal, threading
+        import prunekit.cli.commands as commands
+        from prunekit.cli.main import main
+
+        def stopped(job, state, resume=False):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                threading.Event().wait(30)
+            except KeyboardInterrupt:
+                print("default again:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)  # during clean-up
+                threading.Event().wait(30)
+        commands.run_stages = stopped
+        main(["run", "--out", {str(tmp_path / "run")!r}, "-q", "train.epochs=1"])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "default again: True" in done.stdout
+    assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]

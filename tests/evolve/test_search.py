@@ -2,7 +2,13 @@
 import json
 import os
 import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,8 +97,11 @@ def test_starting_ray_leaves_the_search_rng_alone():
         pytest.skip("Ray is already running: the executor would not start it")
     random.seed(0)
     before = random.getstate()
+    handler = signal.getsignal(signal.SIGTERM)
     with create_executor("ray", 1):
         assert random.getstate() == before
+        # ray.init sets its own SIGTERM handler: the CLI's (say how to resume, exit 143) is put back
+        assert signal.getsignal(signal.SIGTERM) is handler
     assert random.getstate() == before
 
 
@@ -398,3 +407,40 @@ def test_a_ray_cluster_that_cannot_be_joined_is_one_error_before_any_training(tm
     finally:
         os.environ.update(env)
     assert not (tmp_path / "run" / "dense").exists()  # nothing trained
+
+
+def test_an_address_where_nothing_answers_is_one_error_within_seconds():
+    """Ray retries an unreachable "host:port" for minutes; the executor asks the port first."""
+    pytest.importorskip("ray", reason="Ray is an optional extra (prunekit[distributed])")
+    from prunekit.evolve.jobs import create_executor
+
+    start = time.perf_counter()
+    for address in ("127.0.0.1:1", "ray://127.0.0.1:1"):
+        with pytest.raises(ConfigError, match=rf"ray_address='{address}': nothing answers at 127.0.0.1:1"):
+            with create_executor("ray", 1, address=address):
+                pass
+    assert time.perf_counter() - start < 30
+
+
+def test_an_interrupted_process_pool_stops_its_workers_instead_of_waiting_for_them(tmp_path):
+    """Ctrl-C or SIGTERM while jobs run: the pool waited for every running job (minutes of
+    fine-tuning each) before the command could say how to resume. Its own process: the signal
+    must not reach the test runner."""
+    script = textwrap.dedent("""
+        import os, signal, threading, time
+        from prunekit.evolve.jobs import create_executor
+
+        if __name__ == "__main__":
+            start = time.perf_counter()
+            threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+            try:
+                with create_executor("process", 2, job_fn=time.sleep) as run:
+                    run([60.0, 60.0])
+            except KeyboardInterrupt:
+                print(f"stopped after {time.perf_counter() - start:.1f} s")
+    """)
+    path = tmp_path / "interrupted_pool.py"
+    path.write_text(script)
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(re.search(r"stopped after ([\d.]+) s", done.stdout).group(1)) < 30, done.stdout

@@ -68,11 +68,14 @@ def _check_shape(model, example, shape) -> None:
     """One ConfigError naming --input-shape when the model cannot take inputs of that shape."""
     import torch
 
+    from ..engine.batches import out_of_memory
     from ..graph.inputs import expected_inputs
     try:
         with torch.no_grad():
             model.eval()(example[:1])
     except Exception as err:  # noqa: BLE001 (any failure of the model's forward on this shape)
+        if out_of_memory(err):
+            raise
         first = " ".join(str(err).split())[:200] or type(err).__name__
         raise ConfigError(f"the model cannot take inputs of per-sample shape {','.join(map(str, shape))}: it expects "
                           f"{expected_inputs(model)} ({type(err).__name__}: {first}); give --input-shape to "

@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def on_terminate(signum: int, frame: Any) -> None:
         signals.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process outright
         raise Terminated()
 
     own = (hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread()

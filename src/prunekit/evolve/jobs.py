@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import signal
+import socket
+import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterator
@@ -67,7 +70,7 @@ def create_executor(kind: str, workers: int = 2, address: str | None = None, num
         yield run_serial
     elif kind == "process":
         # spawn: a forked child would inherit the parent's torch/OpenMP thread state
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with _pool(workers) as pool:
             def run_pool(jobs: list[Job], desc: str = "", progress: bool = False) -> list:
                 futures = {pool.submit(job_fn, job): i for i, job in enumerate(jobs)}
                 out: list = [None] * len(jobs)
@@ -92,6 +95,26 @@ def create_executor(kind: str, workers: int = 2, address: str | None = None, num
         raise ConfigError(f"executor={kind!r} is not allowed; choose one of: process, ray, serial")
 
 
+@contextlib.contextmanager
+def _pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """A spawn process pool. Left normally it waits for its workers; left by an exception (a
+    failed job, Ctrl-C, SIGTERM) it stops them at once instead of waiting for the jobs they run
+    (minutes each: a stopped search resumes from its last finished generation anyway)."""
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield pool
+    except BaseException:
+        workers_now = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in workers_now:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in workers_now:
+            proc.join(timeout=10)
+        raise
+    pool.shutdown(wait=True)
+
+
 def _ray_runner(workers: int, address: str | None, num_cpus: float, num_gpus: float,
                 job_fn: Callable[[Any], Any]) -> Iterator[Runner]:
     try:
@@ -101,6 +124,9 @@ def _ray_runner(workers: int, address: str | None, num_cpus: float, num_gpus: fl
     started = not ray.is_initialized()
     if started:
         kwargs = {"address": address} if address else {"num_cpus": workers}
+        if address:
+            _check_reachable(address)
+        handlers = _signal_handlers()  # ray.init sets its own SIGTERM handler and never restores it
         try:
             with _own_rng():  # ray.init draws from `random`: a resumed search would vary differently
                 ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, **kwargs)
@@ -108,9 +134,11 @@ def _ray_runner(workers: int, address: str | None, num_cpus: float, num_gpus: fl
             if not address:
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"ray_address={address!r}: Ray could not join a cluster there ({first}); start the cluster "
-                              "first (`ray start --head` on its head machine), or leave ray_address unset to start a "
-                              "local Ray with `workers` CPUs") from None
+            raise ConfigError(f"ray_address={address!r}: Ray could not join a cluster there ({first}); fix what that "
+                              "says (a cluster is started with `ray start --head` on its head machine), or leave "
+                              "ray_address unset to start a local Ray with `workers` CPUs") from None
+        finally:
+            _restore_signal_handlers(handlers)
     remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(job_fn)
 
     def run_ray(jobs: list[Job], desc: str = "", progress: bool = False) -> list:
@@ -136,3 +164,31 @@ def _ray_runner(workers: int, address: str | None, num_cpus: float, num_gpus: fl
         if started:
             with _own_rng():
                 ray.shutdown()
+
+
+def _signal_handlers() -> dict:
+    """SIGTERM's and SIGINT's handlers, where this thread may read and set them."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (getattr(signal, "SIGTERM", None), signal.SIGINT) if sig is not None}
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    for sig, handler in handlers.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
+
+
+def _check_reachable(address: str) -> None:
+    """A ConfigError within seconds when a "host:port" (or "ray://host:port") address does not
+    answer; Ray itself retries such an address for minutes. "auto" and other forms are left to Ray."""
+    rest = address.split("://", 1)[-1]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as err:
+        raise ConfigError(f"ray_address={address!r}: nothing answers at {host}:{port} ({err.strerror or err}); start "
+                          "the Ray cluster there first (`ray start --head` on its head machine), check the address, or "
+                          "leave ray_address unset to start a local Ray with `workers` CPUs") from None

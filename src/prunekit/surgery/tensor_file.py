@@ -10,6 +10,7 @@ byte), tied tensors stored once, and the per-module state-dict versions that som
     prunekit.sha256          core.integrity.tensors_sha256 of every tensor in the file
     prunekit.meta_sha256     sha256 of every other metadata entry (sorted JSON); files written
                              before it existed carry none and are read without that check
+                             (like the tensors' sha256 it detects damage, not deliberate edits)
     prunekit.aliases         JSON {tied name: stored name}
     prunekit.module_versions JSON {module prefix: {"version": int}} (state_dict()._metadata)
 
