@@ -239,6 +239,7 @@ def test_a_network_file_whose_sizes_were_edited_is_refused_before_it_is_built(tm
     from prunekit.methods.prdarts.evalnet import GENOTYPE_META
 
     from prunekit.methods.prdarts.network import harden_
+    from prunekit.surgery import tensor_file
 
     net = EvalNetwork(DARTS_V2, channels=4, num_classes=10, layers=3)
     harden_(net)  # as after training: plain layers
@@ -249,7 +250,9 @@ def test_a_network_file_whose_sizes_were_edited_is_refused_before_it_is_built(tm
     plan = json.loads(meta["prunekit.plan"])
     plan["meta"][GENOTYPE_META].update(edit)
     meta["prunekit.plan"] = json.dumps(plan)
-    save_file(tensors, str(path), metadata=meta)  # the tensors, and so their checksum, unchanged
+    # a crafted edit: both checksums match (they detect damage, not edits), so the size check is what refuses it
+    meta[tensor_file.META_SHA_KEY] = tensor_file._metadata_sha256(meta)
+    save_file(tensors, str(path), metadata=meta)
     with pytest.raises(CheckpointError, match="damaged or was edited"):
         load_network(path)
 
