@@ -1,6 +1,6 @@
 """SNIP and GraSP masks scored in eval mode (prunekit's default) against training mode (BatchNorm
 on the calibration batch's statistics, as GraSP's reference code scores): how many kept
-weights the two masks share, and where they put them. For scale, the eval-mode masks of two
+weights the two masks share, where they put them, and how many conv filters they leave empty. For scale, the eval-mode masks of two
 different calibration batches (the protocol's first and second training batch) are compared too.
 
 The models, sparsities and calibration batch are those of benchmarks/ssc_cifar10.py (ResNet-20
@@ -35,11 +35,18 @@ def masks_of(model) -> dict[str, torch.Tensor]:
     return {f"{name}.{p}": get_mask(mod, p).bool() for name, mod, p in masked_modules(model)}
 
 
+def dead_filters(masks: dict[str, torch.Tensor]) -> int:
+    """Conv filters (output channels) left with no kept weight."""
+    return sum(int((~m.flatten(1).any(1)).sum()) for m in masks.values() if m.dim() == 4)
+
+
 def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
     kept = sum(int(m.sum()) for m in a.values())
     shared = sum(int((a[k] & b[k]).sum()) for k in a)
     density = {k: (round(float(a[k].float().mean()), 4), round(float(b[k].float().mean()), 4)) for k in a}
-    return {"kept": kept, "shared": shared, "shared_fraction": shared / kept, "density_eval_train": density}
+    return {"kept": kept, "shared": shared, "shared_fraction": shared / kept, "density_eval_train": density,
+            "dead_filters_eval_train": (dead_filters(a), dead_filters(b)),
+            "conv_filters": sum(m.shape[0] for m in a.values() if m.dim() == 4)}
 
 
 def main(argv=None) -> None:
@@ -72,7 +79,9 @@ def main(argv=None) -> None:
                 rows.append(row)
                 print(f"{arm:5s} {reduction:g}x seed {seed}: {row['shared_fraction']:.3f} of the kept weights shared "
                       f"(eval, another batch: {across['shared_fraction']:.3f}); "
-                      f"MACs nonzero eval {row['macs_nonzero_eval']:,} / train {row['macs_nonzero_train']:,}", flush=True)
+                      f"MACs nonzero eval {row['macs_nonzero_eval']:,} / train {row['macs_nonzero_train']:,}; "
+                      f"filters with no weight eval / train {row['dead_filters_eval_train']} of {row['conv_filters']}",
+                      flush=True)
     out = {"about": " ".join(__doc__.split("\n\n")[0].split()), "command": "python benchmarks/pai_score_mode.py " + " ".join(sys.argv[1:]),
            "device": f"cpu ({platform.processor() or platform.machine()}), torch {torch.__version__}, 1 thread",
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "calibration": "first protocol training "
