@@ -107,7 +107,7 @@ def export_model(model: nn.Module, example_inputs: Any, path: str | os.PathLike[
     if fmt == "onnx" and check:
         _check_onnx_dtypes(net, inputs)
     if check:
-        _check_runs(net, inputs)
+        check_runs(net, inputs)
     t0 = time.perf_counter()
     batches = _check_batches(inputs, dynamic_batch) if check else []
     rtol = _tolerance(rtol, net, inputs)
@@ -145,9 +145,10 @@ def _check_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return tuple(inputs)
 
 
-def _check_runs(net: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+def check_runs(net: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
     """One plain forward before exporting: inputs the model cannot take (a wrong shape, channel
-    count or dtype) are one ConfigError saying what it expects, not an exporter's error."""
+    count or dtype) are one ConfigError saying what it expects, not an exporter's error; running
+    out of memory passes through as it is."""
     try:
         with torch.no_grad():
             net(*inputs)

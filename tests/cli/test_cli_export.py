@@ -2,6 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
 
 from prunekit.cli.main import cli
 
@@ -23,3 +30,26 @@ def test_cli_names_an_input_shape_the_model_cannot_take(default_run, runner, tmp
     assert result.exit_code == 2
     assert "cannot take inputs of per-sample shape 3,64,64" in result.stderr and "--input-shape" in result.stderr
     assert "try format" not in result.stderr and not (tmp_path / "m.ts").exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
+def test_sigterm_during_a_cli_export_leaves_no_staging_folder(default_run, tmp_path):
+    """Through the console entry point: SIGTERM during the check unwinds through export_model,
+    whose staging folder goes with it, and the process exits 143. Its own process."""
+    out, _ = default_run
+    target = tmp_path / "exported" / "m.ts"
+    target.parent.mkdir()
+    script = textwrap.dedent(f"""
+        import os, signal, threading
+        import prunekit.export as export
+        from prunekit.cli.main import main
+
+        def stopped(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            threading.Event().wait(30)
+        export._compare = stopped
+        main(["export", {str(out)!r}, "--to", {str(target)!r}])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert list(target.parent.iterdir()) == []

@@ -35,7 +35,7 @@ def export_cmd(args, out, fmt, weights, input_shape, batch, static_batch, no_che
     import torch
 
     from ..cost.macs import count_cost
-    from ..export import export_model, terminate_as_exit
+    from ..export import export_model
     from ..report.tables import fmt_count
     from .commands import resolve
     from .inspect_cmds import built_model
@@ -46,9 +46,9 @@ def export_cmd(args, out, fmt, weights, input_shape, batch, static_batch, no_che
     model, shape = built_model(recipe, weights or recipe.init, input_shape)
     example = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     _check_shape(model, example, shape)
-    with terminate_as_exit():  # a stopped job removes the staging folder on its way out
-        result = export_model(model, example, out, format=fmt, dynamic_batch=not static_batch, check=not no_check,
-                              overwrite=force)
+    # SIGTERM (cli.main.Terminated) unwinds through export_model, which removes its staging folder
+    result = export_model(model, example, out, format=fmt, dynamic_batch=not static_batch, check=not no_check,
+                          overwrite=force)
     cost = count_cost(model, example[:1])
     summary = {**result.to_dict(), "weights": weights or recipe.init, "input_shape": list(shape),
                "params": cost.params, "macs": cost.macs}
@@ -66,17 +66,10 @@ def export_cmd(args, out, fmt, weights, input_shape, batch, static_batch, no_che
 
 def _check_shape(model, example, shape) -> None:
     """One ConfigError naming --input-shape when the model cannot take inputs of that shape."""
-    import torch
+    from ..export import check_runs
 
-    from ..engine.batches import out_of_memory
-    from ..graph.inputs import expected_inputs
     try:
-        with torch.no_grad():
-            model.eval()(example[:1])
-    except Exception as err:  # noqa: BLE001 (any failure of the model's forward on this shape)
-        if out_of_memory(err):
-            raise
-        first = " ".join(str(err).split())[:200] or type(err).__name__
-        raise ConfigError(f"the model cannot take inputs of per-sample shape {','.join(map(str, shape))}: it expects "
-                          f"{expected_inputs(model)} ({type(err).__name__}: {first}); give --input-shape to "
-                          "match, e.g. 3,32,32 for a CIFAR model") from None
+        check_runs(model.eval(), (example[:1],))
+    except ConfigError as err:
+        raise ConfigError(f"the model cannot take inputs of per-sample shape {','.join(map(str, shape))}; give "
+                          f"--input-shape to match, e.g. 3,32,32 for a CIFAR model ({err})") from None
