@@ -347,6 +347,52 @@ def test_macs_are_per_sample_when_a_scalar_input_comes_first(inputs):
     assert count_cost(Scaled(), inputs(torch.randn(4, 5), torch.tensor(2.0))).macs == 5 * 3
 
 
+class _SeqFirstEncoder(nn.Module):
+    """A sequence-first Transformer layer (PyTorch's default batch_first=False) on (L, N, E)."""
+    def __init__(self, batch_first: bool = False):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(16, 3)
+        self.batch_first = batch_first
+
+    def forward(self, x):
+        return self.head(self.enc(x).mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_macs_are_per_sample_for_sequence_first_inputs(batch, batch_first):
+    """(L, N, E) inputs are divided by N, not by L: the same hand count at every batch, either layout.
+    L=10, E=16, FFN 32, 3 classes: q/k/v/out projections 4*L*E*E, QK^T and AV 2*L*L*E, the FFN
+    2*L*E*32, the head E*3 (after the mean over tokens)."""
+    torch.manual_seed(0)
+    model = _SeqFirstEncoder(batch_first).eval()
+    x = torch.randn(batch, 10, 16) if batch_first else torch.randn(10, batch, 16)
+    L, E = 10, 16
+    assert count_cost(model, x).macs == 4 * L * E * E + 2 * L * L * E + 2 * L * E * 32 + E * 3
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("layout", ["seq_first", "batch_first", "packed"])
+def test_macs_of_an_lstm_are_per_sample_in_every_layout(batch, layout):
+    """nn.LSTM(8, 4) over 6 steps: 6 * (4*4*8 + 4*4*4) MACs per sample, then a Linear(4, 2)."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(8, 4, batch_first=layout != "seq_first")
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            if layout == "packed":
+                x = pack_padded_sequence(x, torch.full((x.shape[0],), 6), batch_first=True)
+            return self.head(self.rnn(x)[1][0][-1])
+
+    x = torch.randn(6, batch, 8) if layout == "seq_first" else torch.randn(batch, 6, 8)
+    assert count_cost(Recurrent(), x).macs == 6 * (16 * 8 + 16 * 4) + 4 * 2
+
+
 class _Attend(nn.Module):
     def __init__(self, packed: bool = True):
         super().__init__()

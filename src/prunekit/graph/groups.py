@@ -27,7 +27,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from ..core.errors import ConfigError
 from ..core.modules import require_module
 from .ids import UnionFind
-from .inputs import batch_size_of, check_inputs_fit, split_inputs
+from .inputs import check_inputs_fit, samples_of, split_inputs
 from .rules import builtin_rule_names, rule_table
 from .trace import Member, Node, Tracer, tensors_in
 
@@ -172,7 +172,7 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
         finally:
             for mod in training:
                 mod.training = True
-    batch = batch_size_of(inputs)
+    batch = samples_of(inputs, tracer.sequence_batch)
     return _finish(tracer, batch, [list(t.shape) for t in inputs])
 
 

@@ -45,6 +45,20 @@ def batch_size_of(inputs: Any, default: int = 1) -> int:
     return next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim()), default)
 
 
+def samples_of(inputs: Any, sequence_batch: int | None = None) -> int:
+    """How many samples `inputs` hold, the divisor of per-sample costs: dim 0 of the first tensor
+    with a dimension, except for a sequence-first input (L, N, ...): when the model's first sequence
+    op (attention, RNN) ran on a batch of `sequence_batch` samples and the input's dim 1, not its
+    dim 0, has that size, the input is read as sequence-first and N is the count."""
+    first = next((t for t in inputs if isinstance(t, torch.Tensor) and t.dim()), None)
+    if first is None:
+        return 1
+    if (sequence_batch is not None and first.dim() >= 2 and first.shape[0] != sequence_batch
+            and first.shape[1] == sequence_batch):
+        return int(sequence_batch)
+    return int(first.shape[0])
+
+
 def describe_inputs(args: tuple, kwargs: dict) -> str:
     """'a tensor float32 (1, 3, 8, 8)', 'a list of 2 items', ...: what the caller passed."""
     parts = [_describe(a) for a in args] + [f"{k}={_describe(v)}" for k, v in kwargs.items()]
