@@ -115,3 +115,31 @@ def test_a_shard_of_one_sample_that_batch_norm_cannot_train_on_is_one_config_err
     outcome = (tmp_path / "rank1.txt").read_text()
     assert outcome.startswith("ConfigError: training batch 2 leaves a single sample to rank 1"), outcome
     assert "drop_last" in outcome
+
+
+def _bad_label_eval_worker(out_dir: str) -> None:
+    from prunekit.engine import evaluate
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{Path(out_dir) / 'store'}",
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    try:
+        x, y = blobs(9)
+        y[8] = 3  # the model gives 3 classes; the last global batch (one row) goes to rank 0 alone
+        torch.manual_seed(0)
+        try:
+            evaluate(mlp(), TinyLoader(x, y, 4), device="cpu")
+            outcome = "finished"
+        except Exception as err:  # noqa: BLE001
+            outcome = f"{type(err).__name__}: {err}"
+        (Path(out_dir) / f"rank{os.environ['RANK']}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_label_outside_the_classes_under_ddp_is_one_config_error_on_every_rank(tmp_path):
+    """Every rank checks the global batch's labels, the rank with an empty share too, so both raise
+    the same ConfigError instead of one rank failing in cross-entropy while the other waits."""
+    launch_local(_bad_label_eval_worker, 2, str(tmp_path))
+    for rank in (0, 1):
+        outcome = (tmp_path / f"rank{rank}.txt").read_text()
+        assert outcome.startswith("ConfigError: evaluation batch 2 labels run from"), (rank, outcome)

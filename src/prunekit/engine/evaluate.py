@@ -68,21 +68,26 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: str | torch.device
     ctx = _dist_context(distributed)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    n, checked = 0, False
+    n, checked, like = 0, False, None
     with evaluating(model):  # afterwards each module's mode as it was (a frozen BatchNorm stays frozen)
         for i, batch in enumerate(loader):
             x, global_y = split_batch(batch, i, "evaluation")
             x = shard_batch(to_device(x, device, channels_last), ctx)
             y = shard_batch(to_device(global_y, device), ctx)
+            what = f"evaluation batch {i}" if checked else "evaluation"
             if y.numel() == 0:
+                # Under DDP every rank holds the same global batch and checks the same labels, so all raise
+                # together; a rank with an empty share checks against an earlier batch's output width
+                if like is not None and global_y.device.type == "cpu":
+                    check_labels(like, global_y, what)
                 continue
             with autocast_context(device, bf16):
                 logits = model(x)
-            # on the first batch with samples, then on every batch whose labels are on the host (no device
-            # sync); not under DDP, where a rank with an empty share would not take part
-            if not ctx.enabled and (not checked or global_y.device.type == "cpu"):
-                check_labels(logits, global_y, f"evaluation batch {i}" if checked else "evaluation")
+            # on the first batch with samples, then on every batch whose labels are on the host (no device sync)
+            if not checked or global_y.device.type == "cpu":
+                check_labels(logits, global_y, what)
                 checked = True
+                like = logits[:0] if isinstance(logits, torch.Tensor) else None
             # Accumulate on the device: one host sync at the end instead of one per batch.
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct += (logits.argmax(dim=1) == y).sum()
