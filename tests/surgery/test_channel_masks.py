@@ -78,6 +78,21 @@ def test_masks_of_two_groups_on_one_tensor_intersect():
         torch.testing.assert_close(m(x), ref, atol=1e-6, rtol=1e-5)
 
 
+def test_a_broadcast_shaped_mask_already_on_the_weight_is_intersected_not_dropped():
+    """A per-filter mask (O, 1, 1, 1), as `channel_mask` makes, stays when channels of another group
+    are masked on the same weight: the hidden filters must not come back."""
+    from prunekit.surgery.masks import channel_mask
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    g = build_graph(m, torch.randn(1, 3, 8, 8))
+    apply_mask(m[2], "weight", channel_mask(m[2].weight.shape, [0, 2], dim=0))
+    keep = torch.ones(8, dtype=torch.bool)
+    keep[[1, 5]] = False
+    mask_channels_(m, g, {"0": keep})
+    w = m[2].weight.detach()
+    assert [bool((w[i] == 0).all()) for i in range(4)] == [False, True, False, True]
+    assert bool((w[:, [1, 5]] == 0).all()) and int((w != 0).sum()) == 2 * 6
+
+
 def test_existing_unstructured_mask_is_kept_and_baked():
     m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
     x = torch.randn(1, 3, 4, 4)

@@ -84,7 +84,8 @@ def mask_channels_(model: nn.Module, graph: Graph, keep: Mapping[str, Any]) -> N
         module = model.get_submodule(mod_name)
         old = get_mask(module, tname)
         mask = mask.to(getattr(module, tname).device)
-        wanted[(mod_name, tname)] = mask & old if old is not None and old.shape == mask.shape else mask
+        # a mask of another shape (one entry per filter, (O, 1, 1, 1)) broadcasts: both fit the weight
+        wanted[(mod_name, tname)] = mask & old.to(mask.device) if old is not None else mask
     for (mod_name, tname), mask in wanted.items():
         apply_mask(model.get_submodule(mod_name), tname, mask)
 
