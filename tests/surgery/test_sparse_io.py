@@ -94,11 +94,11 @@ def test_corrupt_files_raise_checkpoint_error(tmp_path):
 
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(raw[: len(raw) // 2])
-    _assert_corrupt(truncated, target, "not a readable")
+    _assert_corrupt(truncated, target, "cannot read")
 
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 64)
-    _assert_corrupt(garbage, target, "not a readable")
+    _assert_corrupt(garbage, target, "cannot read")
 
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, plain)
@@ -131,11 +131,40 @@ def test_corrupt_files_raise_checkpoint_error(tmp_path):
     save_file(tensors, infinite, metadata={"prunekit_sparse": json.dumps(meta_inf)})
     _assert_corrupt(infinite, target, "bad shape")
 
+    meta_dtype = json.loads(json.dumps(meta))  # the values stay float32
+    meta_dtype["tensors"]["4.weight"]["dtype"] = "float16"
+    bad_dtype = tmp_path / "dtype.safetensors"
+    save_file(tensors, bad_dtype, metadata={"prunekit_sparse": json.dumps(meta_dtype)})
+    _assert_corrupt(bad_dtype, target, "its values are float32, its metadata says float16")
+
     meta_nm = json.loads(json.dumps(meta))
     meta_nm["tensors"]["4.weight"].update(kind="nm", n=2, m=4)
     bad_nm = tmp_path / "nm.safetensors"
     save_file(tensors, bad_nm, metadata={"prunekit_sparse": json.dumps(meta_nm)})
     _assert_corrupt(bad_nm, target, "N:M")
+
+
+@pytest.mark.parametrize("where", ["values", "bits", "metadata"])
+def test_a_flipped_bit_is_caught_by_the_checksums(tmp_path, where):
+    """One bit flipped in the kept values, in the bit mask or in the metadata JSON: one
+    CheckpointError, the target model unchanged (a flipped exponent bit loaded as 3.6e36)."""
+    good = tmp_path / "good.safetensors"
+    save_sparse(_sparse_net(), good)
+    raw = bytearray(good.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    with safe_open(str(good), "pt") as f:
+        names = list(f.keys())
+    offsets = json.loads(raw[8:header])
+    if where == "metadata":
+        at = raw.index(b"bitmask", 8)  # inside the metadata's JSON string: still valid JSON
+        raw[at] ^= 0x20  # "bitmask" -> "Bitmask", which the metadata checksum catches
+    else:
+        name = next(n for n in names if n.endswith("::" + where))
+        start, end = offsets[name]["data_offsets"]
+        raw[header + (start + end) // 2] ^= 0x40
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(raw))
+    _assert_corrupt(bad, _net(seed=3), "is corrupt")
 
 
 def test_wrong_architecture_or_masked_target_is_refused(tmp_path):
@@ -295,8 +324,9 @@ def test_a_file_recording_a_transposed_conv_s_nm_mask_in_its_stored_layout_still
         metadata = f.metadata()
     meta = json.loads(metadata["prunekit_sparse"])
     meta["tensors"]["0.weight"].update(kind="nm", n=2, m=4)  # as the earlier reader recorded it
-    path = tmp_path / "old.safetensors"
-    save_file(tensors, path, metadata={**metadata, "prunekit_sparse": json.dumps(meta)})
+    path = tmp_path / "old.safetensors"  # and without the checksums, which such files did not carry
+    old = {k: v for k, v in metadata.items() if k not in ("prunekit.sha256", "prunekit.meta_sha256")}
+    save_file(tensors, path, metadata={**old, "prunekit_sparse": json.dumps(meta)})
     fresh = nn.Sequential(nn.ConvTranspose2d(8, 8, 3, groups=2))
     load_sparse(fresh, path, restore_masks=True)
     assert torch.equal(get_mask(fresh[0], "weight"), get_mask(net[0], "weight"))

@@ -10,7 +10,9 @@ masked retraining. At 90% sparsity an fp32 tensor takes 0.1*4 + 1/8 = 0.525 byte
 File layout: tensor "<name>" (dense) or "<name>::values" + "<name>::bits" (uint8); metadata key
 "prunekit_sparse" holds JSON {"format_version": 1, "tensors": {name: {"shape", "dtype",
 "encoding": "dense"|"bitmask", "kind": "dense"|"irregular"|"nm", "n"?, "m"?, "masked"}}}, and
-"prunekit.module_versions" the per-module state-dict versions, as in the pruned file (`tensor_file`).
+"prunekit.module_versions" the per-module state-dict versions, as in the pruned file (`tensor_file`),
+with the sha256 of the tensors and of the metadata, verified on load (a flipped bit is one
+CheckpointError; files written without them load unverified).
 
 >>> import tempfile, os, torch
 >>> from torch import nn
@@ -32,16 +34,13 @@ import os
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..core.errors import CheckpointError, PruningError
-from ..core.integrity import atomic_write
 from .mask_io import check_masks, effective_state, is_nm, mask_kind, pack_mask, restore_masks_, tied_values, unpack_mask
 from .projections import transposed_groups
 from .masks import get_mask, remove_parametrization_
-from .tensor_file import VERSIONS_KEY, file_metadata, load_state_
+from .tensor_file import VERSIONS_KEY, file_metadata, load_state_, read_tensor_file, write_tensor_file
 
 __all__ = ["save_sparse", "load_sparse", "to_semi_structured_", "FORMAT_VERSION"]
 
@@ -82,17 +81,13 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> dict[str, dict[str
         tensors.update(stored)
     meta = {_META_KEY: json.dumps({"format_version": FORMAT_VERSION, "tensors": infos}),
             VERSIONS_KEY: file_metadata(model)[VERSIONS_KEY]}  # torchvision's MNASNet refuses a state without them
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    write_tensor_file(path, tensors, meta)  # with the sha256 of the tensors and of the metadata
     return infos
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
-    try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            stored = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    # checksums verified where the file has them (files written before they were added load as they did)
+    meta, stored = read_tensor_file(path, require_checksum=False)
     try:
         doc = json.loads(meta[_META_KEY])
         version, infos = doc["format_version"], doc["tensors"]
@@ -130,7 +125,9 @@ def _decode(path: Any, name: str, info: Any, stored: dict[str, Tensor], groups: 
     if bits.numel() != math.ceil(numel / 8):
         raise bad(f"{bits.numel()} bit bytes for {numel} entries")
     keep = unpack_mask(bits, shape)
-    if values.dtype != dtype or values.dim() != 1 or values.numel() != int(keep.sum()):
+    if values.dtype != dtype:
+        raise bad(f"its values are {str(values.dtype).removeprefix('torch.')}, its metadata says {info['dtype']}")
+    if values.dim() != 1 or values.numel() != int(keep.sum()):
         raise bad(f"{values.numel()} values for {int(keep.sum())} kept entries")
     recorded = {"kind": "nm", "n": info.get("n"), "m": info.get("m")}
     # a transposed conv's N:M runs in a conv's layout; files written before that read recorded its stored layout
