@@ -325,3 +325,78 @@ def test_a_loader_yielding_fewer_batches_than_its_length_still_resumes(tmp_path)
     train(again, _ShortLoader(), None, cfg, ckpt_dir=tmp_path, resume=True, progress=False)
     for a, b in zip(again.state_dict().values(), whole.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def _masked_run(tmp_path, hooks=()):
+    from prunekit.surgery.masks import apply_mask, unstructured_mask
+    train_loader, val_loader = _data()
+    masked = mlp()
+    apply_mask(masked[0], "weight", unstructured_mask(masked[0].weight, 0.5))
+    train(masked, train_loader, val_loader, _cfg(epochs=2), hooks=list(hooks), ckpt_dir=tmp_path, progress=False)
+    return train_loader, val_loader, tmp_path / CHECKPOINT_NAME
+
+
+def _rewrite(path, edit):
+    from prunekit.engine.checkpoint import payload_sha256
+    ckpt = torch.load(path, weights_only=True)
+    edit(ckpt)
+    ckpt["checksum"] = payload_sha256(ckpt)
+    torch.save(ckpt, path)
+
+
+def test_a_mask_saved_without_its_masked_weight_is_refused_before_anything_loads(tmp_path):
+    """The masked weight renamed to its plain name (mask buffer kept), checksum recomputed: the
+    names compared as an unmasked model's passed, and the restore masked the model, then failed."""
+    train_loader, val_loader, path = _masked_run(tmp_path)
+    _rewrite(path, lambda c: c["model"].__setitem__("0.weight", c["model"].pop("0.parametrizations.weight.original")))
+    model = mlp(seed=4)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CheckpointError, match="weight mask without its masked weight"):
+        train(model, train_loader, val_loader, _cfg(epochs=2), ckpt_dir=tmp_path, progress=False, resume=True)
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class _OwnAdam(Hook):
+    """A hook that steps its own parameter with its own optimizer (the pattern docs/engine.md shows)."""
+
+    def __init__(self, model):
+        self.opt = torch.optim.Adam([model[2].bias], lr=0.01)
+
+    def owned_parameters(self, model):
+        return [model[2].bias]
+
+    def after_backward(self, model, step):
+        self.opt.step()
+        self.opt.zero_grad()
+
+    def state_dict(self):
+        return {"opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state):
+        self.opt.load_state_dict(state["opt"])
+
+
+@pytest.mark.parametrize("edit", ["groups", "key"])
+def test_a_hook_state_its_hook_refuses_puts_back_everything_already_loaded(tmp_path, edit):
+    """The hook's own load_state_dict runs after the model (masks put on a fresh model) and the
+    optimizer are loaded: its refusal was a bare ValueError/KeyError with the model changed; now
+    one CheckpointError, the fresh model unmasked and unchanged, the optimizer as it was."""
+    first = mlp()
+    train_loader, val_loader, path = _masked_run(tmp_path, hooks=[_OwnAdam(first)])
+
+    def damage(c):
+        if edit == "groups":
+            c["hooks"]["0"]["opt"]["param_groups"][0]["params"] = [0, 1]
+        else:
+            c["hooks"]["0"] = {"optimizer": 1}
+    _rewrite(path, damage)
+    model = mlp(seed=4)
+    before = copy.deepcopy(model.state_dict())
+    hook = _OwnAdam(model)
+    with pytest.raises(CheckpointError, match="cannot be loaded into this run"):
+        train(model, train_loader, val_loader, _cfg(epochs=2), hooks=[hook], ckpt_dir=tmp_path, progress=False,
+              resume=True)
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert hook.opt.state_dict()["state"] == {}

@@ -183,7 +183,7 @@ def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | 
     from safetensors.torch import load_model
 
     from ..engine.checkpoint import load_checkpoint
-    from ..surgery.mask_io import restore_masks_from_state
+    from ..surgery.mask_io import restore_masks_from_state, unpaired_masks
     from ..surgery.persist import PLAN_KEY, load_pruned, read_plan
     from ..surgery.tensor_file import SHA_KEY, load_state_, read_tensor_file
 
@@ -218,6 +218,10 @@ def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | 
             raise CheckpointError(f"weights in {path} do not fit this model: {load_error_text(err)}") from None
         return model, None
     state = load_checkpoint(path)["model"]
+    if unpaired_masks(state):
+        raise CheckpointError(f"{path} holds a weight mask without its masked weight ({unpaired_masks(state)[0]}): "
+                              "the file is damaged or was edited; give an intact ckpt/<stage>/last.pt or the run's "
+                              "model.safetensors")
     restore_masks_from_state(model, state)
     try:
         model.load_state_dict(state, strict=True)

@@ -35,6 +35,7 @@ True
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -50,7 +51,8 @@ from torch import nn
 from ..core.config import short_repr
 from ..core.errors import CheckpointError
 from ..core.integrity import atomic_write, tensors_sha256
-from ..surgery.mask_io import plain_state_names, restore_masks_from_state
+from ..surgery.mask_io import plain_state_names, restore_masks_from_state, unpaired_masks
+from ..surgery.masks import masked_modules, remove_parametrization_
 from .hooks import split_parameters
 
 FORMAT = "prunekit.train_checkpoint"
@@ -342,7 +344,56 @@ def _check_rng(state: dict[str, Any]) -> None:
 
 def restore_checkpoint(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer,
                        scheduler: Any, hooks: Sequence[Any]) -> None:
-    """Load model, optimizer, scheduler, hook and RNG states (call `check_compatible` first)."""
+    """Load model, optimizer, scheduler, hook and RNG states (call `check_compatible` first).
+
+    All or nothing: a state refused part-way (by the model, the optimizer, or a hook's own
+    `load_state_dict`) puts back what was already loaded, masks included, and is one CheckpointError."""
+    before = _Snapshot(model, optimizer, scheduler, hooks)
+    try:
+        _restore(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, hooks=hooks)
+    except Exception as err:
+        before.put_back()
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint state cannot be loaded into this run ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}); the file is "
+                              "damaged or was written by other code: delete it to restart the run") from None
+
+
+class _Snapshot:
+    """What `restore_checkpoint` may change, to put back when a restore fails part-way."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, hooks: Sequence[Any]):
+        self.model, self.optimizer, self.scheduler, self.hooks = model, optimizer, scheduler, hooks
+        self.masked = {(m, p) for m, _, p in masked_modules(model)}
+        self.orders = {name: list(mod._parameters) for name, mod in model.named_modules()}
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.groups = [list(g["params"]) for g in optimizer.param_groups]
+        self.optimizer_state = copy.deepcopy(optimizer.state_dict())
+        self.scheduler_state = copy.deepcopy(scheduler.state_dict())
+        self.hook_states = {i: copy.deepcopy(h.state_dict()) for i, h in enumerate(hooks) if _has_state(h)}
+        self.rng = capture_rng_state()
+
+    def put_back(self) -> None:
+        for mname, module, pname in masked_modules(self.model):
+            if (mname, pname) not in self.masked:  # masked by the restore: the same parameter comes back
+                remove_parametrization_(module, pname, leave_parametrized=False)
+        for name, module in self.model.named_modules():  # the unmasked weight re-registers last: reorder
+            order = self.orders.get(name)
+            if order is not None and order != list(module._parameters) and set(order) == set(module._parameters):
+                module._parameters = type(module._parameters)((k, module._parameters[k]) for k in order)
+        self.model.load_state_dict(self.state)
+        for group, params in zip(self.optimizer.param_groups, self.groups):
+            group["params"] = params
+        self.optimizer.load_state_dict(self.optimizer_state)
+        self.scheduler.load_state_dict(self.scheduler_state)
+        for i, state in self.hook_states.items():
+            self.hooks[i].load_state_dict(state)
+        restore_rng_state(self.rng)
+
+
+def _restore(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: Any, hooks: Sequence[Any]) -> None:
     if restore_masks_from_state(model, ckpt["model"]):  # a fresh model gets the masks the run had
         # Masking moves each weight under `parametrizations`, after its module's own parameters in
         # model.parameters(); the run's optimizer was built from the masked model, so ours takes the
@@ -392,6 +443,10 @@ def _check_model_state(saved: dict[str, torch.Tensor], now: dict[str, torch.Tens
     if any(k not in saved for k in now if ".parametrizations." in f".{k}"):
         raise CheckpointError("the model carries weight masks (parametrizations) the checkpoint does not have; "
                               "resume with a model built as the run's was, or a fresh one")
+    unpaired = unpaired_masks(saved)
+    if unpaired:
+        raise CheckpointError(f"checkpoint holds a weight mask without its masked weight ({unpaired[0]}); the file is "
+                              "damaged or was written by other code: delete it to restart the run")
     # compare as unmasked models: masks saved with the run are put back on a fresh model on restore
     saved, now = plain_state_names(saved), plain_state_names(now)
     missing, extra = sorted(set(now) - set(saved)), sorted(set(saved) - set(now))

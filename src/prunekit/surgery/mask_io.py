@@ -230,6 +230,19 @@ def plain_state_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def unpaired_masks(state: Mapping[str, Tensor]) -> list[str]:
+    """Mask buffer keys of `state` whose masked tensor ("...parametrizations.w.original") it lacks:
+    a state no masked model wrote (damaged or edited)."""
+    out = []
+    for key in state:
+        hit = _MASK_KEY.match(key)
+        if hit is not None:
+            prefix = f"{hit.group(1)}." if hit.group(1) else ""
+            if f"{prefix}parametrizations.{hit.group(2)}.original" not in state:
+                out.append(key)
+    return out
+
+
 def restore_masks_from_state(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]:
     """Mask the tensors of `model` whose Mask buffers `state` holds but the model lacks.
 
