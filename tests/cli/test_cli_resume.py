@@ -156,6 +156,24 @@ def test_bench_and_eval_of_a_directory_without_weights_fail(reference, tmp_path)
         assert len(res.stderr.strip().splitlines()) == 1
 
 
+def test_a_pruned_run_missing_its_pruned_weights_is_refused_not_replaced_by_the_dense_model(reference, tmp_path):
+    """export/eval/bench/finetune of a run whose state says it pruned took dense.safetensors, silently,
+    when pruned.safetensors was gone; --weights dense.safetensors still takes it on purpose."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "pruned.safetensors").unlink()
+    runner = make_runner()
+    for cmd in (["export", str(run), "--to", str(tmp_path / "m.ts")], ["eval", str(run)],
+                ["bench", str(run), "--no-latency"], ["finetune", str(run)]):
+        res = runner.invoke(cli, cmd)
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and "pruned its model but pruned.safetensors is missing" \
+            in lines[0] and "--weights" in lines[0], (cmd, res.output)
+    assert not (tmp_path / "m.ts").exists()
+    res = runner.invoke(cli, ["eval", str(run), "--weights", str(run / "dense.safetensors")])
+    assert res.exit_code == 0, res.output
+
+
 @pytest.mark.parametrize("edit, fragment", [
     ({"done": 3}, "done is not a list"), ({"weights": 5}, "a weights entry"), ({"stages": "train"}, "stages is not"),
     ({"stages": ["train", "search"]}, "stages is not"), ({"evaluations": [{"step": "dense"}]}, "evaluations"),

@@ -44,9 +44,18 @@ def method_option(fn: Callable) -> Callable:
 
 
 def run_dir_weights(run_dir: Path | None, command: str) -> str | None:
-    """The weights file of a run directory that `command` starts from, if any."""
+    """The weights file of a run directory that `command` starts from, if any. A run that pruned
+    (its state says so) must still hold pruned.safetensors: its dense model is not a stand-in."""
+    from .runstate import read_state
+
     if run_dir is None or command not in _PREFERRED:
         return None
+    state = read_state(run_dir)
+    pruned = run_dir / "pruned.safetensors"
+    if _PREFERRED[command][0] == pruned.name and state is not None and "prune" in state["done"] \
+            and not pruned.is_file():
+        raise ConfigError(f"run directory {run_dir} pruned its model but {pruned.name} is missing; restore it, or give "
+                          f"--weights {run_dir / 'dense.safetensors'} to use the dense model on purpose")
     for name in _PREFERRED[command]:
         if (run_dir / name).is_file():
             return str(run_dir / name)
