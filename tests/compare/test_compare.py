@@ -151,6 +151,9 @@ def test_a_record_made_before_a_config_field_existed_is_kept_with_a_note(dense_p
     path.write_text(json.dumps(rec))
     again = run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", echo=lambda s: None)
     assert again.ran == [] and any("round_slack" in n and "recorded before" in n for n in again.notes)
+    report = run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", report_only=True, echo=lambda s: None)
+    assert any("round_slack" in n and "recorded before" in n for n in report.notes)  # --report-only says it too
+    assert "round_slack" in (tmp_path / "c" / "compare.md").read_text()
     rec["spec"]["arm"]["config"]["max_ratio"] = 0.5  # a recorded value that differs
     path.write_text(json.dumps(rec))
     with pytest.raises(CheckpointError, match="different arm spec"):

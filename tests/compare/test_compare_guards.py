@@ -79,6 +79,10 @@ def test_arms_not_run_are_named_in_the_notes(dense_path, tmp_path):
     assert "no records yet" in (tmp_path / "c" / "compare.md").read_text()
     other = run_compare(CompareRecipe.from_dict(_raw(dense_path, seeds=[1])), tmp_path / "c", only=["l2"], **quiet)
     assert any("records of seed(s) [0] are on disk but not in this report" in n for n in other.notes)
+    fewer = _raw(dense_path)
+    del fewer["arms"]["l2"]  # l2's records stay on disk: the report says so instead of leaving them out silently
+    report = run_compare(CompareRecipe.from_dict(fewer), tmp_path / "c", report_only=True, **quiet)
+    assert any("records of arm(s) l2 are on disk but not in this report" in n for n in report.notes)
 
 
 @pytest.mark.parametrize("method", [{"name": "magnitude", "macs_fraction": 0.001},
@@ -451,3 +455,38 @@ def test_a_home_relative_dense_path_and_out_folder_are_expanded(dense_path, tmp_
     result = run_compare(CompareRecipe.from_dict(raw), **quiet)
     assert result.ran == [("dense", 0)]
     assert (tmp_path / "results" / "t").is_dir() and not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("change", ["truncate", "replace"])
+def test_damaged_or_replaced_dense_weights_are_named_and_the_records_kept(dense_path, tmp_path, change):
+    """The records were checked against whatever dense file lay there: a damaged or swapped
+    dense.safetensors read as 'records cannot be reused; remove them'. Now the dense file is
+    compared with the sha256 its dense.json recorded, first, and the message names it."""
+    raw = _raw(dense_path, dense={"weights": None, "train": {"epochs": 1, "lr": 0.02, "log_every": 0}})
+    out = tmp_path / "c"
+    run_compare(CompareRecipe.from_dict(raw), out, **quiet)
+    records = {p: p.read_bytes() for p in (out / "arms").rglob("*.json")}
+    weights = out / "dense.safetensors"
+    if change == "truncate":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        weights.write_bytes(dense_path.read_bytes())  # a valid dense model, but not this comparison's
+    for report_only in (False, True):
+        with pytest.raises(CheckpointError, match="are not the model recorded in .*dense.json.*damaged or replaced"):
+            run_compare(CompareRecipe.from_dict(raw), out, report_only=report_only, **quiet)
+    assert {p: p.read_bytes() for p in (out / "arms").rglob("*.json")} == records
+
+
+def test_a_dense_training_checkpoint_of_other_settings_names_the_folder_to_remove(dense_path, tmp_path):
+    """The engine's advice ('use a new ckpt_dir') is not a compare setting: the message names
+    the output folder's dense_ckpt instead."""
+    from prunekit.engine.train import TrainConfig, train
+    out = tmp_path / "c"
+    bundle = load_data(DataConfig(name="digits", batch_size=64))
+    torch.manual_seed(0)
+    train(create_model("small_cnn", 10), bundle.train, None, TrainConfig(epochs=2, lr=0.02, log_every=0),
+          ckpt_dir=out / "dense_ckpt", progress=False)
+    raw = _raw(dense_path, dense={"weights": None, "train": {"epochs": 1, "lr": 0.02, "log_every": 0}})
+    with pytest.raises(CheckpointError, match=r"training checkpoint in .*dense_ckpt cannot continue .*remove "
+                                              r".*dense_ckpt to train the dense model from the start"):
+        run_compare(CompareRecipe.from_dict(raw), out, **quiet)

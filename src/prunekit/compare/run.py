@@ -114,8 +114,14 @@ def dense_model(recipe: CompareRecipe, model: nn.Module, bundle: Any, out_dir: P
         echo(f"dense: training {recipe.dense_train.epochs} epochs on {device} (cached as {path})")
         t0 = time.perf_counter()
         val = bundle.val if bundle.val.num_samples > 0 else None
-        train(model, bundle.train, val, recipe.dense_train, ckpt_dir=out_dir / "dense_ckpt", resume=True,
-              device=device, progress=False)
+        ckpt = out_dir / "dense_ckpt"
+        try:
+            train(model, bundle.train, val, recipe.dense_train, ckpt_dir=ckpt, resume=True, device=device,
+                  progress=False)
+        except CheckpointError as err:  # the engine's advice names its own ckpt_dir, which compare sets
+            raise CheckpointError(f"the dense model's training checkpoint in {ckpt} cannot continue this recipe's "
+                                  f"dense training ({err}); remove {ckpt} to train the dense model from the start "
+                                  "with this recipe's dense.train") from None
         info = {"trained_here": True, "train_s": time.perf_counter() - t0, "device": str(device),
                 "model": {"name": recipe.model_name, "kwargs": recipe.model_kwargs},
                 "train": recipe.dense_train.to_dict(), "data": recipe.data.to_dict()}
@@ -166,7 +172,7 @@ def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = 
         torch.set_num_threads(recipe.threads)
     device = resolve_device(recipe.device)
     weights, _ = dense_paths(recipe, out)
-    early_sha = sha256_file(weights) if weights.is_file() else None
+    early_sha = _checked_dense_sha(recipe, out)
     # a foreign or damaged record fails before the data is loaded
     early = _records_on_disk(recipe, out, early_sha) if early_sha else None
     bundle = load_data(recipe.data.replace(device="cuda" if device.type == "cuda" else "cpu"))
@@ -199,10 +205,6 @@ def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = 
     for (name, seed), (path, h, rec) in found.items():
         if not recipe.arms[name].skip_reason:
             result.records.setdefault(name, [])
-        if rec is not None and rec.get("fields_added_since"):
-            result.notes.append(f"arm {name}, seed {seed}: recorded before the config field(s) "
-                                f"{', '.join(rec['fields_added_since'])} existed (every recorded setting is "
-                                "unchanged; the new fields' defaults may not describe that run)")
         if (name, seed) in todo:
             echo(f"arm {name}, seed {seed}: running")
             load = os.getloadavg()
@@ -230,7 +232,7 @@ def report_from_disk(recipe: CompareRecipe, out: Path) -> CompareResult:
     last = read_json_mapping(out / "compare.json", "comparison").get("dense", {}) if (out / "compare.json").is_file() else {}
     weights, info_path = dense_paths(recipe, out)
     if weights.is_file():
-        sha = sha256_file(weights)
+        sha = _checked_dense_sha(recipe, out)
     elif isinstance(last.get("sha256"), str):
         sha = last["sha256"]
     else:
@@ -248,6 +250,24 @@ def report_from_disk(recipe: CompareRecipe, out: Path) -> CompareResult:
             result.records.setdefault(name, []).append(rec)
     _finish(recipe, result, dense_info)
     return result
+
+
+def _checked_dense_sha(recipe: CompareRecipe, out: Path) -> str | None:
+    """sha256 of the dense weights on disk (None when there are none), refused when the dense
+    model's info file recorded another: the weights were damaged or replaced, and the records,
+    made from the recorded model, must not be blamed for it."""
+    weights, info_path = dense_paths(recipe, out)
+    if not weights.is_file():
+        return None
+    sha = sha256_file(weights)
+    info = read_json_mapping(info_path, "dense model info") if info_path.is_file() else {}
+    recorded = info.get("sha256")
+    if isinstance(recorded, str) and recorded != sha:
+        raise CheckpointError(f"dense weights {weights} are not the model recorded in {info_path} (sha256 "
+                              f"{sha[:12]}, recorded {recorded[:12]}): the file was damaged or replaced. The records in "
+                              f"{out} were made from the recorded model and are kept; restore that file, or compare "
+                              "from these weights in a new output folder (--out)")
+    return sha
 
 
 def _records_on_disk(recipe: CompareRecipe, out: Path, dense_sha: str) -> dict[tuple[str, int], tuple[Path, str, Any]]:
@@ -302,6 +322,12 @@ def _finish(recipe: CompareRecipe, result: CompareResult, dense_info: dict[str, 
     result.notes[:0] = [f"arm {name}: {arm.skip_reason}" + ("; its finished records are reported"
                                                             if result.records.get(name) else "")
                         for name, arm in recipe.arms.items() if arm.skip_reason]
+    for name, recs in result.records.items():  # in the report written after a run and in --report-only's
+        for rec in recs:
+            if rec.get("fields_added_since"):
+                result.notes.append(f"arm {name}, seed {rec.get('seed')}: recorded before the config field(s) "
+                                    f"{', '.join(rec['fields_added_since'])} existed (every recorded setting is "
+                                    "unchanged; the new fields' defaults may not describe that run)")
     result.summary = summarise(result.records)
     t = recipe.target
     for name, s in result.summary.items():
@@ -330,6 +356,11 @@ def _finish(recipe: CompareRecipe, result: CompareResult, dense_info: dict[str, 
     if on_disk - set(recipe.seeds):
         result.notes.append(f"records of seed(s) {sorted(on_disk - set(recipe.seeds))} are on disk but not in this "
                             f"report (the recipe's seeds are {recipe.seeds}); set seeds to include them")
+    foreign = sorted(p.name for p in (result.out_dir / "arms").glob("*")
+                     if p.is_dir() and p.name not in recipe.arms and any(p.glob("seed*.json")))
+    if foreign:
+        result.notes.append(f"records of arm(s) {', '.join(foreign)} are on disk but not in this report (the recipe "
+                            "does not list them); add them to the recipe's arms to include them")
     recs = [r for rs in result.records.values() for r in rs]
     devices = sorted({str(r.get("device")) for r in recs})
     if len(devices) > 1:
