@@ -308,6 +308,20 @@ def test_an_impossible_target_is_refused_before_training_and_leaves_the_model():
     GatorConfig(target=0.5, epochs=1).check_model(fresh)  # without inputs: nothing to trace, not checked
 
 
+@pytest.mark.parametrize("config", [dict(lam=1.0), dict(target=0.2, cost="latency"),
+                                    dict(target=0.2, target_metric="latency")], ids=["lam", "latency-cost", "latency-target"])
+def test_a_model_with_no_gateable_group_is_refused_by_check_model_whatever_the_target(config):
+    """check_model (run before dense training in run and compare) refused it only for a MACs or
+    params target; with a fixed lam or a latency cost the dense model trained first."""
+    from prunekit.core.errors import PruningError
+    model = create_model("small_cnn", 10)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningError, match="no channel group can be gated"):
+        GatorConfig(epochs=1, ignore=["conv2"], **config).check_model(model, torch.randn(1, 1, 8, 8))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    GatorConfig(epochs=1, **config).check_model(model, torch.randn(1, 1, 8, 8))
+
+
 # ------------------------------------------------------------------------------------ latency
 
 

@@ -128,16 +128,20 @@ class GatorConfig(Config):
     def check_model(self, model, example_inputs=None) -> None:
         """The latency tables are timed when pruning starts, after any dense training: a device
         this machine cannot time on is refused before that. With `example_inputs`, a params or
-        MACs target that even every gated channel closed cannot reach is refused too."""
+        MACs target that even every gated channel closed cannot reach is refused too, and so is
+        a model with no channel group to gate (whatever the cost, target or lam)."""
         if "latency" in (self.cost, self.target_measure):
             try:
                 timing_device(self.latency)
             except ConfigError as err:
                 raise ConfigError(f"latency: {err} (cost or target_metric 'latency' times layers with it)") from None
-        if example_inputs is not None and self.target is not None and self.target_measure != "latency":
-            from .pipeline import check_target_reachable
+        if example_inputs is not None:
+            from .pipeline import check_gateable, check_target_reachable
 
-            check_target_reachable(model, self, example_inputs)
+            if self.target is not None and self.target_measure != "latency":
+                check_target_reachable(model, self, example_inputs)
+            else:  # latency tables are timed later; which groups can be gated is known now
+                check_gateable(model, self, example_inputs)
 
     @property
     def target_measure(self) -> str:

@@ -115,6 +115,11 @@ def _gated_graph(model: nn.Module, config: GatorConfig, example_inputs: Any) -> 
     return graph, GateSet(groups, model, config.initial_logit, config.init_noise, config.temperature, config.seed), skipped
 
 
+def check_gateable(model: nn.Module, config: GatorConfig, example_inputs: Any) -> None:
+    """PruningError when no channel group of `model` can be gated (before any dense training)."""
+    _gated_graph(model, config, example_inputs)
+
+
 def check_target_reachable(model: nn.Module, config: GatorConfig, example_inputs: Any) -> None:
     """`gator_prune_`'s up-front target check alone (params or MACs targets; latency ones need the
     tables, timed when pruning starts), for callers that train a dense model first."""
