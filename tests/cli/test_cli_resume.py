@@ -67,9 +67,10 @@ def reference(tmp_path_factory):
     return out
 
 
-def _run_and_kill(args: list[str], out: Path, stage: str, epochs: int) -> None:
+def _run_and_kill(args: list[str], out: Path, stage: str, epochs: int, while_alive=None) -> None:
     """Start `prunekit *args` in a process and SIGKILL it once `stage` logged `epochs` epochs and
-    wrote their checkpoint (the epoch record comes just before the checkpoint)."""
+    wrote their checkpoint (the epoch record comes just before the checkpoint); `while_alive()`
+    runs just before the kill."""
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([sys.executable, "-m", "prunekit.cli.main", *args], env=env,
@@ -80,10 +81,29 @@ def _run_and_kill(args: list[str], out: Path, stage: str, epochs: int) -> None:
             assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()}"
             assert time.monotonic() < deadline, "the run did not reach the epoch in time"
             time.sleep(0.01)
+        if while_alive is not None:
+            while_alive()
+            assert proc.poll() is None, "the run ended before it could be killed"
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_resuming_a_run_still_in_progress_is_refused_and_its_lock_goes_with_its_process(tmp_path):
+    """Two processes trained one run side by side and both wrote its files; now the second is
+    refused while the first holds the directory, and the lock goes when the first is killed."""
+    from prunekit.core.integrity import hold_dir
+    out = tmp_path / "run"
+
+    def try_resume():  # refused before it reads or writes anything in the directory
+        res = make_runner().invoke(cli, ["resume", str(out)])
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and "in use by another prunekit process" in lines[0], res.output
+
+    _run_and_kill(["run", *ARGS, "train.epochs=6", "--out", str(out)], out, "train", 1, while_alive=try_resume)
+    with hold_dir(out):  # released by the killed process's end
+        pass
 
 
 def _last_resume(records: list[dict]) -> list[dict]:

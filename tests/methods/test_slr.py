@@ -667,3 +667,15 @@ def test_a_layer_masked_by_an_earlier_method_keeps_what_that_mask_removed():
     assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
     masks = hard_prune_(net, SLRConfig(sparsity=0.9, layers=["3"]))
     assert int((~masks["3.weight"]).sum()) == 518 and bool((~masks["3.weight"])[hidden].all())
+
+
+def test_filter_sparsity_on_a_layer_whose_filters_are_model_outputs_is_refused():
+    """Filter sparsity on a classifier zeroed 7 of its 10 class rows, which the channel removal
+    after it cannot take out (they are the outputs), so fine-tuning grew them back: a ConfigError
+    before training now. A conv whose filters can be removed passes."""
+    from prunekit.models import create_model
+    model, x = create_model("small_cnn", 10), torch.randn(1, 1, 8, 8)
+    with pytest.raises(ConfigError, match="filter sparsity on 'fc': its filters are channels the model must keep"):
+        SLRConfig(sparsity_type="filter", sparsity=0.7, layers=["fc"]).check_model(model, x)
+    SLRConfig(sparsity_type="filter", sparsity=0.5, layers=["conv2"]).check_model(model, x)
+    SLRConfig(sparsity_type="irregular", sparsity=0.7, layers=["fc"]).check_model(model, x)

@@ -85,7 +85,7 @@ def execute(command: str, args: tuple[str, ...], out: str | None, weights: str |
             quiet: bool, method: str | None = None) -> None:
     from .pipeline import check_timing, prepare
     from .rundir import choose_run_dir, create_run_dir
-    from .runstate import new_state, write_state
+    from ..core.integrity import hold_dir
 
     recipe, weights = resolve(args, command, weights, method)
     stages = _stages(command, recipe)
@@ -102,10 +102,17 @@ def execute(command: str, args: tuple[str, ...], out: str | None, weights: str |
         click.echo(recipe.to_yaml(), nl=False)
         return
     run_path = create_run_dir(job, run_path, explicit=out is not None)
+    with hold_dir(run_path):
+        _start(command, job, stages, recipe, run_path)
+
+
+def _start(command: str, job, stages: list[str], recipe, run_path: Path) -> None:
+    from .runstate import new_state, write_state
+
     state = new_state(command, stages, None if job.weights is None else str(Path(job.weights).resolve()))
     write_state(run_path, state)
-    echo(f"run directory: {run_path}")
-    echo(f"data: {recipe.data.name}, {job.bundle.train.num_samples} train / {job.bundle.val.num_samples} val / "
+    job.echo(f"run directory: {run_path}")
+    job.echo(f"data: {recipe.data.name}, {job.bundle.train.num_samples} train / {job.bundle.val.num_samples} val / "
          f"{job.bundle.test.num_samples} test images; model: {recipe.model.name}")
     if "train" not in stages or job.weights is not None:
         _report_eval(job, "loaded" if job.weights is not None else "initial")
@@ -161,7 +168,18 @@ def run_stages(job, state: dict, resume: bool = False) -> None:
 
 def resume_run(run_dir: Path, quiet: bool) -> None:
     """Continue a stopped run in its own directory: finished stages are kept, the stage in
-    progress continues from its last checkpointed epoch."""
+    progress continues from its last checkpointed epoch. The run directory is held for the whole
+    resume: a run still in progress there is refused."""
+    from ..core.integrity import hold_dir
+    from .runstate import resumable_state
+
+    if not run_dir.is_dir():
+        resumable_state(run_dir)  # says what is wrong
+    with hold_dir(run_dir):
+        _resume(run_dir, quiet)
+
+
+def _resume(run_dir: Path, quiet: bool) -> None:
     from .pipeline import check_timing, fresh_model, prepare
     from .recipe import load_recipe
     from .runstate import resumable_state, weights_path

@@ -15,6 +15,10 @@ continued with `prunekit resume <run>`:
     evaluations, seconds, prune_metrics   what the finished stages measured (the result's input)
     finished             true once result.json and the report are written
 
+While a command works in a run directory it holds an exclusive OS lock on the directory
+(`core.integrity.hold_dir`; released when the process ends, however it ends), so a second `prunekit resume`
+of a run still in progress is refused instead of training beside it and mixing its files.
+
 A training stage in progress keeps its own checkpoint in `<run>/ckpt/<stage>/last.pt`, written
 after every epoch, so a resume loses at most the epoch that was running. Each finished stage's
 weights go to `<run>/ckpt/<stage>/model.safetensors` (the dense model after `train` also to
@@ -147,3 +151,4 @@ def resumable_state(run_dir: Path) -> dict[str, Any]:
     if not (run_dir / "recipe.yaml").is_file():
         raise ConfigError(f"{run_dir} lacks recipe.yaml; the run cannot be resumed")
     return state
+

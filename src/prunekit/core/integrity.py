@@ -17,13 +17,14 @@ True
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -171,3 +172,27 @@ def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def hold_dir(path: str | os.PathLike[str], what: str = "run") -> Iterator[None]:
+    """Hold an exclusive lock on the directory `path` while the body runs (flock on the directory
+    itself: no file is added; the OS releases it when the process ends, however it ends), so that
+    two processes never continue one run side by side. ConfigError when another process holds it;
+    where the platform or file system has no such locks the body runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:  # any other error: a file system without locks, where the body runs unlocked
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ConfigError(f"{path} is in use by another prunekit process (this {what} is still going); wait "
+                                  "for it to finish, or stop it, before resuming it") from None
+        yield
+    finally:
+        os.close(fd)

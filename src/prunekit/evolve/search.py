@@ -29,6 +29,7 @@ import numpy as np
 from deap import base, creator, gp, tools
 
 from ..core.errors import CheckpointError, ConfigError, read_json
+from ..core.integrity import hold_dir
 from ..importance.evolved.space import PSET, SEEDS, EvalError
 from ..importance.evolved.text import expression_text, parse_expression
 from ..importance.evolved.tree_eval import channel_scores
@@ -297,8 +298,10 @@ def run_search(cfg: EvolveConfig, run_dir: str | Path, resume: bool = False, pro
     """Run (or resume) the evolution; returns the final state (hall_of_fame[0] is the best text)."""
     run_dir = Path(run_dir)
     check_tasks(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
     # the executor first: a Ray cluster that cannot be joined is said before any dense model trains
-    with create_executor(cfg.executor, cfg.workers, cfg.ray_address, cfg.num_cpus, cfg.num_gpus) as run:
+    with hold_dir(run_dir, "evolution"), \
+            create_executor(cfg.executor, cfg.workers, cfg.ray_address, cfg.num_cpus, cfg.num_gpus) as run:
         search = Search(cfg, run_dir, prepare_dense(cfg, run_dir, echo), progress)
         state = load_checkpoint(run_dir, cfg) if resume else None
         if state is None:

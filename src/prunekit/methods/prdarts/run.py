@@ -29,7 +29,7 @@ import torch
 
 from ...core.config import Config, check_range
 from ...core.errors import ConfigError, read_json
-from ...core.integrity import claim_dir
+from ...core.integrity import claim_dir, hold_dir
 from ...data.config import DataConfig
 from ...data.subsets import FirstBatches, random_batches
 from .config import PRDartsConfig
@@ -199,7 +199,8 @@ def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False
         run_dir = claim_dir(run_dir, "recipe.json", json.dumps(recipe.to_dict(), indent=1), explicit)
         say(f"run directory: {run_dir}")
     try:
-        return _search_and_evaluate(recipe, bundle, run_dir, progress, say, resume)
+        with hold_dir(run_dir, "search"):
+            return _search_and_evaluate(recipe, bundle, run_dir, progress, say, resume)
     except KeyboardInterrupt:
         raise SearchInterrupted(run_dir) from None
 

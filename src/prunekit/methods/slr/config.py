@@ -109,7 +109,9 @@ class SLRConfig(Config):
                 raise ConfigError(f"{name} must be true or false")
 
     def check_model(self, model: nn.Module, example_inputs=None) -> None:
-        resolve_targets(model, self)
+        targets = resolve_targets(model, self)
+        if example_inputs is not None and self.sparsity_type == "filter":
+            _check_filters_removable(model, [t.rsplit(".", 1)[0] for t in targets], example_inputs)
 
     def _validate_sparsity(self) -> None:
         s = self.sparsity
@@ -174,6 +176,26 @@ class ProjectionSpec:
     def project(self, tensors: dict) -> dict:
         masks = self.masks(tensors)
         return {n: tensors[n] * masks[n] for n in masks}
+
+
+def _check_filters_removable(model: nn.Module, layers: list[str], example_inputs) -> None:
+    """ConfigError for a layer whose filters are channels the model must keep (its outputs, or
+    channels an op fixes): filter sparsity there zeroes them (a classifier's classes), and the
+    channel removal that follows cannot take them out, so training grows them back."""
+    from ...graph import build_graph
+
+    graph = build_graph(model, example_inputs)
+    removable = set()
+    for group in graph.groups:
+        for m in group.members:
+            if m.name == "weight" and m.dim == 0 and m.role == "out" and bool(group.prunable[m.channel >= 0].any()):
+                removable.add(m.module)
+    kept = [n for n in layers if n not in removable]
+    if kept:
+        raise ConfigError(f"filter sparsity on {', '.join(map(repr, kept[:3]))}: its filters are channels the model "
+                          "must keep (its outputs, such as a classifier's classes, or channels an op fixes), which "
+                          "filter pruning would zero and cannot remove; leave it out of layers, or use an "
+                          "unstructured sparsity_type")
 
 
 def _default_layers(model: nn.Module, kind: str) -> list[str]:
