@@ -21,8 +21,9 @@ Three pieces, each a plain function or a small object:
    its nearest multiple, then whole multiples close where the least logit is lost per unit of
    the target measure, and are given back while the target holds. The hook rounds once, when
    the run settles (hook.py), so that the rest of gated training trains the rounded network;
-   after training (a run that never settled) it rounds again without reopening any closed gate,
-   since the network trained on without those channels. Rounding each group on its own after
+   after training (a run that never settled) it rounds again, reopening only channels the final
+   search closed (the network trained with them), never one switched off during training (it
+   trained on without it). Rounding each group on its own after
    training and then closing channels by logit could miss the target or close channels whose
    gates were still fully open (a ResNet-20 run closed 47 after the rounding went over the MACs
    budget), and any rounding after training costs accuracy before fine-tuning (the digits CNN
@@ -171,11 +172,13 @@ def final_masks(logits: list[torch.Tensor], active: list[torch.Tensor], prunable
 
 
 def rounded_masks(masks: Masks, logits: list[torch.Tensor], prunable: list[torch.Tensor], fraction: Fraction,
-                  budget: float, multiple: int, graph, names: list[str], reopen: bool = False) -> tuple[Masks, dict]:
+                  budget: float, multiple: int, graph, names: list[str], reopen: bool = False,
+                  trained: Masks | None = None) -> tuple[Masks, dict]:
     """Open widths of `masks` rounded to multiples of `multiple` (halved below narrow groups' widths)
     with fraction <= `budget`, jointly (see the module doc); groups closed entirely stay closed.
-    Closed channels are reopened (highest logit first) only with `reopen`: while training goes on
-    (on settling), not after it.
+    Closed channels are reopened (highest logit first) with `reopen` (while training goes on, on
+    settling); after training, with `trained` (the channels the network trained with), a group
+    may reopen up to as many channels as it trained with, never a channel switched off in training.
     `graph` holds the gated groups under `names`. Returns the masks and a report."""
     from ...importance.rounding import round_to_target
 
@@ -195,7 +198,7 @@ def rounded_masks(masks: Masks, logits: list[torch.Tensor], prunable: list[torch
     res = round_to_target(graph, scores, {n: closed[n] for n in live}, multiple,
                           lambda removal: fraction(to_masks({**cut, **removal})), budget, max_ratio=1.0,
                           normalizer="none", nearest=True, best_effort=True,
-                          max_kept=None if reopen else {n: int(masks[at[n]].sum()) for n in live})
+                          max_kept=None if reopen else {n: int((trained or masks)[at[n]].sum()) for n in live})
     out = to_masks({**cut, **res.removal})
     closed_now = sum(int((a & ~b).sum()) for a, b in zip(masks, out))
     return out, {"multiple": multiple, "budget": budget, "fraction": fraction(out), "closed": closed_now,

@@ -99,8 +99,15 @@ def gator_prune_(
         metrics["finetune_history"] = run.history
         if val_loader is not None:
             metrics["finetuned"] = evaluate(model, val_loader, dev)
-    if metrics.get("kept_open"):
-        metrics["notes"] = [f"group {g}: {why}; kept its strongest channel" for g, why in metrics["kept_open"].items()]
+    notes = [f"group {g}: {why}; kept its strongest channel" for g, why in metrics.get("kept_open", {}).items()]
+    t = metrics["target"]
+    if t["within_tolerance"] is False:  # said where the run reports, not only in metrics
+        rounded = (f"; widths are multiples of {config.round_to}, which move it in coarse steps (round_to=null, or a "
+                   "smaller multiple, lands closer)") if config.round_to and config.round_to > 1 else ""
+        notes.append(f"kept {100 * t['achieved']:.1f}% of the {t['measure']}, not the target {100 * t['target']:.0f}% "
+                     f"± {100 * config.tolerance:.0f}{rounded}")
+    if notes:
+        metrics["notes"] = notes
     plan = conversion.plan
     plan.meta.update({"method": "gator", "config": config.to_dict()})
     return PruneResult(plan, before, after, config.to_dict(), metrics)
@@ -169,12 +176,14 @@ def _gated_phase(model: nn.Module, graph: Any, gates: GateSet, cost: CostModel, 
         metrics["gated_history"] = run.history
         n = len(gates.logits)
         logits, prunable = [t.detach().cpu() for t in gates.logits], [gates.prunable(i).cpu() for i in range(n)]
-        masks, info = final_masks(logits, [gates.active(i).cpu() for i in range(n)], prunable, measure.fraction,
-                                  config.target)
+        active = [gates.active(i).cpu() for i in range(n)]
+        masks, info = final_masks(logits, active, prunable, measure.fraction, config.target)
         if config.round_to and config.round_to > 1:  # the target, or the unrounded result, is the budget
             budget = info["fraction"] if config.target is None else max(config.target, info["fraction"])
+            # channels the final search closed trained all along: rounding may open them again, not those
+            # switched off during training
             masks, metrics["rounding"] = rounded_masks(masks, logits, prunable, measure.fraction, budget,
-                                                       config.round_to, graph, list(gates.names))
+                                                       config.round_to, graph, list(gates.names), trained=active)
             info["fraction"] = metrics["rounding"]["fraction"]
         masks, kept = keep_output_connected(model, gates, masks, inputs_to(example_inputs, dev), config.seed)
         if kept:
