@@ -490,3 +490,15 @@ def test_a_dense_training_checkpoint_of_other_settings_names_the_folder_to_remov
     with pytest.raises(CheckpointError, match=r"training checkpoint in .*dense_ckpt cannot continue .*remove "
                                               r".*dense_ckpt to train the dense model from the start"):
         run_compare(CompareRecipe.from_dict(raw), out, **quiet)
+
+
+def test_a_comparison_folder_another_process_works_in_is_refused(dense_path, tmp_path):
+    """Two compares in one folder ran the same arms side by side; the folder is held while one works."""
+    from prunekit.core.integrity import hold_dir
+    out = tmp_path / "c"
+    out.mkdir()
+    with hold_dir(out):  # as another process would (flock: a second open of the folder conflicts)
+        with pytest.raises(ConfigError, match="in use by another prunekit process"):
+            run_compare(CompareRecipe.from_dict(_raw(dense_path)), out, **quiet)
+    assert list(out.iterdir()) == []
+    run_compare(CompareRecipe.from_dict(_raw(dense_path)), out, **quiet)  # free again

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..core.environment import environment
 from ..core.errors import CheckpointError, ConfigError, PrunekitError, load_error_text
-from ..core.integrity import atomic_write, file_digest
+from ..core.integrity import atomic_write, file_digest, hold_dir
 from ..cost.macs import CONVENTION
 from ..data import load_data
 from ..data.subsets import random_batches
@@ -187,40 +187,41 @@ def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = 
     model = create_model(recipe.model_name, bundle.num_classes, **recipe.model_kwargs)
     new_folder = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        dense, dense_info = dense_model(recipe, model, bundle, out, device, echo)
-    except PrunekitError:
-        if new_folder and not any(out.iterdir()):
-            out.rmdir()  # unreadable dense weights leave no folder behind
-        raise
-    echo(f"dense: {recipe.eval_split if recipe.eval_split == 'test' else 'val'} acc "
-         f"{dense_info['test_acc' if recipe.eval_split == 'test' else 'val_acc']:.4f} (sha256 {dense_info['sha256'][:12]})")
-    example = next(iter(bundle.val if bundle.val.num_samples > 0 else bundle.test))[0][:2].cpu()
-    found = early if early_sha == dense_info["sha256"] else _records_on_disk(recipe, out, dense_info["sha256"])
-    todo = [key for key, (_, _, rec) in found.items()
-            if rec is None and not recipe.arms[key[0]].skip_reason and (only is None or key[0] in only)]
-    _try_arms(recipe, todo, dense, bundle, example, device)
-    (out / "recipe.yaml").write_text(json.dumps(recipe.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
-    result = CompareResult(out, {}, {})
-    for (name, seed), (path, h, rec) in found.items():
-        if not recipe.arms[name].skip_reason:
-            result.records.setdefault(name, [])
-        if (name, seed) in todo:
-            echo(f"arm {name}, seed {seed}: running")
-            load = os.getloadavg()
-            with _naming(name, seed):
-                rec = run_arm(recipe, recipe.arms[name], seed, dense, bundle, example, device)
-            rec.update(spec_hash=h, spec=recipe.spec_of(name), dense_sha256=dense_info["sha256"],
-                       device=str(device), load_avg_start=load, load_avg_end=os.getloadavg(),
-                       environment=environment())
-            write_json(path, rec)
-            result.ran.append((name, seed))
-            echo(f"arm {name}, seed {seed}: acc {rec['acc']:.4f}, MACs kept {rec['macs_fraction']:.3f} "
-                 f"({rec['wall_s']:.0f} s)")
-        if rec is not None:
-            result.records.setdefault(name, []).append(rec)
-    _finish(recipe, result, dense_info)
-    return result
+    with hold_dir(out, "comparison"):  # a second compare in this folder would run the same arms beside it
+        try:
+            dense, dense_info = dense_model(recipe, model, bundle, out, device, echo)
+        except PrunekitError:
+            if new_folder and not any(out.iterdir()):
+                out.rmdir()  # unreadable dense weights leave no folder behind
+            raise
+        echo(f"dense: {recipe.eval_split if recipe.eval_split == 'test' else 'val'} acc "
+             f"{dense_info['test_acc' if recipe.eval_split == 'test' else 'val_acc']:.4f} (sha256 {dense_info['sha256'][:12]})")
+        example = next(iter(bundle.val if bundle.val.num_samples > 0 else bundle.test))[0][:2].cpu()
+        found = early if early_sha == dense_info["sha256"] else _records_on_disk(recipe, out, dense_info["sha256"])
+        todo = [key for key, (_, _, rec) in found.items()
+                if rec is None and not recipe.arms[key[0]].skip_reason and (only is None or key[0] in only)]
+        _try_arms(recipe, todo, dense, bundle, example, device)
+        (out / "recipe.yaml").write_text(json.dumps(recipe.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+        result = CompareResult(out, {}, {})
+        for (name, seed), (path, h, rec) in found.items():
+            if not recipe.arms[name].skip_reason:
+                result.records.setdefault(name, [])
+            if (name, seed) in todo:
+                echo(f"arm {name}, seed {seed}: running")
+                load = os.getloadavg()
+                with _naming(name, seed):
+                    rec = run_arm(recipe, recipe.arms[name], seed, dense, bundle, example, device)
+                rec.update(spec_hash=h, spec=recipe.spec_of(name), dense_sha256=dense_info["sha256"],
+                           device=str(device), load_avg_start=load, load_avg_end=os.getloadavg(),
+                           environment=environment())
+                write_json(path, rec)
+                result.ran.append((name, seed))
+                echo(f"arm {name}, seed {seed}: acc {rec['acc']:.4f}, MACs kept {rec['macs_fraction']:.3f} "
+                     f"({rec['wall_s']:.0f} s)")
+            if rec is not None:
+                result.records.setdefault(name, []).append(rec)
+        _finish(recipe, result, dense_info)
+        return result
 
 
 def report_from_disk(recipe: CompareRecipe, out: Path) -> CompareResult:
