@@ -292,6 +292,28 @@ def test_rounding_after_training_may_reopen_channels_the_network_trained_with():
     assert widths[cut] == 0 and all(w % 8 == 0 for w in widths)
 
 
+def test_a_multiple_too_coarse_for_the_target_is_halved_until_the_widths_fit():
+    """Multiples of 48 on ResNet-20's 16/32/64-wide groups cannot get under the budget (every
+    group keeps at least one multiple): the multiple is halved until they do, and the report
+    says which was asked for and which was used."""
+    from prunekit.methods.gator.controller import rounded_within
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10).eval()
+    graph = build_graph(model, torch.randn(1, 3, 32, 32))
+    gates = GateSet.from_graph(model, graph)
+    measure = build_cost("macs", model, graph, gates)
+    logits = [5.3 + 0.5 * torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(gates.sizes)]
+    prunable = [gates.prunable(i) for i in range(len(gates.sizes))]
+    opens = [torch.ones(s, dtype=torch.bool) for s in gates.sizes]
+    coarse, info48 = rounded_masks(opens, logits, prunable, measure.fraction, 0.3, 48, graph, list(gates.names),
+                                   reopen=True)
+    assert info48["fraction"] > 0.3  # best effort, over the budget
+    out, info = rounded_within(opens, logits, prunable, measure.fraction, 0.3, 48, graph, list(gates.names),
+                               reopen=True)
+    assert info["asked"] == 48 and info["multiple"] < 48 and info["fraction"] <= 0.3
+    assert all(int(m.sum()) % info["multiple"] == 0 for m in out if 0 < int(m.sum()) < m.numel())
+
+
 def test_controller_reaches_the_target_on_digits():
     from prunekit.data import DataConfig, load_data
 

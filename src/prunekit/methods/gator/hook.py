@@ -43,7 +43,7 @@ from torch import nn
 from ...core.errors import CheckpointError
 from ...engine.hooks import Hook
 from .config import GatorConfig
-from .controller import LambdaController, initial_lambda, mask_within_budget, rounded_masks
+from .controller import LambdaController, initial_lambda, mask_within_budget, rounded_within
 from ...cost.differentiable import CostModel
 from ...layers.gates import GateSet
 
@@ -169,9 +169,9 @@ class GatorHook(Hook):
         n = len(g.logits)
         opens = [(~g.prunable(i) | g.active(i)).cpu() for i in range(n)]
         budget = self.config.target
-        masks, self.rounding = rounded_masks(opens, [t.detach().cpu() for t in g.logits],
-                                             [g.prunable(i).cpu() for i in range(n)], self.measure.fraction, budget,
-                                             multiple, self.graph, list(g.names), reopen=True)
+        masks, self.rounding = rounded_within(opens, [t.detach().cpu() for t in g.logits],
+                                              [g.prunable(i).cpu() for i in range(n)], self.measure.fraction, budget,
+                                              multiple, self.graph, list(g.names), reopen=True)
         for i, m in enumerate(masks):
             g.active(i).copy_((m | ~g.prunable(i).cpu()).to(g.active(i).device))
 

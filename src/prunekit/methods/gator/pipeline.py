@@ -31,7 +31,7 @@ from ...layers.gates import GateSet, gateable
 from ...surgery.verify import build_safe_graph, inputs_to
 from ..result import PruneResult
 from .config import GatorConfig
-from .controller import final_masks, rounded_masks
+from .controller import final_masks, rounded_within
 from .convert import convert_, keep_output_connected
 from .hook import GatorHook
 
@@ -182,8 +182,9 @@ def _gated_phase(model: nn.Module, graph: Any, gates: GateSet, cost: CostModel, 
             budget = info["fraction"] if config.target is None else max(config.target, info["fraction"])
             # channels the final search closed trained all along: rounding may open them again, not those
             # switched off during training
-            masks, metrics["rounding"] = rounded_masks(masks, logits, prunable, measure.fraction, budget,
-                                                       config.round_to, graph, list(gates.names), trained=active)
+            multiple = hook.rounding["multiple"] if hook.rounding is not None else config.round_to  # as halved on settling
+            masks, metrics["rounding"] = rounded_within(masks, logits, prunable, measure.fraction, budget,
+                                                        multiple, graph, list(gates.names), trained=active)
             info["fraction"] = metrics["rounding"]["fraction"]
         masks, kept = keep_output_connected(model, gates, masks, inputs_to(example_inputs, dev), config.seed)
         if kept:
