@@ -328,6 +328,9 @@ def test_controller_reaches_the_target_on_digits():
     lambdas = [h[3] for h in m["controller"]]
     assert max(lambdas) > lambdas[0]  # the controller had to raise lambda before the logits moved
     assert m["gated_history"][-1]["gator/settled_at"] is not None  # target reached during training
+    # the plan at each epoch's end follows the ramp (0.7 of the steps) after settling too: it froze
+    # at the settling step's value
+    assert m["gated_history"][-1]["gator/planned_fraction"] == pytest.approx(0.5)
     assert m["gated"]["acc"] == m["converted"]["acc"] > 0.5  # exact conversion of a working net
     assert m["conversion"]["max_abs_diff"] <= 1e-5
     assert "gator" in METHODS.list()

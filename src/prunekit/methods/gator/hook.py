@@ -64,6 +64,7 @@ class GatorHook(Hook):
         self.aux = torch.zeros(())
         self.controller = None
         self.settled_at: int | None = None
+        self.steps_done = 0  # steps taken so far (the planned fraction at an epoch's end is read there)
         self.lam = float(config.lam) if config.lam is not None else 0.0
         if config.target is not None:
             ramp_steps = max(int(config.ramp * self.total_steps), 1)
@@ -114,6 +115,7 @@ class GatorHook(Hook):
             theta.grad.mul_(gamma / self.unit[i])
 
     def on_step_end(self, model: nn.Module, step: int) -> None:
+        self.steps_done = step + 1
         if self.optimizer is None:
             self.optimizer = torch.optim.SGD(self.gates.logits.parameters(), lr=self.lr_at(step),
                                              momentum=self.config.gate_momentum)
@@ -184,7 +186,8 @@ class GatorHook(Hook):
         metrics["gator/open_channels"] = int(sum(int(o.sum()) for o in opens))
         metrics["gator/closed_groups"] = [self.gates.names[i] for i, o in enumerate(opens) if not bool(o.any())]
         if self.controller is not None:
-            metrics["gator/planned_fraction"] = self.controller.planned(epoch_end_step(self.controller))
+            # the plan at this step (the controller's history stops once the run settles)
+            metrics["gator/planned_fraction"] = self.controller.planned(self.steps_done)
             metrics["gator/settled_at"] = self.settled_at
 
     # ---- checkpointing --------------------------------------------------------------------
@@ -210,6 +213,3 @@ class GatorHook(Hook):
             self.optimizer.load_state_dict(state["optimizer"])
         self.refresh_costs()
 
-
-def epoch_end_step(controller: LambdaController) -> int:
-    return controller.history[-1][0] if controller.history else 0
