@@ -53,3 +53,40 @@ def test_a_crash_in_either_training_phase_resumes_to_the_same_model(digits, tmp_
     assert ref_state.keys() == state.keys()
     assert all(torch.equal(ref_state[k], state[k]) for k in ref_state)
     assert result.plan.to_dict() == ref.plan.to_dict()
+
+
+class _Shuffled(InterruptingLoader):
+    """Batches in an order seeded by this loader's own pass count (as a loader reshuffled per
+    epoch), which a resumed process starts again from zero."""
+
+    def __iter__(self):
+        self.passes += 1
+        order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(self.passes))
+        for i, k in enumerate(order.tolist()):
+            if self.passes == self.crash_at and i == 1:
+                raise Interrupted
+            yield self.batches[k]
+
+
+def test_a_resumed_slr_run_reports_the_scores_of_the_hard_pruned_model_it_retrained(digits, tmp_path):
+    """BatchNorm recalibration (on one batch) runs again on resume, on another batch; the retrain
+    checkpoint restores the statistics the run trained with, so the model is the same, and the
+    scores reported for the hard-pruned model are now those of the run's first recalibration.
+    (This loader reshuffles by its own pass count, so the resumed epochs see other orders: the
+    model is compared in the test above, with a loader that resumes exactly.)"""
+    config = prunekit.SLRConfig(sparsity=0.5, epochs=1, retrain_epochs=2, recalibrate_bn=True, recalibrate_batches=1)
+
+    def prune(ckpt_dir, loader, resume=False):
+        torch.manual_seed(0)
+        model = create_model("small_cnn", num_classes=10)
+        cfg = TrainConfig(epochs=1, optimizer="adamw", lr=3e-3, log_every=0)
+        return model, prunekit.prune_(model, config, torch.zeros(1, 1, 8, 8), train_loader=loader,
+                                      val_loader=digits[1], train_config=cfg, ckpt_dir=ckpt_dir, resume=resume)
+
+    batches = digits[0] * 3
+    _, ref = prune(tmp_path / "ref", _Shuffled(batches))
+    with pytest.raises(Interrupted):
+        prune(tmp_path / "run", _Shuffled(batches, crash_at=4))  # in the retrain phase's second epoch
+    _, result = prune(tmp_path / "run", _Shuffled(batches), resume=True)
+    assert result.metrics["hard_pruned_bn"] == ref.metrics["hard_pruned_bn"]
+    assert result.metrics["hard_pruned"] == ref.metrics["hard_pruned"]

@@ -19,6 +19,7 @@ Registered as method "slr" (ADMM is `SLRConfig(optimization="admm")`), so
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,6 +27,7 @@ from typing import Any, Iterable
 from torch import nn
 
 from ...core.errors import ConfigError
+from ...core.integrity import atomic_write_text
 from ...surgery.masks import sparsity_report
 from ...surgery.plan import empty_plan
 from ...surgery.verify import inputs_to
@@ -76,12 +78,19 @@ def slr_prune_(
     example_inputs = inputs_to(example_inputs, next(model.parameters()).device)  # train() may have moved the model
     closing = example_inputs if config.sparsity_type == "filter" else None
     hard_prune_(model, hook, example_inputs=closing)
+    # scores of the hard-pruned model, kept beside the checkpoints: a resumed run recalibrates
+    # BatchNorm on other batches (the retrain checkpoint then restores the statistics it trained
+    # with), so it reports the scores of the model it actually retrained
+    scored = _saved_scores(ckpt_dir) if resume else {}
     if val_loader is not None:
-        metrics["hard_pruned"] = evaluate(model, val_loader)
+        metrics["hard_pruned"] = scored.get("hard_pruned") or evaluate(model, val_loader)
     if config.recalibrate_bn:
         recalibrate_bn(model, train_loader, config.recalibrate_batches)
         if val_loader is not None:
-            metrics["hard_pruned_bn"] = evaluate(model, val_loader)
+            metrics["hard_pruned_bn"] = scored.get("hard_pruned_bn") or evaluate(model, val_loader)
+    if ckpt_dir is not None and not scored:
+        kept = {k: metrics[k] for k in ("hard_pruned", "hard_pruned_bn") if k in metrics}
+        atomic_write_text(Path(ckpt_dir) / _SCORES, json.dumps(kept, indent=1) + "\n")
     if config.retrain_epochs:
         run = train(model, train_loader, val_loader, train_config.replace(epochs=config.retrain_epochs),
                     progress=progress, resume=resume, ckpt_dir=_phase_dir(ckpt_dir, "retrain"))
@@ -95,6 +104,22 @@ def slr_prune_(
         plan = empty_plan(example_inputs)
     plan.meta.update({"method": "slr", "config": config.to_dict()})
     return PruneResult(plan, before, count_cost(model, example_inputs), config.to_dict(), metrics)
+
+
+_SCORES = "hard_pruned_scores.json"
+
+
+def _saved_scores(ckpt_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The hard-pruned model's scores an earlier run of this checkpoint folder wrote ({} if none,
+    or if the file is damaged: they are then measured again)."""
+    path = None if ckpt_dir is None else Path(ckpt_dir) / _SCORES
+    if path is None or not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in saved.items() if isinstance(v, dict)} if isinstance(saved, dict) else {}
 
 
 def _phase_dir(ckpt_dir: str | os.PathLike[str] | None, phase: str) -> Path | None:
