@@ -229,11 +229,9 @@ def test_mask_budget_final_search_and_rounding():
 
 
 
-def test_rounded_masks_meet_the_budget_jointly_and_keep_cut_branches_closed():
-    """Widths rounded with the target: on a state where rounding each group to its nearest
-    multiple would go over the MACs budget (0.526 for 0.434 with the former rounding), the
-    result stays within it, every width is a multiple, no closed gate is reopened, and a group
-    closed entirely (a cut branch) stays closed."""
+def _rounding_state():
+    """ResNet-20's gates part-closed by a training (16-wide groups keep 12-13, the others 55%),
+    one branch closed entirely: (graph, gates, MACs measure, logits, prunable, masks, cut index)."""
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=10).eval()
     graph = build_graph(model, torch.randn(1, 3, 32, 32))
@@ -245,10 +243,19 @@ def test_rounded_masks_meet_the_budget_jointly_and_keep_cut_branches_closed():
     masks = []
     for i, (s, t) in enumerate(zip(gates.sizes, logits)):
         m = torch.ones(s, dtype=torch.bool)
-        m[torch.argsort(t)[: (3 + i % 2) if s == 16 else int(s * 0.45)]] = False  # 16-wide groups keep 12-13
+        m[torch.argsort(t)[: (3 + i % 2) if s == 16 else int(s * 0.45)]] = False
         masks.append(m)
     cut = gates.names.index("layer1.1.conv1")
     masks[cut][:] = False  # a whole branch closed by training
+    return graph, gates, measure, logits, prunable, masks, cut
+
+
+def test_rounded_masks_meet_the_budget_jointly_and_keep_cut_branches_closed():
+    """Widths rounded with the target: on a state where rounding each group to its nearest
+    multiple would go over the MACs budget (0.526 for 0.434 with the former rounding), the
+    result stays within it, every width is a multiple, no closed gate is reopened, and a group
+    closed entirely (a cut branch) stays closed."""
+    graph, gates, measure, logits, prunable, masks, cut = _rounding_state()
     budget = measure.fraction(masks)
     out, info = rounded_masks(masks, logits, prunable, measure.fraction, budget, 8, graph, list(gates.names))
     assert info["fraction"] <= budget + 1e-12
@@ -266,21 +273,7 @@ def test_rounding_after_training_may_reopen_channels_the_network_trained_with():
     trained all along, so rounding may give them back (never one switched off in training): the
     state above, rounded down to 0.224 of the MACs for a budget of 0.357 when nothing could
     reopen, now lands at 0.349, within it, in multiples, the cut branch closed."""
-    torch.manual_seed(0)
-    model = create_model("resnet20", num_classes=10).eval()
-    graph = build_graph(model, torch.randn(1, 3, 32, 32))
-    gates = GateSet.from_graph(model, graph)
-    measure = build_cost("macs", model, graph, gates)
-    gen = torch.Generator().manual_seed(2)
-    logits = [5.3 + 0.5 * torch.randn(s, generator=gen) for s in gates.sizes]
-    prunable = [gates.prunable(i) for i in range(len(gates.sizes))]
-    masks = []
-    for i, (s, t) in enumerate(zip(gates.sizes, logits)):
-        m = torch.ones(s, dtype=torch.bool)
-        m[torch.argsort(t)[: (3 + i % 2) if s == 16 else int(s * 0.45)]] = False
-        masks.append(m)
-    cut = gates.names.index("layer1.1.conv1")
-    masks[cut][:] = False
+    graph, gates, measure, logits, prunable, masks, cut = _rounding_state()
     trained = [torch.ones(s, dtype=torch.bool) for s in gates.sizes]
     trained[cut][:] = False  # switched off during training: stays closed
     budget = measure.fraction(masks)
@@ -297,13 +290,7 @@ def test_a_multiple_too_coarse_for_the_target_is_halved_until_the_widths_fit():
     group keeps at least one multiple): the multiple is halved until they do, and the report
     says which was asked for and which was used."""
     from prunekit.methods.gator.controller import rounded_within
-    torch.manual_seed(0)
-    model = create_model("resnet20", num_classes=10).eval()
-    graph = build_graph(model, torch.randn(1, 3, 32, 32))
-    gates = GateSet.from_graph(model, graph)
-    measure = build_cost("macs", model, graph, gates)
-    logits = [5.3 + 0.5 * torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(gates.sizes)]
-    prunable = [gates.prunable(i) for i in range(len(gates.sizes))]
+    graph, gates, measure, logits, prunable, _, _ = _rounding_state()
     opens = [torch.ones(s, dtype=torch.bool) for s in gates.sizes]
     coarse, info48 = rounded_masks(opens, logits, prunable, measure.fraction, 0.3, 48, graph, list(gates.names),
                                    reopen=True)
