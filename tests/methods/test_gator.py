@@ -283,6 +283,13 @@ def test_rounding_after_training_may_reopen_channels_the_network_trained_with():
     widths = [int(m.sum()) for m in out]
     assert measure.fraction(down) < info["fraction"] <= budget + 1e-12 and info["reopened"] > 0
     assert widths[cut] == 0 and all(w % 8 == 0 for w in widths)
+    # a channel switched off in training stays closed even when its logit beats a threshold-closed one's
+    for i, (m, t) in enumerate(zip(masks, logits)):
+        if m.any() and (~m).any():
+            trained[i][torch.nonzero(~m).flatten()[t[~m].argmax()]] = False
+    out, info = rounded_masks(masks, logits, prunable, measure.fraction, budget, 8, graph, list(gates.names),
+                              trained=trained)
+    assert info["reopened"] > 0 and not any(bool((o & ~tr & ~m).any()) for o, tr, m in zip(out, trained, masks))
 
 
 def test_a_multiple_too_coarse_for_the_target_is_halved_until_the_widths_fit():
@@ -592,3 +599,18 @@ def test_only_closures_that_disconnect_the_output_keep_their_strongest_channel()
     assert list(kept) == ["b.0"] and "together with the other closed groups (a.0)" in kept["b.0"]
     assert kept_masks[gates.names.index("b.0")].nonzero().flatten().tolist() == [3]
     _check_conversion(model, x, gates, graph, kept_masks)
+
+
+def test_a_result_outside_the_tolerance_is_noted_with_the_multiple_used():
+    """The run's notes say the target was missed, in points, naming the multiple the widths were
+    rounded to after halving (the one asked for, 48, cannot fit 0.3 of the MACs here)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(64 * 16, 2))
+    data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 2, (8,)))] * 4
+    r = prune_(net, GatorConfig(target=0.3, epochs=2, round_to=48, tolerance=0.01), data[0][0], train_loader=data,
+               train_config=TrainConfig(epochs=1, lr=0.05), device="cpu")
+    assert r.metrics["rounding"]["asked"] == 48 and r.metrics["rounding"]["multiple"] == 24
+    assert not r.metrics["target"]["within_tolerance"]
+    (note,) = r.metrics["notes"]
+    assert "not the target 30% ± 1 points; widths are multiples of 24" in note

@@ -679,3 +679,13 @@ def test_filter_sparsity_on_a_layer_whose_filters_are_model_outputs_is_refused()
         SLRConfig(sparsity_type="filter", sparsity=0.7, layers=["fc"]).check_model(model, x)
     SLRConfig(sparsity_type="filter", sparsity=0.5, layers=["conv2"]).check_model(model, x)
     SLRConfig(sparsity_type="irregular", sparsity=0.7, layers=["fc"]).check_model(model, x)
+
+    class Glu(nn.Module):  # the conv's 16 filters are two halves of one 8-channel group
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 16, 3), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            p, q = self.a(x).chunk(2, 1)
+            return self.b(p * torch.sigmoid(q))
+    SLRConfig(sparsity_type="filter", sparsity=0.5, layers=["a"]).check_model(Glu(), torch.randn(1, 3, 6, 6))

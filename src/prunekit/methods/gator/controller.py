@@ -208,6 +208,8 @@ def rounded_masks(masks: Masks, logits: list[torch.Tensor], prunable: list[torch
         return out
 
     scores = {n: logits[at[n]].detach().float() for n in live}
+    if trained is not None and not reopen:  # a channel switched off in training ranks below every other: never reopened
+        scores = {n: torch.where(trained[at[n]].bool(), t, t.min() - 1e6) for n, t in scores.items()}
     res = round_to_target(graph, scores, {n: closed[n] for n in live}, multiple,
                           lambda removal: fraction(to_masks({**cut, **removal})), budget, max_ratio=1.0,
                           normalizer="none", nearest=True, best_effort=True,

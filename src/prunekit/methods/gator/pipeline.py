@@ -102,10 +102,11 @@ def gator_prune_(
     notes = [f"group {g}: {why}; kept its strongest channel" for g, why in metrics.get("kept_open", {}).items()]
     t = metrics["target"]
     if t["within_tolerance"] is False:  # said where the run reports, not only in metrics
-        rounded = (f"; widths are multiples of {config.round_to}, which move it in coarse steps (round_to=null, or a "
-                   "smaller multiple, lands closer)") if config.round_to and config.round_to > 1 else ""
-        notes.append(f"kept {100 * t['achieved']:.1f}% of the {t['measure']}, not the target {100 * t['target']:.0f}% "
-                     f"± {100 * config.tolerance:.0f}{rounded}")
+        used = (metrics.get("rounding") or metrics.get("settle_rounding") or {}).get("multiple")
+        rounded = (f"; widths are multiples of {used}, which move it in coarse steps (round_to=null, or a smaller "
+                   "multiple, lands closer)") if used and used > 1 else ""
+        notes.append(f"kept {100 * t['achieved']:.1f}% of the {t['measure']}, not the target {100 * t['target']:g}% "
+                     f"± {100 * config.tolerance:g} points{rounded}")
     if notes:
         metrics["notes"] = notes
     plan = conversion.plan

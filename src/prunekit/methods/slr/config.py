@@ -188,7 +188,7 @@ def _check_filters_removable(model: nn.Module, layers: list[str], example_inputs
     removable = set()
     for group in graph.groups:
         for m in group.members:
-            if m.name == "weight" and m.dim == 0 and m.role == "out" and bool(group.prunable[m.channel >= 0].any()):
+            if m.name == "weight" and m.dim == 0 and m.role == "out" and bool(group.prunable[m.channel[m.channel >= 0]].any()):
                 removable.add(m.module)
     kept = [n for n in layers if n not in removable]
     if kept:
