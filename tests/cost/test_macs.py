@@ -393,6 +393,26 @@ def test_macs_of_an_lstm_are_per_sample_in_every_layout(batch, layout):
     assert count_cost(Recurrent(), x).macs == 6 * (16 * 8 + 16 * 4) + 4 * 2
 
 
+def test_a_batch_first_model_whose_first_rnn_runs_on_more_sequences_than_samples_keeps_dim_0():
+    """A hierarchical model: a word GRU over the N*S sentences of W words, then a sentence GRU. At
+    N=1 its input (1, S, W, 8) must not be read as sequence-first because the word GRU's batch S
+    is the input's dim 1 (the count was divided by S)."""
+    class Hierarchical(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.words, self.sents, self.head = nn.GRU(8, 6, batch_first=True), nn.GRU(6, 4, batch_first=True), \
+                nn.Linear(4, 2)
+
+        def forward(self, x):
+            n, s, w, e = x.shape
+            h = self.words(x.reshape(n * s, w, e))[1][-1].reshape(n, s, -1)
+            return self.head(self.sents(h)[1][-1])
+
+    counts = {n: count_cost(Hierarchical(), torch.randn(n, 5, 7, 8)).macs for n in (1, 2, 3)}
+    assert len(set(counts.values())) == 1, counts
+    assert counts[1] == 5 * 7 * (3 * 6 * 8 + 3 * 6 * 6) + 5 * (3 * 4 * 6 + 3 * 4 * 4) + 4 * 2
+
+
 class _Attend(nn.Module):
     def __init__(self, packed: bool = True):
         super().__init__()

@@ -117,17 +117,17 @@ def test_a_shard_of_one_sample_that_batch_norm_cannot_train_on_is_one_config_err
     assert "drop_last" in outcome
 
 
-def _bad_label_eval_worker(out_dir: str) -> None:
+def _bad_label_eval_worker(out_dir: str, batch_size: int, bad_at: int) -> None:
     from prunekit.engine import evaluate
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{Path(out_dir) / 'store'}",
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     try:
         x, y = blobs(9)
-        y[8] = 3  # the model gives 3 classes; the last global batch (one row) goes to rank 0 alone
+        y[bad_at] = 3  # the model gives 3 classes; that batch leaves rank 1 no sample
         torch.manual_seed(0)
         try:
-            evaluate(mlp(), TinyLoader(x, y, 4), device="cpu")
+            evaluate(mlp(), TinyLoader(x, y, batch_size), device="cpu")
             outcome = "finished"
         except Exception as err:  # noqa: BLE001
             outcome = f"{type(err).__name__}: {err}"
@@ -136,10 +136,14 @@ def _bad_label_eval_worker(out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_a_label_outside_the_classes_under_ddp_is_one_config_error_on_every_rank(tmp_path):
-    """Every rank checks the global batch's labels, the rank with an empty share too, so both raise
-    the same ConfigError instead of one rank failing in cross-entropy while the other waits."""
-    launch_local(_bad_label_eval_worker, 2, str(tmp_path))
-    for rank in (0, 1):
-        outcome = (tmp_path / f"rank{rank}.txt").read_text()
-        assert outcome.startswith("ConfigError: evaluation batch 2 labels run from"), (rank, outcome)
+@pytest.mark.parametrize("batch_size, bad_at, batch", [(4, 8, 2), (1, 0, 0)], ids=["last-batch", "first-batch"])
+def test_a_label_outside_the_classes_under_ddp_is_one_config_error_on_every_rank(tmp_path, batch_size, bad_at, batch):
+    """The rank holding the label failed in cross-entropy while the other went on (under NCCL: a
+    hang). Now the refusal is summed with the results, so every rank raises a ConfigError, the
+    rank whose share of that batch was empty (and which had seen no output yet) included."""
+    launch_local(_bad_label_eval_worker, 2, str(tmp_path), batch_size, bad_at)
+    first = (tmp_path / "rank0.txt").read_text()
+    where = f"evaluation batch {batch}" if batch else "evaluation"
+    assert first.startswith(f"ConfigError: {where} labels run from"), first
+    other = (tmp_path / "rank1.txt").read_text()
+    assert other.startswith("ConfigError: evaluation labels outside the model's classes on another rank"), other

@@ -68,31 +68,37 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: str | torch.device
     ctx = _dist_context(distributed)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    n, checked, like = 0, False, None
+    n, checked, refused = 0, False, None
     with evaluating(model):  # afterwards each module's mode as it was (a frozen BatchNorm stays frozen)
         for i, batch in enumerate(loader):
             x, global_y = split_batch(batch, i, "evaluation")
             x = shard_batch(to_device(x, device, channels_last), ctx)
             y = shard_batch(to_device(global_y, device), ctx)
-            what = f"evaluation batch {i}" if checked else "evaluation"
             if y.numel() == 0:
-                # Under DDP every rank holds the same global batch and checks the same labels, so all raise
-                # together; a rank with an empty share checks against an earlier batch's output width
-                if like is not None and global_y.device.type == "cpu":
-                    check_labels(like, global_y, what)
                 continue
             with autocast_context(device, bf16):
                 logits = model(x)
             # on the first batch with samples, then on every batch whose labels are on the host (no device sync)
             if not checked or global_y.device.type == "cpu":
-                check_labels(logits, global_y, what)
-                checked = True
-                like = logits[:0] if isinstance(logits, torch.Tensor) else None
+                what, checked = f"evaluation batch {i}" if checked else "evaluation", True
+                try:
+                    check_labels(logits, global_y, what)
+                except ConfigError as err:
+                    if not ctx.enabled:
+                        raise
+                    # under DDP a rank stops only with the others: the refusal is summed with the results
+                    # below, so a rank whose share held no sample (and could not check) raises too
+                    refused = refused or str(err)
+                    continue
             # Accumulate on the device: one host sync at the end instead of one per batch.
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct += (logits.argmax(dim=1) == y).sum()
             n += y.numel()
-    loss_total, correct_total, n_total = all_reduce_sums([loss_sum, correct, n], ctx, device)
+    loss_total, correct_total, n_total, refusals = all_reduce_sums([loss_sum, correct, n, refused is not None], ctx,
+                                                                   device)
+    if refusals:
+        raise ConfigError(refused or "evaluation labels outside the model's classes on another rank; give labels in "
+                                     "0..classes-1 (or build the model with more classes)")
     if n_total == 0:
         raise ConfigError("evaluate: the loader yielded no samples; pass a loader with at least one batch")
     return {"loss": loss_total / n_total, "acc": correct_total / n_total, "n": int(n_total)}

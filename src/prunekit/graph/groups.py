@@ -172,7 +172,7 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
         finally:
             for mod in training:
                 mod.training = True
-    batch = samples_of(inputs, tracer.sequence_batch)
+    batch = samples_of(inputs, tracer.sequence_shape)
     return _finish(tracer, batch, [list(t.shape) for t in inputs])
 
 

@@ -45,17 +45,17 @@ def batch_size_of(inputs: Any, default: int = 1) -> int:
     return next((int(t.shape[0]) for t in inputs if isinstance(t, torch.Tensor) and t.dim()), default)
 
 
-def samples_of(inputs: Any, sequence_batch: int | None = None) -> int:
+def samples_of(inputs: Any, sequence_shape: tuple[int, int] | None = None) -> int:
     """How many samples `inputs` hold, the divisor of per-sample costs: dim 0 of the first tensor
     with a dimension, except for a sequence-first input (L, N, ...): when the model's first sequence
-    op (attention, RNN) ran on a batch of `sequence_batch` samples and the input's dim 1, not its
-    dim 0, has that size, the input is read as sequence-first and N is the count."""
+    op (attention, RNN) ran on `sequence_shape` = (L, N) and the input's first two dims are L and N,
+    the input is read as sequence-first and N is the count. (A batch-first model whose first RNN
+    runs on N*S sentences of W words, say, keeps dim 0: its input does not start with (W, N*S).)"""
     first = next((t for t in inputs if isinstance(t, torch.Tensor) and t.dim()), None)
     if first is None:
         return 1
-    if (sequence_batch is not None and first.dim() >= 2 and first.shape[0] != sequence_batch
-            and first.shape[1] == sequence_batch):
-        return int(sequence_batch)
+    if sequence_shape is not None and first.dim() >= 2 and tuple(first.shape[:2]) == tuple(sequence_shape):
+        return int(sequence_shape[1])
     return int(first.shape[0])
 
 

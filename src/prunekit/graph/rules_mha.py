@@ -41,8 +41,8 @@ def multi_head_attention(tr, call):
     out = call.out[0]
     L, S = query.shape[0], key.shape[0]
     B = query.shape[1] if query.dim() == 3 else 1
-    if tr.sequence_batch is None:  # the functional form always takes (L, B, E): B is the batch
-        tr.sequence_batch = B
+    if tr.sequence_shape is None:  # the functional form always takes (L, B, E)
+        tr.sequence_shape = (int(L), int(B))
     kdim, vdim = key.shape[-1], value.shape[-1]
     # q/out projections L*E*E each, k/v projections S*E*kdim and S*E*vdim, QK^T and AV L*keys*E each
     parts = [B * L * E * E, B * S * E * kdim, B * S * E * vdim, B * L * E * out_w.shape[0],

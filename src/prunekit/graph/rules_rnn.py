@@ -22,8 +22,8 @@ def recurrent(tr, call):
     # (input, hx, params, ...) or, for a packed sequence, (data, batch_sizes, hx, params, ...)
     at = next((i for i in (2, 3) if len(args) > i and is_params(args[i])), None)
     steps = x.numel() // x.shape[-1]
-    if tr.sequence_batch is None and at is not None:
-        tr.sequence_batch = _rnn_batch(args, at)
+    if tr.sequence_shape is None and at is not None:
+        tr.sequence_shape = _rnn_shape(args, at)
     if at is None or any(tr.tensor_name(p) is None for p in args[at]):
         _fix_all(tr, call)  # weights computed in forward (masked): keep everything, count the MACs
         if at is not None:  # every step multiplies each weight matrix once
@@ -52,16 +52,17 @@ def recurrent(tr, call):
     tr.add_node(call, macs=sum(m for m, _ in terms), terms=terms)
 
 
-def _rnn_batch(args, at: int) -> int:
-    """The batch size of a recurrent op's call: (input, hx, params, has_biases, layers, dropout,
+def _rnn_shape(args, at: int) -> tuple[int, int]:
+    """(length, batch) of a recurrent op's call: (input, hx, params, has_biases, layers, dropout,
     train, bidirectional, batch_first), or for a packed sequence (data, batch_sizes, hx, params, ...)
-    where the first step holds every sequence; an unbatched (2-D) input is one sample."""
+    where there is a step per batch_sizes entry and the first holds every sequence; an unbatched
+    (2-D) input is one sample."""
     x = args[0]
     if at == 3:
-        return int(args[1][0])
+        return int(args[1].numel()), int(args[1][0])
     if x.dim() < 3:
-        return 1
-    return int(x.shape[0] if bool(args[at + 6]) else x.shape[1])
+        return int(x.shape[0]), 1
+    return (int(x.shape[1]), int(x.shape[0])) if bool(args[at + 6]) else (int(x.shape[0]), int(x.shape[1]))
 
 
 def _features_last(tr, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -141,9 +141,9 @@ class Tracer(TorchFunctionMode):
         self.unproven_ids: list[torch.Tensor] = []
         self.read_sizes: dict[int, list[torch.Tensor]] = {}  # size -> ids of channel dims read with it
         self.builtin_rules: set[str] = set()  # names whose rule is prunekit's own (set by build_graph)
-        # the batch size the first sequence op (attention, RNN) was called with: it tells a
-        # sequence-first input (L, N, ...) from a batch-first one (`graph.inputs.samples_of`)
-        self.sequence_batch: int | None = None
+        # (length, batch) of the first sequence op (attention, RNN): it tells a sequence-first
+        # input (L, N, ...) from a batch-first one (`graph.inputs.samples_of`)
+        self.sequence_shape: tuple[int, int] | None = None
 
     # ---- ids of tensors -------------------------------------------------------------------
     def ids(self, t: Any) -> torch.Tensor | None:
