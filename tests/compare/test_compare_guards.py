@@ -494,11 +494,16 @@ def test_a_dense_training_checkpoint_of_other_settings_names_the_folder_to_remov
 
 def test_a_comparison_folder_another_process_works_in_is_refused(dense_path, tmp_path):
     """Two compares in one folder ran the same arms side by side; the folder is held while one works."""
-    from prunekit.core.integrity import hold_dir
+    import fcntl
+    import os
     out = tmp_path / "c"
     out.mkdir()
-    with hold_dir(out):  # as another process would (flock: a second open of the folder conflicts)
+    fd = os.open(out, os.O_RDONLY)  # another process's lock (flock: a second open of the folder conflicts)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(ConfigError, match="in use by another prunekit process"):
             run_compare(CompareRecipe.from_dict(_raw(dense_path)), out, **quiet)
+    finally:
+        os.close(fd)
     assert list(out.iterdir()) == []
     run_compare(CompareRecipe.from_dict(_raw(dense_path)), out, **quiet)  # free again

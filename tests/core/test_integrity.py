@@ -168,3 +168,23 @@ def test_a_run_directory_is_claimed_empty_or_not_at_all(tmp_path, explicit):
     empty.mkdir()
     got = integrity.claim_dir(empty, "recipe.yaml", "mine", explicit=explicit)
     assert got == (empty if explicit else tmp_path / "empty-2") and (got / "recipe.yaml").read_text() == "mine"
+
+
+def test_hold_dir_is_reentrant_in_a_process_and_exclusive_across_processes(tmp_path):
+    """A command holding its run directory may call code that holds it again; another process
+    cannot take it until the holder lets go."""
+    import subprocess
+    import sys
+
+    from prunekit.core.integrity import hold_dir
+
+    probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+             "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+             "except OSError:\n    print('held')\n")
+    taken = lambda: subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True,
+                                   text=True, check=True).stdout.strip()
+    with hold_dir(tmp_path):
+        with hold_dir(tmp_path):
+            assert taken() == "held"
+        assert taken() == "held"  # the inner exit does not let go of the outer hold
+    assert taken() == "free"

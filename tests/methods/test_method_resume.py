@@ -90,3 +90,21 @@ def test_a_resumed_slr_run_reports_the_scores_of_the_hard_pruned_model_it_retrai
     _, result = prune(tmp_path / "run", _Shuffled(batches), resume=True)
     assert result.metrics["hard_pruned_bn"] == ref.metrics["hard_pruned_bn"]
     assert result.metrics["hard_pruned"] == ref.metrics["hard_pruned"]
+
+
+def test_a_resumed_slr_run_without_a_retrain_checkpoint_scores_its_own_recalibration(digits, tmp_path):
+    """With no retraining the model returned is the new recalibration's, so the scores are measured
+    again, not read back from the first run."""
+    config = prunekit.SLRConfig(sparsity=0.5, epochs=1, retrain_epochs=0, recalibrate_bn=True, recalibrate_batches=1)
+
+    def prune(loader, resume=False):
+        torch.manual_seed(0)
+        model = create_model("small_cnn", num_classes=10)
+        cfg = TrainConfig(epochs=1, optimizer="adamw", lr=3e-3, log_every=0)
+        return model, prunekit.prune_(model, config, torch.zeros(1, 1, 8, 8), train_loader=loader,
+                                      val_loader=digits[1], train_config=cfg, ckpt_dir=tmp_path, resume=resume)
+
+    from prunekit.engine.evaluate import evaluate
+    prune(_Shuffled(digits[0] * 3))
+    model, result = prune(_Shuffled(digits[0] * 3), resume=True)  # recalibrates on pass 1's batch, not pass 2's
+    assert result.metrics["hard_pruned_bn"] == evaluate(model, digits[1])

@@ -54,7 +54,7 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
     prunekit evolve recipes/evolve_digits_cifar.yaml evolve.generations=2 evolve.executor=ray
     prunekit evolve recipes/evolve_digits_cifar.yaml --resume runs/evolve_digits_cifar-20250101-120000
     """
-    from ..core.integrity import claim_dir
+    from ..core.integrity import claim_dir, hold_dir
     from ..evolve.report import comparison_set, counted, reevaluate, write_run
     from ..evolve.search import check_tasks, run_search
     from .overrides import dump_yaml
@@ -76,24 +76,25 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
     else:
         run_dir = claim_dir(choose_run_dir(name, "runs", out), "recipe.yaml",
                             dump_yaml({"name": name, "evolve": cfg.to_dict(), "reevaluate": reeval}), out is not None)
-    echo(f"run directory: {run_dir}")
-    try:
-        state = run_search(cfg, run_dir, resume=resume_dir is not None, progress=not quiet, echo=echo)
-        rows = []
-        if reeval["seeds"] > 0:
-            echo(f"re-evaluating the best {counted(reeval['top'], 'function')} and the 7 seeds with "
-                 f"{counted(reeval['seeds'], 'fresh seed')}")
-            rows = reevaluate(cfg, run_dir, comparison_set(state, reeval["top"]), reeval["seeds"], progress=not quiet)
-    except PrunekitError:
-        if resume_dir is None:
-            _remove_if_unused(run_dir)
-        raise
-    except KeyboardInterrupt:  # the search checkpoints every generation
-        click.echo(f"\ninterrupted; continue with: prunekit evolve --resume {run_dir}", err=True)
-        raise SystemExit(130) from None
-    report = write_run(run_dir, cfg, state, rows)
-    echo(f"best: {(run_dir / 'best.txt').read_text().strip()}")
-    echo(str(report))
+    with hold_dir(run_dir, "evolution"):  # also through the re-evaluation and the report
+        echo(f"run directory: {run_dir}")
+        try:
+            state = run_search(cfg, run_dir, resume=resume_dir is not None, progress=not quiet, echo=echo)
+            rows = []
+            if reeval["seeds"] > 0:
+                echo(f"re-evaluating the best {counted(reeval['top'], 'function')} and the 7 seeds with "
+                     f"{counted(reeval['seeds'], 'fresh seed')}")
+                rows = reevaluate(cfg, run_dir, comparison_set(state, reeval["top"]), reeval["seeds"], progress=not quiet)
+        except PrunekitError:
+            if resume_dir is None:
+                _remove_if_unused(run_dir)
+            raise
+        except KeyboardInterrupt:  # the search checkpoints every generation
+            click.echo(f"\ninterrupted; continue with: prunekit evolve --resume {run_dir}", err=True)
+            raise SystemExit(130) from None
+        report = write_run(run_dir, cfg, state, rows)
+        echo(f"best: {(run_dir / 'best.txt').read_text().strip()}")
+        echo(str(report))
 
 
 def _check_evolve_run(run_dir: Path) -> None:

@@ -174,16 +174,29 @@ def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
+_HELD: dict[tuple[int, int], int] = {}  # directories this process holds (device, inode) -> depth
+
+
 @contextlib.contextmanager
 def hold_dir(path: str | os.PathLike[str], what: str = "run") -> Iterator[None]:
     """Hold an exclusive lock on the directory `path` while the body runs (flock on the directory
     itself: no file is added; the OS releases it when the process ends, however it ends), so that
     two processes never continue one run side by side. ConfigError when another process holds it;
-    where the platform or file system has no such locks the body runs unlocked."""
+    where the platform or file system has no such locks the body runs unlocked. Re-entrant within
+    a process (a command holding its run directory calls a function that holds it too)."""
     try:
         import fcntl
     except ImportError:  # not a POSIX system
         yield
+        return
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
         return
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -193,6 +206,10 @@ def hold_dir(path: str | os.PathLike[str], what: str = "run") -> Iterator[None]:
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise ConfigError(f"{path} is in use by another prunekit process (this {what} is still going); wait "
                                   "for it to finish, or stop it, before resuming it") from None
-        yield
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
     finally:
         os.close(fd)

@@ -28,6 +28,7 @@ from torch import nn
 
 from ...core.errors import ConfigError
 from ...core.integrity import atomic_write_text
+from ...engine.checkpoint import CHECKPOINT_NAME
 from ...surgery.masks import sparsity_report
 from ...surgery.plan import empty_plan
 from ...surgery.verify import inputs_to
@@ -81,7 +82,10 @@ def slr_prune_(
     # scores of the hard-pruned model, kept beside the checkpoints: a resumed run recalibrates
     # BatchNorm on other batches (the retrain checkpoint then restores the statistics it trained
     # with), so it reports the scores of the model it actually retrained
-    scored = _saved_scores(ckpt_dir) if resume else {}
+    # (only when that checkpoint exists: without it the model goes on from this recalibration)
+    retrain_ckpt = _phase_dir(ckpt_dir, "retrain")
+    scored = _saved_scores(ckpt_dir) if resume and config.retrain_epochs and retrain_ckpt is not None \
+        and (retrain_ckpt / CHECKPOINT_NAME).is_file() else {}
     if val_loader is not None:
         metrics["hard_pruned"] = scored.get("hard_pruned") or evaluate(model, val_loader)
     if config.recalibrate_bn:
