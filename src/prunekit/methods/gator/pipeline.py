@@ -119,7 +119,9 @@ def _gated_graph(model: nn.Module, config: GatorConfig, example_inputs: Any) -> 
     graph = build_safe_graph(model, example_inputs, config.ignore, probe=config.probe)
     groups, skipped = gateable(model, graph)
     if not groups:
-        raise PruningError(f"no channel group can be gated in this model ({skipped or 'no prunable groups'})")
+        hint = (f"; ignore={list(config.ignore)} leaves these modules whole: ignore fewer"
+                if config.ignore else "")
+        raise PruningError(f"no channel group can be gated in this model ({skipped or 'no prunable groups'}){hint}")
     return graph, GateSet(groups, model, config.initial_logit, config.init_noise, config.temperature, config.seed), skipped
 
 
