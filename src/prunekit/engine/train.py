@@ -44,14 +44,14 @@ from ..core.config import short_repr
 from ..core.errors import ConfigError, TrainingError
 from ..core.layout import is_channels_last, onednn_safe, to_channels_last_
 from .batches import check_labels, out_of_memory, split_batch
-from .checkpoint import (check_compatible, checkpoint_path, load_checkpoint, restore_checkpoint,
-                         save_checkpoint, seed_everything)
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, seed_everything
 from .distributed import (DistContext, all_reduce_sums, broadcast_buffers, env_ranks, init_distributed,
                           resolve_device, shard_batch, shutdown, wrap_model)
 from .evaluate import autocast_context, evaluate, to_device
 from .hooks import TrainState, split_parameters
 from .optim import optimizer_from_split, build_optimizer  # noqa: F401  (build_optimizer: part of this module's API)
 from .logging import MetricsLog, is_finite_number, to_plain
+from .restore import check_compatible, restore_checkpoint
 from .schedule import build_scheduler, lr_factor  # noqa: F401  (lr_factor: part of this module's API)
 from .statistics import StepStatistics
 from .train_config import OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: F401  (part of this module's API)
