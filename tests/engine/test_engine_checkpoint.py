@@ -281,10 +281,16 @@ def test_a_checkpoint_whose_masks_are_not_zeros_and_ones_leaves_a_fresh_model_un
     key = "2.parametrizations.weight.0.mask"
     _rewrite(tmp_path / CHECKPOINT_NAME,
              lambda ckpt: ckpt["model"].__setitem__(key, torch.full(ckpt["model"][key].shape, 0.5)))
-    model = mlp(seed=4)
+    _refused_resume(tmp_path, train_loader, val_loader, "2.weight holds values other than 0 and 1", mlp(seed=4))
+
+
+def _refused_resume(tmp_path, train_loader, val_loader, match, model, hooks=()):
+    """Resuming into `model` raises a CheckpointError matching `match` and leaves the model as it
+    was: the same state names (no mask put on it) and the same values."""
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(CheckpointError, match="2.weight holds values other than 0 and 1"):
-        train(model, train_loader, val_loader, _cfg(epochs=2), ckpt_dir=tmp_path, progress=False, resume=True)
+    with pytest.raises(CheckpointError, match=match):
+        train(model, train_loader, val_loader, _cfg(epochs=2), hooks=list(hooks), ckpt_dir=tmp_path, progress=False,
+              resume=True)
     assert list(model.state_dict()) == list(before)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -345,12 +351,7 @@ def test_a_mask_saved_without_its_masked_weight_is_refused_before_anything_loads
     names compared as an unmasked model's passed, and the restore masked the model, then failed."""
     train_loader, val_loader, path = _masked_run(tmp_path)
     _rewrite(path, lambda c: c["model"].__setitem__("0.weight", c["model"].pop("0.parametrizations.weight.original")))
-    model = mlp(seed=4)
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(CheckpointError, match="weight mask without its masked weight"):
-        train(model, train_loader, val_loader, _cfg(epochs=2), ckpt_dir=tmp_path, progress=False, resume=True)
-    assert list(model.state_dict()) == list(before)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    _refused_resume(tmp_path, train_loader, val_loader, "weight mask without its masked weight", mlp(seed=4))
 
 
 class _OwnAdam(Hook):
@@ -388,11 +389,6 @@ def test_a_hook_state_its_hook_refuses_puts_back_everything_already_loaded(tmp_p
             c["hooks"]["0"] = {"optimizer": 1}
     _rewrite(path, damage)
     model = mlp(seed=4)
-    before = copy.deepcopy(model.state_dict())
     hook = _OwnAdam(model)
-    with pytest.raises(CheckpointError, match="cannot be loaded into this run"):
-        train(model, train_loader, val_loader, _cfg(epochs=2), hooks=[hook], ckpt_dir=tmp_path, progress=False,
-              resume=True)
-    assert list(model.state_dict()) == list(before)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    _refused_resume(tmp_path, train_loader, val_loader, "cannot be loaded into this run", model, hooks=[hook])
     assert hook.opt.state_dict()["state"] == {}

@@ -218,8 +218,9 @@ def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | 
             raise CheckpointError(f"weights in {path} do not fit this model: {load_error_text(err)}") from None
         return model, None
     state = load_checkpoint(path)["model"]
-    if unpaired_masks(state):
-        raise CheckpointError(f"{path} holds a weight mask without its masked weight ({unpaired_masks(state)[0]}): "
+    unpaired = unpaired_masks(state)
+    if unpaired:
+        raise CheckpointError(f"{path} holds a weight mask without its masked weight ({unpaired[0]}): "
                               "the file is damaged or was edited; give an intact ckpt/<stage>/last.pt or the run's "
                               "model.safetensors")
     restore_masks_from_state(model, state)

@@ -151,4 +151,3 @@ def resumable_state(run_dir: Path) -> dict[str, Any]:
     if not (run_dir / "recipe.yaml").is_file():
         raise ConfigError(f"{run_dir} lacks recipe.yaml; the run cannot be resumed")
     return state
-
