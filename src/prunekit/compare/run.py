@@ -171,7 +171,6 @@ def run_compare(recipe: CompareRecipe, out_dir: str | os.PathLike[str] | None = 
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
     device = resolve_device(recipe.device)
-    weights, _ = dense_paths(recipe, out)
     early_sha = _checked_dense_sha(recipe, out)
     # a foreign or damaged record fails before the data is loaded
     early = _records_on_disk(recipe, out, early_sha) if early_sha else None
