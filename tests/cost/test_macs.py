@@ -476,3 +476,21 @@ def test_nonzero_macs_of_a_masked_layer_with_its_own_matmul_use_its_weight_densi
     x = torch.randn(2, 16)
     expected = sum(int((layer.weight != 0).sum()) for layer in model)  # one position per sample
     assert nonzero_macs(model, build_graph(model, x)) == expected
+
+
+@pytest.mark.parametrize("kind", ["attention", "lstm"])
+def test_an_unbatched_sequence_input_is_one_sample(kind):
+    """A sequence op called on an unbatched (L, E) input (no batch dim) sees one sample: its MACs
+    are not divided by L. Hand counts: attention 4*L*E*E + 2*L*L*E; LSTM L * (4*H*E + 4*H*H)."""
+    L, E, H = 7, 8, 4
+
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = nn.MultiheadAttention(E, 2) if kind == "attention" else nn.LSTM(E, H)
+
+        def forward(self, x):
+            return self.seq(x, x, x, need_weights=False)[0] if kind == "attention" else self.seq(x)[0]
+
+    want = 4 * L * E * E + 2 * L * L * E if kind == "attention" else L * (4 * H * E + 4 * H * H)
+    assert count_cost(Unbatched().eval(), torch.randn(L, E)).macs == want
