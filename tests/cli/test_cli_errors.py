@@ -59,8 +59,8 @@ BAD_ARGUMENTS = [
     (["mine.yaml", "other.yaml"], ["unexpected argument 'other.yaml'"]),
     (["eval.split=train"], ["split='train'", "test"]),
     (["train.epochs=" + "[" * 5000 + "]" * 5000], ["nested too deeply"]),
-    (["name=' '"], ["no leading or trailing spaces"]),
-    (['name="a\\tb"'], ["no control characters"]),
+    (["name=' '"], ["without path separators, control characters", "leading and trailing spaces"]),
+    (['name="a\\tb"'], ["control characters (NUL among them)"]),
     (["method.criterion=taylor", "calibration_batches=0"], ["'taylor' needs data", "set calibration_batches"]),
     # a method that trains is not dry-run, but a typo in ignore must not wait for the dense training
     (["--method", "gator", "method.target=0.5", "method.ignore=[nope]"], ["ignore names modules that do not exist"]),

@@ -28,6 +28,12 @@ def test_shipped_recipe_reads():
     for bad in ("reevaluate.top=true", "reevaluate.seeds=-1", "reevaluate.seeds=1.5"):
         with pytest.raises(ConfigError, match="reevaluate takes top and seeds, integers >= 0"):
             load_evolve_recipe(str(RECIPE), [bad])
+    for bad in ("reevaluate=5", "reevaluate=[1]"):
+        with pytest.raises(ConfigError, match="reevaluate=.* must be a mapping"):
+            load_evolve_recipe(str(RECIPE), [bad])
+    for bad in ('name="a\\0b"', "name=a/b", "name=..", "name=5"):
+        with pytest.raises(ConfigError, match="name="):
+            load_evolve_recipe(str(RECIPE), [bad])
 
 
 @pytest.mark.slow  # 30 s with the machine's load average at 18 on 2 cores
@@ -80,6 +86,8 @@ def test_a_task_that_cannot_load_fails_in_one_line_and_leaves_no_run_directory(t
      "task 'cifar10_subset': data.root '/nonexistent/cifar.tar.gz' does not exist"),
     ("[{base: digits, model: nosuchmodel}]", "task 'digits': "),
     ("[{base: digits, init: /nonexistent/dense.safetensors}]", "init '/nonexistent/dense.safetensors' is not a file"),
+    ("[{base: digits, ignore: [conv9]}]", "task 'digits': ignore names modules that do not exist: ['conv9']"),
+    ("[{base: digits, model_kwargs: 5}]", "task 'digits': model_kwargs=5 must be a mapping"),
 ])
 def test_every_task_is_checked_before_any_dense_model_trains(tmp_path, task, needle):
     out = tmp_path / "run"

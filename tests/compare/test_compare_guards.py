@@ -333,7 +333,7 @@ def test_the_table_shows_accuracy_to_the_hundredth_so_small_spreads_are_not_zero
 
 @pytest.mark.parametrize("change, message", [
     ({"name": 2024}, r"name=2024 must be text"),
-    ({"name": "a\0b"}, r"name='a\\x00b' must be a folder name"),
+    ({"name": "a\0b"}, r"name='a\\x00b' names a folder: use text without path separators, control characters"),
     ({"out": 5}, r"out=5 must be a folder path"),
     ({"model": {"name": "small_cnn", "kwargs": [1]}}, r"model.kwargs=\[1\] must be a mapping"),
     ({"dense": {"weights": 2024}}, r"dense.weights=2024 must be a path"),

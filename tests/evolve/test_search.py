@@ -333,8 +333,9 @@ def test_resume_reads_the_newest_checkpoint_past_generation_999(tmp_path):
     cfg = EvolveConfig(tasks=[digits_task()], population=4, parents=2, generations=1001)
     key = "digits|0|" + SEEDS["seed_l1"]
     for g in (999, 1000):
-        state = SearchState(g, [SEEDS["seed_l1"]] * 4, {key: {"acc": 0.5}}, [SEEDS["seed_l1"]],
-                            [{"generation": g}])
+        history = [{"generation": i, "best": 0.5, "mean": 0.5, "median": 0.5, "best_text": SEEDS["seed_l1"],
+                    "evaluations": 1} for i in range(g + 1)]
+        state = SearchState(g, [SEEDS["seed_l1"]] * 4, {key: {"acc": 0.5}}, [SEEDS["seed_l1"]], history)
         save_checkpoint(tmp_path, state, cfg, [0.5] * 4)
     assert load_checkpoint(tmp_path, cfg).generation == 1000
 
@@ -444,3 +445,79 @@ def test_an_interrupted_process_pool_stops_its_workers_instead_of_waiting_for_th
     done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(re.search(r"stopped after ([\d.]+) s", done.stdout).group(1)) < 30, done.stdout
+
+
+def test_a_task_every_seed_fails_on_stops_the_search_with_its_reason(dense, tmp_path):
+    """A time limit no function can meet: the seven hand-made seeds all fail, so the task cannot
+    measure fitness; the search stops with that reason instead of scoring every function 0."""
+    cfg = _cfg(dense, generations=1)
+    cfg.tasks[0].score_time_s = 1e-6
+    with pytest.raises(ConfigError, match=r"task 'digits' cannot measure fitness: every seed function failed on it"):
+        run_search(cfg, tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_task_settings_a_candidate_cannot_honour_are_refused_up_front():
+    from prunekit.evolve.config import task_from
+
+    with pytest.raises(ConfigError, match=r"prune_ratio=0.95 is above 0.9"):
+        task_from({"base": "digits", "prune_ratio": 0.95})
+    for change, needle in [({"finetune": 5}, "finetune=5 must be a mapping"),
+                           ({"model_kwargs": 5}, "model_kwargs=5 must be a mapping"),
+                           ({"ignore": "conv1"}, r"ignore='conv1' must be a list of names"),
+                           ({"init": 3}, "init=3 must be the path")]:
+        with pytest.raises(ConfigError, match=needle):
+            task_from({"base": "digits", **change})
+    with pytest.raises(ConfigError, match="dense_train=5 must be a mapping"):
+        task_from({"name": "x", "model": "small_cnn", "data": {"name": "digits"}, "dense_train": 5})
+
+
+@pytest.mark.parametrize("change, needle", [({"ignore": ["conv9"]}, r"ignore names modules that do not exist: \['conv9'\]"),
+                                            ({"model_kwargs": {"depth": 3}}, "does not take depth")])
+def test_a_task_s_ignore_list_and_model_keywords_are_checked_before_any_training(tmp_path, change, needle):
+    from prunekit.evolve.config import task_from
+
+    cfg = EvolveConfig(tasks=[task_from({"base": "digits", **change})], population=4, parents=2, generations=1,
+                       executor="serial")
+    with pytest.raises(ConfigError, match=needle):
+        run_search(cfg, tmp_path, progress=False)
+    assert not (tmp_path / "dense").exists()
+
+
+def test_a_checkpoint_history_the_report_cannot_read_is_refused(dense, tmp_path):
+    cfg = _cfg(dense, generations=0)
+    run_search(cfg, tmp_path, progress=False)
+    path = tmp_path / "checkpoints" / "gen_000.json"
+    good = json.loads(path.read_text())
+    for history in ([{}], [], [{**good["history"][0], "best": "high"}], good["history"] * 2):
+        path.write_text(json.dumps({**good, "history": history}))
+        with pytest.raises(CheckpointError, match="damaged: history"):
+            run_search(cfg, tmp_path, resume=True, progress=False)
+
+
+def test_a_damaged_dense_model_the_run_trained_says_to_delete_it(dense, tmp_path):
+    from prunekit.evolve.fitness import Job, run_job
+
+    own = tmp_path / "dense" / "digits.safetensors"
+    own.parent.mkdir()
+    own.write_text("garbage")
+    task = _cfg(dense).tasks[0]
+    task.init = None
+    with pytest.raises(CheckpointError, match=r"the run trained itself: delete .*digits.safetensors and resume"):
+        run_job(Job(SEEDS["t_stat"], json.dumps(task.to_dict(), sort_keys=True), 0, str(own)))
+
+
+def test_a_failing_ray_job_raises_its_own_error_not_ray_s_wrapper():
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (prunekit[distributed])")
+    from prunekit.evolve.jobs import create_executor
+
+    if ray.is_initialized():
+        pytest.skip("Ray is already running: the executor would not start it")
+
+    def refuse(_):
+        raise ConfigError("task 'x': the one-line reason")
+
+    with pytest.raises(ConfigError) as caught:
+        with create_executor("ray", 1, job_fn=refuse) as run:
+            run([1])
+    assert str(caught.value) == "task 'x': the one-line reason"

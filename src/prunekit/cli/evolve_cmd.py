@@ -17,6 +17,7 @@ TOP_KEYS = ("name", "evolve", "reevaluate")
 
 
 def load_evolve_recipe(source: str, overrides: list[str]):
+    from ..core.config import check_folder_name, short_repr
     from ..evolve import EvolveConfig
     from .overrides import apply_overrides, load_yaml_file
 
@@ -27,6 +28,8 @@ def load_evolve_recipe(source: str, overrides: list[str]):
     unknown = sorted(set(raw) - set(TOP_KEYS))
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {unknown}; an evolve recipe has {', '.join(TOP_KEYS)}")
+    if not isinstance(raw.get("reevaluate") or {}, dict):
+        raise ConfigError(f"reevaluate={short_repr(raw.get('reevaluate'))} must be a mapping, e.g. {{top: 3, seeds: 3}}")
     reeval = {"top": 3, "seeds": 3, **(raw.get("reevaluate") or {})}
     if set(reeval) - {"top", "seeds"} or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                                  for v in reeval.values()):
@@ -36,7 +39,8 @@ def load_evolve_recipe(source: str, overrides: list[str]):
     except ConfigError as err:
         raise ConfigError(f"{source or 'recipe'}: evolve: {err}") from None
     name = raw.get("name") or (Path(source).stem if source else "evolve")
-    return cfg, reeval, str(name), raw
+    check_folder_name("name", name)
+    return cfg, reeval, name, raw
 
 
 @click.command("evolve")

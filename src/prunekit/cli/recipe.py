@@ -37,7 +37,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..core.config import Config, check_choice, check_limit
+from ..core.config import Config, check_choice, check_folder_name, check_limit
 from ..core.errors import ConfigError
 from ..cost.latency import LatencyConfig
 from ..data.config import DataConfig
@@ -190,11 +190,10 @@ class Recipe:
         out.name = raw.get("name") or out.name
         out.out = raw.get("out") or out.out
         out.init = os.path.expanduser(raw["init"]) if raw.get("init") is not None else None
-        if any(c in out.name for c in "/\\") or out.name in (".", ".."):
-            raise ConfigError(f"{source}: name={out.name!r} must not contain path separators")
-        if out.name != out.name.strip() or any(not c.isprintable() for c in out.name):
-            raise ConfigError(f"{source}: name={out.name!r} names the run folder: no leading or trailing spaces "
-                              "and no control characters")
+        try:
+            check_folder_name("name", out.name)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
         if out.eval.split == "val" and out.data.val_fraction == 0:
             raise ConfigError(f"{source}: eval.split='val' needs data.val_fraction > 0")
         return out

@@ -46,7 +46,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..core.config import Config, check_choice, check_limit, check_range
+from ..core.config import Config, check_choice, check_folder_name, check_limit, check_range
 from ..core.errors import ConfigError
 from ..cost.latency import LatencyConfig
 from ..data.config import DataConfig
@@ -338,9 +338,7 @@ def _scalars(out: CompareRecipe, raw: dict[str, Any]) -> None:
     out.out = raw.get("out") or out.out
     if not isinstance(out.name, str):
         raise ConfigError(f"name={out.name!r} must be text (quote it in YAML: name: '{out.name}')")
-    if any(c in out.name for c in "/\\\0") or out.name in (".", ".."):
-        raise ConfigError(f"name={out.name!r} must be a folder name: not '.' or '..', and without path "
-                          "separators or NUL")
+    check_folder_name("name", out.name)
     if not isinstance(out.out, str) or "\0" in out.out:
         raise ConfigError(f"out={out.out!r} must be a folder path (text without NUL)")
     seeds = raw.get("seeds", out.seeds)

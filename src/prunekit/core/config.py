@@ -185,6 +185,23 @@ def check_names(name: str, value: Any) -> None:
                           f"e.g. {example or ['fc']} or []")
 
 
+def check_folder_name(name: str, value: Any) -> None:
+    """Raise ConfigError unless `value` can name one folder: text, not empty, '.' or '..', without
+    path separators, NUL or other control characters, and without leading or trailing spaces.
+
+    >>> check_folder_name("name", "resnet20-pruned")
+    >>> check_folder_name("name", "a/b")
+    Traceback (most recent call last):
+    prunekit.core.errors.ConfigError: name='a/b' names a folder: use text without path separators, control characters (NUL among them) or leading and trailing spaces, not '.' or '..'
+    """
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name}={short_repr(value)} must be a non-empty string (it names a folder)")
+    if (value in (".", "..") or any(c in value for c in "/\\") or not value.isprintable()
+            or value != value.strip()):
+        raise ConfigError(f"{name}={value!r} names a folder: use text without path separators, control characters "
+                          "(NUL among them) or leading and trailing spaces, not '.' or '..'")
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, tuple):
         return [_plain(x) for x in v]

@@ -16,12 +16,15 @@ import dataclasses
 import math
 import re
 
-from ..core.config import Config, check_choice, check_range
+from ..core.config import Config, check_choice, check_names, check_range, short_repr
 from ..core.errors import ConfigError
 from ..engine.train import TrainConfig
 
 EXECUTORS = ("process", "ray", "serial")
 CIFAR_ARCHIVE = "../shared/data/cifar10-jpg.tar.gz"  # relative to the working directory
+# the most of a group's channels a candidate may remove: MagnitudeConfig's max_ratio, which
+# prune_copy leaves at its default (a larger ratio would be capped there, silently)
+MAX_PRUNE_RATIO = 0.9
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # it names the task's files in the run directory
 
 
@@ -48,14 +51,30 @@ class TaskConfig:
     ignore: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for key in ("dense_train", "finetune"):
-            if isinstance(getattr(self, key), dict):
-                setattr(self, key, TrainConfig.from_dict(getattr(self, key)))
         if not self.name or not isinstance(self.name, str):
             raise ConfigError("every task needs a name (text)")
         if not _TASK_NAME.fullmatch(self.name):
             raise ConfigError(f"task name {self.name!r} is not allowed: it names the task's files in the run "
                               "directory; use letters, digits, '_', '-' and '.' (not first), e.g. digits_small")
+        for key in ("dense_train", "finetune"):
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                setattr(self, key, TrainConfig.from_dict(value))
+            elif not isinstance(value, TrainConfig):
+                raise ConfigError(f"task {self.name!r}: {key}={short_repr(value)} must be a mapping of training "
+                                  "settings, e.g. {epochs: 2, lr: 0.01}")
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(f"task {self.name!r}: model={short_repr(self.model)} must be a model name, e.g. resnet20")
+        if not isinstance(self.model_kwargs, dict):
+            raise ConfigError(f"task {self.name!r}: model_kwargs={short_repr(self.model_kwargs)} must be a mapping of "
+                              "the model's keywords, e.g. {width: 16}, or {}")
+        if self.init is not None and (not isinstance(self.init, str) or not self.init or "\0" in self.init):
+            raise ConfigError(f"task {self.name!r}: init={short_repr(self.init)} must be the path of trained dense "
+                              "weights (.safetensors), or null to train them")
+        try:
+            check_names("ignore", self.ignore)
+        except ConfigError as err:
+            raise ConfigError(f"task {self.name!r}: {err}") from None
         if not isinstance(self.data, dict) or "name" not in self.data:
             raise ConfigError(f"task {self.name!r}: data must be a mapping with a dataset name, e.g. {{name: digits}}")
         val_fraction = self.data.get("val_fraction", 0.1)
@@ -64,6 +83,10 @@ class TaskConfig:
         if val_fraction <= 0:
             raise ConfigError(f"task {self.name!r}: fitness is measured on the val split; set data.val_fraction > 0")
         check_range("prune_ratio", self.prune_ratio, 0.0, 1.0, hi_open=True)
+        if self.prune_ratio > MAX_PRUNE_RATIO:
+            raise ConfigError(f"task {self.name!r}: prune_ratio={self.prune_ratio} is above {MAX_PRUNE_RATIO}, the most "
+                              "of a group's channels the pruner removes (MagnitudeConfig.max_ratio); use at most "
+                              f"{MAX_PRUNE_RATIO}")
         check_range("weight", self.weight, 0.0, math.inf, lo_open=True)
         check_range("score_time_s", self.score_time_s, 0.0, math.inf, lo_open=True)
         if not isinstance(self.calib_samples, int) or self.calib_samples < 2:

@@ -33,7 +33,7 @@ from ..importance.evolved.tree_eval import EvolvedCriterion
 from ..models import create_model
 from ..methods.magnitude import MagnitudeConfig
 from ..surgery.prepared import PreparedPruning, prepare_pruning
-from .config import TaskConfig
+from .config import MAX_PRUNE_RATIO, TaskConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +108,11 @@ def task_state(task_json: str, dense_path: str, device: str) -> TaskState:
         try:
             load_model(dense, dense_path)
         except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            fix = ("give the task an init trained for this model and data, or leave init null to train one"
+                   if task.init is not None else
+                   f"this is the dense model the run trained itself: delete {dense_path} and resume to train it again")
             raise CheckpointError(f"task {task.name!r}: dense weights {dense_path} cannot be loaded into model "
-                                  f"{task.model!r}: {load_error_text(err)}; give the task an init trained for "
-                                  "this model and data, or leave init null to train one") from None
+                                  f"{task.model!r}: {load_error_text(err)}; {fix}") from None
         dense.to(device).eval()
         calib, n = [], 0
         for x, y in _data(task, device, augment=False).train:  # no augmentation for scoring
@@ -127,7 +129,8 @@ def prune_copy(state: TaskState, criterion, ratio: float) -> torch.nn.Module:
     """A pruned fresh copy of the dense model (the prepared graph is reused, not traced again)."""
     model = copy.deepcopy(state.dense)
     # unrounded: the same share of every layer, so that candidates differ only in which channels they keep
-    cfg = MagnitudeConfig(criterion=criterion, channel_ratio=ratio, ignore=list(state.task.ignore), round_to=None)
+    cfg = MagnitudeConfig(criterion=criterion, channel_ratio=ratio, ignore=list(state.task.ignore), round_to=None,
+                          max_ratio=MAX_PRUNE_RATIO)
     state.prepared.prune_(model, cfg, batches=state.calib)
     return model
 

@@ -150,7 +150,7 @@ def _ray_runner(workers: int, address: str | None, num_cpus: float, num_gpus: fl
             with _bar(len(jobs), desc, progress) as bar:
                 while pending:
                     done, pending = ray.wait(pending, num_returns=1)
-                    out[index[done[0]]] = ray.get(done[0])
+                    out[index[done[0]]] = _result(ray, done[0])
                     bar.update()
         except BaseException:
             for ref in pending:  # a joined cluster would otherwise keep running them
@@ -164,6 +164,18 @@ def _ray_runner(workers: int, address: str | None, num_cpus: float, num_gpus: fl
         if started:
             with _own_rng():
                 ray.shutdown()
+
+
+def _result(ray, ref):
+    """ray.get(ref), raising a failed job's own exception (a ConfigError reads as one line) rather
+    than Ray's wrapper, whose message starts with the remote traceback."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
 
 
 def _signal_handlers() -> dict:

@@ -156,6 +156,16 @@ class Search:
                 return
             self.evaluate(todo, seeds, evals, run, f"generation {g} elites")
 
+    def check_seeds_ran(self, seeds: list[str], evals: dict) -> None:
+        """ConfigError when every seed function failed on one task: the seeds are the hand-made
+        metrics, so the task itself cannot measure fitness (a time limit too short, calibration
+        data of one class, ...) and every function of the search would score 0 on it."""
+        for task in self.tasks:
+            results = [evals[self.job(text, task, 0).key] for text in dict.fromkeys(seeds)]
+            if results and all(r.get("error") for r in results):
+                raise ConfigError(f"task {task!r} cannot measure fitness: every seed function failed on it, the "
+                                  f"first with {results[0]['error']}; fix the task's settings (nothing was searched)")
+
     def evaluated(self, text: str, seeds: range, evals: dict) -> bool:
         return all(self.job(text, t, s).key in evals for t in self.tasks for s in seeds)
 
@@ -242,10 +252,23 @@ def _state_error(data: dict) -> str:
         (isinstance(data["hall_of_fame"], list) and data["hall_of_fame"], "the hall of fame is not a non-empty list"),
         (evaluations_ok(data["evaluations"]),
          "evaluations is not a mapping of results with an accuracy in [0, 1]"),
-        (isinstance(data["history"], list) and all(isinstance(h, dict) for h in data["history"]),
-         "history is not a list of records"),
+        (isinstance(data["history"], list) and all(_history_ok(h) for h in data["history"]),
+         "history is not a list of records (generation, best, mean, median, best_text, evaluations)"),
+        (not isinstance(data["history"], list) or not isinstance(data["generation"], int)
+         or [h.get("generation") if isinstance(h, dict) else None for h in data["history"]]
+         == list(range(data["generation"] + 1)),
+         "history does not hold one record per generation up to the checkpoint's"),
     ]
     return next((why for ok, why in checks if not ok), "")
+
+
+def _history_ok(record) -> bool:
+    """Whether one history record has the fields the report and the plot read, of their types."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return (isinstance(record, dict) and count(record.get("generation")) and count(record.get("evaluations"))
+            and all(number(record.get(k)) for k in ("best", "mean", "median"))
+            and isinstance(record.get("best_text"), str))
 
 
 def check_tasks(cfg: EvolveConfig) -> None:
@@ -255,7 +278,8 @@ def check_tasks(cfg: EvolveConfig) -> None:
     import importlib.util
 
     from ..data import DataConfig
-    from ..models import get_model_spec
+    from ..graph.groups import check_ignore
+    from ..models import create_model, get_model_spec
 
     if cfg.executor == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("executor='ray' needs Ray: pip install 'prunekit[distributed]', or use executor='process'")
@@ -274,6 +298,10 @@ def check_tasks(cfg: EvolveConfig) -> None:
         if task.init is not None and not Path(task.init).expanduser().is_file():
             raise ConfigError(f"{where}: init {task.init!r} is not a file; give trained dense weights "
                               "(.safetensors) or leave init unset to train them")
+        try:  # the model's keywords and the ignore list, before a dense model trains for them
+            check_ignore(create_model(task.model, **task.model_kwargs), task.ignore)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
 
 
 def prepare_dense(cfg: EvolveConfig, run_dir: Path, echo: Callable[[str], None] = lambda s: None) -> dict[str, str]:
@@ -311,6 +339,7 @@ def run_search(cfg: EvolveConfig, run_dir: str | Path, resume: bool = False, pro
             pop = [expression_text(parse_expression(seeds[i % len(seeds)])) for i in range(cfg.population)]
             state = SearchState(0, pop, {}, [], [])
             search.evaluate_population(pop, state.evaluations, run, 0)
+            search.check_seeds_ran(pop, state.evaluations)
             search.record(state)
             _notify(on_generation, state, echo)
         while state.generation < cfg.generations:
