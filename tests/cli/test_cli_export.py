@@ -53,3 +53,15 @@ def test_sigterm_during_a_cli_export_leaves_no_staging_folder(default_run, tmp_p
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
     assert list(target.parent.iterdir()) == []
+
+
+def test_export_never_replaces_the_weights_or_files_of_the_run_it_exports(default_run, runner, tmp_path):
+    out, _ = default_run
+    weights = out / "pruned.safetensors"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for target in (weights, out / "recipe.yaml"):
+        result = runner.invoke(cli, ["export", str(out), "--to", str(target), "--format", "torchscript", "--force"])
+        assert result.exit_code == 2 and "write the export to another path" in result.stderr, result.output
+    elsewhere = runner.invoke(cli, ["export", "--weights", str(weights), str(out), "--to", str(weights), "--force"])
+    assert elsewhere.exit_code == 2 and "the weights being exported" in elsewhere.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -43,6 +44,7 @@ def export_cmd(args, out, fmt, weights, input_shape, batch, static_batch, no_che
     recipe, weights = resolve(tuple(args), "export", weights)
     if weights is None and recipe.init is None:
         raise ConfigError("`prunekit export` needs weights: a run directory, --weights PATH or init=PATH")
+    _check_not_a_source(out, weights or recipe.init, [a for a in args if Path(a).is_dir()])
     model, shape = built_model(recipe, weights or recipe.init, input_shape)
     example = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     _check_shape(model, example, shape)
@@ -73,3 +75,16 @@ def _check_shape(model, example, shape) -> None:
     except ConfigError as err:
         raise ConfigError(f"the model cannot take inputs of per-sample shape {','.join(map(str, shape))}; give "
                           f"--input-shape to match, e.g. 3,32,32 for a CIFAR model ({err})") from None
+
+
+def _check_not_a_source(out: str, weights: str, run_dirs: list[str]) -> None:
+    """ConfigError when --to names the weights being exported or a file of the run directory given:
+    with --force the export would replace them (a run whose pruned.safetensors became an ONNX file
+    can no longer be evaluated, benched or exported)."""
+    target = Path(out).expanduser().resolve()
+    sources = [Path(weights).expanduser().resolve()] if weights else []
+    for run_dir in run_dirs:
+        sources += [p.resolve() for p in Path(run_dir).expanduser().iterdir() if p.is_file()]
+    if target in sources:
+        raise ConfigError(f"--to {out} is {'the weights being exported' if sources and target == sources[0] else 'a file of the run being exported'}; "
+                          "write the export to another path (the run's files stay as they are)")
