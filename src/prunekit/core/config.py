@@ -47,8 +47,12 @@ class Config:
         for name in _list_fields(type(self)):
             if isinstance(getattr(self, name), tuple):  # written as a list, so read back as one
                 setattr(self, name, list(getattr(self, name)))
-        names = _string_list_fields(type(self))
+        names, flags = _string_list_fields(type(self)), _bool_fields(type(self))
         for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in flags and value is not None and not isinstance(value, bool):
+                # a quoted "false" would read as true
+                raise ConfigError(f"{f.name}={short_repr(value)} must be true or false")
             check_finite(f.name, getattr(self, f.name))
             check_limit(f.name, getattr(self, f.name))
             if f.name in names:
@@ -157,6 +161,17 @@ def _string_list_fields(cls: type) -> frozenset[str]:
             name for name, hint in _hints(cls).items()
             if typing.get_origin(hint) in (list, tuple) and typing.get_args(hint)[:1] == (str,))
     return _STRING_LISTS[cls]
+
+
+_BOOLS: dict[type, frozenset[str]] = {}
+
+
+def _bool_fields(cls: type) -> frozenset[str]:
+    """Names of the fields annotated `bool` (or `bool | None`)."""
+    if cls not in _BOOLS:
+        _BOOLS[cls] = frozenset(name for name, hint in _hints(cls).items()
+                                if set(_alternatives(hint)) - {type(None)} == {bool})
+    return _BOOLS[cls]
 
 
 _REPR = reprlib.Repr()

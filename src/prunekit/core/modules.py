@@ -28,6 +28,24 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def torch_pruned(module: nn.Module) -> list[str]:
+    """Names of `module`'s tensors that torch.nn.utils.prune computes in a forward pre-hook (from
+    "<name>_orig" and "<name>_mask"): not parameters of their own, so nothing may score, mask or
+    copy them as if they were."""
+    from torch.nn.utils import prune as torch_prune
+
+    return [h._tensor_name for h in module._forward_pre_hooks.values()
+            if isinstance(h, torch_prune.BasePruningMethod) and hasattr(h, "_tensor_name")]
+
+
+def torch_pruned_error(name: str, tensors: list[str]) -> str:
+    """The message for a layer pruned with torch.nn.utils.prune: what to do first."""
+    first = tensors[0]
+    return (f"layer {name!r} was pruned with torch.nn.utils.prune ({first} is computed from {first}_orig * "
+            f"{first}_mask in a forward pre-hook); make that pruning permanent first "
+            f"(torch.nn.utils.prune.remove(module, {first!r})), or leave the layer out with ignore=[...]")
+
+
 def first_nonfinite(model: nn.Module) -> tuple[str, str] | None:
     """("parameter" or "buffer", name) of the first tensor that cannot be right, or None.
 

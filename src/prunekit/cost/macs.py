@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -81,9 +81,11 @@ def _cost(model: nn.Module, graph: Graph, node_macs: list[int]) -> Cost:
     return Cost(total, sum(node_macs), dict(per))
 
 
-def count_cost(model: nn.Module, example_inputs: Any) -> Cost:
-    """Trace and count. Use `cost_from_graph` when a graph is already at hand."""
-    return cost_from_graph(model, build_graph(model, example_inputs))
+def count_cost(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = ()) -> Cost:
+    """Trace and count. Use `cost_from_graph` when a graph is already at hand. Modules under
+    `ignore` are traced as opaque (their ops counted where a rule knows them, an op without one
+    not refused), as a pruning with that ignore list traces them."""
+    return cost_from_graph(model, build_graph(model, example_inputs, ignore))
 
 
 class CostEstimator:

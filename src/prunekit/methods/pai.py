@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Iterable
 import torch
 from torch import nn
 
-from ..core.config import Config, check_choice, check_range
+from ..core.config import Config, check_choice, check_int, check_range
 from ..core.errors import ConfigError, PruningError
 from ..core.modes import SCORE_MODES
 from ..core.names import within
@@ -84,6 +84,7 @@ class PaIConfig(Config):
                               f"{self.criterion} scores without batches, so leave score_mode at 'eval'")
         if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
             raise ConfigError(f"batches={self.batches!r} must be an integer >= 1 (calibration batches scored)")
+        check_int("seed", self.seed, 0)  # it seeds torch.Generator (random masks, SynFlow's input)
 
 
 @dataclasses.dataclass
@@ -185,7 +186,7 @@ def _model_masks(model: nn.Module) -> dict[tuple[str, str], torch.Tensor]:
 
 
 def _element_prune(model, cfg, example_inputs, data) -> PruneResult:
-    before = count_cost(model, example_inputs)
+    before = count_cost(model, example_inputs, cfg.ignore)
     scores = _scores(model, cfg, example_inputs, data, one_shot=False)
     held = _held_masks(model, scores)
     masks = select_element_masks(_masked_last(scores, held), cfg.sparsity, cfg.scope)
@@ -195,14 +196,15 @@ def _element_prune(model, cfg, example_inputs, data) -> PruneResult:
         raise ConfigError(f"sparsity={cfg.sparsity} would bring back {revived:,} of the {hidden:,} weights that masks "
                           "on this model already hide: masks only grow. Ask for a higher sparsity, or bake the masks "
                           "first (prunekit.bake_masks_) to start again from the baked weights; the model was left as it was")
-    # before the masks: inputs a plan cannot record leave the model as it was. No ignore list: `ignore`
-    # only chose the weights to mask, and a channel pruning composed after this plan replays on its trace
-    plan = empty_plan(example_inputs)
+    # before the masks: inputs a plan cannot record leave the model as it was. `ignore` is recorded so
+    # that a load traces the model as this pruning did; a plan that removes nothing constrains no
+    # channel pruning composed after it (Plan.compose takes that one's ignore list)
+    plan = empty_plan(example_inputs, cfg.ignore)
     work = share_copy(model)  # the masks reach the caller's model once the pruned one was counted
     apply_element_masks(work, masks)
     plan.meta.update({"method": cfg.criterion if cfg.criterion != "random" else "random_init",
                       "config": cfg.to_dict()})
-    graph = build_graph(work, example_inputs)
+    graph = build_graph(work, example_inputs, cfg.ignore)  # traced as the count before
     after, macs = cost_from_graph(work, graph), nonzero_macs(work, graph)
     adopt_(model, work)
     return PruneResult(plan, before, after, cfg.to_dict(), _nonzero_views(model, masks, after, macs))
@@ -227,7 +229,7 @@ def _masked_last(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor])
 
 def _channel_prune(model, cfg, example_inputs, data) -> PruneResult:
     graph = build_safe_graph(model, example_inputs, cfg.ignore, probe=cfg.probe)
-    before = count_cost(model, example_inputs)
+    before = cost_from_graph(model, graph)
     prunable = {g.name for g in graph.prunable_groups()}
     scores = {n: s for n, s in channel_scores_from_elements(
         graph, _scores(model, cfg, example_inputs, data, one_shot=True)).items() if n in prunable}
@@ -244,7 +246,7 @@ def _channel_prune(model, cfg, example_inputs, data) -> PruneResult:
     plan.meta.update({"method": cfg.criterion if cfg.criterion != "random" else "random_init",
                       "config": cfg.to_dict()})
     plan.stamp(dense=model, pruned=work)
-    after = count_cost(work, example_inputs)
+    after = count_cost(work, example_inputs, cfg.ignore)
     adopt_(model, work)
     metrics: dict[str, Any] = {"channels_removed": {n: len(v) for n, v in removal.items()}}
     total = sum(graph.group(n).size for n in scores)

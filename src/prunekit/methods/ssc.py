@@ -44,6 +44,7 @@ from torch.nn.utils import parametrize
 
 from ..core.config import Config, check_choice
 from ..core.errors import CheckpointError, ConfigError, PruningError
+from ..core.modules import torch_pruned
 from ..core.names import within
 from ..cost.latency import LatencyConfig, compare_latency, latency_settings
 from ..cost.macs import count_cost
@@ -125,9 +126,11 @@ def layer_reduction(spec: SSCSpec, kernel_size: int = 3) -> float:
 
 
 def preset_for(reduction: float, family: str = "het", pattern: str = "full") -> SSCSpec:
-    """The table's preset for 2, 4, 8, 16; otherwise the preset with `family`'s point_period whose
-    3x3 layer reduction is nearest `reduction` (log scale), fewer groups first on ties."""
-    if reduction in PRESETS[family]:
+    """The table's preset for 2, 4, 8, 16 with the full pattern; otherwise (another reduction, or a
+    cross or checker pattern, which keeps fewer taps than the table's presets were chosen for) the
+    preset with `family`'s point_period whose 3x3 layer reduction with `pattern` is nearest
+    `reduction` (log scale), fewer groups first on ties."""
+    if pattern == "full" and reduction in PRESETS[family]:
         return SSCSpec(*PRESETS[family][int(reduction)], pattern)
     best = None
     for g in (1, 2, 4, 8):
@@ -163,6 +166,9 @@ def _convertible(conv: nn.Module) -> str | None:
     """None if `conv` is a conv an SSC layer can replace (whatever its channel counts), else why not."""
     if parametrize.is_parametrized(conv):
         return "its weight is parametrized (a mask, say); remove the parametrization before converting"
+    if torch_pruned(conv):
+        return ("pruned with torch.nn.utils.prune (its weight is computed from weight_orig * weight_mask); "
+                "make that pruning permanent (torch.nn.utils.prune.remove) before converting")
     if type(conv) is not nn.Conv2d:
         return "not an nn.Conv2d"
     k = conv.kernel_size
@@ -271,7 +277,7 @@ def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneRe
             chosen[name] = spec
     if not chosen:
         raise PruningError(f"no conv of this model can take the SSC preset {spec.to_dict()}: {dense or 'no convs'}")
-    before = count_cost(model, example_inputs)
+    before = count_cost(model, example_inputs, cfg.ignore)
     work = share_copy(model)
     convert_(work, chosen, cfg.init, "structured" if cfg.execution == "auto" else cfg.execution)
     run_model(work, example_inputs)
@@ -279,8 +285,10 @@ def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneRe
     if cfg.execution == "auto":
         execution = choose_execution(work, example_inputs, latency_settings(cfg.latency))
         set_execution_(work, execution["choice"])
-    after = count_cost(work, example_inputs)
-    plan = empty_plan(example_inputs)  # no channels removed: `ignore` only chose the layers, which the plan lists
+    after = count_cost(work, example_inputs, cfg.ignore)
+    # no channels removed; `ignore` is recorded so that a load traces the model as this pruning did
+    # (a module left out for an op without a rule), and a composed plan's removal takes its own
+    plan = empty_plan(example_inputs, cfg.ignore)
     plan.meta["replay"] = {"ssc": {"layers": {n: s.to_dict() for n, s in chosen.items()},
                                    "execution": execution["choice"]}}
     plan.meta.update({"method": "ssc", "config": cfg.to_dict()})

@@ -1,0 +1,99 @@
+"""SSC and the pruning-at-initialisation methods on models with layers they must leave alone: a
+conv pruned with torch.nn.utils.prune, a module left out with `ignore` because the tracer has no
+rule for an op inside it."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.nn.utils.prune as torch_prune
+from torch import nn
+
+import prunekit
+from prunekit.core.errors import ConfigError
+from prunekit.methods import prune_
+from prunekit.methods.pai import SNIPConfig, SynFlowConfig
+from prunekit.methods.ssc import SSCConfig
+
+X = torch.randn(2, 3, 8, 8)
+BATCHES = [(X, torch.tensor([0, 1]))]
+
+
+class Warp(nn.Module):
+    """A conv followed by grid_sample, an op prunekit has no channel rule for."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        theta = torch.eye(2, 3).unsqueeze(0).expand(x.shape[0], 2, 3)
+        return F.grid_sample(self.conv(x), F.affine_grid(theta, x.shape, align_corners=False), align_corners=False)
+
+
+def _net(middle: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), middle, nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+
+
+def _torch_pruned() -> nn.Module:
+    net = _net(nn.Conv2d(8, 8, 3, padding=1))
+    torch_prune.l1_unstructured(net[2], "weight", amount=0.5)
+    return net
+
+
+def test_ssc_leaves_a_conv_pruned_with_torch_prune_dense_and_the_model_runs():
+    net = _torch_pruned()
+    result = prune_(net, SSCConfig(groups=1, spatial_period=2), X)
+    assert result.metrics["converted"] == ["4"] and "torch.nn.utils.prune" in result.metrics["left_dense"]["2"]
+    net(X)  # the copied pruning hook read weight_mask from the SSC layer: every call failed
+
+
+@pytest.mark.parametrize("config", [SNIPConfig(sparsity=0.5), SynFlowConfig(sparsity=0.5)])
+def test_pai_refuses_a_weight_torch_prune_computes_and_leaves_the_model_as_it_was(config):
+    net = _torch_pruned()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"layer '2' was pruned with torch.nn.utils.prune .*prune.remove"):
+        prune_(net, config, X, batches=BATCHES)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("config", [SSCConfig(groups=1, spatial_period=2, ignore=["2"]),
+                                    SNIPConfig(sparsity=0.5, ignore=["2"])], ids=["ssc", "snip"])
+def test_a_module_left_out_for_an_op_without_a_rule_is_counted_saved_and_reloaded(config, tmp_path):
+    """The counts traced the whole model without the ignore list (the op without a rule raised the
+    error whose advice is this ignore list), and the plan did not record it for the reload."""
+    net = _net(Warp())
+    kwargs = {} if isinstance(config, SSCConfig) else {"batches": BATCHES}
+    result = prune_(net, config, X, **kwargs)
+    assert result.cost_before.macs == prunekit.count_cost(_net(Warp()), X, ["2"]).macs
+    path = os.path.join(tmp_path, "net.safetensors")
+    prunekit.save_pruned(net, result.plan, path)
+    fresh = prunekit.load_pruned(_net(Warp()), path)
+    assert torch.allclose(fresh.eval()(X), net.eval()(X))
+
+
+@pytest.mark.parametrize("seed", ["a", 1.5, None, -1])
+def test_a_seed_that_is_not_a_whole_number_is_one_config_error(seed):
+    from prunekit.methods.pai import RandomInitConfig
+
+    with pytest.raises(ConfigError, match="seed="):
+        RandomInitConfig(sparsity=0.5, seed=seed)
+
+
+@pytest.mark.parametrize("value", ["false", "nope", 1, 0.0])
+def test_a_flag_given_as_text_or_a_number_is_refused(value):
+    """A quoted "false" is a non-empty string, which Python reads as true: the stem was kept."""
+    for key in ("keep_first", "fallback"):
+        with pytest.raises(ConfigError, match=f"{key}=.* must be true or false"):
+            SSCConfig.from_dict({key: value})
+
+
+@pytest.mark.parametrize("pattern", ["cross", "checker"])
+def test_a_patterned_preset_follows_the_pattern_at_the_table_reductions_too(pattern):
+    """The table's presets are for the full pattern: cross at reduction=4 gave 6.0x and 4.01 gave 4.5x."""
+    from prunekit.methods.ssc import preset_for
+
+    for r in (2, 4, 8, 16):
+        assert preset_for(r, "het", pattern) == preset_for(r + 1e-9, "het", pattern)
