@@ -151,6 +151,12 @@ def report(run_dir) -> None:
     path = Path(run_dir)
     if not (path / "result.json").is_file():
         raise ConfigError(f"{path} has no result.json; pass a run directory written by prunekit")
+    if (path / "recipe.json").is_file() and (path / "genotype.json").is_file():  # a `prunekit search` run
+        from ..methods.prdarts.run import rewrite_search_report
+
+        for p in rewrite_search_report(path):
+            click.echo(str(p))
+        return
     paths = write_report(path)
     for p in [paths.markdown, paths.html, *paths.plots]:
         click.echo(str(p))

@@ -249,7 +249,9 @@ def build_method(raw: Any) -> MethodSection:
                                   f"remove {key}={fields[key]!r} or use name: {name}")
             fields[key] = value
     if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(method_names())}")
+        hint = ("; PR-DARTS searches an architecture rather than pruning a given model: run it with "
+                "`prunekit search <recipe>` (docs/prdarts.md)" if name in ("prdarts", "pr-darts", "dass", "darts") else "")
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(method_names())}{hint}")
     config_cls, handler = METHODS.get(name)
     return MethodSection(name, config_cls.from_dict(fields), handler)
 
@@ -272,6 +274,10 @@ def read_source(source: str | None) -> tuple[dict[str, Any], str, Path | None]:
     run_dir = None
     if path.is_dir():
         run_dir, path = path, path / "recipe.yaml"
+        if not path.is_file() and (run_dir / "genotype.json").is_file() and (run_dir / "recipe.json").is_file():
+            raise ConfigError(f"{source} is a `prunekit search` run: its network is {run_dir / 'network.safetensors'}, "
+                              "which prunekit.methods.prdarts.load_network rebuilds (docs/prdarts.md); this command "
+                              "reads runs of `prunekit run` and recipe files")
         if not path.is_file():
             raise ConfigError(f"{source} is a directory without recipe.yaml; pass a recipe file or a run directory")
     elif not path.is_file():

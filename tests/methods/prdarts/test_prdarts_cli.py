@@ -35,6 +35,20 @@ def test_search_command_writes_the_run_directory(tmp_path):
     assert count_nonzeros(net)["nonzero"] == result["evaluation"]["cost"]["nonzero"]
     assert net(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
     assert "no speed-up is claimed" in (out / "report.md").read_text()
+    # the search time is its epochs' (a resumed search counted only the last process's)
+    assert result["search_time_s"] == sum(h["epoch_time_s"] for h in result["search_history"])
+    # `prunekit report` writes the search's report again (it replaced it with an empty pruning report),
+    # and an alphas.jsonl line that is not a record is left out of the plot instead of failing it
+    text = (out / "report.md").read_text()
+    with open(out / "alphas.jsonl", "a") as f:
+        f.write('{"phase": "pretrain", "phase_epoch": 0, "alpha_normal": "x"}\nnot json\n')
+    again = CliRunner().invoke(cli, ["report", str(out)])
+    assert again.exit_code == 0, again.output
+    assert (out / "report.md").read_text() == text and not (out / "report.html").exists()
+    # commands that read `prunekit run` directories say where the searched network is
+    for command in ("eval", "bench"):
+        other = CliRunner().invoke(cli, [command, str(out)])
+        assert other.exit_code == 2 and "is a `prunekit search` run" in other.output, other.output
     # it says where it writes and which phase runs as each starts, not only at the end
     lines = res.output.splitlines()
     assert lines[0] == f"run directory: {out}"
@@ -96,7 +110,7 @@ def test_search_command_refuses_bad_evaluation_settings_before_searching(tmp_pat
                              ("evaluate.weight_decay=-0.1", "evaluate.weight_decay=-0.1 is out of range"),
                              ("evaluate.aux_weight=-0.4", "evaluate.aux_weight=-0.4 is out of range"),
                              ("evaluate.drop_path=1.5", "evaluate.drop_path=1.5 is out of range"),
-                             ("evaluate.auxiliary=maybe", "evaluate.auxiliary='maybe' must be true or false"),
+                             ("evaluate.auxiliary=maybe", "auxiliary='maybe' must be true or false"),
                              ("evaluate.density=1", "evaluate.score_epochs=0"),
                              ("search.density=1 search.score_epochs=0", "evaluate.score_epochs=0")]:
         out = tmp_path / "x"

@@ -449,3 +449,34 @@ def test_the_auxiliary_head_on_images_too_small_for_it_is_one_clear_error():
     net(torch.randn(2, 1, 32, 32))
     assert net.aux_logits.shape == (2, 10)
     net.eval()(torch.randn(2, 1, 8, 8))  # evaluation never runs the head
+
+
+def test_a_search_that_starts_over_in_a_folder_does_not_keep_the_earlier_ones_logs(tmp_path):
+    data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,)))]
+    cfg = PRDartsConfig(channels=2, layers=3, steps=1, multiplier=1, density=0.5, pretrain_epochs=1,
+                        score_epochs=1, finetune_epochs=1, unrolled=False)
+    for seed in (0, 1):
+        search(cfg.replace(seed=seed), data, data, 3, out_dir=tmp_path, ckpt_dir=tmp_path / "ckpt")
+    rows = [json.loads(line) for line in (tmp_path / "alphas.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["pretrain", "scores", "finetune"]
+    assert len((tmp_path / "search_log.jsonl").read_text().splitlines()) == 3  # one record per epoch
+    assert len(list((tmp_path / "genotypes").glob("*.json"))) == 3
+
+
+def test_resuming_the_evaluation_training_with_another_cell_is_refused(tmp_path):
+    data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,)))]
+    schedule = EvalSchedule(1, 1, 1, 0.01, 0.1, seed=0)
+    train_at_density(EvalNetwork(DARTS_V2, 4, 3, 3), 0.5, data, None, schedule, ckpt_dir=tmp_path)
+    other = Genotype.from_dict({**DARTS_V2.to_dict(), "reduce": [
+        ("avg_pool_3x3" if op == "max_pool_3x3" else op, j) for op, j in DARTS_V2.to_dict()["reduce"]]})
+    with pytest.raises(CheckpointError, match="other settings .*network"):
+        train_at_density(EvalNetwork(other, 4, 3, 3), 0.5, data, None, schedule, ckpt_dir=tmp_path,
+                         resume=True)
+
+
+def test_the_report_says_when_layers_keep_more_weights_than_the_density_asks():
+    from prunekit.methods.prdarts.run import _density_note
+
+    assert _density_note({"density": 0.3, "layers_at_one_weight": 0}) == ""
+    assert "2 masked layer(s) keep one weight where density 0.001" in _density_note(
+        {"density": 0.001, "layers_at_one_weight": 2})

@@ -14,12 +14,14 @@ has not finished); `trim_alpha_log` then drops from alphas.jsonl the epochs that
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ...core.errors import CheckpointError, read_json
 from ...core.integrity import atomic_write_text
 from ...engine.checkpoint import checkpoint_path, load_checkpoint
+from .ops import PRIMITIVES
 
 SETTINGS = "settings.json"
 FORMAT, VERSION = "prunekit.prdarts_search", 1
@@ -122,7 +124,23 @@ def _saved(line: str, done: dict[str, int]) -> bool:
         row: Any = json.loads(line)
     except (ValueError, RecursionError):
         return False
+    if not alpha_row_ok(row):
+        return False
+    return row["phase_epoch"] < done.get(row["phase"], 0)
+
+
+def alpha_row_ok(row: Any) -> bool:
+    """Whether a record of alphas.jsonl has its phase, epoch and both cells' alphas (a list of
+    per-edge lists of finite numbers, one per candidate op)."""
     if not isinstance(row, dict) or not isinstance(row.get("phase"), str):
         return False
     epoch = row.get("phase_epoch")
-    return isinstance(epoch, int) and epoch < done.get(row["phase"], 0)
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        return False
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    for cell in ("alpha_normal", "alpha_reduce"):
+        rows = row.get(cell)
+        if not isinstance(rows, list) or not rows or not all(
+                isinstance(r, list) and len(r) == len(PRIMITIVES) and all(map(number, r)) for r in rows):
+            return False
+    return True

@@ -75,7 +75,9 @@ def train_at_density(net: EvalNetwork, density: float, train_loader: Iterable, v
         raise ConfigError(f"density={density} keeps every weight, so the {schedule.score_epochs} score epochs have "
                           "no scores to train; set score_epochs=0 (dense training) or a density below 1")
     epochs = (schedule.dense_epochs, schedule.score_epochs, schedule.finetune_epochs)
-    resume = _open_eval_checkpoints(ckpt_dir, resume, {"density": density, **asdict(schedule)}, epochs)
+    # the network's genotype and sizes too: a checkpoint of another cell may have the same shapes
+    settings = {"density": density, **asdict(schedule), "network": getattr(net, "spec", None)}
+    resume = _open_eval_checkpoints(ckpt_dir, resume, settings, epochs)
     recorder = BatchRecorder(train_loader)
     history = []
     for phase, n in zip(EVAL_PHASES, epochs):

@@ -21,17 +21,17 @@ import dataclasses
 import json
 import math
 import re
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ...core.config import Config, check_range
-from ...core.errors import ConfigError, read_json
+from ...core.errors import CheckpointError, ConfigError, read_json
 from ...core.integrity import claim_dir, hold_dir
 from ...data.config import DataConfig
 from ...data.subsets import FirstBatches, random_batches
+from .checkpoints import alpha_row_ok
 from .config import PRDartsConfig
 from .genotype import REFERENCE_GENOTYPES, Genotype, alpha_entropy
 from .ops import PRIMITIVES
@@ -79,9 +79,6 @@ class EvalRecipe(Config):
         for name in ("weight_decay", "aux_weight"):
             check_range(f"evaluate.{name}", getattr(self, name), 0.0, math.inf)
         check_range("evaluate.drop_path", self.drop_path, 0.0, 1.0)
-        for name in ("enabled", "auxiliary"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"evaluate.{name}={getattr(self, name)!r} must be true or false")
 
     def check_input(self, input_shape: Sequence[int], num_classes: int) -> None:
         """ConfigError unless the evaluation network runs on (C, H, W) inputs: checked on a narrow
@@ -137,11 +134,20 @@ def _alpha_plot(run_dir: Path) -> Path | None:
     path = run_dir / "alphas.jsonl"
     if not path.exists():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [row for row in map(_json_or_none, path.read_text().splitlines()) if alpha_row_ok(row)]
+    if not rows:
+        return None
     labels = [f"{r['phase']}:{r['phase_epoch']}" for r in rows]
     mass = {cell: [torch.tensor(r[f"alpha_{cell}"]).softmax(-1).mean(0).tolist() for r in rows]
             for cell in ("normal", "reduce")}
     return plot_alpha_history(run_dir / "alphas.png", labels, mass, PRIMITIVES)
+
+
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _evaluate(recipe: SearchRecipe, genotype: Genotype, bundle: Any, run_dir: Path,
@@ -149,6 +155,7 @@ def _evaluate(recipe: SearchRecipe, genotype: Genotype, bundle: Any, run_dir: Pa
     from ...data.augment import CutoutLoader
     from ...engine.evaluate import evaluate
     from .evalnet import EvalNetwork
+    from ...layers.sparse import sparse_layers
     from .network import EvalSchedule, network_report, save_network, train_at_density
 
     ev = recipe.evaluate
@@ -165,7 +172,8 @@ def _evaluate(recipe: SearchRecipe, genotype: Genotype, bundle: Any, run_dir: Pa
     example = torch.zeros(1, *bundle.input_shape)
     save_network(net.cpu(), run_dir / "network.safetensors", example)
     report = network_report(net, example, device="cpu", repeats=ev.latency_repeats)
-    return {"density": density, "history": history, "test": test, "cost": report}
+    raised = sum(1 for _, m in sparse_layers(net) if density * m.weight.numel() < 0.5)  # kept at one weight
+    return {"density": density, "history": history, "test": test, "cost": report, "layers_at_one_weight": raised}
 
 
 class SearchInterrupted(KeyboardInterrupt):
@@ -189,6 +197,10 @@ def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False
 
     if recipe.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={recipe.device!r} but CUDA is not available here; use device=cpu")
+    data_device = str(getattr(recipe.data, "device", "cpu") or "cpu")
+    if data_device.startswith("cuda") and not torch.cuda.is_available():  # the CIFAR recipe sets both
+        raise ConfigError(f"data.device={data_device!r} (where the batches are put) but CUDA is not available here; "
+                          "use data.device=cpu")
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     bundle = load_data(recipe.data)  # a missing or unreadable dataset fails before any file is written
@@ -215,11 +227,13 @@ def _search_and_evaluate(recipe: SearchRecipe, bundle: Any, run_dir: Path, progr
     cfg = recipe.search
     say(f"searching on {recipe.device}: {cfg.pretrain_epochs} dense + {cfg.score_epochs} score + "
         f"{cfg.finetune_epochs} finetune epochs at density {cfg.density}")
-    t0 = time.perf_counter()
     found = search(recipe.search, bundle.train, alpha_split, bundle.num_classes, bundle.input_shape[0],
                    device=recipe.device, out_dir=run_dir, progress=progress, eval_loader=bundle.val,
                    ckpt_dir=run_dir / "ckpt" / "search", resume=resume)
-    result: dict[str, Any] = {"genotype": found.genotype.to_dict(), "search_time_s": time.perf_counter() - t0,
+    # summed over the epochs (each checkpoint keeps its epochs' records): a resumed search counts
+    # the time of every process, not only the last
+    search_time = sum(float(h.get("epoch_time_s", 0.0)) for h in found.history)
+    result: dict[str, Any] = {"genotype": found.genotype.to_dict(), "search_time_s": search_time,
                               "search_history": found.history, "supernet_nonzeros": found.nonzeros,
                               "alpha_entropy_final": {"normal": alpha_entropy(found.supernet.alpha_normal),
                                                       "reduce": alpha_entropy(found.supernet.alpha_reduce)},
@@ -275,10 +289,36 @@ def saved_phases(recipe: SearchRecipe, run_dir: str | Path) -> tuple[list[str], 
     return done, todo
 
 
+def rewrite_search_report(run_dir: str | Path) -> list[Path]:
+    """report.md (and alphas.png) of a finished search run written again from its result.json;
+    CheckpointError for a result.json that is not a search's."""
+    run_dir = Path(run_dir)
+    result = read_json(run_dir / "result.json", "search result", "the report cannot be written", CheckpointError,
+                       mapping=True)
+    try:
+        text = render_report(result)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise CheckpointError(f"{run_dir / 'result.json'} is not a complete search result ({type(err).__name__}: "
+                              f"{err}); its report.md was left as it was") from None
+    (run_dir / "report.md").write_text(text)
+    plot = _alpha_plot(run_dir)
+    return [run_dir / "report.md"] + ([plot] if plot is not None else [])
+
+
+def _density_note(ev: dict[str, Any]) -> str:
+    """What the report adds when layers hold more weights than the density asks: every masked
+    layer keeps at least one, so a density below 1/numel of a layer is raised there."""
+    raised = ev.get("layers_at_one_weight") or 0
+    if not raised:
+        return ""
+    return (f"; {raised} masked layer(s) keep one weight where density {ev['density']} would keep none, so the "
+            "network holds more weights than the density asks")
+
+
 def render_report(result: dict[str, Any]) -> str:
     g = result["genotype"]
     lines = ["# PR-DARTS search", "", f"Device: {result['device']}, torch {result['torch']}; search "
-             f"{result['search_time_s']:.0f} s.", "", "## Derived cell", "",
+             f"{result['search_time_s']:.0f} s (its epochs, summed over every resume).", "", "## Derived cell", "",
              f"- normal: {', '.join(f'{op}<-{j}' for op, j in g['normal'])}",
              f"- reduce: {', '.join(f'{op}<-{j}' for op, j in g['reduce'])}",
              f"- parameter-free share of the edges: {result['param_free_share']:.2f} (a share near 1 is the "
@@ -292,7 +332,7 @@ def render_report(result: dict[str, Any]) -> str:
         lines += ["## Evaluation network", "",
                   f"- density {ev['density']}: test accuracy {ev['test']['acc']:.4f} (loss {ev['test']['loss']:.4f}, "
                   f"n={ev['test']['n']})",
-                  f"- nonzero conv/linear weights: {c['nonzero']:,} of {c['total']:,}",
+                  f"- nonzero conv/linear weights: {c['nonzero']:,} of {c['total']:,}{_density_note(ev)}",
                   f"- MACs per sample: {c['macs']:,} dense kernels; {c['nonzero_macs']:,} over nonzero weights only",
                   f"- latency (CPU, batch 1, interleaved): masked / all-ones-masked = "
                   f"{c['latency_ratio_masked_vs_dense']:.3f}",

@@ -94,8 +94,10 @@ def search(cfg: PRDartsConfig, train_loader: Iterable, val_loader: Iterable, num
 
     epochs = (cfg.pretrain_epochs, cfg.score_epochs, cfg.finetune_epochs)
     done = _open_checkpoints(cfg, ckpt_dir, resume, epochs, sized(val_loader))
-    if resume and out_dir is not None:  # the epochs that run again are logged again
-        trim_alpha_log(out_dir, done or {})
+    if done is not None and out_dir is not None:  # the epochs that run again are logged again
+        trim_alpha_log(out_dir, done)
+    elif out_dir is not None:  # a search that starts over: an earlier one's logs would read as this one's
+        _clear_logs(Path(out_dir))
     torch.manual_seed(cfg.seed)
     net = SuperNet(cfg.channels, num_classes, cfg.layers, cfg.steps, cfg.multiplier, in_channels=in_channels)
     architect = Architect(net, cfg.arch_lr, (cfg.arch_beta1, 0.999), cfg.arch_weight_decay, cfg.unrolled, cfg.hvp_r)
@@ -120,6 +122,15 @@ def search(cfg: PRDartsConfig, train_loader: Iterable, val_loader: Iterable, num
     if out_dir is not None:
         Path(out_dir, "genotype.json").write_text(json.dumps(result.genotype.to_dict(), indent=1))
     return result
+
+
+def _clear_logs(out_dir: Path) -> None:
+    """Remove what an earlier search in `out_dir` logged: alphas.jsonl, search_log.jsonl, the
+    per-epoch genotypes/ and genotype.json."""
+    for name in ("alphas.jsonl", "search_log.jsonl", "genotype.json"):
+        (out_dir / name).unlink(missing_ok=True)
+    for path in (out_dir / "genotypes").glob("*.json") if (out_dir / "genotypes").is_dir() else ():
+        path.unlink()
 
 
 def _open_checkpoints(cfg: PRDartsConfig, ckpt_dir: str | Path | None, resume: bool, epochs: tuple[int, ...],
