@@ -156,6 +156,19 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _check_same_settings(results: dict, out: Path, **now) -> None:
+    """Stop when `out` holds records of a run with other settings: they would be resumed as this
+    run's (searches and arms are keyed by density and seed only) and the header overwritten."""
+    if not (results.get("searches") or results.get("arms")):
+        return
+    differ = {k: (results.get(k), v) for k, v in now.items()
+              if k in results and json.loads(json.dumps(results[k])) != json.loads(json.dumps(v))}
+    if differ:
+        text = ", ".join(f"{k}: {old!r} in the file, {new!r} now" for k, (old, new) in differ.items())
+        raise SystemExit(f"{out} holds records made with other settings ({text}); give another --out, or the "
+                         "same settings to resume it")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
@@ -166,8 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = _load(out)
-    results.update(preset=args.preset, settings=preset, device=args.device, unrolled=args.unrolled,
-                   threads=args.threads, environment=environment())
+    _check_same_settings(results, out, preset=args.preset, settings=preset, unrolled=args.unrolled)
+    results.update(preset=args.preset, settings=preset, unrolled=args.unrolled)
+    # every run that wrote into the file, with where it ran (records of several runs may sit side by side)
+    results.setdefault("runs", []).append({"device": args.device, "threads": args.threads,
+                                           "command": " ".join(sys.argv), "environment": environment()})
+    results.update(device=args.device, threads=args.threads, environment=results["runs"][-1]["environment"])
     bundle = load_data(DataConfig(name="imagefolder", root=args.data, val_fraction=0.5,
                                   limit_train=preset["limit_train"], batch_size=preset["batch_size"],
                                   eval_batch_size=preset["batch_size"], device=args.device, seed=0))
