@@ -93,9 +93,6 @@ class EvalSection(Config):
 
     def validate(self) -> None:
         check_choice("split", self.split, SPLITS)
-        for name in ("latency", "layer_latency"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
 
 
 @dataclass

@@ -50,9 +50,10 @@ class Config:
         names, flags = _string_list_fields(type(self)), _bool_fields(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in flags and value is not None and not isinstance(value, bool):
+            if f.name in flags and not isinstance(value, bool) and not (value is None and flags[f.name]):
                 # a quoted "false" would read as true
-                raise ConfigError(f"{f.name}={short_repr(value)} must be true or false")
+                raise ConfigError(f"{f.name}={short_repr(value)} must be true or false"
+                                  + (" (or null)" if flags[f.name] else ""))
             check_finite(f.name, getattr(self, f.name))
             check_limit(f.name, getattr(self, f.name))
             if f.name in names:
@@ -163,14 +164,14 @@ def _string_list_fields(cls: type) -> frozenset[str]:
     return _STRING_LISTS[cls]
 
 
-_BOOLS: dict[type, frozenset[str]] = {}
+_BOOLS: dict[type, dict[str, bool]] = {}
 
 
-def _bool_fields(cls: type) -> frozenset[str]:
-    """Names of the fields annotated `bool` (or `bool | None`)."""
+def _bool_fields(cls: type) -> dict[str, bool]:
+    """{name: whether None is allowed} of the fields annotated `bool` (or `bool | None`)."""
     if cls not in _BOOLS:
-        _BOOLS[cls] = frozenset(name for name, hint in _hints(cls).items()
-                                if set(_alternatives(hint)) - {type(None)} == {bool})
+        _BOOLS[cls] = {name: type(None) in _alternatives(hint) for name, hint in _hints(cls).items()
+                       if set(_alternatives(hint)) - {type(None)} == {bool}}
     return _BOOLS[cls]
 
 

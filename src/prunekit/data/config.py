@@ -64,8 +64,6 @@ class DataConfig(Config):
             check_int("limit_train", self.limit_train, 1)
         if self.image_size is not None:
             check_int("image_size", self.image_size, 1)
-        if not isinstance(self.augment, bool):
-            raise ConfigError(f"augment={self.augment!r} must be true or false")
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device={self.device!r} is not allowed; use 'cpu', 'cuda' or 'cuda:<index>'")
 

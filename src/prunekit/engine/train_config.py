@@ -61,10 +61,6 @@ class TrainConfig(Config):
             raise ConfigError(f"warmup_epochs={self.warmup_epochs} leaves no epoch for the "
                               f"{self.schedule} decay; use warmup_epochs < epochs={self.epochs}")
         check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
-        for name in ("nesterov", "bf16", "channels_last", "compile"):
-            if not isinstance(getattr(self, name), bool) and not (name == "channels_last" and self.channels_last is None):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false"
-                                  + (" (or null: on for CPU)" if name == "channels_last" else ""))
         check_int("seed", self.seed, 0)
         if self.grad_clip is not None:
             check_range("grad_clip", self.grad_clip, 0.0, math.inf, lo_open=True)

@@ -63,8 +63,6 @@ class HydraConfig(Config):
             raise ConfigError(f"epochs={self.epochs!r} must be an integer >= 0 (0: magnitude top-k only)")
         check_range("lr", self.lr, 0.0, float("inf"), lo_open=True)
         check_choice("score_init", self.score_init, SCORE_INITS)
-        if not isinstance(self.train_bn, bool):
-            raise ConfigError(f"train_bn={self.train_bn!r} must be true or false")
 
 
 def _freeze_all_but_scores(model: nn.Module, train_bn: bool) -> None:

@@ -119,9 +119,6 @@ class GatorConfig(Config):
             raise ConfigError(f"round_to={self.round_to!r} must be a positive integer (e.g. 8) or null")
         if not isinstance(self.ignore, (list, tuple)) or not all(isinstance(n, str) for n in self.ignore):
             raise ConfigError("ignore must be a list of module names")
-        for name in ("adaptive", "probe"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false")
         if not isinstance(self.latency, LatencyConfig):
             raise ConfigError("latency must be a LatencyConfig (or a mapping of its fields in a recipe)")
 

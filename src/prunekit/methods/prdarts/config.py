@@ -90,6 +90,3 @@ class PRDartsConfig(Config):
         check_range("arch_beta1", self.arch_beta1, 0.0, 1.0, hi_open=True)
         if self.score_init not in ("scaled", "kaiming"):
             raise ConfigError(f"score_init={self.score_init!r}; use 'scaled' (HYDRA) or 'kaiming'")
-        for name in ("unrolled", "arch_during_scores", "alpha_in_weight_optimizer"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")

@@ -104,9 +104,6 @@ class SLRConfig(Config):
         check_range("admm_every", self.admm_every, 1, float("inf"))
         check_range("recalibrate_batches", self.recalibrate_batches, 1, float("inf"))
         check_range("retrain_epochs", self.retrain_epochs, 0, float("inf"))
-        for name in ("clone_previous", "recalibrate_bn"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false")
 
     def check_model(self, model: nn.Module, example_inputs=None) -> None:
         targets = resolve_targets(model, self)
