@@ -169,7 +169,7 @@ def test_estimate_by_counts_equals_the_position_by_position_reading(name):
     """Where the estimator reads removals from their counts alone, it gives what marking every
     dead position gives, on many random removals (and on the graphs where it cannot, it reads
     positions: concat, attention products)."""
-    from prunekit.cost.macs import CostEstimator
+    from prunekit.cost.macs import CostEstimator, per_sample
     build, make_input = TOY_MODELS[name]
     model, x = build().eval(), make_input()
     graph = build_graph(model, x)
@@ -181,7 +181,7 @@ def test_estimate_by_counts_equals_the_position_by_position_reading(name):
         dead = est._dead(removal)
         scale = est._param_scale(dead)
         by_position = (int(torch.tensor(est._numel * scale[: len(est._numel)]).round().sum()),
-                       int(est._node_array(removal, dead, scale).sum()))
+                       per_sample(int(est._node_array(removal, dead, scale).sum()), max(graph.batch, 1)))
         assert est(removal) == by_position
         assert est({k: list(reversed(v)) for k, v in removal.items()}) == by_position  # order does not matter
     if name in ("concat", "transformer_mha", "attention_heads", "linear_attention"):
@@ -494,3 +494,18 @@ def test_an_unbatched_sequence_input_is_one_sample(kind):
 
     want = 4 * L * E * E + 2 * L * L * E if kind == "attention" else L * (4 * H * E + 4 * H * H)
     assert count_cost(Unbatched().eval(), torch.randn(L, E)).macs == want
+
+
+def test_a_batch_as_long_as_the_sequence_each_sample_runs_is_still_a_batch():
+    """A batch-first model running an unbatched LSTM on each sample of (N, L, E): at N == L the
+    input is a batch of N, not one unbatched sequence. Hand count L*(4*4*6 + 4*4*4) + 4*3."""
+    class PerSample(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.fc = nn.LSTM(6, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return torch.stack([self.fc(self.lstm(s)[0][-1]) for s in x])
+
+    counts = {n: count_cost(PerSample(), torch.randn(n, 8, 6)).macs for n in (4, 8)}
+    assert counts == {4: 8 * (96 + 64) + 12, 8: 8 * (96 + 64) + 12}

@@ -382,7 +382,7 @@ def test_random_dag_magnitude_method(spec, ratio, seed):
 def test_random_dag_cost_estimate_by_counts_equals_positions_and_recount(spec, ratio, seed):
     """The cost estimator's two readings of a removal (from per-group counts where every member
     allows it, else position by position) agree with each other and with a recount after removal."""
-    from prunekit.cost.macs import CostEstimator, count_cost
+    from prunekit.cost.macs import CostEstimator, count_cost, per_sample
     model, x = build_model(spec, seed)
     graph = build_graph(model, x)
     est = CostEstimator(model, graph)
@@ -391,7 +391,7 @@ def test_random_dag_cost_estimate_by_counts_equals_positions_and_recount(spec, r
     dead = est._dead(removal)
     scale = est._param_scale(dead)
     by_position = (int(round(float((est._numel * scale[: len(est._numel)]).round().sum()))),
-                   int(est._node_array(removal, dead, scale).sum()))
+                   per_sample(int(est._node_array(removal, dead, scale).sum()), max(graph.batch, 1)))
     assert est(removal) == est.of_distinct(removal) == by_position
     remove_channels_(model, graph, removal)
     after = count_cost(model, x)

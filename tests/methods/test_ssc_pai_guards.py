@@ -97,3 +97,12 @@ def test_a_patterned_preset_follows_the_pattern_at_the_table_reductions_too(patt
 
     for r in (2, 4, 8, 16):
         assert preset_for(r, "het", pattern) == preset_for(r + 1e-9, "het", pattern)
+
+
+def test_read_only_scores_still_read_a_layer_pruned_with_torch_prune():
+    """Only the methods that mask weights refuse it; magnitude_scores reads its effective weight."""
+    from prunekit.importance.elements import magnitude_scores
+
+    net = _torch_pruned()
+    scores = magnitude_scores(net)
+    assert int((scores["2.weight"] == 0).sum()) == int((net[2].weight_mask == 0).sum())

@@ -51,16 +51,20 @@ def _fixed_zeros(module: nn.Module) -> int:
 
 
 def cost_from_graph(model: nn.Module, graph: Graph) -> Cost:
-    batch = max(graph.batch, 1)
-    return _cost(model, graph, [node.macs // batch for node in graph.nodes])
+    return _cost(model, graph, [node.macs for node in graph.nodes])
 
 
 def _cost(model: nn.Module, graph: Graph, node_macs: list[int]) -> Cost:
-    """Totals plus the per-module table: MACs per node as given, params and widths read from `model`."""
-    per: dict[str, dict[str, int]] = defaultdict(lambda: {"params": 0, "macs": 0, "out": 0})
+    """Totals plus the per-module table: the nodes' MACs for the traced batch (as given) summed per
+    module and then made per sample (a node's own share is not rounded: a layer run on each sample
+    alone has one node per sample), params and widths read from `model`."""
+    batch = max(graph.batch, 1)
+    raw: dict[str, int] = defaultdict(int)
     for node, macs in zip(graph.nodes, node_macs):
-        owner = node.params[0].rsplit(".", 1)[0] if node.params else node.module
-        per[owner]["macs"] += macs
+        raw[node.params[0].rsplit(".", 1)[0] if node.params else node.module] += macs
+    per: dict[str, dict[str, int]] = defaultdict(lambda: {"params": 0, "macs": 0, "out": 0})
+    for owner, macs in raw.items():
+        per[owner]["macs"] = per_sample(macs, batch)
     total, seen = 0, set()  # the model's unique parameters less fixed zeros, in the same walk
     for name, mod in model.named_modules():
         own = list({id(p): p for p in mod._parameters.values() if p is not None}.values())  # one tensor, two names: once
@@ -78,7 +82,12 @@ def _cost(model: nn.Module, graph: Graph, node_macs: list[int]) -> Cost:
             elif w is not None and w.dim() >= 1:
                 transposed = isinstance(mod, nn.modules.conv._ConvTransposeNd)
                 per[name]["out"] = int(mod.out_channels if transposed else w.shape[0])
-    return Cost(total, sum(node_macs), dict(per))
+    return Cost(total, per_sample(sum(node_macs), batch), dict(per))
+
+
+def per_sample(macs: int, batch: int) -> int:
+    """MACs counted over a traced batch, per sample (rounded to the nearest)."""
+    return (int(macs) + batch // 2) // batch
 
 
 def count_cost(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = ()) -> Cost:
@@ -128,11 +137,10 @@ class CostEstimator:
             key_of.append(keys[(m.qualname, m.dim)])
         self._key_of, self._param_of_key = np.asarray(key_of, dtype=np.int64), np.asarray(param_of_key, dtype=np.int64)
         self._scale_plan: tuple[np.ndarray, ...] | None = None
-        batch = max(graph.batch, 1)
         # a node without weights reads the extra last scale entry, which stays 1
         self._node_param = np.array([names[n.params[0]] if n.params and not n.terms else len(names)
                                      for n in graph.nodes], dtype=np.int64)
-        self._node_base = np.array([n.macs // batch for n in graph.nodes], dtype=np.int64)
+        self._node_base = np.array([n.macs for n in graph.nodes], dtype=np.int64)  # for the traced batch
         self._terms = {i: [(part, [self._index(ids.numpy().reshape(-1)) for ids in idss]) for part, idss in n.terms]
                        for i, n in enumerate(graph.nodes) if n.terms and not n.params}
         self._by_count: tuple[dict[str, int], np.ndarray, np.ndarray] | None | bool = None  # see _count_plan
@@ -232,9 +240,9 @@ class CostEstimator:
 
     def node_macs(self, removal: dict[str, list[int]], dead: np.ndarray | None = None,
                   scale: np.ndarray | None = None) -> list[int]:
-        """Per-sample MACs of every node after the removal: conv/linear nodes shrink by the kept
-        fractions of their weight's channel dims, parameter-free products (matmul, attention) by
-        those of the positions in each of their terms."""
+        """MACs of every node after the removal, for the traced batch (`_cost` makes them per
+        sample): conv/linear nodes shrink by the kept fractions of their weight's channel dims,
+        parameter-free products (matmul, attention) by those of the positions in each of their terms."""
         if scale is None:
             removal = self._checked(removal)
         return self._node_array(removal, dead, scale).tolist()
@@ -247,10 +255,9 @@ class CostEstimator:
         if not self._terms:
             return out
         dead = self._dead(removal) if dead is None else dead
-        batch = max(self.graph.batch, 1)
         part = lambda pos: 1.0 - float(np.count_nonzero(dead[pos])) / pos.size if pos.size else 1.0
         for i, terms in self._terms.items():
-            out[i] = int(round(sum(p * math.prod(part(pos) for pos in poss) for p, poss in terms))) // batch
+            out[i] = int(round(sum(p * math.prod(part(pos) for pos in poss) for p, poss in terms)))
         return out
 
     def _group_position(self, name: str) -> int:
@@ -292,7 +299,7 @@ class CostEstimator:
         times)."""
         dead, scale = self._read(removal)
         params = int(np.rint(self._numel * scale[: len(self._numel)]).sum())
-        return params, int(self._node_array(removal, dead, scale).sum())
+        return params, per_sample(int(self._node_array(removal, dead, scale).sum()), max(self.graph.batch, 1))
 
 
 def estimate_cost(model: nn.Module, graph: Graph, removal: dict[str, list[int]]) -> tuple[int, int]:

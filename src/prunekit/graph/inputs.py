@@ -49,8 +49,8 @@ def samples_of(inputs: Any, sequence_shape: tuple[int, int] | None = None) -> in
     """How many samples `inputs` hold, the divisor of per-sample costs: dim 0 of the first tensor
     with a dimension, except for a sequence-first input (L, N, ...): when the model's first sequence
     op (attention, RNN) ran on `sequence_shape` = (L, N) and the input's first two dims are L and N,
-    the input is read as sequence-first and N is the count; when that op ran on one sequence (N = 1,
-    an unbatched (L, E) input among them) and the input's first dim is L, it is one sample. (A
+    the input is read as sequence-first and N is the count; when that op ran on one sequence (N = 1)
+    and the input is an unbatched (L, E) or (L,) whose first dim is L, it is one sample. (A
     batch-first model whose first RNN runs on N*S sentences of W words, say, keeps dim 0: its input
     does not start with (W, N*S).)"""
     first = next((t for t in inputs if isinstance(t, torch.Tensor) and t.dim()), None)
@@ -58,7 +58,7 @@ def samples_of(inputs: Any, sequence_shape: tuple[int, int] | None = None) -> in
         return 1
     if sequence_shape is not None:
         length, batch = (int(n) for n in sequence_shape)
-        if batch == 1 and first.shape[0] == length:
+        if batch == 1 and first.dim() <= 2 and first.shape[0] == length:  # (L, E) or token ids (L,)
             return 1
         if first.dim() >= 2 and tuple(first.shape[:2]) == (length, batch):
             return batch

@@ -34,10 +34,7 @@ def target_weights(model: nn.Module, targets: Sequence[str] | tuple[type, ...] |
         types = _DEFAULT_TYPES if targets is None else targets
         out = {_key(n, "weight"): (n, "weight") for n, m in modules.items()
                if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)}
-        if not untied:  # a caller that filters this list asks again with the names it keeps
-            return out
-        _check_stored(modules, out)
-        return check_untied(model, out)
+        return check_untied(model, out) if untied else out
     out = {}
     for t in targets:
         if not isinstance(t, str):
@@ -47,15 +44,15 @@ def target_weights(model: nn.Module, targets: Sequence[str] | tuple[type, ...] |
             raise ConfigError(f"target {t!r} names no tensor of the model; use '<module>.<param>' with a module "
                               f"from model.named_modules(), e.g. {next(iter(target_weights(model)), '0.weight')!r}")
         out[_key(mod, pname)] = (mod, pname)
-    _check_stored(modules, out)
     return check_untied(model, out) if untied else out
 
 
-def _check_stored(modules: dict[str, nn.Module], weights: dict[str, tuple[str, str]]) -> None:
-    """ConfigError for a weight torch.nn.utils.prune computes: scores, masks and gradients need the
-    stored tensor, which is then "<name>_orig"."""
+def check_not_torch_pruned(model: nn.Module, weights: dict[str, tuple[str, str]]) -> None:
+    """ConfigError for a weight torch.nn.utils.prune computes in a forward pre-hook: a method that
+    masks weights needs the stored tensor (then "<name>_orig"), and its own masks on top of that
+    hook would be undone or doubled."""
     for mod, pname in weights.values():
-        if pname in torch_pruned(modules[mod]):
+        if pname in torch_pruned(model.get_submodule(mod)):
             raise ConfigError(torch_pruned_error(mod, [pname]))
 
 

@@ -50,7 +50,7 @@ from ..importance.calibration import check_iterable
 from ..importance.elements import (apply_element_masks, channel_scores_from_elements, grasp_scores, random_scores,
                                    select_element_masks, snip_scores, synflow_scores)
 from ..importance.select import select_removal
-from ..importance.targets import check_not_shared, target_weights
+from ..importance.targets import check_not_shared, check_not_torch_pruned, target_weights
 from ..surgery.copying import adopt_, share_copy
 from ..surgery.masks import get_mask, masked_modules
 from ..surgery.plan import empty_plan, make_plan
@@ -140,6 +140,7 @@ def _targets(model: nn.Module, ignore: list[str]) -> list[str]:
     if not keys:
         raise PruningError("no conv or Linear weight left to score; ignore fewer modules")
     check_not_shared(model, target_weights(model, keys))  # nor tied to one another, nor to a tensor left out
+    check_not_torch_pruned(model, target_weights(model, keys))
     return keys
 
 
