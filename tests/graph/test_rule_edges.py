@@ -420,12 +420,38 @@ def test_a_channel_count_read_off_another_tensor_sends_that_tensors_group_to_the
     assert not build_safe_graph(model, x).group("a").prunable.any()
 
 
-def test_a_size_read_but_given_to_no_view_leaves_the_group_proven():
+def test_a_size_read_in_the_models_code_sends_the_group_to_the_probe_which_keeps_it_when_sound():
+    """The count read may end up anywhere as a number (here nowhere that matters): the trace cannot
+    vouch for the group, the probe finds removal equal to zeroing and keeps every channel prunable."""
     torch.manual_seed(0)
     model, x = SizeReadOffAnother("inferred").eval(), torch.randn(2, 3, 3, 3)
-    graph = build_graph(model, x)
-    assert graph.group("a").proven and graph.group("a").prunable.all()
+    assert not build_graph(model, x).group("a").proven
+    assert build_safe_graph(model, x).group("a").prunable.all()
     _every_prunable_channel_matches_zeroing(model, x)
+
+
+class _ScaledByWidth(nn.Module):
+    """Attention-style scaling by a channel count read as a Python number, in five spellings."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.a, self.head, self.how = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1), how
+
+    def forward(self, x):
+        f = torch.relu(self.a(x))
+        scale = {"shape": lambda: f.shape[1] ** -0.5, "size": lambda: 1 / f.size(1), "len": lambda: 1 / len(f[0]),
+                 "numel": lambda: 1 / f.numel()}[self.how]()
+        return self.head(f * scale)
+
+
+@pytest.mark.parametrize("how", ["shape", "size", "len", "numel"])
+def test_a_channel_count_used_as_a_number_is_never_pruned_silently_wrong(how):
+    """Removing a channel changes the scale, so removal no longer equals zeroing: the group was
+    proven and pruned (outputs off by 0.04 on a 0.26 scale); the probe now keeps it whole."""
+    torch.manual_seed(0)
+    model, x = _ScaledByWidth(how).eval(), torch.randn(2, 3, 6, 6)
+    assert not build_graph(model, x).group("a").proven
+    assert not build_safe_graph(model, x).group("a").prunable.any()
 
 
 class PartialConv(nn.Module):

@@ -16,6 +16,7 @@ import torch
 from .ids import along
 from .rules import register_rule
 from .rules_tensor import _fix_all, _tensor_outs
+from .trace import tensor_qualname
 
 
 def _named(tr, t):
@@ -52,7 +53,7 @@ def _conv(tr, call, transposed: bool):
     c_out = w.shape[1] * groups if transposed else w.shape[0]
     in_ids = along(tr.ids(x), 1, c_in, tr.uf)
     mod, wname = _named(tr, w)
-    p = tr.new_space(f"{mod}.{wname}", c_out)
+    p = tr.new_space(tensor_qualname(mod, wname), c_out)
     # dim 0 holds whole channels; dim 1 holds channels per conv group (whole channels if groups == 1)
     dim0, dim1 = ((in_ids, "in"), (p, "out")) if transposed else ((p, "out"), (in_ids, "in"))
     tr.add_member(mod, wname, 0, *dim0)
@@ -70,7 +71,7 @@ def _conv(tr, call, transposed: bool):
     # every output element reads in/groups channels x kernel (conv); every input element writes
     # out/groups channels x kernel (transposed)
     per = w.shape[1] * math.prod(w.shape[2:])
-    tr.add_node(call, macs=(x.numel() if transposed else out.numel()) * per, params=[f"{mod}.{wname}"])
+    tr.add_node(call, macs=(x.numel() if transposed else out.numel()) * per, params=[tensor_qualname(mod, wname)])
 
 
 def conv(tr, call):
@@ -91,7 +92,7 @@ def linear_like(tr, call, x, w, b, transposed: bool = False):
     in_dim, out_dim = (0, 1) if transposed else (1, 0)
     mod, wname = _named(tr, w)
     in_ids = along(tr.ids(x), -1, x.shape[-1], tr.uf)
-    p = tr.new_space(f"{mod}.{wname}", w.shape[out_dim])
+    p = tr.new_space(tensor_qualname(mod, wname), w.shape[out_dim])
     tr.add_member(mod, wname, out_dim, p, "out")
     tr.add_member(mod, wname, in_dim, in_ids, "in")
     if b is not None and _named(tr, b) is not None:
@@ -101,7 +102,7 @@ def linear_like(tr, call, x, w, b, transposed: bool = False):
         # its channels and the output channels are one
         tr.uf.union_pairs(p, along(tr.ids(b), -1, w.shape[out_dim], tr.uf))
     tr.set_ids(out, _out_ids(p, out.dim(), out.dim() - 1))
-    tr.add_node(call, macs=out.numel() * x.shape[-1], params=[f"{mod}.{wname}"])
+    tr.add_node(call, macs=out.numel() * x.shape[-1], params=[tensor_qualname(mod, wname)])
 
 
 def linear(tr, call):
@@ -142,7 +143,7 @@ def bilinear(tr, call):
         _fix_all(tr, call)
         return tr.add_node(call, macs=macs)
     mod, wname = _named(tr, w)
-    p = tr.new_space(f"{mod}.{wname}", w.shape[0])
+    p = tr.new_space(tensor_qualname(mod, wname), w.shape[0])
     tr.add_member(mod, wname, 0, p, "out")
     tr.add_member(mod, wname, 1, along(tr.ids(x1), -1, x1.shape[-1], tr.uf), "in")
     tr.add_member(mod, wname, 2, along(tr.ids(x2), -1, x2.shape[-1], tr.uf), "in")
@@ -151,7 +152,7 @@ def bilinear(tr, call):
     elif isinstance(b, torch.Tensor) and b.dim() >= 1 and b.shape[-1] == w.shape[0] > 1:
         tr.uf.union_pairs(p, along(tr.ids(b), -1, w.shape[0], tr.uf))  # a computed bias: its channels are the outputs
     tr.set_ids(out, _out_ids(p, out.dim(), out.dim() - 1))
-    tr.add_node(call, macs=macs, params=[f"{mod}.{wname}"])
+    tr.add_node(call, macs=macs, params=[tensor_qualname(mod, wname)])
 
 
 def _per_channel(tr, call, dim: int, tensors, join: int = 1, statistics: bool = False):
@@ -236,7 +237,7 @@ def embedding(tr, call):
         return _fix_all(tr, call)
     out = _tensor_outs(call)[0]
     mod, wname = _named(tr, w)
-    p = tr.new_space(f"{mod}.{wname}", w.shape[1])
+    p = tr.new_space(tensor_qualname(mod, wname), w.shape[1])
     tr.add_member(mod, wname, 1, p, "out")
     tr.set_ids(out, _out_ids(p, out.dim(), out.dim() - 1))
     tr.add_node(call)

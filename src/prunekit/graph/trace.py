@@ -25,7 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..core.errors import UnsupportedOpError
-from .ids import NO_ID, OPAQUE, UnionFind, compress, has_ids
+from .ids import NO_ID, OPAQUE, UnionFind, along, compress, has_ids
 
 
 def tensors_in(obj: Any) -> list[torch.Tensor]:
@@ -67,7 +67,12 @@ class Member:
 
     @property
     def qualname(self) -> str:
-        return f"{self.module}.{self.name}" if self.module else self.name
+        return tensor_qualname(self.module, self.name)
+
+
+def tensor_qualname(module: str, name: str) -> str:
+    """"<module>.<name>", or `name` for a tensor of the model itself (module "")."""
+    return f"{module}.{name}" if module else name
 
 
 @dataclass
@@ -127,9 +132,13 @@ class Tracer(TorchFunctionMode):
         self._stack: list[str] = [""]
         self._ignored_depth = 0  # how many modules on the stack are ignored
         self._types: dict[str, str] = {}
+        self._torch_layers: set[str] = set()  # modules whose class is torch.nn's own
         self._tensor_names: dict[int, tuple[str, str]] = {}
         for mod_name, mod in (modules if modules is not None else dict(model.named_modules())).items():
             self._types[mod_name] = type(mod).__name__
+            if type(mod).__module__.startswith("torch.nn.") and not isinstance(mod, nn.ModuleList | nn.ModuleDict
+                                                                               | nn.Sequential):
+                self._torch_layers.add(mod_name)
             for pname, p in [*mod._parameters.items(), *mod._buffers.items()]:
                 if p is not None:
                     self._tensor_names.setdefault(id(p), (mod_name, pname))
@@ -202,7 +211,7 @@ class Tracer(TorchFunctionMode):
             dim = big[0] if len(big) == 1 else p.dim() - 1
             # an integer or bool tensor holds values (positions, token ids), not channels: its
             # entries are never removed (torchvision's relative_position_index buffers)
-            vec = self.new_space(f"{mod}.{name}" if mod else name, p.shape[dim], fixed=not p.is_floating_point())
+            vec = self.new_space(tensor_qualname(mod, name), p.shape[dim], fixed=not p.is_floating_point())
             self.add_member(mod, name, dim, vec, "through")
             shape = [1] * p.dim()
             shape[dim] = p.shape[dim]
@@ -293,15 +302,23 @@ class Tracer(TorchFunctionMode):
             )
 
     def _note_sizes(self, call: Call) -> None:
-        """x.shape, x.size(), x.size(d): the channel dims read, by size (see `unproven`)."""
+        """x.shape, x.size(), x.size(d), x.numel(), len(x): the channel dims read, by size (see
+        `unproven`). Their groups are unproven: the size may end up anywhere as a Python number
+        (`x * x.shape[1] ** -0.5`, `x / x.numel()`), where no rule sees it, and removing a channel
+        then changes what it scales; the probe tests such groups."""
         x = call.args[0]
         ids = self._ids.get(id(x))  # never made here: a parameter's shape read is no use of it
         if ids is None or not has_ids(ids):
             return
-        dim = call.arg(1, "dim")
+        dim = 0 if call.name == "__len__" else call.arg(1, "dim")
+        # torch.nn's own layers read sizes to check their inputs (InstanceNorm) or inside ops whose
+        # rules know them; the model's code may use them anywhere
+        own_code = call.module not in self._torch_layers
         for d in range(x.dim()) if dim is None else [dim % x.dim()]:
             if ids.shape[d] > 1:
                 self.read_sizes.setdefault(int(x.shape[d]), []).append(ids)
+                if own_code:
+                    self.unproven_ids.append(along(ids, d, x.shape[d], self.uf))
 
     def _apply_ignored(self, call: Call, outs: list[torch.Tensor]) -> None:
         """An op inside an ignored module: its rule still runs, so that its MACs are counted,
@@ -346,7 +363,8 @@ class Tracer(TorchFunctionMode):
         self._ignored_depth -= _is_under(self._stack.pop(), self.ignore)
 
 
-SIZE_READS = {"property.shape", "size"}  # queued like ops, so that the ids read are the current ones
+# queued like ops, so that the ids read are the current ones
+SIZE_READS = {"property.shape", "size", "numel", "__len__"}
 REPLAYED_IN_PLACE = {"unsqueeze_", "squeeze_", "transpose_", "t_", "swapdims_", "swapaxes_"}
 RESHAPE_IN_PLACE = REPLAYED_IN_PLACE | {"resize_", "resize_as_", "as_strided_", "set_"}
 

@@ -126,7 +126,7 @@ def _trial(model: nn.Module, inputs: Any, graph: Graph, groups: list[Group], cha
             diff = _float64_gap(model, inputs, graph, removal, groups)
             if diff is None or diff > _ATOL64:
                 shown = f"{diff:.3g} in float64" if diff is not None else f"{gap:.3g}"
-                return f"removal differs from zeroing by {shown} (channel positions are hard-coded somewhere)"
+                return f"removal differs from zeroing by {shown} (the forward hard-codes channel positions, or uses a channel count as a number)"
     return ""
 
 
