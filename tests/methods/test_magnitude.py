@@ -3,15 +3,15 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.core.errors import ConfigError
+from prunekit.core.errors import ConfigError, PruningError
 from prunekit.graph import build_graph
 from prunekit.importance.activations import activation_stats
 from prunekit.importance.criteria import CRITERIA, ScoreContext
 from prunekit import prepare_pruning
 from prunekit.methods import prune_
 from prunekit.methods.magnitude import MagnitudeConfig, score_groups
-from prunekit.models import create_model
 from prunekit.cost.macs import count_cost
+from prunekit.models import create_model
 
 X = torch.randn(2, 3, 32, 32)
 
@@ -406,3 +406,58 @@ def test_rounding_shortfall_is_a_share_of_the_model_given_at_every_step(which):
     rounding = result.metrics["rounding"]
     last = [t for t in rounding["tried"] if t["multiple"] == rounding["multiple"] and "shortfall" in t][-1]
     assert last["shortfall"] == pytest.approx(landed, abs=1e-6), (last, landed)
+
+
+class _AuxHead(nn.Module):
+    """A deep-supervision head that runs in training mode only (GoogLeNet's aux_logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc, self.aux = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1), \
+            nn.Linear(8, 4), nn.Linear(16, 4)
+
+    def forward(self, x):
+        f = torch.relu(self.a(x))
+        y = self.fc(torch.relu(self.b(f)).mean((2, 3)))
+        return (y, self.aux(f.mean((2, 3)))) if self.training else y
+
+
+def test_a_branch_only_training_runs_is_pruned_with_the_channels_it_reads():
+    """The trace ran in eval mode only: the auxiliary head kept reading 16 channels, and the first
+    training step after pruning failed (torchvision's GoogLeNet with aux_logits=True did so). The
+    training-mode forward is traced too; its MACs are not inference's."""
+    torch.manual_seed(0)
+    model, x = _AuxHead().train(), torch.randn(2, 3, 8, 8)
+    before = count_cost(model, x).macs
+    result = prune_(model, MagnitudeConfig(channel_ratio=0.5, round_to=None), x)
+    assert model.aux.in_features == model.a.out_channels == 8 and model.training
+    model(x)[1].sum().backward()  # a training step's forward and backward run
+    assert result.cost_before.macs == before == 3 * 9 * 16 * 64 + 16 * 9 * 8 * 64 + 8 * 4
+
+
+class _AuxOffTheGraph(_AuxHead):
+    """The auxiliary head reads its input through NumPy, where no trace follows it."""
+
+    def forward(self, x):
+        f = torch.relu(self.a(x))
+        y = self.fc(torch.relu(self.b(f)).mean((2, 3)))
+        return (y, self.aux(torch.from_numpy(f.mean((2, 3)).detach().numpy()))) if self.training else y
+
+
+def test_a_training_forward_that_breaks_after_pruning_is_refused_before_the_model_changes():
+    torch.manual_seed(0)
+    model, x = _AuxOffTheGraph().train(), torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match="runs in eval mode but not in training mode.*aux_logits=False"):
+        prune_(model, MagnitudeConfig(channel_ratio=0.5, round_to=None), x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
+
+
+def test_a_model_whose_training_forward_fails_before_pruning_too_is_pruned():
+    """BatchNorm1d cannot train on one sample: the dense model fails in training mode as well, so
+    that failure says nothing about the pruning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 8),
+                          nn.BatchNorm1d(8), nn.Linear(8, 2))
+    result = prune_(model, MagnitudeConfig(channel_ratio=0.5, round_to=None), torch.randn(1, 3, 8, 8))
+    assert result.cost_after.macs < result.cost_before.macs

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from ..core.errors import ConfigError
+from ..core.modes import scoring
 from ..core.modules import require_module
 from .ids import UnionFind
 from .inputs import check_inputs_fit, samples_of, split_inputs
@@ -143,7 +144,8 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
     tracer = Tracer(model, rule_table(), ignore, names)
     tracer.builtin_rules = builtin_rule_names()
     training = [mod for mod in names.values() if mod.training]
-    handles = _name_scopes(tracer, {id(mod): name for name, mod in names.items()})
+    entered: set[str] = set()  # the modules the eval-mode forward runs
+    handles = _name_scopes(tracer, {id(mod): name for name, mod in names.items()}, entered)
     for mod in training:  # eval mode while tracing; each module's own mode is restored after
         mod.training = False
     failure: Exception | None = None
@@ -163,6 +165,8 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
         tracer.flush()  # outside the mode: the rules' own torch calls are not intercepted
         for t in tensors_in(out):
             tracer.uf.mark_fixed(tracer.ids(t))
+        if _runs_more_in_training(model, args, kwargs, frozenset(entered)):  # (the scope hooks still add)
+            _trace_training_pass(tracer, model, args, kwargs, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -176,15 +180,58 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
     return _finish(tracer, batch, [list(t.shape) for t in inputs])
 
 
-def _name_scopes(tracer: Tracer, name_of: dict[int, str]) -> list:
+def _runs_more_in_training(model: nn.Module, args: tuple, kwargs: dict, entered: frozenset[str]) -> bool:
+    """Whether a training-mode forward runs modules the eval-mode one did not (an auxiliary head,
+    as GoogLeNet's): one plain forward, BatchNorm statistics, random state and modes left as they
+    were. A model that cannot run in training mode on these inputs (BatchNorm on one sample, a
+    detector wanting targets) is taken as not."""
+    names = {id(mod): name for name, mod in model.named_modules()}
+    ran: set[str] = set()
+    thread = threading.get_ident()
+
+    def note(mod, _):
+        if threading.get_ident() == thread and id(mod) in names:
+            ran.add(names[id(mod)])
+    handle = register_module_forward_pre_hook(note)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), scoring(model, "train"):
+            model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - no training-mode forward to compare with
+        return False
+    finally:
+        handle.remove()
+    return bool(ran - entered)
+
+
+def _trace_training_pass(tracer: Tracer, model: nn.Module, args: tuple, kwargs: dict, inputs: list) -> None:
+    """Trace the training-mode forward into the same tracer: every parameter it uses again joins
+    its eval-mode positions (as a layer called twice), so the layers only training runs are
+    pruned with the channels they read. Its MACs are left out: they are no part of inference."""
+    n_nodes, tracer.training_pass_start = len(tracer.nodes), len(tracer.members)
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), scoring(model, "train"), tracer:
+        tracer.busy = True
+        for t in inputs:
+            tracer.set_opaque(t)
+        tracer.busy = False
+        out = model(*args, **kwargs)
+        tracer.busy = True
+    tracer.flush()
+    for t in tensors_in(out):
+        tracer.uf.mark_fixed(tracer.ids(t))
+    del tracer.nodes[n_nodes:]
+
+
+def _name_scopes(tracer: Tracer, name_of: dict[int, str], entered: set[str] | None = None) -> list:
     """Keep `tracer`'s module stack in step with the forward: two process-wide hooks (cheaper than
     two per module) that act only on this thread. A module outside the model (built in forward)
-    takes the name of the module that calls it."""
+    takes the name of the module that calls it. `entered` collects the names of the modules run."""
     thread = threading.get_ident()
 
     def enter(mod, args):
         if threading.get_ident() == thread:
             tracer.push(name_of.get(id(mod), tracer.current))
+            if entered is not None and id(mod) in name_of:
+                entered.add(name_of[id(mod)])
 
     def leave(mod, args, out):
         if threading.get_ident() == thread:
@@ -195,6 +242,10 @@ def _name_scopes(tracer: Tracer, name_of: dict[int, str]) -> list:
 def _finish(tr: Tracer, batch: int, input_shapes: list[list[int]]) -> Graph:
     uf = tr.uf
     _join_shared(tr)
+    start = tr.training_pass_start
+    if start is not None:  # joined above: a tensor the eval pass also used is listed once, as there
+        first = {(m.module, m.name, m.dim, m.role) for m in tr.members[:start]}
+        tr.members[start:] = [m for m in tr.members[start:] if (m.module, m.name, m.dim, m.role) not in first]
     table = uf.roots() if len(uf) else np.zeros(1, np.int64)  # id -> class root; ids < 0 stay as they are
     root = lambda a: np.where(a >= 0, table[np.maximum(a, 0)], a)
     ids, sizes = _end_to_end(tr.members)

@@ -153,6 +153,7 @@ class Tracer(TorchFunctionMode):
         # (length, batch) of the first sequence op (attention, RNN): it tells a sequence-first
         # input (L, N, ...) from a batch-first one (`graph.inputs.samples_of`)
         self.sequence_shape: tuple[int, int] | None = None
+        self.training_pass_start: int | None = None  # members from here on came from the training-mode pass
 
     # ---- ids of tensors -------------------------------------------------------------------
     def ids(self, t: Any) -> torch.Tensor | None:

@@ -56,7 +56,7 @@ from ..surgery.copying import adopt_, keep_parameters_, share_copy
 from ..surgery.plan import Plan, make_plan
 from ..surgery.prepared import PreparedPruning, prepare_pruning, register_prepared_handler
 from ..surgery.shrink import remove_channels_
-from ..surgery.verify import build_safe_graph, run_model
+from ..surgery.verify import build_safe_graph, run_model, training_forward_error
 from .result import PruneResult
 
 
@@ -220,6 +220,13 @@ def _check_runs(work: nn.Module, example_inputs: Any, original: nn.Module, probe
                "which tests the groups the trace cannot vouch for first, or ignore the layers involved")
         raise PruningError(f"the pruned model no longer runs ({type(err).__name__}: {str(err)[:200]}); {why}; "
                            "the model was left unchanged") from None
+    failed = training_forward_error(work, example_inputs)
+    if failed is not None and training_forward_error(original, example_inputs) is None:
+        raise PruningError(f"the pruned model runs in eval mode but not in training mode ({type(failed).__name__}: "
+                           f"{str(failed)[:200]}): its training-mode forward runs layers that the trace, made in eval "
+                           "mode, did not see (an auxiliary head, say), so they still expect the channels removed. "
+                           "Switch those layers off before pruning (torchvision's GoogLeNet and Inception v3: "
+                           "aux_logits=False); the model was left unchanged")
 
 
 def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeConfig, batches: Iterable | None = None,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.modes import evaluating
+from ..core.modes import evaluating, scoring
 from ..graph import Graph, Group, build_graph
 from ..graph.trace import tensors_in
 from .copying import share_copy
@@ -35,6 +35,22 @@ def run_model(model: nn.Module, inputs: Any) -> Any:
         if isinstance(inputs, dict):
             return model(**inputs)
         return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+
+
+def training_forward_error(model: nn.Module, inputs: Any) -> Exception | None:
+    """What a forward of `model` in training mode raises (None when it runs), without autograd and
+    leaving every buffer (BatchNorm's statistics), dropout's random draws and each module's mode as
+    they were. The trace runs in eval mode, so a branch only training runs (an auxiliary head) is
+    not in the graph, and its layers are not pruned with the channels they read."""
+    try:
+        with torch.no_grad(), scoring(model, "train"):
+            if isinstance(inputs, dict):
+                model(**inputs)
+            else:
+                model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+    except Exception as err:  # noqa: BLE001 - what fails is for the caller to judge
+        return err
+    return None
 
 
 def inputs_to(inputs: Any, device: torch.device | str) -> Any:
