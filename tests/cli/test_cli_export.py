@@ -64,4 +64,12 @@ def test_export_never_replaces_the_weights_or_files_of_the_run_it_exports(defaul
         assert result.exit_code == 2 and "write the export to another path" in result.stderr, result.output
     elsewhere = runner.invoke(cli, ["export", "--weights", str(weights), str(out), "--to", str(weights), "--force"])
     assert elsewhere.exit_code == 2 and "the weights being exported" in elsewhere.stderr
+    checkpoint = next((out / "ckpt").rglob("*.safetensors"))  # a resume reads it
+    inside = runner.invoke(cli, ["export", str(out), "--to", str(checkpoint), "--format", "torchscript", "--force"])
+    assert inside.exit_code == 2 and "a file of the run" in inside.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # an earlier export in the run directory is no file of the run: it may be replaced
+    for _ in range(2):
+        again = runner.invoke(cli, ["export", str(out), "--to", str(out / "model.ts"), "--force"])
+        assert again.exit_code == 0, again.output
+    (out / "model.ts").unlink()  # the run directory is shared with other tests

@@ -78,13 +78,21 @@ def _check_shape(model, example, shape) -> None:
 
 
 def _check_not_a_source(out: str, weights: str, run_dirs: list[str]) -> None:
-    """ConfigError when --to names the weights being exported or a file of the run directory given:
-    with --force the export would replace them (a run whose pruned.safetensors became an ONNX file
-    can no longer be evaluated, benched or exported)."""
+    """ConfigError when --to names the weights being exported or a file a run directory given
+    keeps (its recipe, weights, plan, results, state, logs and reports, and anything under ckpt/,
+    which a resume reads): with --force the export would replace it (a run whose
+    pruned.safetensors became an ONNX file can no longer be evaluated, benched or exported). An
+    earlier export in the run directory may be replaced."""
     target = Path(out).expanduser().resolve()
-    sources = [Path(weights).expanduser().resolve()] if weights else []
+    if weights and target == Path(weights).expanduser().resolve():
+        raise ConfigError(f"--to {out} is the weights being exported; write the export to another path")
     for run_dir in run_dirs:
-        sources += [p.resolve() for p in Path(run_dir).expanduser().iterdir() if p.is_file()]
-    if target in sources:
-        raise ConfigError(f"--to {out} is {'the weights being exported' if sources and target == sources[0] else 'a file of the run being exported'}; "
-                          "write the export to another path (the run's files stay as they are)")
+        root = Path(run_dir).expanduser().resolve()
+        inside = target.parent == root and target.suffix in RUN_SUFFIXES
+        if inside or root / "ckpt" in target.parents:
+            raise ConfigError(f"--to {out} is a file of the run being exported, which it keeps; write the export "
+                              "to another path (the run's files stay as they are)")
+
+
+# what a run directory keeps at its top level (exports are .onnx, .pt2, .ts or other names)
+RUN_SUFFIXES = {".safetensors", ".json", ".jsonl", ".yaml", ".md", ".html", ".png"}
