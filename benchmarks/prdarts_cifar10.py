@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     results.update(preset=args.preset, settings=preset, unrolled=args.unrolled)
     # every run that wrote into the file, with where it ran (records of several runs may sit side by side)
     results.setdefault("runs", []).append({"device": args.device, "threads": args.threads,
-                                           "command": " ".join(sys.argv), "environment": environment()})
+                                           "command": " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+                                           "environment": environment()})
     results.update(device=args.device, threads=args.threads, environment=results["runs"][-1]["environment"])
     bundle = load_data(DataConfig(name="imagefolder", root=args.data, val_fraction=0.5,
                                   limit_train=preset["limit_train"], batch_size=preset["batch_size"],

@@ -38,8 +38,13 @@ def load_evolve_recipe(source: str, overrides: list[str]):
         cfg = EvolveConfig.from_dict(raw.get("evolve") or {})
     except ConfigError as err:
         raise ConfigError(f"{source or 'recipe'}: evolve: {err}") from None
-    name = raw.get("name") or (Path(source).stem if source else "evolve")
-    check_folder_name("name", name)
+    name = raw.get("name")
+    if isinstance(name, (int, float)) and not isinstance(name, bool):
+        name = str(name)  # `name: 2024` in YAML is a number
+    if name:
+        check_folder_name("name", name)
+    else:  # from the recipe's file name, which may hold anything a file name may
+        name = (Path(source).stem.strip() if source else "") or "evolve"
     return cfg, reeval, name, raw
 
 

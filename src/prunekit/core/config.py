@@ -211,7 +211,8 @@ def check_folder_name(name: str, value: Any) -> None:
     prunekit.core.errors.ConfigError: name='a/b' names a folder: use text without path separators, control characters (NUL among them) or leading and trailing spaces, not '.' or '..'
     """
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{name}={short_repr(value)} must be a non-empty string (it names a folder)")
+        raise ConfigError(f"{name}={short_repr(value)} must be a non-empty string (it names a folder; quote it in "
+                          f"YAML: {name}: '{value}')")
     if (value in (".", "..") or any(c in value for c in "/\\") or not value.isprintable()
             or value != value.strip()):
         raise ConfigError(f"{name}={value!r} names a folder: use text without path separators, control characters "

@@ -85,8 +85,8 @@ class TaskConfig:
         check_range("prune_ratio", self.prune_ratio, 0.0, 1.0, hi_open=True)
         if self.prune_ratio > MAX_PRUNE_RATIO:
             raise ConfigError(f"task {self.name!r}: prune_ratio={self.prune_ratio} is above {MAX_PRUNE_RATIO}, the most "
-                              "of a group's channels the pruner removes (MagnitudeConfig.max_ratio); use at most "
-                              f"{MAX_PRUNE_RATIO}")
+                              "of a group's channels a candidate removes (the pruner's max_ratio, which the search "
+                              f"sets to {MAX_PRUNE_RATIO}); use at most {MAX_PRUNE_RATIO}")
         check_range("weight", self.weight, 0.0, math.inf, lo_open=True)
         check_range("score_time_s", self.score_time_s, 0.0, math.inf, lo_open=True)
         if not isinstance(self.calib_samples, int) or self.calib_samples < 2:

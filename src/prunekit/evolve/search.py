@@ -146,6 +146,8 @@ class Search:
         `reeval_top` are all re-evaluated: a function that moves up when a re-evaluated one falls
         is re-evaluated too, so no single lucky fine-tune ends on top."""
         self.evaluate(pop, range(1), evals, run, f"generation {g}")
+        if g == 0:  # before any re-evaluation: a task that cannot measure fitness stops the search here
+            self.check_seeds_ran(pop, evals)
         if not (self.cfg.reeval_seeds and self.cfg.reeval_top):
             return
         seeds = range(1 + self.cfg.reeval_seeds)
@@ -339,7 +341,6 @@ def run_search(cfg: EvolveConfig, run_dir: str | Path, resume: bool = False, pro
             pop = [expression_text(parse_expression(seeds[i % len(seeds)])) for i in range(cfg.population)]
             state = SearchState(0, pop, {}, [], [])
             search.evaluate_population(pop, state.evaluations, run, 0)
-            search.check_seeds_ran(pop, state.evaluations)
             search.record(state)
             _notify(on_generation, state, echo)
         while state.generation < cfg.generations:

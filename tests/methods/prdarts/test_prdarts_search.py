@@ -472,6 +472,12 @@ def test_resuming_the_evaluation_training_with_another_cell_is_refused(tmp_path)
     with pytest.raises(CheckpointError, match="other settings .*network"):
         train_at_density(EvalNetwork(other, 4, 3, 3), 0.5, data, None, schedule, ckpt_dir=tmp_path,
                          resume=True)
+    # a settings file written before the network was recorded still resumes
+    path = tmp_path / "settings.json"
+    record = json.loads(path.read_text())
+    del record["config"]["network"]
+    path.write_text(json.dumps(record))
+    train_at_density(EvalNetwork(DARTS_V2, 4, 3, 3), 0.5, data, None, schedule, ckpt_dir=tmp_path, resume=True)
 
 
 def test_the_report_says_when_layers_keep_more_weights_than_the_density_asks():

@@ -24,6 +24,7 @@ from ...engine.checkpoint import checkpoint_path, load_checkpoint
 from .ops import PRIMITIVES
 
 SETTINGS = "settings.json"
+ADDED_LATER = frozenset({"network"})  # settings older files do not record
 FORMAT, VERSION = "prunekit.prdarts_search", 1
 
 
@@ -78,6 +79,9 @@ def _check_settings(path: Path, now: dict[str, Any], val_batches: int | None) ->
     if saved.get("format") != FORMAT or saved.get("version") != VERSION or not isinstance(saved.get("config"), dict):
         raise CheckpointError(f"{path} is not the settings file of a prunekit PR-DARTS run; {todo}")
     now = json.loads(json.dumps(now))  # as the file holds them (tuples as lists)
+    # a setting recorded only since a later version (the evaluation network's genotype and sizes)
+    # is not compared with a file that predates it
+    now = {k: v for k, v in now.items() if k in saved["config"] or k not in ADDED_LATER}
     diff = sorted(k for k in set(now) | set(saved["config"]) if now.get(k) != saved["config"].get(k))
     if diff:
         pairs = ", ".join(f"{k}: saved {saved['config'].get(k)!r} vs now {now.get(k)!r}" for k in diff)
