@@ -544,3 +544,21 @@ def test_a_weight_of_the_model_itself_is_counted_after_pruning(build):
     result = prune_(model, MagnitudeConfig(macs_fraction=0.5, round_to=None), x)
     assert result.cost_after.macs == count_cost(model, x).macs
     assert 0.45 <= result.cost_after.macs / result.cost_before.macs <= 0.5
+
+
+def test_counting_a_model_over_an_op_without_a_rule_names_count_costs_ignore():
+    """pixel_shuffle has no channel rule: the count's error named the pruning's way out only."""
+    from prunekit.core.errors import UnsupportedOpError
+
+    class Upscale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 12, 3, padding=1)
+
+        def forward(self, x):
+            return torch.nn.functional.pixel_shuffle(self.b(torch.relu(self.a(x))), 2)
+
+    x = torch.randn(1, 3, 6, 6)
+    with pytest.raises(UnsupportedOpError, match=r"pass that ignore list to count_cost too"):
+        count_cost(Upscale(), x)
+    assert count_cost(Upscale(), x, ["b"]).macs == 36 * (3 * 9 * 8 + 8 * 9 * 12)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, UnsupportedOpError
 from ..graph import Graph, build_graph
 
 CONVENTION = ("MACs = multiply-accumulates per sample of conv/linear/matmul/attention products; "
@@ -94,7 +94,11 @@ def count_cost(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = ()
     """Trace and count. Use `cost_from_graph` when a graph is already at hand. Modules under
     `ignore` are traced as opaque (their ops counted where a rule knows them, an op without one
     not refused), as a pruning with that ignore list traces them."""
-    return cost_from_graph(model, build_graph(model, example_inputs, ignore))
+    try:
+        return cost_from_graph(model, build_graph(model, example_inputs, ignore))
+    except UnsupportedOpError as err:  # counting meets the same ops a pruning does
+        raise UnsupportedOpError(f"{err} To count the model as it is, pass that ignore list to count_cost too "
+                                 "(count_cost(model, inputs, ignore=[...]): ignored modules are still counted)") from None
 
 
 class CostEstimator:

@@ -122,8 +122,10 @@ def removal_from_plan(graph: Graph, keep: Mapping[str, list[int]], sizes: Mappin
     for name, kept in keep.items():
         group = names.get(name)
         if group is None:
-            raise CheckpointError(f"plan names group {name!r}, which this model does not have; "
-                                  "build the same architecture the plan was made on")
+            raise CheckpointError(f"plan names group {name!r}, which this model does not have; build the same "
+                                  "architecture the plan was made on (if it is the same, its forward takes another "
+                                  "path on the zero inputs a replay traces with than on the inputs it was pruned on: "
+                                  "a branch on input values cannot be replayed)")
         if group.size != sizes.get(name):
             raise CheckpointError(f"group {name!r} has {group.size} channels here but {sizes.get(name)} in the "
                                   "plan; the plan was made on a different architecture or an already pruned model")
