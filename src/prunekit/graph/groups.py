@@ -80,6 +80,8 @@ class Graph:
     nodes: list[Node]
     batch: int
     input_shapes: list[list[int]]
+    # whether a training-mode forward ran modules the eval-mode one did not, and was traced too
+    training_traced: bool = False
 
     _by_name: dict[str, Group] = field(default_factory=dict, repr=False, compare=False)
     _ids: tuple | None = field(default=None, repr=False, compare=False)  # (id tensors, member_ids())
@@ -165,7 +167,7 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
         tracer.flush()  # outside the mode: the rules' own torch calls are not intercepted
         for t in tensors_in(out):
             tracer.uf.mark_fixed(tracer.ids(t))
-        if _runs_more_in_training(model, args, kwargs, frozenset(entered)):  # (the scope hooks still add)
+        if _idle_layers(names, entered) and _runs_more_in_training(model, args, kwargs, frozenset(entered)):
             _trace_training_pass(tracer, model, args, kwargs, inputs)
     finally:
         for h in handles:
@@ -178,6 +180,12 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
                 mod.training = True
     batch = samples_of(inputs, tracer.sequence_shape)
     return _finish(tracer, batch, [list(t.shape) for t in inputs])
+
+
+def _idle_layers(modules: dict[str, nn.Module], entered: set[str]) -> bool:
+    """Whether a module holding parameters or buffers did not run in the eval-mode forward: only
+    then can a training-mode forward run a layer the trace has not seen (it costs a forward to look)."""
+    return any(name not in entered and (mod._parameters or mod._buffers) for name, mod in modules.items())
 
 
 def _runs_more_in_training(model: nn.Module, args: tuple, kwargs: dict, entered: frozenset[str]) -> bool:
@@ -283,7 +291,7 @@ def _finish(tr: Tracer, batch: int, input_shapes: list[list[int]]) -> Graph:
         for g in groups:
             g.proven = not bool(np.isin(g.classes.numpy(), unproven).any())
     _unique_names(groups)
-    return Graph(groups, tr.members, tr.nodes, batch, input_shapes)
+    return Graph(groups, tr.members, tr.nodes, batch, input_shapes, tr.training_pass_start is not None)
 
 
 def _join_shared(tr: Tracer) -> None:

@@ -204,7 +204,8 @@ def _skipped_note(skipped: list[str]) -> dict[str, Any]:
             "skipped_groups": list(skipped)}
 
 
-def _check_runs(work: nn.Module, example_inputs: Any, original: nn.Module, probed: bool) -> None:
+def _check_runs(work: nn.Module, example_inputs: Any, original: nn.Module, probed: bool,
+                training_traced: bool = False) -> None:
     """PruningError when the pruned copy `work` no longer runs; `probed`: whether its groups were probed."""
     try:  # a pruned model that no longer runs never reaches the caller
         run_model(work, example_inputs)
@@ -220,7 +221,9 @@ def _check_runs(work: nn.Module, example_inputs: Any, original: nn.Module, probe
                "which tests the groups the trace cannot vouch for first, or ignore the layers involved")
         raise PruningError(f"the pruned model no longer runs ({type(err).__name__}: {str(err)[:200]}); {why}; "
                            "the model was left unchanged") from None
-    failed = training_forward_error(work, example_inputs)
+    # where the trace followed a training-mode forward too (it runs more modules), that forward is
+    # run once on the pruned copy: a branch the trace could not follow would break only there
+    failed = training_forward_error(work, example_inputs) if training_traced else None
     if failed is not None and training_forward_error(original, example_inputs) is None:
         raise PruningError(f"the pruned model runs in eval mode but not in training mode ({type(failed).__name__}: "
                            f"{str(failed)[:200]}): its training-mode forward runs layers that the trace, made in eval "
@@ -280,7 +283,8 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         if between_steps is not None:
             between_steps(work, step)
     if verify:
-        _check_runs(work, example_inputs, model, prepared.probed and (cfg.probe or cfg.steps == 1))
+        _check_runs(work, example_inputs, model, prepared.probed and (cfg.probe or cfg.steps == 1),
+                    prepared.graph.training_traced)
     after = cost_after(work, graph, removal, estimator)  # exact: tests compare it with a recount
     if work is not model:
         if writes:  # a deep copy: the caller's unpruned parameters stay the model's
