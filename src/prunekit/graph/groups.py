@@ -30,7 +30,7 @@ from ..core.modules import require_module
 from .ids import UnionFind
 from .inputs import check_inputs_fit, samples_of, split_inputs
 from .rules import builtin_rule_names, rule_table
-from .trace import Member, Node, Tracer, tensors_in
+from .trace import Member, Node, Tracer, tensor_qualname, tensors_in
 
 
 @dataclass
@@ -45,7 +45,7 @@ class GroupMember:
 
     @property
     def qualname(self) -> str:
-        return f"{self.module}.{self.name}" if self.module else self.name
+        return tensor_qualname(self.module, self.name)
 
 
 @dataclass
@@ -152,22 +152,15 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
         mod.training = False
     failure: Exception | None = None
     try:
+        inputs = tensors_in((args, kwargs))
         try:
-            with torch.no_grad(), tracer:
-                tracer.busy = True
-                inputs = tensors_in((args, kwargs))
-                for t in inputs:  # model inputs: their channels are fixed
-                    tracer.set_opaque(t)
-                tracer.busy = False
-                out = model(*args, **kwargs)
-                tracer.busy = True
+            with torch.no_grad():
+                out = _traced_forward(tracer, model, args, kwargs, inputs)
         except Exception as err:
             failure = err
             raise
-        tracer.flush()  # outside the mode: the rules' own torch calls are not intercepted
-        for t in tensors_in(out):
-            tracer.uf.mark_fixed(tracer.ids(t))
-        if _idle_layers(names, entered) and _runs_more_in_training(model, args, kwargs, frozenset(entered)):
+        _fix_outputs(tracer, out)
+        if _idle_layers(names, entered) and _runs_more_in_training(model, args, kwargs, entered):
             _trace_training_pass(tracer, model, args, kwargs, inputs)
     finally:
         for h in handles:
@@ -188,27 +181,18 @@ def _idle_layers(modules: dict[str, nn.Module], entered: set[str]) -> bool:
     return any(name not in entered and (mod._parameters or mod._buffers) for name, mod in modules.items())
 
 
-def _runs_more_in_training(model: nn.Module, args: tuple, kwargs: dict, entered: frozenset[str]) -> bool:
+def _runs_more_in_training(model: nn.Module, args: tuple, kwargs: dict, entered: set[str]) -> bool:
     """Whether a training-mode forward runs modules the eval-mode one did not (an auxiliary head,
-    as GoogLeNet's): one plain forward, BatchNorm statistics, random state and modes left as they
-    were. A model that cannot run in training mode on these inputs (BatchNorm on one sample, a
-    detector wanting targets) is taken as not."""
-    names = {id(mod): name for name, mod in model.named_modules()}
-    ran: set[str] = set()
-    thread = threading.get_ident()
-
-    def note(mod, _):
-        if threading.get_ident() == thread and id(mod) in names:
-            ran.add(names[id(mod)])
-    handle = register_module_forward_pre_hook(note)
+    as GoogLeNet's): one plain forward, whose modules the scope hooks add to `entered`; BatchNorm
+    statistics, random state and modes are left as they were. A model that cannot run in training
+    mode on these inputs (BatchNorm on one sample, a detector wanting targets) is taken as not."""
+    before = len(entered)
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad(), scoring(model, "train"):
             model(*args, **kwargs)
     except Exception:  # noqa: BLE001 - no training-mode forward to compare with
         return False
-    finally:
-        handle.remove()
-    return bool(ran - entered)
+    return len(entered) > before
 
 
 def _trace_training_pass(tracer: Tracer, model: nn.Module, args: tuple, kwargs: dict, inputs: list) -> None:
@@ -216,17 +200,30 @@ def _trace_training_pass(tracer: Tracer, model: nn.Module, args: tuple, kwargs: 
     its eval-mode positions (as a layer called twice), so the layers only training runs are
     pruned with the channels they read. Its MACs are left out: they are no part of inference."""
     n_nodes, tracer.training_pass_start = len(tracer.nodes), len(tracer.members)
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), scoring(model, "train"), tracer:
-        tracer.busy = True
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), scoring(model, "train"):
+        out = _traced_forward(tracer, model, args, kwargs, inputs)
+    _fix_outputs(tracer, out)
+    del tracer.nodes[n_nodes:]
+
+
+def _traced_forward(tracer: Tracer, model: nn.Module, args: tuple, kwargs: dict, inputs: list) -> Any:
+    """The model's output, its forward run under `tracer`; model inputs are opaque (their channels fixed)."""
+    with tracer:
+        tracer.busy = True  # setting up: nothing here is the model's own call
         for t in inputs:
             tracer.set_opaque(t)
         tracer.busy = False
         out = model(*args, **kwargs)
         tracer.busy = True
+    return out
+
+
+def _fix_outputs(tracer: Tracer, out: Any) -> None:
+    """Apply the queued rules (outside the mode: their own torch calls are not intercepted), then
+    fix the channels of the model's outputs."""
     tracer.flush()
     for t in tensors_in(out):
         tracer.uf.mark_fixed(tracer.ids(t))
-    del tracer.nodes[n_nodes:]
 
 
 def _name_scopes(tracer: Tracer, name_of: dict[int, str], entered: set[str] | None = None) -> list:

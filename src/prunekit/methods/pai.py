@@ -139,8 +139,9 @@ def _targets(model: nn.Module, ignore: list[str]) -> list[str]:
             if not within(mod, ignore)]
     if not keys:
         raise PruningError("no conv or Linear weight left to score; ignore fewer modules")
-    check_not_shared(model, target_weights(model, keys))  # nor tied to one another, nor to a tensor left out
-    check_not_torch_pruned(model, target_weights(model, keys))
+    kept = target_weights(model, keys)
+    check_not_shared(model, kept)  # nor tied to one another, nor to a tensor left out
+    check_not_torch_pruned(model, kept)
     return keys
 
 
