@@ -15,6 +15,8 @@ dense conv on the masked weight, the same function as the structured execution w
 1.8x faster per training step on this CPU: 204 against 363 ms, ResNet-20 het 4x, batch 64, one
 thread); the execution is recorded. Each record holds params (nonzero) and MACs (nonzero: each masked layer's
 MACs times its density), so equal-parameter and equal-MAC views both come from the JSON.
+`--match macs` gives the pruning-at-initialisation arms SSC het's nonzero MACs instead of its
+parameters (the sparsity found by bisection; records keyed `<arm>@macs`).
 
 Real run (GPU, all arms, 4x and 8x, 2 seeds; ~25 arms x 30 epochs of ResNet-20):
     python benchmarks/ssc_cifar10.py --device cuda --seeds 0 1 --reductions 4 8 \
@@ -67,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--limit-train", type=int, default=None)
     ap.add_argument("--synflow-iterations", type=int, default=100)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"))
+    ap.add_argument("--match", default="params", choices=("params", "macs"),
+                    help="what the pruning-at-init arms match of SSC het: its parameter count (default) or its "
+                         "nonzero MACs (a bisection over the sparsity; records keyed '<arm>@macs')")
     ap.add_argument("--execution", default="masked", choices=("masked", "structured"),
                     help="SSC arms' execution while training and evaluating (same outputs; masked trains faster)")
     ap.add_argument("--smoke", action="store_true", help="512 images, 1 epoch, arms ssc_het/snip/synflow/narrow, 4x")
@@ -75,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.limit_train, args.epochs, args.seeds, args.reductions = 512, 1, [0], [4]
         args.arms, args.synflow_iterations = ["ssc_het", "snip", "synflow", "narrow"], 10
+    unmatched = [a for a in args.arms if a not in PAI and a not in TRAIN_MODE_ARMS]
+    if args.match == "macs" and unmatched:
+        ap.error(f"--match macs applies to the pruning-at-initialisation arms only, not {unmatched}")
     return args
 
 
@@ -99,7 +107,15 @@ def build_arm(arm: str, reduction: float, seed: int, args, example, calib) -> tu
         if arm in TRAIN_MODE_ARMS:
             arm, extra = arm[:-len("_train")], {"score_mode": "train"}
             rec["score_mode"] = "train"
-        r = prune_(model, PAI[arm](sparsity=sparsity, **extra), example, batches=calib)
+
+        def pai(model, sparsity):
+            return prune_(model, PAI[arm](sparsity=sparsity, **extra), example, batches=calib)
+
+        if args.match == "macs":
+            macs_budget = count_cost(_ssc(fresh(), reduction, "het", example), example).macs
+            sparsity = _sparsity_for_macs(lambda s: pai(fresh(), s).metrics["macs_nonzero"], sparsity, macs_budget)
+            rec.update(match="macs", macs_budget=macs_budget)
+        r = pai(model, sparsity)
         rec.update(sparsity=sparsity, params_nonzero=r.metrics["params_nonzero"], macs_nonzero=r.metrics["macs_nonzero"])
     elif arm == "narrow":
         prune_(model, MagnitudeConfig(params_fraction=budget / dense_params, scope="local", probe=False,
@@ -109,6 +125,27 @@ def build_arm(arm: str, reduction: float, seed: int, args, example, calib) -> tu
     rec.setdefault("macs_nonzero", cost.macs)
     rec.update(params_dense=dense_params, budget=budget)
     return model, rec
+
+
+def _sparsity_for_macs(macs_at, low: float, budget: int, steps: int = 24) -> float:
+    """The lowest sparsity (searched above `low`, the equal-parameter one) whose masks keep at most
+    `budget` nonzero MACs: bisection, as a higher sparsity never keeps more MACs (one score, one
+    threshold; SynFlow's rounds make this near-monotone). Stops within 0.2% of the budget."""
+    if macs_at(low) <= budget:
+        return low
+    high = 1.0 - 1e-4
+    if macs_at(high) > budget:
+        raise SystemExit(f"no sparsity below {high} keeps at most {budget:,} MACs")
+    for _ in range(steps):
+        mid = (low + high) / 2
+        macs = macs_at(mid)
+        if macs <= budget:
+            high = mid
+            if macs >= 0.998 * budget:
+                break
+        else:
+            low = mid
+    return high
 
 
 def _ssc(model, reduction, family, example):
@@ -133,7 +170,8 @@ def main(argv=None) -> Path:
     for reduction in args.reductions:
         for arm in args.arms:
             for seed in args.seeds:
-                key = f"{args.model}:{reduction:g}x:{arm}:seed{seed}"
+                matched = args.match == "macs" and (arm in PAI or arm in TRAIN_MODE_ARMS)
+                key = f"{args.model}:{reduction:g}x:{arm}{'@macs' if matched else ''}:seed{seed}"
                 if key in data["records"] or (arm == "dense" and reduction != args.reductions[0]):
                     continue
                 t0 = time.time()
