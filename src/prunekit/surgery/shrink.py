@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -53,12 +54,13 @@ def remove_channels_(model: nn.Module, graph: Graph, remove: Mapping[str, Sequen
     if not roots:
         return
     dead = IdSet(roots)
-    keep: dict[tuple[str, str, int], torch.Tensor] = {}
+    keep: dict[tuple[str, str, int], np.ndarray] = {}
     flat, sizes = graph.member_ids()
-    alive = torch.from_numpy(~dead.contains(flat)).split(sizes)  # one lookup for all members
+    # one lookup for all members; NumPy views, since per-member torch calls cost more than the work
+    alive = np.split(~dead.contains(flat), np.cumsum(sizes)[:-1]) if sizes else []
     for m, k in zip(graph.members, alive):
         key = (m.module, m.name, m.dim)
-        keep[key] = keep[key] & k if key in keep and keep[key].numel() == k.numel() else k
+        keep[key] = keep[key] & k if key in keep and keep[key].size == k.size else k
     mods = dict(model.named_modules())
     new_tensors, counts = _sliced(mods, keep)
     _check(mods, new_tensors, counts)
@@ -67,7 +69,9 @@ def remove_channels_(model: nn.Module, graph: Graph, remove: Mapping[str, Sequen
         mod = mods[mod_name]
         if tname in mod._parameters:
             old = mod._parameters[tname]
-            setattr(mod, tname, nn.Parameter(value, requires_grad=old.requires_grad))
+            mod.register_parameter(tname, nn.Parameter(value, requires_grad=old.requires_grad))
+        elif tname in mod._buffers:  # registered again as it was: persistent or not
+            mod.register_buffer(tname, value, persistent=tname not in mod._non_persistent_buffers_set)
         else:
             setattr(mod, tname, value)
     for mod_name, sizes in counts.items():
@@ -88,7 +92,7 @@ def _sliced(mods: dict[str, nn.Module], keep: dict) -> tuple[dict, dict]:
         if mod_name not in mods:
             raise PruningError(f"module {mod_name!r} of the graph is not in this model; rebuild the graph on it")
         if tname.startswith("#"):
-            counts[mod_name][tname] = int(k.sum())
+            counts[mod_name][tname] = int(np.count_nonzero(k))
             continue
         per_tensor[(mod_name, tname)].append((dim, k))
     out = {}
@@ -96,11 +100,11 @@ def _sliced(mods: dict[str, nn.Module], keep: dict) -> tuple[dict, dict]:
         t = _get_tensor(mods, mod_name, tname)
         value = t.detach()
         for dim, k in slices:
-            if value.shape[dim] != k.numel():
+            if value.shape[dim] != k.size:
                 raise PruningError(f"{mod_name}.{tname}: dim {dim} has {value.shape[dim]} entries but the graph "
-                                   f"recorded {k.numel()}; rebuild the graph on this model before pruning")
-            if not bool(k.all()):
-                value = value.index_select(dim, k.nonzero().flatten())
+                                   f"recorded {k.size}; rebuild the graph on this model before pruning")
+            if not k.all():
+                value = value.index_select(dim, torch.from_numpy(np.flatnonzero(k)).to(value.device))
         if value.shape != t.shape:  # index_select made a new tensor: nothing shared with `t`
             out[(mod_name, tname)] = _in_layout_of(t, value)
             counts[mod_name][tname] = value.shape[slices[0][0]]
@@ -135,7 +139,11 @@ def _check_ties(mods: dict[str, nn.Module], new: dict) -> None:
 
 def _get_tensor(mods: dict[str, nn.Module], mod_name: str, tname: str) -> torch.Tensor:
     mod = mods.get(mod_name)
-    t = getattr(mod, tname, None)
+    t = None
+    if mod is not None:  # the registries first: a Module attribute lookup costs more than a small slice
+        t = mod._parameters.get(tname)
+        t = mod._buffers.get(tname) if t is None else t
+        t = getattr(mod, tname, None) if t is None else t
     if not isinstance(t, torch.Tensor):
         raise PruningError(f"{mod_name}.{tname} is not a tensor of this model; rebuild the graph on it")
     return t
