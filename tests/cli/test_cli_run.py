@@ -61,6 +61,23 @@ def test_saved_pruned_model_reloads_with_the_saved_accuracy(default_run):
     assert evaluate(dense, bundle.test)["acc"] == res["accuracy_before"]
 
 
+def test_a_run_plan_is_refused_on_another_architecture(default_run):
+    """The CLI's plan names the architectures it starts from and ends at, as prune_'s does: replayed
+    on a model of other num_classes it is refused, the model untouched."""
+    from prunekit.core.errors import PrunekitError
+    from prunekit.surgery.plan import apply_plan_, load_plan
+
+    out, _ = default_run
+    plan = load_plan(out / "plan.json")
+    assert set(plan.fingerprint) == {"dense", "pruned"}
+    recipe, _ = load_recipe(str(out))
+    other = create_model(recipe.model.name, recipe.model.num_classes + 1, **recipe.model.kwargs)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(PrunekitError, match="not the model the plan was made on"):
+        apply_plan_(other, plan)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
 def test_resolved_recipe_reloads_to_the_same_recipe(default_run, runner):
     out, _ = default_run
     result = runner.invoke(cli, ["run", str(out), "--dry-run"])

@@ -283,7 +283,9 @@ def run_method(job: Job, model: nn.Module, ckpt_dir: Path | None = None, resume:
         available["batches"] = list(itertools.islice(iter(job.bundle.train), recipe.calibration_batches))
     kwargs = {k: v for k, v in available.items() if k in params}
     device = next(iter(model.parameters())).device
-    return method.handler(model, method.config, job.example.to(device), **kwargs)
+    from ..methods import prune_  # its checks, and the fingerprints that keep the plan to this architecture
+
+    return prune_(model, method.config, job.example.to(device), **kwargs)
 
 
 def prune_stage(job: Job, ckpt_dir: Path | None = None, resume: bool = False) -> None:
