@@ -258,3 +258,42 @@ def test_a_home_folder_written_with_a_tilde_is_the_home_folder(runner, workdir, 
     out = runner.invoke(cli, ["run", "mine.yaml", "--out=~/mine", "eval.latency=false", "-q"])
     assert out.exit_code == 0, (out.output, out.exception)
     assert (home / "mine" / "pruned.safetensors").is_file() and not (workdir / "~").exists()
+
+
+def _signed_state_file(path: Path, change=None) -> None:
+    """A checksummed prunekit state file of small_cnn (digits: 10 classes), `change` applied to its tensors."""
+    from prunekit.models import create_model
+    from prunekit.surgery.tensor_file import read_tensor_file, save_state_file, write_tensor_file
+
+    save_state_file(create_model("small_cnn", num_classes=10), path)
+    if change is not None:
+        meta, tensors = read_tensor_file(path)
+        change(tensors)
+        write_tensor_file(path, tensors, meta)  # signed again: only the numbers are wrong
+
+
+def _nan_weight(tensors) -> None:
+    tensors["conv1.weight"][0, 0, 0, 0] = float("nan")
+
+
+def _integer_weight(tensors) -> None:
+    tensors["conv1.weight"] = tensors["conv1.weight"].round().long()
+
+
+@pytest.mark.parametrize("command", ["eval", "bench"])
+@pytest.mark.parametrize("change, needles", [
+    (_nan_weight, ["parameter conv1.weight holds NaN or inf", "converged"]),
+    (_integer_weight, ["another kind of dtype", "conv1.weight"]),
+], ids=["nan", "integer"])
+def test_weights_with_nan_or_of_another_dtype_are_refused_when_loaded(runner, workdir, command, change, needles):
+    _signed_state_file(workdir / "w.safetensors", change)
+    before = _snapshot(workdir)
+    args = [command, "mine.yaml", "--weights", "w.safetensors"] + (["--no-latency"] if command == "bench" else [])
+    _assert_one_line_error(runner.invoke(cli, args), *needles)
+    assert _snapshot(workdir) == before
+
+
+def test_a_safetensors_file_under_another_name_is_read_as_one(runner, workdir):
+    _signed_state_file(workdir / "weights.st")
+    result = runner.invoke(cli, ["bench", "mine.yaml", "--weights", "weights.st", "--no-latency"])
+    assert result.exit_code == 0, (result.output, result.exception)

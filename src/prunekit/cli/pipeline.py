@@ -178,7 +178,28 @@ def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | 
     A .safetensors file with a prunekit plan inside is replayed with `load_pruned` (masks
     included); one without is a dense state dict (its checksum verified when it has one); a .pt
     file must be a prunekit training checkpoint (read weights-only; its masks are restored).
+    Weights holding NaN or inf are refused: every number computed from them would be meaningless.
     """
+    from ..core.modules import first_nonfinite, nonfinite_words
+
+    model, plan = _load_weights(model, Path(path))
+    bad = first_nonfinite(model)
+    if bad is not None:
+        kind, name = bad
+        raise CheckpointError(f"{path}: {kind} {name} holds {nonfinite_words(kind)} (a diverged training, or a "
+                              "damaged file); give weights saved from a training that converged")
+    return model, plan
+
+
+def _safetensors_header(path: Path) -> bool:
+    """Whether the file starts as a .safetensors file does (whatever its name): an 8-byte
+    little-endian header length that fits the file, then the header's opening brace."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
+def _load_weights(model: nn.Module, path: Path) -> tuple[nn.Module, Plan | None]:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model
 
@@ -194,11 +215,12 @@ def load_weights(model: nn.Module, path: str | Path) -> tuple[nn.Module, Plan | 
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist; give the path of a run's dense.safetensors or "
                               "pruned.safetensors (or ckpt/<stage>/last.pt), or the run directory as the recipe")
-    if path.suffix != ".safetensors" and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+    safetensors = path.suffix == ".safetensors" or (not zipfile.is_zipfile(path) and _safetensors_header(path))
+    if not safetensors and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
         raise CheckpointError(f"{path} is neither a .safetensors weights file nor a readable training checkpoint "
                               "(last.pt is a zip archive; this file is not one, or is cut short); give "
                               "dense.safetensors or pruned.safetensors from a run, or an intact ckpt/<stage>/last.pt")
-    if path.suffix == ".safetensors":
+    if safetensors:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}

@@ -35,6 +35,7 @@ from typing import Any, Mapping
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+import torch
 from torch import Tensor, nn
 
 from ..core.errors import CheckpointError
@@ -183,14 +184,22 @@ def load_state_(model: nn.Module, tensors: Mapping[str, Tensor], meta: Mapping[s
         raise CheckpointError(f"weights in {path} do not fit this model: {first}") from None
 
 
+def _kind(t: Tensor) -> str:
+    return "bool" if t.dtype == torch.bool else "float" if t.is_floating_point() else "complex" if t.is_complex() else "int"
+
+
 def _check_fit(model: nn.Module, stored: Mapping[str, Tensor], path: Any) -> None:
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in stored.items()}
     missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
     wrong = sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])
-    if missing or extra or wrong:
+    kinds = {k: _kind(v) for k, v in model.state_dict().items()}
+    # another float width is a cast; integers for float weights (or the reverse) are a damaged file
+    kind = sorted(k for k in set(kinds) & set(stored) if kinds[k] != _kind(stored[k]))
+    if missing or extra or wrong or kind:
         parts = [f"{len(v)} {what} (first: {v[0]})" for what, v in
                  (("tensors missing from the file", missing), ("unexpected tensors", extra),
-                  ("shape mismatches", wrong)) if v]
+                  ("shape mismatches", wrong), ("tensors of another kind of dtype (integer, bool or float)", kind))
+                 if v]
         raise CheckpointError(f"weights in {path} do not fit this model: {'; '.join(parts)}. Build the same "
                               "architecture (name, num_classes, options) that the file was saved from")
