@@ -297,3 +297,25 @@ def test_a_safetensors_file_under_another_name_is_read_as_one(runner, workdir):
     _signed_state_file(workdir / "weights.st")
     result = runner.invoke(cli, ["bench", "mine.yaml", "--weights", "weights.st", "--no-latency"])
     assert result.exit_code == 0, (result.output, result.exception)
+
+
+class _RunsCode:
+    """Unpickled, this would create a file: the test checks that it never is."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_given_as_weights_is_never_loaded_nor_called_safe_to_load(runner, workdir):
+    import torch
+
+    marker = workdir / "ran"
+    torch.save({"model": _RunsCode(marker)}, workdir / "evil.pt")
+    before = _snapshot(workdir)
+    result = runner.invoke(cli, ["eval", "mine.yaml", "--weights", "evil.pt"])
+    _assert_one_line_error(result, "evil.pt holds Python objects", "never loads", "as --weights")
+    assert "weights_only" not in result.stderr and "ckpt_dir" not in result.stderr
+    assert not marker.exists() and _snapshot(workdir) == before

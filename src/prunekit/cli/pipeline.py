@@ -239,7 +239,8 @@ def _load_weights(model: nn.Module, path: Path) -> tuple[nn.Module, Plan | None]
         except (RuntimeError, SafetensorError, ValueError) as err:
             raise CheckpointError(f"weights in {path} do not fit this model: {load_error_text(err)}") from None
         return model, None
-    state = load_checkpoint(path)["model"]
+    state = load_checkpoint(path, "give the run's dense.safetensors or pruned.safetensors, or an intact "
+                                  "ckpt/<stage>/last.pt, as --weights")["model"]
     unpaired = unpaired_masks(state)
     if unpaired:
         raise CheckpointError(f"{path} holds a weight mask without its masked weight ({unpaired[0]}): "

@@ -39,7 +39,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle  # only for the exception type: nothing is unpickled
 import random
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -152,22 +154,28 @@ def save_checkpoint(path: str | os.PathLike[str], *, model: nn.Module, optimizer
     atomic_torch_save(payload, path)
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str],
+                    advice: str = "delete it to restart the run, or point ckpt_dir at an intact one") -> dict[str, Any]:
     """Read a checkpoint with weights_only=True; CheckpointError if missing, corrupt or foreign.
 
     The returned dict has the layout described in the module docstring, with `meta_json`
-    decoded into `cfg` and `history`. Nothing is applied to any model here.
+    decoded into `cfg` and `history`. Nothing is applied to any model here. `advice` ends the
+    message for a file that cannot be read at all (the caller knows what the user gave).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; train without resume=True to start one")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 (zip, pickle and OS errors all mean "unreadable")
+    except pickle.UnpicklingError:  # torch's text suggests loading it unsafely: never passed on
+        what = ("holds Python objects other than tensors and plain values, which prunekit never loads (they could "
+                "run code), so it is not a prunekit training checkpoint" if zipfile.is_zipfile(path) else
+                "is not a PyTorch checkpoint (torch.save writes a zip archive; this file is not one), or is damaged")
+        raise CheckpointError(f"{path} {what}; {advice}") from None
+    except Exception as err:  # noqa: BLE001 (zip and OS errors all mean "unreadable")
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or not loadable with weights_only=True "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            "delete it to restart the run, or point ckpt_dir at an intact one") from None
+            f"checkpoint {path} is corrupt or cut short "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); {advice}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a prunekit training checkpoint; "
                               "point ckpt_dir at a directory written by prunekit.engine.train")
