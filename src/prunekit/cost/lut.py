@@ -33,6 +33,7 @@ from torch import nn
 
 from ..core.config import Config, check_choice
 from ..core.errors import CheckpointError, ConfigError, read_json
+from ..core.integrity import atomic_write_text
 from .latency import LatencyConfig, compare_latency, measure_latency
 
 _FORMAT = "prunekit-latency-table"
@@ -318,7 +319,7 @@ class LatencyTable:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
         return path
 
     @classmethod

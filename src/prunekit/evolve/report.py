@@ -94,9 +94,9 @@ def write_run(run_dir: Path, cfg: EvolveConfig, state: SearchState, reeval: list
     search = Search(cfg, run_dir, {t.name: "" for t in cfg.tasks}, False)
     hof = [{"text": t, "formula": formula(parse_expression(t)), "fitness": search.fitness(t, state.evaluations)}
            for t in state.hall_of_fame]
-    (run_dir / "best.txt").write_text(hof[0]["text"] + "\n")
-    (run_dir / "functions.json").write_text(json.dumps(hof, indent=1))
-    (run_dir / "reevaluation.json").write_text(json.dumps(reeval, indent=1))
+    atomic_write_text(run_dir / "best.txt", hof[0]["text"] + "\n")
+    atomic_write_text(run_dir / "functions.json", json.dumps(hof, indent=1))
+    atomic_write_text(run_dir / "reevaluation.json", json.dumps(reeval, indent=1))
     plot_fitness(run_dir / "fitness.png", state.history)
     bred = len(state.history) - 1  # generation 0 is the initial population, then `bred` more
     generations = f"generations 0-{bred}: the initial population and {bred} bred from it" if bred else "generation 0 only"
@@ -118,7 +118,7 @@ def write_run(run_dir: Path, cfg: EvolveConfig, state: SearchState, reeval: list
                                for t in cfg.tasks)
             lines.append(f"| {r['label']} | {r['fitness']:.4f} | {cells} |")
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from deap import base, creator, gp, tools
 
 from ..core.errors import CheckpointError, ConfigError, read_json
-from ..core.integrity import hold_dir
+from ..core.integrity import atomic_write_text, hold_dir
 from ..importance.evolved.space import PSET, SEEDS, EvalError
 from ..importance.evolved.text import expression_text, parse_expression
 from ..importance.evolved.tree_eval import channel_scores
@@ -192,9 +192,7 @@ def save_checkpoint(run_dir: Path, state: SearchState, cfg: EvolveConfig, fits: 
             "random_state": [py_state[0], list(py_state[1]), py_state[2]],
             "numpy_state": [np_state[0], np_state[1].tolist(), *map(_plain, np_state[2:])]}
     path = folder / f"gen_{state.generation:03d}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=1))
     return path
 
 
@@ -317,7 +315,7 @@ def prepare_dense(cfg: EvolveConfig, run_dir: Path, echo: Callable[[str], None] 
         if not path.exists():
             echo(f"training the dense {task.model} of task {task.name} ({task.dense_train.epochs} epochs)")
             acc = train_dense(task, path, cfg.device)
-            (run_dir / "dense" / f"{task.name}.json").write_text(json.dumps({"val_acc": acc}))
+            atomic_write_text(run_dir / "dense" / f"{task.name}.json", json.dumps({"val_acc": acc}))
         paths[task.name] = str(path)
     return paths
 

@@ -40,8 +40,8 @@ def test_search_command_writes_the_run_directory(tmp_path):
     # `prunekit report` writes the search's report again (it replaced it with an empty pruning report),
     # and an alphas.jsonl line that is not a record is left out of the plot instead of failing it
     text = (out / "report.md").read_text()
-    with open(out / "alphas.jsonl", "a") as f:
-        f.write('{"phase": "pretrain", "phase_epoch": 0, "alpha_normal": "x"}\nnot json\n')
+    with open(out / "alphas.jsonl", "ab") as f:  # a record, a line of text and a line that is not UTF-8
+        f.write(b'{"phase": "pretrain", "phase_epoch": 0, "alpha_normal": "x"}\nnot json\n\xff\xfe\n')
     again = CliRunner().invoke(cli, ["report", str(out)])
     assert again.exit_code == 0, again.output
     assert (out / "report.md").read_text() == text and not (out / "report.html").exists()

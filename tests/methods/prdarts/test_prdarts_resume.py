@@ -133,3 +133,15 @@ def test_a_new_search_replaces_the_checkpoints_it_finds(tmp_path):
     got = _search(cfg, InterruptingLoader(TRAIN), tmp_path, resume=True)
     assert got.genotype == ref.genotype and _plain(got.history) == _plain(ref.history)
     assert json.loads((tmp_path / "ckpt" / "settings.json").read_text())["config"]["seed"] == 0
+
+
+def test_the_alpha_log_keeps_its_saved_epochs_past_a_line_that_is_not_utf8(tmp_path):
+    from prunekit.methods.prdarts.checkpoints import trim_alpha_log
+
+    cfg = _cfg(False, pretrain_epochs=1, score_epochs=1, finetune_epochs=1)
+    _search(cfg, InterruptingLoader(TRAIN), tmp_path)
+    log = tmp_path / "out" / "alphas.jsonl"
+    good = log.read_bytes()
+    log.write_bytes(good + b"\xff\xfe{\n")
+    trim_alpha_log(tmp_path / "out", {"pretrain": 1, "scores": 1, "finetune": 1})
+    assert log.read_bytes() == good

@@ -119,8 +119,14 @@ def trim_alpha_log(out_dir: str | Path, done: dict[str, int]) -> None:
     path = Path(out_dir) / "alphas.jsonl"
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if _saved(line, done)]
+    kept = [line for line in read_lines(path) if _saved(line, done)]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def read_lines(path: Path) -> list[str]:
+    """The lines of a log written line by line; bytes that are not UTF-8 (a damaged line) become
+    U+FFFD, so that line fails its own check and is skipped instead of failing the whole read."""
+    return path.read_bytes().decode("utf-8", errors="replace").splitlines()
 
 
 def _saved(line: str, done: dict[str, int]) -> bool:

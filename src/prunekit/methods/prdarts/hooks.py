@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.errors import CheckpointError, ConfigError
+from ...core.integrity import atomic_write_text
 from ...core.modes import evaluating
 from ...engine.batches import check_labels, out_of_memory, split_batch
 from ...engine.hooks import Hook
@@ -179,7 +180,7 @@ class ArchitectHook(Hook):
         if self.out_dir is not None:
             folder = self.out_dir / "genotypes"
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{self.phase}_{epoch:03d}.json").write_text(json.dumps(geno.to_dict(), indent=1))
+            atomic_write_text(folder / f"{self.phase}_{epoch:03d}.json", json.dumps(geno.to_dict(), indent=1))
             alphas = {"phase": self.phase, "phase_epoch": epoch,
                       "alpha_normal": self.net.alpha_normal.detach().cpu().tolist(),
                       "alpha_reduce": self.net.alpha_reduce.detach().cpu().tolist()}

@@ -28,10 +28,10 @@ import torch
 
 from ...core.config import Config, check_range
 from ...core.errors import CheckpointError, ConfigError, read_json
-from ...core.integrity import claim_dir, hold_dir
+from ...core.integrity import atomic_write_text, claim_dir, hold_dir
 from ...data.config import DataConfig
 from ...data.subsets import FirstBatches, random_batches
-from .checkpoints import alpha_row_ok
+from .checkpoints import alpha_row_ok, read_lines
 from .config import PRDartsConfig
 from .genotype import REFERENCE_GENOTYPES, Genotype, alpha_entropy
 from .ops import PRIMITIVES
@@ -134,7 +134,7 @@ def _alpha_plot(run_dir: Path) -> Path | None:
     path = run_dir / "alphas.jsonl"
     if not path.exists():
         return None
-    rows = [row for row in map(_json_or_none, path.read_text().splitlines()) if alpha_row_ok(row)]
+    rows = [row for row in map(_json_or_none, read_lines(path)) if alpha_row_ok(row)]
     if not rows:
         return None
     labels = [f"{r['phase']}:{r['phase_epoch']}" for r in rows]
@@ -248,8 +248,8 @@ def _search_and_evaluate(recipe: SearchRecipe, bundle: Any, run_dir: Path, progr
             f"{ev.finetune_epochs} finetune epochs")
         result["evaluation"] = _evaluate(recipe, geno, bundle, run_dir, progress, resume)
         say(f"test accuracy {result['evaluation']['test']['acc']:.4f}")
-    (run_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
-    (run_dir / "report.md").write_text(render_report(result))
+    atomic_write_text(run_dir / "report.md", render_report(result))  # result.json last: it marks the run finished
+    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1, default=str))
     return result
 
 
@@ -300,7 +300,7 @@ def rewrite_search_report(run_dir: str | Path) -> list[Path]:
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise CheckpointError(f"{run_dir / 'result.json'} is not a complete search result ({type(err).__name__}: "
                               f"{err}); its report.md was left as it was") from None
-    (run_dir / "report.md").write_text(text)
+    atomic_write_text(run_dir / "report.md", text)
     plot = _alpha_plot(run_dir)
     return [run_dir / "report.md"] + ([plot] if plot is not None else [])
 

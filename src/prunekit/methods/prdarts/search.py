@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ...core.errors import ConfigError
+from ...core.integrity import atomic_write_text
 from ...layers.sparse import count_nonzeros, set_density_, train_scores_only_
 from .architect import Architect
 from .checkpoints import phase_dir, resume_checkpoints, sized, start_checkpoints, trim_alpha_log
@@ -120,7 +121,7 @@ def search(cfg: PRDartsConfig, train_loader: Iterable, val_loader: Iterable, num
         a.requires_grad_(False)
     result = SearchResult(net.genotype(), history, net, count_nonzeros(net))
     if out_dir is not None:
-        Path(out_dir, "genotype.json").write_text(json.dumps(result.genotype.to_dict(), indent=1))
+        atomic_write_text(Path(out_dir, "genotype.json"), json.dumps(result.genotype.to_dict(), indent=1))
     return result
 
 
