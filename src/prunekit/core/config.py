@@ -105,6 +105,10 @@ class Config:
             shown = [k + "".join(f" (did you mean {g}?)" for g in difflib.get_close_matches(k, list(names), n=1))
                      for k in unknown]
             raise ConfigError(f"{cls.__name__}: unknown key(s) {', '.join(shown)}; allowed: {', '.join(sorted(names))}")
+        missing = [n for n, f in names.items() if f.init and n not in data and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{cls.__name__}: missing required key(s) {', '.join(missing)}")
         try:  # a nested config given as a mapping is built by __post_init__
             return cls(**data)
         except TypeError as err:

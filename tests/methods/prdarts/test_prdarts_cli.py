@@ -2,6 +2,7 @@
 result and report, and the saved network reloads from its own JSON genotype."""
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -236,3 +237,18 @@ def test_resuming_a_search_with_another_recipe_or_a_damaged_checkpoint_is_one_li
     assert res.exit_code == 2 and len(lines) == 1 and "pretrain/last.pt is corrupt" in lines[0], res.stderr
     res = runner.invoke(cli, ["search", "--resume", str(tmp_path)])
     assert res.exit_code == 2 and "not a search run directory" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("recipe, needles", [
+    ({"search": 5}, ["missing required key(s) data", "cannot be resumed", "prunekit search"]),
+    ({"data": {}}, ["no 'search' section"]),
+], ids=["missing-section", "no-search"])
+def test_resume_of_a_search_whose_recipe_json_is_damaged_says_which_file(tmp_path, recipe, needles):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.json").write_text(json.dumps(recipe))
+    res = CliRunner().invoke(cli, ["resume", str(run)])
+    assert res.exit_code == 2, (res.output, res.exception)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(run / "recipe.json") in lines[0], lines
+    assert "__init__" not in lines[0] and all(n in lines[0] for n in needles), lines[0]

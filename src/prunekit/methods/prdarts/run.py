@@ -266,7 +266,11 @@ def resumable_search(run_dir: str | Path) -> SearchRecipe:
         raise ConfigError(f"{path} is not a search recipe (no 'search' section); the run cannot be resumed")
     if (run_dir / "result.json").is_file():
         raise ConfigError(f"run {run_dir} already finished; nothing to resume (see its report.md)")
-    return SearchRecipe.from_dict(raw)
+    try:
+        return SearchRecipe.from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path} is damaged ({err}); the search cannot be resumed: start it again with "
+                          "`prunekit search`") from None
 
 
 def saved_phases(recipe: SearchRecipe, run_dir: str | Path) -> tuple[list[str], list[str]]:
