@@ -319,3 +319,34 @@ def test_a_pickle_given_as_weights_is_never_loaded_nor_called_safe_to_load(runne
     _assert_one_line_error(result, "evil.pt holds Python objects", "never loads", "as --weights")
     assert "weights_only" not in result.stderr and "ckpt_dir" not in result.stderr
     assert not marker.exists() and _snapshot(workdir) == before
+
+
+HUGE = [
+    (["run", "mine.yaml", "bench.batch_size=100000000", "--dry-run"], ["bench.batch_size=100000000", "GiB",
+                                                                        "eval.latency=false"]),
+    (["bench", "mine.yaml", "--no-latency", "--input-shape", "1,99999999999999999999,8"], ["--input-shape", "GiB"]),
+    (["bench", "mine.yaml", "--input-shape", "3,100000,100000"], ["--input-shape 3,100000,100000", "GiB"]),
+    (["bench", "mine.yaml", "--no-latency", "--input-shape", ",".join(["1"] * 65)], ["66 dimensions"]),
+    (["bench", "mine.yaml", "bench.batch_size=100000000"], ["timing at batch_size=100000000", "GiB"]),
+]
+
+
+@pytest.mark.parametrize("args, needles", HUGE, ids=["run-batch", "overflow", "shape", "dims", "bench-batch"])
+def test_inputs_larger_than_the_machine_are_one_message_before_any_allocation(runner, workdir, monkeypatch, args,
+                                                                             needles):
+    monkeypatch.setattr("prunekit.core.environment.memory_bytes", lambda: 16 * 2**30)  # any machine: 16 GiB
+    before = _snapshot(workdir)
+    _assert_one_line_error(runner.invoke(cli, args), *needles)
+    assert _snapshot(workdir) == before
+
+
+def test_timing_that_runs_out_of_memory_after_training_says_the_model_is_saved(runner, workdir, monkeypatch):
+    import prunekit.cost.latency as latency
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(latency, "compare_latency", out_of_memory)
+    result = runner.invoke(cli, ["run", "mine.yaml", "train.epochs=1", "finetune=null", "--out", "r"])
+    _assert_one_line_error(result, "ran out of memory", "bench.batch_size", "prunekit bench r")
+    assert (workdir / "r" / "pruned.safetensors").is_file()

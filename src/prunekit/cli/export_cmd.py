@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..core.environment import check_input_fits
 from ..core.errors import ConfigError
 from ..export import FORMATS
 
@@ -46,6 +47,7 @@ def export_cmd(args, out, fmt, weights, input_shape, batch, static_batch, no_che
         raise ConfigError("`prunekit export` needs weights: a run directory, --weights PATH or init=PATH")
     _check_not_a_source(out, weights or recipe.init, [a for a in args if Path(a).is_dir()])
     model, shape = built_model(recipe, weights or recipe.init, input_shape)
+    check_input_fits((batch, *shape), f"--batch {batch} with input shape {','.join(map(str, shape))}")
     example = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     _check_shape(model, example, shape)
     # SIGTERM (cli.main.Terminated) unwinds through export_model, which removes its staging folder

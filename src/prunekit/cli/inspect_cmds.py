@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..core.environment import check_input_fits
 from ..core.errors import ConfigError
 
 _TOPICS = ("models", "datasets", "methods", "criteria", "recipes", "recipe")
@@ -69,6 +70,7 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
         shape = ()
     if not shape or any(v < 1 for v in shape):
         raise ConfigError(f"--input-shape {text!r} is invalid; give the per-sample shape, e.g. 3,32,32")
+    check_input_fits((1, *shape), f"--input-shape {text}")
     return shape
 
 

@@ -19,11 +19,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..core.environment import check_input_fits
 from ..core.errors import CheckpointError, ConfigError, PrunekitError, load_error_text
 from ..core.modes import evaluating
 from ..cost.macs import Cost, count_cost
 from ..data import DataBundle, load_data
 from ..engine import MetricsLog, TrainConfig, evaluate, seed_everything, train
+from ..engine.batches import out_of_memory
 from ..models import create_model
 from ..surgery.plan import Plan
 from .recipe import Recipe
@@ -106,6 +108,9 @@ def prepare(recipe: Recipe, weights: str | None = None, progress: bool = True, e
     seed_everything(recipe.seed)
     model = create_model(recipe.model.name, bundle.num_classes, **recipe.model.kwargs)
     example = _example_input(bundle)
+    if recipe.eval.latency:  # the run's last step: refused now, not after hours of training
+        check_input_fits((recipe.bench.batch_size, *bundle.input_shape), f"{recipe.source}: bench.batch_size="
+                         f"{recipe.bench.batch_size} (or set eval.latency=false)")
     weights = weights or recipe.init
     plan = None
     if weights is not None:
@@ -375,10 +380,18 @@ def measure(job: Job) -> dict[str, Any]:
         models = {"before": job.before_prune, "after": job.model}
     models = {k: _baked(m) for k, m in models.items()}  # time the exported model, not the mask multiply
     t0 = time.perf_counter()
-    cmp = compare_latency(models, shape, cfg)
-    out = {k: r.to_dict() for k, r in cmp.results.items()}
-    if job.recipe.eval.layer_latency:
-        out["layers"] = {k: layer_latency(m, job.example, cfg) for k, m in models.items()}
+    try:
+        cmp = compare_latency(models, shape, cfg)
+        out = {k: r.to_dict() for k, r in cmp.results.items()}
+        if job.recipe.eval.layer_latency:
+            out["layers"] = {k: layer_latency(m, job.example, cfg) for k, m in models.items()}
+    except RuntimeError as err:
+        if not out_of_memory(err):
+            raise
+        saved = (f" (the model is saved in {job.run_dir}: time it with `prunekit bench {job.run_dir} "
+                 "bench.batch_size=N`)" if job.run_dir is not None else "")
+        raise ConfigError(f"timing at bench.batch_size={cfg.batch_size} ran out of memory; give a smaller "
+                          f"bench.batch_size or set eval.latency=false{saved}") from None
     job.seconds["latency"] = time.perf_counter() - t0
     return out
 

@@ -13,15 +13,18 @@ True
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+
+from .errors import ConfigError
 
 
 def environment(cwd: str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -48,6 +51,27 @@ def environment(cwd: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         "git_commit": commit,
         "git_dirty": dirty,
     }
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_input_fits(shape: Sequence[int], what: str, element_bytes: int = 4) -> None:
+    """ConfigError when one input of `shape` could not be held here: more than 8 dimensions (no
+    model takes one), or more than half of the machine's memory for the input alone (its
+    activations need more). Said before anything is allocated, not as an allocator's traceback."""
+    if len(shape) > 8:
+        raise ConfigError(f"{what}: an input of {len(shape)} dimensions ({list(shape)[:10]}...) is not one any "
+                          "model takes; give the batch and per-sample shape, e.g. 16 and 3,32,32")
+    need, total = math.prod(int(d) for d in shape) * element_bytes, memory_bytes()
+    if total is not None and need > total // 2:
+        raise ConfigError(f"{what}: an input of shape {list(shape)} alone needs {need / 2**30:,.1f} GiB, more than "
+                          f"half of this machine's {total / 2**30:,.1f} GiB; give a smaller batch or input shape")
 
 
 def prunekit_version() -> str:

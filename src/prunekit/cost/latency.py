@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..core.config import Config, check_choice, check_int
-from ..core.environment import cpu_model
+from ..core.environment import check_input_fits, cpu_model
 from ..core.errors import ConfigError, PrunekitError
 from ..core.layout import to_memory_format_
 from ..core.modes import kept_modes
@@ -385,6 +385,7 @@ def _normalise_inputs(inputs: Inputs, cfg: LatencyConfig) -> tuple[tuple[torch.T
         raise ConfigError(f"inputs={inputs!r} is invalid; give a per-sample shape such as (3, 32, 32), "
                           "an example batch tensor, or a tuple of tensors")
     # A fixed seed keeps inputs identical across runs (values can matter, e.g. for ReLU sparsity).
+    check_input_fits((cfg.batch_size, *inputs), f"timing at batch_size={cfg.batch_size}")
     gen = torch.Generator().manual_seed(0)
     return (torch.randn((cfg.batch_size, *inputs), generator=gen),), cfg.batch_size, "shape"
 
