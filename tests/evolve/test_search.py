@@ -69,6 +69,30 @@ def test_resume_refuses_other_settings(dense, tmp_path):
         run_search(_cfg(dense, generations=0, cx_prob=0.5), tmp_path, resume=True, progress=False)
 
 
+def test_resume_refuses_a_dense_model_changed_since_the_checkpoint(dense, tmp_path):
+    """Fitness measured on one dense model is never ranked with fitness measured on another: a
+    task's `init` replaced after generation 0 stops the resume, files untouched."""
+    import shutil
+
+    own = tmp_path / "init.safetensors"
+    shutil.copy(dense, own)
+    cfg = _cfg(str(own), generations=1)
+
+    def stop_after_first(state):
+        raise Interrupt
+    with pytest.raises(Interrupt):
+        run_search(cfg, tmp_path / "run", progress=False, on_generation=stop_after_first)
+    saved = (tmp_path / "run" / "checkpoints" / "gen_000.json").read_bytes()
+    other = tmp_path / "other.safetensors"
+    train_dense(digits_task(dense_train=TrainConfig(epochs=1, lr=0.05, seed=1)), other)
+    shutil.copy(other, own)
+    with pytest.raises(CheckpointError, match="dense model of task 'digits' .* is not the one this search measured"):
+        run_search(cfg, tmp_path / "run", resume=True, progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "gen_000.json").read_bytes() == saved
+    shutil.copy(dense, own)  # the same file back: the search goes on
+    assert run_search(cfg, tmp_path / "run", resume=True, progress=False).generation == 1
+
+
 def test_search_through_process_pool(dense, tmp_path):
     state = run_search(_cfg(dense, executor="process"), tmp_path, progress=False)
     serial = run_search(_cfg(dense), tmp_path / "serial", progress=False)

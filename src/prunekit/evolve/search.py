@@ -29,7 +29,7 @@ import numpy as np
 from deap import base, creator, gp, tools
 
 from ..core.errors import CheckpointError, ConfigError, read_json
-from ..core.integrity import atomic_write_text, hold_dir
+from ..core.integrity import atomic_write_text, file_digest, hold_dir
 from ..importance.evolved.space import PSET, SEEDS, EvalError
 from ..importance.evolved.text import expression_text, parse_expression
 from ..importance.evolved.tree_eval import channel_scores
@@ -115,6 +115,8 @@ class Search:
 
     def __init__(self, cfg: EvolveConfig, run_dir: str | Path, dense_paths: dict[str, str], progress: bool):
         self.cfg, self.run_dir, self.dense, self.progress = cfg, Path(run_dir), dense_paths, progress
+        # what each task's fitness was measured on: a resumed search refuses a dense model changed since
+        self.dense_sha256 = {task: file_digest(path) for task, path in dense_paths.items()}
         self.tasks = {t.name: t for t in cfg.tasks}
         self.task_json = {t.name: json.dumps(t.to_dict(), sort_keys=True) for t in cfg.tasks}
 
@@ -178,10 +180,11 @@ class Search:
         state.history.append({"generation": state.generation, "best": max(fits), "mean": float(np.mean(fits)),
                               "median": float(np.median(fits)), "best_text": state.hall_of_fame[0],
                               "evaluations": len(state.evaluations)})
-        save_checkpoint(self.run_dir, state, self.cfg, fits)
+        save_checkpoint(self.run_dir, state, self.cfg, fits, self.dense_sha256)
 
 
-def save_checkpoint(run_dir: Path, state: SearchState, cfg: EvolveConfig, fits: list[float]) -> Path:
+def save_checkpoint(run_dir: Path, state: SearchState, cfg: EvolveConfig, fits: list[float],
+                    dense_sha256: dict[str, str] | None = None) -> Path:
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     py_state = random.getstate()
@@ -190,7 +193,8 @@ def save_checkpoint(run_dir: Path, state: SearchState, cfg: EvolveConfig, fits: 
             "fitness": fits, "hall_of_fame": state.hall_of_fame, "history": state.history,
             "evaluations": state.evaluations,
             "random_state": [py_state[0], list(py_state[1]), py_state[2]],
-            "numpy_state": [np_state[0], np_state[1].tolist(), *map(_plain, np_state[2:])]}
+            "numpy_state": [np_state[0], np_state[1].tolist(), *map(_plain, np_state[2:])],
+            "dense_sha256": dense_sha256 or {}}
     path = folder / f"gen_{state.generation:03d}.json"
     atomic_write_text(path, json.dumps(data, indent=1))
     return path
@@ -200,7 +204,9 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def load_checkpoint(run_dir: Path, cfg: EvolveConfig) -> SearchState | None:
+def load_checkpoint(run_dir: Path, cfg: EvolveConfig, dense: dict[str, str] | None = None) -> SearchState | None:
+    """The search state of the newest checkpoint, or None without one. `dense` ({task: path}): the
+    dense models the search goes on with, which must be the ones the checkpoint's fitness came from."""
     files = sorted((run_dir / "checkpoints").glob("gen_*.json"), key=_generation_of)
     if not files:
         return None
@@ -208,6 +214,7 @@ def load_checkpoint(run_dir: Path, cfg: EvolveConfig) -> SearchState | None:
     if not isinstance(data, dict) or data.get("config") != json.loads(json.dumps(cfg.search_dict())):
         raise CheckpointError(f"{run_dir} was searched with other settings; resume with the same recipe "
                               "or start a new run directory")
+    _check_same_dense(files[-1], data.get("dense_sha256", {}), dense or {})  # absent: written before it was kept
     try:
         wrong = _state_error(data)
     except KeyError as err:
@@ -229,6 +236,19 @@ def load_checkpoint(run_dir: Path, cfg: EvolveConfig) -> SearchState | None:
                               "the one before") from None
     return SearchState(data["generation"], data["population"], data["evaluations"], data["hall_of_fame"],
                        data["history"])
+
+
+def _check_same_dense(path: Path, saved: object, dense: dict[str, str]) -> None:
+    """CheckpointError when a task's dense model is not the file the saved fitness was measured on
+    (replaced, retrained, edited): old and new evaluations would be ranked together."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} is damaged: dense_sha256 is not a mapping; delete it to resume from the "
+                              "one before")
+    for task, file in dense.items():
+        if task in saved and saved[task] != file_digest(file):
+            raise CheckpointError(f"the dense model of task {task!r} ({file}) is not the one this search measured "
+                                  f"its functions on (its contents changed since {path.name}); put that file back, "
+                                  "or start a new run directory to search on the new one")
 
 
 def _generation_of(path: Path) -> tuple[int, str]:
@@ -331,7 +351,7 @@ def run_search(cfg: EvolveConfig, run_dir: str | Path, resume: bool = False, pro
     with hold_dir(run_dir, "evolution"), \
             create_executor(cfg.executor, cfg.workers, cfg.ray_address, cfg.num_cpus, cfg.num_gpus) as run:
         search = Search(cfg, run_dir, prepare_dense(cfg, run_dir, echo), progress)
-        state = load_checkpoint(run_dir, cfg) if resume else None
+        state = load_checkpoint(run_dir, cfg, search.dense) if resume else None
         if state is None:
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
