@@ -23,9 +23,10 @@ def _f(i: float, o: float) -> float:
 def _table(in_counts=IN, out_counts=OUT, values=None) -> LatencyTable:
     if values is None:
         values = [[_f(i, o) for o in out_counts] for i in in_counts]
-    return LatencyTable(spec={"kind": "conv2d"}, in_counts=list(in_counts), out_counts=list(out_counts),
-                        values_ms=values, device="cpu", device_name="test", dtype="float32", batch=1,
-                        torch_version=torch.__version__, settings={})
+    spec = LayerSpec(kind="conv2d", in_channels=8, out_channels=8).to_dict()
+    return LatencyTable(spec=spec, in_counts=list(in_counts), out_counts=list(out_counts), values_ms=values,
+                        device="cpu", device_name="test", dtype="float32", batch=1, torch_version=torch.__version__,
+                        settings={})
 
 
 def test_lookup_hits_grid_points_exactly():
@@ -176,6 +177,8 @@ def test_bad_counts_and_files(tmp_path):
     ("in_counts", 5), ("in_counts", ["a", "b", "c"]), ("in_counts", [-8, 16, 32]), ("out_counts", [4.5, 8, 20]),
     ("values_ms", None), ("values_ms", [["x", 1, 1]] * 3), ("values_ms", [[float("nan"), 1, 1]] * 3),
     ("values_ms", [[-1e300, 1, 1]] * 3), ("spec", "conv"), ("batch", "one"), ("settings", [1]),
+    ("spec", {"kind": "evil", "in_channels": 8, "out_channels": 8}), ("spec", {"kind": "conv2d"}),
+    ("spec", {"kind": "linear", "in_channels": 8, "out_channels": 8, "unknown": 1}),
 ])
 def test_a_latency_table_file_of_the_wrong_types_is_one_checkpoint_error(tmp_path, field, value):
     """A hand-edited table is refused when it is read, not by a TypeError (or a NaN latency) at lookup."""

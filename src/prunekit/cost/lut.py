@@ -260,6 +260,10 @@ class LatencyTable:
         wrong = next((why for ok, why in checks if not ok), "")
         if wrong:
             raise ConfigError(f"latency table: {wrong}")
+        try:  # the layer the table was timed on: one a LayerSpec can describe
+            LayerSpec.from_dict(self.spec).validate()
+        except ConfigError as err:
+            raise ConfigError(f"latency table: spec: {err}") from None
 
     @property
     def depthwise(self) -> bool:
