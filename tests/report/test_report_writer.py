@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 from PIL import Image
@@ -131,14 +132,18 @@ def test_weight_masks_line_reports_counted_zeros(tmp_path):
 
 
 @pytest.mark.parametrize("change", [{"cost_before": "x"}, {"layers": [1, 2]},
-                                    {"cost_after": {"params": 1, "macs": float("inf")}}], ids=["cost", "layers", "inf"])
+                                    {"cost_after": {"params": 1, "macs": float("inf")}},
+                                    {"layers": [{"name": "conv", "channels_before": float("inf"), "channels_after": 4}]}],
+                         ids=["cost", "layers", "inf", "inf-width"])
 def test_a_hand_edited_result_json_of_the_wrong_layout_is_one_config_error(tmp_path, change):
     (tmp_path / "result.json").write_text(json.dumps(_full()))
     write_report(tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     (tmp_path / "result.json").write_text(json.dumps({**_full(), **change}))
-    with pytest.raises(ConfigError, match="result.json does not have the layout prunekit writes"):
-        write_report(tmp_path)
+    with warnings.catch_warnings():  # the one error only: no plotting library's warning before it
+        warnings.simplefilter("error")
+        with pytest.raises(ConfigError, match="result.json does not have the layout prunekit writes"):
+            write_report(tmp_path)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "result.json"}
     assert after == {k: v for k, v in before.items() if k != "result.json"}  # the last good report stays whole
 
@@ -177,3 +182,11 @@ def test_a_latency_change_the_interleaved_rounds_do_not_show_is_not_called_a_spe
     assert paired_change(before[:5], clear[:5])["measured"] is None  # 5 rounds: no test can tell
     noisy["cost_after"]["latency"]["times_ms"] = clear
     assert "| 82.4% | 1.21x faster |" in write_report(tmp_path / "clear", noisy).markdown.read_text()
+
+
+def test_the_widths_plot_is_left_out_above_its_bar_limit(tmp_path):
+    from prunekit.report import plots
+
+    n = plots.MAX_BARS + 1
+    assert plots.plot_layer_widths(tmp_path / "w.png", [f"l{i}" for i in range(n)], [8] * n, [4] * n) is None
+    assert not (tmp_path / "w.png").exists()

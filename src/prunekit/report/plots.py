@@ -76,13 +76,17 @@ def plot_accuracy_vs_macs(path: str | Path, before: Point | None = None, after: 
     return path
 
 
+MAX_BARS = 2000  # layers in the widths plot; the report's table still lists every layer
+
+
 def plot_layer_widths(path: str | Path, names: Sequence[str], before: Sequence[float | None],
                       after: Sequence[float | None], title: str | None = None) -> Path | None:
     """Horizontal bars of each layer's channel count before and after pruning (first layer on
-    top). Layers with a missing count draw no bar; None if no layer has any count.
+    top). Layers with a missing count draw no bar; None if no layer has any count, or more than
+    MAX_BARS layers have one.
     """
     rows = [(n, b, a) for n, b, a in zip(names, before, after) if b is not None or a is not None]
-    if not rows:
+    if not rows or len(rows) > MAX_BARS:  # more bars than any page shows legibly (and minutes to draw)
         return None
     n = len(rows)
     # ~0.28 inch per layer keeps labels legible; the cap keeps huge nets under ~5000 px tall.

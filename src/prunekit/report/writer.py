@@ -23,6 +23,7 @@ import html
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional, TypedDict, Union
 
@@ -107,7 +108,9 @@ def write_report(run_dir: str | Path, result: ReportInput | None = None) -> Repo
     if result is None:
         result = _load_result(run_dir / "result.json")
         try:  # a hand-edited file: a field of the wrong type is the file's fault, said in one line
-            return _write(run_dir, result)
+            with warnings.catch_warnings():  # matplotlib's warnings about its values come before that line
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return _write(run_dir, result)
         except (AttributeError, TypeError, KeyError, ValueError, IndexError, OverflowError) as err:
             raise ConfigError(f"{run_dir / 'result.json'} does not have the layout prunekit writes "
                               f"({type(err).__name__}: {str(err)[:200]}); restore it, or run the command "
