@@ -12,7 +12,7 @@ True
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -27,6 +27,16 @@ def _new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def _finish(fig: Figure, ax: Any, path: str | Path, title: str | None) -> Path:
+    """Legend, the title (as text), and the figure written to `path`."""
+    ax.legend(loc="best")
+    if title:
+        ax.set_title(_text(title))
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def _text(name: str) -> str:
@@ -68,12 +78,7 @@ def plot_accuracy_vs_macs(path: str | Path, before: Point | None = None, after: 
     ax.set_xlabel("MACs")
     ax.set_ylabel("accuracy (%)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best")
-    if title:
-        ax.set_title(_text(title))
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    return path
+    return _finish(fig, ax, path, title)
 
 
 MAX_BARS = 2000  # layers in the widths plot; the report's table still lists every layer
@@ -102,12 +107,7 @@ def plot_layer_widths(path: str | Path, names: Sequence[str], before: Sequence[f
     ax.invert_yaxis()
     ax.set_xlabel("channels")
     ax.grid(True, axis="x", alpha=0.3)
-    ax.legend(loc="best")
-    if title:
-        ax.set_title(_text(title))
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    return path
+    return _finish(fig, ax, path, title)
 
 
 def plot_pareto(path: str | Path, points: dict[str, tuple[float, float, float | None]], front: Sequence[str] = (),
