@@ -115,10 +115,13 @@ class Search:
 
     def __init__(self, cfg: EvolveConfig, run_dir: str | Path, dense_paths: dict[str, str], progress: bool):
         self.cfg, self.run_dir, self.dense, self.progress = cfg, Path(run_dir), dense_paths, progress
-        # what each task's fitness was measured on: a resumed search refuses a dense model changed since
-        self.dense_sha256 = {task: file_digest(path) for task, path in dense_paths.items()}
         self.tasks = {t.name: t for t in cfg.tasks}
         self.task_json = {t.name: json.dumps(t.to_dict(), sort_keys=True) for t in cfg.tasks}
+
+    @functools.cached_property
+    def dense_sha256(self) -> dict[str, str]:
+        """What each task's fitness is measured on: a resumed search refuses a dense model changed since."""
+        return {task: file_digest(path) for task, path in self.dense.items() if Path(path).is_file()}
 
     def job(self, text: str, task: str, seed: int) -> Job:
         return Job(text, self.task_json[task], seed, self.dense[task], self.cfg.device, self.cfg.threads_per_job)
@@ -245,7 +248,7 @@ def _check_same_dense(path: Path, saved: object, dense: dict[str, str]) -> None:
         raise CheckpointError(f"{path} is damaged: dense_sha256 is not a mapping; delete it to resume from the "
                               "one before")
     for task, file in dense.items():
-        if task in saved and saved[task] != file_digest(file):
+        if task in saved and Path(file).is_file() and saved[task] != file_digest(file):
             raise CheckpointError(f"the dense model of task {task!r} ({file}) is not the one this search measured "
                                   f"its functions on (its contents changed since {path.name}); put that file back, "
                                   "or start a new run directory to search on the new one")
