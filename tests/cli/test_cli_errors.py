@@ -350,3 +350,32 @@ def test_timing_that_runs_out_of_memory_after_training_says_the_model_is_saved(r
     result = runner.invoke(cli, ["run", "mine.yaml", "train.epochs=1", "finetune=null", "--out", "r"])
     _assert_one_line_error(result, "ran out of memory", "bench.batch_size", "prunekit bench r")
     assert (workdir / "r" / "pruned.safetensors").is_file()
+
+
+def test_a_plain_safetensors_file_with_integer_weights_is_refused(runner, workdir):
+    from safetensors.torch import save_file
+
+    from prunekit.models import create_model
+
+    state = {k: v.clone() for k, v in create_model("small_cnn", num_classes=10).state_dict().items()}
+    state["conv1.weight"] = state["conv1.weight"].round().long()
+    save_file(state, str(workdir / "plain.safetensors"))  # no prunekit metadata: the plain loading path
+    before = _snapshot(workdir)
+    _assert_one_line_error(runner.invoke(cli, ["eval", "mine.yaml", "--weights", "plain.safetensors"]),
+                           "another kind of dtype", "conv1.weight")
+    assert _snapshot(workdir) == before
+
+
+def test_eval_does_not_check_the_bench_batch_it_never_uses(runner, workdir, monkeypatch):
+    monkeypatch.setattr("prunekit.core.environment.memory_bytes", lambda: 16 * 2**30)
+    _signed_state_file(workdir / "w.safetensors")
+    result = runner.invoke(cli, ["eval", "mine.yaml", "--weights", "w.safetensors", "bench.batch_size=400000000"])
+    assert result.exit_code == 0, (result.output, result.exception)
+
+
+def test_memory_the_os_does_not_know_refuses_nothing(monkeypatch):
+    from prunekit.core import environment
+
+    monkeypatch.setattr(environment.os, "sysconf", lambda name: -1)
+    assert environment.memory_bytes() is None
+    environment.check_input_fits((1, 3, 32, 32), "input")

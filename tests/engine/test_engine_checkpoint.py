@@ -180,6 +180,24 @@ def test_pickled_objects_are_refused(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_damaged_pickle_inside_an_intact_archive_is_called_damaged_not_hostile(tmp_path):
+    """Bytes flipped in the pickled part (torch does not check the archive's CRCs) are damage."""
+    import zipfile
+
+    path = tmp_path / CHECKPOINT_NAME
+    torch.save({"format": "prunekit.train_checkpoint", "epoch": 1}, path)
+    with zipfile.ZipFile(path) as z:
+        entries = [(i, z.read(i.filename)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in entries:
+            if info.filename.endswith("data.pkl"):
+                data = data[:2] + b"\xff\xff\xff\xff" + data[6:]
+            z.writestr(info, data)
+    with pytest.raises(CheckpointError, match=r"is damaged \(its pickled contents cannot be read\)") as err:
+        load_checkpoint(path)
+    assert "could run code" not in str(err.value)
+
+
 @pytest.mark.parametrize("change, fragment", [
     ("model", "does not fit the model|shapes do not fit"),
     ("cfg", "different TrainConfig"),

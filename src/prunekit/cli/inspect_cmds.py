@@ -46,7 +46,7 @@ def eval_cmd(args, weights, split, as_json) -> None:
         recipe.eval.validate()
         if split == "val" and recipe.data.val_fraction == 0:
             raise ConfigError("--split val needs data.val_fraction > 0")
-    job = prepare(recipe, weights, progress=False, echo=lambda s: None)
+    job = prepare(recipe, weights, progress=False, echo=lambda s: None, times=False)
     split = recipe.eval.split
     scores = evaluate(job.model, job.loader(split))
     cost = job.cost()

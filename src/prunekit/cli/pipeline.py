@@ -95,8 +95,9 @@ class Job:
 
 
 def prepare(recipe: Recipe, weights: str | None = None, progress: bool = True, echo: Echo = print,
-            check_method: bool = False) -> Job:
-    """Load the data, build the model, load weights; with check_method, dry-run one-shot pruning."""
+            check_method: bool = False, times: bool = True) -> Job:
+    """Load the data, build the model, load weights; with check_method, dry-run one-shot pruning.
+    `times`: the job ends by timing the model (bench section), whose input is checked now."""
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
     bundle = load_data(recipe.data)
@@ -108,7 +109,7 @@ def prepare(recipe: Recipe, weights: str | None = None, progress: bool = True, e
     seed_everything(recipe.seed)
     model = create_model(recipe.model.name, bundle.num_classes, **recipe.model.kwargs)
     example = _example_input(bundle)
-    if recipe.eval.latency:  # the run's last step: refused now, not after hours of training
+    if times and recipe.eval.latency:  # the run's last step: refused now, not after hours of training
         check_input_fits((recipe.bench.batch_size, *bundle.input_shape), f"{recipe.source}: bench.batch_size="
                          f"{recipe.bench.batch_size} (or set eval.latency=false)")
     weights = weights or recipe.init
@@ -206,12 +207,12 @@ def _safetensors_header(path: Path) -> bool:
 
 def _load_weights(model: nn.Module, path: Path) -> tuple[nn.Module, Plan | None]:
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file, load_model
 
     from ..engine.checkpoint import load_checkpoint
     from ..surgery.mask_io import restore_masks_from_state, unpaired_masks
     from ..surgery.persist import PLAN_KEY, load_pruned, read_plan
-    from ..surgery.tensor_file import SHA_KEY, load_state_, read_tensor_file
+    from ..surgery.tensor_file import SHA_KEY, dtype_kind_mismatches, load_state_, read_tensor_file
 
     path = Path(path)
     if path.is_dir():
@@ -240,6 +241,10 @@ def _load_weights(model: nn.Module, path: Path) -> tuple[nn.Module, Plan | None]
             load_state_(model, tensors, meta, path)
             return model, None
         try:
+            kind = dtype_kind_mismatches(model, load_file(str(path)))
+            if kind:
+                raise CheckpointError(f"weights in {path} do not fit this model: {len(kind)} tensors of another kind "
+                                      f"of dtype (integer, bool or float) (first: {kind[0]})")
             load_model(model, str(path), strict=True)
         except (RuntimeError, SafetensorError, ValueError) as err:
             raise CheckpointError(f"weights in {path} do not fit this model: {load_error_text(err)}") from None

@@ -56,9 +56,10 @@ def environment(cwd: str | os.PathLike[str] | None = None) -> dict[str, Any]:
 def memory_bytes() -> int | None:
     """This machine's physical memory in bytes, or None where the OS does not say."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        page, pages = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+    return page * pages if page > 0 and pages > 0 else None  # -1: the OS does not know
 
 
 def check_input_fits(shape: Sequence[int], what: str, element_bytes: int = 4) -> None:

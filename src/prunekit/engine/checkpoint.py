@@ -167,9 +167,11 @@ def load_checkpoint(path: str | os.PathLike[str],
         raise CheckpointError(f"no checkpoint at {path}; train without resume=True to start one")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's text suggests loading it unsafely: never passed on
+    except pickle.UnpicklingError as err:  # torch's text suggests loading it unsafely: never passed on
+        objects = zipfile.is_zipfile(path) and "global" in str(err).lower()  # a class or function it names
         what = ("holds Python objects other than tensors and plain values, which prunekit never loads (they could "
-                "run code), so it is not a prunekit training checkpoint" if zipfile.is_zipfile(path) else
+                "run code), so it is not a prunekit training checkpoint" if objects else
+                "is damaged (its pickled contents cannot be read)" if zipfile.is_zipfile(path) else
                 "is not a PyTorch checkpoint (torch.save writes a zip archive; this file is not one), or is damaged")
         raise CheckpointError(f"{path} {what}; {advice}") from None
     except Exception as err:  # noqa: BLE001 (zip and OS errors all mean "unreadable")

@@ -354,6 +354,7 @@ def run_search(cfg: EvolveConfig, run_dir: str | Path, resume: bool = False, pro
     with hold_dir(run_dir, "evolution"), \
             create_executor(cfg.executor, cfg.workers, cfg.ray_address, cfg.num_cpus, cfg.num_gpus) as run:
         search = Search(cfg, run_dir, prepare_dense(cfg, run_dir, echo), progress)
+        search.dense_sha256  # noqa: B018  (taken now: the files the first generation is measured on)
         state = load_checkpoint(run_dir, cfg, search.dense) if resume else None
         if state is None:
             random.seed(cfg.seed)

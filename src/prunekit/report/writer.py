@@ -109,7 +109,7 @@ def write_report(run_dir: str | Path, result: ReportInput | None = None) -> Repo
         result = _load_result(run_dir / "result.json")
         try:  # a hand-edited file: a field of the wrong type is the file's fault, said in one line
             with warnings.catch_warnings():  # matplotlib's warnings about its values come before that line
-                warnings.simplefilter("ignore", RuntimeWarning)
+                warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"matplotlib\.")
                 return _write(run_dir, result)
         except (AttributeError, TypeError, KeyError, ValueError, IndexError, OverflowError) as err:
             raise ConfigError(f"{run_dir / 'result.json'} does not have the layout prunekit writes "

@@ -188,14 +188,19 @@ def _kind(t: Tensor) -> str:
     return "bool" if t.dtype == torch.bool else "float" if t.is_floating_point() else "complex" if t.is_complex() else "int"
 
 
+def dtype_kind_mismatches(model: nn.Module, stored: Mapping[str, Tensor]) -> list[str]:
+    """Names whose stored tensor is of another kind (integer, bool, float, complex) than the
+    model's: another float width is a cast, integers for float weights (or the reverse) a damaged file."""
+    kinds = {k: _kind(v) for k, v in model.state_dict().items()}
+    return sorted(k for k in set(kinds) & set(stored) if kinds[k] != _kind(stored[k]))
+
+
 def _check_fit(model: nn.Module, stored: Mapping[str, Tensor], path: Any) -> None:
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in stored.items()}
     missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
     wrong = sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])
-    kinds = {k: _kind(v) for k, v in model.state_dict().items()}
-    # another float width is a cast; integers for float weights (or the reverse) are a damaged file
-    kind = sorted(k for k in set(kinds) & set(stored) if kinds[k] != _kind(stored[k]))
+    kind = dtype_kind_mismatches(model, stored)
     if missing or extra or wrong or kind:
         parts = [f"{len(v)} {what} (first: {v[0]})" for what, v in
                  (("tensors missing from the file", missing), ("unexpected tensors", extra),

@@ -242,7 +242,8 @@ def test_resuming_a_search_with_another_recipe_or_a_damaged_checkpoint_is_one_li
 @pytest.mark.parametrize("recipe, needles", [
     ({"search": 5}, ["missing required key(s) data", "cannot be resumed", "prunekit search"]),
     ({"data": {}}, ["no 'search' section"]),
-], ids=["missing-section", "no-search"])
+    ({"search": {}, "data": {}, "version": 99}, ["version 99 is not supported", "prunekit that started the search"]),
+], ids=["missing-section", "no-search", "other-version"])
 def test_resume_of_a_search_whose_recipe_json_is_damaged_says_which_file(tmp_path, recipe, needles):
     run = tmp_path / "run"
     run.mkdir()

@@ -269,6 +269,8 @@ def resumable_search(run_dir: str | Path) -> SearchRecipe:
     try:
         return SearchRecipe.from_dict(raw)
     except ConfigError as err:
+        if "version" in str(err) or "unknown key" in str(err):  # written by another prunekit: not damage
+            raise ConfigError(f"{path}: {err}; resume it with the prunekit that started the search") from None
         raise ConfigError(f"{path} is damaged ({err}); the search cannot be resumed: start it again with "
                           "`prunekit search`") from None
 
