@@ -57,7 +57,9 @@ def test_latency_model_tables_the_attention_and_follows_its_embedding_group():
     half = list(range(embed.size // 2))
     widths = dict(zip([n for n, _, _ in est.layers], est.widths({embed.name: half})))
     assert widths["attn"] == (16, 16) and widths["embed"][1] == 16  # heads removed with their channels
-    assert est({embed.name: half}) < est({})
+    # tables are made non-decreasing: on a contended machine the half and whole widths can time alike
+    # (a tie), but removing channels never reads as slower
+    assert est({embed.name: half}) <= est({})
 
 
 def test_a_latency_target_prunes_through_the_attention():
