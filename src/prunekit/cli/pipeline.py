@@ -212,7 +212,7 @@ def _load_weights(model: nn.Module, path: Path) -> tuple[nn.Module, Plan | None]
     from ..engine.checkpoint import load_checkpoint
     from ..surgery.mask_io import restore_masks_from_state, unpaired_masks
     from ..surgery.persist import PLAN_KEY, load_pruned, read_plan
-    from ..surgery.tensor_file import SHA_KEY, dtype_kind_mismatches, load_state_, read_tensor_file
+    from ..surgery.tensor_file import SHA_KEY, dtype_kind_error, load_state_, read_tensor_file
 
     path = Path(path)
     if path.is_dir():
@@ -241,10 +241,9 @@ def _load_weights(model: nn.Module, path: Path) -> tuple[nn.Module, Plan | None]
             load_state_(model, tensors, meta, path)
             return model, None
         try:
-            kind = dtype_kind_mismatches(model, load_file(str(path)))
+            kind = dtype_kind_error(model.state_dict(), load_file(str(path)))
             if kind:
-                raise CheckpointError(f"weights in {path} do not fit this model: {len(kind)} tensors of another kind "
-                                      f"of dtype (integer, bool or float) (first: {kind[0]})")
+                raise CheckpointError(f"weights in {path} do not fit this model: {kind}")
             load_model(model, str(path), strict=True)
         except (RuntimeError, SafetensorError, ValueError) as err:
             raise CheckpointError(f"weights in {path} do not fit this model: {load_error_text(err)}") from None

@@ -384,8 +384,8 @@ def _normalise_inputs(inputs: Inputs, cfg: LatencyConfig) -> tuple[tuple[torch.T
     if not ok:
         raise ConfigError(f"inputs={inputs!r} is invalid; give a per-sample shape such as (3, 32, 32), "
                           "an example batch tensor, or a tuple of tensors")
-    # A fixed seed keeps inputs identical across runs (values can matter, e.g. for ReLU sparsity).
     check_input_fits((cfg.batch_size, *inputs), f"timing at batch_size={cfg.batch_size}")
+    # A fixed seed keeps inputs identical across runs (values can matter, e.g. for ReLU sparsity).
     gen = torch.Generator().manual_seed(0)
     return (torch.randn((cfg.batch_size, *inputs), generator=gen),), cfg.batch_size, "shape"
 

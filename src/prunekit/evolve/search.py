@@ -113,15 +113,12 @@ class SearchState:
 class Search:
     """One evolution; `run_search` is the function to call."""
 
-    def __init__(self, cfg: EvolveConfig, run_dir: str | Path, dense_paths: dict[str, str], progress: bool):
+    def __init__(self, cfg: EvolveConfig, run_dir: str | Path, dense_paths: dict[str, str], progress: bool,
+                 dense_sha256: dict[str, str] | None = None):
         self.cfg, self.run_dir, self.dense, self.progress = cfg, Path(run_dir), dense_paths, progress
+        self.dense_sha256 = dense_sha256 or {}  # what each task's fitness is measured on, kept in every checkpoint
         self.tasks = {t.name: t for t in cfg.tasks}
         self.task_json = {t.name: json.dumps(t.to_dict(), sort_keys=True) for t in cfg.tasks}
-
-    @functools.cached_property
-    def dense_sha256(self) -> dict[str, str]:
-        """What each task's fitness is measured on: a resumed search refuses a dense model changed since."""
-        return {task: file_digest(path) for task, path in self.dense.items() if Path(path).is_file()}
 
     def job(self, text: str, task: str, seed: int) -> Job:
         return Job(text, self.task_json[task], seed, self.dense[task], self.cfg.device, self.cfg.threads_per_job)
@@ -207,9 +204,11 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def load_checkpoint(run_dir: Path, cfg: EvolveConfig, dense: dict[str, str] | None = None) -> SearchState | None:
-    """The search state of the newest checkpoint, or None without one. `dense` ({task: path}): the
-    dense models the search goes on with, which must be the ones the checkpoint's fitness came from."""
+def load_checkpoint(run_dir: Path, cfg: EvolveConfig, dense: dict[str, str] | None = None,
+                    dense_sha256: dict[str, str] | None = None) -> SearchState | None:
+    """The search state of the newest checkpoint, or None without one. `dense` and `dense_sha256`
+    ({task: path}, {task: sha256}): the dense models the search goes on with, which must be the
+    ones the checkpoint's fitness came from."""
     files = sorted((run_dir / "checkpoints").glob("gen_*.json"), key=_generation_of)
     if not files:
         return None
@@ -217,7 +216,7 @@ def load_checkpoint(run_dir: Path, cfg: EvolveConfig, dense: dict[str, str] | No
     if not isinstance(data, dict) or data.get("config") != json.loads(json.dumps(cfg.search_dict())):
         raise CheckpointError(f"{run_dir} was searched with other settings; resume with the same recipe "
                               "or start a new run directory")
-    _check_same_dense(files[-1], data.get("dense_sha256", {}), dense or {})  # absent: written before it was kept
+    _check_same_dense(files[-1], data.get("dense_sha256", {}), dense or {}, dense_sha256 or {})  # absent: older file
     try:
         wrong = _state_error(data)
     except KeyError as err:
@@ -241,17 +240,17 @@ def load_checkpoint(run_dir: Path, cfg: EvolveConfig, dense: dict[str, str] | No
                        data["history"])
 
 
-def _check_same_dense(path: Path, saved: object, dense: dict[str, str]) -> None:
+def _check_same_dense(path: Path, saved: object, dense: dict[str, str], dense_sha256: dict[str, str]) -> None:
     """CheckpointError when a task's dense model is not the file the saved fitness was measured on
     (replaced, retrained, edited): old and new evaluations would be ranked together."""
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path} is damaged: dense_sha256 is not a mapping; delete it to resume from the "
                               "one before")
-    for task, file in dense.items():
-        if task in saved and Path(file).is_file() and saved[task] != file_digest(file):
-            raise CheckpointError(f"the dense model of task {task!r} ({file}) is not the one this search measured "
-                                  f"its functions on (its contents changed since {path.name}); put that file back, "
-                                  "or start a new run directory to search on the new one")
+    for task, digest in dense_sha256.items():
+        if task in saved and saved[task] != digest:
+            raise CheckpointError(f"the dense model of task {task!r} ({dense.get(task)}) is not the one this search "
+                                  f"measured its functions on (its contents changed since {path.name}); put that file "
+                                  "back, or start a new run directory to search on the new one")
 
 
 def _generation_of(path: Path) -> tuple[int, str]:
@@ -353,9 +352,10 @@ def run_search(cfg: EvolveConfig, run_dir: str | Path, resume: bool = False, pro
     # the executor first: a Ray cluster that cannot be joined is said before any dense model trains
     with hold_dir(run_dir, "evolution"), \
             create_executor(cfg.executor, cfg.workers, cfg.ray_address, cfg.num_cpus, cfg.num_gpus) as run:
-        search = Search(cfg, run_dir, prepare_dense(cfg, run_dir, echo), progress)
-        search.dense_sha256  # noqa: B018  (taken now: the files the first generation is measured on)
-        state = load_checkpoint(run_dir, cfg, search.dense) if resume else None
+        dense = prepare_dense(cfg, run_dir, echo)
+        digests = {task: file_digest(path) for task, path in dense.items()}  # before generation 0 is measured
+        search = Search(cfg, run_dir, dense, progress, digests)
+        state = load_checkpoint(run_dir, cfg, dense, digests) if resume else None
         if state is None:
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)

@@ -185,26 +185,31 @@ def load_state_(model: nn.Module, tensors: Mapping[str, Tensor], meta: Mapping[s
 
 
 def _kind(t: Tensor) -> str:
-    return "bool" if t.dtype == torch.bool else "float" if t.is_floating_point() else "complex" if t.is_complex() else "int"
+    if t.dtype == torch.bool:
+        return "bool"
+    return "float" if t.is_floating_point() else "complex" if t.is_complex() else "int"
 
 
-def dtype_kind_mismatches(model: nn.Module, stored: Mapping[str, Tensor]) -> list[str]:
-    """Names whose stored tensor is of another kind (integer, bool, float, complex) than the
-    model's: another float width is a cast, integers for float weights (or the reverse) a damaged file."""
-    kinds = {k: _kind(v) for k, v in model.state_dict().items()}
-    return sorted(k for k in set(kinds) & set(stored) if kinds[k] != _kind(stored[k]))
+def dtype_kind_error(state: Mapping[str, Tensor], stored: Mapping[str, Tensor]) -> str:
+    """"N tensors of another kind of dtype ... (first: name)" for stored tensors whose kind
+    (integer, bool, float, complex) differs from the model's `state`, else "": another float width
+    is a cast, integers for float weights (or the reverse) a damaged file."""
+    wrong = sorted(k for k in set(state) & set(stored) if _kind(state[k]) != _kind(stored[k]))
+    if not wrong:
+        return ""
+    return f"{len(wrong)} tensors of another kind of dtype (integer, bool or float) (first: {wrong[0]})"
 
 
 def _check_fit(model: nn.Module, stored: Mapping[str, Tensor], path: Any) -> None:
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    ours = {k: tuple(v.shape) for k, v in state.items()}
     theirs = {k: tuple(v.shape) for k, v in stored.items()}
     missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
     wrong = sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])
-    kind = dtype_kind_mismatches(model, stored)
+    kind = dtype_kind_error(state, stored)
     if missing or extra or wrong or kind:
         parts = [f"{len(v)} {what} (first: {v[0]})" for what, v in
                  (("tensors missing from the file", missing), ("unexpected tensors", extra),
-                  ("shape mismatches", wrong), ("tensors of another kind of dtype (integer, bool or float)", kind))
-                 if v]
+                  ("shape mismatches", wrong)) if v] + ([kind] if kind else [])
         raise CheckpointError(f"weights in {path} do not fit this model: {'; '.join(parts)}. Build the same "
                               "architecture (name, num_classes, options) that the file was saved from")
