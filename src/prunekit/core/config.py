@@ -28,7 +28,7 @@ import types
 import typing
 from typing import Any, ClassVar, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigSchemaError
 
 C = TypeVar("C", bound="Config")
 
@@ -96,7 +96,7 @@ class Config:
         data = dict(data)
         version = data.pop("version", cls.version)
         if version != cls.version:
-            raise ConfigError(
+            raise ConfigSchemaError(
                 f"{cls.__name__} version {version} is not supported (this prunekit reads version {cls.version})"
             )
         names = {f.name: f for f in dataclasses.fields(cls)}
@@ -104,7 +104,7 @@ class Config:
         if unknown:
             shown = [k + "".join(f" (did you mean {g}?)" for g in difflib.get_close_matches(k, list(names), n=1))
                      for k in unknown]
-            raise ConfigError(f"{cls.__name__}: unknown key(s) {', '.join(shown)}; allowed: {', '.join(sorted(names))}")
+            raise ConfigSchemaError(f"{cls.__name__}: unknown key(s) {', '.join(shown)}; allowed: {', '.join(sorted(names))}")
         missing = [n for n, f in names.items() if f.init and n not in data and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]
         if missing:

@@ -9,6 +9,11 @@ class ConfigError(PrunekitError, ValueError):
     """A config, recipe, target or flag is invalid."""
 
 
+class ConfigSchemaError(ConfigError):
+    """A config written for another schema: another version, or keys this prunekit does not know.
+    Unlike other ConfigErrors it says nothing of damage: another prunekit may read it."""
+
+
 class UnsupportedOpError(PrunekitError):
     """The graph met an operation it has no channel rule for."""
 

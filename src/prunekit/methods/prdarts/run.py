@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ...core.config import Config, check_range
-from ...core.errors import CheckpointError, ConfigError, read_json
+from ...core.errors import CheckpointError, ConfigError, ConfigSchemaError, read_json
 from ...core.integrity import atomic_write_text, claim_dir, hold_dir
 from ...data.config import DataConfig
 from ...data.subsets import FirstBatches, random_batches
@@ -268,9 +268,9 @@ def resumable_search(run_dir: str | Path) -> SearchRecipe:
         raise ConfigError(f"run {run_dir} already finished; nothing to resume (see its report.md)")
     try:
         return SearchRecipe.from_dict(raw)
+    except ConfigSchemaError as err:  # written by another prunekit: not damage
+        raise ConfigError(f"{path}: {err}; resume it with the prunekit that started the search") from None
     except ConfigError as err:
-        if "version" in str(err) or "unknown key" in str(err):  # written by another prunekit: not damage
-            raise ConfigError(f"{path}: {err}; resume it with the prunekit that started the search") from None
         raise ConfigError(f"{path} is damaged ({err}); the search cannot be resumed: start it again with "
                           "`prunekit search`") from None
 
