@@ -207,12 +207,12 @@ def _safetensors_header(path: Path) -> bool:
 
 def _load_weights(model: nn.Module, path: Path) -> tuple[nn.Module, Plan | None]:
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_model
 
     from ..engine.checkpoint import load_checkpoint
     from ..surgery.mask_io import restore_masks_from_state, unpaired_masks
     from ..surgery.persist import PLAN_KEY, load_pruned, read_plan
-    from ..surgery.tensor_file import SHA_KEY, dtype_kind_error, load_state_, read_tensor_file
+    from ..surgery.tensor_file import SHA_KEY, dtype_kind_error, header_dtypes, load_state_, read_tensor_file
 
     path = Path(path)
     if path.is_dir():
@@ -241,7 +241,7 @@ def _load_weights(model: nn.Module, path: Path) -> tuple[nn.Module, Plan | None]
             load_state_(model, tensors, meta, path)
             return model, None
         try:
-            kind = dtype_kind_error(model.state_dict(), load_file(str(path)))
+            kind = dtype_kind_error(model.state_dict(), header_dtypes(path))  # the header only
             if kind:
                 raise CheckpointError(f"weights in {path} do not fit this model: {kind}")
             load_model(model, str(path), strict=True)

@@ -184,16 +184,29 @@ def load_state_(model: nn.Module, tensors: Mapping[str, Tensor], meta: Mapping[s
         raise CheckpointError(f"weights in {path} do not fit this model: {first}") from None
 
 
-def _kind(t: Tensor) -> str:
+def _kind(t: Tensor | str) -> str:
+    """"bool", "float", "complex" or "int" of a tensor, or of a dtype as a safetensors header names
+    it ("F32", "BF16", "I64", "BOOL", "C64", "F8_E4M3", ...)."""
+    if isinstance(t, str):
+        return "bool" if t == "BOOL" else "float" if t.startswith(("F", "BF")) else "complex" if t.startswith("C") \
+            else "int"
     if t.dtype == torch.bool:
         return "bool"
     return "float" if t.is_floating_point() else "complex" if t.is_complex() else "int"
 
 
-def dtype_kind_error(state: Mapping[str, Tensor], stored: Mapping[str, Tensor]) -> str:
-    """"N tensors of another kind of dtype ... (first: name)" for stored tensors whose kind
-    (integer, bool, float, complex) differs from the model's `state`, else "": another float width
-    is a cast, integers for float weights (or the reverse) a damaged file."""
+def header_dtypes(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The dtype of each tensor of a .safetensors file as its header names it, without reading
+    the tensors."""
+    with safe_open(os.fspath(path), framework="pt") as f:
+        return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+def dtype_kind_error(state: Mapping[str, Tensor], stored: Mapping[str, Tensor | str]) -> str:
+    """"N tensors of another kind of dtype ... (first: name)" for stored tensors (or header dtype
+    names, `header_dtypes`) whose kind (integer, bool, float, complex) differs from the model's
+    `state`, else "": another float width is a cast, integers for float weights (or the reverse)
+    a damaged file."""
     wrong = sorted(k for k in set(state) & set(stored) if _kind(state[k]) != _kind(stored[k]))
     if not wrong:
         return ""
