@@ -120,3 +120,14 @@ def test_tracing_restores_each_modules_own_training_mode(fail):
         build_graph(model, X)
     assert {n: m.training for n, m in model.named_modules()} == before
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("max_ratio, hint", [(0.9, True), (0.9995, False)])
+def test_an_impossible_target_suggests_only_what_can_help(max_ratio, hint):
+    """Every group at its cap: a wider scope cannot help; a higher cap can, unless it is already whole."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with pytest.raises(ConfigError, match="impossible target") as err:
+        prune_(model, MagnitudeConfig(macs_fraction=0.001, max_ratio=max_ratio, round_to=None), X)
+    text = str(err.value)
+    assert "scope" not in text and "larger fraction" in text and "input and output layers" in text
+    assert ("raise max_ratio" in text) == hint

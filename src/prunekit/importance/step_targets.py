@@ -29,9 +29,12 @@ def search_ratio(graph: Graph, scores, cfg: Any, which: str, target: float,
     hi = cfg.max_ratio if cfg.max_ratio < 1 else 0.999
     at_hi = cost(hi)
     if at_hi > target:
+        # every group already at its cap: scope cannot help, only a higher cap or a looser target
         raise ConfigError(f"impossible target: removing up to max_ratio={cfg.max_ratio} of every group still "
-                          f"leaves {at_hi:,} {which} (> {int(target):,}); raise max_ratio, use scope='global' "
-                          "or ask for a larger fraction")
+                          f"leaves {at_hi:,} {which} (> {int(target):,}); "
+                          + ("raise max_ratio or " if cfg.max_ratio < 0.999 else "")
+                          + f"ask for a larger fraction (the {which} left sit in layers no prunable group shrinks: "
+                          "the input and output layers, ignored layers and groups that cannot be pruned)")
     lo = 0.0
     for _ in range(20):
         mid = (lo + hi) / 2
