@@ -156,3 +156,36 @@ def test_a_latency_target_timed_channels_last_needs_a_channels_last_model():
         MagnitudeConfig(channel_ratio=0.5, round_to="auto", latency={"channels_last": True})
     for ok in (dict(memory_format="channels_last"), dict(memory_format="auto")):
         MagnitudeConfig(latency_fraction=0.5, latency={"channels_last": True}, **ok)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_memory_format_timing_that_fails_leaves_the_model_unpruned(monkeypatch, verify):
+    """memory_format='auto' times the pruned copy before the caller's model changes: a timing that
+    fails (here: an allocation failure) raises, and the model keeps its widths and values."""
+    import prunekit.cost.memory_format as mf
+    from prunekit.surgery.prepared import prepare_pruning
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(mf, "choose_memory_format", no_memory)
+    torch.manual_seed(0)
+    model, x = _net(), torch.randn(1, 3, 16, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = MagnitudeConfig(channel_ratio=0.5, memory_format="auto")
+    with pytest.raises(RuntimeError, match="allocate"):
+        if verify:
+            prune_(model, cfg, x)
+        else:
+            prepare_pruning(model, x).prune_(model, cfg, verify=False)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in before.items()}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_timing_on_a_missing_device_is_refused_before_anything_changes():
+    model, x = _net(), torch.randn(1, 3, 16, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="device='cuda' was asked for"):
+        prune_(model, MagnitudeConfig(macs_fraction=0.5, memory_format="auto", latency={"device": "cuda"}), x)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

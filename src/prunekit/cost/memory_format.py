@@ -52,16 +52,26 @@ def choose_memory_format(model: nn.Module, inputs: Any, cfg: LatencyConfig) -> d
             "device": cfg.device, "dtype": cfg.dtype, "batch": cfg.batch_size, "threads": cfg.threads}
 
 
-def apply_memory_format_(model: nn.Module, inputs: Any, how: str, cfg: LatencyConfig | None = None) -> dict[str, Any]:
-    """Put `model` in the format `how` names ("auto": the faster one, measured); returns the record."""
+def memory_format_record(model: nn.Module, inputs: Any, how: str, cfg: LatencyConfig | None = None) -> dict[str, Any]:
+    """The format `how` names for `model` and why ("auto": both timed, the faster kept), without
+    converting anything: a timing that fails leaves the model as it was."""
     check_choice("memory_format", how, MEMORY_FORMATS)
     if not _has_4d(model):
         return {"choice": "contiguous", "reason": "no 4-D tensor"}
-    record: dict[str, Any] = {"choice": how}
-    if how == "auto":
-        from .latency_model import per_sample_inputs
-        cfg = cfg or LatencyConfig(threads=1)
-        record = choose_memory_format(model, per_sample_inputs(inputs, cfg.batch_size), cfg)
+    if how != "auto":
+        return {"choice": how}
+    from .latency_model import per_sample_inputs
+    cfg = cfg or LatencyConfig(threads=1)
+    return choose_memory_format(model, per_sample_inputs(inputs, cfg.batch_size), cfg)
+
+
+def apply_memory_format_(model: nn.Module, inputs: Any, how: str, cfg: LatencyConfig | None = None,
+                         record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Put `model` in the format `how` names ("auto": the faster one, measured), or in the one
+    `record` (from `memory_format_record`) chose; returns the record."""
+    record = record if record is not None else memory_format_record(model, inputs, how, cfg)
+    if record.get("reason") == "no 4-D tensor":
+        return record
     fmt = torch.channels_last if record["choice"] == "channels_last" else torch.contiguous_format
     if not _in_format(model, fmt):
         to_memory_format_(model, fmt)  # "contiguous" also converts a model that arrived channels-last

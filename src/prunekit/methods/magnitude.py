@@ -43,9 +43,9 @@ from torch import nn
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PrunekitError, PruningError
 from ..cost.alignment import pick_round_to
-from ..cost.latency import LatencyConfig, latency_settings
+from ..cost.latency import LatencyConfig, latency_settings, timing_device
 from ..cost.macs import CostEstimator, cost_after
-from ..cost.memory_format import MEMORY_FORMATS, apply_memory_format_
+from ..cost.memory_format import MEMORY_FORMATS, apply_memory_format_, memory_format_record
 from ..graph import Graph
 from ..importance.criteria import REDUCTIONS, Criterion, ScoreContext, resolve_criterion
 from ..importance.latency_target import latency_removal
@@ -250,7 +250,12 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     # the user's model changes only once everything succeeded; scoring on batches (gradients) or
     # fine-tuning between steps writes into tensors, so those need a copy of every weight
     writes = batches is not None or between_steps is not None
-    work = copy.deepcopy(model) if writes else share_copy(model) if verify or cfg.steps > 1 else model
+    timed = cfg.memory_format == "auto" or cfg.latency_fraction is not None or cfg.round_to == "auto"
+    if timed:  # a machine that cannot time as asked is told before anything changes
+        timing_device(latency_config(cfg))
+    # in place only when nothing can fail after the removal: timing the memory formats can
+    work = copy.deepcopy(model) if writes else share_copy(model) if (
+        verify or cfg.steps > 1 or cfg.memory_format == "auto") else model
     plan: Plan | None = None
     fallbacks: dict[str, str] = {}
     metrics: dict[str, Any] = {}
@@ -286,11 +291,13 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         _check_runs(work, example_inputs, model, prepared.probed and (cfg.probe or cfg.steps == 1),
                     prepared.graph.training_traced)
     after = cost_after(work, graph, removal, estimator)  # exact: tests compare it with a recount
+    # timed on the pruned copy, before the caller's model changes; converted after
+    layout = memory_format_record(work, example_inputs, cfg.memory_format, latency_config(cfg))
     if work is not model:
         if writes:  # a deep copy: the caller's unpruned parameters stay the model's
             keep_parameters_(model, work)
         adopt_(model, work)
-    metrics["memory_format"] = apply_memory_format_(model, example_inputs, cfg.memory_format, latency_config(cfg))
+    metrics["memory_format"] = apply_memory_format_(model, example_inputs, cfg.memory_format, record=layout)
     config = cfg.to_dict()
     plan.meta.update({"method": "magnitude", "config": config})
     if fallbacks:
