@@ -250,3 +250,23 @@ def test_a_criterion_that_raises_is_one_config_error_naming_it_and_the_group():
             run(model)
         assert isinstance(err.value.__cause__, ZeroDivisionError)  # the traceback stays reachable (--debug)
         assert model[0].out_channels == 16
+
+
+def test_a_registered_criterion_that_raises_is_one_config_error_too():
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    x = torch.randn(1, 3, 8, 8)
+    CRITERIA.register("broken_for_test", lambda g, ctx: 1 / 0)
+    try:
+        with pytest.raises(ConfigError, match="criterion broken_for_test raised ZeroDivisionError on group '0'"):
+            prune_(m, MagnitudeConfig(criterion="broken_for_test", channel_ratio=0.5), x)
+        assert m[0].out_channels == 16
+    finally:
+        CRITERIA.unregister("broken_for_test")
+
+
+def test_a_criterion_giving_meta_tensors_is_one_config_error():
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    cfg = MagnitudeConfig(criterion=lambda g, ctx: torch.empty(g.size, device="meta"), channel_ratio=0.5)
+    with pytest.raises(ConfigError, match="meta device"):
+        prune_(m, cfg, torch.randn(1, 3, 8, 8))
+    assert m[0].out_channels == 16

@@ -42,6 +42,7 @@ from torch import nn
 
 from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PrunekitError, PruningError
+from ..engine.batches import out_of_memory
 from ..cost.alignment import pick_round_to
 from ..cost.latency import LatencyConfig, latency_settings, timing_device
 from ..cost.macs import CostEstimator, cost_after
@@ -164,8 +165,8 @@ def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: 
             s = criterion(g, ctx)
         except PrunekitError:
             raise
-        except Exception as err:  # a user's callable failing: say which, and on which group
-            if not callable(cfg.criterion):
+        except Exception as err:  # a callable, registered or factory-built criterion failing: say which, where
+            if isinstance(err, RuntimeError) and out_of_memory(err):
                 raise
             raise ConfigError(f"criterion {cfg.to_dict()['criterion']} raised {type(err).__name__} on group "
                               f"{g.name!r}: {str(err)[:300]}; nothing was removed") from err
@@ -173,8 +174,9 @@ def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: 
         if s.is_floating_point() and not bool(torch.isfinite(s).all()):  # a ranking of NaN is arbitrary
             bad = int((~torch.isfinite(s)).sum())
             raise PruningError(f"criterion {cfg.to_dict()['criterion']} gave NaN or inf scores to {bad} of the "
-                               f"{s.numel()} channels of group {g.name!r}: the model's weights or the calibration "
-                               "data hold NaN/inf (a diverged training? lower the learning rate); nothing was removed")
+                               f"{s.numel()} channels of group {g.name!r}: the criterion itself, or the model's weights or "
+                               "calibration data (a diverged training? lower the learning rate) produce NaN/inf; "
+                               "nothing was removed")
         scores[g.name] = s.detach()
     if fallbacks is not None:
         fallbacks.update(ctx.fallbacks)
@@ -186,6 +188,7 @@ def _check_scores(s: Any, group, cfg: MagnitudeConfig) -> None:
     (channel ratio, cost bisection, rounding, latency allocation) ranks."""
     what = (type(s).__name__ if not isinstance(s, torch.Tensor)
             else f"a {s.layout} tensor" if s.layout != torch.strided or s.is_nested
+            else "a tensor on the meta device (shapes only, no values)" if s.is_meta
             else f"{str(s.dtype).removeprefix('torch.')} scores" if s.is_complex()
             else f"scores of shape {tuple(s.shape)}" if s.shape != (group.size,) else None)
     if what is None:
