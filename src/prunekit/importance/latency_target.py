@@ -56,30 +56,49 @@ def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.T
                           "latency tables cover (Conv2d with groups=1 or depthwise, Linear, BatchNorm2d, "
                           "one-dimensional LayerNorm, batch_first nn.MultiheadAttention); use macs_fraction or "
                           "params_fraction; the model was left unchanged")
-    steps = {n: group_multiple(graph.group(n).size, round_to) if round_to else max(1, graph.group(n).size // 16)
-             for n in scores}
-    goal, tried = fraction, []
+    def allocate(goal: float, multiple: int | None):
+        steps = {n: group_multiple(graph.group(n).size, multiple) if multiple else max(1, graph.group(n).size // 16)
+                 for n in scores}
+        return round_to_target(graph, scores, {}, steps, est, goal * est.measured_ms, max_ratio, normalizer,
+                               refresh_every=max(1, len(scores)), best_effort=True)
+
+    goal, tried, multiple = fraction, [], round_to
     for _ in range(attempts):
-        res = round_to_target(graph, scores, {}, steps, est, goal * est.measured_ms, max_ratio, normalizer,
-                              refresh_every=max(1, len(scores)), best_effort=True)
+        res = allocate(goal, multiple)
+        # a new goal that moves no channel: the multiple is too coarse to get nearer; halve it
+        # (16, 8, 4, 2), as the params/MACs targets do, rather than time the same model again
+        while tried and multiple and multiple > 2 and any(t["removal"] == res.removal for t in tried):
+            multiple //= 2
+            res = allocate(goal, multiple)
         estimated = res.cost / est.measured_ms
         readings = _readings(model, graph, res.removal, estimated, lcfg, example_inputs, tolerance)
         measured = sorted(readings)[len(readings) // 2] if readings else 1.0  # nothing removed: the model itself
         tried.append({"goal": goal, "estimated_fraction": estimated, "measured_fraction": measured,
-                      "readings": readings, "removal": res.removal})
-        if abs(measured - fraction) <= tolerance or (res.cost > goal * est.measured_ms and measured > fraction):
+                      "readings": readings, "round_to": multiple, "reachable": res.cost <= goal * est.measured_ms,
+                      "removal": res.removal})
+        if abs(measured - fraction) <= tolerance or (not tried[-1]["reachable"] and measured > fraction):
             break  # met, or every group is at max_ratio already
         goal = min(0.999, goal * min(1.25, max(0.8, fraction / measured)))
     best = min(tried, key=lambda t: abs(t["measured_fraction"] - fraction))
     report = {"target": fraction, "tolerance": tolerance, "measured_fraction": best["measured_fraction"],
               "estimate": est.describe(), "settings": lcfg.to_dict(),
+              "round_to": best["round_to"],
               "attempts": [{k: v for k, v in t.items() if k != "removal"} for t in tried]}
+    if best["round_to"] != round_to:
+        report["round_to_note"] = (f"round_to={round_to} moved no channel nearer the latency target; widths are "
+                                   f"multiples of {best['round_to']}")
     if abs(best["measured_fraction"] - fraction) > tolerance:
+        if best["measured_fraction"] > fraction and not best["reachable"]:
+            why = f"the estimate cannot reach it with every group at max_ratio={max_ratio} (raise max_ratio)"
+        elif len({str(t["removal"]) for t in tried}) < len(tried) and (best["round_to"] or 1) > 1:
+            why = (f"the kept widths move in steps of round_to={best['round_to']}, too coarse for this target "
+                   "(a smaller round_to lands nearer)")
+        else:
+            why = ("timing on a loaded machine is noisy (raise latency.repeats or latency_tolerance), or at small "
+                   "batches the time outside the pruned layers (Python per-module overhead, activations) sets a "
+                   "floor that channel removal cannot pass")
         report["note"] = (f"latency target {fraction} missed: measured {best['measured_fraction']:.3f} after "
-                          f"{len(tried)} attempt(s) (tolerance {tolerance}); timing on a loaded machine is noisy, "
-                          "raise latency.repeats or latency_tolerance; at small batches the time outside the "
-                          "pruned layers (Python per-module overhead, activations) sets a floor that channel "
-                          "removal cannot pass")
+                          f"{len(tried)} attempt(s) (tolerance {tolerance}): {why}")
     return best["removal"], report
 
 

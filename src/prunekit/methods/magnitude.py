@@ -317,8 +317,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     if metrics.get("round_to", {}).get("reason"):
         notes.append(f"round_to='auto' timed nothing: {metrics['round_to']['reason']}; widths are unrounded "
                      "(give round_to a multiple to align them)")
-    if metrics.get("latency", {}).get("note"):
-        notes.append(metrics["latency"]["note"])
+    notes += [metrics["latency"][k] for k in ("round_to_note", "note") if metrics.get("latency", {}).get(k)]
     if notes:
         metrics["notes"] = notes
     return PruneResult(plan, before, after, config, metrics)
