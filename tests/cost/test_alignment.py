@@ -1,4 +1,4 @@
-"""round_to='auto': the multiple is picked from measured times per unit of work."""
+"""round_to='auto': the multiple is picked from measured times: a width slower than a wider one is misaligned."""
 import types
 
 import torch
@@ -108,3 +108,26 @@ def test_auto_without_a_layer_to_time_says_so_in_the_notes():
     rec = r.metrics["round_to"]
     assert rec["multiple"] == 1 and "at least 8 input channels" in rec["reason"]
     assert any("round_to='auto'" in n and "unrounded" in n for n in r.metrics["notes"])
+
+
+def test_narrow_widths_less_efficient_per_unit_of_work_are_not_called_misaligned(monkeypatch):
+    """A fixed per-call cost makes narrow layers less efficient per multiply-accumulate without
+    making them slower; every width is aligned here (the rule compared time per unit of work
+    with the best, so the narrowest width, a multiple of everything, failed every multiple and 16
+    was used without a word)."""
+    spec = LayerSpec.from_module(nn.Conv2d(64, 64, 3, padding=1), (8, 8))
+    monkeypatch.setattr(alignment, "compare_latency", _fake_times(lambda w: False, work=lambda w: 2000 + w * w))
+    rec = alignment.measure_alignment(spec, LatencyConfig(warmup=1, repeats=1, threads=1))
+    assert rec["multiple"] == 1 and "fallback" not in rec
+
+
+def test_no_multiple_within_the_slack_is_said(monkeypatch):
+    spec = LayerSpec.from_module(nn.Conv2d(64, 64, 3, padding=1), (8, 8))
+    monkeypatch.setattr(alignment, "compare_latency", _fake_times(lambda w: w == 16))
+    rec = alignment.measure_alignment(spec, LatencyConfig(warmup=1, repeats=1, threads=1))
+    assert rec["multiple"] == 16 and "fallback" in rec
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 8, 1))
+    monkeypatch.setattr(alignment, "measure_alignment", lambda spec, cfg: dict(rec))
+    r = prune_(model, MagnitudeConfig(channel_ratio=0.5, round_to="auto"), torch.randn(1, 3, 8, 8))
+    assert any("found no multiple" in n for n in r.metrics["notes"])

@@ -314,6 +314,9 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         metrics.pop("rounding", None)
     elif metrics["rounding"]["tried"] and (note := rounding_note(metrics["rounding"], cfg.round_slack)):
         notes.append(note)
+    if metrics.get("round_to", {}).get("fallback"):
+        notes.append(f"round_to='auto' found no multiple whose widths all ran within "
+                     f"{metrics['round_to']['slack']:.0%} of a wider width ({metrics['round_to']['fallback']})")
     if metrics.get("round_to", {}).get("reason"):
         notes.append(f"round_to='auto' timed nothing: {metrics['round_to']['reason']}; widths are unrounded "
                      "(give round_to a multiple to align them)")
