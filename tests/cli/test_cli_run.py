@@ -252,3 +252,28 @@ def test_a_second_sigterm_is_not_caught_again(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "default again: True" in done.stdout
     assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
+
+
+def test_a_channels_last_prune_is_timed_saved_reported_and_benched_channels_last(default_run, runner, tmp_path):
+    """The pruner's memory format reaches the run's latency, report, saved file and `bench`."""
+    from prunekit.core.layout import is_channels_last
+
+    out, _ = default_run
+    target = tmp_path / "cl"
+    result = runner.invoke(cli, ["prune", "--weights", str(out / "dense.safetensors"), "--out", str(target),
+                                 "method.macs_fraction=0.7", "method.memory_format=channels_last",
+                                 "eval.layer_latency=false", "bench.repeats=3"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    res = json.loads((target / "result.json").read_text())
+    assert res["prune_metrics"]["memory_format"]["choice"] == "channels_last"
+    assert res["cost_after"]["latency"]["settings"]["channels_last"] is True
+    assert res["cost_before"]["latency"]["settings"]["channels_last"] is True  # both alike: the ratio is pruning's
+    report = (target / "report.md").read_text()
+    assert "Memory format of the pruned model: channels-last" in report and "| memory format |" in report
+    recipe, _ = load_recipe(str(target))
+    model = load_pruned(create_model(recipe.model.name, recipe.model.num_classes, **recipe.model.kwargs),
+                        target / "pruned.safetensors")
+    assert is_channels_last(model)
+    bench = runner.invoke(cli, ["bench", str(target), "bench.repeats=3", "--json"])
+    assert bench.exit_code == 0, bench.output
+    assert json.loads(bench.stdout)["latency"]["settings"]["channels_last"] is True

@@ -193,3 +193,42 @@ def test_the_last_of_two_plans_saved_alone_says_to_save_the_composed_plan(tmp_pa
     loaded = load_pruned(create_model("small_cnn", 10), tmp_path / "both.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
+
+
+def test_a_channels_last_model_reloads_channels_last(tmp_path):
+    """save_pruned records the layout the model runs in (memory_format='channels_last', or what
+    'auto' chose); the file's tensors are plain, so load_pruned puts the layout back."""
+    import torch
+    from torch import nn
+
+    from prunekit.core.errors import CheckpointError
+    from prunekit.core.layout import is_channels_last
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+    from prunekit.surgery.persist import load_pruned, read_plan, save_pruned
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                             nn.Conv2d(16, 8, 3, padding=1)).eval()
+
+    x = torch.randn(2, 3, 8, 8)
+    for fmt, expect in (("channels_last", True), ("contiguous", False)):
+        model = build()
+        r = prune_(model, MagnitudeConfig(channel_ratio=0.5, memory_format=fmt), x)
+        path = save_pruned(model, r.plan, tmp_path / f"{fmt}.safetensors")
+        back = load_pruned(build(), path)
+        assert is_channels_last(back) == expect
+        assert torch.allclose(back(x), model(x), atol=1e-5)
+    plan = read_plan(tmp_path / "channels_last.safetensors")
+    assert plan.meta["memory_format"] == "channels_last"
+    assert "memory_format" not in read_plan(tmp_path / "contiguous.safetensors").meta
+    import prunekit.surgery.persist as persist
+    plan.meta["memory_format"] = "sideways"  # an entry no prunekit writes is refused, not ignored
+    real = persist._plan_of
+    persist._plan_of = lambda meta, path: plan
+    try:
+        with pytest.raises(CheckpointError, match="memory_format.*damaged"):
+            load_pruned(build(), tmp_path / "channels_last.safetensors")
+    finally:
+        persist._plan_of = real

@@ -22,6 +22,7 @@ from torch import nn
 from ..core.environment import check_input_fits
 from ..core.errors import CheckpointError, ConfigError, PrunekitError, load_error_text
 from ..core.modes import evaluating
+from ..core.layout import is_channels_last
 from ..cost.macs import Cost, count_cost
 from ..data import DataBundle, load_data
 from ..engine import MetricsLog, TrainConfig, evaluate, seed_everything, train
@@ -383,6 +384,8 @@ def measure(job: Job) -> dict[str, Any]:
     if job.before_prune is not None:
         models = {"before": job.before_prune, "after": job.model}
     models = {k: _baked(m) for k, m in models.items()}  # time the exported model, not the mask multiply
+    if not cfg.channels_last and is_channels_last(job.model):  # the pruner chose channels-last: time it so
+        cfg = cfg.replace(channels_last=True)  # (both models, so the ratio is the pruning's)
     t0 = time.perf_counter()
     try:
         cmp = compare_latency(models, shape, cfg)

@@ -188,6 +188,7 @@ def _sections(result: dict, images: list[tuple[str, str]]) -> list[tuple[str, li
     if any(_cost(result, side, k)[1] for side in ("before", "after") for k in ("params", "macs")):
         summary.append("Totals marked * are sums over the listed layers (no whole-model count was given).")
     summary.append(f"Counting convention: {result.get('counting_convention') or 'not recorded'}")
+    summary += _pruning_measurements(result.get("prune_metrics") or {})
     sections: list[tuple[str, list[Block]]] = [("Summary", summary)]
     if images:
         sections.append(("Plots", [_Image(name, alt) for name, alt in images]))
@@ -204,6 +205,23 @@ def _sections(result: dict, images: list[tuple[str, str]]) -> list[tuple[str, li
     sections.append(("Config", [_Code(json.dumps(config, indent=2, sort_keys=True, default=str))]
                      if config else ["not recorded"]))
     return sections
+
+
+def _pruning_measurements(metrics: dict) -> list[Block]:
+    """What the pruner itself measured: the latency target it aimed at and the memory format it chose."""
+    out: list[Block] = []
+    lat = metrics.get("latency")
+    if isinstance(lat, dict) and isinstance(lat.get("measured_fraction"), (int, float)):
+        out.append(f"Latency target: {lat.get('target')} of the model's latency; measured while pruning: "
+                   f"{lat['measured_fraction']:.3f} (tolerance {lat.get('tolerance')})")
+    fmt = metrics.get("memory_format")
+    if isinstance(fmt, dict) and fmt.get("choice"):
+        timed = ""
+        if isinstance(fmt.get("contiguous_ms"), (int, float)) and isinstance(fmt.get("channels_last_ms"), (int, float)):
+            timed = (f" (timed at batch {fmt.get('batch')}: contiguous {fmt_ms(fmt['contiguous_ms'])} ms, "
+                     f"channels-last {fmt_ms(fmt['channels_last_ms'])} ms)")
+        out.append(f"Memory format of the pruned model: {str(fmt['choice']).replace('_', '-')}{timed}")
+    return out
 
 
 def _accuracy_rows(result: dict) -> list[list[str]]:
@@ -292,6 +310,8 @@ def _latency_table(result: dict) -> _Table | None:
     for label, key, fmt in fields:
         cells = [(lat[s] or {}).get(key) for s in ("before", "after")]
         rows.append([label] + [NA if c is None else fmt(c) for c in cells])
+    layouts = [((lat[s] or {}).get("settings") or {}).get("channels_last") for s in ("before", "after")]
+    rows.append(["memory format"] + [NA if c is None else "channels-last" if c else "contiguous" for c in layouts])
     return _Table(["", "before", "after"], rows, "lrr")
 
 

@@ -27,9 +27,11 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from ..core.errors import CheckpointError, PrunekitError
+from ..core.layout import is_channels_last, to_memory_format_
 from ..core.modules import unwrap_model
 from .mask_io import MASKS_FORMAT_VERSION, describe_masks, restore_masks_, tied_values, unpack_mask
 from .masks import masked_modules
@@ -39,6 +41,7 @@ from .tensor_file import MASK_SUFFIX, load_state_, read_tensor_file, save_state_
 
 PLAN_KEY = "prunekit.plan"
 MASKS_META = "masks"  # plan.meta entry describing the masks the file holds
+LAYOUT_META = "memory_format"  # plan.meta entry: "channels_last" when the model was saved that way
 
 
 def save_pruned(model: nn.Module, plan: Plan, path: str | Path) -> Path:
@@ -58,6 +61,10 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | Path) -> Path:
     path = Path(path)
     plan.meta[MASKS_META] = describe_masks(model)
     describe_replay(model, plan)
+    if is_channels_last(model):  # the file holds plain tensors; the layout is put back on loading
+        plan.meta[LAYOUT_META] = "channels_last"
+    else:
+        plan.meta.pop(LAYOUT_META, None)
     save_state_file(model, path, {PLAN_KEY: plan.to_json()})
     return path
 
@@ -101,8 +108,15 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
         raise
     except (RuntimeError, ValueError) as err:
         raise CheckpointError(f"the plan in {path} does not replay on this model: {err}") from None
+    layout = plan.meta.get(LAYOUT_META, "contiguous")
+    if layout not in ("contiguous", "channels_last"):
+        raise CheckpointError(f"{path}: plan meta '{LAYOUT_META}' is {str(layout)[:40]!r}, not 'channels_last' or "
+                              "'contiguous'; the file is damaged")
     load_state_(work, tied_values(work, tensors, masks), meta, path)
-    return restore_masks_(work, masks)
+    work = restore_masks_(work, masks)
+    if layout == "channels_last":  # as it was saved (memory_format='channels_last' or 'auto' chose it)
+        to_memory_format_(work, torch.channels_last)
+    return work
 
 
 def _masks_of(plan: Plan, tensors: Mapping[str, Tensor], path: Any) -> dict[str, Tensor]:
