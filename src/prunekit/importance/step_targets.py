@@ -121,12 +121,13 @@ def rounding_note(r: dict[str, Any], slack: float | None) -> str | None:
     >>> print(rounding_note({"multiple": 2, "round_to": 16, "target": "macs", "tried": [
     ...     {"multiple": 16, "shortfall": 0.062}, {"multiple": 8, "shortfall": 0.06},
     ...     {"multiple": 4, "shortfall": 0.054}, {"multiple": 2, "shortfall": 0.025}]}, 0.02))
-    widths rounded to multiples of 2 instead of 16: with multiples of 4 the model would keep 5.4% of its MACs less than the target, more than round_slack=0.02 allows. Multiples of 2 still miss it by 2.5% (also more than round_slack) and are kept, being the finest rounding tried. round_to=null gives exact widths; round_slack=null keeps the coarsest multiple that meets the target.
+    widths rounded to multiples of 2 instead of 16: with multiples of 4 the model would keep 5.4% of its MACs less than the target, more than round_slack=0.02 allows. Multiples of 2 still miss it by 2.5% (also more than round_slack) and are kept, being the finest rounding tried. round_to=null leaves widths unaligned (not necessarily nearer the target: each group still moves in whole channels); round_slack=null keeps the coarsest multiple that meets the target.
     """
     used = r["multiple"]
     own = next((t for t in reversed(r["tried"]) if t["multiple"] == used and "shortfall" in t), None)
     beyond = own is not None and slack is not None and abs(own["shortfall"]) > slack
-    exact = "round_to=null gives exact widths"
+    exact = ("round_to=null leaves widths unaligned (not necessarily nearer the target: each group still "
+             "moves in whole channels)")
     if used >= r["round_to"]:  # nothing smaller was used: said only when the multiple kept is beyond the slack
         if not beyond:
             return None
