@@ -30,9 +30,9 @@ def test_latency_target_met_on_cpu():
     assert rep["settings"]["threads"] == 1 and rep["estimate"]["batch"] == 1
     widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert widths != [64, 96, 64]
-    check = compare_latency({"full": original, "pruned": model}, (3, 24, 24),
-                            LatencyConfig(threads=1, warmup=3, repeats=30))
-    assert abs(check.ratios["pruned"] - 0.5) <= 0.2, (check.ratios, rep["attempts"])
+    checks = sorted(compare_latency({"full": original, "pruned": model}, (3, 24, 24),
+                                    LatencyConfig(threads=1, warmup=3, repeats=30)).ratios["pruned"] for _ in range(3))
+    assert abs(checks[1] - 0.5) <= 0.2, (checks, rep["attempts"])  # the median of three: one reading can be far off
     assert r.metrics["memory_format"]["choice"] == "contiguous"
 
 
