@@ -1,4 +1,4 @@
-"""round_to='auto': the multiple is picked from measured times: a width slower than a wider one is misaligned."""
+"""round_to='auto': the multiple is picked from measured times per unit of work."""
 import types
 
 import torch
@@ -44,8 +44,7 @@ def test_prune_with_round_to_auto_records_the_measurement():
     r = prune_(model, MagnitudeConfig(macs_fraction=0.6, round_to="auto", latency={"repeats": 3}), x)
     m = r.metrics["round_to"]["multiple"]
     assert m in alignment.MULTIPLES and r.config["round_to"] == m
-    # m, or halved where m would land beyond round_slack; 1 (every width aligned) rounds nothing
-    used = r.metrics["rounding"]["multiple"] if m > 1 else 1
+    used = r.metrics["rounding"]["multiple"]  # m, or halved where m would land beyond round_slack
     assert m % used == 0 and all(c.out_channels % used == 0 for c in (model[0], model[2]))
     assert r.cost_after.macs <= 0.6 * r.cost_before.macs
 
@@ -111,15 +110,14 @@ def test_auto_without_a_layer_to_time_says_so_in_the_notes():
     assert any("round_to='auto'" in n and "unrounded" in n for n in r.metrics["notes"])
 
 
-def test_narrow_widths_less_efficient_per_unit_of_work_are_not_called_misaligned(monkeypatch):
-    """A fixed per-call cost makes narrow layers less efficient per multiply-accumulate without
-    making them slower; every width is aligned here (the rule compared time per unit of work
-    with the best, so the narrowest width, a multiple of everything, failed every multiple and 16
-    was used without a word)."""
+def test_narrow_widths_less_efficient_per_unit_of_work_give_a_said_fallback(monkeypatch):
+    """A fixed per-call cost makes narrow layers less efficient per multiply-accumulate: the rule
+    (time per unit of work against the best width) then passes no multiple. It used 16 without a
+    word; the record and the result now say it fell back."""
     spec = LayerSpec.from_module(nn.Conv2d(64, 64, 3, padding=1), (8, 8))
     monkeypatch.setattr(alignment, "compare_latency", _fake_times(lambda w: False, work=lambda w: 2000 + w * w))
     rec = alignment.measure_alignment(spec, LatencyConfig(warmup=1, repeats=1, threads=1))
-    assert rec["multiple"] == 1 and "fallback" not in rec
+    assert rec["multiple"] == 16 and "fallback" in rec
 
 
 def test_no_multiple_within_the_slack_is_said(monkeypatch):

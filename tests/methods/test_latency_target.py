@@ -224,3 +224,15 @@ def test_a_latency_target_beyond_max_ratio_says_so(monkeypatch):
     r = prune_(model, MagnitudeConfig(latency_fraction=0.3, max_ratio=0.3, latency={"repeats": 3, "warmup": 1}),
                torch.randn(1, 3, 32, 32))
     assert "every group at max_ratio=0.3 (raise max_ratio)" in r.metrics["latency"]["note"]
+
+
+def test_round_slack_none_keeps_the_multiple_of_a_latency_target(monkeypatch):
+    from prunekit.models import create_model
+
+    _exact_readings(monkeypatch)
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10).eval()
+    r = prune_(model, MagnitudeConfig(latency_fraction=0.97, round_slack=None, latency={"repeats": 3, "warmup": 1}),
+               torch.randn(1, 3, 32, 32))
+    assert r.metrics["latency"]["round_to"] == 16
+    assert all(m.out_channels % 8 == 0 for m in model.modules() if isinstance(m, nn.Conv2d))

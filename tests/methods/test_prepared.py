@@ -270,3 +270,26 @@ def test_a_criterion_giving_meta_tensors_is_one_config_error():
     with pytest.raises(ConfigError, match="meta device"):
         prune_(m, cfg, torch.randn(1, 3, 8, 8))
     assert m[0].out_channels == 16
+
+
+def test_an_error_inside_a_prunekit_criterion_keeps_its_traceback(monkeypatch):
+    """Only criteria from outside prunekit are reworded as the user's ConfigError: an error in a
+    built-in one is prunekit's bug and is raised as it is, as is a memory shortage anywhere."""
+    import prunekit.importance.criteria as criteria_mod
+
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    x = torch.randn(1, 3, 8, 8)
+
+    def broken(*args, **kwargs):
+        raise IndexError("a bug")
+
+    monkeypatch.setattr(criteria_mod, "reduce_members", broken)
+    with pytest.raises(IndexError, match="a bug"):
+        prune_(m, MagnitudeConfig(criterion="l1", channel_ratio=0.5), x)
+
+    def no_memory(group, ctx):
+        raise MemoryError()
+
+    with pytest.raises(MemoryError):
+        prune_(m, MagnitudeConfig(criterion=no_memory, channel_ratio=0.5), x)
+    assert m[0].out_channels == 16

@@ -5,8 +5,8 @@ A layer's time is not proportional to its width everywhere. On this project's CP
 9.8 ms at 124 and 5.9 ms at 126 (docs/latency.md); GPUs slow down off multiples of 8 in bf16.
 So the model's most expensive conv (or Linear, for a transformer) is timed at every width in
 [w - span, w] around a multiple of 16 near half its width (where pruned widths land), and the
-smallest multiple m none of whose widths runs more than `slack` slower than a wider width
-(less work that takes longer marks a width the kernels do not suit) wins. A
+smallest multiple m whose widths all stay within `slack` of the best time per unit of work (w * w
+multiply-accumulates per position for a w -> w layer, w for a depthwise conv) wins. A
 model with depthwise convs has its costliest one timed too, and the larger multiple is kept: on
 this CPU (AVX-512, float32, 28x28, batch 16) a depthwise 3x3 conv takes twice the time per
 channel at 72 or 104 channels as at 64, 80 or 96, which the costliest 1x1 conv of mobilenet_v2
@@ -38,8 +38,9 @@ def measure_alignment(spec: LayerSpec, cfg: LatencyConfig, span: int = 16, slack
     """Time `spec`'s layer with both widths = w for w in [top - span, top] and pick the multiple.
 
     top = a multiple of 16 near half the layer's width (at least 16). Returns {"multiple",
-    "widths", "ms", "slowdown" (each width's time over the fastest time at that width or wider),
-    "spec", "settings", and "fallback" when no multiple stays within `slack`}.
+    "widths", "ms", "per_channel_ratio" (time per unit of work, w * w for a dense layer and w for a
+    depthwise conv, over the best), "spec", "settings", and "fallback" when no multiple stays
+    within `slack`}.
     """
     top = max(16, (max(spec.in_channels, spec.out_channels) // 2 + 8) // 16 * 16)
     widths = list(range(max(1, top - span), top + 1))
@@ -50,17 +51,20 @@ def measure_alignment(spec: LayerSpec, cfg: LatencyConfig, span: int = 16, slack
             layer = spec.make_layer(w, w)
             t = compare_latency({str(w): layer}, spec.input_shape(w), cfg).results[str(w)].median_ms
             ms[w] = min(ms.get(w, float("inf")), t)
-    # a misaligned width is one that runs slower than a wider one: less work should never take
-    # longer. Its time over the fastest of the widths at or above it is the penalty of landing there
-    # (time per unit of work would penalise every narrow width, a multiple of everything)
-    ratio = {w: ms[w] / min(ms[v] for v in widths if v >= w) for w in widths}
+    # time per unit of work: a w -> w conv or Linear does w * w multiply-accumulates per position,
+    # a depthwise conv w (time per channel alone would favour the narrowest width). Narrow widths
+    # that run less efficiently for reasons other than alignment fail every multiple: then no
+    # multiple passes, 16 is used, and the record says so
+    per = {w: ms[w] / (w if spec.depthwise else w * w) for w in widths}
+    best = min(per.values())
+    ratio = {w: per[w] / best for w in widths}
     fits = [m for m in MULTIPLES if all(ratio[w] <= 1 + slack for w in widths if w % m == 0)]
     record = {"multiple": fits[0] if fits else MULTIPLES[-1], "widths": widths, "ms": [ms[w] for w in widths],
-              "slowdown": [ratio[w] for w in widths], "spec": spec.to_dict(), "slack": slack,
+              "per_channel_ratio": [ratio[w] for w in widths], "spec": spec.to_dict(), "slack": slack,
               "settings": cfg.to_dict()}
     if not fits:
-        record["fallback"] = (f"even multiples of {MULTIPLES[-1]} ran more than {slack:.0%} slower than a wider "
-                              f"width; {MULTIPLES[-1]} is used")
+        record["fallback"] = (f"every multiple has a width more than {slack:.0%} above the best time per unit of "
+                              f"work; {MULTIPLES[-1]} is used")
     return record
 
 

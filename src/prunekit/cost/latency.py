@@ -36,7 +36,6 @@ from torch import nn
 from ..core.config import Config, check_choice, check_int
 from ..core.environment import check_input_fits, cpu_model
 from ..core.errors import ConfigError, PrunekitError
-from ..engine.batches import out_of_memory
 from ..core.layout import to_memory_format_
 from ..core.modes import kept_modes
 from ..graph.inputs import batch_size_of
@@ -221,19 +220,13 @@ def compare_latency(models: Mapping[str, nn.Module], inputs: Inputs,
         # inference_mode is the cheapest; compile/graph capture are only safe under no_grad.
         stack.enter_context(torch.no_grad() if (cfg.compile or cfg.cuda_graph) else torch.inference_mode())
         runners = {}
-        try:
-            for name, model in models.items():
-                # per-module modes (a parent in train mode may hold submodules frozen in eval mode), put
-                # back through each module's train(); LIFO: the same module passed twice restores correctly
-                stack.enter_context(kept_modes(model))
-                runner = _Runner(name, model, base_inputs, cfg, device)
-                runners[name] = runner
-            times = _interleaved_times(list(runners.values()), cfg)
-        except RuntimeError as err:  # torch.cuda.OutOfMemoryError is one too
-            if not out_of_memory(err):
-                raise
-            raise ConfigError(f"timing at batch {batch} on {device.type} ran out of memory "
-                              f"({str(err).splitlines()[0][:160]}); give a smaller latency batch_size") from None
+        for name, model in models.items():
+            # per-module modes (a parent in train mode may hold submodules frozen in eval mode), put
+            # back through each module's train(); LIFO: the same module passed twice restores correctly
+            stack.enter_context(kept_modes(model))
+            runner = _Runner(name, model, base_inputs, cfg, device)
+            runners[name] = runner
+        times = _interleaved_times(list(runners.values()), cfg)
         threads_used = torch.get_num_threads()
     meta = {
         "device": device.type, "device_name": _device_name(device), "dtype": cfg.dtype,

@@ -32,7 +32,7 @@ from .latency import LatencyConfig, compare_latency
 MEMORY_FORMATS = ("contiguous", "channels_last", "auto")
 
 
-def _has_4d(model: nn.Module) -> bool:
+def has_4d(model: nn.Module) -> bool:
     return any(t.dim() == 4 for t in itertools.chain(model.parameters(), model.buffers()))  # stops at the first
 
 
@@ -56,7 +56,7 @@ def memory_format_record(model: nn.Module, inputs: Any, how: str, cfg: LatencyCo
     """The format `how` names for `model` and why ("auto": both timed, the faster kept), without
     converting anything: a timing that fails leaves the model as it was."""
     check_choice("memory_format", how, MEMORY_FORMATS)
-    if not _has_4d(model):
+    if not has_4d(model):
         return {"choice": "contiguous", "reason": "no 4-D tensor"}
     if how != "auto":
         return {"choice": how}

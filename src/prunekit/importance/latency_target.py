@@ -48,8 +48,11 @@ from .select import group_multiple
 def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.Tensor], fraction: float,
                     lcfg: LatencyConfig, example_inputs: Any, tolerance: float = 0.05, round_to: int | None = None,
                     max_ratio: float = 0.9, normalizer: str = "mean", attempts: int = 3,
-                    estimate: LatencyModel | None = None) -> tuple[dict[str, list[int]], dict[str, Any]]:
-    """Removal whose measured latency is `fraction` of the model's, and a report of how it was found."""
+                    estimate: LatencyModel | None = None, halve: bool = True
+                    ) -> tuple[dict[str, list[int]], dict[str, Any]]:
+    """Removal whose measured latency is `fraction` of the model's, and a report of how it was found.
+    `halve`: a multiple too coarse to move nearer the target is halved (False: round_slack=None,
+    which keeps the multiple asked for)."""
     est = estimate or LatencyModel(model, graph, example_inputs, lcfg)
     if scores and not est.tabled_groups.intersection(scores):
         raise ConfigError("latency_fraction cannot be aimed at: no prunable channel group reaches a layer the "
@@ -67,7 +70,7 @@ def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.T
         res = allocate(goal, multiple)
         # a new goal that moves no channel: the multiple is too coarse to get nearer; halve it
         # (16, 8, 4, 2), as the params/MACs targets do, rather than time the same model again
-        while tried and multiple and multiple > 2 and any(t["removal"] == res.removal for t in tried):
+        while halve and tried and multiple and multiple > 2 and any(t["removal"] == res.removal for t in tried):
             multiple //= 2
             res = allocate(goal, multiple)
         estimated = res.cost / est.measured_ms
@@ -89,7 +92,8 @@ def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.T
                                    f"multiples of {best['round_to']}")
     if abs(best["measured_fraction"] - fraction) > tolerance:
         if best["measured_fraction"] > fraction and not best["reachable"]:
-            why = f"the estimate cannot reach it with every group at max_ratio={max_ratio} (raise max_ratio)"
+            why = (f"the estimate cannot reach it with every group at max_ratio={max_ratio}"
+                   + (" (raise max_ratio)" if max_ratio < 0.999 else ""))
         elif len({str(t["removal"]) for t in tried}) < len(tried) and (best["round_to"] or 1) > 1:
             why = (f"the kept widths move in steps of round_to={best['round_to']}, too coarse for this target "
                    "(a smaller round_to lands nearer)")

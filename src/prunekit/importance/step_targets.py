@@ -33,8 +33,9 @@ def search_ratio(graph: Graph, scores, cfg: Any, which: str, target: float,
         raise ConfigError(f"impossible target: removing up to max_ratio={cfg.max_ratio} of every group still "
                           f"leaves {at_hi:,} {which} (> {int(target):,}); "
                           + ("raise max_ratio or " if cfg.max_ratio < 0.999 else "")
-                          + f"ask for a larger fraction (the {which} left sit in layers no prunable group shrinks: "
-                          "the input and output layers, ignored layers and groups that cannot be pruned)")
+                          + "ask for a larger fraction (what is left is the share max_ratio keeps in every group and the "
+                          "layers no prunable group shrinks: the input and output layers, ignored layers and "
+                          "groups that cannot be pruned)")
     lo = 0.0
     for _ in range(20):
         mid = (lo + hi) / 2

@@ -46,7 +46,7 @@ from ..engine.batches import out_of_memory
 from ..cost.alignment import pick_round_to
 from ..cost.latency import LatencyConfig, latency_settings, timing_device
 from ..cost.macs import CostEstimator, cost_after
-from ..cost.memory_format import MEMORY_FORMATS, apply_memory_format_, memory_format_record
+from ..cost.memory_format import MEMORY_FORMATS, apply_memory_format_, has_4d, memory_format_record
 from ..graph import Graph
 from ..importance.criteria import REDUCTIONS, Criterion, ScoreContext, resolve_criterion
 from ..importance.latency_target import latency_removal
@@ -165,9 +165,10 @@ def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: 
             s = criterion(g, ctx)
         except PrunekitError:
             raise
-        except Exception as err:  # a callable, registered or factory-built criterion failing: say which, where
-            if isinstance(err, RuntimeError) and out_of_memory(err):
-                raise
+        except Exception as err:  # a criterion from outside prunekit failing: say which, and on which group
+            if not _user_criterion(cfg.criterion, criterion) or isinstance(err, MemoryError) or (
+                    isinstance(err, RuntimeError) and out_of_memory(err)):
+                raise  # prunekit's own criteria and memory shortages keep their traceback
             raise ConfigError(f"criterion {cfg.to_dict()['criterion']} raised {type(err).__name__} on group "
                               f"{g.name!r}: {str(err)[:300]}; nothing was removed") from err
         _check_scores(s, g, cfg)
@@ -181,6 +182,14 @@ def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: 
     if fallbacks is not None:
         fallbacks.update(ctx.fallbacks)
     return scores
+
+
+def _user_criterion(asked: Any, resolved: Any) -> bool:
+    """Whether the criterion is the user's code: a Python callable, one built by a factory from
+    text ("evolved:<expression>"), or a registered function defined outside prunekit."""
+    if callable(asked) or ":" in str(asked):
+        return True
+    return not str(getattr(resolved, "__module__", "") or "").startswith("prunekit.")
 
 
 def _check_scores(s: Any, group, cfg: MagnitudeConfig) -> None:
@@ -242,8 +251,9 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     verify=True runs the pruned model once before handing it back (a model whose code hard-codes
     a width fails here, and `model` is left unchanged). verify=False skips that forward (the
     probe already ran the model with a channel removed from every group) and, when nothing else
-    writes into tensors (no batches, no between_steps), removes channels from `model` directly:
-    surgery checks everything before it writes, so a failure still leaves `model` unchanged."""
+    writes into tensors (no batches, no between_steps, one step, memory_format "contiguous"),
+    removes channels from `model` directly: surgery checks everything before it writes, so a
+    failure still leaves `model` unchanged."""
     graph, estimator, example_inputs = prepared.graph, prepared.estimator, prepared.example_inputs
     nothing = graph.why_nothing_prunable()
     if nothing and (cfg.params_fraction is not None or cfg.macs_fraction is not None
@@ -253,12 +263,13 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     # the user's model changes only once everything succeeded; scoring on batches (gradients) or
     # fine-tuning between steps writes into tensors, so those need a copy of every weight
     writes = batches is not None or between_steps is not None
-    timed = cfg.memory_format == "auto" or cfg.latency_fraction is not None or cfg.round_to == "auto"
+    timed = (cfg.memory_format == "auto" and has_4d(model)) or cfg.latency_fraction is not None \
+        or cfg.round_to == "auto"
     if timed:  # a machine that cannot time as asked is told before anything changes
         timing_device(latency_config(cfg))
-    # in place only when nothing can fail after the removal: timing the memory formats can
+    # in place only when little can fail after the removal: timing or converting the memory format can
     work = copy.deepcopy(model) if writes else share_copy(model) if (
-        verify or cfg.steps > 1 or cfg.memory_format == "auto") else model
+        verify or cfg.steps > 1 or cfg.memory_format != "contiguous") else model
     plan: Plan | None = None
     fallbacks: dict[str, str] = {}
     metrics: dict[str, Any] = {}
@@ -278,7 +289,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         if cfg.latency_fraction is not None:
             removal, metrics["latency"] = latency_removal(
                 work, graph, scores, cfg.latency_fraction, latency_config(cfg), example_inputs, cfg.latency_tolerance,
-                cfg.round_to, cfg.max_ratio, cfg.normalizer)
+                cfg.round_to, cfg.max_ratio, cfg.normalizer, halve=cfg.round_slack is not None)
         else:
             try:
                 removal = step_removal(graph, scores, cfg, step, before, estimator, first_widths,
@@ -316,7 +327,9 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         notes.append(note)
     if metrics.get("round_to", {}).get("fallback"):
         notes.append(f"round_to='auto' found no multiple whose widths all ran within "
-                     f"{metrics['round_to']['slack']:.0%} of a wider width ({metrics['round_to']['fallback']})")
+                     f"{metrics['round_to']['slack']:.0%} of the best time per unit of work "
+                     f"({metrics['round_to']['fallback']}); narrow widths that run less efficiently for "
+                     "other reasons than alignment also cause this")
     if metrics.get("round_to", {}).get("reason"):
         notes.append(f"round_to='auto' timed nothing: {metrics['round_to']['reason']}; widths are unrounded "
                      "(give round_to a multiple to align them)")
