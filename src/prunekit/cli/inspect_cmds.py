@@ -109,9 +109,9 @@ def bench(args, model_name, weights, input_shape, latency, as_json) -> None:
     """
     import torch
 
-    from ..core.layout import is_channels_last
     from ..cost.latency import measure_latency
     from ..cost.macs import CONVENTION, count_cost
+    from ..cost.memory_format import timed_as_it_runs
     from ..report.tables import fmt_count, fmt_int
     from ..surgery.masks import bake_masks_
     from .commands import resolve
@@ -126,10 +126,7 @@ def bench(args, model_name, weights, input_shape, latency, as_json) -> None:
     out = {"model": recipe.model.name, "weights": weights, "input_shape": list(shape), "params": cost.params,
            "macs": cost.macs, "convention": CONVENTION}
     if latency:  # time the exported model: masks baked, no per-forward mask multiply
-        cfg = recipe.bench
-        if is_channels_last(model):  # saved channels-last (the pruner chose it): timed as it runs
-            cfg = cfg.replace(channels_last=True)
-        out["latency"] = measure_latency(bake_masks_(model), shape, cfg).to_dict()
+        out["latency"] = measure_latency(bake_masks_(model), shape, timed_as_it_runs(model, recipe.bench)).to_dict()
         out["latency"].pop("times_ms", None)
     if as_json:
         click.echo(json.dumps(out))

@@ -22,7 +22,6 @@ from torch import nn
 from ..core.environment import check_input_fits
 from ..core.errors import CheckpointError, ConfigError, PrunekitError, load_error_text
 from ..core.modes import evaluating
-from ..core.layout import is_channels_last
 from ..cost.macs import Cost, count_cost
 from ..data import DataBundle, load_data
 from ..engine import MetricsLog, TrainConfig, evaluate, seed_everything, train
@@ -375,6 +374,7 @@ def _count(n: float) -> str:
 def measure(job: Job) -> dict[str, Any]:
     """Whole-model latency (before pruning vs now, interleaved) and per-layer latency."""
     from ..cost.latency import compare_latency
+    from ..cost.memory_format import timed_as_it_runs
 
     cfg, out = job.recipe.bench, {}
     if not job.recipe.eval.latency:
@@ -384,8 +384,7 @@ def measure(job: Job) -> dict[str, Any]:
     if job.before_prune is not None:
         models = {"before": job.before_prune, "after": job.model}
     models = {k: _baked(m) for k, m in models.items()}  # time the exported model, not the mask multiply
-    if not cfg.channels_last and is_channels_last(job.model):  # the pruner chose channels-last: time it so
-        cfg = cfg.replace(channels_last=True)  # (both models, so the ratio is the pruning's)
+    cfg = timed_as_it_runs(job.model, cfg)  # both models alike, so the ratio is the pruning's, not the layout's
     t0 = time.perf_counter()
     try:
         cmp = compare_latency(models, shape, cfg)

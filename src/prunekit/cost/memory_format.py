@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..core.config import check_choice
-from ..core.layout import to_memory_format_
+from ..core.layout import is_channels_last, to_memory_format_
 from .latency import LatencyConfig, compare_latency
 
 MEMORY_FORMATS = ("contiguous", "channels_last", "auto")
@@ -70,12 +70,18 @@ def apply_memory_format_(model: nn.Module, inputs: Any, how: str, cfg: LatencyCo
     """Put `model` in the format `how` names ("auto": the faster one, measured), or in the one
     `record` (from `memory_format_record`) chose; returns the record."""
     record = record if record is not None else memory_format_record(model, inputs, how, cfg)
-    if record.get("reason") == "no 4-D tensor":
+    if not has_4d(model):
         return record
     fmt = torch.channels_last if record["choice"] == "channels_last" else torch.contiguous_format
     if not _in_format(model, fmt):
         to_memory_format_(model, fmt)  # "contiguous" also converts a model that arrived channels-last
     return record
+
+
+def timed_as_it_runs(model: nn.Module, cfg: LatencyConfig) -> LatencyConfig:
+    """`cfg`, made channels-last when `model` is laid out channels-last (memory_format chose it),
+    so that a model is timed in the layout it runs in."""
+    return cfg.replace(channels_last=True) if not cfg.channels_last and is_channels_last(model) else cfg
 
 
 def _in_format(model: nn.Module, fmt: torch.memory_format) -> bool:
