@@ -277,3 +277,6 @@ def test_a_channels_last_prune_is_timed_saved_reported_and_benched_channels_last
     bench = runner.invoke(cli, ["bench", str(target), "bench.repeats=3", "--json"])
     assert bench.exit_code == 0, bench.output
     assert json.loads(bench.stdout)["latency"]["settings"]["channels_last"] is True
+    stated = runner.invoke(cli, ["bench", str(target), "bench.repeats=3", "bench.channels_last=false", "--json"])
+    assert stated.exit_code == 0, stated.output
+    assert json.loads(stated.stdout)["latency"]["settings"]["channels_last"] is False  # a stated layout is kept

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import statistics
 
@@ -381,3 +380,19 @@ def test_records_keep_the_scalar_entries_of_method_reports():
                                                             "attempts": [{"goal": 0.69}], "estimate": {"layers": 3}},
                "per_layer": {f"l{i}": i for i in range(40)}}
     assert _scalars(metrics) == {"steps": 2, "latency": {"target": 0.69, "measured_fraction": 0.68}}
+
+
+def test_an_arm_pruned_channels_last_is_timed_channels_last_with_its_dense_model(dense_path, monkeypatch):
+    """The arm's layout is the timing's for both models (the speed-up is the pruning's), and the
+    record says which layout; a bench section that states channels_last keeps it."""
+    recipe = CompareRecipe.from_dict(_raw(dense_path))
+    dense = create_model("small_cnn", 10)
+    arm = copy.deepcopy(dense).to(memory_format=torch.channels_last)
+    seen, real = [], arms_module.compare_latency
+    monkeypatch.setattr(arms_module, "compare_latency",
+                        lambda models, shape, cfg: seen.append(cfg.channels_last) or real(models, shape, cfg))
+    record = arms_module.measure_against_dense("cl", arm, dense, (1, 8, 8), recipe)
+    assert record["memory_format"] == "channels_last" and seen == [True]
+    stated = CompareRecipe.from_dict(_raw(dense_path, bench={"repeats": 3, "warmup": 1, "channels_last": False}))
+    record = arms_module.measure_against_dense("cl", arm, dense, (1, 8, 8), stated)
+    assert record["memory_format"] == "contiguous" and seen == [True, False]

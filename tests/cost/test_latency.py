@@ -325,3 +325,25 @@ def test_the_batch_reported_is_the_first_batched_input_when_a_scalar_comes_first
     result = measure_latency(_Scaled(), (torch.tensor(2.0), torch.randn(4, 5)), cfg)
     assert result.batch == 4
 
+
+
+def test_unstated_channels_last_times_each_model_in_its_own_layout():
+    """channels_last=None: a channels-last model is timed channels-last without a converted copy,
+    a contiguous one contiguous; each result states the layout it was timed in. A recipe's bench
+    section leaves it unstated unless given, and timed_as_it_runs resolves it from one model."""
+    from prunekit.cost.latency import bench_config
+    from prunekit.cost.memory_format import timed_as_it_runs
+
+    flat = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    nhwc = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).to(memory_format=torch.channels_last)
+    cmp = compare_latency({"flat": flat, "nhwc": nhwc}, (3, 8, 8),
+                          LatencyConfig(warmup=1, repeats=2, channels_last=None))
+    assert cmp.results["flat"].settings["channels_last"] is False
+    assert cmp.results["nhwc"].settings["channels_last"] is True
+    assert cmp.results["nhwc"].settings["timed_copy"] is False
+    assert bench_config({}).channels_last is None and bench_config({"channels_last": False}).channels_last is False
+    assert timed_as_it_runs(nhwc, bench_config({})).channels_last is True
+    assert timed_as_it_runs(flat, bench_config({})).channels_last is False
+    assert timed_as_it_runs(nhwc, bench_config({"channels_last": False})).channels_last is False
+    with pytest.raises(ConfigError, match="null"):
+        LatencyConfig(channels_last="yes")

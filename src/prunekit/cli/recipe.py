@@ -18,7 +18,8 @@ Each section fills one typed config, and everything is validated before any work
     method_train    TrainConfig for methods that train while pruning (SLR/ADMM); absent = train's
     finetune        TrainConfig for fine-tuning the pruned model; null or absent = none
     eval            split ("test" or "val") reported, latency, layer_latency (true/false)
-    bench           prunekit.cost.latency.LatencyConfig for the latency measurements
+    bench           prunekit.cost.latency.LatencyConfig for the latency measurements (channels_last
+                    unstated: both models in the layout the pruned model runs in)
 
 `admm` is an alias: `method: {name: admm}` means the slr method with optimization=admm.
 
@@ -39,7 +40,7 @@ from typing import Any, Callable, Iterable
 
 from ..core.config import Config, check_choice, check_folder_name, check_limit
 from ..core.errors import ConfigError
-from ..cost.latency import LatencyConfig
+from ..cost.latency import LatencyConfig, bench_config
 from ..data.config import DataConfig
 from ..engine.train import TrainConfig
 from .overrides import _KEY, apply_overrides, dump_yaml, load_yaml_file, load_yaml_text, parse_override
@@ -130,7 +131,7 @@ class Recipe:
     method_train: TrainConfig | None = None
     finetune: TrainConfig | None = None
     eval: EvalSection = field(default_factory=EvalSection)
-    bench: LatencyConfig = field(default_factory=LatencyConfig)
+    bench: LatencyConfig = field(default_factory=lambda: bench_config({}))
     source: str = "<dict>"
 
     @classmethod
@@ -159,7 +160,7 @@ class Recipe:
         out.method_train = section("method_train", TrainConfig.from_dict)
         out.finetune = section("finetune", TrainConfig.from_dict)
         out.eval = section("eval", EvalSection.from_dict) or EvalSection()
-        out.bench = section("bench", LatencyConfig.from_dict) or LatencyConfig()
+        out.bench = section("bench", bench_config) or bench_config({})
         for key, kind in (("name", str), ("out", str), ("init", str)):
             value = raw.get(key)
             if value is not None and (not isinstance(value, kind) or not value):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..cost.latency import compare_latency, latency_device
+from ..cost.memory_format import timed_as_it_runs
 from ..cost.macs import count_cost
 from ..engine.evaluate import evaluate
 from ..engine.train import train
@@ -146,9 +147,11 @@ def measure_against_dense(name: str, model: nn.Module, dense: nn.Module, shape: 
     an arm that prunes may be called "dense"."""
     key = "dense" if is_dense else f"arm {name}"
     models = {"dense": dense.eval()} if is_dense else {"dense": dense.eval(), key: model.eval()}
-    cmp = compare_latency(models, tuple(shape), recipe.bench)
+    cfg = timed_as_it_runs(model, recipe.bench)  # the arm's layout for both, so the ratio is the pruning's
+    cmp = compare_latency(models, tuple(shape), cfg)
     r = cmp.results[key]
     return {"median_ms": r.median_ms, "p10_ms": r.p10_ms, "p90_ms": r.p90_ms, "n": r.n,
             "dense_median_ms": cmp.results["dense"].median_ms, "speedup": cmp.speedups.get(key),
             "device": str(latency_device(recipe.bench.device)), "dtype": recipe.bench.dtype,
-            "batch_size": recipe.bench.batch_size, "warmup": recipe.bench.warmup}
+            "batch_size": cfg.batch_size, "warmup": cfg.warmup,
+            "memory_format": "channels_last" if cfg.channels_last else "contiguous"}

@@ -22,7 +22,8 @@ A compare recipe is YAML with these keys (each section fills one typed config):
     calibration_batches  training batches handed to one-shot methods with data-dependent criteria
     eval            {split: test | val, latency: true | false, max_batches: null or k (score only
                     the first k batches of val and test: smoke runs; the report says so)}
-    bench           prunekit.cost.latency.LatencyConfig of the latency measurement
+    bench           prunekit.cost.latency.LatencyConfig of the latency measurement (channels_last
+                    unstated: each arm and the dense model in the layout the arm runs in)
     arms            mapping arm name -> {method: {name, <config fields>} or null (the dense model),
                      finetune: true | false, keep_zeros: true | false}; an arm name is a folder
                      name (its records go to arms/<name>/)
@@ -48,7 +49,7 @@ from typing import Any, Callable
 
 from ..core.config import Config, check_choice, check_folder_name, check_limit, check_range
 from ..core.errors import ConfigError
-from ..cost.latency import LatencyConfig
+from ..cost.latency import LatencyConfig, bench_config
 from ..data.config import DataConfig
 from ..engine.train import TrainConfig
 from ..methods import TRAINED_EPOCH_FIELDS, check_training_phases
@@ -143,7 +144,7 @@ class CompareRecipe:
     eval_split: str = "test"
     latency: bool = True
     eval_max_batches: int | None = None
-    bench: LatencyConfig = field(default_factory=LatencyConfig)
+    bench: LatencyConfig = field(default_factory=lambda: bench_config({}))
     source: str = "<dict>"
 
     @classmethod
@@ -283,7 +284,7 @@ def _build(cls: type[CompareRecipe], raw: dict[str, Any], source: str) -> Compar
         raise ConfigError("dense needs weights (a .safetensors file) or train (a TrainConfig) to make the dense model")
     out.target = _section(raw, "target", TargetSection.from_dict)
     out.method_train = _section(raw, "method_train", TrainConfig.from_dict) or TrainConfig()
-    out.bench = _section(raw, "bench", LatencyConfig.from_dict) or LatencyConfig()
+    out.bench = _section(raw, "bench", bench_config) or bench_config({})
     _scalars(out, raw)
     arms = raw.get("arms")
     if not isinstance(arms, dict) or not arms:

@@ -388,9 +388,11 @@ def _finish(recipe: CompareRecipe, result: CompareResult, dense_info: dict[str, 
 def _latency_setting(records: list[dict[str, Any]]) -> str:
     """How the records' latencies were measured (from the records: the recipe's bench section may
     have changed since), e.g. "cpu, float32, batch 1, 50 timed forwards"."""
-    kinds = sorted({(_measured_on(r, lat), str(lat.get("dtype")), lat.get("batch_size"), lat.get("n"))
+    kinds = sorted({(_measured_on(r, lat), str(lat.get("dtype")), lat.get("batch_size"), lat.get("n"),
+                     lat.get("memory_format") == "channels_last")
                     for r in records if isinstance(lat := r.get("latency"), dict)}, key=str)
-    return "; ".join(f"{d}, {t}, batch {b}, {n} timed forwards" for d, t, b, n in kinds) or "not measured"
+    return "; ".join(f"{d}, {t}, batch {b}, {n} timed forwards" + (", channels-last" if cl else "")
+                     for d, t, b, n, cl in kinds) or "not measured"
 
 
 def _measured_on(record: dict[str, Any], latency: dict[str, Any]) -> str:

@@ -36,7 +36,7 @@ from torch import nn
 from ..core.config import Config, check_choice, check_int
 from ..core.environment import check_input_fits, cpu_model
 from ..core.errors import ConfigError, PrunekitError
-from ..core.layout import to_memory_format_
+from ..core.layout import is_channels_last, to_memory_format_
 from ..core.modes import kept_modes
 from ..graph.inputs import batch_size_of
 
@@ -57,7 +57,7 @@ class LatencyConfig(Config):
     0 and 1 behave alike). repeats: timed calls (n).
     channels_last: NHWC memory format for 4-D tensors, the model's and the inputs' (False: the standard,
     contiguous format, into which a channels-last model's timed copy and channels-last inputs are
-    converted; a 5-D tensor stays contiguous either way). cuda_graph: capture the forward once in a
+    converted; None: the format each model is laid out in; a 5-D tensor stays contiguous either way). cuda_graph: capture the forward once in a
     CUDA graph and time graph replays. compile: time `torch.compile(model)`. threads: CPU threads
     for the measurement (None keeps torch's current setting); on a shared machine threads=1
     avoids parallel regions stalling on a descheduled worker thread.
@@ -71,7 +71,7 @@ class LatencyConfig(Config):
     batch_size: int = 1
     warmup: int = 10
     repeats: int = 50
-    channels_last: bool = False
+    channels_last: bool | None = False
     cuda_graph: bool = False
     compile: bool = False
     threads: int | None = None
@@ -83,8 +83,10 @@ class LatencyConfig(Config):
         check_int("warmup", self.warmup, 0)
         check_int("repeats", self.repeats, 1)
         for name in ("channels_last", "cuda_graph", "compile"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid; use true or false")
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "channels_last" and value is None):
+                extra = " (or null: the format the model is laid out in)" if name == "channels_last" else ""
+                raise ConfigError(f"{name}={value!r} is invalid; use true or false{extra}")
         if self.threads is not None:
             check_int("threads", self.threads, 1)
         if self.cuda_graph and self.device == "cpu":
@@ -183,6 +185,14 @@ def latency_settings(fields: Any) -> LatencyConfig:
     return LatencyConfig(**{"threads": 1, "warmup": 3, "repeats": 20, **fields})
 
 
+def bench_config(fields: dict[str, Any]) -> LatencyConfig:
+    """A recipe's `bench` section: LatencyConfig fields, where channels_last left unstated times
+    each run's models in the layout the pruned model runs in (see `cost.memory_format.timed_as_it_runs`)."""
+    if not isinstance(fields, dict):
+        return LatencyConfig.from_dict(fields)  # its own message
+    return LatencyConfig.from_dict({"channels_last": None, **fields})
+
+
 def measure_latency(model: nn.Module, inputs: Inputs, cfg: LatencyConfig | None = None) -> LatencyResult:
     """Time `model`'s forward pass; the model is left exactly as it was.
 
@@ -234,7 +244,7 @@ def compare_latency(models: Mapping[str, nn.Module], inputs: Inputs,
     }
     results = {}
     for name, runner in runners.items():
-        settings = {**cfg.to_dict(), "device_resolved": str(device), "threads_used": threads_used,
+        settings = {**runner.cfg.to_dict(), "device_resolved": str(device), "threads_used": threads_used,
                     "input": source, "input_shapes": [list(t.shape) for t in base_inputs],
                     "timed_copy": runner.copied}
         if len(models) > 1:
@@ -296,6 +306,8 @@ class _Runner:
 
     def __init__(self, name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...],
                  cfg: LatencyConfig, device: torch.device):
+        if cfg.channels_last is None:  # time the model in the layout it is in
+            cfg = cfg.replace(channels_last=is_channels_last(model))
         self.name, self.cfg, self.device = name, cfg, device
         dtype = DTYPES[cfg.dtype]
         self.copied = _needs_copy(model, cfg, device, dtype)
@@ -391,10 +403,11 @@ def _normalise_inputs(inputs: Inputs, cfg: LatencyConfig) -> tuple[tuple[torch.T
 
 
 def _needs_copy(model: nn.Module, cfg: LatencyConfig, device: torch.device, dtype: torch.dtype) -> bool:
-    if cfg.channels_last:
-        return True
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     for t in itertools.chain(model.parameters(), model.buffers()):
-        if t.dim() == 4 and not t.is_contiguous():  # channels-last weights: timed as a contiguous copy
+        if t.dim() == 4 and not t.is_contiguous(memory_format=fmt):  # timed as a copy in the asked layout
+            return True
+        if t.dim() == 5 and not t.is_contiguous():  # no channels-last layout: contiguous either way
             return True
         if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
             return True

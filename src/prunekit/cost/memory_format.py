@@ -79,9 +79,10 @@ def apply_memory_format_(model: nn.Module, inputs: Any, how: str, cfg: LatencyCo
 
 
 def timed_as_it_runs(model: nn.Module, cfg: LatencyConfig) -> LatencyConfig:
-    """`cfg`, made channels-last when `model` is laid out channels-last (memory_format chose it),
-    so that a model is timed in the layout it runs in."""
-    return cfg.replace(channels_last=True) if not cfg.channels_last and is_channels_last(model) else cfg
+    """`cfg` with channels_last=None (unstated) made `model`'s own layout, so that a model is timed
+    in the layout it runs in (memory_format may have chosen channels-last) and every model timed
+    with the result is timed in that one layout; a stated true or false is kept."""
+    return cfg.replace(channels_last=is_channels_last(model)) if cfg.channels_last is None else cfg
 
 
 def _in_format(model: nn.Module, fmt: torch.memory_format) -> bool:

@@ -141,7 +141,10 @@ def latency_config(cfg: MagnitudeConfig) -> LatencyConfig:
     """How latency is measured for latency_fraction and memory_format='auto': the `latency`
     fields over defaults of 1 thread, 3 warm-up calls and 20 repeats on the CPU in float32."""
     settings = latency_settings(cfg.latency)
-    return dataclasses.replace(settings, channels_last=True) if cfg.memory_format == "channels_last" else settings
+    if cfg.memory_format == "channels_last":
+        return dataclasses.replace(settings, channels_last=True)
+    # unstated (None): the layout the model will be handed back in; "auto" times both explicitly
+    return dataclasses.replace(settings, channels_last=False) if settings.channels_last is None else settings
 
 
 def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: Iterable | None,
