@@ -162,27 +162,41 @@ def test_a_latency_target_timed_channels_last_needs_a_channels_last_model():
 
 
 @pytest.mark.parametrize("verify", [True, False])
-def test_a_memory_format_timing_that_fails_leaves_the_model_unpruned(monkeypatch, verify):
-    """memory_format='auto' times the pruned copy before the caller's model changes: a timing that
-    fails (here: an allocation failure) raises, and the model keeps its widths and values."""
-    import prunekit.cost.memory_format as mf
+@pytest.mark.parametrize("timed", [dict(channel_ratio=0.5, memory_format="auto"), dict(latency_fraction=0.7),
+                                   dict(channel_ratio=0.5, round_to="auto")])
+def test_a_timing_that_runs_out_of_memory_is_one_message_and_leaves_the_model_unpruned(monkeypatch, verify, timed):
+    """Every timing prune_ does (memory_format='auto' on the pruned copy, latency_fraction, and
+    round_to='auto') runs before the caller's model changes: an allocation failure there is one
+    ConfigError naming latency.batch_size, and the model keeps its widths and values."""
+    import prunekit.cost.latency as latency_mod
     from prunekit.surgery.prepared import prepare_pruning
 
     def no_memory(*args, **kwargs):
-        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")
 
-    monkeypatch.setattr(mf, "choose_memory_format", no_memory)
+    monkeypatch.setattr(latency_mod, "_interleaved_times", no_memory)
     torch.manual_seed(0)
     model, x = _net(), torch.randn(1, 3, 16, 16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = MagnitudeConfig(channel_ratio=0.5, memory_format="auto")
-    with pytest.raises(RuntimeError, match="allocate"):
+    cfg = MagnitudeConfig(**timed)
+    with pytest.raises(ConfigError, match=r"ran out of memory .*latency\.batch_size.*left unchanged"):
         if verify:
             prune_(model, cfg, x)
         else:
             prepare_pruning(model, x).prune_(model, cfg, verify=False)
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in before.items()}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_an_error_while_timing_that_is_not_memory_passes_through(monkeypatch):
+    import prunekit.cost.latency as latency_mod
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(latency_mod, "_interleaved_times", broken)
+    with pytest.raises(RuntimeError, match="some other failure"):
+        prune_(_net(), MagnitudeConfig(channel_ratio=0.5, memory_format="auto"), torch.randn(1, 3, 16, 16))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")

@@ -27,7 +27,7 @@ import gc
 import itertools
 import math
 import time
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from ..core.environment import check_input_fits, cpu_model
 from ..core.errors import ConfigError, PrunekitError
 from ..core.layout import is_channels_last, to_memory_format_
 from ..core.modes import kept_modes
+from ..engine.batches import out_of_memory
 from ..graph.inputs import batch_size_of
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -191,6 +192,20 @@ def bench_config(fields: dict[str, Any]) -> LatencyConfig:
     if not isinstance(fields, dict):
         return LatencyConfig.from_dict(fields)  # its own message
     return LatencyConfig.from_dict({"channels_last": None, **fields})
+
+
+@contextlib.contextmanager
+def out_of_memory_as_config_error(cfg: LatencyConfig, what: str, setting: str = "latency") -> Iterator[None]:
+    """Running out of memory inside the block (timing at cfg.batch_size) becomes one ConfigError
+    that names the batch size to lower; any other error passes through as it is."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as err:
+        if not (isinstance(err, MemoryError) or out_of_memory(err)):
+            raise
+        raise ConfigError(f"timing {what} at {setting}.batch_size={cfg.batch_size} on {cfg.device} ran out of "
+                          f"memory ({str(err).splitlines()[0][:160]}); give a smaller {setting}.batch_size, "
+                          "e.g. 1; the model was left unchanged") from err
 
 
 def measure_latency(model: nn.Module, inputs: Inputs, cfg: LatencyConfig | None = None) -> LatencyResult:

@@ -44,7 +44,7 @@ from ..core.config import Config, check_choice, check_range
 from ..core.errors import ConfigError, PrunekitError, PruningError
 from ..engine.batches import out_of_memory
 from ..cost.alignment import pick_round_to
-from ..cost.latency import LatencyConfig, latency_settings, timing_device
+from ..cost.latency import LatencyConfig, latency_settings, out_of_memory_as_config_error, timing_device
 from ..cost.macs import CostEstimator, cost_after
 from ..cost.memory_format import MEMORY_FORMATS, apply_memory_format_, has_4d, memory_format_record
 from ..graph import Graph
@@ -277,7 +277,8 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     fallbacks: dict[str, str] = {}
     metrics: dict[str, Any] = {}
     if cfg.round_to == "auto":  # the multiple this device rewards, timed once on the costliest layer
-        metrics["round_to"] = pick_round_to(work, example_inputs, latency_config(cfg))
+        with out_of_memory_as_config_error(latency_config(cfg), "layer widths for round_to='auto'"):
+            metrics["round_to"] = pick_round_to(work, example_inputs, latency_config(cfg))
         cfg = dataclasses.replace(cfg, round_to=metrics["round_to"]["multiple"])
     skipped: list[str] = []
     # multiples are taken at the first step's widths: a group already at its multiple is not halved again
@@ -290,9 +291,10 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         if plan is not None:
             scores = {n: s for n, s in scores.items() if graph.group(n).size == _width_left(plan, first_widths, n)}
         if cfg.latency_fraction is not None:
-            removal, metrics["latency"] = latency_removal(
-                work, graph, scores, cfg.latency_fraction, latency_config(cfg), example_inputs, cfg.latency_tolerance,
-                cfg.round_to, cfg.max_ratio, cfg.normalizer, halve=cfg.round_slack is not None)
+            with out_of_memory_as_config_error(latency_config(cfg), "the model for latency_fraction"):
+                removal, metrics["latency"] = latency_removal(
+                    work, graph, scores, cfg.latency_fraction, latency_config(cfg), example_inputs,
+                    cfg.latency_tolerance, cfg.round_to, cfg.max_ratio, cfg.normalizer, halve=cfg.round_slack is not None)
         else:
             try:
                 removal = step_removal(graph, scores, cfg, step, before, estimator, first_widths,
@@ -309,7 +311,8 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
                     prepared.graph.training_traced)
     after = cost_after(work, graph, removal, estimator)  # exact: tests compare it with a recount
     # timed on the pruned copy, before the caller's model changes; converted after
-    layout = memory_format_record(work, example_inputs, cfg.memory_format, latency_config(cfg))
+    with out_of_memory_as_config_error(latency_config(cfg), "both memory formats for memory_format='auto'"):
+        layout = memory_format_record(work, example_inputs, cfg.memory_format, latency_config(cfg))
     if work is not model:
         if writes:  # a deep copy: the caller's unpruned parameters stay the model's
             keep_parameters_(model, work)
