@@ -7,7 +7,9 @@ function with --extra-arm 'evolved:<text>'. Block-internal = the groups of each 
 (conv1 -> bn1 -> relu -> conv2 input); residual streams and the stem are kept, so every arm has
 the same parameters and MACs. Scores use the first --calib training images (no augmentation),
 the same for every arm. Arms are interleaved seed by seed (load drifts hit all arms alike), and
-every finished (arm, seed) is appended to the results JSON at once: a killed run resumes.
+every finished (arm, seed) is appended to the results JSON at once: a killed run resumes. Each
+fine-tune checkpoints every epoch under `<out>.ckpt/<arm>_seed<n>/` (removed once its record is
+written), so a run killed mid-arm resumes from that arm's last finished epoch.
 
 Defaults follow the shared CPU protocol (prunekit.protocol: ResNet-20, batch 256,
 15 fine-tune epochs one-cycle to lr 0.05, label smoothing 0.1, seeds 0-2, dense weights from
@@ -28,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -114,7 +117,9 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def run_arm(args, crit_name, seed, dense, prepared, calib, bundle) -> dict:
+def run_arm(args, crit_name, seed, dense, prepared, calib, bundle, ckpt: Path | None = None) -> dict:
+    """Prune a copy of `dense` with `crit_name`, fine-tune it (checkpointed every epoch in `ckpt`:
+    a killed run resumes from its last epoch), evaluate; returns the arm's record."""
     t0 = time.perf_counter()
     model = copy.deepcopy(dense)
     groups = [g for g in prepared.graph.prunable_groups() if INTERNAL.search(g.name)]
@@ -128,12 +133,16 @@ def run_arm(args, crit_name, seed, dense, prepared, calib, bundle) -> dict:
         ft = TrainConfig.from_dict({**args.proto["finetune"], "epochs": args.epochs, "seed": seed})
         loader = copy.copy(bundle.train)
         loader.seed = seed  # the fine-tune seed also sets the batch order
-        train(model, loader, None, ft, progress=False, device=args.device)
+        res = train(model, loader, None, ft, progress=False, device=args.device, ckpt_dir=ckpt, resume=ckpt is not None)
+        resumed = res.start_epoch
+    else:
+        resumed = 0
     val = evaluate(model, bundle.val, args.device)["acc"] if args.epochs > 0 else pruned_val
     test = evaluate(model, bundle.test, args.device)["acc"]
     return {"arm": crit_name, "seed": seed, "val_acc": val, "test_acc": test, "pruned_val_acc": pruned_val,
             "params": params,
-            "seconds": round(time.perf_counter() - t0, 1), "loadavg": os.getloadavg()[0]}
+            "seconds": round(time.perf_counter() - t0, 1), "loadavg": os.getloadavg()[0],
+            **({"resumed_at_epoch": resumed} if resumed else {})}  # then `seconds` covers this process only
 
 
 # Settings that change what an arm's accuracy means; files that differ in them are never pooled.
@@ -228,16 +237,22 @@ def main(argv=None) -> int:
         raise SystemExit(f"{out} holds arms run with other settings ({was}): write to a new --out")
     done["settings"] = {k: v for k, v in vars(args).items() if k != "proto"} | {
         "protocol": args.proto, "environment": environment(), "dense_sha256": sha}
+    # each (arm, seed) checkpoints every fine-tune epoch here, removed once its record is written
+    ckpt_root = out.parent / (out.name + ".ckpt")
     for seed in args.seeds:  # interleaved: every arm of a seed before the next seed
         for arm in args.arms + args.extra_arm:
             if (arm, seed) in have:
                 continue
-            rec = run_arm(args, arm, seed, dense, prepared, calib, bundle)
+            ckpt = ckpt_root / f"{arm}_seed{seed}"
+            rec = run_arm(args, arm, seed, dense, prepared, calib, bundle, ckpt)
             print(json.dumps(rec), flush=True)
             done["records"].append(rec)
             tmp = out.with_suffix(".tmp")
             tmp.write_text(json.dumps(done, indent=1, default=str))
             tmp.replace(out)
+            shutil.rmtree(ckpt, ignore_errors=True)
+    if ckpt_root.is_dir() and not any(ckpt_root.iterdir()):
+        ckpt_root.rmdir()
     return 0
 
 
