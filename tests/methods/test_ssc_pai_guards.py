@@ -106,3 +106,33 @@ def test_read_only_scores_still_read_a_layer_pruned_with_torch_prune():
     net = _torch_pruned()
     scores = magnitude_scores(net)
     assert int((scores["2.weight"] == 0).sum()) == int((net[2].weight_mask == 0).sum())
+
+
+@pytest.mark.parametrize("config", [SNIPConfig(sparsity=0.5), SynFlowConfig(sparsity=0.5, iterations=2)],
+                         ids=["snip", "synflow"])
+def test_pai_on_an_ssc_model_is_refused_unless_its_ssc_layers_are_ignored(config):
+    """The SSC layers' weights are not scored: pruning at initialisation refuses a model that holds
+    them (the sparsity would fall on the stem and classifier alone) and masks the rest only when
+    they are put in `ignore`."""
+    from prunekit.layers.ssc import SSCConv2d
+    from prunekit.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=2)
+    x = torch.randn(2, 3, 32, 32)
+    prune_(model, SSCConfig(reduction=4), x[:1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [(x, torch.tensor([0, 1]))]
+    with pytest.raises(ConfigError, match=r"18 SSC layer\(s\).*put those layers in `ignore`.*left unchanged"):
+        prune_(model, config, x[:1], batches=batches)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ssc = [n for n, m in model.named_modules() if isinstance(m, SSCConv2d)]
+    result = prune_(model, config.replace(ignore=ssc), x[:1], batches=batches)
+    masked = set(result.metrics["layer_density"])
+    assert "conv1" in masked and "fc" in masked and not masked & set(ssc)
+
+
+def test_snip_without_calibration_batches_names_the_cli_setting():
+    with pytest.raises(ConfigError, match=r"got no batch.*calibration_batches.*1 or more"):
+        prune_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)), SNIPConfig(sparsity=0.5), X,
+               batches=[])

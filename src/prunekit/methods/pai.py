@@ -51,6 +51,7 @@ from ..importance.elements import (apply_element_masks, channel_scores_from_elem
                                    select_element_masks, snip_scores, synflow_scores)
 from ..importance.select import select_removal
 from ..importance.targets import check_not_shared, check_not_torch_pruned, target_weights
+from ..layers.ssc import SSCConv2d
 from ..surgery.copying import adopt_, share_copy
 from ..surgery.masks import get_mask, masked_modules
 from ..surgery.plan import empty_plan, make_plan
@@ -135,6 +136,7 @@ def _targets(model: nn.Module, ignore: list[str]) -> list[str]:
     if unknown:
         raise ConfigError(f"ignore names {unknown}, which the model does not have; use module names from "
                           "model.named_modules()")
+    _refuse_ssc_layers(model, ignore)
     keys = [k for k, (mod, _) in target_weights(model, untied=False).items()
             if not within(mod, ignore)]
     if not keys:
@@ -143,6 +145,23 @@ def _targets(model: nn.Module, ignore: list[str]) -> list[str]:
     check_not_shared(model, kept)  # nor tied to one another, nor to a tensor left out
     check_not_torch_pruned(model, kept)
     return keys
+
+
+def _refuse_ssc_layers(model: nn.Module, ignore: list[str]) -> None:
+    """ConfigError for SSC layers left in scope: their taps are fixed by their support and no
+    criterion here scores them, so the sparsity would fall on the model's other weights alone."""
+    ssc = {n: m for n, m in model.named_modules() if isinstance(m, SSCConv2d) and not within(n, ignore)}
+    if not ssc:
+        return
+    held = sum(p.numel() for m in ssc.values() for p in m.parameters(recurse=False) if p.dim() > 1)
+    rest = sum(getattr(model.get_submodule(mod), p).numel()
+               for mod, p in target_weights(model, untied=False).values() if not within(mod, ignore))
+    names = ", ".join(list(ssc)[:4]) + (f" and {len(ssc) - 4} more" if len(ssc) > 4 else "")
+    raise ConfigError(f"the model holds {len(ssc)} SSC layer(s) ({names}) with {held:,} weights, which pruning at "
+                      "initialisation does not score (it masks the weight of conv and Linear layers; an SSC layer's "
+                      f"support is fixed when it is made), so the sparsity would fall on the other {rest:,} weights "
+                      "alone. Prune the model before converting it to SSC, or put those layers in `ignore` to mask "
+                      "only the rest; the model was left unchanged")
 
 
 def _scores(model: nn.Module, cfg: PaIConfig, example_inputs: Any, batches: list | None, one_shot: bool):
@@ -164,8 +183,8 @@ def _calibration(cfg: PaIConfig, batches: Iterable | None) -> list | None:
         check_iterable(batches, cfg.criterion)
     taken = list(itertools.islice(iter(batches), cfg.batches)) if batches is not None else []
     if not taken:
-        raise ConfigError(f"{cfg.criterion.upper()} scores with data: pass batches=[(inputs, labels), ...] "
-                          "(the CLI hands over calibration_batches training batches)")
+        raise ConfigError(f"{cfg.criterion.upper()} scores with data and got no batch: pass batches=[(inputs, "
+                          "labels), ...] (the CLI hands over `calibration_batches` training batches: set it to 1 or more)")
     return taken
 
 
