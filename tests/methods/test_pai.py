@@ -272,7 +272,7 @@ def test_ssc_leaves_convs_with_tied_weights_dense():
     from prunekit.core.errors import PruningError
     from prunekit.methods.ssc import SSCConfig
 
-    with pytest.raises(PruningError, match="'c2': 'shares its weight with c3'"):
+    with pytest.raises(PruningError, match="c2: shares its weight with c3; c3: shares its weight with c2"):
         prune_(_Tied(), SSCConfig(), torch.randn(2, 3, 8, 8))
 
 

@@ -136,3 +136,32 @@ def test_snip_without_calibration_batches_names_the_cli_setting():
     with pytest.raises(ConfigError, match=r"got no batch.*calibration_batches.*1 or more"):
         prune_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)), SNIPConfig(sparsity=0.5), X,
                batches=[])
+
+
+def test_when_no_conv_converts_the_error_says_why_for_each():
+    """The message named no reason ('no convs') for a stem kept dense, 1x1 convs and layers that
+    are SSC layers already."""
+    from prunekit.core.errors import PruningError
+    from prunekit.models import create_model
+
+    with pytest.raises(PruningError, match=r"0: the first conv is kept dense \(keep_first=True\); 1: a 1x1 conv"):
+        prune_(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)), SSCConfig(), torch.randn(1, 3, 4, 4))
+    model, x = create_model("resnet20", num_classes=2), torch.randn(1, 3, 32, 32)
+    prune_(model, SSCConfig(reduction=4), x)
+    with pytest.raises(PruningError, match=r"18 layer\(s\) are SSC layers already .*start from the dense model"):
+        prune_(model, SSCConfig(reduction=4), x)
+
+
+def test_both_holders_of_a_tied_conv_weight_are_listed_as_left_dense():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a, self.b, self.c = (nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1) for i in range(4))
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.c(self.b(self.a(self.stem(x))))
+
+    result = prune_(Tied(), SSCConfig(groups=1, spatial_period=4), torch.randn(1, 3, 8, 8))
+    assert result.metrics["left_dense"] == {"a": "shares its weight with b", "b": "shares its weight with a"}
+    assert result.metrics["converted"] == ["c"]

@@ -136,7 +136,6 @@ def _targets(model: nn.Module, ignore: list[str]) -> list[str]:
     if unknown:
         raise ConfigError(f"ignore names {unknown}, which the model does not have; use module names from "
                           "model.named_modules()")
-    _refuse_ssc_layers(model, ignore)
     keys = [k for k, (mod, _) in target_weights(model, untied=False).items()
             if not within(mod, ignore)]
     if not keys:
@@ -207,6 +206,7 @@ def _model_masks(model: nn.Module) -> dict[tuple[str, str], torch.Tensor]:
 
 
 def _element_prune(model, cfg, example_inputs, data) -> PruneResult:
+    _refuse_ssc_layers(model, cfg.ignore)
     before = count_cost(model, example_inputs, cfg.ignore)
     scores = _scores(model, cfg, example_inputs, data, one_shot=False)
     held = _held_masks(model, scores)

@@ -197,15 +197,28 @@ def _conv_order(model: nn.Module, example_inputs: Any, ignore: list[str]) -> tup
             outside.setdefault(owner, node.module)
         if node.op != "conv2d":
             continue
-        if node.params:
-            name = node.params[0].rpartition(".")[0]
-        elif isinstance(modules.get(node.module or ""), nn.Conv2d):
-            name = node.module  # a conv whose weight is computed (parametrized, e.g. masked)
+        if isinstance(modules.get(node.module or ""), nn.Conv2d):
+            name = node.module  # the conv that runs (a tied weight's second holder too; a computed weight)
+        elif node.params:
+            name = node.params[0].rpartition(".")[0]  # a functional conv on a layer's weight
         else:
             continue  # a functional conv on a fixed kernel (a blur, say) is no layer to convert
         if name not in names:
             names.append(name)
     return names, outside
+
+
+def _why_none(model: nn.Module, skipped: dict[str, str], dense: dict[str, str]) -> str:
+    """Why no conv was converted, layer by layer (at most 8 named), for the error message."""
+    reasons = {**skipped, **dense}
+    already = [n for n, m in model.named_modules() if isinstance(m, SSCConv2d)]
+    parts = [f"{n or 'the model'}: {why}" for n, why in list(reasons.items())[:8]]
+    if len(reasons) > 8:
+        parts.append(f"and {len(reasons) - 8} more")
+    if already:
+        parts.append(f"{len(already)} layer(s) are SSC layers already ({', '.join(already[:4])}"
+                     f"{', ...' if len(already) > 4 else ''}): start from the dense model to convert again")
+    return "; ".join(parts) or "the model runs no 2-D convolution"
 
 
 def _shared_weights(model: nn.Module) -> dict[str, list[str]]:
@@ -247,7 +260,9 @@ def _take_over(conv: nn.Conv2d, layer: SSCConv2d) -> None:
 def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneResult:
     spec = cfg.spec()
     names, outside = _conv_order(model, example_inputs, cfg.ignore)  # build_graph refuses ignore names the model lacks
+    skipped: dict[str, str] = {}  # convs never meant for conversion: named only when nothing converts
     if cfg.keep_first and names:
+        skipped[names[0]] = "the first conv is kept dense (keep_first=True)"
         names = names[1:]
     modules = dict(model.named_modules())
     shared = _shared_weights(model)
@@ -255,6 +270,7 @@ def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneRe
     for name in names:
         conv = modules[name]
         if within(name, cfg.ignore) or getattr(conv, "kernel_size", None) == (1, 1):
+            skipped[name] = "in ignore" if within(name, cfg.ignore) else "a 1x1 conv (never converted)"
             continue
         if not name:
             dense[name] = ("the model itself is this conv; SSC replaces submodules: wrap it (nn.Sequential(conv)) "
@@ -276,7 +292,7 @@ def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneRe
         else:
             chosen[name] = spec
     if not chosen:
-        raise PruningError(f"no conv of this model can take the SSC preset {spec.to_dict()}: {dense or 'no convs'}")
+        raise PruningError(f"no conv of this model can take the SSC preset {spec.to_dict()}: {_why_none(model, skipped, dense)}")
     before = count_cost(model, example_inputs, cfg.ignore)
     work = share_copy(model)
     convert_(work, chosen, cfg.init, "structured" if cfg.execution == "auto" else cfg.execution)

@@ -92,7 +92,8 @@ def test_search_command_refuses_bad_device_threads_and_data_before_writing(tmp_p
                              ("evaluate.channels=0", "evaluate.channels=0 must be >= 1"),
                              ("evaluate.layers=0", "evaluate.layers=0 must be >= 3"),
                              ("evaluate.latency_repeats=0", "evaluate.latency_repeats=0 must be >= 1"),
-                             ("evaluate.auxiliary=true", "auxiliary=False (evaluate.auxiliary=false in a search recipe)")]:
+                             ("evaluate.auxiliary=true", "auxiliary=False (evaluate.auxiliary=false in a search recipe)"),
+                             ("evaluate.cutout=16", "evaluate.cutout=16 blanks the whole of every 8x8 training image")]:
         out = tmp_path / "x"
         res = CliRunner().invoke(cli, ["search", str(recipe), override, "--out", str(out)])
         assert res.exit_code == 2, (override, res.output)

@@ -87,6 +87,12 @@ class EvalRecipe(Config):
 
         if not self.enabled:
             return
+        h, w = (int(d) for d in input_shape[-2:])
+        if self.cutout and self.cutout // 2 >= h and self.cutout // 2 >= w:  # rows cy-half..cy+half-1 cover all
+            raise ConfigError(f"evaluate.cutout={self.cutout} blanks the whole of every {h}x{w} training image (its "
+                              f"square reaches {self.cutout // 2} pixels each way from any centre); DARTS's 16 is "
+                              f"for 32x32 images: give about half the image side (evaluate.cutout={max(1, min(h, w) // 2)}) "
+                              "or 0 to turn it off")
         net = EvalNetwork(REFERENCE_GENOTYPES["darts_v2"], 2, num_classes, self.layers, self.auxiliary,
                           int(input_shape[0])).train()
         try:
