@@ -545,3 +545,20 @@ def test_a_failing_ray_job_raises_its_own_error_not_ray_s_wrapper():
         with create_executor("ray", 1, job_fn=refuse) as run:
             run([1])
     assert str(caught.value) == "task 'x': the one-line reason"
+
+
+@pytest.mark.parametrize("asked, needle", [(dict(num_cpus=4), r"num_cpus=4 and num_gpus=0.*workers=2 CPUs.*raise workers"),
+                                           (dict(num_gpus=1), r"num_gpus=1, which no node .*0 GPUs.*lower num_cpus/num_gpus")])
+def test_ray_jobs_that_no_node_can_hold_are_one_error_instead_of_a_silent_wait(asked, needle):
+    """Ray queued such jobs for ever, with its warning in a log the search does not show."""
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (prunekit[distributed])")
+    from prunekit.evolve.jobs import create_executor
+
+    if ray.is_initialized():
+        pytest.skip("a Ray runtime is already up in this process")
+    if asked.get("num_gpus") and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match=needle):
+        with create_executor("ray", 2, **asked, job_fn=lambda s: s) as run:
+            run([1])
+    assert not ray.is_initialized()  # the Ray this executor started is shut down again

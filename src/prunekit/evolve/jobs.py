@@ -159,11 +159,27 @@ def _ray_runner(workers: int, address: str | None, num_cpus: float, num_gpus: fl
         return out
 
     try:
+        _check_feasible(ray, num_cpus, num_gpus, workers if started and not address else None, address)
         yield run_ray
     finally:
         if started:
             with _own_rng():
                 ray.shutdown()
+
+
+def _check_feasible(ray, num_cpus: float, num_gpus: float, workers: int | None, address: str | None) -> None:
+    """ConfigError when no live node of the Ray cluster has `num_cpus` CPUs and `num_gpus` GPUs:
+    Ray would queue every fitness job for ever (its warning goes to a log the search does not show)."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive", True)]
+    if any(r.get("CPU", 0) >= num_cpus and r.get("GPU", 0) >= num_gpus for r in nodes):
+        return
+    cpus = max((r.get("CPU", 0) for r in nodes), default=0)
+    gpus = max((r.get("GPU", 0) for r in nodes), default=0)
+    where = (f"the local Ray started with workers={workers} CPUs" if workers is not None
+             else f"the Ray cluster at {address}" if address else "the running Ray")
+    fix = "lower num_cpus/num_gpus" + (" or raise workers" if workers is not None and num_cpus > cpus else "")
+    raise ConfigError(f"a fitness job asks for num_cpus={num_cpus:g} and num_gpus={num_gpus:g}, which no node of {where} "
+                      f"has (the largest: {cpus:g} CPUs, {gpus:g} GPUs), so Ray would wait for ever; {fix}")
 
 
 def _result(ray, ref):
