@@ -150,3 +150,47 @@ def test_ctrl_c_names_the_resume_command(tmp_path, monkeypatch):
     assert result.exit_code == 130, result.output
     assert f"interrupted; continue with: prunekit evolve --resume {out}" in result.stderr
     assert (out / "recipe.yaml").is_file()  # what --resume reads
+
+
+def _stopped_run(tmp_path, monkeypatch):
+    """A run directory holding the shipped recipe, with the search replaced by a stop."""
+    import prunekit.evolve.search as search_mod
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(RECIPE.read_text())
+    monkeypatch.setattr(search_mod, "check_tasks", lambda cfg: None)
+
+    def stop(*args, **kwargs):
+        raise ConfigError("stopped here by the test")
+    monkeypatch.setattr(search_mod, "run_search", stop)
+    return run
+
+
+def test_resume_refuses_settings_that_change_the_recorded_search_and_a_second_directory(tmp_path, monkeypatch):
+    """--resume with overrides ran a search its recipe.yaml did not describe (a plain --resume then
+    failed); --out beside --resume was ignored without a word."""
+    run = _stopped_run(tmp_path, monkeypatch)
+    before = (run / "recipe.yaml").read_text()
+    for extra, needle in [(["evolve.population=20"], "change evolve.population from the search"),
+                          (["reevaluate.seeds=1"], "change reevaluate.seeds"),
+                          (["--out", str(tmp_path / "other")], "name two run directories")]:
+        result = CliRunner().invoke(cli, ["evolve", "--resume", str(run), *extra, "-q"])
+        assert result.exit_code == 2 and needle in result.output, (extra, result.output)
+    assert not (tmp_path / "other").exists() and (run / "recipe.yaml").read_text() == before
+    result = CliRunner().invoke(cli, ["evolve", "--resume", str(run), "evolve.workers=1", "evolve.executor=serial", "-q"])
+    assert "stopped here by the test" in result.output, result.output  # where jobs run may change
+
+
+def test_a_weights_file_or_a_directory_as_the_recipe_gets_advice_this_command_takes(tmp_path):
+    """The advice was --weights or init=, which evolve, compare and search do not have."""
+    weights = tmp_path / "dense.safetensors"
+    weights.write_bytes(b"\x80\x81\xfe\xff" * 8)
+    for command in ("evolve", "compare", "search"):
+        result = CliRunner().invoke(cli, [command, str(weights)])
+        assert result.exit_code == 2 and "is not a YAML recipe (it is not UTF-8 text); give a YAML recipe file" \
+            in result.output and "--weights" not in result.output, (command, result.output)
+    result = CliRunner().invoke(cli, ["evolve", str(tmp_path)])
+    assert result.exit_code == 2 and f"continue the run in it with prunekit evolve --resume {tmp_path}" in result.output
+    result = CliRunner().invoke(cli, ["prune", str(weights)])
+    assert "--weights" in result.output, result.output  # prune does take weights

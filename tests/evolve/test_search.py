@@ -562,3 +562,38 @@ def test_ray_jobs_that_no_node_can_hold_are_one_error_instead_of_a_silent_wait(a
         with create_executor("ray", 2, **asked, job_fn=lambda s: s) as run:
             run([1])
     assert not ray.is_initialized()  # the Ray this executor started is shut down again
+
+
+def test_a_dense_model_trained_with_other_settings_is_not_reused(tmp_path):
+    """The run directory's dense model was reused whatever the task's dense_train now said."""
+    from prunekit.evolve.search import prepare_dense
+
+    one = EvolveConfig(tasks=[digits_task(dense_train=TrainConfig(epochs=1, lr=0.05))], population=4, parents=2)
+    paths = prepare_dense(one, tmp_path)
+    digest = Path(paths["digits"]).read_bytes()
+    assert prepare_dense(one, tmp_path) == paths  # the same settings: reused
+    two = EvolveConfig(tasks=[digits_task(dense_train=TrainConfig(epochs=2, lr=0.05))], population=4, parents=2)
+    with pytest.raises(CheckpointError, match=r"digits.safetensors was trained with other dense_train than the task "
+                                              r"now gives; remove .* to train it again"):
+        prepare_dense(two, tmp_path)
+    assert Path(paths["digits"]).read_bytes() == digest
+
+
+def test_a_new_search_refuses_a_directory_with_checkpoints_and_an_unwritable_one(tmp_path, monkeypatch):
+    """resume=False over an earlier search overwrote its first generations and left the rest; a
+    read-only directory was found only when the first generation, fully measured, was saved."""
+    import errno
+    import tempfile
+
+    cfg = EvolveConfig(tasks=[digits_task()], population=4, parents=2, generations=1, executor="serial")
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoints" / "gen_000.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds the checkpoints of a search; resume it"):
+        run_search(cfg, tmp_path / "old", progress=False)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(CheckpointError, match="the file system is read-only"):
+        run_search(cfg, tmp_path / "ro", progress=False)
+    assert not (tmp_path / "ro" / "dense").exists()

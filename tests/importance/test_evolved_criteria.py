@@ -197,3 +197,20 @@ def test_missing_or_unlabelled_batches_get_one_clear_message_and_leave_the_model
         prune_(model, cfg, x[:1], batches=[(x, torch.full((4,), 42))])
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("criterion", ["fdr", "evolved:div(pow2(sub(g_mean(P), g_mean(Q))), rho1(add(var(P), var(Q))))"])
+def test_negative_labels_are_named_before_the_forward_for_shipped_and_text_criteria(criterion):
+    """A negative label read as a failure of the model's forward (shipped criteria) or was taken
+    (the same function written as text)."""
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+    from prunekit.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [(torch.randn(8, 1, 8, 8), torch.arange(8) - 4)]
+    with pytest.raises(ConfigError, match="calibration batch 0 holds the label -4; class-conditional criteria take"):
+        prune_(model, MagnitudeConfig(criterion=criterion, channel_ratio=0.3), torch.randn(1, 1, 8, 8), batches=batches)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -21,6 +21,9 @@ def load_evolve_recipe(source: str, overrides: list[str]):
     from ..evolve import EvolveConfig
     from .overrides import apply_overrides, load_yaml_file
 
+    if source and Path(source).is_dir():
+        raise ConfigError(f"{source} is a directory; give an evolve recipe file, or continue the run in it with "
+                          f"prunekit evolve --resume {source}")
     raw = load_yaml_file(source) if source else {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: an evolve recipe is a mapping with sections {', '.join(TOP_KEYS)}")
@@ -71,6 +74,9 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
     from .rundir import choose_run_dir
 
     source, overrides = split_arguments(args)
+    if resume_dir is not None and out is not None:
+        raise ConfigError(f"--out {out} and --resume {resume_dir} name two run directories; --resume continues the "
+                          "search in its own directory (drop --out), --out starts a new one (drop --resume)")
     if resume_dir is not None:
         _check_evolve_run(Path(resume_dir))  # before anything else: the directory is what was asked about
     if source is None and resume_dir is not None and (Path(resume_dir) / "recipe.yaml").is_file():
@@ -78,6 +84,8 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
     if source is None:
         raise ConfigError("give an evolve recipe, e.g. prunekit evolve recipes/evolve_digits_cifar.yaml")
     cfg, reeval, name, raw = load_evolve_recipe(source, overrides)
+    if resume_dir is not None:
+        _check_same_search(Path(resume_dir), cfg, reeval)
     check_tasks(cfg)  # a model, data path or weights file that cannot be used fails before any work
     echo = (lambda s: None) if quiet else click.echo
     if resume_dir is not None:
@@ -116,6 +124,20 @@ def _check_evolve_run(run_dir: Path) -> None:
     if not isinstance(raw, dict) or "evolve" not in raw:
         raise ConfigError(f"--resume {run_dir}: not an evolve run directory (no recipe.yaml with an 'evolve' "
                           "section); nothing was written there. Start a new run with --out")
+
+
+def _check_same_search(run_dir: Path, cfg, reeval: dict) -> None:
+    """ConfigError when the recipe and overrides given with --resume change what the search
+    recorded in run_dir/recipe.yaml searches or re-evaluates: the run directory would then hold a
+    search its recipe does not describe. Where and how jobs run (executor, workers, ...) may change."""
+    recorded, recorded_reeval, _, _ = load_evolve_recipe(str(run_dir / "recipe.yaml"), [])
+    was, now = recorded.search_dict(), cfg.search_dict()
+    changed = sorted(f"evolve.{k}" for k in was if was[k] != now.get(k))
+    changed += sorted(f"reevaluate.{k}" for k in recorded_reeval if recorded_reeval[k] != reeval.get(k))
+    if changed:
+        raise ConfigError(f"--resume {run_dir}: the settings given change {', '.join(changed)} from the search its "
+                          "recipe.yaml records; a resumed search keeps them (only executor, workers, ray_address, "
+                          "num_cpus, num_gpus, device and threads_per_job may change); start a new run for other settings")
 
 
 def _remove_if_unused(run_dir: Path) -> None:

@@ -102,15 +102,21 @@ def load_yaml_text(text: str, where: str) -> Any:
     return _check_loaded(data, where)
 
 
-def load_yaml_file(path: str | Path) -> Any:
+def load_yaml_file(path: str | Path, weights_hint: bool = False) -> Any:
+    """The YAML document in the recipe file `path`; weights_hint: a binary file is named as weights
+    the run/prune commands take with --weights or init= (other commands have neither)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"cannot read recipe {path}: it is a directory; give a recipe file (a run directory "
+                          f"keeps the recipe it ran as {path / 'recipe.yaml'})")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read recipe {path}: {err.strerror or err}") from None
     except UnicodeDecodeError:  # a weights file or an archive in the recipe's place
-        raise ConfigError(f"{path} is not a YAML recipe (it is not UTF-8 text); give weights with "
-                          f"--weights {path} or init={path}, and a recipe file or run directory as the recipe") from None
+        todo = (f"give weights with --weights {path} or init={path}, and a recipe file or run directory as the "
+                "recipe" if weights_hint else "give a YAML recipe file")
+        raise ConfigError(f"{path} is not a YAML recipe (it is not UTF-8 text); {todo}") from None
     return load_yaml_text(text, str(path))
 
 

@@ -289,7 +289,7 @@ def read_source(source: str | None) -> tuple[dict[str, Any], str, Path | None]:
         hint = f"did you mean {near[0]}? " if near else ""
         raise ConfigError(f"recipe {source!r} does not exist; {hint}pass a YAML recipe, a run directory, "
                           "or key=value overrides")
-    raw = load_yaml_file(path)
+    raw = load_yaml_file(path, weights_hint=True)
     if isinstance(raw, dict) and "name" not in raw and run_dir is None:
         raw["name"] = path.stem
     return raw, str(path), run_dir

@@ -70,6 +70,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> N
         raise
 
 
+def check_writable(directory: str | os.PathLike[str]) -> None:
+    """CheckpointError (as `write_error` words it) unless a file can be made in `directory`: a
+    long job checks its output folder before the work whose results it could not save."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-check.", dir=directory)
+        os.close(fd)
+    except OSError as err:
+        raise write_error(Path(directory) / ".write-check", err) from None
+    _remove(tmp)
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """`text` (UTF-8) at `path`, replaced atomically (`atomic_write`)."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -29,7 +29,7 @@ import numpy as np
 from deap import base, creator, gp, tools
 
 from ..core.errors import CheckpointError, ConfigError, read_json
-from ..core.integrity import atomic_write_text, file_digest, hold_dir
+from ..core.integrity import atomic_write_text, check_writable, file_digest, hold_dir
 from ..importance.evolved.space import PSET, SEEDS, EvalError
 from ..importance.evolved.text import expression_text, parse_expression
 from ..importance.evolved.tree_eval import channel_scores
@@ -326,6 +326,26 @@ def check_tasks(cfg: EvolveConfig) -> None:
             raise ConfigError(f"{where}: {err}") from None
 
 
+def dense_settings(task) -> dict:
+    """What shapes a task's trained dense model (model, data, dense_train; not where the data lives)."""
+    data = {k: v for k, v in task.data.items() if k not in ("root", "num_workers")}
+    return json.loads(json.dumps({"model": task.model, "model_kwargs": task.model_kwargs, "data": data,
+                                  "dense_train": task.dense_train.to_dict()}, default=str))
+
+
+def _check_dense_settings(path: Path, info: Path, settings: dict) -> None:
+    """CheckpointError when the dense model at `path` was trained with other settings than the
+    task now gives (its .json beside it says which; a file without them is taken as it is)."""
+    recorded = read_json(info, "dense model record", f"remove it and {path.name} to train again",
+                         mapping=True).get("settings") \
+        if info.exists() else None
+    if recorded is None or recorded == settings:
+        return
+    keys = sorted(k for k in settings if recorded.get(k) != settings[k])
+    raise CheckpointError(f"{path} was trained with other {', '.join(keys)} than the task now gives; remove {path} "
+                          f"and {info} to train it again, or run with the settings it was trained with")
+
+
 def prepare_dense(cfg: EvolveConfig, run_dir: Path, echo: Callable[[str], None] = lambda s: None) -> dict[str, str]:
     """task -> trained dense weights: the task's `init`, else trained once into run_dir/dense/."""
     paths = {}
@@ -333,11 +353,14 @@ def prepare_dense(cfg: EvolveConfig, run_dir: Path, echo: Callable[[str], None] 
         if task.init is not None:
             paths[task.name] = str(Path(task.init).expanduser())
             continue
-        path = run_dir / "dense" / f"{task.name}.safetensors"
-        if not path.exists():
-            echo(f"training the dense {task.model} of task {task.name} ({task.dense_train.epochs} epochs)")
+        path, info = run_dir / "dense" / f"{task.name}.safetensors", run_dir / "dense" / f"{task.name}.json"
+        settings = dense_settings(task)
+        if path.exists():
+            _check_dense_settings(path, info, settings)
+        else:
+            echo(f"training the dense {task.model} of task {task.name} ({task.dense_train.epochs} epoch{'' if task.dense_train.epochs == 1 else 's'})")
             acc = train_dense(task, path, cfg.device)
-            atomic_write_text(run_dir / "dense" / f"{task.name}.json", json.dumps({"val_acc": acc}))
+            atomic_write_text(info, json.dumps({"val_acc": acc, "settings": settings}))
         paths[task.name] = str(path)
     return paths
 
@@ -349,6 +372,10 @@ def run_search(cfg: EvolveConfig, run_dir: str | Path, resume: bool = False, pro
     run_dir = Path(run_dir)
     check_tasks(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir)  # before any generation is measured that could not be saved
+    if not resume and any((run_dir / "checkpoints").glob("gen_*.json")):
+        raise ConfigError(f"{run_dir} holds the checkpoints of a search; resume it (resume=True, or prunekit evolve "
+                          "--resume) or give a new run directory")
     # the executor first: a Ray cluster that cannot be joined is said before any dense model trains
     with hold_dir(run_dir, "evolution"), \
             create_executor(cfg.executor, cfg.workers, cfg.ray_address, cfg.num_cpus, cfg.num_gpus) as run:

@@ -164,6 +164,9 @@ def _forward_all(model: nn.Module, hooks: list, batches: Iterable, on_labels) ->
     try:
         with torch.no_grad(), evaluating(model):
             for i, x, y in labelled(batches, WHO, labels="classes"):
+                if y.numel() and int(y.min()) < 0:  # said before the forward, which would be blamed
+                    raise ConfigError(f"{WHO}: calibration batch {i} holds the label {int(y.min())}; class-conditional "
+                                      "criteria take class indices >= 0, one per sample")
                 on_labels(y)
                 forward(model, x, i, WHO)
     finally:
@@ -202,9 +205,7 @@ def collect_class_stats(model: nn.Module, groups: list[Group], batches: Iterable
     """One pass over `batches` ((x, y) pairs, integer labels >= 0) for all `groups`: name -> ClassStats."""
     def make_sink(store, labels):
         def sink(maps):
-            y = labels[-1].long().cpu()
-            if int(y.min()) < 0:
-                raise ConfigError("class labels must be integers >= 0")
+            y = labels[-1].long().cpu()  # >= 0: checked before the forward
             # one row per class seen, in order of arrival: a label's value (e.g. 10**7) does not size the sums
             rows = store.setdefault("rows", {})
             classes, inverse = y.unique(return_inverse=True)
