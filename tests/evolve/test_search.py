@@ -597,3 +597,12 @@ def test_a_new_search_refuses_a_directory_with_checkpoints_and_an_unwritable_one
     with pytest.raises(CheckpointError, match="the file system is read-only"):
         run_search(cfg, tmp_path / "ro", progress=False)
     assert not (tmp_path / "ro" / "dense").exists()
+
+
+def test_a_checkpoint_that_is_not_a_search_checkpoint_is_named_damaged(tmp_path):
+    from prunekit.evolve.search import load_checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "gen_000.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="gen_000.json is damaged: it is not a search checkpoint; delete it"):
+        load_checkpoint(tmp_path, EvolveConfig(tasks=[digits_task()], population=4, parents=2))

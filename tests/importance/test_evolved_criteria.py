@@ -214,3 +214,21 @@ def test_negative_labels_are_named_before_the_forward_for_shipped_and_text_crite
     with pytest.raises(ConfigError, match="calibration batch 0 holds the label -4; class-conditional criteria take"):
         prune_(model, MagnitudeConfig(criterion=criterion, channel_ratio=0.3), torch.randn(1, 1, 8, 8), batches=batches)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_criterion_that_scores_every_channel_alike_is_noted_and_a_name_with_a_colon_is_refused():
+    """Equal scores removed the first channels of a group without a word; a criterion registered
+    as "evolved:foo" could never be selected (the prefix is read first)."""
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+    from prunekit.models import create_model
+
+    batches = [(torch.randn(8, 1, 8, 8), torch.arange(8) % 4)]
+    result = prune_(create_model("small_cnn", num_classes=4), MagnitudeConfig(criterion="evolved:N", channel_ratio=0.3),
+                    torch.randn(1, 1, 8, 8), batches=batches)
+    assert result.metrics["tied_groups"] and any("same score in" in n and "index order" in n for n in result.metrics["notes"])
+    plain = prune_(create_model("small_cnn", num_classes=4), MagnitudeConfig(channel_ratio=0.3), torch.randn(1, 1, 8, 8))
+    assert "tied_groups" not in plain.metrics
+    with pytest.raises(ConfigError, match="criterion name 'evolved:foo' cannot be registered.*without ':'"):
+        CRITERIA.register("evolved:foo", lambda group, ctx: None)
+    assert "evolved:foo" not in CRITERIA.list()

@@ -19,12 +19,18 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, check_name: Callable[[str], str | None] | None = None):
+        """`check_name(name)`: why a name cannot be registered (None when it can)."""
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._check_name = check_name
 
     def register(self, name: str, item: T | None = None) -> Any:
         """Register `item` under `name`; without `item`, return a decorator."""
+        why = self._check_name(name) if self._check_name is not None else None
+        if why:
+            raise ConfigError(f"{self.kind} name {name!r} cannot be registered: {why}")
+
         def add(obj: T) -> T:
             if name in self._items and self._items[name] is not obj:
                 raise ConfigError(f"{self.kind} {name!r} is already registered; pick another name")

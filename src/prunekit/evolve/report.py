@@ -110,12 +110,13 @@ def write_run(run_dir: Path, cfg: EvolveConfig, state: SearchState, reeval: list
     lines += ["", f"Best as text (criterion `evolved:<text>`): `{hof[0]['text']}`", ""]
     if reeval:
         n = len(next(iter(reeval[0]["tasks"].values()))["accs"])
-        lines += [f"## Re-evaluated with {counted(n, 'fresh seed')} (mean ± std of val accuracy)", "",
+        spread = n > 1  # one seed has no spread to show
+        lines += [f"## Re-evaluated with {counted(n, 'fresh seed')} ({'mean ± std of ' if spread else ''}val accuracy)", "",
                   "| function | fitness | " + " | ".join(t.name for t in cfg.tasks) + " |",
                   "|---|---|" + "---|" * len(cfg.tasks)]
         for r in reeval:
-            cells = " | ".join(f"{100 * r['tasks'][t.name]['mean']:.2f} ± {100 * r['tasks'][t.name]['std']:.2f}"
-                               for t in cfg.tasks)
+            cells = " | ".join(f"{100 * r['tasks'][t.name]['mean']:.2f}"
+                               + (f" ± {100 * r['tasks'][t.name]['std']:.2f}" if spread else "") for t in cfg.tasks)
             lines.append(f"| {r['label']} | {r['fitness']:.4f} | {cells} |")
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")

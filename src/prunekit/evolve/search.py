@@ -213,7 +213,9 @@ def load_checkpoint(run_dir: Path, cfg: EvolveConfig, dense: dict[str, str] | No
     if not files:
         return None
     data = read_json(files[-1], "search checkpoint", "delete it to resume from the one before")
-    if not isinstance(data, dict) or data.get("config") != json.loads(json.dumps(cfg.search_dict())):
+    if not isinstance(data, dict) or "config" not in data:
+        raise CheckpointError(f"{files[-1]} is damaged: it is not a search checkpoint; delete it to resume from the one before")
+    if data["config"] != json.loads(json.dumps(cfg.search_dict())):
         raise CheckpointError(f"{run_dir} was searched with other settings; resume with the same recipe "
                               "or start a new run directory")
     _check_same_dense(files[-1], data.get("dense_sha256", {}), dense or {}, dense_sha256 or {})  # absent: older file

@@ -36,7 +36,10 @@ from ..graph import Group
 from .context import ScoreContext
 
 Criterion = Callable[[Group, "ScoreContext"], torch.Tensor]
-CRITERIA: Registry[Criterion] = Registry("criterion")
+CRITERIA: Registry[Criterion] = Registry(
+    "criterion", lambda name: None if isinstance(name, str) and ":" not in name else
+    "a criterion name is text without ':' (':' starts '<prefix>:<text>', built by a factory: "
+    "register_criterion_factory)")
 REDUCTIONS = ("mean", "sum", "max")
 
 

@@ -281,6 +281,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
             metrics["round_to"] = pick_round_to(work, example_inputs, latency_config(cfg))
         cfg = dataclasses.replace(cfg, round_to=metrics["round_to"]["multiple"])
     skipped: list[str] = []
+    tied: set[str] = set()  # groups whose channels all scored alike: removed in index order
     # multiples are taken at the first step's widths: a group already at its multiple is not halved again
     first_widths = {g.name: g.size for g in graph.groups}
     for step in range(1, cfg.steps + 1):
@@ -288,6 +289,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
             graph = build_safe_graph(work, example_inputs, cfg.ignore, probe=cfg.probe)
             estimator = CostEstimator(work, graph)
         scores = score_groups(work, graph, cfg, batches, example_inputs, fallbacks, skipped)
+        tied.update(n for n, sc in scores.items() if sc.numel() > 1 and bool((sc == sc.flatten()[0]).all()))
         if plan is not None:
             scores = {n: s for n, s in scores.items() if graph.group(n).size == _width_left(plan, first_widths, n)}
         if cfg.latency_fraction is not None:
@@ -327,6 +329,12 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         notes.insert(0, f"nothing was removed: {nothing}")
     if skipped:
         metrics["skipped_groups"] = sorted(set(skipped))
+    if tied and plan is not None and any(plan.groups.get(n) is not None and len(plan.groups[n]) < first_widths.get(n, 0)
+                                         for n in tied):
+        metrics["tied_groups"] = sorted(tied)
+        shown = ", ".join(metrics["tied_groups"][:3]) + (" ..." if len(tied) > 3 else "")
+        notes.append(f"the criterion gave every channel the same score in {len(tied)} group(s) ({shown}): their "
+                     "channels were removed in index order (the first ones), not by importance")
     if not metrics.get("rounding"):
         metrics.pop("rounding", None)
     elif metrics["rounding"]["tried"] and (note := rounding_note(metrics["rounding"], cfg.round_slack)):
