@@ -55,13 +55,24 @@ def first_nonfinite(model: nn.Module) -> tuple[str, str] | None:
     """
     for kind, named in (("parameter", list(model.named_parameters())), ("buffer", list(model.named_buffers()))):
         named = [(n, t.detach()) for n, t in named if t.is_floating_point() and t.numel()]
-        if not named:
+        if not named or _all_norms_finite([t for _, t in named]):  # finite norms: no NaN nor inf anywhere
             continue
         ends = torch.stack([e.float().cpu() for _, t in named for e in torch.aminmax(t)])
         ok = torch.isfinite(ends) if kind == "parameter" else ~ends.isnan()
         if not bool(ok.all()):
             return kind, next(n for i, (n, _) in enumerate(named) if not ok[2 * i:2 * i + 2].all())
     return None
+
+
+def _all_norms_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor's 2-norm is finite, by one multi-tensor kernel: then none holds NaN or
+    inf. False also when a finite tensor's norm overflows, or the kernel cannot take the list: the
+    caller then looks element by element."""
+    try:
+        norms = torch._foreach_norm(tensors)
+        return bool(torch.isfinite(torch.stack(norms)).all())  # one host synchronisation
+    except (RuntimeError, TypeError):
+        return False
 
 
 def nonfinite_words(kind: str) -> str:
