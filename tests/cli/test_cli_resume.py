@@ -225,6 +225,7 @@ def test_resume_of_a_run_whose_recipe_lost_a_stage_still_to_do_is_refused(refere
                  evaluations=state["evaluations"][:len(done)])
     if "prune" not in done:
         state["before_prune"] = None
+    state.pop("recipe_sha256", None)  # as a run started before the recipe's digest was kept
     (run / "state.json").write_text(json.dumps(state))
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     recipe[section] = None
@@ -234,4 +235,23 @@ def test_resume_of_a_run_whose_recipe_lost_a_stage_still_to_do_is_refused(refere
     lines = res.stderr.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (res.output, res.exception)
     assert f"'{section}'" in lines[0] and "recipe.yaml" in lines[0], lines[0]
+    assert _files(run) == before
+
+
+def test_resume_refuses_a_recipe_edited_since_the_run_started(reference, tmp_path):
+    """An edited target was taken without a word: the stages still to do ran other settings than
+    the finished ones."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    state = json.loads((run / "state.json").read_text())
+    assert state["recipe_sha256"]
+    state.update(done=["train"], finished=False, weights="ckpt/train/model.safetensors", before_prune=None,
+                 evaluations=state["evaluations"][:1])
+    (run / "state.json").write_text(json.dumps(state))
+    text = (run / "recipe.yaml").read_text()
+    assert "macs_fraction: 0.5" in text
+    (run / "recipe.yaml").write_text(text.replace("macs_fraction: 0.5", "macs_fraction: 0.3"))
+    before = _files(run)
+    res = make_runner().invoke(cli, ["resume", str(run)])
+    assert res.exit_code == 2 and "recipe.yaml changed since the run started" in res.stderr, res.output
     assert _files(run) == before

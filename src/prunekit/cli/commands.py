@@ -109,7 +109,10 @@ def execute(command: str, args: tuple[str, ...], out: str | None, weights: str |
 def _start(command: str, job, stages: list[str], recipe, run_path: Path) -> None:
     from .runstate import new_state, write_state
 
+    from ..core.integrity import file_digest
+
     state = new_state(command, stages, None if job.weights is None else str(Path(job.weights).resolve()))
+    state["recipe_sha256"] = file_digest(run_path / "recipe.yaml")  # a resume runs the same settings
     write_state(run_path, state)
     job.echo(f"run directory: {run_path}")
     job.echo(f"data: {recipe.data.name}, {job.bundle.train.num_samples} train / {job.bundle.val.num_samples} val / "
@@ -184,7 +187,13 @@ def _resume(run_dir: Path, quiet: bool) -> None:
     from .recipe import load_recipe
     from .runstate import resumable_state, weights_path
 
+    from ..core.integrity import file_digest
+
     state = resumable_state(run_dir)
+    if state.get("recipe_sha256") not in (None, file_digest(run_dir / "recipe.yaml")):
+        raise ConfigError(f"{run_dir / 'recipe.yaml'} changed since the run started; a resumed run keeps the settings "
+                          f"its finished stages ran with (finished: {', '.join(state['done']) or 'none'}): put the "
+                          "file back as it was, or start a new run with the edited recipe")
     recipe, _ = load_recipe(str(run_dir))
     check_timing(recipe)
     for stage in state["stages"]:

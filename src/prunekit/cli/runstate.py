@@ -14,6 +14,7 @@ continued with `prunekit resume <run>`:
                          against it); set once pruning finished
     evaluations, seconds, prune_metrics   what the finished stages measured (the result's input)
     finished             true once result.json and the report are written
+    recipe_sha256        sha256 of recipe.yaml when the run started: a resume refuses an edited one
 
 While a command works in a run directory it holds an exclusive OS lock on the directory
 (`core.integrity.hold_dir`; released when the process ends, however it ends), so a second `prunekit resume`
@@ -110,6 +111,7 @@ def _state_error(state: dict[str, Any]) -> str:
          "seconds is not a mapping of stage times"),
         (isinstance(state.get("prune_metrics", {}), dict), "prune_metrics is not a mapping"),
         (isinstance(state["finished"], bool), "finished is not true or false"),
+        (isinstance(state.get("recipe_sha256", ""), str), "recipe_sha256 is not text"),
     ]
     return next((why for ok, why in checks if not ok), "")
 
