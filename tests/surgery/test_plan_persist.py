@@ -232,3 +232,12 @@ def test_a_channels_last_model_reloads_channels_last(tmp_path):
             load_pruned(build(), tmp_path / "channels_last.safetensors")
     finally:
         persist._plan_of = real
+
+
+def test_a_directory_given_as_the_weights_file_names_the_file_inside(tmp_path):
+    """It read 'No such device (os error 19)'."""
+    (tmp_path / "pruned.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=f"it is a directory; give {tmp_path / 'pruned.safetensors'}"):
+        load_pruned(create_model("small_cnn"), tmp_path)
+    with pytest.raises(CheckpointError, match="it is a directory; give a .safetensors file"):
+        load_pruned(create_model("small_cnn"), tmp_path.parent)

@@ -38,9 +38,10 @@ def _first(data):
 
 
 @pytest.mark.parametrize("edit, fragment", [
-    (lambda d: _first(d)["keep"].append(_first(d)["size"] + 3), "in 0.."),
+    (lambda d: _first(d)["keep"].append(_first(d)["size"] + 3), r"in 0\.\.\d+; entry \d+ is \d+, outside"),
+    (lambda d: _first(d)["keep"].__setitem__(-1, 999), r"entry \d+ is 999, outside 0\.\."),  # past the first 8 shown before
     (lambda d: _first(d)["keep"].insert(0, -1), "integer >= 0"),
-    (lambda d: _first(d)["keep"].append(_first(d)["keep"][-1]), "sorted, unique"),
+    (lambda d: _first(d)["keep"].append(_first(d)["keep"][-1]), r"sorted, unique.*entry \d+ is (\d+), after \1"),
     (lambda d: _first(d)["keep"].reverse(), "sorted, unique"),
     (lambda d: _first(d).update(keep=[]), "keeps no channel"),
 ])

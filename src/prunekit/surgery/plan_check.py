@@ -133,7 +133,7 @@ def removal_from_plan(graph: Graph, keep: Mapping[str, list[int]], sizes: Mappin
             raise CheckpointError(f"plan keeps no channel of group {name!r}; a group keeps at least one")
         if any(b <= a for a, b in zip(kept, kept[1:])) or kept[0] < 0 or kept[-1] >= group.size:
             raise CheckpointError(f"kept indices of group {name!r} must be sorted, unique and in 0..{group.size - 1}; "
-                                  f"got {kept[:8]}{'...' if len(kept) > 8 else ''}")
+                                  f"{_first_bad(kept, group.size)} (of {len(kept)} kept)")
         kept_set = set(kept)
         dead = [i for i in range(group.size) if i not in kept_set]
         fixed = [i for i in dead if not bool(group.prunable[i])]
@@ -142,3 +142,13 @@ def removal_from_plan(graph: Graph, keep: Mapping[str, list[int]], sizes: Mappin
                                   "lose (they reach an input/output or a fixed-position op)")
         remove[name] = dead
     return remove
+
+
+def _first_bad(kept: list[int], size: int) -> str:
+    """Where a list of kept indices first breaks the rule (sorted, unique, in 0..size-1)."""
+    for i, k in enumerate(kept):
+        if k < 0 or k >= size:
+            return f"entry {i} is {k}, outside 0..{size - 1}"
+        if i and k <= kept[i - 1]:
+            return f"entry {i} is {k}, after {kept[i - 1]}"
+    return "they are not"

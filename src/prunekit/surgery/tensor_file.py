@@ -117,6 +117,10 @@ def read_tensor_file(path: str | os.PathLike[str], require_checksum: bool = True
 
     A file without a checksum (written by another tool) is accepted when require_checksum=False.
     """
+    if os.path.isdir(path):
+        inside = [n for n in ("pruned.safetensors", "dense.safetensors") if os.path.isfile(os.path.join(path, n))]
+        hint = f"; give {os.path.join(path, inside[0])}" if inside else "; give a .safetensors file"
+        raise CheckpointError(f"cannot read {path}: it is a directory{hint}")
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
