@@ -108,3 +108,18 @@ def test_a_resumed_slr_run_without_a_retrain_checkpoint_scores_its_own_recalibra
     prune(_Shuffled(digits[0] * 3))
     model, result = prune(_Shuffled(digits[0] * 3), resume=True)  # recalibrates on pass 1's batch, not pass 2's
     assert result.metrics["hard_pruned_bn"] == evaluate(model, digits[1])
+
+
+def test_filter_sparsity_names_the_zeroed_filters_removal_could_not_take(digits):
+    """On small_cnn the projection zeroes filters of layers joined by a residual add; only channels
+    zero in every joined layer can go, and the rest stayed as zero filters without a word."""
+    from prunekit.methods.slr.pipeline import zero_filters
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10)
+    cfg = TrainConfig(epochs=1, optimizer="adamw", lr=3e-3, log_every=0)
+    result = prunekit.prune_(model, prunekit.SLRConfig(sparsity_type="filter", sparsity=0.5, epochs=1),
+                             torch.zeros(1, 1, 8, 8), train_loader=digits[0], train_config=cfg)
+    left = zero_filters(model)  # the oracle: all-zero output filters of the model handed back
+    assert left and result.metrics["zero_filters_left"] == left
+    assert any(f"{sum(left.values())} zeroed filter(s) could not be removed" in n for n in result.metrics["notes"])

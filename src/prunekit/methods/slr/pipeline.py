@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
 from torch import nn
 
 from ...core.errors import ConfigError
@@ -104,10 +105,30 @@ def slr_prune_(
     metrics["sparsity"] = sparsity_report(model)
     if config.sparsity_type == "filter":
         plan = shrink_(model, example_inputs)
+        left = zero_filters(model)
+        if left:  # each shares its channel with a live filter (a residual add joins them): removal cannot take it
+            metrics["zero_filters_left"] = left
+            shown = ", ".join(f"{k}: {v}" for k, v in list(left.items())[:4]) + (", ..." if len(left) > 4 else "")
+            metrics.setdefault("notes", []).append(
+                f"{sum(left.values())} zeroed filter(s) could not be removed ({shown}): each shares its channel with "
+                "a layer whose filter stayed (layers joined by a residual add, say), so they stay in the model as "
+                "zero filters; the projection is per layer, not per channel group")
     else:  # the masks stay on the model, so fine-tuning keeps the zeros and save_pruned stores them
         plan = empty_plan(example_inputs)
     plan.meta.update({"method": "slr", "config": config.to_dict()})
     return PruneResult(plan, before, count_cost(model, example_inputs), config.to_dict(), metrics)
+
+
+def zero_filters(model: nn.Module) -> dict[str, int]:
+    """{conv/Linear name: its output filters whose weights are all exactly zero} (those with any)."""
+    out = {}
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(w, torch.Tensor) and w.dim() >= 2:
+            dead = int((w.detach().flatten(1) == 0).all(1).sum())
+            if dead:
+                out[name] = dead
+    return out
 
 
 _SCORES = "hard_pruned_scores.json"
