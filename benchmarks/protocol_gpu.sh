@@ -57,7 +57,7 @@ if [ "$(left)" -gt 30 ]; then
     for seed in $SEEDS; do
       timeout --signal=TERM "$(left)" python -m prunekit compare "recipes/compare_${recipe}_resnet20.yaml" \
           "seeds=[$seed]" device="$DEVICE" threads="$THREADS" dense.weights="$DENSE" bench.device="$DEVICE" \
-          $OVERRIDES --out "$OUT/compare_${recipe}_resnet20" > "$OUT/logs/${recipe}_seed${seed}.log" 2>&1 &
+          $OVERRIDES --out "$OUT/compare_${recipe}_resnet20_seed${seed}" > "$OUT/logs/${recipe}_seed${seed}.log" 2>&1 &
       pids+=($!)
     done
   done
@@ -67,6 +67,13 @@ fi
 echo "== reports from the finished records ($(date -u +%T))"
 SEED_LIST="[$(echo $SEEDS | tr ' ' ',')]"
 for recipe in $RECIPES; do
+  # one process holds a compare folder: each seed ran in its own; their records (arms/<arm>/seed<n>.json)
+  # come together in one folder, whose report reads them all
+  mkdir -p "$OUT/compare_${recipe}_resnet20/arms"
+  for seed in $SEEDS; do
+    [ -d "$OUT/compare_${recipe}_resnet20_seed${seed}/arms" ] && \
+      cp -rn "$OUT/compare_${recipe}_resnet20_seed${seed}/arms/." "$OUT/compare_${recipe}_resnet20/arms/"
+  done
   python -m prunekit compare "recipes/compare_${recipe}_resnet20.yaml" "seeds=$SEED_LIST" device="$DEVICE" \
       dense.weights="$DENSE" bench.device="$DEVICE" $OVERRIDES --out "$OUT/compare_${recipe}_resnet20" --report-only 2>&1 | tail -n 20
 done
