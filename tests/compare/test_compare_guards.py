@@ -507,3 +507,20 @@ def test_a_comparison_folder_another_process_works_in_is_refused(dense_path, tmp
         os.close(fd)
     assert list(out.iterdir()) == []
     run_compare(CompareRecipe.from_dict(_raw(dense_path)), out, **quiet)  # free again
+
+
+def test_a_dense_training_checkpoint_made_under_other_data_settings_is_refused(dense_path, tmp_path):
+    """A killed dense training resumed under another data.seed (same steps per epoch) went on with
+    the first run's model on another split, and the result was recorded with the new settings."""
+    import json
+    out = tmp_path / "c"
+    raw = _raw(dense_path, dense={"weights": None, "train": {"epochs": 1, "lr": 0.02, "log_every": 0}},
+               arms={"dense": {"method": None}}, seeds=[0])
+    run_compare(CompareRecipe.from_dict(raw), out, **quiet)
+    recorded = json.loads((out / "dense_ckpt" / "settings.json").read_text())  # written before the first epoch
+    assert recorded["data"]["seed"] == 0
+    (out / "dense.safetensors").unlink()  # as if killed before the weights were saved
+    raw["data"] = {**raw["data"], "seed": 1}
+    with pytest.raises(CheckpointError, match=r"checkpoint in .*dense_ckpt was made with data.seed=0 \(recipe: 1\); "
+                                              r"remove .*dense_ckpt to train the dense model from the start"):
+        run_compare(CompareRecipe.from_dict(raw), out, **quiet)

@@ -95,6 +95,21 @@ def dense_settings_differ(info: dict[str, Any], recipe: CompareRecipe) -> list[s
             for k, v in dense_settings(info.get("data"), info.get("train")).items() if v != wanted.get(k)]
 
 
+def _check_dense_checkpoint(ckpt: Path, recipe: CompareRecipe) -> None:
+    """The dense training checkpoint folder records the settings it trains with (written before
+    the first epoch); CheckpointError when the recipe's differ: a resume under another data seed or
+    validation split would continue training the first run's model on other images."""
+    settings_path = ckpt / "settings.json"
+    wanted = {"train": recipe.dense_train.to_dict(), "data": recipe.data.to_dict()}
+    if settings_path.is_file():
+        differ = dense_settings_differ(read_json_mapping(settings_path, "dense training settings"), recipe)
+        if differ:
+            raise CheckpointError(f"the dense model's training checkpoint in {ckpt} was made with {', '.join(differ)}; "
+                                  f"remove {ckpt} to train the dense model from the start with this recipe")
+    elif not any(ckpt.glob("*.pt")):  # a checkpoint made before settings were kept is left to the engine's check
+        write_json(settings_path, wanted)
+
+
 def dense_model(recipe: CompareRecipe, model: nn.Module, bundle: Any, out_dir: Path, device: torch.device,
                 echo: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any]]:
     """Load the dense weights, or train them once (resumable) and cache them; returns (model, info).
@@ -115,6 +130,7 @@ def dense_model(recipe: CompareRecipe, model: nn.Module, bundle: Any, out_dir: P
         t0 = time.perf_counter()
         val = bundle.val if bundle.val.num_samples > 0 else None
         ckpt = out_dir / "dense_ckpt"
+        _check_dense_checkpoint(ckpt, recipe)
         try:
             train(model, bundle.train, val, recipe.dense_train, ckpt_dir=ckpt, resume=True, device=device,
                   progress=False)
