@@ -128,6 +128,9 @@ def test_a_refused_rerun_leaves_the_folder_as_it_was(dense_path, tmp_path):
     (lambda r: r.update(finetune_epochs=1.5), "'finetune_epochs' is 1.5, not a whole number"),
     (lambda r: r.update(latency={"n": 3}), "'latency' has no median_ms"),
     (lambda r: r.update(latency={"median_ms": 1.0, "speedup": "x"}), "latency 'speedup' is 'x', not a finite"),
+    (lambda r: r.update(latency={"median_ms": 1.0, "n": {"a": 1}}), "latency 'n' is {'a': 1}, not a whole number"),
+    (lambda r: r.update(environment="x"), "'environment' is 'x', not a mapping"),  # read by the report: a traceback
+    (lambda r: r.update(fields_added_since=5), "'fields_added_since' is 5, not a list of field names"),
 ])
 def test_a_damaged_record_gets_one_message_naming_it(dense_path, tmp_path, damage, message):
     raw = _raw(dense_path)
@@ -524,3 +527,13 @@ def test_a_dense_training_checkpoint_made_under_other_data_settings_is_refused(d
     with pytest.raises(CheckpointError, match=r"checkpoint in .*dense_ckpt was made with data.seed=0 \(recipe: 1\); "
                                               r"remove .*dense_ckpt to train the dense model from the start"):
         run_compare(CompareRecipe.from_dict(raw), out, **quiet)
+
+
+def test_admm_is_an_arm_method_as_it_is_a_run_method(dense_path):
+    """`prunekit info` and `prunekit run --method admm` take the alias; a compare arm refused it."""
+    raw = _raw(dense_path, arms={"a": {"method": {"name": "admm", "sparsity": 0.7, "epochs": 1}}})
+    arm = CompareRecipe.from_dict(raw).arms["a"]
+    assert arm.config.optimization == "admm"
+    raw["arms"]["a"]["method"]["optimization"] = "slr"
+    with pytest.raises(ConfigError, match="arm 'a': method 'admm' means slr with optimization='admm'"):
+        CompareRecipe.from_dict(raw)

@@ -43,12 +43,13 @@ from ..core.errors import ConfigError
 from ..cost.latency import LatencyConfig, bench_config
 from ..data.config import DataConfig
 from ..engine.train import TrainConfig
+from ..methods import METHOD_ALIASES, resolve_alias
 from .overrides import _KEY, apply_overrides, dump_yaml, load_yaml_file, load_yaml_text, parse_override
 
 TOP_KEYS = ("name", "seed", "threads", "out", "init", "calibration_batches", "model", "data", "train", "method",
             "method_train", "finetune", "eval", "bench")
-# Method names that stand for another method with some fields fixed.
-ALIASES: dict[str, tuple[str, dict[str, Any]]] = {"admm": ("slr", {"optimization": "admm"})}
+# Method names that stand for another method with some fields fixed (prunekit.methods.METHOD_ALIASES).
+ALIASES = METHOD_ALIASES
 SPLITS = ("test", "val")
 DEFAULT_RECIPE = "default.yaml"
 
@@ -239,13 +240,7 @@ def build_method(raw: Any) -> MethodSection:
             raise ConfigError(f"{', '.join(both)} given both directly under method and under method.config; "
                               f"keep one (this recipe nests its fields: override method.config.{both[0]}=...)")
         fields.update(nested)
-    if name in ALIASES:
-        name, fixed = ALIASES[name]
-        for key, value in fixed.items():
-            if fields.get(key, value) != value:
-                raise ConfigError(f"method {raw['name']!r} means {name} with {key}={value!r}; "
-                                  f"remove {key}={fields[key]!r} or use name: {name}")
-            fields[key] = value
+    name, fields = resolve_alias(name, fields)
     if name not in METHODS:
         hint = ("; PR-DARTS searches an architecture rather than pruning a given model: run it with "
                 "`prunekit search <recipe>` (docs/prdarts.md)" if name in ("prdarts", "pr-darts", "dass", "darts") else "")

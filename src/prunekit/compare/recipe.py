@@ -21,7 +21,7 @@ A compare recipe is YAML with these keys (each section fills one typed config):
                     epochs every arm gets after the dense model, method training included
     calibration_batches  training batches handed to one-shot methods with data-dependent criteria
     eval            {split: test | val, latency: true | false, max_batches: null or k (score only
-                    the first k batches of val and test: smoke runs; the report says so)}
+                    k batches of val and test, drawn with the data seed: smoke runs; the report says so)}
     bench           prunekit.cost.latency.LatencyConfig of the latency measurement (channels_last
                     unstated: each arm and the dense model in the layout the arm runs in)
     arms            mapping arm name -> {method: {name, <config fields>} or null (the dense model),
@@ -52,7 +52,7 @@ from ..core.errors import ConfigError
 from ..cost.latency import LatencyConfig, bench_config
 from ..data.config import DataConfig
 from ..engine.train import TrainConfig
-from ..methods import TRAINED_EPOCH_FIELDS, check_training_phases
+from ..methods import TRAINED_EPOCH_FIELDS, check_training_phases, resolve_alias
 
 TOP_KEYS = ("protocol", "name", "out", "seeds", "device", "threads", "model", "data", "dense", "target", "method_train",
             "finetune", "calibration_batches", "eval", "bench", "arms")
@@ -396,8 +396,10 @@ def build_arm(name: str, raw: Any) -> ArmSpec:
         return ArmSpec(name, None, None, None, **flags)
     if not isinstance(method, dict) or not isinstance(method.get("name"), str):
         raise ConfigError(f"arm {name!r}: method needs a mapping with a 'name'")
-    fields = {k: v for k, v in method.items() if k != "name"}
-    kind = method["name"]
+    try:
+        kind, fields = resolve_alias(method["name"], {k: v for k, v in method.items() if k != "name"})
+    except ConfigError as err:
+        raise ConfigError(f"arm {name!r}: {err}") from None
     if kind in baselines.BASELINES:
         config_cls, handler, reason = baselines.resolve(kind)
     elif kind in METHODS:

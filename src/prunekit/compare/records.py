@@ -79,6 +79,16 @@ def _check_record(rec: dict[str, Any], path: Path, arm: str, seed: int) -> None:
     for key in _LATENCY_NUMBERS:
         if lat is not None and lat.get(key) is not None and not finite(lat[key]):
             raise bad(f"latency {key!r} is {short_repr(lat[key])}, not a finite number")
+    if lat is not None and lat.get("n") is not None and (not isinstance(lat["n"], int) or isinstance(lat["n"], bool)):
+        raise bad(f"latency 'n' is {short_repr(lat['n'])}, not a whole number")
+    for key in ("device", "dtype", "memory_format"):
+        if lat is not None and lat.get(key) is not None and not isinstance(lat[key], str):
+            raise bad(f"latency {key!r} is {short_repr(lat[key])}, not text")
+    if rec.get("environment") is not None and not isinstance(rec["environment"], dict):
+        raise bad(f"'environment' is {short_repr(rec['environment'])}, not a mapping")
+    added = rec.get("fields_added_since")
+    if added is not None and not (isinstance(added, list) and all(isinstance(k, str) for k in added)):
+        raise bad(f"'fields_added_since' is {short_repr(added)}, not a list of field names")
 
 
 def _fields_added_since(old: Any, new: Any, prefix: str = "") -> list[str] | None:

@@ -352,13 +352,13 @@ def _finish(recipe: CompareRecipe, result: CompareResult, dense_info: dict[str, 
         got = s[f"{t.metric}_fraction"]["mean"]
         if got is not None and abs(got - t.fraction) > t.tolerance:
             result.notes.append(f"arm {name} keeps {100 * got:.1f}% of the {t.metric}, not the target "
-                                f"{100 * t.fraction:.0f}% ± {100 * t.tolerance:.0f}: compare it at its own {t.metric}")
+                                f"{100 * t.fraction:g}% ± {100 * t.tolerance:g}: compare it at its own {t.metric}")
     missing = [f"{n} (seeds {sorted(set(recipe.seeds) - set(s['seeds']))})" for n, s in result.summary.items()
                if set(s["seeds"]) != set(recipe.seeds)]
     never = [n for n, recs in result.records.items() if not recs]
     if recipe.eval_max_batches:
-        result.notes.append(f"smoke setting: accuracies scored on the first {recipe.eval_max_batches} batches of "
-                            "val and test only; they say nothing about the methods")
+        result.notes.append(f"smoke setting: accuracies scored on {recipe.eval_max_batches} batches of val and "
+                            "test only (drawn with the data seed); they say nothing about the methods")
     if missing:
         result.notes.append("not every seed has run yet: " + ", ".join(missing))
     for name, recs in result.records.items():  # eval.latency is not part of a record's spec

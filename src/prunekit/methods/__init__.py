@@ -25,6 +25,23 @@ METHODS: Registry[tuple[type[Config], Callable]] = Registry("method")
 _HANDLERS: dict[type, Callable] = {}
 
 
+# Method names that stand for another method with some fields fixed.
+METHOD_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {"admm": ("slr", {"optimization": "admm"})}
+
+
+def resolve_alias(name: str, fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(method, fields) for a method name that may be an alias ("admm": slr with optimization
+    admm); ConfigError when the fields contradict what the alias fixes."""
+    if name not in METHOD_ALIASES:
+        return name, fields
+    target, fixed = METHOD_ALIASES[name]
+    for key, value in fixed.items():
+        if fields.get(key, value) != value:
+            raise ConfigError(f"method {name!r} means {target} with {key}={value!r}; "
+                              f"remove {key}={fields[key]!r} or use name: {target}")
+    return target, {**fields, **fixed}
+
+
 def register_method(name: str, config_cls: type[Config], handler: Callable) -> None:
     METHODS.register(name, (config_cls, handler))
     _HANDLERS[config_cls] = handler
