@@ -295,7 +295,7 @@ def test_the_table_shows_the_dense_time_each_speed_up_is_over():
     assert row[i] == "2.97" and row[i - 1] == "6.35" and row[i + 1] == "0.47x"
 
 
-@pytest.mark.parametrize("name", ["../../outside", "a/b", "a\\b", "..", ".", "", "a\0b"])
+@pytest.mark.parametrize("name", ["../../outside", "a/b", "a\\b", "..", ".", "", "a\0b", " l2", "l2 ", "a\tb"])
 def test_an_arm_name_that_is_not_one_folder_name_is_refused(dense_path, tmp_path, name):
     raw = _raw(dense_path)
     raw["arms"] = {name: {"method": None}}
@@ -537,3 +537,35 @@ def test_admm_is_an_arm_method_as_it_is_a_run_method(dense_path):
     raw["arms"]["a"]["method"]["optimization"] = "slr"
     with pytest.raises(ConfigError, match="arm 'a': method 'admm' means slr with optimization='admm'"):
         CompareRecipe.from_dict(raw)
+
+
+def test_an_arm_set_to_null_is_removed_and_dry_run_builds_the_model(dense_path, tmp_path):
+    """`arms.<name>=null` was refused ('must be a mapping'); --dry-run passed an unknown model."""
+    from click.testing import CliRunner
+
+    from prunekit.cli.main import cli
+
+    raw = _raw(dense_path)
+    raw["arms"]["fpgm"] = None
+    assert sorted(CompareRecipe.from_dict(raw).arms) == ["dense", "l2"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(_raw(dense_path)))
+    res = CliRunner().invoke(cli, ["compare", str(recipe), "arms.fpgm=null", "--dry-run", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0 and '"fpgm"' not in res.output, res.output
+    for bad, needle in (("model.name=resnet2", "unknown model 'resnet2'"), ("model.kwargs={foo: 1}", "does not take foo")):
+        res = CliRunner().invoke(cli, ["compare", str(recipe), bad, "--dry-run", "--out", str(tmp_path / "o")])
+        assert res.exit_code == 2 and needle in res.output, (bad, res.output)
+    assert not (tmp_path / "o").exists()
+
+
+def test_prunekit_report_names_a_missing_folder_and_a_comparison_folder(tmp_path):
+    from click.testing import CliRunner
+
+    from prunekit.cli.main import cli
+
+    res = CliRunner().invoke(cli, ["report", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "does not exist" in res.output, res.output
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "compare.json").write_text("{}")
+    res = CliRunner().invoke(cli, ["report", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "is a comparison folder" in res.output and "--report-only" in res.output, res.output

@@ -66,9 +66,11 @@ def _dry_run_checks(recipe, out) -> list[str]:
     from ..compare.run import dense_paths
     from ..core.errors import ConfigError
     from ..data.imagefolder import existing_root
+    from ..models import create_model
 
     if recipe.data.root is not None:
         existing_root(recipe.data.root)
+    create_model(recipe.model_name, None, **recipe.model_kwargs)  # an unknown model or keyword fails as a run would
     folder = _folder(recipe, out)
     weights, _ = dense_paths(recipe, folder)
     lines = [f"output folder: {folder}" + (" (exists: finished records are reused)" if folder.exists() else "")]

@@ -152,6 +152,11 @@ def report(run_dir) -> None:
     from ..report import write_report
 
     path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError(f"{path} does not exist; pass a run directory written by prunekit")
+    if (path / "compare.json").is_file() and not (path / "result.json").is_file():
+        raise ConfigError(f"{path} is a comparison folder: rewrite its report with `prunekit compare <recipe> --out "
+                          f"{path} --report-only`")
     if not (path / "result.json").is_file():
         raise ConfigError(f"{path} has no result.json; pass a run directory written by prunekit")
     if (path / "recipe.json").is_file() and (path / "genotype.json").is_file():  # a `prunekit search` run

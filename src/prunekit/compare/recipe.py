@@ -287,8 +287,11 @@ def _build(cls: type[CompareRecipe], raw: dict[str, Any], source: str) -> Compar
     out.bench = _section(raw, "bench", bench_config) or bench_config({})
     _scalars(out, raw)
     arms = raw.get("arms")
+    if isinstance(arms, dict):  # `arms.<name>=null` removes an arm, as `train=null` removes a section
+        arms = {n: a for n, a in arms.items() if a is not None}
     if not isinstance(arms, dict) or not arms:
-        raise ConfigError("arms must be a non-empty mapping of arm name -> {method: ...}")
+        raise ConfigError("arms must be a non-empty mapping of arm name -> {method: ...} (an arm set to null is "
+                          "removed)")
     out.arms = {}
     for n, a in arms.items():
         _check_arm_name(str(n), out.arms)
@@ -327,9 +330,9 @@ def _check_fine_tuning(arm: ArmSpec, finetune: TrainConfig) -> None:
 
 def _check_arm_name(name: str, earlier: dict[str, ArmSpec]) -> None:
     """ConfigError unless `name` is one new folder name: its records go to arms/<name>/."""
-    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0") or not name.isprintable() or name != name.strip():
         raise ConfigError(f"arm name {name!r} must be a folder name (its records go to arms/<name>/): not empty, "
-                          "'.' or '..', and without path separators or NUL")
+                          "'.' or '..', and without path separators, control characters or leading and trailing spaces")
     if name in earlier:
         raise ConfigError(f"arm {name!r} is given twice (arm names are compared as text); rename one")
 
