@@ -139,3 +139,12 @@ def test_num_classes_given_as_a_model_kwarg_points_to_model_num_classes():
     with pytest.raises(ConfigError, match=r"kwargs\.num_classes: set model\.num_classes=100 instead") as err:
         Recipe.from_dict(raw)
     assert "does not take" not in str(err.value)
+
+
+def test_a_bad_value_from_an_override_is_named_with_the_overrides():
+    """It read 'default recipe: method: ...', as if the file held the value."""
+    with pytest.raises(ConfigError, match=r"^default recipe with --method slr, method.sparsity_type=nm, "
+                                          r"method.sparsity=0.5: method: "):
+        load_recipe(None, ["method.sparsity_type=nm", "method.sparsity=0.5"], method="slr")
+    with pytest.raises(ConfigError, match=r"^default recipe with train.epochs=-1: train: epochs=-1 is invalid"):
+        load_recipe(None, ["train.epochs=-1"])

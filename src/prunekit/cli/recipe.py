@@ -298,8 +298,17 @@ def load_recipe(source: str | None = None, overrides: Iterable[str] = (), method
                           f"got {type(raw).__name__}")
     if method is not None:
         raw["method"] = {"name": method}
-    raw = apply_overrides(raw, list(overrides), TOP_KEYS)
-    return Recipe.from_dict(raw, where), run_dir
+    overrides = list(overrides)
+    raw = apply_overrides(raw, overrides, TOP_KEYS)
+    try:
+        return Recipe.from_dict(raw, where), run_dir
+    except ConfigError as err:  # a bad value may come from the command line, not from the file
+        given = ([f"--method {method}"] if method is not None else []) + overrides
+        msg = str(err)
+        if not given or not msg.startswith(f"{where}:"):
+            raise
+        shown = ", ".join(given[:4]) + (", ..." if len(given) > 4 else "")
+        raise ConfigError(f"{where} with {shown}{msg[len(where):]}") from None
 
 
 def _names_path(arg: str) -> bool:
