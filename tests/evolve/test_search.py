@@ -217,7 +217,7 @@ def test_a_damaged_or_hostile_checkpoint_is_one_checkpoint_error(dense, tmp_path
         with pytest.raises(CheckpointError, match=needle):
             run_search(cfg, tmp_path, resume=True, progress=False)
     path.write_text("[1, 2]")
-    with pytest.raises(CheckpointError, match="other settings"):
+    with pytest.raises(CheckpointError, match="damaged: it is not a search checkpoint"):
         run_search(cfg, tmp_path, resume=True, progress=False)
 
 
