@@ -456,6 +456,9 @@ def test_an_interrupted_process_pool_stops_its_workers_instead_of_waiting_for_th
         from prunekit.evolve.jobs import create_executor
 
         if __name__ == "__main__":
+            # a process started in the background by a non-interactive shell inherits SIGINT ignored,
+            # and Python then leaves it ignored: Ctrl-C's handler is put back for this check
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             start = time.perf_counter()
             threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
             try:
