@@ -568,3 +568,16 @@ def test_prunekit_report_names_a_missing_folder_and_a_comparison_folder(tmp_path
     (tmp_path / "c" / "compare.json").write_text("{}")
     res = CliRunner().invoke(cli, ["report", str(tmp_path / "c")])
     assert res.exit_code == 2 and "is a comparison folder" in res.output and "--report-only" in res.output, res.output
+
+
+def test_report_only_keeps_what_compare_json_said_of_the_dense_model(dense_path, tmp_path):
+    """--report-only rewrote compare.json with the dense model's training and data settings gone."""
+    import json
+    raw = _raw(dense_path, dense={"weights": None, "train": {"epochs": 1, "lr": 0.02, "log_every": 0}},
+               arms={"dense": {"method": None}}, seeds=[0])
+    run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", **quiet)
+    before = json.loads((tmp_path / "c" / "compare.json").read_text())["dense"]
+    assert before.get("trained_here") and "train" in before and "data" in before
+    run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", report_only=True, **quiet)
+    after = json.loads((tmp_path / "c" / "compare.json").read_text())["dense"]
+    assert {k: after.get(k) for k in before} == before

@@ -257,7 +257,9 @@ def report_from_disk(recipe: CompareRecipe, out: Path) -> CompareResult:
     info = read_json_mapping(info_path, "dense model info") if info_path.is_file() else {}
     # the comparison's own evaluation first (a run scores the dense model on this machine's data copy)
     source = last if last.get("sha256") == sha else info if info.get("sha256", sha) == sha else {}
-    dense_info = {"path": str(weights), "sha256": sha, "test_acc": source.get("test_acc"), "val_acc": source.get("val_acc")}
+    # what the last run said of this dense model (how it was trained, its data) is kept
+    dense_info = {**(last if last.get("sha256") == sha else {}), "path": str(weights), "sha256": sha,
+                  "test_acc": source.get("test_acc"), "val_acc": source.get("val_acc")}
     result = CompareResult(out, {}, {})
     for (name, _), (_, _, rec) in _records_on_disk(recipe, out, sha).items():
         if not recipe.arms[name].skip_reason:
