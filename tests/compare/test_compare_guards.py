@@ -114,8 +114,8 @@ def test_a_refused_rerun_leaves_the_folder_as_it_was(dense_path, tmp_path):
     run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", **quiet)
     saved = {p: p.read_bytes() for p in (tmp_path / "c").rglob("*") if p.is_file()}
     raw["finetune"] = {**raw["finetune"], "epochs": 3}
-    with pytest.raises(CheckpointError, match="different arm spec"):
-        run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", **quiet)
+    with pytest.raises(CheckpointError, match=r"different arm spec or dense model \(changed: finetune, finetune_epochs\)"):
+        run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", **quiet)  # the message names what changed
     assert {p: p.read_bytes() for p in (tmp_path / "c").rglob("*") if p.is_file()} == saved
 
 

@@ -46,10 +46,21 @@ def arm_record(recipe: CompareRecipe, arm: str, seed: int, dense_sha: str, out_d
             k.split(".")[0] == "arm" and (k.count(".") == 1 or (k.count(".") == 2 and k.startswith("arm.config.")))
             for k in added)
         if not fields or rec.get("dense_sha256") != dense_sha:
-            raise CheckpointError(f"{path} was made from a different arm spec or dense model; remove it (or the "
-                                  f"folder {out_dir}) to rerun it, or give compare another --out")
+            raise CheckpointError(f"{path} was made from a different arm spec or dense model ({_what_differs(rec, recipe, arm, dense_sha)}); "
+                                  f"remove it (or the folder {out_dir}) to rerun it, or give compare another --out")
         rec["fields_added_since"] = added  # kept: every setting it recorded is unchanged
     return path, h, rec
+
+
+def _what_differs(rec: dict[str, Any], recipe: CompareRecipe, arm: str, dense_sha: str) -> str:
+    """Which part of a record's spec (or its dense model) differs from what the recipe now gives."""
+    if rec.get("dense_sha256") != dense_sha:
+        return "another dense model"
+    old, new = rec.get("spec"), json.loads(json.dumps(recipe.spec_of(arm), default=str))
+    if not isinstance(old, dict):
+        return "the record holds no spec"
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "changed: " + ", ".join(keys) if keys else "its spec hash differs"
 
 
 _NUMBERS = ("acc", "pruned_acc", "macs", "params", "macs_fraction", "params_fraction", "nonzero_fraction")
