@@ -331,7 +331,7 @@ def test_unstated_channels_last_times_each_model_in_its_own_layout():
     """channels_last=None: a channels-last model is timed channels-last without a converted copy,
     a contiguous one contiguous; each result states the layout it was timed in. A recipe's bench
     section leaves it unstated unless given, and timed_as_it_runs resolves it from one model."""
-    from prunekit.cost.latency import bench_config
+    from prunekit.cost.memory_format import bench_config
     from prunekit.cost.memory_format import timed_as_it_runs
 
     flat = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())

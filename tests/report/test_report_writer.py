@@ -164,7 +164,7 @@ def test_a_latency_change_the_interleaved_rounds_do_not_show_is_not_called_a_spe
     """Medians 0.85 -> 0.70 ms, but the pruned model was faster in only 11 of 20 paired rounds
     (load hit both alike): a sign test cannot tell that from noise, so no speed-up is claimed."""
     from prunekit.cli.rundir import _latency_line
-    from prunekit.cost.latency import paired_change
+    from prunekit.cost.latency_results import paired_change
 
     noisy = _full()
     before = [0.85 + (0.5 if i % 2 else 0.0) for i in range(20)]

@@ -25,7 +25,6 @@ from ..core.modes import evaluating
 from ..cost.macs import Cost, count_cost
 from ..data import DataBundle, load_data
 from ..engine import MetricsLog, TrainConfig, evaluate, seed_everything, train
-from ..engine.batches import out_of_memory
 from ..models import create_model
 from ..surgery.plan import Plan
 from .recipe import Recipe
@@ -373,7 +372,7 @@ def _count(n: float) -> str:
 
 def measure(job: Job) -> dict[str, Any]:
     """Whole-model latency (before pruning vs now, interleaved) and per-layer latency."""
-    from ..cost.latency import compare_latency
+    from ..cost.latency import compare_latency, out_of_memory_as_config_error
     from ..cost.memory_format import timed_as_it_runs
 
     cfg, out = job.recipe.bench, {}
@@ -385,19 +384,15 @@ def measure(job: Job) -> dict[str, Any]:
         models = {"before": job.before_prune, "after": job.model}
     models = {k: _baked(m) for k, m in models.items()}  # time the exported model, not the mask multiply
     cfg = timed_as_it_runs(job.model, cfg)  # both models alike, so the ratio is the pruning's, not the layout's
+    saved = (f" (the model is saved in {job.run_dir}: time it with `prunekit bench {job.run_dir} "
+             "bench.batch_size=N`)" if job.run_dir is not None else "")
     t0 = time.perf_counter()
-    try:
+    with out_of_memory_as_config_error(cfg, "the models", "bench",
+                                       f"give a smaller bench.batch_size or set eval.latency=false{saved}"):
         cmp = compare_latency(models, shape, cfg)
         out = {k: r.to_dict() for k, r in cmp.results.items()}
         if job.recipe.eval.layer_latency:
             out["layers"] = {k: layer_latency(m, job.example, cfg) for k, m in models.items()}
-    except RuntimeError as err:
-        if not out_of_memory(err):
-            raise
-        saved = (f" (the model is saved in {job.run_dir}: time it with `prunekit bench {job.run_dir} "
-                 "bench.batch_size=N`)" if job.run_dir is not None else "")
-        raise ConfigError(f"timing at bench.batch_size={cfg.batch_size} ran out of memory; give a smaller "
-                          f"bench.batch_size or set eval.latency=false{saved}") from None
     job.seconds["latency"] = time.perf_counter() - t0
     return out
 

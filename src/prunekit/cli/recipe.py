@@ -40,7 +40,8 @@ from typing import Any, Callable, Iterable
 
 from ..core.config import Config, check_choice, check_folder_name, check_limit
 from ..core.errors import ConfigError
-from ..cost.latency import LatencyConfig, bench_config
+from ..cost.latency import LatencyConfig
+from ..cost.memory_format import bench_config
 from ..data.config import DataConfig
 from ..engine.train import TrainConfig
 from ..methods import METHOD_ALIASES, resolve_alias

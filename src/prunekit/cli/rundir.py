@@ -105,7 +105,7 @@ def _latency_line(latency: dict[str, Any]) -> str:
     after = latency["after"]
     head = f"latency ({after['device']}, {after['dtype']}, batch {after['batch']}): "
     if "before" in latency:
-        from ..cost.latency import paired_change
+        from ..cost.latency_results import paired_change
 
         b = latency["before"]["median_ms"]
         line = head + f"{b:.3f} ms -> {after['median_ms']:.3f} ms median ({b / after['median_ms']:.2f}x"

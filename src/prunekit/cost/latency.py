@@ -25,11 +25,9 @@ import copy
 import dataclasses
 import gc
 import itertools
-import math
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -40,6 +38,7 @@ from ..core.layout import is_channels_last, to_memory_format_
 from ..core.modes import kept_modes
 from ..engine.batches import out_of_memory
 from ..graph.inputs import batch_size_of
+from .latency_results import LatencyComparison, LatencyResult
 
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,74 +99,6 @@ class LatencyConfig(Config):
                               "compiles and must not be timed")
 
 
-@dataclasses.dataclass
-class LatencyResult:
-    """Latency statistics over `n` timed repeats of one forward pass, in milliseconds.
-
-    device is "cpu" or "cuda"; device_name the CPU model or GPU name; settings the config and
-    measurement details (resolved device, threads, input shapes, whether a converted copy was
-    timed); times_ms every repeat in the order measured.
-    """
-
-    median_ms: float
-    mean_ms: float
-    std_ms: float
-    p10_ms: float
-    p90_ms: float
-    min_ms: float
-    max_ms: float
-    n: int
-    device: str
-    device_name: str
-    dtype: str
-    batch: int
-    torch_version: str
-    settings: dict[str, Any]
-    times_ms: list[float] = dataclasses.field(default_factory=list)
-
-    @classmethod
-    def from_times(cls, times_ms: Sequence[float], **meta: Any) -> "LatencyResult":
-        """Summarise raw per-repeat times; `meta` fills the descriptive fields."""
-        t = np.asarray(times_ms, dtype=np.float64)
-        p10, p90 = np.percentile(t, [10, 90])
-        return cls(
-            median_ms=float(np.median(t)), mean_ms=float(t.mean()),
-            std_ms=float(t.std(ddof=1)) if t.size > 1 else 0.0,
-            p10_ms=float(p10), p90_ms=float(p90), min_ms=float(t.min()), max_ms=float(t.max()),
-            n=int(t.size), times_ms=[float(x) for x in t], **meta,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LatencyResult":
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - set(data) - {"times_ms"})  # raw times are optional in saved results
-        if missing:
-            raise ConfigError(f"latency result lacks field(s) {', '.join(missing)}; "
-                              "pass a dict made by LatencyResult.to_dict()")
-        return cls(**{k: data[k] for k in names if k in data})
-
-
-@dataclasses.dataclass
-class LatencyComparison:
-    """Results of an interleaved measurement; ratios are median / median of `reference`."""
-
-    results: dict[str, LatencyResult]
-    ratios: dict[str, float]
-    reference: str
-
-    @property
-    def speedups(self) -> dict[str, float]:
-        """How many times faster than the reference each model is (inverse of `ratios`)."""
-        return {k: (1.0 / r if r > 0 else float("inf")) for k, r in self.ratios.items()}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"reference": self.reference, "ratios": dict(self.ratios),
-                "results": {k: r.to_dict() for k, r in self.results.items()}}
-
-
 def latency_settings(fields: Any) -> LatencyConfig:
     """A LatencyConfig from a method config's `latency` mapping (any LatencyConfig fields) over
     1 thread, 3 warm-up calls and 20 repeats on the CPU in float32: the setting a method measures
@@ -186,26 +117,20 @@ def latency_settings(fields: Any) -> LatencyConfig:
     return LatencyConfig(**{"threads": 1, "warmup": 3, "repeats": 20, **fields})
 
 
-def bench_config(fields: dict[str, Any]) -> LatencyConfig:
-    """A recipe's `bench` section: LatencyConfig fields, where channels_last left unstated times
-    each run's models in the layout the pruned model runs in (see `cost.memory_format.timed_as_it_runs`)."""
-    if not isinstance(fields, dict):
-        return LatencyConfig.from_dict(fields)  # its own message
-    return LatencyConfig.from_dict({"channels_last": None, **fields})
-
-
 @contextlib.contextmanager
-def out_of_memory_as_config_error(cfg: LatencyConfig, what: str, setting: str = "latency") -> Iterator[None]:
+def out_of_memory_as_config_error(cfg: LatencyConfig, what: str, setting: str = "latency",
+                                  todo: str | None = None) -> Iterator[None]:
     """Running out of memory inside the block (timing at cfg.batch_size) becomes one ConfigError
-    that names the batch size to lower; any other error passes through as it is."""
+    that names the batch size to lower (`setting`: the section holding it) and `todo`, what to do
+    (default: a smaller batch, the model left unchanged); any other error passes through as it is."""
     try:
         yield
     except (RuntimeError, MemoryError) as err:
         if not (isinstance(err, MemoryError) or out_of_memory(err)):
             raise
+        todo = todo or f"give a smaller {setting}.batch_size, e.g. 1; the model was left unchanged"
         raise ConfigError(f"timing {what} at {setting}.batch_size={cfg.batch_size} on {cfg.device} ran out of "
-                          f"memory ({str(err).splitlines()[0][:160]}); give a smaller {setting}.batch_size, "
-                          "e.g. 1; the model was left unchanged") from err
+                          f"memory ({str(err).splitlines()[0][:160]}); {todo}") from err
 
 
 def measure_latency(model: nn.Module, inputs: Inputs, cfg: LatencyConfig | None = None) -> LatencyResult:
@@ -270,25 +195,6 @@ def compare_latency(models: Mapping[str, nn.Module], inputs: Inputs,
     ratios = {k: (r.median_ms / ref if ref > 0 else float("nan")) for k, r in results.items()}
     ratios[reference] = 1.0
     return LatencyComparison(results=results, ratios=ratios, reference=reference)
-
-
-def paired_change(before_ms: Sequence[float], after_ms: Sequence[float]) -> dict[str, Any]:
-    """Whether an interleaved measurement shows a change: round i timed both models back to back,
-    so each round is one paired comparison. {"faster_rounds": rounds where `after` was faster,
-    "rounds": rounds that differ, "p_value": two-sided sign test, "measured": p_value < 0.05, or
-    None under 6 rounds, too few for the test to tell}.
-    Load that comes and goes hits both models of a round alike, so a difference of medians that
-    only the noise made has about half the rounds faster, and is not `measured`.
-
-    >>> paired_change([2.0] * 20, [1.0] * 20)["measured"], paired_change([1, 2] * 10, [2, 1] * 10)["measured"]
-    (True, False)
-    """
-    diffs = [b - a for b, a in zip(before_ms, after_ms) if b != a]
-    n, k = len(diffs), sum(d > 0 for d in diffs)
-    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n if n else 1.0
-    p = min(1.0, 2 * tail)
-    # under 6 rounds even a change in every round has p >= 0.0625: the test cannot tell (None)
-    return {"faster_rounds": k, "rounds": n, "p_value": p, "measured": p < 0.05 if n >= 6 else None}
 
 
 def _interleaved_times(runners: list["_Runner"], cfg: LatencyConfig) -> dict[str, list[float]]:

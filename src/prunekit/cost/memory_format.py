@@ -78,6 +78,14 @@ def apply_memory_format_(model: nn.Module, inputs: Any, how: str, cfg: LatencyCo
     return record
 
 
+def bench_config(fields: dict[str, Any]) -> LatencyConfig:
+    """A recipe's `bench` section: LatencyConfig fields, where channels_last left unstated times
+    each run's models in the layout the pruned model runs in (see `timed_as_it_runs`)."""
+    if not isinstance(fields, dict):
+        return LatencyConfig.from_dict(fields)  # its own message
+    return LatencyConfig.from_dict({"channels_last": None, **fields})
+
+
 def timed_as_it_runs(model: nn.Module, cfg: LatencyConfig) -> LatencyConfig:
     """`cfg` with channels_last=None (unstated) made `model`'s own layout, so that a model is timed
     in the layout it runs in (memory_format may have chosen channels-last) and every model timed

@@ -249,7 +249,7 @@ def _total_rows(result: dict) -> list[list[str]]:
 
 def _latency_change(result: dict, before: float | None, after: float | None) -> str:
     """"1.50x faster", or "no measurable change" when the interleaved rounds do not show one."""
-    from ..cost.latency import paired_change
+    from ..cost.latency_results import paired_change
 
     times = [((result.get(f"cost_{side}") or {}).get("latency") or {}).get("times_ms") or [] for side in ("before", "after")]
     change = paired_change(*times)
