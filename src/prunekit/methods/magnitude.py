@@ -281,7 +281,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
             metrics["round_to"] = pick_round_to(work, example_inputs, latency_config(cfg))
         cfg = dataclasses.replace(cfg, round_to=metrics["round_to"]["multiple"])
     skipped: list[str] = []
-    tied: set[str] = set()  # groups whose channels all scored alike: removed in index order
+    tied: set[str] = set()  # groups that lost channels whose scores were all alike: removed in index order
     # multiples are taken at the first step's widths: a group already at its multiple is not halved again
     first_widths = {g.name: g.size for g in graph.groups}
     for step in range(1, cfg.steps + 1):
@@ -289,7 +289,6 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
             graph = build_safe_graph(work, example_inputs, cfg.ignore, probe=cfg.probe)
             estimator = CostEstimator(work, graph)
         scores = score_groups(work, graph, cfg, batches, example_inputs, fallbacks, skipped)
-        tied.update(n for n, sc in scores.items() if sc.numel() > 1 and bool((sc == sc.flatten()[0]).all()))
         if plan is not None:
             scores = {n: s for n, s in scores.items() if graph.group(n).size == _width_left(plan, first_widths, n)}
         if cfg.latency_fraction is not None:
@@ -303,6 +302,9 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
                                         metrics.setdefault("rounding", {}))
             except ConfigError as err:
                 raise ConfigError(f"{err}{_masked_hint(work)}") from None
+        # a group that lost channels on scores all alike lost them in index order (checked only for those)
+        tied.update(n for n, idx in removal.items()
+                    if len(idx) and n in scores and bool((scores[n] == scores[n][0]).all()))
         step_plan = make_plan(graph, removal, example_inputs, cfg.ignore)
         remove_channels_(work, graph, removal)
         plan = step_plan if plan is None else plan.compose(step_plan)
@@ -329,8 +331,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
         notes.insert(0, f"nothing was removed: {nothing}")
     if skipped:
         metrics["skipped_groups"] = sorted(set(skipped))
-    if tied and plan is not None and any(plan.groups.get(n) is not None and len(plan.groups[n]) < first_widths.get(n, 0)
-                                         for n in tied):
+    if tied:
         metrics["tied_groups"] = sorted(tied)
         shown = ", ".join(metrics["tied_groups"][:3]) + (" ..." if len(tied) > 3 else "")
         notes.append(f"the criterion gave every channel the same score in {len(tied)} group(s) ({shown}): their "
