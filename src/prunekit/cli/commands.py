@@ -107,9 +107,8 @@ def execute(command: str, args: tuple[str, ...], out: str | None, weights: str |
 
 
 def _start(command: str, job, stages: list[str], recipe, run_path: Path) -> None:
-    from .runstate import new_state, write_state
-
     from ..core.integrity import file_digest
+    from .runstate import new_state, write_state
 
     state = new_state(command, stages, None if job.weights is None else str(Path(job.weights).resolve()))
     state["recipe_sha256"] = file_digest(run_path / "recipe.yaml")  # a resume runs the same settings
@@ -185,9 +184,8 @@ def resume_run(run_dir: Path, quiet: bool) -> None:
 def _resume(run_dir: Path, quiet: bool) -> None:
     from .pipeline import check_timing, fresh_model, prepare
     from .recipe import load_recipe
-    from .runstate import resumable_state, weights_path
-
     from ..core.integrity import file_digest
+    from .runstate import resumable_state, weights_path
 
     state = resumable_state(run_dir)
     if state.get("recipe_sha256") not in (None, file_digest(run_dir / "recipe.yaml")):

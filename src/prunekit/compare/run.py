@@ -255,11 +255,11 @@ def report_from_disk(recipe: CompareRecipe, out: Path) -> CompareResult:
         raise CheckpointError(f"no dense model at {weights} and no compare.json in {out}: the records cannot be "
                               "matched to their dense model; point dense.weights at it, or run the comparison")
     info = read_json_mapping(info_path, "dense model info") if info_path.is_file() else {}
+    same = last if last.get("sha256") == sha else {}  # what the last run said of this dense model is kept
     # the comparison's own evaluation first (a run scores the dense model on this machine's data copy)
-    source = last if last.get("sha256") == sha else info if info.get("sha256", sha) == sha else {}
-    # what the last run said of this dense model (how it was trained, its data) is kept
-    dense_info = {**(last if last.get("sha256") == sha else {}), "path": str(weights), "sha256": sha,
-                  "test_acc": source.get("test_acc"), "val_acc": source.get("val_acc")}
+    source = same or (info if info.get("sha256", sha) == sha else {})
+    dense_info = {**same, "path": str(weights), "sha256": sha, "test_acc": source.get("test_acc"),
+                  "val_acc": source.get("val_acc")}
     result = CompareResult(out, {}, {})
     for (name, _), (_, _, rec) in _records_on_disk(recipe, out, sha).items():
         if not recipe.arms[name].skip_reason:

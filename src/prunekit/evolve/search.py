@@ -338,9 +338,9 @@ def dense_settings(task) -> dict:
 def _check_dense_settings(path: Path, info: Path, settings: dict) -> None:
     """CheckpointError when the dense model at `path` was trained with other settings than the
     task now gives (its .json beside it says which; a file without them is taken as it is)."""
-    recorded = read_json(info, "dense model record", f"remove it and {path.name} to train again",
-                         mapping=True).get("settings") \
-        if info.exists() else None
+    if not info.exists():
+        return
+    recorded = read_json(info, "dense model record", f"remove it and {path.name} to train again", mapping=True).get("settings")
     if recorded is None or recorded == settings:
         return
     keys = sorted(k for k in settings if recorded.get(k) != settings[k])

@@ -24,11 +24,11 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
 from torch import nn
 
 from ...core.errors import ConfigError
 from ...core.integrity import atomic_write_text
+from ...importance.targets import target_weights
 from ...engine.checkpoint import CHECKPOINT_NAME
 from ...surgery.masks import sparsity_report
 from ...surgery.plan import empty_plan
@@ -122,12 +122,11 @@ def slr_prune_(
 def zero_filters(model: nn.Module) -> dict[str, int]:
     """{conv/Linear name: its output filters whose weights are all exactly zero} (those with any)."""
     out = {}
-    for name, m in model.named_modules():
-        w = getattr(m, "weight", None)
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(w, torch.Tensor) and w.dim() >= 2:
-            dead = int((w.detach().flatten(1) == 0).all(1).sum())
-            if dead:
-                out[name] = dead
+    for module, pname in target_weights(model, untied=False).values():  # the weight of every conv and Linear
+        w = getattr(model.get_submodule(module), pname).detach()
+        dead = int((w.flatten(1) == 0).all(1).sum()) if w.dim() >= 2 else 0
+        if dead:
+            out[module] = dead
     return out
 
 
