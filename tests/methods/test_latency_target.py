@@ -227,7 +227,7 @@ def test_a_multiple_too_coarse_for_a_mild_latency_target_is_halved(monkeypatch):
     rep = r.metrics["latency"]
     removals = [a["estimated_fraction"] for a in rep["attempts"]]
     assert len(set(removals)) == len(removals)  # no allocation timed twice
-    assert rep["round_to"] < 16 and any("round_to=16 moved no channel" in n for n in r.metrics["notes"])
+    assert rep["round_to"] < 16 and any("round_to=16 could not get nearer" in n for n in r.metrics["notes"])
     assert abs(rep["measured_fraction"] - 0.97) <= 0.05, rep["attempts"]
     widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert all(w % rep["round_to"] == 0 for w in widths)
@@ -241,6 +241,27 @@ def test_a_latency_target_beyond_max_ratio_says_so(monkeypatch):
     r = prune_(model, MagnitudeConfig(latency_fraction=0.3, max_ratio=0.3, latency={"repeats": 3, "warmup": 1}),
                torch.randn(1, 3, 32, 32))
     assert "every group at max_ratio=0.3 (raise max_ratio)" in r.metrics["latency"]["note"]
+
+
+def test_a_latency_target_out_of_reach_at_the_multiple_lowers_it_before_blaming_max_ratio(monkeypatch):
+    """ResNet-20 at latency_fraction=0.05: multiples of 16 stop at widths 8/16 (a narrow group keeps
+    one multiple), so the multiple is lowered (to 2) before timing; with round_slack=None the
+    multiple is kept and the note names it, not max_ratio (raising max_ratio would change nothing)."""
+    from prunekit.models import create_model
+
+    _exact_readings(monkeypatch)
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    lowered = create_model("resnet20", 10).eval()
+    r = prune_(lowered, MagnitudeConfig(latency_fraction=0.05, latency={"repeats": 3, "warmup": 1}), x)
+    assert r.metrics["latency"]["round_to"] == 2 and len(r.metrics["latency"]["attempts"]) == 1
+    assert min(m.out_channels for m in lowered.modules() if isinstance(m, nn.Conv2d)) == 2
+    assert "max_ratio=0.9" in r.metrics["latency"]["note"]  # at multiples of 2 the cap is what binds
+    kept = create_model("resnet20", 10).eval()
+    r = prune_(kept, MagnitudeConfig(latency_fraction=0.05, round_slack=None, latency={"repeats": 3, "warmup": 1}), x)
+    note = r.metrics["latency"]["note"]
+    assert r.metrics["latency"]["round_to"] == 16 and "multiples of 16, as round_slack=None keeps them" in note
+    assert "max_ratio" not in note
 
 
 def test_round_slack_none_keeps_the_multiple_of_a_latency_target(monkeypatch):

@@ -263,6 +263,21 @@ def test_a_low_target_the_default_multiple_cannot_reach_falls_back_to_a_smaller_
         round_to_target(g, scores, {}, 16, lambda rem: 10**6 - sum(len(v) for v in rem.values()), target=0)
 
 
+def test_a_multiple_that_is_no_power_of_two_falls_back_through_powers_of_two():
+    """round_to=24 on resnet20 at channel_ratio=0.3: halving gave 12, 6, then multiples of 3
+    (widths 12/24/45); the fallback goes 16, 8, 4, 2, and a group no wider than the multiple
+    steps by the power of two below its width."""
+    from prunekit.importance.select import group_multiple, smaller_multiple
+
+    assert [smaller_multiple(m) for m in (24, 16, 1000, 3, 2)] == [16, 8, 512, 2, 1]
+    assert group_multiple(16, 24) == 8 and group_multiple(64, 24) == 24
+    model = _resnet()
+    r = prune_(model, MagnitudeConfig(channel_ratio=0.3, round_to=24, probe=False), X)
+    rec = r.metrics["rounding"]
+    assert all(t["multiple"] in (24, 16, 8, 4, 2) for t in rec["tried"]), rec
+    assert rec["multiple"] in (24, 16, 8, 4, 2) and _aligned_to(model, min(rec["multiple"], 8))[0]
+
+
 def test_channel_ratio_with_the_default_rounding_removes_about_the_share_asked():
     for ratio, scope, steps in ((0.1, "local", 1), (0.25, "local", 1), (0.5, "global", 1), (0.5, "global", 3)):
         model, plain = _resnet(), _resnet()

@@ -42,7 +42,7 @@ from ..graph import Graph
 from ..surgery.copying import share_copy
 from ..surgery.shrink import remove_channels_
 from .rounding import round_to_target
-from .select import group_multiple
+from .select import group_multiple, smaller_multiple
 
 
 def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.Tensor], fraction: float,
@@ -68,10 +68,12 @@ def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.T
     goal, tried, multiple = fraction, [], round_to
     for _ in range(attempts):
         res = allocate(goal, multiple)
-        # a new goal that moves no channel: the multiple is too coarse to get nearer; halve it
-        # (16, 8, 4, 2), as the params/MACs targets do, rather than time the same model again
-        while halve and tried and multiple and multiple > 2 and any(t["removal"] == res.removal for t in tried):
-            multiple //= 2
+        # a goal the estimate cannot reach at this multiple, or a new goal that moves no channel:
+        # the multiple is too coarse to get nearer; lower it (16, 8, 4, 2), as the params/MACs
+        # targets do, rather than time the same model again
+        while halve and multiple and multiple > 2 and (res.cost > goal * est.measured_ms or (
+                tried and any(t["removal"] == res.removal for t in tried))):
+            multiple = smaller_multiple(multiple)
             res = allocate(goal, multiple)
         estimated = res.cost / est.measured_ms
         readings = _readings(model, graph, res.removal, estimated, lcfg, example_inputs, tolerance)
@@ -88,10 +90,15 @@ def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.T
               "round_to": best["round_to"],
               "attempts": [{k: v for k, v in t.items() if k != "removal"} for t in tried]}
     if best["round_to"] != round_to:
-        report["round_to_note"] = (f"round_to={round_to} moved no channel nearer the latency target; widths are "
+        report["round_to_note"] = (f"round_to={round_to} could not get nearer the latency target; widths are "
                                    f"multiples of {best['round_to']}")
     if abs(best["measured_fraction"] - fraction) > tolerance:
-        if best["measured_fraction"] > fraction and not best["reachable"]:
+        if best["measured_fraction"] > fraction and not best["reachable"] and (best["round_to"] or 1) > 2:
+            # (lowered multiples go down to 2 unless round_slack=None keeps the one asked for)
+            why = (f"the estimate cannot reach it with widths in multiples of {best['round_to']}, as "
+                   "round_slack=None keeps them (a narrow group keeps at least one multiple): set round_slack "
+                   "or a smaller round_to")
+        elif best["measured_fraction"] > fraction and not best["reachable"]:
             why = (f"the estimate cannot reach it with every group at max_ratio={max_ratio}"
                    + (" (raise max_ratio)" if max_ratio < 0.999 else ""))
         elif len({str(t["removal"]) for t in tried}) < len(tried) and (best["round_to"] or 1) > 1:

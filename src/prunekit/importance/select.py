@@ -90,13 +90,19 @@ def _cap(group: Group, max_ratio: float, keep: torch.Tensor | None = None, first
     return max(0, min(removable - 1, limit, int(math.floor(max_ratio * first)) - (first - group.size)))
 
 
+def smaller_multiple(multiple: int) -> int:
+    """The multiple tried after `multiple`: the largest power of two below it (16 -> 8 -> 4 -> 2;
+    24 -> 16 and 1000 -> 512, where halving would reach odd multiples such as 3); 1 below 2."""
+    return 1 << max(0, (int(multiple) - 1).bit_length() - 1) if multiple > 1 else 1
+
+
 def group_multiple(size: int, round_to: int) -> int:
-    """The multiple a group of `size` channels is rounded to: `round_to`, halved until it is below
-    the width, so that a group no wider than the multiple can still shrink (8 channels with
-    round_to=8 step by 4; 12 channels keep 8 or all 12)."""
+    """The multiple a group of `size` channels is rounded to: `round_to`, lowered through
+    `smaller_multiple` until it is below the width, so that a group no wider than the multiple can
+    still shrink (8 channels with round_to=8 step by 4; 12 channels keep 8 or all 12)."""
     step = max(1, round_to)
     while step >= size and step > 1:
-        step //= 2
+        step = smaller_multiple(step)
     return step
 
 

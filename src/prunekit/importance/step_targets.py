@@ -13,7 +13,7 @@ from ..core.errors import ConfigError
 from ..cost.macs import Cost, CostEstimator
 from ..graph import Graph
 from .rounding import round_to_target
-from .select import RemovalSelector, group_multiple
+from .select import RemovalSelector, group_multiple, smaller_multiple
 
 
 def search_ratio(graph: Graph, scores, cfg: Any, which: str, target: float,
@@ -50,8 +50,8 @@ def aligned_removal(cfg: Any, first_widths: dict[str, int], attempt: Attempt, re
              target: str) -> dict[str, list[int]]:
     """`attempt(multiples)` -> (removal, shortfall: how far it lands short of the target, as a share
     of the model), with cfg.round_to at the first step's widths; where the rounded removal cannot
-    meet the target or lands further from it than `round_slack`, the multiple is halved (16, 8, 4,
-    2). When every multiple lands further than that, the last one that met the target is kept
+    meet the target or lands further from it than `round_slack`, the multiple is lowered (16, 8, 4,
+    2; `smaller_multiple`). When every multiple lands further than that, the last one that met the target is kept
     (the note says so); the unrounded removal only when none can meet it. What was used goes
     into `record`."""
     if not cfg.round_to or cfg.round_to <= 1:
@@ -68,7 +68,7 @@ def aligned_removal(cfg: Any, first_widths: dict[str, int], attempt: Attempt, re
             removal, used = rounded, m
             if cfg.round_slack is None or abs(short) <= cfg.round_slack:  # either way: channels may land over
                 break
-        m //= 2
+        m = smaller_multiple(m)
     if removal is None:
         removal, used = attempt(None)[0], 1
     record.update(round_to=cfg.round_to, multiple=used, tried=record.get("tried", []) + tried, target=target)

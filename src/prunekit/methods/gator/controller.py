@@ -42,6 +42,8 @@ from typing import Callable
 
 import torch
 
+from ...importance.select import smaller_multiple
+
 Masks = list  # list[torch.Tensor] of bool, one per gated group
 Fraction = Callable[[Masks], float]
 
@@ -181,7 +183,7 @@ def rounded_within(masks: Masks, logits: list[torch.Tensor], prunable: list[torc
         out, info = rounded_masks(masks, logits, prunable, fraction, budget, multiple, graph, names, **kwargs)
         if info["fraction"] <= budget + 1e-12 or multiple <= 2:
             return out, {**info, "asked": asked}
-        multiple //= 2
+        multiple = smaller_multiple(multiple)
 
 
 def rounded_masks(masks: Masks, logits: list[torch.Tensor], prunable: list[torch.Tensor], fraction: Fraction,
