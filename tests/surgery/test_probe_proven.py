@@ -66,17 +66,87 @@ def test_a_user_rule_is_not_vouched_for(monkeypatch):
     assert not build_graph(model, x).group("0").proven
 
 
-def test_verdicts_are_cached_per_architecture(monkeypatch):
+def test_verdicts_are_cached_per_architecture_and_weights(monkeypatch):
+    import copy
+
     verify._PROBED.clear()
     calls = []
     real = verify.probe_groups
     monkeypatch.setattr(verify, "probe_groups", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = torch.randn(1, 3, 4, 4)
-    for _ in range(3):
-        build_safe_graph(ShuffleOfWidthOne().eval(), x)
+    model = ShuffleOfWidthOne().eval()
+    for _ in range(3):  # copies of one model: one probe
+        build_safe_graph(copy.deepcopy(model), x)
     assert len(calls) == 1
-    build_safe_graph(ShuffleOfWidthOne().eval(), torch.randn(1, 3, 6, 6))  # other input shape
+    build_safe_graph(copy.deepcopy(model), torch.randn(1, 3, 6, 6))  # other input shape
     assert len(calls) == 2
+    build_safe_graph(ShuffleOfWidthOne().eval(), x)  # other weights
+    assert len(calls) == 3
+
+
+class _SwappedBranch(nn.Module):
+    """A residual branch whose channel pairs are swapped in the code (view + flip), closed by a
+    BatchNorm whose scale starts at zero (zero_init_residual): at initialisation the branch adds
+    nothing, so removing a channel of `a` looks exact there and nowhere else."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.o, self.bn, self.skip = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(3, 4, 1)
+        nn.init.zeros_(self.bn.weight)
+
+    def forward(self, x):
+        y = self.a(x).relu()
+        b, c, h, w = y.shape
+        return self.bn(self.o(y.view(b, c // 2, 2, h, w).flip(2).reshape(b, c, h, w))) + self.skip(x)
+
+
+def test_a_verdict_reached_at_initialisation_is_not_reused_for_trained_weights():
+    import copy
+
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+
+    verify._PROBED.clear()
+    torch.manual_seed(0)
+    x, cfg = torch.randn(2, 3, 6, 6), MagnitudeConfig(channel_ratio=0.5, round_to=None)
+    fresh = _SwappedBranch().eval()
+    assert prune_(copy.deepcopy(fresh), cfg, x).plan.groups.get("a")  # vacuous at zero scale: removal allowed
+    trained = copy.deepcopy(fresh)
+    with torch.no_grad():
+        trained.bn.weight.uniform_(0.5, 1.5)
+    assert "a" not in prune_(copy.deepcopy(trained), cfg, x).plan.groups  # probed again: refused
+
+
+def test_a_class_defined_again_under_the_same_name_is_probed_again():
+    """A re-run notebook cell: the same name and tensors, another forward (pairs swapped)."""
+    import copy
+
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+
+    def version(swap: bool) -> type:
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.o = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+            def forward(self, x):
+                y = self.a(x)
+                if swap:
+                    b, c, h, w = y.shape
+                    y = y.view(b, c // 2, 2, h, w).flip(2).reshape(b, c, h, w)
+                return self.o(y)
+        return M
+
+    verify._PROBED.clear()
+    x, cfg = torch.randn(2, 3, 5, 5), MagnitudeConfig(channel_ratio=0.5, round_to=None)
+    torch.manual_seed(0)
+    plain = version(False)()
+    swapped = version(True)()
+    swapped.load_state_dict(plain.state_dict())  # the same weights: only the code differs
+    assert type(plain).__qualname__ == type(swapped).__qualname__
+    assert prune_(copy.deepcopy(plain), cfg, x).plan.groups.get("a")
+    assert "a" not in prune_(copy.deepcopy(swapped), cfg, x).plan.groups
 
 
 class _IndexedByChannels(nn.Module):

@@ -252,8 +252,8 @@ def build_safe_graph(model: nn.Module, example_inputs: Any, ignore: Sequence[str
     """build_graph + probe: groups that would break the model are made unprunable (with a note).
 
     Only groups not proven by the rules are tried, unless `everything`; the verdict is cached per
-    model class, weight shapes, inputs and ignore list, so a second model of the same
-    architecture is not probed again."""
+    model classes, weight shapes and values (`_probe_key`), inputs and ignore list, so a copy of
+    the same model is not probed again."""
     graph = build_graph(model, example_inputs, ignore)
     if probe:
         key = _probe_key(model, example_inputs, ignore, everything)
@@ -275,8 +275,12 @@ _PROBED_MAX = 64
 
 
 def _probe_key(model: nn.Module, inputs: Any, ignore: Sequence[str], everything: bool) -> tuple:
-    """What a probe verdict depends on: the code (class), the architecture (tensor names and
-    shapes), the example inputs' shapes and dtypes, the ignore list."""
+    """What a probe verdict depends on: the code (the class objects themselves, so that a class
+    defined again under the same name, as a re-run notebook cell does, is probed again), the
+    architecture (tensor names and shapes), the weights (each tensor's norm: a verdict reached at
+    one initialisation, where a zero-initialised scale can hide a branch, is not reused for trained
+    weights; a copy of the same weights hits), the example inputs' shapes and dtypes, the ignore
+    list."""
     def spec(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
             return (tuple(x.shape), str(x.dtype))
@@ -287,6 +291,17 @@ def _probe_key(model: nn.Module, inputs: Any, ignore: Sequence[str], everything:
         return tuple(sorted((k, v) for k, v in vars(mod).items()
                             if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple))
                             and (not isinstance(v, tuple) or all(isinstance(i, int) for i in v))))
-    modules = tuple((n, f"{type(m).__module__}.{type(m).__qualname__}", settings(m)) for n, m in model.named_modules())
-    shapes = tuple((n, tuple(t.shape)) for n, t in model.state_dict().items())
-    return (modules, shapes, spec(inputs), tuple(ignore), everything)
+    modules = tuple((n, type(m), settings(m)) for n, m in model.named_modules())
+    state = model.state_dict(keep_vars=True)
+    shapes = tuple((n, tuple(t.shape)) for n, t in state.items())
+    return (modules, shapes, weight_norms(list(state.values())), spec(inputs), tuple(ignore), everything)
+
+
+def weight_norms(tensors: list[torch.Tensor]) -> tuple[float, ...]:
+    """Each floating tensor's norm (one multi-tensor kernel per device and dtype): a cheap stand-in
+    for the weights' values, equal for copies of the same weights."""
+    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
+    if not floats:
+        return ()
+    with torch.no_grad():
+        return tuple(torch.stack([n.float().cpu() for n in torch._foreach_norm(floats)]).tolist())
