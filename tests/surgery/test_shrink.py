@@ -1,4 +1,7 @@
 """Physical removal refuses what it cannot do exactly, before it writes anything."""
+import re
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -41,3 +44,31 @@ def test_removal_keeps_a_channels_last_model_channels_last():
     assert model[0].weight.shape == (6, 3, 3, 3) and model[3].weight.shape == (7, 6, 3, 3)
     for conv in (model[0], model[3], model[5]):
         assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("bad, said", [
+    ([False] * 5 + [True] * 3, "a boolean mask"),  # read as channels 0 and 1 before
+    (torch.tensor([False] * 5 + [True] * 3), "a boolean mask"),
+    ([1.5], "1.5 (float)"),  # read as channel 1
+    (torch.tensor([1.0]), "torch.float32 values"),
+    (np.array([2.7]), "float64 values"),
+    (3, "3 (int)"),
+])
+def test_channels_to_remove_must_be_channel_numbers(bad, said):
+    from prunekit.surgery.plan import prune_channels_
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match=f"whole channel numbers, got {re.escape(said)}.*mask.nonzero"):
+        prune_channels_(model, torch.randn(1, 3, 6, 6), {"0": bad})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("ok", [[5, 6, 7], (7, 6, 5, 5), torch.tensor([5, 6, 7]), np.array([5, 6, 7]),
+                                [np.int64(5), torch.tensor(6), 7]])
+def test_channel_numbers_may_come_as_lists_tensors_or_arrays(ok):
+    from prunekit.surgery.plan import prune_channels_
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    plan = prune_channels_(model, torch.randn(1, 3, 6, 6), {"0": ok})
+    assert model[0].out_channels == 5 and plan.groups["0"] == [0, 1, 2, 3, 4]

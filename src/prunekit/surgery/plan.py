@@ -31,7 +31,7 @@ from ..core.integrity import atomic_write_text
 from ..graph import Graph, build_graph
 from .copying import adopt_, share_copy
 from .plan_check import architecture_fingerprint, check_fingerprint, parse_plan_dict, removal_from_plan
-from .shrink import remove_channels_
+from .shrink import channel_indices, remove_channels_
 
 PLAN_FORMAT = "prunekit.plan"
 
@@ -204,7 +204,7 @@ def make_plan(graph: Graph, remove: Mapping[str, Sequence[int]], example_inputs:
     plan = empty_plan(example_inputs, ignore)
     for name, idx in remove.items():
         size = graph.group(name).size
-        dead = {int(i) for i in idx}
+        dead = set(channel_indices(name, idx))
         if dead:
             plan.groups[name] = [i for i in range(size) if i not in dead]
             plan.sizes[name] = size

@@ -14,7 +14,7 @@ exactly as it was.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ def removed_roots(graph: Graph, remove: Mapping[str, Sequence[int]]) -> set[int]
     roots: set[int] = set()
     for name, idx in remove.items():
         group = graph.group(name)
-        idx = sorted({int(i) for i in idx})
+        idx = sorted(set(channel_indices(name, idx)))
         if not idx:
             continue
         if idx[0] < 0 or idx[-1] >= group.size:
@@ -46,6 +46,35 @@ def removed_roots(graph: Graph, remove: Mapping[str, Sequence[int]]) -> set[int]
             raise PruningError(f"removing all {group.size} channels of group {name!r} would empty it; keep at least one")
         roots.update(group.classes.numpy()[idx].tolist())
     return roots
+
+
+def channel_indices(name: str, idx: Any) -> list[int]:
+    """`idx` as a list of channel numbers; PruningError for a boolean mask (it read as channels 0
+    and 1) or fractional numbers (1.5 read as channel 1), which are not channel numbers."""
+    if isinstance(idx, torch.Tensor):
+        kind = "b" if idx.dtype == torch.bool else "f" if idx.is_floating_point() or idx.is_complex() else "i"
+    elif isinstance(idx, np.ndarray):
+        kind = idx.dtype.kind
+    if isinstance(idx, (torch.Tensor, np.ndarray)):
+        if kind not in "iu":
+            raise PruningError(_not_indices(name, "a boolean mask" if kind == "b" else f"{idx.dtype} values"))
+        return idx.reshape(-1).tolist()
+    if isinstance(idx, (str, bytes)) or not isinstance(idx, Iterable):
+        raise PruningError(_not_indices(name, f"{idx!r} ({type(idx).__name__})"))
+    idx = list(idx)
+    if not all(type(i) is int for i in idx):
+        odd = next(i for i in idx if type(i) is not int)
+        if isinstance(odd, (bool, np.bool_)):
+            raise PruningError(_not_indices(name, "a boolean mask"))
+        if not isinstance(odd, (int, np.integer)) and not (isinstance(odd, torch.Tensor) and odd.numel() == 1
+                                                           and not odd.dtype.is_floating_point and odd.dtype != torch.bool):
+            raise PruningError(_not_indices(name, f"{odd!r} ({type(odd).__name__})"))
+    return [int(i) for i in idx]
+
+
+def _not_indices(name: str, what: str) -> str:
+    return (f"group {name!r}: channels to remove must be whole channel numbers, got {what}; for a mask of the "
+            "channels to remove pass its positions (mask.nonzero().flatten().tolist())")
 
 
 def remove_channels_(model: nn.Module, graph: Graph, remove: Mapping[str, Sequence[int]]) -> None:
