@@ -126,11 +126,41 @@ def test_masks_that_disagree_with_the_plan_are_refused(tmp_path):
             load_pruned(fresh, bad)
 
 
+def test_a_crafted_file_whose_weights_or_kinds_disagree_with_its_masks_is_refused(tmp_path):
+    """Checksums detect damage, not edits: a file whose mask bits were moved (same count) or whose
+    irregular mask is described as 2:4, checksums written again, loaded without a word."""
+    lin = nn.Sequential(nn.Linear(8, 4))
+    apply_mask(lin[0], "weight", unstructured_mask(lin[0].weight, 0.5))
+    good = save_pruned(lin, empty_plan(torch.zeros(1, 8)), tmp_path / "good.safetensors")
+    with safe_open(str(good), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    bad, fresh = tmp_path / "bad.safetensors", nn.Sequential(nn.Linear(8, 4))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    bits = tensors["0.weight::mask"]
+    moved = {**tensors, "0.weight::mask": bits.roll(1)}  # the same count, other entries
+    assert not torch.equal(moved["0.weight::mask"], bits)
+    write_tensor_file(bad, moved, meta)
+    with pytest.raises(CheckpointError, match=r"0.weight is nonzero where its stored mask removes entries"):
+        load_pruned(fresh, bad)
+    relabelled = read_plan(good)
+    relabelled.meta["masks"]["tensors"]["0.weight"].update(kind="nm", n=2, m=4)
+    write_tensor_file(bad, tensors, {**meta, PLAN_KEY: relabelled.to_json()})
+    with pytest.raises(CheckpointError, match=r"described as \{'kind': 'nm', 'n': 2, 'm': 4\} but is "):
+        load_pruned(fresh, bad)
+    short = {**tensors, "0.weight::mask": bits[:-1]}
+    write_tensor_file(bad, short, meta)
+    with pytest.raises(CheckpointError, match=r"bad.safetensors: the mask on 0.weight: packed mask of 3 "):
+        load_pruned(fresh, bad)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+    assert load_pruned(fresh, good)[0].weight.eq(0).sum() == 16
+
+
 def test_mask_kinds_are_recognised():
     w = torch.randn(8, 8, 3, 3)
     assert mask_kind(unstructured_mask(w, 0.5)) == {"kind": "irregular"}
     assert mask_kind(nm_mask(torch.randn(4, 16), 2, 4))["kind"] == "nm"
     assert mask_kind(projection_mask(w, "pattern")) == {"kind": "pattern"}
+    assert mask_kind(torch.zeros(4, 16, dtype=torch.bool)) == {"kind": "irregular"}  # not "0:2"
 
 
 class Versioned(nn.Module):

@@ -74,7 +74,7 @@ def mask_kind(mask: Tensor, groups: int | None = None) -> dict[str, Any]:
         mask = conv_layout(mask, groups)
     for m in (2, 4, 8, 16):  # smallest m first: a 1:2 mask is also 2:4, and 1:2 says more
         runs = _kept_per_run(mask, m)
-        if runs is not None and int(runs[0]) < m and bool((runs == runs[0]).all()):
+        if runs is not None and 0 < int(runs[0]) < m and bool((runs == runs[0]).all()):  # 0:m is no N:M
             return {"kind": "nm", "n": int(runs[0]), "m": m}
     if mask.dim() == 4 and tuple(mask.shape[2:]) == (3, 3) and mask.numel():
         kernels = mask.reshape(-1, 1, 9)  # (out*in, 1, 9) against the (13, 9) library

@@ -33,10 +33,11 @@ from torch import Tensor, nn
 from ..core.errors import CheckpointError, PrunekitError
 from ..core.layout import is_channels_last, to_memory_format_
 from ..core.modules import unwrap_model
-from .mask_io import MASKS_FORMAT_VERSION, describe_masks, restore_masks_, tied_values, unpack_mask
+from .mask_io import MASKS_FORMAT_VERSION, describe_masks, mask_kind, restore_masks_, tied_values, unpack_mask
 from .masks import masked_modules
 from .plan import Plan, apply_plan_, describe_replay
 from .plan_check import check_fingerprint
+from .projections import transposed_groups
 from .tensor_file import MASK_SUFFIX, load_state_, read_tensor_file, save_state_file
 
 PLAN_KEY = "prunekit.plan"
@@ -112,6 +113,7 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     if layout not in ("contiguous", "channels_last"):
         raise CheckpointError(f"{path}: plan meta '{LAYOUT_META}' is {str(layout)[:40]!r}, not 'channels_last' or "
                               "'contiguous'; the file is damaged")
+    _check_mask_kinds(work, plan, masks, path)
     load_state_(work, tied_values(work, tensors, masks), meta, path)
     work = restore_masks_(work, masks)
     if layout == "channels_last":  # as it was saved (memory_format='channels_last' or 'auto' chose it)
@@ -140,11 +142,28 @@ def _masks_of(plan: Plan, tensors: Mapping[str, Tensor], path: Any) -> dict[str,
             masked = info["masked"]
         except (KeyError, TypeError):
             raise CheckpointError(f"{path}: the description of the mask on {name} is malformed") from None
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: the mask on {name}: {err}; the file is damaged") from None
         if not isinstance(masked, int) or isinstance(masked, bool):
             raise CheckpointError(f"{path}: the description of the mask on {name} gives {str(masked)[:40]} masked "
                                   "entries, not a whole number; the file is damaged")
         if int((~mask).sum()) != masked:
             raise CheckpointError(f"{path}: the mask on {name} removes {int((~mask).sum())} entries, "
                                   f"the plan says {masked}; the file is damaged")
+        value = tensors.get(name)  # saved as its effective value: zero wherever the mask is
+        if isinstance(value, Tensor) and value.shape == mask.shape and bool(value[~mask].ne(0).any()):
+            raise CheckpointError(f"{path}: {name} is nonzero where its stored mask removes entries ("
+                                  f"{int(value[~mask].ne(0).sum())} of them); the file is damaged")
         masks[name] = mask
     return masks
+
+
+def _check_mask_kinds(model: nn.Module, plan: Plan, masks: Mapping[str, Tensor], path: Any) -> None:
+    """The kind each mask is described as (N:M, pattern, irregular) is the kind it is."""
+    described = plan.meta.get(MASKS_META, {}).get("tensors", {})
+    for name, mask in masks.items():
+        recorded = {k: described[name].get(k) for k in ("kind", "n", "m") if k in described[name]}
+        actual = mask_kind(mask, transposed_groups(model, name))
+        if recorded != actual:
+            raise CheckpointError(f"{path}: the mask on {name} is described as {recorded} but is {actual}; the file "
+                                  "is damaged")
