@@ -476,3 +476,18 @@ def test_a_model_whose_training_forward_fails_before_pruning_too_is_pruned():
                           nn.BatchNorm1d(8), nn.Linear(8, 2))
     result = prune_(model, MagnitudeConfig(channel_ratio=0.5, round_to=None), torch.randn(1, 3, 8, 8))
     assert result.cost_after.macs < result.cost_before.macs
+
+
+def test_a_channel_ratio_on_a_masked_model_says_the_masks_kept_channels():
+    """macs/params targets named the masks when out of reach; channel_ratio went on silently with
+    the other groups (or with none)."""
+    from prunekit.surgery.masks import apply_mask, unstructured_mask
+
+    from prunekit.models import create_model
+    model = create_model("small_cnn", num_classes=10)
+    apply_mask(model.conv3, "weight", unstructured_mask(model.conv3.weight, 0.5))
+    r = prune_(model, MagnitudeConfig(channel_ratio=0.5), torch.zeros(1, 1, 8, 8))
+    (note,) = [n for n in r.metrics["notes"] if "weight masks" in n]
+    assert "1 layer(s) carry weight masks (conv3)" in note and "bake them first" in note
+    plain = prune_(create_model("small_cnn", num_classes=10), MagnitudeConfig(channel_ratio=0.5), torch.zeros(1, 1, 8, 8))
+    assert not any("weight masks" in n for n in plain.metrics.get("notes", []))

@@ -314,6 +314,22 @@ def test_a_masked_model_that_is_a_single_layer_saves_with_its_plan(tmp_path):
     assert torch.equal(again(x), model(x))
 
 
+def test_a_save_that_fails_leaves_the_plan_as_it_was_and_writes_nothing(tmp_path):
+    """A weight under weight_norm besides a Mask cannot be saved; plan.meta had gained a 'masks'
+    entry by then."""
+    from prunekit.core.errors import PruningError
+
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2))
+    plan = empty_plan(torch.zeros(1, 8))
+    apply_mask(model[1], "weight", unstructured_mask(model[1].weight, 0.5))
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    before = plan.to_json()
+    with pytest.raises(PruningError, match="parametrizations other than a prunekit Mask"):
+        save_pruned(model, plan, tmp_path / "m.safetensors")
+    assert plan.to_json() == before and "masks" not in plan.meta
+    assert not list(tmp_path.iterdir())
+
+
 def test_masks_described_in_another_format_version_are_refused(tmp_path):
     # the version of plan.meta["masks"] was written but never read: a file whose masks follow
     # another layout loaded as if they were this one's

@@ -60,13 +60,18 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | Path) -> Path:
     model = unwrap_model(model)
     check_fingerprint(model, plan.fingerprint.get("pruned"), "pruned")
     path = Path(path)
-    plan.meta[MASKS_META] = describe_masks(model)
-    describe_replay(model, plan)
-    if is_channels_last(model):  # the file holds plain tensors; the layout is put back on loading
-        plan.meta[LAYOUT_META] = "channels_last"
-    else:
-        plan.meta.pop(LAYOUT_META, None)
-    save_state_file(model, path, {PLAN_KEY: plan.to_json()})
+    before = copy.deepcopy(vars(plan))  # a save that fails leaves the caller's plan as it was
+    try:
+        plan.meta[MASKS_META] = describe_masks(model)
+        describe_replay(model, plan)
+        if is_channels_last(model):  # the file holds plain tensors; the layout is put back on loading
+            plan.meta[LAYOUT_META] = "channels_last"
+        else:
+            plan.meta.pop(LAYOUT_META, None)
+        save_state_file(model, path, {PLAN_KEY: plan.to_json()})
+    except BaseException:
+        vars(plan).update(before)
+        raise
     return path
 
 

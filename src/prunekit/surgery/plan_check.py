@@ -30,10 +30,11 @@ from ..graph import Graph
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8")
 # A weight under torch.nn.utils.parametrize is stored as "<module>.parametrizations.<name>.original";
 # it is the same architecture as the plain "<module>.<name>".
-# A plan records one example batch (batch 1 when saved by prunekit); load_pruned allocates it to
-# trace the model. 2**28 elements (1 GiB in float32) is far beyond any real example and keeps a
-# crafted plan from making a load allocate tens of GB.
-MAX_INPUT_ELEMENTS = 2 ** 28
+# A plan records one example batch (batch 1 when saved by prunekit); load_pruned traces the model
+# on it, and the trace holds activations in proportion (a 1x1x1024x1024 input took 1.7 GB through
+# the digits CNN). 2**24 elements (one 3x2048x2048 image fits) bounds what a crafted plan can make
+# a load allocate.
+MAX_INPUT_ELEMENTS = 2 ** 24
 _PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original\d*$")
 
 
