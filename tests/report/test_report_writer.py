@@ -190,3 +190,22 @@ def test_the_widths_plot_is_left_out_above_its_bar_limit(tmp_path):
     n = plots.MAX_BARS + 1
     assert plots.plot_layer_widths(tmp_path / "w.png", [f"l{i}" for i in range(n)], [8] * n, [4] * n) is None
     assert not (tmp_path / "w.png").exists()
+
+
+def test_the_pruners_notes_the_multiple_used_and_the_latency_timing_settings_are_in_the_report(tmp_path):
+    metrics = {"notes": ["widths rounded to multiples of 2 instead of 16: <see>", "latency target 0.6 missed"],
+               "rounding": {"round_to": 16, "multiple": 2, "tried": []},
+               "latency": {"target": 0.6, "measured_fraction": 0.633, "tolerance": 0.05,
+                           "settings": {"device": "cpu", "dtype": "float32", "batch_size": 16, "threads": 1,
+                                        "channels_last": True}}}
+    paths = write_report(tmp_path, {"title": "t", "method": "magnitude", "prune_metrics": metrics})
+    md, html = paths.markdown.read_text(), paths.html.read_text()
+    assert "## Notes from pruning" in md and "widths rounded to multiples of 2 instead of 16" in md
+    assert "latency target 0.6 missed" in md and "&lt;see&gt;" in html
+    assert "Widths rounded to multiples of 2 (round_to=16 asked for)" in md
+    assert ("measured while pruning: 0.633 (tolerance 0.05; timed at device cpu, dtype float32, batch size 16, "
+            "threads 1, channels-last)") in md
+    plain = write_report(tmp_path / "plain", {"title": "t", "method": "magnitude",
+                                              "prune_metrics": {"rounding": {"round_to": 16, "multiple": 16}}})
+    text = plain.markdown.read_text()
+    assert "Notes from pruning" not in text and "Widths rounded to multiples of 16;" in text

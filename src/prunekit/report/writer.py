@@ -190,6 +190,9 @@ def _sections(result: dict, images: list[tuple[str, str]]) -> list[tuple[str, li
     summary.append(f"Counting convention: {result.get('counting_convention') or 'not recorded'}")
     summary += _pruning_measurements(result.get("prune_metrics") or {})
     sections: list[tuple[str, list[Block]]] = [("Summary", summary)]
+    notes = (result.get("prune_metrics") or {}).get("notes")
+    if isinstance(notes, list) and notes:  # what the pruner said about its result (shown on the console too)
+        sections.append(("Notes from pruning", [str(n) for n in notes]))
     if images:
         sections.append(("Plots", [_Image(name, alt) for name, alt in images]))
     if result.get("layers"):
@@ -212,8 +215,20 @@ def _pruning_measurements(metrics: dict) -> list[Block]:
     out: list[Block] = []
     lat = metrics.get("latency")
     if isinstance(lat, dict) and isinstance(lat.get("measured_fraction"), (int, float)):
+        how = lat.get("settings") if isinstance(lat.get("settings"), dict) else {}
+        timed = ", ".join(f"{k.replace('_', ' ')} {how[k]}" for k in ("device", "dtype", "batch_size", "threads")
+                          if how.get(k) is not None)
+        layout = {True: "channels-last", False: "contiguous"}.get(how.get("channels_last"))
+        timed += (", " if timed else "") + layout if layout else ""
         out.append(f"Latency target: {lat.get('target')} of the model's latency; measured while pruning: "
-                   f"{lat['measured_fraction']:.3f} (tolerance {lat.get('tolerance')})")
+                   f"{lat['measured_fraction']:.3f} (tolerance {lat.get('tolerance')}"
+                   + (f"; timed at {timed}" if timed else "") + ")")
+    rounding = metrics.get("rounding")
+    if isinstance(rounding, dict) and rounding.get("multiple") not in (None, 1):
+        asked = rounding.get("round_to")
+        out.append(f"Widths rounded to multiples of {rounding['multiple']}"
+                   + (f" (round_to={asked} asked for)" if asked != rounding["multiple"] else "")
+                   + "; a group no wider than the multiple steps by a smaller power of two")
     fmt = metrics.get("memory_format")
     if isinstance(fmt, dict) and fmt.get("choice"):
         timed = ""
