@@ -281,3 +281,34 @@ def test_an_extra_loss_that_is_not_a_number_is_one_config_error_naming_the_hook(
         train(model, [(x, y)], None, TrainConfig(epochs=1), hooks=[Odd()], progress=False)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+class _Outside(Hook):
+    """Trains a parameter that lives on the hook, not in the model."""
+
+    def __init__(self, stateful: bool = False):
+        self.p = nn.Parameter(torch.zeros(3))
+        if stateful:
+            self.state_dict = lambda: {"p": self.p.detach().clone()}
+            self.load_state_dict = lambda state: self.p.data.copy_(state["p"])
+
+    def param_groups(self, model):
+        return [{"params": [self.p], "lr": 0.1}]
+
+    def extra_loss(self, model, step):
+        return (self.p - 1).pow(2).sum()
+
+
+def test_a_parameter_outside_the_model_is_refused_with_a_checkpoint_unless_the_hook_saves_it(tmp_path):
+    """A resumed run started it again from zero (uninterrupted 1.44, resumed 0.12) without a word."""
+    data = TinyLoader(*blobs(32), 8)
+    cfg = TrainConfig(epochs=1, lr=0.05)
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=r"hooks\[0\] \(_Outside\) trains 1 parameter\(s\) outside the model"):
+        train(model, data, None, cfg, hooks=[_Outside()], ckpt_dir=tmp_path / "a", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    train(mlp(), data, None, cfg, hooks=[_Outside()], progress=False)  # no checkpoint: nothing to lose
+    hook = _Outside(stateful=True)
+    train(mlp(), data, None, cfg, hooks=[hook], ckpt_dir=tmp_path / "b", progress=False)
+    assert float(hook.p.sum()) > 0

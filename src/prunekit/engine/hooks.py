@@ -32,7 +32,7 @@ put the state of any optimizer the hook owns in it. On resume `load_state_dict` 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -99,6 +99,7 @@ class ParameterSplit:
     default: list[nn.Parameter]
     groups: list[dict[str, Any]]
     owned: list[nn.Parameter]
+    outside: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # hook index -> shapes not in the model
 
 
 def split_parameters(model: nn.Module, hooks: Sequence[Any]) -> ParameterSplit:
@@ -114,11 +115,14 @@ def split_parameters(model: nn.Module, hooks: Sequence[Any]) -> ParameterSplit:
     """
     names = {id(p): n for n, p in model.named_parameters()}
     claimed: dict[int, str] = {}
+    outside: dict[int, list[tuple[int, ...]]] = {}
 
-    def claim(p: Any, who: str) -> None:
+    def claim(p: Any, who: str, hook: int) -> None:
         if not isinstance(p, torch.Tensor):
             raise ConfigError(f"{who} lists a {type(p).__name__}; list torch.nn.Parameter objects")
         what = names.get(id(p), f"a {tuple(p.shape)} parameter outside the model")
+        if id(p) not in names and id(p) not in claimed:
+            outside.setdefault(hook, []).append(tuple(p.shape))
         if id(p) in claimed:
             raise ConfigError(f"{what} is claimed by both {claimed[id(p)]} and {who}; "
                               "give each parameter to one hook, in one place")
@@ -127,7 +131,7 @@ def split_parameters(model: nn.Module, hooks: Sequence[Any]) -> ParameterSplit:
     owned: list[nn.Parameter] = []
     for i, hook in enumerate(hooks):
         for p in _optional(hook, "owned_parameters", model):
-            claim(p, f"hooks[{i}] ({type(hook).__name__}).owned_parameters")
+            claim(p, f"hooks[{i}] ({type(hook).__name__}).owned_parameters", i)
             owned.append(p)
     groups: list[dict[str, Any]] = []
     for i, hook in enumerate(hooks):
@@ -138,10 +142,10 @@ def split_parameters(model: nn.Module, hooks: Sequence[Any]) -> ParameterSplit:
                                   "return e.g. {'params': [p], 'weight_decay': 0.0}")
             params = _as_list(group["params"])
             for p in params:
-                claim(p, who)
+                claim(p, who, i)
             groups.append({**group, "params": params})
     default = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
-    return ParameterSplit(default, groups, owned)
+    return ParameterSplit(default, groups, owned, outside)
 
 
 def _optional(hook: Any, name: str, model: nn.Module) -> list[Any]:

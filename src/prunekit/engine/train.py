@@ -44,7 +44,7 @@ from ..core.config import short_repr
 from ..core.errors import ConfigError, TrainingError
 from ..core.layout import is_channels_last, onednn_safe, to_channels_last_
 from .batches import check_labels, out_of_memory, split_batch
-from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, seed_everything
+from .checkpoint import _has_state, checkpoint_path, load_checkpoint, save_checkpoint, seed_everything
 from .distributed import (DistContext, all_reduce_sums, broadcast_buffers, env_ranks, init_distributed,
                           resolve_device, shard_batch, shutdown, wrap_model)
 from .evaluate import autocast_context, evaluate, to_device
@@ -86,6 +86,7 @@ class _Run:
         self.steps_per_epoch, self.log = steps_per_epoch, log
         self.show_progress = progress and ctx.is_main and sys.stderr.isatty()
         split = split_parameters(model, hooks)
+        self.outside = split.outside
         self.optimizer = optimizer_from_split(split, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -339,6 +340,8 @@ def _train_loop(model: nn.Module, train_loader: Any, val_loader: Any, cfg: Train
                 resume: bool, notes: list[str]) -> TrainResult:
     with MetricsLog(log_path, enabled=ctx.is_main) as log:
         run = _Run(model, cfg, hooks, device, ctx, len(train_loader), log, progress)
+        if ckpt_dir is not None:
+            _check_outside_parameters(run.outside, hooks)
         start, history = run.resume(ckpt_dir, notes) if resume else (0, [])
         run.wrap()
         run.bind(start)
@@ -391,6 +394,18 @@ def _sized(loader: Any) -> int | None:
         return len(loader)
     except TypeError:
         return None
+
+
+def _check_outside_parameters(outside: dict[int, list[tuple[int, ...]]], hooks: list[Any]) -> None:
+    """A checkpoint holds the model's parameters and each hook's state_dict: a parameter a hook trains
+    outside the model, from a hook without state_dict/load_state_dict, would resume at its initial value."""
+    lost = [(i, shapes) for i, shapes in outside.items() if not _has_state(hooks[i])]
+    if lost:
+        i, shapes = lost[0]
+        raise ConfigError(f"hooks[{i}] ({type(hooks[i]).__name__}) trains {len(shapes)} parameter(s) outside the model "
+                          f"(shape {list(shapes[0])}), which a checkpoint would not hold: a resumed run would start them "
+                          "again from their first value. Register them on the model (model.register_parameter), or "
+                          "give the hook state_dict()/load_state_dict() that save and restore them")
 
 
 def _check_inputs(cfg: Any, train_loader: Any, val_loader: Any, hooks: Sequence[Any], ckpt_dir: Any,
