@@ -201,13 +201,41 @@ def test_prepared_pruning_refuses_a_copy_whose_modules_are_of_other_classes():
     chain, residual = _Chain(), _Residual()
     residual.load_state_dict(chain.state_dict())
     prepared = prepare_pruning(chain, x)
-    with pytest.raises(PruningError, match=r"other module classes: \(the model\) _Residual \(prepared _Chain\)"):
+    with pytest.raises(PruningError, match=r"other modules: \(the model\) _Residual \(prepared _Chain\)"):
         prepared.prune_(residual, MagnitudeConfig(channel_ratio=0.5, round_to=None))
     assert residual.c1.out_channels == 8
     bn = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))
     gn = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 4, 1))
-    with pytest.raises(PruningError, match=r"other module classes: 1 GroupNorm \(prepared BatchNorm2d\)"):
+    with pytest.raises(PruningError, match=r"other modules: 1 GroupNorm \(prepared BatchNorm2d\)"):
         prepare_pruning(bn, x).prune_(gn, MagnitudeConfig(channel_ratio=0.4, round_to=None))
+
+
+class _Swappable(nn.Module):
+    """A flag set after construction turns on a channel-pair swap between a and o."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.o, self.swap = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1), False
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.swap:
+            b, c, h, w = y.shape
+            y = y.view(b, c // 2, 2, h, w).flip(2).reshape(b, c, h, w)
+        return self.o(y)
+
+
+def test_prepared_pruning_refuses_a_copy_whose_module_settings_differ():
+    """The flag passed the parameter and class check, and the swap was pruned 0.70 from zeroing."""
+    import copy
+
+    x = torch.randn(1, 3, 5, 5)
+    plain = _Swappable()
+    swapped = copy.deepcopy(plain)
+    swapped.swap = True
+    with pytest.raises(PruningError, match=r"other modules: \(the model\) settings \{'swap': True, .*\(prepared settings \{'swap': False"):
+        prepare_pruning(plain, x).prune_(swapped, MagnitudeConfig(channel_ratio=0.5, round_to=None))
+    assert swapped.a.out_channels == 8
 
 
 @pytest.mark.parametrize("scores, what", [

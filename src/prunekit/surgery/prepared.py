@@ -28,7 +28,7 @@ from ..core.errors import ConfigError, PruningError
 from ..cost.macs import Cost, CostEstimator, cost_from_graph
 from ..graph import Graph
 from .plan_check import architecture_fingerprint
-from .verify import build_safe_graph
+from .verify import build_safe_graph, module_settings
 
 # config class -> handler(prepared, model, config, **kwargs) -> PruneResult
 _PREPARED_HANDLERS: dict[type, Callable] = {}
@@ -44,10 +44,11 @@ def _signature(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
     return {name: (tuple(p.shape), str(p.dtype).removeprefix("torch.")) for name, p in model.named_parameters()}
 
 
-def _module_classes(model: nn.Module) -> dict[str, str]:
-    """{module name: class name}: modules of another class (a GroupNorm for a BatchNorm, a subclass
-    with its own forward) can hold the same parameters and still need another graph."""
-    return {name: type(m).__qualname__ for name, m in model.named_modules()}
+def _module_classes(model: nn.Module) -> dict[str, tuple[type, tuple]]:
+    """{module name: (class, settings)}: modules of another class (a GroupNorm for a BatchNorm, a
+    subclass with its own forward, a class defined again) or other plain attributes (a flag that
+    turns a branch on) can hold the same parameters and still need another graph."""
+    return {name: (type(m), module_settings(m)) for name, m in model.named_modules()}
 
 
 @dataclass
@@ -61,7 +62,7 @@ class PreparedPruning:
     shapes: dict[str, tuple[tuple[int, ...], str]]  # parameter name -> (shape, dtype)
     cost_before: Cost
     estimator: CostEstimator = field(repr=False)
-    modules: dict[str, str] = field(default_factory=dict, repr=False)  # module name -> class name
+    modules: dict[str, tuple[type, tuple]] = field(default_factory=dict, repr=False)  # name -> (class, settings)
     fingerprint: str | None = None  # architecture_fingerprint of the prepared model, recorded in each plan
 
     def check(self, model: nn.Module) -> None:
@@ -87,10 +88,17 @@ class PreparedPruning:
         got = _module_classes(model)
         if got == self.modules:
             return
-        other = [f"{n or '(the model)'} {got.get(n, 'missing')} (prepared {c})"
+        def said(entry: tuple[type, tuple] | None, other: tuple[type, tuple]) -> str:
+            if entry is None:
+                return "missing"
+            if entry[0] is not other[0]:
+                same_name = entry[0].__qualname__ == other[0].__qualname__
+                return f"{entry[0].__qualname__}" + (" (a class defined again)" if same_name else "")
+            return f"settings {dict(entry[1])}"
+        other = [f"{n or '(the model)'} {said(got.get(n), c)} (prepared {said(c, got.get(n, c))})"
                  for n, c in self.modules.items() if got.get(n) != c]
-        other += [f"{n} {c} (not in the prepared model)" for n, c in got.items() if n not in self.modules]
-        raise PruningError(f"this model is not a fresh copy of the prepared one (other module classes: "
+        other += [f"{n} {c[0].__qualname__} (not in the prepared model)" for n, c in got.items() if n not in self.modules]
+        raise PruningError(f"this model is not a fresh copy of the prepared one (other modules: "
                            f"{', '.join(other[:3])}): its graph may differ even where its parameters match; "
                            "prune copies of the model it was prepared on, or call prepare_pruning on this model")
 

@@ -287,14 +287,17 @@ def _probe_key(model: nn.Module, inputs: Any, ignore: Sequence[str], everything:
         if isinstance(x, dict):
             return tuple((k, spec(v)) for k, v in sorted(x.items()))
         return tuple(spec(v) for v in x) if isinstance(x, (tuple, list)) else repr(type(x))
-    def settings(mod: nn.Module) -> tuple:  # plain attributes such as num_heads shape the forward
-        return tuple(sorted((k, v) for k, v in vars(mod).items()
-                            if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple))
-                            and (not isinstance(v, tuple) or all(isinstance(i, int) for i in v))))
-    modules = tuple((n, type(m), settings(m)) for n, m in model.named_modules())
+    modules = tuple((n, type(m), module_settings(m)) for n, m in model.named_modules())
     state = model.state_dict(keep_vars=True)
     shapes = tuple((n, tuple(t.shape)) for n, t in state.items())
     return (modules, shapes, weight_norms(list(state.values())), spec(inputs), tuple(ignore), everything)
+
+
+def module_settings(mod: nn.Module) -> tuple:
+    """A module's plain attributes (num_heads, a flag that turns a branch on): they shape the forward."""
+    return tuple(sorted((k, v) for k, v in vars(mod).items()
+                        if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple))
+                        and (not isinstance(v, tuple) or all(isinstance(i, int) for i in v))))
 
 
 def weight_norms(tensors: list[torch.Tensor]) -> tuple[float, ...]:
