@@ -216,3 +216,42 @@ def test_a_channel_count_in_a_view_is_probed_when_it_equals_a_spatial_size(side)
     graph = build_graph(model, x)
     assert not graph.group("a").proven
     assert set(probe_groups(model, x, graph, everything=False)) == {"a"}
+
+
+class _WidthBranch(nn.Module):
+    """Doubles a's output while it has more than 6 channels: the probe's 8 -> 7 passes, 8 -> 4 not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x).relu()
+        if y.shape[1] > 6:
+            y = y * 2
+        return self.o(y)
+
+
+def test_a_branch_on_the_channel_count_is_caught_at_the_real_widths():
+    """It was pruned 0.66 from zeroing: the one-channel probe took the same branch as the dense model."""
+    from prunekit.core.errors import CheckpointError, PruningError
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+    from prunekit.surgery.plan import Plan, apply_plan_, prune_channels_
+
+    verify._PROBED.clear()
+    torch.manual_seed(0)
+    model, x = _WidthBranch().eval(), torch.randn(2, 3, 6, 6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match=r"group\(s\) a no longer give what zeroing the removed channels gives"):
+        prune_(model, MagnitudeConfig(channel_ratio=0.5, round_to=None), x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.a.out_channels == 8
+    assert prune_(model, MagnitudeConfig(channel_ratio=0.2, round_to=None), x).plan.groups["a"]  # 8 -> 7 is fine
+    fresh = _WidthBranch().eval()
+    with pytest.raises(PruningError, match="not what zeroing them gives"):
+        prune_channels_(fresh, x, {"a": [0, 1, 2, 3]})
+    assert fresh.a.out_channels == 8
+    plan = Plan(groups={"a": [4, 5, 6, 7]}, sizes={"a": 8}, input_shapes=[[2, 3, 6, 6]], input_dtypes=["float32"])
+    with pytest.raises(CheckpointError, match="not made by pruning this model's code"):
+        apply_plan_(fresh, plan)  # a plan written by hand: the replay checks what the probe would
+    assert fresh.a.out_channels == 8

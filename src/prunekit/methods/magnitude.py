@@ -57,7 +57,7 @@ from ..surgery.copying import adopt_, keep_parameters_, share_copy
 from ..surgery.plan import Plan, make_plan
 from ..surgery.prepared import PreparedPruning, prepare_pruning, register_prepared_handler
 from ..surgery.shrink import remove_channels_
-from ..surgery.verify import build_safe_graph, run_model, training_forward_error
+from ..surgery.verify import build_safe_graph, run_model, training_forward_error, unproven_removal_error
 from .result import PruneResult
 
 
@@ -247,6 +247,19 @@ def _check_runs(work: nn.Module, example_inputs: Any, original: nn.Module, probe
                            "aux_logits=False); the model was left unchanged")
 
 
+def _check_unproven(model: nn.Module, example_inputs: Any, graph: Graph, plan: Plan) -> None:
+    """PruningError when the groups the rules cannot vouch for, pruned at their real widths, no
+    longer give what zeroing their removed channels gives (`unproven_removal_error`)."""
+    removal = {n: [i for i in range(plan.sizes[n]) if i not in set(kept)] for n, kept in plan.groups.items()}
+    why = unproven_removal_error(model, example_inputs, graph, removal)
+    if why:
+        names = sorted(g.name for g in graph.groups if removal.get(g.name) and not g.proven)
+        raise PruningError(f"pruned at their real widths, group(s) {', '.join(names[:3])} no longer give what "
+                           f"zeroing the removed channels gives ({why}): the forward depends on the channel count in "
+                           "a way neither the trace nor the probe (one channel removed) sees, such as a branch on "
+                           "x.shape[1]; add the layers involved to ignore=[...]; the model was left unchanged")
+
+
 def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeConfig, batches: Iterable | None = None,
                     between_steps: Callable[[nn.Module, int], None] | None = None, verify: bool = True) -> PruneResult:
     """Score, select and remove on `model` with the prepared graph (steps > 1 trace again after step 1).
@@ -313,6 +326,8 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     if verify:
         _check_runs(work, example_inputs, model, prepared.probed and (cfg.probe or cfg.steps == 1),
                     prepared.graph.training_traced)
+        if not writes:  # `model` still holds the weights `work` was pruned from
+            _check_unproven(model, example_inputs, prepared.graph, plan)
     after = cost_after(work, graph, removal, estimator)  # exact: tests compare it with a recount
     # timed on the pruned copy, before the caller's model changes; converted after
     with out_of_memory_as_config_error(latency_config(cfg), "both memory formats for memory_format='auto'"):

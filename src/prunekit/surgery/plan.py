@@ -214,8 +214,14 @@ def make_plan(graph: Graph, remove: Mapping[str, Sequence[int]], example_inputs:
 def prune_channels_(model: nn.Module, example_inputs: Any, remove: Mapping[str, Sequence[int]],
                     ignore: Sequence[str] = (), graph: Graph | None = None) -> Plan:
     """Trace (unless `graph` is given), remove channels in place and return the plan."""
+    from .verify import unproven_removal_error
+
     graph = graph if graph is not None else build_graph(model, example_inputs, ignore)
     plan = make_plan(graph, remove, example_inputs, ignore).stamp(dense=model)
+    why = unproven_removal_error(model, example_inputs, graph, {n: channel_indices(n, i) for n, i in remove.items()})
+    if why:
+        raise PruningError(f"removing these channels is not what zeroing them gives ({why}), in a group that meets "
+                           f"an op the rules cannot vouch for; leave it whole, or its layers out with ignore=[...]")
     remove_channels_(model, graph, remove)
     return plan.stamp(pruned=model)
 
@@ -236,6 +242,13 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
     remove = removal_from_plan(graph, plan.groups, plan.sizes)
     steps = [(REPLAY_STEPS[key], REPLAY_STEPS[key].check(model, graph, plan, entry))
              for key, entry in replay_entries(plan).items()]
+    from .verify import unproven_removal_error
+
+    why = unproven_removal_error(model, plan.example_inputs(model), graph, remove)
+    if why:  # a group prune_'s probe would refuse, in a plan written by hand (or for other code)
+        raise CheckpointError(f"the plan removes channels where this model's forward no longer gives what zeroing "
+                              f"them gives ({why}); it was not made by pruning this model's code: prune the model "
+                              "again")
     work = share_copy(model)  # surgery assigns new tensors: sharing the rest is safe
     remove_channels_(work, graph, remove)
     for step, parsed in steps:
