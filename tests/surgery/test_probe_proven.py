@@ -255,3 +255,34 @@ def test_a_branch_on_the_channel_count_is_caught_at_the_real_widths():
     with pytest.raises(CheckpointError, match="not made by pruning this model's code"):
         apply_plan_(fresh, plan)  # a plan written by hand: the replay checks what the probe would
     assert fresh.a.out_channels == 8
+
+
+class _NormThenSwap(nn.Module):
+    """Linear -> LayerNorm or RMSNorm over the channels -> neighbouring channels swapped -> Linear."""
+
+    def __init__(self, norm: str, swap: bool):
+        super().__init__()
+        self.i, self.o, self.swap = nn.Linear(5, 8), nn.Linear(8, 3), swap
+        self.n = nn.LayerNorm(8) if norm == "layer" else nn.RMSNorm(8)
+        with torch.no_grad():
+            self.n.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        h = self.n(self.i(x))
+        if self.swap:
+            b, t, c = h.shape
+            h = h.view(b, t, c // 2, 2).flip(-1).reshape(b, t, c)
+        return self.o(h)
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_a_group_behind_a_channel_norm_is_checked_against_norming_the_kept_channels(norm):
+    """Zeroing is no reference where a norm takes statistics over the channels, so such groups were
+    only run: a pair swap behind a LayerNorm was pruned 1.78 from what removal means. The reference
+    now normalises over the kept channels, as the pruned norm does."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5)
+    swapped = _NormThenSwap(norm, swap=True).eval()
+    assert "removal differs from zeroing" in probe_groups(swapped, x, build_graph(swapped, x)).get("i", "")
+    plain = _NormThenSwap(norm, swap=False).eval()
+    assert probe_groups(plain, x, build_graph(plain, x), everything=True) == {}  # pruned as before

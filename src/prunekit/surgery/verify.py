@@ -147,17 +147,20 @@ def removal_trial(model: nn.Module, inputs: Any, graph: Graph, groups: list[Grou
     # removal deletes exactly the slices that zeroing clears, so the shrunk model is also the
     # shrunk version of the zeroed one, and the two must agree (every output: a group may feed
     # only a second head)
+    modules = dict(model.named_modules())
+    # a LayerNorm/RMSNorm over the channels: the reference normalises over the kept ones only
+    norms = {} if all(group_is_exact(g, model, modules) for g in groups) else _kept_by_norms(modules, groups, removal)
     zeroed = share_copy(model)
     zero_channels_(zeroed, [(g, removal[g.name]) for g in groups])
+    _normalise_over_kept_(zeroed, norms or {})
     ref = tensors_in(run_model(zeroed, inputs))
     shapes = [(tuple(r.shape), tuple(o.shape)) for r, o in zip(ref, out) if r.shape != o.shape]
     if len(ref) != len(out) or shapes:
         return f"output shape changes ({shapes[0][0]} -> {shapes[0][1]})" if shapes else "the number of outputs changes"
-    modules = dict(model.named_modules())
-    if all(group_is_exact(g, model, modules) for g in groups):
+    if norms is not None:  # None: a statistic zeroing cannot be made a reference for (only "it runs")
         gap = _gap(ref, out)
         if gap > atol:
-            diff = _float64_gap(model, inputs, graph, removal, groups)
+            diff = _float64_gap(model, inputs, graph, removal, groups, norms)
             if diff is None or diff > _ATOL64:
                 shown = f"{diff:.3g} in float64" if diff is not None else f"{gap:.3g}"
                 return f"removal differs from zeroing by {shown} (the forward hard-codes channel positions, or uses a channel count as a number)"
@@ -172,8 +175,46 @@ def removal_trial(model: nn.Module, inputs: Any, graph: Graph, groups: list[Grou
 _ATOL64 = 1e-7
 
 
+def _kept_by_norms(modules: dict[str, nn.Module], groups: list[Group],
+                   removal: dict[str, list[int]]) -> dict[str, torch.Tensor] | None:
+    """{norm module name: bool mask of the normalised channels kept} for the LayerNorm-style
+    statistics `groups` meet, when each is an nn.LayerNorm or nn.RMSNorm over one dim; None when
+    one is of another kind (a functional norm, a LayerNorm2d)."""
+    kept: dict[str, torch.Tensor] = {}
+    for g in groups:
+        dead = np.zeros(g.size + 1, dtype=bool)  # the extra last entry answers for channel -1
+        dead[list(removal.get(g.name, []))] = True
+        for m in g.members:
+            if m.name != "#statistics":
+                continue
+            norm = modules.get(m.module)
+            if not isinstance(norm, (nn.LayerNorm, nn.RMSNorm)) or len(norm.normalized_shape) != 1:
+                return None
+            keep = torch.from_numpy(~dead[m.channel.numpy()])
+            kept[m.module] = keep & kept[m.module] if m.module in kept else keep
+    return kept
+
+
+def _normalise_over_kept_(model: nn.Module, kept: dict[str, torch.Tensor]) -> None:
+    """Give each named LayerNorm/RMSNorm of `model` (a copy) a forward whose statistics cover only
+    its kept channels, as the norm of the pruned model computes them."""
+    for name, keep in kept.items():
+        norm = model.get_submodule(name)
+
+        def forward(x: torch.Tensor, norm: nn.Module = norm, keep: torch.Tensor = keep) -> torch.Tensor:
+            part = x[..., keep.to(x.device)]
+            eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+            if isinstance(norm, nn.LayerNorm):
+                y = (x - part.mean(-1, keepdim=True)) / torch.sqrt(part.var(-1, unbiased=False, keepdim=True) + eps)
+            else:
+                y = x / torch.sqrt(part.pow(2).mean(-1, keepdim=True) + eps)
+            y = y * norm.weight if norm.weight is not None else y
+            return y + norm.bias if getattr(norm, "bias", None) is not None else y
+        norm.forward = forward
+
+
 def _float64_gap(model: nn.Module, inputs: Any, graph: Graph, removal: dict[str, list[int]],
-                 groups: list[Group]) -> float | None:
+                 groups: list[Group], norms: dict[str, torch.Tensor] | None = None) -> float | None:
     """Largest |zeroed - removed| relative to max(1, |zeroed|), both run in float64; None if
     the model cannot run in float64."""
     import copy
@@ -189,6 +230,7 @@ def _float64_gap(model: nn.Module, inputs: Any, graph: Graph, removal: dict[str,
         shrunk, zeroed = copy.deepcopy(model).double(), copy.deepcopy(model).double()
         remove_channels_(shrunk, graph, removal)
         zero_channels_(zeroed, [(g, removal[g.name]) for g in groups])
+        _normalise_over_kept_(zeroed, norms or {})
         out, ref = tensors_in(run_model(shrunk, as64(inputs))), tensors_in(run_model(zeroed, as64(inputs)))
     except Exception:  # a model whose code insists on float32 (a hard-coded dtype, say)
         return None
