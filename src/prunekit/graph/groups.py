@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
+from ..core.config import check_names
 from ..core.errors import ConfigError
 from ..core.modes import scoring
 from ..core.modules import require_module
@@ -140,6 +141,8 @@ def check_ignore(model: nn.Module, ignore: Iterable[str]) -> dict[str, nn.Module
 def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = ()) -> Graph:
     """Trace `model` on `example_inputs` (a tensor, a tuple of tensors, or a dict of kwargs)."""
     require_module(model)
+    # any iterable of names, but not a bare name: 'conv1' would be the names 'c', 'o', 'n', ...
+    check_names("ignore", ignore if isinstance(ignore, str) else list(ignore))
     ignore = list(ignore)
     names = check_ignore(model, ignore)
     args, kwargs = split_inputs(example_inputs)

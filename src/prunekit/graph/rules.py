@@ -16,13 +16,33 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..core.errors import ConfigError
 from ..core.registry import Registry
 
 RULES: Registry[Callable] = Registry("graph rule")
 
 
-def register_rule(name: str, rule: Callable) -> Callable:
-    """Register `rule` for op `name` (the function's __name__, e.g. "conv2d" or "__add__")."""
+def register_rule(name: str, rule: Callable, replace: bool = False) -> Callable:
+    """Register `rule` for op `name` (the function's __name__, e.g. "conv2d" or "__add__"): a
+    callable `rule(tracer, call)`. An op has one rule: `replace=True` puts `rule` in place of the
+    one registered (prunekit's own included; a group meeting a replaced rule is probed, as any
+    user rule)."""
+    import inspect
+
+    if not callable(rule):
+        raise ConfigError(f"register_rule({name!r}, ...): the rule must be a callable rule(tracer, call), got "
+                          f"{type(rule).__name__}")
+    try:
+        inspect.signature(rule).bind(None, None)
+    except TypeError:
+        raise ConfigError(f"register_rule({name!r}, ...): the rule must take two arguments (tracer, call); "
+                          f"{getattr(rule, '__qualname__', rule)!r} takes {inspect.signature(rule)}") from None
+    except ValueError:  # a builtin without a signature: taken as it is
+        pass
+    if replace:
+        RULES.unregister(name)
+    elif name in RULES.list() and RULES.get(name) is not rule:
+        raise ConfigError(f"op {name!r} already has a rule; pass replace=True to use this one instead")
     return RULES.register(name, rule)
 
 

@@ -52,6 +52,7 @@ class ScoreContext:
     fallbacks: dict[str, str] = field(default_factory=dict)  # group -> "criterion -> other: why"
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
     mode: str = "eval"  # eval | train: the mode of the forward passes over `batches`
+    criterion: str = "the criterion"  # named in messages about data it asked for (a lambda says which)
     _grads: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _outs: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _params: dict[str, torch.Tensor] | None = field(default=None, repr=False)
@@ -84,9 +85,11 @@ class ScoreContext:
                           "group that falls back is listed in the result's metrics['criterion_fallbacks']",
                           stacklevel=3)
 
-    def gradients(self, who: str = "taylor") -> dict[str, torch.Tensor]:
+    def gradients(self, who: str | None = None) -> dict[str, torch.Tensor]:
         """Sum of loss gradients of every parameter over `batches` (in `mode`; computed once, cached).
-        Frozen parameters (requires_grad=False) get their gradient too; their flags are kept."""
+        Frozen parameters (requires_grad=False) get their gradient too; their flags are kept.
+        `who`: the criterion named in errors (default `self.criterion`)."""
+        who = who or self.criterion
         if self._grads is None:
             params = self.parameters()
             grads = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -105,13 +108,14 @@ class ScoreContext:
             self._grads = grads
         return self._grads
 
-    def hessian_vector_product(self, vector: dict[str, torch.Tensor], who: str = "grasp") -> dict[str, torch.Tensor]:
+    def hessian_vector_product(self, vector: dict[str, torch.Tensor], who: str | None = None) -> dict[str, torch.Tensor]:
         """H v, H the Hessian of the summed batch losses over the parameters named in `vector`.
 
         Only those parameters vary: the result is the block H[names, names] times v, keyed like
         `vector` (GraSP differentiates only the prunable weights). One double backward per batch:
         z_b = grad(L_b) . v, then grad(z_b) summed over batches (in `mode`, not cached).
         """
+        who = who or self.criterion
         params = self.parameters()
         names = list(vector)
         missing = [n for n in names if n not in params]

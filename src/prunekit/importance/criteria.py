@@ -122,7 +122,7 @@ def bn_scale(group: Group, ctx: ScoreContext) -> torch.Tensor:
 
 def taylor(group: Group, ctx: ScoreContext) -> torch.Tensor:
     """First-order Taylor: |sum over a channel's weights of w * dL/dw| (Molchanov et al.)."""
-    grads = ctx.gradients()
+    grads = ctx.gradients("taylor")
     parts = [per_channel(w * grads[m.qualname], m, group.size).abs() for m, w in _param_members(group, ctx)]
     return reduce_members(parts, ctx.reduction)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core.config import Config
 from ..core.errors import ConfigError
-from ..core.modules import require_module
+from ..core.modules import require_module, unwrap_model
 from ..core.registry import Registry
 from .result import PruneResult
 
@@ -74,6 +74,7 @@ def check_training_phases(config: Config, train_config: Any, section: str = "met
 def prune_(model: nn.Module, config: Config, example_inputs: Any, **kwargs: Any) -> PruneResult:
     """Prune `model` in place with the method `config` belongs to; returns plan + costs."""
     require_module(model)
+    _check_prunable_object(model)
     handler = _HANDLERS.get(type(config))
     if handler is None:
         raise ConfigError(f"{type(config).__name__} is not a registered method config; "
@@ -95,6 +96,17 @@ def prune_(model: nn.Module, config: Config, example_inputs: Any, **kwargs: Any)
     # another model, or saving it with another model, is then refused with a clear message.
     result.plan.fingerprint.update(dense=dense, pruned=architecture_fingerprint(model))
     return result
+
+
+def _check_prunable_object(model: nn.Module) -> None:
+    """ConfigError for a wrapper or a model without real tensors: what to pass instead."""
+    if unwrap_model(model) is not model:
+        raise ConfigError(f"prune the module inside this {type(model).__name__} wrapper (model.module for "
+                          "DistributedDataParallel, model._orig_mod for torch.compile), then wrap the pruned model "
+                          "again: its widths change, so a compiled or replicated copy is stale")
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ConfigError("this model's tensors are on the meta device (no values): build it on the CPU or GPU, or "
+                          "load its weights first (model.to_empty(device='cpu') then load_state_dict)")
 
 
 def _check_recordable(model: nn.Module, example_inputs: Any) -> None:

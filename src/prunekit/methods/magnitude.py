@@ -155,7 +155,7 @@ def score_groups(model: nn.Module, graph: Graph, cfg: MagnitudeConfig, batches: 
     relative_position_index: a buffer indexed by token position) has nothing to score and nothing
     to save; it is left whole and named in `skipped`."""
     ctx = ScoreContext(model, batches=batches, reduction=cfg.reduction, seed=cfg.seed, example_inputs=example_inputs,
-                       graph=graph)
+                       graph=graph, criterion=str(cfg.to_dict()["criterion"]))
     criterion = resolve_criterion(cfg.criterion)
     scores = {}
     params = ctx.parameters()

@@ -77,7 +77,9 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | Path) -> Path:
 
 def _plan_of(meta: Mapping[str, str], path: Any) -> Plan:
     if PLAN_KEY not in meta:
-        raise CheckpointError(f"{path} holds no prunekit plan; it was not written by save_pruned")
+        raise CheckpointError(f"{path} holds no prunekit plan, so it holds unpruned weights (a run's dense.safetensors, "
+                              "say): load it with model.load_state_dict(safetensors.torch.load_file(path)), or give "
+                              "the run's pruned.safetensors")
     try:
         return Plan.from_dict(json.loads(meta[PLAN_KEY]))
     except (ValueError, RecursionError) as err:  # RecursionError: JSON nested thousands deep

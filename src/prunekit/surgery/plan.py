@@ -233,6 +233,9 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
     entries); the replay runs on a working copy that `model` becomes only when it matches the
     plan's pruned fingerprint. Any mismatch: CheckpointError, `model` untouched.
     """
+    if not isinstance(plan, Plan):
+        hint = " (a plan read as JSON: Plan.from_dict(it), or load_plan(path))" if isinstance(plan, Mapping) else ""
+        raise CheckpointError(f"apply_plan_ needs a Plan, got {type(plan).__name__}{hint}")
     check_fingerprint(model, plan.fingerprint.get("dense"), "dense")
     try:
         graph = build_graph(model, plan.example_inputs(model), plan.ignore)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from ..core.config import Config
+from ..core.config import Config, check_names
 from ..core.errors import ConfigError, PruningError
 from ..cost.macs import Cost, CostEstimator, cost_from_graph
 from ..graph import Graph
@@ -117,6 +117,13 @@ class PreparedPruning:
         if getattr(config, "probe", False) and not self.probed:
             raise ConfigError("the config asks for probing but the graph was prepared with probe=False; "
                               "prepare with probe=True or set probe=False in the config")
+        import inspect
+
+        try:
+            inspect.signature(handler).bind(self, model, config, batches=batches, **kwargs)
+        except TypeError as err:
+            raise ConfigError(f"prepared.prune_ with {type(config).__name__}: {err} (its keyword arguments go to "
+                              f"the method; see help({handler.__module__}.{handler.__name__}))") from None
         self.check(model)
         from ..methods import _check_finite  # the checks prune_ makes (methods import this module)
 
@@ -133,6 +140,7 @@ def prepare_pruning(model: nn.Module, example_inputs: Any, ignore: Sequence[str]
 
     The model itself is not changed; prune copies of it (e.g. `copy.deepcopy(model)`) with
     `prepared.prune_(copy, config)`."""
+    check_names("ignore", ignore if isinstance(ignore, str) else list(ignore))  # not a bare name
     graph = build_safe_graph(model, example_inputs, list(ignore), probe=probe)
     return PreparedPruning(graph, example_inputs, tuple(ignore), probe, _signature(model),
                            cost_from_graph(model, graph), CostEstimator(model, graph), _module_classes(model),

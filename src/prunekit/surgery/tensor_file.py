@@ -111,6 +111,18 @@ def save_state_file(model: nn.Module, path: str | os.PathLike[str],
     return masks
 
 
+def _not_safetensors_hint(path: str | os.PathLike[str]) -> str:
+    """What to do with a file safetensors cannot read: prunekit's other files have their own readers."""
+    name = os.fspath(path)
+    if name.endswith(".json"):
+        return ("it is not a weights file: a plan.json replays with apply_plan_(model, load_plan(path)), and the "
+                "weights are in the run's pruned.safetensors")
+    if name.endswith((".pt", ".pth")):
+        return ("it is not a weights file prunekit reads (a training checkpoint such as last.pt resumes with "
+                "`prunekit resume`; prunekit never unpickles files): give a .safetensors file")
+    return "give a .safetensors file written by prunekit, or copy it again if it was cut short"
+
+
 def read_tensor_file(path: str | os.PathLike[str], require_checksum: bool = True
                      ) -> tuple[dict[str, str], dict[str, Tensor]]:
     """(metadata, tensors) of a safetensors file whose checksum matches; CheckpointError otherwise.
@@ -127,7 +139,7 @@ def read_tensor_file(path: str | os.PathLike[str], require_checksum: bool = True
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, SafetensorError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read {path}: {first}; pass a file written by prunekit") from None
+        raise CheckpointError(f"cannot read {path}: {first}; {_not_safetensors_hint(path)}") from None
     want = meta.get(SHA_KEY)
     if want is None:
         if require_checksum:
