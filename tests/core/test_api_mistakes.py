@@ -79,3 +79,25 @@ def test_prepared_pruning_names_an_unknown_keyword():
     prepared = prunekit.prepare_pruning(net, X)
     with pytest.raises(ConfigError, match=r"unexpected keyword argument 'foo'.*prune_prepared_"):
         prepared.prune_(copy.deepcopy(net), prunekit.MagnitudeConfig(channel_ratio=0.5), foo=1)
+
+
+def test_tracing_and_pruning_leave_a_max_norm_embeddings_weights_alone():
+    """torch renormalises an Embedding(max_norm=...) in place in every forward: build_graph,
+    prepare_pruning and count_cost changed the caller's weights."""
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(10, 8, max_norm=1.0), nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids).relu()).mean(1)
+
+    torch.manual_seed(0)
+    model, ids = Tokens().eval(), torch.arange(10).view(1, 10)
+    with torch.no_grad():
+        model.emb.weight.mul_(5)  # rows well above max_norm
+    before = model.emb.weight.detach().clone()
+    build_graph(model, ids)
+    prunekit.prepare_pruning(model, ids)
+    prunekit.count_cost(model, ids)
+    assert torch.equal(model.emb.weight, before)

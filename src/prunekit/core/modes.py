@@ -35,10 +35,26 @@ def kept_modes(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """`model.eval()` inside the block; afterwards each module's train/eval flag as it was."""
-    with kept_modes(model):
+    """`model.eval()` inside the block; afterwards each module's train/eval flag as it was, and the
+    weights of embeddings with `max_norm` (which torch renormalises in place in every forward)."""
+    with kept_modes(model), kept_renormed_embeddings(model):
         model.eval()
         yield model
+
+
+@contextlib.contextmanager
+def kept_renormed_embeddings(model: nn.Module) -> Iterator[None]:
+    """Inside the block an nn.Embedding/EmbeddingBag with `max_norm` may rescale rows of its weight
+    in place; afterwards the weight holds its values from before (a trace or a probe is no training)."""
+    kept = [(m.weight, m.weight.detach().clone()) for m in model.modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, values in kept:
+                if weight.shape == values.shape:  # not resized by a removal inside the block
+                    weight.copy_(values)
 
 
 SCORE_MODES = ("eval", "train")
@@ -69,7 +85,7 @@ def scoring(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
     saved = [(mod, name, buf, buf.detach().clone()) for mod in model.modules()
              for name, buf in mod._buffers.items() if buf is not None]
     try:
-        with kept_modes(model):
+        with kept_modes(model), kept_renormed_embeddings(model):
             model.train()
             for mod in model.modules():
                 if isinstance(mod, nn.modules.dropout._DropoutNd):

@@ -114,7 +114,10 @@ def latency_settings(fields: Any) -> LatencyConfig:
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ConfigError(f"latency has unknown field(s) {unknown}; use {sorted(known)}")
-    return LatencyConfig(**{"threads": 1, "warmup": 3, "repeats": 20, **fields})
+    try:
+        return LatencyConfig(**{"threads": 1, "warmup": 3, "repeats": 20, **fields})
+    except ConfigError as err:  # "batch_size=0 is invalid" alone reads like the data's batch size
+        raise ConfigError(f"latency.{err}" if str(err).split("=")[0] in known else f"latency: {err}") from None
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 
 from ..core.config import check_names
 from ..core.errors import ConfigError
-from ..core.modes import scoring
+from ..core.modes import kept_renormed_embeddings, scoring
 from ..core.modules import require_module
 from .ids import UnionFind
 from .inputs import check_inputs_fit, samples_of, split_inputs
@@ -157,7 +157,7 @@ def build_graph(model: nn.Module, example_inputs: Any, ignore: Iterable[str] = (
     try:
         inputs = tensors_in((args, kwargs))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), kept_renormed_embeddings(model):  # max_norm rescales rows in place
                 out = _traced_forward(tracer, model, args, kwargs, inputs)
         except Exception as err:
             failure = err

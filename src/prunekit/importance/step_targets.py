@@ -47,7 +47,7 @@ Attempt = Callable[[dict[str, int] | None], tuple[dict[str, list[int]], float]]
 
 
 def aligned_removal(cfg: Any, first_widths: dict[str, int], attempt: Attempt, record: dict[str, Any],
-             target: str) -> dict[str, list[int]]:
+             target: str, step: int = 1) -> dict[str, list[int]]:
     """`attempt(multiples)` -> (removal, shortfall: how far it lands short of the target, as a share
     of the model), with cfg.round_to at the first step's widths; where the rounded removal cannot
     meet the target or lands further from it than `round_slack`, the multiple is lowered (16, 8, 4,
@@ -62,16 +62,17 @@ def aligned_removal(cfg: Any, first_widths: dict[str, int], attempt: Attempt, re
         try:
             rounded, short = attempt({n: group_multiple(w, m) for n, w in first_widths.items()})
         except ConfigError as err:  # the rounded widths cannot reach the target
-            tried.append({"multiple": m, "error": str(err)[:200]})
+            tried.append({"multiple": m, "error": str(err)[:200], "step": step})
         else:
-            tried.append({"multiple": m, "shortfall": short})
+            tried.append({"multiple": m, "shortfall": short, "step": step})
             removal, used = rounded, m
             if cfg.round_slack is None or abs(short) <= cfg.round_slack:  # either way: channels may land over
                 break
         m = smaller_multiple(m)
     if removal is None:
         removal, used = attempt(None)[0], 1
-    record.update(round_to=cfg.round_to, multiple=used, tried=record.get("tried", []) + tried, target=target)
+    record.update(round_to=cfg.round_to, multiple=used, tried=record.get("tried", []) + tried, target=target,
+                  steps=cfg.steps)
     return removal
 
 
@@ -97,7 +98,7 @@ def step_removal(graph: Graph, scores, cfg: Any, step: int, before: Cost,
                 return unrounded, 0.0
             removal = selector.rounded(multiples, nearest).at(ratio)
             return removal, (due - sum(len(v) for v in removal.values())) / max(total, 1)
-        return aligned_removal(cfg, first_widths, by_ratio, record, "channels")
+        return aligned_removal(cfg, first_widths, by_ratio, record, "channels", step)
     which = "params" if cfg.params_fraction is not None else "macs"
     final = cfg.params_fraction if which == "params" else cfg.macs_fraction
     whole = before.params if which == "params" else before.macs  # shortfalls are shares of the model given
@@ -112,7 +113,7 @@ def step_removal(graph: Graph, scores, cfg: Any, step: int, before: Cost,
         res = round_to_target(graph, scores, start, multiples, exact, goal, cfg.max_ratio, cfg.normalizer,
                               nearest=nearest, first_widths=first_widths)
         return res.removal, (goal - res.cost) / max(whole, 1)
-    return aligned_removal(cfg, first_widths, by_cost, record, which)
+    return aligned_removal(cfg, first_widths, by_cost, record, which, step)
 
 
 def rounding_note(r: dict[str, Any], slack: float | None) -> str | None:
@@ -145,6 +146,8 @@ def rounding_note(r: dict[str, Any], slack: float | None) -> str | None:
         what = {"macs": "MACs", "params": "params"}[r["target"]]
         why = (f"with multiples of {first['multiple']} the model would keep {first['shortfall']:.1%} of its {what} "
                f"less than the target, more than round_slack={slack} allows")
+    if (r.get("steps") or 1) > 1 and "step" in first:  # a multiple lowered at one step holds for the later ones
+        why = f"at step {first['step']} of {r['steps']}, {why}"
     now = f"rounded to multiples of {used}" if used > 1 else "left unrounded"
     text = f"widths {now} instead of {r['round_to']}: {why}."
     if beyond:  # kept as the closest that meets it

@@ -94,7 +94,8 @@ class MagnitudeConfig(Config):
                               "params_fraction, macs_fraction or latency_fraction (fraction that remains); "
                               f"got {given or 'none'}"
                               + ("; keep one and clear the others (on the command line: "
-                                 + " or ".join(f"method.{g}=null" for g in given) + ")" if len(given) > 1 else ""))
+                                 + " or ".join(f"method.{g}=null" for g in given) + ")" if len(given) > 1 else
+                                 "; e.g. MagnitudeConfig(macs_fraction=0.5), on the command line method.macs_fraction=0.5"))
         if self.channel_ratio is not None:
             check_range("channel_ratio", self.channel_ratio, 0.0, 1.0, hi_open=True)
         for k in ("params_fraction", "macs_fraction", "latency_fraction"):
@@ -104,7 +105,7 @@ class MagnitudeConfig(Config):
         if self.round_to is not None and self.round_to != "auto" and (
                 not isinstance(self.round_to, int) or isinstance(self.round_to, bool) or self.round_to < 1):
             raise ConfigError(f"round_to={self.round_to!r} must be a positive integer (e.g. 8), 'auto' or null")
-        if not isinstance(self.steps, int) or self.steps < 1:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise ConfigError(f"steps={self.steps!r} must be an integer >= 1")
         check_range("latency_tolerance", self.latency_tolerance, 0.0, 1.0, lo_open=True)
         if self.round_slack is not None:
@@ -289,6 +290,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     plan: Plan | None = None
     fallbacks: dict[str, str] = {}
     metrics: dict[str, Any] = {}
+    config = cfg.to_dict()  # as asked (round_to "auto", not the multiple it picks)
     if cfg.round_to == "auto":  # the multiple this device rewards, timed once on the costliest layer
         with out_of_memory_as_config_error(latency_config(cfg), "layer widths for round_to='auto'"):
             metrics["round_to"] = pick_round_to(work, example_inputs, latency_config(cfg))
@@ -337,7 +339,6 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
             keep_parameters_(model, work)
         adopt_(model, work)
     metrics["memory_format"] = apply_memory_format_(model, example_inputs, cfg.memory_format, record=layout)
-    config = cfg.to_dict()
     plan.meta.update({"method": "magnitude", "config": config})
     if fallbacks:
         metrics["criterion_fallbacks"] = fallbacks
@@ -358,9 +359,8 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     elif metrics["rounding"]["tried"] and (note := rounding_note(metrics["rounding"], cfg.round_slack)):
         notes.append(note)
     if metrics.get("round_to", {}).get("fallback"):
-        notes.append(f"round_to='auto' found no multiple whose widths all ran within "
-                     f"{metrics['round_to']['slack']:.0%} of the best time per unit of work "
-                     f"({metrics['round_to']['fallback']}); narrow widths that run less efficiently for "
+        notes.append(f"round_to='auto' found no multiple whose widths all ran near the best time per unit of work: "
+                     f"{metrics['round_to']['fallback']}; narrow widths that run less efficiently for "
                      "other reasons than alignment also cause this")
     if metrics.get("round_to", {}).get("reason"):
         notes.append(f"round_to='auto' timed nothing: {metrics['round_to']['reason']}; widths are unrounded "
