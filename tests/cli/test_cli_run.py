@@ -143,6 +143,18 @@ def test_bench_prints_params_and_macs_of_a_named_model(runner):
     assert f"({cost.params:,})" in result.stdout and f"({cost.macs:,})" in result.stdout
 
 
+def test_bench_names_what_was_given_and_how_it_timed(runner):
+    result = runner.invoke(cli, ["bench", "--model", "nosuch"])
+    assert result.exit_code == 2 and "with --model nosuch: model: unknown model 'nosuch'" in result.output
+    assert "model.kwargs={}" not in result.output  # the overrides --model stands for stay inside
+    result = runner.invoke(cli, ["bench", "--model", "resnet20", "--input-shape", "1,32,32", "--no-latency"])
+    assert result.exit_code == 2 and "--input-shape 1,32,32:" in result.output
+    assert "--input-shape 3,32,32" in result.output and "torch.zeros" not in result.output
+    result = runner.invoke(cli, ["bench", "--model", "resnet20", "bench.repeats=2", "bench.warmup=1"])
+    assert result.exit_code == 0, result.output
+    assert "batch 1, contiguous, 1 thread)" in result.stdout
+
+
 def test_bench_of_a_named_model_keeps_its_model_overrides(runner):
     # Hand count of ResNet-20 with zero-pad shortcuts: stem 432 + 32; stage 1: 3 * (2 * 2304 + 64);
     # stage 2: 4608 + 9216 + 128 + 2 * (2 * 9216 + 128); stage 3: 18432 + 36864 + 256

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..core.environment import check_input_fits
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, PrunekitError
 
 _TOPICS = ("models", "datasets", "methods", "criteria", "recipes", "recipe")
 # Descriptions for registered items whose code carries no docstring.
@@ -119,10 +119,23 @@ def bench(args, model_name, weights, input_shape, latency, as_json) -> None:
     # --model resets the recipe's model section before the user's overrides, which may set its kwargs.
     reset = ("model.kwargs={}", "model.num_classes=null") if model_name else ()
     named = (f"model.name={model_name}",) if model_name else ()
-    recipe, weights = resolve(reset + tuple(args) + named, "bench", weights)
+    try:
+        recipe, weights = resolve(reset + tuple(args) + named, "bench", weights)
+    except ConfigError as err:  # show --model as given, not the overrides it stands for
+        msg = str(err)
+        for part in reset:
+            msg = msg.replace(f"{part}, ", "")
+        raise ConfigError(msg.replace(f"model.name={model_name}", f"--model {model_name}")) from None
     model, shape = built_model(recipe, weights, input_shape)
     example = torch.zeros(1, *shape)
-    cost = count_cost(model, example)
+    try:
+        cost = count_cost(model, example)
+    except PrunekitError as err:
+        if input_shape is None:
+            raise
+        first = str(err).split("). Pass example inputs")[0]
+        raise ConfigError(f"--input-shape {input_shape}: {first}); give the per-sample shape {recipe.model.name} "
+                          f"takes, without the batch (e.g. --input-shape 3,32,32)") from None
     out = {"model": recipe.model.name, "weights": weights, "input_shape": list(shape), "params": cost.params,
            "macs": cost.macs, "convention": CONVENTION}
     if latency:  # time the exported model: masks baked, no per-forward mask multiply
@@ -139,10 +152,18 @@ def bench(args, model_name, weights, input_shape, latency, as_json) -> None:
         lat = out["latency"]
         rows.append(("latency", f"{lat['median_ms']:.3f} ms median (p10 {lat['p10_ms']:.3f}, p90 {lat['p90_ms']:.3f}; "
                                 f"{lat['n']} repeats; {lat['device']} {lat['device_name']}, {lat['dtype']}, "
-                                f"batch {lat['batch']})"))
+                                f"batch {lat['batch']}, {_layout_and_threads(lat)})"))
     rows.append(("counting", CONVENTION))
     for key, value in rows:
         click.echo(f"{key:<9}{value}")
+
+
+def _layout_and_threads(lat: dict) -> str:
+    """'channels-last, 1 thread' from a latency record's settings (the layout the model was timed in)."""
+    settings = lat.get("settings") or {}
+    layout = "channels-last" if settings.get("channels_last") else "contiguous"
+    threads = settings.get("threads_used") or settings.get("threads")
+    return str(layout).replace("_", "-") + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
 
 
 @click.command("report")
