@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.core.errors import ConfigError
+from prunekit.core.errors import CheckpointError, ConfigError
 from prunekit.engine import CHECKPOINT_NAME, Hook, TrainConfig, TrainState, load_checkpoint, train
 
 from engine_testkit import TinyLoader, blobs, mlp, without_timings
@@ -312,3 +312,21 @@ def test_a_parameter_outside_the_model_is_refused_with_a_checkpoint_unless_the_h
     hook = _Outside(stateful=True)
     train(mlp(), data, None, cfg, hooks=[hook], ckpt_dir=tmp_path / "b", progress=False)
     assert float(hook.p.sum()) > 0
+
+
+def test_a_hook_state_a_checkpoint_cannot_hold_is_refused_before_the_first_epoch(tmp_path):
+    """It was refused when the first checkpoint was written, after the model had trained an epoch."""
+    class SetState(Hook):
+        def state_dict(self):
+            return {"seen": {1, 2}}
+
+        def load_state_dict(self, state):
+            pass
+
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CheckpointError, match=r"hooks\[0\] \(SetState\).state_dict\(\)\['seen'\] is a set"):
+        train(model, TinyLoader(*blobs(32), 8), None, TrainConfig(epochs=1, lr=0.05), hooks=[SetState()],
+              ckpt_dir=tmp_path, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not list(tmp_path.iterdir())

@@ -136,12 +136,9 @@ def save_checkpoint(path: str | os.PathLike[str], *, model: nn.Module, optimizer
                     scheduler: Any, epoch: int, steps_per_epoch: int, hooks: Sequence[Any],
                     cfg: dict[str, Any], history: list[dict[str, Any]]) -> None:
     """Write the full training state after `epoch` atomically to `path`."""
-    hook_states, hook_types = {}, {}
-    for i, hook in enumerate(hooks):
-        if _has_state(hook):
-            state = hook.state_dict()
-            _check_plain(state, f"hooks[{i}] ({type(hook).__name__}).state_dict()")
-            hook_states[str(i)], hook_types[str(i)] = state, _hook_type(hook)
+    hook_states, hook_types = hook_checkpoint_states(hooks), {}
+    for i in hook_states:
+        hook_types[i] = _hook_type(hooks[int(i)])
     payload = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "epoch": int(epoch), "steps_per_epoch": int(steps_per_epoch),
@@ -152,6 +149,19 @@ def save_checkpoint(path: str | os.PathLike[str], *, model: nn.Module, optimizer
     }
     payload["checksum"] = payload_sha256(payload)
     atomic_torch_save(payload, path)
+
+
+def hook_checkpoint_states(hooks: Sequence[Any]) -> dict[str, Any]:
+    """{hook index: its state_dict()} for the hooks that have state, each checked to be something a
+    checkpoint can hold (tensors, numbers, strings, lists, dicts): `train` calls this before its
+    first epoch too, so a state that cannot be saved stops the run before it trains."""
+    states = {}
+    for i, hook in enumerate(hooks):
+        if _has_state(hook):
+            state = hook.state_dict()
+            _check_plain(state, f"hooks[{i}] ({type(hook).__name__}).state_dict()")
+            states[str(i)] = state
+    return states
 
 
 def load_checkpoint(path: str | os.PathLike[str],

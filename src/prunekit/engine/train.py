@@ -44,7 +44,8 @@ from ..core.config import short_repr
 from ..core.errors import ConfigError, TrainingError
 from ..core.layout import is_channels_last, onednn_safe, to_channels_last_
 from .batches import check_labels, out_of_memory, split_batch
-from .checkpoint import _has_state, checkpoint_path, load_checkpoint, save_checkpoint, seed_everything
+from .checkpoint import (_has_state, checkpoint_path, hook_checkpoint_states, load_checkpoint, save_checkpoint,
+                         seed_everything)
 from .distributed import (DistContext, all_reduce_sums, broadcast_buffers, env_ranks, init_distributed,
                           resolve_device, shard_batch, shutdown, wrap_model)
 from .evaluate import autocast_context, evaluate, to_device
@@ -340,8 +341,9 @@ def _train_loop(model: nn.Module, train_loader: Any, val_loader: Any, cfg: Train
                 resume: bool, notes: list[str]) -> TrainResult:
     with MetricsLog(log_path, enabled=ctx.is_main) as log:
         run = _Run(model, cfg, hooks, device, ctx, len(train_loader), log, progress)
-        if ckpt_dir is not None:
+        if ckpt_dir is not None:  # what the first checkpoint would refuse, refused before training
             _check_outside_parameters(run.outside, hooks)
+            hook_checkpoint_states(hooks)
         start, history = run.resume(ckpt_dir, notes) if resume else (0, [])
         run.wrap()
         run.bind(start)
