@@ -229,8 +229,9 @@ def _check_runs(work: nn.Module, example_inputs: Any, original: nn.Module, probe
         raise
     except Exception as err:
         tied = tied_parameters(original)  # removal has replaced the pruned copy's tensors
+        owners = sorted({name.rpartition(".")[0] for name in tied[0]}) if tied else []
         why = (f"the model ties weights ({' = '.join(tied[0])}), and channel pruning cannot keep a tie: leave "
-               "the modules that share them out with ignore=[...]" if tied else
+               f"the modules that share them out with ignore={owners}" if tied else
                "its forward hard-codes a channel count that neither the trace nor the probe (one channel removed "
                "from each group the trace cannot vouch for) can see; ignore the layers involved" if probed else
                "its forward hard-codes a channel count the trace cannot see. Prune with probe=True (the default), "

@@ -161,9 +161,10 @@ def _check_ties(mods: dict[str, nn.Module], new: dict) -> None:
     for key in new:
         names = holders.get(id(_get_tensor(mods, *key)), [])
         if len(names) > 1:
+            owners = sorted({n.rpartition(".")[0] for n in names if n.rpartition(".")[0]})
             raise PruningError(f"{' = '.join(names)} share one tensor (tied weights), and channel removal cannot cut "
                                "a shared tensor for one holder only; leave the modules that share it out with "
-                               "ignore=[...] (the model was left unchanged)")
+                               f"ignore={owners} (the other groups still prune; the model was left unchanged)")
 
 
 def _get_tensor(mods: dict[str, nn.Module], mod_name: str, tname: str) -> torch.Tensor:
