@@ -105,6 +105,8 @@ def test_prune_channels_plans_carry_fingerprints(tmp_path):
     (lambda d: d.update(input_shapes=[[1, 1, 4097, 4097]]), "input elements"),  # 16.8M: 1.7 GB per 1M traced
     (lambda d: d.update(input_dtypes=["complex64"]), "input dtype"),
     (lambda d: d.update(ignore="fc"), "'ignore'"),
+    (lambda d: d.update(grups={}), r"unknown key\(s\) \['grups'\]"),  # a misspelt key was dropped
+    (lambda d: _first(d).update(kept=[0]), r"not keys \['keep', 'kept', 'size'\]"),
     (lambda d: d.update(fingerprint="abc"), "'fingerprint'"),
 ])
 def test_malformed_plan_files_give_one_clear_error(tmp_path, edit, fragment):

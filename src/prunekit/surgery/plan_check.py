@@ -35,6 +35,7 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "u
 # the digits CNN). 2**24 elements (one 3x2048x2048 image fits) bounds what a crafted plan can make
 # a load allocate.
 MAX_INPUT_ELEMENTS = 2 ** 24
+PLAN_KEYS = ("format", "version", "input_shapes", "input_dtypes", "ignore", "meta", "groups", "fingerprint")
 _PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original\d*$")
 
 
@@ -78,13 +79,17 @@ def _str_list(value: Any, what: str) -> list[str]:
 def parse_plan_dict(data: Mapping[str, Any]) -> dict[str, Any]:
     """Validated keyword arguments of `Plan` from its `to_dict` layout (format/version checked by
     the caller). Only types and ranges: whether the plan fits a model is `apply_plan_`'s check."""
+    unknown = sorted(str(k) for k in data if k not in PLAN_KEYS)
+    if unknown:  # a misspelt key ("grups") would be dropped, and the plan replay less than it says
+        raise _fail(f"unknown key(s) {unknown[:3]}; a plan holds {', '.join(PLAN_KEYS)}")
     groups = data.get("groups")
     if not isinstance(groups, Mapping):
         raise _fail(f"'groups' must be a mapping of group name -> {{size, keep}}, got {type(groups).__name__}")
     keep, sizes = {}, {}
     for name, g in groups.items():
-        if not isinstance(g, Mapping) or "size" not in g or "keep" not in g:
-            raise _fail(f"group {name!r} must be {{'size': int, 'keep': [int, ...]}}")
+        if not isinstance(g, Mapping) or set(g) != {"size", "keep"}:
+            raise _fail(f"group {name!r} must be {{'size': int, 'keep': [int, ...]}}"
+                        + (f", not keys {sorted(map(str, g))}" if isinstance(g, Mapping) else ""))
         sizes[name] = _int(g["size"], f"size of group {name!r}", 1)
         if not isinstance(g["keep"], list):
             raise _fail(f"keep of group {name!r} must be a list of channel indices")
