@@ -689,3 +689,18 @@ def test_filter_sparsity_on_a_layer_whose_filters_are_model_outputs_is_refused()
             p, q = self.a(x).chunk(2, 1)
             return self.b(p * torch.sigmoid(q))
     SLRConfig(sparsity_type="filter", sparsity=0.5, layers=["a"]).check_model(Glu(), torch.randn(1, 3, 6, 6))
+
+
+def test_nm_sparsity_skips_depthwise_convs_by_default_and_names_a_listed_one():
+    """A depthwise conv has one input per group, which no run of m divides: the default layers
+    included them, and the error named a shape, not the layer."""
+    from prunekit.methods.slr.config import resolve_targets
+    from prunekit.models import create_model
+
+    model = create_model("mobilenetv2_cifar", num_classes=10)
+    targets = resolve_targets(model, SLRConfig(sparsity_type="nm"))
+    depthwise = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    assert targets and depthwise and not depthwise & set(targets)
+    with pytest.raises(ConfigError, match=r"layer\(s\) features.1.block.0.0 take their inputs per group in runs not "
+                                          r"divisible by m=4"):
+        resolve_targets(model, SLRConfig(sparsity_type="nm", layers=["features.1.block.0.0", "features.1.block.1"]))

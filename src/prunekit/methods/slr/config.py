@@ -35,7 +35,8 @@ class SLRConfig(Config):
     layers:         module names or fnmatch patterns whose `weight` is pruned; None = every
                     Conv1d/2d/3d except the first one in definition order (the reference pruned
                     all convs but the stem; it also left out 1x1 shortcut convs, which only
-                    exist in some ResNets); for "pattern" only the 3x3 ones. Must be None
+                    exist in some ResNets); for "pattern" only the 3x3 ones, for "nm" only those whose
+                    inputs per group divide into runs of m (not depthwise convs). Must be None
                     when `sparsity` is a dict.
     scope:          "layer" (each tensor projected alone) or "global" (irregular only: one
                     magnitude threshold across all selected tensors).
@@ -195,15 +196,19 @@ def _check_filters_removable(model: nn.Module, layers: list[str], example_inputs
                           "unstructured sparsity_type")
 
 
-def _default_layers(model: nn.Module, kind: str) -> list[str]:
+def _default_layers(model: nn.Module, kind: str, m: int = 4) -> list[str]:
+    """Every conv but the first; for 'pattern' the 3x3 ones, for 'nm' those whose inputs per group
+    come in runs of m (a depthwise conv's single input cannot)."""
     convs = [(n, mod) for n, mod in model.named_modules() if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
     if len(convs) < 2:
         raise ConfigError(
             f"the model has {len(convs)} conv layer(s) and the default skips the first; name the layers to prune"
         )
-    chosen = [n for n, mod in convs[1:] if kind != "pattern" or tuple(mod.kernel_size) == (3, 3)]
+    fits = {"pattern": lambda mod: tuple(mod.kernel_size) == (3, 3), "nm": lambda mod: mod.weight.shape[1] % m == 0}
+    chosen = [n for n, mod in convs[1:] if fits.get(kind, lambda mod: True)(mod)]
     if not chosen:
-        raise ConfigError("no conv but the first has a 3x3 kernel for 'pattern'; name the layers to prune")
+        need = "a 3x3 kernel for 'pattern'" if kind == "pattern" else f"inputs per group in runs of m={m} for 'nm'"
+        raise ConfigError(f"no conv but the first has {need}; name the layers to prune")
     return chosen
 
 
@@ -227,7 +232,8 @@ def resolve_targets(model: nn.Module, config: SLRConfig) -> dict:
             for n in _match_layers(model, [pat]):
                 ratio[n] = v
     else:
-        layers = _default_layers(model, config.sparsity_type) if config.layers is None else _match_layers(model, config.layers)
+        layers = (_default_layers(model, config.sparsity_type, config.m) if config.layers is None
+                  else _match_layers(model, config.layers))
         ratio = {n: config.sparsity for n in layers}
     targets = {}
     for name in layers:
@@ -244,7 +250,11 @@ def resolve_targets(model: nn.Module, config: SLRConfig) -> dict:
     try:  # fail now, with the layer named, rather than at the first Z-update
         masks = spec.masks(weights)
     except PruningError as err:
-        raise ConfigError(f"sparsity_type {config.sparsity_type!r} cannot be applied: {err}") from None
+        odd = [n for n in layers if config.sparsity_type == "nm" and weights[f"{n}.weight"].dim() > 1
+               and weights[f"{n}.weight"].shape[1] % config.m]
+        which = (f" (layer(s) {', '.join(odd[:3])} take their inputs per group in runs not divisible by m={config.m}: "
+                 "leave them out of layers)") if odd else ""
+        raise ConfigError(f"sparsity_type {config.sparsity_type!r} cannot be applied: {err}{which}") from None
     try:  # a layer an earlier method masked: refused before training, not after it
         check_masks_only_grow(model, masks)
     except PruningError as err:
