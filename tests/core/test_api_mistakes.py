@@ -101,3 +101,20 @@ def test_tracing_and_pruning_leave_a_max_norm_embeddings_weights_alone():
     prunekit.prepare_pruning(model, ids)
     prunekit.count_cost(model, ids)
     assert torch.equal(model.emb.weight, before)
+
+
+def test_a_model_that_fails_past_its_first_layer_is_not_blamed_on_the_inputs():
+    """Linear(5, 8) then Linear(6, 3) on a fitting input: the message said to change the inputs."""
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.o = nn.Linear(5, 8), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.o(self.emb(x))
+
+    with pytest.raises(ConfigError, match=r"fails in or after layer `o` \(Linear\), once 1 earlier layer") as info:
+        build_graph(Broken(), torch.randn(2, 5))
+    assert isinstance(info.value.__cause__, RuntimeError)  # the failing line stays reachable
+    with pytest.raises(ConfigError, match=r"cannot run on the example inputs.*first layer `emb`"):
+        build_graph(Broken(), torch.randn(2, 4))  # the first layer refuses: the inputs are at fault

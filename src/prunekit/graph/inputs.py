@@ -111,13 +111,26 @@ def check_inputs_fit(model: nn.Module, args: tuple, kwargs: dict, failure: BaseE
     """
     if isinstance(failure, PrunekitError):
         return
+    entered: list[str] = []  # the layers (modules without children) the forward reached, in order
+    leaves = {n: m for n, m in model.named_modules() if not any(True for _ in m.children())}
+    hooks = [m.register_forward_pre_hook(lambda mod, _a, name=n: entered.append(name)) for n, m in leaves.items()]
     try:
         with torch.no_grad():
             model(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 (any failure of the user's forward on these inputs)
         first = " ".join(str(err).split())[:200] or type(err).__name__
+        passed = [n for n in dict.fromkeys(entered) if n != entered[-1]] if entered else []
+        if passed:  # earlier layers took the inputs: the failure is further in, likely the model's own code
+            raise ConfigError(
+                f"the model's forward fails in or after layer `{entered[-1]}` ({type(leaves[entered[-1]]).__name__}), "
+                f"once {len(passed)} earlier layer(s) ran on the example inputs ({describe_inputs(args, kwargs)}): "
+                f"{type(err).__name__}: {first}. Check the model's code there (the exception's cause shows the "
+                "failing line), or the input size if the model depends on it") from err
         raise ConfigError(
             f"the model cannot run on the example inputs: given {describe_inputs(args, kwargs)}; expected "
             f"{expected_inputs(model)} ({type(err).__name__}: {first}). Pass example inputs that "
             "model(example_inputs) accepts: one tensor, a tuple of positional tensors or a dict of keyword "
             "tensors, with the batch first (e.g. torch.zeros(1, 3, 32, 32) for a CIFAR model)") from None
+    finally:
+        for h in hooks:
+            h.remove()
