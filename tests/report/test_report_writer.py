@@ -127,6 +127,11 @@ def test_weight_masks_line_reports_counted_zeros(tmp_path):
     assert "Weight masks: 70.0% of 10 masked weights are zero" in paths.markdown.read_text()
     paths = write_report(tmp_path / "dense", {"title": "t", "method": "magnitude"})
     assert "Weight masks" not in paths.markdown.read_text()
+    kinds = {"tensors": {"a.weight": {"kind": "2:4"}, "b.weight": {"kind": "2:4"}, "c.weight": {"kind": "irregular"}},
+             "masked": {"zeros": 7, "numel": 10, "sparsity": 0.7}}
+    paths = write_report(tmp_path / "kinds", {"title": "t", "method": "slr", "sparsity": kinds})
+    assert "are zero (counted in the final weights); mask kinds: 2:4 on 2 tensors; irregular on 1 tensor" in \
+        paths.markdown.read_text()
     paths = write_report(tmp_path / "partial", {"title": "t", "method": "slr", "sparsity": {"masked": {"numel": 10}}})
     assert "Weight masks: n/a of 10 masked weights are zero" in paths.markdown.read_text()
 

@@ -181,8 +181,12 @@ def _sections(result: dict, images: list[tuple[str, str]]) -> list[tuple[str, li
     summary: list[Block] = [f"Method: {result.get('method') or NA}"]
     masked = (result.get("sparsity") or {}).get("masked") or {}
     if masked.get("numel"):
+        tensors = (result.get("sparsity") or {}).get("tensors") or {}
+        kinds = [str(e.get("kind")) for e in tensors.values() if isinstance(e, dict) and e.get("kind")]
+        shown = "; ".join(f"{k} on {kinds.count(k)} tensor{'s' if kinds.count(k) > 1 else ''}"
+                          for k in sorted(set(kinds)))
         summary.append(f"Weight masks: {fmt_pct(masked.get('sparsity'))} of {fmt_int(masked['numel'])} masked weights "
-                       "are zero (counted in the final weights)")
+                       "are zero (counted in the final weights)" + (f"; mask kinds: {shown}" if shown else ""))
     summary.append(_Table(["accuracy", "value"], _accuracy_rows(result), "lr"))
     summary.append(_Table(["total", "before", "after", "after / before", "reduction"], _total_rows(result), "lrrrr"))
     if any(_cost(result, side, k)[1] for side in ("before", "after") for k in ("params", "macs")):

@@ -278,6 +278,10 @@ def weight_sparsity(model: nn.Module) -> dict[str, Any]:
     from ..layers.ssc import SSCConv2d
 
     report = sparsity_report(model)
+    for mname, module, pname in masked_modules(model):  # each tensor's mask kind: 2:4, pattern, irregular
+        key = f"{mname}.{pname}" if mname else pname
+        kind = mask_kind(get_mask(module, pname).expand(getattr(module, pname).shape), transposed_groups(model, key))
+        report[key]["kind"] = f"{kind['n']}:{kind['m']}" if kind["kind"] == "nm" else kind["kind"]
     zeros, numel = sum(e["zeros"] for e in report.values()), sum(e["numel"] for e in report.values())
     wz = wn = 0
     with torch.no_grad():
