@@ -111,6 +111,26 @@ def test_a_run_directory_whose_path_holds_an_equals_sign_is_the_recipe(default_r
     assert data["accuracy"] == json.loads((run / "result.json").read_text())["accuracy_after"]
 
 
+def test_prune_from_saved_weights_prunes_once(default_run, runner, tmp_path, monkeypatch):
+    """The dry run of a one-shot method before the run starts pruned a copy of the very model the
+    prune stage then pruned again (twice the timing of a latency target); its result is taken."""
+    from prunekit.cli import pipeline
+    from prunekit.surgery.persist import load_pruned
+
+    out, _ = default_run
+    calls, real = [], pipeline.run_method
+    monkeypatch.setattr(pipeline, "run_method", lambda *a, **k: calls.append(1) or real(*a, **k))
+    target = tmp_path / "once"
+    result = runner.invoke(cli, ["prune", "--weights", str(out / "dense.safetensors"), "--out", str(target),
+                                 "method.macs_fraction=0.7", "eval.latency=false", "eval.layer_latency=false"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert len(calls) == 1
+    res = json.loads((target / "result.json").read_text())
+    assert res["cost_after"]["macs"] <= 0.7 * res["cost_before"]["macs"] and res["stage_seconds"]["prune"] > 0
+    reloaded = load_pruned(create_model("small_cnn", num_classes=10), target / "pruned.safetensors")
+    assert count_cost(reloaded, torch.zeros(1, 1, 8, 8)).macs == res["cost_after"]["macs"]
+
+
 def test_prune_from_a_saved_dense_checkpoint(default_run, runner, tmp_path):
     out, _ = default_run
     target = tmp_path / "pruned"

@@ -26,6 +26,7 @@ from ..cost.macs import Cost, count_cost
 from ..data import DataBundle, load_data
 from ..engine import MetricsLog, TrainConfig, evaluate, seed_everything, train
 from ..models import create_model
+from ..surgery.copying import adopt_
 from ..surgery.plan import Plan
 from .recipe import Recipe
 
@@ -47,6 +48,8 @@ class Job:
     run_dir: Path | None = None
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     before_prune: nn.Module | None = None  # a copy of the model just before pruning
+    # the dry run of a one-shot method on a copy: (weights' norms then, pruned copy, result, seconds)
+    trial: tuple[tuple[float, ...], nn.Module, Any, float] | None = None
     prune_metrics: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -128,10 +131,21 @@ def prepare(recipe: Recipe, weights: str | None = None, progress: bool = True, e
         check_training_phases(recipe.method.config, recipe.trainer_for_method, section)
     elif check_method and recipe.method is not None:
         trial = copy.deepcopy(model)
+        start = time.perf_counter()
         with warnings.catch_warnings():  # the real prune stage repeats them as notes
             warnings.simplefilter("ignore")
-            run_method(job, trial)
+            result = run_method(job, trial)
+        # kept for the prune stage: a model nothing changed until then is not pruned (and timed) twice
+        job.trial = (_weights_key(model), trial, result, time.perf_counter() - start)
     return job
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    """What the dry run's result depends on besides the recipe: the architecture and the weights."""
+    from ..surgery.plan_check import architecture_fingerprint
+    from ..surgery.verify import weight_norms
+
+    return architecture_fingerprint(model), weight_norms(list(model.state_dict(keep_vars=True).values()))
 
 
 def check_timing(recipe: Recipe) -> None:
@@ -331,7 +345,12 @@ def prune_stage(job: Job, ckpt_dir: Path | None = None, resume: bool = False) ->
     job.before_prune = copy.deepcopy(job.model)
     job.log("stage", name="prune", method=method.label)
     before = job.cost()
-    result = job.timed("prune", lambda: run_method(job, job.model, ckpt_dir, resume))
+    trial, job.trial = job.trial, None
+    if trial is not None and trial[0] == _weights_key(job.model):  # the dry run pruned these very weights
+        adopt_(job.model, trial[1])
+        result, job.seconds["prune"] = trial[2], trial[3]
+    else:
+        result = job.timed("prune", lambda: run_method(job, job.model, ckpt_dir, resume))
     plan = result.plan
     job.plan = plan if job.plan is None else job.plan.compose(plan)
     try:
