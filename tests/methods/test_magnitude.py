@@ -491,3 +491,11 @@ def test_a_channel_ratio_on_a_masked_model_says_the_masks_kept_channels():
     assert "1 layer(s) carry weight masks (conv3)" in note and "bake them first" in note
     plain = prune_(create_model("small_cnn", num_classes=10), MagnitudeConfig(channel_ratio=0.5), torch.zeros(1, 1, 8, 8))
     assert not any("weight masks" in n for n in plain.metrics.get("notes", []))
+
+
+def test_latency_settings_a_call_never_uses_are_noted():
+    """method.latency.device=cuda beside a MACs target passed without a word (nothing is timed)."""
+    r = prune_(_resnet(), MagnitudeConfig(macs_fraction=0.7, latency={"device": "cuda"}, probe=False), X)
+    assert any("latency={'device': 'cuda'} was not used: nothing was timed" in n for n in r.metrics["notes"])
+    r = prune_(_resnet(), MagnitudeConfig(macs_fraction=0.7, probe=False), X)
+    assert not any("was not used" in n for n in r.metrics.get("notes", []))

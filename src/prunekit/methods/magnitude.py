@@ -346,6 +346,9 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     notes = _capped_note(cfg).get("notes", []) + _skipped_note(sorted(set(skipped))).get("notes", [])
     if nothing:
         notes.insert(0, f"nothing was removed: {nothing}")
+    if cfg.latency and not timed:
+        notes.append(f"latency={dict(cfg.latency)} was not used: nothing was timed (only latency_fraction, "
+                     "round_to='auto' and memory_format='auto' time the model)")
     if hint := _masked_hint(model):  # a channel_ratio went on with the other groups, or with none, silently
         notes.append(f"channels kept by weight masks: {hint[2:]}")
     if skipped:
