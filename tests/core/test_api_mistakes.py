@@ -118,3 +118,22 @@ def test_a_model_that_fails_past_its_first_layer_is_not_blamed_on_the_inputs():
     assert isinstance(info.value.__cause__, RuntimeError)  # the failing line stays reachable
     with pytest.raises(ConfigError, match=r"cannot run on the example inputs.*first layer `emb`"):
         build_graph(Broken(), torch.randn(2, 4))  # the first layer refuses: the inputs are at fault
+
+
+def test_a_functional_grouped_conv_keeps_its_groups_instead_of_failing_the_whole_pruning():
+    """F.conv2d(x, w, groups=2) with w a raw parameter: `groups` is written in the code, so whole
+    conv groups cannot go; the pruning refused everything after a pruned copy failed to run."""
+    import torch.nn.functional as F
+
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.o = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(14, 4, 1)
+            self.w = nn.Parameter(torch.randn(8, 4, 3, 3))
+
+        def forward(self, x):
+            return self.o(torch.cat([F.conv2d(self.a(x), self.w, padding=1, groups=2), self.b(x)], 1))
+
+    torch.manual_seed(0)
+    r = prunekit.prune_(Grouped().eval(), prunekit.MagnitudeConfig(channel_ratio=0.5, round_to=None), X)
+    assert "a" not in r.plan.groups and r.plan.groups.get("b")  # the other group still prunes

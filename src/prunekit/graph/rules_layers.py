@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import torch
+from torch import nn
 
 from .ids import along
 from .rules import register_rule
@@ -61,6 +62,10 @@ def _conv(tr, call, transposed: bool):
         tr.add_member(mod, wname, 1, *dim1)
     else:
         _join_conv_groups(tr, p, in_ids, groups)
+        if not isinstance(tr.model.get_submodule(mod), nn.modules.conv._ConvNd):
+            # F.conv2d(x, w, groups=g) with a raw parameter: `groups` is written in the code, so
+            # no whole conv group may go (surgery updates it only on nn.Conv modules)
+            tr.uf.mark_fixed(p.numpy())
     if b is not None and _named(tr, b) is not None:
         tr.add_member(*_named(tr, b), 0, p, "out")
     elif isinstance(b, torch.Tensor) and tr.ids(b) is not None:
