@@ -137,3 +137,23 @@ def test_a_functional_grouped_conv_keeps_its_groups_instead_of_failing_the_whole
     torch.manual_seed(0)
     r = prunekit.prune_(Grouped().eval(), prunekit.MagnitudeConfig(channel_ratio=0.5, round_to=None), X)
     assert "a" not in r.plan.groups and r.plan.groups.get("b")  # the other group still prunes
+
+
+def test_a_parameter_free_first_layer_does_not_turn_wrong_inputs_into_a_model_bug():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with pytest.raises(ConfigError, match=r"cannot run on the example inputs.*first layer `1` \(Linear\)"):
+        build_graph(model, torch.randn(1, 3, 32, 32))
+
+
+def test_a_copy_in_the_other_train_eval_mode_is_still_a_fresh_copy():
+    net = _net().train()
+    prepared = prunekit.prepare_pruning(net, X)
+    r = prepared.prune_(copy.deepcopy(net).eval(), prunekit.MagnitudeConfig(channel_ratio=0.5, round_to=None))
+    assert r.plan.groups["0"]
+
+
+def test_channel_numbers_are_checked_past_the_first_odd_one():
+    from prunekit.core.errors import PruningError
+
+    with pytest.raises(PruningError, match=r"got 1.5 \(float\)"):
+        prune_channels_(_net(), X, {"0": [torch.tensor(0), 1.5]})

@@ -274,3 +274,17 @@ def test_round_slack_none_keeps_the_multiple_of_a_latency_target(monkeypatch):
                torch.randn(1, 3, 32, 32))
     assert r.metrics["latency"]["round_to"] == 16
     assert all(m.out_channels % 8 == 0 for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_the_multiple_is_kept_when_max_ratio_is_what_stops_the_target(monkeypatch):
+    """ResNet-20 at 0.05 with max_ratio=0.5: multiples of 2 estimate no nearer than 8, so 8 stays
+    and the note names max_ratio (the multiple fell to 2 and the note blamed round_to=8)."""
+    from prunekit.models import create_model
+
+    _exact_readings(monkeypatch)
+    torch.manual_seed(0)
+    r = prune_(create_model("resnet20", 10).eval(), MagnitudeConfig(latency_fraction=0.05, round_to=8, max_ratio=0.5,
+                                                                     latency={"repeats": 3, "warmup": 1}),
+               torch.randn(1, 3, 32, 32))
+    rep = r.metrics["latency"]
+    assert rep["round_to"] == 8 and "max_ratio=0.5" in rep["note"] and "round_to_note" not in rep

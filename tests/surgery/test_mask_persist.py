@@ -155,6 +155,19 @@ def test_a_crafted_file_whose_weights_or_kinds_disagree_with_its_masks_is_refuse
     assert load_pruned(fresh, good)[0].weight.eq(0).sum() == 16
 
 
+def test_a_file_that_described_an_all_zero_mask_as_0_of_m_still_loads(tmp_path):
+    """Files written before an all-zero mask was called 'irregular' describe it as N:M 0:2."""
+    lin = nn.Sequential(nn.Linear(8, 4))
+    apply_mask(lin[0], "weight", torch.zeros(4, 8, dtype=torch.bool))
+    good = save_pruned(lin, empty_plan(torch.zeros(1, 8)), tmp_path / "good.safetensors")
+    with safe_open(str(good), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    old = read_plan(good)
+    old.meta["masks"]["tensors"]["0.weight"].update(kind="nm", n=0, m=2)
+    write_tensor_file(tmp_path / "old.safetensors", tensors, {**meta, PLAN_KEY: old.to_json()})
+    assert not load_pruned(nn.Sequential(nn.Linear(8, 4)), tmp_path / "old.safetensors")[0].weight.any()
+
+
 def test_mask_kinds_are_recognised():
     w = torch.randn(8, 8, 3, 3)
     assert mask_kind(unstructured_mask(w, 0.5)) == {"kind": "irregular"}

@@ -2,6 +2,7 @@
 prunekit's own skip the trial; a size written in the code, or a user's rule, sends a group to it."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from prunekit.graph import build_graph
@@ -243,7 +244,7 @@ def test_a_branch_on_the_channel_count_is_caught_at_the_real_widths():
     torch.manual_seed(0)
     model, x = _WidthBranch().eval(), torch.randn(2, 3, 6, 6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(PruningError, match=r"group\(s\) a no longer give what zeroing the removed channels gives"):
+    with pytest.raises(PruningError, match=r"real widths, group\(s\) a: removal differs from zeroing"):
         prune_(model, MagnitudeConfig(channel_ratio=0.5, round_to=None), x)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.a.out_channels == 8
     assert prune_(model, MagnitudeConfig(channel_ratio=0.2, round_to=None), x).plan.groups["a"]  # 8 -> 7 is fine
@@ -286,3 +287,41 @@ def test_a_group_behind_a_channel_norm_is_checked_against_norming_the_kept_chann
     assert "removal differs from zeroing" in probe_groups(swapped, x, build_graph(swapped, x)).get("i", "")
     plain = _NormThenSwap(norm, swap=False).eval()
     assert probe_groups(plain, x, build_graph(plain, x), everything=True) == {}  # pruned as before
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """torchvision's ConvNeXt LayerNorm2d: normalises NCHW over C through a permute."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("hw", [6, 8])  # W other than C (an IndexError) and W equal to C (a false refusal)
+def test_a_layernorm_subclass_with_its_own_forward_gets_no_last_dim_reference(hw):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _LayerNorm2d(8), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, hw, hw)
+    assert probe_groups(model, x, build_graph(model, x), everything=True) == {}
+
+
+def test_the_real_width_check_runs_for_data_criteria_and_channel_level_pai():
+    """With calibration batches (taylor) or SynFlow at channel level the check was skipped, and the
+    saved file was then refused by load_pruned."""
+    from prunekit.core.errors import PruningError
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+    from prunekit.methods.pai import SynFlowConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    batches = [(torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,)))]
+
+    class Head(_WidthBranch):
+        def forward(self, x):
+            return super().forward(x).mean((2, 3))
+
+    with pytest.raises(PruningError, match=r"real widths, group\(s\) a:"):
+        prune_(Head().eval(), MagnitudeConfig(channel_ratio=0.5, round_to=None, criterion="taylor"), x,
+               batches=batches)
+    with pytest.raises(PruningError, match=r"real widths, group\(s\) a:"):
+        prune_(Head().eval(), SynFlowConfig(sparsity=0.5, level="channel"), x)

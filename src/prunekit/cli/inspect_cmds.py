@@ -133,8 +133,9 @@ def bench(args, model_name, weights, input_shape, latency, as_json) -> None:
     except PrunekitError as err:
         if input_shape is None:
             raise
-        first = str(err).split("). Pass example inputs")[0]
-        raise ConfigError(f"--input-shape {input_shape}: {first}); give the per-sample shape {recipe.model.name} "
+        text = str(err)
+        first = text.split(". Pass example inputs")[0] if ". Pass example inputs" in text else text
+        raise ConfigError(f"--input-shape {input_shape}: {first}; give the per-sample shape {recipe.model.name} "
                           f"takes, without the batch (e.g. --input-shape 3,32,32)") from None
     out = {"model": recipe.model.name, "weights": weights, "input_shape": list(shape), "params": cost.params,
            "macs": cost.macs, "convention": CONVENTION}

@@ -48,8 +48,8 @@ class Job:
     run_dir: Path | None = None
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     before_prune: nn.Module | None = None  # a copy of the model just before pruning
-    # the dry run of a one-shot method on a copy: (weights' norms then, pruned copy, result, seconds)
-    trial: tuple[tuple[float, ...], nn.Module, Any, float] | None = None
+    # the dry run of a one-shot method on a copy: (weights then, pruned copy, result, seconds, its warnings)
+    trial: tuple[tuple, nn.Module, Any, float, list] | None = None  # ... and the warnings it gave
     prune_metrics: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -132,11 +132,11 @@ def prepare(recipe: Recipe, weights: str | None = None, progress: bool = True, e
     elif check_method and recipe.method is not None:
         trial = copy.deepcopy(model)
         start = time.perf_counter()
-        with warnings.catch_warnings():  # the real prune stage repeats them as notes
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as said:  # said again by the prune stage, once
+            warnings.simplefilter("always")
             result = run_method(job, trial)
         # kept for the prune stage: a model nothing changed until then is not pruned (and timed) twice
-        job.trial = (_weights_key(model), trial, result, time.perf_counter() - start)
+        job.trial = (_weights_key(model), trial, result, time.perf_counter() - start, said)
     return job
 
 
@@ -349,6 +349,8 @@ def prune_stage(job: Job, ckpt_dir: Path | None = None, resume: bool = False) ->
     if trial is not None and trial[0] == _weights_key(job.model):  # the dry run pruned these very weights
         adopt_(job.model, trial[1])
         result, job.seconds["prune"] = trial[2], trial[3]
+        for w in trial[4]:  # its warnings, as the pruning would have given them
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     else:
         result = job.timed("prune", lambda: run_method(job, job.model, ckpt_dir, resume))
     plan = result.plan

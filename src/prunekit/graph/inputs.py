@@ -119,13 +119,16 @@ def check_inputs_fit(model: nn.Module, args: tuple, kwargs: dict, failure: BaseE
             model(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 (any failure of the user's forward on these inputs)
         first = " ".join(str(err).split())[:200] or type(err).__name__
-        passed = [n for n in dict.fromkeys(entered) if n != entered[-1]] if entered else []
+        # layers with weights of their own that took the inputs (a Flatten or an Identity in front says nothing)
+        passed = [n for n in dict.fromkeys(entered) if n != entered[-1] and any(
+            True for _ in leaves[n].parameters(recurse=False))] if entered else []
         if passed:  # earlier layers took the inputs: the failure is further in, likely the model's own code
             raise ConfigError(
                 f"the model's forward fails in or after layer `{entered[-1]}` ({type(leaves[entered[-1]]).__name__}), "
                 f"once {len(passed)} earlier layer(s) ran on the example inputs ({describe_inputs(args, kwargs)}): "
                 f"{type(err).__name__}: {first}. Check the model's code there (the exception's cause shows the "
-                "failing line), or the input size if the model depends on it") from err
+                f"failing line), or the input size if the model depends on it (expected {expected_inputs(model)})"
+            ) from err
         raise ConfigError(
             f"the model cannot run on the example inputs: given {describe_inputs(args, kwargs)}; expected "
             f"{expected_inputs(model)} ({type(err).__name__}: {first}). Pass example inputs that "

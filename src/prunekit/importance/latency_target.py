@@ -71,10 +71,17 @@ def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.T
         # a goal the estimate cannot reach at this multiple, or a new goal that moves no channel:
         # the multiple is too coarse to get nearer; lower it (16, 8, 4, 2), as the params/MACs
         # targets do, rather than time the same model again
-        while halve and multiple and multiple > 2 and (res.cost > goal * est.measured_ms or (
-                tried and any(t["removal"] == res.removal for t in tried))):
-            multiple = smaller_multiple(multiple)
-            res = allocate(goal, multiple)
+        while halve and multiple and multiple > 2:
+            if tried and any(t["removal"] == res.removal for t in tried):
+                multiple = smaller_multiple(multiple)
+                res = allocate(goal, multiple)
+            elif res.cost > goal * est.measured_ms:  # kept only where the finer multiple gets nearer
+                finer = allocate(goal, smaller_multiple(multiple))
+                if finer.cost >= res.cost:
+                    break  # max_ratio, not the multiple, is what stops it
+                multiple, res = smaller_multiple(multiple), finer
+            else:
+                break
         estimated = res.cost / est.measured_ms
         readings = _readings(model, graph, res.removal, estimated, lcfg, example_inputs, tolerance)
         measured = sorted(readings)[len(readings) // 2] if readings else 1.0  # nothing removed: the model itself
@@ -93,8 +100,8 @@ def latency_removal(model: nn.Module, graph: Graph, scores: Mapping[str, torch.T
         report["round_to_note"] = (f"round_to={round_to} could not get nearer the latency target; widths are "
                                    f"multiples of {best['round_to']}")
     if abs(best["measured_fraction"] - fraction) > tolerance:
-        if best["measured_fraction"] > fraction and not best["reachable"] and (best["round_to"] or 1) > 2:
-            # (lowered multiples go down to 2 unless round_slack=None keeps the one asked for)
+        if best["measured_fraction"] > fraction and not best["reachable"] and (best["round_to"] or 1) > 2 and not halve:
+            # (with round_slack set, a multiple is lowered while that gets nearer: then max_ratio is what stops it)
             why = (f"the estimate cannot reach it with widths in multiples of {best['round_to']}, as "
                    "round_slack=None keeps them (a narrow group keeps at least one multiple): set round_slack "
                    "or a smaller round_to")

@@ -252,12 +252,13 @@ def _check_runs(work: nn.Module, example_inputs: Any, original: nn.Module, probe
 def _check_unproven(model: nn.Module, example_inputs: Any, graph: Graph, plan: Plan) -> None:
     """PruningError when the groups the rules cannot vouch for, pruned at their real widths, no
     longer give what zeroing their removed channels gives (`unproven_removal_error`)."""
-    removal = {n: [i for i in range(plan.sizes[n]) if i not in set(kept)] for n, kept in plan.groups.items()}
+    unproven = {g.name for g in graph.groups if not g.proven}
+    removal = {n: sorted(set(range(plan.sizes[n])) - set(kept)) for n, kept in plan.groups.items() if n in unproven}
+    if not removal:
+        return
     why = unproven_removal_error(model, example_inputs, graph, removal)
     if why:
-        names = sorted(g.name for g in graph.groups if removal.get(g.name) and not g.proven)
-        raise PruningError(f"pruned at their real widths, group(s) {', '.join(names[:3])} no longer give what "
-                           f"zeroing the removed channels gives ({why}): the forward depends on the channel count in "
+        raise PruningError(f"pruned at their real widths, {why}: the forward depends on the channel count in "
                            "a way neither the trace nor the probe (one channel removed) sees, such as a branch on "
                            "x.shape[1]; add the layers involved to ignore=[...]; the model was left unchanged")
 
@@ -329,7 +330,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     if verify:
         _check_runs(work, example_inputs, model, prepared.probed and (cfg.probe or cfg.steps == 1),
                     prepared.graph.training_traced)
-        if not writes:  # `model` still holds the weights `work` was pruned from
+        if between_steps is None:  # `model` still holds the weights `work` was pruned from
             _check_unproven(model, example_inputs, prepared.graph, plan)
     after = cost_after(work, graph, removal, estimator)  # exact: tests compare it with a recount
     # timed on the pruned copy, before the caller's model changes; converted after
@@ -346,6 +347,10 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     notes = _capped_note(cfg).get("notes", []) + _skipped_note(sorted(set(skipped))).get("notes", [])
     if nothing:
         notes.insert(0, f"nothing was removed: {nothing}")
+    if fallbacks:
+        shown = "; ".join(f"{g}: {why}" for g, why in list(fallbacks.items())[:3])
+        notes.append(f"the criterion fell back to another for {len(fallbacks)} group(s) ({shown}"
+                     + (" ..." if len(fallbacks) > 3 else "") + "); all in metrics['criterion_fallbacks']")
     if cfg.latency and not timed:
         notes.append(f"latency={dict(cfg.latency)} was not used: nothing was timed (only latency_fraction, "
                      "round_to='auto' and memory_format='auto' time the model)")

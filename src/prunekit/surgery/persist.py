@@ -170,6 +170,8 @@ def _check_mask_kinds(model: nn.Module, plan: Plan, masks: Mapping[str, Tensor],
     described = plan.meta.get(MASKS_META, {}).get("tensors", {})
     for name, mask in masks.items():
         recorded = {k: described[name].get(k) for k in ("kind", "n", "m") if k in described[name]}
+        if recorded.get("kind") == "nm" and recorded.get("n") == 0:  # how files before 0:m was refused said all-zero
+            recorded = {"kind": "irregular"}
         actual = mask_kind(mask, transposed_groups(model, name))
         if recorded != actual:
             raise CheckpointError(f"{path}: the mask on {name} is described as {recorded} but is {actual}; the file "

@@ -31,7 +31,7 @@ from ..core.integrity import atomic_write_text
 from ..graph import Graph, build_graph
 from .copying import adopt_, share_copy
 from .plan_check import architecture_fingerprint, check_fingerprint, parse_plan_dict, removal_from_plan
-from .shrink import channel_indices, remove_channels_
+from .shrink import channel_indices, remove_channels_, removed_roots
 
 PLAN_FORMAT = "prunekit.plan"
 
@@ -218,10 +218,11 @@ def prune_channels_(model: nn.Module, example_inputs: Any, remove: Mapping[str, 
 
     graph = graph if graph is not None else build_graph(model, example_inputs, ignore)
     plan = make_plan(graph, remove, example_inputs, ignore).stamp(dense=model)
+    removed_roots(graph, remove)  # indices and names checked first, with their own messages
     why = unproven_removal_error(model, example_inputs, graph, {n: channel_indices(n, i) for n, i in remove.items()})
     if why:
-        raise PruningError(f"removing these channels is not what zeroing them gives ({why}), in a group that meets "
-                           f"an op the rules cannot vouch for; leave it whole, or its layers out with ignore=[...]")
+        raise PruningError(f"removing these channels is not what zeroing them gives in {why}: the group meets an op "
+                           "the rules cannot vouch for; leave it whole, or its layers out with ignore=[...]")
     remove_channels_(model, graph, remove)
     return plan.stamp(pruned=model)
 

@@ -94,7 +94,8 @@ class PreparedPruning:
             if entry[0] is not other[0]:
                 same_name = entry[0].__qualname__ == other[0].__qualname__
                 return f"{entry[0].__qualname__}" + (" (a class defined again)" if same_name else "")
-            return f"settings {dict(entry[1])}"
+            theirs = dict(other[1])
+            return f"settings {({k: v for k, v in entry[1] if theirs.get(k, object()) != v})}"
         other = [f"{n or '(the model)'} {said(got.get(n), c)} (prepared {said(c, got.get(n, c))})"
                  for n, c in self.modules.items() if got.get(n) != c]
         other += [f"{n} {c[0].__qualname__} (not in the prepared model)" for n, c in got.items() if n not in self.modules]

@@ -63,12 +63,14 @@ def channel_indices(name: str, idx: Any) -> list[int]:
         raise PruningError(_not_indices(name, f"{idx!r} ({type(idx).__name__})"))
     idx = list(idx)
     if not all(type(i) is int for i in idx):
-        odd = next(i for i in idx if type(i) is not int)
-        if isinstance(odd, (bool, np.bool_)):
-            raise PruningError(_not_indices(name, "a boolean mask"))
-        if not isinstance(odd, (int, np.integer)) and not (isinstance(odd, torch.Tensor) and odd.numel() == 1
-                                                           and not odd.dtype.is_floating_point and odd.dtype != torch.bool):
-            raise PruningError(_not_indices(name, f"{odd!r} ({type(odd).__name__})"))
+        for odd in idx:
+            if type(odd) is int:
+                continue
+            if isinstance(odd, (bool, np.bool_)) or (isinstance(odd, torch.Tensor) and odd.dtype == torch.bool):
+                raise PruningError(_not_indices(name, "a boolean mask"))
+            if not isinstance(odd, (int, np.integer)) and not (isinstance(odd, torch.Tensor) and odd.numel() == 1
+                                                               and not odd.is_floating_point() and not odd.is_complex()):
+                raise PruningError(_not_indices(name, f"{odd!r} ({type(odd).__name__})"))
     return [int(i) for i in idx]
 
 
