@@ -347,3 +347,18 @@ def test_unstated_channels_last_times_each_model_in_its_own_layout():
     assert timed_as_it_runs(nhwc, bench_config({"channels_last": False})).channels_last is False
     with pytest.raises(ConfigError, match="null"):
         LatencyConfig(channels_last="yes")
+
+
+def test_compiled_timing_compiles_every_model_past_dynamos_recompile_limit(monkeypatch):
+    """Lookup tables time one layer at many widths: after 8 of them dynamo stopped compiling the
+    same forward and the rest ran eager, untold. (The eager backend keeps the test free of a C++
+    compiler; the recompile limit is dynamo's, the same for every backend.)"""
+    import torch._dynamo
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real(model, backend="eager"))
+    torch._dynamo.utils.counters.clear()
+    cfg = LatencyConfig(compile=True, warmup=1, repeats=1, threads=1)
+    for width in range(4, 44, 4):  # 10 widths
+        measure_latency(nn.Linear(width, width), (width,), cfg)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 10

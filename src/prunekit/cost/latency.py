@@ -58,7 +58,8 @@ class LatencyConfig(Config):
     channels_last: NHWC memory format for 4-D tensors, the model's and the inputs' (False: the standard,
     contiguous format, into which a channels-last model's timed copy and channels-last inputs are
     converted; None: the format each model is laid out in; a 5-D tensor stays contiguous either way). cuda_graph: capture the forward once in a
-    CUDA graph and time graph replays. compile: time `torch.compile(model)`. threads: CPU threads
+    CUDA graph and time graph replays. compile: time `torch.compile(model)` (torch.compiler's caches are
+    reset for each model timed, so that the many widths of a lookup table all compile). threads: CPU threads
     for the measurement (None keeps torch's current setting); on a shared machine threads=1
     avoids parallel regions stalling on a descheduled worker thread.
 
@@ -238,6 +239,8 @@ class _Runner:
         work = _converted_copy(name, model, cfg, device, dtype) if self.copied else model
         work.eval()
         self.inputs = tuple(_convert_input(t, cfg, device, dtype) for t in inputs)
+        if cfg.compile:  # a fresh compile per timed model: dynamo's per-code recompile limit (8) would
+            torch.compiler.reset()  # leave later widths of a lookup table running uncompiled, untold
         self.module: Callable[..., Any] = torch.compile(work) if cfg.compile else work
         self.fn: Callable[[], Any] = self._forward
         if device.type == "cuda":

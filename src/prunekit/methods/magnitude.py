@@ -285,7 +285,10 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     timed = (cfg.memory_format == "auto" and has_4d(model)) or cfg.latency_fraction is not None \
         or cfg.round_to == "auto"
     if timed:  # a machine that cannot time as asked is told before anything changes
-        timing_device(latency_config(cfg))
+        try:
+            timing_device(latency_config(cfg))
+        except ConfigError as err:  # "device='cuda' was asked for" alone does not say which setting
+            raise ConfigError(f"latency: {err}") from None
     # in place only when little can fail after the removal: timing or converting the memory format can
     work = copy.deepcopy(model) if writes else share_copy(model) if (
         verify or cfg.steps > 1 or cfg.memory_format != "contiguous") else model
