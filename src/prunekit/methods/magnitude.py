@@ -57,7 +57,7 @@ from ..surgery.copying import adopt_, keep_parameters_, share_copy
 from ..surgery.plan import Plan, make_plan
 from ..surgery.prepared import PreparedPruning, prepare_pruning, register_prepared_handler
 from ..surgery.shrink import remove_channels_
-from ..surgery.verify import build_safe_graph, run_model, training_forward_error, unproven_removal_error
+from ..surgery.verify import build_safe_graph, check_unproven_removal, run_model, training_forward_error
 from .result import PruneResult
 
 
@@ -251,16 +251,12 @@ def _check_runs(work: nn.Module, example_inputs: Any, original: nn.Module, probe
 
 def _check_unproven(model: nn.Module, example_inputs: Any, graph: Graph, plan: Plan) -> None:
     """PruningError when the groups the rules cannot vouch for, pruned at their real widths, no
-    longer give what zeroing their removed channels gives (`unproven_removal_error`)."""
+    longer give what zeroing their removed channels gives (`check_unproven_removal`)."""
     unproven = {g.name for g in graph.groups if not g.proven}
     removal = {n: sorted(set(range(plan.sizes[n])) - set(kept)) for n, kept in plan.groups.items() if n in unproven}
     if not removal:
         return
-    why = unproven_removal_error(model, example_inputs, graph, removal)
-    if why:
-        raise PruningError(f"pruned at their real widths, {why}: the forward depends on the channel count in "
-                           "a way neither the trace nor the probe (one channel removed) sees, such as a branch on "
-                           "x.shape[1]; add the layers involved to ignore=[...]; the model was left unchanged")
+    check_unproven_removal(model, example_inputs, graph, removal)
 
 
 def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeConfig, batches: Iterable | None = None,

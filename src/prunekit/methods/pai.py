@@ -56,7 +56,7 @@ from ..surgery.copying import adopt_, share_copy
 from ..surgery.masks import get_mask, masked_modules
 from ..surgery.plan import empty_plan, make_plan
 from ..surgery.shrink import remove_channels_
-from ..surgery.verify import build_safe_graph, run_model, unproven_removal_error
+from ..surgery.verify import build_safe_graph, check_unproven_removal, run_model
 from .result import PruneResult
 
 
@@ -264,11 +264,7 @@ def _channel_prune(model, cfg, example_inputs, data) -> PruneResult:
     work = share_copy(model)
     remove_channels_(work, graph, removal)
     run_model(work, example_inputs)
-    why = unproven_removal_error(model, example_inputs, graph, removal)  # groups the probe tried with one channel
-    if why:
-        raise PruningError(f"pruned at their real widths, {why}: the forward depends on the channel count in a way "
-                           "the probe (one channel removed) does not see; add the layers involved to ignore=[...]; "
-                           "the model was left unchanged")
+    check_unproven_removal(model, example_inputs, graph, removal)  # groups the probe tried with one channel
     plan.meta.update({"method": cfg.criterion if cfg.criterion != "random" else "random_init",
                       "config": cfg.to_dict()})
     plan.stamp(dense=model, pruned=work)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.errors import PruningError
 from ..core.modes import evaluating, scoring
 from ..graph import Graph, Group, build_graph
 from ..graph.trace import tensors_in
@@ -136,6 +137,16 @@ def unproven_removal_error(model: nn.Module, inputs: Any, graph: Graph, removal:
         group_is_exact(g, model, modules) or _kept_by_norms(modules, [g], removal) is not None)]
     why = removal_trial(model, inputs, graph, touched, {g.name: removal[g.name] for g in touched}, atol) if touched else ""
     return f"group(s) {', '.join(sorted(g.name for g in touched)[:3])}: {why}" if why else ""
+
+
+def check_unproven_removal(model: nn.Module, inputs: Any, graph: Graph, removal: dict[str, list[int]]) -> None:
+    """PruningError when `unproven_removal_error` finds one: what a pruner says before the caller's
+    model changes."""
+    why = unproven_removal_error(model, inputs, graph, removal)
+    if why:
+        raise PruningError(f"pruned at their real widths, {why}: the forward depends on the channel count in "
+                           "a way neither the trace nor the probe (one channel removed) sees, such as a branch on "
+                           "x.shape[1]; add the layers involved to ignore=[...]; the model was left unchanged")
 
 
 def removal_trial(model: nn.Module, inputs: Any, graph: Graph, groups: list[Group], removal: dict[str, list[int]],
