@@ -312,3 +312,25 @@ def test_a_channels_last_prune_is_timed_saved_reported_and_benched_channels_last
     stated = runner.invoke(cli, ["bench", str(target), "bench.repeats=3", "bench.channels_last=false", "--json"])
     assert stated.exit_code == 0, stated.output
     assert json.loads(stated.stdout)["latency"]["settings"]["channels_last"] is False  # a stated layout is kept
+
+
+def test_prunekits_own_warnings_are_one_line_and_others_keep_pythons_form(tmp_path):
+    """Through `main` (the console entry point): a prunekit warning reads 'warning: ...' without
+    the source line behind it; a warning from elsewhere is printed as Python prints it."""
+    script = textwrap.dedent("""
+        import warnings
+        import prunekit.cost.latency as lat
+        from prunekit.cli.main import main
+
+        lat.usable_cores = lambda: 1
+        warnings.warn("from the caller", UserWarning)
+        try:
+            main(["bench", "--model", "resnet20", "bench.threads=2", "bench.repeats=2", "bench.warmup=1"])
+        except SystemExit as e:
+            assert e.code in (0, None), e.code
+        assert warnings.showwarning.__name__ != "_show_warning"  # given back on the way out
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\nwarning: timed on 2 torch threads with 1 CPU core(s)" in "\n" + done.stderr
+    assert "UserWarning: from the caller" in done.stderr and "latency.py" not in done.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -362,3 +363,15 @@ def test_compiled_timing_compiles_every_model_past_dynamos_recompile_limit(monke
     for width in range(4, 44, 4):  # 10 widths
         measure_latency(nn.Linear(width, width), (width,), cfg)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 10
+
+
+def test_more_threads_than_cores_is_said(monkeypatch):
+    import prunekit.cost.latency as lat
+
+    monkeypatch.setattr(lat, "usable_cores", lambda: 1)
+    model = nn.Linear(4, 4)
+    with pytest.warns(UserWarning, match=r"timed on 2 torch threads with 1 CPU core\(s\).*at most 1"):
+        measure_latency(model, (4,), LatencyConfig(warmup=1, repeats=2, threads=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as many threads as cores: nothing to say
+        measure_latency(model, (4,), LatencyConfig(warmup=1, repeats=2, threads=1))

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from typing import Any
 
 import click
@@ -85,6 +86,20 @@ def _register() -> None:
 _register()
 
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None, _default: Any = warnings.showwarning) -> None:
+    """prunekit's own warnings as one 'warning: ...' line (its source line means nothing to a user
+    of the command); other libraries' warnings as Python prints them."""
+    if category is UserWarning and os.path.abspath(filename).startswith(_PACKAGE + os.sep):
+        click.echo(f"warning: {_one_line(message) if isinstance(message, BaseException) else message}",
+                   err=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a timeout, a stopped batch job), raised where Ctrl-C would be: a command that
     checkpoints says how to continue, as on Ctrl-C, and the process exits 143 (128 + SIGTERM)."""
@@ -104,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
     if own:
         signal.signal(signal.SIGTERM, on_terminate)
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="prunekit")
     except SystemExit:
@@ -111,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(128 + signals[0]) from None
         raise
     finally:
+        warnings.showwarning = shown
         if own:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

@@ -25,7 +25,9 @@ import copy
 import dataclasses
 import gc
 import itertools
+import os
 import time
+import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import torch
@@ -182,6 +184,11 @@ def compare_latency(models: Mapping[str, nn.Module], inputs: Inputs,
             runners[name] = runner
         times = _interleaved_times(list(runners.values()), cfg)
         threads_used = torch.get_num_threads()
+    cores = usable_cores()
+    if device.type == "cpu" and threads_used > cores:
+        warnings.warn(f"timed on {threads_used} torch threads with {cores} CPU core(s) for this process: the "
+                      "threads wait on each other, and the timings say more about the scheduling than the "
+                      f"model; set latency.threads (or bench.threads) to at most {cores}", stacklevel=2)
     meta = {
         "device": device.type, "device_name": _device_name(device), "dtype": cfg.dtype,
         "batch": batch, "torch_version": torch.__version__,
@@ -362,6 +369,14 @@ def _convert_input(t: torch.Tensor, cfg: LatencyConfig, device: torch.device, dt
         out = out.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     # A forward with in-place ops on its input must not touch the caller's example tensor.
     return out.clone() if out is t else out
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the platform says, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # platforms without affinity (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 @contextlib.contextmanager
