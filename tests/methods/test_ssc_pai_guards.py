@@ -1,6 +1,7 @@
 """SSC and the pruning-at-initialisation methods on models with layers they must leave alone: a
 conv pruned with torch.nn.utils.prune, a module left out with `ignore` because the tracer has no
 rule for an op inside it."""
+import copy
 import os
 
 import pytest
@@ -144,7 +145,8 @@ def test_when_no_conv_converts_the_error_says_why_for_each():
     from prunekit.core.errors import PruningError
     from prunekit.models import create_model
 
-    with pytest.raises(PruningError, match=r"0: the first conv is kept dense \(keep_first=True\); 1: a 1x1 conv"):
+    with pytest.raises(PruningError, match=r"0: the first conv is kept dense \(keep_first=True\); "
+                                           r"1: a 1x1 conv \(never converted\)"):
         prune_(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)), SSCConfig(), torch.randn(1, 3, 4, 4))
     model, x = create_model("resnet20", num_classes=2), torch.randn(1, 3, 32, 32)
     prune_(model, SSCConfig(reduction=4), x)
@@ -165,3 +167,80 @@ def test_both_holders_of_a_tied_conv_weight_are_listed_as_left_dense():
     result = prune_(Tied(), SSCConfig(groups=1, spatial_period=4), torch.randn(1, 3, 8, 8))
     assert result.metrics["left_dense"] == {"a": "shares its weight with b", "b": "shares its weight with a"}
     assert result.metrics["converted"] == ["c"]
+
+
+def test_the_commonest_reason_no_conv_converts_comes_first():
+    """A depthwise network: the reason that stops every 3x3 (grouped) came after eight others and
+    was hidden under 'and 44 more'."""
+    from prunekit.core.errors import PruningError
+
+    blocks = [nn.Conv2d(3, 16, 3, padding=1)]
+    for _ in range(12):
+        blocks += [nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 16, 1)]
+    with pytest.raises(PruningError) as err:
+        prune_(nn.Sequential(*blocks), SSCConfig(reduction=4), torch.randn(1, 3, 8, 8))
+    text = str(err.value)
+    assert "take the SSC preset" in text
+    reasons = text.split("'version': 1}: ")[1]
+    assert reasons.startswith("a grouped conv (groups=16) (12 convs: 1, 3, 5, ...)"), reasons
+    assert "(12 convs: 2, 4, 6, ...)" in reasons and reasons.endswith("0: the first conv is kept dense (keep_first=True)")
+
+
+def test_padding_same_and_valid_convert_as_the_numbers_they_stand_for():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding="same"), nn.ReLU(),
+                          nn.Conv2d(16, 16, 5, padding="same", dilation=2), nn.ReLU(), nn.Conv2d(16, 16, 3, padding="valid"))
+    x = torch.randn(2, 3, 12, 12)
+    dense = copy.deepcopy(model)
+    r = prune_(model, SSCConfig(reduction=2, init="project"), x)
+    assert set(r.metrics["converted"]) == {"2", "4", "6"} and not r.metrics["left_dense"]
+    for i in (2, 4, 6):  # each layer equals its dense conv with the weights off the support zeroed
+        layer, conv = model[i], copy.deepcopy(dense[i])
+        with torch.no_grad():
+            conv.weight.mul_(layer.support())
+        h = torch.randn(2, 16, 12, 12)
+        torch.testing.assert_close(layer(h), conv(h), atol=1e-5, rtol=1e-5)
+
+
+def test_a_forward_reading_a_converted_convs_weight_is_one_error_naming_it():
+    class ReadsWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 3, padding=1), *(nn.Conv2d(16, 16, 3, padding=1) for _ in "ab")
+
+        def forward(self, x):
+            x = x.to(self.c2.weight.dtype)
+            return self.c3(self.c2(torch.relu(self.c1(x))))
+
+    from prunekit.core.errors import PruningError
+
+    model = ReadsWeight()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningError, match=r"reads 'weight' of a conv SSC converts.*ignore=\[...\] \(converted: c2, c3\)"):
+        prune_(model, SSCConfig(reduction=4), X)
+    assert type(model.c2) is nn.Conv2d and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    r = prune_(model, SSCConfig(reduction=4, ignore=["c2"]), X)
+    assert list(r.metrics["converted"]) == ["c3"]
+
+
+@pytest.mark.parametrize("config", [SNIPConfig(sparsity=0.5), SynFlowConfig(sparsity=0.5, iterations=2),
+                                    SNIPConfig(sparsity=0.5, level="channel")])
+def test_gradient_scores_inside_inference_mode_are_one_config_error(config):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
+                          nn.Linear(8 * 64, 2))
+    before = copy.deepcopy(model.state_dict())
+    with torch.inference_mode(), pytest.raises(ConfigError, match="torch.inference_mode\\(\\).*outside that block"):
+        prune_(model, config, X, batches=BATCHES)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():  # no_grad is fine: the scores turn autograd back on
+        prune_(model, config, X, batches=BATCHES)
+
+
+def test_channel_level_pai_on_a_masked_model_names_the_masks():
+    from prunekit.core.errors import PruningError
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
+                          nn.Linear(8 * 64, 2))
+    prune_(model, SNIPConfig(sparsity=0.5), X, batches=BATCHES)
+    with pytest.raises(PruningError, match=r"3 layer\(s\) carry weight masks \(0, 2, 4\).*bake them first"):
+        prune_(model, SNIPConfig(sparsity=0.5, level="channel"), X, batches=BATCHES)

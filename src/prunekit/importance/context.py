@@ -192,10 +192,19 @@ def _second_derivatives(who: str) -> Iterator[None]:
                            "or replace that op") from None
 
 
+def refuse_inference_mode(what: str) -> None:
+    """ConfigError inside torch.inference_mode(), where no gradient can be taken (torch.no_grad()
+    is fine: the scores turn autograd back on)."""
+    if torch.is_inference_mode_enabled():
+        raise ConfigError(f"{what} needs autograd, which torch.inference_mode() turns off for good: call it outside "
+                          "that block (inside torch.no_grad() is fine); the model was left as it was")
+
+
 @contextlib.contextmanager
 def _differentiable(params: Iterable[torch.Tensor]) -> Iterator[None]:
     """Inside the block every tensor of `params` requires grad (frozen ones too) and autograd is on;
     afterwards each tensor's requires_grad flag as it was."""
+    refuse_inference_mode("scoring with gradients")
     held = [(p, p.requires_grad) for p in params]
     try:
         with torch.enable_grad():

@@ -30,6 +30,7 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..core.layout import onednn_safe
 from ..surgery.verify import first_tensor
+from .context import refuse_inference_mode
 from .element_masks import global_keep_count, select_element_masks
 from .targets import leaf_names, target_weights
 
@@ -72,6 +73,7 @@ def synflow_scores(model: nn.Module, batches: Iterable | None = None, *, example
     """
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
         raise ConfigError(f"iterations={iterations!r} must be an integer >= 1 (the reference uses 100)")
+    refuse_inference_mode("SynFlow")
     inputs = _ones_like_one_sample(example_inputs, input_shape, batches, dtype)
     weights = target_weights(model, targets)
     work = _linearised_copy(model, dtype)

@@ -104,6 +104,10 @@ class SSCConv2d(nn.Module):
         see the masking ops (a cached tensor would be frozen in as a constant, and export's fake
         tensors have no data pointer to key the cache by)."""
         if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            # a forward with autograd is a training step on its way: fused optimizers (fused=True)
+            # write the weights in place without bumping their version counter, so the cache is
+            # dropped here rather than trusted after the step
+            self.__dict__.pop("_inference_cache", None)
             return build()
         # inference tensors (copies made under inference_mode) have no version counter and cannot
         # change outside inference mode: their identity is enough
@@ -119,6 +123,14 @@ class SSCConv2d(nn.Module):
         """Forget the inference cache: needed after writing a weight through `.data`, which
         bypasses the version counter that in-place operations bump."""
         self.__dict__.pop("_inference_cache", None)
+
+    def train(self, mode: bool = True) -> "SSCConv2d":
+        self.clear_cache()  # model.eval() before an evaluation: weights are read afresh
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.clear_cache()  # a load copies in place (and into inference tensors, which have no version)
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _masked_weights(self) -> tuple[Tensor | None, Tensor | None]:
         ws = self.weight_kxk
@@ -268,15 +280,26 @@ def set_execution_(model: nn.Module, execution: str) -> int:
     return len(layers)
 
 
+def numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """conv.padding as numbers: 'valid' is 0; 'same' (stride 1 only, in PyTorch) with an odd kernel
+    pads dilation * (k // 2) on both sides."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        if any(k % 2 == 0 for k in conv.kernel_size):
+            raise ConfigError(f"cannot convert {conv}: padding='same' with an even kernel pads one side more than "
+                              "the other, which an SSC layer cannot")
+        return tuple(d * (k // 2) for d, k in zip(conv.dilation, conv.kernel_size))
+    return tuple(conv.padding)
+
+
 def from_conv(conv: nn.Conv2d, spec: SSCSpec, init: str = "kaiming", execution: str = "structured") -> SSCConv2d:
     """An SSC layer with `conv`'s shape (fresh Kaiming init, or `init="project"`: conv's taps on
     the support). Raises ConfigError if the conv is not a zero-padded, square, odd, ungrouped one."""
     k = conv.kernel_size[0]
-    if conv.groups != 1 or conv.kernel_size[0] != conv.kernel_size[1] or conv.padding_mode != "zeros" \
-            or isinstance(conv.padding, str):
-        raise ConfigError(f"cannot convert {conv}: SSC needs an ungrouped conv with a square kernel and numeric "
-                          "zero padding")
-    layer = SSCConv2d(conv.in_channels, conv.out_channels, k, spec, conv.stride, conv.padding, conv.dilation,
+    if conv.groups != 1 or conv.kernel_size[0] != conv.kernel_size[1] or conv.padding_mode != "zeros":
+        raise ConfigError(f"cannot convert {conv}: SSC needs an ungrouped conv with a square kernel and zero padding")
+    layer = SSCConv2d(conv.in_channels, conv.out_channels, k, spec, conv.stride, numeric_padding(conv), conv.dilation,
                       conv.bias is not None, execution).to(conv.weight.device, conv.weight.dtype)
     if init == "project":
         layer.load_dense_weight_(conv.weight, conv.bias)

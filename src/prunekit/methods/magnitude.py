@@ -54,6 +54,7 @@ from ..importance.select import NORMALIZERS
 from ..importance.step_targets import rounding_note, step_removal
 from ..importance.targets import tied_parameters
 from ..surgery.copying import adopt_, keep_parameters_, share_copy
+from ..surgery.masks import masked_hint
 from ..surgery.plan import Plan, make_plan
 from ..surgery.prepared import PreparedPruning, prepare_pruning, register_prepared_handler
 from ..surgery.shrink import remove_channels_
@@ -273,7 +274,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     nothing = graph.why_nothing_prunable()
     if nothing and (cfg.params_fraction is not None or cfg.macs_fraction is not None
                     or cfg.latency_fraction is not None):
-        raise ConfigError(f"impossible target: {nothing}{_masked_hint(model)}; the model was left unchanged")
+        raise ConfigError(f"impossible target: {nothing}{masked_hint(model)}; the model was left unchanged")
     before = prepared.cost_before
     # the user's model changes only once everything succeeded; scoring on batches (gradients) or
     # fine-tuning between steps writes into tensors, so those need a copy of every weight
@@ -317,7 +318,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
                 removal = step_removal(graph, scores, cfg, step, before, estimator, first_widths,
                                         metrics.setdefault("rounding", {}))
             except ConfigError as err:
-                raise ConfigError(f"{err}{_masked_hint(work)}") from None
+                raise ConfigError(f"{err}{masked_hint(work)}") from None
         # a group that lost channels on scores all alike lost them in index order (checked only for those)
         tied.update(n for n, idx in removal.items()
                     if len(idx) and n in scores and bool((scores[n] == scores[n][0]).all()))
@@ -353,7 +354,7 @@ def prune_prepared_(prepared: PreparedPruning, model: nn.Module, cfg: MagnitudeC
     if cfg.latency and not timed:
         notes.append(f"latency={dict(cfg.latency)} was not used: nothing was timed (only latency_fraction, "
                      "round_to='auto' and memory_format='auto' time the model)")
-    if hint := _masked_hint(model):  # a channel_ratio went on with the other groups, or with none, silently
+    if hint := masked_hint(model):  # a channel_ratio went on with the other groups, or with none, silently
         notes.append(f"channels kept by weight masks: {hint[2:]}")
     if skipped:
         metrics["skipped_groups"] = sorted(set(skipped))
@@ -391,17 +392,6 @@ def magnitude_prune_(model: nn.Module, cfg: MagnitudeConfig, example_inputs: Any
                      between_steps: Callable[[nn.Module, int], None] | None = None) -> PruneResult:
     prepared = prepare_pruning(model, example_inputs, cfg.ignore, probe=cfg.probe)
     return prune_prepared_(prepared, model, cfg, batches, between_steps)
-
-
-def _masked_hint(model: nn.Module) -> str:
-    """Why a target may be out of reach: the tracer keeps every channel a weight mask touches."""
-    from torch.nn.utils import parametrize
-
-    masked = [name for name, m in model.named_modules() if parametrize.is_parametrized(m)]
-    if not masked:
-        return ""
-    return (f"; {len(masked)} layer(s) carry weight masks ({', '.join(masked[:3])}), whose channels are kept: "
-            "bake them first (prunekit.bake_masks_), see docs/masks.md")
 
 
 def _capped_note(cfg: MagnitudeConfig) -> dict[str, Any]:

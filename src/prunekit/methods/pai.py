@@ -53,7 +53,7 @@ from ..importance.select import select_removal
 from ..importance.targets import check_not_shared, check_not_torch_pruned, target_weights
 from ..layers.ssc import SSCConv2d
 from ..surgery.copying import adopt_, share_copy
-from ..surgery.masks import get_mask, masked_modules
+from ..surgery.masks import get_mask, masked_hint, masked_modules
 from ..surgery.plan import empty_plan, make_plan
 from ..surgery.shrink import remove_channels_
 from ..surgery.verify import build_safe_graph, check_unproven_removal, run_model
@@ -255,8 +255,9 @@ def _channel_prune(model, cfg, example_inputs, data) -> PruneResult:
     scores = {n: s for n, s in channel_scores_from_elements(
         graph, _scores(model, cfg, example_inputs, data, one_shot=True)).items() if n in prunable}
     if not scores:
-        raise PruningError(graph.why_nothing_prunable()
-                           or "no prunable channel group holds a scored weight; ignore fewer modules")
+        raise PruningError((graph.why_nothing_prunable()
+                            or "no prunable channel group holds a scored weight; ignore fewer modules")
+                           + masked_hint(model))
     # no cap below the one the core always keeps (one removable channel per group): the selector's
     # default max_ratio=0.9 would turn any sparsity above 0.9 silently into 0.9
     removal = select_removal(graph, scores, cfg.sparsity, "local" if cfg.scope == "layer" else "global", max_ratio=1.0)

@@ -174,8 +174,10 @@ def _convertible(conv: nn.Module) -> str | None:
     k = conv.kernel_size
     if k[0] != k[1] or k[0] < 3 or k[0] % 2 == 0:
         return f"kernel {k} (needs a square odd kernel > 1)"
-    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return "grouped conv or non-zero/string padding"
+    if conv.groups != 1:
+        return f"a grouped conv (groups={conv.groups})"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (needs zero padding)"
     return None
 
 
@@ -212,9 +214,17 @@ def _why_none(model: nn.Module, skipped: dict[str, str], dense: dict[str, str]) 
     """Why no conv was converted, layer by layer (at most 8 named), for the error message."""
     reasons = {**skipped, **dense}
     already = [n for n, m in model.named_modules() if isinstance(m, SSCConv2d)]
-    parts = [f"{n or 'the model'}: {why}" for n, why in list(reasons.items())[:8]]
-    if len(reasons) > 8:
-        parts.append(f"and {len(reasons) - 8} more")
+    by_reason: dict[str, list[str]] = {}
+    for name, why in reasons.items():
+        by_reason.setdefault(why, []).append(name or "the model")
+    # reasons SSC has by design (1x1 convs, the stem) last, the rest by count: on a depthwise
+    # network the grouped 3x3s are what matters
+    order = sorted(by_reason.items(), key=lambda kv: (kv[0].startswith(("a 1x1 conv", "the first conv")), -len(kv[1])))
+    parts = [f"{names[0]}: {why}" if len(names) == 1 else
+             f"{why} ({len(names)} convs: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+             for why, names in order[:6]]
+    if len(order) > 6:
+        parts.append(f"and {sum(len(v) for _, v in order[6:])} more for other reasons")
     if already:
         parts.append(f"{len(already)} layer(s) are SSC layers already ({', '.join(already[:4])}"
                      f"{', ...' if len(already) > 4 else ''}): start from the dense model to convert again")
@@ -296,7 +306,16 @@ def ssc_prune_(model: nn.Module, cfg: SSCConfig, example_inputs: Any) -> PruneRe
     before = count_cost(model, example_inputs, cfg.ignore)
     work = share_copy(model)
     convert_(work, chosen, cfg.init, "structured" if cfg.execution == "auto" else cfg.execution)
-    run_model(work, example_inputs)
+    try:
+        run_model(work, example_inputs)
+    except AttributeError as err:  # e.g. x.to(self.conv.weight.dtype): an SSC layer has no .weight
+        if "'SSCConv2d' object has no attribute" not in str(err):
+            raise
+        attribute = str(err).rpartition(" ")[2]
+        raise PruningError(f"the model's forward reads {attribute} of a conv SSC converts (an SSC layer keeps its "
+                           "weights as weight_kxk and weight_1x1, and has no such attribute): keep that conv dense "
+                           f"with ignore=[...] (converted: {', '.join(list(chosen)[:6])}"
+                           f"{', ...' if len(chosen) > 6 else ''}); the model was left unchanged") from None
     execution = {"choice": cfg.execution}
     if cfg.execution == "auto":
         execution = choose_execution(work, example_inputs, latency_settings(cfg.latency))

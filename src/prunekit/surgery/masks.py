@@ -205,6 +205,16 @@ def remove_parametrization_(module: nn.Module, name: str, leave_parametrized: bo
     parametrize.remove_parametrizations(module, name, leave_parametrized=leave_parametrized)
 
 
+def masked_hint(model: nn.Module) -> str:
+    """Why channels may be out of reach: the tracer keeps every channel a weight mask touches
+    ('' when no layer carries a mask)."""
+    masked = [name for name, m in model.named_modules() if parametrize.is_parametrized(m)]
+    if not masked:
+        return ""
+    return (f"; {len(masked)} layer(s) carry weight masks ({', '.join(masked[:3])}), whose channels are kept: "
+            "bake them first (prunekit.bake_masks_), see docs/masks.md")
+
+
 def bake_masks_(model: nn.Module) -> nn.Module:
     """Multiply every Mask into its weight for good and drop the parametrizations; returns model.
 
