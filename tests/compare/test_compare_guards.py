@@ -158,6 +158,10 @@ def test_dense_weights_trained_with_other_settings_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"data.limit_train=256 \(recipe: None\)"):
         run_compare(CompareRecipe.from_dict(full), tmp_path / "full", **quiet)
     assert not (tmp_path / "full").exists()
+    recipe = tmp_path / "full.yaml"  # --dry-run says so too (it printed the dense model and exit 0)
+    recipe.write_text(yaml.safe_dump(full))
+    res = CliRunner().invoke(cli, ["compare", str(recipe), "--dry-run", "--out", str(tmp_path / "full")])
+    assert res.exit_code == 2 and "data.limit_train=256 (recipe: None)" in res.output, res.output
     given = {**full, "dense": {"weights": str(weights)}}  # no dense.train: the weights are taken as given
     assert run_compare(CompareRecipe.from_dict(given), tmp_path / "given", **quiet).ran == [("dense", 0)]
 
@@ -241,9 +245,16 @@ def test_dry_run_reports_what_a_run_would_find_and_checks_the_data_path(dense_pa
 def test_every_record_that_cannot_be_reused_is_named_at_once(dense_path, tmp_path):
     raw = _raw(dense_path, seeds=[0, 1])
     run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", only=["l2"], **quiet)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(cli, ["compare", str(recipe), "--dry-run", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0 and "records on disk: 2, 2 of them reused" in res.output, res.output
     raw["finetune"] = {**raw["finetune"], "epochs": 2}
     with pytest.raises(CheckpointError, match=r"^2 records cannot be reused: .*l2/seed0.json.*l2/seed1.json"):
         run_compare(CompareRecipe.from_dict(raw), tmp_path / "c", **quiet)
+    # --dry-run finds it too (it said 'finished records are reused' and exit 0)
+    res = CliRunner().invoke(cli, ["compare", str(recipe), "--dry-run", "finetune.epochs=2", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "2 records cannot be reused" in res.output, res.output
 
 
 def test_a_model_key_compare_does_not_read_is_refused(dense_path):
@@ -336,6 +347,7 @@ def test_the_table_shows_accuracy_to_the_hundredth_so_small_spreads_are_not_zero
 @pytest.mark.parametrize("change, message", [
     ({"name": 2024}, r"name=2024 must be text"),
     ({"name": "a\0b"}, r"name='a\\x00b' names a folder: use text without path separators, control characters"),
+    ({"name": "é" * 101}, r"names a folder and is 202 bytes long: use at most 200"),
     ({"out": 5}, r"out=5 must be a folder path"),
     ({"model": {"name": "small_cnn", "kwargs": [1]}}, r"model.kwargs=\[1\] must be a mapping"),
     ({"dense": {"weights": 2024}}, r"dense.weights=2024 must be a path"),

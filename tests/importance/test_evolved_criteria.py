@@ -232,3 +232,40 @@ def test_a_criterion_that_scores_every_channel_alike_is_noted_and_a_name_with_a_
     with pytest.raises(ConfigError, match="criterion name 'evolved:foo' cannot be registered.*without ':'"):
         CRITERIA.register("evolved:foo", lambda group, ctx: None)
     assert "evolved:foo" not in CRITERIA.list()
+
+
+def test_evolved_text_reads_as_many_images_as_samples_says():
+    """`evolved:<text>` reads the first 256 calibration images; a search with calib_samples=512
+    scored on 512, and its best text gave another plan. `evolved:samples=512:<text>` is that
+    search's criterion."""
+    from prunekit.evolve.config import digits_task
+    from prunekit.evolve.report import best_criteria
+    from prunekit.importance.criteria import resolve_criterion
+    from prunekit.importance.evolved.tree_eval import EvolvedCriterion
+    from prunekit.methods import prune_
+    from prunekit.methods.magnitude import MagnitudeConfig
+    from prunekit.models import create_model
+
+    text = "div(pow2(sub(g_mean(P), g_mean(Q))), g_mean(Q))"
+    assert resolve_criterion(f"evolved:{text}").max_samples == 256
+    spec = resolve_criterion(f"evolved:samples=512:{text}")
+    assert spec.max_samples == 512 and spec.text == text
+    torch.manual_seed(0)
+    batches = [(torch.randn(128, 1, 8, 8), torch.arange(128) % 4) for _ in range(4)]
+    pruned = []
+    for crit in (EvolvedCriterion(text, 512), f"evolved:samples=512:{text}"):  # the search's, and the text's
+        torch.manual_seed(1)
+        model = create_model("small_cnn", num_classes=4)
+        prune_(model, MagnitudeConfig(criterion=crit, channel_ratio=0.5, round_to=None), torch.randn(1, 1, 8, 8),
+               batches=batches)
+        pruned.append(model.state_dict())
+    assert all(torch.equal(pruned[0][k], pruned[1][k]) for k in pruned[0])
+    for bad in ("samples=0", "samples=many", "samples=-3"):
+        with pytest.raises(ConfigError, match="whole number >= 1, as in 'evolved:samples=512:<text>'"):
+            resolve_criterion(f"evolved:{bad}:{text}")
+
+    class Cfg:  # the search's tasks, as best_criteria reads them
+        tasks = [digits_task(calib_samples=512)]
+    assert best_criteria(Cfg, text) == f"`evolved:samples=512:{text}`"
+    Cfg.tasks = [digits_task(), digits_task(calib_samples=128, name="other")]
+    assert best_criteria(Cfg, text) == f"for digits, `evolved:{text}`; for other, `evolved:samples=128:{text}`"

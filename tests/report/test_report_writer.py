@@ -37,7 +37,8 @@ def _full() -> dict:
              "latency_ms_before": 0.5, "latency_ms_after": 0.25},
         ],
         "counting_convention": "1 MAC = one multiply-add; conv and linear only",
-        "history": [{"step": 1, "macs": 300_000_000, "accuracy": 0.925}, {"step": 2, "macs": 200_000_000, "accuracy": 0.91}],
+        "history": [{"step": 1, "macs": 300_000_000, "accuracy": 0.925, "val_accuracy": 0.9792},
+                    {"step": 2, "macs": 200_000_000, "accuracy": 0.91}],
     }
 
 
@@ -55,7 +56,7 @@ def test_full_report_rows_and_totals(tmp_path):
     assert "| conv1 | 64 | 32 | 50.0% | 1.73K | 864 | 1.77M | 885K | n/a | n/a |" in md
     assert "| 37.5% | 73.7K | 13.8K | 75M | 14M | 0.500 | 0.250 |" in md
     assert "Counting convention: 1 MAC = one multiply-add; conv and linear only" in md
-    assert "| 1 | 300M | 92.50% |" in md
+    assert "| 1 | 300M | 92.50% | 97.92% |" in md  # val_accuracy as a percentage too (was 0.9792)
     assert "| cuda.device_name | None GPU |" in md and "| device | Test CPU | Test CPU |" in md
     assert '"ratio": 0.5' in md
 

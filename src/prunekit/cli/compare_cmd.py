@@ -62,8 +62,9 @@ def compare_cmd(args, out, only, report_only, dry_run, quiet) -> None:
 
 def _dry_run_checks(recipe, out) -> list[str]:
     """What a real run would find on disk: the data, the dense model and finished records. A
-    missing data folder or archive, or dense weights nothing can make, fail here."""
-    from ..compare.run import dense_paths
+    missing data folder or archive, dense weights nothing can make, damaged or replaced ones, ones
+    trained with other settings, and records the recipe can no longer reuse fail here."""
+    from ..compare.run import check_on_disk, dense_paths
     from ..core.errors import ConfigError
     from ..data.imagefolder import existing_root
     from ..models import create_model
@@ -80,7 +81,8 @@ def _dry_run_checks(recipe, out) -> list[str]:
         lines.append(f"dense model: {weights} is missing; it will be trained ({recipe.dense_train.epochs} epochs)")
     else:
         raise ConfigError(f"dense weights {weights} do not exist and the recipe has no dense.train to make them")
-    lines.append(f"records on disk: {len(list((folder / 'arms').glob('*/seed*.json')))}")
+    lines.append(f"records on disk: {len(list((folder / 'arms').glob('*/seed*.json')))}, "
+                 f"{check_on_disk(recipe, folder)} of them reused")
     return lines
 
 

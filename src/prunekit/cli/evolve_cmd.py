@@ -67,7 +67,7 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
     prunekit evolve recipes/evolve_digits_cifar.yaml --resume runs/evolve_digits_cifar-20250101-120000
     """
     from ..core.integrity import claim_dir, hold_dir
-    from ..evolve.report import comparison_set, counted, reevaluate, write_run
+    from ..evolve.report import best_criteria, comparison_set, counted, reevaluate, write_run
     from ..evolve.search import check_tasks, run_search
     from .overrides import dump_yaml
     from .recipe import split_arguments
@@ -110,7 +110,9 @@ def evolve_cmd(args, out, resume_dir, quiet) -> None:
             click.echo(f"\ninterrupted; continue with: prunekit evolve --resume {run_dir}", err=True)
             raise SystemExit(130) from None
         report = write_run(run_dir, cfg, state, rows)
-        echo(f"best: {(run_dir / 'best.txt').read_text().strip()}")
+        best = (run_dir / 'best.txt').read_text().strip()
+        echo(f"best: {best}")
+        echo(f"as a criterion: {best_criteria(cfg, best).replace('`', '')}")
         echo(str(report))
 
 

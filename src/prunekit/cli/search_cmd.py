@@ -79,23 +79,13 @@ def resume_search(run_dir: Path, quiet: bool, recipe: Any = None) -> None:
 
 
 def _check_same(now: dict[str, Any], run: dict[str, Any], run_dir: Path) -> None:
-    diff = _differences(run, now)
+    from ..methods.prdarts.run import recipe_differences
+
+    diff = recipe_differences(run, now)
     if diff:
         pairs = ", ".join(f"{k}: run {a!r} vs now {b!r}" for k, a, b in diff[:6])
         raise ConfigError(f"--resume {run_dir}: the recipe differs from the run's ({pairs}); resume with the run's "
                           f"recipe (prunekit resume {run_dir}) or start a new search with --out")
-
-
-def _differences(run: Any, now: Any, where: str = "") -> list[tuple[str, Any, Any]]:
-    if isinstance(run, dict) and isinstance(now, dict):
-        return [d for k in sorted(set(run) | set(now), key=str)
-                for d in _differences(run.get(k), now.get(k), f"{where}.{k}" if where else str(k))]
-    run, now = _listed(run), _listed(now)
-    return [] if run == now else [(where, run, now)]
-
-
-def _listed(value: Any) -> Any:
-    return [_listed(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _interruptible(recipe, run_dir: Path, quiet: bool, explicit: bool = True, resume: bool = False) -> None:

@@ -145,11 +145,7 @@ def dense_model(recipe: CompareRecipe, model: nn.Module, bundle: Any, out_dir: P
         write_json(info_path, info)
         atomic_write(path, lambda tmp: save_model(model.cpu(), tmp))
     else:
-        differ = dense_settings_differ(info, recipe)
-        if differ:
-            raise CheckpointError(f"dense weights {path} were trained with {', '.join(differ)} (from {info_path}); "
-                                  f"remove {path} and {info_path} to train them again with this recipe, or point "
-                                  "dense.weights at weights trained with its settings")
+        _refuse_other_settings(recipe, path, info_path, info)
         try:
             load_model(model, str(path), strict=True)
         except SafetensorError as err:  # truncated, empty or not a safetensors file
@@ -268,6 +264,28 @@ def report_from_disk(recipe: CompareRecipe, out: Path) -> CompareResult:
             result.records.setdefault(name, []).append(rec)
     _finish(recipe, result, dense_info)
     return result
+
+
+def check_on_disk(recipe: CompareRecipe, out: Path) -> int:
+    """What a run would refuse on disk, refused here too (`--dry-run`): damaged or replaced dense
+    weights, records that cannot be reused, dense weights trained with other settings. Returns how
+    many finished records a run would reuse."""
+    sha = _checked_dense_sha(recipe, out)
+    if sha is None:
+        return 0
+    found = _records_on_disk(recipe, out, sha)
+    path, info_path = dense_paths(recipe, out)
+    _refuse_other_settings(recipe, path, info_path,
+                           read_json_mapping(info_path, "dense model info") if info_path.is_file() else {})
+    return sum(rec is not None for _, _, rec in found.values())
+
+
+def _refuse_other_settings(recipe: CompareRecipe, path: Path, info_path: Path, info: dict[str, Any]) -> None:
+    differ = dense_settings_differ(info, recipe)
+    if differ:
+        raise CheckpointError(f"dense weights {path} were trained with {', '.join(differ)} (from {info_path}); "
+                              f"remove {path} and {info_path} to train them again with this recipe, or point "
+                              "dense.weights at weights trained with its settings")
 
 
 def _checked_dense_sha(recipe: CompareRecipe, out: Path) -> str | None:

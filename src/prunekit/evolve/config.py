@@ -25,7 +25,8 @@ CIFAR_ARCHIVE = "../shared/data/cifar10-jpg.tar.gz"  # relative to the working d
 # the most of a group's channels a candidate may remove: MagnitudeConfig's max_ratio, which
 # prune_copy leaves at its default (a larger ratio would be capped there, silently)
 MAX_PRUNE_RATIO = 0.9
-_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # it names the task's files in the run directory
+# it names the task's files in the run directory (file names stop at 255 bytes; room for suffixes)
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 @dataclasses.dataclass
@@ -55,7 +56,7 @@ class TaskConfig:
             raise ConfigError("every task needs a name (text)")
         if not _TASK_NAME.fullmatch(self.name):
             raise ConfigError(f"task name {self.name!r} is not allowed: it names the task's files in the run "
-                              "directory; use letters, digits, '_', '-' and '.' (not first), e.g. digits_small")
+                              "directory; use at most 100 letters, digits, '_', '-' and '.' (not first), e.g. digits_small")
         for key in ("dense_train", "finetune"):
             value = getattr(self, key)
             if isinstance(value, dict):

@@ -22,6 +22,7 @@ from ..core.errors import CheckpointError, read_json
 from ..core.integrity import atomic_write_text
 from ..importance.evolved.space import SEEDS
 from ..importance.evolved.text import expression_text, formula, parse_expression
+from ..importance.evolved.tree_eval import criterion_spec
 from .config import EvolveConfig
 from .fitness import fitness_of
 from .jobs import create_executor
@@ -107,7 +108,8 @@ def write_run(run_dir: Path, cfg: EvolveConfig, state: SearchState, reeval: list
              "![fitness per generation](fitness.png)", "", "## Hall of fame (search fitness)", "",
              "| # | fitness | formula |", "|---|---|---|"]
     lines += [f"| {i + 1} | {h['fitness']:.4f} | `{_table_code(h['formula'])}` |" for i, h in enumerate(hof)]
-    lines += ["", f"Best as text (criterion `evolved:<text>`): `{hof[0]['text']}`", ""]
+    lines += ["", f"Best as text: `{hof[0]['text']}`; as the criterion that scores as this search did: "
+              + best_criteria(cfg, hof[0]["text"]), ""]
     if reeval:
         n = len(next(iter(reeval[0]["tasks"].values()))["accs"])
         spread = n > 1  # one seed has no spread to show
@@ -121,6 +123,15 @@ def write_run(run_dir: Path, cfg: EvolveConfig, state: SearchState, reeval: list
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def best_criteria(cfg: EvolveConfig, text: str) -> str:
+    """`evolved:...` for `text` reading as many calibration images as the search's tasks did (one
+    spec, or one per task when their calib_samples differ)."""
+    specs = {t.name: criterion_spec(text, t.calib_samples) for t in cfg.tasks}
+    if len(set(specs.values())) == 1:
+        return f"`{next(iter(specs.values()))}`"
+    return "; ".join(f"for {name}, `{spec}`" for name, spec in specs.items())
 
 
 def _table_code(text: str) -> str:

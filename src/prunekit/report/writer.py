@@ -312,7 +312,8 @@ def _history_table(history: list[Any]) -> _Table:
     keys: list[str] = []
     for h in entries:
         keys += [k for k in h if k not in keys]
-    fmt = {"macs": fmt_count, "params": fmt_count, "accuracy": fmt_accuracy, "latency_ms": fmt_ms}
+    fmt = {"macs": fmt_count, "params": fmt_count, "accuracy": fmt_accuracy, "val_accuracy": fmt_accuracy,
+           "latency_ms": fmt_ms}
     rows = [[fmt.get(k, lambda v: NA if v is None else v)(h.get(k)) for k in keys] for h in entries]
     return _Table(keys, rows)
 

@@ -211,7 +211,8 @@ def masked_hint(model: nn.Module) -> str:
     masked = [name for name, m in model.named_modules() if parametrize.is_parametrized(m)]
     if not masked:
         return ""
-    return (f"; {len(masked)} layer(s) carry weight masks ({', '.join(masked[:3])}), whose channels are kept: "
+    return (f"; {len(masked)} layer(s) carry weight masks ({', '.join(masked[:3])}{', ...' if len(masked) > 3 else ''}), "
+            "whose channels are kept: "
             "bake them first (prunekit.bake_masks_), see docs/masks.md")
 
 

@@ -59,6 +59,23 @@ def test_search_command_writes_the_run_directory(tmp_path):
     quiet = CliRunner().invoke(cli, ["search", str(recipe), "-q", "evaluate.enabled=false", "--out", str(tmp_path / "q")])
     assert quiet.exit_code == 0, quiet.output
     assert [l.split(":")[0] for l in quiet.output.splitlines()] == ["genotype", "report"]
+    assert result["evaluation"]["cell"] == "searched" and result["evaluation"]["genotype"] == result["genotype"]
+
+
+def test_a_reference_cell_evaluated_instead_is_named_in_the_report_and_result(tmp_path):
+    """evaluate.genotype=darts_v2: the report listed the evaluation right under the searched cell,
+    and result.json did not say which cell the test accuracy was of."""
+    from prunekit.methods.prdarts.genotype import REFERENCE_GENOTYPES
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["search", str(recipe), "-q", "evaluate.genotype=darts_v2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "result.json").read_text())
+    assert result["evaluation"]["cell"] == "darts_v2"
+    assert result["evaluation"]["genotype"] == REFERENCE_GENOTYPES["darts_v2"].to_dict() != result["genotype"]
+    assert "## Evaluation network (the reference darts_v2 cell, not the searched one)" in (out / "report.md").read_text()
 
 
 def test_search_command_rejects_unknown_key(tmp_path):
@@ -228,9 +245,16 @@ def test_resuming_a_search_with_another_recipe_or_a_damaged_checkpoint_is_one_li
     res = runner.invoke(cli, ["resume", str(out)])
     lines = res.stderr.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1, res.stderr
-    assert "other settings (hvp_r: saved 0.01 vs now 0.5" in lines[0], lines[0]
+    assert "changed since the search started (search.hvp_r: 0.01 then, 0.5 now)" in lines[0], lines[0]
     recipe_json["search"]["hvp_r"] = 0.01
+    recipe_json["data"]["seed"] = 1  # the data split: it passed, and moved images between the two splits
     (out / "recipe.json").write_text(json.dumps(recipe_json))
+    res = runner.invoke(cli, ["resume", str(out)])
+    assert res.exit_code == 2 and "(data.seed: 0 then, 1 now)" in res.stderr, res.stderr
+    assert {k: v for k, v in _files(out).items() if k != "recipe.json"} == {
+        k: v for k, v in before.items() if k != "recipe.json"}
+    recipe_json["data"]["seed"] = 0
+    (out / "recipe.json").write_text(json.dumps(recipe_json))  # back as it was (other whitespace): accepted
     last = out / "ckpt" / "search" / "pretrain" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
     res = runner.invoke(cli, ["resume", str(out)])

@@ -14,6 +14,7 @@ matrices, so streamed sums are not enough), at the point `stats.scoring_point` d
 """
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -179,6 +180,24 @@ class EvolvedCriterion:
         return maps.numpy(), labels.numpy()
 
 
+DEFAULT_SAMPLES = 256
+_SAMPLES = re.compile(r"\s*samples\s*=\s*([^:]*):(.*)", re.DOTALL)
+
+
 def create_evolved_criterion(text: str) -> EvolvedCriterion:
-    """Factory for the `evolved:` criterion prefix."""
-    return EvolvedCriterion(text)
+    """Factory for the `evolved:` criterion prefix: `evolved:<text>` reads the first 256
+    calibration images, `evolved:samples=<n>:<text>` the first n (what a search with
+    calib_samples=n scored)."""
+    found = _SAMPLES.fullmatch(text)
+    if found is None:
+        return EvolvedCriterion(text)
+    n = found.group(1).strip()
+    if not n.isdigit() or int(n) < 1:
+        raise ConfigError(f"evolved:samples={n}: the number of calibration images must be a whole number >= 1, "
+                          "as in 'evolved:samples=512:<text>'")
+    return EvolvedCriterion(found.group(2), int(n))
+
+
+def criterion_spec(text: str, samples: int) -> str:
+    """The criterion that scores as a search with calib_samples=`samples` did."""
+    return f"evolved:{text}" if samples == DEFAULT_SAMPLES else f"evolved:samples={samples}:{text}"

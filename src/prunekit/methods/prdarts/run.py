@@ -9,6 +9,7 @@ split, `search`: PRDartsConfig, `evaluate`: EvalRecipe); `run_search(recipe, run
     network.safetensors      the evaluation network trained at the density (weights + masks,
                              genotype as JSON inside), when evaluate.enabled
     ckpt/search/, ckpt/evaluate/   each phase's checkpoint (<phase>/last.pt, written every epoch)
+    ckpt/recipe.json         the recipe as the search started: a resume refuses an edited recipe.json
                              and the settings it was started with (settings.json)
     result.json, report.md   accuracy, nonzeros, MACs, latency, and what is (not) claimed
 A run stopped before result.json (Ctrl-C, SIGKILL) continues with `run_search(..., resume=True)`
@@ -35,6 +36,8 @@ from .checkpoints import alpha_row_ok, read_lines
 from .config import PRDartsConfig
 from .genotype import REFERENCE_GENOTYPES, Genotype, alpha_entropy
 from .ops import PRIMITIVES
+
+RECIPE_COPY = "ckpt/recipe.json"  # relative to the run directory: the recipe as the search started
 
 
 @dataclasses.dataclass
@@ -215,6 +218,8 @@ def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False
         run_dir = Path(run_dir)
     else:
         run_dir = claim_dir(run_dir, "recipe.json", json.dumps(recipe.to_dict(), indent=1), explicit)
+        (run_dir / "ckpt").mkdir(exist_ok=True)  # a resume refuses a recipe.json edited since (any section)
+        atomic_write_text(run_dir / RECIPE_COPY, json.dumps(recipe.to_dict(), indent=1))
         say(f"run directory: {run_dir}")
     try:
         with hold_dir(run_dir, "search"):
@@ -253,6 +258,8 @@ def _search_and_evaluate(recipe: SearchRecipe, bundle: Any, run_dir: Path, progr
         say(f"evaluating the {ev.genotype} cell: {ev.dense_epochs} dense + {ev.score_epochs} score + "
             f"{ev.finetune_epochs} finetune epochs")
         result["evaluation"] = _evaluate(recipe, geno, bundle, run_dir, progress, resume)
+        result["evaluation"]["cell"] = ev.genotype  # "searched", or the reference cell evaluated instead
+        result["evaluation"]["genotype"] = geno.to_dict()
         say(f"test accuracy {result['evaluation']['test']['acc']:.4f}")
     atomic_write_text(run_dir / "report.md", render_report(result))  # result.json last: it marks the run finished
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1, default=str))
@@ -272,6 +279,15 @@ def resumable_search(run_dir: str | Path) -> SearchRecipe:
         raise ConfigError(f"{path} is not a search recipe (no 'search' section); the run cannot be resumed")
     if (run_dir / "result.json").is_file():
         raise ConfigError(f"run {run_dir} already finished; nothing to resume (see its report.md)")
+    first = run_dir / RECIPE_COPY
+    if first.is_file():
+        started = read_json(first, "search recipe copy", "the search cannot be resumed", ConfigError, mapping=True)
+        changed = recipe_differences(started, raw)
+        if changed:
+            pairs = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in changed[:6])
+            raise ConfigError(f"{path} changed since the search started ({pairs}); its finished epochs ran with the "
+                              "recipe as it was (a changed data split would move images between the weight and the "
+                              "alpha batches mid-search): put it back as it was, or start a new search with the edit")
     try:
         return SearchRecipe.from_dict(raw)
     except ConfigSchemaError as err:  # written by another prunekit: not damage
@@ -279,6 +295,20 @@ def resumable_search(run_dir: str | Path) -> SearchRecipe:
     except ConfigError as err:
         raise ConfigError(f"{path} is damaged ({err}); the search cannot be resumed: start it again with "
                           "`prunekit search`") from None
+
+
+def recipe_differences(run: Any, now: Any, where: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, run's value, now's value) for every leaf where two recipe dicts differ (lists
+    and tuples compare alike)."""
+    if isinstance(run, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(run) | set(now), key=str)
+                for d in recipe_differences(run.get(k), now.get(k), f"{where}.{k}" if where else str(k))]
+    run, now = _listed(run), _listed(now)
+    return [] if run == now else [(where, run, now)]
+
+
+def _listed(value: Any) -> Any:
+    return [_listed(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def saved_phases(recipe: SearchRecipe, run_dir: str | Path) -> tuple[list[str], list[str]]:
@@ -341,7 +371,9 @@ def render_report(result: dict[str, Any]) -> str:
     ev = result.get("evaluation")
     if ev:
         c = ev["cost"]
-        lines += ["## Evaluation network", "",
+        cell = ev.get("cell", "searched")
+        lines += ["## Evaluation network" + ("" if cell == "searched" else
+                                             f" (the reference {cell} cell, not the searched one)"), "",
                   f"- density {ev['density']}: test accuracy {ev['test']['acc']:.4f} (loss {ev['test']['loss']:.4f}, "
                   f"n={ev['test']['n']})",
                   f"- nonzero conv/linear weights: {c['nonzero']:,} of {c['total']:,}{_density_note(ev)}",
