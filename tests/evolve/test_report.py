@@ -10,7 +10,7 @@ _CELL_END = re.compile(r"(?<!\\)\|")  # GitHub ends a table cell at every unesca
 
 
 def test_formulas_with_absolute_values_stay_in_their_table_cell(tmp_path):
-    """abs is written |x|: unescaped, the pipes of `|mean(P) - mean(Q)| / ...` split the formula
+    """abs is written |x|: unescaped, the pipes of `|g_mean(P) - g_mean(Q)| / ...` split the formula
     over three cells of a three-column table."""
     text = SEEDS["abs_snr"]
     key = f"digits|0|{text}"
@@ -19,7 +19,7 @@ def test_formulas_with_absolute_values_stay_in_their_table_cell(tmp_path):
     cfg = EvolveConfig(tasks=[digits_task()], population=4, parents=2, reeval_seeds=0)
     report = write_run(tmp_path, cfg, state, []).read_text()
     row = next(line for line in report.splitlines() if line.startswith("| 1 |"))
-    assert _CELL_END.split(row)[1:-1] == [" 1 ", " 0.5000 ", r" `\|mean(P) - mean(Q)\| / (std(P) + std(Q) + 1e-4)` "]
+    assert _CELL_END.split(row)[1:-1] == [" 1 ", " 0.5000 ", r" `\|g_mean(P) - g_mean(Q)\| / (std(P) + std(Q) + 1e-4)` "]
 
 
 def test_one_reevaluation_seed_shows_no_spread(tmp_path):

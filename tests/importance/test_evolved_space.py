@@ -98,13 +98,19 @@ def test_text_round_trip_of_random_trees(seed, height):
 
 @pytest.mark.parametrize("text, expected", [
     ("sqrt(sum(pow2(rho5(var(mP)))))", "sqrt(sum((var(mP) + 0.05)^2))"),
-    ("div(abs(sub(g_mean(P), g_mean(Q))), rho1(add(std(P), std(Q))))", "|mean(P) - mean(Q)| / (std(P) + std(Q) + 1e-4)"),
+    ("div(abs(sub(g_mean(P), g_mean(Q))), rho1(add(std(P), std(Q))))", "|g_mean(P) - g_mean(Q)| / (std(P) + std(Q) + 1e-4)"),
     ("add(add(div(var(P), rho5(var(Q))), div(var(Q), rho5(var(P)))), div(pow2(sub(g_mean(P), g_mean(Q))), "
      "rho5(add(var(P), var(Q)))))", "((var(P) / (var(Q) + 0.05)) + (var(Q) / (var(P) + 0.05))) + "
-     "((mean(P) - mean(Q))^2 / (var(P) + var(Q) + 0.05))"),
+     "((g_mean(P) - g_mean(Q))^2 / (var(P) + var(Q) + 0.05))"),
 ])
 def test_formula_reads_as_written(text, expected):
     assert formula(parse_expression(text)) == expected
+
+
+def test_a_formulas_function_names_are_the_texts():
+    """The formula wrote g_mean (mean of all entries) as mean, the text's column mean: retyped, the
+    formula computed another function."""
+    assert formula(parse_expression("sub(g_mean(P), mean(P))")) == "g_mean(P) - mean(P)"
 
 
 def test_formula_of_a_text_nested_as_deep_as_the_parser_allows():

@@ -9,7 +9,7 @@ into DEAP nodes taken from the primitive set; it never reaches `eval` (DEAP's `c
 >>> len(tree), expression_text(tree) == str(tree)
 (13, True)
 >>> formula(tree)
-'|mean(P) - mean(Q)| / (std(P) + std(Q) + 1e-4)'
+'|g_mean(P) - g_mean(Q)| / (std(P) + std(Q) + 1e-4)'
 """
 from __future__ import annotations
 
@@ -102,7 +102,9 @@ def expression_text(tree: gp.PrimitiveTree) -> str:
 
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "mmul": "@"}
-_NAMES = {"g_mean": "mean", "mean": "colmean", "num": "n", "tran": "transpose", "out_dot": "outer"}
+# functions keep their text names (g_mean is the mean of all entries, mean the column mean: a
+# formula written back as text must not swap them); only names that are no operator are spelt out
+_NAMES = {"num": "n", "tran": "transpose", "out_dot": "outer"}
 
 
 def formula(tree: gp.PrimitiveTree) -> str:
