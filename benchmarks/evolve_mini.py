@@ -10,7 +10,8 @@ finished generation in the run directory. Writes <run>/report.md and a summary J
     # smoke (one core, a few minutes): digits only, population 4, 1 generation
     python benchmarks/evolve_mini.py --smoke --workers 1 --run-dir local/evolve_mini_smoke
 Then test the best function on the transfer task:
-    python benchmarks/evolve_transfer.py --extra-arm "evolved:$(cat <run>/best.txt)"
+    python benchmarks/evolve_transfer.py --extra-arm "evolved:samples=512:$(cat <run>/best.txt)"
+(512: the images every transfer arm scores on, whatever calib_samples the search used)
 """
 from __future__ import annotations
 

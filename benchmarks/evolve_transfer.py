@@ -3,7 +3,7 @@ trained CIFAR-10 ResNet with each criterion, fine-tune every arm the same way, c
 
 Arms (default): ga_func2 (the paper's Eq. 3), the 7 seed metrics (abs_snr, fdr, sym_div, t_stat,
 seed_l1, seed_l2, seed_geo_median), random, and the core's l1, fpgm and taylor; add any evolved
-function with --extra-arm 'evolved:<text>'. Block-internal = the groups of each block's first conv
+function with --extra-arm 'evolved:samples=512:<text>' (a text criterion reads 256 images unless told). Block-internal = the groups of each block's first conv
 (conv1 -> bn1 -> relu -> conv2 input); residual streams and the stem are kept, so every arm has
 the same parameters and MACs. Scores use the first --calib training images (no augmentation),
 the same for every arm. Arms are interleaved seed by seed (load drifts hit all arms alike), and
@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=str(REPO / proto["data_root"]))
     p.add_argument("--dense", default=str(REPO / proto["dense"]), help="trained dense weights (.safetensors)")
     p.add_argument("--arms", nargs="*", default=ARMS, help="criteria to compare (none: only --extra-arm)")
-    p.add_argument("--extra-arm", action="append", default=[], help="more criteria, e.g. 'evolved:<text>'")
+    p.add_argument("--extra-arm", action="append", default=[], help="more criteria, e.g. 'evolved:samples=512:<text>'")
     p.add_argument("--seeds", nargs="+", type=int, default=proto["seeds"])
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--epochs", type=int, default=proto["finetune"]["epochs"],

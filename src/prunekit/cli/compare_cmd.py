@@ -81,8 +81,12 @@ def _dry_run_checks(recipe, out) -> list[str]:
         lines.append(f"dense model: {weights} is missing; it will be trained ({recipe.dense_train.epochs} epochs)")
     else:
         raise ConfigError(f"dense weights {weights} do not exist and the recipe has no dense.train to make them")
-    lines.append(f"records on disk: {len(list((folder / 'arms').glob('*/seed*.json')))}, "
-                 f"{check_on_disk(recipe, folder)} of them reused")
+    records = len(list((folder / 'arms').glob('*/seed*.json')))
+    if not weights.is_file():
+        lines.append(f"records on disk: {records}" + (" (not checked: the dense model they were made from is not "
+                                                      "there, and records of other weights are refused)" if records else ""))
+    else:
+        lines.append(f"records on disk: {records}, {check_on_disk(recipe, folder)} of them reused")
     return lines
 
 

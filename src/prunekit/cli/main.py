@@ -86,18 +86,19 @@ def _register() -> None:
 _register()
 
 
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def _one_line_warnings(shown: Any) -> Any:
+    """A showwarning that prints prunekit's own warnings (PrunekitWarning) as one 'warning: ...'
+    line (the source line behind them means nothing to a user of the command) and hands every
+    other warning to `shown`, the one in place before."""
+    from ..core.errors import PrunekitWarning
 
-
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
-                  line: str | None = None, _default: Any = warnings.showwarning) -> None:
-    """prunekit's own warnings as one 'warning: ...' line (its source line means nothing to a user
-    of the command); other libraries' warnings as Python prints them."""
-    if category is UserWarning and os.path.abspath(filename).startswith(_PACKAGE + os.sep):
-        click.echo(f"warning: {_one_line(message) if isinstance(message, BaseException) else message}",
-                   err=True)
-    else:
-        _default(message, category, filename, lineno, file, line)
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if issubclass(category, PrunekitWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+    return show
 
 
 class Terminated(KeyboardInterrupt):
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
     if own:
         signal.signal(signal.SIGTERM, on_terminate)
-    shown, warnings.showwarning = warnings.showwarning, _show_warning
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(shown)
     try:
         cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="prunekit")
     except SystemExit:

@@ -221,9 +221,9 @@ def check_folder_name(name: str, value: Any) -> None:
             or value != value.strip()):
         raise ConfigError(f"{name}={value!r} names a folder: use text without path separators, control characters "
                           "(NUL among them) or leading and trailing spaces, not '.' or '..'")
-    if len(value.encode("utf-8", "surrogatepass")) > 200:  # file systems stop at 255 bytes a name
-        raise ConfigError(f"{name}={short_repr(value)} names a folder and is {len(value.encode('utf-8', 'surrogatepass'))} "
-                          "bytes long: use at most 200")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > 200:  # file systems stop at 255 bytes a name
+        raise ConfigError(f"{name}={short_repr(value)} names a folder and is {size} bytes long: use at most 200")
 
 
 def _plain(v: Any) -> Any:

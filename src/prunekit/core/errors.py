@@ -30,6 +30,11 @@ class TrainingError(PrunekitError):
     """Training cannot go on (its loss or gradients stopped being finite)."""
 
 
+class PrunekitWarning(UserWarning):
+    """Something prunekit did that the caller should know of (a fallback, a capped target, timings
+    taken on more threads than cores); filter it with warnings.simplefilter("ignore", PrunekitWarning)."""
+
+
 def load_error_text(err: BaseException, limit: int = 300) -> str:
     """One line from a failed `load_state_dict` / safetensors load, naming what differs.
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..core.config import Config, check_choice, check_int
 from ..core.environment import check_input_fits, cpu_model
-from ..core.errors import ConfigError, PrunekitError
+from ..core.errors import ConfigError, PrunekitError, PrunekitWarning
 from ..core.layout import is_channels_last, to_memory_format_
 from ..core.modes import kept_modes
 from ..engine.batches import out_of_memory
@@ -188,7 +188,7 @@ def compare_latency(models: Mapping[str, nn.Module], inputs: Inputs,
     if device.type == "cpu" and threads_used > cores:
         warnings.warn(f"timed on {threads_used} torch threads with {cores} CPU core(s) for this process: the "
                       "threads wait on each other, and the timings say more about the scheduling than the "
-                      f"model; set latency.threads (or bench.threads) to at most {cores}", stacklevel=2)
+                      f"model; set latency.threads (or bench.threads) to at most {cores}", PrunekitWarning, stacklevel=2)
     meta = {
         "device": device.type, "device_name": _device_name(device), "dtype": cfg.dtype,
         "batch": batch, "torch_version": torch.__version__,

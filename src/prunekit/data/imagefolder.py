@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, PrunekitWarning
 from .cache import cache_key, load_cached, save_cached, source_state, walk_folder
 from .config import DataConfig
 from .decode import PILLOW_ERRORS, decode_image, is_image_name, probe_image
@@ -86,7 +86,8 @@ def load_imagefolder(cfg: DataConfig) -> ImageArrays | ImageFiles:
     try:
         save_cached(key, arrays)
     except OSError as err:  # a read-only or full disk costs speed next time, not this load
-        warnings.warn(f"could not write the decoded-image cache ({err}); set PRUNEKIT_CACHE to a writable folder")
+        warnings.warn(f"could not write the decoded-image cache ({err}); set PRUNEKIT_CACHE to a writable folder",
+                      PrunekitWarning)
     return arrays
 
 

@@ -165,8 +165,8 @@ def hook_checkpoint_states(hooks: Sequence[Any]) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike[str],
-                    advice: str = "delete it to restart that training from its first epoch (prunekit resume then starts "
-                                  "it again), or, from Python, point ckpt_dir at an intact one") -> dict[str, Any]:
+                    advice: str = "delete it, and a resume starts that training again from its first epoch"
+                    ) -> dict[str, Any]:
     """Read a checkpoint with weights_only=True; CheckpointError if missing, corrupt or foreign.
 
     The returned dict has the layout described in the module docstring, with `meta_json`

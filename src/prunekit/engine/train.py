@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.config import short_repr
-from ..core.errors import ConfigError, TrainingError
+from ..core.errors import ConfigError, PrunekitWarning, TrainingError
 from ..core.layout import is_channels_last, onednn_safe, to_channels_last_
 from .batches import check_labels, out_of_memory, split_batch
 from .checkpoint import (_has_state, checkpoint_path, hook_checkpoint_states, load_checkpoint, save_checkpoint,
@@ -316,7 +316,7 @@ def _train(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfi
     notes = []
     if cfg.bf16 and device.type != "cuda":
         notes.append(f"bf16=True ignored on {device.type}: autocast is used on CUDA only")
-        warnings.warn(notes[-1], stacklevel=3)
+        warnings.warn(notes[-1], PrunekitWarning, stacklevel=3)
     model.to(device)
     # the default layout is put back only on a model that arrived in it: a channels-last one stays so
     restore = cfg.channels_last is None and resolve_channels_last(cfg, device) and not is_channels_last(model)

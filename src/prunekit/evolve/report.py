@@ -2,7 +2,8 @@
 seeds, and write the run directory's functions, plot and report.
 
 Files written into the run directory:
-    best.txt                 the best function as text (use it as criterion "evolved:<text>")
+    best.txt                 the best function as text (criterion "evolved:<text>", or
+                             "evolved:samples=<n>:<text>" after a search with calib_samples=n)
     functions.json           hall of fame: text, readable formula, search fitness
     reevaluation.json        mean/std accuracy per task over fresh seeds, best functions and seeds
     fitness.png              best/median/mean fitness per generation

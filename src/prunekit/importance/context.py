@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..core.errors import ConfigError, PruningError
+from ..core.errors import ConfigError, PrunekitWarning, PruningError
 from ..core.layout import onednn_safe
 from ..core.modes import SCORE_MODES, scoring
 from .calibration import NEEDS_DATA, forward, labelled, loss_of
@@ -83,7 +83,7 @@ class ScoreContext:
             self._warned.add((criterion, used, why))
             warnings.warn(f"criterion {criterion!r} fell back to {used!r} for group {group!r} ({why}); every "
                           "group that falls back is listed in the result's metrics['criterion_fallbacks']",
-                          stacklevel=3)
+                          PrunekitWarning, stacklevel=3)
 
     def gradients(self, who: str | None = None) -> dict[str, torch.Tensor]:
         """Sum of loss gradients of every parameter over `batches` (in `mode`; computed once, cached).

@@ -37,17 +37,29 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.overrides import handle_torch_function, has_torch_function
 
 from ..core.errors import ConfigError
 from .ssc_patterns import SSCLayout, SSCSpec
 
 EXECUTIONS = ("structured", "masked")
+
+
+_STEPS = [0]  # optimizer steps taken in this process (any torch.optim optimizer, fused or not)
+
+
+def _count_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    _STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 
 
 class SSCConv2d(nn.Module):
@@ -104,15 +116,13 @@ class SSCConv2d(nn.Module):
         see the masking ops (a cached tensor would be frozen in as a constant, and export's fake
         tensors have no data pointer to key the cache by)."""
         if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            # a forward with autograd is a training step on its way: fused optimizers (fused=True)
-            # write the weights in place without bumping their version counter, so the cache is
-            # dropped here rather than trusted after the step
-            self.__dict__.pop("_inference_cache", None)
+            self.__dict__.pop("_inference_cache", None)  # a training step on its way
             return build()
         # inference tensors (copies made under inference_mode) have no version counter and cannot
-        # change outside inference mode: their identity is enough
-        key = tuple((id(p), p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype)
-                    for p in (self.weight_kxk, self.weight_1x1) if p is not None)
+        # change outside inference mode: their identity is enough. Fused optimizers (fused=True)
+        # write the weights without bumping the counters: every optimizer step counts (_STEPS)
+        key = (_STEPS[0],) + tuple((id(p), p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype)
+                                   for p in (self.weight_kxk, self.weight_1x1) if p is not None)
         cache = self.__dict__.setdefault("_inference_cache", {})
         if what not in cache or cache[what][0] != key:
             with torch.no_grad():

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..core.config import Config, check_choice, check_range
-from ..core.errors import ConfigError, PrunekitError, PruningError
+from ..core.errors import ConfigError, PrunekitError, PrunekitWarning, PruningError
 from ..engine.batches import out_of_memory
 from ..cost.alignment import pick_round_to
 from ..cost.latency import LatencyConfig, latency_settings, out_of_memory_as_config_error, timing_device
@@ -400,7 +400,7 @@ def _capped_note(cfg: MagnitudeConfig) -> dict[str, Any]:
         return {}
     note = (f"channel_ratio={cfg.channel_ratio} was capped at max_ratio={cfg.max_ratio}: no group loses more "
             "than that share of its channels; raise max_ratio to remove more")
-    warnings.warn(note, stacklevel=3)
+    warnings.warn(note, PrunekitWarning, stacklevel=3)
     return {"notes": [note]}
 
 

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..core.config import Config, check_choice, check_int, check_range
-from ..core.errors import ConfigError, PruningError
+from ..core.errors import ConfigError, PrunekitWarning, PruningError
 from ..core.modes import SCORE_MODES
 from ..core.names import within
 from ..cost.macs import cost_from_graph, count_cost, nonzero_macs
@@ -255,9 +255,10 @@ def _channel_prune(model, cfg, example_inputs, data) -> PruneResult:
     scores = {n: s for n, s in channel_scores_from_elements(
         graph, _scores(model, cfg, example_inputs, data, one_shot=True)).items() if n in prunable}
     if not scores:
-        raise PruningError((graph.why_nothing_prunable()
-                            or "no prunable channel group holds a scored weight; ignore fewer modules")
-                           + masked_hint(model))
+        masked = masked_hint(model)  # the usual cause on a model pruned before: say it first
+        raise PruningError(f"no channel group can change width: {masked[2:]}" if masked else
+                           graph.why_nothing_prunable() or "no prunable channel group holds a scored weight; "
+                           "ignore fewer modules")
     # no cap below the one the core always keeps (one removable channel per group): the selector's
     # default max_ratio=0.9 would turn any sparsity above 0.9 silently into 0.9
     removal = select_removal(graph, scores, cfg.sparsity, "local" if cfg.scope == "layer" else "global", max_ratio=1.0)
@@ -280,7 +281,7 @@ def _channel_prune(model, cfg, example_inputs, data) -> PruneResult:
     if removed < asked:  # every group keeps a channel (and those no tensor may lose): say so, not in silence
         metrics["notes"] = [f"removed {removed} of {total} channels ({removed / total:.3f}), less than "
                             f"sparsity={cfg.sparsity}: every group keeps at least one channel"]
-        warnings.warn(metrics["notes"][0], stacklevel=3)
+        warnings.warn(metrics["notes"][0], PrunekitWarning, stacklevel=3)
     return PruneResult(plan, before, after, cfg.to_dict(), metrics)
 
 

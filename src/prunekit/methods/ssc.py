@@ -211,7 +211,8 @@ def _conv_order(model: nn.Module, example_inputs: Any, ignore: list[str]) -> tup
 
 
 def _why_none(model: nn.Module, skipped: dict[str, str], dense: dict[str, str]) -> str:
-    """Why no conv was converted, layer by layer (at most 8 named), for the error message."""
+    """Why no conv was converted, for the error message: each reason once with its convs (at most
+    3 named), design reasons (1x1, the stem) last."""
     reasons = {**skipped, **dense}
     already = [n for n, m in model.named_modules() if isinstance(m, SSCConv2d)]
     by_reason: dict[str, list[str]] = {}

@@ -7,6 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from prunekit.cli.main import cli
+from prunekit.core.errors import ConfigError
 from prunekit.layers.sparse import count_nonzeros
 from prunekit.methods.prdarts import Genotype, load_network
 
@@ -245,7 +246,7 @@ def test_resuming_a_search_with_another_recipe_or_a_damaged_checkpoint_is_one_li
     res = runner.invoke(cli, ["resume", str(out)])
     lines = res.stderr.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1, res.stderr
-    assert "changed since the search started (search.hvp_r: 0.01 then, 0.5 now)" in lines[0], lines[0]
+    assert "differs from the recipe the search started with (search.hvp_r: 0.01 then, 0.5 now)" in lines[0], lines[0]
     recipe_json["search"]["hvp_r"] = 0.01
     recipe_json["data"]["seed"] = 1  # the data split: it passed, and moved images between the two splits
     (out / "recipe.json").write_text(json.dumps(recipe_json))
@@ -254,7 +255,17 @@ def test_resuming_a_search_with_another_recipe_or_a_damaged_checkpoint_is_one_li
     assert {k: v for k, v in _files(out).items() if k != "recipe.json"} == {
         k: v for k, v in before.items() if k != "recipe.json"}
     recipe_json["data"]["seed"] = 0
-    (out / "recipe.json").write_text(json.dumps(recipe_json))  # back as it was (other whitespace): accepted
+    recipe_json["threads"] = 2  # where it runs: free to change (as is the evaluation before it begins)
+    recipe_json["evaluate"]["finetune_epochs"] = 2
+    (out / "recipe.json").write_text(json.dumps(recipe_json))  # other whitespace too: accepted
+    from prunekit.methods.prdarts.run import SearchRecipe, check_recipe_unchanged, run_search
+
+    check_recipe_unchanged(out, recipe_json, "recipe.json")
+    moved = SearchRecipe.from_dict({**recipe_json, "data": {**recipe_json["data"], "seed": 1}})
+    with pytest.raises(ConfigError, match=r"the recipe given differs .*\(data.seed: 0 then, 1 now\)"):
+        run_search(moved, out, resume=True)  # the Python API resume is checked too
+    assert {k: v for k, v in _files(out).items() if k != "recipe.json"} == {
+        k: v for k, v in before.items() if k != "recipe.json"}
     last = out / "ckpt" / "search" / "pretrain" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
     res = runner.invoke(cli, ["resume", str(out)])

@@ -137,10 +137,13 @@ def channel_scores(tree: gp.PrimitiveTree, maps: np.ndarray, labels: np.ndarray,
     return out
 
 
+DEFAULT_SAMPLES = 256  # calibration images an `evolved:` criterion reads unless told
+
+
 class EvolvedCriterion:
     """A criterion from an expression text; the text is parsed (not evaluated) on construction."""
 
-    def __init__(self, text: str, max_samples: int = 256, time_limit_s: float | None = None):
+    def __init__(self, text: str, max_samples: int = DEFAULT_SAMPLES, time_limit_s: float | None = None):
         self.tree = parse_expression(text)
         self.text = expression_text(self.tree)
         self.max_samples = max_samples
@@ -149,7 +152,8 @@ class EvolvedCriterion:
         self.__doc__ = f"evolved function {self.text}"
 
     def __repr__(self) -> str:
-        return f"EvolvedCriterion({self.text!r})"
+        more = "" if self.max_samples == DEFAULT_SAMPLES else f", max_samples={self.max_samples}"
+        return f"EvolvedCriterion({self.text!r}{more})"
 
     def __call__(self, group: Group, ctx: ScoreContext) -> torch.Tensor:
         from .shipped import incoming_filters
@@ -180,7 +184,6 @@ class EvolvedCriterion:
         return maps.numpy(), labels.numpy()
 
 
-DEFAULT_SAMPLES = 256
 _SAMPLES = re.compile(r"\s*samples\s*=\s*([^:]*):(.*)", re.DOTALL)
 
 

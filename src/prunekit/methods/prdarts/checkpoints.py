@@ -96,7 +96,7 @@ def _epochs_done(folder: Path, epochs: int) -> int:
     path = checkpoint_path(folder)
     if not path.exists():
         return 0
-    ckpt = load_checkpoint(path)  # a damaged file: one CheckpointError naming it
+    ckpt = load_checkpoint(path, "delete the checkpoint folder to start the search again")  # one CheckpointError
     if ckpt["epoch"] >= epochs:
         raise CheckpointError(f"{path} records epoch {ckpt['epoch'] + 1} but the phase has {epochs} epochs; the file "
                               "is damaged or from another search: delete the folder to restart the search")

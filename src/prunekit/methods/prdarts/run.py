@@ -9,8 +9,9 @@ split, `search`: PRDartsConfig, `evaluate`: EvalRecipe); `run_search(recipe, run
     network.safetensors      the evaluation network trained at the density (weights + masks,
                              genotype as JSON inside), when evaluate.enabled
     ckpt/search/, ckpt/evaluate/   each phase's checkpoint (<phase>/last.pt, written every epoch)
-    ckpt/recipe.json         the recipe as the search started: a resume refuses an edited recipe.json
                              and the settings it was started with (settings.json)
+    ckpt/recipe.json         the recipe as the search started: a resume refuses another recipe
+                             (device and threads aside; the evaluation's until it begins)
     result.json, report.md   accuracy, nonzeros, MACs, latency, and what is (not) claimed
 A run stopped before result.json (Ctrl-C, SIGKILL) continues with `run_search(..., resume=True)`
 (`prunekit resume <run>`): finished phases are read back, the phase in progress continues after
@@ -216,6 +217,7 @@ def run_search(recipe: SearchRecipe, run_dir: str | Path, progress: bool = False
     recipe.evaluate.check_input(bundle.input_shape, bundle.num_classes)  # so does an input it cannot take
     if resume:
         run_dir = Path(run_dir)
+        check_recipe_unchanged(run_dir, recipe.to_dict(), "the recipe given")
     else:
         run_dir = claim_dir(run_dir, "recipe.json", json.dumps(recipe.to_dict(), indent=1), explicit)
         (run_dir / "ckpt").mkdir(exist_ok=True)  # a resume refuses a recipe.json edited since (any section)
@@ -279,15 +281,7 @@ def resumable_search(run_dir: str | Path) -> SearchRecipe:
         raise ConfigError(f"{path} is not a search recipe (no 'search' section); the run cannot be resumed")
     if (run_dir / "result.json").is_file():
         raise ConfigError(f"run {run_dir} already finished; nothing to resume (see its report.md)")
-    first = run_dir / RECIPE_COPY
-    if first.is_file():
-        started = read_json(first, "search recipe copy", "the search cannot be resumed", ConfigError, mapping=True)
-        changed = recipe_differences(started, raw)
-        if changed:
-            pairs = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in changed[:6])
-            raise ConfigError(f"{path} changed since the search started ({pairs}); its finished epochs ran with the "
-                              "recipe as it was (a changed data split would move images between the weight and the "
-                              "alpha batches mid-search): put it back as it was, or start a new search with the edit")
+    check_recipe_unchanged(run_dir, raw, str(path))
     try:
         return SearchRecipe.from_dict(raw)
     except ConfigSchemaError as err:  # written by another prunekit: not damage
@@ -295,6 +289,29 @@ def resumable_search(run_dir: str | Path) -> SearchRecipe:
     except ConfigError as err:
         raise ConfigError(f"{path} is damaged ({err}); the search cannot be resumed: start it again with "
                           "`prunekit search`") from None
+
+
+# where the batches are made and how many threads run them: no result depends on these
+_FREE_TO_CHANGE = ("device", "threads", "data.device", "data.num_workers")
+
+
+def check_recipe_unchanged(run_dir: Path, now: dict[str, Any], what: str) -> None:
+    """ConfigError when `now` (a recipe as a dict) differs from the recipe the search in `run_dir`
+    started with (its ckpt/recipe.json) in a setting its finished epochs depend on. The evaluation's
+    settings are free until the evaluation begins (then its checkpoints guard its schedule). Run
+    directories from before that copy was kept are not checked here."""
+    first = run_dir / RECIPE_COPY
+    if not first.is_file():
+        return
+    started = read_json(first, "search recipe copy", "the search cannot be resumed", ConfigError, mapping=True)
+    evaluating = (run_dir / "ckpt" / "evaluate").is_dir()
+    changed = [(k, a, b) for k, a, b in recipe_differences(started, now)
+               if k not in _FREE_TO_CHANGE and (evaluating or not k.startswith("evaluate."))]
+    if changed:
+        pairs = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in changed[:6])
+        raise ConfigError(f"{what} differs from the recipe the search started with ({pairs}); its finished epochs ran "
+                          "with that recipe (another data split would move images between the weight and the alpha "
+                          "batches mid-search): put it back as it was, or start a new search with the change")
 
 
 def recipe_differences(run: Any, now: Any, where: str = "") -> list[tuple[str, Any, Any]]:
