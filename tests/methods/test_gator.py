@@ -361,6 +361,39 @@ def test_an_impossible_target_is_refused_before_training_and_leaves_the_model():
     GatorConfig(target=0.5, epochs=1).check_model(fresh)  # without inputs: nothing to trace, not checked
 
 
+def test_the_least_target_an_impossible_one_names_is_taken_and_masks_are_named():
+    """The floor minus the tolerance was printed rounded to three places, below the true value, so
+    the target it advised was refused again; on a model carrying weight masks (after SLR) neither
+    the refusal nor a finished run's notes said that the masked layers keep their channels."""
+    import re
+
+    from prunekit.core.errors import PruningError
+    from prunekit.methods.slr import SLRConfig
+
+    torch.manual_seed(0)
+    data = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))) for _ in range(2)]
+    x, tc = torch.zeros(1, 1, 8, 8), TrainConfig(epochs=1, lr=0.05, log_every=0)
+    model = create_model("small_cnn", num_classes=10)
+    with pytest.raises(ConfigError, match="impossible target") as err:
+        GatorConfig(target=0.05, ignore=["fc"]).check_model(model, x)
+    least = float(re.search(r"ask for at least ([0-9.]+)", str(err.value)).group(1))
+    assert "ignore fewer modules" in str(err.value)
+    GatorConfig(target=least, ignore=["fc"]).check_model(model, x)  # the advice is a target it takes
+    prune_(model, SLRConfig(sparsity=0.5, epochs=1, layers=["conv3"]), x, train_loader=data, train_config=tc)
+    with pytest.raises(ConfigError, match=r"carry weight masks \(conv3\), whose channels are kept: bake them first") as err:
+        GatorConfig(target=0.05).check_model(model, x)
+    assert "ignore fewer" not in str(err.value)  # nothing ignored: not advised
+    r = prune_(model, GatorConfig(target=0.6, epochs=1), x, train_loader=data, train_config=tc)
+    assert any(n.startswith("channels kept by weight masks: 1 layer(s)") for n in r.metrics["notes"])
+    masked = create_model("small_cnn", num_classes=10)
+    prune_(masked, SLRConfig(sparsity=0.5, epochs=1), x, train_loader=data, train_config=tc)
+    with pytest.raises(PruningError, match=r"no channel group can be gated.*carry weight masks"):
+        prune_(masked, GatorConfig(target=0.5, epochs=1), x, train_loader=data, train_config=tc)
+    with pytest.raises(ConfigError, match=r"train_loader \(generator\) has no len\(\)"):
+        prune_(create_model("small_cnn", num_classes=10), GatorConfig(target=0.5, epochs=1), x,
+               train_loader=(b for b in data), train_config=tc)
+
+
 @pytest.mark.parametrize("config", [dict(lam=1.0), dict(target=0.2, cost="latency"),
                                     dict(target=0.2, target_metric="latency")], ids=["lam", "latency-cost", "latency-target"])
 def test_a_model_with_no_gateable_group_is_refused_by_check_model_whatever_the_target(config):

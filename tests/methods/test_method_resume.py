@@ -55,6 +55,28 @@ def test_a_crash_in_either_training_phase_resumes_to_the_same_model(digits, tmp_
     assert result.plan.to_dict() == ref.plan.to_dict()
 
 
+@pytest.mark.parametrize("method, other", [
+    ("admm", {"sparsity": 0.3, "optimization": "slr"}), ("gator", {"cost": "params"})])
+def test_a_resume_with_another_method_config_is_refused_before_anything_is_restored(digits, tmp_path, method, other):
+    """train() refused another TrainConfig but took another SLRConfig/GatorConfig and mixed the two
+    runs (max weight difference 1.0 from a fresh run of the second config)."""
+    from dataclasses import replace
+
+    from prunekit.core.errors import CheckpointError
+
+    with pytest.raises(Interrupted):
+        _prune(digits, method, tmp_path / "run", InterruptingLoader(digits[0], 2))
+    saved = METHODS[method]
+    METHODS[method] = replace(saved, **other)
+    try:
+        name = type(saved).__name__
+        with pytest.raises(CheckpointError, match=f"written with a different {name} \\({sorted(other)[0]}: saved"):
+            _prune(digits, method, tmp_path / "run", InterruptingLoader(digits[0]), resume=True)
+    finally:
+        METHODS[method] = saved
+    _prune(digits, method, tmp_path / "run", InterruptingLoader(digits[0]), resume=True)  # the same config resumes
+
+
 class _Shuffled(InterruptingLoader):
     """Batches in an order seeded by this loader's own pass count (as a loader reshuffled per
     epoch), which a resumed process starts again from zero."""

@@ -9,6 +9,7 @@ was already loaded.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from typing import Any, Sequence
 
@@ -60,6 +61,10 @@ def check_compatible(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch
         if now_type is not None and now_type != saved_type:
             raise CheckpointError(f"checkpoint holds the state of hooks[{key}] as a {saved_type} but hooks[{key}] is "
                                   f"now a {now_type}; pass the same hooks in the same order")
+    for key in sorted(stateful & set(ckpt["hooks"])):  # a hook may refuse a state made with other settings
+        check = getattr(hooks[int(key)], "check_state", None)
+        if callable(check):
+            check(ckpt["hooks"][key])
     for what, saved, now in (("optimizer settings", [{k: v for k, v in g.items() if k != "params"} for g in saved_groups],
                               [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]),
                              ("scheduler state", ckpt["scheduler"], scheduler_state)):
@@ -70,6 +75,24 @@ def check_compatible(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch
     _check_scheduler_steps(ckpt, scheduler_state)
     _check_optimizer_state(ckpt)
     _check_rng(ckpt["rng"])
+
+
+def config_text(config: Any) -> str:
+    """A method config as text a hook's state can hold (plain JSON, any callable named by str)."""
+    return json.dumps(config.to_dict(), sort_keys=True, default=str)
+
+
+def check_saved_config(saved: Any, config: Any) -> None:
+    """CheckpointError when `saved` (a hook state's `config_text`) is not `config`'s: a resumed
+    method would continue another run's search. States written without one are not checked."""
+    if not isinstance(saved, str):
+        return
+    before, now = json.loads(saved), json.loads(config_text(config))
+    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if diff:
+        pairs = ", ".join(f"{k}: saved {before.get(k)!r} vs now {now.get(k)!r}" for k in diff[:6])
+        raise CheckpointError(f"checkpoint was written with a different {type(config).__name__} ({pairs}); resume with "
+                              "the same config or use a new ckpt_dir")
 
 
 def _check_scheduler_steps(ckpt: dict[str, Any], scheduler_state: dict[str, Any] | None) -> None:

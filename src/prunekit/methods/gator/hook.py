@@ -42,6 +42,7 @@ from torch import nn
 
 from ...core.errors import CheckpointError
 from ...engine.hooks import Hook
+from ...engine.restore import check_saved_config, config_text
 from .config import GatorConfig
 from .controller import LambdaController, initial_lambda, mask_within_budget, rounded_within
 from ...cost.differentiable import CostModel
@@ -191,8 +192,13 @@ class GatorHook(Hook):
             metrics["gator/settled_at"] = self.settled_at
 
     # ---- checkpointing --------------------------------------------------------------------
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Before anything is restored: the state was saved by a run of this GatorConfig."""
+        check_saved_config(state.get("config"), self.config)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"gates": self.gates.state_dict(), "lam": self.lam, "settled_at": self.settled_at,
+        return {"config": config_text(self.config), "gates": self.gates.state_dict(), "lam": self.lam,
+                "settled_at": self.settled_at,
                 "rounding": self.rounding,
                 "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
                 "controller": None if self.controller is None else self.controller.state_dict()}

@@ -18,6 +18,7 @@ config.finetune_epochs, and the logits follow its learning-rate schedule.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from ...core.errors import ConfigError, PruningError
 from ...cost.differentiable import CostModel, build_cost
 from ...layers.gates import GateSet, gateable
+from ...surgery.masks import masked_hint
 from ...surgery.verify import build_safe_graph, inputs_to
 from ..result import PruneResult
 from .config import GatorConfig
@@ -72,12 +74,16 @@ def gator_prune_(
     if not isinstance(config, GatorConfig):
         raise ConfigError(f"gator_prune_ needs a GatorConfig, got {type(config).__name__}")
     train_config = train_config if train_config is not None else TrainConfig()
+    if not hasattr(train_loader, "__len__"):  # its length sets the gates' schedule, before any training
+        raise ConfigError(f"train_loader ({type(train_loader).__name__}) has no len(); pass a sized iterable of "
+                          "(x, y) batches (a list, a DataLoader)")
     graph, gates, skipped = _gated_graph(model, config, example_inputs)
     before = cost_from_graph(model, graph)
     cost = build_cost(config.cost, model, graph, gates, config.latency, config.latency_grid)
     measure = cost if config.target_measure == config.cost else build_cost(
         config.target_measure, model, graph, gates, config.latency, config.latency_grid)
-    _check_reachable(config, measure, gates, skipped)
+    _check_reachable(model, config, measure, gates, skipped)
+    masked = masked_hint(model)  # such layers keep their channels: said in the notes
     dev = resolve_device(device, env_ranks()[2])
     metrics: dict[str, Any] = {"skipped_groups": skipped, "gated_groups": list(gates.names)}
 
@@ -100,6 +106,8 @@ def gator_prune_(
         if val_loader is not None:
             metrics["finetuned"] = evaluate(model, val_loader, dev)
     notes = [f"group {g}: {why}; kept its strongest channel" for g, why in metrics.get("kept_open", {}).items()]
+    if masked:
+        notes.append(f"channels kept by weight masks: {masked[2:]}")
     t = metrics["target"]
     if t["within_tolerance"] is False:  # said where the run reports, not only in metrics
         used = (metrics.get("rounding") or metrics.get("settle_rounding") or {}).get("multiple")
@@ -120,7 +128,7 @@ def _gated_graph(model: nn.Module, config: GatorConfig, example_inputs: Any) -> 
     groups, skipped = gateable(model, graph)
     if not groups:
         hint = (f"; ignore={list(config.ignore)} leaves these modules whole: ignore fewer"
-                if config.ignore else "")
+                if config.ignore else "") + masked_hint(model)
         raise PruningError(f"no channel group can be gated in this model ({skipped or 'no prunable groups'}){hint}")
     return graph, GateSet(groups, model, config.initial_logit, config.init_noise, config.temperature, config.seed), skipped
 
@@ -134,11 +142,12 @@ def check_target_reachable(model: nn.Module, config: GatorConfig, example_inputs
     """`gator_prune_`'s up-front target check alone (params or MACs targets; latency ones need the
     tables, timed when pruning starts), for callers that train a dense model first."""
     graph, gates, skipped = _gated_graph(model, config, example_inputs)
-    _check_reachable(config, build_cost(config.target_measure, model, graph, gates, config.latency,
-                                        config.latency_grid), gates, skipped)
+    _check_reachable(model, config, build_cost(config.target_measure, model, graph, gates, config.latency,
+                                               config.latency_grid), gates, skipped)
 
 
-def _check_reachable(config: GatorConfig, measure: CostModel, gates: GateSet, skipped: dict[str, str]) -> None:
+def _check_reachable(model: nn.Module, config: GatorConfig, measure: CostModel, gates: GateSet,
+                     skipped: dict[str, str]) -> None:
     """ConfigError before any training when even every gated channel closed keeps more of the
     target measure than the target and its tolerance allow."""
     if config.target is None:
@@ -147,10 +156,12 @@ def _check_reachable(config: GatorConfig, measure: CostModel, gates: GateSet, sk
     if floor > config.target + config.tolerance:
         why = "; ".join(f"{g}: {r}" for g, r in list(skipped.items())[:3]) + ("; ..." if len(skipped) > 3 else "")
         why = f" (groups that cannot be gated: {why})" if why else ""
+        least = math.ceil((floor - config.tolerance) * 1000) / 1000  # rounded up: a target it can take
         raise ConfigError(f"impossible target: with every gated channel closed the model still keeps {floor:.3f} "
                           f"of the {config.target_measure}{why}, above target={config.target} + "
-                          f"tolerance={config.tolerance}; ask for at least {floor - config.tolerance:.3f} "
-                          "or ignore fewer modules; the model was left unchanged")
+                          f"tolerance={config.tolerance}; ask for at least {least:.3f}"
+                          + (" or ignore fewer modules" if config.ignore else "") + masked_hint(model)
+                          + "; the model was left unchanged")
 
 
 def _phase_dir(ckpt_dir: str | os.PathLike[str] | None, phase: str) -> Path | None:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ...core.errors import CheckpointError, ConfigError
 from ...core.modes import evaluating
 from ...engine.hooks import Hook
+from ...engine.restore import check_saved_config, config_text
 from .config import ProjectionSpec, SLRConfig, resolve_targets
 from .state import admm_update, init_state, penalty, relative_residual, slr_update
 
@@ -115,10 +116,15 @@ class SLRHook(Hook):
         state.history[-1] = dict(info)
         metrics.update({f"slr/{k}": v for k, v in info.items() if k != "epoch"})
 
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Before anything is restored: the state was saved by a run of this SLRConfig."""
+        check_saved_config(state.get("config"), self.config)
+
     def state_dict(self) -> dict[str, Any]:
         """Plain content (tensors, numbers, lists, dicts) for the engine's resumable checkpoints."""
         st = self.state
         return {
+            "config": config_text(self.config),
             "Z": dict(st.Z), "U": dict(st.U), "Z_prev": dict(st.Z_prev),
             "W_prev": {} if st.aliased else dict(st.W_prev),
             "s": st.s, "k": st.k, "f_prev": st.f_prev, "f_last": st.f_last,
