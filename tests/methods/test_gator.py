@@ -650,3 +650,18 @@ def test_a_result_outside_the_tolerance_is_noted_with_the_multiple_used():
     assert not r.metrics["target"]["within_tolerance"]
     (note,) = r.metrics["notes"]
     assert "not the target 30% ± 1 points; widths are multiples of 32" in note
+
+
+def test_a_group_kept_open_with_no_other_fully_closed_group_says_so():
+    """At a target of 0.001 on resnet20 the last group reopened had no other fully closed group to
+    name, and its note read 'together with the other closed groups () ...'."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    data = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    r = prune_(model, GatorConfig(target=0.001, epochs=3), torch.zeros(1, 3, 32, 32), train_loader=data,
+               train_config=TrainConfig(lr=0.05))
+    kept = r.metrics["kept_open"]
+    assert "()" not in " ".join(kept.values())
+    assert "every gate closed, and with the channels closed in the other groups the output would no longer depend " \
+           "on the input" in kept.values()

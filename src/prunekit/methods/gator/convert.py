@@ -38,6 +38,8 @@ from ...surgery.verify import first_tensor, run_model, zero_contributions_
 KEPT_ALONE = "every gate closed, but the output would no longer depend on the input"
 KEPT_TOGETHER = ("every gate closed, and together with the other closed groups ({}) the output would no longer "
                  "depend on the input")
+KEPT_WITH_PARTLY_CLOSED = ("every gate closed, and with the channels closed in the other groups the output would no "
+                           "longer depend on the input")
 
 
 @dataclass
@@ -176,7 +178,7 @@ def _reopen_disconnecting(model: nn.Module, gates: GateSet, masks: list[torch.Te
         rest.remove(pick)
         masks = reopened(pick)
         others = [gates.names[i] for i in closed if i != pick and not bool(masks[i].any())]
-        kept[gates.names[pick]] = KEPT_TOGETHER.format(", ".join(others))
+        kept[gates.names[pick]] = KEPT_TOGETHER.format(", ".join(others)) if others else KEPT_WITH_PARTLY_CLOSED
     return masks, kept
 
 
