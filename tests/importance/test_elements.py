@@ -437,3 +437,20 @@ def test_the_score_mode_changes_the_scores_and_is_checked():
                               snip_scores(m, batches, mode="eval")["0.weight"])
     with pytest.raises(ConfigError, match="mode='training'"):
         snip_scores(m, batches, mode="training")
+
+
+def test_targets_take_a_class_a_list_of_classes_and_names_or_a_tuple():
+    """docs/criteria.md: `targets=` takes module classes or names; a list holding a class was
+    refused with a message asking for a class, and a bare class was a TypeError."""
+    from prunekit.importance.elements import magnitude_scores
+    from prunekit.importance.targets import target_weights
+    from prunekit.models import create_model
+
+    model = create_model("small_cnn", num_classes=10)
+    for targets in (nn.Linear, [nn.Linear], (nn.Linear,)):
+        assert list(target_weights(model, targets)) == ["fc.weight"]
+    assert list(target_weights(model, [nn.Linear, "conv2.weight"])) == ["fc.weight", "conv2.weight"]
+    assert list(magnitude_scores(model, targets=[nn.Linear])) == ["fc.weight"]
+    for bad, match in ((5, "targets=5; give module classes"), ([5], "targets holds 5; give module classes")):
+        with pytest.raises(ConfigError, match=match):
+            target_weights(model, bad)

@@ -325,3 +325,34 @@ def test_the_real_width_check_runs_for_data_criteria_and_channel_level_pai():
                batches=batches)
     with pytest.raises(PruningError, match=r"real widths, group\(s\) a:"):
         prune_(Head().eval(), SynFlowConfig(sparsity=0.5, level="channel"), x)
+
+
+class _MaskedLogits(nn.Module):
+    """Scores with one class masked out (-1e9 or -inf) beside ordinary ones, and a sum over the
+    channels (sigmoid) that zeroing a channel does not reproduce: the group is not prunable."""
+
+    def __init__(self, fill: float):
+        super().__init__()
+        self.fill = fill
+        self.a, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 5)
+        self.register_buffer("allowed", torch.tensor([True, True, True, True, False]))
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        feat = y.mean((2, 3)) + torch.sigmoid(y).sum(1).mean((1, 2)).unsqueeze(1)
+        return self.fc(feat).masked_fill(~self.allowed, self.fill)
+
+
+@pytest.mark.parametrize("fill", [-1e9, float("-inf")])
+def test_a_masked_output_entry_does_not_hide_the_others_difference(fill):
+    """The gap was measured against the whole tensor's largest |value|: one -1e9 logit made a
+    0.94 difference in the others vanish, and -inf made it NaN; the group was pruned."""
+    import prunekit
+
+    torch.manual_seed(0)
+    model = _MaskedLogits(fill).eval()
+    result = prunekit.prune_(model, prunekit.MagnitudeConfig(channel_ratio=0.5), torch.randn(2, 3, 8, 8))
+    assert "a" not in result.plan.groups and model.a.out_channels == 16
+    assert verify._gap([torch.tensor([1.0, float("nan")])], [torch.tensor([1.0, float("nan")])]) == 0.0
+    assert verify._gap([torch.tensor([1.0, float("nan")])], [torch.tensor([1.0, 2.0])]) == float("inf")
+    assert verify._gap([torch.tensor([1e9, 0.5, 0.5])], [torch.tensor([1e9, 0.6, 0.5])]) == pytest.approx(0.1)

@@ -18,27 +18,34 @@ from ..core.modules import torch_pruned, torch_pruned_error
 _DEFAULT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def target_weights(model: nn.Module, targets: Sequence[str] | tuple[type, ...] | None = None,
+def target_weights(model: nn.Module, targets: type | str | Sequence[type | str] | None = None,
                    untied: bool = True) -> dict[str, tuple[str, str]]:
     """Key "<module>.<param>" -> (module name, param name) of every weight to score.
 
     untied=True: a PruningError when two of them are one tensor (`check_untied`); False lists them
     (for a caller that filters the list and then asks again with the names it keeps).
 
-    targets=None: the `weight` of every conv and Linear. A tuple of module classes: the `weight`
-    of modules of those classes. A list of names: each is "<module>.<param>", or a module name
-    (its `weight`).
+    targets=None: the `weight` of every conv and Linear. Otherwise a module class or a list or
+    tuple of module classes and names: a class stands for the `weight` of every module of that
+    class; a name is "<module>.<param>", or a module name (its `weight`).
     """
     modules = dict(model.named_modules())
-    if targets is None or (isinstance(targets, tuple) and all(isinstance(t, type) for t in targets)):
-        types = _DEFAULT_TYPES if targets is None else targets
-        out = {_key(n, "weight"): (n, "weight") for n, m in modules.items()
-               if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)}
-        return check_untied(model, out) if untied else out
+    if targets is None:
+        targets = (_DEFAULT_TYPES,)
+    elif isinstance(targets, (type, str)):
+        targets = (targets,)
+    elif not isinstance(targets, (list, tuple)):
+        raise ConfigError(f"targets={targets!r}; give module classes (nn.Linear) or names like "
+                          "'layer1.0.conv1.weight', alone or in a list")
     out = {}
     for t in targets:
+        if isinstance(t, type) or (isinstance(t, tuple) and all(isinstance(c, type) for c in t)):
+            out.update({_key(n, "weight"): (n, "weight") for n, m in modules.items()
+                        if isinstance(m, t) and isinstance(getattr(m, "weight", None), torch.Tensor)})
+            continue
         if not isinstance(t, str):
-            raise ConfigError(f"targets holds {t!r}; give module classes or names like 'layer1.0.conv1.weight'")
+            raise ConfigError(f"targets holds {t!r}; give module classes (nn.Linear) or names like "
+                              "'layer1.0.conv1.weight'")
         mod, _, pname = t.rpartition(".") if t not in modules else (t, "", "weight")
         if mod not in modules or not isinstance(getattr(modules[mod], pname, None), torch.Tensor):
             raise ConfigError(f"target {t!r} names no tensor of the model; use '<module>.<param>' with a module "
