@@ -356,3 +356,30 @@ def test_a_masked_output_entry_does_not_hide_the_others_difference(fill):
     assert verify._gap([torch.tensor([1.0, float("nan")])], [torch.tensor([1.0, float("nan")])]) == 0.0
     assert verify._gap([torch.tensor([1.0, float("nan")])], [torch.tensor([1.0, 2.0])]) == float("inf")
     assert verify._gap([torch.tensor([1e9, 0.5, 0.5])], [torch.tensor([1e9, 0.6, 0.5])]) == pytest.approx(0.1)
+
+
+def test_a_config_dict_that_turns_a_branch_on_is_part_of_the_probe_cache_key():
+    """Two instances of one class with the same weights, differing only in a dict attribute that
+    switches a sum over the channels on: the second reused the first's verdict, and the pruning
+    then failed its real-width check with a message about channel counts."""
+    import prunekit
+
+    class Net(nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.cfg, self.a, self.d = cfg, nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 5, 1)
+
+        def forward(self, x):
+            y = F.relu(self.a(x))
+            out = self.d(y)
+            return out + torch.sigmoid(y).sum(1, keepdim=True) if self.cfg["energy_term"] else out
+
+    def build(flag):
+        torch.manual_seed(0)
+        return Net({"energy_term": flag})
+
+    x = torch.randn(2, 3, 8, 8)
+    prunekit.prune_(build(False), prunekit.MagnitudeConfig(channel_ratio=0.5), x)
+    model = build(True)
+    result = prunekit.prune_(model, prunekit.MagnitudeConfig(channel_ratio=0.5), x)
+    assert "a" not in result.plan.groups and model.a.out_channels == 16

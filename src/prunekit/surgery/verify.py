@@ -389,10 +389,28 @@ def _probe_key(model: nn.Module, inputs: Any, ignore: Sequence[str], everything:
 
 
 def module_settings(mod: nn.Module) -> tuple:
-    """A module's plain attributes (num_heads, a flag that turns a branch on): they shape the forward."""
-    return tuple(sorted((k, v) for k, v in vars(mod).items()
-                        if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, tuple))
-                        and (not isinstance(v, tuple) or all(isinstance(i, int) for i in v))))
+    """A module's plain attributes (num_heads, a flag that turns a branch on, a config dict of
+    plain values): they shape the forward."""
+    return tuple(sorted((k, plain) for k, v in vars(mod).items()
+                        if not k.startswith("_") and k != "training"
+                        and (plain := _plain_setting(v)) is not _NOT_PLAIN))
+
+
+_NOT_PLAIN = object()
+
+
+def _plain_setting(v: Any, depth: int = 0) -> Any:
+    """`v` as a comparable value when it is plain data (numbers, text, None, and lists, tuples and
+    str-keyed dicts of them, a few levels deep), else _NOT_PLAIN."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if depth < 3 and isinstance(v, (list, tuple)) and len(v) <= 64:
+        items = [_plain_setting(i, depth + 1) for i in v]
+        return _NOT_PLAIN if any(i is _NOT_PLAIN for i in items) else tuple(items)
+    if depth < 3 and isinstance(v, dict) and len(v) <= 64 and all(isinstance(k, str) for k in v):
+        items = [(k, _plain_setting(i, depth + 1)) for k, i in sorted(v.items())]
+        return _NOT_PLAIN if any(i is _NOT_PLAIN for _, i in items) else ("dict", tuple(items))
+    return _NOT_PLAIN
 
 
 def weight_norms(tensors: list[torch.Tensor]) -> tuple[float, ...]:
