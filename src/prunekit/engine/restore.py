@@ -33,12 +33,7 @@ def check_compatible(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch
     `ignore_cfg` names config fields that may differ (they do not change the computation).
     `scheduler_state` (this run's scheduler's state_dict) checks the saved one has its form.
     """
-    diff = sorted(k for k in set(cfg) | set(ckpt["cfg"])
-                  if k not in ignore_cfg and cfg.get(k) != ckpt["cfg"].get(k))
-    if diff:
-        pairs = ", ".join(f"{k}: saved {ckpt['cfg'].get(k)!r} vs now {cfg.get(k)!r}" for k in diff)
-        raise CheckpointError(f"checkpoint was written with a different TrainConfig ({pairs}); "
-                              "resume with the same config or use a new ckpt_dir")
+    _refuse_other_config("TrainConfig", ckpt["cfg"], cfg, ignore_cfg)
     if ckpt["epoch"] >= cfg.get("epochs", ckpt["epoch"] + 1) or len(ckpt["history"]) != ckpt["epoch"] + 1:
         raise CheckpointError(f"checkpoint records epoch {ckpt['epoch']} with {len(ckpt['history'])} epoch records, "
                               f"which a run of {cfg.get('epochs')} epochs cannot have written; the file is damaged: "
@@ -87,12 +82,16 @@ def check_saved_config(saved: Any, config: Any) -> None:
     method would continue another run's search. States written without one are not checked."""
     if not isinstance(saved, str):
         return
-    before, now = json.loads(saved), json.loads(config_text(config))
-    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    _refuse_other_config(type(config).__name__, json.loads(saved), json.loads(config_text(config)))
+
+
+def _refuse_other_config(kind: str, saved: dict[str, Any], now: dict[str, Any], ignore: Sequence[str] = ()) -> None:
+    """CheckpointError naming every field (but `ignore`) where a saved config differs from now's."""
+    diff = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
     if diff:
-        pairs = ", ".join(f"{k}: saved {before.get(k)!r} vs now {now.get(k)!r}" for k in diff[:6])
-        raise CheckpointError(f"checkpoint was written with a different {type(config).__name__} ({pairs}); resume with "
-                              "the same config or use a new ckpt_dir")
+        pairs = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
+        raise CheckpointError(f"checkpoint was written with a different {kind} ({pairs}); resume with the same config "
+                              "or use a new ckpt_dir")
 
 
 def _check_scheduler_steps(ckpt: dict[str, Any], scheduler_state: dict[str, Any] | None) -> None:
